@@ -1,0 +1,21 @@
+"""``tokenwire bench ...``: benchmarks that print numbers and write JSON.
+
+Every benchmark measures its baseline in the same run and reports ratios and medians, because the
+machines are shared and noisy. Each benchmark lives with its feature and is listed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCH_MODULES: list[str] = [
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="benchmarks (print numbers, write JSON)")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="BENCH")
+    bench_sub.required = True
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(bench_sub)

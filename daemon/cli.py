@@ -1,0 +1,56 @@
+"""The ``tokenwire`` command.
+
+One entry point; each subcommand is defined by the module that owns the feature, listed below. Those
+modules keep their top level light (argparse only) and import heavy dependencies inside their handlers,
+so ``tokenwire --help`` and the daemon start fast and never import torch by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# Modules defining ``register(subparsers)``. Order is the order shown in --help.
+COMMAND_MODULES: list[str] = [
+    "tokenwire.daemon.bench_cli",
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire",
+        description="Move LLM traffic across real, unstable networks.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.handler(args)
+    except CLIError as exc:
+        print(f"tokenwire {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""tokenwire.testbed: network namespaces, the userspace link emulator, simulator, experiments, plots."""

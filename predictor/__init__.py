@@ -1,0 +1,1 @@
+"""tokenwire.predictor: SwiftQueue latency models, training, ONNX export and onnxruntime inference."""

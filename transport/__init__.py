@@ -1,0 +1,1 @@
+"""tokenwire.transport: wire protocol, Chatterbox, QUIC glue, ECN socket, KV channel, CacheGen codec, SDK."""
