@@ -1,6 +1,7 @@
 """Loss models: spec parsing, long-run rates, and the time-based (scheme-independent) GE pattern."""
 
 import pytest
+
 from tokenwire.testbed.loss import GilbertElliottLoss, IidLoss, LossSpecError, NoLoss, parse_loss
 
 

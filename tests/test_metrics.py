@@ -1,0 +1,66 @@
+"""The metric definitions, checked on hand-computed timelines."""
+
+import math
+
+import pytest
+
+from tokenwire.transport.metrics import (
+    oracle_render_times,
+    percentile,
+    stall_ratio,
+    stall_times,
+    summarize,
+)
+
+
+def test_no_stall_when_every_token_arrives_after_base_delay():
+    gen = [0.0, 0.1, 0.2, 0.3]
+    render = [g + 0.05 for g in gen]
+    assert stall_ratio(gen, render, 0.05) == 0.0
+
+
+def test_single_late_token_blocks_followers():
+    # token 1 is 0.2 s late; token 2 (ideal 0.25) renders right after it, so it adds no stall of its own
+    gen = [0.0, 0.1, 0.2, 0.3]
+    render = [0.05, 0.35, 0.35, 0.35]
+    s = stall_times(gen, render, 0.05)
+    assert s == pytest.approx([0.0, 0.2, 0.0, 0.0])
+    assert stall_ratio(gen, render, 0.05) == pytest.approx(0.2 / (0.35 - 0.05))
+
+
+def test_stall_ratio_only_counts_rendered_prefix():
+    gen = [0.0, 0.1, 0.2]
+    render = [0.05, 0.15, math.nan]
+    assert stall_ratio(gen, render, 0.05) == 0.0
+    st = summarize(gen, render, base_delay=0.05)
+    assert st.tokens_rendered == 2 and st.tokens_sent == 3
+
+
+def test_percentile_interpolates():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert math.isnan(percentile([], 50))
+
+
+def test_oracle_uses_first_delivered_packet_sent_after_generation():
+    gen = [0.0, 0.1, 0.2]
+    # packet sent at 0.0 arrives 0.05; packet sent at 0.1 was lost; packet sent at 0.15 arrives at 0.3
+    deliveries = [(0.0, 0.05), (0.15, 0.30), (0.2, 0.25)]
+    r = oracle_render_times(gen, deliveries)
+    assert r == pytest.approx([0.05, 0.25, 0.25])  # token 1 can ride the packet sent at 0.2 (arrives 0.25)
+
+
+def test_oracle_nan_after_last_packet():
+    r = oracle_render_times([0.0, 1.0], [(0.0, 0.05)])
+    assert r[0] == 0.05 and math.isnan(r[1])
+
+
+def test_summarize_fields():
+    gen = [0.0, 0.1, 0.2, 0.3]
+    render = [0.06, 0.16, 0.46, 0.46]
+    st = summarize(gen, render, base_delay=0.05, request_time=-0.2, wire_bytes=400)
+    assert st.ttft_ms == pytest.approx(260.0)
+    assert st.bytes_per_token == 100.0
+    assert st.longest_stall_ms == pytest.approx(210.0)  # 0.46 - (0.2 + 0.05)
+    assert st.stalls_over_200ms == 1
+    assert st.p99_token_delay_ms > st.p50_token_delay_ms
