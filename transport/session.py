@@ -168,14 +168,24 @@ class _SessionBase:
         self.quic.close(error_code=int(code), reason_phrase=reason[:200])
 
     # -- internals ----------------------------------------------------------------------------------
+    def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        """Feed one QUIC event (for drivers that pump ``quic.next_event()`` themselves)."""
+        self._now = now
+        try:
+            return self._handle_quic_event(event, now)
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
+
     def _pump(self, now: float) -> list[SessionEvent]:
         out: list[SessionEvent] = []
         while (event := self.quic.next_event()) is not None:
-            try:
-                out.extend(self._handle_quic_event(event, now))
-            except ProtocolError as exc:
-                out.extend(self._protocol_error(exc))
+            out.extend(self.handle_quic_event(event, now))
         return out
+
+    def run_timers(self, now: float) -> list[SessionEvent]:
+        """Session-level timers only (for drivers whose QUIC timer handling is their own)."""
+        self._now = now
+        return [] if self.closed else self._on_session_timer(now)
 
     def _protocol_error(self, exc: ProtocolError) -> list[SessionEvent]:
         """The peer broke the protocol: close this connection only, with the error's code."""
