@@ -141,9 +141,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
 
     client = _Node("client")
     server = _Node("server")
-    client_quic = QuicConnection(
-        configuration=client_configuration(cadata=cert.cert_pem, server_name="localhost")
-    )
+    client_quic = QuicConnection(configuration=client_configuration(cadata=cert.cert_pem, server_name="localhost"))
     client.session = ClientSession(client_quic)
     state: dict[str, Any] = {"outcome": None, "error": None, "arrival": None, "gen": [], "down_from": None}
 

@@ -97,9 +97,7 @@ class UdpRelay:
 
     async def start(self) -> UdpRelay:
         loop = asyncio.get_running_loop()
-        self._front, _ = await loop.create_datagram_endpoint(
-            lambda: _Front(self), local_addr=(self.host, self.port)
-        )
+        self._front, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=(self.host, self.port))
         self.port = self._front.get_extra_info("sockname")[1]
         return self
 

@@ -26,8 +26,16 @@ from tokenwire.transport.frames import (
 )
 
 SAMPLES = [
-    Request(messages=[{"role": "user", "content": "héllo"}], scheme="stream", model="m", max_tokens=5,
-            auth="tok", resume_id=b"r" * 16, resume_from=3, params={"temperature": 0.2, "stop": None}),
+    Request(
+        messages=[{"role": "user", "content": "héllo"}],
+        scheme="stream",
+        model="m",
+        max_tokens=5,
+        auth="tok",
+        resume_id=b"r" * 16,
+        resume_from=3,
+        params={"temperature": 0.2, "stop": None},
+    ),
     Started(handle=4, request_id=b"x" * 16, scheme="chatterbox", first_index=7),
     Tokens(handle=0, first=9, tokens=[b"a", b"\xe2\x82"], sent_us=12345678901, total=20, extra=(15, [b"z"])),
     Ack(handle=8, next_index=4, echo_us=1, recv_us=2, ecn=[1, 2, 3, 0]),
@@ -132,7 +140,11 @@ def test_fuzz_random_bytes_only_raise_frame_errors(data):
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
     max_leaves=12,
@@ -140,9 +152,14 @@ msgpack_values = st.recursive(
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.dictionaries(st.sampled_from(["t", "v", "m", "r", "i", "k", "x", "n", "d", "s", "j", "c", "msg", "g"]),
-                       msgpack_values, max_size=6),
-       st.integers(1, 7))
+@given(
+    st.dictionaries(
+        st.sampled_from(["t", "v", "m", "r", "i", "k", "x", "n", "d", "s", "j", "c", "msg", "g"]),
+        msgpack_values,
+        max_size=6,
+    ),
+    st.integers(1, 7),
+)
 def test_fuzz_structured_maps_only_raise_frame_errors(fields, t):
     fields = dict(fields)
     fields["t"] = t

@@ -90,8 +90,10 @@ def test_max_tokens_and_concurrent_requests_on_one_connection():
         server = await serve(word_source, host="127.0.0.1", port=0)
         try:
             async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
-                streams = [conn.chat("q", scheme=s, max_tokens=n) for s, n in
-                           [("chatterbox", 50), ("stream", 80), ("duplicate", 120), ("chatterbox", 400)]]
+                streams = [
+                    conn.chat("q", scheme=s, max_tokens=n)
+                    for s, n in [("chatterbox", 50), ("stream", 80), ("duplicate", 120), ("chatterbox", 400)]
+                ]
                 return await asyncio.gather(*(s.collect() for s in streams))
         finally:
             server.close()
@@ -144,8 +146,9 @@ ATTACKS = {
         ErrorCode.MALFORMED_FRAME,
     ),
     "request on a unidirectional stream": (
-        lambda p: p._quic.send_stream_data(p._quic.get_next_available_stream_id(is_unidirectional=True),
-                                           encode_stream_frame(GOOD_REQUEST)),
+        lambda p: p._quic.send_stream_data(
+            p._quic.get_next_available_stream_id(is_unidirectional=True), encode_stream_frame(GOOD_REQUEST)
+        ),
         ErrorCode.MALFORMED_FRAME,
     ),
 }
@@ -180,8 +183,9 @@ def test_ack_datagram_for_unknown_request_is_ignored():
         server = await serve(slow_source, host="127.0.0.1", port=0)
         try:
             config = client_configuration(**client_kwargs())
-            async with quic_connect("127.0.0.1", server.port, configuration=config,
-                                    create_protocol=RawProtocol) as proto:
+            async with quic_connect(
+                "127.0.0.1", server.port, configuration=config, create_protocol=RawProtocol
+            ) as proto:
                 proto._quic.send_datagram_frame(encode_frame(Ack(handle=12345, next_index=3)))
                 proto.transmit()
                 await asyncio.sleep(0.2)

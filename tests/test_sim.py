@@ -45,8 +45,14 @@ def test_sim_cli_writes_documented_json(tmp_path, capsys):
     assert set(data) >= {"schemes", "oracle", "config"}
     assert set(data["schemes"]) == {"chatterbox", "stream", "duplicate"}
     for d in data["schemes"].values():
-        assert {"stall_ratio", "ttft_ms", "p99_token_delay_ms", "bytes_per_token", "tokens_sent",
-                "tokens_rendered"} <= set(d)
+        assert {
+            "stall_ratio",
+            "ttft_ms",
+            "p99_token_delay_ms",
+            "bytes_per_token",
+            "tokens_sent",
+            "tokens_rendered",
+        } <= set(d)
     assert "stall_ratio" in data["oracle"]
     assert "chatterbox" in capsys.readouterr().out
 

@@ -209,9 +209,7 @@ class TokenSender:
         """Unacknowledged tokens exist that could ride in a packet leaving anyway (chatterbox only)."""
         return not self.closed and self.scheme == "chatterbox" and self.floor < self.next_new
 
-    def build(
-        self, now: float, capacity: int, *, piggyback: bool = False
-    ) -> tuple[bytes, SentPacket] | object | None:
+    def build(self, now: float, capacity: int, *, piggyback: bool = False) -> tuple[bytes, SentPacket] | object | None:
         """Build the next token datagram, at most ``capacity`` bytes.
 
         Returns ``(payload, record)``, ``None`` when there is nothing to send, or :data:`NEEDS_ROOM` when

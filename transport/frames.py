@@ -359,7 +359,6 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
 }
 
 
-
 def _post_validate(frame: Frame) -> None:
     """Cross-field checks that single-field validators cannot express."""
     if isinstance(frame, Request):

@@ -648,9 +648,13 @@ class ClientSession(_SessionBase):
         for req in list(self.requests.values()):
             if not req.done:
                 req.done = True
-                e = err if err is not None else RemoteError(
-                    f"connection closed: {event.reason_phrase or 'no reason'} (code {event.error_code:#x})",
-                    code=event.error_code,
+                e = (
+                    err
+                    if err is not None
+                    else RemoteError(
+                        f"connection closed: {event.reason_phrase or 'no reason'} (code {event.error_code:#x})",
+                        code=event.error_code,
+                    )
                 )
                 out.append(RequestFailed(req.stream_id, e))
         self.requests.clear()
