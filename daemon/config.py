@@ -215,7 +215,7 @@ def _server(t: Any, base: Path | None) -> ServerConfig:
         certificate=cert,
         private_key=key,
         client_ca=s.path("client_ca", base),
-        congestion=s.str("congestion", "reno", ("reno", "cubic")) or "reno",
+        congestion=s.str("congestion", "reno", ("reno", "cubic", "prague")) or "reno",
         idle_timeout_s=s.num("idle_timeout_s", 60.0, 1.0, 3600.0),
     )
 

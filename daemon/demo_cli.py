@@ -101,9 +101,7 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                 live = k == 0 and not args.quiet
                 relay.reset(args.seed)  # the same outages for every scheme
                 async with connect("127.0.0.1", relay.port, cafile=cert, server_name="localhost") as conn:
-                    stream = conn.chat(
-                        "Why do chatbots stall on trains?", scheme=scheme, params={"seed": args.seed}
-                    )
+                    stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme, params={"seed": args.seed})
                     if live:
                         print(f"--- {scheme} (live) " + "-" * 50, file=out)
                     else:

@@ -363,6 +363,7 @@ def test_client_certificates(tmp_path):
     make_client_cert(make_ca("someone else"), "edge-client").write(tmp_path / "rogue.pem", tmp_path / "rogue.key")
     d = DaemonProcess(tmp_path, server_extra=f'client_ca = "{tmp_path / "clients.pem"}"\n')
     try:
+
         async def attempt(cert: str | None):
             kw = {"certfile": tmp_path / f"{cert}.pem", "keyfile": tmp_path / f"{cert}.key"} if cert else {}
             try:

@@ -68,10 +68,12 @@ def test_tokens_are_checked_by_hash():
 
 
 def test_routes_first_match_wins():
-    cfg = parse_config({
-        "upstreams": [{"name": "a", "type": "demo"}, {"name": "b", "type": "demo"}],
-        "routes": [{"model": "llama*", "upstream": "b"}, {"model": "*", "upstream": "a"}],
-    })
+    cfg = parse_config(
+        {
+            "upstreams": [{"name": "a", "type": "demo"}, {"name": "b", "type": "demo"}],
+            "routes": [{"model": "llama*", "upstream": "b"}, {"model": "*", "upstream": "a"}],
+        }
+    )
     assert cfg.route("llama-3").name == "b" and cfg.route("gpt").name == "a" and cfg.route(None).name == "a"
 
 
@@ -166,7 +168,18 @@ def test_systemd_unit_verifies(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     problems = [line for line in out.stderr.splitlines() if "tokenwire.service" in line]
     assert out.returncode == 0 and not problems, out.stderr
-    for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=tokenwire", "NoNewPrivileges=yes",
-                "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "RestrictAddressFamilies=",
-                "CapabilityBoundingSet=\n", "ConfigurationDirectory=", "StateDirectory="):
+    for key in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "User=tokenwire",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=",
+        "CapabilityBoundingSet=\n",
+        "ConfigurationDirectory=",
+        "StateDirectory=",
+    ):
         assert key in unit, key

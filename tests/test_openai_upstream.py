@@ -17,8 +17,7 @@ from .test_loopback import run
 
 def chunk(content=None, finish=None, index=0):
     delta = {} if content is None else {"content": content}
-    return {"object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta,
-                                                            "finish_reason": finish}]}
+    return {"object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
 
 
 class FakeOpenAI:
@@ -79,8 +78,14 @@ async def _serve(fake: FakeOpenAI):
     return runner, port
 
 
-REQ = ChatRequest(messages=[{"role": "user", "content": "hi"}], model="small", max_tokens=50,
-                  params={"temperature": 0.5, "rate": 3}, scheme="chatterbox", request_id=b"x" * 16)
+REQ = ChatRequest(
+    messages=[{"role": "user", "content": "hi"}],
+    model="small",
+    max_tokens=50,
+    params={"temperature": 0.5, "rate": 3},
+    scheme="chatterbox",
+    request_id=b"x" * 16,
+)
 
 
 def generate(fake: FakeOpenAI, mode: str, tmp_path=None, **opts):
@@ -168,7 +173,9 @@ def test_daemon_routes_to_openai_upstream_and_reports_errors(tmp_path, fake):
 
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
-    d = DaemonProcess(tmp_path, upstream_toml=f"""
+    d = DaemonProcess(
+        tmp_path,
+        upstream_toml=f"""
 [[upstreams]]
 name = "vllm"
 type = "openai"
@@ -177,8 +184,10 @@ stall_timeout_s = 0.5
 [[routes]]
 model = "*"
 upstream = "vllm"
-""")
+""",
+    )
     try:
+
         async def go():
             async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
                 ok = await conn.chat("hi", model="small").collect()

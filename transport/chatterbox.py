@@ -19,6 +19,7 @@ Nothing here touches sockets, clocks or the event loop: every method takes ``now
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .frames import Ack, Tokens, encode_frame, token_cost
@@ -99,6 +100,8 @@ class TokenSender:
         self._retx: set[int] = set()  # duplicate scheme: tokens whose every copy was lost
         self._outstanding: dict[int, SentPacket] = {}
         self._next_pid = 0
+        self.codepoint = 0  # ECN codepoint of the packets being built now (set by the session per batch)
+        self.sent_meta: OrderedDict[int, tuple[int, int]] = OrderedDict()  # sent_us -> (size, codepoint)
         self._want_repair = False
         self._last_send = -math.inf
         self._backoff = 0
@@ -295,6 +298,9 @@ class TokenSender:
         )
         self._next_pid += 1
         self._outstanding[pkt.pid] = pkt
+        self.sent_meta[sent_us] = (len(payload), self.codepoint)
+        if len(self.sent_meta) > 4096:
+            self.sent_meta.popitem(last=False)
         self.next_new = max(self.next_new, new_end)
         if self.scheme == "duplicate":
             self._retx.difference_update(range(old_first, old_end))

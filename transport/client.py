@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio import connect as quic_connect
 from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, RemoteError, TokenwireError
 from .frames import SCHEMES, Request
-from .quic_io import SessionProtocol
+from .quic_io import SessionProtocol, connect_quic
 from .session import (
     ClientSession,
     ConnectionEnded,
@@ -271,10 +270,13 @@ async def connect(
     keyfile: str | Path | None = None,
     congestion: str = "reno",
     timeout: float = 10.0,
+    ecn: bool = False,
 ) -> AsyncIterator[Connection]:
     """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
 
     ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
+    ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
+    feedback a server that marks packets for L4S queues needs).
     """
     config = client_configuration(
         server_name=server_name or host,
@@ -287,7 +289,7 @@ async def connect(
     )
     try:
         async with asyncio.timeout(timeout):
-            cm = quic_connect(host, port, configuration=config, create_protocol=ClientProtocol)
+            cm = connect_quic(host, port, configuration=config, create_protocol=ClientProtocol, ecn=ecn)
             protocol = await cm.__aenter__()
     except TimeoutError:
         raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None

@@ -9,16 +9,21 @@ repair) share the one loop timer, and every QUIC call uses one clock, ``time.mon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from aioquic.asyncio import connect as quic_connect
+from aioquic.asyncio import serve as quic_serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 
+from .ecn_socket import EcnDatagramTransport, open_udp_socket
 from .session import SessionEvent, _SessionBase
 
 log = logging.getLogger("tokenwire.transport")
@@ -78,8 +83,15 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._transport is None:
             return
         now = self.clock()
-        for data, addr in self.session.datagrams_to_send(now):
-            self._transport.sendto(data, addr)
+        datagrams = self.session.datagrams_to_send(now)
+        send_ecn = getattr(self._transport, "sendto_ecn", None)
+        if send_ecn is not None:  # an ECN-capable transport: the codepoint the marking policy chose
+            ecn = self.session.current_codepoint
+            for data, addr in datagrams:
+                send_ecn(data, addr, ecn)
+        else:
+            for data, addr in datagrams:
+                self._transport.sendto(data, addr)
         timer_at = self.session.get_timer()
         if self._session_timer is not None and self._session_timer_at != timer_at:
             self._session_timer.cancel()
@@ -105,8 +117,52 @@ class SessionProtocol(QuicConnectionProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         tune_socket(transport)
+        counts = getattr(transport, "received_by_codepoint", None)
+        if counts is not None and hasattr(self.session, "ecn_counts"):
+            self.session.ecn_counts = lambda: list(counts)
 
     def connection_lost(self, exc: Exception | None) -> None:  # pragma: no cover - socket closed under us
         if self._session_timer is not None:
             self._session_timer.cancel()
             self._session_timer = None
+
+
+async def serve_quic(
+    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
+) -> QuicServer:
+    """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints)."""
+    if not ecn:
+        return await quic_serve(host, port, configuration=configuration, create_protocol=create_protocol)
+    server = QuicServer(configuration=configuration, create_protocol=create_protocol)
+    EcnDatagramTransport(open_udp_socket(host, port), server)
+    await asyncio.sleep(0)  # connection_made runs on the next loop turn
+    return server
+
+
+@contextlib.asynccontextmanager
+async def connect_quic(
+    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
+) -> AsyncIterator[QuicConnectionProtocol]:
+    """aioquic's ``connect``, optionally on the ECN-capable transport (reads received codepoints)."""
+    if not ecn:
+        async with quic_connect(host, port, configuration=configuration, create_protocol=create_protocol) as p:
+            yield p
+        return
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    addr = infos[0][4]
+    if len(addr) == 2:  # IPv4: talk to it from a dual-stack socket as a v4-mapped address
+        addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+    if configuration.server_name is None:
+        configuration.server_name = host
+    protocol = create_protocol(QuicConnection(configuration=configuration))
+    transport = EcnDatagramTransport(open_udp_socket("::", 0), protocol)
+    await asyncio.sleep(0)  # connection_made
+    try:
+        protocol.connect(addr)
+        await protocol.wait_connected()
+        yield protocol
+    finally:
+        protocol.close()
+        await protocol.wait_closed()
+        transport.close()

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio import serve as quic_serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
 
 from .errors import ErrorCode, RequestError
 from .frames import Request
-from .quic_io import SessionProtocol, tune_socket
+from .marking import MarkingPolicy
+from .quic_io import SessionProtocol, serve_quic, tune_socket
 from .session import (
     ConnectionEnded,
     RequestCancelled,
@@ -96,7 +96,10 @@ class ServerProtocol(SessionProtocol):
             quic,
             stream_handler,
             session_factory=lambda q: ServerSession(
-                q, max_requests=app.max_requests_per_connection, max_redundant_tokens=app.max_redundant_tokens
+                q,
+                max_requests=app.max_requests_per_connection,
+                max_redundant_tokens=app.max_redundant_tokens,
+                marking=app.marking() if app.marking is not None else None,
             ),
         )
         self.app = app
@@ -193,6 +196,7 @@ class TokenServer:
     authorize: Authorizer | None = None
     max_requests_per_connection: int = 64
     max_redundant_tokens: int = 64
+    marking: Callable[[], MarkingPolicy] | None = None  # per-connection ECN marking policy (ECN transport)
     stats: ServerStats = field(default_factory=ServerStats)
     protocols: set[ServerProtocol] = field(default_factory=set)
     _quic_server: QuicServer | None = None
@@ -218,8 +222,12 @@ class TokenServer:
         config = server_configuration(
             cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion, idle_timeout=idle_timeout
         )
-        self._quic_server = await quic_serve(
-            host, port, configuration=config, create_protocol=functools.partial(ServerProtocol, app=self)
+        self._quic_server = await serve_quic(
+            host,
+            port,
+            configuration=config,
+            create_protocol=functools.partial(ServerProtocol, app=self),
+            ecn=self.marking is not None,
         )
         tune_socket(self._quic_server._transport)
         return self
@@ -254,9 +262,17 @@ async def serve(
     authorize: Authorizer | None = None,
     congestion: str = "reno",
     max_requests_per_connection: int = 64,
+    marking: Callable[[], MarkingPolicy] | None = None,
 ) -> TokenServer:
-    """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``)."""
-    server = TokenServer(source, authorize=authorize, max_requests_per_connection=max_requests_per_connection)
+    """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``).
+
+    ``marking``: a factory of per-connection ECN marking policies (``tokenwire.transport.marking``); with
+    it the server runs on the ECN-capable transport and sets each packet's codepoint. Pair ECT(1) marking
+    with ``congestion="prague"`` (a scalable response to CE).
+    """
+    server = TokenServer(
+        source, authorize=authorize, max_requests_per_connection=max_requests_per_connection, marking=marking
+    )
     return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion)
 
 

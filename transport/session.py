@@ -17,6 +17,7 @@ Per request (one bidirectional QUIC stream):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aioquic.quic import events as qe
@@ -24,6 +25,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from .chatterbox import SenderStats, TokenReceiver, TokenSender
 from .datagram_hook import DatagramScheduler, smoothed_rtt
+from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
 from .frames import (
     MAX_STREAM_FRAME,
@@ -41,6 +43,7 @@ from .frames import (
     encode_frame,
     encode_stream_frame,
 )
+from .marking import LatencySample, MarkingPolicy
 from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, split_piece, text_digest
 
@@ -132,6 +135,7 @@ class _SessionBase:
         self._now = 0.0
         self.scheduler = DatagramScheduler(quic, clock=lambda: self._now)
         self.datagrams_ok: bool | None = None  # known after the handshake
+        self.current_codepoint = 0  # ECN codepoint for the datagrams of the current batch (Not-ECT)
         self.closed = False
         self._closing_error: TokenwireError | None = None
 
@@ -270,8 +274,12 @@ class ServerSession(_SessionBase):
         max_redundant_tokens: int = 64,
         initial_rtt: float = 0.1,
         max_request_bytes: int = MAX_STREAM_FRAME,
+        marking: MarkingPolicy | None = None,
     ) -> None:
         super().__init__(quic)
+        self.marking = marking
+        self.on_latency_sample: Callable[[LatencySample], None] | None = None
+        self._last_ecn: list[int] | None = None
         self.requests: dict[int, ServerRequest] = {}
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
@@ -369,10 +377,14 @@ class ServerSession(_SessionBase):
         return self.requests.get(stream_id)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
-        # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
+        if self.marking is not None:
+            self.current_codepoint = self.marking.codepoint(now)
         for req in self.requests.values():
-            if req.sender is not None and req.sender.can_piggyback():
-                self.scheduler.offer_piggyback(req.sender)
+            if req.sender is not None:
+                req.sender.codepoint = self.current_codepoint
+                # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
+                if req.sender.can_piggyback():
+                    self.scheduler.offer_piggyback(req.sender)
         return super().datagrams_to_send(now)
 
     # -- protocol handling -------------------------------------------------------------------------
@@ -436,8 +448,23 @@ class ServerSession(_SessionBase):
         if not isinstance(frame, Ack):
             raise ProtocolError("clients may only send ack datagrams")
         self.acks_received += 1
+        ce_new = self._ecn_feedback(frame, now)
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
+            meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
+            if meta is not None and frame.recv_us is not None:
+                sample = LatencySample(
+                    sent_at=frame.echo_us / 1e6,
+                    ack_at=now,
+                    latency_ms=(frame.recv_us - frame.echo_us) / 1000.0,
+                    size=meta[0],
+                    queue_l=meta[1] == ECT1,
+                    ce=ce_new,
+                )
+                if self.marking is not None:
+                    self.marking.on_sample(sample)
+                if self.on_latency_sample is not None:
+                    self.on_latency_sample(sample)
             req.sender.on_ack(frame, now)
             self.scheduler.schedule(req.sender)
         return []
@@ -458,6 +485,20 @@ class ServerSession(_SessionBase):
         for r in list(self.requests.values()):
             self._drop(r)
         return out
+
+    def _ecn_feedback(self, ack: Ack, now: float) -> bool:
+        """Feed CE counts from the client's cumulative counters to a scalable congestion controller."""
+        if ack.ecn is None or len(ack.ecn) != 4:
+            return False
+        prev = self._last_ecn or [0, 0, 0, 0]
+        delta = [max(0, a - b) for a, b in zip(ack.ecn, prev, strict=True)]
+        if self._last_ecn is not None and any(a < b for a, b in zip(ack.ecn, prev, strict=True)):
+            return False  # reordered ack with older counters
+        self._last_ecn = list(ack.ecn)
+        cc = getattr(self.quic._loss, "_cc", None)
+        if hasattr(cc, "on_ecn_feedback") and sum(delta):
+            cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[CE])
+        return delta[CE] > 0
 
     def totals(self) -> SenderStats:
         """Token-packet counters of this connection so far (finished and running requests)."""
@@ -504,9 +545,10 @@ class _AckSource:
 
     copies = 1
 
-    def __init__(self, req: ClientRequest) -> None:
+    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int]] | None = None) -> None:
         self.req = req
         self.acked_packets = 0
+        self.session_ecn = session_ecn
 
     def wants_send(self) -> bool:
         # Ack only packets that brought something new: acking pure repeats would make the server's QUIC
@@ -518,7 +560,8 @@ class _AckSource:
         r = self.req
         if not self.wants_send():
             return None
-        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(now * 1e6)), r.ecn_counts)
+        counts = self.session_ecn() if self.session_ecn is not None else None
+        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(now * 1e6)), counts)
         payload = encode_frame(ack)
         if len(payload) > capacity:
             from .chatterbox import NEEDS_ROOM
@@ -545,7 +588,6 @@ class ClientRequest:
     gap_since: float | None = None
     repair_upto: int = 0
     repairs_requested: int = 0
-    ecn_counts: list[int] | None = None
     ack_source: _AckSource | None = None
 
 
@@ -557,13 +599,14 @@ class ClientSession(_SessionBase):
         self.requests: dict[int, ClientRequest] = {}
         self.send_acks = send_acks
         self.send_reports = send_reports
+        self.ecn_counts: Callable[[], list[int]] | None = None  # received packets per codepoint (shell)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
         """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
         stream_id = self.quic.get_next_available_stream_id()
         first = request.resume_from or 0
         req = ClientRequest(stream_id, request, now, TokenReceiver(first_index=first), prefix=list(prefix or []))
-        req.ack_source = _AckSource(req)
+        req.ack_source = _AckSource(req, lambda: self.ecn_counts() if self.ecn_counts is not None else None)
         self.requests[stream_id] = req
         self._send(stream_id, request)
         return stream_id

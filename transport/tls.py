@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from . import prague_cc  # noqa: F401  (registers the "prague" congestion controller with aioquic)
 from .frames import ALPN
 
 

@@ -1,0 +1,170 @@
+"""An ECN-capable UDP datagram transport for aioquic: per-packet codepoints out, codepoints in.
+
+aioquic never touches the IP header's ECN bits (upstream issue #131, wontfix), and asyncio's datagram
+transports expose no ancillary data. This transport owns its socket instead:
+
+* **send**: every datagram goes out with ``sendmsg`` and an ``IP_TOS`` control message whose low two bits
+  are the ECN codepoint chosen for that packet (Linux honours it per packet for UDP; for IPv4-mapped
+  destinations on a dual-stack socket ``IP_TOS`` works and ``IPV6_TCLASS`` is ignored, so both are set as
+  the family requires);
+* **receive**: ``IP_RECVTOS`` / ``IPV6_RECVTCLASS`` are enabled and each datagram's codepoint is read from
+  ``recvmsg``'s ancillary data and made available as :attr:`EcnDatagramTransport.last_ecn` while the
+  protocol handles that datagram.
+
+It implements the asyncio ``DatagramTransport`` interface that aioquic's protocols use (``sendto``,
+``get_extra_info``, ``close``), so ``QuicConnectionProtocol`` and ``QuicServer`` run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("tokenwire.ecn")
+
+NOT_ECT, ECT1, ECT0, CE = 0, 1, 2, 3
+CODEPOINT_NAMES = {NOT_ECT: "Not-ECT", ECT1: "ECT(1)", ECT0: "ECT(0)", CE: "CE"}
+RECV_BUFFER_BYTES = 4 << 20
+_MAX_DATAGRAM = 65535
+_CMSG_SPACE = socket.CMSG_SPACE(4) * 2
+
+
+def _tos_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if (level == socket.IPPROTO_IP and kind == socket.IP_TOS) or (
+            level == socket.IPPROTO_IPV6 and kind == socket.IPV6_TCLASS
+        ):
+            if not data:
+                continue
+            return int.from_bytes(data[:4], "little") & 0xFF if len(data) >= 4 else data[0]
+    return None
+
+
+class EcnDatagramTransport(asyncio.DatagramTransport):
+    """UDP transport with a per-datagram ECN codepoint on send and the received codepoint on receive."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.DatagramProtocol,
+        *,
+        codepoint: Callable[[], int] | None = None,
+        dscp: int = 0,
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._protocol = protocol
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self.codepoint = codepoint or (lambda: NOT_ECT)
+        self.dscp = dscp & 0xFC
+        self.last_ecn: int | None = None
+        self.sent_by_codepoint = [0, 0, 0, 0]
+        self.received_by_codepoint = [0, 0, 0, 0]
+        self.send_errors = 0
+        self._v6 = sock.family == socket.AF_INET6
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, RECV_BUFFER_BYTES)
+            except OSError:  # pragma: no cover
+                pass
+        self._enable_recvtos()
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+        self._loop.call_soon(protocol.connection_made, self)
+
+    def _enable_recvtos(self) -> None:
+        try:
+            self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        except OSError:
+            pass  # pure IPv6 socket without v4 mapping
+        if self._v6:
+            self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVTCLASS, 1)
+
+    # ----------------------------------------------------------------------------------- asyncio API
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        if name == "peername":
+            try:
+                return self._sock.getpeername()
+            except OSError:
+                return default
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.call_soon(self._finish_close)
+
+    def _finish_close(self) -> None:
+        try:
+            self._protocol.connection_lost(None)
+        finally:
+            self._sock.close()
+
+    def abort(self) -> None:
+        self.close()
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.sendto_ecn(data, addr, self.codepoint())
+
+    def sendto_ecn(self, data: bytes, addr: Any, ecn: int) -> None:
+        """Send one datagram whose IP header carries ECN codepoint ``ecn``."""
+        if self._closing:
+            return
+        ecn &= 0x3
+        tos = self.dscp | ecn
+        if addr is not None and self._v6 and len(addr) == 2:
+            addr = ("::ffff:" + addr[0], addr[1], 0, 0) if ":" not in addr[0] else addr
+        cmsg = [(socket.IPPROTO_IP, socket.IP_TOS, tos.to_bytes(4, "little"))]
+        if self._v6 and addr is not None and not str(addr[0]).startswith("::ffff:"):
+            cmsg = [(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos.to_bytes(4, "little"))]
+        try:
+            self._sock.sendmsg([data], cmsg, 0, addr) if addr is not None else self._sock.sendmsg([data], cmsg)
+            self.sent_by_codepoint[ecn] += 1
+        except BlockingIOError:
+            self.send_errors += 1  # a full send buffer drops the datagram, as UDP does; QUIC recovers
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                log.debug("sendmsg failed: %s", exc)
+
+    def _read_ready(self) -> None:
+        for _ in range(256):  # bounded: let other callbacks run under a flood
+            try:
+                data, ancdata, _flags, addr = self._sock.recvmsg(_MAX_DATAGRAM, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+            tos = _tos_from_ancillary(ancdata)
+            ecn = (tos & 0x3) if tos is not None else None
+            self.last_ecn = ecn
+            if ecn is not None:
+                self.received_by_codepoint[ecn] += 1
+            self._protocol.datagram_received(data, addr)
+        self.last_ecn = None
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port`` (dual-stack when ``host`` is an IPv6 wildcard)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(sockaddr)
+    return sock

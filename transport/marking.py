@@ -1,0 +1,151 @@
+"""Per-packet ECN marking policies: which DualQ queue each outgoing packet asks for.
+
+A DualQ Coupled AQM (RFC 9332) puts ECT(1) and CE packets in the low-latency L queue and Not-ECT/ECT(0)
+in the classic C queue. Policies:
+
+* ``classic``: every packet Not-ECT (or ECT(0) with ``ect0=True``);
+* ``l4s``: every packet ECT(1), today's per-flow choice;
+* ``swiftqueue``: per packet, ECT(1) when the predicted L latency plus a margin is below the predicted C
+  latency, with hysteresis so decisions do not flap (SwiftQueue, arXiv 2410.06112: "route it to whichever
+  queue has lower predicted latency - even if packets within the same flow end up in different queues");
+* ``oracle``: the testbed only; asks the emulator which queue is faster right now (an upper bound).
+
+A policy sees every acknowledged packet as a :class:`LatencySample` (latency, which queue it used, CE)
+and answers :meth:`MarkingPolicy.codepoint` for the next packet(s). Sans-I/O: time is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .ecn_socket import ECT0, ECT1, NOT_ECT
+
+POLICIES = ("classic", "l4s", "swiftqueue", "oracle")
+
+
+@dataclass(slots=True)
+class LatencySample:
+    """One acknowledged packet, as the sender learns it from an ACK datagram."""
+
+    sent_at: float  # sender clock (s) when the packet left
+    ack_at: float  # sender clock (s) when its ack arrived
+    latency_ms: float  # one-way: receiver timestamp minus sender timestamp (same clock in the testbed)
+    size: int  # bytes of the acked packet
+    queue_l: bool  # it was sent ECT(1): the L queue
+    ce: bool  # it arrived CE-marked
+
+
+class LatencyForecaster(Protocol):
+    """Predicts the latency the next packet would see in each queue (``tokenwire.predictor`` implements it)."""
+
+    def observe(self, sample: LatencySample) -> None: ...
+
+    def predict(self, now: float) -> tuple[float, float] | None:
+        """(L ms, C ms), or None while there is too little history."""
+        ...
+
+
+class MarkingPolicy(Protocol):
+    name: str
+
+    def codepoint(self, now: float) -> int: ...
+
+    def on_sample(self, sample: LatencySample) -> None: ...
+
+
+class ClassicPolicy:
+    name = "classic"
+
+    def __init__(self, ect0: bool = False) -> None:
+        self._cp = ECT0 if ect0 else NOT_ECT
+
+    def codepoint(self, now: float) -> int:
+        return self._cp
+
+    def on_sample(self, sample: LatencySample) -> None:
+        pass
+
+
+class L4SPolicy:
+    name = "l4s"
+
+    def codepoint(self, now: float) -> int:
+        return ECT1
+
+    def on_sample(self, sample: LatencySample) -> None:
+        pass
+
+
+class SwiftQueuePolicy:
+    """ECT(1) when ``pred_L + margin < pred_C``, with a hysteresis band of ``hysteresis_ms`` around it."""
+
+    name = "swiftqueue"
+
+    def __init__(
+        self,
+        forecaster: LatencyForecaster,
+        *,
+        margin_ms: float = 0.5,
+        hysteresis_ms: float = 0.5,
+        classic: int = ECT0,
+        cold_start: int = ECT1,
+    ) -> None:
+        self.forecaster = forecaster
+        self.margin_ms = margin_ms
+        self.hysteresis_ms = hysteresis_ms
+        self.classic = classic
+        self._current = cold_start
+        self.decisions = {"l": 0, "c": 0, "cold": 0}
+        self.last_prediction: tuple[float, float] | None = None
+
+    def codepoint(self, now: float) -> int:
+        pred = self.forecaster.predict(now)
+        self.last_prediction = pred
+        if pred is None:
+            self.decisions["cold"] += 1
+            return self._current
+        pred_l, pred_c = pred
+        gain = pred_c - (pred_l + self.margin_ms)  # > 0: L is expected to be faster by more than the margin
+        if self._current == ECT1 and gain < -self.hysteresis_ms:
+            self._current = self.classic
+        elif self._current != ECT1 and gain > self.hysteresis_ms:
+            self._current = ECT1
+        self.decisions["l" if self._current == ECT1 else "c"] += 1
+        return self._current
+
+    def on_sample(self, sample: LatencySample) -> None:
+        self.forecaster.observe(sample)
+
+
+class OraclePolicy:
+    """Testbed only: marks for whichever queue the emulator says is faster for a packet leaving now."""
+
+    name = "oracle"
+
+    def __init__(self, queue_delays: Callable[[float], tuple[float, float]], classic: int = ECT0) -> None:
+        self.queue_delays = queue_delays
+        self.classic = classic
+
+    def codepoint(self, now: float) -> int:
+        l_ms, c_ms = self.queue_delays(now)
+        return ECT1 if l_ms <= c_ms else self.classic
+
+    def on_sample(self, sample: LatencySample) -> None:
+        pass
+
+
+def make_policy(name: str, *, forecaster: LatencyForecaster | None = None, **kwargs) -> MarkingPolicy:
+    """Build a policy by name; ``swiftqueue`` needs a forecaster, ``oracle`` a ``queue_delays`` callable."""
+    if name == "classic":
+        return ClassicPolicy(**kwargs)
+    if name == "l4s":
+        return L4SPolicy()
+    if name == "swiftqueue":
+        if forecaster is None:
+            raise ValueError("the swiftqueue policy needs a latency forecaster")
+        return SwiftQueuePolicy(forecaster, **kwargs)
+    if name == "oracle":
+        return OraclePolicy(**kwargs)
+    raise ValueError(f"unknown marking policy {name!r}; choose from {', '.join(POLICIES)}")
