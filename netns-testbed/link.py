@@ -104,6 +104,7 @@ class Link:
         if not isinstance(pkt, Packet):
             pkt = Packet(len(pkt), ecn_of(pkt), bytes(pkt))
         self.advance(now)
+        now = self._now  # a caller with a stale clock gets the model's time: it never runs backwards
         pkt.seq = self._seq
         self._seq += 1
         pkt.arrival = now
@@ -114,7 +115,7 @@ class Link:
             # unlimited rate: no queueing at all, straight to loss and delay
             pkt.queue = "C" if not pkt.ecn_in & 1 else "L"
             pkt.dequeue = now
-            self._depart(pkt, now)
+            self._depart(pkt, now, now - self.start)
             return pkt
         idle = self._transit is None and len(self.queue) == 0
         if self.queue.enqueue(pkt, now) and idle:
@@ -137,12 +138,12 @@ class Link:
                 q.on_timer(t_timer)
                 continue
             if t_opp <= now:
-                self._opportunity(t_opp)
+                self._opportunity(t_opp, self.trace.opportunity_ms(self._opp))  # type: ignore[union-attr]
                 continue
             break
         self._now = now
 
-    def _opportunity(self, t: float) -> None:
+    def _opportunity(self, t: float, t_ms: int) -> None:
         self._opp += 1
         budget = OPPORTUNITY_BYTES
         while budget > 0:
@@ -158,16 +159,17 @@ class Link:
             budget -= sent
             if self._transit_left == 0:
                 pkt, self._transit = self._transit, None
-                self._depart(pkt, t)
+                # channel time from the integer trace time (mid-millisecond: immune to float rounding)
+                self._depart(pkt, t, (t_ms + 0.5) / 1000.0)
 
-    def _depart(self, pkt: Packet, t: float) -> None:
+    def _depart(self, pkt: Packet, t: float, channel_t: float) -> None:
         pkt.departure = t
         st = self.stats
         if pkt.ecn_out != pkt.ecn_in:
             st.ce_marked += 1
         if pkt.queue in st.by_queue:
             st.by_queue[pkt.queue] += 1
-        if self.loss.lost(t - self.start):
+        if self.loss.lost(channel_t):
             pkt.fate = "lost"
             st.lost_packets += 1
             self._record(pkt)
