@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 BENCH_MODULES: list[str] = [
+    "tokenwire.testbed.bench",
 ]
 
 

@@ -249,3 +249,52 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) 
         if time.monotonic() > deadline:
             raise TestbedError(f"timed out after {timeout:.1f} s waiting for {what}")
         time.sleep(interval)
+
+
+class DirectLink:
+    """Baseline: the same two namespaces joined by a plain veth pair (no emulator), same interface as
+    :class:`Testbed` for what benchmarks and tests use (names, addresses, :meth:`popen`, :meth:`socket`)."""
+
+    backend = "veth"
+
+    def __init__(self, *, run_id: str | None = None) -> None:
+        self.run_id = run_id or new_run_id()
+        self.server_ns = f"{self.run_id}-srv"
+        self.client_ns = f"{self.run_id}-cli"
+        hosts = list(link_subnet(self.run_id).hosts())
+        self.server_addr, self.client_addr = str(hosts[0]), str(hosts[1])
+        self._state: RunState | None = None
+        self._children: list[subprocess.Popen] = []
+
+    def __enter__(self) -> DirectLink:
+        from pyroute2 import IPRoute
+
+        check_root()
+        self._state = RunState(self.run_id, os.getpid(), [self.server_ns, self.client_ns], backend="veth")
+        self._state.save()
+        try:
+            create_netns(self.server_ns)
+            create_netns(self.client_ns)
+            a, b = f"{self.run_id}-a", f"{self.run_id}-b"
+            with IPRoute(netns=self.server_ns, flags=0) as ipr:
+                ipr.link("add", ifname=a, kind="veth", peer={"ifname": b, "net_ns_fd": self.client_ns})
+            configure_interface(self.server_ns, a, self.server_addr, 30)
+            configure_interface(self.client_ns, b, self.client_addr, 30)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+        self._children.clear()
+        if self._state is not None:
+            destroy_run(self._state)
+            self._state = None
+
+    popen = Testbed.popen
+    socket = Testbed.socket
