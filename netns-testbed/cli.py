@@ -75,7 +75,13 @@ class _Stop(Exception):
     pass
 
 
+_OWNER_PID = os.getpid()
+
+
 def _raise_stop(signum: int, frame: Any) -> None:
+    if os.getpid() != _OWNER_PID:
+        # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
+        os._exit(128 + signum)
     raise _Stop()
 
 
@@ -88,7 +94,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         run_id = new_run_id()
         os.makedirs(STATE_DIR, exist_ok=True)
         logfile = os.path.join(STATE_DIR, f"{run_id}.log")
-        argv = [sys.executable, "-m", "tokenwire.daemon.cli", *_up_argv(args), "--run-id", run_id]
+        entry = "import sys; from tokenwire.daemon.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", entry, *_up_argv(args), "--run-id", run_id]
         with open(logfile, "w") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)

@@ -3,8 +3,17 @@
 Delivery model (mahimahi's ``LinkQueue::rationalize``): each trace opportunity may carry 1500 bytes; a packet
 that does not fit continues in the next opportunities (bytes carry over) and leaves when its last byte is
 sent; opportunities that find the queue empty are wasted. An opportunity at exactly the arrival time of a
-packet is used before that packet arrives. A packet that left the link is lost with the loss model (stepped
-in channel time, so every scheme meets the same outages) or delivered ``delay`` seconds later (mm-delay).
+packet is used before that packet arrives.
+
+The queue hands its head packet to the link as soon as the link is free (when the previous packet's last
+byte left, or at once when a packet reaches an idle link), like a qdisc feeding a one-packet driver ring;
+that packet then waits for the next opportunity "in transmission". Departure times are exactly mahimahi's;
+what this changes is that AQM decisions and the sojourn time they use exclude the wait for the next
+delivery opportunity, as Linux's qdisc sojourn excludes the NIC's transmission. Otherwise a slow fixed-rate
+link (one opportunity every 6 ms at 2 Mbit/s) would make DualPI2 step-mark every packet on an idle link.
+
+A packet that left the link is lost with the loss model (stepped in channel time, so every scheme meets the
+same outages) or delivered ``delay`` seconds later (mm-delay).
 
 All decisions happen in virtual time computed from the trace, never from when a timer fired: a shell calls
 :meth:`Link.enqueue` with the arrival time, :meth:`Link.dequeue_ready` whenever it wakes up, and sleeps until
@@ -117,10 +126,10 @@ class Link:
             pkt.dequeue = now
             self._depart(pkt, now, now - self.start)
             return pkt
-        idle = self._transit is None and len(self.queue) == 0
-        if self.queue.enqueue(pkt, now) and idle:
+        if self.queue.enqueue(pkt, now) and self._transit is None:
             # opportunities that passed while the link was idle were wasted
             self._opp = max(self._opp, self.trace.first_index_after((now - self.start) * 1000.0))
+            self._pull(now)
         return pkt
 
     # -- the model -------------------------------------------------------------------------------------------
@@ -143,17 +152,22 @@ class Link:
             break
         self._now = now
 
+    def _pull(self, t: float) -> bool:
+        """The link is free at ``t``: the queue hands over its next packet (AQM decisions happen now)."""
+        pkt = self.queue.dequeue(t)
+        if pkt is None:
+            return False
+        pkt.dequeue = t
+        self._transit = pkt
+        self._transit_left = pkt.size
+        return True
+
     def _opportunity(self, t: float, t_ms: int) -> None:
         self._opp += 1
         budget = OPPORTUNITY_BYTES
-        while budget > 0:
-            if self._transit is None:
-                pkt = self.queue.dequeue(t)
-                if pkt is None:
-                    return
-                pkt.dequeue = t
-                self._transit = pkt
-                self._transit_left = pkt.size
+        if self._transit is None and not self._pull(t):
+            return
+        while budget > 0 and self._transit is not None:
             sent = min(budget, self._transit_left)
             self._transit_left -= sent
             budget -= sent
@@ -161,6 +175,7 @@ class Link:
                 pkt, self._transit = self._transit, None
                 # channel time from the integer trace time (mid-millisecond: immune to float rounding)
                 self._depart(pkt, t, (t_ms + 0.5) / 1000.0)
+                self._pull(t)
 
     def _depart(self, pkt: Packet, t: float, channel_t: float) -> None:
         pkt.departure = t

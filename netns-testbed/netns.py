@@ -38,6 +38,8 @@ IFF_NO_PI = 0x1000
 class TestbedError(RuntimeError):
     """The testbed could not be built or used (not root, no TUN, a netlink error...)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 def new_run_id() -> str:
     """A fresh run id: ``tw`` + 6 random hex digits (short enough for 15-character interface names)."""
@@ -245,8 +247,9 @@ class RunState:
         os.replace(tmp, self.path)
 
     def delete(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, os.path.join(STATE_DIR, self.run_id + ".log")):  # .log: a detached `up`
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     @classmethod
     def load(cls, path: str) -> RunState:

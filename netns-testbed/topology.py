@@ -60,6 +60,8 @@ def link_subnet(run_id: str) -> ipaddress.IPv4Network:
 class Testbed:
     """Server and client namespaces with the userspace link emulator between them (see module docstring)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, config: EmulatorConfig | None = None, *, run_id: str | None = None,
                  backend: str = "auto", ready_timeout: float = 10.0) -> None:
         if backend not in ("auto", "userspace", "kernel"):
@@ -81,6 +83,7 @@ class Testbed:
         self.final_stats: dict[str, Any] | None = None
         self._state: RunState | None = None
         self._children: list[subprocess.Popen] = []
+        self._pid = os.getpid()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -184,7 +187,13 @@ class Testbed:
         return self.command("stats")
 
     def down(self) -> None:
-        """Stop children and the emulator, remove the namespaces and the state file. Safe to call twice."""
+        """Stop children and the emulator, remove the namespaces and the state file. Safe to call twice.
+
+        Does nothing in a forked copy of the owner (pyroute2 forks helpers; a signal unwinding one of them
+        must not tear down the owner's testbed).
+        """
+        if os.getpid() != self._pid:
+            return
         for proc in self._children:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -265,6 +274,7 @@ class DirectLink:
         self.server_addr, self.client_addr = str(hosts[0]), str(hosts[1])
         self._state: RunState | None = None
         self._children: list[subprocess.Popen] = []
+        self._pid = os.getpid()
 
     def __enter__(self) -> DirectLink:
         from pyroute2 import IPRoute
@@ -286,6 +296,8 @@ class DirectLink:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if os.getpid() != self._pid:  # a forked helper unwinding (see Testbed.down)
+            return
         for proc in self._children:
             if proc.poll() is None:
                 proc.kill()

@@ -172,9 +172,9 @@ def test_step_marks_real_bytes_and_fixes_the_ipv4_checksum():
         link.enqueue(raw, 0.0)
     out = link.dequeue_ready(0.1)
     assert len(out) == 5
-    # 1028-byte packets: the first two start in the 1 ms opportunity (sojourn 1 ms, not above the step),
-    # the others start at 2, 3, 4 ms and are marked
-    assert [p.sojourn for p in out] == pytest.approx([0.001, 0.001, 0.002, 0.003, 0.003])
+    # 1028-byte packets: the first goes to the idle link at once, the second when the first has left at
+    # 1 ms (sojourn 1 ms: not above the step), the others at 2, 3, 3 ms: marked
+    assert [p.sojourn for p in out] == pytest.approx([0.0, 0.001, 0.002, 0.003, 0.003])
     assert [ecn_of(p.data) for p in out] == [ECT1, ECT1, CE, CE, CE]
     for p in out[2:]:
         ip = IP(p.data)
