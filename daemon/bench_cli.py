@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 BENCH_MODULES: list[str] = [
+    "tokenwire.transport.bench_transport",
     "tokenwire.testbed.bench",
 ]
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 # Modules defining ``register(subparsers)``. Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
+    "tokenwire.daemon.demo_cli",
+    "tokenwire.testbed.sim_cli",
     "tokenwire.daemon.bench_cli",
     "tokenwire.testbed.cli",
 ]

@@ -1,0 +1,192 @@
+"""The frame codec: round trips, strict validation with typed errors, and fuzzing."""
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenwire.transport.errors import ErrorCode, FrameError, FrameTooLarge, UnsupportedVersion
+from tokenwire.transport.frames import (
+    MAX_DATAGRAM_FRAME,
+    MAX_TOKEN_BYTES,
+    Ack,
+    Error,
+    Finished,
+    Repair,
+    Request,
+    Started,
+    StreamDecoder,
+    Tokens,
+    decode_datagram,
+    decode_frame,
+    encode_frame,
+    encode_stream_frame,
+)
+
+SAMPLES = [
+    Request(
+        messages=[{"role": "user", "content": "héllo"}],
+        scheme="stream",
+        model="m",
+        max_tokens=5,
+        auth="tok",
+        resume_id=b"r" * 16,
+        resume_from=3,
+        params={"temperature": 0.2, "stop": None},
+    ),
+    Started(handle=4, request_id=b"x" * 16, scheme="chatterbox", first_index=7),
+    Tokens(handle=0, first=9, tokens=[b"a", b"\xe2\x82"], sent_us=12345678901, total=20, extra=(15, [b"z"])),
+    Ack(handle=8, next_index=4, echo_us=1, recv_us=2, ecn=[1, 2, 3, 0]),
+    Finished(total=3, digest=b"d" * 32, reason="length", gen_us=[0, 10, 20]),
+    Repair(first=2, end=9),
+    Error(code=ErrorCode.UNAUTHORIZED, message="nope"),
+]
+
+
+@pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: type(f).__name__)
+def test_round_trip(frame):
+    assert decode_frame(encode_frame(frame)) == frame
+    dec = StreamDecoder()
+    assert dec.feed(encode_stream_frame(frame)) == [frame]
+
+
+def test_stream_decoder_reassembles_byte_by_byte():
+    data = b"".join(encode_stream_frame(f) for f in SAMPLES)
+    dec = StreamDecoder()
+    out = []
+    for i in range(len(data)):
+        out += dec.feed(data[i : i + 1])
+    assert out == SAMPLES and dec.pending == 0
+
+
+def test_stream_decoder_rejects_oversized_prefix_before_buffering():
+    dec = StreamDecoder(max_frame=1000)
+    with pytest.raises(FrameTooLarge):
+        dec.feed(struct.pack(">I", 1001))
+
+
+def test_truncated_frame_is_pending():
+    body = encode_stream_frame(SAMPLES[0])
+    dec = StreamDecoder()
+    assert dec.feed(body[:-1]) == []
+    assert dec.pending == len(body) - 1
+
+
+def _raw(d):
+    return msgpack.packb(d, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"\xc1", "msgpack"),
+        (_raw([1, 2]), "must be a msgpack map"),
+        (_raw({"x": 1}), "type field"),
+        (_raw({"t": 99}), "unknown frame type"),
+        (_raw({"t": 6, "i": 1, "j": 2, "zz": 0}), "unknown field"),
+        (_raw({"t": 6, "i": 1}), "missing required field"),
+        (_raw({"t": 6, "i": 5, "j": 5}), "empty range"),
+        (_raw({"t": 6, "i": -1, "j": 5}), "out of range"),
+        (_raw({"t": 6, "i": True, "j": 5}), "expected an integer"),
+        (_raw({"t": 3, "r": 0, "i": 0, "k": [b"x" * (MAX_TOKEN_BYTES + 1)]}), "at most"),
+        (_raw({"t": 3, "r": 0, "i": 0, "k": ["text, not bytes"]}), "bytes"),
+        (_raw({"t": 3, "r": 0, "i": 5, "k": [b"a"], "x": [3, [b"b"]]}), "extra run"),
+        (_raw({"t": 1, "v": 1, "m": [{"role": "user"}]}), "role"),
+        (_raw({"t": 1, "v": 1, "m": [{"role": "god", "content": ""}]}), "role"),
+        (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "s": "carrier-pigeon"}), "not one of"),
+        (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "rf": 3}), "together"),
+        (_raw({"t": 5, "n": 1, "d": b"short", "fr": "stop"}), "bytes"),
+        (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "p": {"k": [1]}}), "parameter"),
+        (b"\x81\xa1t\x07" + b"\x00", "msgpack"),  # trailing garbage
+    ],
+)
+def test_invalid_frames_raise_frame_error(raw, match):
+    with pytest.raises(FrameError, match=match):
+        decode_frame(raw)
+
+
+def test_unsupported_version_is_typed():
+    raw = _raw({"t": 1, "v": 2, "m": [{"role": "user", "content": "x"}]})
+    with pytest.raises(UnsupportedVersion) as info:
+        decode_frame(raw)
+    assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_size_limits():
+    with pytest.raises(FrameTooLarge):
+        decode_frame(b"\x00" * 100, max_size=10)
+    with pytest.raises(FrameTooLarge):
+        decode_datagram(b"\x00" * (MAX_DATAGRAM_FRAME + 1))
+
+
+def test_only_tokens_and_acks_travel_in_datagrams():
+    with pytest.raises(FrameError, match="datagram"):
+        decode_datagram(encode_frame(Repair(1, 2)))
+    assert isinstance(decode_datagram(encode_frame(Ack(0, 1))), Ack)
+
+
+# ---- fuzzing ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_only_raise_frame_errors(data):
+    try:
+        decode_frame(data)
+    except FrameError:
+        pass
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["t", "v", "m", "r", "i", "k", "x", "n", "d", "s", "j", "c", "msg", "g"]),
+        msgpack_values,
+        max_size=6,
+    ),
+    st.integers(1, 7),
+)
+def test_fuzz_structured_maps_only_raise_frame_errors(fields, t):
+    fields = dict(fields)
+    fields["t"] = t
+    try:
+        frame = decode_frame(_raw(fields))
+    except FrameError:
+        return
+    # anything accepted must survive a round trip unchanged
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 40))
+def test_fuzz_stream_decoder(data, cut):
+    dec = StreamDecoder(max_frame=4096)
+    try:
+        dec.feed(data[:cut])
+        dec.feed(data[cut:])
+    except FrameError:
+        pass
+
+
+tokens_st = st.lists(st.binary(max_size=MAX_TOKEN_BYTES), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**40), st.integers(0, 2**30), tokens_st, st.none() | st.integers(0, 2**40 - 1))
+def test_tokens_round_trip(handle, first, toks, total):
+    f = Tokens(handle=handle, first=first, tokens=toks, sent_us=first, total=total)
+    assert decode_frame(encode_frame(f)) == f

@@ -1,0 +1,251 @@
+"""Real aioquic connections on loopback: exact delivery, injected loss, and hostile peers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aioquic.asyncio import connect as quic_connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events as qe
+
+from tokenwire.daemon.cli import main
+from tokenwire.testbed.udp_relay import UdpRelay
+from tokenwire.transport.client import connect
+from tokenwire.transport.errors import ErrorCode, RemoteError
+from tokenwire.transport.frames import Ack, Repair, Request, Tokens, encode_frame, encode_stream_frame
+from tokenwire.transport.server import serve
+from tokenwire.transport.tls import client_configuration, dev_cert
+
+WORDS = [f" w{i}" if i % 7 else f" ü{i}\n" for i in range(400)]  # multi-byte text too
+
+
+def run(coro, timeout: float = 60.0):
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+async def word_source(request):
+    n = request.max_tokens or len(WORDS)
+    for w in WORDS[:n]:
+        await asyncio.sleep(0.002)
+        yield w
+
+
+async def slow_source(request):
+    for w in WORDS[:150]:
+        await asyncio.sleep(0.01)
+        yield w
+
+
+def client_kwargs():
+    return {"cadata": dev_cert().cert_pem, "server_name": "localhost"}
+
+
+@pytest.mark.parametrize("scheme", ["chatterbox", "stream", "duplicate"])
+def test_every_token_arrives_exactly_once_in_order(scheme):
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                stream = conn.chat("hi", scheme=scheme)
+                deltas = [d async for d in stream]
+            return deltas, stream
+        finally:
+            server.close()
+
+    deltas, stream = run(go())
+    assert "".join(deltas) == "".join(WORDS)
+    assert stream.tokens == [w.encode() for w in WORDS]
+    assert stream.stats.digest_verified and stream.stats.tokens == len(WORDS)
+    assert stream.stats.scheme == scheme
+
+
+@pytest.mark.parametrize("scheme", ["chatterbox", "stream", "duplicate"])
+@pytest.mark.parametrize("loss", ["iid:0.15", "ge:0.01,0.1"])
+def test_exact_text_under_injected_loss(scheme, loss):
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0)
+        relay = await UdpRelay(("127.0.0.1", server.port), delay_ms=5, loss=loss, seed=2).start()
+        try:
+            async with connect("127.0.0.1", relay.port, timeout=20, **client_kwargs()) as conn:
+                stream = conn.chat("hi", scheme=scheme, max_tokens=200)
+                text = await stream.collect()
+            return text, stream, relay.down.dropped
+        finally:
+            relay.close()
+            server.close()
+
+    text, stream, dropped = run(go())
+    assert dropped > 0
+    assert text == "".join(WORDS[:200])
+    assert stream.stats.digest_verified and stream.stats.finish_reason == "length"
+
+
+def test_max_tokens_and_concurrent_requests_on_one_connection():
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                streams = [
+                    conn.chat("q", scheme=s, max_tokens=n)
+                    for s, n in [("chatterbox", 50), ("stream", 80), ("duplicate", 120), ("chatterbox", 400)]
+                ]
+                return await asyncio.gather(*(s.collect() for s in streams))
+        finally:
+            server.close()
+
+    texts = run(go())
+    assert texts == ["".join(WORDS[:n]) for n in (50, 80, 120, 400)]
+
+
+class RawProtocol(QuicConnectionProtocol):
+    """A hostile or broken peer: speaks QUIC with our ALPN but sends whatever the test wants."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.terminated: qe.ConnectionTerminated | None = None
+        self.stream_data = b""
+
+    def quic_event_received(self, event):
+        if isinstance(event, qe.ConnectionTerminated):
+            self.terminated = event
+        elif isinstance(event, qe.StreamDataReceived):
+            self.stream_data += event.data
+
+
+async def hostile(port: int, action) -> qe.ConnectionTerminated:
+    config = client_configuration(**client_kwargs())
+    async with quic_connect("127.0.0.1", port, configuration=config, create_protocol=RawProtocol) as proto:
+        action(proto)
+        proto.transmit()
+        await asyncio.wait_for(proto.wait_closed(), 10)
+        return proto._quic._close_event
+
+
+def _stream(proto, data: bytes):
+    sid = proto._quic.get_next_available_stream_id()
+    proto._quic.send_stream_data(sid, data)
+
+
+GOOD_REQUEST = Request(messages=[{"role": "user", "content": "x"}])
+ATTACKS = {
+    "garbage on a request stream": (lambda p: _stream(p, b"\x00\x00\x00\x05hello"), ErrorCode.MALFORMED_FRAME),
+    "unknown protocol version": (
+        lambda p: _stream(p, encode_stream_frame(Request(messages=[{"role": "user", "content": "x"}], version=9))),
+        ErrorCode.UNSUPPORTED_VERSION,
+    ),
+    "oversized stream frame": (lambda p: _stream(p, b"\x7f\xff\xff\xff" + b"x" * 100), ErrorCode.FRAME_TOO_LARGE),
+    "repair before any request": (lambda p: _stream(p, encode_stream_frame(Repair(0, 5))), ErrorCode.MALFORMED_FRAME),
+    "garbage datagram": (lambda p: p._quic.send_datagram_frame(b"\xc1\xc1\xc1"), ErrorCode.MALFORMED_FRAME),
+    "token datagram from a client": (
+        lambda p: p._quic.send_datagram_frame(encode_frame(Tokens(0, 0, [b"x"]))),
+        ErrorCode.MALFORMED_FRAME,
+    ),
+    "request on a unidirectional stream": (
+        lambda p: p._quic.send_stream_data(
+            p._quic.get_next_available_stream_id(is_unidirectional=True), encode_stream_frame(GOOD_REQUEST)
+        ),
+        ErrorCode.MALFORMED_FRAME,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_bad_peers_get_a_typed_close_and_others_keep_streaming(name):
+    action, code = ATTACKS[name]
+
+    async def go():
+        server = await serve(slow_source, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                good = conn.chat("hi")
+                good_task = asyncio.ensure_future(good.collect())
+                await asyncio.sleep(0.1)  # the good answer is mid-flight
+                close = await hostile(server.port, action)
+                text = await good_task
+            return close, text, good.stats, server.stats
+        finally:
+            server.close()
+
+    close, text, stats, server_stats = run(go())
+    assert close is not None and close.error_code == code, close
+    assert close.frame_type is None  # an application close, not a transport error
+    assert text == "".join(WORDS[:150]) and stats.digest_verified
+    assert server_stats.protocol_errors == 1
+
+
+def test_ack_datagram_for_unknown_request_is_ignored():
+    async def go():
+        server = await serve(slow_source, host="127.0.0.1", port=0)
+        try:
+            config = client_configuration(**client_kwargs())
+            async with quic_connect(
+                "127.0.0.1", server.port, configuration=config, create_protocol=RawProtocol
+            ) as proto:
+                proto._quic.send_datagram_frame(encode_frame(Ack(handle=12345, next_index=3)))
+                proto.transmit()
+                await asyncio.sleep(0.2)
+                return proto.terminated
+        finally:
+            server.close()
+
+    assert run(go()) is None
+
+
+def test_source_failure_is_a_typed_error_for_that_request_only():
+    async def flaky(request):
+        if request.prompt == "boom":
+            yield "partial"
+            raise RuntimeError("model crashed")
+        async for w in word_source(request):
+            yield w
+
+    async def go():
+        server = await serve(flaky, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                bad = conn.chat("boom")
+                good = conn.chat("fine", max_tokens=30)
+                with pytest.raises(RemoteError) as info:
+                    await bad.collect()
+                return info.value, await good.collect()
+        finally:
+            server.close()
+
+    err, good_text = run(go())
+    assert err.code == ErrorCode.UPSTREAM_ERROR and "model crashed" not in str(err)  # no internals leak
+    assert good_text == "".join(WORDS[:30])
+
+
+def test_unauthorized_connection_is_closed():
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0, authorize=lambda tok: tok == "s3cret")
+        try:
+            async with connect("127.0.0.1", server.port, auth_token="wrong", **client_kwargs()) as conn:
+                with pytest.raises(RemoteError) as info:
+                    await conn.chat("hi").collect()
+            async with connect("127.0.0.1", server.port, auth_token="s3cret", **client_kwargs()) as conn:
+                ok = await conn.chat("hi", max_tokens=5).collect()
+            return info.value, ok
+        finally:
+            server.close()
+
+    err, ok = run(go())
+    assert err.code == ErrorCode.UNAUTHORIZED
+    assert ok == "".join(WORDS[:5])
+
+
+def test_demo_command_runs_and_verifies(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--tokens", "40", "--rate", "200", "--delay-ms", "5", "--quiet", "--json", str(out)])
+    assert rc == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["schemes"]) == {"chatterbox", "stream", "duplicate"}
+    assert all(r["digest_verified"] and r["tokens"] == 40 for r in data["schemes"].values())
+    assert "stall ratio" in capsys.readouterr().out

@@ -1,0 +1,23 @@
+"""The README's SDK example is executed as written, so the documentation cannot drift from the code."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_opens_with_the_two_commands():
+    text = README.read_text()
+    first_block = re.search(r"```sh\n(.*?)```", text, re.S).group(1)
+    assert first_block.splitlines()[0].startswith("make demo")
+    assert first_block.splitlines()[1].startswith("make test")
+
+
+def test_readme_sdk_example_runs():
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Packets get lost; tokens should not." in out.stdout
+    assert "digest verified" in out.stdout

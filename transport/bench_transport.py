@@ -1,0 +1,327 @@
+"""``tokenwire bench transport``: CPU per token packet on each side, and packets/s on loopback.
+
+The baseline is raw aioquic DATAGRAM frames of the same size, measured in the same run: one token per
+frame, one ``transmit()`` per frame, no acknowledgements of our own. The server runs in a subprocess so
+that each side's CPU time is its own process's. Two workloads per mode:
+
+* ``paced``: tokens at ``--rate`` per second (one token per packet), CPU microseconds per packet per side;
+* ``flood``: tokens as fast as the sender can go, delivered packets and tokens per second.
+
+Every number is the median of ``--repeats`` runs; ratios compare tokenwire to raw aioquic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("raw", "chatterbox", "stream", "duplicate")
+TOKEN = b" tok"  # 4 bytes: a typical token
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transport", help="CPU per token packet and packets/s on loopback vs raw aioquic")
+    p.add_argument("--tokens", type=int, default=3000, help="tokens per paced run (default 3000)")
+    p.add_argument("--rate", type=float, default=1000.0, help="paced token rate per second (default 1000)")
+    p.add_argument("--flood-tokens", type=int, default=10000, help="tokens per flood run (default 10000)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported (default 3)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.set_defaults(handler=run_cli)
+
+
+# --------------------------------------------------------------------------------------------- server side
+def _cpu() -> float:
+    return time.process_time()
+
+
+def _due(n: int, rate: float, t0: float) -> int:
+    """Tokens that should have been sent by now at ``rate`` (all of them when flooding)."""
+    return n if rate <= 0 else min(n, int((time.monotonic() - t0) * rate) + 1)
+
+
+async def _pace(sent: int, n: int, rate: float, t0: float) -> None:
+    """Sleep until the next token is due (real sleeps: uvloop timers are 1 ms, shorter ones would spin)."""
+    if rate <= 0 or sent >= n:
+        await asyncio.sleep(0)
+        return
+    wait = t0 + sent / rate - time.monotonic()
+    await asyncio.sleep(max(wait, 0.001))
+
+
+async def _serve(mode: str) -> None:
+    """Subprocess entry: serve one workload per connection, print a JSON line per finished workload."""
+    from aioquic.asyncio import serve as quic_serve
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.quic import events as qe
+
+    from tokenwire.transport.server import ServerProtocol, TokenServer
+    from tokenwire.transport.session import RequestCompleted, RequestReceived
+    from tokenwire.transport.tls import server_configuration
+
+    def report(tokens: int, datagrams: int, cpu: float, wall: float) -> None:
+        print(json.dumps({"tokens": tokens, "datagrams": datagrams, "cpu_s": cpu, "wall_s": wall}), flush=True)
+
+    class CountingSend:
+        def __init__(self, proto: Any) -> None:
+            self.proto = proto
+            self.n = 0
+            real = proto._transport.sendto
+
+            def sendto(data: bytes, addr: Any) -> None:
+                self.n += 1
+                real(data, addr)
+
+            proto._transport = _Proxy(proto._transport, sendto)
+
+    if mode == "raw":
+
+        class RawServer(QuicConnectionProtocol):
+            def quic_event_received(self, event: qe.QuicEvent) -> None:
+                if isinstance(event, qe.StreamDataReceived) and event.data.startswith(b"go "):
+                    _, n, rate = event.data.split()
+                    self.task = asyncio.ensure_future(self.blast(event.stream_id, int(n), float(rate)))
+
+            async def blast(self, sid: int, n: int, rate: float) -> None:
+                counter = CountingSend(self)
+                cpu0, t0 = _cpu(), time.monotonic()
+                payload = b"\x00" * 20 + TOKEN  # about the size of a one-token frame
+                sent = 0
+                while sent < n:
+                    due = _due(n, rate, t0)
+                    while sent < due:
+                        self._quic.send_datagram_frame(payload)
+                        self.transmit()
+                        sent += 1
+                    await _pace(sent, n, rate, t0)
+                self._quic.send_stream_data(sid, b"done", end_stream=True)
+                self.transmit()
+                await asyncio.sleep(0.05)  # let the last acks arrive
+                report(n, counter.n, _cpu() - cpu0, time.monotonic() - t0)
+
+        server = await quic_serve("127.0.0.1", 0, configuration=server_configuration(), create_protocol=RawServer)
+    else:
+
+        async def source(request: Any):
+            n = int(request.params["n"])
+            rate = float(request.params["rate"])
+            t0 = time.monotonic()
+            sent = 0
+            while sent < n:
+                due = _due(n, rate, t0)
+                while sent < due:
+                    yield TOKEN.decode()
+                    sent += 1
+                await _pace(sent, n, rate, t0)
+
+        class BenchProtocol(ServerProtocol):
+            def handle_session_events(self, events: list) -> None:
+                for ev in events:
+                    if isinstance(ev, RequestReceived):
+                        self.counter = CountingSend(self)
+                        self.cpu0, self.t0 = _cpu(), time.monotonic()
+                super().handle_session_events(events)
+                for ev in events:
+                    if isinstance(ev, RequestCompleted):
+                        report(
+                            int(self.app.stats.tokens),
+                            self.counter.n,
+                            _cpu() - self.cpu0,
+                            time.monotonic() - self.t0,
+                        )
+                        self.app.stats.tokens = 0
+
+        app = TokenServer(source)
+        server = await quic_serve(
+            "127.0.0.1",
+            0,
+            configuration=server_configuration(),
+            create_protocol=functools.partial(BenchProtocol, app=app),
+        )
+    port = server._transport.get_extra_info("sockname")[1]
+    print(json.dumps({"port": port}), flush=True)
+    await asyncio.Event().wait()
+
+
+class _Proxy:
+    """Wraps a datagram transport so the bench can count ``sendto`` calls."""
+
+    def __init__(self, inner: Any, sendto: Any) -> None:
+        self._inner = inner
+        self.sendto = sendto
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+# --------------------------------------------------------------------------------------------- client side
+async def _client_run(mode: str, port: int, n: int, rate: float) -> dict[str, Any]:
+    from aioquic.asyncio import connect as quic_connect
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.quic import events as qe
+
+    from tokenwire.transport.client import connect
+    from tokenwire.transport.tls import client_configuration
+
+    if mode == "raw":
+        done = asyncio.Event()
+        got = {"n": 0, "udp": 0}
+
+        class RawClient(QuicConnectionProtocol):
+            def datagram_received(self, data: Any, addr: Any) -> None:
+                got["udp"] += 1
+                super().datagram_received(data, addr)
+
+            def quic_event_received(self, event: qe.QuicEvent) -> None:
+                if isinstance(event, qe.DatagramFrameReceived):
+                    got["n"] += 1
+                elif isinstance(event, qe.StreamDataReceived) and event.end_stream:
+                    done.set()
+
+        config = client_configuration(verify=False)
+        async with quic_connect("127.0.0.1", port, configuration=config, create_protocol=RawClient) as proto:
+            cpu0, t0 = _cpu(), time.monotonic()
+            sid = proto._quic.get_next_available_stream_id()
+            proto._quic.send_stream_data(sid, f"go {n} {rate}".encode())
+            proto.transmit()
+            await done.wait()
+            await asyncio.sleep(0.05)
+            return {
+                "tokens": got["n"],
+                "datagrams": got["udp"],
+                "cpu_s": _cpu() - cpu0,
+                "wall_s": time.monotonic() - t0,
+            }
+
+    # the server subprocess made its own development certificate: nothing to verify it against
+    async with connect("127.0.0.1", port, verify=False) as conn:
+        proto = conn._protocol
+        counter = {"udp": 0}
+        real = proto.datagram_received
+
+        def counting(data: Any, addr: Any) -> None:
+            counter["udp"] += 1
+            real(data, addr)
+
+        proto.datagram_received = counting  # type: ignore[method-assign]
+        cpu0, t0 = _cpu(), time.monotonic()
+        stream = conn.chat("bench", scheme=mode, params={"n": n, "rate": rate})
+        await stream.collect()
+        assert stream.stats is not None and stream.stats.digest_verified
+        return {
+            "tokens": stream.stats.tokens,
+            "datagrams": counter["udp"],
+            "cpu_s": _cpu() - cpu0,
+            "wall_s": time.monotonic() - t0,
+        }
+
+
+def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire.transport.bench_transport", "--serve", mode],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = json.loads(proc.stdout.readline())["port"]
+        import uvloop
+
+        client = uvloop.run(_client_run(mode, port, n, rate))
+        server = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    return {
+        "server_us_per_packet": 1e6 * server["cpu_s"] / max(1, server["datagrams"]),
+        "client_us_per_packet": 1e6 * client["cpu_s"] / max(1, client["datagrams"]),
+        "server_us_per_token": 1e6 * server["cpu_s"] / max(1, n),
+        "client_us_per_token": 1e6 * client["cpu_s"] / max(1, n),
+        "server_datagrams": server["datagrams"],
+        "client_datagrams": client["datagrams"],
+        "tokens": client["tokens"],
+        "wall_s": client["wall_s"],
+        "tokens_per_s": n / client["wall_s"],
+        "packets_per_s": server["datagrams"] / max(1e-9, server["wall_s"]),
+    }
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.cli import CLIError
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes) or args.repeats < 1:
+        raise CLIError(f"--modes takes a subset of {','.join(MODES)}; --repeats must be >= 1")
+    results: dict[str, Any] = {}
+    for mode in modes:
+        paced, flood = [], []
+        for k in range(args.repeats):
+            print(f"  {mode}: run {k + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+            paced.append(_one(mode, args.tokens, args.rate))
+            flood.append(_one(mode, args.flood_tokens, 0.0))
+        med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+        results[mode] = {
+            "server_us_per_packet": med(paced, "server_us_per_packet"),
+            "client_us_per_packet": med(paced, "client_us_per_packet"),
+            "server_us_per_token": med(paced, "server_us_per_token"),
+            "client_us_per_token": med(paced, "client_us_per_token"),
+            "paced_packets_per_token": med(paced, "server_datagrams") / args.tokens,
+            "flood_tokens_per_s": med(flood, "tokens_per_s"),
+            "flood_packets_per_s": med(flood, "packets_per_s"),
+        }
+    ratios = {}
+    if "raw" in results:
+        raw = results["raw"]
+        for mode in modes:
+            if mode == "raw":
+                continue
+            ratios[mode] = {
+                "server_cpu_per_packet_vs_raw": results[mode]["server_us_per_packet"] / raw["server_us_per_packet"],
+                "client_cpu_per_packet_vs_raw": results[mode]["client_us_per_packet"] / raw["client_us_per_packet"],
+                "flood_packets_per_s_vs_raw": results[mode]["flood_packets_per_s"] / raw["flood_packets_per_s"],
+            }
+    out = {
+        "modes": results,
+        "ratios_vs_raw_aioquic": ratios,
+        "config": {
+            "tokens": args.tokens,
+            "rate": args.rate,
+            "flood_tokens": args.flood_tokens,
+            "repeats": args.repeats,
+        },
+    }
+    print(
+        f"{'mode':<11} {'srv us/pkt':>10} {'cli us/pkt':>10} {'srv us/tok':>10} {'cli us/tok':>10} "
+        f"{'pkts/token':>10} {'flood pkt/s':>12} {'flood tok/s':>12}"
+    )
+    for mode, r in results.items():
+        print(
+            f"{mode:<11} {r['server_us_per_packet']:>10.1f} {r['client_us_per_packet']:>10.1f} "
+            f"{r['server_us_per_token']:>10.1f} {r['client_us_per_token']:>10.1f} "
+            f"{r['paced_packets_per_token']:>10.2f} {r['flood_packets_per_s']:>12.0f} {r['flood_tokens_per_s']:>12.0f}"
+        )
+    for mode, r in ratios.items():
+        print(
+            f"{mode}: server CPU/packet {r['server_cpu_per_packet_vs_raw']:.2f}x raw, client "
+            f"{r['client_cpu_per_packet_vs_raw']:.2f}x raw, flood packets/s {r['flood_packets_per_s_vs_raw']:.2f}x raw"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        import uvloop
+
+        uvloop.run(_serve(sys.argv[2]))

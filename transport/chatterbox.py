@@ -1,0 +1,410 @@
+"""Sans-I/O Chatterbox token sender and receiver (arXiv 2401.12961, "Eloquent", NAIC '24).
+
+The sender builds each datagram at the moment it leaves (not when a token is generated): new tokens claim
+the packet first, then the oldest unacknowledged tokens fill what is left, oldest first, because they are
+the ones blocking the reader. So any packet that arrives renders on its own and carries every earlier
+loss with it, without waiting for a retransmission timer.
+
+Acknowledgements come from two places: QUIC's own acks of the packets (the delivery hook) and the
+client's ack datagrams (cumulative next index, echoed send time). A repair packet goes out when QUIC
+declares a packet lost and nothing later is in flight to cover it, and when generation idles with tokens
+still unacknowledged (a tail loss), with exponential backoff.
+
+The ``duplicate`` baseline lives here too, as a mode: each packet carries new tokens (and tokens whose
+every copy was lost) and is sent twice back to back, as in the paper's duplication baseline.
+
+Nothing here touches sockets, clocks or the event loop: every method takes ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .frames import Ack, Tokens, encode_frame, token_cost
+from .transcript import Transcript
+
+
+def _int_size(v: int) -> int:
+    """Bytes msgpack uses for a non-negative integer."""
+    if v < 128:
+        return 1
+    if v < 256:
+        return 2
+    if v < 65536:
+        return 3
+    if v < (1 << 32):
+        return 5
+    return 9
+
+
+NEEDS_ROOM = object()  # build() result: nothing fits in the space offered, try a fresh packet
+
+
+@dataclass(slots=True)
+class SentPacket:
+    """What one token datagram carried, to resolve it when QUIC reports it acked or lost."""
+
+    pid: int
+    sent_at: float
+    runs: tuple[tuple[int, int], ...]  # [first, end) ranges of token indices
+    copies: int
+    repair: bool
+    acked: bool = False
+
+
+@dataclass
+class SenderStats:
+    packets: int = 0
+    bytes: int = 0
+    tokens_carried: int = 0
+    redundant_tokens: int = 0
+    redundant_bytes: int = 0
+    repairs: int = 0
+    piggybacks: int = 0
+    lost_reports: int = 0
+    acked_reports: int = 0
+
+
+class TokenSender:
+    """Token datagrams of one request, for the ``chatterbox`` (default) and ``duplicate`` schemes."""
+
+    def __init__(
+        self,
+        handle: int,
+        transcript: Transcript,
+        *,
+        scheme: str = "chatterbox",
+        first_index: int = 0,
+        max_redundant_tokens: int = 64,
+        initial_rtt: float = 0.1,
+        min_idle_repair: float = 0.01,
+        max_idle_repair: float = 2.0,
+    ) -> None:
+        if scheme not in ("chatterbox", "duplicate"):
+            raise ValueError(f"TokenSender handles chatterbox and duplicate, not {scheme!r}")
+        self.handle = handle
+        self.transcript = transcript
+        self.scheme = scheme
+        self.copies = 2 if scheme == "duplicate" else 1
+        self.floor = first_index  # every token below is acknowledged
+        self.next_new = first_index  # first token never sent in a datagram
+        self.max_redundant_tokens = max_redundant_tokens
+        self.srtt = initial_rtt
+        self.min_idle_repair = min_idle_repair
+        self.max_idle_repair = max_idle_repair
+        self.stats = SenderStats()
+        self.closed = False
+        self._acked: set[int] = set()  # acknowledged indices >= floor (out of order)
+        self._retx: set[int] = set()  # duplicate scheme: tokens whose every copy was lost
+        self._outstanding: dict[int, SentPacket] = {}
+        self._next_pid = 0
+        self._want_repair = False
+        self._last_send = -math.inf
+        self._backoff = 0
+
+    # ----------------------------------------------------------------------------------- state queries
+    @property
+    def unacked(self) -> int:
+        """Tokens sent at least once and not yet acknowledged."""
+        return max(0, self.next_new - self.floor)
+
+    def wants_send(self) -> bool:
+        if self.closed:
+            return False
+        if self.next_new < len(self.transcript):
+            return True
+        if self.scheme == "duplicate":
+            return bool(self._retx)
+        return self._want_repair and self.floor < self.next_new
+
+    def next_timer(self) -> float | None:
+        """When an idle repair is due (chatterbox only); None when nothing is outstanding."""
+        if self.closed or self.scheme != "chatterbox" or self.floor >= self.next_new:
+            return None
+        if self._want_repair:
+            return None
+        return self._last_send + self._idle_timeout()
+
+    def _idle_timeout(self) -> float:
+        base = max(self.min_idle_repair, 1.5 * self.srtt)
+        return min(self.max_idle_repair, base * (2**self._backoff))
+
+    # ----------------------------------------------------------------------------------- events in
+    def on_timer(self, now: float) -> None:
+        deadline = self.next_timer()
+        if deadline is not None and now >= deadline:
+            self._want_repair = True
+            self._backoff = min(self._backoff + 1, 8)
+
+    def on_ack(self, ack: Ack, now: float) -> None:
+        """A client ack datagram: cumulative progress and, with an echo, an RTT sample."""
+        if ack.echo_us is not None:
+            sample = now - ack.echo_us / 1e6
+            if 0.0 <= sample < 60.0:
+                self.srtt = 0.875 * self.srtt + 0.125 * sample
+        self._advance_floor(min(ack.next_index, self.next_new))
+
+    def on_delivery(self, cookie: SentPacket | int, acked: bool, now: float) -> None:
+        """QUIC's verdict on one copy of a packet (from the datagram delivery hook)."""
+        pid = cookie.pid if isinstance(cookie, SentPacket) else cookie
+        pkt = self._outstanding.get(pid)
+        if pkt is None:
+            return
+        pkt.copies -= 1
+        if acked:
+            self.stats.acked_reports += 1
+            if not pkt.acked:
+                pkt.acked = True
+                for first, end in pkt.runs:
+                    self._mark_acked(first, end)
+        else:
+            self.stats.lost_reports += 1
+            if not pkt.acked and pkt.copies <= 0:
+                self._on_lost(pkt)
+        if pkt.copies <= 0:
+            del self._outstanding[pid]
+
+    def _on_lost(self, pkt: SentPacket) -> None:
+        still_missing = any(self._is_unacked(i) for first, end in pkt.runs for i in range(first, end))
+        if not still_missing:
+            return
+        if self.scheme == "duplicate":
+            for first, end in pkt.runs:
+                self._retx.update(i for i in range(first, end) if self._is_unacked(i))
+            return
+        # chatterbox: a later packet still in flight carries the floor anyway; otherwise repair now
+        if not any(p > pkt.pid for p in self._outstanding):
+            self._want_repair = True
+
+    def _is_unacked(self, i: int) -> bool:
+        return i >= self.floor and i not in self._acked
+
+    def _mark_acked(self, first: int, end: int) -> None:
+        if first <= self.floor:
+            self._advance_floor(end)
+            return
+        for i in range(first, end):
+            self._acked.add(i)
+            self._retx.discard(i)
+
+    def _advance_floor(self, new_floor: int) -> None:
+        if new_floor <= self.floor:
+            return
+        self.floor = new_floor
+        acked = self._acked
+        while self.floor in acked:
+            acked.discard(self.floor)
+            self.floor += 1
+        if acked:
+            self._acked = {i for i in acked if i >= self.floor}
+        if self._retx:
+            self._retx = {i for i in self._retx if i >= self.floor}
+        self._backoff = 0
+        if self.floor >= self.next_new:
+            self._want_repair = False
+
+    # ----------------------------------------------------------------------------------- packet out
+    def can_piggyback(self) -> bool:
+        """Unacknowledged tokens exist that could ride in a packet leaving anyway (chatterbox only)."""
+        return not self.closed and self.scheme == "chatterbox" and self.floor < self.next_new
+
+    def build(self, now: float, capacity: int, *, piggyback: bool = False) -> tuple[bytes, SentPacket] | object | None:
+        """Build the next token datagram, at most ``capacity`` bytes.
+
+        Returns ``(payload, record)``, ``None`` when there is nothing to send, or :data:`NEEDS_ROOM` when
+        not even one token fits in ``capacity`` (the caller retries in a fresh packet). With ``piggyback``
+        the datagram rides in a packet that leaves anyway (an ACK): it carries the unacknowledged tokens
+        even when no repair is due, and never asks for room.
+        """
+        if not self.wants_send() and not (piggyback and self.can_piggyback()):
+            return None
+        toks = self.transcript.tokens
+        n_avail = len(toks)
+        total = n_avail if self.transcript.finished else None
+        sent_us = max(0, int(now * 1e6))
+
+        if self.scheme == "duplicate":  # retransmit tokens whose every copy was lost, oldest run first
+            retx_sorted = sorted(self._retx)
+            old_first = retx_sorted[0] if retx_sorted else self.next_new
+            old_limit = old_first
+            for i in retx_sorted:
+                if i != old_limit:
+                    break
+                old_limit += 1
+        else:  # chatterbox: the oldest unacknowledged tokens, at most max_redundant_tokens of them
+            old_first = self.floor
+            old_limit = min(self.next_new, self.floor + self.max_redundant_tokens)
+        new_first = self.next_new
+        has_old = old_first < old_limit
+        has_new = new_first < n_avail
+
+        # Upper bound of the msgpack overhead: map header, "t", "r", "i" (index <= 9 bytes), "k" (array
+        # header <= 3 bytes), "s", optional "n", and the "x" second run when both runs are present.
+        budget = capacity - (1 + 3 + 2 + _int_size(self.handle) + 11 + 5 + 2 + _int_size(sent_us))
+        if total is not None:
+            budget -= 2 + _int_size(total)
+        if has_old and has_new:
+            budget -= 2 + 1 + 9 + 3
+
+        # 1) new tokens claim the packet first
+        used = 0
+        new_end = new_first
+        while new_end < n_avail:
+            cost = token_cost(toks[new_end])
+            if used + cost > budget:
+                break
+            used += cost
+            new_end += 1
+        # 2) the oldest unacknowledged tokens fill what is left, oldest first
+        old_end = old_first
+        while old_end < old_limit:
+            cost = token_cost(toks[old_end])
+            if used + cost > budget:
+                break
+            used += cost
+            old_end += 1
+        if new_end == new_first and old_end == old_first:
+            return None if piggyback else NEEDS_ROOM
+
+        if old_end == old_first:
+            runs: tuple[tuple[int, int], ...] = ((new_first, new_end),)
+        elif new_end == new_first:
+            runs = ((old_first, old_end),)
+        elif old_end == new_first:
+            runs = ((old_first, new_end),)
+        else:
+            runs = ((old_first, old_end), (new_first, new_end))
+        (f0, e0) = runs[0]
+        frame = Tokens(self.handle, f0, toks[f0:e0], sent_us=sent_us, total=total)
+        if len(runs) == 2:
+            f1, e1 = runs[1]
+            frame.extra = (f1, toks[f1:e1])
+        payload = encode_frame(frame)
+        if len(payload) > capacity:  # pragma: no cover - the size arithmetic above is exact or larger
+            raise AssertionError(f"token packet of {len(payload)} bytes exceeds capacity {capacity}")
+
+        repeated = sum(e - f for f, e in runs if f < new_first)
+        repeated_bytes = sum(len(toks[i]) for f, e in runs if f < new_first for i in range(f, min(e, new_first)))
+        pkt = SentPacket(
+            pid=self._next_pid,
+            sent_at=now,
+            runs=runs,
+            copies=self.copies,
+            repair=new_end == new_first,
+        )
+        self._next_pid += 1
+        self._outstanding[pkt.pid] = pkt
+        self.next_new = max(self.next_new, new_end)
+        if self.scheme == "duplicate":
+            self._retx.difference_update(range(old_first, old_end))
+        st = self.stats
+        st.packets += self.copies
+        st.bytes += len(payload) * self.copies
+        st.tokens_carried += sum(e - f for f, e in runs)
+        st.redundant_tokens += repeated
+        st.redundant_bytes += repeated_bytes
+        if piggyback and pkt.repair:
+            st.piggybacks += 1
+        elif pkt.repair:
+            st.repairs += 1
+        self._want_repair = False
+        self._last_send = now
+        return payload, pkt
+
+    def close(self) -> None:
+        """Stop sending (request finished and confirmed, cancelled, or connection gone)."""
+        self.closed = True
+        self._outstanding.clear()
+
+
+@dataclass
+class TokenReceiver:
+    """Client side: reassembles runs of tokens and renders the contiguous prefix as soon as it exists."""
+
+    first_index: int = 0
+    window: int = 1 << 16
+    next_index: int = field(init=False)
+    high: int = field(init=False)
+    total: int | None = None
+    tokens: list[bytes] = field(default_factory=list)
+    render_times: list[float] = field(default_factory=list)
+    duplicate_tokens: int = 0
+    packets: int = 0
+    useful_packets: int = 0  # packets that brought a token not held before (or the total)
+    last_echo_us: int | None = None
+    _pending: dict[int, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.next_index = self.first_index
+        self.high = self.first_index
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.next_index >= self.total
+
+    def on_frame(self, frame: Tokens, now: float) -> list[bytes]:
+        """Take one token frame; returns the tokens that became renderable, in order."""
+        self.packets += 1
+        if frame.sent_us is not None:
+            self.last_echo_us = frame.sent_us
+        useful = frame.total is not None and frame.total != self.total
+        if frame.total is not None:
+            self.set_total(frame.total)
+        out: list[bytes] = []
+        held = self.next_index + len(self._pending)
+        for first, toks in frame.runs():
+            out.extend(self.on_run(first, toks, now))
+        if useful or self.next_index + len(self._pending) > held:
+            self.useful_packets += 1
+        return out
+
+    def set_total(self, total: int) -> None:
+        if self.total is None or total > self.total:
+            self.total = total
+
+    def on_run(self, first: int, toks: list[bytes], now: float) -> list[bytes]:
+        end = first + len(toks)
+        if end <= self.next_index:
+            self.duplicate_tokens += len(toks)
+            return []
+        self.high = max(self.high, end)
+        start = self.next_index
+        if first <= self.next_index and not self._pending:
+            # fast path: the run covers the render point and nothing waits out of order
+            skip = self.next_index - first
+            self.duplicate_tokens += skip
+            new = toks[skip:]
+            self.next_index = end
+        else:
+            limit = self.next_index + self.window
+            for k, tok in enumerate(toks):
+                idx = first + k
+                if idx < self.next_index:
+                    self.duplicate_tokens += 1
+                    continue
+                if idx >= limit:
+                    break
+                if idx in self._pending:
+                    self.duplicate_tokens += 1
+                else:
+                    self._pending[idx] = tok
+            new = []
+            pending = self._pending
+            while self.next_index in pending:
+                new.append(pending.pop(self.next_index))
+                self.next_index += 1
+        if new:
+            self.tokens.extend(new)
+            self.render_times.extend([now] * len(new))
+        assert self.next_index - start == len(new)
+        return new
+
+    def missing(self) -> tuple[int, int] | None:
+        """The first gap ``[a, b)`` below what is known to exist, or None when nothing is missing."""
+        known_end = max(self.high, self.total or 0)
+        if self.next_index >= known_end:
+            return None
+        later = [i for i in self._pending if i > self.next_index]
+        b = min(later) if later else known_end
+        return self.next_index, b

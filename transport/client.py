@@ -1,0 +1,375 @@
+"""Client side of the SDK: stream a chatbot answer over QUIC, text in order as it becomes renderable.
+
+Example (runnable against ``python -m tokenwire.transport.server``)::
+
+    import asyncio
+    from tokenwire.transport.client import connect
+
+    async def main():
+        async with connect("127.0.0.1", 4433, verify=False) as conn:   # verify=False: dev certificate
+            stream = conn.chat("Why do chatbots stall on trains?")
+            async for delta in stream:
+                print(delta, end="", flush=True)
+            print()
+            print(stream.stats)          # TTFT, stall ratio, token count, digest verified, ...
+
+    asyncio.run(main())
+
+For scripts without asyncio: ``text, stats = chat_sync("127.0.0.1", 4433, "Hello", verify=False)``.
+
+Every answer ends with the server's FINISHED frame (token count and SHA-256 of the text). The client
+keeps asking for missing ranges until it holds every token, then checks the digest; a mismatch raises
+:class:`DigestMismatch` rather than returning wrong text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio import connect as quic_connect
+from aioquic.quic.connection import QuicConnection
+
+from . import metrics
+from .errors import ErrorCode, RemoteError, TokenwireError
+from .frames import SCHEMES, Request
+from .quic_io import SessionProtocol
+from .session import (
+    ChatOutcome,
+    ClientSession,
+    ConnectionEnded,
+    RequestFailed,
+    RequestFinished,
+    RequestStarted,
+    SessionEvent,
+    TokensRendered,
+    estimated_base_delay,
+    outcome_timelines,
+)
+from .tls import client_configuration
+
+
+class DigestMismatch(TokenwireError):
+    """The received text does not match the server's digest: never returned as if it were right."""
+
+    code = ErrorCode.INTERNAL
+
+
+@dataclass
+class ChatStats:
+    """Per-request statistics, measured at the client (milliseconds where named ``_ms``)."""
+
+    scheme: str
+    tokens: int
+    digest_verified: bool
+    ttft_ms: float
+    stall_ratio: float
+    longest_stall_ms: float
+    p50_token_delay_ms: float
+    p99_token_delay_ms: float
+    p99_gap_ms: float
+    packets: int
+    duplicate_tokens: int
+    repairs_requested: int
+    finish_reason: str
+    request_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, stall ratio {self.stall_ratio:.3f} "
+            f"(longest {self.longest_stall_ms:.0f} ms), digest {'verified' if self.digest_verified else 'MISMATCH'}"
+        )
+
+
+def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
+    """Compute client-side statistics; the base delay is estimated as the smallest render-generation gap."""
+    tl = outcome_timelines(outcome)
+    nan = math.nan
+    if tl is not None:
+        gen, render = tl
+        d = estimated_base_delay(gen, render)
+        s = metrics.summarize(gen, render, base_delay=d, request_time=outcome.request_time)
+        stall, longest, p50, p99, gap = (
+            s.stall_ratio,
+            s.longest_stall_ms,
+            s.p50_token_delay_ms - d * 1000.0,
+            s.p99_token_delay_ms - d * 1000.0,
+            s.p99_gap_ms,
+        )
+    else:
+        stall = longest = p50 = p99 = gap = nan
+    ttft = (outcome.render_times[0] - outcome.request_time) * 1000.0 if outcome.render_times else nan
+    return ChatStats(
+        scheme=outcome.scheme,
+        tokens=outcome.total,
+        digest_verified=outcome.digest_ok,
+        ttft_ms=ttft,
+        stall_ratio=stall,
+        longest_stall_ms=longest,
+        p50_token_delay_ms=p50,
+        p99_token_delay_ms=p99,
+        p99_gap_ms=gap,
+        packets=outcome.packets,
+        duplicate_tokens=outcome.duplicate_tokens,
+        repairs_requested=outcome.repairs_requested,
+        finish_reason=outcome.finish_reason,
+        request_id=outcome.request_id.hex(),
+    )
+
+
+_END = object()
+
+
+class ChatStream:
+    """One answer: an async iterator of text deltas; ``stats`` and ``text`` are set when it ends."""
+
+    def __init__(self, conn: Connection, request: Request, prefix: list[bytes]) -> None:
+        self._conn = conn
+        self._request = request
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._parts: list[str] = []
+        self.prefix = prefix
+        self.tokens: list[bytes] = list(prefix)
+        self.stats: ChatStats | None = None
+        self.outcome: ChatOutcome | None = None
+        self.request_id: bytes | None = request.resume_id
+        self.scheme: str | None = None
+        self.stream_id: int | None = None
+        self._done = False
+        if prefix:
+            self._parts.append(self._decoder.decode(b"".join(prefix)))
+
+    @property
+    def text(self) -> str:
+        """The text rendered so far (the whole answer once iteration has ended)."""
+        return "".join(self._parts)
+
+    def resume_point(self) -> tuple[bytes, list[bytes]] | None:
+        """(request id, tokens held) to resume this answer on a new connection after a failure."""
+        if self.request_id is None:
+            return None
+        return self.request_id, list(self.tokens)
+
+    # events from the protocol
+    def _started(self, request_id: bytes, scheme: str) -> None:
+        self.request_id = request_id
+        self.scheme = scheme
+
+    def _tokens(self, toks: list[bytes]) -> None:
+        self.tokens.extend(toks)
+        text = self._decoder.decode(b"".join(toks))
+        if text:
+            self._parts.append(text)
+            self._queue.put_nowait(text)
+
+    def _finished(self, outcome: ChatOutcome) -> None:
+        self.outcome = outcome
+        self.stats = stats_from_outcome(outcome)
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._parts.append(tail)
+            self._queue.put_nowait(tail)
+        if not outcome.digest_ok:
+            self._queue.put_nowait(DigestMismatch("received text does not match the server's digest"))
+        self._queue.put_nowait(_END)
+
+    def _failed(self, error: TokenwireError) -> None:
+        self._queue.put_nowait(error)
+
+    # async iteration
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    async def collect(self) -> str:
+        """Consume the whole answer and return its text."""
+        async for _ in self:
+            pass
+        return self.text
+
+    async def cancel(self) -> None:
+        """Abandon the answer (the server stops generating it)."""
+        if self.stream_id is not None:
+            self._conn._protocol.client_session.cancel(self.stream_id)
+            self._conn._protocol.transmit()
+        self._done = True
+
+
+class ClientProtocol(SessionProtocol):
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
+        self.streams: dict[int, ChatStream] = {}
+        self.close_error: TokenwireError | None = None
+
+    @property
+    def client_session(self) -> ClientSession:
+        assert isinstance(self.session, ClientSession)
+        return self.session
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, TokensRendered):
+                s = self.streams.get(ev.stream_id)
+                if s is not None:
+                    s._tokens(ev.tokens)
+            elif isinstance(ev, RequestStarted):
+                s = self.streams.get(ev.stream_id)
+                if s is not None:
+                    s._started(ev.started.request_id, ev.started.scheme)
+            elif isinstance(ev, RequestFinished):
+                s = self.streams.pop(ev.stream_id, None)
+                if s is not None:
+                    s._finished(ev.result)
+            elif isinstance(ev, RequestFailed):
+                s = self.streams.pop(ev.stream_id, None)
+                if s is not None:
+                    s._failed(ev.error)
+            elif isinstance(ev, ConnectionEnded):
+                self.close_error = RemoteError(
+                    f"connection closed: {ev.reason or 'no reason given'} (code {ev.error_code:#x})",
+                    code=ev.error_code,
+                )
+                for s in self.streams.values():
+                    s._failed(self.close_error)
+                self.streams.clear()
+
+
+class Connection:
+    """An open tokenwire connection; make requests with :meth:`chat`."""
+
+    def __init__(self, protocol: ClientProtocol, auth_token: str | None) -> None:
+        self._protocol = protocol
+        self._auth = auth_token
+        self._auth_sent = False
+
+    @property
+    def datagrams(self) -> bool:
+        """Whether the server accepts datagrams (else every scheme falls back to ``stream``)."""
+        return bool(self._protocol.session.datagrams_ok)
+
+    def chat(
+        self,
+        prompt: str | list[dict[str, str]],
+        *,
+        scheme: str = "chatterbox",
+        model: str | None = None,
+        max_tokens: int | None = None,
+        params: dict[str, Any] | None = None,
+        resume: tuple[bytes, list[bytes]] | None = None,
+    ) -> ChatStream:
+        """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection."""
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+        if self._protocol.close_error is not None:
+            raise self._protocol.close_error
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        rid, prefix = resume if resume is not None else (None, [])
+        request = Request(
+            messages=messages,
+            scheme=scheme,
+            model=model,
+            max_tokens=max_tokens,
+            auth=self._auth if not self._auth_sent else None,
+            resume_id=rid,
+            resume_from=len(prefix) if rid is not None else None,
+            params=params,
+        )
+        self._auth_sent = self._auth_sent or self._auth is not None
+        stream = ChatStream(self, request, list(prefix))
+        sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
+        stream.stream_id = sid
+        self._protocol.streams[sid] = stream
+        self._protocol.transmit()
+        return stream
+
+    async def close(self) -> None:
+        self._protocol.close()
+        await self._protocol.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    host: str,
+    port: int,
+    *,
+    server_name: str | None = None,
+    cafile: str | Path | None = None,
+    cadata: bytes | None = None,
+    verify: bool = True,
+    auth_token: str | None = None,
+    congestion: str = "reno",
+    timeout: float = 10.0,
+) -> AsyncIterator[Connection]:
+    """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled)."""
+    config = client_configuration(
+        server_name=server_name or host, cafile=cafile, cadata=cadata, verify=verify, congestion=congestion
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            cm = quic_connect(host, port, configuration=config, create_protocol=ClientProtocol)
+            protocol = await cm.__aenter__()
+    except TimeoutError:
+        raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+    try:
+        yield Connection(protocol, auth_token)  # type: ignore[arg-type]
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    stats: ChatStats
+
+
+def chat_sync(host: str, port: int, prompt: str, **kwargs: Any) -> ChatResult:
+    """Blocking helper for scripts: one request, the whole text and its statistics."""
+    chat_keys = {"scheme", "model", "max_tokens", "params"}
+    chat_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in chat_keys}
+
+    async def run() -> ChatResult:
+        async with connect(host, port, **kwargs) as conn:
+            stream = conn.chat(prompt, **chat_kwargs)
+            text = await stream.collect()
+            assert stream.stats is not None
+            return ChatResult(text, stream.stats)
+
+    return asyncio.run(run())
+
+
+async def _main() -> None:  # pragma: no cover - example
+    async with connect("127.0.0.1", 4433, verify=False) as conn:
+        stream = conn.chat("Why do chatbots stall on trains?")
+        start = time.monotonic()
+        async for delta in stream:
+            print(delta, end="", flush=True)
+        print(f"\n\n{stream.stats} ({time.monotonic() - start:.1f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(_main())
+
+
+__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "chat_sync", "connect"]

@@ -1,0 +1,70 @@
+"""Typed errors of the tokenwire protocol and their QUIC application error codes.
+
+Every decoder raises one of these (never a bare ``ValueError`` or a msgpack exception), so a shell can map
+any failure to a precise close code and keep serving everyone else.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Application error codes, used in ERROR frames and as QUIC CONNECTION_CLOSE codes."""
+
+    NO_ERROR = 0x0
+    INTERNAL = 0x100
+    MALFORMED_FRAME = 0x101
+    FRAME_TOO_LARGE = 0x102
+    UNSUPPORTED_VERSION = 0x103
+    BAD_REQUEST = 0x104
+    UNAUTHORIZED = 0x105
+    LIMIT_EXCEEDED = 0x106
+    UNKNOWN_REQUEST = 0x107
+    UPSTREAM_ERROR = 0x108
+    UPSTREAM_TIMEOUT = 0x109
+    NO_DATAGRAMS = 0x10A
+    SHUTTING_DOWN = 0x10B
+    NOT_FOUND = 0x10C
+    CANCELLED = 0x10D
+
+
+class TokenwireError(Exception):
+    """Base of every error tokenwire raises on purpose. ``code`` says which, ``str()`` says why."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(TokenwireError):
+    """The peer broke the protocol; the connection is closed with ``code``."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class FrameError(ProtocolError):
+    """A frame that does not decode or does not validate (type, size, range, unknown field)."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class FrameTooLarge(FrameError):
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class UnsupportedVersion(ProtocolError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class RequestError(TokenwireError):
+    """A request that the server refuses (bad parameters, limits, auth, upstream). Per request, not fatal."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class RemoteError(TokenwireError):
+    """An ERROR frame or connection close received from the peer, raised on the local side."""

@@ -1,0 +1,490 @@
+"""The tokenwire frame codec: every frame of protocol ``tokenwire/1``, encoded as msgpack maps.
+
+Why msgpack maps with short keys: self-describing and strictly checkable (unknown keys are an error),
+compact enough for token datagrams, and decoded by a C extension. A frame is ``{"t": TYPE, ...fields}``.
+On QUIC streams frames are prefixed with a 4-byte big-endian length (:class:`StreamDecoder`); a DATAGRAM
+carries exactly one frame.
+
+Decoding is the trust boundary: :func:`decode_frame` validates types, sizes, ranges and field names, and
+raises only :class:`~tokenwire.transport.errors.FrameError` (or a subclass) on bad input.
+
+Tokens travel as raw UTF-8 *bytes* pieces, because one model token can end in the middle of a code point;
+the client decodes incrementally.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import FrameError, FrameTooLarge, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+ALPN = "tokenwire/1"
+
+SCHEMES = ("chatterbox", "stream", "duplicate")
+
+MAX_DATAGRAM_FRAME = 1500  # larger datagram frames are rejected before decoding
+MAX_STREAM_FRAME = 1 << 20  # default limit for one length-prefixed stream frame
+MAX_TOKEN_BYTES = 256  # one token piece; longer upstream pieces are split by the sender
+MAX_TOKENS_PER_FRAME = 4096
+MAX_INDEX = (1 << 40) - 1
+MAX_HANDLE = (1 << 62) - 1
+MAX_TIMESTAMP_US = (1 << 63) - 1
+REQUEST_ID_BYTES = 16
+DIGEST_BYTES = 32
+MAX_MESSAGES = 512
+MAX_TEXT = 1 << 20
+MAX_PARAMS = 32
+
+_LEN = struct.Struct(">I")
+
+
+class FrameType(IntEnum):
+    REQUEST = 1
+    STARTED = 2
+    TOKENS = 3
+    ACK = 4
+    FINISHED = 5
+    REPAIR = 6
+    ERROR = 7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# field validators: each takes the raw decoded value and returns it (possibly normalised) or raises
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fail(frame: str, key: str, why: str) -> FrameError:
+    return FrameError(f"{frame}.{key}: {why}")
+
+
+def _int(lo: int, hi: int):
+    def check(frame: str, key: str, v: Any) -> int:
+        if type(v) is not int:  # bool is an int subclass: reject it too
+            raise _fail(frame, key, f"expected an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise _fail(frame, key, f"{v} out of range [{lo}, {hi}]")
+        return v
+
+    return check
+
+
+def _bool(frame: str, key: str, v: Any) -> bool:
+    if type(v) is not bool:
+        raise _fail(frame, key, f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _str(max_len: int, choices: tuple[str, ...] | None = None):
+    def check(frame: str, key: str, v: Any) -> str:
+        if type(v) is not str:
+            raise _fail(frame, key, f"expected a string, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise _fail(frame, key, f"string of {len(v)} characters exceeds {max_len}")
+        if choices is not None and v not in choices:
+            raise _fail(frame, key, f"{v!r} is not one of {', '.join(choices)}")
+        return v
+
+    return check
+
+
+def _bytes(min_len: int, max_len: int):
+    def check(frame: str, key: str, v: Any) -> bytes:
+        if type(v) is not bytes:
+            raise _fail(frame, key, f"expected bytes, got {type(v).__name__}")
+        if not min_len <= len(v) <= max_len:
+            raise _fail(frame, key, f"{len(v)} bytes, expected {min_len}..{max_len}")
+        return v
+
+    return check
+
+
+def _tokens(frame: str, key: str, v: Any) -> list[bytes]:
+    if type(v) is not list:
+        raise _fail(frame, key, f"expected a list of tokens, got {type(v).__name__}")
+    if len(v) > MAX_TOKENS_PER_FRAME:
+        raise _fail(frame, key, f"{len(v)} tokens exceed {MAX_TOKENS_PER_FRAME}")
+    for tok in v:
+        if type(tok) is not bytes or len(tok) > MAX_TOKEN_BYTES:
+            raise _fail(frame, key, f"each token must be bytes of at most {MAX_TOKEN_BYTES}")
+    return v
+
+
+def _run(frame: str, key: str, v: Any) -> tuple[int, list[bytes]]:
+    if type(v) is not list or len(v) != 2:
+        raise _fail(frame, key, "expected [first_index, [tokens]]")
+    return _int(0, MAX_INDEX)(frame, key, v[0]), _tokens(frame, key, v[1])
+
+
+def _int_list(max_items: int, lo: int, hi: int):
+    check_int = _int(lo, hi)
+
+    def check(frame: str, key: str, v: Any) -> list[int]:
+        if type(v) is not list:
+            raise _fail(frame, key, f"expected a list, got {type(v).__name__}")
+        if len(v) > max_items:
+            raise _fail(frame, key, f"{len(v)} items exceed {max_items}")
+        for x in v:
+            check_int(frame, key, x)
+        return v
+
+    return check
+
+
+def _messages(frame: str, key: str, v: Any) -> list[dict[str, str]]:
+    if type(v) is not list or not v:
+        raise _fail(frame, key, "expected a non-empty list of {role, content} messages")
+    if len(v) > MAX_MESSAGES:
+        raise _fail(frame, key, f"{len(v)} messages exceed {MAX_MESSAGES}")
+    total = 0
+    for m in v:
+        if type(m) is not dict or set(m) != {"role", "content"}:
+            raise _fail(frame, key, "each message must be a map with exactly 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if type(role) is not str or role not in ("system", "user", "assistant", "tool"):
+            raise _fail(frame, key, f"role must be system, user, assistant or tool, got {role!r}")
+        if type(content) is not str:
+            raise _fail(frame, key, "content must be a string")
+        total += len(content)
+    if total > MAX_TEXT:
+        raise _fail(frame, key, f"{total} characters of messages exceed {MAX_TEXT}")
+    return v
+
+
+def _params(frame: str, key: str, v: Any) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise _fail(frame, key, "expected a map of generation parameters")
+    if len(v) > MAX_PARAMS:
+        raise _fail(frame, key, f"{len(v)} parameters exceed {MAX_PARAMS}")
+    for k, x in v.items():
+        if type(k) is not str or len(k) > 64:
+            raise _fail(frame, key, "parameter names must be strings of at most 64 characters")
+        if x is not None and type(x) not in (int, float, str, bool):
+            raise _fail(frame, key, f"parameter {k!r} must be a number, string, boolean or null")
+        if type(x) is str and len(x) > 1024:
+            raise _fail(frame, key, f"parameter {k!r} is longer than 1024 characters")
+    return v
+
+
+_u_index = _int(0, MAX_INDEX)
+_u_handle = _int(0, MAX_HANDLE)
+_u_ts = _int(0, MAX_TIMESTAMP_US)
+_version = _int(0, 0xFFFF)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# frames
+# ---------------------------------------------------------------------------------------------------------
+
+
+FieldSpec = dict[str, tuple[str, Any, bool]]
+
+
+class Frame:
+    """Base class. ``FIELDS`` maps wire key -> (attribute, validator, required)."""
+
+    __slots__ = ()
+    TYPE: ClassVar[FrameType]
+    FIELDS: ClassVar[FieldSpec]
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": int(self.TYPE)}
+        for key, (attr, _, _) in self.FIELDS.items():
+            value = getattr(self, attr)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(slots=True)
+class Request(Frame):
+    """Client -> server, first frame of a request stream."""
+
+    TYPE = FrameType.REQUEST
+    messages: list[dict[str, str]]
+    scheme: str = "chatterbox"
+    version: int = PROTOCOL_VERSION
+    model: str | None = None
+    max_tokens: int | None = None
+    auth: str | None = None
+    resume_id: bytes | None = None
+    resume_from: int | None = None
+    params: dict[str, Any] | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "v": ("version", _version, True),
+        "m": ("messages", _messages, True),
+        "s": ("scheme", _str(16, SCHEMES), False),
+        "model": ("model", _str(128), False),
+        "mt": ("max_tokens", _int(1, 1_000_000), False),
+        "a": ("auth", _str(512), False),
+        "rid": ("resume_id", _bytes(REQUEST_ID_BYTES, REQUEST_ID_BYTES), False),
+        "rf": ("resume_from", _u_index, False),
+        "p": ("params", _params, False),
+    }
+
+
+@dataclass(slots=True)
+class Started(Frame):
+    """Server -> client: the request is accepted. ``handle`` names it in datagrams of this connection."""
+
+    TYPE = FrameType.STARTED
+    handle: int
+    request_id: bytes
+    scheme: str
+    first_index: int = 0
+    version: int = PROTOCOL_VERSION
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "v": ("version", _version, True),
+        "r": ("handle", _u_handle, True),
+        "id": ("request_id", _bytes(REQUEST_ID_BYTES, REQUEST_ID_BYTES), True),
+        "s": ("scheme", _str(16, SCHEMES), True),
+        "i": ("first_index", _u_index, True),
+    }
+
+
+@dataclass(slots=True)
+class Tokens(Frame):
+    """Token packet: a run of tokens from ``first``, optionally a second run ``extra`` = (first, tokens).
+
+    ``total`` is set once the answer is complete (the final flag, carrying the count). ``sent_us`` is
+    the sender's clock at build time, echoed by acks for latency samples.
+    """
+
+    TYPE = FrameType.TOKENS
+    handle: int
+    first: int
+    tokens: list[bytes]
+    sent_us: int | None = None
+    total: int | None = None
+    extra: tuple[int, list[bytes]] | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "r": ("handle", _u_handle, True),
+        "i": ("first", _u_index, True),
+        "k": ("tokens", _tokens, True),
+        "s": ("sent_us", _u_ts, False),
+        "n": ("total", _u_index, False),
+        "x": ("extra", _run, False),
+    }
+
+    def runs(self) -> list[tuple[int, list[bytes]]]:
+        out = [(self.first, self.tokens)]
+        if self.extra is not None:
+            out.append((self.extra[0], self.extra[1]))
+        return out
+
+
+@dataclass(slots=True)
+class Ack(Frame):
+    """Client -> server datagram (UDP-Prague style): cumulative next index and a latency/ECN sample.
+
+    ``ecn`` counts received token packets per ECN codepoint [Not-ECT, ECT(1), ECT(0), CE] (cumulative).
+    """
+
+    TYPE = FrameType.ACK
+    handle: int
+    next_index: int
+    echo_us: int | None = None
+    recv_us: int | None = None
+    ecn: list[int] | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "r": ("handle", _u_handle, True),
+        "n": ("next_index", _u_index, True),
+        "e": ("echo_us", _u_ts, False),
+        "g": ("recv_us", _u_ts, False),
+        "c": ("ecn", _int_list(4, 0, MAX_INDEX), False),
+    }
+
+
+@dataclass(slots=True)
+class Finished(Frame):
+    """Server -> client, reliable, last frame: total count, SHA-256 of the text, generation times.
+
+    ``gen_us`` holds each token's generation time in microseconds after the first token's, delta-coded
+    (element i is g_i - g_{i-1}); it lets the client compute its stall ratio. Omitted for huge answers.
+    """
+
+    TYPE = FrameType.FINISHED
+    total: int
+    digest: bytes
+    reason: str = "stop"
+    gen_us: list[int] | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "n": ("total", _u_index, True),
+        "d": ("digest", _bytes(DIGEST_BYTES, DIGEST_BYTES), True),
+        "fr": ("reason", _str(32), True),
+        "g": ("gen_us", _int_list(200_000, 0, MAX_TIMESTAMP_US), False),
+    }
+
+
+@dataclass(slots=True)
+class Repair(Frame):
+    """Client -> server on the request stream: send tokens [first, end) again, reliably on this stream."""
+
+    TYPE = FrameType.REPAIR
+    first: int
+    end: int
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "i": ("first", _u_index, True),
+        "j": ("end", _u_index, True),
+    }
+
+
+@dataclass(slots=True)
+class Error(Frame):
+    """Either direction: a typed error for this request (code from :class:`ErrorCode`)."""
+
+    TYPE = FrameType.ERROR
+    code: int
+    message: str = ""
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "c": ("code", _int(0, (1 << 62) - 1), True),
+        "msg": ("message", _str(1024), True),
+    }
+
+
+FRAME_CLASSES: dict[int, type[Frame]] = {
+    int(cls.TYPE): cls for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error)
+}
+
+
+def _post_validate(frame: Frame) -> None:
+    """Cross-field checks that single-field validators cannot express."""
+    if isinstance(frame, Request):
+        if frame.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
+        if (frame.resume_from is not None) != (frame.resume_id is not None):
+            raise FrameError("request: resume_from and resume id must come together")
+    elif isinstance(frame, Started):
+        if frame.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
+    elif isinstance(frame, Repair):
+        if frame.end <= frame.first:
+            raise FrameError(f"repair: empty range [{frame.first}, {frame.end})")
+    elif isinstance(frame, Tokens):
+        end = frame.first + len(frame.tokens)
+        if frame.extra is not None and frame.extra[0] < end:
+            raise FrameError("tokens: the extra run must start after the main run")
+        if end > MAX_INDEX:
+            raise FrameError("tokens: run extends past the largest index")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encode / decode
+# ---------------------------------------------------------------------------------------------------------
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode one frame (no length prefix)."""
+    wire = frame.to_wire()
+    if isinstance(frame, Tokens) and frame.extra is not None:
+        wire["x"] = [frame.extra[0], frame.extra[1]]
+    return _packer.pack(wire)
+
+
+def encode_stream_frame(frame: Frame) -> bytes:
+    """Encode one frame with its 4-byte length prefix, for QUIC streams."""
+    body = encode_frame(frame)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
+    """Decode and validate one frame. Raises :class:`FrameError` (or a subclass) on any bad input."""
+    if len(data) > max_size:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        wire = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=max_size,
+            max_str_len=max_size,
+            max_array_len=200_000,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise FrameError(f"not a valid msgpack frame: {exc.__class__.__name__}: {exc}") from None
+    if type(wire) is not dict:
+        raise FrameError(f"a frame must be a msgpack map, got {type(wire).__name__}")
+    t = wire.pop("t", None)
+    if type(t) is not int:
+        raise FrameError("frame has no integer type field 't'")
+    cls = FRAME_CLASSES.get(t)
+    if cls is None:
+        raise FrameError(f"unknown frame type {t}")
+    name = cls.__name__.lower()
+    unknown = set(wire) - set(cls.FIELDS)
+    if unknown:
+        raise FrameError(f"{name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    kwargs: dict[str, Any] = {}
+    for key, (attr, check, required) in cls.FIELDS.items():
+        if key in wire:
+            kwargs[attr] = check(name, key, wire[key])
+        elif required:
+            raise FrameError(f"{name}: missing required field {key!r}")
+    frame = cls(**kwargs)
+    _post_validate(frame)
+    return frame
+
+
+def decode_datagram(data: bytes) -> Frame:
+    """Decode a DATAGRAM payload: one frame of a type that may travel in datagrams."""
+    frame = decode_frame(data, max_size=MAX_DATAGRAM_FRAME)
+    if not isinstance(frame, Tokens | Ack):
+        raise FrameError(f"{type(frame).__name__.lower()} frames may not travel in datagrams")
+    return frame
+
+
+@dataclass
+class StreamDecoder:
+    """Sans-I/O reassembly of length-prefixed frames from a QUIC stream's bytes.
+
+    Rejects an oversized frame as soon as its length prefix arrives, before buffering its body.
+    """
+
+    max_frame: int = MAX_STREAM_FRAME
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= 4:
+            (length,) = _LEN.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise FrameTooLarge(f"stream frame of {length} bytes exceeds the limit of {self.max_frame}")
+            if len(self._buf) < 4 + length:
+                break
+            body = bytes(self._buf[4 : 4 + length])
+            del self._buf[: 4 + length]
+            frames.append(decode_frame(body, max_size=self.max_frame))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that do not yet form a whole frame (a truncated frame at stream end)."""
+        return len(self._buf)
+
+
+def token_cost(tok: bytes) -> int:
+    """Bytes one token adds to an encoded token list (msgpack bin header + body)."""
+    n = len(tok)
+    return n + (2 if n < 256 else 3)
+
+
+def array_header_cost(count: int) -> int:
+    return 1 if count < 16 else (3 if count < 65536 else 5)

@@ -1,0 +1,281 @@
+"""Server side of the SDK: serve chat requests from any async iterator of text tokens.
+
+Example (runnable: ``python -m tokenwire.transport.server``)::
+
+    import asyncio
+    from tokenwire.transport.server import serve
+
+    async def answer(request):                 # any async iterator of text pieces, e.g. an LLM's output
+        for word in ["Hello", ",", " world", "!"]:
+            await asyncio.sleep(0.05)
+            yield word
+
+    async def main():
+        server = await serve(answer, host="127.0.0.1", port=4433)   # a dev certificate unless given files
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+Every token the source yields is put on the wire at once, with the scheme the client asked for
+(``chatterbox`` by default, ``stream`` or ``duplicate`` as baselines). The transcript of each answer
+stays in memory until the client confirms it holds everything, so any lost range can be sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio import serve as quic_serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.connection import QuicConnection
+
+from .errors import ErrorCode, RequestError
+from .frames import Request
+from .quic_io import SessionProtocol, tune_socket
+from .session import (
+    ConnectionEnded,
+    RequestCancelled,
+    RequestCompleted,
+    RequestReceived,
+    ServerSession,
+    SessionEvent,
+)
+from .tls import CertPair, server_configuration
+
+log = logging.getLogger("tokenwire.server")
+
+
+@dataclass
+class ChatRequest:
+    """What a token source sees of one request."""
+
+    messages: list[dict[str, str]]
+    model: str | None
+    max_tokens: int | None
+    params: dict[str, Any]
+    scheme: str
+    request_id: bytes
+    peer: Any = None
+
+    @property
+    def prompt(self) -> str:
+        """The last user message (what simple sources answer)."""
+        for m in reversed(self.messages):
+            if m["role"] == "user":
+                return m["content"]
+        return ""
+
+
+TokenSource = Callable[[ChatRequest], AsyncIterator[str]]
+Authorizer = Callable[[str | None], bool]
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens: int = 0
+    protocol_errors: int = 0
+
+
+class ServerProtocol(SessionProtocol):
+    """One QUIC connection on the server: runs a task per request that feeds the source's tokens in."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, app: TokenServer) -> None:
+        super().__init__(
+            quic,
+            stream_handler,
+            session_factory=lambda q: ServerSession(
+                q, max_requests=app.max_requests_per_connection, max_redundant_tokens=app.max_redundant_tokens
+            ),
+        )
+        self.app = app
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.authorized = app.authorize is None
+        app.stats.connections += 1
+        app.protocols.add(self)
+
+    @property
+    def server_session(self) -> ServerSession:
+        assert isinstance(self.session, ServerSession)
+        return self.session
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                self._on_request(ev.stream_id, ev.request)
+            elif isinstance(ev, RequestCancelled):
+                self.app.stats.cancelled += 1
+                task = self.tasks.pop(ev.stream_id, None)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(ev, RequestCompleted):
+                self.app.stats.completed += 1
+            elif isinstance(ev, ConnectionEnded):
+                if not ev.by_peer:
+                    self.app.stats.protocol_errors += 1
+                    log.warning("closed connection: %s (code %#x)", ev.reason, ev.error_code)
+                for task in self.tasks.values():
+                    task.cancel()
+                self.tasks.clear()
+                self.app.protocols.discard(self)
+
+    def _on_request(self, stream_id: int, request: Request) -> None:
+        sess = self.server_session
+        self.app.stats.requests += 1
+        if not self.authorized:
+            if self.app.authorize is not None and self.app.authorize(request.auth):
+                self.authorized = True
+            else:
+                log.warning("unauthorized request; closing the connection")
+                sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+                self.transmit()
+                return
+        transcript = sess.accept(stream_id)
+        req = sess.requests[stream_id]
+        chat = ChatRequest(
+            messages=request.messages,
+            model=request.model,
+            max_tokens=request.max_tokens,
+            params=dict(request.params or {}),
+            scheme=req.scheme,
+            request_id=req.request_id,
+            peer=self._quic._network_paths[0].addr if self._quic._network_paths else None,
+        )
+        self.transmit()
+        task = asyncio.ensure_future(self._feed(stream_id, chat, transcript))
+        self.tasks[stream_id] = task
+
+    async def _feed(self, stream_id: int, chat: ChatRequest, transcript) -> None:
+        sess = self.server_session
+        limit = chat.max_tokens
+        reason = "stop"
+        try:
+            async for piece in self.app.source(chat):
+                if not isinstance(piece, str | bytes):
+                    raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
+                sess.push(stream_id, piece, self.clock())
+                self.app.stats.tokens += 1
+                self.transmit()
+                if limit is not None and len(transcript) >= limit:
+                    reason = "length"
+                    break
+            sess.finish(stream_id, reason)
+        except asyncio.CancelledError:
+            return
+        except RequestError as exc:
+            self.app.stats.failed += 1
+            sess.fail(stream_id, exc.code, str(exc))
+        except Exception as exc:  # a broken source must not take the server down
+            self.app.stats.failed += 1
+            log.exception("token source failed for request %s", chat.request_id.hex())
+            sess.fail(stream_id, ErrorCode.UPSTREAM_ERROR, f"token source failed: {exc.__class__.__name__}")
+        finally:
+            self.tasks.pop(stream_id, None)
+        self.transmit()
+
+
+@dataclass
+class TokenServer:
+    """A running tokenwire server (returned by :func:`serve`)."""
+
+    source: TokenSource
+    authorize: Authorizer | None = None
+    max_requests_per_connection: int = 64
+    max_redundant_tokens: int = 64
+    stats: ServerStats = field(default_factory=ServerStats)
+    protocols: set[ServerProtocol] = field(default_factory=set)
+    _quic_server: QuicServer | None = None
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def port(self) -> int:
+        assert self._quic_server is not None
+        sock = self._quic_server._transport.get_extra_info("sockname")
+        return int(sock[1])
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        cert: CertPair | None = None,
+        certfile: str | Path | None = None,
+        keyfile: str | Path | None = None,
+        congestion: str = "reno",
+        idle_timeout: float = 60.0,
+    ) -> TokenServer:
+        config = server_configuration(
+            cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion, idle_timeout=idle_timeout
+        )
+        self._quic_server = await quic_serve(
+            host, port, configuration=config, create_protocol=functools.partial(ServerProtocol, app=self)
+        )
+        tune_socket(self._quic_server._transport)
+        return self
+
+    def close(self) -> None:
+        """Stop accepting and close every connection."""
+        for proto in list(self.protocols):
+            with contextlib.suppress(Exception):
+                proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        if self._quic_server is not None:
+            self._quic_server.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> TokenServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def serve(
+    source: TokenSource,
+    host: str = "::",
+    port: int = 4433,
+    *,
+    cert: CertPair | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    authorize: Authorizer | None = None,
+    congestion: str = "reno",
+    max_requests_per_connection: int = 64,
+) -> TokenServer:
+    """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``)."""
+    server = TokenServer(source, authorize=authorize, max_requests_per_connection=max_requests_per_connection)
+    return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion)
+
+
+def _example_source() -> Callable[[ChatRequest], Awaitable[None]]:  # pragma: no cover - example
+    async def answer(request: ChatRequest) -> AsyncIterator[str]:
+        from tokenwire.daemon.demo_upstream import demo_stream
+
+        async for tok in demo_stream(200):
+            yield tok
+
+    return answer
+
+
+async def _main() -> None:  # pragma: no cover - example
+    server = await serve(_example_source(), host="127.0.0.1", port=4433)
+    print(f"serving the demo answer on udp://127.0.0.1:{server.port} (dev certificate); Ctrl-C to stop")
+    await server.wait_closed()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())

@@ -1,0 +1,726 @@
+"""Sans-I/O tokenwire protocol over one aioquic ``QuicConnection`` (server and client sides).
+
+Like aioquic's ``H3Connection``, a session owns no socket, clock or event loop. Its driver (the asyncio
+shell in :mod:`.quic_io`, or the virtual-time simulator) feeds it datagrams and timer expiries with an
+explicit ``now``, sends what :meth:`datagrams_to_send` returns, and reacts to the events it returns.
+
+Per request (one bidirectional QUIC stream):
+
+* client -> server: REQUEST, then optionally REPAIR frames, then FIN once the answer is complete and
+  verified (or early, to cancel);
+* server -> client: STARTED, TOKENS frames (``stream`` scheme, and repair replies), FINISHED (total,
+  digest, generation times) or ERROR, then FIN after the client's FIN;
+* token datagrams (``chatterbox``, ``duplicate``) server -> client and ack datagrams client -> server,
+  tagged with the request's handle (its stream id).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+
+from .chatterbox import TokenReceiver, TokenSender
+from .datagram_hook import DatagramScheduler, smoothed_rtt
+from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
+from .frames import (
+    REQUEST_ID_BYTES,
+    Ack,
+    Error,
+    Finished,
+    Repair,
+    Request,
+    Started,
+    StreamDecoder,
+    Tokens,
+    decode_datagram,
+    encode_frame,
+    encode_stream_frame,
+)
+from .transcript import Transcript, gen_times_from_deltas, split_piece, text_digest
+
+REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
+
+
+# ------------------------------------------------------------------------------------------------ events
+@dataclass
+class SessionEvent:
+    pass
+
+
+@dataclass
+class RequestReceived(SessionEvent):
+    """Server: a client asked for an answer. The driver calls ``accept`` or ``reject``."""
+
+    stream_id: int
+    request: Request
+
+
+@dataclass
+class RequestCancelled(SessionEvent):
+    """Server: the client abandoned a request (FIN or reset before FINISHED, or the connection ended)."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass
+class RequestCompleted(SessionEvent):
+    """Server: the client confirmed it holds the whole answer."""
+
+    stream_id: int
+
+
+@dataclass
+class RequestStarted(SessionEvent):
+    stream_id: int
+    started: Started
+
+
+@dataclass
+class TokensRendered(SessionEvent):
+    """Client: tokens that became renderable, in order, at ``now``."""
+
+    stream_id: int
+    tokens: list[bytes]
+    now: float
+
+
+@dataclass
+class RequestFinished(SessionEvent):
+    """Client: every token is here and the digest matched (or did not: ``digest_ok``)."""
+
+    stream_id: int
+    result: ChatOutcome
+
+
+@dataclass
+class RequestFailed(SessionEvent):
+    stream_id: int
+    error: TokenwireError
+
+
+@dataclass
+class ConnectionEnded(SessionEvent):
+    error_code: int
+    reason: str
+    by_peer: bool
+
+
+@dataclass
+class ChatOutcome:
+    """Everything the client knows at the end of one request, for statistics and verification."""
+
+    tokens: list[bytes]  # the whole answer, including a resumed prefix
+    first_index: int
+    total: int
+    digest_ok: bool
+    scheme: str
+    request_id: bytes
+    finish_reason: str
+    request_time: float
+    render_times: list[float]  # of tokens first_index..total-1, client clock
+    gen_offsets: list[float] | None  # of tokens 0..total-1, seconds after token 0, server clock
+    packets: int
+    duplicate_tokens: int
+    repairs_requested: int
+
+
+# ------------------------------------------------------------------------------------------------ base
+class _SessionBase:
+    def __init__(self, quic: QuicConnection) -> None:
+        self.quic = quic
+        self._now = 0.0
+        self.scheduler = DatagramScheduler(quic, clock=lambda: self._now)
+        self.datagrams_ok: bool | None = None  # known after the handshake
+        self.closed = False
+        self._closing_error: TokenwireError | None = None
+
+    # -- driver entry points ----------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
+        self._now = now
+        self.quic.receive_datagram(data, addr, now=now)
+        return self._pump(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        self._now = now
+        return self.quic.datagrams_to_send(now=now)
+
+    def get_timer(self) -> float | None:
+        t = self.quic.get_timer()
+        s = None if self.closed else self._session_timer()
+        if t is None:
+            return s
+        return t if s is None else min(t, s)
+
+    def handle_timer(self, now: float) -> list[SessionEvent]:
+        self._now = now
+        self.quic.handle_timer(now=now)
+        out = self._pump(now)
+        if not self.closed:
+            out.extend(self._on_session_timer(now))
+        return out
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        self.quic.close(error_code=int(code), reason_phrase=reason[:200])
+
+    # -- internals ----------------------------------------------------------------------------------
+    def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        """Feed one QUIC event (for drivers that pump ``quic.next_event()`` themselves)."""
+        self._now = now
+        try:
+            return self._handle_quic_event(event, now)
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
+
+    def _pump(self, now: float) -> list[SessionEvent]:
+        out: list[SessionEvent] = []
+        while (event := self.quic.next_event()) is not None:
+            out.extend(self.handle_quic_event(event, now))
+        return out
+
+    def run_timers(self, now: float) -> list[SessionEvent]:
+        """Session-level timers only (for drivers whose QUIC timer handling is their own)."""
+        self._now = now
+        return [] if self.closed else self._on_session_timer(now)
+
+    def _protocol_error(self, exc: ProtocolError) -> list[SessionEvent]:
+        """The peer broke the protocol: close this connection only, with the error's code."""
+        if self._closing_error is None:
+            self._closing_error = exc
+            self.close(exc.code, str(exc))
+        return []
+
+    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        if isinstance(event, qe.HandshakeCompleted):
+            limit = getattr(self.quic, "_remote_max_datagram_frame_size", None)
+            self.datagrams_ok = limit is not None
+            self.scheduler.set_peer_limit(limit)
+            return []
+        if isinstance(event, qe.StreamDataReceived):
+            return self._on_stream_data(event.stream_id, event.data, event.end_stream, now)
+        if isinstance(event, qe.DatagramFrameReceived):
+            try:
+                frame = decode_datagram(event.data)
+            except FrameError as exc:
+                raise ProtocolError(f"bad datagram: {exc}", code=exc.code) from None
+            return self._on_datagram(frame, now)
+        if isinstance(event, qe.StreamReset):
+            return self._on_stream_reset(event.stream_id, event.error_code)
+        if isinstance(event, qe.ConnectionTerminated):
+            self.closed = True
+            by_peer = self._closing_error is None
+            return [*self._on_terminated(event), ConnectionEnded(event.error_code, event.reason_phrase, by_peer)]
+        return []
+
+    def _send(self, stream_id: int, frame, end: bool = False) -> None:
+        self.quic.send_stream_data(stream_id, encode_stream_frame(frame), end_stream=end)
+
+    def _fin(self, stream_id: int) -> None:
+        try:
+            self.quic.send_stream_data(stream_id, b"", end_stream=True)
+        except (AssertionError, ValueError):
+            pass  # already finished in this direction
+
+    # hooks
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        raise NotImplementedError
+
+    def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
+        raise NotImplementedError
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        raise NotImplementedError
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        raise NotImplementedError
+
+    def _session_timer(self) -> float | None:
+        return None
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------ server
+@dataclass
+class ServerRequest:
+    stream_id: int
+    decoder: StreamDecoder
+    request: Request | None = None
+    transcript: Transcript | None = None
+    scheme: str = "chatterbox"
+    request_id: bytes = b""
+    sender: TokenSender | None = None
+    stream_next: int = 0  # stream scheme: next token index to write on the stream
+    first_index: int = 0
+    started: bool = False
+    finished_sent: bool = False
+    done: bool = False
+    repairs: int = 0
+
+
+class ServerSession(_SessionBase):
+    """Server side of one connection. Drive it, then ``accept``/``push``/``finish`` requests."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        max_requests: int = 64,
+        max_redundant_tokens: int = 64,
+        initial_rtt: float = 0.1,
+    ) -> None:
+        super().__init__(quic)
+        self.requests: dict[int, ServerRequest] = {}
+        self.max_requests = max_requests
+        self.max_redundant_tokens = max_redundant_tokens
+        self.initial_rtt = initial_rtt
+        self.requests_seen = 0
+
+    # -- API for the driver ----------------------------------------------------------------------------
+    def accept(
+        self,
+        stream_id: int,
+        *,
+        transcript: Transcript | None = None,
+        request_id: bytes | None = None,
+        first_index: int = 0,
+    ) -> Transcript:
+        """Start answering: STARTED goes out; tokens follow as the transcript grows (push/notify)."""
+        req = self.requests[stream_id]
+        assert req.request is not None and not req.started
+        req.transcript = transcript if transcript is not None else Transcript()
+        req.request_id = request_id if request_id is not None else os.urandom(REQUEST_ID_BYTES)
+        req.first_index = first_index
+        scheme = req.request.scheme
+        if scheme != "stream" and not self.datagrams_ok:
+            scheme = "stream"  # the peer cannot take datagrams: stream the tokens instead
+        req.scheme = scheme
+        req.stream_next = first_index
+        if scheme != "stream":
+            req.sender = TokenSender(
+                stream_id,
+                req.transcript,
+                scheme=scheme,
+                first_index=first_index,
+                max_redundant_tokens=self.max_redundant_tokens,
+                initial_rtt=smoothed_rtt(self.quic, default=self.initial_rtt),
+            )
+        req.started = True
+        self._send(stream_id, Started(stream_id, req.request_id, scheme, first_index))
+        self.notify(stream_id)
+        return req.transcript
+
+    def reject(self, stream_id: int, code: int, message: str) -> None:
+        """Refuse a request with a typed ERROR; the connection stays up."""
+        req = self.requests.get(stream_id)
+        if req is None or req.done:
+            return
+        self._send(stream_id, Error(int(code), message[:1024]), end=True)
+        self._drop(req)
+
+    fail = reject  # an accepted request that cannot finish (upstream error) ends the same way
+
+    def push(self, stream_id: int, piece: bytes | str, now: float) -> None:
+        """Append generated text to the request's transcript and send it on."""
+        req = self.requests.get(stream_id)
+        if req is None or req.transcript is None:
+            return
+        data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        if not data:
+            return
+        for tok in split_piece(data):
+            req.transcript.append(tok, now)
+        self.notify(stream_id)
+
+    def finish(self, stream_id: int, reason: str = "stop") -> None:
+        req = self.requests.get(stream_id)
+        if req is None or req.transcript is None:
+            return
+        if not req.transcript.finished:
+            req.transcript.finish(reason)
+        self.notify(stream_id)
+
+    def notify(self, stream_id: int) -> None:
+        """The transcript changed (new tokens or finished): move what is new onto the wire."""
+        req = self.requests.get(stream_id)
+        if req is None or not req.started or req.done:
+            return
+        tr = req.transcript
+        assert tr is not None
+        if req.scheme == "stream":
+            while req.stream_next < len(tr):
+                i = req.stream_next
+                self._send(stream_id, Tokens(stream_id, i, [tr.tokens[i]]))
+                req.stream_next += 1
+        elif req.sender is not None:
+            self.scheduler.schedule(req.sender)
+        if tr.finished and not req.finished_sent:
+            req.finished_sent = True
+            gen = tr.gen_deltas_us() if len(tr) <= 200_000 else None
+            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen))
+
+    def request_stats(self, stream_id: int) -> ServerRequest | None:
+        return self.requests.get(stream_id)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
+        for req in self.requests.values():
+            if req.sender is not None and req.sender.can_piggyback():
+                self.scheduler.offer_piggyback(req.sender)
+        return super().datagrams_to_send(now)
+
+    # -- protocol handling -------------------------------------------------------------------------
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if stream_id % 4 != 0:
+            raise ProtocolError(f"stream {stream_id}: requests travel on client-initiated bidirectional streams")
+        req = self.requests.get(stream_id)
+        if req is None:
+            if stream_id < 0 or (not data and end):
+                return []
+            if len(self.requests) >= self.max_requests:
+                self.quic.send_stream_data(
+                    stream_id,
+                    encode_stream_frame(Error(ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests")),
+                    end_stream=True,
+                )
+                return []
+            req = ServerRequest(stream_id, StreamDecoder())
+            self.requests[stream_id] = req
+        out: list[SessionEvent] = []
+        for frame in req.decoder.feed(data):
+            if req.request is None:
+                if not isinstance(frame, Request):
+                    raise FrameError(f"stream {stream_id}: first frame must be a request")
+                req.request = frame
+                self.requests_seen += 1
+                out.append(RequestReceived(stream_id, frame))
+            elif isinstance(frame, Repair):
+                self._repair(req, frame)
+            elif isinstance(frame, Error):
+                pass  # the client reports a problem; its FIN or reset follows
+            else:
+                raise FrameError(f"stream {stream_id}: unexpected {type(frame).__name__} frame from a client")
+        if end:
+            if req.decoder.pending:
+                raise FrameError(f"stream {stream_id}: truncated frame at end of stream")
+            if req.request is None:
+                raise FrameError(f"stream {stream_id}: ended without a request")
+            if req.finished_sent:
+                out.append(RequestCompleted(stream_id))
+            elif not req.done:
+                out.append(RequestCancelled(stream_id, "client ended the request"))
+            self._fin(stream_id)
+            self._drop(req)
+        return out
+
+    def _repair(self, req: ServerRequest, frame: Repair) -> None:
+        if req.transcript is None or req.done:
+            return
+        tr = req.transcript
+        end = min(frame.end, len(tr))
+        first = max(frame.first, req.first_index)
+        req.repairs += 1
+        for i in range(first, end, REPAIR_CHUNK):
+            j = min(end, i + REPAIR_CHUNK)
+            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:j]))
+
+    def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
+        if not isinstance(frame, Ack):
+            raise ProtocolError("clients may only send ack datagrams")
+        req = self.requests.get(frame.handle)
+        if req is not None and req.sender is not None:
+            req.sender.on_ack(frame, now)
+            self.scheduler.schedule(req.sender)
+        return []
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        req = self.requests.get(stream_id)
+        if req is None:
+            return []
+        self._drop(req)
+        return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = [
+            RequestCancelled(r.stream_id, "connection closed") for r in self.requests.values() if not r.done
+        ]
+        for r in list(self.requests.values()):
+            self._drop(r)
+        return out
+
+    def _drop(self, req: ServerRequest) -> None:
+        req.done = True
+        if req.sender is not None:
+            req.sender.close()
+            self.scheduler.forget(req.sender)
+        self.requests.pop(req.stream_id, None)
+
+    def _session_timer(self) -> float | None:
+        best: float | None = None
+        for req in self.requests.values():
+            if req.sender is not None:
+                t = req.sender.next_timer()
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        for req in self.requests.values():
+            if req.sender is not None:
+                req.sender.on_timer(now)
+                self.scheduler.schedule(req.sender)
+        return []
+
+
+# ------------------------------------------------------------------------------------------------ client
+class _AckSource:
+    """Builds the client's ack datagram for one request at send time (latest state, one in the queue)."""
+
+    copies = 1
+
+    def __init__(self, req: ClientRequest) -> None:
+        self.req = req
+        self.acked_packets = 0
+
+    def wants_send(self) -> bool:
+        # Ack only packets that brought something new: acking pure repeats would make the server's QUIC
+        # ACK it, that ACK would carry repeats again (piggyback), and so on without end.
+        r = self.req
+        return not r.done and r.receiver.useful_packets > self.acked_packets
+
+    def build(self, now: float, capacity: int, *, piggyback: bool = False):
+        r = self.req
+        if not self.wants_send():
+            return None
+        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(now * 1e6)), r.ecn_counts)
+        payload = encode_frame(ack)
+        if len(payload) > capacity:
+            from .chatterbox import NEEDS_ROOM
+
+            return NEEDS_ROOM
+        self.acked_packets = r.receiver.useful_packets
+        return payload, None
+
+    def on_delivery(self, cookie, acked: bool, now: float) -> None:
+        pass
+
+
+@dataclass
+class ClientRequest:
+    stream_id: int
+    request: Request
+    request_time: float
+    receiver: TokenReceiver
+    prefix: list[bytes] = field(default_factory=list)
+    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    started: Started | None = None
+    finished: Finished | None = None
+    done: bool = False
+    gap_since: float | None = None
+    repair_upto: int = 0
+    repairs_requested: int = 0
+    ecn_counts: list[int] | None = None
+    ack_source: _AckSource | None = None
+
+
+class ClientSession(_SessionBase):
+    """Client side of one connection: start requests, receive renderable tokens as events."""
+
+    def __init__(self, quic: QuicConnection, *, send_acks: bool = True) -> None:
+        super().__init__(quic)
+        self.requests: dict[int, ClientRequest] = {}
+        self.send_acks = send_acks
+
+    def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
+        """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
+        stream_id = self.quic.get_next_available_stream_id()
+        first = request.resume_from or 0
+        req = ClientRequest(stream_id, request, now, TokenReceiver(first_index=first), prefix=list(prefix or []))
+        req.ack_source = _AckSource(req)
+        self.requests[stream_id] = req
+        self._send(stream_id, request)
+        return stream_id
+
+    def cancel(self, stream_id: int) -> None:
+        req = self.requests.pop(stream_id, None)
+        if req is not None and not req.done:
+            req.done = True
+            self._fin(stream_id)
+            self.scheduler.forget(req.ack_source)
+
+    # -- protocol handling -------------------------------------------------------------------------
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        req = self.requests.get(stream_id)
+        if req is None or req.done:
+            return []
+        out: list[SessionEvent] = []
+        for frame in req.decoder.feed(data):
+            if isinstance(frame, Started):
+                if req.started is not None:
+                    raise FrameError("duplicate started frame")
+                req.started = frame
+                out.append(RequestStarted(stream_id, frame))
+            elif isinstance(frame, Tokens):
+                out.extend(self._tokens(req, frame, now))
+            elif isinstance(frame, Finished):
+                req.finished = frame
+                req.receiver.set_total(frame.total)
+                self._track_gap(req, now)
+            elif isinstance(frame, Error):
+                req.done = True
+                self.requests.pop(stream_id, None)
+                self._fin(stream_id)
+                self.scheduler.forget(req.ack_source)
+                out.append(RequestFailed(stream_id, RemoteError(frame.message or "request failed", code=frame.code)))
+                return out
+            else:
+                raise FrameError(f"unexpected {type(frame).__name__} frame from the server")
+            if req.done:
+                return out
+        out.extend(self._maybe_complete(req, now))
+        if end and not req.done:
+            self.requests.pop(stream_id, None)
+            req.done = True
+            out.append(RequestFailed(stream_id, RemoteError("server ended the request early", code=ErrorCode.INTERNAL)))
+        return out
+
+    def _tokens(self, req: ClientRequest, frame: Tokens, now: float) -> list[SessionEvent]:
+        new = req.receiver.on_frame(frame, now)
+        self._track_gap(req, now)
+        return [TokensRendered(req.stream_id, new, now)] if new else []
+
+    def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
+        if not isinstance(frame, Tokens):
+            raise ProtocolError("servers may only send token datagrams")
+        req = self.requests.get(frame.handle)
+        if req is None or req.done:
+            return []
+        out = self._tokens(req, frame, now)
+        if self.send_acks and req.ack_source is not None:
+            self.scheduler.schedule(req.ack_source)
+        out.extend(self._maybe_complete(req, now))
+        return out
+
+    def _maybe_complete(self, req: ClientRequest, now: float) -> list[SessionEvent]:
+        fin = req.finished
+        if req.done or fin is None or req.started is None or not req.receiver.complete:
+            return []
+        req.done = True
+        self.requests.pop(req.stream_id, None)
+        self.scheduler.forget(req.ack_source)
+        tokens = req.prefix + req.receiver.tokens
+        if req.receiver.first_index != len(req.prefix):
+            tokens = req.receiver.tokens  # a resume without the prefix: only verify the count
+        digest_ok = len(tokens) == fin.total and text_digest(tokens) == fin.digest
+        outcome = ChatOutcome(
+            tokens=tokens,
+            first_index=req.receiver.first_index,
+            total=fin.total,
+            digest_ok=digest_ok,
+            scheme=req.started.scheme,
+            request_id=req.started.request_id,
+            finish_reason=fin.reason,
+            request_time=req.request_time,
+            render_times=list(req.receiver.render_times),
+            gen_offsets=gen_times_from_deltas(fin.gen_us) if fin.gen_us is not None else None,
+            packets=req.receiver.packets,
+            duplicate_tokens=req.receiver.duplicate_tokens,
+            repairs_requested=req.repairs_requested,
+        )
+        self._fin(req.stream_id)
+        return [RequestFinished(req.stream_id, outcome)]
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        req = self.requests.pop(stream_id, None)
+        if req is None or req.done:
+            return []
+        req.done = True
+        return [RequestFailed(stream_id, RemoteError(f"server reset the request (code {code})", code=code))]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = []
+        err = self._closing_error
+        for req in list(self.requests.values()):
+            if not req.done:
+                req.done = True
+                e = (
+                    err
+                    if err is not None
+                    else RemoteError(
+                        f"connection closed: {event.reason_phrase or 'no reason'} (code {event.error_code:#x})",
+                        code=event.error_code,
+                    )
+                )
+                out.append(RequestFailed(req.stream_id, e))
+        self.requests.clear()
+        return out
+
+    # -- repair of gaps that datagrams did not fill --------------------------------------------------
+    def _repair_wait(self, req: ClientRequest) -> float:
+        rtt = smoothed_rtt(self.quic, default=0.1)
+        if req.finished is not None:
+            return max(0.02, rtt)  # the tail: datagrams with it are in flight or lost
+        return max(0.25, 3.0 * rtt)  # mid-answer: later datagrams normally fill the gap first
+
+    def _track_gap(self, req: ClientRequest, now: float) -> None:
+        gap = req.receiver.missing()
+        if gap is None:
+            req.gap_since = None
+        elif req.gap_since is None:
+            req.gap_since = now
+
+    def _session_timer(self) -> float | None:
+        best: float | None = None
+        for req in self.requests.values():
+            if req.gap_since is None or req.done:
+                continue
+            gap = req.receiver.missing()
+            if gap is None or gap[1] <= req.repair_upto:
+                continue
+            t = req.gap_since + self._repair_wait(req)
+            if best is None or t < best:
+                best = t
+        return best
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        for req in list(self.requests.values()):
+            if req.gap_since is None or req.done:
+                continue
+            gap = req.receiver.missing()
+            if gap is None:
+                req.gap_since = None
+                continue
+            a, b = gap
+            if b <= req.repair_upto or now < req.gap_since + self._repair_wait(req):
+                continue
+            a = max(a, req.repair_upto)
+            self._send(req.stream_id, Repair(a, b))
+            req.repair_upto = b
+            req.repairs_requested += 1
+            req.gap_since = now
+        return []
+
+
+def outcome_timelines(outcome: ChatOutcome) -> tuple[list[float], list[float]] | None:
+    """(generation offsets, render times) of the tokens this client received, for the metrics module.
+
+    Generation offsets are on the server's clock and render times on the client's, so the caller
+    estimates the base delay as the smallest difference (see :func:`tokenwire.transport.client`).
+    """
+    if outcome.gen_offsets is None or len(outcome.gen_offsets) < outcome.total:
+        return None
+    gen = outcome.gen_offsets[outcome.first_index : outcome.total]
+    rend = outcome.render_times[: len(gen)]
+    if len(rend) != len(gen) or not gen:
+        return None
+    return gen, rend
+
+
+def estimated_base_delay(gen: list[float], render: list[float]) -> float:
+    """Smallest render-minus-generation difference: the base delay plus the unknown clock offset."""
+    return min((r - g for g, r in zip(gen, render, strict=False)), default=math.nan)
