@@ -33,7 +33,7 @@ from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
 from .endpoints import ALL_SCHEMES
 from .pktlog import read_packet_log
-from .tokens import token_texts
+from .tokens import answer
 from .topology import Testbed, TestbedError
 
 PORT = 8443
@@ -187,7 +187,7 @@ def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
     return SchemeRun(
         scheme=scheme, seed=seed, origin=origin, request_time=float(result["request_time"]),
         request_arrival=arrival, gen=gen, render=render, base_delay=cfg.delay_ms / 1000.0,
-        text_ok=result.get("text") == "".join(token_texts(cfg.tokens, seed)) and len(render) == cfg.tokens,
+        text_ok=result.get("text") == "".join(answer(cfg.tokens, cfg.rate, seed)[0]) and len(render) == cfg.tokens,
         wire_bytes=wire, down_packets=down_sent, down_lost=down_lost, deliveries=deliveries,
         lost_times=lost_times, emulator=emu, wire_known=backend == "userspace", cc=req.get("cc"),
         backend=backend, backend_reason=backend_reason,

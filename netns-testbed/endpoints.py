@@ -82,23 +82,63 @@ async def _sse_client(args: argparse.Namespace, go: Callable[[], Awaitable[None]
                             progress=progress, timeout=args.timeout)
 
 
+class QuicServer(Server):
+    """The tokenwire SDK server (:func:`tokenwire.transport.server.serve`) fed by :class:`PacedTokens`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.requests = []
+        self.port = None
+        self._server: Any = None
+
+    async def start(self, host: str, port: int) -> None:
+        from tokenwire.transport.server import serve
+
+        from .tokens import PacedTokens, answer
+
+        args = self.args
+
+        def source(request: Any) -> PacedTokens:
+            tokens = PacedTokens(*answer(args.tokens, args.rate, args.seed))
+            self.requests.append({"gen": tokens.gen_times, "request_arrival": time.monotonic(),
+                                  "scheme": request.scheme})
+            return tokens
+
+        self._server = await serve(source, host=host, port=port)
+        self.port = self._server.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
 def _quic_server(args: argparse.Namespace) -> Server:
-    try:
-        from tokenwire.transport import server as _server  # noqa: F401
-    except ImportError as exc:
-        raise SchemeUnavailable(f"{args.scheme}: the transport SDK (tokenwire.transport.server) is not "
-                                f"available in this checkout ({exc})") from None
-    raise SchemeUnavailable(f"{args.scheme}: the QUIC runner is not wired to the SDK yet")
+    return QuicServer(args)
 
 
 async def _quic_client(args: argparse.Namespace, go: Callable[[], Awaitable[None]],
                        progress: Callable[[int], None]) -> dict[str, Any]:
-    try:
-        from tokenwire.transport import client as _client  # noqa: F401
-    except ImportError as exc:
-        raise SchemeUnavailable(f"{args.scheme}: the transport SDK (tokenwire.transport.client) is not "
-                                f"available in this checkout ({exc})") from None
-    raise SchemeUnavailable(f"{args.scheme}: the QUIC runner is not wired to the SDK yet")
+    """Connect (handshake before the measured request), wait for go, stream one answer with the SDK."""
+    from tokenwire.transport.client import connect
+
+    async with connect(args.host, args.port, verify=False, timeout=30.0) as conn:
+        await go()
+        stream = conn.chat("Why do chatbots stall on trains?", scheme=args.scheme)
+        n = 0
+        async for _delta in stream:
+            n = len(stream.tokens)
+            progress(n)
+        outcome = stream.outcome
+        assert outcome is not None and stream.stats is not None
+        if outcome.first_index != 0:
+            raise RuntimeError(f"{args.scheme}: answer resumed at token {outcome.first_index}, expected 0")
+        return {
+            "request_time": outcome.request_time,
+            "render": list(outcome.render_times),
+            "text": stream.text,
+            "digest_ok": outcome.digest_ok,
+            "sdk_stats": stream.stats.to_dict(),
+        }
 
 
 SCHEMES: dict[str, SchemeImpl] = {

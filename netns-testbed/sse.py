@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .tokens import PacedTokens, even_schedule, token_texts
+from .tokens import PacedTokens, answer
 
 
 def listening_socket(host: str, port: int, cc: str | None) -> socket.socket:
@@ -83,7 +83,7 @@ class SseServer:
         cc = None
         if sock is not None:
             cc = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
-        tokens = PacedTokens(token_texts(n, seed), even_schedule(n, rate))
+        tokens = PacedTokens(*answer(n, rate, seed))
         record = {"gen": tokens.gen_times, "n": n, "cc": cc, "request_arrival": arrival}
         self.requests.append(record)
         i = 0

@@ -1,50 +1,25 @@
-"""The token source every scheme streams: the same texts at the same pace, with generation times recorded.
+"""The token source every scheme streams in the testbed, with generation times recorded.
 
-Texts are deterministic per seed and shaped like LLM output tokens (mostly a leading space plus a short
-word, some punctuation), so bytes per token are comparable across schemes. Token i is generated at
-``start + offsets[i]`` where ``start`` is when the request reached the server; the time it actually left the
-generator (``time.monotonic()``) is what the metrics use as ``g_i``.
+Texts and timing are the project's one demo answer model (:mod:`tokenwire.daemon.demo_upstream`: word
+pieces, a prefill delay, gamma-distributed gaps and occasional generator pauses), identical for every scheme
+under one seed, the same as ``tokenwire sim`` uses. :class:`PacedTokens` replays them in real time from when
+the request reached the server and stamps each token with ``time.monotonic()`` as it leaves the generator:
+that stamp is ``g_i`` for the metrics (one clock for every process on the host).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 
-_WORDS = (
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by",
-    "this", "are", "or", "an", "at", "from", "which", "but", "not", "have", "network", "packet",
-    "latency", "token", "stream", "model", "queue", "link", "stall", "render", "client", "server",
-    "loss", "delay", "rate", "window", "congestion", "marking", "predict", "transformer", "cache",
-    "chunk", "bandwidth", "deadline", "quality", "trace", "cellular", "user", "answer", "question",
-    "because", "however", "therefore", "example", "result", "measure", "compare", "scheme",
-)
-_PUNCT = (",", ".", ":", ";", "?", "!", "\n")
 
+def answer(n: int, rate: float, seed: int) -> tuple[list[str], list[float]]:
+    """Token texts and generation offsets (seconds after the request arrived) of the demo answer."""
+    from tokenwire.daemon.demo_upstream import answer_tokens, schedule
 
-def token_texts(n: int, seed: int = 0) -> list[str]:
-    """``n`` token strings, identical for every scheme given the same seed."""
-    rng = random.Random(f"tokens:{seed}")
-    out: list[str] = []
-    for _ in range(n):
-        r = rng.random()
-        if r < 0.08:
-            out.append(rng.choice(_PUNCT))
-        elif r < 0.2:  # word pieces without a leading space, as BPE produces
-            w = rng.choice(_WORDS)
-            out.append(w[: max(1, len(w) // 2)])
-        else:
-            out.append(" " + rng.choice(_WORDS))
-    return out
-
-
-def even_schedule(n: int, rate: float) -> list[float]:
-    """Generation offsets (seconds after the request arrived) of ``n`` tokens at a steady ``rate``."""
-    if rate <= 0:
-        raise ValueError("rate must be > 0 tokens/s")
-    return [i / rate for i in range(n)]
+    texts = answer_tokens(n)
+    return texts, schedule(len(texts), rate=rate, seed=seed)
 
 
 class PacedTokens:
