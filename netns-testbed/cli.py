@@ -229,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = CompareConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
         up_loss=args.up_loss, queue=args.queue, schemes=schemes, tokens=args.tokens, rate=args.rate,
-        seed=args.seed, runs=args.runs, sse_cc=args.sse_cc, backend=args.backend,
+        seed=args.seed, runs=args.runs, sse_cc=args.sse_cc, backend=args.backend, cross=args.cross or [],
     )  # fmt: skip
     validate(cfg.validate)
     tty = sys.stderr.isatty()
@@ -319,6 +319,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--runs", type=int, default=1, help="seeds seed, seed+1, ... (results averaged)")
     cmp.add_argument("--sse-cc", default="cubic", choices=("cubic", "bbr", "reno"),
                      help="TCP congestion control of the sse-tcp server")
+    cmp.add_argument("--cross", action="append", metavar="SPEC",
+                     help="cross traffic server -> client during every run (repeatable): tcp:cubic | tcp:bbr | "
+                     "udp-ect1:RATE")
     cmp.add_argument("--json", metavar="PATH", help="write the summary JSON here")
     cmp.add_argument("--plot", metavar="PATH", help="write a PNG (delay CDF + stall timeline)")
     cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")

@@ -35,6 +35,7 @@ from .endpoints import ALL_SCHEMES
 from .pktlog import read_packet_log
 from .tokens import answer
 from .topology import Testbed, TestbedError
+from .traffic import parse_cross, start_cross
 
 PORT = 8443
 
@@ -59,6 +60,7 @@ class CompareConfig:
     sse_cc: str = "cubic"
     backend: str = "auto"
     timeout_s: float | None = None
+    cross: list[str] = field(default_factory=list)
 
     def emulator_config(self, seed: int, log_path: str | None) -> EmulatorConfig:
         return EmulatorConfig(
@@ -76,6 +78,8 @@ class CompareConfig:
             raise ValueError("--tokens and --runs must be >= 1 and --rate > 0")
         if self.delay_ms < 0:
             raise ValueError("--delay-ms must be >= 0")
+        for spec in self.cross:
+            parse_cross(spec)
         self.emulator_config(self.seed, None).down.validate()
         self.emulator_config(self.seed, None).up.validate()
 
@@ -140,6 +144,8 @@ def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
     srv_out = os.path.join(workdir, f"{tag}.server.json")
     cli_out = os.path.join(workdir, f"{tag}.client.json")
     with Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend) as tb:
+        if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
+            start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
         srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag)
         srv.wait_for("ready", 30)
         cli = _start(tb, tb.client_ns, "client", scheme, cli_out, cfg, seed, workdir, tag)
@@ -174,8 +180,8 @@ def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
     lost_times: list[float] = []
     if backend == "userspace":
         for row in read_packet_log(log_path):
-            if row["dir"] != "down" or float(row["arrival"]) < arrival:
-                continue
+            if row["dir"] != "down" or float(row["arrival"]) < arrival or row["sport"] != str(PORT):
+                continue  # only the scheme's own packets (not cross traffic), from the request on
             down_sent += 1
             wire += int(row["size"])
             if row["fate"] == "delivered":

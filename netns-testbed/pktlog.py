@@ -4,12 +4,15 @@ The CSV log has one row per packet once its fate is final, with virtual times in
 ``time.monotonic()`` clock shared by every process on the host (so rows line up with timestamps taken by
 the endpoints)::
 
-    dir,seq,size,arrival,dequeue,departure,delivery,queue,sojourn_ms,latency_ms,ecn_in,ecn_out,fate
+    dir,seq,size,arrival,dequeue,departure,delivery,queue,sojourn_ms,latency_ms,ecn_in,ecn_out,fate,
+    proto,sport,dport
 
 ``fate`` is ``delivered``, ``lost`` (loss model), ``drop_tail`` (queue full), ``drop_aqm`` (PI
-drop) or ``drop_step`` (Not-ECT packet over the L step). The pcap taps write what entered and what left the
-emulator, stamped with the real (not virtual) read and write times, as raw IP (LINKTYPE_RAW), using scapy's
-writer so any pcap tool and scapy itself read them back.
+drop) or ``drop_step`` (Not-ECT packet over the L step). ``proto``/``sport``/``dport`` identify the flow of
+an IPv4 TCP or UDP packet (empty otherwise), so experiments with cross traffic can separate their flows.
+
+The pcap taps write what entered and what left the emulator, stamped with the real (not virtual) read and
+write times, as raw IP (LINKTYPE_RAW), using scapy's writer so any pcap tool and scapy itself read them back.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .queues import Packet
 
 LOG_FIELDS = [
     "dir", "seq", "size", "arrival", "dequeue", "departure", "delivery", "queue",
-    "sojourn_ms", "latency_ms", "ecn_in", "ecn_out", "fate",
+    "sojourn_ms", "latency_ms", "ecn_in", "ecn_out", "fate", "proto", "sport", "dport",
 ]  # fmt: skip
 
 LINKTYPE_RAW = 101  # DLT_RAW: packets start with the IP header
@@ -32,6 +35,17 @@ LINKTYPE_RAW = 101  # DLT_RAW: packets start with the IP header
 
 def _fmt(t: float | None) -> str:
     return "" if t is None else f"{t:.6f}"
+
+
+def flow_of(data: bytes | None) -> tuple[object, object, object]:
+    """(protocol, source port, destination port) of an IPv4 TCP/UDP packet; blanks otherwise."""
+    if not data or len(data) < 20 or data[0] >> 4 != 4:
+        return "", "", ""
+    proto = data[9]
+    ihl = (data[0] & 0x0F) * 4
+    if proto in (6, 17) and len(data) >= ihl + 4:
+        return proto, (data[ihl] << 8) | data[ihl + 1], (data[ihl + 2] << 8) | data[ihl + 3]
+    return proto, "", ""
 
 
 class CsvPacketLog:
@@ -52,7 +66,7 @@ class CsvPacketLog:
                 _fmt(pkt.delivery), pkt.queue,
                 "" if sojourn is None else f"{sojourn * 1000:.3f}",
                 "" if latency is None else f"{latency * 1000:.3f}",
-                ECN_NAMES[pkt.ecn_in], ECN_NAMES[pkt.ecn_out], pkt.fate,
+                ECN_NAMES[pkt.ecn_in], ECN_NAMES[pkt.ecn_out], pkt.fate, *flow_of(pkt.data),
             )
         )  # fmt: skip
         self.rows += 1

@@ -198,3 +198,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- cross traffic for experiments ------------------------------------------------------------------------------
+CROSS_HELP = "tcp:cubic | tcp:bbr (bulk kernel TCP, classic queue) | udp-ect1:RATE (paced UDP marked ECT(1))"
+
+
+def parse_cross(spec: str) -> tuple[str, str]:
+    """``tcp:cubic`` -> ("tcp", "cubic"); ``udp-ect1:2mbps`` -> ("udp-ect1", "2mbps"); ValueError otherwise."""
+    from .trace import parse_rate
+
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "tcp" and arg in ("cubic", "bbr", "reno"):
+        return kind, arg
+    if kind == "udp-ect1" and (parse_rate(arg) or 0) > 0:
+        return kind, arg
+    raise ValueError(f"cross traffic {spec!r}: expected {CROSS_HELP}")
+
+
+def start_cross(tb: Any, specs: list[str], duration: float, *, size: int = 1200) -> list[Any]:
+    """Start each cross flow server -> client inside ``tb`` (sinks first); returns the children.
+
+    They run for ``duration`` seconds or until the testbed goes down, whichever comes first.
+    """
+    import subprocess
+
+    from .child import Child
+    from .trace import parse_rate
+
+    py = [sys.executable, "-m", "tokenwire.testbed.traffic"]
+    pipe = subprocess.PIPE
+    children = []
+    for k, spec in enumerate(specs):
+        kind, arg = parse_cross(spec)
+        port = str(9300 + k)
+        if kind == "tcp":
+            sink = ["tcp-sink", "--host", tb.client_addr, "--port", port]
+            send = ["tcp-send", "--host", tb.client_addr, "--port", port, "--cc", arg, "--duration", str(duration)]
+        else:
+            pps = (parse_rate(arg) or 0.0) / (8 * (size + 28))
+            sink = ["udp-sink", "--host", tb.client_addr, "--port", port, "--idle", "5"]
+            send = ["udp-send", "--host", tb.client_addr, "--port", port, "--rate", f"{pps:.3f}", "--size",
+                    str(size), "--tos", "0x01", "--duration", str(duration)]
+        c_sink = Child(tb.popen(tb.client_ns, [*py, *sink], stdin=pipe, stdout=pipe, text=True), f"{spec} sink")
+        c_sink.wait_for("ready", 15)
+        c_send = Child(tb.popen(tb.server_ns, [*py, *send], stdin=pipe, stdout=pipe, text=True), f"{spec} sender")
+        c_send.wait_for("ready", 15)
+        children += [c_sink, c_send]
+    return children
