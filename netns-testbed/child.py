@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import time
-from typing import Any
+from typing import IO, Any
 
 
 class ChildError(RuntimeError):
     """A child process failed, exited early or did not answer in time."""
+
+
+class LineReader:
+    """Reads lines from a pipe with a deadline.
+
+    Reads the file descriptor directly: a buffered file object may already hold the next line while
+    ``select()`` on its descriptor waits for bytes that never come.
+    """
+
+    def __init__(self, stream: IO[Any]) -> None:
+        self.fd = stream.fileno()
+        self._buf = b""
+
+    def readline(self, deadline: float) -> str | None:
+        """The next line (without newline); None at EOF; TimeoutError at the deadline."""
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line.decode(errors="replace")
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace")
 
 
 class Child:
@@ -20,6 +52,8 @@ class Child:
         self.proc = proc
         self.name = name
         self.stderr_path = stderr_path
+        assert proc.stdout is not None
+        self._lines = LineReader(proc.stdout)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -30,16 +64,12 @@ class Child:
             raise ChildError(f"{self.name} exited early (status {self.proc.poll()})") from None
 
     def event(self, deadline: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChildError(f"{self.name}: no answer before the deadline")
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            line = self.proc.stdout.readline()
-            if not line:
+            try:
+                line = self._lines.readline(deadline)
+            except TimeoutError:
+                raise ChildError(f"{self.name}: no answer before the deadline") from None
+            if line is None:
                 err = self.stderr_tail()
                 raise ChildError(f"{self.name} exited (status {self.proc.wait()}){err}")
             try:

@@ -25,7 +25,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .child import LineReader
 from .emulator import EmulatorConfig
 from .netns import (
     RunState,
@@ -49,6 +49,16 @@ from .netns import (
 )
 
 ADDRESS_POOL = ipaddress.ip_network("10.213.0.0/16")
+
+
+def unavailable_reason() -> str | None:
+    """None when this host can run the namespace testbed, else why not (for ``make demo`` to fall back)."""
+    try:
+        check_root()
+        import pyroute2  # noqa: F401
+    except (TestbedError, ImportError) as exc:
+        return str(exc)
+    return None
 
 
 def link_subnet(run_id: str) -> ipaddress.IPv4Network:
@@ -84,6 +94,7 @@ class Testbed:
         self._state: RunState | None = None
         self._children: list[subprocess.Popen] = []
         self._pid = os.getpid()
+        self._emu_lines: LineReader | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -148,19 +159,21 @@ class Testbed:
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd_srv, fd_cli),
             start_new_session=True, text=True, bufsize=1,
         )  # fmt: skip
+        assert self.emulator.stdout is not None
+        self._emu_lines = LineReader(self.emulator.stdout)
         reply = self._read_reply(self.ready_timeout)
         if not reply.get("ready"):
             raise TestbedError(f"emulator did not start: {reply}")
 
     def _read_reply(self, timeout: float) -> dict[str, Any]:
         proc = self.emulator
-        if proc is None or proc.stdout is None:
+        if proc is None or self._emu_lines is None:
             raise TestbedError("emulator is not running")
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        if not ready:
-            raise TestbedError(f"emulator gave no answer within {timeout:.1f} s")
-        line = proc.stdout.readline()
-        if not line:
+        try:
+            line = self._emu_lines.readline(time.monotonic() + timeout)
+        except TimeoutError:
+            raise TestbedError(f"emulator gave no answer within {timeout:.1f} s") from None
+        if line is None:
             raise TestbedError(f"emulator exited (status {proc.poll()})")
         return json.loads(line)
 
