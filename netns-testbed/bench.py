@@ -3,9 +3,10 @@
 Three measurements, each against a baseline taken in the same run:
 
 1. **Core, virtual time** (no I/O): packets/s through :class:`Link` with drop-tail and with DualPI2.
-2. **Sustained packets/s through real namespaces**: a UDP flood from the server namespace to the client
-   namespace, once over a plain veth pair (baseline) and once through the emulator (unlimited rate, no
-   delay); the sink counts what arrives.
+2. **Packets/s through real namespaces**: a UDP flood from the server namespace to the client namespace,
+   once over a plain veth pair (baseline) and once through the emulator (unlimited rate, no delay); the sink
+   counts what arrives. Then paced UDP at increasing rates through the emulator: the sustained rate is the
+   highest delivered with less than 1 % loss (the sender is Python too, so it may be the limit).
 3. **Added-delay error**: paced UDP probes carrying their send time; one-way delay measured by the sink on
    the shared monotonic clock. Over the veth pair that is the host's own path latency; through the emulator
    with ``--delay-ms D`` the error is ``one_way - D``. Also reported: how late the emulator's writes were
@@ -79,6 +80,30 @@ def _flood(tb: Any, seconds: float) -> dict[str, Any]:
             "loss": 1 - got["received"] / max(1, sent["sent"])}
 
 
+LADDER_PPS = (10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000)
+
+
+def _ladder(tb: Any, seconds: float) -> dict[str, Any]:
+    """Paced UDP at increasing rates; the sustained rate is the highest one delivered with < 1 % loss.
+
+    ``sender_limited`` says the Python sender could not offer some target rate at all, so the emulator's
+    real limit lies above what was measured.
+    """
+    steps = []
+    sustained = 0.0
+    sender_limited = False
+    for pps in LADDER_PPS:
+        sent, got = _run_pair(tb, ["--idle", "0.5"], ["--rate", str(pps), "--size", "200", "--duration",
+                                                      str(seconds)], seconds + 20)
+        loss = 1 - got["received"] / max(1, sent["sent"])
+        steps.append({"target_pps": pps, "offered_pps": sent["pps"], "delivered_pps": got["pps"], "loss": loss})
+        if loss >= 0.01:
+            break
+        sustained = max(sustained, got["pps"])
+        sender_limited = sender_limited or sent["pps"] < 0.9 * pps
+    return {"steps": steps, "sustained_pps": sustained, "sender_limited": sender_limited}
+
+
 def _probes(tb: Any, seconds: float, rate: float, delay_ms: float) -> dict[str, Any]:
     sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", str(rate), "--size", "200", "--duration",
                                                   str(seconds)], seconds + 20)
@@ -106,11 +131,12 @@ def run_bench(seconds: float, delay_ms: float, rate: float) -> dict[str, Any]:
         flood = _flood(tb, seconds)
         flood["emulator"] = tb.stats()["down"]
         probes0 = _probes(tb, seconds, rate, 0.0)
+        ladder = _ladder(tb, min(seconds, 2.0))
     delayed = EmulatorConfig(down=DirectionConfig(None, delay_ms), up=DirectionConfig(None, delay_ms))
     with Testbed(delayed) as tb:
         probes = _probes(tb, seconds, rate, delay_ms)
         probes["emulator_release_late_ms"] = tb.stats()["release_late_ms"]
-    res["emulator"] = {"flood": flood, "probes_no_delay": probes0, "probes_delay": probes}
+    res["emulator"] = {"flood": flood, "ladder": ladder, "probes_no_delay": probes0, "probes_delay": probes}
     return res
 
 
@@ -123,6 +149,11 @@ def print_report(res: dict[str, Any]) -> None:
           f"(offered {vf['sent_pps']:,.0f}); emulator {ef['delivered_pps']:,.0f} pkt/s "
           f"(offered {ef['sent_pps']:,.0f}, {ef['loss']:.1%} lost before/in the emulator) "
           f"= {ef['delivered_pps'] / max(vf['delivered_pps'], 1):.0%} of veth")
+    lad = res["emulator"]["ladder"]
+    limited = " (at least: the Python sender could not offer more)" if lad["sender_limited"] else ""
+    print(f"sustained through the emulator (paced 200 B UDP, < 1 % loss): {lad['sustained_pps']:,.0f} pkt/s"
+          f"{limited}; offered->loss " + ", ".join(f"{s['offered_pps'] / 1000:.0f}k->{s['loss']:.1%}"
+                                                   for s in lad["steps"]))
     vp = res["veth_baseline"]["probes"]
     e0, ed = res["emulator"]["probes_no_delay"], res["emulator"]["probes_delay"]
     print(f"one-way latency p50/p99: veth {vp['one_way_p50_ms']:.3f}/{vp['one_way_p99_ms']:.3f} ms; "

@@ -225,6 +225,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_root()
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     cfg = CompareConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
