@@ -11,6 +11,7 @@ import importlib
 
 BENCH_MODULES: list[str] = [
     "tokenwire.transport.bench_transport",
+    "tokenwire.daemon.bench_daemon",
     "tokenwire.testbed.bench",
 ]
 

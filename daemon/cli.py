@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # Modules defining ``register(subparsers)``. Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.demo_cli",
+    "tokenwire.daemon.daemon_cli",
+    "tokenwire.daemon.chat_cli",
     "tokenwire.testbed.sim_cli",
     "tokenwire.daemon.bench_cli",
     "tokenwire.testbed.cli",
@@ -56,4 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m` this file is __main__: run the imported module's main so that handlers and this
+    # entry point share one CLIError class
+    from tokenwire.daemon.cli import main as _main
+
+    sys.exit(_main())

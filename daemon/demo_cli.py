@@ -1,9 +1,9 @@
 """``tokenwire demo``: stream the built-in answer over QUIC through a lossy link, live, then compare schemes.
 
-A server with the demo token source and a client run on loopback, with a userspace relay between them
-that adds one-way delay and bursty loss. The answer renders live with Chatterbox; then the same answer is
-streamed with the ``stream`` and ``duplicate`` baselines on the same loss pattern, and a table compares
-them. No root needed.
+The tokenwire daemon (in this process, with the demo upstream) and a client run on loopback, with a
+userspace relay between them that adds one-way delay and bursty loss. The answer renders live with
+Chatterbox; then the same answer is streamed with the ``stream`` and ``duplicate`` baselines on the same
+loss pattern, and a table compares them. No root needed.
 """
 
 from __future__ import annotations
@@ -65,52 +65,66 @@ def vars_for_json(args: argparse.Namespace) -> dict:
 
 
 async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
-    from tokenwire.daemon.demo_upstream import demo_stream
+    import tempfile
+    from pathlib import Path
+
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
     from tokenwire.testbed.udp_relay import UdpRelay
     from tokenwire.transport.client import connect
-    from tokenwire.transport.server import serve
     from tokenwire.transport.tls import dev_cert
 
-    async def source(request):
-        async for tok in demo_stream(args.tokens, rate=args.rate, seed=args.seed):
-            yield tok
-
     out = sys.stdout
-    server = await serve(source, host="127.0.0.1", port=0)
-    relay = await UdpRelay(("127.0.0.1", server.port), delay_ms=args.delay_ms, loss=args.loss, seed=args.seed).start()
-    print(
-        f"tokenwire demo: QUIC server on udp/{server.port}, client behind a relay adding {args.delay_ms:g} ms "
-        f"one-way delay and loss {args.loss} (seed {args.seed}).\n",
-        file=out,
-    )
     results: dict[str, dict] = {}
-    try:
-        for k, scheme in enumerate(schemes):
-            live = k == 0 and not args.quiet
-            relay.reset(args.seed)  # the same outages for every scheme
-            async with connect("127.0.0.1", relay.port, cadata=dev_cert().cert_pem, server_name="localhost") as conn:
-                stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme)
-                if live:
-                    print(f"--- {scheme} (live) " + "-" * 50, file=out)
-                else:
-                    print(f"--- {scheme}: streaming the same answer on the same loss pattern ...", file=out)
-                async for delta in stream:
+    with tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        dev_cert().write(cert, key)
+        config = parse_config(
+            {
+                "server": {"listen": ["127.0.0.1:0"], "certificate": str(cert), "private_key": str(key)},
+                "metrics": {"listen": ""},
+                "upstreams": [{"name": "demo", "type": "demo", "rate": args.rate, "max_tokens": args.tokens}],
+            }
+        )
+        daemon = Daemon(config)
+        await daemon.start()
+        port = daemon.addresses[0][1]
+        relay = await UdpRelay(("127.0.0.1", port), delay_ms=args.delay_ms, loss=args.loss, seed=args.seed).start()
+        print(
+            f"tokenwire demo: the tokenwire daemon (demo upstream, {args.rate:g} tokens/s) on udp/{port}; the "
+            f"client reaches it through a relay adding {args.delay_ms:g} ms one-way delay and loss {args.loss} "
+            f"(seed {args.seed}).\n",
+            file=out,
+        )
+        try:
+            for k, scheme in enumerate(schemes):
+                live = k == 0 and not args.quiet
+                relay.reset(args.seed)  # the same outages for every scheme
+                async with connect("127.0.0.1", relay.port, cafile=cert, server_name="localhost") as conn:
+                    stream = conn.chat(
+                        "Why do chatbots stall on trains?", scheme=scheme, params={"seed": args.seed}
+                    )
                     if live:
-                        out.write(delta)
-                        out.flush()
-                if live:
-                    print("\n", file=out)
-                st = stream.stats
-                assert st is not None
-                results[scheme] = {
-                    **st.to_dict(),
-                    "link_loss_down": relay.down.dropped / max(1, relay.down.packets),
-                    "packets_down": relay.down.packets,
-                    "bytes_down": relay.down.bytes,
-                }
-    finally:
-        relay.close()
-        server.close()
+                        print(f"--- {scheme} (live) " + "-" * 50, file=out)
+                    else:
+                        print(f"--- {scheme}: streaming the same answer on the same loss pattern ...", file=out)
+                    async for delta in stream:
+                        if live:
+                            out.write(delta)
+                            out.flush()
+                    if live:
+                        print("\n", file=out)
+                    st = stream.stats
+                    assert st is not None
+                    results[scheme] = {
+                        **st.to_dict(),
+                        "link_loss_down": relay.down.dropped / max(1, relay.down.packets),
+                        "packets_down": relay.down.packets,
+                        "bytes_down": relay.down.bytes,
+                    }
+        finally:
+            relay.close()
+            await daemon.stop()
     return results
 
 

@@ -117,8 +117,8 @@ class RawProtocol(QuicConnectionProtocol):
             self.stream_data += event.data
 
 
-async def hostile(port: int, action) -> qe.ConnectionTerminated:
-    config = client_configuration(**client_kwargs())
+async def hostile(port: int, action, **tls) -> qe.ConnectionTerminated:
+    config = client_configuration(**(tls or client_kwargs()))
     async with quic_connect("127.0.0.1", port, configuration=config, create_protocol=RawProtocol) as proto:
         action(proto)
         proto.transmit()

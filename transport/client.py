@@ -27,22 +27,20 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aioquic.asyncio import connect as quic_connect
 from aioquic.quic.connection import QuicConnection
 
-from . import metrics
+from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, RemoteError, TokenwireError
 from .frames import SCHEMES, Request
 from .quic_io import SessionProtocol
 from .session import (
-    ChatOutcome,
     ClientSession,
     ConnectionEnded,
     RequestFailed,
@@ -50,9 +48,8 @@ from .session import (
     RequestStarted,
     SessionEvent,
     TokensRendered,
-    estimated_base_delay,
-    outcome_timelines,
 )
+from .session_outcome import ChatOutcome
 from .tls import client_configuration
 
 
@@ -60,71 +57,6 @@ class DigestMismatch(TokenwireError):
     """The received text does not match the server's digest: never returned as if it were right."""
 
     code = ErrorCode.INTERNAL
-
-
-@dataclass
-class ChatStats:
-    """Per-request statistics, measured at the client (milliseconds where named ``_ms``)."""
-
-    scheme: str
-    tokens: int
-    digest_verified: bool
-    ttft_ms: float
-    stall_ratio: float
-    longest_stall_ms: float
-    p50_token_delay_ms: float
-    p99_token_delay_ms: float
-    p99_gap_ms: float
-    packets: int
-    duplicate_tokens: int
-    repairs_requested: int
-    finish_reason: str
-    request_id: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
-
-    def __str__(self) -> str:
-        return (
-            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, stall ratio {self.stall_ratio:.3f} "
-            f"(longest {self.longest_stall_ms:.0f} ms), digest {'verified' if self.digest_verified else 'MISMATCH'}"
-        )
-
-
-def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
-    """Compute client-side statistics; the base delay is estimated as the smallest render-generation gap."""
-    tl = outcome_timelines(outcome)
-    nan = math.nan
-    if tl is not None:
-        gen, render = tl
-        d = estimated_base_delay(gen, render)
-        s = metrics.summarize(gen, render, base_delay=d, request_time=outcome.request_time)
-        stall, longest, p50, p99, gap = (
-            s.stall_ratio,
-            s.longest_stall_ms,
-            s.p50_token_delay_ms - d * 1000.0,
-            s.p99_token_delay_ms - d * 1000.0,
-            s.p99_gap_ms,
-        )
-    else:
-        stall = longest = p50 = p99 = gap = nan
-    ttft = (outcome.render_times[0] - outcome.request_time) * 1000.0 if outcome.render_times else nan
-    return ChatStats(
-        scheme=outcome.scheme,
-        tokens=outcome.total,
-        digest_verified=outcome.digest_ok,
-        ttft_ms=ttft,
-        stall_ratio=stall,
-        longest_stall_ms=longest,
-        p50_token_delay_ms=p50,
-        p99_token_delay_ms=p99,
-        p99_gap_ms=gap,
-        packets=outcome.packets,
-        duplicate_tokens=outcome.duplicate_tokens,
-        repairs_requested=outcome.repairs_requested,
-        finish_reason=outcome.finish_reason,
-        request_id=outcome.request_id.hex(),
-    )
 
 
 _END = object()
@@ -297,6 +229,22 @@ class Connection:
             params=params,
         )
         self._auth_sent = self._auth_sent or self._auth is not None
+        return self._start(request, prefix)
+
+    def attach(self, request_id: bytes, *, scheme: str = "chatterbox") -> ChatStream:
+        """Stream an existing answer from its start by id (one an application opened through ingest)."""
+        if self._protocol.close_error is not None:
+            raise self._protocol.close_error
+        request = Request(
+            scheme=scheme,
+            auth=self._auth if not self._auth_sent else None,
+            resume_id=request_id,
+            resume_from=0,
+        )
+        self._auth_sent = self._auth_sent or self._auth is not None
+        return self._start(request, [])
+
+    def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid

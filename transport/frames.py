@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     FINISHED = 5
     REPAIR = 6
     ERROR = 7
+    REPORT = 8
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Request(Frame):
     """Client -> server, first frame of a request stream."""
 
     TYPE = FrameType.REQUEST
-    messages: list[dict[str, str]]
+    messages: list[dict[str, str]] | None = None
     scheme: str = "chatterbox"
     version: int = PROTOCOL_VERSION
     model: str | None = None
@@ -218,7 +219,7 @@ class Request(Frame):
 
     FIELDS: ClassVar[FieldSpec] = {
         "v": ("version", _version, True),
-        "m": ("messages", _messages, True),
+        "m": ("messages", _messages, False),
         "s": ("scheme", _str(16, SCHEMES), False),
         "model": ("model", _str(128), False),
         "mt": ("max_tokens", _int(1, 1_000_000), False),
@@ -310,6 +311,8 @@ class Finished(Frame):
 
     ``gen_us`` holds each token's generation time in microseconds after the first token's, delta-coded
     (element i is g_i - g_{i-1}); it lets the client compute its stall ratio. Omitted for huge answers.
+    ``first_gen_us`` is token 0's generation time on the sender's clock (meaningful to a client on the
+    same host, e.g. benchmarks measuring absolute token delay).
     """
 
     TYPE = FrameType.FINISHED
@@ -317,12 +320,14 @@ class Finished(Frame):
     digest: bytes
     reason: str = "stop"
     gen_us: list[int] | None = None
+    first_gen_us: int | None = None
 
     FIELDS: ClassVar[FieldSpec] = {
         "n": ("total", _u_index, True),
         "d": ("digest", _bytes(DIGEST_BYTES, DIGEST_BYTES), True),
         "fr": ("reason", _str(32), True),
         "g": ("gen_us", _int_list(200_000, 0, MAX_TIMESTAMP_US), False),
+        "t0": ("first_gen_us", _u_ts, False),
     }
 
 
@@ -354,8 +359,30 @@ class Error(Frame):
     }
 
 
+def _ratio(frame: str, key: str, v: Any) -> float:
+    if type(v) not in (float, int) or type(v) is bool or not 0.0 <= v <= 1.0:
+        raise _fail(frame, key, "expected a number within [0, 1]")
+    return float(v)
+
+
+@dataclass(slots=True)
+class Report(Frame):
+    """Client -> server on the request stream, before its FIN: what the reader experienced (for metrics)."""
+
+    TYPE = FrameType.REPORT
+    stall_ratio: float | None = None
+    longest_stall_ms: int | None = None
+    ttft_ms: int | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "sr": ("stall_ratio", _ratio, False),
+        "ls": ("longest_stall_ms", _int(0, 1 << 32), False),
+        "tt": ("ttft_ms", _int(0, 1 << 32), False),
+    }
+
+
 FRAME_CLASSES: dict[int, type[Frame]] = {
-    int(cls.TYPE): cls for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error)
+    int(cls.TYPE): cls for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error, Report)
 }
 
 
@@ -366,6 +393,8 @@ def _post_validate(frame: Frame) -> None:
             raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
         if (frame.resume_from is not None) != (frame.resume_id is not None):
             raise FrameError("request: resume_from and resume id must come together")
+        if frame.messages is None and frame.resume_id is None:
+            raise FrameError("request: messages are required unless resuming an existing request")
     elif isinstance(frame, Started):
         if frame.version != PROTOCOL_VERSION:
             raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")

@@ -16,22 +16,23 @@ Per request (one bidirectional QUIC stream):
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 
-from .chatterbox import TokenReceiver, TokenSender
+from .chatterbox import SenderStats, TokenReceiver, TokenSender
 from .datagram_hook import DatagramScheduler, smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
 from .frames import (
+    MAX_STREAM_FRAME,
     REQUEST_ID_BYTES,
     Ack,
     Error,
     Finished,
     Repair,
+    Report,
     Request,
     Started,
     StreamDecoder,
@@ -40,6 +41,7 @@ from .frames import (
     encode_frame,
     encode_stream_frame,
 )
+from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, split_piece, text_digest
 
 REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
@@ -61,10 +63,23 @@ class RequestReceived(SessionEvent):
 
 @dataclass
 class RequestCancelled(SessionEvent):
-    """Server: the client abandoned a request (FIN or reset before FINISHED, or the connection ended)."""
+    """Server: the client abandoned a request (FIN or reset before FINISHED), or its connection ended.
+
+    ``lost`` tells the two apart: an explicit cancel should stop generation, a lost connection should not
+    (the client may come back and resume).
+    """
 
     stream_id: int
     reason: str
+    lost: bool = False
+
+
+@dataclass
+class ClientReport(SessionEvent):
+    """Server: what the client says it experienced for this request (stall ratio, TTFT)."""
+
+    stream_id: int
+    report: Report
 
 
 @dataclass
@@ -108,25 +123,6 @@ class ConnectionEnded(SessionEvent):
     error_code: int
     reason: str
     by_peer: bool
-
-
-@dataclass
-class ChatOutcome:
-    """Everything the client knows at the end of one request, for statistics and verification."""
-
-    tokens: list[bytes]  # the whole answer, including a resumed prefix
-    first_index: int
-    total: int
-    digest_ok: bool
-    scheme: str
-    request_id: bytes
-    finish_reason: str
-    request_time: float
-    render_times: list[float]  # of tokens first_index..total-1, client clock
-    gen_offsets: list[float] | None  # of tokens 0..total-1, seconds after token 0, server clock
-    packets: int
-    duplicate_tokens: int
-    repairs_requested: int
 
 
 # ------------------------------------------------------------------------------------------------ base
@@ -273,10 +269,14 @@ class ServerSession(_SessionBase):
         max_requests: int = 64,
         max_redundant_tokens: int = 64,
         initial_rtt: float = 0.1,
+        max_request_bytes: int = MAX_STREAM_FRAME,
     ) -> None:
         super().__init__(quic)
         self.requests: dict[int, ServerRequest] = {}
         self.max_requests = max_requests
+        self.max_request_bytes = max_request_bytes
+        self.acks_received = 0
+        self.closed_totals = SenderStats()  # counters of requests already dropped
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
@@ -362,7 +362,8 @@ class ServerSession(_SessionBase):
         if tr.finished and not req.finished_sent:
             req.finished_sent = True
             gen = tr.gen_deltas_us() if len(tr) <= 200_000 else None
-            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen))
+            t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
+            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
@@ -389,7 +390,7 @@ class ServerSession(_SessionBase):
                     end_stream=True,
                 )
                 return []
-            req = ServerRequest(stream_id, StreamDecoder())
+            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes))
             self.requests[stream_id] = req
         out: list[SessionEvent] = []
         for frame in req.decoder.feed(data):
@@ -401,6 +402,8 @@ class ServerSession(_SessionBase):
                 out.append(RequestReceived(stream_id, frame))
             elif isinstance(frame, Repair):
                 self._repair(req, frame)
+            elif isinstance(frame, Report):
+                out.append(ClientReport(stream_id, frame))
             elif isinstance(frame, Error):
                 pass  # the client reports a problem; its FIN or reset follows
             else:
@@ -432,6 +435,7 @@ class ServerSession(_SessionBase):
     def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
         if not isinstance(frame, Ack):
             raise ProtocolError("clients may only send ack datagrams")
+        self.acks_received += 1
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
             req.sender.on_ack(frame, now)
@@ -447,15 +451,32 @@ class ServerSession(_SessionBase):
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         out: list[SessionEvent] = [
-            RequestCancelled(r.stream_id, "connection closed") for r in self.requests.values() if not r.done
+            RequestCancelled(r.stream_id, "connection closed", lost=True)
+            for r in self.requests.values()
+            if not r.done and not r.finished_sent
         ]
         for r in list(self.requests.values()):
             self._drop(r)
         return out
 
+    def totals(self) -> SenderStats:
+        """Token-packet counters of this connection so far (finished and running requests)."""
+        out = SenderStats(**vars(self.closed_totals))
+        for req in self.requests.values():
+            out.repairs += req.repairs
+            if req.sender is not None:
+                for k, v in vars(req.sender.stats).items():
+                    setattr(out, k, getattr(out, k) + v)
+        return out
+
     def _drop(self, req: ServerRequest) -> None:
         req.done = True
+        self.closed_totals.repairs += req.repairs
+        req.repairs = 0
         if req.sender is not None:
+            for k, v in vars(req.sender.stats).items():
+                setattr(self.closed_totals, k, getattr(self.closed_totals, k) + v)
+            req.sender.stats = SenderStats()
             req.sender.close()
             self.scheduler.forget(req.sender)
         self.requests.pop(req.stream_id, None)
@@ -531,10 +552,11 @@ class ClientRequest:
 class ClientSession(_SessionBase):
     """Client side of one connection: start requests, receive renderable tokens as events."""
 
-    def __init__(self, quic: QuicConnection, *, send_acks: bool = True) -> None:
+    def __init__(self, quic: QuicConnection, *, send_acks: bool = True, send_reports: bool = True) -> None:
         super().__init__(quic)
         self.requests: dict[int, ClientRequest] = {}
         self.send_acks = send_acks
+        self.send_reports = send_reports
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
         """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
@@ -631,7 +653,10 @@ class ClientSession(_SessionBase):
             packets=req.receiver.packets,
             duplicate_tokens=req.receiver.duplicate_tokens,
             repairs_requested=req.repairs_requested,
+            first_gen_us=fin.first_gen_us,
         )
+        if self.send_reports:
+            self._send(req.stream_id, _report(outcome))
         self._fin(req.stream_id)
         return [RequestFinished(req.stream_id, outcome)]
 
@@ -706,21 +731,14 @@ class ClientSession(_SessionBase):
         return []
 
 
-def outcome_timelines(outcome: ChatOutcome) -> tuple[list[float], list[float]] | None:
-    """(generation offsets, render times) of the tokens this client received, for the metrics module.
+def _report(outcome: ChatOutcome) -> Report:
+    """The REPORT frame a client sends before its FIN (only what it could measure)."""
+    from .chat_stats import stats_from_outcome
 
-    Generation offsets are on the server's clock and render times on the client's, so the caller
-    estimates the base delay as the smallest difference (see :func:`tokenwire.transport.client`).
-    """
-    if outcome.gen_offsets is None or len(outcome.gen_offsets) < outcome.total:
-        return None
-    gen = outcome.gen_offsets[outcome.first_index : outcome.total]
-    rend = outcome.render_times[: len(gen)]
-    if len(rend) != len(gen) or not gen:
-        return None
-    return gen, rend
+    st = stats_from_outcome(outcome)
 
+    def ms(v: float) -> int | None:
+        return None if v != v else max(0, round(v))  # NaN -> None
 
-def estimated_base_delay(gen: list[float], render: list[float]) -> float:
-    """Smallest render-minus-generation difference: the base delay plus the unknown clock offset."""
-    return min((r - g for g, r in zip(gen, render, strict=False)), default=math.nan)
+    ratio = None if st.stall_ratio != st.stall_ratio else min(1.0, max(0.0, st.stall_ratio))
+    return Report(stall_ratio=ratio, longest_stall_ms=ms(st.longest_stall_ms), ttft_ms=ms(st.ttft_ms))

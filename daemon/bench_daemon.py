@@ -1,0 +1,235 @@
+"""``tokenwire bench daemon``: the real daemon under N concurrent SDK sessions on loopback.
+
+The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per session); one client process
+opens ``--sessions`` connections, each streaming one answer of ``rate x seconds`` tokens. Reported:
+tokens delivered, tokens lost or delivered twice to the application, digest failures, the daemon's CPU
+time per delivered token, and token delay (render time minus generation time; client and daemon share
+the host's monotonic clock, so the delay is absolute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="the real daemon under N concurrent SDK sessions on loopback")
+    p.add_argument("--sessions", type=int, default=200)
+    p.add_argument("--rate", type=float, default=20.0, help="tokens per second per session (default 20)")
+    p.add_argument("--seconds", type=float, default=20.0, help="answer length in seconds of generation")
+    p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
+    p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default 2)")
+    p.add_argument("--json", type=Path)
+    p.set_defaults(handler=run_cli)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _udp_rcvbuf_errors() -> int:
+    """Host-wide UDP receive-buffer drops (/proc/net/snmp): loss on loopback means an overloaded reader."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines() if ln.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+def _start_daemon(tmp: Path, sessions: int, rate: float, tokens: int) -> tuple[subprocess.Popen, int, socket.socket]:
+    from tokenwire.transport.tls import dev_cert
+
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    dev_cert().write(cert, key)
+    cfg = tmp / "tokenwire.toml"
+    cfg.write_text(
+        textwrap.dedent(f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        certificate = "{cert}"
+        private_key = "{key}"
+        [metrics]
+        listen = ""
+        [limits]
+        max_sessions = {sessions + 10}
+        [logging]
+        level = "warning"
+        [[upstreams]]
+        name = "demo"
+        type = "demo"
+        rate = {rate}
+        max_tokens = {tokens}
+        """)
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    notify.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock")}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)], env=env)
+    while True:
+        msg = notify.recv(4096).decode()
+        if "READY=1" in msg:
+            port = int(re.findall(r"udp/[^:]+:(\d+)", msg)[0])
+            return proc, port, notify
+
+
+async def _clients(port: int, cafile: Path, sessions: int, tokens: int, scheme: str) -> list[dict[str, Any]]:
+    from tokenwire.daemon.demo_upstream import answer_tokens
+    from tokenwire.transport.client import connect
+    from tokenwire.transport.errors import TokenwireError
+
+    expected = [t.encode() for t in answer_tokens(tokens)]
+    results: list[dict[str, Any]] = []
+
+    async def one(k: int) -> None:
+        await asyncio.sleep(k * 0.01)  # stagger the handshakes
+        rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": tokens, "digest_ok": False, "delays": []}
+        t_start = time.monotonic()
+        try:
+            async with connect("127.0.0.1", port, cafile=cafile, server_name="localhost", timeout=30) as conn:
+                rec["connect_s"] = time.monotonic() - t_start
+                stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
+                async for _ in stream:
+                    pass
+                rec["answer_s"] = time.monotonic() - t_start - rec["connect_s"]
+                rec["end"] = time.monotonic()
+                rec["begin"] = t_start
+                got = stream.tokens
+                out = stream.outcome
+                rec["tokens"] = len(got)
+                rec["duplicates"] = max(0, len(got) - len(expected))
+                rec["lost"] = sum(1 for a, b in zip(expected, got, strict=False) if a != b) + max(
+                    0, len(expected) - len(got)
+                )
+                rec["digest_ok"] = bool(stream.stats and stream.stats.digest_verified) and got == expected
+                if out is not None and out.first_gen_us is not None and out.gen_offsets is not None:
+                    t0 = out.first_gen_us / 1e6
+                    rec["delays"] = [
+                        (r - (t0 + g)) * 1000.0 for g, r in zip(out.gen_offsets, out.render_times, strict=False)
+                    ]
+        except (TokenwireError, ConnectionError, TimeoutError) as exc:
+            rec["error"] = str(exc)
+        results.append(rec)
+
+    async def report() -> None:
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(5)
+            done = len(results)
+            print(f"  {time.monotonic() - start:5.0f} s: {done}/{sessions} sessions finished", file=sys.stderr)
+
+    reporter = asyncio.ensure_future(report())
+    await asyncio.gather(*(one(k) for k in range(sessions)))
+    reporter.cancel()
+    return results
+
+
+def _worker_main(argv: list[str]) -> None:
+    """Client worker: ``--worker PORT CAFILE SESSIONS TOKENS SCHEME OUT``; writes its results to OUT as JSON."""
+    import uvloop
+
+    port, cafile, sessions, tokens, scheme = int(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    cpu0 = time.process_time()
+    results = uvloop.run(_clients(port, cafile, sessions, tokens, scheme))
+    Path(argv[5]).write_text(json.dumps({"results": results, "cpu_s": time.process_time() - cpu0}))
+
+
+def _run_workers(port: int, cafile: Path, sessions: int, tokens: int, scheme: str, procs: int) -> tuple[list, float]:
+    shares = [n for n in (sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)) if n > 0]
+    outs = [cafile.with_name(f"worker{i}.json") for i in range(len(shares))]
+    module = "tokenwire.daemon.bench_daemon"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, "--worker", str(port), str(cafile), str(n), str(tokens), scheme, str(out)]
+        )
+        for n, out in zip(shares, outs, strict=True)
+    ]
+    results: list[dict[str, Any]] = []
+    cpu = 0.0
+    for w, out in zip(workers, outs, strict=True):
+        if w.wait() != 0:
+            raise RuntimeError(f"client worker failed with exit status {w.returncode}")
+        data = json.loads(out.read_text())
+        results += data["results"]
+        cpu += data["cpu_s"]
+    return results, cpu
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.transport.metrics import percentile
+
+    if args.sessions < 1 or args.rate <= 0 or args.seconds <= 0:
+        raise CLIError("--sessions >= 1, --rate > 0 and --seconds > 0")
+    tokens = max(1, round(args.rate * args.seconds))
+    with tempfile.TemporaryDirectory(prefix="tokenwire-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        proc, port, notify = _start_daemon(tmp, args.sessions, args.rate, tokens)
+        try:
+            print(
+                f"daemon pid {proc.pid} on udp/{port}: {args.sessions} sessions x {tokens} tokens at "
+                f"{args.rate:g}/s ({args.scheme})",
+                file=sys.stderr,
+            )
+            cpu0, wall0, drops0 = _cpu_seconds(proc.pid), time.monotonic(), _udp_rcvbuf_errors()
+            procs = max(1, min(args.client_procs, args.sessions))
+            results, client_cpu = _run_workers(port, tmp / "cert.pem", args.sessions, tokens, args.scheme, procs)
+            cpu1, wall1 = _cpu_seconds(proc.pid), time.monotonic()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            notify.close()
+    delivered = sum(r["tokens"] for r in results)
+    delays = [d for r in results for d in r["delays"]]
+    out = {
+        "udp_receive_buffer_drops": _udp_rcvbuf_errors() - drops0,
+        "sessions": args.sessions,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "scheme": args.scheme,
+        "tokens_expected": tokens * args.sessions,
+        "tokens_delivered": delivered,
+        "lost_tokens": sum(r["lost"] for r in results),
+        "duplicate_tokens": sum(r["duplicates"] for r in results),
+        "digest_failures": sum(1 for r in results if not r["digest_ok"]),
+        "session_errors": [r["error"] for r in results if "error" in r][:5],
+        "cpu_us_per_token": 1e6 * (cpu1 - cpu0) / max(1, delivered),
+        "daemon_cpu_share_of_wall": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
+        "client_cpu_share_of_wall": client_cpu / max(1e-9, wall1 - wall0),
+        "client_procs": procs,
+        "p50_token_delay_ms": percentile(delays, 50),
+        "p99_token_delay_ms": percentile(delays, 99),
+        "wall_s": wall1 - wall0,
+        # first request to last answer's end: the serving span (connection teardown excluded)
+        "serving_span_s": max((r["end"] for r in results if "end" in r), default=0.0)
+        - min((r["begin"] for r in results if "begin" in r), default=0.0),
+        "p50_connect_ms": 1000 * percentile([r["connect_s"] for r in results if "connect_s" in r], 50),
+        "max_connect_ms": 1000 * max((r["connect_s"] for r in results if "connect_s" in r), default=0.0),
+        "p50_answer_s": percentile([r["answer_s"] for r in results if "answer_s" in r], 50),
+        "max_answer_s": max((r["answer_s"] for r in results if "answer_s" in r), default=0.0),
+    }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    bad = out["lost_tokens"] or out["duplicate_tokens"] or out["digest_failures"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--worker":
+    _worker_main(sys.argv[2:])

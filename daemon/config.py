@@ -1,0 +1,389 @@
+"""The daemon's TOML configuration: one loader, strict validation, errors that name the bad key.
+
+Every key has a type, a range and a default; unknown keys are errors (with a "did you mean" hint), because a
+typo in a limit silently falling back to its default is how services get hurt. ``load_config`` returns a
+frozen, fully validated :class:`Config`; ``tokenwire config check FILE`` runs the same code.
+
+Without a file at the default path the embedded defaults apply: the demo upstream on ``[::]:4433`` with an
+ephemeral self-signed certificate, so a fresh install streams something without an LLM behind it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/tokenwire/tokenwire.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------------------------- structure
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[tuple[str, int], ...] = (("::", 4433),)
+    certificate: Path | None = None
+    private_key: Path | None = None
+    client_ca: Path | None = None  # set: clients must present a certificate signed by it
+    congestion: str = "reno"
+    idle_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    name: str
+    sha256: str  # hex digest of the bearer token
+
+    def matches(self, token: str) -> bool:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return hmac.compare_digest(digest, self.sha256)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[TokenEntry, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return bool(self.tokens)
+
+    def principal(self, token: str | None) -> str | None:
+        """The name of the token's owner, or None when it is missing or wrong."""
+        if token is None:
+            return None
+        for entry in self.tokens:
+            if entry.matches(token):
+                return entry.name
+        return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 10_000
+    max_requests_per_connection: int = 64
+    max_tokens: int = 16_384
+    max_request_bytes: int = 1 << 20
+    max_redundant_tokens: int = 64
+    transcript_memory_mb: float = 256.0
+    transcript_retain_s: float = 600.0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    type: str  # demo | openai | ingest
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str  # glob
+    upstream: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: Limits = Limits()
+    logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    ingest: IngestConfig = IngestConfig()
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig("demo", "demo", {}),)
+    routes: tuple[Route, ...] = (Route("*", "demo"),)
+
+    def route(self, model: str | None) -> UpstreamConfig:
+        """The upstream serving ``model`` (first matching route)."""
+        name = model or ""
+        for r in self.routes:
+            if fnmatch.fnmatchcase(name, r.model):
+                return next(u for u in self.upstreams if u.name == r.upstream)
+        raise LookupError(f"no route for model {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+class _Section:
+    """Validates one table: known keys, types and ranges; remembers its dotted name for messages."""
+
+    def __init__(self, where: str, table: Any, known: tuple[str, ...]) -> None:
+        self.where = where
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+        self.table = table
+        for key in table:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+                raise ConfigError(f"{self._k(key)}: unknown key{extra}")
+
+    def _k(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, default: Any) -> Any:
+        return self.table.get(key, default)
+
+    def int(self, key: str, default: int, lo: int, hi: int) -> int:
+        v = self.table.get(key, default)
+        if type(v) is not int or not lo <= v <= hi:
+            raise ConfigError(f"{self._k(key)}: expected an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    def num(self, key: str, default: float, lo: float, hi: float) -> float:
+        v = self.table.get(key, default)
+        if type(v) not in (int, float) or not lo <= v <= hi:
+            raise ConfigError(f"{self._k(key)}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
+        return float(v)
+
+    def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+        v = self.table.get(key, default)
+        if v is None:
+            return None
+        if type(v) is not str:
+            raise ConfigError(f"{self._k(key)}: expected a string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{self._k(key)}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def path(self, key: str, base: Path | None, must_exist: bool = True) -> Path | None:
+        v = self.str(key, None)
+        if v is None or v == "":
+            return None
+        p = Path(v)
+        if not p.is_absolute() and base is not None:
+            p = base / p
+        if must_exist and not p.exists():
+            raise ConfigError(f"{self._k(key)}: {p} does not exist")
+        return p
+
+
+def parse_addr(text: str, where: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected 'host:port' or '[v6]:port', got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host not in ("", "localhost"):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{where}: {host!r} is not an IP address") from None
+    return host or "::", int(port)
+
+
+def _server(t: Any, base: Path | None) -> ServerConfig:
+    s = _Section("server", t, ("listen", "certificate", "private_key", "client_ca", "congestion", "idle_timeout_s"))
+    listen = s.get("listen", ["[::]:4433"])
+    if isinstance(listen, str):
+        listen = [listen]
+    if not isinstance(listen, list) or not listen or not all(isinstance(x, str) for x in listen):
+        raise ConfigError("server.listen: expected a list of 'host:port' strings")
+    cert = s.path("certificate", base)
+    key = s.path("private_key", base)
+    if (cert is None) != (key is None):
+        raise ConfigError("server.certificate and server.private_key must be set together")
+    return ServerConfig(
+        listen=tuple(parse_addr(x, "server.listen") for x in listen),
+        certificate=cert,
+        private_key=key,
+        client_ca=s.path("client_ca", base),
+        congestion=s.str("congestion", "reno", ("reno", "cubic")) or "reno",
+        idle_timeout_s=s.num("idle_timeout_s", 60.0, 1.0, 3600.0),
+    )
+
+
+def hash_token(token: str) -> str:
+    """The form stored in the config for a bearer token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _auth(t: Any) -> AuthConfig:
+    s = _Section("auth", t, ("tokens",))
+    raw = s.get("tokens", [])
+    if not isinstance(raw, list):
+        raise ConfigError("auth.tokens: expected an array of {name, sha256} tables")
+    out = []
+    for i, item in enumerate(raw):
+        e = _Section(f"auth.tokens[{i}]", item, ("name", "sha256"))
+        name = e.str("name", None)
+        digest = e.str("sha256", None)
+        if not name:
+            raise ConfigError(f"auth.tokens[{i}].name: required")
+        if digest is None or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(
+                f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "
+                "`tokenwire config new-token`), never the token itself"
+            )
+        out.append(TokenEntry(name, digest))
+    return AuthConfig(tuple(out))
+
+
+def _limits(t: Any) -> Limits:
+    s = _Section("limits", t, tuple(Limits.__dataclass_fields__))
+    return Limits(
+        max_sessions=s.int("max_sessions", 10_000, 1, 1_000_000),
+        max_requests_per_connection=s.int("max_requests_per_connection", 64, 1, 10_000),
+        max_tokens=s.int("max_tokens", 16_384, 1, 1_000_000),
+        max_request_bytes=s.int("max_request_bytes", 1 << 20, 1024, 64 << 20),
+        max_redundant_tokens=s.int("max_redundant_tokens", 64, 1, 4096),
+        transcript_memory_mb=s.num("transcript_memory_mb", 256.0, 1.0, 1 << 20),
+        transcript_retain_s=s.num("transcript_retain_s", 600.0, 0.0, 7 * 86400.0),
+        drain_timeout_s=s.num("drain_timeout_s", 30.0, 0.0, 3600.0),
+    )
+
+
+UPSTREAM_KEYS = {
+    "demo": ("name", "type", "rate", "first_token_ms", "max_tokens"),
+    "openai": (
+        "name",
+        "type",
+        "base_url",
+        "api_key_env",
+        "api_key_file",
+        "models",
+        "connect_timeout_s",
+        "first_token_timeout_s",
+        "stall_timeout_s",
+        "extra_headers",
+    ),
+    "ingest": ("name", "type"),
+}
+
+
+def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("upstreams: expected a non-empty array of [[upstreams]] tables")
+    out: list[UpstreamConfig] = []
+    for i, item in enumerate(raw):
+        where = f"upstreams[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table")
+        kind = item.get("type")
+        if kind not in UPSTREAM_KEYS:
+            raise ConfigError(f"{where}.type: expected one of {', '.join(UPSTREAM_KEYS)}, got {kind!r}")
+        s = _Section(where, item, UPSTREAM_KEYS[kind])
+        name = s.str("name", None)
+        if not name:
+            raise ConfigError(f"{where}.name: required")
+        if any(u.name == name for u in out):
+            raise ConfigError(f"{where}.name: {name!r} is defined twice")
+        opts: dict[str, Any] = {}
+        if kind == "demo":
+            opts["rate"] = s.num("rate", 30.0, 0.1, 100_000.0)
+            opts["first_token_ms"] = s.num("first_token_ms", 150.0, 0.0, 60_000.0)
+            opts["max_tokens"] = s.int("max_tokens", 2000, 1, 1_000_000)
+        elif kind == "openai":
+            url = s.str("base_url", None)
+            if not url or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}.base_url: expected an http(s):// URL, got {url!r}")
+            opts["base_url"] = url.rstrip("/")
+            opts["api_key_env"] = s.str("api_key_env", None)
+            key_file = s.path("api_key_file", base)
+            opts["api_key_file"] = key_file
+            models = s.get("models", {})
+            if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
+                raise ConfigError(f"{where}.models: expected a table mapping client model names to upstream names")
+            opts["models"] = dict(models)
+            opts["connect_timeout_s"] = s.num("connect_timeout_s", 10.0, 0.1, 600.0)
+            opts["first_token_timeout_s"] = s.num("first_token_timeout_s", 60.0, 0.1, 3600.0)
+            opts["stall_timeout_s"] = s.num("stall_timeout_s", 30.0, 0.1, 3600.0)
+            headers = s.get("extra_headers", {})
+            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+                raise ConfigError(f"{where}.extra_headers: expected a table of strings")
+            opts["extra_headers"] = dict(headers)
+        out.append(UpstreamConfig(name, kind, opts))
+    return tuple(out)
+
+
+def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...]:
+    if raw is None:
+        return (Route("*", upstreams[0].name),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("routes: expected a non-empty array of [[routes]] tables")
+    names = {u.name for u in upstreams}
+    out = []
+    for i, item in enumerate(raw):
+        s = _Section(f"routes[{i}]", item, ("model", "upstream"))
+        model = s.str("model", "*") or "*"
+        up = s.str("upstream", None)
+        if up not in names:
+            raise ConfigError(f"routes[{i}].upstream: {up!r} is not a defined upstream ({', '.join(sorted(names))})")
+        out.append(Route(model, up))
+    return tuple(out)
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document."""
+    top = _Section("", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes"))
+    base = path.parent if path is not None else None
+    server = _server(top.get("server", {}), base)
+    log = _Section("logging", top.get("logging", {}), ("level", "format"))
+    metrics = _Section("metrics", top.get("metrics", {}), ("listen",))
+    mlisten = metrics.str("listen", "127.0.0.1:9464")
+    ingest = _Section("ingest", top.get("ingest", {}), ("socket",))
+    sock = ingest.path("socket", base, must_exist=False)
+    upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
+    return Config(
+        path=path,
+        server=server,
+        auth=_auth(top.get("auth", {})),
+        limits=_limits(top.get("limits", {})),
+        logging=LoggingConfig(
+            level=log.str("level", "info", ("debug", "info", "warning", "error")) or "info",
+            format=log.str("format", "text", ("text", "json")) or "text",
+        ),
+        metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
+        ingest=IngestConfig(sock),
+        upstreams=upstreams,
+        routes=_routes(top.get("routes", None), upstreams),
+    )
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults)."""
+    if path is None:
+        env = os.environ.get("TOKENWIRE_CONFIG")
+        path = Path(env) if env else DEFAULT_PATH
+        if not path.exists() and env is None:
+            return parse_config({}, None)
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        return parse_config(data, p)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

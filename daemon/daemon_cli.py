@@ -1,0 +1,101 @@
+"""``tokenwire daemon``, ``tokenwire cert`` and ``tokenwire config check|new-token``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="run the edge service (QUIC token streaming)")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/tokenwire/tokenwire.toml, else built-in)")
+    p.add_argument("--log-format", choices=("text", "json"), help="override logging.format")
+    p.set_defaults(handler=run_daemon)
+
+    c = sub.add_parser("cert", help="make a self-signed development certificate and key")
+    c.add_argument("--out-dir", type=Path, default=Path("."), help="where to write cert.pem and key.pem")
+    c.add_argument("--host", action="append", help="DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)")
+    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--force", action="store_true", help="overwrite existing files")
+    c.set_defaults(handler=run_cert)
+
+    cfg = sub.add_parser("config", help="validate a configuration, make auth tokens")
+    csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    chk = csub.add_parser("check", help="validate a TOML configuration file")
+    chk.add_argument("path", type=Path)
+    chk.set_defaults(handler=run_check)
+    tok = csub.add_parser("new-token", help="print a new bearer token and the line that stores its hash")
+    tok.add_argument("--name", default="client", help="who the token is for")
+    tok.set_defaults(handler=run_new_token)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tokenwire.daemon.cli import CLIError
+
+    from .config import ConfigError, load_config
+    from .logs import setup_logging
+    from .service import run_daemon as run
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if args.log_format:
+        config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=args.log_format))
+    setup_logging(config.logging.level, config.logging.format)
+
+    def started(daemon) -> None:
+        addrs = ", ".join(f"udp/{h}:{p}" for h, p in daemon.addresses)
+        print(f"tokenwire daemon: listening on {addrs}", file=sys.stderr, flush=True)
+
+    run(config, on_started=started)
+    return 0
+
+
+def run_cert(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.transport.tls import make_self_signed
+
+    hosts = tuple(args.host or ("localhost", "127.0.0.1", "::1"))
+    cert, key = args.out_dir / "cert.pem", args.out_dir / "key.pem"
+    if not args.force and (cert.exists() or key.exists()):
+        raise CLIError(f"{cert} or {key} exists; use --force to overwrite")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    make_self_signed(hosts, days=args.days).write(cert, key)
+    print(f"wrote {cert} and {key} (self-signed for {', '.join(hosts)}, {args.days} days)")
+    print(f'in tokenwire.toml:\n[server]\ncertificate = "{cert.resolve()}"\nprivate_key = "{key.resolve()}"')
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.cli import CLIError
+
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.path)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    listen = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in cfg.server.listen)
+    print(f"{args.path}: ok")
+    print(f"  listen {listen}; certificate {cfg.server.certificate or '(ephemeral self-signed)'}")
+    print(f"  auth: {len(cfg.auth.tokens)} token(s){'' if cfg.auth.required else ' (no auth required)'}")
+    print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
+    print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")
+    return 0
+
+
+def run_new_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from .config import hash_token
+
+    token = secrets.token_urlsafe(32)
+    print(f"token (give it to the client, store it nowhere else): {token}")
+    print("add to [auth] in tokenwire.toml:")
+    print(f'tokens = [{{ name = "{args.name}", sha256 = "{hash_token(token)}" }}]')
+    return 0

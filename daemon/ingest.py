@@ -1,0 +1,148 @@
+"""The ingest API: a local application pushes the tokens of an answer it owns; clients stream it by id.
+
+Newline-delimited JSON over a Unix stream socket (any language, or ``socat``, can speak it). One reply
+line per request line::
+
+    {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
+        -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client
+    {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
+    {"op": "finish", "id": "...", "reason": "stop"}     -> {"ok": true, "tokens": 12}
+    {"op": "fail", "id": "...", "message": "model crashed"}  -> {"ok": true}
+
+Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays open. An application that
+disconnects with answers still open fails them (``UPSTREAM_ERROR``), so no client waits forever. Clients
+attach with ``Connection.attach(request_id)`` (a resume from index 0); only the principal named at open
+(the token name, or none) may attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tokenwire.transport.errors import ErrorCode
+
+from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
+
+log = logging.getLogger("tokenwire.ingest")
+MAX_LINE = 1 << 20
+
+
+class IngestAPI:
+    """Sans-I/O handling of ingest messages against the transcript store."""
+
+    def __init__(
+        self,
+        store: TranscriptStore,
+        *,
+        max_tokens: Callable[[], int],
+        on_open: Callable[[LiveRequest], None] = lambda r: None,
+        on_done: Callable[[LiveRequest], None] = lambda r: None,
+    ) -> None:
+        self.store = store
+        self.max_tokens = max_tokens
+        self.on_open = on_open
+        self.on_done = on_done
+
+    def handle(self, msg: Any, owned: dict[bytes, LiveRequest], now: float) -> dict[str, Any]:
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            return {"ok": False, "error": "expected a JSON object with an 'op'"}
+        op = msg["op"]
+        if op == "open":
+            limit = msg.get("max_tokens", self.max_tokens())
+            if type(limit) is not int or not 1 <= limit <= self.max_tokens():
+                return {"ok": False, "error": f"max_tokens must be an integer in [1, {self.max_tokens()}]"}
+            principal = msg.get("principal")
+            model = msg.get("model")
+            if principal is not None and not isinstance(principal, str):
+                return {"ok": False, "error": "principal must be a string"}
+            if model is not None and not isinstance(model, str):
+                return {"ok": False, "error": "model must be a string"}
+            req = self.store.create(principal, limit, now, model=model)
+            owned[req.request_id] = req
+            self.on_open(req)
+            return {"ok": True, "id": req.request_id.hex()}
+        if op not in ("push", "finish", "fail"):
+            return {"ok": False, "error": f"unknown op {op!r} (open, push, finish, fail)"}
+        try:
+            rid = bytes.fromhex(msg.get("id", ""))
+        except (TypeError, ValueError):
+            return {"ok": False, "error": "id must be the hex request id returned by open"}
+        req = owned.get(rid)
+        if req is None:
+            return {"ok": False, "error": "unknown id, or not opened on this connection"}
+        if req.done:
+            return {"ok": False, "error": "this answer is already finished"}
+        if op == "push":
+            text = msg.get("text")
+            if not isinstance(text, str):
+                return {"ok": False, "error": "push needs a 'text' string"}
+            try:
+                req.push(text, now)
+            except GenerationLimit:
+                req.finish("length", now)
+                self._done(req, owned)
+            return {"ok": True, "tokens": len(req.transcript)}
+        if op == "finish":
+            reason = msg.get("reason", "stop")
+            if not isinstance(reason, str) or not 0 < len(reason) <= 32:
+                return {"ok": False, "error": "reason must be a short string"}
+            req.finish(reason, now)
+            self._done(req, owned)
+            return {"ok": True, "tokens": len(req.transcript)}
+        message = msg.get("message", "application failed")
+        req.fail(ErrorCode.UPSTREAM_ERROR, str(message)[:300], now)
+        self._done(req, owned)
+        return {"ok": True}
+
+    def _done(self, req: LiveRequest, owned: dict[bytes, LiveRequest]) -> None:
+        owned.pop(req.request_id, None)
+        self.store.mark_finished(req)
+        self.on_done(req)
+
+    def disconnected(self, owned: dict[bytes, LiveRequest], now: float) -> None:
+        for req in list(owned.values()):
+            req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
+            self._done(req, owned)
+
+
+async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
+    """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced)."""
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        owned: dict[bytes, LiveRequest] = {}
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    break
+                except asyncio.LimitOverrunError:
+                    writer.write(b'{"ok": false, "error": "line too long"}\n')
+                    break
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    reply: dict[str, Any] = {"ok": False, "error": "not valid JSON"}
+                else:
+                    reply = api.handle(msg, owned, time.monotonic())
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            api.disconnected(owned, time.monotonic())
+            writer.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        path.unlink()
+    server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
+    os.chmod(path, 0o660)
+    return server

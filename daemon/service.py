@@ -1,0 +1,435 @@
+"""``tokenwire daemon``: the edge service that terminates QUIC from chat clients and streams LLM tokens.
+
+One asyncio (uvloop) process. Per connection a :class:`DaemonProtocol` drives a sans-I/O
+:class:`~tokenwire.transport.session.ServerSession`; per answer a :class:`LiveRequest` in the
+:class:`TranscriptStore` is fed by an upstream task and streamed to every connection attached to it. So an
+answer survives its connection: a client that reconnects with the request id and the index it holds gets
+the rest (resumption), and an application's ingested answer can be attached to by id.
+
+Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens and limits
+(a bad file is refused and the running configuration kept); SIGTERM/SIGINT drain: new requests are refused
+with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout_s``, then connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio import serve as quic_serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic import events as qe
+from aioquic.quic.connection import QuicConnection
+
+from tokenwire.transport.chatterbox import SenderStats
+from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.frames import Request
+from tokenwire.transport.quic_io import SessionProtocol, tune_socket
+from tokenwire.transport.server import ChatRequest
+from tokenwire.transport.session import (
+    ClientReport,
+    ConnectionEnded,
+    RequestCancelled,
+    RequestCompleted,
+    RequestReceived,
+    ServerSession,
+    SessionEvent,
+)
+from tokenwire.transport.tls import make_self_signed, server_configuration
+
+from .config import Config, ConfigError, load_config
+from .ingest import IngestAPI, serve_ingest
+from .sd_notify import Notifier
+from .telemetry import Metrics, serve_metrics
+from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
+from .upstreams import Upstream, build_upstreams
+
+log = logging.getLogger("tokenwire.daemon")
+
+
+class DaemonProtocol(SessionProtocol):
+    """One client connection."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, daemon: Daemon) -> None:
+        limits = daemon.config.limits
+        super().__init__(
+            quic,
+            stream_handler,
+            session_factory=lambda q: ServerSession(
+                q,
+                max_requests=limits.max_requests_per_connection,
+                max_redundant_tokens=limits.max_redundant_tokens,
+                max_request_bytes=limits.max_request_bytes,
+            ),
+        )
+        self.daemon = daemon
+        self.principal: str | None = None
+        self.authorized = not daemon.config.auth.required
+        self.attached: dict[int, LiveRequest] = {}
+        self.over_limit = len(daemon.protocols) >= limits.max_sessions
+        self.ended = False
+        self._reported = SenderStats()
+        self._reported_acks = 0
+        daemon.protocols.add(self)
+        daemon.metrics.sessions.inc()
+        daemon.metrics.sessions_total.inc()
+
+    @property
+    def server_session(self) -> ServerSession:
+        assert isinstance(self.session, ServerSession)
+        return self.session
+
+    @property
+    def peer(self) -> str:
+        paths = self._quic._network_paths
+        return f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+
+    def quic_event_received(self, event: qe.QuicEvent) -> None:
+        super().quic_event_received(event)
+        if isinstance(event, qe.HandshakeCompleted) and self.over_limit:
+            log.warning("refusing connection from %s: %d sessions open", self.peer, len(self.daemon.protocols))
+            self.daemon.metrics.errors.labels(code=hex(ErrorCode.LIMIT_EXCEEDED)).inc()
+            self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        d = self.daemon
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                d.on_request(self, ev.stream_id, ev.request)
+            elif isinstance(ev, RequestCompleted):
+                d.detach(self, ev.stream_id, cancel=False)
+            elif isinstance(ev, RequestCancelled):
+                d.detach(self, ev.stream_id, cancel=not ev.lost)
+            elif isinstance(ev, ClientReport):
+                d.on_report(ev.report)
+            elif isinstance(ev, ConnectionEnded):
+                d.on_connection_end(self, ev)
+        self.transmit()
+
+    def flush_counters(self) -> None:
+        """Add this connection's packet counters since the last flush to the Prometheus counters."""
+        now = self.server_session.totals()
+        m = self.daemon.metrics
+        prev = self._reported
+        m.packets.inc(max(0, now.packets - prev.packets))
+        m.redundant_bytes.inc(max(0, now.redundant_bytes - prev.redundant_bytes))
+        m.repairs.inc(max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks))
+        acks = self.server_session.acks_received
+        m.acks.inc(max(0, acks - self._reported_acks))
+        self._reported, self._reported_acks = now, acks
+
+
+class Daemon:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = TranscriptStore(
+            max_bytes=int(config.limits.transcript_memory_mb * (1 << 20)), retain_s=config.limits.transcript_retain_s
+        )
+        self.upstreams: dict[str, Upstream] = build_upstreams(config)
+        self.protocols: set[DaemonProtocol] = set()
+        self.tasks: dict[bytes, asyncio.Task[None]] = {}
+        self.notifier = notifier or Notifier()
+        self.draining = False
+        self.addresses: list[tuple[str, int]] = []
+        self.metrics_address: tuple[str, int] | None = None
+        self._servers: list[QuicServer] = []
+        self._metrics_runner: Any = None
+        self._ingest: asyncio.Server | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.server.certificate is None:
+            log.warning("no server.certificate configured: using an ephemeral self-signed certificate")
+            pair = make_self_signed(("localhost", *{h for h, _ in cfg.server.listen if h not in ("::", "0.0.0.0")}))
+            quic_config = server_configuration(
+                cert=pair, congestion=cfg.server.congestion, idle_timeout=cfg.server.idle_timeout_s
+            )
+        else:
+            quic_config = server_configuration(
+                certfile=cfg.server.certificate,
+                keyfile=cfg.server.private_key,
+                congestion=cfg.server.congestion,
+                idle_timeout=cfg.server.idle_timeout_s,
+            )
+        factory = functools.partial(DaemonProtocol, daemon=self)
+        for host, port in cfg.server.listen:
+            server = await quic_serve(host, port, configuration=quic_config, create_protocol=factory)
+            tune_socket(server._transport)
+            self._servers.append(server)
+            sockname = server._transport.get_extra_info("sockname")
+            self.addresses.append((sockname[0], sockname[1]))
+        if cfg.metrics.listen is not None:
+            host, port = cfg.metrics.listen
+            self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
+            site = next(iter(self._metrics_runner.sites))
+            self.metrics_address = site._server.sockets[0].getsockname()[:2]
+        if cfg.ingest.socket is not None:
+            api = IngestAPI(
+                self.store,
+                max_tokens=lambda: self.config.limits.max_tokens,
+                on_open=lambda r: self.metrics.requests_active.inc(),
+                on_done=lambda r: self.metrics.requests_active.dec(),
+            )
+            self._ingest = await serve_ingest(cfg.ingest.socket, api)
+        self._housekeeping = asyncio.ensure_future(self._housekeep())
+        status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
+        if self.metrics_address:
+            status += f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+        log.info("%s", status)
+        self.notifier.ready(status)
+
+    def status_line(self) -> str:
+        return (
+            f"{len(self.protocols)} sessions, {self.store.live_count} answers running, "
+            f"{self.store.finished_count} retained"
+        )
+
+    async def _housekeep(self) -> None:
+        interval = 1.0
+        if self.notifier.watchdog_s:
+            interval = min(interval, self.notifier.watchdog_s / 3)
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            self.metrics.evicted.inc(self.store.evict(now))
+            self.metrics.transcript_bytes.set(self.store.memory_bytes)
+            for proto in list(self.protocols):
+                proto.flush_counters()
+            self.notifier.watchdog()
+            if now - last_status >= 10:
+                self.notifier.status(self.status_line())
+                last_status = now
+
+    def reload(self) -> bool:
+        """SIGHUP: apply new auth tokens and limits from the same file; a bad file changes nothing."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.ready(f"reload refused: {exc}")
+            return False
+        ignored = [
+            k
+            for k in ("server", "metrics", "ingest", "upstreams", "routes")
+            if getattr(new, k) != getattr(self.config, k)
+        ]
+        if ignored:
+            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
+        self.config = dataclasses.replace(self.config, auth=new.auth, limits=new.limits, logging=new.logging)
+        self.store.max_bytes = int(new.limits.transcript_memory_mb * (1 << 20))
+        self.store.retain_s = new.limits.transcript_retain_s
+        logging.getLogger().setLevel(new.logging.level.upper())
+        log.info("reloaded: %d auth tokens, limits %s", len(new.auth.tokens), new.limits)
+        self.notifier.ready("reloaded; " + self.status_line())
+        return True
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new requests, let running answers finish (bounded), then close everything."""
+        if self.draining:
+            return
+        self.draining = True
+        deadline = time.monotonic() + self.config.limits.drain_timeout_s
+        self.notifier.stopping(f"draining {sum(len(p.attached) for p in self.protocols)} answers")
+        log.info("draining: no new requests; waiting up to %.0f s", self.config.limits.drain_timeout_s)
+        # first let every attached answer finish generating, then give clients a short grace for the tail
+        # (a client that vanished without closing must not hold the shutdown for the whole deadline)
+        while time.monotonic() < deadline and any(not r.done for p in self.protocols for r in p.attached.values()):
+            await asyncio.sleep(0.05)
+        tail_deadline = min(deadline, time.monotonic() + 2.0)
+        while time.monotonic() < tail_deadline and any(p.attached for p in self.protocols):
+            await asyncio.sleep(0.05)
+        left = sum(len(p.attached) for p in self.protocols)
+        if left:
+            log.warning("drain deadline reached with %d answers still streaming", left)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for proto in list(self.protocols):
+            with contextlib.suppress(Exception):
+                proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for server in self._servers:
+            server.close()
+        if self._ingest is not None:
+            self._ingest.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        for up in self.upstreams.values():
+            await up.close()
+        self.notifier.close()
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+        await self._stopped.wait()
+        log.info("stopped")
+
+    # ----------------------------------------------------------------------------------------- requests
+    def _reject(self, proto: DaemonProtocol, sid: int, code: ErrorCode, message: str) -> None:
+        self.metrics.errors.labels(code=hex(code)).inc()
+        proto.server_session.reject(sid, code, message)
+
+    def on_request(self, proto: DaemonProtocol, sid: int, request: Request) -> None:
+        sess = proto.server_session
+        if not proto.authorized:
+            principal = self.config.auth.principal(request.auth)
+            if principal is None:
+                log.warning("unauthorized client %s: missing or invalid token; closing", proto.peer)
+                self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
+                sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+                return
+            proto.authorized, proto.principal = True, principal
+        if self.draining:
+            self._reject(proto, sid, ErrorCode.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
+            return
+        now = time.monotonic()
+        first = 0
+        if request.resume_id is not None:
+            live = self.store.get(request.resume_id)
+            if live is None or live.principal != proto.principal:
+                self._reject(proto, sid, ErrorCode.NOT_FOUND, "unknown or expired request id")
+                return
+            first = request.resume_from or 0
+            if first > len(live.transcript):
+                self._reject(proto, sid, ErrorCode.BAD_REQUEST, f"resume index {first} is past the answer's end")
+                return
+            self.metrics.resumes.inc()
+        else:
+            try:
+                route = self.config.route(request.model)
+            except LookupError as exc:
+                self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
+                return
+            limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
+            live = self.store.create(proto.principal, limit, now, model=request.model)
+            chat = ChatRequest(
+                messages=request.messages or [],
+                model=request.model,
+                max_tokens=request.max_tokens,
+                params=dict(request.params or {}),
+                scheme=request.scheme,
+                request_id=live.request_id,
+                peer=proto.peer,
+            )
+            self.tasks[live.request_id] = asyncio.ensure_future(self._feed(live, self.upstreams[route.name], chat))
+        sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
+        self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
+        self._attach(proto, sid, live)
+
+    def _attach(self, proto: DaemonProtocol, sid: int, live: LiveRequest) -> None:
+        proto.attached[sid] = live
+        key = (proto, sid)
+
+        def notify() -> None:
+            if live.error is not None:
+                code, message = live.error
+                self.metrics.errors.labels(code=hex(code)).inc()
+                live.listeners.pop(key, None)
+                proto.attached.pop(sid, None)
+                proto.server_session.fail(sid, code, message)
+            else:
+                proto.server_session.notify(sid)
+            proto.transmit()
+
+        live.listeners[key] = notify
+        if live.error is not None:
+            notify()
+
+    def detach(self, proto: DaemonProtocol, sid: int, *, cancel: bool) -> None:
+        live = proto.attached.pop(sid, None)
+        if live is None:
+            return
+        live.listeners.pop((proto, sid), None)
+        if cancel and not live.done and not live.listeners:
+            task = self.tasks.get(live.request_id)
+            if task is not None:
+                task.cancel()  # the client abandoned it and nobody else streams it
+
+    def on_report(self, report: Any) -> None:
+        if report.stall_ratio is not None:
+            self.metrics.client_stall.observe(report.stall_ratio)
+        if report.longest_stall_ms is not None and report.longest_stall_ms > 200:
+            self.metrics.client_stalls_long.inc()
+        if report.ttft_ms is not None:
+            self.metrics.client_ttft.observe(report.ttft_ms / 1000.0)
+
+    def on_connection_end(self, proto: DaemonProtocol, ev: ConnectionEnded) -> None:
+        if proto.ended:
+            return
+        proto.ended = True
+        if not ev.by_peer and ev.error_code not in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
+            log.warning("closed connection from %s: %s (code %#x)", proto.peer, ev.reason, ev.error_code)
+            self.metrics.errors.labels(code=hex(ev.error_code)).inc()
+        for sid in list(proto.attached):
+            self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
+        proto.flush_counters()
+        self.protocols.discard(proto)
+        self.metrics.sessions.dec()
+
+    async def _feed(self, live: LiveRequest, upstream: Upstream, chat: ChatRequest) -> None:
+        self.metrics.requests_active.inc()
+
+        def emit(text: str) -> None:
+            before = len(live.transcript)
+            try:
+                live.push(text, time.monotonic())
+            finally:
+                self.metrics.tokens.inc(len(live.transcript) - before)
+
+        try:
+            reason = await upstream.generate(chat, emit)
+            live.finish(reason, time.monotonic())
+        except GenerationLimit:
+            live.finish("length", time.monotonic())
+        except asyncio.CancelledError:
+            live.finish("cancelled", time.monotonic())
+        except RequestError as exc:
+            live.fail(exc.code, str(exc), time.monotonic())
+        except Exception:
+            log.exception("upstream %s failed", upstream.name)
+            live.fail(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.name!r} failed", time.monotonic())
+        finally:
+            self.metrics.requests_active.dec()
+            self.store.mark_finished(live)
+            self.tasks.pop(live.request_id, None)
+
+
+def run_daemon(config: Config, *, on_started: Callable[[Daemon], None] | None = None) -> None:
+    """Blocking entry point of ``tokenwire daemon`` (uvloop)."""
+    import uvloop
+
+    async def main() -> None:
+        daemon = Daemon(config)
+        if on_started is not None:
+            orig = daemon.start
+
+            async def start() -> None:
+                await orig()
+                on_started(daemon)
+
+            daemon.start = start  # type: ignore[method-assign]
+        await daemon.run()
+
+    uvloop.run(main())

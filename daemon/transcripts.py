@@ -1,0 +1,138 @@
+"""Answers the daemon is producing or has produced, shared by every connection that streams them.
+
+A request's answer outlives the connection that asked for it: when a client's connection dies, the
+upstream keeps generating into the transcript, and the client reconnects with the request id and the index
+it holds to receive the rest (resumption). Finished answers are kept for ``retain_s`` seconds, within a
+memory bound, oldest evicted first; answers still being generated are never evicted.
+
+Sans-I/O: no event loop here. Listeners are plain callbacks the service registers; ``now`` is explicit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from tokenwire.transport.frames import REQUEST_ID_BYTES
+from tokenwire.transport.transcript import Transcript, split_piece
+
+TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
+
+
+class GenerationLimit(Exception):
+    """Raised by :meth:`LiveRequest.push` when the answer reached its token limit."""
+
+
+@dataclass
+class LiveRequest:
+    request_id: bytes
+    principal: str | None
+    max_tokens: int
+    created: float
+    transcript: Transcript = field(default_factory=Transcript)
+    finished_at: float | None = None
+    error: tuple[int, str] | None = None
+    listeners: dict[Hashable, Callable[[], None]] = field(default_factory=dict)
+    model: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def memory_bytes(self) -> int:
+        tr = self.transcript
+        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + 256
+
+    def _notify(self) -> None:
+        for callback in list(self.listeners.values()):
+            callback()
+
+    def push(self, piece: str | bytes, now: float) -> None:
+        """Append generated text; raises GenerationLimit once ``max_tokens`` is reached."""
+        if self.done:
+            return
+        data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        if data:
+            for tok in split_piece(data):
+                self.transcript.append(tok, now)
+            self._notify()
+        if len(self.transcript) >= self.max_tokens:
+            raise GenerationLimit
+
+    def finish(self, reason: str, now: float) -> None:
+        if self.done:
+            return
+        self.transcript.finish(reason)
+        self.finished_at = now
+        self._notify()
+
+    def fail(self, code: int, message: str, now: float) -> None:
+        """The upstream failed: every listener (and every later resume) gets this typed error."""
+        if self.done:
+            return
+        self.error = (code, message)
+        self.finished_at = now
+        self._notify()
+
+
+class TranscriptStore:
+    """Live and finished answers by request id, with a memory bound and a retention time."""
+
+    def __init__(self, *, max_bytes: int, retain_s: float) -> None:
+        self.max_bytes = max_bytes
+        self.retain_s = retain_s
+        self._live: dict[bytes, LiveRequest] = {}
+        self._finished: OrderedDict[bytes, LiveRequest] = OrderedDict()  # in finishing order
+        self.evicted = 0
+
+    def create(self, principal: str | None, max_tokens: int, now: float, model: str | None = None) -> LiveRequest:
+        rid = os.urandom(REQUEST_ID_BYTES)
+        req = LiveRequest(rid, principal, max_tokens, now, model=model)
+        self._live[rid] = req
+        return req
+
+    def get(self, request_id: bytes) -> LiveRequest | None:
+        return self._live.get(request_id) or self._finished.get(request_id)
+
+    def mark_finished(self, req: LiveRequest) -> None:
+        """Move a finished (or failed) answer to the retention queue."""
+        if self._live.pop(req.request_id, None) is not None:
+            self._finished[req.request_id] = req
+
+    def discard(self, req: LiveRequest) -> None:
+        self._live.pop(req.request_id, None)
+        self._finished.pop(req.request_id, None)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self._live.values()) + sum(r.memory_bytes for r in self._finished.values())
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    @property
+    def finished_count(self) -> int:
+        return len(self._finished)
+
+    def evict(self, now: float) -> int:
+        """Drop expired finished answers, then the oldest ones while over the memory bound."""
+        dropped = 0
+        for rid, req in list(self._finished.items()):
+            if req.finished_at is not None and now - req.finished_at >= self.retain_s and not req.listeners:
+                del self._finished[rid]
+                dropped += 1
+        total = self.memory_bytes
+        for rid, req in list(self._finished.items()):
+            if total <= self.max_bytes:
+                break
+            if req.listeners:
+                continue  # someone is still streaming it
+            del self._finished[rid]
+            total -= req.memory_bytes
+            dropped += 1
+        self.evicted += dropped
+        return dropped

@@ -1,0 +1,98 @@
+"""Where tokens come from: the upstreams a route can name.
+
+An upstream implements ``generate(request, emit)``: it calls ``emit(text)`` for every piece of the answer
+as it arrives and returns the finish reason. Failures are typed: ``RequestError`` with
+``UPSTREAM_ERROR`` or ``UPSTREAM_TIMEOUT`` (the message says what went wrong without leaking internals).
+
+* ``demo``: the built-in source (no LLM needed);
+* ``openai``: any OpenAI-compatible chat-completions server, read as server-sent events
+  (:mod:`tokenwire.daemon.upstream_openai`);
+* ``ingest``: answers pushed by a local application over the Unix-socket API
+  (:mod:`tokenwire.daemon.ingest`); clients attach to them by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.server import ChatRequest
+
+from .config import Config, UpstreamConfig
+from .demo_upstream import answer_tokens, schedule
+
+Emit = Callable[[str], None]
+
+
+class Upstream(Protocol):
+    name: str
+
+    async def generate(self, request: ChatRequest, emit: Emit) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class DemoUpstream:
+    """The recorded-style demo answer at a realistic rate. A request may ask for ``params.rate``."""
+
+    def __init__(self, name: str, rate: float = 30.0, first_token_ms: float = 150.0, max_tokens: int = 2000) -> None:
+        self.name = name
+        self.rate = rate
+        self.first_token_s = first_token_ms / 1000.0
+        self.max_tokens = max_tokens
+
+    async def generate(self, request: ChatRequest, emit: Emit) -> str:
+        rate = request.params.get("rate", self.rate)
+        if type(rate) not in (int, float) or not 0.1 <= rate <= 10_000:
+            raise RequestError("params.rate must be a number in [0.1, 10000]", code=ErrorCode.BAD_REQUEST)
+        seed = request.params.get("seed", 0)
+        n = min(self.max_tokens, request.max_tokens or self.max_tokens)
+        tokens = answer_tokens(n)
+        seed = seed if type(seed) is int else 0
+        offsets = schedule(len(tokens), rate=float(rate), seed=seed, first_token_s=self.first_token_s)
+        start = time.monotonic()
+        for tok, at in zip(tokens, offsets, strict=True):
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            emit(tok)
+        return "length" if request.max_tokens is not None and n >= request.max_tokens else "stop"
+
+    async def close(self) -> None:
+        pass
+
+
+class IngestUpstream:
+    """Answers of this route are opened by a local application through the ingest socket, not by clients."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def generate(self, request: ChatRequest, emit: Emit) -> str:
+        raise RequestError(
+            f"model {request.model!r} is served by an application through the ingest API: "
+            "attach to its answer with the request id it gave you",
+            code=ErrorCode.BAD_REQUEST,
+        )
+
+    async def close(self) -> None:
+        pass
+
+
+def build_upstream(cfg: UpstreamConfig) -> Upstream:
+    if cfg.type == "demo":
+        return DemoUpstream(cfg.name, **cfg.options)
+    if cfg.type == "openai":
+        from .upstream_openai import OpenAIUpstream
+
+        return OpenAIUpstream(cfg.name, **cfg.options)
+    if cfg.type == "ingest":
+        return IngestUpstream(cfg.name)
+    raise ValueError(f"unknown upstream type {cfg.type!r}")
+
+
+def build_upstreams(config: Config) -> dict[str, Upstream]:
+    return {u.name: build_upstream(u) for u in config.upstreams}

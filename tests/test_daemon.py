@@ -1,0 +1,354 @@
+"""The real daemon as a subprocess: concurrency, resumption, signals, notify, hostile peers, metrics, ingest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.request
+
+import pytest
+
+from tokenwire.daemon.config import hash_token
+from tokenwire.daemon.demo_upstream import answer_tokens
+from tokenwire.transport.client import connect
+from tokenwire.transport.errors import ErrorCode, RemoteError
+from tokenwire.transport.frames import Request, encode_stream_frame
+
+from .daemon_proc import DaemonProcess
+from .test_loopback import hostile, run
+
+
+def expected(n: int) -> str:
+    return "".join(answer_tokens(n))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProcess(
+        tmp_path_factory.mktemp("daemon"),
+        f"""
+        [auth]
+        tokens = [{{ name = "alice", sha256 = "{hash_token("alice-token")}" }},
+                  {{ name = "bob", sha256 = "{hash_token("bob-token")}" }}]
+        [limits]
+        max_request_bytes = 4096
+        [ingest]
+        socket = "ingest.sock"
+        """,
+    )
+    yield d
+    assert d.stop() == 0
+
+
+def metrics(d: DaemonProcess) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_many_concurrent_clients_get_their_full_answers(daemon):
+    async def one(k: int):
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            streams = [
+                conn.chat(f"q{k}", max_tokens=60 + 10 * j, scheme=s)
+                for j, s in enumerate(["chatterbox", "stream", "duplicate"])
+            ]
+            texts = await asyncio.gather(*(s.collect() for s in streams))
+            return [(t, s.stats) for t, s in zip(texts, streams, strict=True)]
+
+    async def all_clients():
+        return await asyncio.gather(*(one(k) for k in range(12)))
+
+    results = run(all_clients())
+    for per_conn in results:
+        for j, (text, stats) in enumerate(per_conn):
+            assert text == expected(60 + 10 * j)
+            assert stats.digest_verified
+    m = metrics(daemon)
+    assert metric_value(m, "tokenwire_requests_total") >= 36
+    assert metric_value(m, "tokenwire_tokens_total") >= 12 * (60 + 70 + 80)
+    assert metric_value(m, "tokenwire_client_stall_ratio_count") >= 36  # client reports arrive
+
+
+CLIENT_SCRIPT = """
+import asyncio, sys, json
+from tokenwire.transport.client import connect
+async def main():
+    async with connect("127.0.0.1", int(sys.argv[1]), cafile=sys.argv[2], server_name="localhost",
+                       auth_token="alice-token") as conn:
+        stream = conn.chat("tell me", max_tokens=400, params={"rate": 60})
+        async for _ in stream:
+            if len(stream.tokens) >= 40:
+                rid, toks = stream.resume_point()
+                print(json.dumps({"id": rid.hex(), "tokens": [t.hex() for t in toks]}), flush=True)
+                await asyncio.sleep(3600)  # wait to be killed mid-answer
+asyncio.run(main())
+"""
+
+
+def test_client_killed_mid_answer_resumes_with_the_exact_text(daemon):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_SCRIPT, str(daemon.port), str(daemon.cert)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        state = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()  # SIGKILL: no QUIC close, the server just stops hearing from it
+        proc.wait()
+    rid = bytes.fromhex(state["id"])
+    held = [bytes.fromhex(t) for t in state["tokens"]]
+    assert len(held) >= 40
+
+    async def resume():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            stream = conn.chat("tell me", resume=(rid, held))
+            new = "".join([d async for d in stream])
+            return new, stream
+
+    new, stream = run(resume())
+    full = expected(400)
+    assert stream.text == full
+    prefix_text = b"".join(held).decode("utf-8", errors="ignore")
+    assert prefix_text + new == full  # nothing lost, nothing repeated to the application
+    assert stream.stats.digest_verified and stream.stats.tokens == 400
+
+    async def other_principal():
+        async with connect("127.0.0.1", daemon.port, auth_token="bob-token", **daemon.client_kwargs()) as conn:
+            with pytest.raises(RemoteError) as info:
+                await conn.chat("x", resume=(rid, held)).collect()
+            return info.value
+
+    assert run(other_principal()).code == ErrorCode.NOT_FOUND  # ids are bound to their principal
+
+
+def test_bad_input_gets_typed_errors_while_others_stream(daemon):
+    async def go():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            good = conn.chat("long one", max_tokens=300, params={"rate": 200})
+            task = asyncio.ensure_future(good.collect())
+            codes = {}
+            # raw garbage UDP at the port: not QUIC, silently dropped
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for n in (1, 50, 1200):
+                sock.sendto(b"\xff" * n, ("127.0.0.1", daemon.port))
+            sock.close()
+
+            def with_token(frame_bytes):
+                return lambda p: _send(p, frame_bytes)
+
+            auth = Request(messages=[{"role": "user", "content": "x"}], auth="alice-token")
+            attacks = {
+                "malformed": with_token(b"\x00\x00\x00\x03\xc1\xc1\xc1"),
+                "version": with_token(
+                    encode_stream_frame(
+                        Request(messages=[{"role": "user", "content": "x"}], auth="alice-token", version=7)
+                    )
+                ),
+                "oversized": with_token(
+                    encode_stream_frame(Request(messages=[{"role": "user", "content": "y" * 8000}], auth="alice-token"))
+                ),
+                "bad token": with_token(
+                    encode_stream_frame(Request(messages=[{"role": "user", "content": "x"}], auth="wrong"))
+                ),
+                "garbage datagram": lambda p: (
+                    _send(p, encode_stream_frame(auth)),
+                    p._quic.send_datagram_frame(b"\x93\x01\x02"),
+                ),
+            }
+            for name, action in attacks.items():
+                close = await hostile(daemon.port, action, **daemon.client_kwargs())
+                codes[name] = close.error_code
+            text = await task
+            return codes, text, good.stats
+
+    codes, text, stats = run(go())
+    assert codes == {
+        "malformed": ErrorCode.MALFORMED_FRAME,
+        "version": ErrorCode.UNSUPPORTED_VERSION,
+        "oversized": ErrorCode.FRAME_TOO_LARGE,
+        "bad token": ErrorCode.UNAUTHORIZED,
+        "garbage datagram": ErrorCode.MALFORMED_FRAME,
+    }
+    assert text == expected(300) and stats.digest_verified
+    m = metrics(daemon)
+    assert metric_value(m, 'tokenwire_errors_total{code="0x105"}') >= 1  # unauthorized, counted
+    assert metric_value(m, 'tokenwire_errors_total{code="0x101"}') >= 1
+
+
+def _send(proto, data: bytes) -> None:
+    sid = proto._quic.get_next_available_stream_id()
+    proto._quic.send_stream_data(sid, data)
+
+
+def test_unknown_resume_id_is_not_found(daemon):
+    async def go():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            with pytest.raises(RemoteError) as info:
+                await conn.chat("x", resume=(b"\x00" * 16, [])).collect()
+            return info.value
+
+    assert run(go()).code == ErrorCode.NOT_FOUND
+
+
+def test_ingest_application_pushes_and_client_attaches(daemon):
+    path = daemon.tmp / "ingest.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    f = s.makefile("rw")
+
+    def call(msg):
+        f.write(json.dumps(msg) + "\n")
+        f.flush()
+        return json.loads(f.readline())
+
+    opened = call({"op": "open", "principal": "alice"})
+    assert opened["ok"]
+    rid = bytes.fromhex(opened["id"])
+    assert call({"op": "push", "id": opened["id"], "text": "Hello from "}) == {"ok": True, "tokens": 1}
+    assert not call({"op": "push", "id": "00" * 16, "text": "x"})["ok"]
+    assert not call({"op": "teleport"})["ok"]
+
+    async def attach():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            stream = conn.attach(rid)
+            first = await stream.__anext__()  # what was pushed before the client arrived
+            call({"op": "push", "id": opened["id"], "text": "an application."})
+            call({"op": "finish", "id": opened["id"]})
+            rest = "".join([d async for d in stream])
+            return first + rest, stream.stats
+
+    text, stats = run(attach())
+    s.close()
+    assert text == "Hello from an application." and stats.digest_verified
+
+
+def test_metrics_endpoint_exposes_counters(daemon):
+    m = metrics(daemon)
+    for name in (
+        "tokenwire_sessions_open",
+        "tokenwire_requests_total",
+        "tokenwire_tokens_total",
+        "tokenwire_token_packets_total",
+        "tokenwire_redundant_bytes_total",
+        "tokenwire_acks_total",
+        "tokenwire_client_stall_ratio_bucket",
+        "tokenwire_errors_total",
+        "tokenwire_transcript_bytes",
+    ):
+        assert name in m, name
+    assert metric_value(m, "tokenwire_acks_total") > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/healthz", timeout=5) as r:
+        assert r.status == 200
+
+
+# --------------------------------------------------------------------------------------------------- signals
+def test_sighup_reloads_tokens_without_dropping_sessions(tmp_path):
+    old = f'[auth]\ntokens = [{{ name = "a", sha256 = "{hash_token("old")}" }}]\n'
+    new = f'[auth]\ntokens = [{{ name = "a", sha256 = "{hash_token("new")}" }}]\n'
+    d = DaemonProcess(tmp_path, old)
+    try:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, auth_token="old", **d.client_kwargs()) as conn:
+                stream = conn.chat("long", max_tokens=200, params={"rate": 100})
+                task = asyncio.ensure_future(stream.collect())
+                await asyncio.sleep(0.3)
+                d.write_config(new)
+                d.signal(signal.SIGHUP)
+                await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "READY")
+                # a broken file is refused and changes nothing
+                d.config_path.write_text("[limits]\nmax_tokens = -1\n")
+                d.signal(signal.SIGHUP)
+                refused = await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "READY")
+                text = await task  # the session that started before the reload finished normally
+            async with connect("127.0.0.1", d.port, auth_token="new", **d.client_kwargs()) as conn:
+                ok = await conn.chat("x", max_tokens=5).collect()
+            async with connect("127.0.0.1", d.port, auth_token="old", **d.client_kwargs()) as conn:
+                with pytest.raises(RemoteError) as info:
+                    await conn.chat("x", max_tokens=5).collect()
+            return text, ok, info.value, refused
+
+        text, ok, err, refused = run(go())
+        assert text == expected(200)
+        assert ok == expected(5)
+        assert err.code == ErrorCode.UNAUTHORIZED
+        assert "refused" in refused.get("STATUS", "") and "max_tokens" in refused["STATUS"]
+        assert any("RELOADING" in m for m in d.messages)
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_drains_and_notifies_stopping(tmp_path):
+    d = DaemonProcess(tmp_path, "[limits]\ndrain_timeout_s = 20\n")
+    try:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
+                running = conn.chat("long", max_tokens=150, params={"rate": 100})
+                task = asyncio.ensure_future(running.collect())
+                await asyncio.sleep(0.3)
+                d.signal(signal.SIGTERM)
+                await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "STOPPING")
+                with pytest.raises(RemoteError) as info:
+                    await conn.chat("too late", max_tokens=5).collect()
+                return await task, info.value
+
+        text, late = run(go())
+        assert text == expected(150)  # the running answer finished during the drain
+        assert late.code == ErrorCode.SHUTTING_DOWN
+        assert d.proc.wait(20) == 0
+        keys = [k for m in d.messages for k in m]
+        assert keys.index("READY") < keys.index("STOPPING")
+        assert "WATCHDOG" in keys or d.proc.returncode == 0
+    finally:
+        d.stop()
+
+
+def test_connection_limit(tmp_path):
+    d = DaemonProcess(tmp_path, "[limits]\nmax_sessions = 1\n")
+    try:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as first:
+                a = await first.chat("x", max_tokens=5).collect()
+                async with connect("127.0.0.1", d.port, **d.client_kwargs()) as second:
+                    with pytest.raises(RemoteError) as info:
+                        await second.chat("x", max_tokens=5).collect()
+            return a, info.value
+
+        a, err = run(go())
+        assert a == expected(5) and err.code == ErrorCode.LIMIT_EXCEEDED
+    finally:
+        d.stop()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        textwrap.dedent("""
+        [limits]
+        max_sesions = 5
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "limits.max_sesions: unknown key (did you mean 'max_sessions'?)" in out.stderr

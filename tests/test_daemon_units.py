@@ -1,0 +1,172 @@
+"""Daemon building blocks without a process: config validation, transcript store, ingest API, sd_notify."""
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tokenwire.daemon.config import ConfigError, hash_token, load_config, parse_config
+from tokenwire.daemon.ingest import IngestAPI
+from tokenwire.daemon.sd_notify import Notifier
+from tokenwire.daemon.transcripts import GenerationLimit, TranscriptStore
+from tokenwire.transport.errors import ErrorCode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_work_without_a_file():
+    cfg = parse_config({})
+    assert cfg.server.listen == (("::", 4433),)
+    assert cfg.route("anything").type == "demo"
+    assert not cfg.auth.required
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"limits": {"max_sessions": 0}}, "limits.max_sessions: expected an integer in [1, 1000000]"),
+        ({"limits": {"max_sesions": 3}}, "did you mean 'max_sessions'"),
+        ({"server": {"listen": ["nowhere"]}}, "server.listen: expected 'host:port'"),
+        ({"server": {"listen": ["example.com:443"]}}, "is not an IP address"),
+        ({"server": {"certificate": "/nonexistent.pem", "private_key": "/x"}}, "does not exist"),
+        ({"auth": {"tokens": [{"name": "a", "sha256": "secret-in-clear"}]}}, "never the token itself"),
+        ({"upstreams": [{"name": "x", "type": "gpt"}]}, "upstreams[0].type: expected one of"),
+        ({"upstreams": [{"name": "x", "type": "openai", "base_url": "ftp://x"}]}, "base_url"),
+        ({"upstreams": [{"name": "x", "type": "demo", "rate": -1}]}, "upstreams[0].rate"),
+        ({"routes": [{"model": "*", "upstream": "nope"}]}, "routes[0].upstream: 'nope' is not a defined upstream"),
+        ({"logging": {"format": "xml"}}, "logging.format: expected one of text, json"),
+        ({"colour": "blue"}, "colour: unknown key"),
+    ],
+)
+def test_errors_name_the_bad_key(doc, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert message in str(info.value)
+
+
+def test_file_errors(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text("[limits\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_example_config_validates_and_routes():
+    cfg = load_config(ROOT / "systemd" / "tokenwire.toml.example")
+    assert cfg.route(None).name == "demo"
+
+
+def test_tokens_are_checked_by_hash():
+    cfg = parse_config({"auth": {"tokens": [{"name": "alice", "sha256": hash_token("s3cret")}]}})
+    assert cfg.auth.required
+    assert cfg.auth.principal("s3cret") == "alice"
+    assert cfg.auth.principal("S3cret") is None and cfg.auth.principal(None) is None
+
+
+def test_routes_first_match_wins():
+    cfg = parse_config({
+        "upstreams": [{"name": "a", "type": "demo"}, {"name": "b", "type": "demo"}],
+        "routes": [{"model": "llama*", "upstream": "b"}, {"model": "*", "upstream": "a"}],
+    })
+    assert cfg.route("llama-3").name == "b" and cfg.route("gpt").name == "a" and cfg.route(None).name == "a"
+
+
+def test_transcript_store_evicts_expired_then_oldest_but_never_live_or_streamed():
+    store = TranscriptStore(max_bytes=10_000, retain_s=60)
+    live = store.create("a", 1000, now=0)
+    for _ in range(5):
+        live.push("x" * 10, now=0)
+    done = []
+    for k in range(4):
+        r = store.create("a", 1000, now=0)
+        for _ in range(20):
+            r.push("y" * 100, now=0)
+        r.finish("stop", now=k)
+        store.mark_finished(r)
+        done.append(r)
+    done[0].listeners["someone"] = lambda: None  # still streaming: kept despite age and size
+    assert store.memory_bytes > 10_000
+    store.evict(now=30)
+    assert store.memory_bytes <= 10_000 or store.finished_count == 1
+    assert store.get(done[0].request_id) is not None
+    assert store.get(live.request_id) is not None  # answers being generated are never evicted
+    done[0].listeners.clear()
+    store.evict(now=1000)
+    assert store.finished_count == 0 and store.get(live.request_id) is not None
+
+
+def test_generation_limit():
+    store = TranscriptStore(max_bytes=1 << 20, retain_s=1)
+    r = store.create(None, 3, now=0)
+    r.push("a", 0)
+    r.push("b", 0)
+    with pytest.raises(GenerationLimit):
+        r.push("c", 0)
+    assert len(r.transcript) == 3
+
+
+def test_ingest_api_messages():
+    store = TranscriptStore(max_bytes=1 << 20, retain_s=10)
+    api = IngestAPI(store, max_tokens=lambda: 5)
+    owned = {}
+    opened = api.handle({"op": "open", "principal": "app"}, owned, 0)
+    rid = opened["id"]
+    assert api.handle({"op": "push", "id": rid, "text": "hi"}, owned, 0) == {"ok": True, "tokens": 1}
+    assert api.handle({"op": "push", "id": rid}, owned, 0)["ok"] is False
+    assert api.handle({"op": "push", "id": "zz", "text": "x"}, owned, 0)["ok"] is False
+    assert api.handle({"op": "open", "max_tokens": 99}, owned, 0)["ok"] is False
+    assert api.handle([1, 2], owned, 0)["ok"] is False
+    for _ in range(4):
+        api.handle({"op": "push", "id": rid, "text": "x"}, owned, 0)
+    req = store.get(bytes.fromhex(rid))
+    assert req.done and req.transcript.reason == "length"  # the limit finished it
+    other = api.handle({"op": "open"}, owned, 0)["id"]
+    api.disconnected(owned, 1)
+    assert store.get(bytes.fromhex(other)).error[0] == ErrorCode.UPSTREAM_ERROR
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_speaks_to_a_real_socket(tmp_path, abstract):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"tokenwire-test-{id(sock)}"
+        sock.bind("\0" + name)
+        env = {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000"}
+    else:
+        sock.bind(str(tmp_path / "n.sock"))
+        env = {"NOTIFY_SOCKET": str(tmp_path / "n.sock")}
+    sock.settimeout(5)
+    n = Notifier(env)
+    assert n.enabled
+    assert n.ready("up") and n.watchdog() and n.stopping()
+    msgs = [sock.recv(1024).decode() for _ in range(3)]
+    assert msgs[0] == "READY=1\nSTATUS=up" and msgs[1] == "WATCHDOG=1" and msgs[2].startswith("STOPPING=1")
+    assert (n.watchdog_s == 4.0) == abstract
+    n.close()
+    sock.close()
+
+
+def test_sd_notify_is_a_no_op_outside_systemd():
+    n = Notifier({})
+    assert not n.enabled and not n.ready("x")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_unit_verifies(tmp_path):
+    import sys
+
+    tokenwire = Path(sys.executable).with_name("tokenwire")
+    unit = (ROOT / "systemd" / "tokenwire.service").read_text().replace("/usr/local/bin/tokenwire", str(tokenwire))
+    path = tmp_path / "tokenwire.service"
+    path.write_text(unit)
+    out = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in out.stderr.splitlines() if "tokenwire.service" in line]
+    assert out.returncode == 0 and not problems, out.stderr
+    for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=tokenwire", "NoNewPrivileges=yes",
+                "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "RestrictAddressFamilies=",
+                "CapabilityBoundingSet=\n", "ConfigurationDirectory=", "StateDirectory="):
+        assert key in unit, key

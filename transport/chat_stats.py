@@ -1,0 +1,75 @@
+"""Per-request statistics as the client sees them (used by the SDK and by the client's REPORT frame)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import metrics
+from .session_outcome import ChatOutcome, estimated_base_delay, outcome_timelines
+
+
+@dataclass
+class ChatStats:
+    """Per-request statistics, measured at the client (milliseconds where named ``_ms``)."""
+
+    scheme: str
+    tokens: int
+    digest_verified: bool
+    ttft_ms: float
+    stall_ratio: float
+    longest_stall_ms: float
+    p50_token_delay_ms: float
+    p99_token_delay_ms: float
+    p99_gap_ms: float
+    packets: int
+    duplicate_tokens: int
+    repairs_requested: int
+    finish_reason: str
+    request_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, stall ratio {self.stall_ratio:.3f} "
+            f"(longest {self.longest_stall_ms:.0f} ms), digest {'verified' if self.digest_verified else 'MISMATCH'}"
+        )
+
+
+def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
+    """Compute client-side statistics; the base delay is estimated as the smallest render-generation gap."""
+    tl = outcome_timelines(outcome)
+    nan = math.nan
+    if tl is not None:
+        gen, render = tl
+        d = estimated_base_delay(gen, render)
+        s = metrics.summarize(gen, render, base_delay=d, request_time=outcome.request_time)
+        stall, longest, p50, p99, gap = (
+            s.stall_ratio,
+            s.longest_stall_ms,
+            s.p50_token_delay_ms - d * 1000.0,
+            s.p99_token_delay_ms - d * 1000.0,
+            s.p99_gap_ms,
+        )
+    else:
+        stall = longest = p50 = p99 = gap = nan
+    ttft = (outcome.render_times[0] - outcome.request_time) * 1000.0 if outcome.render_times else nan
+    return ChatStats(
+        scheme=outcome.scheme,
+        tokens=outcome.total,
+        digest_verified=outcome.digest_ok,
+        ttft_ms=ttft,
+        stall_ratio=stall,
+        longest_stall_ms=longest,
+        p50_token_delay_ms=p50,
+        p99_token_delay_ms=p99,
+        p99_gap_ms=gap,
+        packets=outcome.packets,
+        duplicate_tokens=outcome.duplicate_tokens,
+        repairs_requested=outcome.repairs_requested,
+        finish_reason=outcome.finish_reason,
+        request_id=outcome.request_id.hex(),
+    )
