@@ -86,7 +86,7 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .netns import STATE_DIR, RunState, TestbedError, new_run_id, pid_alive
+    from .netns import STATE_DIR, RunState, TestbedError, new_run_id
     from .topology import Testbed
 
     cfg = emulator_config(args, log=args.log, pcap=args.pcap)
@@ -106,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise CLIError(f"testbed failed to start, see {logfile}")
             if os.path.exists(path):
                 st = RunState.load(path)
-                if st.emulator_pid and pid_alive(st.emulator_pid) and st.info.get("ready"):
+                if st.emulator_alive and st.info.get("ready"):
                     _print_up(st.info, args.json)
                     return 0
             time.sleep(0.05)
@@ -160,7 +160,7 @@ def _print_up(info: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .netns import RunState, check_root, destroy_run, list_runs, pid_alive, terminate_pids
+    from .netns import RunState, check_root, destroy_run, list_runs, terminate_pids
 
     try:
         check_root()
@@ -174,12 +174,12 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise CLIError(f"no testbed run {', '.join(sorted(unknown))} (see `tokenwire testbed status`)")
         runs = [r for r in runs if r.run_id in wanted]
     elif not args.all:
-        runs = [r for r in runs if not pid_alive(r.owner_pid)]  # crashed runs only
+        runs = [r for r in runs if not r.owner_alive]  # crashed runs only
     if not runs:
         print("nothing to clean up")
         return 0
     for st in runs:
-        if pid_alive(st.owner_pid) and st.owner_pid != os.getpid():
+        if st.owner_pid != os.getpid() and st.owner_alive:
             terminate_pids([st.owner_pid], timeout=10)  # a live owner tears its own run down
         st2 = RunState.load(st.path) if os.path.exists(st.path) else None
         removed = destroy_run(st2) if st2 is not None else []
@@ -188,13 +188,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .netns import list_runs, netns_exists, pid_alive
+    from .netns import list_runs, netns_exists
 
     out = []
     for st in list_runs():
         out.append({
             "run_id": st.run_id, "backend": st.backend, "owner_pid": st.owner_pid,
-            "owner_alive": pid_alive(st.owner_pid), "emulator_alive": pid_alive(st.emulator_pid),
+            "owner_alive": st.owner_alive, "emulator_alive": st.emulator_alive,
             "namespaces": [ns for ns in st.namespaces if netns_exists(ns)],
             "server_addr": st.info.get("server_addr"), "client_addr": st.info.get("client_addr"),
             "stats": st.info.get("stats"),

@@ -207,6 +207,22 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
+def start_time(pid: int | None) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), None if gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def same_process(pid: int | None, started: int | None) -> bool:
+    """True when ``pid`` is alive and is the process that started at ``started`` (not a reused pid)."""
+    return pid_alive(pid) and (started is None or start_time(pid) == started)
+
+
 def terminate_pids(pids: Sequence[int], timeout: float = 3.0) -> None:
     """SIGTERM the given processes, SIGKILL those still alive after ``timeout`` (by pid only)."""
     for pid in pids:
@@ -231,9 +247,23 @@ class RunState:
     owner_pid: int
     namespaces: list[str] = field(default_factory=list)
     emulator_pid: int | None = None
+    owner_start: int | None = None
+    emulator_start: int | None = None
     backend: str = "userspace"
     created: float = field(default_factory=time.time)
     info: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.owner_start is None:
+            self.owner_start = start_time(self.owner_pid)
+
+    @property
+    def owner_alive(self) -> bool:
+        return same_process(self.owner_pid, self.owner_start)
+
+    @property
+    def emulator_alive(self) -> bool:
+        return same_process(self.emulator_pid, self.emulator_start)
 
     @property
     def path(self) -> str:
@@ -280,7 +310,7 @@ def destroy_run(state: RunState) -> list[str]:
     removed: list[str] = []
     ours = [ns for ns in state.namespaces if ns.startswith(state.run_id + "-")]
     pids = [p for ns in ours for p in pids_in_netns(ns)]
-    if state.emulator_pid and state.emulator_pid != os.getpid() and pid_alive(state.emulator_pid):
+    if state.emulator_pid and state.emulator_pid != os.getpid() and state.emulator_alive:
         pids.append(state.emulator_pid)
     if pids:
         terminate_pids(sorted(set(pids)))

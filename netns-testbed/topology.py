@@ -46,6 +46,7 @@ from .netns import (
     open_tun,
     popen_in_netns,
     socket_in_netns,
+    start_time,
 )
 
 ADDRESS_POOL = ipaddress.ip_network("10.213.0.0/16")
@@ -150,6 +151,7 @@ class Testbed:
             for fd in fds:  # the emulator holds its own copies; the devices live as long as it does
                 os.close(fd)
         state.emulator_pid = self.emulator.pid if self.emulator else None
+        state.emulator_start = start_time(state.emulator_pid)
         state.save()
 
     def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
