@@ -179,7 +179,7 @@ class DualPI2(Queue):
     * Classification (RFC 9331 §5.1): ECT(1) and CE go to the L queue, ECT(0) and Not-ECT to the C queue.
     * A PI controller updates the base probability ``p'`` every ``tupdate`` from the larger head-of-line
       sojourn of the two queues: ``p' += alpha*(qdelay - target) + beta*(qdelay - qdelay_prev)``, clamped to
-      [0, 1] (RFC 9332 §2.4 and Appendix A.2; Linux uses max(L, C) head delay).
+      [0, 1] (RFC 9332 Appendix A pseudocode; Linux uses the larger of the L and C head delays).
     * At dequeue (Linux default ``drop_dequeue``), and only while at least 2 MTU stay backlogged: a C packet
       is marked (ECN) or dropped (Not-ECT) with ``p_C = p'^2`` (two independent rolls); an L packet is marked
       with the coupled ``p_CL = k*p'``. When ``k*p' > 1`` the queue is overloaded and L packets are treated
