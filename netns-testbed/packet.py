@@ -4,7 +4,7 @@ Hand-written with ``struct``-free byte arithmetic because this runs once per pac
 the optional pcap output and in tests to check these results independently.
 
 ECN codepoints are the two low bits of the IPv4 TOS / IPv6 Traffic Class byte (RFC 3168 §5; L4S meaning per
-RFC 9331 §4): 00 Not-ECT, 01 ECT(1) (the L4S identifier), 10 ECT(0), 11 CE.
+RFC 9331): 00 Not-ECT, 01 ECT(1) (the L4S identifier), 10 ECT(0), 11 CE.
 """
 
 from __future__ import annotations

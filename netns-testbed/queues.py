@@ -176,7 +176,7 @@ class DualPI2Params:
 class DualPI2(Queue):
     """DualQ Coupled AQM (RFC 9332) modelled on Linux ``sch_dualpi2`` (6.18), in virtual time.
 
-    * Classification (RFC 9331 §5.1): ECT(1) and CE go to the L queue, ECT(0) and Not-ECT to the C queue.
+    * Classification (RFC 9331): ECT(1) and CE go to the L queue, ECT(0) and Not-ECT to the C queue.
     * A PI controller updates the base probability ``p'`` every ``tupdate`` from the larger head-of-line
       sojourn of the two queues: ``p' += alpha*(qdelay - target) + beta*(qdelay - qdelay_prev)``, clamped to
       [0, 1] (RFC 9332 Appendix A pseudocode; Linux uses the larger of the L and C head delays).

@@ -7,7 +7,7 @@ small, not TCP implementations:
 
 * :class:`RenoFlow` — classic AIMD (RFC 5681 congestion avoidance; halve once per round trip on a loss or,
   when ECN-capable, on CE as RFC 3168 asks).
-* :class:`ScalableFlow` — DCTCP-style scalable control (RFC 8257 §3.3/3.4: ``alpha <- (1-g)*alpha + g*F``
+* :class:`ScalableFlow` — DCTCP-style scalable control (RFC 8257: ``alpha <- (1-g)*alpha + g*F``
   per round trip with g = 1/16, ``cwnd <- cwnd*(1 - alpha/2)`` on marks), marked ECT(1) as L4S senders are
   (RFC 9331); the behaviour L4S expects from Prague-like senders.
 * :class:`CbrFlow` — unresponsive constant bit rate.
