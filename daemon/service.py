@@ -42,7 +42,12 @@ from tokenwire.transport.session import (
     ServerSession,
     SessionEvent,
 )
-from tokenwire.transport.tls import make_self_signed, server_configuration
+from tokenwire.transport.tls import (
+    ClientCertVerifier,
+    make_self_signed,
+    request_client_certificate,
+    server_configuration,
+)
 
 from .config import Config, ConfigError, load_config
 from .ingest import IngestAPI, serve_ingest
@@ -74,6 +79,8 @@ class DaemonProtocol(SessionProtocol):
         self.authorized = not daemon.config.auth.required
         self.attached: dict[int, LiveRequest] = {}
         self.over_limit = len(daemon.protocols) >= limits.max_sessions
+        if daemon.client_verifier is not None:
+            request_client_certificate(quic)
         self.ended = False
         self._reported = SenderStats()
         self._reported_acks = 0
@@ -93,6 +100,18 @@ class DaemonProtocol(SessionProtocol):
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)
+        if isinstance(event, qe.HandshakeCompleted) and self.daemon.client_verifier is not None:
+            tls = self._quic.tls
+            try:
+                name = self.daemon.client_verifier.verify(tls._peer_certificate, tls._peer_certificate_chain)
+            except ValueError as exc:
+                log.warning("closing connection from %s: %s", self.peer, exc)
+                self.daemon.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
+                self.server_session.close(ErrorCode.UNAUTHORIZED, "client certificate required")
+                return
+            self.principal = f"cert:{name}"
+            if not self.daemon.config.auth.required:
+                self.authorized = True
         if isinstance(event, qe.HandshakeCompleted) and self.over_limit:
             log.warning("refusing connection from %s: %d sessions open", self.peer, len(self.daemon.protocols))
             self.daemon.metrics.errors.labels(code=hex(ErrorCode.LIMIT_EXCEEDED)).inc()
@@ -137,6 +156,7 @@ class Daemon:
         self.protocols: set[DaemonProtocol] = set()
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.notifier = notifier or Notifier()
+        self.client_verifier = ClientCertVerifier(config.server.client_ca) if config.server.client_ca else None
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None

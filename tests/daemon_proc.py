@@ -19,7 +19,10 @@ PAIR = make_self_signed(("localhost", "127.0.0.1"))
 
 
 class DaemonProcess:
-    def __init__(self, tmp: Path, extra_toml: str = "", *, upstream_toml: str | None = None) -> None:
+    def __init__(
+        self, tmp: Path, extra_toml: str = "", *, upstream_toml: str | None = None, server_extra: str = ""
+    ) -> None:
+        self.server_extra = server_extra
         self.tmp = tmp
         self.cert = tmp / "cert.pem"
         self.key = tmp / "key.pem"
@@ -70,6 +73,7 @@ class DaemonProcess:
                 listen = ["127.0.0.1:0"]
                 certificate = "{self.cert}"
                 private_key = "{self.key}"
+                {self.server_extra}
                 [metrics]
                 listen = "127.0.0.1:0"
                 """

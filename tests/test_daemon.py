@@ -352,3 +352,27 @@ def test_config_errors_name_the_key(tmp_path):
     )
     assert out.returncode == 2
     assert "limits.max_sesions: unknown key (did you mean 'max_sessions'?)" in out.stderr
+
+
+def test_client_certificates(tmp_path):
+    from tokenwire.transport.tls import make_ca, make_client_cert
+
+    ca = make_ca()
+    (tmp_path / "clients.pem").write_bytes(ca.cert_pem)
+    make_client_cert(ca, "edge-client").write(tmp_path / "good.pem", tmp_path / "good.key")
+    make_client_cert(make_ca("someone else"), "edge-client").write(tmp_path / "rogue.pem", tmp_path / "rogue.key")
+    d = DaemonProcess(tmp_path, server_extra=f'client_ca = "{tmp_path / "clients.pem"}"\n')
+    try:
+        async def attempt(cert: str | None):
+            kw = {"certfile": tmp_path / f"{cert}.pem", "keyfile": tmp_path / f"{cert}.key"} if cert else {}
+            try:
+                async with connect("127.0.0.1", d.port, **d.client_kwargs(), **kw) as conn:
+                    return await conn.chat("x", max_tokens=5).collect()
+            except RemoteError as exc:
+                return exc.code
+
+        assert run(attempt("good")) == expected(5)
+        assert run(attempt(None)) == ErrorCode.UNAUTHORIZED
+        assert run(attempt("rogue")) == ErrorCode.UNAUTHORIZED
+    finally:
+        d.stop()

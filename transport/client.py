@@ -267,12 +267,23 @@ async def connect(
     cadata: bytes | None = None,
     verify: bool = True,
     auth_token: str | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
     congestion: str = "reno",
     timeout: float = 10.0,
 ) -> AsyncIterator[Connection]:
-    """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled)."""
+    """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
+
+    ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
+    """
     config = client_configuration(
-        server_name=server_name or host, cafile=cafile, cadata=cadata, verify=verify, congestion=congestion
+        server_name=server_name or host,
+        cafile=cafile,
+        cadata=cadata,
+        verify=verify,
+        congestion=congestion,
+        certfile=certfile,
+        keyfile=keyfile,
     )
     try:
         async with asyncio.timeout(timeout):

@@ -116,6 +116,8 @@ def client_configuration(
     cafile: str | Path | None = None,
     cadata: bytes | None = None,
     verify: bool = True,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
     idle_timeout: float = 60.0,
     congestion: str = "reno",
     initial_rtt: float | None = None,
@@ -128,4 +130,85 @@ def client_configuration(
         config.load_verify_locations(cafile=str(cafile))
     if cadata is not None:
         config.load_verify_locations(cadata=cadata)
+    if certfile is not None:  # a client certificate, for servers that require one
+        config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
     return config
+
+
+def make_ca(name: str = "tokenwire client CA", days: int = 3650) -> CertPair:
+    """A certificate authority for client certificates (``server.client_ca``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertPair(cert, key)
+
+
+def make_client_cert(ca: CertPair, name: str, days: int = 365) -> CertPair:
+    """A client certificate for ``name`` signed by ``ca`` (extended key usage: client authentication)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)  # RFC 5280 verifiers want one
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key()), critical=False)
+        .sign(ca.private_key, hashes.SHA256())
+    )
+    return CertPair(cert, key)
+
+
+class ClientCertVerifier:
+    """Verifies client certificate chains against a CA bundle (aioquic requests them but never checks)."""
+
+    def __init__(self, ca_file: str | Path) -> None:
+        from cryptography.x509.verification import PolicyBuilder, Store
+
+        cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+        self._verifier = PolicyBuilder().store(Store(cas)).build_client_verifier()
+
+    def verify(self, leaf: x509.Certificate | None, chain: list[x509.Certificate]) -> str:
+        """The verified subject's common name; raises ValueError when there is no valid certificate."""
+        if leaf is None:
+            raise ValueError("no client certificate presented")
+        from cryptography.x509.verification import VerificationError
+
+        try:
+            self._verifier.verify(leaf, chain)
+        except VerificationError as exc:
+            raise ValueError(f"client certificate rejected: {exc}") from None
+        names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else leaf.subject.rfc4514_string()
+
+
+def request_client_certificate(quic: object) -> None:
+    """Make a server-side aioquic connection ask for a client certificate (aioquic 1.7.2 internals).
+
+    aioquic builds its TLS context lazily on the first datagram, so the request flag is set right after.
+    """
+    original = quic._initialize  # type: ignore[attr-defined]
+
+    def initialize(peer_cid: bytes) -> None:
+        original(peer_cid)
+        quic.tls._request_client_certificate = True  # type: ignore[attr-defined]
+
+    quic._initialize = initialize  # type: ignore[attr-defined]
