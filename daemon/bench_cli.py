@@ -12,6 +12,7 @@ import importlib
 BENCH_MODULES: list[str] = [
     "tokenwire.transport.bench_transport",
     "tokenwire.daemon.bench_daemon",
+    "tokenwire.testbed.bench",
 ]
 
 

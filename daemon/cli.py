@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.chat_cli",
     "tokenwire.testbed.sim_cli",
     "tokenwire.daemon.bench_cli",
+    "tokenwire.testbed.cli",
 ]
 
 

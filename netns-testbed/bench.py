@@ -1,0 +1,195 @@
+"""``tokenwire bench emulator``: how fast and how precise the userspace link emulator is.
+
+Three measurements, each against a baseline taken in the same run:
+
+1. **Core, virtual time** (no I/O): packets/s through :class:`Link` with drop-tail and with DualPI2.
+2. **Packets/s through real namespaces**: a UDP flood from the server namespace to the client namespace,
+   once over a plain veth pair (baseline) and once through the emulator (unlimited rate, no delay); the sink
+   counts what arrives. Then paced UDP at increasing rates through the emulator: the sustained rate is the
+   highest delivered with less than 1 % loss (the sender is Python too, so it may be the limit).
+3. **Added-delay error**: paced UDP probes carrying their send time; one-way delay measured by the sink on
+   the shared monotonic clock. Over the veth pair that is the host's own path latency; through the emulator
+   with ``--delay-ms D`` the error is ``one_way - D``. Also reported: how late the emulator's writes were
+   relative to the virtual delivery times it computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from tokenwire.daemon.cli import CLIError
+
+
+def _pct(xs: list[float], q: float) -> float:
+    from tokenwire.transport.metrics import percentile
+
+    return percentile(xs, q)
+
+
+def bench_core(packets: int = 200_000) -> dict[str, Any]:
+    """Virtual-time packets/s of the core (enqueue + transmit + deliver)."""
+    from .link import Link
+    from .queues import DropTail, DualPI2, Packet
+    from .trace import fixed_rate_trace
+
+    out: dict[str, Any] = {}
+    for name, make in (("droptail", lambda: DropTail(packets=1000)), ("dualpi2", DualPI2)):
+        link = Link(fixed_rate_trace(1200.0), make(), delay=0.01)  # 100 opportunities per ms
+        ecns = (0, 1, 2, 1)
+        t = 0.0
+        start = time.perf_counter()
+        delivered = 0
+        for i in range(packets):
+            link.enqueue(Packet(1200, ecns[i & 3]), t)
+            if i % 64 == 63:
+                delivered += len(link.dequeue_ready(t))
+            t += 1e-5  # 100 kpps offered, 125 kpps capacity
+        delivered += len(link.dequeue_ready(t + 1.0))
+        elapsed = time.perf_counter() - start
+        out[name] = {"packets": packets, "delivered": delivered, "pps": packets / elapsed}
+    return out
+
+
+def _run_pair(tb: Any, sink_args: list[str], send_args: list[str], timeout: float) -> tuple[dict, dict]:
+    """Start a sink in the client namespace and a sender in the server namespace; their result lines."""
+    import subprocess
+
+    from .child import Child
+
+    py = [sys.executable, "-m", "tokenwire.testbed.traffic"]
+    pipe = subprocess.PIPE
+    sink = Child(tb.popen(tb.client_ns, [*py, "udp-sink", "--host", tb.client_addr, "--port", "9100",
+                                         *sink_args], stdin=pipe, stdout=pipe, text=True), "udp sink")
+    sink.wait_for("ready", 15)
+    send = Child(tb.popen(tb.server_ns, [*py, "udp-send", "--host", tb.client_addr, "--port", "9100",
+                                         *send_args], stdin=pipe, stdout=pipe, text=True), "udp sender")
+    sent = send.wait_for("sent", timeout)
+    got = sink.wait_for("received", timeout)
+    return sent, got
+
+
+def _flood(tb: Any, seconds: float) -> dict[str, Any]:
+    sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", "0", "--size", "200", "--duration", str(seconds)],
+                          seconds + 20)
+    return {"sent_pps": sent["pps"], "delivered_pps": got["pps"],
+            "loss": 1 - got["received"] / max(1, sent["sent"])}
+
+
+LADDER_PPS = (10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000)
+
+
+def _ladder(tb: Any, seconds: float) -> dict[str, Any]:
+    """Paced UDP at increasing rates; the sustained rate is the highest one delivered with < 1 % loss.
+
+    ``sender_limited`` says the Python sender could not offer some target rate at all, so the emulator's
+    real limit lies above what was measured.
+    """
+    steps = []
+    sustained = 0.0
+    sender_limited = False
+    for pps in LADDER_PPS:
+        sent, got = _run_pair(tb, ["--idle", "0.5"], ["--rate", str(pps), "--size", "200", "--duration",
+                                                      str(seconds)], seconds + 20)
+        loss = 1 - got["received"] / max(1, sent["sent"])
+        steps.append({"target_pps": pps, "offered_pps": sent["pps"], "delivered_pps": got["pps"], "loss": loss})
+        if loss >= 0.01:
+            break
+        sustained = max(sustained, got["pps"])
+        sender_limited = sender_limited or sent["pps"] < 0.9 * pps
+    return {"steps": steps, "sustained_pps": sustained, "sender_limited": sender_limited}
+
+
+def _probes(tb: Any, seconds: float, rate: float, delay_ms: float) -> dict[str, Any]:
+    sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", str(rate), "--size", "200", "--duration",
+                                                  str(seconds)], seconds + 20)
+    one_way_ms = [d / 1000.0 for d in got["delays_us"]]
+    err = [x - delay_ms for x in one_way_ms]
+    return {
+        "probes": sent["sent"], "received": got["received"], "configured_delay_ms": delay_ms,
+        "one_way_p50_ms": _pct(one_way_ms, 50), "one_way_p99_ms": _pct(one_way_ms, 99),
+        "error_p50_ms": _pct(err, 50), "error_p99_ms": _pct(err, 99),
+        "error_max_ms": max(err, default=math.nan),
+    }  # fmt: skip
+
+
+def run_bench(seconds: float, delay_ms: float, rate: float) -> dict[str, Any]:
+    from .emulator import DirectionConfig, EmulatorConfig
+    from .topology import DirectLink, Testbed
+
+    res: dict[str, Any] = {"config": {"seconds": seconds, "delay_ms": delay_ms, "probe_rate_pps": rate}}
+    res["core_virtual_time"] = bench_core()
+    with DirectLink() as veth:
+        res["veth_baseline"] = {"flood": _flood(veth, seconds), "probes": _probes(veth, seconds, rate, 0.0)}
+    unlimited = EmulatorConfig(down=DirectionConfig(None, 0.0), up=DirectionConfig(None, 0.0))
+    with Testbed(unlimited) as tb:
+        res["backend"] = tb.backend
+        flood = _flood(tb, seconds)
+        flood["emulator"] = tb.stats()["down"]
+        probes0 = _probes(tb, seconds, rate, 0.0)
+        ladder = _ladder(tb, min(seconds, 2.0))
+    delayed = EmulatorConfig(down=DirectionConfig(None, delay_ms), up=DirectionConfig(None, delay_ms))
+    with Testbed(delayed) as tb:
+        probes = _probes(tb, seconds, rate, delay_ms)
+        probes["emulator_release_late_ms"] = tb.stats()["release_late_ms"]
+    res["emulator"] = {"flood": flood, "ladder": ladder, "probes_no_delay": probes0, "probes_delay": probes}
+    return res
+
+
+def print_report(res: dict[str, Any]) -> None:
+    core = res["core_virtual_time"]
+    print(f"core (virtual time): droptail {core['droptail']['pps']:,.0f} pkt/s, "
+          f"dualpi2 {core['dualpi2']['pps']:,.0f} pkt/s")
+    vf, ef = res["veth_baseline"]["flood"], res["emulator"]["flood"]
+    print(f"UDP flood, 200 B: veth {vf['delivered_pps']:,.0f} pkt/s delivered "
+          f"(offered {vf['sent_pps']:,.0f}); emulator {ef['delivered_pps']:,.0f} pkt/s "
+          f"(offered {ef['sent_pps']:,.0f}, {ef['loss']:.1%} lost before/in the emulator) "
+          f"= {ef['delivered_pps'] / max(vf['delivered_pps'], 1):.0%} of veth")
+    lad = res["emulator"]["ladder"]
+    limited = " (at least: the Python sender could not offer more)" if lad["sender_limited"] else ""
+    print(f"sustained through the emulator (paced 200 B UDP, < 1 % loss): {lad['sustained_pps']:,.0f} pkt/s"
+          f"{limited}; offered->loss " + ", ".join(f"{s['offered_pps'] / 1000:.0f}k->{s['loss']:.1%}"
+                                                   for s in lad["steps"]))
+    vp = res["veth_baseline"]["probes"]
+    e0, ed = res["emulator"]["probes_no_delay"], res["emulator"]["probes_delay"]
+    print(f"one-way latency p50/p99: veth {vp['one_way_p50_ms']:.3f}/{vp['one_way_p99_ms']:.3f} ms; "
+          f"emulator, no delay {e0['one_way_p50_ms']:.3f}/{e0['one_way_p99_ms']:.3f} ms")
+    print(f"added-delay error with {ed['configured_delay_ms']:g} ms: p50 {ed['error_p50_ms']:+.3f} ms, "
+          f"p99 {ed['error_p99_ms']:+.3f} ms, max {ed['error_max_ms']:+.3f} ms "
+          f"(veth baseline p50 {vp['one_way_p50_ms']:.3f} ms)")
+    late = ed.get("emulator_release_late_ms") or {}
+    if late.get("p50") is not None:
+        print(f"emulator writes vs virtual delivery time: p50 {late['p50']:.3f} ms, "
+              f"p99 {late['p99']:.3f} ms late")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .netns import TestbedError, check_root
+
+    try:
+        check_root()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        res = run_bench(args.seconds, args.delay_ms, args.rate)
+    except (TestbedError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    print_report(res)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("emulator", help="link emulator: packets/s and added-delay error (needs root)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each flood/probe phase")
+    p.add_argument("--delay-ms", type=float, default=20.0, help="one-way delay for the accuracy phase")
+    p.add_argument("--rate", type=float, default=1000.0, help="probe packets per second")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(handler=cmd_bench)

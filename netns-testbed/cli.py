@@ -1,0 +1,333 @@
+"""``tokenwire testbed up|down|status|compare``.
+
+Only argparse at import time; the handlers import the testbed (pyroute2, aiohttp, matplotlib) when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from tokenwire.daemon.cli import CLIError
+
+SCHEME_NAMES = ("chatterbox", "stream", "duplicate", "sse-tcp")
+
+
+def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False) -> None:
+    """The emulated path, shared by ``up`` and ``compare``."""
+    p.add_argument("--down-trace", required=down_required, default=None if down_required else "12mbps",
+                   metavar="F", help="mahimahi trace file or a fixed rate like 12mbps (server -> client)")
+    up = p.add_mutually_exclusive_group()
+    up.add_argument("--up-trace", metavar="F", help="trace file or rate of the client -> server direction "
+                    "(default: the same as --down-trace)")
+    up.add_argument("--up-mbps", type=float, metavar="R", help="fixed uplink rate in Mbit/s")
+    p.add_argument("--delay-ms", type=float, default=50.0, metavar="D", help="one-way delay, each direction")
+    p.add_argument("--loss", default="none", metavar="SPEC",
+                   help="down-link loss: none | iid:P | ge:P_GB,P_BG[,LOSS_IN_BAD] (bursty)")
+    p.add_argument("--up-loss", default="none", metavar="SPEC", help="up-link loss (default none)")
+    p.add_argument("--queue", default="droptail:packets=1000", metavar="SPEC",
+                   help="bottleneck queue of both directions: infinite | droptail:packets=N | "
+                   "droptail:bytes=N | dualpi2[:key=value,...]")
+    p.add_argument("--seed", type=int, default=0, help="seed of loss patterns and AQM decisions")
+    p.add_argument("--backend", choices=("auto", "userspace", "kernel"), default="auto",
+                   help="auto: kernel qdiscs if the probe finds netem+dualpi2 and they can express the path")
+
+
+def up_spec(args: argparse.Namespace) -> str:
+    if args.up_mbps is not None:
+        if args.up_mbps <= 0:
+            raise CLIError("--up-mbps must be > 0")
+        return f"{args.up_mbps:g}mbps"
+    return args.up_trace or args.down_trace
+
+
+def emulator_config(args: argparse.Namespace, *, log: str | None = None, pcap: str | None = None) -> Any:
+    from .emulator import DirectionConfig, EmulatorConfig
+
+    cfg = EmulatorConfig(
+        down=DirectionConfig(args.down_trace, args.delay_ms, args.loss, args.queue),
+        up=DirectionConfig(up_spec(args), args.delay_ms, args.up_loss, args.queue),
+        seed=args.seed, log_path=log, pcap_prefix=pcap,
+    )  # fmt: skip
+    validate(cfg.down.validate, cfg.up.validate)
+    return cfg
+
+
+def validate(*checks: Any) -> None:
+    from .loss import LossSpecError
+    from .queues import QueueSpecError
+    from .trace import TraceError
+
+    for check in checks:
+        try:
+            check()
+        except (TraceError, QueueSpecError, LossSpecError, ValueError) as exc:
+            raise CLIError(str(exc)) from None
+
+
+class _Stop(Exception):
+    pass
+
+
+_OWNER_PID = os.getpid()
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    if os.getpid() != _OWNER_PID:
+        # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
+        os._exit(128 + signum)
+    raise _Stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .netns import STATE_DIR, RunState, TestbedError, new_run_id
+    from .topology import Testbed
+
+    cfg = emulator_config(args, log=args.log, pcap=args.pcap)
+    if args.detach:
+        run_id = new_run_id()
+        os.makedirs(STATE_DIR, exist_ok=True)
+        logfile = os.path.join(STATE_DIR, f"{run_id}.log")
+        entry = "import sys; from tokenwire.daemon.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", entry, *_up_argv(args), "--run-id", run_id]
+        with open(logfile, "w") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        path = os.path.join(STATE_DIR, f"{run_id}.json")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise CLIError(f"testbed failed to start, see {logfile}")
+            if os.path.exists(path):
+                st = RunState.load(path)
+                if st.emulator_alive and st.info.get("ready"):
+                    _print_up(st.info, args.json)
+                    return 0
+            time.sleep(0.05)
+        raise CLIError(f"testbed did not come up within 20 s, see {logfile}")
+
+    old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        with Testbed(cfg, run_id=args.run_id, backend=args.backend) as tb:
+            info = tb.describe()
+            state = tb._state
+            if state is not None:
+                state.info.update(info)
+                state.info["ready"] = True
+                state.save()
+            _print_up(info, args.json)
+            if not args.json:
+                print("Ctrl-C (or `tokenwire testbed down`) tears it down.", flush=True)
+            while True:
+                time.sleep(2.0)
+                if state is not None:
+                    state.info["stats"] = tb.stats()
+                    state.save()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
+    except (_Stop, KeyboardInterrupt):
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _up_argv(args: argparse.Namespace) -> list[str]:
+    """The foreground ``testbed up`` command equivalent to ``args`` (what ``--detach`` runs)."""
+    argv = ["testbed", "up", "--down-trace", args.down_trace, "--up-trace", up_spec(args),
+            "--delay-ms", str(args.delay_ms), "--loss", args.loss, "--up-loss", args.up_loss,
+            "--queue", args.queue, "--seed", str(args.seed), "--backend", args.backend]
+    for flag, value in (("--log", args.log), ("--pcap", args.pcap)):
+        if value:
+            argv += [flag, os.path.abspath(value)]
+    return argv
+
+
+def _print_up(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info), flush=True)
+        return
+    print(f"testbed {info['run_id']} up (backend: {info['backend']}"
+          + (f"; {info['backend_reason']}" if info.get("backend_reason") else "") + ")")
+    print(f"  server namespace {info['server_ns']}  address {info['server_addr']}")
+    print(f"  client namespace {info['client_ns']}  address {info['client_addr']}")
+    print(f"  run commands inside: ip netns exec {info['server_ns']} <command>", flush=True)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .netns import RunState, check_root, destroy_run, list_runs, terminate_pids
+
+    try:
+        check_root()
+    except Exception as exc:
+        raise CLIError(str(exc)) from None
+    runs = list_runs()
+    if args.run_ids:
+        wanted = set(args.run_ids)
+        unknown = wanted - {r.run_id for r in runs}
+        if unknown:
+            raise CLIError(f"no testbed run {', '.join(sorted(unknown))} (see `tokenwire testbed status`)")
+        runs = [r for r in runs if r.run_id in wanted]
+    elif not args.all:
+        runs = [r for r in runs if not r.owner_alive]  # crashed runs only
+    if not runs:
+        print("nothing to clean up")
+        return 0
+    for st in runs:
+        if st.owner_pid != os.getpid() and st.owner_alive:
+            terminate_pids([st.owner_pid], timeout=10)  # a live owner tears its own run down
+        st2 = RunState.load(st.path) if os.path.exists(st.path) else None
+        removed = destroy_run(st2) if st2 is not None else []
+        print(f"{st.run_id}: " + (", ".join(removed) if removed else "removed"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .netns import list_runs, netns_exists
+
+    out = []
+    for st in list_runs():
+        out.append({
+            "run_id": st.run_id, "backend": st.backend, "owner_pid": st.owner_pid,
+            "owner_alive": st.owner_alive, "emulator_alive": st.emulator_alive,
+            "namespaces": [ns for ns in st.namespaces if netns_exists(ns)],
+            "server_addr": st.info.get("server_addr"), "client_addr": st.info.get("client_addr"),
+            "stats": st.info.get("stats"),
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    if not out:
+        print("no testbed runs")
+    for r in out:
+        state = "running" if r["owner_alive"] else "CRASHED (clean with `tokenwire testbed down`)"
+        names = " ".join(r["namespaces"]) or "-"
+        print(f"{r['run_id']}  {state}  backend {r['backend']}  namespaces {names}")
+        print(f"    server {r['server_addr']}  client {r['client_addr']}")
+        s = r["stats"]
+        if s:
+            d, u = s["down"], s["up"]
+            print(f"    down: {d['delivered_packets']} pkts delivered, {d['lost_packets']} lost, "
+                  f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, CompareError, run_compare
+    from .netns import TestbedError, check_root
+
+    try:
+        check_root()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    cfg = CompareConfig(
+        down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
+        up_loss=args.up_loss, queue=args.queue, schemes=schemes, tokens=args.tokens, rate=args.rate,
+        seed=args.seed, runs=args.runs, sse_cc=args.sse_cc, backend=args.backend, cross=args.cross or [],
+    )  # fmt: skip
+    validate(cfg.validate)
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    last_line = [0.0]
+    total = len(schemes) * args.runs
+    done = [0]
+
+    def log(msg: str) -> None:
+        done[0] += 1
+        print(f"\n[{done[0]}/{total}] {msg}" if tty else f"[{done[0]}/{total}] {msg}", file=sys.stderr,
+              flush=True)
+
+    def progress(scheme: str, k: int, n: int) -> None:
+        now = time.monotonic()
+        line = f"    {scheme}: {k}/{n} tokens rendered ({k / n:.0%}), {now - started:.0f} s elapsed"
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif now - last_line[0] >= 5.0:
+            last_line[0] = now
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log)
+    except (CompareError, TestbedError) as exc:
+        raise CLIError(str(exc)) from None
+    if tty:
+        print(file=sys.stderr)
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_compare
+
+        plot_compare(summary, runs, args.plot, lost={s: rs[0].lost_times for s, rs in runs.items()})
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    print(f"{'scheme':<11} {'stall':>7} {'oracle':>7} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>8} "
+          f"{'B/token':>8} {'rendered':>9} {'loss':>6}")
+    for s, d in summary["schemes"].items():
+        print(f"{s:<11} {f(d['stall_ratio'], '7.2%')} {f(d['oracle_stall_ratio'], '7.2%')} "
+              f"{f(d['ttft_ms'], '8.0f')} {f(d['p50_token_delay_ms'], '7.0f')} "
+              f"{f(d['p99_token_delay_ms'], '8.0f')} "
+              f"{f(d['bytes_per_token'], '8.0f')} {d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
+              f"{f(d['down_loss_rate'], '6.1%')}")
+    o = summary["oracle"]["stall_ratio"]
+    print(f"oracle (union of all schemes' packets): stall {f(o, '.2%')}; backend {summary['backend']}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("testbed", help="network-namespace testbed with the trace-driven link emulator")
+    tsub = p.add_subparsers(dest="testbed_cmd", metavar="CMD")
+    tsub.required = True
+
+    up = tsub.add_parser("up", help="build server/client namespaces joined by the emulator (until Ctrl-C)")
+    add_path_args(up)
+    up.add_argument("--log", metavar="CSV", help="write the per-packet log here")
+    up.add_argument("--pcap", metavar="PREFIX", help="write PREFIX.{down,up}.{in,out}.pcap")
+    up.add_argument("--detach", action="store_true", help="run in the background; stop with `testbed down`")
+    up.add_argument("--json", action="store_true", help="print the namespace names and addresses as JSON")
+    up.add_argument("--run-id", help=argparse.SUPPRESS)
+    up.set_defaults(handler=cmd_up)
+
+    down = tsub.add_parser("down", help="tear down testbeds (default: leftovers of crashed runs)")
+    down.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="these runs (running or not)")
+    down.add_argument("--all", action="store_true", help="every testbed run on this host, running or not")
+    down.set_defaults(handler=cmd_down)
+
+    status = tsub.add_parser("status", help="list testbed runs on this host")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    cmp = tsub.add_parser("compare", help="run token-streaming schemes end to end through the same path")
+    add_path_args(cmp, down_required=True)
+    cmp.add_argument("--schemes", default=",".join(SCHEME_NAMES),
+                     help=f"comma-separated, from {', '.join(SCHEME_NAMES)}")
+    cmp.add_argument("--tokens", type=int, default=400, metavar="N")
+    cmp.add_argument("--rate", type=float, default=30.0, metavar="R", help="tokens per second")
+    cmp.add_argument("--runs", type=int, default=1, help="seeds seed, seed+1, ... (results averaged)")
+    cmp.add_argument("--sse-cc", default="cubic", choices=("cubic", "bbr", "reno"),
+                     help="TCP congestion control of the sse-tcp server")
+    cmp.add_argument("--cross", action="append", metavar="SPEC",
+                     help="cross traffic server -> client during every run (repeatable): tcp:cubic | tcp:bbr | "
+                     "udp-ect1:RATE")
+    cmp.add_argument("--json", metavar="PATH", help="write the summary JSON here")
+    cmp.add_argument("--plot", metavar="PATH", help="write a PNG (delay CDF + stall timeline)")
+    cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")
+    cmp.set_defaults(handler=cmd_compare)

@@ -1,0 +1,306 @@
+"""``tokenwire testbed compare``: every scheme end to end through the same emulated path.
+
+For each seed and each scheme a fresh testbed is built (fresh namespaces: no TCP metrics or QUIC state
+carried over), the scheme's server starts in the server namespace and its client in the client namespace,
+the client opens its connection, the emulator's trace and loss clocks restart (``origin``) and the client
+sends its request. With one seed every scheme therefore meets the same capacity trace and the same loss
+pattern, counted from that origin.
+
+Metrics come from :mod:`tokenwire.transport.metrics` (the one definition): generation times are stamped by
+the server, render times by the client, both on the host's monotonic clock. Bytes per token and the oracle
+use the emulator's per-packet log of the down direction from the moment the request reached the server:
+the oracle renders each token at the first delivered down packet sent after it was generated, per scheme
+and over the union of all schemes' packets (aligned on the emulator origin).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tokenwire.transport import metrics
+
+from .child import Child, ChildError
+from .emulator import DirectionConfig, EmulatorConfig
+from .endpoints import ALL_SCHEMES
+from .pktlog import read_packet_log
+from .tokens import answer
+from .topology import Testbed, TestbedError
+from .traffic import parse_cross, start_cross
+
+PORT = 8443
+
+
+class CompareError(ChildError):
+    """A scheme run failed (a stuck or crashed endpoint is a bug to report, not a result to average)."""
+
+
+@dataclass
+class CompareConfig:
+    down_trace: str
+    up_trace: str
+    delay_ms: float = 50.0
+    loss: str = "none"
+    up_loss: str = "none"
+    queue: str = "droptail:packets=1000"
+    schemes: list[str] = field(default_factory=lambda: list(ALL_SCHEMES))
+    tokens: int = 400
+    rate: float = 30.0
+    seed: int = 0
+    runs: int = 1
+    sse_cc: str = "cubic"
+    backend: str = "auto"
+    timeout_s: float | None = None
+    cross: list[str] = field(default_factory=list)
+
+    def emulator_config(self, seed: int, log_path: str | None) -> EmulatorConfig:
+        return EmulatorConfig(
+            down=DirectionConfig(self.down_trace, self.delay_ms, self.loss, self.queue),
+            up=DirectionConfig(self.up_trace, self.delay_ms, self.up_loss, self.queue),
+            seed=seed,
+            log_path=log_path,
+        )
+
+    def validate(self) -> None:
+        unknown = [s for s in self.schemes if s not in ALL_SCHEMES]
+        if unknown or not self.schemes:
+            raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}")
+        if self.tokens < 1 or self.rate <= 0 or self.runs < 1:
+            raise ValueError("--tokens and --runs must be >= 1 and --rate > 0")
+        if self.delay_ms < 0:
+            raise ValueError("--delay-ms must be >= 0")
+        for spec in self.cross:
+            parse_cross(spec)
+        self.emulator_config(self.seed, None).down.validate()
+        self.emulator_config(self.seed, None).up.validate()
+
+    def run_timeout(self) -> float:
+        """Deadline for one scheme's answer: generous, but a stuck run does fail."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return 60.0 + 4.0 * self.tokens / self.rate
+
+
+@dataclass
+class SchemeRun:
+    scheme: str
+    seed: int
+    origin: float
+    request_time: float
+    request_arrival: float
+    gen: list[float]
+    render: list[float]
+    text_ok: bool
+    wire_bytes: int
+    down_packets: int
+    down_lost: int
+    deliveries: list[tuple[float, float]]
+    lost_times: list[float]
+    emulator: dict[str, Any]
+    wire_known: bool = True
+    stats: metrics.StreamStats | None = None
+    oracle_stall_ratio: float = math.nan
+    cc: str | None = None
+    base_delay: float = 0.0
+    backend: str = "userspace"
+    backend_reason: str = ""
+
+
+def _endpoint_argv(role: str, scheme: str, host: str, out: str, cfg: CompareConfig, seed: int) -> list[str]:
+    return [
+        sys.executable, "-m", "tokenwire.testbed.endpoints", role, "--scheme", scheme, "--host", host,
+        "--port", str(PORT), "--out", out, "--tokens", str(cfg.tokens), "--rate", str(cfg.rate),
+        "--seed", str(seed), "--cc", cfg.sse_cc, "--timeout", str(cfg.run_timeout()),
+    ]  # fmt: skip
+
+
+def _start(tb: Testbed, ns: str, role: str, scheme: str, out: str, cfg: CompareConfig, seed: int,
+           workdir: str, tag: str) -> Child:
+    err_path = os.path.join(workdir, f"{tag}.{role}.stderr")
+    with open(err_path, "w") as err:
+        argv = _endpoint_argv(role, scheme, tb.server_addr, out, cfg, seed)
+        pipe = subprocess.PIPE
+        proc = tb.popen(ns, argv, stdin=pipe, stdout=pipe, stderr=err, text=True, bufsize=1)
+    return Child(proc, f"{scheme} {role}", err_path)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
+               progress: Progress | None = None) -> SchemeRun:
+    """One request of ``scheme`` through a fresh testbed; raises :class:`CompareError` if it fails."""
+    tag = f"{scheme}.seed{seed}"
+    log_path = os.path.join(workdir, f"{tag}.pktlog.csv")
+    srv_out = os.path.join(workdir, f"{tag}.server.json")
+    cli_out = os.path.join(workdir, f"{tag}.client.json")
+    with Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend) as tb:
+        if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
+            start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
+        srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag)
+        srv.wait_for("ready", 30)
+        cli = _start(tb, tb.client_ns, "client", scheme, cli_out, cfg, seed, workdir, tag)
+        cli.wait_for("connected", 30)
+        origin = tb.origin()
+        cli.send("go")
+        deadline = time.monotonic() + cfg.run_timeout()
+        while True:
+            ev = cli.event(deadline)
+            if "progress" in ev and progress:
+                progress(scheme, int(ev["progress"]), cfg.tokens)
+            if ev.get("done"):
+                break
+        srv.send("stop")
+        srv.wait_for("stopped", 15)
+        emu = tb.stats()
+        backend, backend_reason = tb.backend, tb.backend_reason
+    with open(srv_out) as fh:
+        requests = json.load(fh)["requests"]
+    with open(cli_out) as fh:
+        result = json.load(fh)
+    if len(requests) != 1:
+        raise CompareError(f"{scheme}: the server saw {len(requests)} requests, expected 1")
+    req = requests[0]
+    gen = [float(g) for g in req["gen"]]
+    render = [float(r) for r in result["render"]]
+    arrival = float(req["request_arrival"])
+    down_sent = 0
+    down_lost = 0
+    wire = 0
+    deliveries: list[tuple[float, float]] = []
+    lost_times: list[float] = []
+    if backend == "userspace":
+        for row in read_packet_log(log_path):
+            if row["dir"] != "down" or float(row["arrival"]) < arrival or row["sport"] != str(PORT):
+                continue  # only the scheme's own packets (not cross traffic), from the request on
+            down_sent += 1
+            wire += int(row["size"])
+            if row["fate"] == "delivered":
+                deliveries.append((float(row["arrival"]), float(row["delivery"])))
+            else:
+                down_lost += 1
+                if row["fate"] == "lost" and row["departure"]:
+                    lost_times.append(float(row["departure"]))
+    return SchemeRun(
+        scheme=scheme, seed=seed, origin=origin, request_time=float(result["request_time"]),
+        request_arrival=arrival, gen=gen, render=render, base_delay=cfg.delay_ms / 1000.0,
+        text_ok=result.get("text") == "".join(answer(cfg.tokens, cfg.rate, seed)[0]) and len(render) == cfg.tokens,
+        wire_bytes=wire, down_packets=down_sent, down_lost=down_lost, deliveries=deliveries,
+        lost_times=lost_times, emulator=emu, wire_known=backend == "userspace", cc=req.get("cc"),
+        backend=backend, backend_reason=backend_reason,
+    )  # fmt: skip
+
+
+def path_base_delay(batch: list[SchemeRun], configured: float) -> float:
+    """One base delay per seed for every scheme: the fastest any token of any scheme crossed this path.
+
+    The configured propagation delay alone would count the link's own transmission time (waiting for the
+    next delivery opportunity, about half a millisecond) and the host stack as stall for every token of
+    every scheme. Taking the minimum over all schemes keeps one yardstick for all of them.
+    """
+    diffs = (r - g for run in batch for g, r in zip(run.gen, run.render, strict=False))
+    best = min(diffs, default=configured)
+    return max(configured, best)
+
+
+def finalize(batch: list[SchemeRun]) -> None:
+    """Compute each run's metrics and oracle with the shared base delay of its seed."""
+    configured = batch[0].base_delay
+    base = path_base_delay(batch, configured)
+    for run in batch:
+        run.base_delay = base
+        run.stats = metrics.summarize(run.gen, run.render, base_delay=base, request_time=run.request_time,
+                                      wire_bytes=run.wire_bytes if run.wire_known else None)
+        run.oracle_stall_ratio = (
+            metrics.stall_ratio(run.gen, metrics.oracle_render_times(run.gen, run.deliveries), base)
+            if run.deliveries else math.nan
+        )
+
+
+def union_oracle(runs: list[SchemeRun]) -> float:
+    """Oracle stall ratio over every scheme's delivered packets, aligned on each run's emulator origin."""
+    base = runs[0]
+    gen = [g - base.origin for g in base.gen]
+    deliveries = [(s - r.origin, a - r.origin) for r in runs for s, a in r.deliveries]
+    if not deliveries:
+        return math.nan
+    return metrics.stall_ratio(gen, metrics.oracle_render_times(gen, deliveries), base.base_delay)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+SUMMARY_KEYS = ("stall_ratio", "ttft_ms", "p50_token_delay_ms", "p99_token_delay_ms", "bytes_per_token",
+                "longest_stall_ms", "stalls_over_200ms")
+
+
+def summarize_runs(cfg: CompareConfig, per_scheme: dict[str, list[SchemeRun]], oracles: list[float],
+                   backend: str, backend_reason: str) -> dict[str, Any]:
+    """The JSON document (same shape as ``tokenwire sim`` plus ``backend``)."""
+    schemes: dict[str, Any] = {}
+    for s, rs in per_scheme.items():
+        d: dict[str, Any] = {k: _mean([getattr(r.stats, k) for r in rs]) for k in SUMMARY_KEYS}
+        d["tokens_sent"] = round(_mean([r.stats.tokens_sent for r in rs]))
+        d["tokens_rendered"] = round(_mean([r.stats.tokens_rendered for r in rs]))
+        d["oracle_stall_ratio"] = _mean([r.oracle_stall_ratio for r in rs])
+        d["digest_ok"] = all(r.text_ok for r in rs)
+        d["down_loss_rate"] = _mean([r.down_lost / max(1, r.down_packets) for r in rs])
+        d["per_seed_stall_ratio"] = [r.stats.stall_ratio for r in rs]
+        if s == "sse-tcp":
+            d["tcp_congestion_control"] = rs[0].cc
+        schemes[s] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+    return {
+        "schemes": schemes,
+        "oracle": {"stall_ratio": _mean(oracles), "per_seed": oracles},
+        "config": asdict(cfg),
+        "backend": backend,
+        "backend_reason": backend_reason,
+    }
+
+
+def run_compare(
+    cfg: CompareConfig,
+    *,
+    workdir: str | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[SchemeRun]]]:
+    """Run every scheme for ``cfg.runs`` seeds; returns the JSON summary and the raw runs (for plots)."""
+    cfg.validate()
+    per_scheme: dict[str, list[SchemeRun]] = {s: [] for s in cfg.schemes}
+    oracles: list[float] = []
+    base_delays: list[float] = []
+    backend = reason = ""
+    with tempfile.TemporaryDirectory(prefix="tw-compare-") as tmp:
+        wd = workdir or tmp
+        os.makedirs(wd, exist_ok=True)
+        for k in range(cfg.runs):
+            seed = cfg.seed + k
+            batch = []
+            for s in cfg.schemes:
+                if log:
+                    log(f"seed {seed}: {s}")
+                try:
+                    r = run_scheme(s, cfg, seed, wd, progress)
+                except TestbedError as exc:
+                    raise CompareError(f"{s}: testbed: {exc}") from None
+                per_scheme[s].append(r)
+                batch.append(r)
+                backend, reason = r.backend, r.backend_reason
+            finalize(batch)
+            oracles.append(union_oracle(batch))
+            base_delays.append(batch[0].base_delay * 1000.0)
+    summary = summarize_runs(cfg, per_scheme, oracles, backend, reason)
+    summary["base_delay_ms"] = base_delays
+    return summary, per_scheme

@@ -1,0 +1,327 @@
+"""Network-namespace plumbing: names, TUN devices inside namespaces, processes and sockets in them, cleanup.
+
+Everything a run creates carries its run id (``tw`` + 6 hex digits) in its name and is listed in a state
+file under ``/run/tokenwire/testbed/`` *before* it is created, so ``tokenwire testbed down`` can remove the
+leftovers of a crashed run and never touches anything it did not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+NETNS_DIR = "/run/netns"
+STATE_DIR = os.environ.get("TOKENWIRE_TESTBED_STATE", "/run/tokenwire/testbed")
+RUN_ID_RE = re.compile(r"^tw[0-9a-f]{6}$")
+
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+class TestbedError(RuntimeError):
+    """The testbed could not be built or used (not root, no TUN, a netlink error...)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+def new_run_id() -> str:
+    """A fresh run id: ``tw`` + 6 random hex digits (short enough for 15-character interface names)."""
+    return "tw" + secrets.token_hex(3)
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise TestbedError("the namespace testbed needs root (network namespaces, TUN devices)")
+    if not os.path.exists("/dev/net/tun"):
+        raise TestbedError("/dev/net/tun is missing: the kernel has no TUN support")
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _get_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _libc
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+def create_netns(name: str) -> None:
+    from pyroute2 import netns as pr_netns
+
+    if netns_exists(name):
+        raise TestbedError(f"namespace {name} already exists")
+    pr_netns.create(name)
+
+
+def remove_netns(name: str) -> None:
+    from pyroute2 import netns as pr_netns
+
+    if netns_exists(name):
+        pr_netns.remove(name)
+
+
+def _setns_fd(fd: int) -> None:
+    if _get_libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the body of the ``with`` with this thread inside namespace ``name`` (pyroute2 pushns/popns)."""
+    from pyroute2 import netns as pr_netns
+
+    if not netns_exists(name):
+        raise TestbedError(f"namespace {name} does not exist")
+    pr_netns.pushns(name)
+    try:
+        yield
+    finally:
+        pr_netns.popns()
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with contextlib.suppress(OSError), open(path, "w") as fh:
+        fh.write(value)
+
+
+def open_tun(ns: str, ifname: str) -> int:
+    """Create TUN device ``ifname`` inside ``ns`` and return its non-blocking fd (bare IP, no PI header).
+
+    IPv6 is switched off in the namespace first so the device does not emit router solicitations; the
+    testbed carries IPv4 only.
+    """
+    with in_netns(ns):
+        for which in ("all", "default"):
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{which}/disable_ipv6", "1")
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TUN | IFF_NO_PI))
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def configure_interface(ns: str, ifname: str, address: str, prefixlen: int, *, mtu: int = 1500) -> None:
+    """Bring ``lo`` and ``ifname`` up in ``ns`` and give ``ifname`` its address (the /30 route follows)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=ns, flags=0) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise TestbedError(f"interface {ifname} not found in {ns}")
+        ipr.link("set", index=idx[0], mtu=mtu, state="up")
+        ipr.addr("add", index=idx[0], address=address, prefixlen=prefixlen)
+
+
+def preexec_in_netns(ns: str) -> Callable[[], None]:
+    """A ``preexec_fn`` that moves the child into ``ns`` and kills it when its parent dies."""
+    path = netns_path(ns)
+
+    def enter() -> None:
+        libc = _get_libc()
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _setns_fd(fd)
+        finally:
+            os.close(fd)
+
+    return enter
+
+
+def popen_in_netns(ns: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen:
+    """Start ``argv`` inside namespace ``ns`` (its own session, so the terminal's Ctrl-C reaches only us)."""
+    kwargs.setdefault("start_new_session", True)
+    return subprocess.Popen(list(argv), preexec_fn=preexec_in_netns(ns), **kwargs)  # type: ignore[call-overload]
+
+
+def socket_in_netns(ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket that lives in ``ns`` although this process does not (pyroute2 ``create_socket``)."""
+    from pyroute2 import netns as pr_netns
+
+    return pr_netns.create_socket(ns, family, type_)
+
+
+def pids_in_netns(ns: str) -> list[int]:
+    """Processes whose network namespace is ``ns`` (by inode), excluding this process."""
+    try:
+        target = os.stat(netns_path(ns)).st_ino
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == target:
+                out.append(int(entry))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return out
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child counts as dead
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_time(pid: int | None) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), None if gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def same_process(pid: int | None, started: int | None) -> bool:
+    """True when ``pid`` is alive and is the process that started at ``started`` (not a reused pid)."""
+    return pid_alive(pid) and (started is None or start_time(pid) == started)
+
+
+def terminate_pids(pids: Sequence[int], timeout: float = 3.0) -> None:
+    """SIGTERM the given processes, SIGKILL those still alive after ``timeout`` (by pid only)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if pid_alive(p)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- run state -----------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What one run created (written before creating it)."""
+
+    run_id: str
+    owner_pid: int
+    namespaces: list[str] = field(default_factory=list)
+    emulator_pid: int | None = None
+    owner_start: int | None = None
+    emulator_start: int | None = None
+    backend: str = "userspace"
+    created: float = field(default_factory=time.time)
+    info: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.owner_start is None:
+            self.owner_start = start_time(self.owner_pid)
+
+    @property
+    def owner_alive(self) -> bool:
+        return same_process(self.owner_pid, self.owner_start)
+
+    @property
+    def emulator_alive(self) -> bool:
+        return same_process(self.emulator_pid, self.emulator_start)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(STATE_DIR, self.run_id + ".json")
+
+    def save(self) -> None:
+        os.makedirs(STATE_DIR, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.__dict__, fh, indent=1)
+        os.replace(tmp, self.path)
+
+    def delete(self) -> None:
+        for path in (self.path, os.path.join(STATE_DIR, self.run_id + ".log")):  # .log: a detached `up`
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    @classmethod
+    def load(cls, path: str) -> RunState:
+        with open(path) as fh:
+            data = json.load(fh)
+        if not RUN_ID_RE.match(str(data.get("run_id", ""))):
+            raise ValueError(f"{path}: not a testbed state file")
+        return cls(**data)
+
+
+def list_runs() -> list[RunState]:
+    """State files of every run on this host (crashed ones included)."""
+    if not os.path.isdir(STATE_DIR):
+        return []
+    out = []
+    for name in sorted(os.listdir(STATE_DIR)):
+        if name.endswith(".json"):
+            with contextlib.suppress(ValueError, OSError, TypeError, json.JSONDecodeError):
+                out.append(RunState.load(os.path.join(STATE_DIR, name)))
+    return out
+
+
+def destroy_run(state: RunState) -> list[str]:
+    """Remove everything ``state`` lists: processes inside its namespaces, the emulator, the namespaces.
+
+    Only names that carry the run id are touched. Returns what was removed, for the user.
+    """
+    removed: list[str] = []
+    ours = [ns for ns in state.namespaces if ns.startswith(state.run_id + "-")]
+    pids = [p for ns in ours for p in pids_in_netns(ns)]
+    if state.emulator_pid and state.emulator_pid != os.getpid() and state.emulator_alive:
+        pids.append(state.emulator_pid)
+    if pids:
+        terminate_pids(sorted(set(pids)))
+        removed.append(f"processes {sorted(set(pids))}")
+    for ns in ours:
+        if netns_exists(ns):
+            try:
+                remove_netns(ns)
+                removed.append(f"namespace {ns}")
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+    state.delete()
+    return removed

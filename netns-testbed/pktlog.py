@@ -1,0 +1,115 @@
+"""Per-packet log (CSV) and pcap taps of the emulator.
+
+The CSV log has one row per packet once its fate is final, with virtual times in seconds on the
+``time.monotonic()`` clock shared by every process on the host (so rows line up with timestamps taken by
+the endpoints)::
+
+    dir,seq,size,arrival,dequeue,departure,delivery,queue,sojourn_ms,latency_ms,ecn_in,ecn_out,fate,
+    proto,sport,dport
+
+``fate`` is ``delivered``, ``lost`` (loss model), ``drop_tail`` (queue full), ``drop_aqm`` (PI
+drop) or ``drop_step`` (Not-ECT packet over the L step). ``proto``/``sport``/``dport`` identify the flow of
+an IPv4 TCP or UDP packet (empty otherwise), so experiments with cross traffic can separate their flows.
+
+The pcap taps write what entered and what left the emulator, stamped with the real (not virtual) read and
+write times, as raw IP (LINKTYPE_RAW), using scapy's writer so any pcap tool and scapy itself read them back.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from typing import IO
+
+from .packet import ECN_NAMES
+from .queues import Packet
+
+LOG_FIELDS = [
+    "dir", "seq", "size", "arrival", "dequeue", "departure", "delivery", "queue",
+    "sojourn_ms", "latency_ms", "ecn_in", "ecn_out", "fate", "proto", "sport", "dport",
+]  # fmt: skip
+
+LINKTYPE_RAW = 101  # DLT_RAW: packets start with the IP header
+
+
+def _fmt(t: float | None) -> str:
+    return "" if t is None else f"{t:.6f}"
+
+
+def flow_of(data: bytes | None) -> tuple[object, object, object]:
+    """(protocol, source port, destination port) of an IPv4 TCP/UDP packet; blanks otherwise."""
+    if not data or len(data) < 20 or data[0] >> 4 != 4:
+        return "", "", ""
+    proto = data[9]
+    ihl = (data[0] & 0x0F) * 4
+    if proto in (6, 17) and len(data) >= ihl + 4:
+        return proto, (data[ihl] << 8) | data[ihl + 1], (data[ihl + 2] << 8) | data[ihl + 3]
+    return proto, "", ""
+
+
+class CsvPacketLog:
+    """Streams packet records to a CSV file (see module docstring)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fh: IO[str] = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._w = csv.writer(self._fh)
+        self._w.writerow(LOG_FIELDS)
+        self.rows = 0
+
+    def record(self, direction: str, pkt: Packet) -> None:
+        sojourn = pkt.sojourn
+        latency = None if pkt.delivery is None else pkt.delivery - pkt.arrival
+        self._w.writerow(
+            (
+                direction, pkt.seq, pkt.size, _fmt(pkt.arrival), _fmt(pkt.dequeue), _fmt(pkt.departure),
+                _fmt(pkt.delivery), pkt.queue,
+                "" if sojourn is None else f"{sojourn * 1000:.3f}",
+                "" if latency is None else f"{latency * 1000:.3f}",
+                ECN_NAMES[pkt.ecn_in], ECN_NAMES[pkt.ecn_out], pkt.fate, *flow_of(pkt.data),
+            )
+        )  # fmt: skip
+        self.rows += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_packet_log(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Rows of a CSV packet log as dicts (strings; empty string for times that did not happen)."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class PcapTap:
+    """Writes what enters and leaves one direction of the emulator to ``<prefix>.in.pcap``/``.out.pcap``.
+
+    Timestamps are real times converted from the monotonic clock to the epoch (pcap needs epoch times).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        from scapy.utils import RawPcapWriter  # heavy import, only when asked for pcaps
+
+        self._in = RawPcapWriter(prefix + ".in.pcap", linktype=LINKTYPE_RAW, nano=True)
+        self._out = RawPcapWriter(prefix + ".out.pcap", linktype=LINKTYPE_RAW, nano=True)
+        self._in._write_header(None)
+        self._out._write_header(None)
+        self._epoch_offset = time.time() - time.monotonic()
+
+    def _write(self, writer: object, data: bytes, t_mono: float) -> None:
+        t = t_mono + self._epoch_offset
+        sec = int(t)
+        nsec = round((t - sec) * 1e9)
+        if nsec >= 1_000_000_000:
+            sec, nsec = sec + 1, nsec - 1_000_000_000
+        writer.write_packet(data, sec=sec, usec=nsec, caplen=len(data), wirelen=len(data))  # type: ignore[attr-defined]
+
+    def arrived(self, data: bytes, t_mono: float) -> None:
+        self._write(self._in, data, t_mono)
+
+    def delivered(self, data: bytes, t_mono: float) -> None:
+        self._write(self._out, data, t_mono)
+
+    def close(self) -> None:
+        self._in.close()
+        self._out.close()

@@ -1,0 +1,327 @@
+"""The two-namespace testbed: server and client namespaces joined by the link emulator.
+
+::
+
+    ns <id>-srv                                                   ns <id>-cli
+    app --> <id>-s (TUN, 10.213.a.b+1/30) ==fd==> emulator ==fd==> <id>-c (TUN, 10.213.a.b+2/30) --> app
+                                          <==== up link <====
+
+Use it as a context manager; everything it created is removed on exit, on Ctrl-C and on errors, and is
+listed in a state file first so ``tokenwire testbed down`` can clean up after a crash::
+
+    with Testbed(EmulatorConfig(...)) as tb:
+        proc = tb.popen(tb.server_ns, [...])          # a process inside the server namespace
+        sock = tb.socket(tb.client_ns)                # a socket inside the client namespace
+        tb.origin()                                   # restart trace and loss clocks (aligned runs)
+        print(tb.stats())
+
+Where the kernel has ``netem`` and ``dualpi2`` the path could use them instead (see :mod:`.kernel`); the
+probe decides and :attr:`Testbed.backend` says which one ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .child import LineReader
+from .emulator import EmulatorConfig
+from .netns import (
+    RunState,
+    TestbedError,
+    check_root,
+    configure_interface,
+    create_netns,
+    destroy_run,
+    new_run_id,
+    open_tun,
+    popen_in_netns,
+    socket_in_netns,
+    start_time,
+)
+
+ADDRESS_POOL = ipaddress.ip_network("10.213.0.0/16")
+
+
+def unavailable_reason() -> str | None:
+    """None when this host can run the namespace testbed, else why not (for ``make demo`` to fall back)."""
+    try:
+        check_root()
+        import pyroute2  # noqa: F401
+    except (TestbedError, ImportError) as exc:
+        return str(exc)
+    return None
+
+
+def link_subnet(run_id: str) -> ipaddress.IPv4Network:
+    """The private /30 of this run's link, picked from 10.213.0.0/16 by run id (used only in its netns)."""
+    index = int(run_id[2:], 16) % (ADDRESS_POOL.num_addresses // 4)
+    return ipaddress.ip_network(f"{ADDRESS_POOL.network_address + 4 * index}/30")
+
+
+class Testbed:
+    """Server and client namespaces with the userspace link emulator between them (see module docstring)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, config: EmulatorConfig | None = None, *, run_id: str | None = None,
+                 backend: str = "auto", ready_timeout: float = 10.0) -> None:
+        if backend not in ("auto", "userspace", "kernel"):
+            raise ValueError(f"backend must be auto, userspace or kernel, not {backend!r}")
+        self.prefer_backend = backend
+        self.config = config or EmulatorConfig()
+        self.run_id = run_id or new_run_id()
+        self.server_ns = f"{self.run_id}-srv"
+        self.client_ns = f"{self.run_id}-cli"
+        net = link_subnet(self.run_id)
+        hosts = list(net.hosts())
+        self.server_addr = str(hosts[0])
+        self.client_addr = str(hosts[1])
+        self.prefixlen = net.prefixlen
+        self.backend = "userspace"
+        self.backend_reason = ""
+        self.ready_timeout = ready_timeout
+        self.emulator: subprocess.Popen | None = None
+        self.final_stats: dict[str, Any] | None = None
+        self._state: RunState | None = None
+        self._children: list[subprocess.Popen] = []
+        self._pid = os.getpid()
+        self._emu_lines: LineReader | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def __enter__(self) -> Testbed:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        from .kernel import build_kernel_path, choose_backend
+
+        check_root()
+        self.config.down.validate()
+        self.config.up.validate()
+        names = [self.server_ns, self.client_ns, f"{self.run_id}-rtr", f"{self.run_id}-probe"]
+        state = RunState(self.run_id, os.getpid(), names)
+        state.info = {"server_addr": self.server_addr, "client_addr": self.client_addr,
+                      "config": json.loads(self.config.to_json())}
+        state.save()  # before creating anything: a crash from here on leaves a trail for `testbed down`
+        self._state = state
+        try:
+            self.backend, self.backend_reason = choose_backend(self.config, self.run_id, self.prefer_backend)
+        except RuntimeError as exc:
+            raise TestbedError(str(exc)) from None
+        state.backend = self.backend
+        if self.backend == "kernel":  # pragma: no cover - needs a kernel with netem and dualpi2
+            net = link_subnet(self.run_id)
+            nxt = net.network_address + 4
+            nxt = nxt if nxt in ADDRESS_POOL else ADDRESS_POOL.network_address
+            second = ipaddress.ip_network(f"{nxt}/30")
+            info = build_kernel_path(self.run_id, self.config, [net, second])
+            self.server_addr, self.client_addr = info["server_addr"], info["client_addr"]
+            state.info.update(server_addr=self.server_addr, client_addr=self.client_addr)
+            state.save()
+            return
+        fds: list[int] = []
+        try:
+            create_netns(self.server_ns)
+            create_netns(self.client_ns)
+            fd_srv = open_tun(self.server_ns, f"{self.run_id}-s")
+            fds.append(fd_srv)
+            fd_cli = open_tun(self.client_ns, f"{self.run_id}-c")
+            fds.append(fd_cli)
+            configure_interface(self.server_ns, f"{self.run_id}-s", self.server_addr, self.prefixlen)
+            configure_interface(self.client_ns, f"{self.run_id}-c", self.client_addr, self.prefixlen)
+            self._start_emulator(fd_srv, fd_cli)
+        finally:
+            for fd in fds:  # the emulator holds its own copies; the devices live as long as it does
+                os.close(fd)
+        state.emulator_pid = self.emulator.pid if self.emulator else None
+        state.emulator_start = start_time(state.emulator_pid)
+        state.save()
+
+    def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
+        argv = [sys.executable, "-m", "tokenwire.testbed.emulator", self.config.to_json(), str(fd_srv),
+                str(fd_cli)]
+        self.emulator = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd_srv, fd_cli),
+            start_new_session=True, text=True, bufsize=1,
+        )  # fmt: skip
+        assert self.emulator.stdout is not None
+        self._emu_lines = LineReader(self.emulator.stdout)
+        reply = self._read_reply(self.ready_timeout)
+        if not reply.get("ready"):
+            raise TestbedError(f"emulator did not start: {reply}")
+
+    def _read_reply(self, timeout: float) -> dict[str, Any]:
+        proc = self.emulator
+        if proc is None or self._emu_lines is None:
+            raise TestbedError("emulator is not running")
+        try:
+            line = self._emu_lines.readline(time.monotonic() + timeout)
+        except TimeoutError:
+            raise TestbedError(f"emulator gave no answer within {timeout:.1f} s") from None
+        if line is None:
+            raise TestbedError(f"emulator exited (status {proc.poll()})")
+        return json.loads(line)
+
+    def command(self, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Send one control command to the emulator and return its JSON answer."""
+        if self.emulator is None or self.emulator.stdin is None:
+            raise TestbedError("emulator is not running")
+        try:
+            self.emulator.stdin.write(cmd + "\n")
+            self.emulator.stdin.flush()
+        except BrokenPipeError:
+            raise TestbedError(f"emulator exited (status {self.emulator.poll()})") from None
+        return self._read_reply(timeout)
+
+    def origin(self) -> float:
+        """Restart the traces and loss clocks now; returns the origin on the monotonic clock."""
+        if self.emulator is None and self.backend == "kernel":  # pragma: no cover - kernel qdiscs run freely
+            return time.monotonic()
+        return float(self.command("origin")["origin"])
+
+    def stats(self) -> dict[str, Any]:
+        if self.emulator is None and self.backend == "kernel":  # pragma: no cover
+            return {"backend": "kernel"}
+        return self.command("stats")
+
+    def down(self) -> None:
+        """Stop children and the emulator, remove the namespaces and the state file. Safe to call twice.
+
+        Does nothing in a forked copy of the owner (pyroute2 forks helpers; a signal unwinding one of them
+        must not tear down the owner's testbed).
+        """
+        if os.getpid() != self._pid:
+            return
+        for proc in self._children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+        self._children.clear()
+        emu = self.emulator
+        if emu is not None:
+            if emu.poll() is None and emu.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    emu.stdin.write("stop\n")
+                    emu.stdin.flush()
+                with contextlib.suppress(TestbedError, ValueError, json.JSONDecodeError, OSError):
+                    self.final_stats = self._read_reply(3.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                emu.wait(timeout=3)
+            if emu.poll() is None:
+                emu.send_signal(signal.SIGKILL)
+                emu.wait()
+            for stream in (emu.stdin, emu.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    if stream is not None:
+                        stream.close()
+            self.emulator = None
+        if self._state is not None:
+            destroy_run(self._state)
+            self._state = None
+
+    # -- using it --------------------------------------------------------------------------------------------
+    def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a process in one of this testbed's namespaces; it is killed when the testbed goes down."""
+        if ns not in (self.server_ns, self.client_ns):
+            raise TestbedError(f"{ns} is not a namespace of this testbed")
+        proc = popen_in_netns(ns, argv, **kwargs)
+        self._children.append(proc)
+        return proc
+
+    def socket(self, ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_DGRAM) -> socket.socket:
+        """A socket living in one of this testbed's namespaces, owned by the calling process."""
+        if ns not in (self.server_ns, self.client_ns):
+            raise TestbedError(f"{ns} is not a namespace of this testbed")
+        return socket_in_netns(ns, family, type_)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "server_ns": self.server_ns,
+            "client_ns": self.client_ns,
+            "server_addr": self.server_addr,
+            "client_addr": self.client_addr,
+            "emulator_pid": self.emulator.pid if self.emulator else None,
+        }
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:
+    """Poll ``predicate()`` until true; raise :class:`TestbedError` naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TestbedError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class DirectLink:
+    """Baseline: the same two namespaces joined by a plain veth pair (no emulator), same interface as
+    :class:`Testbed` for what benchmarks and tests use (names, addresses, :meth:`popen`, :meth:`socket`)."""
+
+    backend = "veth"
+
+    def __init__(self, *, run_id: str | None = None) -> None:
+        self.run_id = run_id or new_run_id()
+        self.server_ns = f"{self.run_id}-srv"
+        self.client_ns = f"{self.run_id}-cli"
+        hosts = list(link_subnet(self.run_id).hosts())
+        self.server_addr, self.client_addr = str(hosts[0]), str(hosts[1])
+        self._state: RunState | None = None
+        self._children: list[subprocess.Popen] = []
+        self._pid = os.getpid()
+
+    def __enter__(self) -> DirectLink:
+        from pyroute2 import IPRoute
+
+        check_root()
+        self._state = RunState(self.run_id, os.getpid(), [self.server_ns, self.client_ns], backend="veth")
+        self._state.save()
+        try:
+            create_netns(self.server_ns)
+            create_netns(self.client_ns)
+            a, b = f"{self.run_id}-a", f"{self.run_id}-b"
+            with IPRoute(netns=self.server_ns, flags=0) as ipr:
+                ipr.link("add", ifname=a, kind="veth", peer={"ifname": b, "net_ns_fd": self.client_ns})
+            configure_interface(self.server_ns, a, self.server_addr, 30)
+            configure_interface(self.client_ns, b, self.client_addr, 30)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if os.getpid() != self._pid:  # a forked helper unwinding (see Testbed.down)
+            return
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+        self._children.clear()
+        if self._state is not None:
+            destroy_run(self._state)
+            self._state = None
+
+    popen = Testbed.popen
+    socket = Testbed.socket

@@ -1,0 +1,74 @@
+"""Non-root pieces of the testbed: spec parsing, packet-log flows, the per-seed base delay, the CLI surface."""
+
+import math
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from tokenwire.testbed.compare import CompareConfig, SchemeRun, finalize, path_base_delay, union_oracle
+from tokenwire.testbed.pktlog import flow_of
+from tokenwire.testbed.topology import link_subnet
+from tokenwire.testbed.traffic import parse_cross
+
+
+def test_cross_traffic_specs():
+    assert parse_cross("tcp:cubic") == ("tcp", "cubic")
+    assert parse_cross("UDP-ECT1:2mbps") == ("udp-ect1", "2mbps")
+    for bad in ("tcp:vegas", "udp-ect1:fast", "icmp:1"):
+        with pytest.raises(ValueError, match="cross traffic"):
+            parse_cross(bad)
+
+
+def test_flow_of_reads_ports():
+    assert flow_of(bytes(IP() / TCP(sport=1234, dport=8443))) == (6, 1234, 8443)
+    assert flow_of(bytes(IP(ihl=6, options=b"\x01\x01\x01\x01") / UDP(sport=7, dport=9))) == (17, 7, 9)
+    assert flow_of(None) == ("", "", "")
+
+
+def test_link_subnets_are_private_30s_inside_the_pool():
+    nets = {str(link_subnet(f"tw{i:06x}")) for i in range(0, 0xFFFFFF, 0x10001)}
+    assert all(n.startswith("10.213.") and n.endswith("/30") for n in nets)
+
+
+def test_compare_config_validation():
+    CompareConfig(down_trace="12mbps", up_trace="12mbps").validate()
+    with pytest.raises(ValueError, match="unknown scheme"):
+        CompareConfig(down_trace="12mbps", up_trace="12mbps", schemes=["quic-magic"]).validate()
+    with pytest.raises(ValueError):
+        CompareConfig(down_trace="12mbps", up_trace="12mbps", tokens=0).validate()
+    with pytest.raises(ValueError, match="cross traffic"):
+        CompareConfig(down_trace="12mbps", up_trace="12mbps", cross=["tcp:vegas"]).validate()
+
+
+def _run(gen, render, deliveries, origin=0.0):
+    return SchemeRun(scheme="x", seed=0, origin=origin, request_time=0.0, request_arrival=0.0, gen=gen,
+                     render=render, text_ok=True, wire_bytes=1000, down_packets=len(deliveries), down_lost=0,
+                     deliveries=deliveries, lost_times=[], emulator={}, base_delay=0.040)
+
+
+def test_base_delay_is_shared_per_seed_and_never_below_the_configured_delay():
+    a = _run([0.0, 0.1, 0.2], [0.0415, 0.1425, 0.30], [(0.0, 0.0415), (0.1, 0.1425), (0.2, 0.30)])
+    b = _run([0.0, 0.1, 0.2], [0.0430, 0.1430, 0.2430], [(0.0, 0.043), (0.1, 0.143), (0.2, 0.243)])
+    assert path_base_delay([a, b], 0.040) == pytest.approx(0.0415)
+    assert path_base_delay([a, b], 0.050) == 0.050
+    finalize([a, b])
+    assert a.base_delay == b.base_delay == pytest.approx(0.0415)
+    # a: token 1 is 1 ms and token 2 58.5 ms late; b: every token 1.5 ms over the base
+    assert a.stats.stall_ratio == pytest.approx((0.001 + 0.0585) / (0.30 - 0.0415), rel=1e-6)
+    assert b.stats.stall_ratio < a.stats.stall_ratio
+    assert a.stats.bytes_per_token == pytest.approx(1000 / 3)
+    # the union oracle may use b's packets for a's tokens: never worse than either scheme's own oracle
+    assert union_oracle([a, b]) <= min(a.oracle_stall_ratio, b.oracle_stall_ratio) + 1e-12
+    assert not math.isnan(union_oracle([a, b]))
+
+
+def test_cli_lists_the_testbed_commands():
+    from tokenwire.daemon.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["testbed", "compare", "--down-trace", "12mbps", "--schemes", "sse-tcp"])
+    assert args.handler.__name__ == "cmd_compare" and args.tokens == 400 and args.queue.startswith("droptail")
+    args = parser.parse_args(["bench", "emulator", "--seconds", "1"])
+    assert args.handler.__name__ == "cmd_bench"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["testbed", "up", "--up-trace", "x", "--up-mbps", "3"])  # mutually exclusive
