@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=3, help="loss pattern seed (default 3)")
     p.add_argument("--schemes", default="chatterbox,stream,duplicate", help="first one renders live")
     p.add_argument("--quiet", action="store_true", help="do not render the answer live")
+    p.add_argument(
+        "--link",
+        choices=("auto", "netns", "relay"),
+        default="auto",
+        help="netns: daemon and client in network namespaces with the link emulator (needs root); relay: a "
+        "loopback UDP relay; auto (default): netns when possible",
+    )
+    p.add_argument("--rate-mbps", default="12mbps", help="netns link rate or mahimahi trace file (default 12mbps)")
     p.add_argument("--json", type=Path, help="also write the comparison here")
     p.set_defaults(handler=run)
 
@@ -50,7 +58,18 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if args.tokens < 1 or args.rate <= 0 or args.delay_ms < 0:
         raise CLIError("--tokens must be >= 1, --rate > 0, --delay-ms >= 0")
-    results = uvloop.run(_demo(args, schemes))
+    use_netns = False
+    if args.link in ("auto", "netns"):
+        from tokenwire.testbed.topology import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is None:
+            use_netns = True
+        elif args.link == "netns":
+            raise CLIError(f"the namespace testbed is unavailable: {reason}")
+        else:
+            print(f"(namespace testbed unavailable: {reason}; using the loopback relay)", file=sys.stderr)
+    results = _demo_netns(args, schemes) if use_netns else uvloop.run(_demo(args, schemes))
     print(format_results(results, args))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +142,102 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         finally:
             relay.close()
             await daemon.stop()
+    return results
+
+
+def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
+    """The daemon in the server namespace, the client in the client namespace, the emulator between them."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
+    from tokenwire.testbed.topology import Testbed
+    from tokenwire.transport.tls import dev_cert
+
+    out = sys.stdout
+    py = sys.executable
+    half = args.delay_ms
+    config = EmulatorConfig(
+        down=DirectionConfig(trace=args.rate_mbps, delay_ms=half, loss=args.loss, queue="droptail:packets=200"),
+        up=DirectionConfig(trace=args.rate_mbps, delay_ms=half, loss=args.loss, queue="droptail:packets=200"),
+        seed=args.seed,
+    )
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, Testbed(config) as tb:
+        tmpdir = Path(tmp)
+        cert, key = tmpdir / "cert.pem", tmpdir / "key.pem"
+        dev_cert().write(cert, key)
+        cfg = tmpdir / "tokenwire.toml"
+        cfg.write_text(
+            f'[server]\nlisten = ["{tb.server_addr}:4433"]\ncertificate = "{cert}"\nprivate_key = "{key}"\n'
+            f'[metrics]\nlisten = ""\n[logging]\nlevel = "warning"\n'
+            f'[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = {args.rate}\nmax_tokens = {args.tokens}\n'
+        )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmpdir / "notify.sock"))
+        notify.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmpdir / "notify.sock")}
+        tb.popen(tb.server_ns, [py, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)], env=env)
+        while "READY=1" not in (msg := notify.recv(4096).decode()):
+            pass
+        port = int(re.findall(r"udp/[^:]+:(\d+)", msg)[0])
+        print(
+            f"tokenwire demo: the tokenwire daemon runs in namespace {tb.server_ns} ({tb.server_addr}:{port}), the "
+            f"client in {tb.client_ns}; the link emulator between them ({tb.backend}) adds {half:g} ms each way, "
+            f"{args.rate_mbps}, loss {args.loss} (seed {args.seed}).\n",
+            file=out,
+        )
+        for k, scheme in enumerate(schemes):
+            live = k == 0 and not args.quiet
+            stats_path = tmpdir / f"{scheme}.json"
+            tb.origin()  # the same trace phase and loss pattern for every scheme
+            before = tb.stats()["down"]
+            print(
+                f"--- {scheme} (live) " + "-" * 50
+                if live
+                else f"--- {scheme}: streaming the same answer on the same loss pattern ...",
+                file=out,
+                flush=True,
+            )
+            argv = [
+                py,
+                "-m",
+                "tokenwire.daemon.cli",
+                "chat",
+                "--host",
+                tb.server_addr,
+                "--port",
+                str(port),
+                "--cafile",
+                str(cert),
+                "--server-name",
+                "localhost",
+                "--scheme",
+                scheme,
+                "--json-stats",
+                str(stats_path),
+                "Why do chatbots stall on trains?",
+            ]
+            proc = tb.popen(tb.client_ns, argv, stdout=None if live else subprocess.DEVNULL)
+            if proc.wait(timeout=600) != 0:
+                raise RuntimeError(f"the {scheme} client failed (exit status {proc.returncode})")
+            after = tb.stats()["down"]
+            if live:
+                print(file=out)
+            st = json.loads(stats_path.read_text())
+            packets = after["arrived_packets"] - before["arrived_packets"]
+            lost = after["lost_packets"] - before["lost_packets"]
+            results[scheme] = {
+                **st,
+                "link_loss_down": lost / max(1, packets),
+                "packets_down": packets,
+                "bytes_down": after["arrived_bytes"] - before["arrived_bytes"],
+            }
+        notify.close()
     return results
 
 

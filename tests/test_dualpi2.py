@@ -30,14 +30,22 @@ def run(queue, flows, *, mbps=40, duration=30.0, delay=0.010):
 
 
 def sojourns_ms(sim, queue, after=5.0):
-    return sorted(p.sojourn * 1000 for p in sim.records if p.fate == "delivered" and p.queue == queue
-                  and p.arrival > after)
+    return sorted(
+        p.sojourn * 1000 for p in sim.records if p.fate == "delivered" and p.queue == queue and p.arrival > after
+    )
 
 
 def test_defaults_are_linux_6_18():
     p = DualPI2Params()
     assert (p.target, p.tupdate, p.alpha, p.beta, p.k, p.step, p.c_protection) == (
-        0.015, 0.016, 0.16, 3.2, 2.0, 0.001, 10)
+        0.015,
+        0.016,
+        0.16,
+        3.2,
+        2.0,
+        0.001,
+        10,
+    )
     assert p.drop_overload and p.limit == 10_000
 
 
@@ -83,8 +91,9 @@ def test_classic_ecn_flows_are_marked_not_dropped():
 def test_classic_protection_gives_c_its_wrr_share_under_contention(wc):
     # PI frozen (alpha = beta = 0) to isolate the scheduler; both queues stay backlogged all run long
     q = parse_queue(f"dualpi2:alpha=0,beta=0,limit=100000,c_protection={wc}")
-    sim = run(q, [CbrFlow(48e6, ecn=ECT1, stop=5.0), CbrFlow(48e6, ecn=NOT_ECT, stop=5.0)], mbps=24,
-              duration=5.0, delay=0.0)
+    sim = run(
+        q, [CbrFlow(48e6, ecn=ECT1, stop=5.0), CbrFlow(48e6, ecn=NOT_ECT, stop=5.0)], mbps=24, duration=5.0, delay=0.0
+    )
     sent = {"L": 0, "C": 0}
     for p in sim.records:
         if p.fate == "delivered":
@@ -220,4 +229,5 @@ def test_queue_specs():
     q = parse_queue("dualpi2:target=5ms,tupdate=2000us,step=0.5ms,k=1.5,c_protection=20")
     assert isinstance(q, DualPI2)
     assert (q.p.target, q.p.tupdate, q.p.step, q.p.k, q.p.c_protection) == pytest.approx(
-        (0.005, 0.002, 0.0005, 1.5, 20))
+        (0.005, 0.002, 0.0005, 1.5, 20)
+    )

@@ -241,7 +241,9 @@ def test_unauthorized_connection_is_closed():
 
 def test_demo_command_runs_and_verifies(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    rc = main(["demo", "--tokens", "40", "--rate", "200", "--delay-ms", "5", "--quiet", "--json", str(out)])
+    rc = main(
+        ["demo", "--tokens", "40", "--rate", "200", "--delay-ms", "5", "--quiet", "--link", "relay", "--json", str(out)]
+    )
     assert rc == 0
     import json
 

@@ -19,8 +19,17 @@ def test_set_ce_keeps_the_header_checksum_valid_for_random_headers():
     rng = random.Random(1)
     for _ in range(300):
         tos = (rng.randrange(64) << 2) | rng.choice([ECT0, ECT1, CE])
-        pkt = IP(src=f"10.{rng.randrange(256)}.0.1", dst="10.0.0.2", tos=tos, id=rng.randrange(65536),
-                 ttl=rng.randrange(1, 256), options=b"\x01" * rng.choice([0, 4, 8])) / TCP()
+        pkt = (
+            IP(
+                src=f"10.{rng.randrange(256)}.0.1",
+                dst="10.0.0.2",
+                tos=tos,
+                id=rng.randrange(65536),
+                ttl=rng.randrange(1, 256),
+                options=b"\x01" * rng.choice([0, 4, 8]),
+            )
+            / TCP()
+        )
         raw = bytes(pkt)
         marked = set_ce(raw)
         ihl = (marked[0] & 0x0F) * 4

@@ -96,8 +96,12 @@ def test_dualpi2_marks_ce_end_to_end_and_the_pcap_shows_it(tmp_path):
 
     prefix = str(tmp_path / "cap")
     log = str(tmp_path / "log.csv")
-    cfg = EmulatorConfig(down=DirectionConfig("2mbps", 10.0, "none", "dualpi2"),
-                         up=DirectionConfig(None, 10.0), log_path=log, pcap_prefix=prefix)
+    cfg = EmulatorConfig(
+        down=DirectionConfig("2mbps", 10.0, "none", "dualpi2"),
+        up=DirectionConfig(None, 10.0),
+        log_path=log,
+        pcap_prefix=prefix,
+    )
     with Testbed(cfg) as tb:
         srv, cli = udp_pair(tb)
         for i in range(40):  # 40 kB at once into a 2 Mbit/s link: sojourns far above the 1 ms step
@@ -123,22 +127,49 @@ def test_dualpi2_marks_ce_end_to_end_and_the_pcap_shows_it(tmp_path):
 
 
 def test_bulk_tcp_is_shaped_by_the_trace_and_ect1_udp_uses_the_l_queue():
-    cfg = EmulatorConfig(down=DirectionConfig("8mbps", 10.0, "none", "dualpi2"),
-                         up=DirectionConfig("8mbps", 10.0, "none", "dualpi2"))
+    cfg = EmulatorConfig(
+        down=DirectionConfig("8mbps", 10.0, "none", "dualpi2"), up=DirectionConfig("8mbps", 10.0, "none", "dualpi2")
+    )
     py = [sys.executable, "-m", "tokenwire.testbed.traffic"]
     pipe = subprocess.PIPE
     with Testbed(cfg) as tb:
-        sink = tb.popen(tb.client_ns, [*py, "tcp-sink", "--host", tb.client_addr, "--port", "9200"],
-                        stdout=pipe, text=True)
+        sink = tb.popen(
+            tb.client_ns, [*py, "tcp-sink", "--host", tb.client_addr, "--port", "9200"], stdout=pipe, text=True
+        )
         assert json.loads(sink.stdout.readline())["ready"]
-        usink = tb.popen(tb.client_ns, [*py, "udp-sink", "--host", tb.client_addr, "--port", "9201"],
-                         stdout=pipe, text=True)
+        usink = tb.popen(
+            tb.client_ns, [*py, "udp-sink", "--host", tb.client_addr, "--port", "9201"], stdout=pipe, text=True
+        )
         assert json.loads(usink.stdout.readline())["ready"]
-        send = tb.popen(tb.server_ns, [*py, "tcp-send", "--host", tb.client_addr, "--port", "9200",
-                                       "--duration", "3", "--cc", "cubic"], stdout=pipe, text=True)
-        usend = tb.popen(tb.server_ns, [*py, "udp-send", "--host", tb.client_addr, "--port", "9201",
-                                        "--rate", "200", "--size", "500", "--duration", "2.5",
-                                        "--tos", "0x01", "--delay", "0.5"], stdout=pipe, text=True)
+        send = tb.popen(
+            tb.server_ns,
+            [*py, "tcp-send", "--host", tb.client_addr, "--port", "9200", "--duration", "3", "--cc", "cubic"],
+            stdout=pipe,
+            text=True,
+        )
+        usend = tb.popen(
+            tb.server_ns,
+            [
+                *py,
+                "udp-send",
+                "--host",
+                tb.client_addr,
+                "--port",
+                "9201",
+                "--rate",
+                "200",
+                "--size",
+                "500",
+                "--duration",
+                "2.5",
+                "--tos",
+                "0x01",
+                "--delay",
+                "0.5",
+            ],
+            stdout=pipe,
+            text=True,
+        )
         send.stdout.readline()
         sent = json.loads(send.stdout.readline())
         got = json.loads(sink.stdout.readline())
@@ -165,8 +196,18 @@ def _tokenwire(*args, **kw):
 
 
 def test_cli_up_survives_nothing_after_sigkill_and_down_cleans_it():
-    proc = _tokenwire("testbed", "up", "--json", "--down-trace", "12mbps", "--delay-ms", "5",
-                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _tokenwire(
+        "testbed",
+        "up",
+        "--json",
+        "--down-trace",
+        "12mbps",
+        "--delay-ms",
+        "5",
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     info = json.loads(proc.stdout.readline())
     names = (info["server_ns"], info["client_ns"])
     assert all(netns_exists(n) for n in names)
@@ -174,11 +215,9 @@ def test_cli_up_survives_nothing_after_sigkill_and_down_cleans_it():
     proc.wait()
     wait_for(lambda: not pid_alive(info["emulator_pid"]), 5, "the emulator to notice its owner died")
     assert all(netns_exists(n) for n in names)  # leftovers of a crashed run
-    out = subprocess.run([*TOKENWIRE, "testbed", "status"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*TOKENWIRE, "testbed", "status"], capture_output=True, text=True, check=True).stdout
     assert info["run_id"] in out and "CRASHED" in out
-    out = subprocess.run([*TOKENWIRE, "testbed", "down"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([*TOKENWIRE, "testbed", "down"], capture_output=True, text=True, check=True).stdout
     assert info["run_id"] in out
     assert not any(netns_exists(n) for n in names)
     assert not os.path.exists(RunState(info["run_id"], 0).path)
@@ -196,11 +235,34 @@ def test_compare_quic_and_sse_end_to_end(tmp_path):
     out = tmp_path / "cmp.json"
     png = tmp_path / "cmp.png"
     res = subprocess.run(
-        [*TOKENWIRE, "testbed", "compare", "--down-trace", "12mbps",
-         "--up-mbps", "12", "--delay-ms", "10", "--loss", "none", "--queue", "droptail:packets=100",
-         "--schemes", "chatterbox,sse-tcp", "--tokens", "60", "--rate", "60", "--json", str(out),
-         "--plot", str(png)],
-        capture_output=True, text=True, timeout=120,
+        [
+            *TOKENWIRE,
+            "testbed",
+            "compare",
+            "--down-trace",
+            "12mbps",
+            "--up-mbps",
+            "12",
+            "--delay-ms",
+            "10",
+            "--loss",
+            "none",
+            "--queue",
+            "droptail:packets=100",
+            "--schemes",
+            "chatterbox,sse-tcp",
+            "--tokens",
+            "60",
+            "--rate",
+            "60",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     summary = json.loads(out.read_text())
@@ -217,11 +279,17 @@ def test_compare_quic_and_sse_end_to_end(tmp_path):
 
 
 def test_compare_rejects_bad_input_clearly():
-    res = subprocess.run([*TOKENWIRE, "testbed", "compare", "--down-trace",
-                          "/nonexistent.trace", "--schemes", "sse-tcp"], capture_output=True, text=True)
+    res = subprocess.run(
+        [*TOKENWIRE, "testbed", "compare", "--down-trace", "/nonexistent.trace", "--schemes", "sse-tcp"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "no such trace file" in res.stderr
-    res = subprocess.run([*TOKENWIRE, "testbed", "compare", "--down-trace",
-                          "12mbps", "--schemes", "carrier-pigeon"], capture_output=True, text=True)
+    res = subprocess.run(
+        [*TOKENWIRE, "testbed", "compare", "--down-trace", "12mbps", "--schemes", "carrier-pigeon"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "unknown scheme" in res.stderr
 
 
@@ -238,3 +306,37 @@ def test_kernel_probe_decides_the_backend():
 def test_testbed_refuses_foreign_namespaces():
     with Testbed(EmulatorConfig()) as tb, pytest.raises(TestbedError):
         tb.popen("some-other-ns", ["true"])
+
+
+@pytest.mark.root
+def test_demo_runs_through_the_namespace_testbed(tmp_path, capsys):
+    """`make demo` as root: daemon and client in namespaces, the emulator between them; nothing left behind."""
+    import json
+
+    from tokenwire.daemon.cli import main
+
+    out = tmp_path / "demo.json"
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    rc = main(
+        [
+            "demo",
+            "--tokens",
+            "30",
+            "--rate",
+            "100",
+            "--delay-ms",
+            "10",
+            "--quiet",
+            "--link",
+            "netns",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert all(r["digest_verified"] and r["tokens"] == 30 for r in data["schemes"].values())
+    assert all(r["packets_down"] > 0 for r in data["schemes"].values())  # the traffic crossed the emulator
+    assert "namespace" in capsys.readouterr().out
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert after <= before

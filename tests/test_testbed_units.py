@@ -41,9 +41,23 @@ def test_compare_config_validation():
 
 
 def _run(gen, render, deliveries, origin=0.0):
-    return SchemeRun(scheme="x", seed=0, origin=origin, request_time=0.0, request_arrival=0.0, gen=gen,
-                     render=render, text_ok=True, wire_bytes=1000, down_packets=len(deliveries), down_lost=0,
-                     deliveries=deliveries, lost_times=[], emulator={}, base_delay=0.040)
+    return SchemeRun(
+        scheme="x",
+        seed=0,
+        origin=origin,
+        request_time=0.0,
+        request_arrival=0.0,
+        gen=gen,
+        render=render,
+        text_ok=True,
+        wire_bytes=1000,
+        down_packets=len(deliveries),
+        down_lost=0,
+        deliveries=deliveries,
+        lost_times=[],
+        emulator={},
+        base_delay=0.040,
+    )
 
 
 def test_base_delay_is_shared_per_seed_and_never_below_the_configured_delay():
