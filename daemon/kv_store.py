@@ -1,0 +1,327 @@
+"""Where encoded KV chunks live: a local directory (embedded default) or Redis/Valkey.
+
+Chunks are addressed by a prefix-hash chain over token ids (LMCache-style, 256 tokens per chunk by default):
+``h_0 = H(model | tokens[0:256])``, ``h_i = H(h_{i-1} | tokens[i*256:(i+1)*256])``, so a chunk's key names
+the whole prefix before it, and contexts sharing a prefix share its chunks. A stored object is one chunk at
+one level (``<hash>.<level>``), wrapped in an envelope with a CRC32 so that nothing corrupt is ever served.
+
+* :class:`LocalChunkStore`: one file per object, written to a temporary file in the same directory,
+  fsynced and renamed into place (a crash mid-write leaves only a ``.tmp`` file, removed at the next start),
+  checksums verified on every read (a bad file is deleted and reported as a miss), a capacity bound with
+  least-recently-used eviction (recency survives restarts through file mtimes).
+* :class:`RedisChunkStore`: the same contract on a Redis/Valkey server shared by several daemons (values in
+  the same envelope; recency in a sorted set; eviction by this client under the same byte bound).
+
+The API is synchronous (file and socket I/O); the daemon calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenwire.transport.errors import ErrorCode, TokenwireError
+
+MAGIC = b"TWKC"
+VERSION = 1
+_HEADER = struct.Struct(">4sB3xQI")  # magic, version, pad, payload length, crc32
+KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+DEFAULT_CHUNK_TOKENS = 256
+
+
+class StoreError(TokenwireError):
+    code = ErrorCode.INTERNAL
+
+
+def chunk_hashes(token_ids: Sequence[int], *, model: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[str]:
+    """The prefix-hash chain of a context: one hex key per chunk (the last one may be partial)."""
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    out: list[str] = []
+    prev = hashlib.blake2b(model.encode(), digest_size=16).digest()
+    for i in range(0, len(token_ids), chunk_tokens):
+        chunk = token_ids[i : i + chunk_tokens]
+        h = hashlib.blake2b(prev, digest_size=16)
+        h.update(struct.pack(f"<{len(chunk)}q", *chunk))
+        prev = h.digest()
+        out.append(prev.hex())
+    return out
+
+
+def object_key(chunk_hash: str, level: str) -> str:
+    key = f"{chunk_hash}.{level}"
+    if not KEY_RE.match(key):
+        raise StoreError(f"invalid chunk key {key!r}")
+    return key
+
+
+def wrap(payload: bytes) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
+
+
+def unwrap(blob: bytes) -> bytes | None:
+    """The payload, or None when the envelope is truncated, foreign or fails its checksum."""
+    if len(blob) < _HEADER.size:
+        return None
+    magic, version, length, crc = _HEADER.unpack_from(blob)
+    payload = blob[_HEADER.size :]
+    if magic != MAGIC or version != VERSION or len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return payload
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    recovered_partial: int = 0
+
+
+class ChunkStore(ABC):
+    capacity_bytes: int
+    stats: StoreStats
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The object's payload (verified), or None when absent or found corrupt (then deleted)."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store atomically; evicts least-recently-used objects to stay within the capacity."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def contains(self, key: str) -> bool: ...
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalChunkStore(ChunkStore):
+    """Files under ``root`` (see module docstring). Thread-safe."""
+
+    def __init__(self, root: str | Path, capacity_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise StoreError("capacity must be positive")
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.stats = StoreStats()
+        self._lock = threading.RLock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recent first
+        self._used = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _path(self, key: str) -> Path:
+        if not KEY_RE.match(key):
+            raise StoreError(f"invalid chunk key {key!r}")
+        return self.root / key[:2] / key
+
+    def _recover(self) -> None:
+        """Drop partial writes and truncated files; rebuild the LRU index from mtimes."""
+        found: list[tuple[float, str, int]] = []
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+                    self.stats.recovered_partial += 1
+                    continue
+                st = f.stat()
+                with f.open("rb") as fh:
+                    head = fh.read(_HEADER.size)
+                ok = len(head) == _HEADER.size and head[:4] == MAGIC
+                if ok:
+                    length = _HEADER.unpack(head)[2]
+                    ok = st.st_size == _HEADER.size + length
+                if not ok:
+                    f.unlink(missing_ok=True)
+                    self.stats.recovered_partial += 1
+                    continue
+                found.append((st.st_mtime, f.name, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self._used += size
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            with self._lock:
+                self.stats.misses += 1
+                self._forget(key)
+            return None
+        payload = unwrap(blob)
+        with self._lock:
+            if payload is None:
+                self.stats.corrupt += 1
+                self.stats.misses += 1
+                path.unlink(missing_ok=True)
+                self._forget(key)
+                return None
+            self.stats.hits += 1
+            if key in self._index:
+                self._index.move_to_end(key)
+        try:
+            os.utime(path)  # recency that survives a restart
+        except FileNotFoundError:
+            pass
+        return payload
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        blob = wrap(data)
+        if len(blob) > self.capacity_bytes:
+            raise StoreError(f"object of {len(blob)} bytes exceeds the store capacity of {self.capacity_bytes}")
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._forget(key)
+            self._index[key] = len(blob)
+            self._used += len(blob)
+            self.stats.puts += 1
+            self._evict(keep=key)
+
+    def _forget(self, key: str) -> None:
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._used -= size
+
+    def _evict(self, keep: str) -> None:
+        while self._used > self.capacity_bytes:
+            victim = next((k for k in self._index if k != keep), None)
+            if victim is None:
+                break
+            self._path(victim).unlink(missing_ok=True)
+            self._forget(victim)
+            self.stats.evictions += 1
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._path(key).unlink(missing_ok=True)
+            self._forget(key)
+
+
+class RedisChunkStore(ChunkStore):
+    """Objects in Redis/Valkey under ``prefix``; LRU recency in a sorted set, sizes in a hash."""
+
+    def __init__(self, url: str, capacity_bytes: int, *, prefix: str = "tokenwire:kv:") -> None:
+        import redis
+
+        if capacity_bytes <= 0:
+            raise StoreError("capacity must be positive")
+        self.capacity_bytes = capacity_bytes
+        self.stats = StoreStats()
+        self.prefix = prefix
+        self._r = redis.Redis.from_url(url, socket_timeout=10)
+        try:
+            self._r.ping()
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot reach the Redis store at {url}: {exc}") from None
+        self._lru = prefix + "lru"
+        self._sizes = prefix + "sizes"
+        self._lock = threading.Lock()
+
+    def _k(self, key: str) -> str:
+        if not KEY_RE.match(key):
+            raise StoreError(f"invalid chunk key {key!r}")
+        return self.prefix + "obj:" + key
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(int(v) for v in self._r.hvals(self._sizes))
+
+    def contains(self, key: str) -> bool:
+        return bool(self._r.exists(self._k(key)))
+
+    def get(self, key: str) -> bytes | None:
+        blob = self._r.get(self._k(key))
+        if blob is None:
+            self.stats.misses += 1
+            self._r.zrem(self._lru, key)
+            self._r.hdel(self._sizes, key)
+            return None
+        payload = unwrap(blob)
+        if payload is None:
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            self.delete(key)
+            return None
+        self.stats.hits += 1
+        self._r.zadd(self._lru, {key: time.time()})
+        return payload
+
+    def put(self, key: str, data: bytes) -> None:
+        blob = wrap(data)
+        if len(blob) > self.capacity_bytes:
+            raise StoreError(f"object of {len(blob)} bytes exceeds the store capacity of {self.capacity_bytes}")
+        with self._lock:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.set(self._k(key), blob)
+            pipe.zadd(self._lru, {key: time.time()})
+            pipe.hset(self._sizes, key, len(blob))
+            pipe.execute()
+            self.stats.puts += 1
+            used = self.used_bytes
+            while used > self.capacity_bytes:
+                oldest = [k.decode() for k in self._r.zrange(self._lru, 0, 1)]
+                victim = next((k for k in oldest if k != key), None)
+                if victim is None:
+                    break
+                size = int(self._r.hget(self._sizes, victim) or 0)
+                self.delete(victim)
+                used -= size
+                self.stats.evictions += 1
+
+    def delete(self, key: str) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._k(key))
+        pipe.zrem(self._lru, key)
+        pipe.hdel(self._sizes, key)
+        pipe.execute()
+
+    def close(self) -> None:
+        self._r.close()

@@ -1,0 +1,196 @@
+"""The chunk store contract, run against the local directory store and a real Redis server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from tokenwire.daemon.kv_store import (
+    LocalChunkStore,
+    RedisChunkStore,
+    StoreError,
+    chunk_hashes,
+    object_key,
+    unwrap,
+    wrap,
+)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    url = os.environ.get("TOKENWIRE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["local", "redis"])
+def make_store(request, tmp_path):
+    created = []
+
+    def make(capacity=10_000, root=None):
+        if request.param == "local":
+            s = LocalChunkStore(root or tmp_path / "store", capacity)
+        else:
+            url = request.getfixturevalue("redis_url")
+            prefix = getattr(make, "prefix", None) or f"test:{uuid.uuid4().hex}:"
+            make.prefix = prefix
+            s = RedisChunkStore(url, capacity, prefix=prefix)
+        created.append(s)
+        return s
+
+    make.kind = request.param
+    yield make
+    for s in created:
+        s.close()
+
+
+def test_round_trip_and_miss(make_store):
+    s = make_store()
+    s.put("aa.L1", b"hello")
+    assert s.get("aa.L1") == b"hello" and s.contains("aa.L1")
+    assert s.get("bb.L1") is None
+    assert s.stats.hits == 1 and s.stats.misses == 1
+
+
+def test_eviction_is_least_recently_used_and_bounded(make_store):
+    s = make_store(capacity=3 * (100 + 20) + 10)  # room for three 100-byte objects with envelopes
+    for k in ("a1", "a2", "a3"):
+        s.put(f"{k}.L1", bytes(100))
+    assert s.get("a1.L1") is not None  # a1 is now the most recent
+    s.put("a4.L1", bytes(100))
+    assert s.get("a2.L1") is None  # the least recently used went
+    assert all(s.get(f"{k}.L1") is not None for k in ("a1", "a3", "a4"))
+    assert s.used_bytes <= s.capacity_bytes and s.stats.evictions == 1
+
+
+def test_object_larger_than_capacity_is_refused(make_store):
+    s = make_store(capacity=50)
+    with pytest.raises(StoreError, match="exceeds"):
+        s.put("big.L1", bytes(100))
+
+
+def test_invalid_keys_are_refused(make_store):
+    s = make_store()
+    for bad in ("../etc.passwd", "a/b", "", "x" * 300):
+        with pytest.raises(StoreError):
+            s.put(bad, b"x")
+
+
+def test_corrupted_object_is_never_served(make_store, tmp_path):
+    s = make_store()
+    s.put("cc.L2", b"precious bytes")
+    if make_store.kind == "local":
+        path = tmp_path / "store" / "cc" / "cc.L2"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    else:
+        s._r.set(s._k("cc.L2"), b"TWKC garbage")
+    assert s.get("cc.L2") is None
+    assert s.stats.corrupt == 1 and not s.contains("cc.L2")  # deleted, so it is re-encoded next time
+
+
+def test_concurrent_readers_see_whole_objects(make_store):
+    s = make_store(capacity=1 << 22)
+    versions = [bytes([v]) * 50_000 for v in range(8)]
+    s.put("dd.L1", versions[0])
+    seen, errors = set(), []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            got = s.get("dd.L1")
+            if got is not None:
+                if got not in versions:
+                    errors.append(len(got))
+                seen.add(got[0])
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in versions[1:]:
+        s.put("dd.L1", v)
+    time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and seen  # every read returned one complete version
+
+
+def test_crash_mid_write_leaves_nothing_partial(tmp_path):
+    """Local store: a partial temp file and a truncated object (a crash mid-write) are gone after restart."""
+    root = tmp_path / "store"
+    s = LocalChunkStore(root, 1 << 20)
+    s.put("ee.L1", b"complete object")
+    (root / "ff").mkdir()
+    (root / "ff" / "ff.L1.123.456.tmp").write_bytes(wrap(b"half")[:10])  # died before the rename
+    full = wrap(b"x" * 1000)
+    (root / "gg").mkdir()
+    (root / "gg" / "gg.L1").write_bytes(full[:500])  # a torn write on a filesystem without rename atomicity
+    s2 = LocalChunkStore(root, 1 << 20)
+    assert s2.stats.recovered_partial == 2
+    assert s2.get("gg.L1") is None and s2.get("ee.L1") == b"complete object"
+    assert not list(root.glob("*/*.tmp"))
+    assert s2.used_bytes == len(wrap(b"complete object"))
+
+
+def test_restart_keeps_recency_order(tmp_path):
+    root = tmp_path / "store"
+    s = LocalChunkStore(root, 3 * 120 + 10)
+    for k in ("h1", "h2", "h3"):
+        s.put(f"{k}.L1", bytes(100))
+        time.sleep(0.01)
+    time.sleep(0.01)
+    s.get("h1.L1")
+    s2 = LocalChunkStore(root, 3 * 120 + 10)
+    s2.put("h4.L1", bytes(100))
+    assert s2.get("h2.L1") is None and s2.get("h1.L1") is not None
+
+
+def test_prefix_hash_chain():
+    ids = list(range(600))
+    a = chunk_hashes(ids, model="m", chunk_tokens=256)
+    assert len(a) == 3 and len(set(a)) == 3
+    b = chunk_hashes(ids[:512] + [7] * 88, model="m", chunk_tokens=256)
+    assert b[:2] == a[:2] and b[2] != a[2]  # a shared prefix shares its chunks
+    c = chunk_hashes([9] + ids[1:], model="m", chunk_tokens=256)
+    assert all(x != y for x, y in zip(a, c, strict=True))  # a change early changes every later key
+    assert chunk_hashes(ids, model="other")[0] != a[0]
+    assert object_key(a[0], "L2").endswith(".L2")
+
+
+def test_envelope():
+    assert unwrap(wrap(b"abc")) == b"abc"
+    assert unwrap(wrap(b"abc")[:-1]) is None and unwrap(b"xx") is None
