@@ -185,7 +185,7 @@ def test_prefix_hash_chain():
     assert len(a) == 3 and len(set(a)) == 3
     b = chunk_hashes(ids[:512] + [7] * 88, model="m", chunk_tokens=256)
     assert b[:2] == a[:2] and b[2] != a[2]  # a shared prefix shares its chunks
-    c = chunk_hashes([9] + ids[1:], model="m", chunk_tokens=256)
+    c = chunk_hashes([9, *ids[1:]], model="m", chunk_tokens=256)
     assert all(x != y for x, y in zip(a, c, strict=True))  # a change early changes every later key
     assert chunk_hashes(ids, model="other")[0] != a[0]
     assert object_key(a[0], "L2").endswith(".L2")
