@@ -288,8 +288,11 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{f(d['p99_token_delay_ms'], '8.0f')} "
               f"{f(d['bytes_per_token'], '8.0f')} {d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
               f"{f(d['down_loss_rate'], '6.1%')}")
-    o = summary["oracle"]["stall_ratio"]
-    print(f"oracle (union of all schemes' packets): stall {f(o, '.2%')}; backend {summary['backend']}")
+    o = summary["oracle"]
+    print(
+        f"oracle on {o['reference_scheme']}'s packets: stall {f(o['stall_ratio'], '.2%')}; on the union of all "
+        f"schemes' packets: {f(o['union_stall_ratio'], '.2%')}; backend {summary['backend']}"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

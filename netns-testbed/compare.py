@@ -260,9 +260,19 @@ def summarize_runs(cfg: CompareConfig, per_scheme: dict[str, list[SchemeRun]], o
         if s == "sse-tcp":
             d["tcp_congestion_control"] = rs[0].cc
         schemes[s] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+    reference = "chatterbox" if "chatterbox" in schemes else next(iter(schemes))
     return {
         "schemes": schemes,
-        "oracle": {"stall_ratio": _mean(oracles), "per_seed": oracles},
+        # Same block as `tokenwire sim`: the headline is the oracle on the reference scheme's own packets;
+        # each scheme has its own (``oracle_stall_ratio``); the union of every scheme's packets is a
+        # lower bound no single scheme's schedule offers.
+        "oracle": {
+            "stall_ratio": schemes[reference]["oracle_stall_ratio"],
+            "reference_scheme": reference,
+            "per_scheme": {s: d["oracle_stall_ratio"] for s, d in schemes.items()},
+            "union_stall_ratio": _mean(oracles),
+            "union_per_seed": oracles,
+        },
         "config": asdict(cfg),
         "backend": backend,
         "backend_reason": backend_reason,
