@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # Modules defining ``register(subparsers)``. Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.bench_cli",
+    "tokenwire.transport.cachegen.cli",
 ]
 
 

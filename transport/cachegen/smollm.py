@@ -64,7 +64,8 @@ def load_smollm2(progress: bool = True) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as exc:  # pragma: no cover - depends on installed extras
-        raise ModelUnavailable(f"transformers/torch missing ({exc}); install the ml and kv-eval extras") from exc
+        raise ModelUnavailable(f"transformers/torch missing ({exc}); install the ml and kv-eval extras"
+                               ) from exc
     hf_logging.set_verbosity_error()
     src = gguf_dir()
     dst = cache_root() / "smollm2-135m-instruct-fp32"
