@@ -20,8 +20,9 @@ chunks independently and a receiver can decode them in any order. Little-endian 
                    words           u16 [sum]       the payload streams, each in decode order
     crc32 (u32)    over header and body
 
-A coded section is: its table (lo, hi, frequencies as above), then ceil(n / 4096) word counts (u16), then
-the words; the last stream is padded with the section's most frequent byte.
+A coded section is: its table (lo, hi, frequencies as above), then ``k = ceil(n / 4096)`` word counts (u16),
+then the words of ``k`` streams of ``ceil(n / k)`` bytes each; the tail is padded with the section's most
+frequent byte (fewer than ``k`` padding bytes).
 
 ``unpack`` checks every field against the others before anything is allocated from it, and raises the typed
 errors of ``errors.py``; it decodes the side sections but not the payload (``codec.decode_chunk`` does).
@@ -105,6 +106,12 @@ def _table_bytes(row: np.ndarray) -> bytes:
     return bytes((lo, hi)) + row[lo:hi + 1].astype("<u2").tobytes()
 
 
+def _side_layout(count: int) -> tuple[int, int]:
+    """Streams and symbols per stream for a side section of ``count`` bytes."""
+    n_streams = -(-count // SIDE_STREAM)
+    return n_streams, -(-count // n_streams)
+
+
 def _put_coded(arr: np.ndarray) -> bytes:
     """Order-0 rANS coding of a byte array (side information): table, word counts, words."""
     from . import rans, tables
@@ -114,10 +121,10 @@ def _put_coded(arr: np.ndarray) -> bytes:
         return b""
     counts = np.bincount(flat, minlength=256)[None, :]
     freq = tables.normalize_counts(counts)
-    n_streams = -(-flat.size // SIDE_STREAM)
-    padded = np.full(n_streams * SIDE_STREAM, int(np.argmax(counts[0])), np.uint8)
+    n_streams, length = _side_layout(flat.size)
+    padded = np.full(n_streams * length, int(np.argmax(counts[0])), np.uint8)
     padded[:flat.size] = flat
-    words, wcounts = rans.encode(padded.reshape(n_streams, SIDE_STREAM), np.zeros((n_streams, 1), np.int32),
+    words, wcounts = rans.encode(padded.reshape(n_streams, length), np.zeros((n_streams, 1), np.int32),
                                  freq, tables.cumulative(freq))
     return _table_bytes(freq[0]) + wcounts.astype("<u2").tobytes() + words.astype("<u2").tobytes()
 
@@ -233,11 +240,11 @@ class _Reader:
         if count == 0:
             return np.zeros(0, dtype)
         freq = self.table()[None, :]
-        n_streams = -(-count // SIDE_STREAM)
+        n_streams, length = _side_layout(count)
         wcounts = self.take("<u2", n_streams)
         words = self.take("<u2", int(wcounts.sum(dtype=np.int64)))
         seg = np.zeros((n_streams, 1), np.int32)
-        sym, status = rans.decode(words, wcounts.astype(np.uint32), SIDE_STREAM, seg, freq,
+        sym, status = rans.decode(words, wcounts.astype(np.uint32), length, seg, freq,
                                   tables.cumulative(freq), tables.slot_lut(freq))
         if status != rans.OK:
             raise CorruptBitstream("a side section does not decode")
