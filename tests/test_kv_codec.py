@@ -255,6 +255,17 @@ def test_header_field_checks(chunk):
         codec.decode_chunk(patched(32, "<I", len(chunk)))  # body longer than the data
 
 
+def test_decompression_bomb_is_refused():
+    """A forged header asking for a huge chunk is refused before allocation, CRC valid or not."""
+    b = bytearray(codec.encode_chunk(make_kv(layers=1, tokens=4), "low", fingerprint=FP))
+    struct.pack_into("<HHH", b, 16, 4000, 256, 128)  # 4000 layers x 256 heads x 128 dims
+    with pytest.raises(CorruptBitstream, match="elements"):
+        codec.decode_chunk(_forge(bytes(b)))
+    small = codec.encode_chunk(make_kv(layers=2, tokens=40), "low", fingerprint=FP)
+    with pytest.raises(CorruptBitstream):
+        codec.decode_chunk(small, max_elements=1000)
+
+
 def test_model_mismatch(chunk):
     with pytest.raises(ModelMismatch):
         codec.decode_chunk(chunk, expect_fingerprint=FP + 1)

@@ -20,7 +20,7 @@ import torch
 
 from . import codec, rans, rans_torch, tables
 from .bitstream import stream_channels_for
-from .levels import get_level, uniform_profile
+from .levels import get_level, profile_for, uniform_profile
 from .quant import quantize, token_scales
 
 
@@ -61,20 +61,34 @@ def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) 
 
 
 def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: int = 128, tokens: int = 256,
-              level: str = "medium", repeats: int = 7) -> dict[str, Any]:
-    """Throughput of the entropy coder on one realistic chunk, with zstd-1 as the reference."""
+              level: str = "medium", repeats: int = 7, text: str | None = None) -> dict[str, Any]:
+    """Throughput of the entropy coder on one realistic chunk, with zstd-1 as the reference.
+
+    By default the chunk is synthetic with Llama-3-8B's KV geometry; with ``text`` it is SmolLM2's real KV
+    of the first ``tokens`` tokens of that text (coded with SmolLM2's profile).
+    """
     import zstandard
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no CUDA device")
     dev = torch.device(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    print(f"[kv bench] {layers} layers x {heads} heads x {head_dim} dims x {tokens} tokens on {device}",
+    if text is None:
+        kv = synthetic_kv(layers, heads, head_dim, tokens, device)
+        prof = uniform_profile(layers, heads * head_dim)
+        source = "synthetic"
+    else:
+        from .evaluate import prefix_kv
+
+        kv_cpu, fingerprint = prefix_kv(text, tokens)
+        kv = [(k.to(device), v.to(device)) for k, v in kv_cpu]
+        layers, heads, head_dim = len(kv), kv[0][0].shape[1], kv[0][0].shape[3]
+        prof = profile_for(fingerprint, layers, heads * head_dim)
+        source = "smollm2"
+    print(f"[kv bench] {source}: {layers} layers x {heads} heads x {head_dim} dims x {tokens} tokens",
           file=sys.stderr, flush=True)
-    kv = synthetic_kv(layers, heads, head_dim, tokens, device)
     x, _ = codec.stack_kv(kv)
     lv = get_level(level)
-    prof = uniform_profile(layers, heads * head_dim)
     codes = torch.from_numpy(prof.step_codes(lv).astype(np.int64)).to(dev)
     qz = quantize(x, token_scales(x), codes, raw_tokens=1)
     used, table_of = torch.unique(qz.table_of, return_inverse=True)
@@ -150,6 +164,7 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "backend": "torch" if device == "cuda" else "numba",
         "symbols": n_sym,
+        "source": source,
         "shape": {"layers": layers, "kv_heads": heads, "head_dim": head_dim, "tokens": tokens},
         "level": lv.name,
         "encode_MBps": n_sym / t_enc / 1e6,

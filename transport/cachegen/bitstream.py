@@ -47,6 +47,9 @@ DTYPES = ("float16", "bfloat16", "float32")
 MAX_STEP_CODE = 63
 PROB_SCALE = 4096
 MAX_TOKENS = 32768
+# Decoding expands bytes a lot (a constant stream of 4096 symbols costs 6 bytes), so a forged header could
+# ask for huge allocations: unpack refuses chunks above this many elements unless the caller raises it.
+DEFAULT_MAX_ELEMENTS = 1 << 29
 MAX_TABLES = 255
 FLAG_RAW_F32 = 1
 SIDE_STREAM = 4096  # symbols per rANS stream in a side section
@@ -252,8 +255,13 @@ class _Reader:
 
 
 def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None = None,
-           expect_geometry: tuple[int, int, int] | None = None) -> Chunk:
-    """Parse and validate a chunk; raises ``KVCodecError`` subclasses on anything inconsistent."""
+           expect_geometry: tuple[int, int, int] | None = None,
+           max_elements: int = DEFAULT_MAX_ELEMENTS) -> Chunk:
+    """Parse and validate a chunk; raises ``KVCodecError`` subclasses on anything inconsistent.
+
+    Pass ``expect_fingerprint``/``expect_geometry`` when they are known (the KV channel knows its model):
+    then a foreign chunk is refused before anything is allocated for it.
+    """
     buf = memoryview(data).cast("B")
     h = read_header(buf)
     end = h.total_bytes - CRC.size
@@ -267,6 +275,8 @@ def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None 
         raise ModelMismatch(f"chunk geometry {got}, expected {tuple(expect_geometry)}")
     n_l, n_h, n_d, n_t = h.n_layers, h.n_heads, h.head_dim, h.n_tokens
     n_c = n_h * n_d
+    if 2 * n_l * n_c * max(n_t, 1) > max_elements:
+        raise CorruptBitstream(f"chunk claims {2 * n_l * n_c * max(n_t, 1)} elements (limit {max_elements})")
     r = _Reader(buf, HEADER.size, end)
     base_exp = r.take("i1", n_l * 2).reshape(n_l, 2)
     if (np.abs(base_exp.astype(np.int32)) > 100).any():

@@ -30,13 +30,13 @@ def _cli_error(msg: str) -> Exception:
 
 def _eval(args: argparse.Namespace) -> int:
     from .errors import KVCodecError
-    from .levels import LEVEL_NAMES, TEXT
+    from .levels import LEVEL_NAMES
 
     try:
         text = Path(args.text).read_text()
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
-    levels = [s for s in args.levels.split(",") if s and s != TEXT]
+    levels = [s for s in args.levels.split(",") if s]
     for name in levels:
         if name not in LEVEL_NAMES and not name.startswith("code="):
             raise _cli_error(f"unknown level {name!r}; known: {', '.join(LEVEL_NAMES)} or code=N")
@@ -59,11 +59,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .errors import KVCodecError
 
+    text = None
+    if args.text:
+        try:
+            text = Path(args.text).read_text()
+        except OSError as exc:
+            raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+    import torch
+
+    torch.set_num_threads(args.threads)
     try:
         doc = run_bench(device=args.device, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
-                        tokens=args.tokens, level=args.level, repeats=args.repeats)
-    except RuntimeError as exc:
+                        tokens=args.tokens, level=args.level, repeats=args.repeats, text=text)
+    except (RuntimeError, ValueError, KVCodecError) as exc:
         raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc)
     return 0
@@ -94,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--text", required=True, help="plain-text file (ordinary English)")
     ev.add_argument("--prefix", type=int, default=1024, help="tokens whose KV is encoded (default 1024)")
     ev.add_argument("--score", type=int, default=256, help="tokens scored after the prefix (default 256)")
-    ev.add_argument("--levels", default="low,medium,high", help="comma list: ladder names or code=N")
+    ev.add_argument("--levels", default="low,medium,high",
+                    help="comma list: ladder names, code=N (custom step code), or text (the fallback)")
     ev.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (default 256)")
     ev.add_argument("--backend", choices=("auto", "numba", "torch"), default="auto")
     ev.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -109,6 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--tokens", type=int, default=256)
     be.add_argument("--level", default="medium")
     be.add_argument("--repeats", type=int, default=7)
+    be.add_argument("--text", help="use SmolLM2's real KV of this text instead of a synthetic chunk")
+    be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     be.add_argument("--json", help="write the report here (default stdout)")
     be.set_defaults(handler=_bench)
 

@@ -145,14 +145,15 @@ def encode_chunk(kv: KV, level: str | Level, *, fingerprint: int, raw_tokens: in
 
 def decode_chunk(data: bytes | bytearray | memoryview, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, expect_fingerprint: int | None = None,
-                 expect_geometry: tuple[int, int, int] | None = None,
-                 backend: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 expect_geometry: tuple[int, int, int] | None = None, backend: str = "auto",
+                 max_elements: int = bitstream.DEFAULT_MAX_ELEMENTS
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Decode one chunk to per-layer ``(K, V)`` ``[1, H, T, D]`` on ``device``.
 
     Raises ``TruncatedBitstream``, ``CorruptBitstream``, ``UnsupportedVersion`` or ``ModelMismatch``
-    (all ``KVCodecError``) for anything but a valid chunk.
+    (all ``KVCodecError``) for anything but a valid chunk; chunks above ``max_elements`` are refused.
     """
-    c = bitstream.unpack(data, expect_fingerprint, expect_geometry)
+    c = bitstream.unpack(data, expect_fingerprint, expect_geometry, max_elements)
     dev = torch.device(device)
     out_dtype = dtype or _DTYPES[c.dtype]
     n_ch = c.channels

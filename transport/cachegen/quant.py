@@ -110,21 +110,24 @@ def quantize(x: torch.Tensor, scales: TokenScales, step_codes: torch.Tensor, raw
     same integers: lossless, it only changes what the entropy coder sees.
     """
     n_layers, _, n_tok, n_ch = x.shape
-    q = torch.round(x / steps(scales.values, step_codes)).to(torch.int32)
-    q = q.transpose(2, 3)  # [L, 2, C, T]
+    # one copy into channel-major int16: every later pass is contiguous and half the bytes of int32
+    q = torch.round(x / steps(scales.values, step_codes)).to(torch.int16).transpose(2, 3).contiguous()
     if n_tok > raw_tokens:
         centers = q[..., raw_tokens:].median(dim=-1).values
     else:
-        centers = torch.zeros((n_layers, 2, n_ch), dtype=torch.int32, device=x.device)
+        centers = torch.zeros((n_layers, 2, n_ch), dtype=torch.int16, device=x.device)
     dev = q - centers[..., None]
     if raw_tokens:
         dev[..., :raw_tokens] = 0
-    diff = dev.clone()
-    diff[..., 1:] -= dev[..., :-1]
-    modes = diff.abs().sum(dim=-1) < dev.abs().sum(dim=-1)
+    diff = torch.empty_like(dev)
+    diff[..., :1] = dev[..., :1]
+    torch.sub(dev[..., 1:], dev[..., :-1], out=diff[..., 1:])
+    mad_dev = dev.abs().sum(dim=-1, dtype=torch.int64)
+    mad_diff = diff.abs().sum(dim=-1, dtype=torch.int64)
+    modes = mad_diff < mad_dev
     coded = torch.where(modes[..., None], diff, dev)
-    sym = (coded + SYMBOL_OFFSET).to(torch.uint8).contiguous()
-    cls = spread_class(coded.abs().sum(dim=-1, dtype=torch.int64), max(n_tok, 1))
+    sym = (coded + SYMBOL_OFFSET).to(torch.uint8)
+    cls = spread_class(torch.where(modes, mad_diff, mad_dev), max(n_tok, 1))
     kv = torch.arange(2, device=x.device).view(1, 2, 1)
     table_of = cls + (kv + 2 * modes.to(torch.int64)) * CLASSES_PER_KV
     return Quantized(sym, centers.to(torch.int8), modes.to(torch.uint8), table_of)
@@ -144,7 +147,9 @@ def spread_class(spread: torch.Tensor, n_tok: int) -> torch.Tensor:
 def dequantize(sym: torch.Tensor, centers: torch.Tensor, modes: torch.Tensor, scales: torch.Tensor,
                step_codes: torch.Tensor) -> torch.Tensor:
     """Inverse of ``quantize``: ``[L, 2, C, T]`` symbols -> ``[L, 2, T, C]`` fp32 values (exact products)."""
-    coded = sym.to(torch.int32) - SYMBOL_OFFSET
-    dev = torch.where(modes.to(torch.bool)[..., None], torch.cumsum(coded, dim=-1, dtype=torch.int32), coded)
-    q = dev + centers.to(torch.int32)[..., None]
+    coded = sym.to(torch.int16) - SYMBOL_OFFSET
+    delta = modes.to(torch.bool)
+    if bool(delta.any()):  # valid streams stay within int16; corrupt ones wrap harmlessly
+        coded = torch.where(delta[..., None], torch.cumsum(coded, dim=-1, dtype=torch.int16), coded)
+    q = coded + centers.to(torch.int16)[..., None]
     return q.transpose(2, 3).to(torch.float32) * steps(scales, step_codes)
