@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--text", required=True)
     ca.add_argument("--prefix", type=int, default=1024)
     ca.add_argument("--score", type=int, default=256)
-    ca.add_argument("--samples", type=int, default=16, help="Fisher label samples (backward passes)")
+    ca.add_argument("--samples", type=int, default=64, help="Fisher label samples (backward passes)")
     ca.add_argument("--threads", type=int, default=2)
     ca.add_argument("--key-bias", type=int, default=3, help="step codes added to key channels (default 3)")
     ca.add_argument("--with-sensitivity", action="store_true", help="also write the raw sensitivities")

@@ -261,7 +261,7 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> np.nd
     return sens
 
 
-def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 16, key_bias: int = 3,
+def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key_bias: int = 3,
               with_sensitivity: bool = False) -> dict[str, Any]:
     """A step profile for the loaded model: per-channel step-code offsets from Fisher sensitivities.
 
