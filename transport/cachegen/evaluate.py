@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .levels import LADDER, TEXT, Profile, get_level, offsets_from_sensitivity
+from .levels import LADDER, TEXT, Profile, get_level, offsets_from_sensitivity, profile_for
 from .quant import step_value
 from .smollm import LoadedModel, cache_from_kv, kv_from_cache, load_smollm2
 
@@ -205,7 +205,10 @@ def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 
     setup = prepare(text, prefix, n_score)
     _say(f"prefix {prefix} tokens prefilled, reference computed ({time.perf_counter() - t0:.1f} s)")
     out: dict[str, Any] = {"model": setup.lm.name, "prefix": prefix, "scored_tokens": n_score,
-                           "chunk_tokens": chunk_tokens, "levels": {}, "baselines": {}}
+                           "chunk_tokens": chunk_tokens, "ladder": describe_ladder(),
+                           "profile": profile_for(setup.lm.fingerprint, len(setup.kv), setup.elements
+                                                  // (2 * len(setup.kv) * prefix)).name,
+                           "levels": {}, "baselines": {}}
     for name in levels:
         if name == TEXT:
             out["levels"][name] = eval_text(setup)

@@ -14,7 +14,6 @@ level.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 
@@ -113,8 +112,3 @@ def profile_for(fingerprint: int, n_layers: int, channels: int) -> Profile:
             if prof.offsets.shape == (n_layers, 2, channels):
                 return prof
     return uniform_profile(n_layers, channels)
-
-
-def relative_step_of_code(code: int) -> float:
-    """For documentation and reports: the relative step a code stands for."""
-    return math.pow(2.0, (16 - code) / 8)

@@ -108,10 +108,4 @@ def slot_lut(freq: np.ndarray) -> np.ndarray:
     return np.repeat(syms, reps).reshape(n_tables, PROB_SCALE)
 
 
-def check_tables(freq: np.ndarray) -> bool:
-    """True if every table sums to exactly 4096 (what a decoder must verify before trusting one)."""
-    return bool(freq.size == 0 or (freq.sum(axis=1, dtype=np.int64) == PROB_SCALE).all())
-
-
-__all__ = ["PROB_BITS", "PROB_SCALE", "check_tables", "cumulative", "histogram", "normalize_counts",
-           "slot_lut"]
+__all__ = ["PROB_BITS", "PROB_SCALE", "cumulative", "histogram", "normalize_counts", "slot_lut"]
