@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "tokenwire.testbed.sim_cli",
     "tokenwire.daemon.bench_cli",
     "tokenwire.testbed.cli",
+    "tokenwire.transport.cachegen.cli",
 ]
 
 

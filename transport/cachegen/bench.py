@@ -1,0 +1,187 @@
+"""``tokenwire kv bench``: entropy-coder throughput next to zstd-1 on the same quantized symbols.
+
+MB/s counts symbols (one byte each) per second. "encode" is symbols -> bytes including the table build
+(histogram, normalisation); "decode" is bytes -> symbols including the decoder lookup tables. The full
+chunk pipeline (quantize + code, and back) is reported as ``codec_*`` in elements per second. Every number
+is the median of ``repeats`` runs, all measured in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codec, rans, rans_torch, tables
+from .bitstream import stream_channels_for
+from .levels import get_level, profile_for, uniform_profile
+from .quant import quantize, token_scales
+
+
+def synthetic_kv(layers: int, heads: int, head_dim: int, tokens: int, device: str, seed: int = 0
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KV with the statistics that matter to the codec: per-channel spread and offsets, a few outlier
+    key channels, per-token magnitude swings in values, and a strong first token (attention sink)."""
+    g = torch.Generator().manual_seed(seed)
+    c = heads * head_dim
+    out = []
+    for _ in range(layers):
+        k_scale = torch.exp(torch.empty(c).uniform_(-1.2, 1.1, generator=g))
+        k_scale[torch.randperm(c, generator=g)[: max(1, c // 50)]] *= 8.0
+        k_mean = torch.randn(c, generator=g) * k_scale * 0.5
+        k = torch.randn(tokens, c, generator=g) * k_scale + k_mean
+        v_scale = torch.exp(torch.empty(c).uniform_(-1.0, 0.5, generator=g))
+        tok = torch.exp(torch.randn(tokens, 1, generator=g) * 0.3)
+        v = torch.randn(tokens, c, generator=g) * v_scale * tok
+        if tokens:
+            k[0] *= 3.0
+            v[0] *= 0.2
+        shape = (1, tokens, heads, head_dim)
+        out.append((k.reshape(shape).permute(0, 2, 1, 3).contiguous().to(device),
+                    v.reshape(shape).permute(0, 2, 1, 3).contiguous().to(device)))
+    return out
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up (numba compile, CUDA init)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: int = 128, tokens: int = 256,
+              level: str = "medium", repeats: int = 7, text: str | None = None) -> dict[str, Any]:
+    """Throughput of the entropy coder on one realistic chunk, with zstd-1 as the reference.
+
+    By default the chunk is synthetic with Llama-3-8B's KV geometry; with ``text`` it is SmolLM2's real KV
+    of the first ``tokens`` tokens of that text (coded with SmolLM2's profile).
+    """
+    import zstandard
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no CUDA device")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if text is None:
+        kv = synthetic_kv(layers, heads, head_dim, tokens, device)
+        prof = uniform_profile(layers, heads * head_dim)
+        source = "synthetic"
+    else:
+        from .evaluate import prefix_kv
+
+        kv_cpu, fingerprint = prefix_kv(text, tokens)
+        kv = [(k.to(device), v.to(device)) for k, v in kv_cpu]
+        layers, heads, head_dim = len(kv), kv[0][0].shape[1], kv[0][0].shape[3]
+        prof = profile_for(fingerprint, layers, heads * head_dim)
+        source = "smollm2"
+    print(f"[kv bench] {source}: {layers} layers x {heads} heads x {head_dim} dims x {tokens} tokens",
+          file=sys.stderr, flush=True)
+    x, _ = codec.stack_kv(kv)
+    lv = get_level(level)
+    codes = torch.from_numpy(prof.step_codes(lv).astype(np.int64)).to(dev)
+    qz = quantize(x, token_scales(x), codes, raw_tokens=1)
+    used, table_of = torch.unique(qz.table_of, return_inverse=True)
+    n_tables = int(used.numel())
+    n_ch = heads * head_dim
+    g = stream_channels_for(tokens, n_ch)
+    n_streams = 2 * layers * n_ch // g
+    sym = qz.sym.reshape(n_streams, g * tokens)
+    seg_table = table_of.reshape(n_streams, g)
+    n_sym = sym.numel()
+
+    def build_tables() -> tuple[np.ndarray, np.ndarray]:
+        if device == "cuda":
+            cnt = torch.bincount((table_of[..., None] * 256 + qz.sym.to(torch.int64)).reshape(-1),
+                                 minlength=n_tables * 256).reshape(n_tables, 256).cpu().numpy()
+        else:
+            cnt = tables.histogram(sym.numpy(), seg_table.numpy().astype(np.int32), n_tables)
+        freq = tables.normalize_counts(cnt)
+        return freq, tables.cumulative(freq)
+
+    freq, cum = build_tables()
+    lut = tables.slot_lut(freq)
+    if device == "cuda":
+        f_t, c_t = torch.from_numpy(freq.astype(np.int64)), torch.from_numpy(cum.astype(np.int64))
+
+        def enc() -> Any:
+            fr, cu = build_tables()
+            return rans_torch.encode(sym, seg_table, torch.from_numpy(fr.astype(np.int64)),
+                                     torch.from_numpy(cu.astype(np.int64)))
+
+        words, counts = rans_torch.encode(sym, seg_table, f_t, c_t)
+        lut_t = torch.from_numpy(lut)
+
+        def dec() -> Any:
+            return rans_torch.decode(words, counts, g * tokens, seg_table, f_t, c_t, lut_t)
+
+        out_sym, status = dec()
+        n_words = int(words.numel())
+    else:
+        sym_np = sym.numpy()
+        seg_np = seg_table.numpy().astype(np.int32)
+
+        def enc() -> Any:
+            fr, cu = build_tables()
+            return rans.encode(sym_np, seg_np, fr, cu)
+
+        words_np, counts_np = rans.encode(sym_np, seg_np, freq, cum)
+
+        def dec() -> Any:
+            return rans.decode(words_np, counts_np, g * tokens, seg_np, freq, tables.cumulative(freq),
+                               tables.slot_lut(freq))
+
+        out_sym, status = dec()
+        n_words = int(words_np.size)
+    if status != rans.OK or not bool((torch.as_tensor(out_sym).to(dev) == sym).all()):
+        raise RuntimeError("round trip failed in the benchmark")
+    t_enc = _median_time(enc, repeats, sync)
+    t_dec = _median_time(dec, repeats, sync)
+
+    raw = sym.cpu().numpy().tobytes()
+    zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
+    zbytes = zc.compress(raw)
+    t_zenc = _median_time(lambda: zc.compress(raw), repeats, lambda: None)
+    t_zdec = _median_time(lambda: zd.decompress(zbytes), repeats, lambda: None)
+
+    def codec_enc() -> bytes:
+        return codec.encode_chunk(kv, lv, fingerprint=0, raw_tokens=1, profile=prof)
+
+    chunk = codec_enc()
+    t_cenc = _median_time(codec_enc, repeats, sync)
+    t_cdec = _median_time(lambda: codec.decode_chunk(chunk, device=device), repeats, sync)
+    doc = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "backend": "torch" if device == "cuda" else "numba",
+        "symbols": n_sym,
+        "source": source,
+        "shape": {"layers": layers, "kv_heads": heads, "head_dim": head_dim, "tokens": tokens},
+        "level": lv.name,
+        "encode_MBps": n_sym / t_enc / 1e6,
+        "decode_MBps": n_sym / t_dec / 1e6,
+        "zstd1_encode_MBps": n_sym / t_zenc / 1e6,
+        "zstd1_decode_MBps": n_sym / t_zdec / 1e6,
+        # words (incl. each stream's final state) + one u16 word count per stream
+        "rans_bits_per_symbol": (16 * n_words + 16 * n_streams) / n_sym,
+        "zstd1_bits_per_symbol": 8 * len(zbytes) / n_sym,
+        "codec_bits_per_element": 8 * len(chunk) / n_sym,
+        "codec_encode_MBps": n_sym / t_cenc / 1e6,
+        "codec_decode_MBps": n_sym / t_cdec / 1e6,
+        "threads": {"numba": int(os.environ.get("NUMBA_NUM_THREADS", 0)) or None,
+                    "torch": torch.get_num_threads()},
+        "repeats": repeats,
+    }
+    for key in ("encode", "decode"):
+        ours, ref = doc[f"{key}_MBps"], doc[f"zstd1_{key}_MBps"]
+        print(f"[kv bench] rANS {key} {ours:.0f} MB/s, zstd-1 {ref:.0f} MB/s", file=sys.stderr)
+    return doc

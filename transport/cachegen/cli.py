@@ -1,0 +1,137 @@
+"""``tokenwire kv ...``: measure the KV codec (eval on the real model, throughput bench, calibration).
+
+Top level imports argparse only; torch, numba and transformers load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) -> None:
+    text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=2)
+    if path and path != "-":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def _cli_error(msg: str) -> Exception:
+    from tokenwire.daemon.cli import CLIError
+
+    return CLIError(msg)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .errors import KVCodecError
+    from .levels import LEVEL_NAMES
+
+    try:
+        text = Path(args.text).read_text()
+    except OSError as exc:
+        raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+    levels = [s for s in args.levels.split(",") if s]
+    for name in levels:
+        if name not in LEVEL_NAMES and not name.startswith("code="):
+            raise _cli_error(f"unknown level {name!r}; known: {', '.join(LEVEL_NAMES)} or code=N")
+    import torch
+
+    from .evaluate import run_eval
+    from .smollm import ModelUnavailable
+
+    torch.set_num_threads(args.threads)
+    try:
+        doc = run_eval(text, args.prefix, levels, chunk_tokens=args.chunk_tokens, n_score=args.score,
+                       backend=args.backend)
+    except ModelUnavailable as exc:
+        raise _cli_error(str(exc)) from exc
+    except (ValueError, KVCodecError) as exc:
+        raise _cli_error(str(exc)) from exc
+    _write_json(args.json, doc)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .errors import KVCodecError
+
+    text = None
+    if args.text:
+        try:
+            text = Path(args.text).read_text()
+        except OSError as exc:
+            raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        doc = run_bench(device=args.device, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
+                        tokens=args.tokens, level=args.level, repeats=args.repeats, text=text)
+    except (RuntimeError, ValueError, KVCodecError) as exc:
+        raise _cli_error(str(exc)) from exc
+    _write_json(args.json, doc)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .evaluate import calibrate
+
+    try:
+        text = Path(args.text).read_text()
+    except OSError as exc:
+        raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+    import torch
+
+    torch.set_num_threads(args.threads)
+    doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
+                    with_sensitivity=args.with_sensitivity)
+    _write_json(args.json, doc, compact=True)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("kv", help="KV-cache codec: quality eval, throughput bench, calibration")
+    kv_sub = parser.add_subparsers(dest="kv_command", metavar="KV_COMMAND")
+    kv_sub.required = True
+
+    ev = kv_sub.add_parser("eval", help="size and quality of each level on the real SmolLM2-135M")
+    ev.add_argument("--text", required=True, help="plain-text file (ordinary English)")
+    ev.add_argument("--prefix", type=int, default=1024, help="tokens whose KV is encoded (default 1024)")
+    ev.add_argument("--score", type=int, default=256, help="tokens scored after the prefix (default 256)")
+    ev.add_argument("--levels", default="low,medium,high",
+                    help="comma list: ladder names, code=N (custom step code), or text (the fallback)")
+    ev.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (default 256)")
+    ev.add_argument("--backend", choices=("auto", "numba", "torch"), default="auto")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ev.add_argument("--json", help="write the report here (default stdout)")
+    ev.set_defaults(handler=_eval)
+
+    be = kv_sub.add_parser("bench", help="entropy-coder throughput vs zstd-1 on the same symbols")
+    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    be.add_argument("--layers", type=int, default=32, help="default: a Llama-3-8B 256-token chunk")
+    be.add_argument("--heads", type=int, default=8)
+    be.add_argument("--head-dim", type=int, default=128)
+    be.add_argument("--tokens", type=int, default=256)
+    be.add_argument("--level", default="medium")
+    be.add_argument("--repeats", type=int, default=7)
+    be.add_argument("--text", help="use SmolLM2's real KV of this text instead of a synthetic chunk")
+    be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    be.add_argument("--json", help="write the report here (default stdout)")
+    be.set_defaults(handler=_bench)
+
+    ca = kv_sub.add_parser("calibrate", help="measure per-head sensitivity and write a step profile")
+    ca.add_argument("--text", required=True)
+    ca.add_argument("--prefix", type=int, default=1024)
+    ca.add_argument("--score", type=int, default=256)
+    ca.add_argument("--samples", type=int, default=64, help="Fisher label samples (backward passes)")
+    ca.add_argument("--threads", type=int, default=2)
+    ca.add_argument("--key-bias", type=int, default=3, help="step codes added to key channels (default 3)")
+    ca.add_argument("--with-sensitivity", action="store_true", help="also write the raw sensitivities")
+    ca.add_argument("--json", help="write the profile here (default stdout)")
+    ca.set_defaults(handler=_calibrate)

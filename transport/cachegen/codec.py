@@ -1,0 +1,221 @@
+"""Encode and decode KV chunks: quantizer (``quant``) + table bank (``tables``) + rANS (``rans``).
+
+Input KV is a sequence of per-layer ``(K, V)`` tensors shaped ``[1, H, T, D]`` (transformers layout) or
+``[H, T, D]``, any float dtype, on CUDA or CPU. Decoding returns ``[1, H, T, D]`` tensors.
+
+Backends: ``"numba"`` (CPU, multi-threaded), ``"torch"`` (vectorized, on the tensors' device: the GPU path)
+or ``"auto"`` (torch on CUDA, numba on CPU). Both produce the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import bitstream, rans, rans_torch, tables
+from .bitstream import Chunk
+from .errors import CorruptBitstream, InvalidInput
+from .levels import Level, Profile, get_level, profile_for
+from .quant import dequantize, quantize, scale_values, token_scales
+
+KV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    n_tokens: int
+
+
+def stack_kv(kv: KV) -> tuple[torch.Tensor, Geometry]:
+    """``[L, 2, T, C]`` fp32 view of a per-layer KV list (channel = head * head_dim + dim)."""
+    if len(kv) == 0:
+        raise InvalidInput("no layers")
+    rows = []
+    shape = None
+    for k, v in kv:
+        for t in (k, v):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise InvalidInput("KV entries must be floating-point tensors")
+        if k.shape != v.shape:
+            raise InvalidInput(f"K {tuple(k.shape)} and V {tuple(v.shape)} differ")
+        if k.dim() == 4:
+            if k.shape[0] != 1:
+                raise InvalidInput("batch size must be 1")
+            k, v = k[0], v[0]
+        if k.dim() != 3:
+            raise InvalidInput("expected [1, H, T, D] or [H, T, D] tensors")
+        if shape is None:
+            shape = tuple(k.shape)
+        elif tuple(k.shape) != shape:
+            raise InvalidInput("all layers must have the same shape")
+        h, t, d = k.shape
+        rows.append(torch.stack([k.permute(1, 0, 2).reshape(t, h * d), v.permute(1, 0, 2).reshape(t, h * d)]))
+    assert shape is not None
+    x = torch.stack(rows).to(torch.float32)
+    return x, Geometry(len(kv), shape[0], shape[2], shape[1])
+
+
+def unstack_kv(x: torch.Tensor, n_heads: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of ``stack_kv``: ``[L, 2, T, C]`` -> per-layer ``(K, V)`` of shape ``[1, H, T, D]``."""
+    n_layers, _, n_tok, n_ch = x.shape
+    y = x.reshape(n_layers, 2, n_tok, n_heads, n_ch // n_heads).permute(0, 1, 3, 2, 4).to(dtype)
+    return [(y[i, 0][None].contiguous(), y[i, 1][None].contiguous()) for i in range(n_layers)]
+
+
+def _use_torch(backend: str, device: torch.device) -> bool:
+    if backend not in ("auto", "numba", "torch"):
+        raise InvalidInput(f"unknown backend {backend!r}")
+    return backend == "torch" or (backend == "auto" and device.type != "cpu")
+
+
+def encode_chunk(kv: KV, level: str | Level, *, fingerprint: int, raw_tokens: int = 0,
+                 profile: Profile | None = None, backend: str = "auto") -> bytes:
+    """Encode one chunk of tokens at one level into a self-contained bitstream.
+
+    ``raw_tokens`` leading tokens are stored exactly (fp16): pass the level's ``sink_tokens`` for the chunk
+    that starts the sequence (``encode_sequence`` does). ``profile`` defaults to the shipped profile whose
+    fingerprint matches, else uniform steps.
+    """
+    lv = get_level(level)
+    x, geo = stack_kv(kv)
+    in_dtype = _DTYPE_NAMES.get(kv[0][0].dtype)
+    if in_dtype is None:
+        raise InvalidInput(f"unsupported dtype {kv[0][0].dtype}")
+    if geo.n_tokens > bitstream.MAX_TOKENS:
+        raise InvalidInput(f"chunk of {geo.n_tokens} tokens; the format allows {bitstream.MAX_TOKENS}")
+    if not 0 <= raw_tokens <= min(geo.n_tokens, 255):
+        raise InvalidInput("raw_tokens out of range")
+    if geo.n_layers > 65535 or geo.n_heads > 65535 or geo.head_dim > 65535:
+        raise InvalidInput("geometry too large")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInput("KV contains NaN or infinity")
+    if geo.n_tokens and float(x.abs().amax()) >= 2.0**100:
+        raise InvalidInput("KV magnitude beyond 2**100")
+    prof = profile or profile_for(fingerprint, geo.n_layers, geo.n_heads * geo.head_dim)
+    if prof.offsets.shape != (geo.n_layers, 2, geo.n_heads * geo.head_dim):
+        raise InvalidInput(f"profile {prof.name} does not fit this model's geometry")
+    codes_np = prof.step_codes(lv)
+    dev = x.device
+    step_codes = torch.from_numpy(codes_np.astype(np.int64)).to(dev)
+    scales = token_scales(x)
+    qz = quantize(x, scales, step_codes, raw_tokens)
+    n_ch = geo.n_heads * geo.head_dim
+    g = bitstream.stream_channels_for(geo.n_tokens, n_ch)
+    if geo.n_tokens:
+        used, table_of = torch.unique(qz.table_of, return_inverse=True)
+        n_tables = int(used.numel())
+        n_streams = 2 * geo.n_layers * n_ch // g
+        sym = qz.sym.reshape(n_streams, g * geo.n_tokens)
+        seg_table = table_of.reshape(n_streams, g)
+        if _use_torch(backend, dev):
+            counts = torch.bincount((table_of[..., None] * 256 + qz.sym.to(torch.int64)).reshape(-1),
+                                    minlength=n_tables * 256).reshape(n_tables, 256)
+            freq = tables.normalize_counts(counts.cpu().numpy())
+            cum = tables.cumulative(freq)
+            w, cnt = rans_torch.encode(sym, seg_table, torch.from_numpy(freq.astype(np.int64)),
+                                       torch.from_numpy(cum.astype(np.int64)))
+            words, wcounts = w.cpu().numpy().astype(np.uint16), cnt.cpu().numpy()
+        else:
+            sym_np = sym.cpu().numpy()
+            seg_np = seg_table.cpu().numpy().astype(np.int32)
+            freq = tables.normalize_counts(tables.histogram(sym_np, seg_np, n_tables))
+            cum = tables.cumulative(freq)
+            words, wcounts = rans.encode(sym_np, seg_np, freq, cum)
+        table_of_np = table_of.cpu().numpy().astype(np.uint8)
+    else:
+        freq = np.zeros((0, 256), np.uint32)
+        words, wcounts = np.zeros(0, np.uint16), np.zeros(0, np.uint32)
+        table_of_np = np.zeros((geo.n_layers, 2, n_ch), np.uint8)
+    raw32 = x[:, :, :raw_tokens].permute(2, 0, 1, 3).cpu()
+    fits16 = raw32.numel() == 0 or float(raw32.abs().max()) <= 65504.0
+    raw = (raw32.to(torch.float16) if fits16 else raw32).numpy()
+    chunk = Chunk(lv.level_id, fingerprint, geo.n_layers, geo.n_heads, geo.head_dim, geo.n_tokens, in_dtype,
+                  raw_tokens, g, codes_np, scales.base_exp.cpu().numpy(), scales.codes.cpu().numpy(),
+                  qz.centers.cpu().numpy(), qz.modes.cpu().numpy(), table_of_np, freq, raw, wcounts, words)
+    return bitstream.pack(chunk)
+
+
+def decode_chunk(data: bytes | bytearray | memoryview, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, expect_fingerprint: int | None = None,
+                 expect_geometry: tuple[int, int, int] | None = None, backend: str = "auto",
+                 max_elements: int = bitstream.DEFAULT_MAX_ELEMENTS
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode one chunk to per-layer ``(K, V)`` ``[1, H, T, D]`` on ``device``.
+
+    Raises ``TruncatedBitstream``, ``CorruptBitstream``, ``UnsupportedVersion`` or ``ModelMismatch``
+    (all ``KVCodecError``) for anything but a valid chunk; chunks above ``max_elements`` are refused.
+    """
+    c = bitstream.unpack(data, expect_fingerprint, expect_geometry, max_elements)
+    dev = torch.device(device)
+    out_dtype = dtype or _DTYPES[c.dtype]
+    n_ch = c.channels
+    shape = (c.n_layers, 2, n_ch, c.n_tokens)
+    if c.n_tokens:
+        freq = c.freq
+        cum = tables.cumulative(freq)
+        lut = tables.slot_lut(freq)
+        n_streams = c.n_streams
+        seg_table = c.table_of.reshape(n_streams, c.stream_channels).astype(np.int32)
+        n = c.stream_channels * c.n_tokens
+        if _use_torch(backend, dev):
+            sym_t, status = rans_torch.decode(
+                torch.from_numpy(c.words.astype(np.int32)).to(dev),
+                torch.from_numpy(c.counts.astype(np.int64)), n, torch.from_numpy(seg_table),
+                torch.from_numpy(freq.astype(np.int64)), torch.from_numpy(cum.astype(np.int64)),
+                torch.from_numpy(lut))
+        else:
+            sym_np, status = rans.decode(c.words, c.counts.astype(np.uint32), n, seg_table, freq, cum, lut)
+            sym_t = torch.from_numpy(sym_np)
+        if status != rans.OK:
+            raise CorruptBitstream(f"entropy-coded payload does not decode (status {status})")
+        sym = sym_t.reshape(shape).to(dev)
+    else:
+        sym = torch.zeros(shape, dtype=torch.uint8, device=dev)
+    codes = torch.from_numpy(c.step_codes.astype(np.int64)).to(dev)
+    scales = scale_values(torch.from_numpy(c.base_exp.astype(np.int32)).to(dev),
+                          torch.from_numpy(c.scale_codes).to(dev))
+    x = dequantize(sym, torch.from_numpy(c.centers).to(dev), torch.from_numpy(c.modes).to(dev), scales, codes)
+    if c.raw_tokens:
+        x[:, :, :c.raw_tokens] = torch.from_numpy(c.raw).to(dev).permute(1, 2, 0, 3).to(torch.float32)
+    return unstack_kv(x, c.n_heads, out_dtype)
+
+
+def split_tokens(kv: KV, chunk_tokens: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Cut a KV cache into chunks of ``chunk_tokens`` tokens along the token axis (last one shorter)."""
+    if chunk_tokens <= 0:
+        raise InvalidInput("chunk_tokens must be positive")
+    n_tok = kv[0][0].shape[-2]
+    return [[(k[..., s:s + chunk_tokens, :], v[..., s:s + chunk_tokens, :]) for k, v in kv]
+            for s in range(0, n_tok, chunk_tokens)]
+
+
+def concat_tokens(chunks: Sequence[KV]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of ``split_tokens``."""
+    n_layers = len(chunks[0])
+    return [(torch.cat([c[i][0] for c in chunks], dim=-2), torch.cat([c[i][1] for c in chunks], dim=-2))
+            for i in range(n_layers)]
+
+
+def encode_sequence(kv: KV, level: str | Level, *, fingerprint: int, chunk_tokens: int = 256,
+                    profile: Profile | None = None, backend: str = "auto") -> list[bytes]:
+    """Encode a whole prefix KV as independent chunks; the first keeps the level's sink tokens exact."""
+    lv = get_level(level)
+    out = []
+    for i, part in enumerate(split_tokens(kv, chunk_tokens)):
+        raw = min(lv.sink_tokens, part[0][0].shape[-2]) if i == 0 else 0
+        out.append(encode_chunk(part, lv, fingerprint=fingerprint, raw_tokens=raw, profile=profile,
+                                backend=backend))
+    return out
+
+
+def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode chunks from ``encode_sequence`` and join them along the token axis."""
+    return concat_tokens([decode_chunk(c, **kwargs) for c in chunks])
