@@ -10,6 +10,7 @@ ephemeral self-signed certificate, so a fresh install streams something without 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import hashlib
@@ -20,6 +21,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .marking import MarkingConfig, effective_congestion, parse_marking
 
 DEFAULT_PATH = Path("/etc/tokenwire/tokenwire.toml")
 
@@ -119,6 +122,7 @@ class Config:
     ingest: IngestConfig = IngestConfig()
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig("demo", "demo", {}),)
     routes: tuple[Route, ...] = (Route("*", "demo"),)
+    marking: MarkingConfig = field(default_factory=MarkingConfig)
 
     def route(self, model: str | None) -> UpstreamConfig:
         """The upstream serving ``model`` (first matching route)."""
@@ -342,9 +346,17 @@ def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     """Validate an already-parsed TOML document."""
-    top = _Section("", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes"))
+    top = _Section(
+        "", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes", "marking")
+    )
     base = path.parent if path is not None else None
     server = _server(top.get("server", {}), base)
+    marking = parse_marking(top.get("marking", {}), base, _Section, ConfigError)
+    server_table = top.get("server", {})
+    cc = effective_congestion(marking, server_table.get("congestion") if isinstance(server_table, dict) else None,
+                              ConfigError)
+    if cc is not None:
+        server = dataclasses.replace(server, congestion=cc)
     log = _Section("logging", top.get("logging", {}), ("level", "format"))
     metrics = _Section("metrics", top.get("metrics", {}), ("listen",))
     mlisten = metrics.str("listen", "127.0.0.1:9464")
@@ -364,6 +376,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         ingest=IngestConfig(sock),
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),
+        marking=marking,
     )
 
 

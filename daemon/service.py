@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.asyncio import serve as quic_serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
@@ -31,7 +30,7 @@ from aioquic.quic.connection import QuicConnection
 from tokenwire.transport.chatterbox import SenderStats
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.frames import Request
-from tokenwire.transport.quic_io import SessionProtocol, tune_socket
+from tokenwire.transport.quic_io import SessionProtocol, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session import (
     ClientReport,
@@ -51,6 +50,7 @@ from tokenwire.transport.tls import (
 
 from .config import Config, ConfigError, load_config
 from .ingest import IngestAPI, serve_ingest
+from .marking import MarkingService
 from .sd_notify import Notifier
 from .telemetry import Metrics, serve_metrics
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
@@ -72,6 +72,7 @@ class DaemonProtocol(SessionProtocol):
                 max_requests=limits.max_requests_per_connection,
                 max_redundant_tokens=limits.max_redundant_tokens,
                 max_request_bytes=limits.max_request_bytes,
+                marking=daemon.marking.new_policy(),
             ),
         )
         self.daemon = daemon
@@ -84,6 +85,7 @@ class DaemonProtocol(SessionProtocol):
         self.ended = False
         self._reported = SenderStats()
         self._reported_acks = 0
+        self._reported_ce = 0
         daemon.protocols.add(self)
         daemon.metrics.sessions.inc()
         daemon.metrics.sessions_total.inc()
@@ -143,12 +145,16 @@ class DaemonProtocol(SessionProtocol):
         acks = self.server_session.acks_received
         m.acks.inc(max(0, acks - self._reported_acks))
         self._reported, self._reported_acks = now, acks
+        ce = (self.server_session._last_ecn or [0, 0, 0, 0])[3]  # the client's cumulative CE counter
+        self.daemon.marking.add_ce(ce - self._reported_ce)
+        self._reported_ce = max(ce, self._reported_ce)
 
 
 class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.marking = MarkingService(config.marking, self.metrics)
         self.store = TranscriptStore(
             max_bytes=int(config.limits.transcript_memory_mb * (1 << 20)), retain_s=config.limits.transcript_retain_s
         )
@@ -183,8 +189,11 @@ class Daemon:
                 idle_timeout=cfg.server.idle_timeout_s,
             )
         factory = functools.partial(DaemonProtocol, daemon=self)
+        self.marking.start()
         for host, port in cfg.server.listen:
-            server = await quic_serve(host, port, configuration=quic_config, create_protocol=factory)
+            server = await serve_quic(
+                host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
+            )
             tune_socket(server._transport)
             self._servers.append(server)
             sockname = server._transport.get_extra_info("sockname")
@@ -227,6 +236,8 @@ class Daemon:
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             for proto in list(self.protocols):
                 proto.flush_counters()
+            for server in self._servers:
+                self.marking.collect_transport(server._transport)
             self.notifier.watchdog()
             if now - last_status >= 10:
                 self.notifier.status(self.status_line())
@@ -243,7 +254,7 @@ class Daemon:
             return False
         ignored = [
             k
-            for k in ("server", "metrics", "ingest", "upstreams", "routes")
+            for k in ("server", "metrics", "ingest", "upstreams", "routes", "marking")
             if getattr(new, k) != getattr(self.config, k)
         ]
         if ignored:

@@ -334,3 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--plot", metavar="PATH", help="write a PNG (delay CDF + stall timeline)")
     cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")
     cmp.set_defaults(handler=cmd_compare)
+
+    from .swiftqueue_cli import register_swiftqueue
+
+    register_swiftqueue(tsub)

@@ -199,6 +199,7 @@ class DualPI2(Queue):
         self._l: deque[Packet] = deque()  # self._q is the C queue
         self._rng = random.Random(f"dualpi2:{self.p.seed}")
         self.prob = 0.0  # the base probability p'
+        self.l_bytes = 0  # bytes waiting in the L queue (the rest of backlog_bytes is in C)
         self._last_qdelay = 0.0
         self._wc = self.p.c_protection
         self._wl = 100 - self.p.c_protection
@@ -243,6 +244,7 @@ class DualPI2(Queue):
             return False
         if is_l:
             self._l.append(pkt)
+            self.l_bytes += pkt.size
             self.packets_in_l += 1
         else:
             self._q.append(pkt)
@@ -310,6 +312,7 @@ class DualPI2(Queue):
             c_len = len(self._q)
             if self._l and (not c_len or self._credit <= 0):
                 pkt = self._l.popleft()
+                self.l_bytes -= pkt.size
                 credit_change = self._wc if c_len else 0
             elif c_len:
                 pkt = self._q.popleft()

@@ -16,6 +16,7 @@ and answers :meth:`MarkingPolicy.codepoint` for the next packet(s). Sans-I/O: ti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -91,14 +92,22 @@ class SwiftQueuePolicy:
         hysteresis_ms: float = 0.5,
         classic: int = ECT0,
         cold_start: int = ECT1,
+        probe_interval_s: float = 0.0,
     ) -> None:
+        if margin_ms < 0 or hysteresis_ms < 0 or probe_interval_s < 0:
+            raise ValueError("margin_ms, hysteresis_ms and probe_interval_s must be >= 0")
         self.forecaster = forecaster
         self.margin_ms = margin_ms
         self.hysteresis_ms = hysteresis_ms
         self.classic = classic
+        self.probe_interval_s = probe_interval_s
         self._current = cold_start
-        self.decisions = {"l": 0, "c": 0, "cold": 0}
+        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0}
         self.last_prediction: tuple[float, float] | None = None
+        # when the last latency sample of each queue arrived, and when we last probed (see _probe)
+        self._last_sample = {True: -math.inf, False: -math.inf}
+        self._last_probe = -math.inf
+        self._floor_ms = math.inf  # lowest latency sample seen: the path's propagation floor
 
     def codepoint(self, now: float) -> int:
         pred = self.forecaster.predict(now)
@@ -112,10 +121,36 @@ class SwiftQueuePolicy:
             self._current = self.classic
         elif self._current != ECT1 and gain > self.hysteresis_ms:
             self._current = ECT1
+        current_ms = pred_l if self._current == ECT1 else pred_c
+        if self._probe(now, current_ms):
+            self.decisions["probe"] += 1
+            return self.classic if self._current == ECT1 else ECT1
         self.decisions["l" if self._current == ECT1 else "c"] += 1
         return self._current
 
+    def _probe(self, now: float, current_ms: float) -> bool:
+        """One packet into the unused queue when its latest sample is older than ``probe_interval_s``.
+
+        Every ack teaches the forecaster only about the queue its packet used; without an occasional probe
+        the prediction for the other queue would stay frozen at whatever it was when the flow left it, and a
+        flow that fled a congested L queue would never come back. A probe can only pay off when the current
+        queue is predicted slower than the fastest latency this flow has ever seen (the path's floor) by more
+        than margin + hysteresis; otherwise no queue can beat it and probing would only add tail latency.
+        Probes are rate-limited to one per interval.
+        """
+        if self.probe_interval_s <= 0 or current_ms <= self._floor_ms + self.margin_ms + self.hysteresis_ms:
+            return False
+        other_is_l = self._current != ECT1
+        if now - self._last_sample[other_is_l] < self.probe_interval_s:
+            return False
+        if now - self._last_probe < self.probe_interval_s:
+            return False
+        self._last_probe = now
+        return True
+
     def on_sample(self, sample: LatencySample) -> None:
+        self._last_sample[sample.queue_l] = max(self._last_sample[sample.queue_l], sample.ack_at)
+        self._floor_ms = min(self._floor_ms, sample.latency_ms)
         self.forecaster.observe(sample)
 
 
@@ -124,13 +159,20 @@ class OraclePolicy:
 
     name = "oracle"
 
-    def __init__(self, queue_delays: Callable[[float], tuple[float, float]], classic: int = ECT0) -> None:
+    def __init__(self, queue_delays: Callable[[float], tuple[float, float] | None], classic: int = ECT0) -> None:
         self.queue_delays = queue_delays
         self.classic = classic
+        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0}
 
     def codepoint(self, now: float) -> int:
-        l_ms, c_ms = self.queue_delays(now)
-        return ECT1 if l_ms <= c_ms else self.classic
+        est = self.queue_delays(now)
+        if est is None:  # the emulator has not published its state yet
+            self.decisions["cold"] += 1
+            return ECT1
+        l_ms, c_ms = est
+        cp = ECT1 if l_ms <= c_ms else self.classic
+        self.decisions["l" if cp == ECT1 else "c"] += 1
+        return cp
 
     def on_sample(self, sample: LatencySample) -> None:
         pass

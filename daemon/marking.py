@@ -1,0 +1,190 @@
+"""The daemon's ``[marking]`` section: per-packet ECN marking of token packets, and its metrics.
+
+Kept out of ``config.py``/``service.py`` (which only call :func:`parse_marking` and
+:class:`MarkingService`) so the ECN path stays one module::
+
+    [marking]
+    policy = "swiftqueue"        # "" (off: plain UDP socket) | classic | l4s | swiftqueue
+    model = ""                   # ONNX latency model; "" = the one shipped with tokenwire.predictor
+    margin_ms = 1.0              # swiftqueue: ECT(1) when pred_L + margin < pred_C ...
+    hysteresis_ms = 1.0          # ... leaving the current queue only when the gain passes this band
+    probe_interval_s = 0.25      # swiftqueue: at most one packet per interval into the unused queue
+    classic_codepoint = "ect0"   # what classic packets carry: ect0 | not-ect
+
+With a policy the daemon's QUIC sockets are the ECN-capable transport (``sendmsg`` + ``IP_TOS`` per
+packet, ``IP_RECVTOS``); policies that send ECT(1) (``l4s``, ``swiftqueue``) run the scalable ``prague``
+congestion controller, which is chosen automatically (an explicit other ``server.congestion`` is an error).
+``swiftqueue`` loads the latency model once at start; a missing or corrupt model logs a warning and the
+daemon marks like ``l4s`` instead (it keeps serving).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenwire.transport.marking import MarkingPolicy
+
+    from .telemetry import Metrics
+
+log = logging.getLogger("tokenwire.daemon.marking")
+
+POLICIES = ("classic", "l4s", "swiftqueue")
+ECT1_POLICIES = ("l4s", "swiftqueue")
+CODEPOINT_LABELS = ("not-ect", "ect1", "ect0", "ce")  # index = ECN codepoint value
+KEYS = ("policy", "model", "margin_ms", "hysteresis_ms", "probe_interval_s", "classic_codepoint")
+
+
+@dataclass(frozen=True)
+class MarkingConfig:
+    policy: str | None = None  # None: marking off, the plain UDP socket
+    model: Path | None = None
+    margin_ms: float = 1.0
+    hysteresis_ms: float = 1.0
+    probe_interval_s: float = 0.25
+    classic_codepoint: str = "ect0"
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not None
+
+    @property
+    def marks_ect1(self) -> bool:
+        return self.policy in ECT1_POLICIES
+
+
+def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: type[Exception]) -> MarkingConfig:
+    """Validate ``[marking]`` with config.py's section helper (passed in to avoid an import cycle)."""
+    s = section_cls("marking", table, KEYS)
+    policy = s.str("policy", "") or None
+    if policy is not None and policy not in POLICIES:
+        raise error_cls(f"marking.policy: expected one of {', '.join(POLICIES)} (or \"\" for off), got {policy!r}")
+    model = s.path("model", base, must_exist=True)
+    if model is not None and policy != "swiftqueue":
+        raise error_cls("marking.model: only the swiftqueue policy uses a model (set marking.policy)")
+    return MarkingConfig(
+        policy=policy,
+        model=model,
+        margin_ms=s.num("margin_ms", 1.0, 0.0, 1000.0),
+        hysteresis_ms=s.num("hysteresis_ms", 1.0, 0.0, 1000.0),
+        probe_interval_s=s.num("probe_interval_s", 0.25, 0.0, 60.0),
+        classic_codepoint=s.str("classic_codepoint", "ect0", ("ect0", "not-ect")) or "ect0",
+    )
+
+
+def effective_congestion(marking: MarkingConfig, explicit: str | None, error_cls: type[Exception]) -> str | None:
+    """The congestion controller the marking policy needs, or None to keep ``server.congestion``.
+
+    ECT(1) packets land in the L queue, whose AQM marks CE early and often: only a scalable response
+    (``prague``) keeps such a flow from collapsing its own window (RFC 9331 §4.3).
+    """
+    if not marking.marks_ect1:
+        return None
+    if explicit is not None and explicit != "prague":
+        raise error_cls(
+            f"server.congestion: {explicit!r} cannot carry ECT(1) packets (marking.policy = "
+            f"{marking.policy!r}); use \"prague\" or leave it unset"
+        )
+    return "prague"
+
+
+class MarkingService:
+    """Builds each connection's policy and exports the ECN counters as Prometheus metrics."""
+
+    def __init__(self, cfg: MarkingConfig, metrics: Metrics) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.cfg = cfg
+        self.effective_policy = cfg.policy
+        self._factory: Callable[[], MarkingPolicy] | None = None
+        r = metrics.registry
+        self.packets = Counter("tokenwire_ecn_packets_total", "UDP datagrams sent, by ECN codepoint",
+                               ["codepoint"], registry=r)
+        self.received = Counter("tokenwire_ecn_received_total", "UDP datagrams received, by ECN codepoint",
+                                ["codepoint"], registry=r)
+        self.ce = Counter("tokenwire_ecn_ce_total", "Sent packets that clients reported as CE-marked",
+                          registry=r)
+        self.l_share = Gauge("tokenwire_ecn_l_share", "Share of sent datagrams marked ECT(1) (the L queue)",
+                             registry=r)
+        self.policy_info = Gauge("tokenwire_marking_policy", "The marking policy in use (1 for the active one)",
+                                 ["policy"], registry=r)
+        self._sent_seen: dict[int, list[int]] = {}
+        self._recv_seen: dict[int, list[int]] = {}
+        self._sent_total = [0, 0, 0, 0]
+
+    # -- policies ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load what the policy needs (the latency model), once; fall back to ``l4s`` if it cannot load."""
+        from tokenwire.transport.ecn_socket import ECT0, NOT_ECT
+        from tokenwire.transport.marking import ClassicPolicy, L4SPolicy, SwiftQueuePolicy
+
+        cfg = self.cfg
+        classic = ECT0 if cfg.classic_codepoint == "ect0" else NOT_ECT
+        if cfg.policy == "classic":
+            self._factory = lambda: ClassicPolicy(ect0=classic == ECT0)
+        elif cfg.policy == "l4s":
+            self._factory = L4SPolicy
+        elif cfg.policy == "swiftqueue":
+            loader = _forecaster_loader(cfg.model)
+            if loader is None:
+                self.effective_policy = "l4s"
+                self._factory = L4SPolicy
+            else:
+                self._factory = lambda: SwiftQueuePolicy(
+                    loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
+                    probe_interval_s=cfg.probe_interval_s, classic=classic,
+                )  # fmt: skip
+        if self.effective_policy:
+            self.policy_info.labels(policy=self.effective_policy).set(1)
+        log.info("ECN marking: policy %s%s", self.effective_policy,
+                 "" if self.effective_policy == cfg.policy else f" (configured {cfg.policy}; model unavailable)")
+
+    def new_policy(self) -> MarkingPolicy | None:
+        """A fresh policy for one connection (its forecaster keeps that connection's history)."""
+        return self._factory() if self._factory is not None else None
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def collect_transport(self, transport: Any) -> None:
+        """Add a socket's per-codepoint counters since the last call (sent and received)."""
+        sent = getattr(transport, "sent_by_codepoint", None)
+        recv = getattr(transport, "received_by_codepoint", None)
+        if sent is None or recv is None:
+            return
+        key = id(transport)
+        for counts, seen, metric in ((sent, self._sent_seen, self.packets), (recv, self._recv_seen, self.received)):
+            prev = seen.setdefault(key, [0, 0, 0, 0])
+            for cp, label in enumerate(CODEPOINT_LABELS):
+                delta = counts[cp] - prev[cp]
+                if delta > 0:
+                    metric.labels(codepoint=label).inc(delta)
+                    if metric is self.packets:
+                        self._sent_total[cp] += delta
+                prev[cp] = counts[cp]
+        total = sum(self._sent_total)
+        if total:
+            self.l_share.set(self._sent_total[1] / total)
+
+    def add_ce(self, n: int) -> None:
+        if n > 0:
+            self.ce.inc(n)
+
+
+def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:
+    """A factory of per-connection forecasters from :mod:`tokenwire.predictor.runtime`, or None (warned)."""
+    try:
+        from tokenwire.predictor import runtime  # type: ignore[attr-defined]
+    except ImportError as exc:
+        log.warning("marking.policy = swiftqueue but the predictor runtime is unavailable (%s); "
+                    "falling back to the l4s policy", exc)
+        return None
+    try:
+        runtime.load_forecaster(str(model) if model else None)  # validate once at start
+    except Exception as exc:  # the runtime's typed errors: missing file, corrupt model, bad shapes
+        log.warning("marking.policy = swiftqueue but the latency model cannot be loaded (%s); "
+                    "falling back to the l4s policy", exc)
+        return None
+    return lambda: runtime.load_forecaster(str(model) if model else None)

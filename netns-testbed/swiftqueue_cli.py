@@ -1,0 +1,134 @@
+"""``tokenwire testbed swiftqueue``: argument parsing, progress output, table, JSON and plot.
+
+Only argparse at import time (the testbed CLI's rule); the evaluation imports its modules when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from tokenwire.daemon.cli import CLIError
+
+POLICY_NAMES = ("classic", "l4s", "swiftqueue", "oracle")
+
+
+def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
+    from .cli import add_path_args
+
+    p = tsub.add_parser("swiftqueue", help="per-packet ECN marking policies against each other through DualPI2")
+    add_path_args(p, down_required=True)
+    p.set_defaults(queue="dualpi2", delay_ms=20.0)
+    p.add_argument("--cross", action="append", metavar="SPEC",
+                   help="cross traffic (repeatable): tcp:cubic|bbr|reno, udp-ect1:RATE, "
+                   "onoff-ect1:RATE:ON_MS:OFF_MS; virtual only: scalable[:N], scalable-burst:N:ON_MS:OFF_MS, "
+                   "tcp-onoff:ON_MS:OFF_MS[:DELAY_MS]")
+    p.add_argument("--policies", default=",".join(POLICY_NAMES),
+                   help=f"comma-separated, from {', '.join(POLICY_NAMES)}")
+    p.add_argument("--seconds", type=float, default=30.0, metavar="S", help="length of each policy's run")
+    p.add_argument("--flow", default="tokens:50", metavar="SPEC",
+                   help="the marked flow: tokens:RATE (Chatterbox stream, tokens/s); virtual only: rt:RATE "
+                   "(paced 1200-B packets), bulk (scalable window)")
+    p.add_argument("--margin-ms", type=float, default=1.0, help="swiftqueue: L must win by this much")
+    p.add_argument("--hysteresis-ms", type=float, default=1.0, help="swiftqueue: switching band")
+    p.add_argument("--probe-interval", type=float, default=0.25, metavar="S",
+                   help="swiftqueue: at most one probe packet per interval into the unused queue (0: never)")
+    p.add_argument("--model", metavar="PATH", help="swiftqueue: ONNX latency model (default: the shipped one)")
+    p.add_argument("--virtual", action="store_true", help="virtual time (vsim): no root, deterministic, fast")
+    p.add_argument("--json", metavar="PATH", help="write the summary JSON here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG (latency CDF per policy + L/C timeline)")
+    p.add_argument("--keep", metavar="DIR", help="namespaces: keep packet logs and endpoint outputs in DIR")
+    p.set_defaults(handler=cmd_swiftqueue)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .cli import up_spec
+    from .swiftqueue_eval import SwiftQueueConfig, SwiftQueueEvalError
+
+    cfg = SwiftQueueConfig(
+        down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
+        cross=args.cross or [], policies=[s.strip() for s in args.policies.split(",") if s.strip()],
+        seconds=args.seconds, seed=args.seed, flow=args.flow, margin_ms=args.margin_ms,
+        hysteresis_ms=args.hysteresis_ms, probe_interval_s=args.probe_interval, model=args.model,
+        virtual=args.virtual,
+    )  # fmt: skip
+    try:
+        cfg.validate()
+    except SwiftQueueEvalError as exc:
+        raise CLIError(str(exc)) from None
+    return cfg
+
+
+def cmd_swiftqueue(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    last = [0.0]
+
+    def log(msg: str) -> None:
+        print(("\n" if tty else "") + msg, file=sys.stderr, flush=True)
+
+    def progress(policy: str, t: float, total: float) -> None:
+        now = time.monotonic()
+        line = f"    {policy}: {t:.0f}/{total:.0f} s ({t / total:.0%}), {now - started:.0f} s elapsed"
+        if tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif now - last[0] >= 5.0 or t >= total:
+            last[0] = now
+            print(line, file=sys.stderr, flush=True)
+
+    if cfg.virtual:
+        from .swiftqueue_eval import run_virtual_all
+
+        summary, runs = run_virtual_all(cfg, log_fn=log, progress=progress)
+    else:
+        from .netns import TestbedError, check_root
+        from .swiftqueue_netns import SwiftQueueRunError, run_netns_all
+
+        try:
+            check_root()
+        except TestbedError as exc:
+            raise CLIError(f"{exc} (or add --virtual for the virtual-time run)") from None
+        try:
+            summary, runs = run_netns_all(cfg, workdir=args.keep, log_fn=log, progress=progress)
+        except (SwiftQueueRunError, TestbedError) as exc:
+            raise CLIError(str(exc)) from None
+    if tty:
+        print(file=sys.stderr)
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .swiftqueue_plot import plot_swiftqueue
+
+        plot_swiftqueue(summary, runs, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    print(f"{'policy':<11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'Mbit/s':>7} {'L share':>7} "
+          f"{'CE':>6} {'drop':>6} {'stall':>7}")
+    for name, d in summary["policies"].items():
+        print(f"{name:<11} {f(d['p50_ms'], '7.1f')} {f(d['p95_ms'], '7.1f')} {f(d['p99_ms'], '7.1f')} "
+              f"{f(d['p999_ms'], '8.1f')} {f(d['throughput_mbps'], '7.3f')} {f(d['l_share'], '7.1%')} "
+              f"{f(d['ce_rate'], '6.1%')} {f(d['drop_rate'], '6.1%')} {f(d.get('stall_ratio'), '7.2%')}")
+    for name, c in summary.get("comparison", {}).items():
+        thr = c.get("throughput_ratio_vs_l4s")
+        print(f"{name}: P99 {c['p99_reduction_vs_l4s']:+.1%} lower than l4s"
+              + (f", throughput x{thr:.3f}" if thr is not None else ""))
+    fc = summary["policies"].get("swiftqueue", {}).get("forecaster")
+    print(f"backend {summary['backend']}" + (f"; swiftqueue forecaster: {fc}" if fc else ""))

@@ -1,0 +1,575 @@
+"""``tokenwire testbed swiftqueue``: per-packet L4S marking policies against each other on one DualPI2 path.
+
+One *marked flow* crosses a DualPI2 bottleneck together with cross traffic; the only thing that changes
+between runs is the marking policy that picks each of its packets' ECN codepoint (``classic``, ``l4s``,
+``swiftqueue``, ``oracle``; :mod:`tokenwire.transport.marking` — the same objects the daemon uses). Per
+policy the JSON reports the marked flow's one-way packet latency percentiles, throughput, share of packets
+sent to L, CE and drop rates, and the stall ratio when the flow is a Chatterbox token stream.
+
+Two backends run the same policies:
+
+* **virtual** (``--virtual``): :mod:`.vsim` in virtual time — deterministic for a seed, no root, seconds per
+  run. The marked flow is a model (:class:`MarkedPacedFlow` / :class:`MarkedBulkFlow`), the cross traffic
+  :mod:`.vsim` flows (kernel TCP is modelled as Reno there).
+* **namespaces** (default): a real tokenwire QUIC Chatterbox stream with the policy on the ECN socket,
+  through the emulator's DualPI2, with cross traffic from :mod:`.traffic`; latencies come from the
+  emulator's per-packet log (see :mod:`.swiftqueue_netns`).
+
+Cross-traffic specs (``--cross``, repeatable)::
+
+    tcp:cubic | tcp:bbr | tcp:reno        bulk classic flow (C queue)
+    udp-ect1:RATE                         unresponsive paced UDP marked ECT(1) (L queue)
+    onoff-ect1:RATE:ON_MS:OFF_MS          the same, on for ON_MS then silent for OFF_MS, repeating
+    scalable[:N]                          N bulk DCTCP/Prague-like flows marked ECT(1)   (virtual only)
+    scalable-burst:N:ON_MS:OFF_MS         N such flows started afresh every cycle       (virtual only)
+    tcp-onoff:ON_MS:OFF_MS[:DELAY_MS]     a classic bulk flow (Reno model) started afresh every cycle,
+                                          the first after DELAY_MS                      (virtual only)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tokenwire.transport import metrics
+from tokenwire.transport.ecn_socket import ECT0, ECT1
+from tokenwire.transport.marking import (
+    POLICIES,
+    ClassicPolicy,
+    L4SPolicy,
+    LatencyForecaster,
+    LatencySample,
+    MarkingPolicy,
+    OraclePolicy,
+    SwiftQueuePolicy,
+)
+
+from .link import Link
+from .packet import CE, NOT_ECT
+from .queue_oracle import estimate_queue_delays
+from .queues import Packet, parse_queue
+from .trace import parse_rate, trace_from_spec
+from .vsim import CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
+
+log = logging.getLogger("tokenwire.testbed.swiftqueue")
+
+CROSS_KINDS = ("tcp", "udp-ect1", "onoff-ect1", "scalable", "scalable-burst", "tcp-onoff")
+VIRTUAL_ONLY = ("scalable", "scalable-burst", "tcp-onoff")
+METRIC_KEYS = ("p50_ms", "p95_ms", "p99_ms", "p999_ms", "throughput_mbps", "l_share", "ce_rate", "drop_rate")
+
+
+class SwiftQueueEvalError(ValueError):
+    """A bad evaluation setting (the message names the option)."""
+
+
+@dataclass(frozen=True)
+class CrossSpec:
+    kind: str
+    rate_bps: float = 0.0
+    cc: str = ""
+    n: int = 1
+    on_s: float = 0.0
+    off_s: float = 0.0
+    text: str = ""
+
+
+def parse_cross_spec(spec: str) -> CrossSpec:
+    """Parse one ``--cross`` spec (module docstring); :class:`SwiftQueueEvalError` names what is wrong."""
+    parts = spec.strip().lower().split(":")
+    kind, args = parts[0], parts[1:]
+    try:
+        if kind == "tcp" and len(args) == 1 and args[0] in ("cubic", "bbr", "reno"):
+            return CrossSpec("tcp", cc=args[0], text=spec)
+        if kind == "udp-ect1" and len(args) == 1 and (parse_rate(args[0]) or 0) > 0:
+            return CrossSpec("udp-ect1", rate_bps=parse_rate(args[0]) or 0.0, text=spec)
+        if kind == "onoff-ect1" and len(args) == 3 and (parse_rate(args[0]) or 0) > 0:
+            on, off = float(args[1]) / 1000.0, float(args[2]) / 1000.0
+            if on > 0 and off >= 0:
+                return CrossSpec("onoff-ect1", rate_bps=parse_rate(args[0]) or 0.0, on_s=on, off_s=off, text=spec)
+        if kind == "scalable" and len(args) <= 1:
+            n = int(args[0]) if args else 1
+            if n >= 1:
+                return CrossSpec("scalable", n=n, text=spec)
+        if kind == "tcp-onoff" and len(args) in (2, 3):
+            on, off = float(args[0]) / 1000.0, float(args[1]) / 1000.0
+            first = float(args[2]) / 1000.0 if len(args) == 3 else 0.0
+            if on > 0 and off >= 0 and first >= 0:
+                return CrossSpec("tcp-onoff", on_s=on, off_s=off, rate_bps=first, text=spec)
+        if kind == "scalable-burst" and len(args) == 3:
+            n, on, off = int(args[0]), float(args[1]) / 1000.0, float(args[2]) / 1000.0
+            if n >= 1 and on > 0 and off >= 0:
+                return CrossSpec("scalable-burst", n=n, on_s=on, off_s=off, text=spec)
+    except ValueError:
+        pass
+    raise SwiftQueueEvalError(
+        f"--cross {spec!r}: expected tcp:cubic|bbr|reno, udp-ect1:RATE, onoff-ect1:RATE:ON_MS:OFF_MS, "
+        "scalable[:N], scalable-burst:N:ON_MS:OFF_MS or tcp-onoff:ON_MS:OFF_MS[:DELAY_MS]"
+    )
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    kind: str  # tokens | rt | bulk
+    rate: float = 0.0  # tokens/s or bit/s
+
+
+def parse_flow_spec(spec: str) -> FlowSpec:
+    """``tokens:RATE`` (Chatterbox stream, tokens/s), ``rt:RATE`` (paced 1200-B packets), ``bulk``."""
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "tokens":
+        try:
+            rate = float(arg or 50)
+        except ValueError:
+            rate = -1.0
+        if rate > 0:
+            return FlowSpec("tokens", rate)
+    elif kind == "rt" and (parse_rate(arg) or 0) > 0:
+        return FlowSpec("rt", parse_rate(arg) or 0.0)
+    elif kind == "bulk" and not arg:
+        return FlowSpec("bulk")
+    raise SwiftQueueEvalError(f"--flow {spec!r}: expected tokens:RATE (tokens/s), rt:RATE (e.g. rt:2mbps) or bulk")
+
+
+@dataclass
+class SwiftQueueConfig:
+    down_trace: str
+    up_trace: str | None = None
+    delay_ms: float = 20.0
+    queue: str = "dualpi2"
+    cross: list[str] = field(default_factory=list)
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    seconds: float = 30.0
+    seed: int = 0
+    flow: str = "tokens:50"
+    margin_ms: float = 1.0
+    hysteresis_ms: float = 1.0
+    probe_interval_s: float = 0.25
+    model: str | None = None
+    warmup_s: float = 1.0
+    virtual: bool = False
+
+    def validate(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise SwiftQueueEvalError(f"--policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        if self.seconds <= self.warmup_s:
+            raise SwiftQueueEvalError(f"--seconds must be > the {self.warmup_s:g} s warm-up")
+        if self.delay_ms < 0:
+            raise SwiftQueueEvalError("--delay-ms must be >= 0")
+        if min(self.margin_ms, self.hysteresis_ms, self.probe_interval_s) < 0:
+            raise SwiftQueueEvalError("--margin-ms, --hysteresis-ms and --probe-interval must be >= 0")
+        for spec in self.cross:
+            c = parse_cross_spec(spec)
+            if c.kind in VIRTUAL_ONLY and not self.virtual:
+                raise SwiftQueueEvalError(f"--cross {spec!r} exists only in virtual time (add --virtual)")
+        flow = parse_flow_spec(self.flow)
+        if flow.kind != "tokens" and not self.virtual:
+            raise SwiftQueueEvalError("--flow: the namespace run streams a real Chatterbox answer (tokens:RATE)")
+        try:
+            trace_from_spec(self.down_trace)
+            if self.up_trace:
+                trace_from_spec(self.up_trace)
+            parse_queue(self.queue)
+        except ValueError as exc:
+            raise SwiftQueueEvalError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------- forecasters
+class PerQueueEwmaForecaster:
+    """Test double / fallback: an EWMA of each queue's own latency samples (SRTT-style, ``alpha``).
+
+    Used when :mod:`tokenwire.predictor.runtime` is not installed in this checkout; the JSON names it.
+    """
+
+    name = "ewma-per-queue"
+
+    def __init__(self, alpha: float = 0.25) -> None:
+        self.alpha = alpha
+        self.est: dict[bool, float | None] = {True: None, False: None}
+
+    def observe(self, sample: LatencySample) -> None:
+        prev = self.est[sample.queue_l]
+        x = sample.latency_ms
+        self.est[sample.queue_l] = x if prev is None else (1 - self.alpha) * prev + self.alpha * x
+
+    def predict(self, now: float) -> tuple[float, float] | None:
+        l_ms, c_ms = self.est[True], self.est[False]
+        if l_ms is None and c_ms is None:
+            return None
+        # a queue never tried yet is assumed as good as the other (so the policy keeps its current choice)
+        return (l_ms if l_ms is not None else c_ms), (c_ms if c_ms is not None else l_ms)  # type: ignore[return-value]
+
+
+def load_predictor_forecaster(model: str | None) -> tuple[LatencyForecaster | None, str]:
+    """The shipped (or ``model``) forecaster of :mod:`tokenwire.predictor.runtime`, and a description.
+
+    Returns ``(None, why)`` when the model cannot be loaded: the ``swiftqueue`` policy then falls back to
+    ``l4s`` with a logged warning, exactly as the daemon does. Without the runtime module at all (a checkout
+    without the predictor), the per-queue EWMA double is used and named in the JSON.
+    """
+    try:
+        from tokenwire.predictor import runtime  # type: ignore[attr-defined]
+    except ImportError:
+        return PerQueueEwmaForecaster(), "ewma-per-queue (tokenwire.predictor.runtime not available)"
+    try:
+        fc = runtime.load_forecaster(model)
+    except Exception as exc:  # the runtime raises its own typed errors; any of them means "no model"
+        log.warning("swiftqueue: cannot load the latency model (%s); falling back to the l4s policy", exc)
+        return None, f"none: {exc}"
+    return fc, f"{type(fc).__name__} ({model or 'shipped model'})"
+
+
+# ------------------------------------------------------------------------------------------- marked flows
+@dataclass
+class SentRecord:
+    """What the sender remembers about each marked packet (the queue it asked for, for CE semantics)."""
+
+    t: float
+    ecn: int
+    size: int
+    tokens: tuple[int, int] = (0, 0)  # [first, end) token indices carried (token streams)
+
+
+class _MarkedMixin:
+    """Per-packet codepoints from a policy, latency samples to it, and a per-packet record."""
+
+    policy: MarkingPolicy
+    sent_log: dict[int, SentRecord]
+    ack_delay: float
+
+    def _sample(self, seq: int, sent: float, ce: bool, now: float) -> None:
+        rec = self.sent_log.get(seq)
+        if rec is None:
+            return
+        latency = (now - self.ack_delay - sent) * 1000.0
+        self.policy.on_sample(LatencySample(sent, now, latency, rec.size, rec.ecn == ECT1, ce))
+
+
+class MarkedPacedFlow(_MarkedMixin, Flow):
+    """App-limited marked flow: a Chatterbox token stream (``tokens``) or paced 1200-B packets (``rt``).
+
+    Token stream model (Chatterbox, DESIGN.md): one packet per generated token, carrying that token and
+    the oldest still-unacknowledged ones (up to ``max_redundant``), so any delivered packet renders alone.
+    """
+
+    def __init__(self, policy: MarkingPolicy, spec: FlowSpec, *, max_redundant: int = 32, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.policy = policy
+        self.spec = spec
+        self.sent_log: dict[int, SentRecord] = {}
+        self.max_redundant = max_redundant
+        if spec.kind == "tokens":
+            self.interval = 1.0 / spec.rate
+        else:
+            self.interval = 1200 * 8 / spec.rate
+        self.gen: list[float] = []
+        self._acked_tokens: set[int] = set()
+        self._lowest_unacked = 0
+
+    def on_start(self, now: float) -> None:
+        self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        if now >= self.stop or self.sim is None:
+            return
+        self._send(now)
+        self.sim.call_at(now + self.interval, self._tick)
+
+    def _send(self, now: float) -> None:
+        assert self.sim is not None
+        seq = self._next_seq
+        self._next_seq += 1
+        cp = self.policy.codepoint(now)
+        if self.spec.kind == "tokens":
+            k = len(self.gen)
+            self.gen.append(now)
+            while self._lowest_unacked in self._acked_tokens:
+                self._lowest_unacked += 1
+            first = max(self._lowest_unacked, k - self.max_redundant)
+            ntok = k + 1 - first
+            size = min(1200, 60 + 8 * ntok)  # header + ~8 B per token in msgpack (typical short tokens)
+            rec = SentRecord(now, cp, size, (first, k + 1))
+        else:
+            size = 1200
+            rec = SentRecord(now, cp, size)
+        self.sent_log[seq] = rec
+        self._inflight[seq] = now
+        self.stats.sent += 1
+        self.sim.send(self, Packet(size, cp, meta=(self.fid, seq, now)), now)
+
+    def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
+        if self._inflight.pop(seq, None) is None:
+            return
+        self.stats.acked += 1
+        self.stats.ce_acked += ce
+        self._sample(seq, sent, ce, now)
+        rec = self.sent_log[seq]
+        self._acked_tokens.update(range(*rec.tokens))
+
+    def _arm_rto(self, now: float) -> None:
+        pass
+
+
+class MarkedBulkFlow(_MarkedMixin, ScalableFlow):
+    """Window-limited marked flow: CE on an L packet is DCTCP feedback, CE on a C packet halves (RFC 3168).
+
+    The sender remembers which queue each packet asked for, because CE means different things in the two
+    queues (p_L = k p' against p_C = p'^2; research/swiftqueue_l4s.md §1.3).
+    """
+
+    def __init__(self, policy: MarkingPolicy, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.policy = policy
+        self.sent_log: dict[int, SentRecord] = {}
+
+    def _send(self, now: float) -> None:
+        assert self.sim is not None
+        seq = self._next_seq
+        self._next_seq += 1
+        cp = self.policy.codepoint(now)
+        self.sent_log[seq] = SentRecord(now, cp, self.size)
+        self._inflight[seq] = now
+        self.stats.sent += 1
+        self.sim.send(self, Packet(self.size, cp, meta=(self.fid, seq, now)), now)
+
+    def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
+        if seq in self._inflight:
+            self._sample(seq, sent, ce, now)
+        super().on_ack(seq, sent, ce, now)
+
+    def on_feedback(self, seq: int, ce: bool, lost: bool, now: float) -> None:
+        rec = self.sent_log.get(seq)
+        if ce and rec is not None and rec.ecn != ECT1:
+            # classic CE: halve once per round trip, like Reno
+            if self._congestion_event(seq):
+                self.ssthresh = max(self.cwnd / 2, 2.0)
+                self.cwnd = self.ssthresh
+            return
+        super().on_feedback(seq, ce, lost, now)
+
+
+class OnOffCbrFlow(CbrFlow):
+    """Unresponsive CBR that is on for ``on_s`` then silent for ``off_s``, repeating (bursty L4S abuse)."""
+
+    def __init__(self, rate_bps: float, on_s: float, off_s: float, **kw: Any) -> None:
+        super().__init__(rate_bps, **kw)
+        self.on_s = on_s
+        self.off_s = off_s
+
+    def _tick(self, now: float) -> None:
+        if now >= self.stop or self.sim is None:
+            return
+        cycle = self.on_s + self.off_s
+        k = math.floor((now - self.start) / cycle + 1e-9)
+        if now - (self.start + k * cycle) < self.on_s - 1e-9:
+            self._send(now)
+            self.sim.call_at(now + self.interval, self._tick)
+        else:  # next cycle start, computed from the cycle index so float error cannot stall the clock
+            self.sim.call_at(self.start + (k + 1) * cycle, self._tick)
+
+
+def add_cross_flows(sim: Simulation, specs: list[str], *, ack_delay: float, seconds: float, seed: int) -> None:
+    """Add the virtual-time cross flows (kernel TCP is modelled as Reno in virtual time)."""
+    import random
+
+    rng = random.Random(f"cross:{seed}")
+    for spec in specs:
+        c = parse_cross_spec(spec)
+        start = rng.uniform(0.0, 0.05)
+        common: dict[str, Any] = {"ack_delay": ack_delay, "start": start, "stop": seconds}
+        if c.kind == "tcp":
+            sim.add(RenoFlow(ecn=NOT_ECT, name=c.text, **common))
+        elif c.kind == "udp-ect1":
+            sim.add(CbrFlow(c.rate_bps, ecn=ECT1, size=1200, name=c.text, **common))
+        elif c.kind == "onoff-ect1":
+            sim.add(OnOffCbrFlow(c.rate_bps, c.on_s, c.off_s, ecn=ECT1, size=1200, name=c.text, **common))
+        elif c.kind == "scalable":
+            for i in range(c.n):
+                sim.add(ScalableFlow(name=f"{c.text}#{i}", **{**common, "start": start + 0.01 * i}))
+        elif c.kind == "tcp-onoff":
+            t = c.rate_bps + start  # rate_bps holds the first start delay for this kind
+            while t < seconds:
+                sim.add(RenoFlow(ecn=NOT_ECT, ack_delay=ack_delay, start=t, stop=min(seconds, t + c.on_s),
+                                 name=f"{c.text}@{t:.1f}"))
+                t += c.on_s + c.off_s
+        elif c.kind == "scalable-burst":
+            t = 0.5 + start
+            while t < seconds:
+                for i in range(c.n):
+                    sim.add(ScalableFlow(ack_delay=ack_delay, start=t + 0.002 * i, stop=min(seconds, t + c.on_s),
+                                         name=f"{c.text}@{t:.1f}#{i}"))
+                t += c.on_s + c.off_s
+
+
+# ------------------------------------------------------------------------------------------- one run
+@dataclass
+class PolicyRun:
+    """One policy's run: the marked flow's packets and (token streams) tokens."""
+
+    policy: str
+    records: list[dict[str, Any]]  # per marked packet: t, queue, latency_ms (None if lost), ce, size, fate
+    gen: list[float] = field(default_factory=list)
+    render: list[float] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)
+    forecaster: str = ""
+    base_delay_ms: float = 0.0
+    span_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_policy_for(name: str, cfg: SwiftQueueConfig, oracle: Callable[[float], tuple[float, float] | None] | None,
+                    forecaster: LatencyForecaster | None) -> MarkingPolicy:
+    """The policy object of ``name`` (the same classes the daemon uses)."""
+    if name == "classic":
+        return ClassicPolicy(ect0=True)
+    if name == "l4s":
+        return L4SPolicy()
+    if name == "oracle":
+        if oracle is None:
+            raise SwiftQueueEvalError("the oracle policy needs the emulator's queue state")
+        return OraclePolicy(oracle, classic=ECT0)
+    if forecaster is None:
+        log.warning("swiftqueue: no latency model; this run uses the l4s policy")
+        return L4SPolicy()
+    return SwiftQueuePolicy(forecaster, margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
+                            probe_interval_s=cfg.probe_interval_s)
+
+
+def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyForecaster | None = None,
+                forecaster_name: str = "", progress: Callable[[float], None] | None = None) -> PolicyRun:
+    """One policy in virtual time (deterministic for ``cfg.seed``)."""
+    link = Link(trace_from_spec(cfg.down_trace), parse_queue(cfg.queue, seed=cfg.seed),
+                delay=cfg.delay_ms / 1000.0, name="down")
+    sim = Simulation(link)
+    ack_delay = cfg.delay_ms / 1000.0
+
+    def oracle(now: float) -> tuple[float, float]:
+        link.advance(now)
+        return estimate_queue_delays(link, now)
+
+    policy = make_policy_for(policy_name, cfg, oracle, forecaster)
+    spec = parse_flow_spec(cfg.flow)
+    flow: Flow
+    if spec.kind == "bulk":
+        flow = MarkedBulkFlow(policy, ack_delay=ack_delay, stop=cfg.seconds, name="marked")
+    else:
+        flow = MarkedPacedFlow(policy, spec, ack_delay=ack_delay, stop=cfg.seconds, name="marked", start=0.0)
+    sim.add(flow)
+    add_cross_flows(sim, cfg.cross, ack_delay=ack_delay, seconds=cfg.seconds, seed=cfg.seed)
+    step = max(1.0, cfg.seconds / 20)
+    t = 0.0
+    while t < cfg.seconds + 1.0:
+        t = min(t + step, cfg.seconds + 1.0)
+        sim.run(t)
+        if progress:
+            progress(min(t, cfg.seconds))
+    sent_log: dict[int, SentRecord] = flow.sent_log  # type: ignore[attr-defined]
+    records = []
+    arrivals: dict[int, float] = {}
+    for pkt in sim.records:
+        fid, seq, sent = pkt.meta  # type: ignore[misc]
+        if fid != flow.fid:
+            continue
+        rec = sent_log[seq]
+        delivered = pkt.fate == "delivered" and pkt.delivery is not None
+        records.append({
+            "t": sent, "queue": pkt.queue, "ecn": rec.ecn, "size": rec.size, "fate": pkt.fate,
+            "latency_ms": (pkt.delivery - sent) * 1000.0 if delivered else None,  # type: ignore[operator]
+            "ce": pkt.ecn_out == CE,
+        })  # fmt: skip
+        if delivered:
+            arrivals[seq] = pkt.delivery  # type: ignore[assignment]
+    records.sort(key=lambda r: r["t"])
+    run = PolicyRun(policy_name, records, decisions=dict(getattr(policy, "decisions", {})),
+                    forecaster=forecaster_name if policy_name == "swiftqueue" else "",
+                    base_delay_ms=cfg.delay_ms, span_s=cfg.seconds - cfg.warmup_s)
+    if isinstance(flow, MarkedPacedFlow) and spec.kind == "tokens":
+        run.gen = list(flow.gen)
+        render = [math.inf] * len(flow.gen)
+        for seq, t_arr in arrivals.items():
+            a, b = sent_log[seq].tokens
+            for i in range(a, b):
+                render[i] = min(render[i], t_arr)
+        prev = -math.inf
+        out = []
+        for r in render:
+            if math.isinf(r):
+                break
+            prev = max(prev, r)
+            out.append(prev)
+        run.render = out
+    q = link.queue
+    run.extra = {"link": link.stats.to_dict(), "queue": {
+        "packets_in_l": getattr(q, "packets_in_l", None), "packets_in_c": getattr(q, "packets_in_c", None),
+        "step_marks": getattr(q, "step_marks", None), "pi_marks": getattr(q, "pi_marks", None),
+        "aqm_drops": getattr(q, "aqm_drops", None),
+    }}  # fmt: skip
+    return run
+
+
+# ------------------------------------------------------------------------------------------- summary
+def summarize_run(run: PolicyRun, warmup_s: float, t0: float = 0.0) -> dict[str, Any]:
+    """The per-policy JSON block (keys :data:`METRIC_KEYS`, plus the stall ratio for token streams)."""
+    rs = [r for r in run.records if r["t"] - t0 >= warmup_s]
+    lat = [r["latency_ms"] for r in rs if r["latency_ms"] is not None]
+    n = len(rs)
+    delivered = len(lat)
+    dropped = n - delivered
+    bytes_ok = sum(r["size"] for r in rs if r["latency_ms"] is not None)
+    out: dict[str, Any] = {
+        "p50_ms": metrics.percentile(lat, 50),
+        "p95_ms": metrics.percentile(lat, 95),
+        "p99_ms": metrics.percentile(lat, 99),
+        "p999_ms": metrics.percentile(lat, 99.9),
+        "throughput_mbps": bytes_ok * 8 / run.span_s / 1e6 if run.span_s > 0 else math.nan,
+        "l_share": sum(1 for r in rs if r["ecn"] & 1) / n if n else math.nan,
+        "ce_rate": sum(1 for r in rs if r["ce"] and r["latency_ms"] is not None) / delivered if delivered else math.nan,
+        "drop_rate": dropped / n if n else math.nan,
+        "packets": n,
+    }
+    if run.gen:
+        out["stall_ratio"] = metrics.stall_ratio(run.gen, run.render, run.base_delay_ms / 1000.0)
+        out["tokens"] = len(run.gen)
+        out["tokens_rendered"] = len(run.render)
+    if run.decisions:
+        out["decisions"] = run.decisions
+    if run.forecaster:
+        out["forecaster"] = run.forecaster
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def build_summary(cfg: SwiftQueueConfig, runs: dict[str, PolicyRun], backend: str,
+                  backend_reason: str = "", t0: dict[str, float] | None = None) -> dict[str, Any]:
+    """The JSON document: ``{"policies": {name: {...}}, "comparison": {...}, "config", "backend"}``."""
+    pol = {name: summarize_run(run, cfg.warmup_s, (t0 or {}).get(name, 0.0)) for name, run in runs.items()}
+    comparison: dict[str, Any] = {}
+    if "l4s" in pol and pol["l4s"]["p99_ms"]:
+        ref = pol["l4s"]
+        for name, d in pol.items():
+            if name == "l4s" or d["p99_ms"] is None:
+                continue
+            comparison[name] = {
+                "p99_reduction_vs_l4s": 1.0 - d["p99_ms"] / ref["p99_ms"],
+                "throughput_ratio_vs_l4s": (d["throughput_mbps"] / ref["throughput_mbps"]
+                                            if ref["throughput_mbps"] else None),
+            }
+    return {"policies": pol, "comparison": comparison, "config": asdict(cfg), "backend": backend,
+            "backend_reason": backend_reason}
+
+
+def run_virtual_all(cfg: SwiftQueueConfig, *, log_fn: Callable[[str], None] | None = None,
+                    progress: Callable[[str, float, float], None] | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
+    """Every policy of ``cfg`` in virtual time; returns the JSON summary and the runs (for the plot)."""
+    cfg.validate()
+    runs: dict[str, PolicyRun] = {}
+    for k, name in enumerate(cfg.policies):
+        if log_fn:
+            log_fn(f"[{k + 1}/{len(cfg.policies)}] {name} (virtual time, {cfg.seconds:g} s)")
+        fc, fc_name = (load_predictor_forecaster(cfg.model) if name == "swiftqueue" else (None, ""))
+        runs[name] = run_virtual(cfg, name, forecaster=fc, forecaster_name=fc_name,
+                                 progress=(lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None)
+    return build_summary(cfg, runs, "virtual", "vsim: virtual time, no namespaces"), runs
