@@ -63,7 +63,8 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
     policy = s.str("policy", "") or None
     if policy is not None and policy not in POLICIES:
         raise error_cls(f"marking.policy: expected one of {', '.join(POLICIES)} (or \"\" for off), got {policy!r}")
-    model = s.path("model", base, must_exist=True)
+    # existence is checked when the daemon starts: a missing or corrupt model is logged and falls back to l4s
+    model = s.path("model", base, must_exist=False)
     if model is not None and policy != "swiftqueue":
         raise error_cls("marking.model: only the swiftqueue policy uses a model (set marking.policy)")
     return MarkingConfig(
@@ -93,7 +94,11 @@ def effective_congestion(marking: MarkingConfig, explicit: str | None, error_cls
 
 
 class MarkingService:
-    """Builds each connection's policy and exports the ECN counters as Prometheus metrics."""
+    """Builds each connection's policy and exports the ECN counters as Prometheus metrics.
+
+    Codepoint counters are read from the sockets when Prometheus scrapes (a collector, not a timer), so a
+    scrape always sees every packet sent so far.
+    """
 
     def __init__(self, cfg: MarkingConfig, metrics: Metrics) -> None:
         from prometheus_client import Counter, Gauge
@@ -101,20 +106,13 @@ class MarkingService:
         self.cfg = cfg
         self.effective_policy = cfg.policy
         self._factory: Callable[[], MarkingPolicy] | None = None
+        self.transports: list[Any] = []
         r = metrics.registry
-        self.packets = Counter("tokenwire_ecn_packets_total", "UDP datagrams sent, by ECN codepoint",
-                               ["codepoint"], registry=r)
-        self.received = Counter("tokenwire_ecn_received_total", "UDP datagrams received, by ECN codepoint",
-                                ["codepoint"], registry=r)
+        r.register(_EcnCollector(self))
         self.ce = Counter("tokenwire_ecn_ce_total", "Sent packets that clients reported as CE-marked",
                           registry=r)
-        self.l_share = Gauge("tokenwire_ecn_l_share", "Share of sent datagrams marked ECT(1) (the L queue)",
-                             registry=r)
         self.policy_info = Gauge("tokenwire_marking_policy", "The marking policy in use (1 for the active one)",
                                  ["policy"], registry=r)
-        self._sent_seen: dict[int, list[int]] = {}
-        self._recv_seen: dict[int, list[int]] = {}
-        self._sent_total = [0, 0, 0, 0]
 
     # -- policies ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,37 +138,56 @@ class MarkingService:
                 )  # fmt: skip
         if self.effective_policy:
             self.policy_info.labels(policy=self.effective_policy).set(1)
-        log.info("ECN marking: policy %s%s", self.effective_policy,
-                 "" if self.effective_policy == cfg.policy else f" (configured {cfg.policy}; model unavailable)")
+            log.info("ECN marking: policy %s%s", self.effective_policy,
+                     "" if self.effective_policy == cfg.policy else f" (configured {cfg.policy}; model unavailable)")
 
     def new_policy(self) -> MarkingPolicy | None:
         """A fresh policy for one connection (its forecaster keeps that connection's history)."""
         return self._factory() if self._factory is not None else None
 
     # -- metrics -------------------------------------------------------------------------------------------
-    def collect_transport(self, transport: Any) -> None:
-        """Add a socket's per-codepoint counters since the last call (sent and received)."""
-        sent = getattr(transport, "sent_by_codepoint", None)
-        recv = getattr(transport, "received_by_codepoint", None)
-        if sent is None or recv is None:
-            return
-        key = id(transport)
-        for counts, seen, metric in ((sent, self._sent_seen, self.packets), (recv, self._recv_seen, self.received)):
-            prev = seen.setdefault(key, [0, 0, 0, 0])
-            for cp, label in enumerate(CODEPOINT_LABELS):
-                delta = counts[cp] - prev[cp]
-                if delta > 0:
-                    metric.labels(codepoint=label).inc(delta)
-                    if metric is self.packets:
-                        self._sent_total[cp] += delta
-                prev[cp] = counts[cp]
-        total = sum(self._sent_total)
-        if total:
-            self.l_share.set(self._sent_total[1] / total)
+    def add_transport(self, transport: Any) -> None:
+        if hasattr(transport, "sent_by_codepoint"):
+            self.transports.append(transport)
+
+    def totals(self) -> tuple[list[int], list[int]]:
+        """Datagrams sent and received per codepoint over every ECN socket of the daemon."""
+        sent, recv = [0, 0, 0, 0], [0, 0, 0, 0]
+        for t in self.transports:
+            for cp in range(4):
+                sent[cp] += t.sent_by_codepoint[cp]
+                recv[cp] += t.received_by_codepoint[cp]
+        return sent, recv
 
     def add_ce(self, n: int) -> None:
         if n > 0:
             self.ce.inc(n)
+
+
+class _EcnCollector:
+    """Prometheus collector: per-codepoint datagram counters and the L share, read at scrape time."""
+
+    def __init__(self, service: MarkingService) -> None:
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sent, recv = self.service.totals()
+        for name, doc, counts in (
+            ("tokenwire_ecn_packets", "UDP datagrams sent, by ECN codepoint", sent),
+            ("tokenwire_ecn_received", "UDP datagrams received, by ECN codepoint", recv),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["codepoint"])
+            for cp, label in enumerate(CODEPOINT_LABELS):
+                fam.add_metric([label], counts[cp])
+            yield fam
+        total = sum(sent)
+        yield GaugeMetricFamily("tokenwire_ecn_l_share", "Share of sent datagrams marked ECT(1) (the L queue)",
+                                value=sent[1] / total if total else 0.0)
 
 
 def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:

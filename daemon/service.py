@@ -195,6 +195,7 @@ class Daemon:
                 host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
             )
             tune_socket(server._transport)
+            self.marking.add_transport(server._transport)
             self._servers.append(server)
             sockname = server._transport.get_extra_info("sockname")
             self.addresses.append((sockname[0], sockname[1]))
@@ -236,8 +237,7 @@ class Daemon:
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             for proto in list(self.protocols):
                 proto.flush_counters()
-            for server in self._servers:
-                self.marking.collect_transport(server._transport)
+
             self.notifier.watchdog()
             if now - last_status >= 10:
                 self.notifier.status(self.status_line())

@@ -1,0 +1,103 @@
+"""The daemon's ``[marking]`` section through the real daemon subprocess: codepoints on the wire, metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire.daemon.config import ConfigError, parse_config
+from tokenwire.daemon.demo_upstream import answer_tokens
+from tokenwire.transport.client import connect
+from tokenwire.transport.ecn_socket import ECT0, ECT1, NOT_ECT
+
+from .daemon_proc import DaemonProcess
+from .test_daemon import metric_value, metrics
+from .test_loopback import run
+
+
+def chat_once(d: DaemonProcess, n: int = 80) -> tuple[str, list[int]]:
+    """One answer over an ECN-reading client; returns the text and the codepoints the client received."""
+
+    async def go() -> tuple[str, list[int]]:
+        async with connect("127.0.0.1", d.port, ecn=True, **d.client_kwargs()) as conn:
+            text = await conn.chat("hi", max_tokens=n).collect()
+            return text, list(conn._protocol._transport.received_by_codepoint)
+
+    return run(go())
+
+
+@pytest.mark.parametrize(
+    ("policy", "expect"),
+    [("l4s", ECT1), ("classic", ECT0)],
+)
+def test_daemon_marks_every_packet_with_the_configured_policy(tmp_path, policy, expect):
+    d = DaemonProcess(tmp_path, f'[marking]\npolicy = "{policy}"\n')
+    try:
+        text, counts = chat_once(d)
+        assert text == "".join(answer_tokens(80))
+        others = [c for cp, c in enumerate(counts) if cp != expect]
+        assert counts[expect] > 20 and sum(others) == 0, counts
+        m = metrics(d)
+        label = {ECT1: "ect1", ECT0: "ect0"}[expect]
+        sent = metric_value(m, f'tokenwire_ecn_packets_total{{codepoint="{label}"}}')
+        assert sent >= counts[expect]  # the daemon counted at least what this client received
+        assert metric_value(m, 'tokenwire_ecn_packets_total{codepoint="not-ect"}') == 0
+        assert metric_value(m, "tokenwire_ecn_l_share") == (1.0 if expect == ECT1 else 0.0)
+        assert metric_value(m, f'tokenwire_marking_policy{{policy="{policy}"}}') == 1
+        assert metric_value(m, 'tokenwire_ecn_received_total{codepoint="not-ect"}') > 0  # client acks
+        if policy == "l4s":
+            assert "ECN marking: policy l4s" in d.log()
+    finally:
+        assert d.stop() == 0
+
+
+def test_swiftqueue_with_a_corrupt_model_falls_back_to_l4s_with_a_warning(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not an onnx model")
+    d = DaemonProcess(tmp_path, f'[marking]\npolicy = "swiftqueue"\nmodel = "{bad}"\n')
+    try:
+        text, counts = chat_once(d, 40)
+        assert text == "".join(answer_tokens(40))
+        assert counts[ECT1] > 10 and counts[NOT_ECT] == 0 and counts[ECT0] == 0
+        log = d.log()
+        assert "falling back to the l4s policy" in log and "WARNING" in log.upper()
+        assert metric_value(metrics(d), 'tokenwire_marking_policy{policy="l4s"}') == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_without_marking_the_daemon_keeps_the_plain_socket(tmp_path):
+    d = DaemonProcess(tmp_path)
+    try:
+        text, counts = chat_once(d, 30)
+        assert text == "".join(answer_tokens(30))
+        assert counts[NOT_ECT] > 10 and counts[ECT1] == 0
+        assert metric_value(metrics(d), "tokenwire_ecn_packets_total") == 0
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"marking": {"polcy": "l4s"}}, "marking.polcy: unknown key (did you mean 'policy'?)"),
+        ({"marking": {"policy": "ecn"}}, "marking.policy: expected one of classic, l4s, swiftqueue"),
+        ({"marking": {"policy": "swiftqueue", "margin_ms": -1}}, "marking.margin_ms"),
+        ({"marking": {"policy": "l4s", "model": "m.onnx"}}, "marking.model: only the swiftqueue policy"),
+        ({"marking": {"policy": "l4s"}, "server": {"congestion": "cubic"}}, "server.congestion: 'cubic'"),
+        ({"marking": {"classic_codepoint": "ce"}}, "marking.classic_codepoint"),
+    ],
+)
+def test_marking_config_errors_name_the_key(doc, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert message in str(err.value)
+
+
+def test_ect1_policies_run_prague_and_classic_keeps_the_configured_controller():
+    def cc(doc):
+        return parse_config(doc).server.congestion
+
+    assert cc({"marking": {"policy": "swiftqueue"}}) == "prague"
+    assert cc({"marking": {"policy": "l4s"}, "server": {"congestion": "prague"}}) == "prague"
+    assert cc({"marking": {"policy": "classic"}, "server": {"congestion": "cubic"}}) == "cubic"
+    assert not parse_config({}).marking.enabled
