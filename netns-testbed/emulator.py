@@ -31,11 +31,13 @@ from typing import Any
 from .link import Link
 from .loss import parse_loss
 from .pktlog import CsvPacketLog, PcapTap
+from .queue_oracle import OracleBoard, estimate_queue_delays
 from .queues import DualPI2, Queue, parse_queue
 from .trace import trace_from_spec
 
 PR_SET_TIMERSLACK = 29
 READ_BATCH = 256
+ORACLE_EVERY_S = 0.0002  # publish the oracle estimate at most this often (it costs a trace lookup)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class EmulatorConfig:
     seed: int = 0
     log_path: str | None = None
     pcap_prefix: str | None = None
+    oracle_path: str | None = None  # publish the down link's (L, C) latency estimate here (queue_oracle)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -77,6 +80,7 @@ class EmulatorConfig:
             seed=int(data.get("seed", 0)),
             log_path=data.get("log_path"),
             pcap_prefix=data.get("pcap_prefix"),
+            oracle_path=data.get("oracle_path"),
         )
 
 
@@ -127,6 +131,8 @@ class EmulatorShell:
             log = self.log
             self.down.on_record = lambda p: log.record("down", p)
             self.up.on_record = lambda p: log.record("up", p)
+        self.oracle = OracleBoard(cfg.oracle_path, create=True) if cfg.oracle_path else None
+        self._oracle_at = 0.0
         self.non_ipv4 = 0
         self.write_errors = 0
         self.scheduler = "other"
@@ -200,6 +206,9 @@ class EmulatorShell:
                     self.late_s.append(t - pkt.delivery)  # type: ignore[operator]
                 if tap is not None:
                     tap.delivered(pkt.data, t)  # type: ignore[arg-type]
+        if self.oracle is not None and now - self._oracle_at >= ORACLE_EVERY_S:
+            self._oracle_at = now
+            self.oracle.publish(now, *estimate_queue_delays(self.down, now))
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -241,7 +250,7 @@ class EmulatorShell:
         now = time.monotonic()
         self.down.advance(now)
         self.up.advance(now)
-        for closer in (self.log, self.pcap_down, self.pcap_up):
+        for closer in (self.log, self.pcap_down, self.pcap_up, self.oracle):
             if closer is not None:
                 closer.close()
 

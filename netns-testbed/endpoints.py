@@ -90,6 +90,7 @@ class QuicServer(Server):
         self.requests = []
         self.port = None
         self._server: Any = None
+        self.marking_info: dict[str, Any] = {}
 
     async def start(self, host: str, port: int) -> None:
         from tokenwire.transport.server import serve
@@ -104,7 +105,13 @@ class QuicServer(Server):
                                   "scheme": request.scheme})
             return tokens
 
-        self._server = await serve(source, host=host, port=port)
+        marking = None
+        congestion = "reno"
+        if args.marking:
+            from .swiftqueue_netns import endpoint_policy_factory
+
+            marking, congestion, self.marking_info = endpoint_policy_factory(args)
+        self._server = await serve(source, host=host, port=port, marking=marking, congestion=congestion)
         self.port = self._server.port
 
     async def stop(self) -> None:
@@ -121,7 +128,7 @@ async def _quic_client(args: argparse.Namespace, go: Callable[[], Awaitable[None
     """Connect (handshake before the measured request), wait for go, stream one answer with the SDK."""
     from tokenwire.transport.client import connect
 
-    async with connect(args.host, args.port, verify=False, timeout=30.0) as conn:
+    async with connect(args.host, args.port, verify=False, timeout=30.0, ecn=bool(args.marking)) as conn:
         await go()
         stream = conn.chat("Why do chatbots stall on trains?", scheme=args.scheme)
         n = 0
@@ -163,7 +170,7 @@ async def run_server(args: argparse.Namespace) -> int:
         if not line or line.strip() == b"stop":
             break
     await server.stop()
-    write_json(args.out, {"requests": server.requests})
+    write_json(args.out, {"requests": server.requests, "marking": getattr(server, "marking_info", {})})
     emit({"stopped": True, "requests": len(server.requests)})
     return 0
 
@@ -207,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cc", default="cubic", help="TCP congestion control of the sse-tcp server")
     p.add_argument("--timeout", type=float, default=600.0)
+    # per-packet ECN marking of the QUIC schemes (tokenwire testbed swiftqueue); the client then reads codepoints
+    p.add_argument("--marking", choices=("classic", "l4s", "swiftqueue", "oracle"), default=None)
+    p.add_argument("--oracle-file", help="the emulator's shared (L, C) estimate, for --marking oracle")
+    p.add_argument("--model", help="swiftqueue: ONNX latency model (default: the shipped one)")
+    p.add_argument("--margin-ms", type=float, default=1.0)
+    p.add_argument("--hysteresis-ms", type=float, default=1.0)
+    p.add_argument("--probe-interval", type=float, default=0.25)
+    p.add_argument("--marking-log", help="write the server's per-policy decision counts here (JSON)")
     return p
 
 

@@ -34,12 +34,13 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def udp_send(sock: socket.socket, dest: tuple[str, int], *, rate_pps: float, size: int, duration: float,
-             tos: int = 0) -> dict[str, Any]:
+             tos: int = 0, on_s: float = 0.0, off_s: float = 0.0) -> dict[str, Any]:
     """Send for ``duration`` s at ``rate_pps`` (0 = as fast as possible); every packet carries its ECN bits.
 
     Pacing is by absolute deadlines (a late packet does not shift the ones after it). The sender sleeps
     between deadlines (with 1 ns timer slack, so wake-ups are tens of microseconds late) rather than
-    spinning: a spinning sender would take a whole core from the emulator on a 2-core machine.
+    spinning: a spinning sender would take a whole core from the emulator on a 2-core machine. With
+    ``on_s > 0`` it sends only during the first ``on_s`` of every ``on_s + off_s`` cycle (bursty traffic).
     """
     from .emulator import lower_timer_slack
 
@@ -52,12 +53,21 @@ def udp_send(sock: socket.socket, dest: tuple[str, int], *, rate_pps: float, siz
     end = start + duration
     seq = 0
     errors = 0
+    cycle = on_s + off_s if on_s > 0 else 0.0
+    cycle_start, in_cycle = start, 0
     while True:
         now = time.monotonic()
         if now >= end:
             break
+        if cycle:
+            c = int((now - start) // cycle)
+            if start + c * cycle != cycle_start:
+                cycle_start, in_cycle = start + c * cycle, 0
+            if now - cycle_start >= on_s:
+                time.sleep(max(0.0, min(end, cycle_start + cycle) - now))
+                continue
         if interval:
-            due = start + seq * interval
+            due = (cycle_start + in_cycle * interval) if cycle else start + seq * interval
             if due > now:
                 time.sleep(due - now)
                 continue
@@ -66,6 +76,7 @@ def udp_send(sock: socket.socket, dest: tuple[str, int], *, rate_pps: float, siz
         except (BlockingIOError, ConnectionRefusedError, OSError):
             errors += 1
         seq += 1
+        in_cycle += 1
     for _ in range(5):  # best-effort end marker; the sink also stops after a silence
         try:
             sock.sendmsg([HEADER.pack(FIN, 0)], cmsg, 0, dest)
@@ -169,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cc", default="cubic")
     p.add_argument("--idle", type=float, default=1.0)
     p.add_argument("--delay", type=float, default=0.0, help="seconds to wait after 'ready' before sending")
+    p.add_argument("--on", type=float, default=0.0, help="UDP: send only ON s of every ON+OFF s (0: always)")
+    p.add_argument("--off", type=float, default=0.0, help="UDP: silent seconds per cycle with --on")
     args = p.parse_args(argv)
     if args.role == "udp-send":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.delay:
             time.sleep(args.delay)
         _emit(udp_send(sock, (args.host, args.port), rate_pps=args.rate, size=args.size,
-                       duration=args.duration, tos=args.tos))
+                       duration=args.duration, tos=args.tos, on_s=args.on, off_s=args.off))
     elif args.role == "udp-sink":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -201,7 +214,8 @@ if __name__ == "__main__":
 
 
 # -- cross traffic for experiments ------------------------------------------------------------------------------
-CROSS_HELP = "tcp:cubic | tcp:bbr (bulk kernel TCP, classic queue) | udp-ect1:RATE (paced UDP marked ECT(1))"
+CROSS_HELP = ("tcp:cubic | tcp:bbr (bulk kernel TCP, classic queue) | udp-ect1:RATE (paced UDP marked ECT(1)) | "
+              "onoff-ect1:RATE:ON_MS:OFF_MS (the same, bursting)")
 
 
 def parse_cross(spec: str) -> tuple[str, str]:
@@ -213,6 +227,15 @@ def parse_cross(spec: str) -> tuple[str, str]:
         return kind, arg
     if kind == "udp-ect1" and (parse_rate(arg) or 0) > 0:
         return kind, arg
+    if kind == "onoff-ect1":
+        rate, _, times = arg.partition(":")
+        on, _, off = times.partition(":")
+        try:
+            ok = (parse_rate(rate) or 0) > 0 and float(on) > 0 and float(off) >= 0
+        except ValueError:
+            ok = False
+        if ok:
+            return kind, arg
     raise ValueError(f"cross traffic {spec!r}: expected {CROSS_HELP}")
 
 
@@ -236,10 +259,14 @@ def start_cross(tb: Any, specs: list[str], duration: float, *, size: int = 1200)
             sink = ["tcp-sink", "--host", tb.client_addr, "--port", port]
             send = ["tcp-send", "--host", tb.client_addr, "--port", port, "--cc", arg, "--duration", str(duration)]
         else:
-            pps = (parse_rate(arg) or 0.0) / (8 * (size + 28))
+            rate, _, times = arg.partition(":")
+            pps = (parse_rate(rate) or 0.0) / (8 * (size + 28))
             sink = ["udp-sink", "--host", tb.client_addr, "--port", port, "--idle", "5"]
             send = ["udp-send", "--host", tb.client_addr, "--port", port, "--rate", f"{pps:.3f}", "--size",
                     str(size), "--tos", "0x01", "--duration", str(duration)]
+            if kind == "onoff-ect1":
+                on, _, off = times.partition(":")
+                send += ["--on", str(float(on) / 1000.0), "--off", str(float(off) / 1000.0)]
         c_sink = Child(tb.popen(tb.client_ns, [*py, *sink], stdin=pipe, stdout=pipe, text=True), f"{spec} sink")
         c_sink.wait_for("ready", 15)
         c_send = Child(tb.popen(tb.server_ns, [*py, *send], stdin=pipe, stdout=pipe, text=True), f"{spec} sender")

@@ -1,0 +1,199 @@
+"""The namespace run of ``tokenwire testbed swiftqueue``: a real tokenwire QUIC Chatterbox stream per policy.
+
+For each policy a fresh :class:`~.topology.Testbed` (userspace emulator: the oracle needs its queue state)
+carries the cross traffic of :mod:`.traffic` and one Chatterbox answer from the SDK server
+(:mod:`.endpoints` with ``--marking POLICY``: the ECN socket, the policy object of
+:mod:`tokenwire.transport.marking`, Prague for ECT(1)) to an ECN-reading client. The marked flow's packets
+are the down-direction rows of the emulator's per-packet log from the server's port: their queue, ECN in
+and out, fate and one-way latency (arrival at the emulator to delivery, i.e. queueing + link + propagation).
+The ``oracle`` policy reads the emulator's (L, C) estimate from a shared-memory board
+(:class:`~.queue_oracle.OracleBoard`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .child import Child, ChildError
+from .emulator import DirectionConfig, EmulatorConfig
+from .pktlog import read_packet_log
+from .swiftqueue_eval import (
+    PerQueueEwmaForecaster,
+    PolicyRun,
+    SwiftQueueConfig,
+    build_summary,
+    load_predictor_forecaster,
+    parse_flow_spec,
+)
+from .topology import Testbed
+from .traffic import start_cross
+
+PORT = 8443
+ECN_BY_NAME = {"not-ect": 0, "ect1": 1, "ect0": 2, "ce": 3}
+
+
+class SwiftQueueRunError(ChildError):
+    """A policy's run failed (a stuck or crashed endpoint is a bug to report, not a result)."""
+
+
+# ------------------------------------------------------------------------------------ inside the server
+def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any], str, dict[str, Any]]:
+    """(policy factory, congestion controller, live info for the output JSON) for ``endpoints --marking``."""
+    from tokenwire.transport.ecn_socket import ECT0
+    from tokenwire.transport.marking import ClassicPolicy, L4SPolicy, OraclePolicy, SwiftQueuePolicy
+
+    info: dict[str, Any] = {"policy": args.marking, "decisions": {}}
+    name = args.marking
+    if name == "classic":
+        return (lambda: ClassicPolicy(ect0=True)), "reno", info
+    if name == "l4s":
+        return L4SPolicy, "prague", info
+    if name == "oracle":
+        from .queue_oracle import OracleBoard
+
+        if not args.oracle_file:
+            raise SystemExit("--marking oracle needs --oracle-file")
+        board = OracleBoard(args.oracle_file, create=False)
+
+        def make_oracle() -> Any:
+            pol = OraclePolicy(lambda now: board.read(), classic=ECT0)
+            info["decisions"] = pol.decisions
+            return pol
+
+        return make_oracle, "prague", info
+    fc, fc_name = load_predictor_forecaster(args.model)
+    info["forecaster"] = fc_name
+    if fc is None:
+        info["policy"] = "l4s (fallback: no model)"
+        return L4SPolicy, "prague", info
+
+    def make_swiftqueue() -> Any:
+        forecaster = fc if not isinstance(fc, PerQueueEwmaForecaster) else PerQueueEwmaForecaster()
+        pol = SwiftQueuePolicy(forecaster, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
+                               probe_interval_s=args.probe_interval, classic=ECT0)
+        info["decisions"] = pol.decisions
+        return pol
+
+    return make_swiftqueue, "prague", info
+
+
+# ------------------------------------------------------------------------------------ the harness
+def _endpoint(tb: Testbed, role: str, policy: str, cfg: SwiftQueueConfig, tokens: int, rate: float, out: str,
+              workdir: str, oracle_path: str | None) -> Child:
+    argv = [
+        sys.executable, "-m", "tokenwire.testbed.endpoints", role, "--scheme", "chatterbox",
+        "--host", tb.server_addr, "--port", str(PORT), "--out", out, "--tokens", str(tokens), "--rate", str(rate),
+        "--seed", str(cfg.seed), "--timeout", str(cfg.seconds * 3 + 60), "--marking", policy,
+        "--margin-ms", str(cfg.margin_ms), "--hysteresis-ms", str(cfg.hysteresis_ms),
+        "--probe-interval", str(cfg.probe_interval_s),
+    ]  # fmt: skip
+    if oracle_path:
+        argv += ["--oracle-file", oracle_path]
+    if cfg.model:
+        argv += ["--model", cfg.model]
+    err_path = os.path.join(workdir, f"{policy}.{role}.stderr")
+    ns = tb.server_ns if role == "server" else tb.client_ns
+    with open(err_path, "w") as err:
+        proc = tb.popen(ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    return Child(proc, f"{policy} {role}", err_path)
+
+
+def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
+                     progress: Callable[[float], None] | None = None) -> PolicyRun:
+    """One policy through a fresh namespace testbed; raises :class:`SwiftQueueRunError` if it fails."""
+    spec = parse_flow_spec(cfg.flow)
+    rate = spec.rate
+    tokens = max(1, int(rate * cfg.seconds))
+    log_path = os.path.join(workdir, f"{policy}.pktlog.csv")
+    oracle_path = os.path.join(workdir, f"{policy}.oracle") if policy == "oracle" else None
+    srv_out = os.path.join(workdir, f"{policy}.server.json")
+    cli_out = os.path.join(workdir, f"{policy}.client.json")
+    up = cfg.up_trace or cfg.down_trace
+    emu = EmulatorConfig(
+        down=DirectionConfig(cfg.down_trace, cfg.delay_ms, "none", cfg.queue),
+        up=DirectionConfig(up, cfg.delay_ms, "none", cfg.queue),
+        seed=cfg.seed, log_path=log_path, oracle_path=oracle_path,
+    )  # fmt: skip
+    with Testbed(emu, backend="userspace") as tb:
+        if cfg.cross:
+            start_cross(tb, cfg.cross, cfg.seconds * 3 + 60)
+        srv = _endpoint(tb, "server", policy, cfg, tokens, rate, srv_out, workdir, oracle_path)
+        srv.wait_for("ready", 30)
+        cli = _endpoint(tb, "client", policy, cfg, tokens, rate, cli_out, workdir, oracle_path)
+        cli.wait_for("connected", 30)
+        origin = tb.origin()
+        cli.send("go")
+        deadline = time.monotonic() + cfg.seconds * 3 + 60
+        while True:
+            ev = cli.event(deadline)
+            if "progress" in ev and progress:
+                progress(min(cfg.seconds, int(ev["progress"]) / rate))
+            if ev.get("done"):
+                break
+        srv.send("stop")
+        srv.wait_for("stopped", 15)
+        emu_stats = tb.stats()
+    with open(srv_out) as fh:
+        server = json.load(fh)
+    with open(cli_out) as fh:
+        client = json.load(fh)
+    if len(server["requests"]) != 1:
+        raise SwiftQueueRunError(f"{policy}: the server saw {len(server['requests'])} requests, expected 1")
+    req = server["requests"][0]
+    records = []
+    for row in read_packet_log(log_path):
+        if row["dir"] != "down" or row["sport"] != str(PORT) or float(row["arrival"]) < origin:
+            continue
+        delivered = row["fate"] == "delivered"
+        records.append({
+            "t": float(row["arrival"]) - origin, "queue": row["queue"], "ecn": ECN_BY_NAME[row["ecn_in"]],
+            "size": int(row["size"]), "fate": row["fate"], "ce": row["ecn_out"] == "ce",
+            "latency_ms": float(row["latency_ms"]) if delivered and row["latency_ms"] else None,
+        })  # fmt: skip
+    records.sort(key=lambda r: r["t"])
+    marking = server.get("marking", {})
+    run = PolicyRun(policy, records, gen=[float(g) for g in req["gen"]],
+                    render=[float(r) for r in client["render"]], decisions=dict(marking.get("decisions", {})),
+                    forecaster=marking.get("forecaster", "") if policy == "swiftqueue" else "",
+                    base_delay_ms=cfg.delay_ms, span_s=max(1e-9, (records[-1]["t"] if records else 0) - cfg.warmup_s))
+    run.extra = {"emulator": emu_stats, "text_ok": client.get("digest_ok"), "server_policy": marking.get("policy")}
+    return run
+
+
+def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
+                  log_fn: Callable[[str], None] | None = None,
+                  progress: Callable[[str, float, float], None] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
+    """Every policy of ``cfg`` through the namespace testbed; the JSON summary and the runs (for the plot)."""
+    cfg.validate()
+    runs: dict[str, PolicyRun] = {}
+    with tempfile.TemporaryDirectory(prefix="tw-swiftqueue-") as tmp:
+        wd = workdir or tmp
+        os.makedirs(wd, exist_ok=True)
+        for k, name in enumerate(cfg.policies):
+            if log_fn:
+                log_fn(f"[{k + 1}/{len(cfg.policies)}] {name} (namespaces, {cfg.seconds:g} s of tokens)")
+            runs[name] = run_netns_policy(
+                cfg, name, wd, (lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None
+            )
+    # one yardstick for every policy's stall ratio: the fastest any token crossed this path (as compare does)
+    best = min((r - g for run in runs.values() for g, r in zip(run.gen, run.render, strict=False)),
+               default=math.inf)
+    base_ms = max(cfg.delay_ms, best * 1000.0 if math.isfinite(best) else cfg.delay_ms)
+    for run in runs.values():
+        run.base_delay_ms = base_ms
+    summary = build_summary(cfg, runs, "userspace", "namespaces + userspace emulator (the oracle reads its state)")
+    summary["base_delay_ms"] = base_ms
+    for name, run in runs.items():
+        summary["policies"][name]["digest_ok"] = run.extra.get("text_ok")
+        summary["policies"][name]["server_policy"] = run.extra.get("server_policy")
+    return summary, runs
