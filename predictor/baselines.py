@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import MS_SCALE, R_LAT, R_QL
+from .features import R_LAT, R_QL
 
 AR_LAGS = 16
 """Newest acks of the window the AR model regresses on (all feature columns of each)."""
@@ -42,7 +42,10 @@ def ar_design(x: np.ndarray) -> np.ndarray:
 
 
 class LinearAR:
-    """Ridge least squares from :func:`ar_design` to the per-queue change ``(target - base) / MS_SCALE``."""
+    """Ridge least squares from :func:`ar_design` to the per-queue change ``(target - base) / scale``.
+
+    ``ref`` is the window reference of :mod:`.features` (last L, last C, scale), as for the networks.
+    """
 
     kind = "ar"
 
@@ -50,22 +53,22 @@ class LinearAR:
         self.ridge = ridge
         self.coef: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray, base: np.ndarray, target: np.ndarray) -> LinearAR:
+    def fit(self, x: np.ndarray, ref: np.ndarray, target: np.ndarray) -> LinearAR:
         a = ar_design(x)
         coef = np.zeros((a.shape[1], 2))
         for j in (0, 1):
             ok = ~np.isnan(target[:, j])
             aj = a[ok]
-            yj = (target[ok, j] - base[ok, j]) / MS_SCALE
+            yj = (target[ok, j] - ref[ok, j]) / ref[ok, 2]
             gram = aj.T @ aj + self.ridge * len(aj) * np.eye(a.shape[1])
             coef[:, j] = np.linalg.solve(gram, aj.T @ yj)
         self.coef = coef
         return self
 
-    def predict(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:
+    def predict(self, x: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if self.coef is None:
             raise RuntimeError("LinearAR.predict before fit")
-        return base + MS_SCALE * (ar_design(x) @ self.coef)
+        return ref[:, :2] + ref[:, 2:3] * (ar_design(x) @ self.coef)
 
     def to_dict(self) -> dict:
         return {"ridge": self.ridge, "coef": None if self.coef is None else self.coef.tolist()}

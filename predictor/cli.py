@@ -62,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default 4)")
+    p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default 2)")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-points", type=int, default=200_000)
@@ -179,7 +180,8 @@ def _train(args: argparse.Namespace) -> int:
             _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
             continue
         cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                          alpha=args.alpha, patience=args.patience, seed=args.seed, max_points=args.max_points,
+                          alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
+                          max_points=args.max_points,
                           net=net if kind == "transformer" else {})
         _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
         log["models"][kind] = info

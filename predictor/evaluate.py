@@ -22,7 +22,7 @@ def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Po
     sess = fc._session
 
     def run(p: Points) -> np.ndarray:
-        outs = [sess.run(None, {"x": p.x[i:i + chunk], "base": p.base[i:i + chunk].astype(np.float32)})[0]
+        outs = [sess.run(None, {"x": p.x[i:i + chunk], "ref": p.base[i:i + chunk].astype(np.float32)})[0]
                 for i in range(0, len(p), chunk)]
         return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 2))
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .baselines import per_queue_ewma
 from .dataset import ack_log
-from .features import build_windows
+from .features import N_FEATURES, build_windows
 
 SPIKE_ABS_MS = 20.0
 SPIKE_REL = 0.20
@@ -29,7 +29,7 @@ class Points:
     """Everything the models and the metrics need at the prediction points of one or more datasets."""
 
     x: np.ndarray  # (K, W, F) float32
-    base: np.ndarray  # (K, 2) ms, last latency per queue
+    base: np.ndarray  # (K, 3) ms: last latency per queue, window scale (the models' reference input)
     ewma: np.ndarray  # (K, 2) ms, SRTT per queue over the whole history
     target: np.ndarray  # (K, 2) ms, NaN = unknown
     spike: np.ndarray  # (K, 2) bool
@@ -63,7 +63,8 @@ def points(data: dict, window: int) -> Points:
     spike_all = np.stack([spike_mask(data["target_l_ms"]), spike_mask(data["target_c_ms"])], axis=1)
     if sel.size == 0:
         empty = np.zeros((0, 2))
-        return Points(np.zeros((0, window, 9), np.float32), empty, empty, empty, empty.astype(bool), np.zeros(0))
+        return Points(np.zeros((0, window, N_FEATURES), np.float32), np.zeros((0, 3)), empty, empty,
+                      empty.astype(bool), np.zeros(0))
     x, base = build_windows(acks, data["sent_at"][sel], n_acked[sel], window)
     ewma = per_queue_ewma(acks, 0.125)[n_acked[sel]]
     return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel])
@@ -100,4 +101,4 @@ def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
 
 
 def baseline_predictors() -> dict[str, Predictor]:
-    return {"last": lambda p: p.base, "ewma": lambda p: p.ewma}
+    return {"last": lambda p: p.base[:, :2], "ewma": lambda p: p.ewma}

@@ -1,9 +1,9 @@
 """The learned forecasters (torch; training and export only, never imported by the runtime).
 
-Both take the feature window ``x`` ``(B, W, F)`` of :mod:`.features` and the per-queue base ``(B, 2)`` (ms)
-and return the predicted latency of the next packet in the L and the C queue, ``(B, 2)`` ms, as
-``base + MS_SCALE * delta``: the network only learns how the next packet differs from the last one seen in
-each queue.
+Both take the feature window ``x`` ``(B, W, F)`` of :mod:`.features` and its reference ``(B, 3)`` (last L
+latency, last C latency, window scale; ms) and return the predicted latency of the next packet in the L and
+the C queue, ``(B, 2)`` ms, as ``base + scale * delta``: the network only learns how the next packet differs
+from the last one seen in each queue, in units of the window's latency level.
 
 * :class:`TransformerForecaster` — the SwiftQueue model: linear embedding per ack, learned positions, pre-LN
   encoder blocks written with plain matmul/softmax (so the ONNX graph is small and exports with any opset),
@@ -48,7 +48,7 @@ class _Block(nn.Module):
 class TransformerForecaster(nn.Module):
     kind = "transformer"
 
-    def __init__(self, window: int = 64, d_model: int = 48, heads: int = 4, layers: int = 2, ff: int = 96,
+    def __init__(self, window: int = 64, d_model: int = 32, heads: int = 4, layers: int = 2, ff: int = 64,
                  dropout: float = 0.0, n_features: int = N_FEATURES) -> None:
         super().__init__()
         self.config = {"window": window, "d_model": d_model, "heads": heads, "layers": layers, "ff": ff,
@@ -60,13 +60,13 @@ class TransformerForecaster(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.GELU(), nn.Linear(d_model, 2))
 
-    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.pos
         for blk in self.blocks:
             h = blk(h)
         h = self.ln(h)
         z = torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)
-        return base + MS_SCALE * self.head(z)
+        return ref[:, :2] + ref[:, 2:3] * self.head(z)
 
 
 class GRUForecaster(nn.Module):
@@ -78,9 +78,9 @@ class GRUForecaster(nn.Module):
         self.gru = nn.GRU(n_features, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 2)
 
-    def forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(x)
-        return base + MS_SCALE * self.head(h[-1])
+        return ref[:, :2] + ref[:, 2:3] * self.head(h[-1])
 
 
 NETS = {"transformer": TransformerForecaster, "gru": GRUForecaster}

@@ -26,7 +26,7 @@ import numpy as np
 from tokenwire.transport.errors import TokenwireError
 from tokenwire.transport.marking import L4SPolicy, LatencySample, MarkingPolicy, SwiftQueuePolicy
 
-from .features import CLIP, FEATURES, MS_SCALE, N_FEATURES, R_ACK, R_SENT, window_features
+from .features import CLIP, FEATURES, FEATURES_VERSION, N_FEATURES, R_ACK, R_SENT, window_features
 
 log = logging.getLogger("tokenwire.predictor")
 
@@ -76,7 +76,7 @@ class OnnxLatencyForecaster:
         self.meta = meta
         self.path = path
         self._ring = _Ring(window + 1)  # one more than the window: the first row's gaps need its predecessor
-        self._in_x, self._in_base = (i.name for i in session.get_inputs())
+        self._in_x, self._in_ref = (i.name for i in session.get_inputs())
         self._out = session.get_outputs()[0].name
 
     @property
@@ -89,14 +89,15 @@ class OnnxLatencyForecaster:
     def _inputs(self, nows: Sequence[float]) -> dict[str, np.ndarray]:
         raw = self._ring.view()
         prev, win = raw[0], raw[1:]
-        x0, base = window_features(win, nows[0], prev[R_ACK], prev[R_SENT])
+        x0, ref = window_features(win, nows[0], prev[R_ACK], prev[R_SENT])
         x = np.repeat(x0[None], len(nows), axis=0)
         if len(nows) > 1:  # only the staleness columns depend on the time of asking
             t = np.asarray(nows, dtype=np.float64)[:, None]
-            x[:, :, 7] = np.clip((t - win[None, :, R_ACK]) * (1000.0 / MS_SCALE), -CLIP, CLIP)
-            x[:, :, 8] = np.clip((t - win[None, :, R_SENT]) * (1000.0 / MS_SCALE), -CLIP, CLIP)
-        b = np.repeat(base[None].astype(np.float32), len(nows), axis=0)
-        return {self._in_x: x, self._in_base: b}
+            k = 1000.0 / ref[2]
+            x[:, :, 7] = np.clip((t - win[None, :, R_ACK]) * k, -CLIP, CLIP)
+            x[:, :, 8] = np.clip((t - win[None, :, R_SENT]) * k, -CLIP, CLIP)
+        r = np.repeat(ref[None].astype(np.float32), len(nows), axis=0)
+        return {self._in_x: x, self._in_ref: r}
 
     def predict(self, now: float) -> tuple[float, float] | None:
         """(L ms, C ms) for a packet sent at ``now``; None until ``window + 1`` acks have been seen."""
@@ -166,7 +167,8 @@ def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
         meta = json.loads(props["tokenwire"])
     except (KeyError, ValueError):
         raise ModelError(f"{file}: not a tokenwire latency model (metadata missing)") from None
-    if meta.get("format") != MODEL_FORMAT or list(meta.get("features", [])) != list(FEATURES):
+    if (meta.get("format") != MODEL_FORMAT or list(meta.get("features", [])) != list(FEATURES)
+            or meta.get("features_version") != FEATURES_VERSION):
         raise ModelError(f"{file}: model was built for other inputs ({meta.get('format')}, {meta.get('features')})")
     inputs = sess.get_inputs()
     window = int(meta.get("window", 0))

@@ -37,6 +37,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 5
     alpha: float = 4.0  # extra weight of sharp-change targets
+    huber_ms: float = 2.0  # Huber transition: small, so the fit tracks the median (the metric is MAE)
     val_share: float = 0.2
     seed: int = 1
     max_points: int = 200_000
@@ -59,8 +60,8 @@ def load_points(paths: list[str], window: int, val_share: float,
 def sample_weights(p: Points, alpha: float) -> np.ndarray:
     """``(K, 2)``: 1 + alpha where the target changes sharply (vs. previous target or vs. last value)."""
     with np.errstate(invalid="ignore"):
-        d = np.abs(p.target - p.base)
-        sharp = (d > SPIKE_ABS_MS) & (d > SPIKE_REL * p.base)
+        d = np.abs(p.target - p.base[:, :2])
+        sharp = (d > SPIKE_ABS_MS) & (d > SPIKE_REL * p.base[:, :2])
     return (1.0 + alpha * (sharp | p.spike)).astype(np.float32)
 
 
@@ -97,7 +98,7 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
         model.eval()
         with torch.no_grad():
             preds = torch.cat([model(xv[i:i + 2048], bv[i:i + 2048]) for i in range(0, len(xv), 2048)])
-            loss = float(change_focused_loss(preds, yv, wv))
+            loss = float(change_focused_loss(preds, yv, wv, cfg.huber_ms))
             ok = ~torch.isnan(yv)
             mae = float((preds - yv)[ok].abs().mean())
         model.train()
@@ -109,7 +110,7 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
         total = 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
-            loss = change_focused_loss(model(xt[idx], bt[idx]), yt[idx], wt[idx])
+            loss = change_focused_loss(model(xt[idx], bt[idx]), yt[idx], wt[idx], cfg.huber_ms)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
