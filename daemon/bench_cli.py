@@ -13,6 +13,7 @@ BENCH_MODULES: list[str] = [
     "tokenwire.transport.bench_transport",
     "tokenwire.daemon.bench_daemon",
     "tokenwire.testbed.bench",
+    "tokenwire.predictor.bench",
 ]
 
 

@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.bench_cli",
     "tokenwire.testbed.cli",
     "tokenwire.transport.cachegen.cli",
+    "tokenwire.predictor.cli",
 ]
 
 

@@ -1,0 +1,114 @@
+"""``tokenwire bench predictor``: cost of a latency prediction on one core, against the 17 k packets/s target.
+
+Measures, in one process pinned to one onnxruntime thread, the shipped model (or ``--model``) and the EWMA
+forecaster in the same run:
+
+* µs per inference call and predictions/s at batch sizes 1, 8 and 64 (``predict_batch``: one call answers
+  for ``batch`` packets leaving together);
+* ``observe`` cost per ack (the ring buffer), and the packet rate one core sustains when the sender
+  (a) observes every ack and predicts for every packet (per-ack marking) and
+  (b) observes every ack and predicts once per burst of ``batch`` packets;
+* the target: 200 Mbit/s of 1500-byte packets = 16 667 packets/s.
+
+Medians of ``--repeats`` timed runs; the machines are shared, so the EWMA numbers of the same run are the
+yardstick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TARGET_PPS = 200e6 / (1500 * 8)
+BATCHES = (1, 8, 64)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predictor", help="µs per latency prediction (ONNX vs EWMA), batch 1/8/64, vs 17k pkt/s")
+    p.add_argument("--model", help="ONNX model (default: the shipped one)")
+    p.add_argument("--calls", type=int, default=2000, help="inference calls per measurement (default 2000)")
+    p.add_argument("--repeats", type=int, default=5, help="measurements; medians are reported (default 5)")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.set_defaults(handler=run_cli)
+
+
+def _samples(n: int) -> list:
+    from tokenwire.transport.marking import LatencySample
+
+    out = []
+    t = 0.0
+    for i in range(n):
+        t += 0.0006
+        lat = 20.0 + 10.0 * ((i * 7919) % 13) / 13
+        out.append(LatencySample(sent_at=t - lat / 1000 - 0.01, ack_at=t, latency_ms=lat, size=1500,
+                                 queue_l=i % 4 != 0, ce=i % 9 == 0))
+    return out
+
+
+def _median_time(fn, calls: int, repeats: int) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` runs of ``calls`` calls."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls)
+    return statistics.median(runs)
+
+
+def measure(forecaster, calls: int, repeats: int) -> dict:
+    samples = _samples(256)
+    for s in samples:
+        forecaster.observe(s)
+    now = samples[-1].ack_at + 0.001
+    res: dict = {"batches": {}}
+    for bs in BATCHES:
+        nows = [now + 1e-5 * i for i in range(bs)]
+        if bs == 1:
+            per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
+        else:
+            per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), max(calls // bs * 4, 50), repeats)
+        res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
+                                   "predictions_per_s": bs / per_call}
+    it = iter(samples * (calls // len(samples) + 2))
+    obs = _median_time(lambda: forecaster.observe(next(it)), calls, repeats)
+    res["us_per_observe"] = obs * 1e6
+    per_ack = obs + res["batches"]["1"]["us_per_call"] / 1e6
+    res["per_ack_pps"] = 1.0 / per_ack  # every packet: one ack observed, one prediction
+    res["per_batch_pps"] = {str(bs): 1.0 / (obs + res["batches"][str(bs)]["us_per_call"] / 1e6 / bs)
+                            for bs in BATCHES}
+    return res
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster
+
+    try:
+        onnx_fc = load_forecaster(args.model)
+    except ModelError as exc:
+        from tokenwire.daemon.cli import CLIError
+
+        raise CLIError(str(exc)) from None
+    doc = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
+           "onnx": measure(onnx_fc, args.calls, args.repeats),
+           "ewma": measure(EwmaLatencyForecaster(), args.calls, args.repeats)}
+    head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
+    lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
+    for name in ("onnx", "ewma"):
+        r = doc[name]
+        for bs in BATCHES:
+            b = r["batches"][str(bs)]
+            lines.append(f"{name:<10} {bs:>5} {b['us_per_call']:>9.1f} {b['us_per_prediction']:>9.2f} "
+                         f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}")
+        lines.append(f"{name:<10} observe {r['us_per_observe']:.2f} µs/ack; per-ack marking sustains "
+                     f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
+    print("\n".join(lines))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,244 @@
+"""``tokenwire predictor ...``: collect datasets, train, export, evaluate the SwiftQueue latency models.
+
+Top level imports argparse only; numpy, torch and onnxruntime load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _err(msg: str) -> Exception:
+    from tokenwire.daemon.cli import CLIError
+
+    return CLIError(msg)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .crossspec import DEFAULT_CROSS
+
+    parser = sub.add_parser("predictor", help="SwiftQueue latency predictor: collect, train, export, eval")
+    psub = parser.add_subparsers(dest="predictor_cmd", metavar="STEP")
+    psub.required = True
+
+    def collect_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cross", default=DEFAULT_CROSS, help=f"cross traffic (default {DEFAULT_CROSS!r}; "
+                       "grammar in docs/swiftqueue.md)")
+        p.add_argument("--seconds", type=float, default=60.0, help="virtual seconds per run (default 60)")
+        p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default 10)")
+        p.add_argument("--probe-pps", type=float, help="probe packets/s (default: 8%% of the trace capacity)")
+        p.add_argument("--p-switch", type=float, default=0.08, help="probe queue switch probability per packet")
+
+    p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
+    p.add_argument("--down-trace", required=True, help="mahimahi trace file or a rate like 12mbps")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True, help="output .npz")
+    collect_args(p)
+    p.set_defaults(handler=_collect)
+
+    p = psub.add_parser("collect-many", help="datasets for several traces x seeds, with progress")
+    p.add_argument("--traces", nargs="+", required=True, help="trace files (or rates)")
+    p.add_argument("--seeds", default="1-3", help="e.g. 1-4 or 1,5,9 (default 1-3)")
+    p.add_argument("--out-dir", required=True)
+    collect_args(p)
+    p.set_defaults(handler=_collect_many)
+
+    p = psub.add_parser("train", help="train transformer/gru (torch) and fit the AR baseline")
+    p.add_argument("--data", nargs="+", required=True, help="training datasets (.npz); validation = last 20%% "
+                   "of each in time")
+    p.add_argument("--kinds", default="transformer,gru,ar", help="subset of transformer,gru,ar")
+    p.add_argument("--out-dir", required=True, help="checkpoints: transformer.pt, gru.pt, ar.json, train.json")
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default 4)")
+    p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default 2)")
+    p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-points", type=int, default=200_000)
+    p.add_argument("--net", default="{}", help='JSON overrides of the network, e.g. \'{"d_model": 32}\'')
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(handler=_train)
+
+    p = psub.add_parser("export", help="checkpoint -> ONNX (dynamic batch), validated against torch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--check-data", help="a dataset whose windows are also used for the torch/ONNX comparison")
+    p.set_defaults(handler=_export)
+
+    p = psub.add_parser("eval", help="MAE/RMSE/spike error of every model on datasets (held-out traces)")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--model", help="transformer ONNX (default: the shipped model)")
+    p.add_argument("--baselines", help="directory with gru.onnx and ar.json (default: the shipped ones)")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(handler=_eval)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, dash, b = part.partition("-")
+        try:
+            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
+        except ValueError:
+            raise _err(f"--seeds: {part!r} is not N or N-M") from None
+    if not out:
+        raise _err("--seeds: no seeds")
+    return out
+
+
+def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
+    from .crossspec import CrossSpecError, parse_cross_spec
+    from .dataset import CollectConfig
+
+    try:
+        parse_cross_spec(args.cross)
+    except CrossSpecError as exc:
+        raise _err(str(exc)) from None
+    if args.seconds <= 0:
+        raise _err("--seconds must be > 0")
+    return CollectConfig(down_trace=trace, cross=args.cross, seconds=args.seconds, seed=seed,
+                         delay_ms=args.delay_ms, probe_pps=args.probe_pps, p_switch=args.p_switch)
+
+
+def _run_collect(cfg: Any, out: str, label: str) -> dict:
+    from tokenwire.testbed.trace import TraceError
+
+    from .dataset import collect, save, summary
+
+    t0 = time.monotonic()
+
+    def progress(frac: float) -> None:
+        _say(f"  {label}: {100 * frac:5.1f}% of {cfg.seconds:g} virtual s")
+
+    try:
+        data = collect(cfg, progress)
+    except TraceError as exc:
+        raise _err(str(exc)) from None
+    save(out, data)
+    s = summary(data)
+    _say(f"{label}: {s['packets']} probe packets, L mean {s['l_mean_ms']:.1f} ms / C mean {s['c_mean_ms']:.1f} ms, "
+         f"C faster {100 * s['share_c_faster']:.1f}%, differ >5 ms {100 * s['share_differ_5ms']:.1f}% "
+         f"({time.monotonic() - t0:.1f} s) -> {out}")
+    return s
+
+
+def _collect(args: argparse.Namespace) -> int:
+    _run_collect(_config(args, args.down_trace, args.seed), args.out, Path(args.down_trace).name)
+    return 0
+
+
+def _collect_many(args: argparse.Namespace) -> int:
+    seeds = _parse_seeds(args.seeds)
+    jobs = [(t, s) for t in args.traces for s in seeds]
+    index = []
+    for i, (trace, seed) in enumerate(jobs, 1):
+        name = Path(trace).name.replace(".", "_")
+        out = str(Path(args.out_dir) / f"{name}-s{seed}.npz")
+        s = _run_collect(_config(args, trace, seed), out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
+        index.append({"trace": trace, "seed": seed, "path": out, **s})
+    (Path(args.out_dir) / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _say(f"wrote {len(jobs)} datasets and index.json to {args.out_dir}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .dataset import DatasetError
+    from .train import TrainConfig, fit_ar, load_points, train_net
+
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = set(kinds) - {"transformer", "gru", "ar"}
+    if bad or not kinds:
+        raise _err(f"--kinds: unknown {sorted(bad)}; choose from transformer,gru,ar")
+    try:
+        net = json.loads(args.net)
+    except ValueError:
+        raise _err("--net must be a JSON object") from None
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    _say(f"loading {len(args.data)} datasets (window {args.window})")
+    try:
+        train, val = load_points(args.data, args.window, 0.2, log=_say)
+    except DatasetError as exc:
+        raise _err(str(exc)) from None
+    log: dict = {"data": args.data, "command": " ".join(sys.argv), "models": {}}
+    for kind in kinds:
+        if kind == "ar":
+            fit_ar(train, out / "ar.json")
+            _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
+            continue
+        cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                          alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
+                          max_points=args.max_points,
+                          net=net if kind == "transformer" else {})
+        _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
+        log["models"][kind] = info
+        _say(f"{kind}: best epoch {info['best_epoch']} -> {out / (kind + '.pt')}")
+    (out / "train.json").write_text(json.dumps(log, indent=2) + "\n")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .dataset import DatasetError, load
+    from .export import export_onnx
+    from .harness import points
+    from .train import load_checkpoint
+
+    torch.set_num_threads(1)
+    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    model = load_checkpoint(args.checkpoint)
+    cx = cb = None
+    if args.check_data:
+        try:
+            pts = points(load(args.check_data), model.config["window"])  # type: ignore[attr-defined]
+        except DatasetError as exc:
+            raise _err(str(exc)) from None
+        cx, cb = pts.x, pts.base
+    extra = {"train_config": ck.get("train_config"), "best_epoch": len(ck.get("history", []))}
+    report = export_onnx(model, args.out, extra, cx, cb)
+    size = Path(args.out).stat().st_size
+    _say(f"wrote {args.out} ({size / 1024:.0f} KiB); onnxruntime vs torch: " +
+         ", ".join(f"{k} {v:.2e}" for k, v in report.items() if k != "ok"))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .dataset import DatasetError
+    from .evaluate import run_eval
+    from .runtime import ModelError
+
+    try:
+        doc = run_eval(args.data, args.model, args.baselines, log=_say)
+    except (DatasetError, ModelError) as exc:
+        raise _err(str(exc)) from None
+    print(format_table(doc))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return 0
+
+
+def format_table(doc: dict) -> str:
+    lines = [f"{'model':<12} {'MAE ms':>8} {'RMSE ms':>8} {'spike MAE':>10} {'n':>8} {'n spike':>8}"]
+    for name, m in doc["models"].items():
+        lines.append(f"{name:<12} {m['mae_ms']:>8.2f} {m['rmse_ms']:>8.2f} {m['spike_mae_ms']:>10.2f} "
+                     f"{m['n']:>8} {m['n_spike']:>8}")
+    if "transformer" in doc["models"] and "ewma" in doc["models"]:
+        t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
+        lines.append(f"transformer MAE vs ewma: {100 * (1 - t / e):.1f}% lower (target >= 45%)")
+    return "\n".join(lines)

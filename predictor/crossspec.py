@@ -1,0 +1,140 @@
+"""Cross-traffic specs for the virtual-time dataset runs (``--cross``), parsed into flow schedules.
+
+Grammar: ``ITEM[+ITEM...]``, ``ITEM = KIND[*N][:key=value,...]``
+
+* ``reno``      classic AIMD window flow, Not-ECT: fills the C queue (DualPI2 holds it near 15 ms)
+* ``scalable``  DCTCP/Prague-like window flow, ECT(1): bursts into the L queue on every (re)start
+* ``cbr-l`` / ``cbr-c``  unresponsive constant bit rate into L (ECT(1)) or C (Not-ECT); ``rate=`` required,
+  as bits/s (``2mbps``) or as a share of the trace's mean capacity (``40%``)
+
+Common keys: ``on=S,off=S`` make the flow an on/off source with exponentially distributed period lengths of
+those means (seconds; without them it runs the whole time), ``rtt=MS`` its ack return delay (default: drawn
+per flow from 5-50 ms). ``*N`` runs N independent copies.
+
+These are modes of the testbed's own :mod:`tokenwire.testbed.vsim` senders; the socket testbed has its own
+spec (``tcp:cubic``, ``udp-ect1:RATE``, :func:`tokenwire.testbed.traffic.parse_cross`), and its two forms are
+accepted here as aliases (``tcp:*`` -> ``reno``, ``udp-ect1:RATE`` -> ``cbr-l:rate=RATE``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+DEFAULT_CROSS = "reno*2:on=4,off=4+scalable*2:on=1,off=2+cbr-l:rate=120%,on=0.5,off=1.5+cbr-c:rate=20%,on=2,off=4"
+KINDS = ("reno", "scalable", "cbr-l", "cbr-c")
+
+
+class CrossSpecError(ValueError):
+    """A ``--cross`` spec that cannot be parsed; the message says which part and why."""
+
+
+@dataclass
+class CrossItem:
+    kind: str
+    copies: int = 1
+    rate: str | None = None  # "2mbps" or "40%"
+    on: float | None = None
+    off: float | None = None
+    rtt_ms: float | None = None
+    text: str = ""
+
+
+@dataclass
+class FlowPlan:
+    """One sender to create: kind, active periods, return delay, rate (bits/s for CBR)."""
+
+    kind: str
+    periods: list[tuple[float, float]] = field(default_factory=list)
+    ack_delay: float = 0.02
+    rate_bps: float | None = None
+
+
+def _float(text: str, key: str, item: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CrossSpecError(f"cross item {item!r}: {key}={text!r} is not a number") from None
+    if not value > 0:
+        raise CrossSpecError(f"cross item {item!r}: {key} must be > 0")
+    return value
+
+
+def parse_cross_spec(spec: str) -> list[CrossItem]:
+    """Parse the grammar of the module docstring; raises :class:`CrossSpecError`."""
+    from tokenwire.testbed.trace import parse_rate
+
+    items: list[CrossItem] = []
+    text = spec.strip()
+    if text.lower() in ("", "none"):
+        return items
+    for raw in text.split("+"):
+        part = raw.strip()
+        head, _, args = part.partition(":")
+        head = head.strip().lower()
+        if head == "tcp":  # socket-testbed alias
+            items.append(CrossItem("reno", text=part))
+            continue
+        if head == "udp-ect1":
+            if (parse_rate(args) or 0) <= 0:
+                raise CrossSpecError(f"cross item {part!r}: udp-ect1 needs a rate like 2mbps")
+            items.append(CrossItem("cbr-l", rate=args.strip(), text=part))
+            continue
+        kind, star, n = head.partition("*")
+        if kind not in KINDS:
+            raise CrossSpecError(f"cross item {part!r}: unknown kind {kind!r} (use {', '.join(KINDS)})")
+        item = CrossItem(kind, text=part)
+        if star:
+            if not n.isdigit() or int(n) < 1:
+                raise CrossSpecError(f"cross item {part!r}: *N needs a positive integer")
+            item.copies = int(n)
+        for kv in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, value = kv.partition("=")
+            key = key.strip().lower()
+            value = value.strip()
+            if not eq or not value:
+                raise CrossSpecError(f"cross item {part!r}: expected key=value, got {kv!r}")
+            if key == "rate":
+                pct = value.endswith("%") and _float(value[:-1], key, part)
+                if not pct and (parse_rate(value) or 0) <= 0:
+                    raise CrossSpecError(f"cross item {part!r}: rate={value!r} is not a rate (2mbps) or share (40%)")
+                item.rate = value
+            elif key in ("on", "off"):
+                setattr(item, key, _float(value, key, part))
+            elif key == "rtt":
+                item.rtt_ms = _float(value, key, part)
+            else:
+                raise CrossSpecError(f"cross item {part!r}: unknown key {key!r} (rate, on, off, rtt)")
+        if (item.on is None) != (item.off is None):
+            raise CrossSpecError(f"cross item {part!r}: give both on= and off= (or neither)")
+        if kind.startswith("cbr") and item.rate is None:
+            raise CrossSpecError(f"cross item {part!r}: {kind} needs rate=")
+        if not kind.startswith("cbr") and item.rate is not None:
+            raise CrossSpecError(f"cross item {part!r}: rate= is only for cbr-l/cbr-c")
+        items.append(item)
+    return items
+
+
+def plan_flows(items: list[CrossItem], *, seconds: float, mean_bps: float, seed: int) -> list[FlowPlan]:
+    """Turn parsed items into concrete senders with on/off periods drawn from ``seed`` (deterministic)."""
+    from tokenwire.testbed.trace import parse_rate
+
+    rng = random.Random(f"cross:{seed}")
+    plans: list[FlowPlan] = []
+    for item in items:
+        for _ in range(item.copies):
+            ack = (item.rtt_ms / 1000.0) if item.rtt_ms else rng.uniform(0.005, 0.05)
+            rate = None
+            if item.rate is not None:
+                rate = mean_bps * float(item.rate[:-1]) / 100.0 if item.rate.endswith("%") else parse_rate(item.rate)
+            if item.on is None or item.off is None:
+                periods = [(rng.uniform(0.0, 0.5), seconds)]
+            else:
+                periods = []
+                t = rng.uniform(0.0, item.off)
+                while t < seconds:
+                    dur = rng.expovariate(1.0 / item.on)
+                    periods.append((t, min(t + dur, seconds)))
+                    t += dur + rng.expovariate(1.0 / item.off)
+            plans.append(FlowPlan(item.kind, periods, ack, rate))
+    return plans

@@ -1,0 +1,239 @@
+"""Per-packet latency datasets from the DualPI2 emulator core in virtual time (``tokenwire predictor collect``).
+
+One run = one bottleneck :class:`~tokenwire.testbed.link.Link` (trace-driven rate, DualPI2 with the Linux
+defaults, one-way delay) driven by :class:`~tokenwire.testbed.vsim.Simulation`, with cross traffic (see
+:mod:`.crossspec`) and one **probe** flow, the marked flow whose latency the predictor learns:
+
+* the probe sends packets of ``probe_size`` bytes at Poisson times (mean ``probe_pps``), each either ECT(1)
+  (L queue) or ECT(0) (C queue); the choice is a two-state Markov chain that switches with probability
+  ``p_switch`` per packet, so the ack history holds runs of both queues, as under a per-packet policy;
+* its acks come back ``ack_delay`` after delivery and give the sender what it sees at runtime: latency,
+  ack time, size, queue, CE (a lost packet gives no ack);
+* **ground truth by shadow packets**: at every probe send the run also enqueues one 1-byte packet into each
+  queue (ECT(1) into L, ECT(0) into C), *before* the probe packet. A shadow takes its place in the FIFO of
+  its queue, goes through the WRR scheduler and the trace opportunities like any packet, so its one-way
+  latency is the latency a packet sent at that moment would see in that queue — for both queues at once,
+  the counterfactual one included — while adding one byte per packet to the load. (It excludes the probe
+  packet's own serialization beyond the shared delivery opportunity.) A shadow that the AQM drops (C queue
+  under overload) leaves NaN; those targets are masked.
+
+The file (``.npz``, :func:`save` / :func:`load`) holds one row per probe packet in send order:
+
+===================  =====================================================================================
+``sent_at``          send time, s (virtual)
+``ack_at``           time its ack reached the sender, s (NaN when the packet was lost)
+``latency_ms``       its one-way latency, ms (NaN when lost)
+``size``             bytes
+``queue_l``          1 = sent ECT(1) (L queue), 0 = ECT(0) (C queue)
+``ce``               1 = arrived CE-marked
+``target_l_ms``      ground truth: latency of a packet sent now into L (shadow), ms (NaN if dropped)
+``target_c_ms``      same for the C queue
+``n_acked``          acks the sender had received at ``sent_at`` (index into the ack log, below)
+===================  =====================================================================================
+
+plus ``meta`` (a JSON string: format version, trace, cross spec, seconds, seed, delays, probe settings,
+counts). The *ack log* (what a runtime forecaster observes, in arrival order) is the delivered rows sorted by
+``ack_at``: :func:`ack_log`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .crossspec import DEFAULT_CROSS, parse_cross_spec, plan_flows
+from .features import RAW_COLUMNS
+
+FORMAT_VERSION = 1
+SHADOW_SIZE = 1
+COLUMNS = ("sent_at", "ack_at", "latency_ms", "size", "queue_l", "ce", "target_l_ms", "target_c_ms", "n_acked")
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, malformed or of an unknown format version."""
+
+
+@dataclass
+class CollectConfig:
+    down_trace: str
+    cross: str = DEFAULT_CROSS
+    seconds: float = 60.0
+    seed: int = 1
+    delay_ms: float = 10.0  # one-way propagation delay of the bottleneck direction
+    ack_delay_ms: float = 10.0  # probe's ack return delay
+    probe_pps: float | None = None  # None: 8 % of the trace's mean capacity in packets, within [20, 300]
+    probe_size: int = 1200
+    p_switch: float = 0.08
+
+
+def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+    """Run one virtual-time session; returns the arrays of the module docstring (``meta`` as a JSON str)."""
+    from tokenwire.testbed.link import Link
+    from tokenwire.testbed.packet import ECT0, ECT1, NOT_ECT
+    from tokenwire.testbed.queues import DualPI2, DualPI2Params, Packet
+    from tokenwire.testbed.trace import OPPORTUNITY_BYTES, trace_from_spec
+    from tokenwire.testbed.vsim import CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
+
+    trace = trace_from_spec(cfg.down_trace)
+    mean_bps = trace.mean_mbps * 1e6
+    link = Link(trace, DualPI2(DualPI2Params(seed=cfg.seed)), delay=cfg.delay_ms / 1000.0)
+    sim = Simulation(link)
+    items = parse_cross_spec(cfg.cross)
+    for plan in plan_flows(items, seconds=cfg.seconds, mean_bps=mean_bps, seed=cfg.seed):
+        for start, stop in plan.periods:
+            if plan.kind == "reno":
+                sim.add(RenoFlow(ack_delay=plan.ack_delay, start=start, stop=stop))
+            elif plan.kind == "scalable":
+                sim.add(ScalableFlow(ack_delay=plan.ack_delay, start=start, stop=stop))
+            else:
+                ecn = ECT1 if plan.kind == "cbr-l" else NOT_ECT
+                assert plan.rate_bps is not None
+                sim.add(CbrFlow(plan.rate_bps, ecn=ecn, ack_delay=plan.ack_delay, start=start, stop=stop))
+
+    pps = cfg.probe_pps
+    if pps is None:
+        pps = min(300.0, max(20.0, 0.08 * mean_bps / (8 * OPPORTUNITY_BYTES)))
+    rng = random.Random(f"probe:{cfg.seed}")
+    probe_rows: list[tuple[float, bool]] = []  # (sent_at, queue_l) per probe seq
+
+    class Shadow(Flow):
+        """Owner of the shadow packets: sends nothing by itself, ignores acks."""
+
+        def on_start(self, now: float) -> None:
+            pass
+
+        def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
+            pass
+
+    class Probe(Flow):
+        """Poisson sender, per-packet queue from a switching Markov chain, shadows ahead of each packet."""
+
+        def __init__(self, shadow: Flow) -> None:
+            super().__init__(size=cfg.probe_size, ack_delay=cfg.ack_delay_ms / 1000.0, name="probe")
+            self.shadow = shadow
+            self.queue_l = rng.random() < 0.5
+
+        def on_start(self, now: float) -> None:
+            self._tick(now)
+
+        def _tick(self, now: float) -> None:
+            assert self.sim is not None
+            if now >= cfg.seconds:
+                return
+            if rng.random() < cfg.p_switch:
+                self.queue_l = not self.queue_l
+            seq = len(probe_rows)
+            sim_ = self.sim
+            sim_.send(self.shadow, Packet(SHADOW_SIZE, ECT1, meta=(self.shadow.fid, 2 * seq, now)), now)
+            sim_.send(self.shadow, Packet(SHADOW_SIZE, ECT0, meta=(self.shadow.fid, 2 * seq + 1, now)), now)
+            sim_.send(self, Packet(self.size, ECT1 if self.queue_l else ECT0, meta=(self.fid, seq, now)), now)
+            probe_rows.append((now, self.queue_l))
+            sim_.call_at(now + rng.expovariate(pps), self._tick)
+            if progress is not None and seq % 2000 == 0:
+                progress(now / cfg.seconds)
+
+        def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
+            pass
+
+    shadow = sim.add(Shadow())
+    probe = sim.add(Probe(shadow))
+    sim.run(cfg.seconds + 5.0)  # let the last packets arrive
+
+    n = len(probe_rows)
+    out = {c: np.full(n, np.nan) for c in COLUMNS}
+    out["sent_at"][:] = [r[0] for r in probe_rows]
+    out["queue_l"][:] = [float(r[1]) for r in probe_rows]
+    out["size"][:] = cfg.probe_size
+    out["ce"][:] = 0.0
+    for pkt in sim.records:
+        if pkt.fate != "delivered":
+            continue
+        fid, seq, sent = pkt.meta  # type: ignore[misc]
+        lat = (pkt.delivery - sent) * 1000.0  # type: ignore[operator]
+        if fid == probe.fid:
+            out["latency_ms"][seq] = lat
+            out["ack_at"][seq] = pkt.delivery + probe.ack_delay  # type: ignore[operator]
+            out["ce"][seq] = float(pkt.ecn_out == 3)
+        elif fid == shadow.fid:
+            out["target_l_ms" if seq % 2 == 0 else "target_c_ms"][seq // 2] = lat
+    acks = np.sort(out["ack_at"][~np.isnan(out["ack_at"])])
+    out["n_acked"] = np.searchsorted(acks, out["sent_at"], side="right").astype(np.float64)
+    q = link.queue
+    meta = {
+        "format": "tokenwire-latency-dataset",
+        "version": FORMAT_VERSION,
+        "config": asdict(cfg),
+        "trace_name": trace.name,
+        "trace_mean_mbps": trace.mean_mbps,
+        "probe_pps": pps,
+        "shadow_size": SHADOW_SIZE,
+        "probe_packets": n,
+        "probe_delivered": int(acks.size),
+        "cross_flows": len(sim.flows) - 2,
+        "dualpi2": {"step_marks": q.step_marks, "pi_marks": q.pi_marks, "aqm_drops": q.aqm_drops,  # type: ignore[attr-defined]
+                    "tail_drops": q.tail_drops},  # type: ignore[attr-defined]
+        "link": link.stats.to_dict(),
+    }
+    out_any: dict = dict(out)
+    out_any["meta"] = json.dumps(meta)
+    return out_any
+
+
+def save(path: str | Path, data: dict) -> None:
+    """Write ``data`` (arrays of :data:`COLUMNS` + ``meta`` JSON string) as a compressed ``.npz``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {c: np.asarray(data[c], dtype=np.float64) for c in COLUMNS}
+    arrays["meta"] = np.array(data["meta"])
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load(path: str | Path) -> dict:
+    """Read a dataset written by :func:`save`; raises :class:`DatasetError` on anything unexpected."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
+            meta = json.loads(str(z["meta"]))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such dataset") from None
+    except (KeyError, ValueError, OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: not a latency dataset ({exc})") from None
+    if meta.get("format") != "tokenwire-latency-dataset" or meta.get("version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+    n = data["sent_at"].shape[0]
+    if any(data[c].shape != (n,) for c in COLUMNS):
+        raise DatasetError(f"{path}: columns of different lengths")
+    data["meta"] = meta
+    return data
+
+
+def ack_log(data: dict) -> np.ndarray:
+    """``(N_acks, 6)`` raw ack rows (:data:`~.features.RAW_COLUMNS`) in arrival order (stable for ties)."""
+    ok = ~np.isnan(data["ack_at"])
+    order = np.argsort(data["ack_at"][ok], kind="stable")
+    cols = [data[c][ok][order] for c in RAW_COLUMNS]
+    return np.stack(cols, axis=1)
+
+
+def summary(data: dict) -> dict:
+    """Quick numbers about a dataset: how often and by how much L and C differ (the decision matters)."""
+    tl, tc = data["target_l_ms"], data["target_c_ms"]
+    ok = ~np.isnan(tl) & ~np.isnan(tc)
+    diff = tc[ok] - tl[ok]
+    return {
+        "packets": int(tl.size),
+        "l_mean_ms": float(np.nanmean(tl)),
+        "c_mean_ms": float(np.nanmean(tc)),
+        "l_p99_ms": float(np.nanpercentile(tl, 99)),
+        "c_p99_ms": float(np.nanpercentile(tc, 99)),
+        "share_c_faster": float(np.mean(diff < 0)) if diff.size else math.nan,
+        "share_differ_5ms": float(np.mean(np.abs(diff) > 5)) if diff.size else math.nan,
+        "lost": int(np.isnan(data["ack_at"]).sum()),
+    }

@@ -1,0 +1,104 @@
+"""One evaluation harness for every forecaster: prediction points, targets, spike masks and metrics.
+
+A *prediction point* is a probe packet send of a dataset at which the sender had at least ``window + 1``
+acks; the forecaster sees the acks received by then and predicts the latency of that packet in each queue
+(the dataset's shadow ground truth). Errors are pooled over both queues (``n`` counts (packet, queue)
+targets; a target whose shadow was dropped is left out).
+
+Spike (DESIGN.md, Metrics): the target of a queue changes from the previous probe packet's by more than
+20 ms *and* more than 20 %; ``spike_mae_ms`` is the MAE over those targets only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .baselines import per_queue_ewma
+from .dataset import ack_log
+from .features import N_FEATURES, build_windows
+
+SPIKE_ABS_MS = 20.0
+SPIKE_REL = 0.20
+
+
+@dataclass
+class Points:
+    """Everything the models and the metrics need at the prediction points of one or more datasets."""
+
+    x: np.ndarray  # (K, W, F) float32
+    base: np.ndarray  # (K, 3) ms: last latency per queue, window scale (the models' reference input)
+    ewma: np.ndarray  # (K, 2) ms, SRTT per queue over the whole history
+    target: np.ndarray  # (K, 2) ms, NaN = unknown
+    spike: np.ndarray  # (K, 2) bool
+    sent_at: np.ndarray  # (K,)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @staticmethod
+    def concat(parts: list[Points]) -> Points:
+        return Points(*(np.concatenate([getattr(p, f) for p in parts]) for f in Points.__dataclass_fields__))
+
+    def take(self, idx: np.ndarray) -> Points:
+        return Points(*(getattr(self, f)[idx] for f in Points.__dataclass_fields__))
+
+
+def spike_mask(series: np.ndarray) -> np.ndarray:
+    """True where a target jumps from the previous one by > 20 ms and > 20 % (NaN neighbours: False)."""
+    prev = np.concatenate([[np.nan], series[:-1]])
+    d = np.abs(series - prev)
+    with np.errstate(invalid="ignore"):
+        return (d > SPIKE_ABS_MS) & (d > SPIKE_REL * prev)
+
+
+def points(data: dict, window: int) -> Points:
+    """Prediction points of one dataset (see module docstring)."""
+    acks = ack_log(data)
+    n_acked = data["n_acked"].astype(np.int64)
+    sel = np.flatnonzero(n_acked >= window + 1)
+    target_all = np.stack([data["target_l_ms"], data["target_c_ms"]], axis=1)
+    spike_all = np.stack([spike_mask(data["target_l_ms"]), spike_mask(data["target_c_ms"])], axis=1)
+    if sel.size == 0:
+        empty = np.zeros((0, 2))
+        return Points(np.zeros((0, window, N_FEATURES), np.float32), np.zeros((0, 3)), empty, empty,
+                      empty.astype(bool), np.zeros(0))
+    x, base = build_windows(acks, data["sent_at"][sel], n_acked[sel], window)
+    ewma = per_queue_ewma(acks, 0.125)[n_acked[sel]]
+    return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel])
+
+
+def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str, float | int]:
+    """MAE, RMSE, spike MAE (ms) and n over the known targets, both queues pooled."""
+    ok = ~np.isnan(target)
+    err = (pred - target)[ok]
+    sp = (pred - target)[ok & spike]
+    return {
+        "mae_ms": float(np.mean(np.abs(err))) if err.size else float("nan"),
+        "rmse_ms": float(np.sqrt(np.mean(err**2))) if err.size else float("nan"),
+        "spike_mae_ms": float(np.mean(np.abs(sp))) if sp.size else float("nan"),
+        "n": int(err.size),
+        "n_spike": int(sp.size),
+    }
+
+
+Predictor = Callable[[Points], np.ndarray]
+
+
+def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
+    """``{"models": {name: metrics + per-queue breakdown}}`` for every predictor on the same points."""
+    out: dict = {}
+    for name, fn in predictors.items():
+        pred = fn(pts)
+        m = metrics(pred, pts.target, pts.spike)
+        for j, q in enumerate(("l", "c")):
+            mq = metrics(pred[:, j], pts.target[:, j], pts.spike[:, j])
+            m[f"{q}_mae_ms"] = mq["mae_ms"]
+        out[name] = m
+    return {"models": out}
+
+
+def baseline_predictors() -> dict[str, Predictor]:
+    return {"last": lambda p: p.base[:, :2], "ewma": lambda p: p.ewma}

@@ -1,0 +1,190 @@
+"""Latency forecasters for the daemon's packet path: onnxruntime only, never torch.
+
+* :class:`OnnxLatencyForecaster` runs the exported SwiftQueue model (CPU, one intra-op thread) over a ring
+  buffer of the last acks; :meth:`~OnnxLatencyForecaster.predict_batch` answers for several packets of a
+  burst with one inference call.
+* :class:`EwmaLatencyForecaster` is the pure-Python SRTT-style baseline (alpha = 1/8 per queue).
+* :func:`load_forecaster` loads the shipped model (or a given file) and raises :class:`ModelError` when it
+  is missing or unusable; :func:`make_swiftqueue_policy` builds the ``swiftqueue`` marking policy and falls
+  back to ``l4s`` with a logged warning when the model cannot be loaded, so a bad model file never stops
+  the daemon from sending.
+
+Both forecasters implement :class:`tokenwire.transport.marking.LatencyForecaster`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenwire.transport.errors import TokenwireError
+from tokenwire.transport.marking import L4SPolicy, LatencySample, MarkingPolicy, SwiftQueuePolicy
+
+from .features import CLIP, FEATURES, FEATURES_VERSION, N_FEATURES, R_ACK, R_SENT, window_features
+
+log = logging.getLogger("tokenwire.predictor")
+
+SHIPPED_MODEL = "swiftqueue.onnx"
+MODEL_FORMAT = "tokenwire-swiftqueue"
+
+
+class ModelError(TokenwireError):
+    """The latency model file is missing, corrupt, or was built for other features/inputs."""
+
+
+def shipped_model_path() -> Path:
+    """Path of the model that ships inside the package (``tokenwire/predictor/shipped/swiftqueue.onnx``)."""
+    return Path(str(resources.files("tokenwire.predictor").joinpath("shipped", SHIPPED_MODEL)))
+
+
+class _Ring:
+    """The last ``cap`` raw ack rows, kept twice in a flat array so the newest ``cap`` are one slice."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._buf = np.zeros((2 * cap, 6))
+        self._i = 0  # next write position in [0, cap)
+        self.count = 0
+
+    def push(self, row: Sequence[float]) -> None:
+        self._buf[self._i] = row
+        self._buf[self._i + self.cap] = row
+        self._i = (self._i + 1) % self.cap
+        self.count += 1
+
+    def view(self) -> np.ndarray:
+        """The stored rows, oldest first (valid once ``count >= cap``)."""
+        return self._buf[self._i:self._i + self.cap]
+
+
+def _row(s: LatencySample) -> tuple[float, ...]:
+    return (s.sent_at, s.ack_at, s.latency_ms, float(s.size), float(s.queue_l), float(s.ce))
+
+
+class OnnxLatencyForecaster:
+    """SwiftQueue forecaster: exported model over the last ``window`` acks (see :mod:`.features`)."""
+
+    def __init__(self, session: Any, window: int, meta: dict[str, Any], path: str = "") -> None:
+        self._session = session
+        self.window = window
+        self.meta = meta
+        self.path = path
+        self._ring = _Ring(window + 1)  # one more than the window: the first row's gaps need its predecessor
+        self._in_x, self._in_ref = (i.name for i in session.get_inputs())
+        self._out = session.get_outputs()[0].name
+
+    @property
+    def ready(self) -> bool:
+        return self._ring.count > self.window
+
+    def observe(self, sample: LatencySample) -> None:
+        self._ring.push(_row(sample))
+
+    def _inputs(self, nows: Sequence[float]) -> dict[str, np.ndarray]:
+        raw = self._ring.view()
+        prev, win = raw[0], raw[1:]
+        x0, ref = window_features(win, nows[0], prev[R_ACK], prev[R_SENT])
+        x = np.repeat(x0[None], len(nows), axis=0)
+        if len(nows) > 1:  # only the staleness columns depend on the time of asking
+            t = np.asarray(nows, dtype=np.float64)[:, None]
+            k = 1000.0 / ref[2]
+            x[:, :, 7] = np.clip((t - win[None, :, R_ACK]) * k, -CLIP, CLIP)
+            x[:, :, 8] = np.clip((t - win[None, :, R_SENT]) * k, -CLIP, CLIP)
+        r = np.repeat(ref[None].astype(np.float32), len(nows), axis=0)
+        return {self._in_x: x, self._in_ref: r}
+
+    def predict(self, now: float) -> tuple[float, float] | None:
+        """(L ms, C ms) for a packet sent at ``now``; None until ``window + 1`` acks have been seen."""
+        if not self.ready:
+            return None
+        y = self._session.run([self._out], self._inputs([now]))[0]
+        return float(y[0, 0]), float(y[0, 1])
+
+    def predict_batch(self, nows: Sequence[float]) -> np.ndarray | None:
+        """``(len(nows), 2)`` predictions for packets leaving at ``nows``, in one inference call."""
+        if not self.ready or not len(nows):
+            return None
+        return self._session.run([self._out], self._inputs(nows))[0]
+
+
+class EwmaLatencyForecaster:
+    """SRTT-style smoothing per queue (alpha = 1/8, RFC 6298); the unseen queue borrows the other's value."""
+
+    name = "ewma"
+
+    def __init__(self, alpha: float = 0.125) -> None:
+        self.alpha = alpha
+        self._est: list[float | None] = [None, None]  # L, C
+
+    def observe(self, sample: LatencySample) -> None:
+        j = 0 if sample.queue_l else 1
+        old = self._est[j]
+        self._est[j] = sample.latency_ms if old is None else old + self.alpha * (sample.latency_ms - old)
+
+    def predict(self, now: float) -> tuple[float, float] | None:
+        l_ms, c_ms = self._est
+        if l_ms is None and c_ms is None:
+            return None
+        return (l_ms if l_ms is not None else c_ms), (c_ms if c_ms is not None else l_ms)  # type: ignore[return-value]
+
+    def predict_batch(self, nows: Sequence[float]) -> np.ndarray | None:
+        p = self.predict(nows[0]) if len(nows) else None
+        return None if p is None else np.tile(np.array(p, dtype=np.float32), (len(nows), 1))
+
+
+def _session(data: bytes, label: str) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions for bad files
+        raise ModelError(f"{label}: not a usable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
+    """Load the shipped model (``path=None``) or ``path``; raises :class:`ModelError` when it is unusable."""
+    file = Path(path) if path is not None else shipped_model_path()
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{file}: no such model file") from None
+    except OSError as exc:
+        raise ModelError(f"{file}: cannot read model ({exc.strerror})") from None
+    sess = _session(data, str(file))
+    props = sess.get_modelmeta().custom_metadata_map
+    try:
+        meta = json.loads(props["tokenwire"])
+    except (KeyError, ValueError):
+        raise ModelError(f"{file}: not a tokenwire latency model (metadata missing)") from None
+    if (meta.get("format") != MODEL_FORMAT or list(meta.get("features", [])) != list(FEATURES)
+            or meta.get("features_version") != FEATURES_VERSION):
+        raise ModelError(f"{file}: model was built for other inputs ({meta.get('format')}, {meta.get('features')})")
+    inputs = sess.get_inputs()
+    window = int(meta.get("window", 0))
+    if len(inputs) != 2 or window < 2 or list(inputs[0].shape)[1:] != [window, N_FEATURES]:
+        raise ModelError(f"{file}: unexpected model inputs {[(i.name, i.shape) for i in inputs]}")
+    return OnnxLatencyForecaster(sess, window, meta, str(file))
+
+
+def make_swiftqueue_policy(path: str | None = None, **kw: Any) -> MarkingPolicy:
+    """The ``swiftqueue`` policy on the model at ``path`` (shipped by default); ``l4s`` if it cannot load.
+
+    ``kw`` goes to :class:`~tokenwire.transport.marking.SwiftQueuePolicy` (margin_ms, hysteresis_ms, ...).
+    """
+    try:
+        forecaster = load_forecaster(path)
+    except ModelError as exc:
+        log.warning("swiftqueue: latency model unavailable (%s); falling back to the l4s policy", exc)
+        return L4SPolicy()
+    return SwiftQueuePolicy(forecaster, **kw)

@@ -1,0 +1,173 @@
+"""Training of the learned forecasters (``tokenwire predictor train``): torch on CPU, one thread.
+
+Datasets are turned into prediction points by the harness (:func:`~.harness.points`); the training files
+are split by *time* into train and validation (the last ``val_share`` of each file's points), so validation
+never sees the same moments; held-out traces are for ``eval`` only. Early stopping keeps the weights of the
+best validation loss; the checkpoint holds kind, config, weights, window and the training log.
+
+The loss is :func:`~.models.change_focused_loss`: Huber on the change to the last value per queue, with
+targets at sharp changes (spike by the metric's definition, or a jump from the last seen value of > 20 ms
+and > 20 %) weighted ``1 + alpha``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import LinearAR
+from .dataset import load
+from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, points
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "transformer"
+    window: int = 64
+    epochs: int = 30
+    batch: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    alpha: float = 4.0  # extra weight of sharp-change targets
+    huber_ms: float = 2.0  # Huber transition: small, so the fit tracks the median (the metric is MAE)
+    val_share: float = 0.2
+    seed: int = 1
+    max_points: int = 200_000
+    net: dict = field(default_factory=dict)  # overrides of the network's constructor arguments
+
+
+def load_points(paths: list[str], window: int, val_share: float,
+                log: Callable[[str], None] = print) -> tuple[Points, Points]:
+    """Train/validation points from dataset files (time split inside each file)."""
+    tr, va = [], []
+    for i, path in enumerate(paths, 1):
+        pts = points(load(path), window)
+        cut = int(len(pts) * (1 - val_share))
+        tr.append(pts.take(np.arange(cut)))
+        va.append(pts.take(np.arange(cut, len(pts))))
+        log(f"  [{i}/{len(paths)}] {path}: {len(pts)} points")
+    return Points.concat(tr), Points.concat(va)
+
+
+def sample_weights(p: Points, alpha: float) -> np.ndarray:
+    """``(K, 2)``: 1 + alpha where the target changes sharply (vs. previous target or vs. last value)."""
+    with np.errstate(invalid="ignore"):
+        d = np.abs(p.target - p.base[:, :2])
+        sharp = (d > SPIKE_ABS_MS) & (d > SPIKE_REL * p.base[:, :2])
+    return (1.0 + alpha * (sharp | p.spike)).astype(np.float32)
+
+
+def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Path | None = None,
+              log: Callable[[str], None] = print) -> tuple[object, dict]:
+    """Train one network; returns (model with the best weights, training log)."""
+    import torch
+
+    from .models import build, change_focused_loss, n_params
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if len(train) > cfg.max_points:
+        train = train.take(np.sort(rng.choice(len(train), cfg.max_points, replace=False)))
+    net_cfg = {"window": cfg.window, **cfg.net}
+    model = build(cfg.kind, net_cfg)
+    log(f"{cfg.kind}: {n_params(model)} parameters, {len(train)} train / {len(val)} validation points")
+
+    def tensors(p: Points) -> tuple:
+        return (torch.from_numpy(p.x), torch.from_numpy(p.base.astype(np.float32)),
+                torch.from_numpy(p.target.astype(np.float32)), torch.from_numpy(sample_weights(p, cfg.alpha)))
+
+    xt, bt, yt, wt = tensors(train)
+    xv, bv, yv, wv = tensors(val)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.1)
+    best = (math.inf, -1)
+    best_state = None
+    history = []
+
+    def val_loss() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(xv[i:i + 2048], bv[i:i + 2048]) for i in range(0, len(xv), 2048)])
+            loss = float(change_focused_loss(preds, yv, wv, cfg.huber_ms))
+            ok = ~torch.isnan(yv)
+            mae = float((preds - yv)[ok].abs().mean())
+        model.train()
+        return loss, mae
+
+    t0 = time.monotonic()
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.from_numpy(rng.permutation(len(train)))
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
+            loss = change_focused_loss(model(xt[idx], bt[idx]), yt[idx], wt[idx], cfg.huber_ms)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            if sys.stderr.isatty() and s % 20 == 0:
+                print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr)
+        vl, vmae = val_loss()
+        history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": vl, "val_mae_ms": vmae})
+        mark = ""
+        if vl < best[0]:
+            best = (vl, epoch)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            mark = " *"
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, cfg, history)
+        log(f"  epoch {epoch:3d}/{cfg.epochs}  train {total / steps_per_epoch:.4f}  val {vl:.4f}  "
+            f"val MAE {vmae:6.2f} ms  {time.monotonic() - t0:5.0f} s{mark}")
+        if epoch - best[1] >= cfg.patience:
+            log(f"  early stop: no validation improvement for {cfg.patience} epochs (best epoch {best[1]})")
+            break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    info = {"best_epoch": best[1], "best_val_loss": best[0], "history": history, "params": n_params(model)}
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, cfg, history)
+    return model, info
+
+
+def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: list) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"kind": cfg.kind, "config": model.config, "state_dict": model.state_dict(),  # type: ignore[attr-defined]
+                "train_config": asdict(cfg), "history": history}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> object:
+    import torch
+
+    from .models import build
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model = build(ck["kind"], ck["config"])
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model
+
+
+def fit_ar(train: Points, path: str | Path | None = None) -> LinearAR:
+    ar = LinearAR().fit(train.x, train.base, train.target)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(ar.to_dict()) + "\n")
+    return ar

@@ -1,0 +1,165 @@
+"""SwiftQueue predictor: datasets, features, baselines, harness metrics, model size."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tokenwire.predictor.baselines import LinearAR, per_queue_ewma
+from tokenwire.predictor.crossspec import CrossSpecError, parse_cross_spec, plan_flows
+from tokenwire.predictor.dataset import COLUMNS, CollectConfig, DatasetError, ack_log, collect, load, save
+from tokenwire.predictor.features import N_FEATURES, R_LAT, build_windows, window_features
+from tokenwire.predictor.harness import metrics, points, spike_mask
+
+CROSS = "reno:on=1,off=1+scalable:on=0.5,off=0.5+cbr-l:rate=120%,on=0.3,off=0.7"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return collect(CollectConfig(down_trace="6mbps", cross=CROSS, seconds=4.0, seed=3, probe_pps=150))
+
+
+def test_dataset_shape_and_ground_truth(tiny):
+    n = tiny["sent_at"].shape[0]
+    assert 400 < n < 800  # Poisson at 150/s for 4 s
+    for c in COLUMNS:
+        assert tiny[c].shape == (n,)
+    assert np.all(np.diff(tiny["sent_at"]) > 0)
+    meta = json.loads(tiny["meta"])
+    assert meta["version"] == 1 and meta["cross_flows"] >= 3
+    # the shadow of the probe's own queue sees (nearly) what the probe packet saw: it went just ahead of it
+    ok = ~np.isnan(tiny["latency_ms"])
+    own = np.where(tiny["queue_l"] > 0.5, tiny["target_l_ms"], tiny["target_c_ms"])[ok]
+    diff = tiny["latency_ms"][ok] - own
+    good = ~np.isnan(diff)
+    assert np.median(np.abs(diff[good])) < 2.5  # one 1500-B opportunity at 6 Mbit/s is 2 ms
+    assert np.all(tiny["latency_ms"][ok] >= 10.0)  # one-way delay 10 ms
+    # both queues are used and the cross traffic makes them differ
+    assert 0.2 < tiny["queue_l"].mean() < 0.8
+    both = ~np.isnan(tiny["target_l_ms"]) & ~np.isnan(tiny["target_c_ms"])
+    assert np.mean(np.abs(tiny["target_l_ms"][both] - tiny["target_c_ms"][both]) > 5) > 0.05
+    # acks: n_acked counts acks strictly available at send time
+    acks = ack_log(tiny)
+    assert np.all(np.diff(acks[:, 1]) >= 0)
+    k = np.flatnonzero(tiny["n_acked"] > 0)[5]
+    assert acks[int(tiny["n_acked"][k]) - 1, 1] <= tiny["sent_at"][k]
+
+
+def test_dataset_is_deterministic_per_seed(tiny, tmp_path):
+    again = collect(CollectConfig(down_trace="6mbps", cross=CROSS, seconds=4.0, seed=3, probe_pps=150))
+    other = collect(CollectConfig(down_trace="6mbps", cross=CROSS, seconds=4.0, seed=4, probe_pps=150))
+    for c in COLUMNS:
+        np.testing.assert_array_equal(tiny[c], again[c])
+    assert tiny["sent_at"].shape != other["sent_at"].shape or not np.array_equal(tiny["sent_at"], other["sent_at"])
+    save(tmp_path / "d.npz", tiny)
+    back = load(tmp_path / "d.npz")
+    for c in COLUMNS:
+        np.testing.assert_array_equal(back[c], tiny[c])
+    assert back["meta"]["config"]["seed"] == 3
+
+
+def test_dataset_load_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such"):
+        load(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError):
+        load(tmp_path / "bad.npz")
+
+
+def test_cross_spec_parsing_and_plans():
+    items = parse_cross_spec("reno*2:on=2,off=1+cbr-l:rate=40%+udp-ect1:2mbps+tcp:cubic")
+    assert [i.kind for i in items] == ["reno", "cbr-l", "cbr-l", "reno"]
+    assert items[0].copies == 2 and items[1].rate == "40%"
+    plans = plan_flows(items, seconds=10, mean_bps=10e6, seed=1)
+    assert len(plans) == 5
+    assert plans[2].rate_bps == pytest.approx(4e6) and plans[3].rate_bps == pytest.approx(2e6)
+    assert all(0 <= a < b <= 10 for p in plans for a, b in p.periods)
+    assert plan_flows(items, seconds=10, mean_bps=10e6, seed=1)[0].periods == plans[0].periods
+    for bad in ("bogus", "cbr-l", "reno:rate=2mbps", "reno:on=1", "reno*0", "cbr-c:rate=fast"):
+        with pytest.raises(CrossSpecError):
+            parse_cross_spec(bad)
+
+
+def test_vectorised_windows_match_the_runtime_definition(tiny):
+    acks = ack_log(tiny)
+    w = 16
+    n_acked = tiny["n_acked"].astype(int)
+    sel = np.flatnonzero(n_acked >= w + 1)[:40]
+    x, ref = build_windows(acks, tiny["sent_at"][sel], n_acked[sel], w)
+    assert x.shape == (sel.size, w, N_FEATURES) and ref.shape == (sel.size, 3)
+    for k, i in enumerate(sel):
+        raw = acks[n_acked[i] - w:n_acked[i]]
+        prev = acks[n_acked[i] - w - 1]
+        fx, fr = window_features(raw, tiny["sent_at"][i], prev[1], prev[0])
+        np.testing.assert_allclose(fx, x[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fr, ref[k])
+        assert fr[2] == pytest.approx(np.median(raw[:, R_LAT]))
+
+
+def test_ewma_and_last_on_a_synthetic_series():
+    # L acks at 10, 20, 30 ms, then one C ack at 100 ms
+    acks = np.array([[0, 0.1, 10, 1500, 1, 0], [0, 0.2, 20, 1500, 1, 0], [0, 0.3, 30, 1500, 1, 0],
+                     [0, 0.4, 100, 1500, 0, 0]], dtype=float)
+    last = per_queue_ewma(acks, 1.0)
+    assert np.isnan(last[0]).all()
+    np.testing.assert_allclose(last[3], [30, 30])  # C not seen yet: borrows L
+    np.testing.assert_allclose(last[4], [30, 100])
+    ew = per_queue_ewma(acks, 0.125)
+    l2 = 10 + 0.125 * (20 - 10)
+    np.testing.assert_allclose(ew[3, 0], l2 + 0.125 * (30 - l2))
+    np.testing.assert_allclose(ew[4, 1], 100.0)
+
+
+def test_linear_ar_recovers_a_linear_rule():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 20, N_FEATURES)).astype(np.float32)
+    ref = np.column_stack([rng.uniform(10, 50, 2000), rng.uniform(10, 50, 2000), rng.uniform(5, 20, 2000)])
+    # the true change: +0.5 * latency of the newest ack (in scale units) for L, -0.25 * its CE bit for C
+    target = ref[:, :2] + ref[:, 2:3] * np.column_stack([0.5 * x[:, -1, 0], -0.25 * x[:, -1, 5]])
+    ar = LinearAR(ridge=1e-6).fit(x, ref, target)
+    np.testing.assert_allclose(ar.predict(x, ref), target, atol=1e-3)
+    back = LinearAR.from_dict(json.loads(json.dumps(ar.to_dict())))
+    np.testing.assert_allclose(back.predict(x, ref), target, atol=1e-3)
+
+
+def test_spike_mask_and_metrics():
+    s = np.array([10.0, 12.0, 40.0, 41.0, 100.0, 95.0, np.nan, 200.0, 215.0])
+    np.testing.assert_array_equal(spike_mask(s), [False, False, True, False, True, False, False, False, False])
+    # +15 on 200 is > 20 %? no (7.5 %); +28 on 12 is > 20 ms and > 20 %
+    target = np.array([[10.0, np.nan], [30.0, 50.0]])
+    pred = np.array([[12.0, 0.0], [26.0, 50.0]])
+    m = metrics(pred, target, np.array([[False, False], [True, False]]))
+    assert m["n"] == 3 and m["n_spike"] == 1
+    assert m["mae_ms"] == pytest.approx(2.0) and m["spike_mae_ms"] == pytest.approx(4.0)
+    assert m["rmse_ms"] == pytest.approx(np.sqrt((4 + 16 + 0) / 3))
+
+
+def test_points_cover_sends_with_enough_history(tiny):
+    p = points(tiny, 32)
+    assert len(p) > 100
+    assert p.x.shape[1:] == (32, N_FEATURES)
+    assert np.all(np.isfinite(p.x)) and np.all(np.abs(p.x) <= 20.0)
+    assert np.all(tiny["n_acked"][np.isin(tiny["sent_at"], p.sent_at)] >= 33)
+
+
+def test_transformer_within_the_parameter_budget():
+    torch = pytest.importorskip("torch")
+    from tokenwire.predictor.models import GRUForecaster, TransformerForecaster, n_params
+
+    for window in (64, 128):
+        t = TransformerForecaster(window=window)
+        assert n_params(t) <= 100_000
+        y = t(torch.zeros(3, window, N_FEATURES), torch.tensor([[10.0, 20.0, 5.0]] * 3))
+        assert y.shape == (3, 2)
+    assert n_params(GRUForecaster()) < n_params(TransformerForecaster())
+
+
+def test_change_focused_loss_upweights_sharp_changes_and_masks_nan():
+    torch = pytest.importorskip("torch")
+    from tokenwire.predictor.models import change_focused_loss
+
+    pred = torch.tensor([[10.0, 10.0], [10.0, 10.0]])
+    target = torch.tensor([[15.0, float("nan")], [10.0, 10.0]])
+    plain = change_focused_loss(pred, target, torch.ones(2, 2))
+    focused = change_focused_loss(pred, target, torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
+    assert torch.isfinite(plain) and focused > plain

@@ -1,0 +1,65 @@
+"""``tokenwire predictor`` and ``tokenwire bench predictor`` end to end on a tiny dataset (seconds, not minutes)."""
+
+import json
+
+import pytest
+
+from tokenwire.daemon.cli import main
+
+CROSS = "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7"
+
+
+def test_collect_train_export_eval(tmp_path, capsys):
+    pytest.importorskip("torch")
+    d = tmp_path / "data"
+    assert main(["predictor", "collect-many", "--traces", "6mbps", "--seeds", "1-2", "--seconds", "3",
+                 "--probe-pps", "150", "--cross", CROSS, "--out-dir", str(d)]) == 0
+    files = sorted(str(p) for p in d.glob("*.npz"))
+    assert len(files) == 2 and len(json.loads((d / "index.json").read_text())) == 2
+    m = tmp_path / "m"
+    assert main(["predictor", "train", "--data", *files, "--out-dir", str(m), "--epochs", "1", "--window", "64",
+                 "--net", '{"d_model": 16, "ff": 32}']) == 0
+    assert {p.name for p in m.iterdir()} >= {"transformer.pt", "gru.pt", "ar.json", "train.json"}
+    for kind in ("transformer", "gru"):
+        assert main(["predictor", "export", "--checkpoint", str(m / f"{kind}.pt"), "--out", str(m / f"{kind}.onnx"),
+                     "--check-data", files[0]]) == 0
+    out = tmp_path / "eval.json"
+    assert main(["predictor", "eval", "--data", files[1], "--model", str(m / "transformer.onnx"),
+                 "--baselines", str(m), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["models"]) == {"transformer", "last", "ewma", "ar", "gru"}
+    for res in doc["models"].values():
+        assert res["n"] > 50 and res["mae_ms"] >= 0 and res["rmse_ms"] >= res["mae_ms"]
+        assert set(res) >= {"mae_ms", "rmse_ms", "spike_mae_ms", "n"}
+    assert "transformer" in capsys.readouterr().out
+
+
+def test_eval_defaults_to_the_shipped_model(tmp_path):
+    f = tmp_path / "d.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-pps", "150",
+                 "--cross", CROSS, "--out", str(f)]) == 0
+    out = tmp_path / "e.json"
+    assert main(["predictor", "eval", "--data", str(f), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"].endswith("swiftqueue.onnx") and {"transformer", "ewma", "last"} <= set(doc["models"])
+
+
+def test_bad_input_is_a_clean_cli_error(tmp_path, capsys):
+    assert main(["predictor", "collect", "--down-trace", str(tmp_path / "none"), "--seconds", "1",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--cross", "warp:9", "--seconds", "1",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["predictor", "eval", "--data", str(tmp_path / "none.npz")]) == 2
+    assert main(["bench", "predictor", "--model", str(tmp_path / "none.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "no such trace" in err and "unknown kind" in err and "no such dataset" in err
+
+
+def test_bench_predictor_reports_every_batch_size(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "predictor", "--calls", "40", "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    for name in ("onnx", "ewma"):
+        assert set(doc[name]["batches"]) == {"1", "8", "64"}
+        assert doc[name]["per_ack_pps"] > 0
+    assert doc["target_pps"] == pytest.approx(16666.7, rel=1e-3)
