@@ -199,9 +199,16 @@ def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:
                     "falling back to the l4s policy", exc)
         return None
     try:
-        runtime.load_forecaster(str(model) if model else None)  # validate once at start
+        first = runtime.load_forecaster(str(model) if model else None)  # load and validate once, at start
     except Exception as exc:  # the runtime's typed errors: missing file, corrupt model, bad shapes
         log.warning("marking.policy = swiftqueue but the latency model cannot be loaded (%s); "
                     "falling back to the l4s policy", exc)
         return None
-    return lambda: runtime.load_forecaster(str(model) if model else None)
+    log.info("swiftqueue latency model: %s", getattr(first, "path", "") or "shipped")
+    session = getattr(first, "_session", None)
+    if session is None:  # not the ONNX forecaster: load per connection
+        return lambda: runtime.load_forecaster(str(model) if model else None)
+    # every connection gets its own ack history but shares the one inference session (onnxruntime sessions
+    # are reentrant, and loading the model per connection would cost milliseconds at each handshake)
+    cls = type(first)
+    return lambda: cls(session, first.window, first.meta, first.path)

@@ -273,10 +273,11 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         self._tick(now)
 
     def _tick(self, now: float) -> None:
-        if now >= self.stop or self.sim is None:
+        # send times from the packet index (start + k * interval): no float drift over a long run
+        if now >= self.stop - 1e-9 or self.sim is None:
             return
         self._send(now)
-        self.sim.call_at(now + self.interval, self._tick)
+        self.sim.call_at(self.start + self._next_seq * self.interval, self._tick)
 
     def _send(self, now: float) -> None:
         assert self.sim is not None

@@ -101,3 +101,20 @@ def test_ect1_policies_run_prague_and_classic_keeps_the_configured_controller():
     assert cc({"marking": {"policy": "l4s"}, "server": {"congestion": "prague"}}) == "prague"
     assert cc({"marking": {"policy": "classic"}, "server": {"congestion": "cubic"}}) == "cubic"
     assert not parse_config({}).marking.enabled
+
+
+def test_swiftqueue_runs_the_shipped_model_on_the_packet_path(tmp_path):
+    pytest.importorskip("onnxruntime")
+    runtime = pytest.importorskip("tokenwire.predictor.runtime")
+    if not runtime.shipped_model_path().exists():
+        pytest.skip("no shipped model in this checkout")
+    d = DaemonProcess(tmp_path, '[marking]\npolicy = "swiftqueue"\n')
+    try:
+        text, counts = chat_once(d, 200)
+        assert text == "".join(answer_tokens(200))
+        assert counts[ECT1] + counts[ECT0] > 50 and counts[NOT_ECT] == 0  # only the policy's codepoints
+        m = metrics(d)
+        assert metric_value(m, 'tokenwire_marking_policy{policy="swiftqueue"}') == 1
+        assert "falling back" not in d.log()
+    finally:
+        assert d.stop() == 0

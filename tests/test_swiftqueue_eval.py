@@ -1,0 +1,209 @@
+"""The swiftqueue evaluation without root: policy decisions, the oracle estimate, vsim runs, JSON, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from tokenwire.testbed.link import Link
+from tokenwire.testbed.packet import ECT0, ECT1, NOT_ECT
+from tokenwire.testbed.queue_oracle import OracleBoard, estimate_queue_delays
+from tokenwire.testbed.queues import Packet, parse_queue
+from tokenwire.testbed.swiftqueue_eval import (
+    METRIC_KEYS,
+    PerQueueEwmaForecaster,
+    SwiftQueueConfig,
+    SwiftQueueEvalError,
+    parse_cross_spec,
+    parse_flow_spec,
+    run_virtual_all,
+)
+from tokenwire.testbed.trace import trace_from_spec
+from tokenwire.testbed.traffic import parse_cross
+from tokenwire.transport.marking import LatencySample, SwiftQueuePolicy
+
+
+class Scripted:
+    """A forecaster whose prediction the test sets."""
+
+    def __init__(self, pred):
+        self.pred = pred
+
+    def observe(self, sample):
+        pass
+
+    def predict(self, now):
+        return self.pred
+
+
+def sample(t, latency, queue_l):
+    return LatencySample(sent_at=t - 0.05, ack_at=t, latency_ms=latency, size=200, queue_l=queue_l, ce=False)
+
+
+# ------------------------------------------------------------------------------------------- policy
+def test_probes_go_to_the_unused_queue_only_when_the_current_one_is_slow_and_stale():
+    f = Scripted((20.0, 20.0))
+    p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0, probe_interval_s=0.25)
+    p.on_sample(sample(0.0, 20.0, True))  # the floor: 20 ms
+    # L at the floor: nothing to gain anywhere, so no probe however stale C is
+    assert [p.codepoint(t / 10) for t in range(1, 30)] == [ECT1] * 29
+    assert p.decisions["probe"] == 0
+    f.pred = (45.0, 46.5)  # L slow (25 ms over the floor), C about as slow: inside the band, stay in L ...
+    assert p.codepoint(3.0) == ECT0  # ... but one probe into C right away (C's last sample: never)
+    assert p.codepoint(3.01) == ECT1  # rate-limited: no second probe within the interval
+    assert p.codepoint(3.2) == ECT1
+    assert p.codepoint(3.26) == ECT0  # next interval
+    p.on_sample(sample(3.3, 44.0, False))  # a fresh C sample: no probe until it is stale again
+    assert p.codepoint(3.52) == ECT1 and p.codepoint(3.56) == ECT0
+    assert p.decisions["probe"] == 3
+
+
+def test_policy_leaves_a_slow_l_queue_and_returns_when_it_recovers():
+    f = Scripted((20.0, 20.0))
+    p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0, probe_interval_s=0.0)
+    assert p.codepoint(0.0) == ECT1
+    f.pred = (80.0, 25.0)  # L spikes: gain = 25 - 81 = -56 < -1
+    assert p.codepoint(0.1) == ECT0
+    f.pred = (23.5, 25.0)  # gain 0.5: inside the band, stay classic
+    assert p.codepoint(0.2) == ECT0
+    f.pred = (22.0, 25.0)  # gain 2 > 1: back to L
+    assert p.codepoint(0.3) == ECT1
+    with pytest.raises(ValueError):
+        SwiftQueuePolicy(f, margin_ms=-1)
+
+
+def test_per_queue_ewma_double_keeps_queues_apart():
+    f = PerQueueEwmaForecaster(alpha=0.5)
+    assert f.predict(0) is None
+    f.observe(sample(0, 10.0, True))
+    assert f.predict(0) == (10.0, 10.0)  # C unseen: assumed like L
+    f.observe(sample(0, 30.0, False))
+    f.observe(sample(0, 20.0, True))
+    assert f.predict(0) == (15.0, 30.0)
+
+
+# ------------------------------------------------------------------------------------------- oracle
+def _link(rate="12mbps", queue="dualpi2"):
+    return Link(trace_from_spec(rate), parse_queue(queue), delay=0.01, start=0.0)
+
+
+def test_oracle_estimate_follows_the_queue_that_holds_the_backlog():
+    idle = _link()
+    l_ms, c_ms = estimate_queue_delays(idle, 0.0)
+    assert l_ms == pytest.approx(c_ms, abs=1.0) and 10.0 <= l_ms < 12.5  # delay + about one opportunity
+
+    l_busy = _link()
+    for _ in range(60):  # 90 kB of ECT(1) at once: ~60 ms of L backlog at 12 Mbit/s
+        l_busy.enqueue(Packet(1500, ECT1), 0.0)
+    l_ms, c_ms = estimate_queue_delays(l_busy, 0.0)
+    assert l_ms > 60.0 and c_ms < 25.0  # C is served through the WRR share while L drains
+
+    c_busy = _link()
+    for _ in range(60):
+        c_busy.enqueue(Packet(1500, ECT0), 0.0)
+    l_ms, c_ms = estimate_queue_delays(c_busy, 0.0)
+    assert c_ms > 60.0 and l_ms < 15.0  # L goes first
+
+    fifo = _link(queue="infinite")
+    for _ in range(60):
+        fifo.enqueue(Packet(1500, NOT_ECT), 0.0)
+    l_ms, c_ms = estimate_queue_delays(fifo, 0.0)
+    assert l_ms == c_ms > 60.0  # one FIFO: no queue to choose
+
+
+def test_oracle_board_round_trip_and_staleness(tmp_path):
+    w = OracleBoard(str(tmp_path / "b"), create=True)
+    r = OracleBoard(str(tmp_path / "b"), create=False)
+    assert r.read() is None  # nothing published yet
+    w.publish(time.monotonic(), 3.5, 40.0)
+    assert r.read() == (3.5, 40.0)
+    w.publish(time.monotonic() - 1.0, 1.0, 2.0)
+    assert r.read(max_age_s=0.05) is None  # stale: the emulator stopped publishing
+    w.close()
+    r.close()
+
+
+# ------------------------------------------------------------------------------------------- specs
+def test_cross_and_flow_specs():
+    assert parse_cross_spec("onoff-ect1:16mbps:300:1700").on_s == pytest.approx(0.3)
+    assert parse_cross_spec("scalable").n == 1 and parse_cross_spec("scalable-burst:4:200:800").n == 4
+    assert parse_cross_spec("tcp-onoff:1000:1000:500").rate_bps == pytest.approx(0.5)
+    for bad in ("tcp:vegas", "udp-ect1:fast", "onoff-ect1:1mbps:0:10", "scalable:0", "bogus"):
+        with pytest.raises(SwiftQueueEvalError, match="--cross"):
+            parse_cross_spec(bad)
+    assert parse_flow_spec("tokens:30").rate == 30 and parse_flow_spec("rt:2mbps").rate == 2e6
+    with pytest.raises(SwiftQueueEvalError, match="--flow"):
+        parse_flow_spec("tokens:-1")
+    assert parse_cross("onoff-ect1:8mbps:500:1500") == ("onoff-ect1", "8mbps:500:1500")  # namespaces too
+    with pytest.raises(SwiftQueueEvalError, match="only in virtual time"):
+        SwiftQueueConfig(down_trace="12mbps", cross=["scalable:2"]).validate()
+    with pytest.raises(SwiftQueueEvalError, match="--policies"):
+        SwiftQueueConfig(down_trace="12mbps", policies=["fastest"], virtual=True).validate()
+
+
+# ------------------------------------------------------------------------------------------- vsim
+ONOFF = SwiftQueueConfig(down_trace="12mbps", cross=["onoff-ect1:16mbps:300:1700"], seconds=8.0, seed=3,
+                         virtual=True, policies=["classic", "l4s", "swiftqueue", "oracle"])
+
+
+@pytest.fixture(scope="module")
+def onoff_summary():
+    return run_virtual_all(ONOFF)
+
+
+def test_virtual_run_has_the_documented_json_shape(onoff_summary):
+    summary, _runs = onoff_summary
+    assert summary["backend"] == "virtual" and summary["config"]["cross"] == ONOFF.cross
+    assert list(summary["policies"]) == ONOFF.policies
+    for d in summary["policies"].values():
+        assert set(METRIC_KEYS) <= set(d)
+        assert 0.0 <= d["stall_ratio"] < 1.0 and d["tokens"] == 400
+        assert d["p50_ms"] <= d["p95_ms"] <= d["p99_ms"] <= d["p999_ms"]
+    pol = summary["policies"]
+    assert pol["l4s"]["l_share"] == 1.0 and pol["classic"]["l_share"] == 0.0
+    assert set(summary["comparison"]) == {"classic", "swiftqueue", "oracle"}
+    json.dumps(summary, allow_nan=False)  # plain JSON: no NaN leaks
+
+
+def test_bursting_l4s_cross_traffic_makes_l_worse_and_the_oracle_avoids_it(onoff_summary):
+    summary, _runs = onoff_summary
+    pol = summary["policies"]
+    assert pol["l4s"]["p99_ms"] > 60.0  # the bursts build an L queue of tens of ms
+    assert pol["oracle"]["p99_ms"] < 0.5 * pol["l4s"]["p99_ms"]
+    assert 0.3 < pol["oracle"]["l_share"] < 0.95  # it really switches, both ways
+    # throughput of the app-limited token stream does not depend on the queue
+    assert pol["oracle"]["throughput_mbps"] == pytest.approx(pol["l4s"]["throughput_mbps"], rel=0.1)
+
+
+def test_virtual_runs_are_deterministic():
+    cfg = SwiftQueueConfig(down_trace="12mbps", cross=["tcp:cubic", "udp-ect1:2mbps"], seconds=3.0, seed=7,
+                           virtual=True, policies=["l4s", "oracle"], flow="rt:1mbps")
+    a, _ = run_virtual_all(cfg)
+    b, _ = run_virtual_all(cfg)
+    assert a == b
+
+
+def test_bulk_marked_flow_fills_the_link():
+    cfg = SwiftQueueConfig(down_trace="12mbps", seconds=4.0, virtual=True, policies=["l4s", "classic"], flow="bulk")
+    summary, _ = run_virtual_all(cfg)
+    pol = summary["policies"]
+    assert pol["l4s"]["throughput_mbps"] > 6.0 and pol["l4s"]["ce_rate"] > 0.0  # scalable: marked, still busy
+    assert pol["l4s"]["p99_ms"] < pol["classic"]["p99_ms"]  # L keeps its own queue short
+    assert not any(math.isnan(v) for v in pol["l4s"].values() if isinstance(v, float))
+
+
+def test_cli_virtual_writes_json_and_plot(tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+
+    out, png = tmp_path / "sq.json", tmp_path / "sq.png"
+    rc = main(["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--cross",
+               "onoff-ect1:16mbps:300:1700", "--seconds", "4", "--policies", "l4s,oracle", "--json", str(out),
+               "--plot", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "oracle: P99" in text and "backend virtual" in text
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"l4s", "oracle"} and png.stat().st_size > 10_000
