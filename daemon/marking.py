@@ -7,8 +7,9 @@ Kept out of ``config.py``/``service.py`` (which only call :func:`parse_marking` 
     policy = "swiftqueue"        # "" (off: plain UDP socket) | classic | l4s | swiftqueue
     model = ""                   # ONNX latency model; "" = the one shipped with tokenwire.predictor
     margin_ms = 1.0              # swiftqueue: ECT(1) when pred_L + margin < pred_C ...
-    hysteresis_ms = 1.0          # ... leaving the current queue only when the gain passes this band
-    probe_interval_s = 0.25      # swiftqueue: at most one packet per interval into the unused queue
+    hysteresis_ms = 3.0          # ... leaving the current queue only when the gain passes this band
+    probe_interval_s = 0.0       # swiftqueue: at most one packet per interval into the unused queue (0: off;
+                                 # the shipped model predicts both queues from the ack window, it needs none)
     classic_codepoint = "ect0"   # what classic packets carry: ect0 | not-ect
 
 With a policy the daemon's QUIC sockets are the ECN-capable transport (``sendmsg`` + ``IP_TOS`` per
@@ -44,8 +45,8 @@ class MarkingConfig:
     policy: str | None = None  # None: marking off, the plain UDP socket
     model: Path | None = None
     margin_ms: float = 1.0
-    hysteresis_ms: float = 1.0
-    probe_interval_s: float = 0.25
+    hysteresis_ms: float = 3.0
+    probe_interval_s: float = 0.0
     classic_codepoint: str = "ect0"
 
     @property
@@ -71,8 +72,8 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
         policy=policy,
         model=model,
         margin_ms=s.num("margin_ms", 1.0, 0.0, 1000.0),
-        hysteresis_ms=s.num("hysteresis_ms", 1.0, 0.0, 1000.0),
-        probe_interval_s=s.num("probe_interval_s", 0.25, 0.0, 60.0),
+        hysteresis_ms=s.num("hysteresis_ms", 3.0, 0.0, 1000.0),
+        probe_interval_s=s.num("probe_interval_s", 0.0, 0.0, 60.0),
         classic_codepoint=s.str("classic_codepoint", "ect0", ("ect0", "not-ect")) or "ect0",
     )
 

@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle-file", help="the emulator's shared (L, C) estimate, for --marking oracle")
     p.add_argument("--model", help="swiftqueue: ONNX latency model (default: the shipped one)")
     p.add_argument("--margin-ms", type=float, default=1.0)
-    p.add_argument("--hysteresis-ms", type=float, default=1.0)
-    p.add_argument("--probe-interval", type=float, default=0.25)
+    p.add_argument("--hysteresis-ms", type=float, default=3.0)
+    p.add_argument("--probe-interval", type=float, default=0.0)
     p.add_argument("--marking-log", help="write the server's per-policy decision counts here (JSON)")
     return p
 

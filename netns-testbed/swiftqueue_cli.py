@@ -33,8 +33,8 @@ def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
                    help="the marked flow: tokens:RATE (Chatterbox stream, tokens/s); virtual only: rt:RATE "
                    "(paced 1200-B packets), bulk (scalable window)")
     p.add_argument("--margin-ms", type=float, default=1.0, help="swiftqueue: L must win by this much")
-    p.add_argument("--hysteresis-ms", type=float, default=1.0, help="swiftqueue: switching band")
-    p.add_argument("--probe-interval", type=float, default=0.25, metavar="S",
+    p.add_argument("--hysteresis-ms", type=float, default=3.0, help="swiftqueue: switching band")
+    p.add_argument("--probe-interval", type=float, default=0.0, metavar="S",
                    help="swiftqueue: at most one probe packet per interval into the unused queue (0: never)")
     p.add_argument("--model", metavar="PATH", help="swiftqueue: ONNX latency model (default: the shipped one)")
     p.add_argument("--virtual", action="store_true", help="virtual time (vsim): no root, deterministic, fast")

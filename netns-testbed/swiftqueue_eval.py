@@ -145,8 +145,8 @@ class SwiftQueueConfig:
     seed: int = 0
     flow: str = "tokens:50"
     margin_ms: float = 1.0
-    hysteresis_ms: float = 1.0
-    probe_interval_s: float = 0.25
+    hysteresis_ms: float = 3.0
+    probe_interval_s: float = 0.0
     model: str | None = None
     warmup_s: float = 1.0
     virtual: bool = False
@@ -435,8 +435,11 @@ def make_policy_for(name: str, cfg: SwiftQueueConfig, oracle: Callable[[float], 
     if forecaster is None:
         log.warning("swiftqueue: no latency model; this run uses the l4s policy")
         return L4SPolicy()
+    probe = cfg.probe_interval_s
+    if isinstance(forecaster, PerQueueEwmaForecaster) and probe == 0:
+        probe = 0.25  # a per-queue EWMA learns nothing about the queue it does not use without probes
     return SwiftQueuePolicy(forecaster, margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
-                            probe_interval_s=cfg.probe_interval_s)
+                            probe_interval_s=probe)
 
 
 def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyForecaster | None = None,
