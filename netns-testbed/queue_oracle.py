@@ -4,7 +4,8 @@ Sans-I/O estimate from the emulator's own state (both queues' backlogs, the pack
 DualPI2 WRR weights) and the *future* of the capacity trace, which only the emulator knows — that is what
 makes it an upper bound no sender can reach. Model: L is served first with ``100 - c_protection`` % of the
 link while C has packets (all of it otherwise); C gets ``c_protection`` % while L is backlogged and the
-whole link after L drained. New arrivals after ``now`` are ignored.
+whole link after L drained. New arrivals after ``now`` are ignored by that drain model, so each estimate is
+at least the age of its queue's head packet (FIFO: a new packet cannot leave before it).
 
 The namespace testbed publishes the estimate through a small shared-memory file (:class:`OracleBoard`,
 written by the emulator process after every batch of events, read lock-free by the sender process), so the
@@ -64,10 +65,15 @@ def estimate_queue_delays(link: Link, now: float, size: int = 1200) -> tuple[flo
         else:
             c_need = base + l_bytes + c_bytes + size
     delay_ms = link.delay * 1000.0
-    return (
-        _time_to_send(link, now, l_need) * 1000.0 + delay_ms,
-        _time_to_send(link, now, c_need) * 1000.0 + delay_ms,
-    )
+    l_ms = _time_to_send(link, now, l_need) * 1000.0
+    c_ms = _time_to_send(link, now, c_need) * 1000.0
+    # Each queue is FIFO: a packet arriving now leaves after the one at its head, which has already waited
+    # this long. That floor catches what the drain model misses: under sustained L overload new L arrivals
+    # keep C at its WRR share for seconds, and C's head shows it.
+    if isinstance(q, DualPI2):
+        l_ms = max(l_ms, q.head_age(now, l_queue=True) * 1000.0)
+        c_ms = max(c_ms, q.head_age(now, l_queue=False) * 1000.0)
+    return l_ms + delay_ms, c_ms + delay_ms
 
 
 _LAYOUT = struct.Struct("<Qddd Q")  # seq, monotonic time, L ms, C ms, seq again (torn-read check)

@@ -256,6 +256,11 @@ class DualPI2(Queue):
     def next_timer(self) -> float | None:
         return self._next_update
 
+    def head_age(self, now: float, *, l_queue: bool) -> float:
+        """How long the head packet of the L (or C) queue has waited so far; 0 when that queue is empty."""
+        q = self._l if l_queue else self._q
+        return now - q[0].arrival if q else 0.0
+
     def _head_delay(self, now: float) -> float:
         dl = now - self._l[0].arrival if self._l else 0.0
         dc = now - self._q[0].arrival if self._q else 0.0
