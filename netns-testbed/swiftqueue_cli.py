@@ -50,6 +50,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     cfg = SwiftQueueConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
+        loss=args.loss, up_loss=args.up_loss,
         cross=args.cross or [], policies=[s.strip() for s in args.policies.split(",") if s.strip()],
         seconds=args.seconds, seed=args.seed, flow=args.flow, margin_ms=args.margin_ms,
         hysteresis_ms=args.hysteresis_ms, probe_interval_s=args.probe_interval, model=args.model,
@@ -59,6 +60,9 @@ def _config(args: argparse.Namespace) -> Any:
         cfg.validate()
     except SwiftQueueEvalError as exc:
         raise CLIError(str(exc)) from None
+    if args.backend == "kernel":
+        raise CLIError("--backend kernel: the swiftqueue run needs the userspace emulator (the oracle reads its "
+                       "queue state)")
     return cfg
 
 

@@ -48,6 +48,7 @@ from tokenwire.transport.marking import (
 )
 
 from .link import Link
+from .loss import parse_loss
 from .packet import CE, NOT_ECT
 from .queue_oracle import estimate_queue_delays
 from .queues import Packet, parse_queue
@@ -138,6 +139,8 @@ class SwiftQueueConfig:
     down_trace: str
     up_trace: str | None = None
     delay_ms: float = 20.0
+    loss: str = "none"
+    up_loss: str = "none"
     queue: str = "dualpi2"
     cross: list[str] = field(default_factory=list)
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
@@ -173,6 +176,8 @@ class SwiftQueueConfig:
             if self.up_trace:
                 trace_from_spec(self.up_trace)
             parse_queue(self.queue)
+            parse_loss(self.loss)
+            parse_loss(self.up_loss)
         except ValueError as exc:
             raise SwiftQueueEvalError(str(exc)) from None
 
@@ -446,7 +451,7 @@ def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyF
                 forecaster_name: str = "", progress: Callable[[float], None] | None = None) -> PolicyRun:
     """One policy in virtual time (deterministic for ``cfg.seed``)."""
     link = Link(trace_from_spec(cfg.down_trace), parse_queue(cfg.queue, seed=cfg.seed),
-                delay=cfg.delay_ms / 1000.0, name="down")
+                delay=cfg.delay_ms / 1000.0, loss=parse_loss(cfg.loss, seed=cfg.seed), name="down")
     sim = Simulation(link)
     ack_delay = cfg.delay_ms / 1000.0
 

@@ -119,8 +119,8 @@ def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
     cli_out = os.path.join(workdir, f"{policy}.client.json")
     up = cfg.up_trace or cfg.down_trace
     emu = EmulatorConfig(
-        down=DirectionConfig(cfg.down_trace, cfg.delay_ms, "none", cfg.queue),
-        up=DirectionConfig(up, cfg.delay_ms, "none", cfg.queue),
+        down=DirectionConfig(cfg.down_trace, cfg.delay_ms, cfg.loss, cfg.queue),
+        up=DirectionConfig(up, cfg.delay_ms, cfg.up_loss, cfg.queue),
         seed=cfg.seed, log_path=log_path, oracle_path=oracle_path,
     )  # fmt: skip
     with Testbed(emu, backend="userspace") as tb:
