@@ -107,6 +107,10 @@ def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
         raise _err(str(exc)) from None
     if args.seconds <= 0:
         raise _err("--seconds must be > 0")
+    if args.probe_pps is not None and not args.probe_pps > 0:
+        raise _err("--probe-pps must be > 0")
+    if not 0.0 <= args.p_switch <= 1.0:
+        raise _err("--p-switch must be within [0, 1]")
     return CollectConfig(down_trace=trace, cross=args.cross, seconds=args.seconds, seed=seed,
                          delay_ms=args.delay_ms, probe_pps=args.probe_pps, p_switch=args.p_switch)
 

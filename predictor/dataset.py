@@ -67,7 +67,7 @@ class CollectConfig:
     seed: int = 1
     delay_ms: float = 10.0  # one-way propagation delay of the bottleneck direction
     ack_delay_ms: float = 10.0  # probe's ack return delay
-    probe_pps: float | None = None  # None: 8 % of the trace's mean capacity in packets, within [20, 300]
+    probe_pps: float | None = None  # None: 8 % of the trace's mean capacity in packets, within [5, 300]
     probe_size: int = 1200
     p_switch: float = 0.08
 
@@ -98,7 +98,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
 
     pps = cfg.probe_pps
     if pps is None:
-        pps = min(300.0, max(20.0, 0.08 * mean_bps / (8 * OPPORTUNITY_BYTES)))
+        pps = min(300.0, max(5.0, 0.08 * mean_bps / (8 * OPPORTUNITY_BYTES)))
     rng = random.Random(f"probe:{cfg.seed}")
     probe_rows: list[tuple[float, bool]] = []  # (sent_at, queue_l) per probe seq
 

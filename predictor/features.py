@@ -7,11 +7,10 @@ The sender keeps, for each of the last ``W`` acknowledged packets (in ack order)
 (L/C) and CE. When it asks for a prediction at time ``now`` the window becomes a ``(W, N_FEATURES)`` float32
 matrix (columns below) plus a *reference* ``(3,)``: the most recent latency seen in the L and in the C queue
 (the overall most recent one when the window holds no sample of that queue) and the window's *scale*, the
-median latency of its acks. Models predict the next packet's latency in each queue as
-``base + scale * delta``: predicting the change rather than the level makes "last value" the zero-effort
-answer, and measuring every latency and time in units of the window's own latency level makes the inputs
-and the output the same on a 5 Mbit/s LTE link and a 0.5 Mbit/s EVDO link with ten times the delay (the
-held-out traces are of the second kind). Inputs are clipped to [-CLIP, CLIP].
+median latency of its acks. Every latency and time is measured in units of the window's own latency level
+(latencies as log ratios, times as ratios clipped to [-CLIP, CLIP]), so the inputs look the same on a
+5 Mbit/s LTE link and on a 0.5 Mbit/s EVDO link with ten times the delay (the held-out traces are of the
+second kind), and a 4 s outage sample neither saturates nor dominates the window.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ RAW_COLUMNS = ("sent_at", "ack_at", "latency_ms", "size", "queue_l", "ce")
 R_SENT, R_ACK, R_LAT, R_SIZE, R_QL, R_CE = range(6)
 
 FEATURES = (
-    "latency",  # one-way latency of the acked packet / scale
-    "latency_minus_base_q",  # (its latency - the current base of the queue it used) / scale
+    "log_latency",  # log(one-way latency of the acked packet / scale)
+    "log_latency_over_base_q",  # log(its latency / the current base of the queue it used)
     "ack_gap",  # ack inter-arrival / scale
     "size",  # bytes / 1500
     "queue_l",  # 1 = it went through the L queue (ECT(1))
@@ -40,20 +39,19 @@ FEATURES = (
     "since_send",  # (now - send time of the acked packet) / scale
 )
 N_FEATURES = len(FEATURES)
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 """Bumped whenever the meaning of a column changes; a model built for another version is refused."""
 
 
 def queue_bases(raw: np.ndarray) -> np.ndarray:
     """``(2,)`` float64: most recent latency seen in the L and the C queue (fallback: most recent overall)."""
     lat = raw[:, R_LAT]
-    ql = raw[:, R_QL] > 0.5
+    rev = raw[::-1, R_QL] > 0.5
+    il = int(rev.argmax())
+    ic = int((~rev).argmax())
     last = lat[-1]
-    out = np.empty(2)
-    for j, mask in enumerate((ql, ~ql)):
-        idx = np.flatnonzero(mask)
-        out[j] = lat[idx[-1]] if idx.size else last
-    return out
+    n = lat.shape[0]
+    return np.array([lat[n - 1 - il] if rev[il] else last, lat[n - 1 - ic] if not rev[ic] else last])
 
 
 def window_features(raw: np.ndarray, now: float, prev_ack: float | None = None,
@@ -61,32 +59,30 @@ def window_features(raw: np.ndarray, now: float, prev_ack: float | None = None,
     """``raw`` ``(W, 6)`` in ack order -> (features ``(W, N_FEATURES)`` float32, reference ``(3,)``).
 
     ``prev_ack``/``prev_sent`` are the ack and send times of the sample just before the window (so the
-    first row has gaps too); without them the first row's gaps are 0.
+    first row has gaps too); without them the first row's gaps are 0. Runs per prediction on the packet
+    path, hence written with few numpy calls.
     """
     w = raw.shape[0]
     lat = raw[:, R_LAT]
-    scale = max(float(np.median(lat)), MIN_SCALE_MS)
+    srt = np.sort(lat)
+    scale = max(0.5 * float(srt[(w - 1) // 2] + srt[w // 2]), MIN_SCALE_MS)
     base = queue_bases(raw)
+    ql = raw[:, R_QL]
+    k = 1000.0 / scale
     f = np.empty((w, N_FEATURES), dtype=np.float64)
+    safe = np.maximum(lat, MIN_SCALE_MS)
+    f[:, 0] = np.log(safe / scale)
+    f[:, 1] = np.log(safe / np.maximum(np.where(ql > 0.5, base[0], base[1]), MIN_SCALE_MS))
     ack = raw[:, R_ACK]
     sent = raw[:, R_SENT]
-    ql = raw[:, R_QL]
-    inv = 1.0 / scale
-    f[:, 0] = lat * inv
-    f[:, 1] = (lat - np.where(ql > 0.5, base[0], base[1])) * inv
-    gap = np.empty(w)
-    gap[1:] = np.diff(ack)
-    gap[0] = ack[0] - prev_ack if prev_ack is not None else 0.0
-    f[:, 2] = gap * (1000.0 * inv)
-    f[:, 3] = raw[:, R_SIZE] / 1500.0
+    f[:, 2] = np.diff(ack, prepend=ack[0] if prev_ack is None else prev_ack)
+    f[:, 3] = raw[:, R_SIZE] * (1.0 / 1500.0)
     f[:, 4] = ql
     f[:, 5] = raw[:, R_CE]
-    sgap = np.empty(w)
-    sgap[1:] = np.diff(sent)
-    sgap[0] = sent[0] - prev_sent if prev_sent is not None else 0.0
-    f[:, 6] = sgap * (1000.0 * inv)
-    f[:, 7] = (now - ack) * (1000.0 * inv)
-    f[:, 8] = (now - sent) * (1000.0 * inv)
+    f[:, 6] = np.diff(sent, prepend=sent[0] if prev_sent is None else prev_sent)
+    f[:, 7] = now - ack
+    f[:, 8] = now - sent
+    f[:, (2, 6, 7, 8)] *= k
     np.clip(f, -CLIP, CLIP, out=f)
     return f.astype(np.float32), np.array([base[0], base[1], scale])
 
@@ -117,8 +113,9 @@ def build_windows(raw: np.ndarray, at: np.ndarray, first_idx: np.ndarray, window
     f = np.empty((k, window, N_FEATURES))
     ack = r[:, :, R_ACK]
     sent = r[:, :, R_SENT]
-    f[:, :, 0] = lat * inv
-    f[:, :, 1] = (lat - np.where(ql, base[:, :1], base[:, 1:2])) * inv
+    safe = np.maximum(lat, MIN_SCALE_MS)
+    f[:, :, 0] = np.log(safe * inv)
+    f[:, :, 1] = np.log(safe / np.maximum(np.where(ql, base[:, :1], base[:, 1:2]), MIN_SCALE_MS))
     f[:, 0, 2] = ack[:, 0] - prev[:, R_ACK]
     f[:, 1:, 2] = np.diff(ack, axis=1)
     f[:, :, 2] *= 1000.0 * inv

@@ -2,8 +2,9 @@
 
 Both take the feature window ``x`` ``(B, W, F)`` of :mod:`.features` and its reference ``(B, 3)`` (last L
 latency, last C latency, window scale; ms) and return the predicted latency of the next packet in the L and
-the C queue, ``(B, 2)`` ms, as ``base + scale * delta``: the network only learns how the next packet differs
-from the last one seen in each queue, in units of the window's latency level.
+the C queue, ``(B, 2)`` ms, as ``scale * exp(log(base_q / scale) + out)``: a correction in log space to the
+last latency seen in each queue (zero output = "last value"), measured against the window's latency level so
+one network covers 10 ms and 2 s latencies; the readout also sees both ``log(base_q / scale)``.
 
 * :class:`TransformerForecaster` — the SwiftQueue model: linear embedding per ack, learned positions, pre-LN
   encoder blocks written with plain matmul/softmax (so the ONNX graph is small and exports with any opset),
@@ -18,7 +19,17 @@ import math
 import torch
 from torch import nn
 
-from .features import MS_SCALE, N_FEATURES
+from .features import MIN_SCALE_MS, MS_SCALE, N_FEATURES
+
+
+def _log_ref(ref: torch.Tensor) -> torch.Tensor:
+    """log(last L / scale), log(last C / scale): the last value of each queue in the output's units."""
+    return torch.log(ref[:, :2].clamp_min(MIN_SCALE_MS) / ref[:, 2:3])
+
+
+def _decode(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Network output (log-ratio to the window scale) -> latency in ms; bounded to e^±6 of the scale."""
+    return ref[:, 2:3] * torch.exp(out.clamp(-6.0, 6.0))
 
 
 class _Block(nn.Module):
@@ -58,15 +69,16 @@ class TransformerForecaster(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(_Block(d_model, heads, ff, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d_model)
-        self.head = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.GELU(), nn.Linear(d_model, 2))
+        self.head = nn.Sequential(nn.Linear(2 * d_model + 2, d_model), nn.GELU(), nn.Linear(d_model, 2))
 
     def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.pos
         for blk in self.blocks:
             h = blk(h)
         h = self.ln(h)
-        z = torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)
-        return ref[:, :2] + ref[:, 2:3] * self.head(z)
+        last = _log_ref(ref)
+        z = torch.cat([h[:, -1], h.mean(dim=1), last], dim=-1)
+        return _decode(last + self.head(z), ref)
 
 
 class GRUForecaster(nn.Module):
@@ -76,11 +88,12 @@ class GRUForecaster(nn.Module):
         super().__init__()
         self.config = {"window": window, "hidden": hidden, "n_features": n_features}
         self.gru = nn.GRU(n_features, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 2)
+        self.head = nn.Linear(hidden + 2, 2)
 
     def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(x)
-        return ref[:, :2] + ref[:, 2:3] * self.head(h[-1])
+        last = _log_ref(ref)
+        return _decode(last + self.head(torch.cat([h[-1], last], dim=-1)), ref)
 
 
 NETS = {"transformer": TransformerForecaster, "gru": GRUForecaster}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -84,7 +85,9 @@ class OnnxLatencyForecaster:
         return self._ring.count > self.window
 
     def observe(self, sample: LatencySample) -> None:
-        self._ring.push(_row(sample))
+        row = _row(sample)
+        if all(math.isfinite(v) for v in row):  # a garbage sample from a peer must not poison the window
+            self._ring.push(row)
 
     def _inputs(self, nows: Sequence[float]) -> dict[str, np.ndarray]:
         raw = self._ring.view()
@@ -104,7 +107,8 @@ class OnnxLatencyForecaster:
         if not self.ready:
             return None
         y = self._session.run([self._out], self._inputs([now]))[0]
-        return float(y[0, 0]), float(y[0, 1])
+        l_ms, c_ms = float(y[0, 0]), float(y[0, 1])
+        return (l_ms, c_ms) if math.isfinite(l_ms) and math.isfinite(c_ms) else None
 
     def predict_batch(self, nows: Sequence[float]) -> np.ndarray | None:
         """``(len(nows), 2)`` predictions for packets leaving at ``nows``, in one inference call."""
@@ -123,6 +127,8 @@ class EwmaLatencyForecaster:
         self._est: list[float | None] = [None, None]  # L, C
 
     def observe(self, sample: LatencySample) -> None:
+        if not math.isfinite(sample.latency_ms):
+            return
         j = 0 if sample.queue_l else 1
         old = self._est[j]
         self._est[j] = sample.latency_ms if old is None else old + self.alpha * (sample.latency_ms - old)

@@ -66,6 +66,21 @@ def test_shipped_model_is_small_and_predicts_after_a_full_window():
         np.testing.assert_allclose(batch[k], fc.predict(t), rtol=1e-4, atol=1e-3)
 
 
+def test_non_finite_samples_are_ignored():
+    fc = load_forecaster()
+    hist = samples(fc.window + 1)
+    for s in hist:
+        fc.observe(s)
+    now = hist[-1].ack_at + 0.001
+    before = fc.predict(now)
+    fc.observe(LatencySample(now, now, float("nan"), 1200, True, False))
+    fc.observe(LatencySample(now, float("inf"), 20.0, 1200, False, False))
+    assert fc.predict(now) == before
+    ew = EwmaLatencyForecaster()
+    ew.observe(LatencySample(0.0, 0.0, float("nan"), 1200, True, False))
+    assert ew.predict(0.0) is None
+
+
 def test_ring_buffer_keeps_the_newest_window():
     fc = load_forecaster()
     for s in samples(300, l_ms=80.0, c_ms=90.0):
