@@ -133,7 +133,8 @@ def print_table(summary: dict[str, Any]) -> None:
     for name, c in summary.get("comparison", {}).items():
         thr = c.get("throughput_ratio_vs_l4s")
         measure = "token goodput" if c.get("throughput_measure") == "goodput_tokens_per_s" else "throughput"
-        print(f"{name}: P99 {c['p99_reduction_vs_l4s']:+.1%} lower than l4s"
+        red = c["p99_reduction_vs_l4s"]
+        print(f"{name}: P99 {abs(red):.1%} {'lower' if red >= 0 else 'higher'} than l4s"
               + (f", {measure} x{thr:.3f}" if thr is not None else ""))
     fc = summary["policies"].get("swiftqueue", {}).get("forecaster")
     print(f"backend {summary['backend']}" + (f"; swiftqueue forecaster: {fc}" if fc else ""))

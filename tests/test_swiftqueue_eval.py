@@ -204,6 +204,6 @@ def test_cli_virtual_writes_json_and_plot(tmp_path, capsys):
                "--plot", str(png)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "oracle: P99" in text and "backend virtual" in text
+    assert "oracle: P99" in text and "lower than l4s" in text and "backend virtual" in text
     data = json.loads(out.read_text())
     assert set(data["policies"]) == {"l4s", "oracle"} and png.stat().st_size > 10_000
