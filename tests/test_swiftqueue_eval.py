@@ -207,3 +207,22 @@ def test_cli_virtual_writes_json_and_plot(tmp_path, capsys):
     assert "oracle: P99" in text and "lower than l4s" in text and "backend virtual" in text
     data = json.loads(out.read_text())
     assert set(data["policies"]) == {"l4s", "oracle"} and png.stat().st_size > 10_000
+
+
+def test_a_queue_at_the_path_floor_is_never_left():
+    """Predictions may say the other queue is faster, but nothing beats the fastest latency ever seen."""
+    f = Scripted((30.0, 15.0))  # a model that (wrongly) expects C to be much faster
+    p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0)
+    p.on_sample(sample(0.0, 20.0, True))  # floor 20 ms, and L's own recent samples are at it
+    assert p.codepoint(0.1) == ECT1
+    for k in range(3):  # L really slows down: its last three samples are far above the floor
+        p.on_sample(sample(0.2 + k / 100, 60.0 + k, True))
+    f.pred = (60.0, 21.0)
+    assert p.codepoint(0.3) == ECT0
+    p.on_sample(sample(0.4, 21.0, False))  # C measured at the floor ...
+    f.pred = (10.0, 21.5)  # ... so even a rosy L prediction does not pull the flow back into L
+    assert p.codepoint(0.5) == ECT0
+    for k in range(3):  # C slows down (a classic flow started): back to L when predicted faster
+        p.on_sample(sample(0.6 + k / 100, 45.0, False))
+    f.pred = (22.0, 40.0)
+    assert p.codepoint(0.7) == ECT1

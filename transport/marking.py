@@ -17,6 +17,7 @@ and answers :meth:`MarkingPolicy.codepoint` for the next packet(s). Sans-I/O: ti
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,6 +109,7 @@ class SwiftQueuePolicy:
         self._last_sample = {True: -math.inf, False: -math.inf}
         self._last_probe = -math.inf
         self._floor_ms = math.inf  # lowest latency sample seen: the path's propagation floor
+        self._recent: dict[bool, deque[float]] = {True: deque(maxlen=3), False: deque(maxlen=3)}
 
     def codepoint(self, now: float) -> int:
         pred = self.forecaster.predict(now)
@@ -117,16 +119,32 @@ class SwiftQueuePolicy:
             return self._current
         pred_l, pred_c = pred
         gain = pred_c - (pred_l + self.margin_ms)  # > 0: L is expected to be faster by more than the margin
-        if self._current == ECT1 and gain < -self.hysteresis_ms:
-            self._current = self.classic
-        elif self._current != ECT1 and gain > self.hysteresis_ms:
-            self._current = ECT1
+        if self._worth_moving(self._current == ECT1):
+            if self._current == ECT1 and gain < -self.hysteresis_ms:
+                self._current = self.classic
+            elif self._current != ECT1 and gain > self.hysteresis_ms:
+                self._current = ECT1
         current_ms = pred_l if self._current == ECT1 else pred_c
         if self._probe(now, current_ms):
             self.decisions["probe"] += 1
             return self.classic if self._current == ECT1 else ECT1
         self.decisions["l" if self._current == ECT1 else "c"] += 1
         return self._current
+
+    def _worth_moving(self, in_l: bool) -> bool:
+        """Only a queue measured slower than the path's floor (+ margin + hysteresis) is worth leaving.
+
+        No queue can beat the fastest latency the flow has ever seen, so while the current queue's recent
+        samples sit at that floor a move can only lose: it would trade a queue that is fast now for one that
+        merely looks fast, and a flow that fled a bursting L queue into an idle C queue would walk back into
+        the next burst. Measured samples, not predictions, decide this (a model's bias of a few ms would
+        hide the floor); the best of the last few samples, so one late packet does not count as a trend.
+        Without samples of the current queue the predictions decide alone.
+        """
+        recent = self._recent[in_l]
+        if not recent:
+            return True
+        return min(recent) > self._floor_ms + self.margin_ms + self.hysteresis_ms
 
     def _probe(self, now: float, current_ms: float) -> bool:
         """One packet into the unused queue when its latest sample is older than ``probe_interval_s``.
@@ -151,6 +169,7 @@ class SwiftQueuePolicy:
     def on_sample(self, sample: LatencySample) -> None:
         self._last_sample[sample.queue_l] = max(self._last_sample[sample.queue_l], sample.ack_at)
         self._floor_ms = min(self._floor_ms, sample.latency_ms)
+        self._recent[sample.queue_l].append(sample.latency_ms)
         self.forecaster.observe(sample)
 
 
