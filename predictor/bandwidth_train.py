@@ -80,6 +80,25 @@ def baselines(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return out
 
 
+def build_model():
+    """The forecaster: an MLP from the features to (median, 10 % quantile) of log(future / newest rate)."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+        torch.nn.Linear(64, len(QUANTILES)),
+    )
+
+
+def export_onnx(model, path: str | Path) -> None:
+    """ONNX with a dynamic batch axis (what :class:`~tokenwire.predictor.bandwidth.OnnxRunner` loads)."""
+    import torch
+
+    model.eval()
+    torch.onnx.export(model, (torch.zeros(1, N_FEATURES),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+
+
 def train(args: argparse.Namespace) -> dict:
     import torch
 
@@ -100,10 +119,7 @@ def train(args: argparse.Namespace) -> dict:
     yte = np.concatenate([p[1] for p in tparts.values()])
     print(f"{len(xtr)} training and {len(xte)} test examples", file=sys.stderr)
 
-    model = torch.nn.Sequential(
-        torch.nn.Linear(N_FEATURES, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
-        torch.nn.Linear(64, len(QUANTILES)),
-    )
+    model = build_model()
     q = torch.tensor(QUANTILES)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
@@ -123,10 +139,7 @@ def train(args: argparse.Namespace) -> dict:
     model.eval()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / MODEL_FILE
-    torch.onnx.export(model, (torch.zeros(1, N_FEATURES),), str(onnx_path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    export_onnx(model, out_dir / MODEL_FILE)
     with torch.no_grad():
         pred = model(torch.from_numpy(xte)).numpy()
     report = {

@@ -197,3 +197,34 @@ def test_kv_channel_imports_no_torch():
             "tokenwire.predictor.bandwidth as b; b.OnnxForecaster().forecast(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert os.system(f"{sys.executable} -c \"{code}\"") == 0
+
+
+def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
+    from tokenwire.daemon.config import ConfigError, parse_config
+    from tokenwire.daemon.service import Daemon
+
+    sock = tmp_path / "kv.sock"
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                        "kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "store"),
+                               "capacity_mb": 64, "chunk_tokens": CHUNK, "ingest_socket": str(sock),
+                               "forecaster": "ewma"}})
+    with pytest.raises(ConfigError, match="kv.redis_url"):
+        parse_config({"kv": {"backend": "redis"}})
+    with pytest.raises(ConfigError, match="kv.chunk_token"):
+        parse_config({"kv": {"chunk_token": 5}})
+    ids = list(range(50))
+
+    async def go():
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(50, 7),
+                                                                 prewarm=["low"]))
+            async with connect_kv("127.0.0.1", daemon.kv.server.port, verify=False) as conn:
+                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+        finally:
+            await daemon.stop()
+
+    res = run(go())
+    assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == 50

@@ -175,6 +175,7 @@ class KVServerSession(_SessionBase):
         self.fetches: dict[int, ServerFetch] = {}
         self._forecaster_factory = forecaster_factory
         self._last_ecn: list[int] | None = None
+        self._forecasters: dict[str, Any] = {}
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -186,7 +187,9 @@ class KVServerSession(_SessionBase):
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt)
         kind = "ewma" if f.fetch.controller in ("tokenwire-ewma", "even-split") else self.tuning.forecaster
-        f.forecaster = self._make_forecaster(kind)
+        if kind not in self._forecasters:  # one per connection: a fetch starts from what earlier ones saw
+            self._forecasters[kind] = self._make_forecaster(kind)
+        f.forecaster = self._forecasters[kind]
         self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
                                      plan.fingerprint, plan.dtype))
 
