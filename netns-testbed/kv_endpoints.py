@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -55,7 +56,13 @@ async def run_server(args: argparse.Namespace) -> int:
 
 
 async def run_client(args: argparse.Namespace) -> int:
+    # One decode thread: on this 2-core host a parallel decoder (numba + torch pools) starves the client's
+    # event loop and the emulator (measured: 40-50 ms per SmolLM2 256-token chunk on 1 thread, 110-400 ms
+    # with 2 threads under load). A GPU engine decodes on the device instead.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     import torch
+
+    torch.set_num_threads(1)
 
     from tokenwire.transport.errors import TokenwireError
     from tokenwire.transport.kv_channel import connect_kv

@@ -7,9 +7,11 @@ the emulated path. Then ``repeats`` rounds; in each round every controller fetch
 shuffled order, each fetch starting at a fresh random offset into the traces (the emulator's origin moves).
 
 Per fetch: fetch time (request sent -> every chunk received and decoded, plus the modelled recompute time of
-text chunks, ``recompute_us_per_token`` x their tokens), levels, payload bytes, and the link capacity in the
-window from the first chunk byte to the last (from the trace, at the offset used): ``goodput_fraction`` =
-payload bytes / that capacity. Quality per chunk is the measured top-1 of its level
+text chunks, ``recompute_us_per_token`` x their tokens), levels, payload bytes, and the down link's capacity
+from the request's arrival at the server (sent + one-way delay) to the last byte's departure (received - one-way
+delay), from the trace at the offset used: ``goodput_fraction`` = payload bytes / that capacity (conservative:
+the window includes the server's reaction time and counts QUIC/UDP/IP headers as waste).
+Quality per chunk is the measured top-1 of its level
 (:data:`~tokenwire.transport.kv_controller.LEVEL_TOP1`, from ``tokenwire kv eval`` on three texts), token-
 weighted over the context; text chunks count as exact.
 """
@@ -211,7 +213,10 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
                             break
                     if "fetch_error" in ev:
                         raise KVEvalError(f"{ctl}: {ev['fetch_error']}")
-                    t0 = (ev["first_at"] - cfg.delay_ms / 1e3 - origin) * 1e3 - 1.0
+                    # the window in which the down link could carry this fetch: from the request's arrival at the
+                    # server to the departure of the last byte (the client's first *in-order* byte is no start:
+                    # a lost first packet delays it while later packets keep the link busy)
+                    t0 = (ev["sent_at"] + cfg.delay_ms / 1e3 - origin) * 1e3
                     t1 = (ev["last_at"] - cfg.delay_ms / 1e3 - origin) * 1e3
                     cap = down.bytes_between(t0, t1)
                     m = fetch_metrics(ev, elements=ctx["elements"], capacity_bytes=cap,

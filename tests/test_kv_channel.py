@@ -208,9 +208,9 @@ def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
                         "kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "store"),
                                "capacity_mb": 64, "chunk_tokens": CHUNK, "ingest_socket": str(sock),
                                "forecaster": "ewma"}})
-    with pytest.raises(ConfigError, match="kv.redis_url"):
+    with pytest.raises(ConfigError, match=r"kv\.redis_url"):
         parse_config({"kv": {"backend": "redis"}})
-    with pytest.raises(ConfigError, match="kv.chunk_token"):
+    with pytest.raises(ConfigError, match=r"kv\.chunk_token"):
         parse_config({"kv": {"chunk_token": 5}})
     ids = list(range(50))
 

@@ -44,9 +44,9 @@ def test_tokenwire_mixes_and_upgrades_the_tail_first():
     c = KVController("tokenwire")
     four = [chunk()] * 4
     bw = 8e6  # 1 MB/s: all-low costs 4 s; each medium upgrade +0.35 s
-    d = c.choose(four, time_left_s=4.5, inflight_bytes=0, median_bps=bw, low_bps=bw)
+    d = c.choose(four, time_left_s=4.8, inflight_bytes=0, median_bps=bw, low_bps=bw)  # 5 % kept in reserve
     assert d.planned == ("low", "low", "low", "medium")
-    assert plan_cost(d.planned, four, bw) <= 4.5
+    assert plan_cost(d.planned, four, bw) <= 4.8 * 0.95
     # more budget: more chunks upgraded, still within budget, never a worse level than with less budget
     d2 = c.choose(four, time_left_s=5.6, inflight_bytes=0, median_bps=bw, low_bps=bw)
     assert plan_cost(d2.planned, four, bw) <= 5.6
@@ -63,6 +63,15 @@ def test_tokenwire_plans_with_the_low_quantile_and_counts_inflight_bytes():
     assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6).level == "high"
     assert c.choose(one, time_left_s=3.0, inflight_bytes=int(1.9 * MB), median_bps=8e6,
                     low_bps=8e6).level == "low"
+
+
+def test_stale_forecast_counts_half():
+    c = KVController("tokenwire")
+    one = [chunk()]
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                    sample_age_s=0.2).level == "high"
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                    sample_age_s=5.0).level == "medium"  # 0.5 MB/s: 2.7 s of 2.85 s
 
 
 def test_first_chunk_without_a_sample_probes_at_the_lowest_level():

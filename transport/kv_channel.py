@@ -176,6 +176,7 @@ class KVServerSession(_SessionBase):
         self._forecaster_factory = forecaster_factory
         self._last_ecn: list[int] | None = None
         self._forecasters: dict[str, Any] = {}
+        self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -269,8 +270,10 @@ class KVServerSession(_SessionBase):
         fc = f.forecaster.forecast()
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
+        age = now - self._sample_at.get(id(f.forecaster), now)
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=f.bytes_written - f.bytes_acked,
-                                median_bps=fc.median_bps if fc else None, low_bps=fc.low_bps if fc else None)
+                                median_bps=fc.median_bps if fc else None, low_bps=fc.low_bps if fc else None,
+                                sample_age_s=age)
         f.decisions.append({"index": f.next_index, "level": d.level, "bandwidth_bps": d.bandwidth_bps,
                             "budget_s": d.budget_s, "time_left_s": time_left})
         return d.level
@@ -328,6 +331,7 @@ class KVServerSession(_SessionBase):
         f.last_done_us = max(ack.done_us, f.last_done_us or 0)
         if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
             f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
+            self._sample_at[id(f.forecaster)] = now
         if ack.ecn is not None and len(ack.ecn) == 4:
             self._ecn_feedback(ack.ecn, now)
 

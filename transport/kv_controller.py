@@ -10,7 +10,9 @@ that comparisons are fair:
   text where recomputing is faster than sending the lowest level), then upgrade, one rung at a time, the
   chunk with the best quality gain per second of budget (ties go to later chunks: the end of a context weighs
   most for the next token), while the plan fits. Send the current chunk at its planned level; re-plan at the
-  next chunk with fresh samples. Before the first sample it plans with ``prior_bps`` at the lowest level.
+  next chunk with fresh samples. Before the first sample it plans with ``prior_bps`` at the lowest level; a
+  forecast whose newest sample is older than ``STALE_S`` (an earlier fetch on the connection) counts half;
+  ``RESERVE`` of the time left is kept for what no forecast sees.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -34,6 +36,9 @@ LEVEL_TOP1 = {"low": 0.9247, "medium": 0.9623, "high": 0.9820, TEXT: 1.0}
 # Bits per element of each level on SmolLM2 (same tables): the size prediction for chunks not yet encoded.
 LEVEL_BITS = {"low": 1.82, "medium": 2.47, "high": 3.38}
 TAIL_WEIGHT = 1.5  # the last chunk's quality weight (recency: docs/kv_codec.md, "Observations")
+STALE_S = 1.0  # a forecast whose newest sample is older than this describes another moment of the link...
+STALE_FACTOR = 0.5  # ...so tokenwire plans with half of it until this fetch's own chunks report
+RESERVE = 0.05  # share of the time left that tokenwire keeps for variance it cannot forecast
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,8 @@ class KVController:
 
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
-               median_bps: float | None, low_bps: float | None) -> Decision:
-        """Level for ``remaining[0]`` (the next chunk)."""
+               median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0) -> Decision:
+        """Level for ``remaining[0]`` (the next chunk). ``sample_age_s``: age of the forecast's newest sample."""
         if not remaining:
             raise ValueError("no chunk left to choose for")
         if self.policy in FIXED:
@@ -87,7 +92,9 @@ class KVController:
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
         first = low_bps is None
         bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
-        budget = time_left_s - inflight_bytes * 8 / bw - self.rtt_s / 2
+        if sample_age_s > STALE_S:
+            bw *= STALE_FACTOR
+        budget = time_left_s * (1 - RESERVE) - inflight_bytes * 8 / bw - self.rtt_s / 2
         plan = self.plan(remaining, bw, budget, lowest_only=first)
         return Decision(plan[0], tuple(plan), bw, budget)
 
