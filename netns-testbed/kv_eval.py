@@ -73,9 +73,10 @@ class KVEvalConfig:
         self.emulator_config().down.validate()
         self.emulator_config().up.validate()
 
-    def emulator_config(self) -> EmulatorConfig:
+    def emulator_config(self, log_path: str | None = None) -> EmulatorConfig:
         return EmulatorConfig(down=DirectionConfig(self.down_trace, self.delay_ms, "none", self.queue),
-                              up=DirectionConfig(self.up_trace, self.delay_ms, "none", self.queue), seed=self.seed)
+                              up=DirectionConfig(self.up_trace, self.delay_ms, "none", self.queue), seed=self.seed,
+                              log_path=log_path)
 
 
 def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, wor
     return Child(proc, f"kv {role}", err)
 
 
-def fetch_metrics(res: dict[str, Any], *, elements: int, capacity_bytes: int, recompute_us_per_token: int,
+def fetch_metrics(res: dict[str, Any], *, elements: int, recompute_us_per_token: int,
                   top1: dict[str, float]) -> dict[str, Any]:
     """One fetch's numbers (see module docstring)."""
     rep = res["result"]
@@ -144,10 +145,46 @@ def fetch_metrics(res: dict[str, Any], *, elements: int, capacity_bytes: int, re
     payload = rep["payload_bytes"]
     return {"fetch_ms": fetch_ms, "deadline_met": fetch_ms <= rep["deadline_ms"], "quality_top1": quality,
             "bits_per_element": payload * 8 / elements, "payload_bytes": payload, "levels": rep["levels"],
-            "capacity_bytes": capacity_bytes,
-            "goodput_fraction": payload / capacity_bytes if capacity_bytes else math.nan,
             "chunks": [{k: c[k] for k in ("level", "bytes", "first_byte_ms", "received_ms", "decoded_ms")}
                        for c in chunks]}
+
+
+def add_goodput(rows: dict[str, list[dict[str, Any]]], log_path: str, down: Any) -> None:
+    """Goodput per fetch from the emulator's packet log (virtual departure times on the host clock).
+
+    The window runs from the first to the last departure of a packet of the KV connection in the down direction
+    during the fetch; ``goodput_fraction`` = payload bytes / the trace's capacity in that window (so QUIC, UDP and
+    IP headers and retransmissions count as waste); ``link_utilization`` = IP bytes the link carried for the
+    fetch / the same capacity.
+    """
+    from .pktlog import read_packet_log
+
+    deps: list[tuple[float, int]] = []
+    for r in read_packet_log(log_path):
+        if r["dir"] == "down" and r["sport"] == str(PORT) and r["fate"] == "delivered" and r["departure"]:
+            deps.append((float(r["departure"]), int(r["size"])))
+    deps.sort()
+    times = [d for d, _ in deps]
+    import bisect
+
+    for fetches in rows.values():
+        for m in fetches:
+            lo = bisect.bisect_left(times, m["sent_at"])
+            hi = bisect.bisect_right(times, m["last_at"])
+            if hi <= lo:
+                m["goodput_fraction"] = m["link_utilization"] = math.nan
+                continue
+            t0 = (times[lo] - m["origin"]) * 1e3
+            t1 = (times[hi - 1] - m["origin"]) * 1e3
+            cap = down.bytes_between(t0 - 1e-6, t1)
+            m["capacity_bytes"] = cap
+            m["goodput_fraction"] = m["payload_bytes"] / cap if cap else math.nan
+            m["link_utilization"] = sum(s for _, s in deps[lo:hi]) / cap if cap else math.nan
+
+
+def _mean(xs: Any) -> float:
+    vals = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(vals) if vals else math.nan
 
 
 def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -160,7 +197,8 @@ def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]
             "mean_quality_top1": statistics.fmean(r["quality_top1"] for r in rows),
             "mean_bits_per_element": statistics.fmean(r["bits_per_element"] for r in rows),
             "p95_fetch_ms": p95,
-            "goodput_fraction": statistics.fmean(r["goodput_fraction"] for r in rows),
+            "goodput_fraction": _mean(r.get("goodput_fraction", math.nan) for r in rows),
+            "link_utilization": _mean(r.get("link_utilization", math.nan) for r in rows),
             "fetches": len(rows),
             "level_counts": {lv: sum(r["levels"].count(lv) for r in rows)
                              for lv in ("text", "low", "medium", "high")},
@@ -184,7 +222,8 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
         if cfg.recompute_us_per_token is None:
             cfg.recompute_us_per_token = round(ctx["prefill_s"] / cfg.context_tokens * 1e6)
             log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
-        with Testbed(cfg.emulator_config(), backend="userspace") as tb:
+        log_path = os.path.join(wd, "pktlog.csv")
+        with Testbed(cfg.emulator_config(log_path), backend="userspace") as tb:
             srv = _start(tb, tb.server_ns, "server", cfg, kv_path, wd)
             ready = srv.wait_for("ready", 300)
             log(f"server ready: ingested and encoded {ready.get('encodes')} chunk levels in "
@@ -213,22 +252,17 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
                             break
                     if "fetch_error" in ev:
                         raise KVEvalError(f"{ctl}: {ev['fetch_error']}")
-                    # the window in which the down link could carry this fetch: from the request's arrival at the
-                    # server to the departure of the last byte (the client's first *in-order* byte is no start:
-                    # a lost first packet delays it while later packets keep the link busy)
-                    t0 = (ev["sent_at"] + cfg.delay_ms / 1e3 - origin) * 1e3
-                    t1 = (ev["last_at"] - cfg.delay_ms / 1e3 - origin) * 1e3
-                    cap = down.bytes_between(t0, t1)
-                    m = fetch_metrics(ev, elements=ctx["elements"], capacity_bytes=cap,
+                    m = fetch_metrics(ev, elements=ctx["elements"],
                                       recompute_us_per_token=cfg.recompute_us_per_token, top1=LEVEL_TOP1)
-                    m.update(repeat=rep, offset_s=offset)
+                    m.update(repeat=rep, offset_s=offset, origin=origin, sent_at=ev["sent_at"],
+                             last_at=ev["last_at"])
                     rows[ctl].append(m)
                     log(f"[{k}/{total}] {ctl}: {m['fetch_ms']:.0f} ms "
-                        f"({'met' if m['deadline_met'] else 'MISSED'}), levels {','.join(m['levels'])}, "
-                        f"goodput {m['goodput_fraction']:.0%}")
+                        f"({'met' if m['deadline_met'] else 'MISSED'}), levels {','.join(m['levels'])}")
             cli.send("stop")
             srv.send("stop")
             srv.wait_for("stopped", 30)
+        add_goodput(rows, log_path, down)
     return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": ctx,
             "trace_mean_mbps": down.mean_mbps}
 
