@@ -148,7 +148,7 @@ class EmulatorShell:
             link.stats = type(link.stats)()
         self.late_s.clear()
         self._reschedule()
-        return now
+        return self.origin
 
     def stats(self) -> dict[str, Any]:
         late = sorted(self.late_s)

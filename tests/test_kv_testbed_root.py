@@ -26,3 +26,16 @@ def test_kv_eval_smoke(tmp_path):
                           "goodput_fraction"}
         assert 0 < d["mean_bits_per_element"] < 16 and d["p95_fetch_ms"] > 10  # crossed a 10 ms path
     assert summary["controllers"]["fixed-L1"]["level_counts"]["low"] == 3
+
+
+def test_emulator_origin_offset_moves_the_trace():
+    from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
+    from tokenwire.testbed.topology import Testbed
+
+    with Testbed(EmulatorConfig(down=DirectionConfig("12mbps"), up=DirectionConfig("12mbps")),
+                 backend="userspace") as tb:
+        import time
+
+        before = time.monotonic()
+        origin = tb.origin(5.0)
+        assert before - 5.0 <= origin <= time.monotonic() - 5.0  # the trace origin, 5 s in the past
