@@ -4,7 +4,8 @@ Setup (once per invocation): the real SmolLM2-135M KV of the first ``context_tok
 computed here and written to a ``.pt`` file; the KV server endpoint (the daemon's KV service, local store,
 ECT(1) + Prague) ingests it in the server namespace; the SDK client connects from the client namespace over
 the emulated path. Then ``repeats`` rounds; in each round every controller fetches the context once, in a
-shuffled order, each fetch starting at a fresh random offset into the traces (the emulator's origin moves).
+shuffled order, each starting at the same random offset into the traces, drawn per round (the emulator's
+origin moves), so controllers are compared on the same stretch of the link.
 
 Per fetch: fetch time (request sent -> every chunk received and decoded, plus the modelled recompute time of
 text chunks, ``recompute_us_per_token`` x their tokens), levels, payload bytes, and the down link's capacity
@@ -240,9 +241,9 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
             for rep in range(cfg.repeats):
                 order = list(cfg.controllers)
                 rng.shuffle(order)
+                offset = rng.uniform(0, down.period_ms / 1000)  # one offset per repeat: paired comparison
                 for ctl in order:
                     k += 1
-                    offset = rng.uniform(0, down.period_ms / 1000)
                     origin = tb.origin(offset)
                     cli.send(json.dumps({"controller": ctl, "deadline_ms": cfg.deadline_ms}))
                     deadline = time.monotonic() + timeout

@@ -70,8 +70,10 @@ def test_stale_forecast_counts_half():
     one = [chunk()]
     assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
                     sample_age_s=0.2).level == "high"
-    assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
-                    sample_age_s=5.0).level == "medium"  # 0.5 MB/s: 2.7 s of 2.85 s
+    d = c.choose([chunk(), chunk()], time_left_s=6.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                 sample_age_s=5.0)
+    assert d.level == "low"  # a probe first
+    assert d.planned == ("low", "medium")  # 0.5 MB/s for the rest: 2 + 2.7 s of 5.7 s
 
 
 def test_first_chunk_without_a_sample_probes_at_the_lowest_level():

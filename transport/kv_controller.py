@@ -10,8 +10,8 @@ that comparisons are fair:
   text where recomputing is faster than sending the lowest level), then upgrade, one rung at a time, the
   chunk with the best quality gain per second of budget (ties go to later chunks: the end of a context weighs
   most for the next token), while the plan fits. Send the current chunk at its planned level; re-plan at the
-  next chunk with fresh samples. Before the first sample it plans with ``prior_bps`` at the lowest level; a
-  forecast whose newest sample is older than ``STALE_S`` (an earlier fetch on the connection) counts half;
+  next chunk with fresh samples. Until this fetch has a fresh sample (none yet, or only an earlier fetch's,
+  older than ``STALE_S``) the chunk goes at the lowest level, a probe; a stale forecast counts half;
   ``RESERVE`` of the time left is kept for what no forecast sees.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
@@ -90,12 +90,17 @@ class KVController:
             if c.recompute_s + c.text_bytes * 8 / bw <= budget:
                 return Decision(TEXT, (TEXT,), bw, budget)
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
-        first = low_bps is None
+        stale = sample_age_s > STALE_S
+        # no sample, or only an earlier fetch's: send this chunk at the lowest level (a probe) and plan the rest
+        # with half the old forecast
+        first = low_bps is None or stale
         bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
-        if sample_age_s > STALE_S:
+        if stale:
             bw *= STALE_FACTOR
         budget = time_left_s * (1 - RESERVE) - inflight_bytes * 8 / bw - self.rtt_s / 2
-        plan = self.plan(remaining, bw, budget, lowest_only=first)
+        plan = self.plan(remaining, bw, budget)
+        if first:
+            plan[0] = self._ladder(remaining[0], bw)[0][0]
         return Decision(plan[0], tuple(plan), bw, budget)
 
     # -- the tokenwire planner --------------------------------------------------------------------------------
