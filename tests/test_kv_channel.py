@@ -228,3 +228,21 @@ def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
 
     res = run(go())
     assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == 50
+
+
+from tests.test_kv_store import redis_url  # noqa: E402, F401  (the real-server fixture)
+
+
+def test_service_on_the_redis_backend(redis_url):  # noqa: F811
+    import uuid
+
+    from tokenwire.daemon.kv_store import RedisChunkStore
+
+    svc = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=f"tw-test-{uuid.uuid4().hex}:"), chunk_tokens=CHUNK)
+    try:
+        ids = list(range(2 * CHUNK))
+        svc.ingest_sync(MODEL, ids, make_kv(len(ids), 8))
+        res, _ = run(_fetch(svc, ids, deadline_ms=5000, controller="fixed-L2"))
+        assert res.report.levels == ["medium", "medium"] and svc.encodes == 2
+    finally:
+        svc.close()
