@@ -129,3 +129,14 @@ def test_unknown_policy_and_predicted_sizes():
         KVController("best-effort")
     n = 256 * 11520
     assert predicted_size("low", n) < predicted_size("medium", n) < predicted_size("high", n)
+
+
+def test_a_pessimistic_low_quantile_does_not_turn_chunks_into_text():
+    c = KVController("tokenwire")
+    four = [chunk(recompute_s=2.0)] * 4
+    # expected 8 Mbit/s (low: 1 s per chunk), pessimistic 1 Mbit/s (low: 8 s): recompute (2 s) is still dearer
+    d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6)
+    assert "text" not in d.planned
+    # when recomputing beats sending at the expected rate too, text it is
+    d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=2e6, low_bps=1e6)
+    assert d.planned == ("text",) * 4

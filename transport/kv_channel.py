@@ -159,6 +159,7 @@ class ServerFetch:
     last_done_us: int | None = None
     done_sent: bool = False
     closed: bool = False
+    samples: int = 0  # throughput samples this fetch contributed
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -270,7 +271,8 @@ class KVServerSession(_SessionBase):
         fc = f.forecaster.forecast()
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
-        age = now - self._sample_at.get(id(f.forecaster), now)
+        # samples from earlier fetches describe another moment of the link: stale until this fetch has its own
+        age = now - self._sample_at.get(id(f.forecaster), now) if f.samples else float("inf")
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=f.bytes_written - f.bytes_acked,
                                 median_bps=fc.median_bps if fc else None, low_bps=fc.low_bps if fc else None,
                                 sample_age_s=age)
@@ -332,6 +334,7 @@ class KVServerSession(_SessionBase):
         if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
             f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
             self._sample_at[id(f.forecaster)] = now
+            f.samples += 1
         if ack.ecn is not None and len(ack.ecn) == 4:
             self._ecn_feedback(ack.ecn, now)
 

@@ -74,7 +74,10 @@ class KVController:
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
                median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0) -> Decision:
-        """Level for ``remaining[0]`` (the next chunk). ``sample_age_s``: age of the forecast's newest sample."""
+        """Level for ``remaining[0]`` (the next chunk).
+
+        ``sample_age_s``: age of the forecast's newest sample (infinite while the fetch has none of its own).
+        """
         if not remaining:
             raise ValueError("no chunk left to choose for")
         if self.policy in FIXED:
@@ -98,26 +101,31 @@ class KVController:
         if stale:
             bw *= STALE_FACTOR
         budget = time_left_s * (1 - RESERVE) - inflight_bytes * 8 / bw - self.rtt_s / 2
-        plan = self.plan(remaining, bw, budget)
+        text_bw = median_bps or bw
+        plan = self.plan(remaining, bw, budget, text_bw=text_bw)
         if first:
-            plan[0] = self._ladder(remaining[0], bw)[0][0]
+            plan[0] = self._ladder(remaining[0], bw, text_bw)[0][0]
         return Decision(plan[0], tuple(plan), bw, budget)
 
     # -- the tokenwire planner --------------------------------------------------------------------------------
     @staticmethod
-    def _ladder(c: ChunkOptions, bw: float) -> list[tuple[str, float, float]]:
-        """(option, seconds it costs, quality) from cheapest up; text only where it beats the lowest level."""
-        rungs = [(lv, c.sizes[lv] * 8 / bw, LEVEL_TOP1[lv]) for lv in LEVELS]
+    def _ladder(c: ChunkOptions, bw: float, text_bw: float | None = None) -> list[tuple[str, float, float]]:
+        """(option, seconds it costs at ``bw``, quality) from cheapest up.
+
+        Text is a rung only above the levels it beats at the *expected* rate ``text_bw`` (the median): its cost
+        is a certain, large recompute, so a pessimistic bandwidth must not turn every chunk into text.
+        """
+        tb = text_bw or bw
         text_s = c.recompute_s + c.text_bytes * 8 / bw
-        if text_s < rungs[-1][1]:
-            # text is exact: every rung that costs more time than recomputing is dominated
-            rungs = [r for r in rungs if r[1] < text_s] + [(TEXT, text_s, LEVEL_TOP1[TEXT])]
+        rungs = [(lv, c.sizes[lv] * 8 / bw, LEVEL_TOP1[lv]) for lv in LEVELS]
+        if text_s < c.sizes[LEVELS[-1]] * 8 / tb:  # exact, and cheaper than sending the best level
+            rungs = [r for r in rungs if c.sizes[r[0]] * 8 / tb < text_s] + [(TEXT, text_s, LEVEL_TOP1[TEXT])]
         return rungs
 
     def plan(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float, *,
-             lowest_only: bool = False) -> list[str]:
+             lowest_only: bool = False, text_bw: float | None = None) -> list[str]:
         """Levels for every remaining chunk that fit ``budget_s`` at ``bw``, maximizing weighted quality."""
-        ladders = [self._ladder(c, bw) for c in remaining]
+        ladders = [self._ladder(c, bw, text_bw) for c in remaining]
         pick = [0] * len(remaining)
         n = len(remaining)
 
