@@ -194,6 +194,7 @@ def test_ingest_rejects_bad_input(service):
 
 def test_kv_channel_imports_no_torch():
     code = ("import sys, tokenwire.transport.kv_channel, tokenwire.transport.kv_controller, "
+            "tokenwire.daemon.service, tokenwire.daemon.kv_service, "
             "tokenwire.predictor.bandwidth as b; b.OnnxForecaster().forecast(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert os.system(f"{sys.executable} -c \"{code}\"") == 0

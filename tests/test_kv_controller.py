@@ -65,15 +65,16 @@ def test_tokenwire_plans_with_the_low_quantile_and_counts_inflight_bytes():
                     low_bps=8e6).level == "low"
 
 
-def test_stale_forecast_counts_half():
+def test_stale_forecast_is_discounted():
     c = KVController("tokenwire")
     one = [chunk()]
     assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
                     sample_age_s=0.2).level == "high"
-    d = c.choose([chunk(), chunk()], time_left_s=6.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
-                 sample_age_s=5.0)
-    assert d.level == "low"  # a probe first
-    assert d.planned == ("low", "medium")  # 0.5 MB/s for the rest: 2 + 2.7 s of 5.7 s
+    fresh = c.choose([chunk(), chunk()], time_left_s=3.5, inflight_bytes=0, median_bps=8e6, low_bps=8e6)
+    stale = c.choose([chunk(), chunk()], time_left_s=3.5, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                     sample_age_s=5.0)
+    assert fresh.planned == ("medium", "high")  # 1 MB/s: 3.2 s of 3.325 s
+    assert stale.planned == ("low", "medium")  # 0.75 MB/s: 1.33 + 1.8 s
 
 
 def test_first_chunk_without_a_sample_probes_at_the_lowest_level():

@@ -10,9 +10,9 @@ that comparisons are fair:
   text where recomputing is faster than sending the lowest level), then upgrade, one rung at a time, the
   chunk with the best quality gain per second of budget (ties go to later chunks: the end of a context weighs
   most for the next token), while the plan fits. Send the current chunk at its planned level; re-plan at the
-  next chunk with fresh samples. Until this fetch has a fresh sample (none yet, or only an earlier fetch's,
-  older than ``STALE_S``) the chunk goes at the lowest level, a probe; a stale forecast counts half;
-  ``RESERVE`` of the time left is kept for what no forecast sees.
+  next chunk with fresh samples. With no sample at all the chunk goes at the lowest level (a probe); while the
+  fetch has only earlier fetches' samples the forecast is discounted (``STALE_FACTOR``); ``RESERVE`` of the time
+  left is kept for what no forecast sees.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -37,7 +37,7 @@ LEVEL_TOP1 = {"low": 0.9247, "medium": 0.9623, "high": 0.9820, TEXT: 1.0}
 LEVEL_BITS = {"low": 1.82, "medium": 2.47, "high": 3.38}
 TAIL_WEIGHT = 1.5  # the last chunk's quality weight (recency: docs/kv_codec.md, "Observations")
 STALE_S = 1.0  # a forecast whose newest sample is older than this describes another moment of the link...
-STALE_FACTOR = 0.5  # ...so tokenwire plans with half of it until this fetch's own chunks report
+STALE_FACTOR = 0.75  # ...so tokenwire discounts it until this fetch's own chunks report
 RESERVE = 0.05  # share of the time left that tokenwire keeps for variance it cannot forecast
 
 
@@ -93,12 +93,12 @@ class KVController:
             if c.recompute_s + c.text_bytes * 8 / bw <= budget:
                 return Decision(TEXT, (TEXT,), bw, budget)
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
-        stale = sample_age_s > STALE_S
-        # no sample, or only an earlier fetch's: send this chunk at the lowest level (a probe) and plan the rest
-        # with half the old forecast
-        first = low_bps is None or stale
+        # no sample at all: send this chunk at the lowest level (a probe); only an earlier fetch's samples: plan
+        # with a discounted forecast (the knapsack upgrades the last chunks first, so the first chunks, sent
+        # before this fetch's own samples arrive, stay cheap)
+        first = low_bps is None
         bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
-        if stale:
+        if sample_age_s > STALE_S:
             bw *= STALE_FACTOR
         budget = time_left_s * (1 - RESERVE) - inflight_bytes * 8 / bw - self.rtt_s / 2
         text_bw = median_bps or bw
