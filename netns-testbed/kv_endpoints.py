@@ -41,6 +41,10 @@ async def run_server(args: argparse.Namespace) -> int:
                              fingerprint=int(ctx["fingerprint"]), prewarm=LEVELS)
         tuning = ServerTuning(forecaster="onnx", prior_bps=args.prior_mbps * 1e6,
                               recompute_us_per_token=args.recompute_us_per_token)
+        if args.stale_factor is not None:
+            tuning.stale_factor = args.stale_factor
+        if args.reserve is not None:
+            tuning.reserve = args.reserve
         server = await serve_kv(service, args.host, args.port, congestion=kv_congestion("l4s"), marking=L4SPolicy,
                                 tuning=tuning)
         emit({"ready": True, "ingest_s": time.monotonic() - t0, "encodes": service.encodes})
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--prior-mbps", type=float, default=5.0)
     p.add_argument("--recompute-us-per-token", type=int, default=2250)
+    p.add_argument("--stale-factor", type=float)
+    p.add_argument("--reserve", type=float)
     return p
 
 

@@ -63,6 +63,8 @@ class KVEvalConfig:
     text: str = str(DEFAULT_TEXT)
     recompute_us_per_token: int | None = None  # None: this machine's measured SmolLM2 prefill per token
     prior_mbps: float = 5.0
+    stale_factor: float | None = None  # tokenwire's margins (None: the controller's defaults)
+    reserve: float | None = None
     synthetic: tuple[int, int, int] | None = None  # (layers, heads, dim): random KV, no model (smoke tests)
 
     def validate(self) -> None:
@@ -129,6 +131,9 @@ def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, wor
     argv = [sys.executable, "-m", "tokenwire.testbed.kv_endpoints", role, "--host", tb.server_addr, "--port",
             str(PORT), "--kv", kv_path, "--chunk-tokens", str(cfg.chunk_tokens), "--prior-mbps",
             str(cfg.prior_mbps), "--recompute-us-per-token", str(cfg.recompute_us_per_token)]
+    for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve)):
+        if value is not None and role == "server":
+            argv += [flag, str(value)]
     with open(err, "w") as fh:
         proc = tb.popen(ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, text=True, bufsize=1)
     return Child(proc, f"kv {role}", err)

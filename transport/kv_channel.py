@@ -51,7 +51,7 @@ from .frames import (
     decode_frame,
     encode_stream_frame,
 )
-from .kv_controller import LEVELS, TEXT, ChunkOptions, KVController
+from .kv_controller import LEVELS, RESERVE, STALE_FACTOR, TEXT, ChunkOptions, KVController
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent, _SessionBase
@@ -117,6 +117,8 @@ class ServerTuning:
     prior_bps: float = 5e6
     recompute_us_per_token: int = 2250
     decode_elements_per_s: float = 50e6
+    stale_factor: float = STALE_FACTOR  # tokenwire's margins (kv_controller): for experiments
+    reserve: float = RESERVE
 
 
 # ------------------------------------------------------------------------------------------------ server side
@@ -187,7 +189,8 @@ class KVServerSession(_SessionBase):
             return
         f.plan = plan
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
-        f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt)
+        f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt,
+                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve)
         kind = "ewma" if f.fetch.controller in ("tokenwire-ewma", "even-split") else self.tuning.forecaster
         if kind not in self._forecasters:  # one per connection: a fetch starts from what earlier ones saw
             self._forecasters[kind] = self._make_forecaster(kind)

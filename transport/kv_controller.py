@@ -62,14 +62,16 @@ class Decision:
 class KVController:
     """See module docstring. ``safety`` scales the planning bandwidth (1.0 = the forecast's low quantile)."""
 
-    def __init__(self, policy: str, *, prior_bps: float = 5e6, safety: float = 1.0,
-                 rtt_s: float = 0.0) -> None:
+    def __init__(self, policy: str, *, prior_bps: float = 5e6, safety: float = 1.0, rtt_s: float = 0.0,
+                 stale_factor: float = STALE_FACTOR, reserve: float = RESERVE) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown KV controller {policy!r}; choose from {', '.join(POLICIES)}")
         self.policy = policy
         self.prior_bps = prior_bps
         self.safety = safety
         self.rtt_s = rtt_s
+        self.stale_factor = stale_factor
+        self.reserve = reserve
 
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
@@ -99,8 +101,8 @@ class KVController:
         first = low_bps is None
         bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
         if sample_age_s > STALE_S:
-            bw *= STALE_FACTOR
-        budget = time_left_s * (1 - RESERVE) - inflight_bytes * 8 / bw - self.rtt_s / 2
+            bw *= self.stale_factor
+        budget = time_left_s * (1 - self.reserve) - inflight_bytes * 8 / bw - self.rtt_s / 2
         text_bw = median_bps or bw
         plan = self.plan(remaining, bw, budget, text_bw=text_bw)
         if first:
