@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .kv_config import KVConfig, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 
 DEFAULT_PATH = Path("/etc/tokenwire/tokenwire.toml")
@@ -120,6 +121,7 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
     ingest: IngestConfig = IngestConfig()
+    kv: KVConfig = field(default_factory=KVConfig)
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig("demo", "demo", {}),)
     routes: tuple[Route, ...] = (Route("*", "demo"),)
     marking: MarkingConfig = field(default_factory=MarkingConfig)
@@ -347,7 +349,8 @@ def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     """Validate an already-parsed TOML document."""
     top = _Section(
-        "", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes", "marking")
+        "", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes", "marking",
+         "kv")
     )
     base = path.parent if path is not None else None
     server = _server(top.get("server", {}), base)
@@ -374,6 +377,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         ),
         metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
         ingest=IngestConfig(sock),
+        kv=parse_kv(top.get("kv", {}), base),
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),
         marking=marking,

@@ -169,6 +169,7 @@ class Daemon:
         self._servers: list[QuicServer] = []
         self._metrics_runner: Any = None
         self._ingest: asyncio.Server | None = None
+        self.kv: Any = None  # KVRuntime when [kv] is enabled
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -178,10 +179,12 @@ class Daemon:
         if cfg.server.certificate is None:
             log.warning("no server.certificate configured: using an ephemeral self-signed certificate")
             pair = make_self_signed(("localhost", *{h for h, _ in cfg.server.listen if h not in ("::", "0.0.0.0")}))
+            tls_kwargs: dict[str, Any] = {"cert": pair}
             quic_config = server_configuration(
                 cert=pair, congestion=cfg.server.congestion, idle_timeout=cfg.server.idle_timeout_s
             )
         else:
+            tls_kwargs = {"certfile": cfg.server.certificate, "keyfile": cfg.server.private_key}
             quic_config = server_configuration(
                 certfile=cfg.server.certificate,
                 keyfile=cfg.server.private_key,
@@ -212,8 +215,16 @@ class Daemon:
                 on_done=lambda r: self.metrics.requests_active.dec(),
             )
             self._ingest = await serve_ingest(cfg.ingest.socket, api)
+        if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
+            from .kv_service import start_kv
+
+            auth = cfg.auth
+            self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
+                                     if auth.required else None, **tls_kwargs)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
+        if self.kv is not None:
+            status += f"; KV channel on udp/{cfg.kv.listen[0]}:{self.kv.server.port}"
         if self.metrics_address:
             status += f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
         log.info("%s", status)
@@ -298,6 +309,8 @@ class Daemon:
             server.close()
         if self._ingest is not None:
             self._ingest.close()
+        if self.kv is not None:
+            self.kv.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._housekeeping is not None:

@@ -1,4 +1,4 @@
-"""``tokenwire testbed up|down|status|compare``.
+"""``tokenwire testbed up|down|status|compare|kv``.
 
 Only argparse at import time; the handlers import the testbed (pyroute2, aiohttp, matplotlib) when run.
 """
@@ -15,6 +15,8 @@ import time
 from typing import Any
 
 from tokenwire.daemon.cli import CLIError
+
+from .child import ChildError
 
 SCHEME_NAMES = ("chatterbox", "stream", "duplicate", "sse-tcp")
 
@@ -276,6 +278,47 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv(args: argparse.Namespace) -> int:
+    from .kv_eval import KVEvalConfig, KVEvalError, plot_kv, run_kv_eval
+    from .netns import TestbedError, check_root
+
+    try:
+        check_root()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
+    cfg = KVEvalConfig(
+        down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
+        context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens, deadline_ms=args.deadline_ms,
+        controllers=[c.strip() for c in args.controllers.split(",") if c.strip()], repeats=args.repeats,
+        seed=args.seed, recompute_us_per_token=args.recompute_us_per_token, prior_mbps=args.prior_mbps,
+        stale_factor=args.stale_factor, reserve=args.reserve,
+    )  # fmt: skip
+    if args.text:
+        cfg.text = args.text
+    validate(cfg.validate)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        summary = run_kv_eval(cfg, log=log, workdir=args.keep)
+    except (KVEvalError, TestbedError, ChildError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"{'controller':<15} {'attain':>7} {'top-1':>7} {'bits/el':>8} {'p95 ms':>8} {'goodput':>8}  levels")
+    for name, d in summary["controllers"].items():
+        lv = " ".join(f"{k}:{v}" for k, v in d["level_counts"].items() if v)
+        print(f"{name:<15} {d['deadline_attainment']:7.0%} {d['mean_quality_top1']:7.2%} "
+              f"{d['mean_bits_per_element']:8.3f} {d['p95_fetch_ms']:8.0f} {d['goodput_fraction']:8.0%}  {lv}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_kv(summary, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def print_table(summary: dict[str, Any]) -> None:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -334,6 +377,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--plot", metavar="PATH", help="write a PNG (delay CDF + stall timeline)")
     cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")
     cmp.set_defaults(handler=cmd_compare)
+
+    kv = tsub.add_parser("kv", help="KV-cache fetches through the emulated path, one row per level controller")
+    add_path_args(kv, down_required=True)
+    kv.add_argument("--context-tokens", type=int, default=1024, metavar="N")
+    kv.add_argument("--chunk-tokens", type=int, default=256, metavar="N")
+    kv.add_argument("--deadline-ms", type=int, default=3000, metavar="D")
+    kv.add_argument("--controllers", default="tokenwire,even-split,fixed-L1,fixed-L2,fixed-L3",
+                    help="comma-separated: tokenwire, tokenwire-ewma, even-split, fixed-L1, fixed-L2, fixed-L3")
+    kv.add_argument("--repeats", type=int, default=5, metavar="K", help="fetches per controller")
+    kv.add_argument("--recompute-us-per-token", type=int, metavar="US",
+                    help="engine prefill cost of text chunks (default: SmolLM2's prefill measured here)")
+    kv.add_argument("--prior-mbps", type=float, default=5.0, help="planning bandwidth before any sample")
+    kv.add_argument("--stale-factor", type=float, help="tokenwire: discount of an earlier fetch's forecast")
+    kv.add_argument("--reserve", type=float, help="tokenwire: share of the time left kept in reserve")
+    kv.add_argument("--text", help="text whose first N tokens form the context (default tests/data/prose_harbor)")
+    kv.add_argument("--json", metavar="PATH")
+    kv.add_argument("--plot", metavar="PATH")
+    kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")
+    kv.set_defaults(handler=cmd_kv)
 
     from .swiftqueue_cli import register_swiftqueue
 

@@ -10,7 +10,8 @@ milliseconds (measured here: timers fire 0.5 ms late at the median), ``select()`
 
 Run as ``python -m tokenwire.testbed.emulator CONFIG_JSON`` with the two TUN fds inherited (numbers in the
 config). It prints ``{"ready": ...}`` on stdout and then answers one JSON line per command read on stdin:
-``origin`` (restart the traces and loss clocks now; returns the origin time), ``stats``, ``stop`` (or EOF).
+``origin [OFFSET_S]`` (restart the traces and loss clocks now, optionally OFFSET_S into the traces; returns
+the origin time), ``stats``, ``stop`` (or EOF).
 """
 
 from __future__ import annotations
@@ -142,18 +143,18 @@ class EmulatorShell:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- control -------------------------------------------------------------------------------------------
-    def restart(self) -> float:
-        """Restart both traces and loss clocks at the current time (same loss pattern for every run)."""
+    def restart(self, offset_s: float = 0.0) -> float:
+        """Restart both traces and loss clocks now, ``offset_s`` into the traces (same loss pattern per run)."""
         now = time.monotonic()
-        self.origin = now
+        self.origin = now - offset_s
         for link, cfg in ((self.down, self.cfg.down), (self.up, self.cfg.up)):
             link.advance(now)
-            link.restart(now)
+            link.restart(self.origin)
             link.loss = parse_loss(cfg.loss, seed=direction_seed(self.cfg.seed, link.name))
             link.stats = type(link.stats)()
         self.late_s.clear()
         self._reschedule()
-        return now
+        return self.origin
 
     def stats(self) -> dict[str, Any]:
         late = sorted(self.late_s)
@@ -298,8 +299,13 @@ async def _serve_control(shell: EmulatorShell) -> None:
         cmd = line.decode().strip()
         if not line or cmd == "stop":
             break
-        if cmd == "origin":
-            reply({"origin": shell.restart()})
+        if cmd == "origin" or cmd.startswith("origin "):
+            try:
+                offset = float(cmd[7:] or 0.0)
+            except ValueError:
+                reply({"error": f"bad origin offset {cmd[7:]!r}"})
+                continue
+            reply({"origin": shell.restart(max(0.0, offset))})
         elif cmd == "stats":
             reply(shell.stats())
         else:

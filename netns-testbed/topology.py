@@ -190,11 +190,12 @@ class Testbed:
             raise TestbedError(f"emulator exited (status {self.emulator.poll()})") from None
         return self._read_reply(timeout)
 
-    def origin(self) -> float:
-        """Restart the traces and loss clocks now; returns the origin on the monotonic clock."""
+    def origin(self, offset_s: float = 0.0) -> float:
+        """Restart the traces and loss clocks now (``offset_s`` into the traces); returns the trace origin on
+        the monotonic clock (``now - offset_s``)."""
         if self.emulator is None and self.backend == "kernel":  # pragma: no cover - kernel qdiscs run freely
             return time.monotonic()
-        return float(self.command("origin")["origin"])
+        return float(self.command(f"origin {offset_s:.6f}" if offset_s else "origin")["origin"])
 
     def stats(self) -> dict[str, Any]:
         if self.emulator is None and self.backend == "kernel":  # pragma: no cover

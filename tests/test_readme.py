@@ -21,3 +21,10 @@ def test_readme_sdk_example_runs():
     assert out.returncode == 0, out.stderr
     assert "Packets get lost; tokens should not." in out.stdout
     assert "digest verified" in out.stdout
+
+
+def test_readme_kv_example_runs():
+    code = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "fetch_kv" in b)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "200 tokens of KV" in out.stdout and "deadline met: True" in out.stdout

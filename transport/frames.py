@@ -53,6 +53,11 @@ class FrameType(IntEnum):
     REPAIR = 6
     ERROR = 7
     REPORT = 8
+    KV_FETCH = 9
+    KV_META = 10
+    KV_CHUNK = 11
+    KV_ACK = 12
+    KV_DONE = 13
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,8 +386,166 @@ class Report(Frame):
     }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# KV channel (ALPN ``tokenwire-kv/1``): fetch on a bidirectional stream, one chunk per unidirectional stream
+# ---------------------------------------------------------------------------------------------------------
+
+KV_ALPN = "tokenwire-kv/1"
+KV_CONTROLLERS = ("tokenwire", "tokenwire-ewma", "even-split", "fixed-L1", "fixed-L2", "fixed-L3")
+KV_LEVELS = ("text", "low", "medium", "high")
+MAX_KV_TOKENS = 1 << 17  # token ids in one fetch (128 Ki)
+MAX_KV_CHUNKS = 4096
+CHUNK_HASH_BYTES = 16
+MAX_KV_CHUNK_BYTES = 1 << 30  # payload bytes announced by one KV_CHUNK header
+MAX_DEADLINE_MS = 3_600_000
+
+
+def _hash_list(frame: str, key: str, v: Any) -> list[bytes]:
+    if type(v) is not list or not v:
+        raise _fail(frame, key, "expected a non-empty list of chunk hashes")
+    if len(v) > MAX_KV_CHUNKS:
+        raise _fail(frame, key, f"{len(v)} chunk hashes exceed {MAX_KV_CHUNKS}")
+    for h in v:
+        if type(h) is not bytes or len(h) != CHUNK_HASH_BYTES:
+            raise _fail(frame, key, f"each chunk hash must be {CHUNK_HASH_BYTES} bytes")
+    return v
+
+
+def _geometry(frame: str, key: str, v: Any) -> list[int]:
+    if type(v) is not list or len(v) != 3:
+        raise _fail(frame, key, "expected [layers, kv_heads, head_dim]")
+    for x in v:
+        _int(1, 65535)(frame, key, x)
+    return v
+
+
+def _level_list(frame: str, key: str, v: Any) -> list[str]:
+    if type(v) is not list or len(v) > MAX_KV_CHUNKS:
+        raise _fail(frame, key, f"expected a list of at most {MAX_KV_CHUNKS} levels")
+    for x in v:
+        _str(8, KV_LEVELS)(frame, key, x)
+    return v
+
+
+@dataclass(slots=True)
+class KvFetch(Frame):
+    """Client -> server, first frame of a KV fetch stream: a context by token ids or by chunk hashes.
+
+    ``recompute_us_per_token`` is the client engine's prefill cost (it decides when text beats KV);
+    ``controller`` selects a level policy (baselines for evaluation; ``tokenwire`` by default).
+    """
+
+    TYPE = FrameType.KV_FETCH
+    model: str
+    deadline_ms: int
+    token_ids: list[int] | None = None
+    hashes: list[bytes] | None = None
+    controller: str = "tokenwire"
+    recompute_us_per_token: int | None = None
+    auth: str | None = None
+    version: int = PROTOCOL_VERSION
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "v": ("version", _version, True),
+        "model": ("model", _str(128), True),
+        "dl": ("deadline_ms", _int(1, MAX_DEADLINE_MS), True),
+        "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, (1 << 31) - 1), False),
+        "hs": ("hashes", _hash_list, False),
+        "ctl": ("controller", _str(32, KV_CONTROLLERS), False),
+        "rc": ("recompute_us_per_token", _int(0, 10_000_000), False),
+        "a": ("auth", _str(512), False),
+    }
+
+
+@dataclass(slots=True)
+class KvMeta(Frame):
+    """Server -> client on the fetch stream: what will arrive (chunk count and sizes, KV geometry)."""
+
+    TYPE = FrameType.KV_META
+    chunks: int
+    chunk_tokens: int
+    tokens: int
+    geometry: list[int]
+    fingerprint: int
+    dtype: str
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "n": ("chunks", _int(1, MAX_KV_CHUNKS), True),
+        "ct": ("chunk_tokens", _int(1, 1 << 15), True),
+        "tok": ("tokens", _int(1, MAX_KV_TOKENS * 8), True),
+        "geo": ("geometry", _geometry, True),
+        "fp": ("fingerprint", _int(0, (1 << 64) - 1), True),
+        "dt": ("dtype", _str(16, ("float16", "bfloat16", "float32")), True),
+    }
+
+
+@dataclass(slots=True)
+class KvChunk(Frame):
+    """Server -> client, first frame of a unidirectional stream; ``size`` raw payload bytes follow, then FIN.
+
+    The payload is one self-contained CacheGen bitstream, or for ``level == "text"`` the chunk's token ids
+    as little-endian int32. ``crc`` is the CRC-32 of the payload.
+    """
+
+    TYPE = FrameType.KV_CHUNK
+    fetch: int
+    index: int
+    level: str
+    size: int
+    crc: int
+    tokens: int
+    sent_us: int | None = None
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "r": ("fetch", _u_handle, True),
+        "i": ("index", _int(0, MAX_KV_CHUNKS - 1), True),
+        "lv": ("level", _str(8, KV_LEVELS), True),
+        "n": ("size", _int(0, MAX_KV_CHUNK_BYTES), True),
+        "crc": ("crc", _int(0, (1 << 32) - 1), True),
+        "tk": ("tokens", _int(1, 1 << 15), True),
+        "s": ("sent_us", _u_ts, False),
+    }
+
+
+@dataclass(slots=True)
+class KvAck(Frame):
+    """Client -> server on the fetch stream: chunk ``index`` fully received (client clock, for throughput)."""
+
+    TYPE = FrameType.KV_ACK
+    index: int
+    size: int
+    first_us: int
+    done_us: int
+    ecn: list[int] | None = None  # received packets per codepoint, cumulative (CE feedback for Prague)
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "i": ("index", _int(0, MAX_KV_CHUNKS - 1), True),
+        "n": ("size", _int(0, MAX_KV_CHUNK_BYTES), True),
+        "f": ("first_us", _u_ts, True),
+        "d": ("done_us", _u_ts, True),
+        "c": ("ecn", _int_list(4, 0, MAX_INDEX), False),
+    }
+
+
+@dataclass(slots=True)
+class KvDone(Frame):
+    """Server -> client on the fetch stream: every chunk stream has been written (levels in index order)."""
+
+    TYPE = FrameType.KV_DONE
+    chunks: int
+    levels: list[str]
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "n": ("chunks", _int(1, MAX_KV_CHUNKS), True),
+        "lv": ("levels", _level_list, True),
+    }
+
+
+
 FRAME_CLASSES: dict[int, type[Frame]] = {
-    int(cls.TYPE): cls for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error, Report)
+    int(cls.TYPE): cls
+    for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error, Report, KvFetch, KvMeta, KvChunk, KvAck,
+                KvDone)
 }
 
 
@@ -395,6 +558,19 @@ def _post_validate(frame: Frame) -> None:
             raise FrameError("request: resume_from and resume id must come together")
         if frame.messages is None and frame.resume_id is None:
             raise FrameError("request: messages are required unless resuming an existing request")
+    elif isinstance(frame, KvFetch):
+        if frame.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
+        if (frame.token_ids is None) == (frame.hashes is None):
+            raise FrameError("kvfetch: exactly one of token ids and chunk hashes is required")
+        if frame.token_ids is not None and not frame.token_ids:
+            raise FrameError("kvfetch: empty token id list")
+    elif isinstance(frame, KvAck):
+        if frame.done_us < frame.first_us:
+            raise FrameError("kvack: done before first byte")
+    elif isinstance(frame, KvDone):
+        if len(frame.levels) != frame.chunks:
+            raise FrameError("kvdone: one level per chunk")
     elif isinstance(frame, Started):
         if frame.version != PROTOCOL_VERSION:
             raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")

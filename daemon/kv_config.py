@@ -1,0 +1,80 @@
+"""The ``[kv]`` section of the daemon's configuration (KV-chunk channel and store).
+
+```toml
+[kv]
+enabled = true
+listen = "[::]:4434"            # the KV channel's own QUIC endpoint (ALPN tokenwire-kv/1)
+backend = "local"               # local | redis
+directory = "/var/lib/tokenwire/kv"
+redis_url = "redis://127.0.0.1:6379/0"
+capacity_mb = 4096
+chunk_tokens = 256
+ingest_socket = "/run/tokenwire/kv-ingest.sock"
+congestion = "prague"           # bulk KV: the scalable controller, with ECT(1) marking (marking = "l4s")
+marking = "l4s"                 # l4s | classic | none
+forecaster = "onnx"             # onnx | ewma
+prior_mbps = 5.0                # planning bandwidth before the first chunk's sample
+recompute_us_per_token = 2250   # default engine prefill cost (clients may send their own)
+decode_mbps = 400.0             # client decode speed assumed by the controller (elements/s / 1e6 * 8)
+```
+
+Parsed here (not in ``config.py``) so the KV channel stays one small hook in the daemon's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    enabled: bool = False
+    listen: tuple[str, int] = ("::", 4434)
+    backend: str = "local"
+    directory: Path = Path("/var/lib/tokenwire/kv")
+    redis_url: str | None = None
+    capacity_bytes: int = 4096 << 20
+    chunk_tokens: int = 256
+    ingest_socket: Path | None = None
+    congestion: str = "prague"
+    marking: str = "l4s"
+    forecaster: str = "onnx"
+    prior_mbps: float = 5.0
+    recompute_us_per_token: int = 2250
+    decode_mbps: float = 400.0
+
+
+KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb", "chunk_tokens", "ingest_socket",
+        "congestion", "marking", "forecaster", "prior_mbps", "recompute_us_per_token", "decode_mbps")
+
+
+def parse_kv(table: Any, base: Path | None) -> KVConfig:
+    from .config import ConfigError, _Section, parse_addr
+
+    s = _Section("kv", table, KEYS)
+    enabled = s.get("enabled", False)
+    if type(enabled) is not bool:
+        raise ConfigError(f"kv.enabled: expected true or false, got {enabled!r}")
+    backend = s.str("backend", "local", ("local", "redis")) or "local"
+    redis_url = s.str("redis_url", None)
+    if backend == "redis" and not redis_url:
+        raise ConfigError("kv.redis_url: required when kv.backend = 'redis'")
+    directory = s.path("directory", base, must_exist=False) or KVConfig.directory
+    return KVConfig(
+        enabled=enabled,
+        listen=parse_addr(s.str("listen", "[::]:4434") or "[::]:4434", "kv.listen"),
+        backend=backend,
+        directory=directory,
+        redis_url=redis_url,
+        capacity_bytes=s.int("capacity_mb", 4096, 1, 1 << 24) << 20,
+        chunk_tokens=s.int("chunk_tokens", 256, 16, 32768),
+        ingest_socket=s.path("ingest_socket", base, must_exist=False),
+        congestion=s.str("congestion", "prague", ("prague", "reno", "cubic")) or "prague",
+        marking=s.str("marking", "l4s", ("l4s", "classic", "none")) or "l4s",
+        forecaster=s.str("forecaster", "onnx", ("onnx", "ewma")) or "onnx",
+        prior_mbps=s.num("prior_mbps", 5.0, 0.01, 100_000.0),
+        recompute_us_per_token=s.int("recompute_us_per_token", 2250, 0, 10_000_000),
+        decode_mbps=s.num("decode_mbps", 400.0, 1.0, 1e6),
+    )

@@ -1,0 +1,384 @@
+"""The daemon's KV store service: ingest a context's KV once, encode chunks per level on first need, serve them.
+
+An LLM engine puts a context's KV (per-layer ``(K, V)`` torch tensors) and its token ids, via the Python API
+(:meth:`KVService.ingest`) or the Unix socket (:func:`serve_kv_ingest`, for engines in another process).
+Per chunk of the prefix-hash chain the store keeps:
+
+* ``<hash>.meta``: model, fingerprint, geometry, dtype, chunk index, the chunk's token ids (msgpack);
+* ``<hash>.src``: the chunk's KV exactly as ingested (fp16/bf16/fp32 bytes, ``[L, 2, T, H*D]``), the source
+  every level is encoded from: nothing is lost by choosing a level;
+* ``<hash>.<level>``: a CacheGen bitstream, written the first time a fetch (or a prewarm) needs it.
+
+Every store call and every encode runs on one worker thread (:attr:`KVService.pool`), so the event loop never
+waits on disk, Redis or the codec. torch is imported only here (and only when ``[kv]`` is enabled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import KvFetch
+from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
+from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
+
+from .kv_config import KVConfig
+from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, chunk_hashes, object_key
+
+log = logging.getLogger("tokenwire.kv")
+
+_DTYPES = ("float16", "bfloat16", "float32")
+MAX_INGEST_BYTES = 8 << 30
+
+
+class KVIngestError(KVError):
+    code = ErrorCode.BAD_REQUEST
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    model: str
+    fingerprint: int
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: str
+    index: int
+    token_ids: tuple[int, ...]
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"m": self.model, "fp": self.fingerprint, "g": [self.layers, self.heads, self.head_dim],
+                              "dt": self.dtype, "i": self.index, "ids": list(self.token_ids)})
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ChunkMeta:
+        try:
+            d = msgpack.unpackb(data)
+            return cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"], int(d["i"]), tuple(d["ids"]))
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            raise KVError(f"unreadable chunk metadata: {exc}", code=ErrorCode.INTERNAL) from None
+
+    @property
+    def elements(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * len(self.token_ids)
+
+
+def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
+    from tokenwire.transport.cachegen.smollm import model_fingerprint
+
+    return model_fingerprint(model, layers, heads, head_dim)
+
+
+class KVService:
+    """Store + lazy encoder + :class:`~tokenwire.transport.kv_channel.KVProvider` for the KV channel."""
+
+    def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256) -> None:
+        self.store = store
+        self.chunk_tokens = chunk_tokens
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")
+        self._meta: dict[str, ChunkMeta] = {}
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        self.encodes = 0
+
+    # -- ingest (worker thread) -------------------------------------------------------------------------------
+    def ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
+                    fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+        """Store a context's KV (per layer ``(K, V)``, ``[1, H, T, D]`` or ``[H, T, D]``); returns chunk hashes."""
+        import torch
+
+        from tokenwire.transport.cachegen.codec import stack_kv
+        from tokenwire.transport.cachegen.errors import InvalidInput
+
+        if not token_ids:
+            raise KVIngestError("no token ids")
+        try:
+            x, geo = stack_kv(kv)
+        except InvalidInput as exc:
+            raise KVIngestError(f"bad KV tensors: {exc}") from None
+        if geo.n_tokens != len(token_ids):
+            raise KVIngestError(f"KV holds {geo.n_tokens} tokens but {len(token_ids)} token ids were given")
+        dtype = str(kv[0][0].dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise KVIngestError(f"unsupported dtype {dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise KVIngestError("KV contains NaN or infinity")
+        x = x.to(kv[0][0].dtype).cpu()
+        fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
+                                                                           geo.head_dim)
+        hashes = chunk_hashes(list(token_ids), model=model, chunk_tokens=self.chunk_tokens)
+        for i, h in enumerate(hashes):
+            lo = i * self.chunk_tokens
+            meta = ChunkMeta(model, fp, geo.n_layers, geo.n_heads, geo.head_dim, dtype, i,
+                             tuple(int(t) for t in token_ids[lo : lo + self.chunk_tokens]))
+            if not (self.store.contains(object_key(h, "src")) and self.store.contains(object_key(h, "meta"))):
+                part = x[:, :, lo : lo + self.chunk_tokens].contiguous()
+                # source first, metadata last: a chunk with metadata always has its source
+                self.store.put(object_key(h, "src"), part.view(torch.uint8).numpy().tobytes())
+                self.store.put(object_key(h, "meta"), meta.pack())
+            with self._lock:
+                self._meta[h] = meta
+            for lv in prewarm:
+                self.encoded_sync(h, lv)
+        return hashes
+
+    async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
+                     fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: self.ingest_sync(
+            model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm))
+
+    def ingest_raw_sync(self, model: str, token_ids: Sequence[int], shape: Sequence[int], dtype: str, data: bytes,
+                        *, fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+        """Ingest from raw bytes laid out ``[L, 2, H, T, D]`` (the Unix-socket path)."""
+        import torch
+
+        if dtype not in _DTYPES or len(shape) != 5 or shape[1] != 2 or any(type(n) is not int or n < 1
+                                                                            for n in shape):
+            raise KVIngestError("shape must be [layers, 2, kv_heads, tokens, head_dim] and dtype one of "
+                                + ", ".join(_DTYPES))
+        t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
+        if t.numel() != shape[0] * 2 * shape[2] * shape[3] * shape[4]:
+            raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
+        t = t.reshape(*shape)
+        kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
+        return self.ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
+
+    # -- lookups and lazy encoding (worker thread) ---------------------------------------------------------
+    def meta_sync(self, h: str) -> ChunkMeta | None:
+        with self._lock:
+            m = self._meta.get(h)
+        if m is not None and self.store.contains(object_key(h, "meta")):
+            return m
+        data = self.store.get(object_key(h, "meta"))
+        if data is None:
+            return None
+        m = ChunkMeta.unpack(data)
+        with self._lock:
+            self._meta[h] = m
+        return m
+
+    def encoded_sync(self, h: str, level: str) -> bytes:
+        """Chunk ``h`` at ``level``: from the store, else encoded from its source now (and stored)."""
+        key = object_key(h, level)
+        data = self.store.get(key)
+        if data is not None:
+            self._sizes[(h, level)] = len(data)
+            return data
+        meta = self.meta_sync(h)
+        src = self.store.get(object_key(h, "src"))
+        if meta is None or src is None:
+            raise KVNotFound(f"chunk {h} is no longer stored (evicted or corrupt)")
+        import torch
+
+        from tokenwire.transport.cachegen.codec import encode_chunk, unstack_kv
+
+        t = torch.frombuffer(bytearray(src), dtype=getattr(torch, meta.dtype))
+        n_tok = len(meta.token_ids)
+        x = t.reshape(meta.layers, 2, n_tok, meta.heads * meta.head_dim).to(torch.float32)
+        kv = unstack_kv(x, meta.heads, getattr(torch, meta.dtype))
+        from tokenwire.transport.cachegen.levels import get_level
+
+        raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
+        data = encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
+        self.encodes += 1
+        self.store.put(key, data)
+        self._sizes[(h, level)] = len(data)
+        return data
+
+    def resolve_sync(self, fetch: KvFetch) -> ContextPlan:
+        if fetch.token_ids is not None:
+            hashes = chunk_hashes(fetch.token_ids, model=fetch.model, chunk_tokens=self.chunk_tokens)
+        else:
+            hashes = [h.hex() for h in fetch.hashes or []]
+        metas = []
+        for h in hashes:
+            m = self.meta_sync(h)
+            if m is None or (not self.store.contains(object_key(h, "src")) and not any(
+                    self.store.contains(object_key(h, lv)) for lv in LEVELS)):
+                raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found")
+            if m.model != fetch.model:
+                raise KVNotFound(f"chunk {h} belongs to model {m.model!r}, not {fetch.model!r}")
+            metas.append(m)
+        first = metas[0]
+        for m in metas:
+            if (m.fingerprint, m.layers, m.heads, m.head_dim) != (first.fingerprint, first.layers, first.heads,
+                                                                  first.head_dim):
+                raise KVError("chunks of this context disagree on the model geometry", code=ErrorCode.INTERNAL)
+        sizes = [{lv: self._sizes.get((h, lv)) or predicted_size(lv, m.elements) for lv in LEVELS}
+                 for h, m in zip(hashes, metas, strict=True)]
+        return ContextPlan(self.chunk_tokens, [len(m.token_ids) for m in metas], [m.elements for m in metas],
+                           sizes, (first.layers, first.heads, first.head_dim), first.fingerprint, first.dtype,
+                           handle=hashes)
+
+    def chunk_sync(self, plan: ContextPlan, index: int, level: str) -> bytes:
+        h = plan.handle[index]
+        if level == TEXT:
+            meta = self.meta_sync(h)
+            if meta is None:
+                raise KVNotFound(f"chunk {h} is no longer stored")
+            return struct.pack(f"<{len(meta.token_ids)}i", *meta.token_ids)
+        return self.encoded_sync(h, level)
+
+    # -- KVProvider (async, for the channel) -----------------------------------------------------------------
+    async def resolve(self, fetch: KvFetch) -> ContextPlan:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
+
+    async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.store.close()
+
+
+def open_store(cfg: KVConfig) -> ChunkStore:
+    if cfg.backend == "redis":
+        assert cfg.redis_url is not None
+        return RedisChunkStore(cfg.redis_url, cfg.capacity_bytes)
+    return LocalChunkStore(cfg.directory, cfg.capacity_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ Unix socket
+async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One connection: any number of ``header line + raw tensor bytes`` puts, one reply line each."""
+
+    def reply(obj: dict[str, Any]) -> None:
+        writer.write(json.dumps(obj).encode() + b"\n")
+
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            try:
+                msg = json.loads(line)
+                if not isinstance(msg, dict) or msg.get("op") != "put":
+                    raise KVIngestError("expected {\"op\": \"put\", ...}")
+                shape, dtype = msg.get("shape"), msg.get("dtype")
+                ids, model = msg.get("token_ids"), msg.get("model")
+                if (not isinstance(shape, list) or not isinstance(ids, list) or not isinstance(model, str)
+                        or any(type(t) is not int for t in ids) or dtype not in _DTYPES):
+                    raise KVIngestError("put needs model (str), token_ids (ints), shape (5 ints), dtype")
+                itemsize = 4 if dtype == "float32" else 2
+                nbytes = itemsize
+                for n in shape:
+                    if type(n) is not int or n < 1:
+                        raise KVIngestError("shape must be positive integers")
+                    nbytes *= n
+                if nbytes > MAX_INGEST_BYTES:
+                    raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
+            except (json.JSONDecodeError, KVIngestError) as exc:
+                reply({"ok": False, "error": str(exc)})
+                await writer.drain()
+                break  # the byte stream is out of step: the engine must reconnect
+            data = await reader.readexactly(nbytes)
+            fp = msg.get("fingerprint")
+            prewarm = msg.get("prewarm", [])
+            try:
+                if fp is not None and type(fp) is not int:
+                    raise KVIngestError("fingerprint must be an integer")
+                if not isinstance(prewarm, list) or any(p not in LEVELS for p in prewarm):
+                    raise KVIngestError(f"prewarm must list levels of {', '.join(LEVELS)}")
+                loop = asyncio.get_running_loop()
+                call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data, fingerprint=fp,
+                                         prewarm=prewarm)
+                hashes = await loop.run_in_executor(service.pool, call)
+                reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
+            except KVError as exc:
+                reply({"ok": False, "error": str(exc)})
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
+    """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
+    p = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+    server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
+                                             limit=1 << 24)
+    os.chmod(p, 0o660)
+    return server
+
+
+def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
+                fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+    """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes."""
+    import socket
+
+    import torch
+
+    ks = [k[0] if k.dim() == 4 else k for k, _ in kv]
+    vs = [v[0] if v.dim() == 4 else v for _, v in kv]
+    t = torch.stack([torch.stack([k, v]) for k, v in zip(ks, vs, strict=True)]).contiguous()  # [L, 2, H, T, D]
+    dtype = str(t.dtype).removeprefix("torch.")
+    head = {"op": "put", "model": model, "token_ids": [int(i) for i in token_ids], "shape": list(t.shape),
+            "dtype": dtype, "prewarm": list(prewarm)}
+    if fingerprint is not None:
+        head["fingerprint"] = fingerprint
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        s.sendall(json.dumps(head).encode() + b"\n")
+        s.sendall(t.view(torch.uint8).numpy().tobytes())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            more = s.recv(65536)
+            if not more:
+                break
+            buf += more
+    ans = json.loads(buf or b"{}")
+    if not ans.get("ok"):
+        raise KVIngestError(ans.get("error", "no answer from the KV ingest socket"))
+    return list(ans["hashes"])
+
+
+# ------------------------------------------------------------------------------------------------ daemon hook
+@dataclass
+class KVRuntime:
+    service: KVService
+    server: Any
+    ingest: asyncio.Server | None
+
+    def close(self) -> None:
+        self.server.close()
+        if self.ingest is not None:
+            self.ingest.close()
+        self.service.close()
+
+
+async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
+                   authorize: Any = None) -> KVRuntime:
+    """Start the KV store service, its channel endpoint and (if configured) the ingest socket."""
+    from tokenwire.transport.kv_channel import ServerTuning, serve_kv
+    from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
+
+    store = open_store(cfg)
+    service = KVService(store, chunk_tokens=cfg.chunk_tokens)
+    marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
+    tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,
+                          recompute_us_per_token=cfg.recompute_us_per_token,
+                          decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
+    server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile, keyfile=keyfile,
+                            congestion=cfg.congestion, marking=marking, tuning=tuning, authorize=authorize)
+    ingest = await serve_kv_ingest(cfg.ingest_socket, service) if cfg.ingest_socket is not None else None
+    log.info("KV channel on udp %s:%d (store: %s, %d MiB)", cfg.listen[0], server.port, cfg.backend,
+             cfg.capacity_bytes >> 20)
+    return KVRuntime(service, server, ingest)

@@ -1,0 +1,304 @@
+"""``tokenwire testbed kv``: KV fetches end to end through the namespace testbed, one row per controller.
+
+Setup (once per invocation): the real SmolLM2-135M KV of the first ``context_tokens`` tokens of a text is
+computed here and written to a ``.pt`` file; the KV server endpoint (the daemon's KV service, local store,
+ECT(1) + Prague) ingests it in the server namespace; the SDK client connects from the client namespace over
+the emulated path. Then ``repeats`` rounds; in each round every controller fetches the context once, in a
+shuffled order, each starting at the same random offset into the traces, drawn per round (the emulator's
+origin moves), so controllers are compared on the same stretch of the link.
+
+Per fetch: fetch time (request sent -> every chunk received and decoded, plus the modelled recompute time of
+text chunks, ``recompute_us_per_token`` x their tokens), levels, payload bytes, and the down link's capacity
+from the request's arrival at the server (sent + one-way delay) to the last byte's departure (received - one-way
+delay), from the trace at the offset used: ``goodput_fraction`` = payload bytes / that capacity (conservative:
+the window includes the server's reaction time and counts QUIC/UDP/IP headers as waste).
+Quality per chunk is the measured top-1 of its level
+(:data:`~tokenwire.transport.kv_controller.LEVEL_TOP1`, from ``tokenwire kv eval`` on three texts), token-
+weighted over the context; text chunks count as exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .child import Child, ChildError
+from .emulator import DirectionConfig, EmulatorConfig
+from .topology import Testbed
+from .trace import trace_from_spec
+
+PORT = 8444
+CONTROLLERS = ("tokenwire", "tokenwire-ewma", "even-split", "fixed-L1", "fixed-L2", "fixed-L3")
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "prose_harbor.txt"
+
+
+class KVEvalError(ChildError):
+    pass
+
+
+@dataclass
+class KVEvalConfig:
+    down_trace: str
+    up_trace: str
+    delay_ms: float = 50.0
+    queue: str = "droptail:packets=1000"
+    context_tokens: int = 1024
+    chunk_tokens: int = 256
+    deadline_ms: int = 3000
+    controllers: list[str] = field(default_factory=lambda: ["tokenwire", "even-split", "fixed-L1", "fixed-L2",
+                                                            "fixed-L3"])
+    repeats: int = 5
+    seed: int = 0
+    text: str = str(DEFAULT_TEXT)
+    recompute_us_per_token: int | None = None  # None: this machine's measured SmolLM2 prefill per token
+    prior_mbps: float = 5.0
+    stale_factor: float | None = None  # tokenwire's margins (None: the controller's defaults)
+    reserve: float | None = None
+    synthetic: tuple[int, int, int] | None = None  # (layers, heads, dim): random KV, no model (smoke tests)
+
+    def validate(self) -> None:
+        bad = [c for c in self.controllers if c not in CONTROLLERS]
+        if bad or not self.controllers:
+            raise ValueError(f"unknown controller(s) {bad}; choose from {', '.join(CONTROLLERS)}")
+        if self.context_tokens < 1 or self.chunk_tokens < 16 or self.deadline_ms < 1 or self.repeats < 1:
+            raise ValueError("--context-tokens, --deadline-ms, --repeats must be >= 1, --chunk-tokens >= 16")
+        self.emulator_config().down.validate()
+        self.emulator_config().up.validate()
+
+    def emulator_config(self, log_path: str | None = None) -> EmulatorConfig:
+        return EmulatorConfig(down=DirectionConfig(self.down_trace, self.delay_ms, "none", self.queue),
+                              up=DirectionConfig(self.up_trace, self.delay_ms, "none", self.queue), seed=self.seed,
+                              log_path=log_path)
+
+
+def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Real SmolLM2 KV of the first ``context_tokens`` tokens of the text, saved for the endpoints."""
+    import shutil
+
+    import torch
+
+    from tokenwire.transport.cachegen.smollm import cache_root, kv_from_cache, load_smollm2
+
+    if cfg.synthetic is not None:
+        layers, heads, dim = cfg.synthetic
+        g = torch.Generator().manual_seed(cfg.seed)
+        shape = (1, heads, cfg.context_tokens, dim)
+        torch.save({"model": "synthetic", "fingerprint": 1, "ids": torch.arange(cfg.context_tokens),
+                    "k": [torch.randn(shape, generator=g).half() for _ in range(layers)],
+                    "v": [torch.randn(shape, generator=g).half() for _ in range(layers)]}, path)
+        return {"model": "synthetic", "prefill_s": 0.0, "geometry": [layers, heads, dim],
+                "elements": 2 * layers * heads * dim * cfg.context_tokens}
+    cached = cache_root() / f"kvctx-{Path(cfg.text).stem}-{cfg.context_tokens}.pt"
+    if cached.is_file() and cached.with_suffix(".json").is_file():  # the same context as an earlier run
+        shutil.copyfile(cached, path)
+        log(f"context KV from {cached}")
+        return json.loads(cached.with_suffix(".json").read_text())
+    lm = load_smollm2()
+    ids = lm.tokenizer(Path(cfg.text).read_text(), return_tensors="pt").input_ids[:, : cfg.context_tokens]
+    if ids.shape[1] < cfg.context_tokens:
+        raise ValueError(f"{cfg.text} has only {ids.shape[1]} tokens")
+    t0 = time.monotonic()
+    with torch.no_grad():
+        out = lm.model(ids, use_cache=True)
+    prefill_s = time.monotonic() - t0
+    kv = kv_from_cache(getattr(out, "cache", None) or out.past_key_values)
+    log(f"prefill of {cfg.context_tokens} tokens: {prefill_s:.2f} s on this CPU")
+    torch.save({"model": lm.name, "fingerprint": lm.fingerprint, "ids": ids[0],
+                "k": [k.to(torch.float16).contiguous() for k, _ in kv],
+                "v": [v.to(torch.float16).contiguous() for _, v in kv]}, path)
+    layers, heads, dim = len(kv), kv[0][0].shape[1], kv[0][0].shape[3]
+    info = {"model": lm.name, "prefill_s": prefill_s, "elements": 2 * layers * heads * dim * cfg.context_tokens,
+            "geometry": [layers, heads, dim]}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, cached)
+    cached.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, workdir: str) -> Child:
+    err = os.path.join(workdir, f"kv.{role}.stderr")
+    argv = [sys.executable, "-m", "tokenwire.testbed.kv_endpoints", role, "--host", tb.server_addr, "--port",
+            str(PORT), "--kv", kv_path, "--chunk-tokens", str(cfg.chunk_tokens), "--prior-mbps",
+            str(cfg.prior_mbps), "--recompute-us-per-token", str(cfg.recompute_us_per_token)]
+    for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve)):
+        if value is not None and role == "server":
+            argv += [flag, str(value)]
+    with open(err, "w") as fh:
+        proc = tb.popen(ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, text=True, bufsize=1)
+    return Child(proc, f"kv {role}", err)
+
+
+def fetch_metrics(res: dict[str, Any], *, elements: int, recompute_us_per_token: int,
+                  top1: dict[str, float]) -> dict[str, Any]:
+    """One fetch's numbers (see module docstring)."""
+    rep = res["result"]
+    chunks = rep["chunks"]
+    tokens = sum(c["tokens"] for c in chunks)
+    text_tokens = sum(c["tokens"] for c in chunks if c["level"] == "text")
+    fetch_ms = rep["fetch_ms"] + text_tokens * recompute_us_per_token / 1e3
+    quality = sum(top1[c["level"]] * c["tokens"] for c in chunks) / tokens
+    payload = rep["payload_bytes"]
+    return {"fetch_ms": fetch_ms, "deadline_met": fetch_ms <= rep["deadline_ms"], "quality_top1": quality,
+            "bits_per_element": payload * 8 / elements, "payload_bytes": payload, "levels": rep["levels"],
+            "chunks": [{k: c[k] for k in ("level", "bytes", "first_byte_ms", "received_ms", "decoded_ms")}
+                       for c in chunks]}
+
+
+def add_goodput(rows: dict[str, list[dict[str, Any]]], log_path: str, down: Any) -> None:
+    """Goodput per fetch from the emulator's packet log (virtual departure times on the host clock).
+
+    The window runs from the first to the last departure of a packet of the KV connection in the down direction
+    during the fetch; ``goodput_fraction`` = payload bytes / the trace's capacity in that window (so QUIC, UDP and
+    IP headers and retransmissions count as waste); ``link_utilization`` = IP bytes the link carried for the
+    fetch / the same capacity.
+    """
+    from .pktlog import read_packet_log
+
+    deps: list[tuple[float, int]] = []
+    for r in read_packet_log(log_path):
+        if r["dir"] == "down" and r["sport"] == str(PORT) and r["fate"] == "delivered" and r["departure"]:
+            deps.append((float(r["departure"]), int(r["size"])))
+    deps.sort()
+    times = [d for d, _ in deps]
+    import bisect
+
+    for fetches in rows.values():
+        for m in fetches:
+            lo = bisect.bisect_left(times, m["sent_at"])
+            hi = bisect.bisect_right(times, m["last_at"])
+            if hi <= lo:
+                m["goodput_fraction"] = m["link_utilization"] = math.nan
+                continue
+            t0 = (times[lo] - m["origin"]) * 1e3
+            t1 = (times[hi - 1] - m["origin"]) * 1e3
+            cap = down.bytes_between(t0 - 1e-6, t1)
+            m["capacity_bytes"] = cap
+            m["goodput_fraction"] = m["payload_bytes"] / cap if cap else math.nan
+            m["link_utilization"] = sum(s for _, s in deps[lo:hi]) / cap if cap else math.nan
+
+
+def _mean(xs: Any) -> float:
+    vals = [x for x in xs if not math.isnan(x)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for ctl, rows in per.items():
+        times = sorted(r["fetch_ms"] for r in rows)
+        p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)] if times else math.nan
+        out[ctl] = {
+            "deadline_attainment": statistics.fmean(r["deadline_met"] for r in rows),
+            "mean_quality_top1": statistics.fmean(r["quality_top1"] for r in rows),
+            "mean_bits_per_element": statistics.fmean(r["bits_per_element"] for r in rows),
+            "p95_fetch_ms": p95,
+            "goodput_fraction": _mean(r.get("goodput_fraction", math.nan) for r in rows),
+            "link_utilization": _mean(r.get("link_utilization", math.nan) for r in rows),
+            "fetches": len(rows),
+            "level_counts": {lv: sum(r["levels"].count(lv) for r in rows)
+                             for lv in ("text", "low", "medium", "high")},
+        }
+    return out
+
+
+def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: None,
+                workdir: str | None = None) -> dict[str, Any]:
+    from tokenwire.transport.kv_controller import LEVEL_TOP1
+
+    cfg.validate()
+    down = trace_from_spec(cfg.down_trace)
+    rng = random.Random(cfg.seed)
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.controllers}
+    with tempfile.TemporaryDirectory(prefix="tw-kv-eval-") as tmp:
+        wd = workdir or tmp
+        os.makedirs(wd, exist_ok=True)
+        kv_path = os.path.join(wd, "context.pt")
+        ctx = prepare_context(cfg, kv_path, log)
+        if cfg.recompute_us_per_token is None:
+            cfg.recompute_us_per_token = round(ctx["prefill_s"] / cfg.context_tokens * 1e6)
+            log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
+        log_path = os.path.join(wd, "pktlog.csv")
+        with Testbed(cfg.emulator_config(log_path), backend="userspace") as tb:
+            srv = _start(tb, tb.server_ns, "server", cfg, kv_path, wd)
+            ready = srv.wait_for("ready", 300)
+            log(f"server ready: ingested and encoded {ready.get('encodes')} chunk levels in "
+                f"{ready.get('ingest_s', 0):.1f} s")
+            cli = _start(tb, tb.client_ns, "client", cfg, kv_path, wd)
+            cli.wait_for("connected", 60)
+            timeout = 30 + 20 * cfg.deadline_ms / 1000
+            # warm-up (decoder JIT, connection state): one relaxed fetch, not counted
+            tb.origin(rng.uniform(0, down.period_ms / 1000))
+            cli.send(json.dumps({"controller": "fixed-L1", "deadline_ms": 10 * cfg.deadline_ms}))
+            cli.wait_for("result", timeout * 10)
+            total = cfg.repeats * len(cfg.controllers)
+            k = 0
+            for rep in range(cfg.repeats):
+                order = list(cfg.controllers)
+                rng.shuffle(order)
+                offset = rng.uniform(0, down.period_ms / 1000)  # one offset per repeat: paired comparison
+                for ctl in order:
+                    k += 1
+                    origin = tb.origin(offset)
+                    cli.send(json.dumps({"controller": ctl, "deadline_ms": cfg.deadline_ms}))
+                    deadline = time.monotonic() + timeout
+                    while True:
+                        ev = cli.event(deadline)
+                        if "result" in ev or "fetch_error" in ev:
+                            break
+                    if "fetch_error" in ev:
+                        raise KVEvalError(f"{ctl}: {ev['fetch_error']}")
+                    m = fetch_metrics(ev, elements=ctx["elements"],
+                                      recompute_us_per_token=cfg.recompute_us_per_token, top1=LEVEL_TOP1)
+                    m.update(repeat=rep, offset_s=offset, origin=origin, sent_at=ev["sent_at"],
+                             last_at=ev["last_at"])
+                    rows[ctl].append(m)
+                    log(f"[{k}/{total}] {ctl}: {m['fetch_ms']:.0f} ms "
+                        f"({'met' if m['deadline_met'] else 'MISSED'}), levels {','.join(m['levels'])}")
+            cli.send("stop")
+            srv.send("stop")
+            srv.wait_for("stopped", 30)
+        add_goodput(rows, log_path, down)
+    return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": ctx,
+            "trace_mean_mbps": down.mean_mbps}
+
+
+def plot_kv(summary: dict[str, Any], path: str) -> None:
+    """Quality vs deadline attainment per controller, and the fetch-time distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ctls = summary["controllers"]
+    for name, d in ctls.items():
+        ax1.scatter(d["deadline_attainment"] * 100, d["mean_quality_top1"] * 100, s=60)
+        ax1.annotate(name, (d["deadline_attainment"] * 100, d["mean_quality_top1"] * 100),
+                     textcoords="offset points", xytext=(5, 4), fontsize=9)
+        times = sorted(r["fetch_ms"] for r in summary["fetches"][name])
+        ax2.plot(times, [(i + 1) / len(times) for i in range(len(times))], label=name)
+    ax1.axvline(95, color="grey", ls=":", lw=1)
+    ax1.set_xlabel("deadline attainment (%)")
+    ax1.set_ylabel("mean top-1 agreement (%)")
+    ax1.set_title("quality vs. attainment")
+    dl = summary["config"]["deadline_ms"]
+    ax2.axvline(dl, color="grey", ls=":", lw=1)
+    ax2.set_xlabel("fetch time (ms)")
+    ax2.set_ylabel("CDF")
+    ax2.legend(fontsize=8)
+    trace = os.path.basename(summary["config"]["down_trace"])
+    ax2.set_title(f"{trace}, {summary['config']['context_tokens']} tokens, deadline {dl} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,249 @@
+"""KV channel end to end on loopback: real daemon-side service and store, real QUIC, the SDK client.
+
+Tiny synthetic KV (4 layers x 2 heads x 16 dims) keeps this fast; the codec itself is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+import torch
+
+from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+from tokenwire.transport.cachegen.codec import decode_chunk
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.kv_channel import KVCorruptChunk, KVNotFound, ServerTuning, connect_kv, serve_kv
+
+MODEL = "tiny-test"
+CHUNK = 32
+
+
+def make_kv(n_tokens: int, seed: int = 0, layers: int = 4, heads: int = 2, dim: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, heads, n_tokens, dim, generator=g, dtype=torch.float32).to(torch.float16),
+             torch.randn(1, heads, n_tokens, dim, generator=g, dtype=torch.float32).to(torch.float16))
+            for _ in range(layers)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK)
+    yield svc
+    svc.close()
+
+
+async def _fetch(service, ids, tuning=None, **kw):
+    server = await serve_kv(service, "127.0.0.1", 0, congestion="reno",
+                            tuning=tuning or ServerTuning(forecaster="ewma"))
+    try:
+        async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, **kw), server
+    finally:
+        server.close()
+
+
+def test_fetch_returns_decoded_stored_chunks(service):
+    ids = list(range(100, 100 + 3 * CHUNK + 7))  # 4 chunks, the last one partial
+    kv = make_kv(len(ids))
+    hashes = service.ingest_sync(MODEL, ids, kv, prewarm=["medium"])  # encode (and JIT) outside the deadline
+    assert len(hashes) == 4
+    res, server = run(_fetch(service, ids, deadline_ms=5000, controller="fixed-L2"))
+    assert res.report.levels == ["medium"] * 4
+    assert res.report.deadline_met and res.report.fetch_ms > 0
+    for i, c in enumerate(res.chunks):
+        stored = service.store.get(object_key(hashes[i], "medium"))
+        expect = decode_chunk(stored)
+        assert c.token_ids is None
+        for (k, v), (ek, ev) in zip(c.kv, expect, strict=True):
+            assert k.dtype == torch.float16 and k.shape == ek.shape
+            assert torch.equal(k, ek) and torch.equal(v, ev)
+    full, n = res.prefix_kv()
+    assert n == len(ids) and full[0][0].shape == (1, 2, len(ids), 16)
+    err = (full[0][0].float() - kv[0][0].float()).abs().mean() / kv[0][0].float().abs().mean()
+    assert err < 0.2  # lossy but close: the medium level of the real codec
+    assert server.stats["completed"] == 1 and server.stats["chunks"] == 4
+
+
+def test_text_fallback_when_recompute_is_cheaper(service):
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 1))
+    # recomputing costs nothing here: the controller must prefer exact text over any codec level
+    res, _ = run(_fetch(service, ids, deadline_ms=5000, controller="tokenwire-ewma", recompute_us_per_token=0))
+    assert res.report.levels == ["text", "text"]
+    assert [c.token_ids for c in res.chunks] == [ids[:CHUNK], ids[CHUNK:]]
+    assert res.prefix_kv() == (None, 0) and res.text_token_ids() == ids
+
+
+def test_missing_context_is_typed_error_and_server_keeps_serving(service):
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 2))
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+                with pytest.raises(KVNotFound) as ei:
+                    await conn.fetch_kv(model=MODEL, token_ids=[7] * CHUNK, deadline_ms=1000)
+                assert ei.value.code == ErrorCode.NOT_FOUND
+                ok = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+                return ok
+        finally:
+            server.close()
+
+    res = run(go())
+    assert res.report.levels == ["low"]
+
+
+def test_corrupt_store_object_is_reencoded_from_source(service, tmp_path):
+    ids = list(range(CHUNK))
+    h = service.ingest_sync(MODEL, ids, make_kv(CHUNK, 3), prewarm=["high"])[0]
+    path = tmp_path / "kv" / h[:2] / object_key(h, "high")
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    res, _ = run(_fetch(service, ids, deadline_ms=5000, controller="fixed-L3"))
+    assert service.store.stats.corrupt == 1 and service.encodes == 2  # detected, then encoded again
+    assert res.report.levels == ["high"]
+
+
+def test_corrupt_chunk_on_the_wire_is_typed_error(service):
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 4))
+    real = service.chunk
+
+    async def corrupting(plan, index, level):
+        data = bytearray(await real(plan, index, level))
+        if index == 1:
+            data[len(data) // 2] ^= 0x40  # valid frame CRC (computed by the sender), broken bitstream
+        return bytes(data)
+
+    service.chunk = corrupting
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+                with pytest.raises(KVCorruptChunk):
+                    await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
+                service.chunk = real
+                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
+        finally:
+            server.close()
+
+    assert run(go()).report.levels == ["medium", "medium"]
+
+
+def test_fetch_by_chunk_hashes_and_onnx_controller(service):
+    ids = list(range(3 * CHUNK))
+    hashes = service.ingest_sync(MODEL, ids, make_kv(len(ids), 5))
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="prague",
+                                tuning=ServerTuning(forecaster="onnx"))
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+                return await conn.fetch_kv(model=MODEL, hashes=[bytes.fromhex(h) for h in hashes],
+                                           deadline_ms=10_000, controller="tokenwire")
+        finally:
+            server.close()
+
+    res = run(go())
+    assert len(res.chunks) == 3 and all(c.kv is not None for c in res.chunks)
+    assert res.report.levels[0] == "low"  # no sample yet: the first chunk probes at the lowest level
+
+
+def test_unix_socket_ingest(service, tmp_path):
+    ids = list(range(40))
+    kv = make_kv(40, 6)
+    sock = tmp_path / "ingest.sock"
+
+    async def go():
+        srv = await serve_kv_ingest(sock, service)
+        try:
+            loop = asyncio.get_running_loop()
+            hashes = await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, kv, prewarm=["low"]))
+            with pytest.raises(KVIngestError):
+                await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids[:10], kv))
+            return hashes
+        finally:
+            srv.close()
+
+    hashes = run(go())
+    assert len(hashes) == 2 and service.store.contains(object_key(hashes[0], "low"))
+    src = service.store.get(object_key(hashes[1], "src"))
+    t = torch.frombuffer(bytearray(src), dtype=torch.float16).reshape(4, 2, 8, 32)
+    assert torch.equal(t[0, 0], kv[0][0][0, :, 32:40].permute(1, 0, 2).reshape(8, 32))
+
+
+def test_ingest_rejects_bad_input(service):
+    with pytest.raises(KVIngestError):
+        service.ingest_sync(MODEL, [1, 2, 3], make_kv(4))
+    bad = make_kv(4)
+    bad[0][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(KVIngestError):
+        service.ingest_sync(MODEL, [1, 2, 3, 4], bad)
+
+
+def test_kv_channel_imports_no_torch():
+    code = ("import sys, tokenwire.transport.kv_channel, tokenwire.transport.kv_controller, "
+            "tokenwire.daemon.service, tokenwire.daemon.kv_service, "
+            "tokenwire.predictor.bandwidth as b; b.OnnxForecaster().forecast(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    assert os.system(f"{sys.executable} -c \"{code}\"") == 0
+
+
+def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
+    from tokenwire.daemon.config import ConfigError, parse_config
+    from tokenwire.daemon.service import Daemon
+
+    sock = tmp_path / "kv.sock"
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                        "kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "store"),
+                               "capacity_mb": 64, "chunk_tokens": CHUNK, "ingest_socket": str(sock),
+                               "forecaster": "ewma"}})
+    with pytest.raises(ConfigError, match=r"kv\.redis_url"):
+        parse_config({"kv": {"backend": "redis"}})
+    with pytest.raises(ConfigError, match=r"kv\.chunk_token"):
+        parse_config({"kv": {"chunk_token": 5}})
+    ids = list(range(50))
+
+    async def go():
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(50, 7),
+                                                                 prewarm=["low"]))
+            async with connect_kv("127.0.0.1", daemon.kv.server.port, verify=False) as conn:
+                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+        finally:
+            await daemon.stop()
+
+    res = run(go())
+    assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == 50
+
+
+from tests.test_kv_store import redis_url  # noqa: E402, F401  (the real-server fixture)
+
+
+def test_service_on_the_redis_backend(redis_url):  # noqa: F811
+    import uuid
+
+    from tokenwire.daemon.kv_store import RedisChunkStore
+
+    svc = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=f"tw-test-{uuid.uuid4().hex}:"), chunk_tokens=CHUNK)
+    try:
+        ids = list(range(2 * CHUNK))
+        svc.ingest_sync(MODEL, ids, make_kv(len(ids), 8))
+        res, _ = run(_fetch(svc, ids, deadline_ms=5000, controller="fixed-L2"))
+        assert res.report.levels == ["medium", "medium"] and svc.encodes == 2
+    finally:
+        svc.close()

@@ -1,0 +1,143 @@
+"""The KV level controller (sans-I/O): every decision from explicit inputs, no network."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenwire.transport.kv_controller import LEVEL_TOP1, LEVELS, ChunkOptions, KVController, predicted_size
+
+MB = 1_000_000
+
+
+def chunk(low=1 * MB, med=1.35 * MB, high=1.85 * MB, recompute_s=10.0, decode_s=0.0):
+    return ChunkOptions({"low": int(low), "medium": int(med), "high": int(high)}, 1024, recompute_s,
+                        dict.fromkeys(LEVELS, decode_s))
+
+
+def plan_cost(plan, chunks, bw):
+    total = 0.0
+    for lv, c in zip(plan, chunks, strict=True):
+        total += (c.recompute_s + c.text_bytes * 8 / bw) if lv == "text" else c.sizes[lv] * 8 / bw
+    return total
+
+
+@pytest.mark.parametrize(("policy", "level"), [("fixed-L1", "low"), ("fixed-L2", "medium"), ("fixed-L3", "high")])
+def test_fixed_levels_ignore_the_network(policy, level):
+    c = KVController(policy)
+    for budget in (0.001, 100.0):
+        assert c.choose([chunk()] * 3, time_left_s=budget, inflight_bytes=0, median_bps=1e6,
+                        low_bps=1e5).level == level
+
+
+def test_tokenwire_generous_and_tight_budgets():
+    c = KVController("tokenwire")
+    four = [chunk()] * 4
+    # 10 MB/s for 100 s: everything fits at the best level
+    assert c.choose(four, time_left_s=100, inflight_bytes=0, median_bps=80e6, low_bps=80e6).planned == ("high",) * 4
+    # not even all-low fits: lowest level (text costs 10 s per chunk, worse)
+    assert c.choose(four, time_left_s=0.1, inflight_bytes=0, median_bps=80e6, low_bps=80e6).planned == ("low",) * 4
+
+
+def test_tokenwire_mixes_and_upgrades_the_tail_first():
+    c = KVController("tokenwire")
+    four = [chunk()] * 4
+    bw = 8e6  # 1 MB/s: all-low costs 4 s; each medium upgrade +0.35 s
+    d = c.choose(four, time_left_s=4.8, inflight_bytes=0, median_bps=bw, low_bps=bw)  # 5 % kept in reserve
+    assert d.planned == ("low", "low", "low", "medium")
+    assert plan_cost(d.planned, four, bw) <= 4.8 * 0.95
+    # more budget: more chunks upgraded, still within budget, never a worse level than with less budget
+    d2 = c.choose(four, time_left_s=5.6, inflight_bytes=0, median_bps=bw, low_bps=bw)
+    assert plan_cost(d2.planned, four, bw) <= 5.6
+    assert all(LEVELS.index(b) >= LEVELS.index(a) for a, b in zip(d.planned, d2.planned, strict=True))
+    assert d2.planned.count("low") < d.planned.count("low")
+
+
+def test_tokenwire_plans_with_the_low_quantile_and_counts_inflight_bytes():
+    c = KVController("tokenwire")
+    one = [chunk()]
+    # the median would allow high, the low quantile only low
+    assert c.choose(one, time_left_s=1.2, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "low"
+    # bytes already on the way eat the budget
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6).level == "high"
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=int(1.9 * MB), median_bps=8e6,
+                    low_bps=8e6).level == "low"
+
+
+def test_stale_forecast_is_discounted():
+    c = KVController("tokenwire")
+    one = [chunk()]
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                    sample_age_s=0.2).level == "high"
+    fresh = c.choose([chunk(), chunk()], time_left_s=3.5, inflight_bytes=0, median_bps=8e6, low_bps=8e6)
+    stale = c.choose([chunk(), chunk()], time_left_s=3.5, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
+                     sample_age_s=5.0)
+    assert fresh.planned == ("medium", "high")  # 1 MB/s: 3.2 s of 3.325 s
+    assert stale.planned == ("low", "medium")  # 0.75 MB/s: 1.33 + 1.8 s
+
+
+def test_first_chunk_without_a_sample_probes_at_the_lowest_level():
+    c = KVController("tokenwire", prior_bps=1e9)
+    assert c.choose([chunk()] * 2, time_left_s=100, inflight_bytes=0, median_bps=None, low_bps=None).level == "low"
+
+
+def test_text_when_recomputing_beats_sending():
+    c = KVController("tokenwire")
+    cheap = [chunk(recompute_s=0.05)] * 2
+    d = c.choose(cheap, time_left_s=0.5, inflight_bytes=0, median_bps=8e6, low_bps=8e6)
+    assert d.planned == ("text", "text")
+    # recompute is dearer than sending the lowest level but cheaper than high: text is the top rung
+    mid = [chunk(recompute_s=1.5)]
+    assert c.choose(mid, time_left_s=1.2, inflight_bytes=0, median_bps=8e6, low_bps=8e6).level == "low"
+    assert c.choose(mid, time_left_s=1.6, inflight_bytes=0, median_bps=8e6, low_bps=8e6).level == "text"
+
+
+def test_even_split_is_cachegens_rule():
+    c = KVController("even-split")
+    four = [chunk(recompute_s=0.5)] * 4
+    # 4 s for 4 chunks at 1 MB/s: 1 s per chunk -> low (1 MB) fits, medium (1.35 MB) does not
+    assert c.choose(four, time_left_s=4.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6).level == "low"
+    assert c.choose(four, time_left_s=8.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6).level == "high"
+    # nothing fits: text (recompute 0.5 s <= 0.6 s per chunk)
+    assert c.choose(four, time_left_s=2.4, inflight_bytes=0, median_bps=8e6, low_bps=1e6).level == "text"
+    # nothing fits, recompute neither: lowest level
+    assert c.choose(four, time_left_s=1.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6).level == "low"
+    # no sample: the prior bandwidth
+    assert KVController("even-split", prior_bps=80e6).choose(four, time_left_s=4.0, inflight_bytes=0,
+                                                             median_bps=None, low_bps=None).level == "high"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(10_000, 3_000_000), st.floats(1.1, 1.6), st.floats(1.1, 1.6),
+                          st.floats(0.01, 20.0)), min_size=1, max_size=8),
+       st.floats(0.05, 30.0), st.floats(1e5, 1e8))
+def test_plan_fits_whenever_the_cheapest_plan_fits(spec, budget, bw):
+    chunks = [chunk(low, low * a, low * a * b, rc) for low, a, b, rc in spec]
+    c = KVController("tokenwire")
+    plan = c.plan(chunks, bw, budget)
+    cheapest = [c._ladder(ch, bw)[0][0] for ch in chunks]
+    if plan_cost(cheapest, chunks, bw) <= budget:
+        assert plan_cost(plan, chunks, bw) <= budget + 1e-9
+    else:
+        assert plan == cheapest
+    # quality never below the cheapest plan's
+    assert sum(LEVEL_TOP1[lv] for lv in plan) >= sum(LEVEL_TOP1[lv] for lv in cheapest) - 1e-12
+
+
+def test_unknown_policy_and_predicted_sizes():
+    with pytest.raises(ValueError):
+        KVController("best-effort")
+    n = 256 * 11520
+    assert predicted_size("low", n) < predicted_size("medium", n) < predicted_size("high", n)
+
+
+def test_a_pessimistic_low_quantile_does_not_turn_chunks_into_text():
+    c = KVController("tokenwire")
+    four = [chunk(recompute_s=2.0)] * 4
+    # expected 8 Mbit/s (low: 1 s per chunk), pessimistic 1 Mbit/s (low: 8 s): recompute (2 s) is still dearer
+    d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6)
+    assert "text" not in d.planned
+    # when recomputing beats sending at the expected rate too, text it is
+    d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=2e6, low_bps=1e6)
+    assert d.planned == ("text",) * 4

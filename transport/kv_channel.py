@@ -1,0 +1,858 @@
+"""The KV channel: fetch a context's KV cache chunk by chunk over QUIC, within a deadline.
+
+Protocol (ALPN ``tokenwire-kv/1``, its own QUIC endpoint so bulk KV gets its own congestion controller):
+
+* client -> server, bidirectional stream: ``KV_FETCH`` (model, token ids or chunk hashes, deadline), later one
+  ``KV_ACK`` per chunk received (for the server's throughput samples), FIN after ``KV_DONE``;
+* server -> client on that stream: ``KV_META`` (chunk count, geometry), ``KV_DONE`` (levels) then FIN, or a
+  typed ``ERROR`` (unknown context: ``NOT_FOUND``; bad request: ``BAD_REQUEST``; store failure: ``INTERNAL``);
+* server -> client, one **unidirectional stream per chunk**: a ``KV_CHUNK`` header frame (index, level, size,
+  CRC-32) then ``size`` raw payload bytes and FIN. A payload is one self-contained CacheGen bitstream, or the
+  chunk's token ids (int32 LE) when sent as text. A lost packet delays only its own chunk's stream.
+
+The server decides each chunk's level just before writing it (when the previous chunk has left aioquic's send
+buffer but for a look-ahead), with :class:`~tokenwire.transport.kv_controller.KVController`. The client decodes
+each chunk on a worker thread as soon as its stream ends, so decoding overlaps reception.
+
+Layers: :class:`KVServerSession` and :class:`KVClientSession` are sans-I/O (QUIC events in, session events
+out, explicit ``now``); :func:`serve_kv` / :func:`connect_kv` are the asyncio shells. Nothing here imports
+torch at module level; the client imports the codec when it decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import struct
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import QuicConnection
+
+from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
+from .frames import (
+    KV_ALPN,
+    Error,
+    Frame,
+    KvAck,
+    KvChunk,
+    KvDone,
+    KvFetch,
+    KvMeta,
+    StreamDecoder,
+    decode_frame,
+    encode_stream_frame,
+)
+from .kv_controller import LEVELS, RESERVE, STALE_FACTOR, TEXT, ChunkOptions, KVController
+from .marking import MarkingPolicy
+from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
+from .session import ConnectionEnded, SessionEvent, _SessionBase
+from .tls import CertPair, client_configuration, server_configuration
+
+log = logging.getLogger("tokenwire.kv")
+
+POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
+MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unsent bytes than this remain (or ~100 ms worth)
+MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
+FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
+_LEN = struct.Struct(">I")
+
+
+class KVError(TokenwireError):
+    """A KV fetch that could not complete (base class)."""
+
+
+class KVNotFound(KVError):
+    code = ErrorCode.NOT_FOUND
+
+
+class KVCorruptChunk(KVError):
+    """A chunk arrived with a wrong length or checksum, or does not decode: never returned as data."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+
+# ----------------------------------------------------------------------------------------- what a server serves
+@dataclass
+class ContextPlan:
+    """A resolved context: what the provider can send for each chunk."""
+
+    chunk_tokens: int
+    token_counts: list[int]
+    elements: list[int]  # KV elements per chunk (2 * L * H * D * tokens)
+    sizes: list[dict[str, int]]  # per chunk: level -> bytes (exact once encoded, predicted before)
+    geometry: tuple[int, int, int]
+    fingerprint: int
+    dtype: str
+    handle: Any = None  # the provider's own reference (hashes, ...)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+class KVProvider(Protocol):
+    """What the KV server needs from a store (the daemon's KV service implements it)."""
+
+    async def resolve(self, fetch: KvFetch) -> ContextPlan:
+        """The context's plan; raises a TokenwireError (e.g. :class:`KVNotFound`) to refuse the fetch."""
+        ...
+
+    async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
+        """Chunk ``index`` at ``level`` (a codec level, or ``text``: the token ids as int32 LE)."""
+        ...
+
+
+@dataclass
+class ServerTuning:
+    forecaster: str = "onnx"  # onnx | ewma (the tokenwire-ewma controller always uses ewma)
+    prior_bps: float = 5e6
+    recompute_us_per_token: int = 2250
+    decode_elements_per_s: float = 50e6
+    stale_factor: float = STALE_FACTOR  # tokenwire's margins (kv_controller): for experiments
+    reserve: float = RESERVE
+
+
+# ------------------------------------------------------------------------------------------------ server side
+@dataclass
+class KVFetchRequested(SessionEvent):
+    stream_id: int
+    fetch: KvFetch
+
+
+@dataclass
+class KVChunkNeeded(SessionEvent):
+    stream_id: int
+    index: int
+    level: str
+
+
+@dataclass
+class KVFetchClosed(SessionEvent):
+    stream_id: int
+    levels: list[str]
+    complete: bool
+
+
+@dataclass
+class ServerFetch:
+    stream_id: int
+    fetch: KvFetch | None
+    decoder: StreamDecoder
+    received_at: float
+    plan: ContextPlan | None = None
+    controller: KVController | None = None
+    forecaster: Any = None
+    next_index: int = 0
+    pending: bool = False  # a chunk was asked for and not yet written
+    levels: list[str] = field(default_factory=list)
+    last_stream: int | None = None
+    bytes_written: int = 0
+    bytes_acked: int = 0
+    acked: set[int] = field(default_factory=set)
+    last_done_us: int | None = None
+    done_sent: bool = False
+    closed: bool = False
+    samples: int = 0  # throughput samples this fetch contributed
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+class KVServerSession(_SessionBase):
+    """Server side of one KV connection (sans-I/O). The driver answers its events with ``start``/``send_chunk``."""
+
+    def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = 16,
+                 marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None
+                 ) -> None:
+        super().__init__(quic)
+        self.tuning = tuning or ServerTuning()
+        self.max_fetches = max_fetches
+        self.marking = marking
+        self.fetches: dict[int, ServerFetch] = {}
+        self._forecaster_factory = forecaster_factory
+        self._last_ecn: list[int] | None = None
+        self._forecasters: dict[str, Any] = {}
+        self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
+
+    # -- driver API -----------------------------------------------------------------------------------------
+    def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
+        """Accept a fetch: KV_META goes out; chunks follow as the session asks for them."""
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed:
+            return
+        f.plan = plan
+        rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
+        f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt,
+                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve)
+        kind = "ewma" if f.fetch.controller in ("tokenwire-ewma", "even-split") else self.tuning.forecaster
+        if kind not in self._forecasters:  # one per connection: a fetch starts from what earlier ones saw
+            self._forecasters[kind] = self._make_forecaster(kind)
+        f.forecaster = self._forecasters[kind]
+        self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
+                                     plan.fingerprint, plan.dtype))
+
+    def _make_forecaster(self, kind: str) -> Any:
+        if self._forecaster_factory is not None:
+            return self._forecaster_factory(kind)
+        from tokenwire.predictor.bandwidth import make_forecaster
+
+        return make_forecaster(kind)
+
+    def send_chunk(self, stream_id: int, index: int, level: str, payload: bytes, now: float) -> None:
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed or f.plan is None or index != f.next_index:
+            return
+        sid = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        head = KvChunk(stream_id, index, level, len(payload), zlib.crc32(payload), f.plan.token_counts[index],
+                       int(now * 1e6))
+        self.quic.send_stream_data(sid, encode_stream_frame(head) + payload, end_stream=True)
+        f.levels.append(level)
+        f.last_stream = sid
+        f.bytes_written += len(payload)
+        f.next_index += 1
+        f.pending = False
+
+    def reject(self, stream_id: int, code: int, message: str) -> None:
+        """Fail a fetch with a typed ERROR (the connection and other fetches carry on)."""
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed:
+            return
+        self._send(stream_id, Error(int(code), message[:1024]), end=True)
+        f.closed = True
+        self.fetches.pop(stream_id, None)
+
+    def poll(self, now: float) -> list[SessionEvent]:
+        """Ask for the next chunk of every fetch whose previous chunk is (nearly) on the wire."""
+        out: list[SessionEvent] = []
+        for f in list(self.fetches.values()):
+            if f.closed or f.plan is None or f.pending:
+                continue
+            n = len(f.plan.token_counts)
+            if f.next_index >= n:
+                if not f.done_sent and self._unsent(f.last_stream) == 0:
+                    f.done_sent = True
+                    self._send(f.stream_id, KvDone(n, list(f.levels)))
+                continue
+            if f.last_stream is not None and self._unsent(f.last_stream) > self._lookahead(f):
+                continue
+            level = self._decide(f, now)
+            f.pending = True
+            out.append(KVChunkNeeded(f.stream_id, f.next_index, level))
+        return out
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _unsent(self, sid: int | None) -> int:
+        if sid is None:
+            return 0
+        stream = self.quic._streams.get(sid)
+        if stream is None:
+            return 0
+        s = stream.sender
+        return max(0, s._buffer_stop - s.highest_offset)
+
+    def _lookahead(self, f: ServerFetch) -> int:
+        fc = f.forecaster.forecast() if f.forecaster is not None else None
+        bps = fc.median_bps if fc is not None else self.tuning.prior_bps
+        return max(MIN_LOOKAHEAD, int(bps / 8 * 0.1))
+
+    def _decide(self, f: ServerFetch, now: float) -> str:
+        assert f.plan is not None and f.controller is not None
+        rc = f.fetch.recompute_us_per_token
+        rc = self.tuning.recompute_us_per_token if rc is None else rc
+        opts = []
+        for i in range(f.next_index, len(f.plan.token_counts)):
+            toks = f.plan.token_counts[i]
+            dec = f.plan.elements[i] / self.tuning.decode_elements_per_s
+            opts.append(ChunkOptions(dict(f.plan.sizes[i]), 4 * toks, toks * rc / 1e6, dict.fromkeys(LEVELS, dec)))
+        fc = f.forecaster.forecast()
+        rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
+        time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
+        # samples from earlier fetches describe another moment of the link: stale until this fetch has its own
+        age = now - self._sample_at.get(id(f.forecaster), now) if f.samples else float("inf")
+        d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=f.bytes_written - f.bytes_acked,
+                                median_bps=fc.median_bps if fc else None, low_bps=fc.low_bps if fc else None,
+                                sample_age_s=age)
+        f.decisions.append({"index": f.next_index, "level": d.level, "bandwidth_bps": d.bandwidth_bps,
+                            "budget_s": d.budget_s, "time_left_s": time_left})
+        return d.level
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if stream_id % 4 != 0:
+            raise ProtocolError(f"stream {stream_id}: KV fetches travel on client-initiated bidirectional streams")
+        f = self.fetches.get(stream_id)
+        out: list[SessionEvent] = []
+        if f is None:
+            if not data and end:
+                return []
+            if len(self.fetches) >= self.max_fetches:
+                self._send(stream_id, Error(ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches"), end=True)
+                return []
+            f = ServerFetch(stream_id, None, StreamDecoder(), now)
+            self.fetches[stream_id] = f
+        try:
+            frames = f.decoder.feed(data)
+        except FrameError as exc:
+            raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
+        for frame in frames:
+            out.extend(self._on_frame(f, frame, now))
+        if end:
+            if f.done_sent or f.closed:
+                self._fin(stream_id)
+                self.fetches.pop(stream_id, None)
+                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent))
+            elif f.fetch is None:
+                raise ProtocolError(f"fetch stream {stream_id} ended without a KV_FETCH")
+            else:  # the client gave up: stop sending this fetch
+                f.closed = True
+                self._fin(stream_id)
+                self.fetches.pop(stream_id, None)
+                out.append(KVFetchClosed(stream_id, list(f.levels), False))
+        return out
+
+    def _on_frame(self, f: ServerFetch, frame: Frame, now: float) -> list[SessionEvent]:
+        if f.fetch is None:
+            if not isinstance(frame, KvFetch):
+                raise ProtocolError(f"fetch stream {f.stream_id}: first frame must be KV_FETCH")
+            f.fetch = frame
+            return [KVFetchRequested(f.stream_id, frame)]
+        if isinstance(frame, KvAck):
+            self._on_ack(f, frame, now)
+            return []
+        raise ProtocolError(f"fetch stream {f.stream_id}: unexpected {type(frame).__name__} frame")
+
+    def _on_ack(self, f: ServerFetch, ack: KvAck, now: float) -> None:
+        if f.plan is None or ack.index >= f.next_index or ack.index in f.acked:
+            raise ProtocolError(f"KV_ACK for chunk {ack.index}, which was not sent")
+        f.acked.add(ack.index)
+        f.bytes_acked += ack.size
+        start = ack.first_us if f.last_done_us is None else max(ack.first_us, f.last_done_us)
+        f.last_done_us = max(ack.done_us, f.last_done_us or 0)
+        if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
+            f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
+            self._sample_at[id(f.forecaster)] = now
+            f.samples += 1
+        if ack.ecn is not None and len(ack.ecn) == 4:
+            self._ecn_feedback(ack.ecn, now)
+
+    def _ecn_feedback(self, counts: list[int], now: float) -> None:
+        prev = self._last_ecn or [0, 0, 0, 0]
+        if any(a < b for a, b in zip(counts, prev, strict=True)):
+            return
+        delta = [a - b for a, b in zip(counts, prev, strict=True)]
+        self._last_ecn = list(counts)
+        cc = getattr(self.quic._loss, "_cc", None)
+        if hasattr(cc, "on_ecn_feedback") and sum(delta):
+            cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[3])
+
+    def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
+        raise ProtocolError("the KV channel carries no datagrams")
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        f = self.fetches.pop(stream_id, None)
+        if f is None:
+            return []
+        f.closed = True
+        return [KVFetchClosed(stream_id, list(f.levels), False)]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False) for f in self.fetches.values()]
+        self.fetches.clear()
+        return out
+
+    def _session_timer(self) -> float | None:
+        if any(not f.closed and f.plan is not None and not f.pending and not f.done_sent
+               for f in self.fetches.values()):
+            return self._now + POLL_S
+        return None
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        return self.poll(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        if self.marking is not None:
+            self.current_codepoint = self.marking.codepoint(now)
+        return super().datagrams_to_send(now)
+
+
+# ------------------------------------------------------------------------------------------------ client side
+@dataclass
+class KVMetaReceived(SessionEvent):
+    stream_id: int
+    meta: KvMeta
+
+
+@dataclass
+class KVChunkReceived(SessionEvent):
+    stream_id: int  # the fetch
+    header: KvChunk
+    payload: bytes
+    first_at: float
+    done_at: float
+
+
+@dataclass
+class KVDoneReceived(SessionEvent):
+    stream_id: int
+    done: KvDone
+
+
+@dataclass
+class KVFetchFailed(SessionEvent):
+    stream_id: int
+    error: TokenwireError
+
+
+@dataclass
+class _Incoming:
+    buf: bytearray = field(default_factory=bytearray)
+    header: KvChunk | None = None
+    first_at: float | None = None
+
+
+class KVClientSession(_SessionBase):
+    """Client side of one KV connection (sans-I/O)."""
+
+    def __init__(self, quic: QuicConnection) -> None:
+        super().__init__(quic)
+        self.decoders: dict[int, StreamDecoder] = {}
+        self.incoming: dict[int, _Incoming] = {}
+        self.ecn_counts: Callable[[], list[int]] | None = None
+
+    def fetch(self, request: KvFetch) -> int:
+        sid = self.quic.get_next_available_stream_id()
+        self.decoders[sid] = StreamDecoder()
+        self._send(sid, request)
+        return sid
+
+    def ack(self, fetch_sid: int, header: KvChunk, first_at: float, done_at: float) -> None:
+        if fetch_sid not in self.decoders:
+            return
+        ecn = self.ecn_counts() if self.ecn_counts is not None else None
+        self._send(fetch_sid, KvAck(header.index, header.size, int(first_at * 1e6), int(done_at * 1e6), ecn))
+
+    def finish(self, fetch_sid: int) -> None:
+        if self.decoders.pop(fetch_sid, None) is not None:
+            self._fin(fetch_sid)
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if stream_id % 4 == 3:
+            return self._on_chunk_data(stream_id, data, end, now)
+        dec = self.decoders.get(stream_id)
+        if dec is None:
+            return []
+        try:
+            frames = dec.feed(data)
+        except FrameError as exc:
+            raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
+        out: list[SessionEvent] = []
+        for fr in frames:
+            if isinstance(fr, KvMeta):
+                out.append(KVMetaReceived(stream_id, fr))
+            elif isinstance(fr, KvDone):
+                out.append(KVDoneReceived(stream_id, fr))
+            elif isinstance(fr, Error):
+                err_cls = KVNotFound if fr.code == ErrorCode.NOT_FOUND else RemoteError
+                out.append(KVFetchFailed(stream_id, err_cls(fr.message, code=ErrorCode(fr.code)
+                                                            if fr.code in ErrorCode._value2member_map_ else None)))
+                self.decoders.pop(stream_id, None)
+            else:
+                raise ProtocolError(f"fetch stream {stream_id}: unexpected {type(fr).__name__} frame")
+        return out
+
+    def _on_chunk_data(self, sid: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        inc = self.incoming.setdefault(sid, _Incoming())
+        if inc.first_at is None and data:
+            inc.first_at = now
+        inc.buf += data
+        if inc.header is None and len(inc.buf) >= 4:
+            (n,) = _LEN.unpack_from(inc.buf)
+            if n > 4096:
+                raise ProtocolError(f"chunk stream {sid}: header of {n} bytes", code=ErrorCode.FRAME_TOO_LARGE)
+            if len(inc.buf) >= 4 + n:
+                try:
+                    hdr = decode_frame(bytes(inc.buf[4 : 4 + n]))
+                except FrameError as exc:
+                    raise ProtocolError(f"chunk stream {sid}: {exc}", code=exc.code) from None
+                if not isinstance(hdr, KvChunk):
+                    raise ProtocolError(f"chunk stream {sid}: first frame must be KV_CHUNK")
+                inc.header = hdr
+                del inc.buf[: 4 + n]
+        if inc.header is not None and len(inc.buf) > inc.header.size:
+            raise ProtocolError(f"chunk stream {sid}: more bytes than announced")
+        if not end:
+            return []
+        self.incoming.pop(sid, None)
+        hdr = inc.header
+        if hdr is None:
+            raise ProtocolError(f"chunk stream {sid} ended before its header")
+        payload = bytes(inc.buf)
+        if hdr.fetch not in self.decoders:
+            return []  # a fetch we gave up on
+        if len(payload) != hdr.size or zlib.crc32(payload) != hdr.crc:
+            return [KVFetchFailed(hdr.fetch, KVCorruptChunk(
+                f"chunk {hdr.index}: {len(payload)} of {hdr.size} bytes or checksum mismatch"))]
+        return [KVChunkReceived(hdr.fetch, hdr, payload, inc.first_at or now, now)]
+
+    def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
+        raise ProtocolError("the KV channel carries no datagrams")
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        if stream_id in self.decoders:
+            self.decoders.pop(stream_id, None)
+            return [KVFetchFailed(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))]
+        return []
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = [KVFetchFailed(s, RemoteError(f"connection closed: {event.reason_phrase}"))
+                                   for s in self.decoders]
+        self.decoders.clear()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ asyncio shells
+class KVServerProtocol(SessionProtocol):
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, app: KVServer) -> None:
+        super().__init__(quic, stream_handler, session_factory=lambda q: KVServerSession(
+            q, tuning=app.tuning, marking=app.marking() if app.marking is not None else None))
+        self.app = app
+        self.tasks: set[asyncio.Task[None]] = set()
+        app.protocols.add(self)
+
+    @property
+    def kv(self) -> KVServerSession:
+        assert isinstance(self.session, KVServerSession)
+        return self.session
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, KVFetchRequested):
+                self.app.stats["fetches"] += 1
+                self._spawn(self._resolve(ev.stream_id, ev.fetch))
+            elif isinstance(ev, KVChunkNeeded):
+                self._spawn(self._chunk(ev))
+            elif isinstance(ev, KVFetchClosed):
+                self.app.stats["completed" if ev.complete else "abandoned"] += 1
+                if self.app.on_fetch_closed is not None:
+                    self.app.on_fetch_closed(ev)
+            elif isinstance(ev, ConnectionEnded):
+                for t in list(self.tasks):
+                    t.cancel()
+                self.app.protocols.discard(self)
+
+    async def _resolve(self, sid: int, fetch: KvFetch) -> None:
+        try:
+            if self.app.authorize is not None and not self.app.authorize(fetch.auth):
+                raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
+            plan = await self.app.provider.resolve(fetch)
+        except TokenwireError as exc:
+            self.app.stats["refused"] += 1
+            self.kv.reject(sid, exc.code, str(exc))
+        except Exception as exc:  # a broken provider fails this fetch, never the server
+            log.exception("KV resolve failed")
+            self.kv.reject(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
+        else:
+            self.kv.start(sid, plan, self.clock())
+            events = self.kv.poll(self.clock())
+            self.handle_session_events(events)
+        self.transmit()
+
+    async def _chunk(self, ev: KVChunkNeeded) -> None:
+        f = self.kv.fetches.get(ev.stream_id)
+        if f is None or f.plan is None:
+            return
+        try:
+            payload = await self.app.provider.chunk(f.plan, ev.index, ev.level)
+        except TokenwireError as exc:
+            self.kv.reject(ev.stream_id, exc.code, str(exc))
+        except Exception as exc:
+            log.exception("KV chunk %d failed", ev.index)
+            self.kv.reject(ev.stream_id, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
+        else:
+            self.kv.send_chunk(ev.stream_id, ev.index, ev.level, payload, self.clock())
+            self.app.stats["chunks"] += 1
+            self.app.stats["bytes"] += len(payload)
+        self.transmit()
+
+
+@dataclass
+class KVServer:
+    """A running KV channel endpoint (see :func:`serve_kv`)."""
+
+    provider: KVProvider
+    tuning: ServerTuning = field(default_factory=ServerTuning)
+    authorize: Callable[[str | None], bool] | None = None
+    marking: Callable[[], MarkingPolicy] | None = None
+    on_fetch_closed: Callable[[KVFetchClosed], None] | None = None
+    stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("fetches", "completed", "abandoned", "refused", "chunks", "bytes"), 0))
+    protocols: set[KVServerProtocol] = field(default_factory=set)
+    _quic_server: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self._quic_server._transport.get_extra_info("sockname")[1])
+
+    def close(self) -> None:
+        for p in list(self.protocols):
+            with contextlib.suppress(Exception):
+                p.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        if self._quic_server is not None:
+            self._quic_server.close()
+
+
+def kv_quic_config(config: Any) -> Any:
+    config.alpn_protocols = [KV_ALPN]
+    config.max_data = FLOW_WINDOW
+    config.max_stream_data = FLOW_WINDOW
+    return config
+
+
+async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, cert: CertPair | None = None,
+                   certfile: str | Path | None = None, keyfile: str | Path | None = None,
+                   congestion: str = "prague", marking: Callable[[], MarkingPolicy] | None = None,
+                   tuning: ServerTuning | None = None, authorize: Callable[[str | None], bool] | None = None
+                   ) -> KVServer:
+    """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
+
+    Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
+    :func:`kv_congestion` picks the controller that matches a marking policy.
+    """
+    server = KVServer(provider, tuning or ServerTuning(), authorize, marking)
+    config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
+                                                 congestion=congestion))
+    server._quic_server = await serve_quic(host, port, configuration=config,
+                                           create_protocol=functools.partial(KVServerProtocol, app=server),
+                                           ecn=marking is not None)
+    tune_socket(server._quic_server._transport)
+    return server
+
+
+def kv_congestion(marking: str) -> str:
+    """Bulk KV marked ECT(1) must answer CE like L4S senders do (scalable); unmarked or classic: Reno."""
+    return "prague" if marking == "l4s" else "reno"
+
+
+# ------------------------------------------------------------------------------------------------ client SDK
+@dataclass
+class ChunkReport:
+    index: int
+    level: str
+    bytes: int
+    tokens: int
+    first_byte_ms: float
+    received_ms: float
+    decode_ms: float
+    decoded_ms: float
+
+
+@dataclass
+class FetchReport:
+    """What one fetch cost and achieved (times in ms since the request was sent)."""
+
+    deadline_ms: float
+    fetch_ms: float
+    deadline_met: bool
+    chunks: list[ChunkReport]
+    controller: str
+
+    @property
+    def levels(self) -> list[str]:
+        return [c.level for c in self.chunks]
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c.bytes for c in self.chunks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deadline_ms": self.deadline_ms, "fetch_ms": self.fetch_ms, "deadline_met": self.deadline_met,
+                "controller": self.controller, "levels": self.levels, "payload_bytes": self.payload_bytes,
+                "chunks": [vars(c) for c in self.chunks]}
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    level: str
+    kv: list[tuple[Any, Any]] | None  # per layer (K, V) [1, H, T, D] torch tensors; None for text
+    token_ids: list[int] | None  # for chunks sent as text: recompute their KV from these
+
+
+@dataclass
+class KVFetchResult:
+    chunks: list[ChunkResult]
+    report: FetchReport
+    geometry: tuple[int, int, int]
+
+    def prefix_kv(self) -> tuple[list[tuple[Any, Any]] | None, int]:
+        """KV of the leading chunks that arrived as KV (concatenated), and how many tokens it covers.
+
+        Everything after it (from the first text chunk on) must be recomputed by the engine from
+        :meth:`text_token_ids`.
+        """
+        from .cachegen.codec import concat_tokens
+
+        lead = []
+        for c in self.chunks:
+            if c.kv is None:
+                break
+            lead.append(c.kv)
+        if not lead:
+            return None, 0
+        kv = concat_tokens(lead)
+        return kv, int(kv[0][0].shape[-2])
+
+    def text_token_ids(self) -> list[int]:
+        """Token ids of the chunks from the first text chunk on (what the engine prefills itself)."""
+        out: list[int] = []
+        started = False
+        for c in self.chunks:
+            started = started or c.kv is None
+            if started and c.token_ids is not None:
+                out.extend(c.token_ids)
+        return out
+
+
+@dataclass
+class _PendingFetch:
+    sent_at: float
+    deadline_ms: int
+    controller: str
+    token_ids: list[int] | None
+    meta: KvMeta | None = None
+    done: KvDone | None = None
+    received: dict[int, tuple[KvChunk, float, float]] = field(default_factory=dict)
+    decodes: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    decode_times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    error: TokenwireError | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class KVConnection(SessionProtocol):
+    """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu") -> None:
+        super().__init__(quic, stream_handler, session_factory=KVClientSession)
+        self._fetches: dict[int, _PendingFetch] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-decode")
+        self.decode_device = decode_device
+
+    @property
+    def kv(self) -> KVClientSession:
+        assert isinstance(self.session, KVClientSession)
+        return self.session
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            pf = self._fetches.get(getattr(ev, "stream_id", -1))
+            if pf is None:
+                continue
+            if isinstance(ev, KVMetaReceived):
+                pf.meta = ev.meta
+            elif isinstance(ev, KVChunkReceived):
+                self.kv.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
+                pf.received[ev.header.index] = (ev.header, ev.first_at, ev.done_at)
+                pf.decodes[ev.header.index] = asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._decode, pf, ev.header, ev.payload)
+            elif isinstance(ev, KVDoneReceived):
+                pf.done = ev.done
+            elif isinstance(ev, KVFetchFailed):
+                pf.error = pf.error or ev.error
+            if pf.error is not None or (pf.done is not None and len(pf.received) == pf.done.chunks):
+                pf.event.set()
+        self.transmit()
+
+    def _decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> ChunkResult:
+        t0 = time.monotonic()
+        try:
+            if hdr.level == TEXT:
+                if len(payload) != 4 * hdr.tokens:
+                    raise KVCorruptChunk(f"text chunk {hdr.index}: {len(payload)} bytes for {hdr.tokens} tokens")
+                ids = list(struct.unpack(f"<{hdr.tokens}i", payload))
+                return ChunkResult(hdr.index, hdr.level, None, ids)
+            from .cachegen.codec import decode_chunk
+            from .cachegen.errors import KVCodecError
+
+            meta = pf.meta
+            try:
+                kv = decode_chunk(payload, device=self.decode_device,
+                                  expect_fingerprint=meta.fingerprint if meta else None,
+                                  expect_geometry=tuple(meta.geometry) if meta else None)  # type: ignore[arg-type]
+            except KVCodecError as exc:
+                raise KVCorruptChunk(f"chunk {hdr.index} does not decode: {exc}") from None
+            if kv[0][0].shape[-2] != hdr.tokens:
+                raise KVCorruptChunk(f"chunk {hdr.index}: {kv[0][0].shape[-2]} tokens, header says {hdr.tokens}")
+            return ChunkResult(hdr.index, hdr.level, kv, None)
+        finally:
+            pf.decode_times[hdr.index] = (t0, time.monotonic())
+
+    async def fetch_kv(self, *, model: str, deadline_ms: int, token_ids: list[int] | None = None,
+                       hashes: list[bytes] | None = None, controller: str = "tokenwire",
+                       recompute_us_per_token: int | None = None, timeout_s: float | None = None
+                       ) -> KVFetchResult:
+        """Fetch a context's KV (by token ids or chunk hashes) within ``deadline_ms``.
+
+        Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
+        as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` or
+        :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid).
+        """
+        req = KvFetch(model=model, deadline_ms=int(deadline_ms), token_ids=token_ids, hashes=hashes,
+                      controller=controller, recompute_us_per_token=recompute_us_per_token)
+        pf = _PendingFetch(self.clock(), int(deadline_ms), controller, token_ids)
+        sid = self.kv.fetch(req)
+        self._fetches[sid] = pf
+        self.transmit()
+        try:
+            await asyncio.wait_for(pf.event.wait(), timeout_s or max(60.0, 20 * deadline_ms / 1000))
+            if pf.error is not None:
+                raise pf.error
+            assert pf.done is not None and pf.meta is not None
+            results: list[ChunkResult] = []
+            for i in range(pf.done.chunks):
+                results.append(await pf.decodes[i])
+            end = self.clock()
+        except TokenwireError:
+            raise
+        except TimeoutError:
+            raise KVError("KV fetch timed out", code=ErrorCode.UPSTREAM_TIMEOUT) from None
+        finally:
+            self.kv.finish(sid)
+            self.transmit()
+            self._fetches.pop(sid, None)
+        t0 = pf.sent_at
+        chunks = []
+        for i in range(pf.done.chunks):
+            hdr, first, done = pf.received[i]
+            d0, d1 = pf.decode_times[i]
+            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - t0) * 1e3, (done - t0) * 1e3,
+                                      (d1 - d0) * 1e3, (d1 - t0) * 1e3))
+        fetch_ms = (end - t0) * 1e3
+        report = FetchReport(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+        return KVFetchResult(results, report, tuple(pf.meta.geometry))  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._pool.shutdown(wait=False)
+
+
+@contextlib.asynccontextmanager
+async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
+                     server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False
+                     ) -> AsyncIterator[KVConnection]:
+    """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it."""
+    config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, verify=verify))
+    async with connect_quic(host, port, configuration=config, ecn=ecn,
+                            create_protocol=functools.partial(KVConnection, decode_device=decode_device)) as p:
+        assert isinstance(p, KVConnection)
+        yield p

@@ -1,0 +1,163 @@
+"""Per-chunk level choice for the KV channel (sans-I/O: every input is an argument, no clock, no socket).
+
+Before each chunk the server asks :meth:`KVController.choose` for a level, given the chunks still to send
+(predicted bytes per level, recompute time of their text), the time left to the deadline, the bytes already
+written but not yet confirmed by the client, and the bandwidth forecast. Policies, all in this one class so
+that comparisons are fair:
+
+* ``tokenwire`` (ONNX forecaster) / ``tokenwire-ewma`` (EWMA forecaster): plan the *whole remainder* at the
+  forecast's low quantile, as a knapsack: start every remaining chunk at its cheapest option (lowest level, or
+  text where recomputing is faster than sending the lowest level), then upgrade, one rung at a time, the
+  chunk with the best quality gain per second of budget (ties go to later chunks: the end of a context weighs
+  most for the next token), while the plan fits. Send the current chunk at its planned level; re-plan at the
+  next chunk with fresh samples. With no sample at all the chunk goes at the lowest level (a probe); while the
+  fetch has only earlier fetches' samples the forecast is discounted (``STALE_FACTOR``); ``RESERVE`` of the time
+  left is kept for what no forecast sees.
+* ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
+  size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
+  lowest level.
+* ``fixed-L1`` / ``fixed-L2`` / ``fixed-L3``: always low / medium / high.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+LEVELS = ("low", "medium", "high")  # codec rungs, smallest first
+TEXT = "text"
+FIXED = {"fixed-L1": "low", "fixed-L2": "medium", "fixed-L3": "high"}
+POLICIES = ("tokenwire", "tokenwire-ewma", "even-split", *FIXED)
+
+# Top-1 agreement with the exact cache, mean of the three texts measured in docs/kv_codec.md (SmolLM2-135M,
+# prefix 1024, 256-token chunks): low 93.0/93.0/91.4, medium 95.3/95.7/97.7, high 99.6/97.3/97.7 %.
+# Text is recomputed exactly.
+LEVEL_TOP1 = {"low": 0.9247, "medium": 0.9623, "high": 0.9820, TEXT: 1.0}
+# Bits per element of each level on SmolLM2 (same tables): the size prediction for chunks not yet encoded.
+LEVEL_BITS = {"low": 1.82, "medium": 2.47, "high": 3.38}
+TAIL_WEIGHT = 1.5  # the last chunk's quality weight (recency: docs/kv_codec.md, "Observations")
+STALE_S = 1.0  # a forecast whose newest sample is older than this describes another moment of the link...
+STALE_FACTOR = 0.75  # ...so tokenwire discounts it until this fetch's own chunks report
+RESERVE = 0.05  # share of the time left that tokenwire keeps for variance it cannot forecast
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """What sending one chunk costs: bytes per codec level, and the recompute time if sent as text."""
+
+    sizes: dict[str, int]  # level -> payload bytes (exact when already encoded, predicted otherwise)
+    text_bytes: int
+    recompute_s: float
+    decode_s: dict[str, float] = field(default_factory=dict)  # level -> decode time at the client
+
+
+@dataclass(frozen=True)
+class Decision:
+    level: str
+    planned: tuple[str, ...]  # the plan for this and every later chunk (tokenwire policies)
+    bandwidth_bps: float
+    budget_s: float
+
+
+class KVController:
+    """See module docstring. ``safety`` scales the planning bandwidth (1.0 = the forecast's low quantile)."""
+
+    def __init__(self, policy: str, *, prior_bps: float = 5e6, safety: float = 1.0, rtt_s: float = 0.0,
+                 stale_factor: float = STALE_FACTOR, reserve: float = RESERVE) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown KV controller {policy!r}; choose from {', '.join(POLICIES)}")
+        self.policy = policy
+        self.prior_bps = prior_bps
+        self.safety = safety
+        self.rtt_s = rtt_s
+        self.stale_factor = stale_factor
+        self.reserve = reserve
+
+    # -- the decision ---------------------------------------------------------------------------------------
+    def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
+               median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0) -> Decision:
+        """Level for ``remaining[0]`` (the next chunk).
+
+        ``sample_age_s``: age of the forecast's newest sample (infinite while the fetch has none of its own).
+        """
+        if not remaining:
+            raise ValueError("no chunk left to choose for")
+        if self.policy in FIXED:
+            lv = FIXED[self.policy]
+            return Decision(lv, (lv,) * len(remaining), median_bps or 0.0, time_left_s)
+        if self.policy == "even-split":
+            bw = median_bps or self.prior_bps
+            budget = (time_left_s - inflight_bytes * 8 / bw) / len(remaining)
+            c = remaining[0]
+            for lv in reversed(LEVELS):
+                if c.sizes[lv] * 8 / bw + c.decode_s.get(lv, 0.0) <= budget:
+                    return Decision(lv, (lv,), bw, budget)
+            if c.recompute_s + c.text_bytes * 8 / bw <= budget:
+                return Decision(TEXT, (TEXT,), bw, budget)
+            return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
+        # no sample at all: send this chunk at the lowest level (a probe); only an earlier fetch's samples: plan
+        # with a discounted forecast (the knapsack upgrades the last chunks first, so the first chunks, sent
+        # before this fetch's own samples arrive, stay cheap)
+        first = low_bps is None
+        bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
+        if sample_age_s > STALE_S:
+            bw *= self.stale_factor
+        budget = time_left_s * (1 - self.reserve) - inflight_bytes * 8 / bw - self.rtt_s / 2
+        text_bw = median_bps or bw
+        plan = self.plan(remaining, bw, budget, text_bw=text_bw)
+        if first:
+            plan[0] = self._ladder(remaining[0], bw, text_bw)[0][0]
+        return Decision(plan[0], tuple(plan), bw, budget)
+
+    # -- the tokenwire planner --------------------------------------------------------------------------------
+    @staticmethod
+    def _ladder(c: ChunkOptions, bw: float, text_bw: float | None = None) -> list[tuple[str, float, float]]:
+        """(option, seconds it costs at ``bw``, quality) from cheapest up.
+
+        Text is a rung only above the levels it beats at the *expected* rate ``text_bw`` (the median): its cost
+        is a certain, large recompute, so a pessimistic bandwidth must not turn every chunk into text.
+        """
+        tb = text_bw or bw
+        text_s = c.recompute_s + c.text_bytes * 8 / bw
+        rungs = [(lv, c.sizes[lv] * 8 / bw, LEVEL_TOP1[lv]) for lv in LEVELS]
+        if text_s < c.sizes[LEVELS[-1]] * 8 / tb:  # exact, and cheaper than sending the best level
+            rungs = [r for r in rungs if c.sizes[r[0]] * 8 / tb < text_s] + [(TEXT, text_s, LEVEL_TOP1[TEXT])]
+        return rungs
+
+    def plan(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float, *,
+             lowest_only: bool = False, text_bw: float | None = None) -> list[str]:
+        """Levels for every remaining chunk that fit ``budget_s`` at ``bw``, maximizing weighted quality."""
+        ladders = [self._ladder(c, bw, text_bw) for c in remaining]
+        pick = [0] * len(remaining)
+        n = len(remaining)
+
+        def cost() -> float:  # the last chunk's decode is the one not overlapped with a transfer
+            total = sum(ladders[i][pick[i]][1] for i in range(n))
+            last = remaining[-1]
+            return total + last.decode_s.get(ladders[-1][pick[-1]][0], 0.0)
+
+        if not lowest_only:
+            spent = cost()
+            while True:
+                best_i, best_gain = -1, 0.0
+                for i in range(n):
+                    if pick[i] + 1 >= len(ladders[i]):
+                        continue
+                    dt = ladders[i][pick[i] + 1][1] - ladders[i][pick[i]][1]
+                    dq = ladders[i][pick[i] + 1][2] - ladders[i][pick[i]][2]
+                    if spent + dt > budget_s:
+                        continue
+                    w = TAIL_WEIGHT if i == n - 1 else 1.0
+                    gain = w * dq / max(dt, 1e-9)
+                    if gain >= best_gain:
+                        best_i, best_gain = i, gain
+                if best_i < 0:
+                    break
+                pick[best_i] += 1
+                spent = cost()
+        return [ladders[i][pick[i]][0] for i in range(n)]
+
+
+def predicted_size(level: str, elements: int) -> int:
+    """Bytes of a chunk at ``level`` before it has been encoded (measured bits per element, +5 %)."""
+    return int(elements * LEVEL_BITS[level] / 8 * 1.05) + 512
