@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 # Modules defining ``register(subparsers)``. Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
@@ -28,6 +31,19 @@ COMMAND_MODULES: list[str] = [
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def write_json(doc: Any, path: str | Path) -> None:
+    """Write a command's result document (creating the folder) and say where, as every command does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def cell(value: Any, fmt: str) -> str:
+    """One table cell: ``-`` for a value the run could not measure."""
+    return "-" if value is None else format(value, fmt)
 
 
 def build_parser() -> argparse.ArgumentParser:

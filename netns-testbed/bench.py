@@ -16,13 +16,12 @@ Three measurements, each against a baseline taken in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError
+from tokenwire.daemon.cli import CLIError, write_json
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -180,9 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     print_report(res)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_json(res, args.json)
     return 0
 
 

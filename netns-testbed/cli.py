@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError
+from tokenwire.daemon.cli import CLIError, cell, write_json
 
 from .child import ChildError
 
@@ -267,9 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     print_table(summary)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_json(summary, args.json)
     if args.plot:
         from .plots import plot_compare
 
@@ -310,9 +308,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         print(f"{name:<15} {d['deadline_attainment']:7.0%} {d['mean_quality_top1']:7.2%} "
               f"{d['mean_bits_per_element']:8.3f} {d['p95_fetch_ms']:8.0f} {d['goodput_fraction']:8.0%}  {lv}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_json(summary, args.json)
     if args.plot:
         plot_kv(summary, args.plot)
         print(f"wrote {args.plot}")
@@ -320,9 +316,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    def f(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
+    f = cell
     print(f"{'scheme':<11} {'stall':>7} {'oracle':>7} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>8} "
           f"{'B/token':>8} {'rendered':>9} {'loss':>6}")
     for s, d in summary["schemes"].items():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from tokenwire.daemon.cli import write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     result = compare(schemes, cfg, runs=args.runs, progress=progress if args.runs * len(schemes) > 3 else None)
     print(format_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return 0
 
 

@@ -6,12 +6,11 @@ Only argparse at import time (the testbed CLI's rule); the evaluation imports it
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError
+from tokenwire.daemon.cli import CLIError, cell, write_json
 
 POLICY_NAMES = ("classic", "l4s", "swiftqueue", "oracle")
 
@@ -109,9 +108,7 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     print_table(summary)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_json(summary, args.json)
     if args.plot:
         from .swiftqueue_plot import plot_swiftqueue
 
@@ -121,9 +118,7 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    def f(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
+    f = cell
     print(f"{'policy':<11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'Mbit/s':>7} {'L share':>7} "
           f"{'CE':>6} {'drop':>6} {'stall':>7}")
     for name, d in summary["policies"].items():
