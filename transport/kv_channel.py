@@ -10,9 +10,10 @@ Protocol (ALPN ``tokenwire-kv/1``, its own QUIC endpoint so bulk KV gets its own
   CRC-32) then ``size`` raw payload bytes and FIN. A payload is one self-contained CacheGen bitstream, or the
   chunk's token ids (int32 LE) when sent as text. A lost packet delays only its own chunk's stream.
 
-The server decides each chunk's level just before writing it (when the previous chunk has left aioquic's send
-buffer but for a look-ahead), with :class:`~tokenwire.transport.kv_controller.KVController`. The client decodes
-each chunk on a worker thread as soon as its stream ends, so decoding overlaps reception.
+The server decides each chunk's level just before writing it (when QUIC has acknowledged all of the fetch's
+bytes but for a look-ahead: one min-RTT plus 100 ms at the measured rate), with
+:class:`~tokenwire.transport.kv_controller.KVController`. The client decodes each chunk on a worker thread as
+soon as its stream ends, so decoding overlaps reception.
 
 Layers: :class:`KVServerSession` and :class:`KVClientSession` are sans-I/O (QUIC events in, session events
 out, explicit ``now``); :func:`serve_kv` / :func:`connect_kv` are the asyncio shells. Nothing here imports
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import struct
 import time
 import zlib
@@ -60,8 +62,9 @@ from .tls import CertPair, client_configuration, server_configuration
 log = logging.getLogger("tokenwire.kv")
 
 POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
-FRESH_MIN_S = 0.15  # a fetch's own QUIC delivery rate counts once it spans this long...
-FRESH_MIN_BYTES = 64 * 1024  # ...and this many acknowledged bytes
+FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...
+FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
+LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
 MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unsent bytes than this remain (or ~100 ms worth)
 MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
@@ -253,7 +256,7 @@ class KVServerSession(_SessionBase):
                     f.done_sent = True
                     self._send(f.stream_id, KvDone(n, list(f.levels)))
                 continue
-            if f.last_stream is not None and self._unsent(f.last_stream) > self._lookahead(f):
+            if f.last_stream is not None and self._unacked(f) > self._lookahead(f, now):
                 continue
             level = self._decide(f, now)
             f.pending = True
@@ -294,10 +297,24 @@ class KVServerSession(_SessionBase):
             return None
         return da * 8 / dt
 
-    def _lookahead(self, f: ServerFetch) -> int:
-        fc = f.forecaster.forecast() if f.forecaster is not None else None
-        bps = fc.median_bps if fc is not None else self.tuning.prior_bps
-        return max(MIN_LOOKAHEAD, int(bps / 8 * 0.1))
+    def _unacked(self, f: ServerFetch) -> int:
+        """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, queued in the network, or
+        acknowledged less than an RTT ago."""
+        return sum(size for _, size in f.chunk_streams) - self._acked(f)
+
+    def _lookahead(self, f: ServerFetch, now: float) -> int:
+        """Decide the next chunk when only this many of the fetch's bytes are unacknowledged: one min-RTT (what
+        the ACK clock lags) plus ``LOOKAHEAD_S`` at the current rate, so the bottleneck queue still holds
+        ``LOOKAHEAD_S`` of data when the next chunk is written (the link does not idle) while the decision sees
+        the newest ACKs. Counting unsent bytes only would decide every chunk as soon as the congestion window
+        swallows the previous one: with a deep bottleneck queue, long before any of it is delivered."""
+        bps = self.fresh_rate(f, now)
+        if bps is None:
+            fc = f.forecaster.forecast() if f.forecaster is not None else None
+            bps = fc.median_bps if fc is not None else self.tuning.prior_bps
+        rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
+        rtt_min = rtt_min if math.isfinite(rtt_min) else 0.1
+        return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + rtt_min)))
 
     def _decide(self, f: ServerFetch, now: float) -> str:
         assert f.plan is not None and f.controller is not None
