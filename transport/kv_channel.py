@@ -65,7 +65,7 @@ POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
 FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...
 FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
 LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
-MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unsent bytes than this remain (or ~100 ms worth)
+MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
 MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
 _LEN = struct.Struct(">I")
@@ -298,8 +298,8 @@ class KVServerSession(_SessionBase):
         return da * 8 / dt
 
     def _unacked(self, f: ServerFetch) -> int:
-        """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, queued in the network, or
-        acknowledged less than an RTT ago."""
+        """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, in the network, or delivered
+        with their ACK still on its way back."""
         return sum(size for _, size in f.chunk_streams) - self._acked(f)
 
     def _lookahead(self, f: ServerFetch, now: float) -> int:
