@@ -289,7 +289,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens, deadline_ms=args.deadline_ms,
         controllers=[c.strip() for c in args.controllers.split(",") if c.strip()], repeats=args.repeats,
         seed=args.seed, recompute_us_per_token=args.recompute_us_per_token, prior_mbps=args.prior_mbps,
-        stale_factor=args.stale_factor, reserve=args.reserve,
+        stale_factor=args.stale_factor, reserve=args.reserve, legacy_controller=args.legacy_controller,
     )  # fmt: skip
     if args.text:
         cfg.text = args.text
@@ -385,6 +385,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--prior-mbps", type=float, default=5.0, help="planning bandwidth before any sample")
     kv.add_argument("--stale-factor", type=float, help="tokenwire: discount of an earlier fetch's forecast")
     kv.add_argument("--reserve", type=float, help="tokenwire: share of the time left kept in reserve")
+    kv.add_argument("--legacy-controller", action="store_true",
+                    help="tokenwire: the previous rule (whole plan at the low quantile, 5 %% reserve)")
     kv.add_argument("--text", help="text whose first N tokens form the context (default tests/data/prose_harbor)")
     kv.add_argument("--json", metavar="PATH")
     kv.add_argument("--plot", metavar="PATH")

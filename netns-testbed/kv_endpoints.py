@@ -45,6 +45,7 @@ async def run_server(args: argparse.Namespace) -> int:
             tuning.stale_factor = args.stale_factor
         if args.reserve is not None:
             tuning.reserve = args.reserve
+        tuning.legacy_controller = args.legacy_controller
         server = await serve_kv(service, args.host, args.port, congestion=kv_congestion("l4s"), marking=L4SPolicy,
                                 tuning=tuning)
         emit({"ready": True, "ingest_s": time.monotonic() - t0, "encodes": service.encodes})
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-us-per-token", type=int, default=2250)
     p.add_argument("--stale-factor", type=float)
     p.add_argument("--reserve", type=float)
+    p.add_argument("--legacy-controller", action="store_true")
     return p
 
 

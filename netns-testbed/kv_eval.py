@@ -65,6 +65,7 @@ class KVEvalConfig:
     prior_mbps: float = 5.0
     stale_factor: float | None = None  # tokenwire's margins (None: the controller's defaults)
     reserve: float | None = None
+    legacy_controller: bool = False  # tokenwire's previous rule, for ablations
     synthetic: tuple[int, int, int] | None = None  # (layers, heads, dim): random KV, no model (smoke tests)
 
     def validate(self) -> None:
@@ -134,6 +135,8 @@ def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, wor
     for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve)):
         if value is not None and role == "server":
             argv += [flag, str(value)]
+    if cfg.legacy_controller and role == "server":
+        argv.append("--legacy-controller")
     with open(err, "w") as fh:
         proc = tb.popen(ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, text=True, bufsize=1)
     return Child(proc, f"kv {role}", err)

@@ -247,3 +247,70 @@ def test_service_on_the_redis_backend(redis_url):  # noqa: F811
         assert res.report.levels == ["medium", "medium"] and svc.encodes == 2
     finally:
         svc.close()
+
+
+def test_fresh_rate_comes_from_this_fetchs_quic_acks():
+    """The server measures a fetch's delivery rate from QUIC ACKs of its chunk streams (before any KV_ACK)."""
+    from types import SimpleNamespace
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet_builder import QuicDeliveryState
+    from aioquic.quic.stream import QuicStreamSender
+
+    from tokenwire.transport.frames import StreamDecoder
+    from tokenwire.transport.kv_channel import KVServerSession, ServerFetch
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"))
+    f = ServerFetch(0, None, StreamDecoder(), 0.0)
+    session.fetches[0] = f
+    sender = QuicStreamSender(3, True)
+    sender.write(b"x" * 300_000, end_stream=True)
+    quic._streams[3] = SimpleNamespace(sender=sender)
+    f.chunk_streams.append((3, 300_000))
+    session.poll(0.9)
+    assert f.ack_mark is None and session.fresh_rate(f, 0.9) is None  # nothing acknowledged yet
+    sender.on_data_delivery(QuicDeliveryState.ACKED, 0, 20_000, False)
+    session.poll(1.0)
+    assert f.ack_mark == (1.0, 20_000)
+    sender.on_data_delivery(QuicDeliveryState.ACKED, 20_000, 120_000, False)
+    assert session.fresh_rate(f, 1.05) is None  # spans less than FRESH_MIN_S
+    assert session.fresh_rate(f, 1.2) == pytest.approx(100_000 * 8 / 0.2)
+    sender.on_data_delivery(QuicDeliveryState.ACKED, 200_000, 250_000, False)  # out of order: counts too
+    assert session.fresh_rate(f, 1.2) == pytest.approx(150_000 * 8 / 0.2)
+    sender.on_data_delivery(QuicDeliveryState.LOST, 120_000, 200_000, False)  # lost: does not
+    assert session.fresh_rate(f, 1.2) == pytest.approx(150_000 * 8 / 0.2)
+    f.chunk_streams.append((7, 40_000))  # a stream aioquic has already discarded was delivered in full
+    assert session._acked(f) == 210_000
+
+
+def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():
+    """With a large congestion window the previous chunk leaves the send buffer at once; the next decision
+    waits until QUIC has acknowledged all but a look-ahead of it, so it sees the newest delivery rate."""
+    from types import SimpleNamespace
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet_builder import QuicDeliveryState
+    from aioquic.quic.stream import QuicStreamSender
+
+    from tokenwire.transport.frames import StreamDecoder
+    from tokenwire.transport.kv_channel import KVServerSession, ServerFetch
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6))
+    f = ServerFetch(0, None, StreamDecoder(), 0.0)
+    f.forecaster = session._make_forecaster("ewma")
+    sender = QuicStreamSender(3, True)
+    sender.write(b"x" * 1_000_000, end_stream=True)
+    sender.highest_offset = 1_000_000  # all of it handed to the network: nothing unsent
+    quic._streams[3] = SimpleNamespace(sender=sender)
+    f.chunk_streams.append((3, 1_000_000))
+    f.last_stream = 3
+    assert session._unsent(3) == 0
+    # no RTT sample: 0.1 s of min-RTT + 0.1 s at the 1 MB/s prior = 200 kB may stay unacknowledged
+    assert session._lookahead(f, 0.0) == 200_000
+    assert session._unacked(f) == 1_000_000 > session._lookahead(f, 0.0)
+    sender.on_data_delivery(QuicDeliveryState.ACKED, 0, 850_000, False)
+    assert session._unacked(f) == 150_000 <= session._lookahead(f, 0.0)

@@ -40,8 +40,8 @@ def test_tokenwire_generous_and_tight_budgets():
     assert c.choose(four, time_left_s=0.1, inflight_bytes=0, median_bps=80e6, low_bps=80e6).planned == ("low",) * 4
 
 
-def test_tokenwire_mixes_and_upgrades_the_tail_first():
-    c = KVController("tokenwire")
+def test_legacy_plan_mixes_and_upgrades_the_tail_first():
+    c = KVController("tokenwire", legacy=True)
     four = [chunk()] * 4
     bw = 8e6  # 1 MB/s: all-low costs 4 s; each medium upgrade +0.35 s
     d = c.choose(four, time_left_s=4.8, inflight_bytes=0, median_bps=bw, low_bps=bw)  # 5 % kept in reserve
@@ -54,8 +54,8 @@ def test_tokenwire_mixes_and_upgrades_the_tail_first():
     assert d2.planned.count("low") < d.planned.count("low")
 
 
-def test_tokenwire_plans_with_the_low_quantile_and_counts_inflight_bytes():
-    c = KVController("tokenwire")
+def test_legacy_plans_with_the_low_quantile_and_counts_inflight_bytes():
+    c = KVController("tokenwire", legacy=True)
     one = [chunk()]
     # the median would allow high, the low quantile only low
     assert c.choose(one, time_left_s=1.2, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "low"
@@ -65,8 +65,8 @@ def test_tokenwire_plans_with_the_low_quantile_and_counts_inflight_bytes():
                     low_bps=8e6).level == "low"
 
 
-def test_stale_forecast_is_discounted():
-    c = KVController("tokenwire")
+def test_legacy_stale_forecast_is_discounted():
+    c = KVController("tokenwire", legacy=True)
     one = [chunk()]
     assert c.choose(one, time_left_s=3.0, inflight_bytes=0, median_bps=8e6, low_bps=8e6,
                     sample_age_s=0.2).level == "high"
@@ -141,3 +141,83 @@ def test_a_pessimistic_low_quantile_does_not_turn_chunks_into_text():
     # when recomputing beats sending at the expected rate too, text it is
     d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=2e6, low_bps=1e6)
     assert d.planned == ("text",) * 4
+
+
+# -- the guarded controller (the default) ----------------------------------------------------------------------
+def test_guarded_plan_sends_more_now_than_the_low_quantile_plan():
+    two = [chunk(), chunk()]
+    kw = dict(time_left_s=5.0, inflight_bytes=0, median_bps=16e6, low_bps=4e6, sample_age_s=0.1)
+    # at the median (2 MB/s) both chunks fit at high; at the low quantile (0.5 MB/s) high + low (5.7 s) does
+    # not fit 5 s, medium + low (4.7 s) does: the guard downgrades the first chunk to medium
+    d = KVController("tokenwire").choose(two, **kw)
+    assert d.planned == ("medium", "high")
+    assert d.level == "medium"
+    # the low-quantile plan keeps the first chunk at low (1 + 1.35 MB = 4.7 s of its 4.75 s)
+    assert KVController("tokenwire", legacy=True).choose(two, **kw).level == "low"
+    # with a tighter low quantile even medium + low does not fit: low
+    assert KVController("tokenwire").choose(two, **{**kw, "low_bps": 3.5e6}).level == "low"
+
+
+def test_guarded_last_chunk_must_fit_at_the_low_quantile():
+    one = [chunk(decode_s=0.1)]
+    c = KVController("tokenwire")
+    # 1 MB/s low quantile: high (1.85 s + 0.1 s decode) fits 2.0 s, not 1.9 s; medium (1.45 s) fits 1.9 s
+    assert c.choose(one, time_left_s=2.0, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "high"
+    assert c.choose(one, time_left_s=1.9, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "medium"
+
+
+def test_guarded_prices_inflight_bytes_at_the_median():
+    one = [chunk()]
+    c = KVController("tokenwire")
+    # 2 MB in flight: 1 s at the median (2 MB/s), 2 s at the low quantile (1 MB/s); 3 s left:
+    # high (1.85 s at the low quantile) fits after 1 s of in-flight bytes, not after 2 s
+    assert c.choose(one, time_left_s=3.0, inflight_bytes=2 * MB, median_bps=16e6, low_bps=8e6).level == "high"
+    assert KVController("tokenwire", legacy=True).choose(one, time_left_s=3.0, inflight_bytes=2 * MB,
+                                                         median_bps=16e6, low_bps=8e6).level == "low"
+
+
+def test_guarded_probes_while_only_an_earlier_fetch_was_measured():
+    two = [chunk(), chunk()]
+    c = KVController("tokenwire")
+    kw = dict(time_left_s=10.0, inflight_bytes=0, median_bps=16e6, low_bps=8e6)
+    assert c.choose(two, **kw, sample_age_s=0.2).level == "high"  # fresh: high + low = 2.85 s of 10 s
+    d = c.choose(two, **kw, sample_age_s=5.0)
+    assert d.level == "low" and d.planned == ("low", "high")  # stale: probe now, the plan still upgrades later
+
+
+def test_guarded_probe_without_any_sample():
+    c = KVController("tokenwire", prior_bps=1e9)
+    assert c.choose([chunk()] * 2, time_left_s=100, inflight_bytes=0, median_bps=None, low_bps=None).level == "low"
+
+
+def test_early_first_breaks_ties_toward_the_chunk_sent_now():
+    four = [chunk()] * 4
+    bw = 8e6  # all-low 4 s; one low->medium upgrade +0.35 s
+    # room for two upgrades: the last chunk (recency weight) and then the earliest
+    assert KVController("tokenwire").plan(four, bw, 4.75, early_first=True) == ["medium", "low", "low", "medium"]
+    assert KVController("tokenwire").plan(four, bw, 4.75) == ["low", "low", "medium", "medium"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(10_000, 3_000_000), st.floats(1.1, 1.6), st.floats(1.1, 1.6),
+                          st.floats(0.01, 20.0)), min_size=1, max_size=6),
+       st.floats(0.05, 30.0), st.floats(1e5, 1e8), st.floats(0.1, 1.0), st.integers(0, 3_000_000))
+def test_guarded_choice_keeps_the_fallback_feasible(spec, time_left, med, ratio, inflight):
+    """Whatever the plan, the chunk sent now leaves the rest sendable at their cheapest at the low quantile."""
+    chunks = [chunk(low, low * a, low * a * b, rc) for low, a, b, rc in spec]
+    c = KVController("tokenwire")
+    low = med * ratio
+    d = c.choose(chunks, time_left_s=time_left, inflight_bytes=inflight, median_bps=med, low_bps=low,
+                 sample_age_s=0.0)
+    ladder = c._ladder(chunks[0], low, med)
+    names = [r[0] for r in ladder]
+    assert d.level in names
+    rest = sum(c._ladder(x, low, med)[0][1] for x in chunks[1:])
+    avail = time_left - inflight * 8 / med
+    spent = ladder[names.index(d.level)][1] + rest
+    if d.level != names[0]:  # an upgrade over the cheapest option is only taken when the fallback fits
+        assert spent <= avail + 1e-9
+    # never better than what the median plan asked for
+    plan0 = c.plan(chunks, med, avail, text_bw=med, early_first=True)[0]
+    if plan0 in names:
+        assert names.index(d.level) <= names.index(plan0)

@@ -10,9 +10,10 @@ Protocol (ALPN ``tokenwire-kv/1``, its own QUIC endpoint so bulk KV gets its own
   CRC-32) then ``size`` raw payload bytes and FIN. A payload is one self-contained CacheGen bitstream, or the
   chunk's token ids (int32 LE) when sent as text. A lost packet delays only its own chunk's stream.
 
-The server decides each chunk's level just before writing it (when the previous chunk has left aioquic's send
-buffer but for a look-ahead), with :class:`~tokenwire.transport.kv_controller.KVController`. The client decodes
-each chunk on a worker thread as soon as its stream ends, so decoding overlaps reception.
+The server decides each chunk's level just before writing it (when QUIC has acknowledged all of the fetch's
+bytes but for a look-ahead: one min-RTT plus 100 ms at the measured rate), with
+:class:`~tokenwire.transport.kv_controller.KVController`. The client decodes each chunk on a worker thread as
+soon as its stream ends, so decoding overlaps reception.
 
 Layers: :class:`KVServerSession` and :class:`KVClientSession` are sans-I/O (QUIC events in, session events
 out, explicit ``now``); :func:`serve_kv` / :func:`connect_kv` are the asyncio shells. Nothing here imports
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import struct
 import time
 import zlib
@@ -51,7 +53,7 @@ from .frames import (
     decode_frame,
     encode_stream_frame,
 )
-from .kv_controller import LEVELS, RESERVE, STALE_FACTOR, TEXT, ChunkOptions, KVController
+from .kv_controller import LEVELS, STALE_FACTOR, TEXT, ChunkOptions, KVController
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent, _SessionBase
@@ -60,7 +62,10 @@ from .tls import CertPair, client_configuration, server_configuration
 log = logging.getLogger("tokenwire.kv")
 
 POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
-MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unsent bytes than this remain (or ~100 ms worth)
+FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...
+FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
+LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
+MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
 MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
 _LEN = struct.Struct(">I")
@@ -118,7 +123,9 @@ class ServerTuning:
     recompute_us_per_token: int = 2250
     decode_elements_per_s: float = 50e6
     stale_factor: float = STALE_FACTOR  # tokenwire's margins (kv_controller): for experiments
-    reserve: float = RESERVE
+    reserve: float | None = None  # None: the controller's default for its rule
+    fresh_rate: bool = True  # plan a fetch's first chunks with its own QUIC delivery rate (see fresh_rate)
+    legacy_controller: bool = False  # tokenwire's previous rule (whole plan at the low quantile): for ablations
 
 
 # ------------------------------------------------------------------------------------------------ server side
@@ -162,6 +169,8 @@ class ServerFetch:
     done_sent: bool = False
     closed: bool = False
     samples: int = 0  # throughput samples this fetch contributed
+    chunk_streams: list[tuple[int, int]] = field(default_factory=list)  # (stream id, bytes written on it)
+    ack_mark: tuple[float, int] | None = None  # (when, acked bytes) at the first QUIC ACK progress seen
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -190,7 +199,8 @@ class KVServerSession(_SessionBase):
         f.plan = plan
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt,
-                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve)
+                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
+                                    legacy=self.tuning.legacy_controller)
         kind = "ewma" if f.fetch.controller in ("tokenwire-ewma", "even-split") else self.tuning.forecaster
         if kind not in self._forecasters:  # one per connection: a fetch starts from what earlier ones saw
             self._forecasters[kind] = self._make_forecaster(kind)
@@ -212,8 +222,10 @@ class KVServerSession(_SessionBase):
         sid = self.quic.get_next_available_stream_id(is_unidirectional=True)
         head = KvChunk(stream_id, index, level, len(payload), zlib.crc32(payload), f.plan.token_counts[index],
                        int(now * 1e6))
-        self.quic.send_stream_data(sid, encode_stream_frame(head) + payload, end_stream=True)
+        data = encode_stream_frame(head) + payload
+        self.quic.send_stream_data(sid, data, end_stream=True)
         f.levels.append(level)
+        f.chunk_streams.append((sid, len(data)))
         f.last_stream = sid
         f.bytes_written += len(payload)
         f.next_index += 1
@@ -232,6 +244,10 @@ class KVServerSession(_SessionBase):
         """Ask for the next chunk of every fetch whose previous chunk is (nearly) on the wire."""
         out: list[SessionEvent] = []
         for f in list(self.fetches.values()):
+            if f.ack_mark is None and f.chunk_streams:
+                acked = self._acked(f)
+                if acked > 0:
+                    f.ack_mark = (now, acked)
             if f.closed or f.plan is None or f.pending:
                 continue
             n = len(f.plan.token_counts)
@@ -240,7 +256,7 @@ class KVServerSession(_SessionBase):
                     f.done_sent = True
                     self._send(f.stream_id, KvDone(n, list(f.levels)))
                 continue
-            if f.last_stream is not None and self._unsent(f.last_stream) > self._lookahead(f):
+            if f.last_stream is not None and self._unacked(f) > self._lookahead(f, now):
                 continue
             level = self._decide(f, now)
             f.pending = True
@@ -257,10 +273,48 @@ class KVServerSession(_SessionBase):
         s = stream.sender
         return max(0, s._buffer_stop - s.highest_offset)
 
-    def _lookahead(self, f: ServerFetch) -> int:
-        fc = f.forecaster.forecast() if f.forecaster is not None else None
-        bps = fc.median_bps if fc is not None else self.tuning.prior_bps
-        return max(MIN_LOOKAHEAD, int(bps / 8 * 0.1))
+    def _acked(self, f: ServerFetch) -> int:
+        """Bytes of this fetch's chunk streams that QUIC has seen acknowledged (a stream gone is complete)."""
+        total = 0
+        for sid, size in f.chunk_streams:
+            stream = self.quic._streams.get(sid)
+            if stream is None:
+                total += size
+                continue
+            s = stream.sender
+            total += s._buffer_start + sum(r.stop - r.start for r in s._acked)
+        return total
+
+    def fresh_rate(self, f: ServerFetch, now: float) -> float | None:
+        """This fetch's own delivery rate from QUIC ACKs, bit/s: known ~one RTT after the first chunk starts,
+        long before the first chunk's KV_ACK, so the first chunks need not be planned with an older fetch's
+        forecast. None until it spans ``FRESH_MIN_S`` and ``FRESH_MIN_BYTES``."""
+        if f.ack_mark is None:
+            return None
+        t0, a0 = f.ack_mark
+        da, dt = self._acked(f) - a0, now - t0
+        if dt < FRESH_MIN_S or da < FRESH_MIN_BYTES:
+            return None
+        return da * 8 / dt
+
+    def _unacked(self, f: ServerFetch) -> int:
+        """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, in the network, or delivered
+        with their ACK still on its way back."""
+        return sum(size for _, size in f.chunk_streams) - self._acked(f)
+
+    def _lookahead(self, f: ServerFetch, now: float) -> int:
+        """Decide the next chunk when only this many of the fetch's bytes are unacknowledged: one min-RTT (what
+        the ACK clock lags) plus ``LOOKAHEAD_S`` at the current rate, so the bottleneck queue still holds
+        ``LOOKAHEAD_S`` of data when the next chunk is written (the link does not idle) while the decision sees
+        the newest ACKs. Counting unsent bytes only would decide every chunk as soon as the congestion window
+        swallows the previous one: with a deep bottleneck queue, long before any of it is delivered."""
+        bps = self.fresh_rate(f, now)
+        if bps is None:
+            fc = f.forecaster.forecast() if f.forecaster is not None else None
+            bps = fc.median_bps if fc is not None else self.tuning.prior_bps
+        rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
+        rtt_min = rtt_min if math.isfinite(rtt_min) else 0.1
+        return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + rtt_min)))
 
     def _decide(self, f: ServerFetch, now: float) -> str:
         assert f.plan is not None and f.controller is not None
@@ -276,9 +330,15 @@ class KVServerSession(_SessionBase):
         time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
         # samples from earlier fetches describe another moment of the link: stale until this fetch has its own
         age = now - self._sample_at.get(id(f.forecaster), now) if f.samples else float("inf")
+        med, low = (fc.median_bps, fc.low_bps) if fc else (None, None)
+        fresh = self.fresh_rate(f, now) if self.tuning.fresh_rate and not f.samples else None
+        if fresh is not None and not f.controller.legacy:
+            # no chunk sample of its own yet, but QUIC has measured this fetch's delivery rate: that is the median
+            # now, with the forecaster's relative spread (or EWMA's 0.75) as its low quantile
+            ratio = low / med if med and low else 0.75
+            med, low, age = fresh, fresh * ratio, 0.0
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=f.bytes_written - f.bytes_acked,
-                                median_bps=fc.median_bps if fc else None, low_bps=fc.low_bps if fc else None,
-                                sample_age_s=age)
+                                median_bps=med, low_bps=low, sample_age_s=age)
         f.decisions.append({"index": f.next_index, "level": d.level, "bandwidth_bps": d.bandwidth_bps,
                             "budget_s": d.budget_s, "time_left_s": time_left})
         return d.level

@@ -5,14 +5,21 @@ Before each chunk the server asks :meth:`KVController.choose` for a level, given
 written but not yet confirmed by the client, and the bandwidth forecast. Policies, all in this one class so
 that comparisons are fair:
 
-* ``tokenwire`` (ONNX forecaster) / ``tokenwire-ewma`` (EWMA forecaster): plan the *whole remainder* at the
-  forecast's low quantile, as a knapsack: start every remaining chunk at its cheapest option (lowest level, or
-  text where recomputing is faster than sending the lowest level), then upgrade, one rung at a time, the
-  chunk with the best quality gain per second of budget (ties go to later chunks: the end of a context weighs
-  most for the next token), while the plan fits. Send the current chunk at its planned level; re-plan at the
-  next chunk with fresh samples. With no sample at all the chunk goes at the lowest level (a probe); while the
-  fetch has only earlier fetches' samples the forecast is discounted (``STALE_FACTOR``); ``RESERVE`` of the time
-  left is kept for what no forecast sees.
+* ``tokenwire`` (ONNX forecaster) / ``tokenwire-ewma`` (EWMA forecaster): a *guarded* plan, re-made before
+  every chunk with what is actually left. (1) Plan the whole remainder at the forecast's *median*, as a
+  knapsack: start every remaining chunk at its cheapest option (lowest level, or text where recomputing is
+  faster than sending the lowest level), then upgrade, one rung at a time, the chunk with the best quality gain
+  per second (the last chunk weighs ``TAIL_WEIGHT``: recency; ties go to the *earlier* chunk, which is sent
+  while the later ones can still be downgraded). (2) Guard the chunk about to be sent: it keeps its planned
+  level only if, at the forecast's calibrated *low quantile*, it plus every later chunk at its cheapest option
+  still fits the time left; otherwise it is downgraded until that holds. The tail risk is thus priced once,
+  on the bytes not yet committed, and a wrong guess early is paid for by cheaper chunks later, not by a missed
+  deadline. Bytes already in flight are priced at the median (they are on the wire, what the link does to
+  them is what the median forecasts). Until the fetch has a measurement of its own (its QUIC delivery rate,
+  see ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the chunk goes at its cheapest option (a
+  probe): an earlier fetch's forecast describes another moment of the link (measured: ``high`` sent on one
+  into a capacity drop missed the deadline where only all-``low`` made it).
+  ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept back).
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -37,8 +44,10 @@ LEVEL_TOP1 = {"low": 0.9247, "medium": 0.9623, "high": 0.9820, TEXT: 1.0}
 LEVEL_BITS = {"low": 1.82, "medium": 2.47, "high": 3.38}
 TAIL_WEIGHT = 1.5  # the last chunk's quality weight (recency: docs/kv_codec.md, "Observations")
 STALE_S = 1.0  # a forecast whose newest sample is older than this describes another moment of the link...
-STALE_FACTOR = 0.75  # ...so tokenwire discounts it until this fetch's own chunks report
-RESERVE = 0.05  # share of the time left that tokenwire keeps for variance it cannot forecast
+STALE_FACTOR = 0.75  # ...so the legacy rule discounts it (the guarded rule probes instead)
+RESERVE = 0.0  # share of the time left kept back (the guard's low quantile is the margin; legacy used 0.05)
+LEGACY_RESERVE = 0.05
+EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class KVController:
     """See module docstring. ``safety`` scales the planning bandwidth (1.0 = the forecast's low quantile)."""
 
     def __init__(self, policy: str, *, prior_bps: float = 5e6, safety: float = 1.0, rtt_s: float = 0.0,
-                 stale_factor: float = STALE_FACTOR, reserve: float = RESERVE) -> None:
+                 stale_factor: float = STALE_FACTOR, reserve: float | None = None, legacy: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown KV controller {policy!r}; choose from {', '.join(POLICIES)}")
         self.policy = policy
@@ -71,7 +80,8 @@ class KVController:
         self.safety = safety
         self.rtt_s = rtt_s
         self.stale_factor = stale_factor
-        self.reserve = reserve
+        self.legacy = legacy
+        self.reserve = (LEGACY_RESERVE if legacy else RESERVE) if reserve is None else reserve
 
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
@@ -95,9 +105,36 @@ class KVController:
             if c.recompute_s + c.text_bytes * 8 / bw <= budget:
                 return Decision(TEXT, (TEXT,), bw, budget)
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
-        # no sample at all: send this chunk at the lowest level (a probe); only an earlier fetch's samples: plan
-        # with a discounted forecast (the knapsack upgrades the last chunks first, so the first chunks, sent
-        # before this fetch's own samples arrive, stay cheap)
+        if self.legacy:
+            return self._choose_legacy(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
+        return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
+
+    def _choose_guarded(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
+                        median_bps: float | None, low_bps: float | None, sample_age_s: float) -> Decision:
+        """Plan at the median, then downgrade the next chunk until the low-quantile fallback fits."""
+        med = (median_bps if median_bps is not None else self.prior_bps) * self.safety
+        low = (low_bps if low_bps is not None else self.prior_bps) * self.safety
+        low = min(low, med)
+        avail = time_left_s * (1 - self.reserve) - inflight_bytes * 8 / med - self.rtt_s / 2
+        plan = self.plan(remaining, med, avail, text_bw=med, early_first=True)
+        guard = self._ladder(remaining[0], low, med)
+        names = [r[0] for r in guard]
+        rest = sum(self._ladder(c, low, med)[0][1] for c in remaining[1:])
+        last_decode = remaining[-1].decode_s.get(self._ladder(remaining[-1], low, med)[0][0], 0.0)
+        k = names.index(plan[0]) if plan[0] in names else 0
+        if low_bps is None or sample_age_s > STALE_S:  # nothing measured on this fetch yet: probe, cheapest
+            k = 0
+        while k > 0:
+            dec = remaining[0].decode_s.get(names[k], 0.0) if len(remaining) == 1 else last_decode
+            if guard[k][1] + rest + dec <= avail:
+                break
+            k -= 1
+        plan[0] = names[k]
+        return Decision(plan[0], tuple(plan), low, avail)
+
+    def _choose_legacy(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
+                       median_bps: float | None, low_bps: float | None, sample_age_s: float) -> Decision:
+        """The previous rule: the whole remainder planned at the low quantile (measured too conservative)."""
         first = low_bps is None
         bw = (low_bps if low_bps is not None else self.prior_bps) * self.safety
         if sample_age_s > STALE_S:
@@ -125,8 +162,12 @@ class KVController:
         return rungs
 
     def plan(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float, *,
-             lowest_only: bool = False, text_bw: float | None = None) -> list[str]:
-        """Levels for every remaining chunk that fit ``budget_s`` at ``bw``, maximizing weighted quality."""
+             lowest_only: bool = False, text_bw: float | None = None, early_first: bool = False) -> list[str]:
+        """Levels for every remaining chunk that fit ``budget_s`` at ``bw``, maximizing weighted quality.
+
+        Equal gains go to the later chunk, or with ``early_first`` to the earlier one (upgrade what is sent now,
+        while later chunks can still absorb a surprise).
+        """
         ladders = [self._ladder(c, bw, text_bw) for c in remaining]
         pick = [0] * len(remaining)
         n = len(remaining)
@@ -149,7 +190,9 @@ class KVController:
                         continue
                     w = TAIL_WEIGHT if i == n - 1 else 1.0
                     gain = w * dq / max(dt, 1e-9)
-                    if gain >= best_gain:
+                    # with early_first a near-tie stays with the earlier chunk
+                    tie = best_gain * (1 + EARLY_TIE) if early_first and best_i >= 0 else best_gain
+                    if gain > tie or (gain == tie and not early_first):
                         best_i, best_gain = i, gain
                 if best_i < 0:
                     break
