@@ -25,6 +25,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from .onnx_session import open_session, read_model
+
 WINDOW = 8  # past chunk samples the model sees
 HORIZON = 4  # the target is the throughput over the next HORIZON chunks
 N_FEATURES = 3 * WINDOW + 1
@@ -95,12 +97,7 @@ class OnnxRunner:
     _shared: ClassVar[dict[str, OnnxRunner]] = {}
 
     def __init__(self, path: str | Path) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = open_session(read_model(Path(path)), str(path))
         self.input = self.session.get_inputs()[0].name
 
     @classmethod

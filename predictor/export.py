@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .features import FEATURES, FEATURES_VERSION, N_FEATURES
-from .runtime import MODEL_FORMAT, ModelError, _session
+from .onnx_session import ModelError, open_session, read_model
+from .runtime import MODEL_FORMAT
 
 OPSET = 17
 
@@ -54,7 +55,7 @@ def validate(model: object, path: str | Path, check_x: np.ndarray | None = None,
     """Max |onnxruntime - torch| (ms) at batch 1, 8 and 64; raises :class:`ModelError` beyond ``atol_ms``."""
     import torch
 
-    sess = _session(Path(path).read_bytes(), str(path))
+    sess = open_session(read_model(Path(path)), str(path))
     window = model.config["window"]  # type: ignore[attr-defined]
     rng = np.random.default_rng(0)
     worst = 0.0

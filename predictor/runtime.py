@@ -24,19 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from tokenwire.transport.errors import TokenwireError
 from tokenwire.transport.marking import L4SPolicy, LatencySample, MarkingPolicy, SwiftQueuePolicy
 
 from .features import CLIP, FEATURES, FEATURES_VERSION, N_FEATURES, R_ACK, R_SENT, window_features
+from .onnx_session import ModelError, open_session, read_model
 
 log = logging.getLogger("tokenwire.predictor")
 
 SHIPPED_MODEL = "swiftqueue.onnx"
 MODEL_FORMAT = "tokenwire-swiftqueue"
-
-
-class ModelError(TokenwireError):
-    """The latency model file is missing, corrupt, or was built for other features/inputs."""
 
 
 def shipped_model_path() -> Path:
@@ -144,30 +140,10 @@ class EwmaLatencyForecaster:
         return None if p is None else np.tile(np.array(p, dtype=np.float32), (len(nows), 1))
 
 
-def _session(data: bytes, label: str) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped exceptions for bad files
-        raise ModelError(f"{label}: not a usable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
 def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
     """Load the shipped model (``path=None``) or ``path``; raises :class:`ModelError` when it is unusable."""
     file = Path(path) if path is not None else shipped_model_path()
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"{file}: no such model file") from None
-    except OSError as exc:
-        raise ModelError(f"{file}: cannot read model ({exc.strerror})") from None
-    sess = _session(data, str(file))
+    sess = open_session(read_model(file), str(file))
     props = sess.get_modelmeta().custom_metadata_map
     try:
         meta = json.loads(props["tokenwire"])
