@@ -192,24 +192,14 @@ class _EcnCollector:
 
 
 def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:
-    """A factory of per-connection forecasters from :mod:`tokenwire.predictor.runtime`, or None (warned)."""
+    """A factory of per-connection forecasters sharing one inference session, or None (warned)."""
+    from tokenwire.predictor.runtime import ModelError, load_forecaster
+
     try:
-        from tokenwire.predictor import runtime  # type: ignore[attr-defined]
-    except ImportError as exc:
-        log.warning("marking.policy = swiftqueue but the predictor runtime is unavailable (%s); "
-                    "falling back to the l4s policy", exc)
-        return None
-    try:
-        first = runtime.load_forecaster(str(model) if model else None)  # load and validate once, at start
-    except Exception as exc:  # the runtime's typed errors: missing file, corrupt model, bad shapes
+        first = load_forecaster(str(model) if model else None)  # load and validate once, at start
+    except ModelError as exc:  # missing file, corrupt model, other inputs
         log.warning("marking.policy = swiftqueue but the latency model cannot be loaded (%s); "
                     "falling back to the l4s policy", exc)
         return None
-    log.info("swiftqueue latency model: %s", getattr(first, "path", "") or "shipped")
-    session = getattr(first, "_session", None)
-    if session is None:  # not the ONNX forecaster: load per connection
-        return lambda: runtime.load_forecaster(str(model) if model else None)
-    # every connection gets its own ack history but shares the one inference session (onnxruntime sessions
-    # are reentrant, and loading the model per connection would cost milliseconds at each handshake)
-    cls = type(first)
-    return lambda: cls(session, first.window, first.meta, first.path)
+    log.info("swiftqueue latency model: %s", first.path or "shipped")
+    return first.fresh

@@ -212,16 +212,13 @@ def load_predictor_forecaster(model: str | None) -> tuple[LatencyForecaster | No
     """The shipped (or ``model``) forecaster of :mod:`tokenwire.predictor.runtime`, and a description.
 
     Returns ``(None, why)`` when the model cannot be loaded: the ``swiftqueue`` policy then falls back to
-    ``l4s`` with a logged warning, exactly as the daemon does. Without the runtime module at all (a checkout
-    without the predictor), the per-queue EWMA double is used and named in the JSON.
+    ``l4s`` with a logged warning, exactly as the daemon does.
     """
+    from tokenwire.predictor.runtime import ModelError, load_forecaster
+
     try:
-        from tokenwire.predictor import runtime  # type: ignore[attr-defined]
-    except ImportError:
-        return PerQueueEwmaForecaster(), "ewma-per-queue (tokenwire.predictor.runtime not available)"
-    try:
-        fc = runtime.load_forecaster(model)
-    except Exception as exc:  # the runtime raises its own typed errors; any of them means "no model"
+        fc = load_forecaster(model)
+    except ModelError as exc:
         log.warning("swiftqueue: cannot load the latency model (%s); falling back to the l4s policy", exc)
         return None, f"none: {exc}"
     return fc, f"{type(fc).__name__} ({model or 'shipped model'})"

@@ -27,7 +27,6 @@ from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
 from .pktlog import read_packet_log
 from .swiftqueue_eval import (
-    PerQueueEwmaForecaster,
     PolicyRun,
     SwiftQueueConfig,
     build_summary,
@@ -77,8 +76,7 @@ def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any]
         return L4SPolicy, "prague", info
 
     def make_swiftqueue() -> Any:
-        forecaster = fc if not isinstance(fc, PerQueueEwmaForecaster) else PerQueueEwmaForecaster()
-        pol = SwiftQueuePolicy(forecaster, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
+        pol = SwiftQueuePolicy(fc, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
                                probe_interval_s=args.probe_interval, classic=ECT0)
         info["decisions"] = pol.decisions
         return pol

@@ -76,6 +76,14 @@ class OnnxLatencyForecaster:
         self._in_x, self._in_ref = (i.name for i in session.get_inputs())
         self._out = session.get_outputs()[0].name
 
+    def fresh(self) -> OnnxLatencyForecaster:
+        """A forecaster with its own (empty) ack history on the same inference session.
+
+        One per connection: onnxruntime sessions are reentrant, and loading the model at every handshake
+        would cost milliseconds.
+        """
+        return OnnxLatencyForecaster(self._session, self.window, self.meta, self.path)
+
     @property
     def ready(self) -> bool:
         return self._ring.count > self.window
