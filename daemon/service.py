@@ -145,7 +145,7 @@ class DaemonProtocol(SessionProtocol):
         acks = self.server_session.acks_received
         m.acks.inc(max(0, acks - self._reported_acks))
         self._reported, self._reported_acks = now, acks
-        ce = (self.server_session._last_ecn or [0, 0, 0, 0])[3]  # the client's cumulative CE counter
+        ce = self.server_session.ce_reported
         self.daemon.marking.add_ce(ce - self._reported_ce)
         self._reported_ce = max(ce, self._reported_ce)
 

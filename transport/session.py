@@ -486,6 +486,11 @@ class ServerSession(_SessionBase):
             self._drop(r)
         return out
 
+    @property
+    def ce_reported(self) -> int:
+        """The client's cumulative count of CE-marked packets (0 before its first ECN feedback)."""
+        return self._last_ecn[CE] if self._last_ecn is not None else 0
+
     def _ecn_feedback(self, ack: Ack, now: float) -> bool:
         """Feed CE counts from the client's cumulative counters to a scalable congestion controller."""
         if ack.ecn is None or len(ack.ecn) != 4:
