@@ -150,7 +150,6 @@ class SwiftQueueConfig:
     margin_ms: float = 1.0
     hysteresis_ms: float = 3.0
     probe_interval_s: float = 0.0
-    confirm_s: float = 0.0
     model: str | None = None
     warmup_s: float = 1.0
     virtual: bool = False
@@ -163,8 +162,8 @@ class SwiftQueueConfig:
             raise SwiftQueueEvalError(f"--seconds must be > the {self.warmup_s:g} s warm-up")
         if self.delay_ms < 0:
             raise SwiftQueueEvalError("--delay-ms must be >= 0")
-        if min(self.margin_ms, self.hysteresis_ms, self.probe_interval_s, self.confirm_s) < 0:
-            raise SwiftQueueEvalError("--margin-ms, --hysteresis-ms, --probe-interval and --confirm must be >= 0")
+        if min(self.margin_ms, self.hysteresis_ms, self.probe_interval_s) < 0:
+            raise SwiftQueueEvalError("--margin-ms, --hysteresis-ms and --probe-interval must be >= 0")
         for spec in self.cross:
             c = parse_cross_spec(spec)
             if c.kind in VIRTUAL_ONLY and not self.virtual:
@@ -442,7 +441,7 @@ def make_policy_for(name: str, cfg: SwiftQueueConfig, oracle: Callable[[float], 
     if isinstance(forecaster, PerQueueEwmaForecaster) and probe == 0:
         probe = 0.25  # a per-queue EWMA learns nothing about the queue it does not use without probes
     return SwiftQueuePolicy(forecaster, margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
-                            probe_interval_s=probe, confirm_s=cfg.confirm_s)
+                            probe_interval_s=probe)
 
 
 def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyForecaster | None = None,

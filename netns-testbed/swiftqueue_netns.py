@@ -77,7 +77,7 @@ def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any]
 
     def make_swiftqueue() -> Any:
         pol = SwiftQueuePolicy(fc, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
-                               probe_interval_s=args.probe_interval, confirm_s=args.confirm, classic=ECT0)
+                               probe_interval_s=args.probe_interval, classic=ECT0)
         info["decisions"] = pol.decisions
         return pol
 
@@ -92,7 +92,7 @@ def _endpoint(tb: Testbed, role: str, policy: str, cfg: SwiftQueueConfig, tokens
         "--host", tb.server_addr, "--port", str(PORT), "--out", out, "--tokens", str(tokens), "--rate", str(rate),
         "--seed", str(cfg.seed), "--timeout", str(cfg.seconds * 3 + 60), "--marking", policy,
         "--margin-ms", str(cfg.margin_ms), "--hysteresis-ms", str(cfg.hysteresis_ms),
-        "--probe-interval", str(cfg.probe_interval_s), "--confirm", str(cfg.confirm_s),
+        "--probe-interval", str(cfg.probe_interval_s),
     ]  # fmt: skip
     if oracle_path:
         argv += ["--oracle-file", oracle_path]

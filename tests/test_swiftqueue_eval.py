@@ -61,31 +61,6 @@ def test_probes_go_to_the_unused_queue_only_when_the_current_one_is_slow_and_sta
     assert p.decisions["probe"] == 3
 
 
-def test_a_move_into_a_stale_queue_waits_for_one_confirming_packet():
-    f = Scripted((20.0, 20.0))
-    p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0, confirm_s=0.2)
-    p.on_sample(sample(0.0, 20.0, False))  # the floor: 20 ms
-    for k in range(3):  # L is bursting: measured far above the floor
-        p.on_sample(sample(0.1 + k / 100, 90.0, True))
-    f.pred = (90.0, 21.0)
-    assert p.codepoint(0.15) == ECT0  # C's newest sample is 0.13 s old: a fresh queue, the flow moves at once
-    for k in range(3):  # C a few ms above the floor (timing jitter, or C's share shrinking in the burst)
-        p.on_sample(sample(1.0 + k / 100, 27.0, False))
-    f.pred = (21.0, 27.0)  # the model, on L samples almost a second old, says L is faster
-    assert p.codepoint(1.05) == ECT1  # one packet goes to L alone ...
-    assert [p.codepoint(1.05 + k / 100) for k in range(1, 15)] == [ECT0] * 14  # ... the flow stays in C
-    assert p.codepoint(1.26) == ECT1 and p.codepoint(1.27) == ECT0  # next confirmation, one interval later
-    assert p.decisions["confirm"] == 2
-    p.on_sample(sample(1.3, 95.0, True))  # the confirming packet met the burst: the prediction follows it
-    f.pred = (95.0, 27.0)
-    assert [p.codepoint(1.3 + k / 100) for k in range(10)] == [ECT0] * 10
-    p.on_sample(sample(1.5, 20.5, True))  # L recovered; a sample 0.1 s old is fresh: the flow moves
-    f.pred = (20.5, 27.0)
-    assert p.codepoint(1.6) == ECT1 and p.codepoint(1.61) == ECT1
-    with pytest.raises(ValueError):
-        SwiftQueuePolicy(f, confirm_s=-1)
-
-
 def test_policy_leaves_a_slow_l_queue_and_returns_when_it_recovers():
     f = Scripted((20.0, 20.0))
     p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0, probe_interval_s=0.0)

@@ -94,23 +94,20 @@ class SwiftQueuePolicy:
         classic: int = ECT0,
         cold_start: int = ECT1,
         probe_interval_s: float = 0.0,
-        confirm_s: float = 0.0,
     ) -> None:
-        if margin_ms < 0 or hysteresis_ms < 0 or probe_interval_s < 0 or confirm_s < 0:
-            raise ValueError("margin_ms, hysteresis_ms, probe_interval_s and confirm_s must be >= 0")
+        if margin_ms < 0 or hysteresis_ms < 0 or probe_interval_s < 0:
+            raise ValueError("margin_ms, hysteresis_ms and probe_interval_s must be >= 0")
         self.forecaster = forecaster
         self.margin_ms = margin_ms
         self.hysteresis_ms = hysteresis_ms
         self.classic = classic
         self.probe_interval_s = probe_interval_s
-        self.confirm_s = confirm_s
         self._current = cold_start
-        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0, "confirm": 0}
+        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0}
         self.last_prediction: tuple[float, float] | None = None
         # when the last latency sample of each queue arrived, and when we last probed (see _probe)
         self._last_sample = {True: -math.inf, False: -math.inf}
         self._last_probe = -math.inf
-        self._last_confirm = -math.inf
         self._floor_ms = math.inf  # lowest latency sample seen: the path's propagation floor
         self._recent: dict[bool, deque[float]] = {True: deque(maxlen=3), False: deque(maxlen=3)}
 
@@ -123,18 +120,10 @@ class SwiftQueuePolicy:
         pred_l, pred_c = pred
         gain = pred_c - (pred_l + self.margin_ms)  # > 0: L is expected to be faster by more than the margin
         if self._worth_moving(self._current == ECT1):
-            want = self._current
             if self._current == ECT1 and gain < -self.hysteresis_ms:
-                want = self.classic
+                self._current = self.classic
             elif self._current != ECT1 and gain > self.hysteresis_ms:
-                want = ECT1
-            if want != self._current:
-                if not self._stale(want == ECT1, now):
-                    self._current = want
-                elif now - self._last_confirm >= self.confirm_s:
-                    self._last_confirm = now
-                    self.decisions["confirm"] += 1
-                    return want
+                self._current = ECT1
         current_ms = pred_l if self._current == ECT1 else pred_c
         if self._probe(now, current_ms):
             self.decisions["probe"] += 1
@@ -156,17 +145,6 @@ class SwiftQueuePolicy:
         if not recent:
             return True
         return min(recent) > self._floor_ms + self.margin_ms + self.hysteresis_ms
-
-    def _stale(self, queue_l: bool, now: float) -> bool:
-        """Whether a move into this queue must first be confirmed by one packet (``confirm_s`` > 0).
-
-        The prediction for a queue the flow has not used lately rests on old samples; moving the whole flow on
-        it is a bet that the queue is still as it was. With ``confirm_s`` the first packet goes alone (at most
-        one per ``confirm_s``), and the flow follows only once a sample of that queue newer than ``confirm_s``
-        still predicts a gain. Measured: in namespaces with real timing jitter, C samples a few ms above the
-        floor during an L burst made the flow walk back into the burst on L predictions seconds old.
-        """
-        return self.confirm_s > 0 and now - self._last_sample[queue_l] > self.confirm_s
 
     def _probe(self, now: float, current_ms: float) -> bool:
         """One packet into the unused queue when its latest sample is older than ``probe_interval_s``.
