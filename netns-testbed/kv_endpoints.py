@@ -5,8 +5,11 @@ KV from a ``.pt`` file (what an engine would put through the ingest API), encode
 (``prewarm``: the evaluation measures delivery, not first-time encoding), then serves the KV channel with
 ECT(1) marking and the Prague controller, like the daemon's ``[kv]`` defaults. Prints ``{"ready": ...}``.
 
+Prints ``{"fetch_closed": {"levels", "complete", "decisions"}}`` after each fetch (the controller's inputs).
+
 ``client``: connects (prints ``{"connected": ...}``), then per stdin line ``{"controller", "deadline_ms"}``
-runs one ``fetch_kv`` and prints ``{"result": report, "sent_at", "first_at", "last_at"}`` (host monotonic
+runs one ``fetch_kv`` on that controller's own connection (opened on its first fetch; ``"conn"`` names
+another) and prints ``{"result": report, "sent_at", "first_at", "last_at"}`` (host monotonic
 clock, shared by all namespaces), or ``{"error": ...}``.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +52,9 @@ async def run_server(args: argparse.Namespace) -> int:
         tuning.legacy_controller = args.legacy_controller
         server = await serve_kv(service, args.host, args.port, congestion=kv_congestion("l4s"), marking=L4SPolicy,
                                 tuning=tuning)
+        # the controller's inputs per chunk, for the evaluation's per-fetch record (the client cannot see them)
+        server.on_fetch_closed = lambda ev: emit({"fetch_closed": {"levels": ev.levels, "complete": ev.complete,
+                                                                   "decisions": ev.decisions}})
         emit({"ready": True, "ingest_s": time.monotonic() - t0, "encodes": service.encodes})
         reader = await stdin_reader()
         while True:
@@ -74,7 +81,19 @@ async def run_client(args: argparse.Namespace) -> int:
 
     ctx = torch.load(args.kv, weights_only=True)
     ids = ctx["ids"].tolist()
-    async with connect_kv(args.host, args.port, verify=False, ecn=True) as conn:
+    async with contextlib.AsyncExitStack() as stack:
+        # one connection per controller: the server's forecasters live per connection, and a controller must
+        # not start from what another one just measured on the same stretch of the trace (the rounds replay
+        # one offset for every controller); its own previous fetch is from another offset, like a real gap
+        conns: dict[str, Any] = {}
+
+        async def conn_for(controller: str) -> Any:
+            if controller not in conns or conns[controller].closed:  # new, or ended by QUIC's idle timeout
+                conns[controller] = await stack.enter_async_context(
+                    connect_kv(args.host, args.port, verify=False, ecn=True))
+            return conns[controller]
+
+        await conn_for("fixed-L1")
         emit({"connected": True})
         reader = await stdin_reader()
         while True:
@@ -82,13 +101,15 @@ async def run_client(args: argparse.Namespace) -> int:
             if not line or line.strip() == b"stop":
                 break
             req: dict[str, Any] = json.loads(line)
+            conn = await conn_for(req.get("conn", req["controller"]))
             sent = time.monotonic()
             try:
                 res = await conn.fetch_kv(model=ctx["model"], token_ids=ids, deadline_ms=int(req["deadline_ms"]),
                                           controller=req["controller"],
                                           recompute_us_per_token=args.recompute_us_per_token)
             except TokenwireError as exc:
-                emit({"fetch_error": f"{type(exc).__name__}: {exc}"})
+                emit({"fetch_error": f"{type(exc).__name__}: {exc}", "code": int(exc.code),
+                      "elapsed_s": time.monotonic() - sent, "sent_at": sent})
                 continue
             rep = res.report
             first = min(c.first_byte_ms for c in rep.chunks)

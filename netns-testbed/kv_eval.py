@@ -158,6 +158,13 @@ def fetch_metrics(res: dict[str, Any], *, elements: int, recompute_us_per_token:
                        for c in chunks]}
 
 
+def timed_out_metrics(ev: dict[str, Any]) -> dict[str, Any]:
+    """A fetch the client gave up on: a missed deadline at the time it waited; no quality, no bytes counted."""
+    return {"fetch_ms": ev["elapsed_s"] * 1e3, "deadline_met": False, "timed_out": True, "quality_top1": math.nan,
+            "bits_per_element": math.nan, "payload_bytes": 0, "levels": [], "chunks": [], "sent_at": ev["sent_at"],
+            "last_at": ev["sent_at"] + ev["elapsed_s"]}
+
+
 def add_goodput(rows: dict[str, list[dict[str, Any]]], log_path: str, down: Any) -> None:
     """Goodput per fetch from the emulator's packet log (virtual departure times on the host clock).
 
@@ -180,7 +187,7 @@ def add_goodput(rows: dict[str, list[dict[str, Any]]], log_path: str, down: Any)
         for m in fetches:
             lo = bisect.bisect_left(times, m["sent_at"])
             hi = bisect.bisect_right(times, m["last_at"])
-            if hi <= lo:
+            if hi <= lo or m.get("timed_out"):
                 m["goodput_fraction"] = m["link_utilization"] = math.nan
                 continue
             t0 = (times[lo] - m["origin"]) * 1e3
@@ -203,8 +210,9 @@ def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]
         p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)] if times else math.nan
         out[ctl] = {
             "deadline_attainment": statistics.fmean(r["deadline_met"] for r in rows),
-            "mean_quality_top1": statistics.fmean(r["quality_top1"] for r in rows),
-            "mean_bits_per_element": statistics.fmean(r["bits_per_element"] for r in rows),
+            "mean_quality_top1": _mean(r["quality_top1"] for r in rows),  # over completed fetches
+            "mean_bits_per_element": _mean(r["bits_per_element"] for r in rows),
+            "timed_out": sum(1 for r in rows if r.get("timed_out")),
             "p95_fetch_ms": p95,
             "goodput_fraction": _mean(r.get("goodput_fraction", math.nan) for r in rows),
             "link_utilization": _mean(r.get("link_utilization", math.nan) for r in rows),
@@ -217,6 +225,7 @@ def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]
 
 def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: None,
                 workdir: str | None = None) -> dict[str, Any]:
+    from tokenwire.transport.errors import ErrorCode
     from tokenwire.transport.kv_controller import LEVEL_TOP1
 
     cfg.validate()
@@ -240,10 +249,13 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
             cli = _start(tb, tb.client_ns, "client", cfg, kv_path, wd)
             cli.wait_for("connected", 60)
             timeout = 30 + 20 * cfg.deadline_ms / 1000
-            # warm-up (decoder JIT, connection state): one relaxed fetch, not counted
+            # warm-up (decoder JIT, connection state): one relaxed fetch on each controller's connection, not
+            # counted (each controller has its own connection: kv_endpoints)
             tb.origin(rng.uniform(0, down.period_ms / 1000))
-            cli.send(json.dumps({"controller": "fixed-L1", "deadline_ms": 10 * cfg.deadline_ms}))
-            cli.wait_for("result", timeout * 10)
+            for ctl in cfg.controllers:
+                cli.send(json.dumps({"controller": "fixed-L1", "conn": ctl, "deadline_ms": 10 * cfg.deadline_ms}))
+                cli.wait_for("result", timeout * 10)
+                srv.wait_for("fetch_closed", 10)
             total = cfg.repeats * len(cfg.controllers)
             k = 0
             for rep in range(cfg.repeats):
@@ -260,11 +272,23 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
                         if "result" in ev or "fetch_error" in ev:
                             break
                     if "fetch_error" in ev:
-                        raise KVEvalError(f"{ctl}: {ev['fetch_error']}")
+                        if ev.get("code") != ErrorCode.UPSTREAM_TIMEOUT:  # anything else is a bug: stop
+                            raise KVEvalError(f"{ctl}: {ev['fetch_error']}")
+                        m = timed_out_metrics(ev)  # a miss, counted as one; the run goes on
+                        log(f"[{k}/{total}] {ctl}: {ev['fetch_error']} after {ev['elapsed_s']:.0f} s (MISSED)")
+                        try:  # the server saw the fetch end if the connection still worked
+                            closed = srv.wait_for("fetch_closed", 5)["fetch_closed"]
+                        except ChildError:
+                            closed = {}
+                        m.update(repeat=rep, offset_s=offset, origin=origin,
+                                 decisions=closed.get("decisions", []))
+                        rows[ctl].append(m)
+                        continue
                     m = fetch_metrics(ev, elements=ctx["elements"],
                                       recompute_us_per_token=cfg.recompute_us_per_token, top1=LEVEL_TOP1)
+                    closed = srv.wait_for("fetch_closed", 10)["fetch_closed"]
                     m.update(repeat=rep, offset_s=offset, origin=origin, sent_at=ev["sent_at"],
-                             last_at=ev["last_at"])
+                             last_at=ev["last_at"], decisions=closed.get("decisions", []))
                     rows[ctl].append(m)
                     log(f"[{k}/{total}] {ctl}: {m['fetch_ms']:.0f} ms "
                         f"({'met' if m['deadline_met'] else 'MISSED'}), levels {','.join(m['levels'])}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
 from tokenwire.daemon.kv_store import LocalChunkStore, object_key
 from tokenwire.transport.cachegen.codec import decode_chunk
-from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.kv_channel import KVCorruptChunk, KVNotFound, ServerTuning, connect_kv, serve_kv
 
 MODEL = "tiny-test"
@@ -148,6 +149,7 @@ def test_fetch_by_chunk_hashes_and_onnx_controller(service):
     async def go():
         server = await serve_kv(service, "127.0.0.1", 0, congestion="prague",
                                 tuning=ServerTuning(forecaster="onnx"))
+        server.on_fetch_closed = closed.append
         try:
             async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
                 return await conn.fetch_kv(model=MODEL, hashes=[bytes.fromhex(h) for h in hashes],
@@ -155,9 +157,36 @@ def test_fetch_by_chunk_hashes_and_onnx_controller(service):
         finally:
             server.close()
 
+    closed = []
     res = run(go())
     assert len(res.chunks) == 3 and all(c.kv is not None for c in res.chunks)
-    assert res.report.levels[0] == "low"  # no sample yet: the first chunk probes at the lowest level
+    # the server reports each decision's inputs; the first had no measurement of this fetch (the prior decided)
+    assert len(closed) == 1 and closed[0].complete and closed[0].levels == res.report.levels
+    decisions = closed[0].decisions
+    assert [(d["index"], d["level"]) for d in decisions] == list(enumerate(res.report.levels))
+    assert decisions[0]["age_s"] is None and not decisions[0]["fresh"]
+    assert all(d["time_left_s"] > 0 and len(d["planned"]) == 3 - d["index"] for d in decisions)
+
+
+def test_a_fetch_on_an_ended_connection_fails_at_once(service):
+    """After the connection ends (here the server shuts down; in the field QUIC's idle timeout) a fetch raises a
+    typed error right away instead of waiting for its timeout."""
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 7))
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno")
+        async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+            assert not conn.closed
+            server.close()
+            await asyncio.wait_for(conn.wait_closed(), 10)
+            assert conn.closed
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError, match="KV connection closed"):
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            return time.monotonic() - t0
+
+    assert run(go()) < 1.0
 
 
 def test_unix_socket_ingest(service, tmp_path):
@@ -283,6 +312,48 @@ def test_fresh_rate_comes_from_this_fetchs_quic_acks():
     assert session.fresh_rate(f, 1.2) == pytest.approx(150_000 * 8 / 0.2)
     f.chunk_streams.append((7, 40_000))  # a stream aioquic has already discarded was delivered in full
     assert session._acked(f) == 210_000
+    # written at 1.0: the whole-fetch rate (210 KB in 0.2 s) is the higher one, the since-first-ACK rate stands
+    f.first_sent_at = 1.0
+    assert session.fresh_rate(f, 1.2) == pytest.approx(190_000 * 8 / 0.2)
+    # written at 0.0, first ACK progress only at 1.0 (a stall): the burst after it does not count as the rate
+    f.first_sent_at = 0.0
+    assert session.fresh_rate(f, 1.2) == pytest.approx(210_000 * 8 / 1.2)
+
+
+def test_a_fetch_starts_without_an_earlier_fetchs_stale_samples():
+    """The connection's forecaster carries on while its samples are recent; older ones are dropped at fetch start."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.transport.frames import KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import ContextPlan, KVServerSession, ServerFetch
+    from tokenwire.transport.kv_controller import LEVELS, STALE_S
+
+    made = []
+
+    def factory(kind):
+        from tokenwire.predictor.bandwidth import make_forecaster
+
+        made.append(make_forecaster(kind))
+        return made[-1]
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"), forecaster_factory=factory)
+    plan = ContextPlan(16, [16], [1000], [dict.fromkeys(LEVELS, 100)], (1, 1, 1), 0, "float16")
+
+    def start(sid, now):
+        f = ServerFetch(sid, KvFetch(model=MODEL, deadline_ms=1000, token_ids=[1] * 16), StreamDecoder(), now)
+        session.fetches[sid] = f
+        session.start(sid, plan, now)
+        return f
+
+    a = start(0, 10.0)
+    a.forecaster.observe(100_000, 0.1)
+    session._sample_at[id(a.forecaster)] = 10.2  # what a chunk's KV_ACK records
+    b = start(4, 10.2 + STALE_S / 2)  # recent samples: the same forecaster, history and all
+    assert b.forecaster is a.forecaster and b.forecaster.forecast() is not None
+    c = start(8, 10.2 + 2 * STALE_S)  # stale: a fresh one
+    assert c.forecaster is not a.forecaster and c.forecaster.forecast() is None and len(made) == 2
 
 
 def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():

@@ -77,9 +77,19 @@ def test_legacy_stale_forecast_is_discounted():
     assert stale.planned == ("low", "medium")  # 0.75 MB/s: 1.33 + 1.8 s
 
 
-def test_first_chunk_without_a_sample_probes_at_the_lowest_level():
-    c = KVController("tokenwire", prior_bps=1e9)
-    assert c.choose([chunk()] * 2, time_left_s=100, inflight_bytes=0, median_bps=None, low_bps=None).level == "low"
+def test_first_chunk_without_a_sample_is_guarded_by_the_prior():
+    # nothing measured: plan at the configured prior (8 Mbit/s: 1 MB/s), its low quantile PRIOR_LOW of it
+    # (0.5 MB/s), the guard at their geometric mean (0.707 MB/s)
+    c = KVController("tokenwire", prior_bps=8e6)
+    two = [chunk(), chunk()]
+    kw = dict(inflight_bytes=0, median_bps=None, low_bps=None)
+    assert c.choose(two, time_left_s=100, **kw).level == "high"
+    # at the guard's rate: high + low (2.85 MB) 4.03 s, medium + low 3.32 s, low + low 2.83 s
+    assert c.choose(two, time_left_s=4.1, **kw).level == "high"
+    assert c.choose(two, time_left_s=3.5, **kw).level == "medium"
+    assert c.choose(two, time_left_s=3.0, **kw).level == "low"
+    # prior_low=None: the forced probe of the previous version, cheapest whatever the budget
+    assert KVController("tokenwire", prior_bps=8e6, prior_low=None).choose(two, time_left_s=100, **kw).level == "low"
 
 
 def test_text_when_recomputing_beats_sending():
@@ -138,9 +148,23 @@ def test_a_pessimistic_low_quantile_does_not_turn_chunks_into_text():
     # expected 8 Mbit/s (low: 1 s per chunk), pessimistic 1 Mbit/s (low: 8 s): recompute (2 s) is still dearer
     d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=8e6, low_bps=1e6)
     assert "text" not in d.planned
-    # when recomputing beats sending at the expected rate too, text it is
+    # when recomputing beats sending at the expected rate too (2 s against 4 s), and all-text fits, text it is
+    d = c.choose(four, time_left_s=8.5, inflight_bytes=0, median_bps=2e6, low_bps=1e6)
+    assert d.planned == ("text",) * 4 and d.level == "text"
+
+
+def test_no_certain_recompute_when_nothing_fits():
+    c = KVController("tokenwire", prior_bps=2e6)
+    four = [chunk(recompute_s=2.0)] * 4
+    # all-text takes 8 s and all-low 16 s at the median (2 Mbit/s); only 5 s are left: both miss unless the
+    # link beats its forecast, which only bytes on the wire can profit from
     d = c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=2e6, low_bps=1e6)
-    assert d.planned == ("text",) * 4
+    assert d.level == "low"
+    assert KVController("tokenwire", legacy=True).choose(four, time_left_s=5.0, inflight_bytes=0,
+                                                         median_bps=2e6, low_bps=1e6).level == "text"
+    # the same holds before the fetch has a sample of its own (the prior decides: 2 Mbit/s)
+    assert c.choose(four, time_left_s=5.0, inflight_bytes=0, median_bps=2e6, low_bps=None).level == "low"
+    assert c.choose(four, time_left_s=8.5, inflight_bytes=0, median_bps=2e6, low_bps=None).level == "text"
 
 
 # -- the guarded controller (the default) ----------------------------------------------------------------------
@@ -149,18 +173,21 @@ def test_guarded_plan_sends_more_now_than_the_low_quantile_plan():
     kw = dict(time_left_s=5.0, inflight_bytes=0, median_bps=16e6, low_bps=4e6, sample_age_s=0.1)
     # at the median (2 MB/s) both chunks fit at high; at the low quantile (0.5 MB/s) high + low (5.7 s) does
     # not fit 5 s, medium + low (4.7 s) does: the guard downgrades the first chunk to medium
-    d = KVController("tokenwire").choose(two, **kw)
+    d = KVController("tokenwire", guard_weight=1.0).choose(two, **kw)
     assert d.planned == ("medium", "high")
     assert d.level == "medium"
     # the low-quantile plan keeps the first chunk at low (1 + 1.35 MB = 4.7 s of its 4.75 s)
     assert KVController("tokenwire", legacy=True).choose(two, **kw).level == "low"
     # with a tighter low quantile even medium + low does not fit: low
-    assert KVController("tokenwire").choose(two, **{**kw, "low_bps": 3.5e6}).level == "low"
+    assert KVController("tokenwire", guard_weight=1.0).choose(two, **{**kw, "low_bps": 3.5e6}).level == "low"
+    # the default guard is the geometric mean of low quantile and median: sqrt(0.5 * 2) = 1 MB/s, where
+    # high + low (2.85 s) fits 5 s
+    assert KVController("tokenwire").choose(two, **kw).level == "high"
 
 
 def test_guarded_last_chunk_must_fit_at_the_low_quantile():
     one = [chunk(decode_s=0.1)]
-    c = KVController("tokenwire")
+    c = KVController("tokenwire", guard_weight=1.0)
     # 1 MB/s low quantile: high (1.85 s + 0.1 s decode) fits 2.0 s, not 1.9 s; medium (1.45 s) fits 1.9 s
     assert c.choose(one, time_left_s=2.0, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "high"
     assert c.choose(one, time_left_s=1.9, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "medium"
@@ -168,7 +195,7 @@ def test_guarded_last_chunk_must_fit_at_the_low_quantile():
 
 def test_guarded_prices_inflight_bytes_at_the_median():
     one = [chunk()]
-    c = KVController("tokenwire")
+    c = KVController("tokenwire", guard_weight=1.0)
     # 2 MB in flight: 1 s at the median (2 MB/s), 2 s at the low quantile (1 MB/s); 3 s left:
     # high (1.85 s at the low quantile) fits after 1 s of in-flight bytes, not after 2 s
     assert c.choose(one, time_left_s=3.0, inflight_bytes=2 * MB, median_bps=16e6, low_bps=8e6).level == "high"
@@ -176,18 +203,17 @@ def test_guarded_prices_inflight_bytes_at_the_median():
                                                          median_bps=16e6, low_bps=8e6).level == "low"
 
 
-def test_guarded_probes_while_only_an_earlier_fetch_was_measured():
+def test_an_earlier_fetchs_forecast_is_replaced_by_the_prior():
+    """A forecast whose newest sample is older than STALE_S describes another moment of the link."""
     two = [chunk(), chunk()]
-    c = KVController("tokenwire")
-    kw = dict(time_left_s=10.0, inflight_bytes=0, median_bps=16e6, low_bps=8e6)
-    assert c.choose(two, **kw, sample_age_s=0.2).level == "high"  # fresh: high + low = 2.85 s of 10 s
-    d = c.choose(two, **kw, sample_age_s=5.0)
-    assert d.level == "low" and d.planned == ("low", "high")  # stale: probe now, the plan still upgrades later
-
-
-def test_guarded_probe_without_any_sample():
-    c = KVController("tokenwire", prior_bps=1e9)
-    assert c.choose([chunk()] * 2, time_left_s=100, inflight_bytes=0, median_bps=None, low_bps=None).level == "low"
+    kw = dict(time_left_s=6.0, inflight_bytes=0, median_bps=64e6, low_bps=32e6)
+    assert KVController("tokenwire").choose(two, **kw, sample_age_s=0.2).level == "high"  # fresh: trusted
+    # stale: the 4 Mbit/s prior instead (0.5 MB/s; guard sqrt(0.5 * 0.5) * 0.5 = 0.35 MB/s): low + low (5.7 s)
+    # fits 6 s, medium + low (6.6 s) does not
+    d = KVController("tokenwire", prior_bps=4e6).choose(two, **kw, sample_age_s=5.0)
+    assert d.level == "low"
+    # a generous prior plans and guards like a fresh forecast would
+    assert KVController("tokenwire", prior_bps=64e6).choose(two, **kw, sample_age_s=5.0).level == "high"
 
 
 def test_early_first_breaks_ties_toward_the_chunk_sent_now():
@@ -203,17 +229,19 @@ def test_early_first_breaks_ties_toward_the_chunk_sent_now():
                           st.floats(0.01, 20.0)), min_size=1, max_size=6),
        st.floats(0.05, 30.0), st.floats(1e5, 1e8), st.floats(0.1, 1.0), st.integers(0, 3_000_000))
 def test_guarded_choice_keeps_the_fallback_feasible(spec, time_left, med, ratio, inflight):
-    """Whatever the plan, the chunk sent now leaves the rest sendable at their cheapest at the low quantile."""
+    """Whatever the plan, the chunk sent now leaves the rest sendable at their cheapest at the guard's rate."""
     chunks = [chunk(low, low * a, low * a * b, rc) for low, a, b, rc in spec]
     c = KVController("tokenwire")
-    low = med * ratio
-    d = c.choose(chunks, time_left_s=time_left, inflight_bytes=inflight, median_bps=med, low_bps=low,
+    d = c.choose(chunks, time_left_s=time_left, inflight_bytes=inflight, median_bps=med, low_bps=med * ratio,
                  sample_age_s=0.0)
+    low = (med * ratio) ** c.guard_weight * med ** (1 - c.guard_weight)  # the guard's rate
     ladder = c._ladder(chunks[0], low, med)
     names = [r[0] for r in ladder]
-    assert d.level in names
-    rest = sum(c._ladder(x, low, med)[0][1] for x in chunks[1:])
     avail = time_left - inflight * 8 / med
+    if d.level not in names:  # text was the cheapest option, but nothing fits at the median: lowest level
+        assert names[0] == "text" and d.level == "low" and not c._cheapest_fits(chunks, med, avail)
+        return
+    rest = sum(c._ladder(x, low, med)[0][1] for x in chunks[1:])
     spent = ladder[names.index(d.level)][1] + rest
     if d.level != names[0]:  # an upgrade over the cheapest option is only taken when the fallback fits
         assert spent <= avail + 1e-9

@@ -26,6 +26,10 @@ def test_kv_eval_smoke(tmp_path):
                           "goodput_fraction"}
         assert 0 < d["mean_bits_per_element"] < 16 and d["p95_fetch_ms"] > 10  # crossed a 10 ms path
     assert summary["controllers"]["fixed-L1"]["level_counts"]["low"] == 3
+    # the server's decision inputs ride along with every fetch (one per chunk)
+    decisions = summary["fetches"]["tokenwire"][0]["decisions"]
+    assert [d["index"] for d in decisions] == [0, 1, 2]
+    assert [d["level"] for d in decisions] == summary["fetches"]["tokenwire"][0]["levels"]
 
 
 def test_emulator_origin_offset_moves_the_trace():
