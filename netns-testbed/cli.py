@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tokenwire.daemon.cli import CLIError, cell, write_json
@@ -219,6 +220,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_plotting(args: argparse.Namespace) -> None:
+    """Fail before a long run, not after it, when ``--plot`` cannot be honoured."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+
+
+def write_results(summary: dict[str, Any], args: argparse.Namespace, plot: Callable[[], None]) -> None:
+    """``--json`` and ``--plot`` of an evaluation command (``plot`` draws to ``args.plot``)."""
+    if args.json:
+        write_json(summary, args.json)
+    if args.plot:
+        plot()
+        print(f"wrote {args.plot}")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, CompareError, run_compare
     from .netns import TestbedError, check_root
@@ -227,11 +246,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_root()
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+    require_plotting(args)
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     cfg = CompareConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
@@ -266,13 +281,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if tty:
         print(file=sys.stderr)
     print_table(summary)
-    if args.json:
-        write_json(summary, args.json)
-    if args.plot:
+
+    def plot() -> None:
         from .plots import plot_compare
 
         plot_compare(summary, runs, args.plot, lost={s: rs[0].lost_times for s, rs in runs.items()})
-        print(f"wrote {args.plot}")
+
+    write_results(summary, args, plot)
     return 0
 
 
@@ -284,6 +299,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         check_root()
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
+    require_plotting(args)
     cfg = KVEvalConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
         context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens, deadline_ms=args.deadline_ms,
@@ -307,11 +323,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         lv = " ".join(f"{k}:{v}" for k, v in d["level_counts"].items() if v)
         print(f"{name:<15} {d['deadline_attainment']:7.0%} {d['mean_quality_top1']:7.2%} "
               f"{d['mean_bits_per_element']:8.3f} {d['p95_fetch_ms']:8.0f} {d['goodput_fraction']:8.0%}  {lv}")
-    if args.json:
-        write_json(summary, args.json)
-    if args.plot:
-        plot_kv(summary, args.plot)
-        print(f"wrote {args.plot}")
+    write_results(summary, args, lambda: plot_kv(summary, args.plot))
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError, cell, write_json
+from tokenwire.daemon.cli import CLIError, cell
 
 POLICY_NAMES = ("classic", "l4s", "swiftqueue", "oracle")
 
@@ -66,12 +66,10 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def cmd_swiftqueue(args: argparse.Namespace) -> int:
+    from .cli import require_plotting, write_results
+
     cfg = _config(args)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+    require_plotting(args)
     tty = sys.stderr.isatty()
     started = time.monotonic()
     last = [0.0]
@@ -107,13 +105,13 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
     if tty:
         print(file=sys.stderr)
     print_table(summary)
-    if args.json:
-        write_json(summary, args.json)
-    if args.plot:
+
+    def plot() -> None:
         from .swiftqueue_plot import plot_swiftqueue
 
         plot_swiftqueue(summary, runs, args.plot)
-        print(f"wrote {args.plot}")
+
+    write_results(summary, args, plot)
     return 0
 
 

@@ -362,8 +362,8 @@ class KVServerSession(_SessionBase):
             # now, with the forecaster's relative spread as its low quantile (from its history if it has one, else
             # what it forecasts from this one rate: ONNX its calibrated spread, EWMA 0.75)
             if not (med and low):
-                one = self._make_forecaster(self._kind(f))
-                one.observe(max(1, self._acked(f)), self._acked(f) * 8 / fresh)
+                one, acked = self._make_forecaster(self._kind(f)), self._acked(f)
+                one.observe(acked, acked * 8 / fresh)
                 first = one.forecast()
                 med, low = (first.median_bps, first.low_bps) if first else (1.0, 0.75)
             med, low, age = fresh, fresh * low / med, 0.0
