@@ -295,10 +295,11 @@ def cmd_kv(args: argparse.Namespace) -> int:
     from .kv_eval import KVEvalConfig, KVEvalError, plot_kv, run_kv_eval
     from .netns import TestbedError, check_root
 
-    try:
-        check_root()
-    except TestbedError as exc:
-        raise CLIError(str(exc)) from None
+    if not args.virtual:
+        try:
+            check_root()
+        except TestbedError as exc:
+            raise CLIError(f"{exc} (or add --virtual for the virtual-time run)") from None
     require_plotting(args)
     cfg = KVEvalConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
@@ -306,6 +307,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         controllers=[c.strip() for c in args.controllers.split(",") if c.strip()], repeats=args.repeats,
         seed=args.seed, recompute_us_per_token=args.recompute_us_per_token, prior_mbps=args.prior_mbps,
         stale_factor=args.stale_factor, reserve=args.reserve, legacy_controller=args.legacy_controller,
+        guard_weight=args.guard_weight,
     )  # fmt: skip
     if args.text:
         cfg.text = args.text
@@ -315,7 +317,15 @@ def cmd_kv(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        summary = run_kv_eval(cfg, log=log, workdir=args.keep)
+        if args.virtual:
+            from .kv_vsim import KVSimError, run_kv_virtual
+
+            try:
+                summary = run_kv_virtual(cfg, log=log, workers=args.workers)
+            except KVSimError as exc:
+                raise CLIError(str(exc)) from None
+        else:
+            summary = run_kv_eval(cfg, log=log, workdir=args.keep)
     except (KVEvalError, TestbedError, ChildError) as exc:
         raise CLIError(str(exc)) from None
     print(f"{'controller':<15} {'attain':>7} {'top-1':>7} {'bits/el':>8} {'p95 ms':>8} {'goodput':>8}  levels")
@@ -403,6 +413,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--json", metavar="PATH")
     kv.add_argument("--plot", metavar="PATH")
     kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")
+    kv.add_argument("--guard-weight", type=float, metavar="W",
+                    help="tokenwire: guard rate low**W * median**(1-W) (default: the controller's)")
+    kv.add_argument("--virtual", action="store_true",
+                    help="virtual time (kv_vsim): the same stack over the emulator's link model; no root, fast")
+    kv.add_argument("--workers", type=int, metavar="N", help="--virtual: processes (default: one per core)")
     kv.set_defaults(handler=cmd_kv)
 
     from .swiftqueue_cli import register_swiftqueue

@@ -49,6 +49,8 @@ async def run_server(args: argparse.Namespace) -> int:
             tuning.stale_factor = args.stale_factor
         if args.reserve is not None:
             tuning.reserve = args.reserve
+        if args.guard_weight is not None:
+            tuning.guard_weight = args.guard_weight
         tuning.legacy_controller = args.legacy_controller
         server = await serve_kv(service, args.host, args.port, congestion=kv_congestion("l4s"), marking=L4SPolicy,
                                 tuning=tuning)
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-us-per-token", type=int, default=2250)
     p.add_argument("--stale-factor", type=float)
     p.add_argument("--reserve", type=float)
+    p.add_argument("--guard-weight", type=float)
     p.add_argument("--legacy-controller", action="store_true")
     return p
 

@@ -66,6 +66,7 @@ class KVEvalConfig:
     stale_factor: float | None = None  # tokenwire's margins (None: the controller's defaults)
     reserve: float | None = None
     legacy_controller: bool = False  # tokenwire's previous rule, for ablations
+    guard_weight: float | None = None  # tokenwire's guard (None: the controller's default)
     synthetic: tuple[int, int, int] | None = None  # (layers, heads, dim): random KV, no model (smoke tests)
 
     def validate(self) -> None:
@@ -132,7 +133,8 @@ def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, wor
     argv = [sys.executable, "-m", "tokenwire.testbed.kv_endpoints", role, "--host", tb.server_addr, "--port",
             str(PORT), "--kv", kv_path, "--chunk-tokens", str(cfg.chunk_tokens), "--prior-mbps",
             str(cfg.prior_mbps), "--recompute-us-per-token", str(cfg.recompute_us_per_token)]
-    for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve)):
+    for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve),
+                        ("--guard-weight", cfg.guard_weight)):
         if value is not None and role == "server":
             argv += [flag, str(value)]
     if cfg.legacy_controller and role == "server":

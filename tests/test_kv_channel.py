@@ -356,6 +356,35 @@ def test_a_fetch_starts_without_an_earlier_fetchs_stale_samples():
     assert c.forecaster is not a.forecaster and c.forecaster.forecast() is None and len(made) == 2
 
 
+def test_first_chunks_are_planned_on_the_connections_link_prior():
+    """After LINK_MIN_SAMPLES chunk rates, a fetch's prior is their median and low quantile, not the config's."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.transport.frames import KvAck, KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import LINK_MIN_SAMPLES, ContextPlan, KVServerSession, ServerFetch
+    from tokenwire.transport.kv_controller import LEVELS, PRIOR_LOW
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=5e6))
+    plan = ContextPlan(16, [16], [1000], [dict.fromkeys(LEVELS, 100)], (1, 1, 1), 0, "float16")
+    rates = [1e6, 2e6, 3e6, 4e6, 6e6, 8e6, 9e6, 10e6, 12e6, 20e6]  # bit/s, one chunk per fetch
+    for k, bps in enumerate(rates):
+        f = ServerFetch(4 * k, KvFetch(model=MODEL, deadline_ms=1000, token_ids=[1] * 16), StreamDecoder(), k)
+        session.fetches[4 * k] = f
+        session.start(4 * k, plan, float(k))
+        expect = (5e6, PRIOR_LOW) if k < LINK_MIN_SAMPLES else session.link_prior()
+        assert (f.controller.prior_bps, f.controller.prior_low) == expect
+        f.next_index = 1  # the chunk went out
+        session._on_ack(f, KvAck(0, 100_000, 0, int(100_000 * 8e6 / bps), None), k + 0.5)
+    assert list(session.link_rates) == pytest.approx(rates, rel=1e-4)  # whole microseconds on the wire
+    med, low_share = session.link_prior()
+    assert med == pytest.approx(8e6, rel=1e-4)  # (upper) median and 10 % quantile of the ten rates
+    assert med * low_share == pytest.approx(1e6, rel=1e-4)
+    session.tuning.link_prior = False
+    assert session.link_prior() == (5e6, PRIOR_LOW)
+
+
 def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():
     """With a large congestion window the previous chunk leaves the send buffer at once; the next decision
     waits until QUIC has acknowledged all but a look-ahead of it, so it sees the newest delivery rate."""

@@ -78,18 +78,31 @@ def test_legacy_stale_forecast_is_discounted():
 
 
 def test_first_chunk_without_a_sample_is_guarded_by_the_prior():
-    # nothing measured: plan at the configured prior (8 Mbit/s: 1 MB/s), its low quantile PRIOR_LOW of it
-    # (0.5 MB/s), the guard at their geometric mean (0.707 MB/s)
+    # nothing measured: plan at the prior (8 Mbit/s: 1 MB/s), guard at its low quantile, PRIOR_LOW of it
+    # (0.5 MB/s; firm: no later sample of this fetch corrects a first chunk sent on a guess)
     c = KVController("tokenwire", prior_bps=8e6)
     two = [chunk(), chunk()]
     kw = dict(inflight_bytes=0, median_bps=None, low_bps=None)
     assert c.choose(two, time_left_s=100, **kw).level == "high"
-    # at the guard's rate: high + low (2.85 MB) 4.03 s, medium + low 3.32 s, low + low 2.83 s
-    assert c.choose(two, time_left_s=4.1, **kw).level == "high"
-    assert c.choose(two, time_left_s=3.5, **kw).level == "medium"
-    assert c.choose(two, time_left_s=3.0, **kw).level == "low"
-    # prior_low=None: the forced probe of the previous version, cheapest whatever the budget
+    # at the guard's rate: high + low (2.85 MB) 5.7 s, medium + low 4.7 s, low + low 4.0 s
+    assert c.choose(two, time_left_s=5.8, **kw).level == "high"
+    assert c.choose(two, time_left_s=5.0, **kw).level == "medium"
+    assert c.choose(two, time_left_s=4.2, **kw).level == "low"
+    # the connection's own link prior (median 8 Mbit/s, low quantile a quarter of it): 0.25 MB/s guard
+    assert KVController("tokenwire", prior_bps=8e6, prior_low=0.25).choose(two, time_left_s=9.0, **kw).level == "low"
+    # prior_low=None: the forced probe of an earlier version, cheapest whatever the budget
     assert KVController("tokenwire", prior_bps=8e6, prior_low=None).choose(two, time_left_s=100, **kw).level == "low"
+
+
+def test_middle_chunks_are_guarded_between_median_and_low_quantile_the_last_at_the_low_quantile():
+    kw = dict(inflight_bytes=0, median_bps=16e6, low_bps=8e6, sample_age_s=0.0)
+    c = KVController("tokenwire")
+    # the last chunk: no later one absorbs a surprise; guard at the low quantile (1 MB/s): high takes 1.85 s
+    assert c.choose([chunk()], time_left_s=1.9, **kw).level == "high"
+    assert c.choose([chunk()], time_left_s=1.8, **kw).level == "medium"
+    assert KVController("tokenwire", firm_guard_weight=0.5).choose([chunk()], time_left_s=1.8, **kw).level == "high"
+    # with a chunk after it, the guard is the geometric mean (1.41 MB/s): high + low 2.02 s fits 2.1 s
+    assert c.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "high"
 
 
 def test_text_when_recomputing_beats_sending():
@@ -208,8 +221,8 @@ def test_an_earlier_fetchs_forecast_is_replaced_by_the_prior():
     two = [chunk(), chunk()]
     kw = dict(time_left_s=6.0, inflight_bytes=0, median_bps=64e6, low_bps=32e6)
     assert KVController("tokenwire").choose(two, **kw, sample_age_s=0.2).level == "high"  # fresh: trusted
-    # stale: the 4 Mbit/s prior instead (0.5 MB/s; guard sqrt(0.5 * 0.5) * 0.5 = 0.35 MB/s): low + low (5.7 s)
-    # fits 6 s, medium + low (6.6 s) does not
+    # stale: the 4 Mbit/s prior instead (0.5 MB/s; guard at its low quantile, 0.25 MB/s): nothing above
+    # low + low fits 6 s
     d = KVController("tokenwire", prior_bps=4e6).choose(two, **kw, sample_age_s=5.0)
     assert d.level == "low"
     # a generous prior plans and guards like a fresh forecast would
@@ -234,7 +247,8 @@ def test_guarded_choice_keeps_the_fallback_feasible(spec, time_left, med, ratio,
     c = KVController("tokenwire")
     d = c.choose(chunks, time_left_s=time_left, inflight_bytes=inflight, median_bps=med, low_bps=med * ratio,
                  sample_age_s=0.0)
-    low = (med * ratio) ** c.guard_weight * med ** (1 - c.guard_weight)  # the guard's rate
+    w = c.firm_guard_weight if len(chunks) == 1 else c.guard_weight  # the last chunk is guarded firmer
+    low = (med * ratio) ** w * med ** (1 - w)  # the guard's rate
     ladder = c._ladder(chunks[0], low, med)
     names = [r[0] for r in ladder]
     avail = time_left - inflight * 8 / med

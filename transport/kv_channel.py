@@ -30,6 +30,7 @@ import math
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +54,16 @@ from .frames import (
     decode_frame,
     encode_stream_frame,
 )
-from .kv_controller import LEVELS, STALE_FACTOR, STALE_S, TEXT, ChunkOptions, KVController
+from .kv_controller import (
+    GUARD_WEIGHT,
+    LEVELS,
+    PRIOR_LOW,
+    STALE_FACTOR,
+    STALE_S,
+    TEXT,
+    ChunkOptions,
+    KVController,
+)
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent, _SessionBase
@@ -67,6 +77,9 @@ FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
 LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
 MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
 MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
+LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link prior (see KVServerSession.start)
+LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
+LINK_LOW_Q = 0.1  # the link prior's low quantile
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
 _LEN = struct.Struct(">I")
 
@@ -126,6 +139,8 @@ class ServerTuning:
     reserve: float | None = None  # None: the controller's default for its rule
     fresh_rate: bool = True  # plan a fetch's first chunks with its own QUIC delivery rate (see fresh_rate)
     legacy_controller: bool = False  # tokenwire's previous rule (whole plan at the low quantile): for ablations
+    guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate between median (0) and low quantile (1): kv_controller
+    link_prior: bool = True  # plan first chunks with the connection's past chunk rates (KVServerSession.link_prior)
 
 
 # ------------------------------------------------------------------------------------------------ server side
@@ -191,6 +206,7 @@ class KVServerSession(_SessionBase):
         self._last_ecn: list[int] | None = None
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
+        self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -200,9 +216,10 @@ class KVServerSession(_SessionBase):
             return
         f.plan = plan
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
-        f.controller = KVController(f.fetch.controller, prior_bps=self.tuning.prior_bps, rtt_s=rtt,
+        prior, prior_low = self.link_prior()
+        f.controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
                                     stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
-                                    legacy=self.tuning.legacy_controller)
+                                    legacy=self.tuning.legacy_controller, guard_weight=self.tuning.guard_weight)
         kind = self._kind(f)
         fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
         if fc is None or (not self.tuning.legacy_controller
@@ -216,6 +233,22 @@ class KVServerSession(_SessionBase):
         f.forecaster = fc
         self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
                                      plan.fingerprint, plan.dtype))
+
+    def link_prior(self) -> tuple[float, float]:
+        """What plans a fetch's first chunk, before it has measured anything: (median, low quantile as a share
+        of it). Once the connection has carried ``LINK_MIN_SAMPLES`` chunks, the median and ``LINK_LOW_Q``
+        quantile of their rates (what this link has delivered, across fetches); before, the configured prior.
+
+        A recent forecast cannot serve here (samples older than ``STALE_S`` describe another moment of the link,
+        see :meth:`start`), but the link's range can: a cellular link that has ranged over 1-10 Mbit/s makes
+        a fixed 5 Mbit/s prior optimistic at its low end (measured, Verizon-LTE: a first chunk sent ``high``
+        on the prior's guard took 2-3.8 s in 5 of the 7 missed fetches of 150, kv_vsim seed 100)."""
+        if self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES:
+            rates = sorted(self.link_rates)
+            med = rates[len(rates) // 2]
+            low = rates[int(LINK_LOW_Q * (len(rates) - 1))]
+            return med, low / med
+        return self.tuning.prior_bps, PRIOR_LOW
 
     def _kind(self, f: ServerFetch) -> str:
         return "ewma" if f.fetch is not None and f.fetch.controller in ("tokenwire-ewma", "even-split") \
@@ -353,8 +386,14 @@ class KVServerSession(_SessionBase):
         fc = f.forecaster.forecast()
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
-        # samples from earlier fetches describe another moment of the link: stale until this fetch has its own
+        # samples from earlier fetches describe another moment of the link: stale until this fetch has its own.
+        # This fetch's own samples are never stale: their age is the time its chunk in flight has taken, and
+        # dropping them for the prior just when the link is slow planned the next chunks on a better link
+        # than the one measured (kv_vsim, Verizon-LTE seed 200: an in-fetch decision on a >1 s old sample in
+        # every one of tokenwire's 8 misses in 150 fetches). The legacy rule keeps the age.
         age = now - self._sample_at.get(id(f.forecaster), now) if f.samples else float("inf")
+        if f.samples and not f.controller.legacy:
+            age = 0.0
         med, low = (fc.median_bps, fc.low_bps) if fc else (None, None)
         fresh = self.fresh_rate(f, now) if self.tuning.fresh_rate and not f.samples else None
         if fresh is not None and not f.controller.legacy:
@@ -428,6 +467,7 @@ class KVServerSession(_SessionBase):
         f.last_done_us = max(ack.done_us, f.last_done_us or 0)
         if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
             f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
+            self.link_rates.append(ack.size * 8e6 / (ack.done_us - start))
             self._sample_at[id(f.forecaster)] = now
             f.samples += 1
         if ack.ecn is not None and len(ack.ecn) == 4:

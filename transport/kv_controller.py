@@ -14,17 +14,21 @@ that comparisons are fair:
   level only if, at the *guard rate* (between the forecast's calibrated low quantile and its median, see
   ``GUARD_WEIGHT``), it plus every later chunk at its cheapest option still fits the time left; otherwise it is
   downgraded until that holds. The tail risk is thus priced once, on the bytes not yet committed, and a wrong
-  guess early is paid for by cheaper chunks later, not by a missed deadline. Bytes already in flight are
-  priced at the median (they are on the wire, what the link does to them is what the median forecasts).
+  guess early is paid for by cheaper chunks later, not by a missed deadline. Where no later chunk can pay
+  for it, the guard is the low quantile itself (``FIRM_GUARD_WEIGHT``): the last chunk, and a first chunk
+  planned on the prior. Bytes already in flight are priced at the median (they are on the wire, what the link
+  does to them is what the median forecasts).
   (3) Until the fetch has a measurement of its own (its QUIC delivery rate, see
-  ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the configured prior is the forecast, with
-  ``PRIOR_LOW`` of it as its low quantile: an earlier fetch's forecast describes another moment of the link
-  (measured: ``high`` sent on one into a capacity drop missed the deadline where only all-``low`` made it).
+  ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the prior is the forecast: the connection's
+  link prior (median and low quantile of its past chunk rates, ``KVServerSession.link_prior``) or, before it
+  has one, the configured prior with ``PRIOR_LOW`` of it as its low quantile. An earlier fetch's forecast
+  describes another moment of the link (measured: ``high`` sent on one into a capacity drop missed the
+  deadline where only all-``low`` made it); the link's range over many fetches does not.
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
   forecast. ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
   back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=1`` the guard at
-  the low quantile itself.
+  the low quantile itself for every chunk, ``firm_guard_weight=0.5`` the blend for the first and last too.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -58,6 +62,9 @@ PRIOR_LOW = 0.5  # the prior's low quantile, as a share of it (the ONNX forecast
 # samples, so guarding each decision at it over-insured (w = 1: 100 % of deadlines with 1.6 s of 4 s unused,
 # mean top-1 below fixed-L2's); w = 0.5 was tuned on TMobile-LTE seed 1 and Verizon-LTE seed 2 (docs/kv_channel.md).
 GUARD_WEIGHT = 0.5
+# The guard of a chunk whose error no later decision of the fetch absorbs: the first one, planned on the prior before
+# anything was measured, and the last one. At the low quantile itself (tuned in virtual time, docs/kv_channel.md).
+FIRM_GUARD_WEIGHT = 1.0
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
 
@@ -84,7 +91,8 @@ class KVController:
 
     def __init__(self, policy: str, *, prior_bps: float = 5e6, safety: float = 1.0, rtt_s: float = 0.0,
                  stale_factor: float = STALE_FACTOR, reserve: float | None = None, legacy: bool = False,
-                 prior_low: float | None = PRIOR_LOW, guard_weight: float = GUARD_WEIGHT) -> None:
+                 prior_low: float | None = PRIOR_LOW, guard_weight: float = GUARD_WEIGHT,
+                 firm_guard_weight: float = FIRM_GUARD_WEIGHT) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown KV controller {policy!r}; choose from {', '.join(POLICIES)}")
         self.policy = policy
@@ -95,6 +103,7 @@ class KVController:
         self.legacy = legacy
         self.prior_low = prior_low
         self.guard_weight = guard_weight
+        self.firm_guard_weight = firm_guard_weight
         self.reserve = (LEGACY_RESERVE if legacy else RESERVE) if reserve is None else reserve
 
     # -- the decision ---------------------------------------------------------------------------------------
@@ -132,7 +141,10 @@ class KVController:
         med = (median_bps if median_bps is not None else self.prior_bps) * self.safety
         low = (low_bps if low_bps is not None else self.prior_bps) * self.safety
         low = min(low, med)
-        low = low**self.guard_weight * med ** (1 - self.guard_weight)
+        # no later decision corrects the first chunk planned on the prior, nor the last chunk: guarded firmer
+        firm = (cold and self.prior_low is not None) or len(remaining) == 1
+        w = self.firm_guard_weight if firm else self.guard_weight
+        low = low**w * med ** (1 - w)
         avail = time_left_s * (1 - self.reserve) - inflight_bytes * 8 / med - self.rtt_s / 2
         plan = self.plan(remaining, med, avail, text_bw=med, early_first=True)
         guard = self._ladder(remaining[0], low, med)

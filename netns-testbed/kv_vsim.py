@@ -1,0 +1,421 @@
+"""``tokenwire testbed kv --virtual``: the KV evaluation in virtual time, hundreds of rounds in minutes.
+
+The namespace run (:mod:`.kv_eval`) costs 15 minutes for 30 rounds of six controllers, and its attainment moves
+5-10 points between seeds at that size, too little to tell two controllers apart. This backend runs the same
+stack: aioquic ``QuicConnection`` objects in the real :class:`KVServerSession` / :class:`KVClientSession`, the
+real :class:`KVController` and forecasters (ONNX or EWMA), the daemon's :class:`KVService` for the encoded
+chunks of the real context. Only the clock and the path are simulated: the path is two emulator
+:class:`~.link.Link` cores (trace, queue, one-way delay, exactly the namespace emulator's delivery model), and
+the client's decode takes ``elements / decode rate`` (50 M elements/s: measured 55 ms per 256-token SmolLM2
+chunk in the namespace runs) instead of running the codec. Nothing else competes for the CPU, which the
+namespace run cannot promise on a 2-core host, so the two differ by the hosts' scheduling jitter as well.
+
+Rounds draw their trace offsets with the same random sequence as the namespace run, so ``--seed N`` replays the
+same stretches of the trace and rounds compare one by one. Every controller has its own connection (as in the
+namespace run); a round starts ``GAP_S`` after the previous fetch of that controller ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import heapq
+import itertools
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .kv_eval import KVEvalConfig, fetch_metrics, prepare_context, summarize
+from .trace import Trace, trace_from_spec
+
+SERVER_ADDR = ("10.78.0.1", 8444)
+CLIENT_ADDR = ("10.78.0.2", 40000)
+IP_UDP_HEADER = 28
+TIMER_SLACK = 1e-6  # timers fire 1 us late, as real ones do (see sim.py)
+GAP_S = 5.0  # idle time on a controller's connection between its fetches (the others' fetches run meanwhile)
+DECODE_ELEMENTS_PER_S = 50e6  # the client's decode rate (one CPU thread, namespace runs)
+
+
+class KVSimError(RuntimeError):
+    pass
+
+
+@dataclass
+class Context:
+    """What every controller's simulation shares: the resolved plan and the encoded chunks."""
+
+    plan: Any  # ContextPlan
+    payloads: dict[tuple[int, str], bytes]
+    token_ids: list[int]
+    model: str
+    elements: int
+
+
+def load_context(cfg: KVEvalConfig, log: Callable[[str], None]) -> tuple[Context, dict[str, Any]]:
+    """The real context's chunks at every level, through the daemon's KV service (as the namespace server does)."""
+    import torch
+
+    from tokenwire.daemon.kv_service import KVService
+    from tokenwire.daemon.kv_store import LocalChunkStore
+    from tokenwire.transport.frames import KvFetch
+    from tokenwire.transport.kv_controller import LEVELS, TEXT
+
+    with tempfile.TemporaryDirectory(prefix="tw-kv-vsim-") as d:
+        path = os.path.join(d, "context.pt")
+        info = prepare_context(cfg, path, log)
+        ctx = torch.load(path, weights_only=True)
+        ids = ctx["ids"].tolist()
+
+        async def build() -> Context:
+            service = KVService(LocalChunkStore(os.path.join(d, "store"), 8 << 30), chunk_tokens=cfg.chunk_tokens)
+            await service.ingest(ctx["model"], ids, list(zip(ctx["k"], ctx["v"], strict=True)),
+                                 fingerprint=int(ctx["fingerprint"]), prewarm=LEVELS)
+            plan = await service.resolve(KvFetch(model=ctx["model"], deadline_ms=cfg.deadline_ms, token_ids=ids))
+            payloads = {(i, lv): await service.chunk(plan, i, lv)
+                        for i in range(len(plan.token_counts)) for lv in (*LEVELS, TEXT)}
+            return Context(plan, payloads, ids, ctx["model"], info["elements"])
+
+        return asyncio.run(build()), info
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.now = 0.0
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (max(t, self.now), next(self._seq), fn))
+
+    def run(self, done: Callable[[], bool], limit: float) -> bool:
+        """Process events until ``done()`` or virtual time ``limit``; whether ``done()`` held."""
+        while self._heap and not done():
+            if self._heap[0][0] > limit:
+                return False
+            t, _, fn = heapq.heappop(self._heap)
+            self.now = max(self.now, t)
+            fn()
+        return done()
+
+
+@dataclass
+class _Wire:
+    link: Any  # Link
+    dst: _Node
+    armed: float | None = None
+    gen: int = 0
+    departures: list[tuple[float, int]] = field(default_factory=list)  # (virtual departure, IP bytes) delivered
+
+
+@dataclass
+class _Node:
+    session: Any = None
+    timer_at: float | None = None
+    timer_gen: int = 0
+    out: _Wire | None = None
+    on_events: Callable[[list[Any]], None] = lambda evs: None
+
+
+@dataclass
+class _Fetch:
+    controller: str
+    deadline_ms: int
+    sent_at: float
+    sid: int = -1
+    meta: Any = None
+    done: Any = None
+    received: dict[int, tuple[Any, float, float]] = field(default_factory=dict)  # index -> (header, first, done)
+    decoded: dict[int, tuple[float, float]] = field(default_factory=dict)  # index -> (start, end)
+    end: float | None = None
+    error: str | None = None
+    closed: dict[str, Any] | None = None  # the server's KVFetchClosed (levels, decisions)
+
+
+class ControllerSim:
+    """One controller's connection through the virtual path; :meth:`fetch` runs one fetch at a trace offset."""
+
+    def __init__(self, cfg: KVEvalConfig, ctx: Context, *, recompute_us_per_token: int, seed: int) -> None:
+        from aioquic.quic.connection import QuicConnection
+
+        from tokenwire.transport.kv_channel import KVClientSession, ServerTuning, kv_congestion, kv_quic_config
+        from tokenwire.transport.tls import client_configuration, dev_cert
+
+        from .link import Link
+        from .queues import parse_queue
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.recompute_us_per_token = recompute_us_per_token
+        self.loop = _Loop()
+        delay = cfg.delay_ms / 1000.0
+        self.down_trace = trace_from_spec(cfg.down_trace)
+        self.client = _Node()
+        self.server = _Node()
+        self.down = _Wire(Link(self.down_trace, parse_queue(cfg.queue, seed), delay=delay, name="down"), self.client)
+        self.up = _Wire(Link(trace_from_spec(cfg.up_trace), parse_queue(cfg.queue, seed + 1), delay=delay,
+                             name="up"), self.server)
+        self.server.out, self.client.out = self.down, self.up
+        self._record_departures(self.down)
+        self.cert = dev_cert()
+        self.tuning = ServerTuning(forecaster="onnx", prior_bps=cfg.prior_mbps * 1e6,
+                                   recompute_us_per_token=recompute_us_per_token)
+        if cfg.stale_factor is not None:
+            self.tuning.stale_factor = cfg.stale_factor
+        if cfg.reserve is not None:
+            self.tuning.reserve = cfg.reserve
+        if cfg.guard_weight is not None:
+            self.tuning.guard_weight = cfg.guard_weight
+        self.tuning.legacy_controller = cfg.legacy_controller
+        self.congestion = kv_congestion("l4s")  # the namespace server's choice (ECT(1) marking, prague)
+        quic = QuicConnection(configuration=kv_quic_config(client_configuration(
+            cadata=self.cert.cert_pem, server_name="localhost", congestion=self.congestion)))
+        self.client.session = KVClientSession(quic)
+        self.client.on_events = self._client_events
+        self.server.on_events = self._server_events
+        self.current: _Fetch | None = None
+        quic.connect(SERVER_ADDR, now=0.0)
+        self._service(self.client)
+        if not self.loop.run(lambda: self.client.session.datagrams_ok is not None, 10.0):
+            raise KVSimError("QUIC handshake did not complete in 10 s of virtual time")
+
+    # -- the path ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _record_departures(w: _Wire) -> None:
+        def rec(pkt: Any) -> None:
+            if pkt.fate == "delivered":
+                w.departures.append((pkt.departure, pkt.size))
+
+        w.link.on_record = rec
+
+    def _arm(self, w: _Wire) -> None:
+        t = w.link.next_event_time()
+        if t is None or (w.armed is not None and w.armed <= t):
+            return
+        w.armed = t
+        w.gen += 1
+        gen = w.gen
+        self.loop.at(t, lambda: self._wake(w, gen))
+
+    def _wake(self, w: _Wire, gen: int) -> None:
+        if gen != w.gen:
+            return
+        w.armed = None
+        for pkt in w.link.dequeue_ready(self.loop.now):
+            self._deliver(w.dst, pkt.data)
+        self._arm(w)
+
+    def _deliver(self, node: _Node, data: bytes) -> None:
+        if node.session is None:  # the server connection is born from the client's first Initial
+            from aioquic.buffer import Buffer
+            from aioquic.quic.connection import QuicConnection
+            from aioquic.quic.packet import pull_quic_header
+
+            from tokenwire.transport.kv_channel import KVServerSession, kv_quic_config
+            from tokenwire.transport.tls import server_configuration
+
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            quic = QuicConnection(configuration=kv_quic_config(server_configuration(
+                cert=self.cert, congestion=self.congestion)), original_destination_connection_id=header.destination_cid)
+            node.session = KVServerSession(quic, tuning=self.tuning)
+        src = SERVER_ADDR if node is self.client else CLIENT_ADDR
+        node.on_events(node.session.receive_datagram(data, src, self.loop.now))
+        self._service(node)
+
+    def _service(self, node: _Node) -> None:
+        from .queues import Packet
+
+        now = self.loop.now
+        w = node.out
+        assert w is not None
+        for data, _addr in node.session.datagrams_to_send(now):
+            w.link.enqueue(Packet(len(data) + IP_UDP_HEADER, 0, data), now)
+        self._arm(w)
+        t = node.session.get_timer()
+        if t != node.timer_at:
+            node.timer_at = t
+            node.timer_gen += 1
+            if t is not None:
+                gen = node.timer_gen
+                self.loop.at(max(t, now) + TIMER_SLACK, lambda: self._fire(node, gen))
+
+    def _fire(self, node: _Node, gen: int) -> None:
+        if gen != node.timer_gen:
+            return
+        node.timer_at = None
+        node.on_events(node.session.handle_timer(self.loop.now))
+        self._service(node)
+
+    # -- the endpoints ----------------------------------------------------------------------------------------
+    def _server_events(self, evs: list[Any]) -> None:
+        from tokenwire.transport.kv_channel import KVChunkNeeded, KVFetchClosed, KVFetchRequested
+
+        sess = self.server.session
+        now = self.loop.now
+        for ev in evs:
+            if isinstance(ev, KVFetchRequested):
+                sess.start(ev.stream_id, copy.deepcopy(self.ctx.plan), now)
+                self._server_events(sess.poll(now))
+            elif isinstance(ev, KVChunkNeeded):
+                sess.send_chunk(ev.stream_id, ev.index, ev.level, self.ctx.payloads[(ev.index, ev.level)], now)
+            elif isinstance(ev, KVFetchClosed) and self.current is not None:
+                self.current.closed = {"levels": ev.levels, "complete": ev.complete, "decisions": ev.decisions}
+
+    def _client_events(self, evs: list[Any]) -> None:
+        from tokenwire.transport.kv_channel import (
+            KVChunkReceived,
+            KVDoneReceived,
+            KVFetchFailed,
+            KVMetaReceived,
+        )
+        from tokenwire.transport.kv_controller import TEXT
+
+        f = self.current
+        sess = self.client.session
+        now = self.loop.now
+        for ev in evs:
+            if f is None or getattr(ev, "stream_id", None) != f.sid:
+                continue
+            if isinstance(ev, KVMetaReceived):
+                f.meta = ev.meta
+            elif isinstance(ev, KVChunkReceived):
+                sess.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
+                f.received[ev.header.index] = (ev.header, ev.first_at, ev.done_at)
+                busy = max((e for _, e in f.decoded.values()), default=0.0)
+                start = max(now, busy)  # one decode thread, as the namespace client
+                elements = self.ctx.plan.elements[ev.header.index]
+                dur = 0.0 if ev.header.level == TEXT else elements / DECODE_ELEMENTS_PER_S
+                f.decoded[ev.header.index] = (start, start + dur)
+            elif isinstance(ev, KVDoneReceived):
+                f.done = ev.done
+            elif isinstance(ev, KVFetchFailed):
+                f.error = f"{type(ev.error).__name__}: {ev.error}"
+            if f.done is not None and len(f.received) == f.done.chunks and f.end is None:
+                f.end = max(e for _, e in f.decoded.values())
+                sess.finish(f.sid)
+
+    # -- one fetch --------------------------------------------------------------------------------------------
+    def fetch(self, controller: str, deadline_ms: int, offset_s: float) -> dict[str, Any]:
+        """Start a fetch ``GAP_S`` from now with the traces restarted ``offset_s`` into them; its metrics."""
+        from tokenwire.transport.frames import KvFetch
+        from tokenwire.transport.kv_channel import ChunkReport, FetchReport
+        from tokenwire.transport.kv_controller import LEVEL_TOP1
+
+        loop = self.loop
+        t0 = loop.now + GAP_S
+        loop.run(lambda: False, t0)  # the idle gap (timers, stray ACKs)
+        loop.now = t0
+        origin = t0 - offset_s
+        for w in (self.down, self.up):
+            w.link.restart(origin)
+        self.down.departures.clear()
+        f = self.current = _Fetch(controller, deadline_ms, t0)
+        req = KvFetch(model=self.ctx.model, deadline_ms=int(deadline_ms), token_ids=self.ctx.token_ids,
+                      controller=controller, recompute_us_per_token=self.recompute_us_per_token)
+        f.sid = self.client.session.fetch(req)
+        self._service(self.client)
+        timeout = 30 + 20 * deadline_ms / 1000
+        # the fetch is over once its last decode ends and the server has seen the fetch stream close
+        finished = loop.run(lambda: f.error is not None or (f.end is not None and loop.now >= f.end), t0 + timeout)
+        loop.run(lambda: f.closed is not None or f.error is not None, loop.now + 5.0)
+        self.current = None
+        if f.error is not None:
+            raise KVSimError(f"{controller}: {f.error}")
+        if not finished:
+            return {"fetch_ms": timeout * 1e3, "deadline_met": False, "timed_out": True, "quality_top1": math.nan,
+                    "bits_per_element": math.nan, "payload_bytes": 0, "levels": [], "chunks": [],
+                    "decisions": (f.closed or {}).get("decisions", []), "offset_s": offset_s}
+        assert f.done is not None and f.end is not None
+        chunks = []
+        for i in range(f.done.chunks):
+            hdr, first, done = f.received[i]
+            d0, d1 = f.decoded[i]
+            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - t0) * 1e3, (done - t0) * 1e3,
+                                      (d1 - d0) * 1e3, (d1 - t0) * 1e3))
+        fetch_ms = (f.end - t0) * 1e3
+        report = FetchReport(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+        m = fetch_metrics({"result": report.to_dict()}, elements=self.ctx.elements,
+                          recompute_us_per_token=self.recompute_us_per_token, top1=LEVEL_TOP1)
+        last = max(c[2] for c in f.received.values())
+        m.update(offset_s=offset_s, decisions=(f.closed or {}).get("decisions", []),
+                 **goodput(self.down.departures, t0, last, origin, self.down_trace, m["payload_bytes"]))
+        return m
+
+
+def goodput(departures: list[tuple[float, int]], t0: float, t1: float, origin: float, trace: Trace,
+            payload: int) -> dict[str, float]:
+    """``goodput_fraction`` and ``link_utilization`` as the namespace run defines them (kv_eval.add_goodput)."""
+    deps = [(t, s) for t, s in departures if t0 <= t <= t1]
+    if not deps:
+        return {"goodput_fraction": math.nan, "link_utilization": math.nan}
+    cap = trace.bytes_between((deps[0][0] - origin) * 1e3 - 1e-6, (deps[-1][0] - origin) * 1e3)
+    if not cap:
+        return {"goodput_fraction": math.nan, "link_utilization": math.nan}
+    return {"capacity_bytes": cap, "goodput_fraction": payload / cap,
+            "link_utilization": sum(s for _, s in deps) / cap}
+
+
+def round_plan(cfg: KVEvalConfig, period_s: float) -> tuple[float, list[tuple[list[str], float]]]:
+    """The warm-up offset and each round's (controller order, offset): the namespace run's random draws."""
+    rng = random.Random(cfg.seed)
+    warm = rng.uniform(0, period_s)
+    rounds = []
+    for _ in range(cfg.repeats):
+        order = list(cfg.controllers)
+        rng.shuffle(order)
+        rounds.append((order, rng.uniform(0, period_s)))
+    return warm, rounds
+
+
+def _run_controller(cfg: KVEvalConfig, ctx: Context, controller: str, recompute_us_per_token: int,
+                    warm: float, offsets: list[float]) -> list[dict[str, Any]]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sim = ControllerSim(cfg, ctx, recompute_us_per_token=recompute_us_per_token,
+                        seed=cfg.seed * 7919 + cfg.controllers.index(controller))
+    sim.fetch("fixed-L1", 10 * cfg.deadline_ms, warm)  # warm-up, not counted (as the namespace run)
+    rows = []
+    for rep, off in enumerate(offsets):
+        m = sim.fetch(controller, cfg.deadline_ms, off)
+        m["repeat"] = rep
+        rows.append(m)
+    return rows
+
+
+def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: None,
+                   workers: int | None = None, only: list[str] | None = None) -> dict[str, Any]:
+    """Every controller's fetches in virtual time (one process per controller, ``workers`` at once).
+
+    ``only``: run just these of ``cfg.controllers``, on the offsets the whole list draws (an A/B of one
+    controller against an earlier run of the list)."""
+    cfg.validate()
+    down = trace_from_spec(cfg.down_trace)
+    ctx, info = load_context(cfg, log)
+    if cfg.recompute_us_per_token is None:
+        cfg.recompute_us_per_token = round(info["prefill_s"] / cfg.context_tokens * 1e6)
+        log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
+    warm, rounds = round_plan(cfg, down.period_ms / 1000)
+    offsets = [off for _, off in rounds]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    run = [c for c in cfg.controllers if only is None or c in only]
+    n = workers or min(len(run), os.cpu_count() or 1)
+    log(f"{len(run)} controllers x {cfg.repeats} fetches in virtual time, {n} processes")
+    if n <= 1:
+        for ctl in run:
+            rows[ctl] = _run_controller(cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets)
+            log(f"{ctl}: done")
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futs = {ctl: pool.submit(_run_controller, cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets)
+                    for ctl in run}
+            for ctl, fut in futs.items():
+                rows[ctl] = fut.result()
+                met = sum(r["deadline_met"] for r in rows[ctl])
+                log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
+    return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": info,
+            "trace_mean_mbps": down.mean_mbps, "backend": "virtual"}

@@ -1,0 +1,63 @@
+"""``tokenwire testbed kv --virtual``: the real KV stack in virtual time over the emulator's link model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire.testbed.kv_eval import KVEvalConfig
+from tokenwire.testbed.kv_vsim import round_plan, run_kv_virtual
+
+
+def config(**kw):
+    base = dict(down_trace="8mbps", up_trace="8mbps", delay_ms=10, context_tokens=512, chunk_tokens=128,
+                deadline_ms=5000, controllers=["tokenwire", "fixed-L1", "fixed-L3"], repeats=2,
+                recompute_us_per_token=50_000, synthetic=(8, 4, 64))
+    base.update(kw)
+    return KVEvalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def generous():
+    return run_kv_virtual(config(), workers=1)
+
+
+def test_fetch_time_follows_the_link(generous):
+    for name in ("fixed-L1", "fixed-L3"):
+        for m in generous["fetches"][name]:
+            wire_s = m["payload_bytes"] * 8 / 8e6  # the payload alone at the link's rate
+            # request up (10 ms) + payload + headers + the last decode; slow start is long over (warm-up fetch)
+            assert wire_s * 1e3 < m["fetch_ms"] < (wire_s / 0.85 + 0.2) * 1e3
+            assert 0.85 < m["goodput_fraction"] <= 1.0
+            assert len(m["levels"]) == 4
+    low = generous["fetches"]["fixed-L1"][0]["payload_bytes"]
+    high = generous["fetches"]["fixed-L3"][0]["payload_bytes"]
+    assert 1.5 < high / low < 2.2  # the codec ladder: 1.8 vs 3.4 bits per element
+    # a generous deadline: every chunk high
+    assert all(lv == "high" for m in generous["fetches"]["tokenwire"] for lv in m["levels"])
+
+
+def test_virtual_runs_are_reproducible(generous):
+    again = run_kv_virtual(config(controllers=["tokenwire", "fixed-L1", "fixed-L3"]), workers=1,
+                           only=["tokenwire"])
+    assert [m["fetch_ms"] for m in again["fetches"]["tokenwire"]] == \
+        [m["fetch_ms"] for m in generous["fetches"]["tokenwire"]]
+
+
+def test_tight_deadline_tokenwire_adapts_fixed_high_misses(generous):
+    l1 = max(m["fetch_ms"] for m in generous["fetches"]["fixed-L1"])
+    l3 = min(m["fetch_ms"] for m in generous["fetches"]["fixed-L3"])
+    deadline = int(l1 + 0.85 * (l3 - l1))  # all-low makes it, all-high does not
+    s = run_kv_virtual(config(deadline_ms=deadline), workers=1)["controllers"]
+    assert s["fixed-L3"]["deadline_attainment"] == 0
+    assert s["fixed-L1"]["deadline_attainment"] == 1
+    assert s["tokenwire"]["deadline_attainment"] == 1
+    assert s["tokenwire"]["mean_quality_top1"] > s["fixed-L1"]["mean_quality_top1"]
+
+
+def test_rounds_replay_the_namespace_runs_offsets():
+    cfg = config(repeats=5, seed=3)
+    warm, rounds = round_plan(cfg, 140.0)
+    assert round_plan(cfg, 140.0) == (warm, rounds)
+    assert all(0 <= off < 140.0 for _, off in rounds) and 0 <= warm < 140.0
+    assert all(sorted(order) == sorted(cfg.controllers) for order, _ in rounds)
+    assert round_plan(config(repeats=5, seed=4), 140.0) != (warm, rounds)
