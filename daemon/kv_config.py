@@ -13,7 +13,7 @@ ingest_socket = "/run/tokenwire/kv-ingest.sock"
 congestion = "prague"           # bulk KV: the scalable controller, with ECT(1) marking (marking = "l4s")
 marking = "l4s"                 # l4s | classic | none
 forecaster = "onnx"             # onnx | ewma
-prior_mbps = 5.0                # planning bandwidth before the first chunk's sample
+prior_mbps = 5.0                # planning bandwidth of a connection that has carried < 8 chunks (then: its own rates)
 recompute_us_per_token = 2250   # default engine prefill cost (clients may send their own)
 decode_mbps = 400.0             # client decode speed assumed by the controller (elements/s / 1e6 * 8)
 ```

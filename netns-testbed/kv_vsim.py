@@ -319,7 +319,9 @@ class ControllerSim:
         f.sid = self.client.session.fetch(req)
         self._service(self.client)
         timeout = 30 + 20 * deadline_ms / 1000
-        # the fetch is over once its last decode ends and the server has seen the fetch stream close
+        # the fetch is over once its last decode ends and the server has seen the fetch stream close (ACKs and
+        # the stream's FIN keep events coming past the decode's end; were the connection to idle out instead,
+        # the next fetch would fail loudly, never count as met)
         finished = loop.run(lambda: f.error is not None or (f.end is not None and loop.now >= f.end), t0 + timeout)
         loop.run(lambda: f.closed is not None or f.error is not None, loop.now + 5.0)
         self.current = None

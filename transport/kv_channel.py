@@ -216,10 +216,11 @@ class KVServerSession(_SessionBase):
             return
         f.plan = plan
         rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
-        prior, prior_low = self.link_prior()
+        legacy = self.tuning.legacy_controller
+        prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
         f.controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
                                     stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
-                                    legacy=self.tuning.legacy_controller, guard_weight=self.tuning.guard_weight)
+                                    legacy=legacy, guard_weight=self.tuning.guard_weight)
         kind = self._kind(f)
         fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
         if fc is None or (not self.tuning.legacy_controller
