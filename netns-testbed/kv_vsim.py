@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .kv_eval import KVEvalConfig, fetch_metrics, prepare_context, summarize
+from .kv_eval import KVEvalConfig, fetch_metrics, prepare_context, summarize, timed_out_metrics
 from .trace import Trace, trace_from_spec
 
 SERVER_ADDR = ("10.78.0.1", 8444)
@@ -302,13 +302,15 @@ class ControllerSim:
     def fetch(self, controller: str, deadline_ms: int, offset_s: float) -> dict[str, Any]:
         """Start a fetch ``GAP_S`` from now with the traces restarted ``offset_s`` into them; its metrics."""
         from tokenwire.transport.frames import KvFetch
-        from tokenwire.transport.kv_channel import ChunkReport, FetchReport
+        from tokenwire.transport.kv_channel import FetchReport
         from tokenwire.transport.kv_controller import LEVEL_TOP1
 
         loop = self.loop
         t0 = loop.now + GAP_S
         loop.run(lambda: False, t0)  # the idle gap (timers, stray ACKs)
         loop.now = t0
+        if self.client.session.closed:
+            raise KVSimError(f"{controller}: the connection closed between fetches")
         origin = t0 - offset_s
         for w in (self.down, self.up):
             w.link.restart(origin)
@@ -321,25 +323,19 @@ class ControllerSim:
         timeout = 30 + 20 * deadline_ms / 1000
         # the fetch is over once its last decode ends and the server has seen the fetch stream close (ACKs and
         # the stream's FIN keep events coming past the decode's end; were the connection to idle out instead,
-        # the next fetch would fail loudly, never count as met)
+        # the next fetch raises above)
         finished = loop.run(lambda: f.error is not None or (f.end is not None and loop.now >= f.end), t0 + timeout)
         loop.run(lambda: f.closed is not None or f.error is not None, loop.now + 5.0)
         self.current = None
         if f.error is not None:
             raise KVSimError(f"{controller}: {f.error}")
         if not finished:
-            return {"fetch_ms": timeout * 1e3, "deadline_met": False, "timed_out": True, "quality_top1": math.nan,
-                    "bits_per_element": math.nan, "payload_bytes": 0, "levels": [], "chunks": [],
-                    "decisions": (f.closed or {}).get("decisions", []), "offset_s": offset_s}
+            m = timed_out_metrics({"elapsed_s": timeout, "sent_at": t0})
+            m.update(offset_s=offset_s, decisions=(f.closed or {}).get("decisions", []))
+            return m
         assert f.done is not None and f.end is not None
-        chunks = []
-        for i in range(f.done.chunks):
-            hdr, first, done = f.received[i]
-            d0, d1 = f.decoded[i]
-            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - t0) * 1e3, (done - t0) * 1e3,
-                                      (d1 - d0) * 1e3, (d1 - t0) * 1e3))
-        fetch_ms = (f.end - t0) * 1e3
-        report = FetchReport(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+        report = FetchReport.from_timings(deadline_ms=deadline_ms, controller=controller, sent_at=t0, end=f.end,
+                                          received=f.received, decode_times=f.decoded)
         m = fetch_metrics({"result": report.to_dict()}, elements=self.ctx.elements,
                           recompute_us_per_token=self.recompute_us_per_token, top1=LEVEL_TOP1)
         last = max(c[2] for c in f.received.values())

@@ -808,6 +808,21 @@ class FetchReport:
     def payload_bytes(self) -> int:
         return sum(c.bytes for c in self.chunks)
 
+    @classmethod
+    def from_timings(cls, *, deadline_ms: int, controller: str, sent_at: float, end: float,
+                     received: dict[int, tuple[KvChunk, float, float]],
+                     decode_times: dict[int, tuple[float, float]]) -> FetchReport:
+        """The report of a fetch sent at ``sent_at`` and done at ``end``, from each chunk's (header, first byte,
+        last byte) and (decode start, decode end), all on one clock (the SDK's, or the virtual testbed's)."""
+        chunks = []
+        for i in range(len(received)):
+            hdr, first, done = received[i]
+            d0, d1 = decode_times[i]
+            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - sent_at) * 1e3,
+                                      (done - sent_at) * 1e3, (d1 - d0) * 1e3, (d1 - sent_at) * 1e3))
+        fetch_ms = (end - sent_at) * 1e3
+        return cls(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+
     def to_dict(self) -> dict[str, Any]:
         return {"deadline_ms": self.deadline_ms, "fetch_ms": self.fetch_ms, "deadline_met": self.deadline_met,
                 "controller": self.controller, "levels": self.levels, "payload_bytes": self.payload_bytes,
@@ -979,15 +994,8 @@ class KVConnection(SessionProtocol):
             self.kv.finish(sid)
             self.transmit()
             self._fetches.pop(sid, None)
-        t0 = pf.sent_at
-        chunks = []
-        for i in range(pf.done.chunks):
-            hdr, first, done = pf.received[i]
-            d0, d1 = pf.decode_times[i]
-            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - t0) * 1e3, (done - t0) * 1e3,
-                                      (d1 - d0) * 1e3, (d1 - t0) * 1e3))
-        fetch_ms = (end - t0) * 1e3
-        report = FetchReport(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+        report = FetchReport.from_timings(deadline_ms=int(deadline_ms), controller=controller, sent_at=pf.sent_at,
+                                          end=end, received=pf.received, decode_times=pf.decode_times)
         return KVFetchResult(results, report, tuple(pf.meta.geometry))  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
