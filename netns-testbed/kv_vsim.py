@@ -123,12 +123,8 @@ class _Node:
 
 @dataclass
 class _Fetch:
-    controller: str
-    deadline_ms: int
-    sent_at: float
     sid: int = -1
-    meta: Any = None
-    done: Any = None
+    done: Any = None  # the KvDone frame
     received: dict[int, tuple[Any, float, float]] = field(default_factory=dict)  # index -> (header, first, done)
     decoded: dict[int, tuple[float, float]] = field(default_factory=dict)  # index -> (start, end)
     end: float | None = None
@@ -270,7 +266,6 @@ class ControllerSim:
             KVChunkReceived,
             KVDoneReceived,
             KVFetchFailed,
-            KVMetaReceived,
         )
         from tokenwire.transport.kv_controller import TEXT
 
@@ -280,9 +275,7 @@ class ControllerSim:
         for ev in evs:
             if f is None or getattr(ev, "stream_id", None) != f.sid:
                 continue
-            if isinstance(ev, KVMetaReceived):
-                f.meta = ev.meta
-            elif isinstance(ev, KVChunkReceived):
+            if isinstance(ev, KVChunkReceived):
                 sess.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
                 f.received[ev.header.index] = (ev.header, ev.first_at, ev.done_at)
                 busy = max((e for _, e in f.decoded.values()), default=0.0)
@@ -315,7 +308,7 @@ class ControllerSim:
         for w in (self.down, self.up):
             w.link.restart(origin)
         self.down.departures.clear()
-        f = self.current = _Fetch(controller, deadline_ms, t0)
+        f = self.current = _Fetch()
         req = KvFetch(model=self.ctx.model, deadline_ms=int(deadline_ms), token_ids=self.ctx.token_ids,
                       controller=controller, recompute_us_per_token=self.recompute_us_per_token)
         f.sid = self.client.session.fetch(req)

@@ -223,8 +223,7 @@ class KVServerSession(_SessionBase):
                                     legacy=legacy, guard_weight=self.tuning.guard_weight)
         kind = self._kind(f)
         fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
-        if fc is None or (not self.tuning.legacy_controller
-                          and now - self._sample_at.get(id(fc), -math.inf) > STALE_S):
+        if fc is None or (not legacy and now - self._sample_at.get(id(fc), -math.inf) > STALE_S):
             # ...but samples older than STALE_S describe another moment of the link, and kept in the history they
             # would steer this fetch's forecast (measured: a 6.6 Mbit/s median from an earlier fetch's samples
             # sent a chunk high where this fetch had measured 2.4, and missed). The legacy rule keeps them.
@@ -392,9 +391,10 @@ class KVServerSession(_SessionBase):
         # dropping them for the prior just when the link is slow planned the next chunks on a better link
         # than the one measured (kv_vsim, Verizon-LTE seed 200: an in-fetch decision on a >1 s old sample in
         # every one of tokenwire's 8 misses in 150 fetches). The legacy rule keeps the age.
-        age = now - self._sample_at.get(id(f.forecaster), now) if f.samples else float("inf")
-        if f.samples and not f.controller.legacy:
-            age = 0.0
+        if not f.samples:
+            age = float("inf")
+        else:
+            age = now - self._sample_at.get(id(f.forecaster), now) if f.controller.legacy else 0.0
         med, low = (fc.median_bps, fc.low_bps) if fc else (None, None)
         fresh = self.fresh_rate(f, now) if self.tuning.fresh_rate and not f.samples else None
         if fresh is not None and not f.controller.legacy:
