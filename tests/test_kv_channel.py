@@ -414,3 +414,63 @@ def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():
     assert session._unacked(f) == 1_000_000 > session._lookahead(f, 0.0)
     sender.on_data_delivery(QuicDeliveryState.ACKED, 0, 850_000, False)
     assert session._unacked(f) == 150_000 <= session._lookahead(f, 0.0)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_in_flight_bytes_are_what_quic_has_not_acknowledged(legacy):
+    """The next chunk is decided before the previous one's KV_ACK; only its unacknowledged bytes are still to
+    cross the link (the legacy rule counts the whole chunk until its KV_ACK)."""
+    from types import SimpleNamespace
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet_builder import QuicDeliveryState
+    from aioquic.quic.stream import QuicStreamSender
+
+    from tokenwire.transport.frames import KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy))
+    sizes = {"low": 1_000_000, "medium": 1_400_000, "high": 1_900_000}
+    plan = ContextPlan(32, [16, 16], [1000, 1000], [dict(sizes), dict(sizes)], (1, 1, 1), 0, "float16")
+    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=3000, token_ids=[1] * 32), StreamDecoder(), 0.0)
+    session.fetches[0] = f
+    session.start(0, plan, 0.0)
+    sender = QuicStreamSender(3, True)  # chunk 0, written and handed to the network
+    sender.write(b"x" * 1_000_000, end_stream=True)
+    sender.highest_offset = 1_000_000
+    quic._streams[3] = SimpleNamespace(sender=sender)
+    f.chunk_streams.append((3, 1_000_000))
+    f.last_stream, f.next_index, f.bytes_written, f.levels = 3, 1, 1_000_000, ["low"]
+    sender.on_data_delivery(QuicDeliveryState.ACKED, 0, 900_000, False)  # all but 100 kB delivered, no KV_ACK
+    events = session.poll(1.0)
+    assert [type(e) for e in events] == [KVChunkNeeded]
+    d = f.decisions[-1]
+    assert d["inflight_bytes"] == (1_000_000 if legacy else 100_000)
+    if not legacy:  # 2 s left, the in-flight 100 kB priced at the 1 MB/s prior: ~1.9 s for the last chunk
+        assert d["budget_s"] == pytest.approx(1.9, abs=0.05)
+
+
+def test_text_chunks_sent_count_their_recompute_against_the_time_left():
+    """A text chunk is recomputed by the client after the transfer: once sent, its recompute is committed time."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.transport.frames import KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
+    from tokenwire.transport.kv_controller import TEXT
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6,
+                                                        recompute_us_per_token=100_000))  # 1.6 s per chunk
+    sizes = {"low": 100_000, "medium": 140_000, "high": 190_000}
+    plan = ContextPlan(48, [16] * 3, [1000] * 3, [dict(sizes) for _ in range(3)], (1, 1, 1), 0, "float16")
+    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=5000, token_ids=[1] * 48), StreamDecoder(), 0.0)
+    session.fetches[0] = f
+    session.start(0, plan, 0.0)
+    assert [type(e) for e in session.poll(0.5)] == [KVChunkNeeded]
+    assert f.decisions[0]["time_left_s"] == pytest.approx(4.5, abs=0.01)
+    f.pending, f.next_index, f.levels = False, 1, [TEXT]  # chunk 0 went out as text (no bytes to wait for)
+    assert [type(e) for e in session.poll(1.0)] == [KVChunkNeeded]
+    assert f.decisions[1]["time_left_s"] == pytest.approx(4.0 - 1.6, abs=0.01)

@@ -94,15 +94,20 @@ def test_first_chunk_without_a_sample_is_guarded_by_the_prior():
     assert KVController("tokenwire", prior_bps=8e6, prior_low=None).choose(two, time_left_s=100, **kw).level == "low"
 
 
-def test_middle_chunks_are_guarded_between_median_and_low_quantile_the_last_at_the_low_quantile():
+def test_every_chunk_is_guarded_at_the_low_quantile_a_lower_guard_weight_blends_the_middle_ones():
     kw = dict(inflight_bytes=0, median_bps=16e6, low_bps=8e6, sample_age_s=0.0)
     c = KVController("tokenwire")
     # the last chunk: no later one absorbs a surprise; guard at the low quantile (1 MB/s): high takes 1.85 s
     assert c.choose([chunk()], time_left_s=1.9, **kw).level == "high"
     assert c.choose([chunk()], time_left_s=1.8, **kw).level == "medium"
     assert KVController("tokenwire", firm_guard_weight=0.5).choose([chunk()], time_left_s=1.8, **kw).level == "high"
-    # with a chunk after it, the guard is the geometric mean (1.41 MB/s): high + low 2.02 s fits 2.1 s
-    assert c.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "high"
+    # with a chunk after it, the default guard is still the low quantile: high + low (3.2 s) does not fit 2.1 s
+    assert c.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "low"
+    # guard_weight=0.5 (v4): the geometric mean (1.41 MB/s), where high + low (2.02 s) fits 2.1 s; the last chunk
+    # keeps the firm guard
+    blend = KVController("tokenwire", guard_weight=0.5)
+    assert blend.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "high"
+    assert blend.choose([chunk()], time_left_s=1.8, **kw).level == "medium"
 
 
 def test_text_when_recomputing_beats_sending():
@@ -193,9 +198,10 @@ def test_guarded_plan_sends_more_now_than_the_low_quantile_plan():
     assert KVController("tokenwire", legacy=True).choose(two, **kw).level == "low"
     # with a tighter low quantile even medium + low does not fit: low
     assert KVController("tokenwire", guard_weight=1.0).choose(two, **{**kw, "low_bps": 3.5e6}).level == "low"
-    # the default guard is the geometric mean of low quantile and median: sqrt(0.5 * 2) = 1 MB/s, where
-    # high + low (2.85 s) fits 5 s
-    assert KVController("tokenwire").choose(two, **kw).level == "high"
+    # the default guards at the low quantile too; guard_weight=0.5 at the geometric mean of low quantile and
+    # median: sqrt(0.5 * 2) = 1 MB/s, where high + low (2.85 s) fits 5 s
+    assert KVController("tokenwire").choose(two, **kw).level == "medium"
+    assert KVController("tokenwire", guard_weight=0.5).choose(two, **kw).level == "high"
 
 
 def test_guarded_last_chunk_must_fit_at_the_low_quantile():

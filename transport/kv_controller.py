@@ -11,13 +11,13 @@ that comparisons are fair:
   faster than sending the lowest level), then upgrade, one rung at a time, the chunk with the best quality gain
   per second (the last chunk weighs ``TAIL_WEIGHT``: recency; ties go to the *earlier* chunk, which is sent
   while the later ones can still be downgraded). (2) Guard the chunk about to be sent: it keeps its planned
-  level only if, at the *guard rate* (between the forecast's calibrated low quantile and its median, see
-  ``GUARD_WEIGHT``), it plus every later chunk at its cheapest option still fits the time left; otherwise it is
+  level only if, at the *guard rate* (the forecast's calibrated low quantile; ``GUARD_WEIGHT`` can move it toward
+  the median), it plus every later chunk at its cheapest option still fits the time left; otherwise it is
   downgraded until that holds. The tail risk is thus priced once, on the bytes not yet committed, and a wrong
   guess early is paid for by cheaper chunks later, not by a missed deadline. Where no later chunk can pay
-  for it, the guard is the low quantile itself (``FIRM_GUARD_WEIGHT``): the last chunk, and a first chunk
-  planned on the prior. Bytes already in flight are priced at the median (they are on the wire, what the link
-  does to them is what the median forecasts).
+  for it (the last chunk, and a first chunk planned on the prior) the guard stays at the low quantile even where
+  ``GUARD_WEIGHT`` is set lower (``FIRM_GUARD_WEIGHT``). Bytes in flight (what QUIC has not seen acknowledged)
+  are priced at the median (they are on the wire, what the link does to them is what the median forecasts).
   (3) Until the fetch has a measurement of its own (its QUIC delivery rate, see
   ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the prior is the forecast: the connection's
   link prior (median and low quantile of its past chunk rates, ``KVServerSession.link_prior``) or, before it
@@ -27,8 +27,8 @@ that comparisons are fair:
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
   forecast. ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
-  back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=1`` the guard at
-  the low quantile itself for every chunk, ``firm_guard_weight=0.5`` the blend for the first and last too.
+  back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=0.5`` v4's blend
+  for the middle chunks, ``firm_guard_weight=0.5`` for the first and last too.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -57,13 +57,16 @@ STALE_FACTOR = 0.75  # ...so the legacy rule discounts it (the guarded rule prob
 RESERVE = 0.0  # share of the time left kept back (the guard's low quantile is the margin; legacy used 0.05)
 LEGACY_RESERVE = 0.05
 PRIOR_LOW = 0.5  # the prior's low quantile, as a share of it (the ONNX forecaster's spread is 0.45-0.55)
-# The guard's bandwidth: the geometric mean of the low quantile and the median, low**w * median**(1-w). The
-# low quantile covers the whole remaining transfer at 95 %, but every later chunk is decided again with newer
-# samples, so guarding each decision at it over-insured (w = 1: 100 % of deadlines with 1.6 s of 4 s unused,
-# mean top-1 below fixed-L2's); w = 0.5 was tuned on TMobile-LTE seed 1 and Verizon-LTE seed 2 (docs/kv_channel.md).
-GUARD_WEIGHT = 0.5
+# The guard's bandwidth: the geometric mean of the low quantile and the median, low**w * median**(1-w). The v3/v4
+# controllers used w = 0.5 for the middle chunks: at the low quantile itself they had left 1.6 s of 4 s unused. Most
+# of that slack was an accounting error, not the guard: the previous chunk was priced as in flight until its KV_ACK
+# (see kv_channel.KVServerSession._decide). With what QUIC has not acknowledged as in flight, w = 0.5 met 280 of 300
+# TMobile-LTE deadlines (kv_vsim seeds 100, 200) where v4 met 290; w = 1 met 290, at +0.05 points of top-1 (and
+# Verizon-LTE 290 vs 291, +0.11 points; docs/kv_channel.md).
+GUARD_WEIGHT = 1.0
 # The guard of a chunk whose error no later decision of the fetch absorbs: the first one, planned on the prior before
-# anything was measured, and the last one. At the low quantile itself (tuned in virtual time, docs/kv_channel.md).
+# anything was measured, and the last one. At the low quantile itself (tuned in virtual time, docs/kv_channel.md);
+# differs from GUARD_WEIGHT only where that is set lower (--guard-weight).
 FIRM_GUARD_WEIGHT = 1.0
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
