@@ -6,13 +6,14 @@ Only argparse at import time; the handlers import the testbed (pyroute2, aiohttp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tokenwire.daemon.cli import CLIError, cell, write_json
@@ -86,6 +87,23 @@ def _raise_stop(signum: int, frame: Any) -> None:
         # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
         os._exit(128 + signum)
     raise _Stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    if os.getpid() != _OWNER_PID:
+        os._exit(128 + signum)  # a pyroute2 child, as in _raise_stop
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (kill, a CI or systemd timeout) unwinds like Ctrl-C, so a run's namespaces and processes are torn
+    down: by default it killed ``testbed kv``/``compare`` outright and left their namespaces behind."""
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -275,7 +293,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
 
     try:
-        summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log)
+        with sigterm_as_ctrl_c():
+            summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log)
     except (CompareError, TestbedError) as exc:
         raise CLIError(str(exc)) from None
     if tty:
@@ -325,7 +344,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
             except KVSimError as exc:
                 raise CLIError(str(exc)) from None
         else:
-            summary = run_kv_eval(cfg, log=log, workdir=args.keep)
+            with sigterm_as_ctrl_c():
+                summary = run_kv_eval(cfg, log=log, workdir=args.keep)
     except (KVEvalError, TestbedError, ChildError) as exc:
         raise CLIError(str(exc)) from None
     print(f"{'controller':<15} {'attain':>7} {'top-1':>7} {'bits/el':>8} {'p95 ms':>8} {'goodput':>8}  levels")

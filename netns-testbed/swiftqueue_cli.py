@@ -66,7 +66,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def cmd_swiftqueue(args: argparse.Namespace) -> int:
-    from .cli import require_plotting, write_results
+    from .cli import require_plotting, sigterm_as_ctrl_c, write_results
 
     cfg = _config(args)
     require_plotting(args)
@@ -99,7 +99,8 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
         except TestbedError as exc:
             raise CLIError(f"{exc} (or add --virtual for the virtual-time run)") from None
         try:
-            summary, runs = run_netns_all(cfg, workdir=args.keep, log_fn=log, progress=progress)
+            with sigterm_as_ctrl_c():
+                summary, runs = run_netns_all(cfg, workdir=args.keep, log_fn=log, progress=progress)
         except (SwiftQueueRunError, TestbedError) as exc:
             raise CLIError(str(exc)) from None
     if tty:

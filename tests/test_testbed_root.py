@@ -231,6 +231,25 @@ def test_cli_up_tears_down_on_ctrl_c():
     assert not netns_exists(info["server_ns"]) and not netns_exists(info["client_ns"])
 
 
+def test_compare_tears_down_on_sigterm():
+    """kill / a CI or systemd timeout sends SIGTERM: the run unwinds like Ctrl-C and removes its namespaces."""
+    proc = _tokenwire("testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "5", "--schemes", "sse-tcp",
+                      "--tokens", "3000", "--rate", "20", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(r.owner_pid == proc.pid and any(map(netns_exists, r.namespaces)) for r in list_runs()),
+                 60, "the compare run's namespaces")
+        (run,) = [r for r in list_runs() if r.owner_pid == proc.pid]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130, proc.stderr.read()
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing behind
+            proc.kill()
+            proc.wait()
+            subprocess.run([*TOKENWIRE, "testbed", "down"], capture_output=True, check=False)
+    assert not any(netns_exists(n) for n in run.namespaces)
+    assert not os.path.exists(run.path)
+
+
 def test_compare_quic_and_sse_end_to_end(tmp_path):
     out = tmp_path / "cmp.json"
     png = tmp_path / "cmp.png"
