@@ -58,7 +58,7 @@ RESERVE = 0.0  # share of the time left kept back (the guard's low quantile is t
 LEGACY_RESERVE = 0.05
 PRIOR_LOW = 0.5  # the prior's low quantile, as a share of it (the ONNX forecaster's spread is 0.45-0.55)
 # The guard's bandwidth: the geometric mean of the low quantile and the median, low**w * median**(1-w). The v3/v4
-# controllers used w = 0.5 for the middle chunks: at the low quantile itself they had left 1.6 s of 4 s unused. Most
+# controllers used w = 0.5 for the middle chunks: at the low quantile itself they had left 1.6 s of 4 s unused. Part
 # of that slack was an accounting error, not the guard: the previous chunk was priced as in flight until its KV_ACK
 # (see kv_channel.KVServerSession._decide). With what QUIC has not acknowledged as in flight, w = 0.5 met 280 of 300
 # TMobile-LTE deadlines (kv_vsim seeds 100, 200) where v4 met 290; w = 1 met 290, at +0.05 points of top-1 (and
