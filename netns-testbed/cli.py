@@ -75,30 +75,21 @@ def validate(*checks: Any) -> None:
             raise CLIError(str(exc)) from None
 
 
-class _Stop(Exception):
-    pass
-
-
 _OWNER_PID = os.getpid()
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    if os.getpid() != _OWNER_PID:
-        # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
-        os._exit(128 + signum)
-    raise _Stop()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     if os.getpid() != _OWNER_PID:
-        os._exit(128 + signum)  # a pyroute2 child, as in _raise_stop
+        # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (kill, a CI or systemd timeout) unwinds like Ctrl-C, so a run's namespaces and processes are torn
-    down: by default it killed ``testbed kv``/``compare`` outright and left their namespaces behind."""
+    down: by default it killed ``testbed kv``/``compare`` outright and left their namespaces behind. Every
+    namespace-building command runs under it (``up`` too)."""
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
@@ -133,9 +124,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         raise CLIError(f"testbed did not come up within 20 s, see {logfile}")
 
-    old_term = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        with Testbed(cfg, run_id=args.run_id, backend=args.backend) as tb:
+        with sigterm_as_ctrl_c(), Testbed(cfg, run_id=args.run_id, backend=args.backend) as tb:
             info = tb.describe()
             state = tb._state
             if state is not None:
@@ -152,10 +142,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                     state.save()
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
-    except (_Stop, KeyboardInterrupt):
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the testbed is torn down
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
 
 
 def _up_argv(args: argparse.Namespace) -> list[str]:
