@@ -314,7 +314,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         controllers=[c.strip() for c in args.controllers.split(",") if c.strip()], repeats=args.repeats,
         seed=args.seed, recompute_us_per_token=args.recompute_us_per_token, prior_mbps=args.prior_mbps,
         stale_factor=args.stale_factor, reserve=args.reserve, legacy_controller=args.legacy_controller,
-        guard_weight=args.guard_weight,
+        guard_weight=args.guard_weight, firm_guard_weight=args.firm_guard_weight,
     )  # fmt: skip
     if args.text:
         cfg.text = args.text
@@ -423,6 +423,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")
     kv.add_argument("--guard-weight", type=float, metavar="W",
                     help="tokenwire: guard rate low**W * median**(1-W) (default: the controller's)")
+    kv.add_argument("--firm-guard-weight", type=float, metavar="W",
+                    help="tokenwire: the same for a fetch's first (cold) and last chunk (default: the controller's)")
     kv.add_argument("--virtual", action="store_true",
                     help="virtual time (kv_vsim): the same stack over the emulator's link model; no root, fast")
     kv.add_argument("--workers", type=int, metavar="N", help="--virtual: processes (default: one per core)")

@@ -44,14 +44,9 @@ async def run_server(args: argparse.Namespace) -> int:
         await service.ingest(ctx["model"], ctx["ids"].tolist(), list(zip(ctx["k"], ctx["v"], strict=True)),
                              fingerprint=int(ctx["fingerprint"]), prewarm=LEVELS)
         tuning = ServerTuning(forecaster="onnx", prior_bps=args.prior_mbps * 1e6,
-                              recompute_us_per_token=args.recompute_us_per_token)
-        if args.stale_factor is not None:
-            tuning.stale_factor = args.stale_factor
-        if args.reserve is not None:
-            tuning.reserve = args.reserve
-        if args.guard_weight is not None:
-            tuning.guard_weight = args.guard_weight
-        tuning.legacy_controller = args.legacy_controller
+                              recompute_us_per_token=args.recompute_us_per_token).override(
+            stale_factor=args.stale_factor, reserve=args.reserve, guard_weight=args.guard_weight,
+            firm_guard_weight=args.firm_guard_weight, legacy_controller=args.legacy_controller)
         server = await serve_kv(service, args.host, args.port, congestion=kv_congestion("l4s"), marking=L4SPolicy,
                                 tuning=tuning)
         # the controller's inputs per chunk, for the evaluation's per-fetch record (the client cannot see them)
@@ -133,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-factor", type=float)
     p.add_argument("--reserve", type=float)
     p.add_argument("--guard-weight", type=float)
+    p.add_argument("--firm-guard-weight", type=float)
     p.add_argument("--legacy-controller", action="store_true")
     return p
 

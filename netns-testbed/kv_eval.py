@@ -67,6 +67,7 @@ class KVEvalConfig:
     reserve: float | None = None
     legacy_controller: bool = False  # tokenwire's previous rule, for ablations
     guard_weight: float | None = None  # tokenwire's guard (None: the controller's default)
+    firm_guard_weight: float | None = None  # ...of a fetch's first (cold) and last chunk
     synthetic: tuple[int, int, int] | None = None  # (layers, heads, dim): random KV, no model (smoke tests)
 
     def validate(self) -> None:
@@ -134,7 +135,7 @@ def _start(tb: Testbed, ns: str, role: str, cfg: KVEvalConfig, kv_path: str, wor
             str(PORT), "--kv", kv_path, "--chunk-tokens", str(cfg.chunk_tokens), "--prior-mbps",
             str(cfg.prior_mbps), "--recompute-us-per-token", str(cfg.recompute_us_per_token)]
     for flag, value in (("--stale-factor", cfg.stale_factor), ("--reserve", cfg.reserve),
-                        ("--guard-weight", cfg.guard_weight)):
+                        ("--guard-weight", cfg.guard_weight), ("--firm-guard-weight", cfg.firm_guard_weight)):
         if value is not None and role == "server":
             argv += [flag, str(value)]
     if cfg.legacy_controller and role == "server":

@@ -159,14 +159,9 @@ class ControllerSim:
         self._record_departures(self.down)
         self.cert = dev_cert()
         self.tuning = ServerTuning(forecaster="onnx", prior_bps=cfg.prior_mbps * 1e6,
-                                   recompute_us_per_token=recompute_us_per_token)
-        if cfg.stale_factor is not None:
-            self.tuning.stale_factor = cfg.stale_factor
-        if cfg.reserve is not None:
-            self.tuning.reserve = cfg.reserve
-        if cfg.guard_weight is not None:
-            self.tuning.guard_weight = cfg.guard_weight
-        self.tuning.legacy_controller = cfg.legacy_controller
+                                   recompute_us_per_token=recompute_us_per_token).override(
+            stale_factor=cfg.stale_factor, reserve=cfg.reserve, guard_weight=cfg.guard_weight,
+            firm_guard_weight=cfg.firm_guard_weight, legacy_controller=cfg.legacy_controller)
         self.congestion = kv_congestion("l4s")  # the namespace server's choice (ECT(1) marking, prague)
         quic = QuicConnection(configuration=kv_quic_config(client_configuration(
             cadata=self.cert.cert_pem, server_name="localhost", congestion=self.congestion)))

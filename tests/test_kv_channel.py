@@ -6,6 +6,7 @@ Tiny synthetic KV (4 layers x 2 heads x 16 dims) keeps this fast; the codec itse
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -474,3 +475,30 @@ def test_text_chunks_sent_count_their_recompute_against_the_time_left():
     f.pending, f.next_index, f.levels = False, 1, [TEXT]  # chunk 0 went out as text (no bytes to wait for)
     assert [type(e) for e in session.poll(1.0)] == [KVChunkNeeded]
     assert f.decisions[1]["time_left_s"] == pytest.approx(4.0 - 1.6, abs=0.01)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_time_left_takes_the_paths_min_rtt_not_a_queue_inflated_smoothed_rtt(legacy):
+    """After a fetch filled the bottleneck queue the smoothed RTT still carries that queue (no ACKs between
+    fetches); the request's and the last byte's trips are the path's min-RTT (the legacy rule keeps the smoothed)."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.transport.frames import KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    quic._loss._rtt_min, quic._loss._rtt_smoothed = 0.04, 0.6
+    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy))
+    sizes = {"low": 100_000, "medium": 140_000, "high": 190_000}
+    plan = ContextPlan(32, [16, 16], [1000, 1000], [dict(sizes), dict(sizes)], (1, 1, 1), 0, "float16")
+    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=3000, token_ids=[1] * 32), StreamDecoder(), 0.0)
+    session.fetches[0] = f
+    session.start(0, plan, 0.0)
+    assert [type(e) for e in session.poll(0.5)] == [KVChunkNeeded]
+    rtt = 0.6 if legacy else 0.04
+    assert f.decisions[0]["time_left_s"] == pytest.approx(2.5 - rtt / 2)
+    assert f.controller.rtt_s == rtt  # the controller takes the last byte's half
+    # before QUIC has an RTT sample, the smoothed RTT (aioquic's initial estimate) stands in
+    quic._loss._rtt_min = math.inf
+    assert session._path_rtt() == 0.6

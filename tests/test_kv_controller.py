@@ -78,25 +78,47 @@ def test_legacy_stale_forecast_is_discounted():
 
 
 def test_first_chunk_without_a_sample_is_guarded_by_the_prior():
-    # nothing measured: plan at the prior (8 Mbit/s: 1 MB/s), guard at its low quantile, PRIOR_LOW of it
-    # (0.5 MB/s; firm: no later sample of this fetch corrects a first chunk sent on a guess)
+    # nothing measured: plan at the prior (8 Mbit/s: 1 MB/s), its low quantile PRIOR_LOW of it (0.5 MB/s); the
+    # guard is firm (no later sample of this fetch corrects a first chunk sent on a guess): the low quantile
+    # discounted by the spread once more, 0.5 * 0.5 = 0.25 MB/s
     c = KVController("tokenwire", prior_bps=8e6)
     two = [chunk(), chunk()]
     kw = dict(inflight_bytes=0, median_bps=None, low_bps=None)
     assert c.choose(two, time_left_s=100, **kw).level == "high"
-    # at the guard's rate: high + low (2.85 MB) 5.7 s, medium + low 4.7 s, low + low 4.0 s
-    assert c.choose(two, time_left_s=5.8, **kw).level == "high"
-    assert c.choose(two, time_left_s=5.0, **kw).level == "medium"
-    assert c.choose(two, time_left_s=4.2, **kw).level == "low"
-    # the connection's own link prior (median 8 Mbit/s, low quantile a quarter of it): 0.25 MB/s guard
-    assert KVController("tokenwire", prior_bps=8e6, prior_low=0.25).choose(two, time_left_s=9.0, **kw).level == "low"
+    # at 0.25 MB/s: high + low (2.85 MB) 11.4 s, medium + low 9.4 s, low + low 8.0 s
+    assert c.choose(two, time_left_s=11.5, **kw).level == "high"
+    assert c.choose(two, time_left_s=9.5, **kw).level == "medium"
+    assert c.choose(two, time_left_s=9.3, **kw).level == "low"
+    # v5's firm guard, the low quantile itself (0.5 MB/s): high + low 5.7 s, medium + low 4.7 s, low + low 4.0 s
+    v5 = KVController("tokenwire", prior_bps=8e6, firm_guard_weight=1.0)
+    assert v5.choose(two, time_left_s=5.8, **kw).level == "high"
+    assert v5.choose(two, time_left_s=5.0, **kw).level == "medium"
+    assert v5.choose(two, time_left_s=4.2, **kw).level == "low"
+    # the connection's own link prior (median 8 Mbit/s, low quantile a quarter of it): 0.25 MB/s guard at w = 1
+    assert KVController("tokenwire", prior_bps=8e6, prior_low=0.25,
+                        firm_guard_weight=1.0).choose(two, time_left_s=9.0, **kw).level == "low"
     # prior_low=None: the forced probe of an earlier version, cheapest whatever the budget
     assert KVController("tokenwire", prior_bps=8e6, prior_low=None).choose(two, time_left_s=100, **kw).level == "low"
 
 
-def test_every_chunk_is_guarded_at_the_low_quantile_a_lower_guard_weight_blends_the_middle_ones():
-    kw = dict(inflight_bytes=0, median_bps=16e6, low_bps=8e6, sample_age_s=0.0)
+def test_the_guard_goes_below_the_low_quantile_by_the_forecasts_spread():
+    kw = dict(inflight_bytes=0, median_bps=16e6, low_bps=8e6, sample_age_s=0.0)  # 2 MB/s, low quantile 1 MB/s
     c = KVController("tokenwire")
+    # the last chunk, firm guard (w = 2): 1 * (1/2) = 0.5 MB/s; high 3.7 s, medium 2.7 s
+    assert c.choose([chunk()], time_left_s=3.8, **kw).level == "high"
+    assert c.choose([chunk()], time_left_s=3.6, **kw).level == "medium"
+    # a middle chunk (w = 1.5): 1 * (1/2)**0.5 = 0.71 MB/s; high + low 4.03 s, medium + low 3.32 s, low + low 2.83 s
+    assert c.choose([chunk(), chunk()], time_left_s=4.1, **kw).level == "high"
+    assert c.choose([chunk(), chunk()], time_left_s=3.5, **kw).level == "medium"
+    assert c.choose([chunk(), chunk()], time_left_s=3.0, **kw).level == "low"
+    # a forecaster sure of the link (low quantile = median) is not held back: guard 2 MB/s, high + low 1.43 s
+    assert c.choose([chunk(), chunk()], time_left_s=1.9, **dict(kw, low_bps=16e6)).level == "high"
+    assert c.choose([chunk(), chunk()], time_left_s=1.9, **kw).level == "low"
+
+
+def test_v5_guarded_every_chunk_at_the_low_quantile_a_lower_guard_weight_blends_the_middle_ones():
+    kw = dict(inflight_bytes=0, median_bps=16e6, low_bps=8e6, sample_age_s=0.0)
+    c = KVController("tokenwire", guard_weight=1.0, firm_guard_weight=1.0)
     # the last chunk: no later one absorbs a surprise; guard at the low quantile (1 MB/s): high takes 1.85 s
     assert c.choose([chunk()], time_left_s=1.9, **kw).level == "high"
     assert c.choose([chunk()], time_left_s=1.8, **kw).level == "medium"
@@ -106,7 +128,7 @@ def test_every_chunk_is_guarded_at_the_low_quantile_a_lower_guard_weight_blends_
     assert c.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "low"
     # guard_weight=0.5 (v4): the geometric mean (1.41 MB/s), where high + low (2.02 s) fits 2.1 s; the last chunk
     # keeps the firm guard
-    blend = KVController("tokenwire", guard_weight=0.5)
+    blend = KVController("tokenwire", guard_weight=0.5, firm_guard_weight=1.0)
     assert blend.choose([chunk(), chunk()], time_left_s=2.1, **kw).level == "high"
     assert blend.choose([chunk()], time_left_s=1.8, **kw).level == "medium"
 
@@ -199,23 +221,28 @@ def test_guarded_plan_sends_more_now_than_the_low_quantile_plan():
     assert KVController("tokenwire", legacy=True).choose(two, **kw).level == "low"
     # with a tighter low quantile even medium + low does not fit: low
     assert KVController("tokenwire", guard_weight=1.0).choose(two, **{**kw, "low_bps": 3.5e6}).level == "low"
-    # the default guards at the low quantile too; guard_weight=0.5 at the geometric mean of low quantile and
-    # median: sqrt(0.5 * 2) = 1 MB/s, where high + low (2.85 s) fits 5 s
-    assert KVController("tokenwire").choose(two, **kw).level == "medium"
+    # the default guards below the low quantile, 0.5 * (0.5 / 2)**0.5 = 0.25 MB/s: only low + low (8 s)... does
+    # not fit either, and the first chunk goes at its cheapest; guard_weight=0.5 at the geometric mean of low
+    # quantile and median: sqrt(0.5 * 2) = 1 MB/s, where high + low (2.85 s) fits 5 s
+    assert KVController("tokenwire").choose(two, **kw).level == "low"
     assert KVController("tokenwire", guard_weight=0.5).choose(two, **kw).level == "high"
 
 
-def test_guarded_last_chunk_must_fit_at_the_low_quantile():
+def test_guarded_last_chunk_must_fit_at_the_guard_rate():
     one = [chunk(decode_s=0.1)]
-    c = KVController("tokenwire", guard_weight=1.0)
+    c = KVController("tokenwire", firm_guard_weight=1.0)
     # 1 MB/s low quantile: high (1.85 s + 0.1 s decode) fits 2.0 s, not 1.9 s; medium (1.45 s) fits 1.9 s
     assert c.choose(one, time_left_s=2.0, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "high"
     assert c.choose(one, time_left_s=1.9, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "medium"
+    # the default firm guard, 0.5 MB/s: high needs 3.8 s
+    d = KVController("tokenwire")
+    assert d.choose(one, time_left_s=3.85, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "high"
+    assert d.choose(one, time_left_s=3.75, inflight_bytes=0, median_bps=16e6, low_bps=8e6).level == "medium"
 
 
 def test_guarded_prices_inflight_bytes_at_the_median():
     one = [chunk()]
-    c = KVController("tokenwire", guard_weight=1.0)
+    c = KVController("tokenwire", firm_guard_weight=1.0)
     # 2 MB in flight: 1 s at the median (2 MB/s), 2 s at the low quantile (1 MB/s); 3 s left:
     # high (1.85 s at the low quantile) fits after 1 s of in-flight bytes, not after 2 s
     assert c.choose(one, time_left_s=3.0, inflight_bytes=2 * MB, median_bps=16e6, low_bps=8e6).level == "high"

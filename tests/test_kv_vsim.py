@@ -10,7 +10,7 @@ from tokenwire.testbed.kv_vsim import round_plan, run_kv_virtual
 
 def config(**kw):
     base = dict(down_trace="8mbps", up_trace="8mbps", delay_ms=10, context_tokens=512, chunk_tokens=128,
-                deadline_ms=5000, controllers=["tokenwire", "fixed-L1", "fixed-L3"], repeats=2,
+                deadline_ms=8000, controllers=["tokenwire", "fixed-L1", "fixed-L3"], repeats=2,
                 recompute_us_per_token=50_000, synthetic=(8, 4, 64))
     base.update(kw)
     return KVEvalConfig(**base)
@@ -32,7 +32,8 @@ def test_fetch_time_follows_the_link(generous):
     low = generous["fetches"]["fixed-L1"][0]["payload_bytes"]
     high = generous["fetches"]["fixed-L3"][0]["payload_bytes"]
     assert 1.5 < high / low < 2.2  # the codec ladder: 1.8 vs 3.4 bits per element
-    # a generous deadline: every chunk high
+    # a generous deadline: every chunk high (all-high takes 1.25 s; 8 s also leaves room for the first chunk's
+    # firm guard, planned on the configured 5 Mbit/s prior: a quarter of it, where high + 3 x low takes 5.2 s)
     assert all(lv == "high" for m in generous["fetches"]["tokenwire"] for lv in m["levels"])
 
 
@@ -61,3 +62,15 @@ def test_rounds_replay_the_namespace_runs_offsets():
     assert all(0 <= off < 140.0 for _, off in rounds) and 0 <= warm < 140.0
     assert all(sorted(order) == sorted(cfg.controllers) for order, _ in rounds)
     assert round_plan(config(repeats=5, seed=4), 140.0) != (warm, rounds)
+
+
+def test_guard_knobs_reach_the_server_unset_ones_keep_the_controllers_defaults():
+    from tokenwire.testbed.kv_vsim import ControllerSim, load_context
+    from tokenwire.transport.kv_controller import FIRM_GUARD_WEIGHT, GUARD_WEIGHT
+
+    cfg = config(guard_weight=0.5, firm_guard_weight=1.0)
+    ctx, _ = load_context(cfg, lambda m: None)
+    tuned = ControllerSim(cfg, ctx, recompute_us_per_token=1, seed=0).tuning
+    assert (tuned.guard_weight, tuned.firm_guard_weight, tuned.reserve) == (0.5, 1.0, None)
+    default = ControllerSim(config(), ctx, recompute_us_per_token=1, seed=0).tuning
+    assert (default.guard_weight, default.firm_guard_weight) == (GUARD_WEIGHT, FIRM_GUARD_WEIGHT)

@@ -33,7 +33,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ from .frames import (
     encode_stream_frame,
 )
 from .kv_controller import (
+    FIRM_GUARD_WEIGHT,
     GUARD_WEIGHT,
     LEVELS,
     PRIOR_LOW,
@@ -139,8 +140,13 @@ class ServerTuning:
     reserve: float | None = None  # None: the controller's default for its rule
     fresh_rate: bool = True  # plan a fetch's first chunks with its own QUIC delivery rate (see fresh_rate)
     legacy_controller: bool = False  # tokenwire's previous rule (whole plan at the low quantile): for ablations
-    guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate between median (0) and low quantile (1): kv_controller
+    guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate, low**w * median**(1-w): kv_controller
+    firm_guard_weight: float = FIRM_GUARD_WEIGHT  # the same for a fetch's first (cold) and last chunk
     link_prior: bool = True  # plan first chunks with the connection's past chunk rates (KVServerSession.link_prior)
+
+    def override(self, **values: Any) -> ServerTuning:
+        """This tuning with every value that is not None replaced (the evaluation's command-line knobs)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
 # ------------------------------------------------------------------------------------------------ server side
@@ -215,12 +221,13 @@ class KVServerSession(_SessionBase):
         if f is None or f.closed:
             return
         f.plan = plan
-        rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
         legacy = self.tuning.legacy_controller
+        rtt = self._path_rtt(legacy)
         prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
         f.controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
                                     stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
-                                    legacy=legacy, guard_weight=self.tuning.guard_weight)
+                                    legacy=legacy, guard_weight=self.tuning.guard_weight,
+                                    firm_guard_weight=self.tuning.firm_guard_weight)
         kind = self._kind(f)
         fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
         if fc is None or (not legacy and now - self._sample_at.get(id(fc), -math.inf) > STALE_S):
@@ -355,6 +362,19 @@ class KVServerSession(_SessionBase):
             rate = min(rate, acked * 8 / max(span, dt))
         return rate
 
+    def _path_rtt(self, legacy: bool = False) -> float:
+        """The path's round trip, half of it taken off a fetch's time left for the request's trip and half for
+        the last byte's: the min-RTT (the smoothed RTT until QUIC has a sample; the legacy rule keeps the
+        smoothed RTT). The smoothed RTT carries the queue a previous fetch built into the next one (no ACKs in
+        the gap between fetches), and the queueing part of the last byte's trip is already in the bytes/rate
+        cost: measured (v5, kv_vsim seeds 500 + 600), a fetch's first decision started a median 0.35 s
+        (TMobile-LTE, 4 s deadline) and 0.60 s (Verizon-LTE, 8 s) short on a path of 40 ms."""
+        smoothed = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
+        if legacy:
+            return smoothed
+        rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
+        return rtt_min if math.isfinite(rtt_min) else smoothed
+
     def _unacked(self, f: ServerFetch) -> int:
         """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, in the network, or delivered
         with their ACK still on its way back."""
@@ -384,8 +404,7 @@ class KVServerSession(_SessionBase):
             dec = f.plan.elements[i] / self.tuning.decode_elements_per_s
             opts.append(ChunkOptions(dict(f.plan.sizes[i]), 4 * toks, toks * rc / 1e6, dict.fromkeys(LEVELS, dec)))
         fc = f.forecaster.forecast()
-        rtt = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
-        time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - rtt / 2 - now
+        time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - self._path_rtt(f.controller.legacy) / 2 - now
         # Text chunks already sent are recomputed by the client's engine after the transfer: time not yet spent
         # but committed. Uncounted, each text chunk looked free once sent, and a fetch planned on a slow link
         # prior went text, text, text, text: 9.1 s of recompute for an 8 s deadline (kv_vsim Verizon-LTE seed 600,

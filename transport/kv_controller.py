@@ -11,13 +11,15 @@ that comparisons are fair:
   faster than sending the lowest level), then upgrade, one rung at a time, the chunk with the best quality gain
   per second (the last chunk weighs ``TAIL_WEIGHT``: recency; ties go to the *earlier* chunk, which is sent
   while the later ones can still be downgraded). (2) Guard the chunk about to be sent: it keeps its planned
-  level only if, at the *guard rate* (the forecast's calibrated low quantile; ``GUARD_WEIGHT`` can move it toward
-  the median), it plus every later chunk at its cheapest option still fits the time left; otherwise it is
-  downgraded until that holds. The tail risk is thus priced once, on the bytes not yet committed, and a wrong
-  guess early is paid for by cheaper chunks later, not by a missed deadline. Where no later chunk can pay
-  for it (the last chunk, and a first chunk planned on the prior) the guard stays at the low quantile even where
-  ``GUARD_WEIGHT`` is set lower (``FIRM_GUARD_WEIGHT``). Bytes in flight (what QUIC has not seen acknowledged)
-  are priced at the median (they are on the wire, what the link does to them is what the median forecasts).
+  level only if, at the *guard rate* (below the forecast's calibrated low quantile, ``GUARD_WEIGHT``), it plus
+  every later chunk at its cheapest option still fits the time left; otherwise it is downgraded until that
+  holds. The tail risk is thus priced once, on the bytes not yet committed, and a wrong guess early is paid for
+  by cheaper chunks later, not by a missed deadline. Where no later chunk can pay for it (the last chunk, and a
+  first chunk planned on the prior) the guard is firmer (``FIRM_GUARD_WEIGHT``). Both weights are above 1: the
+  guard rate is the low quantile discounted once more by the forecast's own spread (see ``GUARD_WEIGHT``), since
+  the deadlines missed at the low quantile itself were fetches whose link fell further than it. Bytes in flight
+  (what QUIC has not seen acknowledged) are priced at the median (they are on the wire, what the link does to
+  them is what the median forecasts).
   (3) Until the fetch has a measurement of its own (its QUIC delivery rate, see
   ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the prior is the forecast: the connection's
   link prior (median and low quantile of its past chunk rates, ``KVServerSession.link_prior``) or, before it
@@ -27,8 +29,8 @@ that comparisons are fair:
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
   forecast. ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
-  back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=0.5`` v4's blend
-  for the middle chunks, ``firm_guard_weight=0.5`` for the first and last too.
+  back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=1,
+  firm_guard_weight=1`` v5's guard (at the low quantile), ``guard_weight=0.5`` v4's blend for the middle chunks.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
   size over the current (EWMA) throughput fits it; text if none fits and recomputing the chunk does; else the
   lowest level.
@@ -54,20 +56,22 @@ LEVEL_BITS = {"low": 1.82, "medium": 2.47, "high": 3.38}
 TAIL_WEIGHT = 1.5  # the last chunk's quality weight (recency: docs/kv_codec.md, "Observations")
 STALE_S = 1.0  # a forecast whose newest sample is older than this describes another moment of the link...
 STALE_FACTOR = 0.75  # ...so the legacy rule discounts it (the guarded rule probes instead)
-RESERVE = 0.0  # share of the time left kept back (the guard's low quantile is the margin; legacy used 0.05)
+RESERVE = 0.0  # share of the time left kept back (the guard is the margin; legacy used 0.05)
 LEGACY_RESERVE = 0.05
 PRIOR_LOW = 0.5  # the prior's low quantile, as a share of it (the ONNX forecaster's spread is 0.45-0.55)
-# The guard's bandwidth: the geometric mean of the low quantile and the median, low**w * median**(1-w). The v3/v4
-# controllers used w = 0.5 for the middle chunks: at the low quantile itself they had left 1.6 s of 4 s unused. Part
-# of that slack was an accounting error, not the guard: the previous chunk was priced as in flight until its KV_ACK
-# (see kv_channel.KVServerSession._decide). With what QUIC has not acknowledged as in flight, w = 0.5 met 280 of 300
-# TMobile-LTE deadlines (kv_vsim seeds 100, 200) where v4 met 290; w = 1 met 290, at +0.05 points of top-1 (and
-# Verizon-LTE 290 vs 291, +0.11 points; docs/kv_channel.md).
-GUARD_WEIGHT = 1.0
+# The guard's bandwidth: low**w * median**(1-w). For w <= 1 a geometric blend of the low quantile and the median;
+# for w > 1 the low quantile discounted once more by the forecast's own spread, low * (low/median)**(w-1), so a
+# forecaster unsure of the link is held further back. The v3/v4 controllers used w = 0.5 for the middle chunks,
+# v5 w = 1. v6 (this one) takes the min-RTT, not the queue-inflated smoothed RTT, off the time left
+# (kv_channel.KVServerSession._path_rtt), which with w = 1 met 279 of 300 TMobile-LTE deadlines (kv_vsim seeds 100,
+# 200); w = 1.5, with the firm guard below at 2, met 295 (v5: 290) at -1.3 points of top-1, and Verizon-LTE 293
+# (v5: 290), -1.1 points; every TMobile miss left is one that fixed-L1 misses too (docs/kv_channel.md, v6 tuning).
+GUARD_WEIGHT = 1.5
 # The guard of a chunk whose error no later decision of the fetch absorbs: the first one, planned on the prior before
-# anything was measured, and the last one. At the low quantile itself (tuned in virtual time, docs/kv_channel.md);
-# differs from GUARD_WEIGHT only where that is set lower (--guard-weight).
-FIRM_GUARD_WEIGHT = 1.0
+# anything was measured, and the last one. Neither alone held the gain (measured with v5's accounting and w = 1 for
+# the middle chunks, TMobile + Verizon of 300 + 300: the first only at 2, 291 + 292; the last only, 289 + 291; both,
+# 294 + 293; neither, 290 + 290).
+FIRM_GUARD_WEIGHT = 2.0
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
 
