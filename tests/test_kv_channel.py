@@ -417,27 +417,41 @@ def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():
     assert session._unacked(f) == 150_000 <= session._lookahead(f, 0.0)
 
 
+def _accepted_fetch(tuning, sizes, chunks, deadline_ms, rtt=None):
+    """A server session (sans-I/O, no socket) with one fetch of ``chunks`` 16-token chunks accepted at t = 0;
+    ``rtt``: QUIC's (min, smoothed) RTT then."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.transport.frames import KvFetch, StreamDecoder
+    from tokenwire.transport.kv_channel import ContextPlan, KVServerSession, ServerFetch
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    if rtt is not None:
+        quic._loss._rtt_min, quic._loss._rtt_smoothed = rtt
+    session = KVServerSession(quic, tuning=tuning)
+    plan = ContextPlan(16 * chunks, [16] * chunks, [1000] * chunks, [dict(sizes) for _ in range(chunks)], (1, 1, 1),
+                       0, "float16")
+    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=deadline_ms, token_ids=[1] * 16 * chunks), StreamDecoder(),
+                    0.0)
+    session.fetches[0] = f
+    session.start(0, plan, 0.0)
+    return quic, session, f
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_in_flight_bytes_are_what_quic_has_not_acknowledged(legacy):
     """The next chunk is decided before the previous one's KV_ACK; only its unacknowledged bytes are still to
     cross the link (the legacy rule counts the whole chunk until its KV_ACK)."""
     from types import SimpleNamespace
 
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
     from aioquic.quic.packet_builder import QuicDeliveryState
     from aioquic.quic.stream import QuicStreamSender
 
-    from tokenwire.transport.frames import KvFetch, StreamDecoder
-    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
+    from tokenwire.transport.kv_channel import KVChunkNeeded
 
-    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy))
-    sizes = {"low": 1_000_000, "medium": 1_400_000, "high": 1_900_000}
-    plan = ContextPlan(32, [16, 16], [1000, 1000], [dict(sizes), dict(sizes)], (1, 1, 1), 0, "float16")
-    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=3000, token_ids=[1] * 32), StreamDecoder(), 0.0)
-    session.fetches[0] = f
-    session.start(0, plan, 0.0)
+    quic, session, f = _accepted_fetch(ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy),
+                                       {"low": 1_000_000, "medium": 1_400_000, "high": 1_900_000}, 2, 3000)
     sender = QuicStreamSender(3, True)  # chunk 0, written and handed to the network
     sender.write(b"x" * 1_000_000, end_stream=True)
     sender.highest_offset = 1_000_000
@@ -455,21 +469,11 @@ def test_in_flight_bytes_are_what_quic_has_not_acknowledged(legacy):
 
 def test_text_chunks_sent_count_their_recompute_against_the_time_left():
     """A text chunk is recomputed by the client after the transfer: once sent, its recompute is committed time."""
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
-
-    from tokenwire.transport.frames import KvFetch, StreamDecoder
-    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
+    from tokenwire.transport.kv_channel import KVChunkNeeded
     from tokenwire.transport.kv_controller import TEXT
 
-    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6,
-                                                        recompute_us_per_token=100_000))  # 1.6 s per chunk
-    sizes = {"low": 100_000, "medium": 140_000, "high": 190_000}
-    plan = ContextPlan(48, [16] * 3, [1000] * 3, [dict(sizes) for _ in range(3)], (1, 1, 1), 0, "float16")
-    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=5000, token_ids=[1] * 48), StreamDecoder(), 0.0)
-    session.fetches[0] = f
-    session.start(0, plan, 0.0)
+    _, session, f = _accepted_fetch(ServerTuning(forecaster="ewma", prior_bps=8e6, recompute_us_per_token=100_000),
+                                    {"low": 100_000, "medium": 140_000, "high": 190_000}, 3, 5000)  # 1.6 s per chunk
     assert [type(e) for e in session.poll(0.5)] == [KVChunkNeeded]
     assert f.decisions[0]["time_left_s"] == pytest.approx(4.5, abs=0.01)
     f.pending, f.next_index, f.levels = False, 1, [TEXT]  # chunk 0 went out as text (no bytes to wait for)
@@ -481,24 +485,14 @@ def test_text_chunks_sent_count_their_recompute_against_the_time_left():
 def test_time_left_takes_the_paths_min_rtt_not_a_queue_inflated_smoothed_rtt(legacy):
     """After a fetch filled the bottleneck queue the smoothed RTT still carries that queue (no ACKs between
     fetches); the request's and the last byte's trips are the path's min-RTT (the legacy rule keeps the smoothed)."""
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
+    from tokenwire.transport.kv_channel import KVChunkNeeded
 
-    from tokenwire.transport.frames import KvFetch, StreamDecoder
-    from tokenwire.transport.kv_channel import ContextPlan, KVChunkNeeded, KVServerSession, ServerFetch
-
-    quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    quic._loss._rtt_min, quic._loss._rtt_smoothed = 0.04, 0.6
-    session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy))
-    sizes = {"low": 100_000, "medium": 140_000, "high": 190_000}
-    plan = ContextPlan(32, [16, 16], [1000, 1000], [dict(sizes), dict(sizes)], (1, 1, 1), 0, "float16")
-    f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=3000, token_ids=[1] * 32), StreamDecoder(), 0.0)
-    session.fetches[0] = f
-    session.start(0, plan, 0.0)
+    quic, session, f = _accepted_fetch(ServerTuning(forecaster="ewma", prior_bps=8e6, legacy_controller=legacy),
+                                       {"low": 100_000, "medium": 140_000, "high": 190_000}, 2, 3000, rtt=(0.04, 0.6))
     assert [type(e) for e in session.poll(0.5)] == [KVChunkNeeded]
     rtt = 0.6 if legacy else 0.04
     assert f.decisions[0]["time_left_s"] == pytest.approx(2.5 - rtt / 2)
     assert f.controller.rtt_s == rtt  # the controller takes the last byte's half
-    # before QUIC has an RTT sample, the smoothed RTT (aioquic's initial estimate) stands in
+    # before QUIC has an RTT sample (min-RTT still infinite), the smoothed RTT stands in
     quic._loss._rtt_min = math.inf
     assert session._path_rtt() == 0.6
