@@ -429,6 +429,7 @@ def _accepted_fetch(tuning, sizes, chunks, deadline_ms, rtt=None):
     quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
     if rtt is not None:
         quic._loss._rtt_min, quic._loss._rtt_smoothed = rtt
+        quic._loss._rtt_initialized = True
     session = KVServerSession(quic, tuning=tuning)
     plan = ContextPlan(16 * chunks, [16] * chunks, [1000] * chunks, [dict(sizes) for _ in range(chunks)], (1, 1, 1),
                        0, "float16")

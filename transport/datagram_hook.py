@@ -17,6 +17,7 @@ Everything else in aioquic is untouched. ``tests/test_datagram_hook.py`` pins th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -216,3 +217,9 @@ def smoothed_rtt(quic: QuicConnection, default: float) -> float:
     if loss is None or not getattr(loss, "_rtt_initialized", False):
         return default
     return float(getattr(loss, "_rtt_smoothed", default)) or default
+
+
+def min_rtt(quic: QuicConnection, default: float) -> float:
+    """aioquic's minimum RTT sample (private recovery state: infinite until the first), or ``default`` before it."""
+    rtt = getattr(getattr(quic, "_loss", None), "_rtt_min", math.inf)
+    return float(rtt) if math.isfinite(rtt) else default

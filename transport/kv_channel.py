@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
+from .datagram_hook import min_rtt, smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
 from .frames import (
     KV_ALPN,
@@ -357,8 +358,7 @@ class KVServerSession(_SessionBase):
             return None
         rate = da * 8 / dt
         if f.first_sent_at is not None:
-            rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
-            span = now - f.first_sent_at - (rtt_min if math.isfinite(rtt_min) else 0.0)
+            span = now - f.first_sent_at - min_rtt(self.quic, default=0.0)
             rate = min(rate, acked * 8 / max(span, dt))
         return rate
 
@@ -369,11 +369,8 @@ class KVServerSession(_SessionBase):
         the gap between fetches), and the queueing part of the last byte's trip is already in the bytes/rate
         cost: measured (v5, kv_vsim seeds 500 + 600), a fetch's first decision started a median 0.35 s
         (TMobile-LTE, 4 s deadline) and 0.60 s (Verizon-LTE, 8 s) short on a path of 40 ms."""
-        smoothed = getattr(self.quic._loss, "_rtt_smoothed", 0.0) or 0.0
-        if legacy:
-            return smoothed
-        rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
-        return rtt_min if math.isfinite(rtt_min) else smoothed
+        smoothed = smoothed_rtt(self.quic, default=0.0)
+        return smoothed if legacy else min_rtt(self.quic, default=smoothed)
 
     def _unacked(self, f: ServerFetch) -> int:
         """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, in the network, or delivered
@@ -390,9 +387,7 @@ class KVServerSession(_SessionBase):
         if bps is None:
             fc = f.forecaster.forecast() if f.forecaster is not None else None
             bps = fc.median_bps if fc is not None else self.tuning.prior_bps
-        rtt_min = getattr(self.quic._loss, "_rtt_min", math.inf)
-        rtt_min = rtt_min if math.isfinite(rtt_min) else 0.1
-        return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + rtt_min)))
+        return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + min_rtt(self.quic, default=0.1))))
 
     def _decide(self, f: ServerFetch, now: float) -> str:
         assert f.plan is not None and f.controller is not None
