@@ -245,4 +245,10 @@ def format_table(doc: dict) -> str:
     if "transformer" in doc["models"] and "ewma" in doc["models"]:
         t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
         lines.append(f"transformer MAE vs ewma: {100 * (1 - t / e):.1f}% lower (target >= 45%)")
+    ref = doc.get("references", {}).get("clairvoyant_prev")
+    if ref and ref["n"]:
+        e = ref["ewma_mae_ms_same_targets"]
+        lines.append(f"reference, not a forecaster: the previous send's true latency (clairvoyant) MAE "
+                     f"{ref['mae_ms']:.2f} ms, {100 * (1 - ref['mae_ms'] / e):.1f}% below ewma's {e:.2f} on "
+                     f"the same {ref['n']} targets")
     return "\n".join(lines)

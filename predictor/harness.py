@@ -7,6 +7,12 @@ targets; a target whose shadow was dropped is left out).
 
 Spike (DESIGN.md, Metrics): the target of a queue changes from the previous probe packet's by more than
 20 ms *and* more than 20 %; ``spike_mae_ms`` is the MAE over those targets only.
+
+Next to the forecasters, :func:`evaluate` scores one *reference* that is not a forecaster:
+``clairvoyant_prev`` answers with the true latency of the previous probe packet's send in each queue (its
+shadows), information a sender gets a round trip later if at all. It measures how much of the error is
+change between two consecutive packets that nothing in the ack history can explain, and so puts a
+number on what "X % below EWMA" can reasonably mean on a given dataset (a yardstick, not a strict bound).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Points:
     target: np.ndarray  # (K, 2) ms, NaN = unknown
     spike: np.ndarray  # (K, 2) bool
     sent_at: np.ndarray  # (K,)
+    prev_target: np.ndarray  # (K, 2) ms: the previous probe send's targets (clairvoyant reference), NaN = unknown
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -64,14 +71,19 @@ def points(data: dict, window: int) -> Points:
     if sel.size == 0:
         empty = np.zeros((0, 2))
         return Points(np.zeros((0, window, N_FEATURES), np.float32), np.zeros((0, 3)), empty, empty,
-                      empty.astype(bool), np.zeros(0))
+                      empty.astype(bool), np.zeros(0), empty)
     x, base = build_windows(acks, data["sent_at"][sel], n_acked[sel], window)
     ewma = per_queue_ewma(acks, 0.125)[n_acked[sel]]
-    return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel])
+    prev = np.concatenate([np.full((1, 2), np.nan), target_all[:-1]])
+    return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel], prev[sel])
 
 
 def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str, float | int]:
-    """MAE, RMSE, spike MAE (ms) and n over the known targets, both queues pooled."""
+    """MAE, RMSE, spike MAE, mean signed error, median absolute error (ms) and n over the known targets.
+
+    Both queues pooled. The mean signed error says whether a model is biased (a held-out link slower than
+    any training link shows up there first); the median, how much of the MAE is a few large misses.
+    """
     ok = ~np.isnan(target)
     err = (pred - target)[ok]
     sp = (pred - target)[ok & spike]
@@ -79,6 +91,8 @@ def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str
         "mae_ms": float(np.mean(np.abs(err))) if err.size else float("nan"),
         "rmse_ms": float(np.sqrt(np.mean(err**2))) if err.size else float("nan"),
         "spike_mae_ms": float(np.mean(np.abs(sp))) if sp.size else float("nan"),
+        "bias_ms": float(np.mean(err)) if err.size else float("nan"),  # > 0: predicts too high
+        "median_ae_ms": float(np.median(np.abs(err))) if err.size else float("nan"),
         "n": int(err.size),
         "n_spike": int(sp.size),
     }
@@ -87,17 +101,27 @@ def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str
 Predictor = Callable[[Points], np.ndarray]
 
 
+def _scored(pred: np.ndarray, pts: Points) -> dict:
+    m = metrics(pred, pts.target, pts.spike)
+    for j, q in enumerate(("l", "c")):
+        m[f"{q}_mae_ms"] = metrics(pred[:, j], pts.target[:, j], pts.spike[:, j])["mae_ms"]
+    return m
+
+
 def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
-    """``{"models": {name: metrics + per-queue breakdown}}`` for every predictor on the same points."""
-    out: dict = {}
-    for name, fn in predictors.items():
-        pred = fn(pts)
-        m = metrics(pred, pts.target, pts.spike)
-        for j, q in enumerate(("l", "c")):
-            mq = metrics(pred[:, j], pts.target[:, j], pts.spike[:, j])
-            m[f"{q}_mae_ms"] = mq["mae_ms"]
-        out[name] = m
-    return {"models": out}
+    """``{"models": {name: metrics + per-queue breakdown}, "references": {"clairvoyant_prev": ...}}``.
+
+    Every predictor runs on the same points. The reference is scored on the targets where it has an answer
+    (the first send of a run has no previous one; a dropped shadow leaves a gap), so its ``n`` can be a few
+    smaller, and it comes with EWMA's MAE on exactly those targets for a like-for-like ratio.
+    """
+    out = {name: _scored(fn(pts), pts) for name, fn in predictors.items()}
+    prev = pts.prev_target
+    ok = ~np.isnan(prev)
+    known = Points(pts.x, pts.base, pts.ewma, np.where(ok, pts.target, np.nan), pts.spike, pts.sent_at, prev)
+    ref = _scored(prev, known)
+    ref["ewma_mae_ms_same_targets"] = metrics(pts.ewma, known.target, known.spike)["mae_ms"]
+    return {"models": out, "references": {"clairvoyant_prev": ref}}
 
 
 def baseline_predictors() -> dict[str, Predictor]:

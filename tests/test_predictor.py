@@ -9,7 +9,7 @@ from tokenwire.predictor.baselines import LinearAR, per_queue_ewma
 from tokenwire.predictor.crossspec import CrossSpecError, parse_cross_spec, plan_flows
 from tokenwire.predictor.dataset import COLUMNS, CollectConfig, DatasetError, ack_log, collect, load, save
 from tokenwire.predictor.features import N_FEATURES, R_LAT, build_windows, window_features
-from tokenwire.predictor.harness import metrics, points, spike_mask
+from tokenwire.predictor.harness import evaluate, metrics, points, spike_mask
 
 CROSS = "reno:on=1,off=1+scalable:on=0.5,off=0.5+cbr-l:rate=120%,on=0.3,off=0.7"
 
@@ -140,6 +140,20 @@ def test_points_cover_sends_with_enough_history(tiny):
     assert p.x.shape[1:] == (32, N_FEATURES)
     assert np.all(np.isfinite(p.x)) and np.all(np.abs(p.x) <= 20.0)
     assert np.all(tiny["n_acked"][np.isin(tiny["sent_at"], p.sent_at)] >= 33)
+
+
+def test_clairvoyant_reference_is_the_previous_sends_truth(tiny):
+    p = points(tiny, 32)
+    idx = np.flatnonzero(np.isin(tiny["sent_at"], p.sent_at))
+    truth = np.stack([tiny["target_l_ms"], tiny["target_c_ms"]], axis=1)
+    np.testing.assert_array_equal(p.prev_target, truth[idx - 1])
+    doc = evaluate(p, {"ewma": lambda q: q.ewma})
+    ref = doc["references"]["clairvoyant_prev"]
+    ok = ~np.isnan(p.prev_target) & ~np.isnan(p.target)
+    assert ref["n"] == int(ok.sum()) > 100
+    assert ref["mae_ms"] == pytest.approx(np.mean(np.abs(p.prev_target - p.target)[ok]))
+    assert ref["ewma_mae_ms_same_targets"] == pytest.approx(np.mean(np.abs(p.ewma - p.target)[ok]))
+    assert set(doc["models"]) == {"ewma"}  # the reference is not ranked among the forecasters
 
 
 def test_transformer_within_the_parameter_budget():
