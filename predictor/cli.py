@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "grammar in docs/swiftqueue.md)")
         p.add_argument("--seconds", type=float, default=60.0, help="virtual seconds per run (default 60)")
         p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default 10)")
-        p.add_argument("--probe-pps", type=float, help="probe packets/s (default: 8%% of the trace capacity)")
+        rate = p.add_mutually_exclusive_group()
+        rate.add_argument("--probe-pps", type=float, help="probe packets/s (default: 8%% of the trace's 1500-byte "
+                          "delivery opportunities, i.e. 6.4%% of its bits, within 5-300 packets/s)")
+        rate.add_argument("--probe-share", type=float, metavar="F",
+                          help="probe rate as a share (0-1] of the trace's mean capacity in bits")
         p.add_argument("--p-switch", type=float, default=0.08, help="probe queue switch probability per packet")
 
     p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
@@ -109,10 +113,13 @@ def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
         raise _err("--seconds must be > 0")
     if args.probe_pps is not None and not args.probe_pps > 0:
         raise _err("--probe-pps must be > 0")
+    if args.probe_share is not None and not 0.0 < args.probe_share <= 1.0:
+        raise _err("--probe-share must be within (0, 1]")
     if not 0.0 <= args.p_switch <= 1.0:
         raise _err("--p-switch must be within [0, 1]")
     return CollectConfig(down_trace=trace, cross=args.cross, seconds=args.seconds, seed=seed,
-                         delay_ms=args.delay_ms, probe_pps=args.probe_pps, p_switch=args.p_switch)
+                         delay_ms=args.delay_ms, probe_pps=args.probe_pps, probe_share=args.probe_share,
+                         p_switch=args.p_switch)
 
 
 def _run_collect(cfg: Any, out: str, label: str) -> dict:

@@ -67,7 +67,8 @@ class CollectConfig:
     seed: int = 1
     delay_ms: float = 10.0  # one-way propagation delay of the bottleneck direction
     ack_delay_ms: float = 10.0  # probe's ack return delay
-    probe_pps: float | None = None  # None: 8 % of the trace's mean capacity in packets, within [5, 300]
+    probe_pps: float | None = None  # None: see probe_share, then 8 % of the trace's 1500-byte opportunities, 5-300/s
+    probe_share: float | None = None  # probe rate as a share of the trace's mean capacity in bits (if no probe_pps)
     probe_size: int = 1200
     p_switch: float = 0.08
 
@@ -97,6 +98,8 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
                 sim.add(CbrFlow(plan.rate_bps, ecn=ecn, ack_delay=plan.ack_delay, start=start, stop=stop))
 
     pps = cfg.probe_pps
+    if pps is None and cfg.probe_share is not None:
+        pps = cfg.probe_share * mean_bps / (8 * cfg.probe_size)
     if pps is None:
         pps = min(300.0, max(5.0, 0.08 * mean_bps / (8 * OPPORTUNITY_BYTES)))
     rng = random.Random(f"probe:{cfg.seed}")

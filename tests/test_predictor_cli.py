@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tokenwire.daemon.cli import main
+from tokenwire.predictor.dataset import load
 
 CROSS = "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7"
 
@@ -42,6 +43,23 @@ def test_eval_defaults_to_the_shipped_model(tmp_path):
     assert main(["predictor", "eval", "--data", str(f), "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["model"].endswith("swiftqueue.onnx") and {"transformer", "ewma", "last"} <= set(doc["models"])
+    ref = doc["references"]["clairvoyant_prev"]
+    assert 0 < ref["n"] <= doc["models"]["ewma"]["n"] and ref["mae_ms"] >= 0
+
+
+def test_probe_rate_as_a_share_of_the_capacity(tmp_path, capsys):
+    f = tmp_path / "s.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-share", "0.25",
+                 "--cross", CROSS, "--out", str(f)]) == 0
+    meta = load(f)["meta"]
+    assert meta["probe_pps"] == pytest.approx(0.25 * 6e6 / (8 * 1200))  # 156.25 packets/s of 1200 bytes
+    assert 0.7 * 3 * 156.25 < meta["probe_packets"] < 1.3 * 3 * 156.25
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "1", "--probe-share", "1.5",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--probe-share must be within (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one way to give the rate, not two
+        main(["predictor", "collect", "--down-trace", "6mbps", "--probe-share", "0.2", "--probe-pps", "9",
+              "--out", str(tmp_path / "x.npz")])
 
 
 def test_bad_input_is_a_clean_cli_error(tmp_path, capsys):
