@@ -97,6 +97,10 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
                 assert plan.rate_bps is not None
                 sim.add(CbrFlow(plan.rate_bps, ecn=ecn, ack_delay=plan.ack_delay, start=start, stop=stop))
 
+    bad_pps = cfg.probe_pps is not None and not cfg.probe_pps > 0
+    bad_share = cfg.probe_share is not None and not 0 < cfg.probe_share <= 1
+    if bad_pps or bad_share:
+        raise ValueError(f"probe rate: pps {cfg.probe_pps!r} must be > 0, share {cfg.probe_share!r} in (0, 1]")
     pps = cfg.probe_pps
     if pps is None and cfg.probe_share is not None:
         pps = cfg.probe_share * mean_bps / (8 * cfg.probe_size)

@@ -58,6 +58,12 @@ def test_dataset_is_deterministic_per_seed(tiny, tmp_path):
     assert back["meta"]["config"]["seed"] == 3
 
 
+def test_collect_refuses_a_probe_rate_it_cannot_send():
+    for kw in ({"probe_pps": 0.0}, {"probe_share": 1.5}, {"probe_share": -0.1}):
+        with pytest.raises(ValueError, match="probe rate"):
+            collect(CollectConfig(down_trace="6mbps", cross=CROSS, seconds=1.0, **kw))
+
+
 def test_dataset_load_errors(tmp_path):
     with pytest.raises(DatasetError, match="no such"):
         load(tmp_path / "missing.npz")
