@@ -75,6 +75,10 @@ class CollectConfig:
 
 def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
     """Run one virtual-time session; returns the arrays of the module docstring (``meta`` as a JSON str)."""
+    bad_pps = cfg.probe_pps is not None and not cfg.probe_pps > 0
+    bad_share = cfg.probe_share is not None and not 0 < cfg.probe_share <= 1
+    if bad_pps or bad_share:  # checked before anything is built: the CLI words the same checks per flag
+        raise ValueError(f"probe rate: pps {cfg.probe_pps!r} must be > 0, share {cfg.probe_share!r} in (0, 1]")
     from tokenwire.testbed.link import Link
     from tokenwire.testbed.packet import ECT0, ECT1, NOT_ECT
     from tokenwire.testbed.queues import DualPI2, DualPI2Params, Packet
@@ -97,10 +101,6 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
                 assert plan.rate_bps is not None
                 sim.add(CbrFlow(plan.rate_bps, ecn=ecn, ack_delay=plan.ack_delay, start=start, stop=stop))
 
-    bad_pps = cfg.probe_pps is not None and not cfg.probe_pps > 0
-    bad_share = cfg.probe_share is not None and not 0 < cfg.probe_share <= 1
-    if bad_pps or bad_share:
-        raise ValueError(f"probe rate: pps {cfg.probe_pps!r} must be > 0, share {cfg.probe_share!r} in (0, 1]")
     pps = cfg.probe_pps
     if pps is None and cfg.probe_share is not None:
         pps = cfg.probe_share * mean_bps / (8 * cfg.probe_size)

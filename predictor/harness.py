@@ -101,10 +101,11 @@ def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str
 Predictor = Callable[[Points], np.ndarray]
 
 
-def _scored(pred: np.ndarray, pts: Points) -> dict:
-    m = metrics(pred, pts.target, pts.spike)
+def _scored(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict:
+    """:func:`metrics` pooled over both queues, plus each queue's MAE."""
+    m = metrics(pred, target, spike)
     for j, q in enumerate(("l", "c")):
-        m[f"{q}_mae_ms"] = metrics(pred[:, j], pts.target[:, j], pts.spike[:, j])["mae_ms"]
+        m[f"{q}_mae_ms"] = metrics(pred[:, j], target[:, j], spike[:, j])["mae_ms"]
     return m
 
 
@@ -115,12 +116,11 @@ def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
     (the first send of a run has no previous one; a dropped shadow leaves a gap), so its ``n`` can be a few
     smaller, and it comes with EWMA's MAE on exactly those targets for a like-for-like ratio.
     """
-    out = {name: _scored(fn(pts), pts) for name, fn in predictors.items()}
+    out = {name: _scored(fn(pts), pts.target, pts.spike) for name, fn in predictors.items()}
     prev = pts.prev_target
-    ok = ~np.isnan(prev)
-    known = Points(pts.x, pts.base, pts.ewma, np.where(ok, pts.target, np.nan), pts.spike, pts.sent_at, prev)
-    ref = _scored(prev, known)
-    ref["ewma_mae_ms_same_targets"] = metrics(pts.ewma, known.target, known.spike)["mae_ms"]
+    target = np.where(np.isnan(prev), np.nan, pts.target)  # only where the reference has an answer
+    ref = _scored(prev, target, pts.spike)
+    ref["ewma_mae_ms_same_targets"] = metrics(pts.ewma, target, pts.spike)["mae_ms"]
     return {"models": out, "references": {"clairvoyant_prev": ref}}
 
 
