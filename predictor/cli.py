@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     psub.required = True
 
     def collect_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cross", default=DEFAULT_CROSS, help=f"cross traffic (default {DEFAULT_CROSS!r}; "
+        shown = DEFAULT_CROSS.replace("%", "%%")  # argparse %-formats help text
+        p.add_argument("--cross", default=DEFAULT_CROSS, help=f"cross traffic (default {shown!r}; "
                        "grammar in docs/swiftqueue.md)")
         p.add_argument("--seconds", type=float, default=60.0, help="virtual seconds per run (default 60)")
         p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default 10)")
