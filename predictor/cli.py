@@ -253,10 +253,16 @@ def format_table(doc: dict) -> str:
     if "transformer" in doc["models"] and "ewma" in doc["models"]:
         t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
         lines.append(f"transformer MAE vs ewma: {100 * (1 - t / e):.1f}% lower (target >= 45%)")
-    ref = doc.get("references", {}).get("clairvoyant_prev")
-    if ref and ref["n"]:
+    said = {"newest_acked": "truth at the newest acked send: the sender's own freshness",
+            "clairvoyant_prev": "truth at the previous send",
+            "interpolated": "mean of the previous and the next send's truth (uses the future)"}
+    refs = {k: v for k, v in doc.get("references", {}).items() if v.get("n")}
+    if refs:
+        lines.append("references, not forecasters (% below ewma on the targets each can answer):")
+    for name, ref in refs.items():
         e = ref["ewma_mae_ms_same_targets"]
-        lines.append(f"reference, not a forecaster: the previous send's true latency (clairvoyant) MAE "
-                     f"{ref['mae_ms']:.2f} ms, {100 * (1 - ref['mae_ms'] / e):.1f}% below ewma's {e:.2f} on "
-                     f"the same {ref['n']} targets")
+        t = ref.get("models_mae_ms_same_targets", {}).get("transformer")
+        vs_t = f"(transformer {100 * (1 - t / e):5.1f}%)" if t is not None else ""
+        lines.append(f"  {name:<17}{ref['mae_ms']:6.2f} ms {100 * (1 - ref['mae_ms'] / e):5.1f}% {vs_t}  "
+                     f"{said.get(name, '')}")
     return "\n".join(lines)

@@ -8,11 +8,17 @@ targets; a target whose shadow was dropped is left out).
 Spike (DESIGN.md, Metrics): the target of a queue changes from the previous probe packet's by more than
 20 ms *and* more than 20 %; ``spike_mae_ms`` is the MAE over those targets only.
 
-Next to the forecasters, :func:`evaluate` scores one *reference* that is not a forecaster:
-``clairvoyant_prev`` answers with the true latency of the previous probe packet's send in each queue (its
-shadows), information a sender gets a round trip later if at all. It measures how much of the error is
-change between two consecutive packets that nothing in the ack history can explain, and so puts a
-number on what "X % below EWMA" can reasonably mean on a given dataset (a yardstick, not a strict bound).
+Next to the forecasters, :func:`evaluate` scores three *references* that are not forecasters. Each answers
+with true latencies (shadows) a sender does not have, and together they put numbers on what "X % below
+EWMA" can reasonably mean on a given dataset (yardsticks, not strict bounds):
+
+* ``newest_acked``: the true latency in each queue at the send of the newest packet the sender has an ack
+  for. A perfect last-value with the sender's own freshness (its newest sample is a round trip old), for
+  both queues at once (a sender only samples the queue each packet used).
+* ``clairvoyant_prev``: the true latency at the previous probe send, information a sender gets a round
+  trip later if at all. What is left is change between two consecutive packets.
+* ``interpolated``: the mean of the previous and the *next* probe send's truth. It looks into the future;
+  what is left is change that not even the neighbouring packets' latencies explain.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ class Points:
     target: np.ndarray  # (K, 2) ms, NaN = unknown
     spike: np.ndarray  # (K, 2) bool
     sent_at: np.ndarray  # (K,)
-    prev_target: np.ndarray  # (K, 2) ms: the previous probe send's targets (clairvoyant reference), NaN = unknown
+    prev_target: np.ndarray  # (K, 2) ms: the previous probe send's targets (references), NaN = unknown
+    next_target: np.ndarray  # (K, 2) ms: the next probe send's targets (references), NaN = unknown
+    newest_target: np.ndarray  # (K, 2) ms: the targets at the send of the newest acked packet (references)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -71,11 +79,17 @@ def points(data: dict, window: int) -> Points:
     if sel.size == 0:
         empty = np.zeros((0, 2))
         return Points(np.zeros((0, window, N_FEATURES), np.float32), np.zeros((0, 3)), empty, empty,
-                      empty.astype(bool), np.zeros(0), empty)
+                      empty.astype(bool), np.zeros(0), empty, empty, empty)
     x, base = build_windows(acks, data["sent_at"][sel], n_acked[sel], window)
     ewma = per_queue_ewma(acks, 0.125)[n_acked[sel]]
-    prev = np.concatenate([np.full((1, 2), np.nan), target_all[:-1]])
-    return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel], prev[sel])
+    gap = np.full((1, 2), np.nan)
+    prev = np.concatenate([gap, target_all[:-1]])
+    nxt = np.concatenate([target_all[1:], gap])
+    delivered = ~np.isnan(data["ack_at"])  # the sends behind the ack log's rows, in its (stable) order
+    acked_seq = np.flatnonzero(delivered)[np.argsort(data["ack_at"][delivered], kind="stable")]
+    newest = target_all[acked_seq[n_acked[sel] - 1]]
+    return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel], prev[sel], nxt[sel],
+                  newest)
 
 
 def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str, float | int]:
@@ -109,19 +123,30 @@ def _scored(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict:
     return m
 
 
-def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
-    """``{"models": {name: metrics + per-queue breakdown}, "references": {"clairvoyant_prev": ...}}``.
+def references(pts: Points) -> dict[str, np.ndarray]:
+    """The references' answers (module docstring), NaN where one has none."""
+    return {"newest_acked": pts.newest_target, "clairvoyant_prev": pts.prev_target,
+            "interpolated": (pts.prev_target + pts.next_target) / 2.0}
 
-    Every predictor runs on the same points. The reference is scored on the targets where it has an answer
-    (the first send of a run has no previous one; a dropped shadow leaves a gap), so its ``n`` can be a few
-    smaller, and it comes with EWMA's MAE on exactly those targets for a like-for-like ratio.
+
+def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
+    """``{"models": {name: metrics + per-queue breakdown}, "references": {name: ...}}``.
+
+    Every predictor runs on the same points. A reference is scored on the targets where it has an answer
+    (the first and last sends of a run have no neighbour; a dropped shadow leaves a gap), so its ``n`` can
+    be a few smaller; it carries every model's MAE on exactly those targets (``models_mae_ms_same_targets``)
+    and EWMA's under its own key, for like-for-like ratios.
     """
-    out = {name: _scored(fn(pts), pts.target, pts.spike) for name, fn in predictors.items()}
-    prev = pts.prev_target
-    target = np.where(np.isnan(prev), np.nan, pts.target)  # only where the reference has an answer
-    ref = _scored(prev, target, pts.spike)
-    ref["ewma_mae_ms_same_targets"] = metrics(pts.ewma, target, pts.spike)["mae_ms"]
-    return {"models": out, "references": {"clairvoyant_prev": ref}}
+    preds = {name: fn(pts) for name, fn in predictors.items()}
+    out = {name: _scored(pred, pts.target, pts.spike) for name, pred in preds.items()}
+    refs = {}
+    for name, answer in references(pts).items():
+        target = np.where(np.isnan(answer), np.nan, pts.target)  # only where the reference has an answer
+        refs[name] = _scored(answer, target, pts.spike)
+        refs[name]["ewma_mae_ms_same_targets"] = metrics(pts.ewma, target, pts.spike)["mae_ms"]
+        refs[name]["models_mae_ms_same_targets"] = {
+            m: metrics(pred, target, pts.spike)["mae_ms"] for m, pred in preds.items()}
+    return {"models": out, "references": refs}
 
 
 def baseline_predictors() -> dict[str, Predictor]:

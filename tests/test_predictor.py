@@ -148,18 +148,31 @@ def test_points_cover_sends_with_enough_history(tiny):
     assert np.all(tiny["n_acked"][np.isin(tiny["sent_at"], p.sent_at)] >= 33)
 
 
-def test_clairvoyant_reference_is_the_previous_sends_truth(tiny):
+def test_references_are_the_neighbouring_and_newest_acked_sends_truth(tiny):
     p = points(tiny, 32)
     idx = np.flatnonzero(np.isin(tiny["sent_at"], p.sent_at))
     truth = np.stack([tiny["target_l_ms"], tiny["target_c_ms"]], axis=1)
     np.testing.assert_array_equal(p.prev_target, truth[idx - 1])
-    doc = evaluate(p, {"ewma": lambda q: q.ewma})
-    ref = doc["references"]["clairvoyant_prev"]
-    ok = ~np.isnan(p.prev_target) & ~np.isnan(p.target)
-    assert ref["n"] == int(ok.sum()) > 100
-    assert ref["mae_ms"] == pytest.approx(np.mean(np.abs(p.prev_target - p.target)[ok]))
-    assert ref["ewma_mae_ms_same_targets"] == pytest.approx(np.mean(np.abs(p.ewma - p.target)[ok]))
-    assert set(doc["models"]) == {"ewma"}  # the reference is not ranked among the forecasters
+    np.testing.assert_array_equal(p.next_target[:-1], truth[idx[:-1] + 1])
+    # newest acked send, found the slow way: the latest ack by the send time (ties: the later send)
+    for k in range(0, len(p), 37):
+        got = [(tiny["ack_at"][j], j) for j in range(len(tiny["ack_at"])) if tiny["ack_at"][j] <= p.sent_at[k]]
+        np.testing.assert_array_equal(p.newest_target[k], truth[max(got)[1]])
+    doc = evaluate(p, {"ewma": lambda q: q.ewma, "last": lambda q: q.base[:, :2]})
+    assert set(doc["models"]) == {"ewma", "last"}  # the references are not ranked among the forecasters
+    answers = {"newest_acked": p.newest_target, "clairvoyant_prev": p.prev_target,
+               "interpolated": (p.prev_target + p.next_target) / 2}
+    assert set(doc["references"]) == set(answers)
+    for name, answer in answers.items():
+        ref = doc["references"][name]
+        ok = ~np.isnan(answer) & ~np.isnan(p.target)
+        assert ref["n"] == int(ok.sum()) > 100, name
+        assert ref["mae_ms"] == pytest.approx(np.mean(np.abs(answer - p.target)[ok])), name
+        assert ref["ewma_mae_ms_same_targets"] == pytest.approx(np.mean(np.abs(p.ewma - p.target)[ok]))
+        assert ref["models_mae_ms_same_targets"]["last"] == pytest.approx(
+            np.mean(np.abs(p.base[:, :2] - p.target)[ok]))
+    # looking into the future helps: the interpolation beats the previous send's truth on these data
+    assert doc["references"]["interpolated"]["mae_ms"] < doc["references"]["clairvoyant_prev"]["mae_ms"]
 
 
 def test_transformer_within_the_parameter_budget():

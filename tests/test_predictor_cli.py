@@ -43,8 +43,10 @@ def test_eval_defaults_to_the_shipped_model(tmp_path):
     assert main(["predictor", "eval", "--data", str(f), "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["model"].endswith("swiftqueue.onnx") and {"transformer", "ewma", "last"} <= set(doc["models"])
-    ref = doc["references"]["clairvoyant_prev"]
-    assert 0 < ref["n"] <= doc["models"]["ewma"]["n"] and ref["mae_ms"] >= 0
+    assert set(doc["references"]) == {"newest_acked", "clairvoyant_prev", "interpolated"}
+    for ref in doc["references"].values():
+        assert 0 < ref["n"] <= doc["models"]["ewma"]["n"] and ref["mae_ms"] >= 0
+        assert set(ref["models_mae_ms_same_targets"]) == set(doc["models"])
 
 
 def test_probe_rate_as_a_share_of_the_capacity(tmp_path, capsys):
