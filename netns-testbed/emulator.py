@@ -333,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         control = loop.create_task(_serve_control(shell))
         loop.run_until_complete(asyncio.wait([control, stop], return_when=asyncio.FIRST_COMPLETED))
         shell.detach()
-        sys.stdout.write(json.dumps({"stopped": True, **shell.stats()}) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps({"stopped": True, **shell.stats()}) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the owner died first (killed): the final stats have no reader
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     finally:
         shell.close()
         loop.close()
