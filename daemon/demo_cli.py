@@ -154,6 +154,7 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     import tempfile
     from pathlib import Path
 
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
     from tokenwire.testbed.topology import Testbed
     from tokenwire.transport.tls import dev_cert
@@ -167,7 +168,8 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         seed=args.seed,
     )
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, Testbed(config) as tb:
+    # SIGTERM (kill, a timeout) unwinds like Ctrl-C so the namespaces go too
+    with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, Testbed(config) as tb:
         tmpdir = Path(tmp)
         cert, key = tmpdir / "cert.pem", tmpdir / "key.pem"
         dev_cert().write(cert, key)

@@ -173,8 +173,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_root()
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
+    from .cli import sigterm_as_ctrl_c
+
     try:
-        res = run_bench(args.seconds, args.delay_ms, args.rate)
+        with sigterm_as_ctrl_c():  # a kill or a timeout unwinds like Ctrl-C: the namespaces go too
+            res = run_bench(args.seconds, args.delay_ms, args.rate)
     except (TestbedError, RuntimeError) as exc:
         raise CLIError(str(exc)) from None
     print_report(res)

@@ -78,10 +78,18 @@ def validate(*checks: Any) -> None:
 _OWNER_PID = os.getpid()
 
 
+_RETRY_S = 0.5
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     if os.getpid() != _OWNER_PID:
         # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
         os._exit(128 + signum)
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        return  # already unwinding (a repeat, or the retry below): let the teardown finish
+    # Python drops an exception raised where it cannot propagate (an at-fork hook of subprocess.Popen, a
+    # __del__): "Exception ignored in ...", and the run went on. Raise again shortly unless unwinding by then.
+    signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
     raise KeyboardInterrupt
 
 
@@ -89,12 +97,23 @@ def _interrupt(signum: int, frame: Any) -> None:
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (kill, a CI or systemd timeout) unwinds like Ctrl-C, so a run's namespaces and processes are torn
     down: by default it killed ``testbed kv``/``compare`` outright and left their namespaces behind. Every
-    namespace-building command runs under it (``up`` too)."""
+    namespace-building command runs under it (``up``, ``demo`` and ``bench emulator`` too)."""
     old = signal.signal(signal.SIGTERM, _interrupt)
+    old_alarm = signal.signal(signal.SIGALRM, _interrupt)
+    old_hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:  # a dropped interrupt is retried: no "Exception ignored" traceback
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            old_hook(unraisable)
+
+    sys.unraisablehook = quiet
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
         signal.signal(signal.SIGTERM, old)
+        sys.unraisablehook = old_hook
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -231,10 +231,15 @@ def test_cli_up_tears_down_on_ctrl_c():
     assert not netns_exists(info["server_ns"]) and not netns_exists(info["client_ns"])
 
 
-def test_compare_tears_down_on_sigterm():
+@pytest.mark.parametrize("argv", [
+    ("testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "5", "--schemes", "sse-tcp", "--tokens", "3000",
+     "--rate", "20"),
+    ("demo", "--link", "netns", "--tokens", "3000", "--rate", "20"),  # left its namespaces behind before
+    ("bench", "emulator", "--seconds", "30"),  # likewise
+], ids=["compare", "demo", "bench-emulator"])
+def test_namespace_commands_tear_down_on_sigterm(argv):
     """kill / a CI or systemd timeout sends SIGTERM: the run unwinds like Ctrl-C and removes its namespaces."""
-    proc = _tokenwire("testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "5", "--schemes", "sse-tcp",
-                      "--tokens", "3000", "--rate", "20", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _tokenwire(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: any(r.owner_pid == proc.pid and any(map(netns_exists, r.namespaces)) for r in list_runs()),
                  60, "the compare run's namespaces")

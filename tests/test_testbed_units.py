@@ -86,3 +86,32 @@ def test_cli_lists_the_testbed_commands():
     assert args.handler.__name__ == "cmd_bench"
     with pytest.raises(SystemExit):
         parser.parse_args(["testbed", "up", "--up-trace", "x", "--up-mbps", "3"])  # mutually exclusive
+
+
+def test_sigterm_dropped_by_python_is_raised_again():
+    """A SIGTERM that lands in an at-fork hook or a ``__del__`` has its KeyboardInterrupt dropped by Python
+    ("Exception ignored"); the run must still unwind (it went on streaming with its namespaces up before)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    class SignalledInDel:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler's exception cannot leave __del__
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM), sys.unraisablehook)
+    unraisable = []
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+        quiet = sys.unraisablehook  # the block's: drops interrupts silently; record what reaches it
+        sys.unraisablehook = lambda u: (unraisable.append(u.exc_type), quiet(u))
+        SignalledInDel()  # dropped at once
+        assert unraisable == [KeyboardInterrupt]  # Python did drop the first one
+        while time.monotonic() - started < 10:  # the retry has to interrupt this loop
+            time.sleep(0.01)
+    assert time.monotonic() - started < 5
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM), sys.unraisablehook) == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
