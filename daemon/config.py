@@ -168,6 +168,12 @@ class _Section:
             raise ConfigError(f"{self._k(key)}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
         return float(v)
 
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.table.get(key, default)
+        if type(v) is not bool:
+            raise ConfigError(f"{self._k(key)}: expected true or false, got {v!r}")
+        return v
+
     def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
         v = self.table.get(key, default)
         if v is None:

@@ -10,6 +10,7 @@ Kept out of ``config.py``/``service.py`` (which only call :func:`parse_marking` 
     hysteresis_ms = 3.0          # ... leaving the current queue only when the gain passes this band
     probe_interval_s = 0.0       # swiftqueue: at most one packet per interval into the unused queue (0: off;
                                  # the shipped model predicts both queues from the ack window, it needs none)
+    refuge_only = true           # swiftqueue: leave L only for a C queue whose last samples were at the floor
     classic_codepoint = "ect0"   # what classic packets carry: ect0 | not-ect
 
 With a policy the daemon's QUIC sockets are the ECN-capable transport (``sendmsg`` + ``IP_TOS`` per
@@ -37,7 +38,7 @@ log = logging.getLogger("tokenwire.daemon.marking")
 POLICIES = ("classic", "l4s", "swiftqueue")
 ECT1_POLICIES = ("l4s", "swiftqueue")
 CODEPOINT_LABELS = ("not-ect", "ect1", "ect0", "ce")  # index = ECN codepoint value
-KEYS = ("policy", "model", "margin_ms", "hysteresis_ms", "probe_interval_s", "classic_codepoint")
+KEYS = ("policy", "model", "margin_ms", "hysteresis_ms", "probe_interval_s", "refuge_only", "classic_codepoint")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class MarkingConfig:
     margin_ms: float = 1.0
     hysteresis_ms: float = 3.0
     probe_interval_s: float = 0.0
+    refuge_only: bool = True
     classic_codepoint: str = "ect0"
 
     @property
@@ -74,6 +76,7 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
         margin_ms=s.num("margin_ms", 1.0, 0.0, 1000.0),
         hysteresis_ms=s.num("hysteresis_ms", 3.0, 0.0, 1000.0),
         probe_interval_s=s.num("probe_interval_s", 0.0, 0.0, 60.0),
+        refuge_only=s.bool("refuge_only", True),
         classic_codepoint=s.str("classic_codepoint", "ect0", ("ect0", "not-ect")) or "ect0",
     )
 
@@ -135,7 +138,7 @@ class MarkingService:
             else:
                 self._factory = lambda: SwiftQueuePolicy(
                     loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
-                    probe_interval_s=cfg.probe_interval_s, classic=classic,
+                    probe_interval_s=cfg.probe_interval_s, refuge_only=cfg.refuge_only, classic=classic,
                 )  # fmt: skip
         if self.effective_policy:
             self.policy_info.labels(policy=self.effective_policy).set(1)

@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin-ms", type=float, default=1.0)
     p.add_argument("--hysteresis-ms", type=float, default=3.0)
     p.add_argument("--probe-interval", type=float, default=0.0)
+    p.add_argument("--no-refuge-rule", dest="refuge_only", action="store_false")
     p.add_argument("--marking-log", help="write the server's per-policy decision counts here (JSON)")
     return p
 

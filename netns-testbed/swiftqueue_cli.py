@@ -35,6 +35,9 @@ def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--hysteresis-ms", type=float, default=3.0, help="swiftqueue: switching band")
     p.add_argument("--probe-interval", type=float, default=0.0, metavar="S",
                    help="swiftqueue: at most one probe packet per interval into the unused queue (0: never)")
+    p.add_argument("--no-refuge-rule", dest="refuge_only", action="store_false",
+                   help="swiftqueue: leave L for C on the predictions alone, even when C's last samples show a "
+                   "backlog (by default only an empty-looking C queue counts as a refuge)")
     p.add_argument("--model", metavar="PATH", help="swiftqueue: ONNX latency model (default: the shipped one)")
     p.add_argument("--virtual", action="store_true", help="virtual time (vsim): no root, deterministic, fast")
     p.add_argument("--json", metavar="PATH", help="write the summary JSON here")
@@ -52,8 +55,8 @@ def _config(args: argparse.Namespace) -> Any:
         loss=args.loss, up_loss=args.up_loss,
         cross=args.cross or [], policies=[s.strip() for s in args.policies.split(",") if s.strip()],
         seconds=args.seconds, seed=args.seed, flow=args.flow, margin_ms=args.margin_ms,
-        hysteresis_ms=args.hysteresis_ms, probe_interval_s=args.probe_interval, model=args.model,
-        virtual=args.virtual,
+        hysteresis_ms=args.hysteresis_ms, probe_interval_s=args.probe_interval, refuge_only=args.refuge_only,
+        model=args.model, virtual=args.virtual,
     )  # fmt: skip
     try:
         cfg.validate()

@@ -150,6 +150,7 @@ class SwiftQueueConfig:
     margin_ms: float = 1.0
     hysteresis_ms: float = 3.0
     probe_interval_s: float = 0.0
+    refuge_only: bool = True  # swiftqueue: leave L only for a C queue that looks empty (SwiftQueuePolicy)
     model: str | None = None
     warmup_s: float = 1.0
     virtual: bool = False
@@ -441,7 +442,7 @@ def make_policy_for(name: str, cfg: SwiftQueueConfig, oracle: Callable[[float], 
     if isinstance(forecaster, PerQueueEwmaForecaster) and probe == 0:
         probe = 0.25  # a per-queue EWMA learns nothing about the queue it does not use without probes
     return SwiftQueuePolicy(forecaster, margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
-                            probe_interval_s=probe)
+                            probe_interval_s=probe, refuge_only=cfg.refuge_only)
 
 
 def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyForecaster | None = None,

@@ -77,7 +77,8 @@ def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any]
 
     def make_swiftqueue() -> Any:
         pol = SwiftQueuePolicy(fc, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
-                               probe_interval_s=args.probe_interval, classic=ECT0)
+                               probe_interval_s=args.probe_interval, refuge_only=args.refuge_only,
+                               classic=ECT0)
         info["decisions"] = pol.decisions
         return pol
 
@@ -94,6 +95,8 @@ def _endpoint(tb: Testbed, role: str, policy: str, cfg: SwiftQueueConfig, tokens
         "--margin-ms", str(cfg.margin_ms), "--hysteresis-ms", str(cfg.hysteresis_ms),
         "--probe-interval", str(cfg.probe_interval_s),
     ]  # fmt: skip
+    if not cfg.refuge_only:
+        argv += ["--no-refuge-rule"]
     if oracle_path:
         argv += ["--oracle-file", oracle_path]
     if cfg.model:

@@ -85,6 +85,7 @@ def test_without_marking_the_daemon_keeps_the_plain_socket(tmp_path):
         ({"marking": {"policy": "l4s", "model": "m.onnx"}}, "marking.model: only the swiftqueue policy"),
         ({"marking": {"policy": "l4s"}, "server": {"congestion": "cubic"}}, "server.congestion: 'cubic'"),
         ({"marking": {"classic_codepoint": "ce"}}, "marking.classic_codepoint"),
+        ({"marking": {"policy": "swiftqueue", "refuge_only": "yes"}}, "marking.refuge_only: expected true or false"),
     ],
 )
 def test_marking_config_errors_name_the_key(doc, message):
@@ -101,6 +102,8 @@ def test_ect1_policies_run_prague_and_classic_keeps_the_configured_controller():
     assert cc({"marking": {"policy": "l4s"}, "server": {"congestion": "prague"}}) == "prague"
     assert cc({"marking": {"policy": "classic"}, "server": {"congestion": "cubic"}}) == "cubic"
     assert not parse_config({}).marking.enabled
+    assert parse_config({"marking": {"policy": "swiftqueue"}}).marking.refuge_only is True
+    assert parse_config({"marking": {"policy": "swiftqueue", "refuge_only": False}}).marking.refuge_only is False
 
 
 def test_swiftqueue_runs_the_shipped_model_on_the_packet_path(tmp_path):

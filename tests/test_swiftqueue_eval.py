@@ -226,3 +226,36 @@ def test_a_queue_at_the_path_floor_is_never_left():
         p.on_sample(sample(0.6 + k / 100, 45.0, False))
     f.pred = (22.0, 40.0)
     assert p.codepoint(0.7) == ECT1
+
+
+@pytest.mark.parametrize("refuge_only", [True, False])
+def test_l_is_left_only_for_a_c_queue_that_looks_empty(refuge_only):
+    """During an L burst DualPI2 serves C at its 10 % WRR share: a C queue with a backlog is no refuge."""
+    f = Scripted((20.0, 20.0))
+    p = SwiftQueuePolicy(f, margin_ms=1.0, hysteresis_ms=1.0, refuge_only=refuge_only)
+    p.on_sample(sample(0.0, 20.0, True))  # floor 20 ms
+    for k in range(3):  # the flow sat in C while a classic flow kept a standing queue there
+        p.on_sample(sample(0.1 + k / 100, 35.0, False))
+    assert p.codepoint(0.2) == ECT1  # (predictions equal: L)
+    for k in range(3):  # an L burst: L's samples climb far above the floor, the model expects C faster
+        p.on_sample(sample(0.3 + k / 100, 70.0 + k, True))
+    f.pred = (70.0, 36.0)
+    assert p.codepoint(0.4) == (ECT1 if refuge_only else ECT0)
+    if refuge_only:
+        p.on_sample(sample(0.5, 20.5, False))  # a C sample at the floor (C drained): now C is a refuge
+        assert p.codepoint(0.6) == ECT0
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-refuge-rule"]])
+def test_namespace_endpoint_builds_the_policy_with_the_refuge_setting(flag):
+    """The namespace run's server builds its policy from its own argv: the switch must survive that hop."""
+    pytest.importorskip("onnxruntime")
+    from tokenwire.testbed.endpoints import build_parser
+    from tokenwire.testbed.swiftqueue_netns import endpoint_policy_factory
+
+    args = build_parser().parse_args(["server", "--scheme", "chatterbox", "--host", "10.0.0.1", "--port", "4433",
+                                      "--out", "x.json", "--marking", "swiftqueue", *flag])
+    factory, cc, _ = endpoint_policy_factory(args)
+    policy = factory()
+    assert cc == "prague" and isinstance(policy, SwiftQueuePolicy)
+    assert policy.refuge_only is (not flag)

@@ -81,7 +81,12 @@ class L4SPolicy:
 
 
 class SwiftQueuePolicy:
-    """ECT(1) when ``pred_L + margin < pred_C``, with a hysteresis band of ``hysteresis_ms`` around it."""
+    """ECT(1) when ``pred_L + margin < pred_C``, with a hysteresis band of ``hysteresis_ms`` around it.
+
+    Two rules on measured samples keep it from moving where it cannot gain: a queue at the path's floor is
+    never left (:meth:`_worth_moving`), and L is left only for a C queue that looks empty
+    (:meth:`_c_is_a_refuge`).
+    """
 
     name = "swiftqueue"
 
@@ -94,10 +99,12 @@ class SwiftQueuePolicy:
         classic: int = ECT0,
         cold_start: int = ECT1,
         probe_interval_s: float = 0.0,
+        refuge_only: bool = True,
     ) -> None:
         if margin_ms < 0 or hysteresis_ms < 0 or probe_interval_s < 0:
             raise ValueError("margin_ms, hysteresis_ms and probe_interval_s must be >= 0")
         self.forecaster = forecaster
+        self.refuge_only = refuge_only
         self.margin_ms = margin_ms
         self.hysteresis_ms = hysteresis_ms
         self.classic = classic
@@ -119,10 +126,11 @@ class SwiftQueuePolicy:
             return self._current
         pred_l, pred_c = pred
         gain = pred_c - (pred_l + self.margin_ms)  # > 0: L is expected to be faster by more than the margin
-        if self._worth_moving(self._current == ECT1):
-            if self._current == ECT1 and gain < -self.hysteresis_ms:
+        in_l = self._current == ECT1
+        if self._worth_moving(in_l):
+            if in_l and gain < -self.hysteresis_ms and self._c_is_a_refuge():
                 self._current = self.classic
-            elif self._current != ECT1 and gain > self.hysteresis_ms:
+            elif not in_l and gain > self.hysteresis_ms:
                 self._current = ECT1
         current_ms = pred_l if self._current == ECT1 else pred_c
         if self._probe(now, current_ms):
@@ -141,10 +149,23 @@ class SwiftQueuePolicy:
         hide the floor); the best of the last few samples, so one late packet does not count as a trend.
         Without samples of the current queue the predictions decide alone.
         """
-        recent = self._recent[in_l]
-        if not recent:
-            return True
-        return min(recent) > self._floor_ms + self.margin_ms + self.hysteresis_ms
+        return not self._at_floor(in_l)
+
+    def _at_floor(self, queue_l: bool) -> bool:
+        """The best of the queue's last few samples is within margin + hysteresis of the path's floor."""
+        recent = self._recent[queue_l]
+        return bool(recent) and min(recent) <= self._floor_ms + self.margin_ms + self.hysteresis_ms
+
+    def _c_is_a_refuge(self) -> bool:
+        """Leave L for C only while C's last samples were at the floor (or C has none yet).
+
+        While L is backlogged DualPI2 serves C with its WRR share only (10 % by default), so anything queued
+        in C drains ten times slower during an L burst: a C queue with a backlog is no refuge, and the flow's
+        packets wait longer there than in the burst it fled (a classic flow's standing queue did exactly that
+        in testbed scenario B). An empty C queue shows as samples at the floor. ``refuge_only=False``
+        restores the plain rule (move on the predictions alone).
+        """
+        return not self.refuge_only or not self._recent[False] or self._at_floor(False)
 
     def _probe(self, now: float, current_ms: float) -> bool:
         """One packet into the unused queue when its latest sample is older than ``probe_interval_s``.
