@@ -208,11 +208,14 @@ def _export(args: argparse.Namespace) -> int:
     from .dataset import DatasetError, load
     from .export import export_onnx
     from .harness import points
+    from .runtime import ModelError
     from .train import load_checkpoint
 
     torch.set_num_threads(1)
-    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = load_checkpoint(args.checkpoint)
+    try:
+        model, ck = load_checkpoint(args.checkpoint)
+    except ModelError as exc:
+        raise _err(str(exc)) from None
     cx = cb = None
     if args.check_data:
         try:

@@ -153,16 +153,26 @@ def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: 
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> object:
+def load_checkpoint(path: str | Path) -> tuple[object, dict]:
+    """(model in eval mode, the checkpoint's dict); :class:`ModelError` for anything ``train`` did not write."""
+    import pickle
+
     import torch
 
     from .models import build
+    from .onnx_session import ModelError
 
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = build(ck["kind"], ck["config"])
-    model.load_state_dict(ck["state_dict"])
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        model = build(ck["kind"], ck["config"])
+        model.load_state_dict(ck["state_dict"])
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such checkpoint") from None
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({first})") from None
     model.eval()
-    return model
+    return model, ck
 
 
 def fit_ar(train: Points, path: str | Path | None = None) -> LinearAR:

@@ -83,3 +83,17 @@ def test_bench_predictor_reports_every_batch_size(tmp_path):
         assert set(doc[name]["batches"]) == {"1", "8", "64"}
         assert doc[name]["per_ack_pps"] > 0
     assert doc["target_pps"] == pytest.approx(16666.7, rel=1e-3)
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)  # a valid torch file, but not one `train` wrote
+    for path, says in ((tmp_path / "missing.pt", "no such checkpoint"), (junk, "not a checkpoint written by"),
+                       (foreign, "not a checkpoint written by")):
+        assert main(["predictor", "export", "--checkpoint", str(path), "--out", str(tmp_path / "x.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.onnx").exists()
