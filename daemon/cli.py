@@ -69,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"tokenwire {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named (a socket, the kernel): a real bug, show it
+            raise
+        print(f"tokenwire {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -32,3 +32,14 @@ def test_every_subcommand_help_renders():
         seen.append(" ".join(path))
     # the walk reached the nested steps, not only the top level
     assert "predictor collect" in seen and "predictor collect-many" in seen and "bench predictor" in seen
+
+
+def test_an_output_path_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "d.npz"  # its folder would have to be a regular file
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"tokenwire predictor: error: {blocker}: " in err and "Traceback" not in err
