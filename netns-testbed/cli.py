@@ -81,12 +81,25 @@ _OWNER_PID = os.getpid()
 _RETRY_S = 0.5
 
 
+def _unwinding() -> bool:
+    """A KeyboardInterrupt is being handled: we run inside a ``finally``/``__exit__`` on its way up (also in an
+    ``except`` block of the teardown, whose exception then has it as its context)."""
+    exc = sys.exc_info()[1]
+    for _ in range(64):  # a context chain is short; the bound only guards against cycles
+        if exc is None:
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     if os.getpid() != _OWNER_PID:
         # a child forked by pyroute2 inherited this handler: die as SIGTERM would, without unwinding
         os._exit(128 + signum)
-    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
-        return  # already unwinding (a repeat, or the retry below): let the teardown finish
+    if _unwinding():
+        return  # a repeat, or the retry below, during the teardown: let it finish
     # Python drops an exception raised where it cannot propagate (an at-fork hook of subprocess.Popen, a
     # __del__): "Exception ignored in ...", and the run went on. Raise again shortly unless unwinding by then.
     signal.setitimer(signal.ITIMER_REAL, _RETRY_S)

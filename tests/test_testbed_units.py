@@ -115,3 +115,28 @@ def test_sigterm_dropped_by_python_is_raised_again():
     assert time.monotonic() - started < 5
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM), sys.unraisablehook) == before
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_sigterm_during_the_teardown_does_not_interrupt_it():
+    """Once the run unwinds, a second SIGTERM (or the retry timer) must not break the teardown, even while the
+    teardown handles an exception of its own (a process already gone, say)."""
+    import os
+    import signal
+
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first one: unwinds
+            for _ in range(10_000_000):  # (the handler runs before this loop gets far)
+                pass
+        finally:
+            try:
+                raise ProcessLookupError("teardown: the child had already exited")
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)  # a repeat while the teardown handles its own error
+                for _ in range(1000):
+                    pass
+            finished.append(True)
+    assert finished == [True]
