@@ -242,7 +242,7 @@ def test_namespace_commands_tear_down_on_sigterm(argv):
     proc = _tokenwire(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: any(r.owner_pid == proc.pid and any(map(netns_exists, r.namespaces)) for r in list_runs()),
-                 60, "the compare run's namespaces")
+                 60, f"the namespaces of {' '.join(argv[:2])}")
         (run,) = [r for r in list_runs() if r.owner_pid == proc.pid]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 130, proc.stderr.read()
