@@ -37,9 +37,11 @@ def test_every_subcommand_help_renders():
 def test_an_output_path_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
     from tokenwire.daemon.cli import main
 
+    data = tmp_path / "d.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "2", "--out", str(data)]) == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = blocker / "d.npz"  # its folder would have to be a regular file
-    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "1", "--out", str(out)]) == 2
+    out = blocker / "eval.json"  # its folder would have to be a regular file
+    assert main(["predictor", "eval", "--data", str(data), "--json", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"tokenwire predictor: error: {blocker}: " in err and "Traceback" not in err

@@ -97,3 +97,20 @@ def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_collect_fails_before_the_run_not_after_it(tmp_path, capsys):
+    """A bad trace or an unwritable folder is reported before any simulation runs (a 900 s collect-many
+    used to stop at the first bad trace after the others had run, or at the very end for its folder)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "1",
+                 "--out", str(blocker / "d.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output there" in err and "virtual s" not in err  # no progress line: never ran
+    out = tmp_path / "many"
+    assert main(["predictor", "collect-many", "--traces", "6mbps", str(tmp_path / "missing.down"),
+                 "--seeds", "1", "--seconds", "1", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.down" in err and "virtual s" not in err
+    assert not list(out.glob("*.npz"))  # the good trace was not run either
