@@ -46,6 +46,31 @@ def cell(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+# Where commands write, under these option names: checked before a command runs, so that a long run does not
+# end in "cannot write" with its results lost. "-" means stdout; non-path values (``testbed up --json``) skip.
+OUTPUT_FILES = ("json", "json_stats", "plot", "log", "out", "pcap")
+OUTPUT_DIRS = ("out_dir", "keep")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Create each output folder and write a scratch file there; :class:`CLIError` naming the option if not."""
+    import tempfile
+
+    for dest in OUTPUT_FILES + OUTPUT_DIRS:
+        value = getattr(args, dest, None)
+        if not isinstance(value, (str, Path)) or str(value) in ("", "-"):
+            continue
+        folder = Path(value) if dest in OUTPUT_DIRS else Path(value).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".tokenwire-check-"):
+                pass
+        except OSError as exc:
+            where = exc.filename or folder
+            raise CLIError(f"--{dest.replace('_', '-')} {value}: cannot write there ({where}: "
+                           f"{exc.strerror or exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenwire",
@@ -65,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_outputs(args)
         rc = args.handler(args)
     except CLIError as exc:
         print(f"tokenwire {args.command}: error: {exc}", file=sys.stderr)

@@ -145,18 +145,6 @@ def _run_collect(cfg: Any, out: str, label: str) -> dict:
     return s
 
 
-def _writable_dir(folder: Path) -> None:
-    """Fail before a long run, not after it, when its output folder cannot be created or written."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tokenwire-probe-"):
-            pass
-    except OSError as exc:
-        raise _err(f"{exc.filename or folder}: cannot write the output there ({exc.strerror or exc})") from None
-
-
 def _check_traces(traces: list[str]) -> None:
     from tokenwire.testbed.trace import TraceError, trace_from_spec
 
@@ -169,8 +157,7 @@ def _check_traces(traces: list[str]) -> None:
 
 def _collect(args: argparse.Namespace) -> int:
     cfg = _config(args, args.down_trace, args.seed)
-    _check_traces([args.down_trace])
-    _writable_dir(Path(args.out).parent)
+    _check_traces([args.down_trace])  # (the output folder: checked by the tokenwire command, cli.check_outputs)
     _run_collect(cfg, args.out, Path(args.down_trace).name)
     return 0
 
@@ -178,9 +165,8 @@ def _collect(args: argparse.Namespace) -> int:
 def _collect_many(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     jobs = [(t, s) for t in args.traces for s in seeds]
-    _config(args, args.traces[0], seeds[0])  # flags checked once, traces and the folder before any run
+    _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
     _check_traces(args.traces)
-    _writable_dir(Path(args.out_dir))
     index = []
     for i, (trace, seed) in enumerate(jobs, 1):
         name = Path(trace).name.replace(".", "_")

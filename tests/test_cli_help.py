@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from tokenwire.daemon.cli import build_parser
 
 
@@ -34,14 +36,35 @@ def test_every_subcommand_help_renders():
     assert "predictor collect" in seen and "predictor collect-many" in seen and "bench predictor" in seen
 
 
-def test_an_output_path_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
     from tokenwire.daemon.cli import main
 
-    data = tmp_path / "d.npz"
-    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "2", "--out", str(data)]) == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = blocker / "eval.json"  # its folder would have to be a regular file
-    assert main(["predictor", "eval", "--data", str(data), "--json", str(out)]) == 2
+    out = blocker / "sq.json"  # its folder would have to be a regular file
+    argv = ["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--policies", "l4s", "--seconds", "30"]
+    assert main([*argv, "--json", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"tokenwire predictor: error: {blocker}: " in err and "Traceback" not in err
+    assert err.startswith(f"tokenwire testbed: error: --json {out}: cannot write there ({blocker}: ")
+    assert main([*argv, "--plot", str(tmp_path / "ok" / "p.png"), "--keep", str(blocker)]) == 2  # a dir option
+    assert "--keep" in capsys.readouterr().err
+    assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())  # checked, nothing left there
+
+
+def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_raise(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from tokenwire.daemon.cli import main
+    from tokenwire.predictor import cli as predictor_cli
+
+    monkeypatch.setattr(predictor_cli, "_eval", lambda args: (tmp_path / "gone" / "x.npz").read_bytes())
+    assert main(["predictor", "eval", "--data", "x.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tokenwire predictor: error: {tmp_path / 'gone' / 'x.npz'}: No such file or directory\n"
+
+    def socket_trouble(args):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(predictor_cli, "_eval", socket_trouble)
+    with pytest.raises(OSError):  # not about a file the user named: a traceback, as for any bug
+        main(["predictor", "eval", "--data", "x.npz"])

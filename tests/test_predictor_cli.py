@@ -107,7 +107,7 @@ def test_collect_fails_before_the_run_not_after_it(tmp_path, capsys):
     assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "1",
                  "--out", str(blocker / "d.npz")]) == 2
     err = capsys.readouterr().err
-    assert "cannot write the output there" in err and "virtual s" not in err  # no progress line: never ran
+    assert "--out " in err and "cannot write there" in err and "virtual s" not in err  # no progress: never ran
     out = tmp_path / "many"
     assert main(["predictor", "collect-many", "--traces", "6mbps", str(tmp_path / "missing.down"),
                  "--seeds", "1", "--seconds", "1", "--out-dir", str(out)]) == 2
