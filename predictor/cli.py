@@ -156,9 +156,7 @@ def _check_traces(traces: list[str]) -> None:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    cfg = _config(args, args.down_trace, args.seed)
-    _check_traces([args.down_trace])  # (the output folder: checked by the tokenwire command, cli.check_outputs)
-    _run_collect(cfg, args.out, Path(args.down_trace).name)
+    _run_collect(_config(args, args.down_trace, args.seed), args.out, Path(args.down_trace).name)
     return 0
 
 
