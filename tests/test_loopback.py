@@ -251,3 +251,30 @@ def test_demo_command_runs_and_verifies(tmp_path, capsys):
     assert set(data["schemes"]) == {"chatterbox", "stream", "duplicate"}
     assert all(r["digest_verified"] and r["tokens"] == 40 for r in data["schemes"].values())
     assert "stall ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ecn", [False, True], ids=["plain", "ecn"])
+def test_handshake_timeout_is_one_clean_connection_error(ecn):
+    """A server that never answers: ConnectionError after ``timeout``, and no orphaned future left behind.
+
+    aioquic shields the handshake waiter; cancelled by the timeout, that waiter later got the connection's
+    ConnectionError with nobody to read it ("Future exception was never retrieved" on stderr).
+    """
+    import gc
+    import socket
+
+    async def run() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        seen: list[dict] = []
+        loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # receives, never answers
+            silent.bind(("127.0.0.1", 0))
+            with pytest.raises(ConnectionError, match="no QUIC handshake"):
+                async with connect("127.0.0.1", silent.getsockname()[1], verify=False, timeout=0.3, ecn=ecn):
+                    pass
+        await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        return seen
+
+    assert asyncio.run(run()) == []

@@ -148,11 +148,31 @@ class ChatStream:
         self._done = True
 
 
+def _read_outcome(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (it is expected and reported another way)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class ClientProtocol(SessionProtocol):
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
+
+    async def wait_connected(self) -> None:
+        """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
+
+        aioquic awaits a shielded waiter; cancelling the wait leaves the waiter to receive the connection's
+        ConnectionError at close with nobody to read it ("Future exception was never retrieved").
+        """
+        try:
+            await super().wait_connected()
+        except asyncio.CancelledError:
+            waiter = self._connected_waiter
+            if waiter is not None:
+                waiter.add_done_callback(_read_outcome)
+            raise
 
     @property
     def client_session(self) -> ClientSession:
