@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+DEFAULT_TOKEN_ENV = "TOKENWIRE_TOKEN"
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not within 1-65535")
+    return port
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="ask a tokenwire server and stream the answer to stdout")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4433)
+    p.add_argument("--port", type=_port, default=4433)
     p.add_argument("--server-name", help="TLS name to verify (default: --host)")
     p.add_argument("--cafile", type=Path, help="CA or self-signed certificate to trust")
     p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
-    p.add_argument("--token-env", default="TOKENWIRE_TOKEN", help="environment variable with the bearer token")
+    p.add_argument("--token-env", help="environment variable with the bearer token (must be set when named; "
+                   f"default: {DEFAULT_TOKEN_ENV} if set, else no token)")
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
     p.add_argument("--model")
     p.add_argument("--max-tokens", type=int)
@@ -31,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from tokenwire.daemon.cli import CLIError
-    from tokenwire.transport.client import connect
+    from tokenwire.transport.client import HandshakeError, connect
     from tokenwire.transport.errors import TokenwireError
+    from tokenwire.transport.frames import REQUEST_ID_BYTES
+    from tokenwire.transport.tls import CertificateFileError
 
     prompt = args.prompt
     if prompt is None and args.attach is None:
@@ -44,7 +60,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             rid = bytes.fromhex(args.attach)
         except ValueError:
-            raise CLIError("--attach takes the request id in hex") from None
+            rid = b""
+        if len(rid) != REQUEST_ID_BYTES:
+            raise CLIError(f"--attach takes the {2 * REQUEST_ID_BYTES}-hex-digit request id "
+                           f"(`--stats` prints it), not {args.attach!r}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise CLIError("--max-tokens must be at least 1")
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise CLIError(f"--token-env: the environment variable {args.token_env} is not set")
+    else:
+        token = os.environ.get(DEFAULT_TOKEN_ENV) or None
+    if not args.verbose:  # aioquic logs a failed handshake as a warning; the error line below says it once
+        logging.getLogger("quic").setLevel(logging.ERROR)
 
     async def go():
         async with connect(
@@ -53,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             server_name=args.server_name,
             cafile=args.cafile,
             verify=not args.insecure,
-            auth_token=os.environ.get(args.token_env) or None,
+            auth_token=token,
         ) as conn:
             if rid is not None:
                 stream = conn.attach(rid, scheme=args.scheme)
@@ -67,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         stats = asyncio.run(go())
-    except (TokenwireError, ConnectionError) as exc:
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; a ConnectionError, though
+        raise
+    except HandshakeError as exc:
+        hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
+                "or skip the check with --insecure") if exc.tls_alert is not None else ""
+        raise CLIError(f"{exc}{hint}") from None
+    except (TokenwireError, ConnectionError, CertificateFileError) as exc:
         raise CLIError(str(exc)) from None
     if args.stats and stats is not None:
         print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)

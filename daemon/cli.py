@@ -11,6 +11,8 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe nobody reads any more (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (captured, closed)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"tokenwire {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `tokenwire chat ... | head`: the reader has what it wanted. Stop quietly, with stdout pointed at
+        # /dev/null so that the interpreter's final flush does not raise the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named (a socket, the kernel): a real bug, show it
             raise

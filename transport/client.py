@@ -159,6 +159,7 @@ class ClientProtocol(SessionProtocol):
         super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
+        self.ended: ConnectionEnded | None = None
 
     async def wait_connected(self) -> None:
         """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
@@ -198,6 +199,7 @@ class ClientProtocol(SessionProtocol):
                 if s is not None:
                     s._failed(ev.error)
             elif isinstance(ev, ConnectionEnded):
+                self.ended = ev
                 self.close_error = RemoteError(
                     f"connection closed: {ev.reason or 'no reason given'} (code {ev.error_code:#x})",
                     code=ev.error_code,
@@ -307,16 +309,45 @@ async def connect(
         certfile=certfile,
         keyfile=keyfile,
     )
+    made: list[ClientProtocol] = []
+
+    def make_protocol(quic: QuicConnection, stream_handler: Any = None) -> ClientProtocol:
+        made.append(ClientProtocol(quic, stream_handler))
+        return made[-1]
+
     try:
         async with asyncio.timeout(timeout):
-            cm = connect_quic(host, port, configuration=config, create_protocol=ClientProtocol, ecn=ecn)
+            cm = connect_quic(host, port, configuration=config, create_protocol=make_protocol, ecn=ecn)
             protocol = await cm.__aenter__()
     except TimeoutError:
         raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+    except ConnectionError as exc:
+        ended = made[0].ended if made else None
+        if exc.args or ended is None:
+            raise
+        raise _handshake_failure(host, port, ended) from None
     try:
         yield Connection(protocol, auth_token)  # type: ignore[arg-type]
     finally:
         await cm.__aexit__(None, None, None)
+
+
+class HandshakeError(ConnectionError):
+    """The server answered but the handshake failed; ``tls_alert`` is set when TLS refused (a certificate)."""
+
+    def __init__(self, message: str, tls_alert: int | None) -> None:
+        super().__init__(message)
+        self.tls_alert = tls_alert
+
+
+def _handshake_failure(host: str, port: int, ended: ConnectionEnded) -> HandshakeError:
+    """Why a handshake failed, in words (aioquic raises a bare ConnectionError; the reason is in the close)."""
+    code = ended.error_code
+    reason = ended.reason or "no reason given"
+    if 0x100 <= code <= 0x1FF:  # QUIC CRYPTO_ERROR: 0x100 + the TLS alert (RFC 9001, 4.8)
+        alert = code - 0x100
+        return HandshakeError(f"TLS handshake with {host}:{port} failed (TLS alert {alert}): {reason}", alert)
+    return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
 
 
 @dataclass

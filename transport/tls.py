@@ -118,6 +118,35 @@ def server_configuration(
     return config
 
 
+class CertificateFileError(ValueError):
+    """A CA file or CA data the caller named holds no usable certificate (the message says which and why)."""
+
+
+def _trusted_pem(cafile: str | Path | None, cadata: bytes | None) -> bytes | None:
+    """The CAs to trust as one PEM blob, read and parsed now.
+
+    aioquic reads them only when the server's certificate arrives: a missing or junk file was then a
+    traceback in the event loop and a misleading handshake timeout. And it keeps one of ``cafile`` and
+    ``cadata`` (each ``load_verify_locations`` call replaces both), so passing both trusted only one.
+    """
+    parts: list[tuple[str, bytes]] = []
+    if cafile is not None:
+        try:
+            parts.append((f"CA file {cafile}", Path(cafile).read_bytes()))
+        except OSError as exc:
+            raise CertificateFileError(f"CA file {cafile}: {exc.strerror or exc}") from None
+    if cadata is not None:
+        parts.append(("cadata", cadata))
+    for what, pem in parts:
+        try:
+            found = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            found = []
+        if not found:
+            raise CertificateFileError(f"{what}: no PEM certificate in it")
+    return b"\n".join(pem.strip() + b"\n" for _, pem in parts) if parts else None
+
+
 def client_configuration(
     *,
     server_name: str | None = None,
@@ -134,10 +163,9 @@ def client_configuration(
     _common(config, idle_timeout, congestion, initial_rtt)
     if not verify:
         config.verify_mode = ssl.CERT_NONE
-    if cafile is not None:
-        config.load_verify_locations(cafile=str(cafile))
-    if cadata is not None:
-        config.load_verify_locations(cadata=cadata)
+    trusted = _trusted_pem(cafile, cadata)
+    if trusted is not None:
+        config.load_verify_locations(cadata=trusted)
     if certfile is not None:  # a client certificate, for servers that require one
         config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
     return config

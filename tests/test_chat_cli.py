@@ -1,0 +1,133 @@
+"""``tokenwire chat`` against a real server: the answer on stdout, and every user mistake one clear line."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tokenwire.daemon.cli import main
+from tokenwire.transport.server import serve
+from tokenwire.transport.tls import CertificateFileError, client_configuration, dev_cert, make_self_signed
+
+from .test_loopback import WORDS, word_source
+
+
+@pytest.fixture(scope="module")
+def server_port() -> Iterator[int]:
+    """A tokenwire server (dev certificate, name ``localhost``) on its own loop in a thread."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict = {}
+
+    async def start() -> None:
+        holder["server"] = await serve(word_source, host="127.0.0.1", port=0)
+        started.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    assert started.wait(30)
+    yield holder["server"].port
+    loop.call_soon_threadsafe(holder["server"].close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def cafile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ca") / "dev.pem"
+    path.write_bytes(dev_cert().cert_pem)
+    return path
+
+
+def chat(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["chat", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_answer_streams_to_stdout(server_port, cafile, capsys, tmp_path):
+    stats = tmp_path / "stats.json"
+    rc, out, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",
+                        "--max-tokens", "20", "--json-stats", str(stats), "hello")
+    assert rc == 0, err
+    assert out == "".join(WORDS[:20]) + "\n"
+    assert '"digest_verified": true' in stats.read_text()
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n", b""], ids=["missing", "junk", "empty"])
+def test_unusable_cafile_is_one_line_before_connecting(content, tmp_path, capsys):
+    """aioquic reads the CA file only when the server's certificate arrives; a bad one used to be a traceback
+    in the event loop and then a misleading 10 s handshake timeout. No server runs here: the check is local."""
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    rc, _, err = chat(capsys, "--port", "9", "--cafile", str(path), "hi")
+    assert rc == 2
+    assert str(path) in err and "Traceback" not in err and "handshake" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_certificate_for_another_name_says_why(server_port, cafile, capsys):
+    """A TLS failure used to end as 'error: ' with nothing after it (aioquic's bare ConnectionError)."""
+    rc, out, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "other.test",
+                        "hi")
+    assert rc == 2 and out == ""
+    assert err.startswith("tokenwire chat: error: TLS handshake") and len(err.strip().splitlines()) == 1, err
+    assert "hostname 'other.test'" in err and "--insecure" in err  # and what to do about it
+
+
+def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
+    other = tmp_path / "other.pem"
+    other.write_bytes(make_self_signed(("localhost",)).cert_pem)
+    rc, _, err = chat(capsys, "--port", str(server_port), "--cafile", str(other), "--server-name", "localhost", "hi")
+    assert rc == 2
+    assert "tokenwire chat: error: TLS handshake with 127.0.0.1" in err and "certificate" in err.lower(), err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--attach", "00ff"], "--attach takes the 32-hex-digit request id"),
+    (["--attach", "zz"], "--attach takes the 32-hex-digit request id"),
+    (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
+    (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
+])
+def test_bad_arguments_are_rejected_before_connecting(argv, message, capsys, monkeypatch):
+    """Each of these used to reach the server (which closed the connection) or wait for a handshake."""
+    monkeypatch.delenv("TOKENWIRE_TEST_UNSET_VARIABLE", raising=False)
+    rc, _, err = chat(capsys, "--port", "9", *argv)
+    assert rc == 2
+    assert message in err, err
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "x"])
+def test_port_out_of_range_is_an_argument_error(port, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--port", port, "hi"])
+    assert exc.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_reader_going_away_is_not_an_error(server_port, cafile):
+    """``tokenwire chat ... | head -c 5``: the pipe closes early; no 'Broken pipe' error, no traceback."""
+    proc = subprocess.run(
+        f"{sys.executable} -m tokenwire.daemon.cli chat --port {server_port} --cafile {cafile} "
+        f"--server-name localhost hello | head -c 5",
+        shell=True, capture_output=True, timeout=60)
+    assert proc.stdout == "".join(WORDS).encode()[:5]
+    assert b"Broken pipe" not in proc.stderr and b"Traceback" not in proc.stderr, proc.stderr.decode()
+
+
+def test_cafile_and_cadata_are_both_trusted(tmp_path):
+    """aioquic keeps one of cafile/cadata (each load_verify_locations call replaces both): both must count."""
+    a, b = make_self_signed(("a.test",)), make_self_signed(("b.test",))
+    path = tmp_path / "a.pem"
+    path.write_bytes(a.cert_pem)
+    config = client_configuration(cafile=path, cadata=b.cert_pem)
+    assert config.cadata is not None and a.cert_pem in config.cadata and b.cert_pem in config.cadata
+    with pytest.raises(CertificateFileError, match="cadata"):
+        client_configuration(cadata=b"junk")
