@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from tokenwire.transport.client import HandshakeError, connect
     from tokenwire.transport.errors import TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
-    from tokenwire.transport.tls import CertificateFileError
 
     prompt = args.prompt
     if prompt is None and args.attach is None:
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
                 "or skip the check with --insecure") if exc.tls_alert is not None else ""
         raise CLIError(f"{exc}{hint}") from None
-    except (TokenwireError, ConnectionError, CertificateFileError) as exc:
+    except (TokenwireError, ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
         raise CLIError(str(exc)) from None
     if args.stats and stats is not None:
         print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)

@@ -104,6 +104,13 @@ def test_bad_arguments_are_rejected_before_connecting(argv, message, capsys, mon
     assert message in err, err
 
 
+def test_request_the_server_would_refuse_is_one_line(server_port, cafile, capsys):
+    rc, _, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",
+                      "--model", "m" * 200, "hi")
+    assert rc == 2
+    assert err.startswith("tokenwire chat: error: invalid request: request.model") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "x"])
 def test_port_out_of_range_is_an_argument_error(port, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -102,6 +102,28 @@ def test_max_tokens_and_concurrent_requests_on_one_connection():
     assert texts == ["".join(WORDS[:n]) for n in (50, 80, 120, 400)]
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_tokens": 0}, "request.mt"),
+    ({"model": "m" * 200}, "request.model"),
+    ({"resume": (b"short", [])}, "request.rid"),
+], ids=["max_tokens", "model", "resume_id"])
+def test_invalid_request_is_refused_locally_and_the_connection_lives_on(kwargs, message):
+    """The server closes the whole connection on a malformed request (every other request on it dies too):
+    the SDK refuses it before sending, with the same check, and the connection keeps working."""
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                running = conn.chat("first", max_tokens=30)
+                with pytest.raises(ValueError, match=message):
+                    conn.chat("q", **kwargs)
+                return await running.collect(), await conn.chat("after", max_tokens=5).collect()
+        finally:
+            server.close()
+
+    assert run(go()) == ("".join(WORDS[:30]), "".join(WORDS[:5]))
+
+
 class RawProtocol(QuicConnectionProtocol):
     """A hostile or broken peer: speaks QUIC with our ALPN but sends whatever the test wants."""
 

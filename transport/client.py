@@ -37,7 +37,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, RemoteError, TokenwireError
-from .frames import SCHEMES, Request
+from .frames import SCHEMES, FrameError, Request, decode_frame, encode_frame
 from .quic_io import SessionProtocol, connect_quic
 from .session import (
     ClientSession,
@@ -266,6 +266,10 @@ class Connection:
         return self._start(request, [])
 
     def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
+        try:  # the server's own check: it answers a malformed request by closing the whole connection
+            decode_frame(encode_frame(request))
+        except FrameError as exc:
+            raise ValueError(f"invalid request: {exc}") from None
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid
