@@ -61,11 +61,17 @@ def run_cert(args: argparse.Namespace) -> int:
     from tokenwire.transport.tls import make_self_signed
 
     hosts = tuple(args.host or ("localhost", "127.0.0.1", "::1"))
+    if args.days < 1:
+        raise CLIError("--days must be at least 1")
     cert, key = args.out_dir / "cert.pem", args.out_dir / "key.pem"
     if not args.force and (cert.exists() or key.exists()):
         raise CLIError(f"{cert} or {key} exists; use --force to overwrite")
+    try:
+        pair = make_self_signed(hosts, days=args.days)
+    except ValueError as exc:
+        raise CLIError(f"--host: {exc}") from None
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    make_self_signed(hosts, days=args.days).write(cert, key)
+    pair.write(cert, key)
     print(f"wrote {cert} and {key} (self-signed for {', '.join(hosts)}, {args.days} days)")
     print(f'in tokenwire.toml:\n[server]\ncertificate = "{cert.resolve()}"\nprivate_key = "{key.resolve()}"')
     return 0

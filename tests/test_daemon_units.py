@@ -183,3 +183,43 @@ def test_systemd_unit_verifies(tmp_path):
         "StateDirectory=",
     ):
         assert key in unit, key
+
+
+def test_cert_command_writes_a_usable_pair_and_refuses_to_overwrite(tmp_path, capsys):
+    from cryptography import x509
+
+    from tokenwire.daemon.cli import main
+
+    out = tmp_path / "tls"
+    assert main(["cert", "--out-dir", str(out), "--host", "edge.example", "--host", "10.0.0.1"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["edge.example"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.1"]
+    assert oct((out / "key.pem").stat().st_mode & 0o777) == "0o600"
+    capsys.readouterr()
+    assert main(["cert", "--out-dir", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--days", "0"], "--days must be at least 1"),
+    (["--host", "bad host!"], "'bad host!' is neither an IP address nor a DNS name"),
+    (["--host=-lead.example"], "neither an IP address nor a DNS name"),
+    (["--host", "a" * 64 + ".example"], "neither an IP address nor a DNS name"),
+])
+def test_cert_command_rejects_a_certificate_nobody_could_use(argv, message, tmp_path, capsys):
+    """A 0-day certificate expires as it is made; a name with a space can never match a TLS server name."""
+    from tokenwire.daemon.cli import main
+
+    assert main(["cert", "--out-dir", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cert.pem").exists()
+
+
+def test_self_signed_accepts_wildcards_and_idna_names():
+    from tokenwire.transport.tls import make_self_signed
+
+    make_self_signed(("*.edge.example", "xn--bcher-kva.example", "::1"), days=1)
+    with pytest.raises(ValueError, match="bücher"):
+        make_self_signed(("bücher.example",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +61,34 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x5
     )
 
 
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _subject_name(host: str) -> x509.GeneralName:
+    """An IP address or a DNS name (ASCII labels, an optional leading ``*.``) as a certificate SAN.
+
+    Checked here because anything else makes a certificate that no TLS server name can ever match.
+    """
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host.removeprefix("*.").rstrip(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        hint = " (write non-ASCII names in their IDNA xn-- form)" if not host.isascii() else ""
+        raise ValueError(f"{host!r} is neither an IP address nor a DNS name{hint}")
+    return x509.DNSName(host)
+
+
 def make_self_signed(hostnames: tuple[str, ...] = ("localhost",), days: int = 365) -> CertPair:
     """A self-signed certificate for ``hostnames`` (DNS names or IP addresses), P-256."""
+    if days < 1:
+        raise ValueError(f"a certificate must be valid for at least 1 day, not {days}")
+    if not hostnames:
+        raise ValueError("a certificate needs at least one host name")
+    sans: list[x509.GeneralName] = [_subject_name(h) for h in hostnames]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
-    sans: list[x509.GeneralName] = []
-    for h in hostnames:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
     cert = (
         _builder(name, name, key.public_key(), days)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
