@@ -449,7 +449,9 @@ class Daemon:
             live.finish("length", time.monotonic())
         except asyncio.CancelledError:
             live.finish("cancelled", time.monotonic())
-        except RequestError as exc:
+        except RequestError as exc:  # a typed failure (unreachable, timeout, HTTP error): the client gets it
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # the detail stays in the log
+            log.warning("request %s failed: %s%s", live.request_id.hex(), exc, cause)
             live.fail(exc.code, str(exc), time.monotonic())
         except Exception:
             log.exception("upstream %s failed", upstream.name)

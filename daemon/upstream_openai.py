@@ -98,7 +98,7 @@ class OpenAIUpstream:
             waited = self.connect_timeout_s + self.first_token_timeout_s
             raise _timeout(self.name, f"no response within {waited:g} s") from None
         except aiohttp.ClientError as exc:
-            raise _upstream_error(self.name, f"cannot reach {self.url}: {exc.__class__.__name__}") from None
+            raise _upstream_error(self.name, f"cannot reach {self.url}: {exc.__class__.__name__}") from exc
         async with resp:
             if resp.status >= 400:
                 raise _upstream_error(self.name, f"HTTP {resp.status}: {_error_text(await resp.text())}")
@@ -116,7 +116,7 @@ class OpenAIUpstream:
                 what = "no first token" if first else "the stream stalled"
                 raise _timeout(self.name, f"{what} for {limit:g} s") from None
             except aiohttp.ClientError as exc:
-                raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from None
+                raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
             if not line:
                 raise _upstream_error(self.name, "stream ended without [DONE]")
             text = line.decode("utf-8", errors="replace").strip()

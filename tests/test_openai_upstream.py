@@ -155,6 +155,7 @@ def test_unreachable_upstream():
     with pytest.raises(RequestError) as info:
         run(go())
     assert info.value.code == ErrorCode.UPSTREAM_ERROR and "cannot reach" in str(info.value)
+    assert "127.0.0.1:9" in str(info.value.__cause__)  # the detail the daemon logs (the client gets the class)
 
 
 def test_daemon_routes_to_openai_upstream_and_reports_errors(tmp_path, fake):
@@ -205,6 +206,9 @@ upstream = "vllm"
         assert ok == again == "Hello, world"
         assert stalled.code == ErrorCode.UPSTREAM_TIMEOUT
         assert failed.code == ErrorCode.UPSTREAM_ERROR and "model overloaded" in str(failed)
+        log = d.log()  # the operator sees each failure too, with the id the client was given
+        assert "upstream 'vllm': HTTP 500" in log and "model overloaded" in log
+        assert "upstream 'vllm': the stream stalled" in log, log
     finally:
         d.stop()
         loop.call_soon_threadsafe(loop.stop)
