@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--attach", metavar="REQUEST_ID", help="stream an existing answer by its hex id instead")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                   help="give up after S seconds without a packet from the server (default 60; keep it above the "
+                   "model's time to first token)")
     p.add_argument("--stats", action="store_true", help="print statistics to stderr at the end")
     p.add_argument("--json-stats", type=Path, help="write the statistics as JSON here")
     p.set_defaults(handler=run)
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if len(rid) != REQUEST_ID_BYTES:
             raise CLIError(f"--attach takes the {2 * REQUEST_ID_BYTES}-hex-digit request id "
                            f"(`--stats` prints it), not {args.attach!r}")
+    if not args.idle_timeout > 0:
+        raise CLIError("--idle-timeout must be > 0")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CLIError("--max-tokens must be at least 1")
     if args.token_env is not None:
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             cafile=args.cafile,
             verify=not args.insecure,
             auth_token=token,
+            idle_timeout=args.idle_timeout,
         ) as conn:
             if rid is not None:
                 stream = conn.attach(rid, scheme=args.scheme)

@@ -94,6 +94,7 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
     (["--attach", "00ff"], "--attach takes the 32-hex-digit request id"),
     (["--attach", "zz"], "--attach takes the 32-hex-digit request id"),
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
+    (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
 ])
 def test_bad_arguments_are_rejected_before_connecting(argv, message, capsys, monkeypatch):

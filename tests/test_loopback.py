@@ -300,3 +300,30 @@ def test_handshake_timeout_is_one_clean_connection_error(ecn):
         return seen
 
     assert asyncio.run(run()) == []
+
+
+def test_server_gone_silent_ends_the_answer_after_the_idle_timeout():
+    """The path goes dark mid-answer (a dead server looks the same): the answer ends with an error that says
+    what happened, after the client's own idle timeout (1.5 s here, not the 60 s default)."""
+    import time
+
+    async def go():
+        server = await serve(slow_source, host="127.0.0.1", port=0)
+        relay = await UdpRelay(("127.0.0.1", server.port)).start()
+        try:
+            async with connect("127.0.0.1", relay.port, idle_timeout=1.5, **client_kwargs()) as conn:
+                stream, got, dark_at = conn.chat("hi"), [], 0.0
+                with pytest.raises(RemoteError) as info:
+                    async for delta in stream:
+                        got.append(delta)
+                        if len(got) == 3:
+                            relay._forward = lambda *a: None  # nothing crosses either way from now on
+                            dark_at = time.monotonic()
+                return info.value, time.monotonic() - dark_at, got
+        finally:
+            relay.close()
+            server.close()
+
+    err, waited, got = run(go(), timeout=30)
+    assert "no packet from the server for 1.5 s (QUIC idle timeout)" in str(err)
+    assert len(got) >= 3 and waited < 20  # the default (60 s) would have outlasted run()'s 30 s bound

@@ -36,7 +36,7 @@ from typing import Any
 from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
-from .errors import ErrorCode, RemoteError, TokenwireError
+from .errors import ErrorCode, TokenwireError
 from .frames import SCHEMES, FrameError, Request, decode_frame, encode_frame
 from .quic_io import SessionProtocol, connect_quic
 from .session import (
@@ -47,6 +47,7 @@ from .session import (
     RequestStarted,
     SessionEvent,
     TokensRendered,
+    closed_error,
 )
 from .session_outcome import ChatOutcome
 from .tls import client_configuration
@@ -200,10 +201,7 @@ class ClientProtocol(SessionProtocol):
                     s._failed(ev.error)
             elif isinstance(ev, ConnectionEnded):
                 self.ended = ev
-                self.close_error = RemoteError(
-                    f"connection closed: {ev.reason or 'no reason given'} (code {ev.error_code:#x})",
-                    code=ev.error_code,
-                )
+                self.close_error = closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout)
                 for s in self.streams.values():
                     s._failed(self.close_error)
                 self.streams.clear()
@@ -297,8 +295,13 @@ async def connect(
     congestion: str = "reno",
     timeout: float = 10.0,
     ecn: bool = False,
+    idle_timeout: float = 60.0,
 ) -> AsyncIterator[Connection]:
     """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
+
+    ``idle_timeout``: seconds without any packet from the server after which the connection (and every
+    answer on it) ends with an error. QUIC uses the smaller of the two ends' values. A server says nothing
+    while its upstream thinks, so keep this above the upstream's time to first token.
 
     ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
     ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
@@ -312,6 +315,7 @@ async def connect(
         congestion=congestion,
         certfile=certfile,
         keyfile=keyfile,
+        idle_timeout=idle_timeout,
     )
     made: list[ClientProtocol] = []
 

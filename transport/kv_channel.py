@@ -68,7 +68,7 @@ from .kv_controller import (
 )
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
-from .session import ConnectionEnded, SessionEvent, _SessionBase
+from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error
 from .tls import CertPair, client_configuration, server_configuration
 
 log = logging.getLogger("tokenwire.kv")
@@ -667,8 +667,8 @@ class KVClientSession(_SessionBase):
         return []
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
-        out: list[SessionEvent] = [KVFetchFailed(s, RemoteError(f"connection closed: {event.reason_phrase}"))
-                                   for s in self.decoders]
+        err = closed_error(event.error_code, event.reason_phrase, self.quic.configuration.idle_timeout, "KV connection")
+        out: list[SessionEvent] = [KVFetchFailed(s, err) for s in self.decoders]
         self.decoders.clear()
         return out
 
@@ -934,9 +934,8 @@ class KVConnection(SessionProtocol):
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ConnectionEnded):
-                self.close_error = RemoteError(
-                    f"KV connection closed: {ev.reason or 'no reason given'} (code {ev.error_code:#x})",
-                    code=ev.error_code)
+                self.close_error = closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout,
+                                                "KV connection")
                 for pf in self._fetches.values():
                     pf.error = pf.error or self.close_error
                     pf.event.set()

@@ -129,6 +129,18 @@ class ConnectionEnded(SessionEvent):
 
 
 # ------------------------------------------------------------------------------------------------ base
+AIOQUIC_IDLE_REASON = "Idle timeout"
+"""The reason aioquic gives its ConnectionTerminated when its idle timer fires (a test pins it)."""
+
+
+def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection") -> RemoteError:
+    """Why a connection ended, for the client's requests; the idle timer's close says what it means."""
+    if reason == AIOQUIC_IDLE_REASON:
+        return RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): "
+                           "server or path gone", code=error_code)
+    return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})", code=error_code)
+
+
 class _SessionBase:
     def __init__(self, quic: QuicConnection) -> None:
         self.quic = quic
@@ -721,14 +733,8 @@ class ClientSession(_SessionBase):
         for req in list(self.requests.values()):
             if not req.done:
                 req.done = True
-                e = (
-                    err
-                    if err is not None
-                    else RemoteError(
-                        f"connection closed: {event.reason_phrase or 'no reason'} (code {event.error_code:#x})",
-                        code=event.error_code,
-                    )
-                )
+                e = err if err is not None else closed_error(
+                    event.error_code, event.reason_phrase, self.quic.configuration.idle_timeout)
                 out.append(RequestFailed(req.stream_id, e))
         self.requests.clear()
         return out
