@@ -327,3 +327,23 @@ def test_server_gone_silent_ends_the_answer_after_the_idle_timeout():
     err, waited, got = run(go(), timeout=30)
     assert "no packet from the server for 1.5 s (QUIC idle timeout)" in str(err)
     assert len(got) >= 3 and waited < 20  # the default (60 s) would have outlasted run()'s 30 s bound
+
+
+def test_a_slow_first_token_outlasts_the_idle_timeout():
+    """A model that thinks longer than the idle timeout before its first token: the client keeps the
+    connection alive (QUIC PINGs while it waits) and the answer arrives. Before, both ends sat silent and
+    the connection died of the idle timeout although nothing was wrong."""
+    async def thinker(request):
+        await asyncio.sleep(3.0)  # three idle timeouts of silence
+        for w in WORDS[:10]:
+            yield w
+
+    async def go():
+        server = await serve(thinker, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, idle_timeout=1.0, **client_kwargs()) as conn:
+                return await conn.chat("think first").collect()
+        finally:
+            server.close()
+
+    assert run(go(), timeout=30) == "".join(WORDS[:10])

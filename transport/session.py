@@ -617,6 +617,22 @@ class ClientSession(_SessionBase):
         self.send_acks = send_acks
         self.send_reports = send_reports
         self.ecn_counts: Callable[[], list[int]] | None = None  # received packets per codepoint (shell)
+        self._heard_at = 0.0  # last QUIC event from the server (data, datagram, ping ack, ...)
+        self._pinged_at = 0.0
+        self._pings = 0
+
+    def _keepalive_at(self) -> float | None:
+        """When to PING the server: while an answer is awaited and the server has been silent a third of
+        the idle timeout. A model that thinks longer than the idle timeout before its first token would
+        otherwise see both ends idle and the connection die. A dead server still ends the connection: the
+        idle timer restarts only on the first ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
+        if not any(not r.done for r in self.requests.values()):
+            return None
+        return max(self._heard_at, self._pinged_at) + self.quic.configuration.idle_timeout / 3.0
+
+    def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        self._heard_at = now
+        return super().handle_quic_event(event, now)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
         """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
@@ -754,7 +770,7 @@ class ClientSession(_SessionBase):
             req.gap_since = now
 
     def _session_timer(self) -> float | None:
-        best: float | None = None
+        best: float | None = self._keepalive_at()
         for req in self.requests.values():
             if req.gap_since is None or req.done:
                 continue
@@ -767,6 +783,11 @@ class ClientSession(_SessionBase):
         return best
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        keepalive = self._keepalive_at()
+        if keepalive is not None and now >= keepalive:
+            self._pings += 1
+            self.quic.send_ping(self._pings)  # small uids: aioquic's own ping() waiters use id() values
+            self._pinged_at = now
         for req in list(self.requests.values()):
             if req.gap_since is None or req.done:
                 continue
