@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt
     if prompt is None and args.attach is None:
+        if sys.stdin.isatty():
+            print("type the prompt, then Ctrl-D", file=sys.stderr)
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise CLIError("no prompt given (argument or stdin)")
