@@ -497,3 +497,34 @@ def test_time_left_takes_the_paths_min_rtt_not_a_queue_inflated_smoothed_rtt(leg
     # before QUIC has an RTT sample (min-RTT still infinite), the smoothed RTT stands in
     quic._loss._rtt_min = math.inf
     assert session._path_rtt() == 0.6
+
+
+def test_connect_kv_fails_with_a_reason():
+    """The KV client pointed at the token port (another ALPN), or at a silent one: a reason at once, not a
+    bare ConnectionError after aioquic's 60 s idle timeout."""
+    import socket
+
+    from tokenwire.transport.client import HandshakeError
+    from tokenwire.transport.server import serve
+
+    async def nothing(request):
+        yield ""
+
+    async def go():
+        server = await serve(nothing, host="127.0.0.1", port=0)
+        try:
+            with pytest.raises(HandshakeError) as wrong_alpn:
+                async with connect_kv("127.0.0.1", server.port, verify=False):
+                    pass
+        finally:
+            server.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            with pytest.raises(ConnectionError, match="no QUIC handshake") as no_answer:
+                async with connect_kv("127.0.0.1", silent.getsockname()[1], verify=False, timeout=0.3):
+                    pass
+        return wrong_alpn.value, no_answer.value
+
+    wrong_alpn, no_answer = asyncio.run(asyncio.wait_for(go(), 30))
+    assert wrong_alpn.tls_alert == 120 and "ALPN" in str(wrong_alpn)  # no_application_protocol
+    assert not isinstance(no_answer, HandshakeError)

@@ -38,7 +38,7 @@ from aioquic.quic.connection import QuicConnection
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, TokenwireError
 from .frames import SCHEMES, FrameError, Request, decode_frame, encode_frame
-from .quic_io import SessionProtocol, connect_quic
+from .quic_io import HandshakeError, SessionProtocol, open_client
 from .session import (
     ClientSession,
     ConnectionEnded,
@@ -149,32 +149,11 @@ class ChatStream:
         self._done = True
 
 
-def _read_outcome(fut: asyncio.Future) -> None:
-    """Mark a future's exception as seen (it is expected and reported another way)."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 class ClientProtocol(SessionProtocol):
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
-        self.ended: ConnectionEnded | None = None
-
-    async def wait_connected(self) -> None:
-        """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
-
-        aioquic awaits a shielded waiter; cancelling the wait leaves the waiter to receive the connection's
-        ConnectionError at close with nobody to read it ("Future exception was never retrieved").
-        """
-        try:
-            await super().wait_connected()
-        except asyncio.CancelledError:
-            waiter = self._connected_waiter
-            if waiter is not None:
-                waiter.add_done_callback(_read_outcome)
-            raise
 
     @property
     def client_session(self) -> ClientSession:
@@ -200,7 +179,6 @@ class ClientProtocol(SessionProtocol):
                 if s is not None:
                     s._failed(ev.error)
             elif isinstance(ev, ConnectionEnded):
-                self.ended = ev
                 self.close_error = closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout)
                 for s in self.streams.values():
                     s._failed(self.close_error)
@@ -317,45 +295,9 @@ async def connect(
         keyfile=keyfile,
         idle_timeout=idle_timeout,
     )
-    made: list[ClientProtocol] = []
-
-    def make_protocol(quic: QuicConnection, stream_handler: Any = None) -> ClientProtocol:
-        made.append(ClientProtocol(quic, stream_handler))
-        return made[-1]
-
-    try:
-        async with asyncio.timeout(timeout):
-            cm = connect_quic(host, port, configuration=config, create_protocol=make_protocol, ecn=ecn)
-            protocol = await cm.__aenter__()
-    except TimeoutError:
-        raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
-    except ConnectionError as exc:
-        ended = made[0].ended if made else None
-        if exc.args or ended is None:
-            raise
-        raise _handshake_failure(host, port, ended) from None
-    try:
+    async with open_client(host, port, configuration=config, create_protocol=ClientProtocol, ecn=ecn,
+                           timeout=timeout) as protocol:
         yield Connection(protocol, auth_token)  # type: ignore[arg-type]
-    finally:
-        await cm.__aexit__(None, None, None)
-
-
-class HandshakeError(ConnectionError):
-    """The server answered but the handshake failed; ``tls_alert`` is set when TLS refused (a certificate)."""
-
-    def __init__(self, message: str, tls_alert: int | None) -> None:
-        super().__init__(message)
-        self.tls_alert = tls_alert
-
-
-def _handshake_failure(host: str, port: int, ended: ConnectionEnded) -> HandshakeError:
-    """Why a handshake failed, in words (aioquic raises a bare ConnectionError; the reason is in the close)."""
-    code = ended.error_code
-    reason = ended.reason or "no reason given"
-    if 0x100 <= code <= 0x1FF:  # QUIC CRYPTO_ERROR: 0x100 + the TLS alert (RFC 9001, 4.8)
-        alert = code - 0x100
-        return HandshakeError(f"TLS handshake with {host}:{port} failed (TLS alert {alert}): {reason}", alert)
-    return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
 
 
 @dataclass
@@ -392,4 +334,5 @@ if __name__ == "__main__":  # pragma: no cover
     asyncio.run(_main())
 
 
-__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "chat_sync", "connect"]
+__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "HandshakeError", "chat_sync",
+           "connect"]

@@ -67,7 +67,7 @@ from .kv_controller import (
     KVController,
 )
 from .marking import MarkingPolicy
-from .quic_io import SessionProtocol, connect_quic, serve_quic, tune_socket
+from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error
 from .tls import CertPair, client_configuration, server_configuration
 
@@ -1028,11 +1028,15 @@ class KVConnection(SessionProtocol):
 
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
-                     server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False
-                     ) -> AsyncIterator[KVConnection]:
-    """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it."""
+                     server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False,
+                     timeout: float = 10.0) -> AsyncIterator[KVConnection]:
+    """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
+
+    Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
+    without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
+    """
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, verify=verify))
-    async with connect_quic(host, port, configuration=config, ecn=ecn,
-                            create_protocol=functools.partial(KVConnection, decode_device=decode_device)) as p:
+    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
+                           create_protocol=functools.partial(KVConnection, decode_device=decode_device)) as p:
         assert isinstance(p, KVConnection)
         yield p

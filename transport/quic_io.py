@@ -45,6 +45,31 @@ def tune_socket(transport: asyncio.BaseTransport | None) -> None:
             log.debug("could not raise socket buffer %s: %s", opt, exc)
 
 
+def _read_outcome(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (it is expected and reported another way)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class HandshakeError(ConnectionError):
+    """The server answered but the handshake failed; ``tls_alert`` is set when TLS refused (a certificate,
+    no common ALPN)."""
+
+    def __init__(self, message: str, tls_alert: int | None) -> None:
+        super().__init__(message)
+        self.tls_alert = tls_alert
+
+
+def _handshake_failure(host: str, port: int, ended: qe.ConnectionTerminated) -> HandshakeError:
+    """Why a handshake failed, in words (from the close that ended it)."""
+    code = ended.error_code
+    reason = ended.reason_phrase or "no reason given"
+    if 0x100 <= code <= 0x1FF:  # QUIC CRYPTO_ERROR: 0x100 + the TLS alert (RFC 9001, 4.8)
+        alert = code - 0x100
+        return HandshakeError(f"TLS handshake with {host}:{port} failed (TLS alert {alert}): {reason}", alert)
+    return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
+
+
 class SessionProtocol(QuicConnectionProtocol):
     """Drives ``self.session`` (built by ``session_factory``) from asyncio; subclasses handle its events."""
 
@@ -61,6 +86,21 @@ class SessionProtocol(QuicConnectionProtocol):
         self.session = session_factory(quic)
         self._session_timer: asyncio.TimerHandle | None = None
         self._session_timer_at: float | None = None
+        self.terminated: qe.ConnectionTerminated | None = None
+
+    async def wait_connected(self) -> None:
+        """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
+
+        aioquic awaits a shielded waiter; cancelling the wait leaves the waiter to receive the connection's
+        ConnectionError at close with nobody to read it ("Future exception was never retrieved").
+        """
+        try:
+            await super().wait_connected()
+        except asyncio.CancelledError:
+            waiter = self._connected_waiter
+            if waiter is not None:
+                waiter.add_done_callback(_read_outcome)
+            raise
 
     # -- events ------------------------------------------------------------------------------------
     def handle_session_events(self, events: list[SessionEvent]) -> None:  # pragma: no cover - overridden
@@ -68,6 +108,8 @@ class SessionProtocol(QuicConnectionProtocol):
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         # aioquic's _process_events did its own bookkeeping (CIDs, waiters) before calling us
+        if isinstance(event, qe.ConnectionTerminated):
+            self.terminated = event  # why, for a failed handshake (aioquic raises a bare ConnectionError)
         events = self.session.handle_quic_event(event, self.clock())
         if events:
             self.handle_session_events(events)
@@ -166,3 +208,37 @@ async def connect_quic(
         protocol.close()
         await protocol.wait_closed()
         transport.close()
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    host: str, port: int, *, configuration: Any, create_protocol: Callable[..., SessionProtocol],
+    ecn: bool = False, timeout: float = 10.0,
+) -> AsyncIterator[SessionProtocol]:
+    """:func:`connect_quic` for the SDK's clients, with errors a caller can act on.
+
+    No answer within ``timeout`` seconds: ``ConnectionError`` saying so (aioquic would wait for its idle
+    timeout). The server answered but the handshake failed: :class:`HandshakeError` with the reason and
+    the TLS alert (aioquic raises a ConnectionError without a message).
+    """
+    made: list[SessionProtocol] = []
+
+    def make(*args: Any, **kwargs: Any) -> SessionProtocol:
+        made.append(create_protocol(*args, **kwargs))
+        return made[-1]
+
+    cm = connect_quic(host, port, configuration=configuration, create_protocol=make, ecn=ecn)
+    try:
+        async with asyncio.timeout(timeout):
+            protocol = await cm.__aenter__()
+    except TimeoutError:
+        raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+    except ConnectionError as exc:
+        ended = made[0].terminated if made else None
+        if exc.args or ended is None:
+            raise
+        raise _handshake_failure(host, port, ended) from None
+    try:
+        yield protocol
+    finally:
+        await cm.__aexit__(None, None, None)
