@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_TOKEN_ENV = "TOKENWIRE_TOKEN"
+CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}  # TLS alerts about the server's certificate (RFC 8446, 6)
 
 
 def _port(text: str) -> int:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except HandshakeError as exc:
         hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
-                "or skip the check with --insecure") if exc.tls_alert is not None else ""
+                "or skip the check with --insecure") if exc.tls_alert in CERTIFICATE_ALERTS else ""
         raise CLIError(f"{exc}{hint}") from None
     except (TokenwireError, ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
         raise CLIError(str(exc)) from None
