@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-name", help="TLS name to verify (default: --host)")
     p.add_argument("--cafile", type=Path, help="CA or self-signed certificate to trust")
     p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    p.add_argument("--cert", type=Path, help="client certificate (PEM), for daemons with server.client_ca")
+    p.add_argument("--key", type=Path, help="its private key (PEM; default: in --cert)")
     p.add_argument("--token-env", help="environment variable with the bearer token (must be set when named; "
                    f"default: {DEFAULT_TOKEN_ENV} if set, else no token)")
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenwire.daemon.cli import CLIError
     from tokenwire.transport.client import HandshakeError, connect
-    from tokenwire.transport.errors import TokenwireError
+    from tokenwire.transport.errors import ErrorCode, TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
 
     prompt = args.prompt
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         if len(rid) != REQUEST_ID_BYTES:
             raise CLIError(f"--attach takes the {2 * REQUEST_ID_BYTES}-hex-digit request id "
                            f"(`--stats` prints it), not {args.attach!r}")
+    if args.key is not None and args.cert is None:
+        raise CLIError("--key needs --cert")
     if not args.idle_timeout > 0:
         raise CLIError("--idle-timeout must be > 0")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             verify=not args.insecure,
             auth_token=token,
             idle_timeout=args.idle_timeout,
+            certfile=args.cert,
+            keyfile=args.key,
         ) as conn:
             if rid is not None:
                 stream = conn.attach(rid, scheme=args.scheme)
@@ -110,7 +116,14 @@ def run(args: argparse.Namespace) -> int:
         hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
                 "or skip the check with --insecure") if exc.tls_alert in CERTIFICATE_ALERTS else ""
         raise CLIError(f"{exc}{hint}") from None
-    except (TokenwireError, ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
+    except TokenwireError as exc:
+        hint = ""
+        if exc.code == ErrorCode.UNAUTHORIZED:
+            hint = (" (pass --cert and --key)" if "certificate" in str(exc) else
+                    f" (the token comes from ${args.token_env or DEFAULT_TOKEN_ENV}; `tokenwire config new-token` "
+                    "makes one)")
+        raise CLIError(f"{exc}{hint}") from None
+    except (ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
         raise CLIError(str(exc)) from None
     if args.stats and stats is not None:
         print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)

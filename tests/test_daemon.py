@@ -354,7 +354,7 @@ def test_config_errors_name_the_key(tmp_path):
     assert "limits.max_sesions: unknown key (did you mean 'max_sessions'?)" in out.stderr
 
 
-def test_client_certificates(tmp_path):
+def test_client_certificates(tmp_path, capsys):
     from tokenwire.transport.tls import make_ca, make_client_cert
 
     ca = make_ca()
@@ -375,5 +375,31 @@ def test_client_certificates(tmp_path):
         assert run(attempt("good")) == expected(5)
         assert run(attempt(None)) == ErrorCode.UNAUTHORIZED
         assert run(attempt("rogue")) == ErrorCode.UNAUTHORIZED
+        # the command-line client too: --cert/--key, and a missing certificate says what to pass
+        from tokenwire.daemon.cli import main
+
+        base = ["chat", "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
+                "--max-tokens", "5"]
+        assert main([*base, "--cert", str(tmp_path / "good.pem"), "--key", str(tmp_path / "good.key"), "x"]) == 0
+        assert capsys.readouterr().out == expected(5) + "\n"
+        assert main([*base, "x"]) == 2
+        assert "(pass --cert and --key)" in capsys.readouterr().err
     finally:
         d.stop()
+
+
+def test_chat_command_with_and_without_a_token(daemon, capsys, monkeypatch):
+    from tokenwire.daemon.cli import main
+
+    base = ["chat", "--port", str(daemon.port), "--cafile", str(daemon.cert), "--server-name", "localhost",
+            "--max-tokens", "4"]
+    monkeypatch.delenv("TOKENWIRE_TOKEN", raising=False)
+    assert main([*base, "x"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid auth token" in err and "(the token comes from $TOKENWIRE_TOKEN;" in err
+    monkeypatch.setenv("ALICE", "alice-token")
+    assert main([*base, "--token-env", "ALICE", "x"]) == 0
+    assert capsys.readouterr().out == expected(4) + "\n"
+    monkeypatch.setenv("ALICE", "not-alice")
+    assert main([*base, "--token-env", "ALICE", "x"]) == 2
+    assert "(the token comes from $ALICE;" in capsys.readouterr().err

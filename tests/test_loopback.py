@@ -347,3 +347,15 @@ def test_a_slow_first_token_outlasts_the_idle_timeout():
             server.close()
 
     assert run(go(), timeout=30) == "".join(WORDS[:10])
+
+
+def test_handshake_failure_tells_tls_alerts_from_application_closes():
+    """tokenwire's application codes (0x100-0x10f) share numbers with QUIC's CRYPTO_ERROR range; only a
+    transport close (it has a frame type) carries a TLS alert."""
+    from tokenwire.transport.quic_io import _handshake_failure
+
+    tls = _handshake_failure("h", 1, qe.ConnectionTerminated(error_code=0x12A, frame_type=6, reason_phrase="bad"))
+    app = _handshake_failure("h", 1, qe.ConnectionTerminated(error_code=0x106, frame_type=None,
+                                                             reason_phrase="too many sessions"))
+    assert tls.tls_alert == 42 and str(tls) == "TLS handshake with h:1 failed (TLS alert 42): bad"
+    assert app.tls_alert is None and str(app) == "QUIC handshake with h:1 failed: too many sessions (code 0x106)"

@@ -64,7 +64,9 @@ def _handshake_failure(host: str, port: int, ended: qe.ConnectionTerminated) -> 
     """Why a handshake failed, in words (from the close that ended it)."""
     code = ended.error_code
     reason = ended.reason_phrase or "no reason given"
-    if 0x100 <= code <= 0x1FF:  # QUIC CRYPTO_ERROR: 0x100 + the TLS alert (RFC 9001, 4.8)
+    # QUIC CRYPTO_ERROR is 0x100 + the TLS alert (RFC 9001, 4.8), a transport close; application closes
+    # (tokenwire's own codes share the numbers) carry no frame type
+    if ended.frame_type is not None and 0x100 <= code <= 0x1FF:
         alert = code - 0x100
         return HandshakeError(f"TLS handshake with {host}:{port} failed (TLS alert {alert}): {reason}", alert)
     return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
