@@ -528,3 +528,25 @@ def test_connect_kv_fails_with_a_reason():
     wrong_alpn, no_answer = asyncio.run(asyncio.wait_for(go(), 30))
     assert wrong_alpn.tls_alert == 120 and "ALPN" in str(wrong_alpn)  # no_application_protocol
     assert not isinstance(no_answer, HandshakeError)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"deadline_ms": 0}, "kvfetch.dl"),
+    ({"deadline_ms": 1000, "controller": "nope"}, "kvfetch.ctl"),
+    ({"deadline_ms": 1000, "token_ids": [-1]}, "kvfetch.ids"),
+], ids=["deadline", "controller", "token_id"])
+def test_invalid_fetch_is_refused_locally_and_the_connection_lives_on(service, kwargs, message):
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 3))
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+                with pytest.raises(ValueError, match=message):
+                    await conn.fetch_kv(model=MODEL, **{"token_ids": ids, **kwargs})
+                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+        finally:
+            server.close()
+
+    assert run(go()).report.levels == ["low"]

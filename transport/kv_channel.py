@@ -53,6 +53,7 @@ from .frames import (
     KvMeta,
     StreamDecoder,
     decode_frame,
+    encode_frame,
     encode_stream_frame,
 )
 from .kv_controller import (
@@ -990,12 +991,17 @@ class KVConnection(SessionProtocol):
 
         Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
         as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` or
-        :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid).
+        :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid). A fetch the
+        server would refuse (a deadline of 0, an unknown controller) raises ``ValueError`` before it is sent.
         """
         if self.close_error is not None:
             raise self.close_error
         req = KvFetch(model=model, deadline_ms=int(deadline_ms), token_ids=token_ids, hashes=hashes,
                       controller=controller, recompute_us_per_token=recompute_us_per_token)
+        try:  # the server's own check: it answers a malformed fetch by closing the whole connection
+            decode_frame(encode_frame(req))
+        except FrameError as exc:
+            raise ValueError(f"invalid fetch: {exc}") from None
         pf = _PendingFetch(self.clock(), int(deadline_ms), controller, token_ids)
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
