@@ -84,6 +84,10 @@ class IngestAPI:
             if not isinstance(text, str):
                 return {"ok": False, "error": "push needs a 'text' string"}
             try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud83d"); UTF-8 cannot
+                return {"ok": False, "error": "text is not valid Unicode (a lone surrogate)"}
+            try:
                 req.push(text, now)
             except GenerationLimit:
                 req.finish("length", now)
@@ -112,6 +116,45 @@ class IngestAPI:
             self._done(req, owned)
 
 
+TOO_LONG = b"<too long>"
+"""What :func:`_read_line` returns for a line over ``MAX_LINE`` (it is consumed, the stream stays usable)."""
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next line, ``TOO_LONG`` for an over-long one (skipped up to its newline), None at end of input.
+
+    Skipping instead of closing keeps the connection, and with it the answers it owns, alive.
+    """
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.LimitOverrunError as exc:
+        overrun = exc
+    while True:  # drop what is buffered (up to the newline if it has arrived), then look again
+        try:
+            await reader.readexactly(overrun.consumed)
+            await reader.readuntil(b"\n")
+            return TOO_LONG
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:
+            overrun = exc
+
+
+def _decoded(line: bytes) -> dict[str, Any]:
+    """``{"msg": ...}`` or an error reply. UTF-8 only (json.loads would guess UTF-16 from some bytes), and
+    nesting deep enough to exhaust the parser's recursion is an error like any other."""
+    try:
+        return {"msg": json.loads(line.decode("utf-8"))}
+    except UnicodeDecodeError:
+        return {"ok": False, "error": "not valid UTF-8"}
+    except RecursionError:
+        return {"ok": False, "error": "JSON nested too deeply"}
+    except json.JSONDecodeError:
+        return {"ok": False, "error": "not valid JSON"}
+
+
 async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced)."""
 
@@ -119,19 +162,16 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
         owned: dict[bytes, LiveRequest] = {}
         try:
             while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError:
+                line = await _read_line(reader)
+                if line is None:
                     break
-                except asyncio.LimitOverrunError:
-                    writer.write(b'{"ok": false, "error": "line too long"}\n')
-                    break
-                try:
-                    msg = json.loads(line)
-                except json.JSONDecodeError:
-                    reply: dict[str, Any] = {"ok": False, "error": "not valid JSON"}
+                reply: dict[str, Any]
+                if line is TOO_LONG:
+                    reply = {"ok": False, "error": f"line longer than {MAX_LINE} bytes (skipped)"}
                 else:
-                    reply = api.handle(msg, owned, time.monotonic())
+                    reply = _decoded(line)
+                    if "error" not in reply:
+                        reply = api.handle(reply["msg"], owned, time.monotonic())
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):

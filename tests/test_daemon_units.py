@@ -223,3 +223,40 @@ def test_self_signed_accepts_wildcards_and_idna_names():
     make_self_signed(("*.edge.example", "xn--bcher-kva.example", "::1"), days=1)
     with pytest.raises(ValueError, match="bücher"):
         make_self_signed(("bücher.example",))
+
+
+def test_ingest_socket_survives_bad_lines(tmp_path):
+    """Every bad line gets an error reply and the connection, with the answers it owns, stays open (a
+    disconnect fails them). Invalid UTF-8 and deep nesting used to kill the connection with a traceback in
+    the daemon's log; an over-long line closed it."""
+    import asyncio
+    import json
+
+    from tokenwire.daemon.ingest import MAX_LINE, serve_ingest
+
+    async def go() -> list[dict]:
+        store = TranscriptStore(max_bytes=1 << 22, retain_s=10)
+        server = await serve_ingest(tmp_path / "ingest.sock", IngestAPI(store, max_tokens=lambda: 100))
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "ingest.sock"), limit=1 << 22)
+        replies = []
+
+        async def send(raw: bytes) -> dict:
+            writer.write(raw + b"\n")
+            await writer.drain()
+            replies.append(json.loads(await asyncio.wait_for(reader.readline(), 10)))
+            return replies[-1]
+
+        rid = (await send(b'{"op": "open"}'))["id"]
+        for bad in (b"\xff\xfe not utf-8", b"[" * 100_000 + b"]" * 100_000, b'{"op": "x", "pad": "' + b"a" * MAX_LINE
+                    + b'"}', json.dumps({"op": "push", "id": rid, "text": "lone \ud83d"}).encode()):
+            await send(bad)
+        await send(json.dumps({"op": "push", "id": rid, "text": "still here"}).encode())
+        await send(json.dumps({"op": "finish", "id": rid}).encode())
+        writer.close()
+        server.close()
+        return replies
+
+    replies = asyncio.run(go())
+    assert [r["ok"] for r in replies] == [True, False, False, False, False, True, True]
+    assert "UTF-8" in replies[1]["error"] and "nested" in replies[2]["error"] and "long" in replies[3]["error"]
+    assert replies[-1] == {"ok": True, "tokens": 1}
