@@ -262,11 +262,16 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 
     try:
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError:  # over the reader's limit (readline turns LimitOverrunError into this)
+                reply({"ok": False, "error": "header line too long"})
+                await writer.drain()
+                break
             if not line:
                 break
             try:
-                msg = json.loads(line)
+                msg = json.loads(line.decode("utf-8"))  # json.loads(bytes) would guess UTF-16 from some bytes
                 if not isinstance(msg, dict) or msg.get("op") != "put":
                     raise KVIngestError("expected {\"op\": \"put\", ...}")
                 shape, dtype = msg.get("shape"), msg.get("dtype")
@@ -282,8 +287,8 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     nbytes *= n
                 if nbytes > MAX_INGEST_BYTES:
                     raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
-            except (json.JSONDecodeError, KVIngestError) as exc:
-                reply({"ok": False, "error": str(exc)})
+            except (ValueError, RecursionError, KVIngestError) as exc:  # ValueError: JSON or UTF-8
+                reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
             data = await reader.readexactly(nbytes)

@@ -550,3 +550,29 @@ def test_invalid_fetch_is_refused_locally_and_the_connection_lives_on(service, k
             server.close()
 
     assert run(go()).report.levels == ["low"]
+
+
+@pytest.mark.parametrize("header", [b"\xff\xfe not utf-8", b"[" * 100_000, b"x" * (1 << 24) + b"y"],
+                         ids=["utf16-guess", "deep-nesting", "over-long"])
+def test_unix_socket_ingest_answers_a_bad_header(service, tmp_path, header):
+    """A header the parser chokes on gets an error line before the socket closes (the byte stream is out of
+    step). These three escaped the handler: no reply, a traceback in the daemon's log."""
+    import json
+
+    sock = tmp_path / "ingest.sock"
+
+    async def go():
+        srv = await serve_kv_ingest(sock, service)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(header + b"\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readline(), 20)
+            rest = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            return answer, rest
+        finally:
+            srv.close()
+
+    answer, rest = run(go())
+    assert json.loads(answer)["ok"] is False and rest == b""
