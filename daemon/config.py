@@ -399,7 +399,9 @@ def load_config(path: str | Path | None = None) -> Config:
             return parse_config({}, None)
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale says
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except tomllib.TOMLDecodeError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +93,30 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"  auth: {len(cfg.auth.tokens)} token(s){'' if cfg.auth.required else ' (no auth required)'}")
     print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
     print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")
+    print(f"  marking: {_marking_summary(cfg.marking)}")
     return 0
+
+
+def _marking_summary(m: Any) -> str:
+    """The ``[marking]`` line of ``config check``; loads a swiftqueue model the way the daemon will, and
+    warns (on stderr) when it cannot: the daemon then marks like ``l4s``, which an operator should know."""
+    if not m.enabled:
+        return "off"
+    line = m.policy
+    if m.policy == "swiftqueue":
+        from tokenwire.predictor.runtime import ModelError, load_forecaster
+
+        which = str(m.model) if m.model is not None else "shipped model"
+        try:
+            fc = load_forecaster(str(m.model) if m.model is not None else None)
+        except ModelError as exc:
+            print(f"warning: marking.model: {exc}; the daemon would mark like l4s", file=sys.stderr)
+            which += ", UNUSABLE"
+        else:
+            which += f", window {fc.window}"
+        line += f" ({which}; margin {m.margin_ms:g} ms, hysteresis {m.hysteresis_ms:g} ms, refuge rule " \
+                f"{'on' if m.refuge_only else 'off'})"
+    return line + ("; prague congestion control" if m.marks_ect1 else "")
 
 
 def run_new_token(args: argparse.Namespace) -> int:

@@ -53,6 +53,30 @@ def test_file_errors(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.toml")
+    p.write_bytes(b"\xff\xfe[server]\n")  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(p)
+
+
+def test_config_check_reports_marking_and_an_unusable_model(tmp_path, capsys):
+    """The daemon falls back to l4s when the swiftqueue model cannot load; `config check` says so up front
+    (it printed 'ok' and nothing about marking)."""
+    from tokenwire.daemon.cli import main
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('[marking]\npolicy = "swiftqueue"\n')
+    bad.write_text(f'[marking]\npolicy = "swiftqueue"\nmodel = "{tmp_path / "missing.onnx"}"\n')
+    assert main(["config", "check", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert "marking: swiftqueue (shipped model, window 64" in out and err == ""
+    assert main(["config", "check", str(bad)]) == 0  # still a valid configuration: the daemon runs
+    out, err = capsys.readouterr()
+    assert "marking: swiftqueue" in out
+    assert "warning: marking.model" in err and "missing.onnx" in err and "l4s" in err
+    off = tmp_path / "off.toml"
+    off.write_text("")
+    assert main(["config", "check", str(off)]) == 0
+    assert "marking: off" in capsys.readouterr().out
 
 
 def test_example_config_validates_and_routes():
