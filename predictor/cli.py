@@ -178,16 +178,26 @@ def _collect_many(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
-    from .train import TrainConfig, fit_ar, load_points, train_net
+    from .train import TrainConfig, check_net_overrides, fit_ar, load_points, train_net
 
     kinds = [k for k in args.kinds.split(",") if k]
     bad = set(kinds) - {"transformer", "gru", "ar"}
     if bad or not kinds:
         raise _err(f"--kinds: unknown {sorted(bad)}; choose from transformer,gru,ar")
     try:
-        net = json.loads(args.net)
-    except ValueError:
+        net = check_net_overrides(json.loads(args.net))
+    except json.JSONDecodeError:
         raise _err("--net must be a JSON object") from None
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+    if args.window < 2:
+        raise _err("--window must be at least 2")
+    for flag, value in (("--epochs", args.epochs), ("--batch", args.batch), ("--patience", args.patience),
+                        ("--max-points", args.max_points), ("--threads", args.threads)):
+        if value < 1:
+            raise _err(f"{flag} must be at least 1")
+    if not args.lr > 0:
+        raise _err("--lr must be > 0")
     import torch
 
     torch.set_num_threads(args.threads)

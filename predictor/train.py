@@ -26,6 +26,32 @@ from .baselines import LinearAR
 from .dataset import load
 from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, points
 
+TRANSFORMER_DEFAULTS = {"d_model": 32, "heads": 4, "layers": 2, "ff": 64, "dropout": 0.0}
+"""The Transformer's constructor defaults that ``--net`` may override (mirrors ``models.TransformerForecaster``;
+a test keeps the two in step)."""
+
+
+def check_net_overrides(net: object) -> dict:
+    """``--net`` as a dict the Transformer can be built from; ValueError naming the bad key otherwise.
+
+    Checked before torch is imported, so a typo costs no model construction and no traceback (a d_model
+    that the heads do not divide used to fail only at the first forward pass).
+    """
+    if not isinstance(net, dict):
+        raise ValueError("--net must be a JSON object, e.g. '{\"d_model\": 32}'")
+    for key, value in net.items():
+        if key not in TRANSFORMER_DEFAULTS:
+            raise ValueError(f"--net: unknown key {key!r} (known: {', '.join(TRANSFORMER_DEFAULTS)})")
+        if key == "dropout":
+            if type(value) not in (int, float) or not 0.0 <= value < 1.0:
+                raise ValueError("--net: dropout must be a number in [0, 1)")
+        elif type(value) is not int or value < 1:
+            raise ValueError(f"--net: {key} must be a positive integer")
+    full = {**TRANSFORMER_DEFAULTS, **net}
+    if full["d_model"] % full["heads"]:
+        raise ValueError(f"--net: d_model ({full['d_model']}) must be a multiple of heads ({full['heads']})")
+    return dict(net)
+
 
 @dataclass
 class TrainConfig:

@@ -114,3 +114,33 @@ def test_collect_fails_before_the_run_not_after_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing.down" in err and "virtual s" not in err
     assert not list(out.glob("*.npz"))  # the good trace was not run either
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--net", "[1]"], "--net must be a JSON object"),
+    (["--net", '{"nope": 3}'], "--net: unknown key 'nope'"),
+    (["--net", '{"d_model": "x"}'], "--net: d_model must be a positive integer"),
+    (["--net", '{"d_model": 30}'], "--net: d_model (30) must be a multiple of heads (4)"),
+    (["--net", '{"dropout": 1.5}'], "--net: dropout must be a number in [0, 1)"),
+    (["--window", "1"], "--window must be at least 2"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_train_refuses_a_network_it_cannot_build(argv, message, tmp_path, capsys):
+    """Each of these was a torch traceback (d_model 30 with 4 heads only at the first forward pass)."""
+    pytest.importorskip("torch")
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"")  # never read: the arguments are checked first
+    assert main(["predictor", "train", "--data", str(data), "--out-dir", str(tmp_path / "m"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_net_override_defaults_match_the_model():
+    """check_net_overrides validates against a copy of the constructor's defaults: keep them in step."""
+    import inspect
+
+    pytest.importorskip("torch")
+    from tokenwire.predictor.models import TransformerForecaster
+    from tokenwire.predictor.train import TRANSFORMER_DEFAULTS
+
+    params = inspect.signature(TransformerForecaster.__init__).parameters
+    assert {k: params[k].default for k in TRANSFORMER_DEFAULTS} == TRANSFORMER_DEFAULTS
