@@ -173,6 +173,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.sessions < 1 or args.rate <= 0 or args.seconds <= 0:
         raise CLIError("--sessions >= 1, --rate > 0 and --seconds > 0")
+    if args.client_procs < 1:
+        raise CLIError("--client-procs must be at least 1")
     tokens = max(1, round(args.rate * args.seconds))
     with tempfile.TemporaryDirectory(prefix="tokenwire-bench-") as tmpdir:
         tmp = Path(tmpdir)

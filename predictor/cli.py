@@ -112,6 +112,8 @@ def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
         raise _err(str(exc)) from None
     if args.seconds <= 0:
         raise _err("--seconds must be > 0")
+    if not args.delay_ms >= 0:
+        raise _err("--delay-ms must be >= 0")
     if args.probe_pps is not None and not args.probe_pps > 0:
         raise _err("--probe-pps must be > 0")
     if args.probe_share is not None and not 0.0 < args.probe_share <= 1.0:

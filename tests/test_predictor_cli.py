@@ -69,10 +69,13 @@ def test_bad_input_is_a_clean_cli_error(tmp_path, capsys):
                  "--out", str(tmp_path / "x.npz")]) == 2
     assert main(["predictor", "collect", "--down-trace", "6mbps", "--cross", "warp:9", "--seconds", "1",
                  "--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--delay-ms", "-3", "--seconds", "1",
+                 "--out", str(tmp_path / "x.npz")]) == 2  # was a ValueError traceback from the link model
     assert main(["predictor", "eval", "--data", str(tmp_path / "none.npz")]) == 2
     assert main(["bench", "predictor", "--model", str(tmp_path / "none.onnx")]) == 2
     err = capsys.readouterr().err
     assert "no such trace" in err and "unknown kind" in err and "no such dataset" in err
+    assert "--delay-ms must be >= 0" in err
 
 
 def test_bench_predictor_reports_every_batch_size(tmp_path):
