@@ -159,6 +159,9 @@ class SwiftQueueConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise SwiftQueueEvalError(f"--policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        twice = sorted({p for p in self.policies if self.policies.count(p) > 1})
+        if twice:  # the results are keyed by policy: a second run would overwrite the first
+            raise SwiftQueueEvalError(f"--policies: {', '.join(twice)} listed twice")
         if self.seconds <= self.warmup_s:
             raise SwiftQueueEvalError(f"--seconds must be > the {self.warmup_s:g} s warm-up")
         if self.delay_ms < 0:

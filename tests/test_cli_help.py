@@ -68,3 +68,23 @@ def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_rai
     monkeypatch.setattr(predictor_cli, "_eval", socket_trouble)
     with pytest.raises(OSError):  # not about a file the user named: a traceback, as for any bug
         main(["predictor", "eval", "--data", "x.npz"])
+
+
+def test_kv_eval_checks_its_sizes_before_loading_the_model(tmp_path, capsys):
+    """`--prefix 0` used to load SmolLM2 (or fail on its download) before a size check said no."""
+    from tokenwire.daemon.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    assert main(["kv", "eval", "--text", str(text), "--prefix", "0"]) == 2
+    assert "--prefix, --score and --chunk-tokens must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["tokenwire.transport.client", "tokenwire.transport.server"])
+def test_the_sdk_examples_answer_help(module):
+    """`python -m ... --help` used to ignore its arguments and run the example (the client asked 127.0.0.1)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m {module}")

@@ -142,6 +142,8 @@ def test_cross_and_flow_specs():
         SwiftQueueConfig(down_trace="12mbps", cross=["scalable:2"]).validate()
     with pytest.raises(SwiftQueueEvalError, match="--policies"):
         SwiftQueueConfig(down_trace="12mbps", policies=["fastest"], virtual=True).validate()
+    with pytest.raises(SwiftQueueEvalError, match="l4s listed twice"):  # its second run replaced the first
+        SwiftQueueConfig(down_trace="12mbps", policies=["l4s", "oracle", "l4s"], virtual=True).validate()
 
 
 # ------------------------------------------------------------------------------------------- vsim

@@ -321,9 +321,18 @@ def chat_sync(host: str, port: int, prompt: str, **kwargs: Any) -> ChatResult:
     return asyncio.run(run())
 
 
-async def _main() -> None:  # pragma: no cover - example
-    async with connect("127.0.0.1", 4433, verify=False) as conn:
-        stream = conn.chat("Why do chatbots stall on trains?")
+async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - example
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenwire.transport.client",
+        description="The SDK's smallest client: ask a server on 127.0.0.1 (certificate not verified) and print "
+                    "the answer. `tokenwire chat` is the full command-line client.")
+    parser.add_argument("prompt", nargs="?", default="Why do chatbots stall on trains?")
+    parser.add_argument("--port", type=int, default=4433)
+    args = parser.parse_args(argv)
+    async with connect("127.0.0.1", args.port, verify=False) as conn:
+        stream = conn.chat(args.prompt)
         start = time.monotonic()
         async for delta in stream:
             print(delta, end="", flush=True)

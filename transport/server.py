@@ -286,8 +286,16 @@ def _example_source() -> Callable[[ChatRequest], Awaitable[None]]:  # pragma: no
     return answer
 
 
-async def _main() -> None:  # pragma: no cover - example
-    server = await serve(_example_source(), host="127.0.0.1", port=4433)
+async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - example
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenwire.transport.server",
+        description="The SDK's smallest server: the demo answer on 127.0.0.1 with the development certificate. "
+                    "`tokenwire daemon` is the service.")
+    parser.add_argument("--port", type=int, default=4433)
+    args = parser.parse_args(argv)
+    server = await serve(_example_source(), host="127.0.0.1", port=args.port)
     print(f"serving the demo answer on udp://127.0.0.1:{server.port} (dev certificate); Ctrl-C to stop")
     await server.wait_closed()
 

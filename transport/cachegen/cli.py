@@ -36,6 +36,8 @@ def _eval(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text()
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+    if args.prefix < 1 or args.score < 1 or args.chunk_tokens < 1:  # before the model loads (seconds)
+        raise _cli_error("--prefix, --score and --chunk-tokens must be >= 1")
     levels = [s for s in args.levels.split(",") if s]
     for name in levels:
         if name not in LEVEL_NAMES and not name.startswith("code="):
