@@ -73,8 +73,20 @@ def check_outputs(args: argparse.Namespace) -> None:
                            f"{exc.strerror or exc})") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options, in this parser and (as their class) in every subcommand's.
+
+    With abbreviations, ``chat --server X`` silently set ``--server-name`` (the TLS name) and left the
+    address at its default; with many similar flags a prefix is more often a mistake than a shortcut.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokenwire",
         description="Move LLM traffic across real, unstable networks.",
     )

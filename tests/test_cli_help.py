@@ -88,3 +88,14 @@ def test_the_sdk_examples_answer_help(module):
 
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m {module}")
+
+
+def test_no_parser_takes_abbreviated_options(capsys):
+    """`chat --server X` used to be read as `--server-name X`, leaving the address at its default."""
+    from tokenwire.daemon.cli import main
+
+    assert all(not parser.allow_abbrev for _, parser in _walk(build_parser()))
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--server", "example.org", "hi"])
+    assert exc.value.code == 2 and "unrecognized arguments: --server" in capsys.readouterr().err
+
