@@ -39,6 +39,7 @@ def run_daemon(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .logs import setup_logging
+    from .service import StartupError
     from .service import run_daemon as run
 
     try:
@@ -53,7 +54,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         addrs = ", ".join(f"udp/{h}:{p}" for h, p in daemon.addresses)
         print(f"tokenwire daemon: listening on {addrs}", file=sys.stderr, flush=True)
 
-    run(config, on_started=started)
+    try:
+        run(config, on_started=started)
+    except StartupError as exc:
+        raise CLIError(str(exc)) from None
     return 0
 
 
@@ -87,9 +91,20 @@ def run_check(args: argparse.Namespace) -> int:
         cfg = load_config(args.path)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    certificate = "(ephemeral self-signed)"
+    if cfg.server.certificate is not None:  # what the daemon will load, loaded now
+        from tokenwire.transport.tls import certificate_summary, server_configuration
+
+        try:
+            quic = server_configuration(certfile=cfg.server.certificate, keyfile=cfg.server.private_key)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{args.path}: server.certificate / server.private_key: {exc}") from None
+        certificate = f"{cfg.server.certificate} ({certificate_summary(quic.certificate)})"
+        if "EXPIRED" in certificate:
+            print(f"warning: server.certificate: {certificate}", file=sys.stderr)
     listen = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in cfg.server.listen)
     print(f"{args.path}: ok")
-    print(f"  listen {listen}; certificate {cfg.server.certificate or '(ephemeral self-signed)'}")
+    print(f"  listen {listen}; certificate {certificate}")
     print(f"  auth: {len(cfg.auth.tokens)} token(s){'' if cfg.auth.required else ' (no auth required)'}")
     print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
     print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -150,6 +151,31 @@ class DaemonProtocol(SessionProtocol):
         self._reported_ce = max(ce, self._reported_ce)
 
 
+class StartupError(Exception):
+    """The daemon cannot start as configured (a port in use, an unreadable certificate, no store): one line
+    that names the setting, for the command line and the journal."""
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_failure(exc: OSError, host: str, port: int, tcp: bool = False) -> str:
+    """Why a bind failed, in the kernel's words. uvloop's UDP error ("could not bind to local_addr") has no
+    errno, so the bind is tried once more with a plain socket to learn it."""
+    if exc.errno is not None:
+        return os.strerror(exc.errno)  # uvloop's strerror repeats the address around it
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as probe:
+            probe.bind((host, port))
+    except OSError as again:
+        return again.strerror or str(again)
+    return str(exc)
+
+
 class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -175,6 +201,14 @@ class Daemon:
 
     # ----------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        """Open every listener; :class:`StartupError` (with what was opened closed again) if one cannot."""
+        try:
+            await self._start()
+        except StartupError:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         if cfg.server.certificate is None:
             log.warning("no server.certificate configured: using an ephemeral self-signed certificate")
@@ -185,18 +219,25 @@ class Daemon:
             )
         else:
             tls_kwargs = {"certfile": cfg.server.certificate, "keyfile": cfg.server.private_key}
-            quic_config = server_configuration(
-                certfile=cfg.server.certificate,
-                keyfile=cfg.server.private_key,
-                congestion=cfg.server.congestion,
-                idle_timeout=cfg.server.idle_timeout_s,
-            )
+            try:
+                quic_config = server_configuration(
+                    certfile=cfg.server.certificate,
+                    keyfile=cfg.server.private_key,
+                    congestion=cfg.server.congestion,
+                    idle_timeout=cfg.server.idle_timeout_s,
+                )
+            except (OSError, ValueError) as exc:  # unreadable, not PEM, or a key that does not match
+                raise StartupError(f"server.certificate / server.private_key: {exc}") from None
         factory = functools.partial(DaemonProtocol, daemon=self)
         self.marking.start()
         for host, port in cfg.server.listen:
-            server = await serve_quic(
-                host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
-            )
+            try:
+                server = await serve_quic(
+                    host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
+                )
+            except OSError as exc:
+                raise StartupError(f"server.listen: cannot listen on udp/{_addr(host, port)}: "
+                                   f"{_bind_failure(exc, host, port)}") from None
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self._servers.append(server)
@@ -204,7 +245,11 @@ class Daemon:
             self.addresses.append((sockname[0], sockname[1]))
         if cfg.metrics.listen is not None:
             host, port = cfg.metrics.listen
-            self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
+            try:
+                self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
+            except OSError as exc:
+                raise StartupError(f"metrics.listen: cannot listen on tcp/{_addr(host, port)}: "
+                                   f"{_bind_failure(exc, host, port, tcp=True)}") from None
             site = next(iter(self._metrics_runner.sites))
             self.metrics_address = site._server.sockets[0].getsockname()[:2]
         if cfg.ingest.socket is not None:
@@ -214,13 +259,24 @@ class Daemon:
                 on_open=lambda r: self.metrics.requests_active.inc(),
                 on_done=lambda r: self.metrics.requests_active.dec(),
             )
-            self._ingest = await serve_ingest(cfg.ingest.socket, api)
+            try:
+                self._ingest = await serve_ingest(cfg.ingest.socket, api)
+            except OSError as exc:
+                raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "
+                                   f"{exc.strerror or exc}") from None
         if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
             from .kv_service import start_kv
+            from .kv_store import StoreError
 
             auth = cfg.auth
-            self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
-                                     if auth.required else None, **tls_kwargs)
+            try:
+                self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
+                                         if auth.required else None, **tls_kwargs)
+            except StoreError as exc:
+                raise StartupError(f"kv: {exc}") from None
+            except OSError as exc:
+                raise StartupError(f"kv: cannot listen on {exc.filename or 'udp/' + _addr(*cfg.kv.listen)}: "
+                                   f"{exc.strerror or exc}") from None
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
         if self.kv is not None:

@@ -284,3 +284,60 @@ def test_ingest_socket_survives_bad_lines(tmp_path):
     assert [r["ok"] for r in replies] == [True, False, False, False, False, True, True]
     assert "UTF-8" in replies[1]["error"] and "nested" in replies[2]["error"] and "long" in replies[3]["error"]
     assert replies[-1] == {"ok": True, "tokens": 1}
+
+
+def _daemon_config(tmp_path, text: str) -> str:
+    path = tmp_path / "d.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_daemon_start_failures_are_one_line_naming_the_setting(tmp_path, capsys):
+    """A port in use, an unbindable address, a key that is not the certificate's: one line and exit 2, not a
+    uvloop traceback (the UDP one did not even say why), and a mismatched key no longer starts a daemon
+    whose every handshake fails."""
+    import socket
+
+    from tokenwire.daemon.cli import main
+    from tokenwire.transport.tls import make_self_signed
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        udp_port, tcp_port = udp.getsockname()[1], tcp.getsockname()[1]
+        cases = {
+            f'[server]\nlisten = ["127.0.0.1:{udp_port}"]\n[metrics]\nlisten = "127.0.0.1:0"\n':
+                f"server.listen: cannot listen on udp/127.0.0.1:{udp_port}: Address already in use",
+            f'[server]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:{tcp_port}"\n':
+                f"metrics.listen: cannot listen on tcp/127.0.0.1:{tcp_port}: Address already in use",
+            '[server]\nlisten = ["192.0.2.1:4433"]\n[metrics]\nlisten = "127.0.0.1:0"\n':
+                "server.listen: cannot listen on udp/192.0.2.1:4433: Cannot assign requested address",
+        }
+        for text, message in cases.items():
+            assert main(["daemon", "--config", _daemon_config(tmp_path, text)]) == 2
+            err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+            assert err == [f"tokenwire daemon: error: {message}"], err
+    make_self_signed(("a.test",)).write(tmp_path / "a.pem", tmp_path / "a.key")
+    make_self_signed(("b.test",)).write(tmp_path / "b.pem", tmp_path / "b.key")
+    mismatched = _daemon_config(tmp_path, f'[server]\nlisten = ["127.0.0.1:0"]\ncertificate = "{tmp_path}/a.pem"\n'
+                                          f'private_key = "{tmp_path}/b.key"\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    for argv in (["daemon", "--config", mismatched], ["config", "check", mismatched]):
+        assert main(argv) == 2
+        assert "b.key does not belong to the certificate in" in capsys.readouterr().err
+
+
+def test_config_check_names_the_certificate_and_its_expiry(tmp_path, capsys):
+    import datetime
+
+    from tokenwire.daemon.cli import main
+    from tokenwire.transport.tls import certificate_summary, make_self_signed
+
+    pair = make_self_signed(("edge.test", "10.0.0.1"), days=30)
+    pair.write(tmp_path / "c.pem", tmp_path / "c.key")
+    cfg = _daemon_config(tmp_path, f'[server]\ncertificate = "{tmp_path}/c.pem"\nprivate_key = "{tmp_path}/c.key"\n')
+    assert main(["config", "check", cfg]) == 0
+    assert "(edge.test, 10.0.0.1; expires " in capsys.readouterr().out
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=31)
+    expiry = f"{pair.certificate.not_valid_after_utc:%Y-%m-%d}"
+    assert certificate_summary(pair.certificate, now=later).endswith(f"EXPIRED {expiry}")

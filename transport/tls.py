@@ -129,12 +129,45 @@ def server_configuration(
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
     _common(config, idle_timeout, congestion, initial_rtt)
     if certfile is not None:
-        config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        try:
+            config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        except ValueError as exc:  # cryptography's message names neither file
+            files = f"{certfile} / {keyfile}" if keyfile else str(certfile)
+            raise ValueError(f"{files}: not a PEM certificate and private key ({str(exc).split('.')[0]})") from None
+        _check_key_matches(config, certfile, keyfile)
     else:
         pair = cert or dev_cert()
         config.certificate = pair.certificate
         config.private_key = pair.private_key
     return config
+
+
+def certificate_summary(cert: x509.Certificate, now: datetime.datetime | None = None) -> str:
+    """Its names and expiry, for ``config check``: 'localhost, 127.0.0.1; expires 2027-12-04' (or EXPIRED)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(v) for v in sans.get_values_for_type(x509.DNSName)]
+        names += [str(v) for v in sans.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]  # type: ignore[misc]
+    now = now or datetime.datetime.now(datetime.UTC)
+    end = cert.not_valid_after_utc
+    when = f"EXPIRED {end:%Y-%m-%d}" if end <= now else f"expires {end:%Y-%m-%d}"
+    return f"{', '.join(names) or 'no names'}; {when}"
+
+
+def _check_key_matches(config: QuicConfiguration, certfile: str | Path, keyfile: str | Path | None) -> None:
+    """ValueError when the private key does not belong to the certificate.
+
+    aioquic loads both without comparing them; the server then starts, and every client's handshake fails
+    on the signature check, far from the cause.
+    """
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    cert, key = config.certificate, config.private_key
+    if cert is None or key is None:
+        raise ValueError(f"{certfile}: no certificate and private key found")
+    if cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
+        raise ValueError(f"the private key in {keyfile or certfile} does not belong to the certificate in {certfile}")
 
 
 class CertificateFileError(ValueError):
