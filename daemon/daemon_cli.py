@@ -39,8 +39,8 @@ def run_daemon(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
     from .logs import setup_logging
-    from .service import StartupError
     from .service import run_daemon as run
+    from .startup import StartupError
 
     try:
         config = load_config(args.config)

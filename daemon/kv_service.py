@@ -37,7 +37,8 @@ from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from .kv_config import KVConfig
-from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, chunk_hashes, object_key
+from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, StoreError, chunk_hashes, object_key
+from .startup import StartupError, addr, bind_failure
 
 log = logging.getLogger("tokenwire.kv")
 
@@ -375,15 +376,34 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
     from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
 
-    store = open_store(cfg)
+    try:
+        store = open_store(cfg)
+    except OSError as exc:
+        raise StartupError(f"kv.directory: cannot use {exc.filename or cfg.directory}: {exc.strerror or exc}") \
+            from None
+    except StoreError as exc:
+        raise StartupError(f"kv: {exc}") from None
     service = KVService(store, chunk_tokens=cfg.chunk_tokens)
     marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
     tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
-    server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile, keyfile=keyfile,
-                            congestion=cfg.congestion, marking=marking, tuning=tuning, authorize=authorize)
-    ingest = await serve_kv_ingest(cfg.ingest_socket, service) if cfg.ingest_socket is not None else None
+    try:
+        server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
+                                keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
+                                authorize=authorize)
+    except OSError as exc:
+        service.close()
+        host, port = cfg.listen
+        raise StartupError(f"kv.listen: cannot listen on udp/{addr(host, port)}: {bind_failure(exc, host, port)}") \
+            from None
+    try:
+        ingest = await serve_kv_ingest(cfg.ingest_socket, service) if cfg.ingest_socket is not None else None
+    except OSError as exc:
+        server.close()
+        service.close()
+        raise StartupError(f"kv.ingest_socket: cannot listen on {cfg.ingest_socket}: {exc.strerror or exc}") \
+            from None
     log.info("KV channel on udp %s:%d (store: %s, %d MiB)", cfg.listen[0], server.port, cfg.backend,
              cfg.capacity_bytes >> 20)
     return KVRuntime(service, server, ingest)

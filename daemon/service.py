@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from .config import Config, ConfigError, load_config
 from .ingest import IngestAPI, serve_ingest
 from .marking import MarkingService
 from .sd_notify import Notifier
+from .startup import StartupError, addr, bind_failure
 from .telemetry import Metrics, serve_metrics
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
@@ -151,31 +151,6 @@ class DaemonProtocol(SessionProtocol):
         self._reported_ce = max(ce, self._reported_ce)
 
 
-class StartupError(Exception):
-    """The daemon cannot start as configured (a port in use, an unreadable certificate, no store): one line
-    that names the setting, for the command line and the journal."""
-
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _bind_failure(exc: OSError, host: str, port: int, tcp: bool = False) -> str:
-    """Why a bind failed, in the kernel's words. uvloop's UDP error ("could not bind to local_addr") has no
-    errno, so the bind is tried once more with a plain socket to learn it."""
-    if exc.errno is not None:
-        return os.strerror(exc.errno)  # uvloop's strerror repeats the address around it
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as probe:
-            probe.bind((host, port))
-    except OSError as again:
-        return again.strerror or str(again)
-    return str(exc)
-
-
 class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -236,8 +211,8 @@ class Daemon:
                     host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
                 )
             except OSError as exc:
-                raise StartupError(f"server.listen: cannot listen on udp/{_addr(host, port)}: "
-                                   f"{_bind_failure(exc, host, port)}") from None
+                raise StartupError(f"server.listen: cannot listen on udp/{addr(host, port)}: "
+                                   f"{bind_failure(exc, host, port)}") from None
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self._servers.append(server)
@@ -248,8 +223,8 @@ class Daemon:
             try:
                 self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
             except OSError as exc:
-                raise StartupError(f"metrics.listen: cannot listen on tcp/{_addr(host, port)}: "
-                                   f"{_bind_failure(exc, host, port, tcp=True)}") from None
+                raise StartupError(f"metrics.listen: cannot listen on tcp/{addr(host, port)}: "
+                                   f"{bind_failure(exc, host, port, tcp=True)}") from None
             site = next(iter(self._metrics_runner.sites))
             self.metrics_address = site._server.sockets[0].getsockname()[:2]
         if cfg.ingest.socket is not None:
@@ -266,17 +241,10 @@ class Daemon:
                                    f"{exc.strerror or exc}") from None
         if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
             from .kv_service import start_kv
-            from .kv_store import StoreError
 
             auth = cfg.auth
-            try:
-                self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
-                                         if auth.required else None, **tls_kwargs)
-            except StoreError as exc:
-                raise StartupError(f"kv: {exc}") from None
-            except OSError as exc:
-                raise StartupError(f"kv: cannot listen on {exc.filename or 'udp/' + _addr(*cfg.kv.listen)}: "
-                                   f"{exc.strerror or exc}") from None
+            self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
+                                     if auth.required else None, **tls_kwargs)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
         if self.kv is not None:

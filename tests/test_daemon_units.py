@@ -318,6 +318,12 @@ def test_daemon_start_failures_are_one_line_naming_the_setting(tmp_path, capsys)
             assert main(["daemon", "--config", _daemon_config(tmp_path, text)]) == 2
             err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
             assert err == [f"tokenwire daemon: error: {message}"], err
+    (tmp_path / "a-file").write_text("")
+    kv_under_a_file = _daemon_config(
+        tmp_path, '[server]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+        f'[kv]\nenabled = true\nlisten = "127.0.0.1:0"\ndirectory = "{tmp_path}/a-file/kv"\n')
+    assert main(["daemon", "--config", kv_under_a_file]) == 2
+    assert f"tokenwire daemon: error: kv.directory: cannot use {tmp_path}/a-file" in capsys.readouterr().err
     make_self_signed(("a.test",)).write(tmp_path / "a.pem", tmp_path / "a.key")
     make_self_signed(("b.test",)).write(tmp_path / "b.pem", tmp_path / "b.key")
     mismatched = _daemon_config(tmp_path, f'[server]\nlisten = ["127.0.0.1:0"]\ncertificate = "{tmp_path}/a.pem"\n'
