@@ -6,6 +6,7 @@ Tiny synthetic KV (4 layers x 2 heads x 16 dims) keeps this fast; the codec itse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -42,14 +43,21 @@ def service(tmp_path):
     svc.close()
 
 
-async def _fetch(service, ids, tuning=None, **kw):
-    server = await serve_kv(service, "127.0.0.1", 0, congestion="reno",
+@contextlib.asynccontextmanager
+async def kv_client(service, tuning=None, congestion="reno"):
+    """A KV server over ``service`` on loopback (EWMA forecaster unless told) and one connection to it."""
+    server = await serve_kv(service, "127.0.0.1", 0, congestion=congestion,
                             tuning=tuning or ServerTuning(forecaster="ewma"))
     try:
         async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-            return await conn.fetch_kv(model=MODEL, token_ids=ids, **kw), server
+            yield conn, server
     finally:
         server.close()
+
+
+async def _fetch(service, ids, tuning=None, **kw):
+    async with kv_client(service, tuning) as (conn, server):
+        return await conn.fetch_kv(model=MODEL, token_ids=ids, **kw), server
 
 
 def test_fetch_returns_decoded_stored_chunks(service):
@@ -89,16 +97,11 @@ def test_missing_context_is_typed_error_and_server_keeps_serving(service):
     service.ingest_sync(MODEL, ids, make_kv(CHUNK, 2))
 
     async def go():
-        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
-        try:
-            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-                with pytest.raises(KVNotFound) as ei:
-                    await conn.fetch_kv(model=MODEL, token_ids=[7] * CHUNK, deadline_ms=1000)
-                assert ei.value.code == ErrorCode.NOT_FOUND
-                ok = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
-                return ok
-        finally:
-            server.close()
+        async with kv_client(service) as (conn, _):
+            with pytest.raises(KVNotFound) as ei:
+                await conn.fetch_kv(model=MODEL, token_ids=[7] * CHUNK, deadline_ms=1000)
+            assert ei.value.code == ErrorCode.NOT_FOUND
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
 
     res = run(go())
     assert res.report.levels == ["low"]
@@ -130,15 +133,11 @@ def test_corrupt_chunk_on_the_wire_is_typed_error(service):
     service.chunk = corrupting
 
     async def go():
-        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
-        try:
-            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-                with pytest.raises(KVCorruptChunk):
-                    await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
-                service.chunk = real
-                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
-        finally:
-            server.close()
+        async with kv_client(service) as (conn, _):
+            with pytest.raises(KVCorruptChunk):
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
+            service.chunk = real
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
 
     assert run(go()).report.levels == ["medium", "medium"]
 
@@ -148,15 +147,10 @@ def test_fetch_by_chunk_hashes_and_onnx_controller(service):
     hashes = service.ingest_sync(MODEL, ids, make_kv(len(ids), 5))
 
     async def go():
-        server = await serve_kv(service, "127.0.0.1", 0, congestion="prague",
-                                tuning=ServerTuning(forecaster="onnx"))
-        server.on_fetch_closed = closed.append
-        try:
-            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-                return await conn.fetch_kv(model=MODEL, hashes=[bytes.fromhex(h) for h in hashes],
-                                           deadline_ms=10_000, controller="tokenwire")
-        finally:
-            server.close()
+        async with kv_client(service, ServerTuning(forecaster="onnx"), congestion="prague") as (conn, server):
+            server.on_fetch_closed = closed.append
+            return await conn.fetch_kv(model=MODEL, hashes=[bytes.fromhex(h) for h in hashes],
+                                       deadline_ms=10_000, controller="tokenwire")
 
     closed = []
     res = run(go())
@@ -540,14 +534,10 @@ def test_invalid_fetch_is_refused_locally_and_the_connection_lives_on(service, k
     service.ingest_sync(MODEL, ids, make_kv(CHUNK, 3))
 
     async def go():
-        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
-        try:
-            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-                with pytest.raises(ValueError, match=message):
-                    await conn.fetch_kv(model=MODEL, **{"token_ids": ids, **kwargs})
-                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
-        finally:
-            server.close()
+        async with kv_client(service) as (conn, _):
+            with pytest.raises(ValueError, match=message):
+                await conn.fetch_kv(model=MODEL, **{"token_ids": ids, **kwargs})
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
 
     assert run(go()).report.levels == ["low"]
 
