@@ -142,17 +142,17 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
             overrun = exc
 
 
-def _decoded(line: bytes) -> dict[str, Any]:
-    """``{"msg": ...}`` or an error reply. UTF-8 only (json.loads would guess UTF-16 from some bytes), and
-    nesting deep enough to exhaust the parser's recursion is an error like any other."""
+def _decoded(line: bytes) -> tuple[Any, str | None]:
+    """``(message, None)`` or ``(None, why not)``. UTF-8 only (json.loads would guess UTF-16 from some bytes),
+    and nesting deep enough to exhaust the parser's recursion is an error like any other."""
     try:
-        return {"msg": json.loads(line.decode("utf-8"))}
+        return json.loads(line.decode("utf-8")), None
     except UnicodeDecodeError:
-        return {"ok": False, "error": "not valid UTF-8"}
+        return None, "not valid UTF-8"
     except RecursionError:
-        return {"ok": False, "error": "JSON nested too deeply"}
+        return None, "JSON nested too deeply"
     except json.JSONDecodeError:
-        return {"ok": False, "error": "not valid JSON"}
+        return None, "not valid JSON"
 
 
 async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
@@ -165,13 +165,11 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
                 line = await _read_line(reader)
                 if line is None:
                     break
-                reply: dict[str, Any]
                 if line is TOO_LONG:
-                    reply = {"ok": False, "error": f"line longer than {MAX_LINE} bytes (skipped)"}
+                    msg, error = None, f"line longer than {MAX_LINE} bytes (skipped)"
                 else:
-                    reply = _decoded(line)
-                    if "error" not in reply:
-                        reply = api.handle(reply["msg"], owned, time.monotonic())
+                    msg, error = _decoded(line)
+                reply = {"ok": False, "error": error} if error else api.handle(msg, owned, time.monotonic())
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
