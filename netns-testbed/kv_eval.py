@@ -76,6 +76,17 @@ class KVEvalConfig:
             raise ValueError(f"unknown controller(s) {bad}; choose from {', '.join(CONTROLLERS)}")
         if self.context_tokens < 1 or self.chunk_tokens < 16 or self.deadline_ms < 1 or self.repeats < 1:
             raise ValueError("--context-tokens, --deadline-ms, --repeats must be >= 1, --chunk-tokens >= 16")
+        if not 0 < self.prior_mbps < math.inf:
+            raise ValueError(f"--prior-mbps must be > 0, got {self.prior_mbps}")
+        from tokenwire.transport.kv_channel import ServerTuning
+
+        try:  # the knobs the server endpoint passes to its ServerTuning, checked before any namespace exists
+            ServerTuning().override(stale_factor=self.stale_factor, reserve=self.reserve,
+                                    guard_weight=self.guard_weight, firm_guard_weight=self.firm_guard_weight,
+                                    recompute_us_per_token=self.recompute_us_per_token)
+        except ValueError as exc:
+            knob, _, rest = str(exc).partition(" ")
+            raise ValueError(f"--{knob.replace('_', '-')} {rest}") from None
         self.emulator_config().down.validate()
         self.emulator_config().up.validate()
 

@@ -77,7 +77,24 @@ def test_kv_eval_checks_its_sizes_before_loading_the_model(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("hello world\n")
     assert main(["kv", "eval", "--text", str(text), "--prefix", "0"]) == 2
-    assert "--prefix, --score and --chunk-tokens must be >= 1" in capsys.readouterr().err
+    assert "--prefix must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["kv", "bench", "--threads", "0"], "--threads must be >= 1"),  # was torch's RuntimeError, a traceback
+    (["kv", "bench", "--repeats", "0"], "--repeats must be >= 1"),  # was "no median for empty data"
+    (["kv", "bench", "--tokens", "-1"], "--tokens must be >= 1"),
+    (["kv", "eval", "--text", "TEXT", "--threads", "0"], "--threads must be >= 1"),
+    (["kv", "calibrate", "--text", "TEXT", "--samples", "0"], "--samples must be >= 1"),  # wrote NaN offsets
+    (["kv", "calibrate", "--text", "TEXT", "--key-bias", "-99"], "--key-bias must be within +-63"),
+])
+def test_kv_commands_check_their_numbers_before_torch_runs(tmp_path, capsys, argv, message):
+    from tokenwire.daemon.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    assert main([str(text) if a == "TEXT" else a for a in argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["tokenwire.transport.client", "tokenwire.transport.server"])

@@ -179,6 +179,9 @@ def test_plan_fits_whenever_the_cheapest_plan_fits(spec, budget, bw):
 def test_unknown_policy_and_predicted_sizes():
     with pytest.raises(ValueError):
         KVController("best-effort")
+    for bad in ({"reserve": 1.0}, {"stale_factor": 0.0}, {"guard_weight": -0.5}, {"firm_guard_weight": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            KVController("tokenwire", **bad)
     n = 256 * 11520
     assert predicted_size("low", n) < predicted_size("medium", n) < predicted_size("high", n)
 

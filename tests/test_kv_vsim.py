@@ -74,3 +74,19 @@ def test_guard_knobs_reach_the_server_unset_ones_keep_the_controllers_defaults()
     assert (tuned.guard_weight, tuned.firm_guard_weight, tuned.reserve) == (0.5, 1.0, None)
     default = ControllerSim(config(), ctx, recompute_us_per_token=1, seed=0).tuning
     assert (default.guard_weight, default.firm_guard_weight) == (GUARD_WEIGHT, FIRM_GUARD_WEIGHT)
+
+
+@pytest.mark.parametrize(("knob", "value", "message"), [
+    ("reserve", 2.0, "--reserve must be in [0, 1)"),
+    ("stale_factor", -1.0, "--stale-factor must be in (0, 1]"),
+    ("guard_weight", -1.0, "--guard-weight must be >= 0"),
+    ("firm_guard_weight", float("nan"), "--firm-guard-weight must be >= 0"),
+    ("prior_mbps", -1.0, "--prior-mbps must be > 0"),
+    ("recompute_us_per_token", -1, "--recompute-us-per-token must be in [0, 10000000]"),
+])
+def test_controller_knobs_out_of_range_are_refused_before_a_run(knob, value, message):
+    """They used to run: a reserve of 2 or a negative prior planned on time and bandwidth that do not exist,
+    and a negative recompute cost failed only at the first fetch, after the server had encoded everything."""
+    with pytest.raises(ValueError) as err:
+        config(**{knob: value}).validate()
+    assert message in str(err.value)

@@ -398,6 +398,7 @@ MAX_KV_CHUNKS = 4096
 CHUNK_HASH_BYTES = 16
 MAX_KV_CHUNK_BYTES = 1 << 30  # payload bytes announced by one KV_CHUNK header
 MAX_DEADLINE_MS = 3_600_000
+MAX_RECOMPUTE_US = 10_000_000  # per token: 10 s, far beyond any engine's prefill
 
 
 def _hash_list(frame: str, key: str, v: Any) -> list[bytes]:
@@ -452,7 +453,7 @@ class KvFetch(Frame):
         "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, (1 << 31) - 1), False),
         "hs": ("hashes", _hash_list, False),
         "ctl": ("controller", _str(32, KV_CONTROLLERS), False),
-        "rc": ("recompute_us_per_token", _int(0, 10_000_000), False),
+        "rc": ("recompute_us_per_token", _int(0, MAX_RECOMPUTE_US), False),
         "a": ("auth", _str(512), False),
     }
 

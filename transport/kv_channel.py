@@ -44,6 +44,7 @@ from .datagram_hook import min_rtt, smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
 from .frames import (
     KV_ALPN,
+    MAX_RECOMPUTE_US,
     Error,
     Frame,
     KvAck,
@@ -66,6 +67,7 @@ from .kv_controller import (
     TEXT,
     ChunkOptions,
     KVController,
+    check_tuning,
 )
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
@@ -145,6 +147,13 @@ class ServerTuning:
     guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate, low**w * median**(1-w): kv_controller
     firm_guard_weight: float = FIRM_GUARD_WEIGHT  # the same for a fetch's first (cold) and last chunk
     link_prior: bool = True  # plan first chunks with the connection's past chunk rates (KVServerSession.link_prior)
+
+    def __post_init__(self) -> None:
+        check_tuning(stale_factor=self.stale_factor, reserve=self.reserve, guard_weight=self.guard_weight,
+                     firm_guard_weight=self.firm_guard_weight, prior_bps=self.prior_bps)
+        if not 0 <= self.recompute_us_per_token <= MAX_RECOMPUTE_US:
+            raise ValueError(f"recompute_us_per_token must be in [0, {MAX_RECOMPUTE_US}], "
+                             f"got {self.recompute_us_per_token}")
 
     def override(self, **values: Any) -> ServerTuning:
         """This tuning with every value that is not None replaced (the evaluation's command-line knobs)."""

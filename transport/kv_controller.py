@@ -39,6 +39,7 @@ that comparisons are fair:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,28 @@ FIRM_GUARD_WEIGHT = 2.0
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
 
+def check_tuning(*, stale_factor: float = STALE_FACTOR, reserve: float | None = None,
+                 guard_weight: float = GUARD_WEIGHT, firm_guard_weight: float = FIRM_GUARD_WEIGHT,
+                 prior_bps: float | None = None) -> None:
+    """``ValueError`` naming the first configured knob out of range, where a tuning is made (not at a fetch).
+
+    A negative reserve or a stale factor above 1 would plan on more time or bandwidth than there is, a
+    negative guard weight would guard *above* the median, and a NaN passes every comparison in ``choose``.
+    Measured inputs (the link's prior, the path's RTT) are not checked here: they are the session's.
+    """
+    def bad(name: str, value: float, ok: bool, want: str) -> None:
+        if not ok or value != value:
+            raise ValueError(f"{name} must be {want}, got {value}")
+
+    bad("stale_factor", stale_factor, 0 < stale_factor <= 1, "in (0, 1]")
+    if reserve is not None:
+        bad("reserve", reserve, 0 <= reserve < 1, "in [0, 1)")
+    bad("guard_weight", guard_weight, 0 <= guard_weight < math.inf, ">= 0")
+    bad("firm_guard_weight", firm_guard_weight, 0 <= firm_guard_weight < math.inf, ">= 0")
+    if prior_bps is not None:
+        bad("prior_bps", prior_bps, 0 < prior_bps < math.inf, "> 0")
+
+
 @dataclass(frozen=True)
 class ChunkOptions:
     """What sending one chunk costs: bytes per codec level, and the recompute time if sent as text."""
@@ -102,6 +125,8 @@ class KVController:
                  firm_guard_weight: float = FIRM_GUARD_WEIGHT) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown KV controller {policy!r}; choose from {', '.join(POLICIES)}")
+        check_tuning(stale_factor=stale_factor, reserve=reserve, guard_weight=guard_weight,
+                     firm_guard_weight=firm_guard_weight)
         self.policy = policy
         self.prior_bps = prior_bps
         self.safety = safety

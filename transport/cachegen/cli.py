@@ -28,6 +28,14 @@ def _cli_error(msg: str) -> Exception:
     return CLIError(msg)
 
 
+def _at_least_one(args: argparse.Namespace, *dests: str) -> None:
+    """Flag-named error for a count below 1, before torch or the model loads (torch's own message for
+    ``--threads 0`` is a traceback, a ``--repeats 0`` bench ended in "no median for empty data")."""
+    for dest in dests:
+        if getattr(args, dest) < 1:
+            raise _cli_error(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .errors import KVCodecError
     from .levels import LEVEL_NAMES
@@ -36,8 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text()
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
-    if args.prefix < 1 or args.score < 1 or args.chunk_tokens < 1:  # before the model loads (seconds)
-        raise _cli_error("--prefix, --score and --chunk-tokens must be >= 1")
+    _at_least_one(args, "prefix", "score", "chunk_tokens", "threads")
     levels = [s for s in args.levels.split(",") if s]
     for name in levels:
         if name not in LEVEL_NAMES and not name.startswith("code="):
@@ -63,6 +70,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .errors import KVCodecError
 
+    _at_least_one(args, "layers", "heads", "head_dim", "tokens", "repeats", "threads")
     text = None
     if args.text:
         try:
@@ -83,7 +91,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .evaluate import calibrate
+    from .quant import MAX_STEP_CODE
 
+    # --samples 0 wrote a profile of NaN offsets cast to int64 (-9.2e18 per channel), with only a warning
+    _at_least_one(args, "prefix", "score", "samples", "threads")
+    if abs(args.key_bias) > MAX_STEP_CODE:  # every key channel's step code would sit at a bound
+        raise _cli_error(f"--key-bias must be within +-{MAX_STEP_CODE} step codes, got {args.key_bias}")
     try:
         text = Path(args.text).read_text()
     except OSError as exc:
@@ -91,8 +104,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
-                    with_sensitivity=args.with_sensitivity)
+    from .smollm import ModelUnavailable
+
+    try:
+        doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
+                        with_sensitivity=args.with_sensitivity)
+    except (ModelUnavailable, ValueError) as exc:  # e.g. a text shorter than --prefix + --score
+        raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc, compact=True)
     return 0
 
