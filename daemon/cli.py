@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import select
 import sys
@@ -73,16 +74,31 @@ def check_outputs(args: argparse.Namespace) -> None:
                            f"{exc.strerror or exc})") from None
 
 
+def finite_float(text: str) -> float:
+    """``float`` for option values, without ``nan`` and ``inf``: Python's float() takes both, and every
+    range check then passes a NaN (``nan <= 0`` is False), so ``sim --rate nan`` ran and printed NaN stall
+    ratios, ``testbed compare --delay-ms nan`` failed inside the emulator child, ``--rate inf`` in a
+    random-number call."""
+    value = float(text)
+    if value != value or value in (math.inf, -math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
-    """No abbreviated options, in this parser and (as their class) in every subcommand's.
+    """No abbreviated options, and no NaN or infinity where an option is a float, in this parser and (as
+    their class) in every subcommand's.
 
     With abbreviations, ``chat --server X`` silently set ``--server-name`` (the TLS name) and left the
     address at its default; with many similar flags a prefix is more often a mistake than a shortcut.
+    ``type=float`` is looked up in the parser's registry at parse time, so registering :func:`finite_float`
+    for it covers every option (argument groups share the registry) without touching their definitions.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         parse_loss(args.loss)
     except LossSpecError as exc:
         raise CLIError(str(exc)) from None
-    if args.tokens < 1 or args.rate <= 0 or args.delay_ms < 0 or args.runs < 1:
-        raise CLIError("--tokens and --runs must be >= 1, --rate > 0, --delay-ms >= 0")
+    if args.tokens < 1 or args.rate <= 0 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
+        raise CLIError("--tokens and --runs must be >= 1, --rate > 0, --delay-ms and --first-token-ms >= 0")
     cfg = SimConfig(
         tokens=args.tokens,
         rate=args.rate,

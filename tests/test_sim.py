@@ -61,3 +61,18 @@ def test_sim_cli_rejects_bad_input(capsys):
     assert main(["sim", "--loss", "iid:2"]) == 2
     assert "within [0, 1]" in capsys.readouterr().err
     assert main(["sim", "--schemes", "carrier-pigeon"]) == 2
+    assert main(["sim", "--first-token-ms", "-1"]) == 2  # ran, with the first token before the request
+    assert "--first-token-ms >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "NaN", "infinity"])
+def test_float_options_refuse_nan_and_infinity(capsys, value):
+    """float() accepts them and every range check then passes a NaN: `sim --rate nan` printed NaN stall
+    ratios, `testbed compare --delay-ms nan` failed inside the emulator child (now: every float option)."""
+    for argv in (["sim", "--rate", value], ["sim", "--delay-ms", value],
+                 ["testbed", "compare", "--down-trace", "12mbps", "--delay-ms", value],
+                 ["chat", "--idle-timeout", value, "hi"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "expected a finite number" in capsys.readouterr().err
