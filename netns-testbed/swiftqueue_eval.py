@@ -184,6 +184,15 @@ class SwiftQueueConfig:
             parse_loss(self.up_loss)
         except ValueError as exc:
             raise SwiftQueueEvalError(str(exc)) from None
+        if self.model is not None and "swiftqueue" in self.policies:
+            # A model named on purpose that cannot load is a mistake, not a fallback: the run would mark like
+            # l4s and report swiftqueue at 0 % against it. (The shipped model's fallback stays, as in the daemon.)
+            from tokenwire.predictor.runtime import ModelError, load_forecaster
+
+            try:
+                load_forecaster(self.model)
+            except ModelError as exc:
+                raise SwiftQueueEvalError(f"--model {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------- forecasters

@@ -146,6 +146,18 @@ def test_cross_and_flow_specs():
         SwiftQueueConfig(down_trace="12mbps", policies=["l4s", "oracle", "l4s"], virtual=True).validate()
 
 
+def test_a_named_model_that_cannot_load_is_refused_not_replaced_by_l4s(tmp_path):
+    """It used to run with the l4s fallback and report swiftqueue 0 % against l4s; the shipped model's
+    fallback (the daemon's behaviour) is unchanged, and a model for a run without swiftqueue is not read."""
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not onnx")
+    for path, why in ((bad, "not a usable ONNX model"), (tmp_path / "none.onnx", "no such model file")):
+        with pytest.raises(SwiftQueueEvalError, match=f"--model .*{why}"):
+            SwiftQueueConfig(down_trace="12mbps", policies=["l4s", "swiftqueue"], model=str(path),
+                             virtual=True).validate()
+    SwiftQueueConfig(down_trace="12mbps", policies=["l4s", "classic"], model=str(bad), virtual=True).validate()
+
+
 # ------------------------------------------------------------------------------------------- vsim
 ONOFF = SwiftQueueConfig(down_trace="12mbps", cross=["onoff-ect1:16mbps:300:1700"], seconds=8.0, seed=3,
                          virtual=True, policies=["classic", "l4s", "swiftqueue", "oracle"])
