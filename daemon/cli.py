@@ -85,6 +85,31 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """``type=`` of a count (runs, calls, tokens): 0 or less used to surface as a ZeroDivisionError or
+    "no median for empty data" at the end of a benchmark."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``type=`` of a rate or a length of time that must be above 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """``type=`` of a delay or a margin (0 allowed)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviated options, and no NaN or infinity where an option is a float, in this parser and (as
     their class) in every subcommand's.

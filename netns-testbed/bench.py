@@ -187,9 +187,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(bench_sub: argparse._SubParsersAction) -> None:
+    from tokenwire.daemon.cli import nonnegative_float, positive_float
+
     p = bench_sub.add_parser("emulator", help="link emulator: packets/s and added-delay error (needs root)")
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each flood/probe phase")
-    p.add_argument("--delay-ms", type=float, default=20.0, help="one-way delay for the accuracy phase")
-    p.add_argument("--rate", type=float, default=1000.0, help="probe packets per second")
+    p.add_argument("--seconds", type=positive_float, default=3.0, help="length of each flood/probe phase")
+    p.add_argument("--delay-ms", type=nonnegative_float, default=20.0, help="one-way delay for the accuracy phase")
+    p.add_argument("--rate", type=positive_float, default=1000.0, help="probe packets per second")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(handler=cmd_bench)

@@ -32,10 +32,12 @@ BATCHES = (1, 8, 64)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tokenwire.daemon.cli import positive_int
+
     p = sub.add_parser("predictor", help="µs per latency prediction (ONNX vs EWMA), batch 1/8/64, vs 17k pkt/s")
     p.add_argument("--model", help="ONNX model (default: the shipped one)")
-    p.add_argument("--calls", type=int, default=2000, help="inference calls per measurement (default 2000)")
-    p.add_argument("--repeats", type=int, default=5, help="measurements; medians are reported (default 5)")
+    p.add_argument("--calls", type=positive_int, default=2000, help="inference calls per measurement (default 2000)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measurements; medians are reported (default 5)")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
 

@@ -70,31 +70,35 @@ def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_rai
         main(["predictor", "eval", "--data", "x.npz"])
 
 
-def test_kv_eval_checks_its_sizes_before_loading_the_model(tmp_path, capsys):
-    """`--prefix 0` used to load SmolLM2 (or fail on its download) before a size check said no."""
-    from tokenwire.daemon.cli import main
-
-    text = tmp_path / "t.txt"
-    text.write_text("hello world\n")
-    assert main(["kv", "eval", "--text", str(text), "--prefix", "0"]) == 2
-    assert "--prefix must be >= 1, got 0" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(("argv", "message"), [
-    (["kv", "bench", "--threads", "0"], "--threads must be >= 1"),  # was torch's RuntimeError, a traceback
-    (["kv", "bench", "--repeats", "0"], "--repeats must be >= 1"),  # was "no median for empty data"
-    (["kv", "bench", "--tokens", "-1"], "--tokens must be >= 1"),
-    (["kv", "eval", "--text", "TEXT", "--threads", "0"], "--threads must be >= 1"),
-    (["kv", "calibrate", "--text", "TEXT", "--samples", "0"], "--samples must be >= 1"),  # wrote NaN offsets
-    (["kv", "calibrate", "--text", "TEXT", "--key-bias", "-99"], "--key-bias must be within +-63"),
+    (["kv", "eval", "--text", "TEXT", "--prefix", "0"], "--prefix: expected an integer >= 1"),  # loaded SmolLM2 first
+    (["kv", "eval", "--text", "TEXT", "--threads", "0"], "--threads: expected an integer >= 1"),  # a torch traceback
+    (["kv", "bench", "--repeats", "0"], "--repeats: expected an integer >= 1"),  # "no median for empty data"
+    (["kv", "bench", "--tokens", "-1"], "--tokens: expected an integer >= 1"),
+    (["kv", "calibrate", "--text", "TEXT", "--samples", "0"], "--samples: expected an integer >= 1"),  # NaN offsets
+    (["bench", "predictor", "--calls", "0"], "--calls: expected an integer >= 1"),  # a ZeroDivisionError
+    (["bench", "transport", "--tokens", "-5"], "--tokens: expected an integer >= 1"),  # ran
+    (["bench", "emulator", "--seconds", "-1"], "--seconds: expected a number > 0"),  # printed NaN delays
+    (["bench", "emulator", "--delay-ms", "-5"], "--delay-ms: expected a number >= 0"),  # a traceback
 ])
-def test_kv_commands_check_their_numbers_before_torch_runs(tmp_path, capsys, argv, message):
+def test_counts_and_rates_are_checked_before_a_command_runs(tmp_path, capsys, argv, message):
     from tokenwire.daemon.cli import main
 
     text = tmp_path / "t.txt"
     text.write_text("hello world\n")
-    assert main([str(text) if a == "TEXT" else a for a in argv]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main([str(text) if a == "TEXT" else a for a in argv])
+    assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_kv_calibrate_refuses_a_key_bias_past_the_step_codes(tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    assert main(["kv", "calibrate", "--text", str(text), "--key-bias", "-99"]) == 2
+    assert "--key-bias must be within +-63" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["tokenwire.transport.client", "tokenwire.transport.server"])

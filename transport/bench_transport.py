@@ -28,11 +28,13 @@ TOKEN = b" tok"  # 4 bytes: a typical token
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tokenwire.daemon.cli import positive_float, positive_int
+
     p = sub.add_parser("transport", help="CPU per token packet and packets/s on loopback vs raw aioquic")
-    p.add_argument("--tokens", type=int, default=3000, help="tokens per paced run (default 3000)")
-    p.add_argument("--rate", type=float, default=1000.0, help="paced token rate per second (default 1000)")
-    p.add_argument("--flood-tokens", type=int, default=10000, help="tokens per flood run (default 10000)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported (default 3)")
+    p.add_argument("--tokens", type=positive_int, default=3000, help="tokens per paced run (default 3000)")
+    p.add_argument("--rate", type=positive_float, default=1000.0, help="paced token rate per second (default 1000)")
+    p.add_argument("--flood-tokens", type=positive_int, default=10000, help="tokens per flood run (default 10000)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs per mode; medians are reported (default 3)")
     p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
@@ -258,8 +260,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes) or args.repeats < 1:
-        raise CLIError(f"--modes takes a subset of {','.join(MODES)}; --repeats must be >= 1")
+    if not modes or any(m not in MODES for m in modes):
+        raise CLIError(f"--modes takes a subset of {','.join(MODES)}")
     results: dict[str, Any] = {}
     for mode in modes:
         paced, flood = [], []

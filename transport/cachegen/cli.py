@@ -28,14 +28,6 @@ def _cli_error(msg: str) -> Exception:
     return CLIError(msg)
 
 
-def _at_least_one(args: argparse.Namespace, *dests: str) -> None:
-    """Flag-named error for a count below 1, before torch or the model loads (torch's own message for
-    ``--threads 0`` is a traceback, a ``--repeats 0`` bench ended in "no median for empty data")."""
-    for dest in dests:
-        if getattr(args, dest) < 1:
-            raise _cli_error(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
-
-
 def _eval(args: argparse.Namespace) -> int:
     from .errors import KVCodecError
     from .levels import LEVEL_NAMES
@@ -44,7 +36,6 @@ def _eval(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text()
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
-    _at_least_one(args, "prefix", "score", "chunk_tokens", "threads")
     levels = [s for s in args.levels.split(",") if s]
     for name in levels:
         if name not in LEVEL_NAMES and not name.startswith("code="):
@@ -70,7 +61,6 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .errors import KVCodecError
 
-    _at_least_one(args, "layers", "heads", "head_dim", "tokens", "repeats", "threads")
     text = None
     if args.text:
         try:
@@ -93,8 +83,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .evaluate import calibrate
     from .quant import MAX_STEP_CODE
 
-    # --samples 0 wrote a profile of NaN offsets cast to int64 (-9.2e18 per channel), with only a warning
-    _at_least_one(args, "prefix", "score", "samples", "threads")
     if abs(args.key_bias) > MAX_STEP_CODE:  # every key channel's step code would sit at a bound
         raise _cli_error(f"--key-bias must be within +-{MAX_STEP_CODE} step codes, got {args.key_bias}")
     try:
@@ -116,41 +104,45 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # counts are checked by argparse, before torch or the model loads: torch's own message for --threads 0 was
+    # a traceback, --repeats 0 ended in "no median for empty data", calibrate --samples 0 wrote NaN offsets
+    from tokenwire.daemon.cli import positive_int
+
     parser = sub.add_parser("kv", help="KV-cache codec: quality eval, throughput bench, calibration")
     kv_sub = parser.add_subparsers(dest="kv_command", metavar="KV_COMMAND")
     kv_sub.required = True
 
     ev = kv_sub.add_parser("eval", help="size and quality of each level on the real SmolLM2-135M")
     ev.add_argument("--text", required=True, help="plain-text file (ordinary English)")
-    ev.add_argument("--prefix", type=int, default=1024, help="tokens whose KV is encoded (default 1024)")
-    ev.add_argument("--score", type=int, default=256, help="tokens scored after the prefix (default 256)")
+    ev.add_argument("--prefix", type=positive_int, default=1024, help="tokens whose KV is encoded (default 1024)")
+    ev.add_argument("--score", type=positive_int, default=256, help="tokens scored after the prefix (default 256)")
     ev.add_argument("--levels", default="low,medium,high",
                     help="comma list: ladder names, code=N (custom step code), or text (the fallback)")
-    ev.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (default 256)")
+    ev.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per chunk (default 256)")
     ev.add_argument("--backend", choices=("auto", "numba", "torch"), default="auto")
-    ev.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ev.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     ev.add_argument("--json", help="write the report here (default stdout)")
     ev.set_defaults(handler=_eval)
 
     be = kv_sub.add_parser("bench", help="entropy-coder throughput vs zstd-1 on the same symbols")
     be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    be.add_argument("--layers", type=int, default=32, help="default: a Llama-3-8B 256-token chunk")
-    be.add_argument("--heads", type=int, default=8)
-    be.add_argument("--head-dim", type=int, default=128)
-    be.add_argument("--tokens", type=int, default=256)
+    be.add_argument("--layers", type=positive_int, default=32, help="default: a Llama-3-8B 256-token chunk")
+    be.add_argument("--heads", type=positive_int, default=8)
+    be.add_argument("--head-dim", type=positive_int, default=128)
+    be.add_argument("--tokens", type=positive_int, default=256)
     be.add_argument("--level", default="medium")
-    be.add_argument("--repeats", type=int, default=7)
+    be.add_argument("--repeats", type=positive_int, default=7)
     be.add_argument("--text", help="use SmolLM2's real KV of this text instead of a synthetic chunk")
-    be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    be.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     be.add_argument("--json", help="write the report here (default stdout)")
     be.set_defaults(handler=_bench)
 
     ca = kv_sub.add_parser("calibrate", help="measure per-head sensitivity and write a step profile")
     ca.add_argument("--text", required=True)
-    ca.add_argument("--prefix", type=int, default=1024)
-    ca.add_argument("--score", type=int, default=256)
-    ca.add_argument("--samples", type=int, default=64, help="Fisher label samples (backward passes)")
-    ca.add_argument("--threads", type=int, default=2)
+    ca.add_argument("--prefix", type=positive_int, default=1024)
+    ca.add_argument("--score", type=positive_int, default=256)
+    ca.add_argument("--samples", type=positive_int, default=64, help="Fisher label samples (backward passes)")
+    ca.add_argument("--threads", type=positive_int, default=2)
     ca.add_argument("--key-bias", type=int, default=3, help="step codes added to key channels (default 3)")
     ca.add_argument("--with-sensitivity", action="store_true", help="also write the raw sensitivities")
     ca.add_argument("--json", help="write the profile here (default stdout)")
