@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError, cell, write_json
+from tokenwire.daemon.cli import CLIError, cell, positive_int, write_json
 
 from .child import ChildError
 
@@ -459,7 +459,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="tokenwire: the same for a fetch's first (cold) and last chunk (default: the controller's)")
     kv.add_argument("--virtual", action="store_true",
                     help="virtual time (kv_vsim): the same stack over the emulator's link model; no root, fast")
-    kv.add_argument("--workers", type=int, metavar="N", help="--virtual: processes (default: one per core)")
+    kv.add_argument("--workers", type=positive_int, metavar="N", help="--virtual: processes (default: one per core)")
     kv.set_defaults(handler=cmd_kv)
 
     from .swiftqueue_cli import register_swiftqueue

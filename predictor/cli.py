@@ -200,6 +200,10 @@ def _train(args: argparse.Namespace) -> int:
             raise _err(f"{flag} must be at least 1")
     if not args.lr > 0:
         raise _err("--lr must be > 0")
+    if args.alpha < 0:  # below -1 the sharp changes' weight turns negative and the fit runs away from them
+        raise _err("--alpha must be >= 0 (0: no extra weight on sharp changes)")
+    if not args.huber_ms > 0:  # torch's huber_loss refuses it, after the datasets have loaded
+        raise _err("--huber-ms must be > 0")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -80,6 +80,7 @@ def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_rai
     (["bench", "transport", "--tokens", "-5"], "--tokens: expected an integer >= 1"),  # ran
     (["bench", "emulator", "--seconds", "-1"], "--seconds: expected a number > 0"),  # printed NaN delays
     (["bench", "emulator", "--delay-ms", "-5"], "--delay-ms: expected a number >= 0"),  # a traceback
+    (["testbed", "kv", "--virtual", "--down-trace", "8mbps", "--workers", "-1"], "--workers: expected an integer"),
 ])
 def test_counts_and_rates_are_checked_before_a_command_runs(tmp_path, capsys, argv, message):
     from tokenwire.daemon.cli import main

@@ -127,6 +127,8 @@ def test_collect_fails_before_the_run_not_after_it(tmp_path, capsys):
     (["--net", '{"dropout": 1.5}'], "--net: dropout must be a number in [0, 1)"),
     (["--window", "1"], "--window must be at least 2"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--huber-ms", "0"], "--huber-ms must be > 0"),  # torch refused it after the data had loaded
+    (["--alpha", "-2"], "--alpha must be >= 0"),  # trained, with negative weights on the sharp changes
 ])
 def test_train_refuses_a_network_it_cannot_build(argv, message, tmp_path, capsys):
     """Each of these was a torch traceback (d_model 30 with 4 heads only at the first forward pass)."""
