@@ -6,9 +6,13 @@ event loop (no extra thread).
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -53,6 +57,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _HttpLog(logging.LoggerAdapter):
+    """The metrics server's logger: a malformed request is one warning line with aiohttp's reason.
+
+    aiohttp logs each one (a port scan, a scraper's HTTP/1.1 request without ``Host``) at ERROR with a
+    ten-line traceback; those are the client's mistakes, not the daemon's. Other exceptions keep theirs.
+    """
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message or exc).split())
+            self.logger.warning("metrics: %s: %s", str(msg) % args if args else msg, reason)
+        else:
+            self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
     async def handle_metrics(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -64,7 +84,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
     app = web.Application()
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, logger=_HttpLog(logging.getLogger("tokenwire.daemon"), {}))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
