@@ -124,6 +124,24 @@ def test_invalid_request_is_refused_locally_and_the_connection_lives_on(kwargs, 
     assert run(go()) == ("".join(WORDS[:30]), "".join(WORDS[:5]))
 
 
+def test_a_request_refused_locally_does_not_use_up_the_auth_token():
+    """The token goes with the first request of a connection only. A first request refused locally used to
+    count as that one: the next request went without the token and the server closed with UNAUTHORIZED."""
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0, authorize=lambda token: token == "t")
+        try:
+            async with connect("127.0.0.1", server.port, auth_token="t", **client_kwargs()) as conn:
+                with pytest.raises(ValueError, match=r"request\.mt"):
+                    conn.chat("q", max_tokens=0)
+                with pytest.raises(ValueError, match=r"request\.rid"):
+                    conn.attach(b"short")
+                return await conn.chat("after", max_tokens=5).collect()
+        finally:
+            server.close()
+
+    assert run(go()) == "".join(WORDS[:5])
+
+
 class RawProtocol(QuicConnectionProtocol):
     """A hostile or broken peer: speaks QUIC with our ALPN but sends whatever the test wants."""
 

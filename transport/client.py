@@ -225,7 +225,6 @@ class Connection:
             resume_from=len(prefix) if rid is not None else None,
             params=params,
         )
-        self._auth_sent = self._auth_sent or self._auth is not None
         return self._start(request, prefix)
 
     def attach(self, request_id: bytes, *, scheme: str = "chatterbox") -> ChatStream:
@@ -238,7 +237,6 @@ class Connection:
             resume_id=request_id,
             resume_from=0,
         )
-        self._auth_sent = self._auth_sent or self._auth is not None
         return self._start(request, [])
 
     def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
@@ -246,6 +244,7 @@ class Connection:
             decode_frame(encode_frame(request))
         except FrameError as exc:
             raise ValueError(f"invalid request: {exc}") from None
+        self._auth_sent = self._auth_sent or request.auth is not None  # only once a request carries it out
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid
