@@ -142,6 +142,40 @@ def test_a_request_refused_locally_does_not_use_up_the_auth_token():
     assert run(go()) == "".join(WORDS[:5])
 
 
+def test_the_auth_token_survives_the_loss_of_the_first_request():
+    """Streams are independent: when the datagram of a connection's first request is lost, the second
+    request reaches the server first. It used to go without the token (only the first carried it), and
+    the server closed the connection with UNAUTHORIZED. Requests now carry it until one is answered."""
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0, authorize=lambda token: token == "t")
+        relay = await UdpRelay(("127.0.0.1", server.port)).start()
+        decide, drops = relay.up.decide, []
+
+        def drop_first_after_handshake(elapsed, size):
+            if armed and not drops:
+                drops.append(size)
+                return None
+            return decide(elapsed, size)
+
+        relay.up.decide = drop_first_after_handshake
+        armed = False
+        try:
+            async with connect("127.0.0.1", relay.port, auth_token="t", **client_kwargs()) as conn:
+                armed = True  # the next client datagram carries the first request only
+                first = conn.chat("one", max_tokens=20)
+                second = conn.chat("two", max_tokens=10)
+                texts = await asyncio.gather(first.collect(), second.collect())
+                third = await conn.chat("three", max_tokens=5).collect()
+            return texts, third, drops
+        finally:
+            relay.close()
+            server.close()
+
+    texts, third, drops = run(go())
+    assert len(drops) == 1
+    assert texts == ["".join(WORDS[:20]), "".join(WORDS[:10])] and third == "".join(WORDS[:5])
+
+
 class RawProtocol(QuicConnectionProtocol):
     """A hostile or broken peer: speaks QUIC with our ALPN but sends whatever the test wants."""
 

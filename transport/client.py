@@ -154,6 +154,7 @@ class ClientProtocol(SessionProtocol):
         super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
+        self.answered = False  # the server has answered a request: it has checked this connection's token
 
     @property
     def client_session(self) -> ClientSession:
@@ -167,6 +168,7 @@ class ClientProtocol(SessionProtocol):
                 if s is not None:
                     s._tokens(ev.tokens)
             elif isinstance(ev, RequestStarted):
+                self.answered = True
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
                     s._started(ev.started.request_id, ev.started.scheme)
@@ -175,6 +177,7 @@ class ClientProtocol(SessionProtocol):
                 if s is not None:
                     s._finished(ev.result)
             elif isinstance(ev, RequestFailed):
+                self.answered = True  # a per-request error: a wrong token would have closed the connection
                 s = self.streams.pop(ev.stream_id, None)
                 if s is not None:
                     s._failed(ev.error)
@@ -191,7 +194,6 @@ class Connection:
     def __init__(self, protocol: ClientProtocol, auth_token: str | None) -> None:
         self._protocol = protocol
         self._auth = auth_token
-        self._auth_sent = False
 
     @property
     def datagrams(self) -> bool:
@@ -220,7 +222,7 @@ class Connection:
             scheme=scheme,
             model=model,
             max_tokens=max_tokens,
-            auth=self._auth if not self._auth_sent else None,
+            auth=self._auth_to_send(),
             resume_id=rid,
             resume_from=len(prefix) if rid is not None else None,
             params=params,
@@ -233,18 +235,26 @@ class Connection:
             raise self._protocol.close_error
         request = Request(
             scheme=scheme,
-            auth=self._auth if not self._auth_sent else None,
+            auth=self._auth_to_send(),
             resume_id=request_id,
             resume_from=0,
         )
         return self._start(request, [])
+
+    def _auth_to_send(self) -> str | None:
+        """The token, on every request until the server has answered one.
+
+        The server checks the first request it *receives*. Streams are independent, so when the datagram
+        of the first request sent is lost, a later one arrives first; if only the first carried the token,
+        the server would close the connection with UNAUTHORIZED.
+        """
+        return None if self._protocol.answered else self._auth
 
     def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
         try:  # the server's own check: it answers a malformed request by closing the whole connection
             decode_frame(encode_frame(request))
         except FrameError as exc:
             raise ValueError(f"invalid request: {exc}") from None
-        self._auth_sent = self._auth_sent or request.auth is not None  # only once a request carries it out
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid
