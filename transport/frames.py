@@ -608,7 +608,9 @@ def encode_stream_frame(frame: Frame) -> bytes:
 
 
 def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
-    """Decode and validate one frame. Raises :class:`FrameError` (or a subclass) on any bad input."""
+    """Decode and validate one frame. Raises :class:`FrameError` (or a subclass) on any bad input, and
+    :class:`UnsupportedVersion` for a well-formed REQUEST or KV_FETCH of another protocol version (its own
+    error code, so that a peer can tell "upgrade" from "broken"); both are :class:`ProtocolError`."""
     if len(data) > max_size:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {max_size}")
     try:
