@@ -82,6 +82,39 @@ def test_fetch_returns_decoded_stored_chunks(service):
     assert server.stats["completed"] == 1 and server.stats["chunks"] == 4
 
 
+def test_a_chunk_that_overtakes_kv_meta_is_decoded_against_it(service, monkeypatch):
+    """Chunks travel on their own streams: when the packet with KV_META is lost, a chunk can arrive first.
+    Its decode used to start at once, without the model fingerprint and geometry checks (no meta yet)."""
+    from tokenwire.transport import kv_channel as kc
+
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 4), prewarm=["low"])
+    held: list = []
+    seen_meta: list[bool] = []
+    handle, decode = kc.KVConnection.handle_session_events, kc.KVConnection._decode
+
+    def reorder(self, events):  # what the wire does when KV_META's packet is lost: the chunk comes first
+        out = []
+        for ev in events:
+            if isinstance(ev, kc.KVMetaReceived) and not held:
+                held.append(ev)
+                continue
+            out.append(ev)
+            if isinstance(ev, kc.KVChunkReceived) and held and held[0] not in out:
+                out.append(held[0])
+        handle(self, out)
+
+    def recording_decode(self, pf, hdr, payload):
+        seen_meta.append(pf.meta is not None)
+        return decode(self, pf, hdr, payload)
+
+    monkeypatch.setattr(kc.KVConnection, "handle_session_events", reorder)
+    monkeypatch.setattr(kc.KVConnection, "_decode", recording_decode)
+    res, _ = run(_fetch(service, ids, deadline_ms=5000, controller="fixed-L1"))
+    assert res.report.levels == ["low", "low"] and len(held) == 1
+    assert seen_meta == [True, True]
+
+
 def test_text_fallback_when_recompute_is_cheaper(service):
     ids = list(range(2 * CHUNK))
     service.ingest_sync(MODEL, ids, make_kv(len(ids), 1))

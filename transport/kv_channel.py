@@ -916,6 +916,7 @@ class _PendingFetch:
     done: KvDone | None = None
     received: dict[int, tuple[KvChunk, float, float]] = field(default_factory=dict)
     decodes: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    waiting: list[tuple[KvChunk, bytes]] = field(default_factory=list)  # codec chunks that overtook KV_META
     decode_times: dict[int, tuple[float, float]] = field(default_factory=dict)
     error: TokenwireError | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -955,11 +956,19 @@ class KVConnection(SessionProtocol):
                 continue
             if isinstance(ev, KVMetaReceived):
                 pf.meta = ev.meta
+                for hdr, payload in pf.waiting:
+                    self._start_decode(pf, hdr, payload)
+                pf.waiting.clear()
             elif isinstance(ev, KVChunkReceived):
                 self.kv.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
                 pf.received[ev.header.index] = (ev.header, ev.first_at, ev.done_at)
-                pf.decodes[ev.header.index] = asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._decode, pf, ev.header, ev.payload)
+                # Chunks have their own streams: one can arrive before KV_META (its packet lost). A codec
+                # chunk then waits for it, to be checked against the model fingerprint and geometry; KV_DONE
+                # follows KV_META on the fetch stream, so nothing waits past the fetch's end.
+                if ev.header.level == TEXT or pf.meta is not None:
+                    self._start_decode(pf, ev.header, ev.payload)
+                else:
+                    pf.waiting.append((ev.header, ev.payload))
             elif isinstance(ev, KVDoneReceived):
                 pf.done = ev.done
             elif isinstance(ev, KVFetchFailed):
@@ -967,6 +976,9 @@ class KVConnection(SessionProtocol):
             if pf.error is not None or (pf.done is not None and len(pf.received) == pf.done.chunks):
                 pf.event.set()
         self.transmit()
+
+    def _start_decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> None:
+        pf.decodes[hdr.index] = asyncio.get_running_loop().run_in_executor(self._pool, self._decode, pf, hdr, payload)
 
     def _decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> ChunkResult:
         t0 = time.monotonic()
@@ -980,10 +992,10 @@ class KVConnection(SessionProtocol):
             from .cachegen.errors import KVCodecError
 
             meta = pf.meta
+            assert meta is not None  # codec chunks wait for KV_META (handle_session_events)
             try:
-                kv = decode_chunk(payload, device=self.decode_device,
-                                  expect_fingerprint=meta.fingerprint if meta else None,
-                                  expect_geometry=tuple(meta.geometry) if meta else None)  # type: ignore[arg-type]
+                kv = decode_chunk(payload, device=self.decode_device, expect_fingerprint=meta.fingerprint,
+                                  expect_geometry=tuple(meta.geometry))  # type: ignore[arg-type]
             except KVCodecError as exc:
                 raise KVCorruptChunk(f"chunk {hdr.index} does not decode: {exc}") from None
             if kv[0][0].shape[-2] != hdr.tokens:
