@@ -129,17 +129,38 @@ class OpenAIUpstream:
                 chunk = json.loads(data)
             except json.JSONDecodeError:
                 raise _upstream_error(self.name, "malformed event (not JSON)") from None
-            if isinstance(chunk, dict) and "error" in chunk:
+            if isinstance(chunk, dict) and chunk.get("error") is not None:
                 raise _upstream_error(self.name, _error_text(json.dumps(chunk)))
-            for choice in chunk.get("choices") or []:
-                if choice.get("index", 0) != 0:
-                    continue
-                content = (choice.get("delta") or {}).get("content")
+            for content, finish in self._choice_zero(chunk):
                 if content:
                     first = False
                     emit(content)
-                if choice.get("finish_reason"):
-                    reason = str(choice["finish_reason"])[:32]
+                if finish:
+                    reason = str(finish)[:32]
+
+    def _choice_zero(self, chunk: Any) -> list[tuple[str | None, Any]]:
+        """(content, finish_reason) of the answer's choice (index 0) in one chunk; UPSTREAM_ERROR naming what is
+        wrong for JSON of another shape (it was an AttributeError traceback, or a list pushed as text)."""
+        def bad(what: str) -> RequestError:
+            return _upstream_error(self.name, f"malformed event ({what})")
+
+        if not isinstance(chunk, dict):
+            raise bad(f"a JSON {type(chunk).__name__}, not an object")
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise bad("choices is not a list of objects")
+        out = []
+        for choice in choices:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise bad("delta is not an object")
+            content = delta.get("content")
+            if content is not None and not isinstance(content, str):
+                raise bad(f"delta.content is a {type(content).__name__}, not text")
+            out.append((content, choice.get("finish_reason")))
+        return out
 
     async def close(self) -> None:
         if self._session is not None:

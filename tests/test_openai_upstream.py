@@ -42,6 +42,11 @@ class FakeOpenAI:
         async def send(obj):
             await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
 
+        if self.mode.startswith("raw:"):  # one event line exactly as given, after a good first token
+            await send(chunk("Hi"))
+            await resp.write(self.mode[4:].encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
         if self.mode == "no_first_token":
             await resp.write(b": keep-alive comment\n\n")
             await asyncio.sleep(30)
@@ -142,6 +147,25 @@ def test_failures_are_typed(fake, mode, code, text):
         generate(fake, mode, connect_timeout_s=0.5, first_token_timeout_s=0.5, stall_timeout_s=0.5)
     assert info.value.code == code
     assert text in str(info.value)
+
+
+@pytest.mark.parametrize("line", [
+    "data: []", "data: 42", 'data: {"choices": "x"}', 'data: {"choices": [null]}',
+    'data: {"choices": [{"delta": "text"}]}', 'data: {"choices": [{"delta": {"content": ["a", "b"]}}]}',
+    'data: {"error": null, "choices": 3}',
+])
+def test_an_event_of_the_wrong_shape_is_a_typed_upstream_error(fake, line):
+    """Valid JSON of another shape was an AttributeError (or a list pushed as text): a traceback in the log
+    and an untyped failure; now it is UPSTREAM_ERROR saying what was wrong."""
+    with pytest.raises(RequestError) as info:
+        generate(fake, "raw:" + line)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR
+    assert "malformed event" in str(info.value)
+
+
+def test_a_long_event_line_streams_intact_and_a_null_error_is_no_error(fake):
+    out, reason = generate(fake, "raw:data: " + json.dumps({**chunk("x" * 300_000), "error": None}))
+    assert out == ["Hi", "x" * 300_000] and reason == "stop"
 
 
 def test_unreachable_upstream():
