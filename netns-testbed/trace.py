@@ -116,6 +116,9 @@ def fixed_rate_trace(mbps: float, *, max_period_ms: int = 12_000) -> Trace:
     return Trace(stamps, name=f"{mbps:g}mbps")
 
 
+MAX_STAMP_MS = 10**12
+
+
 def load_trace(path: str | os.PathLike[str]) -> Trace:
     """Read a mahimahi trace file; raises :class:`TraceError` on anything malformed."""
     name = os.fspath(path)
@@ -140,6 +143,8 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             raise TraceError(f"{name}:{lineno}: expected an integer ms timestamp, got {text!r}") from None
         if value < 0:
             raise TraceError(f"{name}:{lineno}: negative timestamp {value}")
+        if value > MAX_STAMP_MS:  # it would overflow the int64 array (an OverflowError traceback)
+            raise TraceError(f"{name}:{lineno}: timestamp {value} beyond {MAX_STAMP_MS} ms (about 31 years)")
         if value < prev:
             raise TraceError(f"{name}:{lineno}: timestamps must not decrease ({value} after {prev})")
         stamps.append(value)

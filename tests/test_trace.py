@@ -52,6 +52,7 @@ def test_first_index_after_is_strict(tmp_path):
         ("5\n3\n", "must not decrease"),
         ("-1\n2\n", "negative"),
         ("0\n0\n", "last timestamp must be > 0"),
+        ("1\n99999999999999999999\n", "beyond 1000000000000 ms"),  # was an OverflowError traceback
     ],
 )
 def test_bad_trace_files_raise_clear_errors(tmp_path, text, message):
