@@ -52,7 +52,7 @@ from .loss import parse_loss
 from .packet import CE, NOT_ECT
 from .queue_oracle import estimate_queue_delays
 from .queues import Packet, parse_queue
-from .trace import parse_rate, trace_from_spec
+from .trace import generator_bps, trace_from_spec
 from .vsim import CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
 
 log = logging.getLogger("tokenwire.testbed.swiftqueue")
@@ -84,12 +84,12 @@ def parse_cross_spec(spec: str) -> CrossSpec:
     try:
         if kind == "tcp" and len(args) == 1 and args[0] in ("cubic", "bbr", "reno"):
             return CrossSpec("tcp", cc=args[0], text=spec)
-        if kind == "udp-ect1" and len(args) == 1 and (parse_rate(args[0]) or 0) > 0:
-            return CrossSpec("udp-ect1", rate_bps=parse_rate(args[0]) or 0.0, text=spec)
-        if kind == "onoff-ect1" and len(args) == 3 and (parse_rate(args[0]) or 0) > 0:
+        if kind == "udp-ect1" and len(args) == 1 and (bps := generator_bps(args[0])) is not None:
+            return CrossSpec("udp-ect1", rate_bps=bps, text=spec)
+        if kind == "onoff-ect1" and len(args) == 3 and (bps := generator_bps(args[0])) is not None:
             on, off = float(args[1]) / 1000.0, float(args[2]) / 1000.0
             if on > 0 and off >= 0:
-                return CrossSpec("onoff-ect1", rate_bps=parse_rate(args[0]) or 0.0, on_s=on, off_s=off, text=spec)
+                return CrossSpec("onoff-ect1", rate_bps=bps, on_s=on, off_s=off, text=spec)
         if kind == "scalable" and len(args) <= 1:
             n = int(args[0]) if args else 1
             if n >= 1:
@@ -107,7 +107,7 @@ def parse_cross_spec(spec: str) -> CrossSpec:
         pass
     raise SwiftQueueEvalError(
         f"--cross {spec!r}: expected tcp:cubic|bbr|reno, udp-ect1:RATE, onoff-ect1:RATE:ON_MS:OFF_MS, "
-        "scalable[:N], scalable-burst:N:ON_MS:OFF_MS or tcp-onoff:ON_MS:OFF_MS[:DELAY_MS]"
+        "scalable[:N], scalable-burst:N:ON_MS:OFF_MS or tcp-onoff:ON_MS:OFF_MS[:DELAY_MS] (RATE up to 100gbps)"
     )
 
 
@@ -127,11 +127,12 @@ def parse_flow_spec(spec: str) -> FlowSpec:
             rate = -1.0
         if rate > 0:
             return FlowSpec("tokens", rate)
-    elif kind == "rt" and (parse_rate(arg) or 0) > 0:
-        return FlowSpec("rt", parse_rate(arg) or 0.0)
+    elif kind == "rt" and (bps := generator_bps(arg)) is not None:
+        return FlowSpec("rt", bps)
     elif kind == "bulk" and not arg:
         return FlowSpec("bulk")
-    raise SwiftQueueEvalError(f"--flow {spec!r}: expected tokens:RATE (tokens/s), rt:RATE (e.g. rt:2mbps) or bulk")
+    raise SwiftQueueEvalError(f"--flow {spec!r}: expected tokens:RATE (tokens/s), rt:RATE (e.g. rt:2mbps, up to "
+                              "100gbps) or bulk")
 
 
 @dataclass

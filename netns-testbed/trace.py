@@ -92,6 +92,16 @@ def parse_rate(text: str) -> float | None:
     return float(m.group(1)) * _UNIT[unit]
 
 
+MAX_RATE_MBPS = 100_000.0  # 100 Gbit/s: far above what a userspace emulator forwards
+
+
+def generator_bps(text: str) -> float | None:
+    """The bits/s of a traffic generator's ``RATE`` (cross traffic, a paced flow), or None unless ``text`` is a
+    rate in (0, 100 Gbit/s]: beyond, a virtual run simulated billions of packets and seemed to hang."""
+    bps = parse_rate(text)
+    return bps if bps is not None and 0 < bps <= MAX_RATE_MBPS * 1e6 else None
+
+
 def fixed_rate_trace(mbps: float, *, max_period_ms: int = 12_000) -> Trace:
     """A trace equivalent to a constant ``mbps`` link.
 
@@ -101,6 +111,8 @@ def fixed_rate_trace(mbps: float, *, max_period_ms: int = 12_000) -> Trace:
     """
     if not (mbps > 0) or math.isinf(mbps):
         raise TraceError(f"rate must be a positive number of Mbit/s, got {mbps!r}")
+    if mbps > MAX_RATE_MBPS:  # the trace holds mbps opportunities per 12 ms: 1e9mbps wanted 8 GB and hung
+        raise TraceError(f"rate {mbps:g} Mbit/s is beyond the emulator's {MAX_RATE_MBPS:g} Mbit/s")
     per_12ms = mbps  # opportunities in 12 ms == rate in Mbit/s
     chosen = None
     for m in range(1, max_period_ms // 12 + 1):

@@ -220,18 +220,18 @@ CROSS_HELP = ("tcp:cubic | tcp:bbr (bulk kernel TCP, classic queue) | udp-ect1:R
 
 def parse_cross(spec: str) -> tuple[str, str]:
     """``tcp:cubic`` -> ("tcp", "cubic"); ``udp-ect1:2mbps`` -> ("udp-ect1", "2mbps"); ValueError otherwise."""
-    from .trace import parse_rate
+    from .trace import generator_bps
 
     kind, _, arg = spec.strip().lower().partition(":")
     if kind == "tcp" and arg in ("cubic", "bbr", "reno"):
         return kind, arg
-    if kind == "udp-ect1" and (parse_rate(arg) or 0) > 0:
+    if kind == "udp-ect1" and generator_bps(arg) is not None:
         return kind, arg
     if kind == "onoff-ect1":
         rate, _, times = arg.partition(":")
         on, _, off = times.partition(":")
         try:
-            ok = (parse_rate(rate) or 0) > 0 and float(on) > 0 and float(off) >= 0
+            ok = generator_bps(rate) is not None and float(on) > 0 and float(off) >= 0
         except ValueError:
             ok = False
         if ok:

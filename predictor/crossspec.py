@@ -18,6 +18,7 @@ accepted here as aliases (``tcp:*`` -> ``reno``, ``udp-ect1:RATE`` -> ``cbr-l:ra
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -55,14 +56,14 @@ def _float(text: str, key: str, item: str) -> float:
         value = float(text)
     except ValueError:
         raise CrossSpecError(f"cross item {item!r}: {key}={text!r} is not a number") from None
-    if not value > 0:
-        raise CrossSpecError(f"cross item {item!r}: {key} must be > 0")
+    if not 0 < value < math.inf:
+        raise CrossSpecError(f"cross item {item!r}: {key} must be a finite number > 0")
     return value
 
 
 def parse_cross_spec(spec: str) -> list[CrossItem]:
     """Parse the grammar of the module docstring; raises :class:`CrossSpecError`."""
-    from tokenwire.testbed.trace import parse_rate
+    from tokenwire.testbed.trace import generator_bps
 
     items: list[CrossItem] = []
     text = spec.strip()
@@ -76,8 +77,8 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
             items.append(CrossItem("reno", text=part))
             continue
         if head == "udp-ect1":
-            if (parse_rate(args) or 0) <= 0:
-                raise CrossSpecError(f"cross item {part!r}: udp-ect1 needs a rate like 2mbps")
+            if generator_bps(args) is None:
+                raise CrossSpecError(f"cross item {part!r}: udp-ect1 needs a rate like 2mbps (up to 100gbps)")
             items.append(CrossItem("cbr-l", rate=args.strip(), text=part))
             continue
         kind, star, n = head.partition("*")
@@ -96,8 +97,11 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
                 raise CrossSpecError(f"cross item {part!r}: expected key=value, got {kv!r}")
             if key == "rate":
                 pct = value.endswith("%") and _float(value[:-1], key, part)
-                if not pct and (parse_rate(value) or 0) <= 0:
-                    raise CrossSpecError(f"cross item {part!r}: rate={value!r} is not a rate (2mbps) or share (40%)")
+                if pct and pct > 1000:  # ten times the link: enough to overload any queue
+                    raise CrossSpecError(f"cross item {part!r}: rate={value!r} is above 1000% of the link")
+                if not pct and generator_bps(value) is None:
+                    raise CrossSpecError(f"cross item {part!r}: rate={value!r} is not a rate (2mbps, up to 100gbps) "
+                                         "or share (40%)")
                 item.rate = value
             elif key in ("on", "off"):
                 setattr(item, key, _float(value, key, part))

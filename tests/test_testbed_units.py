@@ -14,7 +14,7 @@ from tokenwire.testbed.traffic import parse_cross
 def test_cross_traffic_specs():
     assert parse_cross("tcp:cubic") == ("tcp", "cubic")
     assert parse_cross("UDP-ECT1:2mbps") == ("udp-ect1", "2mbps")
-    for bad in ("tcp:vegas", "udp-ect1:fast", "icmp:1"):
+    for bad in ("tcp:vegas", "udp-ect1:fast", "icmp:1", "udp-ect1:1e9mbps", "onoff-ect1:1e9mbps:100:100"):
         with pytest.raises(ValueError, match="cross traffic"):
             parse_cross(bad)
 

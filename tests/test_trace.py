@@ -85,6 +85,9 @@ def test_rate_specs():
     assert trace_from_spec("24mbps").mean_mbps == pytest.approx(24)
     with pytest.raises(TraceError):
         fixed_rate_trace(0)
+    with pytest.raises(TraceError, match="beyond the emulator"):  # 1e9mbps built 8 GB of stamps and hung
+        trace_from_spec("1e9mbps")
+    assert trace_from_spec("100gbps").mean_mbps == pytest.approx(100_000)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_TRACES), reason="shared traces not present")
