@@ -82,8 +82,13 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name:<11} {d['stall_ratio']:>7.4f} {d['oracle_stall_ratio']:>10.4f} {d['ttft_ms']:>8.0f} "
             f"{d['p99_token_delay_ms']:>7.0f} {d['bytes_per_token']:>8.0f} "
-            f"{d['tokens_rendered']:>4}/{d['tokens_sent']:<4} {'ok' if d['digest_ok'] else 'BAD':>6}"
+            f"{d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
+            f"{ {True: 'ok', False: 'BAD', None: '-'}[d['digest_ok']]:>6}"
         )
+    for name, d in result["schemes"].items():
+        for f in d["failed_runs"]:
+            lines.append(f"{name}: seed {f['seed']} FAILED ({f['error']}); the row averages the "
+                         f"{d['runs_finished']} run(s) that finished")
     ref = result["oracle"]["reference_scheme"]
     lines.append(f"oracle (on {ref}'s packets): stall {oracle:.4f}")
     if "stream" in result["schemes"] and "chatterbox" in result["schemes"]:

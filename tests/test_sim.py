@@ -37,6 +37,30 @@ def test_no_loss_means_no_stall():
         assert d["ttft_ms"] == pytest.approx(2 * 50 + 150, abs=2)  # request + prefill + first token
 
 
+def test_a_run_whose_connection_dies_is_reported_and_the_others_are_kept(tmp_path, capsys, monkeypatch):
+    """On a harsh channel QUIC can give up (idle timeout during loss backoff); that was a traceback that
+    threw away every other run. Now the failure is in the table and the JSON, the rest averaged as usual."""
+    from tokenwire.testbed import sim
+
+    real = sim.run_scheme
+
+    def dies_on_seed_2(scheme, cfg):
+        if scheme == "stream" and cfg.seed == 2:
+            raise sim.SimError("stream: request failed: no packet from the server for 60 s (QUIC idle timeout)")
+        return real(scheme, cfg)
+
+    monkeypatch.setattr(sim, "run_scheme", dies_on_seed_2)
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--tokens", "40", "--runs", "2", "--schemes", "chatterbox,stream", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "stream: seed 2 FAILED (stream: request failed: no packet" in text
+    doc = json.loads(out.read_text())["schemes"]
+    assert doc["stream"]["failed_runs"] == [{"seed": 2, "error": "stream: request failed: no packet from the "
+                                                                 "server for 60 s (QUIC idle timeout)"}]
+    assert doc["stream"]["runs_finished"] == 1 and doc["stream"]["tokens_rendered"] == 40
+    assert doc["chatterbox"]["failed_runs"] == [] and doc["chatterbox"]["runs_finished"] == 2
+
+
 def test_sim_cli_writes_documented_json(tmp_path, capsys):
     out = tmp_path / "sim.json"
     rc = main(["sim", "--tokens", "60", "--loss", "iid:0.05", "--json", str(out)])
