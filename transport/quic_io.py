@@ -119,6 +119,7 @@ class SessionProtocol(QuicConnectionProtocol):
     # -- I/O -----------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         self._quic.receive_datagram(data, addr, now=self.clock())  # type: ignore[arg-type]
+        self.session.after_datagram()
         self._process_events()
         self.transmit()
 

@@ -44,6 +44,7 @@ from .frames import (
     encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
+from .path_recovery import RECOVERY_PING_S, backed_off, probe_on_receipt
 from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, split_piece, text_digest
 
@@ -155,7 +156,15 @@ class _SessionBase:
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
         self._now = now
         self.quic.receive_datagram(data, addr, now=now)
+        self.after_datagram()
         return self._pump(now)
+
+    def after_datagram(self) -> None:
+        """Once per datagram from the peer, after QUIC has processed it (drivers that feed the
+        ``QuicConnection`` themselves call this): ends an outage's probe backoff in one round trip
+        (:mod:`.path_recovery`)."""
+        if self.datagrams_ok is not None and not self.closed:
+            probe_on_receipt(self.quic)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
@@ -623,12 +632,19 @@ class ClientSession(_SessionBase):
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited and the server has been silent a third of
-        the idle timeout. A model that thinks longer than the idle timeout before its first token would
-        otherwise see both ends idle and the connection die. A dead server still ends the connection: the
-        idle timer restarts only on the first ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
-        if not any(not r.done for r in self.requests.values()):
+        the idle timeout (or RECOVERY_PING_S, below). A model that thinks longer than the idle timeout before
+        its first token would otherwise see both ends idle and the connection die. A dead server still ends
+        the connection: the idle timer restarts only on the first ack-eliciting packet after a receipt
+        (RFC 9000, 10.1)."""
+        awaited = [r for r in self.requests.values() if not r.done]
+        if not awaited:
             return None
-        return max(self._heard_at, self._pinged_at) + self.quic.configuration.idle_timeout / 3.0
+        # Silent in mid-answer, or our own packets unacknowledged: the path may be down. Ping at a fixed pace
+        # so that a packet crosses soon after it returns and the server probes at once (.path_recovery),
+        # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
+        recovering = backed_off(self.quic) or any(r.receiver.tokens for r in awaited)
+        interval = RECOVERY_PING_S if recovering else self.quic.configuration.idle_timeout / 3.0
+        return max(self._heard_at, self._pinged_at) + interval
 
     def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
         self._heard_at = now
