@@ -8,15 +8,21 @@ after a 16-s outage 3.1 s (Chatterbox; in-order streaming 0.2 and 2.7 s). A Chat
 sending token datagrams into the outage until its congestion window is full, and is then blocked until a
 probe is acknowledged.
 
-Two additions, both within the RFC's rules (probes still back off; the extra packets are bounded):
+Two additions. The probe timer still backs off as RFC 9002 requires; the extra packets are bounded (one
+probe per datagram received, one 30-byte ping per second of silence):
 
 * :func:`probe_on_receipt`: when a datagram arrives from the peer while our own packets have gone
   unacknowledged for a PTO (the backoff has started) and it acknowledged none of them, the path evidently
   works again: send one probe now. It asks for the acknowledgement that frees the congestion window and
   resets the backoff. At most one probe per datagram received, so never more packets than the peer sends.
-* :data:`RECOVERY_PING_S`: the client, while an answer is awaited and its own packets go unacknowledged,
-  pings the server at this fixed interval (a 30-byte packet) instead of waiting out its own backed-off
-  probes, so that a packet crosses soon after the path returns and the server's receipt probe follows.
+* :data:`RECOVERY_PING_S`: the client, while an answer is awaited and either its tokens have started or its
+  own packets go unacknowledged, pings the server after each such interval of silence (before the first
+  token silence is a model thinking: a third of the idle timeout, as before). A packet then crosses soon
+  after the path returns, and the server's receipt probe follows.
+
+With both, the first token after the 8-s and 16-s outages renders 142 ms after the path returns
+(in-order streaming 179 and 238 ms); through the loopback UDP relay, real sockets, an 8-s outage: 4.6 s
+before, 74 ms after. Short loss bursts are unaffected (the README's ``tokenwire sim`` table is unchanged).
 
 Both read aioquic's loss-recovery state (1.7.2, pinned in pyproject.toml); ``tests/test_path_recovery.py``
 pins what this relies on.
