@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--attach", metavar="REQUEST_ID", help="stream an existing answer by its hex id instead")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
-                   help="give up after S seconds without a packet from the server (default 60; keep it above the "
-                   "model's time to first token)")
+                   help="give up after S seconds without a packet from the server (default 60): how soon a dead "
+                   "server is noticed; a live one answers keepalive pings while its model thinks")
     p.add_argument("--stats", action="store_true", help="print statistics to stderr at the end")
     p.add_argument("--json-stats", type=Path, help="write the statistics as JSON here")
     p.set_defaults(handler=run)

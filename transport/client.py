@@ -287,8 +287,9 @@ async def connect(
     """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
 
     ``idle_timeout``: seconds without any packet from the server after which the connection (and every
-    answer on it) ends with an error. QUIC uses the smaller of the two ends' values. A server says nothing
-    while its upstream thinks, so keep this above the upstream's time to first token.
+    answer on it) ends with an error: how long a dead server or a dark path takes to notice. QUIC uses the
+    smaller of the two ends' values. A live server answers the client's keepalive pings, so an upstream that
+    thinks longer than this before its first token is fine.
 
     ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
     ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
