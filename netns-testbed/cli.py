@@ -342,7 +342,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
     require_plotting(args)
     cfg = KVEvalConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
-        context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens, deadline_ms=args.deadline_ms,
+        loss=args.loss, up_loss=args.up_loss, context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens,
+        deadline_ms=args.deadline_ms,
         controllers=[c.strip() for c in args.controllers.split(",") if c.strip()], repeats=args.repeats,
         seed=args.seed, recompute_us_per_token=args.recompute_us_per_token, prior_mbps=args.prior_mbps,
         stale_factor=args.stale_factor, reserve=args.reserve, legacy_controller=args.legacy_controller,

@@ -53,6 +53,8 @@ class KVEvalConfig:
     up_trace: str
     delay_ms: float = 50.0
     queue: str = "droptail:packets=1000"
+    loss: str = "none"  # down link (server -> client)
+    up_loss: str = "none"
     context_tokens: int = 1024
     chunk_tokens: int = 256
     deadline_ms: int = 3000
@@ -91,9 +93,9 @@ class KVEvalConfig:
         self.emulator_config().up.validate()
 
     def emulator_config(self, log_path: str | None = None) -> EmulatorConfig:
-        return EmulatorConfig(down=DirectionConfig(self.down_trace, self.delay_ms, "none", self.queue),
-                              up=DirectionConfig(self.up_trace, self.delay_ms, "none", self.queue), seed=self.seed,
-                              log_path=log_path)
+        return EmulatorConfig(down=DirectionConfig(self.down_trace, self.delay_ms, self.loss, self.queue),
+                              up=DirectionConfig(self.up_trace, self.delay_ms, self.up_loss, self.queue),
+                              seed=self.seed, log_path=log_path)
 
 
 def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) -> dict[str, Any]:

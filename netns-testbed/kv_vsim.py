@@ -142,6 +142,7 @@ class ControllerSim:
         from tokenwire.transport.tls import client_configuration, dev_cert
 
         from .link import Link
+        from .loss import parse_loss
         from .queues import parse_queue
 
         self.cfg = cfg
@@ -152,9 +153,10 @@ class ControllerSim:
         self.down_trace = trace_from_spec(cfg.down_trace)
         self.client = _Node()
         self.server = _Node()
-        self.down = _Wire(Link(self.down_trace, parse_queue(cfg.queue, seed), delay=delay, name="down"), self.client)
+        self.down = _Wire(Link(self.down_trace, parse_queue(cfg.queue, seed), delay=delay, name="down",
+                               loss=parse_loss(cfg.loss, seed=seed)), self.client)
         self.up = _Wire(Link(trace_from_spec(cfg.up_trace), parse_queue(cfg.queue, seed + 1), delay=delay,
-                             name="up"), self.server)
+                             name="up", loss=parse_loss(cfg.up_loss, seed=seed + 7919)), self.server)
         self.server.out, self.client.out = self.down, self.up
         self._record_departures(self.down)
         self.cert = dev_cert()

@@ -90,3 +90,15 @@ def test_controller_knobs_out_of_range_are_refused_before_a_run(knob, value, mes
     with pytest.raises(ValueError) as err:
         config(**{knob: value}).validate()
     assert message in str(err.value)
+
+
+def test_the_loss_options_reach_the_link(generous):
+    """`testbed kv` took --loss/--up-loss (the path options every testbed command shares) and ignored them:
+    the runs were lossless whatever was asked. Now both directions carry their loss model."""
+    lossy = run_kv_virtual(config(loss="iid:0.05", up_loss="iid:0.05"), workers=1, only=["fixed-L1"])
+    assert lossy["config"]["loss"] == "iid:0.05" and lossy["config"]["up_loss"] == "iid:0.05"
+    clean = [m["fetch_ms"] for m in generous["fetches"]["fixed-L1"]]
+    slow = [m["fetch_ms"] for m in lossy["fetches"]["fixed-L1"]]
+    assert sum(slow) > 1.2 * sum(clean)  # the same fetches, now with retransmissions and a smaller window
+    with pytest.raises(ValueError, match="loss spec"):
+        config(loss="bogus").validate()
