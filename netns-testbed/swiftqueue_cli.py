@@ -62,6 +62,10 @@ def _config(args: argparse.Namespace) -> Any:
         cfg.validate()
     except SwiftQueueEvalError as exc:
         raise CLIError(str(exc)) from None
+    if args.virtual and (args.up_loss.strip().lower() not in ("none", "", "0") or args.up_trace or args.up_mbps):
+        # vsim returns each ack after a fixed delay: an up-link option would be accepted and ignored
+        raise CLIError("--up-trace, --up-mbps and --up-loss need the namespace run: in virtual time acks return "
+                       "after the one-way delay, without a modelled up link")
     if args.backend == "kernel":
         raise CLIError("--backend kernel: the swiftqueue run needs the userspace emulator (the oracle reads its "
                        "queue state)")
