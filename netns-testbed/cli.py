@@ -340,6 +340,9 @@ def cmd_kv(args: argparse.Namespace) -> int:
         except TestbedError as exc:
             raise CLIError(f"{exc} (or add --virtual for the virtual-time run)") from None
     require_plotting(args)
+    if args.backend == "kernel":  # it was accepted and ignored
+        raise CLIError("--backend kernel: the KV run needs the userspace emulator (its packet log measures "
+                       "the link's capacity)")
     cfg = KVEvalConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
         loss=args.loss, up_loss=args.up_loss, context_tokens=args.context_tokens, chunk_tokens=args.chunk_tokens,

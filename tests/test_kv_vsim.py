@@ -102,3 +102,10 @@ def test_the_loss_options_reach_the_link(generous):
     assert sum(slow) > 1.2 * sum(clean)  # the same fetches, now with retransmissions and a smaller window
     with pytest.raises(ValueError, match="loss spec"):
         config(loss="bogus").validate()
+
+
+def test_kv_refuses_the_kernel_backend_it_would_ignore(capsys):
+    from tokenwire.daemon.cli import main
+
+    assert main(["testbed", "kv", "--virtual", "--down-trace", "8mbps", "--backend", "kernel"]) == 2
+    assert "--backend kernel" in capsys.readouterr().err
