@@ -70,6 +70,7 @@ from .kv_controller import (
     check_tuning,
 )
 from .marking import MarkingPolicy
+from .path_recovery import KV_RECOVERY_PING_S
 from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error
 from .tls import CertPair, client_configuration, server_configuration
@@ -591,6 +592,16 @@ class KVClientSession(_SessionBase):
         self.decoders: dict[int, StreamDecoder] = {}
         self.incoming: dict[int, _Incoming] = {}
         self.ecn_counts: Callable[[], list[int]] | None = None
+
+    def _session_timer(self) -> float | None:
+        """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
+        first one to cross makes the server probe at once (:mod:`.path_recovery`), instead of after its
+        backed-off probe timer, which can run past a fetch's deadline."""
+        return self._silence_ping_at(KV_RECOVERY_PING_S) if self.decoders else None
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        self._ping_if_due(self._session_timer(), now)
+        return []
 
     def fetch(self, request: KvFetch) -> int:
         sid = self.quic.get_next_available_stream_id()

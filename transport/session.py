@@ -151,6 +151,9 @@ class _SessionBase:
         self.current_codepoint = 0  # ECN codepoint for the datagrams of the current batch (Not-ECT)
         self.closed = False
         self._closing_error: TokenwireError | None = None
+        self._heard_at = 0.0  # last QUIC event from the peer (data, datagram, ping ack, ...)
+        self._pinged_at = 0.0
+        self._pings = 0
 
     # -- driver entry points ----------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
@@ -192,6 +195,7 @@ class _SessionBase:
     def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
         """Feed one QUIC event (for drivers that pump ``quic.next_event()`` themselves)."""
         self._now = now
+        self._heard_at = now
         try:
             return self._handle_quic_event(event, now)
         except ProtocolError as exc:
@@ -264,6 +268,16 @@ class _SessionBase:
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
         return []
+
+    def _silence_ping_at(self, interval: float) -> float:
+        """When a keepalive PING is due: ``interval`` after the later of the peer's last event and our last ping."""
+        return max(self._heard_at, self._pinged_at) + interval
+
+    def _ping_if_due(self, due: float | None, now: float) -> None:
+        if due is not None and now >= due:
+            self._pings += 1
+            self.quic.send_ping(self._pings)  # small uids: aioquic's own ping() waiters use id() values
+            self._pinged_at = now
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -626,9 +640,6 @@ class ClientSession(_SessionBase):
         self.send_acks = send_acks
         self.send_reports = send_reports
         self.ecn_counts: Callable[[], list[int]] | None = None  # received packets per codepoint (shell)
-        self._heard_at = 0.0  # last QUIC event from the server (data, datagram, ping ack, ...)
-        self._pinged_at = 0.0
-        self._pings = 0
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited and the server has been silent a third of
@@ -644,11 +655,7 @@ class ClientSession(_SessionBase):
         # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
         recovering = backed_off(self.quic) or any(r.receiver.tokens for r in awaited)
         interval = RECOVERY_PING_S if recovering else self.quic.configuration.idle_timeout / 3.0
-        return max(self._heard_at, self._pinged_at) + interval
-
-    def handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
-        self._heard_at = now
-        return super().handle_quic_event(event, now)
+        return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
         """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
@@ -799,11 +806,7 @@ class ClientSession(_SessionBase):
         return best
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
-        keepalive = self._keepalive_at()
-        if keepalive is not None and now >= keepalive:
-            self._pings += 1
-            self.quic.send_ping(self._pings)  # small uids: aioquic's own ping() waiters use id() values
-            self._pinged_at = now
+        self._ping_if_due(self._keepalive_at(), now)
         for req in list(self.requests.values()):
             if req.gap_since is None or req.done:
                 continue
