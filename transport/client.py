@@ -37,7 +37,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, TokenwireError
-from .frames import SCHEMES, FrameError, Request, decode_frame, encode_frame
+from .frames import SCHEMES, Request, check_outgoing
 from .quic_io import HandshakeError, SessionProtocol, open_client
 from .session import (
     ClientSession,
@@ -251,10 +251,7 @@ class Connection:
         return None if self._protocol.answered else self._auth
 
     def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
-        try:  # the server's own check: it answers a malformed request by closing the whole connection
-            decode_frame(encode_frame(request))
-        except FrameError as exc:
-            raise ValueError(f"invalid request: {exc}") from None
+        check_outgoing(request, "request")
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid

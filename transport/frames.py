@@ -650,6 +650,18 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
     return frame
 
 
+
+def check_outgoing(frame: Frame, what: str) -> None:
+    """``ValueError`` when the peer's decoder would refuse ``frame``: its own check, run before sending.
+
+    A server answers a malformed request or fetch by closing the whole connection, and every other request
+    on it dies too; the SDK's clients refuse such a frame locally instead.
+    """
+    try:
+        decode_frame(encode_frame(frame))
+    except FrameError as exc:
+        raise ValueError(f"invalid {what}: {exc}") from None
+
 def decode_datagram(data: bytes) -> Frame:
     """Decode a DATAGRAM payload: one frame of a type that may travel in datagrams."""
     frame = decode_frame(data, max_size=MAX_DATAGRAM_FRAME)

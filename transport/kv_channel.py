@@ -53,8 +53,8 @@ from .frames import (
     KvFetch,
     KvMeta,
     StreamDecoder,
+    check_outgoing,
     decode_frame,
-    encode_frame,
     encode_stream_frame,
 )
 from .kv_controller import (
@@ -1030,10 +1030,7 @@ class KVConnection(SessionProtocol):
             raise self.close_error
         req = KvFetch(model=model, deadline_ms=int(deadline_ms), token_ids=token_ids, hashes=hashes,
                       controller=controller, recompute_us_per_token=recompute_us_per_token)
-        try:  # the server's own check: it answers a malformed fetch by closing the whole connection
-            decode_frame(encode_frame(req))
-        except FrameError as exc:
-            raise ValueError(f"invalid fetch: {exc}") from None
+        check_outgoing(req, "fetch")
         pf = _PendingFetch(self.clock(), int(deadline_ms), controller, token_ids)
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
