@@ -86,6 +86,7 @@ def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
     from .config import ConfigError, load_config
+    from .startup import addr
 
     try:
         cfg = load_config(args.path)
@@ -102,7 +103,7 @@ def run_check(args: argparse.Namespace) -> int:
         certificate = f"{cfg.server.certificate} ({certificate_summary(quic.certificate)})"
         if "EXPIRED" in certificate:
             print(f"warning: server.certificate: {certificate}", file=sys.stderr)
-    listen = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in cfg.server.listen)
+    listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")
     print(f"  listen {listen}; certificate {certificate}")
     print(f"  auth: {len(cfg.auth.tokens)} token(s){'' if cfg.auth.required else ' (no auth required)'}")

@@ -38,7 +38,7 @@ from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from .kv_config import KVConfig
 from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, StoreError, chunk_hashes, object_key
-from .startup import StartupError, addr, bind_failure
+from .startup import StartupError, cannot_listen
 
 log = logging.getLogger("tokenwire.kv")
 
@@ -394,9 +394,7 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
                                 authorize=authorize)
     except OSError as exc:
         service.close()
-        host, port = cfg.listen
-        raise StartupError(f"kv.listen: cannot listen on udp/{addr(host, port)}: {bind_failure(exc, host, port)}") \
-            from None
+        raise cannot_listen("kv.listen", exc, *cfg.listen) from None
     try:
         ingest = await serve_kv_ingest(cfg.ingest_socket, service) if cfg.ingest_socket is not None else None
     except OSError as exc:

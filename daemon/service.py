@@ -52,7 +52,7 @@ from .config import Config, ConfigError, load_config
 from .ingest import IngestAPI, serve_ingest
 from .marking import MarkingService
 from .sd_notify import Notifier
-from .startup import StartupError, addr, bind_failure
+from .startup import StartupError, cannot_listen
 from .telemetry import Metrics, serve_metrics
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
@@ -211,8 +211,7 @@ class Daemon:
                     host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
                 )
             except OSError as exc:
-                raise StartupError(f"server.listen: cannot listen on udp/{addr(host, port)}: "
-                                   f"{bind_failure(exc, host, port)}") from None
+                raise cannot_listen("server.listen", exc, host, port) from None
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self._servers.append(server)
@@ -223,8 +222,7 @@ class Daemon:
             try:
                 self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
             except OSError as exc:
-                raise StartupError(f"metrics.listen: cannot listen on tcp/{addr(host, port)}: "
-                                   f"{bind_failure(exc, host, port, tcp=True)}") from None
+                raise cannot_listen("metrics.listen", exc, host, port, tcp=True) from None
             site = next(iter(self._metrics_runner.sites))
             self.metrics_address = site._server.sockets[0].getsockname()[:2]
         if cfg.ingest.socket is not None:

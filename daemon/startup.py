@@ -29,3 +29,9 @@ def bind_failure(exc: OSError, host: str, port: int, tcp: bool = False) -> str:
     except OSError as again:
         return again.strerror or str(again)
     return str(exc)
+
+
+def cannot_listen(setting: str, exc: OSError, host: str, port: int, *, tcp: bool = False) -> StartupError:
+    """The one line for a listener that could not bind, naming the setting, the address and the reason."""
+    return StartupError(f"{setting}: cannot listen on {'tcp' if tcp else 'udp'}/{addr(host, port)}: "
+                        f"{bind_failure(exc, host, port, tcp)}")
