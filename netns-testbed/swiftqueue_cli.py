@@ -48,6 +48,7 @@ def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace) -> Any:
     from .cli import up_spec
+    from .loss import NoLoss, parse_loss
     from .swiftqueue_eval import SwiftQueueConfig, SwiftQueueEvalError
 
     cfg = SwiftQueueConfig(
@@ -62,7 +63,7 @@ def _config(args: argparse.Namespace) -> Any:
         cfg.validate()
     except SwiftQueueEvalError as exc:
         raise CLIError(str(exc)) from None
-    if args.virtual and (args.up_loss.strip().lower() not in ("none", "", "0") or args.up_trace or args.up_mbps):
+    if args.virtual and (not isinstance(parse_loss(args.up_loss), NoLoss) or args.up_trace or args.up_mbps):
         # vsim returns each ack after a fixed delay: an up-link option would be accepted and ignored
         raise CLIError("--up-trace, --up-mbps and --up-loss need the namespace run: in virtual time acks return "
                        "after the one-way delay, without a modelled up link")
