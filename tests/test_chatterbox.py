@@ -177,3 +177,68 @@ def test_every_token_arrives_exactly_once_in_order_over_a_lossy_channel(loss, n,
             break
     assert rendered == tr.tokens
     assert r.complete
+
+
+def _silent_backlog(n_unacked=64):
+    """A sender with ``n_unacked`` tokens out and no acknowledgement for a second, then one new token."""
+    tr, s = make(n_unacked)
+    build(s, 0.0)  # tokens 0..n-1 leave; no ack ever comes back
+    tr.append(b"NEW ", 1.0)
+    return tr, s
+
+
+def test_repeats_stay_in_the_first_half_of_the_window_while_acks_are_silent():
+    """Uplink-only outage: the path delivers, acks are lost. Full repeats filled aioquic's window in 3 s and
+    then blocked every new token (tokenwire sim, 8-s uplink outage: stall 0.229 -> 0.000)."""
+    _tr, s = _silent_backlog()
+    frame, _ = build_with(s, 1.0, window=(20_000, 12_000))  # more than half the window in flight
+    assert frame.runs() == [(64, [b"NEW "])]  # the new token only
+    _tr, s = _silent_backlog()
+    frame, _ = build_with(s, 1.0, window=(20_000, 9_800))  # room for a few repeats below the half
+    runs = frame.runs()
+    assert runs[0][0] == 0 and 0 < len(runs[0][1]) < 64 and runs[-1] == (64, [b"NEW "])
+
+
+def test_repeats_are_unlimited_while_acks_flow_and_in_a_probe():
+    # acks flowing: after aioquic collapsed the window, the lost tokens must still ride in every packet
+    tr, s = make(64)
+    build(s, 0.0)
+    s.on_ack(Ack(7, 0, None, 900_000), 0.9)  # the client's ack datagram: nothing arrived in order yet
+    tr.append(b"NEW ", 1.0)
+    frame, _ = build_with(s, 1.0, window=(2_400, 2_000))
+    assert frame.first == 0 and len(frame.tokens) == 65
+    # silent, but the window is full: this packet is a probe, the one that crosses after an outage
+    _tr, s = _silent_backlog()
+    frame, _ = build_with(s, 1.0, window=(20_000, 20_000))
+    assert frame.first == 0 and len(frame.tokens) == 65
+
+
+def test_a_repair_carries_the_newest_unacked_tokens_after_the_oldest():
+    """Acks stopped at token 0 while the path delivered 0..299 and then failed: the repair used to carry
+    0..63 only, all delivered, every few seconds (namespace testbed: a 16-s stall on the last 50 tokens)."""
+    tr, s = make(300)
+    tr.finish()
+    while s.next_new < 300:
+        build(s, 0.0)
+    s.on_timer(5.0)  # idle repair due
+    frame, pkt = build(s, 5.0)
+    assert pkt.repair
+    runs = frame.runs()
+    assert runs[0][0] == 0 and len(runs[0][1]) == 64
+    assert runs[1][0] + len(runs[1][1]) == 300 and runs[1][0] > 64  # the tail, up to the newest token
+    # with room for everything the two runs meet and become one
+    tr2, s2 = make(80)
+    tr2.finish()
+    build(s2, 0.0)
+    s2.on_timer(5.0)
+    frame2, _ = build(s2, 5.0)
+    assert frame2.runs() == [(0, [f"t{i} ".encode() for i in range(80)])]
+
+
+def build_with(sender, now, *, window, cap=1162):
+    out = sender.build(now, cap, window=window)
+    assert out is not None and out is not NEEDS_ROOM
+    payload, pkt = out
+    frame = decode_datagram(payload)
+    assert isinstance(frame, Tokens)
+    return frame, pkt

@@ -25,7 +25,9 @@ class Recorder:
     def wants_send(self):
         return self.sent < self.n
 
-    def build(self, now, capacity, piggyback=False):
+    def build(self, now, capacity, piggyback=False, window=None):
+        if window is not None:  # the connection's (congestion window, bytes in flight), as the scheduler reads it
+            assert window[0] > 0 and window[1] >= 0
         if not self.wants_send():
             return None
         if capacity < self.size:

@@ -41,6 +41,18 @@ def test_tokens_resume_within_half_a_second_of_the_path_returning(scheme, second
     assert _first_render_after(scheme, 3.0, 3.0 + seconds, monkeypatch) < 0.5
 
 
+def test_an_uplink_only_outage_no_longer_blocks_new_tokens(monkeypatch):
+    """8 s from 3 s in which the client's packets are lost and the server's arrive. Chatterbox's repeats of
+    the unacknowledged tokens used to fill the congestion window (22 KB) within 3 s, after which no new
+    token could leave: stall ratio 0.229, longest stall 2.1 s (in-order streaming: 0.000). Repeats now stay
+    in the first half of the window while acknowledgements are silent (transport/chatterbox.py)."""
+    models = iter([_Outage(0.0, 0.0), _Outage(3.0, 11.0)])  # the sim asks for the down link first, then up
+    monkeypatch.setattr(sim, "parse_loss", lambda spec, seed=0: next(models))
+    run = sim.run_scheme("chatterbox", sim.SimConfig(tokens=700, loss="none", loss_direction="both", seed=1))
+    assert run.digest_ok and run.stats.tokens_rendered == 700
+    assert run.stats.stall_ratio < 0.02 and run.stats.longest_stall_ms < 200
+
+
 def test_what_the_module_relies_on_in_aioquic():
     """aioquic 1.7.2 internals: the PTO backoff counter and the probe request (pinned in pyproject.toml)."""
     quic = QuicConnection(configuration=client_configuration(server_name="localhost"))

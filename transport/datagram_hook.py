@@ -39,7 +39,9 @@ class DatagramSource(Protocol):
 
     def wants_send(self) -> bool: ...
 
-    def build(self, now: float, capacity: int, *, piggyback: bool = False) -> tuple[bytes, Any] | object | None: ...
+    def build(
+        self, now: float, capacity: int, *, piggyback: bool = False, window: tuple[int, int] | None = None
+    ) -> tuple[bytes, Any] | object | None: ...
 
     def on_delivery(self, cookie: Any, acked: bool, now: float) -> None: ...
 
@@ -156,7 +158,7 @@ class DatagramScheduler:
         source = slot.source
         if room <= 0:
             raise QuicPacketBuilderStop
-        built = source.build(self._clock(), room)
+        built = source.build(self._clock(), room, window=self._window())
         if built is NEEDS_ROOM:
             raise QuicPacketBuilderStop
         self._queued.discard(id(source))
@@ -182,12 +184,19 @@ class DatagramScheduler:
             return True
         if builder.packet_is_empty or room <= 0:
             return True  # no packet is leaving anyway: drop the offer, never hold up the queue
-        built = source.build(self._clock(), room, piggyback=True)
+        built = source.build(self._clock(), room, piggyback=True, window=self._window())
         if built is None or built is NEEDS_ROOM:
             return True
         payload, cookie = built
         self._emit(builder, frame_type, payload, self._on_source_delivery, (source, cookie))
         return True
+
+    def _window(self) -> tuple[int, int] | None:
+        """(congestion window, bytes in flight) from aioquic's recovery state, for sources that size repeats."""
+        loss = getattr(self._quic, "_loss", None)
+        if loss is None:
+            return None
+        return int(loss.congestion_window), int(loss.bytes_in_flight)
 
     def _emit(self, builder: QuicPacketBuilder, frame_type: QuicFrameType, payload: bytes, handler, args) -> None:
         length = len(payload)

@@ -596,7 +596,7 @@ class _AckSource:
         r = self.req
         return not r.done and r.receiver.useful_packets > self.acked_packets
 
-    def build(self, now: float, capacity: int, *, piggyback: bool = False):
+    def build(self, now: float, capacity: int, *, piggyback: bool = False, window: tuple[int, int] | None = None):
         r = self.req
         if not self.wants_send():
             return None
