@@ -59,6 +59,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Create each output folder and write a scratch file there; :class:`CLIError` naming the option if not."""
     import tempfile
 
+    if getattr(args, "virtual", False) and getattr(args, "keep", None):  # testbed kv / swiftqueue
+        raise CLIError("--keep keeps the namespace run's packet and endpoint logs; a --virtual run has "
+                       "neither (its results go to --json)")
+
     for dest in OUTPUT_FILES + OUTPUT_DIRS:
         value = getattr(args, dest, None)
         if not isinstance(value, (str, Path)) or str(value) in ("", "-"):

@@ -109,3 +109,14 @@ def test_kv_refuses_the_kernel_backend_it_would_ignore(capsys):
 
     assert main(["testbed", "kv", "--virtual", "--down-trace", "8mbps", "--backend", "kernel"]) == 2
     assert "--backend kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["kv", "swiftqueue"])
+def test_virtual_runs_refuse_keep_which_they_would_ignore(command, tmp_path, capsys):
+    """`--keep DIR` with `--virtual` created an empty folder and the run wrote nothing there."""
+    from tokenwire.daemon.cli import main
+
+    keep = tmp_path / "logs"
+    assert main(["testbed", command, "--virtual", "--down-trace", "8mbps", "--keep", str(keep)]) == 2
+    assert "--virtual run has neither" in capsys.readouterr().err
+    assert not keep.exists()
