@@ -56,7 +56,7 @@ class SimConfig:
     rate: float = 30.0
     delay_ms: float = 50.0
     loss: str = "none"
-    loss_direction: str = "both"  # "both" or "down"
+    loss_direction: str = "both"  # "both", "down" or "up" (acks lost, tokens delivered)
     seed: int = 0
     first_token_ms: float = 150.0
     max_virtual_s: float = 3600.0
@@ -90,6 +90,7 @@ class SimRun:
     oracle_stall_ratio: float
     packets_down: int
     packets_lost_down: int
+    packets_lost_up: int = 0  # the client's packets (requests, acks, pings), over the whole connection
 
 
 class _EventLoop:
@@ -132,8 +133,8 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     loop = _EventLoop()
     delay = cfg.delay_ms / 1000.0
-    down = _Wire(delay, parse_loss(cfg.loss, seed=cfg.seed))
-    up_spec = cfg.loss if cfg.loss_direction == "both" else "none"
+    down = _Wire(delay, parse_loss(cfg.loss if cfg.loss_direction != "up" else "none", seed=cfg.seed))
+    up_spec = cfg.loss if cfg.loss_direction in ("both", "up") else "none"
     up = _Wire(delay, parse_loss(up_spec, seed=cfg.seed + 7919))
     cert = dev_cert()
     tokens = answer_tokens(cfg.tokens)
@@ -270,6 +271,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
         oracle_stall_ratio=oracle,
         packets_down=len(down_log),
         packets_lost_down=sum(1 for _, _, ok in down_log if not ok),
+        packets_lost_up=sum(1 for _, _, ok in up.log if not ok),
     )
 
 

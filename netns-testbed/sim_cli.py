@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="none | iid:P | ge:P_GOOD_TO_BAD,P_BAD_TO_GOOD[,LOSS_IN_BAD] (GE stepped per ms; default none)",
     )
-    p.add_argument("--loss-direction", choices=("both", "down"), default="both", help="lossy directions")
+    p.add_argument("--loss-direction", choices=("both", "down", "up"), default="both",
+                   help="lossy directions (up: the client's packets only, as when a cell's uplink fails)")
     p.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
     p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default 1)")
     p.add_argument("--first-token-ms", type=float, default=150.0, help="generator prefill delay (default 150)")
@@ -95,5 +96,7 @@ def format_table(result: dict) -> str:
         st = result["schemes"]["stream"]["stall_ratio"]
         ch = result["schemes"]["chatterbox"]["stall_ratio"]
         if st > 0:
-            lines.append(f"chatterbox vs stream: stall ratio {100 * (1 - ch / st):.1f}% lower")
+            change = 100 * (1 - ch / st)
+            word = "lower" if change >= 0 else "higher"  # not "-254.8% lower"
+            lines.append(f"chatterbox vs stream: stall ratio {abs(change):.1f}% {word}")
     return "\n".join(lines)
