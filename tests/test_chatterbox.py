@@ -179,11 +179,11 @@ def test_every_token_arrives_exactly_once_in_order_over_a_lossy_channel(loss, n,
     assert r.complete
 
 
-def _silent_backlog(n_unacked=64):
-    """A sender with ``n_unacked`` tokens out and no acknowledgement for a second, then one new token."""
+def _silent_backlog(n_unacked=64, at=0.8):
+    """A sender with ``n_unacked`` tokens out and no acknowledgement since, then a new token at ``at``."""
     tr, s = make(n_unacked)
     build(s, 0.0)  # tokens 0..n-1 leave; no ack ever comes back
-    tr.append(b"NEW ", 1.0)
+    tr.append(b"NEW ", at)
     return tr, s
 
 
@@ -191,25 +191,43 @@ def test_repeats_stay_in_the_first_half_of_the_window_while_acks_are_silent():
     """Uplink-only outage: the path delivers, acks are lost. Full repeats filled aioquic's window in 3 s and
     then blocked every new token (tokenwire sim, 8-s uplink outage: stall 0.229 -> 0.000)."""
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 1.0, window=(20_000, 12_000))  # more than half the window in flight
+    frame, _ = build_with(s, 0.8, window=(20_000, 12_000))  # more than half the window in flight
     assert frame.runs() == [(64, [b"NEW "])]  # the new token only
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 1.0, window=(20_000, 9_800))  # room for a few repeats below the half
+    frame, _ = build_with(s, 0.8, window=(20_000, 9_800))  # room for a few repeats below the half
     runs = frame.runs()
     assert runs[0][0] == 0 and 0 < len(runs[0][1]) < 64 and runs[-1] == (64, [b"NEW "])
+
+
+def test_one_packet_at_1_2_4_8_seconds_of_silence_carries_the_full_repeats():
+    """A downlink outage followed at once by an uplink one: the downlink is back, acks cannot say so, and
+    without these packets the gap's tokens rode in none for 3 s (namespace testbed, instrumented)."""
+    tr, s = make(64)
+    build(s, 0.0)
+    full = []
+    for t in (0.8, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
+        tr.append(b"x ", t)
+        frame, _ = build_with(s, t, window=(20_000, 15_000))
+        full.append(frame.first == 0)
+    assert full == [False, True, False, True, False, True, False, True]
+    s.on_ack(Ack(7, 0, None, 8_500_000), 8.5)  # heard again: the next silence starts the schedule over
+    tr.append(b"y ", 9.2)
+    assert build_with(s, 9.2, window=(20_000, 15_000))[0].first != 0
+    tr.append(b"z ", 9.6)
+    assert build_with(s, 9.6, window=(20_000, 15_000))[0].first == 0
 
 
 def test_repeats_are_unlimited_while_acks_flow_and_in_a_probe():
     # acks flowing: after aioquic collapsed the window, the lost tokens must still ride in every packet
     tr, s = make(64)
     build(s, 0.0)
-    s.on_ack(Ack(7, 0, None, 900_000), 0.9)  # the client's ack datagram: nothing arrived in order yet
-    tr.append(b"NEW ", 1.0)
-    frame, _ = build_with(s, 1.0, window=(2_400, 2_000))
+    s.on_ack(Ack(7, 0, None, 700_000), 0.7)  # the client's ack datagram: nothing arrived in order yet
+    tr.append(b"NEW ", 0.8)
+    frame, _ = build_with(s, 0.8, window=(2_400, 2_000))
     assert frame.first == 0 and len(frame.tokens) == 65
     # silent, but the window is full: this packet is a probe, the one that crosses after an outage
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 1.0, window=(20_000, 20_000))
+    frame, _ = build_with(s, 0.8, window=(20_000, 20_000))
     assert frame.first == 0 and len(frame.tokens) == 65
 
 

@@ -15,11 +15,13 @@ delivers (an uplink-only outage), the repeats grow to the full 64 oldest tokens 
 in ``tokenwire sim`` (8-s outage of the uplink only, 30 tokens/s), filled aioquic's 22 KB window in 3 s,
 after which no new token could leave: 2.1 s of stall where in-order streaming, at 90 bytes per token, had
 none. So while no acknowledgement has come for :data:`ACK_SILENCE_S` (or four round trips, if longer),
-repeats may only use the first half of the window (:data:`REPEAT_WINDOW_SHARE`); a packet that carries no
-new token (a repair) and a probe (sent with the window full) are not limited. While acknowledgements flow
-the window frees itself and repeats are never limited: gating on silence matters after an outage, when
-aioquic has collapsed the window to two packets and a half-window rule alone would keep the lost tokens
-out of every packet (measured: a 14.6 s p99 token delay in the namespace testbed).
+repeats that ride with new tokens may only use the first half of the window (:data:`REPEAT_WINDOW_SHARE`).
+Not limited: a packet that carries no new token (a repair), a probe (sent with the window full), and one
+packet each 1, 2, 4, 8 ... seconds into the silence: a downlink outage followed at once by an uplink one
+otherwise left a 37-token gap for 3 s, the tokens that would fill it riding in no packet until acks
+returned (namespace testbed, instrumented). Why gate on silence at all: while acknowledgements flow the
+window frees itself; after an outage aioquic has collapsed it to two packets, and a half-window rule
+alone kept the lost tokens out of every packet (namespace testbed: a 14.6-s p99 token delay).
 
 The ``duplicate`` baseline lives here too, as a mode: each packet carries new tokens (and tokens whose
 every copy was lost) and is sent twice back to back, as in the paper's duplication baseline.
@@ -120,6 +122,7 @@ class TokenSender:
         self._last_send = -math.inf
         self._backoff = 0
         self._heard_at: float | None = None  # last acknowledgement (or the first send, before any)
+        self._silent_full_packets = 0  # packets with unlimited repeats sent during the current silence
 
     # ----------------------------------------------------------------------------------- state queries
     @property
@@ -161,7 +164,7 @@ class TokenSender:
             sample = now - ack.echo_us / 1e6
             if 0.0 <= sample < 60.0:
                 self.srtt = 0.875 * self.srtt + 0.125 * sample
-        self._heard_at = now
+        self._heard(now)
         self._advance_floor(min(ack.next_index, self.next_new))
 
     def on_delivery(self, cookie: SentPacket | int, acked: bool, now: float) -> None:
@@ -173,7 +176,7 @@ class TokenSender:
         pkt.copies -= 1
         if acked:
             self.stats.acked_reports += 1
-            self._heard_at = now
+            self._heard(now)
             if not pkt.acked:
                 pkt.acked = True
                 for first, end in pkt.runs:
@@ -184,6 +187,10 @@ class TokenSender:
                 self._on_lost(pkt)
         if pkt.copies <= 0:
             del self._outstanding[pid]
+
+    def _heard(self, now: float) -> None:
+        self._heard_at = now
+        self._silent_full_packets = 0
 
     def _on_lost(self, pkt: SentPacket) -> None:
         still_missing = any(self._is_unacked(i) for first, end in pkt.runs for i in range(first, end))
@@ -288,8 +295,11 @@ class TokenSender:
         old_budget = budget
         if self._heard_at is None:
             self._heard_at = now
-        silent = now - self._heard_at > max(ACK_SILENCE_S, 4 * self.srtt)
-        if silent and window is not None and (new_end > new_first or piggyback):
+        silence = max(ACK_SILENCE_S, 4 * self.srtt)
+        quiet_for = now - self._heard_at
+        if quiet_for > silence and quiet_for >= silence * 2 ** (self._silent_full_packets + 1):
+            self._silent_full_packets += 1  # this one carries the full repeats; the next twice as late
+        elif quiet_for > silence and window is not None and (new_end > new_first or piggyback):
             cwnd, in_flight = window
             if in_flight < cwnd:  # a full window means this packet is a probe: let it carry the floor
                 old_budget = min(budget, int(cwnd * REPEAT_WINDOW_SHARE) - in_flight - (capacity - budget))
