@@ -143,6 +143,7 @@ class DaemonProtocol(SessionProtocol):
         m.packets.inc(max(0, now.packets - prev.packets))
         m.redundant_bytes.inc(max(0, now.redundant_bytes - prev.redundant_bytes))
         m.repairs.inc(max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks))
+        m.repeats_trimmed.inc(max(0, now.repeats_trimmed - prev.repeats_trimmed))
         acks = self.server_session.acks_received
         m.acks.inc(max(0, acks - self._reported_acks))
         self._reported, self._reported_acks = now, acks

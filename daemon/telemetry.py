@@ -33,6 +33,12 @@ class Metrics:
             "tokenwire_redundant_bytes_total", "Token bytes sent again inside later packets", registry=r
         )
         self.repairs = Counter("tokenwire_repairs_total", "Repair packets and stream repair replies", registry=r)
+        self.repeats_trimmed = Counter(
+            "tokenwire_repeats_trimmed_total",
+            "Token packets whose repeats were cut to half the congestion window while the client's acks were "
+            "silent (typically an uplink outage)",
+            registry=r,
+        )
         self.acks = Counter("tokenwire_acks_total", "Client ack datagrams received", registry=r)
         self.client_stall = Histogram(
             "tokenwire_client_stall_ratio",

@@ -193,6 +193,7 @@ def test_repeats_stay_in_the_first_half_of_the_window_while_acks_are_silent():
     _tr, s = _silent_backlog()
     frame, _ = build_with(s, 0.8, window=(20_000, 12_000))  # more than half the window in flight
     assert frame.runs() == [(64, [b"NEW "])]  # the new token only
+    assert s.stats.repeats_trimmed == 1  # counted for the daemon's tokenwire_repeats_trimmed_total
     _tr, s = _silent_backlog()
     frame, _ = build_with(s, 0.8, window=(20_000, 9_800))  # room for a few repeats below the half
     runs = frame.runs()
@@ -225,6 +226,7 @@ def test_repeats_are_unlimited_while_acks_flow_and_in_a_probe():
     tr.append(b"NEW ", 0.8)
     frame, _ = build_with(s, 0.8, window=(2_400, 2_000))
     assert frame.first == 0 and len(frame.tokens) == 65
+    assert s.stats.repeats_trimmed == 0
     # silent, but the window is full: this packet is a probe, the one that crosses after an outage
     _tr, s = _silent_backlog()
     frame, _ = build_with(s, 0.8, window=(20_000, 20_000))

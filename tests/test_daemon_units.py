@@ -347,3 +347,29 @@ def test_config_check_names_the_certificate_and_its_expiry(tmp_path, capsys):
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=31)
     expiry = f"{pair.certificate.not_valid_after_utc:%Y-%m-%d}"
     assert certificate_summary(pair.certificate, now=later).endswith(f"EXPIRED {expiry}")
+
+
+def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics():
+    """The per-connection SenderStats reach Prometheus as deltas, the trimmed-repeats counter included."""
+    from types import SimpleNamespace
+
+    from tokenwire.daemon.service import DaemonProtocol
+    from tokenwire.daemon.telemetry import Metrics
+    from tokenwire.transport.chatterbox import SenderStats
+
+    metrics = Metrics()
+    totals = SenderStats(packets=10, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=4)
+    conn = SimpleNamespace(
+        server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0),
+        daemon=SimpleNamespace(metrics=metrics, marking=SimpleNamespace(add_ce=lambda n: None)),
+        _reported=SenderStats(), _reported_acks=0, _reported_ce=0,
+    )  # fmt: skip
+    DaemonProtocol.flush_counters(conn)
+    totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7)
+    conn.server_session.totals = lambda: totals
+    DaemonProtocol.flush_counters(conn)
+    value = metrics.registry.get_sample_value
+    assert value("tokenwire_token_packets_total") == 15
+    assert value("tokenwire_repairs_total") == 3
+    assert value("tokenwire_repeats_trimmed_total") == 7
+    assert value("tokenwire_acks_total") == 5

@@ -79,6 +79,7 @@ class SenderStats:
     redundant_bytes: int = 0
     repairs: int = 0
     piggybacks: int = 0
+    repeats_trimmed: int = 0  # packets whose repeats were cut to leave half the window to new tokens
     lost_reports: int = 0
     acked_reports: int = 0
 
@@ -304,9 +305,11 @@ class TokenSender:
             if in_flight < cwnd:  # a full window means this packet is a probe: let it carry the floor
                 old_budget = min(budget, int(cwnd * REPEAT_WINDOW_SHARE) - in_flight - (capacity - budget))
         old_end = old_first
+        trimmed = False
         while old_end < old_limit:
             cost = token_cost(toks[old_end])
             if used + cost > old_budget:
+                trimmed = used + cost <= budget  # it would have fitted: the window rule cut the repeats here
                 break
             used += cost
             old_end += 1
@@ -369,6 +372,7 @@ class TokenSender:
         st.tokens_carried += sum(e - f for f, e in runs)
         st.redundant_tokens += repeated
         st.redundant_bytes += repeated_bytes
+        st.repeats_trimmed += trimmed
         if piggyback and pkt.repair:
             st.piggybacks += 1
         elif pkt.repair:
