@@ -17,8 +17,8 @@ def make(n=0, scheme="chatterbox", **kw):
     return tr, TokenSender(7, tr, scheme=scheme, **kw)
 
 
-def build(sender, now=0.0, cap=1162):
-    out = sender.build(now, cap)
+def build(sender, now=0.0, cap=1162, window=None):
+    out = sender.build(now, cap, window=window)
     assert out is not None and out is not NEEDS_ROOM
     payload, pkt = out
     assert len(payload) <= cap
@@ -191,11 +191,11 @@ def test_repeats_stay_in_the_first_half_of_the_window_while_acks_are_silent():
     """Uplink-only outage: the path delivers, acks are lost. Full repeats filled aioquic's window in 3 s and
     then blocked every new token (tokenwire sim, 8-s uplink outage: stall 0.229 -> 0.000)."""
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 0.8, window=(20_000, 12_000))  # more than half the window in flight
+    frame, _ = build(s, 0.8, window=(20_000, 12_000))  # more than half the window in flight
     assert frame.runs() == [(64, [b"NEW "])]  # the new token only
     assert s.stats.repeats_trimmed == 1  # counted for the daemon's tokenwire_repeats_trimmed_total
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 0.8, window=(20_000, 9_800))  # room for a few repeats below the half
+    frame, _ = build(s, 0.8, window=(20_000, 9_800))  # room for a few repeats below the half
     runs = frame.runs()
     assert runs[0][0] == 0 and 0 < len(runs[0][1]) < 64 and runs[-1] == (64, [b"NEW "])
 
@@ -208,14 +208,14 @@ def test_one_packet_at_1_2_4_8_seconds_of_silence_carries_the_full_repeats():
     full = []
     for t in (0.8, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
         tr.append(b"x ", t)
-        frame, _ = build_with(s, t, window=(20_000, 15_000))
+        frame, _ = build(s, t, window=(20_000, 15_000))
         full.append(frame.first == 0)
     assert full == [False, True, False, True, False, True, False, True]
     s.on_ack(Ack(7, 0, None, 8_500_000), 8.5)  # heard again: the next silence starts the schedule over
     tr.append(b"y ", 9.2)
-    assert build_with(s, 9.2, window=(20_000, 15_000))[0].first != 0
+    assert build(s, 9.2, window=(20_000, 15_000))[0].first != 0
     tr.append(b"z ", 9.6)
-    assert build_with(s, 9.6, window=(20_000, 15_000))[0].first == 0
+    assert build(s, 9.6, window=(20_000, 15_000))[0].first == 0
 
 
 def test_repeats_are_unlimited_while_acks_flow_and_in_a_probe():
@@ -224,12 +224,12 @@ def test_repeats_are_unlimited_while_acks_flow_and_in_a_probe():
     build(s, 0.0)
     s.on_ack(Ack(7, 0, None, 700_000), 0.7)  # the client's ack datagram: nothing arrived in order yet
     tr.append(b"NEW ", 0.8)
-    frame, _ = build_with(s, 0.8, window=(2_400, 2_000))
+    frame, _ = build(s, 0.8, window=(2_400, 2_000))
     assert frame.first == 0 and len(frame.tokens) == 65
     assert s.stats.repeats_trimmed == 0
     # silent, but the window is full: this packet is a probe, the one that crosses after an outage
     _tr, s = _silent_backlog()
-    frame, _ = build_with(s, 0.8, window=(20_000, 20_000))
+    frame, _ = build(s, 0.8, window=(20_000, 20_000))
     assert frame.first == 0 and len(frame.tokens) == 65
 
 
@@ -253,12 +253,3 @@ def test_a_repair_carries_the_newest_unacked_tokens_after_the_oldest():
     s2.on_timer(5.0)
     frame2, _ = build(s2, 5.0)
     assert frame2.runs() == [(0, [f"t{i} ".encode() for i in range(80)])]
-
-
-def build_with(sender, now, *, window, cap=1162):
-    out = sender.build(now, cap, window=window)
-    assert out is not None and out is not NEEDS_ROOM
-    payload, pkt = out
-    frame = decode_datagram(payload)
-    assert isinstance(frame, Tokens)
-    return frame, pkt
