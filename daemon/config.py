@@ -299,7 +299,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table")
         kind = item.get("type")
-        if kind not in UPSTREAM_KEYS:
+        if not isinstance(kind, str) or kind not in UPSTREAM_KEYS:
             raise ConfigError(f"{where}.type: expected one of {', '.join(UPSTREAM_KEYS)}, got {kind!r}")
         s = _Section(where, item, UPSTREAM_KEYS[kind])
         name = s.str("name", None)

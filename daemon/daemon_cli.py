@@ -103,6 +103,14 @@ def run_check(args: argparse.Namespace) -> int:
         certificate = f"{cfg.server.certificate} ({certificate_summary(quic.certificate)})"
         if "EXPIRED" in certificate:
             print(f"warning: server.certificate: {certificate}", file=sys.stderr)
+    if cfg.server.client_ca is not None:  # loaded now too: the daemon would refuse to start
+        from .service import client_verifier
+        from .startup import StartupError
+
+        try:
+            client_verifier(cfg)
+        except StartupError as exc:
+            raise CLIError(f"{args.path}: {exc}") from None
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")
     print(f"  listen {listen}; certificate {certificate}")

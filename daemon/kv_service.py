@@ -370,12 +370,33 @@ class KVRuntime:
         self.service.close()
 
 
+def _warm_up() -> float:
+    from tokenwire.transport.cachegen.codec import warm_up
+
+    return warm_up()
+
+
+async def warm_up_codec(run: Any = _warm_up) -> None:
+    """Compile the codec's CPU kernels now: cold, that took ~3 s (2 cores), which the first fetch would
+    otherwise spend against its deadline. A JIT that cannot run at all is a :class:`StartupError` now
+    rather than a failed fetch later."""
+    try:
+        took = await asyncio.to_thread(run)
+    except (OSError, RuntimeError, ImportError) as exc:
+        raise StartupError(
+            f"kv: the KV codec cannot compile its entropy coder (numba JIT): {exc.__class__.__name__}: {exc} "
+            "(under systemd, MemoryDenyWriteExecute=yes forbids it: set MemoryDenyWriteExecute=no in a drop-in)"
+        ) from None
+    log.info("KV codec ready (%.1f s to compile or load its kernels)", took)
+
+
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None) -> KVRuntime:
     """Start the KV store service, its channel endpoint and (if configured) the ingest socket."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
     from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
 
+    await warm_up_codec()
     try:
         store = open_store(cfg)
     except OSError as exc:

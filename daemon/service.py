@@ -38,10 +38,12 @@ from tokenwire.transport.session import (
     RequestCancelled,
     RequestCompleted,
     RequestReceived,
+    RequestRefused,
     ServerSession,
     SessionEvent,
 )
 from tokenwire.transport.tls import (
+    CertificateFileError,
     ClientCertVerifier,
     make_self_signed,
     request_client_certificate,
@@ -131,6 +133,9 @@ class DaemonProtocol(SessionProtocol):
                 d.detach(self, ev.stream_id, cancel=not ev.lost)
             elif isinstance(ev, ClientReport):
                 d.on_report(ev.report)
+            elif isinstance(ev, RequestRefused):
+                log.warning("refused a request from %s: %s", self.peer, ev.reason)
+                d.metrics.errors.labels(code=hex(ev.code)).inc()
             elif isinstance(ev, ConnectionEnded):
                 d.on_connection_end(self, ev)
         self.transmit()
@@ -164,7 +169,7 @@ class Daemon:
         self.protocols: set[DaemonProtocol] = set()
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.notifier = notifier or Notifier()
-        self.client_verifier = ClientCertVerifier(config.server.client_ca) if config.server.client_ca else None
+        self.client_verifier = client_verifier(config)
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
@@ -483,6 +488,16 @@ class Daemon:
             self.metrics.requests_active.dec()
             self.store.mark_finished(live)
             self.tasks.pop(live.request_id, None)
+
+
+def client_verifier(config: Config) -> ClientCertVerifier | None:
+    """The verifier of ``server.client_ca`` (None without one); :class:`StartupError` if it cannot load."""
+    if not config.server.client_ca:
+        return None
+    try:
+        return ClientCertVerifier(config.server.client_ca)
+    except CertificateFileError as exc:
+        raise StartupError(f"server.client_ca: {exc}") from None
 
 
 def run_daemon(config: Config, *, on_started: Callable[[Daemon], None] | None = None) -> None:

@@ -56,8 +56,8 @@ class LiveRequest:
             return
         data = piece.encode("utf-8") if isinstance(piece, str) else piece
         if data:
-            for tok in split_piece(data):
-                self.transcript.append(tok, now)
+            for tok in split_piece(data)[: max(0, self.max_tokens - len(self.transcript))]:
+                self.transcript.append(tok, now)  # a piece over 256 bytes is several tokens: cut at the limit
             self._notify()
         if len(self.transcript) >= self.max_tokens:
             raise GenerationLimit

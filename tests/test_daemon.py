@@ -158,9 +158,6 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
                         Request(messages=[{"role": "user", "content": "x"}], auth="alice-token", version=7)
                     )
                 ),
-                "oversized": with_token(
-                    encode_stream_frame(Request(messages=[{"role": "user", "content": "y" * 8000}], auth="alice-token"))
-                ),
                 "bad token": with_token(
                     encode_stream_frame(Request(messages=[{"role": "user", "content": "x"}], auth="wrong"))
                 ),
@@ -172,6 +169,11 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
             for name, action in attacks.items():
                 close = await hostile(daemon.port, action, **daemon.client_kwargs())
                 codes[name] = close.error_code
+            # a request over limits.max_request_bytes (4096), on the connection that streams `good`: only it
+            # is refused (it closed the whole connection before)
+            with pytest.raises(RemoteError) as big:
+                await conn.chat("y" * 8000).collect()
+            codes["oversized"] = big.value.code
             text = await task
             return codes, text, good.stats
 
@@ -179,7 +181,7 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
     assert codes == {
         "malformed": ErrorCode.MALFORMED_FRAME,
         "version": ErrorCode.UNSUPPORTED_VERSION,
-        "oversized": ErrorCode.FRAME_TOO_LARGE,
+        "oversized": ErrorCode.LIMIT_EXCEEDED,
         "bad token": ErrorCode.UNAUTHORIZED,
         "garbage datagram": ErrorCode.MALFORMED_FRAME,
     }
@@ -187,6 +189,7 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
     m = metrics(daemon)
     assert metric_value(m, 'tokenwire_errors_total{code="0x105"}') >= 1  # unauthorized, counted
     assert metric_value(m, 'tokenwire_errors_total{code="0x101"}') >= 1
+    assert metric_value(m, 'tokenwire_errors_total{code="0x106"}') >= 1  # the refused request, counted
 
 
 def _send(proto, data: bytes) -> None:

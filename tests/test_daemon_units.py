@@ -1,8 +1,11 @@
 """Daemon building blocks without a process: config validation, transcript store, ingest API, sd_notify."""
 
+import asyncio
+import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,7 @@ def test_defaults_work_without_a_file():
         ({"server": {"certificate": "/nonexistent.pem", "private_key": "/x"}}, "does not exist"),
         ({"auth": {"tokens": [{"name": "a", "sha256": "secret-in-clear"}]}}, "never the token itself"),
         ({"upstreams": [{"name": "x", "type": "gpt"}]}, "upstreams[0].type: expected one of"),
+        ({"upstreams": [{"name": "x", "type": ["demo"]}]}, "upstreams[0].type: expected one of"),  # was a TypeError
         ({"upstreams": [{"name": "x", "type": "openai", "base_url": "ftp://x"}]}, "base_url"),
         ({"upstreams": [{"name": "x", "type": "demo", "rate": -1}]}, "upstreams[0].rate"),
         ({"routes": [{"model": "*", "upstream": "nope"}]}, "routes[0].upstream: 'nope' is not a defined upstream"),
@@ -133,6 +137,14 @@ def test_generation_limit():
     with pytest.raises(GenerationLimit):
         r.push("c", 0)
     assert len(r.transcript) == 3
+
+
+def test_generation_limit_counts_the_tokens_a_long_piece_becomes():
+    store = TranscriptStore(max_bytes=1 << 20, retain_s=1)
+    r = store.create(None, 2, now=0)
+    with pytest.raises(GenerationLimit):
+        r.push("x" * 2000, 0)  # eight 256-byte tokens on the wire
+    assert r.transcript.tokens == [b"x" * 256] * 2
 
 
 def test_ingest_api_messages():
@@ -333,6 +345,20 @@ def test_daemon_start_failures_are_one_line_naming_the_setting(tmp_path, capsys)
         assert "b.key does not belong to the certificate in" in capsys.readouterr().err
 
 
+def test_an_unusable_client_ca_is_one_line_from_config_check_and_from_the_daemon(tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    (tmp_path / "a-dir").mkdir()
+    for ca, why in (("junk.pem", "no PEM certificate in it"), ("a-dir", "Is a directory")):
+        cfg = _daemon_config(tmp_path, f'[server]\nlisten = ["127.0.0.1:0"]\nclient_ca = "{tmp_path}/{ca}"\n'
+                                       '[metrics]\nlisten = "127.0.0.1:0"\n')
+        for argv in (["config", "check", cfg], ["daemon", "--config", cfg]):
+            assert main(argv) == 2  # the daemon was a ValueError traceback; config check said "ok"
+            err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+            assert len(err) == 1 and f"server.client_ca: CA file {tmp_path}/{ca}: {why}" in err[0], err
+
+
 def test_config_check_names_the_certificate_and_its_expiry(tmp_path, capsys):
     import datetime
 
@@ -373,3 +399,34 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     assert value("tokenwire_repairs_total") == 3
     assert value("tokenwire_repeats_trimmed_total") == 7
     assert value("tokenwire_acks_total") == 5
+
+
+def test_kv_codec_warm_up_failure_is_a_startup_error_naming_the_unit_setting():
+    from tokenwire.daemon.kv_service import warm_up_codec
+    from tokenwire.daemon.startup import StartupError
+
+    def refused():
+        raise PermissionError(13, "cannot allocate executable memory")
+
+    with pytest.raises(StartupError) as info:
+        asyncio.run(warm_up_codec(refused))
+    assert "kv: the KV codec cannot compile" in str(info.value) and "MemoryDenyWriteExecute=no" in str(info.value)
+    asyncio.run(warm_up_codec(lambda: 0.1))  # a working JIT: no error
+
+
+def test_kv_codec_warm_up_under_memory_deny_write_execute(tmp_path):
+    """The real refusal: prctl(PR_SET_MDWE), the mechanism systemd's MemoryDenyWriteExecute=yes uses on Linux
+    >= 6.3, in a child process whose numba cache is empty (a warm cache would hide the JIT)."""
+    script = (
+        "import asyncio, ctypes, sys\n"
+        "if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit(77)\n"
+        "from tokenwire.daemon.kv_service import warm_up_codec\n"
+        "from tokenwire.daemon.startup import StartupError\n"
+        "try:\n    asyncio.run(warm_up_codec())\nexcept StartupError as e:\n    print(e); sys.exit(3)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    if out.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "cannot allocate executable memory" in out.stdout and "MemoryDenyWriteExecute=no" in out.stdout

@@ -212,7 +212,7 @@ ATTACKS = {
         lambda p: _stream(p, encode_stream_frame(Request(messages=[{"role": "user", "content": "x"}], version=9))),
         ErrorCode.UNSUPPORTED_VERSION,
     ),
-    "oversized stream frame": (lambda p: _stream(p, b"\x7f\xff\xff\xff" + b"x" * 100), ErrorCode.FRAME_TOO_LARGE),
+    # (an oversized request is refused alone, an oversized frame after one closes: test_session_refusals.py)
     "repair before any request": (lambda p: _stream(p, encode_stream_frame(Repair(0, 5))), ErrorCode.MALFORMED_FRAME),
     "garbage datagram": (lambda p: p._quic.send_datagram_frame(b"\xc1\xc1\xc1"), ErrorCode.MALFORMED_FRAME),
     "token datagram from a client": (
@@ -295,6 +295,44 @@ def test_source_failure_is_a_typed_error_for_that_request_only():
     assert good_text == "".join(WORDS[:30])
 
 
+def test_leaving_an_answer_early_stops_its_generation_and_forgets_it():
+    stopped: list[asyncio.Event] = []
+
+    async def endless(request):
+        ended = asyncio.Event()
+        stopped.append(ended)
+        try:
+            for i in range(100_000):
+                await asyncio.sleep(0.002)
+                yield f" e{i}"
+        finally:
+            ended.set()  # the server cancelled the feeding task: the source is closed
+
+    async def go():
+        server = await serve(endless, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                async with conn.chat("a") as first:  # leaving the block cancels the answer
+                    async for _ in first:
+                        break
+                second = conn.chat("b")
+                async for _ in second:
+                    break
+                await second.cancel()
+                await second.cancel()  # twice: harmless
+                left = dict(conn._protocol.streams)
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in stopped)), 10)
+                sources = len(stopped)
+                return left, sources, await conn.chat("c", max_tokens=5).collect()
+        finally:
+            server.close()
+
+    left, sources, text = run(go())
+    assert left == {}  # a cancelled stream is not kept with its text on a long-lived connection
+    assert sources == 2  # both generations were stopped (the wait above did not time out)
+    assert text == "".join(f" e{i}" for i in range(5))
+
+
 def test_unauthorized_connection_is_closed():
     async def go():
         server = await serve(word_source, host="127.0.0.1", port=0, authorize=lambda tok: tok == "s3cret")
@@ -311,6 +349,43 @@ def test_unauthorized_connection_is_closed():
     err, ok = run(go())
     assert err.code == ErrorCode.UNAUTHORIZED
     assert ok == "".join(WORDS[:5])
+
+
+def test_a_failing_authorize_check_ends_the_connection_with_a_typed_error():
+    def broken(token):
+        raise KeyError("token database unreachable")
+
+    async def go():
+        server = await serve(word_source, host="127.0.0.1", port=0, authorize=broken)
+        try:
+            async with connect("127.0.0.1", server.port, auth_token="t", **client_kwargs()) as conn:
+                with pytest.raises(RemoteError) as info:
+                    await asyncio.wait_for(conn.chat("hi").collect(), 10)  # before: no answer, ever
+            return info.value
+        finally:
+            server.close()
+
+    err = run(go())
+    assert err.code == ErrorCode.INTERNAL and "could not check the auth token" in str(err)
+
+
+def test_max_tokens_counts_the_tokens_long_pieces_become():
+    async def long_pieces(request):
+        for c in "abcdef":
+            yield c * 2000  # eight 256-byte tokens each
+
+    async def go():
+        server = await serve(long_pieces, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                s = conn.chat("hi", max_tokens=3)
+                return await s.collect(), s.stats
+        finally:
+            server.close()
+
+    text, stats = run(go())
+    assert text == "a" * 768
+    assert stats.tokens == 3
 
 
 def test_demo_command_runs_and_verifies(tmp_path, capsys):

@@ -142,11 +142,22 @@ class ChatStream:
         return self.text
 
     async def cancel(self) -> None:
-        """Abandon the answer (the server stops generating it)."""
-        if self.stream_id is not None:
-            self._conn._protocol.client_session.cancel(self.stream_id)
-            self._conn._protocol.transmit()
+        """Abandon the answer (the server stops generating it). A no-op once the answer has ended."""
         self._done = True
+        proto = self._conn._protocol
+        if self.stream_id is not None and proto.streams.pop(self.stream_id, None) is not None:
+            proto.client_session.cancel(self.stream_id)
+            proto.transmit()
+
+    aclose = cancel  # for contextlib.aclosing(), as with async generators
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Leaving ``async with conn.chat(...) as stream`` early (a ``break``, an exception) cancels the answer:
+        ``async for`` alone cannot tell the server that nobody reads any more."""
+        await self.cancel()
 
 
 class ClientProtocol(SessionProtocol):

@@ -655,7 +655,8 @@ def check_outgoing(frame: Frame, what: str) -> None:
     """``ValueError`` when the peer's decoder would refuse ``frame``: its own check, run before sending.
 
     A server answers a malformed request or fetch by closing the whole connection, and every other request
-    on it dies too; the SDK's clients refuse such a frame locally instead.
+    on it dies too; the SDK's clients refuse such a frame locally instead. (A well-formed request over the
+    server's own size limit is refused alone: the client cannot know that limit.)
     """
     try:
         decode_frame(encode_frame(frame))

@@ -44,6 +44,7 @@ from .session import (
     RequestCancelled,
     RequestCompleted,
     RequestReceived,
+    RequestRefused,
     ServerSession,
     SessionEvent,
 )
@@ -86,6 +87,7 @@ class ServerStats:
     failed: int = 0
     tokens: int = 0
     protocol_errors: int = 0
+    refused: int = 0  # request streams the session refused (too many at once, too large)
 
 
 class ServerProtocol(SessionProtocol):
@@ -124,6 +126,9 @@ class ServerProtocol(SessionProtocol):
                     task.cancel()
             elif isinstance(ev, RequestCompleted):
                 self.app.stats.completed += 1
+            elif isinstance(ev, RequestRefused):
+                self.app.stats.refused += 1
+                log.warning("refused request stream %d: %s", ev.stream_id, ev.reason)
             elif isinstance(ev, ConnectionEnded):
                 if not ev.by_peer:
                     self.app.stats.protocol_errors += 1
@@ -137,7 +142,14 @@ class ServerProtocol(SessionProtocol):
         sess = self.server_session
         self.app.stats.requests += 1
         if not self.authorized:
-            if self.app.authorize is not None and self.app.authorize(request.auth):
+            try:
+                ok = self.app.authorize is not None and bool(self.app.authorize(request.auth))
+            except Exception:  # a broken check must not leave the client waiting for an answer
+                log.exception("authorize() failed; closing the connection")
+                sess.close(ErrorCode.INTERNAL, "the server could not check the auth token")
+                self.transmit()
+                return
+            if ok:
                 self.authorized = True
             else:
                 log.warning("unauthorized request; closing the connection")
@@ -167,7 +179,7 @@ class ServerProtocol(SessionProtocol):
             async for piece in self.app.source(chat):
                 if not isinstance(piece, str | bytes):
                     raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
-                sess.push(stream_id, piece, self.clock())
+                sess.push(stream_id, piece, self.clock(), max_total=limit)
                 self.app.stats.tokens += 1
                 self.transmit()
                 if limit is not None and len(transcript) >= limit:

@@ -26,7 +26,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from .chatterbox import SenderStats, TokenReceiver, TokenSender
 from .datagram_hook import DatagramScheduler, smoothed_rtt
 from .ecn_socket import CE, ECT1
-from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
+from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, RemoteError, TokenwireError
 from .frames import (
     MAX_STREAM_FRAME,
     REQUEST_ID_BYTES,
@@ -84,6 +84,16 @@ class ClientReport(SessionEvent):
 
     stream_id: int
     report: Report
+
+
+@dataclass
+class RequestRefused(SessionEvent):
+    """Server: the session itself refused a request stream (too many at once, request too large) with an
+    ERROR; the connection and its other requests go on. For the driver's logs and counters only."""
+
+    stream_id: int
+    code: int
+    reason: str
 
 
 @dataclass
@@ -247,8 +257,8 @@ class _SessionBase:
     def _fin(self, stream_id: int) -> None:
         try:
             self.quic.send_stream_data(stream_id, b"", end_stream=True)
-        except (AssertionError, ValueError):
-            pass  # already finished in this direction
+        except (AssertionError, ValueError, RuntimeError):
+            pass  # already finished in this direction, or reset (the peer's STOP_SENDING)
 
     # hooks
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
@@ -323,6 +333,11 @@ class ServerSession(_SessionBase):
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
+        # Request streams this side has ended (refused, rejected, failed) while the client's side is still
+        # open: what the client sent before it saw our ERROR (the rest of a refused request, a REPAIR or
+        # REPORT that crossed it) still arrives, and must not read as a new request. Bounded by the client's
+        # stream credit: aioquic grants new streams only as old ones finish in both directions.
+        self._ended: set[int] = set()
 
     # -- API for the driver ----------------------------------------------------------------------------
     def accept(
@@ -365,18 +380,23 @@ class ServerSession(_SessionBase):
             return
         self._send(stream_id, Error(int(code), message[:1024]), end=True)
         self._drop(req)
+        self._ended.add(stream_id)  # the client's FIN (or reset) follows
 
     fail = reject  # an accepted request that cannot finish (upstream error) ends the same way
 
-    def push(self, stream_id: int, piece: bytes | str, now: float) -> None:
-        """Append generated text to the request's transcript and send it on."""
+    def push(self, stream_id: int, piece: bytes | str, now: float, *, max_total: int | None = None) -> None:
+        """Append generated text to the request's transcript and send it on. ``max_total``: a piece longer
+        than one token (256 bytes) becomes several, and those beyond this many in all are dropped."""
         req = self.requests.get(stream_id)
         if req is None or req.transcript is None:
             return
         data = piece.encode("utf-8") if isinstance(piece, str) else piece
         if not data:
             return
-        for tok in split_piece(data):
+        toks = split_piece(data)
+        if max_total is not None:
+            toks = toks[: max(0, max_total - len(req.transcript))]
+        for tok in toks:
             req.transcript.append(tok, now)
         self.notify(stream_id)
 
@@ -428,19 +448,25 @@ class ServerSession(_SessionBase):
             raise ProtocolError(f"stream {stream_id}: requests travel on client-initiated bidirectional streams")
         req = self.requests.get(stream_id)
         if req is None:
+            if stream_id in self._ended:  # late frames of a request this side already ended
+                if end:
+                    self._ended.discard(stream_id)
+                return []
             if stream_id < 0 or (not data and end):
                 return []
             if len(self.requests) >= self.max_requests:
-                self.quic.send_stream_data(
-                    stream_id,
-                    encode_stream_frame(Error(ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests")),
-                    end_stream=True,
-                )
-                return []
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests", end)
             req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes))
             self.requests[stream_id] = req
         out: list[SessionEvent] = []
-        for frame in req.decoder.feed(data):
+        try:
+            frames = req.decoder.feed(data)
+        except FrameTooLarge as exc:
+            if req.request is not None:
+                raise  # only a request may be large; a huge REPAIR or REPORT is a broken client
+            self._drop(req)
+            return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, f"request too large: {exc}", end)
+        for frame in frames:
             if req.request is None:
                 if not isinstance(frame, Request):
                     raise FrameError(f"stream {stream_id}: first frame must be a request")
@@ -467,6 +493,16 @@ class ServerSession(_SessionBase):
             self._fin(stream_id)
             self._drop(req)
         return out
+
+    def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
+        """Refuse a request stream before it becomes a request: ERROR and FIN, and STOP_SENDING for the rest
+        of what the client is still sending (its QUIC stack then resets the stream). Only this request
+        ends."""
+        self._send(stream_id, Error(int(code), reason[:1024]), end=True)
+        if not end:
+            self._ended.add(stream_id)
+            self.quic.stop_stream(stream_id, int(code))
+        return [RequestRefused(stream_id, int(code), reason)]
 
     def _repair(self, req: ServerRequest, frame: Repair) -> None:
         if req.transcript is None or req.done:
@@ -505,6 +541,7 @@ class ServerSession(_SessionBase):
         return []
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        self._ended.discard(stream_id)
         req = self.requests.get(stream_id)
         if req is None:
             return []

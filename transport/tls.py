@@ -256,9 +256,15 @@ class ClientCertVerifier:
     """Verifies client certificate chains against a CA bundle (aioquic requests them but never checks)."""
 
     def __init__(self, ca_file: str | Path) -> None:
+        """Raises :class:`CertificateFileError` for a missing, unreadable or non-PEM ``ca_file``."""
         from cryptography.x509.verification import PolicyBuilder, Store
 
-        cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+        try:
+            cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+        except OSError as exc:
+            raise CertificateFileError(f"CA file {ca_file}: {exc.strerror or exc}") from None
+        except ValueError:
+            raise CertificateFileError(f"CA file {ca_file}: no PEM certificate in it") from None
         self._verifier = PolicyBuilder().store(Store(cas)).build_client_verifier()
 
     def verify(self, leaf: x509.Certificate | None, chain: list[x509.Certificate]) -> str:

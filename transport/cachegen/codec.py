@@ -188,6 +188,23 @@ def decode_chunk(data: bytes | bytearray | memoryview, *, device: str | torch.de
     return unstack_kv(x, c.n_heads, out_dtype)
 
 
+def warm_up() -> float:
+    """Encode and decode one tiny chunk on the CPU coder; returns the seconds it took.
+
+    The first call compiles the numba kernels (seconds when numba's cache is cold or not writable): a
+    daemon does it at start instead of in the first fetch a client waits for, and learns then, not
+    mid-fetch, when the JIT cannot run at all (systemd's ``MemoryDenyWriteExecute=yes`` refuses the
+    executable memory it needs)."""
+    import time
+
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(1, 1, 16, 8, generator=g), torch.randn(1, 1, 16, 8, generator=g))]
+    data = encode_chunk(kv, "medium", fingerprint=0, backend="numba")
+    decode_chunk(data, backend="numba")
+    return time.perf_counter() - t0
+
+
 def split_tokens(kv: KV, chunk_tokens: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Cut a KV cache into chunks of ``chunk_tokens`` tokens along the token axis (last one shorter)."""
     if chunk_tokens <= 0:

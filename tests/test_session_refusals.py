@@ -1,0 +1,129 @@
+"""A request the server refuses or ends early ends alone: the connection and its other answers go on.
+
+The client keeps sending on such a stream until it sees the server's ERROR (the rest of a long request, a
+REPAIR or REPORT that crossed the ERROR); none of it may read as a new request or a protocol violation.
+"""
+
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import Repair, Request
+from tokenwire.transport.session import (
+    ConnectionEnded,
+    RequestFailed,
+    RequestFinished,
+    RequestReceived,
+    RequestRefused,
+)
+
+from .quicpair import Pair
+
+
+def _request(text: str = "x") -> Request:
+    return Request(messages=[{"role": "user", "content": text}])
+
+
+def _connected() -> Pair:
+    pair = Pair()
+    pair.exchange(rounds=40)  # handshake
+    assert pair.server is not None and pair.client.datagrams_ok
+    return pair
+
+
+def _answer(pair: Pair, sid: int, n: int) -> None:
+    pair.server.accept(sid)
+    for i in range(n):
+        pair.server.push(sid, f"t{i} ", pair.now)
+    pair.server.finish(sid)
+
+
+def _received(pair: Pair) -> list[int]:
+    return [e.stream_id for e in pair.server_events if isinstance(e, RequestReceived)]
+
+
+def _outcome(pair: Pair, sid: int):
+    for e in pair.client_events:
+        if isinstance(e, RequestFinished | RequestFailed) and e.stream_id == sid:
+            return e
+    return None
+
+
+def _assert_connection_up(pair: Pair) -> None:
+    assert not any(isinstance(e, ConnectionEnded) for e in pair.client_events + pair.server_events)
+    sid = pair.client.start_request(_request("after"), pair.now)
+    pair.exchange(rounds=40)
+    _answer(pair, sid, 3)
+    pair.exchange(rounds=200)
+    done = _outcome(pair, sid)
+    assert isinstance(done, RequestFinished) and done.result.digest_ok
+
+
+def test_a_long_request_over_the_concurrency_limit_is_refused_alone():
+    pair = _connected()
+    pair.server.max_requests = 1
+    running = pair.client.start_request(_request(), pair.now)
+    pair.exchange(rounds=40)
+    pair.server.accept(running)
+    pair.server.push(running, "first ", pair.now)
+    # a request of ~20 packets: the refusal goes out after the first, and the rest keeps arriving
+    refused = pair.client.start_request(_request("z" * 25_000), pair.now)
+    pair.exchange(rounds=300)
+
+    failed = _outcome(pair, refused)
+    assert isinstance(failed, RequestFailed) and failed.error.code == ErrorCode.LIMIT_EXCEEDED
+    assert [e.stream_id for e in pair.server_events if isinstance(e, RequestRefused)] == [refused]
+    assert _received(pair) == [running]  # the tail of the refused request never became a request
+    assert not pair.server._ended  # STOP_SENDING made the client reset its side: nothing left to track
+    for i in range(5):
+        pair.server.push(running, f"t{i} ", pair.now)
+    pair.server.finish(running)
+    pair.exchange(rounds=200)
+    done = _outcome(pair, running)
+    assert isinstance(done, RequestFinished) and done.result.digest_ok
+    _assert_connection_up(pair)
+
+
+def test_a_request_over_max_request_bytes_is_refused_alone():
+    pair = _connected()
+    pair.server.max_request_bytes = 2048
+    running = pair.client.start_request(_request(), pair.now)
+    big = pair.client.start_request(_request("z" * 3000), pair.now)
+    pair.exchange(rounds=100)
+
+    failed = _outcome(pair, big)
+    assert isinstance(failed, RequestFailed) and failed.error.code == ErrorCode.LIMIT_EXCEEDED
+    assert "request too large" in str(failed.error)
+    assert _received(pair) == [running]
+    _answer(pair, running, 4)
+    pair.exchange(rounds=200)
+    assert isinstance(_outcome(pair, running), RequestFinished)
+    _assert_connection_up(pair)
+
+
+def test_a_repair_crossing_the_servers_error_is_ignored():
+    pair = _connected()
+    sid = pair.client.start_request(_request(), pair.now)
+    pair.exchange(rounds=40)
+    pair.server.accept(sid)
+    pair.server.push(sid, "some tokens", pair.now)
+    pair.exchange(rounds=40)
+    # both ends act before either hears the other: the upstream fails while the client asks for a repair
+    pair.server.fail(sid, ErrorCode.UPSTREAM_ERROR, "upstream went away")
+    pair.client._send(sid, Repair(0, 1))
+    pair.exchange(rounds=100)
+
+    failed = _outcome(pair, sid)
+    assert isinstance(failed, RequestFailed) and failed.error.code == ErrorCode.UPSTREAM_ERROR
+    assert _received(pair) == [sid]
+    assert not pair.server._ended  # the client's FIN closed the books on the stream
+    _assert_connection_up(pair)
+
+
+def test_an_oversized_frame_after_a_request_is_a_broken_client():
+    """Only a request may be large; a huge length prefix after it closes the connection (FRAME_TOO_LARGE)."""
+    pair = _connected()
+    sid = pair.client.start_request(_request(), pair.now)
+    pair.exchange(rounds=40)
+    assert _received(pair) == [sid]
+    pair.client.quic.send_stream_data(sid, b"\x7f\xff\xff\xff")
+    pair.exchange(rounds=40)
+    ended = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
+    assert len(ended) == 1 and ended[0].error_code == ErrorCode.FRAME_TOO_LARGE
