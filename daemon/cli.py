@@ -40,8 +40,20 @@ def write_json(doc: Any, path: str | Path) -> None:
     """Write a command's result document (creating the folder) and say where, as every command does."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     print(f"wrote {path}")
+
+
+def json_safe(doc: Any) -> Any:
+    """``doc`` with NaN and infinities as ``null``: JSON (RFC 8259) has neither, and Python's ``NaN`` token
+    breaks strict parsers (a stall ratio of a run that rendered nothing is NaN)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: json_safe(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [json_safe(v) for v in doc]
+    return doc
 
 
 def cell(value: Any, fmt: str) -> str:
@@ -53,6 +65,7 @@ def cell(value: Any, fmt: str) -> str:
 # end in "cannot write" with its results lost. "-" means stdout; non-path values (``testbed up --json``) skip.
 OUTPUT_FILES = ("json", "json_stats", "plot", "log", "out", "pcap")
 OUTPUT_DIRS = ("out_dir", "keep")
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf")  # matplotlib
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -67,6 +80,13 @@ def check_outputs(args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if not isinstance(value, (str, Path)) or str(value) in ("", "-"):
             continue
+        option = f"--{dest.replace('_', '-')} {value}"
+        if dest in OUTPUT_FILES and dest != "pcap" and Path(value).is_dir():  # found after the run, results lost
+            raise CLIError(f"{option}: is a folder; name a file")
+        if dest == "plot" and Path(value).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+            # matplotlib appends ".png" to a name without one and refuses unknown ones after the run
+            raise CLIError(f"{option}: name the file with a plot format's extension "
+                           f"({', '.join('.' + f for f in PLOT_FORMATS[:3])}, ...)")
         folder = Path(value) if dest in OUTPUT_DIRS else Path(value).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -74,8 +94,7 @@ def check_outputs(args: argparse.Namespace) -> None:
                 pass
         except OSError as exc:
             where = exc.filename or folder
-            raise CLIError(f"--{dest.replace('_', '-')} {value}: cannot write there ({where}: "
-                           f"{exc.strerror or exc})") from None
+            raise CLIError(f"{option}: cannot write there ({where}: {exc.strerror or exc})") from None
 
 
 def finite_float(text: str) -> float:

@@ -166,7 +166,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 state.save()
             _print_up(info, args.json)
             if not args.json:
-                print("Ctrl-C (or `tokenwire testbed down`) tears it down.", flush=True)
+                print(f"Ctrl-C (or `tokenwire testbed down {info['run_id']}`) tears it down.", flush=True)
             while True:
                 time.sleep(2.0)
                 if state is not None:
@@ -238,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "owner_alive": st.owner_alive, "emulator_alive": st.emulator_alive,
             "namespaces": [ns for ns in st.namespaces if netns_exists(ns)],
             "server_addr": st.info.get("server_addr"), "client_addr": st.info.get("client_addr"),
-            "stats": st.info.get("stats"),
+            "stats": st.info.get("stats"), "unreadable_state": st.info.get("unreadable_state"),
         })  # fmt: skip
     if args.json:
         print(json.dumps(out, indent=1))
@@ -249,7 +249,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "running" if r["owner_alive"] else "CRASHED (clean with `tokenwire testbed down`)"
         names = " ".join(r["namespaces"]) or "-"
         print(f"{r['run_id']}  {state}  backend {r['backend']}  namespaces {names}")
-        print(f"    server {r['server_addr']}  client {r['client_addr']}")
+        if r["unreadable_state"]:
+            print(f"    its state file cannot be read ({r['unreadable_state']}): namespaces found by its id")
+        else:
+            print(f"    server {r['server_addr']}  client {r['client_addr']}")
         s = r["stats"]
         if s:
             d, u = s["down"], s["up"]
@@ -407,7 +410,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_path_args(up)
     up.add_argument("--log", metavar="CSV", help="write the per-packet log here")
     up.add_argument("--pcap", metavar="PREFIX", help="write PREFIX.{down,up}.{in,out}.pcap")
-    up.add_argument("--detach", action="store_true", help="run in the background; stop with `testbed down`")
+    up.add_argument("--detach", action="store_true",
+                    help="run in the background; stop with `testbed down RUN_ID` (printed)")
     up.add_argument("--json", action="store_true", help="print the namespace names and addresses as JSON")
     up.add_argument("--run-id", help=argparse.SUPPRESS)
     up.set_defaults(handler=cmd_up)

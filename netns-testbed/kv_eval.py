@@ -19,6 +19,7 @@ weighted over the context; text chunks count as exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -115,15 +116,23 @@ def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) ->
                     "v": [torch.randn(shape, generator=g).half() for _ in range(layers)]}, path)
         return {"model": "synthetic", "prefill_s": 0.0, "geometry": [layers, heads, dim],
                 "elements": 2 * layers * heads * dim * cfg.context_tokens}
-    cached = cache_root() / f"kvctx-{Path(cfg.text).stem}-{cfg.context_tokens}.pt"
+    try:
+        raw = Path(cfg.text).read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KVEvalError(f"--text {cfg.text}: {getattr(exc, 'strerror', None) or exc}") from None
+    # keyed by content, not name: another file called the same, or this one edited, is another context
+    digest = hashlib.sha256(raw).hexdigest()
+    source = {"text": str(cfg.text), "text_sha256": digest}
+    cached = cache_root() / f"kvctx-{Path(cfg.text).stem}-{digest[:16]}-{cfg.context_tokens}.pt"
     if cached.is_file() and cached.with_suffix(".json").is_file():  # the same context as an earlier run
         shutil.copyfile(cached, path)
         log(f"context KV from {cached}")
-        return json.loads(cached.with_suffix(".json").read_text())
+        return {**json.loads(cached.with_suffix(".json").read_text()), **source}
     lm = load_smollm2()
-    ids = lm.tokenizer(Path(cfg.text).read_text(), return_tensors="pt").input_ids[:, : cfg.context_tokens]
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, : cfg.context_tokens]
     if ids.shape[1] < cfg.context_tokens:
-        raise ValueError(f"{cfg.text} has only {ids.shape[1]} tokens")
+        raise KVEvalError(f"--context-tokens {cfg.context_tokens}: {cfg.text} has only {ids.shape[1]} tokens")
     t0 = time.monotonic()
     with torch.no_grad():
         out = lm.model(ids, use_cache=True)
@@ -135,7 +144,7 @@ def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) ->
                 "v": [v.to(torch.float16).contiguous() for _, v in kv]}, path)
     layers, heads, dim = len(kv), kv[0][0].shape[1], kv[0][0].shape[3]
     info = {"model": lm.name, "prefill_s": prefill_s, "elements": 2 * layers * heads * dim * cfg.context_tokens,
-            "geometry": [layers, heads, dim]}
+            "geometry": [layers, heads, dim], **source}
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, cached)
     cached.with_suffix(".json").write_text(json.dumps(info))

@@ -24,9 +24,11 @@ import itertools
 import math
 import os
 import random
+import sys
 import tempfile
+import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +40,7 @@ CLIENT_ADDR = ("10.78.0.2", 40000)
 IP_UDP_HEADER = 28
 TIMER_SLACK = 1e-6  # timers fire 1 us late, as real ones do (see sim.py)
 GAP_S = 5.0  # idle time on a controller's connection between its fetches (the others' fetches run meanwhile)
+PROGRESS_S = 10.0  # wall seconds between a controller's progress lines
 DECODE_ELEMENTS_PER_S = 50e6  # the client's decode rate (one CPU thread, namespace runs)
 
 
@@ -366,10 +369,14 @@ def _run_controller(cfg: KVEvalConfig, ctx: Context, controller: str, recompute_
                         seed=cfg.seed * 7919 + cfg.controllers.index(controller))
     sim.fetch("fixed-L1", 10 * cfg.deadline_ms, warm)  # warm-up, not counted (as the namespace run)
     rows = []
+    last = time.monotonic()
     for rep, off in enumerate(offsets):
         m = sim.fetch(controller, cfg.deadline_ms, off)
         m["repeat"] = rep
         rows.append(m)
+        if time.monotonic() - last >= PROGRESS_S and rep + 1 < len(offsets):  # a controller takes minutes
+            last = time.monotonic()
+            print(f"  {controller}: {rep + 1}/{len(offsets)} fetches", file=sys.stderr, flush=True)
     return rows
 
 
@@ -399,11 +406,13 @@ def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: 
         import multiprocessing
 
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futs = {ctl: pool.submit(_run_controller, cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets)
+            futs = {pool.submit(_run_controller, cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets): ctl
                     for ctl in run}
-            for ctl, fut in futs.items():
+            for fut in as_completed(futs):  # reported as each finishes; the JSON keeps the list's order
+                ctl = futs[fut]
                 rows[ctl] = fut.result()
                 met = sum(r["deadline_met"] for r in rows[ctl])
                 log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
+        rows = {ctl: rows[ctl] for ctl in run}
     return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": info,
             "trace_mean_mbps": down.mean_mbps, "backend": "virtual"}

@@ -297,9 +297,21 @@ def list_runs() -> list[RunState]:
     out = []
     for name in sorted(os.listdir(STATE_DIR)):
         if name.endswith(".json"):
-            with contextlib.suppress(ValueError, OSError, TypeError, json.JSONDecodeError):
+            try:
                 out.append(RunState.load(os.path.join(STATE_DIR, name)))
+            except (ValueError, OSError, TypeError) as exc:  # JSONDecodeError is a ValueError
+                run_id = name[: -len(".json")]
+                if RUN_ID_RE.match(run_id):  # unreadable, but its name says which namespaces are its
+                    out.append(_unreadable_state(run_id, f"{exc.__class__.__name__}: {exc}"))
     return out
+
+
+def _unreadable_state(run_id: str, why: str) -> RunState:
+    """A run whose state file cannot be read, seen as crashed: what carries its id can still be removed.
+    Skipping it hid its namespaces from ``status`` and ``down``."""
+    names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
+    return RunState(run_id=run_id, owner_pid=0, namespaces=sorted(n for n in names if n.startswith(run_id + "-")),
+                    created=0.0, info={"unreadable_state": why})
 
 
 def destroy_run(state: RunState) -> list[str]:

@@ -30,6 +30,7 @@ LOG_FIELDS = [
     "sojourn_ms", "latency_ms", "ecn_in", "ecn_out", "fate", "proto", "sport", "dport",
 ]  # fmt: skip
 
+FLUSH_EVERY_S = 1.0  # the CSV reaches the disk at least this often while packets flow (else at close)
 LINKTYPE_RAW = 101  # DLT_RAW: packets start with the IP header
 
 
@@ -56,6 +57,7 @@ class CsvPacketLog:
         self._w = csv.writer(self._fh)
         self._w.writerow(LOG_FIELDS)
         self.rows = 0
+        self._flushed_at = time.monotonic()
 
     def record(self, direction: str, pkt: Packet) -> None:
         sojourn = pkt.sojourn
@@ -70,6 +72,10 @@ class CsvPacketLog:
             )
         )  # fmt: skip
         self.rows += 1
+        now = time.monotonic()
+        if now - self._flushed_at >= FLUSH_EVERY_S:  # a live `testbed up --log` can be tailed
+            self._flushed_at = now
+            self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()

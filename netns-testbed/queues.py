@@ -18,6 +18,7 @@ run is reproducible bit for bit.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import deque
@@ -356,6 +357,8 @@ def _number(text: str, key: str, spec: str, kind: type = float) -> float:
         value = kind(text)
     except ValueError:
         raise QueueSpecError(f"queue spec {spec!r}: {key}={text!r} is not a {kind.__name__}") from None
+    if not math.isfinite(value):  # nan compares false with every bound: alpha=nan silently disabled the AQM
+        raise QueueSpecError(f"queue spec {spec!r}: {key}={text!r} is not a finite number")
     if value < 0:
         raise QueueSpecError(f"queue spec {spec!r}: {key} must not be negative")
     return value

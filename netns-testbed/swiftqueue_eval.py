@@ -482,9 +482,9 @@ def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyF
     step = max(1.0, cfg.seconds / 20)
     t = 0.0
     while t < cfg.seconds + 1.0:
-        t = min(t + step, cfg.seconds + 1.0)
+        before, t = t, min(t + step, cfg.seconds + 1.0)
         sim.run(t)
-        if progress:
+        if progress and before < cfg.seconds:  # the last second (in-flight packets landing) is not progress
             progress(min(t, cfg.seconds))
     sent_log: dict[int, SentRecord] = flow.sent_log  # type: ignore[attr-defined]
     records = []

@@ -52,6 +52,36 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_pat
     assert (tmp_path / "ok").is_dir() and not list((tmp_path / "ok").iterdir())  # checked, nothing left there
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--json", "a-folder", "is a folder; name a file"),  # was found only after the run
+    ("--plot", "a-folder", "is a folder; name a file"),
+    ("--plot", "plot", "name the file with a plot format's extension"),  # matplotlib wrote plot.png
+    ("--plot", "plot.txt", "name the file with a plot format's extension"),  # a ValueError after the run
+])
+def test_an_output_that_is_a_folder_or_no_plot_format_is_refused_before_the_run(tmp_path, capsys, option, value,
+                                                                                message):
+    from tokenwire.daemon.cli import main
+
+    (tmp_path / "a-folder").mkdir()
+    target = tmp_path / value
+    argv = ["sim", "--tokens", "20", "--schemes", "stream"] if option == "--json" else \
+        ["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--policies", "l4s", "--seconds", "30"]
+    assert main([*argv, option, str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {option} {target}: {message}" in err, err
+
+
+def test_json_results_carry_null_not_nan(tmp_path):
+    import json
+
+    from tokenwire.daemon.cli import write_json
+
+    write_json({"stall": float("nan"), "rows": [1.0, float("inf")], "ok": 0.5}, tmp_path / "r.json")
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"stall": None, "rows": [1.0, None], "ok": 0.5}
+
+
 def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_raise(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -215,6 +215,8 @@ def test_not_ect_in_l_over_the_step_is_dropped():
         ("dualpi2:drop_overload=2", "drop_overload is 0 or 1"),
         ("red", "unknown queue"),
         ("droptail:packets", "expected key=value"),
+        ("dualpi2:alpha=nan,beta=nan", "alpha='nan' is not a finite number"),  # was accepted: AQM off
+        ("dualpi2:k=inf", "not a finite number"),
     ],
 )
 def test_bad_queue_specs(spec, message):

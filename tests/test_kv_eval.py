@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tokenwire.testbed.kv_eval import fetch_metrics, summarize, timed_out_metrics
 
 TOP1 = {"low": 0.9, "medium": 0.95, "high": 0.98, "text": 1.0}
@@ -30,3 +32,46 @@ def test_a_timed_out_fetch_is_a_miss_without_quality():
     assert s["deadline_attainment"] == 0.5 and s["timed_out"] == 1 and s["fetches"] == 2
     assert math.isclose(s["mean_quality_top1"], 0.98)  # quality over the fetches that completed
     assert s["p95_fetch_ms"] == 160_000.0
+
+
+def test_the_context_cache_is_keyed_by_the_texts_content_not_its_name(tmp_path, monkeypatch):
+    """Another file of the same name (or this one edited) must not get the KV computed from the first."""
+    import hashlib
+    import json
+
+    import tokenwire.transport.cachegen.smollm as smollm
+    from tokenwire.testbed.kv_eval import KVEvalConfig, KVEvalError, prepare_context
+
+    monkeypatch.setenv("TOKENWIRE_CACHE", str(tmp_path / "cache"))
+
+    class Prefill(Exception):
+        pass
+
+    def no_model(*a, **k):
+        raise Prefill  # reaching the model means the cache was (rightly) not used
+
+    monkeypatch.setattr(smollm, "load_smollm2", no_model)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, other = tmp_path / "a" / "prose.txt", tmp_path / "b" / "prose.txt"
+    first.write_text("the harbour at dawn\n")
+    other.write_text("zebras, entirely zebras\n")
+    cfg = KVEvalConfig(down_trace="12mbps", up_trace="12mbps", context_tokens=64, text=str(first))
+    with pytest.raises(Prefill):
+        prepare_context(cfg, str(tmp_path / "ctx.pt"), log=lambda m: None)
+    # what a finished prefill of `first` leaves in the cache
+    key = hashlib.sha256(first.read_bytes()).hexdigest()[:16]
+    cached = tmp_path / "cache" / f"kvctx-prose-{key}-64.pt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"kv of the harbour")
+    cached.with_suffix(".json").write_text(json.dumps({"model": "m", "prefill_s": 1.0, "elements": 8}))
+    info = prepare_context(cfg, str(tmp_path / "ctx.pt"), log=lambda m: None)
+    assert (tmp_path / "ctx.pt").read_bytes() == b"kv of the harbour"
+    assert info["text"] == str(first) and info["text_sha256"].startswith(key)
+    with pytest.raises(Prefill):  # same name, other words: not the cached harbour
+        prepare_context(KVEvalConfig(down_trace="12mbps", up_trace="12mbps", context_tokens=64, text=str(other)),
+                        str(tmp_path / "ctx2.pt"), log=lambda m: None)
+    with pytest.raises(KVEvalError, match="--text"):
+        missing = KVEvalConfig(down_trace="12mbps", up_trace="12mbps", context_tokens=64,
+                               text=str(tmp_path / "none.txt"))
+        prepare_context(missing, str(tmp_path / "ctx3.pt"), log=lambda m: None)

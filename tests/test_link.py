@@ -160,3 +160,21 @@ def test_time_never_runs_backwards():
     assert late.arrival == 0.010
     assert link.dequeue_ready(0.020)[0] is late
     assert late.departure == pytest.approx(0.011)
+
+
+def test_the_csv_packet_log_reaches_the_disk_while_packets_flow(tmp_path, monkeypatch):
+    """`testbed up --log` could not be tailed: a few rows sat in the file buffer until teardown."""
+    from tokenwire.testbed import pktlog
+
+    clock = [100.0]
+    monkeypatch.setattr(pktlog.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "log.csv"
+    log = pktlog.CsvPacketLog(path)
+    pkt = Packet(100, NOT_ECT)
+    pkt.seq, pkt.arrival, pkt.fate = 1, 100.0, "delivered"
+    log.record("down", pkt)
+    assert len(path.read_text().splitlines()) <= 1  # buffered: writing every row would cost a syscall each
+    clock[0] += pktlog.FLUSH_EVERY_S
+    log.record("down", pkt)
+    assert len(path.read_text().splitlines()) == 3  # header and both rows, before close
+    log.close()

@@ -140,3 +140,22 @@ def test_sigterm_during_the_teardown_does_not_interrupt_it():
                     pass
             finished.append(True)
     assert finished == [True]
+
+
+def test_a_run_with_an_unreadable_state_file_is_listed_as_crashed_with_its_namespaces(tmp_path, monkeypatch):
+    """It was skipped: `status` said "no testbed runs" and `down` "nothing to clean up" over its namespaces."""
+    from tokenwire.testbed import netns
+
+    state, ns_dir = tmp_path / "state", tmp_path / "netns"
+    state.mkdir()
+    ns_dir.mkdir()
+    monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(netns, "NETNS_DIR", str(ns_dir))
+    (state / "tw00beef.json").write_text('{"run_id": "tw00be')  # cut short
+    (state / "notes.json").write_text("{")  # not a run's: no id to go by
+    for name in ("tw00beef-srv", "tw00beef-cli", "tw111111-srv"):
+        (ns_dir / name).write_text("")
+    (run,) = netns.list_runs()
+    assert run.run_id == "tw00beef" and not run.owner_alive
+    assert run.namespaces == ["tw00beef-cli", "tw00beef-srv"]
+    assert "JSONDecodeError" in run.info["unreadable_state"]
