@@ -337,6 +337,9 @@ class Daemon:
             server.close()
         if self._ingest is not None:
             self._ingest.close()
+            sock = self.config.ingest.socket
+            if sock is not None and sock.is_socket():  # Python 3.11's unix server leaves it on disk
+                sock.unlink()
         if self.kv is not None:
             self.kv.close()
         if self._metrics_runner is not None:

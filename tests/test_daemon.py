@@ -297,7 +297,8 @@ def test_sighup_reloads_tokens_without_dropping_sessions(tmp_path):
 
 
 def test_sigterm_drains_and_notifies_stopping(tmp_path):
-    d = DaemonProcess(tmp_path, "[limits]\ndrain_timeout_s = 20\n")
+    d = DaemonProcess(tmp_path, "[limits]\ndrain_timeout_s = 20\n[ingest]\nsocket = \"ingest.sock\"\n")
+    assert (tmp_path / "ingest.sock").is_socket()
     try:
 
         async def go():
@@ -315,6 +316,7 @@ def test_sigterm_drains_and_notifies_stopping(tmp_path):
         assert text == expected(150)  # the running answer finished during the drain
         assert late.code == ErrorCode.SHUTTING_DOWN
         assert d.proc.wait(20) == 0
+        assert not (tmp_path / "ingest.sock").exists()  # removed at exit (it stayed behind)
         keys = [k for m in d.messages for k in m]
         assert keys.index("READY") < keys.index("STOPPING")
         assert "WATCHDOG" in keys or d.proc.returncode == 0
