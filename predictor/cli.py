@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+DEFAULT_WINDOW = 64
+"""``train --window``'s default, the shipped models' window: a dataset needs more acks for any point."""
+
 
 def _err(msg: str) -> Exception:
     from tokenwire.daemon.cli import CLIError
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of each in time")
     p.add_argument("--kinds", default="transformer,gru,ar", help="subset of transformer,gru,ar")
     p.add_argument("--out-dir", required=True, help="checkpoints: transformer.pt, gru.pt, ar.json, train.json")
-    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -139,12 +142,52 @@ def _run_collect(cfg: Any, out: str, label: str) -> dict:
         data = collect(cfg, progress)
     except TraceError as exc:
         raise _err(str(exc)) from None
+    _check_acked(data, label, cfg.seconds)
     save(out, data)
     s = summary(data)
     _say(f"{label}: {s['packets']} probe packets, L mean {s['l_mean_ms']:.1f} ms / C mean {s['c_mean_ms']:.1f} ms, "
          f"C faster {100 * s['share_c_faster']:.1f}%, differ >5 ms {100 * s['share_differ_5ms']:.1f}% "
          f"({time.monotonic() - t0:.1f} s) -> {out}")
     return s
+
+
+def _check_acked(data: dict, label: str, seconds: float) -> None:
+    """Refuse a run in which no probe packet got through: its file would hold no latency at all (and its
+    summary was NaN with numpy warnings); warn when too few did for any prediction point."""
+    import numpy as np
+
+    meta = json.loads(data["meta"])
+    if meta["probe_delivered"] == 0:
+        raise _err(f"{label}: none of the {meta['probe_packets']} probe packets got through in {seconds:g} "
+                   f"virtual s (the link delivers {meta['trace_mean_mbps'] * 1000:.3g} kbit/s on average); "
+                   "nothing written: use a faster trace or a longer --seconds")
+    most = int(np.max(data["n_acked"], initial=0))
+    if most <= DEFAULT_WINDOW:
+        _say(f"warning: {label}: at most {most} acks at any send; train and eval need more than the window "
+             f"(default {DEFAULT_WINDOW}) for a prediction point: collect longer (--seconds) or raise --probe-pps")
+
+
+def _output_stem(trace: str) -> str:
+    """collect-many's file name for a trace, before ``-sSEED.npz``: the trace's file name, dots made ``_``."""
+    return Path(trace).name.replace(".", "_")
+
+
+def _check_jobs(traces: list[str], seeds: list[int]) -> None:
+    """Refuse repeated seeds and traces whose output files would coincide: a later run would overwrite an
+    earlier one while the summary and index.json still counted both."""
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise _err(f"--seeds: {', '.join(map(str, twice))} given more than once")
+    by_stem: dict[str, list[str]] = {}
+    for trace in traces:
+        by_stem.setdefault(_output_stem(trace), []).append(trace)
+    for stem, same in by_stem.items():
+        if len(same) < 2:
+            continue
+        if len(set(same)) < len(same):
+            raise _err(f"--traces: {same[0]} given more than once")
+        raise _err(f"--traces: {', '.join(same)} would be written to the same files {stem}-sN.npz (named after "
+                   "the file name only); copy or link them to distinct file names")
 
 
 def _check_traces(traces: list[str]) -> None:
@@ -166,11 +209,11 @@ def _collect_many(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     jobs = [(t, s) for t in args.traces for s in seeds]
     _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
+    _check_jobs(args.traces, seeds)
     _check_traces(args.traces)
     index = []
     for i, (trace, seed) in enumerate(jobs, 1):
-        name = Path(trace).name.replace(".", "_")
-        out = str(Path(args.out_dir) / f"{name}-s{seed}.npz")
+        out = str(Path(args.out_dir) / f"{_output_stem(trace)}-s{seed}.npz")
         s = _run_collect(_config(args, trace, seed), out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
         index.append({"trace": trace, "seed": seed, "path": out, **s})
     (Path(args.out_dir) / "index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -270,8 +313,11 @@ def _eval(args: argparse.Namespace) -> int:
         raise _err(str(exc)) from None
     print(format_table(doc))
     if args.json:
+        from tokenwire.daemon.cli import json_safe
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        # a spike MAE over no spikes is NaN: null in the file (Python's NaN token is not JSON)
+        Path(args.json).write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
         _say(f"wrote {args.json}")
     return 0
 

@@ -12,8 +12,10 @@ those means (seconds; without them it runs the whole time), ``rtt=MS`` its ack r
 per flow from 5-50 ms). ``*N`` runs N independent copies.
 
 These are modes of the testbed's own :mod:`tokenwire.testbed.vsim` senders; the socket testbed has its own
-spec (``tcp:cubic``, ``udp-ect1:RATE``, :func:`tokenwire.testbed.traffic.parse_cross`), and its two forms are
-accepted here as aliases (``tcp:*`` -> ``reno``, ``udp-ect1:RATE`` -> ``cbr-l:rate=RATE``).
+spec (``tcp:cubic``, ``udp-ect1:RATE``, :func:`tokenwire.testbed.traffic.parse_cross`), and its loss-based
+forms are accepted here as aliases (``tcp:reno`` and ``tcp:cubic`` -> ``reno``, ``udp-ect1:RATE`` ->
+``cbr-l:rate=RATE``). ``tcp:bbr`` is refused: BBR paces at its bandwidth estimate and does not back off on
+loss or CE, so a Reno window would be a different flow under the same name.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_CROSS = "reno*2:on=4,off=4+scalable*2:on=1,off=2+cbr-l:rate=120%,on=0.5,off=1.5+cbr-c:rate=20%,on=2,off=4"
 KINDS = ("reno", "scalable", "cbr-l", "cbr-c")
+TCP_ALIASES = ("reno", "cubic")
+"""``tcp:CC`` names modelled by the ``reno`` sender (loss-based AIMD, Not-ECT, in the C queue)."""
+SUPPORTED = f"{', '.join(KINDS)}; aliases tcp:reno|tcp:cubic (-> reno), udp-ect1:RATE (-> cbr-l)"
 
 
 class CrossSpecError(ValueError):
@@ -74,6 +79,11 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
         head, _, args = part.partition(":")
         head = head.strip().lower()
         if head == "tcp":  # socket-testbed alias
+            cc = args.strip().lower()
+            if cc not in TCP_ALIASES:
+                why = ("the virtual-time model has no BBR sender (rate-based, it would not behave like the Reno "
+                       "model)" if cc == "bbr" else f"unknown congestion control {cc!r}" if cc else "tcp needs :CC")
+                raise CrossSpecError(f"cross item {part!r}: {why}; supported: {SUPPORTED}")
             items.append(CrossItem("reno", text=part))
             continue
         if head == "udp-ect1":
@@ -83,7 +93,7 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
             continue
         kind, star, n = head.partition("*")
         if kind not in KINDS:
-            raise CrossSpecError(f"cross item {part!r}: unknown kind {kind!r} (use {', '.join(KINDS)})")
+            raise CrossSpecError(f"cross item {part!r}: unknown kind {kind!r} (use {SUPPORTED})")
         item = CrossItem(kind, text=part)
         if star:
             if not n.isdigit() or int(n) < 1:

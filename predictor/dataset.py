@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,13 +196,22 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
 
 
 def save(path: str | Path, data: dict) -> None:
-    """Write ``data`` (arrays of :data:`COLUMNS` + ``meta`` JSON string) as a compressed ``.npz``."""
+    """Write ``data`` (arrays of :data:`COLUMNS` + ``meta`` JSON string) as a compressed ``.npz``.
+
+    Atomically: into a temporary file next to it, then renamed, so an interrupted collect leaves either the
+    old file or none under ``path``, never a truncated one that ``load`` would stumble over later.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {c: np.asarray(data[c], dtype=np.float64) for c in COLUMNS}
     arrays["meta"] = np.array(data["meta"])
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> dict:
@@ -210,7 +222,9 @@ def load(path: str | Path) -> dict:
             meta = json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset") from None
-    except (KeyError, ValueError, OSError, EOFError) as exc:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
+        # BadZipFile: truncated or corrupt archive; zlib.error: corrupt member; NotImplementedError: zipfile's
+        # answer to a damaged compression-method field
         raise DatasetError(f"{path}: not a latency dataset ({exc})") from None
     if meta.get("format") != "tokenwire-latency-dataset" or meta.get("version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
@@ -236,11 +250,17 @@ def summary(data: dict) -> dict:
     diff = tc[ok] - tl[ok]
     return {
         "packets": int(tl.size),
-        "l_mean_ms": float(np.nanmean(tl)),
-        "c_mean_ms": float(np.nanmean(tc)),
-        "l_p99_ms": float(np.nanpercentile(tl, 99)),
-        "c_p99_ms": float(np.nanpercentile(tc, 99)),
+        "l_mean_ms": _known(tl, np.mean),
+        "c_mean_ms": _known(tc, np.mean),
+        "l_p99_ms": _known(tl, lambda v: np.percentile(v, 99)),
+        "c_p99_ms": _known(tc, lambda v: np.percentile(v, 99)),
         "share_c_faster": float(np.mean(diff < 0)) if diff.size else math.nan,
         "share_differ_5ms": float(np.mean(np.abs(diff) > 5)) if diff.size else math.nan,
         "lost": int(np.isnan(data["ack_at"]).sum()),
     }
+
+
+def _known(values: np.ndarray, stat: Callable[[np.ndarray], object]) -> float:
+    """``stat`` over the non-NaN values, NaN when there are none (numpy's nan* functions warn instead)."""
+    v = values[~np.isnan(values)]
+    return float(stat(v)) if v.size else math.nan  # type: ignore[arg-type]

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import LinearAR
-from .dataset import load
-from .harness import Points, baseline_predictors, evaluate, points
+from .harness import Points, Predictor, baseline_predictors, evaluate, file_points
 from .runtime import ModelError, OnnxLatencyForecaster, load_forecaster, shipped_model_path
 
 
@@ -31,15 +30,62 @@ def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Po
 
 def run_eval(data: list[str], model: str | None = None, baselines: str | None = None,
              log: Callable[[str], None] = print) -> dict:
+    """Score the transformer (``model``, default shipped) and the baselines on the datasets ``data``.
+
+    ``baselines`` names a folder with ``gru.onnx`` and ``ar.json``; when given, both must be there (a
+    folder named on purpose that silently lacks one gave a table without it). The shipped folder is the
+    default, and a file missing there is skipped with a note.
+    """
     fc = load_forecaster(model)
+    _check_kind(fc, "transformer", "--model takes the transformer; the gru is read from the --baselines folder")
     window = fc.window
-    base_dir = Path(baselines) if baselines else shipped_model_path().parent
     predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
+    if baselines is None:
+        predictors.update(_baselines(shipped_model_path().parent, window, log))
+    else:
+        predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log))
+    pts = Points.concat([p for _, p in file_points(list(data), window, log)])
+    doc = evaluate(pts, predictors)
+    doc["data"] = list(data)
+    doc["model"] = fc.path
+    doc["window"] = window
+    return doc
+
+
+def _check_kind(fc: OnnxLatencyForecaster, kind: str, hint: str) -> None:
+    """Refuse a model whose export metadata names another kind: it would be scored under a wrong label."""
+    got = fc.meta.get("kind")
+    if got is not None and got != kind:
+        raise ModelError(f"{fc.path}: a {got} model where a {kind} is expected ({hint})")
+
+
+def _checked_baselines(base_dir: Path) -> Path:
+    """A folder the user named: it must exist and hold both baselines; the error says how to make each."""
+    if not base_dir.is_dir():
+        raise ModelError(f"{base_dir}: no such baselines folder (it should hold gru.onnx and ar.json)")
+    missing = []
+    gru_pt, gru_onnx = base_dir / "gru.pt", base_dir / "gru.onnx"
+    export = f"`tokenwire predictor export --checkpoint {gru_pt} --out {gru_onnx}`"
+    if not gru_onnx.exists():
+        missing.append(f"no {gru_onnx}: make it with {export}" if gru_pt.exists() else
+                       f"no {gru_onnx} (nor {gru_pt}): train it with `tokenwire predictor train --data ... "
+                       f"--kinds gru --out-dir {base_dir}`, then {export}")
+    if not (base_dir / "ar.json").exists():
+        missing.append(f"no {base_dir / 'ar.json'}: fit it with `tokenwire predictor train --data ... --kinds ar "
+                       f"--out-dir {base_dir}`")
+    if missing:
+        raise ModelError("; ".join(missing))
+    return base_dir
+
+
+def _baselines(base_dir: Path, window: int, log: Callable[[str], None]) -> dict[str, Predictor]:
+    """The AR and GRU predictors from ``base_dir``; one whose file is missing is skipped with a note."""
+    out: dict[str, Predictor] = {}
     ar_path = base_dir / "ar.json"
     if ar_path.exists():
         try:
             ar = LinearAR.from_dict(json.loads(ar_path.read_text()))
-            predictors["ar"] = lambda p: ar.predict(p.x, p.base)
+            out["ar"] = lambda p: ar.predict(p.x, p.base)
         except (ValueError, KeyError) as exc:
             raise ModelError(f"{ar_path}: unusable AR coefficients ({exc})") from None
     else:
@@ -47,19 +93,10 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     gru_path = base_dir / "gru.onnx"
     if gru_path.exists():
         gru = load_forecaster(str(gru_path))
+        _check_kind(gru, "gru", "the baselines folder's gru.onnx is scored as the gru")
         if gru.window != window:
             raise ModelError(f"{gru_path}: window {gru.window} differs from the transformer's {window}")
-        predictors["gru"] = onnx_predictor(gru)
+        out["gru"] = onnx_predictor(gru)
     else:
         log(f"no {gru_path}: skipping gru")
-    parts = []
-    for path in data:
-        pts = points(load(path), window)
-        log(f"  {path}: {len(pts)} prediction points")
-        parts.append(pts)
-    pts = Points.concat(parts)
-    doc = evaluate(pts, predictors)
-    doc["data"] = list(data)
-    doc["model"] = fc.path
-    doc["window"] = window
-    return doc
+    return out

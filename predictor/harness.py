@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .baselines import per_queue_ewma
-from .dataset import ack_log
+from .dataset import DatasetError, ack_log, load
 from .features import N_FEATURES, build_windows
 
 SPIKE_ABS_MS = 20.0
@@ -90,6 +90,31 @@ def points(data: dict, window: int) -> Points:
     newest = target_all[acked_seq[n_acked[sel] - 1]]
     return Points(x, base, ewma, target_all[sel], spike_all[sel], data["sent_at"][sel], prev[sel], nxt[sel],
                   newest)
+
+
+def file_points(paths: list[str], window: int, log: Callable[[str], None] = print) -> list[tuple[str, Points]]:
+    """Prediction points of each dataset file, leaving out (with a warning) files that have none.
+
+    A file has none when its sender never held more than ``window`` acks at a send (a short run or a slow
+    link); pooled with others it would only be skipped, but alone it used to surface as a numpy reshape
+    error in the AR baseline or an empty optimizer schedule. :class:`DatasetError` when no file has any.
+    """
+    kept, empty = [], []
+    for i, path in enumerate(paths, 1):
+        data = load(path)
+        pts = points(data, window)
+        log(f"  [{i}/{len(paths)}] {path}: {len(pts)} prediction points")
+        if len(pts):
+            kept.append((path, pts))
+        else:
+            empty.append(f"{path} (at most {int(np.max(data['n_acked'], initial=0))} acks at a send)")
+    why = (f"a prediction point needs more than {window} acks (the window) at a send: collect longer runs "
+           "(--seconds) or more probe packets (--probe-pps)")
+    if not kept:
+        raise DatasetError(f"no prediction points in {', '.join(empty)}; {why}")
+    if empty:
+        log(f"warning: skipping {', '.join(empty)}: no prediction points; {why}")
+    return kept
 
 
 def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str, float | int]:

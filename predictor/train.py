@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import LinearAR
-from .dataset import load
-from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, points
+from .dataset import DatasetError
+from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, file_points
 
 TRANSFORMER_DEFAULTS = {"d_model": 32, "heads": 4, "layers": 2, "ff": 64, "dropout": 0.0}
 """The Transformer's constructor defaults that ``--net`` may override (mirrors ``models.TransformerForecaster``;
@@ -72,15 +72,22 @@ class TrainConfig:
 
 def load_points(paths: list[str], window: int, val_share: float,
                 log: Callable[[str], None] = print) -> tuple[Points, Points]:
-    """Train/validation points from dataset files (time split inside each file)."""
+    """Train/validation points from dataset files (time split inside each file).
+
+    Files without prediction points are skipped with a warning (:func:`~.harness.file_points`);
+    :class:`~.dataset.DatasetError` when no training point is left, which torch's scheduler would
+    otherwise report as "Expected positive integer total_steps".
+    """
     tr, va = [], []
-    for i, path in enumerate(paths, 1):
-        pts = points(load(path), window)
+    for _, pts in file_points(paths, window, log):
         cut = int(len(pts) * (1 - val_share))
         tr.append(pts.take(np.arange(cut)))
         va.append(pts.take(np.arange(cut, len(pts))))
-        log(f"  [{i}/{len(paths)}] {path}: {len(pts)} points")
-    return Points.concat(tr), Points.concat(va)
+    train, val = Points.concat(tr), Points.concat(va)
+    if not len(train):
+        raise DatasetError(f"only {len(val)} prediction point(s) in all, none left for training after the last "
+                           f"{val_share:.0%} of each file is set aside for validation; collect longer runs (--seconds)")
+    return train, val
 
 
 def sample_weights(p: Points, alpha: float) -> np.ndarray:

@@ -1,13 +1,15 @@
 """SwiftQueue predictor: datasets, features, baselines, harness metrics, model size."""
 
 import json
+import math
+import warnings
 
 import numpy as np
 import pytest
 
 from tokenwire.predictor.baselines import LinearAR, per_queue_ewma
 from tokenwire.predictor.crossspec import CrossSpecError, parse_cross_spec, plan_flows
-from tokenwire.predictor.dataset import COLUMNS, CollectConfig, DatasetError, ack_log, collect, load, save
+from tokenwire.predictor.dataset import COLUMNS, CollectConfig, DatasetError, ack_log, collect, load, save, summary
 from tokenwire.predictor.features import N_FEATURES, R_LAT, build_windows, window_features
 from tokenwire.predictor.harness import evaluate, metrics, points, spike_mask
 
@@ -198,3 +200,66 @@ def test_change_focused_loss_upweights_sharp_changes_and_masks_nan():
     plain = change_focused_loss(pred, target, torch.ones(2, 2))
     focused = change_focused_loss(pred, target, torch.tensor([[5.0, 1.0], [1.0, 1.0]]))
     assert torch.isfinite(plain) and focused > plain
+
+
+def test_truncated_or_corrupt_dataset_is_a_dataset_error(tiny, tmp_path):
+    """A zip cut short or with a damaged member raised zipfile.BadZipFile / zlib.error, not DatasetError."""
+    save(tmp_path / "d.npz", tiny)
+    whole = (tmp_path / "d.npz").read_bytes()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF
+    for name, blob in (("cut.npz", whole[:3000]), ("flipped.npz", bytes(flipped))):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(DatasetError, match="not a latency dataset"):
+            load(tmp_path / name)
+
+
+def test_save_never_leaves_a_truncated_file(tiny, tmp_path, monkeypatch):
+    """An interrupted save wrote half a zip under the final name; now the old file (or none) stays."""
+    path = tmp_path / "d.npz"
+    save(path, tiny)
+    before = path.read_bytes()
+
+    def interrupted(fh, **arrays):
+        fh.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    for target in (path, tmp_path / "new.npz"):
+        with pytest.raises(KeyboardInterrupt):
+            save(target, tiny)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npz"]  # no new.npz, no temporary file left
+
+
+def test_summary_without_known_latencies_is_nan_without_numpy_warnings():
+    """A run where nothing got through printed three numpy RuntimeWarnings before its NaN summary."""
+    data = {c: np.full(5, np.nan) for c in COLUMNS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = summary(data)
+    assert s["packets"] == 5 and s["lost"] == 5
+    assert all(math.isnan(s[k]) for k in ("l_mean_ms", "c_mean_ms", "l_p99_ms", "c_p99_ms"))
+
+
+def test_training_needs_a_point_left_after_the_validation_split(tiny, tmp_path):
+    """One prediction point in all went to validation and left torch an empty schedule ("total_steps")."""
+    from tokenwire.predictor.train import load_points
+
+    k = int(np.flatnonzero(tiny["n_acked"] >= 33)[0])  # the first send with a 32-ack window
+    one = {c: tiny[c][:k + 1] for c in COLUMNS}
+    one["meta"] = tiny["meta"]
+    save(tmp_path / "one.npz", one)
+    assert len(points(load(tmp_path / "one.npz"), 32)) == 1
+    with pytest.raises(DatasetError, match=r"1 prediction point.* none left for training"):
+        load_points([str(tmp_path / "one.npz")], 32, 0.2, log=lambda _: None)
+
+
+def test_cross_spec_refuses_tcp_it_cannot_model():
+    """tcp:bbr (and any tcp:CC) was silently run as the Reno model."""
+    assert [i.kind for i in parse_cross_spec("tcp:reno+tcp:cubic")] == ["reno", "reno"]
+    for bad, says in (("tcp:bbr", "no BBR sender"), ("tcp:vegas", "unknown congestion control 'vegas'"),
+                      ("tcp", "tcp needs :CC")):
+        with pytest.raises(CrossSpecError, match=says) as exc:
+            parse_cross_spec(f"reno+{bad}")
+        assert "supported: reno, scalable, cbr-l, cbr-c; aliases tcp:reno|tcp:cubic" in str(exc.value)

@@ -1,11 +1,14 @@
 """``tokenwire predictor`` and ``tokenwire bench predictor`` end to end on a tiny dataset (seconds, not minutes)."""
 
+import importlib.util
 import json
+import shutil
 
 import pytest
 
 from tokenwire.daemon.cli import main
 from tokenwire.predictor.dataset import load
+from tokenwire.predictor.runtime import shipped_model_path
 
 CROSS = "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7"
 
@@ -149,3 +152,129 @@ def test_net_override_defaults_match_the_model():
 
     params = inspect.signature(TransformerForecaster.__init__).parameters
     assert {k: params[k].default for k in TRANSFORMER_DEFAULTS} == TRANSFORMER_DEFAULTS
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 3-s dataset with a few hundred prediction points."""
+    f = tmp_path_factory.mktemp("small") / "d.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-pps", "150",
+                 "--cross", CROSS, "--out", str(f)]) == 0
+    return f
+
+
+def test_collect_many_refuses_runs_that_would_overwrite_each_other(tmp_path, capsys):
+    """Same file name in two folders, a repeated trace or a repeated seed: the later run overwrote the
+    earlier file while the summary said "wrote 2 datasets" and index.json listed both."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "link.down").write_text("".join(f"{ms}\n" for ms in range(1, 1001)))
+    a, b = str(tmp_path / "a" / "link.down"), str(tmp_path / "b" / "link.down")
+    out = tmp_path / "many"
+    for traces, seeds, says in (([a, b], "1", f"{a}, {b} would be written to the same files link_down-sN.npz"),
+                                (["6mbps", "6mbps"], "1", "--traces: 6mbps given more than once"),
+                                (["6mbps"], "1,1", "--seeds: 1 given more than once"),
+                                (["6mbps"], "1-3,2", "--seeds: 2 given more than once")):
+        assert main(["predictor", "collect-many", "--traces", *traces, "--seeds", seeds, "--seconds", "1",
+                     "--out-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "virtual s" not in err, err  # refused before any run
+    assert not list(out.glob("*.npz")) and not (out / "index.json").exists()
+
+
+def test_eval_needs_both_baselines_in_a_folder_named_on_purpose(small, tmp_path, capsys):
+    """--baselines DIR that is missing, or lacks gru.onnx / ar.json (train writes gru.pt), used to print
+    "skipping" and score without them, exit 0."""
+    shipped = shipped_model_path().parent
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "gru.pt").write_bytes(b"")  # what train leaves: the checkpoint, not the ONNX file
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for folder, says in (
+            (tmp_path / "missing", "no such baselines folder"),
+            (ckpt, f"make it with `tokenwire predictor export --checkpoint {ckpt}/gru.pt --out {ckpt}/gru.onnx`"),
+            (bare, f"train it with `tokenwire predictor train --data ... --kinds gru --out-dir {bare}`")):
+        assert main(["predictor", "eval", "--data", str(small), "--baselines", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert "ar.json: fit it with `tokenwire predictor train --data ... --kinds ar" in err
+    shutil.copy(shipped / "gru.onnx", ckpt / "gru.onnx")
+    assert main(["predictor", "eval", "--data", str(small), "--baselines", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "ar.json" in err and "gru.onnx" not in err, err
+    shutil.copy(shipped / "ar.json", ckpt / "ar.json")
+    out = tmp_path / "e.json"
+    assert main(["predictor", "eval", "--data", str(small), "--baselines", str(ckpt), "--json", str(out)]) == 0
+    assert {"ar", "gru"} <= set(json.loads(out.read_text())["models"])
+
+
+def test_eval_refuses_a_model_of_the_wrong_kind(small, tmp_path, capsys):
+    """A GRU given as --model was scored and labelled "transformer"; a transformer as gru.onnx, "gru"."""
+    shipped = shipped_model_path().parent
+    assert main(["predictor", "eval", "--data", str(small), "--model", str(shipped / "gru.onnx")]) == 2
+    assert "gru.onnx: a gru model where a transformer is expected" in capsys.readouterr().err
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    shutil.copy(shipped / "swiftqueue.onnx", swapped / "gru.onnx")
+    shutil.copy(shipped / "ar.json", swapped / "ar.json")
+    assert main(["predictor", "eval", "--data", str(small), "--baselines", str(swapped)]) == 2
+    assert "gru.onnx: a transformer model where a gru is expected" in capsys.readouterr().err
+
+
+def test_datasets_without_prediction_points_are_one_clear_line(small, tmp_path, capsys):
+    """Fewer acks than the window + 1 at every send: eval and train crashed with a numpy reshape error or
+    torch's "Expected positive integer total_steps"."""
+    short = tmp_path / "short.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "0.3", "--probe-pps", "100",
+                 "--cross", CROSS, "--out", str(short)]) == 0
+    assert "train and eval need more than the window (default 64)" in capsys.readouterr().err
+    argvs = [["eval", "--data", str(short)], ["train", "--data", str(short), "--kinds", "ar", "--out-dir",
+                                               str(tmp_path / "m")]]
+    if importlib.util.find_spec("torch") is not None:
+        argvs.append(["train", "--data", str(short), "--kinds", "gru", "--epochs", "1",
+                      "--out-dir", str(tmp_path / "m")])
+    for argv in argvs:
+        assert main(["predictor", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"no prediction points in {short}" in err and "needs more than 64 acks" in err, err
+        assert "Traceback" not in err
+    assert main(["predictor", "train", "--data", str(short), str(small), "--kinds", "ar",
+                 "--out-dir", str(tmp_path / "m")]) == 0  # the file with points is used, the other skipped
+    assert f"warning: skipping {short}" in capsys.readouterr().err
+    assert (tmp_path / "m" / "ar.json").exists()
+
+
+def test_truncated_dataset_is_a_clean_error(small, tmp_path, capsys):
+    """A zip cut short raised zipfile.BadZipFile through eval, train and export --check-data."""
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(small.read_bytes()[:3000])
+    assert main(["predictor", "eval", "--data", str(cut)]) == 2
+    assert main(["predictor", "train", "--data", str(cut), "--kinds", "ar", "--out-dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{cut}: not a latency dataset") == 2 and "Traceback" not in err, err
+
+
+def test_collect_refuses_a_run_where_nothing_got_through(tmp_path, capsys):
+    """1 kbit/s delivers no 1200-byte packet in 2 s: the run was saved with a NaN summary and exit 0."""
+    out = tmp_path / "dead.npz"
+    assert main(["predictor", "collect", "--down-trace", "1kbps", "--seconds", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the" in err and "probe packets got through in 2 virtual s" in err and "nan" not in err, err
+    assert not out.exists()
+
+
+def test_eval_json_has_null_where_a_metric_has_no_targets(tmp_path, monkeypatch, capsys):
+    """A spike MAE over a set without spikes is NaN; the file said NaN, which strict JSON parsers refuse."""
+    import math
+
+    from tokenwire.predictor import evaluate
+
+    row = {"mae_ms": 1.0, "rmse_ms": 1.0, "spike_mae_ms": math.nan, "n": 5, "n_spike": 0, "bias_ms": 0.0,
+           "median_ae_ms": 1.0, "l_mae_ms": 1.0, "c_mae_ms": 1.0}
+    monkeypatch.setattr(evaluate, "run_eval", lambda *a, **k: {"models": {"transformer": row, "ewma": row},
+                                                              "references": {}})
+    out = tmp_path / "e.json"
+    assert main(["predictor", "eval", "--data", "x.npz", "--json", str(out)]) == 0
+    assert "NaN" not in out.read_text()
+    assert json.loads(out.read_text())["models"]["ewma"]["spike_mae_ms"] is None
