@@ -16,13 +16,14 @@ waits on disk, Redis or the codec. torch is imported only here (and only when ``
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,10 +45,38 @@ log = logging.getLogger("tokenwire.kv")
 
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
+CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
 
 
 class KVIngestError(KVError):
     code = ErrorCode.BAD_REQUEST
+
+
+def _check_context(model: object, token_ids: Sequence[int], fingerprint: object, chunk_tokens: int) -> list[int]:
+    """The token ids as ints; refuses at ingest what a fetch could never name or the wire could not carry (a
+    negative fingerprint was stored and then closed every fetching connection with a malformed KV_META)."""
+    import operator
+
+    from tokenwire.transport.frames import MAX_KV_CHUNKS, MAX_KV_TOKENS
+
+    try:
+        token_ids = [operator.index(t) for t in token_ids]  # numpy or torch integers from a tokenizer, too
+    except TypeError:
+        raise KVIngestError("token ids must be integers") from None
+
+    if not isinstance(model, str) or not 1 <= len(model) <= 128:
+        raise KVIngestError("model must be a name of 1 to 128 characters (what a fetch names)")
+    if not token_ids:
+        raise KVIngestError("no token ids")
+    if len(token_ids) > MAX_KV_TOKENS:
+        raise KVIngestError(f"{len(token_ids)} token ids; a fetch carries at most {MAX_KV_TOKENS}")
+    if -(-len(token_ids) // chunk_tokens) > MAX_KV_CHUNKS:
+        raise KVIngestError(f"{len(token_ids)} tokens make more than {MAX_KV_CHUNKS} chunks of {chunk_tokens}")
+    if any(not 0 <= t < 1 << 31 for t in token_ids):
+        raise KVIngestError("token ids must be integers in [0, 2**31)")
+    if fingerprint is not None and (type(fingerprint) is not int or not 0 <= fingerprint < 1 << 64):
+        raise KVIngestError("fingerprint must be an integer in [0, 2**64)")
+    return token_ids
 
 
 @dataclass(frozen=True)
@@ -91,8 +120,10 @@ class KVService:
         self.store = store
         self.chunk_tokens = chunk_tokens
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")
-        self._meta: dict[str, ChunkMeta] = {}
-        self._sizes: dict[tuple[str, str], int] = {}
+        # caches of what the store holds (a miss re-reads it): bounded, as a long-running daemon sees every
+        # chunk it ever stored, evicted ones included
+        self._meta: OrderedDict[str, ChunkMeta] = OrderedDict()
+        self._sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._lock = threading.Lock()
         self.encodes = 0
 
@@ -105,8 +136,7 @@ class KVService:
         from tokenwire.transport.cachegen.codec import stack_kv
         from tokenwire.transport.cachegen.errors import InvalidInput
 
-        if not token_ids:
-            raise KVIngestError("no token ids")
+        token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
         try:
             x, geo = stack_kv(kv)
         except InvalidInput as exc:
@@ -121,18 +151,28 @@ class KVService:
         x = x.to(kv[0][0].dtype).cpu()
         fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
                                                                            geo.head_dim)
-        hashes = chunk_hashes(list(token_ids), model=model, chunk_tokens=self.chunk_tokens)
+        hashes = chunk_hashes(token_ids, model=model, chunk_tokens=self.chunk_tokens)
+        need = x.element_size() * x.numel() + len(hashes) * 1024  # sources, plus metadata and envelopes
+        if need > self.store.capacity_bytes:  # it would evict itself while being stored
+            raise KVIngestError(f"a context of ~{need} bytes does not fit the store's capacity of "
+                                f"{self.store.capacity_bytes} bytes (kv.capacity_mb)")
         for i, h in enumerate(hashes):
             lo = i * self.chunk_tokens
             meta = ChunkMeta(model, fp, geo.n_layers, geo.n_heads, geo.head_dim, dtype, i,
-                             tuple(int(t) for t in token_ids[lo : lo + self.chunk_tokens]))
-            if not (self.store.contains(object_key(h, "src")) and self.store.contains(object_key(h, "meta"))):
+                             tuple(token_ids[lo : lo + self.chunk_tokens]))
+            if self._stored_as(h) != meta:
+                # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that kept
+                # its name): replace it whole; keeping the old source under the new metadata served wrong KV
+                for lv in LEVELS:
+                    self.store.delete(object_key(h, lv))
                 part = x[:, :, lo : lo + self.chunk_tokens].contiguous()
                 # source first, metadata last: a chunk with metadata always has its source
                 self.store.put(object_key(h, "src"), part.view(torch.uint8).numpy().tobytes())
                 self.store.put(object_key(h, "meta"), meta.pack())
-            with self._lock:
-                self._meta[h] = meta
+                with self._lock:
+                    for lv in LEVELS:
+                        self._sizes.pop((h, lv), None)
+            self._remember(self._meta, h, meta)
             for lv in prewarm:
                 self.encoded_sync(h, lv)
         return hashes
@@ -159,6 +199,25 @@ class KVService:
         kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
         return self.ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
 
+    def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
+        with self._lock:
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > CACHE_ENTRIES:
+                cache.popitem(last=False)
+
+    def _stored_as(self, h: str) -> ChunkMeta | None:
+        """The metadata chunk ``h`` is stored under, when both its source and metadata are there."""
+        if not self.store.contains(object_key(h, "src")):
+            return None
+        data = self.store.get(object_key(h, "meta"))
+        if data is None:
+            return None
+        try:
+            return ChunkMeta.unpack(data)
+        except KVError:
+            return None
+
     # -- lookups and lazy encoding (worker thread) ---------------------------------------------------------
     def meta_sync(self, h: str) -> ChunkMeta | None:
         with self._lock:
@@ -169,8 +228,7 @@ class KVService:
         if data is None:
             return None
         m = ChunkMeta.unpack(data)
-        with self._lock:
-            self._meta[h] = m
+        self._remember(self._meta, h, m)
         return m
 
     def encoded_sync(self, h: str, level: str) -> bytes:
@@ -178,7 +236,7 @@ class KVService:
         key = object_key(h, level)
         data = self.store.get(key)
         if data is not None:
-            self._sizes[(h, level)] = len(data)
+            self._remember(self._sizes, (h, level), len(data))
             return data
         meta = self.meta_sync(h)
         src = self.store.get(object_key(h, "src"))
@@ -198,7 +256,7 @@ class KVService:
         data = encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
         self.encodes += 1
         self.store.put(key, data)
-        self._sizes[(h, level)] = len(data)
+        self._remember(self._sizes, (h, level), len(data))
         return data
 
     def resolve_sync(self, fetch: KvFetch) -> ContextPlan:
@@ -206,7 +264,7 @@ class KVService:
             hashes = chunk_hashes(fetch.token_ids, model=fetch.model, chunk_tokens=self.chunk_tokens)
         else:
             hashes = [h.hex() for h in fetch.hashes or []]
-        metas = []
+        metas: list[ChunkMeta] = []
         for h in hashes:
             m = self.meta_sync(h)
             if m is None or (not self.store.contains(object_key(h, "src")) and not any(
@@ -215,6 +273,11 @@ class KVService:
             if m.model != fetch.model:
                 raise KVNotFound(f"chunk {h} belongs to model {m.model!r}, not {fetch.model!r}")
             metas.append(m)
+        if fetch.token_ids is None:  # by hashes: they must be a context's chain from its first chunk, in order
+            ids = [t for m in metas for t in m.token_ids]
+            if chunk_hashes(ids, model=fetch.model, chunk_tokens=self.chunk_tokens) != hashes:
+                raise KVError("the chunk hashes are not one context's chain in order from its first chunk "
+                              "(as ingest returned them)", code=ErrorCode.BAD_REQUEST)
         first = metas[0]
         for m in metas:
             if (m.fingerprint, m.layers, m.heads, m.head_dim) != (first.fingerprint, first.layers, first.heads,
@@ -305,8 +368,11 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                                          prewarm=prewarm)
                 hashes = await loop.run_in_executor(service.pool, call)
                 reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
-            except KVError as exc:
+            except KVError as exc:  # StoreError included
                 reply({"ok": False, "error": str(exc)})
+            except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
+                log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
+                reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
@@ -317,8 +383,10 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
     p = Path(path)
-    with contextlib.suppress(FileNotFoundError):
+    if p.is_socket():  # a stale one of an earlier run; anything else at that path is not ours to delete
         p.unlink()
+    elif p.exists() or p.is_symlink():
+        raise OSError(errno.EEXIST, "something other than a socket is in the way", str(p))
     server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
                                              limit=1 << 24)
     os.chmod(p, 0o660)
@@ -336,21 +404,32 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     vs = [v[0] if v.dim() == 4 else v for _, v in kv]
     t = torch.stack([torch.stack([k, v]) for k, v in zip(ks, vs, strict=True)]).contiguous()  # [L, 2, H, T, D]
     dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:  # refused here: the daemon would close the socket while the bytes still go out
+        raise KVIngestError(f"unsupported dtype {dtype}; use one of {', '.join(_DTYPES)}")
     head = {"op": "put", "model": model, "token_ids": [int(i) for i in token_ids], "shape": list(t.shape),
             "dtype": dtype, "prewarm": list(prewarm)}
     if fingerprint is not None:
         head["fingerprint"] = fingerprint
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(path))
-        s.sendall(json.dumps(head).encode() + b"\n")
-        s.sendall(t.view(torch.uint8).numpy().tobytes())
+        try:
+            s.sendall(json.dumps(head).encode() + b"\n")
+            s.sendall(t.view(torch.uint8).numpy().tobytes())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon refused the header and closed: its answer line is already here to read
         buf = b""
         while not buf.endswith(b"\n"):
-            more = s.recv(65536)
+            try:
+                more = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not more:
                 break
             buf += more
-    ans = json.loads(buf or b"{}")
+    try:
+        ans = json.loads(buf or b"{}")
+    except ValueError:
+        ans = {}
     if not ans.get("ok"):
         raise KVIngestError(ans.get("error", "no answer from the KV ingest socket"))
     return list(ans["hashes"])
@@ -366,7 +445,11 @@ class KVRuntime:
     def close(self) -> None:
         self.server.close()
         if self.ingest is not None:
+            paths = [Path(sock.getsockname()) for sock in self.ingest.sockets]
             self.ingest.close()
+            for path in paths:  # Python 3.11 leaves the socket file behind
+                if path.is_socket():
+                    path.unlink()
         self.service.close()
 
 

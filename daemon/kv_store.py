@@ -80,6 +80,47 @@ def unwrap(blob: bytes) -> bytes | None:
     return payload
 
 
+REBUILT_LEVELS = ("low", "medium", "high")  # encoded from a chunk's source whenever needed again
+
+
+def chunk_of(key: str) -> str:
+    return key.partition(".")[0]
+
+
+def pick_victims(lru: Sequence[tuple[str, int]], excess: int, keep: str) -> list[str]:
+    """What to evict to free ``excess`` bytes, from ``(key, size)`` least recently used first.
+
+    Encoded levels go first (the service re-encodes them from the source); then whole chunks, source,
+    metadata and levels together, never the chunk of ``keep`` (the object just stored). One object at a
+    time in plain LRU order let a fetch's own encodings evict its context's sources and metadata, leaving
+    orphans (a source without metadata, metadata without a source) and a context no fetch could use.
+    """
+    out: list[str] = []
+    freed = 0
+    keep_chunk = chunk_of(keep)
+    for key, size in lru:
+        if freed >= excess:
+            return out
+        if key != keep and key.partition(".")[2] in REBUILT_LEVELS:
+            out.append(key)
+            freed += size
+    if freed >= excess:
+        return out
+    chosen = set(out)
+    chunks: dict[str, list[tuple[str, int]]] = {}
+    for key, size in lru:
+        if chunk_of(key) != keep_chunk:
+            chunks.setdefault(chunk_of(key), []).append((key, size))
+    for objects in chunks.values():  # in the LRU order of each chunk's least recently used object
+        for key, size in objects:
+            if key not in chosen:
+                out.append(key)
+                freed += size
+        if freed >= excess:
+            break
+    return out
+
+
 @dataclass
 class StoreStats:
     hits: int = 0
@@ -231,10 +272,9 @@ class LocalChunkStore(ChunkStore):
             self._used -= size
 
     def _evict(self, keep: str) -> None:
-        while self._used > self.capacity_bytes:
-            victim = next((k for k in self._index if k != keep), None)
-            if victim is None:
-                break
+        if self._used <= self.capacity_bytes:
+            return
+        for victim in pick_victims(list(self._index.items()), self._used - self.capacity_bytes, keep):
             self._path(victim).unlink(missing_ok=True)
             self._forget(victim)
             self.stats.evictions += 1
@@ -306,15 +346,17 @@ class RedisChunkStore(ChunkStore):
             pipe.execute()
             self.stats.puts += 1
             used = self.used_bytes
-            while used > self.capacity_bytes:
-                oldest = [k.decode() for k in self._r.zrange(self._lru, 0, 1)]
-                victim = next((k for k in oldest if k != key), None)
-                if victim is None:
+            while used > self.capacity_bytes:  # the same policy as the local store, over the oldest 1024
+                oldest = [k.decode() for k in self._r.zrange(self._lru, 0, 1023)]
+                sizes = [int(n or 0) for n in self._r.hmget(self._sizes, oldest)] if oldest else []
+                victims = pick_victims(list(zip(oldest, sizes, strict=True)), used - self.capacity_bytes, key)
+                if not victims:
                     break
-                size = int(self._r.hget(self._sizes, victim) or 0)
-                self.delete(victim)
-                used -= size
-                self.stats.evictions += 1
+                size_of = dict(zip(oldest, sizes, strict=True))
+                for victim in victims:
+                    self.delete(victim)
+                    used -= size_of[victim]
+                    self.stats.evictions += 1
 
     def delete(self, key: str) -> None:
         pipe = self._r.pipeline(transaction=True)

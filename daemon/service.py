@@ -246,9 +246,7 @@ class Daemon:
         if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
             from .kv_service import start_kv
 
-            auth = cfg.auth
-            self.kv = await start_kv(cfg.kv, authorize=(lambda t: auth.principal(t) is not None)
-                                     if auth.required else None, **tls_kwargs)
+            self.kv = await start_kv(cfg.kv, authorize=self._kv_authorized, **tls_kwargs)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
         if self.kv is not None:
@@ -257,6 +255,12 @@ class Daemon:
             status += f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
         log.info("%s", status)
         self.notifier.ready(status)
+
+    def _kv_authorized(self, token: str | None) -> bool:
+        """The KV channel's check, against the tokens in force now: a SIGHUP that revokes one (or adds the
+        first) applies to KV fetches too; a closure over the start-up tokens kept revoked ones working."""
+        auth = self.config.auth
+        return not auth.required or auth.principal(token) is not None
 
     def status_line(self) -> str:
         return (
@@ -293,7 +297,7 @@ class Daemon:
             return False
         ignored = [
             k
-            for k in ("server", "metrics", "ingest", "upstreams", "routes", "marking")
+            for k in ("server", "metrics", "ingest", "upstreams", "routes", "marking", "kv")
             if getattr(new, k) != getattr(self.config, k)
         ]
         if ignored:

@@ -152,3 +152,13 @@ def test_no_parser_takes_abbreviated_options(capsys):
         main(["chat", "--server", "example.org", "hi"])
     assert exc.value.code == 2 and "unrecognized arguments: --server" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("command", ["eval", "bench", "calibrate"])
+def test_kv_commands_say_a_text_that_is_not_utf8_in_one_line(tmp_path, capsys, command):
+    from tokenwire.daemon.cli import main
+
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\xff\xfe")
+    assert main(["kv", command, "--text", str(binary)]) == 2  # was a UnicodeDecodeError traceback
+    assert f"cannot read {binary}: not UTF-8 text (byte 2)" in capsys.readouterr().err

@@ -95,6 +95,21 @@ def test_eviction_is_least_recently_used_and_bounded(make_store):
     assert s.used_bytes <= s.capacity_bytes and s.stats.evictions == 1
 
 
+def test_eviction_takes_encoded_levels_first_then_whole_chunks(make_store):
+    """Plain per-object LRU let a fetch's own encodings evict its context's sources and metadata (orphans)."""
+    obj = 100 + 20  # 100-byte payload in its envelope
+    s = make_store(capacity=6 * obj + 10)
+    for key in ("a.src", "a.meta", "b.src", "b.meta", "b.low", "c.src"):
+        s.put(key, bytes(100))
+    s.put("c.meta", bytes(100))  # over by one object: the oldest *encoded level* goes, not a's source
+    assert not s.contains("b.low")
+    assert all(s.contains(k) for k in ("a.src", "a.meta", "b.src", "b.meta", "c.src", "c.meta"))
+    s.put("c.low", bytes(100))  # no level left to take but c's own: the least recent whole chunk goes
+    assert not s.contains("a.src") and not s.contains("a.meta")  # together: never one without the other
+    assert all(s.contains(k) for k in ("b.src", "b.meta", "c.src", "c.meta", "c.low"))
+    assert s.used_bytes <= s.capacity_bytes
+
+
 def test_object_larger_than_capacity_is_refused(make_store):
     s = make_store(capacity=50)
     with pytest.raises(StoreError, match="exceeds"):

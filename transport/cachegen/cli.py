@@ -22,6 +22,15 @@ def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) ->
         print(text)
 
 
+def _read_text(path: str) -> str:
+    """A text file as UTF-8; an undecodable one is an ``OSError`` naming the byte, like an unreadable one (it
+    was a UnicodeDecodeError traceback)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(f"not UTF-8 text (byte {exc.start})") from None
+
+
 def _cli_error(msg: str) -> Exception:
     from tokenwire.daemon.cli import CLIError
 
@@ -33,7 +42,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .levels import LEVEL_NAMES
 
     try:
-        text = Path(args.text).read_text()
+        text = _read_text(args.text)
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
     levels = [s for s in args.levels.split(",") if s]
@@ -64,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
     text = None
     if args.text:
         try:
-            text = Path(args.text).read_text()
+            text = _read_text(args.text)
         except OSError as exc:
             raise _cli_error(f"cannot read {args.text}: {exc}") from exc
     import torch
@@ -86,7 +95,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if abs(args.key_bias) > MAX_STEP_CODE:  # every key channel's step code would sit at a bound
         raise _cli_error(f"--key-bias must be within +-{MAX_STEP_CODE} step codes, got {args.key_bias}")
     try:
-        text = Path(args.text).read_text()
+        text = _read_text(args.text)
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
     import torch

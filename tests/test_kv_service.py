@@ -1,0 +1,191 @@
+"""The daemon's KV service without the network: what ingest accepts, replaces and refuses, and how the
+store's capacity is kept without leaving a context half stored."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from tokenwire.daemon import kv_service as kvs
+from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_store import LocalChunkStore, chunk_hashes, object_key
+from tokenwire.transport.cachegen.codec import decode_chunk
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import KvFetch
+from tokenwire.transport.kv_channel import KVError
+
+from .test_kv_channel import CHUNK, MODEL, make_kv
+
+
+def _service(tmp_path, capacity=64 << 20) -> KVService:
+    return KVService(LocalChunkStore(tmp_path / "kv", capacity), chunk_tokens=CHUNK)
+
+
+def _decoded_error(svc: KVService, h: str, kv, level="high") -> float:
+    """Largest error of chunk ``h`` at ``level`` against ``kv``'s first chunk."""
+    got = decode_chunk(svc.encoded_sync(h, level))
+    return max(float((g.float() - w[:, :, :CHUNK].float()).abs().max())
+               for pair_g, pair_w in zip(got, kv, strict=True) for g, w in zip(pair_g, pair_w, strict=True))
+
+
+@pytest.mark.parametrize("change", ["fingerprint", "dtype", "geometry"])
+def test_reingesting_the_same_tokens_with_other_kv_replaces_the_chunk(tmp_path, change):
+    """The source was kept and the new metadata written over it: bf16 metadata over fp16 bytes, or the old
+    KV served under a fine-tune's fingerprint, with no error."""
+    svc = _service(tmp_path)
+    ids = list(range(CHUNK))
+    old = make_kv(CHUNK, seed=1)
+    (h,) = svc.ingest_sync(MODEL, ids, old, fingerprint=111, prewarm=["high"])
+    new, fp = make_kv(CHUNK, seed=2), 111
+    if change == "fingerprint":
+        fp = 222
+    elif change == "dtype":
+        new = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in new]
+    else:
+        new = [(k.reshape(1, 4, CHUNK, 8), v.reshape(1, 4, CHUNK, 8)) for k, v in make_kv(CHUNK, seed=2)]
+    svc.ingest_sync(MODEL, ids, new, fingerprint=fp)
+    plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+    assert plan.fingerprint == fp and plan.dtype == str(new[0][0].dtype).removeprefix("torch.")
+    assert _decoded_error(svc, h, new) < 0.5  # the new KV (quantized: ~0.13 on N(0, 1)); the old one is ~5 off
+    svc.close()
+
+
+def test_reingesting_identical_kv_keeps_what_is_stored(tmp_path):
+    svc = _service(tmp_path)
+    ids = list(range(CHUNK))
+    (h,) = svc.ingest_sync(MODEL, ids, make_kv(CHUNK), prewarm=["low"])
+    encodes = svc.encodes
+    svc.ingest_sync(MODEL, ids, make_kv(CHUNK))
+    assert svc.store.contains(object_key(h, "low"))  # not thrown away and encoded again
+    svc.encoded_sync(h, "low")
+    assert svc.encodes == encodes
+    svc.close()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"fingerprint": -5}, "fingerprint must be an integer in"),  # was stored, then broke every fetch's KV_META
+    ({"ids": [2**40, *range(7)]}, "token ids must be integers in [0, 2**31)"),
+    ({"model": ""}, "model must be a name of 1 to 128"),
+    ({"model": "m" * 129}, "model must be a name of 1 to 128"),
+])
+def test_ingest_refuses_what_no_fetch_could_name(tmp_path, kwargs, message):
+    svc = _service(tmp_path)
+    ids = kwargs.pop("ids", list(range(8)))
+    with pytest.raises(KVIngestError) as info:
+        svc.ingest_sync(kwargs.pop("model", MODEL), ids, make_kv(8), **kwargs)
+    assert message in str(info.value)
+    svc.close()
+
+
+def test_ingest_takes_numpy_token_ids(tmp_path):
+    svc = _service(tmp_path)
+    ids = np.arange(8, dtype=np.int64)  # a tokenizer's array
+    assert svc.ingest_sync(MODEL, ids, make_kv(8)) == chunk_hashes(list(range(8)), model=MODEL, chunk_tokens=CHUNK)
+    svc.close()
+
+
+def test_a_context_larger_than_the_store_is_refused_not_half_stored(tmp_path):
+    svc = _service(tmp_path, capacity=20_000)  # the 4-chunk context's sources alone are 32 KiB
+    with pytest.raises(KVIngestError, match="does not fit the store's capacity"):
+        svc.ingest_sync(MODEL, list(range(4 * CHUNK)), make_kv(4 * CHUNK))
+    assert svc.store.used_bytes == 0
+    svc.close()
+
+
+def test_encoding_levels_in_a_nearly_full_store_keeps_the_context_whole(tmp_path):
+    """Room for the context's sources and metadata and little more: its first fetch encoded levels that
+    evicted its own oldest sources and metadata ("chunk ... is no longer stored", orphans left behind)."""
+    ids = list(range(4 * CHUNK))
+    probe = _service(tmp_path / "probe")
+    probe.ingest_sync(MODEL, ids, make_kv(4 * CHUNK))
+    stored = probe.store.used_bytes
+    probe.close()
+    svc = _service(tmp_path, capacity=stored + 10_000)
+    hashes = svc.ingest_sync(MODEL, ids, make_kv(4 * CHUNK))
+    for _ in range(2):  # a second fetch too: nothing the first one did may have broken the context
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+        for i in range(len(hashes)):
+            assert svc.chunk_sync(plan, i, "high")
+    for h in hashes:
+        assert svc.store.contains(object_key(h, "src")) and svc.store.contains(object_key(h, "meta"))
+    assert svc.store.used_bytes <= svc.store.capacity_bytes
+    svc.close()
+
+
+def test_fetch_by_hashes_needs_the_chain_in_order(tmp_path):
+    svc = _service(tmp_path)
+    ids = list(range(2 * CHUNK))
+    h0, h1 = svc.ingest_sync(MODEL, ids, make_kv(2 * CHUNK))
+    ok = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, hashes=[bytes.fromhex(h0), bytes.fromhex(h1)]))
+    assert ok.handle == [h0, h1]
+    for wrong in ([h1, h0], [h1]):  # swapped chunks were served as a context; so was a chain's tail
+        with pytest.raises(KVError) as info:
+            svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, hashes=[bytes.fromhex(h) for h in wrong]))
+        assert info.value.code == ErrorCode.BAD_REQUEST
+    svc.close()
+
+
+def test_the_in_memory_caches_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(kvs, "CACHE_ENTRIES", 5)
+    svc = _service(tmp_path)
+    for n in range(12):
+        h = svc.ingest_sync(MODEL, [n] * 8, make_kv(8), prewarm=["low"])[0]
+        svc.encoded_sync(h, "low")
+    assert len(svc._meta) <= 5 and len(svc._sizes) <= 5
+    svc.close()
+
+
+def test_the_ingest_socket_answers_a_put_that_fails_unexpectedly(tmp_path, monkeypatch):
+    """A non-KV exception in the worker was an unhandled callback error and a connection closed unanswered."""
+    svc = _service(tmp_path)
+    sock = tmp_path / "ingest.sock"
+
+    def broken(*a, **k):
+        raise struct_error("argument out of range")
+
+    struct_error = type("error", (Exception,), {})
+    monkeypatch.setattr(svc, "ingest_raw_sync", broken)
+
+    async def go():
+        srv = await serve_kv_ingest(sock, svc)
+        try:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(KVIngestError) as info:
+                await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, list(range(8)), make_kv(8)))
+            return str(info.value)
+        finally:
+            srv.close()
+
+    assert asyncio.run(go()) == "ingest failed: error"
+    svc.close()
+
+
+def test_put_kv_unix_refuses_a_dtype_the_daemon_cannot_store(tmp_path):
+    """It sent the bytes anyway and reported the daemon's closed socket as a BrokenPipeError."""
+    kv = [(k.double(), v.double()) for k, v in make_kv(8)]
+    with pytest.raises(KVIngestError, match="unsupported dtype float64"):
+        put_kv_unix(tmp_path / "none.sock", MODEL, list(range(8)), kv)
+
+
+def test_the_ingest_socket_never_deletes_a_file_that_is_not_a_socket(tmp_path):
+    svc = _service(tmp_path)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    with pytest.raises(OSError, match="other than a socket"):
+        asyncio.run(serve_kv_ingest(precious, svc))
+    assert precious.read_text() == "keep me"
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+
+    async def go():
+        srv = await serve_kv_ingest(stale, svc)  # a stale socket of an earlier run is replaced
+        srv.close()
+
+    asyncio.run(go())
+    svc.close()
