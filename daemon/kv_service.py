@@ -119,12 +119,16 @@ class KVService:
     def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256) -> None:
         self.store = store
         self.chunk_tokens = chunk_tokens
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")  # fetches
+        # ingests (with their prewarm encodes) on their own worker: on the fetch worker, a fetch of a small
+        # encoded context waited behind another engine's ingest and missed its deadline (1.3 s against 0.15)
+        self.ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-ingest")
         # caches of what the store holds (a miss re-reads it): bounded, as a long-running daemon sees every
         # chunk it ever stored, evicted ones included
         self._meta: OrderedDict[str, ChunkMeta] = OrderedDict()
         self._sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._lock = threading.Lock()
+        self._chunk_locks = [threading.Lock() for _ in range(64)]
         self.encodes = 0
 
     # -- ingest (worker thread) -------------------------------------------------------------------------------
@@ -160,19 +164,20 @@ class KVService:
             lo = i * self.chunk_tokens
             meta = ChunkMeta(model, fp, geo.n_layers, geo.n_heads, geo.head_dim, dtype, i,
                              tuple(token_ids[lo : lo + self.chunk_tokens]))
-            if self._stored_as(h) != meta:
-                # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that kept
-                # its name): replace it whole; keeping the old source under the new metadata served wrong KV
-                for lv in LEVELS:
-                    self.store.delete(object_key(h, lv))
-                part = x[:, :, lo : lo + self.chunk_tokens].contiguous()
-                # source first, metadata last: a chunk with metadata always has its source
-                self.store.put(object_key(h, "src"), part.view(torch.uint8).numpy().tobytes())
-                self.store.put(object_key(h, "meta"), meta.pack())
-                with self._lock:
+            with self._chunk_lock(h):  # a fetch encoding this chunk meanwhile sees it before or after, whole
+                if self._stored_as(h) != meta:
+                    # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that
+                    # kept its name): replace it whole; the old source under new metadata served wrong KV
                     for lv in LEVELS:
-                        self._sizes.pop((h, lv), None)
-            self._remember(self._meta, h, meta)
+                        self.store.delete(object_key(h, lv))
+                    part = x[:, :, lo : lo + self.chunk_tokens].contiguous()
+                    # source first, metadata last: a chunk with metadata always has its source
+                    self.store.put(object_key(h, "src"), part.view(torch.uint8).numpy().tobytes())
+                    self.store.put(object_key(h, "meta"), meta.pack())
+                    with self._lock:
+                        for lv in LEVELS:
+                            self._sizes.pop((h, lv), None)
+                self._remember(self._meta, h, meta)
             for lv in prewarm:
                 self.encoded_sync(h, lv)
         return hashes
@@ -180,7 +185,7 @@ class KVService:
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, lambda: self.ingest_sync(
+        return await loop.run_in_executor(self.ingest_pool, lambda: self.ingest_sync(
             model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm))
 
     def ingest_raw_sync(self, model: str, token_ids: Sequence[int], shape: Sequence[int], dtype: str, data: bytes,
@@ -198,6 +203,10 @@ class KVService:
         t = t.reshape(*shape)
         kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
         return self.ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
+
+    def _chunk_lock(self, h: str) -> threading.Lock:
+        """One of a few locks, by chunk: an ingest replacing a chunk and a fetch encoding it take turns."""
+        return self._chunk_locks[int(h[:8], 16) % len(self._chunk_locks)]
 
     def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
         with self._lock:
@@ -235,6 +244,14 @@ class KVService:
         """Chunk ``h`` at ``level``: from the store, else encoded from its source now (and stored)."""
         key = object_key(h, level)
         data = self.store.get(key)
+        if data is not None:
+            self._remember(self._sizes, (h, level), len(data))
+            return data
+        with self._chunk_lock(h):  # the ingest worker may be replacing this chunk, or encoding it
+            return self._encode_locked(h, level, key)
+
+    def _encode_locked(self, h: str, level: str, key: str) -> bytes:
+        data = self.store.get(key)  # encoded by the other worker while this one waited
         if data is not None:
             self._remember(self._sizes, (h, level), len(data))
             return data
@@ -306,6 +323,7 @@ class KVService:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)
 
     def close(self) -> None:
+        self.ingest_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.store.close()
 
@@ -366,7 +384,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 loop = asyncio.get_running_loop()
                 call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data, fingerprint=fp,
                                          prewarm=prewarm)
-                hashes = await loop.run_in_executor(service.pool, call)
+                hashes = await loop.run_in_executor(service.ingest_pool, call)
                 reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
             except KVError as exc:  # StoreError included
                 reply({"ok": False, "error": str(exc)})

@@ -189,3 +189,32 @@ def test_the_ingest_socket_never_deletes_a_file_that_is_not_a_socket(tmp_path):
 
     asyncio.run(go())
     svc.close()
+
+
+def test_a_fetch_does_not_wait_behind_another_engines_ingest(tmp_path, monkeypatch):
+    """One worker for both: a small encoded context's fetch waited for a long ingest (1.3 s, deadline missed)."""
+    import threading
+
+    svc = _service(tmp_path)
+    ids = list(range(CHUNK))
+    svc.ingest_sync(MODEL, ids, make_kv(CHUNK), prewarm=["low"])
+    gate = threading.Event()
+    real = svc.ingest_sync
+
+    def long_ingest(*a, **k):
+        gate.wait(20)  # an ingest that is still running
+        return real(*a, **k)
+
+    monkeypatch.setattr(svc, "ingest_sync", long_ingest)
+
+    async def go():
+        other = asyncio.ensure_future(svc.ingest(MODEL, list(range(1000, 1000 + CHUNK)), make_kv(CHUNK, seed=3)))
+        try:
+            plan = await asyncio.wait_for(svc.resolve(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids)), 5)
+            return await asyncio.wait_for(svc.chunk(plan, 0, "low"), 5)
+        finally:
+            gate.set()
+            await other
+
+    assert asyncio.run(go())
+    svc.close()
