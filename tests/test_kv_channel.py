@@ -561,7 +561,12 @@ def test_connect_kv_fails_with_a_reason():
     ({"deadline_ms": 0}, "kvfetch.dl"),
     ({"deadline_ms": 1000, "controller": "nope"}, "kvfetch.ctl"),
     ({"deadline_ms": 1000, "token_ids": [-1]}, "kvfetch.ids"),
-], ids=["deadline", "controller", "token_id"])
+    ({"deadline_ms": float("nan")}, "deadline_ms must be a finite number"),
+    ({"deadline_ms": float("inf")}, "deadline_ms must be a finite number"),
+    ({"deadline_ms": 1000, "token_ids": [1, 2.0]}, r"token_ids\[1\] is 2.0 \(float\), not an integer"),
+    ({"deadline_ms": 1000, "token_ids": [True]}, r"token_ids\[0\] is True \(bool\)"),
+    ({"deadline_ms": 1000, "token_ids": None, "hashes": ["not hex"]}, r"hashes\[0\] is not a hex string"),
+], ids=["deadline", "controller", "token_id", "deadline-nan", "deadline-inf", "float-id", "bool-id", "bad-hex"])
 def test_invalid_fetch_is_refused_locally_and_the_connection_lives_on(service, kwargs, message):
     ids = list(range(CHUNK))
     service.ingest_sync(MODEL, ids, make_kv(CHUNK, 3))
@@ -599,3 +604,134 @@ def test_unix_socket_ingest_answers_a_bad_header(service, tmp_path, header):
 
     answer, rest = run(go())
     assert json.loads(answer)["ok"] is False and rest == b""
+
+
+def test_fetch_takes_a_tokenizers_numpy_ids_and_the_hex_hashes_ingest_returns(service):
+    """numpy integers (a tokenizer's array) failed in msgpack with a TypeError; ingest's hex hash strings were
+    refused as "each chunk hash must be 16 bytes"."""
+    import numpy as np
+
+    ids = list(range(2 * CHUNK))
+    hashes = service.ingest_sync(MODEL, ids, make_kv(len(ids), 9), prewarm=["low"])
+    assert all(isinstance(h, str) for h in hashes)
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            by_ids = await conn.fetch_kv(model=MODEL, token_ids=np.array(ids, dtype=np.int64), deadline_ms=5000,
+                                         controller="fixed-L1")
+            by_hashes = await conn.fetch_kv(model=MODEL, hashes=hashes, deadline_ms=np.float64(5000),
+                                            controller="fixed-L1")
+            return by_ids, by_hashes
+
+    by_ids, by_hashes = run(go())
+    for res in (by_ids, by_hashes):
+        assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == len(ids)
+    assert torch.equal(by_ids.prefix_kv()[0][0][0], by_hashes.prefix_kv()[0][0][0])
+
+
+def test_a_fetch_failing_on_one_chunk_leaves_no_unretrieved_decode_errors(service, monkeypatch):
+    """When chunk 0 fails to decode, the other chunks' decodes were never awaited: asyncio logged "Future
+    exception was never retrieved" for each one that failed too."""
+    import gc
+
+    from tokenwire.transport import kv_channel as kc
+
+    ids = list(range(3 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 10), prewarm=["low"])
+
+    def broken(self, pf, hdr, payload):
+        raise KVCorruptChunk(f"chunk {hdr.index} does not decode")
+
+    monkeypatch.setattr(kc.KVConnection, "_decode", broken)
+    reported: list[dict] = []
+
+    async def go():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        async with kv_client(service) as (conn, _):
+            try:
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            except KVCorruptChunk as exc:
+                failed = str(exc)
+            # every decode has run (one worker thread, in order) and its outcome reached its future
+            await asyncio.get_running_loop().run_in_executor(conn._pool, lambda: None)
+            gc.collect()
+            return failed
+
+    assert run(go()) == "chunk 0 does not decode"
+    assert [c.get("message") for c in reported] == []
+
+
+def test_fetches_carry_the_auth_token_given_to_connect_kv(service):
+    """A server with authorize= checks each fetch's token; the SDK had no way to send one."""
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 11), prewarm=["low"])
+    seen: list[str | None] = []
+
+    def authorize(token):
+        seen.append(token)
+        return token == "s3cret"
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"),
+                                authorize=authorize)
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False, auth_token="s3cret") as conn:
+                levels = [(await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000,
+                                               controller="fixed-L1")).report.levels for _ in range(2)]
+            refused = []
+            for token in (None, "wrong"):
+                async with connect_kv("127.0.0.1", server.port, verify=False, auth_token=token) as conn:
+                    with pytest.raises(RemoteError) as ei:
+                        await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+                    refused.append((ei.value.code, str(ei.value)))
+                    assert not conn.closed  # only the fetch is refused
+            return levels, refused
+        finally:
+            server.close()
+
+    levels, refused = run(go())
+    assert levels == [["low"], ["low"]]
+    assert refused == [(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")] * 2
+    assert seen == ["s3cret", "s3cret", None, "wrong"]
+
+
+def test_a_long_fetch_over_the_servers_limit_fails_alone(service):
+    """End to end: a fetch of many token ids (its KV_FETCH spans packets) refused for the concurrency limit.
+    The rest of its KV_FETCH raised RuntimeError in the server's event loop (the datagram's other events lost)
+    or, once a slot had freed, closed the whole connection (FRAME_TOO_LARGE)."""
+    from tokenwire.transport import kv_channel as kc
+
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 12), prewarm=["low"])
+    real = service.resolve
+    resolving, release = asyncio.Event(), asyncio.Event()
+
+    async def held(fetch):  # the first fetch holds its slot until the long one has been refused
+        resolving.set()
+        await release.wait()
+        return await real(fetch)
+
+    service.resolve = held
+    reported: list[dict] = []
+
+    async def go():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        async with kv_client(service) as (conn, server):
+            next(iter(server.protocols)).kv.max_fetches = 1
+            first = asyncio.ensure_future(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000,
+                                                        controller="fixed-L1"))
+            await resolving.wait()
+            with pytest.raises(RemoteError) as ei:
+                await conn.fetch_kv(model=MODEL, token_ids=list(range(40_000)), deadline_ms=5000)
+            release.set()
+            service.resolve = real
+            res = await first
+            again = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            return ei.value.code, res, again, dict(server.stats), next(iter(server.protocols)).kv
+
+    code, res, again, stats, session = run(go())
+    assert [c.get("message") for c in reported] == []
+    assert code == ErrorCode.LIMIT_EXCEEDED
+    assert res.report.levels == again.report.levels == ["low"]
+    assert isinstance(session, kc.KVServerSession) and not session._ended  # the client's FIN or reset came
+    assert stats["refused"] == 1 and stats["fetches"] == 2  # the long one never became a fetch

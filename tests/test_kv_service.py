@@ -218,3 +218,47 @@ def test_a_fetch_does_not_wait_behind_another_engines_ingest(tmp_path, monkeypat
 
     assert asyncio.run(go())
     svc.close()
+
+
+def test_kv_fetches_need_a_token_in_force_now(tmp_path):
+    """connect_kv had no way to send a token (every fetch of an [auth] daemon was UNAUTHORIZED), and the KV
+    check kept the tokens of the daemon's start: one revoked by SIGHUP kept fetching."""
+    from tokenwire.daemon.config import hash_token, load_config
+    from tokenwire.daemon.service import Daemon
+    from tokenwire.transport.errors import RemoteError
+    from tokenwire.transport.kv_channel import connect_kv
+
+    sock, path = tmp_path / "kv.sock", tmp_path / "tokenwire.toml"
+
+    def write(names):
+        tokens = ", ".join(f'{{ name = "{n}", sha256 = "{hash_token(n + "-token")}" }}' for n in names)
+        path.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = ""\n[auth]\ntokens = [{tokens}]\n'
+                        f'[kv]\nenabled = true\nlisten = "127.0.0.1:0"\ndirectory = "{tmp_path / "store"}"\n'
+                        f'chunk_tokens = {CHUNK}\ningest_socket = "{sock}"\nforecaster = "ewma"\n')
+
+    write(["alice"])
+    ids = list(range(40))
+
+    async def fetch(port, token):
+        async with connect_kv("127.0.0.1", port, verify=False, auth_token=token) as conn:
+            try:
+                res = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+                return res.prefix_kv()[1]
+            except RemoteError as exc:
+                return exc.code
+
+    async def go():
+        daemon = Daemon(load_config(path))
+        await daemon.start()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(40)))
+            port = daemon.kv.server.port
+            before = [await fetch(port, "alice-token"), await fetch(port, None)]
+            write(["bob"])
+            assert daemon.reload()
+            return [*before, await fetch(port, "alice-token"), await fetch(port, "bob-token")]
+        finally:
+            await daemon.stop()
+
+    assert asyncio.run(go()) == [40, ErrorCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, 40]

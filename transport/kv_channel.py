@@ -10,6 +10,11 @@ Protocol (ALPN ``tokenwire-kv/1``, its own QUIC endpoint so bulk KV gets its own
   CRC-32) then ``size`` raw payload bytes and FIN. A payload is one self-contained CacheGen bitstream, or the
   chunk's token ids (int32 LE) when sent as text. A lost packet delays only its own chunk's stream.
 
+A fetch the server refuses (over its concurrency limit) or ends early (``reject``) ends alone: ERROR and FIN,
+STOP_SENDING for whatever the client still sends on that stream, and anything that still arrives there (the
+rest of a KV_FETCH of many token ids, a KV_ACK that crossed the ERROR) is dropped until the client's FIN or
+reset, never read as a new fetch. Either side survives the other's STOP_SENDING on a fetch stream.
+
 The server decides each chunk's level just before writing it (when QUIC has acknowledged all of the fetch's
 bytes but for a look-ahead: one min-RTT plus 100 ms at the measured rate), with
 :class:`~tokenwire.transport.kv_controller.KVController`. The client decodes each chunk on a worker thread as
@@ -27,15 +32,17 @@ import contextlib
 import functools
 import logging
 import math
+import numbers
+import operator
 import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsIndex
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
@@ -176,6 +183,16 @@ class KVChunkNeeded(SessionEvent):
 
 
 @dataclass
+class KVFetchRefused(SessionEvent):
+    """Server: the session itself refused a fetch stream (too many at once) with an ERROR; the connection and
+    its other fetches go on. For the driver's logs and counters only."""
+
+    stream_id: int
+    code: int
+    reason: str
+
+
+@dataclass
 class KVFetchClosed(SessionEvent):
     stream_id: int
     levels: list[str]
@@ -225,6 +242,11 @@ class KVServerSession(_SessionBase):
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
         self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
+        # Fetch streams this side has ended (refused, rejected) while the client's side is still open: what the
+        # client sent before it saw our ERROR (the rest of a long KV_FETCH, a KV_ACK that crossed the ERROR)
+        # still arrives, and must not read as a new fetch. Forgotten on the client's FIN or reset, which our
+        # STOP_SENDING brings about at once; bounded by the client's stream credit meanwhile.
+        self._ended: set[int] = set()
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -306,6 +328,7 @@ class KVServerSession(_SessionBase):
         self._send(stream_id, Error(int(code), message[:1024]), end=True)
         f.closed = True
         self.fetches.pop(stream_id, None)
+        self._stop_receiving(stream_id, code)  # a KV_ACK may be on its way: it must not read as a new fetch
 
     def poll(self, now: float) -> list[SessionEvent]:
         """Ask for the next chunk of every fetch whose previous chunk is (nearly) on the wire."""
@@ -456,11 +479,14 @@ class KVServerSession(_SessionBase):
         f = self.fetches.get(stream_id)
         out: list[SessionEvent] = []
         if f is None:
+            if stream_id in self._ended:  # late data of a fetch this side already ended
+                if end:
+                    self._ended.discard(stream_id)
+                return []
             if not data and end:
                 return []
             if len(self.fetches) >= self.max_fetches:
-                self._send(stream_id, Error(ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches"), end=True)
-                return []
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
             f = ServerFetch(stream_id, None, StreamDecoder(), now)
             self.fetches[stream_id] = f
         try:
@@ -482,6 +508,23 @@ class KVServerSession(_SessionBase):
                 self.fetches.pop(stream_id, None)
                 out.append(KVFetchClosed(stream_id, list(f.levels), False))
         return out
+
+    def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
+        """Refuse a fetch stream before it becomes a fetch: ERROR and FIN, and STOP_SENDING for the rest of what
+        the client is still sending (a KV_FETCH of many token ids spans packets). Only this fetch ends."""
+        self._send(stream_id, Error(int(code), reason[:1024]), end=True)
+        if not end:
+            self._stop_receiving(stream_id, code)
+        return [KVFetchRefused(stream_id, int(code), reason)]
+
+    def _stop_receiving(self, stream_id: int, code: int) -> None:
+        """This side is done with a fetch stream whose client side is still open: drop what still arrives on it
+        and ask the client to stop sending (its QUIC stack then resets its side, which ends the stream)."""
+        stream = self.quic._streams.get(stream_id)
+        if stream is None or stream.receiver.is_finished:
+            return  # the client's FIN or reset is already in: nothing more will arrive
+        self._ended.add(stream_id)
+        self.quic.stop_stream(stream_id, int(code))
 
     def _on_frame(self, f: ServerFetch, frame: Frame, now: float) -> list[SessionEvent]:
         if f.fetch is None:
@@ -523,15 +566,32 @@ class KVServerSession(_SessionBase):
         raise ProtocolError("the KV channel carries no datagrams")
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        self._ended.discard(stream_id)
         f = self.fetches.pop(stream_id, None)
         if f is None:
             return []
         f.closed = True
         return [KVFetchClosed(stream_id, list(f.levels), False)]
 
+    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        if isinstance(event, qe.StopSendingReceived):
+            return self._on_stop_sending(event.stream_id)
+        return super()._handle_quic_event(event, now)
+
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        """The client asked us to stop sending on its fetch stream (aioquic has reset our side: writing KV_META,
+        KV_DONE or an ERROR on it now would raise): it gave up on the fetch, which ends alone."""
+        f = self.fetches.pop(stream_id, None)
+        if f is None:
+            return []
+        f.closed = True
+        self._stop_receiving(stream_id, ErrorCode.CANCELLED)
+        return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
+
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False) for f in self.fetches.values()]
         self.fetches.clear()
+        self._ended.clear()
         return out
 
     def _session_timer(self) -> float | None:
@@ -592,6 +652,9 @@ class KVClientSession(_SessionBase):
         self.decoders: dict[int, StreamDecoder] = {}
         self.incoming: dict[int, _Incoming] = {}
         self.ecn_counts: Callable[[], list[int]] | None = None
+        # fetch streams this side may still write on (KV_ACKs, the final FIN): not after our FIN, nor after the
+        # server's STOP_SENDING (aioquic has reset our side then, and a write would raise)
+        self._sending: set[int] = set()
 
     def _session_timer(self) -> float | None:
         """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
@@ -606,18 +669,33 @@ class KVClientSession(_SessionBase):
     def fetch(self, request: KvFetch) -> int:
         sid = self.quic.get_next_available_stream_id()
         self.decoders[sid] = StreamDecoder()
+        self._sending.add(sid)
         self._send(sid, request)
         return sid
 
     def ack(self, fetch_sid: int, header: KvChunk, first_at: float, done_at: float) -> None:
-        if fetch_sid not in self.decoders:
+        if fetch_sid not in self.decoders or fetch_sid not in self._sending:
             return
         ecn = self.ecn_counts() if self.ecn_counts is not None else None
         self._send(fetch_sid, KvAck(header.index, header.size, int(first_at * 1e6), int(done_at * 1e6), ecn))
 
     def finish(self, fetch_sid: int) -> None:
-        if self.decoders.pop(fetch_sid, None) is not None:
-            self._fin(fetch_sid)
+        """The fetch is over for the caller (done, failed or given up): FIN our side of its stream."""
+        self.decoders.pop(fetch_sid, None)
+        self._end_sending(fetch_sid)
+
+    def _end_sending(self, sid: int) -> None:
+        if sid in self._sending:
+            self._sending.discard(sid)
+            self._fin(sid)
+
+    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        if isinstance(event, qe.StopSendingReceived):
+            # the server wants nothing more on this stream (it refused or rejected the fetch; its ERROR may still
+            # be on its way): aioquic has reset our side, so no KV_ACK or FIN may be written on it any more
+            self._sending.discard(event.stream_id)
+            return []
+        return super()._handle_quic_event(event, now)
 
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         if stream_id % 4 == 3:
@@ -640,6 +718,8 @@ class KVClientSession(_SessionBase):
                 out.append(KVFetchFailed(stream_id, err_cls(fr.message, code=ErrorCode(fr.code)
                                                             if fr.code in ErrorCode._value2member_map_ else None)))
                 self.decoders.pop(stream_id, None)
+                self._end_sending(stream_id)  # the fetch is over: our FIN closes the stream at once
+                break  # the server's FIN follows its ERROR; nothing after it is read
             else:
                 raise ProtocolError(f"fetch stream {stream_id}: unexpected {type(fr).__name__} frame")
         return out
@@ -684,6 +764,7 @@ class KVClientSession(_SessionBase):
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         if stream_id in self.decoders:
             self.decoders.pop(stream_id, None)
+            self._end_sending(stream_id)
             return [KVFetchFailed(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))]
         return []
 
@@ -691,6 +772,7 @@ class KVClientSession(_SessionBase):
         err = closed_error(event.error_code, event.reason_phrase, self.quic.configuration.idle_timeout, "KV connection")
         out: list[SessionEvent] = [KVFetchFailed(s, err) for s in self.decoders]
         self.decoders.clear()
+        self._sending.clear()
         return out
 
 
@@ -720,6 +802,9 @@ class KVServerProtocol(SessionProtocol):
                 self._spawn(self._resolve(ev.stream_id, ev.fetch))
             elif isinstance(ev, KVChunkNeeded):
                 self._spawn(self._chunk(ev))
+            elif isinstance(ev, KVFetchRefused):
+                self.app.stats["refused"] += 1
+                log.warning("refused KV fetch stream %d: %s", ev.stream_id, ev.reason)
             elif isinstance(ev, KVFetchClosed):
                 self.app.stats["completed" if ev.complete else "abandoned"] += 1
                 if self.app.on_fetch_closed is not None:
@@ -933,11 +1018,75 @@ class _PendingFetch:
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _deadline_ms(deadline_ms: float) -> int:
+    """The deadline as whole milliseconds; NaN, infinities and non-numbers are refused here (``int()`` would
+    raise a bare "cannot convert float NaN to integer"). The range is the frame's check (``check_outgoing``)."""
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real) or not math.isfinite(deadline_ms):
+        raise ValueError(f"deadline_ms must be a finite number of milliseconds, got {deadline_ms!r}")
+    return int(deadline_ms)
+
+
+def _token_ids(token_ids: Iterable[SupportsIndex] | None) -> list[int] | None:
+    """Token ids as Python ints: a tokenizer's numpy or torch integers are fine (msgpack cannot carry them),
+    anything that is not an integer (floats, bools, strings) is refused by position."""
+    if token_ids is None:
+        return None
+    if isinstance(token_ids, str | bytes | bytearray):
+        raise ValueError("token_ids must be a sequence of integers, not a string")
+    try:
+        items = list(token_ids)
+    except TypeError:
+        raise ValueError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}") from None
+    out: list[int] = []
+    for i, t in enumerate(items):
+        try:
+            if isinstance(t, bool):  # an int subclass, but never a token id
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise ValueError(f"token_ids[{i}] is {t!r} ({type(t).__name__}), not an integer") from None
+    return out
+
+
+def _chunk_hashes(hashes: Iterable[bytes | str] | None) -> list[bytes] | None:
+    """Chunk hashes as 16-byte ``bytes``; the hex strings ingest returns are taken as they are."""
+    if hashes is None:
+        return None
+    if isinstance(hashes, str | bytes | bytearray):
+        raise ValueError("hashes must be a list of chunk hashes, not a single one")
+    out: list[bytes] = []
+    for i, h in enumerate(hashes):
+        if isinstance(h, str):
+            try:
+                h = bytes.fromhex(h)
+            except ValueError:
+                raise ValueError(f"hashes[{i}] is not a hex string: {h[:48]!r}") from None
+        elif isinstance(h, bytes | bytearray | memoryview):
+            h = bytes(h)
+        else:
+            raise ValueError(f"hashes[{i}] is a {type(h).__name__}: chunk hashes are 16 bytes or their hex string "
+                             "(as ingest returns them)")
+        out.append(h)
+    return out
+
+
+def _forget_decodes(pf: _PendingFetch) -> None:
+    """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
+    and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
+    for fut in pf.decodes.values():
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
+
+
 class KVConnection(SessionProtocol):
     """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
 
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu") -> None:
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu",
+                 auth_token: str | None = None) -> None:
         super().__init__(quic, stream_handler, session_factory=KVClientSession)
+        self._auth = auth_token
         self._fetches: dict[int, _PendingFetch] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-decode")
         self.decode_device = decode_device
@@ -1015,28 +1164,34 @@ class KVConnection(SessionProtocol):
         finally:
             pf.decode_times[hdr.index] = (t0, time.monotonic())
 
-    async def fetch_kv(self, *, model: str, deadline_ms: int, token_ids: list[int] | None = None,
-                       hashes: list[bytes] | None = None, controller: str = "tokenwire",
+    async def fetch_kv(self, *, model: str, deadline_ms: float, token_ids: Iterable[SupportsIndex] | None = None,
+                       hashes: Iterable[bytes | str] | None = None, controller: str = "tokenwire",
                        recompute_us_per_token: int | None = None, timeout_s: float | None = None
                        ) -> KVFetchResult:
         """Fetch a context's KV (by token ids or chunk hashes) within ``deadline_ms``.
 
+        ``token_ids``: any integers (Python, numpy or torch, e.g. a tokenizer's array); ``hashes``: the chunk
+        hashes as ingest returns them (hex strings) or as 16-byte ``bytes``, in chain order from chunk 0.
+
         Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
         as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` or
         :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid). A fetch the
-        server would refuse (a deadline of 0, an unknown controller) raises ``ValueError`` before it is sent.
+        server would refuse (a deadline of 0, an unknown controller, a non-integer token id) raises
+        ``ValueError`` before it is sent.
         """
         if self.close_error is not None:
             raise self.close_error
-        req = KvFetch(model=model, deadline_ms=int(deadline_ms), token_ids=token_ids, hashes=hashes,
-                      controller=controller, recompute_us_per_token=recompute_us_per_token)
+        deadline = _deadline_ms(deadline_ms)
+        ids = _token_ids(token_ids)
+        req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=_chunk_hashes(hashes),
+                      controller=controller, recompute_us_per_token=recompute_us_per_token, auth=self._auth)
         check_outgoing(req, "fetch")
-        pf = _PendingFetch(self.clock(), int(deadline_ms), controller, token_ids)
+        pf = _PendingFetch(self.clock(), deadline, controller, ids)
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
         self.transmit()
         try:
-            await asyncio.wait_for(pf.event.wait(), timeout_s or max(60.0, 20 * deadline_ms / 1000))
+            await asyncio.wait_for(pf.event.wait(), timeout_s or max(60.0, 20 * deadline / 1000))
             if pf.error is not None:
                 raise pf.error
             assert pf.done is not None and pf.meta is not None
@@ -1052,7 +1207,8 @@ class KVConnection(SessionProtocol):
             self.kv.finish(sid)
             self.transmit()
             self._fetches.pop(sid, None)
-        report = FetchReport.from_timings(deadline_ms=int(deadline_ms), controller=controller, sent_at=pf.sent_at,
+            _forget_decodes(pf)
+        report = FetchReport.from_timings(deadline_ms=deadline, controller=controller, sent_at=pf.sent_at,
                                           end=end, received=pf.received, decode_times=pf.decode_times)
         return KVFetchResult(results, report, tuple(pf.meta.geometry))  # type: ignore[arg-type]
 
@@ -1064,14 +1220,17 @@ class KVConnection(SessionProtocol):
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
                      server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False,
-                     timeout: float = 10.0) -> AsyncIterator[KVConnection]:
+                     timeout: float = 10.0, auth_token: str | None = None) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
+
+    ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
+    as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
 
     Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
     without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
     """
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, verify=verify))
-    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
-                           create_protocol=functools.partial(KVConnection, decode_device=decode_device)) as p:
+    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token)
+    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)
         yield p

@@ -1,0 +1,287 @@
+"""A KV fetch the server refuses or ends early ends alone: the connection and its other fetches go on.
+
+The client keeps sending on such a fetch stream until it sees the server's ERROR (the rest of a KV_FETCH of
+many token ids, a KV_ACK that crossed the ERROR); none of it may read as a new fetch or a protocol violation.
+And either side must survive the other's STOP_SENDING on a fetch stream it still writes on.
+
+Sans-I/O: real aioquic connections and the real KV sessions, on a hand-driven in-memory wire.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aioquic.buffer import Buffer
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import pull_quic_header
+
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import KvFetch
+from tokenwire.transport.kv_channel import (
+    ContextPlan,
+    KVChunkNeeded,
+    KVChunkReceived,
+    KVClientSession,
+    KVDoneReceived,
+    KVFetchClosed,
+    KVFetchFailed,
+    KVFetchRefused,
+    KVFetchRequested,
+    KVNotFound,
+    KVServerSession,
+    ServerTuning,
+    kv_quic_config,
+)
+from tokenwire.transport.kv_controller import LEVELS
+from tokenwire.transport.session import ConnectionEnded
+from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
+
+CLIENT = ("10.0.0.2", 1234)
+SERVER = ("10.0.0.1", 4434)
+CHUNK_BYTES = 3000
+
+
+def _ewma(kind: str):
+    from tokenwire.predictor.bandwidth import make_forecaster
+
+    return make_forecaster("ewma")
+
+
+def _plan(chunks: int) -> ContextPlan:
+    return ContextPlan(16, [16] * chunks, [1000] * chunks, [dict.fromkeys(LEVELS, CHUNK_BYTES)] * chunks,
+                       (1, 1, 1), 0, "float16")
+
+
+class KVPair:
+    """A KV client and server session; ``exchange`` moves datagrams until both sides are quiet.
+
+    With ``serve`` on, the pair answers the server's events the way the asyncio shell does: a fetch is
+    started with a plan of ``chunks`` chunks and every chunk asked for is sent at once; the client acks each
+    chunk it receives. Tests that need a fetch held at some point turn it off and drive the sessions by hand.
+    """
+
+    def __init__(self, *, max_fetches: int = 16, chunks: int = 2) -> None:
+        cfg = kv_quic_config(client_configuration(cadata=dev_cert().cert_pem, server_name="localhost"))
+        self.client = KVClientSession(QuicConnection(configuration=cfg))
+        self.server: KVServerSession | None = None
+        self.max_fetches = max_fetches
+        self.chunks = chunks
+        self.serve = True
+        self.now = 0.0
+        self.client_events: list = []
+        self.server_events: list = []
+        self.client.quic.connect(SERVER, now=self.now)
+        self.exchange(rounds=40)  # handshake
+        assert self.server is not None
+
+    def _server_for(self, data: bytes) -> KVServerSession:
+        if self.server is None:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            quic = QuicConnection(configuration=kv_quic_config(server_configuration()),
+                                  original_destination_connection_id=header.destination_cid)
+            self.server = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"), max_fetches=self.max_fetches,
+                                          forecaster_factory=_ewma)
+        return self.server
+
+    def _on_server(self, events: list) -> None:
+        self.server_events += events
+        if not self.serve:
+            return
+        assert self.server is not None
+        for ev in events:
+            if isinstance(ev, KVFetchRequested):
+                self.server.start(ev.stream_id, _plan(self.chunks), self.now)
+                self._on_server(self.server.poll(self.now))
+            elif isinstance(ev, KVChunkNeeded):
+                self.server.send_chunk(ev.stream_id, ev.index, ev.level, b"k" * CHUNK_BYTES, self.now)
+
+    def _on_client(self, events: list) -> None:
+        self.client_events += events
+        if not self.serve:
+            return
+        for ev in events:
+            if isinstance(ev, KVChunkReceived):
+                self.client.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
+
+    def exchange(self, rounds: int = 50, dt: float = 0.005) -> None:
+        for _ in range(rounds):
+            self.now += dt
+            moved = False
+            # timers first: the sessions' own (the server's chunk poll) are due POLL_S after their last event
+            for sess, sink in ((self.client, self._on_client), (self.server, self._on_server)):
+                t = sess.get_timer() if sess is not None else None
+                if t is not None and t <= self.now:
+                    sink(sess.handle_timer(self.now))
+                    moved = True
+            for data, _ in self.client.datagrams_to_send(self.now):
+                moved = True
+                srv = self._server_for(data)
+                self._on_server(srv.receive_datagram(data, CLIENT, self.now))
+            if self.server is not None:
+                for data, _ in self.server.datagrams_to_send(self.now):
+                    moved = True
+                    self._on_client(self.client.receive_datagram(data, SERVER, self.now))
+            if not moved:
+                timers = [t for t in (self.client.get_timer(), self.server and self.server.get_timer()) if t]
+                if not timers or min(timers) > self.now + 5.0:
+                    return  # quiet: only the idle timeout is left
+                self.now = max(self.now, min(timers) - dt)
+
+    def fetch(self, n_ids: int = 32) -> int:
+        return self.client.fetch(KvFetch(model="m", deadline_ms=5000, token_ids=list(range(n_ids))))
+
+    def outcome(self, sid: int):
+        """KVDoneReceived once the fetch completed (every chunk in), the KVFetchFailed if it failed, else None."""
+        for e in self.client_events:
+            if isinstance(e, KVFetchFailed) and e.stream_id == sid:
+                return e
+        got = {e.header.index for e in self.client_events if isinstance(e, KVChunkReceived) and e.stream_id == sid}
+        for e in self.client_events:
+            if isinstance(e, KVDoneReceived) and e.stream_id == sid and len(got) == e.done.chunks:
+                return e
+        return None
+
+    def requested(self) -> list[int]:
+        return [e.stream_id for e in self.server_events if isinstance(e, KVFetchRequested)]
+
+    def assert_connection_up(self) -> None:
+        assert not any(isinstance(e, ConnectionEnded) for e in self.client_events + self.server_events)
+        self.serve = True
+        sid = self.fetch()
+        self.exchange(rounds=200)
+        assert isinstance(self.outcome(sid), KVDoneReceived)
+        self.client.finish(sid)
+        self.exchange(rounds=100)
+
+
+def test_a_long_fetch_over_the_concurrency_limit_is_refused_alone():
+    pair = KVPair(max_fetches=1)
+    running = pair.fetch()
+    pair.exchange(rounds=100)
+    assert isinstance(pair.outcome(running), KVDoneReceived)  # done, but open until the client's FIN
+    # a KV_FETCH of ~60 packets: the refusal goes out after its first, and the rest keeps arriving
+    refused = pair.fetch(n_ids=15_000)
+    pair.exchange(rounds=300)
+
+    failed = pair.outcome(refused)
+    assert isinstance(failed, KVFetchFailed) and failed.error.code == ErrorCode.LIMIT_EXCEEDED
+    assert [(e.stream_id, e.code) for e in pair.server_events if isinstance(e, KVFetchRefused)] == [
+        (refused, ErrorCode.LIMIT_EXCEEDED)]
+    assert pair.requested() == [running]  # the tail of the refused fetch never became a fetch
+    assert not pair.server._ended and not pair.client._sending - {running}  # the stream is closed both ways
+    pair.client.finish(running)
+    pair.exchange(rounds=100)
+    closed = [e for e in pair.server_events if isinstance(e, KVFetchClosed)]
+    assert [(e.stream_id, e.complete) for e in closed] == [(running, True)]
+    pair.assert_connection_up()
+
+
+@pytest.mark.parametrize("while_full", [1, 0], ids=["some-while-full", "all-after"])
+def test_the_tail_of_a_refused_fetch_is_dropped_when_a_slot_frees_meanwhile(while_full):
+    """The rest of a refused KV_FETCH arrives after another fetch ended. It was parsed as a new fetch (a length
+    prefix from the middle of a token list: FRAME_TOO_LARGE, the whole connection closed); while the limit
+    still held, it raised RuntimeError (an ERROR written after the stream's FIN) out of the event handler."""
+    pair = KVPair(max_fetches=1)
+    pair.serve = False
+    running = pair.fetch()
+    pair.exchange(rounds=40)
+    assert pair.requested() == [running]
+    pair.server.start(running, _plan(1), pair.now)
+    refused = pair.fetch(n_ids=15_000)
+    flight: list[bytes] = []
+    for _ in range(20):  # what the client sends before it hears anything back (paced, then cwnd-limited)
+        pair.now += 0.001
+        flight += [data for data, _ in pair.client.datagrams_to_send(pair.now)]
+    assert len(flight) >= 3  # part of the fetch only: ~75 kB
+
+    def deliver(datagrams: list[bytes]) -> list:
+        events = []
+        for data in datagrams:
+            events += pair.server.receive_datagram(data, CLIENT, pair.now)
+        pair.server_events += events
+        return events
+
+    first = deliver(flight[:1])
+    later = deliver(flight[1 : 1 + while_full])  # more of it, while the limit still holds
+    pair.server.reject(running, ErrorCode.NOT_FOUND, "gone")  # a slot frees
+    later += deliver(flight[1 + while_full :])
+    pair.exchange(rounds=300)
+
+    for sid, code in ((running, ErrorCode.NOT_FOUND), (refused, ErrorCode.LIMIT_EXCEEDED)):
+        failed = pair.outcome(sid)
+        assert isinstance(failed, KVFetchFailed) and failed.error.code == code
+    assert later == [] and pair.requested() == [running]
+    assert first == [KVFetchRefused(refused, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches")]
+    assert not pair.server._ended and not pair.client._sending  # both streams closed both ways
+    pair.assert_connection_up()
+
+
+def test_a_kv_ack_crossing_the_servers_error_is_dropped():
+    """The server rejects a fetch mid-way (a chunk evicted: NOT_FOUND) while the client's KV_ACK for the chunk
+    it already has is on its way; that KV_ACK was read as a new fetch's first frame and closed the connection."""
+    pair = KVPair()
+    pair.serve = False
+    sid, other = pair.fetch(), pair.fetch()
+    pair.exchange(rounds=40)
+    assert pair.requested() == [sid, other]  # the other one waits (for its store, say)
+    pair.server.start(sid, _plan(2), pair.now)
+    pair.server.send_chunk(sid, 0, "low", b"k" * CHUNK_BYTES, pair.now)
+    pair.exchange(rounds=40)
+    got = [e for e in pair.client_events if isinstance(e, KVChunkReceived) and e.stream_id == sid]
+    assert len(got) == 1
+    # both ends act before either hears the other
+    pair.server.reject(sid, ErrorCode.NOT_FOUND, "chunk 1 is no longer stored (evicted or corrupt)")
+    pair.client.ack(sid, got[0].header, got[0].first_at, got[0].done_at)
+    pair.exchange(rounds=100)
+
+    failed = pair.outcome(sid)
+    assert isinstance(failed, KVFetchFailed) and isinstance(failed.error, KVNotFound)
+    assert not pair.server._ended and sid not in pair.client._sending  # the stream is closed both ways
+    pair.serve = True  # the other fetch carries on
+    pair.server.start(other, _plan(2), pair.now)
+    pair.exchange(rounds=200)
+    assert isinstance(pair.outcome(other), KVDoneReceived)
+    pair.assert_connection_up()
+
+
+def test_the_client_survives_stop_sending_on_a_fetch_it_is_still_sending():
+    """STOP_SENDING resets the client's side of the fetch stream (aioquic): a KV_ACK or FIN written on it
+    after that raised RuntimeError ("Cannot send data after the stream was reset") out of the event handler."""
+    pair = KVPair()
+    pair.serve = False
+    sid = pair.fetch()
+    pair.exchange(rounds=40)
+    pair.server.start(sid, _plan(2), pair.now)
+    pair.server.send_chunk(sid, 0, "low", b"k" * CHUNK_BYTES, pair.now)
+    pair.server.quic.stop_stream(sid, ErrorCode.CANCELLED)  # e.g. with its ERROR's packet lost
+    pair.exchange(rounds=40)
+    got = [e for e in pair.client_events if isinstance(e, KVChunkReceived) and e.stream_id == sid]
+    assert len(got) == 1
+    pair.client.ack(sid, got[0].header, got[0].first_at, got[0].done_at)  # what the SDK does for each chunk
+    pair.client.finish(sid)
+    pair.exchange(rounds=100)
+    assert sid not in pair.client._sending
+    pair.assert_connection_up()
+
+
+def test_a_fetch_the_client_stops_ends_alone_on_the_server():
+    """A client's STOP_SENDING on its fetch stream: the server's KV_DONE (or KV_META, ERROR) on it raised
+    RuntimeError out of the server's timer; now that fetch is closed as abandoned and the others go on."""
+    pair = KVPair()
+    stopped, other = pair.fetch(), pair.fetch()
+    pair.serve = False
+    pair.exchange(rounds=40)
+    for s in (stopped, other):
+        pair.server.start(s, _plan(2), pair.now)
+    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    pair.serve = True
+    pair._on_server(pair.server.poll(pair.now))
+    pair.exchange(rounds=200)
+
+    closed = [(e.stream_id, e.complete) for e in pair.server_events if isinstance(e, KVFetchClosed)]
+    assert closed == [(stopped, False)]
+    assert isinstance(pair.outcome(other), KVDoneReceived)
+    pair.client.finish(stopped)
+    pair.client.finish(other)
+    pair.exchange(rounds=100)
+    assert not pair.server._ended and not pair.server.fetches
+    pair.assert_connection_up()
