@@ -64,6 +64,7 @@ def _start_daemon(tmp: Path, sessions: int, rate: float, tokens: int) -> tuple[s
         listen = ""
         [limits]
         max_sessions = {sessions + 10}
+        max_tokens = {max(tokens, 16_384)}
         [logging]
         level = "warning"
         [[upstreams]]
@@ -158,21 +159,29 @@ def _run_workers(port: int, cafile: Path, sessions: int, tokens: int, scheme: st
     ]
     results: list[dict[str, Any]] = []
     cpu = 0.0
-    for w, out in zip(workers, outs, strict=True):
-        if w.wait() != 0:
-            raise RuntimeError(f"client worker failed with exit status {w.returncode}")
-        data = json.loads(out.read_text())
-        results += data["results"]
-        cpu += data["cpu_s"]
+    try:
+        for w, out in zip(workers, outs, strict=True):
+            if w.wait() != 0:
+                raise RuntimeError(f"client worker failed with exit status {w.returncode}")
+            data = json.loads(out.read_text())
+            results += data["results"]
+            cpu += data["cpu_s"]
+    finally:
+        for w in workers:  # one failed: the others must not outlive the benchmark
+            if w.poll() is None:
+                w.kill()
+                w.wait()
     return results, cpu
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.cli import CLIError, json_safe, write_json
     from tokenwire.transport.metrics import percentile
 
-    if args.sessions < 1 or args.rate <= 0 or args.seconds <= 0:
-        raise CLIError("--sessions >= 1, --rate > 0 and --seconds > 0")
+    if args.sessions < 1 or not 0.1 <= args.rate <= 10_000 or args.seconds <= 0:
+        raise CLIError("--sessions >= 1, --rate in [0.1, 10000] (the demo upstream's range) and --seconds > 0")
+    if args.rate * args.seconds > 1_000_000:
+        raise CLIError("--rate x --seconds: at most 1,000,000 tokens per answer (limits.max_tokens)")
     if args.client_procs < 1:
         raise CLIError("--client-procs must be at least 1")
     tokens = max(1, round(args.rate * args.seconds))
@@ -225,10 +234,10 @@ def run_cli(args: argparse.Namespace) -> int:
         "p50_answer_s": percentile([r["answer_s"] for r in results if "answer_s" in r], 50),
         "max_answer_s": max((r["answer_s"] for r in results if "answer_s" in r), default=0.0),
     }
+    out = json_safe(out)  # percentiles of no samples (every session failed) are NaN: null in JSON
     print(json.dumps(out, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(out, args.json)
     bad = out["lost_tokens"] or out["duplicate_tokens"] or out["digest_failures"]
     return 1 if bad else 0
 

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenwire.transport.frames import REQUEST_ID_BYTES
 
     prompt = args.prompt
+    if args.attach is not None and (prompt is not None or args.max_tokens is not None):
+        raise CLIError("--attach streams an existing answer as it is: no prompt or --max-tokens with it")
     if prompt is None and args.attach is None:
         if sys.stdin.isatty():
             print("type the prompt, then Ctrl-D", file=sys.stderr)

@@ -309,7 +309,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             raise ConfigError(f"{where}.name: {name!r} is defined twice")
         opts: dict[str, Any] = {}
         if kind == "demo":
-            opts["rate"] = s.num("rate", 30.0, 0.1, 100_000.0)
+            opts["rate"] = s.num("rate", 30.0, 0.1, 10_000.0)  # the demo upstream's own bound on params.rate
             opts["first_token_ms"] = s.num("first_token_ms", 150.0, 0.0, 60_000.0)
             opts["max_tokens"] = s.int("max_tokens", 2000, 1, 1_000_000)
         elif kind == "openai":

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("cert", help="make a self-signed development certificate and key")
     c.add_argument("--out-dir", type=Path, default=Path("."), help="where to write cert.pem and key.pem")
     c.add_argument("--host", action="append", help="DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)")
-    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--days", type=int, default=365, help="validity in days (1 to 36500; default 365)")
     c.add_argument("--force", action="store_true", help="overwrite existing files")
     c.set_defaults(handler=run_cert)
 
@@ -66,8 +66,8 @@ def run_cert(args: argparse.Namespace) -> int:
     from tokenwire.transport.tls import make_self_signed
 
     hosts = tuple(args.host or ("localhost", "127.0.0.1", "::1"))
-    if args.days < 1:
-        raise CLIError("--days must be at least 1")
+    if not 1 <= args.days <= 36_500:  # 3,000,000 days was an OverflowError traceback (X.509 dates end in 9999)
+        raise CLIError("--days must be at least 1 and at most 36500")
     cert, key = args.out_dir / "cert.pem", args.out_dir / "key.pem"
     if not args.force and (cert.exists() or key.exists()):
         raise CLIError(f"{cert} or {key} exists; use --force to overwrite")
@@ -144,12 +144,18 @@ def _marking_summary(m: Any) -> str:
 
 
 def run_new_token(args: argparse.Namespace) -> int:
+    import json
     import secrets
+
+    from tokenwire.daemon.cli import CLIError
 
     from .config import hash_token
 
+    if not args.name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in args.name):
+        raise CLIError("--name: a non-empty name without control characters (it names the principal in logs)")
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client, store it nowhere else): {token}")
     print("add to [auth] in tokenwire.toml:")
-    print(f'tokens = [{{ name = "{args.name}", sha256 = "{hash_token(token)}" }}]')
+    # a JSON string is a valid TOML basic string: quotes and backslashes in the name stay TOML
+    print(f'tokens = [{{ name = {json.dumps(args.name, ensure_ascii=False)}, sha256 = "{hash_token(token)}" }}]')
     return 0

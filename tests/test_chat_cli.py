@@ -96,6 +96,9 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
     (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
+    (["--attach", "00" * 16, "a prompt"], "no prompt or --max-tokens with it"),  # were silently ignored
+    (["--attach", "00" * 16, "--max-tokens", "5"], "no prompt or --max-tokens with it"),
+    (["--host", "no-such-host.invalid", "hi"], "cannot resolve no-such-host.invalid"),  # a gaierror traceback
 ])
 def test_bad_arguments_are_rejected_before_connecting(argv, message, capsys, monkeypatch):
     """Each of these used to reach the server (which closed the connection) or wait for a handshake."""

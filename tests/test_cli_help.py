@@ -162,3 +162,44 @@ def test_kv_commands_say_a_text_that_is_not_utf8_in_one_line(tmp_path, capsys, c
     binary.write_bytes(b"ok\xff\xfe")
     assert main(["kv", command, "--text", str(binary)]) == 2  # was a UnicodeDecodeError traceback
     assert f"cannot read {binary}: not UTF-8 text (byte 2)" in capsys.readouterr().err
+
+
+def test_new_token_prints_a_toml_line_for_any_name_and_refuses_an_empty_one(capsys):
+    import tomllib
+
+    from tokenwire.daemon.cli import main
+
+    for name in ('al"ice', "a\\b", "zoë"):
+        assert main(["config", "new-token", "--name", name]) == 0
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert tomllib.loads(line)["tokens"][0]["name"] == name  # was `name = "al"ice"`: not TOML
+    assert main(["config", "new-token", "--name", ""]) == 2
+    assert "--name: a non-empty name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["cert", "--out-dir", "unused", "--days", "3000000"], "at most 36500"),  # an OverflowError
+    (["demo", "--link", "relay", "--rate", "1e9"], "--rate in [0.1, 10000]"),  # a ConfigError traceback
+    (["demo", "--link", "relay", "--delay-ms", "60000"], "--delay-ms in [0, 10000]"),
+    (["bench", "daemon", "--rate", "20000"], "--rate in [0.1, 10000]"),  # every session failed, NaN in JSON
+])
+def test_out_of_range_values_are_one_line(argv, message, capsys):
+    from tokenwire.daemon.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_demo_says_more_when_chatterbox_stalled_more():
+    import argparse
+
+    from tokenwire.daemon.demo_cli import format_results
+
+    row = {"longest_stall_ms": 100.0, "ttft_ms": 200.0, "p99_token_delay_ms": 50.0, "tokens": 10,
+           "bytes_down": 1000, "digest_verified": True}
+    text = format_results({"chatterbox": {**row, "stall_ratio": 0.3}, "stream": {**row, "stall_ratio": 0.2}},
+                          argparse.Namespace())
+    assert "Chatterbox spent 50% more time stalled" in text  # it said "-50% less"
+    text = format_results({"chatterbox": {**row, "stall_ratio": 0.1}, "stream": {**row, "stall_ratio": 0.2}},
+                          argparse.Namespace())
+    assert "Chatterbox spent 50% less time stalled" in text

@@ -39,6 +39,7 @@ def test_defaults_work_without_a_file():
         ({"upstreams": [{"name": "x", "type": ["demo"]}]}, "upstreams[0].type: expected one of"),  # was a TypeError
         ({"upstreams": [{"name": "x", "type": "openai", "base_url": "ftp://x"}]}, "base_url"),
         ({"upstreams": [{"name": "x", "type": "demo", "rate": -1}]}, "upstreams[0].rate"),
+        ({"upstreams": [{"name": "x", "type": "demo", "rate": 20000}]}, "upstreams[0].rate"),  # failed each request
         ({"routes": [{"model": "*", "upstream": "nope"}]}, "routes[0].upstream: 'nope' is not a defined upstream"),
         ({"logging": {"format": "xml"}}, "logging.format: expected one of text, json"),
         ({"colour": "blue"}, "colour: unknown key"),

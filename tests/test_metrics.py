@@ -64,3 +64,38 @@ def test_summarize_fields():
     assert st.longest_stall_ms == pytest.approx(210.0)  # 0.46 - (0.2 + 0.05)
     assert st.stalls_over_200ms == 1
     assert st.p99_token_delay_ms > st.p50_token_delay_ms
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_an_attached_answer_reports_no_stall_it_cannot_measure(attach):
+    """Attaching to a finished answer reported a stall ratio of 1.0 (every token "late"), and the daemon
+    counted it in its client stall histogram."""
+    from tokenwire.transport.chat_stats import stats_from_outcome
+    from tokenwire.transport.frames import Report, Request
+    from tokenwire.transport.session import ClientReport, RequestFinished
+    from tokenwire.transport.transcript import Transcript
+
+    from .quicpair import Pair
+
+    pair = Pair()
+    pair.exchange(rounds=40)
+    rid = b"r" * 16
+    request = Request(messages=[{"role": "user", "content": "x"}]) if not attach else Request(resume_id=rid,
+                                                                                              resume_from=0)
+    sid = pair.client.start_request(request, pair.now)
+    pair.exchange(rounds=20)
+    done = Transcript()
+    for i in range(20):
+        done.append(f"t{i} ".encode(), pair.now - 5.0 + 0.05 * i)  # generated seconds before the request
+    done.finish("stop")
+    pair.server.accept(sid, transcript=done, request_id=rid)
+    pair.exchange(rounds=200)
+    (fin,) = [e for e in pair.client_events if isinstance(e, RequestFinished)]
+    stats = stats_from_outcome(fin.result)
+    (report,) = [e.report for e in pair.server_events if isinstance(e, ClientReport)]
+    assert isinstance(report, Report) and fin.result.digest_ok
+    if attach:
+        assert math.isnan(stats.stall_ratio) and report.stall_ratio is None and "n/a" in str(stats)
+        assert report.ttft_ms is not None  # what it can measure, it still reports
+    else:
+        assert stats.stall_ratio > 0.5 and report.stall_ratio is not None  # a fresh request: real waiting

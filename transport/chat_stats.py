@@ -33,9 +33,11 @@ class ChatStats:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
     def __str__(self) -> str:
+        stall = ("stall ratio n/a (resumed or attached, or no generation times)" if math.isnan(self.stall_ratio)
+                 else f"stall ratio {self.stall_ratio:.3f} (longest {self.longest_stall_ms:.0f} ms)")
         return (
-            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, stall ratio {self.stall_ratio:.3f} "
-            f"(longest {self.longest_stall_ms:.0f} ms), digest {'verified' if self.digest_verified else 'MISMATCH'}"
+            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, {stall}, "
+            f"digest {'verified' if self.digest_verified else 'MISMATCH'}"
         )
 
 

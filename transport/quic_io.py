@@ -236,6 +236,8 @@ async def open_client(
             protocol = await cm.__aenter__()
     except TimeoutError:
         raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+    except socket.gaierror as exc:  # an OSError, not a ConnectionError: callers catching those saw a traceback
+        raise ConnectionError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     except ConnectionError as exc:
         ended = made[0].terminated if made else None
         if exc.args or ended is None:

@@ -790,6 +790,7 @@ class ClientSession(_SessionBase):
             duplicate_tokens=req.receiver.duplicate_tokens,
             repairs_requested=req.repairs_requested,
             first_gen_us=fin.first_gen_us,
+            resumed=req.request.resume_id is not None,
         )
         if self.send_reports:
             self._send(req.stream_id, _report(outcome))

@@ -24,6 +24,7 @@ class ChatOutcome:
     duplicate_tokens: int
     repairs_requested: int
     first_gen_us: int | None = None  # token 0's generation time on the server's clock (same-host use)
+    resumed: bool = False  # a resume or attach: part of the answer may predate this request
 
 
 def outcome_timelines(outcome: ChatOutcome) -> tuple[list[float], list[float]] | None:
@@ -32,7 +33,9 @@ def outcome_timelines(outcome: ChatOutcome) -> tuple[list[float], list[float]] |
     Generation offsets are on the server's clock and render times on the client's, so the caller
     estimates the base delay as the smallest difference (see :func:`tokenwire.transport.client`).
     """
-    if outcome.gen_offsets is None or len(outcome.gen_offsets) < outcome.total:
+    if outcome.resumed or outcome.gen_offsets is None or len(outcome.gen_offsets) < outcome.total:
+        # resumed or attached: tokens generated before this request arrive at once, and with two clocks nothing
+        # tells them from tokens that stalled (attaching to a finished answer read as a stall ratio of 1)
         return None
     gen = outcome.gen_offsets[outcome.first_index : outcome.total]
     rend = outcome.render_times[: len(gen)]
