@@ -184,10 +184,14 @@ class LocalChunkStore(ChunkStore):
             if not sub.is_dir():
                 continue
             for f in sub.iterdir():
+                if not f.is_file() or f.is_symlink():
+                    continue  # not ours (a subfolder made it fail to open with IsADirectoryError)
                 if f.name.endswith(".tmp"):
                     f.unlink(missing_ok=True)
                     self.stats.recovered_partial += 1
                     continue
+                if not KEY_RE.match(f.name) or f.name[:2] != sub.name:
+                    continue  # a name no key has: indexed, it broke every eviction with "invalid chunk key"
                 st = f.stat()
                 with f.open("rb") as fh:
                     head = fh.read(_HEADER.size)
@@ -203,6 +207,9 @@ class LocalChunkStore(ChunkStore):
         for _, key, size in sorted(found):
             self._index[key] = size
             self._used += size
+        if found:  # restarted with a smaller capacity: back within it now, not at the next put
+            with self._lock:
+                self._evict(keep="")
 
     @property
     def used_bytes(self) -> int:

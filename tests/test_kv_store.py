@@ -209,3 +209,20 @@ def test_prefix_hash_chain():
 def test_envelope():
     assert unwrap(wrap(b"abc")) == b"abc"
     assert unwrap(wrap(b"abc")[:-1]) is None and unwrap(b"xx") is None
+
+
+def test_reopening_ignores_what_is_not_ours_and_fits_a_smaller_capacity(tmp_path):
+    """A subfolder in a shard made the store fail to open; a file under a name no key has was indexed and
+    broke every later eviction; a smaller capacity was only enforced at the next put."""
+    s = LocalChunkStore(tmp_path / "store", 10_000)
+    for k in ("aa1", "aa2", "aa3"):
+        s.put(f"{k}.src", bytes(1000))
+    s.close()
+    shard = tmp_path / "store" / "aa"
+    (shard / "sub").mkdir()
+    (shard / "not a key!").write_bytes(wrap(b"x" * 10))
+    s = LocalChunkStore(tmp_path / "store", 2_100)  # room for two of the three
+    assert s.used_bytes <= 2_100 and not s.contains("aa1.src")
+    s.put("aa4.src", bytes(1000))  # an eviction with the foreign file present
+    assert (shard / "not a key!").exists() and (shard / "sub").is_dir()  # left alone
+    assert s.contains("aa4.src") and s.used_bytes <= 2_100
