@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +143,7 @@ class KVService:
 
         token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
         try:
-            x, geo = stack_kv(kv)
+            x, geo = stack_kv(kv, dtype=None)  # in the input's dtype: the stored source is exactly that
         except InvalidInput as exc:
             raise KVIngestError(f"bad KV tensors: {exc}") from None
         if geo.n_tokens != len(token_ids):
@@ -150,7 +151,7 @@ class KVService:
         dtype = str(kv[0][0].dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise KVIngestError(f"unsupported dtype {dtype}")
-        if not bool(torch.isfinite(x).all()):
+        if not all(bool(torch.isfinite(layer).all()) for layer in x):  # per layer: a mask of all is half its size
             raise KVIngestError("KV contains NaN or infinity")
         x = x.to(kv[0][0].dtype).cpu()
         fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
@@ -197,7 +198,9 @@ class KVService:
                                                                             for n in shape):
             raise KVIngestError("shape must be [layers, 2, kv_heads, tokens, head_dim] and dtype one of "
                                 + ", ".join(_DTYPES))
-        t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
+        with warnings.catch_warnings():  # read-only bytes: nothing writes to this view (a copy doubled the peak)
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(data, dtype=getattr(torch, dtype)) if data else torch.empty(0)
         if t.numel() != shape[0] * 2 * shape[2] * shape[3] * shape[4]:
             raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
         t = t.reshape(*shape)

@@ -34,11 +34,12 @@ class Geometry:
     n_tokens: int
 
 
-def stack_kv(kv: KV) -> tuple[torch.Tensor, Geometry]:
-    """``[L, 2, T, C]`` fp32 view of a per-layer KV list (channel = head * head_dim + dim)."""
+def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, Geometry]:
+    """``[L, 2, T, C]`` of a per-layer KV list (channel = head * head_dim + dim), as ``dtype`` (fp32 for the
+    codec; ``None`` keeps the input's, for storing it: an fp32 copy of a large context costs twice its size)."""
     if len(kv) == 0:
         raise InvalidInput("no layers")
-    rows = []
+    layers = []
     shape = None
     for k, v in kv:
         for t in (k, v):
@@ -56,10 +57,16 @@ def stack_kv(kv: KV) -> tuple[torch.Tensor, Geometry]:
             shape = tuple(k.shape)
         elif tuple(k.shape) != shape:
             raise InvalidInput("all layers must have the same shape")
-        h, t, d = k.shape
-        rows.append(torch.stack([k.permute(1, 0, 2).reshape(t, h * d), v.permute(1, 0, 2).reshape(t, h * d)]))
+        layers.append((k, v))
     assert shape is not None
-    x = torch.stack(rows).to(torch.float32)
+    h, t, d = shape
+    first = layers[0][0]
+    # one allocation, each layer copied (and converted) straight into it: per-layer reshapes and a stack
+    # used to hold the whole context two more times
+    x = torch.empty((len(layers), 2, t, h * d), dtype=first.dtype if dtype is None else dtype, device=first.device)
+    for i, (k, v) in enumerate(layers):
+        x[i, 0].view(t, h, d).copy_(k.permute(1, 0, 2))
+        x[i, 1].view(t, h, d).copy_(v.permute(1, 0, 2))
     return x, Geometry(len(kv), shape[0], shape[2], shape[1])
 
 
