@@ -28,6 +28,7 @@ from typing import Any
 
 from tokenwire.transport.errors import ErrorCode
 
+from . import unix_sockets
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
@@ -179,8 +180,7 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
             writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket():
-        path.unlink()
+    unix_sockets.claim(path)  # a stale socket goes; a live one (another daemon) or a file is an error
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
     os.chmod(path, 0o660)
     return server

@@ -16,7 +16,6 @@ waits on disk, Redis or the codec. torch is imported only here (and only when ``
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import json
 import logging
@@ -38,6 +37,7 @@ from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
+from . import unix_sockets
 from .kv_config import KVConfig
 from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, StoreError, chunk_hashes, object_key
 from .startup import StartupError, cannot_listen
@@ -47,6 +47,9 @@ log = logging.getLogger("tokenwire.kv")
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
+
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class KVIngestError(KVError):
@@ -157,7 +160,8 @@ class KVService:
         fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
                                                                            geo.head_dim)
         hashes = chunk_hashes(token_ids, model=model, chunk_tokens=self.chunk_tokens)
-        need = x.element_size() * x.numel() + len(hashes) * 1024  # sources, plus metadata and envelopes
+        # sources, metadata (its token ids: up to 5 bytes each) and each object's envelope
+        need = x.element_size() * x.numel() + len(hashes) * 256 + 5 * len(token_ids)
         if need > self.store.capacity_bytes:  # it would evict itself while being stored
             raise KVIngestError(f"a context of ~{need} bytes does not fit the store's capacity of "
                                 f"{self.store.capacity_bytes} bytes (kv.capacity_mb)")
@@ -168,8 +172,10 @@ class KVService:
             with self._chunk_lock(h):  # a fetch encoding this chunk meanwhile sees it before or after, whole
                 if self._stored_as(h) != meta:
                     # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that
-                    # kept its name): replace it whole; the old source under new metadata served wrong KV
-                    for lv in LEVELS:
+                    # kept its name): replace it whole; the old source under new metadata served wrong KV.
+                    # Metadata goes first: a write failing half-way leaves a chunk without metadata (a miss),
+                    # never a new source under the old metadata
+                    for lv in ("meta", *LEVELS):
                         self.store.delete(object_key(h, lv))
                     part = x[:, :, lo : lo + self.chunk_tokens].contiguous()
                     # source first, metadata last: a chunk with metadata always has its source
@@ -198,9 +204,9 @@ class KVService:
                                                                             for n in shape):
             raise KVIngestError("shape must be [layers, 2, kv_heads, tokens, head_dim] and dtype one of "
                                 + ", ".join(_DTYPES))
-        with warnings.catch_warnings():  # read-only bytes: nothing writes to this view (a copy doubled the peak)
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            t = torch.frombuffer(data, dtype=getattr(torch, dtype)) if data else torch.empty(0)
+        # read-only bytes: nothing writes to this view (a writable copy doubled the peak); torch's warning about
+        # it is silenced once, at import (catch_warnings on this worker thread would race the event loop's)
+        t = torch.frombuffer(data, dtype=getattr(torch, dtype)) if data else torch.empty(0)
         if t.numel() != shape[0] * 2 * shape[2] * shape[3] * shape[4]:
             raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
         t = t.reshape(*shape)
@@ -404,10 +410,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
     p = Path(path)
-    if p.is_socket():  # a stale one of an earlier run; anything else at that path is not ours to delete
-        p.unlink()
-    elif p.exists() or p.is_symlink():
-        raise OSError(errno.EEXIST, "something other than a socket is in the way", str(p))
+    unix_sockets.claim(p)  # a stale socket goes; a live one (another daemon) or any other file is an error
     server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
                                              limit=1 << 24)
     os.chmod(p, 0o660)
@@ -463,14 +466,15 @@ class KVRuntime:
     server: Any
     ingest: asyncio.Server | None
 
+    ingest_path: Path | None = None
+    ingest_ident: tuple[int, int, int] | None = None
+
     def close(self) -> None:
         self.server.close()
         if self.ingest is not None:
-            paths = [Path(sock.getsockname()) for sock in self.ingest.sockets]
             self.ingest.close()
-            for path in paths:  # Python 3.11 leaves the socket file behind
-                if path.is_socket():
-                    path.unlink()
+            if self.ingest_path is not None:  # Python 3.11 leaves the socket file behind
+                unix_sockets.release(self.ingest_path, self.ingest_ident)
         self.service.close()
 
 
@@ -529,4 +533,5 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
             from None
     log.info("KV channel on udp %s:%d (store: %s, %d MiB)", cfg.listen[0], server.port, cfg.backend,
              cfg.capacity_bytes >> 20)
-    return KVRuntime(service, server, ingest)
+    path = Path(cfg.ingest_socket) if cfg.ingest_socket is not None else None
+    return KVRuntime(service, server, ingest, path, unix_sockets.identity(path) if path is not None else None)

@@ -26,7 +26,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,32 +87,44 @@ def chunk_of(key: str) -> str:
     return key.partition(".")[0]
 
 
-def pick_victims(lru: Sequence[tuple[str, int]], excess: int, keep: str) -> list[str]:
+def kind_of(key: str) -> str:
+    return key.partition(".")[2]
+
+
+def pick_victims(lru: Iterable[tuple[str, int]], excess: int, keep: str) -> list[str]:
     """What to evict to free ``excess`` bytes, from ``(key, size)`` least recently used first.
 
-    Encoded levels go first (the service re-encodes them from the source); then whole chunks, source,
-    metadata and levels together, never the chunk of ``keep`` (the object just stored). One object at a
-    time in plain LRU order let a fetch's own encodings evict its context's sources and metadata, leaving
-    orphans (a source without metadata, metadata without a source) and a context no fetch could use.
+    Encoded levels go first (the service encodes them again from the source when needed). Storing a level
+    never evicts a source or metadata: when other levels do not free enough, the new level itself goes (its
+    caller holds the bytes and serves them); a fetch's own encodings evicted its context's other chunks.
+    Storing a source or metadata (an ingest) then evicts whole chunks, source, metadata and levels together,
+    the chunk used least recently (by its most recently used object) first, never the chunk of ``keep``.
+    Plain per-object LRU left orphans (a source without metadata) and contexts no fetch could use.
     """
+    lru = list(lru)
     out: list[str] = []
     freed = 0
-    keep_chunk = chunk_of(keep)
     for key, size in lru:
         if freed >= excess:
             return out
-        if key != keep and key.partition(".")[2] in REBUILT_LEVELS:
+        if key != keep and kind_of(key) in REBUILT_LEVELS:
             out.append(key)
             freed += size
     if freed >= excess:
         return out
+    if kind_of(keep) in REBUILT_LEVELS:
+        return [*out, keep]
     chosen = set(out)
-    chunks: dict[str, list[tuple[str, int]]] = {}
-    for key, size in lru:
-        if chunk_of(key) != keep_chunk:
-            chunks.setdefault(chunk_of(key), []).append((key, size))
-    for objects in chunks.values():  # in the LRU order of each chunk's least recently used object
-        for key, size in objects:
+    keep_chunk = chunk_of(keep)
+    objects: dict[str, list[tuple[str, int]]] = {}
+    last_used: dict[str, int] = {}
+    for pos, (key, size) in enumerate(lru):
+        c = chunk_of(key)
+        if c != keep_chunk:
+            objects.setdefault(c, []).append((key, size))
+            last_used[c] = pos
+    for c in sorted(objects, key=last_used.__getitem__):
+        for key, size in objects[c]:
             if key not in chosen:
                 out.append(key)
                 freed += size
@@ -356,14 +368,20 @@ class RedisChunkStore(ChunkStore):
             while used > self.capacity_bytes:  # the same policy as the local store, over the oldest 1024
                 oldest = [k.decode() for k in self._r.zrange(self._lru, 0, 1023)]
                 sizes = [int(n or 0) for n in self._r.hmget(self._sizes, oldest)] if oldest else []
-                victims = pick_victims(list(zip(oldest, sizes, strict=True)), used - self.capacity_bytes, key)
+                victims = pick_victims(zip(oldest, sizes, strict=True), used - self.capacity_bytes, key)
                 if not victims:
                     break
-                size_of = dict(zip(oldest, sizes, strict=True))
+                gone: set[str] = set()
                 for victim in victims:
+                    gone.add(victim)
+                    if kind_of(victim) not in REBUILT_LEVELS:  # the whole chunk goes, with its objects outside
+                        gone.update(f"{chunk_of(victim)}.{k}" for k in ("src", "meta", *REBUILT_LEVELS))  # the window
+                for victim in gone:
                     self.delete(victim)
-                    used -= size_of[victim]
-                    self.stats.evictions += 1
+                self.stats.evictions += len(victims)
+                before, used = used, self.used_bytes
+                if key in gone or used >= before:  # the new level itself went, or nothing could
+                    break
 
     def delete(self, key: str) -> None:
         pipe = self._r.pipeline(transaction=True)

@@ -50,6 +50,7 @@ from tokenwire.transport.tls import (
     server_configuration,
 )
 
+from . import unix_sockets
 from .config import Config, ConfigError, load_config
 from .ingest import IngestAPI, serve_ingest
 from .marking import MarkingService
@@ -176,6 +177,7 @@ class Daemon:
         self._servers: list[QuicServer] = []
         self._metrics_runner: Any = None
         self._ingest: asyncio.Server | None = None
+        self._ingest_ident: tuple[int, int, int] | None = None
         self.kv: Any = None  # KVRuntime when [kv] is enabled
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -240,6 +242,7 @@ class Daemon:
             )
             try:
                 self._ingest = await serve_ingest(cfg.ingest.socket, api)
+                self._ingest_ident = unix_sockets.identity(cfg.ingest.socket)
             except OSError as exc:
                 raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "
                                    f"{exc.strerror or exc}") from None
@@ -341,9 +344,8 @@ class Daemon:
             server.close()
         if self._ingest is not None:
             self._ingest.close()
-            sock = self.config.ingest.socket
-            if sock is not None and sock.is_socket():  # Python 3.11's unix server leaves it on disk
-                sock.unlink()
+            if self.config.ingest.socket is not None:  # Python 3.11's unix server leaves it on disk
+                unix_sockets.release(self.config.ingest.socket, self._ingest_ident)
         if self.kv is not None:
             self.kv.close()
         if self._metrics_runner is not None:
@@ -372,6 +374,8 @@ class Daemon:
 
     def on_request(self, proto: DaemonProtocol, sid: int, request: Request) -> None:
         sess = proto.server_session
+        if sid not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
+            return
         if not proto.authorized:
             principal = self.config.auth.principal(request.auth)
             if principal is None:

@@ -285,3 +285,25 @@ def test_a_fetch_the_client_stops_ends_alone_on_the_server():
     pair.exchange(rounds=100)
     assert not pair.server._ended and not pair.server.fetches
     pair.assert_connection_up()
+
+
+def test_stop_sending_with_a_last_kv_ack_and_fin_in_one_packet_ends_that_fetch_alone():
+    """aioquic marks the receive side finished when it parses the FIN, before the data event with it reaches
+    the session: the trailing KV_ACK was read as a new fetch ("first frame must be KV_FETCH") and closed the
+    connection."""
+    from tokenwire.transport.frames import KvAck
+
+    pair = KVPair()
+    stopped, other = pair.fetch(), pair.fetch()
+    pair.serve = False
+    pair.exchange(rounds=40)
+    for s in (stopped, other):
+        pair.server.start(s, _plan(2), pair.now)
+    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    pair.client._send(stopped, KvAck(0, 10, 1, 2))
+    pair.client.quic.send_stream_data(stopped, b"", end_stream=True)
+    pair.serve = True
+    pair._on_server(pair.server.poll(pair.now))
+    pair.exchange(rounds=200)
+    assert isinstance(pair.outcome(other), KVDoneReceived)
+    pair.assert_connection_up()

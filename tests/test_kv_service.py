@@ -89,30 +89,61 @@ def test_ingest_takes_numpy_token_ids(tmp_path):
 
 
 def test_a_context_larger_than_the_store_is_refused_not_half_stored(tmp_path):
-    svc = _service(tmp_path, capacity=20_000)  # the 4-chunk context's sources alone are 32 KiB
+    svc = _service(tmp_path, capacity=20_000)  # the 4-chunk context's sources alone are 64 KiB
     with pytest.raises(KVIngestError, match="does not fit the store's capacity"):
         svc.ingest_sync(MODEL, list(range(4 * CHUNK)), make_kv(4 * CHUNK))
     assert svc.store.used_bytes == 0
     svc.close()
 
 
-def test_encoding_levels_in_a_nearly_full_store_keeps_the_context_whole(tmp_path):
-    """Room for the context's sources and metadata and little more: its first fetch encoded levels that
-    evicted its own oldest sources and metadata ("chunk ... is no longer stored", orphans left behind)."""
-    ids = list(range(4 * CHUNK))
+@pytest.mark.parametrize("spare", [0, 10_000])
+def test_encoding_levels_in_a_full_store_keeps_every_context_whole(tmp_path, spare):
+    """A full store holding the oldest context Y and two newer ones: fetching Y encoded its chunk 0, which
+    evicted Y's chunk 1 ("chunk ... is no longer stored"); with no spare room even the first fetch of a
+    freshly ingested context failed."""
+    ids = {name: list(range(base, base + 2 * CHUNK)) for name, base in (("Y", 0), ("Z1", 1000), ("Z2", 2000))}
     probe = _service(tmp_path / "probe")
-    probe.ingest_sync(MODEL, ids, make_kv(4 * CHUNK))
-    stored = probe.store.used_bytes
+    for name, t in ids.items():
+        probe.ingest_sync(MODEL, t, make_kv(2 * CHUNK, seed=len(name)))
+    full = probe.store.used_bytes
     probe.close()
-    svc = _service(tmp_path, capacity=stored + 10_000)
-    hashes = svc.ingest_sync(MODEL, ids, make_kv(4 * CHUNK))
-    for _ in range(2):  # a second fetch too: nothing the first one did may have broken the context
-        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
-        for i in range(len(hashes)):
-            assert svc.chunk_sync(plan, i, "high")
-    for h in hashes:
-        assert svc.store.contains(object_key(h, "src")) and svc.store.contains(object_key(h, "meta"))
+    svc = _service(tmp_path, capacity=full + spare)
+    hashes = {name: svc.ingest_sync(MODEL, t, make_kv(2 * CHUNK, seed=len(name))) for name, t in ids.items()}
+    for _ in range(2):  # a second fetch too: nothing the first did may have broken a context
+        for level in ("medium", "high"):
+            plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids["Y"]))
+            for i in range(len(hashes["Y"])):
+                assert svc.chunk_sync(plan, i, level)
+    for hs in hashes.values():
+        for h in hs:
+            assert svc.store.contains(object_key(h, "src")) and svc.store.contains(object_key(h, "meta"))
     assert svc.store.used_bytes <= svc.store.capacity_bytes
+    svc.close()
+
+
+def test_a_replacement_failing_half_way_leaves_a_miss_not_wrong_kv(tmp_path):
+    """The new source was written under the old metadata before the new metadata: a failing write (disk
+    full) in between left bf16 bytes served as fp16, with no error."""
+    from tokenwire.daemon.kv_store import StoreError
+    from tokenwire.transport.kv_channel import KVNotFound
+
+    svc = _service(tmp_path)
+    ids = list(range(CHUNK))
+    svc.ingest_sync(MODEL, ids, make_kv(CHUNK, seed=1))
+    real_put = svc.store.put
+
+    def disk_full_at_meta(key, data):
+        if key.endswith(".meta"):
+            raise StoreError("no space left on device")
+        real_put(key, data)
+
+    svc.store.put = disk_full_at_meta
+    bf16 = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in make_kv(CHUNK, seed=2)]
+    with pytest.raises(StoreError):
+        svc.ingest_sync(MODEL, ids, bf16)
+    fresh = KVService(svc.store, chunk_tokens=CHUNK)  # no cached metadata: what the store says
+    with pytest.raises(KVNotFound):
+        fresh.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
     svc.close()
 
 
@@ -169,6 +200,27 @@ def test_put_kv_unix_refuses_a_dtype_the_daemon_cannot_store(tmp_path):
     kv = [(k.double(), v.double()) for k, v in make_kv(8)]
     with pytest.raises(KVIngestError, match="unsupported dtype float64"):
         put_kv_unix(tmp_path / "none.sock", MODEL, list(range(8)), kv)
+
+
+def test_the_ingest_socket_is_not_taken_from_a_live_daemon_nor_removed_when_another_bound_it(tmp_path):
+    from tokenwire.daemon import unix_sockets
+
+    svc = _service(tmp_path)
+    live = tmp_path / "live.sock"
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(live))
+    other.listen()
+    with pytest.raises(OSError, match="another process is listening"):  # it was unlinked and taken over
+        asyncio.run(serve_kv_ingest(live, svc))
+    ident = unix_sockets.identity(live)
+    other.close()
+    live.unlink()
+    later = socket.socket(socket.AF_UNIX)  # a later process binds the same path
+    later.bind(str(live))
+    unix_sockets.release(live, ident)  # our exit: not our socket any more
+    assert live.is_socket()
+    later.close()
+    svc.close()
 
 
 def test_the_ingest_socket_never_deletes_a_file_that_is_not_a_socket(tmp_path):

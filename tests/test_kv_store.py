@@ -104,10 +104,26 @@ def test_eviction_takes_encoded_levels_first_then_whole_chunks(make_store):
     s.put("c.meta", bytes(100))  # over by one object: the oldest *encoded level* goes, not a's source
     assert not s.contains("b.low")
     assert all(s.contains(k) for k in ("a.src", "a.meta", "b.src", "b.meta", "c.src", "c.meta"))
-    s.put("c.low", bytes(100))  # no level left to take but c's own: the least recent whole chunk goes
+    s.put("c.low", bytes(100))  # no other level to take: the new level itself goes, never a source
+    assert not s.contains("c.low")
+    assert all(s.contains(k) for k in ("a.src", "a.meta", "b.src", "b.meta", "c.src", "c.meta"))
+    s.put("d.src", bytes(100))  # an ingest: the least recently used whole chunk goes
     assert not s.contains("a.src") and not s.contains("a.meta")  # together: never one without the other
-    assert all(s.contains(k) for k in ("b.src", "b.meta", "c.src", "c.meta", "c.low"))
+    assert all(s.contains(k) for k in ("b.src", "b.meta", "c.src", "c.meta", "d.src"))
     assert s.used_bytes <= s.capacity_bytes
+
+
+def test_a_chunk_in_use_outlives_an_idle_one(make_store):
+    """Chunks were ranked by their least recently used object, the metadata nobody reads again after ingest,
+    so the context fetched over and over went before an idle one."""
+    obj = 100 + 20
+    s = make_store(capacity=4 * obj + 10)
+    for key in ("hot.meta", "hot.src", "idle.meta", "idle.src"):
+        s.put(key, bytes(100))
+    assert s.get("hot.src") is not None  # a fetch reads it (its metadata stays untouched)
+    s.put("new.src", bytes(100))
+    assert s.contains("hot.src") and s.contains("hot.meta")
+    assert not s.contains("idle.src") and not s.contains("idle.meta")
 
 
 def test_object_larger_than_capacity_is_refused(make_store):

@@ -252,6 +252,59 @@ def test_bad_peers_get_a_typed_close_and_others_keep_streaming(name):
     assert server_stats.protocol_errors == 1
 
 
+def test_a_request_cancelled_in_the_same_packet_is_no_error_in_the_server(caplog):
+    """REQUEST and the client's FIN in one packet: the session reports it received and cancelled at once, and
+    the server's accept() raised KeyError in the event loop (the cancel behind it was never handled)."""
+
+    async def go():
+        server = await serve(slow_source, host="127.0.0.1", port=0)
+        try:
+            config = client_configuration(**client_kwargs())
+            async with quic_connect(
+                "127.0.0.1", server.port, configuration=config, create_protocol=RawProtocol
+            ) as proto:
+                sid = proto._quic.get_next_available_stream_id()
+                proto._quic.send_stream_data(sid, encode_stream_frame(GOOD_REQUEST), end_stream=True)
+                proto.transmit()
+                async with asyncio.timeout(10):
+                    while server.stats.cancelled < 1:
+                        await asyncio.sleep(0.01)
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                return server.stats, await conn.chat("next", max_tokens=3).collect()
+        finally:
+            server.close()
+
+    stats, text = run(go())
+    assert stats.requests == 1 and stats.cancelled == 1 and text == "".join(WORDS[:3])
+    assert not [r for r in caplog.records if r.exc_info]  # nothing escaped into the event loop
+
+
+def test_cancel_from_another_task_ends_the_readers_loop():
+    """A "stop" button runs in another task than the `async for`: the reader stayed blocked for ever."""
+
+    async def go():
+        server = await serve(slow_source, host="127.0.0.1", port=0)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                stream = conn.chat("long")
+                got = []
+
+                async def read():
+                    async for delta in stream:
+                        got.append(delta)
+
+                reader = asyncio.ensure_future(read())
+                while not got:
+                    await asyncio.sleep(0.01)
+                await stream.cancel()
+                await asyncio.wait_for(reader, 5)
+                return len(got)
+        finally:
+            server.close()
+
+    assert 0 < run(go()) < 150  # ended early, without a timeout
+
+
 def test_ack_datagram_for_unknown_request_is_ignored():
     async def go():
         server = await serve(slow_source, host="127.0.0.1", port=0)

@@ -127,3 +127,43 @@ def test_an_oversized_frame_after_a_request_is_a_broken_client():
     pair.exchange(rounds=40)
     ended = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
     assert len(ended) == 1 and ended[0].error_code == ErrorCode.FRAME_TOO_LARGE
+
+
+def test_an_oversized_frame_right_behind_a_request_in_one_read_is_a_broken_client():
+    """The decoder raised at the huge length prefix and dropped the request decoded just before it: the
+    client was told "request too large" for a request within the limit."""
+    from tokenwire.transport.frames import encode_stream_frame
+
+    pair = _connected()
+    sid = pair.client.quic.get_next_available_stream_id()
+    pair.client.quic.send_stream_data(sid, encode_stream_frame(_request()) + b"\x7f\xff\xff\xff")
+    pair.exchange(rounds=40)
+    ended = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
+    assert len(ended) == 1 and ended[0].error_code == ErrorCode.FRAME_TOO_LARGE
+    assert not [e for e in pair.server_events if isinstance(e, RequestRefused)]
+
+
+def test_a_client_that_stops_reading_an_answer_cancels_it_alone():
+    """STOP_SENDING from the client: aioquic resets our side, and the next TOKENS or FINISHED write raised."""
+    from tokenwire.transport.session import RequestCancelled
+
+    pair = _connected()
+    stopped = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], scheme="stream"),
+                                        pair.now)
+    other = pair.client.start_request(_request(), pair.now)
+    pair.exchange(rounds=40)
+    for sid in (stopped, other):
+        pair.server.accept(sid)
+        pair.server.push(sid, "first ", pair.now)
+    pair.exchange(rounds=40)
+    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    pair.exchange(rounds=40)
+    for sid in (stopped, other):  # the stopped one: nothing written, nothing raised
+        pair.server.push(sid, "more ", pair.now)
+        pair.server.finish(sid)
+    pair.exchange(rounds=200)
+    cancelled = [e.stream_id for e in pair.server_events if isinstance(e, RequestCancelled)]
+    assert cancelled == [stopped]
+    done = _outcome(pair, other)
+    assert isinstance(done, RequestFinished) and done.result.digest_ok
+    assert not any(isinstance(e, ConnectionEnded) for e in pair.server_events)

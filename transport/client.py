@@ -142,12 +142,14 @@ class ChatStream:
         return self.text
 
     async def cancel(self) -> None:
-        """Abandon the answer (the server stops generating it). A no-op once the answer has ended."""
+        """Abandon the answer (the server stops generating it). A no-op once the answer has ended. A reader
+        waiting in another task (``async for``) ends its loop: a "stop" button runs elsewhere than the reader."""
         self._done = True
         proto = self._conn._protocol
         if self.stream_id is not None and proto.streams.pop(self.stream_id, None) is not None:
             proto.client_session.cancel(self.stream_id)
             proto.transmit()
+            self._queue.put_nowait(_END)
 
     aclose = cancel  # for contextlib.aclosing(), as with async generators
 

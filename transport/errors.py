@@ -54,6 +54,7 @@ class FrameError(ProtocolError):
 
 class FrameTooLarge(FrameError):
     code = ErrorCode.FRAME_TOO_LARGE
+    decoded: list = []  # noqa: RUF012 - frames a stream decoder completed in the same read, before this one
 
 
 class UnsupportedVersion(ProtocolError):

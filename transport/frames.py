@@ -687,7 +687,9 @@ class StreamDecoder:
         while len(self._buf) >= 4:
             (length,) = _LEN.unpack_from(self._buf)
             if length > self.max_frame:
-                raise FrameTooLarge(f"stream frame of {length} bytes exceeds the limit of {self.max_frame}")
+                exc = FrameTooLarge(f"stream frame of {length} bytes exceeds the limit of {self.max_frame}")
+                exc.decoded = frames  # what preceded it in this read: a request then a huge frame is no big request
+                raise exc
             if len(self._buf) < 4 + length:
                 break
             body = bytes(self._buf[4 : 4 + length])

@@ -586,6 +586,9 @@ class KVServerSession(_SessionBase):
             return []
         f.closed = True
         self._stop_receiving(stream_id, ErrorCode.CANCELLED)
+        # aioquic marks the receive side finished when it parses a FIN, before the data event with it reaches
+        # us: a last KV_ACK in the same packet as the FIN must still be dropped (cleared on FIN, reset or close)
+        self._ended.add(stream_id)
         return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:

@@ -140,6 +140,8 @@ class ServerProtocol(SessionProtocol):
 
     def _on_request(self, stream_id: int, request: Request) -> None:
         sess = self.server_session
+        if stream_id not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
+            return
         self.app.stats.requests += 1
         if not self.authorized:
             try:

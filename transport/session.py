@@ -462,8 +462,8 @@ class ServerSession(_SessionBase):
         try:
             frames = req.decoder.feed(data)
         except FrameTooLarge as exc:
-            if req.request is not None:
-                raise  # only a request may be large; a huge REPAIR or REPORT is a broken client
+            if req.request is not None or exc.decoded:
+                raise  # only a request may be large; a huge frame after one is a broken client
             self._drop(req)
             return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, f"request too large: {exc}", end)
         for frame in frames:
@@ -539,6 +539,21 @@ class ServerSession(_SessionBase):
             req.sender.on_ack(frame, now)
             self.scheduler.schedule(req.sender)
         return []
+
+    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        if isinstance(event, qe.StopSendingReceived):
+            return self._on_stop_sending(event.stream_id)
+        return super()._handle_quic_event(event, now)
+
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        """The client asked us to stop sending the answer (aioquic has reset our side: writing TOKENS or
+        FINISHED on it now would raise): it gave up on it, as with a reset, and its own FIN or reset follows."""
+        req = self.requests.get(stream_id)
+        if req is None:
+            return []
+        self._drop(req)
+        self._ended.add(stream_id)
+        return [RequestCancelled(stream_id, "client stopped reading the answer")]
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         self._ended.discard(stream_id)

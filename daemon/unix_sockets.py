@@ -1,0 +1,46 @@
+"""Unix-socket paths the daemon listens on (chat ingest, KV ingest): claimed at start, released at exit.
+
+Python 3.11's asyncio neither removes a stale socket file before binding nor its own at close. Doing it by
+hand must not touch what is not ours: a regular file at the path, a socket another process still listens
+on, or (at exit) a socket a later process has bound at the same path since.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+
+def claim(path: Path) -> None:
+    """Make ``path`` free to bind: remove a stale socket; ``OSError`` when something live or foreign is there."""
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody listens: left by a process that is gone
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, "another process is listening on this socket", str(path))
+    if path.exists() or path.is_symlink():
+        raise OSError(errno.EEXIST, "something other than a socket is in the way", str(path))
+
+
+def identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, change time) of the socket just bound at ``path``, to recognise it at exit (an inode
+    number alone is reused at once on tmpfs)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def release(path: Path, ident: tuple[int, int, int] | None) -> None:
+    """Remove ``path`` if it is still the socket this process bound (``identity`` after binding)."""
+    if ident is not None and identity(path) == ident and path.is_socket():
+        os.unlink(path)
