@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,11 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     namespace-building command runs under it (``up``, ``demo`` and ``bench emulator`` too)."""
     old = signal.signal(signal.SIGTERM, _interrupt)
     old_alarm = signal.signal(signal.SIGALRM, _interrupt)
+    # Ctrl-C too: Python's own handler raised a second KeyboardInterrupt inside the teardown of the first,
+    # leaving namespaces behind; and SIGHUP (the terminal or ssh session closed) unwinds as well. Either is
+    # left alone when ignored on entry (nohup, a background job).
+    others = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGHUP)
+              if signal.getsignal(sig) is not signal.SIG_IGN}
     old_hook = sys.unraisablehook
 
     def quiet(unraisable: Any) -> None:  # a dropped interrupt is retried: no "Exception ignored" traceback
@@ -126,14 +132,18 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_alarm)
         signal.signal(signal.SIGTERM, old)
+        for sig, handler in others.items():
+            signal.signal(sig, handler)
         sys.unraisablehook = old_hook
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .netns import STATE_DIR, RunState, TestbedError, new_run_id
+    from .netns import RUN_ID_RE, STATE_DIR, RunState, TestbedError, new_run_id
     from .topology import Testbed
 
     cfg = emulator_config(args, log=args.log, pcap=args.pcap)
+    if args.run_id is not None and not RUN_ID_RE.match(args.run_id):  # internal (--detach's child), but typed
+        raise CLIError(f"--run-id {args.run_id!r}: not a run id (tw + 6 hex digits)")
     if args.detach:
         run_id = new_run_id()
         os.makedirs(STATE_DIR, exist_ok=True)
@@ -143,17 +153,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         with open(logfile, "w") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
+        # read through our own descriptor: the failing run's teardown removes the log file with its state
+        early_log = open(logfile)  # noqa: SIM115 - closed below
         path = os.path.join(STATE_DIR, f"{run_id}.json")
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise CLIError(f"testbed failed to start, see {logfile}")
-            if os.path.exists(path):
-                st = RunState.load(path)
-                if st.emulator_alive and st.info.get("ready"):
-                    _print_up(st.info, args.json)
-                    return 0
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    lines = [ln.strip() for ln in early_log.read().splitlines() if ln.strip()]
+                    why = lines[-1] if lines else f"exit status {proc.returncode}"
+                    cause = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+                    if cause and cause[-1] not in why:  # the exception behind "emulator exited", say
+                        why += f" ({cause[-1]})"
+                    raise CLIError(f"testbed failed to start: {why.removeprefix('tokenwire testbed: error: ')}")
+                if os.path.exists(path):
+                    st = RunState.load(path)
+                    if st.emulator_alive and st.info.get("ready"):
+                        _print_up(st.info, args.json)
+                        return 0
+                time.sleep(0.05)
+        finally:
+            early_log.close()
         raise CLIError(f"testbed did not come up within 20 s, see {logfile}")
 
     try:

@@ -38,7 +38,9 @@ async def run_server(args: argparse.Namespace) -> int:
     from tokenwire.transport.marking import L4SPolicy
 
     ctx = torch.load(args.kv, weights_only=True)
-    with tempfile.TemporaryDirectory(prefix="tw-kvstore-") as d:
+    # beside the context file, in the evaluation's working folder: its owner removes that even when this
+    # process is killed at teardown (a store in /tmp of its own was left behind by every run)
+    with tempfile.TemporaryDirectory(prefix="tw-kvstore-", dir=os.path.dirname(os.path.abspath(args.kv))) as d:
         service = KVService(LocalChunkStore(d, 8 << 30), chunk_tokens=args.chunk_tokens)
         t0 = time.monotonic()
         await service.ingest(ctx["model"], ctx["ids"].tolist(), list(zip(ctx["k"], ctx["v"], strict=True)),
@@ -60,7 +62,7 @@ async def run_server(args: argparse.Namespace) -> int:
                 break
         server.close()
         service.close()
-        emit({"stopped": True, "stats": server.stats})
+    emit({"stopped": True, "stats": server.stats})  # after the store is gone: the harness tears down on this
     return 0
 
 

@@ -18,6 +18,11 @@ def test_kv_eval_smoke(tmp_path):
     cfg = KVEvalConfig(down_trace="8mbps", up_trace="8mbps", delay_ms=10, context_tokens=96, chunk_tokens=32,
                        deadline_ms=2000, controllers=["tokenwire", "fixed-L1"], repeats=1,
                        recompute_us_per_token=100_000, synthetic=(4, 2, 16))
+    import glob
+    import tempfile
+
+    stores = os.path.join(tempfile.gettempdir(), "tw-kvstore-*")
+    before = set(glob.glob(stores))
     summary = run_kv_eval(cfg, workdir=str(tmp_path))
     for name in ("tokenwire", "fixed-L1"):
         d = summary["controllers"][name]
@@ -30,6 +35,8 @@ def test_kv_eval_smoke(tmp_path):
     decisions = summary["fetches"]["tokenwire"][0]["decisions"]
     assert [d["index"] for d in decisions] == [0, 1, 2]
     assert [d["level"] for d in decisions] == summary["fetches"]["tokenwire"][0]["levels"]
+    # the server's chunk store lived in the working folder and is gone (each run left one in /tmp)
+    assert not list(tmp_path.glob("tw-kvstore-*")) and set(glob.glob(stores)) <= before
 
 
 def test_emulator_origin_offset_moves_the_trace():

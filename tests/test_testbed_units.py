@@ -142,6 +142,49 @@ def test_sigterm_during_the_teardown_does_not_interrupt_it():
     assert finished == [True]
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGHUP"])
+def test_a_second_ctrl_c_or_a_hangup_during_the_teardown_does_not_interrupt_it(signame):
+    """Ctrl-C twice in quick succession: Python's own SIGINT handler raised inside the teardown of the first
+    and left the namespaces behind; a closed terminal (SIGHUP) killed the run without any teardown."""
+    import os
+    import signal
+
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+    signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+            try:
+                os.kill(os.getpid(), sig)  # the first: unwinds (SIGHUP's default would have killed us)
+                for _ in range(10_000_000):
+                    pass
+            finally:
+                os.kill(os.getpid(), sig)  # the second, during the teardown
+                for _ in range(1000):
+                    pass
+                finished.append(True)
+        assert finished == [True]
+    finally:
+        signal.signal(sig, before)
+
+
+def test_an_ignored_hangup_stays_ignored():
+    """nohup: the run must outlive its terminal, not unwind on SIGHUP."""
+    import signal
+
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_run_with_an_unreadable_state_file_is_listed_as_crashed_with_its_namespaces(tmp_path, monkeypatch):
     """It was skipped: `status` said "no testbed runs" and `down` "nothing to clean up" over its namespaces."""
     from tokenwire.testbed import netns
