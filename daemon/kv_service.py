@@ -240,7 +240,8 @@ class KVService:
     def meta_sync(self, h: str) -> ChunkMeta | None:
         with self._lock:
             m = self._meta.get(h)
-        if m is not None and self.store.contains(object_key(h, "meta")):
+        # a store shared with other daemons (Redis) may have been re-ingested by one of them: read it there
+        if m is not None and not self.store.shared and self.store.contains(object_key(h, "meta")):
             return m
         data = self.store.get(object_key(h, "meta"))
         if data is None:

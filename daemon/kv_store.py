@@ -146,6 +146,7 @@ class StoreStats:
 class ChunkStore(ABC):
     capacity_bytes: int
     stats: StoreStats
+    shared = False  # other processes write it too: what this one cached about it may be stale
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -306,6 +307,8 @@ class LocalChunkStore(ChunkStore):
 
 class RedisChunkStore(ChunkStore):
     """Objects in Redis/Valkey under ``prefix``; LRU recency in a sorted set, sizes in a hash."""
+
+    shared = True
 
     def __init__(self, url: str, capacity_bytes: int, *, prefix: str = "tokenwire:kv:") -> None:
         import redis

@@ -314,3 +314,31 @@ def test_kv_fetches_need_a_token_in_force_now(tmp_path):
             await daemon.stop()
 
     assert asyncio.run(go()) == [40, ErrorCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, 40]
+
+
+from tests.test_kv_store import redis_url  # noqa: E402, F401  (the real-server fixture)
+
+
+def test_daemons_sharing_redis_see_each_others_reingest(redis_url):  # noqa: F811
+    """Cached metadata was trusted while the key existed: after another daemon re-ingested a chunk (a new
+    fingerprint and dtype), this one encoded the new source under its old metadata."""
+    import uuid
+
+    from tokenwire.daemon.kv_store import RedisChunkStore
+
+    prefix = f"tw-test-{uuid.uuid4().hex}:"
+    a = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=prefix), chunk_tokens=CHUNK)
+    b = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=prefix), chunk_tokens=CHUNK)
+    try:
+        ids = list(range(CHUNK))
+        fetch = KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids)
+        (h,) = a.ingest_sync(MODEL, ids, make_kv(CHUNK, seed=1), fingerprint=111)
+        assert a.resolve_sync(fetch).fingerprint == 111
+        new = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in make_kv(CHUNK, seed=2)]
+        b.ingest_sync(MODEL, ids, new, fingerprint=222)
+        plan = a.resolve_sync(fetch)
+        assert (plan.fingerprint, plan.dtype) == (222, "bfloat16")
+        assert _decoded_error(a, h, new) < 0.5
+    finally:
+        a.close()
+        b.close()
