@@ -181,6 +181,10 @@ class LocalChunkStore(ChunkStore):
         self.stats = StoreStats()
         self._lock = threading.RLock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recent first
+        # the eviction order of pick_victims, kept as it changes so that a put into a full store costs what it
+        # evicts, not a scan of every object: encoded levels by recency, chunks by their latest use
+        self._levels: OrderedDict[str, None] = OrderedDict()
+        self._chunks: OrderedDict[str, set[str]] = OrderedDict()
         self._used = 0
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -218,8 +222,7 @@ class LocalChunkStore(ChunkStore):
                     continue
                 found.append((st.st_mtime, f.name, st.st_size))
         for _, key, size in sorted(found):
-            self._index[key] = size
-            self._used += size
+            self._add(key, size)
         if found:  # restarted with a smaller capacity: back within it now, not at the next put
             with self._lock:
                 self._evict(keep="")
@@ -251,7 +254,7 @@ class LocalChunkStore(ChunkStore):
                 return None
             self.stats.hits += 1
             if key in self._index:
-                self._index.move_to_end(key)
+                self._touch(key)
         try:
             os.utime(path)  # recency that survives a restart
         except FileNotFoundError:
@@ -281,20 +284,59 @@ class LocalChunkStore(ChunkStore):
             finally:
                 os.close(dfd)
             self._forget(key)
-            self._index[key] = len(blob)
-            self._used += len(blob)
+            self._add(key, len(blob))
             self.stats.puts += 1
             self._evict(keep=key)
+
+    def _add(self, key: str, size: int) -> None:
+        self._index[key] = size
+        self._used += size
+        self._chunks.setdefault(chunk_of(key), set()).add(key)
+        self._touch(key)
+
+    def _touch(self, key: str) -> None:
+        self._index.move_to_end(key)
+        self._chunks.move_to_end(chunk_of(key))
+        if kind_of(key) in REBUILT_LEVELS:
+            self._levels[key] = None
+            self._levels.move_to_end(key)
 
     def _forget(self, key: str) -> None:
         size = self._index.pop(key, None)
         if size is not None:
             self._used -= size
+        self._levels.pop(key, None)
+        keys = self._chunks.get(chunk_of(key))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._chunks[chunk_of(key)]
 
     def _evict(self, keep: str) -> None:
-        if self._used <= self.capacity_bytes:
+        """:func:`pick_victims`' policy, read off the orders kept above."""
+        excess = self._used - self.capacity_bytes
+        if excess <= 0:
             return
-        for victim in pick_victims(list(self._index.items()), self._used - self.capacity_bytes, keep):
+        victims: list[str] = []
+        for key in self._levels:
+            if excess <= 0:
+                break
+            if key != keep:
+                victims.append(key)
+                excess -= self._index[key]
+        if excess > 0 and kind_of(keep) in REBUILT_LEVELS:
+            victims.append(keep)  # a new level never evicts a source or metadata
+        elif excess > 0:
+            chosen = set(victims)
+            for chunk, keys in self._chunks.items():
+                if excess <= 0:
+                    break
+                if chunk == chunk_of(keep):
+                    continue
+                for key in keys - chosen:
+                    victims.append(key)
+                    excess -= self._index[key]
+        for victim in victims:
             self._path(victim).unlink(missing_ok=True)
             self._forget(victim)
             self.stats.evictions += 1
