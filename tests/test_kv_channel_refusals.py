@@ -263,19 +263,29 @@ def test_the_client_survives_stop_sending_on_a_fetch_it_is_still_sending():
     pair.assert_connection_up()
 
 
-def test_a_fetch_the_client_stops_ends_alone_on_the_server():
-    """A client's STOP_SENDING on its fetch stream: the server's KV_DONE (or KV_META, ERROR) on it raised
-    RuntimeError out of the server's timer; now that fetch is closed as abandoned and the others go on."""
+def _two_running_fetches() -> tuple[KVPair, int, int]:
+    """Two fetches the server has started, their chunks not yet served (``_serve_on`` serves them)."""
     pair = KVPair()
     stopped, other = pair.fetch(), pair.fetch()
     pair.serve = False
     pair.exchange(rounds=40)
     for s in (stopped, other):
         pair.server.start(s, _plan(2), pair.now)
-    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    return pair, stopped, other
+
+
+def _serve_on(pair: KVPair) -> None:
     pair.serve = True
     pair._on_server(pair.server.poll(pair.now))
     pair.exchange(rounds=200)
+
+
+def test_a_fetch_the_client_stops_ends_alone_on_the_server():
+    """A client's STOP_SENDING on its fetch stream: the server's KV_DONE (or KV_META, ERROR) on it raised
+    RuntimeError out of the server's timer; now that fetch is closed as abandoned and the others go on."""
+    pair, stopped, other = _two_running_fetches()
+    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    _serve_on(pair)
 
     closed = [(e.stream_id, e.complete) for e in pair.server_events if isinstance(e, KVFetchClosed)]
     assert closed == [(stopped, False)]
@@ -293,17 +303,10 @@ def test_stop_sending_with_a_last_kv_ack_and_fin_in_one_packet_ends_that_fetch_a
     connection."""
     from tokenwire.transport.frames import KvAck
 
-    pair = KVPair()
-    stopped, other = pair.fetch(), pair.fetch()
-    pair.serve = False
-    pair.exchange(rounds=40)
-    for s in (stopped, other):
-        pair.server.start(s, _plan(2), pair.now)
+    pair, stopped, other = _two_running_fetches()
     pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
     pair.client._send(stopped, KvAck(0, 10, 1, 2))
     pair.client.quic.send_stream_data(stopped, b"", end_stream=True)
-    pair.serve = True
-    pair._on_server(pair.server.poll(pair.now))
-    pair.exchange(rounds=200)
+    _serve_on(pair)
     assert isinstance(pair.outcome(other), KVDoneReceived)
     pair.assert_connection_up()

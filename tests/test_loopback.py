@@ -200,6 +200,12 @@ async def hostile(port: int, action, **tls) -> qe.ConnectionTerminated:
         return proto._quic._close_event
 
 
+def raw_client(port: int):
+    """A plain aioquic connection with our ALPN, for sending what the SDK never would."""
+    config = client_configuration(**client_kwargs())
+    return quic_connect("127.0.0.1", port, configuration=config, create_protocol=RawProtocol)
+
+
 def _stream(proto, data: bytes):
     sid = proto._quic.get_next_available_stream_id()
     proto._quic.send_stream_data(sid, data)
@@ -259,10 +265,7 @@ def test_a_request_cancelled_in_the_same_packet_is_no_error_in_the_server(caplog
     async def go():
         server = await serve(slow_source, host="127.0.0.1", port=0)
         try:
-            config = client_configuration(**client_kwargs())
-            async with quic_connect(
-                "127.0.0.1", server.port, configuration=config, create_protocol=RawProtocol
-            ) as proto:
+            async with raw_client(server.port) as proto:
                 sid = proto._quic.get_next_available_stream_id()
                 proto._quic.send_stream_data(sid, encode_stream_frame(GOOD_REQUEST), end_stream=True)
                 proto.transmit()
@@ -309,10 +312,7 @@ def test_ack_datagram_for_unknown_request_is_ignored():
     async def go():
         server = await serve(slow_source, host="127.0.0.1", port=0)
         try:
-            config = client_configuration(**client_kwargs())
-            async with quic_connect(
-                "127.0.0.1", server.port, configuration=config, create_protocol=RawProtocol
-            ) as proto:
+            async with raw_client(server.port) as proto:
                 proto._quic.send_datagram_frame(encode_frame(Ack(handle=12345, next_index=3)))
                 proto.transmit()
                 await asyncio.sleep(0.2)
