@@ -160,8 +160,8 @@ class KVService:
         fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
                                                                            geo.head_dim)
         hashes = chunk_hashes(token_ids, model=model, chunk_tokens=self.chunk_tokens)
-        # sources, metadata (its token ids: up to 5 bytes each) and each object's envelope
-        need = x.element_size() * x.numel() + len(hashes) * 256 + 5 * len(token_ids)
+        # sources, metadata (the model's name and up to 5 bytes per token id) and each object's envelope
+        need = x.element_size() * x.numel() + len(hashes) * (128 + len(model.encode())) + 5 * len(token_ids)
         if need > self.store.capacity_bytes:  # it would evict itself while being stored
             raise KVIngestError(f"a context of ~{need} bytes does not fit the store's capacity of "
                                 f"{self.store.capacity_bytes} bytes (kv.capacity_mb)")

@@ -26,9 +26,10 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
 
@@ -91,46 +92,12 @@ def kind_of(key: str) -> str:
     return key.partition(".")[2]
 
 
-def pick_victims(lru: Iterable[tuple[str, int]], excess: int, keep: str) -> list[str]:
-    """What to evict to free ``excess`` bytes, from ``(key, size)`` least recently used first.
-
-    Encoded levels go first (the service encodes them again from the source when needed). Storing a level
-    never evicts a source or metadata: when other levels do not free enough, the new level itself goes (its
-    caller holds the bytes and serves them); a fetch's own encodings evicted its context's other chunks.
-    Storing a source or metadata (an ingest) then evicts whole chunks, source, metadata and levels together,
-    the chunk used least recently (by its most recently used object) first, never the chunk of ``keep``.
-    Plain per-object LRU left orphans (a source without metadata) and contexts no fetch could use.
-    """
-    lru = list(lru)
-    out: list[str] = []
-    freed = 0
-    for key, size in lru:
-        if freed >= excess:
-            return out
-        if key != keep and kind_of(key) in REBUILT_LEVELS:
-            out.append(key)
-            freed += size
-    if freed >= excess:
-        return out
-    if kind_of(keep) in REBUILT_LEVELS:
-        return [*out, keep]
-    chosen = set(out)
-    keep_chunk = chunk_of(keep)
-    objects: dict[str, list[tuple[str, int]]] = {}
-    last_used: dict[str, int] = {}
-    for pos, (key, size) in enumerate(lru):
-        c = chunk_of(key)
-        if c != keep_chunk:
-            objects.setdefault(c, []).append((key, size))
-            last_used[c] = pos
-    for c in sorted(objects, key=last_used.__getitem__):
-        for key, size in objects[c]:
-            if key not in chosen:
-                out.append(key)
-                freed += size
-        if freed >= excess:
-            break
-    return out
+EVICTION_POLICY = """Encoded levels go first, least recently used first (the service encodes them again from the source
+when needed). Storing a level never evicts a source or metadata: when the other levels cannot free enough,
+the new level itself is not kept (its caller holds the bytes and serves them). Storing a source or metadata
+(an ingest) then evicts whole chunks, source, metadata and levels together, the chunk used least recently
+(its latest use) first, never the chunk being written. Plain per-object LRU let a fetch's own encodings
+evict its context's sources and metadata, leaving orphans and contexts no fetch could use."""
 
 
 @dataclass
@@ -181,9 +148,10 @@ class LocalChunkStore(ChunkStore):
         self.stats = StoreStats()
         self._lock = threading.RLock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recent first
-        # the eviction order of pick_victims, kept as it changes so that a put into a full store costs what it
+        # the eviction order (EVICTION_POLICY), kept as it changes so that a put into a full store costs what it
         # evicts, not a scan of every object: encoded levels by recency, chunks by their latest use
         self._levels: OrderedDict[str, None] = OrderedDict()
+        self._level_bytes = 0
         self._chunks: OrderedDict[str, set[str]] = OrderedDict()
         self._used = 0
         self.root.mkdir(parents=True, exist_ok=True)
@@ -242,7 +210,8 @@ class LocalChunkStore(ChunkStore):
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
-                self._forget(key)
+                if not path.exists():  # a put of this key may have landed since the read (it holds the lock)
+                    self._forget(key)
             return None
         payload = unwrap(blob)
         with self._lock:
@@ -298,6 +267,8 @@ class LocalChunkStore(ChunkStore):
         self._index.move_to_end(key)
         self._chunks.move_to_end(chunk_of(key))
         if kind_of(key) in REBUILT_LEVELS:
+            if key not in self._levels:
+                self._level_bytes += self._index[key]
             self._levels[key] = None
             self._levels.move_to_end(key)
 
@@ -305,7 +276,9 @@ class LocalChunkStore(ChunkStore):
         size = self._index.pop(key, None)
         if size is not None:
             self._used -= size
-        self._levels.pop(key, None)
+        if key in self._levels:
+            del self._levels[key]
+            self._level_bytes -= size or 0
         keys = self._chunks.get(chunk_of(key))
         if keys is not None:
             keys.discard(key)
@@ -313,11 +286,15 @@ class LocalChunkStore(ChunkStore):
                 del self._chunks[chunk_of(key)]
 
     def _evict(self, keep: str) -> None:
-        """:func:`pick_victims`' policy, read off the orders kept above."""
+        """:data:`EVICTION_POLICY`, read off the orders kept above (a put costs what it evicts)."""
         excess = self._used - self.capacity_bytes
         if excess <= 0:
             return
         victims: list[str] = []
+        keep_level = self._index.get(keep, 0) if keep in self._levels else 0
+        if keep in self._levels and self._level_bytes - keep_level < excess:
+            victims.append(keep)  # the other levels cannot make room: this one goes, not all of them with it
+            excess = 0
         for key in self._levels:
             if excess <= 0:
                 break
@@ -348,7 +325,8 @@ class LocalChunkStore(ChunkStore):
 
 
 class RedisChunkStore(ChunkStore):
-    """Objects in Redis/Valkey under ``prefix``; LRU recency in a sorted set, sizes in a hash."""
+    """Objects in Redis/Valkey under ``prefix``; sizes in a hash; recency in sorted sets: of every object, of
+    the encoded levels, and of chunks by their latest use (:data:`EVICTION_POLICY` reads the last two)."""
 
     shared = True
 
@@ -366,8 +344,17 @@ class RedisChunkStore(ChunkStore):
         except redis.RedisError as exc:
             raise StoreError(f"cannot reach the Redis store at {url}: {exc}") from None
         self._lru = prefix + "lru"
+        self._lru_levels = prefix + "lru-levels"
+        self._lru_chunks = prefix + "lru-chunks"
         self._sizes = prefix + "sizes"
         self._lock = threading.Lock()
+
+    def _touch(self, pipe: Any, key: str) -> None:
+        t = time.time()
+        pipe.zadd(self._lru, {key: t})
+        pipe.zadd(self._lru_chunks, {chunk_of(key): t})
+        if kind_of(key) in REBUILT_LEVELS:
+            pipe.zadd(self._lru_levels, {key: t})
 
     def _k(self, key: str) -> str:
         if not KEY_RE.match(key):
@@ -385,8 +372,11 @@ class RedisChunkStore(ChunkStore):
         blob = self._r.get(self._k(key))
         if blob is None:
             self.stats.misses += 1
-            self._r.zrem(self._lru, key)
-            self._r.hdel(self._sizes, key)
+            pipe = self._r.pipeline(transaction=True)
+            pipe.zrem(self._lru, key)
+            pipe.zrem(self._lru_levels, key)
+            pipe.hdel(self._sizes, key)
+            pipe.execute()
             return None
         payload = unwrap(blob)
         if payload is None:
@@ -395,7 +385,9 @@ class RedisChunkStore(ChunkStore):
             self.delete(key)
             return None
         self.stats.hits += 1
-        self._r.zadd(self._lru, {key: time.time()})
+        pipe = self._r.pipeline(transaction=False)
+        self._touch(pipe, key)
+        pipe.execute()
         return payload
 
     def put(self, key: str, data: bytes) -> None:
@@ -405,33 +397,74 @@ class RedisChunkStore(ChunkStore):
         with self._lock:
             pipe = self._r.pipeline(transaction=True)
             pipe.set(self._k(key), blob)
-            pipe.zadd(self._lru, {key: time.time()})
             pipe.hset(self._sizes, key, len(blob))
+            self._touch(pipe, key)
             pipe.execute()
             self.stats.puts += 1
-            used = self.used_bytes
-            while used > self.capacity_bytes:  # the same policy as the local store, over the oldest 1024
-                oldest = [k.decode() for k in self._r.zrange(self._lru, 0, 1023)]
-                sizes = [int(n or 0) for n in self._r.hmget(self._sizes, oldest)] if oldest else []
-                victims = pick_victims(zip(oldest, sizes, strict=True), used - self.capacity_bytes, key)
-                if not victims:
-                    break
-                gone: set[str] = set()
+            excess = self.used_bytes - self.capacity_bytes
+            if excess > 0:
+                victims = self._victims(key, excess)
                 for victim in victims:
-                    gone.add(victim)
-                    if kind_of(victim) not in REBUILT_LEVELS:  # the whole chunk goes, with its objects outside
-                        gone.update(f"{chunk_of(victim)}.{k}" for k in ("src", "meta", *REBUILT_LEVELS))  # the window
-                for victim in gone:
                     self.delete(victim)
                 self.stats.evictions += len(victims)
-                before, used = used, self.used_bytes
-                if key in gone or used >= before:  # the new level itself went, or nothing could
+
+    def _sized(self, keys: list[str]) -> list[tuple[str, int]]:
+        sizes = self._r.hmget(self._sizes, keys) if keys else []
+        return [(k, int(n)) for k, n in zip(keys, sizes, strict=True) if n is not None]
+
+    def _victims(self, keep: str, excess: int) -> list[str]:
+        """:data:`EVICTION_POLICY` over the sorted sets, in batches (a put costs about what it evicts)."""
+        levels: list[str] = []
+        freed, start = 0, 0
+        while freed < excess:
+            batch = [k.decode() for k in self._r.zrange(self._lru_levels, start, start + 1023)]
+            if not batch:
+                break
+            start += len(batch)
+            for k, size in self._sized([k for k in batch if k != keep]):
+                if freed >= excess:
                     break
+                levels.append(k)
+                freed += size
+        if freed < excess and kind_of(keep) in REBUILT_LEVELS:
+            return [keep]  # the other levels cannot make room: only the new one goes, never a source
+        out, chosen, start = list(levels), set(levels), 0
+        while freed < excess:  # whole chunks, least recently used first
+            batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
+            if not batch:
+                break
+            start += len(batch)
+            for chunk in batch:
+                if freed >= excess:
+                    break
+                if chunk == chunk_of(keep):
+                    continue
+                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", *REBUILT_LEVELS)]
+                for k, size in self._sized([k for k in keys if k not in chosen]):
+                    out.append(k)
+                    chosen.add(k)
+                    freed += size
+                self._r.zrem(self._lru_chunks, chunk)  # going (or already gone)
+                start -= 1
+        start = 0
+        while freed < excess:  # objects of other kinds, or written before the chunk set existed: plain LRU
+            batch = [k.decode() for k in self._r.zrange(self._lru, start, start + 1023)]
+            if not batch:
+                break
+            start += len(batch)
+            for k, size in self._sized([k for k in batch if k not in chosen and chunk_of(k) != chunk_of(keep)]):
+                if freed >= excess:
+                    break
+                out.append(k)
+                chosen.add(k)
+                freed += size
+        return out
 
     def delete(self, key: str) -> None:
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(self._k(key))
         pipe.zrem(self._lru, key)
+        pipe.zrem(self._lru_levels, key)
         pipe.hdel(self._sizes, key)
         pipe.execute()
 

@@ -20,9 +20,12 @@ def claim(path: Path) -> None:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
-        except OSError:
+        except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)  # nobody listens: left by a process that is gone
             return
+        except OSError as exc:  # busy (a full backlog), another user's, a timeout: someone may be there
+            raise OSError(errno.EADDRINUSE, f"cannot tell whether it is in use ({exc.strerror or exc})",
+                          str(path)) from None
         finally:
             probe.close()
         raise OSError(errno.EADDRINUSE, "another process is listening on this socket", str(path))

@@ -129,11 +129,13 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_alarm)
+        # the signals that arm the retry timer first, then the timer and SIGALRM: the other way round, a
+        # Ctrl-C in between re-armed the timer with SIGALRM back at its default ("Alarm clock")
         signal.signal(signal.SIGTERM, old)
         for sig, handler in others.items():
             signal.signal(sig, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
         sys.unraisablehook = old_hook
 
 
@@ -142,7 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .topology import Testbed
 
     cfg = emulator_config(args, log=args.log, pcap=args.pcap)
-    if args.run_id is not None and not RUN_ID_RE.match(args.run_id):  # internal (--detach's child), but typed
+    if args.run_id is not None and not RUN_ID_RE.fullmatch(args.run_id):  # internal (--detach's child), but typed
         raise CLIError(f"--run-id {args.run_id!r}: not a run id (tw + 6 hex digits)")
     if args.detach:
         run_id = new_run_id()

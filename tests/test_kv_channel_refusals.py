@@ -310,3 +310,21 @@ def test_stop_sending_with_a_last_kv_ack_and_fin_in_one_packet_ends_that_fetch_a
     _serve_on(pair)
     assert isinstance(pair.outcome(other), KVDoneReceived)
     pair.assert_connection_up()
+
+
+def test_a_stop_sending_that_overtakes_its_kv_fetch_drops_the_fetch():
+    """The KV_FETCH lost and retransmitted after the client's STOP_SENDING: the server started a fetch on a
+    stream whose sending side aioquic had reset, and its KV_META raised."""
+    from tokenwire.transport.frames import encode_stream_frame
+
+    pair = KVPair()
+    pair.exchange(rounds=40)
+    sid = pair.client.quic.get_next_available_stream_id()
+    pair.client.quic.send_stream_data(sid, b"")
+    pair.client.quic.stop_stream(sid, ErrorCode.CANCELLED)
+    pair.exchange(rounds=40)
+    fetch = KvFetch(model="m", deadline_ms=5000, token_ids=list(range(8)))
+    pair.client.quic.send_stream_data(sid, encode_stream_frame(fetch), end_stream=True)
+    pair.exchange(rounds=40)
+    assert not [e for e in pair.server_events if isinstance(e, KVFetchRequested) and e.stream_id == sid]
+    pair.assert_connection_up()

@@ -342,3 +342,31 @@ def test_daemons_sharing_redis_see_each_others_reingest(redis_url):  # noqa: F81
     finally:
         a.close()
         b.close()
+
+
+def test_a_busy_live_ingest_socket_is_not_taken_for_a_stale_one(tmp_path):
+    """A daemon whose backlog is full makes connect() fail with EAGAIN, not ECONNREFUSED: that was read as
+    "nobody listens" and its socket file deleted."""
+    from tokenwire.daemon import unix_sockets
+
+    path = tmp_path / "busy.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)  # and never accepts
+    waiting = []
+    try:
+        for _ in range(8):
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            waiting.append(c)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(OSError, match="cannot tell whether it is in use"):
+            unix_sockets.claim(path)
+        assert path.is_socket()
+    finally:
+        for c in waiting:
+            c.close()
+        live.close()

@@ -242,3 +242,26 @@ def test_reopening_ignores_what_is_not_ours_and_fits_a_smaller_capacity(tmp_path
     s.put("aa4.src", bytes(1000))  # an eviction with the foreign file present
     assert (shard / "not a key!").exists() and (shard / "sub").is_dir()  # left alone
     assert s.contains("aa4.src") and s.used_bytes <= 2_100
+
+
+def test_a_level_that_does_not_fit_evicts_only_itself(make_store):
+    """The other levels went first and then the new one anyway: one large encode emptied the level cache."""
+    s = make_store(capacity=4 * 120 + 2 * 120 + 10)
+    for key in ("a.src", "a.meta", "b.src", "b.meta", "a.low", "b.low"):
+        s.put(key, bytes(100))
+    s.put("a.high", bytes(500))  # the two other levels (240 bytes) cannot make room for it
+    assert not s.contains("a.high")
+    assert all(s.contains(k) for k in ("a.src", "a.meta", "b.src", "b.meta", "a.low", "b.low"))
+
+
+def test_old_levels_give_way_to_new_ones_behind_many_older_sources(make_store):
+    """On Redis the levels were looked for among the 1024 least recently used objects only: behind more
+    sources than that (written at ingest, rarely read again) no level was found, and each new one evicted
+    itself while idle old ones stayed."""
+    s = make_store(capacity=1300 * 30 + 2 * 120 + 10)
+    for i in range(1300):
+        s.put(f"c{i:04d}.src", bytes(10))
+    s.put("l0.low", bytes(100))
+    s.put("l1.low", bytes(100))  # room for it: the store is now full
+    s.put("l2.low", bytes(100))
+    assert s.contains("l2.low") and not s.contains("l0.low") and s.contains("l1.low")

@@ -167,3 +167,18 @@ def test_a_client_that_stops_reading_an_answer_cancels_it_alone():
     done = _outcome(pair, other)
     assert isinstance(done, RequestFinished) and done.result.digest_ok
     assert not any(isinstance(e, ConnectionEnded) for e in pair.server_events)
+
+
+def test_a_stop_sending_that_overtakes_its_request_drops_the_request():
+    """The request's packet lost and retransmitted after the client's STOP_SENDING: the request was then
+    accepted on a stream whose sending side aioquic had reset, and accept() raised in the event loop."""
+    pair = _connected()
+    sid = pair.client.quic.get_next_available_stream_id()
+    pair.client.quic.send_stream_data(sid, b"")  # the stream exists; its request is "still on its way"
+    pair.client.quic.stop_stream(sid, ErrorCode.CANCELLED)
+    pair.exchange(rounds=40)
+    pair.client._send(sid, _request(), end=True)
+    pair.exchange(rounds=40)
+    assert _received(pair) == []
+    assert not pair.server._ended  # the client's FIN closed the books
+    _assert_connection_up(pair)

@@ -582,7 +582,10 @@ class KVServerSession(_SessionBase):
         """The client asked us to stop sending on its fetch stream (aioquic has reset our side: writing KV_META,
         KV_DONE or an ERROR on it now would raise): it gave up on the fetch, which ends alone."""
         f = self.fetches.pop(stream_id, None)
-        if f is None:
+        if f is None:  # before its KV_FETCH arrived (lost, retransmitted): drop that when it comes
+            stream = self.quic._streams.get(stream_id)
+            if stream is not None and not stream.receiver.is_finished:
+                self._ended.add(stream_id)  # cleared by the client's FIN or reset
             return []
         f.closed = True
         self._stop_receiving(stream_id, ErrorCode.CANCELLED)

@@ -548,11 +548,13 @@ class ServerSession(_SessionBase):
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
         """The client asked us to stop sending the answer (aioquic has reset our side: writing TOKENS or
         FINISHED on it now would raise): it gave up on it, as with a reset, and its own FIN or reset follows."""
+        stream = self.quic._streams.get(stream_id)
+        if stream is not None and not stream.receiver.is_finished:
+            self._ended.add(stream_id)  # a request still on its way (lost, retransmitted) is dropped on arrival
         req = self.requests.get(stream_id)
         if req is None:
             return []
         self._drop(req)
-        self._ended.add(stream_id)
         return [RequestCancelled(stream_id, "client stopped reading the answer")]
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
