@@ -10,7 +10,7 @@ one level (``<hash>.<level>``), wrapped in an envelope with a CRC32 so that noth
   checksums verified on every read (a bad file is deleted and reported as a miss), a capacity bound with
   least-recently-used eviction (recency survives restarts through file mtimes).
 * :class:`RedisChunkStore`: the same contract on a Redis/Valkey server shared by several daemons (values in
-  the same envelope; recency in a sorted set; eviction by this client under the same byte bound).
+  the same envelope; recency in sorted sets; eviction by this client under the same byte bound).
 
 The API is synchronous (file and socket I/O); the daemon calls it from a worker thread.
 """
@@ -348,6 +348,31 @@ class RedisChunkStore(ChunkStore):
         self._lru_chunks = prefix + "lru-chunks"
         self._sizes = prefix + "sizes"
         self._lock = threading.Lock()
+        # a miss forgets the key only if the object is still absent (another writer may have stored it since
+        # the GET: forgotten, it would sit there uncounted and never evicted)
+        self._forget_if_absent = self._r.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]); "
+            "redis.call('ZREM', KEYS[3], ARGV[1]); redis.call('HDEL', KEYS[4], ARGV[1]) end")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """A store written before the level and chunk recency sets existed: build them from the object LRU once
+        (without them its objects would be evicted only after every newer chunk)."""
+        if self._r.exists(self._lru_chunks) or not self._r.zcard(self._lru):
+            return
+        chunks: dict[str, float] = {}
+        levels: dict[str, float] = {}
+        for key, score in self._r.zrange(self._lru, 0, -1, withscores=True):
+            key = key.decode()
+            chunks[chunk_of(key)] = max(score, chunks.get(chunk_of(key), score))
+            if kind_of(key) in REBUILT_LEVELS:
+                levels[key] = score
+        pipe = self._r.pipeline(transaction=True)
+        if chunks:
+            pipe.zadd(self._lru_chunks, chunks)
+        if levels:
+            pipe.zadd(self._lru_levels, levels)
+        pipe.execute()
 
     def _touch(self, pipe: Any, key: str) -> None:
         t = time.time()
@@ -372,11 +397,7 @@ class RedisChunkStore(ChunkStore):
         blob = self._r.get(self._k(key))
         if blob is None:
             self.stats.misses += 1
-            pipe = self._r.pipeline(transaction=True)
-            pipe.zrem(self._lru, key)
-            pipe.zrem(self._lru_levels, key)
-            pipe.hdel(self._sizes, key)
-            pipe.execute()
+            self._forget_if_absent(keys=[self._k(key), self._lru, self._lru_levels, self._sizes], args=[key])
             return None
         payload = unwrap(blob)
         if payload is None:

@@ -265,3 +265,25 @@ def test_old_levels_give_way_to_new_ones_behind_many_older_sources(make_store):
     s.put("l1.low", bytes(100))  # room for it: the store is now full
     s.put("l2.low", bytes(100))
     assert s.contains("l2.low") and not s.contains("l0.low") and s.contains("l1.low")
+
+
+def test_a_redis_store_of_the_earlier_layout_evicts_its_old_objects_first(redis_url):
+    """Written before the level and chunk recency sets existed, its objects were evicted only after every
+    newer chunk: each new ingest evicted the previous new one."""
+    import redis
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    r = redis.Redis.from_url(redis_url)
+    old = {"old1.src": 1.0, "old1.meta": 1.0, "old2.src": 2.0, "old2.meta": 2.0}
+    for key in old:  # the earlier layout: objects, their sizes, one LRU of every object
+        r.set(prefix + "obj:" + key, wrap(bytes(100)))
+        r.hset(prefix + "sizes", key, 120)
+    r.zadd(prefix + "lru", old)
+    s = RedisChunkStore(redis_url, 5 * 120 + 10, prefix=prefix)
+    try:
+        s.put("new1.src", bytes(100))
+        s.put("new1.meta", bytes(100))  # over capacity: the oldest chunk goes, not another new one
+        assert not s.contains("old1.src") and not s.contains("old1.meta")
+        assert all(s.contains(k) for k in ("old2.src", "old2.meta", "new1.src", "new1.meta"))
+    finally:
+        s.close()

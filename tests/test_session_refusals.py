@@ -182,3 +182,27 @@ def test_a_stop_sending_that_overtakes_its_request_drops_the_request():
     assert _received(pair) == []
     assert not pair.server._ended  # the client's FIN closed the books
     _assert_connection_up(pair)
+
+
+def test_stop_sending_with_a_last_report_and_fin_in_one_packet_ends_that_request_alone():
+    """aioquic marks the receive side finished when it parses the FIN, before the session sees the data that
+    came with it: the trailing REPORT read as a new request and closed the connection."""
+    from tokenwire.transport.frames import Report
+
+    pair = _connected()
+    stopped = pair.client.start_request(_request(), pair.now)
+    other = pair.client.start_request(_request(), pair.now)
+    pair.exchange(rounds=40)
+    for sid in (stopped, other):
+        pair.server.accept(sid)
+        pair.server.push(sid, "first ", pair.now)
+    pair.exchange(rounds=40)
+    pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
+    pair.client._send(stopped, Report(stall_ratio=0.0), end=True)
+    pair.exchange(rounds=40)
+    pair.server.push(other, "more ", pair.now)
+    pair.server.finish(other)
+    pair.exchange(rounds=200)
+    done = _outcome(pair, other)
+    assert isinstance(done, RequestFinished) and done.result.digest_ok
+    assert not any(isinstance(e, ConnectionEnded) for e in pair.server_events)

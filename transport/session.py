@@ -548,10 +548,13 @@ class ServerSession(_SessionBase):
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
         """The client asked us to stop sending the answer (aioquic has reset our side: writing TOKENS or
         FINISHED on it now would raise): it gave up on it, as with a reset, and its own FIN or reset follows."""
-        stream = self.quic._streams.get(stream_id)
-        if stream is not None and not stream.receiver.is_finished:
-            self._ended.add(stream_id)  # a request still on its way (lost, retransmitted) is dropped on arrival
         req = self.requests.get(stream_id)
+        stream = self.quic._streams.get(stream_id)
+        # a running request: its last REPORT may come with the FIN in this very packet (aioquic marks the
+        # receive side finished before we see that data); none yet: the request may still be on its way (lost,
+        # retransmitted). Either is dropped on arrival; the FIN or reset clears the entry.
+        if req is not None or (stream is not None and not stream.receiver.is_finished):
+            self._ended.add(stream_id)
         if req is None:
             return []
         self._drop(req)
