@@ -143,19 +143,25 @@ def test_an_oversized_frame_right_behind_a_request_in_one_read_is_a_broken_clien
     assert not [e for e in pair.server_events if isinstance(e, RequestRefused)]
 
 
-def test_a_client_that_stops_reading_an_answer_cancels_it_alone():
-    """STOP_SENDING from the client: aioquic resets our side, and the next TOKENS or FINISHED write raised."""
-    from tokenwire.transport.session import RequestCancelled
-
+def _two_running_requests(first: Request) -> tuple[Pair, int, int]:
+    """Two answers under way (``first`` and a chatterbox one), each with a token out."""
     pair = _connected()
-    stopped = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], scheme="stream"),
-                                        pair.now)
+    stopped = pair.client.start_request(first, pair.now)
     other = pair.client.start_request(_request(), pair.now)
     pair.exchange(rounds=40)
     for sid in (stopped, other):
         pair.server.accept(sid)
         pair.server.push(sid, "first ", pair.now)
     pair.exchange(rounds=40)
+    return pair, stopped, other
+
+
+def test_a_client_that_stops_reading_an_answer_cancels_it_alone():
+    """STOP_SENDING from the client: aioquic resets our side, and the next TOKENS or FINISHED write raised."""
+    from tokenwire.transport.session import RequestCancelled
+
+    pair, stopped, other = _two_running_requests(Request(messages=[{"role": "user", "content": "x"}],
+                                                         scheme="stream"))
     pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
     pair.exchange(rounds=40)
     for sid in (stopped, other):  # the stopped one: nothing written, nothing raised
@@ -189,14 +195,7 @@ def test_stop_sending_with_a_last_report_and_fin_in_one_packet_ends_that_request
     came with it: the trailing REPORT read as a new request and closed the connection."""
     from tokenwire.transport.frames import Report
 
-    pair = _connected()
-    stopped = pair.client.start_request(_request(), pair.now)
-    other = pair.client.start_request(_request(), pair.now)
-    pair.exchange(rounds=40)
-    for sid in (stopped, other):
-        pair.server.accept(sid)
-        pair.server.push(sid, "first ", pair.now)
-    pair.exchange(rounds=40)
+    pair, stopped, other = _two_running_requests(_request())
     pair.client.quic.stop_stream(stopped, ErrorCode.CANCELLED)
     pair.client._send(stopped, Report(stall_ratio=0.0), end=True)
     pair.exchange(rounds=40)
