@@ -242,11 +242,6 @@ class KVServerSession(_SessionBase):
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
         self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
-        # Fetch streams this side has ended (refused, rejected) while the client's side is still open: what the
-        # client sent before it saw our ERROR (the rest of a long KV_FETCH, a KV_ACK that crossed the ERROR)
-        # still arrives, and must not read as a new fetch. Forgotten on the client's FIN or reset, which our
-        # STOP_SENDING brings about at once; bounded by the client's stream credit meanwhile.
-        self._ended: set[int] = set()
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -479,9 +474,7 @@ class KVServerSession(_SessionBase):
         f = self.fetches.get(stream_id)
         out: list[SessionEvent] = []
         if f is None:
-            if stream_id in self._ended:  # late data of a fetch this side already ended
-                if end:
-                    self._ended.discard(stream_id)
+            if self._late(stream_id, end):  # the rest of a refused KV_FETCH, a KV_ACK that crossed our ERROR
                 return []
             if not data and end:
                 return []
@@ -510,21 +503,10 @@ class KVServerSession(_SessionBase):
         return out
 
     def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
-        """Refuse a fetch stream before it becomes a fetch: ERROR and FIN, and STOP_SENDING for the rest of what
-        the client is still sending (a KV_FETCH of many token ids spans packets). Only this fetch ends."""
-        self._send(stream_id, Error(int(code), reason[:1024]), end=True)
-        if not end:
-            self._stop_receiving(stream_id, code)
+        """Refuse a fetch stream before it becomes a fetch (a KV_FETCH of many token ids spans packets); only
+        this fetch ends."""
+        self._refuse_stream(stream_id, code, reason, end)
         return [KVFetchRefused(stream_id, int(code), reason)]
-
-    def _stop_receiving(self, stream_id: int, code: int) -> None:
-        """This side is done with a fetch stream whose client side is still open: drop what still arrives on it
-        and ask the client to stop sending (its QUIC stack then resets its side, which ends the stream)."""
-        stream = self.quic._streams.get(stream_id)
-        if stream is None or stream.receiver.is_finished:
-            return  # the client's FIN or reset is already in: nothing more will arrive
-        self._ended.add(stream_id)
-        self.quic.stop_stream(stream_id, int(code))
 
     def _on_frame(self, f: ServerFetch, frame: Frame, now: float) -> list[SessionEvent]:
         if f.fetch is None:
@@ -566,38 +548,29 @@ class KVServerSession(_SessionBase):
         raise ProtocolError("the KV channel carries no datagrams")
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
-        self._ended.discard(stream_id)
         f = self.fetches.pop(stream_id, None)
         if f is None:
             return []
         f.closed = True
         return [KVFetchClosed(stream_id, list(f.levels), False)]
 
-    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
-        if isinstance(event, qe.StopSendingReceived):
-            return self._on_stop_sending(event.stream_id)
-        return super()._handle_quic_event(event, now)
-
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
-        """The client asked us to stop sending on its fetch stream (aioquic has reset our side: writing KV_META,
-        KV_DONE or an ERROR on it now would raise): it gave up on the fetch, which ends alone."""
+        """The client asked us to stop sending on its fetch stream (writing KV_META, KV_DONE or an ERROR on it
+        now would raise): it gave up on the fetch, which ends alone."""
         f = self.fetches.pop(stream_id, None)
         if f is None:  # before its KV_FETCH arrived (lost, retransmitted): drop that when it comes
-            stream = self.quic._streams.get(stream_id)
-            if stream is not None and not stream.receiver.is_finished:
-                self._ended.add(stream_id)  # cleared by the client's FIN or reset
+            if self._peer_sending(stream_id):
+                self._ended.add(stream_id)
             return []
         f.closed = True
         self._stop_receiving(stream_id, ErrorCode.CANCELLED)
-        # aioquic marks the receive side finished when it parses a FIN, before the data event with it reaches
-        # us: a last KV_ACK in the same packet as the FIN must still be dropped (cleared on FIN, reset or close)
+        # a last KV_ACK may come with the FIN in this very packet, after aioquic marked the side finished
         self._ended.add(stream_id)
         return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False) for f in self.fetches.values()]
         self.fetches.clear()
-        self._ended.clear()
         return out
 
     def _session_timer(self) -> float | None:
@@ -695,13 +668,11 @@ class KVClientSession(_SessionBase):
             self._sending.discard(sid)
             self._fin(sid)
 
-    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
-        if isinstance(event, qe.StopSendingReceived):
-            # the server wants nothing more on this stream (it refused or rejected the fetch; its ERROR may still
-            # be on its way): aioquic has reset our side, so no KV_ACK or FIN may be written on it any more
-            self._sending.discard(event.stream_id)
-            return []
-        return super()._handle_quic_event(event, now)
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        # the server wants nothing more on this stream (it refused or rejected the fetch; its ERROR may still be
+        # on its way): aioquic has reset our side, so no KV_ACK or FIN may be written on it any more
+        self._sending.discard(stream_id)
+        return []
 
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         if stream_id % 4 == 3:

@@ -164,6 +164,12 @@ class _SessionBase:
         self._heard_at = 0.0  # last QUIC event from the peer (data, datagram, ping ack, ...)
         self._pinged_at = 0.0
         self._pings = 0
+        # Request streams this side has ended (refused, rejected, failed, stopped) while the peer's side is
+        # still open: what the peer sent before it learnt (the rest of a refused request, a frame that crossed
+        # our ERROR) still arrives, and must not read as a new request. Forgotten on the peer's FIN or reset,
+        # which a STOP_SENDING brings about at once; bounded by the peer's stream credit meanwhile (aioquic
+        # grants new streams only as old ones finish in both directions).
+        self._ended: set[int] = set()
 
     # -- driver entry points ----------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
@@ -244,9 +250,13 @@ class _SessionBase:
                 raise ProtocolError(f"bad datagram: {exc}", code=exc.code) from None
             return self._on_datagram(frame, now)
         if isinstance(event, qe.StreamReset):
+            self._ended.discard(event.stream_id)
             return self._on_stream_reset(event.stream_id, event.error_code)
+        if isinstance(event, qe.StopSendingReceived):  # aioquic has reset our side: no write may follow
+            return self._on_stop_sending(event.stream_id)
         if isinstance(event, qe.ConnectionTerminated):
             self.closed = True
+            self._ended.clear()
             by_peer = self._closing_error is None
             return [*self._on_terminated(event), ConnectionEnded(event.error_code, event.reason_phrase, by_peer)]
         return []
@@ -260,6 +270,36 @@ class _SessionBase:
         except (AssertionError, ValueError, RuntimeError):
             pass  # already finished in this direction, or reset (the peer's STOP_SENDING)
 
+    # -- streams this side ended before the peer did (see ``_ended``) ----------------------------------------
+    def _late(self, stream_id: int, end: bool) -> bool:
+        """Whether data on ``stream_id`` belongs to a stream this side already ended: dropped (its FIN clears
+        the entry)."""
+        if stream_id not in self._ended:
+            return False
+        if end:
+            self._ended.discard(stream_id)
+        return True
+
+    def _peer_sending(self, stream_id: int) -> bool:
+        """The peer may still send on ``stream_id``: its FIN or reset has not been parsed (aioquic marks the
+        receive side finished at the FIN, before the data event that came with it reaches us)."""
+        stream = self.quic._streams.get(stream_id)
+        return stream is not None and not stream.receiver.is_finished
+
+    def _stop_receiving(self, stream_id: int, code: int) -> None:
+        """This side is done with a stream the peer may still send on: drop what arrives on it and ask the peer
+        to stop (its QUIC stack then resets its side, which ends the stream)."""
+        if self._peer_sending(stream_id):
+            self._ended.add(stream_id)
+            self.quic.stop_stream(stream_id, int(code))
+
+    def _refuse_stream(self, stream_id: int, code: int, reason: str, end: bool) -> None:
+        """Refuse a stream before it becomes a request: ERROR and FIN, and STOP_SENDING for the rest of what the
+        peer is still sending (a long first frame spans packets)."""
+        self._send(stream_id, Error(int(code), reason[:1024]), end=True)
+        if not end:
+            self._stop_receiving(stream_id, code)
+
     # hooks
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         raise NotImplementedError
@@ -269,6 +309,9 @@ class _SessionBase:
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         raise NotImplementedError
+
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        return []
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         raise NotImplementedError
@@ -333,11 +376,6 @@ class ServerSession(_SessionBase):
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
-        # Request streams this side has ended (refused, rejected, failed) while the client's side is still
-        # open: what the client sent before it saw our ERROR (the rest of a refused request, a REPAIR or
-        # REPORT that crossed it) still arrives, and must not read as a new request. Bounded by the client's
-        # stream credit: aioquic grants new streams only as old ones finish in both directions.
-        self._ended: set[int] = set()
 
     # -- API for the driver ----------------------------------------------------------------------------
     def accept(
@@ -448,9 +486,7 @@ class ServerSession(_SessionBase):
             raise ProtocolError(f"stream {stream_id}: requests travel on client-initiated bidirectional streams")
         req = self.requests.get(stream_id)
         if req is None:
-            if stream_id in self._ended:  # late frames of a request this side already ended
-                if end:
-                    self._ended.discard(stream_id)
+            if self._late(stream_id, end):  # a REPAIR or REPORT that crossed our ERROR, a refused request's tail
                 return []
             if stream_id < 0 or (not data and end):
                 return []
@@ -495,13 +531,8 @@ class ServerSession(_SessionBase):
         return out
 
     def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
-        """Refuse a request stream before it becomes a request: ERROR and FIN, and STOP_SENDING for the rest
-        of what the client is still sending (its QUIC stack then resets the stream). Only this request
-        ends."""
-        self._send(stream_id, Error(int(code), reason[:1024]), end=True)
-        if not end:
-            self._ended.add(stream_id)
-            self.quic.stop_stream(stream_id, int(code))
+        """Refuse a request stream before it becomes a request; only this request ends."""
+        self._refuse_stream(stream_id, code, reason, end)
         return [RequestRefused(stream_id, int(code), reason)]
 
     def _repair(self, req: ServerRequest, frame: Repair) -> None:
@@ -540,20 +571,13 @@ class ServerSession(_SessionBase):
             self.scheduler.schedule(req.sender)
         return []
 
-    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
-        if isinstance(event, qe.StopSendingReceived):
-            return self._on_stop_sending(event.stream_id)
-        return super()._handle_quic_event(event, now)
-
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
-        """The client asked us to stop sending the answer (aioquic has reset our side: writing TOKENS or
-        FINISHED on it now would raise): it gave up on it, as with a reset, and its own FIN or reset follows."""
+        """The client asked us to stop sending the answer (writing TOKENS or FINISHED on it now would raise):
+        it gave up on it, as with a reset, and its own FIN or reset follows."""
         req = self.requests.get(stream_id)
-        stream = self.quic._streams.get(stream_id)
-        # a running request: its last REPORT may come with the FIN in this very packet (aioquic marks the
-        # receive side finished before we see that data); none yet: the request may still be on its way (lost,
-        # retransmitted). Either is dropped on arrival; the FIN or reset clears the entry.
-        if req is not None or (stream is not None and not stream.receiver.is_finished):
+        # a running request: its last REPORT may come with the FIN in this very packet; none yet: the request
+        # may still be on its way (lost, retransmitted). Either is dropped on arrival.
+        if req is not None or self._peer_sending(stream_id):
             self._ended.add(stream_id)
         if req is None:
             return []
@@ -561,7 +585,6 @@ class ServerSession(_SessionBase):
         return [RequestCancelled(stream_id, "client stopped reading the answer")]
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
-        self._ended.discard(stream_id)
         req = self.requests.get(stream_id)
         if req is None:
             return []
