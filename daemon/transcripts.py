@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from tokenwire.transport.frames import REQUEST_ID_BYTES
-from tokenwire.transport.transcript import Transcript, split_piece
+from tokenwire.transport.transcript import Transcript
 
 TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
 
@@ -54,10 +54,8 @@ class LiveRequest:
         """Append generated text; raises GenerationLimit once ``max_tokens`` is reached."""
         if self.done:
             return
-        data = piece.encode("utf-8") if isinstance(piece, str) else piece
-        if data:
-            for tok in split_piece(data)[: max(0, self.max_tokens - len(self.transcript))]:
-                self.transcript.append(tok, now)  # a piece over 256 bytes is several tokens: cut at the limit
+        if piece:  # a piece over 256 bytes is several tokens: cut at the limit
+            self.transcript.extend(piece, now, max_total=self.max_tokens)
             self._notify()
         if len(self.transcript) >= self.max_tokens:
             raise GenerationLimit

@@ -46,7 +46,7 @@ from .frames import (
 from .marking import LatencySample, MarkingPolicy
 from .path_recovery import RECOVERY_PING_S, backed_off, probe_on_receipt
 from .session_outcome import ChatOutcome
-from .transcript import Transcript, gen_times_from_deltas, split_piece, text_digest
+from .transcript import Transcript, gen_times_from_deltas, text_digest
 
 REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
 
@@ -428,15 +428,8 @@ class ServerSession(_SessionBase):
         req = self.requests.get(stream_id)
         if req is None or req.transcript is None:
             return
-        data = piece.encode("utf-8") if isinstance(piece, str) else piece
-        if not data:
-            return
-        toks = split_piece(data)
-        if max_total is not None:
-            toks = toks[: max(0, max_total - len(req.transcript))]
-        for tok in toks:
-            req.transcript.append(tok, now)
-        self.notify(stream_id)
+        if req.transcript.extend(piece, now, max_total=max_total):
+            self.notify(stream_id)
 
     def finish(self, stream_id: int, reason: str = "stop") -> None:
         req = self.requests.get(stream_id)

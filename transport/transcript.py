@@ -41,6 +41,17 @@ class Transcript:
         self._hash.update(token)
         return len(self.tokens) - 1
 
+    def extend(self, piece: bytes | str, now: float, *, max_total: int | None = None) -> int:
+        """Add an upstream text piece as tokens of at most 256 bytes (a long piece becomes several), none
+        beyond ``max_total`` in all; returns how many were added."""
+        data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        toks = split_piece(data) if data else []
+        if max_total is not None:
+            toks = toks[: max(0, max_total - len(self.tokens))]
+        for tok in toks:
+            self.append(tok, now)
+        return len(toks)
+
     def finish(self, reason: str = "stop") -> None:
         self.finished = True
         self.reason = reason
