@@ -296,10 +296,13 @@ class KVService:
             m = self.meta_sync(h)
             if m is None or (not self.store.contains(object_key(h, "src")) and not any(
                     self.store.contains(object_key(h, lv)) for lv in LEVELS)):
+                if fetch.prefix and metas:  # the chain's later chunks all depend on this one: the prefix ends here
+                    break
                 raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found")
             if m.model != fetch.model:
                 raise KVNotFound(f"chunk {h} belongs to model {m.model!r}, not {fetch.model!r}")
             metas.append(m)
+        hashes = hashes[:len(metas)]
         if fetch.token_ids is None:  # by hashes: they must be a context's chain from its first chunk, in order
             ids = [t for m in metas for t in m.token_ids]
             if chunk_hashes(ids, model=fetch.model, chunk_tokens=self.chunk_tokens) != hashes:
@@ -312,9 +315,14 @@ class KVService:
                 raise KVError("chunks of this context disagree on the model geometry", code=ErrorCode.INTERNAL)
         sizes = [{lv: self._sizes.get((h, lv)) or predicted_size(lv, m.elements) for lv in LEVELS}
                  for h, m in zip(hashes, metas, strict=True)]
+        stored = sum(len(m.token_ids) for m in metas)
+        if fetch.token_ids is not None:
+            rest = len(fetch.token_ids) - stored
+        else:  # by hashes the missing chunks' lengths are unknown here: at most chunk_tokens each
+            rest = (len(fetch.hashes or []) - len(metas)) * self.chunk_tokens
         return ContextPlan(self.chunk_tokens, [len(m.token_ids) for m in metas], [m.elements for m in metas],
                            sizes, (first.layers, first.heads, first.head_dim), first.fingerprint, first.dtype,
-                           handle=hashes)
+                           handle=hashes, rest_tokens=rest)
 
     def chunk_sync(self, plan: ContextPlan, index: int, level: str) -> bytes:
         h = plan.handle[index]

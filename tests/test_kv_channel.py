@@ -19,7 +19,14 @@ from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, s
 from tokenwire.daemon.kv_store import LocalChunkStore, object_key
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.errors import ErrorCode, RemoteError
-from tokenwire.transport.kv_channel import KVCorruptChunk, KVNotFound, ServerTuning, connect_kv, serve_kv
+from tokenwire.transport.kv_channel import (
+    KVCorruptChunk,
+    KVError,
+    KVNotFound,
+    ServerTuning,
+    connect_kv,
+    serve_kv,
+)
 
 MODEL = "tiny-test"
 CHUNK = 32
@@ -138,6 +145,82 @@ def test_missing_context_is_typed_error_and_server_keeps_serving(service):
 
     res = run(go())
     assert res.report.levels == ["low"]
+
+
+def test_a_prefix_fetch_returns_the_stored_turns_kv_and_leaves_the_new_tokens_to_the_engine(service):
+    """A conversation's next turn: the store holds the previous prompt (its last chunk partial), the engine asks
+    for the whole new context. Without ``prefix`` that is a miss; with it, the chunks stored whole come as KV
+    and the rest (the stored partial chunk's tokens included: its hash covers fewer tokens) is the engine's."""
+    turn1 = list(range(500, 500 + 2 * CHUNK + 7))
+    kv = make_kv(len(turn1), 8)
+    service.ingest_sync(MODEL, turn1, kv, prewarm=["high"])
+    turn2 = turn1 + list(range(9000, 9000 + CHUNK + 5))
+    nothing = [3] * (2 * CHUNK)
+
+    async def go():
+        async with kv_client(service) as (conn, server):
+            with pytest.raises(KVNotFound):
+                await conn.fetch_kv(model=MODEL, token_ids=turn2, deadline_ms=5000)
+            with pytest.raises(KVNotFound):  # not even the first chunk: still a miss
+                await conn.fetch_kv(model=MODEL, token_ids=nothing, deadline_ms=5000, prefix=True)
+            res = await conn.fetch_kv(model=MODEL, token_ids=turn2, deadline_ms=5000, controller="fixed-L3",
+                                      prefix=True)
+            whole = await conn.fetch_kv(model=MODEL, token_ids=turn1, deadline_ms=5000, controller="fixed-L3",
+                                        prefix=True)  # stored whole: the same as without prefix
+            return res, whole, dict(server.stats)
+
+    res, whole, stats = run(go())
+    assert res.report.levels == ["high", "high"] and res.stored_tokens == 2 * CHUNK
+    assert res.missing_token_ids == turn2[2 * CHUNK:] and res.text_token_ids() == turn2[2 * CHUNK:]
+    pkv, n = res.prefix_kv()
+    assert n == 2 * CHUNK and pkv[0][0].shape == (1, 2, 2 * CHUNK, 16)
+    err = (pkv[0][0].float() - kv[0][0][:, :, :2 * CHUNK].float()).abs().mean() / kv[0][0].float().abs().mean()
+    assert err < 0.1
+    assert whole.missing_token_ids == [] and whole.stored_tokens == len(turn1) and len(whole.chunks) == 3
+    assert whole.text_token_ids() == []
+    assert stats["prefix_hits"] == 1 and stats["refused"] == 2
+
+
+def test_a_prefix_fetch_by_hashes_says_how_many_chunks_were_missing(service):
+    ids = list(range(3 * CHUNK))
+    stored = service.ingest_sync(MODEL, ids[:2 * CHUNK], make_kv(2 * CHUNK, 9))
+    from tokenwire.daemon.kv_store import chunk_hashes
+
+    asked = chunk_hashes(ids, model=MODEL, chunk_tokens=CHUNK)
+    assert asked[:2] == stored
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            with pytest.raises(KVNotFound):
+                await conn.fetch_kv(model=MODEL, hashes=asked, deadline_ms=5000)
+            return await conn.fetch_kv(model=MODEL, hashes=asked, deadline_ms=5000, controller="fixed-L1",
+                                       prefix=True)
+
+    res = run(go())
+    assert len(res.chunks) == 2 and res.missing_chunks == 1 and res.missing_token_ids == []
+    assert res.prefix_kv()[1] == 2 * CHUNK
+
+
+def test_a_server_answering_with_another_contexts_length_is_an_error_not_data(service):
+    """The client checks KV_META against what it asked: a server resolving a shorter prefix than asked (without
+    ``prefix``), or more tokens than asked, gives no result the engine would take for the context's KV."""
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 10))
+    real = service.resolve
+
+    async def prefix_always(fetch):
+        fetch.prefix = True
+        return await real(fetch)
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            service.resolve = prefix_always
+            with pytest.raises(KVError, match="sent 64 tokens of KV for a context of 70"):
+                await conn.fetch_kv(model=MODEL, token_ids=ids + [1] * 6, deadline_ms=5000, controller="fixed-L1")
+            service.resolve = real
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+
+    assert run(go()).stored_tokens == 2 * CHUNK
 
 
 def test_corrupt_store_object_is_reencoded_from_source(service, tmp_path):
@@ -444,7 +527,7 @@ def test_next_chunk_waits_for_acks_not_just_for_the_send_buffer():
     assert session._unacked(f) == 150_000 <= session._lookahead(f, 0.0)
 
 
-def _accepted_fetch(tuning, sizes, chunks, deadline_ms, rtt=None):
+def _accepted_fetch(tuning, sizes, chunks, deadline_ms, rtt=None, rest_tokens=0):
     """A server session (sans-I/O, no socket) with one fetch of ``chunks`` 16-token chunks accepted at t = 0;
     ``rtt``: QUIC's (min, smoothed) RTT then."""
     from aioquic.quic.configuration import QuicConfiguration
@@ -459,7 +542,7 @@ def _accepted_fetch(tuning, sizes, chunks, deadline_ms, rtt=None):
         quic._loss._rtt_initialized = True
     session = KVServerSession(quic, tuning=tuning)
     plan = ContextPlan(16 * chunks, [16] * chunks, [1000] * chunks, [dict(sizes) for _ in range(chunks)], (1, 1, 1),
-                       0, "float16")
+                       0, "float16", rest_tokens=rest_tokens)
     f = ServerFetch(0, KvFetch(model=MODEL, deadline_ms=deadline_ms, token_ids=[1] * 16 * chunks), StreamDecoder(),
                     0.0)
     session.fetches[0] = f
@@ -507,6 +590,17 @@ def test_text_chunks_sent_count_their_recompute_against_the_time_left():
     f.pending, f.next_index, f.levels = False, 1, [TEXT]  # chunk 0 went out as text (no bytes to wait for)
     assert [type(e) for e in session.poll(1.0)] == [KVChunkNeeded]
     assert f.decisions[1]["time_left_s"] == pytest.approx(4.0 - 1.6, abs=0.01)
+
+
+def test_a_prefix_fetchs_missing_tokens_count_their_recompute_against_the_time_left():
+    """A prefix fetch leaves the tokens the store lacks to the engine, prefilled after the transfer: committed
+    time from the first decision on."""
+    from tokenwire.transport.kv_channel import KVChunkNeeded
+
+    _, session, f = _accepted_fetch(ServerTuning(forecaster="ewma", prior_bps=8e6, recompute_us_per_token=100_000),
+                                    {"low": 100_000, "medium": 140_000, "high": 190_000}, 3, 5000, rest_tokens=10)
+    assert [type(e) for e in session.poll(0.5)] == [KVChunkNeeded]
+    assert f.decisions[0]["time_left_s"] == pytest.approx(4.5 - 1.0, abs=0.01)  # 10 tokens at 0.1 s each
 
 
 @pytest.mark.parametrize("legacy", [False, True])

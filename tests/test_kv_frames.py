@@ -107,11 +107,17 @@ def test_fuzz_kv_maps_only_raise_frame_errors(fields, t):
 @given(
     st.text(min_size=1, max_size=20), st.integers(1, 3_600_000), st.lists(st.integers(0, 2**31 - 1), min_size=1,
                                                                           max_size=50),
-    st.sampled_from(KV_CONTROLLERS), st.none() | st.integers(0, 10_000_000),
+    st.sampled_from(KV_CONTROLLERS), st.none() | st.integers(0, 10_000_000), st.none() | st.booleans(),
 )
-def test_kv_fetch_round_trip(model, dl, ids, ctl, rc):
-    f = KvFetch(model=model, deadline_ms=dl, token_ids=ids, controller=ctl, recompute_us_per_token=rc)
+def test_kv_fetch_round_trip(model, dl, ids, ctl, rc, prefix):
+    f = KvFetch(model=model, deadline_ms=dl, token_ids=ids, controller=ctl, recompute_us_per_token=rc, prefix=prefix)
     assert decode_frame(encode_frame(f)) == f
+
+
+def test_kv_fetch_prefix_must_be_a_boolean():
+    wire = KvFetch(model="m", deadline_ms=10, token_ids=[1]).to_wire() | {"px": 1}
+    with pytest.raises(FrameError, match="px"):
+        decode_frame(msgpack.packb(wire))
 
 
 @given(st.integers(0, 4095), st.sampled_from(KV_LEVELS), st.integers(0, 2**30), st.integers(0, 2**32 - 1),

@@ -433,7 +433,8 @@ class KvFetch(Frame):
     """Client -> server, first frame of a KV fetch stream: a context by token ids or by chunk hashes.
 
     ``recompute_us_per_token`` is the client engine's prefill cost (it decides when text beats KV);
-    ``controller`` selects a level policy (baselines for evaluation; ``tokenwire`` by default).
+    ``controller`` selects a level policy (baselines for evaluation; ``tokenwire`` by default); ``prefix``
+    asks for the longest stored prefix when the whole context is not stored (a conversation's next turn).
     """
 
     TYPE = FrameType.KV_FETCH
@@ -444,6 +445,7 @@ class KvFetch(Frame):
     controller: str = "tokenwire"
     recompute_us_per_token: int | None = None
     auth: str | None = None
+    prefix: bool | None = None
     version: int = PROTOCOL_VERSION
 
     FIELDS: ClassVar[FieldSpec] = {
@@ -455,6 +457,7 @@ class KvFetch(Frame):
         "ctl": ("controller", _str(32, KV_CONTROLLERS), False),
         "rc": ("recompute_us_per_token", _int(0, MAX_RECOMPUTE_US), False),
         "a": ("auth", _str(512), False),
+        "px": ("prefix", _bool, False),
     }
 
 

@@ -124,6 +124,9 @@ class ContextPlan:
     fingerprint: int
     dtype: str
     handle: Any = None  # the provider's own reference (hashes, ...)
+    # tokens of the requested context past the stored prefix (a prefix fetch): the client's engine prefills them
+    # after the transfer, so the controller counts their recompute against the deadline like a text chunk's
+    rest_tokens: int = 0
 
     @property
     def tokens(self) -> int:
@@ -434,6 +437,7 @@ class KVServerSession(_SessionBase):
         # prior went text, text, text, text: 9.1 s of recompute for an 8 s deadline (kv_vsim Verizon-LTE seed 600,
         # every fetch after the second, since text chunks give no rate sample to move the prior).
         time_left -= sum(f.plan.token_counts[i] * rc / 1e6 for i, lv in enumerate(f.levels) if lv == TEXT)
+        time_left -= f.plan.rest_tokens * rc / 1e6  # the part of the context the store lacks: prefilled as well
         # samples from earlier fetches describe another moment of the link: stale until this fetch has its own.
         # This fetch's own samples are never stale: their age is the time its chunk in flight has taken, and
         # dropping them for the prior just when the link is slow planned the next chunks on a better link
@@ -803,6 +807,8 @@ class KVServerProtocol(SessionProtocol):
             log.exception("KV resolve failed")
             self.kv.reject(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
+            if plan.rest_tokens:
+                self.app.stats["prefix_hits"] += 1
             self.kv.start(sid, plan, self.clock())
             events = self.kv.poll(self.clock())
             self.handle_session_events(events)
@@ -836,7 +842,7 @@ class KVServer:
     marking: Callable[[], MarkingPolicy] | None = None
     on_fetch_closed: Callable[[KVFetchClosed], None] | None = None
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("fetches", "completed", "abandoned", "refused", "chunks", "bytes"), 0))
+        ("fetches", "completed", "abandoned", "refused", "prefix_hits", "chunks", "bytes"), 0))
     protocols: set[KVServerProtocol] = field(default_factory=set)
     _quic_server: Any = None
 
@@ -949,6 +955,15 @@ class KVFetchResult:
     chunks: list[ChunkResult]
     report: FetchReport
     geometry: tuple[int, int, int]
+    # a prefix fetch (``fetch_kv(prefix=True)``) of a context stored only in part: the requested token ids past
+    # the stored prefix (by token ids), or how many of the requested chunks were not stored (by hashes)
+    missing_token_ids: list[int] = field(default_factory=list)
+    missing_chunks: int = 0
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens of the context the server had stored (all of them, unless a prefix fetch found only part)."""
+        return sum(c.kv[0][0].shape[-2] if c.kv is not None else len(c.token_ids or ()) for c in self.chunks)
 
     def prefix_kv(self) -> tuple[list[tuple[Any, Any]] | None, int]:
         """KV of the leading chunks that arrived as KV (concatenated), and how many tokens it covers.
@@ -969,14 +984,15 @@ class KVFetchResult:
         return kv, int(kv[0][0].shape[-2])
 
     def text_token_ids(self) -> list[int]:
-        """Token ids of the chunks from the first text chunk on (what the engine prefills itself)."""
+        """Token ids of the chunks from the first text chunk on, then those the store lacked (a prefix fetch by
+        token ids): what the engine prefills itself, after :meth:`prefix_kv`."""
         out: list[int] = []
         started = False
         for c in self.chunks:
             started = started or c.kv is None
             if started and c.token_ids is not None:
                 out.extend(c.token_ids)
-        return out
+        return out + self.missing_token_ids
 
 
 @dataclass
@@ -1143,12 +1159,18 @@ class KVConnection(SessionProtocol):
 
     async def fetch_kv(self, *, model: str, deadline_ms: float, token_ids: Iterable[SupportsIndex] | None = None,
                        hashes: Iterable[bytes | str] | None = None, controller: str = "tokenwire",
-                       recompute_us_per_token: int | None = None, timeout_s: float | None = None
-                       ) -> KVFetchResult:
+                       recompute_us_per_token: int | None = None, timeout_s: float | None = None,
+                       prefix: bool = False) -> KVFetchResult:
         """Fetch a context's KV (by token ids or chunk hashes) within ``deadline_ms``.
 
         ``token_ids``: any integers (Python, numpy or torch, e.g. a tokenizer's array); ``hashes``: the chunk
         hashes as ingest returns them (hex strings) or as 16-byte ``bytes``, in chain order from chunk 0.
+
+        ``prefix=True``: when the store holds only a prefix of the context (an earlier turn of the conversation),
+        fetch that prefix instead of failing with :class:`KVNotFound`; the result's ``missing_token_ids`` (part of
+        :meth:`KVFetchResult.text_token_ids`) are left for the engine to prefill, and the controller counts their
+        recompute against the deadline. The prefix is matched in whole stored chunks (the store's chunks are
+        addressed by a hash of everything before them); not even the first chunk stored is still ``KVNotFound``.
 
         Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
         as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` or
@@ -1160,8 +1182,9 @@ class KVConnection(SessionProtocol):
             raise self.close_error
         deadline = _deadline_ms(deadline_ms)
         ids = _token_ids(token_ids)
-        req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=_chunk_hashes(hashes),
-                      controller=controller, recompute_us_per_token=recompute_us_per_token, auth=self._auth)
+        hs = _chunk_hashes(hashes)
+        req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=hs, controller=controller,
+                      recompute_us_per_token=recompute_us_per_token, auth=self._auth, prefix=bool(prefix) or None)
         check_outgoing(req, "fetch")
         pf = _PendingFetch(self.clock(), deadline, controller, ids)
         sid = self.kv.fetch(req)
@@ -1172,6 +1195,13 @@ class KVConnection(SessionProtocol):
             if pf.error is not None:
                 raise pf.error
             assert pf.done is not None and pf.meta is not None
+            asked = len(ids) if ids is not None else None
+            if asked is not None and (pf.meta.tokens > asked or (not prefix and pf.meta.tokens != asked)):
+                raise KVError(f"the server sent {pf.meta.tokens} tokens of KV for a context of {asked}",
+                              code=ErrorCode.MALFORMED_FRAME)
+            if hs is not None and (pf.meta.chunks > len(hs) or (not prefix and pf.meta.chunks != len(hs))):
+                raise KVError(f"the server sent {pf.meta.chunks} chunks for {len(hs)} hashes",
+                              code=ErrorCode.MALFORMED_FRAME)
             results: list[ChunkResult] = []
             for i in range(pf.done.chunks):
                 results.append(await pf.decodes[i])
@@ -1187,7 +1217,9 @@ class KVConnection(SessionProtocol):
             _forget_decodes(pf)
         report = FetchReport.from_timings(deadline_ms=deadline, controller=controller, sent_at=pf.sent_at,
                                           end=end, received=pf.received, decode_times=pf.decode_times)
-        return KVFetchResult(results, report, tuple(pf.meta.geometry))  # type: ignore[arg-type]
+        return KVFetchResult(results, report, tuple(pf.meta.geometry),  # type: ignore[arg-type]
+                             missing_token_ids=ids[pf.meta.tokens:] if ids is not None else [],
+                             missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
