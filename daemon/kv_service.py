@@ -134,17 +134,34 @@ class KVService:
         self._lock = threading.Lock()
         self._chunk_locks = [threading.Lock() for _ in range(64)]
         self.encodes = 0
+        # counted for the daemon's metrics (the ingest worker writes them)
+        self.ingests = 0
+        self.ingest_errors = 0
+        self.ingested_tokens = 0
 
     # -- ingest (worker thread) -------------------------------------------------------------------------------
     def ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                     fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
         """Store a context's KV (per layer ``(K, V)``, ``[1, H, T, D]`` or ``[H, T, D]``); returns chunk hashes."""
+        try:
+            hashes = self._ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
+        except Exception:
+            self.ingest_errors += 1
+            raise
+        self.ingests += 1
+        self.ingested_tokens += len(token_ids)
+        return hashes
+
+    def _ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
+                     fingerprint: int | None, prewarm: Sequence[str]) -> list[str]:
         import torch
 
         from tokenwire.transport.cachegen.codec import stack_kv
         from tokenwire.transport.cachegen.errors import InvalidInput
 
         token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
+        if not isinstance(prewarm, list | tuple) or any(p not in LEVELS for p in prewarm):
+            raise KVIngestError(f"prewarm must list levels of {', '.join(LEVELS)}")
         try:
             x, geo = stack_kv(kv, dtype=None)  # in the input's dtype: the stored source is exactly that
         except InvalidInput as exc:
@@ -202,12 +219,14 @@ class KVService:
 
         if dtype not in _DTYPES or len(shape) != 5 or shape[1] != 2 or any(type(n) is not int or n < 1
                                                                             for n in shape):
+            self.ingest_errors += 1
             raise KVIngestError("shape must be [layers, 2, kv_heads, tokens, head_dim] and dtype one of "
                                 + ", ".join(_DTYPES))
         # read-only bytes: nothing writes to this view (a writable copy doubled the peak); torch's warning about
         # it is silenced once, at import (catch_warnings on this worker thread would race the event loop's)
         t = torch.frombuffer(data, dtype=getattr(torch, dtype)) if data else torch.empty(0)
         if t.numel() != shape[0] * 2 * shape[2] * shape[3] * shape[4]:
+            self.ingest_errors += 1
             raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
         t = t.reshape(*shape)
         kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
@@ -388,6 +407,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 if nbytes > MAX_INGEST_BYTES:
                     raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
             except (ValueError, RecursionError, KVIngestError) as exc:  # ValueError: JSON or UTF-8
+                service.ingest_errors += 1
                 reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
@@ -395,10 +415,6 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
             fp = msg.get("fingerprint")
             prewarm = msg.get("prewarm", [])
             try:
-                if fp is not None and type(fp) is not int:
-                    raise KVIngestError("fingerprint must be an integer")
-                if not isinstance(prewarm, list) or any(p not in LEVELS for p in prewarm):
-                    raise KVIngestError(f"prewarm must list levels of {', '.join(LEVELS)}")
                 loop = asyncio.get_running_loop()
                 call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data, fingerprint=fp,
                                          prewarm=prewarm)

@@ -250,6 +250,9 @@ class Daemon:
             from .kv_service import start_kv
 
             self.kv = await start_kv(cfg.kv, authorize=self._kv_authorized, **tls_kwargs)
+            from .kv_metrics import KVMetrics
+
+            KVMetrics(self.metrics.registry, self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
         if self.kv is not None:

@@ -6,6 +6,7 @@ event loop (no extra thread).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
@@ -81,7 +82,10 @@ class _HttpLog(logging.LoggerAdapter):
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
     async def handle_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # on a worker thread: a collector may wait on I/O (the KV store's usage is a round trip to Redis), and
+        # the event loop carries every token stream
+        body = await asyncio.to_thread(metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_health(request: web.Request) -> web.Response:
         ok = healthy()

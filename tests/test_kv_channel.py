@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -345,7 +346,7 @@ def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
     from tokenwire.daemon.service import Daemon
 
     sock = tmp_path / "kv.sock"
-    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": "127.0.0.1:0"},
                         "kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "store"),
                                "capacity_mb": 64, "chunk_tokens": CHUNK, "ingest_socket": str(sock),
                                "forecaster": "ewma"}})
@@ -360,15 +361,43 @@ def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
         await daemon.start()
         try:
             loop = asyncio.get_running_loop()
+            two_done = asyncio.Event()
+            daemon.kv.server.fetch_closed_listeners.append(
+                lambda ev: daemon.kv.server.stats["completed"] >= 2 and two_done.set())
             await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(50, 7),
                                                                  prewarm=["low"]))
+            with pytest.raises(KVIngestError):
+                await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(49, 7)))
             async with connect_kv("127.0.0.1", daemon.kv.server.port, verify=False) as conn:
-                return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+                res = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+                longer = await conn.fetch_kv(model=MODEL, token_ids=ids + [9] * 20, deadline_ms=5000,
+                                             controller="fixed-L1", prefix=True)
+                with pytest.raises(KVNotFound):
+                    await conn.fetch_kv(model=MODEL, token_ids=[5] * 10, deadline_ms=5000)
+            await asyncio.wait_for(two_done.wait(), 10)  # a fetch ends at the server when the client's FIN comes
+            host, port = daemon.metrics_address
+            text = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
+                f"http://{host}:{port}/metrics", timeout=5).read().decode())
+            return res, longer, text
         finally:
             await daemon.stop()
 
-    res = run(go())
+    res, longer, text = run(go())
     assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == 50
+    assert longer.prefix_kv()[1] == CHUNK and len(longer.text_token_ids()) == 70 - CHUNK
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("tokenwire_kv_")}
+    assert samples['tokenwire_kv_fetches_total{outcome="completed"}'] == 2
+    assert samples['tokenwire_kv_fetches_total{outcome="refused"}'] == 1
+    assert samples["tokenwire_kv_prefix_fetches_total"] == 1
+    assert samples['tokenwire_kv_chunks_total{level="low"}'] == 3
+    assert samples['tokenwire_kv_ingests_total{outcome="stored"}'] == 1
+    assert samples['tokenwire_kv_ingests_total{outcome="refused"}'] == 1
+    assert samples["tokenwire_kv_ingested_tokens_total"] == 50
+    assert samples["tokenwire_kv_encodes_total"] == 2  # the prewarm; the fetches read what it stored
+    assert samples["tokenwire_kv_fetch_deadline_ratio_count"] == 2
+    assert samples['tokenwire_kv_fetch_deadline_ratio_bucket{le="1.0"}'] == 2
+    assert 0 < samples["tokenwire_kv_store_bytes"] <= samples["tokenwire_kv_store_capacity_bytes"] == 64 << 20
 
 
 from tests.test_kv_store import redis_url  # noqa: E402, F401  (the real-server fixture)

@@ -370,3 +370,42 @@ def test_a_busy_live_ingest_socket_is_not_taken_for_a_stale_one(tmp_path):
         for c in waiting:
             c.close()
         live.close()
+
+
+def test_kv_metrics_scrape_survives_an_unreachable_store_and_counts_ingests(tmp_path, caplog):
+    """A scrape while Redis is down loses only the usage gauge (logged), not every other metric; puts are
+    counted stored or refused once each, by the Python API too."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tokenwire.daemon.kv_metrics import KVMetrics
+    from tokenwire.transport.kv_channel import KVServer
+
+    svc = _service(tmp_path)
+    try:
+        svc.ingest_sync(MODEL, list(range(40)), make_kv(40))
+        with pytest.raises(KVIngestError, match="prewarm"):
+            svc.ingest_sync(MODEL, list(range(40)), make_kv(40), prewarm=["bogus"])
+        with pytest.raises(KVIngestError):
+            svc.ingest_raw_sync(MODEL, [1], [1, 2, 1, 1, 1], "float16", b"")
+        server = KVServer(provider=svc)
+        registry = CollectorRegistry()
+        KVMetrics(registry, SimpleNamespace(server=server, service=svc))
+        text = generate_latest(registry).decode()
+        assert "tokenwire_kv_store_bytes " in text
+        assert 'tokenwire_kv_ingests_total{outcome="stored"} 1.0' in text
+        assert 'tokenwire_kv_ingests_total{outcome="refused"} 2.0' in text
+        assert "tokenwire_kv_ingested_tokens_total 40.0" in text
+
+        class Down(type(svc.store)):
+            @property
+            def used_bytes(self):
+                raise ConnectionError("redis: connection refused")
+
+        svc.store.__class__ = Down
+        text = generate_latest(registry).decode()
+        assert "tokenwire_kv_store_bytes " not in text and 'outcome="stored"} 1.0' in text
+        assert "KV store usage unavailable: redis: connection refused" in caplog.text
+    finally:
+        svc.close()

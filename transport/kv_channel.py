@@ -201,6 +201,10 @@ class KVFetchClosed(SessionEvent):
     levels: list[str]
     complete: bool
     decisions: list[dict[str, Any]] = field(default_factory=list)  # the controller's inputs per chunk
+    # a complete fetch: from its KV_FETCH to the client's FIN, sent once it has decoded every chunk (the
+    # server's view of the fetch time: the client's plus about half a round trip), and the deadline it had
+    elapsed_s: float | None = None
+    deadline_ms: int | None = None
 
 
 @dataclass
@@ -496,7 +500,9 @@ class KVServerSession(_SessionBase):
             if f.done_sent or f.closed:
                 self._fin(stream_id)
                 self.fetches.pop(stream_id, None)
-                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions)))
+                took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if f.done_sent and f.fetch is not None
+                                  else (None, None))
+                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions), took, deadline))
             elif f.fetch is None:
                 raise ProtocolError(f"fetch stream {stream_id} ended without a KV_FETCH")
             else:  # the client gave up: stop sending this fetch
@@ -790,6 +796,8 @@ class KVServerProtocol(SessionProtocol):
                 self.app.stats["completed" if ev.complete else "abandoned"] += 1
                 if self.app.on_fetch_closed is not None:
                     self.app.on_fetch_closed(ev)
+                for listener in self.app.fetch_closed_listeners:
+                    listener(ev)
             elif isinstance(ev, ConnectionEnded):
                 for t in list(self.tasks):
                     t.cancel()
@@ -828,6 +836,7 @@ class KVServerProtocol(SessionProtocol):
         else:
             self.kv.send_chunk(ev.stream_id, ev.index, ev.level, payload, self.clock())
             self.app.stats["chunks"] += 1
+            self.app.stats[f"chunks_{ev.level}"] = self.app.stats.get(f"chunks_{ev.level}", 0) + 1
             self.app.stats["bytes"] += len(payload)
         self.transmit()
 
@@ -841,6 +850,7 @@ class KVServer:
     authorize: Callable[[str | None], bool] | None = None
     marking: Callable[[], MarkingPolicy] | None = None
     on_fetch_closed: Callable[[KVFetchClosed], None] | None = None
+    fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "prefix_hits", "chunks", "bytes"), 0))
     protocols: set[KVServerProtocol] = field(default_factory=set)

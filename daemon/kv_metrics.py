@@ -1,0 +1,93 @@
+"""Prometheus metrics of the KV channel: fetches, chunks by level, the store, ingests.
+
+Counters live where the work happens (``KVServer.stats``, ``KVService``, the store's ``StoreStats``) and are
+read when Prometheus scrapes, like the ECN counters (``marking._EcnCollector``); only the fetch-time histogram is
+fed as fetches end. The daemon renders the exposition on a worker thread, since a Redis store's usage is a
+round trip to Redis (``used_bytes`` sums its size hash).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from tokenwire.transport.kv_controller import LEVELS, TEXT
+
+log = logging.getLogger("tokenwire.daemon")
+
+# fetch time over deadline: the le="1" bucket counts the fetches the server saw done in time
+DEADLINE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0)
+
+
+class KVMetrics:
+    """Registers the KV channel's metrics for one running KV runtime (``kv_service.KVRuntime``)."""
+
+    def __init__(self, registry: CollectorRegistry, runtime: Any) -> None:
+        self.runtime = runtime
+        self.deadline_ratio = Histogram(
+            "tokenwire_kv_fetch_deadline_ratio",
+            "Completed KV fetches: time from KV_FETCH to the client's end of the fetch (it has decoded every chunk) "
+            "over the fetch's deadline; above 1 the deadline was missed",
+            buckets=DEADLINE_RATIO_BUCKETS, registry=registry,
+        )
+        registry.register(_KVCollector(runtime))
+        runtime.server.fetch_closed_listeners.append(self._on_fetch_closed)
+
+    def _on_fetch_closed(self, ev: Any) -> None:
+        if ev.complete and ev.elapsed_s is not None and ev.deadline_ms:
+            self.deadline_ratio.observe(ev.elapsed_s / (ev.deadline_ms / 1000.0))
+
+
+class _KVCollector:
+    """Prometheus collector reading the KV counters at scrape time."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.runtime.server.stats
+        service = self.runtime.service
+        store = service.store
+
+        fetches = CounterMetricFamily("tokenwire_kv_fetches", "KV fetches by outcome (refused: not found, "
+                                      "unauthorized, over the limit, a store failure)", labels=["outcome"])
+        for outcome in ("completed", "abandoned", "refused"):
+            fetches.add_metric([outcome], stats.get(outcome, 0))
+        yield fetches
+        yield CounterMetricFamily("tokenwire_kv_prefix_fetches", "KV fetches served with the stored prefix of "
+                                  "a context the store holds in part (fetch_kv(prefix=True))",
+                                  value=stats.get("prefix_hits", 0))
+        chunks = CounterMetricFamily("tokenwire_kv_chunks", "KV chunks sent, by level", labels=["level"])
+        for level in (TEXT, *LEVELS):
+            chunks.add_metric([level], stats.get(f"chunks_{level}", 0))
+        yield chunks
+        yield CounterMetricFamily("tokenwire_kv_sent_bytes", "KV chunk payload bytes sent",
+                                  value=stats.get("bytes", 0))
+        yield CounterMetricFamily("tokenwire_kv_encodes", "KV chunk levels encoded from their source",
+                                  value=service.encodes)
+        ingests = CounterMetricFamily("tokenwire_kv_ingests", "KV puts by outcome", labels=["outcome"])
+        ingests.add_metric(["stored"], service.ingests)
+        ingests.add_metric(["refused"], service.ingest_errors)
+        yield ingests
+        yield CounterMetricFamily("tokenwire_kv_ingested_tokens", "Tokens of KV stored by puts",
+                                  value=service.ingested_tokens)
+        st = store.stats
+        yield CounterMetricFamily("tokenwire_kv_store_evictions", "Store objects evicted for space",
+                                  value=st.evictions)
+        yield CounterMetricFamily("tokenwire_kv_store_corrupt", "Store objects that failed their checksum "
+                                  "(deleted; a level is encoded again from its source)", value=st.corrupt)
+        yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
+                                value=store.capacity_bytes)
+        try:
+            used = store.used_bytes
+        except Exception as exc:  # Redis unreachable: the scrape goes on without this gauge
+            log.warning("metrics: KV store usage unavailable: %s", exc)
+        else:
+            yield GaugeMetricFamily("tokenwire_kv_store_bytes", "Bytes the KV store holds", value=used)
