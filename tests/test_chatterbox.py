@@ -200,6 +200,23 @@ def test_repeats_stay_in_the_first_half_of_the_window_while_acks_are_silent():
     assert runs[0][0] == 0 and 0 < len(runs[0][1]) < 64 and runs[-1] == (64, [b"NEW "])
 
 
+def test_no_repeats_ride_with_new_tokens_while_the_client_is_silent_too():
+    """Acks silent and not a packet from the client either (its pings come every quarter second in a downlink
+    outage): the uplink is out, every token arrives, and repeats would only spend the window that new tokens
+    need (tokenwire sim, 8-s uplink-only outages, 900 tokens, seeds 1-5: stall 0.074 -> 0.015)."""
+    _tr, s = _silent_backlog()
+    s.on_peer_packet(0.1)  # the client's last packet; nothing since
+    frame, _ = build(s, 0.8, window=(20_000, 2_000))  # the window has room for repeats
+    assert frame.runs() == [(64, [b"NEW "])] and s.stats.repeats_trimmed == 1
+    _tr, s = _silent_backlog()
+    s.on_peer_packet(0.6)  # a ping came: a downlink outage, where the half-window rule keeps some repeats
+    frame, _ = build(s, 0.8, window=(20_000, 2_000))
+    assert frame.first == 0 and len(frame.tokens) == 65
+    _tr, s = _silent_backlog()  # a driver that never reports the client's packets keeps the half-window rule
+    frame, _ = build(s, 0.8, window=(20_000, 2_000))
+    assert frame.first == 0 and len(frame.tokens) == 65
+
+
 def test_one_packet_at_1_2_4_8_seconds_of_silence_carries_the_full_repeats():
     """A downlink outage followed at once by an uplink one: the downlink is back, acks cannot say so, and
     without these packets the gap's tokens rode in none for 3 s (namespace testbed, instrumented)."""

@@ -53,6 +53,31 @@ def test_an_uplink_only_outage_no_longer_blocks_new_tokens(monkeypatch):
     assert run.stats.stall_ratio < 0.02 and run.stats.longest_stall_ms < 200
 
 
+@pytest.mark.parametrize("scheme", ["chatterbox", "stream"])
+def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkeypatch):
+    """16 s from 3 s in which the client's packets are lost. Its ack datagrams (chatterbox) and pings filled
+    its own congestion window, so its recovery pings stopped leaving: 6 client packets in the outage's last
+    4 s, and after the uplink returned tokens waited for a backed-off probe (chatterbox stall 0.307, longest
+    4.0 s; stream 0.229). A ping that finds the window full now leaves as a probe, one packet past it, every
+    quarter second (chatterbox 0.178, stream 0.209, longest 2.0 s for both)."""
+    models = iter([_Outage(0.0, 0.0), _Outage(3.0, 19.0)])
+    monkeypatch.setattr(sim, "parse_loss", lambda spec, seed=0: next(models))
+    wires: list = []
+
+    class _Logged(sim._Wire):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            wires.append(self)
+
+    monkeypatch.setattr(sim, "_Wire", _Logged)
+    run = sim.run_scheme(scheme, sim.SimConfig(tokens=700, loss="none", loss_direction="both", seed=1))
+    assert run.digest_ok and run.stats.tokens_rendered == 700
+    up = wires[1]
+    assert sum(1 for t, _n, _ok in up.log if 15.0 <= t < 19.0) >= 16
+    assert run.stats.stall_ratio < (0.19 if scheme == "chatterbox" else 0.22)
+    assert run.stats.longest_stall_ms < 2500
+
+
 def test_what_the_module_relies_on_in_aioquic():
     """aioquic 1.7.2 internals: the PTO backoff counter and the probe request (pinned in pyproject.toml)."""
     quic = QuicConnection(configuration=client_configuration(server_name="localhost"))

@@ -9,8 +9,7 @@ sending token datagrams into the outage until its congestion window is full, and
 probe is acknowledged.
 
 Two additions. The probe timer still backs off as RFC 9002 requires; the extra packets are bounded (one
-probe per datagram received, one 30-byte ping per second of silence, per quarter second on the KV
-channel):
+probe per datagram received, one 30-byte ping per quarter second of silence, on the KV channel too):
 
 * :func:`probe_on_receipt`: when a datagram arrives from the peer while our own packets have gone
   unacknowledged for a PTO (the backoff has started) and it acknowledged none of them, the path evidently
@@ -19,7 +18,13 @@ channel):
 * :data:`RECOVERY_PING_S`: the client, while an answer is awaited and either its tokens have started or its
   own packets go unacknowledged, pings the server after each such interval of silence (before the first
   token silence is a model thinking: a third of the idle timeout, as before). A packet then crosses soon
-  after the path returns, and the server's receipt probe follows.
+  after the path returns, and the server's receipt probe follows. A ping that finds the client's own
+  congestion window full (:func:`window_full`: in an uplink outage its ack datagrams are lost and fill it)
+  leaves as a probe, one packet past the window; aioquic held it back for the backed-off probe timer, and
+  after a 16-s uplink-only outage tokens resumed 4 s after the uplink did (sim: 6 client packets in the
+  outage's last 4 s; chatterbox stall 0.307 -> 0.178, streaming 0.229 -> 0.209). The interval was 1 s;
+  at 0.25 s the server also learns within half a second whether the client is still heard during ack
+  silence (a downlink outage) or not (an uplink one; :mod:`.chatterbox` then sends no repeats).
 
 With both, the first token after the 8-s and 16-s outages renders 142 ms after the path returns
 (in-order streaming 179 and 238 ms); through the loopback UDP relay, real sockets, an 8-s outage: 4.6 s
@@ -39,13 +44,19 @@ from __future__ import annotations
 
 from aioquic.quic.connection import QuicConnection
 
-RECOVERY_PING_S = 1.0
+RECOVERY_PING_S = 0.25
 KV_RECOVERY_PING_S = 0.25  # the KV client's, while a fetch is pending: its deadlines are a few seconds
 
 
 def backed_off(quic: QuicConnection) -> bool:
     """Whether a probe timeout has fired since the peer last acknowledged one of our packets."""
     return quic._loss._pto_count >= 1
+
+
+def window_full(quic: QuicConnection) -> bool:
+    """Whether a packet of our own could not leave now: the congestion window has no room for one."""
+    loss = quic._loss
+    return loss.congestion_window - loss.bytes_in_flight < quic._max_datagram_size
 
 
 def probe_on_receipt(quic: QuicConnection) -> bool:

@@ -118,8 +118,9 @@ class SessionProtocol(QuicConnectionProtocol):
 
     # -- I/O -----------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
-        self._quic.receive_datagram(data, addr, now=self.clock())  # type: ignore[arg-type]
-        self.session.after_datagram()
+        now = self.clock()
+        self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+        self.session.after_datagram(now)
         self._process_events()
         self.transmit()
 

@@ -44,7 +44,7 @@ from .frames import (
     encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
-from .path_recovery import RECOVERY_PING_S, backed_off, probe_on_receipt
+from .path_recovery import RECOVERY_PING_S, backed_off, probe_on_receipt, window_full
 from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, text_digest
 
@@ -178,12 +178,18 @@ class _SessionBase:
         self.after_datagram()
         return self._pump(now)
 
-    def after_datagram(self) -> None:
+    def after_datagram(self, now: float | None = None) -> None:
         """Once per datagram from the peer, after QUIC has processed it (drivers that feed the
         ``QuicConnection`` themselves call this): ends an outage's probe backoff in one round trip
         (:mod:`.path_recovery`)."""
         if self.datagrams_ok is not None and not self.closed:
             probe_on_receipt(self.quic)
+        if now is not None:
+            self._now = now
+        self._on_peer_packet(self._now)
+
+    def _on_peer_packet(self, now: float) -> None:
+        """Hook: a datagram from the peer was processed."""
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
@@ -330,6 +336,10 @@ class _SessionBase:
         if due is not None and now >= due:
             self._pings += 1
             self.quic.send_ping(self._pings)  # small uids: aioquic's own ping() waiters use id() values
+            if window_full(self.quic):
+                # our own lost packets fill the window (a client's ack datagrams during an uplink outage): the
+                # ping leaves as a probe, one packet past the window, or it waits for the backed-off PTO
+                self.quic._send_probe()
             self._pinged_at = now
 
 
@@ -378,6 +388,11 @@ class ServerSession(_SessionBase):
         self.requests_seen = 0
 
     # -- API for the driver ----------------------------------------------------------------------------
+    def _on_peer_packet(self, now: float) -> None:
+        for req in self.requests.values():
+            if req.sender is not None:
+                req.sender.on_peer_packet(now)
+
     def accept(
         self,
         stream_id: int,
