@@ -172,7 +172,8 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     )
     results: dict[str, dict] = {}
     # SIGTERM (kill, a timeout) unwinds like Ctrl-C so the namespaces go too
-    with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, Testbed(config) as tb:
+    with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, \
+            Testbed(config, scratch=tmp) as tb:
         tmpdir = Path(tmp)
         cert, key = tmpdir / "cert.pem", tmpdir / "key.pem"
         dev_cert().write(cert, key)

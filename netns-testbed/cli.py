@@ -223,7 +223,7 @@ def _print_up(info: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .netns import RunState, check_root, destroy_run, list_runs, terminate_pids
+    from .netns import RunState, check_root, destroy_run, list_runs, remove_scratch, terminate_pids
 
     try:
         check_root()
@@ -246,6 +246,9 @@ def cmd_down(args: argparse.Namespace) -> int:
             terminate_pids([st.owner_pid], timeout=10)  # a live owner tears its own run down
         st2 = RunState.load(st.path) if os.path.exists(st.path) else None
         removed = destroy_run(st2) if st2 is not None else []
+        scratch = remove_scratch(st2) if st2 is not None else None  # its owner died without removing it
+        if scratch is not None:
+            removed.append(scratch)
         print(f"{st.run_id}: " + (", ".join(removed) if removed else "removed"))
     return 0
 

@@ -137,13 +137,13 @@ Progress = Callable[[str, int, int], None]
 
 
 def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
-               progress: Progress | None = None) -> SchemeRun:
+               progress: Progress | None = None, *, scratch: str | None = None) -> SchemeRun:
     """One request of ``scheme`` through a fresh testbed; raises :class:`CompareError` if it fails."""
     tag = f"{scheme}.seed{seed}"
     log_path = os.path.join(workdir, f"{tag}.pktlog.csv")
     srv_out = os.path.join(workdir, f"{tag}.server.json")
     cli_out = os.path.join(workdir, f"{tag}.client.json")
-    with Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend) as tb:
+    with Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch) as tb:
         if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
             start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
         srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag)
@@ -302,7 +302,7 @@ def run_compare(
                 if log:
                     log(f"seed {seed}: {s}")
                 try:
-                    r = run_scheme(s, cfg, seed, wd, progress)
+                    r = run_scheme(s, cfg, seed, wd, progress, scratch=None if workdir else tmp)
                 except TestbedError as exc:
                     raise CompareError(f"{s}: testbed: {exc}") from None
                 per_scheme[s].append(r)

@@ -266,7 +266,7 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
             cfg.recompute_us_per_token = round(ctx["prefill_s"] / cfg.context_tokens * 1e6)
             log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
         log_path = os.path.join(wd, "pktlog.csv")
-        with Testbed(cfg.emulator_config(log_path), backend="userspace") as tb:
+        with Testbed(cfg.emulator_config(log_path), backend="userspace", scratch=None if workdir else tmp) as tb:
             srv = _start(tb, tb.server_ns, "server", cfg, kv_path, wd)
             ready = srv.wait_for("ready", 300)
             log(f"server ready: ingested and encoded {ready.get('encodes')} chunk levels in "

@@ -16,10 +16,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -312,6 +314,24 @@ def _unreadable_state(run_id: str, why: str) -> RunState:
     names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
     return RunState(run_id=run_id, owner_pid=0, namespaces=sorted(n for n in names if n.startswith(run_id + "-")),
                     created=0.0, info={"unreadable_state": why})
+
+
+SCRATCH_PREFIXES = ("tw-", "tokenwire-")  # the temporary folders the testbed's commands make
+
+
+def remove_scratch(state: RunState) -> str | None:
+    """Remove a crashed run's temporary folder (``info["scratch"]``), if it is one of ours: directly in the
+    system's temporary directory and named like the folders the testbed's commands make. Never a ``--keep``
+    folder (those are not recorded). Returns what was removed."""
+    path = state.info.get("scratch")
+    if not isinstance(path, str) or not os.path.isdir(path) or os.path.islink(path):
+        return None
+    real = os.path.realpath(path)
+    if (os.path.dirname(real) != os.path.realpath(tempfile.gettempdir())
+            or not os.path.basename(real).startswith(SCRATCH_PREFIXES)):
+        return None
+    shutil.rmtree(real, ignore_errors=True)
+    return f"folder {real}"
 
 
 def destroy_run(state: RunState) -> list[str]:

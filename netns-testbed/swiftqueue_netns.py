@@ -109,7 +109,7 @@ def _endpoint(tb: Testbed, role: str, policy: str, cfg: SwiftQueueConfig, tokens
 
 
 def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
-                     progress: Callable[[float], None] | None = None) -> PolicyRun:
+                     progress: Callable[[float], None] | None = None, *, scratch: str | None = None) -> PolicyRun:
     """One policy through a fresh namespace testbed; raises :class:`SwiftQueueRunError` if it fails."""
     spec = parse_flow_spec(cfg.flow)
     rate = spec.rate
@@ -124,7 +124,7 @@ def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
         up=DirectionConfig(up, cfg.delay_ms, cfg.up_loss, cfg.queue),
         seed=cfg.seed, log_path=log_path, oracle_path=oracle_path,
     )  # fmt: skip
-    with Testbed(emu, backend="userspace") as tb:
+    with Testbed(emu, backend="userspace", scratch=scratch) as tb:
         if cfg.cross:
             start_cross(tb, cfg.cross, cfg.seconds * 3 + 60)
         srv = _endpoint(tb, "server", policy, cfg, tokens, rate, srv_out, workdir, oracle_path)

@@ -74,7 +74,7 @@ class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, config: EmulatorConfig | None = None, *, run_id: str | None = None,
-                 backend: str = "auto", ready_timeout: float = 10.0) -> None:
+                 backend: str = "auto", ready_timeout: float = 10.0, scratch: str | None = None) -> None:
         if backend not in ("auto", "userspace", "kernel"):
             raise ValueError(f"backend must be auto, userspace or kernel, not {backend!r}")
         self.prefer_backend = backend
@@ -96,6 +96,9 @@ class Testbed:
         self._children: list[subprocess.Popen] = []
         self._pid = os.getpid()
         self._emu_lines: LineReader | None = None
+        # the caller's temporary folder (logs, results): listed in the run's state so that `testbed down`
+        # removes it after a crash (SIGKILL) that left the caller no chance to
+        self.scratch = scratch
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -119,6 +122,8 @@ class Testbed:
         state = RunState(self.run_id, os.getpid(), names)
         state.info = {"server_addr": self.server_addr, "client_addr": self.client_addr,
                       "config": json.loads(self.config.to_json())}
+        if self.scratch is not None:
+            state.info["scratch"] = self.scratch
         state.save()  # before creating anything: a crash from here on leaves a trail for `testbed down`
         self._state = state
         try:

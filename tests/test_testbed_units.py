@@ -1,6 +1,9 @@
 """Non-root pieces of the testbed: spec parsing, packet-log flows, the per-seed base delay, the CLI surface."""
 
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -202,3 +205,33 @@ def test_a_run_with_an_unreadable_state_file_is_listed_as_crashed_with_its_names
     assert run.run_id == "tw00beef" and not run.owner_alive
     assert run.namespaces == ["tw00beef-cli", "tw00beef-srv"]
     assert "JSONDecodeError" in run.info["unreadable_state"]
+
+
+def test_down_removes_a_crashed_runs_temporary_folder_and_nothing_else(tmp_path, monkeypatch, capsys):
+    """After SIGKILL a `testbed compare` left its /tmp/tw-compare-* folder (packet logs, results): `testbed
+    down` removed the namespaces and the state, not the folder. It goes now, if it is one of ours."""
+    import argparse
+    import tempfile
+
+    from tokenwire.testbed import cli, netns
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    ours = tempfile.mkdtemp(prefix="tw-compare-")
+    try:
+        (open(os.path.join(ours, "chatterbox.seed0.pktlog.csv"), "w")).close()
+        kept = tmp_path / "tw-compare-keep"  # a --keep folder is never recorded; one elsewhere is not ours
+        kept.mkdir()
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        for run_id, scratch in (("tw0000aa", ours), ("tw0000bb", str(kept))):
+            st = netns.RunState(run_id, dead.pid, [])
+            st.info = {"scratch": scratch}
+            st.save()
+        assert cli.cmd_down(argparse.Namespace(run_ids=[], all=False)) == 0
+        out = capsys.readouterr().out
+        assert not os.path.exists(ours) and f"folder {os.path.realpath(ours)}" in out
+        assert kept.is_dir() and netns.list_runs() == []
+    finally:
+        shutil.rmtree(ours, ignore_errors=True)
