@@ -61,6 +61,8 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
     redis_url = s.str("redis_url", None)
     if backend == "redis" and not redis_url:
         raise ConfigError("kv.redis_url: required when kv.backend = 'redis'")
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"kv.redis_url: expected a redis://, rediss:// or unix:// URL, got {redis_url!r}")
     directory = s.path("directory", base, must_exist=False) or KVConfig.directory
     return KVConfig(
         enabled=enabled,

@@ -536,7 +536,7 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         raise StartupError(f"kv.directory: cannot use {exc.filename or cfg.directory}: {exc.strerror or exc}") \
             from None
     except StoreError as exc:
-        raise StartupError(f"kv: {exc}") from None
+        raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
     service = KVService(store, chunk_tokens=cfg.chunk_tokens)
     marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
     tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,

@@ -17,10 +17,12 @@ The API is synchronous (file and socket I/O); the daemon calls it from a worker 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -154,8 +156,38 @@ class LocalChunkStore(ChunkStore):
         self._level_bytes = 0
         self._chunks: OrderedDict[str, set[str]] = OrderedDict()
         self._used = 0
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        self._claim()
         self._recover()
+
+    def _claim(self) -> None:
+        """Make sure the directory is ours to write, and only ours: two processes on one store each kept their
+        own index and capacity (filling twice the capacity between them), and one restarting deleted the
+        other's writes in progress as a crash's leftovers."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot use {self.root}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(f"{self.root} is in use by another process (another daemon's kv.directory?)") from None
+        self._lock_fd = fd
+        try:  # a read-only mount (e.g. outside the unit's ReadWritePaths) opens an existing lock file for writing
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot write in {self.root}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def _path(self, key: str) -> Path:
         if not KEY_RE.match(key):
@@ -338,7 +370,10 @@ class RedisChunkStore(ChunkStore):
         self.capacity_bytes = capacity_bytes
         self.stats = StoreStats()
         self.prefix = prefix
-        self._r = redis.Redis.from_url(url, socket_timeout=10)
+        try:
+            self._r = redis.Redis.from_url(url, socket_timeout=10)
+        except ValueError as exc:  # no or another scheme
+            raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
         try:
             self._r.ping()
         except redis.RedisError as exc:

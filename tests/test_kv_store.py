@@ -190,6 +190,7 @@ def test_crash_mid_write_leaves_nothing_partial(tmp_path):
     full = wrap(b"x" * 1000)
     (root / "gg").mkdir()
     (root / "gg" / "gg.L1").write_bytes(full[:500])  # a torn write on a filesystem without rename atomicity
+    s.close()  # the process died: its lock on the directory goes with it
     s2 = LocalChunkStore(root, 1 << 20)
     assert s2.stats.recovered_partial == 2
     assert s2.get("gg.L1") is None and s2.get("ee.L1") == b"complete object"
@@ -205,6 +206,7 @@ def test_restart_keeps_recency_order(tmp_path):
         time.sleep(0.01)
     time.sleep(0.01)
     s.get("h1.L1")
+    s.close()
     s2 = LocalChunkStore(root, 3 * 120 + 10)
     s2.put("h4.L1", bytes(100))
     assert s2.get("h2.L1") is None and s2.get("h1.L1") is not None
@@ -287,3 +289,44 @@ def test_a_redis_store_of_the_earlier_layout_evicts_its_old_objects_first(redis_
         assert all(s.contains(k) for k in ("old2.src", "old2.meta", "new1.src", "new1.meta"))
     finally:
         s.close()
+
+
+def test_a_store_directory_is_one_processs_and_must_be_writable(tmp_path):
+    """Two daemons on one directory each kept their own index and capacity (together twice the capacity), and
+    one restarting deleted the other's writes in progress. A directory the daemon cannot write in (a
+    read-only mount outside the unit's ReadWritePaths) started fine and failed every put; a file in its place
+    said "File exists"."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "store"
+    s = LocalChunkStore(root, 1 << 20)
+    other = subprocess.run([sys.executable, "-c", "import sys\nfrom tokenwire.daemon.kv_store import "
+                            "LocalChunkStore, StoreError\ntry:\n    LocalChunkStore(sys.argv[1], 1 << 20)\n"
+                            "except StoreError as e:\n    print(e)", str(root)],
+                           capture_output=True, text=True, check=True)
+    assert "in use by another process" in other.stdout
+    s.close()
+    LocalChunkStore(root, 1 << 20).close()  # free again once the first one is gone
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StoreError, match="is not a directory"):
+        LocalChunkStore(tmp_path / "afile", 1 << 20)
+    if os.geteuid() == 0:  # root writes anywhere but on a read-only mount; a bind mount would need more setup
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(StoreError, match="cannot write in"):
+        LocalChunkStore(ro, 1 << 20)
+
+
+def test_a_redis_url_without_its_scheme_is_one_line_from_config_check_and_the_store():
+    """`redis_url = "127.0.0.1:6379"` passed `config check`, then the daemon died with redis-py's traceback."""
+    from tokenwire.daemon.config import ConfigError
+    from tokenwire.daemon.kv_config import parse_kv
+
+    with pytest.raises(ConfigError, match=r"kv\.redis_url: expected a redis://"):
+        parse_kv({"backend": "redis", "redis_url": "127.0.0.1:6379"}, None)
+    with pytest.raises(StoreError, match="bad Redis URL"):
+        RedisChunkStore("http://127.0.0.1:6379", 1 << 20)
