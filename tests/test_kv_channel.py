@@ -680,6 +680,12 @@ def test_connect_kv_fails_with_a_reason():
     assert not isinstance(no_answer, HandshakeError)
 
 
+def test_a_fractional_deadline_rounds_up_to_whole_milliseconds():
+    from tokenwire.transport.kv_channel import _deadline_ms
+
+    assert [_deadline_ms(x) for x in (0.4, 1500.2, 2000, 0, -0.5)] == [1, 1501, 2000, 0, 0]  # 0: refused later
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"deadline_ms": 0}, "kvfetch.dl"),
     ({"deadline_ms": 1000, "controller": "nope"}, "kvfetch.ctl"),

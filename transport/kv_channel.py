@@ -1022,11 +1022,12 @@ class _PendingFetch:
 
 
 def _deadline_ms(deadline_ms: float) -> int:
-    """The deadline as whole milliseconds; NaN, infinities and non-numbers are refused here (``int()`` would
-    raise a bare "cannot convert float NaN to integer"). The range is the frame's check (``check_outgoing``)."""
+    """The deadline as whole milliseconds, rounded up (truncated, 0.4 ms became 0 and was refused as no
+    deadline); NaN, infinities and non-numbers are refused here (``int()`` would raise a bare "cannot convert
+    float NaN to integer"). The range is the frame's check (``check_outgoing``)."""
     if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real) or not math.isfinite(deadline_ms):
         raise ValueError(f"deadline_ms must be a finite number of milliseconds, got {deadline_ms!r}")
-    return int(deadline_ms)
+    return math.ceil(deadline_ms)
 
 
 def _token_ids(token_ids: Iterable[SupportsIndex] | None) -> list[int] | None:
