@@ -49,7 +49,7 @@ def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from .cli import up_spec
     from .loss import NoLoss, parse_loss
-    from .swiftqueue_eval import SwiftQueueConfig, SwiftQueueEvalError
+    from .swiftqueue_eval import SwiftQueueConfig, SwiftQueueEvalError, parse_cross_spec
 
     cfg = SwiftQueueConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, queue=args.queue,
@@ -67,6 +67,11 @@ def _config(args: argparse.Namespace) -> Any:
         # vsim returns each ack after a fixed delay: an up-link option would be accepted and ignored
         raise CLIError("--up-trace, --up-mbps and --up-loss need the namespace run: in virtual time acks return "
                        "after the one-way delay, without a modelled up link")
+    if args.virtual and any(parse_cross_spec(c).cc == "bbr" for c in cfg.cross):
+        # as in `predictor collect`: BBR paces at its bandwidth estimate, which no virtual-time sender models;
+        # taken as Reno it was a different experiment under the same name
+        raise CLIError("--cross tcp:bbr needs the namespace run (kernel TCP): virtual time has no rate-based "
+                       "sender; use tcp:reno or tcp:cubic there")
     if args.backend == "kernel":
         raise CLIError("--backend kernel: the swiftqueue run needs the userspace emulator (the oracle reads its "
                        "queue state)")

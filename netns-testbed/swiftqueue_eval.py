@@ -17,7 +17,7 @@ Two backends run the same policies:
 
 Cross-traffic specs (``--cross``, repeatable)::
 
-    tcp:cubic | tcp:bbr | tcp:reno        bulk classic flow (C queue)
+    tcp:cubic | tcp:bbr | tcp:reno        bulk classic flow (C queue; virtual time: a Reno model, no bbr)
     udp-ect1:RATE                         unresponsive paced UDP marked ECT(1) (L queue)
     onoff-ect1:RATE:ON_MS:OFF_MS          the same, on for ON_MS then silent for OFF_MS, repeating
     scalable[:N]                          N bulk DCTCP/Prague-like flows marked ECT(1)   (virtual only)

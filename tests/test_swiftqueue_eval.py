@@ -225,13 +225,15 @@ def test_cli_virtual_writes_json_and_plot(tmp_path, capsys):
     assert set(data["policies"]) == {"l4s", "oracle"} and png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("option", [["--up-loss", "iid:0.1"], ["--up-mbps", "5"], ["--up-trace", "5mbps"]])
+@pytest.mark.parametrize("option", [["--up-loss", "iid:0.1"], ["--up-mbps", "5"], ["--up-trace", "5mbps"],
+                                    ["--cross", "tcp:bbr"]])
 def test_cli_virtual_refuses_up_link_options_it_would_ignore(option, capsys):
-    """vsim returns acks after a fixed delay: an up-link option ran, silently without effect."""
+    """vsim returns acks after a fixed delay: an up-link option ran, silently without effect; and tcp:bbr ran
+    as a Reno model under BBR's name."""
     from tokenwire.daemon.cli import main
 
     assert main(["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", *option]) == 2
-    assert "need the namespace run" in capsys.readouterr().err
+    assert "the namespace run" in capsys.readouterr().err
 
 
 def test_a_queue_at_the_path_floor_is_never_left():
