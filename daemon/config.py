@@ -281,6 +281,7 @@ UPSTREAM_KEYS = {
         "api_key_env",
         "api_key_file",
         "models",
+        "model",
         "connect_timeout_s",
         "first_token_timeout_s",
         "stall_timeout_s",
@@ -324,6 +325,10 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
                 raise ConfigError(f"{where}.models: expected a table mapping client model names to upstream names")
             opts["models"] = dict(models)
+            model = s.str("model", None)  # for clients that name no model (strict servers refuse "model": "")
+            if model == "":
+                raise ConfigError(f"{where}.model: expected an upstream model name, got ''")
+            opts["model"] = model
             opts["connect_timeout_s"] = s.num("connect_timeout_s", 10.0, 0.1, 600.0)
             opts["first_token_timeout_s"] = s.num("first_token_timeout_s", 60.0, 0.1, 3600.0)
             opts["stall_timeout_s"] = s.num("stall_timeout_s", 30.0, 0.1, 3600.0)

@@ -413,7 +413,7 @@ class Daemon:
             chat = ChatRequest(
                 messages=request.messages or [],
                 model=request.model,
-                max_tokens=request.max_tokens,
+                max_tokens=limit if request.max_tokens else None,  # clamped; none asked, none sent
                 params=dict(request.params or {}),
                 scheme=request.scheme,
                 request_id=live.request_id,

@@ -2,12 +2,15 @@
 
 Streams ``POST {base_url}/chat/completions`` with ``stream: true`` and reads the server-sent events:
 ``data: {chat.completion.chunk}`` lines carrying ``choices[0].delta.content``, ending with
-``data: [DONE]``. aiohttp does the HTTP; the SSE line protocol is parsed here (a dozen lines, no library
-needed for it).
+``data: [DONE]`` (or, from servers that never send it, the end of the body after a ``finish_reason``).
+aiohttp does the HTTP; the SSE line protocol is parsed here (a dozen lines, no library needed for it). A server
+that ignores ``stream`` and answers one ``application/json`` completion is read as that completion.
 
 Every failure reaches the client as a typed error: HTTP errors and error events as ``UPSTREAM_ERROR``
 (with the upstream's own message, truncated), no connection within ``connect_timeout_s``, no first token
-within ``first_token_timeout_s`` or a silence longer than ``stall_timeout_s`` as ``UPSTREAM_TIMEOUT``.
+within ``connect_timeout_s + first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as
+``UPSTREAM_TIMEOUT``. Both are absolute deadlines (from the request's start, then from the last token), so
+keep-alive comments and empty deltas cannot put them off.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
@@ -26,6 +30,8 @@ from tokenwire.transport.server import ChatRequest
 from .upstreams import Emit
 
 PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n")
+ERROR_BODY_LIMIT = 64 * 1024  # plenty for an error message; a proxy's endless page is not read to its end
+JSON_ANSWER_LIMIT = 16 * 1024 * 1024  # a whole non-streamed completion
 
 
 def _upstream_error(name: str, message: str) -> RequestError:
@@ -45,6 +51,7 @@ class OpenAIUpstream:
         api_key_env: str | None = None,
         api_key_file: Path | None = None,
         models: dict[str, str] | None = None,
+        model: str | None = None,
         connect_timeout_s: float = 10.0,
         first_token_timeout_s: float = 60.0,
         stall_timeout_s: float = 30.0,
@@ -55,6 +62,7 @@ class OpenAIUpstream:
         self.api_key_env = api_key_env
         self.api_key_file = api_key_file
         self.models = models or {}
+        self.model = model or None
         self.connect_timeout_s = connect_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self.stall_timeout_s = stall_timeout_s
@@ -72,9 +80,19 @@ class OpenAIUpstream:
             return os.environ.get(self.api_key_env) or None
         return None
 
+    def _model(self, request: ChatRequest) -> str | None:
+        """The upstream's model name: ``models`` maps the client's; a client that names none gets ``model``, else
+        the field is left out (``"model": ""`` made strict servers answer 404)."""
+        name = request.model or ""
+        if name in self.models:
+            return self.models[name] or None
+        return name or self.model
+
     def _body(self, request: ChatRequest) -> dict[str, Any]:
-        model = self.models.get(request.model or "", request.model or "")
-        body: dict[str, Any] = {"model": model, "messages": request.messages, "stream": True}
+        body: dict[str, Any] = {"messages": request.messages, "stream": True}
+        model = self._model(request)
+        if model:
+            body["model"] = model
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         for key in PASSTHROUGH_PARAMS:
@@ -91,58 +109,129 @@ class OpenAIUpstream:
         key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        # One deadline, from the request's start, for the connection, the headers and the first token: the
+        # headers used to get connect + first-token time and the first token that much again.
+        waited = self.connect_timeout_s + self.first_token_timeout_s
+        first_deadline = asyncio.get_running_loop().time() + waited
         try:
-            async with asyncio.timeout(self.connect_timeout_s + self.first_token_timeout_s):
+            async with asyncio.timeout_at(first_deadline):
                 resp = await self._session.post(self.url, json=self._body(request), headers=headers)
         except TimeoutError:
-            waited = self.connect_timeout_s + self.first_token_timeout_s
             raise _timeout(self.name, f"no response within {waited:g} s") from None
         except aiohttp.ClientError as exc:
             raise _upstream_error(self.name, f"cannot reach {self.url}: {exc.__class__.__name__}") from exc
         async with resp:
             if resp.status >= 400:
-                raise _upstream_error(self.name, f"HTTP {resp.status}: {_error_text(await resp.text())}")
-            return await self._read_events(resp, emit)
+                raise await self._http_error(resp)
+            if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
+                return await self._read_json(resp, emit)
+            return await self._read_events(resp, emit, first_deadline)
 
-    async def _read_events(self, resp: aiohttp.ClientResponse, emit: Emit) -> str:
+    async def _http_error(self, resp: aiohttp.ClientResponse) -> RequestError:
+        """UPSTREAM_ERROR with the status and the upstream's message. The body is read with a time and size bound
+        and decoded leniently: ``resp.text()`` hung on a body that never came and raised on non-UTF-8 or cut-short
+        ones, so the client got a vague error and the log a traceback."""
+        try:
+            async with asyncio.timeout(self.stall_timeout_s):
+                raw = await _read_body(resp, ERROR_BODY_LIMIT)
+        except TimeoutError:
+            detail = f"(no error body within {self.stall_timeout_s:g} s)"
+        except aiohttp.ClientError as exc:
+            detail = f"(error body cut short: {exc.__class__.__name__})"
+        else:
+            detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset))
+        return _upstream_error(self.name, f"HTTP {resp.status}: {detail}")
+
+    async def _read_json(self, resp: aiohttp.ClientResponse, emit: Emit) -> str:
+        """A server that ignores ``stream`` answers one JSON document: the whole completion (emitted as one piece)
+        or an error (even with status 200). Both were dropped as "stream ended without [DONE]"."""
+        try:
+            async with asyncio.timeout(self.stall_timeout_s):
+                raw = await _read_body(resp, JSON_ANSWER_LIMIT)
+        except TimeoutError:
+            raise _timeout(self.name, f"the JSON answer stalled for {self.stall_timeout_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise _upstream_error(self.name, f"answer broke: {exc.__class__.__name__}") from exc
+        if len(raw) > JSON_ANSWER_LIMIT:
+            raise _upstream_error(self.name, f"JSON answer larger than {JSON_ANSWER_LIMIT} bytes")
+        text = _decode(raw, resp.charset)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            raise _upstream_error(self.name, "malformed answer (not JSON)") from None
+        if _is_error(doc):
+            raise _upstream_error(self.name, _error_text(text))
+        picked = self._choice_zero(doc, "message")
+        if not picked:  # not a completion at all: an empty success would hide it
+            raise _upstream_error(self.name, "malformed answer (no choice 0)")
         reason = "stop"
-        first = True
+        for content, finish, _ in picked:
+            if content:
+                emit(content)
+            if finish:
+                reason = str(finish)[:32]
+        return reason
+
+    async def _read_events(self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = first_deadline  # then the last token's time + stall_timeout_s; nothing else moves it
+        started = False  # a token came (content, or reasoning the client is not sent)
+        reason: str | None = None  # the last finish_reason
+        event = ""  # the current event's type (``event:`` line); a blank line ends the event
         while True:
-            limit = self.first_token_timeout_s if first else self.stall_timeout_s
             try:
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout_at(deadline):
                     line = await resp.content.readline()
             except TimeoutError:
-                what = "no first token" if first else "the stream stalled"
-                raise _timeout(self.name, f"{what} for {limit:g} s") from None
+                if started:
+                    raise _timeout(self.name, f"the stream stalled for {self.stall_timeout_s:g} s") from None
+                waited = self.connect_timeout_s + self.first_token_timeout_s
+                raise _timeout(self.name, f"no first token within {waited:g} s") from None
             except aiohttp.ClientError as exc:
                 raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
+            except (LineTooLong, ValueError):  # over aiohttp's line limit (ValueError before aiohttp 3.10)
+                raise _upstream_error(self.name, "event line too long") from None
             if not line:
+                if reason is not None:  # TGI (before mid-2024), ik_llama.cpp, llama-box end without [DONE]
+                    return reason
                 raise _upstream_error(self.name, "stream ended without [DONE]")
             text = line.decode("utf-8", errors="replace").strip()
-            if not text.startswith("data:"):
-                continue  # comments, event:, id:, retry: and blank separators
-            data = text[5:].strip()
-            if data == "[DONE]":
-                return reason
+            if not text:
+                event = ""
+                continue
+            field, _, value = text.partition(":")
+            value = value.strip()
+            if field == "event":
+                event = value
+                continue
+            if field != "data":
+                continue  # comments (":" lines), id:, retry:
+            if event == "error":
+                raise _upstream_error(self.name, _error_text(value) if value else "error event")
+            if value == "[DONE]":
+                return reason or "stop"
             try:
-                chunk = json.loads(data)
+                chunk = json.loads(value)
             except json.JSONDecodeError:
                 raise _upstream_error(self.name, "malformed event (not JSON)") from None
-            if isinstance(chunk, dict) and chunk.get("error") is not None:
-                raise _upstream_error(self.name, _error_text(json.dumps(chunk)))
-            for content, finish in self._choice_zero(chunk):
+            if _is_error(chunk):
+                raise _upstream_error(self.name, _error_text(value))
+            for content, finish, progress in self._choice_zero(chunk):
                 if content:
-                    first = False
                     emit(content)
+                if progress:
+                    started = True
+                    deadline = loop.time() + self.stall_timeout_s
                 if finish:
                     reason = str(finish)[:32]
 
-    def _choice_zero(self, chunk: Any) -> list[tuple[str | None, Any]]:
-        """(content, finish_reason) of the answer's choice (index 0) in one chunk; UPSTREAM_ERROR naming what is
-        wrong for JSON of another shape (it was an AttributeError traceback, or a list pushed as text)."""
+    def _choice_zero(self, chunk: Any, key: str = "delta") -> list[tuple[str | None, Any, bool]]:
+        """(content, finish_reason, whether a token came) of the answer's choice (index 0) in one chunk (``key``
+        "delta") or a whole completion ("message"); a reasoning delta is a token though it is not content, so a
+        long think is no stall. UPSTREAM_ERROR naming what is wrong for JSON of another shape (it was an
+        AttributeError traceback, or a list pushed as text)."""
         def bad(what: str) -> RequestError:
-            return _upstream_error(self.name, f"malformed event ({what})")
+            return _upstream_error(self.name, f"malformed {'event' if key == 'delta' else 'answer'} ({what})")
 
         if not isinstance(chunk, dict):
             raise bad(f"a JSON {type(chunk).__name__}, not an object")
@@ -153,19 +242,45 @@ class OpenAIUpstream:
         for choice in choices:
             if choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
+            delta = choice.get(key) or {}
             if not isinstance(delta, dict):
-                raise bad("delta is not an object")
+                raise bad(f"{key} is not an object")
             content = delta.get("content")
             if content is not None and not isinstance(content, str):
-                raise bad(f"delta.content is a {type(content).__name__}, not text")
-            out.append((content, choice.get("finish_reason")))
+                raise bad(f"{key}.content is a {type(content).__name__}, not text")
+            progress = bool(content or delta.get("reasoning_content") or delta.get("reasoning"))
+            out.append((content, choice.get("finish_reason"), progress))
         return out
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of the body (one more than allowed tells the caller it was too long)."""
+    buf = bytearray()
+    while len(buf) <= limit:
+        data = await resp.content.read(limit + 1 - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf)
+
+
+def _decode(raw: bytes, charset: str | None) -> str:
+    """The body as text: its declared charset, else UTF-8; bad bytes replaced (an HTML error page in Latin-1
+    raised UnicodeDecodeError)."""
+    try:
+        return raw.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # an unknown charset name
+        return raw.decode("utf-8", errors="replace")
+
+
+def _is_error(doc: Any) -> bool:
+    """An OpenAI-style ``{"error": ...}`` or vLLM's ``{"object": "error", "message": ...}``."""
+    return isinstance(doc, dict) and (doc.get("error") is not None or doc.get("object") == "error")
 
 
 def _error_text(body: str) -> str:

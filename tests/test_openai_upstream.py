@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import threading
 
 import pytest
 from aiohttp import web
 
+from tokenwire.daemon.config import ConfigError, parse_config
 from tokenwire.daemon.upstream_openai import OpenAIUpstream
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
@@ -15,9 +19,12 @@ from tokenwire.transport.server import ChatRequest
 from .test_loopback import run
 
 
-def chunk(content=None, finish=None, index=0):
-    delta = {} if content is None else {"content": content}
+def chunk(content=None, finish=None, index=0, key="content"):
+    delta = {} if content is None else {key: content}
     return {"object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+
+
+KEEP_ALIVE = {"ping": b": ping\n\n", "empty": f"data: {json.dumps(chunk(''))}\n\n".encode()}
 
 
 class FakeOpenAI:
@@ -34,8 +41,34 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if self.mode == "http500":
             return web.json_response({"error": {"message": "model overloaded", "type": "server_error"}}, status=500)
+        if self.mode == "error_body_late":  # the headers of a 500, its body only 3 s later
+            resp = web.StreamResponse(status=500, headers={"Content-Type": "application/json"})
+            resp.content_length = 7
+            await resp.prepare(request)
+            await asyncio.sleep(3)
+            await resp.write(b'"late"\n')
+            return resp
+        if self.mode == "error_body_latin1":  # an HTML error page, not UTF-8, no charset
+            return web.Response(status=502, body=b"<html>Fehler: \xfcberlastet</html>", content_type="text/html")
+        if self.mode == "error_body_cut":  # the connection closes 90 bytes short of the body
+            resp = web.StreamResponse(status=502, headers={"Content-Type": "text/html"})
+            resp.content_length = 100
+            await resp.prepare(request)
+            await resp.write(b"<html>bad ")
+            request.transport.close()
+            return resp
+        if self.mode == "json_answer":  # a server that ignores stream: true
+            message = {"role": "assistant", "content": "Whole answer."}
+            return web.json_response({"object": "chat.completion", "choices": [
+                {"index": 0, "message": message, "finish_reason": "length"}]})
+        if self.mode == "json_error":
+            return web.json_response({"error": {"message": "quota exceeded"}})  # status 200
+        if self.mode == "json_other":
+            return web.json_response({"object": "list", "data": []})
         if self.mode == "hang_before_headers":
             await asyncio.sleep(30)
+        if self.mode == "late_headers":  # headers after 1.2 s, the first token 0.6 s later
+            await asyncio.sleep(1.2)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -50,21 +83,40 @@ class FakeOpenAI:
         if self.mode == "no_first_token":
             await resp.write(b": keep-alive comment\n\n")
             await asyncio.sleep(30)
+        if self.mode == "late_headers":
+            await asyncio.sleep(0.6)
+        if self.mode.endswith("_first"):  # 3 s of keep-alives before any token
+            await self.keep_alive(resp, self.mode.split("_")[0])
+        if self.mode == "reasoning":  # 1.5 s of thinking, streamed as reasoning deltas (vLLM's reasoning parser)
+            for _ in range(15):
+                await send(chunk("hmm", key="reasoning_content"))
+                await asyncio.sleep(0.1)
         await send({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
         for piece in ["Hel", "lo", ", wor", "ld"]:
             await send(chunk(piece))
             await send(chunk("IGNORED", index=1))  # other choices are not this answer
         if self.mode == "stall":
             await asyncio.sleep(30)
+        if self.mode.endswith("_mid"):
+            await self.keep_alive(resp, self.mode.split("_")[0])
         if self.mode == "error_event":
             await send({"error": {"message": "context length exceeded"}})
             return resp
         if self.mode == "no_done":
             return resp
-        await send(chunk(None, finish="length" if self.mode == "length" else "stop"))
+        await send(chunk(None, finish="length" if self.mode in ("length", "finish_no_done") else "stop"))
+        if self.mode == "finish_no_done":  # TGI before mid-2024, ik_llama.cpp, llama-box
+            return resp
         await send({"object": "chat.completion.chunk", "choices": [], "usage": {"completion_tokens": 4}})
         await resp.write(b"data: [DONE]\n\n")
         return resp
+
+    @staticmethod
+    async def keep_alive(resp: web.StreamResponse, kind: str) -> None:
+        """3 s of an upstream that is alive but produces nothing: comments or empty deltas every 0.1 s."""
+        for _ in range(30):
+            await resp.write(KEEP_ALIVE[kind])
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -93,7 +145,7 @@ REQ = ChatRequest(
 )
 
 
-def generate(fake: FakeOpenAI, mode: str, tmp_path=None, **opts):
+def generate(fake: FakeOpenAI, mode: str, tmp_path=None, req: ChatRequest = REQ, **opts):
     fake.mode = mode
 
     async def go():
@@ -101,7 +153,7 @@ def generate(fake: FakeOpenAI, mode: str, tmp_path=None, **opts):
         up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", **opts)
         out: list[str] = []
         try:
-            reason = await up.generate(REQ, out.append)
+            reason = await up.generate(req, out.append)
             return out, reason
         finally:
             await up.close()
@@ -168,6 +220,107 @@ def test_a_long_event_line_streams_intact_and_a_null_error_is_no_error(fake):
     assert out == ["Hi", "x" * 300_000] and reason == "stop"
 
 
+FAST = {"connect_timeout_s": 0.5, "first_token_timeout_s": 0.5, "stall_timeout_s": 0.5}
+
+
+@pytest.mark.parametrize(
+    "mode, text",
+    [
+        ("ping_first", "no first token within 1 s"),
+        ("empty_first", "no first token within 1 s"),
+        ("ping_mid", "stalled for 0.5 s"),
+        ("empty_mid", "stalled for 0.5 s"),
+    ],
+)
+def test_keep_alives_do_not_put_off_the_timeouts(fake, mode, text):
+    """Each line read restarted the timer, so comments or empty deltas every 0.1 s kept a tokenless upstream
+    alive forever; now the deadlines run from the request's start and from the last token."""
+    with pytest.raises(RequestError) as info:
+        generate(fake, mode, **FAST)
+    assert info.value.code == ErrorCode.UPSTREAM_TIMEOUT and text in str(info.value)
+
+
+def test_the_first_token_deadline_counts_from_the_request(fake):
+    """Headers at 1.2 s and the first token 0.6 s later miss the one 1.5 s deadline (connect + first token);
+    the headers used to get 1.5 s and the first token another 1 s."""
+    with pytest.raises(RequestError) as info:
+        generate(fake, "late_headers", connect_timeout_s=0.5, first_token_timeout_s=1.0, stall_timeout_s=5)
+    assert info.value.code == ErrorCode.UPSTREAM_TIMEOUT and "no first token within 1.5 s" in str(info.value)
+
+
+def test_reasoning_deltas_are_tokens_not_a_stall(fake):
+    """A reasoning model thinks for longer than the first-token deadline: its reasoning deltas are not sent to
+    the client, but they are tokens, so the strict deadlines must not cut the thinking short."""
+    out, reason = generate(fake, "reasoning", **FAST)
+    assert "".join(out) == "Hello, world" and reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "mode, text",
+    [
+        ("error_body_late", "HTTP 500: (no error body within 0.5 s)"),  # resp.text() waited for it
+        ("error_body_latin1", "HTTP 502: <html>Fehler: \ufffdberlastet</html>"),  # was UnicodeDecodeError
+        ("error_body_cut", "HTTP 502: (error body cut short: ClientPayloadError)"),  # was ClientPayloadError
+        ("raw:data: " + json.dumps(chunk("x" * 1_100_000)), "event line too long"),  # was LineTooLong
+    ],
+    ids=["late", "latin1", "cut", "long_line"],
+)
+def test_unreadable_error_bodies_and_overlong_lines_are_typed(fake, mode, text):
+    with pytest.raises(RequestError) as info:
+        generate(fake, mode, **FAST)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and text in str(info.value)
+
+
+def test_eof_after_a_finish_reason_is_a_normal_end(fake):
+    """TGI (before mid-2024), ik_llama.cpp and llama-box end a finished stream without [DONE]."""
+    out, reason = generate(fake, "finish_no_done")
+    assert "".join(out) == "Hello, world" and reason == "length"
+
+
+def test_a_json_answer_to_a_streaming_request_is_read(fake):
+    """A server that ignores ``stream`` answers one chat completion: it is the answer, not a broken stream."""
+    assert generate(fake, "json_answer") == (["Whole answer."], "length")
+    with pytest.raises(RequestError) as info:
+        generate(fake, "json_error")
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and "quota exceeded" in str(info.value)
+    with pytest.raises(RequestError, match="malformed answer"):
+        generate(fake, "json_other")
+
+
+@pytest.mark.parametrize("line, text", [
+    ('event: error\ndata: {"message": "CUDA out of memory", "type": "server_error"}', "CUDA out of memory"),
+    ("event:error\ndata: worker died", "worker died"),
+    ('data: {"object": "error", "message": "vLLM mid-stream failure", "code": 400}', "vLLM mid-stream failure"),
+], ids=["event_error", "event_error_text", "vllm_object_error"])
+def test_error_events_fail_the_answer(fake, line, text):
+    """``event: error`` and vLLM's ``{"object": "error"}`` were skipped, and the answer ended as a success."""
+    with pytest.raises(RequestError) as info:
+        generate(fake, "raw:" + line)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and text in str(info.value)
+
+
+def test_a_client_without_a_model_gets_the_configured_one_or_none(fake):
+    """``"model": ""`` made strict servers answer 404: the upstream's ``model`` stands in, else none is sent."""
+    nameless = dataclasses.replace(REQ, model=None, max_tokens=None)
+    generate(fake, "ok", req=nameless)
+    generate(fake, "ok", req=nameless, model="org/default")
+    generate(fake, "ok", req=nameless, model="org/default", models={"": "org/mapped"})
+    generate(fake, "ok", model="org/default")  # a client that names one keeps it
+    assert [b.get("model") for b in fake.seen] == [None, "org/default", "org/mapped", "small"]
+    assert "max_tokens" not in fake.seen[0]
+
+
+def test_the_model_key_is_validated():
+    def cfg(**keys):
+        return parse_config({"upstreams": [{"name": "v", "type": "openai", "base_url": "http://h/v1", **keys}]})
+
+    assert cfg(model="org/default").upstreams[0].options["model"] == "org/default"
+    assert cfg().upstreams[0].options["model"] is None
+    for bad in ("", 3):
+        with pytest.raises(ConfigError, match=r"upstreams\[0\]\.model: expected"):
+            cfg(model=bad)
+
+
 def test_unreachable_upstream():
     async def go():
         up = OpenAIUpstream("gone", base_url="http://127.0.0.1:9/v1", connect_timeout_s=1)
@@ -182,36 +335,45 @@ def test_unreachable_upstream():
     assert "127.0.0.1:9" in str(info.value.__cause__)  # the detail the daemon logs (the client gets the class)
 
 
+@contextlib.contextmanager
+def daemon_on(fake: FakeOpenAI, tmp_path, upstream_keys: str = "", extra_toml: str = ""):
+    """The daemon subprocess with one ``openai`` upstream: ``fake``, served from a thread of its own."""
+    from .daemon_proc import DaemonProcess
+
+    loop = asyncio.new_event_loop()
+    _runner, port = loop.run_until_complete(_serve(fake))
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    d = None
+    try:
+        d = DaemonProcess(
+            tmp_path,
+            extra_toml,
+            upstream_toml=f"""
+[[upstreams]]
+name = "vllm"
+type = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+{upstream_keys}
+[[routes]]
+model = "*"
+upstream = "vllm"
+""",
+        )
+        yield d
+    finally:
+        if d is not None:
+            d.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+
+
 def test_daemon_routes_to_openai_upstream_and_reports_errors(tmp_path, fake):
     """End to end: the daemon subprocess streams from the fake server; its failures reach the client typed."""
     from tokenwire.transport.client import connect
     from tokenwire.transport.errors import RemoteError
 
-    from .daemon_proc import DaemonProcess
-
-    async def start_fake():
-        return await _serve(fake)
-
-    loop = asyncio.new_event_loop()
-    _runner, port = loop.run_until_complete(start_fake())
-    import threading
-
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    d = DaemonProcess(
-        tmp_path,
-        upstream_toml=f"""
-[[upstreams]]
-name = "vllm"
-type = "openai"
-base_url = "http://127.0.0.1:{port}/v1"
-stall_timeout_s = 0.5
-[[routes]]
-model = "*"
-upstream = "vllm"
-""",
-    )
-    try:
+    with daemon_on(fake, tmp_path, "stall_timeout_s = 0.5") as d:
 
         async def go():
             async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
@@ -233,7 +395,21 @@ upstream = "vllm"
         log = d.log()  # the operator sees each failure too, with the id the client was given
         assert "upstream 'vllm': HTTP 500" in log and "model overloaded" in log
         assert "upstream 'vllm': the stream stalled" in log, log
-    finally:
-        d.stop()
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
+
+
+def test_daemon_sends_the_clamped_max_tokens_and_the_default_model(tmp_path, fake):
+    """The upstream got the client's max_tokens unclamped (vLLM refuses one past the context with a 400); a
+    client that names none sends none (the daemon's cap still cuts), and a nameless request gets ``model``."""
+    from tokenwire.transport.client import connect
+
+    with daemon_on(fake, tmp_path, 'model = "org/default"', "[limits]\nmax_tokens = 1000\n") as d:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
+                await conn.chat("hi", model="small", max_tokens=100_000).collect()
+                await conn.chat("hi", max_tokens=20).collect()
+                await conn.chat("hi").collect()
+
+        run(go())
+    assert [(b.get("model"), b.get("max_tokens")) for b in fake.seen] == [
+        ("small", 1000), ("org/default", 20), ("org/default", None)]
