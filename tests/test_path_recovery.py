@@ -78,6 +78,16 @@ def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkey
     assert run.stats.longest_stall_ms < 2500
 
 
+def test_two_backed_off_ends_do_not_answer_each_others_probes_without_end():
+    """A channel that loses every other millisecond (ge:1,1): each end's probe, sent on receipt, crossed; its
+    data, paced a millisecond later, did not; and each receipt drew a probe and an ACK in two datagrams, so
+    the pings doubled per round trip (1,600 packets/s after 240 s) and the request never finished. One
+    receipt probe per round trip: the stream's 20 tokens arrive by 51 s, with 733 packets sent down."""
+    run = sim.run_scheme("stream", sim.SimConfig(tokens=20, loss="ge:1,1", seed=1, max_virtual_s=120.0))
+    assert run.digest_ok and run.stats.tokens_rendered == 20
+    assert run.packets_down < 2000
+
+
 def test_what_the_module_relies_on_in_aioquic():
     """aioquic 1.7.2 internals: the PTO backoff counter and the probe request (pinned in pyproject.toml)."""
     quic = QuicConnection(configuration=client_configuration(server_name="localhost"))

@@ -42,15 +42,23 @@ pins what this relies on.
 
 from __future__ import annotations
 
+import math
+
 from aioquic.quic.connection import QuicConnection
 
 RECOVERY_PING_S = 0.25
 KV_RECOVERY_PING_S = 0.25  # the KV client's, while a fetch is pending: its deadlines are a few seconds
+MIN_PROBE_SPACING_S = 0.01  # receipt probes: at most one per smoothed RTT, and never closer than this
 
 
 def backed_off(quic: QuicConnection) -> bool:
     """Whether a probe timeout has fired since the peer last acknowledged one of our packets."""
     return quic._loss._pto_count >= 1
+
+
+def _smoothed_rtt(quic: QuicConnection) -> float:
+    loss = quic._loss
+    return max(MIN_PROBE_SPACING_S, loss._rtt_smoothed if loss._rtt_initialized else loss._rtt_initial)
 
 
 def window_full(quic: QuicConnection) -> bool:
@@ -59,10 +67,16 @@ def window_full(quic: QuicConnection) -> bool:
     return loss.congestion_window - loss.bytes_in_flight < quic._max_datagram_size
 
 
-def probe_on_receipt(quic: QuicConnection) -> bool:
+def probe_on_receipt(quic: QuicConnection, now: float | None = None, last: float = -math.inf) -> bool:
     """After a datagram from the peer was processed: request a probe if we are still backed off (see the
-    module docstring). Returns whether one was requested."""
+    module docstring), at most one per round trip since the ``last`` one: its acknowledgement ends the
+    backoff, and more in the meantime add nothing. Unbounded, two ends backed off at once answered each
+    other's probes with probes, a datagram with an ACK and another with the probe each time, so the count
+    doubled per round trip (sim, a channel losing every other millisecond: 1,600 packets/s of pings while
+    no data crossed). Returns whether one was requested."""
     if not backed_off(quic):
+        return False
+    if now is not None and now - last < _smoothed_rtt(quic):
         return False
     quic._send_probe()  # the next packet carries a PING; a probe may exceed the congestion window by one
     return True

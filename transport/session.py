@@ -16,6 +16,7 @@ Per request (one bidirectional QUIC stream):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ class _SessionBase:
         self._heard_at = 0.0  # last QUIC event from the peer (data, datagram, ping ack, ...)
         self._pinged_at = 0.0
         self._pings = 0
+        self._receipt_probe_at = -math.inf  # the last probe sent on a receipt (path_recovery.probe_on_receipt)
         # Request streams this side has ended (refused, rejected, failed, stopped) while the peer's side is
         # still open: what the peer sent before it learnt (the rest of a refused request, a frame that crossed
         # our ERROR) still arrives, and must not read as a new request. Forgotten on the peer's FIN or reset,
@@ -182,10 +184,11 @@ class _SessionBase:
         """Once per datagram from the peer, after QUIC has processed it (drivers that feed the
         ``QuicConnection`` themselves call this): ends an outage's probe backoff in one round trip
         (:mod:`.path_recovery`)."""
-        if self.datagrams_ok is not None and not self.closed:
-            probe_on_receipt(self.quic)
         if now is not None:
             self._now = now
+        if (self.datagrams_ok is not None and not self.closed
+                and probe_on_receipt(self.quic, self._now, self._receipt_probe_at)):
+            self._receipt_probe_at = self._now
         self._on_peer_packet(self._now)
 
     def _on_peer_packet(self, now: float) -> None:
