@@ -169,6 +169,63 @@ def test_bad_encoder_input_raises_invalid_input():
     assert issubclass(InvalidInput, ValueError) and issubclass(InvalidInput, KVCodecError)
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("level", [*(lv.name for lv in levels.LADDER), "code=16"])
+def test_finite_fp16_near_its_max_decodes_finite(level, backend):
+    """The token scale rounds 65000 up to 2**16: the reconstruction must saturate at fp16's max, not be inf."""
+    fp16_max = torch.finfo(torch.float16).max
+    full = [(torch.full((1, 2, 6, 8), 65000.0, dtype=torch.float16),) * 2]
+    one = make_kv(layers=2, tokens=20, dtype=torch.float16)
+    one[1][0][0, 1, 7, 3] = 65000.0
+    one[0][1][0, 0, 2, 5] = -65000.0
+    for kv in (full, one):
+        d = max(step_value(int(c)) for c in levels.uniform_profile(len(kv), 16).step_codes(
+            levels.get_level(level)).ravel())
+        _, out = roundtrip(kv, level, backend=backend)
+        for (k, v), (k2, v2) in zip(kv, out, strict=True):
+            for a, b in ((k, k2), (v, v2)):
+                assert b.dtype == torch.float16 and bool(torch.isfinite(b).all())
+                assert float(b.abs().max()) <= fp16_max
+                # half a step at the token scale 2**16 (saturation only brings values closer)
+                assert float((a.float() - b.float()).abs().max()) <= d * 2.0**16 / 2 + 32
+
+
+def test_fingerprint_outside_u64_is_invalid_input():
+    kv = make_kv(layers=1, tokens=4)
+    for fp in (-1, 2**64, 1.5, "1"):
+        with pytest.raises(InvalidInput, match="fingerprint"):
+            codec.encode_chunk(kv, "medium", fingerprint=fp)
+    data = codec.encode_chunk(kv, "medium", fingerprint=2**64 - 1)
+    assert bitstream.read_header(data).fingerprint == 2**64 - 1
+
+
+def test_empty_sequences_are_invalid_input():
+    with pytest.raises(InvalidInput):
+        codec.encode_sequence([], "medium", fingerprint=FP)
+    with pytest.raises(InvalidInput):
+        codec.decode_sequence([])
+
+
+def test_mixed_dtypes_are_refused():
+    kv = make_kv(layers=2, tokens=4)
+    with pytest.raises(InvalidInput, match="float16"):  # V in another dtype than K
+        codec.encode_chunk([(kv[0][0], kv[0][1].half()), kv[1]], "low", fingerprint=FP)
+    with pytest.raises(InvalidInput, match="layer 1"):  # a layer in another dtype than layer 0
+        codec.encode_chunk([kv[0], (kv[1][0].half(), kv[1][1].half())], "low", fingerprint=FP)
+
+
+def test_decode_sequence_refuses_chunks_of_another_model():
+    base = codec.encode_chunk(make_kv(layers=2, heads=2, tokens=4), "low", fingerprint=FP)
+    other_geometry = codec.encode_chunk(make_kv(layers=2, heads=1, tokens=4), "low", fingerprint=FP)
+    other_model = codec.encode_chunk(make_kv(layers=2, heads=2, tokens=4), "low", fingerprint=FP + 1)
+    other_dtype = codec.encode_chunk(make_kv(layers=2, heads=2, tokens=4, dtype=torch.float16), "low",
+                                     fingerprint=FP)
+    for bad in (other_geometry, other_model, other_dtype):
+        with pytest.raises(ModelMismatch):
+            codec.decode_sequence([base, bad])
+    assert codec.decode_sequence([base, base])[0][0].shape[-2] == 8
+
+
 # --- decoding untrusted bytes ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -227,6 +284,23 @@ def test_forged_crc_still_gives_typed_errors(chunk, backend):
             outcomes["decoded"] += 1
             assert len(out) >= 1 and all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in out)
     assert outcomes["error"] > 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("big", [False, True])
+def test_forged_non_finite_raw_token_is_corrupt(value, big):
+    """The sink token is stored verbatim (fp16, or fp32 when it does not fit): NaN there must not decode."""
+    kv = make_kv(layers=1, heads=1, tokens=4)
+    if big:
+        kv = [(kv[0][0] * 1e6, kv[0][1])]
+    data = bytearray(codec.encode_chunk(kv, "medium", fingerprint=FP, raw_tokens=1))
+    c = bitstream.unpack(bytes(data))
+    assert c.raw.dtype == (np.float32 if big else np.float16)
+    raw_at = len(data) - 4 - 2 * len(c.words) - 2 * len(c.counts) - c.raw.nbytes  # raw, counts, words, CRC
+    assert data[raw_at:raw_at + c.raw.nbytes] == c.raw.astype(c.raw.dtype.newbyteorder("<")).tobytes()
+    data[raw_at:raw_at + c.raw.itemsize] = np.array([value], c.raw.dtype.newbyteorder("<")).tobytes()
+    with pytest.raises(CorruptBitstream, match="raw"):
+        codec.decode_chunk(_forge(bytes(data)))
 
 
 def test_header_field_checks(chunk):

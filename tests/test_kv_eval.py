@@ -75,3 +75,37 @@ def test_the_context_cache_is_keyed_by_the_texts_content_not_its_name(tmp_path, 
         missing = KVEvalConfig(down_trace="12mbps", up_trace="12mbps", context_tokens=64,
                                text=str(tmp_path / "none.txt"))
         prepare_context(missing, str(tmp_path / "ctx3.pt"), log=lambda m: None)
+
+
+def test_kv_eval_refuses_a_single_scored_token(capsys):
+    """Perplexity scores tokens 2..n: ``--score 1`` wrote ``"ppl": NaN``, which is not JSON."""
+    import argparse
+
+    from tokenwire.transport.cachegen import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["kv", "eval", "--text", "t.txt", "--score", "1"])
+    assert "at least 2" in capsys.readouterr().err
+    assert parser.parse_args(["kv", "eval", "--text", "t.txt", "--score", "2"]).score == 2
+
+
+def test_an_unmeasured_perplexity_is_null_in_json_and_na_when_printed(tmp_path, monkeypatch):
+    import json
+
+    torch = pytest.importorskip("torch")
+    from tokenwire.transport.cachegen import cli, evaluate
+
+    logits = torch.randn(1, 10, dtype=torch.float64)
+    setup = evaluate.Setup(lm=None, kv=[], score_ids=torch.tensor([[3]]), ref_logits=logits, prefix=0,
+                           prefix_ids=torch.zeros(1, 0, dtype=torch.long))
+    monkeypatch.setattr(evaluate, "_logits", lambda s, kv: logits)
+    r = evaluate.score(setup, [])  # the library API still allows one scored token
+    assert r["top1"] == 1.0 and math.isnan(r["ppl"])
+    assert evaluate._fmt(r["ppl"], ".3f") == "n/a" and evaluate._fmt(2.0, ".3f") == "2.000"
+    for compact in (False, True):
+        path = tmp_path / f"r{compact}.json"
+        cli._write_json(str(path), {"levels": {"low": r}}, compact=compact)
+        doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+        assert doc["levels"]["low"]["ppl"] is None

@@ -299,6 +299,8 @@ def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None 
         freq[t] = r.table()
     raw = r.take("<f4" if h.flags & FLAG_RAW_F32 else "<f2", h.raw_tokens * n_l * 2 * n_c)
     raw = raw.reshape(h.raw_tokens, n_l, 2, n_c)
+    if not np.isfinite(raw).all():  # the encoder refuses non-finite KV: a CRC-valid NaN here is forged
+        raise CorruptBitstream("raw (sink) token values are NaN or infinite")
     n_streams = 0 if n_t == 0 else 2 * n_l * n_c // h.stream_channels
     counts = r.take("<u2", n_streams)
     words = r.take("<u2", int(counts.sum(dtype=np.int64)))

@@ -13,7 +13,12 @@ from typing import Any
 
 
 def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) -> None:
-    text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=2)
+    from tokenwire.daemon.cli import json_safe
+
+    # NaN (a metric the run could not measure) as null: a bare NaN token is not JSON
+    doc = json_safe(doc)
+    text = (json.dumps(doc, separators=(",", ":"), allow_nan=False) if compact
+            else json.dumps(doc, indent=2, allow_nan=False))
     if path and path != "-":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
@@ -35,6 +40,16 @@ def _cli_error(msg: str) -> Exception:
     from tokenwire.daemon.cli import CLIError
 
     return CLIError(msg)
+
+
+def _score_tokens(text: str) -> int:
+    """``type=`` of ``kv eval --score``: perplexity scores tokens 2..n (each predicted by the one before), so
+    one scored token gave a NaN perplexity."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 scored tokens (perplexity needs a token after "
+                                         f"the first), got {text!r}")
+    return value
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -124,7 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = kv_sub.add_parser("eval", help="size and quality of each level on the real SmolLM2-135M")
     ev.add_argument("--text", required=True, help="plain-text file (ordinary English)")
     ev.add_argument("--prefix", type=positive_int, default=1024, help="tokens whose KV is encoded (default 1024)")
-    ev.add_argument("--score", type=positive_int, default=256, help="tokens scored after the prefix (default 256)")
+    ev.add_argument("--score", type=_score_tokens, default=256,
+                    help="tokens scored after the prefix, at least 2 (default 256)")
     ev.add_argument("--levels", default="low,medium,high",
                     help="comma list: ladder names, code=N (custom step code), or text (the fallback)")
     ev.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per chunk (default 256)")

@@ -9,6 +9,7 @@ or ``"auto"`` (torch on CUDA, numba on CPU). Both produce the same bytes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 
 from . import bitstream, rans, rans_torch, tables
 from .bitstream import Chunk
-from .errors import CorruptBitstream, InvalidInput
+from .errors import CorruptBitstream, InvalidInput, ModelMismatch
 from .levels import Level, Profile, get_level, profile_for
 from .quant import dequantize, quantize, scale_values, token_scales
 
@@ -41,10 +42,17 @@ def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torc
         raise InvalidInput("no layers")
     layers = []
     shape = None
-    for k, v in kv:
+    dtype0 = None
+    for i, (k, v) in enumerate(kv):
         for t in (k, v):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise InvalidInput("KV entries must be floating-point tensors")
+        # the bitstream records one dtype and decodes every tensor to it: a V or a layer in another dtype
+        # used to come back silently converted to layer 0's K dtype
+        if dtype0 is None:
+            dtype0 = k.dtype
+        if k.dtype != dtype0 or v.dtype != dtype0:
+            raise InvalidInput(f"layer {i} has K {k.dtype} and V {v.dtype}; every tensor must be {dtype0}")
         if k.shape != v.shape:
             raise InvalidInput(f"K {tuple(k.shape)} and V {tuple(v.shape)} differ")
         if k.dim() == 4:
@@ -74,7 +82,25 @@ def unstack_kv(x: torch.Tensor, n_heads: int, dtype: torch.dtype) -> list[tuple[
     """Inverse of ``stack_kv``: ``[L, 2, T, C]`` -> per-layer ``(K, V)`` of shape ``[1, H, T, D]``."""
     n_layers, _, n_tok, n_ch = x.shape
     y = x.reshape(n_layers, 2, n_tok, n_heads, n_ch // n_heads).permute(0, 1, 3, 2, 4).to(dtype)
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(x.dtype).max:
+        # the one-byte token scale rounds up (65000 -> 2**16), so a finite fp16 input near its range can
+        # reconstruct above fp16's max and cast to inf: saturate. Clamping the cast copy in place gives the
+        # same values as clamping before the cast (values above max either round to max or to inf) without
+        # a second fp32 copy of the chunk.
+        big = torch.finfo(dtype).max
+        y.clamp_(-big, big)
     return [(y[i, 0][None].contiguous(), y[i, 1][None].contiguous()) for i in range(n_layers)]
+
+
+def _check_fingerprint(fingerprint: int) -> int:
+    """The fingerprint as an int in the header's u64 range (``struct.error`` surfaced from ``pack`` before)."""
+    try:
+        fp = operator.index(fingerprint)
+    except TypeError:
+        raise InvalidInput(f"fingerprint must be an integer, got {type(fingerprint).__name__}") from None
+    if not 0 <= fp < 2**64:
+        raise InvalidInput(f"fingerprint {fp} outside the unsigned 64-bit range")
+    return fp
 
 
 def _use_torch(backend: str, device: torch.device) -> bool:
@@ -92,6 +118,7 @@ def encode_chunk(kv: KV, level: str | Level, *, fingerprint: int, raw_tokens: in
     fingerprint matches, else uniform steps.
     """
     lv = get_level(level)
+    fingerprint = _check_fingerprint(fingerprint)
     x, geo = stack_kv(kv)
     in_dtype = _DTYPE_NAMES.get(kv[0][0].dtype)
     if in_dtype is None:
@@ -216,6 +243,8 @@ def split_tokens(kv: KV, chunk_tokens: int) -> list[list[tuple[torch.Tensor, tor
     """Cut a KV cache into chunks of ``chunk_tokens`` tokens along the token axis (last one shorter)."""
     if chunk_tokens <= 0:
         raise InvalidInput("chunk_tokens must be positive")
+    if len(kv) == 0:
+        raise InvalidInput("no layers")
     n_tok = kv[0][0].shape[-2]
     return [[(k[..., s:s + chunk_tokens, :], v[..., s:s + chunk_tokens, :]) for k, v in kv]
             for s in range(0, n_tok, chunk_tokens)]
@@ -223,6 +252,8 @@ def split_tokens(kv: KV, chunk_tokens: int) -> list[list[tuple[torch.Tensor, tor
 
 def concat_tokens(chunks: Sequence[KV]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Inverse of ``split_tokens``."""
+    if len(chunks) == 0:
+        raise InvalidInput("no chunks")
     n_layers = len(chunks[0])
     return [(torch.cat([c[i][0] for c in chunks], dim=-2), torch.cat([c[i][1] for c in chunks], dim=-2))
             for i in range(n_layers)]
@@ -241,5 +272,20 @@ def encode_sequence(kv: KV, level: str | Level, *, fingerprint: int, chunk_token
 
 
 def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode chunks from ``encode_sequence`` and join them along the token axis."""
-    return concat_tokens([decode_chunk(c, **kwargs) for c in chunks])
+    """Decode chunks from ``encode_sequence`` and join them along the token axis.
+
+    Every chunk must be for the first one's model, geometry and dtype (else ``ModelMismatch``): joining
+    foreign chunks used to end in a torch size error or a silently promoted dtype.
+    """
+    if len(chunks) == 0:
+        raise InvalidInput("no chunks")
+    first = decode_chunk(chunks[0], **kwargs)
+    h = bitstream.read_header(chunks[0])
+    rest = {**kwargs, "expect_fingerprint": h.fingerprint, "expect_geometry": (h.n_layers, h.n_heads, h.head_dim)}
+    out = [first]
+    for i, c in enumerate(chunks[1:], start=1):
+        kv = decode_chunk(c, **rest)
+        if kv[0][0].dtype != first[0][0].dtype:
+            raise ModelMismatch(f"chunk {i} decodes to {kv[0][0].dtype}, chunk 0 to {first[0][0].dtype}")
+        out.append(kv)
+    return concat_tokens(out)

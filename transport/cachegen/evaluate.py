@@ -100,8 +100,14 @@ def score(setup: Setup, kv: KVList) -> dict[str, float]:
     kl = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
     top1 = float((setup.ref_logits.argmax(-1) == logits.argmax(-1)).double().mean())
     tgt = setup.score_ids[0, 1:]
-    nll = float(-lp[:-1].gather(1, tgt[:, None]).mean())
-    return {"top1": top1, "kl": kl, "ppl": math.exp(nll)}
+    # position i predicts scored token i + 1: one scored token leaves no target, and its mean was NaN
+    ppl = math.exp(float(-lp[:-1].gather(1, tgt[:, None]).mean())) if tgt.numel() else math.nan
+    return {"top1": top1, "kl": kl, "ppl": ppl}
+
+
+def _fmt(value: float, spec: str) -> str:
+    """A progress-line number, ``n/a`` for one the run could not measure (NaN ppl)."""
+    return format(value, spec) if math.isfinite(value) else "n/a"
 
 
 # --- baselines -------------------------------------------------------------------------------------------
@@ -216,10 +222,11 @@ def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 
             out["levels"][name] = eval_level(setup, name, chunk_tokens, backend=backend)
         r = out["levels"][name]
         _say(f"level {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}, "
-             f"KL {r['kl']:.4f}")
+             f"KL {r['kl']:.4f}, ppl {_fmt(r['ppl'], '.3f')}")
     out["baselines"] = baselines(setup, chunk_tokens)
     for name, r in out["baselines"].items():
-        _say(f"baseline {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}")
+        _say(f"baseline {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}, "
+             f"ppl {_fmt(r['ppl'], '.3f')}")
     return out
 
 
