@@ -36,7 +36,7 @@ from tokenwire.transport.session import (
     ServerSession,
     SessionEvent,
 )
-from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
+from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
 from .loss import LossModel, parse_loss
 
@@ -136,7 +136,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
     down = _Wire(delay, parse_loss(cfg.loss if cfg.loss_direction != "up" else "none", seed=cfg.seed))
     up_spec = cfg.loss if cfg.loss_direction in ("both", "up") else "none"
     up = _Wire(delay, parse_loss(up_spec, seed=cfg.seed + 7919))
-    cert = dev_cert()
+    cert = sim_cert()  # same handshake length in every process: a seed's run is reproducible to the bit
     tokens = answer_tokens(cfg.tokens)
     offsets = schedule(len(tokens), rate=cfg.rate, seed=cfg.seed, first_token_s=cfg.first_token_ms / 1000.0)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from . import prague_cc  # noqa: F401  (registers the "prague" congestion controller with aioquic)
@@ -99,6 +99,32 @@ def make_self_signed(hostnames: tuple[str, ...] = ("localhost",), days: int = 36
 
 
 _dev_pair: CertPair | None = None
+_sim_pair: CertPair | None = None
+
+
+def sim_cert() -> CertPair:
+    """A self-signed pair for ``localhost`` whose handshake has the same bytes' length in every process: an
+    Ed25519 key (deterministic, 64-byte signatures) and serial 1. The simulator's runs of one seed differed
+    by microseconds between processes with the P-256 pair, whose ECDSA signatures vary in length."""
+    global _sim_pair
+    if _sim_pair is None:
+        key = ed25519.Ed25519PrivateKey.generate()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)  # a random one is 19 or 20 bytes long
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, None)
+        )
+        _sim_pair = CertPair(cert, key)  # type: ignore[arg-type]
+    return _sim_pair
 
 
 def dev_cert() -> CertPair:
