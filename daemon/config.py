@@ -24,6 +24,7 @@ from typing import Any
 
 from .kv_config import KVConfig, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
+from .startup import addr
 
 DEFAULT_PATH = Path("/etc/tokenwire/tokenwire.toml")
 
@@ -61,14 +62,16 @@ class AuthConfig:
     def required(self) -> bool:
         return bool(self.tokens)
 
-    def principal(self, token: str | None) -> str | None:
-        """The name of the token's owner, or None when it is missing or wrong."""
+    def entry(self, token: str | None) -> TokenEntry | None:
+        """The entry ``token`` matches, or None when it is missing or wrong."""
         if token is None:
             return None
-        for entry in self.tokens:
-            if entry.matches(token):
-                return entry.name
-        return None
+        return next((e for e in self.tokens if e.matches(token)), None)
+
+    def principal(self, token: str | None) -> str | None:
+        """The name of the token's owner, or None when it is missing or wrong."""
+        entry = self.entry(token)
+        return entry.name if entry is not None else None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig("demo", "demo", {}),)
     routes: tuple[Route, ...] = (Route("*", "demo"),)
     marking: MarkingConfig = field(default_factory=MarkingConfig)
+    # [server] as the operator wrote it: ``server.congestion`` is derived from [marking], and a reload must
+    # not report an untouched [server] as changed (None: same as ``server``)
+    server_as_written: ServerConfig | None = field(default=None, compare=False, repr=False)
 
     def route(self, model: str | None) -> UpstreamConfig:
         """The upstream serving ``model`` (first matching route)."""
@@ -199,7 +205,8 @@ class _Section:
 def parse_addr(text: str, where: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII only: str.isdigit() takes '²' (int() then fails) and int() reads Arabic-Indic '٤٤٣' as 443
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: expected 'host:port' or '[v6]:port', got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -364,7 +371,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
          "kv")
     )
     base = path.parent if path is not None else None
-    server = _server(top.get("server", {}), base)
+    server = written_server = _server(top.get("server", {}), base)
     marking = parse_marking(top.get("marking", {}), base, _Section, ConfigError)
     server_table = top.get("server", {})
     cc = effective_congestion(marking, server_table.get("congestion") if isinstance(server_table, dict) else None,
@@ -377,6 +384,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     ingest = _Section("ingest", top.get("ingest", {}), ("socket",))
     sock = ingest.path("socket", base, must_exist=False)
     upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
+    kv = parse_kv(top.get("kv", {}), base)
+    _check_udp_listeners(server.listen, kv.listen if kv.enabled else None)
     return Config(
         path=path,
         server=server,
@@ -388,11 +397,73 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         ),
         metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
         ingest=IngestConfig(sock),
-        kv=parse_kv(top.get("kv", {}), base),
+        kv=kv,
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),
         marking=marking,
+        server_as_written=written_server,
     )
+
+
+def _bind_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a bind to ``host`` takes (a v4-mapped IPv6 one is its IPv4 address); None: localhost."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+_ANY6, _ANY4 = ipaddress.ip_address("::"), ipaddress.ip_address("0.0.0.0")
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two UDP binds on this host collide: the same port (0 is a free one each time) and the same
+    address, or a wildcard that covers the other. ``::`` covers IPv4 too: the daemon opens it dual-stack."""
+    (ha, pa), (hb, pb) = a, b
+    if pa != pb or pa == 0:
+        return False
+    ia, ib = _bind_ip(ha), _bind_ip(hb)
+    if ia is None or ib is None:  # localhost: which family it resolves to is the host's business
+        return ha == hb or _ANY6 in (ia, ib)
+    if ia == ib or _ANY6 in (ia, ib):
+        return True
+    return ia.version == ib.version == 4 and _ANY4 in (ia, ib)
+
+
+def _check_udp_listeners(listen: tuple[tuple[str, int], ...], kv_listen: tuple[str, int] | None) -> None:
+    """Refuse UDP listeners the daemon cannot open together (it failed at start after config check said ok)."""
+    for i, a in enumerate(listen):
+        for b in listen[:i]:
+            if _overlap(a, b):
+                why = "is listed twice" if a == b else f"and {addr(*b)} cannot both be bound (the same port; " \
+                    "0.0.0.0 takes it on every IPv4 address, [::] on every address)"
+                raise ConfigError(f"server.listen: {addr(*a)} {why}")
+    if kv_listen is not None:
+        for b in listen:
+            if _overlap(kv_listen, b):
+                raise ConfigError(f"kv.listen: {addr(*kv_listen)} overlaps server.listen {addr(*b)} (both are UDP; "
+                                  "give the KV channel a port of its own)")
+
+
+RESTART_SECTIONS = ("server", "metrics", "ingest", "upstreams", "routes", "marking", "kv")
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The sections changed in ``new`` that a reload cannot apply (a restart does).
+
+    Compares what the operator wrote: ``server.congestion`` derived from ``[marking]`` is [marking]'s change.
+    """
+    changed = []
+    for name in RESTART_SECTIONS:
+        a, b = getattr(old, name), getattr(new, name)
+        if name == "server":
+            a, b = old.server_as_written or a, new.server_as_written or b
+        if a != b:
+            changed.append(name)
+    return changed
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -55,7 +55,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         print(f"tokenwire daemon: listening on {addrs}", file=sys.stderr, flush=True)
 
     try:
-        run(config, on_started=started)
+        run(config, on_started=started, log_format_override=args.log_format)
     except StartupError as exc:
         raise CLIError(str(exc)) from None
     return 0

@@ -6,9 +6,10 @@ One asyncio (uvloop) process. Per connection a :class:`DaemonProtocol` drives a 
 answer survives its connection: a client that reconnects with the request id and the index it holds gets
 the rest (resumption), and an application's ingested answer can be attached to by id.
 
-Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens and limits
-(a bad file is refused and the running configuration kept); SIGTERM/SIGINT drain: new requests are refused
-with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout_s``, then connections close.
+Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens, limits and
+logging (a bad file is refused and the running configuration kept; a connection whose token it removed is
+refused further requests); SIGTERM/SIGINT drain: new requests are refused with SHUTTING_DOWN, running answers
+finish within ``limits.drain_timeout_s``, then connections close; a second SIGTERM/SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from tokenwire.transport.tls import (
 )
 
 from . import unix_sockets
-from .config import Config, ConfigError, load_config
+from .config import AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
 from .ingest import IngestAPI, serve_ingest
+from .logs import setup_logging
 from .marking import MarkingService
 from .sd_notify import Notifier
 from .startup import StartupError, cannot_listen
@@ -82,6 +84,8 @@ class DaemonProtocol(SessionProtocol):
         self.daemon = daemon
         self.principal: str | None = None
         self.authorized = not daemon.config.auth.required
+        self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
+        self.revoked = False  # a reload removed its token: the client does not send it again
         self.attached: dict[int, LiveRequest] = {}
         self.over_limit = len(daemon.protocols) >= limits.max_sessions
         if daemon.client_verifier is not None:
@@ -159,8 +163,11 @@ class DaemonProtocol(SessionProtocol):
 
 
 class Daemon:
-    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, config: Config, *, notifier: Notifier | None = None, log_format_override: str | None = None
+    ) -> None:
         self.config = config
+        self.log_format_override = log_format_override  # --log-format: wins over the file on reload too
         self.metrics = Metrics()
         self.marking = MarkingService(config.marking, self.metrics)
         self.store = TranscriptStore(
@@ -172,6 +179,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.client_verifier = client_verifier(config)
         self.draining = False
+        self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
+        self._drain_task: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
         self._servers: list[QuicServer] = []
@@ -293,7 +302,7 @@ class Daemon:
                 last_status = now
 
     def reload(self) -> bool:
-        """SIGHUP: apply new auth tokens and limits from the same file; a bad file changes nothing."""
+        """SIGHUP: apply new auth tokens, limits and logging from the same file; a bad file changes nothing."""
         self.notifier.reloading()
         try:
             new = load_config(self.config.path)
@@ -301,20 +310,52 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.ready(f"reload refused: {exc}")
             return False
-        ignored = [
-            k
-            for k in ("server", "metrics", "ingest", "upstreams", "routes", "marking", "kv")
-            if getattr(new, k) != getattr(self.config, k)
-        ]
+        log_format = self.log_format_override or new.logging.format
+        if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
+            setup_logging(new.logging.level, log_format)
+        else:
+            logging.getLogger().setLevel(new.logging.level.upper())
+        logging_cfg = dataclasses.replace(new.logging, format=log_format)
+        ignored = restart_changes(self.config, new)  # logged in the new format, as all that follows
         if ignored:
             log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
-        self.config = dataclasses.replace(self.config, auth=new.auth, limits=new.limits, logging=new.logging)
+        self.config = dataclasses.replace(self.config, auth=new.auth, limits=new.limits, logging=logging_cfg)
         self.store.max_bytes = int(new.limits.transcript_memory_mb * (1 << 20))
         self.store.retain_s = new.limits.transcript_retain_s
-        logging.getLogger().setLevel(new.logging.level.upper())
-        log.info("reloaded: %d auth tokens, limits %s", len(new.auth.tokens), new.limits)
+        revoked = self._recheck_auth(new.auth)
+        log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
+                 logging_cfg.level, logging_cfg.format)
+        if revoked:
+            log.warning("reload: %d connections lost their authorization (token removed or changed); their "
+                        "next requests are refused with UNAUTHORIZED", revoked)
         self.notifier.ready("reloaded; " + self.status_line())
         return True
+
+    def _recheck_auth(self, auth: AuthConfig) -> int:
+        """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);
+        returns how many lost their authorization. Their running answers go on; see :meth:`on_request`."""
+        revoked = 0
+        for proto in self.protocols:
+            if not proto.authorized:
+                continue
+            # a connection let in without a token (none were required) needs one once a reload adds them
+            valid = proto.token in auth.tokens if proto.token is not None else not auth.required
+            if not valid:
+                proto.authorized, proto.revoked = False, True
+                revoked += 1
+        return revoked
+
+    def streaming_count(self) -> int:
+        return sum(len(p.attached) for p in self.protocols)
+
+    def on_stop_signal(self) -> None:
+        """SIGTERM/SIGINT: the first drains; a second one (an operator who will not wait up to
+        ``drain_timeout_s``) ends the drain at once, cutting what still streams as the deadline would."""
+        if self._drain_task is None:  # not self.draining: two signals in one loop turn are first and second
+            self._drain_task = asyncio.ensure_future(self.drain())
+        elif not self._cut.is_set():
+            log.warning("second signal: stopping now, %d answers cut", self.streaming_count())
+            self._cut.set()
 
     async def drain(self) -> None:
         """SIGTERM: refuse new requests, let running answers finish (bounded), then close everything."""
@@ -322,19 +363,28 @@ class Daemon:
             return
         self.draining = True
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
-        self.notifier.stopping(f"draining {sum(len(p.attached) for p in self.protocols)} answers")
-        log.info("draining: no new requests; waiting up to %.0f s", self.config.limits.drain_timeout_s)
+        self.notifier.stopping(f"draining {self.streaming_count()} answers")
+        log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
+                 self.config.limits.drain_timeout_s)
         # first let every attached answer finish generating, then give clients a short grace for the tail
         # (a client that vanished without closing must not hold the shutdown for the whole deadline)
         while time.monotonic() < deadline and any(not r.done for p in self.protocols for r in p.attached.values()):
-            await asyncio.sleep(0.05)
+            if await self._cut_within(0.05):
+                break
         tail_deadline = min(deadline, time.monotonic() + 2.0)
         while time.monotonic() < tail_deadline and any(p.attached for p in self.protocols):
-            await asyncio.sleep(0.05)
-        left = sum(len(p.attached) for p in self.protocols)
-        if left:
+            if await self._cut_within(0.05):
+                break
+        left = self.streaming_count()
+        if left and not self._cut.is_set():  # a second signal has said how many it cut
             log.warning("drain deadline reached with %d answers still streaming", left)
         await self.stop()
+
+    async def _cut_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True as soon as a second stop signal came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cut.wait(), seconds)
+        return self._cut.is_set()
 
     async def stop(self) -> None:
         for proto in list(self.protocols):
@@ -366,7 +416,7 @@ class Daemon:
         await self.start()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+            loop.add_signal_handler(sig, self.on_stop_signal)
         await self._stopped.wait()
         log.info("stopped")
 
@@ -380,13 +430,25 @@ class Daemon:
         if sid not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
             return
         if not proto.authorized:
-            principal = self.config.auth.principal(request.auth)
-            if principal is None:
-                log.warning("unauthorized client %s: missing or invalid token; closing", proto.peer)
-                self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
-                sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+            auth = self.config.auth
+            entry = auth.entry(request.auth)
+            if entry is not None:
+                proto.authorized, proto.token, proto.principal = True, entry, entry.name
+                proto.revoked = False
+            elif not auth.required:  # a reload removed every token: opened before it, let in now
+                proto.authorized = True
+            elif proto.revoked and proto.attached:
+                # a reload removed its token; the answers it streams may finish, this request may not
+                log.warning("client %s (%s): its auth token was revoked; refusing a request", proto.peer,
+                            proto.principal)
+                self._reject(proto, sid, ErrorCode.UNAUTHORIZED, "auth token revoked")
                 return
-            proto.authorized, proto.principal = True, principal
+            else:  # a wrong token, or a revoked one with nothing left streaming: closed, as ever
+                why = "auth token revoked" if proto.revoked else "missing or invalid auth token"
+                log.warning("unauthorized client %s: %s; closing", proto.peer, why)
+                self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
+                sess.close(ErrorCode.UNAUTHORIZED, why)
+                return
         if self.draining:
             self._reject(proto, sid, ErrorCode.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
             return
@@ -514,12 +576,17 @@ def client_verifier(config: Config) -> ClientCertVerifier | None:
         raise StartupError(f"server.client_ca: {exc}") from None
 
 
-def run_daemon(config: Config, *, on_started: Callable[[Daemon], None] | None = None) -> None:
+def run_daemon(
+    config: Config,
+    *,
+    on_started: Callable[[Daemon], None] | None = None,
+    log_format_override: str | None = None,
+) -> None:
     """Blocking entry point of ``tokenwire daemon`` (uvloop)."""
     import uvloop
 
     async def main() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(config, log_format_override=log_format_override)
         if on_started is not None:
             orig = daemon.start
 

@@ -324,6 +324,87 @@ def test_sigterm_drains_and_notifies_stopping(tmp_path):
         d.stop()
 
 
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_ends_the_drain_at_once(tmp_path, second):
+    """A second SIGTERM/SIGINT was ignored without a word and the daemon waited out drain_timeout_s (up to an
+    hour); now it cuts what still streams as the deadline would, and logs how many answers it cut."""
+    d = DaemonProcess(tmp_path, "[limits]\ndrain_timeout_s = 3600\n")
+    try:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
+                running = conn.chat("long", max_tokens=2000, params={"rate": 20})  # 100 s of answer
+                await running.__anext__()  # streaming
+                d.signal(signal.SIGTERM)
+                await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "STOPPING")
+                d.signal(second)
+                with pytest.raises(RemoteError) as info:
+                    await asyncio.wait_for(running.collect(), 15)
+                return info.value
+
+        assert run(go()).code == ErrorCode.SHUTTING_DOWN
+        assert d.proc.wait(15) == 0
+        assert "second signal: stopping now, 1 answers cut" in d.log()
+    finally:
+        d.stop()
+
+
+def test_sighup_revokes_a_removed_token_on_open_connections(tmp_path):
+    """A connection stayed authorized with a token a reload removed. Now the reload re-checks open connections
+    (as the KV channel checks each fetch): the next request of a revoked one gets UNAUTHORIZED, refused while
+    an answer still streams on it (that answer finishes), else by closing the connection, as a wrong token
+    is; a connection whose token stays is untouched."""
+    def tokens(*names: str) -> str:
+        entries = ", ".join(f'{{ name = "{n}", sha256 = "{hash_token(n + "-token")}" }}' for n in names)
+        return f"[auth]\ntokens = [{entries}]\n"
+
+    d = DaemonProcess(tmp_path, tokens("alice", "bob"))
+    try:
+
+        async def go():
+            kw = d.client_kwargs()
+            async with (connect("127.0.0.1", d.port, auth_token="alice-token", **kw) as busy,
+                        connect("127.0.0.1", d.port, auth_token="alice-token", **kw) as idle,
+                        connect("127.0.0.1", d.port, auth_token="bob-token", **kw) as bob):
+                for conn in (busy, idle, bob):  # authorized (the client sends its token until answered)
+                    assert await conn.chat("x", max_tokens=3).collect() == expected(3)
+                running = busy.chat("long", max_tokens=300, params={"rate": 50})
+                await running.__anext__()
+                d.write_config(tokens("bob"))
+                d.signal(signal.SIGHUP)
+                await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "READY")
+                errors = []
+                for conn in (busy, idle):
+                    with pytest.raises(RemoteError) as info:
+                        await conn.chat("x", max_tokens=3).collect()
+                    errors.append(info.value)
+                return errors, await running.collect(), await bob.chat("y", max_tokens=4).collect()
+
+        (refused, closed), text, bobs = run(go())
+        assert refused.code == closed.code == ErrorCode.UNAUTHORIZED
+        assert "connection closed" not in str(refused) and "connection closed: auth token revoked" in str(closed)
+        assert text == expected(300)  # the answer that streamed through the reload finished
+        assert bobs == expected(4)
+        assert "reload: 2 connections lost their authorization" in d.log()
+    finally:
+        assert d.stop() == 0
+
+
+def test_sighup_applies_the_log_format_and_names_only_the_sections_changed(tmp_path):
+    """logging.format was neither applied nor reported; turning on [marking] was reported as "changes to
+    server, marking" (server.congestion follows the policy) though [server] was untouched."""
+    d = DaemonProcess(tmp_path)
+    try:
+        d.write_config('[logging]\nformat = "json"\n[marking]\npolicy = "l4s"\n')
+        d.signal(signal.SIGHUP)
+        d.wait_for("READY")
+        msgs = [json.loads(line)["msg"] for line in d.log().splitlines() if line.startswith("{")]
+        assert "reload: changes to marking need a restart and were not applied" in msgs, d.log()
+        assert any(m.startswith("reloaded: ") and m.endswith("logging info/json") for m in msgs), msgs
+    finally:
+        assert d.stop() == 0
+
+
 def test_connection_limit(tmp_path):
     d = DaemonProcess(tmp_path, "[limits]\nmax_sessions = 1\n")
     try:

@@ -43,12 +43,74 @@ def test_defaults_work_without_a_file():
         ({"routes": [{"model": "*", "upstream": "nope"}]}, "routes[0].upstream: 'nope' is not a defined upstream"),
         ({"logging": {"format": "xml"}}, "logging.format: expected one of text, json"),
         ({"colour": "blue"}, "colour: unknown key"),
+        # str.isdigit() took them: '²' was an int() traceback, Arabic-Indic '٤٤٣' was port 443
+        ({"server": {"listen": ["127.0.0.1:²"]}}, "server.listen: expected 'host:port'"),
+        ({"server": {"listen": ["127.0.0.1:٤٤٣"]}}, "server.listen: expected 'host:port'"),
+        ({"metrics": {"listen": "127.0.0.1:９４６４"}}, "metrics.listen: expected 'host:port'"),
+        # listeners the daemon cannot open together (it failed at start after config check said ok)
+        ({"server": {"listen": ["127.0.0.1:4433", "127.0.0.1:4433"]}}, "server.listen: 127.0.0.1:4433 is listed twice"),
+        ({"server": {"listen": ["[::]:4433", "0.0.0.0:4433"]}}, "0.0.0.0:4433 and [::]:4433 cannot both be bound"),
+        ({"server": {"listen": ["0.0.0.0:4433", "10.0.0.1:4433"]}}, "10.0.0.1:4433 and 0.0.0.0:4433 cannot both"),
+        ({"server": {"listen": ["[::]:4433"]}, "kv": {"enabled": True, "listen": "127.0.0.1:4433"}},
+         "kv.listen: 127.0.0.1:4433 overlaps server.listen [::]:4433"),
     ],
 )
 def test_errors_name_the_bad_key(doc, message):
     with pytest.raises(ConfigError) as info:
         parse_config(doc)
     assert message in str(info.value)
+
+
+def test_listeners_that_can_be_bound_together_pass():
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:4433", "[::1]:4433", "127.0.0.1:4434", "127.0.0.1:0",
+                                              "127.0.0.1:0"]},
+                        "kv": {"enabled": False, "listen": "127.0.0.1:4433"}})  # kv off: never bound
+    assert len(cfg.server.listen) == 5
+    assert parse_config({"kv": {"enabled": True, "listen": "[::]:4434"}}).kv.listen == ("::", 4434)
+
+
+def test_config_check_refuses_overlapping_listeners_in_one_line(tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+
+    cfg = _daemon_config(tmp_path, '[server]\nlisten = ["127.0.0.1:27999"]\n'
+                                   '[kv]\nenabled = true\nlisten = "0.0.0.0:27999"\n')
+    assert main(["config", "check", cfg]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"tokenwire config: error: {cfg}: kv.listen: 0.0.0.0:27999 overlaps server.listen "
+                   "127.0.0.1:27999 (both are UDP; give the KV channel a port of its own)"], err
+
+
+def test_restart_changes_compare_what_the_operator_wrote():
+    """server.congestion follows [marking]: turning a policy on is a [marking] change, not a [server] one."""
+    from tokenwire.daemon.config import restart_changes
+
+    old = parse_config({})
+    assert restart_changes(old, parse_config({"marking": {"policy": "l4s"}})) == ["marking"]
+    assert restart_changes(old, parse_config({"server": {"congestion": "prague"}, "marking": {"policy": "l4s"}})) \
+        == ["server", "marking"]
+    assert restart_changes(old, parse_config({"logging": {"format": "json"}, "limits": {"max_tokens": 5}})) == []
+
+
+def test_reload_keeps_the_command_lines_log_format(tmp_path):
+    """--log-format wins over the file at start; a reload of the same file must not undo it."""
+    import dataclasses
+    import logging
+
+    from tokenwire.daemon.service import Daemon
+
+    path = tmp_path / "d.toml"
+    path.write_text('[logging]\nformat = "text"\nlevel = "warning"\n')
+    cfg = load_config(path)
+    daemon = Daemon(dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, format="json")),
+                    log_format_override="json")
+    handlers = list(logging.getLogger().handlers)
+    level = logging.getLogger().level
+    try:
+        assert daemon.reload()
+        assert daemon.config.logging.format == "json" and daemon.config.logging.level == "warning"
+        assert logging.getLogger().handlers == handlers  # the format did not change: no new handler
+    finally:
+        logging.getLogger().setLevel(level)
 
 
 def test_file_errors(tmp_path):
