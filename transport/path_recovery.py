@@ -9,7 +9,8 @@ sending token datagrams into the outage until its congestion window is full, and
 probe is acknowledged.
 
 Two additions. The probe timer still backs off as RFC 9002 requires; the extra packets are bounded (one
-probe per datagram received, one 30-byte ping per quarter second of silence, on the KV channel too):
+probe per datagram received and per round trip, one 30-byte ping per quarter second of silence while our
+packets go unacknowledged (per second in a pause mid-answer), on the KV channel per quarter second):
 
 * :func:`probe_on_receipt`: when a datagram arrives from the peer while our own packets have gone
   unacknowledged for a PTO (the backoff has started) and it acknowledged none of them, the path evidently
@@ -23,8 +24,13 @@ probe per datagram received, one 30-byte ping per quarter second of silence, on 
   leaves as a probe, one packet past the window; aioquic held it back for the backed-off probe timer, and
   after a 16-s uplink-only outage tokens resumed 4 s after the uplink did (sim: 6 client packets in the
   outage's last 4 s; chatterbox stall 0.307 -> 0.178, streaming 0.229 -> 0.209). The interval was 1 s;
-  at 0.25 s the server also learns within half a second whether the client is still heard during ack
-  silence (a downlink outage) or not (an uplink one; :mod:`.chatterbox` then sends no repeats).
+  at 0.25 s once the client's own packets go unacknowledged (:data:`RECOVERY_PING_S`; a chatterbox
+  client's ack datagrams do within a round trip of a downlink outage's start) the server learns within
+  half a second whether the client is still heard during ack silence (a downlink outage) or not (an uplink
+  one; :mod:`.chatterbox` then sends no repeats). A pause mid-answer with everything acknowledged (a slow
+  model, a tool call) keeps one ping per second (:data:`PAUSE_PING_S`): the same sim rows within 0.01.
+  Each ping that finds the window full is one packet past it, at most four a second: bounded, though more
+  than RFC 9002's probes, which back off.
 
 With both, the first token after the 8-s and 16-s outages renders 142 ms after the path returns
 (in-order streaming 179 and 238 ms); through the loopback UDP relay, real sockets, an 8-s outage: 4.6 s
@@ -46,7 +52,8 @@ import math
 
 from aioquic.quic.connection import QuicConnection
 
-RECOVERY_PING_S = 0.25
+RECOVERY_PING_S = 0.25  # the client's, once its own packets go unacknowledged (backed off)
+PAUSE_PING_S = 1.0  # the client's, in a pause mid-answer while its packets are acknowledged (a slow model)
 KV_RECOVERY_PING_S = 0.25  # the KV client's, while a fetch is pending: its deadlines are a few seconds
 MIN_PROBE_SPACING_S = 0.01  # receipt probes: at most one per smoothed RTT, and never closer than this
 

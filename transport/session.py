@@ -45,7 +45,7 @@ from .frames import (
     encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
-from .path_recovery import RECOVERY_PING_S, backed_off, probe_on_receipt, window_full
+from .path_recovery import PAUSE_PING_S, RECOVERY_PING_S, backed_off, probe_on_receipt, window_full
 from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, text_digest
 
@@ -744,8 +744,12 @@ class ClientSession(_SessionBase):
         # Silent in mid-answer, or our own packets unacknowledged: the path may be down. Ping at a fixed pace
         # so that a packet crosses soon after it returns and the server probes at once (.path_recovery),
         # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
-        recovering = backed_off(self.quic) or any(r.receiver.tokens for r in awaited)
-        interval = RECOVERY_PING_S if recovering else self.quic.configuration.idle_timeout / 3.0
+        if backed_off(self.quic):  # our packets go unacknowledged: the path is down, or one direction is
+            interval = RECOVERY_PING_S
+        elif any(r.receiver.tokens for r in awaited):  # a pause mid-answer (a slow model, a tool call)
+            interval = PAUSE_PING_S
+        else:
+            interval = self.quic.configuration.idle_timeout / 3.0
         return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
