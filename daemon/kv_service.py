@@ -146,11 +146,17 @@ class KVService:
         try:
             hashes = self._ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
         except Exception:
-            self.ingest_errors += 1
+            self.count_ingest_error()
             raise
-        self.ingests += 1
-        self.ingested_tokens += len(token_ids)
+        with self._lock:
+            self.ingests += 1
+            self.ingested_tokens += len(token_ids)
         return hashes
+
+    def count_ingest_error(self) -> None:
+        """One refused put, from the ingest worker or the event loop (the socket's header check): locked."""
+        with self._lock:
+            self.ingest_errors += 1
 
     def _ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None, prewarm: Sequence[str]) -> list[str]:
@@ -219,14 +225,14 @@ class KVService:
 
         if dtype not in _DTYPES or len(shape) != 5 or shape[1] != 2 or any(type(n) is not int or n < 1
                                                                             for n in shape):
-            self.ingest_errors += 1
+            self.count_ingest_error()
             raise KVIngestError("shape must be [layers, 2, kv_heads, tokens, head_dim] and dtype one of "
                                 + ", ".join(_DTYPES))
         # read-only bytes: nothing writes to this view (a writable copy doubled the peak); torch's warning about
         # it is silenced once, at import (catch_warnings on this worker thread would race the event loop's)
         t = torch.frombuffer(data, dtype=getattr(torch, dtype)) if data else torch.empty(0)
         if t.numel() != shape[0] * 2 * shape[2] * shape[3] * shape[4]:
-            self.ingest_errors += 1
+            self.count_ingest_error()
             raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
         t = t.reshape(*shape)
         kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
@@ -407,7 +413,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 if nbytes > MAX_INGEST_BYTES:
                     raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
             except (ValueError, RecursionError, KVIngestError) as exc:  # ValueError: JSON or UTF-8
-                service.ingest_errors += 1
+                service.count_ingest_error()
                 reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect

@@ -158,7 +158,11 @@ class LocalChunkStore(ChunkStore):
         self._used = 0
         self._lock_fd: int | None = None
         self._claim()
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:  # e.g. an object file this user cannot read: the lock must not outlive us
+            self.close()
+            raise
 
     def _claim(self) -> None:
         """Make sure the directory is ours to write, and only ours: two processes on one store each kept their
@@ -177,12 +181,12 @@ class LocalChunkStore(ChunkStore):
             os.close(fd)
             raise StoreError(f"{self.root} is in use by another process (another daemon's kv.directory?)") from None
         self._lock_fd = fd
-        try:  # a read-only mount (e.g. outside the unit's ReadWritePaths) opens an existing lock file for writing
+        try:  # the lock file may be writable in a directory that is not (its mode changed since)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
         except OSError as exc:
             self.close()
-            raise StoreError(f"cannot write in {self.root}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot use {self.root}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self._lock_fd is not None:

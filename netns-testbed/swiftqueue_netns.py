@@ -184,7 +184,8 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
             if log_fn:
                 log_fn(f"[{k + 1}/{len(cfg.policies)}] {name} (namespaces, {cfg.seconds:g} s of tokens)")
             runs[name] = run_netns_policy(
-                cfg, name, wd, (lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None
+                cfg, name, wd, (lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None,
+                scratch=None if workdir else tmp,
             )
     # one yardstick for every policy's stall ratio: the fastest any token crossed this path (as compare does)
     best = min((r - g for run in runs.values() for g, r in zip(run.gen, run.render, strict=False)),

@@ -202,6 +202,28 @@ def test_a_prefix_fetch_by_hashes_says_how_many_chunks_were_missing(service):
     assert res.prefix_kv()[1] == 2 * CHUNK
 
 
+def test_prefix_kv_and_text_token_ids_are_always_the_whole_context():
+    """The controller can send a chunk as KV after one sent as text (a slow link prior, then a fast measured
+    link: text, high, high, high). Its ids were in neither list: the engine prefilled a shorter context."""
+    from tokenwire.transport.kv_channel import ChunkResult, FetchReport, KVFetchResult
+
+    def kv(n):
+        return [(torch.zeros(1, 2, n, 16), torch.zeros(1, 2, n, 16))]
+
+    report = FetchReport.from_timings(deadline_ms=1000, controller="x", sent_at=0.0, end=0.1, received={},
+                                      decode_times={})
+    chunks = [ChunkResult(0, "high", kv(2), None), ChunkResult(1, "text", None, [12, 13]),
+              ChunkResult(2, "high", kv(2), None)]
+    ids = [10, 11, 12, 13, 14, 15, 16]  # a prefix fetch: 16 was not stored
+    res = KVFetchResult(chunks, report, (1, 2, 16), missing_token_ids=[16], token_ids=ids)
+    assert res.prefix_kv()[1] == 2 and res.text_token_ids() == [12, 13, 14, 15, 16]
+    by_hashes = KVFetchResult(chunks, report, (1, 2, 16), missing_chunks=1)
+    with pytest.raises(ValueError, match="chunk 2 came as KV after a text chunk"):
+        by_hashes.text_token_ids()
+    text_tail = KVFetchResult(chunks[:2], report, (1, 2, 16))
+    assert text_tail.text_token_ids() == [12, 13]
+
+
 def test_a_server_answering_with_another_contexts_length_is_an_error_not_data(service):
     """The client checks KV_META against what it asked: a server resolving a shorter prefix than asked (without
     ``prefix``), or more tokens than asked, gives no result the engine would take for the context's KV."""
@@ -222,6 +244,24 @@ def test_a_server_answering_with_another_contexts_length_is_an_error_not_data(se
             return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
 
     assert run(go()).stored_tokens == 2 * CHUNK
+
+
+def test_chunks_that_do_not_add_up_to_kv_meta_are_an_error(service, monkeypatch):
+    """KV_META's token count sets which of the asked ids are missing: chunks that cover fewer tokens than it
+    announced would leave a gap between the KV and the ids the engine prefills."""
+    from tokenwire.transport.kv_channel import ContextPlan
+
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 11))
+    monkeypatch.setattr(ContextPlan, "tokens", property(lambda self: sum(self.token_counts) + 1))
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            with pytest.raises(KVError, match="announced 2 chunks of 65 tokens and sent 2 of 64"):
+                await conn.fetch_kv(model=MODEL, token_ids=ids + [1] * 9, deadline_ms=5000, controller="fixed-L1",
+                                    prefix=True)
+
+    run(go())
 
 
 def test_corrupt_store_object_is_reencoded_from_source(service, tmp_path):

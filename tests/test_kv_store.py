@@ -317,7 +317,7 @@ def test_a_store_directory_is_one_processs_and_must_be_writable(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    with pytest.raises(StoreError, match="cannot write in"):
+    with pytest.raises(StoreError, match=r"cannot use .*Permission denied"):
         LocalChunkStore(ro, 1 << 20)
 
 
@@ -330,3 +330,16 @@ def test_a_redis_url_without_its_scheme_is_one_line_from_config_check_and_the_st
         parse_kv({"backend": "redis", "redis_url": "127.0.0.1:6379"}, None)
     with pytest.raises(StoreError, match="bad Redis URL"):
         RedisChunkStore("http://127.0.0.1:6379", 1 << 20)
+
+
+def test_a_store_that_fails_to_open_lets_go_of_its_directory(tmp_path, monkeypatch):
+    """An object file the daemon's user cannot read failed the open after the lock was taken: the lock stayed,
+    and a retry in the same process said "in use by another process"."""
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalChunkStore, "_recover", unreadable)
+        with pytest.raises(PermissionError):
+            LocalChunkStore(tmp_path / "store", 1 << 20)
+    LocalChunkStore(tmp_path / "store", 1 << 20).close()

@@ -17,10 +17,11 @@ after which no new token could leave: 2.1 s of stall where in-order streaming, a
 none. So while no acknowledgement has come for :data:`ACK_SILENCE_S` (or four round trips, if longer),
 repeats that ride with new tokens may only use the first half of the window (:data:`REPEAT_WINDOW_SHARE`).
 And when nothing at all has come from the client for as long (its pings cross a downlink outage every
-quarter second once its own packets go unacknowledged; in an uplink outage it falls silent too, and every token arrives), no repeats ride with new
-tokens: the half window they took cost 3 s of new tokens in an 8-s uplink outage (sim, 900 tokens, seeds
-1-5: stall 0.074 -> 0.015, in-order streaming 0.061). The session reports the client's packets
-(:meth:`TokenSender.on_peer_packet`); a driver that does not keeps the half-window rule.
+quarter second once its own packets go unacknowledged; in an uplink outage it falls silent too, and every
+token arrives), no repeats ride with new tokens: the half window they took cost 3 s of new tokens in an 8-s
+uplink outage (sim, 900 tokens, seeds 1-5: stall 0.074 -> 0.015, in-order streaming 0.062). The session
+reports the client's packets (:meth:`TokenSender.on_peer_packet`); a driver that does not keeps the
+half-window rule.
 Not limited: a packet that carries no new token (a repair), a probe (sent with the window full), and one
 packet each 1, 2, 4, 8 ... seconds into the silence: a downlink outage followed at once by an uplink one
 otherwise left a 37-token gap for 3 s, the tokens that would fill it riding in no packet until acks

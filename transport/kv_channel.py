@@ -202,7 +202,8 @@ class KVFetchClosed(SessionEvent):
     complete: bool
     decisions: list[dict[str, Any]] = field(default_factory=list)  # the controller's inputs per chunk
     # a complete fetch: from its KV_FETCH to the client's FIN, sent once it has decoded every chunk (the
-    # server's view of the fetch time: the client's plus about half a round trip), and the deadline it had
+    # server's view of the fetch time: both ends one uplink trip late, so the client's but for jitter), and
+    # the deadline it had
     elapsed_s: float | None = None
     deadline_ms: int | None = None
 
@@ -969,6 +970,7 @@ class KVFetchResult:
     # the stored prefix (by token ids), or how many of the requested chunks were not stored (by hashes)
     missing_token_ids: list[int] = field(default_factory=list)
     missing_chunks: int = 0
+    token_ids: list[int] | None = None  # the context's ids as fetched (None: fetched by hashes)
 
     @property
     def stored_tokens(self) -> int:
@@ -994,15 +996,29 @@ class KVFetchResult:
         return kv, int(kv[0][0].shape[-2])
 
     def text_token_ids(self) -> list[int]:
-        """Token ids of the chunks from the first text chunk on, then those the store lacked (a prefix fetch by
-        token ids): what the engine prefills itself, after :meth:`prefix_kv`."""
+        """Token ids from the first text chunk on, KV chunks after it and the tokens the store lacked (a prefix
+        fetch) included: what the engine prefills itself after :meth:`prefix_kv`, so that the two together are
+        always the whole context. (The controller may send a chunk as KV after one as text: its ids used to be
+        left out, and the engine prefilled a shorter, wrong context.) Fetched by hashes, such a KV chunk's ids
+        are unknown here: ``ValueError`` (its KV is in :attr:`chunks`)."""
+        lead = 0
+        for c in self.chunks:
+            if c.kv is None:
+                break
+            lead += int(c.kv[0][0].shape[-2])
+        if self.token_ids is not None:
+            return self.token_ids[lead:]
         out: list[int] = []
         started = False
         for c in self.chunks:
             started = started or c.kv is None
-            if started and c.token_ids is not None:
-                out.extend(c.token_ids)
-        return out + self.missing_token_ids
+            if not started:
+                continue
+            if c.token_ids is None:
+                raise ValueError(f"chunk {c.index} came as KV after a text chunk, and a fetch by hashes does not "
+                                 "know its token ids: use res.chunks, or fetch by token ids")
+            out.extend(c.token_ids)
+        return out
 
 
 @dataclass
@@ -1217,6 +1233,10 @@ class KVConnection(SessionProtocol):
             for i in range(pf.done.chunks):
                 results.append(await pf.decodes[i])
             end = self.clock()
+            got = sum(hdr.tokens for hdr, _first, _done in pf.received.values())
+            if got != pf.meta.tokens or pf.done.chunks != pf.meta.chunks:
+                raise KVError(f"the server announced {pf.meta.chunks} chunks of {pf.meta.tokens} tokens and sent "
+                              f"{pf.done.chunks} of {got}", code=ErrorCode.MALFORMED_FRAME)
         except TokenwireError:
             raise
         except TimeoutError:
@@ -1230,7 +1250,7 @@ class KVConnection(SessionProtocol):
                                           end=end, received=pf.received, decode_times=pf.decode_times)
         return KVFetchResult(results, report, tuple(pf.meta.geometry),  # type: ignore[arg-type]
                              missing_token_ids=ids[pf.meta.tokens:] if ids is not None else [],
-                             missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0)
+                             missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0, token_ids=ids)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
