@@ -386,12 +386,32 @@ class RedisChunkStore(ChunkStore):
         self._lru_levels = prefix + "lru-levels"
         self._lru_chunks = prefix + "lru-chunks"
         self._sizes = prefix + "sizes"
+        self._used = prefix + "used"  # the sum of the size hash, kept by every write (a put summed the hash)
         self._lock = threading.Lock()
+        # Scripts, so that each change of the size hash and its running total is one atomic step for every
+        # daemon sharing the store. Every script takes KEYS[1] = sizes, KEYS[2] = used; a store without the
+        # total (written before it existed) gets it from the hash, once, inside the first script to run.
+        total = ("if redis.call('EXISTS', KEYS[2]) == 0 then local t = 0; "
+                 "for _, v in ipairs(redis.call('HVALS', KEYS[1])) do t = t + tonumber(v) end; "
+                 "redis.call('SET', KEYS[2], t) end; ")
+        unsize = ("local old = redis.call('HGET', KEYS[1], ARGV[1]); "
+                  "if old then redis.call('HDEL', KEYS[1], ARGV[1]); redis.call('DECRBY', KEYS[2], old) end; ")
+        forget = "redis.call('ZREM', KEYS[4], ARGV[1]); redis.call('ZREM', KEYS[5], ARGV[1]); " + unsize
+        # put: KEYS += object, lru, lru-chunks, lru-levels; ARGV: key, blob, size, time, chunk, is-a-level.
+        # Returns the store's usage after it.
+        self._put = self._r.register_script(
+            total + "local old = redis.call('HGET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[3], ARGV[2]); "
+            "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]); redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]); "
+            "redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5]); "
+            "if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end; "
+            "return redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - (tonumber(old) or 0))")
+        # delete: KEYS += object, lru, lru-levels; ARGV: key
+        self._delete = self._r.register_script(total + "redis.call('DEL', KEYS[3]); " + forget)
         # a miss forgets the key only if the object is still absent (another writer may have stored it since
-        # the GET: forgotten, it would sit there uncounted and never evicted)
+        # the GET: forgotten, it would sit there uncounted and never evicted); KEYS and ARGV as delete's
         self._forget_if_absent = self._r.register_script(
-            "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]); "
-            "redis.call('ZREM', KEYS[3], ARGV[1]); redis.call('HDEL', KEYS[4], ARGV[1]) end")
+            total + "if redis.call('EXISTS', KEYS[3]) == 0 then " + forget + "end")
+        self._usage = self._r.register_script(total + "return tonumber(redis.call('GET', KEYS[2]))")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -427,7 +447,7 @@ class RedisChunkStore(ChunkStore):
 
     @property
     def used_bytes(self) -> int:
-        return sum(int(v) for v in self._r.hvals(self._sizes))
+        return int(self._usage(keys=[self._sizes, self._used]))
 
     def contains(self, key: str) -> bool:
         return bool(self._r.exists(self._k(key)))
@@ -436,7 +456,8 @@ class RedisChunkStore(ChunkStore):
         blob = self._r.get(self._k(key))
         if blob is None:
             self.stats.misses += 1
-            self._forget_if_absent(keys=[self._k(key), self._lru, self._lru_levels, self._sizes], args=[key])
+            self._forget_if_absent(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels],
+                                   args=[key])
             return None
         payload = unwrap(blob)
         if payload is None:
@@ -455,13 +476,11 @@ class RedisChunkStore(ChunkStore):
         if len(blob) > self.capacity_bytes:
             raise StoreError(f"object of {len(blob)} bytes exceeds the store capacity of {self.capacity_bytes}")
         with self._lock:
-            pipe = self._r.pipeline(transaction=True)
-            pipe.set(self._k(key), blob)
-            pipe.hset(self._sizes, key, len(blob))
-            self._touch(pipe, key)
-            pipe.execute()
+            used = int(self._put(
+                keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_chunks, self._lru_levels],
+                args=[key, blob, len(blob), time.time(), chunk_of(key), int(kind_of(key) in REBUILT_LEVELS)]))
             self.stats.puts += 1
-            excess = self.used_bytes - self.capacity_bytes
+            excess = used - self.capacity_bytes
             if excess > 0:
                 victims = self._victims(key, excess)
                 for victim in victims:
@@ -521,12 +540,7 @@ class RedisChunkStore(ChunkStore):
         return out
 
     def delete(self, key: str) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.delete(self._k(key))
-        pipe.zrem(self._lru, key)
-        pipe.zrem(self._lru_levels, key)
-        pipe.hdel(self._sizes, key)
-        pipe.execute()
+        self._delete(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels], args=[key])
 
     def close(self) -> None:
         self._r.close()

@@ -291,6 +291,35 @@ def test_a_redis_store_of_the_earlier_layout_evicts_its_old_objects_first(redis_
         s.close()
 
 
+def test_redis_keeps_a_running_total_of_its_usage_across_daemons(redis_url):
+    """A put summed the whole size hash to know the usage (about 20 ms at 20,000 objects, and again at every
+    metrics scrape). The total is now kept by each write, atomically with the hash, by every daemon sharing
+    the store; one written before it existed gets it from the hash once."""
+    import redis
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    r = redis.Redis.from_url(redis_url)
+    r.set(prefix + "obj:aa1.src", wrap(bytes(100)))  # the earlier layout: sizes, no total
+    r.hset(prefix + "sizes", "aa1.src", 120)
+    a = RedisChunkStore(redis_url, 1 << 20, prefix=prefix)
+    b = RedisChunkStore(redis_url, 1 << 20, prefix=prefix)  # a second daemon on the same store
+    try:
+        assert a.used_bytes == 120
+        a.put("bb1.src", bytes(200))
+        b.put("bb1.src", bytes(50))  # overwritten by the other daemon: counted once, at its new size
+        b.put("cc1.low", bytes(10))
+        a.delete("aa1.src")
+        b.delete("aa1.src")  # already gone: nothing to take off twice
+        r.delete(prefix + "obj:cc1.low")  # gone behind the store's back (Redis' own maxmemory eviction)
+        assert a.get("cc1.low") is None  # the miss forgets it, and its size
+        expected = sum(int(v) for v in r.hvals(prefix + "sizes"))
+        assert a.used_bytes == b.used_bytes == expected == len(wrap(bytes(50)))
+        assert int(r.get(prefix + "used")) == expected  # read in O(1), not summed
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_store_directory_is_one_processs_and_must_be_writable(tmp_path):
     """Two daemons on one directory each kept their own index and capacity (together twice the capacity), and
     one restarting deleted the other's writes in progress. A directory the daemon cannot write in (a
