@@ -6,6 +6,8 @@ line per request line::
     {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
         -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client
     {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
+        (text past the answer's max_tokens is cut and the answer finishes: the reply then adds
+        "finished": "length", "cut": true, and later ops on the id say it is finished)
     {"op": "finish", "id": "...", "reason": "stop"}     -> {"ok": true, "tokens": 12}
     {"op": "fail", "id": "...", "message": "model crashed"}  -> {"ok": true}
 
@@ -33,6 +35,7 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
+FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
 
 
 class IngestAPI:
@@ -45,11 +48,13 @@ class IngestAPI:
         max_tokens: Callable[[], int],
         on_open: Callable[[LiveRequest], None] = lambda r: None,
         on_done: Callable[[LiveRequest], None] = lambda r: None,
+        on_tokens: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
         self.on_open = on_open
         self.on_done = on_done
+        self.on_tokens = on_tokens  # tokens added (the daemon's tokenwire_tokens_total)
 
     def handle(self, msg: Any, owned: dict[bytes, LiveRequest], now: float) -> dict[str, Any]:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -79,7 +84,8 @@ class IngestAPI:
         if req is None:
             return {"ok": False, "error": "unknown id, or not opened on this connection"}
         if req.done:
-            return {"ok": False, "error": "this answer is already finished"}
+            why = f" ({req.transcript.reason})" if req.error is None else " (failed)"
+            return {"ok": False, "error": f"this answer is already finished{why}"}
         if op == "push":
             text = msg.get("text")
             if not isinstance(text, str):
@@ -89,10 +95,12 @@ class IngestAPI:
             except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud83d"); UTF-8 cannot
                 return {"ok": False, "error": "text is not valid Unicode (a lone surrogate)"}
             try:
-                req.push(text, now)
-            except GenerationLimit:
+                self.on_tokens(req.push(text, now))
+            except GenerationLimit as cut:
+                self.on_tokens(cut.args[0])
                 req.finish("length", now)
                 self._done(req, owned)
+                return {"ok": True, "tokens": len(req.transcript), "finished": "length", "cut": True}
             return {"ok": True, "tokens": len(req.transcript)}
         if op == "finish":
             reason = msg.get("reason", "stop")
@@ -107,14 +115,20 @@ class IngestAPI:
         return {"ok": True}
 
     def _done(self, req: LiveRequest, owned: dict[bytes, LiveRequest]) -> None:
-        owned.pop(req.request_id, None)
+        # kept, so that a later op on it says it is finished (it said "unknown id"); the oldest finished ones
+        # go beyond FINISHED_KEPT, a long-lived app connection opens answers without end
         self.store.mark_finished(req)
         self.on_done(req)
+        finished = [rid for rid, r in owned.items() if r.done]
+        for rid in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del owned[rid]
 
     def disconnected(self, owned: dict[bytes, LiveRequest], now: float) -> None:
         for req in list(owned.values()):
-            req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
-            self._done(req, owned)
+            if not req.done:
+                req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
+                self._done(req, owned)
+        owned.clear()
 
 
 TOO_LONG = b"<too long>"

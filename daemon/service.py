@@ -248,6 +248,7 @@ class Daemon:
                 max_tokens=lambda: self.config.limits.max_tokens,
                 on_open=lambda r: self.metrics.requests_active.inc(),
                 on_done=lambda r: self.metrics.requests_active.dec(),
+                on_tokens=self.metrics.tokens.inc,
             )
             try:
                 self._ingest = await serve_ingest(cfg.ingest.socket, api)

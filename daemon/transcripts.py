@@ -16,13 +16,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from tokenwire.transport.frames import REQUEST_ID_BYTES
-from tokenwire.transport.transcript import Transcript
+from tokenwire.transport.transcript import Transcript, split_piece
 
 TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
 
 
 class GenerationLimit(Exception):
-    """Raised by :meth:`LiveRequest.push` when the answer reached its token limit."""
+    """Raised by :meth:`LiveRequest.push` when text did not fit the answer's token limit (``args[0]``: the
+    tokens of it that were added)."""
 
 
 @dataclass
@@ -50,15 +51,19 @@ class LiveRequest:
         for callback in list(self.listeners.values()):
             callback()
 
-    def push(self, piece: str | bytes, now: float) -> None:
-        """Append generated text; raises GenerationLimit once ``max_tokens`` is reached."""
-        if self.done:
-            return
-        if piece:  # a piece over 256 bytes is several tokens: cut at the limit
-            self.transcript.extend(piece, now, max_total=self.max_tokens)
+    def push(self, piece: str | bytes, now: float) -> int:
+        """Append generated text; returns the tokens added. Raises GenerationLimit when some of it did not fit
+        (the answer is cut at ``max_tokens``). An answer that ends exactly at the limit is not cut: it keeps
+        its own finish reason (it used to be reported "length", and the ingest app's own finish refused)."""
+        if self.done or not piece:
+            return 0
+        data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        added = self.transcript.extend(data, now, max_total=self.max_tokens)  # 256-byte tokens, cut at the limit
+        if added:
             self._notify()
-        if len(self.transcript) >= self.max_tokens:
-            raise GenerationLimit
+        if added < len(split_piece(data)):
+            raise GenerationLimit(added)
+        return added
 
     def finish(self, reason: str, now: float) -> None:
         if self.done:

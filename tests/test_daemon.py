@@ -222,6 +222,12 @@ def test_ingest_application_pushes_and_client_attaches(daemon):
     assert opened["ok"]
     rid = bytes.fromhex(opened["id"])
     assert call({"op": "push", "id": opened["id"], "text": "Hello from "}) == {"ok": True, "tokens": 1}
+    # ingested tokens count in tokenwire_tokens_total too (other tests' answers may still add a few)
+    before = metric_value(metrics(daemon), "tokenwire_tokens_total")
+    bulk = call({"op": "open", "principal": "alice"})["id"]
+    assert call({"op": "push", "id": bulk, "text": "y" * 256 * 2000})["tokens"] == 2000
+    assert call({"op": "finish", "id": bulk})["ok"]
+    assert metric_value(metrics(daemon), "tokenwire_tokens_total") - before >= 2000
     assert not call({"op": "push", "id": "00" * 16, "text": "x"})["ok"]
     assert not call({"op": "teleport"})["ok"]
 

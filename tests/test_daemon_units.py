@@ -15,6 +15,7 @@ from tokenwire.daemon.ingest import IngestAPI
 from tokenwire.daemon.sd_notify import Notifier
 from tokenwire.daemon.transcripts import GenerationLimit, TranscriptStore
 from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.transcript import split_piece
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,11 +196,25 @@ def test_transcript_store_evicts_expired_then_oldest_but_never_live_or_streamed(
 def test_generation_limit():
     store = TranscriptStore(max_bytes=1 << 20, retain_s=1)
     r = store.create(None, 3, now=0)
-    r.push("a", 0)
-    r.push("b", 0)
+    for piece in ("a", "b", "c"):  # an answer that ends exactly at the limit is not cut
+        assert r.push(piece, 0) == 1
     with pytest.raises(GenerationLimit):
-        r.push("c", 0)
-    assert len(r.transcript) == 3
+        r.push("d", 0)  # text past it is
+    assert len(r.transcript) == 3 and r.transcript.text() == "abc"
+
+
+def test_a_cut_at_the_token_limit_never_splits_a_character():
+    """Tokens were cut every 256 bytes: an answer cut at its limit after a token that ended mid-character
+    ended in invalid UTF-8 (a replacement character in every client)."""
+    store = TranscriptStore(max_bytes=1 << 20, retain_s=1)
+    r = store.create(None, 1, now=0)
+    with pytest.raises(GenerationLimit):
+        r.push("a" + "é" * 200, 0)
+    tok = r.transcript.tokens[0]
+    assert tok == ("a" + "é" * 127).encode() and tok.decode("utf-8")  # 255 bytes, whole characters
+    pieces = split_piece(("€" * 300 + "x").encode())
+    assert all(len(p) <= 256 for p in pieces) and "".join(p.decode() for p in pieces) == "€" * 300 + "x"
+    assert split_piece(b"\x80" * 600) == [b"\x80" * 256, b"\x80" * 256, b"\x80" * 88]  # not UTF-8: at the limit
 
 
 def test_generation_limit_counts_the_tokens_a_long_piece_becomes():
@@ -224,10 +239,39 @@ def test_ingest_api_messages():
     for _ in range(4):
         api.handle({"op": "push", "id": rid, "text": "x"}, owned, 0)
     req = store.get(bytes.fromhex(rid))
-    assert req.done and req.transcript.reason == "length"  # the limit finished it
+    assert not req.done and len(req.transcript) == 5  # at the limit, nothing cut: the app may still finish
+    # text past it is cut and finishes the answer, and the app is told so (it was a plain ok, and the next
+    # op on the id said "unknown id")
+    assert api.handle({"op": "push", "id": rid, "text": "y"}, owned, 0) == {
+        "ok": True, "tokens": 5, "finished": "length", "cut": True}
+    assert req.done and req.transcript.reason == "length"
+    assert api.handle({"op": "finish", "id": rid}, owned, 0) == {
+        "ok": False, "error": "this answer is already finished (length)"}
+    exact = api.handle({"op": "open", "max_tokens": 1}, owned, 0)["id"]
+    api.handle({"op": "push", "id": exact, "text": "z"}, owned, 0)
+    assert api.handle({"op": "finish", "id": exact, "reason": "stop"}, owned, 0) == {"ok": True, "tokens": 1}
+    assert store.get(bytes.fromhex(exact)).transcript.reason == "stop"
     other = api.handle({"op": "open"}, owned, 0)["id"]
     api.disconnected(owned, 1)
     assert store.get(bytes.fromhex(other)).error[0] == ErrorCode.UPSTREAM_ERROR
+    assert store.get(bytes.fromhex(exact)).error is None  # finished answers are not failed at disconnect
+
+
+def test_ingested_tokens_are_counted_and_a_connection_forgets_old_finished_ids():
+    from tokenwire.daemon import ingest
+
+    store = TranscriptStore(max_bytes=1 << 20, retain_s=10)
+    counted: list[int] = []
+    api = IngestAPI(store, max_tokens=lambda: 3, on_tokens=counted.append)
+    owned: dict = {}
+    rid = api.handle({"op": "open"}, owned, 0)["id"]
+    api.handle({"op": "push", "id": rid, "text": "ab" * 200}, owned, 0)  # two tokens
+    api.handle({"op": "push", "id": rid, "text": "c" * 600}, owned, 0)  # three more, one fits
+    assert sum(counted) == 3
+    for _ in range(ingest.FINISHED_KEPT + 10):
+        done = api.handle({"op": "open"}, owned, 0)["id"]
+        api.handle({"op": "finish", "id": done}, owned, 0)
+    assert len(owned) == ingest.FINISHED_KEPT
 
 
 @pytest.mark.parametrize("abstract", [False, True])

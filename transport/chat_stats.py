@@ -35,8 +35,9 @@ class ChatStats:
     def __str__(self) -> str:
         stall = ("stall ratio n/a (resumed or attached, or no generation times)" if math.isnan(self.stall_ratio)
                  else f"stall ratio {self.stall_ratio:.3f} (longest {self.longest_stall_ms:.0f} ms)")
+        ttft = "TTFT n/a" if math.isnan(self.ttft_ms) else f"TTFT {self.ttft_ms:.0f} ms"
         return (
-            f"{self.tokens} tokens via {self.scheme}, TTFT {self.ttft_ms:.0f} ms, {stall}, "
+            f"{self.tokens} tokens via {self.scheme}, {ttft}, {stall}, "
             f"digest {'verified' if self.digest_verified else 'MISMATCH'}"
         )
 
@@ -58,7 +59,10 @@ def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
         )
     else:
         stall = longest = p50 = p99 = gap = nan
-    ttft = (outcome.render_times[0] - outcome.request_time) * 1000.0 if outcome.render_times else nan
+    # a resumed or attached answer's first token may have been generated long before this request (attaching
+    # to a finished one "took" 1 ms): no time to first token, as no stall ratio
+    ttft = (outcome.render_times[0] - outcome.request_time) * 1000.0 if outcome.render_times and not (
+        outcome.resumed) else nan
     return ChatStats(
         scheme=outcome.scheme,
         tokens=outcome.total,

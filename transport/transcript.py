@@ -14,10 +14,22 @@ from .frames import MAX_TOKEN_BYTES
 
 
 def split_piece(piece: bytes, limit: int = MAX_TOKEN_BYTES) -> list[bytes]:
-    """Split an upstream text piece into tokens of at most ``limit`` bytes (frames cap token size)."""
+    """Split an upstream text piece into tokens of at most ``limit`` bytes (frames cap token size), each cut
+    before a UTF-8 character rather than inside one: an answer cut at its token limit after a token that
+    ended mid-character ended in invalid UTF-8 (a replacement character in every client)."""
     if len(piece) <= limit:
         return [piece]
-    return [piece[i : i + limit] for i in range(0, len(piece), limit)]
+    out: list[bytes] = []
+    i, n = 0, len(piece)
+    while i < n:
+        j = min(i + limit, n)
+        k = j
+        while i < k < n and piece[k] & 0xC0 == 0x80:  # a continuation byte: move the cut to its lead byte
+            k -= 1
+        j = k if k > i else j  # no lead byte within the limit (not UTF-8): cut at the limit
+        out.append(piece[i:j])
+        i = j
+    return out
 
 
 @dataclass
