@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without a packet from the server (default 60): how soon a dead "
                    "server is noticed; a live one answers keepalive pings while its model thinks")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="when the connection is lost mid-answer (the path went silent for --idle-timeout), "
+                   "reconnect and resume the answer where it stopped, up to N times (default 3; 0: give up)")
     p.add_argument("--stats", action="store_true", help="print statistics to stderr at the end")
     p.add_argument("--json-stats", type=Path, help="write the statistics as JSON here")
     p.set_defaults(handler=run)
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenwire.daemon.cli import CLIError
     from tokenwire.transport.client import HandshakeError, connect
-    from tokenwire.transport.errors import ErrorCode, TokenwireError
+    from tokenwire.transport.errors import ErrorCode, RemoteError, TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
 
     prompt = args.prompt
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--idle-timeout must be > 0")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CLIError("--max-tokens must be at least 1")
+    if args.retries < 0:
+        raise CLIError("--retries must be 0 or more")
     if args.token_env is not None:
         token = os.environ.get(args.token_env)
         if not token:
@@ -89,26 +94,46 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("quic").setLevel(logging.ERROR)
 
     async def go():
-        async with connect(
-            args.host,
-            args.port,
-            server_name=args.server_name,
-            cafile=args.cafile,
-            verify=not args.insecure,
-            auth_token=token,
-            idle_timeout=args.idle_timeout,
-            certfile=args.cert,
-            keyfile=args.key,
-        ) as conn:
-            if rid is not None:
-                stream = conn.attach(rid, scheme=args.scheme)
-            else:
-                stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens)
-            async for delta in stream:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return stream.stats
+        resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
+        retries = 0
+        while True:
+            stream = None
+            try:
+                async with connect(
+                    args.host,
+                    args.port,
+                    server_name=args.server_name,
+                    cafile=args.cafile,
+                    verify=not args.insecure,
+                    auth_token=token,
+                    idle_timeout=args.idle_timeout,
+                    certfile=args.cert,
+                    keyfile=args.key,
+                ) as conn:
+                    if rid is not None or (resume is not None and prompt is None):
+                        held = resume[1] if resume is not None else None
+                        stream = conn.attach(rid if resume is None else resume[0], scheme=args.scheme, held=held)
+                    else:
+                        stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
+                                           resume=resume)
+                    async for delta in stream:
+                        sys.stdout.write(delta)
+                        sys.stdout.flush()
+                    sys.stdout.write("\n")
+                    return stream.stats
+            except (RemoteError, ConnectionError) as exc:
+                # the path went silent mid-answer (nobody closed the connection), or a reconnect found no answer
+                # yet: the daemon keeps the answer; continue it where it stopped, on a new connection
+                lost = getattr(exc, "path_lost", False) or (resume is not None and isinstance(exc, ConnectionError))
+                point = stream.resume_point() if stream is not None else None
+                if point is None and resume is not None:
+                    point = resume  # the reconnect itself failed: still where we were
+                if not lost or point is None or retries >= args.retries:
+                    raise
+                retries += 1
+                resume = point
+                print(f"\n[{exc}; resuming request {point[0].hex()} after token {len(point[1])} "
+                      f"({retries}/{args.retries})]", file=sys.stderr, flush=True)
 
     try:
         stats = asyncio.run(go())

@@ -142,3 +142,48 @@ def test_cafile_and_cadata_are_both_trusted(tmp_path):
     assert config.cadata is not None and a.cert_pem in config.cadata and b.cert_pem in config.cadata
     with pytest.raises(CertificateFileError, match="cadata"):
         client_configuration(cadata=b"junk")
+
+
+def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys):
+    """The path goes silent for longer than --idle-timeout mid-answer (a train tunnel): the CLI gave up with
+    "QUIC idle timeout" and the answer was lost though the daemon still held it. It now reconnects and
+    resumes after the tokens it has, so stdout holds the whole answer exactly once."""
+    import time
+
+    from tokenwire.testbed.udp_relay import UdpRelay
+
+    from .daemon_proc import DaemonProcess
+
+    d = DaemonProcess(tmp_path, upstream_toml='[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = 40\n'
+                                             'first_token_ms = 20\nmax_tokens = 120\n')
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    relay = asyncio.run_coroutine_threadsafe(UdpRelay(("127.0.0.1", d.port)).start(), loop).result(10)
+    dark = (1.0, 3.0)  # seconds after the first client packet: both directions dead
+
+    def through(path):
+        decide = path.decide
+
+        def decide_with_outage(elapsed, size):
+            start = started.setdefault("t", time.monotonic())
+            return None if dark[0] <= time.monotonic() - start < dark[1] else decide(elapsed, size)
+
+        path.decide = decide_with_outage
+
+    started: dict = {}
+    through(relay.up)
+    through(relay.down)
+    try:
+        rc, out, err = chat(capsys, "--port", str(relay.port), "--cafile", str(d.cert), "--server-name",
+                            "localhost", "--idle-timeout", "0.8", "--stats", "tell me a story")
+        whole = chat(capsys, "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
+                     "tell me a story")[1]
+    finally:
+        loop.call_soon_threadsafe(relay.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        assert d.stop() == 0
+    assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err
+    assert "digest verified" in err and "stall ratio n/a" in err
+    assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once

@@ -242,17 +242,19 @@ class Connection:
         )
         return self._start(request, prefix)
 
-    def attach(self, request_id: bytes, *, scheme: str = "chatterbox") -> ChatStream:
-        """Stream an existing answer from its start by id (one an application opened through ingest)."""
+    def attach(self, request_id: bytes, *, scheme: str = "chatterbox", held: list[bytes] | None = None) -> ChatStream:
+        """Stream an existing answer by id (one an application opened through ingest) from its start, or after
+        the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``)."""
         if self._protocol.close_error is not None:
             raise self._protocol.close_error
+        prefix = list(held or [])
         request = Request(
             scheme=scheme,
             auth=self._auth_to_send(),
             resume_id=request_id,
-            resume_from=0,
+            resume_from=len(prefix),
         )
-        return self._start(request, [])
+        return self._start(request, prefix)
 
     def _auth_to_send(self) -> str | None:
         """The token, on every request until the server has answered one.

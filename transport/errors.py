@@ -69,3 +69,5 @@ class RequestError(TokenwireError):
 
 class RemoteError(TokenwireError):
     """An ERROR frame or connection close received from the peer, raised on the local side."""
+
+    path_lost = False  # the connection died of silence (QUIC idle timeout), nobody closed it: resumable

@@ -148,8 +148,10 @@ AIOQUIC_IDLE_REASON = "Idle timeout"
 def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection") -> RemoteError:
     """Why a connection ended, for the client's requests; the idle timer's close says what it means."""
     if reason == AIOQUIC_IDLE_REASON:
-        return RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): "
-                           "server or path gone", code=error_code)
+        err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): "
+                          "server or path gone", code=error_code)
+        err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
+        return err
     return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})", code=error_code)
 
 
