@@ -261,8 +261,11 @@ def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
         )
     if "chatterbox" in results and "stream" in results and results["stream"]["stall_ratio"] > 0:
         red = 1 - results["chatterbox"]["stall_ratio"] / results["stream"]["stall_ratio"]
-        how = f"{100 * red:.0f}% less" if red >= 0 else f"{-100 * red:.0f}% more"  # not "-11% less"
-        lines.append(f"\nChatterbox spent {how} time stalled than in-order streaming on this link.")
+        if abs(red) < 0.005:  # "0% less" on a link without loss
+            lines.append("\nChatterbox and in-order streaming stalled as much on this link (nothing to recover).")
+        else:
+            how = f"{100 * red:.0f}% less" if red >= 0 else f"{-100 * red:.0f}% more"  # not "-11% less"
+            lines.append(f"\nChatterbox spent {how} time stalled than in-order streaming on this link.")
     lines.append(
         "(stall ratio: share of reading time spent waiting for a token; delays beyond the link's base delay. "
         "Try --loss iid:0.05 or --seed N.)"

@@ -203,3 +203,6 @@ def test_the_demo_says_more_when_chatterbox_stalled_more():
     text = format_results({"chatterbox": {**row, "stall_ratio": 0.1}, "stream": {**row, "stall_ratio": 0.2}},
                           argparse.Namespace())
     assert "Chatterbox spent 50% less time stalled" in text
+    text = format_results({"chatterbox": {**row, "stall_ratio": 0.014}, "stream": {**row, "stall_ratio": 0.014}},
+                          argparse.Namespace())
+    assert "stalled as much on this link" in text and "0% less" not in text  # --loss none
