@@ -154,13 +154,7 @@ class OpenAIUpstream:
             raise _upstream_error(self.name, f"answer broke: {exc.__class__.__name__}") from exc
         if len(raw) > JSON_ANSWER_LIMIT:
             raise _upstream_error(self.name, f"JSON answer larger than {JSON_ANSWER_LIMIT} bytes")
-        text = _decode(raw, resp.charset)
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            raise _upstream_error(self.name, "malformed answer (not JSON)") from None
-        if _is_error(doc):
-            raise _upstream_error(self.name, _error_text(text))
+        doc = self._document(_decode(raw, resp.charset), "answer")
         picked = self._choice_zero(doc, "message")
         if not picked:  # not a completion at all: an empty success would hide it
             raise _upstream_error(self.name, "malformed answer (no choice 0)")
@@ -210,12 +204,7 @@ class OpenAIUpstream:
                 raise _upstream_error(self.name, _error_text(value) if value else "error event")
             if value == "[DONE]":
                 return reason or "stop"
-            try:
-                chunk = json.loads(value)
-            except json.JSONDecodeError:
-                raise _upstream_error(self.name, "malformed event (not JSON)") from None
-            if _is_error(chunk):
-                raise _upstream_error(self.name, _error_text(value))
+            chunk = self._document(value, "event")
             for content, finish, progress in self._choice_zero(chunk):
                 if content:
                     emit(content)
@@ -224,6 +213,16 @@ class OpenAIUpstream:
                     deadline = loop.time() + self.stall_timeout_s
                 if finish:
                     reason = str(finish)[:32]
+
+    def _document(self, text: str, what: str) -> Any:
+        """A JSON answer or event; UPSTREAM_ERROR for one that is not JSON or that carries the upstream's error."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            raise _upstream_error(self.name, f"malformed {what} (not JSON)") from None
+        if _is_error(doc):
+            raise _upstream_error(self.name, _error_text(text))
+        return doc
 
     def _choice_zero(self, chunk: Any, key: str = "delta") -> list[tuple[str | None, Any, bool]]:
         """(content, finish_reason, whether a token came) of the answer's choice (index 0) in one chunk (``key``
