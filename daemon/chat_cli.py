@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         retries = 0
         while True:
             stream = None
+            connected = False
             try:
                 async with connect(
                     args.host,
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                     certfile=args.cert,
                     keyfile=args.key,
                 ) as conn:
+                    connected = True
                     if rid is not None or (resume is not None and prompt is None):
                         held = resume[1] if resume is not None else None
                         stream = conn.attach(rid if resume is None else resume[0], scheme=args.scheme, held=held)
@@ -123,8 +125,12 @@ def run(args: argparse.Namespace) -> int:
                     return stream.stats
             except (RemoteError, ConnectionError) as exc:
                 # the path went silent mid-answer (nobody closed the connection), or a reconnect found no answer
-                # yet: the daemon keeps the answer; continue it where it stopped, on a new connection
-                lost = getattr(exc, "path_lost", False) or (resume is not None and isinstance(exc, ConnectionError))
+                # yet (not a TLS refusal, nor a closed stdout): the daemon keeps the answer; continue it where it
+                # stopped, on a new connection
+                refused = isinstance(exc, HandshakeError) and exc.tls_alert is not None  # TLS said no
+                lost = getattr(exc, "path_lost", False) or (
+                    resume is not None and not connected and isinstance(exc, ConnectionError)
+                    and not refused and not isinstance(exc, BrokenPipeError))
                 point = stream.resume_point() if stream is not None else None
                 if point is None and resume is not None:
                     point = resume  # the reconnect itself failed: still where we were

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,11 +407,16 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
 
 
 def _bind_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a bind to ``host`` takes (a v4-mapped IPv6 one is its IPv4 address); None: localhost."""
+    """The address a bind to ``host`` takes (a v4-mapped IPv6 one is its IPv4 address): a name resolves as the
+    daemon resolves it (the first ``getaddrinfo`` answer); None when it does not resolve."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return None
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            ip = ipaddress.ip_address(infos[0][4][0].split("%")[0])
+        except (OSError, IndexError, ValueError):
+            return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
@@ -426,7 +432,7 @@ def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
     if pa != pb or pa == 0:
         return False
     ia, ib = _bind_ip(ha), _bind_ip(hb)
-    if ia is None or ib is None:  # localhost: which family it resolves to is the host's business
+    if ia is None or ib is None:  # a name that does not resolve: the daemon will say so at start
         return ha == hb or _ANY6 in (ia, ib)
     if ia == ib or _ANY6 in (ia, ib):
         return True

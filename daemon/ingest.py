@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,16 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
 FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
+
+
+@dataclass
+class IngestConnection:
+    """One application connection: the answers it opened and has not finished, and how those it finished
+    ended (by id: a later op on one says so; bounded, and no transcript is held here, the store's memory bound
+    covers those)."""
+
+    open: dict[bytes, LiveRequest] = field(default_factory=dict)
+    finished: OrderedDict[bytes, str] = field(default_factory=OrderedDict)
 
 
 class IngestAPI:
@@ -56,7 +68,7 @@ class IngestAPI:
         self.on_done = on_done
         self.on_tokens = on_tokens  # tokens added (the daemon's tokenwire_tokens_total)
 
-    def handle(self, msg: Any, owned: dict[bytes, LiveRequest], now: float) -> dict[str, Any]:
+    def handle(self, msg: Any, conn: IngestConnection, now: float) -> dict[str, Any]:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             return {"ok": False, "error": "expected a JSON object with an 'op'"}
         op = msg["op"]
@@ -71,7 +83,7 @@ class IngestAPI:
             if model is not None and not isinstance(model, str):
                 return {"ok": False, "error": "model must be a string"}
             req = self.store.create(principal, limit, now, model=model)
-            owned[req.request_id] = req
+            conn.open[req.request_id] = req
             self.on_open(req)
             return {"ok": True, "id": req.request_id.hex()}
         if op not in ("push", "finish", "fail"):
@@ -80,12 +92,12 @@ class IngestAPI:
             rid = bytes.fromhex(msg.get("id", ""))
         except (TypeError, ValueError):
             return {"ok": False, "error": "id must be the hex request id returned by open"}
-        req = owned.get(rid)
+        req = conn.open.get(rid)
         if req is None:
+            ended = conn.finished.get(rid)
+            if ended is not None:
+                return {"ok": False, "error": f"this answer is already finished ({ended})"}
             return {"ok": False, "error": "unknown id, or not opened on this connection"}
-        if req.done:
-            why = f" ({req.transcript.reason})" if req.error is None else " (failed)"
-            return {"ok": False, "error": f"this answer is already finished{why}"}
         if op == "push":
             text = msg.get("text")
             if not isinstance(text, str):
@@ -99,7 +111,7 @@ class IngestAPI:
             except GenerationLimit as cut:
                 self.on_tokens(cut.args[0])
                 req.finish("length", now)
-                self._done(req, owned)
+                self._done(req, conn)
                 return {"ok": True, "tokens": len(req.transcript), "finished": "length", "cut": True}
             return {"ok": True, "tokens": len(req.transcript)}
         if op == "finish":
@@ -107,28 +119,27 @@ class IngestAPI:
             if not isinstance(reason, str) or not 0 < len(reason) <= 32:
                 return {"ok": False, "error": "reason must be a short string"}
             req.finish(reason, now)
-            self._done(req, owned)
+            self._done(req, conn)
             return {"ok": True, "tokens": len(req.transcript)}
         message = msg.get("message", "application failed")
         req.fail(ErrorCode.UPSTREAM_ERROR, str(message)[:300], now)
-        self._done(req, owned)
+        self._done(req, conn)
         return {"ok": True}
 
-    def _done(self, req: LiveRequest, owned: dict[bytes, LiveRequest]) -> None:
-        # kept, so that a later op on it says it is finished (it said "unknown id"); the oldest finished ones
-        # go beyond FINISHED_KEPT, a long-lived app connection opens answers without end
+    def _done(self, req: LiveRequest, conn: IngestConnection) -> None:
+        # remembered by how it ended, so that a later op on it says it is finished (it said "unknown id"); the
+        # oldest go beyond FINISHED_KEPT, a long-lived app connection opens answers without end
+        conn.open.pop(req.request_id, None)
+        conn.finished[req.request_id] = req.transcript.reason if req.error is None else "failed"
+        while len(conn.finished) > FINISHED_KEPT:
+            conn.finished.popitem(last=False)
         self.store.mark_finished(req)
         self.on_done(req)
-        finished = [rid for rid, r in owned.items() if r.done]
-        for rid in finished[: max(0, len(finished) - FINISHED_KEPT)]:
-            del owned[rid]
 
-    def disconnected(self, owned: dict[bytes, LiveRequest], now: float) -> None:
-        for req in list(owned.values()):
-            if not req.done:
-                req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
-                self._done(req, owned)
-        owned.clear()
+    def disconnected(self, conn: IngestConnection, now: float) -> None:
+        for req in list(conn.open.values()):
+            req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
+            self._done(req, conn)
 
 
 TOO_LONG = b"<too long>"
@@ -174,7 +185,7 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced)."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        owned: dict[bytes, LiveRequest] = {}
+        conn = IngestConnection()
         try:
             while True:
                 line = await _read_line(reader)
@@ -184,13 +195,13 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
                     msg, error = None, f"line longer than {MAX_LINE} bytes (skipped)"
                 else:
                     msg, error = _decoded(line)
-                reply = {"ok": False, "error": error} if error else api.handle(msg, owned, time.monotonic())
+                reply = {"ok": False, "error": error} if error else api.handle(msg, conn, time.monotonic())
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
-            api.disconnected(owned, time.monotonic())
+            api.disconnected(conn, time.monotonic())
             writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)

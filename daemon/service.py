@@ -54,7 +54,7 @@ from tokenwire.transport.tls import (
 from . import unix_sockets
 from .config import AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
 from .ingest import IngestAPI, serve_ingest
-from .logs import setup_logging
+from .logs import set_log_level, setup_logging
 from .marking import MarkingService
 from .sd_notify import Notifier
 from .startup import StartupError, cannot_listen
@@ -315,7 +315,7 @@ class Daemon:
         if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
             setup_logging(new.logging.level, log_format)
         else:
-            logging.getLogger().setLevel(new.logging.level.upper())
+            set_log_level(new.logging.level)  # aioquic's logger too, as at start
         logging_cfg = dataclasses.replace(new.logging, format=log_format)
         ignored = restart_changes(self.config, new)  # logged in the new format, as all that follows
         if ignored:
@@ -339,8 +339,14 @@ class Daemon:
         for proto in self.protocols:
             if not proto.authorized:
                 continue
-            # a connection let in without a token (none were required) needs one once a reload adds them
-            valid = proto.token in auth.tokens if proto.token is not None else not auth.required
+            # the token it came with must still be there (by its digest: a renamed entry is the same token); a
+            # connection let in without one needs one once a reload adds the first tokens
+            if not auth.required:
+                valid = True
+            elif proto.token is not None:
+                valid = any(t.sha256 == proto.token.sha256 for t in auth.tokens)
+            else:
+                valid = False
             if not valid:
                 proto.authorized, proto.revoked = False, True
                 revoked += 1

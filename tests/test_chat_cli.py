@@ -184,6 +184,6 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         assert d.stop() == 0
-    assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err
+    assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err, err
     assert "digest verified" in err and "stall ratio n/a" in err
     assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once

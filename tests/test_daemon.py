@@ -360,8 +360,9 @@ def test_sighup_revokes_a_removed_token_on_open_connections(tmp_path):
     (as the KV channel checks each fetch): the next request of a revoked one gets UNAUTHORIZED, refused while
     an answer still streams on it (that answer finishes), else by closing the connection, as a wrong token
     is; a connection whose token stays is untouched."""
-    def tokens(*names: str) -> str:
-        entries = ", ".join(f'{{ name = "{n}", sha256 = "{hash_token(n + "-token")}" }}' for n in names)
+    def tokens(*names: str, renamed: dict[str, str] | None = None) -> str:
+        entries = ", ".join(f'{{ name = "{(renamed or {}).get(n, n)}", sha256 = "{hash_token(n + "-token")}" }}'
+                            for n in names)
         return f"[auth]\ntokens = [{entries}]\n"
 
     d = DaemonProcess(tmp_path, tokens("alice", "bob"))
@@ -376,7 +377,7 @@ def test_sighup_revokes_a_removed_token_on_open_connections(tmp_path):
                     assert await conn.chat("x", max_tokens=3).collect() == expected(3)
                 running = busy.chat("long", max_tokens=300, params={"rate": 50})
                 await running.__anext__()
-                d.write_config(tokens("bob"))
+                d.write_config(tokens("bob", renamed={"bob": "robert"}))  # the same token under a new name
                 d.signal(signal.SIGHUP)
                 await asyncio.get_running_loop().run_in_executor(None, d.wait_for, "READY")
                 errors = []

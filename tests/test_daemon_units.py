@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tokenwire.daemon.config import ConfigError, hash_token, load_config, parse_config
-from tokenwire.daemon.ingest import IngestAPI
+from tokenwire.daemon.ingest import IngestAPI, IngestConnection
 from tokenwire.daemon.sd_notify import Notifier
 from tokenwire.daemon.transcripts import GenerationLimit, TranscriptStore
 from tokenwire.transport.errors import ErrorCode
@@ -68,6 +68,16 @@ def test_listeners_that_can_be_bound_together_pass():
                         "kv": {"enabled": False, "listen": "127.0.0.1:4433"}})  # kv off: never bound
     assert len(cfg.server.listen) == 5
     assert parse_config({"kv": {"enabled": True, "listen": "[::]:4434"}}).kv.listen == ("::", 4434)
+
+
+def test_a_listener_named_by_host_overlaps_what_it_resolves_to():
+    """localhost:X next to the address it resolves to (or a wildcard of its family) passed config check, then
+    the daemon, which binds the first getaddrinfo answer, failed with EADDRINUSE."""
+    first = socket.getaddrinfo("localhost", None, type=socket.SOCK_DGRAM)[0][4][0]
+    wildcard = "0.0.0.0" if ":" not in first else "[::]"
+    for other in (first if ":" not in first else f"[{first}]", wildcard):
+        with pytest.raises(ConfigError, match="cannot both be bound"):
+            parse_config({"server": {"listen": ["localhost:4433", f"{other}:4433"]}})
 
 
 def test_config_check_refuses_overlapping_listeners_in_one_line(tmp_path, capsys):
@@ -228,7 +238,7 @@ def test_generation_limit_counts_the_tokens_a_long_piece_becomes():
 def test_ingest_api_messages():
     store = TranscriptStore(max_bytes=1 << 20, retain_s=10)
     api = IngestAPI(store, max_tokens=lambda: 5)
-    owned = {}
+    owned = IngestConnection()
     opened = api.handle({"op": "open", "principal": "app"}, owned, 0)
     rid = opened["id"]
     assert api.handle({"op": "push", "id": rid, "text": "hi"}, owned, 0) == {"ok": True, "tokens": 1}
@@ -263,15 +273,22 @@ def test_ingested_tokens_are_counted_and_a_connection_forgets_old_finished_ids()
     store = TranscriptStore(max_bytes=1 << 20, retain_s=10)
     counted: list[int] = []
     api = IngestAPI(store, max_tokens=lambda: 3, on_tokens=counted.append)
-    owned: dict = {}
+    owned = IngestConnection()
     rid = api.handle({"op": "open"}, owned, 0)["id"]
     api.handle({"op": "push", "id": rid, "text": "ab" * 200}, owned, 0)  # two tokens
     api.handle({"op": "push", "id": rid, "text": "c" * 600}, owned, 0)  # three more, one fits
     assert sum(counted) == 3
+    first = api.handle({"op": "open"}, owned, 0)["id"]
+    api.handle({"op": "push", "id": first, "text": "x" * 100_000}, owned, 0)  # a long one, cut at 3 tokens
     for _ in range(ingest.FINISHED_KEPT + 10):
         done = api.handle({"op": "open"}, owned, 0)["id"]
         api.handle({"op": "finish", "id": done}, owned, 0)
-    assert len(owned) == ingest.FINISHED_KEPT
+    # the ids only: the transcripts are the store's to evict (kept here, 256 of them held 328 MiB outside
+    # transcript_memory_mb)
+    assert len(owned.finished) == ingest.FINISHED_KEPT and not owned.open
+    assert all(isinstance(v, str) for v in owned.finished.values())
+    assert api.handle({"op": "push", "id": done, "text": "x"}, owned, 0)["error"].endswith("finished (stop)")
+    assert "unknown id" in api.handle({"op": "push", "id": first, "text": "x"}, owned, 0)["error"]  # forgotten
 
 
 @pytest.mark.parametrize("abstract", [False, True])

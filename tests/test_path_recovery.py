@@ -116,3 +116,18 @@ def test_the_kv_client_pings_each_quarter_second_of_silence_while_a_fetch_is_pen
     assert sess._session_timer() == 2 * KV_RECOVERY_PING_S  # the next one a quarter second later
     sess.finish(sid)
     assert sess._session_timer() is None
+
+
+@pytest.mark.parametrize(("idle_timeout", "interval"), [(0.6, 0.2), (60.0, 1.0)])
+def test_a_pause_mid_answer_pings_within_the_idle_timeout(idle_timeout, interval):
+    """A pause mid-answer pings every second (PAUSE_PING_S), but never later than a third of the idle timeout:
+    the server does not ping, and with --idle-timeout 0.8 a slow model's 1.4-s pause ended the connection."""
+    from tokenwire.transport.frames import Request
+    from tokenwire.transport.session import ClientSession
+
+    cfg = client_configuration(server_name="localhost")
+    cfg.idle_timeout = idle_timeout
+    session = ClientSession(QuicConnection(configuration=cfg))
+    sid = session.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0.0)
+    session.requests[sid].receiver.tokens.append(b"first")  # the answer has started
+    assert session._keepalive_at() == pytest.approx(interval)

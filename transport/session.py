@@ -749,7 +749,8 @@ class ClientSession(_SessionBase):
         if backed_off(self.quic):  # our packets go unacknowledged: the path is down, or one direction is
             interval = RECOVERY_PING_S
         elif any(r.receiver.tokens for r in awaited):  # a pause mid-answer (a slow model, a tool call)
-            interval = PAUSE_PING_S
+            # within the idle timeout: the server never pings, and a short one ended the connection first
+            interval = min(PAUSE_PING_S, self.quic.configuration.idle_timeout / 3.0)
         else:
             interval = self.quic.configuration.idle_timeout / 3.0
         return self._silence_ping_at(interval)
