@@ -39,7 +39,16 @@ from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from . import unix_sockets
 from .kv_config import KVConfig
-from .kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, StoreError, chunk_hashes, object_key
+from .kv_store import (
+    ChunkStore,
+    LocalChunkStore,
+    RedisChunkStore,
+    StoreError,
+    chain_root,
+    chain_step,
+    chunk_hashes,
+    object_key,
+)
 from .startup import StartupError, cannot_listen
 
 log = logging.getLogger("tokenwire.kv")
@@ -47,6 +56,7 @@ log = logging.getLogger("tokenwire.kv")
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
+TAILS_KEPT = 16  # shorter last chunks remembered per parent chunk (contexts that end at one place)
 
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -210,7 +220,46 @@ class KVService:
                 self._remember(self._meta, h, meta)
             for lv in prewarm:
                 self.encoded_sync(h, lv)
+        if len(token_ids) % self.chunk_tokens:  # a shorter last chunk: findable from a longer context's chain
+            parent = hashes[-2] if len(hashes) > 1 else chain_root(model)
+            self._add_tail(parent, hashes[-1], len(token_ids) % self.chunk_tokens)
         return hashes
+
+    def _add_tail(self, parent: str, child: str, n_tokens: int) -> None:
+        """Note that chunk ``child`` of ``n_tokens`` (< chunk_tokens) follows ``parent``. A longer context (the
+        conversation's next turn) hashes that position over a whole chunk and would never find it; a prefix
+        fetch reads this list instead. The newest TAILS_KEPT per parent."""
+        key = object_key(parent, "tail")
+        with self._chunk_lock(parent):
+            tails = [t for t in self._tails(parent) if t[0] != child]
+            self.store.put(key, msgpack.packb([[child, n_tokens], *tails][:TAILS_KEPT]))
+
+    def _tails(self, parent: str) -> list[tuple[str, int]]:
+        data = self.store.get(object_key(parent, "tail"))
+        if data is None:
+            return []
+        try:
+            return [(str(h), int(n)) for h, n in msgpack.unpackb(data)]
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return []  # unreadable: a prefix fetch then stops at the last whole chunk, as without it
+
+    def _stored_tail(self, parent: str, ids: Sequence[int], model: str) -> tuple[str, ChunkMeta] | None:
+        """The longest shorter chunk stored after ``parent`` whose tokens begin ``ids``."""
+        for child, n in sorted(self._tails(parent), key=lambda t: -t[1]):
+            if n > len(ids) or chain_step(parent, ids[:n]) != child:
+                continue
+            m = self._usable(child)
+            if m is not None and m.model == model:
+                return child, m
+        return None
+
+    def _usable(self, h: str) -> ChunkMeta | None:
+        """Chunk ``h``'s metadata when it can be sent (its source or an encoded level is stored)."""
+        m = self.meta_sync(h)
+        if m is None or (not self.store.contains(object_key(h, "src")) and not any(
+                self.store.contains(object_key(h, lv)) for lv in LEVELS)):
+            return None
+        return m
 
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
@@ -317,11 +366,19 @@ class KVService:
         else:
             hashes = [h.hex() for h in fetch.hashes or []]
         metas: list[ChunkMeta] = []
-        for h in hashes:
-            m = self.meta_sync(h)
-            if m is None or (not self.store.contains(object_key(h, "src")) and not any(
-                    self.store.contains(object_key(h, lv)) for lv in LEVELS)):
-                if fetch.prefix and metas:  # the chain's later chunks all depend on this one: the prefix ends here
+        for i, h in enumerate(hashes):
+            m = self._usable(h)
+            if m is None:
+                if fetch.prefix and fetch.token_ids is not None:
+                    # the chain's later chunks all depend on this one: the prefix ends here, perhaps with the
+                    # shorter last chunk of the stored context (the previous turn's prompt)
+                    ct = self.chunk_tokens
+                    parent = hashes[i - 1] if i else chain_root(fetch.model)
+                    tail = self._stored_tail(parent, fetch.token_ids[i * ct : (i + 1) * ct], fetch.model)
+                    if tail is not None:
+                        hashes[i] = tail[0]
+                        metas.append(tail[1])
+                if fetch.prefix and metas:
                     break
                 raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found")
             if m.model != fetch.model:

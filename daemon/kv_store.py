@@ -46,18 +46,27 @@ class StoreError(TokenwireError):
     code = ErrorCode.INTERNAL
 
 
+def chain_root(model: str) -> str:
+    """What the first chunk's hash is chained to: the model's name."""
+    return hashlib.blake2b(model.encode(), digest_size=16).hexdigest()
+
+
+def chain_step(parent: str, chunk: Sequence[int]) -> str:
+    """The hash of a chunk after ``parent`` (the previous chunk's hash, or :func:`chain_root`)."""
+    h = hashlib.blake2b(bytes.fromhex(parent), digest_size=16)
+    h.update(struct.pack(f"<{len(chunk)}q", *chunk))
+    return h.hexdigest()
+
+
 def chunk_hashes(token_ids: Sequence[int], *, model: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[str]:
     """The prefix-hash chain of a context: one hex key per chunk (the last one may be partial)."""
     if chunk_tokens < 1:
         raise ValueError("chunk_tokens must be >= 1")
     out: list[str] = []
-    prev = hashlib.blake2b(model.encode(), digest_size=16).digest()
+    prev = chain_root(model)
     for i in range(0, len(token_ids), chunk_tokens):
-        chunk = token_ids[i : i + chunk_tokens]
-        h = hashlib.blake2b(prev, digest_size=16)
-        h.update(struct.pack(f"<{len(chunk)}q", *chunk))
-        prev = h.digest()
-        out.append(prev.hex())
+        prev = chain_step(prev, token_ids[i : i + chunk_tokens])
+        out.append(prev)
     return out
 
 
@@ -518,7 +527,7 @@ class RedisChunkStore(ChunkStore):
                     break
                 if chunk == chunk_of(keep):
                     continue
-                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", *REBUILT_LEVELS)]
+                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", "tail", *REBUILT_LEVELS)]
                 for k, size in self._sized([k for k in keys if k not in chosen]):
                     out.append(k)
                     chosen.add(k)

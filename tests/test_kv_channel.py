@@ -150,8 +150,9 @@ def test_missing_context_is_typed_error_and_server_keeps_serving(service):
 
 def test_a_prefix_fetch_returns_the_stored_turns_kv_and_leaves_the_new_tokens_to_the_engine(service):
     """A conversation's next turn: the store holds the previous prompt (its last chunk partial), the engine asks
-    for the whole new context. Without ``prefix`` that is a miss; with it, the chunks stored whole come as KV
-    and the rest (the stored partial chunk's tokens included: its hash covers fewer tokens) is the engine's."""
+    for the whole new context. Without ``prefix`` that is a miss; with it, the stored chunks come as KV, the
+    shorter last one too (found through its parent's tail list: the new context's chain hashes that position
+    over a whole chunk), and the new tokens are the engine's."""
     turn1 = list(range(500, 500 + 2 * CHUNK + 7))
     kv = make_kv(len(turn1), 8)
     service.ingest_sync(MODEL, turn1, kv, prewarm=["high"])
@@ -171,11 +172,12 @@ def test_a_prefix_fetch_returns_the_stored_turns_kv_and_leaves_the_new_tokens_to
             return res, whole, dict(server.stats)
 
     res, whole, stats = run(go())
-    assert res.report.levels == ["high", "high"] and res.stored_tokens == 2 * CHUNK
-    assert res.missing_token_ids == turn2[2 * CHUNK:] and res.text_token_ids() == turn2[2 * CHUNK:]
+    n_stored = len(turn1)
+    assert res.report.levels == ["high", "high", "high"] and res.stored_tokens == n_stored
+    assert res.missing_token_ids == turn2[n_stored:] and res.text_token_ids() == turn2[n_stored:]
     pkv, n = res.prefix_kv()
-    assert n == 2 * CHUNK and pkv[0][0].shape == (1, 2, 2 * CHUNK, 16)
-    err = (pkv[0][0].float() - kv[0][0][:, :, :2 * CHUNK].float()).abs().mean() / kv[0][0].float().abs().mean()
+    assert n == n_stored and pkv[0][0].shape == (1, 2, n_stored, 16)
+    err = (pkv[0][0].float() - kv[0][0].float()).abs().mean() / kv[0][0].float().abs().mean()
     assert err < 0.1
     assert whole.missing_token_ids == [] and whole.stored_tokens == len(turn1) and len(whole.chunks) == 3
     assert whole.text_token_ids() == []
@@ -424,13 +426,13 @@ def test_daemon_with_kv_section_serves_ingested_context(tmp_path):
 
     res, longer, text = run(go())
     assert res.report.levels == ["low", "low"] and res.prefix_kv()[1] == 50
-    assert longer.prefix_kv()[1] == CHUNK and len(longer.text_token_ids()) == 70 - CHUNK
+    assert longer.prefix_kv()[1] == 50 and longer.text_token_ids() == [9] * 20  # the shorter last chunk too
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line.startswith("tokenwire_kv_")}
     assert samples['tokenwire_kv_fetches_total{outcome="completed"}'] == 2
     assert samples['tokenwire_kv_fetches_total{outcome="refused"}'] == 1
     assert samples["tokenwire_kv_prefix_fetches_total"] == 1
-    assert samples['tokenwire_kv_chunks_total{level="low"}'] == 3
+    assert samples['tokenwire_kv_chunks_total{level="low"}'] == 4
     assert samples['tokenwire_kv_ingests_total{outcome="stored"}'] == 1
     assert samples['tokenwire_kv_ingests_total{outcome="refused"}'] == 1
     assert samples["tokenwire_kv_ingested_tokens_total"] == 50

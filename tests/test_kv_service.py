@@ -409,3 +409,33 @@ def test_kv_metrics_scrape_survives_an_unreachable_store_and_counts_ingests(tmp_
         assert "KV store usage unavailable: redis: connection refused" in caplog.text
     finally:
         svc.close()
+
+
+def test_a_prefix_fetch_finds_the_stored_contexts_shorter_last_chunk(tmp_path):
+    """The previous turn's last chunk is shorter than chunk_tokens, and the next turn's chain hashes that
+    position over a whole chunk: without the parent's tail list it was never found (on average half a chunk
+    recomputed each turn). Two continuations of one parent, a context shorter than one chunk, and a tail whose
+    chunk is gone."""
+    svc = _service(tmp_path)
+    try:
+        base = list(range(1000, 1000 + CHUNK))
+        a, b = [*base, 1, 2, 3, 4, 5, 6, 7], base + list(range(50, 62))  # 7 and 12 tokens after one whole chunk
+        svc.ingest_sync(MODEL, a, make_kv(len(a), 1))
+        hb = svc.ingest_sync(MODEL, b, make_kv(len(b), 2))
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=b + [9] * 40, prefix=True))
+        assert plan.token_counts == [CHUNK, 12] and plan.handle == hb and plan.rest_tokens == 40
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=[*a[:-1], 8, 9], prefix=True))
+        assert plan.token_counts == [CHUNK]  # a's tail does not match (its last token differs): whole chunks only
+        short = [7, 7, 7]
+        (hs,) = svc.ingest_sync(MODEL, short, make_kv(3, 3))
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=short + [1] * 50, prefix=True))
+        assert plan.token_counts == [3] and plan.handle == [hs]  # the first chunk, chained to the model's root
+        for kind in ("meta", "src"):
+            svc.store.delete(object_key(hb[1], kind))
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=b + [9] * 40, prefix=True))
+        assert plan.token_counts == [CHUNK]  # its tail's chunk is gone: no error, the whole chunks
+        svc.store.put(object_key(hb[0], "tail"), b"\xc1 not msgpack")
+        assert svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=b, prefix=True)).token_counts == [
+            CHUNK]
+    finally:
+        svc.close()

@@ -28,5 +28,5 @@ def test_readme_kv_example_runs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "200 tokens of KV" in out.stdout and "deadline met: True" in out.stdout
-    # 200 stored tokens are three whole 64-token chunks and a partial one: the next turn reuses the three
-    assert "next turn: 192 tokens of KV, 58 to prefill" in out.stdout
+    # 200 stored tokens are three whole 64-token chunks and a shorter one: the next turn reuses all four
+    assert "next turn: 200 tokens of KV, 50 to prefill" in out.stdout
