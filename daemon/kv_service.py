@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ from .kv_store import (
     RedisChunkStore,
     StoreError,
     chain_root,
-    chain_step,
     chunk_hashes,
     object_key,
 )
@@ -56,7 +56,6 @@ log = logging.getLogger("tokenwire.kv")
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
-TAILS_KEPT = 16  # shorter last chunks remembered per parent chunk (contexts that end at one place)
 
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -220,37 +219,30 @@ class KVService:
                 self._remember(self._meta, h, meta)
             for lv in prewarm:
                 self.encoded_sync(h, lv)
-        if len(token_ids) % self.chunk_tokens:  # a shorter last chunk: findable from a longer context's chain
-            parent = hashes[-2] if len(hashes) > 1 else chain_root(model)
-            self._add_tail(parent, hashes[-1], len(token_ids) % self.chunk_tokens)
         return hashes
 
-    def _add_tail(self, parent: str, child: str, n_tokens: int) -> None:
-        """Note that chunk ``child`` of ``n_tokens`` (< chunk_tokens) follows ``parent``. A longer context (the
-        conversation's next turn) hashes that position over a whole chunk and would never find it; a prefix
-        fetch reads this list instead. The newest TAILS_KEPT per parent."""
-        key = object_key(parent, "tail")
-        with self._chunk_lock(parent):
-            tails = [t for t in self._tails(parent) if t[0] != child]
-            self.store.put(key, msgpack.packb([[child, n_tokens], *tails][:TAILS_KEPT]))
-
-    def _tails(self, parent: str) -> list[tuple[str, int]]:
-        data = self.store.get(object_key(parent, "tail"))
-        if data is None:
-            return []
-        try:
-            return [(str(h), int(n)) for h, n in msgpack.unpackb(data)]
-        except (ValueError, TypeError, msgpack.UnpackException):
-            return []  # unreadable: a prefix fetch then stops at the last whole chunk, as without it
-
-    def _stored_tail(self, parent: str, ids: Sequence[int], model: str) -> tuple[str, ChunkMeta] | None:
-        """The longest shorter chunk stored after ``parent`` whose tokens begin ``ids``."""
-        for child, n in sorted(self._tails(parent), key=lambda t: -t[1]):
-            if n > len(ids) or chain_step(parent, ids[:n]) != child:
+    def _stored_tail(self, parent: str, ids: Sequence[int], like: ChunkMeta | None,
+                     model: str) -> tuple[str, ChunkMeta] | None:
+        """The longest chunk stored after ``parent`` that is shorter than ``ids`` and whose tokens begin it: the
+        previous prompt's last chunk, which a longer context's chain hashes over a whole chunk and never names.
+        Every shorter length is hashed (one incremental hash) and looked up at once; a chunk of another model,
+        fingerprint, geometry or dtype than ``like`` (the chunk before it) is not taken."""
+        h = hashlib.blake2b(bytes.fromhex(parent), digest_size=16)
+        candidates: list[str] = []
+        for t in ids[: len(ids) - 1]:
+            h.update(struct.pack("<q", t))  # the byte stream chain_step packs at once
+            candidates.append(h.copy().hexdigest())
+        stored = self.store.contains_many([object_key(c, "meta") for c in candidates])
+        for n in range(len(candidates), 0, -1):
+            if not stored[n - 1]:
                 continue
-            m = self._usable(child)
-            if m is not None and m.model == model:
-                return child, m
+            m = self._usable(candidates[n - 1])
+            if m is None or m.model != model or len(m.token_ids) != n:
+                continue
+            if like is not None and (m.fingerprint, m.layers, m.heads, m.head_dim, m.dtype) != (
+                    like.fingerprint, like.layers, like.heads, like.head_dim, like.dtype):
+                continue
+            return candidates[n - 1], m
         return None
 
     def _usable(self, h: str) -> ChunkMeta | None:
@@ -374,7 +366,8 @@ class KVService:
                     # shorter last chunk of the stored context (the previous turn's prompt)
                     ct = self.chunk_tokens
                     parent = hashes[i - 1] if i else chain_root(fetch.model)
-                    tail = self._stored_tail(parent, fetch.token_ids[i * ct : (i + 1) * ct], fetch.model)
+                    tail = self._stored_tail(parent, fetch.token_ids[i * ct : (i + 1) * ct],
+                                             metas[-1] if metas else None, fetch.model)
                     if tail is not None:
                         hashes[i] = tail[0]
                         metas.append(tail[1])

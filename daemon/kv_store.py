@@ -144,6 +144,10 @@ class ChunkStore(ABC):
     @abstractmethod
     def used_bytes(self) -> int: ...
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """``contains`` for each key (a store with round trips answers them in one)."""
+        return [self.contains(k) for k in keys]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -461,6 +465,12 @@ class RedisChunkStore(ChunkStore):
     def contains(self, key: str) -> bool:
         return bool(self._r.exists(self._k(key)))
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self._k(key))
+        return [bool(n) for n in pipe.execute()] if keys else []
+
     def get(self, key: str) -> bytes | None:
         blob = self._r.get(self._k(key))
         if blob is None:
@@ -527,7 +537,7 @@ class RedisChunkStore(ChunkStore):
                     break
                 if chunk == chunk_of(keep):
                     continue
-                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", "tail", *REBUILT_LEVELS)]
+                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", *REBUILT_LEVELS)]
                 for k, size in self._sized([k for k in keys if k not in chosen]):
                     out.append(k)
                     chosen.add(k)

@@ -344,7 +344,10 @@ class Daemon:
             if not auth.required:
                 valid = True
             elif proto.token is not None:
-                valid = any(t.sha256 == proto.token.sha256 for t in auth.tokens)
+                same = next((t for t in auth.tokens if t.sha256 == proto.token.sha256), None)
+                if same is not None:  # renamed: its new answers are the new name's, as a new connection's are
+                    proto.token, proto.principal = same, same.name
+                valid = same is not None
             else:
                 valid = False
             if not valid:

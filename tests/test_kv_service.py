@@ -414,8 +414,8 @@ def test_kv_metrics_scrape_survives_an_unreachable_store_and_counts_ingests(tmp_
 def test_a_prefix_fetch_finds_the_stored_contexts_shorter_last_chunk(tmp_path):
     """The previous turn's last chunk is shorter than chunk_tokens, and the next turn's chain hashes that
     position over a whole chunk: without the parent's tail list it was never found (on average half a chunk
-    recomputed each turn). Two continuations of one parent, a context shorter than one chunk, and a tail whose
-    chunk is gone."""
+    recomputed each turn). Two continuations of one parent, a context shorter than one chunk, a shorter chunk
+    that is gone, one of another fingerprint, and many short first turns."""
     svc = _service(tmp_path)
     try:
         base = list(range(1000, 1000 + CHUNK))
@@ -433,9 +433,17 @@ def test_a_prefix_fetch_finds_the_stored_contexts_shorter_last_chunk(tmp_path):
         for kind in ("meta", "src"):
             svc.store.delete(object_key(hb[1], kind))
         plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=b + [9] * 40, prefix=True))
-        assert plan.token_counts == [CHUNK]  # its tail's chunk is gone: no error, the whole chunks
-        svc.store.put(object_key(hb[0], "tail"), b"\xc1 not msgpack")
-        assert svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=b, prefix=True)).token_counts == [
-            CHUNK]
+        assert plan.token_counts == [CHUNK]  # its shorter chunk is gone: no error, the whole chunks
+        # another fingerprint (a fine-tune that kept its name) re-ingests the whole chunk: a's shorter chunk,
+        # stored with the old one, is not mixed in after it (that failed the fetch as geometry disagreement)
+        svc.ingest_sync(MODEL, base, make_kv(CHUNK, 4), fingerprint=12345)
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=a + [9] * 40, prefix=True))
+        assert plan.token_counts == [CHUNK] and plan.fingerprint == 12345
+        # no cap: 20 different short first turns are all found again
+        firsts = [[5000 + k] * 3 for k in range(20)]
+        for k, ids in enumerate(firsts):
+            svc.ingest_sync(MODEL, ids, make_kv(3, 10 + k))
+        assert all(svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids + [1] * 9, prefix=True))
+                   .token_counts == [3] for ids in firsts)
     finally:
         svc.close()

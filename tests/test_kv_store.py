@@ -82,6 +82,7 @@ def test_round_trip_and_miss(make_store):
     assert s.get("aa.L1") == b"hello" and s.contains("aa.L1")
     assert s.get("bb.L1") is None
     assert s.stats.hits == 1 and s.stats.misses == 1
+    assert s.contains_many(["bb.L1", "aa.L1", "cc.L1"]) == [False, True, False] and s.contains_many([]) == []
 
 
 def test_eviction_is_least_recently_used_and_bounded(make_store):

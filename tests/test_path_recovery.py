@@ -92,6 +92,7 @@ def test_what_the_module_relies_on_in_aioquic():
     """aioquic 1.7.2 internals: the PTO backoff counter and the probe request (pinned in pyproject.toml)."""
     quic = QuicConnection(configuration=client_configuration(server_name="localhost"))
     assert quic._loss._pto_count == 0 and not backed_off(quic)
+    assert quic._remote_max_idle_timeout is None  # the server's idle timeout, once its parameters arrive
     assert probe_on_receipt(quic) is False and quic._probe_pending is False
     quic._loss._pto_count = 2  # as after two probe timeouts without an acknowledgement
     assert backed_off(quic) and probe_on_receipt(quic) is True and quic._probe_pending is True
@@ -118,16 +119,19 @@ def test_the_kv_client_pings_each_quarter_second_of_silence_while_a_fetch_is_pen
     assert sess._session_timer() is None
 
 
-@pytest.mark.parametrize(("idle_timeout", "interval"), [(0.6, 0.2), (60.0, 1.0)])
-def test_a_pause_mid_answer_pings_within_the_idle_timeout(idle_timeout, interval):
-    """A pause mid-answer pings every second (PAUSE_PING_S), but never later than a third of the idle timeout:
-    the server does not ping, and with --idle-timeout 0.8 a slow model's 1.4-s pause ended the connection."""
+@pytest.mark.parametrize(("idle_timeout", "server_idle", "interval"),
+                         [(0.6, None, 0.2), (60.0, None, 1.0), (60.0, 1.5, 0.5)])
+def test_a_pause_mid_answer_pings_within_the_idle_timeout(idle_timeout, server_idle, interval):
+    """A pause mid-answer pings every second (PAUSE_PING_S), but never later than a third of the idle timeout
+    in force, ours or the server's if shorter: the server does not ping, and with --idle-timeout 0.8 a slow
+    model's 1.4-s pause ended the connection."""
     from tokenwire.transport.frames import Request
     from tokenwire.transport.session import ClientSession
 
     cfg = client_configuration(server_name="localhost")
     cfg.idle_timeout = idle_timeout
     session = ClientSession(QuicConnection(configuration=cfg))
+    session.quic._remote_max_idle_timeout = server_idle  # from the server's transport parameters
     sid = session.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0.0)
     session.requests[sid].receiver.tokens.append(b"first")  # the answer has started
     assert session._keepalive_at() == pytest.approx(interval)

@@ -746,13 +746,16 @@ class ClientSession(_SessionBase):
         # Silent in mid-answer, or our own packets unacknowledged: the path may be down. Ping at a fixed pace
         # so that a packet crosses soon after it returns and the server probes at once (.path_recovery),
         # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
+        # the idle timeout in force: ours or the server's, whichever is shorter (aioquic closes on the minimum)
+        remote = self.quic._remote_max_idle_timeout
+        idle = min(self.quic.configuration.idle_timeout, remote) if remote else self.quic.configuration.idle_timeout
         if backed_off(self.quic):  # our packets go unacknowledged: the path is down, or one direction is
             interval = RECOVERY_PING_S
         elif any(r.receiver.tokens for r in awaited):  # a pause mid-answer (a slow model, a tool call)
             # within the idle timeout: the server never pings, and a short one ended the connection first
-            interval = min(PAUSE_PING_S, self.quic.configuration.idle_timeout / 3.0)
+            interval = min(PAUSE_PING_S, idle / 3.0)
         else:
-            interval = self.quic.configuration.idle_timeout / 3.0
+            interval = idle / 3.0
         return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
