@@ -52,6 +52,8 @@ import math
 
 from aioquic.quic.connection import QuicConnection
 
+from .datagram_hook import smoothed_rtt
+
 RECOVERY_PING_S = 0.25  # the client's, once its own packets go unacknowledged (backed off)
 PAUSE_PING_S = 1.0  # the client's, in a pause mid-answer while its packets are acknowledged (a slow model)
 KV_RECOVERY_PING_S = 0.25  # the KV client's, while a fetch is pending: its deadlines are a few seconds
@@ -61,11 +63,6 @@ MIN_PROBE_SPACING_S = 0.01  # receipt probes: at most one per smoothed RTT, and 
 def backed_off(quic: QuicConnection) -> bool:
     """Whether a probe timeout has fired since the peer last acknowledged one of our packets."""
     return quic._loss._pto_count >= 1
-
-
-def _smoothed_rtt(quic: QuicConnection) -> float:
-    loss = quic._loss
-    return max(MIN_PROBE_SPACING_S, loss._rtt_smoothed if loss._rtt_initialized else loss._rtt_initial)
 
 
 def window_full(quic: QuicConnection) -> bool:
@@ -83,7 +80,7 @@ def probe_on_receipt(quic: QuicConnection, now: float | None = None, last: float
     no data crossed). Returns whether one was requested."""
     if not backed_off(quic):
         return False
-    if now is not None and now - last < _smoothed_rtt(quic):
+    if now is not None and now - last < max(MIN_PROBE_SPACING_S, smoothed_rtt(quic, quic._loss._rtt_initial)):
         return False
     quic._send_probe()  # the next packet carries a PING; a probe may exceed the congestion window by one
     return True
