@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from tokenwire.testbed.kv_eval import fetch_metrics, summarize, timed_out_metrics
@@ -109,3 +110,95 @@ def test_an_unmeasured_perplexity_is_null_in_json_and_na_when_printed(tmp_path, 
         cli._write_json(str(path), {"levels": {"low": r}}, compact=compact)
         doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
         assert doc["levels"]["low"]["ppl"] is None
+
+
+class _CountingLM:
+    """A stand-in for SmolLM2 in ``channel_sensitivity``: logits depend on the KV (so gradients flow), and
+    the ``stop_at``-th forward pass is a Ctrl-C."""
+
+    def __init__(self, torch, vocab: int, stop_at: int | None):
+        self.torch, self.vocab, self.stop_at, self.calls = torch, vocab, stop_at, 0
+        self.model, self.name, self.fingerprint = self, "counting", 7
+
+    def forward(self, ids, past_key_values=None):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        t = self.torch
+        k, v = past_key_values[0]
+        w = t.arange(self.vocab, dtype=t.float32)
+        logits = (k.sum() * w - v.pow(2).sum() * w.flip(0)).expand(1, ids.shape[1], self.vocab)
+        return type("Out", (), {"logits": logits})()
+
+    __call__ = forward
+
+
+def _fisher_setup(torch, evaluate, stop_at):
+    gen = torch.Generator().manual_seed(3)
+    kv = [(torch.randn(1, 2, 4, 3, generator=gen), torch.randn(1, 2, 4, 3, generator=gen))]
+    return evaluate.Setup(lm=_CountingLM(torch, 6, stop_at), kv=kv, score_ids=torch.zeros(1, 5, dtype=torch.long),
+                          ref_logits=torch.randn(5, 6, generator=gen), prefix=4,
+                          prefix_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_calibration_interrupted_after_some_samples_averages_exactly_those(monkeypatch):
+    """Ctrl-C during ``kv calibrate`` lost every sample taken (an hour on CPU); now the Fisher estimate averages
+    the samples done, and equals an uninterrupted run with that many."""
+    torch = pytest.importorskip("torch")
+    from tokenwire.transport.cachegen import evaluate
+
+    monkeypatch.setattr(evaluate, "cache_from_kv", lambda kv: kv)
+    sens2, used2 = evaluate.channel_sensitivity(_fisher_setup(torch, evaluate, None), samples=2)
+    sens_cut, used_cut = evaluate.channel_sensitivity(_fisher_setup(torch, evaluate, 3), samples=5)
+    assert (used2, used_cut) == (2, 2)
+    assert np.all(sens2 > 0) and np.allclose(sens_cut, sens2, rtol=1e-6)
+    with pytest.raises(KeyboardInterrupt):  # nothing measured: an ordinary interrupt
+        evaluate.channel_sensitivity(_fisher_setup(torch, evaluate, 1), samples=5)
+
+    monkeypatch.setattr(evaluate, "prepare", lambda *a, **k: _fisher_setup(torch, evaluate, 4))
+    with pytest.raises(evaluate.Interrupted) as info:
+        evaluate.calibrate("text", 4, n_score=5, samples=8)
+    doc = info.value.doc
+    assert doc["interrupted"] is True and doc["calibration"]["fisher_samples"] == 3
+    assert np.asarray(doc["offsets"]).shape == (1, 2, 6)
+
+
+def test_kv_eval_and_calibrate_write_what_was_measured_when_interrupted(tmp_path, monkeypatch, capsys):
+    import json
+
+    pytest.importorskip("torch")
+    from tokenwire.daemon.cli import main
+    from tokenwire.transport.cachegen import evaluate
+
+    def level(setup, name, chunk_tokens, backend="auto"):
+        if name == "high":
+            raise KeyboardInterrupt
+        return {"bits_per_element": 1.0, "top1": 0.9, "kl": 0.01, "ppl": 5.0}
+
+    monkeypatch.setattr(evaluate, "profile_for", lambda *a: type("P", (), {"name": "p"})())
+    monkeypatch.setattr(evaluate, "eval_level", level)
+    monkeypatch.setattr(evaluate, "load_smollm2", lambda: pytest.fail("model loaded"))
+    text = tmp_path / "t.txt"
+    text.write_text("words")
+
+    class FakeSetup:
+        lm = type("LM", (), {"name": "m", "fingerprint": 1})()
+        kv = ((0, 0),)
+        elements = 8
+
+    monkeypatch.setattr(evaluate, "prepare", lambda *a, **k: FakeSetup())
+    out = tmp_path / "eval.json"
+    assert main(["kv", "eval", "--text", str(text), "--prefix", "1", "--levels", "low,medium,high",
+                 "--json", str(out)]) == 130
+    doc = json.loads(out.read_text())
+    assert doc["interrupted"] is True and list(doc["levels"]) == ["low", "medium"]
+    assert "the 2 of 3 levels" in capsys.readouterr().err
+
+    def cut_calibration(*a, **k):
+        raise evaluate.Interrupted({"calibration": {"fisher_samples": 5}, "offsets": [[0]], "interrupted": True})
+
+    monkeypatch.setattr(evaluate, "calibrate", cut_calibration)
+    out = tmp_path / "profile.json"
+    assert main(["kv", "calibrate", "--text", str(text), "--samples", "64", "--json", str(out)]) == 130
+    assert json.loads(out.read_text())["calibration"]["fisher_samples"] == 5
+    assert "from the 5 of 64 samples" in capsys.readouterr().err

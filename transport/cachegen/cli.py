@@ -9,7 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .evaluate import Interrupted
 
 
 def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) -> None:
@@ -34,6 +37,14 @@ def _read_text(path: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise OSError(f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _write_partial(path: str | None, exc: Interrupted, what: str, compact: bool = False) -> int:
+    """Ctrl-C mid-run (``evaluate.Interrupted``): write what was measured, marked ``"interrupted": true``, and
+    exit as an interrupt does (130)."""
+    _write_json(path, exc.doc, compact=compact)
+    print(f"interrupted: wrote {what} measured so far", file=sys.stderr)
+    return 130
 
 
 def _cli_error(msg: str) -> Exception:
@@ -66,13 +77,15 @@ def _eval(args: argparse.Namespace) -> int:
             raise _cli_error(f"unknown level {name!r}; known: {', '.join(LEVEL_NAMES)} or code=N")
     import torch
 
-    from .evaluate import run_eval
+    from .evaluate import Interrupted, run_eval
     from .smollm import ModelUnavailable
 
     torch.set_num_threads(args.threads)
     try:
         doc = run_eval(text, args.prefix, levels, chunk_tokens=args.chunk_tokens, n_score=args.score,
                        backend=args.backend)
+    except Interrupted as exc:
+        return _write_partial(args.json, exc, f"the {len(exc.doc['levels'])} of {len(levels)} levels")
     except ModelUnavailable as exc:
         raise _cli_error(str(exc)) from exc
     except (ValueError, KVCodecError) as exc:
@@ -104,7 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .evaluate import calibrate
+    from .evaluate import Interrupted, calibrate
     from .quant import MAX_STEP_CODE
 
     if abs(args.key_bias) > MAX_STEP_CODE:  # every key channel's step code would sit at a bound
@@ -121,6 +134,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     try:
         doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
                         with_sensitivity=args.with_sensitivity)
+    except Interrupted as exc:
+        used = exc.doc["calibration"]["fisher_samples"]
+        return _write_partial(args.json, exc, f"a profile from the {used} of {args.samples} samples",
+                              compact=True)
     except (ModelUnavailable, ValueError) as exc:  # e.g. a text shorter than --prefix + --score
         raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc, compact=True)

@@ -31,6 +31,16 @@ def _say(msg: str) -> None:
     print(f"[kv eval] {msg}", file=sys.stderr, flush=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after part of a long run was measured: ``doc`` holds that part (marked ``"interrupted": true``)
+    so the CLI can write it before exiting; a calibration's first hour used to be lost. To any other caller
+    it is still a KeyboardInterrupt."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__()
+        self.doc = doc
+
+
 @dataclass
 class Setup:
     lm: LoadedModel
@@ -215,15 +225,18 @@ def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 
                            "profile": profile_for(setup.lm.fingerprint, len(setup.kv), setup.elements
                                                   // (2 * len(setup.kv) * prefix)).name,
                            "levels": {}, "baselines": {}}
-    for name in levels:
-        if name == TEXT:
-            out["levels"][name] = eval_text(setup)
-        else:
-            out["levels"][name] = eval_level(setup, name, chunk_tokens, backend=backend)
-        r = out["levels"][name]
-        _say(f"level {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}, "
-             f"KL {r['kl']:.4f}, ppl {_fmt(r['ppl'], '.3f')}")
-    out["baselines"] = baselines(setup, chunk_tokens)
+    try:
+        for name in levels:
+            r = eval_text(setup) if name == TEXT else eval_level(setup, name, chunk_tokens, backend=backend)
+            out["levels"][name] = r
+            _say(f"level {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}, "
+                 f"KL {r['kl']:.4f}, ppl {_fmt(r['ppl'], '.3f')}")
+        out["baselines"] = baselines(setup, chunk_tokens)
+    except KeyboardInterrupt:
+        if not out["levels"]:
+            raise
+        out["interrupted"] = True  # the levels measured so far; the baselines only if all were
+        raise Interrupted(out) from None
     for name, r in out["baselines"].items():
         _say(f"baseline {name}: {r['bits_per_element']:.3f} bits/element, top-1 {r['top1']:.3f}, "
              f"ppl {_fmt(r['ppl'], '.3f')}")
@@ -232,8 +245,9 @@ def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 
 
 # --- calibration -----------------------------------------------------------------------------------------
 
-def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> np.ndarray:
-    """Expected KL increase per squared relative step, per (layer, K/V, channel), from the Fisher diagonal.
+def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Expected KL increase per squared relative step, per (layer, K/V, channel), from the Fisher diagonal,
+    and the number of label samples it averages: fewer than ``samples`` after a Ctrl-C past the first.
 
     For a small perturbation ``e`` of the KV, KL(p || p_e) ~ 1/2 e^T F e. Quantization with step
     ``d * s_t`` adds independent noise of variance ``(d s_t)**2 / 12``, so a channel's expected KL is
@@ -250,13 +264,20 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> np.nd
     probs = torch.softmax(setup.ref_logits, -1).to(torch.float32)
     gen = torch.Generator().manual_seed(seed)
     n_pos = setup.score_ids.shape[1]
-    for i in range(samples):
-        labels = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        out = model(setup.score_ids, **{_cache_kwarg(model): cache_from_kv(kv)})
-        loglik = torch.log_softmax(out.logits[0].to(torch.float32), -1).gather(1, labels[:, None]).sum()
-        for a, g in zip(acc, torch.autograd.grad(loglik, flat), strict=True):
-            a += g.detach() ** 2
-        _say(f"calibration sample {i + 1}/{samples}")
+    used = 0
+    try:
+        for i in range(samples):
+            labels = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            out = model(setup.score_ids, **{_cache_kwarg(model): cache_from_kv(kv)})
+            loglik = torch.log_softmax(out.logits[0].to(torch.float32), -1).gather(1, labels[:, None]).sum()
+            grads = torch.autograd.grad(loglik, flat)
+            # one assignment, so a Ctrl-C never leaves some channels with a sample more than others
+            acc, used = [a + g.detach() ** 2 for a, g in zip(acc, grads, strict=True)], i + 1
+            _say(f"calibration sample {used}/{samples}")
+    except KeyboardInterrupt:
+        if not used:
+            raise
+        _say(f"interrupted: the profile averages the {used} samples taken")
     n_layers = len(kv)
     n_heads, head_dim = kv[0][0].shape[1], kv[0][0].shape[3]
     sens = np.zeros((n_layers, 2, n_heads * head_dim))
@@ -264,11 +285,11 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> np.nd
         for j in range(2):
             x = setup.kv[li][j][0]  # [H, T, D]
             scale = x.abs().amax(dim=(0, 2))  # the codec's per-token scale: abs-max over all heads
-            fisher = acc[2 * li + j][0] / samples
+            fisher = acc[2 * li + j][0] / used
             # the KL reported is a mean over scored positions
             per = (fisher * scale[None, :, None] ** 2).sum(dim=1) / 24 / n_pos  # [H, D]
             sens[li, j] = per.reshape(-1).numpy()
-    return sens
+    return sens, used
 
 
 def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key_bias: int = 3,
@@ -279,17 +300,20 @@ def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key
     at equal size was lowest with +2..+4 on SmolLM2, measured on texts other than the calibration text).
     """
     setup = prepare(text, prefix, n_score)
-    sens = channel_sensitivity(setup, samples)
+    sens, used = channel_sensitivity(setup, samples)
     offsets = offsets_from_sensitivity(sens)
     offsets[:, 0] += key_bias
     doc: dict[str, Any] = {
         "name": "smollm2-135m", "fingerprint": setup.lm.fingerprint, "model": setup.lm.name,
-        "calibration": {"prefix": prefix, "scored_tokens": n_score, "fisher_samples": samples,
+        "calibration": {"prefix": prefix, "scored_tokens": n_score, "fisher_samples": used,
                         "key_bias": key_bias},
         "offsets": offsets.tolist(),
     }
     if with_sensitivity:
         doc["sensitivity"] = [[[float(f"{v:.4g}") for v in row] for row in layer] for layer in sens]
+    if used < samples:
+        doc["interrupted"] = True
+        raise Interrupted(doc)
     return doc
 
 
