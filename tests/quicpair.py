@@ -46,7 +46,9 @@ class Pair:
         dt: float = 0.005,
         drop_down: Callable[[bytes], bool] = lambda d: False,
         on_server_event: Callable | None = None,
+        quiet_after: float = 5.0,
     ) -> None:
+        """``quiet_after``: return once no timer is due within this many seconds (only idle timers left)."""
         for _ in range(rounds):
             self.now += dt
             moved = False
@@ -78,6 +80,6 @@ class Pair:
                 # jump to the next timer
                 timers = [s.get_timer() for s in (self.client, self.server) if s is not None]
                 timers = [t for t in timers if t is not None]
-                if not timers or min(timers) > self.now + 5.0:
+                if not timers or min(timers) > self.now + quiet_after:
                     return  # quiet: only the idle timeout is left
                 self.now = max(self.now, min(timers) - dt)

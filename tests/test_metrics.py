@@ -28,6 +28,18 @@ def test_single_late_token_blocks_followers():
     assert stall_ratio(gen, render, 0.05) == pytest.approx(0.2 / (0.35 - 0.05))
 
 
+def test_an_answer_rendered_at_once_is_not_read_as_stalled():
+    """50 tokens generated within 50 us and rendered 40 us apart in two datagrams: the plain ratio divides
+    tens of microseconds by tens of microseconds (0.97 was reported, "longest stall 0 ms"); the period counts
+    as at least 100 ms, so it is about 0.0004."""
+    gen = [i * 1e-6 for i in range(50)]
+    render = [0.010 + (0 if i < 25 else 40e-6) for i in range(50)]
+    ratio = stall_ratio(gen, render, 0.010)
+    assert 0 < ratio < 0.001
+    assert ratio == pytest.approx(sum(stall_times(gen, render, 0.010)) / 0.1)
+    assert stall_ratio([0.0], [0.25], 0.05) == pytest.approx(1.0)  # one token 200 ms late: all of it stalled
+
+
 def test_stall_ratio_only_counts_rendered_prefix():
     gen = [0.0, 0.1, 0.2]
     render = [0.05, 0.15, math.nan]

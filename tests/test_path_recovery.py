@@ -135,3 +135,34 @@ def test_a_pause_mid_answer_pings_within_the_idle_timeout(idle_timeout, server_i
     sid = session.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0.0)
     session.requests[sid].receiver.tokens.append(b"first")  # the answer has started
     assert session._keepalive_at() == pytest.approx(interval)
+
+
+@pytest.mark.parametrize("keepalive", [False, True])
+def test_a_connection_kept_between_turns_lives_with_keepalive_and_says_why_it_died_without(keepalive):
+    """A chat app holding one connection while its user thinks: with no request open neither end sends, the
+    QUIC idle timer ends it, and the next request's error blamed a gone server. ``keepalive`` pings a third of
+    the idle timeout; without it, the error says nobody had anything to send."""
+    from tests.quicpair import Pair
+    from tokenwire.transport.client import closed_error
+    from tokenwire.transport.frames import Request
+    from tokenwire.transport.session import ConnectionEnded, RequestFinished
+
+    pair = Pair()
+    pair.client.keepalive = keepalive
+    pair.exchange(rounds=40)  # handshake
+    assert pair.server is not None
+    pair.exchange(rounds=400, quiet_after=300.0)  # the user thinks for 3 minutes (idle timeout 60 s)
+    ended = [e for e in pair.client_events if isinstance(e, ConnectionEnded)]
+    if not keepalive:
+        assert len(ended) == 1 and pair.now > 60.0
+        err = closed_error(ended[0].error_code, ended[0].reason, 60.0, awaiting=False)
+        assert err.path_lost and "no request was open" in str(err) and "gone" not in str(err)
+        return
+    assert not ended and pair.now > 180.0
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "next turn"}]), pair.now)
+    pair.exchange(rounds=40)
+    pair.server.accept(sid)
+    pair.server.push(sid, "answer", pair.now)
+    pair.server.finish(sid)
+    pair.exchange(rounds=100)
+    assert any(isinstance(e, RequestFinished) and e.stream_id == sid for e in pair.client_events)

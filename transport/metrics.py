@@ -5,7 +5,9 @@ render time ``e_i = g_i + D``. The stall of token i is ``max(0, r_i - max(e_i, r
 reader waited for it beyond what the network's base delay and the previous token already imposed. The
 **stall ratio** is ``sum(stall) / (r_last - e_first)``, the share of the rendering period spent waiting
 (the rebuffering ratio of video QoE; Chatterbox, arXiv 2401.12961, "proportion of token rendering wait
-time").
+time"). The period counts as at least ``MIN_PERIOD_S`` (100 ms): an answer generated at once and rendered
+within a millisecond read as 97 % stalled, microseconds of processing jitter over a microsecond period. No
+answer of the simulator, testbed or demo renders that fast, so their numbers are the plain definition.
 
 The **oracle** renders token i at the arrival of the first delivered packet sent at or after ``g_i``: the
 best any scheme could do on that packet schedule, given that a token cannot leave before it exists.
@@ -61,16 +63,17 @@ def stall_times(gen: Sequence[float], render: Sequence[float], base_delay: float
     return out
 
 
+MIN_PERIOD_S = 0.1
+
+
 def stall_ratio(gen: Sequence[float], render: Sequence[float], base_delay: float) -> float:
-    """Share of the rendering period spent stalled (see module docstring); 0 for fewer than 1 token."""
+    """Share of the rendering period (at least ``MIN_PERIOD_S``) spent stalled, see the module docstring;
+    NaN when no token rendered."""
     render = rendered_prefix(render)
     if not render:
         return math.nan
     stalls = stall_times(gen, render, base_delay)
-    period = render[-1] - (gen[0] + base_delay)
-    if period <= 0:
-        return 0.0
-    return sum(stalls) / period
+    return sum(stalls) / max(render[-1] - (gen[0] + base_delay), MIN_PERIOD_S)
 
 
 def oracle_render_times(gen: Sequence[float], deliveries: Iterable[tuple[float, float]]) -> list[float]:

@@ -145,11 +145,15 @@ AIOQUIC_IDLE_REASON = "Idle timeout"
 """The reason aioquic gives its ConnectionTerminated when its idle timer fires (a test pins it)."""
 
 
-def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection") -> RemoteError:
-    """Why a connection ended, for the client's requests; the idle timer's close says what it means."""
+def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection",
+                 awaiting: bool = True) -> RemoteError:
+    """Why a connection ended, for the client's requests; the idle timer's close says what it means. With
+    nothing ``awaiting`` (a chat app between turns), neither end had anything to say: the server is not gone."""
     if reason == AIOQUIC_IDLE_REASON:
-        err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): "
-                          "server or path gone", code=error_code)
+        why = ("server or path gone" if awaiting else
+               "no request was open, so neither end sent anything; connect again, or connect with keepalive=True")
+        err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): {why}",
+                          code=error_code)
         err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
         return err
     return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})", code=error_code)
@@ -440,7 +444,15 @@ class ServerSession(_SessionBase):
         self._drop(req)
         self._ended.add(stream_id)  # the client's FIN (or reset) follows
 
-    fail = reject  # an accepted request that cannot finish (upstream error) ends the same way
+    def fail(self, stream_id: int, code: int, message: str) -> None:
+        """An accepted request that cannot finish (upstream error) ends with a typed ERROR, as a refusal does,
+        but every token generated before it reaches the client first: a datagram scheme's tokens still
+        unacknowledged go on the stream ahead of the ERROR. The client drops datagrams once it has read the
+        ERROR, so they were lost (62 of 2,000 tokens arrived when a source failed right after a burst)."""
+        req = self.requests.get(stream_id)
+        if req is not None and not req.done and req.sender is not None and req.transcript is not None:
+            self._send_tokens(req, req.sender.floor, len(req.transcript))
+        self.reject(stream_id, code, message)
 
     def push(self, stream_id: int, piece: bytes | str, now: float, *, max_total: int | None = None) -> None:
         """Append generated text to the request's transcript and send it on. ``max_total``: a piece longer
@@ -551,13 +563,15 @@ class ServerSession(_SessionBase):
     def _repair(self, req: ServerRequest, frame: Repair) -> None:
         if req.transcript is None or req.done:
             return
-        tr = req.transcript
-        end = min(frame.end, len(tr))
-        first = max(frame.first, req.first_index)
         req.repairs += 1
+        self._send_tokens(req, max(frame.first, req.first_index), min(frame.end, len(req.transcript)))
+
+    def _send_tokens(self, req: ServerRequest, first: int, end: int) -> None:
+        """Tokens ``[first, end)`` on the request's stream: reliable, in order, ahead of what follows there."""
+        tr = req.transcript
+        assert tr is not None
         for i in range(first, end, REPAIR_CHUNK):
-            j = min(end, i + REPAIR_CHUNK)
-            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:j]))
+            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:min(end, i + REPAIR_CHUNK)]))
 
     def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
         if not isinstance(frame, Ack):
@@ -727,28 +741,32 @@ class ClientRequest:
 class ClientSession(_SessionBase):
     """Client side of one connection: start requests, receive renderable tokens as events."""
 
-    def __init__(self, quic: QuicConnection, *, send_acks: bool = True, send_reports: bool = True) -> None:
+    def __init__(self, quic: QuicConnection, *, send_acks: bool = True, send_reports: bool = True,
+                 keepalive: bool = False) -> None:
         super().__init__(quic)
         self.requests: dict[int, ClientRequest] = {}
         self.send_acks = send_acks
         self.send_reports = send_reports
         self.ecn_counts: Callable[[], list[int]] | None = None  # received packets per codepoint (shell)
+        # ping with no request open too: a connection kept across a chat's turns outlives a user who thinks
+        # longer than the idle timeout (without it, both ends fall silent and the connection ends)
+        self.keepalive = keepalive
 
     def _keepalive_at(self) -> float | None:
-        """When to PING the server: while an answer is awaited and the server has been silent a third of
-        the idle timeout (or RECOVERY_PING_S, below). A model that thinks longer than the idle timeout before
-        its first token would otherwise see both ends idle and the connection die. A dead server still ends
-        the connection: the idle timer restarts only on the first ack-eliciting packet after a receipt
-        (RFC 9000, 10.1)."""
-        awaited = [r for r in self.requests.values() if not r.done]
-        if not awaited:
-            return None
-        # Silent in mid-answer, or our own packets unacknowledged: the path may be down. Ping at a fixed pace
-        # so that a packet crosses soon after it returns and the server probes at once (.path_recovery),
-        # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
+        """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
+        been silent a third of the idle timeout (or RECOVERY_PING_S, below). A model that thinks longer than
+        the idle timeout before its first token would otherwise see both ends idle and the connection die. A
+        dead server still ends the connection: the idle timer restarts only on the first ack-eliciting packet
+        after a receipt (RFC 9000, 10.1)."""
         # the idle timeout in force: ours or the server's, whichever is shorter (aioquic closes on the minimum)
         remote = self.quic._remote_max_idle_timeout
         idle = min(self.quic.configuration.idle_timeout, remote) if remote else self.quic.configuration.idle_timeout
+        awaited = [r for r in self.requests.values() if not r.done]
+        if not awaited:
+            return self._silence_ping_at(idle / 3.0) if self.keepalive and self.datagrams_ok is not None else None
+        # Silent in mid-answer, or our own packets unacknowledged: the path may be down. Ping at a fixed pace
+        # so that a packet crosses soon after it returns and the server probes at once (.path_recovery),
+        # rather than after the backed-off probe timers. Before the first token, silence is a model thinking.
         if backed_off(self.quic):  # our packets go unacknowledged: the path is down, or one direction is
             interval = RECOVERY_PING_S
         elif any(r.receiver.tokens for r in awaited):  # a pause mid-answer (a slow model, a tool call)
