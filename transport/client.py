@@ -15,7 +15,13 @@ Example (runnable against ``python -m tokenwire.transport.server``)::
 
     asyncio.run(main())
 
-For scripts without asyncio: ``text, stats = chat_sync("127.0.0.1", 4433, "Hello", verify=False)``.
+For scripts without asyncio, :func:`chat_sync` makes one request and returns a :class:`ChatResult`::
+
+    from tokenwire.transport.client import chat_sync
+
+    result = chat_sync("127.0.0.1", 4433, "Hello", verify=False)
+    print(result.text)
+    print(result.stats)
 
 Every answer ends with the server's FINISHED frame (token count and SHA-256 of the text). The client
 keeps asking for missing ranges until it holds every token, then checks the digest; a mismatch raises
@@ -27,12 +33,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aioquic.quic.congestion.base import _factories as _congestion_factories
 from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
@@ -60,6 +68,21 @@ class DigestMismatch(TokenwireError):
 
 
 _END = object()
+
+
+def check_congestion(name: str) -> None:
+    """Refuse a congestion controller aioquic does not know (it would raise a bare Exception from inside the
+    connection). The names are aioquic's registry: ``reno`` and ``cubic``, and tokenwire's ``prague``."""
+    names = sorted(_congestion_factories)
+    if name not in names:
+        raise ValueError(f"unknown congestion controller {name!r}; choose from {', '.join(names)}")
+
+
+def closed_locally_error() -> TokenwireError:
+    """What the answers still in flight, and later requests, get once this side closed its connection."""
+    return TokenwireError(
+        "connection closed locally (Connection.close() or the end of `async with connect(...)`)",
+        code=ErrorCode.CANCELLED)
 
 
 class ChatStream:
@@ -163,16 +186,23 @@ class ChatStream:
 
 
 class ClientProtocol(SessionProtocol):
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
-        super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q))
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, keepalive: bool = False) -> None:
+        super().__init__(quic, stream_handler, session_factory=lambda q: ClientSession(q, keepalive=keepalive))
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
+        self.closed_locally = False  # close() ended the connection, not the server, the path or an error
         self.answered = False  # the server has answered a request: it has checked this connection's token
 
     @property
     def client_session(self) -> ClientSession:
         assert isinstance(self.session, ClientSession)
         return self.session
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        # aioquic ignores a close once one has begun (the server's, a protocol error's): only this one is ours
+        if self._quic._close_event is None and not self.session.closed:
+            self.closed_locally = True
+        super().close(*args, **kwargs)
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
@@ -193,9 +223,12 @@ class ClientProtocol(SessionProtocol):
                 self.answered = True  # a per-request error: a wrong token would have closed the connection
                 s = self.streams.pop(ev.stream_id, None)
                 if s is not None:
-                    s._failed(ev.error)
+                    # after our own close nothing more is received: the failure is the close's, not the server's
+                    s._failed(closed_locally_error() if self.closed_locally else ev.error)
             elif isinstance(ev, ConnectionEnded):
-                self.close_error = closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout)
+                self.close_error = (closed_locally_error() if self.closed_locally else
+                                    closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout,
+                                                 awaiting=bool(self.streams)))
                 for s in self.streams.values():
                     s._failed(self.close_error)
                 self.streams.clear()
@@ -207,6 +240,11 @@ class Connection:
     def __init__(self, protocol: ClientProtocol, auth_token: str | None) -> None:
         self._protocol = protocol
         self._auth = auth_token
+
+    @property
+    def closed(self) -> bool:
+        """The connection has ended (closed by either side, or idle): a new request raises why; connect again."""
+        return self._protocol.close_error is not None
 
     @property
     def datagrams(self) -> bool:
@@ -223,7 +261,9 @@ class Connection:
         params: dict[str, Any] | None = None,
         resume: tuple[bytes, list[bytes]] | None = None,
     ) -> ChatStream:
-        """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection."""
+        """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection; only the
+        tokenwire daemon keeps answers across connections (the SDK's ``serve()`` refuses a resume with
+        NOT_FOUND)."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         if self._protocol.close_error is not None:
@@ -244,7 +284,8 @@ class Connection:
 
     def attach(self, request_id: bytes, *, scheme: str = "chatterbox", held: list[bytes] | None = None) -> ChatStream:
         """Stream an existing answer by id (one an application opened through ingest) from its start, or after
-        the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``)."""
+        the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``). Needs the
+        tokenwire daemon, which keeps answers by id; the SDK's ``serve()`` refuses an attach with NOT_FOUND."""
         if self._protocol.close_error is not None:
             raise self._protocol.close_error
         prefix = list(held or [])
@@ -295,18 +336,24 @@ async def connect(
     timeout: float = 10.0,
     ecn: bool = False,
     idle_timeout: float = 60.0,
+    keepalive: bool = False,
 ) -> AsyncIterator[Connection]:
     """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
 
     ``idle_timeout``: seconds without any packet from the server after which the connection (and every
     answer on it) ends with an error: how long a dead server or a dark path takes to notice. QUIC uses the
     smaller of the two ends' values. A live server answers the client's keepalive pings, so an upstream that
-    thinks longer than this before its first token is fine.
+    thinks longer than this before its first token is fine. Between answers nobody sends anything, so a
+    connection kept for a chat's next turn ends after ``idle_timeout`` unless ``keepalive`` pings the server
+    (every third of the idle timeout) while no answer is open.
 
     ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
     ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
     feedback a server that marks packets for L4S queues needs).
+    ``congestion``: aioquic's ``reno`` or ``cubic``, or ``prague`` (tokenwire's, for ECN marking); any other
+    name raises ``ValueError``.
     """
+    check_congestion(congestion)
     config = client_configuration(
         server_name=server_name or host,
         cafile=cafile,
@@ -317,8 +364,8 @@ async def connect(
         keyfile=keyfile,
         idle_timeout=idle_timeout,
     )
-    async with open_client(host, port, configuration=config, create_protocol=ClientProtocol, ecn=ecn,
-                           timeout=timeout) as protocol:
+    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
+                           create_protocol=functools.partial(ClientProtocol, keepalive=keepalive)) as protocol:
         yield Connection(protocol, auth_token)  # type: ignore[arg-type]
 
 

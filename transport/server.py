@@ -35,6 +35,7 @@ from typing import Any
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
 
+from .client import check_congestion
 from .errors import ErrorCode, RequestError
 from .frames import Request
 from .marking import MarkingPolicy
@@ -52,10 +53,18 @@ from .tls import CertPair, server_configuration
 
 log = logging.getLogger("tokenwire.server")
 
+NO_RESUME = "this server cannot resume answers (resume and attach need the tokenwire daemon)"
+"""The NOT_FOUND refusal of a request with a resume id: the SDK server keeps no answer beyond its connection."""
+
 
 @dataclass
 class ChatRequest:
-    """What a token source sees of one request."""
+    """What a token source sees of one request.
+
+    ``finish_reason``: how the answer ends when the source ends it before ``max_tokens``: "stop" unless the
+    source sets another reason before it ends (a content filter, say). An answer that reaches ``max_tokens``
+    ends with "length", as an LLM reports an answer that its limit stopped.
+    """
 
     messages: list[dict[str, str]]
     model: str | None
@@ -64,6 +73,7 @@ class ChatRequest:
     scheme: str
     request_id: bytes
     peer: Any = None
+    finish_reason: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -87,7 +97,7 @@ class ServerStats:
     failed: int = 0
     tokens: int = 0
     protocol_errors: int = 0
-    refused: int = 0  # request streams the session refused (too many at once, too large)
+    refused: int = 0  # requests refused before their source ran (too many at once, too large, a resume)
 
 
 class ServerProtocol(SessionProtocol):
@@ -142,6 +152,8 @@ class ServerProtocol(SessionProtocol):
         sess = self.server_session
         if stream_id not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
             return
+        if self.app.closing:  # close() has begun (the connection is closing): start nothing it would not wait for
+            return
         self.app.stats.requests += 1
         if not self.authorized:
             try:
@@ -158,6 +170,13 @@ class ServerProtocol(SessionProtocol):
                 sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
                 self.transmit()
                 return
+        if request.resume_id is not None:
+            # resume= and attach() name an answer by id; this server keeps no answer beyond its connection, and
+            # running the source again would give other text (or none: an attach has no messages)
+            self.app.stats.refused += 1
+            sess.reject(stream_id, ErrorCode.NOT_FOUND, NO_RESUME)
+            self.transmit()
+            return
         transcript = sess.accept(stream_id)
         req = sess.requests[stream_id]
         chat = ChatRequest(
@@ -175,21 +194,20 @@ class ServerProtocol(SessionProtocol):
 
     async def _feed(self, stream_id: int, chat: ChatRequest, transcript) -> None:
         sess = self.server_session
-        limit = chat.max_tokens
-        reason = "stop"
+        source: AsyncIterator[str] | None = None
         try:
-            async for piece in self.app.source(chat):
-                if not isinstance(piece, str | bytes):
-                    raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
-                sess.push(stream_id, piece, self.clock(), max_total=limit)
-                self.app.stats.tokens += 1
-                self.transmit()
-                if limit is not None and len(transcript) >= limit:
-                    reason = "length"
-                    break
+            source = aiter(self.app.source(chat))
+            reason = await self._pump(stream_id, source, chat.max_tokens, transcript) or _source_reason(chat)
+            await _aclose(source)  # before FINISHED: a source cut at max_tokens releases what it holds first
             sess.finish(stream_id, reason)
         except asyncio.CancelledError:
-            return
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return  # this task is being cancelled (the client gave up, the server closes): nobody to answer
+            # the source's own await was cancelled (an engine dropped the request): the answer ends here
+            self.app.stats.failed += 1
+            log.warning("token source was cancelled for request %s", chat.request_id.hex())
+            sess.fail(stream_id, ErrorCode.UPSTREAM_ERROR, "token source was cancelled")
         except RequestError as exc:
             self.app.stats.failed += 1
             sess.fail(stream_id, exc.code, str(exc))
@@ -199,7 +217,57 @@ class ServerProtocol(SessionProtocol):
             sess.fail(stream_id, ErrorCode.UPSTREAM_ERROR, f"token source failed: {exc.__class__.__name__}")
         finally:
             self.tasks.pop(stream_id, None)
+            if source is not None:
+                await _aclose(source)  # stopped early (cancelled, failed): run the source's cleanup now
         self.transmit()
+
+    async def _pump(self, stream_id: int, source: AsyncIterator[str], limit: int | None, transcript) -> str | None:
+        """Put the source's pieces on the wire until it ends (None: the source's own reason) or the answer has
+        ``limit`` tokens ("length")."""
+        sess = self.server_session
+        task = asyncio.current_task()
+        while (piece := await _next_piece(source)) is not None:
+            if task is not None and task.cancelling():  # a source that swallowed our cancellation
+                raise asyncio.CancelledError
+            before = len(transcript)
+            sess.push(stream_id, piece, self.clock(), max_total=limit)
+            self.app.stats.tokens += len(transcript) - before  # tokens, not pieces: a long piece is several
+            self.transmit()
+            if limit is not None and len(transcript) >= limit:
+                return "length"
+        return None
+
+
+def _source_reason(chat: ChatRequest) -> str:
+    """The finish reason of an answer its source ended: ``chat.finish_reason`` if the source set one."""
+    reason = chat.finish_reason
+    if reason is None:
+        return "stop"
+    if not isinstance(reason, str) or not 1 <= len(reason) <= 32:
+        raise TypeError(f"token source set finish_reason to {reason!r}, expected a str of 1 to 32 characters")
+    return reason
+
+
+async def _next_piece(source: AsyncIterator[str]) -> str | bytes | None:
+    """The source's next piece, type-checked; None once it has ended."""
+    try:
+        piece = await anext(source)
+    except StopAsyncIteration:
+        return None
+    if not isinstance(piece, str | bytes):
+        raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
+    return piece
+
+
+async def _aclose(source: AsyncIterator[str]) -> None:
+    """Close an async generator source (its ``finally`` blocks run); a no-op once it has ended."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # its cleanup failed: the answer itself is settled
+        log.exception("closing the token source failed")
 
 
 @dataclass
@@ -215,12 +283,19 @@ class TokenServer:
     protocols: set[ServerProtocol] = field(default_factory=set)
     _quic_server: QuicServer | None = None
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: list[asyncio.Task[None]] = field(default_factory=list, repr=False)  # sources close() cancelled
+    _closing_protocols: list[ServerProtocol] = field(default_factory=list, repr=False)  # connections it closed
 
     @property
     def port(self) -> int:
         assert self._quic_server is not None
         sock = self._quic_server._transport.get_extra_info("sockname")
         return int(sock[1])
+
+    @property
+    def closing(self) -> bool:
+        """``close()`` has been called."""
+        return self._closed.is_set()
 
     async def start(
         self,
@@ -233,6 +308,7 @@ class TokenServer:
         congestion: str = "reno",
         idle_timeout: float = 60.0,
     ) -> TokenServer:
+        check_congestion(congestion)
         config = server_configuration(
             cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion, idle_timeout=idle_timeout
         )
@@ -247,22 +323,36 @@ class TokenServer:
         return self
 
     def close(self) -> None:
-        """Stop accepting and close every connection."""
+        """Stop accepting, close every connection (clients see SHUTTING_DOWN) and cancel every running token
+        source; :meth:`wait_closed` waits until all of that has finished."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
         for proto in list(self.protocols):
+            tasks = [t for t in proto.tasks.values() if not t.done()]
             with contextlib.suppress(Exception):
                 proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            for task in tasks:
+                task.cancel()
+            self._stopping.extend(tasks)
+            self._closing_protocols.append(proto)
         if self._quic_server is not None:
             self._quic_server.close()
-        self._closed.set()
 
     async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has been called and everything it stopped has stopped: no token source of
+        this server and no connection of it runs after this returns."""
         await self._closed.wait()
+        # the sources' cleanup (their finally blocks), then each connection's QUIC closing period (3 PTO)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await asyncio.gather(*(p.wait_closed() for p in self._closing_protocols), return_exceptions=True)
 
     async def __aenter__(self) -> TokenServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+        await self.wait_closed()
 
 
 async def serve(
