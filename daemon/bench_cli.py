@@ -1,7 +1,8 @@
 """``tokenwire bench ...``: benchmarks that print numbers and write JSON.
 
-Every benchmark measures its baseline in the same run and reports ratios and medians, because the
-machines are shared and noisy. Each benchmark lives with its feature and is listed here.
+Benchmarks that compare measure their baseline in the same run and report ratios and medians, because the
+machines are shared and noisy (``bench daemon`` has no baseline: absolute numbers of the real daemon under
+load). Each benchmark lives with its feature and is listed here.
 """
 
 from __future__ import annotations

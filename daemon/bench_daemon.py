@@ -4,7 +4,9 @@ The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per sessio
 opens ``--sessions`` connections, each streaming one answer of ``rate x seconds`` tokens. Reported:
 tokens delivered, tokens lost or delivered twice to the application, digest failures, the daemon's CPU
 time per delivered token, and token delay (render time minus generation time; client and daemon share
-the host's monotonic clock, so the delay is absolute).
+the host's monotonic clock, so the delay is absolute). Unlike the other benchmarks it has no same-run
+baseline: these are absolute numbers under load (the per-packet cost against raw aioquic is
+``tokenwire bench transport``'s).
 """
 
 from __future__ import annotations
@@ -48,7 +50,35 @@ def _udp_rcvbuf_errors() -> int:
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
-def _start_daemon(tmp: Path, sessions: int, rate: float, tokens: int) -> tuple[subprocess.Popen, int, socket.socket]:
+MAX_SESSIONS = 1_000_000  # the daemon's bound on limits.max_sessions (config.py); one session per client
+READY_TIMEOUT_S = 30.0
+
+
+def _daemon_command(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)]
+
+
+def _stderr_tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) if text else "(nothing on stderr)"
+
+
+def _ready_port(msg: str) -> int:
+    """The first QUIC port in READY's STATUS (``listening on udp/127.0.0.1:P`` or ``udp/[::1]:P``)."""
+    found = re.search(r"udp/(?:\[[^\]]*\]|[^\s:,;]+):(\d+)", msg)
+    if found is None:
+        raise ValueError(f"no udp/HOST:PORT in the daemon's READY status: {msg!r}")
+    return int(found.group(1))
+
+
+def _start_daemon(
+    tmp: Path, sessions: int, rate: float, tokens: int, ready_timeout: float = READY_TIMEOUT_S
+) -> tuple[subprocess.Popen, int, socket.socket]:
+    """Start the daemon and wait for its READY; :class:`CLIError` (the child killed) if it exits or hangs first."""
+    from tokenwire.daemon.cli import CLIError
     from tokenwire.transport.tls import dev_cert
 
     cert, key = tmp / "cert.pem", tmp / "key.pem"
@@ -63,7 +93,7 @@ def _start_daemon(tmp: Path, sessions: int, rate: float, tokens: int) -> tuple[s
         [metrics]
         listen = ""
         [limits]
-        max_sessions = {sessions + 10}
+        max_sessions = {min(sessions + 10, MAX_SESSIONS)}
         max_tokens = {max(tokens, 16_384)}
         [logging]
         level = "warning"
@@ -76,14 +106,36 @@ def _start_daemon(tmp: Path, sessions: int, rate: float, tokens: int) -> tuple[s
     )
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify.sock"))
-    notify.settimeout(30)
+    notify.settimeout(0.1)  # short waits: a daemon that exits is noticed at once, not after the whole timeout
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock")}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)], env=env)
-    while True:
-        msg = notify.recv(4096).decode()
-        if "READY=1" in msg:
-            port = int(re.findall(r"udp/[^:]+:(\d+)", msg)[0])
-            return proc, port, notify
+    err_path = tmp / "daemon.stderr"
+    proc: subprocess.Popen | None = None
+    try:
+        # stderr to a file, not a pipe: a daemon that logs a lot during the run must never block on it
+        with err_path.open("wb") as err:
+            proc = subprocess.Popen(_daemon_command(cfg), env=env, stderr=err)
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                msg = notify.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                msg = ""
+            if "READY=1" in msg:
+                return proc, _ready_port(msg), notify
+            status = proc.poll()
+            if status is not None:
+                raise CLIError(f"the daemon exited with status {status} before it was ready; its stderr:\n"
+                               f"{_stderr_tail(err_path)}")
+            if time.monotonic() > deadline:
+                raise CLIError(f"the daemon did not report READY within {ready_timeout:g} s (killed); its "
+                               f"stderr:\n{_stderr_tail(err_path)}")
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+        notify.close()
+        raise
 
 
 async def _clients(port: int, cafile: Path, sessions: int, tokens: int, scheme: str) -> list[dict[str, Any]]:
@@ -178,8 +230,11 @@ def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, json_safe, write_json
     from tokenwire.transport.metrics import percentile
 
-    if args.sessions < 1 or not 0.1 <= args.rate <= 10_000 or args.seconds <= 0:
-        raise CLIError("--sessions >= 1, --rate in [0.1, 10000] (the demo upstream's range) and --seconds > 0")
+    if not 1 <= args.sessions <= MAX_SESSIONS:
+        raise CLIError(f"--sessions must be in [1, {MAX_SESSIONS:,}] (the daemon's limits.max_sessions), "
+                       f"got {args.sessions}")
+    if not 0.1 <= args.rate <= 10_000 or args.seconds <= 0:
+        raise CLIError("--rate in [0.1, 10000] (the demo upstream's range) and --seconds > 0")
     if args.rate * args.seconds > 1_000_000:
         raise CLIError("--rate x --seconds: at most 1,000,000 tokens per answer (limits.max_tokens)")
     if args.client_procs < 1:
@@ -204,7 +259,12 @@ def run_cli(args: argparse.Namespace) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
             notify.close()
+            logged = [ln for ln in (tmp / "daemon.stderr").read_text(errors="replace").splitlines()
+                      if ln.strip() and not ln.startswith("tokenwire daemon: listening on")]
+            for line in logged[-20:]:  # the daemon's warnings during the run (its stderr went to a file)
+                print(f"daemon: {line}", file=sys.stderr)
     delivered = sum(r["tokens"] for r in results)
     delays = [d for r in results for d in r["delays"]]
     out = {

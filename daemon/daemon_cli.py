@@ -51,8 +51,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level, config.logging.format)
 
     def started(daemon) -> None:
-        addrs = ", ".join(f"udp/{h}:{p}" for h, p in daemon.addresses)
-        print(f"tokenwire daemon: listening on {addrs}", file=sys.stderr, flush=True)
+        print(f"tokenwire daemon: listening on {daemon.listening()}", file=sys.stderr, flush=True)
 
     try:
         run(config, on_started=started, log_format_override=args.log_format)

@@ -572,11 +572,29 @@ async def warm_up_codec(run: Any = _warm_up) -> None:
     try:
         took = await asyncio.to_thread(run)
     except (OSError, RuntimeError, ImportError) as exc:
-        raise StartupError(
-            f"kv: the KV codec cannot compile its entropy coder (numba JIT): {exc.__class__.__name__}: {exc} "
-            "(under systemd, MemoryDenyWriteExecute=yes forbids it: set MemoryDenyWriteExecute=no in a drop-in)"
-        ) from None
+        raise StartupError(warm_up_failure(exc)) from None
     log.info("KV codec ready (%.1f s to compile or load its kernels)", took)
+
+
+# what a refused W^X mapping looks like: llvmlite's check_jit_execution raises OSError(EPERM, "cannot allocate
+# executable memory. ...") (a PermissionError) when mmap/mprotect with PROT_EXEC is refused
+_WX_HINTS = ("executable memory", "mprotect", "operation not permitted")
+
+
+def warm_up_failure(exc: BaseException) -> str:
+    """The start-up error for a codec warm-up that raised ``exc``: MemoryDenyWriteExecute is named only when the
+    kernel refused executable memory; anything else (torch without /proc/cpuinfo, a missing module) is reported
+    as it is, so the operator is not sent to the wrong setting."""
+    head = f"kv: the KV codec cannot compile or run its kernels (warm-up at start): {exc.__class__.__name__}: {exc}"
+    text = str(exc).lower()
+    # a PermissionError naming a file (an unwritable NUMBA_CACHE_DIR) is about that file, not executable memory
+    if (isinstance(exc, PermissionError) and exc.filename is None) or any(h in text for h in _WX_HINTS):
+        return (f"{head} (under systemd, MemoryDenyWriteExecute=yes forbids the JIT's executable memory: set "
+                "MemoryDenyWriteExecute=no in a drop-in)")
+    if "cpuinfo" in text:
+        return (f"{head} (torch reads the CPU's features from /proc/cpuinfo: it must be visible, e.g. no "
+                "ProcSubset=pid in the unit)")
+    return head
 
 
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,

@@ -57,7 +57,7 @@ from .ingest import IngestAPI, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
 from .sd_notify import Notifier
-from .startup import StartupError, cannot_listen
+from .startup import StartupError, addr, cannot_listen
 from .telemetry import Metrics, serve_metrics
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
@@ -264,13 +264,23 @@ class Daemon:
 
             KVMetrics(self.metrics.registry, self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
-        status = "listening on " + ", ".join(f"udp/{h}:{p}" for h, p in self.addresses)
-        if self.kv is not None:
-            status += f"; KV channel on udp/{cfg.kv.listen[0]}:{self.kv.server.port}"
-        if self.metrics_address:
-            status += f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+        status = self.ready_status()
         log.info("%s", status)
         self.notifier.ready(status)
+
+    def listening(self) -> str:
+        """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets."""
+        out = ", ".join(f"udp/{addr(h, p)}" for h, p in self.addresses)
+        if self.kv is not None:
+            out += f"; KV channel on udp/{addr(self.config.kv.listen[0], self.kv.server.port)}"
+        return out
+
+    def ready_status(self) -> str:
+        """READY's STATUS: every listening address, the metrics URL included."""
+        status = "listening on " + self.listening()
+        if self.metrics_address:
+            status += f"; metrics on http://{addr(*self.metrics_address)}/metrics"
+        return status
 
     def _kv_authorized(self, token: str | None) -> bool:
         """The KV channel's check, against the tokens in force now: a SIGHUP that revokes one (or adds the
@@ -279,9 +289,10 @@ class Daemon:
         return not auth.required or auth.principal(token) is not None
 
     def status_line(self) -> str:
+        """The periodic STATUS (``systemctl status``): the listening addresses stay in it, then the load."""
         return (
-            f"{len(self.protocols)} sessions, {self.store.live_count} answers running, "
-            f"{self.store.finished_count} retained"
+            f"listening on {self.listening()}; {len(self.protocols)} sessions, {self.store.live_count} answers "
+            f"running, {self.store.finished_count} retained"
         )
 
     async def _housekeep(self) -> None:

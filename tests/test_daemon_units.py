@@ -322,7 +322,7 @@ def test_systemd_unit_verifies(tmp_path):
     import sys
 
     tokenwire = Path(sys.executable).with_name("tokenwire")
-    unit = (ROOT / "systemd" / "tokenwire.service").read_text().replace("/usr/local/bin/tokenwire", str(tokenwire))
+    unit = (ROOT / "systemd" / "tokenwire.service").read_text().replace("/opt/tokenwire/bin/tokenwire", str(tokenwire))
     path = tmp_path / "tokenwire.service"
     path.write_text(unit)
     out = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
