@@ -17,12 +17,16 @@ With a policy the daemon's QUIC sockets are the ECN-capable transport (``sendmsg
 packet, ``IP_RECVTOS``); policies that send ECT(1) (``l4s``, ``swiftqueue``) run the scalable ``prague``
 congestion controller, which is chosen automatically (an explicit other ``server.congestion`` is an error).
 ``swiftqueue`` loads the latency model once at start; a missing or corrupt model logs a warning and the
-daemon marks like ``l4s`` instead (it keeps serving).
+daemon marks like ``l4s`` instead (it keeps serving). A model that loads but then raises on the packet path
+does the same at run time: one warning, every connection (open or new) marks like ``l4s`` until restart,
+``tokenwire_marking_policy`` moves from ``swiftqueue`` to ``l4s`` and ``tokenwire_marking_model_errors_total``
+counts the errors.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +121,9 @@ class MarkingService:
                           registry=r)
         self.policy_info = Gauge("tokenwire_marking_policy", "The marking policy in use (1 for the active one)",
                                  ["policy"], registry=r)
+        self.model_errors = Counter("tokenwire_marking_model_errors", "Exceptions the swiftqueue latency model "
+                                    "raised on the packet path (the daemon then marks like l4s)", registry=r)
+        self._swiftqueue: weakref.WeakSet[Any] = weakref.WeakSet()  # the open connections' swiftqueue policies
 
     # -- policies ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,14 +143,42 @@ class MarkingService:
                 self.effective_policy = "l4s"
                 self._factory = L4SPolicy
             else:
-                self._factory = lambda: SwiftQueuePolicy(
-                    loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
-                    probe_interval_s=cfg.probe_interval_s, refuge_only=cfg.refuge_only, classic=classic,
-                )  # fmt: skip
+                def swiftqueue() -> MarkingPolicy:
+                    pol = SwiftQueuePolicy(
+                        loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
+                        probe_interval_s=cfg.probe_interval_s, refuge_only=cfg.refuge_only, classic=classic,
+                        on_failure=self.forecaster_failed,
+                    )  # fmt: skip
+                    self._swiftqueue.add(pol)
+                    return pol
+
+                self._factory = swiftqueue
         if self.effective_policy:
             self.policy_info.labels(policy=self.effective_policy).set(1)
             log.info("ECN marking: policy %s%s", self.effective_policy,
                      "" if self.effective_policy == cfg.policy else f" (configured {cfg.policy}; model unavailable)")
+
+    def forecaster_failed(self, exc: BaseException) -> None:
+        """A connection's swiftqueue policy met an exception from the model and now marks like ``l4s``.
+
+        The model is one inference session shared by every connection, so the whole daemon falls back until
+        restart: one warning, the policy gauge says ``l4s``, the open connections' policies stop asking the
+        model, new connections get :class:`L4SPolicy`.
+        """
+        from tokenwire.transport.marking import L4SPolicy
+
+        self.model_errors.inc()
+        if self.effective_policy != "swiftqueue":
+            return
+        why = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        log.warning("marking.policy = swiftqueue but the latency model failed on the packet path (%s); "
+                    "falling back to the l4s policy until restart", why)
+        self.effective_policy = "l4s"
+        self._factory = L4SPolicy
+        self.policy_info.labels(policy="swiftqueue").set(0)
+        self.policy_info.labels(policy="l4s").set(1)
+        for pol in list(self._swiftqueue):
+            pol.fall_back(f"the latency model failed on another connection ({why})")
 
     def new_policy(self) -> MarkingPolicy | None:
         """A fresh policy for one connection (its forecaster keeps that connection's history)."""

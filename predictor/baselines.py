@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import R_LAT, R_QL
+from .features import N_FEATURES, R_LAT, R_QL
 
 AR_LAGS = 16
 """Newest acks of the window the AR model regresses on (all feature columns of each)."""
@@ -75,6 +75,28 @@ class LinearAR:
 
     @classmethod
     def from_dict(cls, d: dict) -> LinearAR:
+        """The model :meth:`to_dict` wrote; ValueError saying what is wrong for anything else (no coefficients,
+        a shape :func:`ar_design` cannot multiply, non-finite values), so a bad ``ar.json`` fails at load,
+        not in the middle of an evaluation."""
+        if not isinstance(d, dict) or "coef" not in d or "ridge" not in d:
+            raise ValueError("expected an object with 'ridge' and 'coef' (as `tokenwire predictor train` writes)")
+        if d["coef"] is None:
+            raise ValueError("no coefficients (coef is null: the model was never fitted)")
+        try:
+            coef = np.asarray(d["coef"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("coef is not a numeric matrix") from None
+        if coef.ndim != 2 or coef.shape[1] != 2 or coef.shape[0] < 2 or (coef.shape[0] - 1) % N_FEATURES:
+            raise ValueError(f"coef has shape {coef.shape}; expected (lags x {N_FEATURES} features + 1, 2)")
+        if not np.all(np.isfinite(coef)):
+            raise ValueError("coef holds NaN or infinite values")
         m = cls(d["ridge"])
-        m.coef = None if d["coef"] is None else np.asarray(d["coef"])
+        m.coef = coef
         return m
+
+    @property
+    def lags(self) -> int:
+        """How many of the window's newest acks the coefficients regress on."""
+        if self.coef is None:
+            raise RuntimeError("LinearAR.lags before fit")
+        return (self.coef.shape[0] - 1) // N_FEATURES

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,32 @@ def _err(msg: str) -> Exception:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: a non-negative integer, as ``collect-many --seeds`` takes (numpy's
+    generators refuse negative seeds, which ``train`` used to report as a traceback after loading the data)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
+    return value
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    """``doc`` as strict JSON (NaN and infinities as null), atomically: a temporary file next to ``path``,
+    then renamed, so an interrupted command leaves the old file or the new one, never half of one."""
+    from tokenwire.daemon.cli import json_safe
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,14 +75,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
     p.add_argument("--down-trace", required=True, help="mahimahi trace file or a rate like 12mbps")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=_seed, default=1, help="integer >= 0 (default 1)")
     p.add_argument("--out", required=True, help="output .npz")
     collect_args(p)
     p.set_defaults(handler=_collect)
 
     p = psub.add_parser("collect-many", help="datasets for several traces x seeds, with progress")
     p.add_argument("--traces", nargs="+", required=True, help="trace files (or rates)")
-    p.add_argument("--seeds", default="1-3", help="e.g. 1-4 or 1,5,9 (default 1-3)")
+    p.add_argument("--seeds", default="1-3", help="integers >= 0, e.g. 1-4 or 1,5,9 (default 1-3)")
     p.add_argument("--out-dir", required=True)
     collect_args(p)
     p.set_defaults(handler=_collect_many)
@@ -72,9 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default 4)")
     p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default 2)")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=_seed, default=1, help="integer >= 0 (default 1)")
     p.add_argument("--max-points", type=int, default=200_000)
-    p.add_argument("--net", default="{}", help='JSON overrides of the network, e.g. \'{"d_model": 32}\'')
+    p.add_argument("--net", default="{}", help='JSON overrides of the transformer\'s network, e.g. '
+                   '\'{"d_model": 32}\' (the transformer only: refused when --kinds has no transformer)')
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(handler=_train)
 
@@ -145,8 +173,12 @@ def _run_collect(cfg: Any, out: str, label: str) -> dict:
     _check_acked(data, label, cfg.seconds)
     save(out, data)
     s = summary(data)
+
+    def pct(v: float) -> str:  # NaN: no packet with both targets known
+        return f"{100 * v:.1f}%" if v == v else "n/a"
+
     _say(f"{label}: {s['packets']} probe packets, L mean {s['l_mean_ms']:.1f} ms / C mean {s['c_mean_ms']:.1f} ms, "
-         f"C faster {100 * s['share_c_faster']:.1f}%, differ >5 ms {100 * s['share_differ_5ms']:.1f}% "
+         f"C faster {pct(s['share_c_faster'])}, differ >5 ms {pct(s['share_differ_5ms'])} "
          f"({time.monotonic() - t0:.1f} s) -> {out}")
     return s
 
@@ -211,19 +243,49 @@ def _collect_many(args: argparse.Namespace) -> int:
     _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
     _check_jobs(args.traces, seeds)
     _check_traces(args.traces)
-    index = []
-    for i, (trace, seed) in enumerate(jobs, 1):
-        out = str(Path(args.out_dir) / f"{_output_stem(trace)}-s{seed}.npz")
-        s = _run_collect(_config(args, trace, seed), out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
-        index.append({"trace": trace, "seed": seed, "path": out, **s})
-    (Path(args.out_dir) / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out_dir = Path(args.out_dir)
+    index_path = out_dir / "index.json"
+    outs = [str(out_dir / f"{_output_stem(trace)}-s{seed}.npz") for trace, seed in jobs]
+    # index.json always describes finished files: entries of an earlier run for the files about to be
+    # rewritten go now, each new file is added once it is saved (an interrupted run leaves a true index)
+    rerun = {Path(o).name for o in outs}
+    index = [e for e in _read_index(index_path) if Path(str(e.get("path", ""))).name not in rerun]
+    _write_json(index_path, index)
+    done: list[str] = []
+    try:
+        for i, ((trace, seed), out) in enumerate(zip(jobs, outs, strict=True), 1):
+            s = _run_collect(_config(args, trace, seed), out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
+            index.append({"trace": trace, "seed": seed, "path": out, **s})
+            _write_json(index_path, index)
+            done.append(out)
+    except (KeyboardInterrupt, Exception):
+        left = len(jobs) - len(done)
+        _say(f"stopped after {len(done)} of {len(jobs)} datasets: " +
+             (f"completed {', '.join(done)} (listed in {index_path}); " if done else "none completed; ") +
+             f"{left} not written: {', '.join(outs[len(done):])}")
+        raise
     _say(f"wrote {len(jobs)} datasets and index.json to {args.out_dir}")
     return 0
 
 
+def _read_index(path: Path) -> list[dict]:
+    """The entries of an existing index.json (an unreadable one is replaced, with a warning)."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        _say(f"warning: {path}: unreadable ({exc}); starting a new index")
+        return []
+    if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
+        _say(f"warning: {path}: not a list of datasets; starting a new index")
+        return []
+    return doc
+
+
 def _train(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
-    from .train import TrainConfig, check_net_overrides, fit_ar, load_points, train_net
+    from .train import TrainConfig, TrainingDiverged, check_net_overrides, fit_ar, load_points, train_net
 
     kinds = [k for k in args.kinds.split(",") if k]
     bad = set(kinds) - {"transformer", "gru", "ar"}
@@ -235,6 +297,9 @@ def _train(args: argparse.Namespace) -> int:
         raise _err("--net must be a JSON object") from None
     except ValueError as exc:
         raise _err(str(exc)) from None
+    if net and "transformer" not in kinds:  # it used to be ignored without a word
+        raise _err(f"--net configures the transformer, and --kinds {args.kinds} trains none: add transformer "
+                   "to --kinds or drop --net")
     if args.window < 2:
         raise _err("--window must be at least 2")
     for flag, value in (("--epochs", args.epochs), ("--batch", args.batch), ("--patience", args.patience),
@@ -256,31 +321,42 @@ def _train(args: argparse.Namespace) -> int:
         train, val = load_points(args.data, args.window, 0.2, log=_say)
     except DatasetError as exc:
         raise _err(str(exc)) from None
-    log: dict = {"data": args.data, "command": " ".join(sys.argv), "models": {}}
+    # train.json is rewritten now (an earlier run's would describe checkpoints about to be replaced) and after
+    # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
+    log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
+    log_path = out / "train.json"
+    _write_json(log_path, log)
     for kind in kinds:
         if kind == "ar":
             fit_ar(train, out / "ar.json")
+            log["models"]["ar"] = {"train_points": len(train)}
+            _write_json(log_path, log)
             _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
             continue
         cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
                           alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
                           max_points=args.max_points,
                           net=net if kind == "transformer" else {})
-        _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
+        try:
+            _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
+        except TrainingDiverged as exc:
+            raise _err(f"{kind}: {exc}") from None
         log["models"][kind] = info
+        _write_json(log_path, log)
         _say(f"{kind}: best epoch {info['best_epoch']} -> {out / (kind + '.pt')}")
-    (out / "train.json").write_text(json.dumps(log, indent=2) + "\n")
+    log["finished"] = True
+    _write_json(log_path, log)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from .dataset import DatasetError, load
+    from .dataset import DatasetError
     from .export import export_onnx
-    from .harness import points
+    from .harness import file_points
     from .runtime import ModelError
-    from .train import load_checkpoint
+    from .train import checkpoint_best_epoch, load_checkpoint
 
     torch.set_num_threads(1)
     try:
@@ -289,13 +365,22 @@ def _export(args: argparse.Namespace) -> int:
         raise _err(str(exc)) from None
     cx = cb = None
     if args.check_data:
-        try:
-            pts = points(load(args.check_data), model.config["window"])  # type: ignore[attr-defined]
+        try:  # a file without prediction points would leave only random windows to compare on: refused
+            ((_, pts),) = file_points([args.check_data], model.config["window"], log=_say)  # type: ignore[attr-defined]
         except DatasetError as exc:
-            raise _err(str(exc)) from None
+            raise _err(f"--check-data: {exc}") from None
         cx, cb = pts.x, pts.base
-    extra = {"train_config": ck.get("train_config"), "best_epoch": len(ck.get("history", []))}
-    report = export_onnx(model, args.out, extra, cx, cb)
+    history = ck.get("history") or []
+    best_epoch = checkpoint_best_epoch(ck)
+    if ck.get("finished") is False:
+        _say(f"warning: {args.checkpoint} is from a training run that did not finish (interrupted, or still "
+             f"running): best epoch so far {best_epoch} of {len(history)} run; exporting it anyway")
+    extra = {"train_config": ck.get("train_config"), "best_epoch": best_epoch, "epochs_run": len(history),
+             "finished": ck.get("finished")}
+    try:
+        report = export_onnx(model, args.out, extra, cx, cb)
+    except ModelError as exc:
+        raise _err(f"{exc}; not written to {args.out}") from None
     size = Path(args.out).stat().st_size
     _say(f"wrote {args.out} ({size / 1024:.0f} KiB); onnxruntime vs torch: " +
          ", ".join(f"{k} {v:.2e}" for k, v in report.items() if k != "ok"))

@@ -226,11 +226,23 @@ def load(path: str | Path) -> dict:
         # BadZipFile: truncated or corrupt archive; zlib.error: corrupt member; NotImplementedError: zipfile's
         # answer to a damaged compression-method field
         raise DatasetError(f"{path}: not a latency dataset ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: not a latency dataset (meta is a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != "tokenwire-latency-dataset" or meta.get("version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+    if any(data[c].ndim != 1 for c in COLUMNS):
+        bad = ", ".join(f"{c} {data[c].shape}" for c in COLUMNS if data[c].ndim != 1)
+        raise DatasetError(f"{path}: not a latency dataset (columns must be 1-D arrays: {bad})")
     n = data["sent_at"].shape[0]
     if any(data[c].shape != (n,) for c in COLUMNS):
         raise DatasetError(f"{path}: columns of different lengths")
+    acked = data["n_acked"]
+    n_acks = int(np.count_nonzero(~np.isnan(data["ack_at"])))
+    with np.errstate(invalid="ignore"):
+        bad_acked = ~np.isfinite(acked) | (acked < 0) | (acked > n_acks) | (acked != np.round(acked))
+    if bad_acked.any():
+        i = int(np.flatnonzero(bad_acked)[0])
+        raise DatasetError(f"{path}: n_acked[{i}] = {acked[i]:g} is not a count of the {n_acks} acks in the file")
     data["meta"] = meta
     return data
 

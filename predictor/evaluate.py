@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import LinearAR
+from .baselines import AR_LAGS, LinearAR
 from .harness import Points, Predictor, baseline_predictors, evaluate, file_points
 from .runtime import ModelError, OnnxLatencyForecaster, load_forecaster, shipped_model_path
 
@@ -41,7 +41,12 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     window = fc.window
     predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
     if baselines is None:
-        predictors.update(_baselines(shipped_model_path().parent, window, log))
+        try:
+            predictors.update(_baselines(shipped_model_path().parent, window, log))
+        except ModelError as exc:  # the shipped baselines are for the shipped window
+            raise ModelError(f"{exc}; the shipped baselines do not fit this --model: give --baselines a folder "
+                             f"with a gru.onnx and an ar.json trained with --window {window} "
+                             "(`tokenwire predictor train --kinds gru,ar`, then export the gru)") from None
     else:
         predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log))
     pts = Points.concat([p for _, p in file_points(list(data), window, log)])
@@ -85,9 +90,12 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None]) -> dict[
     if ar_path.exists():
         try:
             ar = LinearAR.from_dict(json.loads(ar_path.read_text()))
-            out["ar"] = lambda p: ar.predict(p.x, p.base)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{ar_path}: unusable AR coefficients ({exc})") from None
+        if ar.lags != min(AR_LAGS, window):
+            raise ModelError(f"{ar_path}: AR coefficients for {ar.lags} acks; a window of {window} needs "
+                             f"{min(AR_LAGS, window)}")
+        out["ar"] = lambda p: ar.predict(p.x, p.base)
     else:
         log(f"no {ar_path}: skipping ar")
     gru_path = base_dir / "gru.onnx"

@@ -3,13 +3,17 @@
 The graph takes ``x`` ``(batch, W, F)`` float32 and ``ref`` ``(batch, 3)`` float32 and returns
 ``latency_ms`` ``(batch, 2)``; the batch axis is dynamic. A JSON blob in the model's metadata (key
 ``tokenwire``) names the format, the feature list, the window and the training provenance, so the runtime can
-refuse a model built for other inputs. After writing, the file is run with onnxruntime on random and
-(optionally) real windows at batch sizes 1, 8 and 64 and compared with the torch outputs.
+refuse a model built for other inputs. The file is written next to the destination under a temporary name,
+run with onnxruntime on random and (optionally) real windows at batch sizes 1, 8 and 64 and compared with
+the torch outputs, and only then renamed into place: a model that fails validation is never left where a
+daemon or ``eval`` would load it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import warnings
 from pathlib import Path
 
@@ -24,7 +28,11 @@ OPSET = 17
 
 def export_onnx(model: object, path: str | Path, extra_meta: dict | None = None,
                 check_x: np.ndarray | None = None, check_ref: np.ndarray | None = None) -> dict:
-    """Write ``model`` to ``path`` as ONNX and validate it; returns the validation report."""
+    """Write ``model`` to ``path`` as ONNX once it has been validated; returns the validation report.
+
+    :class:`ModelError` (and nothing written at ``path``) when onnxruntime and torch disagree or either
+    answers a non-finite value.
+    """
     import onnx
     import torch
 
@@ -33,29 +41,37 @@ def export_onnx(model: object, path: str | Path, extra_meta: dict | None = None,
     b = torch.zeros(2, 3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x, b), str(path), input_names=["x", "ref"], output_names=["latency_ms"],
-                          dynamic_axes={"x": {0: "batch"}, "ref": {0: "batch"}, "latency_ms": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(path))
-    meta = {"format": MODEL_FORMAT, "kind": model.kind, "features": list(FEATURES),
-            "features_version": FEATURES_VERSION, "window": window,  # type: ignore[attr-defined]
-            "config": model.config, **(extra_meta or {})}  # type: ignore[attr-defined]
-    entry = proto.metadata_props.add()
-    entry.key = "tokenwire"
-    entry.value = json.dumps(meta)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    return validate(model, path, check_x, check_ref)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x, b), str(tmp), input_names=["x", "ref"], output_names=["latency_ms"],
+                              dynamic_axes={"x": {0: "batch"}, "ref": {0: "batch"}, "latency_ms": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        meta = {"format": MODEL_FORMAT, "kind": model.kind, "features": list(FEATURES),  # type: ignore[attr-defined]
+                "features_version": FEATURES_VERSION, "window": window,
+                "config": model.config, **(extra_meta or {})}  # type: ignore[attr-defined]
+        entry = proto.metadata_props.add()
+        entry.key = "tokenwire"
+        entry.value = json.dumps(meta)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        report = validate(model, tmp, check_x, check_ref, label=str(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
 
 
 def validate(model: object, path: str | Path, check_x: np.ndarray | None = None,
-             check_ref: np.ndarray | None = None, atol_ms: float = 0.05) -> dict:
-    """Max |onnxruntime - torch| (ms) at batch 1, 8 and 64; raises :class:`ModelError` beyond ``atol_ms``."""
+             check_ref: np.ndarray | None = None, atol_ms: float = 0.05, label: str | None = None) -> dict:
+    """Max |onnxruntime - torch| (ms) at batch 1, 8 and 64; :class:`ModelError` beyond ``atol_ms`` or when
+    either answers NaN or infinity (``max`` would skip a NaN difference and call such a model valid)."""
     import torch
 
-    sess = open_session(read_model(Path(path)), str(path))
+    label = label or str(path)
+    sess = open_session(read_model(Path(path)), label)
     window = model.config["window"]  # type: ignore[attr-defined]
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -69,10 +85,16 @@ def validate(model: object, path: str | Path, check_x: np.ndarray | None = None,
         got = sess.run(None, {"x": xb, "ref": bb})[0]
         with torch.no_grad():
             want = model(torch.from_numpy(xb), torch.from_numpy(bb)).numpy()  # type: ignore[operator]
+        for who, out in (("onnxruntime", got), ("torch", want)):
+            if not np.all(np.isfinite(out)):
+                raise ModelError(f"{label}: {who} answers non-finite latencies (NaN or infinity) at batch {bs}: "
+                                 "the weights are broken (did training diverge?)")
         diff = float(np.max(np.abs(got - want)))
+        if not math.isfinite(diff):
+            raise ModelError(f"{label}: onnxruntime and torch differ by {diff} at batch {bs}")
         report[f"batch_{bs}_max_abs_diff_ms"] = diff
         worst = max(worst, diff)
     if worst > atol_ms:
-        raise ModelError(f"{path}: onnxruntime and torch disagree by {worst:.4f} ms (> {atol_ms})")
+        raise ModelError(f"{label}: onnxruntime and torch disagree by {worst:.4f} ms (> {atol_ms})")
     report["ok"] = True
     return report

@@ -149,22 +149,76 @@ class EwmaLatencyForecaster:
 
 
 def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
-    """Load the shipped model (``path=None``) or ``path``; raises :class:`ModelError` when it is unusable."""
+    """Load the shipped model (``path=None``) or ``path``; raises :class:`ModelError` when it is unusable.
+
+    Unusable: missing, unreadable or corrupt; metadata that is not a tokenwire latency model's (a JSON object
+    with the format, the feature list and version, an integer window); inputs other than ``x`` float32
+    ``(batch, W, F)`` and ``ref`` float32 ``(batch, 3)``; an output other than float32 ``(batch, 2)``; or a
+    trial inference on zeros that fails or answers another shape. The daemon calls this once at start, so a
+    model that would fail on the packet path falls back to ``l4s`` there instead.
+    """
     file = Path(path) if path is not None else shipped_model_path()
     sess = open_session(read_model(file), str(file))
+    meta, window = _check_meta(sess, file)
+    _check_signature(sess, file, window)
+    forecaster = OnnxLatencyForecaster(sess, window, meta, str(file))
+    _trial_run(forecaster, file)
+    return forecaster
+
+
+def _check_meta(sess: Any, file: Path) -> tuple[dict[str, Any], int]:
+    """The model's ``tokenwire`` metadata as a dict, and its window; :class:`ModelError` if either is wrong."""
     props = sess.get_modelmeta().custom_metadata_map
     try:
         meta = json.loads(props["tokenwire"])
     except (KeyError, ValueError):
         raise ModelError(f"{file}: not a tokenwire latency model (metadata missing)") from None
-    if (meta.get("format") != MODEL_FORMAT or list(meta.get("features", [])) != list(FEATURES)
+    if not isinstance(meta, dict):
+        raise ModelError(f"{file}: not a tokenwire latency model (metadata is a JSON {type(meta).__name__}, "
+                         "not an object)")
+    features = meta.get("features")
+    if (meta.get("format") != MODEL_FORMAT or not isinstance(features, list) or features != list(FEATURES)
             or meta.get("features_version") != FEATURES_VERSION):
-        raise ModelError(f"{file}: model was built for other inputs ({meta.get('format')}, {meta.get('features')})")
-    inputs = sess.get_inputs()
-    window = int(meta.get("window", 0))
-    if len(inputs) != 2 or window < 2 or list(inputs[0].shape)[1:] != [window, N_FEATURES]:
-        raise ModelError(f"{file}: unexpected model inputs {[(i.name, i.shape) for i in inputs]}")
-    return OnnxLatencyForecaster(sess, window, meta, str(file))
+        raise ModelError(f"{file}: model was built for other inputs ({meta.get('format')}, {features})")
+    window = meta.get("window")
+    if type(window) is not int or window < 2:  # bool is an int subclass: type(), not isinstance()
+        raise ModelError(f"{file}: metadata window must be an integer >= 2, got {window!r}")
+    return meta, window
+
+
+def _shape_is(shape: Any, rest: list[int]) -> bool:
+    """``shape`` is ``(batch, *rest)``: any batch dimension (named, unknown or a number), then exactly ``rest``."""
+    dims = list(shape) if isinstance(shape, (list, tuple)) else []
+    return len(dims) == 1 + len(rest) and dims[1:] == rest
+
+
+def _check_signature(sess: Any, file: Path, window: int) -> None:
+    """Inputs ``x`` (batch, window, F) and ``ref`` (batch, 3), output (batch, 2), all float32."""
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    described = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+    if (len(inputs) != 2 or not _shape_is(inputs[0].shape, [window, N_FEATURES])
+            or not _shape_is(inputs[1].shape, [3])):
+        raise ModelError(f"{file}: unexpected model inputs ({described}); expected x (batch, {window}, "
+                         f"{N_FEATURES}) and ref (batch, 3)")
+    if any(i.type != "tensor(float)" for i in inputs):
+        raise ModelError(f"{file}: unexpected model input types ({described}); expected float32")
+    if not outputs or not _shape_is(outputs[0].shape, [2]) or outputs[0].type != "tensor(float)":
+        got = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs) or "none"
+        raise ModelError(f"{file}: unexpected model output ({got}); expected float32 (batch, 2)")
+
+
+def _trial_run(forecaster: OnnxLatencyForecaster, file: Path) -> None:
+    """One inference on zeros, as the packet path will run it: what onnxruntime checks only at run time
+    (types and shapes inside the graph) fails here, at load, rather than on the first packet."""
+    feed = {forecaster._in_x: np.zeros((1, forecaster.window, N_FEATURES), np.float32),
+            forecaster._in_ref: np.zeros((1, 3), np.float32)}
+    try:
+        y = forecaster._session.run([forecaster._out], feed)[0]
+    except Exception as exc:  # onnxruntime's own untyped exceptions
+        raise ModelError(f"{file}: trial inference failed ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(y, np.ndarray) or y.shape != (1, 2) or y.dtype != np.float32:
+        raise ModelError(f"{file}: trial inference answered {getattr(y, 'dtype', type(y).__name__)} "
+                         f"{getattr(y, 'shape', '')}; expected float32 (1, 2)")
 
 
 def make_swiftqueue_policy(path: str | None = None, **kw: Any) -> MarkingPolicy:

@@ -3,7 +3,9 @@
 Datasets are turned into prediction points by the harness (:func:`~.harness.points`); the training files
 are split by *time* into train and validation (the last ``val_share`` of each file's points), so validation
 never sees the same moments; held-out traces are for ``eval`` only. Early stopping keeps the weights of the
-best validation loss; the checkpoint holds kind, config, weights, window and the training log.
+best validation loss; the checkpoint holds kind, config, weights, window, the training log, the best epoch
+and whether training finished (it is saved at every improvement with ``finished: False``, so an interrupted
+run leaves a usable but unfinished checkpoint, which ``export`` warns about).
 
 The loss is :func:`~.models.change_focused_loss`: Huber on the change to the last value per queue, with
 targets at sharp changes (spike by the metric's definition, or a jump from the last seen value of > 20 ms
@@ -53,6 +55,14 @@ def check_net_overrides(net: object) -> dict:
     return dict(net)
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite before any epoch gave usable weights (a learning rate far too high)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"training diverged (non-finite loss at epoch {epoch}); lower --lr")
+        self.epoch = epoch
+
+
 @dataclass
 class TrainConfig:
     kind: str = "transformer"
@@ -100,7 +110,11 @@ def sample_weights(p: Points, alpha: float) -> np.ndarray:
 
 def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Path | None = None,
               log: Callable[[str], None] = print) -> tuple[object, dict]:
-    """Train one network; returns (model with the best weights, training log)."""
+    """Train one network; returns (model with the best weights, training log).
+
+    A non-finite training or validation loss ends training: with the best weights so far when an earlier
+    epoch gave some (with a warning), :class:`TrainingDiverged` when none did.
+    """
     import torch
 
     from .models import build, change_focused_loss, n_params
@@ -154,36 +168,58 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
                 print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr)
         vl, vmae = val_loss()
         history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": vl, "val_mae_ms": vmae})
+        if not (math.isfinite(total) and math.isfinite(vl)):
+            if best_state is None:
+                raise TrainingDiverged(epoch)
+            log(f"  warning: epoch {epoch}: non-finite loss, training diverged; stopping with the weights of "
+                f"epoch {best[1]} (lower --lr)")
+            break
         mark = ""
         if vl < best[0]:
             best = (vl, epoch)
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             mark = " *"
             if checkpoint is not None:
-                save_checkpoint(checkpoint, model, cfg, history)
+                save_checkpoint(checkpoint, model, cfg, history, best_epoch=epoch, finished=False)
         log(f"  epoch {epoch:3d}/{cfg.epochs}  train {total / steps_per_epoch:.4f}  val {vl:.4f}  "
             f"val MAE {vmae:6.2f} ms  {time.monotonic() - t0:5.0f} s{mark}")
         if epoch - best[1] >= cfg.patience:
             log(f"  early stop: no validation improvement for {cfg.patience} epochs (best epoch {best[1]})")
             break
-    assert best_state is not None
+    if best_state is None:  # unreachable: a finite first epoch always improves on inf
+        raise TrainingDiverged(len(history))
     model.load_state_dict(best_state)
     model.eval()
     info = {"best_epoch": best[1], "best_val_loss": best[0], "history": history, "params": n_params(model)}
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, cfg, history)
+        save_checkpoint(checkpoint, model, cfg, history, best_epoch=best[1], finished=True)
     return model, info
 
 
-def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: list) -> None:
+def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: list, *,
+                    best_epoch: int | None = None, finished: bool = True) -> None:
+    """Atomically write a checkpoint: the model's weights (those of ``best_epoch``), the log so far, and
+    whether training has ``finished`` (False while epochs are still to come)."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"kind": cfg.kind, "config": model.config, "state_dict": model.state_dict(),  # type: ignore[attr-defined]
-                "train_config": asdict(cfg), "history": history}, tmp)
+                "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
+                "finished": finished}, tmp)
     tmp.replace(path)
+
+
+def checkpoint_best_epoch(ck: dict) -> int | None:
+    """The epoch whose weights a checkpoint holds: recorded since checkpoints say so; for older ones the
+    epoch of the lowest validation loss in its history (the weights early stopping kept), None without one."""
+    if isinstance(ck.get("best_epoch"), int):
+        return ck["best_epoch"]
+    scored = [(h["val_loss"], h["epoch"]) for h in ck.get("history") or []
+              if isinstance(h, dict) and isinstance(h.get("val_loss"), float | int) and math.isfinite(h["val_loss"])
+              and isinstance(h.get("epoch"), int)]
+    return min(scored)[1] if scored else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[object, dict]:

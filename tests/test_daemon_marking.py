@@ -121,3 +121,66 @@ def test_swiftqueue_runs_the_shipped_model_on_the_packet_path(tmp_path):
         assert "falling back" not in d.log()
     finally:
         assert d.stop() == 0
+
+
+def test_a_model_that_fails_on_the_packet_path_falls_back_to_l4s_and_the_daemon_still_stops(tmp_path):
+    """A model that loads but raises on real windows: every packet raised into the transport (127 tracebacks,
+    "upstream demo failed", a stalled chat), and SIGTERM never stopped the daemon: its stop() died on the
+    same exception when aioquic's server.close() flushed the connections."""
+    import asyncio
+    import time
+
+    pytest.importorskip("onnxruntime")
+    from .test_predictor_runtime import tiny_model
+
+    model = tiny_model(tmp_path / "fails.onnx", window=2, cols_on_zeros=2, cols_on_data=3)
+    d = DaemonProcess(tmp_path, f'[marking]\npolicy = "swiftqueue"\nmodel = "{model}"\n')
+    try:
+        async def go() -> tuple[str, list[int]]:
+            async with connect("127.0.0.1", d.port, ecn=True, **d.client_kwargs()) as conn:
+                text = await conn.chat("hi", max_tokens=60).collect()
+                return text, list(conn._protocol._transport.received_by_codepoint)
+
+        text, counts = run(asyncio.wait_for(go(), 10))
+        assert text == "".join(answer_tokens(60))
+        assert counts[ECT1] > 20 and counts[ECT0] == 0 and counts[NOT_ECT] == 0  # l4s's codepoint, always
+        log = d.log()
+        assert log.count("latency model failed on the packet path") == 1, log
+        assert "Traceback" not in log and "upstream demo failed" not in log
+        m = metrics(d)
+        assert metric_value(m, 'tokenwire_marking_policy{policy="l4s"}') == 1
+        assert metric_value(m, 'tokenwire_marking_policy{policy="swiftqueue"}') == 0
+        assert metric_value(m, "tokenwire_marking_model_errors_total") == 1
+        t0 = time.monotonic()
+    finally:
+        assert d.stop() == 0
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_model_error_on_one_connection_moves_every_connection_to_l4s(tmp_path, caplog):
+    """In-process: the open connections stop asking the broken model too, new ones get the l4s policy."""
+    import logging
+
+    pytest.importorskip("onnxruntime")
+    from tokenwire.daemon.marking import MarkingConfig, MarkingService
+    from tokenwire.daemon.telemetry import Metrics
+    from tokenwire.transport.marking import L4SPolicy, SwiftQueuePolicy
+
+    from .test_predictor_runtime import samples, tiny_model
+
+    model = tiny_model(tmp_path / "fails.onnx", window=2, cols_on_zeros=2, cols_on_data=3)
+    metrics = Metrics()
+    svc = MarkingService(MarkingConfig(policy="swiftqueue", model=model), metrics)
+    svc.start()
+    a, b = svc.new_policy(), svc.new_policy()
+    assert isinstance(a, SwiftQueuePolicy) and isinstance(b, SwiftQueuePolicy)
+    with caplog.at_level(logging.WARNING, logger="tokenwire.daemon.marking"):
+        for s in samples(5):
+            a.on_sample(s)
+            assert a.codepoint(s.ack_at) == ECT1
+    assert a.failed and "another connection" in b.failed and b.codepoint(1.0) == ECT1
+    assert isinstance(svc.new_policy(), L4SPolicy) and svc.effective_policy == "l4s"
+    assert [r.getMessage()[:60] for r in caplog.records] == [
+        "marking.policy = swiftqueue but the latency model failed on "]
+    assert metrics.registry.get_sample_value("tokenwire_marking_model_errors_total") == 1
+    assert metrics.registry.get_sample_value("tokenwire_marking_policy", {"policy": "l4s"}) == 1

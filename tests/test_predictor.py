@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -263,3 +264,44 @@ def test_cross_spec_refuses_tcp_it_cannot_model():
         with pytest.raises(CrossSpecError, match=says) as exc:
             parse_cross_spec(f"reno+{bad}")
         assert "supported: reno, scalable, cbr-l, cbr-c; aliases tcp:reno|tcp:cubic" in str(exc.value)
+
+
+def test_malformed_dataset_files_are_dataset_errors(tiny, tmp_path):
+    """meta that is JSON but not an object (AttributeError), 0-d columns (IndexError), and an n_acked beyond
+    the ack log (IndexError deep in the harness) got through load()."""
+    def write(name, **change):
+        arrays = {c: np.asarray(tiny[c], dtype=np.float64) for c in COLUMNS}
+        arrays["meta"] = np.array(tiny["meta"])
+        arrays.update(change)
+        np.savez(tmp_path / name, **arrays)
+        return tmp_path / name
+
+    n_acks = int(np.count_nonzero(~np.isnan(tiny["ack_at"])))
+    big = np.asarray(tiny["n_acked"], dtype=np.float64).copy()
+    big[5] = n_acks + 1
+    for path, says in (
+            (write("list.npz", meta=np.array("[1, 2]")), "meta is a JSON list, not an object"),
+            (write("scalar.npz", sent_at=np.array(1.0)), "columns must be 1-D arrays: sent_at ()"),
+            (write("table.npz", ce=np.zeros((3, 3))), "columns must be 1-D arrays: ce (3, 3)"),
+            (write("acked.npz", n_acked=big), f"n_acked[5] = {n_acks + 1} is not a count of the {n_acks} acks"),
+            (write("neg.npz", n_acked=-np.ones_like(big)), "n_acked[0] = -1 is not a count"),
+            (write("frac.npz", n_acked=big * 0 + 0.5), "n_acked[0] = 0.5 is not a count")):
+        with pytest.raises(DatasetError, match=re.escape(says)):
+            load(path)
+    assert len(points(load(write("ok.npz")), 64)) > 0  # the unchanged arrays still load
+
+
+@pytest.mark.parametrize(("doc", "says"), [
+    ([1], "expected an object with 'ridge' and 'coef'"),
+    ({"bad": 1}, "expected an object with 'ridge' and 'coef'"),
+    ({"ridge": 0.001, "coef": None}, "coef is null"),
+    ({"ridge": 0.001, "coef": [[1, 2], [3, 4]]}, "coef has shape (2, 2)"),
+    ({"ridge": 0.001, "coef": [1, 2, 3]}, "coef has shape (3,)"),
+    ({"ridge": 0.001, "coef": [["a", "b"]] * 19}, "coef is not a numeric matrix"),
+    ({"ridge": 0.001, "coef": [[math.inf, 0.0]] * 19}, "coef holds NaN or infinite values"),
+])
+def test_ar_coefficients_are_checked_when_loaded(doc, says):
+    """A null or mis-shaped coef loaded fine and failed in the middle of eval ("LinearAR.predict before
+    fit", a matmul shape error)."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        LinearAR.from_dict(doc)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -132,6 +133,8 @@ def test_collect_fails_before_the_run_not_after_it(tmp_path, capsys):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--huber-ms", "0"], "--huber-ms must be > 0"),  # torch refused it after the data had loaded
     (["--alpha", "-2"], "--alpha must be >= 0"),  # trained, with negative weights on the sharp changes
+    (["--kinds", "gru,ar", "--net", '{"d_model": 16}'], "--net configures the transformer, and --kinds gru,ar "
+                                                         "trains none"),  # was silently ignored
 ])
 def test_train_refuses_a_network_it_cannot_build(argv, message, tmp_path, capsys):
     """Each of these was a torch traceback (d_model 30 with 4 heads only at the first forward pass)."""
@@ -278,3 +281,202 @@ def test_eval_json_has_null_where_a_metric_has_no_targets(tmp_path, monkeypatch,
     assert main(["predictor", "eval", "--data", "x.npz", "--json", str(out)]) == 0
     assert "NaN" not in out.read_text()
     assert json.loads(out.read_text())["models"]["ewma"]["spike_mae_ms"] is None
+
+
+def test_collect_many_index_is_rewritten_after_each_dataset_strict_and_true_on_interrupt(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """index.json was written once at the end: after Ctrl-C an old one contradicted the files, and a run
+    without known C-faster shares wrote the token NaN into it."""
+    from tokenwire.predictor import cli
+
+    out = tmp_path / "many"
+    out.mkdir()
+    stale = [{"trace": "0.05mbps", "seed": 2, "path": str(out / "0_05mbps-s2.npz"), "packets": 999},
+             {"trace": "other", "seed": 7, "path": str(out / "other-s7.npz"), "packets": 5}]
+    (out / "index.json").write_text(json.dumps(stale))
+    # the probe's repro: 15 packets on 50 kbit/s, no (packet, queue) pair with both targets known -> NaN shares
+    assert main(["predictor", "collect-many", "--traces", "0.05mbps", "--seeds", "2", "--seconds", "4",
+                 "--probe-pps", "3", "--out-dir", str(out)]) == 0
+    text = (out / "index.json").read_text()
+    assert "NaN" not in text
+    index = json.loads(text)
+    assert [(e["trace"], e["seed"]) for e in index] == [("other", 7), ("0.05mbps", 2)]  # stale entry replaced
+    assert index[1]["packets"] == 15 and index[1]["share_c_faster"] is None
+    capsys.readouterr()
+
+    real = cli._run_collect
+    calls = []
+
+    def interrupted_on_the_second(cfg, path, label):
+        calls.append(path)
+        if len(calls) == 2:
+            assert [e["seed"] for e in json.loads((out / "index.json").read_text())] == [7, 1]  # the first is in
+            raise KeyboardInterrupt
+        return real(cfg, path, label)
+
+    monkeypatch.setattr(cli, "_run_collect", interrupted_on_the_second)
+    assert main(["predictor", "collect-many", "--traces", "0.05mbps", "--seeds", "1-3", "--seconds", "4",
+                 "--probe-pps", "3", "--out-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after 1 of 3 datasets: completed {out / '0_05mbps-s1.npz'}" in err, err
+    assert f"2 not written: {out / '0_05mbps-s2.npz'}, {out / '0_05mbps-s3.npz'}" in err
+    # seed 2's file from the first run is still on disk, but about to be rewritten when the run began: dropped
+    assert [(e["trace"], e["seed"]) for e in json.loads((out / "index.json").read_text())] == [("other", 7),
+                                                                                            ("0.05mbps", 1)]
+
+
+@pytest.mark.parametrize("cmd", [["collect", "--down-trace", "6mbps", "--seconds", "0.1", "--out", "{tmp}/x.npz"],
+                                 ["train", "--data", "{tmp}/x.npz", "--out-dir", "{tmp}/m"]])
+def test_seeds_are_non_negative_everywhere(cmd, tmp_path, capsys):
+    """train --seed -5 was a numpy traceback after the data had loaded; collect took it, collect-many not."""
+    with pytest.raises(SystemExit) as exc:
+        main(["predictor", *(a.format(tmp=tmp_path) for a in cmd), "--seed", "-5"])
+    assert exc.value.code == 2
+    assert "--seed: -5 is negative; seeds are integers >= 0" in capsys.readouterr().err
+
+
+def test_train_reports_divergence_as_a_clean_error(small, tmp_path, capsys):
+    """--lr 1e8: NaN losses, then an AssertionError from train.py."""
+    pytest.importorskip("torch")
+    assert main(["predictor", "train", "--data", str(small), "--kinds", "transformer", "--epochs", "2",
+                 "--lr", "1e8", "--out-dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "transformer: training diverged (non-finite loss at epoch 1); lower --lr" in err and "Traceback" not in err
+
+
+def test_train_log_is_written_after_each_model_and_checkpoints_say_whether_they_finished(small, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """train.json was written only at the end: Ctrl-C left the new checkpoints next to the previous run's
+    train.json and lost the log of the models already trained."""
+    torch = pytest.importorskip("torch")
+    from tokenwire.predictor import train as train_mod
+
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "train.json").write_text(json.dumps({"command": "an earlier run", "models": {"transformer": {}}}))
+    real = train_mod.train_net
+
+    def interrupt_the_transformer(cfg, *a, **k):
+        if cfg.kind == "transformer":
+            raise KeyboardInterrupt
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train_net", interrupt_the_transformer)
+    assert main(["predictor", "train", "--data", str(small), "--kinds", "ar,gru,transformer", "--epochs", "2",
+                 "--out-dir", str(m)]) == 130
+    log = json.loads((m / "train.json").read_text())
+    assert log["finished"] is False and log["kinds"] == ["ar", "gru", "transformer"]
+    assert set(log["models"]) == {"ar", "gru"} and len(log["models"]["gru"]["history"]) >= 1
+    ck = torch.load(m / "gru.pt", weights_only=True)
+    assert ck["finished"] is True and ck["best_epoch"] == log["models"]["gru"]["best_epoch"]
+    monkeypatch.setattr(train_mod, "train_net", real)
+    assert main(["predictor", "train", "--data", str(small), "--kinds", "gru", "--epochs", "1",
+                 "--out-dir", str(m)]) == 0
+    assert json.loads((m / "train.json").read_text())["finished"] is True
+
+
+def _gru_checkpoint(path, history, **fields):
+    """A GRU checkpoint as `train` writes it, with the given log (``fields``: best_epoch, finished)."""
+    torch = pytest.importorskip("torch")
+    from tokenwire.predictor.models import GRUForecaster
+    from tokenwire.predictor.train import TrainConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    model = GRUForecaster(window=64)
+    save_checkpoint(path, model, TrainConfig(kind="gru"), history, **fields)
+    if not fields:  # as checkpoints were before they recorded best_epoch and finished
+        ck = torch.load(path, weights_only=True)
+        del ck["best_epoch"], ck["finished"]
+        torch.save(ck, path)
+    return model
+
+
+def _meta(path):
+    from tokenwire.predictor.runtime import load_forecaster
+
+    return load_forecaster(str(path)).meta
+
+
+HISTORY = [{"epoch": e, "train_loss": 1.0, "val_loss": v, "val_mae_ms": 10.0} for e, v in ((1, 0.5), (2, 0.3),
+                                                                                          (3, 0.4), (4, 0.45))]
+
+
+def test_export_stamps_the_best_epoch_and_warns_about_unfinished_checkpoints(tmp_path, capsys):
+    """best_epoch was len(history), the epochs run (the shipped model says 4, its card epoch 2)."""
+    def export(ck, out):
+        return main(["predictor", "export", "--checkpoint", str(ck), "--out", str(out)])
+
+    _gru_checkpoint(tmp_path / "new.pt", HISTORY[:2], best_epoch=2, finished=False)  # saved mid-run
+    assert export(tmp_path / "new.pt", tmp_path / "a.onnx") == 0
+    assert "new.pt is from a training run that did not finish" in capsys.readouterr().err
+    assert _meta(tmp_path / "a.onnx")["best_epoch"] == 2
+    _gru_checkpoint(tmp_path / "done.pt", HISTORY, best_epoch=2, finished=True)
+    assert export(tmp_path / "done.pt", tmp_path / "b.onnx") == 0
+    assert "did not finish" not in capsys.readouterr().err
+    meta = _meta(tmp_path / "b.onnx")
+    assert (meta["best_epoch"], meta["epochs_run"], meta["finished"]) == (2, 4, True)
+    _gru_checkpoint(tmp_path / "old.pt", HISTORY)  # no best_epoch recorded: the lowest validation loss
+    assert export(tmp_path / "old.pt", tmp_path / "c.onnx") == 0
+    assert _meta(tmp_path / "c.onnx")["best_epoch"] == 2
+
+
+def test_shipped_model_metadata_names_the_epoch_early_stopping_kept():
+    """The card says early stopping kept epoch 2 (of 4 run with --patience 2); the metadata said 4."""
+    card = (shipped_model_path().parent / "model_card.md").read_text()
+    kept = int(re.search(r"early stopping kept epoch (\d+)", card).group(1))
+    assert _meta(shipped_model_path())["best_epoch"] == kept == 2
+
+
+def test_export_refuses_a_model_that_fails_validation_and_writes_nothing(tmp_path, capsys):
+    """A NaN model was "validated" (max() keeps 0.0 over a NaN difference); a model that failed validation
+    was a ModelError traceback and stayed at --out, loadable."""
+    torch = pytest.importorskip("torch")
+    model = _gru_checkpoint(tmp_path / "nan.pt", HISTORY, best_epoch=2, finished=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    ck = torch.load(tmp_path / "nan.pt", weights_only=True)
+    ck["state_dict"] = model.state_dict()
+    torch.save(ck, tmp_path / "nan.pt")
+    out = tmp_path / "out" / "nan.onnx"
+    assert main(["predictor", "export", "--checkpoint", str(tmp_path / "nan.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "answers non-finite latencies" in err and f"not written to {out}" in err and "Traceback" not in err, err
+    assert not out.exists() and not list(out.parent.iterdir())  # no temporary file left either
+    out.write_bytes(b"the previous model")
+    assert main(["predictor", "export", "--checkpoint", str(tmp_path / "nan.pt"), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the previous model"
+
+
+def test_export_check_data_without_prediction_points_is_refused(tmp_path, capsys):
+    """The comparison silently fell back to random windows only."""
+    pytest.importorskip("torch")
+    _gru_checkpoint(tmp_path / "g.pt", HISTORY, best_epoch=2, finished=True)
+    short = tmp_path / "short.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "0.3", "--probe-pps", "100",
+                 "--cross", CROSS, "--out", str(short)]) == 0
+    capsys.readouterr()
+    assert main(["predictor", "export", "--checkpoint", str(tmp_path / "g.pt"), "--out", str(tmp_path / "g.onnx"),
+                 "--check-data", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert f"--check-data: no prediction points in {short}" in err and not (tmp_path / "g.onnx").exists()
+
+
+def test_eval_checks_ar_json_and_says_to_give_baselines_for_another_window(small, tmp_path, capsys):
+    """A null or mis-shaped ar.json failed in the middle of eval; a model of another window with the default
+    (shipped, 64-ack) baselines said only that the windows differ."""
+    from .test_predictor_runtime import tiny_model
+
+    shipped = shipped_model_path().parent
+    for coef, says in ((None, "no coefficients (coef is null"), ([[1, 2], [3, 4]], "coef has shape (2, 2)")):
+        folder = tmp_path / f"b{len(str(coef))}"
+        folder.mkdir()
+        shutil.copy(shipped / "gru.onnx", folder / "gru.onnx")
+        (folder / "ar.json").write_text(json.dumps({"ridge": 0.001, "coef": coef}))
+        assert main(["predictor", "eval", "--data", str(small), "--baselines", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"ar.json: unusable AR coefficients ({says}" in err and "Traceback" not in err, err
+    model = tiny_model(tmp_path / "w32.onnx", window=32)
+    assert main(["predictor", "eval", "--data", str(small), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "window 64 differs from the transformer's 32" in err and "give --baselines a folder" in err, err

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from tokenwire.predictor.runtime import (
     make_swiftqueue_policy,
     shipped_model_path,
 )
-from tokenwire.transport.ecn_socket import ECT1
+from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.errors import TokenwireError
 from tokenwire.transport.marking import L4SPolicy, LatencySample, SwiftQueuePolicy
 
@@ -169,3 +170,152 @@ def test_onnx_export_agrees_with_torch_and_is_refused_for_other_features(tmp_pat
     onnx.save(proto, str(tmp_path / "other.onnx"))
     with pytest.raises(ModelError, match="other inputs"):
         load_forecaster(str(tmp_path / "other.onnx"))
+
+
+def tiny_model(path, *, window=64, ref_dim=3, out_dim=2, x_type="float", out_type="float", meta=None,
+               cols_on_zeros=None, cols_on_data=None):
+    """A small ONNX model with the runtime's signature, or a chosen flaw in it (ms of work, no torch).
+
+    It answers the last L and C latency of ``ref`` ("last value"). With ``cols_on_zeros``/``cols_on_data``
+    the answer is reshaped, at run time, to that many columns when ``x`` is all zeros (the load-time trial)
+    / when it is not (real windows): a shape onnxruntime cannot know from the graph, so a model that passes
+    every static check and fails (or answers another shape) only when it runs.
+    """
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tokenwire.predictor.features import FEATURES, FEATURES_VERSION, N_FEATURES
+
+    types = {"float": TensorProto.FLOAT, "double": TensorProto.DOUBLE}
+    wr = np.zeros((ref_dim, out_dim), np.float32)
+    for i in range(min(ref_dim, out_dim, 2)):
+        wr[i, i] = 1.0
+    consts = {"Wr": wr, "Wx": np.zeros((N_FEATURES, out_dim), np.float32), "neg1": np.array([-1], np.int64),
+              "ax0": np.array([0], np.int64), "one": np.array(1.0, np.float32)}
+    node = helper.make_node
+    nodes = [node("ReduceMean", ["x"], ["xm"], axes=[1], keepdims=0),
+             node("Cast", ["xm"], ["xf"], to=TensorProto.FLOAT), node("MatMul", ["ref", "Wr"], ["a"]),
+             node("MatMul", ["xf", "Wx"], ["b"]), node("Add", ["a", "b"], ["y"])]
+    last = "y"
+    if cols_on_zeros is not None:  # cols = zeros + (data - zeros) * k, k = 0 for an all-zero x, else 1
+        consts["zc"] = np.array([cols_on_zeros], np.int64)
+        consts["dc"] = np.array([cols_on_data - cols_on_zeros], np.int64)
+        nodes += [node("Abs", ["xf"], ["xa"]), node("ReduceMax", ["xa"], ["xmax"], keepdims=0),
+                  node("Min", ["xmax", "one"], ["xc"]), node("Ceil", ["xc"], ["xce"]),
+                  node("Cast", ["xce"], ["k"], to=TensorProto.INT64), node("Unsqueeze", ["k", "ax0"], ["k1"]),
+                  node("Mul", ["dc", "k1"], ["dk"]), node("Add", ["zc", "dk"], ["cols"]),
+                  node("Concat", ["neg1", "cols"], ["shape"], axis=0), node("Reshape", ["y", "shape"], ["yr"])]
+        last = "yr"
+    nodes.append(node("Cast", [last], ["latency_ms"], to=types[out_type]))
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", types[x_type], ["batch", window, N_FEATURES]),
+         helper.make_tensor_value_info("ref", TensorProto.FLOAT, ["batch", ref_dim])],
+        [helper.make_tensor_value_info("latency_ms", types[out_type], ["batch", out_dim])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta is None:
+        meta = {"format": "tokenwire-swiftqueue", "kind": "transformer", "features": list(FEATURES),
+                "features_version": FEATURES_VERSION, "window": window}
+    entry = model.metadata_props.add()
+    entry.key = "tokenwire"
+    entry.value = meta if isinstance(meta, str) else json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_tiny_model_is_usable(tmp_path):
+    fc = load_forecaster(str(tiny_model(tmp_path / "ok.onnx")))
+    hist = samples(fc.window + 1)
+    for s in hist:
+        fc.observe(s)
+    last_l = next(s.latency_ms for s in reversed(hist) if s.queue_l)
+    last_c = next(s.latency_ms for s in reversed(hist) if not s.queue_l)
+    assert fc.predict(10.0) == pytest.approx((last_l, last_c))
+
+
+@pytest.mark.parametrize(("flaw", "says"), [
+    ({"ref_dim": 5}, "expected x (batch, 64, 9) and ref (batch, 3)"),
+    ({"out_dim": 1}, "unexpected model output"),
+    ({"out_dim": 3}, "unexpected model output"),
+    ({"x_type": "double"}, "unexpected model input types"),
+    ({"out_type": "double"}, "unexpected model output"),
+    ({"cols_on_zeros": 3, "cols_on_data": 2}, "trial inference failed"),  # every declared shape is right
+    ({"cols_on_zeros": 1, "cols_on_data": 2}, "trial inference answered float32 (2, 1)"),
+])
+def test_models_that_would_fail_on_the_packet_path_are_refused_at_load(tmp_path, caplog, flaw, says):
+    """Only the metadata and x's shape were checked: these loaded (and made the swiftqueue policy) and then
+    raised on the daemon's first prediction, every packet."""
+    path = str(tiny_model(tmp_path / "m.onnx", **flaw))
+    with pytest.raises(ModelError, match=re.escape(says)):
+        load_forecaster(path)
+    with caplog.at_level(logging.WARNING, logger="tokenwire.predictor"):
+        assert isinstance(make_swiftqueue_policy(path), L4SPolicy)
+
+
+@pytest.mark.parametrize(("meta", "says"), [
+    ("[1]", "metadata is a JSON list, not an object"),
+    ('"text"', "metadata is a JSON str, not an object"),
+    ("window", "metadata window must be an integer >= 2, got 'abc'"),
+    ("window64.0", "metadata window must be an integer >= 2, got 64.0"),
+    ("features", "model was built for other inputs"),
+])
+def test_malformed_metadata_is_a_model_error(tmp_path, meta, says):
+    """Valid JSON that is not an object raised AttributeError, a window of 'abc' ValueError: the daemon did
+    not fall back to l4s and `config check` printed a traceback."""
+    from tokenwire.predictor.features import FEATURES, FEATURES_VERSION
+
+    good = {"format": "tokenwire-swiftqueue", "kind": "transformer", "features": list(FEATURES),
+            "features_version": FEATURES_VERSION, "window": 64}
+    doc = {"window": {**good, "window": "abc"}, "window64.0": {**good, "window": 64.0},
+           "features": {**good, "features": 3}}.get(meta, meta)
+    with pytest.raises(ModelError, match=re.escape(says)):
+        load_forecaster(str(tiny_model(tmp_path / "m.onnx", meta=doc)))
+
+
+class _Broken:
+    """A forecaster whose model raises, as onnxruntime does for a graph that cannot run on real inputs."""
+
+    def __init__(self, fail_observe=False):
+        self.calls = 0
+        self.fail_observe = fail_observe
+
+    def observe(self, sample):
+        if self.fail_observe:
+            raise ValueError("observe broke")
+
+    def predict(self, now):
+        self.calls += 1
+        raise RuntimeError("Got invalid dimensions for input: ref")
+
+
+def test_swiftqueue_policy_marks_like_l4s_once_the_forecaster_raises(caplog):
+    """The exception went up into the transport: the connection sent nothing, 127 tracebacks, a stalled
+    chat, and a daemon that SIGTERM could not stop."""
+    fc = _Broken()
+    pol = SwiftQueuePolicy(fc, cold_start=ECT0)
+    with caplog.at_level(logging.WARNING, logger="tokenwire.transport.marking"):
+        for i in range(5):
+            pol.on_sample(samples(1, start=i)[0])
+            assert pol.codepoint(float(i)) == ECT1
+    assert fc.calls == 1  # not asked again
+    assert pol.decisions["fallback"] == 5 and "Got invalid dimensions" in pol.failed
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "marking like l4s" in warned[0].getMessage()
+    seen = []
+    pol = SwiftQueuePolicy(_Broken(fail_observe=True), cold_start=ECT0, on_failure=seen.append)
+    pol.on_sample(samples(1)[0])
+    assert pol.codepoint(1.0) == ECT1 and pol.codepoint(2.0) == ECT1
+    assert [str(e) for e in seen] == ["observe broke"]  # reported once, to the callback
+
+
+def test_a_model_that_fails_on_real_windows_falls_back_in_the_policy(tmp_path, caplog):
+    """End to end through the runtime: the model passes the load-time trial, then raises on real data."""
+    pol = make_swiftqueue_policy(str(tiny_model(tmp_path / "f.onnx", window=2, cols_on_zeros=2, cols_on_data=3)))
+    assert isinstance(pol, SwiftQueuePolicy)
+    with caplog.at_level(logging.WARNING, logger="tokenwire.transport.marking"):
+        for s in samples(10):
+            pol.on_sample(s)
+            assert pol.codepoint(s.ack_at) == ECT1
+    assert pol.failed and pol.decisions["fallback"] > 0

@@ -16,6 +16,7 @@ and answers :meth:`MarkingPolicy.codepoint` for the next packet(s). Sans-I/O: ti
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from typing import Protocol
 from .ecn_socket import ECT0, ECT1, NOT_ECT
 
 POLICIES = ("classic", "l4s", "swiftqueue", "oracle")
+
+log = logging.getLogger("tokenwire.transport.marking")
 
 
 @dataclass(slots=True)
@@ -86,6 +89,13 @@ class SwiftQueuePolicy:
     Two rules on measured samples keep it from moving where it cannot gain: a queue at the path's floor is
     never left (:meth:`_worth_moving`), and L is left only for a C queue that looks empty
     (:meth:`_c_is_a_refuge`).
+
+    The forecaster runs on the packet path: an exception from it (a model that loaded but cannot run on
+    real inputs) must not reach the transport, which would send nothing and stall the connection. The
+    policy then answers like ``l4s`` (ECT(1)) for the rest of its life, stops calling the forecaster, and
+    reports the error once: to ``on_failure`` when given (the daemon counts it and switches to ``l4s``), as a
+    logged warning otherwise. ``failed`` holds the error's text, ``decisions["fallback"]`` the packets
+    marked that way.
     """
 
     name = "swiftqueue"
@@ -100,6 +110,7 @@ class SwiftQueuePolicy:
         cold_start: int = ECT1,
         probe_interval_s: float = 0.0,
         refuge_only: bool = True,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         if margin_ms < 0 or hysteresis_ms < 0 or probe_interval_s < 0:
             raise ValueError("margin_ms, hysteresis_ms and probe_interval_s must be >= 0")
@@ -110,8 +121,10 @@ class SwiftQueuePolicy:
         self.classic = classic
         self.probe_interval_s = probe_interval_s
         self._current = cold_start
-        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0}
+        self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0, "fallback": 0}
         self.last_prediction: tuple[float, float] | None = None
+        self.on_failure = on_failure
+        self.failed: str | None = None  # the forecaster's error, once it raised: marking like l4s since
         # when the last latency sample of each queue arrived, and when we last probed (see _probe)
         self._last_sample = {True: -math.inf, False: -math.inf}
         self._last_probe = -math.inf
@@ -119,7 +132,15 @@ class SwiftQueuePolicy:
         self._recent: dict[bool, deque[float]] = {True: deque(maxlen=3), False: deque(maxlen=3)}
 
     def codepoint(self, now: float) -> int:
-        pred = self.forecaster.predict(now)
+        pred = None
+        if self.failed is None:
+            try:
+                pred = self.forecaster.predict(now)
+            except Exception as exc:  # whatever the model raises, the packet must leave
+                self._give_up(exc)
+        if self.failed is not None:
+            self.decisions["fallback"] += 1
+            return ECT1  # the l4s policy's decision
         self.last_prediction = pred
         if pred is None:
             self.decisions["cold"] += 1
@@ -191,7 +212,31 @@ class SwiftQueuePolicy:
         self._last_sample[sample.queue_l] = max(self._last_sample[sample.queue_l], sample.ack_at)
         self._floor_ms = min(self._floor_ms, sample.latency_ms)
         self._recent[sample.queue_l].append(sample.latency_ms)
-        self.forecaster.observe(sample)
+        if self.failed is None:
+            try:
+                self.forecaster.observe(sample)
+            except Exception as exc:  # see codepoint()
+                self._give_up(exc)
+
+    def fall_back(self, reason: str) -> None:
+        """Mark like ``l4s`` from now on without asking the forecaster again, and without reporting (the
+        daemon calls it on every open connection once one of them met an error from the model they share)."""
+        if self.failed is None:
+            self.failed = reason
+            self.last_prediction = None
+
+    def _give_up(self, exc: BaseException) -> None:
+        """The forecaster raised: mark like ``l4s`` from now on and report it once (see the class doc)."""
+        self.failed = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        self.last_prediction = None
+        if self.on_failure is not None:
+            try:
+                self.on_failure(exc)
+            except Exception:  # the report must not break the packet path either
+                log.exception("swiftqueue: on_failure callback failed")
+        else:
+            log.warning("swiftqueue: the latency forecaster failed (%s); marking like l4s (ECT(1)) from now on",
+                        self.failed)
 
 
 class OraclePolicy:
