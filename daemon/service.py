@@ -21,7 +21,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
@@ -374,9 +374,17 @@ class Daemon:
         ``drain_timeout_s``) ends the drain at once, cutting what still streams as the deadline would."""
         if self._drain_task is None:  # not self.draining: two signals in one loop turn are first and second
             self._drain_task = asyncio.ensure_future(self.drain())
+            self._drain_task.add_done_callback(self._drained)
         elif not self._cut.is_set():
             log.warning("second signal: stopping now, %d answers cut", self.streaming_count())
             self._cut.set()
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        """The drain ended: if it raised, say so and stop anyway (the daemon held the task, so asyncio never
+        logged the error, and ``run()`` waited forever)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("draining failed; stopping", exc_info=task.exception())
+        self._stopped.set()
 
     async def drain(self) -> None:
         """SIGTERM: refuse new requests, let running answers finish (bounded), then close everything."""
@@ -408,28 +416,39 @@ class Daemon:
         return self._cut.is_set()
 
     async def stop(self) -> None:
-        for proto in list(self.protocols):
-            with contextlib.suppress(Exception):
-                proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
-        await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
-        for task in list(self.tasks.values()):
-            task.cancel()
-        for server in self._servers:
-            server.close()
-        if self._ingest is not None:
-            self._ingest.close()
-            if self.config.ingest.socket is not None:  # Python 3.11's unix server leaves it on disk
-                unix_sockets.release(self.config.ingest.socket, self._ingest_ident)
-        if self.kv is not None:
-            self.kv.close()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-        for up in self.upstreams.values():
-            await up.close()
-        self.notifier.close()
-        self._stopped.set()
+        """Close everything. Each step runs on its own and ``run()`` returns in the end whatever raises: a
+        connection whose packet path failed made ``server.close()`` raise, the later steps never ran, and the
+        daemon waited forever (only SIGKILL ended it)."""
+        try:
+            for proto in list(self.protocols):
+                with _logged("closing a connection"):
+                    proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
+            for task in list(self.tasks.values()):
+                task.cancel()
+            for server in self._servers:
+                with _logged("closing a listener"):
+                    server.close()
+            if self._ingest is not None:
+                with _logged("closing the ingest socket"):
+                    self._ingest.close()
+                    if self.config.ingest.socket is not None:  # Python 3.11's unix server leaves it on disk
+                        unix_sockets.release(self.config.ingest.socket, self._ingest_ident)
+            if self.kv is not None:
+                with _logged("closing the KV channel"):
+                    self.kv.close()
+            if self._metrics_runner is not None:
+                with _logged("closing the metrics endpoint"):
+                    await self._metrics_runner.cleanup()
+            if self._housekeeping is not None:
+                self._housekeeping.cancel()
+            for up in self.upstreams.values():
+                with _logged(f"closing upstream {up.name!r}"):
+                    await up.close()
+            with _logged("telling systemd"):
+                self.notifier.close()
+        finally:
+            self._stopped.set()
 
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading."""
@@ -512,15 +531,25 @@ class Daemon:
         key = (proto, sid)
 
         def notify() -> None:
-            if live.error is not None:
-                code, message = live.error
-                self.metrics.errors.labels(code=hex(code)).inc()
+            try:
+                if live.error is not None:
+                    code, message = live.error
+                    self.metrics.errors.labels(code=hex(code)).inc()
+                    live.listeners.pop(key, None)
+                    proto.attached.pop(sid, None)
+                    proto.server_session.fail(sid, code, message)
+                else:
+                    proto.server_session.notify(sid)
+                proto.transmit()
+            except Exception:
+                # this runs inside the upstream's emit(): a failure of this one connection's packet path was
+                # blamed on the upstream ("upstream demo failed") and failed the answer for every listener
+                log.exception("connection from %s failed while sending; closing it", proto.peer)
                 live.listeners.pop(key, None)
                 proto.attached.pop(sid, None)
-                proto.server_session.fail(sid, code, message)
-            else:
-                proto.server_session.notify(sid)
-            proto.transmit()
+                self.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
+                with contextlib.suppress(Exception):
+                    proto.close(ErrorCode.INTERNAL, "server error while sending")
 
         live.listeners[key] = notify
         if live.error is not None:
@@ -585,6 +614,15 @@ class Daemon:
             self.metrics.requests_active.dec()
             self.store.mark_finished(live)
             self.tasks.pop(live.request_id, None)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """One step of a shutdown: an exception is logged and the shutdown goes on."""
+    try:
+        yield
+    except Exception:
+        log.exception("stopping: %s failed", what)
 
 
 def client_verifier(config: Config) -> ClientCertVerifier | None:

@@ -376,3 +376,74 @@ def test_status_keeps_the_listening_addresses_and_brackets_ipv6(tmp_path):
     ready = next(f["status"] for f in notifier.sent if f.get("ready") == 1)
     assert re.search(r"^listening on udp/\[::1\]:\d+; metrics on http://\[::1\]:\d+/metrics$", ready), ready
     assert re.search(r"^listening on udp/\[::1\]:\d+; 0 sessions, 0 answers running, 0 retained$", periodic)
+
+
+def test_a_connection_whose_sending_fails_is_closed_alone_and_the_upstream_is_not_blamed():
+    """The listener runs inside the upstream's emit(): a connection whose packet path raised used to fail the
+    answer as "upstream demo failed" for every listener. Now that connection closes and the others go on."""
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+    from tokenwire.daemon.transcripts import LiveRequest
+    from tokenwire.transport.errors import ErrorCode
+
+    class Session:
+        def __init__(self):
+            self.notified = 0
+
+        def notify(self, sid):
+            self.notified += 1
+
+    class Proto:
+        def __init__(self, broken):
+            self.broken, self.attached, self.peer = broken, {}, ("198.51.100.7", 9)
+            self.server_session, self.closed = Session(), None
+
+        def transmit(self):
+            if self.broken:
+                raise RuntimeError("packet path failed")
+
+        def close(self, code, reason):
+            self.closed = code
+
+    daemon = Daemon(parse_config({"metrics": {"listen": ""}}))
+    live = LiveRequest(b"r" * 16, None, 100, 0.0)
+    broken, healthy = Proto(True), Proto(False)
+    daemon._attach(broken, 0, live)
+    daemon._attach(healthy, 0, live)
+    assert live.push("tokens", 1.0) == 1  # nothing raised into the upstream
+    assert broken.closed == ErrorCode.INTERNAL and not broken.attached and len(live.listeners) == 1
+    live.push(" more", 1.1)
+    assert healthy.closed is None and healthy.server_session.notified == 2 and live.error is None
+
+
+def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_running(caplog):
+    """A listener whose close raised (a connection's packet path failing inside it) ended stop() there: the
+    upstreams stayed open and run() waited forever for _stopped; a second SIGTERM could not help."""
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+
+    closed = []
+
+    async def go():
+        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": "127.0.0.1:0"}}))
+        await daemon.start()
+
+        def broken_close():
+            raise RuntimeError("close failed")
+
+        daemon._servers[0].close = broken_close
+        for up in daemon.upstreams.values():
+            real = up.close
+
+            async def close(real=real, name=up.name):
+                closed.append(name)
+                await real()
+
+            up.close = close
+        daemon.on_stop_signal()  # SIGTERM: drain, then stop
+        await asyncio.wait_for(daemon._stopped.wait(), 10)  # what run() waits for
+        return daemon
+
+    daemon = asyncio.run(go())
+    assert closed == list(daemon.upstreams)  # the steps after the failing one ran
+    assert "stopping: closing a listener failed" in caplog.text
