@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,12 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="stream a demo answer over QUIC through a lossy link, live, then compare schemes",
-        description="Starts a tokenwire server with the built-in demo answer and a client behind a loopback "
-        "relay that adds delay and bursty loss; renders the answer live, then compares schemes.",
+        description="Starts the tokenwire daemon with the built-in demo answer and a client behind an emulated "
+        "link that adds delay and bursty loss (as root: two network namespaces joined by the link emulator; "
+        "otherwise a loopback UDP relay); renders the answer live, then compares schemes.",
     )
     p.add_argument("--tokens", type=int, default=240, help="answer length in tokens (default 240)")
     p.add_argument("--rate", type=float, default=30.0, help="tokens per second (default 30)")
-    p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay added by the relay (default 40)")
+    p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay of the link (default 40)")
     p.add_argument("--loss", default=DEFAULT_LOSS, help=f"loss spec, as in `tokenwire sim` (default {DEFAULT_LOSS})")
     p.add_argument("--seed", type=int, default=3, help="loss pattern seed (default 3)")
     p.add_argument("--schemes", default="chatterbox,stream,duplicate", help="first one renders live")
@@ -37,9 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="netns: daemon and client in network namespaces with the link emulator (needs root); relay: a "
         "loopback UDP relay; auto (default): netns when possible",
     )
-    p.add_argument("--rate-mbps", default="12mbps", help="netns link rate or mahimahi trace file (default 12mbps)")
+    p.add_argument("--rate-mbps", default="12mbps",
+                   help="netns link: a rate in Mbit/s (12, or 12mbps, 500kbps) or a mahimahi trace file "
+                        "(default 12mbps)")
     p.add_argument("--json", type=Path, help="also write the comparison here")
     p.set_defaults(handler=run)
+
+
+def link_rate(text: str) -> str:
+    """``--rate-mbps`` as the emulator's trace spec: a bare number is Mbit/s, as the option's name says (``12``
+    was read as a file name, and the missing file was a traceback once the namespaces were built)."""
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.testbed.trace import TraceError, trace_from_spec
+
+    spec = f"{text.strip()}mbps" if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text) else text
+    try:
+        trace_from_spec(spec)
+    except (TraceError, ValueError) as exc:
+        raise CLIError(f"--rate-mbps: {exc}") from None
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1 or not 0.1 <= args.rate <= 10_000 or not 0 <= args.delay_ms <= 10_000:
         raise CLIError("--tokens must be >= 1, --rate in [0.1, 10000] (the demo upstream's range), "
                        "--delay-ms in [0, 10000]")
+    args.rate_mbps = link_rate(args.rate_mbps)
     use_netns = False
     if args.link in ("auto", "netns"):
         from tokenwire.testbed.topology import unavailable_reason

@@ -50,6 +50,22 @@ KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb",
         "congestion", "marking", "forecaster", "prior_mbps", "recompute_us_per_token", "decode_mbps")
 
 
+def _congestion(explicit: str | None, marking: str) -> str:
+    """kv.congestion follows kv.marking, as server.congestion follows [marking]: ECT(1) packets need a
+    scalable sender (prague) and prague needs ECT(1) packets to see CE marks. ``marking = "classic"`` used to
+    run prague anyway, the default congestion whatever the marking."""
+    from .config import ConfigError
+
+    wanted = "prague" if marking == "l4s" else "reno"
+    if explicit is None:
+        return wanted
+    if (explicit == "prague") != (marking == "l4s"):
+        raise ConfigError(f"kv.congestion: {explicit!r} does not go with kv.marking = {marking!r} (ECT(1) marking "
+                          "needs prague, and prague needs ECT(1) marking); leave it out to get "
+                          f"{wanted!r}")
+    return explicit
+
+
 def parse_kv(table: Any, base: Path | None) -> KVConfig:
     from .config import ConfigError, _Section, parse_addr
 
@@ -64,6 +80,7 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"kv.redis_url: expected a redis://, rediss:// or unix:// URL, got {redis_url!r}")
     directory = s.path("directory", base, must_exist=False) or KVConfig.directory
+    marking = s.str("marking", "l4s", ("l4s", "classic", "none")) or "l4s"
     return KVConfig(
         enabled=enabled,
         listen=parse_addr(s.str("listen", "[::]:4434") or "[::]:4434", "kv.listen"),
@@ -73,8 +90,8 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
         capacity_bytes=s.int("capacity_mb", 4096, 1, 1 << 24) << 20,
         chunk_tokens=s.int("chunk_tokens", 256, 16, 32768),
         ingest_socket=s.path("ingest_socket", base, must_exist=False),
-        congestion=s.str("congestion", "prague", ("prague", "reno", "cubic")) or "prague",
-        marking=s.str("marking", "l4s", ("l4s", "classic", "none")) or "l4s",
+        congestion=_congestion(s.str("congestion", None, ("prague", "reno", "cubic")), marking),
+        marking=marking,
         forecaster=s.str("forecaster", "onnx", ("onnx", "ewma")) or "onnx",
         prior_mbps=s.num("prior_mbps", 5.0, 0.01, 100_000.0),
         recompute_us_per_token=s.int("recompute_us_per_token", 2250, 0, 10_000_000),

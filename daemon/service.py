@@ -406,7 +406,11 @@ class Daemon:
                 break
         left = self.streaming_count()
         if left and not self._cut.is_set():  # a second signal has said how many it cut
-            log.warning("drain deadline reached with %d answers still streaming", left)
+            if time.monotonic() >= deadline:
+                log.warning("drain deadline reached with %d answers still streaming", left)
+            else:  # every answer is generated; these clients did not take the rest within the grace
+                log.warning("closing with %d generated answers not fully delivered (their clients did not take "
+                            "the rest within 2 s)", left)
         await self.stop()
 
     async def _cut_within(self, seconds: float) -> bool:

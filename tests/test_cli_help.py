@@ -182,12 +182,21 @@ def test_new_token_prints_a_toml_line_for_any_name_and_refuses_an_empty_one(caps
     (["demo", "--link", "relay", "--rate", "1e9"], "--rate in [0.1, 10000]"),  # a ConfigError traceback
     (["demo", "--link", "relay", "--delay-ms", "60000"], "--delay-ms in [0, 10000]"),
     (["bench", "daemon", "--rate", "20000"], "--rate in [0.1, 10000]"),  # every session failed, NaN in JSON
+    (["demo", "--link", "netns", "--rate-mbps", "fast"], "--rate-mbps: "),  # a TraceError traceback
 ])
 def test_out_of_range_values_are_one_line(argv, message, capsys):
     from tokenwire.daemon.cli import main
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_demos_link_rate_takes_a_bare_number_as_mbits():
+    """``--rate-mbps 12`` was read as a trace file named "12"."""
+    from tokenwire.daemon.demo_cli import link_rate
+
+    assert link_rate("12") == "12mbps" and link_rate(" 0.5 ") == "0.5mbps"
+    assert link_rate("500kbps") == "500kbps"
 
 
 def test_the_demo_says_more_when_chatterbox_stalled_more():

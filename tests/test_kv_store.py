@@ -362,6 +362,21 @@ def test_a_redis_url_without_its_scheme_is_one_line_from_config_check_and_the_st
         RedisChunkStore("http://127.0.0.1:6379", 1 << 20)
 
 
+def test_kv_congestion_follows_kv_marking():
+    """``[kv] marking = "classic"`` still ran prague (the default congestion whatever the marking): a scalable
+    sender on a classic queue that never marks CE. The default now follows the marking, as [server]'s does."""
+    from tokenwire.daemon.config import ConfigError
+    from tokenwire.daemon.kv_config import parse_kv
+
+    assert parse_kv({}, None).congestion == "prague"
+    assert parse_kv({"marking": "classic"}, None).congestion == "reno"
+    assert parse_kv({"marking": "none", "congestion": "cubic"}, None).congestion == "cubic"
+    with pytest.raises(ConfigError, match=r"kv\.congestion: 'prague' does not go with kv\.marking = 'classic'"):
+        parse_kv({"marking": "classic", "congestion": "prague"}, None)
+    with pytest.raises(ConfigError, match="leave it out to get 'prague'"):
+        parse_kv({"congestion": "reno"}, None)
+
+
 def test_a_store_that_fails_to_open_lets_go_of_its_directory(tmp_path, monkeypatch):
     """An object file the daemon's user cannot read failed the open after the lock was taken: the lock stayed,
     and a retry in the same process said "in use by another process"."""
