@@ -73,12 +73,27 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(netns_path(name))
 
 
+# the signals that unwind a run (testbed.cli.sigterm_as_ctrl_c), SIGALRM being its retry timer
+_UNWIND_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM}
+
+
 def create_netns(name: str) -> None:
+    """Create namespace ``name``; a Ctrl-C or SIGTERM meanwhile takes effect once it exists.
+
+    pyroute2 creates it in a forked child and waits for it. Interrupted while waiting, the run was torn down
+    before the child had made the namespace, and the child made it afterwards: a namespace nobody removes
+    (the SIGTERM teardown test of ``bench emulator`` caught it now and then). The creation takes
+    milliseconds, so the signals wait for it.
+    """
     from pyroute2 import netns as pr_netns
 
     if netns_exists(name):
         raise TestbedError(f"namespace {name} already exists")
-    pr_netns.create(name)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _UNWIND_SIGNALS)
+    try:
+        pr_netns.create(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def remove_netns(name: str) -> None:

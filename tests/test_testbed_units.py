@@ -235,3 +235,30 @@ def test_down_removes_a_crashed_runs_temporary_folder_and_nothing_else(tmp_path,
         assert kept.is_dir() and netns.list_runs() == []
     finally:
         shutil.rmtree(ours, ignore_errors=True)
+
+
+def test_a_signal_during_namespace_creation_takes_effect_once_it_exists(monkeypatch, tmp_path):
+    """pyroute2 makes the namespace in a forked child; a SIGTERM while the owner waited for it unwound the run
+    first and the child made the namespace after the teardown had looked: a leftover now and then."""
+    import os
+    import signal
+
+    from pyroute2 import netns as pr_netns
+
+    from tokenwire.testbed import netns
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    made = []
+
+    def create(name):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while "the child" is still at work
+        for _ in range(1000):  # bytecode on which Python would run the handler if the signal got through
+            pass
+        made.append(name)
+
+    monkeypatch.setattr(pr_netns, "create", create)
+    monkeypatch.setattr(netns, "netns_exists", lambda name: False)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+        netns.create_netns("tw000000-srv")
+    assert made == ["tw000000-srv"]  # created, then unwound: the teardown finds it and removes it
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
