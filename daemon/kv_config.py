@@ -51,18 +51,17 @@ KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb",
 
 
 def _congestion(explicit: str | None, marking: str) -> str:
-    """kv.congestion follows kv.marking, as server.congestion follows [marking]: ECT(1) packets need a
-    scalable sender (prague) and prague needs ECT(1) packets to see CE marks. ``marking = "classic"`` used to
-    run prague anyway, the default congestion whatever the marking."""
+    """kv.congestion follows kv.marking unless set, as server.congestion follows [marking]: ECT(1) packets
+    need a scalable sender (prague; an explicit other one is an error, as for [server]), and without ECT(1)
+    marking prague sees no CE marks, so the default is reno. ``marking = "classic"`` used to run prague, the
+    default whatever the marking."""
     from .config import ConfigError
 
-    wanted = "prague" if marking == "l4s" else "reno"
     if explicit is None:
-        return wanted
-    if (explicit == "prague") != (marking == "l4s"):
-        raise ConfigError(f"kv.congestion: {explicit!r} does not go with kv.marking = {marking!r} (ECT(1) marking "
-                          "needs prague, and prague needs ECT(1) marking); leave it out to get "
-                          f"{wanted!r}")
+        return "prague" if marking == "l4s" else "reno"
+    if marking == "l4s" and explicit != "prague":
+        raise ConfigError(f"kv.congestion: {explicit!r} cannot carry ECT(1) packets (kv.marking = 'l4s'); use "
+                          "\"prague\" or leave it unset")
     return explicit
 
 

@@ -380,8 +380,8 @@ class Daemon:
             self._cut.set()
 
     def _drained(self, task: asyncio.Task[None]) -> None:
-        """The drain ended: if it raised, say so and stop anyway (the daemon held the task, so asyncio never
-        logged the error, and ``run()`` waited forever)."""
+        """The drain ended: if it raised, say so (the daemon holds the task, so asyncio never logs it) and let
+        ``run()`` return; ``drain()`` has run ``stop()`` in any case."""
         if not task.cancelled() and task.exception() is not None:
             log.error("draining failed; stopping", exc_info=task.exception())
         self._stopped.set()
@@ -392,26 +392,29 @@ class Daemon:
             return
         self.draining = True
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
-        self.notifier.stopping(f"draining {self.streaming_count()} answers")
-        log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
-                 self.config.limits.drain_timeout_s)
-        # first let every attached answer finish generating, then give clients a short grace for the tail
-        # (a client that vanished without closing must not hold the shutdown for the whole deadline)
-        while time.monotonic() < deadline and any(not r.done for p in self.protocols for r in p.attached.values()):
-            if await self._cut_within(0.05):
-                break
-        tail_deadline = min(deadline, time.monotonic() + 2.0)
-        while time.monotonic() < tail_deadline and any(p.attached for p in self.protocols):
-            if await self._cut_within(0.05):
-                break
-        left = self.streaming_count()
-        if left and not self._cut.is_set():  # a second signal has said how many it cut
-            if time.monotonic() >= deadline:
-                log.warning("drain deadline reached with %d answers still streaming", left)
-            else:  # every answer is generated; these clients did not take the rest within the grace
-                log.warning("closing with %d generated answers not fully delivered (their clients did not take "
-                            "the rest within 2 s)", left)
-        await self.stop()
+        try:
+            self.notifier.stopping(f"draining {self.streaming_count()} answers")
+            log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
+                     self.config.limits.drain_timeout_s)
+            # first let every attached answer finish generating, then give clients a short grace for the tail
+            # (a client that vanished without closing must not hold the shutdown for the whole deadline)
+            while time.monotonic() < deadline and any(not r.done for p in self.protocols
+                                                      for r in p.attached.values()):
+                if await self._cut_within(0.05):
+                    break
+            tail_deadline = min(deadline, time.monotonic() + 2.0)
+            while time.monotonic() < tail_deadline and any(p.attached for p in self.protocols):
+                if await self._cut_within(0.05):
+                    break
+            left = self.streaming_count()
+            if left and not self._cut.is_set():  # a second signal has said how many it cut
+                if time.monotonic() >= deadline:
+                    log.warning("drain deadline reached with %d answers still streaming", left)
+                else:  # every answer is generated; these clients did not take the rest within the grace
+                    log.warning("closing with %d generated answers not fully delivered (their clients did not "
+                                "take the rest within 2 s)", left)
+        finally:  # whatever the wait raised, everything is closed
+            await self.stop()
 
     async def _cut_within(self, seconds: float) -> bool:
         """Wait up to ``seconds``; True as soon as a second stop signal came."""

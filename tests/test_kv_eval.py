@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -199,6 +200,23 @@ def test_kv_eval_and_calibrate_write_what_was_measured_when_interrupted(tmp_path
 
     monkeypatch.setattr(evaluate, "calibrate", cut_calibration)
     out = tmp_path / "profile.json"
+    out.write_text("the profile in use")
     assert main(["kv", "calibrate", "--text", str(text), "--samples", "64", "--json", str(out)]) == 130
-    assert json.loads(out.read_text())["calibration"]["fisher_samples"] == 5
+    assert out.read_text() == "the profile in use"  # not overwritten by a few samples' worth
+    assert json.loads((tmp_path / "profile.json.partial").read_text())["calibration"]["fisher_samples"] == 5
     assert "from the 5 of 64 samples" in capsys.readouterr().err
+
+
+def test_an_interrupted_profile_is_never_picked_by_fingerprint(tmp_path, monkeypatch):
+    from importlib import resources
+
+    from tokenwire.transport.cachegen import levels
+
+    prof = tmp_path / "profiles"
+    prof.mkdir()
+    doc = {"name": "cut", "fingerprint": 42, "offsets": np.ones((2, 2, 4), int).tolist()}
+    (prof / "cut.json").write_text(json.dumps({**doc, "interrupted": True}))
+    monkeypatch.setattr(resources, "files", lambda pkg: tmp_path)
+    assert levels.profile_for(42, 2, 4).name != "cut"
+    (prof / "cut.json").write_text(json.dumps(doc))
+    assert levels.profile_for(42, 2, 4).name == "cut"

@@ -416,7 +416,8 @@ def test_a_connection_whose_sending_fails_is_closed_alone_and_the_upstream_is_no
     assert healthy.closed is None and healthy.server_session.notified == 2 and live.error is None
 
 
-def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_running(caplog):
+@pytest.mark.parametrize("broken", ["listener close", "drain"])
+def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_running(caplog, broken):
     """A listener whose close raised (a connection's packet path failing inside it) ended stop() there: the
     upstreams stayed open and run() waited forever for _stopped; a second SIGTERM could not help."""
     from tokenwire.daemon.config import parse_config
@@ -431,7 +432,10 @@ def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_ru
         def broken_close():
             raise RuntimeError("close failed")
 
-        daemon._servers[0].close = broken_close
+        if broken == "listener close":
+            daemon._servers[0].close = broken_close
+        else:  # the drain's own wait raised before it reached stop()
+            daemon.streaming_count = broken_close
         for up in daemon.upstreams.values():
             real = up.close
 
@@ -446,4 +450,5 @@ def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_ru
 
     daemon = asyncio.run(go())
     assert closed == list(daemon.upstreams)  # the steps after the failing one ran
-    assert "stopping: closing a listener failed" in caplog.text
+    assert ("stopping: closing a listener failed" if broken == "listener close" else "draining failed") \
+        in caplog.text

@@ -154,8 +154,8 @@ def test_a_connection_kept_between_turns_lives_with_keepalive_and_says_why_it_di
     pair.exchange(rounds=400, quiet_after=300.0)  # the user thinks for 3 minutes (idle timeout 60 s)
     ended = [e for e in pair.client_events if isinstance(e, ConnectionEnded)]
     if not keepalive:
-        assert len(ended) == 1 and pair.now > 60.0
-        err = closed_error(ended[0].error_code, ended[0].reason, 60.0, awaiting=False)
+        assert len(ended) == 1 and pair.now > 60.0 and not ended[0].requests_open
+        err = closed_error(ended[0].error_code, ended[0].reason, 60.0, awaiting=ended[0].requests_open)
         assert err.path_lost and "no request was open" in str(err) and "gone" not in str(err)
         return
     assert not ended and pair.now > 180.0
@@ -166,3 +166,21 @@ def test_a_connection_kept_between_turns_lives_with_keepalive_and_says_why_it_di
     pair.server.finish(sid)
     pair.exchange(rounds=100)
     assert any(isinstance(e, RequestFinished) and e.stream_id == sid for e in pair.client_events)
+
+
+def test_an_idle_close_with_a_request_open_says_the_server_or_path_is_gone():
+    """The client's RequestFailed events come before ConnectionEnded in one batch, so the SDK could not tell
+    from its own streams whether a request had been open: ConnectionEnded says so."""
+    from tests.quicpair import Pair
+    from tokenwire.transport.client import closed_error
+    from tokenwire.transport.frames import Request
+    from tokenwire.transport.session import ConnectionEnded, RequestFailed
+
+    pair = Pair()
+    pair.exchange(rounds=40)
+    pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}]), pair.now)
+    pair.exchange(rounds=2000, quiet_after=300.0, drop_down=lambda d: True)  # the server goes dark
+    (ended,) = [e for e in pair.client_events if isinstance(e, ConnectionEnded)]
+    assert ended.requests_open and any(isinstance(e, RequestFailed) for e in pair.client_events)
+    assert "server or path gone" in str(closed_error(ended.error_code, ended.reason, 60.0,
+                                                     awaiting=ended.requests_open))

@@ -228,7 +228,7 @@ class ClientProtocol(SessionProtocol):
             elif isinstance(ev, ConnectionEnded):
                 self.close_error = (closed_locally_error() if self.closed_locally else
                                     closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout,
-                                                 awaiting=bool(self.streams)))
+                                                 awaiting=ev.requests_open))
                 for s in self.streams.values():
                     s._failed(self.close_error)
                 self.streams.clear()

@@ -138,6 +138,7 @@ class ConnectionEnded(SessionEvent):
     error_code: int
     reason: str
     by_peer: bool
+    requests_open: bool = True  # some request had not ended: it fails with this (an idle close then means trouble)
 
 
 # ------------------------------------------------------------------------------------------------ base
@@ -273,7 +274,8 @@ class _SessionBase:
             self.closed = True
             self._ended.clear()
             by_peer = self._closing_error is None
-            return [*self._on_terminated(event), ConnectionEnded(event.error_code, event.reason_phrase, by_peer)]
+            failed = self._on_terminated(event)
+            return [*failed, ConnectionEnded(event.error_code, event.reason_phrase, by_peer, bool(failed))]
         return []
 
     def _send(self, stream_id: int, frame, end: bool = False) -> None:

@@ -135,9 +135,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
                         with_sensitivity=args.with_sensitivity)
     except Interrupted as exc:
+        # next to --json, not over it: the command in docs/kv_codec.md writes the shipped profile
         used = exc.doc["calibration"]["fisher_samples"]
-        return _write_partial(args.json, exc, f"a profile from the {used} of {args.samples} samples",
-                              compact=True)
+        path = f"{args.json}.partial" if args.json and args.json != "-" else args.json
+        return _write_partial(path, exc, f"a profile from the {used} of {args.samples} samples", compact=True)
     except (ModelUnavailable, ValueError) as exc:  # e.g. a text shorter than --prefix + --score
         raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc, compact=True)

@@ -107,6 +107,8 @@ def profile_for(fingerprint: int, n_layers: int, channels: int) -> Profile:
         if not entry.name.endswith(".json"):
             continue
         doc = json.loads(entry.read_text())
+        if doc.get("interrupted"):  # a calibration cut short by Ctrl-C: a few samples, never used unasked
+            continue
         if int(doc.get("fingerprint", -1)) == fingerprint:
             prof = Profile(doc["name"], np.asarray(doc["offsets"], np.int64))
             if prof.offsets.shape == (n_layers, 2, channels):
