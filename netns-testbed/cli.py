@@ -140,43 +140,14 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .netns import RUN_ID_RE, STATE_DIR, RunState, TestbedError, new_run_id
+    from .netns import RUN_ID_RE, TestbedError
     from .topology import Testbed
 
     cfg = emulator_config(args, log=args.log, pcap=args.pcap)
     if args.run_id is not None and not RUN_ID_RE.fullmatch(args.run_id):  # internal (--detach's child), but typed
         raise CLIError(f"--run-id {args.run_id!r}: not a run id (tw + 6 hex digits)")
     if args.detach:
-        run_id = new_run_id()
-        os.makedirs(STATE_DIR, exist_ok=True)
-        logfile = os.path.join(STATE_DIR, f"{run_id}.log")
-        entry = "import sys; from tokenwire.daemon.cli import main; sys.exit(main())"
-        argv = [sys.executable, "-c", entry, *_up_argv(args), "--run-id", run_id]
-        with open(logfile, "w") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
-        # read through our own descriptor: the failing run's teardown removes the log file with its state
-        early_log = open(logfile)  # noqa: SIM115 - closed below
-        path = os.path.join(STATE_DIR, f"{run_id}.json")
-        deadline = time.monotonic() + 20
-        try:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    lines = [ln.strip() for ln in early_log.read().splitlines() if ln.strip()]
-                    why = lines[-1] if lines else f"exit status {proc.returncode}"
-                    cause = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
-                    if cause and cause[-1] not in why:  # the exception behind "emulator exited", say
-                        why += f" ({cause[-1]})"
-                    raise CLIError(f"testbed failed to start: {why.removeprefix('tokenwire testbed: error: ')}")
-                if os.path.exists(path):
-                    st = RunState.load(path)
-                    if st.emulator_alive and st.info.get("ready"):
-                        _print_up(st.info, args.json)
-                        return 0
-                time.sleep(0.05)
-        finally:
-            early_log.close()
-        raise CLIError(f"testbed did not come up within 20 s, see {logfile}")
+        return _launch_detached(args)
 
     try:
         with sigterm_as_ctrl_c(), Testbed(cfg, run_id=args.run_id, backend=args.backend) as tb:
@@ -198,6 +169,109 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the testbed is torn down
         return 0
+
+
+DETACH_STEP_S = 20.0
+"""``up --detach``: how long the start may stay at a step that parses no trace (building the namespaces, between
+the child's state file and the emulator's start). Parsing the traces, in the child before it writes its state
+and in the emulator before it answers ready, has no such limit (only :data:`DETACH_MAX_S`): it takes longer the
+longer the trace file."""
+DETACH_MAX_S = 180.0
+"""``up --detach``: the whole start, however large the traces (a child still not up by then is stopped)."""
+DETACH_STOP_S = 30.0  # for the stopped child's teardown (emulator, namespaces) before it is killed
+_DETACH_STEPS = ("parsing its traces", "building the namespaces", "starting the emulator (it parses its traces)")
+
+
+def _detach_argv(args: argparse.Namespace, run_id: str) -> list[str]:
+    """The command ``--detach`` starts in the background: the foreground ``up`` under a known run id."""
+    entry = "import sys; from tokenwire.daemon.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", entry, *_up_argv(args), "--run-id", run_id]
+
+
+def _launch_detached(args: argparse.Namespace) -> int:
+    """``up --detach``: start the foreground ``up`` in its own session and wait until it is up.
+
+    If it fails, does not come up in time, or the wait is interrupted (Ctrl-C, SIGTERM, SIGHUP), the child is
+    stopped with SIGTERM (it tears its testbed down like Ctrl-C does), waited for, and only then is the error
+    reported: a child left behind came up later with nobody knowing its run id.
+    """
+    from .netns import STATE_DIR, RunState, new_run_id
+
+    run_id = new_run_id()
+    os.makedirs(STATE_DIR, exist_ok=True)
+    logfile = os.path.join(STATE_DIR, f"{run_id}.log")
+    path = os.path.join(STATE_DIR, f"{run_id}.json")
+    with sigterm_as_ctrl_c():
+        with open(logfile, "w") as log:
+            proc = subprocess.Popen(_detach_argv(args, run_id), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        # read through our own descriptor: the failing run's teardown removes the log file with its state
+        early_log = open(logfile)  # noqa: SIM115 - closed below
+        try:
+            started = time.monotonic()
+            step, step_since = _DETACH_STEPS[0], started
+            while True:
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    raise CLIError(f"testbed failed to start: {_child_failure(proc, early_log.read())}")
+                st = RunState.load(path) if os.path.exists(path) else None
+                if st is not None and st.emulator_alive and st.info.get("ready"):
+                    _print_up(st.info, args.json)
+                    return 0
+                # the step it is at: each gets DETACH_STEP_S, but the two that parse traces take what they take
+                now_step = _DETACH_STEPS[0 if st is None else 2 if st.emulator_alive else 1]
+                if now_step != step:
+                    step, step_since = now_step, now
+                slow = step == _DETACH_STEPS[1] and now - step_since > DETACH_STEP_S
+                if slow or now - started > DETACH_MAX_S:
+                    waited = now - step_since if slow else now - started
+                    raise CLIError(
+                        f"testbed did not come up: still {step} after {waited:.0f} s, so it was stopped"
+                        + _last_line(early_log.read())
+                        + ". Run `tokenwire testbed up` with the same options in the foreground to see where it "
+                        "stalls; a trace file of hundreds of millions of lines takes minutes to parse: use a "
+                        "shorter one"
+                    )
+                time.sleep(0.05)
+        except BaseException:
+            _stop_child(proc, path)
+            with contextlib.suppress(OSError):
+                os.unlink(logfile)  # (a child stopped before it had state: nobody else removes it)
+            raise
+        finally:
+            early_log.close()
+
+
+def _child_failure(proc: subprocess.Popen, log_text: str) -> str:
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    why = lines[-1] if lines else f"exit status {proc.returncode}"
+    cause = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    if cause and cause[-1] not in why:  # the exception behind "emulator exited", say
+        why += f" ({cause[-1]})"
+    return why.removeprefix("tokenwire testbed: error: ")
+
+
+def _last_line(log_text: str) -> str:
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    return f" (its last output: {lines[-1]})" if lines else ""
+
+
+def _stop_child(proc: subprocess.Popen, state_path: str) -> None:
+    """SIGTERM a detached child (it tears its testbed down), wait for it; SIGKILL it and remove what its run left
+    if it does not exit in time."""
+    from .netns import RunState, destroy_run
+
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=DETACH_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if os.path.exists(state_path):  # killed, or it died without its teardown: what `testbed down` would do
+        with contextlib.suppress(Exception):
+            destroy_run(RunState.load(state_path))
 
 
 def _up_argv(args: argparse.Namespace) -> list[str]:
@@ -343,7 +417,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_ctrl_c():
             summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log)
-    except (CompareError, TestbedError) as exc:
+    except (CompareError, TestbedError, ChildError) as exc:
         raise CLIError(str(exc)) from None
     if tty:
         print(file=sys.stderr)

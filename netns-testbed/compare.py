@@ -138,7 +138,18 @@ Progress = Callable[[str, int, int], None]
 
 def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
                progress: Progress | None = None, *, scratch: str | None = None) -> SchemeRun:
-    """One request of ``scheme`` through a fresh testbed; raises :class:`CompareError` if it fails."""
+    """One request of ``scheme`` through a fresh testbed; raises :class:`CompareError` naming the scheme if
+    it fails (an endpoint that exits, never connects or stops answering: a :class:`ChildError`)."""
+    try:
+        return _run_scheme(scheme, cfg, seed, workdir, progress, scratch=scratch)
+    except CompareError:
+        raise
+    except ChildError as exc:
+        raise CompareError(f"{scheme} (seed {seed}): {exc}") from None
+
+
+def _run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str, progress: Progress | None, *,
+                scratch: str | None) -> SchemeRun:
     tag = f"{scheme}.seed{seed}"
     log_path = os.path.join(workdir, f"{tag}.pktlog.csv")
     srv_out = os.path.join(workdir, f"{tag}.server.json")

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import pktlog
 from .link import Link
 from .loss import parse_loss
 from .pktlog import CsvPacketLog, PcapTap
@@ -140,6 +141,7 @@ class EmulatorShell:
         self.late_s: list[float] = []  # how late each write was relative to its virtual delivery time
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- control -------------------------------------------------------------------------------------------
@@ -233,18 +235,38 @@ class EmulatorShell:
         self._timer_at = None
         self._flush()
 
+    def _writers(self) -> list[CsvPacketLog | PcapTap]:
+        return [w for w in (self.log, self.pcap_down, self.pcap_up) if w is not None]
+
+    def flush_files(self) -> None:
+        """Write out what the packet log and pcaps hold (whole rows and records), so that a live ``--log`` or
+        ``--pcap`` file is complete up to about a second ago, also once the traffic stops."""
+        for writer in self._writers():
+            if writer.pending:
+                writer.flush()
+
+    def _on_flush_timer(self) -> None:
+        self._flush_timer = None
+        self.flush_files()
+        if self._loop is not None:
+            self._flush_timer = self._loop.call_later(pktlog.FLUSH_EVERY_S, self._on_flush_timer)
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.fd_server, self._on_readable, self.fd_server, self.down, self.pcap_down)
         loop.add_reader(self.fd_client, self._on_readable, self.fd_client, self.up, self.pcap_up)
+        if self._writers():
+            self._flush_timer = loop.call_later(pktlog.FLUSH_EVERY_S, self._on_flush_timer)
         self._reschedule()
 
     def detach(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.fd_server)
             self._loop.remove_reader(self.fd_client)
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._flush_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = None
         self._loop = None
 
     def close(self) -> None:

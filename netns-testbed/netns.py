@@ -22,8 +22,9 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 NETNS_DIR = "/run/netns"
@@ -74,7 +75,35 @@ def netns_exists(name: str) -> bool:
 
 
 # the signals that unwind a run (testbed.cli.sigterm_as_ctrl_c), SIGALRM being its retry timer
-_UNWIND_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM}
+_UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold the unwinding signals' Python handlers until the block is done, then deliver each once.
+
+    At the Python level, not with ``pthread_sigmask``: a mask holds only the calling thread, and a
+    process-directed SIGTERM then lands on another one (numpy's OpenBLAS threads, say), whose C handler
+    still has the main thread raise at once. Python runs every handler in the main thread, so swapping them
+    holds whatever threads exist. Elsewhere than the main thread nothing is deferred (nothing can be).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    for sig in _UNWIND_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:  # not ours to restore, or ignored: left alone
+            continue
+        old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def create_netns(name: str) -> None:
@@ -89,11 +118,8 @@ def create_netns(name: str) -> None:
 
     if netns_exists(name):
         raise TestbedError(f"namespace {name} already exists")
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _UNWIND_SIGNALS)
-    try:
+    with _signals_deferred():
         pr_netns.create(name)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def remove_netns(name: str) -> None:

@@ -13,6 +13,11 @@ an IPv4 TCP or UDP packet (empty otherwise), so experiments with cross traffic c
 
 The pcap taps write what entered and what left the emulator, stamped with the real (not virtual) read and
 write times, as raw IP (LINKTYPE_RAW), using scapy's writer so any pcap tool and scapy itself read them back.
+
+Both reach the disk in whole rows and records only (a live file never ends mid-row or mid-record): they
+collect in memory and are written out when enough has gathered, on :meth:`flush` (the emulator calls it
+about once a second while anything is pending, so a live ``testbed up --log/--pcap`` is complete up to the
+last second even after the traffic stops) and at close.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import IO
 
 from .packet import ECN_NAMES
 from .queues import Packet
@@ -30,7 +34,8 @@ LOG_FIELDS = [
     "sojourn_ms", "latency_ms", "ecn_in", "ecn_out", "fate", "proto", "sport", "dport",
 ]  # fmt: skip
 
-FLUSH_EVERY_S = 1.0  # the CSV reaches the disk at least this often while packets flow (else at close)
+FLUSH_EVERY_S = 1.0  # what the log and pcaps hold reaches the disk at least this often (the emulator's timer)
+BUFFER_BYTES = 1 << 16  # written out as soon as this much is pending (in whole rows/records)
 LINKTYPE_RAW = 101  # DLT_RAW: packets start with the IP header
 
 
@@ -49,13 +54,58 @@ def flow_of(data: bytes | None) -> tuple[object, object, object]:
     return proto, "", ""
 
 
+class WholeRecordFile:
+    """A file that is written only in whole records: writes gather in memory until :meth:`flush` (or
+    :meth:`commit` once ``BUFFER_BYTES`` are pending), which the owner calls between records only. Takes
+    ``bytes`` (pcap) or ``str`` (CSV rows, encoded as UTF-8)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = os.fspath(path)
+        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._parts: list[bytes] = []
+        self.pending = 0
+
+    def write(self, data: bytes | str) -> int:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        self._parts.append(raw)
+        self.pending += len(raw)
+        return len(data)
+
+    def commit(self) -> None:
+        """Write out what is pending if ``BUFFER_BYTES`` have gathered (call between records)."""
+        if self.pending >= BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        view = memoryview(b"".join(self._parts))
+        self._parts.clear()
+        self.pending = 0
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class CsvPacketLog:
     """Streams packet records to a CSV file (see module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._fh: IO[str] = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._fh = WholeRecordFile(path)
         self._w = csv.writer(self._fh)
         self._w.writerow(LOG_FIELDS)
+        self._fh.flush()
         self.rows = 0
         self._flushed_at = time.monotonic()
 
@@ -73,9 +123,19 @@ class CsvPacketLog:
         )  # fmt: skip
         self.rows += 1
         now = time.monotonic()
-        if now - self._flushed_at >= FLUSH_EVERY_S:  # a live `testbed up --log` can be tailed
-            self._flushed_at = now
-            self._fh.flush()
+        if now - self._flushed_at >= FLUSH_EVERY_S:  # while packets flow; the emulator's timer once they stop
+            self.flush(now)
+        else:
+            self._fh.commit()
+
+    @property
+    def pending(self) -> bool:
+        """Rows not yet on disk."""
+        return self._fh.pending > 0
+
+    def flush(self, now: float | None = None) -> None:
+        self._flushed_at = time.monotonic() if now is None else now
+        self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
@@ -96,9 +156,10 @@ class PcapTap:
     def __init__(self, prefix: str) -> None:
         from scapy.utils import RawPcapWriter  # heavy import, only when asked for pcaps
 
-        self._in = RawPcapWriter(prefix + ".in.pcap", linktype=LINKTYPE_RAW, nano=True)
-        self._out = RawPcapWriter(prefix + ".out.pcap", linktype=LINKTYPE_RAW, nano=True)
-        self._in._write_header(None)
+        self._files = (WholeRecordFile(prefix + ".in.pcap"), WholeRecordFile(prefix + ".out.pcap"))
+        self._in = RawPcapWriter(self._files[0], linktype=LINKTYPE_RAW, nano=True)
+        self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)
+        self._in._write_header(None)  # (scapy flushes after the header: on disk at once)
         self._out._write_header(None)
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -109,12 +170,22 @@ class PcapTap:
         if nsec >= 1_000_000_000:
             sec, nsec = sec + 1, nsec - 1_000_000_000
         writer.write_packet(data, sec=sec, usec=nsec, caplen=len(data), wirelen=len(data))  # type: ignore[attr-defined]
+        writer.f.commit()  # type: ignore[attr-defined] - a whole record is in: write out if enough gathered
 
     def arrived(self, data: bytes, t_mono: float) -> None:
         self._write(self._in, data, t_mono)
 
     def delivered(self, data: bytes, t_mono: float) -> None:
         self._write(self._out, data, t_mono)
+
+    @property
+    def pending(self) -> bool:
+        """Records not yet on disk."""
+        return any(f.pending for f in self._files)
+
+    def flush(self) -> None:
+        for f in self._files:
+            f.flush()
 
     def close(self) -> None:
         self._in.close()

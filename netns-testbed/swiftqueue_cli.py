@@ -21,6 +21,10 @@ def register_swiftqueue(tsub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("swiftqueue", help="per-packet ECN marking policies against each other through DualPI2")
     add_path_args(p, down_required=True)
     p.set_defaults(queue="dualpi2", delay_ms=20.0)
+    for action in p._actions:
+        if action.dest == "queue":
+            action.help = ("the DualQ bottleneck of both directions: dualpi2[:key=value,...] (a policy chooses "
+                           "between its L and C queues per packet; a single queue is refused)")
     p.add_argument("--cross", action="append", metavar="SPEC",
                    help="cross traffic (repeatable): tcp:cubic|bbr|reno, udp-ect1:RATE, "
                    "onoff-ect1:RATE:ON_MS:OFF_MS; virtual only: scalable[:N], scalable-burst:N:ON_MS:OFF_MS, "
@@ -75,6 +79,12 @@ def _config(args: argparse.Namespace) -> Any:
     if args.backend == "kernel":
         raise CLIError("--backend kernel: the swiftqueue run needs the userspace emulator (the oracle reads its "
                        "queue state)")
+    from .queues import DualPI2, parse_queue
+
+    if not isinstance(parse_queue(cfg.queue), DualPI2):
+        # a single queue has no L queue: the policies' choice changed nothing and "L share" was meaningless
+        raise CLIError(f"--queue {cfg.queue}: the swiftqueue evaluation needs a DualQ queue, "
+                       "dualpi2[:key=value,...]: its policies choose per packet between the L and C queues")
     return cfg
 
 
@@ -104,6 +114,7 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
 
         summary, runs = run_virtual_all(cfg, log_fn=log, progress=progress)
     else:
+        from .child import ChildError
         from .netns import TestbedError, check_root
         from .swiftqueue_netns import SwiftQueueRunError, run_netns_all
 
@@ -114,7 +125,7 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
         try:
             with sigterm_as_ctrl_c():
                 summary, runs = run_netns_all(cfg, workdir=args.keep, log_fn=log, progress=progress)
-        except (SwiftQueueRunError, TestbedError) as exc:
+        except (SwiftQueueRunError, TestbedError, ChildError) as exc:
             raise CLIError(str(exc)) from None
     if tty:
         print(file=sys.stderr)

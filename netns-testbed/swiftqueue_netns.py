@@ -33,7 +33,7 @@ from .swiftqueue_eval import (
     load_predictor_forecaster,
     parse_flow_spec,
 )
-from .topology import Testbed
+from .topology import Testbed, TestbedError
 from .traffic import start_cross
 
 PORT = 8443
@@ -110,7 +110,20 @@ def _endpoint(tb: Testbed, role: str, policy: str, cfg: SwiftQueueConfig, tokens
 
 def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
                      progress: Callable[[float], None] | None = None, *, scratch: str | None = None) -> PolicyRun:
-    """One policy through a fresh namespace testbed; raises :class:`SwiftQueueRunError` if it fails."""
+    """One policy through a fresh namespace testbed; raises :class:`SwiftQueueRunError` naming the policy if it
+    fails (an endpoint that exits, never connects or stops answering, or the testbed itself)."""
+    try:
+        return _run_netns_policy(cfg, policy, workdir, progress, scratch=scratch)
+    except SwiftQueueRunError:
+        raise
+    except ChildError as exc:
+        raise SwiftQueueRunError(f"{policy}: {exc}") from None
+    except TestbedError as exc:
+        raise SwiftQueueRunError(f"{policy}: testbed: {exc}") from None
+
+
+def _run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str, progress: Callable[[float], None] | None,
+                      *, scratch: str | None) -> PolicyRun:
     spec = parse_flow_spec(cfg.flow)
     rate = spec.rate
     tokens = max(1, int(rate * cfg.seconds))

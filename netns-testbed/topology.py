@@ -50,6 +50,10 @@ from .netns import (
 )
 
 ADDRESS_POOL = ipaddress.ip_network("10.213.0.0/16")
+EMULATOR_READY_CAP_S = 120.0
+"""How long the emulator may take to answer ready while its process lives. It parses its traces first, which
+takes seconds for a trace of tens of millions of lines (about 0.2 s per million here); an emulator that exits
+is reported at once."""
 
 
 def unavailable_reason() -> str | None:
@@ -74,7 +78,7 @@ class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, config: EmulatorConfig | None = None, *, run_id: str | None = None,
-                 backend: str = "auto", ready_timeout: float = 10.0, scratch: str | None = None) -> None:
+                 backend: str = "auto", ready_timeout: float | None = None, scratch: str | None = None) -> None:
         if backend not in ("auto", "userspace", "kernel"):
             raise ValueError(f"backend must be auto, userspace or kernel, not {backend!r}")
         self.prefer_backend = backend
@@ -89,7 +93,8 @@ class Testbed:
         self.prefixlen = net.prefixlen
         self.backend = "userspace"
         self.backend_reason = ""
-        self.ready_timeout = ready_timeout
+        # the overall cap on the emulator's start (it is waited for only while it lives)
+        self.ready_timeout = EMULATOR_READY_CAP_S if ready_timeout is None else ready_timeout
         self.emulator: subprocess.Popen | None = None
         self.final_stats: dict[str, Any] | None = None
         self._state: RunState | None = None
@@ -159,15 +164,23 @@ class Testbed:
         state.emulator_start = start_time(state.emulator_pid)
         state.save()
 
-    def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
-        argv = [sys.executable, "-m", "tokenwire.testbed.emulator", self.config.to_json(), str(fd_srv),
+    def _emulator_argv(self, fd_srv: int, fd_cli: int) -> list[str]:
+        return [sys.executable, "-m", "tokenwire.testbed.emulator", self.config.to_json(), str(fd_srv),
                 str(fd_cli)]
+
+    def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
         self.emulator = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd_srv, fd_cli),
-            start_new_session=True, text=True, bufsize=1,
+            self._emulator_argv(fd_srv, fd_cli), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            pass_fds=(fd_srv, fd_cli), start_new_session=True, text=True, bufsize=1,
         )  # fmt: skip
         assert self.emulator.stdout is not None
         self._emu_lines = LineReader(self.emulator.stdout)
+        if self._state is not None:  # recorded while it loads its traces: `testbed down` and `up --detach` see it
+            self._state.emulator_pid = self.emulator.pid
+            self._state.emulator_start = start_time(self.emulator.pid)
+            self._state.save()
+        # No fixed deadline: a large trace takes the emulator a while to parse. Its exit ends the wait at once
+        # (end of its stdout); the cap only bounds an emulator that hangs.
         reply = self._read_reply(self.ready_timeout)
         if not reply.get("ready"):
             raise TestbedError(f"emulator did not start: {reply}")
@@ -181,6 +194,8 @@ class Testbed:
         except TimeoutError:
             raise TestbedError(f"emulator gave no answer within {timeout:.1f} s") from None
         if line is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)  # its stdout closed as it exited: the status follows at once
             raise TestbedError(f"emulator exited (status {proc.poll()})")
         return json.loads(line)
 

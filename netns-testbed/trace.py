@@ -7,7 +7,14 @@ leave in that millisecond. When the trace ends it repeats, shifted by its last t
 ``traces/README`` of ravinet/mahimahi).
 
 A fixed rate is written ``12mbps`` (or ``0.5mbit``, ``800kbps``) wherever a trace path is accepted; it becomes
-an equivalent trace whose opportunities are spread as evenly as millisecond timestamps allow.
+an equivalent trace whose opportunities are spread as evenly as millisecond timestamps allow: exact whenever
+the rate is a whole number of opportunities in at most 20 minutes (every rate written with a few decimal
+digits, ``33.3kbps`` included), otherwise within 0.001 %. The smallest rate is 10 bit/s (one opportunity per
+20 minutes); a smaller one is refused.
+
+A trace file is read line by line, and each process parses a given file once: the result is kept (a few
+files, keyed by path, size and modification time), so validating a spec and then building the link from it
+costs one parse, however large the file.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from array import array
 from bisect import bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
+from fractions import Fraction
 
 OPPORTUNITY_BYTES = 1500
 """Bytes one delivery opportunity can carry (mahimahi's MTU-sized slot; TUN here carries bare IP packets)."""
@@ -85,11 +95,17 @@ _UNIT = {"g": 1e9, "m": 1e6, "k": 1e3, None: 1.0}
 
 def parse_rate(text: str) -> float | None:
     """``'12mbps'`` -> 12e6 (bits/s); ``None`` when ``text`` is not a rate (e.g. a file name)."""
+    exact = _exact_rate(text)
+    return None if exact is None else float(exact)
+
+
+def _exact_rate(text: str) -> Fraction | None:
+    """The bits/s of a rate spec as the exact decimal written (``'33.3kbps'`` -> 33300), else None."""
     m = _RATE_RE.match(text)
     if not m:
         return None
     unit = m.group(2).lower() if m.group(2) else None
-    return float(m.group(1)) * _UNIT[unit]
+    return Fraction(m.group(1)) * int(_UNIT[unit])
 
 
 MAX_RATE_MBPS = 100_000.0  # 100 Gbit/s: far above what a userspace emulator forwards
@@ -102,73 +118,157 @@ def generator_bps(text: str) -> float | None:
     return bps if bps is not None and 0 < bps <= MAX_RATE_MBPS * 1e6 else None
 
 
-def fixed_rate_trace(mbps: float, *, max_period_ms: int = 12_000) -> Trace:
+MAX_FIXED_PERIOD_MS = 1_200_000
+"""Longest period of a fixed-rate trace: 20 minutes. It sets the smallest rate (one opportunity per period)."""
+MIN_RATE_BPS = OPPORTUNITY_BYTES * 8 * 1000 / MAX_FIXED_PERIOD_MS
+"""10 bit/s: one 1500-byte opportunity per :data:`MAX_FIXED_PERIOD_MS`, the smallest fixed rate."""
+MAX_FIXED_OPPORTUNITIES = 100_000
+"""Most opportunities one period of a fixed-rate trace holds (100 Gbit/s needs 100 000 per 12 ms)."""
+_NEAR_EXACT = 1e-6  # relative error below which a shorter approximation is taken over a longer exact period
+
+
+def _convergents(x: Fraction) -> list[tuple[int, int]]:
+    """The continued-fraction convergents ``(numerator, denominator)`` of ``x`` (the best approximations)."""
+    out = []
+    h0, h1, k0, k1 = 0, 1, 1, 0
+    rest = x
+    while True:
+        a = math.floor(rest)
+        h0, h1 = h1, a * h1 + h0
+        k0, k1 = k1, a * k1 + k0
+        out.append((h1, k1))
+        frac = rest - a
+        if frac == 0 or k1 > MAX_FIXED_PERIOD_MS or h1 > MAX_FIXED_OPPORTUNITIES:
+            return out
+        rest = 1 / frac
+
+
+def fixed_rate_trace(mbps: float | Fraction) -> Trace:
     """A trace equivalent to a constant ``mbps`` link.
 
-    One opportunity per ms is 12 Mbit/s, so the rate needs ``mbps/12`` opportunities per ms. The period is the
-    shortest multiple of 12 ms (up to ``max_period_ms``) that holds a whole number of opportunities, so common
-    rates are exact and any rate is within 1/1000 of the request.
+    One opportunity per ms is 12 Mbit/s, so the rate needs ``mbps/12`` opportunities per ms: ``n``
+    opportunities in a period of ``P`` ms, spread as evenly as whole milliseconds allow. ``n/P`` is the rate
+    itself, reduced, whenever ``P`` stays within :data:`MAX_FIXED_PERIOD_MS` (20 minutes) and ``n`` within
+    :data:`MAX_FIXED_OPPORTUNITIES` (the rate is read as the decimal it was written as, so ``0.0333`` is
+    exactly 111 opportunities in 40 s); otherwise the best approximation within those bounds, which is within
+    0.001 % of the request. Rates below :data:`MIN_RATE_BPS` (10 bit/s) cannot be represented and are refused.
     """
     if not (mbps > 0) or math.isinf(mbps):
         raise TraceError(f"rate must be a positive number of Mbit/s, got {mbps!r}")
     if mbps > MAX_RATE_MBPS:  # the trace holds mbps opportunities per 12 ms: 1e9mbps wanted 8 GB and hung
-        raise TraceError(f"rate {mbps:g} Mbit/s is beyond the emulator's {MAX_RATE_MBPS:g} Mbit/s")
-    per_12ms = mbps  # opportunities in 12 ms == rate in Mbit/s
-    chosen = None
-    for m in range(1, max_period_ms // 12 + 1):
-        n = per_12ms * m
-        if abs(n - round(n)) < 1e-6 and round(n) >= 1:
-            chosen = (12 * m, round(n))
-            break
-    if chosen is None:
-        chosen = (max_period_ms, max(1, round(per_12ms * max_period_ms / 12)))
-    period, n = chosen
+        raise TraceError(f"rate {float(mbps):g} Mbit/s is beyond the emulator's {MAX_RATE_MBPS:g} Mbit/s")
+    # the decimal the rate was written as (a float's shortest repr), not its binary approximation
+    exact = mbps if isinstance(mbps, Fraction) else Fraction(repr(float(mbps)))
+    if exact * 10**6 < Fraction(MIN_RATE_BPS):
+        raise TraceError(
+            f"rate {float(exact) * 1e6:g} bit/s is below the smallest fixed rate, {MIN_RATE_BPS:g} bit/s (one "
+            f"{OPPORTUNITY_BYTES}-byte opportunity per {MAX_FIXED_PERIOD_MS // 60_000} minutes)"
+        )
+    per_ms = exact / 12
+    if per_ms.denominator <= MAX_FIXED_PERIOD_MS and per_ms.numerator <= MAX_FIXED_OPPORTUNITIES:
+        n, period = per_ms.numerator, per_ms.denominator
+    else:
+        fits = [(h, k) for h, k in _convergents(per_ms)
+                if 1 <= h <= MAX_FIXED_OPPORTUNITIES and k <= MAX_FIXED_PERIOD_MS]  # fmt: skip
+        if not fits:  # cannot happen above MIN_RATE_BPS (1/round(1/x) fits); kept as a clear error
+            raise TraceError(f"rate {mbps:g} Mbit/s cannot be represented as a fixed-rate trace")
+        close = [(h, k) for h, k in fits if abs(Fraction(h, k) - per_ms) <= _NEAR_EXACT * per_ms]
+        n, period = close[0] if close else fits[-1]
     # n opportunities in (0, period]: opportunity j at ceil((j+1) * period / n)
     stamps = array("q", (-((-(j + 1) * period) // n) for j in range(n)))
-    return Trace(stamps, name=f"{mbps:g}mbps")
+    return Trace(stamps, name=f"{float(mbps):g}mbps")
 
 
 MAX_STAMP_MS = 10**12
+_READ_CHUNK = 1 << 20  # bytes of lines parsed at a time
+_CACHE_ENTRIES = 4
+_cache: OrderedDict[tuple[object, ...], Trace] = OrderedDict()
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a mahimahi trace file; raises :class:`TraceError` on anything malformed."""
+    """Read a mahimahi trace file; raises :class:`TraceError` on anything malformed.
+
+    The file is streamed, never held as a whole; a regular file already parsed by this process (same path,
+    device, inode, size and modification time) is not parsed again (the same :class:`Trace`, which nothing
+    modifies, is returned).
+    """
     name = os.fspath(path)
     try:
-        with open(name, encoding="ascii") as fh:
-            lines = fh.read().splitlines()
+        st = os.stat(name)
     except FileNotFoundError:
         raise TraceError(f"{name}: no such trace file") from None
+    except OSError as exc:
+        raise TraceError(f"{name}: cannot read trace: {exc.strerror}") from None
+    key = None
+    if stat.S_ISREG(st.st_mode):
+        key = (os.path.abspath(name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    trace = _parse_trace_file(name)
+    if key is not None:
+        _cache[key] = trace
+        while len(_cache) > _CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    return trace
+
+
+def _parse_trace_file(name: str) -> Trace:
+    stamps = array("q")
+    prev = 0
+    lineno = 0
+    try:
+        with open(name, encoding="ascii") as fh:
+            while True:
+                lines = fh.readlines(_READ_CHUNK)
+                if not lines:
+                    break
+                # fast path: a chunk of well-formed lines (int() ignores the newline and surrounding blanks)
+                try:
+                    values = list(map(int, lines))
+                except ValueError:
+                    values = None
+                if (values is not None and prev <= values[0] and values[-1] <= MAX_STAMP_MS
+                        and values == sorted(values)):  # fmt: skip
+                    stamps.extend(values)
+                    prev = values[-1]
+                    lineno += len(lines)
+                    continue
+                for line in lines:  # the exact line and problem (or blank lines, which are skipped)
+                    lineno += 1
+                    prev = _check_line(name, lineno, line, prev, stamps)
     except UnicodeDecodeError:
         raise TraceError(f"{name}: not a text trace (non-ASCII bytes)") from None
     except OSError as exc:
         raise TraceError(f"{name}: cannot read trace: {exc.strerror}") from None
-    stamps = array("q")
-    prev = 0
-    for lineno, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text:
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            raise TraceError(f"{name}:{lineno}: expected an integer ms timestamp, got {text!r}") from None
-        if value < 0:
-            raise TraceError(f"{name}:{lineno}: negative timestamp {value}")
-        if value > MAX_STAMP_MS:  # it would overflow the int64 array (an OverflowError traceback)
-            raise TraceError(f"{name}:{lineno}: timestamp {value} beyond {MAX_STAMP_MS} ms (about 31 years)")
-        if value < prev:
-            raise TraceError(f"{name}:{lineno}: timestamps must not decrease ({value} after {prev})")
-        stamps.append(value)
-        prev = value
     if not stamps:
         raise TraceError(f"{name}: empty trace")
     return Trace(stamps, name=os.path.basename(name))
 
 
+def _check_line(name: str, lineno: int, line: str, prev: int, stamps: array) -> int:
+    """Append the timestamp of one line to ``stamps`` (nothing for a blank line); returns the latest one."""
+    text = line.strip()
+    if not text:
+        return prev
+    try:
+        value = int(text)
+    except ValueError:
+        raise TraceError(f"{name}:{lineno}: expected an integer ms timestamp, got {text!r}") from None
+    if value < 0:
+        raise TraceError(f"{name}:{lineno}: negative timestamp {value}")
+    if value > MAX_STAMP_MS:  # it would overflow the int64 array (an OverflowError traceback)
+        raise TraceError(f"{name}:{lineno}: timestamp {value} beyond {MAX_STAMP_MS} ms (about 31 years)")
+    if value < prev:
+        raise TraceError(f"{name}:{lineno}: timestamps must not decrease ({value} after {prev})")
+    stamps.append(value)
+    return value
+
+
 def trace_from_spec(spec: str) -> Trace:
     """A trace from a path or a rate like ``12mbps`` (how every command takes ``--*-trace``)."""
-    bps = parse_rate(spec)
+    bps = _exact_rate(spec)
     if bps is not None:
-        return fixed_rate_trace(bps / 1e6)
+        return fixed_rate_trace(bps / 10**6)
     return load_trace(spec)

@@ -237,11 +237,15 @@ def test_down_removes_a_crashed_runs_temporary_folder_and_nothing_else(tmp_path,
         shutil.rmtree(ours, ignore_errors=True)
 
 
-def test_a_signal_during_namespace_creation_takes_effect_once_it_exists(monkeypatch, tmp_path):
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_a_signal_during_namespace_creation_takes_effect_once_it_exists(monkeypatch, other_thread):
     """pyroute2 makes the namespace in a forked child; a SIGTERM while the owner waited for it unwound the run
-    first and the child made the namespace after the teardown had looked: a leftover now and then."""
+    first and the child made the namespace after the teardown had looked: a leftover now and then. With
+    another thread alive (numpy's), a signal mask would not hold it: the handlers are held instead."""
     import os
     import signal
+    import threading
+    import time
 
     from pyroute2 import netns as pr_netns
 
@@ -249,16 +253,337 @@ def test_a_signal_during_namespace_creation_takes_effect_once_it_exists(monkeypa
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
 
     made = []
+    stop = threading.Event()
+    if other_thread:  # a thread that does not block the signal: the kernel may deliver it there
+        threading.Thread(target=stop.wait, daemon=True).start()
 
     def create(name):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives while "the child" is still at work
-        for _ in range(1000):  # bytecode on which Python would run the handler if the signal got through
-            pass
+        if not made:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while "the child" is still at work
+        time.sleep(0.05)  # the child at work; the handler would run in between if the signal got through
         made.append(name)
 
     monkeypatch.setattr(pr_netns, "create", create)
     monkeypatch.setattr(netns, "netns_exists", lambda name: False)
-    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
-        netns.create_netns("tw000000-srv")
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+            netns.create_netns("tw000000-srv")
+    finally:
+        stop.set()
     assert made == ["tw000000-srv"]  # created, then unwound: the teardown finds it and removes it
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
+    with sigterm_as_ctrl_c():
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        netns.create_netns("tw000000-cli")  # no signal: nothing raised, the handlers are back
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert made == ["tw000000-srv", "tw000000-cli"]
+
+
+# -- an endpoint that never connects: one line naming the scheme or policy, exit 2 (was a ChildError traceback)
+class _FakeTestbed:
+    """Stands in for :class:`Testbed` (no namespaces): the endpoints below never touch it."""
+
+    server_ns, client_ns, server_addr = "tw000000-srv", "tw000000-cli", "10.213.0.1"
+    backend, backend_reason = "userspace", ""
+    enter_error: Exception | None = None
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        if self.enter_error is not None:
+            raise self.enter_error
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def origin(self):
+        return 0.0
+
+    def stats(self):
+        return {}
+
+
+class _FakeEndpoint:
+    """The server answers; the client exits before it connects (what `--loss iid:1` does, minus the 30-s wait)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def wait_for(self, key, timeout):
+        from tokenwire.testbed.child import ChildError
+
+        if self.name.endswith("client"):
+            raise ChildError(f"{self.name} exited (status 1):\n  TimeoutError: no handshake")
+        return {key: True}
+
+    def send(self, line):
+        pass
+
+    def event(self, deadline):
+        return {"done": True}
+
+
+def test_compare_names_the_scheme_whose_client_never_connects(monkeypatch, tmp_path, capsys):
+    from tokenwire.daemon.cli import main
+    from tokenwire.testbed import compare, netns
+
+    monkeypatch.setattr(compare, "Testbed", _FakeTestbed)
+    monkeypatch.setattr(compare, "_start", lambda tb, ns, role, scheme, *a: _FakeEndpoint(f"{scheme} {role}"))
+    cfg = CompareConfig(down_trace="12mbps", up_trace="12mbps", schemes=["sse-tcp"], tokens=5)
+    with pytest.raises(compare.CompareError, match=r"^sse-tcp \(seed 0\): sse-tcp client exited"):
+        compare.run_scheme("sse-tcp", cfg, 0, str(tmp_path))
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    rc = main(["testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "10", "--loss", "iid:1",
+               "--schemes", "sse-tcp", "--tokens", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "\ntokenwire testbed: error: sse-tcp (seed 0): sse-tcp client exited" in err, err
+    assert "Traceback" not in err
+
+
+def test_swiftqueue_names_the_policy_whose_client_never_connects(monkeypatch, capsys):
+    from tokenwire.daemon.cli import main
+    from tokenwire.testbed import netns, swiftqueue_netns
+    from tokenwire.testbed.swiftqueue_eval import SwiftQueueConfig
+
+    monkeypatch.setattr(swiftqueue_netns, "Testbed", _FakeTestbed)
+    monkeypatch.setattr(swiftqueue_netns, "_endpoint", lambda tb, role, policy, *a: _FakeEndpoint(f"{policy} {role}"))
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    argv = ["testbed", "swiftqueue", "--down-trace", "12mbps", "--loss", "iid:1", "--policies", "classic",
+            "--seconds", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenwire testbed: error: classic: classic client exited" in err and "Traceback" not in err, err
+    # a testbed that fails to come up is named by its policy too
+    monkeypatch.setattr(_FakeTestbed, "enter_error", netns.TestbedError("emulator exited (status 1)"))
+    cfg = SwiftQueueConfig(down_trace="12mbps", policies=["l4s"], seconds=2)
+    with pytest.raises(swiftqueue_netns.SwiftQueueRunError, match=r"^l4s: testbed: emulator exited"):
+        swiftqueue_netns.run_netns_policy(cfg, "l4s", "/nonexistent")
+
+
+def test_swiftqueue_refuses_a_queue_without_an_l_queue(monkeypatch, capsys):
+    """Through drop-tail the policies' choice changes nothing, yet the table reported an "L share"."""
+    from tokenwire.daemon.cli import main
+    from tokenwire.testbed import netns, swiftqueue_netns
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(swiftqueue_netns, "run_netns_all", must_not_run)
+    for queue in ("droptail:packets=100", "infinite"):
+        assert main(["testbed", "swiftqueue", "--down-trace", "12mbps", "--queue", queue, "--seconds", "2"]) == 2
+        assert "needs a DualQ queue" in capsys.readouterr().err
+
+
+# -- `up --detach`: the background child is stopped when the launcher gives up or is interrupted
+FAKE_UP = r"""
+import json, os, signal, sys, time
+mark, mode, run_id = sys.argv[1:4]
+def term(*_):
+    with open(mark, "a") as fh:
+        fh.write("terminated\n")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, term)
+with open(mark, "a") as fh:
+    fh.write(f"pid {os.getpid()}\n")
+if mode == "interrupt":
+    os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C at the launcher while it waits
+if mode in ("slow", "stall"):
+    from tokenwire.testbed.netns import RunState, start_time
+    if mode == "slow":
+        time.sleep(0.8)  # parsing a large trace: no state yet
+    st = RunState(run_id, os.getpid(), [])
+    if mode == "slow":  # up: this process plays the emulator as well
+        st.emulator_pid, st.emulator_start = os.getpid(), start_time(os.getpid())
+        st.info = {"run_id": run_id, "backend": "userspace", "server_ns": run_id + "-srv",
+                   "client_ns": run_id + "-cli", "server_addr": "10.213.0.1", "client_addr": "10.213.0.2",
+                   "ready": True}
+    st.save()
+print("fake up running", flush=True)
+time.sleep(60)
+"""
+
+
+def _detach(monkeypatch, tmp_path, mode, **limits):
+    import sys
+
+    from tokenwire.daemon.cli import build_parser
+    from tokenwire.testbed import cli, netns
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setenv("TOKENWIRE_TESTBED_STATE", str(state))  # the fake child's RunState
+    mark = tmp_path / "mark"
+    monkeypatch.setattr(cli, "_detach_argv", lambda args, run_id: [sys.executable, "-c", FAKE_UP, str(mark), mode,
+                                                                   run_id])
+    for name, value in limits.items():
+        monkeypatch.setattr(cli, name, value)
+    args = build_parser().parse_args(["testbed", "up", "--detach", "--json"])
+    return args, mark, state
+
+
+def _fake_pid(mark):
+    return int(mark.read_text().split()[1])
+
+
+@pytest.mark.parametrize(("mode", "limits"), [
+    ("parsing", {"DETACH_STEP_S": 0.3, "DETACH_MAX_S": 1.0}),  # parsing has no step limit, only the overall one
+    ("stall", {"DETACH_STEP_S": 0.3, "DETACH_MAX_S": 30.0}),  # stuck after its state: the step limit
+])
+def test_detach_stops_a_child_that_does_not_come_up(monkeypatch, tmp_path, mode, limits):
+    """It went on in the background after the launcher's error, and came up later with nobody told."""
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.testbed import cli, netns
+
+    args, mark, state = _detach(monkeypatch, tmp_path, mode, **limits)
+    with pytest.raises(CLIError) as info:
+        cli.cmd_up(args)
+    msg = str(info.value)
+    step = "parsing its traces" if mode == "parsing" else "building the namespaces"
+    assert f"still {step}" in msg and "stopped" in msg and "in the foreground" in msg, msg
+    assert "fake up running" in msg  # its last output
+    assert mark.read_text().endswith("terminated\n")  # SIGTERM: the child's teardown path
+    assert not netns.pid_alive(_fake_pid(mark))  # and waited for
+    assert list(state.iterdir()) == []  # neither its log nor (killed without teardown) its state is left
+
+
+def test_detach_waits_for_a_slow_start_while_the_child_works(monkeypatch, tmp_path, capsys):
+    """A large trace took longer than the fixed 20 s to parse: the launcher failed though the child was fine."""
+    import json
+    import signal
+
+    from tokenwire.testbed import cli
+
+    args, mark, _ = _detach(monkeypatch, tmp_path, "slow", DETACH_STEP_S=0.2, DETACH_MAX_S=30.0)
+    try:
+        assert cli.cmd_up(args) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["server_ns"].endswith("-srv") and info["client_addr"] == "10.213.0.2"
+        assert "terminated" not in mark.read_text()  # up: left running, as --detach means
+    finally:
+        pid = _fake_pid(mark)
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+
+
+def test_ctrl_c_while_waiting_for_a_detached_child_stops_it(monkeypatch, tmp_path):
+    from tokenwire.testbed import cli, netns
+
+    args, mark, state = _detach(monkeypatch, tmp_path, "interrupt", DETACH_STEP_S=30.0, DETACH_MAX_S=30.0)
+    with pytest.raises(KeyboardInterrupt):
+        cli.cmd_up(args)
+    assert mark.read_text().endswith("terminated\n")
+    assert not netns.pid_alive(_fake_pid(mark))
+    assert list(state.iterdir()) == []
+
+
+# -- the emulator may take long to parse a large trace: waited for while it lives, not a fixed 10 s
+FAKE_EMULATOR = r"""
+import json, sys, time
+mode = sys.argv[1]
+if mode == "exit":
+    sys.exit(3)
+if mode == "slow":
+    time.sleep(0.5)
+    print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()  # stop (or EOF)
+print(json.dumps({"stopped": True}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["slow", "exit", "silent"])
+def test_the_testbed_waits_for_the_emulator_while_it_lives(monkeypatch, mode):
+    import sys
+    import time
+
+    from tokenwire.testbed.emulator import EmulatorConfig
+    from tokenwire.testbed.netns import TestbedError
+    from tokenwire.testbed.topology import EMULATOR_READY_CAP_S, Testbed
+
+    assert EMULATOR_READY_CAP_S >= 60 and Testbed(EmulatorConfig()).ready_timeout == EMULATOR_READY_CAP_S
+    tb = Testbed(EmulatorConfig(), ready_timeout=1.0 if mode == "silent" else 30.0)
+    monkeypatch.setattr(tb, "_emulator_argv", lambda fd_srv, fd_cli: [sys.executable, "-c", FAKE_EMULATOR, mode])
+    fd = os.open(os.devnull, os.O_RDONLY)
+    started = time.monotonic()
+    try:
+        if mode == "slow":
+            tb._start_emulator(fd, fd)
+        else:
+            with pytest.raises(TestbedError, match="exited \\(status 3\\)" if mode == "exit" else "within 1.0 s"):
+                tb._start_emulator(fd, fd)
+    finally:
+        os.close(fd)
+        tb.down()
+    assert time.monotonic() - started < 5  # an exit is reported at once, not at the cap
+
+
+# -- live --log and --pcap files: complete up to about a second ago, in whole rows and records
+def _ip_packet(n=100):
+    return bytes(IP(src="10.213.0.1", dst="10.213.0.2") / UDP(sport=8443, dport=9) / (b"x" * n))
+
+
+def test_the_emulator_writes_out_its_log_and_pcaps_on_a_timer_once_traffic_stops(monkeypatch, tmp_path):
+    """Rows reached the file only when a later row came a second after the last write, pcaps only at close."""
+    import asyncio
+    import socket
+
+    from scapy.utils import RawPcapReader
+
+    from tokenwire.testbed import emulator, pktlog
+    from tokenwire.testbed.emulator import EmulatorConfig, EmulatorShell
+
+    monkeypatch.setattr(pktlog, "FLUSH_EVERY_S", 0.05)
+    log, prefix = tmp_path / "log.csv", str(tmp_path / "cap")
+    srv, srv_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    cli, cli_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.setblocking(False)  # as the TUN fds are
+    cli.setblocking(False)
+    cli_peer.settimeout(5)
+    shell = EmulatorShell(EmulatorConfig(log_path=str(log), pcap_prefix=prefix), srv.fileno(), cli.fileno())
+    loop = emulator.new_event_loop()
+    try:
+        shell.attach(loop)
+        srv_peer.send(_ip_packet())  # one packet from the server, then silence
+        loop.run_until_complete(asyncio.sleep(0.3))
+        assert cli_peer.recv(2000) == _ip_packet()  # it crossed the emulator
+        rows = log.read_text().splitlines()
+        assert len(rows) == 2 and rows[1].startswith("down,") and ",delivered," in rows[1], rows
+        for name in ("down.in", "down.out"):
+            assert len(list(RawPcapReader(f"{prefix}.{name}.pcap"))) == 1, name
+    finally:
+        shell.detach()
+        shell.close()
+        loop.close()
+        for s in (srv, srv_peer, cli, cli_peer):
+            s.close()
+
+
+def test_live_log_and_pcap_files_never_end_mid_record(tmp_path):
+    from types import SimpleNamespace
+
+    from tokenwire.testbed.pktlog import CsvPacketLog, PcapTap
+
+    tap = PcapTap(str(tmp_path / "cap"))
+    log = CsvPacketLog(tmp_path / "log.csv")
+    data = _ip_packet(972)  # a 1000-byte packet: 1016 bytes per pcap record
+    pkt = SimpleNamespace(seq=0, size=len(data), arrival=1.0, dequeue=1.0, departure=1.001, delivery=1.011,
+                          queue="C", sojourn=0.0, ecn_in=0, ecn_out=0, fate="delivered", data=data)
+    try:
+        for k in range(100):
+            tap.arrived(data, 1.0 + k / 1000)
+            pkt.seq = k
+            log.record("down", pkt)
+            assert (os.path.getsize(tmp_path / "cap.in.pcap") - 24) % (16 + len(data)) == 0
+            text = (tmp_path / "log.csv").read_bytes()
+            assert text.endswith(b"\r\n"), k
+        assert os.path.getsize(tmp_path / "cap.in.pcap") > 24  # written out as it grew, not only at the end
+        assert tap.pending and log.pending
+        tap.flush()
+        log.flush()
+        assert not tap.pending and not log.pending
+        assert os.path.getsize(tmp_path / "cap.in.pcap") == 24 + 100 * (16 + len(data))
+    finally:
+        tap.close()
+        log.close()
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 101

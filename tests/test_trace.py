@@ -96,3 +96,82 @@ def test_reads_the_shared_cellular_traces():
     # README of the shared traces: 140 s, 5.0 Mbit/s mean
     assert tr.period_ms / 1000 == pytest.approx(140, abs=2)
     assert tr.mean_mbps == pytest.approx(5.0, abs=0.2)
+
+
+# -- fixed rates: within 0.1 % (in fact 0.001 %) of any accepted rate; too small a rate is refused
+_ODD_RATES = ["33.3kbps", "123.4567kbps", "0.5kbps", "999bps", "10bps", "10.5bps", "1kbps", "56kbps",
+              "1.23456789mbps", "7.3mbps", "99999.99mbps", "100gbps", "3.14159265358979mbps"]
+
+
+def _random_rates():
+    import random
+
+    rng = random.Random(7)
+    return [f"{10 ** rng.uniform(1, 11):.{rng.randint(0, 9)}g}bps" for _ in range(300)]  # 10 bit/s to 100 Gbit/s
+
+
+@pytest.mark.parametrize("spec", [*_ODD_RATES, "random"])
+def test_every_accepted_fixed_rate_is_within_a_thousandth(spec):
+    """33.3kbps became 33 kbit/s (-0.9 %), 123.4567kbps -0.37 %, 0.5kbps 1 kbit/s (+100 %)."""
+    for s in _random_rates() if spec == "random" else [spec]:
+        bps = parse_rate(s)
+        if bps < 10:
+            continue
+        tr = trace_from_spec(s)
+        assert tr.mean_mbps * 1e6 == pytest.approx(bps, rel=1e-5), s  # documented: 0.1 %; in fact 0.001 %
+        assert len(tr) <= 100_000 and tr.period_ms <= 1_200_000, s
+        stamps = list(tr.stamps_ms)
+        assert stamps == sorted(stamps) and stamps[0] >= 1, s
+        gaps = {b - a for a, b in zip([0, *stamps], stamps, strict=False)}
+        assert max(gaps) - min(gaps) <= 1, s  # spread as evenly as whole milliseconds allow
+
+
+def test_rates_written_as_short_decimals_are_exact():
+    assert trace_from_spec("33.3kbps").mean_mbps * 1e6 == pytest.approx(33_300, rel=1e-12)
+    assert (len(trace_from_spec("33.3kbps")), trace_from_spec("33.3kbps").period_ms) == (111, 40_000)
+    assert trace_from_spec("0.5kbps").period_ms == 24_000  # one opportunity per 24 s
+    assert trace_from_spec("10bps").period_ms == 1_200_000
+
+
+@pytest.mark.parametrize("spec", ["9.99bps", "5bps", "0.001kbps", "1e-6mbps"])
+def test_rates_below_the_smallest_representable_one_are_refused(spec):
+    """0.5kbps and anything under 1 kbit/s silently became 1 kbit/s."""
+    with pytest.raises(TraceError, match="below the smallest fixed rate, 10 bit/s"):
+        trace_from_spec(spec)
+
+
+@pytest.mark.parametrize("mbps", [12, 24, 0.5, 5, 1.5, 100, 7.3, 1200, 100_000, 0.0125])
+def test_rates_that_were_exact_keep_their_opportunities(mbps):
+    """The period is now the reduced one (12 Mbit/s: 1 ms, not 12), but every opportunity is where it was."""
+    m = next(m for m in range(1, 1001) if abs(mbps * m - round(mbps * m)) < 1e-6 and round(mbps * m) >= 1)
+    period, n = 12 * m, round(mbps * m)  # the former construction, for the rates it made exact
+    old = [(k // n) * period - ((-(k % n + 1) * period) // n) for k in range(3 * n)]
+    tr = fixed_rate_trace(mbps)
+    assert [tr.opportunity_ms(k) for k in range(3 * n)] == old
+
+
+# -- large files: streamed, and parsed once per process and version of the file
+def test_a_trace_file_is_parsed_once_per_version(tmp_path):
+    """validate (twice), Testbed.up (twice) and the emulator each parsed the same file: a trace of tens of
+    millions of lines then took longer than the emulator's 10 s to start."""
+    p = write(tmp_path, "1\n2\n3\n")
+    first = load_trace(p)
+    assert trace_from_spec(p) is first and load_trace(tmp_path / "t.trace") is first
+    with open(p, "a") as fh:
+        fh.write("5\n")
+    second = trace_from_spec(p)
+    assert second is not first and list(second.stamps_ms) == [1, 2, 3, 5]
+    os.utime(p, ns=(1, 1))  # same size, another modification time: parsed again
+    assert trace_from_spec(p) is not second
+
+
+def test_a_large_trace_is_read_in_chunks_with_exact_error_lines(tmp_path):
+    lines = [str(1 + k // 3) for k in range(400_000)]
+    p = write(tmp_path, "\n".join(lines) + "\n")
+    tr = load_trace(p)
+    assert len(tr) == 400_000 and tr.period_ms == 1 + 399_999 // 3
+    bad = lines.copy()
+    bad[350_000] = "7"  # decreasing, deep inside a later chunk
+    bad.insert(10, "")  # and a blank line (skipped) before it
+    with pytest.raises(TraceError, match=r":350002: timestamps must not decrease \(7 after"):
+        load_trace(write(tmp_path, "\n".join(bad) + "\n", name="bad.trace"))
