@@ -300,3 +300,24 @@ def test_guarded_choice_keeps_the_fallback_feasible(spec, time_left, med, ratio,
     plan0 = c.plan(chunks, med, avail, text_bw=med, early_first=True)[0]
     if plan0 in names:
         assert names.index(d.level) <= names.index(plan0)
+
+
+@pytest.mark.parametrize("seconds", [3.0, 4.0, 5.0, 6.0])
+def test_a_long_remainder_plans_a_window_with_its_share_of_the_time(seconds, monkeypatch):
+    """Re-planning the whole remainder at every chunk cost O(n^2) per decision (2.5 s at 2048 chunks, on the
+    event loop). Beyond PLAN_WINDOW chunks the head is planned with its share of the slack: on uniform chunks
+    the next chunk gets the level the whole plan gives it, and the plan covers the window only."""
+    from tokenwire.transport import kv_controller as kc
+
+    el = 256 * 2 * 4 * 64
+    opts = [ChunkOptions({lv: predicted_size(lv, el) for lv in LEVELS}, 4 * 256, 0.5, dict.fromkeys(LEVELS, 0.001))
+            for _ in range(4 * kc.PLAN_WINDOW)]
+    ctl = KVController("tokenwire", prior_bps=5e6, rtt_s=0.001)
+    kwargs = {"time_left_s": seconds, "inflight_bytes": 0, "median_bps": 20e6, "low_bps": 19e6, "sample_age_s": 0.0}
+    windowed = ctl.choose(opts, **kwargs)
+    monkeypatch.setattr(kc, "PLAN_WINDOW", 10**6)
+    whole = ctl.choose(opts, **kwargs)
+    assert len(windowed.planned) == 64 and len(whole.planned) == len(opts)
+    assert windowed.level == whole.level
+    for lv in LEVELS:  # the window holds its share of each level (3 to 6 s span low..high)
+        assert abs(windowed.planned.count(lv) / 64 - whole.planned.count(lv) / len(opts)) < 0.05
