@@ -384,10 +384,20 @@ class KVService:
                 raise KVError("the chunk hashes are not one context's chain in order from its first chunk "
                               "(as ingest returned them)", code=ErrorCode.BAD_REQUEST)
         first = metas[0]
-        for m in metas:
-            if (m.fingerprint, m.layers, m.heads, m.head_dim) != (first.fingerprint, first.layers, first.heads,
-                                                                  first.head_dim):
-                raise KVError("chunks of this context disagree on the model geometry", code=ErrorCode.INTERNAL)
+        # A context's chunks can be stored under different fingerprints, geometries or dtypes (a shared prefix
+        # re-put by another engine replaces its chunks whole): such a context is not usable as a whole; a prefix
+        # fetch gets the chunks that agree with chunk 0, up to the first that does not (the rest is missing).
+        kind = (first.fingerprint, first.layers, first.heads, first.head_dim, first.dtype)
+        for i, m in enumerate(metas):
+            if (m.fingerprint, m.layers, m.heads, m.head_dim, m.dtype) != kind:
+                if not fetch.prefix:
+                    raise KVNotFound(f"context not stored as one: chunk {i} is fingerprint {m.fingerprint}, "
+                                     f"geometry {(m.layers, m.heads, m.head_dim)}, {m.dtype}; chunk 0 is "
+                                     f"{first.fingerprint}, {(first.layers, first.heads, first.head_dim)}, "
+                                     f"{first.dtype} (re-put by another engine?)")
+                metas = metas[:i]
+                hashes = hashes[:i]
+                break
         sizes = [{lv: self._sizes.get((h, lv)) or predicted_size(lv, m.elements) for lv in LEVELS}
                  for h, m in zip(hashes, metas, strict=True)]
         stored = sum(len(m.token_ids) for m in metas)

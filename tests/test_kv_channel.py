@@ -906,3 +906,92 @@ def test_a_long_fetch_over_the_servers_limit_fails_alone(service):
     assert res.report.levels == again.report.levels == ["low"]
     assert isinstance(session, kc.KVServerSession) and not session._ended  # the client's FIN or reset came
     assert stats["refused"] == 1 and stats["fetches"] == 2  # the long one never became a fetch
+
+
+def test_a_chunk_in_another_dtype_than_kv_meta_is_a_corrupt_chunk(service):
+    """The client checks each chunk's dtype against KV_META: a mix came back from prefix_kv() as whatever
+    torch.cat promoted it to (fp32), neither what was put nor what KV_META announced."""
+    import dataclasses
+
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 13), prewarm=["low"])  # fp16
+    real = service.resolve
+
+    async def announcing_bf16(fetch):
+        return dataclasses.replace(await real(fetch), dtype="bfloat16")
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            service.resolve = announcing_bf16
+            with pytest.raises(KVCorruptChunk, match="chunk 0 is float16, KV_META says bfloat16"):
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            service.resolve = real
+            return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+
+    assert run(go()).prefix_kv()[0][0][0].dtype == torch.float16
+
+
+def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
+    """Without timeout_s the client waited max(60 s, 20 x deadline) for a server that never answers."""
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(CHUNK, 14), prewarm=["low"])
+    real = service.resolve
+    release = asyncio.Event()
+
+    async def stalled(fetch):
+        await release.wait()
+        return await real(fetch)
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            service.resolve = stalled
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(KVError, match="timed out: 0 chunks received, no KV_META") as ei:
+                    await asyncio.wait_for(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=100), 10)
+                took = time.monotonic() - t0
+                with pytest.raises(KVError, match=r"after 0\.3 s"):
+                    await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=100, timeout_s=0.3)
+            finally:
+                release.set()
+                service.resolve = real
+            again = await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            return ei.value.code, took, again
+
+    code, took, again = run(go())
+    assert code == ErrorCode.UPSTREAM_TIMEOUT and 2.0 <= took < 4  # 100 ms + 2 s
+    assert again.report.levels == ["low"]
+
+
+def test_a_late_fetch_that_keeps_arriving_is_waited_for():
+    """The default wait has no fixed bound: chunks arriving 0.2 s apart keep a fetch with a 0.1-s deadline and a
+    0.5-s quiet limit alive for 1.2 s; the same fetch stalled after its second chunk fails 0.5 s later."""
+    from types import SimpleNamespace
+
+    from tokenwire.transport.kv_channel import _wait_while_progressing
+
+    async def go(stall_after):
+        pf = SimpleNamespace(event=asyncio.Event(), received={}, meta=None)
+
+        async def server():
+            for i in range(6):
+                await asyncio.sleep(0.2)
+                if i == stall_after:
+                    return
+                pf.received[i] = i
+            pf.event.set()
+
+        task = asyncio.ensure_future(server())
+        t0 = time.monotonic()
+        try:
+            await _wait_while_progressing(pf, 0.1, 0.5)
+            return "done", time.monotonic() - t0
+        except TimeoutError:
+            return "timed out", time.monotonic() - t0
+        finally:
+            task.cancel()
+
+    outcome, took = run(go(None))
+    assert outcome == "done" and took > 1.0
+    outcome, took = run(go(2))
+    assert outcome == "timed out" and 0.6 < took < 1.5

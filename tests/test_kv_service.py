@@ -447,3 +447,41 @@ def test_a_prefix_fetch_finds_the_stored_contexts_shorter_last_chunk(tmp_path):
                    .token_counts == [3] for ids in firsts)
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("change", ["dtype", "geometry"])
+def test_a_context_whose_chunks_were_stored_differently_is_not_served_mixed(tmp_path, change):
+    """Engine A puts 2 chunks in fp16, engine B re-puts chunk 0 in bf16 (or another geometry): served whole,
+    KV_META announced chunk 0's dtype and the chunks came in two (prefix_kv() promoted them to fp32), or the
+    fetch failed as INTERNAL. Whole: a miss; prefix: the chunks up to the first that differs from chunk 0."""
+    from tokenwire.transport.kv_channel import KVNotFound
+
+    svc = _service(tmp_path)
+    try:
+        ids = list(range(2 * CHUNK))
+        svc.ingest_sync(MODEL, ids, make_kv(2 * CHUNK, 1))
+        if change == "dtype":
+            first = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in make_kv(CHUNK, 2)]
+        else:
+            first = [(k.reshape(1, 4, CHUNK, 8), v.reshape(1, 4, CHUNK, 8)) for k, v in make_kv(CHUNK, 2)]
+        (h0,) = svc.ingest_sync(MODEL, ids[:CHUNK], first)
+        with pytest.raises(KVNotFound, match="not stored as one"):
+            svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids, prefix=True))
+        assert plan.token_counts == [CHUNK] and plan.handle == [h0] and plan.rest_tokens == CHUNK
+        assert plan.dtype == ("bfloat16" if change == "dtype" else "float16")
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("layer", ["triple", "single", "tensor"])
+def test_ingest_refuses_a_layer_that_is_not_a_k_v_pair(tmp_path, layer):
+    """A (K, V, V) layer raised a bare ValueError ("too many values to unpack") instead of KVIngestError."""
+    svc = _service(tmp_path)
+    try:
+        kv = make_kv(4)
+        bad = {"triple": (kv[0][0], kv[0][1], kv[0][1]), "single": (kv[0][0],), "tensor": kv[0][0]}[layer]
+        with pytest.raises(KVIngestError, match=r"layer 0 must be a \(K, V\) pair"):
+            svc.ingest_sync(MODEL, [1, 2, 3, 4], [bad, *kv[1:]])
+    finally:
+        svc.close()

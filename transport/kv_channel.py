@@ -1100,6 +1100,22 @@ def _forget_decodes(pf: _PendingFetch) -> None:
             fut.exception()
 
 
+async def _wait_while_progressing(pf: Any, deadline_s: float, quiet_s: float) -> None:
+    """Wait for ``pf``'s end; ``TimeoutError`` once nothing new (KV_META, a chunk) came for ``quiet_s``, the
+    first check ``quiet_s`` after the deadline."""
+    seen = (0, False)
+    wait = deadline_s + quiet_s
+    while True:
+        try:
+            await asyncio.wait_for(pf.event.wait(), wait)
+            return
+        except TimeoutError:
+            now = (len(pf.received), pf.meta is not None)
+            if now == seen:
+                raise
+            seen, wait = now, quiet_s
+
+
 class KVConnection(SessionProtocol):
     """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
 
@@ -1180,6 +1196,9 @@ class KVConnection(SessionProtocol):
                 raise KVCorruptChunk(f"chunk {hdr.index} does not decode: {exc}") from None
             if kv[0][0].shape[-2] != hdr.tokens:
                 raise KVCorruptChunk(f"chunk {hdr.index}: {kv[0][0].shape[-2]} tokens, header says {hdr.tokens}")
+            dtype = str(kv[0][0].dtype).removeprefix("torch.")
+            if dtype != meta.dtype:  # a mix would come back from prefix_kv() as whatever torch.cat promotes to
+                raise KVCorruptChunk(f"chunk {hdr.index} is {dtype}, KV_META says {meta.dtype}")
             return ChunkResult(hdr.index, hdr.level, kv, None)
         finally:
             pf.decode_times[hdr.index] = (t0, time.monotonic())
@@ -1204,6 +1223,12 @@ class KVConnection(SessionProtocol):
         :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid). A fetch the
         server would refuse (a deadline of 0, an unknown controller, a non-integer token id) raises
         ``ValueError`` before it is sent.
+
+        ``timeout_s``: how long to wait for the whole context (KV_META, every chunk, KV_DONE) before giving up
+        with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default there is no fixed bound: the fetch fails once
+        nothing new (KV_META, a chunk) has come for the deadline's length (at least 2 s) after the deadline, so
+        a stalled server fails it soon after its deadline (it used to take a minute) while a large context that
+        keeps arriving is received whole, late as it may be.
         """
         if self.close_error is not None:
             raise self.close_error
@@ -1218,7 +1243,11 @@ class KVConnection(SessionProtocol):
         self._fetches[sid] = pf
         self.transmit()
         try:
-            await asyncio.wait_for(pf.event.wait(), timeout_s or max(60.0, 20 * deadline / 1000))
+            started = time.monotonic()
+            if timeout_s:
+                await asyncio.wait_for(pf.event.wait(), timeout_s)
+            else:
+                await _wait_while_progressing(pf, deadline / 1000, max(2.0, deadline / 1000))
             if pf.error is not None:
                 raise pf.error
             assert pf.done is not None and pf.meta is not None
@@ -1240,7 +1269,10 @@ class KVConnection(SessionProtocol):
         except TokenwireError:
             raise
         except TimeoutError:
-            raise KVError("KV fetch timed out", code=ErrorCode.UPSTREAM_TIMEOUT) from None
+            raise KVError(f"KV fetch timed out: {len(pf.received)} chunks received"
+                          + (f" of {pf.meta.chunks}" if pf.meta is not None else ", no KV_META")
+                          + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)",
+                          code=ErrorCode.UPSTREAM_TIMEOUT) from None
         finally:
             self.kv.finish(sid)
             self.transmit()

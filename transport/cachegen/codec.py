@@ -43,7 +43,11 @@ def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torc
     layers = []
     shape = None
     dtype0 = None
-    for i, (k, v) in enumerate(kv):
+    for i, layer in enumerate(kv):
+        if not isinstance(layer, tuple | list) or len(layer) != 2:
+            raise InvalidInput(f"layer {i} must be a (K, V) pair, not a {type(layer).__name__}"
+                               + (f" of {len(layer)}" if isinstance(layer, tuple | list) else ""))
+        k, v = layer
         for t in (k, v):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise InvalidInput("KV entries must be floating-point tensors")
