@@ -215,7 +215,8 @@ def _launch_detached(args: argparse.Namespace) -> int:
                 if proc.poll() is not None:
                     raise CLIError(f"testbed failed to start: {_child_failure(proc, early_log.read())}")
                 st = RunState.load(path) if os.path.exists(path) else None
-                if st is not None and st.emulator_alive and st.info.get("ready"):
+                # a kernel-backend run has no emulator: ready is all it says
+                if st is not None and st.info.get("ready") and (st.backend == "kernel" or st.emulator_alive):
                     _print_up(st.info, args.json)
                     return 0
                 # the step it is at: each gets DETACH_STEP_S, but the two that parse traces take what they take

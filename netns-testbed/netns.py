@@ -92,15 +92,16 @@ def _signals_deferred() -> Iterator[None]:
         return
     caught: list[int] = []
     old = {}
-    for sig in _UNWIND_SIGNALS:
-        handler = signal.getsignal(sig)
-        if handler is None or handler == signal.SIG_IGN:  # not ours to restore, or ignored: left alone
-            continue
-        old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
+    try:  # installed inside the try: a signal not yet held, arriving meanwhile, still restores the others
+        for sig in _UNWIND_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is None or handler == signal.SIG_IGN:  # not ours to restore, or ignored: left alone
+                continue
+            old[sig] = handler
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        for sig, handler in old.items():
+        for sig, handler in old.items():  # every handler back before any signal is delivered
             signal.signal(sig, handler)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)

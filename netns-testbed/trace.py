@@ -105,6 +105,9 @@ def _exact_rate(text: str) -> Fraction | None:
     if not m:
         return None
     unit = m.group(2).lower() if m.group(2) else None
+    _, _, exponent = m.group(1).lower().partition("e")
+    if exponent and abs(int(exponent)) > 30:
+        return None  # "1e400", "1e-9999999": Fraction takes them whole (an OverflowError, or minutes of work)
     return Fraction(m.group(1)) * int(_UNIT[unit])
 
 
@@ -150,11 +153,11 @@ def fixed_rate_trace(mbps: float | Fraction) -> Trace:
     opportunities in a period of ``P`` ms, spread as evenly as whole milliseconds allow. ``n/P`` is the rate
     itself, reduced, whenever ``P`` stays within :data:`MAX_FIXED_PERIOD_MS` (20 minutes) and ``n`` within
     :data:`MAX_FIXED_OPPORTUNITIES` (the rate is read as the decimal it was written as, so ``0.0333`` is
-    exactly 111 opportunities in 40 s); otherwise the best approximation within those bounds, which is within
+    exactly 111 opportunities in 40 s); otherwise a continued-fraction approximation within those bounds, within
     0.001 % of the request. Rates below :data:`MIN_RATE_BPS` (10 bit/s) cannot be represented and are refused.
     """
     if not (mbps > 0) or math.isinf(mbps):
-        raise TraceError(f"rate must be a positive number of Mbit/s, got {mbps!r}")
+        raise TraceError(f"rate must be a positive number of Mbit/s, got {float(mbps):g}")
     if mbps > MAX_RATE_MBPS:  # the trace holds mbps opportunities per 12 ms: 1e9mbps wanted 8 GB and hung
         raise TraceError(f"rate {float(mbps):g} Mbit/s is beyond the emulator's {MAX_RATE_MBPS:g} Mbit/s")
     # the decimal the rate was written as (a float's shortest repr), not its binary approximation

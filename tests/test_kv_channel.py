@@ -964,34 +964,40 @@ def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
 
 
 def test_a_late_fetch_that_keeps_arriving_is_waited_for():
-    """The default wait has no fixed bound: chunks arriving 0.2 s apart keep a fetch with a 0.1-s deadline and a
-    0.5-s quiet limit alive for 1.2 s; the same fetch stalled after its second chunk fails 0.5 s later."""
+    """The default wait has no fixed bound: progress every 0.2 s (a chunk, or bytes of one big chunk) keeps a
+    fetch with a 0.1-s deadline and a 0.5-s quiet limit alive for 1.2 s; stalled after two steps it fails 0.5 s
+    later."""
     from types import SimpleNamespace
 
     from tokenwire.transport.kv_channel import _wait_while_progressing
 
-    async def go(stall_after):
+    async def go(stall_after, whole_chunks):
         pf = SimpleNamespace(event=asyncio.Event(), received={}, meta=None)
+        state = {"bytes": 0}
 
         async def server():
             for i in range(6):
                 await asyncio.sleep(0.2)
                 if i == stall_after:
                     return
-                pf.received[i] = i
+                if whole_chunks:
+                    pf.received[i] = i
+                else:  # one big chunk, still arriving
+                    state["bytes"] += 1200
             pf.event.set()
 
         task = asyncio.ensure_future(server())
         t0 = time.monotonic()
         try:
-            await _wait_while_progressing(pf, 0.1, 0.5)
+            await _wait_while_progressing(pf, lambda: (len(pf.received), state["bytes"]), 0.1, 0.5)
             return "done", time.monotonic() - t0
         except TimeoutError:
             return "timed out", time.monotonic() - t0
         finally:
             task.cancel()
 
-    outcome, took = run(go(None))
-    assert outcome == "done" and took > 1.0
-    outcome, took = run(go(2))
-    assert outcome == "timed out" and 0.6 < took < 1.5
+    for whole in (True, False):
+        outcome, took = run(go(None, whole))
+        assert outcome == "done" and took > 1.0
+        outcome, took = run(go(2, whole))
+        assert outcome == "timed out" and 0.6 < took < 1.5

@@ -389,11 +389,16 @@ with open(mark, "a") as fh:
     fh.write(f"pid {os.getpid()}\n")
 if mode == "interrupt":
     os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C at the launcher while it waits
-if mode in ("slow", "stall"):
+if mode in ("slow", "stall", "kernel"):
     from tokenwire.testbed.netns import RunState, start_time
     if mode == "slow":
         time.sleep(0.8)  # parsing a large trace: no state yet
     st = RunState(run_id, os.getpid(), [])
+    if mode == "kernel":  # up on the kernel's qdiscs: no emulator process at all
+        st.backend = "kernel"
+        st.info = {"run_id": run_id, "backend": "kernel", "server_ns": run_id + "-srv",
+                   "client_ns": run_id + "-cli", "server_addr": "10.213.0.1", "client_addr": "10.213.0.2",
+                   "ready": True}
     if mode == "slow":  # up: this process plays the emulator as well
         st.emulator_pid, st.emulator_start = os.getpid(), start_time(os.getpid())
         st.info = {"run_id": run_id, "backend": "userspace", "server_ns": run_id + "-srv",
@@ -461,6 +466,25 @@ def test_detach_waits_for_a_slow_start_while_the_child_works(monkeypatch, tmp_pa
         info = json.loads(capsys.readouterr().out)
         assert info["server_ns"].endswith("-srv") and info["client_addr"] == "10.213.0.2"
         assert "terminated" not in mark.read_text()  # up: left running, as --detach means
+    finally:
+        pid = _fake_pid(mark)
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+
+
+def test_detach_takes_a_kernel_backend_run_as_up_without_an_emulator(monkeypatch, tmp_path, capsys):
+    """Readiness asked for a live emulator, which a kernel-backend run does not have: the launcher stopped a
+    testbed that was up."""
+    import json
+    import signal
+
+    from tokenwire.testbed import cli
+
+    args, mark, _ = _detach(monkeypatch, tmp_path, "kernel", DETACH_STEP_S=0.5, DETACH_MAX_S=10.0)
+    try:
+        assert cli.cmd_up(args) == 0
+        assert json.loads(capsys.readouterr().out)["backend"] == "kernel"
+        assert "terminated" not in mark.read_text()
     finally:
         pid = _fake_pid(mark)
         os.kill(pid, signal.SIGTERM)

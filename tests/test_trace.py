@@ -175,3 +175,15 @@ def test_a_large_trace_is_read_in_chunks_with_exact_error_lines(tmp_path):
     bad.insert(10, "")  # and a blank line (skipped) before it
     with pytest.raises(TraceError, match=r":350002: timestamps must not decrease \(7 after"):
         load_trace(write(tmp_path, "\n".join(bad) + "\n", name="bad.trace"))
+
+
+def test_a_rate_with_a_huge_exponent_is_not_a_rate():
+    """Parsed as an exact fraction, "1e400mbps" was an OverflowError traceback and "1e9999999bps" minutes of
+    work; as before they are not rates (then a file name, which does not exist)."""
+    from tokenwire.testbed.trace import TraceError, parse_rate, trace_from_spec
+
+    for text in ("1e400bps", "1e9999999bps", "1e-9999999mbps"):
+        assert parse_rate(text) is None
+    assert parse_rate("1.5e3kbps") == 1.5e6
+    with pytest.raises(TraceError):
+        trace_from_spec("1e400mbps")

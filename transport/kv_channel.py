@@ -645,6 +645,7 @@ class KVClientSession(_SessionBase):
         # fetch streams this side may still write on (KV_ACKs, the final FIN): not after our FIN, nor after the
         # server's STOP_SENDING (aioquic has reset our side then, and a write would raise)
         self._sending: set[int] = set()
+        self.chunk_bytes_in = 0  # chunk stream bytes received: a fetch's progress while a big chunk arrives
 
     def _session_timer(self) -> float | None:
         """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
@@ -714,6 +715,7 @@ class KVClientSession(_SessionBase):
 
     def _on_chunk_data(self, sid: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         inc = self.incoming.setdefault(sid, _Incoming())
+        self.chunk_bytes_in += len(data)
         if inc.first_at is None and data:
             inc.first_at = now
         inc.buf += data
@@ -1100,17 +1102,17 @@ def _forget_decodes(pf: _PendingFetch) -> None:
             fut.exception()
 
 
-async def _wait_while_progressing(pf: Any, deadline_s: float, quiet_s: float) -> None:
-    """Wait for ``pf``'s end; ``TimeoutError`` once nothing new (KV_META, a chunk) came for ``quiet_s``, the
-    first check ``quiet_s`` after the deadline."""
-    seen = (0, False)
+async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float) -> None:
+    """Wait for ``pf``'s end; ``TimeoutError`` once ``progress()`` (KV_META, chunks, chunk bytes) has not changed
+    for ``quiet_s``, the first check ``quiet_s`` after the deadline."""
+    seen = progress()
     wait = deadline_s + quiet_s
     while True:
         try:
             await asyncio.wait_for(pf.event.wait(), wait)
             return
         except TimeoutError:
-            now = (len(pf.received), pf.meta is not None)
+            now = progress()
             if now == seen:
                 raise
             seen, wait = now, quiet_s
@@ -1228,7 +1230,7 @@ class KVConnection(SessionProtocol):
         with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default there is no fixed bound: the fetch fails once
         nothing new (KV_META, a chunk) has come for the deadline's length (at least 2 s) after the deadline, so
         a stalled server fails it soon after its deadline (it used to take a minute) while a large context that
-        keeps arriving is received whole, late as it may be.
+        keeps arriving (chunk bytes count, not only whole chunks) is received whole, late as it may be.
         """
         if self.close_error is not None:
             raise self.close_error
@@ -1247,7 +1249,9 @@ class KVConnection(SessionProtocol):
             if timeout_s:
                 await asyncio.wait_for(pf.event.wait(), timeout_s)
             else:
-                await _wait_while_progressing(pf, deadline / 1000, max(2.0, deadline / 1000))
+                await _wait_while_progressing(
+                    pf, lambda: (len(pf.received), pf.meta is not None, self.kv.chunk_bytes_in),
+                    deadline / 1000, max(2.0, deadline / 1000))
             if pf.error is not None:
                 raise pf.error
             assert pf.done is not None and pf.meta is not None
