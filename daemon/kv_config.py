@@ -51,18 +51,15 @@ KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb",
 
 
 def _congestion(explicit: str | None, marking: str) -> str:
-    """kv.congestion follows kv.marking unless set, as server.congestion follows [marking]: ECT(1) packets
-    need a scalable sender (prague; an explicit other one is an error, as for [server]), and without ECT(1)
-    marking prague sees no CE marks, so the default is reno. ``marking = "classic"`` used to run prague, the
-    default whatever the marking."""
+    """kv.congestion follows kv.marking unless set, as server.congestion follows [marking] (one rule,
+    :func:`.marking.ect1_congestion`): ECT(1) packets need prague, and without ECT(1) marking prague sees no CE
+    marks, so the default is reno. ``marking = "classic"`` used to run prague, the default whatever the
+    marking."""
     from .config import ConfigError
+    from .marking import ect1_congestion
 
-    if explicit is None:
-        return "prague" if marking == "l4s" else "reno"
-    if marking == "l4s" and explicit != "prague":
-        raise ConfigError(f"kv.congestion: {explicit!r} cannot carry ECT(1) packets (kv.marking = 'l4s'); use "
-                          "\"prague\" or leave it unset")
-    return explicit
+    needed = ect1_congestion(marking == "l4s", explicit, "kv.congestion", "kv.marking = 'l4s'", ConfigError)
+    return needed or explicit or "reno"
 
 
 def parse_kv(table: Any, base: Path | None) -> KVConfig:

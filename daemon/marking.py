@@ -86,18 +86,25 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
 
 
 def effective_congestion(marking: MarkingConfig, explicit: str | None, error_cls: type[Exception]) -> str | None:
-    """The congestion controller the marking policy needs, or None to keep ``server.congestion``.
+    """The congestion controller the marking policy needs, or None to keep ``server.congestion``."""
+    return ect1_congestion(marking.marks_ect1, explicit, "server.congestion", f"marking.policy = {marking.policy!r}",
+                           error_cls)
+
+
+def ect1_congestion(marks_ect1: bool, explicit: str | None, setting: str, marking: str,
+                    error_cls: type[Exception]) -> str | None:
+    """``"prague"`` for a sender that marks ECT(1), None for one that does not; an ``explicit`` other
+    controller for an ECT(1) sender is ``error_cls`` naming ``setting`` and the ``marking`` that asks for it.
 
     ECT(1) packets land in the L queue, whose AQM marks CE early and often: only a scalable response
-    (``prague``) keeps such a flow from collapsing its own window (RFC 9331 §4.3).
+    (``prague``) keeps such a flow from collapsing its own window (RFC 9331 §4.3). The QUIC listeners
+    ([marking]) and the KV channel ([kv]) both decide through here.
     """
-    if not marking.marks_ect1:
+    if not marks_ect1:
         return None
     if explicit is not None and explicit != "prague":
-        raise error_cls(
-            f"server.congestion: {explicit!r} cannot carry ECT(1) packets (marking.policy = "
-            f"{marking.policy!r}); use \"prague\" or leave it unset"
-        )
+        raise error_cls(f"{setting}: {explicit!r} cannot carry ECT(1) packets ({marking}); use \"prague\" or "
+                        "leave it unset")
     return "prague"
 
 

@@ -243,8 +243,12 @@ def _launch_detached(args: argparse.Namespace) -> int:
             early_log.close()
 
 
+def _lines(log_text: str) -> list[str]:
+    return [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+
+
 def _child_failure(proc: subprocess.Popen, log_text: str) -> str:
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    lines = _lines(log_text)
     why = lines[-1] if lines else f"exit status {proc.returncode}"
     cause = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
     if cause and cause[-1] not in why:  # the exception behind "emulator exited", say
@@ -253,7 +257,7 @@ def _child_failure(proc: subprocess.Popen, log_text: str) -> str:
 
 
 def _last_line(log_text: str) -> str:
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    lines = _lines(log_text)
     return f" (its last output: {lines[-1]})" if lines else ""
 
 

@@ -398,11 +398,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise _err(str(exc)) from None
     print(format_table(doc))
     if args.json:
-        from tokenwire.daemon.cli import json_safe
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        # a spike MAE over no spikes is NaN: null in the file (Python's NaN token is not JSON)
-        Path(args.json).write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+        _write_json(Path(args.json), doc)  # a spike MAE over no spikes is NaN: null in the file
         _say(f"wrote {args.json}")
     return 0
 

@@ -42,6 +42,23 @@ async def served(source, **kwargs):
         await asyncio.wait_for(server.wait_closed(), T)
 
 
+def endless_source(started: asyncio.Event, stopped):
+    """A token source that yields "a", sets ``started``, then a dot every 5 ms until it is closed or cancelled,
+    when it calls ``stopped()``."""
+
+    async def source(request):
+        try:
+            yield "a"
+            started.set()
+            while True:
+                await asyncio.sleep(0.005)
+                yield "."
+        finally:
+            stopped()
+
+    return source
+
+
 async def failure(stream) -> TokenwireError:
     """The error that ends ``stream`` (the test fails if it ends without one)."""
     with pytest.raises(TokenwireError) as info:
@@ -79,17 +96,7 @@ def test_a_request_the_client_cancels_stops_the_source_without_counting_a_failur
 
     async def go():
         first, stopped = asyncio.Event(), asyncio.Event()
-
-        async def source(request):
-            try:
-                yield "a"
-                first.set()
-                while True:
-                    await asyncio.sleep(0.005)
-                    yield "."
-            finally:
-                stopped.set()
-
+        source = endless_source(first, stopped.set)
         async with served(source) as server, connect("127.0.0.1", server.port, **client_kwargs()) as conn:
             stream = conn.chat("x")
             await asyncio.wait_for(first.wait(), T)
@@ -154,17 +161,7 @@ def test_wait_closed_returns_only_after_the_sources_have_stopped():
     async def go():
         started = asyncio.Event()
         state = {"finalized": False}
-
-        async def source(request):
-            try:
-                yield "a"
-                started.set()
-                while True:
-                    await asyncio.sleep(0.005)
-                    yield "."
-            finally:
-                state["finalized"] = True
-
+        source = endless_source(started, lambda: state.update(finalized=True))
         server = await serve(source, host="127.0.0.1", port=0)
         async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
             stream = conn.chat("x")

@@ -199,6 +199,7 @@ class ServerProtocol(SessionProtocol):
             source = aiter(self.app.source(chat))
             reason = await self._pump(stream_id, source, chat.max_tokens, transcript) or _source_reason(chat)
             await _aclose(source)  # before FINISHED: a source cut at max_tokens releases what it holds first
+            source = None
             sess.finish(stream_id, reason)
         except asyncio.CancelledError:
             task = asyncio.current_task()
