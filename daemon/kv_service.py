@@ -246,12 +246,15 @@ class KVService:
         return None
 
     def _usable(self, h: str) -> ChunkMeta | None:
-        """Chunk ``h``'s metadata when it can be sent (its source or an encoded level is stored)."""
-        m = self.meta_sync(h)
-        if m is None or (not self.store.contains(object_key(h, "src")) and not any(
-                self.store.contains(object_key(h, lv)) for lv in LEVELS)):
-            return None
-        return m
+        """Chunk ``h``'s metadata when it can be sent (its source or an encoded level is stored). Under the
+        chunk's lock: an ingest replacing the chunk (metadata deleted, then written) is seen before or after,
+        never half-way as a miss."""
+        with self._chunk_lock(h):
+            m = self.meta_sync(h)
+            if m is None or (not self.store.contains(object_key(h, "src")) and not any(
+                    self.store.contains(object_key(h, lv)) for lv in LEVELS)):
+                return None
+            return m
 
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
@@ -327,6 +330,7 @@ class KVService:
             return self._encode_locked(h, level, key)
 
     def _encode_locked(self, h: str, level: str, key: str) -> bytes:
+        """``encoded_sync`` with the chunk's lock held."""
         data = self.store.get(key)  # encoded by the other worker while this one waited
         if data is not None:
             self._remember(self._sizes, (h, level), len(data))
@@ -410,13 +414,22 @@ class KVService:
                            handle=hashes, rest_tokens=rest)
 
     def chunk_sync(self, plan: ContextPlan, index: int, level: str) -> bytes:
+        """Chunk ``index`` of a resolved plan at ``level``, as the plan (and the KV_META sent from it) says it is.
+        Under the chunk's lock, so an ingest that re-puts the context meanwhile is seen before or after; a chunk
+        it replaced with other KV (another fingerprint, dtype or geometry) is refused, not served into a fetch
+        whose other chunks and KV_META are the old put's."""
         h = plan.handle[index]
-        if level == TEXT:
+        with self._chunk_lock(h):
             meta = self.meta_sync(h)
             if meta is None:
                 raise KVNotFound(f"chunk {h} is no longer stored")
-            return struct.pack(f"<{len(meta.token_ids)}i", *meta.token_ids)
-        return self.encoded_sync(h, level)
+            if (meta.fingerprint, (meta.layers, meta.heads, meta.head_dim), meta.dtype, len(meta.token_ids)) != (
+                    plan.fingerprint, tuple(plan.geometry), plan.dtype, plan.token_counts[index]):
+                raise KVNotFound(f"chunk {index} of the context was stored again with other KV during this fetch "
+                                 f"(now fingerprint {meta.fingerprint}, {meta.dtype}); fetch it again")
+            if level == TEXT:
+                return struct.pack(f"<{len(meta.token_ids)}i", *meta.token_ids)
+            return self._encode_locked(h, level, object_key(h, level))
 
     # -- KVProvider (async, for the channel) -----------------------------------------------------------------
     async def resolve(self, fetch: KvFetch) -> ContextPlan:

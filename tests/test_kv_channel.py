@@ -915,17 +915,20 @@ def test_a_chunk_in_another_dtype_than_kv_meta_is_a_corrupt_chunk(service):
 
     ids = list(range(CHUNK))
     service.ingest_sync(MODEL, ids, make_kv(CHUNK, 13), prewarm=["low"])  # fp16
-    real = service.resolve
+    real, real_chunk = service.resolve, service.chunk
 
     async def announcing_bf16(fetch):
         return dataclasses.replace(await real(fetch), dtype="bfloat16")
 
+    async def serving_as_stored(plan, index, level):  # past the server's own check of the plan
+        return await real_chunk(dataclasses.replace(plan, dtype="float16"), index, level)
+
     async def go():
         async with kv_client(service) as (conn, _):
-            service.resolve = announcing_bf16
+            service.resolve, service.chunk = announcing_bf16, serving_as_stored
             with pytest.raises(KVCorruptChunk, match="chunk 0 is float16, KV_META says bfloat16"):
                 await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
-            service.resolve = real
+            service.resolve, service.chunk = real, real_chunk
             return await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
 
     assert run(go()).prefix_kv()[0][0][0].dtype == torch.float16

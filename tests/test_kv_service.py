@@ -485,3 +485,66 @@ def test_ingest_refuses_a_layer_that_is_not_a_k_v_pair(tmp_path, layer):
             svc.ingest_sync(MODEL, [1, 2, 3, 4], [bad, *kv[1:]])
     finally:
         svc.close()
+
+
+def test_a_chunk_re_put_with_other_kv_during_a_fetch_is_refused_not_served(tmp_path):
+    """A fetch resolved (KV_META sent: fingerprint 111) and an engine then re-put the context under another
+    fingerprint: the fetch's next chunk was encoded from the new source and served into the old fetch."""
+    from tokenwire.transport.kv_channel import KVNotFound
+
+    svc = _service(tmp_path)
+    try:
+        ids = list(range(2 * CHUNK))
+        svc.ingest_sync(MODEL, ids, make_kv(2 * CHUNK, 1), fingerprint=111)
+        plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+        assert len(svc.chunk_sync(plan, 0, "high")) > 0
+        svc.ingest_sync(MODEL, ids, make_kv(2 * CHUNK, 2), fingerprint=222)
+        for level in ("high", "text"):
+            with pytest.raises(KVNotFound, match="stored again with other KV during this fetch"):
+                svc.chunk_sync(plan, 1, level)
+        again = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+        assert again.fingerprint == 222 and len(svc.chunk_sync(again, 1, "high")) > 0
+    finally:
+        svc.close()
+
+
+def test_a_fetch_resolving_while_a_chunk_is_replaced_sees_it_before_or_after(tmp_path):
+    """Replacing a chunk deletes its metadata, then writes the new one; a resolve in between answered
+    NOT_FOUND for a context that was stored all along. The resolve runs from inside the replacement (the
+    store's put of the new source) and must wait for it."""
+    import threading
+
+    outcome: list[object] = []
+
+    class Hooked(LocalChunkStore):
+        armed = False
+
+        def put(self, key, data):
+            if self.armed and key.endswith(".src"):
+                self.armed = False
+                t = threading.Thread(target=lambda: outcome.append(_resolve()))
+                t.start()
+                t.join(0.5)  # the old code answered at once; the fixed one waits for this put's chunk
+                outcome.append(t)
+            super().put(key, data)
+
+    store = Hooked(tmp_path / "kv", 64 << 20)
+    svc = KVService(store, chunk_tokens=CHUNK)
+    ids = list(range(CHUNK))
+
+    def _resolve():
+        try:
+            return svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids)).fingerprint
+        except Exception as exc:  # the outcome is the assertion
+            return exc
+
+    try:
+        svc.ingest_sync(MODEL, ids, make_kv(CHUNK, 1), fingerprint=111)
+        store.armed = True
+        svc.ingest_sync(MODEL, ids, make_kv(CHUNK, 2), fingerprint=222)
+        thread = next(o for o in outcome if isinstance(o, threading.Thread))
+        thread.join(10)
+        got = [o for o in outcome if not isinstance(o, threading.Thread)]
+        assert got == [222]
+    finally:
+        svc.close()
