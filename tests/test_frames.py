@@ -195,3 +195,14 @@ tokens_st = st.lists(st.binary(max_size=MAX_TOKEN_BYTES), max_size=20)
 def test_tokens_round_trip(handle, first, toks, total):
     f = Tokens(handle=handle, first=first, tokens=toks, sent_us=first, total=total)
     assert decode_frame(encode_frame(f)) == f
+
+
+@pytest.mark.parametrize("value", [object(), {1, 2}, 2**70, {"nested": [object()]}])
+def test_a_request_the_sdk_cannot_encode_is_a_value_error_that_says_so(value):
+    """params holding an object msgpack has no encoding for raised msgpack's bare TypeError (or
+    OverflowError) from deep inside the SDK, not check_outgoing's ValueError."""
+    from tokenwire.transport.frames import check_outgoing
+
+    with pytest.raises(ValueError, match="invalid request: cannot encode it"):
+        check_outgoing(Request(model="m", messages=[{"role": "user", "content": "x"}], params={"p": value}),
+                       "request")

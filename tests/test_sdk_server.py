@@ -367,3 +367,53 @@ def test_a_connection_kept_between_turns_survives_with_keepalive(keepalive):
         assert out == "answer"
     else:
         assert out.path_lost and "no request was open" in str(out)
+
+
+# -- a broken packet path is the connection's fault, not the source's ------------------------------------------
+def test_a_connection_whose_sending_breaks_is_closed_and_the_source_is_not_blamed(caplog):
+    """Putting a piece on the wire raised inside the server (session, marking policy, socket): reported as
+    "token source failed" (UPSTREAM_ERROR) and answered through the same broken path."""
+    holder: dict[str, object] = {}
+
+    async def source(request):
+        if request.messages[0]["content"] == "after":
+            yield "fine"
+            return
+        yield "a"
+        (proto,) = holder["server"].protocols
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("the packet path broke")
+
+        proto.server_session.push = broken
+        yield "b"
+
+    async def go():
+        async with served(source) as server:
+            holder["server"] = server
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                err = await failure(conn.chat("x"))
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:  # the server lives on
+                after = await asyncio.wait_for(conn.chat("after").collect(), T)
+            return err, after, server.stats
+
+    err, after, stats = run(go())
+    assert isinstance(err, RemoteError) and err.code == ErrorCode.INTERNAL, err
+    assert "server error while sending" in str(err)
+    assert after == "fine"
+    assert stats.failed == 1
+    assert "connection failed while sending" in caplog.text and "token source failed" not in caplog.text
+
+
+def test_text_utf8_cannot_carry_is_still_the_sources_fault():
+    async def source(request):
+        yield "ok "
+        yield "\ud800"  # a lone surrogate
+
+    async def go():
+        async with served(source) as server, connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+            return await failure(conn.chat("x"))
+
+    err = run(go())
+    assert isinstance(err, RemoteError) and err.code == ErrorCode.UPSTREAM_ERROR
+    assert "UnicodeEncodeError" in str(err)

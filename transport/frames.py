@@ -662,7 +662,12 @@ def check_outgoing(frame: Frame, what: str) -> None:
     server's own size limit is refused alone: the client cannot know that limit.)
     """
     try:
-        decode_frame(encode_frame(frame))
+        data = encode_frame(frame)
+    except (TypeError, OverflowError, ValueError) as exc:  # msgpack: an object it has no encoding for
+        raise ValueError(f"invalid {what}: cannot encode it ({exc}); params take numbers, strings, booleans "
+                         "and null") from None
+    try:
+        decode_frame(data)
     except FrameError as exc:
         raise ValueError(f"invalid {what}: {exc}") from None
 

@@ -200,7 +200,10 @@ class ServerProtocol(SessionProtocol):
             reason = await self._pump(stream_id, source, chat.max_tokens, transcript) or _source_reason(chat)
             await _aclose(source)  # before FINISHED: a source cut at max_tokens releases what it holds first
             source = None
-            sess.finish(stream_id, reason)
+            try:
+                sess.finish(stream_id, reason)
+            except Exception as exc:
+                raise _SendFailed from exc
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -212,6 +215,13 @@ class ServerProtocol(SessionProtocol):
         except RequestError as exc:
             self.app.stats.failed += 1
             sess.fail(stream_id, exc.code, str(exc))
+        except _SendFailed:
+            # this connection's packet path broke (session, marking, socket), not the source: it was reported as
+            # "token source failed" and answered through the same broken path; the connection is closed instead
+            self.app.stats.failed += 1
+            log.exception("connection failed while sending request %s; closing it", chat.request_id.hex())
+            self._close_broken()
+            return  # (after the finally)
         except Exception as exc:  # a broken source must not take the server down
             self.app.stats.failed += 1
             log.exception("token source failed for request %s", chat.request_id.hex())
@@ -220,7 +230,18 @@ class ServerProtocol(SessionProtocol):
             self.tasks.pop(stream_id, None)
             if source is not None:
                 await _aclose(source)  # stopped early (cancelled, failed): run the source's cleanup now
-        self.transmit()
+        try:
+            self.transmit()
+        except Exception:  # the FINISHED or ERROR could not be sent: this connection's fault, as above
+            log.exception("connection failed while sending the end of request %s; closing it",
+                          chat.request_id.hex())
+            self._close_broken()
+
+    def _close_broken(self) -> None:
+        """Close a connection whose packet path raised; the close itself may fail the same way."""
+        with contextlib.suppress(Exception):
+            self.server_session.close(ErrorCode.INTERNAL, "server error while sending")
+            self.transmit()
 
     async def _pump(self, stream_id: int, source: AsyncIterator[str], limit: int | None, transcript) -> str | None:
         """Put the source's pieces on the wire until it ends (None: the source's own reason) or the answer has
@@ -231,12 +252,19 @@ class ServerProtocol(SessionProtocol):
             if task is not None and task.cancelling():  # a source that swallowed our cancellation
                 raise asyncio.CancelledError
             before = len(transcript)
-            sess.push(stream_id, piece, self.clock(), max_total=limit)
-            self.app.stats.tokens += len(transcript) - before  # tokens, not pieces: a long piece is several
-            self.transmit()
+            try:
+                sess.push(stream_id, piece, self.clock(), max_total=limit)
+                self.app.stats.tokens += len(transcript) - before  # tokens, not pieces: a long piece is several
+                self.transmit()
+            except Exception as exc:
+                raise _SendFailed from exc
             if limit is not None and len(transcript) >= limit:
                 return "length"
         return None
+
+
+class _SendFailed(Exception):
+    """Putting a piece on the wire raised: the connection's fault, not the token source's."""
 
 
 def _source_reason(chat: ChatRequest) -> str:
@@ -249,7 +277,7 @@ def _source_reason(chat: ChatRequest) -> str:
     return reason
 
 
-async def _next_piece(source: AsyncIterator[str]) -> str | bytes | None:
+async def _next_piece(source: AsyncIterator[str]) -> bytes | None:
     """The source's next piece, type-checked; None once it has ended."""
     try:
         piece = await anext(source)
@@ -257,7 +285,8 @@ async def _next_piece(source: AsyncIterator[str]) -> str | bytes | None:
         return None
     if not isinstance(piece, str | bytes):
         raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
-    return piece
+    # encoded here, so that text UTF-8 cannot carry (a lone surrogate) is the source's fault, not the sending's
+    return piece.encode("utf-8") if isinstance(piece, str) else piece
 
 
 async def _aclose(source: AsyncIterator[str]) -> None:
