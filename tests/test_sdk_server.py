@@ -417,3 +417,47 @@ def test_text_utf8_cannot_carry_is_still_the_sources_fault():
     err = run(go())
     assert isinstance(err, RemoteError) and err.code == ErrorCode.UPSTREAM_ERROR
     assert "UnicodeEncodeError" in str(err)
+
+
+# -- ServerStats: each request has exactly one outcome ---------------------------------------------------------
+def test_every_request_counts_once_in_exactly_one_outcome():
+    """An unauthorized request counted as cancelled (the connection closing cut it off), and an answer the
+    client abandoned after its ERROR or whose connection ended after FINISHED could count twice or not at all:
+    requests != completed + cancelled + failed + refused."""
+
+    async def source(request):
+        what = request.messages[-1]["content"]
+        yield "x "
+        if what == "fail":
+            raise RuntimeError("engine broke")
+        if what == "slow":
+            await asyncio.sleep(30)
+        yield "done"
+
+    def auth(token):
+        return token == "good"
+
+    async def go():
+        async with served(source, authorize=auth) as server:
+            kw = client_kwargs()
+            async with connect("127.0.0.1", server.port, auth_token="bad", **kw) as conn:
+                unauthorized = await failure(conn.chat("hi"))
+            async with connect("127.0.0.1", server.port, auth_token="good", **kw) as conn:
+                assert await asyncio.wait_for(conn.chat("ok").collect(), T) == "x done"
+                await failure(conn.chat("fail"))
+                await failure(conn.attach(os.urandom(16)))
+                slow = conn.chat("slow")
+                await asyncio.wait_for(slow.__anext__(), T)
+                await slow.cancel()
+                lost = conn.chat("slow")
+                await asyncio.wait_for(lost.__anext__(), T)
+            # the connection closed with "slow" running: lost; wait until the server has seen it end
+            for _ in range(int(T / 0.01)):
+                if not server.protocols:
+                    break
+                await asyncio.sleep(0.01)
+            return unauthorized, server.stats
+
+    unauthorized, stats = run(go())
+    assert isinstance(unauthorized, RemoteError) and unauthorized.code == ErrorCode.UNAUTHORIZED
+    assert (stats.requests, stats.completed, stats.failed, stats.refused, stats.cancelled) == (6, 1, 1, 2, 2), stats

@@ -90,6 +90,12 @@ Authorizer = Callable[[str | None], bool]
 
 @dataclass
 class ServerStats:
+    """What the server has seen. Each request counts once in ``requests`` and, once it has ended, once in
+    exactly one of ``completed`` (FINISHED sent; the client confirmed, or its connection ended without a
+    word against it), ``cancelled`` (the client abandoned it or its connection was lost first), ``failed``
+    (the source or the server failed it) and ``refused`` (answered with an ERROR before its source ran: too
+    many at once, too large, a resume or attach, an unauthorized connection)."""
+
     connections: int = 0
     requests: int = 0
     completed: int = 0
@@ -97,7 +103,7 @@ class ServerStats:
     failed: int = 0
     tokens: int = 0
     protocol_errors: int = 0
-    refused: int = 0  # requests refused before their source ran (too many at once, too large, a resume)
+    refused: int = 0
 
 
 class ServerProtocol(SessionProtocol):
@@ -117,6 +123,7 @@ class ServerProtocol(SessionProtocol):
         self.app = app
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.authorized = app.authorize is None
+        self._unsettled: set[int] = set()  # requests counted in stats.requests without an outcome yet
         app.stats.connections += 1
         app.protocols.add(self)
 
@@ -130,13 +137,14 @@ class ServerProtocol(SessionProtocol):
             if isinstance(ev, RequestReceived):
                 self._on_request(ev.stream_id, ev.request)
             elif isinstance(ev, RequestCancelled):
-                self.app.stats.cancelled += 1
+                self._settle(ev.stream_id, "cancelled")
                 task = self.tasks.pop(ev.stream_id, None)
                 if task is not None:
                     task.cancel()
             elif isinstance(ev, RequestCompleted):
-                self.app.stats.completed += 1
+                self._settle(ev.stream_id, "completed")
             elif isinstance(ev, RequestRefused):
+                self.app.stats.requests += 1  # the session refused it before it became a request
                 self.app.stats.refused += 1
                 log.warning("refused request stream %d: %s", ev.stream_id, ev.reason)
             elif isinstance(ev, ConnectionEnded):
@@ -146,20 +154,33 @@ class ServerProtocol(SessionProtocol):
                 for task in self.tasks.values():
                     task.cancel()
                 self.tasks.clear()
+                # the session cancelled every request the connection cut off (RequestCancelled, above): what
+                # has no outcome yet is an answer sent whole (FINISHED) whose client closed before confirming
+                for sid in list(self._unsettled):
+                    self._settle(sid, "completed")
                 self.app.protocols.discard(self)
+
+    def _settle(self, stream_id: int, outcome: str) -> None:
+        """Count a request's outcome once: a cancel after an ERROR or a lost connection after a refusal is
+        not a second one, and a stream that never counted as a request has none."""
+        if stream_id in self._unsettled:
+            self._unsettled.discard(stream_id)
+            setattr(self.app.stats, outcome, getattr(self.app.stats, outcome) + 1)
 
     def _on_request(self, stream_id: int, request: Request) -> None:
         sess = self.server_session
-        if stream_id not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
-            return
-        if self.app.closing:  # close() has begun (the connection is closing): start nothing it would not wait for
-            return
         self.app.stats.requests += 1
+        self._unsettled.add(stream_id)
+        if stream_id not in sess.requests:  # the client's FIN came in the same read: its RequestCancelled follows
+            return
+        if self.app.closing:  # close() has begun (the connection is closing and cancels it): start nothing
+            return
         if not self.authorized:
             try:
                 ok = self.app.authorize is not None and bool(self.app.authorize(request.auth))
             except Exception:  # a broken check must not leave the client waiting for an answer
                 log.exception("authorize() failed; closing the connection")
+                self._settle(stream_id, "failed")
                 sess.close(ErrorCode.INTERNAL, "the server could not check the auth token")
                 self.transmit()
                 return
@@ -167,13 +188,14 @@ class ServerProtocol(SessionProtocol):
                 self.authorized = True
             else:
                 log.warning("unauthorized request; closing the connection")
+                self._settle(stream_id, "refused")
                 sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
                 self.transmit()
                 return
         if request.resume_id is not None:
             # resume= and attach() name an answer by id; this server keeps no answer beyond its connection, and
             # running the source again would give other text (or none: an attach has no messages)
-            self.app.stats.refused += 1
+            self._settle(stream_id, "refused")
             sess.reject(stream_id, ErrorCode.NOT_FOUND, NO_RESUME)
             self.transmit()
             return
@@ -209,21 +231,21 @@ class ServerProtocol(SessionProtocol):
             if task is not None and task.cancelling():
                 return  # this task is being cancelled (the client gave up, the server closes): nobody to answer
             # the source's own await was cancelled (an engine dropped the request): the answer ends here
-            self.app.stats.failed += 1
+            self._settle(stream_id, "failed")
             log.warning("token source was cancelled for request %s", chat.request_id.hex())
             sess.fail(stream_id, ErrorCode.UPSTREAM_ERROR, "token source was cancelled")
         except RequestError as exc:
-            self.app.stats.failed += 1
+            self._settle(stream_id, "failed")
             sess.fail(stream_id, exc.code, str(exc))
         except _SendFailed:
             # this connection's packet path broke (session, marking, socket), not the source: it was reported as
             # "token source failed" and answered through the same broken path; the connection is closed instead
-            self.app.stats.failed += 1
+            self._settle(stream_id, "failed")
             log.exception("connection failed while sending request %s; closing it", chat.request_id.hex())
             self._close_broken()
             return  # (after the finally)
         except Exception as exc:  # a broken source must not take the server down
-            self.app.stats.failed += 1
+            self._settle(stream_id, "failed")
             log.exception("token source failed for request %s", chat.request_id.hex())
             sess.fail(stream_id, ErrorCode.UPSTREAM_ERROR, f"token source failed: {exc.__class__.__name__}")
         finally:
