@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -53,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.cli import CLIError, save_json
     from tokenwire.transport.client import HandshakeError, connect
     from tokenwire.transport.errors import ErrorCode, RemoteError, TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
@@ -161,5 +160,5 @@ def run(args: argparse.Namespace) -> int:
     if args.stats and stats is not None:
         print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)
     if args.json_stats and stats is not None:
-        args.json_stats.write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+        save_json(args.json_stats, stats.to_dict())
     return 0

@@ -38,10 +38,24 @@ class CLIError(Exception):
 
 def write_json(doc: Any, path: str | Path) -> None:
     """Write a command's result document (creating the folder) and say where, as every command does."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
+    save_json(path, doc, indent=1)
     print(f"wrote {path}")
+
+
+def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
+    """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line), atomically:
+    a temporary file next to ``path``, then renamed, so an interrupted or failing command leaves the old file
+    or the new one, never half of one (every command's ``--json`` goes through here)."""
+    path = Path(path)
+    text = (json.dumps(json_safe(doc), indent=indent, allow_nan=False) if indent is not None
+            else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def json_safe(doc: Any) -> Any:

@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        from tokenwire.daemon.cli import save_json
+
+        save_json(args.json, report)
     return 0
 
 

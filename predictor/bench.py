@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -119,7 +118,8 @@ def run_cli(args: argparse.Namespace) -> int:
             f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
     print("\n".join(lines))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        from tokenwire.daemon.cli import save_json
+
+        save_json(args.json, doc)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

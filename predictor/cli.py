@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,17 +39,9 @@ def _seed(text: str) -> int:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    """``doc`` as strict JSON (NaN and infinities as null), atomically: a temporary file next to ``path``,
-    then renamed, so an interrupted command leaves the old file or the new one, never half of one."""
-    from tokenwire.daemon.cli import json_safe
+    from tokenwire.daemon.cli import save_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_json(path, doc, indent=2)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -82,6 +82,33 @@ def test_json_results_carry_null_not_nan(tmp_path):
     assert json.loads(text) == {"stall": None, "rows": [1.0, None], "ok": 0.5}
 
 
+def test_a_json_result_that_fails_to_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    """Every command's --json wrote in place: a write failing half-way (a full disk, Ctrl-C) left a truncated
+    file where the previous result was."""
+    import errno
+    import json
+    from pathlib import Path
+
+    from tokenwire.daemon.cli import save_json, write_json
+
+    path = tmp_path / "r.json"
+    write_json({"run": 1}, path)
+    real = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_json({"run": 2, "rows": list(range(100))}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    save_json(path, {"a": [1, float("nan")]}, indent=None)
+    assert path.read_text() == '{"a":[1,null]}\n'
+
+
 def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_raise(tmp_path, capsys, monkeypatch):
     import errno
 

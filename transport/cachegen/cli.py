@@ -16,18 +16,16 @@ if TYPE_CHECKING:
 
 
 def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) -> None:
-    from tokenwire.daemon.cli import json_safe
+    from tokenwire.daemon.cli import json_safe, save_json
 
     # NaN (a metric the run could not measure) as null: a bare NaN token is not JSON
-    doc = json_safe(doc)
-    text = (json.dumps(doc, separators=(",", ":"), allow_nan=False) if compact
-            else json.dumps(doc, indent=2, allow_nan=False))
     if path and path != "-":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        save_json(path, doc, indent=None if compact else 2)
         print(f"wrote {path}", file=sys.stderr)
     else:
-        print(text)
+        doc = json_safe(doc)
+        print(json.dumps(doc, separators=(",", ":"), allow_nan=False) if compact
+              else json.dumps(doc, indent=2, allow_nan=False))
 
 
 def _read_text(path: str) -> str:
