@@ -36,7 +36,7 @@ def open_session(data: bytes, label: str) -> Any:
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # FATAL only: the errors it would print come back in its exceptions, which we report
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions for bad files
