@@ -171,6 +171,7 @@ class EmulatorShell:
             "non_ipv4": self.non_ipv4,
             "scheduler": self.scheduler,
             "write_errors": self.write_errors,
+            "log_errors": {k: v for w in self._writers() for k, v in w.failures.items()},
             "release_late_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "n": len(late)},
         }
 

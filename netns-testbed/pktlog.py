@@ -22,8 +22,10 @@ last second even after the traffic stops) and at close.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import sys
 import time
 
 from .packet import ECN_NAMES
@@ -57,18 +59,25 @@ def flow_of(data: bytes | None) -> tuple[object, object, object]:
 class WholeRecordFile:
     """A file that is written only in whole records: writes gather in memory until :meth:`flush` (or
     :meth:`commit` once ``BUFFER_BYTES`` are pending), which the owner calls between records only. Takes
-    ``bytes`` (pcap) or ``str`` (CSV rows, encoded as UTF-8)."""
+    ``bytes`` (pcap) or ``str`` (CSV rows, encoded as UTF-8).
+
+    A write that fails (a full disk, a quota) never reaches the emulator's packet path: the file is cut back
+    to its last whole batch, one line on stderr says so, :attr:`failed` keeps the reason, and later records
+    are dropped (the experiment goes on; the file is complete up to there, never torn)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = os.fspath(path)
         self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._parts: list[bytes] = []
         self.pending = 0
+        self._size = 0  # bytes on disk, whole batches only
+        self.failed: str | None = None
 
     def write(self, data: bytes | str) -> int:
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        self._parts.append(raw)
-        self.pending += len(raw)
+        if self.failed is None:
+            raw = data.encode() if isinstance(data, str) else bytes(data)
+            self._parts.append(raw)
+            self.pending += len(raw)
         return len(data)
 
     def commit(self) -> None:
@@ -79,11 +88,21 @@ class WholeRecordFile:
     def flush(self) -> None:
         if not self._parts:
             return
-        view = memoryview(b"".join(self._parts))
+        data = b"".join(self._parts)
         self._parts.clear()
         self.pending = 0
-        while view:
-            view = view[os.write(self._fd, view):]
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # no torn record at the end
+            print(f"tokenwire emulator: writing {self.name} failed ({self.failed}); it holds the records up to "
+                  "here and no more are written", file=sys.stderr, flush=True)
+            return
+        self._size += len(data)
 
     def fileno(self) -> int:
         return self._fd
@@ -98,6 +117,13 @@ class WholeRecordFile:
             self._fd = -1
 
 
+def _check_opened(f: WholeRecordFile) -> None:
+    """A file whose header could not be written is an error at start (the run has not begun)."""
+    if f.failed is not None:
+        f.close()
+        raise OSError(f"cannot write {f.name}: {f.failed}")
+
+
 class CsvPacketLog:
     """Streams packet records to a CSV file (see module docstring)."""
 
@@ -106,6 +132,7 @@ class CsvPacketLog:
         self._w = csv.writer(self._fh)
         self._w.writerow(LOG_FIELDS)
         self._fh.flush()
+        _check_opened(self._fh)
         self.rows = 0
         self._flushed_at = time.monotonic()
 
@@ -132,6 +159,11 @@ class CsvPacketLog:
     def pending(self) -> bool:
         """Rows not yet on disk."""
         return self._fh.pending > 0
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """File name -> why writing it stopped."""
+        return {self._fh.name: self._fh.failed} if self._fh.failed else {}
 
     def flush(self, now: float | None = None) -> None:
         self._flushed_at = time.monotonic() if now is None else now
@@ -161,6 +193,8 @@ class PcapTap:
         self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)
         self._in._write_header(None)  # (scapy flushes after the header: on disk at once)
         self._out._write_header(None)
+        for f in self._files:
+            _check_opened(f)
         self._epoch_offset = time.time() - time.monotonic()
 
     def _write(self, writer: object, data: bytes, t_mono: float) -> None:
@@ -182,6 +216,11 @@ class PcapTap:
     def pending(self) -> bool:
         """Records not yet on disk."""
         return any(f.pending for f in self._files)
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """File name -> why writing it stopped."""
+        return {f.name: f.failed for f in self._files if f.failed}
 
     def flush(self) -> None:
         for f in self._files:

@@ -611,3 +611,46 @@ def test_live_log_and_pcap_files_never_end_mid_record(tmp_path):
         tap.close()
         log.close()
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 101
+
+
+def test_a_log_whose_disk_fills_stops_whole_and_the_packet_path_goes_on(tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of a flush raised into the emulator's packet path (the rest of the read batch was
+    never forwarded and its timers not rescheduled) and left a torn row at the end of the file."""
+    import errno
+    from types import SimpleNamespace
+
+    from tokenwire.testbed import pktlog
+
+    path = tmp_path / "log.csv"
+    log = pktlog.CsvPacketLog(path)
+    pkt = SimpleNamespace(seq=0, size=100, arrival=1.0, dequeue=1.0, departure=1.001, delivery=1.011,
+                          queue="C", sojourn=0.0, ecn_in=0, ecn_out=0, fate="delivered", data=b"")
+    for k in range(10):
+        pkt.seq = k
+        log.record("down", pkt)
+    log.flush()
+    whole = path.read_bytes()
+    real_write = os.write
+
+    def disk_full(fd, data):
+        if fd == log._fh.fileno():
+            real_write(fd, bytes(data[:37]))  # part of a row reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(pktlog.os, "write", disk_full)
+    for k in range(10, 20):
+        pkt.seq = k
+        log.record("down", pkt)
+    log.flush()  # no exception
+    for _ in range(20, 30):  # dropped, not gathered
+        log.record("down", pkt)
+    assert not log.pending
+    log.flush()
+    monkeypatch.undo()
+    log.close()
+    assert path.read_bytes() == whole  # the rows up to the failed batch, none torn
+    assert log.failures == {str(path): "No space left on device"}
+    assert capsys.readouterr().err.count("No space left on device") == 1
+    with pytest.raises(OSError, match="cannot write /dev/full"):
+        pktlog.CsvPacketLog("/dev/full")
