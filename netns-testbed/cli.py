@@ -202,12 +202,14 @@ def _launch_detached(args: argparse.Namespace) -> int:
     logfile = os.path.join(STATE_DIR, f"{run_id}.log")
     path = os.path.join(STATE_DIR, f"{run_id}.json")
     with sigterm_as_ctrl_c():
-        with open(logfile, "w") as log:
-            proc = subprocess.Popen(_detach_argv(args, run_id), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
-        # read through our own descriptor: the failing run's teardown removes the log file with its state
-        early_log = open(logfile)  # noqa: SIM115 - closed below
-        try:
+        proc: subprocess.Popen | None = None
+        early_log = None
+        try:  # from before the child exists: an interrupt at any point after it stops it
+            with open(logfile, "w") as log:
+                proc = subprocess.Popen(_detach_argv(args, run_id), stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, start_new_session=True)
+            # read through our own descriptor: the failing run's teardown removes the log file with its state
+            early_log = open(logfile)  # noqa: SIM115 - closed below
             started = time.monotonic()
             step, step_since = _DETACH_STEPS[0], started
             while True:
@@ -235,12 +237,14 @@ def _launch_detached(args: argparse.Namespace) -> int:
                     )
                 time.sleep(0.05)
         except BaseException:
-            _stop_child(proc, path)
+            if proc is not None:
+                _stop_child(proc, path)
             with contextlib.suppress(OSError):
                 os.unlink(logfile)  # (a child stopped before it had state: nobody else removes it)
             raise
         finally:
-            early_log.close()
+            if early_log is not None:
+                early_log.close()
 
 
 def _lines(log_text: str) -> list[str]:

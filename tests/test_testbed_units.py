@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -495,6 +496,31 @@ def test_ctrl_c_while_waiting_for_a_detached_child_stops_it(monkeypatch, tmp_pat
     from tokenwire.testbed import cli, netns
 
     args, mark, state = _detach(monkeypatch, tmp_path, "interrupt", DETACH_STEP_S=30.0, DETACH_MAX_S=30.0)
+    with pytest.raises(KeyboardInterrupt):
+        cli.cmd_up(args)
+    assert mark.read_text().endswith("terminated\n")
+    assert not netns.pid_alive(_fake_pid(mark))
+    assert list(state.iterdir()) == []
+
+
+def test_ctrl_c_just_after_the_detached_child_started_stops_it(monkeypatch, tmp_path):
+    """An interrupt between Popen and the wait loop's try (reopening the log) left the child running."""
+    import builtins
+
+    from tokenwire.testbed import cli, netns
+
+    args, mark, state = _detach(monkeypatch, tmp_path, "parsing", DETACH_STEP_S=30.0, DETACH_MAX_S=30.0)
+
+    def interrupted_open(file, mode="r", *a, **kw):
+        if mode == "r":  # the launcher's own reader of the child's log, opened right after Popen
+            for _ in range(500):  # let the child run far enough to say who it is
+                if mark.exists() and mark.read_text().startswith("pid "):
+                    break
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+        return builtins.open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(cli, "open", interrupted_open, raising=False)
     with pytest.raises(KeyboardInterrupt):
         cli.cmd_up(args)
     assert mark.read_text().endswith("terminated\n")
