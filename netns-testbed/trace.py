@@ -23,6 +23,7 @@ import math
 import os
 import re
 import stat
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -186,6 +187,7 @@ MAX_STAMP_MS = 10**12
 _READ_CHUNK = 1 << 20  # bytes of lines parsed at a time
 _CACHE_ENTRIES = 4
 _cache: OrderedDict[tuple[object, ...], Trace] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:
@@ -205,15 +207,17 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     key = None
     if stat.S_ISREG(st.st_mode):
         key = (os.path.abspath(name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    trace = _parse_trace_file(name)
+        with _cache_lock:  # a library caller may load traces from several threads: get-then-move is not atomic
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit
+    trace = _parse_trace_file(name)  # outside the lock: another file's parse need not wait
     if key is not None:
-        _cache[key] = trace
-        while len(_cache) > _CACHE_ENTRIES:
-            _cache.popitem(last=False)
+        with _cache_lock:
+            _cache[key] = trace
+            while len(_cache) > _CACHE_ENTRIES:
+                _cache.popitem(last=False)
     return trace
 
 
