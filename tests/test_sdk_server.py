@@ -461,3 +461,33 @@ def test_every_request_counts_once_in_exactly_one_outcome():
     unauthorized, stats = run(go())
     assert isinstance(unauthorized, RemoteError) and unauthorized.code == ErrorCode.UNAUTHORIZED
     assert (stats.requests, stats.completed, stats.failed, stats.refused, stats.cancelled) == (6, 1, 1, 2, 2), stats
+
+
+def test_the_idle_close_names_the_idle_timeout_in_force(monkeypatch):
+    """The server's idle timeout was shorter than the client's: the connection closed after the server's, and
+    the error quoted the client's own (60 s) for a silence of under a second."""
+    from tokenwire.transport import server as server_module
+
+    real = server_module.server_configuration
+
+    def short_idle(*args, **kwargs):
+        config = real(*args, **kwargs)
+        config.idle_timeout = 0.6
+        return config
+
+    monkeypatch.setattr(server_module, "server_configuration", short_idle)
+
+    async def source(request):
+        yield "answer"
+
+    async def go():
+        async with served(source) as server, connect("127.0.0.1", server.port, idle_timeout=60.0,
+                                                     **client_kwargs()) as conn:
+            assert await asyncio.wait_for(conn.chat("one").collect(), T) == "answer"
+            await asyncio.wait_for(conn._protocol.wait_closed(), T)
+            with pytest.raises(RemoteError) as info:
+                conn.chat("two")
+            return info.value
+
+    err = run(go())
+    assert "no packet from the server for 0.6 s" in str(err), err

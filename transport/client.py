@@ -56,6 +56,7 @@ from .session import (
     SessionEvent,
     TokensRendered,
     closed_error,
+    idle_timeout_in_force,
 )
 from .session_outcome import ChatOutcome
 from .tls import client_configuration
@@ -227,7 +228,7 @@ class ClientProtocol(SessionProtocol):
                     s._failed(closed_locally_error() if self.closed_locally else ev.error)
             elif isinstance(ev, ConnectionEnded):
                 self.close_error = (closed_locally_error() if self.closed_locally else
-                                    closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout,
+                                    closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
                                                  awaiting=ev.requests_open))
                 for s in self.streams.values():
                     s._failed(self.close_error)

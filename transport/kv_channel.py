@@ -79,7 +79,7 @@ from .kv_controller import (
 from .marking import MarkingPolicy
 from .path_recovery import KV_RECOVERY_PING_S
 from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
-from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error
+from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error, idle_timeout_in_force
 from .tls import CertPair, client_configuration, server_configuration
 
 log = logging.getLogger("tokenwire.kv")
@@ -759,7 +759,7 @@ class KVClientSession(_SessionBase):
         return []
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
-        err = closed_error(event.error_code, event.reason_phrase, self.quic.configuration.idle_timeout, "KV connection")
+        err = closed_error(event.error_code, event.reason_phrase, idle_timeout_in_force(self.quic), "KV connection")
         out: list[SessionEvent] = [KVFetchFailed(s, err) for s in self.decoders]
         self.decoders.clear()
         self._sending.clear()
@@ -1143,7 +1143,7 @@ class KVConnection(SessionProtocol):
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ConnectionEnded):
-                self.close_error = closed_error(ev.error_code, ev.reason, self._quic.configuration.idle_timeout,
+                self.close_error = closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
                                                 "KV connection")
                 for pf in self._fetches.values():
                     pf.error = pf.error or self.close_error

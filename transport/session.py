@@ -146,6 +146,14 @@ AIOQUIC_IDLE_REASON = "Idle timeout"
 """The reason aioquic gives its ConnectionTerminated when its idle timer fires (a test pins it)."""
 
 
+def idle_timeout_in_force(quic: QuicConnection) -> float:
+    """The idle timeout that closes ``quic``: ours or the peer's, whichever is shorter (aioquic closes on the
+    minimum; the peer's is known once its transport parameters have come)."""
+    remote = getattr(quic, "_remote_max_idle_timeout", None)
+    own = quic.configuration.idle_timeout
+    return min(own, remote) if remote else own
+
+
 def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection",
                  awaiting: bool = True) -> RemoteError:
     """Why a connection ended, for the client's requests; the idle timer's close says what it means. With
@@ -760,9 +768,7 @@ class ClientSession(_SessionBase):
         the idle timeout before its first token would otherwise see both ends idle and the connection die. A
         dead server still ends the connection: the idle timer restarts only on the first ack-eliciting packet
         after a receipt (RFC 9000, 10.1)."""
-        # the idle timeout in force: ours or the server's, whichever is shorter (aioquic closes on the minimum)
-        remote = self.quic._remote_max_idle_timeout
-        idle = min(self.quic.configuration.idle_timeout, remote) if remote else self.quic.configuration.idle_timeout
+        idle = idle_timeout_in_force(self.quic)
         awaited = [r for r in self.requests.values() if not r.done]
         if not awaited:
             return self._silence_ping_at(idle / 3.0) if self.keepalive and self.datagrams_ok is not None else None
@@ -895,7 +901,7 @@ class ClientSession(_SessionBase):
             if not req.done:
                 req.done = True
                 e = err if err is not None else closed_error(
-                    event.error_code, event.reason_phrase, self.quic.configuration.idle_timeout)
+                    event.error_code, event.reason_phrase, idle_timeout_in_force(self.quic))
                 out.append(RequestFailed(req.stream_id, e))
         self.requests.clear()
         return out
