@@ -66,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise CLIError("no prompt given (argument or stdin)")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes stdin could not decode (or a lone surrogate in the argument)
+            raise CLIError("the prompt is not valid UTF-8 text") from None
     rid = None
-    if args.attach:
+    if args.attach is not None:
         try:
             rid = bytes.fromhex(args.attach)
         except ValueError:
@@ -117,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
                                            resume=resume)
-                    async for delta in stream:
-                        sys.stdout.write(delta)
-                        sys.stdout.flush()
+                    # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
+                    # server stops generating it; a bare `async for` left it generating to max_tokens
+                    async with stream:
+                        async for delta in stream:
+                            sys.stdout.write(delta)
+                            sys.stdout.flush()
                     sys.stdout.write("\n")
                     return stream.stats
             except (RemoteError, ConnectionError) as exc:
@@ -151,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
     except TokenwireError as exc:
         hint = ""
         if exc.code == ErrorCode.UNAUTHORIZED:
-            hint = (" (pass --cert and --key)" if "certificate" in str(exc) else
+            hint = (" (pass --cert and --key)" if "certificate required" in str(exc) else
+                    " (the daemon does not accept this certificate: it takes those its server.client_ca issued "
+                    "for client authentication, unexpired)" if "certificate rejected" in str(exc) else
                     f" (the token comes from ${args.token_env or DEFAULT_TOKEN_ENV}; `tokenwire config new-token` "
                     "makes one)")
         raise CLIError(f"{exc}{hint}") from None

@@ -117,7 +117,9 @@ class DaemonProtocol(SessionProtocol):
             except ValueError as exc:
                 log.warning("closing connection from %s: %s", self.peer, exc)
                 self.daemon.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
-                self.server_session.close(ErrorCode.UNAUTHORIZED, "client certificate required")
+                # "required" told a client that had presented a certificate to pass one
+                self.server_session.close(ErrorCode.UNAUTHORIZED, "client certificate required"
+                                          if tls._peer_certificate is None else "client certificate rejected")
                 return
             self.principal = f"cert:{name}"
             if not self.daemon.config.auth.required:

@@ -93,6 +93,8 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--attach", "00ff"], "--attach takes the 32-hex-digit request id"),
     (["--attach", "zz"], "--attach takes the 32-hex-digit request id"),
+    (["--attach", ""], "--attach takes the 32-hex-digit request id"),  # a TypeError traceback
+    (["caf\udce9"], "the prompt is not valid UTF-8 text"),  # undecodable bytes; the error blamed params
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
     (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
@@ -187,3 +189,57 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
     assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err, err
     assert "digest verified" in err and "stall ratio n/a" in err
     assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once
+
+
+@pytest.mark.parametrize("how", ["pipe", "ctrl-c"])
+def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
+    """`tokenwire chat | head -c 5` and Ctrl-C left the daemon generating the answer to max_tokens (the chat
+    CLI read with a bare `async for`, so the daemon saw a lost connection, which it keeps answers for)."""
+    import signal
+    import textwrap
+    import time
+
+    from .daemon_proc import DaemonProcess
+    from .test_daemon import metric_value, metrics
+
+    d = DaemonProcess(tmp_path, upstream_toml=textwrap.dedent("""
+        [[upstreams]]
+        name = "demo"
+        type = "demo"
+        rate = 20
+        first_token_ms = 20
+        """))  # 2000 tokens at 20/s: 100 s of answer
+    try:
+        cmd = (f"{sys.executable} -m tokenwire.daemon.cli chat --port {d.port} --cafile {d.cert} "
+               f"--server-name localhost --max-tokens 2000 hello")
+        if how == "pipe":
+            subprocess.run(cmd + " | head -c 5", shell=True, capture_output=True, timeout=60, check=True)
+        else:
+            proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None
+            proc.stdout.read(3)  # the answer is streaming
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while metric_value(metrics(d), "tokenwire_requests_active") != 0:
+            assert time.monotonic() < deadline, "the daemon is still generating the abandoned answer"
+            time.sleep(0.1)
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("case", ["no-key", "other-key", "missing"])
+def test_an_unusable_client_certificate_is_one_line_before_connecting(tmp_path, capsys, case):
+    """A --cert file without its key made the client present no certificate (the daemon then said "pass --cert
+    and --key" to someone who had), and a key of another certificate failed as "no reason given"."""
+    pair, other = make_self_signed(("carol",)), make_self_signed(("mallory",))
+    pair.write(tmp_path / "carol.pem", tmp_path / "carol.key")
+    other.write(tmp_path / "mallory.pem", tmp_path / "mallory.key")
+    argv = {"no-key": ["--cert", str(tmp_path / "carol.pem")],
+            "other-key": ["--cert", str(tmp_path / "carol.pem"), "--key", str(tmp_path / "mallory.key")],
+            "missing": ["--cert", str(tmp_path / "nope.pem")]}[case]
+    rc, _, err = chat(capsys, "--port", "9", *argv, "hi")
+    assert rc == 2, err
+    want = {"no-key": "holds no private key", "other-key": "does not belong to the certificate",
+            "missing": "nope.pem: cannot read"}[case]
+    assert want in err and "Traceback" not in err, err

@@ -478,6 +478,10 @@ def test_client_certificates(tmp_path, capsys):
         assert capsys.readouterr().out == expected(5) + "\n"
         assert main([*base, "x"]) == 2
         assert "(pass --cert and --key)" in capsys.readouterr().err
+        # one of another CA was told to pass --cert and --key, as if it had passed none
+        assert main([*base, "--cert", str(tmp_path / "rogue.pem"), "--key", str(tmp_path / "rogue.key"), "x"]) == 2
+        err = capsys.readouterr().err
+        assert "client certificate rejected" in err and "does not accept this certificate" in err, err
     finally:
         d.stop()
 

@@ -206,3 +206,10 @@ def test_a_request_the_sdk_cannot_encode_is_a_value_error_that_says_so(value):
     with pytest.raises(ValueError, match="invalid request: cannot encode it"):
         check_outgoing(Request(model="m", messages=[{"role": "user", "content": "x"}], params={"p": value}),
                        "request")
+
+
+def test_a_request_with_a_lone_surrogate_says_its_text_is_not_unicode():
+    from tokenwire.transport.frames import check_outgoing
+
+    with pytest.raises(ValueError, match="its text is not valid Unicode"):
+        check_outgoing(Request(model="m", messages=[{"role": "user", "content": "caf\udce9"}]), "request")

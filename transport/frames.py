@@ -663,6 +663,9 @@ def check_outgoing(frame: Frame, what: str) -> None:
     """
     try:
         data = encode_frame(frame)
+    except UnicodeEncodeError as exc:  # a lone surrogate (bytes decoded with surrogateescape)
+        raise ValueError(f"invalid {what}: its text is not valid Unicode ({exc.reason} at position "
+                         f"{exc.start})") from None
     except (TypeError, OverflowError, ValueError) as exc:  # msgpack: an object it has no encoding for
         raise ValueError(f"invalid {what}: cannot encode it ({exc}); params take numbers, strings, booleans "
                          "and null") from None

@@ -155,12 +155,7 @@ def server_configuration(
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
     _common(config, idle_timeout, congestion, initial_rtt)
     if certfile is not None:
-        try:
-            config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
-        except ValueError as exc:  # cryptography's message names neither file
-            files = f"{certfile} / {keyfile}" if keyfile else str(certfile)
-            raise ValueError(f"{files}: not a PEM certificate and private key ({str(exc).split('.')[0]})") from None
-        _check_key_matches(config, certfile, keyfile)
+        _load_cert_chain(config, certfile, keyfile)
     else:
         pair = cert or dev_cert()
         config.certificate = pair.certificate
@@ -182,6 +177,18 @@ def certificate_summary(cert: x509.Certificate, now: datetime.datetime | None = 
     return f"{', '.join(names) or 'no names'}; {when}"
 
 
+def _load_cert_chain(config: QuicConfiguration, certfile: str | Path, keyfile: str | Path | None) -> None:
+    """This end's certificate and key, checked to belong together (server, or a client's own certificate)."""
+    try:
+        config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+    except ValueError as exc:  # cryptography's message names neither file
+        files = f"{certfile} / {keyfile}" if keyfile else str(certfile)
+        raise ValueError(f"{files}: not a PEM certificate and private key ({str(exc).split('.')[0]})") from None
+    except OSError as exc:
+        raise ValueError(f"{exc.filename or certfile}: cannot read ({exc.strerror or exc})") from None
+    _check_key_matches(config, certfile, keyfile)
+
+
 def _check_key_matches(config: QuicConfiguration, certfile: str | Path, keyfile: str | Path | None) -> None:
     """ValueError when the private key does not belong to the certificate.
 
@@ -190,8 +197,10 @@ def _check_key_matches(config: QuicConfiguration, certfile: str | Path, keyfile:
     """
     raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     cert, key = config.certificate, config.private_key
-    if cert is None or key is None:
-        raise ValueError(f"{certfile}: no certificate and private key found")
+    if cert is None:
+        raise ValueError(f"{certfile}: no certificate found")
+    if key is None:
+        raise ValueError(f"{certfile}: holds no private key, and no key file was given")
     if cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
         raise ValueError(f"the private key in {keyfile or certfile} does not belong to the certificate in {certfile}")
 
@@ -245,7 +254,12 @@ def client_configuration(
     if trusted is not None:
         config.load_verify_locations(cadata=trusted)
     if certfile is not None:  # a client certificate, for servers that require one
-        config.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        # checked here: a file without its key made aioquic present no certificate at all, and a key of another
+        # certificate failed the handshake with "no reason given"; either way the server's refusal misled
+        try:
+            _load_cert_chain(config, certfile, keyfile)
+        except ValueError as exc:
+            raise CertificateFileError(str(exc)) from None
     return config
 
 
