@@ -39,23 +39,37 @@ class CLIError(Exception):
 def write_json(doc: Any, path: str | Path) -> None:
     """Write a command's result document (creating the folder) and say where, as every command does."""
     save_json(path, doc, indent=1)
-    print(f"wrote {path}")
+    if str(path) != "-":
+        print(f"wrote {path}")
 
 
 def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
-    """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line), atomically:
-    a temporary file next to ``path``, then renamed, so an interrupted or failing command leaves the old file
-    or the new one, never half of one (every command's ``--json`` goes through here)."""
-    path = Path(path)
+    """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line) at ``path``
+    (``-``: stdout). A regular file is replaced atomically (a temporary file next to it, then renamed), so an
+    interrupted or failing command leaves the old file or the new one, never half of one; a symlink's target
+    is what is replaced; anything else that exists there (``/dev/stdout``, a FIFO) is written through, never
+    replaced. Every command's ``--json`` goes through here; an ``OSError`` names ``path``."""
     text = (json.dumps(json_safe(doc), indent=indent, allow_nan=False) if indent is not None
-            else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False)) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = Path(os.path.realpath(path))  # a symlink is kept, its target replaced
     try:
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if target.exists() and not target.is_file():  # a device, a FIFO: rename would put a file in its place
+            with open(target, "w") as fh:
+                fh.write(text)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:  # named, so the command's error is one line about the user's file
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def json_safe(doc: Any) -> Any:
@@ -101,6 +115,10 @@ def check_outputs(args: argparse.Namespace) -> None:
             # matplotlib appends ".png" to a name without one and refuses unknown ones after the run
             raise CLIError(f"{option}: name the file with a plot format's extension "
                            f"({', '.join('.' + f for f in PLOT_FORMATS[:3])}, ...)")
+        if dest in OUTPUT_FILES and Path(value).exists() and not Path(value).is_file():
+            if not os.access(value, os.W_OK):  # /dev/stdout, a FIFO: written through, where no scratch file goes
+                raise CLIError(f"{option}: cannot write there (permission denied)")
+            continue
         folder = Path(value) if dest in OUTPUT_DIRS else Path(value).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def link_rate(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from tokenwire.daemon.cli import CLIError, save_json
+    from tokenwire.daemon.cli import CLIError, write_json
     from tokenwire.testbed.loss import LossSpecError, parse_loss
     from tokenwire.transport.frames import SCHEMES
 
@@ -92,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
     results = _demo_netns(args, schemes) if use_netns else uvloop.run(_demo(args, schemes))
     print(format_results(results, args))
     if args.json:
-        save_json(args.json, {"config": vars_for_json(args), "schemes": results})
-        print(f"wrote {args.json}")
+        write_json({"config": vars_for_json(args), "schemes": results}, args.json)
     bad = [s for s, r in results.items() if not r["digest_verified"]]
     return 1 if bad else 0
 

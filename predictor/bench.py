@@ -121,5 +121,6 @@ def run_cli(args: argparse.Namespace) -> int:
         from tokenwire.daemon.cli import save_json
 
         save_json(args.json, doc)
-        print(f"wrote {args.json}", file=sys.stderr)
+        if str(args.json) != "-":
+            print(f"wrote {args.json}", file=sys.stderr)
     return 0

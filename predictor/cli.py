@@ -390,7 +390,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(doc))
     if args.json:
         _write_json(Path(args.json), doc)  # a spike MAE over no spikes is NaN: null in the file
-        _say(f"wrote {args.json}")
+        if args.json != "-":
+            _say(f"wrote {args.json}")
     return 0
 
 

@@ -8,6 +8,8 @@ user asks for help. Walking the whole parser tree catches it for every command a
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import pytest
 
@@ -107,6 +109,51 @@ def test_a_json_result_that_fails_to_write_leaves_the_old_file_whole(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
     save_json(path, {"a": [1, float("nan")]}, indent=None)
     assert path.read_text() == '{"a":[1,null]}\n'
+
+
+def test_json_output_writes_through_what_is_not_a_regular_file(tmp_path, capsys):
+    """The atomic rename put a regular file in place of a FIFO, a device (as root: /dev/null) or a symlink."""
+    import json
+    import threading
+
+    from tokenwire.daemon.cli import save_json
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    save_json(fifo, {"a": 1})
+    reader.join(10)
+    assert json.loads(got[0]) == {"a": 1} and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    (tmp_path / "link.json").symlink_to(target)
+    save_json(tmp_path / "link.json", {"b": 2})
+    assert (tmp_path / "link.json").is_symlink() and json.loads(target.read_text()) == {"b": 2}
+    save_json("-", {"c": 3})
+    assert json.loads(capsys.readouterr().out) == {"c": 3}
+
+
+def test_a_json_write_error_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """A full disk or a file-size limit while writing --json was an OSError traceback (it named no file)."""
+    import errno
+    from pathlib import Path
+
+    from tokenwire.daemon.cli import main
+
+    real = Path.write_text
+
+    def too_big(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EFBIG, "File too large")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", too_big)
+    out = tmp_path / "r.json"
+    assert main(["sim", "--tokens", "20", "--runs", "1", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: File too large" in err and "Traceback" not in err, err
 
 
 def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_raise(tmp_path, capsys, monkeypatch):
