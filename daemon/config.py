@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -101,6 +102,21 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     socket: Path | None = None
+    max_open: int = 1024  # answers one application connection may hold open at once
+
+
+# What aiohttp refuses to send in a header (RFC 9110 5.5: CR, LF, NUL and other controls; tab is allowed), and
+# a header name's characters (an RFC 9110 token)
+_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as an HTTP header value (None when it can)."""
+    m = _HEADER_FORBIDDEN.search(value)
+    if m is None:
+        return None
+    return "a line break" if m.group() in "\r\n" else f"the control character {m.group()!r}"
 
 
 @dataclass(frozen=True)
@@ -328,6 +344,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             opts["base_url"] = url.rstrip("/")
             opts["api_key_env"] = s.str("api_key_env", None)
             key_file = s.path("api_key_file", base)
+            _check_api_key_file(key_file, f"{where}.api_key_file")
             opts["api_key_file"] = key_file
             models = s.get("models", {})
             if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
@@ -343,9 +360,32 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             headers = s.get("extra_headers", {})
             if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
                 raise ConfigError(f"{where}.extra_headers: expected a table of strings")
+            for hname, value in headers.items():  # else every request failed with an aiohttp traceback
+                if not _HEADER_NAME.fullmatch(hname):
+                    raise ConfigError(f"{where}.extra_headers: {hname!r} is not a valid HTTP header name")
+                problem = header_value_problem(value)
+                if problem is not None:
+                    raise ConfigError(f"{where}.extra_headers.{hname}: the value contains {problem}")
             opts["extra_headers"] = dict(headers)
         out.append(UpstreamConfig(name, kind, opts))
     return tuple(out)
+
+
+def _check_api_key_file(path: Path | None, where: str) -> None:
+    """Refuse a key file whose key cannot go in the Authorization header (a line break inside it, say two
+    keys): every request failed with a traceback. Only a readable regular file is checked (a FIFO would block);
+    the upstream reads it again at each request and reports what it cannot read then."""
+    if path is None or not path.is_file():
+        return
+    try:
+        key = path.read_bytes().decode("utf-8").strip()
+    except OSError:
+        return
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+    problem = header_value_problem(key)
+    if problem is not None:
+        raise ConfigError(f"{where}: the key in {path} contains {problem} (one key on one line)")
 
 
 def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...]:
@@ -382,8 +422,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     log = _Section("logging", top.get("logging", {}), ("level", "format"))
     metrics = _Section("metrics", top.get("metrics", {}), ("listen",))
     mlisten = metrics.str("listen", "127.0.0.1:9464")
-    ingest = _Section("ingest", top.get("ingest", {}), ("socket",))
+    ingest = _Section("ingest", top.get("ingest", {}), ("socket", "max_open"))
     sock = ingest.path("socket", base, must_exist=False)
+    max_open = ingest.int("max_open", IngestConfig.max_open, 1, 1_000_000)
     upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
     kv = parse_kv(top.get("kv", {}), base)
     _check_udp_listeners(server.listen, kv.listen if kv.enabled else None)
@@ -397,7 +438,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             format=log.str("format", "text", ("text", "json")) or "text",
         ),
         metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
-        ingest=IngestConfig(sock),
+        ingest=IngestConfig(sock, max_open),
         kv=kv,
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),

@@ -5,6 +5,8 @@ line per request line::
 
     {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
         -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client
+        (model and principal: at most 128 characters each; at most ``[ingest] max_open`` answers open at
+        once per connection, 1024 by default)
     {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
         (text past the answer's max_tokens is cut and the answer finishes: the reply then adds
         "finished": "length", "cut": true, and later ops on the id say it is finished)
@@ -33,11 +35,17 @@ from typing import Any
 from tokenwire.transport.errors import ErrorCode
 
 from . import unix_sockets
+from .config import IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
 FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
+MAX_MODEL_CHARS = 128  # what a QUIC request may name (transport/frames.py, Request's "model" field)
+# A principal is a token's name or "cert:" + a certificate's common name (at most 64 characters in X.509): 128
+# leaves room for both, and keeps the names every open answer holds small
+MAX_PRINCIPAL_CHARS = 128
+DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open at once
 
 
 @dataclass
@@ -61,9 +69,11 @@ class IngestAPI:
         on_open: Callable[[LiveRequest], None] = lambda r: None,
         on_done: Callable[[LiveRequest], None] = lambda r: None,
         on_tokens: Callable[[int], None] = lambda n: None,
+        max_open: int = DEFAULT_MAX_OPEN,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
+        self.max_open = max_open  # per connection: one app opened 200k answers, each held until it ends
         self.on_open = on_open
         self.on_done = on_done
         self.on_tokens = on_tokens  # tokens added (the daemon's tokenwire_tokens_total)
@@ -82,6 +92,14 @@ class IngestAPI:
                 return {"ok": False, "error": "principal must be a string"}
             if model is not None and not isinstance(model, str):
                 return {"ok": False, "error": "model must be a string"}
+            # the limits a QUIC request has: 1 MiB names once took 1 GB of memory outside transcript_memory_mb
+            if principal is not None and len(principal) > MAX_PRINCIPAL_CHARS:
+                return {"ok": False, "error": f"principal longer than {MAX_PRINCIPAL_CHARS} characters"}
+            if model is not None and len(model) > MAX_MODEL_CHARS:
+                return {"ok": False, "error": f"model longer than {MAX_MODEL_CHARS} characters"}
+            if len(conn.open) >= self.max_open:
+                return {"ok": False, "error": f"{len(conn.open)} answers already open on this connection "
+                        "(ingest.max_open): finish or fail one first"}
             req = self.store.create(principal, limit, now, model=model)
             conn.open[req.request_id] = req
             self.on_open(req)
@@ -136,9 +154,11 @@ class IngestAPI:
         self.store.mark_finished(req)
         self.on_done(req)
 
-    def disconnected(self, conn: IngestConnection, now: float) -> None:
+    def disconnected(
+        self, conn: IngestConnection, now: float, why: str = "the application disconnected before finishing"
+    ) -> None:
         for req in list(conn.open.values()):
-            req.fail(ErrorCode.UPSTREAM_ERROR, "the application disconnected before finishing", now)
+            req.fail(ErrorCode.UPSTREAM_ERROR, why, now)
             self._done(req, conn)
 
 
@@ -179,6 +199,8 @@ def _decoded(line: bytes) -> tuple[Any, str | None]:
         return None, "JSON nested too deeply"
     except json.JSONDecodeError:
         return None, "not valid JSON"
+    except ValueError:  # Python's int limit: a number over 4300 digits (it killed the connection)
+        return None, "not valid JSON (a number with too many digits)"
 
 
 async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
@@ -186,6 +208,7 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = IngestConnection()
+        why = "the application disconnected before finishing"
         try:
             while True:
                 line = await _read_line(reader)
@@ -200,8 +223,13 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # the daemon is stopping. Returned, not re-raised: Python 3.11's stream server calls
+            # task.exception() on the finished task, which raises for a cancelled one, and asyncio logged that
+            # as an ERROR with a traceback on every normal shutdown with an app connected
+            why = "the daemon stopped before the application finished"
         finally:
-            api.disconnected(conn, time.monotonic())
+            api.disconnected(conn, time.monotonic(), why)
             writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)

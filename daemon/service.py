@@ -63,6 +63,12 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
 log = logging.getLogger("tokenwire.daemon")
+# A connection must finish its handshake within this; the SDK client's own connect timeout is 10 s too
+HANDSHAKE_TIMEOUT_S = 10.0
+# With this many handshakes in progress, new clients must prove their address first (a QUIC Retry, RFC 9000
+# 8.1.2: one round trip more), so spoofed Initials create no state; off again once below half of it for a
+# whole handshake timeout
+RETRY_ABOVE = 64
 
 
 class DaemonProtocol(SessionProtocol):
@@ -87,16 +93,23 @@ class DaemonProtocol(SessionProtocol):
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         self.revoked = False  # a reload removed its token: the client does not send it again
         self.attached: dict[int, LiveRequest] = {}
-        self.over_limit = len(daemon.protocols) >= limits.max_sessions
         if daemon.client_verifier is not None:
             request_client_certificate(quic)
         self.ended = False
+        # A session counts (max_sessions, the sessions gauge) once its handshake completes: one Initial
+        # datagram each (spoofable: no Retry) held every slot until the idle timeout and locked all clients
+        # out. Handshakes in progress have a deadline and a bound of their own.
+        self.established = False
         self._reported = SenderStats()
         self._reported_acks = 0
         self._reported_ce = 0
         daemon.protocols.add(self)
-        daemon.metrics.sessions.inc()
-        daemon.metrics.sessions_total.inc()
+        daemon.handshaking += 1
+        daemon.handshake_pressure()
+        self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self._handshake_expired)
+        if daemon.handshaking > limits.max_sessions:
+            self._refuse_handshake("too_many", "too many handshakes in progress")
 
     @property
     def server_session(self) -> ServerSession:
@@ -108,9 +121,35 @@ class DaemonProtocol(SessionProtocol):
         paths = self._quic._network_paths
         return f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
 
+    def _handshake_done(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+            self.daemon.handshaking -= 1
+
+    def _refuse_handshake(self, label: str, why: str) -> None:
+        """Close a connection still in its handshake: counted, and logged at debug level only (a flood of
+        them would flood the log)."""
+        self._handshake_done()
+        self.daemon.metrics.handshakes_refused.labels(reason=label).inc()
+        log.debug("closing connection from %s: %s", self.peer, why)
+        self.server_session.close(ErrorCode.LIMIT_EXCEEDED, why)
+        self.transmit()
+
+    def _handshake_expired(self) -> None:
+        if self._handshake_timer is not None and not self.established and not self.ended:
+            self._refuse_handshake("timeout", f"handshake not completed within {HANDSHAKE_TIMEOUT_S:g} s")
+
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)
-        if isinstance(event, qe.HandshakeCompleted) and self.daemon.client_verifier is not None:
+        if isinstance(event, qe.HandshakeCompleted):
+            self._on_handshake()
+
+    def _on_handshake(self) -> None:
+        """Check the client's certificate and the session limit, then count the session."""
+        self._handshake_done()
+        d = self.daemon
+        if d.client_verifier is not None:
             tls = self._quic.tls
             try:
                 name = self.daemon.client_verifier.verify(tls._peer_certificate, tls._peer_certificate_chain)
@@ -122,12 +161,17 @@ class DaemonProtocol(SessionProtocol):
                                           if tls._peer_certificate is None else "client certificate rejected")
                 return
             self.principal = f"cert:{name}"
-            if not self.daemon.config.auth.required:
+            if not d.config.auth.required:
                 self.authorized = True
-        if isinstance(event, qe.HandshakeCompleted) and self.over_limit:
-            log.warning("refusing connection from %s: %d sessions open", self.peer, len(self.daemon.protocols))
-            self.daemon.metrics.errors.labels(code=hex(ErrorCode.LIMIT_EXCEEDED)).inc()
+        if d.established >= d.config.limits.max_sessions:
+            log.warning("refusing connection from %s: %d sessions open", self.peer, d.established)
+            d.metrics.errors.labels(code=hex(ErrorCode.LIMIT_EXCEEDED)).inc()
             self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
+            return
+        self.established = True
+        d.established += 1
+        d.metrics.sessions.inc()
+        d.metrics.sessions_total.inc()
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         d = self.daemon
@@ -177,10 +221,15 @@ class Daemon:
         )
         self.upstreams: dict[str, Upstream] = build_upstreams(config)
         self.protocols: set[DaemonProtocol] = set()
+        self.established = 0  # connections past their handshake (what max_sessions bounds)
+        self.handshaking = 0  # connections in their handshake (bounded by max_sessions too)
+        self._retry_handler: Any = None  # aioquic's Retry token handler, made on first need (an RSA key)
+        self.retrying_since: float | None = None  # Retry is on (see RETRY_ABOVE)
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.notifier = notifier or Notifier()
         self.client_verifier = client_verifier(config)
         self.draining = False
+        self._handle_signals = False
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
         self._drain_task: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -251,6 +300,7 @@ class Daemon:
                 on_open=lambda r: self.metrics.requests_active.inc(),
                 on_done=lambda r: self.metrics.requests_active.dec(),
                 on_tokens=self.metrics.tokens.inc,
+                max_open=cfg.ingest.max_open,
             )
             try:
                 self._ingest = await serve_ingest(cfg.ingest.socket, api)
@@ -266,9 +316,47 @@ class Daemon:
 
             KVMetrics(self.metrics.registry, self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
+        if self._handle_signals:
+            # before READY: systemd may reload or stop the daemon the moment it is ready, and a SIGHUP that
+            # came before the handler killed it (the default action), a SIGTERM skipped the drain
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.on_stop_signal)
         status = self.ready_status()
         log.info("%s", status)
         self.notifier.ready(status)
+
+    def _flush_counters(self) -> None:
+        """Every connection's packet counters into the metrics. Its own function: a loop variable in the
+        housekeeping coroutine held the last connection (and megabytes of its buffers) until the next one."""
+        for proto in list(self.protocols):
+            proto.flush_counters()
+
+    def handshake_pressure(self) -> None:
+        """Many handshakes in progress: turn on address validation (Retry) on every listener."""
+        if self.retrying_since is not None or self.handshaking < RETRY_ABOVE:
+            return
+        if self._retry_handler is None:
+            from aioquic.quic.retry import QuicRetryTokenHandler
+
+            self._retry_handler = QuicRetryTokenHandler()
+        for server in self._servers:
+            server._retry = self._retry_handler  # aioquic 1.7: what serve(retry=True) sets
+        self.retrying_since = time.monotonic()
+        self.metrics.retry_active.set(1)
+        log.warning("%d QUIC handshakes in progress: new clients must validate their address (Retry) until "
+                    "the load passes", self.handshaking)
+
+    def _relax_retry(self, now: float) -> None:
+        since = self.retrying_since
+        if since is None or self.handshaking >= RETRY_ABOVE // 2 or now - since < HANDSHAKE_TIMEOUT_S:
+            return
+        for server in self._servers:
+            server._retry = None
+        self.retrying_since = None
+        self.metrics.retry_active.set(0)
+        log.info("QUIC handshakes back to %d: address validation (Retry) off", self.handshaking)
 
     def listening(self) -> str:
         """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets."""
@@ -293,7 +381,7 @@ class Daemon:
     def status_line(self) -> str:
         """The periodic STATUS (``systemctl status``): the listening addresses stay in it, then the load."""
         return (
-            f"listening on {self.listening()}; {len(self.protocols)} sessions, {self.store.live_count} answers "
+            f"listening on {self.listening()}; {self.established} sessions, {self.store.live_count} answers "
             f"running, {self.store.finished_count} retained"
         )
 
@@ -307,8 +395,8 @@ class Daemon:
             now = time.monotonic()
             self.metrics.evicted.inc(self.store.evict(now))
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
-            for proto in list(self.protocols):
-                proto.flush_counters()
+            self._flush_counters()
+            self._relax_retry(now)
 
             self.notifier.watchdog()
             if now - last_status >= 10:
@@ -431,6 +519,7 @@ class Daemon:
         try:
             for proto in list(self.protocols):
                 with _logged("closing a connection"):
+                    proto._handshake_done()  # its deadline has nothing left to close
                     proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
             await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
             for task in list(self.tasks.values()):
@@ -461,11 +550,8 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading."""
-        loop = asyncio.get_running_loop()
+        self._handle_signals = True  # start() installs the handlers before it says READY
         await self.start()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.on_stop_signal)
         await self._stopped.wait()
         log.info("stopped")
 
@@ -593,7 +679,10 @@ class Daemon:
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
         proto.flush_counters()
         self.protocols.discard(proto)
-        self.metrics.sessions.dec()
+        proto._handshake_done()  # ended in its handshake
+        if proto.established:
+            self.established -= 1
+            self.metrics.sessions.dec()
 
     async def _feed(self, live: LiveRequest, upstream: Upstream, chat: ChatRequest) -> None:
         self.metrics.requests_active.inc()

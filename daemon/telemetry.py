@@ -23,8 +23,17 @@ disable_created_metrics()  # the *_created series only add noise for a long-runn
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.sessions = Gauge("tokenwire_sessions_open", "Open QUIC connections", registry=r)
-        self.sessions_total = Counter("tokenwire_sessions", "QUIC connections accepted", registry=r)
+        self.sessions = Gauge("tokenwire_sessions_open", "Open QUIC connections (handshake completed)",
+                              registry=r)
+        self.sessions_total = Counter("tokenwire_sessions", "QUIC connections accepted (handshake completed)",
+                                      registry=r)
+        self.handshakes_refused = Counter(
+            "tokenwire_handshakes_refused_total",
+            "Connections closed in their handshake: not completed in time, or too many in progress",
+            ["reason"], registry=r)
+        self.retry_active = Gauge("tokenwire_quic_retry_active",
+                                  "1 while new clients must validate their address (many handshakes in progress)",
+                                  registry=r)
         self.requests = Counter("tokenwire_requests_total", "Chat requests by scheme", ["scheme"], registry=r)
         self.resumes = Counter("tokenwire_resumes_total", "Requests resumed or attached by id", registry=r)
         self.requests_active = Gauge("tokenwire_requests_active", "Answers being generated", registry=r)

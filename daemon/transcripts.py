@@ -21,6 +21,11 @@ from tokenwire.transport.transcript import Transcript, split_piece
 TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
 
 
+def _text_bytes(text: str | None) -> int:
+    # surrogatepass: JSON can carry a lone surrogate ("\ud83d"), which plain UTF-8 refuses to encode
+    return len(text.encode("utf-8", "surrogatepass")) if text else 0
+
+
 class GenerationLimit(Exception):
     """Raised by :meth:`LiveRequest.push` when text did not fit the answer's token limit (``args[0]``: the
     tokens of it that were added)."""
@@ -44,8 +49,10 @@ class LiveRequest:
 
     @property
     def memory_bytes(self) -> int:
+        # model and principal count too: unbounded ingest names once grew the daemon by a GB outside this bound
         tr = self.transcript
-        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + 256
+        names = _text_bytes(self.model) + _text_bytes(self.principal)
+        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + names + 256
 
     def _notify(self) -> None:
         for callback in list(self.listeners.values()):

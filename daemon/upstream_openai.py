@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import LineTooLong
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
+from .config import header_value_problem
 from .upstreams import Emit
 
 PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n")
@@ -70,15 +71,25 @@ class OpenAIUpstream:
         self._session: aiohttp.ClientSession | None = None
 
     def _api_key(self) -> str | None:
-        """Read at each request, so a rotated key file or environment takes effect without a restart."""
+        """Read at each request, so a rotated key file or environment takes effect without a restart. A key that
+        cannot go in a header (a line break inside it) is a typed error: aiohttp's was a traceback per request."""
         if self.api_key_file is not None:
             try:
-                return self.api_key_file.read_text().strip() or None
+                key = self.api_key_file.read_bytes().decode("utf-8").strip()
             except OSError as exc:
                 raise _upstream_error(self.name, f"cannot read the API key file: {exc.strerror}") from None
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env) or None
-        return None
+            except UnicodeDecodeError:
+                raise _upstream_error(self.name, "the API key file is not UTF-8 text") from None
+            where = "the API key file"
+        elif self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            where = f"the API key in ${self.api_key_env}"
+        else:
+            return None
+        problem = header_value_problem(key)
+        if problem is not None:
+            raise _upstream_error(self.name, f"{where} contains {problem} (one key on one line)")
+        return key or None
 
     def _model(self, request: ChatRequest) -> str | None:
         """The upstream's model name: ``models`` maps the client's; a client that names none gets ``model``, else
@@ -102,8 +113,11 @@ class OpenAIUpstream:
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str:
         if self._session is None:
+            # limit=0: aiohttp's default pool of 100 connections made answer 101+ wait for a free one, and that
+            # wait counted against the first-token deadline; the daemon's own limits bound concurrency
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
             )
         headers = {"Accept": "text/event-stream", **self.extra_headers}
         key = self._api_key()
@@ -218,7 +232,7 @@ class OpenAIUpstream:
         """A JSON answer or event; UPSTREAM_ERROR for one that is not JSON or that carries the upstream's error."""
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, an integer over 4300 digits, deep nesting
             raise _upstream_error(self.name, f"malformed {what} (not JSON)") from None
         if _is_error(doc):
             raise _upstream_error(self.name, _error_text(text))
@@ -290,5 +304,5 @@ def _error_text(body: str) -> str:
         if isinstance(err, dict):
             return str(err.get("message") or err)[:300]
         return str(err)[:300]
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):  # not JSON (a huge integer, deep nesting) or no object
         return body.strip()[:300] or "(empty body)"

@@ -181,7 +181,7 @@ def test_a_model_error_on_one_connection_moves_every_connection_to_l4s(tmp_path,
             assert a.codepoint(s.ack_at) == ECT1
     assert a.failed and "another connection" in b.failed and b.codepoint(1.0) == ECT1
     assert isinstance(svc.new_policy(), L4SPolicy) and svc.effective_policy == "l4s"
-    assert [r.getMessage()[:60] for r in caplog.records] == [
+    assert [r.getMessage()[:60] for r in caplog.records if r.levelno >= logging.WARNING] == [
         "marking.policy = swiftqueue but the latency model failed on "]
     assert metrics.registry.get_sample_value("tokenwire_marking_model_errors_total") == 1
     assert metrics.registry.get_sample_value("tokenwire_marking_policy", {"policy": "l4s"}) == 1

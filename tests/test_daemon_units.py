@@ -91,6 +91,46 @@ def test_config_check_refuses_overlapping_listeners_in_one_line(tmp_path, capsys
                    "127.0.0.1:27999 (both are UDP; give the KV channel a port of its own)"], err
 
 
+def _openai(**keys) -> dict:
+    return {"upstreams": [{"name": "v", "type": "openai", "base_url": "http://h/v1", **keys}]}
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({"X-Tenant": "edge\r\nX-Injected: yes"}, "upstreams[0].extra_headers.X-Tenant: the value contains a line break"),
+    ({"X-Tenant": "a\nb"}, "contains a line break"),
+    ({"X-Tenant": "nul\x00"}, "the control character '\\x00'"),
+    ({"X Tenant": "edge"}, "upstreams[0].extra_headers: 'X Tenant' is not a valid HTTP header name"),
+    ({"X-Tenant:": "edge"}, "is not a valid HTTP header name"),
+])
+def test_extra_headers_that_cannot_be_sent_are_config_errors(headers, message):
+    """A CR/LF in a value passed config check, then every request failed with aiohttp's "Forbidden control
+    character detected in headers" traceback."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(_openai(extra_headers=headers))
+    assert message in str(info.value)
+    assert parse_config(_openai(extra_headers={"X-Tenant": "edge\tok"})).upstreams[0].options["extra_headers"]
+
+
+def test_an_api_key_file_with_a_line_break_inside_fails_config_check(tmp_path, capsys):
+    """Two lines in the key file passed config check, then every request failed with a header traceback. A
+    trailing newline is still stripped."""
+    from tokenwire.daemon.cli import main
+
+    key = tmp_path / "vllm.key"
+    key.write_text("sk-one\n")
+    assert parse_config(_openai(api_key_file=str(key))).upstreams[0].options["api_key_file"] == key
+    key.write_text("sekrit\nX-Injected: yes\n")
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.api_key_file: the key in .*vllm.key contains a line"):
+        parse_config(_openai(api_key_file=str(key)))
+    cfg = _daemon_config(tmp_path, f'[[upstreams]]\nname = "v"\ntype = "openai"\nbase_url = "http://h/v1"\n'
+                                   f'api_key_file = "{key}"\n')
+    assert main(["config", "check", cfg]) == 2
+    assert "vllm.key contains a line break" in capsys.readouterr().err
+    key.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        parse_config(_openai(api_key_file=str(key)))
+
+
 def test_restart_changes_compare_what_the_operator_wrote():
     """server.congestion follows [marking]: turning a policy on is a [marking] change, not a [server] one."""
     from tokenwire.daemon.config import restart_changes

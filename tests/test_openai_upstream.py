@@ -34,6 +34,7 @@ class FakeOpenAI:
         self.mode = "ok"
         self.seen: list[dict] = []
         self.headers: list[dict] = []
+        self.active = self.peak = 0  # "hold" streams open at once, and the most of them
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -41,6 +42,8 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if self.mode == "http500":
             return web.json_response({"error": {"message": "model overloaded", "type": "server_error"}}, status=500)
+        if self.mode == "http500_bignum":  # JSON Python refuses with a plain ValueError (over 4300 digits)
+            return web.Response(status=500, text='{"error": ' + "1" * 5000 + "}", content_type="application/json")
         if self.mode == "error_body_late":  # the headers of a 500, its body only 3 s later
             resp = web.StreamResponse(status=500, headers={"Content-Type": "application/json"})
             resp.content_length = 7
@@ -75,6 +78,17 @@ class FakeOpenAI:
         async def send(obj):
             await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
 
+        if self.mode == "hold":  # a first token, then the stream stays open 1.2 s
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            try:
+                await send(chunk("Hi"))
+                await asyncio.sleep(1.2)
+                await send(chunk(None, finish="stop"))
+                await resp.write(b"data: [DONE]\n\n")
+            finally:
+                self.active -= 1
+            return resp
         if self.mode.startswith("raw:"):  # one event line exactly as given, after a good first token
             await send(chunk("Hi"))
             await resp.write(self.mode[4:].encode() + b"\n\n")
@@ -213,6 +227,56 @@ def test_an_event_of_the_wrong_shape_is_a_typed_upstream_error(fake, line):
         generate(fake, "raw:" + line)
     assert info.value.code == ErrorCode.UPSTREAM_ERROR
     assert "malformed event" in str(info.value)
+
+
+@pytest.mark.parametrize("mode, text", [
+    ('raw:data: {"x": ' + "1" * 5000 + "}", "malformed event (not JSON)"),  # a plain ValueError in json.loads
+    ("raw:data: " + "[" * 100_000, "malformed event (not JSON)"),  # RecursionError
+    ("raw:event: error\ndata: {\"n\": " + "1" * 5000 + "}", '{"n": 111'),  # the body itself, as for non-JSON
+    ("raw:event: error\ndata: " + "[" * 100_000, "[[["),
+    ("http500_bignum", 'HTTP 500: {"error": 111'),
+], ids=["bignum", "deep", "error_event_bignum", "error_event_deep", "http_error_bignum"])
+def test_json_python_cannot_parse_is_a_typed_upstream_error(fake, mode, text):
+    """Only JSONDecodeError was caught: a 5000-digit integer or deep nesting from the upstream was a generic
+    failure with an ERROR traceback in the daemon's log instead of a typed UPSTREAM_ERROR."""
+    with pytest.raises(RequestError) as info:
+        generate(fake, mode, **FAST)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and text in str(info.value)
+
+
+def test_more_than_a_hundred_concurrent_streams(fake):
+    """aiohttp's default pool holds 100 connections: answer 101 waited for a free one, and the wait counted
+    against the first-token deadline ("no response within ..." though the request never left)."""
+    fake.mode = "hold"
+
+    async def go() -> list:
+        runner, port = await _serve(fake)
+        up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.4,
+                            first_token_timeout_s=0.4, stall_timeout_s=5)
+        try:
+            return await asyncio.gather(*(up.generate(REQ, lambda s: None) for _ in range(120)),
+                                        return_exceptions=True)
+        finally:
+            await up.close()
+            await runner.cleanup()
+
+    results = run(go(), timeout=30)
+    assert [r for r in results if r != "stop"] == []
+    assert fake.peak == 120  # all of them open at once
+
+
+def test_an_api_key_rotated_to_two_lines_is_a_typed_error(fake, tmp_path, monkeypatch):
+    """The file is read at each request: one rewritten with a line break inside the key failed every request
+    with aiohttp's header traceback; now each is a typed UPSTREAM_ERROR (and nothing reaches the server)."""
+    key = tmp_path / "key"
+    key.write_text("sk-one\nsk-two\n")
+    with pytest.raises(RequestError) as info:
+        generate(fake, "ok", api_key_file=key)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and "API key file contains a line break" in str(info.value)
+    monkeypatch.setenv("TEST_KEY", "sk-env\r\nX-Injected: 1")
+    with pytest.raises(RequestError, match=r"the API key in \$TEST_KEY contains a line break"):
+        generate(fake, "ok", api_key_env="TEST_KEY")
+    assert fake.seen == []
 
 
 def test_a_long_event_line_streams_intact_and_a_null_error_is_no_error(fake):

@@ -1,0 +1,139 @@
+"""The daemon's session limit against half-open QUIC handshakes: a session counts once its handshake is done,
+handshakes have a deadline and a bound, and many at once turn on address validation (Retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from tokenwire.daemon import service
+from tokenwire.daemon.config import parse_config
+from tokenwire.daemon.service import Daemon
+from tokenwire.transport.client import connect
+from tokenwire.transport.frames import ALPN
+
+from .test_loopback import run
+
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """``n`` clients that send their first flight (one Initial datagram each) and never answer."""
+    socks = []
+    for _ in range(n):
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                                              server_name="localhost"))
+        quic.connect(("127.0.0.1", port), now=time.monotonic())
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for data, addr in quic.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, addr)
+        socks.append(sock)
+    return socks
+
+
+async def until(check, timeout: float = 10.0) -> None:
+    """Wait for ``check()`` (an event in the daemon's loop), failing after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def value(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:
+    return daemon.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeypatch):
+    """60 Initials (0.1 s of a script, spoofable) filled max_sessions until the idle timeout: every real client
+    was refused with "too many sessions", and the sessions gauge counted them."""
+    monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 1.0)
+
+    async def go():
+        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                                      "limits": {"max_sessions": 3}}))
+        await daemon.start()
+        port = daemon.addresses[0][1]
+        socks = half_open(port, 5)
+        try:
+            await until(lambda: daemon.handshaking + value(daemon, "tokenwire_handshakes_refused_total",
+                                                            {"reason": "too_many"}) >= 5)
+            assert daemon.established == 0 and value(daemon, "tokenwire_sessions_open") == 0
+            assert daemon.handshaking == 3  # the bound: max_sessions; the two past it were closed at once
+            assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "too_many"}) == 2
+            await until(lambda: daemon.handshaking == 0, 5)  # the deadline closes the three
+            assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}) == 3
+            async with connect("127.0.0.1", port, verify=False) as conn:  # a real client is served
+                text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
+                assert daemon.established == 1 and value(daemon, "tokenwire_sessions_open") == 1
+            return text
+        finally:
+            for s in socks:
+                s.close()
+            await daemon.stop()
+
+    assert len(run(go(), 30)) > 0
+
+
+def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
+    """Past RETRY_ABOVE handshakes in progress, a new client gets a Retry (no state for a spoofed source) and
+    a real one still connects; once the load passes, Retry goes off again."""
+    monkeypatch.setattr(service, "RETRY_ABOVE", 4)
+    monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 0.5)
+
+    async def go():
+        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""}}))
+        await daemon.start()
+        port = daemon.addresses[0][1]
+        socks = half_open(port, 4)
+        try:
+            await until(lambda: daemon.retrying_since is not None)
+            assert value(daemon, "tokenwire_quic_retry_active") == 1
+            before = len(daemon.protocols)
+            socks += half_open(port, 3)  # answered with a Retry: no connection state made for them
+            async with connect("127.0.0.1", port, verify=False) as conn:  # the real client follows the Retry
+                text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
+            assert len(daemon.protocols) <= before + 1
+            await until(lambda: daemon.handshaking == 0, 5)
+            daemon._relax_retry(time.monotonic() + service.HANDSHAKE_TIMEOUT_S)
+            assert daemon.retrying_since is None and value(daemon, "tokenwire_quic_retry_active") == 0
+            return text
+        finally:
+            for s in socks:
+                s.close()
+            await daemon.stop()
+
+    assert len(run(go(), 30)) > 0
+
+
+def test_a_connection_the_client_closes_in_its_handshake_is_no_session_and_no_refusal():
+    """Bookkeeping: a handshake that ends (the client gave up) leaves neither a handshake nor a session counted,
+    and its deadline does not fire on it later."""
+
+    def give_up(port: int) -> None:
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                                              server_name="localhost"))
+        addr = ("127.0.0.1", port)
+        quic.connect(addr, now=time.monotonic())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for data, to in quic.datagrams_to_send(now=time.monotonic()):
+                sock.sendto(data, to)
+            sock.settimeout(5)
+            data, _ = sock.recvfrom(65536)  # the server's first flight
+            quic.receive_datagram(data, addr, now=time.monotonic())
+            quic.close(error_code=0, reason_phrase="gave up")
+            for data, to in quic.datagrams_to_send(now=time.monotonic()):
+                sock.sendto(data, to)
+
+    async def go():
+        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""}}))
+        await daemon.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, give_up, daemon.addresses[0][1])
+            await until(lambda: not daemon.protocols)
+            return (daemon.handshaking, daemon.established, value(daemon, "tokenwire_sessions_open"),
+                    value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}))
+        finally:
+            await daemon.stop()
+
+    assert run(go(), 30) == (0, 0, 0, 0)
