@@ -122,8 +122,13 @@ def test_ce_counts_reach_the_controller():
     assert isinstance(sess, ServerSession)
     cc = PragueCongestionControl(max_datagram_size=1200)
     sess.quic._loss._cc = cc
+    sess.datagrams_sent = 100  # as if the server had sent that many (counts past it are refused, below)
     sess._on_datagram(Ack(0, 0, ecn=[0, 10, 0, 0]), 1.0)
     sess._on_datagram(Ack(0, 0, ecn=[0, 18, 0, 2]), 1.2)
     assert cc.marked_total == 2 and cc.ce_events == 1
     sess._on_datagram(Ack(0, 0, ecn=[0, 5, 0, 0]), 1.3)  # older counters (reordered): ignored
     assert cc.marked_total == 2
+    # counts of more packets than the server sent: made up (a client inflated tokenwire_ecn_ce_total by 2^40
+    # per connection), ignored, and the session's CE total stays what it was
+    sess._on_datagram(Ack(0, 0, ecn=[0, 18, 0, 1 << 40]), 1.4)
+    assert cc.marked_total == 2 and sess.ce_reported == 2

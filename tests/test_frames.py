@@ -213,3 +213,15 @@ def test_a_request_with_a_lone_surrogate_says_its_text_is_not_unicode():
 
     with pytest.raises(ValueError, match="its text is not valid Unicode"):
         check_outgoing(Request(model="m", messages=[{"role": "user", "content": "caf\udce9"}]), "request")
+
+
+def test_a_peers_text_in_an_error_message_cannot_forge_or_flood_a_log_line():
+    """An unknown field named "\\n2026-... ERROR ...: FORGED" appeared in the daemon's text log as a line of its
+    own, and a 1-MiB name (or role) made a 1-MiB warning line."""
+    forged = "x\n2026-12-05 06:00:00,000 ERROR tokenwire.daemon: FORGED LINE"
+    base = Request(messages=[{"role": "user", "content": "x"}]).to_wire()
+    for wire in ({**base, forged: 1, "y" * 100_000: 2},
+                 {**base, "m": [{"role": forged + "z" * 100_000, "content": "x"}]}):
+        with pytest.raises(FrameError) as info:
+            decode_frame(msgpack.packb(wire))
+        assert "\n" not in str(info.value) and len(str(info.value)) < 400, str(info.value)[:500]

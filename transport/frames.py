@@ -86,6 +86,13 @@ def _bool(frame: str, key: str, v: Any) -> bool:
     return v
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A peer's value inside an error message (which the server logs): escaped by ``repr``, so a newline cannot
+    forge a log line, and short, so a 1-MiB key cannot make a 1-MiB one."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _str(max_len: int, choices: tuple[str, ...] | None = None):
     def check(frame: str, key: str, v: Any) -> str:
         if type(v) is not str:
@@ -93,7 +100,7 @@ def _str(max_len: int, choices: tuple[str, ...] | None = None):
         if len(v) > max_len:
             raise _fail(frame, key, f"string of {len(v)} characters exceeds {max_len}")
         if choices is not None and v not in choices:
-            raise _fail(frame, key, f"{v!r} is not one of {', '.join(choices)}")
+            raise _fail(frame, key, f"{_shown(v)} is not one of {', '.join(choices)}")
         return v
 
     return check
@@ -153,7 +160,7 @@ def _messages(frame: str, key: str, v: Any) -> list[dict[str, str]]:
             raise _fail(frame, key, "each message must be a map with exactly 'role' and 'content'")
         role, content = m["role"], m["content"]
         if type(role) is not str or role not in ("system", "user", "assistant", "tool"):
-            raise _fail(frame, key, f"role must be system, user, assistant or tool, got {role!r}")
+            raise _fail(frame, key, f"role must be system, user, assistant or tool, got {_shown(role)}")
         if type(content) is not str:
             raise _fail(frame, key, "content must be a string")
         total += len(content)
@@ -171,9 +178,9 @@ def _params(frame: str, key: str, v: Any) -> dict[str, Any]:
         if type(k) is not str or len(k) > 64:
             raise _fail(frame, key, "parameter names must be strings of at most 64 characters")
         if x is not None and type(x) not in (int, float, str, bool):
-            raise _fail(frame, key, f"parameter {k!r} must be a number, string, boolean or null")
+            raise _fail(frame, key, f"parameter {_shown(k)} must be a number, string, boolean or null")
         if type(x) is str and len(x) > 1024:
-            raise _fail(frame, key, f"parameter {k!r} is longer than 1024 characters")
+            raise _fail(frame, key, f"parameter {_shown(k)} is longer than 1024 characters")
     return v
 
 
@@ -641,7 +648,8 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
     name = cls.__name__.lower()
     unknown = set(wire) - set(cls.FIELDS)
     if unknown:
-        raise FrameError(f"{name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        shown = [_shown(k) for k in sorted(unknown, key=str)[:5]]
+        raise FrameError(f"{name}: unknown field(s) {', '.join(shown)}{' ...' if len(unknown) > 5 else ''}")
     kwargs: dict[str, Any] = {}
     for key, (attr, check, required) in cls.FIELDS.items():
         if key in wire:

@@ -16,6 +16,7 @@ Per request (one bidirectional QUIC stream):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -176,6 +177,7 @@ class _SessionBase:
         self.datagrams_ok: bool | None = None  # known after the handshake
         self.current_codepoint = 0  # ECN codepoint for the datagrams of the current batch (Not-ECT)
         self.closed = False
+        self.datagrams_sent = 0
         self._closing_error: TokenwireError | None = None
         self._heard_at = 0.0  # last QUIC event from the peer (data, datagram, ping ack, ...)
         self._pinged_at = 0.0
@@ -211,7 +213,9 @@ class _SessionBase:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
-        return self.quic.datagrams_to_send(now=now)
+        out = self.quic.datagrams_to_send(now=now)
+        self.datagrams_sent += len(out)  # the bound on the ECN counts a peer may report
+        return out
 
     def get_timer(self) -> float | None:
         t = self.quic.get_timer()
@@ -378,6 +382,8 @@ class ServerRequest:
     finished_sent: bool = False
     done: bool = False
     repairs: int = 0
+    reported: bool = False  # its client's REPORT came (one counts)
+    on_stream: bytearray = field(default_factory=bytearray)  # per token index: 1 once sent on the stream
 
 
 class ServerSession(_SessionBase):
@@ -547,7 +553,9 @@ class ServerSession(_SessionBase):
             elif isinstance(frame, Repair):
                 self._repair(req, frame)
             elif isinstance(frame, Report):
-                out.append(ClientReport(stream_id, frame))
+                if not req.reported:  # one per answer: 10,000 from one request filled the client metrics
+                    req.reported = True
+                    out.append(ClientReport(stream_id, frame))
             elif isinstance(frame, Error):
                 pass  # the client reports a problem; its FIN or reset follows
             else:
@@ -571,17 +579,31 @@ class ServerSession(_SessionBase):
         return [RequestRefused(stream_id, int(code), reason)]
 
     def _repair(self, req: ServerRequest, frame: Repair) -> None:
-        if req.transcript is None or req.done:
+        if req.transcript is None or req.done or req.scheme == "stream":  # (the stream carries every token)
             return
         req.repairs += 1
         self._send_tokens(req, max(frame.first, req.first_index), min(frame.end, len(req.transcript)))
 
     def _send_tokens(self, req: ServerRequest, first: int, end: int) -> None:
-        """Tokens ``[first, end)`` on the request's stream: reliable, in order, ahead of what follows there."""
+        """Tokens ``[first, end)`` on the request's stream: reliable, in order, ahead of what follows there.
+        Each token at most once: what the stream carries arrives, so a client asking again gets nothing more (a
+        hostile one's 22-byte REPAIR frames each queued the whole transcript again: 41 MB for 10,000)."""
         tr = req.transcript
         assert tr is not None
-        for i in range(first, end, REPAIR_CHUNK):
-            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:min(end, i + REPAIR_CHUNK)]))
+        sent = req.on_stream
+        if len(sent) < end:
+            sent.extend(bytes(end - len(sent)))
+        i = first
+        while i < end:
+            i = sent.find(0, i, end)  # the next token not on the stream yet (C speed: ranges are long)
+            if i < 0:
+                return
+            stop = min(end, i + REPAIR_CHUNK)
+            j = sent.find(1, i, stop)
+            j = stop if j < 0 else j
+            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:j]))
+            sent[i:j] = b"\x01" * (j - i)
+            i = j
 
     def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
         if not isinstance(frame, Ack):
@@ -626,6 +648,10 @@ class ServerSession(_SessionBase):
         if req is None:
             return []
         self._drop(req)
+        # end our side too: left open, the stream was never discarded, its credit never came back, and after
+        # 128 cancels by reset (quic-go's CancelWrite) the connection could open no more requests
+        with contextlib.suppress(AssertionError, ValueError, RuntimeError):
+            self.quic.reset_stream(stream_id, ErrorCode.CANCELLED)
         return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
@@ -646,6 +672,8 @@ class ServerSession(_SessionBase):
     def _ecn_feedback(self, ack: Ack, now: float) -> bool:
         """Feed CE counts from the client's cumulative counters to a scalable congestion controller."""
         if ack.ecn is None or len(ack.ecn) != 4:
+            return False
+        if sum(ack.ecn) > self.datagrams_sent:  # counts of more packets than were sent: made up, ignored
             return False
         prev = self._last_ecn or [0, 0, 0, 0]
         delta = [max(0, a - b) for a, b in zip(ack.ecn, prev, strict=True)]
