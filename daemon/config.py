@@ -214,7 +214,11 @@ class _Section:
         p = Path(v)
         if not p.is_absolute() and base is not None:
             p = base / p
-        if must_exist and not p.exists():
+        try:
+            exists = p.exists()
+        except OSError as exc:  # a folder on the way that cannot be read: Python 3.11 raises
+            raise ConfigError(f"{self._k(key)}: {p}: cannot be read ({exc.strerror})") from None
+        if must_exist and not exists:
             raise ConfigError(f"{self._k(key)}: {p} does not exist")
         return p
 
@@ -516,13 +520,15 @@ def restart_changes(old: Config, new: Config) -> list[str]:
 def load_config(path: str | Path | None = None) -> Config:
     """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults)."""
     if path is None:
-        env = os.environ.get("TOKENWIRE_CONFIG")
+        env = os.environ.get("TOKENWIRE_CONFIG") or None  # set but empty: as if unset (the defaults)
         path = Path(env) if env else DEFAULT_PATH
         if not path.exists() and env is None:
             return parse_config({}, None)
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale says
+        # TOML is UTF-8 whatever the locale says; a byte-order mark (a Windows editor's) is dropped, not read as
+        # "Invalid statement (at line 1, column 1)"
+        data = tomllib.loads(p.read_bytes().decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     except FileNotFoundError:

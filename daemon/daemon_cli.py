@@ -10,7 +10,8 @@ from typing import Any
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("daemon", help="run the edge service (QUIC token streaming)")
-    p.add_argument("--config", type=Path, help="TOML file (default /etc/tokenwire/tokenwire.toml, else built-in)")
+    p.add_argument("--config", type=Path, help="TOML file (default $TOKENWIRE_CONFIG, else "
+                   "/etc/tokenwire/tokenwire.toml if it exists, else the built-in defaults)")
     p.add_argument("--log-format", choices=("text", "json"), help="override logging.format")
     p.set_defaults(handler=run_daemon)
 
@@ -61,6 +62,8 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 def run_cert(args: argparse.Namespace) -> int:
+    import json
+
     from tokenwire.daemon.cli import CLIError
     from tokenwire.transport.tls import make_self_signed
 
@@ -68,7 +71,7 @@ def run_cert(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 36_500:  # 3,000,000 days was an OverflowError traceback (X.509 dates end in 9999)
         raise CLIError("--days must be at least 1 and at most 36500")
     cert, key = args.out_dir / "cert.pem", args.out_dir / "key.pem"
-    if not args.force and (cert.exists() or key.exists()):
+    if not args.force and any(p.exists() or p.is_symlink() for p in (cert, key)):  # a dangling link too
         raise CLIError(f"{cert} or {key} exists; use --force to overwrite")
     try:
         pair = make_self_signed(hosts, days=args.days)
@@ -77,7 +80,10 @@ def run_cert(args: argparse.Namespace) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     pair.write(cert, key)
     print(f"wrote {cert} and {key} (self-signed for {', '.join(hosts)}, {args.days} days)")
-    print(f'in tokenwire.toml:\n[server]\ncertificate = "{cert.resolve()}"\nprivate_key = "{key.resolve()}"')
+    # the keys alone: the example config already has a [server] table, and a second one is invalid TOML
+    print("set in the [server] table of tokenwire.toml:")
+    print(f'certificate = {json.dumps(str(cert.resolve()), ensure_ascii=False)}\n'
+          f'private_key = {json.dumps(str(key.resolve()), ensure_ascii=False)}')
     return 0
 
 
@@ -154,7 +160,8 @@ def run_new_token(args: argparse.Namespace) -> int:
         raise CLIError("--name: a non-empty name without control characters (it names the principal in logs)")
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client, store it nowhere else): {token}")
-    print("add to [auth] in tokenwire.toml:")
+    # one table per token, appended at the end of tokenwire.toml: a second `tokens = [...]` line was invalid TOML
+    print("append to tokenwire.toml (one [[auth.tokens]] table per token; not beside a `tokens = [...]` line):")
     # a JSON string is a valid TOML basic string: quotes and backslashes in the name stay TOML
-    print(f'tokens = [{{ name = {json.dumps(args.name, ensure_ascii=False)}, sha256 = "{hash_token(token)}" }}]')
+    print(f'[[auth.tokens]]\nname = {json.dumps(args.name, ensure_ascii=False)}\nsha256 = "{hash_token(token)}"')
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -105,5 +106,28 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
     app.router.add_get("/healthz", handle_health)
     runner = web.AppRunner(app, access_log=None, logger=_HttpLog(logging.getLogger("tokenwire.daemon"), {}))
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        # the IPv6 wildcard dual-stack, as the QUIC listeners are: asyncio's create_server sets IPV6_V6ONLY, so
+        # "[::]:9464" answered no IPv4 scraper (other hosts: aiohttp's own binding, every address a name has)
+        site = (web.SockSite(runner, _dual_stack_listener(port)) if host == "::" else
+                web.TCPSite(runner, host, port))
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
+
+
+def _dual_stack_listener(port: int) -> socket.socket:
+    """A listening TCP socket on every IPv6 and IPv4 address."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

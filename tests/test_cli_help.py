@@ -240,13 +240,19 @@ def test_kv_commands_say_a_text_that_is_not_utf8_in_one_line(tmp_path, capsys, c
 
 def test_new_token_prints_a_toml_line_for_any_name_and_refuses_an_empty_one(capsys):
     import tomllib
+    from pathlib import Path
 
     from tokenwire.daemon.cli import main
+    from tokenwire.daemon.config import parse_config
 
+    example = (Path(__file__).parent.parent / "systemd" / "tokenwire.toml.example").read_text()
+    config = example
     for name in ('al"ice', "a\\b", "zoë"):
         assert main(["config", "new-token", "--name", name]) == 0
-        line = capsys.readouterr().out.splitlines()[-1]
-        assert tomllib.loads(line)["tokens"][0]["name"] == name  # was `name = "al"ice"`: not TOML
+        snippet = "\n".join(capsys.readouterr().out.splitlines()[2:])
+        assert tomllib.loads(snippet)["auth"]["tokens"][0]["name"] == name  # was `name = "al"ice"`: not TOML
+        config += "\n" + snippet + "\n"  # appended as printed, one after another: it was a second `tokens =`
+    assert [t.name for t in parse_config(tomllib.loads(config)).auth.tokens] == ['al"ice', "a\\b", "zoë"]
     assert main(["config", "new-token", "--name", ""]) == 2
     assert "--name: a non-empty name" in capsys.readouterr().err
 

@@ -397,9 +397,36 @@ def test_cert_command_writes_a_usable_pair_and_refuses_to_overwrite(tmp_path, ca
     assert sans.get_values_for_type(x509.DNSName) == ["edge.example"]
     assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.1"]
     assert oct((out / "key.pem").stat().st_mode & 0o777) == "0o600"
-    capsys.readouterr()
+    # what it prints goes into the example config's [server] table as it is (a second [server] was invalid)
+    import tomllib
+
+    printed = capsys.readouterr().out.split("set in the [server] table of tokenwire.toml:\n")[1]
+    example = (Path(__file__).parent.parent / "systemd" / "tokenwire.toml.example").read_text()
+    config = tomllib.loads(example.replace("[server]\n", "[server]\n" + printed, 1))
+    assert config["server"]["certificate"] == str((out / "cert.pem").resolve())
     assert main(["cert", "--out-dir", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_cert_force_replaces_both_files_or_neither(tmp_path, monkeypatch):
+    """The certificate was written, then the key failed (permission denied): a new certificate beside the old
+    key, which the daemon refused at its next start."""
+    from tokenwire.daemon.cli import main
+
+    assert main(["cert", "--out-dir", str(tmp_path)]) == 0
+    before = {p: (tmp_path / p).read_bytes() for p in ("cert.pem", "key.pem")}
+    real = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("cert.pem"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    assert main(["cert", "--out-dir", str(tmp_path), "--force"]) == 2
+    monkeypatch.undo()
+    assert {p: (tmp_path / p).read_bytes() for p in ("cert.pem", "key.pem")} == before  # the old pair, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]  # no temporary files
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -594,3 +621,43 @@ def test_kv_codec_warm_up_under_memory_deny_write_execute(tmp_path):
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert out.returncode == 3, out.stderr[-2000:]
     assert "cannot allocate executable memory" in out.stdout and "MemoryDenyWriteExecute=no" in out.stdout
+
+
+def test_config_files_as_operators_write_them(tmp_path, monkeypatch, capsys):
+    """A byte-order mark read as "Invalid statement (line 1, column 1)"; TOKENWIRE_CONFIG set but empty was
+    "no such file" for the default path; an unreadable folder on a key's way was a bare "Permission denied"
+    naming neither the key nor the setting; an empty certificate file was an IndexError traceback."""
+    from tokenwire.daemon import config as config_mod
+    from tokenwire.daemon.config import ConfigError, load_config
+
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes("\ufeff[limits]\nmax_sessions = 7\n".encode())
+    assert load_config(bom).limits.max_sessions == 7
+
+    monkeypatch.setenv("TOKENWIRE_CONFIG", "")
+    monkeypatch.setattr(config_mod, "DEFAULT_PATH", tmp_path / "absent.toml")
+    assert load_config().limits.max_sessions == config_mod.Limits().max_sessions
+
+    real_exists = Path.exists
+
+    def denied(self, *args, **kwargs):
+        if self.name == "cert.pem":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *args, **kwargs)
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[server]\ncertificate = "tls/cert.pem"\nprivate_key = "tls/key.pem"\n')
+    monkeypatch.setattr(Path, "exists", denied)
+    with pytest.raises(ConfigError, match=r"server.certificate: .*cert.pem: cannot be read \(Permission denied\)"):
+        load_config(conf)
+    monkeypatch.undo()
+
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "cert.pem").write_bytes(b"")
+    from tokenwire.daemon.cli import main
+    from tokenwire.transport.tls import make_self_signed
+
+    make_self_signed(("localhost",)).write(tmp_path / "unused.pem", tmp_path / "tls" / "key.pem")
+    assert main(["config", "check", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert "cert.pem: no certificate in it" in err and "Traceback" not in err, err

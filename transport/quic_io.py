@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aioquic.asyncio import connect as quic_connect
-from aioquic.asyncio import serve as quic_serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
@@ -178,7 +177,16 @@ async def serve_quic(
 ) -> QuicServer:
     """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints)."""
     if not ecn:
-        return await quic_serve(host, port, configuration=configuration, create_protocol=create_protocol)
+        # our own socket, as on the ECN path: "[::]" is dual-stack whatever net.ipv6.bindv6only says (aioquic's
+        # serve took the kernel default, so such a host served IPv6 only unless marking was on)
+        sock = open_udp_socket(host, port)
+        try:
+            _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: QuicServer(configuration=configuration, create_protocol=create_protocol), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return server
     server = QuicServer(configuration=configuration, create_protocol=create_protocol)
     EcnDatagramTransport(open_udp_socket(host, port), server)
     await asyncio.sleep(0)  # connection_made runs on the next loop turn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -40,11 +41,35 @@ class CertPair:
         )
 
     def write(self, cert_path: Path, key_path: Path) -> None:
-        """Write PEM files; the key is created readable by its owner only."""
-        cert_path.write_bytes(self.cert_pem)
-        key_path.touch(mode=0o600, exist_ok=True)
-        key_path.chmod(0o600)
-        key_path.write_bytes(self.key_pem)
+        """Write PEM files, the key readable by its owner only: both to temporary files first, then renamed, so
+        a failure leaves the old pair whole (it left a new certificate beside the old key, which the daemon
+        then refused to start with)."""
+        made: list[tuple[Path, Path, int]] = []
+        try:
+            for path, data, mode in ((key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644)):
+                made.append((_write_temp(path, data, mode), path, mode))
+            old_key = key_path.read_bytes() if key_path.exists() else None  # (small: kept to undo with)
+            os.replace(made[0][0], key_path)
+            try:
+                os.replace(made[1][0], cert_path)
+            except OSError:
+                if old_key is None:
+                    key_path.unlink(missing_ok=True)
+                else:
+                    os.replace(_write_temp(key_path, old_key, 0o600), key_path)
+                raise
+        finally:
+            for tmp, _, _ in made:
+                tmp.unlink(missing_ok=True)
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """``data`` in a new file next to ``path`` (created with ``mode``), to be renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return tmp
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
@@ -184,6 +209,8 @@ def _load_cert_chain(config: QuicConfiguration, certfile: str | Path, keyfile: s
     except ValueError as exc:  # cryptography's message names neither file
         files = f"{certfile} / {keyfile}" if keyfile else str(certfile)
         raise ValueError(f"{files}: not a PEM certificate and private key ({str(exc).split('.')[0]})") from None
+    except IndexError:  # aioquic indexes the certificates it found: none (an empty file, a key alone)
+        raise ValueError(f"{certfile}: no certificate in it") from None
     except OSError as exc:
         raise ValueError(f"{exc.filename or certfile}: cannot read ({exc.strerror or exc})") from None
     _check_key_matches(config, certfile, keyfile)
