@@ -303,4 +303,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--worker":
-    _worker_main(sys.argv[2:])
+    try:
+        _worker_main(sys.argv[2:])
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the whole process group: the parent reports it
+        sys.exit(130)

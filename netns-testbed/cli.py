@@ -445,6 +445,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
     from .kv_eval import KVEvalConfig, KVEvalError, plot_kv, run_kv_eval
     from .netns import TestbedError, check_root
 
+    if args.workers is not None and not args.virtual:  # it was accepted and ignored
+        raise CLIError("--workers: only the virtual-time run (--virtual) uses worker processes")
     if not args.virtual:
         try:
             check_root()

@@ -77,8 +77,19 @@ class KVEvalConfig:
         bad = [c for c in self.controllers if c not in CONTROLLERS]
         if bad or not self.controllers:
             raise ValueError(f"unknown controller(s) {bad}; choose from {', '.join(CONTROLLERS)}")
+        twice = sorted({c for c in self.controllers if self.controllers.count(c) > 1})
+        if twice:  # the results are keyed by controller: the second one's fetches replaced the first's
+            raise ValueError(f"--controllers: {', '.join(twice)} listed twice")
         if self.context_tokens < 1 or self.chunk_tokens < 16 or self.deadline_ms < 1 or self.repeats < 1:
             raise ValueError("--context-tokens, --deadline-ms, --repeats must be >= 1, --chunk-tokens >= 16")
+        from tokenwire.transport.errors import FrameError
+        from tokenwire.transport.frames import KvMeta
+
+        _, chunk_tokens_ok, _ = KvMeta.FIELDS["ct"]
+        try:  # the protocol's own bound: past it the server's KV_META failed every fetch, after the setup
+            chunk_tokens_ok("kvmeta", "ct", self.chunk_tokens)
+        except FrameError as exc:
+            raise ValueError(f"--chunk-tokens {self.chunk_tokens}: beyond the KV protocol's bound ({exc})") from None
         if not 0 < self.prior_mbps < math.inf:
             raise ValueError(f"--prior-mbps must be > 0, got {self.prior_mbps}")
         from tokenwire.transport.kv_channel import ServerTuning

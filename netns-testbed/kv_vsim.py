@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import heapq
 import itertools
 import math
@@ -46,6 +47,44 @@ DECODE_ELEMENTS_PER_S = 50e6  # the client's decode rate (one CPU thread, namesp
 
 class KVSimError(RuntimeError):
     pass
+
+
+@functools.cache
+def _sim_quic_class() -> type:
+    """``QuicConnection`` whose stream service order is the same in every run.
+
+    After each packet aioquic moves the streams it served to the back of its queue in the order of a ``set``,
+    which for plain ``QuicStream`` objects follows ``id()``: memory addresses, so two runs of one seed in one
+    process put different chunks' bytes in a packet once two chunk streams send together. Hashing the streams
+    by stream id makes that order a function of the run alone."""
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.stream import QuicStream
+
+    class _OrderedStream(QuicStream):
+        def __hash__(self) -> int:
+            return hash(self.stream_id)
+
+    def ordered(streams: dict[int, QuicStream]) -> None:
+        for s in streams.values():
+            if type(s) is QuicStream:
+                s.__class__ = _OrderedStream
+
+    class SimQuicConnection(QuicConnection):
+        def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
+            n = len(self._streams)
+            stream = super()._get_or_create_stream(frame_type, stream_id)
+            if len(self._streams) != n:  # new (a frame opens the peer's lower-numbered streams with its own)
+                ordered(self._streams)
+            return stream
+
+        def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+            n = len(self._streams)
+            stream = super()._get_or_create_stream_for_send(stream_id)
+            if len(self._streams) != n:
+                ordered(self._streams)
+            return stream
+
+    return SimQuicConnection
 
 
 @dataclass
@@ -139,10 +178,8 @@ class ControllerSim:
     """One controller's connection through the virtual path; :meth:`fetch` runs one fetch at a trace offset."""
 
     def __init__(self, cfg: KVEvalConfig, ctx: Context, *, recompute_us_per_token: int, seed: int) -> None:
-        from aioquic.quic.connection import QuicConnection
-
         from tokenwire.transport.kv_channel import KVClientSession, ServerTuning, kv_congestion, kv_quic_config
-        from tokenwire.transport.tls import client_configuration, dev_cert
+        from tokenwire.transport.tls import client_configuration, sim_cert
 
         from .link import Link
         from .loss import parse_loss
@@ -162,13 +199,15 @@ class ControllerSim:
                              name="up", loss=parse_loss(cfg.up_loss, seed=seed + 7919)), self.server)
         self.server.out, self.client.out = self.down, self.up
         self._record_departures(self.down)
-        self.cert = dev_cert()
+        # as sim.py: an Ed25519 pair, whose handshake has the same length every time (a P-256 signature's length
+        # varies per handshake: a byte more or less in later packets moved their timing, and with loss the run)
+        self.cert = sim_cert()
         self.tuning = ServerTuning(forecaster="onnx", prior_bps=cfg.prior_mbps * 1e6,
                                    recompute_us_per_token=recompute_us_per_token).override(
             stale_factor=cfg.stale_factor, reserve=cfg.reserve, guard_weight=cfg.guard_weight,
             firm_guard_weight=cfg.firm_guard_weight, legacy_controller=cfg.legacy_controller)
         self.congestion = kv_congestion("l4s")  # the namespace server's choice (ECT(1) marking, prague)
-        quic = QuicConnection(configuration=kv_quic_config(client_configuration(
+        quic = _sim_quic_class()(configuration=kv_quic_config(client_configuration(
             cadata=self.cert.cert_pem, server_name="localhost", congestion=self.congestion)))
         self.client.session = KVClientSession(quic)
         self.client.on_events = self._client_events
@@ -208,14 +247,13 @@ class ControllerSim:
     def _deliver(self, node: _Node, data: bytes) -> None:
         if node.session is None:  # the server connection is born from the client's first Initial
             from aioquic.buffer import Buffer
-            from aioquic.quic.connection import QuicConnection
             from aioquic.quic.packet import pull_quic_header
 
             from tokenwire.transport.kv_channel import KVServerSession, kv_quic_config
             from tokenwire.transport.tls import server_configuration
 
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-            quic = QuicConnection(configuration=kv_quic_config(server_configuration(
+            quic = _sim_quic_class()(configuration=kv_quic_config(server_configuration(
                 cert=self.cert, congestion=self.congestion)), original_destination_connection_id=header.destination_cid)
             node.session = KVServerSession(quic, tuning=self.tuning)
         src = SERVER_ADDR if node is self.client else CLIENT_ADDR

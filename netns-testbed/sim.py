@@ -242,7 +242,10 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
 
     client.on_events = client_events_and_request
     loop.at(0.0, lambda: service(client))
-    loop.run(lambda: state["outcome"] is not None or state["error"] is not None, cfg.max_virtual_s)
+    try:
+        loop.run(lambda: state["outcome"] is not None or state["error"] is not None, cfg.max_virtual_s)
+    except SimError as exc:  # the cap: named by scheme, as every other failure is
+        raise SimError(f"{scheme}: {exc}") from None
     if state["error"] is not None:
         raise SimError(f"{scheme}: request failed: {state['error']}")
     outcome = state["outcome"]
@@ -275,6 +278,14 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
     )
 
 
+def earliest_end_s(cfg: SimConfig) -> float:
+    """Virtual time at which the answer of ``cfg.seed`` ends on a lossless channel: the handshake's round trip,
+    the request's one way, the seed's last generation offset and that token's one way (exact: no bandwidth
+    model). A run cannot finish before; past ``cfg.max_virtual_s`` it cannot finish at all."""
+    last = schedule(cfg.tokens, rate=cfg.rate, seed=cfg.seed, first_token_s=cfg.first_token_ms / 1000.0)[-1]
+    return 4 * cfg.delay_ms / 1000.0 + last
+
+
 def union_oracle(runs: list[SimRun]) -> float:
     """Oracle stall ratio over the union of every scheme's delivered packets (aligned on request arrival)."""
     base = runs[0]
@@ -296,6 +307,9 @@ def compare(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every scheme for ``runs`` seeds (cfg.seed, cfg.seed+1, ...); the JSON-ready summary."""
+    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    if twice:  # the summary is keyed by scheme: its runs would be counted twice
+        raise ValueError(f"scheme(s) {', '.join(twice)} listed twice")
     per_scheme: dict[str, list[SimRun]] = {s: [] for s in schemes}
     failed: dict[str, list[dict[str, Any]]] = {s: [] for s in schemes}
     oracles: list[float] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,13 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
     from tokenwire.testbed.loss import LossSpecError, parse_loss
-    from tokenwire.testbed.sim import SimConfig, compare
+    from tokenwire.testbed.sim import SimConfig, compare, earliest_end_s
     from tokenwire.transport.frames import SCHEMES
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     bad = [s for s in schemes if s not in SCHEMES]
     if bad or not schemes:
         raise CLIError(f"unknown scheme(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SCHEMES)}")
+    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    if twice:  # the summary is keyed by scheme: a second listing counted every run twice
+        raise CLIError(f"--schemes: {', '.join(twice)} listed twice")
     try:
         parse_loss(args.loss)
     except LossSpecError as exc:
@@ -59,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         first_token_ms=args.first_token_ms,
     )
+    for seed in range(args.seed, args.seed + args.runs):  # a run past the cap fails only at the cap, every cell NaN
+        need = earliest_end_s(SimConfig(**{**cfg.__dict__, "seed": seed}))
+        if need > cfg.max_virtual_s:
+            raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s, --first-token-ms {args.first_token_ms:g}"
+                           f" and 4 x --delay-ms {args.delay_ms:g} end at {need:.0f} s of virtual time at the earliest"
+                           f" (seed {seed}), past the simulator's cap of {cfg.max_virtual_s:.0f} s")
 
     def progress(msg: str) -> None:
         print(f"  simulating {msg} ...", file=sys.stderr, flush=True)
@@ -67,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
-    return 0
+    return 1 if any(d["runs_finished"] == 0 for d in result["schemes"].values()) else 0
+
+
+def _num(x: float, spec: str) -> str:
+    """``x`` formatted, or "-" where no run finished (a NaN mean)."""
+    return format(x, spec) if math.isfinite(x) else "-"
 
 
 def format_table(result: dict) -> str:
@@ -81,21 +96,30 @@ def format_table(result: dict) -> str:
     ]
     for name, d in result["schemes"].items():
         lines.append(
-            f"{name:<11} {d['stall_ratio']:>7.4f} {d['oracle_stall_ratio']:>10.4f} {d['ttft_ms']:>8.0f} "
-            f"{d['p99_token_delay_ms']:>7.0f} {d['bytes_per_token']:>8.0f} "
+            f"{name:<11} {_num(d['stall_ratio'], '.4f'):>7} {_num(d['oracle_stall_ratio'], '.4f'):>10} "
+            f"{_num(d['ttft_ms'], '.0f'):>8} {_num(d['p99_token_delay_ms'], '.0f'):>7} "
+            f"{_num(d['bytes_per_token'], '.0f'):>8} "
             f"{d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
             f"{ {True: 'ok', False: 'BAD', None: '-'}[d['digest_ok']]:>6}"
         )
     for name, d in result["schemes"].items():
         for f in d["failed_runs"]:
-            lines.append(f"{name}: seed {f['seed']} FAILED ({f['error']}); the row averages the "
+            why = f["error"].removeprefix(f"{name}: ")  # the simulator's errors name the scheme already
+            lines.append(f"{name}: seed {f['seed']} FAILED ({why}); the row averages the "
                          f"{d['runs_finished']} run(s) that finished")
     ref = result["oracle"]["reference_scheme"]
-    lines.append(f"oracle (on {ref}'s packets): stall {oracle:.4f}")
+    if math.isfinite(oracle):
+        lines.append(f"oracle (on {ref}'s packets): stall {oracle:.4f}")
+    else:
+        lines.append(f"oracle (on {ref}'s packets): unavailable ({ref} had no finished run)")
     if "stream" in result["schemes"] and "chatterbox" in result["schemes"]:
         st = result["schemes"]["stream"]["stall_ratio"]
         ch = result["schemes"]["chatterbox"]["stall_ratio"]
-        if st > 0:
+        unfinished = [s for s in ("chatterbox", "stream") if result["schemes"][s]["runs_finished"] == 0]
+        if unfinished or not (math.isfinite(st) and math.isfinite(ch)):
+            lines.append(f"chatterbox vs stream: comparison unavailable "
+                         f"({' and '.join(unfinished) or 'a scheme'} had no finished run)")
+        elif st > 0:
             change = 100 * (1 - ch / st)
             word = "lower" if change >= 0 else "higher"  # not "-254.8% lower"
             lines.append(f"chatterbox vs stream: stall ratio {abs(change):.1f}% {word}")

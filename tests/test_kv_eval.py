@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tokenwire.testbed.kv_eval import fetch_metrics, summarize, timed_out_metrics
+from tokenwire.testbed.kv_eval import KVEvalConfig, fetch_metrics, summarize, timed_out_metrics
 
 TOP1 = {"low": 0.9, "medium": 0.95, "high": 0.98, "text": 1.0}
 
@@ -220,3 +220,21 @@ def test_an_interrupted_profile_is_never_picked_by_fingerprint(tmp_path, monkeyp
     assert levels.profile_for(42, 2, 4).name != "cut"
     (prof / "cut.json").write_text(json.dumps(doc))
     assert levels.profile_for(42, 2, 4).name == "cut"
+
+
+def _kv_config(**kw) -> KVEvalConfig:
+    return KVEvalConfig(**{"down_trace": "8mbps", "up_trace": "8mbps", **kw})
+
+
+def test_a_controller_listed_twice_is_refused():
+    """`testbed kv --controllers fixed-L1,fixed-L1` ran both and kept one row (the results are keyed by name)."""
+    with pytest.raises(ValueError, match="--controllers: fixed-L1 listed twice"):
+        _kv_config(controllers=["fixed-L1", "tokenwire", "fixed-L1"]).validate()
+
+
+def test_chunk_tokens_past_the_protocols_bound_are_refused_before_a_run():
+    """`--chunk-tokens 100000` passed validation and every fetch then failed on the server's KV_META
+    ("kvmeta.ct: 100000 out of range [1, 32768]"), after the context's setup."""
+    with pytest.raises(ValueError, match=r"--chunk-tokens 100000: .*out of range \[1, 32768\]"):
+        _kv_config(chunk_tokens=100_000).validate()
+    _kv_config(chunk_tokens=32768, context_tokens=32768).validate()  # the bound itself is a valid chunk

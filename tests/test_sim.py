@@ -71,12 +71,62 @@ def test_a_run_whose_connection_dies_is_reported_and_the_others_are_kept(tmp_pat
     out = tmp_path / "sim.json"
     assert main(["sim", "--tokens", "40", "--runs", "2", "--schemes", "chatterbox,stream", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "stream: seed 2 FAILED (stream: request failed: no packet" in text
+    assert "stream: seed 2 FAILED (request failed: no packet" in text  # the scheme once, not twice
     doc = json.loads(out.read_text())["schemes"]
     assert doc["stream"]["failed_runs"] == [{"seed": 2, "error": "stream: request failed: no packet from the "
                                                                  "server for 60 s (QUIC idle timeout)"}]
     assert doc["stream"]["runs_finished"] == 1 and doc["stream"]["tokens_rendered"] == 40
     assert doc["chatterbox"]["failed_runs"] == [] and doc["chatterbox"]["runs_finished"] == 2
+
+
+def test_a_scheme_without_a_finished_run_prints_no_nan_and_fails(tmp_path, capsys, monkeypatch):
+    """`sim --loss ge:1,1`: every chatterbox run died, and the summary printed "stall nan" and "stall ratio
+    nan% higher", and the command exited 0."""
+    from tokenwire.testbed import sim
+
+    real = sim.run_scheme
+
+    def chatterbox_dies(scheme, cfg):
+        if scheme == "chatterbox":
+            raise sim.SimError("chatterbox: request failed: no packet from the server for 60 s")
+        return real(scheme, cfg)
+
+    monkeypatch.setattr(sim, "run_scheme", chatterbox_dies)
+    out = tmp_path / "sim.json"
+    assert main(["sim", "--tokens", "20", "--schemes", "chatterbox,stream", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "nan" not in text.lower()
+    assert "chatterbox vs stream: comparison unavailable (chatterbox had no finished run)" in text
+    assert "oracle (on chatterbox's packets): unavailable" in text
+    assert json.loads(out.read_text())["schemes"]["stream"]["runs_finished"] == 1  # the results are still kept
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "200", "--rate", "0.05"], ["--tokens", "20", "--delay-ms", "1e9"],
+                                  ["--tokens", "20", "--first-token-ms", "4e6"]])
+def test_sim_cli_refuses_answers_that_cannot_end_within_the_virtual_time_cap(capsys, argv):
+    """They ran to the 3600-s cap, failed every run ("seed 1 FAILED (no completion ...)") and exited 0."""
+    assert main(["sim", "--schemes", "chatterbox", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "past the simulator's cap of 3600 s" in err and len(err.strip().splitlines()) == 1
+
+
+def test_earliest_end_is_exact_and_a_run_past_the_cap_names_its_scheme():
+    from tokenwire.testbed.sim import SimError, earliest_end_s
+
+    cfg = SimConfig(tokens=10, delay_ms=10_000, seed=1)
+    end = earliest_end_s(cfg)
+    run = run_scheme("stream", SimConfig(**{**cfg.__dict__, "max_virtual_s": end + 1e-3}))
+    assert run.render[-1] == pytest.approx(end, abs=1e-6)
+    with pytest.raises(SimError, match=r"^stream: no completion within"):  # was the bare "no completion ..."
+        run_scheme("stream", SimConfig(**{**cfg.__dict__, "max_virtual_s": end - 1e-3}))
+
+
+def test_a_scheme_listed_twice_is_refused(capsys):
+    """`--schemes chatterbox,chatterbox` ran each seed twice under one key: runs_finished 4 for 2 runs."""
+    assert main(["sim", "--schemes", "chatterbox,stream,chatterbox"]) == 2
+    assert "--schemes: chatterbox listed twice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="listed twice"):
+        compare(["stream", "stream"], SimConfig(tokens=5))
 
 
 def test_sim_cli_writes_documented_json(tmp_path, capsys):

@@ -374,4 +374,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         import uvloop
 
-        uvloop.run(_serve(sys.argv[2]))
+        try:
+            uvloop.run(_serve(sys.argv[2]))
+        except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the whole process group: the parent reports it
+            sys.exit(130)

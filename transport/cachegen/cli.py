@@ -96,8 +96,14 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .errors import KVCodecError
 
+    geometry = {k: v for k, v in (("layers", args.layers), ("heads", args.heads), ("head_dim", args.head_dim))
+                if v is not None}
     text = None
     if args.text:
+        if geometry:  # they were ignored: the chunk of --text has the model's own geometry
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in geometry)
+            raise _cli_error(f"{flags}: the synthetic chunk's geometry; with --text the chunk is SmolLM2's real KV, "
+                             "with the model's own layers, heads and head dim")
         try:
             text = _read_text(args.text)
         except OSError as exc:
@@ -106,8 +112,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        doc = run_bench(device=args.device, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
-                        tokens=args.tokens, level=args.level, repeats=args.repeats, text=text)
+        doc = run_bench(device=args.device, tokens=args.tokens, level=args.level, repeats=args.repeats, text=text,
+                        **geometry)
     except (RuntimeError, ValueError, KVCodecError) as exc:
         raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc)
@@ -167,9 +173,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     be = kv_sub.add_parser("bench", help="entropy-coder throughput vs zstd-1 on the same symbols")
     be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    be.add_argument("--layers", type=positive_int, default=32, help="default: a Llama-3-8B 256-token chunk")
-    be.add_argument("--heads", type=positive_int, default=8)
-    be.add_argument("--head-dim", type=positive_int, default=128)
+    # no defaults here: given with --text, which has a geometry of its own, they are refused (run_bench's: 32 x 8 x 128)
+    be.add_argument("--layers", type=positive_int, help="synthetic chunk (default 32: a Llama-3-8B 256-token chunk)")
+    be.add_argument("--heads", type=positive_int, help="synthetic chunk (default 8)")
+    be.add_argument("--head-dim", type=positive_int, help="synthetic chunk (default 128)")
     be.add_argument("--tokens", type=positive_int, default=256)
     be.add_argument("--level", default="medium")
     be.add_argument("--repeats", type=positive_int, default=7)
