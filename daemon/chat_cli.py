@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import contextlib
 
-    from tokenwire.daemon.cli import CLIError, save_json
+    from tokenwire.daemon.cli import CLIError, printable, save_json
     from tokenwire.transport.client import HandshakeError, connect
     from tokenwire.transport.errors import ErrorCode, RemoteError, TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # aioquic logs a failed handshake as a warning; the error line below says it once
         logging.getLogger("quic").setLevel(logging.ERROR)
 
+    midline = [False]  # part of an answer is on stdout without its newline
+
     async def go():
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
         retries = 0
@@ -128,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
                         async for delta in stream:
                             sys.stdout.write(delta)
                             sys.stdout.flush()
+                            midline[0] = not delta.endswith("\n")
                     sys.stdout.write("\n")
+                    midline[0] = False
                     return stream.stats
             except (RemoteError, ConnectionError) as exc:
                 # the path went silent mid-answer (nobody closed the connection), or a reconnect found no answer
@@ -145,11 +150,18 @@ def run(args: argparse.Namespace) -> int:
                     raise
                 retries += 1
                 resume = point
-                print(f"\n[{exc}; resuming request {point[0].hex()} after token {len(point[1])} "
+                print(f"\n[{printable(str(exc))}; resuming request {point[0].hex()} after token {len(point[1])} "
                       f"({retries}/{args.retries})]", file=sys.stderr, flush=True)
 
     try:
-        stats = asyncio.run(go())
+        try:
+            stats = asyncio.run(go())
+        except Exception:
+            if midline[0]:  # end the partial answer's line: the error line was glued onto it
+                with contextlib.suppress(OSError):
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+            raise
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; a ConnectionError, though
         raise
     except HandshakeError as exc:

@@ -72,6 +72,15 @@ def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters (escape sequences, newlines, bidi overrides)
+    escaped as Python would write them. An error line can carry a remote peer's words (a server's ERROR, an
+    upstream's message): raw, they cleared the screen, set the window title or forged more lines."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def json_safe(doc: Any) -> Any:
     """``doc`` with NaN and infinities as ``null``: JSON (RFC 8259) has neither, and Python's ``NaN`` token
     breaks strict parsers (a stall ratio of a run that rendered nothing is NaN)."""
@@ -213,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_outputs(args)
         rc = args.handler(args)
     except CLIError as exc:
-        print(f"tokenwire {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tokenwire {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not _stdout_reader_gone():

@@ -243,3 +243,36 @@ def test_an_unusable_client_certificate_is_one_line_before_connecting(tmp_path, 
     want = {"no-key": "holds no private key", "other-key": "does not belong to the certificate",
             "missing": "nope.pem: cannot read"}[case]
     assert want in err and "Traceback" not in err, err
+
+
+def test_a_servers_words_reach_the_terminal_escaped_and_on_their_own_line(capsys):
+    """An ERROR message with escape sequences cleared the user's screen and set the window title through
+    `tokenwire chat`'s error line, a newline in it forged more lines, and the line was glued onto the partial
+    answer ("Hello tokenwire chat: error: ...")."""
+    from tokenwire.transport.errors import RequestError
+
+    async def source(request):
+        yield "Hello "
+        raise RequestError("\x1b[2J\x1b]0;pwned\x07fake\nsecond line \u202e")
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(source, host="127.0.0.1", port=0), loop).result(30)
+    try:
+        rc, out, err = chat(capsys, "--port", str(server.port), "--insecure", "hi")
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert rc == 2
+    assert out == "Hello \n"
+    assert err.count("\n") == 1 and "\x1b" not in err and "\x07" not in err and "\u202e" not in err, repr(err)
+    assert "\\x1b[2J" in err and "fake\\nsecond line" in err
+
+
+def test_printable_leaves_ordinary_text_alone():
+    from tokenwire.daemon.cli import printable
+
+    assert printable("zoë says: 2 × 3 = 6 ✓") == "zoë says: 2 × 3 = 6 ✓"
+    assert printable("a\tb\x1bc\x9bd") == "a\\tb\\x1bc\\x9bd"

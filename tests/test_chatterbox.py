@@ -270,3 +270,21 @@ def test_a_repair_carries_the_newest_unacked_tokens_after_the_oldest():
     s2.on_timer(5.0)
     frame2, _ = build(s2, 5.0)
     assert frame2.runs() == [(0, [f"t{i} ".encode() for i in range(80)])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 5)), max_size=40), st.integers(0, 80))
+def test_missing_is_the_first_gap_whatever_the_arrival_order(runs, total):
+    """missing() keeps the smallest out-of-order index in a heap (it rescanned every held token per frame:
+    quadratic); the gap it names is the brute-force one after any sequence of runs."""
+    rx = TokenReceiver()
+    rx.set_total(total)
+    for first, n in runs:
+        rx.on_run(first, [b"t"] * n, 0.0)
+        known_end = max(rx.high, rx.total or 0)
+        held = set(range(rx.next_index)) | set(rx._pending)
+        if rx.next_index >= known_end:
+            assert rx.missing() is None
+        else:
+            later = [i for i in held if i > rx.next_index]
+            assert rx.missing() == (rx.next_index, min(later) if later else known_end)

@@ -39,6 +39,7 @@ Nothing here touches sockets, clocks or the event loop: every method takes ``now
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -419,6 +420,9 @@ class TokenReceiver:
     useful_packets: int = 0  # packets that brought a token not held before (or the total)
     last_echo_us: int | None = None
     _pending: dict[int, bytes] = field(default_factory=dict)
+    # the pending indices as a min-heap: the first gap's end without a scan of every token held out of order
+    # (a scan per frame was quadratic: 65,535 one-token frames behind one missing token took 118 s of CPU)
+    _pending_heap: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.next_index = self.first_index
@@ -474,10 +478,12 @@ class TokenReceiver:
                     self.duplicate_tokens += 1
                 else:
                     self._pending[idx] = tok
+                    heapq.heappush(self._pending_heap, idx)
             new = []
-            pending = self._pending
+            pending, heap = self._pending, self._pending_heap
             while self.next_index in pending:
                 new.append(pending.pop(self.next_index))
+                heapq.heappop(heap)  # every pending index is above the render point: it was the smallest
                 self.next_index += 1
         if new:
             self.tokens.extend(new)
@@ -490,6 +496,6 @@ class TokenReceiver:
         known_end = max(self.high, self.total or 0)
         if self.next_index >= known_end:
             return None
-        later = [i for i in self._pending if i > self.next_index]
-        b = min(later) if later else known_end
+        # every pending index is above next_index (the render point takes each as soon as it is next)
+        b = self._pending_heap[0] if self._pending_heap else known_end
         return self.next_index, b

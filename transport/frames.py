@@ -30,6 +30,7 @@ SCHEMES = ("chatterbox", "stream", "duplicate")
 
 MAX_DATAGRAM_FRAME = 1500  # larger datagram frames are rejected before decoding
 MAX_STREAM_FRAME = 1 << 20  # default limit for one length-prefixed stream frame
+REPORT_MS_MAX = 1 << 32  # REPORT's times in ms: the field's upper bound
 MAX_TOKEN_BYTES = 256  # one token piece; longer upstream pieces are split by the sender
 MAX_TOKENS_PER_FRAME = 4096
 MAX_INDEX = (1 << 40) - 1
@@ -388,8 +389,8 @@ class Report(Frame):
 
     FIELDS: ClassVar[FieldSpec] = {
         "sr": ("stall_ratio", _ratio, False),
-        "ls": ("longest_stall_ms", _int(0, 1 << 32), False),
-        "tt": ("ttft_ms", _int(0, 1 << 32), False),
+        "ls": ("longest_stall_ms", _int(0, REPORT_MS_MAX), False),
+        "tt": ("ttft_ms", _int(0, REPORT_MS_MAX), False),
     }
 
 

@@ -31,6 +31,7 @@ from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, RemoteError, TokenwireError
 from .frames import (
     MAX_STREAM_FRAME,
+    REPORT_MS_MAX,
     REQUEST_ID_BYTES,
     Ack,
     Error,
@@ -844,8 +845,16 @@ class ClientSession(_SessionBase):
             elif isinstance(frame, Tokens):
                 out.extend(self._tokens(req, frame, now))
             elif isinstance(frame, Finished):
+                rx = req.receiver
+                if req.finished is not None:
+                    raise FrameError("duplicate finished frame")
+                if (rx.total is not None and rx.total != frame.total) or rx.high > frame.total:
+                    # FINISHED is the answer's length: a larger one announced before (a datagram's total, or
+                    # tokens past it) left the client waiting forever for tokens that do not exist
+                    raise FrameError(f"finished says {frame.total} tokens, but the server announced "
+                                     f"{max(rx.total or 0, rx.high)}")
                 req.finished = frame
-                req.receiver.set_total(frame.total)
+                rx.set_total(frame.total)
                 self._track_gap(req, now)
             elif isinstance(frame, Error):
                 req.done = True
@@ -988,7 +997,9 @@ def _report(outcome: ChatOutcome) -> Report:
     st = stats_from_outcome(outcome)
 
     def ms(v: float) -> int | None:
-        return None if v != v else max(0, round(v))  # NaN -> None
+        # NaN -> None; within the field's range, which a server's absurd generation times pushed past (the
+        # server then closed the connection on our REPORT as malformed, with every other answer on it)
+        return None if v != v else min(REPORT_MS_MAX, max(0, round(v))) if math.isfinite(v) else REPORT_MS_MAX
 
     ratio = None if st.stall_ratio != st.stall_ratio else min(1.0, max(0.0, st.stall_ratio))
     return Report(stall_ratio=ratio, longest_stall_ms=ms(st.longest_stall_ms), ttft_ms=ms(st.ttft_ms))

@@ -1,0 +1,54 @@
+"""What a lying or broken server can make the SDK client do: end with a typed error, not a hang, and never
+send a frame its own peer would refuse (sans-I/O, on the in-memory pair)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire.transport.errors import FrameError
+from tokenwire.transport.frames import Finished, Request, Tokens, check_outgoing, encode_stream_frame
+from tokenwire.transport.session import _report
+from tokenwire.transport.session_outcome import ChatOutcome
+from tokenwire.transport.transcript import text_digest
+
+from .quicpair import Pair
+
+
+def _started_request(pair: Pair) -> int:
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}]), pair.now)
+    pair.exchange(rounds=40)
+    pair.server.accept(sid)
+    pair.exchange(rounds=40)
+    return sid
+
+
+@pytest.mark.parametrize("lie", ["datagram total", "tokens past it", "twice"])
+def test_a_finished_that_contradicts_what_came_before_is_a_protocol_error(lie):
+    """A TOKENS datagram announcing 10^9 tokens, then FINISHED n=4 with the right digest: set_total kept the
+    larger total and the answer never completed; the client waited forever (a live server answers pings)."""
+    pair = Pair()
+    pair.exchange(rounds=40)
+    sid = _started_request(pair)
+    client = pair.client
+    toks = [b"a", b"b", b"c", b"d"]
+    sent = toks[:2] if lie == "twice" else toks  # (twice: the answer is still incomplete after the first)
+    client._on_datagram(Tokens(handle=sid, first=0, tokens=sent, total=10**9 if lie == "datagram total" else None),
+                        pair.now)
+    if lie == "tokens past it":
+        client._on_datagram(Tokens(handle=sid, first=10, tokens=[b"z"]), pair.now)
+    fin = encode_stream_frame(Finished(total=4, digest=text_digest(toks)))
+    if lie == "twice":
+        client._on_stream_data(sid, fin, False, pair.now)
+    with pytest.raises(FrameError, match="finished"):
+        client._on_stream_data(sid, fin, False, pair.now)
+
+
+def test_the_report_stays_within_its_fields_range_whatever_the_server_claimed():
+    """Absurd generation times (FINISHED g = [2^62] * 4) made a REPORT the server's decoder refuses: it closed
+    the connection, and every other answer on it, as malformed."""
+    outcome = ChatOutcome(tokens=[b"a"] * 4, first_index=0, total=4, digest_ok=True, scheme="chatterbox",
+                          request_id=b"\0" * 16, finish_reason="stop", request_time=0.0,
+                          render_times=[0.0, 0.1, 0.2, 0.3], gen_offsets=[0.0, 2.0**62, 2.0**63, 2.0**64],
+                          packets=4, duplicate_tokens=0, repairs_requested=0)
+    report = _report(outcome)
+    check_outgoing(report, "report")  # the server's own check
