@@ -52,3 +52,16 @@ def test_the_report_stays_within_its_fields_range_whatever_the_server_claimed():
                           packets=4, duplicate_tokens=0, repairs_requested=0)
     report = _report(outcome)
     check_outgoing(report, "report")  # the server's own check
+
+
+def test_tokens_past_the_requests_max_tokens_are_a_protocol_error():
+    """2,000,000 tokens were taken (and held) for a max_tokens of 10."""
+    pair = Pair()
+    pair.exchange(rounds=40)
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], max_tokens=10), pair.now)
+    pair.exchange(rounds=40)
+    pair.server.accept(sid)
+    pair.exchange(rounds=40)
+    pair.client._on_datagram(Tokens(handle=sid, first=0, tokens=[b"a"] * 10), pair.now)  # the limit: fine
+    with pytest.raises(FrameError, match="past the request's max_tokens"):
+        pair.client._on_datagram(Tokens(handle=sid, first=10, tokens=[b"b"]), pair.now)

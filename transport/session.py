@@ -876,6 +876,11 @@ class ClientSession(_SessionBase):
 
     def _tokens(self, req: ClientRequest, frame: Tokens, now: float) -> list[SessionEvent]:
         new = req.receiver.on_frame(frame, now)
+        limit = req.request.max_tokens
+        if limit is not None and max(req.receiver.high, req.receiver.total or 0) > limit:
+            # the server cuts an answer at max_tokens: past it, tokens are a broken server's (2,000,000 were
+            # taken for a max_tokens of 10, memory growing with each)
+            raise FrameError(f"server sent tokens past the request's max_tokens ({limit})")
         self._track_gap(req, now)
         return [TokensRendered(req.stream_id, new, now)] if new else []
 
