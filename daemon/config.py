@@ -99,6 +99,11 @@ class MetricsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 9464)
 
 
+# A principal is a token's name or "cert:" + a certificate's common name (at most 64 characters in X.509): 128
+# leaves room for both, and keeps the names every open answer holds small
+MAX_PRINCIPAL_CHARS = 128
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     socket: Path | None = None
@@ -277,6 +282,8 @@ def _auth(t: Any) -> AuthConfig:
         digest = e.str("sha256", None)
         if not name:
             raise ConfigError(f"auth.tokens[{i}].name: required")
+        if len(name) > MAX_PRINCIPAL_CHARS:  # the name is the principal, which ingest and logs bound
+            raise ConfigError(f"auth.tokens[{i}].name: at most {MAX_PRINCIPAL_CHARS} characters")
         if digest is None or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ConfigError(
                 f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "

@@ -154,10 +154,12 @@ def run_new_token(args: argparse.Namespace) -> int:
 
     from tokenwire.daemon.cli import CLIError
 
-    from .config import hash_token
+    from .config import MAX_PRINCIPAL_CHARS, hash_token
 
     if not args.name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in args.name):
         raise CLIError("--name: a non-empty name without control characters (it names the principal in logs)")
+    if len(args.name) > MAX_PRINCIPAL_CHARS:
+        raise CLIError(f"--name: at most {MAX_PRINCIPAL_CHARS} characters (the config refuses longer ones)")
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client, store it nowhere else): {token}")
     # one table per token, appended at the end of tokenwire.toml: a second `tokens = [...]` line was invalid TOML

@@ -35,16 +35,13 @@ from typing import Any
 from tokenwire.transport.errors import ErrorCode
 
 from . import unix_sockets
-from .config import IngestConfig
+from .config import MAX_PRINCIPAL_CHARS, IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
 FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
 MAX_MODEL_CHARS = 128  # what a QUIC request may name (transport/frames.py, Request's "model" field)
-# A principal is a token's name or "cert:" + a certificate's common name (at most 64 characters in X.509): 128
-# leaves room for both, and keeps the names every open answer holds small
-MAX_PRINCIPAL_CHARS = 128
 DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open at once
 
 

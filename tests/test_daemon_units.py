@@ -661,3 +661,16 @@ def test_config_files_as_operators_write_them(tmp_path, monkeypatch, capsys):
     assert main(["config", "check", str(conf)]) == 2
     err = capsys.readouterr().err
     assert "cert.pem: no certificate in it" in err and "Traceback" not in err, err
+
+
+def test_a_token_name_is_a_principal_ingest_can_name(capsys):
+    """A 200-character token name authenticated, but the ingest socket refuses principals over 128
+    characters: that user could never attach to an ingested answer."""
+    from tokenwire.daemon.cli import main
+    from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS, ConfigError, parse_config
+
+    long = "n" * (MAX_PRINCIPAL_CHARS + 1)
+    with pytest.raises(ConfigError, match=r"auth.tokens\[0\].name: at most 128 characters"):
+        parse_config({"auth": {"tokens": [{"name": long, "sha256": "0" * 64}]}})
+    assert main(["config", "new-token", "--name", long]) == 2
+    assert "at most 128 characters" in capsys.readouterr().err
