@@ -83,7 +83,17 @@ class KVEvalConfig:
         if self.context_tokens < 1 or self.chunk_tokens < 16 or self.deadline_ms < 1 or self.repeats < 1:
             raise ValueError("--context-tokens, --deadline-ms, --repeats must be >= 1, --chunk-tokens >= 16")
         from tokenwire.transport.errors import FrameError
-        from tokenwire.transport.frames import KvMeta
+        from tokenwire.transport.frames import MAX_DEADLINE_MS, MAX_KV_CHUNKS, MAX_KV_TOKENS, KvMeta
+
+        # the protocol's bounds on a fetch, which otherwise failed every fetch after the context was made
+        if self.deadline_ms > MAX_DEADLINE_MS:
+            raise ValueError(f"--deadline-ms {self.deadline_ms}: at most {MAX_DEADLINE_MS} (the KV protocol's bound)")
+        if self.context_tokens > MAX_KV_TOKENS:
+            raise ValueError(f"--context-tokens {self.context_tokens}: at most {MAX_KV_TOKENS} (the KV protocol's "
+                             "bound on one fetch)")
+        if -(-self.context_tokens // self.chunk_tokens) > MAX_KV_CHUNKS:
+            raise ValueError(f"--context-tokens {self.context_tokens} in chunks of {self.chunk_tokens} is more than "
+                             f"{MAX_KV_CHUNKS} chunks (the KV protocol's bound): use larger --chunk-tokens")
 
         _, chunk_tokens_ok, _ = KvMeta.FIELDS["ct"]
         try:  # the protocol's own bound: past it the server's KV_META failed every fetch, after the setup

@@ -238,3 +238,15 @@ def test_chunk_tokens_past_the_protocols_bound_are_refused_before_a_run():
     with pytest.raises(ValueError, match=r"--chunk-tokens 100000: .*out of range \[1, 32768\]"):
         _kv_config(chunk_tokens=100_000).validate()
     _kv_config(chunk_tokens=32768, context_tokens=32768).validate()  # the bound itself is a valid chunk
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"deadline_ms": 3_600_001}, "--deadline-ms 3600001: at most 3600000"),
+    ({"context_tokens": 131_073}, "--context-tokens 131073: at most 131072"),
+    ({"context_tokens": 131_072, "chunk_tokens": 16}, "is more than 4096 chunks"),
+])
+def test_fetches_past_the_protocols_bounds_are_refused_before_a_run(kw, message):
+    """Each passed validation, and every fetch then failed after the context's setup."""
+    with pytest.raises(ValueError, match=message):
+        _kv_config(**kw).validate()
+    _kv_config(deadline_ms=3_600_000, context_tokens=131_072, chunk_tokens=32).validate()  # the bounds themselves
