@@ -200,6 +200,16 @@ def _decoded(line: bytes) -> tuple[Any, str | None]:
         return None, "not valid JSON (a number with too many digits)"
 
 
+def _handled(api: IngestAPI, msg: Any, conn: IngestConnection) -> dict[str, Any]:
+    """``api.handle``, with a failure of ours answered as one (logged): it dropped the application's connection
+    and failed every answer it had open."""
+    try:
+        return api.handle(msg, conn, time.monotonic())
+    except Exception:
+        log.exception("ingest: handling op %r failed", msg.get("op") if isinstance(msg, dict) else None)
+        return {"ok": False, "error": "internal error (the daemon's log has it)"}
+
+
 async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced)."""
 
@@ -215,7 +225,7 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
                     msg, error = None, f"line longer than {MAX_LINE} bytes (skipped)"
                 else:
                     msg, error = _decoded(line)
-                reply = {"ok": False, "error": error} if error else api.handle(msg, conn, time.monotonic())
+                reply = {"ok": False, "error": error} if error else _handled(api, msg, conn)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):

@@ -141,3 +141,33 @@ def test_stopping_with_an_app_connected_is_quiet(tmp_path):
     assert errors == []
     req = store.get(bytes.fromhex(rid))
     assert req.error is not None and req.error[0] == ErrorCode.UPSTREAM_ERROR and "stopped" in req.error[1]
+
+
+def test_a_failure_of_ours_is_an_error_reply_and_the_connection_lives(tmp_path, caplog):
+    """An exception inside the handling of one op dropped the application's connection and failed every answer
+    it had open."""
+    _store, api = _api()
+    real = api.handle
+
+    def flaky(msg, conn, now):
+        if msg.get("op") == "push" and msg.get("text") == "boom":
+            raise RuntimeError("a bug of ours")
+        return real(msg, conn, now)
+
+    api.handle = flaky
+
+    async def go():
+        server = await serve_ingest(tmp_path / "ingest.sock", api)
+        reader, writer = await _connect(tmp_path / "ingest.sock")
+        rid = (await _send(reader, writer, b'{"op": "open"}'))["id"]
+        bad = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "boom"}).encode())
+        pushed = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "fine"}).encode())
+        finished = await _send(reader, writer, json.dumps({"op": "finish", "id": rid}).encode())
+        writer.close()
+        server.close()
+        return bad, pushed, finished
+
+    bad, pushed, finished = run(go(), timeout=30)
+    assert bad == {"ok": False, "error": "internal error (the daemon's log has it)"}
+    assert pushed == {"ok": True, "tokens": 1} and finished == {"ok": True, "tokens": 1}
+    assert "ingest: handling op 'push' failed" in caplog.text
