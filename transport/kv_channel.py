@@ -38,7 +38,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -634,24 +634,97 @@ class _Incoming:
     first_at: float | None = None
 
 
+@dataclass
+class _ClientFetch:
+    """The client session's view of one open fetch: enough to judge each of its chunk streams at its header,
+    before the bytes it announces are kept."""
+
+    asked_tokens: int | None  # fetched by token ids: how many
+    asked_chunks: int | None  # fetched by hashes: how many
+    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    meta: KvMeta | None = None
+    done: bool = False
+    headers: dict[int, KvChunk] = field(default_factory=dict)  # index -> the header of its chunk stream
+    tokens: int = 0  # tokens those headers announce
+    streams: set[int] = field(default_factory=set)  # its chunk streams whose end has not come yet
+    bytes_in: int = 0  # its chunk bytes received: the fetch's progress while a big chunk arrives
+
+
+_CODED_TABLE = 2 + 2 * 256  # a frequency table at its largest: lo, hi, 256 u16 frequencies
+
+
+def max_codec_chunk_bytes(geometry: Sequence[int], tokens: int) -> int:
+    """The largest CacheGen bitstream (format 1, ``cachegen/bitstream.py``) of ``tokens`` tokens at ``geometry``
+    ([layers, kv heads, head dim]): the decoder refuses a longer one (every section's length follows from the
+    header, trailing bytes are an error). Every term at its worst: each channel its own rANS stream, at most
+    one 16-bit word per symbol plus a 2-word final state per stream (rans.py), 255 tables, every token also
+    kept raw as fp32. About 6 bytes per element; a real chunk is 0.2-0.5."""
+    from .cachegen.bitstream import CRC, HEADER, MAX_TABLES, SIDE_STREAM
+
+    layers, heads, dim = geometry
+    channels = 2 * layers * heads * dim  # K and V: one rANS stream at most per channel
+    elements = channels * tokens
+
+    def coded(n: int) -> int:  # a side section of n bytes: table, word counts, <= n + 2 words per stream
+        k = -(-n // SIDE_STREAM)
+        return _CODED_TABLE + 2 * k + 2 * (n + 3 * k)
+
+    side = 4 * coded(channels) + coded(2 * layers * tokens)
+    payload = 2 * channels + 2 * (elements + 2 * channels)  # word counts, words
+    return HEADER.size + CRC.size + 2 * layers + side + MAX_TABLES * _CODED_TABLE + 4 * elements + payload
+
+
+def _chunk_misfit(hdr: KvChunk, meta: KvMeta | None, max_chunks: int | None) -> str | None:
+    """Why one chunk header cannot be part of its fetch (None: it can): an index past KV_META's chunk count
+    (or past the hashes asked for), a text chunk whose size is not its tokens' int32s, a codec chunk longer
+    than any bitstream of its tokens at KV_META's geometry. Before KV_META only the frame's own limit
+    (``MAX_KV_CHUNK_BYTES``) bounds a codec chunk: KV_META checks it again when it comes."""
+    if max_chunks is not None and hdr.index >= max_chunks:
+        return f"chunk {hdr.index} of a fetch of {max_chunks} chunk hashes"
+    if hdr.level == TEXT:
+        if hdr.size != 4 * hdr.tokens:
+            return f"text chunk {hdr.index}: {hdr.size} bytes for {hdr.tokens} tokens"
+        return None if meta is None or hdr.index < meta.chunks else f"chunk {hdr.index} of {meta.chunks} (KV_META)"
+    if meta is None:
+        return None
+    if hdr.index >= meta.chunks:
+        return f"chunk {hdr.index} of {meta.chunks} (KV_META)"
+    bound = max_codec_chunk_bytes(meta.geometry, hdr.tokens)
+    if hdr.size > bound:
+        return (f"chunk {hdr.index}: {hdr.size} bytes announced, more than the {bound} any {hdr.tokens}-token "
+                f"chunk of geometry {meta.geometry} can take")
+    return None
+
+
 class KVClientSession(_SessionBase):
-    """Client side of one KV connection (sans-I/O)."""
+    """Client side of one KV connection (sans-I/O).
+
+    Each chunk stream is judged at its header: one for a fetch that is not open (never asked for, or over),
+    or that cannot be part of its fetch (:func:`_chunk_misfit`, an index already announced, more tokens than
+    asked or announced) gets STOP_SENDING and its bytes are dropped (the latter also fails the fetch), so a
+    server cannot make the client keep what it will never use; when a fetch ends, every chunk stream of it
+    still arriving is stopped the same way."""
 
     def __init__(self, quic: QuicConnection) -> None:
         super().__init__(quic)
-        self.decoders: dict[int, StreamDecoder] = {}
+        self.fetches: dict[int, _ClientFetch] = {}
         self.incoming: dict[int, _Incoming] = {}
         self.ecn_counts: Callable[[], list[int]] | None = None
         # fetch streams this side may still write on (KV_ACKs, the final FIN): not after our FIN, nor after the
         # server's STOP_SENDING (aioquic has reset our side then, and a write would raise)
         self._sending: set[int] = set()
-        self.chunk_bytes_in = 0  # chunk stream bytes received: a fetch's progress while a big chunk arrives
+
+    def bytes_in(self, fetch_sid: int) -> int:
+        """Chunk bytes received for this fetch: its progress while a big chunk arrives (another fetch's bytes, or
+        bytes for no fetch, are not: they kept a 1-s fetch waiting 45-73 s)."""
+        f = self.fetches.get(fetch_sid)
+        return f.bytes_in if f is not None else 0
 
     def _session_timer(self) -> float | None:
         """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
         first one to cross makes the server probe at once (:mod:`.path_recovery`), instead of after its
         backed-off probe timer, which can run past a fetch's deadline."""
-        return self._silence_ping_at(KV_RECOVERY_PING_S) if self.decoders else None
+        return self._silence_ping_at(KV_RECOVERY_PING_S) if self.fetches else None
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
         self._ping_if_due(self._session_timer(), now)
@@ -659,21 +732,43 @@ class KVClientSession(_SessionBase):
 
     def fetch(self, request: KvFetch) -> int:
         sid = self.quic.get_next_available_stream_id()
-        self.decoders[sid] = StreamDecoder()
+        self.fetches[sid] = _ClientFetch(
+            len(request.token_ids) if request.token_ids is not None else None,
+            len(request.hashes) if request.hashes is not None else None)
         self._sending.add(sid)
         self._send(sid, request)
         return sid
 
     def ack(self, fetch_sid: int, header: KvChunk, first_at: float, done_at: float) -> None:
-        if fetch_sid not in self.decoders or fetch_sid not in self._sending:
+        if fetch_sid not in self.fetches or fetch_sid not in self._sending:
             return
         ecn = self.ecn_counts() if self.ecn_counts is not None else None
         self._send(fetch_sid, KvAck(header.index, header.size, int(first_at * 1e6), int(done_at * 1e6), ecn))
 
     def finish(self, fetch_sid: int) -> None:
-        """The fetch is over for the caller (done, failed or given up): FIN our side of its stream."""
-        self.decoders.pop(fetch_sid, None)
+        """The fetch is over for the caller (done, failed or given up): FIN our side of its stream, and
+        STOP_SENDING on its chunk streams still arriving."""
+        self._end_fetch(fetch_sid)
+
+    def _end_fetch(self, fetch_sid: int) -> None:
+        f = self.fetches.pop(fetch_sid, None)
+        if f is not None:
+            for sid in f.streams:
+                self._stop_chunk_stream(sid)
         self._end_sending(fetch_sid)
+
+    def _fail(self, fetch_sid: int, error: TokenwireError) -> list[SessionEvent]:
+        self._end_fetch(fetch_sid)
+        return [KVFetchFailed(fetch_sid, error)]
+
+    def _stop_chunk_stream(self, sid: int, code: int = ErrorCode.CANCELLED) -> None:
+        """Drop a chunk stream whose end has not been read: what it buffered now, what still comes on it until its
+        FIN or reset (``_late``; aioquic may have parsed the FIN already, its data event still to come), and ask
+        the server to stop sending it."""
+        self.incoming.pop(sid, None)
+        self._ended.add(sid)
+        if self._peer_sending(sid):
+            self.quic.stop_stream(sid, int(code))
 
     def _end_sending(self, sid: int) -> None:
         if sid in self._sending:
@@ -689,36 +784,55 @@ class KVClientSession(_SessionBase):
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         if stream_id % 4 == 3:
             return self._on_chunk_data(stream_id, data, end, now)
-        dec = self.decoders.get(stream_id)
-        if dec is None:
+        f = self.fetches.get(stream_id)
+        if f is None:
             return []
         try:
-            frames = dec.feed(data)
+            frames = f.decoder.feed(data)
         except FrameError as exc:
             raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
         out: list[SessionEvent] = []
         for fr in frames:
             if isinstance(fr, KvMeta):
+                if f.meta is not None:
+                    return out + self._fail(stream_id, KVError("a second KV_META", code=ErrorCode.MALFORMED_FRAME))
+                # chunks that overtook it (their packets came first) are judged against it now
+                problem = f"chunks of {f.tokens} tokens, KV_META: {fr.tokens}" if f.tokens > fr.tokens else None
+                for hdr in f.headers.values():
+                    problem = problem or _chunk_misfit(hdr, fr, f.asked_chunks)
+                if problem is not None:
+                    return out + self._fail(stream_id, KVCorruptChunk(problem))
+                f.meta = fr
                 out.append(KVMetaReceived(stream_id, fr))
             elif isinstance(fr, KvDone):
+                # KV_META comes first on this same stream, and says how many chunks KV_DONE ends
+                problem = ("KV_DONE before KV_META" if f.meta is None else "a second KV_DONE" if f.done
+                           else None if fr.chunks == f.meta.chunks
+                           else f"KV_DONE says {fr.chunks} chunks, KV_META {f.meta.chunks}")
+                if problem is not None:
+                    return out + self._fail(stream_id, KVError(problem, code=ErrorCode.MALFORMED_FRAME))
+                f.done = True
                 out.append(KVDoneReceived(stream_id, fr))
             elif isinstance(fr, Error):
                 err_cls = KVNotFound if fr.code == ErrorCode.NOT_FOUND else RemoteError
-                out.append(KVFetchFailed(stream_id, err_cls(fr.message, code=ErrorCode(fr.code)
-                                                            if fr.code in ErrorCode._value2member_map_ else None)))
-                self.decoders.pop(stream_id, None)
-                self._end_sending(stream_id)  # the fetch is over: our FIN closes the stream at once
-                break  # the server's FIN follows its ERROR; nothing after it is read
+                # the fetch is over: our FIN closes the stream at once; the server's FIN follows its ERROR and
+                # nothing after it is read
+                return out + self._fail(stream_id, err_cls(fr.message, code=ErrorCode(fr.code)
+                                                           if fr.code in ErrorCode._value2member_map_ else None))
             else:
                 raise ProtocolError(f"fetch stream {stream_id}: unexpected {type(fr).__name__} frame")
         return out
 
     def _on_chunk_data(self, sid: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if self._late(sid, end):
+            return []  # a chunk stream we stopped
         inc = self.incoming.setdefault(sid, _Incoming())
-        self.chunk_bytes_in += len(data)
         if inc.first_at is None and data:
             inc.first_at = now
         inc.buf += data
+        f = self.fetches.get(inc.header.fetch) if inc.header is not None else None
+        if f is not None:
+            f.bytes_in += len(data)
         if inc.header is None and len(inc.buf) >= 4:
             (n,) = _LEN.unpack_from(inc.buf)
             if n > 4096:
@@ -730,8 +844,20 @@ class KVClientSession(_SessionBase):
                     raise ProtocolError(f"chunk stream {sid}: {exc}", code=exc.code) from None
                 if not isinstance(hdr, KvChunk):
                     raise ProtocolError(f"chunk stream {sid}: first frame must be KV_CHUNK")
-                inc.header = hdr
                 del inc.buf[: 4 + n]
+                f = self.fetches.get(hdr.fetch)
+                if f is None:  # never asked for, or over (failed, timed out, given up): nobody will use it
+                    self._drop_chunk_stream(sid, end, ErrorCode.CANCELLED)
+                    return []
+                problem = self._misfit(f, hdr)
+                if problem is not None:
+                    self._drop_chunk_stream(sid, end, ErrorCode.MALFORMED_FRAME)
+                    return self._fail(hdr.fetch, KVCorruptChunk(problem))
+                f.headers[hdr.index] = hdr
+                f.tokens += hdr.tokens
+                f.streams.add(sid)
+                f.bytes_in += len(inc.buf)
+                inc.header = hdr
         if inc.header is not None and len(inc.buf) > inc.header.size:
             raise ProtocolError(f"chunk stream {sid}: more bytes than announced")
         if not end:
@@ -740,28 +866,52 @@ class KVClientSession(_SessionBase):
         hdr = inc.header
         if hdr is None:
             raise ProtocolError(f"chunk stream {sid} ended before its header")
+        if f is None:  # the fetch's end stops its chunk streams: unreachable, but never an event for no fetch
+            return []
+        f.streams.discard(sid)
         payload = bytes(inc.buf)
-        if hdr.fetch not in self.decoders:
-            return []  # a fetch we gave up on
         if len(payload) != hdr.size or zlib.crc32(payload) != hdr.crc:
-            return [KVFetchFailed(hdr.fetch, KVCorruptChunk(
-                f"chunk {hdr.index}: {len(payload)} of {hdr.size} bytes or checksum mismatch"))]
+            return self._fail(hdr.fetch, KVCorruptChunk(
+                f"chunk {hdr.index}: {len(payload)} of {hdr.size} bytes or checksum mismatch"))
         return [KVChunkReceived(hdr.fetch, hdr, payload, inc.first_at or now, now)]
+
+    @staticmethod
+    def _misfit(f: _ClientFetch, hdr: KvChunk) -> str | None:
+        """Why a new chunk header cannot be part of fetch ``f`` (None: it can)."""
+        if hdr.index in f.headers:  # it overwrote the first copy, and the fetch waited for a chunk never sent
+            return f"chunk {hdr.index} announced twice"
+        tokens = f.tokens + hdr.tokens  # all of them must add up to KV_META's count, at most what was asked
+        for what, limit in (("asked", f.asked_tokens), ("KV_META", f.meta.tokens if f.meta else None)):
+            if limit is not None and tokens > limit:
+                return f"chunks of {tokens} tokens, {what}: {limit}"
+        return _chunk_misfit(hdr, f.meta, f.asked_chunks)
+
+    def _drop_chunk_stream(self, sid: int, end: bool, code: int) -> None:
+        """Refuse a chunk stream at its header (``end``: its FIN came with it, nothing more will)."""
+        if end:
+            self.incoming.pop(sid, None)
+        else:
+            self._stop_chunk_stream(sid, code)
 
     def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
         raise ProtocolError("the KV channel carries no datagrams")
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
-        if stream_id in self.decoders:
-            self.decoders.pop(stream_id, None)
-            self._end_sending(stream_id)
-            return [KVFetchFailed(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))]
+        if stream_id % 4 == 3:  # a chunk stream: what it buffered goes (its fetch times out, or ends first)
+            inc = self.incoming.pop(stream_id, None)
+            f = self.fetches.get(inc.header.fetch) if inc is not None and inc.header is not None else None
+            if f is not None:
+                f.streams.discard(stream_id)
+            return []
+        if stream_id in self.fetches:
+            return self._fail(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))
         return []
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         err = closed_error(event.error_code, event.reason_phrase, idle_timeout_in_force(self.quic), "KV connection")
-        out: list[SessionEvent] = [KVFetchFailed(s, err) for s in self.decoders]
-        self.decoders.clear()
+        out: list[SessionEvent] = [KVFetchFailed(s, err) for s in self.fetches]
+        self.fetches.clear()
+        self.incoming.clear()
         self._sending.clear()
         return out
 
@@ -1092,6 +1242,18 @@ def _chunk_hashes(hashes: Iterable[bytes | str] | None) -> list[bytes] | None:
     return out
 
 
+def _check_text_ids(results: list[ChunkResult], received: dict[int, tuple[KvChunk, float, float]],
+                    ids: list[int] | None) -> None:
+    """Fetched by token ids, a text chunk must carry the ids asked for at its place in the context: the engine
+    prefills them as that context (other ids came back as if they were the context's)."""
+    pos = 0
+    for r in results:
+        n = received[r.index][0].tokens
+        if ids is not None and r.token_ids is not None and r.token_ids != ids[pos : pos + n]:
+            raise KVCorruptChunk(f"text chunk {r.index}: not the token ids asked for at {pos}-{pos + n}")
+        pos += n
+
+
 def _forget_decodes(pf: _PendingFetch) -> None:
     """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
     and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
@@ -1221,7 +1383,9 @@ class KVConnection(SessionProtocol):
         addressed by a hash of everything before them); not even the first chunk stored is still ``KVNotFound``.
 
         Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
-        as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` or
+        as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` (a chunk that
+        does not decode or cannot belong to the fetch: its size, index, tokens, or a text chunk's ids),
+        :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up) or
         :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid). A fetch the
         server would refuse (a deadline of 0, an unknown controller, a non-integer token id) raises
         ``ValueError`` before it is sent.
@@ -1230,7 +1394,8 @@ class KVConnection(SessionProtocol):
         with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default there is no fixed bound: the fetch fails once
         nothing new (KV_META, a chunk) has come for the deadline's length (at least 2 s) after the deadline, so
         a stalled server fails it soon after its deadline (it used to take a minute) while a large context that
-        keeps arriving (chunk bytes count, not only whole chunks) is received whole, late as it may be.
+        keeps arriving (this fetch's chunk bytes count, not only whole chunks; other fetches' bytes do not) is
+        received whole, late as it may be.
         """
         if self.close_error is not None:
             raise self.close_error
@@ -1250,11 +1415,12 @@ class KVConnection(SessionProtocol):
                 await asyncio.wait_for(pf.event.wait(), timeout_s)
             else:
                 await _wait_while_progressing(
-                    pf, lambda: (len(pf.received), pf.meta is not None, self.kv.chunk_bytes_in),
+                    pf, lambda: (len(pf.received), pf.meta is not None, self.kv.bytes_in(sid)),
                     deadline / 1000, max(2.0, deadline / 1000))
             if pf.error is not None:
                 raise pf.error
-            assert pf.done is not None and pf.meta is not None
+            if pf.done is None or pf.meta is None:  # the session fails KV_DONE before KV_META: not reached
+                raise KVError("KV_DONE before KV_META", code=ErrorCode.MALFORMED_FRAME)
             asked = len(ids) if ids is not None else None
             if asked is not None and (pf.meta.tokens > asked or (not prefix and pf.meta.tokens != asked)):
                 raise KVError(f"the server sent {pf.meta.tokens} tokens of KV for a context of {asked}",
@@ -1270,6 +1436,7 @@ class KVConnection(SessionProtocol):
             if got != pf.meta.tokens or pf.done.chunks != pf.meta.chunks:
                 raise KVError(f"the server announced {pf.meta.chunks} chunks of {pf.meta.tokens} tokens and sent "
                               f"{pf.done.chunks} of {got}", code=ErrorCode.MALFORMED_FRAME)
+            _check_text_ids(results, pf.received, ids)
         except TokenwireError:
             raise
         except TimeoutError:
