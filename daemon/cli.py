@@ -94,8 +94,11 @@ def json_safe(doc: Any) -> Any:
 
 
 def cell(value: Any, fmt: str) -> str:
-    """One table cell: ``-`` for a value the run could not measure."""
-    return "-" if value is None else format(value, fmt)
+    """One table cell: ``-`` for a value the run could not measure (None, NaN), as wide as a number's."""
+    if value is None or value != value:
+        width = "".join(ch for ch in fmt.split(".")[0] if ch.isdigit() or ch in "<>^")
+        return format("-", width)
+    return format(value, fmt)
 
 
 # Where commands write, under these option names: checked before a command runs, so that a long run does not

@@ -332,11 +332,13 @@ def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"{'scheme':<11} {'stall ratio':>11} {'longest stall':>14} {'TTFT':>8} {'p99 delay':>10} "
         f"{'tokens':>7} {'B/token':>8} {'digest':>9}",
     ]
+    from tokenwire.daemon.cli import cell  # "-" for what a run could not measure (nothing rendered: None)
+
     for name, r in results.items():
         lines.append(
-            f"{name:<11} {r['stall_ratio']:>11.3f} {r['longest_stall_ms']:>11.0f} ms {r['ttft_ms']:>5.0f} ms "
-            f"{r['p99_token_delay_ms']:>7.0f} ms {r['tokens']:>7} {r['bytes_down'] / max(1, r['tokens']):>8.0f} "
-            f"{'verified' if r['digest_verified'] else 'MISMATCH':>9}"
+            f"{name:<11} {cell(r['stall_ratio'], '>11.3f')} {cell(r['longest_stall_ms'], '>11.0f')} ms "
+            f"{cell(r['ttft_ms'], '>5.0f')} ms {cell(r['p99_token_delay_ms'], '>7.0f')} ms {r['tokens']:>7} "
+            f"{r['bytes_down'] / max(1, r['tokens']):>8.0f} {'verified' if r['digest_verified'] else 'MISMATCH':>9}"
         )
     cb, st = (results.get(s, {}).get("stall_ratio") for s in ("chatterbox", "stream"))
     if cb is not None and st is not None:  # None: the scheme did not run, or rendered nothing

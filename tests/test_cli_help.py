@@ -295,3 +295,16 @@ def test_the_demo_says_more_when_chatterbox_stalled_more():
     text = format_results({"chatterbox": {**row, "stall_ratio": 0.014}, "stream": {**row, "stall_ratio": 0.014}},
                           argparse.Namespace())
     assert "stalled as much on this link" in text and "0% less" not in text  # --loss none
+
+
+def test_the_demo_table_shows_a_scheme_that_rendered_nothing():
+    """A scheme that rendered no token has no stall ratio, TTFT or delays (None): formatting it raised."""
+    import argparse
+
+    from tokenwire.daemon.demo_cli import format_results
+
+    row = {"longest_stall_ms": None, "ttft_ms": None, "p99_token_delay_ms": None, "tokens": 0,
+           "bytes_down": 0, "digest_verified": False, "stall_ratio": None}
+    text = format_results({"chatterbox": row}, argparse.Namespace())
+    line = next(ln for ln in text.splitlines() if ln.startswith("chatterbox"))
+    assert line.split()[1:3] == ["-", "-"] and "MISMATCH" in line
