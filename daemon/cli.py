@@ -65,11 +65,24 @@ def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text)
+            _keep_mode(target, tmp)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as exc:  # named, so the command's error is one line about the user's file
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """Give ``new`` the permissions (and, as root, the owner) of the file it replaces: a result made private
+    (0600) came back world-readable after a rerun."""
+    try:
+        st = old.stat()
+    except FileNotFoundError:
+        return
+    os.chmod(new, st.st_mode & 0o7777)
+    if os.geteuid() == 0:
+        os.chown(new, st.st_uid, st.st_gid)
 
 
 def printable(text: str) -> str:

@@ -65,9 +65,9 @@ from .upstreams import Upstream, build_upstreams
 log = logging.getLogger("tokenwire.daemon")
 # A connection must finish its handshake within this; the SDK client's own connect timeout is 10 s too
 HANDSHAKE_TIMEOUT_S = 10.0
-# With this many handshakes in progress, new clients must prove their address first (a QUIC Retry, RFC 9000
-# 8.1.2: one round trip more), so spoofed Initials create no state; off again once below half of it for a
-# whole handshake timeout
+# With this many handshakes in progress (or half of max_sessions, if fewer), new clients must prove their
+# address first (a QUIC Retry, RFC 9000 8.1.2: one round trip more), so spoofed Initials create no state; off
+# again once below half of it for a whole handshake timeout
 RETRY_ABOVE = 64
 
 
@@ -225,6 +225,7 @@ class Daemon:
         self.handshaking = 0  # connections in their handshake (bounded by max_sessions too)
         self._retry_handler: Any = None  # aioquic's Retry token handler, made on first need (an RSA key)
         self.retrying_since: float | None = None  # Retry is on (see RETRY_ABOVE)
+        self._calm_since: float | None = None  # while Retry is on: since when the load has been low
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.notifier = notifier or Notifier()
         self.client_verifier = client_verifier(config)
@@ -333,27 +334,43 @@ class Daemon:
         for proto in list(self.protocols):
             proto.flush_counters()
 
+    def retry_threshold(self) -> int:
+        """Handshakes in progress that turn Retry on: RETRY_ABOVE, or half of max_sessions when that is less (the
+        handshakes in progress never exceed max_sessions: with a small one, Retry never came on and spoofed
+        Initials held every handshake slot)."""
+        return max(1, min(RETRY_ABOVE, self.config.limits.max_sessions // 2))
+
     def handshake_pressure(self) -> None:
         """Many handshakes in progress: turn on address validation (Retry) on every listener."""
-        if self.retrying_since is not None or self.handshaking < RETRY_ABOVE:
+        if self.retrying_since is not None or self.handshaking < self.retry_threshold():
             return
         if self._retry_handler is None:
             from aioquic.quic.retry import QuicRetryTokenHandler
 
             self._retry_handler = QuicRetryTokenHandler()
         for server in self._servers:
-            server._retry = self._retry_handler  # aioquic 1.7: what serve(retry=True) sets
+            server.retry_handler = self._retry_handler
+            server.issue_retry = True
         self.retrying_since = time.monotonic()
+        self._calm_since = None
         self.metrics.retry_active.set(1)
         log.warning("%d QUIC handshakes in progress: new clients must validate their address (Retry) until "
                     "the load passes", self.handshaking)
 
     def _relax_retry(self, now: float) -> None:
-        since = self.retrying_since
-        if since is None or self.handshaking >= RETRY_ABOVE // 2 or now - since < HANDSHAKE_TIMEOUT_S:
+        """Retry off once the handshakes in progress have stayed below half the threshold for a whole handshake
+        timeout (tokens from Retries sent before are still checked: ValidatingQuicServer)."""
+        if self.retrying_since is None:
+            return
+        if self.handshaking >= max(1, self.retry_threshold() // 2):
+            self._calm_since = None
+            return
+        if self._calm_since is None:
+            self._calm_since = now
+        if now - self._calm_since < HANDSHAKE_TIMEOUT_S:
             return
         for server in self._servers:
-            server._retry = None
+            server.issue_retry = False
         self.retrying_since = None
         self.metrics.retry_active.set(0)
         log.info("QUIC handshakes back to %d: address validation (Retry) off", self.handshaking)

@@ -126,9 +126,16 @@ class EmulatorShell:
         self.origin = now
         self.down = build_link(cfg.down, seed=direction_seed(cfg.seed, "down"), start=now, name="down")
         self.up = build_link(cfg.up, seed=direction_seed(cfg.seed, "up"), start=now, name="up")
-        self.log = CsvPacketLog(cfg.log_path) if cfg.log_path else None
-        self.pcap_down = PcapTap(cfg.pcap_prefix + ".down") if cfg.pcap_prefix else None
-        self.pcap_up = PcapTap(cfg.pcap_prefix + ".up") if cfg.pcap_prefix else None
+        self.log = self.pcap_down = self.pcap_up = None
+        try:  # a file that cannot be opened closes those opened before it
+            self.log = CsvPacketLog(cfg.log_path) if cfg.log_path else None
+            self.pcap_down = PcapTap(cfg.pcap_prefix + ".down") if cfg.pcap_prefix else None
+            self.pcap_up = PcapTap(cfg.pcap_prefix + ".up") if cfg.pcap_prefix else None
+        except BaseException:
+            for opened in (self.log, self.pcap_down):
+                if opened is not None:
+                    opened.close()
+            raise
         if self.log is not None:
             log = self.log
             self.down.on_record = lambda p: log.record("down", p)

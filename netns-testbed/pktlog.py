@@ -188,13 +188,21 @@ class PcapTap:
     def __init__(self, prefix: str) -> None:
         from scapy.utils import RawPcapWriter  # heavy import, only when asked for pcaps
 
-        self._files = (WholeRecordFile(prefix + ".in.pcap"), WholeRecordFile(prefix + ".out.pcap"))
-        self._in = RawPcapWriter(self._files[0], linktype=LINKTYPE_RAW, nano=True)
-        self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)
-        self._in._write_header(None)  # (scapy flushes after the header: on disk at once)
-        self._out._write_header(None)
-        for f in self._files:
-            _check_opened(f)
+        files: list[WholeRecordFile] = []
+        try:  # both files or neither: one that failed left the other open
+            for suffix in (".in.pcap", ".out.pcap"):
+                files.append(WholeRecordFile(prefix + suffix))
+            self._files = (files[0], files[1])
+            self._in = RawPcapWriter(self._files[0], linktype=LINKTYPE_RAW, nano=True)
+            self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)
+            self._in._write_header(None)  # (scapy flushes after the header: on disk at once)
+            self._out._write_header(None)
+            for f in self._files:
+                _check_opened(f)
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
         self._epoch_offset = time.time() - time.monotonic()
 
     def _write(self, writer: object, data: bytes, t_mono: float) -> None:

@@ -308,3 +308,14 @@ def test_the_demo_table_shows_a_scheme_that_rendered_nothing():
     text = format_results({"chatterbox": row}, argparse.Namespace())
     line = next(ln for ln in text.splitlines() if ln.startswith("chatterbox"))
     assert line.split()[1:3] == ["-", "-"] and "MISMATCH" in line
+
+
+def test_a_rewritten_json_result_keeps_its_permissions(tmp_path):
+    """The atomic replace made a result the user had made private (0600) world-readable again."""
+    from tokenwire.daemon.cli import save_json
+
+    path = tmp_path / "r.json"
+    save_json(path, {"run": 1})
+    path.chmod(0o600)
+    save_json(path, {"run": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and '"run": 2' in path.read_text()

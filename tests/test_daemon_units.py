@@ -674,3 +674,19 @@ def test_a_token_name_is_a_principal_ingest_can_name(capsys):
         parse_config({"auth": {"tokens": [{"name": long, "sha256": "0" * 64}]}})
     assert main(["config", "new-token", "--name", long]) == 2
     assert "at most 128 characters" in capsys.readouterr().err
+
+
+def test_cert_writes_through_symlinks_as_it_did(tmp_path):
+    """The atomic rename replaced a symlink (cert.pem -> real/cert.pem) with a file: a daemon reading the
+    link's target kept the old pair."""
+    from tokenwire.transport.tls import make_self_signed
+
+    (tmp_path / "real").mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / "real" / name).write_text("old")
+        (tmp_path / name).symlink_to(tmp_path / "real" / name)
+    pair = make_self_signed(("localhost",))
+    pair.write(tmp_path / "cert.pem", tmp_path / "key.pem")
+    assert (tmp_path / "cert.pem").is_symlink() and (tmp_path / "key.pem").is_symlink()
+    assert (tmp_path / "real" / "cert.pem").read_bytes() == pair.cert_pem
+    assert (tmp_path / "real" / "key.pem").read_bytes() == pair.key_pem

@@ -48,6 +48,7 @@ def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeyp
     """60 Initials (0.1 s of a script, spoofable) filled max_sessions until the idle timeout: every real client
     was refused with "too many sessions", and the sessions gauge counted them."""
     monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(Daemon, "retry_threshold", lambda self: 1000)  # the bound and deadline alone (no Retry)
 
     async def go():
         daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
@@ -95,7 +96,10 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
                 text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
             assert len(daemon.protocols) <= before + 1
             await until(lambda: daemon.handshaking == 0, 5)
-            daemon._relax_retry(time.monotonic() + service.HANDSHAKE_TIMEOUT_S)
+            now = time.monotonic()
+            daemon._relax_retry(now)  # calm from now on: not yet off
+            assert daemon.retrying_since is not None
+            daemon._relax_retry(now + service.HANDSHAKE_TIMEOUT_S)  # calm for a whole handshake timeout
             assert daemon.retrying_since is None and value(daemon, "tokenwire_quic_retry_active") == 0
             return text
         finally:
@@ -137,3 +141,56 @@ def test_a_connection_the_client_closes_in_its_handshake_is_no_session_and_no_re
             await daemon.stop()
 
     assert run(go(), 30) == (0, 0, 0, 0)
+
+
+def test_with_few_sessions_allowed_retry_comes_on_at_half_of_them(monkeypatch):
+    """Handshakes in progress never exceed max_sessions: with max_sessions under RETRY_ABOVE (64), Retry never
+    came on, and max_sessions spoofed Initials every 10 s locked every client out."""
+    monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 5.0)
+
+    async def go():
+        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                                      "limits": {"max_sessions": 10}}))
+        await daemon.start()
+        port = daemon.addresses[0][1]
+        socks = half_open(port, 10)
+        try:
+            await until(lambda: daemon.retrying_since is not None)
+            assert daemon.retry_threshold() == 5
+            async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:  # past the Retry
+                return await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
+        finally:
+            for s in socks:
+                s.close()
+            await daemon.stop()
+
+    assert len(run(go(), 30)) > 0
+
+
+def test_a_token_from_an_earlier_retry_is_checked_after_retry_went_off():
+    """Turning Retry off made aioquic ignore the token of a client between our Retry and its next Initial: its
+    handshake failed ("original_destination_connection_id does not match")."""
+    from aioquic.quic.retry import QuicRetryTokenHandler
+
+    from tokenwire.transport.quic_io import ValidatingQuicServer
+    from tokenwire.transport.tls import server_configuration
+
+    def initial(token: bytes) -> bytes:
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                                              server_name="localhost"))
+        quic._peer_token = token  # what aioquic's client sends after a Retry
+        quic.connect(("127.0.0.1", 4433), now=time.monotonic())
+        return quic.datagrams_to_send(now=time.monotonic())[0][0]
+
+    async def go():
+        server = ValidatingQuicServer(configuration=server_configuration(), create_protocol=lambda *a, **k: None)
+        server.retry_handler = QuicRetryTokenHandler()
+        seen = []
+        for issue, token in ((False, b"from our Retry"), (False, b""), (True, b"")):
+            server.issue_retry = issue
+            server.choose_retry(initial(token))
+            seen.append(server._retry is server.retry_handler)
+        return seen
+
+    # checked / let in without a Retry / sent a Retry
+    assert run(go(), 30) == [True, False, True]

@@ -328,3 +328,18 @@ def test_a_stop_sending_that_overtakes_its_kv_fetch_drops_the_fetch():
     pair.exchange(rounds=40)
     assert not [e for e in pair.server_events if isinstance(e, KVFetchRequested) and e.stream_id == sid]
     pair.assert_connection_up()
+
+
+def test_a_fetch_the_client_resets_frees_its_stream_on_the_server():
+    """The KV server dropped a reset fetch but left its own side of the stream open: the stream was never
+    discarded and its credit never came back (the token server's reset fix, not carried over)."""
+    pair = KVPair()
+    pair.serve = False
+    sids = [pair.fetch() for _ in range(3)]
+    pair.exchange(rounds=40)
+    assert sorted(pair.requested()) == sids
+    for sid in sids:
+        pair.client.quic.reset_stream(sid, 0x10D)
+    pair.exchange(rounds=60)
+    assert not [sid for sid in sids if sid in pair.server.quic._streams]
+    pair.assert_connection_up()

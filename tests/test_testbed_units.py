@@ -680,3 +680,21 @@ def test_a_log_whose_disk_fills_stops_whole_and_the_packet_path_goes_on(tmp_path
     assert capsys.readouterr().err.count("No space left on device") == 1
     with pytest.raises(OSError, match="cannot write /dev/full"):
         pktlog.CsvPacketLog("/dev/full")
+
+
+def test_a_capture_that_cannot_open_closes_what_it_opened(tmp_path, monkeypatch):
+    """The .in.pcap opened, the .out.pcap failed: the first stayed open (a library caller kept the descriptor)."""
+    from tokenwire.testbed import pktlog
+
+    before = set(os.listdir("/proc/self/fd"))
+    real = pktlog.WholeRecordFile.__init__
+
+    def second_fails(self, path):
+        if str(path).endswith(".out.pcap"):
+            raise PermissionError(13, "Permission denied", str(path))
+        real(self, path)
+
+    monkeypatch.setattr(pktlog.WholeRecordFile, "__init__", second_fails)
+    with pytest.raises(PermissionError):
+        pktlog.PcapTap(str(tmp_path / "cap"))
+    assert set(os.listdir("/proc/self/fd")) == before

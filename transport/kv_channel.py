@@ -79,7 +79,14 @@ from .kv_controller import (
 from .marking import MarkingPolicy
 from .path_recovery import KV_RECOVERY_PING_S
 from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
-from .session import ConnectionEnded, SessionEvent, _SessionBase, closed_error, idle_timeout_in_force
+from .session import (
+    ECN_SLACK,
+    ConnectionEnded,
+    SessionEvent,
+    _SessionBase,
+    closed_error,
+    idle_timeout_in_force,
+)
 from .tls import CertPair, client_configuration, server_configuration
 
 log = logging.getLogger("tokenwire.kv")
@@ -546,6 +553,8 @@ class KVServerSession(_SessionBase):
             self._ecn_feedback(ack.ecn, now)
 
     def _ecn_feedback(self, counts: list[int], now: float) -> None:
+        if sum(counts) > self.datagrams_sent + ECN_SLACK:  # counts of more packets than were sent: made up
+            return
         prev = self._last_ecn or [0, 0, 0, 0]
         if any(a < b for a, b in zip(counts, prev, strict=True)):
             return
@@ -563,6 +572,10 @@ class KVServerSession(_SessionBase):
         if f is None:
             return []
         f.closed = True
+        # end our side too, as the token server does: left open, the stream was never discarded and its credit
+        # never came back
+        with contextlib.suppress(AssertionError, ValueError, RuntimeError):
+            self.quic.reset_stream(stream_id, ErrorCode.CANCELLED)
         return [KVFetchClosed(stream_id, list(f.levels), False)]
 
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:

@@ -172,9 +172,46 @@ class SessionProtocol(QuicConnectionProtocol):
             self._session_timer = None
 
 
+class ValidatingQuicServer(QuicServer):
+    """aioquic's ``QuicServer`` with address validation (Retry, RFC 9000 8.1.2) switched at run time.
+
+    aioquic decides per server: with a token handler every new client gets a Retry and every token is checked;
+    without one a token is ignored. Switching the handler off while a client was between our Retry and its
+    Initial with the token made that handshake fail ("original_destination_connection_id does not match").
+    Here the handler, once made, stays for tokens: an Initial that carries one is always checked, and one
+    without is answered with a Retry only while :attr:`issue_retry` is on.
+    """
+
+    issue_retry = False
+    retry_handler: Any = None  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        self.choose_retry(data)
+        super().datagram_received(data, addr)
+
+    def choose_retry(self, data: bytes | str) -> None:
+        """Set aioquic's handler for this datagram: on to send a Retry or to check a token, else off."""
+        if self.retry_handler is not None:
+            self._retry = self.retry_handler if self.issue_retry or _initial_token(data, self) else None
+
+
+def _initial_token(data: bytes | str, server: QuicServer) -> bool:
+    """Whether ``data`` is an Initial, for no connection yet, that carries a token (a client answering a Retry)."""
+    from aioquic.buffer import Buffer
+    from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+    try:
+        header = pull_quic_header(Buffer(data=bytes(data)),
+                                  host_cid_length=server._configuration.connection_id_length)
+    except ValueError:
+        return False
+    return (header.packet_type == QuicPacketType.INITIAL and bool(header.token)
+            and header.destination_cid not in server._protocols)
+
+
 async def serve_quic(
     host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
-) -> QuicServer:
+) -> ValidatingQuicServer:
     """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints)."""
     if not ecn:
         # our own socket, as on the ECN path: "[::]" is dual-stack whatever net.ipv6.bindv6only says (aioquic's
@@ -182,12 +219,12 @@ async def serve_quic(
         sock = open_udp_socket(host, port)
         try:
             _, server = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: QuicServer(configuration=configuration, create_protocol=create_protocol), sock=sock)
+                lambda: ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol), sock=sock)
         except BaseException:
             sock.close()
             raise
         return server
-    server = QuicServer(configuration=configuration, create_protocol=create_protocol)
+    server = ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol)
     EcnDatagramTransport(open_udp_socket(host, port), server)
     await asyncio.sleep(0)  # connection_made runs on the next loop turn
     return server

@@ -52,6 +52,9 @@ from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, text_digest
 
 REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
+# Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
+# go out from the listener, before the connection exists
+ECN_SLACK = 2
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -674,7 +677,7 @@ class ServerSession(_SessionBase):
         """Feed CE counts from the client's cumulative counters to a scalable congestion controller."""
         if ack.ecn is None or len(ack.ecn) != 4:
             return False
-        if sum(ack.ecn) > self.datagrams_sent:  # counts of more packets than were sent: made up, ignored
+        if sum(ack.ecn) > self.datagrams_sent + ECN_SLACK:  # counts of more packets than were sent: made up
             return False
         prev = self._last_ecn or [0, 0, 0, 0]
         delta = [max(0, a - b) for a, b in zip(ack.ecn, prev, strict=True)]

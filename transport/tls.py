@@ -44,6 +44,8 @@ class CertPair:
         """Write PEM files, the key readable by its owner only: both to temporary files first, then renamed, so
         a failure leaves the old pair whole (it left a new certificate beside the old key, which the daemon
         then refused to start with)."""
+        # symlinks are written through, as before (a link to where the daemon reads them stayed a link)
+        cert_path, key_path = Path(os.path.realpath(cert_path)), Path(os.path.realpath(key_path))
         made: list[tuple[Path, Path, int]] = []
         try:
             for path, data, mode in ((key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644)):
