@@ -57,8 +57,9 @@ class _KVCollector:
         store = service.store
 
         fetches = CounterMetricFamily("tokenwire_kv_fetches", "KV fetches by outcome (refused: not found, "
-                                      "unauthorized, over the limit, a store failure)", labels=["outcome"])
-        for outcome in ("completed", "abandoned", "refused"):
+                                      "unauthorized, over the limit, a store failure, shutting down; failed: a "
+                                      "chunk gone or unreadable after the fetch began)", labels=["outcome"])
+        for outcome in ("completed", "abandoned", "refused", "failed"):
             fetches.add_metric([outcome], stats.get(outcome, 0))
         yield fetches
         yield CounterMetricFamily("tokenwire_kv_prefix_fetches", "KV fetches served with the stored prefix of "

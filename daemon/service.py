@@ -498,19 +498,25 @@ class Daemon:
         if self.draining:
             return
         self.draining = True
+        kv = self.kv.server if self.kv is not None else None
+        if kv is not None:  # the KV channel drains too: new fetches refused, running ones finish (they were cut)
+            kv.draining = True
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
         try:
             self.notifier.stopping(f"draining {self.streaming_count()} answers")
             log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
                      self.config.limits.drain_timeout_s)
-            # first let every attached answer finish generating, then give clients a short grace for the tail
-            # (a client that vanished without closing must not hold the shutdown for the whole deadline)
-            while time.monotonic() < deadline and any(not r.done for p in self.protocols
-                                                      for r in p.attached.values()):
+            # first let every attached answer finish generating (and every KV fetch put its chunks on the wire),
+            # then give clients a short grace for the tail (a client that vanished without closing must not hold
+            # the shutdown for the whole deadline)
+            while time.monotonic() < deadline and (
+                    any(not r.done for p in self.protocols for r in p.attached.values())
+                    or (kv is not None and kv.open_fetches(unsent_only=True))):
                 if await self._cut_within(0.05):
                     break
             tail_deadline = min(deadline, time.monotonic() + 2.0)
-            while time.monotonic() < tail_deadline and any(p.attached for p in self.protocols):
+            while time.monotonic() < tail_deadline and (any(p.attached for p in self.protocols)
+                                                        or (kv is not None and kv.open_fetches())):
                 if await self._cut_within(0.05):
                     break
             left = self.streaming_count()

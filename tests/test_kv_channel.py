@@ -1004,3 +1004,111 @@ def test_a_late_fetch_that_keeps_arriving_is_waited_for():
         assert outcome == "done" and took > 1.0
         outcome, took = run(go(2, whole))
         assert outcome == "timed out" and 0.6 < took < 1.5
+
+
+def test_a_draining_server_refuses_new_fetches_and_lets_running_ones_finish(service):
+    """The daemon's drain ignored the KV channel: fetches in flight were cut 0.24 s after SIGTERM, and new ones
+    were still accepted while the log said "no new requests"."""
+    ids = list(range(2 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 21), prewarm=["low"])
+    real_chunk = service.chunk
+    release = asyncio.Event()
+
+    async def held(plan, index, level):
+        await release.wait()
+        return await real_chunk(plan, index, level)
+
+    async def go():
+        async with kv_client(service) as (conn, server):
+            service.chunk = held
+            running = asyncio.ensure_future(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=20000,
+                                                          controller="fixed-L1"))
+            while not server.open_fetches(unsent_only=True):
+                await asyncio.sleep(0.01)
+            server.draining = True
+            with pytest.raises(RemoteError) as refused:
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            release.set()
+            result = await running
+            return refused.value, result, dict(server.stats)
+
+    refused, result, stats = run(go())
+    assert refused.code == ErrorCode.SHUTTING_DOWN
+    assert len(result.chunks) == 2  # the running fetch finished, whole
+    assert stats["refused"] == 1
+
+
+def test_every_fetch_has_an_outcome_in_the_counters(service):
+    """A chunk gone after the fetch began (evicted, corrupt, re-put) and a store failure at resolve ended
+    fetches with an ERROR that no outcome counted: completed + abandoned + refused fell short of fetches."""
+    from tokenwire.transport.kv_channel import KVNotFound
+
+    ids = list(range(CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids), 22), prewarm=["low"])
+    real_resolve = service.resolve
+
+    async def gone(plan, index, level):
+        raise KVNotFound("chunk is no longer stored")
+
+    async def broken(fetch):
+        raise OSError("the store is down")
+
+    async def go():
+        async with kv_client(service) as (conn, server):
+            service.chunk = gone
+            with pytest.raises(KVNotFound):
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            service.resolve = broken
+            with pytest.raises(RemoteError, match="store failure"):
+                await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L1")
+            service.resolve = real_resolve
+            return dict(server.stats)
+
+    stats = run(go())
+    assert stats["fetches"] == 2 and stats["failed"] == 1 and stats["refused"] == 1
+
+
+def test_the_daemons_drain_lets_a_running_kv_fetch_finish(tmp_path):
+    """SIGTERM's drain waited for token answers only: a KV fetch in flight was cut 0.24 s after it."""
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+
+    sock = tmp_path / "kv.sock"
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                        "limits": {"drain_timeout_s": 10},
+                        "kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "store"),
+                               "capacity_mb": 64, "chunk_tokens": CHUNK, "ingest_socket": str(sock),
+                               "forecaster": "ewma"}})
+    ids = list(range(2 * CHUNK))
+
+    async def go():
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: put_kv_unix(sock, MODEL, ids, make_kv(len(ids), 8),
+                                                                 prewarm=["low"]))
+            provider = daemon.kv.server.provider
+            real_chunk, release = provider.chunk, asyncio.Event()
+
+            async def held(plan, index, level):
+                await release.wait()
+                return await real_chunk(plan, index, level)
+
+            provider.chunk = held
+            async with connect_kv("127.0.0.1", daemon.kv.server.port, verify=False) as conn:
+                running = asyncio.ensure_future(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=20000,
+                                                              controller="fixed-L1"))
+                while not daemon.kv.server.open_fetches(unsent_only=True):
+                    await asyncio.sleep(0.01)
+                daemon.on_stop_signal()  # SIGTERM
+                await asyncio.sleep(0.5)  # the old drain had closed the connection by now
+                assert not running.done()
+                release.set()
+                result = await asyncio.wait_for(running, 10)
+            await asyncio.wait_for(daemon._stopped.wait(), 15)
+            return result
+        finally:
+            await daemon.stop()
+
+    assert len(run(go()).chunks) == 2

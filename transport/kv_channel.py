@@ -971,6 +971,8 @@ class KVServerProtocol(SessionProtocol):
 
     async def _resolve(self, sid: int, fetch: KvFetch) -> None:
         try:
+            if self.app.draining:  # the daemon is stopping: running fetches finish, new ones are refused
+                raise KVError("server shutting down", code=ErrorCode.SHUTTING_DOWN)
             if self.app.authorize is not None and not self.app.authorize(fetch.auth):
                 raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
             plan = await self.app.provider.resolve(fetch)
@@ -979,6 +981,7 @@ class KVServerProtocol(SessionProtocol):
             self.kv.reject(sid, exc.code, str(exc))
         except Exception as exc:  # a broken provider fails this fetch, never the server
             log.exception("KV resolve failed")
+            self.app.stats["refused"] += 1  # (a store failure is a refusal: it was counted nowhere)
             self.kv.reject(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
             if plan.rest_tokens:
@@ -994,10 +997,12 @@ class KVServerProtocol(SessionProtocol):
             return
         try:
             payload = await self.app.provider.chunk(f.plan, ev.index, ev.level)
-        except TokenwireError as exc:
+        except TokenwireError as exc:  # a chunk gone since the fetch began (evicted, corrupt, re-put)
+            self.app.stats["failed"] += 1  # an outcome too: the fetch ended with an ERROR, counted nowhere
             self.kv.reject(ev.stream_id, exc.code, str(exc))
         except Exception as exc:
             log.exception("KV chunk %d failed", ev.index)
+            self.app.stats["failed"] += 1
             self.kv.reject(ev.stream_id, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
             self.kv.send_chunk(ev.stream_id, ev.index, ev.level, payload, self.clock())
@@ -1018,9 +1023,16 @@ class KVServer:
     on_fetch_closed: Callable[[KVFetchClosed], None] | None = None
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("fetches", "completed", "abandoned", "refused", "prefix_hits", "chunks", "bytes"), 0))
+        ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes"), 0))
     protocols: set[KVServerProtocol] = field(default_factory=set)
+    draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     _quic_server: Any = None
+
+    def open_fetches(self, *, unsent_only: bool = False) -> int:
+        """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
+        for, then gives a short grace to be delivered."""
+        return sum(1 for p in self.protocols for f in p.kv.fetches.values()
+                   if not unsent_only or f.plan is None or f.next_index < len(f.plan.token_counts))
 
     @property
     def port(self) -> int:
@@ -1028,6 +1040,8 @@ class KVServer:
 
     def close(self) -> None:
         for p in list(self.protocols):
+            for t in list(p.tasks):  # now, not at the connection's end: the store's workers are going away too
+                t.cancel()  # (a chunk task then failed with "cannot schedule new futures", a traceback each)
             with contextlib.suppress(Exception):
                 p.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
         if self._quic_server is not None:
