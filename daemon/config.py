@@ -439,6 +439,11 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
     kv = parse_kv(top.get("kv", {}), base)
     _check_udp_listeners(server.listen, kv.listen if kv.enabled else None)
+    if (kv.enabled and sock is not None and kv.ingest_socket is not None
+            and os.path.realpath(sock) == os.path.realpath(kv.ingest_socket)):
+        # the daemon failed at start with "another process is listening on this socket": its own token socket
+        raise ConfigError(f"kv.ingest_socket: {kv.ingest_socket} is also ingest.socket (the token ingest "
+                          "socket); give each socket a path of its own")
     return Config(
         path=path,
         server=server,

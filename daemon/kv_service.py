@@ -142,6 +142,9 @@ class KVService:
         self._sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._lock = threading.Lock()
         self._chunk_locks = [threading.Lock() for _ in range(64)]
+        # set at close: a put in progress stops at its next chunk (a 60k-token put with prewarm kept the
+        # daemon 17-19 s past its drain timeout)
+        self._closing = threading.Event()
         self.encodes = 0
         # counted for the daemon's metrics (the ingest worker writes them)
         self.ingests = 0
@@ -198,6 +201,7 @@ class KVService:
             raise KVIngestError(f"a context of ~{need} bytes does not fit the store's capacity of "
                                 f"{self.store.capacity_bytes} bytes (kv.capacity_mb)")
         for i, h in enumerate(hashes):
+            self._check_open(i, len(hashes))
             lo = i * self.chunk_tokens
             meta = ChunkMeta(model, fp, geo.n_layers, geo.n_heads, geo.head_dim, dtype, i,
                              tuple(token_ids[lo : lo + self.chunk_tokens]))
@@ -218,8 +222,18 @@ class KVService:
                             self._sizes.pop((h, lv), None)
                 self._remember(self._meta, h, meta)
             for lv in prewarm:
+                self._check_open(i + 1, len(hashes))
                 self.encoded_sync(h, lv)
         return hashes
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def _check_open(self, stored: int, total: int) -> None:
+        """Refuse the rest of a put once the service is closing: the chunks already written stay, each whole."""
+        if self._closing.is_set():
+            raise KVIngestError(f"the daemon is stopping: {stored} of {total} chunks stored; put the context again")
 
     def _stored_tail(self, parent: str, ids: Sequence[int], like: ChunkMeta | None,
                      model: str) -> tuple[str, ChunkMeta] | None:
@@ -438,10 +452,36 @@ class KVService:
     async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)
 
-    def close(self) -> None:
+    def _begin_close(self) -> None:
+        """Stop taking work without waiting: queued puts and fetches are cancelled, a running put stops at its
+        next chunk (or prewarm encode)."""
+        self._closing.set()
+        self.ingest_pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _join(self) -> None:
         self.ingest_pool.shutdown(wait=True)
         self.pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Blocking close, for callers without an event loop (on a loop, await :meth:`aclose`)."""
+        self._begin_close()
+        self._join()
         self.store.close()
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """Close without blocking the event loop: the workers are joined on a thread for at most ``timeout``
+        seconds. True when they ended (the store is closed too); False when one was still inside a chunk's write
+        or encode: the store is then left open for it (closing it under a write would fail that write), and the
+        process's exit waits for that one chunk."""
+        self._begin_close()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._join), timeout)
+        except TimeoutError:
+            log.warning("KV workers still busy %.1f s after close; not waiting for them", timeout)
+            return False
+        self.store.close()
+        return True
 
 
 def open_store(cfg: KVConfig) -> ChunkStore:
@@ -463,6 +503,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
             try:
                 line = await reader.readline()
             except ValueError:  # over the reader's limit (readline turns LimitOverrunError into this)
+                service.count_ingest_error()  # a refused put, like a header that is not JSON
                 reply({"ok": False, "error": "header line too long"})
                 await writer.drain()
                 break
@@ -502,10 +543,18 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
             except KVError as exc:  # StoreError included
                 reply({"ok": False, "error": str(exc)})
             except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
-                log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
-                reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
+                if service.closing:  # the closed pool refuses new work (RuntimeError): not a bug
+                    reply({"ok": False, "error": "the daemon is stopping; put the context again"})
+                else:
+                    log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
+                    reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    except asyncio.CancelledError:
+        # the daemon is stopping. Returned, not re-raised: Python 3.11's stream server calls task.exception() on
+        # the finished task, which raises for a cancelled one, and asyncio logged that as an ERROR with a
+        # traceback for every idle engine connection at shutdown (as daemon/ingest.py's serve_ingest)
         pass
     finally:
         writer.close()
@@ -521,6 +570,25 @@ async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Serve
     return server
 
 
+def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
+    """Refuse, as :meth:`KVService.ingest` does and with its message, KV that ``stack_kv`` refuses: run on data-less
+    ("meta") copies of the tensors, so checking costs no copy of the context."""
+    import torch
+
+    from tokenwire.transport.cachegen.codec import stack_kv
+    from tokenwire.transport.cachegen.errors import InvalidInput
+
+    def meta(layer: Any) -> Any:
+        if not isinstance(layer, tuple | list) or len(layer) != 2:
+            return layer  # stack_kv names what is wrong with it
+        return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in layer)
+
+    try:
+        stack_kv([meta(layer) for layer in kv], dtype=None)
+    except InvalidInput as exc:
+        raise KVIngestError(f"bad KV tensors: {exc}") from None
+
+
 def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                 fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
     """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes."""
@@ -528,6 +596,7 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
 
     import torch
 
+    _check_kv(kv)  # what ingest() refuses: a batch was sent as its element 0, mixed dtypes promoted to fp32
     ks = [k[0] if k.dim() == 4 else k for k, _ in kv]
     vs = [v[0] if v.dim() == 4 else v for _, v in kv]
     t = torch.stack([torch.stack([k, v]) for k, v in zip(ks, vs, strict=True)]).contiguous()  # [L, 2, H, T, D]
@@ -580,6 +649,16 @@ class KVRuntime:
             if self.ingest_path is not None:  # Python 3.11 leaves the socket file behind
                 unix_sockets.release(self.ingest_path, self.ingest_ident)
         self.service.close()
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """:meth:`close` for the event loop: the service's workers are awaited for at most ``timeout`` seconds
+        (:meth:`KVService.aclose`), never blocking the loop."""
+        self.server.close()
+        if self.ingest is not None:
+            self.ingest.close()
+            if self.ingest_path is not None:
+                unix_sockets.release(self.ingest_path, self.ingest_ident)
+        return await self.service.aclose(timeout)
 
 
 def _warm_up() -> float:

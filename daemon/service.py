@@ -69,6 +69,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # address first (a QUIC Retry, RFC 9000 8.1.2: one round trip more), so spoofed Initials create no state; off
 # again once below half of it for a whole handshake timeout
 RETRY_ABOVE = 64
+KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 
 
 class DaemonProtocol(SessionProtocol):
@@ -557,7 +558,9 @@ class Daemon:
                         unix_sockets.release(self.config.ingest.socket, self._ingest_ident)
             if self.kv is not None:
                 with _logged("closing the KV channel"):
-                    self.kv.close()
+                    # awaited, bounded: joining its workers on the loop held a SIGTERM during a long put 17-19 s
+                    # past drain_timeout_s (a put cut there is refused whole-or-in-chunks, never half a chunk)
+                    await self.kv.aclose(KV_CLOSE_S)
             if self._metrics_runner is not None:
                 with _logged("closing the metrics endpoint"):
                     await self._metrics_runner.cleanup()

@@ -690,3 +690,15 @@ def test_cert_writes_through_symlinks_as_it_did(tmp_path):
     assert (tmp_path / "cert.pem").is_symlink() and (tmp_path / "key.pem").is_symlink()
     assert (tmp_path / "real" / "cert.pem").read_bytes() == pair.cert_pem
     assert (tmp_path / "real" / "key.pem").read_bytes() == pair.key_pem
+
+
+def test_the_token_and_kv_ingest_sockets_need_paths_of_their_own(tmp_path):
+    """config check passed one path for both; the daemon then exited with "another process is listening on this
+    socket" (its own token ingest socket)."""
+    sock = str(tmp_path / "ingest.sock")
+    with pytest.raises(ConfigError) as info:
+        parse_config({"ingest": {"socket": sock}, "kv": {"enabled": True, "ingest_socket": sock}})
+    assert "kv.ingest_socket" in str(info.value) and "ingest.socket" in str(info.value)
+    ok = parse_config({"ingest": {"socket": sock}, "kv": {"enabled": True, "ingest_socket": sock + "2"}})
+    assert ok.kv.ingest_socket != ok.ingest.socket
+    parse_config({"ingest": {"socket": sock}, "kv": {"enabled": False, "ingest_socket": sock}})  # never opened

@@ -1,0 +1,165 @@
+"""The KV ingest socket and the KV service's shutdown: what the daemon's event loop sees while they stop, what
+the socket client refuses before sending, and how refused puts are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from tokenwire.daemon import kv_service as kvs
+from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_store import LocalChunkStore, chunk_hashes, object_key
+
+from .test_kv_channel import CHUNK, MODEL, make_kv
+
+
+def _service(tmp_path) -> KVService:
+    return KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK)
+
+
+async def _max_gap(stop: asyncio.Event) -> float:
+    """The longest the event loop went without running this task (how long something blocked it)."""
+    gap, last = 0.0, time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        gap, last = max(gap, now - last), now
+    return gap
+
+
+def test_aclose_never_blocks_the_loop_and_a_put_stops_at_a_chunk_boundary(tmp_path):
+    """close() joined the workers on the event loop: SIGTERM during a 60k-token put blocked the daemon (healthz,
+    the second SIGTERM) 17-19 s past its drain timeout."""
+    svc = _service(tmp_path)
+    writing, gate = threading.Event(), threading.Event()
+    real_put = svc.store.put
+
+    def slow_put(key: str, data: bytes) -> None:
+        writing.set()
+        gate.wait(20)  # a chunk write still going on when the daemon stops
+        real_put(key, data)
+
+    svc.store.put = slow_put  # type: ignore[method-assign]
+    ids = list(range(4 * CHUNK))
+
+    async def go() -> tuple[bool, float, float, BaseException | None]:
+        stop = asyncio.Event()
+        ticker = asyncio.ensure_future(_max_gap(stop))
+        put = asyncio.ensure_future(svc.ingest(MODEL, ids, make_kv(len(ids)), prewarm=["low"]))
+        await asyncio.to_thread(writing.wait, 10)
+        t0 = time.monotonic()
+        done = await svc.aclose(timeout=0.3)  # the worker is inside a write: not waited for past the timeout
+        took = time.monotonic() - t0
+        gate.set()
+        try:
+            await asyncio.wait_for(put, 10)
+            err = None
+        except KVIngestError as exc:
+            err = exc
+        stop.set()
+        return done, took, await ticker, err
+
+    done, took, gap, err = asyncio.run(go())
+    assert done is False and took < 2, (done, took)
+    assert gap < 0.25, f"the event loop was blocked for {gap:.2f} s"
+    assert err is not None and "stopping" in str(err), err  # the put ended at the next chunk, not 4 chunks later
+    svc.close()  # blocking close still works (and closes the store)
+    # the chunk being written is whole (source, then metadata); the rest were never written
+    store = LocalChunkStore(tmp_path / "kv", 64 << 20)
+    hashes = chunk_hashes(ids, model=MODEL, chunk_tokens=CHUNK)
+    assert [store.contains(object_key(h, "meta")) for h in hashes] == [True, False, False, False]
+    assert all(store.contains(object_key(h, "src")) == store.contains(object_key(h, "meta")) for h in hashes)
+    store.close()
+
+
+def test_aclose_returns_once_idle_workers_end_and_closes_the_store(tmp_path):
+    svc = _service(tmp_path)
+    svc.ingest_sync(MODEL, list(range(CHUNK)), make_kv(CHUNK))
+    assert asyncio.run(svc.aclose(timeout=5)) is True
+    LocalChunkStore(tmp_path / "kv", 64 << 20).close()  # the directory's lock was released
+
+
+@pytest.mark.parametrize("kv, message", [
+    ([(torch.zeros(2, 2, CHUNK, 16, dtype=torch.float16),) * 2] * 2, "batch size must be 1"),
+    ([(torch.zeros(2, CHUNK, 16, dtype=torch.float16), torch.zeros(2, CHUNK, 16))] * 2,
+     "every tensor must be torch.float16"),
+    ([(torch.zeros(2, CHUNK, 16, dtype=torch.float16),) * 2, (torch.zeros(2, CHUNK, 16),) * 2],
+     "every tensor must be torch.float16"),
+])
+def test_put_kv_unix_refuses_what_ingest_refuses(tmp_path, kv, message):
+    """The socket client stored a [2, H, T, D] batch as its element 0 and promoted mixed dtypes to float32, KV
+    that ingest() refuses."""
+    svc = _service(tmp_path)
+    with pytest.raises(KVIngestError) as api:
+        svc.ingest_sync(MODEL, list(range(CHUNK)), kv)
+    svc.close()
+    with pytest.raises(KVIngestError) as unix:  # refused before connecting: no daemon listens here
+        put_kv_unix(tmp_path / "none.sock", MODEL, list(range(CHUNK)), kv)
+    assert message in str(api.value)
+    assert str(unix.value) == str(api.value)
+
+
+def test_an_idle_ingest_connection_ends_quietly_at_shutdown(tmp_path):
+    """Each idle engine connection logged "Exception in callback ... CancelledError" when the daemon stopped."""
+    svc = _service(tmp_path)
+    sock = tmp_path / "kv.sock"
+    errors: list[dict] = []
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        srv = await serve_kv_ingest(sock, svc)
+        _, writer = await asyncio.open_unix_connection(str(sock))
+        for _ in range(100):  # until the server's handler task runs
+            handlers = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_handle_ingest"]
+            if handlers:
+                break
+            await asyncio.sleep(0.01)
+        assert handlers
+        for t in handlers:  # what asyncio.run does to the tasks left at shutdown
+            t.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        srv.close()
+        writer.close()
+
+    asyncio.run(go())
+    svc.close()
+    assert errors == []
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_header_line_too_long_counts_as_a_refused_ingest(tmp_path):
+    """Bad JSON counted in tokenwire_kv_ingests_total{outcome="refused"}; an over-long header did not."""
+    svc = _service(tmp_path)
+
+    async def go() -> bytes:
+        reader = asyncio.StreamReader(limit=64)
+        reader.feed_data(b"x" * 200 + b"\n")
+        reader.feed_eof()
+        writer = _Writer()
+        await kvs._handle_ingest(svc, reader, writer)  # type: ignore[arg-type]
+        return writer.data
+
+    assert b"header line too long" in asyncio.run(go())
+    assert svc.ingest_errors == 1
+    svc.close()
+
+
