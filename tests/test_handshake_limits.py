@@ -4,8 +4,10 @@ handshakes have a deadline and a bound, and many at once turn on address validat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -44,6 +46,28 @@ def value(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> fl
     return daemon.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+@contextlib.asynccontextmanager
+async def flooded(n: int, **limits: int) -> AsyncIterator[tuple[Daemon, int]]:
+    """A daemon on loopback (its port) after ``n`` half-open handshakes; stopped, and their sockets closed."""
+    daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                                  "limits": limits}))
+    await daemon.start()
+    port = daemon.addresses[0][1]
+    socks = half_open(port, n)
+    try:
+        yield daemon, port
+    finally:
+        for s in socks:
+            s.close()
+        await daemon.stop()
+
+
+async def chat(port: int) -> str:
+    """A real client's short answer (through a Retry, if one comes)."""
+    async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
+        return await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
+
+
 def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeypatch):
     """60 Initials (0.1 s of a script, spoofable) filled max_sessions until the idle timeout: every real client
     was refused with "too many sessions", and the sessions gauge counted them."""
@@ -51,12 +75,7 @@ def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeyp
     monkeypatch.setattr(Daemon, "retry_threshold", lambda self: 1000)  # the bound and deadline alone (no Retry)
 
     async def go():
-        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
-                                      "limits": {"max_sessions": 3}}))
-        await daemon.start()
-        port = daemon.addresses[0][1]
-        socks = half_open(port, 5)
-        try:
+        async with flooded(5, max_sessions=3) as (daemon, port):
             await until(lambda: daemon.handshaking + value(daemon, "tokenwire_handshakes_refused_total",
                                                             {"reason": "too_many"}) >= 5)
             assert daemon.established == 0 and value(daemon, "tokenwire_sessions_open") == 0
@@ -68,10 +87,6 @@ def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeyp
                 text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
                 assert daemon.established == 1 and value(daemon, "tokenwire_sessions_open") == 1
             return text
-        finally:
-            for s in socks:
-                s.close()
-            await daemon.stop()
 
     assert len(run(go(), 30)) > 0
 
@@ -83,17 +98,14 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
     monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 0.5)
 
     async def go():
-        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""}}))
-        await daemon.start()
-        port = daemon.addresses[0][1]
-        socks = half_open(port, 4)
-        try:
+        async with flooded(4) as (daemon, port):
             await until(lambda: daemon.retrying_since is not None)
             assert value(daemon, "tokenwire_quic_retry_active") == 1
             before = len(daemon.protocols)
-            socks += half_open(port, 3)  # answered with a Retry: no connection state made for them
-            async with connect("127.0.0.1", port, verify=False) as conn:  # the real client follows the Retry
-                text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
+            more = half_open(port, 3)  # answered with a Retry: no connection state made for them
+            text = await chat(port)  # the real client follows the Retry
+            for sock in more:
+                sock.close()
             assert len(daemon.protocols) <= before + 1
             await until(lambda: daemon.handshaking == 0, 5)
             now = time.monotonic()
@@ -102,10 +114,6 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
             daemon._relax_retry(now + service.HANDSHAKE_TIMEOUT_S)  # calm for a whole handshake timeout
             assert daemon.retrying_since is None and value(daemon, "tokenwire_quic_retry_active") == 0
             return text
-        finally:
-            for s in socks:
-                s.close()
-            await daemon.stop()
 
     assert len(run(go(), 30)) > 0
 
@@ -149,20 +157,10 @@ def test_with_few_sessions_allowed_retry_comes_on_at_half_of_them(monkeypatch):
     monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 5.0)
 
     async def go():
-        daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
-                                      "limits": {"max_sessions": 10}}))
-        await daemon.start()
-        port = daemon.addresses[0][1]
-        socks = half_open(port, 10)
-        try:
+        async with flooded(10, max_sessions=10) as (daemon, port):
             await until(lambda: daemon.retrying_since is not None)
             assert daemon.retry_threshold() == 5
-            async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:  # past the Retry
-                return await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
-        finally:
-            for s in socks:
-                s.close()
-            await daemon.stop()
+            return await chat(port)  # past the Retry
 
     assert len(run(go(), 30)) > 0
 

@@ -3,33 +3,29 @@ reaches other clients' metrics, and no stream state left behind (sans-I/O, on th
 
 from __future__ import annotations
 
-from tokenwire.transport.frames import Repair, Report, Request, Tokens
+from tokenwire.transport.frames import Repair, Report, Tokens
 from tokenwire.transport.session import ClientReport, RequestCancelled
 
 from .quicpair import Pair
+from .test_session_refusals import _connected, _request
 
 
-def _request(text: str = "x") -> Request:
-    return Request(messages=[{"role": "user", "content": text}])
-
-
-def _connected() -> Pair:
-    pair = Pair()
+def _accepted(*pieces: str) -> tuple[Pair, int]:
+    """A connected pair with one request accepted by the server, ``pieces`` pushed (not yet exchanged)."""
+    pair = _connected()
+    sid = pair.client.start_request(_request(), pair.now)
     pair.exchange(rounds=40)
-    assert pair.server is not None and pair.client.datagrams_ok
-    return pair
+    pair.server.accept(sid)
+    for piece in pieces:
+        pair.server.push(sid, piece, pair.now)
+    return pair, sid
 
 
 def test_repeated_repairs_put_each_token_on_the_stream_once():
     """22-byte REPAIR frames for [0, 2^40 - 1) each queued the whole transcript on the stream again: 41 MB of
     send buffer for 10,000 of them."""
-    pair = _connected()
-    sid = pair.client.start_request(_request(), pair.now)
-    pair.exchange(rounds=40)
+    pair, sid = _accepted(*(f"t{i} " for i in range(500)))
     server = pair.server
-    server.accept(sid)
-    for i in range(500):
-        server.push(sid, f"t{i} ", pair.now)
     on_stream: list[int] = []
     real = server._send
 
@@ -49,11 +45,7 @@ def test_repeated_repairs_put_each_token_on_the_stream_once():
 
 def test_one_report_per_answer_counts():
     """10,000 REPORT frames after one request added 10,000 observations to the stall and TTFT metrics."""
-    pair = _connected()
-    sid = pair.client.start_request(_request(), pair.now)
-    pair.exchange(rounds=40)
-    pair.server.accept(sid)
-    pair.server.push(sid, "a b c", pair.now)
+    pair, sid = _accepted("a b c")
     for _ in range(50):
         pair.client._send(sid, Report(stall_ratio=0.5, longest_stall_ms=900, ttft_ms=100))
     pair.exchange(rounds=40)
@@ -63,11 +55,7 @@ def test_one_report_per_answer_counts():
 def test_a_request_the_client_resets_frees_its_stream():
     """A reset (quic-go's CancelWrite) left the server's side of the stream open: the stream was never
     discarded, its credit never returned, and after 128 cancels the connection could open no more requests."""
-    pair = _connected()
-    sid = pair.client.start_request(_request(), pair.now)
-    pair.exchange(rounds=40)
-    pair.server.accept(sid)
-    pair.server.push(sid, "partial", pair.now)
+    pair, sid = _accepted("partial")
     pair.exchange(rounds=20)
     pair.client.quic.reset_stream(sid, 0x10D)
     pair.exchange(rounds=60)

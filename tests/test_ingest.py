@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,20 @@ def test_max_open_config_key():
         parse_config({"ingest": {"max_open": 0}})
 
 
+async def _bad_op_then_more(tmp_path: Path, api: IngestAPI,
+                            bad_line: Callable[[str], bytes]) -> tuple[dict[str, Any], ...]:
+    """Open an answer, send ``bad_line(id)``, then a push and a finish on the same connection: the replies."""
+    server = await serve_ingest(tmp_path / "ingest.sock", api)
+    reader, writer = await _connect(tmp_path / "ingest.sock")
+    rid = (await _send(reader, writer, b'{"op": "open"}'))["id"]
+    bad = await _send(reader, writer, bad_line(rid))
+    pushed = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "still here"}).encode())
+    finished = await _send(reader, writer, json.dumps({"op": "finish", "id": rid}).encode())
+    writer.close()
+    server.close()
+    return bad, pushed, finished
+
+
 async def _connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_unix_connection(str(path), limit=1 << 22)
 
@@ -97,18 +112,8 @@ def test_a_number_over_pythons_digit_limit_is_an_error_reply(tmp_path):
     failed every answer it had open and logged an unhandled exception."""
     _store, api = _api()
 
-    async def go() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        server = await serve_ingest(tmp_path / "ingest.sock", api)
-        reader, writer = await _connect(tmp_path / "ingest.sock")
-        rid = (await _send(reader, writer, b'{"op": "open"}'))["id"]
-        bad = await _send(reader, writer, b'{"op": "push", "id": "%s", "n": %s}' % (rid.encode(), b"1" * 5000))
-        pushed = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "still here"}).encode())
-        finished = await _send(reader, writer, json.dumps({"op": "finish", "id": rid}).encode())
-        writer.close()
-        server.close()
-        return bad, pushed, finished
-
-    bad, pushed, finished = run(go(), timeout=30)
+    bad, pushed, finished = run(_bad_op_then_more(
+        tmp_path, api, lambda rid: b'{"op": "push", "id": "%s", "n": %s}' % (rid.encode(), b"1" * 5000)), timeout=30)
     assert bad["ok"] is False and bad["error"].startswith("not valid JSON")
     assert pushed == {"ok": True, "tokens": 1} and finished == {"ok": True, "tokens": 1}
 
@@ -156,18 +161,8 @@ def test_a_failure_of_ours_is_an_error_reply_and_the_connection_lives(tmp_path, 
 
     api.handle = flaky
 
-    async def go():
-        server = await serve_ingest(tmp_path / "ingest.sock", api)
-        reader, writer = await _connect(tmp_path / "ingest.sock")
-        rid = (await _send(reader, writer, b'{"op": "open"}'))["id"]
-        bad = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "boom"}).encode())
-        pushed = await _send(reader, writer, json.dumps({"op": "push", "id": rid, "text": "fine"}).encode())
-        finished = await _send(reader, writer, json.dumps({"op": "finish", "id": rid}).encode())
-        writer.close()
-        server.close()
-        return bad, pushed, finished
-
-    bad, pushed, finished = run(go(), timeout=30)
+    bad, pushed, finished = run(_bad_op_then_more(
+        tmp_path, api, lambda rid: json.dumps({"op": "push", "id": rid, "text": "boom"}).encode()), timeout=30)
     assert bad == {"ok": False, "error": "internal error (the daemon's log has it)"}
     assert pushed == {"ok": True, "tokens": 1} and finished == {"ok": True, "tokens": 1}
     assert "ingest: handling op 'push' failed" in caplog.text
