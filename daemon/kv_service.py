@@ -55,6 +55,7 @@ log = logging.getLogger("tokenwire.kv")
 
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
+BODY_QUIET_S = 30.0  # a put body with no byte for this long is given up (its connection closed)
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
 
 
@@ -276,8 +277,9 @@ class KVService:
         return await loop.run_in_executor(self.ingest_pool, lambda: self.ingest_sync(
             model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm))
 
-    def ingest_raw_sync(self, model: str, token_ids: Sequence[int], shape: Sequence[int], dtype: str, data: bytes,
-                        *, fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+    def ingest_raw_sync(self, model: str, token_ids: Sequence[int], shape: Sequence[int], dtype: str,
+                        data: bytes | bytearray, *, fingerprint: int | None = None,
+                        prewarm: Sequence[str] = ()) -> list[str]:
         """Ingest from raw bytes laid out ``[L, 2, H, T, D]`` (the Unix-socket path)."""
         import torch
 
@@ -492,6 +494,24 @@ def open_store(cfg: KVConfig) -> ChunkStore:
 
 
 # ------------------------------------------------------------------------------------------------ Unix socket
+async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
+    """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a slow engine
+    that keeps sending is waited for)."""
+    data = bytearray(nbytes)
+    got = 0
+    while got < nbytes:
+        try:
+            piece = await asyncio.wait_for(reader.read(min(nbytes - got, 1 << 20)), BODY_QUIET_S)
+        except TimeoutError:
+            raise TimeoutError(f"put body stalled: nothing for {BODY_QUIET_S:g} s after {got} of {nbytes} bytes; "
+                               "the connection is closed") from None
+        if not piece:
+            raise asyncio.IncompleteReadError(bytes(data[:got]), nbytes)
+        data[got : got + len(piece)] = piece
+        got += len(piece)
+    return data
+
+
 async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One connection: any number of ``header line + raw tensor bytes`` puts, one reply line each."""
 
@@ -531,7 +551,13 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
-            data = await reader.readexactly(nbytes)
+            try:
+                data = await _read_body(reader, nbytes)
+            except TimeoutError as exc:  # a hung engine held its half-sent body (and memory) for good
+                service.count_ingest_error()
+                reply({"ok": False, "error": str(exc)})
+                await writer.drain()
+                break
             fp = msg.get("fingerprint")
             prewarm = msg.get("prewarm", [])
             try:

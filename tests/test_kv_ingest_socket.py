@@ -163,3 +163,24 @@ def test_a_header_line_too_long_counts_as_a_refused_ingest(tmp_path):
     svc.close()
 
 
+
+
+def test_a_put_body_that_stalls_is_given_up(tmp_path, monkeypatch):
+    """Eight engines that declared 1-GiB puts, sent 100 MB and stalled held 800 MB for good (no read timeout)."""
+    import json
+
+    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
+    svc = _service(tmp_path)
+
+    async def go() -> bytes:
+        reader = asyncio.StreamReader()
+        header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
+        reader.feed_data(json.dumps(header).encode() + b"\n" + b"\0" * 10)  # 10 of 32 bytes, then nothing
+        writer = _Writer()
+        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 10)  # type: ignore[arg-type]
+        return writer.data
+
+    reply = asyncio.run(go())
+    assert b"put body stalled: nothing for 0.2 s after 10 of 32 bytes" in reply
+    assert svc.ingest_errors == 1
+    svc.close()
