@@ -80,7 +80,6 @@ from .marking import MarkingPolicy
 from .path_recovery import KV_RECOVERY_PING_S
 from .quic_io import SessionProtocol, open_client, serve_quic, tune_socket
 from .session import (
-    ECN_SLACK,
     ConnectionEnded,
     SessionEvent,
     _SessionBase,
@@ -253,7 +252,6 @@ class KVServerSession(_SessionBase):
         self.marking = marking
         self.fetches: dict[int, ServerFetch] = {}
         self._forecaster_factory = forecaster_factory
-        self._last_ecn: list[int] | None = None
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
         self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
@@ -551,18 +549,6 @@ class KVServerSession(_SessionBase):
             f.samples += 1
         if ack.ecn is not None and len(ack.ecn) == 4:
             self._ecn_feedback(ack.ecn, now)
-
-    def _ecn_feedback(self, counts: list[int], now: float) -> None:
-        if sum(counts) > self.datagrams_sent + ECN_SLACK:  # counts of more packets than were sent: made up
-            return
-        prev = self._last_ecn or [0, 0, 0, 0]
-        if any(a < b for a, b in zip(counts, prev, strict=True)):
-            return
-        delta = [a - b for a, b in zip(counts, prev, strict=True)]
-        self._last_ecn = list(counts)
-        cc = getattr(self.quic._loss, "_cc", None)
-        if hasattr(cc, "on_ecn_feedback") and sum(delta):
-            cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[3])
 
     def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
         raise ProtocolError("the KV channel carries no datagrams")

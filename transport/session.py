@@ -182,6 +182,7 @@ class _SessionBase:
         self.current_codepoint = 0  # ECN codepoint for the datagrams of the current batch (Not-ECT)
         self.closed = False
         self.datagrams_sent = 0
+        self._last_ecn: list[int] | None = None  # the peer's latest cumulative ECN counts (ECN feedback)
         self._closing_error: TokenwireError | None = None
         self._heard_at = 0.0  # last QUIC event from the peer (data, datagram, ping ack, ...)
         self._pinged_at = 0.0
@@ -214,6 +215,23 @@ class _SessionBase:
 
     def _on_peer_packet(self, now: float) -> None:
         """Hook: a datagram from the peer was processed."""
+
+    def _ecn_feedback(self, counts: list[int], now: float) -> bool:
+        """Feed the peer's cumulative ECN counts (Not-ECT, ECT(1), ECT(0), CE) to a scalable congestion controller;
+        True when they report new CE marks. Older counts (a reordered ack) and counts of more packets than were
+        sent (made up: a client inflated tokenwire_ecn_ce_total by 2^40) are ignored. The token and KV sessions
+        both read their acks' counts through here."""
+        if sum(counts) > self.datagrams_sent + ECN_SLACK:
+            return False
+        prev = self._last_ecn or [0, 0, 0, 0]
+        if any(a < b for a, b in zip(counts, prev, strict=True)):
+            return False
+        delta = [a - b for a, b in zip(counts, prev, strict=True)]
+        self._last_ecn = list(counts)
+        cc = getattr(self.quic._loss, "_cc", None)
+        if hasattr(cc, "on_ecn_feedback") and sum(delta):
+            cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[CE])
+        return delta[CE] > 0
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
@@ -406,7 +424,6 @@ class ServerSession(_SessionBase):
         super().__init__(quic)
         self.marking = marking
         self.on_latency_sample: Callable[[LatencySample], None] | None = None
-        self._last_ecn: list[int] | None = None
         self.requests: dict[int, ServerRequest] = {}
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
@@ -613,7 +630,7 @@ class ServerSession(_SessionBase):
         if not isinstance(frame, Ack):
             raise ProtocolError("clients may only send ack datagrams")
         self.acks_received += 1
-        ce_new = self._ecn_feedback(frame, now)
+        ce_new = self._ecn_feedback(frame.ecn, now) if frame.ecn is not None and len(frame.ecn) == 4 else False
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
             meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
@@ -672,22 +689,6 @@ class ServerSession(_SessionBase):
     def ce_reported(self) -> int:
         """The client's cumulative count of CE-marked packets (0 before its first ECN feedback)."""
         return self._last_ecn[CE] if self._last_ecn is not None else 0
-
-    def _ecn_feedback(self, ack: Ack, now: float) -> bool:
-        """Feed CE counts from the client's cumulative counters to a scalable congestion controller."""
-        if ack.ecn is None or len(ack.ecn) != 4:
-            return False
-        if sum(ack.ecn) > self.datagrams_sent + ECN_SLACK:  # counts of more packets than were sent: made up
-            return False
-        prev = self._last_ecn or [0, 0, 0, 0]
-        delta = [max(0, a - b) for a, b in zip(ack.ecn, prev, strict=True)]
-        if self._last_ecn is not None and any(a < b for a, b in zip(ack.ecn, prev, strict=True)):
-            return False  # reordered ack with older counters
-        self._last_ecn = list(ack.ecn)
-        cc = getattr(self.quic._loss, "_cc", None)
-        if hasattr(cc, "on_ecn_feedback") and sum(delta):
-            cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[CE])
-        return delta[CE] > 0
 
     def totals(self) -> SenderStats:
         """Token-packet counters of this connection so far (finished and running requests)."""
