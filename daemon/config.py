@@ -99,6 +99,8 @@ class MetricsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 9464)
 
 
+MAX_ANSWER_TOKENS = 1_000_000  # the bound of limits.max_tokens and of an upstream's max_tokens
+
 # A principal is a token's name or "cert:" + a certificate's common name (at most 64 characters in X.509): 128
 # leaves room for both, and keeps the names every open answer holds small
 MAX_PRINCIPAL_CHARS = 128
@@ -298,7 +300,7 @@ def _limits(t: Any) -> Limits:
     return Limits(
         max_sessions=s.int("max_sessions", 10_000, 1, 1_000_000),
         max_requests_per_connection=s.int("max_requests_per_connection", 64, 1, 10_000),
-        max_tokens=s.int("max_tokens", 16_384, 1, 1_000_000),
+        max_tokens=s.int("max_tokens", 16_384, 1, MAX_ANSWER_TOKENS),
         max_request_bytes=s.int("max_request_bytes", 1 << 20, 1024, 64 << 20),
         max_redundant_tokens=s.int("max_redundant_tokens", 64, 1, 4096),
         transcript_memory_mb=s.num("transcript_memory_mb", 256.0, 1.0, 1 << 20),
@@ -347,7 +349,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
         if kind == "demo":
             opts["rate"] = s.num("rate", 30.0, 0.1, 10_000.0)  # the demo upstream's own bound on params.rate
             opts["first_token_ms"] = s.num("first_token_ms", 150.0, 0.0, 60_000.0)
-            opts["max_tokens"] = s.int("max_tokens", 2000, 1, 1_000_000)
+            opts["max_tokens"] = s.int("max_tokens", 2000, 1, MAX_ANSWER_TOKENS)
         elif kind == "openai":
             url = s.str("base_url", None)
             if not url or not url.startswith(("http://", "https://")):

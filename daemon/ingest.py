@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request may name
 
 from . import unix_sockets
 from .config import MAX_PRINCIPAL_CHARS, IngestConfig
@@ -41,7 +42,6 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
 FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
-MAX_MODEL_CHARS = 128  # what a QUIC request may name (transport/frames.py, Request's "model" field)
 DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open at once
 
 

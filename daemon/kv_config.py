@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenwire.transport.frames import MAX_CHUNK_TOKENS
+
 
 @dataclass(frozen=True)
 class KVConfig:
@@ -84,7 +86,7 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
         directory=directory,
         redis_url=redis_url,
         capacity_bytes=s.int("capacity_mb", 4096, 1, 1 << 24) << 20,
-        chunk_tokens=s.int("chunk_tokens", 256, 16, 32768),
+        chunk_tokens=s.int("chunk_tokens", 256, 16, MAX_CHUNK_TOKENS),  # what one KV_CHUNK may carry
         ingest_socket=s.path("ingest_socket", base, must_exist=False),
         congestion=_congestion(s.str("congestion", None, ("prague", "reno", "cubic")), marking),
         marking=marking,

@@ -31,6 +31,8 @@ SCHEMES = ("chatterbox", "stream", "duplicate")
 MAX_DATAGRAM_FRAME = 1500  # larger datagram frames are rejected before decoding
 MAX_STREAM_FRAME = 1 << 20  # default limit for one length-prefixed stream frame
 REPORT_MS_MAX = 1 << 32  # REPORT's times in ms: the field's upper bound
+MAX_MODEL_CHARS = 128  # a model name, in a REQUEST or a KV_FETCH (the daemon's ingest socket takes the same)
+MAX_CHUNK_TOKENS = 1 << 15  # tokens in one KV chunk (the [kv] chunk_tokens setting's bound too)
 MAX_TOKEN_BYTES = 256  # one token piece; longer upstream pieces are split by the sender
 MAX_TOKENS_PER_FRAME = 4096
 MAX_INDEX = (1 << 40) - 1
@@ -234,7 +236,7 @@ class Request(Frame):
         "v": ("version", _version, True),
         "m": ("messages", _messages, False),
         "s": ("scheme", _str(16, SCHEMES), False),
-        "model": ("model", _str(128), False),
+        "model": ("model", _str(MAX_MODEL_CHARS), False),
         "mt": ("max_tokens", _int(1, 1_000_000), False),
         "a": ("auth", _str(512), False),
         "rid": ("resume_id", _bytes(REQUEST_ID_BYTES, REQUEST_ID_BYTES), False),
@@ -458,7 +460,7 @@ class KvFetch(Frame):
 
     FIELDS: ClassVar[FieldSpec] = {
         "v": ("version", _version, True),
-        "model": ("model", _str(128), True),
+        "model": ("model", _str(MAX_MODEL_CHARS), True),
         "dl": ("deadline_ms", _int(1, MAX_DEADLINE_MS), True),
         "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, (1 << 31) - 1), False),
         "hs": ("hashes", _hash_list, False),
@@ -483,7 +485,7 @@ class KvMeta(Frame):
 
     FIELDS: ClassVar[FieldSpec] = {
         "n": ("chunks", _int(1, MAX_KV_CHUNKS), True),
-        "ct": ("chunk_tokens", _int(1, 1 << 15), True),
+        "ct": ("chunk_tokens", _int(1, MAX_CHUNK_TOKENS), True),
         "tok": ("tokens", _int(1, MAX_KV_TOKENS * 8), True),
         "geo": ("geometry", _geometry, True),
         "fp": ("fingerprint", _int(0, (1 << 64) - 1), True),
@@ -514,7 +516,7 @@ class KvChunk(Frame):
         "lv": ("level", _str(8, KV_LEVELS), True),
         "n": ("size", _int(0, MAX_KV_CHUNK_BYTES), True),
         "crc": ("crc", _int(0, (1 << 32) - 1), True),
-        "tk": ("tokens", _int(1, 1 << 15), True),
+        "tk": ("tokens", _int(1, MAX_CHUNK_TOKENS), True),
         "s": ("sent_us", _u_ts, False),
     }
 
