@@ -42,6 +42,12 @@ class LiveRequest:
     error: tuple[int, str] | None = None
     listeners: dict[Hashable, Callable[[], None]] = field(default_factory=dict)
     model: str | None = None
+    # model and principal count in memory_bytes too (unbounded ingest names once grew the daemon by a GB outside
+    # that bound); they never change, so their size is taken once, not at every housekeeping pass
+    _name_bytes: int = field(init=False, repr=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._name_bytes = _text_bytes(self.model) + _text_bytes(self.principal)
 
     @property
     def done(self) -> bool:
@@ -49,10 +55,8 @@ class LiveRequest:
 
     @property
     def memory_bytes(self) -> int:
-        # model and principal count too: unbounded ingest names once grew the daemon by a GB outside this bound
         tr = self.transcript
-        names = _text_bytes(self.model) + _text_bytes(self.principal)
-        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + names + 256
+        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + self._name_bytes + 256
 
     def _notify(self) -> None:
         for callback in list(self.listeners.values()):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
-from tokenwire.daemon.cli import write_json
+from tokenwire.daemon.cli import cell, write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         first_token_ms=args.first_token_ms,
     )
     for seed in range(args.seed, args.seed + args.runs):  # a run past the cap fails only at the cap, every cell NaN
-        need = earliest_end_s(SimConfig(**{**cfg.__dict__, "seed": seed}))
+        need = earliest_end_s(dataclasses.replace(cfg, seed=seed))
         if need > cfg.max_virtual_s:
             raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s, --first-token-ms {args.first_token_ms:g}"
                            f" and 4 x --delay-ms {args.delay_ms:g} end at {need:.0f} s of virtual time at the earliest"
@@ -80,11 +81,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(d["runs_finished"] == 0 for d in result["schemes"].values()) else 0
 
 
-def _num(x: float, spec: str) -> str:
-    """``x`` formatted, or "-" where no run finished (a NaN mean)."""
-    return format(x, spec) if math.isfinite(x) else "-"
-
-
 def format_table(result: dict) -> str:
     cfg = result["config"]
     oracle = result["oracle"]["stall_ratio"]
@@ -96,9 +92,9 @@ def format_table(result: dict) -> str:
     ]
     for name, d in result["schemes"].items():
         lines.append(
-            f"{name:<11} {_num(d['stall_ratio'], '.4f'):>7} {_num(d['oracle_stall_ratio'], '.4f'):>10} "
-            f"{_num(d['ttft_ms'], '.0f'):>8} {_num(d['p99_token_delay_ms'], '.0f'):>7} "
-            f"{_num(d['bytes_per_token'], '.0f'):>8} "
+            f"{name:<11} {cell(d['stall_ratio'], '>7.4f')} {cell(d['oracle_stall_ratio'], '>10.4f')} "
+            f"{cell(d['ttft_ms'], '>8.0f')} {cell(d['p99_token_delay_ms'], '>7.0f')} "
+            f"{cell(d['bytes_per_token'], '>8.0f')} "
             f"{d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
             f"{ {True: 'ok', False: 'BAD', None: '-'}[d['digest_ok']]:>6}"
         )

@@ -19,8 +19,10 @@ from typing import Any
 from aioquic.asyncio import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, open_udp_socket
 from .session import SessionEvent, _SessionBase
@@ -197,9 +199,6 @@ class ValidatingQuicServer(QuicServer):
 
 def _initial_token(data: bytes | str, server: QuicServer) -> bool:
     """Whether ``data`` is an Initial, for no connection yet, that carries a token (a client answering a Retry)."""
-    from aioquic.buffer import Buffer
-    from aioquic.quic.packet import QuicPacketType, pull_quic_header
-
     try:
         header = pull_quic_header(Buffer(data=bytes(data)),
                                   host_cid_length=server._configuration.connection_id_length)

@@ -1006,9 +1006,9 @@ def _report(outcome: ChatOutcome) -> Report:
     st = stats_from_outcome(outcome)
 
     def ms(v: float) -> int | None:
-        # NaN -> None; within the field's range, which a server's absurd generation times pushed past (the
+        # NaN -> None; clamped into the field's range, which a server's absurd generation times pushed past (the
         # server then closed the connection on our REPORT as malformed, with every other answer on it)
-        return None if v != v else min(REPORT_MS_MAX, max(0, round(v))) if math.isfinite(v) else REPORT_MS_MAX
+        return None if v != v else round(min(REPORT_MS_MAX, max(0.0, v)))
 
     ratio = None if st.stall_ratio != st.stall_ratio else min(1.0, max(0.0, st.stall_ratio))
     return Report(stall_ratio=ratio, longest_stall_ms=ms(st.longest_stall_ms), ttft_ms=ms(st.ttft_ms))

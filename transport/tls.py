@@ -46,14 +46,14 @@ class CertPair:
         then refused to start with)."""
         # symlinks are written through, as before (a link to where the daemon reads them stayed a link)
         cert_path, key_path = Path(os.path.realpath(cert_path)), Path(os.path.realpath(key_path))
-        made: list[tuple[Path, Path, int]] = []
+        made: list[Path] = []  # the temporary files: the key's, then the certificate's
         try:
             for path, data, mode in ((key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644)):
-                made.append((_write_temp(path, data, mode), path, mode))
+                made.append(_write_temp(path, data, mode))
             old_key = key_path.read_bytes() if key_path.exists() else None  # (small: kept to undo with)
-            os.replace(made[0][0], key_path)
+            os.replace(made[0], key_path)
             try:
-                os.replace(made[1][0], cert_path)
+                os.replace(made[1], cert_path)
             except OSError:
                 if old_key is None:
                     key_path.unlink(missing_ok=True)
@@ -61,7 +61,7 @@ class CertPair:
                     os.replace(_write_temp(key_path, old_key, 0o600), key_path)
                 raise
         finally:
-            for tmp, _, _ in made:
+            for tmp in made:
                 tmp.unlink(missing_ok=True)
 
 
