@@ -384,21 +384,37 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
     return tuple(out)
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot go in the Authorization header (a line break inside it, say two keys; every request
+    failed with a traceback), as words that follow the key's name; None when it can."""
+    problem = header_value_problem(key)
+    return None if problem is None else f"contains {problem} (one key on one line)"
+
+
+def read_api_key(path: Path) -> str:
+    """The key in ``path``, stripped; ``UnicodeDecodeError`` for a file that is not UTF-8 text, ``ValueError``
+    saying what is wrong with the key (words that follow its name), ``OSError`` as reading raised it. The config
+    check and the upstream (at each request) both read here."""
+    key = path.read_bytes().decode("utf-8").strip()
+    problem = api_key_problem(key)
+    if problem is not None:
+        raise ValueError(problem)
+    return key
+
+
 def _check_api_key_file(path: Path | None, where: str) -> None:
-    """Refuse a key file whose key cannot go in the Authorization header (a line break inside it, say two
-    keys): every request failed with a traceback. Only a readable regular file is checked (a FIFO would block);
+    """Refuse a key file whose key cannot be sent. Only a readable regular file is checked (a FIFO would block);
     the upstream reads it again at each request and reports what it cannot read then."""
     if path is None or not path.is_file():
         return
     try:
-        key = path.read_bytes().decode("utf-8").strip()
+        read_api_key(path)
     except OSError:
         return
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
-    problem = header_value_problem(key)
-    if problem is not None:
-        raise ConfigError(f"{where}: the key in {path} contains {problem} (one key on one line)")
+    except ValueError as exc:
+        raise ConfigError(f"{where}: the key in {path} {exc}") from None
 
 
 def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...]:

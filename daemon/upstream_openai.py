@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import LineTooLong
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
-from .config import header_value_problem
+from .config import api_key_problem, read_api_key
 from .upstreams import Emit
 
 PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n")
@@ -75,20 +75,20 @@ class OpenAIUpstream:
         cannot go in a header (a line break inside it) is a typed error: aiohttp's was a traceback per request."""
         if self.api_key_file is not None:
             try:
-                key = self.api_key_file.read_bytes().decode("utf-8").strip()
+                key = read_api_key(self.api_key_file)
             except OSError as exc:
                 raise _upstream_error(self.name, f"cannot read the API key file: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise _upstream_error(self.name, "the API key file is not UTF-8 text") from None
-            where = "the API key file"
+            except ValueError as exc:
+                raise _upstream_error(self.name, f"the API key file {exc}") from None
         elif self.api_key_env:
             key = os.environ.get(self.api_key_env, "")
-            where = f"the API key in ${self.api_key_env}"
+            problem = api_key_problem(key)
+            if problem is not None:
+                raise _upstream_error(self.name, f"the API key in ${self.api_key_env} {problem}")
         else:
             return None
-        problem = header_value_problem(key)
-        if problem is not None:
-            raise _upstream_error(self.name, f"{where} contains {problem} (one key on one line)")
         return key or None
 
     def _model(self, request: ChatRequest) -> str | None:
