@@ -23,7 +23,7 @@ import pytest
 from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.quic import events as qe
 
-from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import KvChunk, KvDone, KvFetch, KvMeta, StreamDecoder, encode_stream_frame
 from tokenwire.transport.kv_channel import (
     KVChunkReceived,
@@ -354,3 +354,35 @@ def test_another_fetchs_bytes_do_not_keep_a_stalled_fetch_waiting():
     took, err = _run(go())
     assert isinstance(err, KVError) and err.code == ErrorCode.UPSTREAM_TIMEOUT
     assert 2.0 <= took < 3.5
+
+
+def test_a_kv_done_whose_levels_disagree_with_the_chunks_fails_the_fetch():
+    """KV_DONE's level list was never compared with the chunks' headers: a server could report one thing and
+    send another, and the fetch returned as if all were well."""
+    async def serve_it(p: _Hostile, sid: int, req: KvFetch) -> None:
+        p.send(sid, _meta(chunks=2))
+        _texts(p, sid, [0, 1], req.token_ids)
+        await asyncio.sleep(0.05)
+        p.send(sid, KvDone(2, ["text", "low"]), end=True)
+
+    with pytest.raises(KVError, match="KV_DONE says chunk 1 is low, it came as text") as ei:
+        _run(_fetch(serve_it))
+    assert type(ei.value) is KVError and ei.value.code == ErrorCode.MALFORMED_FRAME
+
+
+def test_a_reset_chunk_stream_fails_its_fetch_at_once():
+    """A chunk stream reset after its header announced the chunk can never complete the fetch (a second stream
+    for that index is refused as a duplicate); the fetch waited for its timeout. It now fails at once."""
+    async def serve_it(p: _Hostile, sid: int, req: KvFetch) -> None:
+        p.send(sid, _meta())
+        _texts(p, sid, [0], req.token_ids)
+        u = p.chunk(sid, 1, b"\0" * 8, size=4 * CT, end=False)
+        await asyncio.sleep(0.05)
+        p._quic.reset_stream(u, int(ErrorCode.INTERNAL))
+        p.transmit()
+
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="server reset the stream of chunk 1") as ei:
+        _run(_fetch(serve_it, deadline_ms=20_000))
+    assert ei.value.code == ErrorCode.INTERNAL
+    assert time.monotonic() - t0 < 3  # at once, not after the 20-s deadline's wait

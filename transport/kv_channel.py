@@ -673,6 +673,11 @@ def max_codec_chunk_bytes(geometry: Sequence[int], tokens: int) -> int:
     return HEADER.size + CRC.size + 2 * layers + side + MAX_TABLES * _CODED_TABLE + 4 * elements + payload
 
 
+def _known_code(code: int) -> ErrorCode | None:
+    """The peer's error code as an :class:`ErrorCode`, None for one this side does not know."""
+    return ErrorCode(code) if code in ErrorCode._value2member_map_ else None
+
+
 def _chunk_misfit(hdr: KvChunk, meta: KvMeta | None, max_chunks: int | None) -> str | None:
     """Why one chunk header cannot be part of its fetch (None: it can): an index past KV_META's chunk count
     (or past the hashes asked for), a text chunk whose size is not its tokens' int32s, a codec chunk longer
@@ -816,8 +821,7 @@ class KVClientSession(_SessionBase):
                 err_cls = KVNotFound if fr.code == ErrorCode.NOT_FOUND else RemoteError
                 # the fetch is over: our FIN closes the stream at once; the server's FIN follows its ERROR and
                 # nothing after it is read
-                return out + self._fail(stream_id, err_cls(fr.message, code=ErrorCode(fr.code)
-                                                           if fr.code in ErrorCode._value2member_map_ else None))
+                return out + self._fail(stream_id, err_cls(fr.message, code=_known_code(fr.code)))
             else:
                 raise ProtocolError(f"fetch stream {stream_id}: unexpected {type(fr).__name__} frame")
         return out
@@ -896,11 +900,15 @@ class KVClientSession(_SessionBase):
         raise ProtocolError("the KV channel carries no datagrams")
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
-        if stream_id % 4 == 3:  # a chunk stream: what it buffered goes (its fetch times out, or ends first)
+        if stream_id % 4 == 3:  # a chunk stream: what it buffered goes
             inc = self.incoming.pop(stream_id, None)
-            f = self.fetches.get(inc.header.fetch) if inc is not None and inc.header is not None else None
-            if f is not None:
-                f.streams.discard(stream_id)
+            hdr = inc.header if inc is not None else None
+            if hdr is not None and hdr.fetch in self.fetches:
+                # its index is announced, so no other stream may bring it: the fetch cannot complete (it waited
+                # for its timeout). A reset before the header names no fetch: that one still waits.
+                self.fetches[hdr.fetch].streams.discard(stream_id)
+                return self._fail(hdr.fetch, RemoteError(
+                    f"server reset the stream of chunk {hdr.index} (code {code:#x})", code=_known_code(code)))
             return []
         if stream_id in self.fetches:
             return self._fail(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))
@@ -1267,6 +1275,15 @@ def _check_text_ids(results: list[ChunkResult], received: dict[int, tuple[KvChun
         pos += n
 
 
+def _check_done_levels(done: KvDone, results: list[ChunkResult]) -> None:
+    """KV_DONE lists each chunk's level; the report takes them from the chunks' own headers, so a KV_DONE that
+    disagrees is a broken server (it went unnoticed). The frame itself has one level per chunk."""
+    for r, level in zip(results, done.levels, strict=True):
+        if r.level != level:
+            raise KVError(f"KV_DONE says chunk {r.index} is {level}, it came as {r.level}",
+                          code=ErrorCode.MALFORMED_FRAME)
+
+
 def _forget_decodes(pf: _PendingFetch) -> None:
     """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
     and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
@@ -1399,9 +1416,9 @@ class KVConnection(SessionProtocol):
         as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` (a chunk that
         does not decode or cannot belong to the fetch: its size, index, tokens, or a text chunk's ids),
         :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up) or
-        :class:`RemoteError`; a missed deadline is reported, not raised (the data is still valid). A fetch the
-        server would refuse (a deadline of 0, an unknown controller, a non-integer token id) raises
-        ``ValueError`` before it is sent.
+        :class:`RemoteError` (an ERROR, or a chunk stream the server reset); a missed deadline is reported, not
+        raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
+        controller, a non-integer token id) raises ``ValueError`` before it is sent.
 
         ``timeout_s``: how long to wait for the whole context (KV_META, every chunk, KV_DONE) before giving up
         with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default there is no fixed bound: the fetch fails once
@@ -1449,6 +1466,7 @@ class KVConnection(SessionProtocol):
             if got != pf.meta.tokens or pf.done.chunks != pf.meta.chunks:
                 raise KVError(f"the server announced {pf.meta.chunks} chunks of {pf.meta.tokens} tokens and sent "
                               f"{pf.done.chunks} of {got}", code=ErrorCode.MALFORMED_FRAME)
+            _check_done_levels(pf.done, results)
             _check_text_ids(results, pf.received, ids)
         except TokenwireError:
             raise
