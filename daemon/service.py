@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import signal
 import time
@@ -52,7 +53,7 @@ from tokenwire.transport.tls import (
 )
 
 from . import unix_sockets
-from .config import AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
+from .config import MAX_PRINCIPAL_CHARS, AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
 from .ingest import IngestAPI, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
@@ -71,6 +72,18 @@ HANDSHAKE_TIMEOUT_S = 10.0
 RETRY_ABOVE = 64
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 
+
+def cert_principal(name: str) -> str:
+    """The principal of a client certificate: ``cert:`` and its common name (its whole RFC 4514 subject when it
+    has none). One too long for ingest's 128 characters, or with unprintable characters, keeps a printable
+    prefix and ends with ``~`` and 16 hex digits of the name's SHA-256, so every certificate's answers can
+    still be opened for it (a long subject's could not) and no two names share one."""
+    principal = f"cert:{name}"
+    if len(principal) <= MAX_PRINCIPAL_CHARS and name.isprintable():
+        return principal
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    shown = "".join(c if c.isprintable() else "?" for c in name)
+    return f"cert:{shown[: MAX_PRINCIPAL_CHARS - len('cert:~') - len(digest)]}~{digest}"
 
 class DaemonProtocol(SessionProtocol):
     """One client connection."""
@@ -161,7 +174,7 @@ class DaemonProtocol(SessionProtocol):
                 self.server_session.close(ErrorCode.UNAUTHORIZED, "client certificate required"
                                           if tls._peer_certificate is None else "client certificate rejected")
                 return
-            self.principal = f"cert:{name}"
+            self.principal = cert_principal(name)
             if not d.config.auth.required:
                 self.authorized = True
         if d.established >= d.config.limits.max_sessions:

@@ -676,6 +676,23 @@ def test_a_token_name_is_a_principal_ingest_can_name(capsys):
     assert "at most 128 characters" in capsys.readouterr().err
 
 
+def test_a_certificate_principal_is_one_ingest_can_name():
+    """A client certificate without a common name got its whole RFC 4514 subject as its principal: one past
+    128 characters could never be named by ingest, so that client could attach to no ingested answer."""
+    from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS
+    from tokenwire.daemon.service import cert_principal
+
+    assert cert_principal("carol") == "cert:carol"  # the documented form is kept where it fits
+    subject = "O=Example Edge Operators,OU=" + "regional-fleet-" * 10 + ",C=DE"
+    long = cert_principal(subject)
+    assert len(long) == MAX_PRINCIPAL_CHARS and long.startswith("cert:O=Example Edge") and long[-17] == "~"
+    assert cert_principal(subject) == long  # stable: the application computes it once
+    assert cert_principal(subject.replace("C=DE", "C=FR")) != long  # same prefix, another certificate
+    odd = cert_principal("carol\n2026-12-05 WARNING forged")  # a line break would forge a log line
+    assert odd.isprintable() and odd.startswith("cert:carol?2026") and odd[-17] == "~"
+    assert len(cert_principal("x" * 10_000)) == MAX_PRINCIPAL_CHARS
+
+
 def test_cert_writes_through_symlinks_as_it_did(tmp_path):
     """The atomic rename replaced a symlink (cert.pem -> real/cert.pem) with a file: a daemon reading the
     link's target kept the old pair."""
