@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="when the connection is lost mid-answer (the path went silent for --idle-timeout), "
                    "reconnect and resume the answer where it stopped, up to N times (default 3; 0: give up)")
+    p.add_argument("--max-time", type=float, metavar="S",
+                   help="give up when the whole answer has not come within S seconds, retries included, and "
+                   "cancel it at the server (default: no limit; a live server that stops sending holds the "
+                   "client until it is reached)")
     p.add_argument("--stats", action="store_true", help="print statistics to stderr at the end")
     p.add_argument("--json-stats", type=Path, help="write the statistics as JSON here")
     p.set_defaults(handler=run)
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-tokens must be at least 1")
     if args.retries < 0:
         raise CLIError("--retries must be 0 or more")
+    if args.max_time is not None and args.max_time <= 0:  # NaN and inf: the CLI's float type refuses them
+        raise CLIError("--max-time must be a number of seconds > 0")
     if args.token_env is not None:
         token = os.environ.get(args.token_env)
         if not token:
@@ -153,9 +159,22 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\n[{printable(str(exc))}; resuming request {point[0].hex()} after token {len(point[1])} "
                       f"({retries}/{args.retries})]", file=sys.stderr, flush=True)
 
+    async def bounded():
+        if args.max_time is None:
+            return await go()
+        # leaving go() by cancellation leaves the stream's `async with`: the server stops generating the answer
+        limit = asyncio.timeout(args.max_time)
+        try:
+            async with limit:
+                return await go()
+        except TimeoutError:
+            if limit.expired():
+                raise CLIError(f"no whole answer within {args.max_time:g} s (--max-time); it was cancelled") from None
+            raise
+
     try:
         try:
-            stats = asyncio.run(go())
+            stats = asyncio.run(bounded())
         except Exception:
             if midline[0]:  # end the partial answer's line: the error line was glued onto it
                 with contextlib.suppress(OSError):

@@ -97,6 +97,7 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
     (["caf\udce9"], "the prompt is not valid UTF-8 text"),  # undecodable bytes; the error blamed params
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
     (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
+    (["--max-time", "0", "hi"], "--max-time must be a number of seconds > 0"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
     (["--attach", "00" * 16, "a prompt"], "no prompt or --max-tokens with it"),  # were silently ignored
     (["--attach", "00" * 16, "--max-tokens", "5"], "no prompt or --max-tokens with it"),
@@ -191,10 +192,12 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
     assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once
 
 
-@pytest.mark.parametrize("how", ["pipe", "ctrl-c"])
+@pytest.mark.parametrize("how", ["pipe", "ctrl-c", "max-time"])
 def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
     """`tokenwire chat | head -c 5` and Ctrl-C left the daemon generating the answer to max_tokens (the chat
-    CLI read with a bare `async for`, so the daemon saw a lost connection, which it keeps answers for)."""
+    CLI read with a bare `async for`, so the daemon saw a lost connection, which it keeps answers for).
+    `--max-time` gives up the same way (without it, a live server that is slow or stops sending held the
+    client for ever)."""
     import signal
     import textwrap
     import time
@@ -214,6 +217,13 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
                f"--server-name localhost --max-tokens 2000 hello")
         if how == "pipe":
             subprocess.run(cmd + " | head -c 5", shell=True, capture_output=True, timeout=60, check=True)
+        elif how == "max-time":
+            t0 = time.monotonic()
+            done = subprocess.run([*cmd.split(), "--max-time", "2"], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2 and time.monotonic() - t0 < 15, done
+            assert done.stderr.strip().splitlines()[-1] == (
+                "tokenwire chat: error: no whole answer within 2 s (--max-time); it was cancelled"), done.stderr
+            assert done.stdout.endswith("\n") and len(done.stdout.split()) >= 5  # the part that came, its line ended
         else:
             proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdout is not None
