@@ -10,6 +10,7 @@ redis_url = "redis://127.0.0.1:6379/0"
 capacity_mb = 4096
 chunk_tokens = 256
 ingest_socket = "/run/tokenwire/kv-ingest.sock"
+ingest_memory_mb = 8192         # puts held in memory at once (bodies being read, chunked, stored); more wait
 congestion = "prague"           # bulk KV: the scalable controller, with ECT(1) marking (marking = "l4s")
 marking = "l4s"                 # l4s | classic | none
 forecaster = "onnx"             # onnx | ewma
@@ -40,6 +41,7 @@ class KVConfig:
     capacity_bytes: int = 4096 << 20
     chunk_tokens: int = 256
     ingest_socket: Path | None = None
+    ingest_memory_bytes: int = 8192 << 20
     congestion: str = "prague"
     marking: str = "l4s"
     forecaster: str = "onnx"
@@ -49,7 +51,8 @@ class KVConfig:
 
 
 KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb", "chunk_tokens", "ingest_socket",
-        "congestion", "marking", "forecaster", "prior_mbps", "recompute_us_per_token", "decode_mbps")
+        "ingest_memory_mb", "congestion", "marking", "forecaster", "prior_mbps", "recompute_us_per_token",
+        "decode_mbps")
 
 
 def _congestion(explicit: str | None, marking: str) -> str:
@@ -88,6 +91,8 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
         capacity_bytes=s.int("capacity_mb", 4096, 1, 1 << 24) << 20,
         chunk_tokens=s.int("chunk_tokens", 256, 16, MAX_CHUNK_TOKENS),  # what one KV_CHUNK may carry
         ingest_socket=s.path("ingest_socket", base, must_exist=False),
+        # at most the largest put (8 GiB, kv_service.MAX_INGEST_BYTES): a put larger than it is refused
+        ingest_memory_bytes=s.int("ingest_memory_mb", 8192, 1, 8192) << 20,
         congestion=_congestion(s.str("congestion", None, ("prague", "reno", "cubic")), marking),
         marking=marking,
         forecaster=s.str("forecaster", "onnx", ("onnx", "ewma")) or "onnx",

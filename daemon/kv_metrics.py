@@ -79,6 +79,11 @@ class _KVCollector:
         yield ingests
         yield CounterMetricFamily("tokenwire_kv_ingested_tokens", "Tokens of KV stored by puts",
                                   value=service.ingested_tokens)
+        budget = service.put_memory  # read from the scrape's thread: two ints the event loop writes
+        yield GaugeMetricFamily("tokenwire_kv_ingest_memory_bytes", "Bytes of KV puts held in memory now (bodies "
+                                "being read or stored; at most kv.ingest_memory_mb)", value=budget.used)
+        yield GaugeMetricFamily("tokenwire_kv_ingest_waiting", "KV puts waiting for room in kv.ingest_memory_mb "
+                                "(their engines' writes block)", value=budget.waiting)
         st = store.stats
         yield CounterMetricFamily("tokenwire_kv_store_evictions", "Store objects evicted for space",
                                   value=st.evictions)

@@ -49,6 +49,7 @@ from .kv_store import (
     chunk_hashes,
     object_key,
 )
+from .memory_budget import MemoryBudget
 from .startup import StartupError, cannot_listen
 
 log = logging.getLogger("tokenwire.kv")
@@ -130,9 +131,12 @@ def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> i
 class KVService:
     """Store + lazy encoder + :class:`~tokenwire.transport.kv_channel.KVProvider` for the KV channel."""
 
-    def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256) -> None:
+    def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256,
+                 put_memory_bytes: int = MAX_INGEST_BYTES) -> None:
         self.store = store
         self.chunk_tokens = chunk_tokens
+        # the ingest socket's puts in memory at once (bodies read, being chunked and stored): kv.ingest_memory_mb
+        self.put_memory = MemoryBudget(put_memory_bytes)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")  # fetches
         # ingests (with their prewarm encodes) on their own worker: on the fetch worker, a fetch of a small
         # encoded context waited behind another engine's ingest and missed its deadline (1.3 s against 0.15)
@@ -546,34 +550,40 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     nbytes *= n
                 if nbytes > MAX_INGEST_BYTES:
                     raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
+                if nbytes > service.put_memory.limit:
+                    raise KVIngestError(f"{nbytes} bytes exceed kv.ingest_memory_mb "
+                                        f"({service.put_memory.limit >> 20} MiB)")
             except (ValueError, RecursionError, KVIngestError) as exc:  # ValueError: JSON or UTF-8
                 service.count_ingest_error()
                 reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
-            try:
-                data = await _read_body(reader, nbytes)
-            except TimeoutError as exc:  # a hung engine held its half-sent body (and memory) for good
-                service.count_ingest_error()
-                reply({"ok": False, "error": str(exc)})
-                await writer.drain()
-                break
-            fp = msg.get("fingerprint")
-            prewarm = msg.get("prewarm", [])
-            try:
-                loop = asyncio.get_running_loop()
-                call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data, fingerprint=fp,
-                                         prewarm=prewarm)
-                hashes = await loop.run_in_executor(service.ingest_pool, call)
-                reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
-            except KVError as exc:  # StoreError included
-                reply({"ok": False, "error": str(exc)})
-            except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
-                if service.closing:  # the closed pool refuses new work (RuntimeError): not a bug
-                    reply({"ok": False, "error": "the daemon is stopping; put the context again"})
-                else:
-                    log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
-                    reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
+            # the body is held from its first byte until the put is stored: wait for room before reading it
+            async with service.put_memory.hold(nbytes):
+                try:
+                    data = await _read_body(reader, nbytes)
+                except TimeoutError as exc:  # a hung engine held its half-sent body (and memory) for good
+                    service.count_ingest_error()
+                    reply({"ok": False, "error": str(exc)})
+                    await writer.drain()
+                    break
+                fp = msg.get("fingerprint")
+                prewarm = msg.get("prewarm", [])
+                try:
+                    loop = asyncio.get_running_loop()
+                    call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data,
+                                             fingerprint=fp, prewarm=prewarm)
+                    hashes = await loop.run_in_executor(service.ingest_pool, call)
+                    reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
+                except KVError as exc:  # StoreError included
+                    reply({"ok": False, "error": str(exc)})
+                except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
+                    if service.closing:  # the closed pool refuses new work (RuntimeError): not a bug
+                        reply({"ok": False, "error": "the daemon is stopping; put the context again"})
+                    else:
+                        log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
+                        reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
+                del data
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
@@ -739,7 +749,7 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
             from None
     except StoreError as exc:
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
-    service = KVService(store, chunk_tokens=cfg.chunk_tokens)
+    service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
     marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
     tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,

@@ -184,3 +184,50 @@ def test_a_put_body_that_stalls_is_given_up(tmp_path, monkeypatch):
     assert b"put body stalled: nothing for 0.2 s after 10 of 32 bytes" in reply
     assert svc.ingest_errors == 1
     svc.close()
+
+
+def test_puts_past_the_ingest_memory_budget_wait_for_room_and_a_larger_one_is_refused(tmp_path):
+    """Every put's body was read whole at once, however many engines put at the same time (eight 1-GiB puts
+    held 8 GiB). Bodies now hold kv.ingest_memory_mb between them: a put that does not fit waits before its
+    body is read (its engine's writes block), and one larger than the whole budget is refused at its header."""
+    import json
+
+    import numpy as np
+
+    n = 2 * CHUNK
+    shape = [1, 2, 1, n, 8]
+    size = 2 * int(np.prod(shape))  # float16
+    svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK, put_memory_bytes=size + 10)
+
+    def header(model: str, dims: list[int] = shape) -> bytes:
+        return json.dumps({"op": "put", "model": model, "token_ids": list(range(dims[3])), "shape": dims,
+                           "dtype": "float16"}).encode() + b"\n"
+
+    body = np.random.default_rng(0).standard_normal(size // 2).astype(np.float16).tobytes()
+
+    async def go() -> tuple[bytes, bytes, bytes]:
+        first, second, big = asyncio.StreamReader(), asyncio.StreamReader(), asyncio.StreamReader()
+        w1, w2, w3 = _Writer(), _Writer(), _Writer()
+        first.feed_data(header("a") + body[:100])  # the first put's body: still arriving
+        t1 = asyncio.ensure_future(kvs._handle_ingest(svc, first, w1))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert svc.put_memory.used == size
+        second.feed_data(header("b") + body)  # all of it sent: it does not fit beside the first
+        second.feed_eof()
+        t2 = asyncio.ensure_future(kvs._handle_ingest(svc, second, w2))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert svc.put_memory.waiting == 1 and w2.data == b""
+        assert len(second._buffer) == size  # its body is left in the socket's buffer, not copied out
+        first.feed_data(body[100:])
+        first.feed_eof()
+        await asyncio.wait_for(asyncio.gather(t1, t2), 30)
+        big.feed_data(header("c", [1, 2, 1, 4 * n, 8]))
+        big.feed_eof()
+        await asyncio.wait_for(kvs._handle_ingest(svc, big, w3), 10)  # type: ignore[arg-type]
+        return w1.data, w2.data, w3.data
+
+    r1, r2, r3 = asyncio.run(go())
+    assert json.loads(r1)["ok"] and json.loads(r2)["ok"], (r1, r2)
+    assert json.loads(r3) == {"ok": False, "error": f"bad header: {4 * size} bytes exceed kv.ingest_memory_mb (0 MiB)"}
+    assert svc.put_memory.used == 0 and svc.ingests == 2 and svc.ingest_errors == 1
+    svc.close()
