@@ -122,8 +122,11 @@ class MarkingService:
         self.effective_policy = cfg.policy
         self._factory: Callable[[], MarkingPolicy] | None = None
         self.transports: list[Any] = []
-        r = metrics.registry
-        r.register(_EcnCollector(self))
+        # the ECN families only with [marking] (as the README says): without it the sockets count nothing, and
+        # all-zero codepoint counters beside tokenwire_token_packets_total read as "no datagrams sent"
+        r = metrics.registry if cfg.enabled else None
+        if r is not None:
+            r.register(_EcnCollector(self))
         self.ce = Counter("tokenwire_ecn_ce_total", "Sent packets that clients reported as CE-marked",
                           registry=r)
         self.policy_info = Gauge("tokenwire_marking_policy", "The marking policy in use (1 for the active one)",

@@ -60,8 +60,12 @@ class Notifier:
     def reloading(self) -> bool:
         return self.send(reloading=1, monotonic_usec=int(time.monotonic() * 1e6))
 
-    def stopping(self, status: str = "draining") -> bool:
-        return self.send(stopping=1, status=status)
+    def stopping(self, status: str = "draining", extend_s: float | None = None) -> bool:
+        """STOPPING=1; with ``extend_s``, also EXTEND_TIMEOUT_USEC: systemd then waits that long past this message
+        even beyond TimeoutStopSec= (a drain longer than the unit's stop timeout was SIGKILLed mid-way)."""
+        if extend_s is None:
+            return self.send(stopping=1, status=status)
+        return self.send(stopping=1, status=status, extend_timeout_usec=int(extend_s * 1e6))
 
     def close(self) -> None:
         if self._sock is not None:

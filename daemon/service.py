@@ -6,10 +6,11 @@ One asyncio (uvloop) process. Per connection a :class:`DaemonProtocol` drives a 
 answer survives its connection: a client that reconnects with the request id and the index it holds gets
 the rest (resumption), and an application's ingested answer can be attached to by id.
 
-Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens, limits and
-logging (a bad file is refused and the running configuration kept; a connection whose token it removed is
-refused further requests); SIGTERM/SIGINT drain: new requests are refused with SHUTTING_DOWN, running answers
-finish within ``limits.drain_timeout_s``, then connections close; a second SIGTERM/SIGINT stops at once.
+Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens, limits,
+logging and TLS files renewed in place (a bad file is refused and the running configuration kept; a
+connection whose token it removed is refused further requests); SIGTERM/SIGINT drain: new requests are
+refused with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout_s``, then connections
+close; a second SIGTERM/SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import logging
@@ -47,6 +49,7 @@ from tokenwire.transport.session import (
 from tokenwire.transport.tls import (
     CertificateFileError,
     ClientCertVerifier,
+    certificate_summary,
     make_self_signed,
     request_client_certificate,
     server_configuration,
@@ -60,6 +63,7 @@ from .marking import MarkingService
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import Metrics, serve_metrics
+from .tls_reload import file_digest, reload_certificate, reload_client_ca
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
@@ -71,6 +75,8 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # again once below half of it for a whole handshake timeout
 RETRY_ABOVE = 64
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
+STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
+CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a warning at start and reload
 
 
 def cert_principal(name: str) -> str:
@@ -243,6 +249,8 @@ class Daemon:
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.notifier = notifier or Notifier()
         self.client_verifier = client_verifier(config)
+        self._client_ca_digest = _ca_digest(config)  # SIGHUP rereads the bundle when its bytes change
+        self._quic_config: Any = None  # the listeners' shared configuration: SIGHUP replaces its certificate
         self.draining = False
         self._handle_signals = False
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
@@ -286,6 +294,8 @@ class Daemon:
                 )
             except (OSError, ValueError) as exc:  # unreadable, not PEM, or a key that does not match
                 raise StartupError(f"server.certificate / server.private_key: {exc}") from None
+            _warn_if_expiring(quic_config.certificate, cfg.server.certificate)
+        self._quic_config = quic_config
         factory = functools.partial(DaemonProtocol, daemon=self)
         self.marking.start()
         for host, port in cfg.server.listen:
@@ -409,6 +419,9 @@ class Daemon:
         auth = self.config.auth
         return not auth.required or auth.principal(token) is not None
 
+    def drain_status(self) -> str:
+        return f"draining {self.streaming_count()} answers"
+
     def status_line(self) -> str:
         """The periodic STATUS (``systemctl status``): the listening addresses stay in it, then the load."""
         return (
@@ -431,18 +444,35 @@ class Daemon:
 
             self.notifier.watchdog()
             if now - last_status >= 10:
-                self.notifier.status(self.status_line())
+                # while draining, STATUS keeps saying so (it said "listening on" again 10 s into a drain)
+                self.notifier.status(self.drain_status() if self.draining else self.status_line())
                 last_status = now
 
     def reload(self) -> bool:
-        """SIGHUP: apply new auth tokens, limits and logging from the same file; a bad file changes nothing."""
+        """SIGHUP: apply new auth tokens, limits and logging from the same file, and a certificate or client CA
+        bundle renewed in place; a bad file changes nothing. systemd hears READY=1 after RELOADING=1 whatever
+        happens (an unexpected error left the unit "reloading" until its timeout). Ignored while draining: the
+        daemon is on its way out, and a READY=1 after STOPPING=1 told systemd otherwise."""
+        if self.draining:
+            log.warning("reload ignored: the daemon is draining")
+            return False
         self.notifier.reloading()
+        status = "reload failed; running configuration kept"
+        try:
+            status, ok = self._reload()
+            return ok
+        except Exception:  # a bug here must not take down a serving daemon, nor leave systemd waiting
+            log.exception("reload failed, keeping the running configuration")
+            return False
+        finally:
+            self.notifier.ready(status)
+
+    def _reload(self) -> tuple[str, bool]:
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            self.notifier.ready(f"reload refused: {exc}")
-            return False
+            return f"reload refused: {exc}", False
         log_format = self.log_format_override or new.logging.format
         if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
             setup_logging(new.logging.level, log_format)
@@ -456,13 +486,46 @@ class Daemon:
         self.store.max_bytes = int(new.limits.transcript_memory_mb * (1 << 20))
         self.store.retain_s = new.limits.transcript_retain_s
         revoked = self._recheck_auth(new.auth)
+        tls_ok = self._reload_tls()
         log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
                  logging_cfg.level, logging_cfg.format)
         if revoked:
             log.warning("reload: %d connections lost their authorization (token removed or changed); their "
                         "next requests are refused with UNAUTHORIZED", revoked)
-        self.notifier.ready("reloaded; " + self.status_line())
-        return True
+        note = "" if tls_ok else "TLS files refused (see the log); "
+        return f"reloaded; {note}{self.status_line()}", True
+
+    def _reload_tls(self) -> bool:
+        """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
+        a restart). One that cannot be used is logged and the running one kept; False then."""
+        server = self.config.server
+        ok = True
+        if server.certificate is not None and self._quic_config is not None:
+            configs = [self._quic_config]
+            if self.kv is not None:
+                configs.append(self.kv.server.quic_configuration)
+            try:
+                cert = reload_certificate(configs, server.certificate, server.private_key)
+            except (OSError, ValueError) as exc:
+                log.error("reload: server.certificate / server.private_key: %s; still serving the running "
+                          "certificate", exc)
+                ok = False
+            else:
+                if cert is not None:
+                    log.info("reload: serving the new certificate in %s (%s) to new connections",
+                             server.certificate, certificate_summary(cert))
+                    _warn_if_expiring(cert, server.certificate)
+        if server.client_ca:
+            try:
+                fresh = reload_client_ca(server.client_ca, self._client_ca_digest)
+            except (OSError, ValueError) as exc:
+                log.error("reload: server.client_ca: %s; still using the CA bundle read before", exc)
+                ok = False
+            else:
+                if fresh is not None:
+                    self.client_verifier, self._client_ca_digest = fresh
+                    log.info("reload: client certificates are checked against the new %s", server.client_ca)
+        return ok
 
     def _recheck_auth(self, auth: AuthConfig) -> int:
         """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);
@@ -517,7 +580,10 @@ class Daemon:
             kv.draining = True
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
         try:
-            self.notifier.stopping(f"draining {self.streaming_count()} answers")
+            # systemd's TimeoutStopSec (45 s in the unit) would SIGKILL a longer drain mid-way: ask for the drain's
+            # own bound, plus the KV store's close and a margin (sd_notify(3), EXTEND_TIMEOUT_USEC)
+            self.notifier.stopping(self.drain_status(),
+                                   extend_s=self.config.limits.drain_timeout_s + KV_CLOSE_S + STOP_MARGIN_S)
             log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
                      self.config.limits.drain_timeout_s)
             # first let every attached answer finish generating (and every KV fetch put its chunks on the wire),
@@ -760,6 +826,27 @@ def _logged(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("stopping: %s failed", what)
+
+
+def _ca_digest(config: Config) -> bytes | None:
+    """The client CA bundle's digest as read at start (None without one, or unreadable: the verifier says why)."""
+    if not config.server.client_ca:
+        return None
+    try:
+        return file_digest(config.server.client_ca)
+    except OSError:
+        return None
+
+
+def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None) -> bool:
+    """Log a warning for a server certificate that has expired or ends within CERT_WARN_DAYS (only `config check`
+    said so: the daemon started with an expired one silently, and every client's handshake failed)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if cert is None or cert.not_valid_after_utc - now > datetime.timedelta(days=CERT_WARN_DAYS):
+        return False
+    log.warning("server.certificate %s: %s; clients refuse an expired certificate (renew it, then SIGHUP)", path,
+                certificate_summary(cert, now))
+    return True
 
 
 def client_verifier(config: Config) -> ClientCertVerifier | None:

@@ -71,7 +71,9 @@ def test_without_marking_the_daemon_keeps_the_plain_socket(tmp_path):
         text, counts = chat_once(d, 30)
         assert text == "".join(answer_tokens(30))
         assert counts[NOT_ECT] > 10 and counts[ECT1] == 0
-        assert metric_value(metrics(d), "tokenwire_ecn_packets_total") == 0
+        m = metrics(d)  # no ECN families at all: all-zero counters read as "no datagrams sent"
+        assert "tokenwire_ecn_" not in m and "tokenwire_marking_" not in m
+        assert metric_value(m, "tokenwire_token_packets_total") > 10
     finally:
         assert d.stop() == 0
 

@@ -1032,6 +1032,11 @@ class KVServer:
     def port(self) -> int:
         return int(self._quic_server._transport.get_extra_info("sockname")[1])
 
+    @property
+    def quic_configuration(self) -> Any:
+        """The listener's configuration, read at each new connection (the daemon's SIGHUP renews its certificate)."""
+        return self._quic_server._configuration
+
     def close(self) -> None:
         for p in list(self.protocols):
             for t in list(p.tasks):  # now, not at the connection's end: the store's workers are going away too
