@@ -135,6 +135,25 @@ def test_client_killed_mid_answer_resumes_with_the_exact_text(daemon):
     assert run(other_principal()).code == ErrorCode.NOT_FOUND  # ids are bound to their principal
 
 
+def test_a_resume_gets_the_whole_rest_whatever_max_tokens_it_names(daemon):
+    """The daemon ignores a resume's max_tokens; the client held the resumed answer to it. A finished 100-token
+    answer resumed after 20 with max_tokens=50 yielded nothing and reported "100 tokens, digest verified" (the
+    application showed 20 tokens as the whole answer); a live one failed as the server's protocol error."""
+    async def go():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            first = conn.chat("tell me", max_tokens=100)
+            await first.collect()
+            rid, tokens = first.resume_point()
+            held = tokens[:20]
+            again = conn.chat("tell me", max_tokens=50, resume=(rid, held))
+            rest = "".join([d async for d in again])
+            return b"".join(held).decode("utf-8", errors="ignore"), rest, again
+
+    prefix, rest, again = run(go())
+    assert prefix + rest == expected(100) == again.text
+    assert again.stats.digest_verified and again.stats.tokens == 100
+
+
 def test_bad_input_gets_typed_errors_while_others_stream(daemon):
     async def go():
         async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:

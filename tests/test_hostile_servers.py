@@ -65,3 +65,27 @@ def test_tokens_past_the_requests_max_tokens_are_a_protocol_error():
     pair.client._on_datagram(Tokens(handle=sid, first=0, tokens=[b"a"] * 10), pair.now)  # the limit: fine
     with pytest.raises(FrameError, match="past the request's max_tokens"):
         pair.client._on_datagram(Tokens(handle=sid, first=10, tokens=[b"b"]), pair.now)
+
+
+def test_nothing_a_server_sends_after_a_protocol_error_completes_a_request():
+    """Tokens past max_tokens were kept before the check raised, and the FINISHED after them still completed the
+    request ("digest verified") over tokens the application never received."""
+    from tokenwire.transport.frames import Started, encode_frame
+    from tokenwire.transport.session import RequestFailed, RequestFinished, TokensRendered
+
+    pair = Pair()
+    pair.exchange(rounds=40)
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], max_tokens=10), pair.now)
+    pair.exchange(rounds=40)
+    toks = [b"t"] * 12
+    quic = pair.server.quic  # the server's side written by hand: a datagram past the limit, then FINISHED
+    quic.send_stream_data(sid, encode_stream_frame(Started(request_id=b"\1" * 16, scheme="chatterbox",
+                                                           handle=sid)))
+    pair.exchange(rounds=40)
+    quic.send_datagram_frame(encode_frame(Tokens(handle=sid, first=0, tokens=toks)))
+    quic.send_stream_data(sid, encode_stream_frame(Finished(total=12, digest=text_digest(toks))))
+    pair.exchange(rounds=200)
+    kinds = [type(e) for e in pair.client_events]
+    assert RequestFinished not in kinds and TokensRendered not in kinds
+    failed = [e for e in pair.client_events if isinstance(e, RequestFailed)]
+    assert len(failed) == 1 and "past the request's max_tokens (10)" in str(failed[0].error)

@@ -262,6 +262,11 @@ class _SessionBase:
         """Feed one QUIC event (for drivers that pump ``quic.next_event()`` themselves)."""
         self._now = now
         self._heard_at = now
+        if self._closing_error is not None and not isinstance(event, qe.ConnectionTerminated):
+            # the peer broke the protocol and the connection is closing: nothing more it sent is used (a FINISHED
+            # right after tokens refused as past max_tokens completed that request, "digest verified", over tokens
+            # the application never got)
+            return []
         try:
             return self._handle_quic_event(event, now)
         except ProtocolError as exc:
@@ -857,6 +862,7 @@ class ClientSession(_SessionBase):
                     # tokens past it) left the client waiting forever for tokens that do not exist
                     raise FrameError(f"finished says {frame.total} tokens, but the server announced "
                                      f"{max(rx.total or 0, rx.high)}")
+                self._check_limit(req, frame.total)  # else it waits for tokens that would be refused
                 req.finished = frame
                 rx.set_total(frame.total)
                 self._track_gap(req, now)
@@ -878,13 +884,20 @@ class ClientSession(_SessionBase):
             out.append(RequestFailed(stream_id, RemoteError("server ended the request early", code=ErrorCode.INTERNAL)))
         return out
 
-    def _tokens(self, req: ClientRequest, frame: Tokens, now: float) -> list[SessionEvent]:
-        new = req.receiver.on_frame(frame, now)
-        limit = req.request.max_tokens
-        if limit is not None and max(req.receiver.high, req.receiver.total or 0) > limit:
-            # the server cuts an answer at max_tokens: past it, tokens are a broken server's (2,000,000 were
-            # taken for a max_tokens of 10, memory growing with each)
+    @staticmethod
+    def _check_limit(req: ClientRequest, reach: int) -> None:
+        """The server cuts an answer at max_tokens: tokens (or a total) past it are a broken server's (2,000,000
+        were taken for a max_tokens of 10, memory growing with each). A resume or attach streams the answer as it
+        was first asked for (the daemon ignores a resume's max_tokens): no limit then (one below the answer's
+        length failed a correct server's resume as a protocol error)."""
+        limit = req.request.max_tokens if req.request.resume_id is None else None
+        if limit is not None and reach > limit:
             raise FrameError(f"server sent tokens past the request's max_tokens ({limit})")
+
+    def _tokens(self, req: ClientRequest, frame: Tokens, now: float) -> list[SessionEvent]:
+        # judged before they are kept
+        self._check_limit(req, max([first + len(toks) for first, toks in frame.runs()] + [frame.total or 0]))
+        new = req.receiver.on_frame(frame, now)
         self._track_gap(req, now)
         return [TokensRendered(req.stream_id, new, now)] if new else []
 
