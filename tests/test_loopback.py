@@ -483,6 +483,30 @@ def test_handshake_timeout_is_one_clean_connection_error(ecn):
     assert asyncio.run(run()) == []
 
 
+def test_an_idle_timeout_shorter_than_the_connect_timeout_is_no_answer_not_a_failed_handshake():
+    """With idle_timeout under timeout, aioquic's idle close ended the wait as HandshakeError "QUIC handshake ...
+    failed: Idle timeout": a refusal, in words, while nobody had answered (tokenwire chat printed it at every
+    reconnect during an outage)."""
+    import socket
+
+    from tokenwire.transport.client import HandshakeError
+
+    async def run() -> BaseException:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            try:
+                async with connect("127.0.0.1", silent.getsockname()[1], verify=False, timeout=5, idle_timeout=0.3):
+                    pass
+            except ConnectionError as exc:
+                return exc
+        raise AssertionError("connected to a socket that never answers")
+
+    err = asyncio.run(run())
+    assert not isinstance(err, HandshakeError), err
+    assert str(err).startswith("no QUIC handshake with 127.0.0.1:"), err
+    assert "within 0.3 s (the connection's idle timeout)" in str(err)
+
+
 def test_server_gone_silent_ends_the_answer_after_the_idle_timeout():
     """The path goes dark mid-answer (a dead server looks the same): the answer ends with an error that says
     what happened, after the client's own idle timeout (1.5 s here, not the 60 s default)."""

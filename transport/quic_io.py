@@ -25,7 +25,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, open_udp_socket
-from .session import SessionEvent, _SessionBase
+from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase
 
 log = logging.getLogger("tokenwire.transport")
 
@@ -287,6 +287,11 @@ async def open_client(
         ended = made[0].terminated if made else None
         if exc.args or ended is None:
             raise
+        if ended.reason_phrase == AIOQUIC_IDLE_REASON:
+            # an idle timeout shorter than ``timeout`` ended the wait: nobody answered (not "handshake failed: Idle
+            # timeout", which read as a server's refusal while the path was down)
+            raise ConnectionError(f"no QUIC handshake with {host}:{port} within {configuration.idle_timeout:g} s "
+                                  "(the connection's idle timeout)") from None
         raise _handshake_failure(host, port, ended) from None
     try:
         yield protocol
