@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_TOKEN_ENV = "TOKENWIRE_TOKEN"
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}  # TLS alerts about the server's certificate (RFC 8446, 6)
@@ -105,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("quic").setLevel(logging.ERROR)
 
     midline = [False]  # part of an answer is on stdout without its newline
+    # whether an answer's stream is open on a connection now (leaving it early sends the cancellation), and the
+    # request id once known: what --max-time can say when it gives up
+    where: dict[str, Any] = {"open": False, "id": None}
 
     async def go():
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                                            resume=resume)
                     # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
                     # server stops generating it; a bare `async for` left it generating to max_tokens
+                    where["open"] = True
                     async with stream:
                         async for delta in stream:
                             sys.stdout.write(delta)
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                     midline[0] = False
                     return stream.stats
             except (RemoteError, ConnectionError) as exc:
+                where["open"] = False
                 # the path went silent mid-answer (nobody closed the connection), or a reconnect found no answer
                 # yet (not a TLS refusal, nor a closed stdout): the daemon keeps the answer; continue it where it
                 # stopped, on a new connection
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
                     raise
                 retries += 1
                 resume = point
+                where["id"] = point[0].hex()
                 print(f"\n[{printable(str(exc))}; resuming request {point[0].hex()} after token {len(point[1])} "
                       f"({retries}/{args.retries})]", file=sys.stderr, flush=True)
 
@@ -168,9 +175,14 @@ def run(args: argparse.Namespace) -> int:
             async with limit:
                 return await go()
         except TimeoutError:
-            if limit.expired():
-                raise CLIError(f"no whole answer within {args.max_time:g} s (--max-time); it was cancelled") from None
-            raise
+            if not limit.expired():
+                raise
+            head = f"no whole answer within {args.max_time:g} s (--max-time)"
+            if where["open"]:  # its stream's end went to the server (lost with the path, it finishes the answer)
+                raise CLIError(f"{head}; the answer's cancellation was sent to the server") from None
+            ident = f" request {where['id']}" if where["id"] else " the answer"
+            raise CLIError(f"{head}, while reconnecting: the server could not be told to cancel it and may finish"
+                           f"{ident}") from None
 
     try:
         try:

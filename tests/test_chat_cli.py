@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -147,10 +148,10 @@ def test_cafile_and_cadata_are_both_trusted(tmp_path):
         client_configuration(cadata=b"junk")
 
 
-def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys):
-    """The path goes silent for longer than --idle-timeout mid-answer (a train tunnel): the CLI gave up with
-    "QUIC idle timeout" and the answer was lost though the daemon still held it. It now reconnects and
-    resumes after the tokens it has, so stdout holds the whole answer exactly once."""
+@contextlib.contextmanager
+def _daemon_behind_an_outage(tmp_path, dark: tuple[float, float]) -> Iterator[tuple[object, int]]:
+    """A daemon (a 120-token answer at 40 tokens/s) and a UDP relay to it whose both directions go dead from
+    ``dark[0]`` to ``dark[1]`` seconds after the first client packet: (daemon, relay port)."""
     import time
 
     from tokenwire.testbed.udp_relay import UdpRelay
@@ -163,7 +164,7 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     relay = asyncio.run_coroutine_threadsafe(UdpRelay(("127.0.0.1", d.port)).start(), loop).result(10)
-    dark = (1.0, 3.0)  # seconds after the first client packet: both directions dead
+    started: dict = {}
 
     def through(path):
         decide = path.decide
@@ -174,22 +175,42 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
 
         path.decide = decide_with_outage
 
-    started: dict = {}
     through(relay.up)
     through(relay.down)
     try:
-        rc, out, err = chat(capsys, "--port", str(relay.port), "--cafile", str(d.cert), "--server-name",
-                            "localhost", "--idle-timeout", "0.8", "--stats", "tell me a story")
-        whole = chat(capsys, "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
-                     "tell me a story")[1]
+        yield d, relay.port
     finally:
         loop.call_soon_threadsafe(relay.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         assert d.stop() == 0
+
+
+def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys):
+    """The path goes silent for longer than --idle-timeout mid-answer (a train tunnel): the CLI gave up with
+    "QUIC idle timeout" and the answer was lost though the daemon still held it. It now reconnects and
+    resumes after the tokens it has, so stdout holds the whole answer exactly once."""
+    with _daemon_behind_an_outage(tmp_path, (1.0, 3.0)) as (d, port):
+        rc, out, err = chat(capsys, "--port", str(port), "--cafile", str(d.cert), "--server-name",
+                            "localhost", "--idle-timeout", "0.8", "--stats", "tell me a story")
+        whole = chat(capsys, "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
+                     "tell me a story")[1]
     assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err, err
     assert "digest verified" in err and "stall ratio n/a" in err
     assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once
+
+
+def test_max_time_while_reconnecting_says_the_server_was_not_told(tmp_path, capsys):
+    """--max-time said "it was cancelled" when it ran out while the CLI was reconnecting through an outage: no
+    cancellation could reach the daemon, which went on generating the answer."""
+    with _daemon_behind_an_outage(tmp_path, (1.0, 1e9)) as (d, port):
+        rc, _, err = chat(capsys, "--port", str(port), "--cafile", str(d.cert), "--server-name", "localhost",
+                          "--idle-timeout", "0.8", "--retries", "9", "--max-time", "3", "tell me a story")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "resuming request" in err, err
+    rid = err.split("resuming request ")[1].split()[0]
+    assert last == ("tokenwire chat: error: no whole answer within 3 s (--max-time), while reconnecting: the "
+                    f"server could not be told to cancel it and may finish request {rid}"), err
 
 
 @pytest.mark.parametrize("how", ["pipe", "ctrl-c", "max-time"])
@@ -221,8 +242,9 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
             t0 = time.monotonic()
             done = subprocess.run([*cmd.split(), "--max-time", "2"], capture_output=True, text=True, timeout=60)
             assert done.returncode == 2 and time.monotonic() - t0 < 15, done
-            assert done.stderr.strip().splitlines()[-1] == (
-                "tokenwire chat: error: no whole answer within 2 s (--max-time); it was cancelled"), done.stderr
+            assert done.stderr.strip().splitlines()[-1] == ("tokenwire chat: error: no whole answer within 2 s "
+                                                            "(--max-time); the answer's cancellation was sent to "
+                                                            "the server"), done.stderr
             assert done.stdout.endswith("\n") and len(done.stdout.split()) >= 5  # the part that came, its line ended
         else:
             proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
