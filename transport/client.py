@@ -264,7 +264,8 @@ class Connection:
     ) -> ChatStream:
         """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection; only the
         tokenwire daemon keeps answers across connections (the SDK's ``serve()`` refuses a resume with
-        NOT_FOUND)."""
+        NOT_FOUND). A resumed answer streams as first asked for: the daemon keeps generating it to the original
+        request's ``max_tokens`` and ignores the resume's."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         if self._protocol.close_error is not None:
