@@ -207,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
                     "for client authentication, unexpired)" if "certificate rejected" in str(exc) else
                     f" (the token comes from ${args.token_env or DEFAULT_TOKEN_ENV}; `tokenwire config new-token` "
                     "makes one)")
+        elif exc.code == ErrorCode.NOT_FOUND and where["id"] is not None:  # a resume after a lost connection
+            hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "
+                    "the outage lasted): what was printed is all of it that came")
         raise CLIError(f"{exc}{hint}") from None
     except (ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
         raise CLIError(str(exc)) from None

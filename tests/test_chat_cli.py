@@ -149,21 +149,17 @@ def test_cafile_and_cadata_are_both_trusted(tmp_path):
 
 
 @contextlib.contextmanager
-def _daemon_behind_an_outage(tmp_path, dark: tuple[float, float]) -> Iterator[tuple[object, int]]:
-    """A daemon (a 120-token answer at 40 tokens/s) and a UDP relay to it whose both directions go dead from
-    ``dark[0]`` to ``dark[1]`` seconds after the first client packet: (daemon, relay port)."""
+def _relay_with_outage(port: int, dark: tuple[float, float]) -> Iterator[int]:
+    """A UDP relay to ``port`` whose both directions go dead from ``dark[0]`` to ``dark[1]`` seconds after the
+    first client packet: its own port."""
     import time
 
     from tokenwire.testbed.udp_relay import UdpRelay
 
-    from .daemon_proc import DaemonProcess
-
-    d = DaemonProcess(tmp_path, upstream_toml='[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = 40\n'
-                                             'first_token_ms = 20\nmax_tokens = 120\n')
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    relay = asyncio.run_coroutine_threadsafe(UdpRelay(("127.0.0.1", d.port)).start(), loop).result(10)
+    relay = asyncio.run_coroutine_threadsafe(UdpRelay(("127.0.0.1", port)).start(), loop).result(10)
     started: dict = {}
 
     def through(path):
@@ -178,11 +174,24 @@ def _daemon_behind_an_outage(tmp_path, dark: tuple[float, float]) -> Iterator[tu
     through(relay.up)
     through(relay.down)
     try:
-        yield d, relay.port
+        yield relay.port
     finally:
         loop.call_soon_threadsafe(relay.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def _daemon_behind_an_outage(tmp_path, dark: tuple[float, float]) -> Iterator[tuple[object, int]]:
+    """A daemon (a 120-token answer at 40 tokens/s) behind :func:`_relay_with_outage`: (daemon, relay port)."""
+    from .daemon_proc import DaemonProcess
+
+    d = DaemonProcess(tmp_path, upstream_toml='[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = 40\n'
+                                             'first_token_ms = 20\nmax_tokens = 120\n')
+    try:
+        with _relay_with_outage(d.port, dark) as port:
+            yield d, port
+    finally:
         assert d.stop() == 0
 
 
@@ -211,6 +220,28 @@ def test_max_time_while_reconnecting_says_the_server_was_not_told(tmp_path, caps
     rid = err.split("resuming request ")[1].split()[0]
     assert last == ("tokenwire chat: error: no whole answer within 3 s (--max-time), while reconnecting: the "
                     f"server could not be told to cancel it and may finish request {rid}"), err
+
+
+def test_a_resume_the_server_cannot_serve_says_the_printed_part_is_all_there_is(capsys):
+    """A daemon restarted during the outage (here the SDK's server, which keeps no answers) answered the resume
+    with only "unknown or expired request id": nothing said the printed answer was incomplete for good."""
+    from .test_loopback import slow_source
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(slow_source, host="127.0.0.1", port=0), loop).result(30)
+    try:
+        with _relay_with_outage(server.port, (0.5, 2.0)) as port:
+            rc, out, err = chat(capsys, "--port", str(port), "--insecure", "--idle-timeout", "0.6", "hello")
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert rc == 2 and out.strip() and "resuming request" in err, err
+    assert err.strip().splitlines()[-1].endswith("the daemon no longer holds the answer (restarted, or it was "
+                                                 "retained for less time than the outage lasted): what was printed "
+                                                 "is all of it that came"), err
 
 
 @pytest.mark.parametrize("how", ["pipe", "ctrl-c", "max-time"])
