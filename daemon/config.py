@@ -267,6 +267,22 @@ def _server(t: Any, base: Path | None) -> ServerConfig:
     )
 
 
+def token_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an auth token (None when it can), as words that follow the key or option.
+
+    The name is the principal that logs show: a line break in it forged log lines. ``config new-token --name``
+    and ``[[auth.tokens]] name`` both check here; printable as ``cert_principal`` means it (``str.isprintable``).
+    """
+    if not name.strip():
+        return "a non-empty name is required"
+    bad = next((c for c in name if not c.isprintable()), None)
+    if bad is not None:
+        return f"contains {bad!r}, which is not printable (the name is the principal logs show)"
+    if len(name) > MAX_PRINCIPAL_CHARS:  # the name is the principal, which ingest and logs bound
+        return f"at most {MAX_PRINCIPAL_CHARS} characters"
+    return None
+
+
 def hash_token(token: str) -> str:
     """The form stored in the config for a bearer token."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -284,8 +300,9 @@ def _auth(t: Any) -> AuthConfig:
         digest = e.str("sha256", None)
         if not name:
             raise ConfigError(f"auth.tokens[{i}].name: required")
-        if len(name) > MAX_PRINCIPAL_CHARS:  # the name is the principal, which ingest and logs bound
-            raise ConfigError(f"auth.tokens[{i}].name: at most {MAX_PRINCIPAL_CHARS} characters")
+        problem = token_name_problem(name)
+        if problem is not None:
+            raise ConfigError(f"auth.tokens[{i}].name: {problem}")
         if digest is None or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ConfigError(
                 f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "
@@ -547,26 +564,47 @@ def restart_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
+def _missing(path: Path) -> bool:
+    """Whether nothing is at ``path``. A folder on the way that cannot be entered (/etc/tokenwire is 0750
+    root:tokenwire) may hide a file: not missing, so reading it says why. ``Path.exists`` raised
+    PermissionError there (Python 3.11); newer ones may return False, silently the defaults."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:  # EACCES, ELOOP, ...: reading it says what
+        pass
+    return False
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults)."""
     if path is None:
         env = os.environ.get("TOKENWIRE_CONFIG") or None  # set but empty: as if unset (the defaults)
         path = Path(env) if env else DEFAULT_PATH
-        if not path.exists() and env is None:
+        if env is None and _missing(path):
             return parse_config({}, None)
     p = Path(path)
     try:
         # TOML is UTF-8 whatever the locale says; a byte-order mark (a Windows editor's) is dropped, not read as
         # "Invalid statement (at line 1, column 1)"
-        data = tomllib.loads(p.read_bytes().decode("utf-8").removeprefix("\ufeff"))
+        text = p.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep: a traceback, or a reload's escape
+        raise ConfigError(f"{p}: not valid TOML: nested too deeply") from None
+    except MemoryError:  # the machine's problem, not the file's
+        raise
+    except Exception as exc:  # tomllib lets others out too (an integer of 5000 digits: a bare ValueError)
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     try:
         return parse_config(data, p)
     except ConfigError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_daemon(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from tokenwire.daemon.cli import CLIError
-
     from .config import ConfigError, load_config
     from .logs import setup_logging
     from .service import run_daemon as run
@@ -46,19 +45,30 @@ def run_daemon(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        raise CLIError(str(exc)) from None
+        if args.log_format == "json":  # nothing set up the JSON logs yet
+            setup_logging("info", "json")
+        return _fatal(str(exc), args.log_format)
     if args.log_format:
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=args.log_format))
     setup_logging(config.logging.level, config.logging.format)
-
-    def started(daemon) -> None:
-        print(f"tokenwire daemon: listening on {daemon.listening()}", file=sys.stderr, flush=True)
-
+    # no line of its own once started: the service logs "listening on ..." (INFO) in the chosen format; a plain
+    # one here broke JSON logs and repeated that line in text
     try:
-        run(config, on_started=started, log_format_override=args.log_format)
+        run(config, log_format_override=args.log_format)
     except StartupError as exc:
-        raise CLIError(str(exc)) from None
+        return _fatal(str(exc), config.logging.format)
     return 0
+
+
+def _fatal(message: str, log_format: str | None) -> int:
+    """Why the daemon cannot start: in JSON logs one JSON object like every other line (a log shipper parses
+    each), else the usual ``tokenwire daemon: error:`` line (CLIError). Exit status 2 either way."""
+    from tokenwire.daemon.cli import CLIError
+
+    if log_format != "json":
+        raise CLIError(message)
+    logging.getLogger("tokenwire.daemon").critical("cannot start: %s", message)
+    return 2
 
 
 def run_cert(args: argparse.Namespace) -> int:
@@ -154,12 +164,11 @@ def run_new_token(args: argparse.Namespace) -> int:
 
     from tokenwire.daemon.cli import CLIError
 
-    from .config import MAX_PRINCIPAL_CHARS, hash_token
+    from .config import hash_token, token_name_problem
 
-    if not args.name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in args.name):
-        raise CLIError("--name: a non-empty name without control characters (it names the principal in logs)")
-    if len(args.name) > MAX_PRINCIPAL_CHARS:
-        raise CLIError(f"--name: at most {MAX_PRINCIPAL_CHARS} characters (the config refuses longer ones)")
+    problem = token_name_problem(args.name)  # the config's own rule: it would refuse what this printed
+    if problem is not None:
+        raise CLIError(f"--name: {problem}")
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client, store it nowhere else): {token}")
     # one table per token, appended at the end of tokenwire.toml: a second `tokens = [...]` line was invalid TOML

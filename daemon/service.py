@@ -24,7 +24,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
@@ -859,25 +859,11 @@ def client_verifier(config: Config) -> ClientCertVerifier | None:
         raise StartupError(f"server.client_ca: {exc}") from None
 
 
-def run_daemon(
-    config: Config,
-    *,
-    on_started: Callable[[Daemon], None] | None = None,
-    log_format_override: str | None = None,
-) -> None:
+def run_daemon(config: Config, *, log_format_override: str | None = None) -> None:
     """Blocking entry point of ``tokenwire daemon`` (uvloop)."""
     import uvloop
 
     async def main() -> None:
-        daemon = Daemon(config, log_format_override=log_format_override)
-        if on_started is not None:
-            orig = daemon.start
-
-            async def start() -> None:
-                await orig()
-                on_started(daemon)
-
-            daemon.start = start  # type: ignore[method-assign]
-        await daemon.run()
+        await Daemon(config, log_format_override=log_format_override).run()
 
     uvloop.run(main())

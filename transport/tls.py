@@ -17,8 +17,9 @@ from pathlib import Path
 
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from . import prague_cc  # noqa: F401  (registers the "prague" congestion controller with aioquic)
@@ -215,14 +216,23 @@ def _load_cert_chain(config: QuicConfiguration, certfile: str | Path, keyfile: s
         raise ValueError(f"{certfile}: no certificate in it") from None
     except OSError as exc:
         raise ValueError(f"{exc.filename or certfile}: cannot read ({exc.strerror or exc})") from None
+    except TypeError as exc:  # cryptography's way of saying the key needs a password: callers catch ValueError
+        if "encrypted" in str(exc):
+            raise ValueError(f"{keyfile or certfile}: the private key is encrypted (passphrase-protected); tokenwire "
+                             "needs an unencrypted key (`openssl pkey -in KEY -out NEW` writes one)") from None
+        raise ValueError(f"{keyfile or certfile}: cannot load the private key ({exc})") from None
+    except UnsupportedAlgorithm as exc:  # a key or certificate algorithm this cryptography/OpenSSL lacks
+        files = f"{certfile} / {keyfile}" if keyfile else str(certfile)
+        raise ValueError(f"{files}: unsupported algorithm ({exc})") from None
     _check_key_matches(config, certfile, keyfile)
 
 
 def _check_key_matches(config: QuicConfiguration, certfile: str | Path, keyfile: str | Path | None) -> None:
-    """ValueError when the private key does not belong to the certificate.
+    """ValueError when the private key does not belong to the certificate, or is of a type TLS 1.3 cannot sign
+    with here.
 
-    aioquic loads both without comparing them; the server then starts, and every client's handshake fails
-    on the signature check, far from the cause.
+    aioquic loads both without comparing them or asking whether it can sign with the key; the server then
+    starts, and every client's handshake fails, far from the cause.
     """
     raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     cert, key = config.certificate, config.private_key
@@ -232,6 +242,26 @@ def _check_key_matches(config: QuicConfiguration, certfile: str | Path, keyfile:
         raise ValueError(f"{certfile}: holds no private key, and no key file was given")
     if cert.public_key().public_bytes(*raw) != key.public_key().public_bytes(*raw):
         raise ValueError(f"the private key in {keyfile or certfile} does not belong to the certificate in {certfile}")
+    if not _tls13_can_sign(key):  # a DSA pair loaded and the daemon started; every handshake then failed
+        raise ValueError(f"{keyfile or certfile}: a key of type {_key_kind(key)}, which aioquic cannot sign TLS 1.3 "
+                         "handshakes with (use RSA, EC P-256 or P-384, Ed25519 or Ed448)")
+
+
+def _tls13_can_sign(key: object) -> bool:
+    """Whether aioquic (1.7.2, ``Context._signature_algorithms_for_private_key``) has a TLS 1.3 signature
+    algorithm for ``key``: RSA (PSS), ECDSA on P-256 or P-384 (not P-521), Ed25519, Ed448."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1)
+    return isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+
+
+def _key_kind(key: object) -> str:
+    """'DSA', 'EC secp521r1', ... for messages."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, dsa.DSAPrivateKey):
+        return "DSA"
+    return type(key).__name__.removesuffix("PrivateKey")
 
 
 class CertificateFileError(ValueError):
