@@ -261,8 +261,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 proc.kill()
                 proc.wait()
             notify.close()
-            logged = [ln for ln in (tmp / "daemon.stderr").read_text(errors="replace").splitlines()
-                      if ln.strip() and not ln.startswith("tokenwire daemon: listening on")]
+            logged = [ln for ln in (tmp / "daemon.stderr").read_text(errors="replace").splitlines() if ln.strip()]
             for line in logged[-20:]:  # the daemon's warnings during the run (its stderr went to a file)
                 print(f"daemon: {line}", file=sys.stderr)
     delivered = sum(r["tokens"] for r in results)
