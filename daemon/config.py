@@ -86,6 +86,11 @@ class Limits:
     transcript_memory_mb: float = 256.0
     transcript_retain_s: float = 600.0
     drain_timeout_s: float = 30.0
+    # answers the upstreams generate at once (each up to max_tokens, outside transcript_memory_mb): past it, new
+    # requests are refused; and how long one may go on with no client attached before it is cancelled (its
+    # client may come back to resume it; clients that vanished for good left answers generating for nobody)
+    max_live_answers: int = 4096
+    orphan_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,8 @@ def _limits(t: Any) -> Limits:
         transcript_memory_mb=s.num("transcript_memory_mb", 256.0, 1.0, 1 << 20),
         transcript_retain_s=s.num("transcript_retain_s", 600.0, 0.0, 7 * 86400.0),
         drain_timeout_s=s.num("drain_timeout_s", 30.0, 0.0, 3600.0),
+        max_live_answers=s.int("max_live_answers", 4096, 1, 1_000_000),
+        orphan_timeout_s=s.num("orphan_timeout_s", 300.0, 1.0, 7 * 86400.0),
     )
 
 

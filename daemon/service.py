@@ -247,6 +247,7 @@ class Daemon:
         self.retrying_since: float | None = None  # Retry is on (see RETRY_ABOVE)
         self._calm_since: float | None = None  # while Retry is on: since when the load has been low
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
+        self._orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         self.notifier = notifier or Notifier()
         self.client_verifier = client_verifier(config)
         self._client_ca_digest = _ca_digest(config)  # SIGHUP rereads the bundle when its bytes change
@@ -441,6 +442,7 @@ class Daemon:
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             self._flush_counters()
             self._relax_retry(now)
+            self._cancel_orphans(now)
 
             self.notifier.watchdog()
             if now - last_status >= 10:
@@ -710,6 +712,10 @@ class Daemon:
             except LookupError as exc:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
                 return
+            if len(self.tasks) >= self.config.limits.max_live_answers:
+                self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
+                             f"server busy: {len(self.tasks)} answers being generated; retry later")
+                return
             limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
             live = self.store.create(proto.principal, limit, now, model=request.model)
             chat = ChatRequest(
@@ -728,6 +734,7 @@ class Daemon:
 
     def _attach(self, proto: DaemonProtocol, sid: int, live: LiveRequest) -> None:
         proto.attached[sid] = live
+        self._orphaned.pop(live.request_id, None)
         key = (proto, sid)
 
         def notify() -> None:
@@ -760,10 +767,30 @@ class Daemon:
         if live is None:
             return
         live.listeners.pop((proto, sid), None)
-        if cancel and not live.done and not live.listeners:
-            task = self.tasks.get(live.request_id)
-            if task is not None:
-                task.cancel()  # the client abandoned it and nobody else streams it
+        if live.done or live.listeners:
+            return
+        task = self.tasks.get(live.request_id)
+        if task is None:  # an application's ingested answer: the application ends it
+            return
+        if cancel:
+            task.cancel()  # the client abandoned it and nobody else streams it
+        else:  # the connection was lost: the client may come back to resume it, for limits.orphan_timeout_s
+            self._orphaned[live.request_id] = time.monotonic()
+
+    def _cancel_orphans(self, now: float) -> None:
+        """Cancel the answers no client has been attached to for ``limits.orphan_timeout_s``: their clients
+        vanished (64 answers per connection, times reconnecting clients, generated to max_tokens for nobody).
+        A resume afterwards gets what was generated, then the answer's end as cancelled."""
+        timeout = self.config.limits.orphan_timeout_s
+        for rid, since in list(self._orphaned.items()):
+            task = self.tasks.get(rid)
+            if task is None:
+                del self._orphaned[rid]
+            elif now - since >= timeout:
+                del self._orphaned[rid]
+                log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
+                self.metrics.orphans_cancelled.inc()
+                task.cancel()
 
     def on_report(self, report: Any) -> None:
         if report.stall_ratio is not None:
@@ -817,6 +844,7 @@ class Daemon:
             self.metrics.requests_active.dec()
             self.store.mark_finished(live)
             self.tasks.pop(live.request_id, None)
+            self._orphaned.pop(live.request_id, None)
 
 
 @contextlib.contextmanager

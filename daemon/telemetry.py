@@ -69,6 +69,9 @@ class Metrics:
         self.errors = Counter("tokenwire_errors_total", "Errors sent to clients, by code", ["code"], registry=r)
         self.transcript_bytes = Gauge("tokenwire_transcript_bytes", "Memory held by transcripts", registry=r)
         self.evicted = Counter("tokenwire_transcripts_evicted_total", "Finished transcripts evicted", registry=r)
+        self.orphans_cancelled = Counter(
+            "tokenwire_orphans_cancelled_total",
+            "Answers cancelled after limits.orphan_timeout_s with no client attached", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,89 @@
+"""Answers nobody listens to: a probe's clients each opened 64 answers and vanished (four of them: 256 answers
+generating to max_tokens for nobody, outside transcript_memory_mb, past max_sessions x max_requests as the
+clients reconnected). An answer with no client for limits.orphan_timeout_s is now cancelled, and at most
+limits.max_live_answers are generated at once."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tokenwire.daemon.demo_upstream import answer_tokens
+from tokenwire.transport.client import connect
+from tokenwire.transport.errors import ErrorCode, RemoteError
+
+from .daemon_proc import DaemonProcess
+from .test_daemon import metric_value, metrics
+from .test_loopback import run
+
+VANISHING_CLIENT = """
+import asyncio, sys
+from tokenwire.transport.client import connect
+async def main():
+    async with connect("127.0.0.1", int(sys.argv[1]), cafile=sys.argv[2], server_name="localhost") as conn:
+        stream = conn.chat("tell me", max_tokens=2000, params={"rate": 20})
+        async for _ in stream:
+            if len(stream.tokens) >= 5:
+                rid, _ = stream.resume_point()
+                print(rid.hex(), flush=True)
+                await asyncio.sleep(3600)  # killed here: no QUIC close, the daemon just stops hearing it
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = DaemonProcess(tmp_path, "[limits]\norphan_timeout_s = 1\nmax_live_answers = 2\n",
+                      server_extra="idle_timeout_s = 1\n")
+    yield d
+    assert d.stop() == 0
+
+
+def test_an_answer_with_no_client_for_the_orphan_timeout_is_cancelled_and_resumes_as_such(daemon):
+    proc = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, str(daemon.port), str(daemon.cert)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        rid = bytes.fromhex(proc.stdout.readline().strip())
+    finally:
+        proc.kill()
+        proc.wait()
+    t0 = time.monotonic()
+    while metric_value(metrics(daemon), "tokenwire_requests_active") != 0:  # 100 s of answer left
+        assert time.monotonic() - t0 < 15, "the answer still generates for a client that is gone"
+        time.sleep(0.2)
+    assert metric_value(metrics(daemon), "tokenwire_orphans_cancelled_total") == 1
+    assert "no client for" in daemon.log()
+
+    async def resume():
+        async with connect("127.0.0.1", daemon.port, **daemon.client_kwargs()) as conn:
+            stream = conn.chat("tell me", resume=(rid, []))
+            await stream.collect()
+            return stream
+
+    stream = run(resume())
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.digest_verified
+    assert 5 <= stream.stats.tokens < 2000 and "".join(answer_tokens(2000)).startswith(stream.text)
+
+
+def test_answers_past_max_live_answers_are_refused_until_one_ends(daemon):
+    async def go():
+        async with connect("127.0.0.1", daemon.port, **daemon.client_kwargs()) as conn:
+            running = [conn.chat("long", max_tokens=2000, params={"rate": 20}) for _ in range(2)]
+            for s in running:
+                await s.__aenter__()
+            with pytest.raises(RemoteError) as busy:
+                await conn.chat("one more", max_tokens=5).collect()
+            await running[0].__aexit__(None, None, None)  # cancelled: its slot frees once its task ends
+            t0 = time.monotonic()
+            while metric_value(await asyncio.to_thread(metrics, daemon), "tokenwire_requests_active") != 1:
+                assert time.monotonic() - t0 < 10, "the cancelled answer is still generating"
+                await asyncio.sleep(0.1)
+            return busy.value, await conn.chat("one more", max_tokens=5).collect()
+
+    busy, text = run(go())
+    assert busy.code == ErrorCode.LIMIT_EXCEEDED and "2 answers being generated" in str(busy)
+    assert text == "".join(answer_tokens(5))
