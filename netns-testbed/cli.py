@@ -512,6 +512,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .traffic import CROSS_HELP  # (the standard library only, like argparse)
+
     p = sub.add_parser("testbed", help="network-namespace testbed with the trace-driven link emulator")
     tsub = p.add_subparsers(dest="testbed_cmd", metavar="CMD")
     tsub.required = True
@@ -545,8 +547,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--sse-cc", default="cubic", choices=("cubic", "bbr", "reno"),
                      help="TCP congestion control of the sse-tcp server")
     cmp.add_argument("--cross", action="append", metavar="SPEC",
-                     help="cross traffic server -> client during every run (repeatable): tcp:cubic | tcp:bbr | "
-                     "udp-ect1:RATE")
+                     help=f"cross traffic server -> client during every run (repeatable): {CROSS_HELP}")
     cmp.add_argument("--json", metavar="PATH", help="write the summary JSON here")
     cmp.add_argument("--plot", metavar="PATH", help="write a PNG (delay CDF + stall timeline)")
     cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")

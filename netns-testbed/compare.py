@@ -15,6 +15,7 @@ and over the union of all schemes' packets (aligned on the emulator origin).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tokenwire.daemon.config import MAX_ANSWER_TOKENS
 from tokenwire.transport import metrics
 
 from .child import Child, ChildError
@@ -74,8 +76,13 @@ class CompareConfig:
         unknown = [s for s in self.schemes if s not in ALL_SCHEMES]
         if unknown or not self.schemes:
             raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}")
+        twice = sorted({s for s in self.schemes if self.schemes.count(s) > 1})
+        if twice:  # the summary is keyed by scheme: a second listing ran it again and averaged both runs
+            raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
         if self.tokens < 1 or self.rate <= 0 or self.runs < 1:
             raise ValueError("--tokens and --runs must be >= 1 and --rate > 0")
+        if self.tokens > MAX_ANSWER_TOKENS:  # the endpoint builds the whole answer first: 2e9 grew ~0.8 GB/s
+            raise ValueError(f"--tokens {self.tokens}: at most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
         if self.delay_ms < 0:
             raise ValueError("--delay-ms must be >= 0")
         for spec in self.cross:
@@ -303,8 +310,8 @@ def run_compare(
     oracles: list[float] = []
     base_delays: list[float] = []
     backend = reason = ""
-    with tempfile.TemporaryDirectory(prefix="tw-compare-") as tmp:
-        wd = workdir or tmp
+    # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
+    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-compare-") as wd:
         os.makedirs(wd, exist_ok=True)
         for k in range(cfg.runs):
             seed = cfg.seed + k
@@ -313,7 +320,7 @@ def run_compare(
                 if log:
                     log(f"seed {seed}: {s}")
                 try:
-                    r = run_scheme(s, cfg, seed, wd, progress, scratch=None if workdir else tmp)
+                    r = run_scheme(s, cfg, seed, wd, progress, scratch=None if workdir else wd)
                 except TestbedError as exc:
                     raise CompareError(f"{s}: testbed: {exc}") from None
                 per_scheme[s].append(r)

@@ -34,6 +34,10 @@ class SchemeUnavailable(RuntimeError):
     """The scheme's implementation is not importable in this checkout."""
 
 
+class EndpointFailed(RuntimeError):
+    """The run failed for a reason one line says (the harness reports it as the error, not a traceback)."""
+
+
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -76,10 +80,17 @@ def _sse_server(args: argparse.Namespace) -> Server:
 
 async def _sse_client(args: argparse.Namespace, go: Callable[[], Awaitable[None]],
                       progress: Callable[[int], None]) -> dict[str, Any]:
+    import aiohttp
+
     from .sse import sse_client
 
-    return await sse_client(args.host, args.port, n=args.tokens, rate=args.rate, seed=args.seed, go=go,
-                            progress=progress, timeout=args.timeout)
+    try:
+        return await sse_client(args.host, args.port, n=args.tokens, rate=args.rate, seed=args.seed, go=go,
+                                progress=progress, timeout=args.timeout)
+    except TimeoutError as exc:  # aiohttp's connect and total timeouts (`--loss iid:1`): as the QUIC client says
+        raise EndpointFailed("no answer before the deadline" + (f" ({exc})" if str(exc) else "")) from None
+    except aiohttp.ClientError as exc:
+        raise EndpointFailed(f"{exc.__class__.__name__}: {exc}") from None
 
 
 class QuicServer(Server):
@@ -196,7 +207,11 @@ async def run_client(args: argparse.Namespace) -> int:
             last[0] = now
             emit({"progress": k})
 
-    result = await impl.client(args, go, progress)
+    try:
+        result = await impl.client(args, go, progress)
+    except EndpointFailed as exc:
+        emit({"error": str(exc)})
+        return 1
     write_json(args.out, result)
     emit({"done": True, "rendered": len(result["render"])})
     return 0

@@ -19,6 +19,7 @@ weighted over the context; text chunks count as exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -278,8 +279,8 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
     down = trace_from_spec(cfg.down_trace)
     rng = random.Random(cfg.seed)
     rows: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.controllers}
-    with tempfile.TemporaryDirectory(prefix="tw-kv-eval-") as tmp:
-        wd = workdir or tmp
+    # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
+    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-kv-eval-") as wd:
         os.makedirs(wd, exist_ok=True)
         kv_path = os.path.join(wd, "context.pt")
         ctx = prepare_context(cfg, kv_path, log)
@@ -287,7 +288,7 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
             cfg.recompute_us_per_token = round(ctx["prefill_s"] / cfg.context_tokens * 1e6)
             log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
         log_path = os.path.join(wd, "pktlog.csv")
-        with Testbed(cfg.emulator_config(log_path), backend="userspace", scratch=None if workdir else tmp) as tb:
+        with Testbed(cfg.emulator_config(log_path), backend="userspace", scratch=None if workdir else wd) as tb:
             srv = _start(tb, tb.server_ns, "server", cfg, kv_path, wd)
             ready = srv.wait_for("ready", 300)
             log(f"server ready: ingested and encoded {ready.get('encodes')} chunk levels in "

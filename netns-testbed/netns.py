@@ -44,6 +44,14 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest test class, despite the name
 
 
+class NamespaceExists(TestbedError):
+    """A namespace to be created exists already: not this run's, so its teardown must leave it alone."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"namespace {name} already exists")
+        self.name = name
+
+
 def new_run_id() -> str:
     """A fresh run id: ``tw`` + 6 random hex digits (short enough for 15-character interface names)."""
     return "tw" + secrets.token_hex(3)
@@ -118,7 +126,7 @@ def create_netns(name: str) -> None:
     from pyroute2 import netns as pr_netns
 
     if netns_exists(name):
-        raise TestbedError(f"namespace {name} already exists")
+        raise NamespaceExists(name)
     with _signals_deferred():
         pr_netns.create(name)
 
@@ -319,6 +327,32 @@ class RunState:
         with open(tmp, "w") as fh:
             json.dump(self.__dict__, fh, indent=1)
         os.replace(tmp, self.path)
+
+    def claim(self) -> None:
+        """Save the state for the first time, refusing a run id in use (its state file or any ``<id>-*``
+        namespace exists) before anything is touched: a start under a live run's id failed, and its teardown
+        removed that run's namespaces and state."""
+        names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
+        taken = sorted(n for n in names if n.startswith(self.run_id + "-"))
+        in_use = f"run id {self.run_id} is in use: %s exists (see `tokenwire testbed status`)"
+        if taken or os.path.exists(self.path):
+            raise TestbedError(in_use % (f"namespace {taken[0]}" if taken else "its state file"))
+        os.makedirs(STATE_DIR, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.__dict__, fh, indent=1)
+        try:
+            os.link(tmp, self.path)  # whole at once, and never over the state of a start that claimed it meanwhile
+        except FileExistsError:
+            raise TestbedError(in_use % "its state file") from None
+        finally:
+            os.unlink(tmp)
+
+    def disown(self, name: str) -> None:
+        """Forget namespace ``name``: it exists, but this run did not create it (see :class:`NamespaceExists`)."""
+        if name in self.namespaces:
+            self.namespaces.remove(name)
+            self.save()
 
     def delete(self) -> None:
         for path in (self.path, os.path.join(STATE_DIR, self.run_id + ".log")):  # .log: a detached `up`

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tokenwire.daemon.config import MAX_ANSWER_TOKENS
 from tokenwire.transport import metrics
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import (
@@ -176,6 +177,11 @@ class SwiftQueueConfig:
         flow = parse_flow_spec(self.flow)
         if flow.kind != "tokens" and not self.virtual:
             raise SwiftQueueEvalError("--flow: the namespace run streams a real Chatterbox answer (tokens:RATE)")
+        tokens = flow.rate * self.seconds
+        if not self.virtual and not tokens <= MAX_ANSWER_TOKENS:  # (not <=: a NaN too)
+            # the endpoint builds the whole answer first: tokens:1e9 grew ~0.8 GB/s (virtual time builds none)
+            raise SwiftQueueEvalError(f"--flow {self.flow} for --seconds {self.seconds:g} is {tokens:.3g} tokens: at "
+                                      f"most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
         try:
             trace_from_spec(self.down_trace)
             if self.up_trace:
@@ -194,6 +200,10 @@ class SwiftQueueConfig:
                 load_forecaster(self.model)
             except ModelError as exc:
                 raise SwiftQueueEvalError(f"--model {exc}") from None
+
+    def answer_tokens(self) -> int:
+        """Tokens of the namespace run's answer: ``tokens:RATE`` for ``seconds`` (bounded by :meth:`validate`)."""
+        return max(1, int(parse_flow_spec(self.flow).rate * self.seconds))
 
 
 # ------------------------------------------------------------------------------------------- forecasters

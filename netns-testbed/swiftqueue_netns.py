@@ -13,6 +13,7 @@ The ``oracle`` policy reads the emulator's (L, C) estimate from a shared-memory 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -124,9 +125,8 @@ def run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str,
 
 def _run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str, progress: Callable[[float], None] | None,
                       *, scratch: str | None) -> PolicyRun:
-    spec = parse_flow_spec(cfg.flow)
-    rate = spec.rate
-    tokens = max(1, int(rate * cfg.seconds))
+    rate = parse_flow_spec(cfg.flow).rate
+    tokens = cfg.answer_tokens()
     log_path = os.path.join(workdir, f"{policy}.pktlog.csv")
     oracle_path = os.path.join(workdir, f"{policy}.oracle") if policy == "oracle" else None
     srv_out = os.path.join(workdir, f"{policy}.server.json")
@@ -190,15 +190,15 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
     """Every policy of ``cfg`` through the namespace testbed; the JSON summary and the runs (for the plot)."""
     cfg.validate()
     runs: dict[str, PolicyRun] = {}
-    with tempfile.TemporaryDirectory(prefix="tw-swiftqueue-") as tmp:
-        wd = workdir or tmp
+    # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
+    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-swiftqueue-") as wd:
         os.makedirs(wd, exist_ok=True)
         for k, name in enumerate(cfg.policies):
             if log_fn:
                 log_fn(f"[{k + 1}/{len(cfg.policies)}] {name} (namespaces, {cfg.seconds:g} s of tokens)")
             runs[name] = run_netns_policy(
                 cfg, name, wd, (lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None,
-                scratch=None if workdir else tmp,
+                scratch=None if workdir else wd,
             )
     # one yardstick for every policy's stall ratio: the fastest any token crossed this path (as compare does)
     best = min((r - g for run in runs.values() for g, r in zip(run.gen, run.render, strict=False)),

@@ -24,6 +24,13 @@ def _bins(records: list[dict[str, Any]], width: float = 0.1) -> tuple[list[float
     return [k * width for k in keys], [counts[k][1] / counts[k][0] for k in keys]
 
 
+def _legend(ax: Any, loc: str) -> None:
+    """A legend where the panel has labelled lines: an empty panel (``--policies classic``: no l4s or swiftqueue
+    run) made matplotlib warn "No artists with labels found to put in legend"."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc=loc, fontsize=8)
+
+
 def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) -> None:
     """Write the PNG (``runs`` are :class:`~.swiftqueue_eval.PolicyRun` by policy name)."""
     import matplotlib
@@ -50,7 +57,7 @@ def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) ->
     ax_cdf.set_ylabel("share of the marked flow's packets")
     ax_cdf.set_ylim(0, 1.01)
     ax_cdf.grid(True, which="both", alpha=0.3)
-    ax_cdf.legend(loc="lower right", fontsize=8)
+    _legend(ax_cdf, "lower right")
     ax_cdf.set_title("latency CDF")
 
     if "l4s" in runs:
@@ -66,7 +73,7 @@ def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) ->
                            color=color, label=label)
     ax_lat.set_ylabel("latency (ms)")
     ax_lat.grid(True, alpha=0.3)
-    ax_lat.legend(loc="upper right", fontsize=8)
+    _legend(ax_lat, "upper right")
     ax_lat.set_title("per-packet latency over time")
     for name in ("swiftqueue", "oracle"):
         if name in runs and runs[name].records:
@@ -76,7 +83,7 @@ def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) ->
     ax_l.set_ylabel("share sent to L")
     ax_l.set_xlabel("time (s)")
     ax_l.grid(True, alpha=0.3)
-    ax_l.legend(loc="lower right", fontsize=8)
+    _legend(ax_l, "lower right")
     cfg = summary.get("config", {})
     down = str(cfg.get("down_trace")).rsplit("/", 1)[-1]
     fig.suptitle(f"down {down}  delay {cfg.get('delay_ms')} ms  queue {cfg.get('queue')}  cross "

@@ -36,6 +36,7 @@ from typing import Any
 from .child import LineReader
 from .emulator import EmulatorConfig
 from .netns import (
+    NamespaceExists,
     RunState,
     TestbedError,
     check_root,
@@ -118,8 +119,6 @@ class Testbed:
         self.down()
 
     def up(self) -> None:
-        from .kernel import build_kernel_path, choose_backend
-
         check_root()
         self.config.down.validate()
         self.config.up.validate()
@@ -129,10 +128,21 @@ class Testbed:
                       "config": json.loads(self.config.to_json())}
         if self.scratch is not None:
             state.info["scratch"] = self.scratch
-        state.save()  # before creating anything: a crash from here on leaves a trail for `testbed down`
+        state.claim()  # before creating anything: a crash from here on leaves a trail for `testbed down`
         self._state = state
         try:
+            self._build(state)
+        except NamespaceExists as exc:  # made by someone else meanwhile: the teardown leaves it alone
+            state.disown(exc.name)
+            raise
+
+    def _build(self, state: RunState) -> None:
+        from .kernel import build_kernel_path, choose_backend
+
+        try:
             self.backend, self.backend_reason = choose_backend(self.config, self.run_id, self.prefer_backend)
+        except NamespaceExists:  # (its name tells up() which namespace is not ours)
+            raise
         except RuntimeError as exc:
             raise TestbedError(str(exc)) from None
         state.backend = self.backend
@@ -316,8 +326,9 @@ class DirectLink:
         from pyroute2 import IPRoute
 
         check_root()
-        self._state = RunState(self.run_id, os.getpid(), [self.server_ns, self.client_ns], backend="veth")
-        self._state.save()
+        state = RunState(self.run_id, os.getpid(), [self.server_ns, self.client_ns], backend="veth")
+        state.claim()  # refuses a run id in use before touching anything (see Testbed.up)
+        self._state = state
         try:
             create_netns(self.server_ns)
             create_netns(self.client_ns)
@@ -326,7 +337,9 @@ class DirectLink:
                 ipr.link("add", ifname=a, kind="veth", peer={"ifname": b, "net_ns_fd": self.client_ns})
             configure_interface(self.server_ns, a, self.server_addr, 30)
             configure_interface(self.client_ns, b, self.client_addr, 30)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, NamespaceExists):  # made by someone else meanwhile: not ours to remove
+                state.disown(exc.name)
             self.__exit__()
             raise
         return self

@@ -184,7 +184,11 @@ def fixed_rate_trace(mbps: float | Fraction) -> Trace:
 
 
 MAX_STAMP_MS = 10**12
-_READ_CHUNK = 1 << 20  # bytes of lines parsed at a time
+MAX_LINE_CHARS = 100
+"""Longest trace line: one integer timestamp and some blanks. A longer line is refused before it is read whole
+(a file without newlines, ``/dev/zero`` say, was read into memory until a MemoryError)."""
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # ASCII, yet binary (NUL bytes); tabs, CR and FF are blanks
+_READ_CHUNK = 1 << 20  # characters parsed at a time
 _CACHE_ENTRIES = 4
 _cache: OrderedDict[tuple[object, ...], Trace] = OrderedDict()
 _cache_lock = threading.Lock()
@@ -225,37 +229,57 @@ def _parse_trace_file(name: str) -> Trace:
     stamps = array("q")
     prev = 0
     lineno = 0
+    rest = ""  # the line being read, its newline not seen yet
     try:
         with open(name, encoding="ascii") as fh:
             while True:
-                lines = fh.readlines(_READ_CHUNK)
-                if not lines:
+                # a fixed amount at a time, not readlines(): its size hint bounds the lines read, not one line
+                chunk = fh.read(_READ_CHUNK)
+                data = rest + chunk
+                cut = data.rfind("\n") + 1 if chunk else len(data)  # at the end, the last line needs no newline
+                block, rest = data[:cut], data[cut:]
+                lines = block.split("\n")
+                if chunk or not block:
+                    lines.pop()  # the empty piece after the block's last newline
+                if lines:
+                    # fast path: a chunk of well-formed lines (int() ignores surrounding blanks, refuses control
+                    # characters)
+                    try:
+                        values = list(map(int, lines))
+                    except ValueError:
+                        values = None
+                    if (values is not None and prev <= values[0] and values[-1] <= MAX_STAMP_MS
+                            and values == sorted(values) and max(map(len, lines)) <= MAX_LINE_CHARS):  # fmt: skip
+                        stamps.extend(values)
+                        prev = values[-1]
+                        lineno += len(lines)
+                    else:
+                        for line in lines:  # the exact line and problem (or blank lines, which are skipped)
+                            lineno += 1
+                            prev = _check_line(name, lineno, line, prev, stamps)
+                if len(rest) > MAX_LINE_CHARS or _CONTROL_RE.search(rest):  # refused before it grows any further
+                    _check_line(name, lineno + 1, rest, prev, stamps)
+                if not chunk:
                     break
-                # fast path: a chunk of well-formed lines (int() ignores the newline and surrounding blanks)
-                try:
-                    values = list(map(int, lines))
-                except ValueError:
-                    values = None
-                if (values is not None and prev <= values[0] and values[-1] <= MAX_STAMP_MS
-                        and values == sorted(values)):  # fmt: skip
-                    stamps.extend(values)
-                    prev = values[-1]
-                    lineno += len(lines)
-                    continue
-                for line in lines:  # the exact line and problem (or blank lines, which are skipped)
-                    lineno += 1
-                    prev = _check_line(name, lineno, line, prev, stamps)
     except UnicodeDecodeError:
         raise TraceError(f"{name}: not a text trace (non-ASCII bytes)") from None
     except OSError as exc:
         raise TraceError(f"{name}: cannot read trace: {exc.strerror}") from None
     if not stamps:
         raise TraceError(f"{name}: empty trace")
+    if stamps[-1] <= 0:  # (Trace says so too, but by its display name: the file's base name)
+        raise TraceError(f"{name}: the last timestamp must be > 0 (it is the repeat period)")
     return Trace(stamps, name=os.path.basename(name))
 
 
 def _check_line(name: str, lineno: int, line: str, prev: int, stamps: array) -> int:
     """Append the timestamp of one line to ``stamps`` (nothing for a blank line); returns the latest one."""
+    control = _CONTROL_RE.search(line)
+    if control:
+        raise TraceError(f"{name}:{lineno}: not a text trace (control character {control.group()!r})")
+    if len(line) > MAX_LINE_CHARS:
+        raise TraceError(f"{name}:{lineno}: line longer than {MAX_LINE_CHARS} characters (a trace line is one "
+                         "integer ms timestamp)")
     text = line.strip()
     if not text:
         return prev
@@ -278,4 +302,7 @@ def trace_from_spec(spec: str) -> Trace:
     bps = _exact_rate(spec)
     if bps is not None:
         return fixed_rate_trace(bps / 10**6)
+    if _RATE_RE.match(spec) and not os.path.exists(spec):  # "1e400mbps": a rate, not a missing trace file
+        raise TraceError(f"rate {spec.strip()} is out of range: a fixed rate is {MIN_RATE_BPS:g} bit/s to "
+                         f"{MAX_RATE_MBPS:g} Mbit/s")
     return load_trace(spec)

@@ -5,7 +5,7 @@
   ``research/swiftqueue_l4s.md`` §4.3), so a flow marked ECT(1) lands in the L queue of DualPI2. The sink
   reads the TOS byte of each datagram (``IP_RECVTOS``) and records one-way delays (both ends share the
   host's monotonic clock) and the codepoints seen (CE marks).
-* TCP: a bulk sender with the congestion control of your choice (``TCP_CONGESTION``: cubic or bbr here),
+* TCP: a bulk sender with the congestion control of your choice (``TCP_CONGESTION``: cubic, bbr or reno here),
   and a sink that counts bytes. Kernel TCP masks the ECN bits of ``IP_TOS``, so bulk TCP is Not-ECT (or
   ECT(0) with ``net.ipv4.tcp_ecn=1``) and sits in the classic queue.
 
@@ -214,8 +214,8 @@ if __name__ == "__main__":
 
 
 # -- cross traffic for experiments ------------------------------------------------------------------------------
-CROSS_HELP = ("tcp:cubic | tcp:bbr (bulk kernel TCP, classic queue) | udp-ect1:RATE (paced UDP marked ECT(1)) | "
-              "onoff-ect1:RATE:ON_MS:OFF_MS (the same, bursting)")
+CROSS_HELP = ("tcp:cubic | tcp:bbr | tcp:reno (bulk kernel TCP, classic queue) | udp-ect1:RATE (paced UDP marked "
+              "ECT(1)) | onoff-ect1:RATE:ON_MS:OFF_MS (the same, bursting)")  # also `compare --help` and its docs
 
 
 def parse_cross(spec: str) -> tuple[str, str]:
