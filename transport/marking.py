@@ -36,7 +36,7 @@ class LatencySample:
 
     sent_at: float  # sender clock (s) when the packet left
     ack_at: float  # sender clock (s) when its ack arrived
-    latency_ms: float  # one-way: receiver timestamp minus sender timestamp (same clock in the testbed)
+    latency_ms: float  # one-way, from the ACK's timestamps; a client clock's offset removed (one_way_delay.py)
     size: int  # bytes of the acked packet
     queue_l: bool  # it was sent ECT(1): the L queue
     ce: bool  # it arrived CE-marked

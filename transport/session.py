@@ -47,6 +47,7 @@ from .frames import (
     encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
+from .one_way_delay import OneWayDelay
 from .path_recovery import PAUSE_PING_S, RECOVERY_PING_S, backed_off, probe_on_receipt, window_full
 from .session_outcome import ChatOutcome
 from .transcript import Transcript, gen_times_from_deltas, text_digest
@@ -429,6 +430,7 @@ class ServerSession(_SessionBase):
         super().__init__(quic)
         self.marking = marking
         self.on_latency_sample: Callable[[LatencySample], None] | None = None
+        self.one_way = OneWayDelay()  # the ACKs' receive times are on the client's clock
         self.requests: dict[int, ServerRequest] = {}
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
@@ -640,10 +642,11 @@ class ServerSession(_SessionBase):
         if req is not None and req.sender is not None:
             meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
             if meta is not None and frame.recv_us is not None:
+                sent_at = frame.echo_us / 1e6
                 sample = LatencySample(
-                    sent_at=frame.echo_us / 1e6,
+                    sent_at=sent_at,
                     ack_at=now,
-                    latency_ms=(frame.recv_us - frame.echo_us) / 1000.0,
+                    latency_ms=self.one_way.latency_ms(sent_at, now, (frame.recv_us - frame.echo_us) / 1000.0),
                     size=meta[0],
                     queue_l=meta[1] == ECT1,
                     ce=ce_new,
