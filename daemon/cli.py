@@ -14,8 +14,11 @@ import logging
 import math
 import os
 import select
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,32 +48,69 @@ def write_json(doc: Any, path: str | Path) -> None:
 
 def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
     """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line) at ``path``
-    (``-``: stdout). A regular file is replaced atomically (a temporary file next to it, then renamed), so an
-    interrupted or failing command leaves the old file or the new one, never half of one; a symlink's target
-    is what is replaced; anything else that exists there (``/dev/stdout``, a FIFO) is written through, never
-    replaced. Every command's ``--json`` goes through here; an ``OSError`` names ``path``."""
+    (``-``: stdout), put there by :func:`output_file`: a regular file is replaced atomically (an interrupted
+    or failing command leaves the old file or the new one, never half of one) and keeps its permissions; a
+    symlink's target is what is replaced; anything else that exists there (``/dev/stdout``, a FIFO) is
+    written through, never replaced. Every command's ``--json`` goes through here; an ``OSError`` names
+    ``path``."""
     text = (json.dumps(json_safe(doc), indent=indent, allow_nan=False) if indent is not None
             else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False)) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
+    with output_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` at ``path`` as :func:`output_file` puts a file there (``-``: stdout)."""
+    with output_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def output_file(path: str | Path) -> Iterator[Path]:
+    """A temporary file to write ``path``'s new content into, put in place when the block ends without an
+    exception; with one, ``path`` stays as it was and no temporary file is left. Every command's output
+    file goes through here (``--json``, models, datasets, checkpoints), binary or text, including writers
+    that need a file name (``torch.save``, ONNX export, ``numpy.savez``).
+
+    A regular file (or nothing) at ``path`` is replaced atomically: the temporary file is made next to it,
+    takes its permissions (as root, its owner) and is renamed over it. A symlink's target is what is
+    replaced, the link is kept. Anything else that exists there (a device such as ``/dev/stdout``, a FIFO)
+    is written through, never replaced: the temporary file is then in the system's temporary folder (not
+    next to a device) and its bytes are copied into it. ``-`` is stdout, the same way. An ``OSError``
+    names ``path``.
+    """
     target = Path(os.path.realpath(path))  # a symlink is kept, its target replaced
+    through = str(path) == "-" or (target.exists() and not target.is_file())  # rename would replace it
+    tmp: Path | None = None
     try:
-        if target.exists() and not target.is_file():  # a device, a FIFO: rename would put a file in its place
-            with open(target, "w") as fh:
-                fh.write(text)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text)
+        if through:
+            fd, name = tempfile.mkstemp(prefix=".tokenwire-", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        yield tmp
+        if str(path) == "-":
+            sys.stdout.flush()
+            with open(tmp, "rb") as src:
+                shutil.copyfileobj(src, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        elif through:
+            with open(tmp, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
             _keep_mode(target, tmp)
             os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     except OSError as exc:  # named, so the command's error is one line about the user's file
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _keep_mode(old: Path, new: Path) -> None:
@@ -122,9 +162,11 @@ PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", 
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Create each output folder and write a scratch file there; :class:`CLIError` naming the option if not."""
-    import tempfile
+    """Create each output folder and write a scratch file there; :class:`CLIError` naming the option if not.
 
+    As :func:`output_file` will write: a file's folder is its symlink target's (where the temporary file
+    goes), and a device or FIFO only needs to be writable (nothing is created next to it).
+    """
     if getattr(args, "virtual", False) and getattr(args, "keep", None):  # testbed kv / swiftqueue
         raise CLIError("--keep keeps the namespace run's packet and endpoint logs; a --virtual run has "
                        "neither (its results go to --json)")
@@ -144,7 +186,7 @@ def check_outputs(args: argparse.Namespace) -> None:
             if not os.access(value, os.W_OK):  # /dev/stdout, a FIFO: written through, where no scratch file goes
                 raise CLIError(f"{option}: cannot write there (permission denied)")
             continue
-        folder = Path(value) if dest in OUTPUT_DIRS else Path(value).parent
+        folder = Path(value) if dest in OUTPUT_DIRS else Path(os.path.realpath(value)).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".tokenwire-check-"):

@@ -116,7 +116,8 @@ def run_cli(args: argparse.Namespace) -> int:
                      f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
         lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(
             f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
-    print("\n".join(lines))
+    # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
+    print("\n".join(lines), file=sys.stderr if str(args.json) == "-" else sys.stdout)
     if args.json:
         from tokenwire.daemon.cli import save_json
 

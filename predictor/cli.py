@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default 10)")
         rate = p.add_mutually_exclusive_group()
         rate.add_argument("--probe-pps", type=float, help="probe packets/s (default: 8%% of the trace's 1500-byte "
-                          "delivery opportunities, i.e. 6.4%% of its bits, within 5-300 packets/s)")
+                          "delivery opportunities, i.e. 6.4%% of its bits, within 5-300 packets/s; at most the "
+                          "trace's mean capacity in probe packets)")
         rate.add_argument("--probe-share", type=float, metavar="F",
                           help="probe rate as a share (0-1] of the trace's mean capacity in bits")
         p.add_argument("--p-switch", type=float, default=0.08, help="probe queue switch probability per packet")
@@ -116,9 +118,12 @@ def _parse_seeds(text: str) -> list[int]:
     for part in filter(None, text.split(",")):
         a, dash, b = part.partition("-")
         try:
-            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
+            first, last = (int(a), int(b)) if dash else (int(a), int(a))
         except ValueError:
             raise _err(f"--seeds: {part!r} is not N or N-M") from None
+        if last < first:  # range() of it is empty: it used to end in "no seeds"
+            raise _err(f"--seeds: {part!r} is a reversed range; write {last}-{first}")
+        out += list(range(first, last + 1))
     if not out:
         raise _err("--seeds: no seeds")
     return out
@@ -150,7 +155,7 @@ def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
 def _run_collect(cfg: Any, out: str, label: str) -> dict:
     from tokenwire.testbed.trace import TraceError
 
-    from .dataset import collect, save, summary
+    from .dataset import ProbeRateError, collect, save, summary
 
     t0 = time.monotonic()
 
@@ -161,6 +166,8 @@ def _run_collect(cfg: Any, out: str, label: str) -> dict:
         data = collect(cfg, progress)
     except TraceError as exc:
         raise _err(str(exc)) from None
+    except ProbeRateError as exc:
+        raise _err(f"--probe-pps: {exc}") from None
     _check_acked(data, label, cfg.seconds)
     save(out, data)
     s = summary(data)
@@ -213,14 +220,19 @@ def _check_jobs(traces: list[str], seeds: list[int]) -> None:
                    "the file name only); copy or link them to distinct file names")
 
 
-def _check_traces(traces: list[str]) -> None:
+def _check_traces(traces: list[str], probe_pps: float | None, probe_size: int) -> None:
+    """Every trace readable and able to carry ``--probe-pps``, before the first run (not at the third)."""
     from tokenwire.testbed.trace import TraceError, trace_from_spec
+
+    from .dataset import ProbeRateError, check_probe_pps
 
     for trace in traces:
         try:
-            trace_from_spec(trace)
+            check_probe_pps(probe_pps, probe_size, trace_from_spec(trace).mean_mbps * 1e6)
         except TraceError as exc:
             raise _err(str(exc)) from None
+        except ProbeRateError as exc:
+            raise _err(f"--probe-pps: {trace}: {exc}") from None
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -231,9 +243,9 @@ def _collect(args: argparse.Namespace) -> int:
 def _collect_many(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     jobs = [(t, s) for t in args.traces for s in seeds]
-    _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
+    cfg = _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
     _check_jobs(args.traces, seeds)
-    _check_traces(args.traces)
+    _check_traces(args.traces, cfg.probe_pps, cfg.probe_size)
     out_dir = Path(args.out_dir)
     index_path = out_dir / "index.json"
     outs = [str(out_dir / f"{_output_stem(trace)}-s{seed}.npz") for trace, seed in jobs]
@@ -316,6 +328,7 @@ def _train(args: argparse.Namespace) -> int:
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
     log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
     log_path = out / "train.json"
+    _remove_earlier_outputs(out, kinds)
     _write_json(log_path, log)
     for kind in kinds:
         if kind == "ar":
@@ -338,6 +351,25 @@ def _train(args: argparse.Namespace) -> int:
     log["finished"] = True
     _write_json(log_path, log)
     return 0
+
+
+def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
+    """Remove an earlier run's checkpoints of the kinds about to be trained, as train.json is rewritten.
+
+    Interrupted before its first checkpoint, a rerun left the old ``gru.pt`` (``finished: true``) next to a
+    new train.json without it, and ``export`` used it without a word. A symlink stays (its target, where the
+    new checkpoint goes, is removed); a device or FIFO is no stale checkpoint and stays. An earlier export
+    next to them is left alone (the user named it), with a warning.
+    """
+    for kind in kinds:
+        old = out / ("ar.json" if kind == "ar" else f"{kind}.pt")
+        target = Path(os.path.realpath(old))
+        if target.is_file():
+            target.unlink()
+            _say(f"removed {old} of an earlier run")
+        exported = out / f"{kind}.onnx"
+        if kind != "ar" and exported.exists():
+            _say(f"warning: {exported} was exported from an earlier run; export the new {kind}.pt again")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -372,8 +404,9 @@ def _export(args: argparse.Namespace) -> int:
         report = export_onnx(model, args.out, extra, cx, cb)
     except ModelError as exc:
         raise _err(f"{exc}; not written to {args.out}") from None
-    size = Path(args.out).stat().st_size
-    _say(f"wrote {args.out} ({size / 1024:.0f} KiB); onnxruntime vs torch: " +
+    out = Path(args.out)  # a device, a FIFO or "-" was written through: no size to show
+    size = f" ({out.stat().st_size / 1024:.0f} KiB)" if str(out) != "-" and out.is_file() else ""
+    _say(f"wrote {args.out}{size}; onnxruntime vs torch: " +
          ", ".join(f"{k} {v:.2e}" for k, v in report.items() if k != "ok"))
     return 0
 
@@ -387,22 +420,35 @@ def _eval(args: argparse.Namespace) -> int:
         doc = run_eval(args.data, args.model, args.baselines, log=_say)
     except (DatasetError, ModelError) as exc:
         raise _err(str(exc)) from None
-    print(format_table(doc))
-    if args.json:
+    if args.json:  # before the table: nothing in printing it can lose the results
         _write_json(Path(args.json), doc)  # a spike MAE over no spikes is NaN: null in the file
         if args.json != "-":
             _say(f"wrote {args.json}")
+    # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
+    print(format_table(doc), file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
 
+def _below(mae: float, ewma: float) -> str:
+    """``mae`` as "% below ewma" (5 wide), ``-`` where no ratio exists: EWMA's MAE 0 (a constant latency),
+    or NaN (no targets) on either side."""
+    if not (ewma > 0 and mae == mae):
+        return f"{'-':>5}"
+    return f"{100 * (1 - mae / ewma):5.1f}"
+
+
 def format_table(doc: dict) -> str:
+    from tokenwire.daemon.cli import cell
+
     lines = [f"{'model':<12} {'MAE ms':>8} {'RMSE ms':>8} {'spike MAE':>10} {'n':>8} {'n spike':>8}"]
-    for name, m in doc["models"].items():
-        lines.append(f"{name:<12} {m['mae_ms']:>8.2f} {m['rmse_ms']:>8.2f} {m['spike_mae_ms']:>10.2f} "
-                     f"{m['n']:>8} {m['n_spike']:>8}")
+    for name, m in doc["models"].items():  # NaN (no targets, no spikes): "-"
+        lines.append(f"{name:<12} {cell(m['mae_ms'], '>8.2f')} {cell(m['rmse_ms'], '>8.2f')} "
+                     f"{cell(m['spike_mae_ms'], '>10.2f')} {m['n']:>8} {m['n_spike']:>8}")
     if "transformer" in doc["models"] and "ewma" in doc["models"]:
         t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
-        lines.append(f"transformer MAE vs ewma: {100 * (1 - t / e):.1f}% lower (target >= 45%)")
+        ratio = _below(t, e).strip()
+        lines.append(f"transformer MAE vs ewma: {ratio}% lower (target >= 45%)" if ratio != "-" else
+                     "transformer MAE vs ewma: no ratio (ewma's MAE is 0, or no targets)")
     said = {"newest_acked": "truth at the newest acked send: the sender's own freshness",
             "clairvoyant_prev": "truth at the previous send",
             "interpolated": "mean of the previous and the next send's truth (uses the future)"}
@@ -412,7 +458,7 @@ def format_table(doc: dict) -> str:
     for name, ref in refs.items():
         e = ref["ewma_mae_ms_same_targets"]
         t = ref.get("models_mae_ms_same_targets", {}).get("transformer")
-        vs_t = f"(transformer {100 * (1 - t / e):5.1f}%)" if t is not None else ""
-        lines.append(f"  {name:<17}{ref['mae_ms']:6.2f} ms {100 * (1 - ref['mae_ms'] / e):5.1f}% {vs_t}  "
+        vs_t = f"(transformer {_below(t, e)}%)" if t is not None else ""
+        lines.append(f"  {name:<17}{cell(ref['mae_ms'], '6.2f')} ms {_below(ref['mae_ms'], e)}% {vs_t}  "
                      f"{said.get(name, '')}")
     return "\n".join(lines)

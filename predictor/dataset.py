@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import zipfile
 import zlib
@@ -60,6 +59,17 @@ COLUMNS = ("sent_at", "ack_at", "latency_ms", "size", "queue_l", "ce", "target_l
 
 class DatasetError(ValueError):
     """A dataset file that is missing, malformed or of an unknown format version."""
+
+
+class ProbeRateError(ValueError):
+    """A probe rate above what the trace's link carries on average (see :func:`max_probe_pps`)."""
+
+
+def max_probe_pps(mean_bps: float, probe_size: int) -> float:
+    """The highest probe rate a run takes: the trace's mean capacity in probe packets, i.e. ``probe_share``
+    1, the bound ``--probe-share`` has. Above it the probe alone overloads the link, so the queues only fill
+    and drop; and the run's cost grows with the rate, not the trace (``--probe-pps 1e9`` ran for minutes)."""
+    return mean_bps / (8 * probe_size)
 
 
 @dataclass
@@ -90,6 +100,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
 
     trace = trace_from_spec(cfg.down_trace)
     mean_bps = trace.mean_mbps * 1e6
+    check_probe_pps(cfg.probe_pps, cfg.probe_size, mean_bps)
     link = Link(trace, DualPI2(DualPI2Params(seed=cfg.seed)), delay=cfg.delay_ms / 1000.0)
     sim = Simulation(link)
     items = parse_cross_spec(cfg.cross)
@@ -195,37 +206,47 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
     return out_any
 
 
+def check_probe_pps(pps: float | None, probe_size: int, mean_bps: float) -> None:
+    """:class:`ProbeRateError` when an explicit ``pps`` exceeds :func:`max_probe_pps` (None: derived, fits)."""
+    most = max_probe_pps(mean_bps, probe_size)
+    if pps is not None and pps > most:
+        raise ProbeRateError(f"probe rate {pps:g} packets/s is above the {most:.4g} packets/s of {probe_size} "
+                             f"bytes that the trace carries on average ({mean_bps / 1e6:.4g} Mbit/s): the probe "
+                             "alone would overload the link")
+
+
 def save(path: str | Path, data: dict) -> None:
     """Write ``data`` (arrays of :data:`COLUMNS` + ``meta`` JSON string) as a compressed ``.npz``.
 
-    Atomically: into a temporary file next to it, then renamed, so an interrupted collect leaves either the
-    old file or none under ``path``, never a truncated one that ``load`` would stumble over later.
+    Through :func:`tokenwire.daemon.cli.output_file`: a regular file is replaced atomically, so an interrupted
+    collect leaves either the old file or none under ``path``, never a truncated one that ``load`` would
+    stumble over later; a device, a FIFO or ``-`` (stdout) is written through, a symlink's target replaced.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from tokenwire.daemon.cli import output_file
+
     arrays = {c: np.asarray(data[c], dtype=np.float64) for c in COLUMNS}
     arrays["meta"] = np.array(data["meta"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with output_file(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def load(path: str | Path) -> dict:
     """Read a dataset written by :func:`save`; raises :class:`DatasetError` on anything unexpected."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy file is one array, not an archive of columns
+            raise DatasetError(f"{path}: not a latency dataset (one .npy array, not an .npz archive of columns)")
+        with z:
             data = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
             meta = json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset") from None
+    except DatasetError:  # a ValueError too: not to be wrapped below
+        raise
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         # BadZipFile: truncated or corrupt archive; zlib.error: corrupt member; NotImplementedError: zipfile's
         # answer to a damaged compression-method field
-        raise DatasetError(f"{path}: not a latency dataset ({exc})") from None
+        raise DatasetError(f"{path}: not a latency dataset ({_why_not(exc)})") from None
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: not a latency dataset (meta is a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != "tokenwire-latency-dataset" or meta.get("version") != FORMAT_VERSION:
@@ -243,8 +264,44 @@ def load(path: str | Path) -> dict:
     if bad_acked.any():
         i = int(np.flatnonzero(bad_acked)[0])
         raise DatasetError(f"{path}: n_acked[{i}] = {acked[i]:g} is not a count of the {n_acks} acks in the file")
+    _check_values(path, data)
     data["meta"] = meta
     return data
+
+
+def _why_not(exc: Exception) -> str:
+    """numpy's reason a file is no dataset, without its advice to load it "unsafely" with ``allow_pickle``
+    (a dataset never holds pickled objects: the advice would have users run code from an untrusted file)."""
+    text = str(exc)
+    if "allow_pickle" in text:
+        return ("holds Python objects, not numbers" if text.startswith("Object arrays")
+                else "neither an .npz archive nor an .npy array")
+    return text
+
+
+def _check_values(path: str | Path, data: dict) -> None:
+    """:class:`DatasetError` naming the column and the first bad row where a value is one that train would
+    turn into NaN losses ("training diverged") and eval into nan/inf tables.
+
+    NaN is a value of the format where it means "unknown": ``ack_at`` and ``latency_ms`` of a lost packet
+    (no ack), a target whose shadow was dropped. Everything a forecaster reads of a delivered packet (the
+    ack log: :data:`~.features.RAW_COLUMNS`) and every send time must be finite; no column may be infinite.
+    """
+    delivered = ~np.isnan(data["ack_at"])
+    everywhere = np.ones_like(delivered)
+    rules = [("sent_at", everywhere, "send times must be finite"),
+             ("ack_at", everywhere, "an ack time is finite, or NaN for a lost packet"),
+             *((c, delivered, "must be finite for a delivered packet (one with an ack_at)")
+               for c in RAW_COLUMNS if c not in ("sent_at", "ack_at")),
+             ("target_l_ms", everywhere, "a target is a latency in ms, or NaN where the shadow was dropped"),
+             ("target_c_ms", everywhere, "a target is a latency in ms, or NaN where the shadow was dropped")]
+    for col, rows, why in rules:
+        v = data[col]
+        bad = rows & (np.isinf(v) if col in ("ack_at", "target_l_ms", "target_c_ms") else ~np.isfinite(v))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DatasetError(f"{path}: {col}[{i}] = {v[i]:g} ({int(bad.sum())} of {v.size} rows): {why}; "
+                               "not a usable latency dataset")
 
 
 def ack_log(data: dict) -> np.ndarray:

@@ -3,17 +3,18 @@
 The graph takes ``x`` ``(batch, W, F)`` float32 and ``ref`` ``(batch, 3)`` float32 and returns
 ``latency_ms`` ``(batch, 2)``; the batch axis is dynamic. A JSON blob in the model's metadata (key
 ``tokenwire``) names the format, the feature list, the window and the training provenance, so the runtime can
-refuse a model built for other inputs. The file is written next to the destination under a temporary name,
-run with onnxruntime on random and (optionally) real windows at batch sizes 1, 8 and 64 and compared with
-the torch outputs, and only then renamed into place: a model that fails validation is never left where a
-daemon or ``eval`` would load it.
+refuse a model built for other inputs. The file is written to a temporary file
+(:func:`tokenwire.daemon.cli.output_file`: next to the destination), run with onnxruntime on random and
+(optionally) real windows at batch sizes 1, 8 and 64 and compared with the torch outputs, and only then put
+in place: a model that fails validation is never left where a daemon or ``eval`` would load it. In place
+means as for every output: a regular file is replaced atomically and keeps its permissions, a symlink's
+target is replaced, a device or FIFO (or ``-``, stdout) is written through.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -36,13 +37,12 @@ def export_onnx(model: object, path: str | Path, extra_meta: dict | None = None,
     import onnx
     import torch
 
+    from tokenwire.daemon.cli import output_file
+
     window = model.config["window"]  # type: ignore[attr-defined]
     x = torch.zeros(2, window, N_FEATURES)
     b = torch.zeros(2, 3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with output_file(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x, b), str(tmp), input_names=["x", "ref"], output_names=["latency_ms"],
@@ -58,9 +58,6 @@ def export_onnx(model: object, path: str | Path, extra_meta: dict | None = None,
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         report = validate(model, tmp, check_x, check_ref, label=str(path))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return report
 
 

@@ -193,11 +193,15 @@ def _shape_is(shape: Any, rest: list[int]) -> bool:
 
 
 def _check_signature(sess: Any, file: Path, window: int) -> None:
-    """Inputs ``x`` (batch, window, F) and ``ref`` (batch, 3), output (batch, 2), all float32."""
+    """Inputs ``x`` (batch, window, F) and ``ref`` (batch, 3), output (batch, 2), all float32.
+
+    The names too: the forecaster binds its inputs by position, ``eval`` and ``export`` feed them by name,
+    so a model with other names ran in the daemon and failed in ``eval`` (swapped names: x fed as ref).
+    """
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     described = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
-    if (len(inputs) != 2 or not _shape_is(inputs[0].shape, [window, N_FEATURES])
-            or not _shape_is(inputs[1].shape, [3])):
+    if (len(inputs) != 2 or [i.name for i in inputs] != ["x", "ref"]
+            or not _shape_is(inputs[0].shape, [window, N_FEATURES]) or not _shape_is(inputs[1].shape, [3])):
         raise ModelError(f"{file}: unexpected model inputs ({described}); expected x (batch, {window}, "
                          f"{N_FEATURES}) and ref (batch, 3)")
     if any(i.type != "tensor(float)" for i in inputs):

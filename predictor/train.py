@@ -86,7 +86,8 @@ def load_points(paths: list[str], window: int, val_share: float,
 
     Files without prediction points are skipped with a warning (:func:`~.harness.file_points`);
     :class:`~.dataset.DatasetError` when no training point is left, which torch's scheduler would
-    otherwise report as "Expected positive integer total_steps".
+    otherwise report as "Expected positive integer total_steps", and when a queue has no known target
+    (:func:`check_targets`).
     """
     tr, va = [], []
     for _, pts in file_points(paths, window, log):
@@ -97,7 +98,27 @@ def load_points(paths: list[str], window: int, val_share: float,
     if not len(train):
         raise DatasetError(f"only {len(val)} prediction point(s) in all, none left for training after the last "
                            f"{val_share:.0%} of each file is set aside for validation; collect longer runs (--seconds)")
+    check_targets(train, val, paths, val_share)
     return train, val
+
+
+def check_targets(train: Points, val: Points, paths: list[str], val_share: float) -> None:
+    """:class:`~.dataset.DatasetError` naming what is missing when the points hold no known target (all NaN:
+    every shadow dropped) for a queue in training, or none at all in validation.
+
+    The networks' loss masks unknown targets, so without any it is 0 and they learn nothing (validation MAE
+    nan) yet write checkpoints; the AR fit of that queue then failed with "Singular matrix".
+    """
+    files = ", ".join(paths)
+    missing = [col for j, col in enumerate(("target_l_ms", "target_c_ms")) if np.isnan(train.target[:, j]).all()]
+    if missing:
+        raise DatasetError(f"no known {' or '.join(missing)} in the {len(train)} training points of {files} "
+                           "(all NaN: every shadow packet of that queue was dropped); training needs targets "
+                           "for both queues: collect other runs (a lighter load, --cross)")
+    if np.isnan(val.target).all():
+        raise DatasetError(f"no known target in the {len(val)} validation points (the last {val_share:.0%} of "
+                           f"each of {files}; all NaN); validation would score nothing: collect longer runs "
+                           "(--seconds) or runs with fewer dropped shadows")
 
 
 def sample_weights(p: Points, alpha: float) -> np.ndarray:
@@ -151,41 +172,59 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
         model.train()
         return loss, mae
 
+    shown = False  # a "\r  epoch N  x%" progress line is on the terminal (stderr), not ended
+
+    def erase() -> None:
+        """Clear the progress line, so the next line (a log line, "interrupted") starts on an empty one."""
+        nonlocal shown
+        if shown:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+            shown = False
+
+    def say(msg: str) -> None:
+        erase()
+        log(msg)
+
     t0 = time.monotonic()
-    for epoch in range(1, cfg.epochs + 1):
-        perm = torch.from_numpy(rng.permutation(len(train)))
-        total = 0.0
-        for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
-            loss = change_focused_loss(model(xt[idx], bt[idx]), yt[idx], wt[idx], cfg.huber_ms)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-            if sys.stderr.isatty() and s % 20 == 0:
-                print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr)
-        vl, vmae = val_loss()
-        history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": vl, "val_mae_ms": vmae})
-        if not (math.isfinite(total) and math.isfinite(vl)):
-            if best_state is None:
-                raise TrainingDiverged(epoch)
-            log(f"  warning: epoch {epoch}: non-finite loss, training diverged; stopping with the weights of "
-                f"epoch {best[1]} (lower --lr)")
-            break
-        mark = ""
-        if vl < best[0]:
-            best = (vl, epoch)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            mark = " *"
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, cfg, history, best_epoch=epoch, finished=False)
-        log(f"  epoch {epoch:3d}/{cfg.epochs}  train {total / steps_per_epoch:.4f}  val {vl:.4f}  "
-            f"val MAE {vmae:6.2f} ms  {time.monotonic() - t0:5.0f} s{mark}")
-        if epoch - best[1] >= cfg.patience:
-            log(f"  early stop: no validation improvement for {cfg.patience} epochs (best epoch {best[1]})")
-            break
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            perm = torch.from_numpy(rng.permutation(len(train)))
+            total = 0.0
+            for s in range(steps_per_epoch):
+                idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
+                loss = change_focused_loss(model(xt[idx], bt[idx]), yt[idx], wt[idx], cfg.huber_ms)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+                if sys.stderr.isatty() and s % 20 == 0:
+                    print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr,
+                          flush=True)
+                    shown = True
+            vl, vmae = val_loss()
+            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": vl, "val_mae_ms": vmae})
+            if not (math.isfinite(total) and math.isfinite(vl)):
+                if best_state is None:
+                    raise TrainingDiverged(epoch)
+                say(f"  warning: epoch {epoch}: non-finite loss, training diverged; stopping with the weights of "
+                    f"epoch {best[1]} (lower --lr)")
+                break
+            mark = ""
+            if vl < best[0]:
+                best = (vl, epoch)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                mark = " *"
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, model, cfg, history, best_epoch=epoch, finished=False)
+            say(f"  epoch {epoch:3d}/{cfg.epochs}  train {total / steps_per_epoch:.4f}  val {vl:.4f}  "
+                f"val MAE {vmae:6.2f} ms  {time.monotonic() - t0:5.0f} s{mark}")
+            if epoch - best[1] >= cfg.patience:
+                say(f"  early stop: no validation improvement for {cfg.patience} epochs (best epoch {best[1]})")
+                break
+    finally:  # Ctrl-C, an error: the CLI's message must not be appended to the progress line either
+        erase()
     if best_state is None:  # unreachable: a finite first epoch always improves on inf
         raise TrainingDiverged(len(history))
     model.load_state_dict(best_state)
@@ -198,17 +237,19 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
 
 def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: list, *,
                     best_epoch: int | None = None, finished: bool = True) -> None:
-    """Atomically write a checkpoint: the model's weights (those of ``best_epoch``), the log so far, and
-    whether training has ``finished`` (False while epochs are still to come)."""
+    """Write a checkpoint: the model's weights (those of ``best_epoch``), the log so far, and whether
+    training has ``finished`` (False while epochs are still to come). Through
+    :func:`tokenwire.daemon.cli.output_file`: atomic for a regular file (keeping its permissions), a
+    symlink's target replaced, a device or FIFO written through."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"kind": cfg.kind, "config": model.config, "state_dict": model.state_dict(),  # type: ignore[attr-defined]
-                "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
-                "finished": finished}, tmp)
-    tmp.replace(path)
+    from tokenwire.daemon.cli import output_file
+
+    with output_file(path) as tmp:
+        torch.save({"kind": cfg.kind, "config": model.config,  # type: ignore[attr-defined]
+                    "state_dict": model.state_dict(),  # type: ignore[attr-defined]
+                    "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
+                    "finished": finished}, tmp)
 
 
 def checkpoint_best_epoch(ck: dict) -> int | None:
@@ -239,14 +280,18 @@ def load_checkpoint(path: str | Path) -> tuple[object, dict]:
         raise ModelError(f"{path}: no such checkpoint") from None
     except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc):  # torch advises loading it with weights_only=False: running its code
+            first = "it holds Python objects other than tensors and plain data; not loaded"
         raise ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({first})") from None
     model.eval()
     return model, ck
 
 
 def fit_ar(train: Points, path: str | Path | None = None) -> LinearAR:
+    """The AR baseline fitted on ``train``, written to ``path`` (``ar.json``) as every output is written."""
+    from tokenwire.daemon.cli import save_bytes
+
     ar = LinearAR().fit(train.x, train.base, train.target)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(ar.to_dict()) + "\n")
+        save_bytes(path, (json.dumps(ar.to_dict()) + "\n").encode())
     return ar
