@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ def write_json(doc: Any, path: str | Path) -> None:
         print(f"wrote {path}")
 
 
+# the real stdout while a command with ``--json -`` runs with its other prints sent to stderr
+_json_stdout: list[Any] = []
+
+
 def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
     """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line) at ``path``
     (``-``: stdout), put there by :func:`output_file`: a regular file is replaced atomically (an interrupted
@@ -56,8 +60,9 @@ def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
     text = (json.dumps(json_safe(doc), indent=indent, allow_nan=False) if indent is not None
             else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False)) + "\n"
     if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out = _json_stdout[-1] if _json_stdout else sys.stdout
+        out.write(text)
+        out.flush()
         return
     with output_file(path) as tmp:
         tmp.write_text(text)
@@ -96,10 +101,11 @@ def output_file(path: str | Path) -> Iterator[Path]:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         yield tmp
         if str(path) == "-":
-            sys.stdout.flush()
+            out = _json_stdout[-1] if _json_stdout else sys.stdout  # not stderr, where --json - sends the rest
+            out.flush()
             with open(tmp, "rb") as src:
-                shutil.copyfileobj(src, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+                shutil.copyfileobj(src, out.buffer)
+            out.buffer.flush()
         elif through:
             with open(tmp, "rb") as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -271,6 +277,21 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+@contextmanager
+def _json_to_stdout(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--json -``, stdout carries the JSON alone (a pipe into ``jq`` or ``json.tool`` parses it): what
+    the command prints besides (its table, progress) goes to stderr for the command's run."""
+    if str(getattr(args, "json", None)) != "-":
+        yield
+        return
+    _json_stdout.append(sys.stdout)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stdout.pop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -278,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_outputs(args)
-        rc = args.handler(args)
+        with _json_to_stdout(args):
+            rc = args.handler(args)
     except CLIError as exc:
         print(f"tokenwire {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2

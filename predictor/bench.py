@@ -117,7 +117,7 @@ def run_cli(args: argparse.Namespace) -> int:
         lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(
             f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
     # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
-    print("\n".join(lines), file=sys.stderr if str(args.json) == "-" else sys.stdout)
+    print("\n".join(lines))  # with --json -: on stderr (cli.main)
     if args.json:
         from tokenwire.daemon.cli import save_json
 

@@ -425,7 +425,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.json != "-":
             _say(f"wrote {args.json}")
     # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
-    print(format_table(doc), file=sys.stderr if args.json == "-" else sys.stdout)
+    print(format_table(doc))  # with --json -: on stderr (cli.main)
     return 0
 
 

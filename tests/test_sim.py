@@ -149,6 +149,15 @@ def test_sim_cli_writes_documented_json(tmp_path, capsys):
     assert "chatterbox" in capsys.readouterr().out
 
 
+def test_json_dash_leaves_stdout_to_the_json_for_every_command(capsys):
+    """`tokenwire sim --json - | jq` failed: the table went to stdout ahead of the JSON. With --json -, the
+    CLI sends whatever else a command prints to stderr (cli.main), whichever command it is."""
+    assert main(["sim", "--tokens", "30", "--runs", "1", "--schemes", "chatterbox,stream", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert set(json.loads(out)["schemes"]) == {"chatterbox", "stream"}
+    assert "chatterbox" in err and "stall" in err  # the table, on stderr
+
+
 def test_sim_cli_rejects_bad_input(capsys):
     assert main(["sim", "--loss", "iid:2"]) == 2
     assert "within [0, 1]" in capsys.readouterr().err
