@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenwire.transport.frames import MAX_STREAM_FRAME
+
 from .kv_config import KVConfig, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 from .startup import addr
@@ -323,7 +325,9 @@ def _limits(t: Any) -> Limits:
         max_sessions=s.int("max_sessions", 10_000, 1, 1_000_000),
         max_requests_per_connection=s.int("max_requests_per_connection", 64, 1, 10_000),
         max_tokens=s.int("max_tokens", 16_384, 1, MAX_ANSWER_TOKENS),
-        max_request_bytes=s.int("max_request_bytes", 1 << 20, 1024, 64 << 20),
+        # at most the protocol's own frame limit: above it a large prompt passed the size check, then the frame
+        # validator refused it as malformed and closed the connection (the SDK refused it too)
+        max_request_bytes=s.int("max_request_bytes", 1 << 20, 1024, MAX_STREAM_FRAME),
         max_redundant_tokens=s.int("max_redundant_tokens", 64, 1, 4096),
         transcript_memory_mb=s.num("transcript_memory_mb", 256.0, 1.0, 1 << 20),
         transcript_retain_s=s.num("transcript_retain_s", 600.0, 0.0, 7 * 86400.0),

@@ -676,6 +676,16 @@ def test_a_token_name_is_a_principal_ingest_can_name(capsys):
     assert "at most 128 characters" in capsys.readouterr().err
 
 
+def test_max_request_bytes_is_bounded_by_the_protocols_frame_limit():
+    """Config took up to 64 MiB, but the frame validator caps a request at 1 MiB: a 1.5 MB prompt under an
+    8-MiB limit was refused as malformed, closing the connection."""
+    from tokenwire.daemon.config import ConfigError, parse_config
+
+    assert parse_config({"limits": {"max_request_bytes": 1 << 20}}).limits.max_request_bytes == 1 << 20
+    with pytest.raises(ConfigError, match=r"limits.max_request_bytes: expected an integer in \[1024, 1048576\]"):
+        parse_config({"limits": {"max_request_bytes": 8 << 20}})
+
+
 def test_a_certificate_principal_is_one_ingest_can_name():
     """A client certificate without a common name got its whole RFC 4514 subject as its principal: one past
     128 characters could never be named by ingest, so that client could attach to no ingested answer."""

@@ -1068,6 +1068,35 @@ def test_every_fetch_has_an_outcome_in_the_counters(service):
     assert stats["fetches"] == 2 and stats["failed"] == 1 and stats["refused"] == 1
 
 
+def test_a_fetch_given_up_at_once_or_never_decoded_has_one_outcome_or_none(service):
+    """A KV_FETCH sent with its FIN for a context not stored counted abandoned and refused both; a malformed
+    KV_FETCH (which closes the connection) counted as an abandoned fetch, though no fetch was ever asked."""
+    from tokenwire.transport.frames import KvFetch, encode_stream_frame
+
+    async def go():
+        async with kv_client(service) as (conn, server):
+            quic = conn._quic
+            sid = quic.get_next_available_stream_id()
+            quic.send_stream_data(sid, encode_stream_frame(KvFetch(model="nothing-stored", deadline_ms=1000,
+                                                                   token_ids=[1, 2, 3])), end_stream=True)
+            conn.transmit()
+            async with asyncio.timeout(10):
+                while server.stats["fetches"] < 1 or any(p.tasks for p in server.protocols):
+                    await asyncio.sleep(0.01)
+            first = dict(server.stats)
+            bad = quic.get_next_available_stream_id()
+            quic.send_stream_data(bad, b"\x00\x00\x00\x03\x81\xa1t")  # a map with no type: malformed
+            conn.transmit()
+            async with asyncio.timeout(10):
+                while server.protocols:
+                    await asyncio.sleep(0.01)
+            return first, dict(server.stats)
+
+    first, last = run(go())
+    assert first["fetches"] == 1 and first["abandoned"] + first["refused"] == 1, first
+    assert last["fetches"] == 1 and last["abandoned"] + last["refused"] + last["completed"] == 1, last
+
+
 def test_the_daemons_drain_lets_a_running_kv_fetch_finish(tmp_path):
     """SIGTERM's drain waited for token answers only: a KV fetch in flight was cut 0.24 s after it."""
     from tokenwire.daemon.config import parse_config

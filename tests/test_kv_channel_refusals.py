@@ -343,3 +343,40 @@ def test_a_fetch_the_client_resets_frees_its_stream_on_the_server():
     pair.exchange(rounds=60)
     assert not [sid for sid in sids if sid in pair.server.quic._streams]
     pair.assert_connection_up()
+
+
+def test_a_fetch_of_another_protocol_version_is_refused_alone():
+    """As on the token channel: another version's KV_FETCH closed the whole connection."""
+    pair = KVPair()
+    running = pair.fetch()
+    other = pair.client.fetch(KvFetch(model="m", deadline_ms=5000, token_ids=[1, 2], version=3))
+    pair.exchange(rounds=200)
+    failed = pair.outcome(other)
+    assert isinstance(failed, KVFetchFailed) and failed.error.code == ErrorCode.UNSUPPORTED_VERSION
+    assert pair.requested() == [running] and isinstance(pair.outcome(running), KVDoneReceived)
+    pair.client.finish(running)
+    pair.exchange(rounds=100)
+    pair.assert_connection_up()
+
+
+def test_a_clients_error_frame_ends_no_fetch_and_no_connection():
+    """The token channel ignores a client's ERROR (its FIN or reset follows); the KV channel closed the
+    connection on it, ending every other fetch."""
+    from tokenwire.transport.frames import Error
+
+    pair = KVPair()
+    sid = pair.fetch()
+    pair.exchange(rounds=200)
+    pair.client._send(sid, Error(int(ErrorCode.INTERNAL), "the engine went away"))
+    pair.client.finish(sid)
+    pair.exchange(rounds=100)
+    closed = [e for e in pair.server_events if isinstance(e, KVFetchClosed)]
+    assert [(e.stream_id, e.complete) for e in closed] == [(sid, True)]
+    pair.assert_connection_up()
+
+
+def test_the_kv_endpoint_offers_no_datagrams():
+    """It advertised DATAGRAM support (max_datagram_frame_size) and then closed the connection on any datagram."""
+    pair = KVPair()
+    assert pair.server.quic._remote_max_datagram_frame_size is None
+    assert pair.client.quic._remote_max_datagram_frame_size is None

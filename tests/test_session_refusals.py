@@ -99,6 +99,35 @@ def test_a_request_over_max_request_bytes_is_refused_alone():
     _assert_connection_up(pair)
 
 
+def test_a_request_of_another_protocol_version_is_refused_alone():
+    """A client cannot know the server's version in advance: another version's REQUEST, new fields and all,
+    closed the whole connection (with MALFORMED_FRAME when it had a field this version lacks)."""
+    import msgpack
+
+    from tokenwire.transport.frames import encode_frame
+
+    pair = _connected()
+    running = pair.client.start_request(_request(), pair.now)
+    v2 = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], version=2), pair.now)
+    wire = msgpack.unpackb(encode_frame(Request(messages=[{"role": "user", "content": "y"}])))
+    wire.update(v=2, future_field=[1, 2])  # raw: a v2 client's request with a field v1 does not know
+    raw = msgpack.packb(wire)
+    raw_sid = pair.client.quic.get_next_available_stream_id()
+    pair.client.quic.send_stream_data(raw_sid, len(raw).to_bytes(4, "big") + raw)
+    pair.exchange(rounds=100)
+
+    failed = _outcome(pair, v2)
+    assert isinstance(failed, RequestFailed) and failed.error.code == ErrorCode.UNSUPPORTED_VERSION
+    assert "protocol version 2 is not supported" in str(failed.error)
+    refused = {e.stream_id: e.code for e in pair.server_events if isinstance(e, RequestRefused)}
+    assert refused == {v2: ErrorCode.UNSUPPORTED_VERSION, raw_sid: ErrorCode.UNSUPPORTED_VERSION}
+    assert _received(pair) == [running]
+    _answer(pair, running, 3)
+    pair.exchange(rounds=200)
+    assert isinstance(_outcome(pair, running), RequestFinished)
+    _assert_connection_up(pair)
+
+
 def test_a_repair_crossing_the_servers_error_is_ignored():
     pair = _connected()
     sid = pair.client.start_request(_request(), pair.now)

@@ -565,16 +565,12 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
 
 def _post_validate(frame: Frame) -> None:
     """Cross-field checks that single-field validators cannot express."""
-    if isinstance(frame, Request):
-        if frame.version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
+    if isinstance(frame, Request):  # (its version is checked first, in decode_frame)
         if (frame.resume_from is not None) != (frame.resume_id is not None):
             raise FrameError("request: resume_from and resume id must come together")
         if frame.messages is None and frame.resume_id is None:
             raise FrameError("request: messages are required unless resuming an existing request")
     elif isinstance(frame, KvFetch):
-        if frame.version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"protocol version {frame.version} is not supported (this peer speaks 1)")
         if (frame.token_ids is None) == (frame.hashes is None):
             raise FrameError("kvfetch: exactly one of token ids and chunk hashes is required")
         if frame.token_ids is not None and not frame.token_ids:
@@ -649,6 +645,11 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
     if cls is None:
         raise FrameError(f"unknown frame type {t}")
     name = cls.__name__.lower()
+    version = wire.get("v")
+    if cls in (Request, KvFetch) and type(version) is int and version != PROTOCOL_VERSION:
+        # before the field checks: another version's REQUEST or KV_FETCH may well have fields this one lacks,
+        # and "upgrade" must not read as "malformed"
+        raise UnsupportedVersion(f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})")
     unknown = set(wire) - set(cls.FIELDS)
     if unknown:
         shown = [_shown(k) for k in sorted(unknown, key=str)[:5]]
@@ -716,7 +717,11 @@ class StreamDecoder:
                 break
             body = bytes(self._buf[4 : 4 + length])
             del self._buf[: 4 + length]
-            frames.append(decode_frame(body, max_size=self.max_frame))
+            try:
+                frames.append(decode_frame(body, max_size=self.max_frame))
+            except UnsupportedVersion as exc:
+                exc.decoded = frames  # as above: only a stream's first frame may be refused alone for its version
+                raise
         return frames
 
     @property

@@ -48,7 +48,7 @@ from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from .datagram_hook import min_rtt, smoothed_rtt
-from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError
+from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError, UnsupportedVersion
 from .frames import (
     KV_ALPN,
     MAX_RECOMPUTE_US,
@@ -498,6 +498,12 @@ class KVServerSession(_SessionBase):
             self.fetches[stream_id] = f
         try:
             frames = f.decoder.feed(data)
+        except UnsupportedVersion as exc:
+            if f.fetch is not None or exc.decoded:
+                raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
+            # a client cannot know the server's version in advance: this fetch is refused, not the connection
+            self.fetches.pop(stream_id, None)
+            return self._refuse(stream_id, ErrorCode.UNSUPPORTED_VERSION, str(exc), end)
         except FrameError as exc:
             raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
         for frame in frames:
@@ -533,6 +539,8 @@ class KVServerSession(_SessionBase):
         if isinstance(frame, KvAck):
             self._on_ack(f, frame, now)
             return []
+        if isinstance(frame, Error):  # the client reports a problem; its FIN or reset follows (as on the token
+            return []  # channel: it closed the connection here, ending every other fetch on it)
         raise ProtocolError(f"fetch stream {f.stream_id}: unexpected {type(frame).__name__} frame")
 
     def _on_ack(self, f: ServerFetch, ack: KvAck, now: float) -> None:
@@ -579,7 +587,10 @@ class KVServerSession(_SessionBase):
         return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
-        out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False) for f in self.fetches.values()]
+        # one outcome per fetch asked for: a stream whose KV_FETCH never decoded (malformed, the cause of this
+        # close) was no fetch, and counted as an abandoned one
+        out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False)
+                                   for f in self.fetches.values() if f.fetch is not None]
         self.fetches.clear()
         return out
 
@@ -963,6 +974,15 @@ class KVServerProtocol(SessionProtocol):
                     t.cancel()
                 self.app.protocols.discard(self)
 
+    def _refused(self, sid: int, code: int, message: str) -> None:
+        """A fetch refused at resolve; one the client gave up meanwhile has its outcome already (abandoned:
+        counted twice, once as refused too)."""
+        f = self.kv.fetches.get(sid)
+        if f is None or f.closed:
+            return
+        self.app.stats["refused"] += 1  # (a store failure is a refusal too: it was counted nowhere)
+        self.kv.reject(sid, code, message)
+
     async def _resolve(self, sid: int, fetch: KvFetch) -> None:
         try:
             if self.app.draining:  # the daemon is stopping: running fetches finish, new ones are refused
@@ -971,12 +991,10 @@ class KVServerProtocol(SessionProtocol):
                 raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
             plan = await self.app.provider.resolve(fetch)
         except TokenwireError as exc:
-            self.app.stats["refused"] += 1
-            self.kv.reject(sid, exc.code, str(exc))
+            self._refused(sid, exc.code, str(exc))
         except Exception as exc:  # a broken provider fails this fetch, never the server
             log.exception("KV resolve failed")
-            self.app.stats["refused"] += 1  # (a store failure is a refusal: it was counted nowhere)
-            self.kv.reject(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
+            self._refused(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
             if plan.rest_tokens:
                 self.app.stats["prefix_hits"] += 1
@@ -1049,6 +1067,7 @@ class KVServer:
 
 def kv_quic_config(config: Any) -> Any:
     config.alpn_protocols = [KV_ALPN]
+    config.max_datagram_frame_size = None  # KV frames never travel in datagrams: the extension is not offered
     config.max_data = FLOW_WINDOW
     config.max_stream_data = FLOW_WINDOW
     return config

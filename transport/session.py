@@ -28,7 +28,15 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from .chatterbox import SenderStats, TokenReceiver, TokenSender
 from .datagram_hook import DatagramScheduler, smoothed_rtt
 from .ecn_socket import CE, ECT1
-from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, RemoteError, TokenwireError
+from .errors import (
+    ErrorCode,
+    FrameError,
+    FrameTooLarge,
+    ProtocolError,
+    RemoteError,
+    TokenwireError,
+    UnsupportedVersion,
+)
 from .frames import (
     MAX_STREAM_FRAME,
     REPORT_MS_MAX,
@@ -571,6 +579,12 @@ class ServerSession(_SessionBase):
                 raise  # only a request may be large; a huge frame after one is a broken client
             self._drop(req)
             return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, f"request too large: {exc}", end)
+        except UnsupportedVersion as exc:
+            if req.request is not None or exc.decoded:
+                raise  # a second REQUEST on the stream: broken, whatever its version
+            # a client cannot know the server's version in advance: this request ends, not the connection
+            self._drop(req)
+            return self._refuse(stream_id, ErrorCode.UNSUPPORTED_VERSION, str(exc), end)
         for frame in frames:
             if req.request is None:
                 if not isinstance(frame, Request):
