@@ -172,11 +172,6 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
             auth = Request(messages=[{"role": "user", "content": "x"}], auth="alice-token")
             attacks = {
                 "malformed": with_token(b"\x00\x00\x00\x03\xc1\xc1\xc1"),
-                "version": with_token(
-                    encode_stream_frame(
-                        Request(messages=[{"role": "user", "content": "x"}], auth="alice-token", version=7)
-                    )
-                ),
                 "bad token": with_token(
                     encode_stream_frame(Request(messages=[{"role": "user", "content": "x"}], auth="wrong"))
                 ),
@@ -198,8 +193,8 @@ def test_bad_input_gets_typed_errors_while_others_stream(daemon):
 
     codes, text, stats = run(go())
     assert codes == {
-        "malformed": ErrorCode.MALFORMED_FRAME,
-        "version": ErrorCode.UNSUPPORTED_VERSION,
+        "malformed": ErrorCode.MALFORMED_FRAME,  # (another version's request is refused alone, no close:
+        # test_session_refusals.py)
         "oversized": ErrorCode.LIMIT_EXCEEDED,
         "bad token": ErrorCode.UNAUTHORIZED,
         "garbage datagram": ErrorCode.MALFORMED_FRAME,
