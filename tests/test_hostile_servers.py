@@ -89,3 +89,27 @@ def test_nothing_a_server_sends_after_a_protocol_error_completes_a_request():
     assert RequestFinished not in kinds and TokensRendered not in kinds
     failed = [e for e in pair.client_events if isinstance(e, RequestFailed)]
     assert len(failed) == 1 and "past the request's max_tokens (10)" in str(failed[0].error)
+
+
+def test_a_started_at_another_index_than_asked_is_a_protocol_error():
+    """The client never compared STARTED's index with its resume point: a server starting elsewhere had its
+    tokens taken for others (and the digest check then failed, or passed over the wrong tokens)."""
+    from tokenwire.transport.frames import Started
+
+    pair = Pair()
+    pair.exchange(rounds=40)
+    sid = pair.client.start_request(Request(resume_id=b"\1" * 16, resume_from=3), pair.now,
+                                    prefix=[b"a", b"b", b"c"])
+    pair.exchange(rounds=40)
+    with pytest.raises(FrameError, match="started at token 0, asked from 3"):
+        pair.client._on_stream_data(sid, encode_stream_frame(Started(sid, b"\1" * 16, "chatterbox", 0)), False,
+                                    pair.now)
+
+
+def test_a_tokens_frame_whose_second_run_passes_the_largest_index_is_malformed():
+    from tokenwire.transport.frames import MAX_INDEX, decode_frame, encode_frame
+
+    ok = Tokens(handle=1, first=0, tokens=[b"a"], extra=(MAX_INDEX - 1, [b"b"]))
+    assert decode_frame(encode_frame(ok)).extra == (MAX_INDEX - 1, [b"b"])
+    with pytest.raises(FrameError, match="past the largest index"):
+        decode_frame(encode_frame(Tokens(handle=1, first=0, tokens=[b"a"], extra=(MAX_INDEX - 1, [b"b", b"c"]))))

@@ -380,3 +380,15 @@ def test_the_kv_endpoint_offers_no_datagrams():
     pair = KVPair()
     assert pair.server.quic._remote_max_datagram_frame_size is None
     assert pair.client.quic._remote_max_datagram_frame_size is None
+
+
+def test_a_fetch_stream_that_ends_inside_a_frame_is_a_broken_client():
+    """The token server closes on a request stream that ends inside a frame; the KV server dropped a partial
+    KV_ACK followed by FIN without a word."""
+    pair = KVPair()
+    sid = pair.fetch()
+    pair.exchange(rounds=200)
+    pair.client.quic.send_stream_data(sid, b"\x00\x00\x00\x09\x85", end_stream=True)  # 1 of 9 bytes, then FIN
+    pair.exchange(rounds=100)
+    ended = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
+    assert ended and ended[0].error_code == ErrorCode.MALFORMED_FRAME and "truncated frame" in ended[0].reason

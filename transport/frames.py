@@ -591,7 +591,7 @@ def _post_validate(frame: Frame) -> None:
         end = frame.first + len(frame.tokens)
         if frame.extra is not None and frame.extra[0] < end:
             raise FrameError("tokens: the extra run must start after the main run")
-        if end > MAX_INDEX:
+        if end > MAX_INDEX or (frame.extra is not None and frame.extra[0] + len(frame.extra[1]) > MAX_INDEX):
             raise FrameError("tokens: run extends past the largest index")
 
 

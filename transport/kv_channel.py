@@ -4,8 +4,9 @@ Protocol (ALPN ``tokenwire-kv/1``, its own QUIC endpoint so bulk KV gets its own
 
 * client -> server, bidirectional stream: ``KV_FETCH`` (model, token ids or chunk hashes, deadline), later one
   ``KV_ACK`` per chunk received (for the server's throughput samples), FIN after ``KV_DONE``;
-* server -> client on that stream: ``KV_META`` (chunk count, geometry), ``KV_DONE`` (levels) then FIN, or a
-  typed ``ERROR`` (unknown context: ``NOT_FOUND``; bad request: ``BAD_REQUEST``; store failure: ``INTERNAL``);
+* server -> client on that stream: ``KV_META`` (chunk count, geometry), ``KV_DONE`` (levels), and FIN once the
+  client's FIN has come (the fetch holds one of 16 slots until then); or a typed ``ERROR`` (unknown context:
+  ``NOT_FOUND``; bad request: ``BAD_REQUEST``; store failure: ``INTERNAL``) and FIN;
 * server -> client, one **unidirectional stream per chunk**: a ``KV_CHUNK`` header frame (index, level, size,
   CRC-32) then ``size`` raw payload bytes and FIN. A payload is one self-contained CacheGen bitstream, or the
   chunk's token ids (int32 LE) when sent as text. A lost packet delays only its own chunk's stream.
@@ -509,6 +510,8 @@ class KVServerSession(_SessionBase):
         for frame in frames:
             out.extend(self._on_frame(f, frame, now))
         if end:
+            if f.decoder.pending:  # (the token server checks this too: a partial KV_ACK was dropped unnoticed)
+                raise ProtocolError(f"fetch stream {stream_id}: truncated frame at end of stream")
             if f.done_sent or f.closed:
                 self._fin(stream_id)
                 self.fetches.pop(stream_id, None)

@@ -866,6 +866,9 @@ class ClientSession(_SessionBase):
             if isinstance(frame, Started):
                 if req.started is not None:
                     raise FrameError("duplicate started frame")
+                if frame.first_index != req.receiver.first_index:  # its tokens would be taken for others
+                    raise FrameError(f"started at token {frame.first_index}, asked from "
+                                     f"{req.receiver.first_index}")
                 req.started = frame
                 out.append(RequestStarted(stream_id, frame))
             elif isinstance(frame, Tokens):
@@ -939,7 +942,7 @@ class ClientSession(_SessionBase):
         self.scheduler.forget(req.ack_source)
         tokens = req.prefix + req.receiver.tokens
         if req.receiver.first_index != len(req.prefix):
-            tokens = req.receiver.tokens  # a resume without the prefix: only verify the count
+            tokens = req.receiver.tokens  # resumed without the prefix: the digest covers tokens not held here
         digest_ok = len(tokens) == fin.total and text_digest(tokens) == fin.digest
         outcome = ChatOutcome(
             tokens=tokens,
