@@ -109,6 +109,7 @@ class DaemonProtocol(SessionProtocol):
         )
         self.daemon = daemon
         self.principal: str | None = None
+        self.refused = 0  # requests refused by the session (over a limit, too large): logged once, then counted
         self.authorized = not daemon.config.auth.required
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         self.revoked = False  # a reload removed its token: the client does not send it again
@@ -205,7 +206,11 @@ class DaemonProtocol(SessionProtocol):
             elif isinstance(ev, ClientReport):
                 d.on_report(ev.report)
             elif isinstance(ev, RequestRefused):
-                log.warning("refused a request from %s: %s", self.peer, ev.reason)
+                # one warning per connection, the rest at debug and counted (one client refused 1,770 streams
+                # a second, each a warning line: a log flood); the total is logged when the connection ends
+                self.refused += 1
+                (log.warning if self.refused == 1 else log.debug)(
+                    "refused a request from %s: %s", self.peer, ev.reason)
                 d.metrics.errors.labels(code=hex(ev.code)).inc()
             elif isinstance(ev, ConnectionEnded):
                 d.on_connection_end(self, ev)
@@ -477,9 +482,7 @@ class Daemon:
             return f"reload refused: {exc}", False
         log_format = self.log_format_override or new.logging.format
         if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
-            setup_logging(new.logging.level, log_format)
-        else:
-            set_log_level(new.logging.level)  # aioquic's logger too, as at start
+            setup_logging(self.config.logging.level, log_format)  # the new level once the reload is logged
         logging_cfg = dataclasses.replace(new.logging, format=log_format)
         ignored = restart_changes(self.config, new)  # logged in the new format, as all that follows
         if ignored:
@@ -494,6 +497,8 @@ class Daemon:
         if revoked:
             log.warning("reload: %d connections lost their authorization (token removed or changed); their "
                         "next requests are refused with UNAUTHORIZED", revoked)
+        # last: a reload to level "warning" filtered out its own "reloaded" line, and left no trace it was applied
+        set_log_level(new.logging.level)  # aioquic's logger too, as at start
         note = "" if tls_ok else "TLS files refused (see the log); "
         return f"reloaded; {note}{self.status_line()}", True
 
@@ -807,6 +812,9 @@ class Daemon:
         if not ev.by_peer and ev.error_code not in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
             log.warning("closed connection from %s: %s (code %#x)", proto.peer, ev.reason, ev.error_code)
             self.metrics.errors.labels(code=hex(ev.error_code)).inc()
+        if proto.refused > 1:
+            log.warning("connection from %s ended; %d of its requests were refused (the first one logged)",
+                        proto.peer, proto.refused)
         for sid in list(proto.attached):
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
         proto.flush_counters()

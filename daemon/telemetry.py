@@ -93,22 +93,61 @@ class _HttpLog(logging.LoggerAdapter):
             self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
+# A scraper's connection must complete a request within this, and at most this many are open at once: half-sent
+# requests were held for ever (300 of them: 300 file descriptors, the daemon's fd limit within anyone's reach of
+# the port). A served connection is then kept alive between scrapes for KEEPALIVE_S (aiohttp's default: an hour).
+REQUEST_DEADLINE_S = 10.0
+MAX_CONNECTIONS = 64
+KEEPALIVE_S = 75.0
+
+
+def _guard(server: web.Server, served: set[Any]) -> None:
+    """Bound the metrics server's connections (see REQUEST_DEADLINE_S): wraps the server's own connection hooks."""
+    made, lost = server.connection_made, server.connection_lost
+    loop = asyncio.get_running_loop()
+
+    def expire(handler: Any, transport: asyncio.Transport) -> None:
+        if handler not in served and not transport.is_closing():
+            transport.close()  # nothing served within the deadline: a stalled or half-sent request
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        if len(server.connections) > MAX_CONNECTIONS:
+            transport.close()
+            return
+        loop.call_later(REQUEST_DEADLINE_S, expire, handler, transport)
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        served.discard(handler)
+        lost(handler, exc)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
 async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
+    served: set[Any] = set()  # connections (their aiohttp handlers) that completed a request
+
     async def handle_metrics(request: web.Request) -> web.Response:
+        served.add(request.protocol)
         # on a worker thread: a collector may wait on I/O (the KV store's usage is a round trip to Redis), and
         # the event loop carries every token stream
         body = await asyncio.to_thread(metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_health(request: web.Request) -> web.Response:
+        served.add(request.protocol)
         ok = healthy()
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "draining\n")
 
     app = web.Application()
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)
-    runner = web.AppRunner(app, access_log=None, logger=_HttpLog(logging.getLogger("tokenwire.daemon"), {}))
+    runner = web.AppRunner(app, access_log=None, logger=_HttpLog(logging.getLogger("tokenwire.daemon"), {}),
+                           keepalive_timeout=KEEPALIVE_S)
     await runner.setup()
+    assert runner.server is not None
+    _guard(runner.server, served)
     try:
         # the IPv6 wildcard dual-stack, as the QUIC listeners are: asyncio's create_server sets IPV6_V6ONLY, so
         # "[::]:9464" answered no IPv4 scraper (other hosts: aiohttp's own binding, every address a name has)
