@@ -1311,6 +1311,27 @@ def _check_done_levels(done: KvDone, results: list[ChunkResult]) -> None:
                           code=ErrorCode.MALFORMED_FRAME)
 
 
+def _check_codec_header(hdr: KvChunk, meta: KvMeta, payload: bytes) -> None:
+    """Compare a codec chunk's bitstream header with its KV_CHUNK and KV_META before decoding it (reading the
+    header costs nothing; decoding first let an 8-token chunk whose bitstream said 16384 tokens expand to 188 M
+    elements, 3 GB, before its token count was compared), and its level with the one KV_CHUNK reports (nothing
+    compared them: a server could label any level as another). Raises ``KVCorruptChunk``, or the codec's
+    ``KVCodecError`` for a header that does not parse."""
+    from .cachegen.bitstream import read_header
+    from .cachegen.levels import get_level
+
+    bh = read_header(payload)
+    if bh.n_tokens != hdr.tokens:
+        raise KVCorruptChunk(f"chunk {hdr.index}: {bh.n_tokens} tokens, header says {hdr.tokens}")
+    if [bh.n_layers, bh.n_heads, bh.head_dim] != list(meta.geometry):
+        raise KVCorruptChunk(f"chunk {hdr.index} has geometry {[bh.n_layers, bh.n_heads, bh.head_dim]}, KV_META "
+                             f"says {list(meta.geometry)}")
+    if bh.dtype != meta.dtype:  # a mix would come back from prefix_kv() as whatever torch.cat promotes to
+        raise KVCorruptChunk(f"chunk {hdr.index} is {bh.dtype}, KV_META says {meta.dtype}")
+    if bh.level_id != get_level(hdr.level).level_id:
+        raise KVCorruptChunk(f"chunk {hdr.index} is sent as {hdr.level}, its bitstream has level id {bh.level_id}")
+
+
 def _forget_decodes(pf: _PendingFetch) -> None:
     """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
     and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
@@ -1410,16 +1431,14 @@ class KVConnection(SessionProtocol):
 
             meta = pf.meta
             assert meta is not None  # codec chunks wait for KV_META (handle_session_events)
+            layers, heads, dim = meta.geometry
             try:
+                _check_codec_header(hdr, meta, payload)
                 kv = decode_chunk(payload, device=self.decode_device, expect_fingerprint=meta.fingerprint,
-                                  expect_geometry=tuple(meta.geometry))  # type: ignore[arg-type]
+                                  expect_geometry=(layers, heads, dim),
+                                  max_elements=2 * layers * heads * dim * hdr.tokens)
             except KVCodecError as exc:
                 raise KVCorruptChunk(f"chunk {hdr.index} does not decode: {exc}") from None
-            if kv[0][0].shape[-2] != hdr.tokens:
-                raise KVCorruptChunk(f"chunk {hdr.index}: {kv[0][0].shape[-2]} tokens, header says {hdr.tokens}")
-            dtype = str(kv[0][0].dtype).removeprefix("torch.")
-            if dtype != meta.dtype:  # a mix would come back from prefix_kv() as whatever torch.cat promotes to
-                raise KVCorruptChunk(f"chunk {hdr.index} is {dtype}, KV_META says {meta.dtype}")
             return ChunkResult(hdr.index, hdr.level, kv, None)
         finally:
             pf.decode_times[hdr.index] = (t0, time.monotonic())
@@ -1447,12 +1466,12 @@ class KVConnection(SessionProtocol):
         raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
         controller, a non-integer token id) raises ``ValueError`` before it is sent.
 
-        ``timeout_s``: how long to wait for the whole context (KV_META, every chunk, KV_DONE) before giving up
-        with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default there is no fixed bound: the fetch fails once
-        nothing new (KV_META, a chunk) has come for the deadline's length (at least 2 s) after the deadline, so
-        a stalled server fails it soon after its deadline (it used to take a minute) while a large context that
-        keeps arriving (this fetch's chunk bytes count, not only whole chunks; other fetches' bytes do not) is
-        received whole, late as it may be.
+        ``timeout_s``: how long the whole call may take (KV_META, every chunk, KV_DONE, and decoding the chunks:
+        it bounded only their receipt) before giving up with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default
+        there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk) has come for the deadline's
+        length (at least 2 s) after the deadline, so a stalled server fails it soon after its deadline (it used to
+        take a minute) while a large context that keeps arriving (this fetch's chunk bytes count, not only whole
+        chunks; other fetches' bytes do not) is received whole, late as it may be.
         """
         if self.close_error is not None:
             raise self.close_error
@@ -1487,7 +1506,10 @@ class KVConnection(SessionProtocol):
                               code=ErrorCode.MALFORMED_FRAME)
             results: list[ChunkResult] = []
             for i in range(pf.done.chunks):
-                results.append(await pf.decodes[i])
+                if timeout_s:  # decoding gets what receipt left of it (none left: a decode not done fails)
+                    results.append(await asyncio.wait_for(pf.decodes[i], started + timeout_s - time.monotonic()))
+                else:
+                    results.append(await pf.decodes[i])
             end = self.clock()
             got = sum(hdr.tokens for hdr, _first, _done in pf.received.values())
             if got != pf.meta.tokens or pf.done.chunks != pf.meta.chunks:
@@ -1500,6 +1522,8 @@ class KVConnection(SessionProtocol):
         except TimeoutError:
             raise KVError(f"KV fetch timed out: {len(pf.received)} chunks received"
                           + (f" of {pf.meta.chunks}" if pf.meta is not None else ", no KV_META")
+                          + (f" ({sum(f.done() and not f.cancelled() for f in pf.decodes.values())} decoded)"
+                             if pf.done is not None else "")
                           + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)",
                           code=ErrorCode.UPSTREAM_TIMEOUT) from None
         finally:

@@ -25,7 +25,10 @@ then the words of ``k`` streams of ``ceil(n / k)`` bytes each; the tail is padde
 frequent byte (fewer than ``k`` padding bytes).
 
 ``unpack`` checks every field against the others before anything is allocated from it, and raises the typed
-errors of ``errors.py``; it decodes the side sections but not the payload (``codec.decode_chunk`` does).
+errors of ``errors.py``; it decodes the side sections but not the payload (``codec.decode_chunk`` does), and
+of a chunk of no tokens not even the side sections (nothing is reconstructed from them).
+
+The stream layout is not the sender's choice: ``channels per stream`` must be ``stream_channels_for(T, C)``.
 """
 
 from __future__ import annotations
@@ -97,8 +100,9 @@ def stream_channels_for(n_tokens: int, channels: int, target: int = 2048) -> int
     parallelism the decoders need. 2048 symbols keeps the overhead near 0.02 bits/element.
     """
     best = 1
-    for g in range(1, channels + 1):
-        if channels % g == 0 and g * max(n_tokens, 1) <= target:
+    # at most ``target`` candidates: ``unpack`` calls this for untrusted headers (channels up to 2**32)
+    for g in range(1, min(channels, target // max(n_tokens, 1)) + 1):
+        if channels % g == 0:
             best = g
     return best
 
@@ -226,6 +230,11 @@ class _Reader:
         self.pos += size
         return arr
 
+    def skip(self, size: int) -> None:
+        if self.pos + size > self.end:
+            raise CorruptBitstream("a section runs past the end of the body")
+        self.pos += size
+
     def table(self) -> np.ndarray:
         lo, hi = (int(v) for v in self.take("u1", 2))
         if hi < lo:
@@ -253,6 +262,14 @@ class _Reader:
             raise CorruptBitstream("a side section does not decode")
         return sym.ravel()[:count].view(dtype).copy()
 
+    def skip_coded(self, count: int) -> None:
+        """Step over a section ``coded`` would decode: its table and lengths are checked, its words are not."""
+        if count == 0:
+            return
+        self.table()
+        wcounts = self.take("<u2", _side_layout(count)[0])
+        self.skip(2 * int(wcounts.sum(dtype=np.int64)))
+
 
 def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None = None,
            expect_geometry: tuple[int, int, int] | None = None,
@@ -277,10 +294,17 @@ def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None 
     n_c = n_h * n_d
     if 2 * n_l * n_c * max(n_t, 1) > max_elements:
         raise CorruptBitstream(f"chunk claims {2 * n_l * n_c * max(n_t, 1)} elements (limit {max_elements})")
+    # the stream layout is a function of the geometry, the encoder's: a sender's choice of up to 65533 symbols
+    # per stream made the torch (GPU) decoder, one Python step per symbol, ~25x slower
+    if h.stream_channels != stream_channels_for(n_t, n_c):
+        raise CorruptBitstream(f"bad stream layout ({h.stream_channels} channels per stream, the format's is "
+                               f"{stream_channels_for(n_t, n_c)})")
     r = _Reader(buf, HEADER.size, end)
     base_exp = r.take("i1", n_l * 2).reshape(n_l, 2)
     if (np.abs(base_exp.astype(np.int32)) > 100).any():
         raise CorruptBitstream("token-scale base exponent out of range")
+    if n_t == 0:
+        return _empty_chunk(h, r, base_exp)
     step_codes = r.coded(n_l * 2 * n_c).reshape(n_l, 2, n_c)
     if (step_codes > MAX_STEP_CODE).any():
         raise CorruptBitstream("step code out of range")
@@ -292,7 +316,7 @@ def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None 
     if (modes > 1).any():
         raise CorruptBitstream("unknown channel mode")
     table_of = r.coded(n_l * 2 * n_c).reshape(n_l, 2, n_c)
-    if n_t and (table_of >= h.n_tables).any():
+    if (table_of >= h.n_tables).any():
         raise CorruptBitstream("channel refers to a missing table")
     freq = np.zeros((h.n_tables, 256), np.uint32)
     for t in range(h.n_tables):
@@ -301,10 +325,29 @@ def unpack(data: bytes | bytearray | memoryview, expect_fingerprint: int | None 
     raw = raw.reshape(h.raw_tokens, n_l, 2, n_c)
     if not np.isfinite(raw).all():  # the encoder refuses non-finite KV: a CRC-valid NaN here is forged
         raise CorruptBitstream("raw (sink) token values are NaN or infinite")
-    n_streams = 0 if n_t == 0 else 2 * n_l * n_c // h.stream_channels
+    n_streams = 2 * n_l * n_c // h.stream_channels
     counts = r.take("<u2", n_streams)
     words = r.take("<u2", int(counts.sum(dtype=np.int64)))
     if r.pos != end:
         raise CorruptBitstream(f"{end - r.pos} unexplained bytes in the body")
     return Chunk(h.level_id, h.fingerprint, n_l, n_h, n_d, n_t, h.dtype, h.raw_tokens, h.stream_channels,
                  step_codes, base_exp, scale_codes, centers, modes, table_of, freq, raw, counts, words)
+
+
+def _empty_chunk(h: Header, r: _Reader, base_exp: np.ndarray) -> Chunk:
+    """The rest of a chunk of no tokens: nothing is reconstructed from its per-channel side sections, so they
+    are stepped over, not decoded (a forged 1.6-MB chunk of 0 tokens made the decoder expand 4 x 2**28 bytes:
+    15 s and 4 GB for an empty output). Its per-channel fields read as zeros that take no memory."""
+    n_l, n_c = h.n_layers, h.n_heads * h.head_dim
+    for _ in range(4):  # step codes, centres, modes, table index (the token scales of 0 tokens are empty)
+        r.skip_coded(n_l * 2 * n_c)
+    freq = np.zeros((h.n_tables, 256), np.uint32)
+    for t in range(h.n_tables):
+        freq[t] = r.table()
+    if r.pos != r.end:  # no raw tokens (raw <= tokens), no streams
+        raise CorruptBitstream(f"{r.end - r.pos} unexplained bytes in the body")
+    zeros = np.broadcast_to(np.zeros((), np.uint8), (n_l, 2, n_c))
+    return Chunk(h.level_id, h.fingerprint, n_l, h.n_heads, h.head_dim, 0, h.dtype, 0, h.stream_channels,
+                 zeros, base_exp, np.zeros((n_l, 2, 0), np.uint8), zeros.view(np.int8), zeros, zeros, freq,
+                 np.zeros((0, n_l, 2, n_c), np.float32 if h.flags & FLAG_RAW_F32 else np.float16),
+                 np.zeros(0, np.uint16), np.zeros(0, np.uint16))

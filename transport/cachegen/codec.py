@@ -72,13 +72,17 @@ def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torc
         layers.append((k, v))
     assert shape is not None
     h, t, d = shape
+    if h == 0 or d == 0:  # the format has no such geometry: decoding refuses it
+        raise InvalidInput(f"{h} heads of {d} dims")
     first = layers[0][0]
     # one allocation, each layer copied (and converted) straight into it: per-layer reshapes and a stack
     # used to hold the whole context two more times
     x = torch.empty((len(layers), 2, t, h * d), dtype=first.dtype if dtype is None else dtype, device=first.device)
     for i, (k, v) in enumerate(layers):
-        x[i, 0].view(t, h, d).copy_(k.permute(1, 0, 2))
-        x[i, 1].view(t, h, d).copy_(v.permute(1, 0, 2))
+        # detach (a view, no copy): KV from a forward pass outside no_grad() requires grad, and so would the
+        # copy, which .numpy() then refuses
+        x[i, 0].view(t, h, d).copy_(k.detach().permute(1, 0, 2))
+        x[i, 1].view(t, h, d).copy_(v.detach().permute(1, 0, 2))
     return x, Geometry(len(kv), shape[0], shape[2], shape[1])
 
 
@@ -129,6 +133,10 @@ def encode_chunk(kv: KV, level: str | Level, *, fingerprint: int, raw_tokens: in
         raise InvalidInput(f"unsupported dtype {kv[0][0].dtype}")
     if geo.n_tokens > bitstream.MAX_TOKENS:
         raise InvalidInput(f"chunk of {geo.n_tokens} tokens; the format allows {bitstream.MAX_TOKENS}")
+    try:
+        raw_tokens = operator.index(raw_tokens)
+    except TypeError:
+        raise InvalidInput(f"raw_tokens must be an integer, got {type(raw_tokens).__name__}") from None
     if not 0 <= raw_tokens <= min(geo.n_tokens, 255):
         raise InvalidInput("raw_tokens out of range")
     if geo.n_layers > 65535 or geo.n_heads > 65535 or geo.head_dim > 65535:
@@ -194,36 +202,47 @@ def decode_chunk(data: bytes | bytearray | memoryview, *, device: str | torch.de
     c = bitstream.unpack(data, expect_fingerprint, expect_geometry, max_elements)
     dev = torch.device(device)
     out_dtype = dtype or _DTYPES[c.dtype]
-    n_ch = c.channels
-    shape = (c.n_layers, 2, n_ch, c.n_tokens)
-    if c.n_tokens:
-        freq = c.freq
-        cum = tables.cumulative(freq)
-        lut = tables.slot_lut(freq)
-        n_streams = c.n_streams
-        seg_table = c.table_of.reshape(n_streams, c.stream_channels).astype(np.int32)
-        n = c.stream_channels * c.n_tokens
-        if _use_torch(backend, dev):
-            sym_t, status = rans_torch.decode(
-                torch.from_numpy(c.words.astype(np.int32)).to(dev),
-                torch.from_numpy(c.counts.astype(np.int64)), n, torch.from_numpy(seg_table),
-                torch.from_numpy(freq.astype(np.int64)), torch.from_numpy(cum.astype(np.int64)),
-                torch.from_numpy(lut))
-        else:
-            sym_np, status = rans.decode(c.words, c.counts.astype(np.uint32), n, seg_table, freq, cum, lut)
-            sym_t = torch.from_numpy(sym_np)
-        if status != rans.OK:
-            raise CorruptBitstream(f"entropy-coded payload does not decode (status {status})")
-        sym = sym_t.reshape(shape).to(dev)
+    # The output is allocated before any temporary: placed after each layer's temporaries it fragmented the
+    # heap (+2 bytes per element of RSS on glibc).
+    shape = (1, c.n_heads, c.n_tokens, c.head_dim)
+    out = [(torch.empty(shape, dtype=out_dtype, device=dev), torch.empty(shape, dtype=out_dtype, device=dev))
+           for _ in range(c.n_layers)]
+    if c.n_tokens == 0:  # nothing to reconstruct (unpack did not even decode the side information)
+        return out
+    freq = c.freq
+    cum = tables.cumulative(freq)
+    lut = tables.slot_lut(freq)
+    n_streams = c.n_streams
+    seg_table = c.table_of.reshape(n_streams, c.stream_channels).astype(np.int32)
+    n = c.stream_channels * c.n_tokens
+    if _use_torch(backend, dev):
+        sym_t, status = rans_torch.decode(
+            torch.from_numpy(c.words.astype(np.int32)).to(dev),
+            torch.from_numpy(c.counts.astype(np.int64)), n, torch.from_numpy(seg_table),
+            torch.from_numpy(freq.astype(np.int64)), torch.from_numpy(cum.astype(np.int64)),
+            torch.from_numpy(lut))
     else:
-        sym = torch.zeros(shape, dtype=torch.uint8, device=dev)
+        sym_np, status = rans.decode(c.words, c.counts.astype(np.uint32), n, seg_table, freq, cum, lut)
+        sym_t = torch.from_numpy(sym_np)
+    if status != rans.OK:
+        raise CorruptBitstream(f"entropy-coded payload does not decode (status {status})")
+    sym = sym_t.reshape(c.n_layers, 2, c.channels, c.n_tokens).to(dev)
     codes = torch.from_numpy(c.step_codes.astype(np.int64)).to(dev)
     scales = scale_values(torch.from_numpy(c.base_exp.astype(np.int32)).to(dev),
                           torch.from_numpy(c.scale_codes).to(dev))
-    x = dequantize(sym, torch.from_numpy(c.centers).to(dev), torch.from_numpy(c.modes).to(dev), scales, codes)
-    if c.raw_tokens:
-        x[:, :, :c.raw_tokens] = torch.from_numpy(c.raw).to(dev).permute(1, 2, 0, 3).to(torch.float32)
-    return unstack_kv(x, c.n_heads, out_dtype)
+    centers, modes = torch.from_numpy(c.centers).to(dev), torch.from_numpy(c.modes).to(dev)
+    raw = torch.from_numpy(c.raw).to(dev).permute(1, 2, 0, 3) if c.raw_tokens else None
+    # One layer at a time: dequantize's int16 and fp32 temporaries for the whole chunk at once peaked at ~17
+    # bytes per element (the symbols and the output are 1 + 2..4); the values are the same element by element.
+    for i in range(c.n_layers):
+        s = slice(i, i + 1)
+        x = dequantize(sym[s], centers[s], modes[s], scales[s], codes[s])
+        if raw is not None:
+            x[:, :, :c.raw_tokens] = raw[s].to(torch.float32)
+        [(k, v)] = unstack_kv(x, c.n_heads, out_dtype)
+        out[i][0].copy_(k)
+        out[i][1].copy_(v)
+    return out
 
 
 def warm_up() -> float:

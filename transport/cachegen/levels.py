@@ -46,6 +46,8 @@ def get_level(spec: str | Level) -> Level:
     """A ladder level by name, or ``code=N`` for a custom step code (experiments)."""
     if isinstance(spec, Level):
         return spec
+    if not isinstance(spec, str):  # None or an int failed on spec.startswith (AttributeError)
+        raise InvalidInput(f"a level is a name or a Level, not {type(spec).__name__}")
     for lv in LADDER:
         if lv.name == spec:
             return lv
