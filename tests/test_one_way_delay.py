@@ -49,3 +49,27 @@ def test_a_drifting_offset_is_followed_within_the_window():
         if sent > 60:
             worst = max(worst, abs(got - down))
     assert est.offset_corrected and worst < 7.5
+
+
+def test_a_standing_queue_on_one_clock_is_kept():
+    """The round-trip minimum was kept for ever while the base expired after 5 minutes: a queue standing
+    longer than that looked like a clock offset and was subtracted (40 ms reported as 10)."""
+    est = OneWayDelay()
+    for i in range(12_000):  # 20 minutes at 10 Hz: 1 empty minute, then 30 ms of standing queue
+        sent = i / 10.0
+        down = 10.0 if sent < 60 else 40.0
+        assert est.latency_ms(sent, sent + (down + 10.0) / 1000.0, down) == down
+    assert not est.offset_corrected
+
+
+def test_minima_expire_by_age_on_a_connection_that_is_mostly_idle():
+    """Buckets were dropped by count: one short answer every 30 minutes kept minima from hours back, and a
+    drifting offset (20 ppm) was then off by 144 ms instead of a few."""
+    est = OneWayDelay()
+    worst = 0.0
+    for burst in range(6):  # a 10-s answer every 30 minutes
+        for i in range(100):
+            sent = burst * 1800.0 + i / 10.0
+            offset = 5_000.0 + 1.2 * sent / 60.0
+            worst = max(worst, abs(est.latency_ms(sent, sent + 0.020, 10.0 + offset) - 10.0))
+    assert est.offset_corrected and worst < 1.0
