@@ -63,7 +63,7 @@ from .marking import MarkingService
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import Metrics, serve_metrics
-from .tls_reload import file_digest, reload_certificate, reload_client_ca
+from .tls_reload import reload_certificate, reload_client_ca
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
@@ -81,11 +81,12 @@ CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a
 
 def cert_principal(name: str) -> str:
     """The principal of a client certificate: ``cert:`` and its common name (its whole RFC 4514 subject when it
-    has none). One too long for ingest's 128 characters, or with unprintable characters, keeps a printable
-    prefix and ends with ``~`` and 16 hex digits of the name's SHA-256, so every certificate's answers can
-    still be opened for it (a long subject's could not) and no two names share one."""
+    has none). One too long for ingest's 128 characters, with unprintable characters or with a ``~`` keeps a
+    printable prefix and ends with ``~`` and 16 hex digits of the name's SHA-256, so every certificate's answers
+    can still be opened for it (a long subject's could not), and a name that spells out another's shortened
+    form is hashed too: two names share a principal only by a 64-bit SHA-256 prefix collision."""
     principal = f"cert:{name}"
-    if len(principal) <= MAX_PRINCIPAL_CHARS and name.isprintable():
+    if len(principal) <= MAX_PRINCIPAL_CHARS and name.isprintable() and "~" not in name:
         return principal
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     shown = "".join(c if c.isprintable() else "?" for c in name)
@@ -254,8 +255,8 @@ class Daemon:
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self._orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         self.notifier = notifier or Notifier()
-        self.client_verifier = client_verifier(config)
-        self._client_ca_digest = _ca_digest(config)  # SIGHUP rereads the bundle when its bytes change
+        # the bundle's digest, from the same read: SIGHUP rereads the bundle when its bytes change
+        self.client_verifier, self._client_ca_digest = client_verifier(config)
         self._quic_config: Any = None  # the listeners' shared configuration: SIGHUP replaces its certificate
         self.draining = False
         self._handle_signals = False
@@ -464,12 +465,13 @@ class Daemon:
             log.warning("reload ignored: the daemon is draining")
             return False
         self.notifier.reloading()
-        status = "reload failed; running configuration kept"
+        status = "reload failed part-way (see the log)"
         try:
             status, ok = self._reload()
             return ok
         except Exception:  # a bug here must not take down a serving daemon, nor leave systemd waiting
-            log.exception("reload failed, keeping the running configuration")
+            # (what it applied before the failure stays applied: auth and limits are swapped in one step)
+            log.exception("reload failed part-way")
             return False
         finally:
             self.notifier.ready(status)
@@ -864,16 +866,6 @@ def _logged(what: str) -> Iterator[None]:
         log.exception("stopping: %s failed", what)
 
 
-def _ca_digest(config: Config) -> bytes | None:
-    """The client CA bundle's digest as read at start (None without one, or unreadable: the verifier says why)."""
-    if not config.server.client_ca:
-        return None
-    try:
-        return file_digest(config.server.client_ca)
-    except OSError:
-        return None
-
-
 def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None) -> bool:
     """Log a warning for a server certificate that has expired or ends within CERT_WARN_DAYS (only `config check`
     said so: the daemon started with an expired one silently, and every client's handshake failed)."""
@@ -885,14 +877,19 @@ def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None
     return True
 
 
-def client_verifier(config: Config) -> ClientCertVerifier | None:
-    """The verifier of ``server.client_ca`` (None without one); :class:`StartupError` if it cannot load."""
+def client_verifier(config: Config) -> tuple[ClientCertVerifier | None, bytes | None]:
+    """The verifier of ``server.client_ca`` and the digest of the bytes it was built from ((None, None) without
+    one); :class:`StartupError` if it cannot load."""
     if not config.server.client_ca:
-        return None
+        return None, None
     try:
-        return ClientCertVerifier(config.server.client_ca)
+        fresh = reload_client_ca(config.server.client_ca, None)
+    except OSError as exc:
+        raise StartupError(f"server.client_ca: CA file {config.server.client_ca}: {exc.strerror or exc}") from None
     except CertificateFileError as exc:
         raise StartupError(f"server.client_ca: {exc}") from None
+    assert fresh is not None  # (no digest seen before)
+    return fresh
 
 
 def run_daemon(config: Config, *, log_format_override: str | None = None) -> None:

@@ -701,6 +701,9 @@ def test_a_certificate_principal_is_one_ingest_can_name():
     odd = cert_principal("carol\n2026-12-05 WARNING forged")  # a line break would forge a log line
     assert odd.isprintable() and odd.startswith("cert:carol?2026") and odd[-17] == "~"
     assert len(cert_principal("x" * 10_000)) == MAX_PRINCIPAL_CHARS
+    # a name that spells out another's shortened form is hashed too (review: it took that principal)
+    forged = odd.removeprefix("cert:")
+    assert cert_principal(forged) != odd and cert_principal(forged)[-17] == "~"
 
 
 def test_cert_writes_through_symlinks_as_it_did(tmp_path):
