@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("quic").setLevel(logging.ERROR)
 
     midline = [False]  # part of an answer is on stdout without its newline
-    # whether an answer's stream is open on a connection now (leaving it early sends the cancellation), and the
-    # request id once known: what --max-time can say when it gives up
-    where: dict[str, Any] = {"open": False, "id": None}
+    # whether a request went out at all, whether its stream is open on a connection now (leaving it early sends the
+    # cancellation), and the request id once known: what --max-time can say when it gives up
+    where: dict[str, Any] = {"asked": False, "open": False, "id": None}
 
     async def go():
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                                            resume=resume)
                     # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
                     # server stops generating it; a bare `async for` left it generating to max_tokens
-                    where["open"] = True
+                    where["open"] = where["asked"] = True
                     async with stream:
                         async for delta in stream:
                             sys.stdout.write(delta)
@@ -178,8 +178,11 @@ def run(args: argparse.Namespace) -> int:
             if not limit.expired():
                 raise
             head = f"no whole answer within {args.max_time:g} s (--max-time)"
-            if where["open"]:  # its stream's end went to the server (lost with the path, it finishes the answer)
-                raise CLIError(f"{head}; the answer's cancellation was sent to the server") from None
+            if not where["asked"]:  # timed out connecting: no request went out
+                raise CLIError(f"{head}: the server was not reached, nothing was asked of it") from None
+            if where["open"]:  # its stream's end went out; a path that is down does not carry it
+                raise CLIError(f"{head}; the answer's cancellation was sent to the server (it does not arrive if "
+                               "the path is down)") from None
             ident = f" request {where['id']}" if where["id"] else " the answer"
             raise CLIError(f"{head}, while reconnecting: the server could not be told to cancel it and may finish"
                            f"{ident}") from None

@@ -99,6 +99,9 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
     (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
     (["--max-time", "0", "hi"], "--max-time must be a number of seconds > 0"),
+    # nothing answers on port 9: time runs out before any request went out
+    (["--max-time", "0.5", "--idle-timeout", "5", "hi"], "no whole answer within 0.5 s (--max-time): the server "
+                                                          "was not reached, nothing was asked of it"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
     (["--attach", "00" * 16, "a prompt"], "no prompt or --max-tokens with it"),  # were silently ignored
     (["--attach", "00" * 16, "--max-tokens", "5"], "no prompt or --max-tokens with it"),
@@ -214,11 +217,11 @@ def test_max_time_while_reconnecting_says_the_server_was_not_told(tmp_path, caps
     cancellation could reach the daemon, which went on generating the answer."""
     with _daemon_behind_an_outage(tmp_path, (1.0, 1e9)) as (d, port):
         rc, _, err = chat(capsys, "--port", str(port), "--cafile", str(d.cert), "--server-name", "localhost",
-                          "--idle-timeout", "0.8", "--retries", "9", "--max-time", "3", "tell me a story")
+                          "--idle-timeout", "0.8", "--retries", "9", "--max-time", "6", "tell me a story")
     last = err.strip().splitlines()[-1]
     assert rc == 2 and "resuming request" in err, err
     rid = err.split("resuming request ")[1].split()[0]
-    assert last == ("tokenwire chat: error: no whole answer within 3 s (--max-time), while reconnecting: the "
+    assert last == ("tokenwire chat: error: no whole answer within 6 s (--max-time), while reconnecting: the "
                     f"server could not be told to cancel it and may finish request {rid}"), err
 
 
@@ -275,7 +278,8 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
             assert done.returncode == 2 and time.monotonic() - t0 < 15, done
             assert done.stderr.strip().splitlines()[-1] == ("tokenwire chat: error: no whole answer within 2 s "
                                                             "(--max-time); the answer's cancellation was sent to "
-                                                            "the server"), done.stderr
+                                                            "the server (it does not arrive if the path is down)"
+                                                            ), done.stderr
             assert done.stdout.endswith("\n") and len(done.stdout.split()) >= 5  # the part that came, its line ended
         else:
             proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
