@@ -101,53 +101,69 @@ MAX_CONNECTIONS = 64
 KEEPALIVE_S = 75.0
 
 
-def _guard(server: web.Server, served: set[Any]) -> None:
-    """Bound the metrics server's connections (see REQUEST_DEADLINE_S): wraps the server's own connection hooks."""
-    made, lost = server.connection_made, server.connection_lost
-    loop = asyncio.get_running_loop()
+class _Guard:
+    """Bounds the metrics server's connections (see REQUEST_DEADLINE_S) by wrapping the server's own connection
+    hooks. Over MAX_CONNECTIONS the oldest connection that has not completed a request goes, not the newest:
+    idle connections reopened every few seconds would otherwise keep a scraper and /healthz out for good."""
 
-    def expire(handler: Any, transport: asyncio.Transport) -> None:
-        if handler not in served and not transport.is_closing():
+    def __init__(self, server: web.Server) -> None:
+        self.server = server
+        self.waiting: dict[Any, asyncio.Transport] = {}  # aiohttp handler -> transport, oldest first
+        self._made, self._lost = server.connection_made, server.connection_lost
+        self._loop = asyncio.get_running_loop()
+        server.connection_made = self._connection_made  # type: ignore[method-assign]
+        server.connection_lost = self._connection_lost  # type: ignore[method-assign]
+
+    def served(self, handler: Any) -> None:
+        """A request was answered on this connection (any path, a 404 too): keep-alive governs it now."""
+        self.waiting.pop(handler, None)
+
+    def _connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        self._made(handler, transport)
+        self.waiting[handler] = transport
+        if len(self.server.connections) > MAX_CONNECTIONS:
+            oldest = next(iter(self.waiting))  # this one, when every other connection is a served one
+            self.waiting.pop(oldest).close()
+        if handler in self.waiting:
+            self._loop.call_later(REQUEST_DEADLINE_S, self._expire, handler)
+
+    def _expire(self, handler: Any) -> None:
+        transport = self.waiting.pop(handler, None)
+        if transport is not None:
             transport.close()  # nothing served within the deadline: a stalled or half-sent request
 
-    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        made(handler, transport)
-        if len(server.connections) > MAX_CONNECTIONS:
-            transport.close()
-            return
-        loop.call_later(REQUEST_DEADLINE_S, expire, handler, transport)
-
-    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-        served.discard(handler)
-        lost(handler, exc)
-
-    server.connection_made = connection_made  # type: ignore[method-assign]
-    server.connection_lost = connection_lost  # type: ignore[method-assign]
+    def _connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        self.waiting.pop(handler, None)
+        self._lost(handler, exc)
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
-    served: set[Any] = set()  # connections (their aiohttp handlers) that completed a request
+    guard: list[_Guard] = []
+
+    @web.middleware
+    async def mark_served(request: web.Request, handler: Any) -> web.StreamResponse:
+        if guard:
+            guard[0].served(request.protocol)
+        return await handler(request)
 
     async def handle_metrics(request: web.Request) -> web.Response:
-        served.add(request.protocol)
         # on a worker thread: a collector may wait on I/O (the KV store's usage is a round trip to Redis), and
         # the event loop carries every token stream
         body = await asyncio.to_thread(metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_health(request: web.Request) -> web.Response:
-        served.add(request.protocol)
         ok = healthy()
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "draining\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=[mark_served])
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)
     runner = web.AppRunner(app, access_log=None, logger=_HttpLog(logging.getLogger("tokenwire.daemon"), {}),
                            keepalive_timeout=KEEPALIVE_S)
     await runner.setup()
     assert runner.server is not None
-    _guard(runner.server, served)
+    guard.append(_Guard(runner.server))
     try:
         # the IPv6 wildcard dual-stack, as the QUIC listeners are: asyncio's create_server sets IPV6_V6ONLY, so
         # "[::]:9464" answered no IPv4 scraper (other hosts: aiohttp's own binding, every address a name has)

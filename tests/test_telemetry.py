@@ -44,11 +44,12 @@ def test_a_malformed_request_is_one_warning_line_and_the_server_keeps_serving(ca
 def test_half_sent_requests_are_dropped_and_connections_capped(monkeypatch):
     """Half-sent requests were held for ever: 300 of them held 300 file descriptors (the daemon's fd limit,
     within reach of anyone who can reach the port). Now a connection must complete a request within
-    REQUEST_DEADLINE_S, and at most MAX_CONNECTIONS are open; a scraper's keep-alive connection stays."""
+    REQUEST_DEADLINE_S, and over MAX_CONNECTIONS the oldest that has not goes (not the newest: reopened idle
+    connections would keep a scraper out); a served keep-alive connection stays, a 404's too."""
     from tokenwire.daemon import telemetry
 
-    monkeypatch.setattr(telemetry, "REQUEST_DEADLINE_S", 0.3)
-    monkeypatch.setattr(telemetry, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(telemetry, "REQUEST_DEADLINE_S", 0.4)
+    monkeypatch.setattr(telemetry, "MAX_CONNECTIONS", 4)
 
     async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         try:
@@ -56,27 +57,35 @@ def test_half_sent_requests_are_dropped_and_connections_capped(monkeypatch):
         except TimeoutError:
             return False
 
+    async def ask(conn, path: bytes) -> bytes:
+        conn[1].write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(conn[0].readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await conn[0].readexactly(length)  # the body: the next response starts after it
+        return head
+
     async def go():
         runner = await serve_metrics(Metrics(), "127.0.0.1", 0, lambda: True)
         try:
             port = runner.addresses[0][1]
-            scraper = await asyncio.open_connection("127.0.0.1", port)  # served, then kept alive
-            scraper[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = await asyncio.wait_for(scraper[0].readuntil(b"ok\n"), 5)
+            scraper = await asyncio.open_connection("127.0.0.1", port)
+            lost = await asyncio.open_connection("127.0.0.1", port)  # asks for a path that is not there
+            heads = [await ask(scraper, b"/healthz"), await ask(lost, b"/nothing")]
             slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
             for _, w in slow:
                 w.write(b"GET /metrics HTTP/1.1\r\nHo")  # and nothing more
-            over = await asyncio.open_connection("127.0.0.1", port)  # the fourth: over the cap
-            over_closed = await closed_within(over[0], 0.2)
-            slow_closed = [await closed_within(r, 2) for r, _ in slow]
-            scraper[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # past the deadline: still served
-            again = await asyncio.wait_for(scraper[0].readuntil(b"ok\n"), 5)
-            for _, w in [scraper, *slow, over]:
+            await asyncio.sleep(0.05)
+            newest = await asyncio.open_connection("127.0.0.1", port)  # the fifth: over the cap
+            first_slow_went = await closed_within(slow[0][0], 0.2)  # the oldest unserved one made room
+            newest_stayed = not await closed_within(newest[0], 0.1)
+            rest_went = [await closed_within(r, 2) for r in (slow[1][0], newest[0])]
+            heads += [await ask(scraper, b"/healthz"), await ask(lost, b"/nothing")]  # past the deadline
+            for _, w in [scraper, lost, *slow, newest]:
                 w.close()
-            return head, over_closed, slow_closed, again
+            return heads, first_slow_went, newest_stayed, rest_went
         finally:
             await runner.cleanup()
 
-    head, over_closed, slow_closed, again = asyncio.run(go())
-    assert head.startswith(b"HTTP/1.1 200") and again.startswith(b"HTTP/1.1 200")
-    assert over_closed and slow_closed == [True, True]
+    heads, first_slow_went, newest_stayed, rest_went = asyncio.run(go())
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"] * 2
+    assert first_slow_went and newest_stayed and rest_went == [True, True]
