@@ -734,7 +734,10 @@ class Daemon:
                 request_id=live.request_id,
                 peer=proto.peer,
             )
-            self.tasks[live.request_id] = asyncio.ensure_future(self._feed(live, self.upstreams[route.name], chat))
+            task = asyncio.ensure_future(self._feed(live, self.upstreams[route.name], chat))
+            self.tasks[live.request_id] = task
+            self.metrics.requests_active.inc()
+            task.add_done_callback(functools.partial(self._fed, live))
         sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
         self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
         self._attach(proto, sid, live)
@@ -827,8 +830,6 @@ class Daemon:
             self.metrics.sessions.dec()
 
     async def _feed(self, live: LiveRequest, upstream: Upstream, chat: ChatRequest) -> None:
-        self.metrics.requests_active.inc()
-
         def emit(text: str) -> None:
             before = len(live.transcript)
             try:
@@ -850,11 +851,17 @@ class Daemon:
         except Exception:
             log.exception("upstream %s failed", upstream.name)
             live.fail(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.name!r} failed", time.monotonic())
-        finally:
-            self.metrics.requests_active.dec()
-            self.store.mark_finished(live)
-            self.tasks.pop(live.request_id, None)
-            self._orphaned.pop(live.request_id, None)
+
+    def _fed(self, live: LiveRequest, task: asyncio.Task[None]) -> None:
+        """A generation task's end, however it ended: a task cancelled before its first step never runs its body
+        (a client's cancel read in the same loop turn as its request), and a ``finally`` there left the answer
+        unfinished and its task counted against max_live_answers for good."""
+        if not live.done:
+            live.finish("cancelled", time.monotonic())
+        self.metrics.requests_active.dec()
+        self.store.mark_finished(live)
+        self.tasks.pop(live.request_id, None)
+        self._orphaned.pop(live.request_id, None)
 
 
 @contextlib.contextmanager

@@ -87,3 +87,49 @@ def test_answers_past_max_live_answers_are_refused_until_one_ends(daemon):
     busy, text = run(go())
     assert busy.code == ErrorCode.LIMIT_EXCEEDED and "2 answers being generated" in str(busy)
     assert text == "".join(answer_tokens(5))
+
+
+def test_an_answer_cancelled_before_its_task_first_runs_ends_and_frees_its_slot():
+    """The generation task's bookkeeping sat in a ``finally`` inside it: a task cancelled before its first step
+    (the client's cancel read in the same loop turn as its request, as under load) never ran it, so the answer
+    stayed unfinished and its task counted against max_live_answers for good (a test saw "server busy")."""
+    import types
+
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+    from tokenwire.transport.frames import Request
+
+    class Session:
+        def __init__(self) -> None:
+            self.requests = {0: types.SimpleNamespace(scheme="chatterbox")}
+
+        def accept(self, sid, **kw) -> None:
+            pass
+
+        def notify(self, sid) -> None:
+            pass
+
+    class Proto:
+        authorized, principal, revoked, peer = True, None, False, ("198.51.100.7", 9)
+
+        def __init__(self) -> None:
+            self.attached: dict = {}
+            self.server_session = Session()
+
+        def transmit(self) -> None:
+            pass
+
+    async def go():
+        daemon = Daemon(parse_config({"metrics": {"listen": ""}}))
+        proto = Proto()
+        daemon.on_request(proto, 0, Request(messages=[{"role": "user", "content": "x"}], max_tokens=50))
+        live = proto.attached[0]
+        daemon.detach(proto, 0, cancel=True)  # before the task's first step
+        for _ in range(3):
+            await asyncio.sleep(0)
+        active = daemon.metrics.requests_active._value.get()
+        return daemon.tasks, daemon.store.live_count, active, live
+
+    tasks, live_count, active, live = asyncio.run(go())
+    assert tasks == {} and live_count == 0 and active == 0
+    assert live.done and live.transcript.reason == "cancelled"
