@@ -57,6 +57,7 @@ log = logging.getLogger("tokenwire.kv")
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
 BODY_QUIET_S = 30.0  # a put body with no byte for this long is given up (its connection closed)
+MIN_BODY_RATE = 16 << 20  # bytes/s a put body must average, beyond BODY_QUIET_S (a local socket does GB/s)
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
 
 
@@ -499,16 +500,23 @@ def open_store(cfg: KVConfig) -> ChunkStore:
 
 # ------------------------------------------------------------------------------------------------ Unix socket
 async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
-    """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a slow engine
-    that keeps sending is waited for)."""
+    """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a hung
+    engine), or once the whole body has taken longer than twice ``BODY_QUIET_S`` plus ``nbytes`` at
+    ``MIN_BODY_RATE`` (an engine trickling a byte now and then held its share of ``kv.ingest_memory_mb``, and
+    every put queued behind it, for as long as it liked). A slow engine that keeps a sane pace is waited for."""
     data = bytearray(nbytes)
     got = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * BODY_QUIET_S + nbytes / MIN_BODY_RATE  # a silence ends a stalled one first
     while got < nbytes:
+        wait = min(BODY_QUIET_S, max(deadline - loop.time(), 0.0))
         try:
-            piece = await asyncio.wait_for(reader.read(min(nbytes - got, 1 << 20)), BODY_QUIET_S)
+            piece = await asyncio.wait_for(reader.read(min(nbytes - got, 1 << 20)), wait)
         except TimeoutError:
-            raise TimeoutError(f"put body stalled: nothing for {BODY_QUIET_S:g} s after {got} of {nbytes} bytes; "
-                               "the connection is closed") from None
+            why = (f"nothing for {BODY_QUIET_S:g} s" if wait >= BODY_QUIET_S else
+                   f"slower than {MIN_BODY_RATE / (1 << 20):g} MiB/s")
+            raise TimeoutError(f"put body stalled: {why} after {got} of {nbytes} bytes; the connection is closed"
+                               ) from None
         if not piece:
             raise asyncio.IncompleteReadError(bytes(data[:got]), nbytes)
         data[got : got + len(piece)] = piece

@@ -186,6 +186,33 @@ def test_a_put_body_that_stalls_is_given_up(tmp_path, monkeypatch):
     svc.close()
 
 
+def test_a_put_body_that_trickles_is_given_up_at_its_overall_deadline(tmp_path, monkeypatch):
+    """Only a silence ended a body: an engine sending a byte every few seconds held its share of
+    kv.ingest_memory_mb, and every put queued behind it, for as long as it liked (review)."""
+    import json
+
+    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
+    monkeypatch.setattr(kvs, "MIN_BODY_RATE", 100)  # bytes/s: 32 bytes may take 0.4 + 0.32 s
+    svc = _service(tmp_path)
+
+    async def go() -> tuple[bytes, float]:
+        reader = asyncio.StreamReader()
+        header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
+        reader.feed_data(json.dumps(header).encode() + b"\n")
+        writer = _Writer()
+        task = asyncio.ensure_future(kvs._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        while not task.done():  # a byte every 0.1 s: never a 0.2-s silence
+            reader.feed_data(b"\0")
+            await asyncio.sleep(0.1)
+        return writer.data, time.monotonic() - t0
+
+    reply, took = asyncio.run(go())
+    assert b"put body stalled: slower than" in reply and took < 2, (reply, took)
+    assert svc.ingest_errors == 1
+    svc.close()
+
+
 def test_puts_past_the_ingest_memory_budget_wait_for_room_and_a_larger_one_is_refused(tmp_path):
     """Every put's body was read whole at once, however many engines put at the same time (eight 1-GiB puts
     held 8 GiB). Bodies now hold kv.ingest_memory_mb between them: a put that does not fit waits before its
