@@ -354,19 +354,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
-    """Remove an earlier run's checkpoints of the kinds about to be trained, as train.json is rewritten.
+    """Move aside an earlier run's checkpoints of the kinds about to be trained, as train.json is rewritten.
 
     Interrupted before its first checkpoint, a rerun left the old ``gru.pt`` (``finished: true``) next to a
-    new train.json without it, and ``export`` used it without a word. A symlink stays (its target, where the
-    new checkpoint goes, is removed); a device or FIFO is no stale checkpoint and stays. An earlier export
-    next to them is left alone (the user named it), with a warning.
+    new train.json without it, and ``export`` used it without a word. Each is renamed ``<name>.previous``
+    (replacing an older one), not deleted: a rerun that diverges at once still leaves the earlier model. A
+    symlink, whose target may be outside ``--out-dir`` (a shared "best" model), is left alone with a warning;
+    the new checkpoint is written through it. An earlier export next to them stays too, with a warning.
     """
     for kind in kinds:
         old = out / ("ar.json" if kind == "ar" else f"{kind}.pt")
-        target = Path(os.path.realpath(old))
-        if target.is_file():
-            target.unlink()
-            _say(f"removed {old} of an earlier run")
+        if old.is_symlink():
+            _say(f"warning: {old} links to {os.path.realpath(old)}, an earlier run's: the new checkpoint replaces "
+                 "what it links to")
+        elif old.is_file():
+            old.replace(old.with_name(old.name + ".previous"))
+            _say(f"moved {old} of an earlier run to {old.name}.previous")
         exported = out / f"{kind}.onnx"
         if kind != "ar" and exported.exists():
             _say(f"warning: {exported} was exported from an earlier run; export the new {kind}.pt again")

@@ -315,8 +315,11 @@ def test_json_dash_leaves_stdout_to_the_json(monkeypatch, capsys):
 # 7. an earlier run's checkpoints
 
 
-def test_a_rerun_removes_the_earlier_runs_checkpoints_of_the_kinds_it_trains(small, tmp_path, monkeypatch, capsys):
-    """Interrupted, a rerun left the old gru.pt (finished) next to a train.json without it; export took it."""
+def test_a_rerun_moves_aside_the_earlier_runs_checkpoints_of_the_kinds_it_trains(small, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Interrupted, a rerun left the old gru.pt (finished) next to a train.json without it; export took it.
+    They are moved aside, not deleted (a rerun that fails at once still leaves the earlier model), and a
+    symlinked one, whose target may be shared, is left alone with a warning."""
     pytest.importorskip("torch")
     from tokenwire.predictor import train as train_mod
 
@@ -324,6 +327,10 @@ def test_a_rerun_removes_the_earlier_runs_checkpoints_of_the_kinds_it_trains(sma
     m.mkdir()
     for name in ("gru.pt", "transformer.pt", "ar.json", "gru.onnx"):
         (m / name).write_bytes(b"an earlier run's")
+    shared = tmp_path / "best-gru.pt"
+    shared.write_bytes(b"the best one")
+    (m2 := tmp_path / "m2").mkdir()
+    (m2 / "gru.pt").symlink_to(shared)
 
     def interrupted(cfg, *a, **k):
         raise KeyboardInterrupt
@@ -332,9 +339,13 @@ def test_a_rerun_removes_the_earlier_runs_checkpoints_of_the_kinds_it_trains(sma
     assert main(["predictor", "train", "--data", str(small), "--kinds", "ar,gru", "--out-dir", str(m)]) == 130
     err = capsys.readouterr().err
     assert not (m / "gru.pt").exists() and (m / "ar.json").read_bytes() != b"an earlier run's"
+    assert (m / "gru.pt.previous").read_bytes() == (m / "ar.json.previous").read_bytes() == b"an earlier run's"
     assert (m / "transformer.pt").read_bytes() == b"an earlier run's"  # not a kind this run trains
     assert f"warning: {m / 'gru.onnx'} was exported from an earlier run" in err, err
     assert json.loads((m / "train.json").read_text())["models"].keys() == {"ar"}
+    assert main(["predictor", "train", "--data", str(small), "--kinds", "gru", "--out-dir", str(m2)]) == 130
+    assert shared.read_bytes() == b"the best one" and (m2 / "gru.pt").is_symlink()
+    assert "links to" in capsys.readouterr().err
 
 
 # 9. the progress line
