@@ -220,4 +220,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)
     if args.json_stats and stats is not None:
         save_json(args.json_stats, stats.to_dict())
+    if stats is not None and stats.finish_reason == "cancelled":  # it read as a whole answer, exit status 0
+        raise CLIError("the server cancelled this answer before its end (nobody was attached to it for the "
+                       "daemon's orphan timeout, or it was stopped): what was printed is all there is")
     return 0

@@ -279,9 +279,10 @@ def _stdout_reader_gone() -> bool:
 
 @contextmanager
 def _json_to_stdout(args: argparse.Namespace) -> Iterator[None]:
-    """With ``--json -``, stdout carries the JSON alone (a pipe into ``jq`` or ``json.tool`` parses it): what
-    the command prints besides (its table, progress) goes to stderr for the command's run."""
-    if str(getattr(args, "json", None)) != "-":
+    """With ``--json -`` (chat: ``--json-stats -``), stdout carries the JSON alone (a pipe into ``jq`` or
+    ``json.tool`` parses it): what the command prints besides (its table, progress, chat's answer) goes to
+    stderr for the command's run."""
+    if "-" not in (str(getattr(args, "json", None)), str(getattr(args, "json_stats", None))):
         yield
         return
     _json_stdout.append(sys.stdout)

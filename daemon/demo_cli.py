@@ -307,7 +307,10 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                 str(stats_path),
                 "Why do chatbots stall on trains?",
             ]
-            proc = tb.popen(tb.client_ns, argv, stdout=None if live else subprocess.DEVNULL)
+            # the live answer where this command's own prints go: with --json -, stderr (a child inherits the
+            # real stdout, which redirect_stdout cannot move, and put the answer ahead of the JSON)
+            to = (2 if str(args.json) == "-" else None) if live else subprocess.DEVNULL  # fd 2: stderr
+            proc = tb.popen(tb.client_ns, argv, stdout=to)
             if proc.wait(timeout=600) != 0:
                 # its own one-line error is above (a link too lossy for a handshake): no traceback under it
                 raise CLIError(f"the {scheme} client failed (exit status {proc.returncode})")

@@ -530,6 +530,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
     def reply(obj: dict[str, Any]) -> None:
         writer.write(json.dumps(obj).encode() + b"\n")
 
+    in_put = False  # a put's header is read and its reply not yet written
     try:
         while True:
             try:
@@ -567,6 +568,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
             # the body is held from its first byte until the put is stored: wait for room before reading it
+            in_put = True
             async with service.put_memory.hold(nbytes):
                 try:
                     data = await _read_body(reader, nbytes)
@@ -592,14 +594,18 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                         log.exception("KV ingest of %d tokens for %r failed", len(ids), model)
                         reply({"ok": False, "error": f"ingest failed: {exc.__class__.__name__}"})
                 del data
+            in_put = False
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
-        pass
+        if in_put:  # the engine went away mid-body: a refused put, counted (it left no trace)
+            service.count_ingest_error()
     except asyncio.CancelledError:
         # the daemon is stopping. Returned, not re-raised: Python 3.11's stream server calls task.exception() on
         # the finished task, which raises for a cancelled one, and asyncio logged that as an ERROR with a
         # traceback for every idle engine connection at shutdown (as daemon/ingest.py's serve_ingest)
-        pass
+        if in_put:  # waiting for room or mid-body: the engine hears why, as a put cut at its store step does
+            service.count_ingest_error()  # (it got "no answer from the KV ingest socket")
+            reply({"ok": False, "error": "the daemon is stopping; put the context again"})
     finally:
         writer.close()
 

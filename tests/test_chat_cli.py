@@ -52,6 +52,17 @@ def chat(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def test_json_stats_dash_leaves_stdout_to_the_json(server_port, cafile, capsys):
+    """`--json-stats -` put the stats JSON on stdout behind the answer: unparseable. As with every `--json -`,
+    the answer goes to stderr then."""
+    import json
+
+    rc, out, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",
+                        "--max-tokens", "20", "--json-stats", "-", "hello")
+    assert rc == 0, err
+    assert json.loads(out)["digest_verified"] is True and "".join(WORDS[:20]) in err
+
+
 def test_answer_streams_to_stdout(server_port, cafile, capsys, tmp_path):
     stats = tmp_path / "stats.json"
     rc, out, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",

@@ -43,7 +43,7 @@ def daemon(tmp_path):
     assert d.stop() == 0
 
 
-def test_an_answer_with_no_client_for_the_orphan_timeout_is_cancelled_and_resumes_as_such(daemon):
+def test_an_answer_with_no_client_for_the_orphan_timeout_is_cancelled_and_resumes_as_such(daemon, capsys):
     proc = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, str(daemon.port), str(daemon.cert)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -67,6 +67,14 @@ def test_an_answer_with_no_client_for_the_orphan_timeout_is_cancelled_and_resume
     stream = run(resume())
     assert stream.stats.finish_reason == "cancelled" and stream.stats.digest_verified
     assert 5 <= stream.stats.tokens < 2000 and "".join(answer_tokens(2000)).startswith(stream.text)
+    assert ", ended: cancelled," in str(stream.stats)
+    # tokenwire chat said nothing and exited 0: a cut answer read as a whole one
+    from tokenwire.daemon.cli import main
+
+    rc = main(["chat", "--port", str(daemon.port), "--cafile", str(daemon.cert), "--server-name", "localhost",
+               "--attach", rid.hex()])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "the server cancelled this answer before its end" in err, err
 
 
 def test_answers_past_max_live_answers_are_refused_until_one_ends(daemon):

@@ -258,3 +258,33 @@ def test_puts_past_the_ingest_memory_budget_wait_for_room_and_a_larger_one_is_re
     assert json.loads(r3) == {"ok": False, "error": f"bad header: {4 * size} bytes exceed kv.ingest_memory_mb (0 MiB)"}
     assert svc.put_memory.used == 0 and svc.ingests == 2 and svc.ingest_errors == 1
     svc.close()
+
+
+def test_a_put_waiting_for_room_at_shutdown_hears_why_and_a_vanished_one_is_counted(tmp_path):
+    """Puts waiting for kv.ingest_memory_mb when the daemon stopped got no reply (the engine saw "no answer from
+    the KV ingest socket"), and a put whose engine went away mid-body left no trace in the counters."""
+    import json
+
+    svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK, put_memory_bytes=64)
+    header = json.dumps({"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 8],
+                         "dtype": "float16"}).encode() + b"\n"  # 64 bytes: the whole budget
+
+    async def go() -> tuple[bytes, bytes]:
+        holder, waiter = asyncio.StreamReader(), asyncio.StreamReader()
+        wh, ww = _Writer(), _Writer()
+        holder.feed_data(header + b"\0" * 10)  # holds the budget, its body still arriving
+        t1 = asyncio.ensure_future(kvs._handle_ingest(svc, holder, wh))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        waiter.feed_data(header)
+        t2 = asyncio.ensure_future(kvs._handle_ingest(svc, waiter, ww))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert svc.put_memory.waiting == 1
+        t2.cancel()  # the daemon stops
+        holder.feed_eof()  # the holder's engine goes away mid-body
+        await asyncio.gather(t1, t2, return_exceptions=True)
+        return wh.data, ww.data
+
+    held, waited = asyncio.run(go())
+    assert json.loads(waited) == {"ok": False, "error": "the daemon is stopping; put the context again"}
+    assert held == b"" and svc.ingest_errors == 2  # both puts counted as refused
+    svc.close()

@@ -156,6 +156,11 @@ def test_json_dash_leaves_stdout_to_the_json_for_every_command(capsys):
     out, err = capsys.readouterr()
     assert set(json.loads(out)["schemes"]) == {"chatterbox", "stream"}
     assert "chatterbox" in err and "stall" in err  # the table, on stderr
+    # kv's commands printed their JSON themselves: into the stream --json - sends to stderr
+    assert main(["kv", "bench", "--layers", "2", "--heads", "2", "--head-dim", "16", "--tokens", "32",
+                 "--repeats", "1", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["shape"] and "[kv bench]" in err
 
 
 def test_sim_cli_rejects_bad_input(capsys):

@@ -36,8 +36,9 @@ class ChatStats:
         stall = ("stall ratio n/a (resumed or attached, or no generation times)" if math.isnan(self.stall_ratio)
                  else f"stall ratio {self.stall_ratio:.3f} (longest {self.longest_stall_ms:.0f} ms)")
         ttft = "TTFT n/a" if math.isnan(self.ttft_ms) else f"TTFT {self.ttft_ms:.0f} ms"
+        ended = "" if self.finish_reason in ("stop", None) else f", ended: {self.finish_reason}"  # cut short
         return (
-            f"{self.tokens} tokens via {self.scheme}, {ttft}, {stall}, "
+            f"{self.tokens} tokens via {self.scheme}{ended}, {ttft}, {stall}, "
             f"digest {'verified' if self.digest_verified else 'MISMATCH'}"
         )
 

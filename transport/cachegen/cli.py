@@ -6,7 +6,6 @@ Top level imports argparse only; torch, numba and transformers load inside the h
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,16 +15,13 @@ if TYPE_CHECKING:
 
 
 def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) -> None:
-    from tokenwire.daemon.cli import json_safe, save_json
+    """The result as JSON at ``path``, or on stdout without one (or with ``-``); through the CLI's one writer,
+    so ``--json -`` reaches the real stdout (it printed into the stream ``--json -`` sends to stderr)."""
+    from tokenwire.daemon.cli import save_json
 
-    # NaN (a metric the run could not measure) as null: a bare NaN token is not JSON
+    save_json(path or "-", doc, indent=None if compact else 2)  # NaN (a metric not measured) as null
     if path and path != "-":
-        save_json(path, doc, indent=None if compact else 2)
         print(f"wrote {path}", file=sys.stderr)
-    else:
-        doc = json_safe(doc)
-        print(json.dumps(doc, separators=(",", ":"), allow_nan=False) if compact
-              else json.dumps(doc, indent=2, allow_nan=False))
 
 
 def _read_text(path: str) -> str:
