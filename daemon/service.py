@@ -879,8 +879,10 @@ def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None
     now = now or datetime.datetime.now(datetime.UTC)
     if cert is None or cert.not_valid_after_utc - now > datetime.timedelta(days=CERT_WARN_DAYS):
         return False
-    log.warning("server.certificate %s: %s; clients refuse an expired certificate (renew it, then SIGHUP)", path,
-                certificate_summary(cert, now))
+    left = cert.not_valid_after_utc - now
+    soon = "" if left.total_seconds() <= 0 else f", in {left.days} days" if left.days else ", within a day"
+    log.warning("server.certificate %s: %s%s; clients refuse an expired certificate (renew it, then SIGHUP)", path,
+                certificate_summary(cert, now), soon)
     return True
 
 

@@ -146,3 +146,4 @@ def test_a_server_certificate_near_its_end_is_a_warning(days_left, warned, caplo
     with caplog.at_level(logging.WARNING, logger="tokenwire.daemon"):
         assert service._warn_if_expiring(cert, "/etc/tokenwire/cert.pem", now) is warned
     assert ("EXPIRED" in caplog.text) is (days_left < 0) and bool(caplog.text) is warned
+    assert (", in 3 days;" in caplog.text) is (days_left == 3)
