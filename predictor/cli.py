@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -359,16 +358,14 @@ def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
     Interrupted before its first checkpoint, a rerun left the old ``gru.pt`` (``finished: true``) next to a
     new train.json without it, and ``export`` used it without a word. Each is renamed ``<name>.previous``
     (replacing an older one), not deleted: a rerun that diverges at once still leaves the earlier model. A
-    symlink, whose target may be outside ``--out-dir`` (a shared "best" model), is left alone with a warning;
-    the new checkpoint is written through it. An earlier export next to them stays too, with a warning.
+    symlink is moved aside as a link, its target untouched (a shared "best" model outside ``--out-dir`` was
+    overwritten through it by the rerun's first checkpoint). An earlier export next to them stays, with a
+    warning.
     """
     for kind in kinds:
         old = out / ("ar.json" if kind == "ar" else f"{kind}.pt")
-        if old.is_symlink():
-            _say(f"warning: {old} links to {os.path.realpath(old)}, an earlier run's: the new checkpoint replaces "
-                 "what it links to")
-        elif old.is_file():
-            old.replace(old.with_name(old.name + ".previous"))
+        if old.is_symlink() or old.is_file():
+            old.replace(old.with_name(old.name + ".previous"))  # a symlink itself, not what it links to
             _say(f"moved {old} of an earlier run to {old.name}.previous")
         exported = out / f"{kind}.onnx"
         if kind != "ar" and exported.exists():
