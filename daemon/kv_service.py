@@ -575,6 +575,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 except TimeoutError as exc:  # a hung engine held its half-sent body (and memory) for good
                     service.count_ingest_error()
                     reply({"ok": False, "error": str(exc)})
+                    in_put = False  # counted and answered: not again if the drain fails or is cancelled
                     await writer.drain()
                     break
                 fp = msg.get("fingerprint")

@@ -103,12 +103,14 @@ KEEPALIVE_S = 75.0
 
 class _Guard:
     """Bounds the metrics server's connections (see REQUEST_DEADLINE_S) by wrapping the server's own connection
-    hooks. Over MAX_CONNECTIONS the oldest connection that has not completed a request goes, not the newest:
-    idle connections reopened every few seconds would otherwise keep a scraper and /healthz out for good."""
+    hooks. Over MAX_CONNECTIONS the oldest connection that has not completed a request goes, or, when every
+    one has, the one idle longest, never the newcomer: idle connections reopened every few seconds would
+    otherwise keep a scraper and /healthz out for good."""
 
     def __init__(self, server: web.Server) -> None:
         self.server = server
         self.waiting: dict[Any, asyncio.Transport] = {}  # aiohttp handler -> transport, oldest first
+        self.served_at: dict[Any, tuple[float, asyncio.Transport]] = {}  # handler -> (its last answer, transport)
         self._made, self._lost = server.connection_made, server.connection_lost
         self._loop = asyncio.get_running_loop()
         server.connection_made = self._connection_made  # type: ignore[method-assign]
@@ -116,16 +118,25 @@ class _Guard:
 
     def served(self, handler: Any) -> None:
         """A request was answered on this connection (any path, a 404 too): keep-alive governs it now."""
-        self.waiting.pop(handler, None)
+        transport = self.waiting.pop(handler, None) or self.served_at.get(handler, (0.0, None))[1]
+        if transport is not None:
+            self.served_at[handler] = (self._loop.time(), transport)
 
     def _connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
         self._made(handler, transport)
         self.waiting[handler] = transport
         if len(self.server.connections) > MAX_CONNECTIONS:
-            oldest = next(iter(self.waiting))  # this one, when every other connection is a served one
-            self.waiting.pop(oldest).close()
-        if handler in self.waiting:
-            self._loop.call_later(REQUEST_DEADLINE_S, self._expire, handler)
+            if len(self.waiting) > 1:
+                victim = self.waiting.pop(next(iter(self.waiting)))
+            elif self.served_at:
+                idlest = min(self.served_at, key=lambda h: self.served_at[h][0])
+                victim = self.served_at.pop(idlest)[1]
+            else:  # (connections neither waiting nor served are on their way out)
+                victim = self.waiting.pop(handler)
+            # closed on the next turn: aiohttp has not started the handler's task yet, and a transport closed
+            # inside connection_made failed it with an ERROR and a traceback
+            self._loop.call_soon(victim.close)
+        self._loop.call_later(REQUEST_DEADLINE_S, self._expire, handler)
 
     def _expire(self, handler: Any) -> None:
         transport = self.waiting.pop(handler, None)
@@ -134,6 +145,7 @@ class _Guard:
 
     def _connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
         self.waiting.pop(handler, None)
+        self.served_at.pop(handler, None)
         self._lost(handler, exc)
 
 

@@ -35,15 +35,13 @@ def reload_certificate(configs: Sequence[QuicConfiguration], certfile: str | Pat
     return fresh.certificate
 
 
-def file_digest(path: str | Path) -> bytes:
-    """The SHA-256 of a file's bytes (``OSError`` if unreadable): whether a CA bundle changed since it was read."""
-    return hashlib.sha256(Path(path).read_bytes()).digest()
-
-
 def reload_client_ca(path: str | Path, seen: bytes | None) -> tuple[ClientCertVerifier, bytes] | None:
-    """A new verifier for the CA bundle at ``path`` and its digest, or None when its bytes are still ``seen``.
-    Raises ``OSError`` or ``CertificateFileError`` (a ``ValueError``) for a bundle that cannot be used."""
-    digest = file_digest(path)
+    """A new verifier for the CA bundle at ``path`` and the SHA-256 of the bytes it was built from, or None when
+    they are still ``seen``; one read for both (a bundle changed between two reads kept the wrong verifier for
+    a digest that then matched). Raises ``OSError`` or ``CertificateFileError`` (a ``ValueError``) for a
+    bundle that cannot be used."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).digest()
     if digest == seen:
         return None
-    return ClientCertVerifier(path), digest
+    return ClientCertVerifier(path, data), digest

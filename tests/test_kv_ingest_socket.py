@@ -288,3 +288,26 @@ def test_a_put_waiting_for_room_at_shutdown_hears_why_and_a_vanished_one_is_coun
     assert json.loads(waited) == {"ok": False, "error": "the daemon is stopping; put the context again"}
     assert held == b"" and svc.ingest_errors == 2  # both puts counted as refused
     svc.close()
+
+
+def test_a_stalled_put_whose_engine_is_gone_is_counted_once(tmp_path, monkeypatch):
+    """The stall's reply could not be drained (the engine had gone): the outer handler counted the same refused
+    put a second time (review)."""
+    import json
+
+    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.1)
+    svc = _service(tmp_path)
+
+    class GoneWriter(_Writer):
+        async def drain(self) -> None:
+            raise ConnectionResetError("the engine went away")
+
+    async def go() -> None:
+        reader = asyncio.StreamReader()
+        header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
+        reader.feed_data(json.dumps(header).encode() + b"\n" + b"\0" * 10)
+        await asyncio.wait_for(kvs._handle_ingest(svc, reader, GoneWriter()), 10)  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    assert svc.ingest_errors == 1
+    svc.close()

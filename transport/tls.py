@@ -354,12 +354,13 @@ def make_client_cert(ca: CertPair, name: str, days: int = 365) -> CertPair:
 class ClientCertVerifier:
     """Verifies client certificate chains against a CA bundle (aioquic requests them but never checks)."""
 
-    def __init__(self, ca_file: str | Path) -> None:
-        """Raises :class:`CertificateFileError` for a missing, unreadable or non-PEM ``ca_file``."""
+    def __init__(self, ca_file: str | Path, data: bytes | None = None) -> None:
+        """Raises :class:`CertificateFileError` for a missing, unreadable or non-PEM ``ca_file`` (``data``: its
+        bytes, already read, as a reload that hashes them reads them once)."""
         from cryptography.x509.verification import PolicyBuilder, Store
 
         try:
-            cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
+            cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes() if data is None else data)
         except OSError as exc:
             raise CertificateFileError(f"CA file {ca_file}: {exc.strerror or exc}") from None
         except ValueError:
