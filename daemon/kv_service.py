@@ -33,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.errors import ErrorCode, TokenwireError
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
@@ -586,7 +586,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                                              fingerprint=fp, prewarm=prewarm)
                     hashes = await loop.run_in_executor(service.ingest_pool, call)
                     reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
-                except KVError as exc:  # StoreError included
+                except TokenwireError as exc:  # KVError and StoreError (a Redis store that is down): one line
                     reply({"ok": False, "error": str(exc)})
                 except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
                     if service.closing:  # the closed pool refuses new work (RuntimeError): not a bug

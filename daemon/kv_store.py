@@ -18,7 +18,9 @@ The API is synchronous (file and socket I/O); the daemon calls it from a worker 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import logging
 import os
 import re
 import struct
@@ -28,12 +30,14 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
+
+log = logging.getLogger("tokenwire.kv")
 
 MAGIC = b"TWKC"
 VERSION = 1
@@ -373,6 +377,29 @@ class LocalChunkStore(ChunkStore):
             self._forget(key)
 
 
+REDIS_REPORT_S = 10.0  # one warning per this long while Redis keeps failing
+
+
+def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A Redis failure as :class:`StoreError`, one line: the client hears "KV store unavailable" (not the store's
+    address), the log gets the detail at most every REDIS_REPORT_S. A Redis that was down made every failed
+    resolve, chunk and put a traceback in the log, and clients heard only "store failure: ConnectionError"."""
+
+    @functools.wraps(method)
+    def call(self: RedisChunkStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except self._redis_error as exc:
+            now = time.monotonic()
+            if now - self._reported_at >= REDIS_REPORT_S:
+                self._reported_at = now
+                log.warning("KV store: Redis at %s failed: %s: %s (more failures in the next %g s not logged)",
+                            re.sub(r"//[^@/]*@", "//***@", self.url), exc.__class__.__name__, exc, REDIS_REPORT_S)
+            raise StoreError(f"KV store unavailable (Redis {exc.__class__.__name__})") from None
+
+    return call
+
+
 class RedisChunkStore(ChunkStore):
     """Objects in Redis/Valkey under ``prefix``; sizes in a hash; recency in sorted sets: of every object, of
     the encoded levels, and of chunks by their latest use (:data:`EVICTION_POLICY` reads the last two)."""
@@ -387,6 +414,9 @@ class RedisChunkStore(ChunkStore):
         self.capacity_bytes = capacity_bytes
         self.stats = StoreStats()
         self.prefix = prefix
+        self.url = url
+        self._redis_error = redis.RedisError
+        self._reported_at = -REDIS_REPORT_S
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=10)
         except ValueError as exc:  # no or another scheme
@@ -459,18 +489,22 @@ class RedisChunkStore(ChunkStore):
         return self.prefix + "obj:" + key
 
     @property
+    @_redis_errors
     def used_bytes(self) -> int:
         return int(self._usage(keys=[self._sizes, self._used]))
 
+    @_redis_errors
     def contains(self, key: str) -> bool:
         return bool(self._r.exists(self._k(key)))
 
+    @_redis_errors
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         pipe = self._r.pipeline(transaction=False)
         for key in keys:
             pipe.exists(self._k(key))
         return [bool(n) for n in pipe.execute()] if keys else []
 
+    @_redis_errors
     def get(self, key: str) -> bytes | None:
         blob = self._r.get(self._k(key))
         if blob is None:
@@ -490,6 +524,7 @@ class RedisChunkStore(ChunkStore):
         pipe.execute()
         return payload
 
+    @_redis_errors
     def put(self, key: str, data: bytes) -> None:
         blob = wrap(data)
         if len(blob) > self.capacity_bytes:
@@ -558,6 +593,7 @@ class RedisChunkStore(ChunkStore):
                 freed += size
         return out
 
+    @_redis_errors
     def delete(self, key: str) -> None:
         self._delete(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels], args=[key])
 

@@ -387,3 +387,28 @@ def test_a_store_that_fails_to_open_lets_go_of_its_directory(tmp_path, monkeypat
         with pytest.raises(PermissionError):
             LocalChunkStore(tmp_path / "store", 1 << 20)
     LocalChunkStore(tmp_path / "store", 1 << 20).close()
+
+
+def test_a_redis_that_fails_is_one_line_for_the_client_and_one_warning_in_the_log(redis_url, caplog):
+    """A Redis that was down made each failed resolve, chunk or put a traceback in the daemon's log, and the
+    client heard only "store failure: ConnectionError"."""
+    import logging
+    import socket
+
+    import redis
+
+    from tokenwire.daemon.kv_store import RedisChunkStore, StoreError
+
+    store = RedisChunkStore(redis_url, 1 << 20, prefix="tw-test-down:")
+    with socket.socket() as s:  # a port nobody listens on: Redis is "down"
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    store._r.connection_pool = redis.ConnectionPool(port=dead, socket_timeout=1)  # its scripts' client too
+    store.url = f"redis://:s3cret@127.0.0.1:{dead}/0"
+    with caplog.at_level(logging.WARNING, logger="tokenwire.kv"):
+        for call in (lambda: store.get("a.low"), lambda: store.put("a.low", b"x"), lambda: store.used_bytes):
+            with pytest.raises(StoreError, match=r"^KV store unavailable \(Redis ConnectionError\)$"):
+                call()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tokenwire.kv"]
+    assert len(warnings) == 1 and "ConnectionError" in warnings[0], warnings  # once per 10 s
+    assert "s3cret" not in warnings[0] and "//***@127.0.0.1" in warnings[0]
