@@ -353,8 +353,10 @@ def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
             red = 1 - cb / st
             how = f"{100 * red:.0f}% less" if red >= 0 else f"{-100 * red:.0f}% more"  # not "-11% less"
             lines.append(f"\nChatterbox spent {how} time stalled than in-order streaming on this link.")
+    suggested = "iid:0.05" if getattr(args, "loss", None) != "iid:0.05" else DEFAULT_LOSS  # not the one just run
+    other = f"--loss {suggested} or --seed N"
     lines.append(
         "(stall ratio: share of reading time spent waiting for a token; delays beyond the link's base delay. "
-        "Try --loss iid:0.05 or --seed N.)"
+        f"Try {other}.)"
     )
     return "\n".join(lines)

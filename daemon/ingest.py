@@ -22,6 +22,7 @@ attach with ``Connection.attach(request_id)`` (a resume from index 0); only the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -239,7 +240,8 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
             api.disconnected(conn, time.monotonic(), why)
             writer.close()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # a mistyped path made folders anywhere (as root): the setting is named instead
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
     unix_sockets.claim(path)  # a stale socket goes; a live one (another daemon) or a file is an error
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
     os.chmod(path, 0o660)

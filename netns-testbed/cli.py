@@ -568,7 +568,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--reserve", type=float, help="tokenwire: share of the time left kept in reserve")
     kv.add_argument("--legacy-controller", action="store_true",
                     help="tokenwire: the previous rule (whole plan at the low quantile, 5 %% reserve)")
-    kv.add_argument("--text", help="text whose first N tokens form the context (default tests/data/prose_harbor)")
+    kv.add_argument("--text", help="text whose first N tokens form the context (default tests/data/prose_harbor.txt)")
     kv.add_argument("--json", metavar="PATH")
     kv.add_argument("--plot", metavar="PATH")
     kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")

@@ -722,6 +722,29 @@ def test_cert_writes_through_symlinks_as_it_did(tmp_path):
     assert (tmp_path / "real" / "key.pem").read_bytes() == pair.key_pem
 
 
+def test_an_ingest_socket_in_a_folder_that_does_not_exist_is_refused_naming_the_setting(tmp_path):
+    """The daemon made the missing folders (as root: anywhere a typo pointed); now it does not start, and says
+    which setting and folder."""
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+    from tokenwire.daemon.startup import StartupError
+
+    sock = tmp_path / "no" / "such" / "ingest.sock"
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                        "ingest": {"socket": str(sock)}})
+
+    async def go() -> str:
+        try:
+            await Daemon(cfg).start()
+        except StartupError as exc:
+            return str(exc)
+        raise AssertionError("started")
+
+    message = asyncio.run(go())
+    assert message == f"ingest.socket: cannot listen on {sock}: no such folder", message
+    assert not (tmp_path / "no").exists()
+
+
 def test_the_token_and_kv_ingest_sockets_need_paths_of_their_own(tmp_path):
     """config check passed one path for both; the daemon then exited with "another process is listening on this
     socket" (its own token ingest socket)."""

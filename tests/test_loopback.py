@@ -561,3 +561,37 @@ def test_handshake_failure_tells_tls_alerts_from_application_closes():
                                                              reason_phrase="too many sessions"))
     assert tls.tls_alert == 42 and str(tls) == "TLS handshake with h:1 failed (TLS alert 42): bad"
     assert app.tls_alert is None and str(app) == "QUIC handshake with h:1 failed: too many sessions (code 0x106)"
+
+
+def test_a_failed_handshake_prints_nothing_in_an_app_without_logging(tmp_path):
+    """An application that set up no logging got aioquic's own warning on stderr ("Error: 298, reason:
+    self-signed certificate") beside the typed HandshakeError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tokenwire.transport.tls import make_self_signed
+
+    ca = tmp_path / "other.pem"
+    ca.write_bytes(make_self_signed(("localhost",)).cert_pem)
+    script = f"""
+import asyncio
+from tokenwire.transport.client import HandshakeError, connect
+from tokenwire.transport.server import serve
+from tests.test_loopback import word_source
+
+async def main():
+    srv = await serve(word_source, host="127.0.0.1", port=0)
+    try:
+        async with connect("127.0.0.1", srv.port, cafile={str(ca)!r}, server_name="localhost"):
+            pass
+    except HandshakeError as exc:
+        print("alert", exc.tls_alert)
+    finally:
+        srv.close()
+
+asyncio.run(main())
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "alert 42" and done.stderr == "", (done.stdout, done.stderr)

@@ -28,6 +28,12 @@ from .ecn_socket import EcnDatagramTransport, open_udp_socket
 from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase
 
 log = logging.getLogger("tokenwire.transport")
+# A library's loggers get a NullHandler (the logging HOWTO's advice): an application that set up no logging
+# had aioquic's own warning about a failed handshake on stderr ("Error: 298, reason: self-signed
+# certificate") beside the HandshakeError the SDK raises. Configured logging (the daemon's, an app's) still
+# sees every record: the handler does not stop propagation.
+logging.getLogger("quic").addHandler(logging.NullHandler())
+logging.getLogger("tokenwire").addHandler(logging.NullHandler())
 
 RECV_BUFFER_BYTES = 4 << 20  # the default 208 KiB overflowed on loopback bursts (research notes)
 
