@@ -380,6 +380,11 @@ class LocalChunkStore(ChunkStore):
 REDIS_REPORT_S = 10.0  # one warning per this long while Redis keeps failing
 
 
+def shown_url(url: str) -> str:
+    """A Redis URL for messages, its password (``redis://:secret@host``) masked."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """A Redis failure as :class:`StoreError`, one line: the client hears "KV store unavailable" (not the store's
     address), the log gets the detail at most every REDIS_REPORT_S. A Redis that was down made every failed
@@ -394,7 +399,7 @@ def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             if now - self._reported_at >= REDIS_REPORT_S:
                 self._reported_at = now
                 log.warning("KV store: Redis at %s failed: %s: %s (more failures in the next %g s not logged)",
-                            re.sub(r"//[^@/]*@", "//***@", self.url), exc.__class__.__name__, exc, REDIS_REPORT_S)
+                            shown_url(self.url), exc.__class__.__name__, exc, REDIS_REPORT_S)
             raise StoreError(f"KV store unavailable (Redis {exc.__class__.__name__})") from None
 
     return call
@@ -420,11 +425,11 @@ class RedisChunkStore(ChunkStore):
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=10)
         except ValueError as exc:  # no or another scheme
-            raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
+            raise StoreError(f"bad Redis URL {shown_url(url)!r}: {exc}") from None
         try:
             self._r.ping()
         except redis.RedisError as exc:
-            raise StoreError(f"cannot reach the Redis store at {url}: {exc}") from None
+            raise StoreError(f"cannot reach the Redis store at {shown_url(url)}: {exc}") from None
         self._lru = prefix + "lru"
         self._lru_levels = prefix + "lru-levels"
         self._lru_chunks = prefix + "lru-chunks"

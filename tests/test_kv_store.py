@@ -412,3 +412,6 @@ def test_a_redis_that_fails_is_one_line_for_the_client_and_one_warning_in_the_lo
     warnings = [r.getMessage() for r in caplog.records if r.name == "tokenwire.kv"]
     assert len(warnings) == 1 and "ConnectionError" in warnings[0], warnings  # once per 10 s
     assert "s3cret" not in warnings[0] and "//***@127.0.0.1" in warnings[0]
+    with pytest.raises(StoreError, match=r"cannot reach the Redis store at redis://\*\*\*@127\.0\.0\.1") as exc:
+        RedisChunkStore(store.url, 1 << 20)  # the start-up error masks it too
+    assert "s3cret" not in str(exc.value)
