@@ -15,14 +15,12 @@ and over the union of all schemes' packets (aligned on the emulator origin).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ from tokenwire.transport import metrics
 from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
 from .endpoints import ALL_SCHEMES
+from .netns import run_folder
 from .pktlog import read_packet_log
 from .tokens import answer
 from .topology import Testbed, TestbedError
@@ -311,8 +310,7 @@ def run_compare(
     base_delays: list[float] = []
     backend = reason = ""
     # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
-    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-compare-") as wd:
-        os.makedirs(wd, exist_ok=True)
+    with run_folder(workdir, "tw-compare-") as (wd, scratch):
         for k in range(cfg.runs):
             seed = cfg.seed + k
             batch = []
@@ -320,7 +318,7 @@ def run_compare(
                 if log:
                     log(f"seed {seed}: {s}")
                 try:
-                    r = run_scheme(s, cfg, seed, wd, progress, scratch=None if workdir else wd)
+                    r = run_scheme(s, cfg, seed, wd, progress, scratch=scratch)
                 except TestbedError as exc:
                     raise CompareError(f"{s}: testbed: {exc}") from None
                 per_scheme[s].append(r)

@@ -19,7 +19,6 @@ weighted over the context; text chunks count as exact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +27,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from typing import Any
 
 from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
+from .netns import run_folder
 from .topology import Testbed
 from .trace import trace_from_spec
 
@@ -280,15 +279,14 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
     rng = random.Random(cfg.seed)
     rows: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.controllers}
     # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
-    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-kv-eval-") as wd:
-        os.makedirs(wd, exist_ok=True)
+    with run_folder(workdir, "tw-kv-eval-") as (wd, scratch):
         kv_path = os.path.join(wd, "context.pt")
         ctx = prepare_context(cfg, kv_path, log)
         if cfg.recompute_us_per_token is None:
             cfg.recompute_us_per_token = round(ctx["prefill_s"] / cfg.context_tokens * 1e6)
             log(f"text chunks cost the measured prefill: {cfg.recompute_us_per_token} us/token")
         log_path = os.path.join(wd, "pktlog.csv")
-        with Testbed(cfg.emulator_config(log_path), backend="userspace", scratch=None if workdir else wd) as tb:
+        with Testbed(cfg.emulator_config(log_path), backend="userspace", scratch=scratch) as tb:
             srv = _start(tb, tb.server_ns, "server", cfg, kv_path, wd)
             ready = srv.wait_for("ready", 300)
             log(f"server ready: ingested and encoded {ready.get('encodes')} chunk levels in "

@@ -395,6 +395,19 @@ def _unreadable_state(run_id: str, why: str) -> RunState:
 SCRATCH_PREFIXES = ("tw-", "tokenwire-")  # the temporary folders the testbed's commands make
 
 
+@contextlib.contextmanager
+def run_folder(keep: str | None, prefix: str) -> Iterator[tuple[str, str | None]]:
+    """A command's working folder and the scratch folder to record in its run's state: ``keep`` (``--keep``,
+    created if missing, never recorded, so never removed), else a fresh temporary folder named ``prefix...``,
+    recorded so that ``testbed down`` removes it after a crash (:func:`remove_scratch`)."""
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        yield keep, None
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as wd:
+        yield wd, wd
+
+
 def remove_scratch(state: RunState) -> str | None:
     """Remove a crashed run's temporary folder (``info["scratch"]``), if it is one of ours: directly in the
     system's temporary directory and named like the folders the testbed's commands make. Never a ``--keep``

@@ -13,19 +13,18 @@ The ``oracle`` policy reads the emulator's (L, C) estimate from a shared-memory 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
+from .netns import run_folder
 from .pktlog import read_packet_log
 from .swiftqueue_eval import (
     PolicyRun,
@@ -191,14 +190,13 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
     cfg.validate()
     runs: dict[str, PolicyRun] = {}
     # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
-    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="tw-swiftqueue-") as wd:
-        os.makedirs(wd, exist_ok=True)
+    with run_folder(workdir, "tw-swiftqueue-") as (wd, scratch):
         for k, name in enumerate(cfg.policies):
             if log_fn:
                 log_fn(f"[{k + 1}/{len(cfg.policies)}] {name} (namespaces, {cfg.seconds:g} s of tokens)")
             runs[name] = run_netns_policy(
                 cfg, name, wd, (lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None,
-                scratch=None if workdir else wd,
+                scratch=scratch,
             )
     # one yardstick for every policy's stall ratio: the fastest any token crossed this path (as compare does)
     best = min((r - g for run in runs.values() for g, r in zip(run.gen, run.render, strict=False)),
