@@ -977,13 +977,14 @@ class KVServerProtocol(SessionProtocol):
                     t.cancel()
                 self.app.protocols.discard(self)
 
-    def _refused(self, sid: int, code: int, message: str) -> None:
-        """A fetch refused at resolve; one the client gave up meanwhile has its outcome already (abandoned:
-        counted twice, once as refused too)."""
+    def _fail_fetch(self, sid: int, outcome: str, code: int, message: str) -> None:
+        """End a fetch with an ERROR and count its ``outcome`` (``refused`` at resolve, ``failed`` at a chunk; a
+        store failure is one too: it was counted nowhere). One the client gave up meanwhile has its outcome
+        already (abandoned: it was counted twice)."""
         f = self.kv.fetches.get(sid)
         if f is None or f.closed:
             return
-        self.app.stats["refused"] += 1  # (a store failure is a refusal too: it was counted nowhere)
+        self.app.stats[outcome] += 1
         self.kv.reject(sid, code, message)
 
     async def _resolve(self, sid: int, fetch: KvFetch) -> None:
@@ -994,10 +995,10 @@ class KVServerProtocol(SessionProtocol):
                 raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
             plan = await self.app.provider.resolve(fetch)
         except TokenwireError as exc:
-            self._refused(sid, exc.code, str(exc))
+            self._fail_fetch(sid, "refused", exc.code, str(exc))
         except Exception as exc:  # a broken provider fails this fetch, never the server
             log.exception("KV resolve failed")
-            self._refused(sid, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
+            self._fail_fetch(sid, "refused", ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
             if plan.rest_tokens:
                 self.app.stats["prefix_hits"] += 1
@@ -1013,12 +1014,10 @@ class KVServerProtocol(SessionProtocol):
         try:
             payload = await self.app.provider.chunk(f.plan, ev.index, ev.level)
         except TokenwireError as exc:  # a chunk gone since the fetch began (evicted, corrupt, re-put)
-            self.app.stats["failed"] += 1  # an outcome too: the fetch ended with an ERROR, counted nowhere
-            self.kv.reject(ev.stream_id, exc.code, str(exc))
+            self._fail_fetch(ev.stream_id, "failed", exc.code, str(exc))
         except Exception as exc:
             log.exception("KV chunk %d failed", ev.index)
-            self.app.stats["failed"] += 1
-            self.kv.reject(ev.stream_id, ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
+            self._fail_fetch(ev.stream_id, "failed", ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
             self.kv.send_chunk(ev.stream_id, ev.index, ev.level, payload, self.clock())
             self.app.stats["chunks"] += 1
