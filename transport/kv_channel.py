@@ -558,8 +558,7 @@ class KVServerSession(_SessionBase):
             self.link_rates.append(ack.size * 8e6 / (ack.done_us - start))
             self._sample_at[id(f.forecaster)] = now
             f.samples += 1
-        if ack.ecn is not None and len(ack.ecn) == 4:
-            self._ecn_feedback(ack.ecn, now)
+        self._ecn_feedback(ack.ecn, now)
 
     def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
         raise ProtocolError("the KV channel carries no datagrams")
@@ -569,10 +568,7 @@ class KVServerSession(_SessionBase):
         if f is None:
             return []
         f.closed = True
-        # end our side too, as the token server does: left open, the stream was never discarded and its credit
-        # never came back
-        with contextlib.suppress(AssertionError, ValueError, RuntimeError):
-            self.quic.reset_stream(stream_id, ErrorCode.CANCELLED)
+        self._reset_own_side(stream_id)
         return [KVFetchClosed(stream_id, list(f.levels), False)]
 
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:

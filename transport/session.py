@@ -225,12 +225,12 @@ class _SessionBase:
     def _on_peer_packet(self, now: float) -> None:
         """Hook: a datagram from the peer was processed."""
 
-    def _ecn_feedback(self, counts: list[int], now: float) -> bool:
+    def _ecn_feedback(self, counts: list[int] | None, now: float) -> bool:
         """Feed the peer's cumulative ECN counts (Not-ECT, ECT(1), ECT(0), CE) to a scalable congestion controller;
-        True when they report new CE marks. Older counts (a reordered ack) and counts of more packets than were
-        sent (made up: a client inflated tokenwire_ecn_ce_total by 2^40) are ignored. The token and KV sessions
-        both read their acks' counts through here."""
-        if sum(counts) > self.datagrams_sent + ECN_SLACK:
+        True when they report new CE marks. Absent or incomplete counts, older counts (a reordered ack) and counts
+        of more packets than were sent (made up: a client inflated tokenwire_ecn_ce_total by 2^40) are ignored.
+        The token and KV sessions both read their acks' counts through here."""
+        if counts is None or len(counts) != 4 or sum(counts) > self.datagrams_sent + ECN_SLACK:
             return False
         prev = self._last_ecn or [0, 0, 0, 0]
         if any(a < b for a, b in zip(counts, prev, strict=True)):
@@ -334,6 +334,13 @@ class _SessionBase:
             self.quic.send_stream_data(stream_id, b"", end_stream=True)
         except (AssertionError, ValueError, RuntimeError):
             pass  # already finished in this direction, or reset (the peer's STOP_SENDING)
+
+    def _reset_own_side(self, stream_id: int) -> None:
+        """End this side of a stream the peer reset: left open, the stream was never discarded and its credit
+        never came back (after 128 cancels by reset, quic-go's CancelWrite, a connection could open no more
+        requests). Both servers answer a reset so."""
+        with contextlib.suppress(AssertionError, ValueError, RuntimeError):  # already ended: nothing to do
+            self.quic.reset_stream(stream_id, ErrorCode.CANCELLED)
 
     # -- streams this side ended before the peer did (see ``_ended``) ----------------------------------------
     def _late(self, stream_id: int, end: bool) -> bool:
@@ -651,7 +658,7 @@ class ServerSession(_SessionBase):
         if not isinstance(frame, Ack):
             raise ProtocolError("clients may only send ack datagrams")
         self.acks_received += 1
-        ce_new = self._ecn_feedback(frame.ecn, now) if frame.ecn is not None and len(frame.ecn) == 4 else False
+        ce_new = self._ecn_feedback(frame.ecn, now)
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
             meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
@@ -691,10 +698,7 @@ class ServerSession(_SessionBase):
         if req is None:
             return []
         self._drop(req)
-        # end our side too: left open, the stream was never discarded, its credit never came back, and after
-        # 128 cancels by reset (quic-go's CancelWrite) the connection could open no more requests
-        with contextlib.suppress(AssertionError, ValueError, RuntimeError):
-            self.quic.reset_stream(stream_id, ErrorCode.CANCELLED)
+        self._reset_own_side(stream_id)
         return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
