@@ -50,6 +50,11 @@ def write_json(doc: Any, path: str | Path) -> None:
 _json_stdout: list[Any] = []
 
 
+def _real_stdout() -> Any:
+    """Where ``-`` writes: stdout, not the stderr ``--json -`` sends a command's other prints to."""
+    return _json_stdout[-1] if _json_stdout else sys.stdout
+
+
 def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
     """``doc`` as strict JSON (NaN and infinities as null; ``indent=None``: one compact line) at ``path``
     (``-``: stdout), put there by :func:`output_file`: a regular file is replaced atomically (an interrupted
@@ -60,7 +65,7 @@ def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
     text = (json.dumps(json_safe(doc), indent=indent, allow_nan=False) if indent is not None
             else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False)) + "\n"
     if str(path) == "-":
-        out = _json_stdout[-1] if _json_stdout else sys.stdout
+        out = _real_stdout()
         out.write(text)
         out.flush()
         return
@@ -101,7 +106,7 @@ def output_file(path: str | Path) -> Iterator[Path]:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         yield tmp
         if str(path) == "-":
-            out = _json_stdout[-1] if _json_stdout else sys.stdout  # not stderr, where --json - sends the rest
+            out = _real_stdout()
             out.flush()
             with open(tmp, "rb") as src:
                 shutil.copyfileobj(src, out.buffer)

@@ -877,9 +877,9 @@ def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None
     """Log a warning for a server certificate that has expired or ends within CERT_WARN_DAYS (only `config check`
     said so: the daemon started with an expired one silently, and every client's handshake failed)."""
     now = now or datetime.datetime.now(datetime.UTC)
-    if cert is None or cert.not_valid_after_utc - now > datetime.timedelta(days=CERT_WARN_DAYS):
+    left = cert.not_valid_after_utc - now if cert is not None else None
+    if left is None or left > datetime.timedelta(days=CERT_WARN_DAYS):
         return False
-    left = cert.not_valid_after_utc - now
     soon = "" if left.total_seconds() <= 0 else f", in {left.days} days" if left.days else ", within a day"
     log.warning("server.certificate %s: %s%s; clients refuse an expired certificate (renew it, then SIGHUP)", path,
                 certificate_summary(cert, now), soon)
