@@ -94,9 +94,13 @@ def export_onnx(model, path: str | Path) -> None:
     """ONNX with a dynamic batch axis (what :class:`~tokenwire.predictor.bandwidth.OnnxRunner` loads)."""
     import torch
 
+    from tokenwire.daemon.cli import output_file
+
     model.eval()
-    torch.onnx.export(model, (torch.zeros(1, N_FEATURES),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    with output_file(path) as tmp:  # an interrupted export leaves the old model, never half of one
+        torch.onnx.export(model, (torch.zeros(1, N_FEATURES),), str(tmp), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                          opset_version=17, dynamo=False)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -105,6 +109,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rng = random.Random(args.seed)
+    if not Path(args.traces).is_dir():
+        raise SystemExit(f"--traces {args.traces}: not a folder of .down/.up traces")
     files = sorted(p for p in Path(args.traces).iterdir() if p.suffix in (".down", ".up"))
     train_files = [p for p in files if p.name not in TEST_TRACES]
     test_files = [p for p in files if p.name in TEST_TRACES]
