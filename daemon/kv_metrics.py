@@ -9,6 +9,7 @@ round trip to Redis (``used_bytes`` sums its size hash).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -45,6 +46,7 @@ class _KVCollector:
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
+        self.usage = _UsageReader()
 
     def describe(self) -> list[Any]:
         return []
@@ -91,9 +93,50 @@ class _KVCollector:
                                   "(deleted; a level is encoded again from its source)", value=st.corrupt)
         yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
                                 value=store.capacity_bytes)
-        try:
-            used = store.used_bytes
-        except Exception as exc:  # Redis unreachable: the scrape goes on without this gauge
-            log.warning("metrics: KV store usage unavailable: %s", exc)
-        else:
+        used = self.usage.read(store)
+        if used is not None:
             yield GaugeMetricFamily("tokenwire_kv_store_bytes", "Bytes the KV store holds", value=used)
+
+
+USAGE_WAIT_S = 2.0  # what a scrape waits for the store's usage; Prometheus' default scrape_timeout is 10 s
+
+
+class _UsageReader:
+    """The store's usage for a scrape, waited for at most USAGE_WAIT_S. A Redis that stopped answering (frozen,
+    or cut off by a partition) held every scrape for the client's 10-s socket timeout, so Prometheus timed out
+    and lost *all* of the daemon's metrics just when they were wanted. The read runs on its own thread; a scrape
+    that gives up leaves it running and the next scrape takes its result (one read at a time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: threading.Thread | None = None
+        self._done = threading.Event()
+        self._result: int | BaseException | None = None
+        self._stalled = False  # logged once per stall, not at every scrape
+
+    def read(self, store: Any) -> int | None:
+        with self._lock:
+            if self._pending is None:
+                self._done.clear()
+                self._pending = threading.Thread(target=self._run, args=(store,), name="kv-store-usage",
+                                                 daemon=True)  # never holds up the daemon's exit
+                self._pending.start()
+            done = self._done.wait(USAGE_WAIT_S)
+            if not done:
+                if not self._stalled:
+                    self._stalled = True
+                    log.warning("metrics: KV store usage: no answer within %.0f s; the gauge is left out until "
+                                "the store answers", USAGE_WAIT_S)
+                return None
+            self._pending, self._stalled, result = None, False, self._result
+        if isinstance(result, BaseException):  # Redis unreachable: the scrape goes on without this gauge
+            log.warning("metrics: KV store usage unavailable: %s", result)
+            return None
+        return result
+
+    def _run(self, store: Any) -> None:
+        try:
+            self._result = int(store.used_bytes)
+        except Exception as exc:
+            self._result = exc
+        self._done.set()

@@ -411,6 +411,49 @@ def test_kv_metrics_scrape_survives_an_unreachable_store_and_counts_ingests(tmp_
         svc.close()
 
 
+def test_a_store_that_stops_answering_does_not_hold_up_the_scrape(tmp_path, caplog, monkeypatch):
+    """A frozen Redis held every scrape for its 10-s socket timeout (Prometheus then lost every metric): the
+    scrape leaves the usage gauge out after USAGE_WAIT_S, and a later scrape takes the read's result."""
+    import threading
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tokenwire.daemon import kv_metrics
+    from tokenwire.transport.kv_channel import KVServer
+
+    monkeypatch.setattr(kv_metrics, "USAGE_WAIT_S", 0.05)
+    svc = _service(tmp_path)
+    answer = threading.Event()
+    reads = []
+    try:
+        svc.ingest_sync(MODEL, list(range(40)), make_kv(40))
+        stored = svc.store.used_bytes
+
+        class Frozen(type(svc.store)):
+            @property
+            def used_bytes(self):
+                reads.append(1)
+                answer.wait(30)  # released only once the first scrapes have returned
+                return stored
+
+        svc.store.__class__ = Frozen
+        registry = CollectorRegistry()
+        kv_metrics.KVMetrics(registry, SimpleNamespace(server=KVServer(provider=svc), service=svc))
+        first = generate_latest(registry).decode()
+        second = generate_latest(registry).decode()
+        assert answer.is_set() is False  # both scrapes returned while the store was still silent
+        assert "tokenwire_kv_store_bytes " not in first + second
+        assert 'tokenwire_kv_ingests_total{outcome="stored"} 1.0' in first + second
+        assert len(reads) == 1  # one read at a time, not one stuck thread per scrape
+        assert caplog.text.count("no answer within") == 1
+        answer.set()
+        assert f"tokenwire_kv_store_bytes {float(stored)}" in generate_latest(registry).decode()
+    finally:
+        answer.set()
+        svc.close()
+
+
 def test_a_prefix_fetch_finds_the_stored_contexts_shorter_last_chunk(tmp_path):
     """The previous turn's last chunk is shorter than chunk_tokens, and the next turn's chain hashes that
     position over a whole chunk: without the parent's tail list it was never found (on average half a chunk
