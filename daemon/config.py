@@ -383,7 +383,12 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             if not url or not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{where}.base_url: expected an http(s):// URL, got {url!r}")
             opts["base_url"] = url.rstrip("/")
-            opts["api_key_env"] = s.str("api_key_env", None)
+            key_env = s.str("api_key_env", None)
+            env_key = os.environ.get(key_env) if key_env else None
+            problem = None if env_key is None else api_key_problem(env_key)
+            if problem is not None:  # an unset variable is the upstream's to report, at each request
+                raise ConfigError(f"{where}.api_key_env: the key in ${key_env} {problem}")
+            opts["api_key_env"] = key_env
             key_file = s.path("api_key_file", base)
             _check_api_key_file(key_file, f"{where}.api_key_file")
             opts["api_key_file"] = key_file
@@ -408,6 +413,14 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
                 if problem is not None:
                     raise ConfigError(f"{where}.extra_headers.{hname}: the value contains {problem}")
             opts["extra_headers"] = dict(headers)
+            # user:password@ in the URL is Basic auth: aiohttp refuses to send another Authorization header with it
+            # (a ValueError at every request, while config check said ok)
+            bearer = [k for k in ("api_key_env", "api_key_file") if opts[k]]
+            bearer += [f"extra_headers.{h}" for h in headers if h.lower() == "authorization"]
+            netloc = re.split(r"[/?#]", url.split("//", 1)[1], maxsplit=1)[0]
+            if bearer and "@" in netloc:
+                raise ConfigError(f"{where}: base_url has credentials in it (user:password@), sent as the "
+                                  f"Authorization header, and so does {' and '.join(bearer)}; use one of them")
         out.append(UpstreamConfig(name, kind, opts))
     return tuple(out)
 

@@ -37,6 +37,8 @@ from typing import Any
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
 
+from .logs import shown_url
+
 log = logging.getLogger("tokenwire.kv")
 
 MAGIC = b"TWKC"
@@ -378,11 +380,6 @@ class LocalChunkStore(ChunkStore):
 
 
 REDIS_REPORT_S = 10.0  # one warning per this long while Redis keeps failing
-
-
-def shown_url(url: str) -> str:
-    """A Redis URL for messages, its password (``redis://:secret@host``) masked."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def shown_url(url: str) -> str:
+    """A URL for messages and the log, its userinfo (``user:password@``, Redis's ``:secret@``) masked."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 class JsonFormatter(logging.Formatter):

@@ -56,6 +56,7 @@ from tokenwire.transport.tls import (
 )
 
 from . import unix_sockets
+from .cli import printable
 from .config import MAX_PRINCIPAL_CHARS, AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
 from .ingest import IngestAPI, serve_ingest
 from .logs import set_log_level, setup_logging
@@ -846,7 +847,8 @@ class Daemon:
             live.finish("cancelled", time.monotonic())
         except RequestError as exc:  # a typed failure (unreachable, timeout, HTTP error): the client gets it
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # the detail stays in the log
-            log.warning("request %s failed: %s%s", live.request_id.hex(), exc, cause)
+            # the upstream's words: raw, a line break forged a log line and escapes reached the operator's terminal
+            log.warning("request %s failed: %s", live.request_id.hex(), printable(f"{exc}{cause}"))
             live.fail(exc.code, str(exc), time.monotonic())
         except Exception:
             log.exception("upstream %s failed", upstream.name)

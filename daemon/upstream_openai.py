@@ -7,32 +7,41 @@ aiohttp does the HTTP; the SSE line protocol is parsed here (a dozen lines, no l
 that ignores ``stream`` and answers one ``application/json`` completion is read as that completion.
 
 Every failure reaches the client as a typed error: HTTP errors and error events as ``UPSTREAM_ERROR``
-(with the upstream's own message, truncated), no connection within ``connect_timeout_s``, no first token
-within ``connect_timeout_s + first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as
-``UPSTREAM_TIMEOUT``. Both are absolute deadlines (from the request's start, then from the last token), so
-keep-alive comments and empty deltas cannot put them off.
+(with the upstream's own message, truncated, the configured secrets in it redacted), as is a refused or failed
+connection; no connection within ``connect_timeout_s``, no first token within ``connect_timeout_s +
+first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as ``UPSTREAM_TIMEOUT``. Both are
+absolute deadlines (from the request's start, then from the last token), so keep-alive comments and empty
+deltas cannot put them off. A stream that stalls after its ``finish_reason`` ends normally. Clients hear the
+upstream's name, never its URL; the log gets the URL with its userinfo masked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp.http_exceptions import LineTooLong
+from yarl import URL
 
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
 from .config import api_key_problem, read_api_key
+from .logs import shown_url
 from .upstreams import Emit
 
 PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n")
 ERROR_BODY_LIMIT = 64 * 1024  # plenty for an error message; a proxy's endless page is not read to its end
 JSON_ANSWER_LIMIT = 16 * 1024 * 1024  # a whole non-streamed completion
+REDACTED = "[redacted]"
+# an extra_headers value shorter than this is no secret (X-Priority: 1), and redacting it would garble messages
+SECRET_MIN_CHARS = 8
 
 
 def _upstream_error(name: str, message: str) -> RequestError:
@@ -41,6 +50,31 @@ def _upstream_error(name: str, message: str) -> RequestError:
 
 def _timeout(name: str, message: str) -> RequestError:
     return RequestError(f"upstream {name!r}: {message}", code=ErrorCode.UPSTREAM_TIMEOUT)
+
+
+class UpstreamDetail(Exception):
+    """The cause chained to a client's error: what the daemon logs after it (the URL, userinfo masked, and the
+    HTTP client's own words), which the client is not sent."""
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every secret in it redacted: a proxy's "invalid credentials: Bearer sk-..." echoed the
+    daemon's own key to every client and into the log."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _why(exc: aiohttp.ClientError) -> str:
+    """Why a connection failed, in words without the address (aiohttp's message names the host and port)."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate is not trusted"
+    if isinstance(os_error, socket.gaierror):
+        return "its host name does not resolve"
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    return exc.__class__.__name__
 
 
 class OpenAIUpstream:
@@ -60,6 +94,7 @@ class OpenAIUpstream:
     ) -> None:
         self.name = name
         self.url = f"{base_url}/chat/completions"
+        self.shown_url = shown_url(self.url)
         self.api_key_env = api_key_env
         self.api_key_file = api_key_file
         self.models = models or {}
@@ -69,6 +104,22 @@ class OpenAIUpstream:
         self.stall_timeout_s = stall_timeout_s
         self.extra_headers = extra_headers or {}
         self._session: aiohttp.ClientSession | None = None
+        url = URL(self.url)
+        secrets = [v for v in self.extra_headers.values() if len(v) >= SECRET_MIN_CHARS]
+        if url.password:  # and the Basic credentials aiohttp sends it in (latin-1, as aiohttp encodes them)
+            basic = f"{url.user or ''}:{url.password}".encode("latin-1", errors="replace")
+            secrets += [url.password, base64.b64encode(basic).decode()]
+        self._static_secrets = tuple(secrets)
+
+    def _secrets(self, key: str | None) -> tuple[str, ...]:
+        """What upstream text passed on must not contain: this request's API key and the other credentials; the
+        longest first, so a secret inside another is not left half redacted."""
+        return tuple(sorted({*self._static_secrets, *([key] if key else [])}, key=len, reverse=True))
+
+    def _detail(self, exc: BaseException, secrets: tuple[str, ...]) -> UpstreamDetail:
+        detail = UpstreamDetail(f"{self.shown_url}: {_scrub(str(exc), secrets)}")
+        detail.__cause__ = exc
+        return detail
 
     def _api_key(self) -> str | None:
         """Read at each request, so a rotated key file or environment takes effect without a restart. A key that
@@ -123,25 +174,33 @@ class OpenAIUpstream:
         key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        secrets = self._secrets(key)
+        body = self._body(request)
         # One deadline, from the request's start, for the connection, the headers and the first token: the
         # headers used to get connect + first-token time and the first token that much again.
         waited = self.connect_timeout_s + self.first_token_timeout_s
         first_deadline = asyncio.get_running_loop().time() + waited
         try:
             async with asyncio.timeout_at(first_deadline):
-                resp = await self._session.post(self.url, json=self._body(request), headers=headers)
+                resp = await self._session.post(self.url, json=body, headers=headers)
+        except aiohttp.ServerTimeoutError as exc:  # sock_connect, TLS handshake included; a TimeoutError as well
+            message = f"cannot connect within {self.connect_timeout_s:g} s"
+            raise _timeout(self.name, message) from self._detail(exc, secrets)
         except TimeoutError:
             raise _timeout(self.name, f"no response within {waited:g} s") from None
         except aiohttp.ClientError as exc:
-            raise _upstream_error(self.name, f"cannot reach {self.url}: {exc.__class__.__name__}") from exc
+            raise _upstream_error(self.name, f"cannot reach the server: {_why(exc)}") from self._detail(exc, secrets)
+        except Exception as exc:  # aiohttp refusing the request (a ValueError): a log line, not a traceback each time
+            message = f"the request could not be sent ({exc.__class__.__name__})"
+            raise _upstream_error(self.name, message) from self._detail(exc, secrets)
         async with resp:
             if resp.status >= 400:
-                raise await self._http_error(resp)
+                raise await self._http_error(resp, secrets)
             if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
-                return await self._read_json(resp, emit)
-            return await self._read_events(resp, emit, first_deadline)
+                return await self._read_json(resp, emit, secrets)
+            return await self._read_events(resp, emit, first_deadline, secrets)
 
-    async def _http_error(self, resp: aiohttp.ClientResponse) -> RequestError:
+    async def _http_error(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> RequestError:
         """UPSTREAM_ERROR with the status and the upstream's message. The body is read with a time and size bound
         and decoded leniently: ``resp.text()`` hung on a body that never came and raised on non-UTF-8 or cut-short
         ones, so the client got a vague error and the log a traceback."""
@@ -153,10 +212,10 @@ class OpenAIUpstream:
         except aiohttp.ClientError as exc:
             detail = f"(error body cut short: {exc.__class__.__name__})"
         else:
-            detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset))
+            detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset), secrets)
         return _upstream_error(self.name, f"HTTP {resp.status}: {detail}")
 
-    async def _read_json(self, resp: aiohttp.ClientResponse, emit: Emit) -> str:
+    async def _read_json(self, resp: aiohttp.ClientResponse, emit: Emit, secrets: tuple[str, ...]) -> str:
         """A server that ignores ``stream`` answers one JSON document: the whole completion (emitted as one piece)
         or an error (even with status 200). Both were dropped as "stream ended without [DONE]"."""
         try:
@@ -168,7 +227,7 @@ class OpenAIUpstream:
             raise _upstream_error(self.name, f"answer broke: {exc.__class__.__name__}") from exc
         if len(raw) > JSON_ANSWER_LIMIT:
             raise _upstream_error(self.name, f"JSON answer larger than {JSON_ANSWER_LIMIT} bytes")
-        doc = self._document(_decode(raw, resp.charset), "answer")
+        doc = self._document(_decode(raw, resp.charset), "answer", secrets)
         picked = self._choice_zero(doc, "message")
         if not picked:  # not a completion at all: an empty success would hide it
             raise _upstream_error(self.name, "malformed answer (no choice 0)")
@@ -180,7 +239,9 @@ class OpenAIUpstream:
                 reason = str(finish)[:32]
         return reason
 
-    async def _read_events(self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float) -> str:
+    async def _read_events(
+        self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float, secrets: tuple[str, ...]
+    ) -> str:
         loop = asyncio.get_running_loop()
         deadline = first_deadline  # then the last token's time + stall_timeout_s; nothing else moves it
         started = False  # a token came (content, or reasoning the client is not sent)
@@ -191,6 +252,9 @@ class OpenAIUpstream:
                 async with asyncio.timeout_at(deadline):
                     line = await resp.content.readline()
             except TimeoutError:
+                if reason is not None:  # the whole answer came, then neither [DONE] nor the end: it is done
+                    resp.close()  # not back to the pool: that stream may still send
+                    return reason
                 if started:
                     raise _timeout(self.name, f"the stream stalled for {self.stall_timeout_s:g} s") from None
                 waited = self.connect_timeout_s + self.first_token_timeout_s
@@ -215,10 +279,10 @@ class OpenAIUpstream:
             if field != "data":
                 continue  # comments (":" lines), id:, retry:
             if event == "error":
-                raise _upstream_error(self.name, _error_text(value) if value else "error event")
+                raise _upstream_error(self.name, _error_text(value, secrets) if value else "error event")
             if value == "[DONE]":
                 return reason or "stop"
-            chunk = self._document(value, "event")
+            chunk = self._document(value, "event", secrets)
             for content, finish, progress in self._choice_zero(chunk):
                 if content:
                     emit(content)
@@ -228,14 +292,14 @@ class OpenAIUpstream:
                 if finish:
                     reason = str(finish)[:32]
 
-    def _document(self, text: str, what: str) -> Any:
+    def _document(self, text: str, what: str, secrets: tuple[str, ...]) -> Any:
         """A JSON answer or event; UPSTREAM_ERROR for one that is not JSON or that carries the upstream's error."""
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError):  # JSONDecodeError, an integer over 4300 digits, deep nesting
             raise _upstream_error(self.name, f"malformed {what} (not JSON)") from None
         if _is_error(doc):
-            raise _upstream_error(self.name, _error_text(text))
+            raise _upstream_error(self.name, _error_text(text, secrets))
         return doc
 
     def _choice_zero(self, chunk: Any, key: str = "delta") -> list[tuple[str | None, Any, bool]]:
@@ -296,13 +360,13 @@ def _is_error(doc: Any) -> bool:
     return isinstance(doc, dict) and (doc.get("error") is not None or doc.get("object") == "error")
 
 
-def _error_text(body: str) -> str:
-    """The upstream's error message from an OpenAI-style error body, else the body itself."""
+def _error_text(body: str, secrets: tuple[str, ...]) -> str:
+    """The upstream's error message from an OpenAI-style error body, else the body itself; ``secrets`` redacted
+    before it is cut short (a cut through a key would leave its start)."""
     try:
         data = json.loads(body)
         err = data.get("error", data)
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:300]
-        return str(err)[:300]
+        text = str(err.get("message") or err) if isinstance(err, dict) else str(err)
     except (ValueError, RecursionError, AttributeError):  # not JSON (a huge integer, deep nesting) or no object
-        return body.strip()[:300] or "(empty body)"
+        return _scrub(body.strip(), secrets)[:300] or "(empty body)"
+    return _scrub(text, secrets)[:300]

@@ -35,6 +35,7 @@ class FakeOpenAI:
         self.seen: list[dict] = []
         self.headers: list[dict] = []
         self.active = self.peak = 0  # "hold" streams open at once, and the most of them
+        self.hung_up = asyncio.Event()  # "finish_hold": the client closed the stream it kept open
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -42,6 +43,12 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if self.mode == "http500":
             return web.json_response({"error": {"message": "model overloaded", "type": "server_error"}}, status=500)
+        if self.mode.startswith("echo401:"):  # a proxy repeating the credentials it refused, after N characters
+            said = f"invalid credentials: {request.headers.get('Authorization')} {request.headers.get('X-Token')}"
+            return web.json_response({"error": {"message": "x" * int(self.mode[8:]) + said}}, status=401)
+        if self.mode == "forge":  # an error message that writes a log line of its own and clears the terminal
+            forged = "boom\n2026-12-05 10:00:00,000 CRITICAL tokenwire.daemon: FORGED\x1b[2J"
+            return web.json_response({"error": {"message": forged}}, status=500)
         if self.mode == "http500_bignum":  # JSON Python refuses with a plain ValueError (over 4300 digits)
             return web.Response(status=500, text='{"error": ' + "1" * 5000 + "}", content_type="application/json")
         if self.mode == "error_body_late":  # the headers of a 500, its body only 3 s later
@@ -88,6 +95,13 @@ class FakeOpenAI:
                 await resp.write(b"data: [DONE]\n\n")
             finally:
                 self.active -= 1
+            return resp
+        if self.mode == "finish_hold":  # the whole answer, then neither [DONE] nor the end of the body
+            await send(chunk("Hello", finish="stop"))
+            try:
+                await asyncio.sleep(30)
+            finally:
+                self.hung_up.set()
             return resp
         if self.mode.startswith("raw:"):  # one event line exactly as given, after a good first token
             await send(chunk("Hi"))
@@ -159,12 +173,12 @@ REQ = ChatRequest(
 )
 
 
-def generate(fake: FakeOpenAI, mode: str, tmp_path=None, req: ChatRequest = REQ, **opts):
+def generate(fake: FakeOpenAI, mode: str, tmp_path=None, req: ChatRequest = REQ, userinfo: str = "", **opts):
     fake.mode = mode
 
     async def go():
         runner, port = await _serve(fake)
-        up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", **opts)
+        up = OpenAIUpstream("vllm", base_url=f"http://{userinfo}127.0.0.1:{port}/v1", **opts)
         out: list[str] = []
         try:
             reason = await up.generate(req, out.append)
@@ -386,8 +400,10 @@ def test_the_model_key_is_validated():
 
 
 def test_unreachable_upstream():
+    """The client heard the URL, password and all ("cannot reach http://admin:S3cret@..."); now it hears the
+    upstream's name and why, and the log (the cause) gets the URL with its userinfo masked."""
     async def go():
-        up = OpenAIUpstream("gone", base_url="http://127.0.0.1:9/v1", connect_timeout_s=1)
+        up = OpenAIUpstream("gone", base_url="http://admin:S3cret@127.0.0.1:9/v1", connect_timeout_s=1)
         try:
             await up.generate(REQ, lambda s: None)
         finally:
@@ -395,8 +411,102 @@ def test_unreachable_upstream():
 
     with pytest.raises(RequestError) as info:
         run(go())
-    assert info.value.code == ErrorCode.UPSTREAM_ERROR and "cannot reach" in str(info.value)
-    assert "127.0.0.1:9" in str(info.value.__cause__)  # the detail the daemon logs (the client gets the class)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR
+    assert str(info.value) == "upstream 'gone': cannot reach the server: connection refused"
+    logged = str(info.value.__cause__)  # what the daemon logs after the client's message
+    assert logged.startswith("http://***@127.0.0.1:9/v1/chat/completions: Cannot connect") and "S3cret" not in logged
+
+
+def test_a_connect_timeout_is_no_first_token_timeout():
+    """A TLS handshake (or a TCP connect) that never completes hit aiohttp's sock_connect timeout, whose
+    exception is a TimeoutError too: it was reported as "no response within 20.3 s" after 0.3 s."""
+    async def go():
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never speaks TLS
+        port = silent.sockets[0].getsockname()[1]
+        up = OpenAIUpstream("tls", base_url=f"https://127.0.0.1:{port}/v1", connect_timeout_s=0.3,
+                            first_token_timeout_s=20)
+        try:
+            await up.generate(REQ, lambda s: None)
+        finally:
+            await up.close()
+            silent.close()
+
+    with pytest.raises(RequestError) as info:
+        run(go(), timeout=10)
+    assert info.value.code == ErrorCode.UPSTREAM_TIMEOUT  # a timeout, with its own words
+    assert str(info.value) == "upstream 'tls': cannot connect within 0.3 s"
+
+
+@pytest.mark.parametrize("pad", [0, 242], ids=["short", "key_across_the_cut"])  # the key at 270 of 300
+def test_credentials_the_upstream_echoes_are_redacted(fake, monkeypatch, pad):
+    """A proxy saying "invalid credentials: Bearer sk-..." sent the daemon's own key to every client and into
+    the log; the key, long extra_headers values and base_url's password (and its Basic form) are redacted,
+    before the message is cut at 300 characters (a key across the cut kept its start)."""
+    monkeypatch.setenv("TEST_KEY", "sk-live-" + "0123456789" * 4)
+    with pytest.raises(RequestError) as info:
+        generate(fake, f"echo401:{pad}", api_key_env="TEST_KEY", extra_headers={"X-Token": "tenant-secret-42"})
+    text = str(info.value)
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR and "HTTP 401: " in text
+    assert "sk-live" not in text and "tenant-secret" not in text
+    if not pad:
+        assert text.endswith("invalid credentials: Bearer [redacted] [redacted]")
+        with pytest.raises(RequestError) as basic:
+            generate(fake, "echo401:0", userinfo="admin:S3cret-pass@", extra_headers={"X-Token": "S3cret-pass"})
+        assert str(basic.value).endswith("invalid credentials: Basic [redacted] [redacted]")
+
+
+def test_credentials_in_the_url_and_an_authorization_header_do_not_mix(fake, tmp_path):
+    """aiohttp refuses user:password@ in the URL together with an Authorization header: every request failed
+    with its ValueError traceback while config check said ok. The config refuses it, and any such refusal
+    by aiohttp is a typed error (one log line), not a traceback."""
+    def cfg(**keys):
+        return parse_config({"upstreams": [{"name": "v", "type": "openai", "base_url": "http://u:p@h/v1", **keys}]})
+
+    key = tmp_path / "key"
+    key.write_text("sk-file\n")
+    for keys, named in [({"api_key_env": "TEST_KEY"}, "api_key_env"), ({"api_key_file": str(key)}, "api_key_file"),
+                        ({"extra_headers": {"authorization": "Bearer x"}}, "extra_headers.authorization")]:
+        with pytest.raises(ConfigError, match=rf"upstreams\[0\]: base_url has credentials .* so does {named};"):
+            cfg(**keys)
+    assert cfg(extra_headers={"X-Tenant": "a"}).upstreams[0].options["base_url"] == "http://u:p@h/v1"
+    with pytest.raises(RequestError) as info:
+        generate(fake, "ok", userinfo="u:p@", extra_headers={"Authorization": "Bearer x"})
+    assert info.value.code == ErrorCode.UPSTREAM_ERROR
+    assert str(info.value) == "upstream 'vllm': the request could not be sent (ValueError)"
+    assert "Cannot combine AUTHORIZATION header" in str(info.value.__cause__) and fake.seen == []
+
+
+def test_an_api_key_env_with_a_line_break_fails_config_check(monkeypatch):
+    """Only the key file was checked at load: a two-line key in the variable passed config check and the daemon
+    started, then failed every request. A variable unset when the config is loaded is not checked."""
+    def cfg():
+        return parse_config({"upstreams": [{"name": "v", "type": "openai", "base_url": "http://h/v1",
+                                            "api_key_env": "TW_TEST_KEY"}]})
+
+    monkeypatch.delenv("TW_TEST_KEY", raising=False)
+    assert cfg().upstreams[0].options["api_key_env"] == "TW_TEST_KEY"
+    monkeypatch.setenv("TW_TEST_KEY", "sk-one\nsk-two")
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.api_key_env: the key in \$TW_TEST_KEY contains a line"):
+        cfg()
+
+
+def test_a_stall_after_the_finish_reason_ends_the_answer(fake):
+    """A server that sent finish_reason "stop" and then neither [DONE] nor the end of the body: the whole answer
+    had come, yet it failed as "the stream stalled". Now it ends with that reason, the connection closed."""
+    async def go():
+        runner, port = await _serve(fake)
+        up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", **FAST)
+        out: list[str] = []
+        try:
+            reason = await up.generate(REQ, out.append)
+            await asyncio.wait_for(fake.hung_up.wait(), 5)  # closed by generate, not by the session's close
+            return out, reason
+        finally:
+            await up.close()
+            await runner.cleanup()
+
+    fake.mode = "finish_hold"
+    assert run(go(), timeout=30) == (["Hello"], "stop")
 
 
 @contextlib.contextmanager
@@ -459,6 +569,26 @@ def test_daemon_routes_to_openai_upstream_and_reports_errors(tmp_path, fake):
         log = d.log()  # the operator sees each failure too, with the id the client was given
         assert "upstream 'vllm': HTTP 500" in log and "model overloaded" in log
         assert "upstream 'vllm': the stream stalled" in log, log
+
+
+def test_daemon_logs_the_upstreams_words_on_one_printable_line(tmp_path, fake):
+    """The upstream's error message went into the text log as it was: a line break in it forged a log line and
+    escape sequences reached the operator's terminal."""
+    from tokenwire.transport.client import connect
+    from tokenwire.transport.errors import RemoteError
+
+    fake.mode = "forge"
+    with daemon_on(fake, tmp_path) as d:
+
+        async def go():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn:
+                with pytest.raises(RemoteError, match="boom"):
+                    await conn.chat("hi", model="small").collect()
+
+        run(go())
+        log = d.log()
+    assert "\x1b" not in log and not any("FORGED" in line and "boom" not in line for line in log.splitlines())
+    assert "HTTP 500: boom\\n2026-12-05 10:00:00,000 CRITICAL tokenwire.daemon: FORGED\\x1b[2J" in log, log
 
 
 def test_daemon_sends_the_clamped_max_tokens_and_the_default_model(tmp_path, fake):
