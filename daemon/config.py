@@ -351,9 +351,23 @@ UPSTREAM_KEYS = {
         "first_token_timeout_s",
         "stall_timeout_s",
         "extra_headers",
+        "ca_file",
     ),
     "ingest": ("name", "type"),
 }
+
+
+def _check_upstream_ca(path: Path, where: str) -> None:
+    """The CA bundle an https upstream's certificate is checked against (a vLLM behind a private CA): one that
+    cannot be read or holds no certificate fails at load, not as "certificate not trusted" at every request."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        ssl_error = isinstance(exc, ssl.SSLError | ValueError)  # (an SSLError is an OSError too)
+        why = "no PEM certificate in it" if ssl_error or not exc.strerror else exc.strerror
+        raise ConfigError(f"{where}: {path}: {why}") from None
 
 
 def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
@@ -413,6 +427,12 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
                 if problem is not None:
                     raise ConfigError(f"{where}.extra_headers.{hname}: the value contains {problem}")
             opts["extra_headers"] = dict(headers)
+            ca_file = s.path("ca_file", base)
+            if ca_file is not None:
+                if not url.startswith("https://"):
+                    raise ConfigError(f"{where}.ca_file: only for an https:// base_url, got {url!r}")
+                _check_upstream_ca(ca_file, f"{where}.ca_file")
+            opts["ca_file"] = ca_file
             # user:password@ in the URL is Basic auth: aiohttp refuses to send another Authorization header with it
             # (a ValueError at every request, while config check said ok)
             bearer = [k for k in ("api_key_env", "api_key_file") if opts[k]]

@@ -22,6 +22,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class OpenAIUpstream:
         first_token_timeout_s: float = 60.0,
         stall_timeout_s: float = 30.0,
         extra_headers: dict[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.name = name
         self.url = f"{base_url}/chat/completions"
@@ -104,6 +106,8 @@ class OpenAIUpstream:
         self.stall_timeout_s = stall_timeout_s
         self.extra_headers = extra_headers or {}
         self._session: aiohttp.ClientSession | None = None
+        # the system's trust store, or only ca_file's CAs (read once, at start: a restart picks up a new bundle)
+        self._tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         url = URL(self.url)
         secrets = [v for v in self.extra_headers.values() if len(v) >= SECRET_MIN_CHARS]
         if url.password:  # and the Basic credentials aiohttp sends it in (latin-1, as aiohttp encodes them)
@@ -167,7 +171,7 @@ class OpenAIUpstream:
             # limit=0: aiohttp's default pool of 100 connections made answer 101+ wait for a free one, and that
             # wait counted against the first-token deadline; the daemon's own limits bound concurrency
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
+                connector=aiohttp.TCPConnector(limit=0, ssl=self._tls),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
             )
         headers = {"Accept": "text/event-stream", **self.extra_headers}

@@ -152,12 +152,12 @@ def fake():
     return FakeOpenAI()
 
 
-async def _serve(fake: FakeOpenAI):
+async def _serve(fake: FakeOpenAI, ssl_context=None):
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.2, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, port
@@ -607,3 +607,42 @@ def test_daemon_sends_the_clamped_max_tokens_and_the_default_model(tmp_path, fak
         run(go())
     assert [(b.get("model"), b.get("max_tokens")) for b in fake.seen] == [
         ("small", 1000), ("org/default", 20), ("org/default", None)]
+
+
+def test_an_https_upstream_behind_a_private_ca_is_trusted_through_ca_file(fake, tmp_path):
+    """A vLLM with its own CA was refused at every request ("certificate is not trusted") and no setting could
+    say otherwise: ca_file names the CAs to trust. A file that holds no certificate is a config error."""
+    import ssl
+
+    from tokenwire.transport.tls import make_self_signed
+
+    pair = make_self_signed(("127.0.0.1",))
+    pair.write(tmp_path / "up.pem", tmp_path / "up.key")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "up.pem", tmp_path / "up.key")
+
+    async def ask(**opts):
+        runner, port = await _serve(fake, server_tls)
+        up = OpenAIUpstream("private", base_url=f"https://127.0.0.1:{port}/v1", **opts)
+        got: list[str] = []
+        try:
+            return await up.generate(REQ, got.append), "".join(got)
+        finally:
+            await up.close()
+            await runner.cleanup()
+
+    reason, text = run(ask(ca_file=tmp_path / "up.pem"), timeout=20)
+    assert reason == "stop" and text
+    with pytest.raises(RequestError, match="TLS certificate is not trusted"):
+        run(ask(), timeout=20)  # the system's trust store does not know it
+
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+
+    def config(url, ca):
+        return parse_config({"upstreams": [{"name": "v", "type": "openai", "base_url": url, "ca_file": str(ca)}]})
+
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.ca_file: .*junk.pem: no PEM certificate"):
+        config("https://h/v1", tmp_path / "junk.pem")
+    with pytest.raises(ConfigError, match=r"ca_file: only for an https:// base_url"):
+        config("http://h/v1", tmp_path / "up.pem")
+    assert config("https://h/v1", tmp_path / "up.pem").upstreams[0].options["ca_file"] == tmp_path / "up.pem"
