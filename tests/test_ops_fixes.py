@@ -219,8 +219,11 @@ def _uncommented(text: str) -> str:
 
 def test_example_config_with_every_key_switched_on_validates(tmp_path):
     """Every commented value is a valid one. Two lines are alternatives of each other (marking.model is only
-    for swiftqueue, which in turn needs congestion "prague"), so those two are set; example paths live in
-    tmp_path and the token digest placeholder becomes a digest."""
+    for swiftqueue, which in turn needs congestion "prague"), so those two are set, and an upstream's ca_file
+    is for an https base_url; example paths live in tmp_path (the CA file holds a certificate) and the token
+    digest placeholder becomes a digest."""
+    from tokenwire.transport.tls import make_self_signed
+
     text = _uncommented(EXAMPLE.read_text()).replace("/etc/tokenwire/", f"{tmp_path}/")
     text = text.replace("<64 hex digits>", "0" * 64)
     for name in re.findall(re.escape(str(tmp_path)) + r"/([\w.-]+)", text):
@@ -228,6 +231,9 @@ def test_example_config_with_every_key_switched_on_validates(tmp_path):
     doc = tomllib.loads(text)
     assert doc["marking"]["policy"] == "" and "model" in doc["marking"]
     doc["marking"]["policy"], doc["server"]["congestion"] = "swiftqueue", "prague"
+    openai = next(u for u in doc["upstreams"] if u["type"] == "openai")
+    openai["base_url"] = openai["base_url"].replace("http://", "https://")
+    Path(openai["ca_file"]).write_bytes(make_self_signed().cert_pem)
     cfg = parse_config(doc, tmp_path / "tokenwire.toml")
     assert {u.type for u in cfg.upstreams} == {"demo", "openai", "ingest"}
     assert cfg.kv.enabled and cfg.server.client_ca == tmp_path / "clients.pem"
