@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 
 BENCH_MODULES: list[str] = [
     "tokenwire.transport.bench_transport",
@@ -24,3 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench_sub.required = True
     for name in BENCH_MODULES:
         importlib.import_module(name).register(bench_sub)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL a benchmark's child (daemon, server, client worker) when the
+    benchmark dies: a SIGKILL of the benchmark, where no ``finally`` runs, left them running for good, reparented
+    to PID 1. ``None`` where ``prctl(PR_SET_PDEATHSIG)`` is missing (not Linux): the children are then stopped only
+    by the benchmark's own teardown (Ctrl-C, SIGTERM, SIGHUP)."""
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    from tokenwire.testbed.netns import PR_SET_PDEATHSIG, _get_libc
+
+    try:
+        prctl = _get_libc().prctl  # looked up here: the child between fork and exec must not import or load
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the benchmark died before the prctl: nobody is left to send the signal
+            os._exit(1)
+
+    return preexec

@@ -166,9 +166,11 @@ def cell(value: Any, fmt: str) -> str:
 
 
 # Where commands write, under these option names: checked before a command runs, so that a long run does not
-# end in "cannot write" with its results lost. "-" means stdout; non-path values (``testbed up --json``) skip.
+# end in "cannot write" with its results lost. "-" means stdout where the option writes through output_file
+# (STDOUT_OK); non-path values (``testbed up --json``) skip.
 OUTPUT_FILES = ("json", "json_stats", "plot", "log", "out", "pcap")
 OUTPUT_DIRS = ("out_dir", "keep")
+STDOUT_OK = ("json", "json_stats", "out")
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf")  # matplotlib
 
 
@@ -184,6 +186,10 @@ def check_outputs(args: argparse.Namespace) -> None:
 
     for dest in OUTPUT_FILES + OUTPUT_DIRS:
         value = getattr(args, dest, None)
+        if isinstance(value, (str, Path)) and str(value) == "-" and dest not in STDOUT_OK:
+            # the others take it as a name: `--plot -` wrote ./-.png after the whole run and said "wrote -"
+            raise CLIError(f"--{dest.replace('_', '-')} -: this option cannot write to stdout (--json - can); name a "
+                           f"{'folder' if dest in OUTPUT_DIRS else 'file'}")
         if not isinstance(value, (str, Path)) or str(value) in ("", "-"):
             continue
         option = f"--{dest.replace('_', '-')} {value}"

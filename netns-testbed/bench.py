@@ -54,6 +54,19 @@ def bench_core(packets: int = 200_000) -> dict[str, Any]:
     return out
 
 
+PHASE_SLACK_S = 20.0
+"""How long past its ``--seconds`` of sending each phase waits for the sender's and then the sink's report."""
+MAX_DELAY_MS = 10_000.0
+"""``--delay-ms`` bound: the delayed probes' last packet (and end marker) reach the sink that long after the sender
+is done, and the sink must report within :data:`PHASE_SLACK_S` of that; half of it is left for a loaded host. A
+60-s delay ran every phase and then failed in the last ("no answer before the deadline"), every number lost."""
+
+
+def _phase(what: str) -> None:
+    """One progress line per phase on stderr (the run takes ~5 x --seconds plus the namespaces' setup)."""
+    print(f"  {what} ...", file=sys.stderr, flush=True)
+
+
 def _run_pair(tb: Any, sink_args: list[str], send_args: list[str], timeout: float) -> tuple[dict, dict]:
     """Start a sink in the client namespace and a sender in the server namespace; their result lines."""
     import subprocess
@@ -72,11 +85,33 @@ def _run_pair(tb: Any, sink_args: list[str], send_args: list[str], timeout: floa
     return sent, got
 
 
-def _flood(tb: Any, seconds: float) -> dict[str, Any]:
+def _flood(tb: Any, seconds: float, *, emulated: bool = False) -> dict[str, Any]:
+    """A UDP flood through ``tb``; through the emulator (``emulated``) also where its packets were lost, from the
+    emulator's own counters over the flood (:func:`_loss_split`)."""
+    before = tb.stats() if emulated else None
     sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", "0", "--size", "200", "--duration", str(seconds)],
-                          seconds + 20)
-    return {"sent_pps": sent["pps"], "delivered_pps": got["pps"],
-            "loss": 1 - got["received"] / max(1, sent["sent"])}
+                          seconds + PHASE_SLACK_S)
+    out = {"sent_pps": sent["pps"], "delivered_pps": got["pps"], "loss": 1 - got["received"] / max(1, sent["sent"])}
+    if before is not None:
+        after = tb.stats()
+        out["emulator"] = after["down"]
+        arrived = after["down"]["arrived_packets"] - before["down"]["arrived_packets"]
+        forwarded = (after["down"]["delivered_packets"] - before["down"]["delivered_packets"]
+                     - (after["write_errors"] - before["write_errors"]))  # released but not written: not forwarded
+        span = got["received"] / got["pps"] if got["pps"] else 0.0  # the sink's first to last packet
+        out["emulator_forwarded_pps"] = forwarded / span if span else 0.0
+        out.update(_loss_split(sent["sent"], arrived, forwarded, got["received"]))
+    return out
+
+
+def _loss_split(sent: int, arrived: int, forwarded: int, received: int) -> dict[str, float]:
+    """End-to-end loss split where it happened, as fractions of the packets sent: before the emulator (the
+    sender's kernel, the TUN queue), in it (its queue, loss model, failed writes) and after it (the client's
+    kernel backlog, the sink's socket buffer). The report said "lost before/in the emulator" for all of it while
+    the emulator's counters showed it had forwarded every packet it read."""
+    n = max(1, sent)
+    return {"lost_before_emulator": max(0, sent - arrived) / n, "lost_in_emulator": max(0, arrived - forwarded) / n,
+            "lost_after_emulator": max(0, forwarded - received) / n}
 
 
 LADDER_PPS = (10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000)
@@ -93,7 +128,7 @@ def _ladder(tb: Any, seconds: float) -> dict[str, Any]:
     sender_limited = False
     for pps in LADDER_PPS:
         sent, got = _run_pair(tb, ["--idle", "0.5"], ["--rate", str(pps), "--size", "200", "--duration",
-                                                      str(seconds)], seconds + 20)
+                                                      str(seconds)], seconds + PHASE_SLACK_S)
         loss = 1 - got["received"] / max(1, sent["sent"])
         steps.append({"target_pps": pps, "offered_pps": sent["pps"], "delivered_pps": got["pps"], "loss": loss})
         if loss >= 0.01:
@@ -105,7 +140,7 @@ def _ladder(tb: Any, seconds: float) -> dict[str, Any]:
 
 def _probes(tb: Any, seconds: float, rate: float, delay_ms: float) -> dict[str, Any]:
     sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", str(rate), "--size", "200", "--duration",
-                                                  str(seconds)], seconds + 20)
+                                                  str(seconds)], seconds + PHASE_SLACK_S)
     one_way_ms = [d / 1000.0 for d in got["delays_us"]]
     err = [x - delay_ms for x in one_way_ms]
     return {
@@ -121,18 +156,23 @@ def run_bench(seconds: float, delay_ms: float, rate: float) -> dict[str, Any]:
     from .topology import DirectLink, Testbed
 
     res: dict[str, Any] = {"config": {"seconds": seconds, "delay_ms": delay_ms, "probe_rate_pps": rate}}
+    _phase("core in virtual time")
     res["core_virtual_time"] = bench_core()
     with DirectLink() as veth:
+        _phase(f"veth pair: UDP flood ({seconds:g} s), then probes ({seconds:g} s)")
         res["veth_baseline"] = {"flood": _flood(veth, seconds), "probes": _probes(veth, seconds, rate, 0.0)}
     unlimited = EmulatorConfig(down=DirectionConfig(None, 0.0), up=DirectionConfig(None, 0.0))
-    with Testbed(unlimited) as tb:
+    # the userspace emulator is what is measured (and its counters read): never the kernel qdiscs "auto" may pick
+    with Testbed(unlimited, backend="userspace") as tb:
         res["backend"] = tb.backend
-        flood = _flood(tb, seconds)
-        flood["emulator"] = tb.stats()["down"]
+        _phase(f"emulator, no delay: UDP flood ({seconds:g} s), then probes ({seconds:g} s)")
+        flood = _flood(tb, seconds, emulated=True)
         probes0 = _probes(tb, seconds, rate, 0.0)
+        _phase(f"emulator: paced rates {LADDER_PPS[0] // 1000}k-{LADDER_PPS[-1] // 1000}k pkt/s until 1 % loss")
         ladder = _ladder(tb, min(seconds, 2.0))
     delayed = EmulatorConfig(down=DirectionConfig(None, delay_ms), up=DirectionConfig(None, delay_ms))
-    with Testbed(delayed) as tb:
+    with Testbed(delayed, backend="userspace") as tb:
+        _phase(f"emulator, {delay_ms:g} ms delay: probes ({seconds:g} s)")
         probes = _probes(tb, seconds, rate, delay_ms)
         probes["emulator_release_late_ms"] = tb.stats()["release_late_ms"]
     res["emulator"] = {"flood": flood, "ladder": ladder, "probes_no_delay": probes0, "probes_delay": probes}
@@ -146,8 +186,10 @@ def print_report(res: dict[str, Any]) -> None:
     vf, ef = res["veth_baseline"]["flood"], res["emulator"]["flood"]
     print(f"UDP flood, 200 B: veth {vf['delivered_pps']:,.0f} pkt/s delivered "
           f"(offered {vf['sent_pps']:,.0f}); emulator {ef['delivered_pps']:,.0f} pkt/s "
-          f"(offered {ef['sent_pps']:,.0f}, {ef['loss']:.1%} lost before/in the emulator) "
-          f"= {ef['delivered_pps'] / max(vf['delivered_pps'], 1):.0%} of veth")
+          f"(offered {ef['sent_pps']:,.0f}) = {ef['delivered_pps'] / max(vf['delivered_pps'], 1):.0%} of veth")
+    print(f"  the emulator forwarded {ef['emulator_forwarded_pps']:,.0f} pkt/s; {ef['loss']:.1%} lost end to end: "
+          f"{ef['lost_before_emulator']:.1%} before the emulator, {ef['lost_in_emulator']:.1%} in it, "
+          f"{ef['lost_after_emulator']:.1%} after it (client kernel, sink socket)")
     lad = res["emulator"]["ladder"]
     limited = " (at least: the Python sender could not offer more)" if lad["sender_limited"] else ""
     print(f"sustained through the emulator (paced 200 B UDP, < 1 % loss): {lad['sustained_pps']:,.0f} pkt/s"
@@ -169,6 +211,9 @@ def print_report(res: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .netns import TestbedError, check_root
 
+    if args.delay_ms > MAX_DELAY_MS:  # before any namespace: the last phase would fail with every number lost
+        raise CLIError(f"--delay-ms {args.delay_ms:g}: at most {MAX_DELAY_MS:g} (the delayed probes must reach the "
+                       f"sink within the phase's {PHASE_SLACK_S:g}-s deadline)")
     try:
         check_root()
     except TestbedError as exc:

@@ -495,14 +495,17 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
 
 def print_table(summary: dict[str, Any]) -> None:
+    from .sim_cli import count_width
+
     f = cell
+    w = count_width(summary["schemes"].values())
     print(f"{'scheme':<11} {'stall':>7} {'oracle':>7} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>8} "
-          f"{'B/token':>8} {'rendered':>9} {'loss':>6}")
+          f"{'B/token':>8} {'rendered':>{2 * w + 1}} {'loss':>6}")
     for s, d in summary["schemes"].items():
         print(f"{s:<11} {f(d['stall_ratio'], '7.2%')} {f(d['oracle_stall_ratio'], '7.2%')} "
               f"{f(d['ttft_ms'], '8.0f')} {f(d['p50_token_delay_ms'], '7.0f')} "
               f"{f(d['p99_token_delay_ms'], '8.0f')} "
-              f"{f(d['bytes_per_token'], '8.0f')} {d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
+              f"{f(d['bytes_per_token'], '8.0f')} {d['tokens_rendered']:>{w}}/{d['tokens_sent']:<{w}} "
               f"{f(d['down_loss_rate'], '6.1%')}")
     o = summary["oracle"]
     print(

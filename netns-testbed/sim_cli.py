@@ -6,9 +6,20 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenwire.daemon.cli import cell, write_json
+
+LONG_RUN_TOKENS = 5_000
+"""Tokens simulated in all (``--tokens`` x schemes x runs) from which progress is printed: 1.5-2 s on the
+development VM (the default, 400 x 3, takes half a second and prints none)."""
+
+
+def count_width(rows: Iterable[dict]) -> int:
+    """Digits of the largest ``tokens_sent``/``tokens_rendered`` of a table's rows, at least 4: a fixed 4/4 cell
+    overflowed at 5 digits ("20000/20000") and shifted the columns after it."""
+    return max([4] + [len(str(d[k])) for d in rows for k in ("tokens_sent", "tokens_rendered")])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"  simulating {msg} ...", file=sys.stderr, flush=True)
 
-    result = compare(schemes, cfg, runs=args.runs, progress=progress if args.runs * len(schemes) > 3 else None)
+    # a line per scheme and seed once the run is long: by its count of runs, or by its tokens (one seed of three
+    # schemes at --tokens 20000 ran 13.5 s without a word)
+    long_run = args.runs * len(schemes) > 3 or args.tokens * args.runs * len(schemes) >= LONG_RUN_TOKENS
+    result = compare(schemes, cfg, runs=args.runs, progress=progress if long_run else None)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -84,18 +98,19 @@ def run(args: argparse.Namespace) -> int:
 def format_table(result: dict) -> str:
     cfg = result["config"]
     oracle = result["oracle"]["stall_ratio"]
+    w = count_width(result["schemes"].values())
     lines = [
         f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, one-way delay {cfg['delay_ms']:g} ms, loss {cfg['loss']} "
         f"({cfg['loss_direction']}), seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1}",
         f"{'scheme':<11} {'stall':>7} {'own oracle':>10} {'TTFT ms':>8} {'p99 ms':>7} {'B/token':>8} "
-        f"{'rendered':>9} {'digest':>6}",
+        f"{'rendered':>{2 * w + 1}} {'digest':>6}",
     ]
     for name, d in result["schemes"].items():
         lines.append(
             f"{name:<11} {cell(d['stall_ratio'], '>7.4f')} {cell(d['oracle_stall_ratio'], '>10.4f')} "
             f"{cell(d['ttft_ms'], '>8.0f')} {cell(d['p99_token_delay_ms'], '>7.0f')} "
             f"{cell(d['bytes_per_token'], '>8.0f')} "
-            f"{d['tokens_rendered']:>4}/{d['tokens_sent']:<4} "
+            f"{d['tokens_rendered']:>{w}}/{d['tokens_sent']:<{w}} "
             f"{ {True: 'ok', False: 'BAD', None: '-'}[d['digest_ok']]:>6}"
         )
     for name, d in result["schemes"].items():

@@ -6,7 +6,8 @@ that each side's CPU time is its own process's. Two workloads per mode:
 
 * ``paced``: tokens at ``--rate`` per second (one token per packet), CPU microseconds per token and per
   token packet on each side;
-* ``flood``: tokens as fast as the sender can go, delivered packets and tokens per second.
+* ``flood``: tokens as fast as the sender can go, token packets and delivered tokens per second, both over the
+  client's clock (from its request to the answer's end), so the two columns divide the same time.
 
 A *token packet* is a 1-RTT packet the server sends that asks for an acknowledgement (it carries DATAGRAM or
 STREAM frames: tokens). The server also sends ACK-only packets, for the acknowledgements and reports the
@@ -14,7 +15,9 @@ Chatterbox client sends back; those are in ``server_datagrams`` but divide nothi
 made Chatterbox look cheaper per packet than raw aioquic while it costs about twice as much per token.
 Both sides' per-packet CPU divides by the server's token packets (on loopback every one arrives).
 
-Every number is the median of ``--repeats`` runs; ratios compare tokenwire to raw aioquic, per token.
+Every number is the median of ``--repeats`` runs; ratios compare tokenwire to raw aioquic, per token (not per
+flood packet: raw aioquic coalesces many DATAGRAM frames into one packet when flooding, so packets/s do not
+compare).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tokenwire.daemon.bench_cli import die_with_parent
 
 MODES = ("raw", "chatterbox", "stream", "duplicate")
 TOKEN = b" tok"  # 4 bytes: a typical token
@@ -254,6 +259,7 @@ def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
         [sys.executable, "-m", "tokenwire.transport.bench_transport", "--serve", mode],
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent(),  # a SIGKILL of the benchmark, where no finally runs, left it serving
     )
     try:
         assert proc.stdout is not None
@@ -281,8 +287,10 @@ def _figures(server: dict[str, Any], client: dict[str, Any], n: int) -> dict[str
         "client_datagrams": client["datagrams"],
         "tokens": client["tokens"],
         "wall_s": client["wall_s"],
-        "tokens_per_s": client["tokens"] / client["wall_s"],  # delivered (raw datagrams may be lost)
-        "packets_per_s": server["token_packets"] / max(1e-9, server["wall_s"]),
+        # both over the client's time to the answer's end (packets/s was over the server's sending time: the two
+        # flood columns divided different clocks)
+        "tokens_per_s": client["tokens"] / max(1e-9, client["wall_s"]),  # delivered (raw datagrams may be lost)
+        "packets_per_s": server["token_packets"] / max(1e-9, client["wall_s"]),
     }
 
 
@@ -295,7 +303,6 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             "client_cpu_per_token_vs_raw": r["client_us_per_token"] / raw["client_us_per_token"],
             "server_cpu_per_token_packet_vs_raw": r["server_us_per_packet"] / raw["server_us_per_packet"],
             "client_cpu_per_token_packet_vs_raw": r["client_us_per_packet"] / raw["client_us_per_packet"],
-            "flood_packets_per_s_vs_raw": r["flood_packets_per_s"] / raw["flood_packets_per_s"],
             "flood_tokens_per_s_vs_raw": r["flood_tokens_per_s"] / raw["flood_tokens_per_s"],
         }
         for mode, r in results.items()
@@ -303,12 +310,8 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from tokenwire.daemon.cli import CLIError, write_json
-
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise CLIError(f"--modes takes a subset of {','.join(MODES)}")
+def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Each mode's medians over ``--repeats`` paced and flood runs."""
     results: dict[str, Any] = {}
     for mode in modes:
         paced, flood = [], []
@@ -328,6 +331,23 @@ def run_cli(args: argparse.Namespace) -> int:
             "flood_packets_per_s": med(flood, "packets_per_s"),
             "flood_tokens_per_packet": med(flood, "tokens") / max(1.0, med(flood, "server_token_packets")),
         }
+    return results
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.cli import CLIError, write_json
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise CLIError(f"--modes takes a subset of {','.join(MODES)}")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:  # the results are keyed by mode: a second listing ran it again and kept only the last
+        raise CLIError(f"--modes: {', '.join(twice)} listed twice")
+    # SIGTERM or SIGHUP (kill, a timeout) unwinds like Ctrl-C: _one's finally stops the server subprocess, which
+    # the default action left serving for good
+    with sigterm_as_ctrl_c():
+        results = _measure(modes, args)
     ratios = {}
     if "raw" in results:
         ratios = _ratios(results)
@@ -336,6 +356,7 @@ def run_cli(args: argparse.Namespace) -> int:
     out = {
         "modes": results,
         "ratios_vs_raw_aioquic": ratios,
+        "flood_clock": "client: from its request to the answer's end (flood_tokens_per_s, flood_packets_per_s)",
         "config": {
             "tokens": args.tokens,
             "rate": args.rate,
@@ -343,7 +364,8 @@ def run_cli(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
         },
     }
-    print("(pkt: token packet, the server's ack-eliciting packets; dgram: every datagram it sent, ACK-only too)")
+    print("(pkt: token packet, the server's ack-eliciting packets; dgram: every datagram it sent, ACK-only too;\n"
+          " flood pkt/s and tok/s: per second of the client's clock, from its request to the answer's end)")
     print(
         f"{'mode':<11} {'srv us/tok':>10} {'cli us/tok':>10} {'srv us/pkt':>10} {'cli us/pkt':>10} "
         f"{'pkts/token':>10} {'dgrams/tok':>10} {'flood pkt/s':>12} {'flood tok/s':>12}"
