@@ -431,3 +431,24 @@ def test_daemon_workers_progress_is_one_line_for_all_sessions(tmp_path, monkeypa
                for ln in lines), lines
     assert bench_daemon._progress_line(5.0, [tmp_path / "worker0.json.progress", tmp_path / "nothing"], 4) == \
         "      5 s: 1/4 sessions finished"
+
+
+def test_sim_union_oracle_is_never_above_a_schemes_own():
+    """`tokenwire sim`'s union oracle took the first run's generation times alone, as compare's did: with
+    a's times first it came out 0.33 while b's own oracle is 0."""
+    from tokenwire.testbed.sim import SimRun, union_oracle
+    from tokenwire.transport import metrics
+
+    def run(gen, deliveries):
+        render = [a for _, a in deliveries]
+        oracle = metrics.stall_ratio(gen, metrics.oracle_render_times(gen, deliveries), 0.040)
+        return SimRun(scheme="x", gen=gen, render=render, request_time=0.0, request_arrival=0.0, base_delay=0.040,
+                      wire_bytes=1000, deliveries=deliveries, digest_ok=True,
+                      stats=metrics.summarize(gen, render, base_delay=0.040, request_time=0.0, wire_bytes=1000),
+                      oracle_stall_ratio=oracle, packets_down=len(deliveries), packets_lost_down=0)
+
+    a = run([0.0, 0.1, 0.2], [(0.0, 0.04), (0.1, 0.14), (0.2, 0.5)])
+    b = run([0.3, 0.4, 0.5], [(0.3, 0.34), (0.4, 0.44), (0.5, 0.54)])
+    assert b.oracle_stall_ratio == pytest.approx(0.0, abs=1e-12) and a.oracle_stall_ratio > 0.5
+    for runs in ([a, b], [b, a]):
+        assert union_oracle(runs) == pytest.approx(0.0, abs=1e-12)
