@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConnectionError, ValueError) as exc:  # ValueError: a CA file, a request field
         raise CLIError(str(exc)) from None
     if args.stats and stats is not None:
-        print(f"[{stats}; request id {stats.request_id}]", file=sys.stderr)
+        # printable: the finish reason is the server's (an ingest application's) words, escapes and line breaks too
+        print(f"[{printable(str(stats))}; request id {stats.request_id}]", file=sys.stderr)
     if args.json_stats and stats is not None:
         save_json(args.json_stats, stats.to_dict())
     if stats is not None and stats.finish_reason == "cancelled":  # it read as a whole answer, exit status 0

@@ -117,6 +117,9 @@ MAX_PRINCIPAL_CHARS = 128
 class IngestConfig:
     socket: Path | None = None
     max_open: int = 1024  # answers one application connection may hold open at once
+    # an open answer with no push, finish or fail for this long fails with UPSTREAM_TIMEOUT: a hung application
+    # held its attached clients for ever (the orphan timeout spares ingest answers; keepalives spare the clients)
+    stall_timeout_s: float = 300.0
 
 
 # What aiohttp refuses to send in a header (RFC 9110 5.5: CR, LF, NUL and other controls; tab is allowed), and
@@ -512,10 +515,16 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     log = _Section("logging", top.get("logging", {}), ("level", "format"))
     metrics = _Section("metrics", top.get("metrics", {}), ("listen",))
     mlisten = metrics.str("listen", "127.0.0.1:9464")
-    ingest = _Section("ingest", top.get("ingest", {}), ("socket", "max_open"))
+    ingest = _Section("ingest", top.get("ingest", {}), ("socket", "max_open", "stall_timeout_s"))
     sock = ingest.path("socket", base, must_exist=False)
     max_open = ingest.int("max_open", IngestConfig.max_open, 1, 1_000_000)
+    stall_timeout_s = ingest.num("stall_timeout_s", IngestConfig.stall_timeout_s, 1.0, 7 * 86400.0)
     upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
+    pushed = next((u.name for u in upstreams if u.type == "ingest"), None)
+    if pushed is not None and sock is None:
+        # no application could open one of its answers, and every chat request routed to it is refused
+        raise ConfigError(f"ingest.socket: required by the ingest upstream {pushed!r} (applications push its "
+                          "answers there)")
     kv = parse_kv(top.get("kv", {}), base)
     _check_udp_listeners(server.listen, kv.listen if kv.enabled else None)
     if (kv.enabled and sock is not None and kv.ingest_socket is not None
@@ -533,7 +542,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             format=log.str("format", "text", ("text", "json")) or "text",
         ),
         metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
-        ingest=IngestConfig(sock, max_open),
+        ingest=IngestConfig(sock, max_open, stall_timeout_s),
         kv=kv,
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),

@@ -6,22 +6,31 @@ line per request line::
     {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
         -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client
         (model and principal: at most 128 characters each; at most ``[ingest] max_open`` answers open at
-        once per connection, 1024 by default)
+        once per connection, 1024 by default; the principal must be one a client can have: with auth tokens
+        a token's name, with ``server.client_ca`` only ``cert:`` and a certificate's name, else none; refused
+        while the daemon drains, and past ``limits.max_live_answers``, which counts open ingest answers too)
     {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
         (text past the answer's max_tokens is cut and the answer finishes: the reply then adds
         "finished": "length", "cut": true, and later ops on the id say it is finished)
     {"op": "finish", "id": "...", "reason": "stop"}     -> {"ok": true, "tokens": 12}
+        (reason: 1 to 32 printable characters, what FINISHED's ``fr`` carries; "stop" by default)
     {"op": "fail", "id": "...", "message": "model crashed"}  -> {"ok": true}
+        (clients get UPSTREAM_ERROR with the message's first 300 characters)
 
-Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays open. An application that
-disconnects with answers still open fails them (``UPSTREAM_ERROR``), so no client waits forever. Clients
-attach with ``Connection.attach(request_id)`` (a resume from index 0); only the principal named at open
-(the token name, or none) may attach.
+Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays open. Text that is not valid
+Unicode (JSON can carry a lone surrogate, ``"\\ud83d"``) is refused wherever it would reach a client. An
+application that disconnects with answers still open fails them (``UPSTREAM_ERROR``), so no client waits
+forever; so does an answer with no op on it for ``[ingest] stall_timeout_s`` (``UPSTREAM_TIMEOUT``; later ops
+on it say it timed out). When the daemon stops (a drain's end) it fails the answers still open and writes
+one last line, ``{"ok": false, "error": "daemon shutting down ..."}``, before closing the connection: the
+reply an application reads for its next (or unanswered) op. Clients attach with
+``Connection.attach(request_id)`` (a resume from index 0); only the principal named at open may attach.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -37,13 +46,20 @@ from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request may name
 
 from . import unix_sockets
-from .config import MAX_PRINCIPAL_CHARS, IngestConfig
+from .cli import printable
+from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
 FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
 DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open at once
+DEFAULT_STALL_TIMEOUT_S = IngestConfig.stall_timeout_s
+MAX_REASON_CHARS = 32  # FINISHED's "fr": a str of at most 32 (docs/protocol.md); a longer one failed the client
+MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
+MAX_SOCKET_PATH_BYTES = 108  # sun_path: Python refuses a longer path to bind ("AF_UNIX path too long")
+# how an ingest answer ended (the outcome on_done hears, tokenwire_ingest_answers_failed_total's reason)
+FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain")
 
 
 @dataclass
@@ -56,6 +72,39 @@ class IngestConnection:
     finished: OrderedDict[bytes, str] = field(default_factory=OrderedDict)
 
 
+def _invalid_unicode(text: str) -> bool:
+    """JSON can carry a lone surrogate ("\\ud83d"); UTF-8, and with it every frame to a client, cannot: one in a
+    fail's message broke the QUIC connection of every client attached to the answer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def principal_problem(principal: str | None, auth: AuthConfig, *, certificates: bool) -> str | None:
+    """Why no client could ever attach as ``principal`` under ``auth`` (the running configuration's), or None.
+
+    A client's principal (``Daemon.on_request``): with auth tokens, its token's name (a certificate's ``cert:``
+    name gives way to it); without, ``cert:`` and its certificate's name when ``server.client_ca`` is set
+    (``certificates``: a certificate is then required), else none. Such an answer was opened, and every attach
+    got NOT_FOUND "unknown or expired request id"."""
+    if auth.required:
+        if principal is None:
+            return "principal required: auth tokens are configured, and a client attaches as its token's name"
+        if all(t.name != principal for t in auth.tokens):
+            return f"principal {principal!r} is not the name of an auth token: no client could attach to it"
+        return None
+    if certificates:
+        if principal is None or not principal.startswith("cert:"):
+            return ("principal must be \"cert:\" and a client certificate's name: without auth tokens, clients "
+                    "attach as their certificate (server.client_ca)")
+        return None
+    if principal is not None:
+        return "no principal may be named: auth is off, so clients have none and could not attach to it"
+    return None
+
+
 class IngestAPI:
     """Sans-I/O handling of ingest messages against the transcript store."""
 
@@ -65,16 +114,30 @@ class IngestAPI:
         *,
         max_tokens: Callable[[], int],
         on_open: Callable[[LiveRequest], None] = lambda r: None,
-        on_done: Callable[[LiveRequest], None] = lambda r: None,
+        on_done: Callable[[LiveRequest, str], None] = lambda r, outcome: None,
         on_tokens: Callable[[int], None] = lambda n: None,
         max_open: int = DEFAULT_MAX_OPEN,
+        refuse_open: Callable[[str | None], str | None] = lambda principal: None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
         self.max_open = max_open  # per connection: one app opened 200k answers, each held until it ends
         self.on_open = on_open
-        self.on_done = on_done
+        self.on_done = on_done  # with the outcome: "finished" or one of FAILED_OUTCOMES
         self.on_tokens = on_tokens  # tokens added (the daemon's tokenwire_tokens_total)
+        # the daemon's say on an open, given its principal: why not (draining, too many answers live, a principal
+        # no client can have), or None
+        self.refuse_open = refuse_open
+        self.stall_timeout_s = stall_timeout_s
+        # every connection's open answers, with their connection and last op: a hung application held its
+        # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
+        self._open: dict[bytes, tuple[IngestConnection, float]] = {}
+
+    @property
+    def live_count(self) -> int:
+        """Answers open on every connection (they count toward ``limits.max_live_answers``)."""
+        return len(self._open)
 
     def handle(self, msg: Any, conn: IngestConnection, now: float) -> dict[str, Any]:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -95,11 +158,18 @@ class IngestAPI:
                 return {"ok": False, "error": f"principal longer than {MAX_PRINCIPAL_CHARS} characters"}
             if model is not None and len(model) > MAX_MODEL_CHARS:
                 return {"ok": False, "error": f"model longer than {MAX_MODEL_CHARS} characters"}
+            for key, name in (("principal", principal), ("model", model)):
+                if name is not None and _invalid_unicode(name):
+                    return {"ok": False, "error": f"{key} is not valid Unicode (a lone surrogate)"}
             if len(conn.open) >= self.max_open:
                 return {"ok": False, "error": f"{len(conn.open)} answers already open on this connection "
                         "(ingest.max_open): finish or fail one first"}
+            refused = self.refuse_open(principal)
+            if refused is not None:
+                return {"ok": False, "error": refused}
             req = self.store.create(principal, limit, now, model=model)
             conn.open[req.request_id] = req
+            self._open[req.request_id] = (conn, now)
             self.on_open(req)
             return {"ok": True, "id": req.request_id.hex()}
         if op not in ("push", "finish", "fail"):
@@ -114,50 +184,73 @@ class IngestAPI:
             if ended is not None:
                 return {"ok": False, "error": f"this answer is already finished ({ended})"}
             return {"ok": False, "error": "unknown id, or not opened on this connection"}
+        self._open[rid] = (conn, now)  # a sign of life, whatever the op (an empty push keeps an answer open)
         if op == "push":
             text = msg.get("text")
             if not isinstance(text, str):
                 return {"ok": False, "error": "push needs a 'text' string"}
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud83d"); UTF-8 cannot
+            if _invalid_unicode(text):
                 return {"ok": False, "error": "text is not valid Unicode (a lone surrogate)"}
             try:
                 self.on_tokens(req.push(text, now))
             except GenerationLimit as cut:
                 self.on_tokens(cut.args[0])
                 req.finish("length", now)
-                self._done(req, conn)
+                self._done(req, conn, "finished")
                 return {"ok": True, "tokens": len(req.transcript), "finished": "length", "cut": True}
             return {"ok": True, "tokens": len(req.transcript)}
         if op == "finish":
             reason = msg.get("reason", "stop")
-            if not isinstance(reason, str) or not 0 < len(reason) <= 32:
-                return {"ok": False, "error": "reason must be a short string"}
+            # printable too, a policy of ours: a reason is a word like "stop", and clients print it
+            if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_CHARS or not reason.isprintable():
+                return {"ok": False, "error": f"reason must be 1 to {MAX_REASON_CHARS} printable characters "
+                        "(a finish reason such as \"stop\")"}
             req.finish(reason, now)
-            self._done(req, conn)
+            self._done(req, conn, "finished")
             return {"ok": True, "tokens": len(req.transcript)}
-        message = msg.get("message", "application failed")
-        req.fail(ErrorCode.UPSTREAM_ERROR, str(message)[:300], now)
-        self._done(req, conn)
+        message = str(msg.get("message", "application failed"))[:MAX_MESSAGE_CHARS]
+        if _invalid_unicode(message):
+            return {"ok": False, "error": "message is not valid Unicode (a lone surrogate)"}
+        log.warning("ingest: request %s failed by the application: %s", rid.hex(), printable(message))
+        req.fail(ErrorCode.UPSTREAM_ERROR, message, now)
+        self._done(req, conn, "app_failed")
         return {"ok": True}
 
-    def _done(self, req: LiveRequest, conn: IngestConnection) -> None:
-        # remembered by how it ended, so that a later op on it says it is finished (it said "unknown id"); the
-        # oldest go beyond FINISHED_KEPT, a long-lived app connection opens answers without end
+    def _done(self, req: LiveRequest, conn: IngestConnection, outcome: str, ended: str | None = None) -> None:
+        # remembered by how it ended (``ended``, else its finish reason or "failed"), so that a later op on it says
+        # it is finished (it said "unknown id"); the oldest go beyond FINISHED_KEPT, a long-lived app connection
+        # opens answers without end
         conn.open.pop(req.request_id, None)
-        conn.finished[req.request_id] = req.transcript.reason if req.error is None else "failed"
+        self._open.pop(req.request_id, None)
+        conn.finished[req.request_id] = ended or (req.transcript.reason if req.error is None else "failed")
         while len(conn.finished) > FINISHED_KEPT:
             conn.finished.popitem(last=False)
         self.store.mark_finished(req)
-        self.on_done(req)
+        self.on_done(req, outcome)
 
     def disconnected(
-        self, conn: IngestConnection, now: float, why: str = "the application disconnected before finishing"
-    ) -> None:
-        for req in list(conn.open.values()):
+        self, conn: IngestConnection, now: float, why: str = "the application disconnected before finishing",
+        outcome: str = "app_gone",
+    ) -> int:
+        """Fail the answers ``conn`` still has open (``outcome``: app_gone, or drain when the daemon stops);
+        how many."""
+        failed = list(conn.open.values())
+        for req in failed:
             req.fail(ErrorCode.UPSTREAM_ERROR, why, now)
-            self._done(req, conn)
+            self._done(req, conn, outcome)
+        return len(failed)
+
+    def expire_stalled(self, now: float) -> int:
+        """Fail, with UPSTREAM_TIMEOUT, the answers with no op on them for ``stall_timeout_s``; how many."""
+        stalled = [(rid, conn) for rid, (conn, last) in self._open.items() if now - last >= self.stall_timeout_s]
+        why = f"the application sent nothing for {self.stall_timeout_s:g} s (ingest.stall_timeout_s)"
+        for rid, conn in stalled:
+            req = conn.open[rid]
+            log.warning("ingest: request %s failed: %s", rid.hex(), why)
+            req.fail(ErrorCode.UPSTREAM_TIMEOUT, why, now)
+            self._done(req, conn, "stalled", f"timed out: no op on it for {self.stall_timeout_s:g} s, "
+                       "ingest.stall_timeout_s")
+        return len(stalled)
 
 
 TOO_LONG = b"<too long>"
@@ -211,12 +304,48 @@ def _handled(api: IngestAPI, msg: Any, conn: IngestConnection) -> dict[str, Any]
         return {"ok": False, "error": "internal error (the daemon's log has it)"}
 
 
-async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
-    """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced)."""
+def _path_problem(path: Path) -> OSError | None:
+    """What binding a socket at ``path`` would fail with for its path alone (too long, no folder), or None."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        return OSError(errno.ENAMETOOLONG, f"path of {size} bytes, over a Unix socket's {MAX_SOCKET_PATH_BYTES}",
+                       str(path))
+    if not path.parent.is_dir():  # a mistyped path made folders anywhere (as root): the setting is named instead
+        missing = not path.parent.exists()
+        return OSError(errno.ENOENT if missing else errno.ENOTDIR, "no such folder" if missing else "not a folder",
+                       str(path.parent))
+    return None
+
+
+def check_paths(cfg: IngestConfig) -> list[str]:
+    """What the daemon's start would make of ``ingest.socket``, found without binding or removing anything
+    (``config check``: it said ok for a socket the daemon refused): the daemon's own error lines. A socket
+    already there is not one: a stale one is replaced at start, and a live one is most often this
+    configuration's running daemon (the start then names it)."""
+    path = cfg.socket
+    if path is None:
+        return []
+    problem = _path_problem(path)
+    if problem is None and not path.is_socket():
+        try:
+            unix_sockets.claim(path)  # raises for anything in the way, and changes nothing then
+        except OSError as exc:
+            problem = exc
+    return [] if problem is None else [f"ingest.socket: cannot listen on {path}: {problem.strerror or problem}"]
+
+
+async def serve_ingest(
+    path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None
+) -> asyncio.Server:
+    """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced). ``clients``: where each
+    connection's task is kept while it runs, for :func:`close_clients`."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = IngestConnection()
-        why = "the application disconnected before finishing"
+        why, outcome = "the application disconnected before finishing", "app_gone"
+        task = asyncio.current_task()
+        if clients is not None and task is not None:
+            clients.add(task)
         try:
             while True:
                 line = await _read_line(reader)
@@ -235,14 +364,36 @@ async def serve_ingest(path: Path, api: IngestAPI) -> asyncio.Server:
             # the daemon is stopping. Returned, not re-raised: Python 3.11's stream server calls
             # task.exception() on the finished task, which raises for a cancelled one, and asyncio logged that
             # as an ERROR with a traceback on every normal shutdown with an app connected
-            why = "the daemon stopped before the application finished"
+            why, outcome = "the daemon stopped before the application finished", "drain"
         finally:
-            api.disconnected(conn, time.monotonic(), why)
-            writer.close()
+            failed = api.disconnected(conn, time.monotonic(), why, outcome)
+            if outcome == "drain":
+                # a last line, the reply to the app's next (or unanswered) op: its connection was cut with none,
+                # and pushes just before had had plain ok replies
+                note = f": {failed} open answer{'s' if failed > 1 else ''} failed" if failed else ""
+                with contextlib.suppress(Exception):
+                    writer.write(json.dumps({"ok": False, "error": f"daemon shutting down{note}"}).encode() + b"\n")
+            if failed:
+                log.warning("ingest: an application connection ended with %d open answer%s; failed them (%s)",
+                            failed, "s" if failed > 1 else "", why)
+            writer.close()  # (what was written still goes out first)
+            if clients is not None and task is not None:
+                clients.discard(task)
 
-    if not path.parent.is_dir():  # a mistyped path made folders anywhere (as root): the setting is named instead
-        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
+    problem = _path_problem(path)
+    if problem is not None:
+        raise problem
     unix_sockets.claim(path)  # a stale socket goes; a live one (another daemon) or a file is an error
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
     os.chmod(path, 0o660)
     return server
+
+
+async def close_clients(clients: set[asyncio.Task[None]], timeout: float = 1.0) -> None:
+    """End every application connection in ``clients`` (the daemon is stopping): each fails the answers it has
+    open and tells the application so in a last line, then closes."""
+    tasks = list(clients)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import signal
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,7 +59,7 @@ from tokenwire.transport.tls import (
 from . import unix_sockets
 from .cli import printable
 from .config import MAX_PRINCIPAL_CHARS, AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
-from .ingest import IngestAPI, serve_ingest
+from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
 from .sd_notify import Notifier
@@ -269,6 +270,10 @@ class Daemon:
         self._metrics_runner: Any = None
         self._ingest: asyncio.Server | None = None
         self._ingest_ident: tuple[int, int, int] | None = None
+        self._ingest_api: IngestAPI | None = None
+        self._ingest_clients: set[asyncio.Task[None]] = set()  # the applications' connections, ended at stop
+        # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
+        self._ingested: weakref.WeakValueDictionary[bytes, LiveRequest] = weakref.WeakValueDictionary()
         self.kv: Any = None  # KVRuntime when [kv] is enabled
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -327,16 +332,18 @@ class Daemon:
             site = next(iter(self._metrics_runner.sites))
             self.metrics_address = site._server.sockets[0].getsockname()[:2]
         if cfg.ingest.socket is not None:
-            api = IngestAPI(
+            api = self._ingest_api = IngestAPI(
                 self.store,
                 max_tokens=lambda: self.config.limits.max_tokens,
-                on_open=lambda r: self.metrics.requests_active.inc(),
-                on_done=lambda r: self.metrics.requests_active.dec(),
+                on_open=self._ingest_opened,
+                on_done=self._ingest_done,
                 on_tokens=self.metrics.tokens.inc,
                 max_open=cfg.ingest.max_open,
+                refuse_open=self._ingest_refusal,
+                stall_timeout_s=cfg.ingest.stall_timeout_s,
             )
             try:
-                self._ingest = await serve_ingest(cfg.ingest.socket, api)
+                self._ingest = await serve_ingest(cfg.ingest.socket, api, clients=self._ingest_clients)
                 self._ingest_ident = unix_sockets.identity(cfg.ingest.socket)
             except OSError as exc:
                 raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "
@@ -427,6 +434,33 @@ class Daemon:
         auth = self.config.auth
         return not auth.required or auth.principal(token) is not None
 
+    def _ingest_refusal(self, principal: str | None) -> str | None:
+        """Why an application may not open an answer now, or None: the daemon drains (every attach would get
+        SHUTTING_DOWN), answers are at ``limits.max_live_answers`` (ingest answers are never evicted: open ones
+        count), or no client could attach as ``principal`` under the auth in force now (SIGHUP changes it)."""
+        if self.draining:
+            return "daemon shutting down"
+        live = self.live_answers()
+        if live >= self.config.limits.max_live_answers:
+            return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+        return principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
+
+    def _ingest_opened(self, live: LiveRequest) -> None:
+        self._ingested[live.request_id] = live
+        self.metrics.requests_active.inc()
+        self.metrics.ingest_opened.inc()
+
+    def _ingest_done(self, live: LiveRequest, outcome: str) -> None:
+        self.metrics.requests_active.dec()
+        if outcome == "finished":
+            self.metrics.ingest_finished.inc()
+        else:
+            self.metrics.ingest_failed.labels(reason=outcome).inc()
+
+    def live_answers(self) -> int:
+        """Answers being generated: by the upstreams, and open on the ingest socket."""
+        return len(self.tasks) + (self._ingest_api.live_count if self._ingest_api is not None else 0)
+
     def drain_status(self) -> str:
         return f"draining {self.streaming_count()} answers"
 
@@ -450,6 +484,8 @@ class Daemon:
             self._flush_counters()
             self._relax_retry(now)
             self._cancel_orphans(now)
+            if self._ingest_api is not None:
+                self._ingest_api.expire_stalled(now)
 
             self.notifier.watchdog()
             if now - last_status >= 10:
@@ -645,6 +681,8 @@ class Daemon:
                     self._ingest.close()
                     if self.config.ingest.socket is not None:  # Python 3.11's unix server leaves it on disk
                         unix_sockets.release(self.config.ingest.socket, self._ingest_ident)
+            with _logged("closing the applications' ingest connections"):
+                await close_clients(self._ingest_clients)  # each hears why, in a last line
             if self.kv is not None:
                 with _logged("closing the KV channel"):
                     # awaited, bounded: joining its workers on the loop held a SIGTERM during a long put 17-19 s
@@ -713,16 +751,20 @@ class Daemon:
             if first > len(live.transcript):
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, f"resume index {first} is past the answer's end")
                 return
-            self.metrics.resumes.inc()
+            if first == 0 and self._ingested.get(live.request_id) is live:  # conn.attach, not a reconnect
+                self.metrics.attaches.inc()
+            else:
+                self.metrics.resumes.inc()
         else:
             try:
                 route = self.config.route(request.model)
             except LookupError as exc:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
                 return
-            if len(self.tasks) >= self.config.limits.max_live_answers:
+            live_now = self.live_answers()
+            if live_now >= self.config.limits.max_live_answers:
                 self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
-                             f"server busy: {len(self.tasks)} answers being generated; retry later")
+                             f"server busy: {live_now} answers being generated; retry later")
                 return
             limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
             live = self.store.create(proto.principal, limit, now, model=request.model)
@@ -739,7 +781,14 @@ class Daemon:
             self.tasks[live.request_id] = task
             self.metrics.requests_active.inc()
             task.add_done_callback(functools.partial(self._fed, live))
-        sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
+        try:
+            sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
+        except Exception:  # a frame of the answer's the encoder refuses: this request ends, not its connection
+            log.exception("request %s from %s: sending its start failed", live.request_id.hex(), proto.peer)
+            self._end_request(proto, sid)
+            if live.request_id in self.tasks and not live.listeners:
+                self._orphaned.setdefault(live.request_id, now)  # generating for nobody: the orphan timeout ends it
+            return
         self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
         self._attach(proto, sid, live)
 
@@ -762,16 +811,26 @@ class Daemon:
             except Exception:
                 # this runs inside the upstream's emit(): a failure of this one connection's packet path was
                 # blamed on the upstream ("upstream demo failed") and failed the answer for every listener
-                log.exception("connection from %s failed while sending; closing it", proto.peer)
+                log.exception("connection from %s failed while sending", proto.peer)
                 live.listeners.pop(key, None)
                 proto.attached.pop(sid, None)
-                self.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
-                with contextlib.suppress(Exception):
-                    proto.close(ErrorCode.INTERNAL, "server error while sending")
+                self._end_request(proto, sid)
 
         live.listeners[key] = notify
         if live.error is not None:
             notify()
+
+    def _end_request(self, proto: DaemonProtocol, sid: int) -> None:
+        """Sending a request's answer raised: end that request alone with INTERNAL (a frame the encoder refuses,
+        an upstream's finish reason with a lone surrogate, closed the whole connection and every other answer on
+        it); when even that fails, the connection's packet path is broken, and the connection is closed."""
+        self.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
+        try:
+            proto.server_session.reject(sid, ErrorCode.INTERNAL, "server error while sending this answer")
+            proto.transmit()
+        except Exception:
+            with contextlib.suppress(Exception):
+                proto.close(ErrorCode.INTERNAL, "server error while sending")
 
     def detach(self, proto: DaemonProtocol, sid: int, *, cancel: bool) -> None:
         live = proto.attached.pop(sid, None)

@@ -58,8 +58,9 @@ def test_model_and_principal_count_in_the_store_memory():
     bare = store.memory_bytes
     api.handle({"op": "open", "model": "m" * 100, "principal": "é" * 10}, conn, 0)
     assert store.memory_bytes == 2 * bare + 100 + 20  # UTF-8 bytes of both names
-    api.handle({"op": "open", "model": "\ud83d"}, conn, 0)  # a lone surrogate (JSON can carry one) is counted too
-    assert store.memory_bytes == 3 * bare + 120 + 3
+    # a lone surrogate (JSON can carry one) was counted too; it is refused now (no client could be sent it)
+    assert api.handle({"op": "open", "model": "\ud83d"}, conn, 0)["ok"] is False
+    assert store.memory_bytes == 2 * bare + 120
 
 
 def test_open_answers_per_connection_are_bounded():
@@ -138,7 +139,9 @@ def test_stopping_with_an_app_connected_is_quiet(tmp_path):
         await asyncio.gather(*others, return_exceptions=True)
         for _ in range(5):  # the done callbacks run on the next turns of the loop
             await asyncio.sleep(0)
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # the daemon's side closed the connection
+        # the daemon's side says why in a last line, then closes the connection
+        assert await asyncio.wait_for(reader.read(), 5) == \
+            b'{"ok": false, "error": "daemon shutting down: 1 open answer failed"}\n'
         writer.close()
         return rid
 
