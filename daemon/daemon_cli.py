@@ -126,6 +126,16 @@ def run_check(args: argparse.Namespace) -> int:
             client_verifier(cfg)
         except StartupError as exc:
             raise CLIError(f"{args.path}: {exc}") from None
+    from .ingest import check_paths as check_ingest_paths
+    from .kv_config import check_paths as check_kv_paths
+
+    # the sockets' and the store's paths, as the daemon's start sees them (nothing is bound, claimed or locked)
+    kv_errors, kv_warnings = check_kv_paths(cfg.kv)
+    errors = check_ingest_paths(cfg.ingest) + kv_errors
+    if errors:
+        raise CLIError(f"{args.path}: {errors[0]}")
+    for warning in kv_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")
     print(f"  listen {listen}; certificate {certificate}")
@@ -133,6 +143,13 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
     print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")
     print(f"  marking: {_marking_summary(cfg.marking)}")
+    if cfg.ingest.socket is not None:
+        print(f"  ingest socket {cfg.ingest.socket}")
+    if cfg.kv.enabled:
+        kv = cfg.kv
+        store = kv.directory if kv.backend == "local" else "redis"
+        print(f"  kv: udp/{addr(*kv.listen)}; store {store} ({kv.capacity_bytes >> 20} MiB); chunks of "
+              f"{kv.chunk_tokens} tokens; ingest socket {kv.ingest_socket or '(none)'}")
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -57,7 +56,6 @@ DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open
 DEFAULT_STALL_TIMEOUT_S = IngestConfig.stall_timeout_s
 MAX_REASON_CHARS = 32  # FINISHED's "fr": a str of at most 32 (docs/protocol.md); a longer one failed the client
 MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
-MAX_SOCKET_PATH_BYTES = 108  # sun_path: Python refuses a longer path to bind ("AF_UNIX path too long")
 # how an ingest answer ended (the outcome on_done hears, tokenwire_ingest_answers_failed_total's reason)
 FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain")
 
@@ -304,34 +302,11 @@ def _handled(api: IngestAPI, msg: Any, conn: IngestConnection) -> dict[str, Any]
         return {"ok": False, "error": "internal error (the daemon's log has it)"}
 
 
-def _path_problem(path: Path) -> OSError | None:
-    """What binding a socket at ``path`` would fail with for its path alone (too long, no folder), or None."""
-    size = len(os.fsencode(path))
-    if size > MAX_SOCKET_PATH_BYTES:
-        return OSError(errno.ENAMETOOLONG, f"path of {size} bytes, over a Unix socket's {MAX_SOCKET_PATH_BYTES}",
-                       str(path))
-    if not path.parent.is_dir():  # a mistyped path made folders anywhere (as root): the setting is named instead
-        missing = not path.parent.exists()
-        return OSError(errno.ENOENT if missing else errno.ENOTDIR, "no such folder" if missing else "not a folder",
-                       str(path.parent))
-    return None
-
-
 def check_paths(cfg: IngestConfig) -> list[str]:
-    """What the daemon's start would make of ``ingest.socket``, found without binding or removing anything
-    (``config check``: it said ok for a socket the daemon refused): the daemon's own error lines. A socket
-    already there is not one: a stale one is replaced at start, and a live one is most often this
-    configuration's running daemon (the start then names it)."""
-    path = cfg.socket
-    if path is None:
-        return []
-    problem = _path_problem(path)
-    if problem is None and not path.is_socket():
-        try:
-            unix_sockets.claim(path)  # raises for anything in the way, and changes nothing then
-        except OSError as exc:
-            problem = exc
-    return [] if problem is None else [f"ingest.socket: cannot listen on {path}: {problem.strerror or problem}"]
+    """What the daemon's start would make of ``ingest.socket`` (``config check``: it said ok for a socket the
+    daemon refused), as :func:`unix_sockets.listen_problem` finds it: the daemon's own error lines."""
+    problem = None if cfg.socket is None else unix_sockets.listen_problem(cfg.socket)
+    return [] if problem is None else [f"ingest.socket: cannot listen on {cfg.socket}: {problem.strerror or problem}"]
 
 
 async def serve_ingest(
@@ -380,7 +355,7 @@ async def serve_ingest(
             if clients is not None and task is not None:
                 clients.discard(task)
 
-    problem = _path_problem(path)
+    problem = unix_sockets.path_problem(path)
     if problem is not None:
         raise problem
     unix_sockets.claim(path)  # a stale socket goes; a live one (another daemon) or a file is an error

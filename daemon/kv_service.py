@@ -68,18 +68,36 @@ class KVIngestError(KVError):
     code = ErrorCode.BAD_REQUEST
 
 
+def _int_ids(token_ids: Any) -> list[int]:
+    """Token ids as ints: numpy or torch integers from a tokenizer too; anything else is refused by position
+    (``int()`` cut 504.9 to 504, and took a float tensor's ids and True the same way)."""
+    import operator
+
+    try:
+        items = list(token_ids)
+    except TypeError:
+        raise KVIngestError(f"token ids must be integers, one per token: got a {type(token_ids).__name__}") \
+            from None
+    out: list[int] = []
+    for i, t in enumerate(items):
+        try:
+            if isinstance(t, bool) or str(getattr(t, "dtype", "")) == "torch.bool":  # int-like, never a token id
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            shape = getattr(t, "shape", None)
+            what = (f"a {type(t).__name__} of shape {tuple(shape)} (one context's ids, not a batch of them)"
+                    if shape else f"{repr(t)[:40]} ({type(t).__name__})")
+            raise KVIngestError(f"token ids must be integers: token_ids[{i}] is {what}") from None
+    return out
+
+
 def _check_context(model: object, token_ids: Sequence[int], fingerprint: object, chunk_tokens: int) -> list[int]:
     """The token ids as ints; refuses at ingest what a fetch could never name or the wire could not carry (a
     negative fingerprint was stored and then closed every fetching connection with a malformed KV_META)."""
-    import operator
-
     from tokenwire.transport.frames import MAX_KV_CHUNKS, MAX_KV_TOKENS
 
-    try:
-        token_ids = [operator.index(t) for t in token_ids]  # numpy or torch integers from a tokenizer, too
-    except TypeError:
-        raise KVIngestError("token ids must be integers") from None
-
+    token_ids = _int_ids(token_ids)
     if not isinstance(model, str) or not 1 <= len(model) <= 128:
         raise KVIngestError("model must be a name of 1 to 128 characters (what a fetch names)")
     if not token_ids:
@@ -614,6 +632,9 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
     p = Path(path)
+    problem = unix_sockets.path_problem(p)  # too long, no folder: the same line as `config check`'s
+    if problem is not None:
+        raise problem
     unix_sockets.claim(p)  # a stale socket goes; a live one (another daemon) or any other file is an error
     server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
                                              limit=1 << 24)
@@ -647,6 +668,11 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
 
     import torch
 
+    from tokenwire.transport.frames import MAX_CHUNK_TOKENS
+
+    # ingest()'s check and message (int() cut a float id and took True); the daemon's chunk_tokens is not known
+    # here, so the chunk count is checked at the largest, and again by the daemon
+    ids = _check_context(model, token_ids, fingerprint, MAX_CHUNK_TOKENS)
     _check_kv(kv)  # what ingest() refuses: a batch was sent as its element 0, mixed dtypes promoted to fp32
     ks = [k[0] if k.dim() == 4 else k for k, _ in kv]
     vs = [v[0] if v.dim() == 4 else v for _, v in kv]
@@ -654,7 +680,7 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:  # refused here: the daemon would close the socket while the bytes still go out
         raise KVIngestError(f"unsupported dtype {dtype}; use one of {', '.join(_DTYPES)}")
-    head = {"op": "put", "model": model, "token_ids": [int(i) for i in token_ids], "shape": list(t.shape),
+    head = {"op": "put", "model": model, "token_ids": ids, "shape": list(t.shape),
             "dtype": dtype, "prewarm": list(prewarm)}
     if fingerprint is not None:
         head["fingerprint"] = fingerprint

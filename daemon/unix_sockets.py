@@ -12,6 +12,36 @@ import os
 import socket
 from pathlib import Path
 
+MAX_PATH_BYTES = 108  # sun_path: Python refuses a longer path to bind ("AF_UNIX path too long")
+
+
+def path_problem(path: Path) -> OSError | None:
+    """What binding a socket at ``path`` would fail with for its path alone (too long, no folder), or None.
+    Checked before binding: a mistyped path made folders anywhere (as root); the setting is named instead."""
+    size = len(os.fsencode(path))
+    if size > MAX_PATH_BYTES:
+        return OSError(errno.ENAMETOOLONG, f"path of {size} bytes, over a Unix socket's {MAX_PATH_BYTES}",
+                       str(path))
+    if not path.parent.is_dir():
+        missing = not path.parent.exists()
+        return OSError(errno.ENOENT if missing else errno.ENOTDIR, "no such folder" if missing else "not a folder",
+                       str(path.parent))
+    return None
+
+
+def listen_problem(path: Path) -> OSError | None:
+    """What a daemon's start would fail with listening at ``path`` (``config check``), found without binding or
+    removing anything: its path, or something not a socket in the way. A socket already there is no problem:
+    a stale one is replaced at start, and a live one is most often this configuration's running daemon (the
+    start then names it)."""
+    problem = path_problem(path)
+    if problem is None and not path.is_socket():
+        try:
+            claim(path)  # raises for anything in the way, and changes nothing then
+        except OSError as exc:
+            problem = exc
+    return problem
+
 
 def claim(path: Path) -> None:
     """Make ``path`` free to bind: remove a stale socket; ``OSError`` when something live or foreign is there."""

@@ -24,7 +24,6 @@ from tokenwire.daemon.ingest import (
     DEFAULT_STALL_TIMEOUT_S,
     FAILED_OUTCOMES,
     MAX_REASON_CHARS,
-    MAX_SOCKET_PATH_BYTES,
     IngestAPI,
     IngestConnection,
     check_paths,
@@ -34,6 +33,7 @@ from tokenwire.daemon.ingest import (
 from tokenwire.daemon.service import Daemon
 from tokenwire.daemon.startup import StartupError
 from tokenwire.daemon.transcripts import TranscriptStore
+from tokenwire.daemon.unix_sockets import MAX_PATH_BYTES as MAX_SOCKET_PATH_BYTES
 from tokenwire.transport.client import connect
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import Finished

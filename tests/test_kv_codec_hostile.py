@@ -77,6 +77,19 @@ async def _fetch_one(scenario, **kw):
         return await conn.fetch_kv(model="m", token_ids=list(range(CT)), deadline_ms=5000, **kw)
 
 
+@pytest.fixture(autouse=True)
+def _warmed_up(monkeypatch):
+    """These tests spy on or stall the codec's decode: connect_kv's warm-up (a tiny chunk decoded once per
+    process, awaited before the connection is handed over) is taken as done, so it neither counts nor stalls."""
+    from concurrent.futures import Future
+
+    from tokenwire.transport import kv_channel
+
+    warmed: Future[float] = Future()
+    warmed.set_result(0.0)
+    monkeypatch.setattr(kv_channel, "_warm_up", warmed)
+
+
 @pytest.fixture
 def decodes(monkeypatch):
     """The ``max_elements`` of every ``decode_chunk`` call the client makes."""

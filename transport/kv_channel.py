@@ -35,12 +35,14 @@ import logging
 import math
 import numbers
 import operator
+import re
 import struct
+import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, SupportsIndex
@@ -100,6 +102,7 @@ MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput 
 LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link prior (see KVServerSession.start)
 LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
 LINK_LOW_Q = 0.1  # the link prior's low quantile
+DEFAULT_RECOMPUTE_US = 2250  # the engine's prefill per token when a fetch names none (the daemon's default too)
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
 _LEN = struct.Struct(">I")
 
@@ -156,7 +159,7 @@ class KVProvider(Protocol):
 class ServerTuning:
     forecaster: str = "onnx"  # onnx | ewma (the tokenwire-ewma controller always uses ewma)
     prior_bps: float = 5e6
-    recompute_us_per_token: int = 2250
+    recompute_us_per_token: int = DEFAULT_RECOMPUTE_US
     decode_elements_per_s: float = 50e6
     stale_factor: float = STALE_FACTOR  # tokenwire's margins (kv_controller): for experiments
     reserve: float | None = None  # None: the controller's default for its rule
@@ -213,6 +216,9 @@ class KVFetchClosed(SessionEvent):
     # the deadline it had
     elapsed_s: float | None = None
     deadline_ms: int | None = None
+    # ...and the prefill the client's engine still does after it (text chunks, a prefix fetch's missing tokens,
+    # at the fetch's recompute cost): what the controller counted against the deadline (KVServerSession._prefill_s)
+    prefill_s: float = 0.0
 
 
 @dataclass
@@ -432,10 +438,21 @@ class KVServerSession(_SessionBase):
             bps = fc.median_bps if fc is not None else self.tuning.prior_bps
         return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + min_rtt(self.quic, default=0.1))))
 
+    def _recompute_us(self, f: ServerFetch) -> int:
+        """The fetch's engine prefill cost per token: its own, else the configured default."""
+        rc = f.fetch.recompute_us_per_token if f.fetch is not None else None
+        return self.tuning.recompute_us_per_token if rc is None else rc
+
+    def _prefill_s(self, f: ServerFetch) -> float:
+        """Prefill the client's engine does after the transfer, committed so far: the chunks sent as text and the
+        part of the context the store lacks (a prefix fetch). The client's ``FetchReport`` counts the same."""
+        assert f.plan is not None
+        text = sum(f.plan.token_counts[i] for i, lv in enumerate(f.levels) if lv == TEXT)
+        return (text + f.plan.rest_tokens) * self._recompute_us(f) / 1e6
+
     def _decide(self, f: ServerFetch, now: float) -> str:
         assert f.plan is not None and f.controller is not None
-        rc = f.fetch.recompute_us_per_token
-        rc = self.tuning.recompute_us_per_token if rc is None else rc
+        rc = self._recompute_us(f)
         opts = []
         for i in range(f.next_index, len(f.plan.token_counts)):
             toks = f.plan.token_counts[i]
@@ -446,9 +463,9 @@ class KVServerSession(_SessionBase):
         # Text chunks already sent are recomputed by the client's engine after the transfer: time not yet spent
         # but committed. Uncounted, each text chunk looked free once sent, and a fetch planned on a slow link
         # prior went text, text, text, text: 9.1 s of recompute for an 8 s deadline (kv_vsim Verizon-LTE seed 600,
-        # every fetch after the second, since text chunks give no rate sample to move the prior).
-        time_left -= sum(f.plan.token_counts[i] * rc / 1e6 for i, lv in enumerate(f.levels) if lv == TEXT)
-        time_left -= f.plan.rest_tokens * rc / 1e6  # the part of the context the store lacks: prefilled as well
+        # every fetch after the second, since text chunks give no rate sample to move the prior). The part of
+        # the context the store lacks (a prefix fetch) is prefilled as well.
+        time_left -= self._prefill_s(f)
         # samples from earlier fetches describe another moment of the link: stale until this fetch has its own.
         # This fetch's own samples are never stale: their age is the time its chunk in flight has taken, and
         # dropping them for the prior just when the link is slow planned the next chunks on a better link
@@ -517,7 +534,9 @@ class KVServerSession(_SessionBase):
                 self.fetches.pop(stream_id, None)
                 took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if f.done_sent and f.fetch is not None
                                   else (None, None))
-                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions), took, deadline))
+                prefill = self._prefill_s(f) if f.done_sent and f.plan is not None else 0.0
+                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions), took, deadline,
+                                         prefill))
             elif f.fetch is None:
                 raise ProtocolError(f"fetch stream {stream_id} ended without a KV_FETCH")
             else:  # the client gave up: stop sending this fetch
@@ -1111,13 +1130,26 @@ class ChunkReport:
 
 @dataclass
 class FetchReport:
-    """What one fetch cost and achieved (times in ms since the request was sent)."""
+    """What one fetch cost and achieved (times in ms since the request was sent).
+
+    ``fetch_ms`` ends when every chunk is received and decoded; the engine then still prefills the tokens that
+    did not come as KV (text chunks, and a prefix fetch's tokens the store lacked): ``prefill_tokens`` at
+    ``recompute_us_per_token``, ``prefill_ms``. ``deadline_met`` is ``fetch_ms + prefill_ms <= deadline_ms``,
+    the controller's own accounting (it was ``fetch_ms`` alone: a prefix fetch leaving 4,000 tokens, ~9 s, to
+    prefill reported met at 93 ms)."""
 
     deadline_ms: float
     fetch_ms: float
     deadline_met: bool
     chunks: list[ChunkReport]
     controller: str
+    prefill_tokens: int = 0
+    recompute_us_per_token: int = DEFAULT_RECOMPUTE_US  # the fetch's, or the default when it named none
+
+    @property
+    def prefill_ms(self) -> float:
+        """The modelled prefill of ``prefill_tokens`` after the transfer."""
+        return self.prefill_tokens * self.recompute_us_per_token / 1e3
 
     @property
     def levels(self) -> list[str]:
@@ -1130,9 +1162,12 @@ class FetchReport:
     @classmethod
     def from_timings(cls, *, deadline_ms: int, controller: str, sent_at: float, end: float,
                      received: dict[int, tuple[KvChunk, float, float]],
-                     decode_times: dict[int, tuple[float, float]]) -> FetchReport:
+                     decode_times: dict[int, tuple[float, float]], missing_tokens: int = 0,
+                     recompute_us_per_token: int | None = None) -> FetchReport:
         """The report of a fetch sent at ``sent_at`` and done at ``end``, from each chunk's (header, first byte,
-        last byte) and (decode start, decode end), all on one clock (the SDK's, or the virtual testbed's)."""
+        last byte) and (decode start, decode end), all on one clock (the SDK's, or the virtual testbed's).
+        ``missing_tokens``: the context's tokens the store lacked (a prefix fetch), prefilled like text chunks
+        at ``recompute_us_per_token`` (None: the fetch named none, the server used its default)."""
         chunks = []
         for i in range(len(received)):
             hdr, first, done = received[i]
@@ -1140,10 +1175,15 @@ class FetchReport:
             chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - sent_at) * 1e3,
                                       (done - sent_at) * 1e3, (d1 - d0) * 1e3, (d1 - sent_at) * 1e3))
         fetch_ms = (end - sent_at) * 1e3
-        return cls(float(deadline_ms), fetch_ms, fetch_ms <= deadline_ms, chunks, controller)
+        prefill = sum(c.tokens for c in chunks if c.level == TEXT) + missing_tokens
+        rc = DEFAULT_RECOMPUTE_US if recompute_us_per_token is None else recompute_us_per_token
+        return cls(float(deadline_ms), fetch_ms, fetch_ms + prefill * rc / 1e3 <= deadline_ms, chunks, controller,
+                   prefill, rc)
 
     def to_dict(self) -> dict[str, Any]:
         return {"deadline_ms": self.deadline_ms, "fetch_ms": self.fetch_ms, "deadline_met": self.deadline_met,
+                "prefill_tokens": self.prefill_tokens, "prefill_ms": self.prefill_ms,
+                "recompute_us_per_token": self.recompute_us_per_token,
                 "controller": self.controller, "levels": self.levels, "payload_bytes": self.payload_bytes,
                 "chunks": [vars(c) for c in self.chunks]}
 
@@ -1230,6 +1270,13 @@ class _PendingFetch:
     decode_times: dict[int, tuple[float, float]] = field(default_factory=dict)
     error: TokenwireError | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _as_arguments(message: str) -> str:
+    """The frame check's message naming ``fetch_kv``'s arguments (``deadline_ms``), not the wire's fields
+    (``kvfetch.dl``), which the caller never sees."""
+    names = {key: "auth_token" if spec[0] == "auth" else spec[0] for key, spec in KvFetch.FIELDS.items()}
+    return re.sub(r"kvfetch\.(\w+)", lambda m: names.get(m[1], m[0]), message)
 
 
 def _deadline_ms(deadline_ms: float) -> int:
@@ -1353,15 +1400,50 @@ async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline
             seen, wait = now, quiet_s
 
 
+def _warm_decoder() -> float:
+    """Load torch and the codec, compile or load its CPU kernels (the daemon's start-up warm-up,
+    ``cachegen.codec.warm_up``); the seconds it took."""
+    from .cachegen.codec import warm_up
+
+    return warm_up()
+
+
+def _warmed(fut: Future[float]) -> None:
+    """A warm-up that failed costs nothing but its time: the first decode meets the same problem and fails its
+    chunk with the reason. Read here, so that no "exception was never retrieved" is logged."""
+    exc = None if fut.cancelled() else fut.exception()
+    if exc is not None:
+        log.warning("KV codec warm-up failed: %s: %s", type(exc).__name__, exc)
+
+
+_warm_lock = threading.Lock()
+_warm_up: Future[float] | None = None  # the process's codec warm-up, once started
+
+
+def _start_warm_up(pool: ThreadPoolExecutor) -> Future[float]:
+    """The process's codec warm-up: started once, on the first connection's decode thread; later connections
+    share its future (one that failed is not tried again: the first decode says why)."""
+    global _warm_up
+    with _warm_lock:
+        if _warm_up is None:
+            _warm_up = pool.submit(_warm_decoder)
+            _warm_up.add_done_callback(_warmed)
+        return _warm_up
+
+
 class KVConnection(SessionProtocol):
     """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu",
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, warm: bool = True) -> None:
         super().__init__(quic, stream_handler, session_factory=KVClientSession)
         self._auth = auth_token
         self._fetches: dict[int, _PendingFetch] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-decode")
+        # On the decode thread, while the handshake runs (connect_kv waits for its end): a process's first decode
+        # loaded torch, the codec and its kernels inside the first fetch's deadline (~0.4 s: 507 ms then 127 ms
+        # for the same 250-ms fetch)
+        self.warmed: Future[float] | None = _start_warm_up(self._pool) if warm else None
         self.decode_device = decode_device
         self.close_error: TokenwireError | None = None  # set once the connection has ended (idle timeout, ...)
 
@@ -1475,7 +1557,10 @@ class KVConnection(SessionProtocol):
         hs = _chunk_hashes(hashes)
         req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=hs, controller=controller,
                       recompute_us_per_token=recompute_us_per_token, auth=self._auth, prefix=bool(prefix) or None)
-        check_outgoing(req, "fetch")
+        try:
+            check_outgoing(req, "fetch")
+        except ValueError as exc:
+            raise ValueError(_as_arguments(str(exc))) from None
         pf = _PendingFetch(self.clock(), deadline, controller, ids)
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
@@ -1526,8 +1611,12 @@ class KVConnection(SessionProtocol):
             self.transmit()
             self._fetches.pop(sid, None)
             _forget_decodes(pf)
+        # what the server lacked of the context: by hashes, chunk_tokens per missing chunk, as the server counts
+        missing = (len(ids) - pf.meta.tokens if ids is not None
+                   else (len(hs or ()) - pf.meta.chunks) * pf.meta.chunk_tokens)
         report = FetchReport.from_timings(deadline_ms=deadline, controller=controller, sent_at=pf.sent_at,
-                                          end=end, received=pf.received, decode_times=pf.decode_times)
+                                          end=end, received=pf.received, decode_times=pf.decode_times,
+                                          missing_tokens=missing, recompute_us_per_token=recompute_us_per_token)
         return KVFetchResult(results, report, tuple(pf.meta.geometry),  # type: ignore[arg-type]
                              missing_token_ids=ids[pf.meta.tokens:] if ids is not None else [],
                              missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0, token_ids=ids)
@@ -1540,17 +1629,27 @@ class KVConnection(SessionProtocol):
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
                      server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False,
-                     timeout: float = 10.0, auth_token: str | None = None) -> AsyncIterator[KVConnection]:
+                     timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
+                     ) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
 
     ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
     as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
 
+    ``warm`` (default): load torch and the codec and compile or load its kernels, as the daemon does at start,
+    once per process, on a worker thread while the handshake runs; the connection is handed over when that is
+    done, so the process's first fetch does not spend ~0.4 s of its deadline on it (the first connection takes
+    that much longer; later ones nothing). ``conn.warmed``: its ``concurrent.futures.Future`` (the seconds it
+    took). A warm-up that fails is logged, not raised. ``warm=False`` for a process that never decodes KV.
+
     Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
     without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
     """
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, verify=verify))
-    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token)
+    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm)
     async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)
+        if p.warmed is not None and not p.warmed.cancelled():
+            with contextlib.suppress(Exception):  # a failed warm-up is logged (_warmed); the fetch will say why
+                await asyncio.wrap_future(p.warmed)
         yield p

@@ -57,18 +57,33 @@ def _score_tokens(text: str) -> int:
     return value
 
 
+def _check_levels(levels: list[str]) -> None:
+    """Each ``--levels`` entry parsed as ``run_eval`` will (``get_level``), before the model loads: ``code=64``
+    (past the step codes) or ``code=abc`` failed after the load, the prefill and the levels before it, with no
+    JSON written."""
+    from .errors import InvalidInput
+    from .levels import TEXT, get_level
+
+    for name in levels:
+        if name == TEXT:
+            continue
+        try:
+            get_level(name)
+        except InvalidInput as exc:
+            raise _cli_error(f"--levels {name}: {exc}") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
     from .errors import KVCodecError
-    from .levels import LEVEL_NAMES
 
     try:
         text = _read_text(args.text)
     except OSError as exc:
         raise _cli_error(f"cannot read {args.text}: {exc}") from exc
     levels = [s for s in args.levels.split(",") if s]
-    for name in levels:
-        if name not in LEVEL_NAMES and not name.startswith("code="):
-            raise _cli_error(f"unknown level {name!r}; known: {', '.join(LEVEL_NAMES)} or code=N")
+    _check_levels(levels)
     import torch
 
     from .evaluate import Interrupted, run_eval
@@ -76,8 +91,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        doc = run_eval(text, args.prefix, levels, chunk_tokens=args.chunk_tokens, n_score=args.score,
-                       backend=args.backend)
+        with sigterm_as_ctrl_c():  # a kill or a CI timeout writes what was measured, as Ctrl-C does
+            doc = run_eval(text, args.prefix, levels, chunk_tokens=args.chunk_tokens, n_score=args.score,
+                           backend=args.backend)
     except Interrupted as exc:
         return _write_partial(args.json, exc, f"the {len(exc.doc['levels'])} of {len(levels)} levels")
     except ModelUnavailable as exc:
@@ -117,6 +133,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
     from .evaluate import Interrupted, calibrate
     from .quant import MAX_STEP_CODE
 
@@ -132,8 +150,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .smollm import ModelUnavailable
 
     try:
-        doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
-                        with_sensitivity=args.with_sensitivity)
+        with sigterm_as_ctrl_c():  # a kill or a CI timeout writes the .partial profile, as Ctrl-C does
+            doc = calibrate(text, args.prefix, n_score=args.score, samples=args.samples, key_bias=args.key_bias,
+                            with_sensitivity=args.with_sensitivity)
     except Interrupted as exc:
         # next to --json, not over it: the command in docs/kv_codec.md writes the shipped profile
         used = exc.doc["calibration"]["fisher_samples"]

@@ -27,8 +27,8 @@ from .smollm import LoadedModel, cache_from_kv, kv_from_cache, load_smollm2
 KVList = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _say(msg: str) -> None:
-    print(f"[kv eval] {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, command: str = "kv eval") -> None:
+    print(f"[{command}] {msg}", file=sys.stderr, flush=True)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -217,6 +217,9 @@ def eval_text(setup: Setup) -> dict[str, Any]:
 def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 256, n_score: int = 256,
              backend: str = "auto") -> dict[str, Any]:
     """Everything ``tokenwire kv eval`` reports, as a JSON-ready dict."""
+    for name in levels:  # a bad level (code=64) is refused before the model loads, not after the first levels
+        if name != TEXT:
+            get_level(name)
     t0 = time.perf_counter()
     setup = prepare(text, prefix, n_score)
     _say(f"prefix {prefix} tokens prefilled, reference computed ({time.perf_counter() - t0:.1f} s)")
@@ -273,11 +276,11 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple
             grads = torch.autograd.grad(loglik, flat)
             # one assignment, so a Ctrl-C never leaves some channels with a sample more than others
             acc, used = [a + g.detach() ** 2 for a, g in zip(acc, grads, strict=True)], i + 1
-            _say(f"calibration sample {used}/{samples}")
+            _say(f"calibration sample {used}/{samples}", "kv calibrate")
     except KeyboardInterrupt:
         if not used:
             raise
-        _say(f"interrupted: the profile averages the {used} samples taken")
+        _say(f"interrupted: the profile averages the {used} samples taken", "kv calibrate")
     n_layers = len(kv)
     n_heads, head_dim = kv[0][0].shape[1], kv[0][0].shape[3]
     sens = np.zeros((n_layers, 2, n_heads * head_dim))
