@@ -37,9 +37,21 @@ async def served(source, **kwargs):
     server = await serve(source, host="127.0.0.1", port=0, **kwargs)
     try:
         yield server
+        await clients_gone(server)
     finally:
         server.close()
         await asyncio.wait_for(server.wait_closed(), T)
+
+
+async def clients_gone(server) -> None:
+    """Wait (bounded) until the server has taken in its connections' ends. Leaving ``connect()`` sends the close
+    and returns at once: a server closed right after, on the same loop, had not yet read what its clients sent
+    last (a confirmation, the close), which a server in another process would have."""
+    waits = [asyncio.ensure_future(p.wait_closed()) for p in list(server.protocols)]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=T)
+        for w in pending:
+            w.cancel()
 
 
 def endless_source(started: asyncio.Event, stopped):

@@ -34,6 +34,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from aioquic.quic.connection import QuicConnection
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, TokenwireError
 from .frames import SCHEMES, Request, check_outgoing
-from .quic_io import HandshakeError, SessionProtocol, open_client
+from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
 from .session import (
     ClientSession,
     ConnectionEnded,
@@ -318,6 +319,8 @@ class Connection:
         return stream
 
     async def close(self) -> None:
+        """Close the connection and wait until it has ended: the answers still open end with a local-close error
+        first. (Leaving ``async with connect(...)`` closes without waiting out QUIC's closing period.)"""
         self._protocol.close()
         await self._protocol.wait_closed()
 
@@ -329,7 +332,7 @@ async def connect(
     *,
     server_name: str | None = None,
     cafile: str | Path | None = None,
-    cadata: bytes | None = None,
+    cadata: bytes | str | None = None,
     verify: bool = True,
     auth_token: str | None = None,
     certfile: str | Path | None = None,
@@ -353,7 +356,13 @@ async def connect(
     ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
     feedback a server that marks packets for L4S queues needs).
     ``congestion``: aioquic's ``reno`` or ``cubic``, or ``prague`` (tokenwire's, for ECN marking); any other
-    name raises ``ValueError``.
+    name raises ``ValueError``, as do a port outside 1..65535, ``keyfile`` without ``certfile``, and a
+    ``timeout`` or ``idle_timeout`` that is not a positive number of seconds.
+    ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str); one without a certificate
+    raises :class:`~tokenwire.transport.tls.CertificateFileError`.
+
+    Leaving the ``async with`` block sends the close and returns at once; QUIC's closing period (3 PTO) ends in
+    the background, which then closes the socket.
     """
     check_congestion(congestion)
     config = client_configuration(
@@ -400,7 +409,7 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
         description="The SDK's smallest client: ask a server on 127.0.0.1 (certificate not verified) and print "
                     "the answer. `tokenwire chat` is the full command-line client.")
     parser.add_argument("prompt", nargs="?", default="Why do chatbots stall on trains?")
-    parser.add_argument("--port", type=int, default=4433)
+    parser.add_argument("--port", type=port_argument, default=4433)
     args = parser.parse_args(argv)
     async with connect("127.0.0.1", args.port, verify=False) as conn:
         stream = conn.chat(args.prompt)
@@ -410,8 +419,21 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
         print(f"\n\n{stream.stats} ({time.monotonic() - start:.1f} s)")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tokenwire.transport.client``: 0 once the answer is printed; a failure (no server, a refusal)
+    is one line on stderr and 1, not a traceback."""
+    try:
+        asyncio.run(_main(argv))
+    except (ConnectionError, TokenwireError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_main())
+    sys.exit(main())
 
 
 __all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "HandshakeError", "chat_sync",

@@ -8,6 +8,7 @@ repair) share the one loop timer, and every QUIC call uses one clock, ``time.mon
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -16,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aioquic.asyncio import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
@@ -26,6 +26,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, open_udp_socket
 from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase
+from .tls import check_seconds
 
 log = logging.getLogger("tokenwire.transport")
 # A library's loggers get a NullHandler (the logging HOWTO's advice): an application that set up no logging
@@ -36,6 +37,27 @@ logging.getLogger("quic").addHandler(logging.NullHandler())
 logging.getLogger("tokenwire").addHandler(logging.NullHandler())
 
 RECV_BUFFER_BYTES = 4 << 20  # the default 208 KiB overflowed on loopback bursts (research notes)
+
+
+def check_port(port: int, *, listening: bool = False) -> None:
+    """ValueError naming ``port`` unless it is a UDP port number: 1..65535 to connect to, 0..65535 to listen on
+    (0: any free one). The socket layer took it modulo 65536 (port 70000 listened on, or called, 4464)."""
+    low = 0 if listening else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise ValueError(f"port {port!r} is not a UDP port number ({low} to 65535)")
+
+
+def port_argument(text: str, *, listening: bool = False) -> int:
+    """argparse ``type`` of a ``--port`` option: :func:`check_port`'s message instead of a wrapped port."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    try:
+        check_port(port, listening=listening)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return port
 
 
 def tune_socket(transport: asyncio.BaseTransport | None) -> None:
@@ -217,7 +239,9 @@ def _initial_token(data: bytes | str, server: QuicServer) -> bool:
 async def serve_quic(
     host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
 ) -> ValidatingQuicServer:
-    """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints)."""
+    """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints); ValueError for a
+    port outside 0..65535."""
+    check_port(port, listening=True)
     if not ecn:
         # our own socket, as on the ECN path: "[::]" is dual-stack whatever net.ipv6.bindv6only says (aioquic's
         # serve took the kernel default, so such a host served IPv6 only unless marking was on)
@@ -239,11 +263,13 @@ async def serve_quic(
 async def connect_quic(
     host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
 ) -> AsyncIterator[QuicConnectionProtocol]:
-    """aioquic's ``connect``, optionally on the ECN-capable transport (reads received codepoints)."""
-    if not ecn:
-        async with quic_connect(host, port, configuration=configuration, create_protocol=create_protocol) as p:
-            yield p
-        return
+    """aioquic's ``connect``, optionally on the ECN-capable transport (reads received codepoints).
+
+    Leaving it sends CONNECTION_CLOSE and returns at once: the closing period (3 PTO, 1.9 s at a 200 ms RTT)
+    runs on in the background and closes the socket when it ends (:func:`close_in_background`). aioquic's
+    ``connect`` waited it out in the caller's time, and leaked the socket when that wait was cancelled.
+    """
+    check_port(port)
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     addr = infos[0][4]
@@ -252,15 +278,52 @@ async def connect_quic(
     if configuration.server_name is None:
         configuration.server_name = host
     protocol = create_protocol(QuicConnection(configuration=configuration))
-    transport = EcnDatagramTransport(open_udp_socket("::", 0), protocol)
-    await asyncio.sleep(0)  # connection_made
+    sock = open_udp_socket("::", 0)
+    transport: asyncio.BaseTransport | None = None
+    try:
+        if ecn:
+            transport = EcnDatagramTransport(sock, protocol)
+            await asyncio.sleep(0)  # connection_made
+        else:
+            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+    except BaseException:
+        if transport is None:
+            sock.close()
+        else:
+            transport.close()
+        raise
     try:
         protocol.connect(addr)
         await protocol.wait_connected()
         yield protocol
     finally:
+        close_in_background(protocol, transport)
+
+
+_closing: set[asyncio.Task[None]] = set()  # closing periods running on (the loop holds tasks only weakly)
+
+
+def close_in_background(protocol: QuicConnectionProtocol, transport: asyncio.BaseTransport) -> None:
+    """Close the connection (CONNECTION_CLOSE goes out now) and its socket once the closing period has ended,
+    without waiting for it. A loop that shuts down first (``asyncio.run`` cancels what is left) closes the
+    socket then."""
+    try:
         protocol.close()
+    except BaseException:
+        transport.close()
+        raise
+    if protocol._closed.is_set():  # already ended (a failed handshake, the peer's close): nothing to wait for
+        transport.close()
+        return
+    task = asyncio.get_running_loop().create_task(_close_when_ended(protocol, transport))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _close_when_ended(protocol: QuicConnectionProtocol, transport: asyncio.BaseTransport) -> None:
+    try:
         await protocol.wait_closed()
+    finally:  # (cancelled too: the loop is shutting down)
         transport.close()
 
 
@@ -273,8 +336,10 @@ async def open_client(
 
     No answer within ``timeout`` seconds: ``ConnectionError`` saying so (aioquic would wait for its idle
     timeout). The server answered but the handshake failed: :class:`HandshakeError` with the reason and
-    the TLS alert (aioquic raises a ConnectionError without a message).
+    the TLS alert (aioquic raises a ConnectionError without a message). A port outside 1..65535 or a
+    ``timeout`` that is not a positive number of seconds: ``ValueError``.
     """
+    check_seconds("timeout", timeout, finite=False)
     made: list[SessionProtocol] = []
 
     def make(*args: Any, **kwargs: Any) -> SessionProtocol:

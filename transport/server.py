@@ -12,7 +12,8 @@ Example (runnable: ``python -m tokenwire.transport.server``)::
 
     async def main():
         server = await serve(answer, host="127.0.0.1", port=4433)   # a dev certificate unless given files
-        await server.wait_closed()
+        async with server:          # leaving it (Ctrl-C cancels main) closes the server: clients get SHUTTING_DOWN
+            await server.wait_closed()
 
     asyncio.run(main())
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,7 @@ from .client import check_congestion
 from .errors import ErrorCode, RequestError
 from .frames import Request
 from .marking import MarkingPolicy
-from .quic_io import SessionProtocol, serve_quic, tune_socket
+from .quic_io import SessionProtocol, port_argument, serve_quic, tune_socket
 from .session import (
     ConnectionEnded,
     RequestCancelled,
@@ -85,15 +88,16 @@ class ChatRequest:
 
 
 TokenSource = Callable[[ChatRequest], AsyncIterator[str]]
-Authorizer = Callable[[str | None], bool]
+Authorizer = Callable[[str | None], bool | Awaitable[bool]]
 
 
 @dataclass
 class ServerStats:
     """What the server has seen. Each request counts once in ``requests`` and, once it has ended, once in
     exactly one of ``completed`` (FINISHED sent; the client confirmed, or its connection ended without a
-    word against it), ``cancelled`` (the client abandoned it or its connection was lost first), ``failed``
-    (the source or the server failed it) and ``refused`` (answered with an ERROR before its source ran: too
+    word against it), ``cancelled`` (the client abandoned it, its connection was lost first, or the server's
+    own :meth:`TokenServer.close` cut it off before the client confirmed it), ``failed`` (the source or the
+    server failed it, or ``authorize`` did) and ``refused`` (answered with an ERROR before its source ran: too
     many at once, too large, a resume or attach, an unauthorized connection)."""
 
     connections: int = 0
@@ -123,6 +127,7 @@ class ServerProtocol(SessionProtocol):
         self.app = app
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.authorized = app.authorize is None
+        self.shut_down = False  # the server's close() closed this connection
         self._unsettled: set[int] = set()  # requests counted in stats.requests without an outcome yet
         app.stats.connections += 1
         app.protocols.add(self)
@@ -155,9 +160,10 @@ class ServerProtocol(SessionProtocol):
                     task.cancel()
                 self.tasks.clear()
                 # the session cancelled every request the connection cut off (RequestCancelled, above): what
-                # has no outcome yet is an answer sent whole (FINISHED) whose client closed before confirming
+                # has no outcome yet is an answer sent whole (FINISHED) whose client closed before confirming,
+                # or that the server's own close() cut off before the client could confirm it
                 for sid in list(self._unsettled):
-                    self._settle(sid, "completed")
+                    self._settle(sid, "cancelled" if self.shut_down else "completed")
                 self.app.protocols.discard(self)
 
     def _settle(self, stream_id: int, outcome: str) -> None:
@@ -176,22 +182,78 @@ class ServerProtocol(SessionProtocol):
         if self.app.closing:  # close() has begun (the connection is closing and cancels it): start nothing
             return
         if not self.authorized:
+            assert self.app.authorize is not None
             try:
-                ok = self.app.authorize is not None and bool(self.app.authorize(request.auth))
+                verdict = self.app.authorize(request.auth)
             except Exception:  # a broken check must not leave the client waiting for an answer
                 log.exception("authorize() failed; closing the connection")
-                self._settle(stream_id, "failed")
-                sess.close(ErrorCode.INTERNAL, "the server could not check the auth token")
-                self.transmit()
+                self._auth_failed(stream_id)
                 return
-            if ok:
-                self.authorized = True
-            else:
-                log.warning("unauthorized request; closing the connection")
-                self._settle(stream_id, "refused")
-                sess.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
-                self.transmit()
+            if inspect.isawaitable(verdict):
+                # an async check (a database, a token service) runs in the request's task: the connection, and
+                # every other one, goes on meanwhile; cancelling the request or closing cancels the check too
+                check = asyncio.ensure_future(verdict)
+                task = asyncio.ensure_future(self._start_when_authorized(stream_id, request, check))
+                task.add_done_callback(lambda _: _drop_check(check))
+                self.tasks[stream_id] = task
                 return
+            if not self._authorize(stream_id, verdict):
+                return
+        self._start(stream_id, request)
+
+    async def _start_when_authorized(self, stream_id: int, request: Request, check: asyncio.Future[Any]) -> None:
+        """Await an async ``authorize``'s verdict, then start the request as :meth:`_on_request` would have."""
+        task = asyncio.current_task()
+        try:
+            verdict = await check
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling():
+                raise  # the request or the connection ended first (its event settled the request)
+            log.error("authorize() was cancelled; closing the connection")
+            self.tasks.pop(stream_id, None)
+            self._auth_failed(stream_id)
+            return
+        except Exception:
+            log.exception("authorize() failed; closing the connection")
+            self.tasks.pop(stream_id, None)
+            self._auth_failed(stream_id)
+            return
+        self.tasks.pop(stream_id, None)
+        if self._quic._close_event is not None or stream_id not in self.server_session.requests:
+            return  # the connection is closing (another request was unauthorized, close()): start nothing
+        if self._authorize(stream_id, verdict):  # (its own verdict even if another request let the connection in)
+            self._start(stream_id, request)
+
+    def _authorize(self, stream_id: int, verdict: object) -> bool:
+        """Act on ``authorize``'s verdict: True lets the connection in; False, or anything that is not a bool (a
+        truthy object is no yes: ``bool()`` of an un-awaited coroutine let every token in), refuses the request
+        and closes the connection."""
+        if verdict is True:
+            self.authorized = True
+            return True
+        if verdict is not False:  # fail closed: a check that says neither yes nor no is not a yes
+            if not self.app._warned_verdict:
+                self.app._warned_verdict = True
+                log.error("authorize() returned %r, not True or False: every such request is refused (this is "
+                          "logged once)", type(verdict).__name__)
+            self._auth_failed(stream_id)
+            return False
+        log.warning("unauthorized request; closing the connection")
+        self._settle(stream_id, "refused")
+        self.server_session.close(ErrorCode.UNAUTHORIZED, "missing or invalid auth token")
+        self.transmit()
+        return False
+
+    def _auth_failed(self, stream_id: int) -> None:
+        """``authorize`` raised or gave no verdict: the request fails and the connection closes (nothing checked
+        the client's token, so it is not let in)."""
+        self._settle(stream_id, "failed")
+        self.server_session.close(ErrorCode.INTERNAL, "the server could not check the auth token")
+        self.transmit()
+
+    def _start(self, stream_id: int, request: Request) -> None:
+        """Answer an authorized request: refuse a resume, else run the source in a task of its own."""
+        sess = self.server_session
         if request.resume_id is not None:
             # resume= and attach() name an answer by id; this server keeps no answer beyond its connection, and
             # running the source again would give other text (or none: an attach has no messages)
@@ -285,6 +347,15 @@ class ServerProtocol(SessionProtocol):
         return None
 
 
+def _drop_check(check: asyncio.Future[Any]) -> None:
+    """The request's task has ended: stop an async ``authorize`` nobody waits for any more, and mark its failure
+    as seen (reported another way, or moot)."""
+    if not check.done():
+        check.cancel()
+    elif not check.cancelled():
+        check.exception()
+
+
 class _SendFailed(Exception):
     """Putting a piece on the wire raised: the connection's fault, not the token source's."""
 
@@ -337,6 +408,12 @@ class TokenServer:
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: list[asyncio.Task[None]] = field(default_factory=list, repr=False)  # sources close() cancelled
     _closing_protocols: list[ServerProtocol] = field(default_factory=list, repr=False)  # connections it closed
+    _warned_verdict: bool = field(default=False, repr=False)  # authorize() gave a non-bool verdict (logged once)
+
+    def __post_init__(self) -> None:
+        limit = self.max_requests_per_connection
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # 0 accepted, then refused all
+            raise ValueError(f"max_requests_per_connection must be an int of at least 1, not {limit!r}")
 
     @property
     def port(self) -> int:
@@ -382,6 +459,8 @@ class TokenServer:
         self._closed.set()
         for proto in list(self.protocols):
             tasks = [t for t in proto.tasks.values() if not t.done()]
+            # what this close cuts off counts as cancelled, not completed (unless the client's own close came first)
+            proto.shut_down = proto._quic._close_event is None
             with contextlib.suppress(Exception):
                 proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
             for task in tasks:
@@ -420,7 +499,16 @@ async def serve(
     max_requests_per_connection: int = 64,
     marking: Callable[[], MarkingPolicy] | None = None,
 ) -> TokenServer:
-    """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``).
+    """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``; a port outside
+    0..65535 raises ``ValueError``, as does ``max_requests_per_connection`` below 1 and ``keyfile`` without
+    ``certfile``).
+
+    ``authorize``: called with a request's auth token (None when it has none) before its source runs, for each
+    request of a connection until one has been let in; a plain function or an ``async def`` (awaited in the
+    request's own task, so a slow check holds up no other request or connection). It must return exactly
+    ``True`` to let the connection in; ``False`` closes it with UNAUTHORIZED. Anything else (None, a truthy
+    object, an exception) fails closed: the connection closes with INTERNAL and the request counts as failed
+    (a verdict that is not a bool is logged once).
 
     ``marking``: a factory of per-connection ECN marking policies (``tokenwire.transport.marking``); with
     it the server runs on the ECN-capable transport and sets each packet's codepoint. Pair ECT(1) marking
@@ -449,11 +537,16 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
         prog="python -m tokenwire.transport.server",
         description="The SDK's smallest server: the demo answer on 127.0.0.1 with the development certificate. "
                     "`tokenwire daemon` is the service.")
-    parser.add_argument("--port", type=int, default=4433)
+    parser.add_argument("--port", type=functools.partial(port_argument, listening=True), default=4433)
     args = parser.parse_args(argv)
     server = await serve(_example_source(), host="127.0.0.1", port=args.port)
-    print(f"serving the demo answer on udp://127.0.0.1:{server.port} (dev certificate); Ctrl-C to stop")
-    await server.wait_closed()
+    # SIGTERM (kill, systemd, docker stop) closes it as Ctrl-C does: without the close, clients waited out their
+    # idle timeout (60 s) and then read "no packet from the server"
+    with contextlib.suppress(NotImplementedError):  # (a loop without signal handlers)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
+    print(f"serving the demo answer on udp://127.0.0.1:{server.port} (dev certificate); Ctrl-C to stop", flush=True)
+    async with server:  # Ctrl-C cancels the wait: leaving the block closes the server (clients get SHUTTING_DOWN)
+        await server.wait_closed()
 
 
 if __name__ == "__main__":  # pragma: no cover

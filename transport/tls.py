@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -163,7 +164,25 @@ def dev_cert() -> CertPair:
     return _dev_pair
 
 
+def check_seconds(name: str, value: float, *, finite: bool = True) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive number of seconds (finite unless allowed).
+
+    Checked up front: aioquic took a negative idle timeout and failed later with a KeyError from inside the
+    connection, and a nan timeout waited for nothing ("within nan s")."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0  # (nan > 0 is False)
+    if not ok or (finite and not math.isfinite(value)):
+        kind = "a positive finite" if finite else "a positive"
+        raise ValueError(f"{name} must be {kind} number of seconds, not {value!r}")
+
+
+def _check_key_without_cert(certfile: str | Path | None, keyfile: str | Path | None) -> None:
+    """A key file alone was ignored (the dev certificate, or no client certificate, was used instead)."""
+    if keyfile is not None and certfile is None:
+        raise ValueError(f"keyfile needs certfile (keyfile={str(keyfile)!r} was given without certfile)")
+
+
 def _common(config: QuicConfiguration, idle_timeout: float, congestion: str, initial_rtt: float | None) -> None:
+    check_seconds("idle_timeout", idle_timeout)
     config.max_datagram_frame_size = 65535  # RFC 9221: any datagram that fits a packet
     config.idle_timeout = idle_timeout
     config.congestion_control_algorithm = congestion
@@ -180,6 +199,7 @@ def server_configuration(
     congestion: str = "reno",
     initial_rtt: float | None = None,
 ) -> QuicConfiguration:
+    _check_key_without_cert(certfile, keyfile)
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
     _common(config, idle_timeout, congestion, initial_rtt)
     if certfile is not None:
@@ -268,8 +288,9 @@ class CertificateFileError(ValueError):
     """A CA file or CA data the caller named holds no usable certificate (the message says which and why)."""
 
 
-def _trusted_pem(cafile: str | Path | None, cadata: bytes | None) -> bytes | None:
-    """The CAs to trust as one PEM blob, read and parsed now.
+def _trusted_pem(cafile: str | Path | None, cadata: bytes | str | None) -> bytes | None:
+    """The CAs to trust as one PEM blob, read and parsed now (``cadata`` PEM text as bytes or, as ``ssl``
+    takes it, as a str).
 
     aioquic reads them only when the server's certificate arrives: a missing or junk file was then a
     traceback in the event loop and a misleading handshake timeout. And it keeps one of ``cafile`` and
@@ -281,6 +302,11 @@ def _trusted_pem(cafile: str | Path | None, cadata: bytes | None) -> bytes | Non
             parts.append((f"CA file {cafile}", Path(cafile).read_bytes()))
         except OSError as exc:
             raise CertificateFileError(f"CA file {cafile}: {exc.strerror or exc}") from None
+    if isinstance(cadata, str):  # a str reached aioquic and raised a bare TypeError from deep inside
+        try:
+            cadata = cadata.encode("ascii")
+        except UnicodeEncodeError:
+            raise CertificateFileError("cadata: a str must be PEM text (ASCII)") from None
     if cadata is not None:
         parts.append(("cadata", cadata))
     for what, pem in parts:
@@ -297,7 +323,7 @@ def client_configuration(
     *,
     server_name: str | None = None,
     cafile: str | Path | None = None,
-    cadata: bytes | None = None,
+    cadata: bytes | str | None = None,
     verify: bool = True,
     certfile: str | Path | None = None,
     keyfile: str | Path | None = None,
@@ -305,6 +331,7 @@ def client_configuration(
     congestion: str = "reno",
     initial_rtt: float | None = None,
 ) -> QuicConfiguration:
+    _check_key_without_cert(certfile, keyfile)
     config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_name)
     _common(config, idle_timeout, congestion, initial_rtt)
     if not verify:
