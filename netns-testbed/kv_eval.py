@@ -137,6 +137,9 @@ def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) ->
                     "v": [torch.randn(shape, generator=g).half() for _ in range(layers)]}, path)
         return {"model": "synthetic", "prefill_s": 0.0, "geometry": [layers, heads, dim],
                 "elements": 2 * layers * heads * dim * cfg.context_tokens}
+    if cfg.text == str(DEFAULT_TEXT) and not DEFAULT_TEXT.is_file():  # an installed copy: tests/ is not in it
+        raise KVEvalError("the default context text (tests/data/prose_harbor.txt) comes with the source tree, not "
+                          "with an installed tokenwire: pass --text FILE (any plain English text)")
     try:
         raw = Path(cfg.text).read_bytes()
         text = raw.decode("utf-8")

@@ -250,3 +250,16 @@ def test_fetches_past_the_protocols_bounds_are_refused_before_a_run(kw, message)
     with pytest.raises(ValueError, match=message):
         _kv_config(**kw).validate()
     _kv_config(deadline_ms=3_600_000, context_tokens=131_072, chunk_tokens=32).validate()  # the bounds themselves
+
+
+def test_an_installed_copy_without_the_default_text_says_to_pass_one(tmp_path, monkeypatch):
+    """pip install . leaves tests/ behind: `testbed kv` without --text named a site-packages path the user never
+    gave ("No such file or directory")."""
+    pytest.importorskip("torch")
+    from tokenwire.testbed import kv_eval
+
+    gone = tmp_path / "tests" / "data" / "prose_harbor.txt"
+    monkeypatch.setattr(kv_eval, "DEFAULT_TEXT", gone)
+    cfg = KVEvalConfig(down_trace="x.down", up_trace="x.up", text=str(gone))
+    with pytest.raises(kv_eval.KVEvalError, match=r"comes with the source tree.*pass --text FILE"):
+        kv_eval.prepare_context(cfg, str(tmp_path / "kv.pt"), log=lambda m: None)
