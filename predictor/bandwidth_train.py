@@ -1,6 +1,6 @@
 """Train the KV channel's bandwidth forecaster (torch, offline) and export it to ONNX.
 
-Run: ``python -m tokenwire.predictor.bandwidth_train --traces /work/shared/traces --out predictor/models``.
+Run: ``python -m tokenwire.predictor.bandwidth_train --traces ../shared/traces --out predictor/models``.
 
 Data: chunk-throughput series replayed on the mahimahi traces. A backlogged sender moves chunks of ``B`` bytes
 (one size per series, drawn log-uniformly, each chunk varied by ±35 % as levels change) back to back from a
@@ -168,7 +168,8 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--traces", default="/work/shared/traces")
+    # the shared traces beside the source tree (../shared/traces from the repository), wherever it is checked out
+    ap.add_argument("--traces", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "traces"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "shipped"))
     ap.add_argument("--series", type=int, default=1500, help="series per training trace")
     ap.add_argument("--steps", type=int, default=4000)
