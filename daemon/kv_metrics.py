@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -107,38 +109,42 @@ class _UsageReader:
     """The store's usage for a scrape, waited for at most USAGE_WAIT_S. A Redis that stopped answering (frozen,
     or cut off by a partition) held every scrape for the client's 10-s socket timeout, so Prometheus timed out
     and lost *all* of the daemon's metrics just when they were wanted. The read runs on its own thread; a scrape
-    that gives up leaves it running and the next scrape takes its result (one read at a time)."""
+    that gives up leaves it running and a later scrape takes its result (one read at a time; scrapes at the
+    same moment share it, none waits for another's wait)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: threading.Thread | None = None
-        self._done = threading.Event()
-        self._result: int | BaseException | None = None
+        self._pending: Future[int] | None = None  # the read in progress, or done and not yet taken
         self._stalled = False  # logged once per stall, not at every scrape
 
     def read(self, store: Any) -> int | None:
         with self._lock:
-            if self._pending is None:
-                self._done.clear()
-                self._pending = threading.Thread(target=self._run, args=(store,), name="kv-store-usage",
-                                                 daemon=True)  # never holds up the daemon's exit
-                self._pending.start()
-            done = self._done.wait(USAGE_WAIT_S)
-            if not done:
-                if not self._stalled:
-                    self._stalled = True
-                    log.warning("metrics: KV store usage: no answer within %.0f s; the gauge is left out until "
-                                "the store answers", USAGE_WAIT_S)
-                return None
-            self._pending, self._stalled, result = None, False, self._result
-        if isinstance(result, BaseException):  # Redis unreachable: the scrape goes on without this gauge
-            log.warning("metrics: KV store usage unavailable: %s", result)
-            return None
-        return result
-
-    def _run(self, store: Any) -> None:
+            read = self._pending
+            if read is None:
+                read = self._pending = Future()
+                threading.Thread(target=_read_usage, args=(store, read), name="kv-store-usage",
+                                 daemon=True).start()  # daemon: never holds up the daemon's exit
         try:
-            self._result = int(store.used_bytes)
-        except Exception as exc:
-            self._result = exc
-        self._done.set()
+            used = read.result(timeout=USAGE_WAIT_S)
+        except FutureTimeout:
+            with self._lock:
+                stalled, self._stalled = self._stalled, True
+            if not stalled:
+                log.warning("metrics: KV store usage: no answer within %.0f s; the gauge is left out until the "
+                            "store answers", USAGE_WAIT_S)
+            return None
+        except Exception as exc:  # Redis unreachable: the scrape goes on without this gauge
+            log.warning("metrics: KV store usage unavailable: %s", exc)
+            return None
+        finally:
+            with self._lock:
+                if read.done() and self._pending is read:  # taken: the next scrape reads afresh
+                    self._pending, self._stalled = None, False
+        return used
+
+
+def _read_usage(store: Any, into: Future[int]) -> None:
+    try:
+        into.set_result(int(store.used_bytes))
+    except Exception as exc:
+        into.set_exception(exc)

@@ -445,10 +445,11 @@ def test_a_store_that_stops_answering_does_not_hold_up_the_scrape(tmp_path, capl
         assert answer.is_set() is False  # both scrapes returned while the store was still silent
         assert "tokenwire_kv_store_bytes " not in first + second
         assert 'tokenwire_kv_ingests_total{outcome="stored"} 1.0' in first + second
-        assert len(reads) == 1  # one read at a time, not one stuck thread per scrape
         assert caplog.text.count("no answer within") == 1
         answer.set()
+        monkeypatch.setattr(kv_metrics, "USAGE_WAIT_S", 30.0)  # the store answers now: wait for the read
         assert f"tokenwire_kv_store_bytes {float(stored)}" in generate_latest(registry).decode()
+        assert len(reads) == 1  # one read for the three scrapes, not one stuck thread per scrape
     finally:
         answer.set()
         svc.close()
