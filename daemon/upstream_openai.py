@@ -11,7 +11,8 @@ Every failure reaches the client as a typed error: HTTP errors and error events 
 connection; no connection within ``connect_timeout_s``, no first token within ``connect_timeout_s +
 first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as ``UPSTREAM_TIMEOUT``. Both are
 absolute deadlines (from the request's start, then from the last token), so keep-alive comments and empty
-deltas cannot put them off. A stream that stalls after its ``finish_reason`` ends normally. Clients hear the
+deltas cannot put them off. A stream that stalls after its ``finish_reason`` ends normally, FINISHED_GRACE_S
+later; the reason is made printable (clients print it; a lone surrogate could not be sent). Clients hear the
 upstream's name, never its URL; the log gets the URL with its userinfo masked.
 """
 
@@ -33,6 +34,7 @@ from yarl import URL
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
+from .cli import printable
 from .config import api_key_problem, read_api_key
 from .logs import shown_url
 from .upstreams import Emit
@@ -41,6 +43,7 @@ PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty"
 ERROR_BODY_LIMIT = 64 * 1024  # plenty for an error message; a proxy's endless page is not read to its end
 JSON_ANSWER_LIMIT = 16 * 1024 * 1024  # a whole non-streamed completion
 REDACTED = "[redacted]"
+FINISHED_GRACE_S = 2.0  # after a finish_reason, the wait for [DONE] or the stream's end (a usage chunk may come)
 # an extra_headers value shorter than this is no secret (X-Priority: 1), and redacting it would garble messages
 SECRET_MIN_CHARS = 8
 
@@ -240,7 +243,7 @@ class OpenAIUpstream:
             if content:
                 emit(content)
             if finish:
-                reason = str(finish)[:32]
+                reason = printable(str(finish))[:32]
         return reason
 
     async def _read_events(
@@ -294,7 +297,9 @@ class OpenAIUpstream:
                     started = True
                     deadline = loop.time() + self.stall_timeout_s
                 if finish:
-                    reason = str(finish)[:32]
+                    reason = printable(str(finish))[:32]
+                    # the answer is whole: [DONE] or the end is due at once, not a stall timeout later
+                    deadline = min(deadline, loop.time() + FINISHED_GRACE_S)
 
     def _document(self, text: str, what: str, secrets: tuple[str, ...]) -> Any:
         """A JSON answer or event; UPSTREAM_ERROR for one that is not JSON or that carries the upstream's error."""

@@ -96,8 +96,8 @@ class FakeOpenAI:
             finally:
                 self.active -= 1
             return resp
-        if self.mode == "finish_hold":  # the whole answer, then neither [DONE] nor the end of the body
-            await send(chunk("Hello", finish="stop"))
+        if self.mode.startswith("finish_hold"):  # the whole answer, then neither [DONE] nor the end of the body
+            await send(chunk("Hello", finish="stop" if self.mode == "finish_hold" else "st\udc80op\x1b[2J"))
             try:
                 await asyncio.sleep(30)
             finally:
@@ -507,6 +507,23 @@ def test_a_stall_after_the_finish_reason_ends_the_answer(fake):
 
     fake.mode = "finish_hold"
     assert run(go(), timeout=30) == (["Hello"], "stop")
+
+
+def test_after_the_finish_reason_the_answer_ends_soon_and_its_reason_is_printable(fake):
+    """A whole answer held open by its server ended only a stall timeout later (30 s by default), counted all
+    that time against max_live_answers; a finish reason with a lone surrogate could not be sent to clients."""
+    async def go():
+        runner, port = await _serve(fake)
+        up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", stall_timeout_s=120)
+        try:
+            return await up.generate(REQ, lambda s: None)
+        finally:
+            await up.close()
+            await runner.cleanup()
+
+    fake.mode = "finish_hold_odd"
+    reason = run(go(), timeout=30)  # FINISHED_GRACE_S after the finish_reason, not 120 s
+    assert reason == "st\\udc80op\\x1b[2J" and reason.isprintable()
 
 
 @contextlib.contextmanager
