@@ -33,8 +33,9 @@ class KVMetrics:
             "tokenwire_kv_fetch_deadline_ratio",
             "Completed KV fetches: time from KV_FETCH to the client's end of the fetch (it has decoded every chunk) "
             "plus the modelled prefill of the tokens that did not come as KV (text chunks, a prefix fetch's missing "
-            "tokens, at the fetch's recompute_us_per_token), over the fetch's deadline; above 1 the deadline was "
-            "missed (the accounting of the controller and of the client's FetchReport.deadline_met)",
+            "tokens, at the fetch's recompute_us_per_token, else kv.recompute_us_per_token), over the fetch's "
+            "deadline; above 1 the deadline was missed (the controller's accounting; the client's "
+            "FetchReport.deadline_met agrees when the fetch names its recompute_us_per_token)",
             buckets=DEADLINE_RATIO_BUCKETS, registry=registry,
         )
         registry.register(_KVCollector(runtime))

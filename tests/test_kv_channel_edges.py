@@ -5,6 +5,7 @@ the client's codec warm-up, the socket client's token ids, ``kv eval --levels``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -168,6 +169,48 @@ def test_put_kv_unix_refuses_non_integer_ids_as_ingest_does(service, tmp_path, i
     with pytest.raises(KVIngestError) as unix:  # refused before connecting: no daemon listens here
         put_kv_unix(tmp_path / "none.sock", MODEL, ids, kv)
     assert str(unix.value) == str(api.value) and str(api.value).startswith("token ids must be integers")
+
+
+def test_connect_kv_waits_for_a_slow_warm_up_only_so_long_and_never_cancels_it(service, monkeypatch):
+    """A cold numba cache takes seconds: connect_kv had waited for the warm-up without bound, outside its
+    ``timeout``; and a cancelled connect cancelled the process's one warm-up for good."""
+    release = threading.Event()
+    monkeypatch.setattr(kc, "_warm_decoder", lambda: release.wait(20) and 0.0)
+    monkeypatch.setattr(kc, "_warm_up", None)
+    monkeypatch.setattr(kc, "WARM_WAIT_S", 0.2)
+
+    async def go():
+        server = await serve_kv(service, "127.0.0.1", 0, congestion="reno", tuning=ServerTuning(forecaster="ewma"))
+        try:
+            async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
+                assert not release.is_set() and not conn.warmed.done()  # handed over cold, warm-up still going
+            task = asyncio.ensure_future(connect_kv("127.0.0.1", server.port, verify=False).__aenter__())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            assert not conn.warmed.cancelled()
+            release.set()
+            return await asyncio.wrap_future(conn.warmed)
+        finally:
+            release.set()
+            server.close()
+
+    assert asyncio.run(asyncio.wait_for(go(), 30)) == 0.0
+
+
+def test_a_forked_child_warms_up_afresh(monkeypatch):
+    """A process forked while its warm-up ran inherited a RUNNING future with no thread behind it, and every
+    connect_kv in the child waited for it for ever."""
+    from concurrent.futures import Future
+
+    monkeypatch.setattr(kc, "_warm_up", Future())  # running in the parent, at the fork
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once
+        os._exit(0 if kc._warm_up is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
 
 
 def test_integer_ids_of_any_kind_are_taken():

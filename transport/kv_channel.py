@@ -35,6 +35,7 @@ import logging
 import math
 import numbers
 import operator
+import os
 import re
 import struct
 import threading
@@ -1418,6 +1419,17 @@ def _warmed(fut: Future[float]) -> None:
 
 _warm_lock = threading.Lock()
 _warm_up: Future[float] | None = None  # the process's codec warm-up, once started
+WARM_WAIT_S = 5.0  # what connect_kv waits for it at most
+
+
+def _forget_warm_up() -> None:
+    """In a forked child: the parent's warm-up future has no thread behind it there (one forked while it ran
+    stayed RUNNING, and every connect_kv in the child waited for it for ever); the child warms up afresh."""
+    global _warm_lock, _warm_up
+    _warm_lock, _warm_up = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_warm_up)
 
 
 def _start_warm_up(pool: ThreadPoolExecutor) -> Future[float]:
@@ -1650,6 +1662,8 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)
         if p.warmed is not None and not p.warmed.cancelled():
+            # shielded: a cancelled connect must not cancel the process's one warm-up; bounded: a cold numba cache
+            # takes seconds, and past WARM_WAIT_S the first fetch had better pay the rest than the connect
             with contextlib.suppress(Exception):  # a failed warm-up is logged (_warmed); the fetch will say why
-                await asyncio.wrap_future(p.warmed)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(p.warmed)), WARM_WAIT_S)
         yield p
