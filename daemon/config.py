@@ -93,6 +93,9 @@ class Limits:
     # client may come back to resume it; clients that vanished for good left answers generating for nobody)
     max_live_answers: int = 4096
     orphan_timeout_s: float = 300.0
+    # a request stream's REQUEST must be whole this long after its first bytes: a client that sent all but the
+    # last byte of 64 ~1 MiB requests held 64 MiB of the daemon per connection for as long as it liked
+    request_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ def _limits(t: Any) -> Limits:
         drain_timeout_s=s.num("drain_timeout_s", 30.0, 0.0, 3600.0),
         max_live_answers=s.int("max_live_answers", 4096, 1, 1_000_000),
         orphan_timeout_s=s.num("orphan_timeout_s", 300.0, 1.0, 7 * 86400.0),
+        request_timeout_s=s.num("request_timeout_s", 10.0, 1.0, 3600.0),
     )
 
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import hashlib
 import logging
 import signal
@@ -79,6 +80,10 @@ RETRY_ABOVE = 64
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
 CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a warning at start and reload
+# Clients refused past max_sessions: the first is a warning, the rest are counted and summed up at most this often
+REFUSALS_LOG_S = 60.0
+# A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
+GC_INTERVAL_S = 30.0
 
 
 def cert_principal(name: str) -> str:
@@ -108,6 +113,7 @@ class DaemonProtocol(SessionProtocol):
                 max_redundant_tokens=limits.max_redundant_tokens,
                 max_request_bytes=limits.max_request_bytes,
                 marking=daemon.marking.new_policy(),
+                request_timeout=limits.request_timeout_s,
             ),
         )
         self.daemon = daemon
@@ -188,8 +194,7 @@ class DaemonProtocol(SessionProtocol):
             if not d.config.auth.required:
                 self.authorized = True
         if d.established >= d.config.limits.max_sessions:
-            log.warning("refusing connection from %s: %d sessions open", self.peer, d.established)
-            d.metrics.errors.labels(code=hex(ErrorCode.LIMIT_EXCEEDED)).inc()
+            d.session_refused(self.peer)
             self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
             return
         self.established = True
@@ -251,6 +256,10 @@ class Daemon:
         self.protocols: set[DaemonProtocol] = set()
         self.established = 0  # connections past their handshake (what max_sessions bounds)
         self.handshaking = 0  # connections in their handshake (bounded by max_sessions too)
+        self._refusals_logged_at: float | None = None  # the last line about clients refused past max_sessions
+        self._refusals_unlogged = 0  # refused since that line
+        self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
+        self._collected_at = -GC_INTERVAL_S
         self._retry_handler: Any = None  # aioquic's Retry token handler, made on first need (an RSA key)
         self.retrying_since: float | None = None  # Retry is on (see RETRY_ABOVE)
         self._calm_since: float | None = None  # while Retry is on: since when the load has been low
@@ -373,6 +382,44 @@ class Daemon:
         for proto in list(self.protocols):
             proto.flush_counters()
 
+    def session_refused(self, peer: str) -> None:
+        """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
+        refusals is REFUSALS_LOG_S old, else summed up later (a flood was a warning line per client: 132 from one)."""
+        self.metrics.handshakes_refused.labels(reason="max_sessions").inc()
+        now = time.monotonic()
+        if self._refusals_logged_at is not None and now - self._refusals_logged_at < REFUSALS_LOG_S:
+            self._refusals_unlogged += 1
+            return
+        self._log_refusals(now)  # (what a summary had not said yet, first)
+        log.warning("refusing connection from %s: %d sessions open (limits.max_sessions); more such refusals are "
+                    "counted (tokenwire_handshakes_refused_total) and logged at most every %g s", peer,
+                    self.established, REFUSALS_LOG_S)
+        self._refusals_logged_at = now
+
+    def _log_refusals(self, now: float) -> None:
+        """The refusals past max_sessions since the last line about them, once REFUSALS_LOG_S has passed."""
+        at = self._refusals_logged_at
+        if not self._refusals_unlogged or at is None or now - at < REFUSALS_LOG_S:
+            return
+        log.warning("refused %d more connections in the last %.0f s: %d sessions open (limits.max_sessions)",
+                    self._refusals_unlogged, now - at, self.established)
+        self._refusals_unlogged = 0
+        self._refusals_logged_at = now
+
+    def _collect_ended(self, now: float) -> None:
+        """A full garbage collection when connections have ended since the last one, at most every GC_INTERVAL_S.
+
+        aioquic's ``QuicConnection`` is a reference cycle of its own (its frame handlers, its loss recovery's probe
+        callback and its TLS callbacks are its bound methods), which cannot be broken from outside: a closed
+        connection, and the stream buffers it holds, waited for a full collection, which a daemon with a large
+        heap runs seldom (the probe saw megabytes per closed connection stay).
+        """
+        if not self._ended_connections or now - self._collected_at < GC_INTERVAL_S:
+            return
+        self._ended_connections = 0
+        self._collected_at = now
+        gc.collect()
+
     def retry_threshold(self) -> int:
         """Handshakes in progress that turn Retry on: RETRY_ABOVE, or half of max_sessions when that is less (the
         handshakes in progress never exceed max_sessions: with a small one, Retry never came on and spoofed
@@ -483,6 +530,8 @@ class Daemon:
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             self._flush_counters()
             self._relax_retry(now)
+            self._log_refusals(now)
+            self._collect_ended(now)
             self._cancel_orphans(now)
             if self._ingest_api is not None:
                 self._ingest_api.expire_stalled(now)
@@ -805,6 +854,11 @@ class Daemon:
                     live.listeners.pop(key, None)
                     proto.attached.pop(sid, None)
                     proto.server_session.fail(sid, code, message)
+                elif live.evicted:  # past transcript_memory_mb: the session lets go of it too (else it is not freed)
+                    live.listeners.pop(key, None)
+                    proto.attached.pop(sid, None)
+                    self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
+                                 "answer evicted: the server's transcript memory is full (limits.transcript_memory_mb)")
                 else:
                     proto.server_session.notify(sid)
                 proto.transmit()
@@ -884,6 +938,7 @@ class Daemon:
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
         proto.flush_counters()
         self.protocols.discard(proto)
+        self._ended_connections += 1
         proto._handshake_done()  # ended in its handshake
         if proto.established:
             self.established -= 1

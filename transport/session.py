@@ -17,6 +17,7 @@ Per request (one bidirectional QUIC stream):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 
 from .chatterbox import SenderStats, TokenReceiver, TokenSender
 from .datagram_hook import DatagramScheduler, smoothed_rtt
@@ -64,6 +68,9 @@ REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
 # Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
 # go out from the listener, before the connection exists
 ECN_SLACK = 2
+# A request stream's REQUEST must have arrived whole this long after the stream's first bytes (the daemon's
+# limits.request_timeout_s): 64 streams a connection, each ~1 MiB short of its last byte, were held for ever
+REQUEST_TIMEOUT_S = 10.0
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -410,10 +417,63 @@ class _SessionBase:
 
 
 # ------------------------------------------------------------------------------------------------ server
+class ReadCredit(QuicConnection):
+    """A connection whose flow-control credit runs a fixed window ahead of what it has read.
+
+    aioquic (1.7.2) doubles a stream's credit whenever the highest offset received passes half of it, and the
+    connection's whenever the bytes received do, read or not: a client that withheld a stream's first byte had
+    everything after it buffered (in a bytearray grown to the gap), its credit doubling as it came (RSS 107 ->
+    312 MB in 14 s). Here a stream may run ``configuration.max_stream_data`` past its first byte not yet
+    delivered, and the connection ``configuration.max_data`` past every byte delivered (what the session reads
+    it reads at once); aioquic closes a peer that sends beyond with FLOW_CONTROL_ERROR. Nothing else changes.
+    """
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = self._local_max_data
+        unread = sum(s.receiver.highest_offset - s.receiver.starting_offset()
+                     for s in self._streams.values() if not s.receiver.is_finished)
+        read = limit.used - unread  # (aioquic counts a stream's bytes up to the highest offset received)
+        window = self._configuration.max_data
+        if limit.value - limit.used < window // 2:  # under half a window left: not a MAX_DATA every packet
+            limit.value = max(limit.value, read + window)
+        used, limit.used = limit.used, 0  # aioquic's rule (doubling past half of it) must not apply
+        try:
+            super()._write_connection_limits(builder=builder, space=space)  # the frame, and MAX_STREAMS
+        finally:
+            limit.used = used
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
+        rx = stream.receiver
+        if stream.max_stream_data_local and not rx.is_finished:  # (0: a stream this side may not receive on)
+            read = rx.starting_offset()
+            window = self._configuration.max_stream_data
+            if stream.max_stream_data_local - rx.highest_offset < window // 2:
+                stream.max_stream_data_local = max(stream.max_stream_data_local, read + window)
+        highest, rx.highest_offset = rx.highest_offset, 0  # as above: no doubling
+        try:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        finally:
+            rx.highest_offset = highest
+
+
+@functools.cache
+def _read_credit_class(cls: type[QuicConnection]) -> type[QuicConnection]:
+    return ReadCredit if cls is QuicConnection else type(cls.__name__, (ReadCredit, cls), {})
+
+
+def read_credit(quic: QuicConnection) -> None:
+    """Give ``quic`` (made by aioquic's server, which names its class) :class:`ReadCredit`'s flow control. Its
+    class is swapped for one that adds only those two methods: no state, and no reference cycle (a method put on
+    the instance would make one)."""
+    if not isinstance(quic, ReadCredit):
+        quic.__class__ = _read_credit_class(type(quic))
+
+
 @dataclass
 class ServerRequest:
     stream_id: int
     decoder: StreamDecoder
+    opened_at: float = 0.0  # its first bytes came: the REQUEST must be whole within the request timeout
     request: Request | None = None
     transcript: Transcript | None = None
     scheme: str = "chatterbox"
@@ -441,7 +501,9 @@ class ServerSession(_SessionBase):
         initial_rtt: float = 0.1,
         max_request_bytes: int = MAX_STREAM_FRAME,
         marking: MarkingPolicy | None = None,
+        request_timeout: float = REQUEST_TIMEOUT_S,
     ) -> None:
+        read_credit(quic)
         super().__init__(quic)
         self.marking = marking
         self.on_latency_sample: Callable[[LatencySample], None] | None = None
@@ -449,6 +511,7 @@ class ServerSession(_SessionBase):
         self.requests: dict[int, ServerRequest] = {}
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
+        self.request_timeout = request_timeout
         self.acks_received = 0
         self.closed_totals = SenderStats()  # counters of requests already dropped
         self.max_redundant_tokens = max_redundant_tokens
@@ -572,11 +635,14 @@ class ServerSession(_SessionBase):
         if req is None:
             if self._late(stream_id, end):  # a REPAIR or REPORT that crossed our ERROR, a refused request's tail
                 return []
-            if stream_id < 0 or (not data and end):
+            if stream_id < 0:
+                return []
+            if not data and end:  # an empty stream: ours ends too (left open, its credit never came back)
+                self._fin(stream_id)
                 return []
             if len(self.requests) >= self.max_requests:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests", end)
-            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes))
+            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=now)
             self.requests[stream_id] = req
         out: list[SessionEvent] = []
         try:
@@ -696,6 +762,11 @@ class ServerSession(_SessionBase):
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         req = self.requests.get(stream_id)
         if req is None:
+            # reset before any of it came (a cancel before the request left): ours ends too, or the stream's credit
+            # never comes back; unless ours has ended already (a refusal's ERROR and FIN must still arrive)
+            stream = self.quic._streams.get(stream_id)
+            if stream is not None and stream.sender._buffer_fin is None:
+                self._reset_own_side(stream_id)
             return []
         self._drop(req)
         self._reset_own_side(stream_id)
@@ -741,18 +812,26 @@ class ServerSession(_SessionBase):
     def _session_timer(self) -> float | None:
         best: float | None = None
         for req in self.requests.values():
-            if req.sender is not None:
-                t = req.sender.next_timer()
-                if t is not None and (best is None or t < best):
-                    best = t
+            if req.request is None:  # still arriving: its deadline
+                t: float | None = req.opened_at + self.request_timeout
+            else:
+                t = req.sender.next_timer() if req.sender is not None else None
+            if t is not None and (best is None or t < best):
+                best = t
         return best
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
-        for req in self.requests.values():
-            if req.sender is not None:
+        out: list[SessionEvent] = []
+        for req in list(self.requests.values()):
+            if req.request is None and now >= req.opened_at + self.request_timeout:
+                # its decoder holds up to max_request_bytes for as long as the client likes: refused, and freed
+                self._drop(req)
+                out.extend(self._refuse(req.stream_id, ErrorCode.LIMIT_EXCEEDED,
+                                        f"request not complete within {self.request_timeout:g} s", False))
+            elif req.sender is not None:
                 req.sender.on_timer(now)
                 self.scheduler.schedule(req.sender)
-        return []
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ client

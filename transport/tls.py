@@ -181,6 +181,16 @@ def _check_key_without_cert(certfile: str | Path | None, keyfile: str | Path | N
         raise ValueError(f"keyfile needs certfile (keyfile={str(keyfile)!r} was given without certfile)")
 
 
+# What a token server lets a client send ahead of what it has read (QUIC flow control): a request stream carries one
+# REQUEST (at most limits.max_request_bytes, itself at most 1 MiB, plus its 4-byte length) and a few small frames,
+# so 2 MiB per stream and 8 MiB per connection never hold an honest client up. Credit moves with what the server
+# has read (see ``session.ReadCredit``): aioquic's own rule doubled it whenever the highest offset received
+# passed half of it, and a client that withheld a stream's first byte grew the server by 200 MB in 14 s. The
+# client keeps aioquic's growing windows: an answer (a long one resumed on the stream) must never wait for credit.
+REQUEST_STREAM_WINDOW = 2 << 20
+REQUEST_CONNECTION_WINDOW = 8 << 20
+
+
 def _common(config: QuicConfiguration, idle_timeout: float, congestion: str, initial_rtt: float | None) -> None:
     check_seconds("idle_timeout", idle_timeout)
     config.max_datagram_frame_size = 65535  # RFC 9221: any datagram that fits a packet
@@ -202,6 +212,8 @@ def server_configuration(
     _check_key_without_cert(certfile, keyfile)
     config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
     _common(config, idle_timeout, congestion, initial_rtt)
+    config.max_stream_data = REQUEST_STREAM_WINDOW  # (the KV channel sets its own)
+    config.max_data = REQUEST_CONNECTION_WINDOW
     if certfile is not None:
         _load_cert_chain(config, certfile, keyfile)
     else:
