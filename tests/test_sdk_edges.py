@@ -400,3 +400,43 @@ def test_the_module_client_reports_a_failure_in_one_line(capsys, monkeypatch):
     monkeypatch.setattr(client_module, "connect", no_server)
     assert client_module.main(["--port", "9"]) == 1
     assert capsys.readouterr().err == "error: no QUIC handshake with 127.0.0.1:9 within 10 s\n"
+
+
+def test_a_connection_left_open_when_asyncio_run_ends_closes_its_socket():
+    """A client task main() never awaited is cancelled by asyncio.run's last sweep; the closing-period task its
+    exit made then was never run: its socket stayed open for the process's life."""
+
+    async def source(request):
+        yield "a"
+        await asyncio.sleep(3600)
+
+    def sockets() -> set[str]:
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    out.add(fd)
+        return out
+
+    with server_in_thread(source) as server:
+        async def main():
+            started = asyncio.Event()
+
+            async def client():
+                async with connect("127.0.0.1", server.port, verify=False) as conn:
+                    stream = conn.chat("x")
+                    await anext(stream)
+                    started.set()
+                    await asyncio.sleep(3600)
+
+            left = asyncio.ensure_future(client())  # left running: main() returns without awaiting it
+            await asyncio.wait_for(started.wait(), T)
+            assert not left.done()
+
+        gc.collect()
+        before = sockets()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            asyncio.run(main())
+        gc.collect()
+        assert sockets() - before == set()

@@ -306,14 +306,17 @@ _closing: set[asyncio.Task[None]] = set()  # closing periods running on (the loo
 def close_in_background(protocol: QuicConnectionProtocol, transport: asyncio.BaseTransport) -> None:
     """Close the connection (CONNECTION_CLOSE goes out now) and its socket once the closing period has ended,
     without waiting for it. A loop that shuts down first (``asyncio.run`` cancels what is left) closes the
-    socket then."""
+    socket then. A caller being cancelled closes the socket at once: ``asyncio.run``'s last sweep cancels the
+    tasks left and never runs one made during it, which held its socket for the process's life (only the
+    resending of a lost CONNECTION_CLOSE is given up)."""
     try:
         protocol.close()
     except BaseException:
         transport.close()
         raise
-    if protocol._closed.is_set():  # already ended (a failed handshake, the peer's close): nothing to wait for
-        transport.close()
+    caller = asyncio.current_task()
+    if protocol._closed.is_set() or (caller is not None and caller.cancelling()):
+        transport.close()  # (already ended: a failed handshake, the peer's close; nothing to wait for)
         return
     task = asyncio.get_running_loop().create_task(_close_when_ended(protocol, transport))
     _closing.add(task)
