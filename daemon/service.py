@@ -866,8 +866,7 @@ class Daemon:
                 # this runs inside the upstream's emit(): a failure of this one connection's packet path was
                 # blamed on the upstream ("upstream demo failed") and failed the answer for every listener
                 log.exception("connection from %s failed while sending", proto.peer)
-                live.listeners.pop(key, None)
-                proto.attached.pop(sid, None)
+                self.detach(proto, sid, cancel=False)  # an answer nobody else streams: the orphan timeout ends it
                 self._end_request(proto, sid)
 
         live.listeners[key] = notify

@@ -436,3 +436,30 @@ def test_open_ingest_answers_count_toward_max_live_answers(tmp_path):
         busy["error"]
     assert chat_busy.code == ErrorCode.LIMIT_EXCEEDED and "2 answers being generated" in str(chat_busy)
     assert room["ok"] is True
+
+
+def test_an_answer_whose_only_client_failed_while_sending_is_left_to_the_orphan_timeout(tmp_path):
+    """Sending failing now ends that request alone, not its connection: the answer it streamed, with no other
+    client, went on generating to max_tokens for nobody, never marked for the orphan timeout."""
+    from tokenwire.transport.client import connect
+
+    async def go() -> tuple[Any, ...]:
+        daemon: Daemon
+        async with _daemon(tmp_path) as daemon, connect("127.0.0.1", daemon.addresses[0][1], verify=False) as conn:
+            stream = conn.chat("tell me", max_tokens=2000, params={"rate": 50})
+            await asyncio.wait_for(stream.__anext__(), 10)
+            proto = next(iter(daemon.protocols))
+
+            def broken(sid: int) -> None:
+                raise RuntimeError("this connection's packet path broke")
+
+            proto.server_session.notify = broken
+            with pytest.raises(RemoteError) as info:
+                async with asyncio.timeout(10):
+                    async for _ in stream:
+                        pass
+            rid = stream.resume_point()[0]
+            return info.value.code, rid in daemon.tasks, rid in daemon._orphaned
+
+    code, generating, orphaned = run(go(), timeout=30)
+    assert code == ErrorCode.INTERNAL and generating and orphaned
