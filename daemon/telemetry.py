@@ -30,17 +30,19 @@ class Metrics:
                                       registry=r)
         self.handshakes_refused = Counter(
             "tokenwire_handshakes_refused_total",
-            "Connections closed in their handshake: not completed in time, or too many in progress",
+            "Connections refused: closed in their handshake (not completed in time, too many in progress) or "
+            "past limits.max_sessions",
             ["reason"], registry=r)
         self.retry_active = Gauge("tokenwire_quic_retry_active",
                                   "1 while new clients must validate their address (many handshakes in progress)",
                                   registry=r)
         self.requests = Counter("tokenwire_requests_total", "Chat requests by scheme", ["scheme"], registry=r)
         self.resumes = Counter("tokenwire_resumes_total",
-                               "Requests resumed by id after the tokens a client holds (reconnects)", registry=r)
+                               "Requests by id other than attaches: resumes after the tokens a client holds "
+                               "(reconnects), attaches to an upstream's answer", registry=r)
         self.attaches = Counter("tokenwire_attaches_total",
-                                "Requests by id for an ingest answer from its start (conn.attach, chat --attach)",
-                                registry=r)
+                                "Requests by id for an ingest answer from its start (conn.attach, chat --attach; "
+                                "a client reconnecting before its first token counts here too)", registry=r)
         self.ingest_opened = Counter("tokenwire_ingest_answers_opened_total",
                                      "Answers opened by applications on the ingest socket", registry=r)
         self.ingest_finished = Counter("tokenwire_ingest_answers_finished_total",

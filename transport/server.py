@@ -508,7 +508,8 @@ async def serve(
     request's own task, so a slow check holds up no other request or connection). It must return exactly
     ``True`` to let the connection in; ``False`` closes it with UNAUTHORIZED. Anything else (None, a truthy
     object, an exception) fails closed: the connection closes with INTERNAL and the request counts as failed
-    (a verdict that is not a bool is logged once).
+    (a verdict that is not a bool is logged once). With an async check, the requests that come before the first
+    verdict are each checked, and any ``False`` closes the connection, answers already let in with it.
 
     ``marking``: a factory of per-connection ECN marking policies (``tokenwire.transport.marking``); with
     it the server runs on the ECN-capable transport and sets each packet's codepoint. Pair ECT(1) marking
