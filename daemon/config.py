@@ -10,6 +10,7 @@ ephemeral self-signed certificate, so a fresh install streams something without 
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import fnmatch
@@ -227,7 +228,7 @@ class _Section:
             raise ConfigError(f"{self._k(key)}: expected one of {', '.join(choices)}, got {v!r}")
         return v
 
-    def path(self, key: str, base: Path | None, must_exist: bool = True) -> Path | None:
+    def path(self, key: builtins.str, base: Path | None, must_exist: builtins.bool = True) -> Path | None:
         v = self.str(key, None)
         if v is None or v == "":
             return None
@@ -373,7 +374,7 @@ def _check_upstream_ca(path: Path, where: str) -> None:
         ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError, ValueError) as exc:
         ssl_error = isinstance(exc, ssl.SSLError | ValueError)  # (an SSLError is an OSError too)
-        why = "no PEM certificate in it" if ssl_error or not exc.strerror else exc.strerror
+        why = "no PEM certificate in it" if ssl_error or not exc.strerror else exc.strerror  # type: ignore[union-attr]
         raise ConfigError(f"{where}: {path}: {why}") from None
 
 
@@ -563,7 +564,7 @@ def _bind_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     except ValueError:
         try:
             infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-            ip = ipaddress.ip_address(infos[0][4][0].split("%")[0])
+            ip = ipaddress.ip_address(infos[0][4][0].split("%")[0])  # type: ignore[union-attr]  # an IP's: a str
         except (OSError, IndexError, ValueError):
             return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -127,7 +127,8 @@ def _demo_relay(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     async def main() -> dict[str, dict]:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
-        loop.add_signal_handler(signal.SIGTERM, lambda: (termed.append(True), task.cancel()))
+        loop.add_signal_handler(
+            signal.SIGTERM, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
         try:
             return await _demo(args, schemes)
         finally:

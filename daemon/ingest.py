@@ -141,6 +141,7 @@ class IngestAPI:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             return {"ok": False, "error": "expected a JSON object with an 'op'"}
         op = msg["op"]
+        req: LiveRequest | None
         if op == "open":
             limit = msg.get("max_tokens", self.max_tokens())
             if type(limit) is not int or not 1 <= limit <= self.max_tokens():
@@ -326,6 +327,7 @@ async def serve_ingest(
                 line = await _read_line(reader)
                 if line is None:
                     break
+                error: str | None
                 if line is TOO_LONG:
                     msg, error = None, f"line longer than {MAX_LINE} bytes (skipped)"
                 else:

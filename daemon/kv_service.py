@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
 from tokenwire.transport.frames import KvFetch
@@ -132,7 +132,9 @@ class ChunkMeta:
     def unpack(cls, data: bytes) -> ChunkMeta:
         try:
             d = msgpack.unpackb(data)
-            return cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"], int(d["i"]), tuple(d["ids"]))
+            # "g" holds the three ints of the geometry (mypy cannot count a * argument)
+            return cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"],  # type: ignore[arg-type, call-arg]
+                       int(d["i"]), tuple(d["ids"]))
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise KVError(f"unreadable chunk metadata: {exc}", code=ErrorCode.INTERNAL) from None
 
@@ -680,7 +682,7 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:  # refused here: the daemon would close the socket while the bytes still go out
         raise KVIngestError(f"unsupported dtype {dtype}; use one of {', '.join(_DTYPES)}")
-    head = {"op": "put", "model": model, "token_ids": ids, "shape": list(t.shape),
+    head: dict[str, Any] = {"op": "put", "model": model, "token_ids": ids, "shape": list(t.shape),
             "dtype": dtype, "prewarm": list(prewarm)}
     if fingerprint is not None:
         head["fingerprint"] = fingerprint

@@ -420,7 +420,8 @@ class RedisChunkStore(ChunkStore):
         self._redis_error = redis.RedisError
         self._reported_at = -REDIS_REPORT_S
         try:
-            self._r = redis.Redis.from_url(url, socket_timeout=10)
+            # Any: redis annotates replies bytes | str; without decode_responses they are bytes
+            self._r: Any = redis.Redis.from_url(url, socket_timeout=10)
         except ValueError as exc:  # no or another scheme
             raise StoreError(f"bad Redis URL {shown_url(url)!r}: {exc}") from None
         try:

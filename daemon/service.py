@@ -29,14 +29,13 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from tokenwire.transport.chatterbox import SenderStats
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.frames import Request
-from tokenwire.transport.quic_io import SessionProtocol, serve_quic, tune_socket
+from tokenwire.transport.quic_io import SessionProtocol, ValidatingQuicServer, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session import (
     ClientReport,
@@ -182,7 +181,7 @@ class DaemonProtocol(SessionProtocol):
         if d.client_verifier is not None:
             tls = self._quic.tls
             try:
-                name = self.daemon.client_verifier.verify(tls._peer_certificate, tls._peer_certificate_chain)
+                name = d.client_verifier.verify(tls._peer_certificate, tls._peer_certificate_chain)
             except ValueError as exc:
                 log.warning("closing connection from %s: %s", self.peer, exc)
                 self.daemon.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
@@ -275,7 +274,7 @@ class Daemon:
         self._drain_task: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
-        self._servers: list[QuicServer] = []
+        self._servers: list[ValidatingQuicServer] = []
         self._metrics_runner: Any = None
         self._ingest: asyncio.Server | None = None
         self._ingest_ident: tuple[int, int, int] | None = None
@@ -330,7 +329,7 @@ class Daemon:
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self._servers.append(server)
-            sockname = server._transport.get_extra_info("sockname")
+            sockname = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]  # set: serving
             self.addresses.append((sockname[0], sockname[1]))
         if cfg.metrics.listen is not None:
             host, port = cfg.metrics.listen

@@ -212,7 +212,7 @@ class PcapTap:
         if nsec >= 1_000_000_000:
             sec, nsec = sec + 1, nsec - 1_000_000_000
         writer.write_packet(data, sec=sec, usec=nsec, caplen=len(data), wirelen=len(data))  # type: ignore[attr-defined]
-        writer.f.commit()  # type: ignore[attr-defined] - a whole record is in: write out if enough gathered
+        writer.f.commit()  # type: ignore[attr-defined]  # a whole record is in: write out if enough gathered
 
     def arrived(self, data: bytes, t_mono: float) -> None:
         self._write(self._in, data, t_mono)

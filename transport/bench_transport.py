@@ -175,7 +175,7 @@ async def _serve(mode: str) -> None:
             configuration=server_configuration(),
             create_protocol=functools.partial(BenchProtocol, app=app),
         )
-    port = server._transport.get_extra_info("sockname")[1]
+    port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]  # set: serving
     print(json.dumps({"port": port}), flush=True)
     await asyncio.Event().wait()
 

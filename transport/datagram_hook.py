@@ -18,9 +18,10 @@ Everything else in aioquic is untouched. ``tests/test_datagram_hook.py`` pins th
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aioquic.buffer import size_uint_var
 from aioquic.quic.connection import QuicConnection
@@ -97,7 +98,7 @@ class DatagramScheduler:
         if key in self._queued or not source.wants_send():
             return
         self._queued.add(key)
-        self._quic._datagrams_pending.append(_Slot(source))
+        self._quic._datagrams_pending.append(_Slot(source))  # type: ignore[arg-type]  # the hook queues its items
 
     def offer_piggyback(self, source: DatagramSource) -> None:
         """Let ``source`` ride in the next packet that leaves anyway (never creates a packet of its own).
@@ -110,15 +111,15 @@ class DatagramScheduler:
         if key in self._queued:
             return
         self._queued.add(key)
-        self._quic._datagrams_pending.append(_Piggyback(source))
+        self._quic._datagrams_pending.append(_Piggyback(source))  # type: ignore[arg-type]  # (as above)
 
     def send_plain(self, payload: bytes, on_delivery: Callable[[bool], None] | None = None) -> None:
         """Queue a ready-made payload, refusing anything that could never fit a packet."""
         if len(payload) > self.max_payload:
             raise ValueError(f"datagram payload of {len(payload)} bytes exceeds {self.max_payload}")
-        self._quic._datagrams_pending.append(_Plain(payload, on_delivery))
+        self._quic._datagrams_pending.append(_Plain(payload, on_delivery))  # type: ignore[arg-type]  # (as above)
 
-    def forget(self, source: DatagramSource) -> None:
+    def forget(self, source: DatagramSource | None) -> None:
         """Drop queued slots and copies of ``source`` (its request ended)."""
         pending = self._quic._datagrams_pending
         keep = [it for it in pending if not (isinstance(it, _Slot | _Copy | _Piggyback) and it.source is source)]
@@ -164,10 +165,10 @@ class DatagramScheduler:
         self._queued.discard(id(source))
         if built is None:
             return True  # nothing to send any more (acked meanwhile, or request closed)
-        payload, cookie = built
+        payload, cookie = cast("tuple[bytes, Any]", built)
         pn = builder.packet_number
         self._emit(builder, frame_type, payload, self._on_source_delivery, (source, cookie))
-        pending = self._quic._datagrams_pending
+        pending: deque[Any] = self._quic._datagrams_pending
         for _ in range(source.copies - 1):
             pending.append(_Copy(source, payload, cookie, pn))
         # more to send (a burst larger than one packet): queue the next slot behind what is waiting
@@ -187,7 +188,7 @@ class DatagramScheduler:
         built = source.build(self._clock(), room, piggyback=True, window=self._window())
         if built is None or built is NEEDS_ROOM:
             return True
-        payload, cookie = built
+        payload, cookie = cast("tuple[bytes, Any]", built)
         self._emit(builder, frame_type, payload, self._on_source_delivery, (source, cookie))
         return True
 

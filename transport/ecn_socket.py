@@ -117,10 +117,10 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
     def abort(self) -> None:
         self.close()
 
-    def sendto(self, data: bytes, addr: Any = None) -> None:
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
         self.sendto_ecn(data, addr, self.codepoint())
 
-    def sendto_ecn(self, data: bytes, addr: Any, ecn: int) -> None:
+    def sendto_ecn(self, data: bytes | bytearray | memoryview, addr: Any, ecn: int) -> None:
         """Send one datagram whose IP header carries ECN codepoint ``ecn``."""
         if self._closing:
             return

@@ -29,6 +29,11 @@ class ErrorCode(IntEnum):
     CANCELLED = 0x10D
 
 
+def known_code(code: int) -> ErrorCode | None:
+    """The peer's error code as an :class:`ErrorCode`, None for one this side does not know."""
+    return ErrorCode(code) if code in ErrorCode._value2member_map_ else None
+
+
 class TokenwireError(Exception):
     """Base of every error tokenwire raises on purpose. ``code`` says which, ``str()`` says why."""
 
@@ -59,6 +64,7 @@ class FrameTooLarge(FrameError):
 
 class UnsupportedVersion(ProtocolError):
     code = ErrorCode.UNSUPPORTED_VERSION
+    decoded: list  # set by StreamDecoder.feed, as FrameTooLarge's: the frames completed before this one
 
 
 class RequestError(TokenwireError):

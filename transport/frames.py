@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
 from .errors import FrameError, FrameTooLarge, UnsupportedVersion
 

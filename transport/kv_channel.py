@@ -52,7 +52,15 @@ from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from .datagram_hook import min_rtt, smoothed_rtt
-from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, TokenwireError, UnsupportedVersion
+from .errors import (
+    ErrorCode,
+    FrameError,
+    ProtocolError,
+    RemoteError,
+    TokenwireError,
+    UnsupportedVersion,
+    known_code,
+)
 from .frames import (
     KV_ALPN,
     MAX_RECOMPUTE_US,
@@ -271,6 +279,7 @@ class KVServerSession(_SessionBase):
         if f is None or f.closed:
             return
         f.plan = plan
+        assert f.fetch is not None  # the driver starts a fetch on its KVFetchRequested event
         legacy = self.tuning.legacy_controller
         rtt = self._path_rtt(legacy)
         prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
@@ -452,7 +461,7 @@ class KVServerSession(_SessionBase):
         return (text + f.plan.rest_tokens) * self._recompute_us(f) / 1e6
 
     def _decide(self, f: ServerFetch, now: float) -> str:
-        assert f.plan is not None and f.controller is not None
+        assert f.fetch is not None and f.plan is not None and f.controller is not None
         rc = self._recompute_us(f)
         opts = []
         for i in range(f.next_index, len(f.plan.token_counts)):
@@ -703,11 +712,6 @@ def max_codec_chunk_bytes(geometry: Sequence[int], tokens: int) -> int:
     return HEADER.size + CRC.size + 2 * layers + side + MAX_TABLES * _CODED_TABLE + 4 * elements + payload
 
 
-def _known_code(code: int) -> ErrorCode | None:
-    """The peer's error code as an :class:`ErrorCode`, None for one this side does not know."""
-    return ErrorCode(code) if code in ErrorCode._value2member_map_ else None
-
-
 def _chunk_misfit(hdr: KvChunk, meta: KvMeta | None, max_chunks: int | None) -> str | None:
     """Why one chunk header cannot be part of its fetch (None: it can): an index past KV_META's chunk count
     (or past the hashes asked for), a text chunk whose size is not its tokens' int32s, a codec chunk longer
@@ -851,7 +855,7 @@ class KVClientSession(_SessionBase):
                 err_cls = KVNotFound if fr.code == ErrorCode.NOT_FOUND else RemoteError
                 # the fetch is over: our FIN closes the stream at once; the server's FIN follows its ERROR and
                 # nothing after it is read
-                return out + self._fail(stream_id, err_cls(fr.message, code=_known_code(fr.code)))
+                return out + self._fail(stream_id, err_cls(fr.message, code=known_code(fr.code)))
             else:
                 raise ProtocolError(f"fetch stream {stream_id}: unexpected {type(fr).__name__} frame")
         return out
@@ -872,7 +876,7 @@ class KVClientSession(_SessionBase):
                 raise ProtocolError(f"chunk stream {sid}: header of {n} bytes", code=ErrorCode.FRAME_TOO_LARGE)
             if len(inc.buf) >= 4 + n:
                 try:
-                    hdr = decode_frame(bytes(inc.buf[4 : 4 + n]))
+                    hdr: Frame | None = decode_frame(bytes(inc.buf[4 : 4 + n]))
                 except FrameError as exc:
                     raise ProtocolError(f"chunk stream {sid}: {exc}", code=exc.code) from None
                 if not isinstance(hdr, KvChunk):
@@ -938,7 +942,7 @@ class KVClientSession(_SessionBase):
                 # for its timeout). A reset before the header names no fetch: that one still waits.
                 self.fetches[hdr.fetch].streams.discard(stream_id)
                 return self._fail(hdr.fetch, RemoteError(
-                    f"server reset the stream of chunk {hdr.index} (code {code:#x})", code=_known_code(code)))
+                    f"server reset the stream of chunk {hdr.index} (code {code:#x})", code=known_code(code)))
             return []
         if stream_id in self.fetches:
             return self._fail(stream_id, RemoteError(f"server reset the fetch (code {code:#x})"))
@@ -1474,9 +1478,9 @@ class KVConnection(SessionProtocol):
             if isinstance(ev, ConnectionEnded):
                 self.close_error = closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
                                                 "KV connection")
-                for pf in self._fetches.values():
-                    pf.error = pf.error or self.close_error
-                    pf.event.set()
+                for other in self._fetches.values():
+                    other.error = other.error or self.close_error
+                    other.event.set()
                 continue
             pf = self._fetches.get(getattr(ev, "stream_id", -1))
             if pf is None:

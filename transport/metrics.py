@@ -119,7 +119,7 @@ class StreamStats:
     stalls_over_200ms: int
     bytes_per_token: float
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 

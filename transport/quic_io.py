@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -222,13 +222,14 @@ class ValidatingQuicServer(QuicServer):
     def choose_retry(self, data: bytes | str) -> None:
         """Set aioquic's handler for this datagram: on to send a Retry or to check a token, else off."""
         if self.retry_handler is not None:
-            self._retry = self.retry_handler if self.issue_retry or _initial_token(data, self) else None
+            retry = self.retry_handler if self.issue_retry or _initial_token(data, self) else None
+            self._retry = retry  # type: ignore[assignment]  # aioquic annotates it without None, and tests for None
 
 
 def _initial_token(data: bytes | str, server: QuicServer) -> bool:
     """Whether ``data`` is an Initial, for no connection yet, that carries a token (a client answering a Retry)."""
     try:
-        header = pull_quic_header(Buffer(data=bytes(data)),
+        header = pull_quic_header(Buffer(data=bytes(data)),  # type: ignore[arg-type]  # datagrams are bytes
                                   host_cid_length=server._configuration.connection_id_length)
     except ValueError:
         return False
@@ -272,7 +273,7 @@ async def connect_quic(
     check_port(port)
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    addr = infos[0][4]
+    addr: tuple[Any, ...] = infos[0][4]
     if len(addr) == 2:  # IPv4: talk to it from a dual-stack socket as a v4-mapped address
         addr = ("::ffff:" + addr[0], addr[1], 0, 0)
     if configuration.server_name is None:
@@ -352,7 +353,7 @@ async def open_client(
     cm = connect_quic(host, port, configuration=configuration, create_protocol=make, ecn=ecn)
     try:
         async with asyncio.timeout(timeout):
-            protocol = await cm.__aenter__()
+            protocol = cast(SessionProtocol, await cm.__aenter__())  # made by make()
     except TimeoutError:
         raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
     except socket.gaierror as exc:  # an OSError, not a ConnectionError: callers catching those saw a traceback

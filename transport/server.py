@@ -263,6 +263,7 @@ class ServerProtocol(SessionProtocol):
             return
         transcript = sess.accept(stream_id)
         req = sess.requests[stream_id]
+        assert request.messages is not None  # decode_frame requires them in a request that resumes nothing
         chat = ChatRequest(
             messages=request.messages,
             model=request.model,
@@ -418,7 +419,7 @@ class TokenServer:
     @property
     def port(self) -> int:
         assert self._quic_server is not None
-        sock = self._quic_server._transport.get_extra_info("sockname")
+        sock = self._quic_server._transport.get_extra_info("sockname")  # type: ignore[union-attr]  # set: serving
         return int(sock[1])
 
     @property
@@ -521,7 +522,7 @@ async def serve(
     return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion)
 
 
-def _example_source() -> Callable[[ChatRequest], Awaitable[None]]:  # pragma: no cover - example
+def _example_source() -> Callable[[ChatRequest], AsyncIterator[str]]:  # pragma: no cover - example
     async def answer(request: ChatRequest) -> AsyncIterator[str]:
         from tokenwire.daemon.demo_upstream import demo_stream
 

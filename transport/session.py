@@ -40,6 +40,7 @@ from .errors import (
     RemoteError,
     TokenwireError,
     UnsupportedVersion,
+    known_code,
 )
 from .frames import (
     MAX_STREAM_FRAME,
@@ -183,10 +184,11 @@ def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = 
         why = ("server or path gone" if awaiting else
                "no request was open, so neither end sent anything; connect again, or connect with keepalive=True")
         err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): {why}",
-                          code=error_code)
+                          code=known_code(error_code))
         err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
         return err
-    return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})", code=error_code)
+    return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})",
+                       code=known_code(error_code))
 
 
 class _SessionBase:
@@ -245,7 +247,7 @@ class _SessionBase:
         delta = [a - b for a, b in zip(counts, prev, strict=True)]
         self._last_ecn = list(counts)
         cc = getattr(self.quic._loss, "_cc", None)
-        if hasattr(cc, "on_ecn_feedback") and sum(delta):
+        if cc is not None and hasattr(cc, "on_ecn_feedback") and sum(delta) != 0:
             cc.on_ecn_feedback(now=now, packets=sum(delta), marked=delta[CE])
         return delta[CE] > 0
 
@@ -466,7 +468,7 @@ def read_credit(quic: QuicConnection) -> None:
     class is swapped for one that adds only those two methods: no state, and no reference cycle (a method put on
     the instance would make one)."""
     if not isinstance(quic, ReadCredit):
-        quic.__class__ = _read_credit_class(type(quic))
+        quic.__class__ = _read_credit_class(type(quic))  # type: ignore[arg-type]  # a class is hashable
 
 
 @dataclass
@@ -728,7 +730,7 @@ class ServerSession(_SessionBase):
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
             meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
-            if meta is not None and frame.recv_us is not None:
+            if meta is not None and frame.echo_us is not None and frame.recv_us is not None:
                 sent_at = frame.echo_us / 1e6
                 sample = LatencySample(
                     sent_at=sent_at,
@@ -840,7 +842,7 @@ class _AckSource:
 
     copies = 1
 
-    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int]] | None = None) -> None:
+    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int] | None] | None = None) -> None:
         self.req = req
         self.acked_packets = 0
         self.session_ecn = session_ecn
@@ -974,7 +976,8 @@ class ClientSession(_SessionBase):
                 self.requests.pop(stream_id, None)
                 self._fin(stream_id)
                 self.scheduler.forget(req.ack_source)
-                out.append(RequestFailed(stream_id, RemoteError(frame.message or "request failed", code=frame.code)))
+                err = RemoteError(frame.message or "request failed", code=known_code(frame.code))
+                out.append(RequestFailed(stream_id, err))
                 return out
             else:
                 raise FrameError(f"unexpected {type(frame).__name__} frame from the server")
@@ -1054,7 +1057,7 @@ class ClientSession(_SessionBase):
         if req is None or req.done:
             return []
         req.done = True
-        return [RequestFailed(stream_id, RemoteError(f"server reset the request (code {code})", code=code))]
+        return [RequestFailed(stream_id, RemoteError(f"server reset the request (code {code})", code=known_code(code)))]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         out: list[SessionEvent] = []

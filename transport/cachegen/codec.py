@@ -48,8 +48,8 @@ def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torc
             raise InvalidInput(f"layer {i} must be a (K, V) pair, not a {type(layer).__name__}"
                                + (f" of {len(layer)}" if isinstance(layer, tuple | list) else ""))
         k, v = layer
-        for t in (k, v):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        for kv_t in (k, v):
+            if not isinstance(kv_t, torch.Tensor) or not kv_t.is_floating_point():
                 raise InvalidInput("KV entries must be floating-point tensors")
         # the bitstream records one dtype and decodes every tensor to it: a V or a layer in another dtype
         # used to come back silently converted to layer 0's K dtype

@@ -79,7 +79,7 @@ def load_smollm2(progress: bool = True) -> LoadedModel:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
         # save_pretrained refuses GGUF-quantized models; the weights are already dequantized to fp32.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers annotates no None; it reads one
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = dst.with_name(dst.name + ".tmp")
