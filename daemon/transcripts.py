@@ -94,6 +94,12 @@ class LiveRequest:
         self._notify()
 
 
+# A finished answer still streaming to a client is evicted past the memory bound only this long after it finished:
+# an honest slow reader (8-9 s for 3,000 tokens at 0.4 Mbit/s) gets its answer whole, a client that never ends its
+# request (it pinned 4.9 MB against a 1 MiB bound) lets go of it then
+STREAMING_GRACE_S = 30.0
+
+
 class TranscriptStore:
     """Live and finished answers by request id, with a memory bound and a retention time."""
 
@@ -136,7 +142,8 @@ class TranscriptStore:
 
     def evict(self, now: float) -> int:
         """Drop expired finished answers, then the oldest ones while over the memory bound: first those no client
-        streams, then those still streaming, whose listeners hear of it (``evicted``) and end their requests.
+        streams, then those still streaming, finished STREAMING_GRACE_S ago or more, whose listeners hear of it
+        (``evicted``) and end their requests.
         Skipping the latter let a client that read every token and never ended its requests (or read nothing,
         and pinged) keep 4.9 to 48.8 MB of finished answers against a 1 MiB bound."""
         dropped = 0
@@ -150,6 +157,8 @@ class TranscriptStore:
                 if total <= self.max_bytes:
                     break
                 if bool(req.listeners) != streaming:
+                    continue
+                if streaming and (req.finished_at is None or now - req.finished_at < STREAMING_GRACE_S):
                     continue
                 del self._finished[rid]
                 total -= req.memory_bytes

@@ -729,6 +729,11 @@ class StreamDecoder:
         """Bytes buffered that do not yet form a whole frame (a truncated frame at stream end)."""
         return len(self._buf)
 
+    @property
+    def expected(self) -> int | None:
+        """The size of the frame being received, once its length prefix has come (None before)."""
+        return _LEN.unpack_from(self._buf)[0] if len(self._buf) >= 4 else None
+
 
 def token_cost(tok: bytes) -> int:
     """Bytes one token adds to an encoded token list (msgpack bin header + body)."""
