@@ -20,13 +20,14 @@ test: $(VENV)/.stamp-full
 lint: $(VENV)/.stamp-full
 	$(PY) -m ruff check .
 
-# mypy over the SDK and the daemon (the hints py.typed offers applications). The source folders are not laid out
+# mypy over every package (the hints py.typed offers applications). The source folders are not laid out
 # as the import names (package-dir), so mypy reads them through a tokenwire/ of symlinks under build/.
 typecheck: $(VENV)/.stamp-full
 	mkdir -p build/typecheck/tokenwire
 	for p in daemon transport predictor; do ln -sfn ../../../$$p build/typecheck/tokenwire/$$p; done
 	ln -sfn ../../../netns-testbed build/typecheck/tokenwire/testbed
-	cd build/typecheck && $(abspath $(PY)) -m mypy --follow-imports=silent -p tokenwire.transport -p tokenwire.daemon
+	cd build/typecheck && $(abspath $(PY)) -m mypy --follow-imports=silent -p tokenwire.transport -p tokenwire.daemon \
+		-p tokenwire.predictor -p tokenwire.testbed
 
 setup: $(VENV)/.stamp-base
 setup-full: $(VENV)/.stamp-full

@@ -339,7 +339,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .netns import list_runs, netns_exists
 
-    out = []
+    out: list[dict[str, Any]] = []
     for st in list_runs():
         out.append({
             "run_id": st.run_id, "backend": st.backend, "owner_pid": st.owner_pid,

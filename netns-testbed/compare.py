@@ -276,13 +276,15 @@ def summarize_runs(cfg: CompareConfig, per_scheme: dict[str, list[SchemeRun]], o
     """The JSON document (same shape as ``tokenwire sim`` plus ``backend``)."""
     schemes: dict[str, Any] = {}
     for s, rs in per_scheme.items():
-        d: dict[str, Any] = {k: _mean([getattr(r.stats, k) for r in rs]) for k in SUMMARY_KEYS}
-        d["tokens_sent"] = round(_mean([r.stats.tokens_sent for r in rs]))
-        d["tokens_rendered"] = round(_mean([r.stats.tokens_rendered for r in rs]))
+        stats = [r.stats for r in rs if r.stats is not None]
+        assert len(stats) == len(rs)  # finalize() has summarized every run
+        d: dict[str, Any] = {k: _mean([getattr(st, k) for st in stats]) for k in SUMMARY_KEYS}
+        d["tokens_sent"] = round(_mean([st.tokens_sent for st in stats]))
+        d["tokens_rendered"] = round(_mean([st.tokens_rendered for st in stats]))
         d["oracle_stall_ratio"] = _mean([r.oracle_stall_ratio for r in rs])
         d["digest_ok"] = all(r.text_ok for r in rs)
         d["down_loss_rate"] = _mean([r.down_lost / max(1, r.down_packets) for r in rs])
-        d["per_seed_stall_ratio"] = [r.stats.stall_ratio for r in rs]
+        d["per_seed_stall_ratio"] = [st.stall_ratio for st in stats]
         if s == "sse-tcp":
             d["tcp_congestion_control"] = rs[0].cc
         schemes[s] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     shell = EmulatorShell(cfg, fd_server, fd_client)
     shell.scheduler = shell_sched
     stop = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
+    loop.add_signal_handler(signal.SIGTERM, lambda: None if stop.done() else stop.set_result(None))
     try:
         shell.attach(loop)
         control = loop.create_task(_serve_control(shell))

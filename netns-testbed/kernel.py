@@ -39,8 +39,8 @@ def probe_qdiscs(run_id: str) -> dict[str, bool]:
     global _probe_cache
     if _probe_cache is not None:
         return dict(_probe_cache)
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]  # no stubs, no py.typed
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
     ns = f"{run_id}-probe"
     found: dict[str, bool] = {}

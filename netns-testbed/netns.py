@@ -111,8 +111,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in old.items():  # every handler back before any signal is delivered
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def create_netns(name: str) -> None:
@@ -123,7 +123,7 @@ def create_netns(name: str) -> None:
     (the SIGTERM teardown test of ``bench emulator`` caught it now and then). The creation takes
     milliseconds, so the signals wait for it.
     """
-    from pyroute2 import netns as pr_netns
+    from pyroute2 import netns as pr_netns  # type: ignore[import-untyped]  # no stubs, no py.typed
 
     if netns_exists(name):
         raise NamespaceExists(name)

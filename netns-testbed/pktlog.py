@@ -193,8 +193,9 @@ class PcapTap:
             for suffix in (".in.pcap", ".out.pcap"):
                 files.append(WholeRecordFile(prefix + suffix))
             self._files = (files[0], files[1])
-            self._in = RawPcapWriter(self._files[0], linktype=LINKTYPE_RAW, nano=True)
-            self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)
+            # (scapy's hint says IO[bytes]; it calls write, flush, fileno and close, which WholeRecordFile has)
+            self._in = RawPcapWriter(self._files[0], linktype=LINKTYPE_RAW, nano=True)  # type: ignore[arg-type]
+            self._out = RawPcapWriter(self._files[1], linktype=LINKTYPE_RAW, nano=True)  # type: ignore[arg-type]
             self._in._write_header(None)  # (scapy flushes after the header: on disk at once)
             self._out._write_header(None)
             for f in self._files:

@@ -13,6 +13,7 @@ scheme meets the same outages.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -156,7 +157,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
             lost = wire.loss.lost(now)
             wire.log.append((now, len(data), not lost))
             if not lost:
-                loop.at(now + wire.delay, lambda d=data, n=dst: deliver(n, d))
+                loop.at(now + wire.delay, functools.partial(deliver, dst, data))
         t = sess.get_timer()
         if t != node.timer_at:
             node.timer_at = t
@@ -165,7 +166,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
                 gen = node.timer_gen
                 # fire 1 us late, as real timers do: aioquic's loss timer compares `now - delay` with a send
                 # time, and at exactly the deadline float rounding can leave it armed at the same instant
-                loop.at(max(t, now) + TIMER_SLACK, lambda n=node, g=gen: fire_timer(n, g))
+                loop.at(max(t, now) + TIMER_SLACK, functools.partial(fire_timer, node, gen))
 
     def fire_timer(node: _Node, gen: int) -> None:
         if gen != node.timer_gen or node.session is None:
@@ -197,7 +198,7 @@ def run_scheme(scheme: str, cfg: SimConfig) -> SimRun:
                 state["down_from"] = len(down.log)
                 for i, (tok, off) in enumerate(zip(tokens, offsets, strict=True)):
                     last = i == len(tokens) - 1
-                    loop.at(arrival + off, lambda s=ev.stream_id, tk=tok, end=last: push(s, tk, end))
+                    loop.at(arrival + off, functools.partial(push, ev.stream_id, tok, last))
 
     def push(stream_id: int, tok: str, last: bool) -> None:
         sess = server.session
@@ -340,7 +341,7 @@ def compare(
 
     out_schemes: dict[str, Any] = {}
     for s, rs in per_scheme.items():
-        d = {k: mean([getattr(r.stats, k) for r in rs]) for k in SUMMARY_KEYS}
+        d: dict[str, Any] = {k: mean([getattr(r.stats, k) for r in rs]) for k in SUMMARY_KEYS}
         d["tokens_sent"] = round(d["tokens_sent"]) if rs else 0
         d["tokens_rendered"] = round(d["tokens_rendered"]) if rs else 0
         d["p50_token_delay_ms"] = mean([r.stats.p50_token_delay_ms for r in rs])

@@ -50,7 +50,7 @@ from .netns import (
     start_time,
 )
 
-ADDRESS_POOL = ipaddress.ip_network("10.213.0.0/16")
+ADDRESS_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 EMULATOR_READY_CAP_S = 120.0
 """How long the emulator may take to answer ready while its process lives. It parses its traces first, which
 takes seconds for a trace of tens of millions of lines (about 0.2 s per million here); an emulator that exits
@@ -61,7 +61,7 @@ def unavailable_reason() -> str | None:
     """None when this host can run the namespace testbed, else why not (for ``make demo`` to fall back)."""
     try:
         check_root()
-        import pyroute2  # noqa: F401
+        import pyroute2  # type: ignore[import-untyped]  # noqa: F401
     except (TestbedError, ImportError) as exc:
         return str(exc)
     return None
@@ -70,7 +70,7 @@ def unavailable_reason() -> str | None:
 def link_subnet(run_id: str) -> ipaddress.IPv4Network:
     """The private /30 of this run's link, picked from 10.213.0.0/16 by run id (used only in its netns)."""
     index = int(run_id[2:], 16) % (ADDRESS_POOL.num_addresses // 4)
-    return ipaddress.ip_network(f"{ADDRESS_POOL.network_address + 4 * index}/30")
+    return ipaddress.IPv4Network(f"{ADDRESS_POOL.network_address + 4 * index}/30")
 
 
 class Testbed:

@@ -23,6 +23,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from .link import Link
 from .packet import CE, ECT1, NOT_ECT
@@ -254,7 +255,7 @@ class Simulation:
         self.link.enqueue(pkt, now)
 
     def _deliver(self, pkt: Packet) -> None:
-        fid, seq, sent = pkt.meta  # type: ignore[misc]
+        fid, seq, sent = cast("tuple[int, int, float]", pkt.meta)  # (fid, seq, sent at): as every flow sends
         flow = self.flows[fid]
         ce = pkt.ecn_out == CE
         assert pkt.delivery is not None

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 TARGET_PPS = 200e6 / (1500 * 8)
 BATCHES = (1, 8, 64)
@@ -101,9 +102,9 @@ def run_cli(args: argparse.Namespace) -> int:
         from tokenwire.daemon.cli import CLIError
 
         raise CLIError(str(exc)) from None
-    doc = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
-           "onnx": measure(onnx_fc, args.calls, args.repeats),
-           "ewma": measure(EwmaLatencyForecaster(), args.calls, args.repeats)}
+    doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
+                           "onnx": measure(onnx_fc, args.calls, args.repeats),
+                           "ewma": measure(EwmaLatencyForecaster(), args.calls, args.repeats)}
     head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
     lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
     for name in ("onnx", "ewma"):

@@ -46,6 +46,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
             self._tick(now)
 
         def _tick(self, now: float) -> None:
-            assert self.sim is not None
+            assert self.sim is not None and pps is not None  # (pps: set above; mypy does not narrow it in here)
             if now >= cfg.seconds:
                 return
             if rng.random() < cfg.p_switch:
@@ -175,7 +176,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
     for pkt in sim.records:
         if pkt.fate != "delivered":
             continue
-        fid, seq, sent = pkt.meta  # type: ignore[misc]
+        fid, seq, sent = cast("tuple[int, int, float]", pkt.meta)  # (fid, seq, sent at), as collect sends
         lat = (pkt.delivery - sent) * 1000.0  # type: ignore[operator]
         if fid == probe.fid:
             out["latency_ms"][seq] = lat
@@ -227,7 +228,7 @@ def save(path: str | Path, data: dict) -> None:
     arrays = {c: np.asarray(data[c], dtype=np.float64) for c in COLUMNS}
     arrays["meta"] = np.array(data["meta"])
     with output_file(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle
 
 
 def load(path: str | Path) -> dict:
@@ -237,7 +238,7 @@ def load(path: str | Path) -> dict:
         if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy file is one array, not an archive of columns
             raise DatasetError(f"{path}: not a latency dataset (one .npy array, not an .npz archive of columns)")
         with z:
-            data = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
+            data: dict[str, Any] = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
             meta = json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset") from None

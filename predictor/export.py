@@ -17,6 +17,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,8 @@ def export_onnx(model: object, path: str | Path, extra_meta: dict | None = None,
     with output_file(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x, b), str(tmp), input_names=["x", "ref"], output_names=["latency_ms"],
+            torch.onnx.export(cast(torch.nn.Module, model), (x, b), str(tmp), input_names=["x", "ref"],
+                              output_names=["latency_ms"],
                               dynamic_axes={"x": {0: "batch"}, "ref": {0: "batch"}, "latency_ms": {0: "batch"}},
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
         proto = onnx.load(str(tmp))

@@ -56,7 +56,7 @@ def read_model(file: Path) -> bytes:
 
 def open_session(data: bytes, label: str) -> Any:
     """An onnxruntime session for ``data`` (CPU, one intra-op and one inter-op thread, sequential)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]  # no stubs, no py.typed
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
