@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 
@@ -26,7 +25,7 @@ from tokenwire.transport.server import serve
 from tokenwire.transport.session import AIOQUIC_IDLE_REASON
 from tokenwire.transport.tls import CertificateFileError, dev_cert
 
-from .test_sdk_server import T, client_kwargs, failure, run, served
+from .test_sdk_server import T, client_kwargs, failure, run, served, server_in_thread
 
 
 async def answer(request):
@@ -55,26 +54,6 @@ def _socket_fds() -> set[str]:
             if target.startswith("socket:"):
                 out.add(f"{fd}={target}")
     return out
-
-
-@contextlib.contextmanager
-def server_in_thread(source, **kwargs):
-    """A server on an event loop of its own thread, for code that runs ``asyncio.run`` itself."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = asyncio.run_coroutine_threadsafe(serve(source, host="127.0.0.1", port=0, **kwargs), loop).result(T)
-    try:
-        yield server
-    finally:
-        async def stop():
-            server.close()
-            await server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(T)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(T)
-        loop.close()
 
 
 # -- 1. authorize: async checks are awaited; anything but a bool fails closed ----------------------------------

@@ -252,13 +252,21 @@ def test_the_chat_sync_example_of_the_docstring_runs(capsys):
         yield "Hi"
         yield " there"
 
+    with server_in_thread(source) as server:
+        code = _chat_sync_example().replace("4433", str(server.port))
+        exec(code, {"chat_sync": chat_sync})  # chat_sync runs its own event loop: outside any loop
+    assert "Hi there" in capsys.readouterr().out
+
+
+@contextlib.contextmanager
+def server_in_thread(source, **kwargs):
+    """A server on an event loop of its own thread, for code that runs ``asyncio.run`` itself."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = asyncio.run_coroutine_threadsafe(serve(source, host="127.0.0.1", port=0), loop).result(T)
+    server = asyncio.run_coroutine_threadsafe(serve(source, host="127.0.0.1", port=0, **kwargs), loop).result(T)
     try:
-        code = _chat_sync_example().replace("4433", str(server.port))
-        exec(code, {"chat_sync": chat_sync})  # chat_sync runs its own event loop: outside any loop
+        yield server
     finally:
         async def stop():
             server.close()
@@ -268,7 +276,6 @@ def test_the_chat_sync_example_of_the_docstring_runs(capsys):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(T)
         loop.close()
-    assert "Hi there" in capsys.readouterr().out
 
 
 # -- 7. unknown congestion controllers ----------------------------------------------------------------------------
