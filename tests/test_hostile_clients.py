@@ -4,7 +4,6 @@ daemon in this process, against clients on bare aioquic)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import gc
@@ -125,6 +124,40 @@ def test_a_stream_missing_its_first_byte_holds_no_more_than_its_window():
     assert stream.max_stream_data_local == tls.REQUEST_STREAM_WINDOW  # nothing read: no more credit
     assert len(stream.receiver._buffer) <= tls.REQUEST_STREAM_WINDOW
     assert pair.client.quic._streams[sid].sender.highest_offset == tls.REQUEST_STREAM_WINDOW  # it sent all it could
+    _assert_connection_up(pair)
+
+
+def test_a_stream_whose_first_byte_never_comes_is_refused_at_the_request_deadline():
+    """Nothing of such a stream reaches the session, so no request, and no request deadline, covered it: 2 MiB a
+    stream, 8 MiB a connection, held for as long as the client pinged."""
+    pair = _connected()
+    pair.server.request_timeout = 2.0
+    sid = _withholding(pair, 100_000)
+    opened = pair.now
+    pair.exchange(rounds=100, quiet_after=0.5)  # (not on to the deadline's timer)
+    assert pair.now < opened + 2.0 and not pair.server_events
+    assert len(pair.server.quic._streams[sid].receiver._buffer) > 90_000  # buffered behind the gap
+    pair.exchange(rounds=600, quiet_after=30.0)
+    refused = [e for e in pair.server_events if isinstance(e, RequestRefused)]
+    assert [(e.stream_id, e.code) for e in refused] == [(sid, ErrorCode.LIMIT_EXCEEDED)]
+    assert "its first bytes never came" in refused[0].reason and pair.now >= opened + 2.0
+    stream = pair.server.quic._streams.get(sid)
+    assert stream is None or not stream.receiver._buffer  # let go of
+    _assert_connection_up(pair)
+
+
+def test_a_reset_stream_lets_go_of_what_it_buffered_at_once():
+    """ReadCredit counts a reset stream read, so its buffer must go with it: aioquic kept it until the stream was
+    discarded (once the client acked our reset), and a client that never did got fresh credit per stream."""
+    pair = _connected()
+    sid = _withholding(pair, 1 << 20)
+    pair.exchange(rounds=100)
+    stream = pair.server.quic._streams[sid]
+    assert len(stream.receiver._buffer) > 900_000
+    pair.client.quic.reset_stream(sid, ErrorCode.CANCELLED)
+    for data, _ in pair.client.datagrams_to_send(pair.now):  # the reset reaches the server; nothing goes back
+        pair.server_events.extend(pair.server.receive_datagram(data, ("127.0.0.1", 1), pair.now))
+    assert stream.receiver.is_finished and not stream.receiver._buffer
     _assert_connection_up(pair)
 
 
@@ -309,10 +342,14 @@ def test_the_daemon_keeps_finished_answers_within_transcript_memory_when_clients
             stream_of = {f.request_id: sid for sid in sids for f in raw.frames[sid] if isinstance(f, Started)}
             oldest_first = [stream_of[rid] for rid in daemon.store._finished]  # in finishing order
             held = [weakref.ref(r) for r in daemon.store._finished.values()]
-            daemon.store.evict(time.monotonic() + STREAMING_GRACE_S)  # past their grace
-            await asyncio.sleep(0.2)
-            ended = {sid for sid in sids if any(isinstance(f, Error) and f.code == ErrorCode.LIMIT_EXCEEDED
-                                                for f in raw.frames[sid])}
+            evicted = daemon.store.evict(time.monotonic() + STREAMING_GRACE_S)  # past their grace
+
+            def ended_now() -> set[int]:
+                return {sid for sid in sids if any(isinstance(f, Error) and f.code == ErrorCode.LIMIT_EXCEEDED
+                                                   for f in raw.frames[sid])}
+
+            await until(lambda: len(ended_now()) >= evicted, 10)  # each evicted answer's client has heard
+            ended = ended_now()
             proto = next(iter(daemon.protocols))
             return (daemon.store.memory_bytes, ended, oldest_first, sum(r() is not None for r in held),
                     len(proto.attached), value(daemon, "tokenwire_errors_total", {"code": "0x106"}))
@@ -375,7 +412,7 @@ def test_clients_refused_past_max_sessions_are_counted_by_reason_and_summed_up_i
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False) as first:
                 await first.chat("x", max_tokens=3).collect()
                 codes = [await refused(daemon) for _ in range(4)]
-            daemon._log_refusals(time.monotonic() + service.REFUSALS_LOG_S)
+            daemon._log_refusals(daemon._refusals_logged_at + service.REFUSALS_LOG_S)  # (exactly: "60 s")
             return (codes, value(daemon, "tokenwire_handshakes_refused_total", {"reason": "max_sessions"}),
                     value(daemon, "tokenwire_errors_total", {"code": "0x106"}))
 

@@ -308,8 +308,9 @@ def close_in_background(protocol: QuicConnectionProtocol, transport: asyncio.Bas
     """Close the connection (CONNECTION_CLOSE goes out now) and its socket once the closing period has ended,
     without waiting for it. A loop that shuts down first (``asyncio.run`` cancels what is left) closes the
     socket then. A caller being cancelled closes the socket at once: ``asyncio.run``'s last sweep cancels the
-    tasks left and never runs one made during it, which held its socket for the process's life (only the
-    resending of a lost CONNECTION_CLOSE is given up)."""
+    tasks left and never runs one made during it, which held its socket for the process's life. That is any
+    cancellation (a timeout around the connection too): only the resending of a lost CONNECTION_CLOSE is given up,
+    and a server that missed it holds the session until its idle timeout."""
     try:
         protocol.close()
     except BaseException:

@@ -464,6 +464,12 @@ class ReadCredit(QuicConnection):
             rx.highest_offset = highest
 
 
+def _forget_received(stream: QuicStream) -> None:
+    """Drop what aioquic buffered of a stream whose data will never be delivered (reset, or refused)."""
+    stream.receiver._buffer.clear()
+    stream.receiver._ranges = type(stream.receiver._ranges)()
+
+
 @functools.cache
 def _read_credit_class(cls: type[QuicConnection]) -> type[QuicConnection]:
     return ReadCredit if cls is QuicConnection else type(cls.__name__, (ReadCredit, cls), {})
@@ -520,6 +526,9 @@ class ServerSession(_SessionBase):
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
+        # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
+        # buffers what follows the gap, which no request, and so no request deadline, accounts for
+        self._undelivered: dict[int, float] = {}
         self.acks_received = 0
         self.closed_totals = SenderStats()  # counters of requests already dropped
         self.max_redundant_tokens = max_redundant_tokens
@@ -650,7 +659,8 @@ class ServerSession(_SessionBase):
                 return []
             if len(self.requests) >= self.max_requests:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests", end)
-            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=now)
+            opened = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
+            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=opened)
             self.requests[stream_id] = req
         out: list[SessionEvent] = []
         try:
@@ -769,10 +779,16 @@ class ServerSession(_SessionBase):
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         req = self.requests.get(stream_id)
+        stream = self.quic._streams.get(stream_id)
+        self._undelivered.pop(stream_id, None)
+        if stream is not None:
+            # nothing is delivered after a reset, but aioquic keeps what it buffered until the stream is discarded,
+            # while ReadCredit already counts it read: a client resetting streams it had filled behind a withheld
+            # byte got fresh credit for each, the old buffers still held (16 MiB past an 8 MiB bound)
+            _forget_received(stream)
         if req is None:
             # reset before any of it came (a cancel before the request left): ours ends too, or the stream's credit
             # never comes back; unless ours has ended already (a refusal's ERROR and FIN must still arrive)
-            stream = self.quic._streams.get(stream_id)
             if stream is not None and stream.sender._buffer_fin is None:
                 self._reset_own_side(stream_id)
             return []
@@ -817,6 +833,17 @@ class ServerSession(_SessionBase):
             self.scheduler.forget(req.sender)
         self.requests.pop(req.stream_id, None)
 
+    def _on_peer_packet(self, now: float) -> None:
+        """Note streams holding bytes none of which could be delivered (their first withheld): they get the request
+        deadline too. Only when aioquic holds more streams than this session knows, so rarely a scan."""
+        if len(self.quic._streams) <= len(self.requests) + len(self._undelivered):
+            return
+        for sid, stream in self.quic._streams.items():
+            rx = stream.receiver
+            if (sid not in self.requests and sid not in self._undelivered and sid not in self._ended
+                    and not rx.is_finished and rx.highest_offset > rx.starting_offset() == 0):
+                self._undelivered[sid] = now
+
     def _request_deadline(self, req: ServerRequest) -> float:
         """When a request still arriving is refused: the request timeout after its first bytes, plus its size (once
         its length prefix has come) at MIN_REQUEST_RATE, so that a big prompt on a slow uplink has the time it
@@ -833,6 +860,9 @@ class ServerSession(_SessionBase):
                 t = req.sender.next_timer() if req.sender is not None else None
             if t is not None and (best is None or t < best):
                 best = t
+        if self._undelivered:
+            t = min(self._undelivered.values()) + self.request_timeout
+            best = t if best is None else min(best, t)
         return best
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
@@ -848,6 +878,16 @@ class ServerSession(_SessionBase):
             elif req.sender is not None:
                 req.sender.on_timer(now)
                 self.scheduler.schedule(req.sender)
+        for sid, since in list(self._undelivered.items()):
+            stream = self.quic._streams.get(sid)
+            if stream is None or sid in self.requests or stream.receiver.starting_offset() > 0:
+                del self._undelivered[sid]  # gone, or its bytes came through: a request with its own deadline
+            elif now >= since + self.request_timeout:
+                del self._undelivered[sid]
+                _forget_received(stream)
+                out.extend(self._refuse(sid, ErrorCode.LIMIT_EXCEEDED,
+                                        f"request not complete within {self.request_timeout:g} s "
+                                        f"(limits.request_timeout_s; its first bytes never came)", False))
         return out
 
 
