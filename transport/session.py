@@ -540,6 +540,7 @@ class ServerSession(_SessionBase):
         for req in self.requests.values():
             if req.sender is not None:
                 req.sender.on_peer_packet(now)
+        self._note_undelivered(now)
 
     def accept(
         self,
@@ -833,7 +834,7 @@ class ServerSession(_SessionBase):
             self.scheduler.forget(req.sender)
         self.requests.pop(req.stream_id, None)
 
-    def _on_peer_packet(self, now: float) -> None:
+    def _note_undelivered(self, now: float) -> None:
         """Note streams holding bytes none of which could be delivered (their first withheld): they get the request
         deadline too. Only when aioquic holds more streams than this session knows, so rarely a scan."""
         if len(self.quic._streams) <= len(self.requests) + len(self._undelivered):
