@@ -392,3 +392,22 @@ def test_a_fetch_stream_that_ends_inside_a_frame_is_a_broken_client():
     pair.exchange(rounds=100)
     ended = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
     assert ended and ended[0].error_code == ErrorCode.MALFORMED_FRAME and "truncated frame" in ended[0].reason
+
+
+def test_a_fetch_stream_missing_its_first_byte_holds_no_more_than_its_window(monkeypatch):
+    """aioquic doubled a stream's credit from the highest offset received: a client that withheld a fetch stream's
+    first byte had everything it sent after it buffered by the KV server, its credit doubling as it came."""
+    from tokenwire.transport import kv_channel
+
+    monkeypatch.setattr(kv_channel, "FLOW_WINDOW", 256 << 10)  # (64 MiB in use: the same rule, smaller numbers)
+    pair = KVPair()
+    quic = pair.client.quic
+    sid = quic.get_next_available_stream_id()
+    quic.send_stream_data(sid, b"x" * (3 * (256 << 10)))
+    quic._streams[sid].sender._pending.subtract(0, 1)  # the first byte never goes
+    pair.serve = False
+    pair.exchange(rounds=400)
+    assert pair.server is not None
+    stream = pair.server.quic._streams[sid]
+    assert stream.max_stream_data_local == 256 << 10 and len(stream.receiver._buffer) <= 256 << 10
+    assert not pair.client.closed and not pair.server.closed  # held back, not closed

@@ -97,6 +97,7 @@ from .session import (
     _SessionBase,
     closed_error,
     idle_timeout_in_force,
+    read_credit,
 )
 from .tls import CertPair, client_configuration, server_configuration
 
@@ -262,6 +263,9 @@ class KVServerSession(_SessionBase):
     def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = 16,
                  marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None
                  ) -> None:
+        # credit a fixed FLOW_WINDOW ahead of what is read, as the token server's: aioquic's doubling let a client
+        # that withheld a fetch stream's first byte have all it sent after the gap buffered (a fetch is ~100 bytes)
+        read_credit(quic)
         super().__init__(quic)
         self.tuning = tuning or ServerTuning()
         self.max_fetches = max_fetches
