@@ -331,6 +331,25 @@ def test_serve_refuses_a_max_requests_per_connection_below_one(limit):
         run(serve(answer, host="127.0.0.1", port=0, max_requests_per_connection=limit))
 
 
+def test_serve_takes_the_request_timeout_the_daemon_has_as_a_setting():
+    """serve() held it at 10 s with no way to change it; the daemon has limits.request_timeout_s."""
+    with pytest.raises(ValueError, match="request_timeout"):
+        run(serve(answer, host="127.0.0.1", port=0, request_timeout=0))
+
+    async def go():
+        server = await serve(answer, host="127.0.0.1", port=0, request_timeout=1.5)
+        try:
+            async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
+                await asyncio.wait_for(conn.chat("x").collect(), T)  # the connection is up
+                proto = next(iter(server.protocols))
+                return proto.server_session.request_timeout
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert run(go()) == 1.5
+
+
 # -- 8. keyfile without certfile ----------------------------------------------------------------------------------
 def test_a_keyfile_without_a_certfile_is_refused_on_both_sides(tmp_path):
     """It was ignored: the server used its dev certificate, the client presented no certificate."""

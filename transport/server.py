@@ -44,6 +44,7 @@ from .frames import Request
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, port_argument, serve_quic, tune_socket
 from .session import (
+    REQUEST_TIMEOUT_S,
     ConnectionEnded,
     RequestCancelled,
     RequestCompleted,
@@ -52,7 +53,7 @@ from .session import (
     ServerSession,
     SessionEvent,
 )
-from .tls import CertPair, server_configuration
+from .tls import CertPair, check_seconds, server_configuration
 
 log = logging.getLogger("tokenwire.server")
 
@@ -121,6 +122,7 @@ class ServerProtocol(SessionProtocol):
                 q,
                 max_requests=app.max_requests_per_connection,
                 max_redundant_tokens=app.max_redundant_tokens,
+                request_timeout=app.request_timeout,
                 marking=app.marking() if app.marking is not None else None,
             ),
         )
@@ -402,6 +404,7 @@ class TokenServer:
     authorize: Authorizer | None = None
     max_requests_per_connection: int = 64
     max_redundant_tokens: int = 64
+    request_timeout: float = REQUEST_TIMEOUT_S  # a request must be whole this long after its first bytes (+ size)
     marking: Callable[[], MarkingPolicy] | None = None  # per-connection ECN marking policy (ECN transport)
     stats: ServerStats = field(default_factory=ServerStats)
     protocols: set[ServerProtocol] = field(default_factory=set)
@@ -415,6 +418,7 @@ class TokenServer:
         limit = self.max_requests_per_connection
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # 0 accepted, then refused all
             raise ValueError(f"max_requests_per_connection must be an int of at least 1, not {limit!r}")
+        check_seconds("request_timeout", self.request_timeout)
 
     @property
     def port(self) -> int:
@@ -499,6 +503,7 @@ async def serve(
     congestion: str = "reno",
     max_requests_per_connection: int = 64,
     marking: Callable[[], MarkingPolicy] | None = None,
+    request_timeout: float = REQUEST_TIMEOUT_S,
 ) -> TokenServer:
     """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``; a port outside
     0..65535 raises ``ValueError``, as does ``max_requests_per_connection`` below 1 and ``keyfile`` without
@@ -512,12 +517,17 @@ async def serve(
     (a verdict that is not a bool is logged once). With an async check, the requests that come before the first
     verdict are each checked, and any ``False`` closes the connection, answers already let in with it.
 
+    ``request_timeout``: a request must have arrived whole this many seconds after its stream's first bytes, plus
+    its size at 32 KiB/s (LIMIT_EXCEEDED otherwise; the daemon's ``limits.request_timeout_s``): a client that
+    sends a request slowly, or never its last byte, holds the server's memory no longer.
+
     ``marking``: a factory of per-connection ECN marking policies (``tokenwire.transport.marking``); with
     it the server runs on the ECN-capable transport and sets each packet's codepoint. Pair ECT(1) marking
     with ``congestion="prague"`` (a scalable response to CE).
     """
     server = TokenServer(
-        source, authorize=authorize, max_requests_per_connection=max_requests_per_connection, marking=marking
+        source, authorize=authorize, max_requests_per_connection=max_requests_per_connection, marking=marking,
+        request_timeout=request_timeout,
     )
     return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion)
 
