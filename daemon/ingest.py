@@ -357,10 +357,7 @@ async def serve_ingest(
             if clients is not None and task is not None:
                 clients.discard(task)
 
-    problem = unix_sockets.path_problem(path)
-    if problem is not None:
-        raise problem
-    unix_sockets.claim(path)  # a stale socket goes; a live one (another daemon) or a file is an error
+    unix_sockets.claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
     os.chmod(path, 0o660)
     return server

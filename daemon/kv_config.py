@@ -24,8 +24,6 @@ Parsed here (not in ``config.py``) so the KV channel stays one small hook in the
 
 from __future__ import annotations
 
-import errno
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,46 +104,21 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
 
 def check_paths(cfg: KVConfig) -> tuple[list[str], list[str]]:
     """What the daemon's start would make of ``[kv]``'s paths, found without creating, locking or binding
-    anything (``config check``): (errors the daemon refuses to start with, warnings). Each is the daemon's own
-    line. Errors: a ``kv.directory`` that is not a directory (``LocalChunkStore``), an ``ingest_socket`` whose
-    directory is missing or not one, or with a file that is not a socket in its place (``unix_sockets.claim``).
-    A warning: a ``kv.directory`` locked by a running daemon (the store's ``flock``), which is this
-    configuration's own daemon as often as another's; a second daemon on it would refuse to start."""
+    anything (``config check``): (errors the daemon refuses to start with, warnings), each in the daemon's own
+    words: the store's directory (``kv_store.check_local_directory``) and the ingest socket
+    (``unix_sockets.listen_problem``)."""
     from . import unix_sockets
+    from .kv_store import check_local_directory
 
     errors: list[str] = []
     warnings: list[str] = []
     if cfg.enabled and cfg.backend == "local":
-        root = cfg.directory
-        above = next((p for p in root.parents if p.exists()), None)  # the start makes what is missing below it
-        if root.exists() and not root.is_dir():
-            errors.append(f"kv.directory: {root} is not a directory")
-        elif not root.exists() and above is not None and not above.is_dir():
-            errors.append(f"kv.directory: cannot use {root}: {os.strerror(errno.ENOTDIR)}")
-        elif root.is_dir() and _locked(root / ".lock"):
-            warnings.append(f"kv.directory: {root} is in use by another process (another daemon's kv.directory?)")
+        error, warning = check_local_directory(cfg.directory)
+        errors += [f"kv.directory: {error}"] if error else []
+        warnings += [f"kv.directory: {warning}"] if warning else []
     if cfg.enabled and cfg.ingest_socket is not None:
         sock = Path(cfg.ingest_socket)
         problem = unix_sockets.listen_problem(sock)
         if problem is not None:
             errors.append(f"kv.ingest_socket: cannot listen on {sock}: {problem.strerror or problem}")
     return errors, warnings
-
-
-def _locked(path: Path) -> bool:
-    """Whether a process holds the store's exclusive lock on ``path``: a shared lock is tried and let go at once
-    (a daemon starting in those microseconds would find the store in use). A lock file that is missing or that
-    this user cannot read (the daemon's is 0600): not known to be locked."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # releases the shared lock, if taken
-    return False

@@ -634,10 +634,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
     p = Path(path)
-    problem = unix_sockets.path_problem(p)  # too long, no folder: the same line as `config check`'s
-    if problem is not None:
-        raise problem
-    unix_sockets.claim(p)  # a stale socket goes; a live one (another daemon) or any other file is an error
+    unix_sockets.claim(p)  # a stale socket goes; a bad path, a live socket or a file is an error
     server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
                                              limit=1 << 24)
     os.chmod(p, 0o660)

@@ -17,6 +17,7 @@ The API is synchronous (file and socket I/O); the daemon calls it from a worker 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -158,6 +159,48 @@ class ChunkStore(ABC):
         pass
 
 
+LOCK_FILE = ".lock"  # in a local store's directory: held (flock) by the one process that uses the store
+
+
+def _not_a_directory(root: Path) -> str:
+    return f"{root} is not a directory"
+
+
+def _in_use(root: Path) -> str:
+    return f"{root} is in use by another process (another daemon's kv.directory?)"
+
+
+def check_local_directory(root: Path) -> tuple[str | None, str | None]:
+    """What :class:`LocalChunkStore` would make of ``root`` at start, found without creating or locking anything
+    (``config check``): (the error it would refuse with, a warning), each in its words. A directory locked by a
+    running process is a warning: it is this configuration's own daemon as often as another's."""
+    above = next((p for p in root.parents if p.exists()), None)  # the start makes what is missing below it
+    if root.exists() and not root.is_dir():
+        return _not_a_directory(root), None
+    if not root.exists() and above is not None and not above.is_dir():
+        return f"cannot use {root}: {os.strerror(errno.ENOTDIR)}", None
+    if root.is_dir() and _locked(root / LOCK_FILE):
+        return None, _in_use(root)
+    return None, None
+
+
+def _locked(path: Path) -> bool:
+    """Whether a process holds the store's exclusive lock on ``path``: a shared lock is tried and let go at once
+    (a daemon starting in those microseconds would find the store in use). A lock file that is missing or that
+    this user cannot read (the daemon's is 0600): not known to be locked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+    return False
+
+
 class LocalChunkStore(ChunkStore):
     """Files under ``root`` (see module docstring). Thread-safe."""
 
@@ -188,17 +231,17 @@ class LocalChunkStore(ChunkStore):
         own index and capacity (filling twice the capacity between them), and one restarting deleted the
         other's writes in progress as a crash's leftovers."""
         if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"{self.root} is not a directory")
+            raise StoreError(_not_a_directory(self.root))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot use {self.root}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise StoreError(f"{self.root} is in use by another process (another daemon's kv.directory?)") from None
+            raise StoreError(_in_use(self.root)) from None
         self._lock_fd = fd
         try:  # the lock file may be writable in a directory that is not (its mode changed since)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):

@@ -34,17 +34,21 @@ def listen_problem(path: Path) -> OSError | None:
     removing anything: its path, or something not a socket in the way. A socket already there is no problem:
     a stale one is replaced at start, and a live one is most often this configuration's running daemon (the
     start then names it)."""
-    problem = path_problem(path)
-    if problem is None and not path.is_socket():
-        try:
-            claim(path)  # raises for anything in the way, and changes nothing then
-        except OSError as exc:
-            problem = exc
-    return problem
+    if path.is_socket():
+        return path_problem(path)
+    try:
+        claim(path)  # raises for anything in the way, and changes nothing then
+    except OSError as exc:
+        return exc
+    return None
 
 
 def claim(path: Path) -> None:
-    """Make ``path`` free to bind: remove a stale socket; ``OSError`` when something live or foreign is there."""
+    """Make ``path`` free to bind: remove a stale socket; ``OSError`` when something live or foreign is there,
+    or when no socket can be bound there for its path alone (:func:`path_problem`)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise problem
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
