@@ -486,9 +486,9 @@ class Daemon:
         count), or no client could attach as ``principal`` under the auth in force now (SIGHUP changes it)."""
         if self.draining:
             return "daemon shutting down"
-        live = self.live_answers()
-        if live >= self.config.limits.max_live_answers:
-            return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+        busy = self._busy()
+        if busy is not None:
+            return busy
         return principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
 
     def _ingest_opened(self, live: LiveRequest) -> None:
@@ -506,6 +506,13 @@ class Daemon:
     def live_answers(self) -> int:
         """Answers being generated: by the upstreams, and open on the ingest socket."""
         return len(self.tasks) + (self._ingest_api.live_count if self._ingest_api is not None else 0)
+
+    def _busy(self) -> str | None:
+        """Why no answer may start now (``limits.max_live_answers`` are live), for a request and an ingest open."""
+        live = self.live_answers()
+        if live < self.config.limits.max_live_answers:
+            return None
+        return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
 
     def drain_status(self) -> str:
         return f"draining {self.streaming_count()} answers"
@@ -809,10 +816,9 @@ class Daemon:
             except LookupError as exc:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
                 return
-            live_now = self.live_answers()
-            if live_now >= self.config.limits.max_live_answers:
-                self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
-                             f"server busy: {live_now} answers being generated; retry later")
+            busy = self._busy()
+            if busy is not None:
+                self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED, busy)
                 return
             limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
             live = self.store.create(proto.principal, limit, now, model=request.model)
@@ -850,12 +856,10 @@ class Daemon:
                 if live.error is not None:
                     code, message = live.error
                     self.metrics.errors.labels(code=hex(code)).inc()
-                    live.listeners.pop(key, None)
-                    proto.attached.pop(sid, None)
+                    self.detach(proto, sid, cancel=False)  # (a failed answer is done: nothing more to do there)
                     proto.server_session.fail(sid, code, message)
                 elif live.evicted:  # past transcript_memory_mb: the session lets go of it too (else it is not freed)
-                    live.listeners.pop(key, None)
-                    proto.attached.pop(sid, None)
+                    self.detach(proto, sid, cancel=False)
                     self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
                                  "answer evicted: the server's transcript memory is full (limits.transcript_memory_mb)")
                 else:
