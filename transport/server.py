@@ -206,21 +206,21 @@ class ServerProtocol(SessionProtocol):
     async def _start_when_authorized(self, stream_id: int, request: Request, check: asyncio.Future[Any]) -> None:
         """Await an async ``authorize``'s verdict, then start the request as :meth:`_on_request` would have."""
         task = asyncio.current_task()
+        failed = False
         try:
             verdict = await check
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
                 raise  # the request or the connection ended first (its event settled the request)
             log.error("authorize() was cancelled; closing the connection")
-            self.tasks.pop(stream_id, None)
-            self._auth_failed(stream_id)
-            return
+            failed = True
         except Exception:
             log.exception("authorize() failed; closing the connection")
-            self.tasks.pop(stream_id, None)
+            failed = True
+        self.tasks.pop(stream_id, None)
+        if failed:
             self._auth_failed(stream_id)
             return
-        self.tasks.pop(stream_id, None)
         if self._quic._close_event is not None or stream_id not in self.server_session.requests:
             return  # the connection is closing (another request was unauthorized, close()): start nothing
         if self._authorize(stream_id, verdict):  # (its own verdict even if another request let the connection in)
