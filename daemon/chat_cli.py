@@ -14,13 +14,10 @@ CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}  # TLS alerts about the server's c
 
 
 def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not within 1-65535")
-    return port
+    """``--port``: the SDK's check (imported here: aioquic is not loaded for every command's --help)."""
+    from tokenwire.transport.quic_io import port_argument
+
+    return port_argument(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
