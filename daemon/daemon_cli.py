@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -131,6 +132,10 @@ def run_check(args: argparse.Namespace) -> int:
 
     # the sockets' and the store's paths, as the daemon's start sees them (nothing is bound, claimed or locked)
     kv_errors, kv_warnings = check_kv_paths(cfg.kv)
+    if cfg.kv.enabled and importlib.util.find_spec("torch") is None:  # the daemon's codec warm-up would fail
+        from .cli import EXTRA_INSTALL
+
+        kv_errors.insert(0, f"kv: the KV codec needs torch, which is not installed: {EXTRA_INSTALL['ml']}")
     errors = check_ingest_paths(cfg.ingest) + kv_errors
     if errors:
         raise CLIError(f"{args.path}: {errors[0]}")

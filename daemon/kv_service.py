@@ -747,6 +747,7 @@ async def warm_up_codec(run: Any = _warm_up) -> None:
     """Compile the codec's CPU kernels now: cold, that took ~3 s (2 cores), which the first fetch would
     otherwise spend against its deadline. A JIT that cannot run at all is a :class:`StartupError` now
     rather than a failed fetch later."""
+    log.info("KV codec: compiling or loading its kernels (a first start takes ~10 s)")
     try:
         took = await asyncio.to_thread(run)
     except (OSError, RuntimeError, ImportError) as exc:
@@ -769,6 +770,11 @@ def warm_up_failure(exc: BaseException) -> str:
     if (isinstance(exc, PermissionError) and exc.filename is None) or any(h in text for h in _WX_HINTS):
         return (f"{head} (under systemd, MemoryDenyWriteExecute=yes forbids the JIT's executable memory: set "
                 "MemoryDenyWriteExecute=no in a drop-in)")
+    if isinstance(exc, ModuleNotFoundError):  # a base install (`pip install .`): the codec needs the ml extra
+        from tokenwire.daemon.cli import EXTRA_INSTALL, OPTIONAL_MODULES
+
+        extra = OPTIONAL_MODULES.get((exc.name or "").partition(".")[0])
+        return f"{head} ([kv] needs the '{extra}' extra: {EXTRA_INSTALL[extra]})" if extra else head
     if "cpuinfo" in text:
         return (f"{head} (torch reads the CPU's features from /proc/cpuinfo: it must be visible, e.g. no "
                 "ProcSubset=pid in the unit)")
@@ -781,14 +787,18 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
     from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
 
-    await warm_up_codec()
-    try:
+    try:  # the store first: a directory it cannot use fails in a moment, not after the codec's compile
         store = open_store(cfg)
     except OSError as exc:
         raise StartupError(f"kv.directory: cannot use {exc.filename or cfg.directory}: {exc.strerror or exc}") \
             from None
     except StoreError as exc:
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
+    try:
+        await warm_up_codec()
+    except BaseException:
+        store.close()
+        raise
     service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
     marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
     tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,

@@ -181,6 +181,12 @@ def check_local_directory(root: Path) -> tuple[str | None, str | None]:
         return f"cannot use {root}: {os.strerror(errno.ENOTDIR)}", None
     if root.is_dir() and _locked(root / LOCK_FILE):
         return None, _in_use(root)
+    where = root if root.is_dir() else above  # what the start writes in: the store, or the folder it makes it in
+    if where is not None and os.statvfs(where).f_flag & os.ST_RDONLY:
+        return f"cannot use {root}: {os.strerror(errno.EROFS)}", None
+    if where is not None and not os.access(where, os.W_OK | os.X_OK):
+        # a warning: the daemon may run as another user (the unit's tokenwire) than the one checking
+        return None, f"{where} is not writable by this user; the daemon's user must be able to write there"
     return None, None
 
 

@@ -270,6 +270,7 @@ class Daemon:
         self._quic_config: Any = None  # the listeners' shared configuration: SIGHUP replaces its certificate
         self.draining = False
         self._handle_signals = False
+        self.reload_note = ""  # the start of STATUS while the last reload's files were refused (status_line)
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
         self._drain_task: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -291,7 +292,7 @@ class Daemon:
         """Open every listener; :class:`StartupError` (with what was opened closed again) if one cannot."""
         try:
             await self._start()
-        except StartupError:
+        except (StartupError, asyncio.CancelledError):  # cancelled: a stop signal during the start (run())
             await self.stop()
             raise
 
@@ -359,6 +360,7 @@ class Daemon:
         if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
             from .kv_service import start_kv
 
+            self.notifier.status("starting: the KV codec's kernels (a first start takes ~10 s)")
             self.kv = await start_kv(cfg.kv, authorize=self._kv_authorized, **tls_kwargs)
             from .kv_metrics import KVMetrics
 
@@ -518,9 +520,12 @@ class Daemon:
         return f"draining {self.streaming_count()} answers"
 
     def status_line(self) -> str:
-        """The periodic STATUS (``systemctl status``): the listening addresses stay in it, then the load."""
+        """The periodic STATUS (``systemctl status``): what the last reload refused (until one succeeds: the
+        files on disk are not what runs, which had vanished from the status 10 s after the reload), the
+        listening addresses, then the load."""
         return (
-            f"listening on {self.listening()}; {self.established} sessions, {self.store.live_count} answers "
+            f"{self.reload_note}listening on {self.listening()}; {self.established} sessions, "
+            f"{self.store.live_count} answers "
             f"running, {self.store.finished_count} retained"
         )
 
@@ -558,6 +563,7 @@ class Daemon:
             return False
         self.notifier.reloading()
         status = "reload failed part-way (see the log)"
+        self.reload_note = "the last reload failed part-way (see the log); "
         try:
             status, ok = self._reload()
             return ok
@@ -573,7 +579,9 @@ class Daemon:
             new = load_config(self.config.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            self.reload_note = "the last reload was refused (see the log); "
             return f"reload refused: {exc}", False
+        old_level = self.config.logging.level
         log_format = self.log_format_override or new.logging.format
         if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
             setup_logging(self.config.logging.level, log_format)  # the new level once the reload is logged
@@ -586,15 +594,17 @@ class Daemon:
         self.store.retain_s = new.limits.transcript_retain_s
         revoked = self._recheck_auth(new.auth)
         tls_ok = self._reload_tls()
+        # at the more verbose of the two levels: at the old one, a reload from "warning" to "info" left no trace,
+        # and at the new one, the other way round
+        set_log_level(min(old_level, new.logging.level, key=lambda lv: logging.getLevelName(lv.upper())))
         log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
                  logging_cfg.level, logging_cfg.format)
         if revoked:
             log.warning("reload: %d connections lost their authorization (token removed or changed); their "
                         "next requests are refused with UNAUTHORIZED", revoked)
-        # last: a reload to level "warning" filtered out its own "reloaded" line, and left no trace it was applied
         set_log_level(new.logging.level)  # aioquic's logger too, as at start
-        note = "" if tls_ok else "TLS files refused (see the log); "
-        return f"reloaded; {note}{self.status_line()}", True
+        self.reload_note = "" if tls_ok else "TLS files refused at the last reload (see the log); "
+        return f"reloaded; {self.status_line()}", True
 
     def _reload_tls(self) -> bool:
         """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
@@ -759,7 +769,34 @@ class Daemon:
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading."""
         self._handle_signals = True  # start() installs the handlers before it says READY
-        await self.start()
+        loop = asyncio.get_running_loop()
+        starting = asyncio.ensure_future(self.start())
+        reload_due = False
+
+        def reload_later() -> None:
+            nonlocal reload_due
+            reload_due = True
+            log.info("SIGHUP while starting: reloading once started")
+
+        def stop_starting() -> None:
+            log.warning("stop signal while starting: stopping")
+            starting.cancel()
+
+        # a start can take seconds (the KV codec's compile): a SIGHUP then killed the daemon without a word
+        # (its default action) and a SIGTERM too; start() replaces these with the serving handlers
+        loop.add_signal_handler(signal.SIGHUP, reload_later)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_starting)
+        try:
+            await starting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # run() itself was cancelled, not the start by a signal
+            log.info("stopped")
+            return
+        if reload_due:
+            self.reload()
         await self._stopped.wait()
         log.info("stopped")
 

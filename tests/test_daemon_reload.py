@@ -147,3 +147,65 @@ def test_a_server_certificate_near_its_end_is_a_warning(days_left, warned, caplo
         assert service._warn_if_expiring(cert, "/etc/tokenwire/cert.pem", now) is warned
     assert ("EXPIRED" in caplog.text) is (days_left < 0) and bool(caplog.text) is warned
     assert (", in 3 days;" in caplog.text) is (days_left == 3)
+
+
+def test_the_periodic_status_keeps_saying_a_reload_was_refused_until_one_succeeds(tmp_path):
+    """READY said "reload refused", then the periodic STATUS 10 s later looked healthy while the daemon ran
+    what the files on disk no longer said."""
+    d, notes = _daemon(tmp_path)
+    path = tmp_path / "tokenwire.toml"
+    path.write_text("[limits]\nmax_sesions = 3\n")
+    assert d.reload() is False
+    assert notes.sent[-1][0] == "READY" and notes.sent[-1][1].startswith("reload refused: ")
+    assert d.status_line().startswith("the last reload was refused (see the log); listening on ")
+    path.write_text("[limits]\nmax_sessions = 3\n")
+    assert d.reload() is True
+    assert d.status_line().startswith("listening on ") and d.config.limits.max_sessions == 3
+
+
+@pytest.mark.parametrize(("before", "after"), [("info", "warning"), ("warning", "info")])
+def test_every_applied_reload_is_logged_whichever_way_the_level_moves(tmp_path, before, after, caplog):
+    """From "warning" to "info" the "reloaded" line went out while the old level still filtered it."""
+    path = tmp_path / "tokenwire.toml"
+    path.write_text(f'[logging]\nlevel = "{before}"\n')
+    d = service.Daemon(service.load_config(path), notifier=_Notes())  # type: ignore[arg-type]
+    root = logging.getLogger()
+    saved = root.level
+    try:
+        service.set_log_level(before)
+        path.write_text(f'[logging]\nlevel = "{after}"\n')
+        with caplog.at_level(logging.NOTSET):  # the handler takes all; the root logger's level decides
+            service.set_log_level(before)
+            assert d.reload() is True
+            assert "reloaded: " in caplog.text and f"logging {after}/text" in caplog.text
+            assert root.level == logging.getLevelName(after.upper())
+    finally:
+        root.setLevel(saved)
+
+
+def test_signals_during_a_slow_start_neither_kill_the_daemon_nor_get_lost(tmp_path, monkeypatch, caplog):
+    """Handlers were installed at the end of the start, after the KV codec's compile (~10 s cold): a SIGHUP
+    then killed the daemon without a word (its default action), a SIGTERM too. Now a SIGHUP reloads once the
+    start is done, and a SIGTERM stops the start."""
+    import os
+
+    async def logged(text: str) -> None:
+        while text not in caplog.text:
+            await asyncio.sleep(0.01)
+
+    async def slow_start(self: service.Daemon, sig: int, then: str) -> None:
+        os.kill(os.getpid(), sig)
+        await asyncio.wait_for(logged(then), 10)  # handled while the start still runs
+        if sig == signal.SIGTERM:
+            await asyncio.Future()  # a start that would go on: cancelled by the signal
+        self._stopped.set()  # run() returns once it has done what was due
+
+    reloads: list[bool] = []
+    for sig, then in ((signal.SIGHUP, "SIGHUP while starting"), (signal.SIGTERM, "stop signal while starting")):
+        d, _ = _daemon(tmp_path)
+        monkeypatch.setattr(service.Daemon, "_start", lambda self, s=sig, t=then: slow_start(self, s, t))
+        monkeypatch.setattr(d, "reload", lambda: reloads.append(True))
+        with caplog.at_level(logging.INFO, logger="tokenwire.daemon"):
+            asyncio.run(asyncio.wait_for(d.run(), 20))
+        assert reloads == [True]  # the SIGHUP's reload, after the start; none for the SIGTERM
+    assert "stopped" in caplog.text

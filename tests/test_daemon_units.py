@@ -207,6 +207,14 @@ def test_tokens_are_checked_by_hash():
     assert cfg.auth.required
     assert cfg.auth.principal("s3cret") == "alice"
     assert cfg.auth.principal("S3cret") is None and cfg.auth.principal(None) is None
+    # a name may have two tokens (one being replaced); one token two names is a copy-paste slip: the second
+    # name could never be a principal
+    two = parse_config({"auth": {"tokens": [{"name": "alice", "sha256": hash_token("old")},
+                                            {"name": "alice", "sha256": hash_token("new")}]}})
+    assert two.auth.principal("old") == two.auth.principal("new") == "alice"
+    with pytest.raises(ConfigError, match=r"auth.tokens\[1\].sha256: the same digest as auth.tokens\[0\] \('alice'\)"):
+        parse_config({"auth": {"tokens": [{"name": "alice", "sha256": hash_token("s3cret")},
+                                          {"name": "bob", "sha256": hash_token("s3cret")}]}})
 
 
 def test_routes_first_match_wins():
@@ -429,6 +437,31 @@ def test_cert_force_replaces_both_files_or_neither(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]  # no temporary files
 
 
+def test_cert_force_keeps_the_modes_and_group_the_service_reads_through(tmp_path):
+    """The README's install gives the key group ``tokenwire`` and mode 0640; ``cert --force`` (the renewal it
+    documents) wrote root:root 0600, so the reload kept the old certificate and the restart failed. A key that
+    was world-readable does not stay so."""
+    from tokenwire.daemon.cli import main
+
+    assert main(["cert", "--out-dir", str(tmp_path)]) == 0
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    os.chmod(key, 0o640)
+    os.chmod(cert, 0o640)
+    group = 65534 if os.geteuid() == 0 else None  # root may give any group (nogroup stands in for tokenwire)
+    if group is not None:
+        os.chown(key, -1, group)
+    old_key = key.read_bytes()
+    assert main(["cert", "--out-dir", str(tmp_path), "--force"]) == 0
+    assert key.read_bytes() != old_key  # renewed
+    assert (key.stat().st_mode & 0o777, cert.stat().st_mode & 0o777) == (0o640, 0o640)
+    if group is not None:
+        assert key.stat().st_gid == group
+    os.chmod(key, 0o644)
+    assert main(["cert", "--out-dir", str(tmp_path), "--force"]) == 0
+    assert key.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]  # no temporary files
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--days", "0"], "--days must be at least 1"),
     (["--host", "bad host!"], "'bad host!' is neither an IP address nor a DNS name"),
@@ -603,6 +636,38 @@ def test_kv_codec_warm_up_failure_is_a_startup_error_naming_the_unit_setting():
         asyncio.run(warm_up_codec(refused))
     assert "kv: the KV codec cannot compile" in str(info.value) and "MemoryDenyWriteExecute=no" in str(info.value)
     asyncio.run(warm_up_codec(lambda: 0.1))  # a working JIT: no error
+
+
+def test_a_base_install_is_told_which_extra_a_command_or_kv_needs(tmp_path, monkeypatch, capsys):
+    """`pip install .` (the daemon's install) has no torch: `predictor export`, `kv bench`... ended in a
+    ModuleNotFoundError traceback, and a [kv] daemon named the module but not what to install."""
+    import tomllib
+
+    from tokenwire.daemon import cli
+    from tokenwire.daemon.kv_service import warm_up_failure
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ModuleNotFoundError(name="torch")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"x")
+    assert cli.main(["predictor", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: needs torch, from the 'ml' extra: pip install torch==2.13.0" in err
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as exc:
+        assert "needs the 'ml' extra: pip install torch==2.13.0" in warm_up_failure(exc)
+    # every extra named exists in pyproject.toml and has its install line
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert set(cli.OPTIONAL_MODULES.values()) <= set(pyproject["project"]["optional-dependencies"])
+    assert set(cli.OPTIONAL_MODULES.values()) == set(cli.EXTRA_INSTALL)
+    monkeypatch.setitem(sys.modules, "nonexistent_helper", None)
+
+    def broken(args):
+        import nonexistent_helper  # noqa: F401  (not an extra's: a bug, shown as one)
+
+    monkeypatch.setattr(cli, "check_outputs", lambda args: setattr(args, "handler", broken))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["config", "new-token", "--name", "x"])
 
 
 def test_kv_codec_warm_up_under_memory_deny_write_execute(tmp_path):

@@ -382,6 +382,58 @@ def test_config_check_warns_of_a_kv_directory_in_use_and_claims_nothing(tmp_path
     LocalChunkStore(tmp_path / "store", 1 << 20).close()
 
 
+def test_config_check_refuses_kv_without_torch_and_a_read_only_store(tmp_path, capsys, monkeypatch):
+    """`config check` said ok; the daemon then refused to start: in a base install without torch (after
+    nothing), and with a store on a read-only file system (after ~9 s compiling the codec's kernels)."""
+    import importlib.util
+
+    from tokenwire.daemon.cli import main
+
+    cfg = _kv_toml(tmp_path, directory=str(tmp_path / "store"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch"
+                        else real_find_spec(name, *a))
+    assert main(["config", "check", cfg]) == 2
+    assert "kv: the KV codec needs torch, which is not installed: pip install torch==2.13.0" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, real):
+            self.f_flag = real.f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly(real_statvfs(p)))
+    assert main(["config", "check", cfg]) == 2
+    assert f"kv.directory: cannot use {tmp_path / 'store'}: Read-only file system" in capsys.readouterr().err
+    monkeypatch.undo()
+    # not writable by the user checking: a warning (the daemon may run as another user)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False)
+    assert main(["config", "check", cfg]) == 0
+    assert f"warning: kv.directory: {tmp_path} is not writable by this user" in capsys.readouterr().err
+
+
+def test_the_daemon_checks_the_kv_store_before_compiling_the_codec(tmp_path, monkeypatch):
+    """A store directory it could not use failed the start only after the codec's compile (~9 s cold)."""
+    from tokenwire.daemon import kv_service
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.startup import StartupError
+
+    file = tmp_path / "plain"
+    file.write_text("x")
+    cfg = parse_config({"kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(file / "kv")}},
+                       tmp_path / "tw.toml")
+    compiled = []
+
+    async def warm_up() -> None:
+        compiled.append(True)
+
+    monkeypatch.setattr(kv_service, "warm_up_codec", warm_up)
+    with pytest.raises(StartupError, match=r"kv\.directory: cannot use"):
+        asyncio.run(kv_service.start_kv(cfg.kv))
+    assert compiled == []
+
+
 # --------------------------------------------------------------------------------------------------- minor
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"deadline_ms": 0}, "invalid fetch: deadline_ms: 0 out of range"),

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import NameOID
 
 from . import prague_cc  # noqa: F401  (registers the "prague" congestion controller with aioquic)
+from .file_modes import keep_mode
 from .frames import ALPN
 
 
@@ -43,16 +44,22 @@ class CertPair:
         )
 
     def write(self, cert_path: Path, key_path: Path) -> None:
-        """Write PEM files, the key readable by its owner only: both to temporary files first, then renamed, so
-        a failure leaves the old pair whole (it left a new certificate beside the old key, which the daemon
-        then refused to start with)."""
+        """Write PEM files: both to temporary files first, then renamed, so a failure leaves the old pair whole
+        (it left a new certificate beside the old key, which the daemon then refused to start with). A new key
+        is readable by its owner only; a file replaced keeps its mode, owner and group (a key never becomes
+        world-readable), so a renewal in place keeps what the admin set for the service (the README's
+        ``chgrp tokenwire`` + ``chmod 640``: a renewed 0600 root key had stopped the service at its restart)."""
         # symlinks are written through, as before (a link to where the daemon reads them stayed a link)
         cert_path, key_path = Path(os.path.realpath(cert_path)), Path(os.path.realpath(key_path))
         made: list[Path] = []  # the temporary files: the key's, then the certificate's
         try:
             for path, data, mode in ((key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644)):
                 made.append(_write_temp(path, data, mode))
+                keep_mode(path, made[-1], private=path == key_path)
             old_key = key_path.read_bytes() if key_path.exists() else None  # (small: kept to undo with)
+            if old_key is not None:
+                made.append(_write_temp(key_path, old_key, 0o600, ".old"))  # the undo copy, ready before anything moves
+                keep_mode(key_path, made[-1], private=True)
             os.replace(made[0], key_path)
             try:
                 os.replace(made[1], cert_path)
@@ -60,16 +67,16 @@ class CertPair:
                 if old_key is None:
                     key_path.unlink(missing_ok=True)
                 else:
-                    os.replace(_write_temp(key_path, old_key, 0o600), key_path)
+                    os.replace(made[2], key_path)
                 raise
         finally:
             for tmp in made:
                 tmp.unlink(missing_ok=True)
 
 
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+def _write_temp(path: Path, data: bytes, mode: int, suffix: str = "") -> Path:
     """``data`` in a new file next to ``path`` (created with ``mode``), to be renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)

@@ -1,0 +1,20 @@
+"""Keeping a file's permissions when it is replaced by a rename (certificates, keys, command outputs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def keep_mode(old: Path, new: Path, *, private: bool = False) -> None:
+    """Give ``new`` the permissions (and, as root, the owner and group) of the file ``old`` it will replace;
+    nothing when there is none. Without it a result made private (0600) came back world-readable after a
+    rerun, and a renewed key lost the group the service reads it through. ``private``: never readable or
+    writable by others, whatever ``old`` was (a key)."""
+    try:
+        st = old.stat()
+    except FileNotFoundError:
+        return
+    os.chmod(new, st.st_mode & (0o7770 if private else 0o7777))
+    if os.geteuid() == 0:
+        os.chown(new, st.st_uid, st.st_gid)
