@@ -840,8 +840,10 @@ class Daemon:
                 self._reject(proto, sid, ErrorCode.NOT_FOUND, "unknown or expired request id")
                 return
             first = request.resume_from or 0
-            if first > len(live.transcript):
-                self._reject(proto, sid, ErrorCode.BAD_REQUEST, f"resume index {first} is past the answer's end")
+            if first > len(live.transcript):  # more than it could have been sent: a client's bug, not a race
+                so_far = "its end" if live.done else "the tokens generated so far"
+                self._reject(proto, sid, ErrorCode.BAD_REQUEST,
+                             f"resume index {first} is past {so_far} ({len(live.transcript)})")
                 return
             if first == 0 and self._ingested.get(live.request_id) is live:  # conn.attach, not a reconnect
                 self.metrics.attaches.inc()
@@ -852,6 +854,10 @@ class Daemon:
                 route = self.config.route(request.model)
             except LookupError as exc:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
+                return
+            problem = self.upstreams[route.name].refusal(request.model, request.params or {})
+            if problem is not None:
+                self._reject(proto, sid, ErrorCode.BAD_REQUEST, problem)
                 return
             busy = self._busy()
             if busy is not None:

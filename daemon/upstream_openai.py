@@ -338,6 +338,10 @@ class OpenAIUpstream:
             out.append((content, choice.get("finish_reason"), progress))
         return out
 
+    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
+        """None: the upstream itself judges the parameters (its error reaches the client as UPSTREAM_ERROR)."""
+        return None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
@@ -29,6 +29,11 @@ Emit = Callable[[str], None]
 
 class Upstream(Protocol):
     name: str
+
+    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
+        """Why a request cannot be served at all (BAD_REQUEST), checked before STARTED: raised from
+        ``generate``, the refusal came after STARTED, under a request id the client could resume for nothing."""
+        ...
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str: ...
 
@@ -44,10 +49,17 @@ class DemoUpstream:
         self.first_token_s = first_token_ms / 1000.0
         self.max_tokens = max_tokens
 
-    async def generate(self, request: ChatRequest, emit: Emit) -> str:
-        rate = request.params.get("rate", self.rate)
+    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
+        rate = params.get("rate", self.rate)
         if type(rate) not in (int, float) or not 0.1 <= rate <= 10_000:
-            raise RequestError("params.rate must be a number in [0.1, 10000]", code=ErrorCode.BAD_REQUEST)
+            return "params.rate must be a number in [0.1, 10000]"
+        return None
+
+    async def generate(self, request: ChatRequest, emit: Emit) -> str:
+        problem = self.refusal(request.model, request.params)
+        if problem is not None:  # (the daemon checked before STARTED; a direct caller may not have)
+            raise RequestError(problem, code=ErrorCode.BAD_REQUEST)
+        rate = request.params.get("rate", self.rate)
         seed = request.params.get("seed", 0)
         n = min(self.max_tokens, request.max_tokens or self.max_tokens)
         tokens = answer_tokens(n)
@@ -71,12 +83,12 @@ class IngestUpstream:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
+        return (f"model {model!r} is served by an application through the ingest API: attach to its answer with "
+                "the request id it gave you")
+
     async def generate(self, request: ChatRequest, emit: Emit) -> str:
-        raise RequestError(
-            f"model {request.model!r} is served by an application through the ingest API: "
-            "attach to its answer with the request id it gave you",
-            code=ErrorCode.BAD_REQUEST,
-        )
+        raise RequestError(self.refusal(request.model, request.params) or "", code=ErrorCode.BAD_REQUEST)
 
     async def close(self) -> None:
         pass

@@ -18,8 +18,10 @@ SERVER = ("10.0.0.1", 4433)
 class Pair:
     """Client and server sessions; ``exchange`` moves datagrams until both sides are quiet."""
 
-    def __init__(self, *, client_datagrams: bool = True) -> None:
+    def __init__(self, *, client_datagrams: bool = True, datagram_limit: int | None = None) -> None:
         cfg = client_configuration(cadata=dev_cert().cert_pem, server_name="localhost")
+        if datagram_limit is not None:  # the client's max_datagram_frame_size transport parameter
+            cfg.max_datagram_frame_size = datagram_limit
         if not client_datagrams:
             cfg.max_datagram_frame_size = None
         self.client = ClientSession(QuicConnection(configuration=cfg))

@@ -216,6 +216,27 @@ def _send(proto, data: bytes) -> None:
     proto._quic.send_stream_data(sid, data)
 
 
+def test_a_request_the_upstream_cannot_serve_is_refused_before_started(daemon):
+    """A bad params.rate (and a chat request routed to an ingest upstream) got STARTED, a request id that could be
+    resumed for nothing, then BAD_REQUEST: the upstream's check ran in the generator."""
+    async def go():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            stream = conn.chat("x", params={"rate": -1})
+            with pytest.raises(RemoteError) as info:
+                await stream.collect()
+            good = conn.chat("x", max_tokens=3, params={"rate": 500})
+            await good.collect()
+            # resuming past what exists says how many tokens do
+            with pytest.raises(RemoteError) as past:
+                await conn.chat("", resume=(good.request_id, [b"t"] * 5)).collect()
+            return info.value, stream.request_id, past.value
+
+    err, request_id, past = run(go())
+    assert err.code == ErrorCode.BAD_REQUEST and "params.rate must be a number" in str(err)
+    assert request_id is None  # no STARTED came
+    assert past.code == ErrorCode.BAD_REQUEST and "resume index 5 is past its end (3)" in str(past)
+
+
 def test_unknown_resume_id_is_not_found(daemon):
     async def go():
         async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:

@@ -1,10 +1,11 @@
 """Pins the aioquic 1.7.2 internals the datagram hook relies on (private API: any upgrade must pass these)."""
 
 import aioquic
+import pytest
 from aioquic.quic import events as qe
 
 from tokenwire.transport.chatterbox import NEEDS_ROOM
-from tokenwire.transport.frames import Request, Tokens, decode_datagram, encode_frame
+from tokenwire.transport.frames import MIN_TOKENS_DATAGRAM, Request, Tokens, decode_datagram, encode_frame
 from tokenwire.transport.session import RequestFinished, RequestReceived
 
 from .quicpair import Pair
@@ -137,10 +138,14 @@ def test_lazy_payload_never_exceeds_the_room_left_in_the_packet():
     assert fin.result.total == 2000 and fin.result.digest_ok
 
 
-def test_peer_without_datagrams_gets_the_stream_scheme():
-    pair = Pair(client_datagrams=False)
+@pytest.mark.parametrize(("limit", "scheme"), [(None, "stream"), (24, "stream"), (MIN_TOKENS_DATAGRAM + 2, "stream"),
+                                             (MIN_TOKENS_DATAGRAM + 3, "chatterbox")])
+def test_peer_without_room_for_a_token_datagram_gets_the_stream_scheme(limit, scheme):
+    """A client allowing 16-byte datagrams got chatterbox, no datagram could carry a token, and the whole answer
+    came by REPAIR after FINISHED."""
+    pair = Pair(client_datagrams=limit is not None, datagram_limit=limit)
     pair.exchange(rounds=40)
-    assert pair.server.datagrams_ok is False
+    assert pair.server.datagrams_ok is (scheme == "chatterbox")
     sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0)
     pair.exchange(rounds=20)
     pair.server.accept(sid)
@@ -148,5 +153,5 @@ def test_peer_without_datagrams_gets_the_stream_scheme():
     pair.server.finish(sid)
     pair.exchange(rounds=100)
     fin = next(e for e in pair.client_events if isinstance(e, RequestFinished))
-    assert fin.result.scheme == "stream" and fin.result.digest_ok
+    assert fin.result.scheme == scheme and fin.result.digest_ok
     assert b"".join(fin.result.tokens) == b"hello"

@@ -14,6 +14,7 @@ from tokenwire.transport.frames import (
     Ack,
     Error,
     Finished,
+    FrameType,
     Repair,
     Request,
     Started,
@@ -225,3 +226,22 @@ def test_a_peers_text_in_an_error_message_cannot_forge_or_flood_a_log_line():
         with pytest.raises(FrameError) as info:
             decode_frame(msgpack.packb(wire))
         assert "\n" not in str(info.value) and len(str(info.value)) < 400, str(info.value)[:500]
+
+
+def test_a_key_twice_in_one_map_is_malformed():
+    """The last copy won: {"t": 6, ..., "t": 1} was a REQUEST here and a REPAIR to a decoder keeping the first
+    copy (common elsewhere), and {"mt": 3, "mt": 5} asked for 5 tokens."""
+    assert FrameType.REQUEST == 1 and FrameType.REPAIR == 6
+    def entries(*pairs):
+        return bytes([0x80 | len(pairs)]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in pairs)
+
+    request = [("t", 1), ("v", 1), ("m", [{"role": "user", "content": "x"}]), ("mt", 3)]
+    assert decode_frame(entries(*request)).max_tokens == 3
+    for extra in (("t", 6), ("mt", 5)):
+        with pytest.raises(FrameError, match=f"the key '{extra[0]}' appears twice in one map"):
+            decode_frame(entries(*request, extra))
+    nested = [("t", 1), ("v", 1), ("m", [{"role": "user", "content": "x"}]), ("p", {"a": 1})]
+    raw = entries(*nested).replace(msgpack.packb({"a": 1}), b"\x82" + msgpack.packb("a") + b"\x01"
+                                   + msgpack.packb("a") + b"\x02")
+    with pytest.raises(FrameError, match="appears twice"):
+        decode_frame(raw)

@@ -610,10 +610,27 @@ def encode_frame(frame: Frame) -> bytes:
     return _packer.pack(wire)
 
 
+# the largest TOKENS datagram that carries one token: a peer whose max_datagram_frame_size cannot take it gets
+# the stream scheme (a chatterbox answer to a peer allowing 16-byte datagrams arrived all at once, by REPAIR)
+MIN_TOKENS_DATAGRAM = len(encode_frame(Tokens(handle=MAX_HANDLE, first=MAX_INDEX, tokens=[bytes(MAX_TOKEN_BYTES)],
+                                              sent_us=MAX_TIMESTAMP_US, total=MAX_INDEX)))
+
+
 def encode_stream_frame(frame: Frame) -> bytes:
     """Encode one frame with its 4-byte length prefix, for QUIC streams."""
     body = encode_frame(frame)
     return _LEN.pack(len(body)) + body
+
+
+def _map_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A msgpack map as a dict, refusing a key that appears twice: the last copy won, while a decoder that keeps
+    the first (common in other languages) read ``{"t": 6, ..., "t": 1}`` as another frame than this one did."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[Any] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {_shown(twice)} appears twice in one map")
+    return out
 
 
 def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
@@ -633,6 +650,7 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
             max_array_len=200_000,
             max_map_len=64,
             max_ext_len=0,
+            object_pairs_hook=_map_without_duplicates,
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise FrameError(f"not a valid msgpack frame: {exc.__class__.__name__}: {exc}") from None

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .frames import (
     MAX_STREAM_FRAME,
+    MIN_TOKENS_DATAGRAM,
     REPORT_MS_MAX,
     REQUEST_ID_BYTES,
     Ack,
@@ -73,7 +74,7 @@ ECN_SLACK = 2
 # limits.request_timeout_s), plus its size at MIN_REQUEST_RATE: 64 streams a connection, each ~1 MiB short of its
 # last byte, were held for ever; a flat 10 s refused two honest 1-MB prompts sent at once over a 1.5 Mbit/s uplink
 REQUEST_TIMEOUT_S = 10.0
-MIN_REQUEST_RATE = 32 * 1024  # bytes/s a request's upload must average (256 kbit/s; 1 MiB: 32 s more)
+MIN_REQUEST_RATE = 32 * 1024  # bytes/s a request's upload must average (256 Kibit/s; 1 MiB: 32 s more)
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -313,7 +314,8 @@ class _SessionBase:
     def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
         if isinstance(event, qe.HandshakeCompleted):
             limit = getattr(self.quic, "_remote_max_datagram_frame_size", None)
-            self.datagrams_ok = limit is not None
+            # (frame type and length varints: see DatagramScheduler.set_peer_limit)
+            self.datagrams_ok = limit is not None and limit - 3 >= MIN_TOKENS_DATAGRAM
             self.scheduler.set_peer_limit(limit)
             return []
         if isinstance(event, qe.StreamDataReceived):
@@ -875,7 +877,7 @@ class ServerSession(_SessionBase):
                 took = f"{deadline - req.opened_at:.0f} s"
                 out.extend(self._refuse(req.stream_id, ErrorCode.LIMIT_EXCEEDED,
                                         f"request not complete within {took} (limits.request_timeout_s "
-                                        f"{self.request_timeout:g} s, plus its size at 256 kbit/s)", False))
+                                        f"{self.request_timeout:g} s, plus its size at 32 KiB/s)", False))
             elif req.sender is not None:
                 req.sender.on_timer(now)
                 self.scheduler.schedule(req.sender)
