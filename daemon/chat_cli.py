@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
+    import signal
+    import threading
 
     from tokenwire.daemon.cli import CLIError, printable, save_json
     from tokenwire.transport.client import HandshakeError, connect
@@ -67,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print("type the prompt, then Ctrl-D", file=sys.stderr)
         prompt = sys.stdin.read().strip()
-        if not prompt:
-            raise CLIError("no prompt given (argument or stdin)")
+    if prompt is not None and not prompt.strip():  # `chat ""` sent an empty message, while empty stdin was refused
+        raise CLIError("no prompt given (argument or stdin): it is empty")
     if prompt is not None:
         try:
             prompt.encode("utf-8")
@@ -184,11 +186,39 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{head}, while reconnecting: the server could not be told to cancel it and may finish"
                            f"{ident}") from None
 
+    termed: list[bool] = []
+
+    async def interruptible() -> Any:
+        """:func:`bounded`, with SIGTERM taking Ctrl-C's path: by default it killed the client outright, so no
+        cancellation went out and the daemon generated the abandoned answer to max_tokens. Cancelling the task,
+        as asyncio.run does on Ctrl-C, leaves the stream's ``async with``, which cancels the answer at the server;
+        then "interrupted" and 130, as Ctrl-C (and a SIGTERM to `tokenwire demo` or `kv calibrate`). As in
+        ``demo``, not ``sigterm_as_ctrl_c``: its KeyboardInterrupt, raised at any bytecode, could land inside
+        aioquic and break its cleanup. A SIGTERM ignored on entry stays ignored; off the main thread (chat called
+        from a program's worker thread) Python lets nobody but the main thread handle signals."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        catch = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+        if catch:
+            loop.add_signal_handler(
+                signal.SIGTERM, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
+        try:
+            return await bounded()
+        finally:
+            if catch:
+                loop.remove_signal_handler(signal.SIGTERM)
+
     try:
         try:
-            stats = asyncio.run(bounded())
-        except Exception:
-            if midline[0]:  # end the partial answer's line: the error line was glued onto it
+            try:
+                stats = asyncio.run(interruptible())
+            except asyncio.CancelledError:
+                if not termed:
+                    raise
+                raise KeyboardInterrupt from None
+        except (Exception, KeyboardInterrupt):
+            if midline[0]:  # end the partial answer's line: the error line (or "interrupted") was glued onto it
                 with contextlib.suppress(OSError):
                     sys.stdout.write("\n")
                     sys.stdout.flush()
@@ -207,6 +237,11 @@ def run(args: argparse.Namespace) -> int:
                     "for client authentication, unexpired)" if "certificate rejected" in str(exc) else
                     f" (the token comes from ${args.token_env or DEFAULT_TOKEN_ENV}; `tokenwire config new-token` "
                     "makes one)")
+        elif exc.code == ErrorCode.LIMIT_EXCEEDED and str(exc).startswith("request too large"):
+            # the daemon's limits.max_request_bytes, below the 1 MiB the client checks: say which limit, and that
+            # the prompt counts in bytes of UTF-8
+            hint = ("; the prompt (its text in bytes of UTF-8, plus some 50 bytes of framing) is over this "
+                    "server's limit on a request (the daemon's limits.max_request_bytes)")
         elif exc.code == ErrorCode.NOT_FOUND and where["id"] is not None:  # a resume after a lost connection
             hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "
                     "the outage lasted): what was printed is all of it that came")

@@ -115,6 +115,8 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
                                                           "was not reached, nothing was asked of it"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
     (["--attach", "00" * 16, "a prompt"], "no prompt or --max-tokens with it"),  # were silently ignored
+    ([""], "no prompt given (argument or stdin): it is empty"),  # was sent (empty stdin was refused)
+    ([" \n\t"], "no prompt given (argument or stdin): it is empty"),
     (["--attach", "00" * 16, "--max-tokens", "5"], "no prompt or --max-tokens with it"),
     (["--host", "no-such-host.invalid", "hi"], "cannot resolve no-such-host.invalid"),  # a gaierror traceback
 ])
@@ -130,7 +132,48 @@ def test_request_the_server_would_refuse_is_one_line(server_port, cafile, capsys
     rc, _, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",
                       "--model", "m" * 200, "hi")
     assert rc == 2
-    assert err.startswith("tokenwire chat: error: invalid request: request.model") and "Traceback" not in err
+    # the option's words (model), not the wire's (request.model)
+    assert err.startswith("tokenwire chat: error: invalid request: model: ") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("stdin", ["", " \n\n\t"])
+def test_an_empty_prompt_on_stdin_is_refused_as_an_empty_argument_is(stdin, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc, _, err = chat(capsys, "--port", "9")
+    assert rc == 2
+    assert err == "tokenwire chat: error: no prompt given (argument or stdin): it is empty\n", err
+
+
+def test_a_prompt_over_the_request_limit_says_so_in_bytes_of_utf8(server_port, cafile, capsys):
+    """It said "invalid request: frame of 1200047 bytes exceeds the limit of 1048576" for a prompt of 600,000
+    characters, under the 1,048,576 "code points" the protocol document promised."""
+    rc, _, err = chat(capsys, "--port", str(server_port), "--cafile", str(cafile), "--server-name", "localhost",
+                      "é" * 600_000)
+    assert rc == 2
+    assert err == ("tokenwire chat: error: prompt too large: its text is 1,200,000 bytes of UTF-8 and the request "
+                   "1,200,047 bytes encoded, over the limit of 1,048,576 bytes per request (a daemon's "
+                   "limits.max_request_bytes may be lower)\n"), err
+
+
+def test_a_prompt_over_the_daemons_lower_limit_names_that_setting(tmp_path, capsys):
+    """A daemon's limits.max_request_bytes below 1 MiB refuses the request alone; its words ("request too large:
+    stream frame of 2047 bytes exceeds the limit of 1024") did not say that the prompt counts in bytes of UTF-8
+    nor which setting it is."""
+    from .daemon_proc import DaemonProcess
+
+    d = DaemonProcess(tmp_path, "[limits]\nmax_request_bytes = 1024\n")
+    try:
+        rc, out, err = chat(capsys, "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
+                            "x" * 2000)
+    finally:
+        assert d.stop() == 0
+    assert rc == 2 and out == "", (out, err)
+    line = err.strip()
+    assert line.startswith("tokenwire chat: error: ") and "request too large" in line and "\n" not in line, err
+    assert line.endswith("; the prompt (its text in bytes of UTF-8, plus some 50 bytes of framing) is over this "
+                         "server's limit on a request (the daemon's limits.max_request_bytes)"), err
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "x"])
@@ -258,12 +301,13 @@ def test_a_resume_the_server_cannot_serve_says_the_printed_part_is_all_there_is(
                                                  "is all of it that came"), err
 
 
-@pytest.mark.parametrize("how", ["pipe", "ctrl-c", "max-time"])
+@pytest.mark.parametrize("how", ["pipe", "ctrl-c", "sigterm", "max-time"])
 def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
     """`tokenwire chat | head -c 5` and Ctrl-C left the daemon generating the answer to max_tokens (the chat
     CLI read with a bare `async for`, so the daemon saw a lost connection, which it keeps answers for).
     `--max-time` gives up the same way (without it, a live server that is slow or stops sending held the
-    client for ever)."""
+    client for ever). SIGTERM (kill, a timeout) killed the client outright (its default action): it takes
+    Ctrl-C's path now, "interrupted" and 130, the partial answer's line ended."""
     import signal
     import textwrap
     import time
@@ -295,9 +339,11 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
         else:
             proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdout is not None
-            proc.stdout.read(3)  # the answer is streaming
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=30)
+            head = proc.stdout.read(3)  # the answer is streaming
+            proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", (out, err)
+            assert (head + out).endswith(b"\n"), out  # "interrupted" is not glued onto the partial answer
         deadline = time.monotonic() + 10
         while metric_value(metrics(d), "tokenwire_requests_active") != 0:
             assert time.monotonic() < deadline, "the daemon is still generating the abandoned answer"

@@ -34,6 +34,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -46,7 +47,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .errors import ErrorCode, TokenwireError
-from .frames import SCHEMES, Request, check_outgoing
+from .frames import MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
 from .session import (
     ClientSession,
@@ -67,6 +68,59 @@ class DigestMismatch(TokenwireError):
     """The received text does not match the server's digest: never returned as if it were right."""
 
     code = ErrorCode.INTERNAL
+
+
+class PromptTooLarge(ValueError):
+    """The request would be larger than any server takes (``MAX_STREAM_FRAME``, 1 MiB): refused before sending.
+
+    The limit is in bytes of the encoded request, so a prompt's size counts in bytes of UTF-8 (an ``é`` is two,
+    an emoji four), not in characters. ``size``: the encoded request; ``text_bytes``: its messages' text;
+    ``limit``: the bytes a request may take. A daemon may take less (its ``limits.max_request_bytes``): it refuses
+    a larger request with LIMIT_EXCEEDED, that request alone.
+    """
+
+    def __init__(self, size: int, text_bytes: int, limit: int = MAX_STREAM_FRAME) -> None:
+        super().__init__(
+            f"prompt too large: its text is {text_bytes:,} bytes of UTF-8 and the request {size:,} bytes encoded, over "
+            f"the limit of {limit:,} bytes per request (a daemon's limits.max_request_bytes may be lower)")
+        self.size = size
+        self.text_bytes = text_bytes
+        self.limit = limit
+
+
+# the names chat() and attach() take for the REQUEST fields their arguments fill: the frame check names the wire's
+# short keys (``request.mt``), which the caller never sees
+_CHAT_ARGUMENTS = {"m": "prompt", "s": "scheme", "model": "model", "mt": "max_tokens", "a": "auth_token",
+                   "rid": "resume", "rf": "resume", "p": "params"}
+_ATTACH_ARGUMENTS = {**_CHAT_ARGUMENTS, "rid": "request_id", "rf": "held"}
+
+
+def _as_arguments(message: str, names: dict[str, str]) -> str:
+    """The frame check's message with ``request.<key>`` replaced by the argument that set the field (``max_tokens: 0
+    out of range``, not ``request.mt: 0 out of range``), as ``fetch_kv`` does for ``kvfetch.*``."""
+    return re.sub(r"\brequest\.(\w+)", lambda m: names.get(m[1], m[0]), message)
+
+
+def _text_bytes(request: Request) -> int:
+    """The UTF-8 bytes of the request's message contents: the prompt's size as the limit counts it."""
+    return sum(len(m["content"].encode("utf-8")) for m in request.messages or ()
+               if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def _check_request(request: Request, names: dict[str, str]) -> None:
+    """The frame check of ``request``, its errors in the caller's words: :class:`PromptTooLarge` for a request
+    over the size every server refuses (it said "frame of 1048623 bytes exceeds the limit of 1048576"), and
+    ``ValueError`` naming the argument at fault for the rest."""
+    try:
+        check_outgoing(request, "request")
+    except ValueError as exc:
+        try:
+            size = len(encode_frame(request))
+        except (TypeError, OverflowError, ValueError):  # unencodable: check_outgoing's message says so
+            size = 0
+        if size > MAX_STREAM_FRAME:
+            raise PromptTooLarge(size, _text_bytes(request)) from None
+        raise ValueError(_as_arguments(str(exc), names)) from None
 
 
 _END = object()
@@ -167,11 +221,13 @@ class ChatStream:
         return self.text
 
     async def cancel(self) -> None:
-        """Abandon the answer (the server stops generating it). A no-op once the answer has ended. A reader
-        waiting in another task (``async for``) ends its loop: a "stop" button runs elsewhere than the reader."""
-        self._done = True
+        """Abandon the answer (the server stops generating it). A no-op once the answer has ended: the text
+        received and not read yet can still be read (it was thrown away). A reader waiting in another task
+        (``async for``) ends its loop: a "stop" button runs elsewhere than the reader."""
         proto = self._conn._protocol
         if self.stream_id is not None and proto.streams.pop(self.stream_id, None) is not None:
+            # still open: what is queued is dropped with the rest of the answer
+            self._done = True
             proto.client_session.cancel(self.stream_id)
             proto.transmit()
             self._queue.put_nowait(_END)
@@ -266,7 +322,11 @@ class Connection:
         """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection; only the
         tokenwire daemon keeps answers across connections (the SDK's ``serve()`` refuses a resume with
         NOT_FOUND). A resumed answer streams as first asked for: the daemon keeps generating it to the original
-        request's ``max_tokens`` and ignores the resume's."""
+        request's ``max_tokens`` and ignores the resume's.
+
+        An argument the protocol refuses raises ``ValueError`` naming it (``max_tokens: 0 out of range``); nothing
+        is sent and the connection lives on. A prompt over the limit of a request (1 MiB, counted in bytes of UTF-8
+        with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         if self._protocol.close_error is not None:
@@ -283,7 +343,7 @@ class Connection:
             resume_from=len(prefix) if rid is not None else None,
             params=params,
         )
-        return self._start(request, prefix)
+        return self._start(request, prefix, _CHAT_ARGUMENTS)
 
     def attach(self, request_id: bytes, *, scheme: str = "chatterbox", held: list[bytes] | None = None) -> ChatStream:
         """Stream an existing answer by id (one an application opened through ingest) from its start, or after
@@ -298,7 +358,7 @@ class Connection:
             resume_id=request_id,
             resume_from=len(prefix),
         )
-        return self._start(request, prefix)
+        return self._start(request, prefix, _ATTACH_ARGUMENTS)
 
     def _auth_to_send(self) -> str | None:
         """The token, on every request until the server has answered one.
@@ -309,8 +369,8 @@ class Connection:
         """
         return None if self._protocol.answered else self._auth
 
-    def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
-        check_outgoing(request, "request")
+    def _start(self, request: Request, prefix: list[bytes], names: dict[str, str]) -> ChatStream:
+        _check_request(request, names)
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid
@@ -436,5 +496,5 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "HandshakeError", "chat_sync",
-           "connect"]
+__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "HandshakeError", "PromptTooLarge",
+           "chat_sync", "connect"]
