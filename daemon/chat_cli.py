@@ -198,16 +198,18 @@ def run(args: argparse.Namespace) -> int:
         from a program's worker thread) Python lets nobody but the main thread handle signals."""
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
-        catch = (threading.current_thread() is threading.main_thread()
-                 and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
-        if catch:
+        # SIGHUP too: the terminal closed (its default action killed the client just the same); not under nohup
+        caught = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
+                  if threading.current_thread() is threading.main_thread()
+                  and signal.getsignal(sig) is not signal.SIG_IGN]
+        for sig in caught:
             loop.add_signal_handler(
-                signal.SIGTERM, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
+                sig, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
         try:
             return await bounded()
         finally:
-            if catch:
-                loop.remove_signal_handler(signal.SIGTERM)
+            for sig in caught:
+                loop.remove_signal_handler(sig)
 
     try:
         try:

@@ -301,13 +301,14 @@ def test_a_resume_the_server_cannot_serve_says_the_printed_part_is_all_there_is(
                                                  "is all of it that came"), err
 
 
-@pytest.mark.parametrize("how", ["pipe", "ctrl-c", "sigterm", "max-time"])
+@pytest.mark.parametrize("how", ["pipe", "ctrl-c", "sigterm", "sighup", "max-time"])
 def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
     """`tokenwire chat | head -c 5` and Ctrl-C left the daemon generating the answer to max_tokens (the chat
     CLI read with a bare `async for`, so the daemon saw a lost connection, which it keeps answers for).
     `--max-time` gives up the same way (without it, a live server that is slow or stops sending held the
     client for ever). SIGTERM (kill, a timeout) killed the client outright (its default action): it takes
-    Ctrl-C's path now, "interrupted" and 130, the partial answer's line ended."""
+    Ctrl-C's path now, "interrupted" and 130, the partial answer's line ended; so does SIGHUP (the terminal
+    closed)."""
     import signal
     import textwrap
     import time
@@ -340,7 +341,7 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
             proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdout is not None
             head = proc.stdout.read(3)  # the answer is streaming
-            proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
+            proc.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sighup": signal.SIGHUP}[how])
             out, err = proc.communicate(timeout=30)
             assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", (out, err)
             assert (head + out).endswith(b"\n"), out  # "interrupted" is not glued onto the partial answer
