@@ -21,9 +21,13 @@ Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays o
 Unicode (JSON can carry a lone surrogate, ``"\\ud83d"``) is refused wherever it would reach a client. An
 application that disconnects with answers still open fails them (``UPSTREAM_ERROR``), so no client waits
 forever; so does an answer with no op on it for ``[ingest] stall_timeout_s`` (``UPSTREAM_TIMEOUT``; later ops
-on it say it timed out). When the daemon stops (a drain's end) it fails the answers still open and writes
-one last line, ``{"ok": false, "error": "daemon shutting down ..."}``, before closing the connection: the
-reply an application reads for its next (or unanswered) op. Clients attach with
+on it say it timed out). An answer nobody reads is cancelled, as the daemon cancels its upstreams' answers:
+when the last client attached to it cancels, or when no client has been attached for
+``limits.orphan_timeout_s`` (from its open, or since its last client's connection was lost); the next op on
+it answers ``{"ok": false, "error": "this answer is already finished (cancelled: ...)"}``. When the daemon
+stops (a drain's end) it fails the answers still open and writes one last line, ``{"ok": false, "error":
+"daemon shutting down ..."}``, before closing the connection: the reply an application reads for its next (or
+unanswered) op. Clients attach with
 ``Connection.attach(request_id)`` (a resume from index 0); only the principal named at open may attach.
 """
 
@@ -57,7 +61,7 @@ DEFAULT_STALL_TIMEOUT_S = IngestConfig.stall_timeout_s
 MAX_REASON_CHARS = 32  # FINISHED's "fr": a str of at most 32 (docs/protocol.md); a longer one failed the client
 MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
 # how an ingest answer ended (the outcome on_done hears, tokenwire_ingest_answers_failed_total's reason)
-FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain")
+FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain", "cancelled", "orphaned")
 
 
 @dataclass
@@ -238,6 +242,23 @@ class IngestAPI:
             req.fail(ErrorCode.UPSTREAM_ERROR, why, now)
             self._done(req, conn, outcome)
         return len(failed)
+
+    def is_open(self, request_id: bytes) -> bool:
+        return request_id in self._open
+
+    def cancel(self, request_id: bytes, now: float, why: str, outcome: str = "cancelled") -> bool:
+        """End an open answer nobody reads (``outcome``: cancelled, its last client cancelled it; orphaned, no
+        client for ``limits.orphan_timeout_s``): finished as ``cancelled``, and the application's next op on it
+        says why, so it can stop generating (every push had answered ok, to nobody). False: not open."""
+        entry = self._open.get(request_id)
+        if entry is None:
+            return False
+        conn = entry[0]
+        req = conn.open[request_id]
+        log.info("ingest: request %s cancelled: %s", request_id.hex(), why)
+        req.finish("cancelled", now)
+        self._done(req, conn, outcome, f"cancelled: {why}")
+        return True
 
     def expire_stalled(self, now: float) -> int:
         """Fail, with UPSTREAM_TIMEOUT, the answers with no op on them for ``stall_timeout_s``; how many."""

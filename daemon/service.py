@@ -495,11 +495,13 @@ class Daemon:
 
     def _ingest_opened(self, live: LiveRequest) -> None:
         self._ingested[live.request_id] = live
+        self._orphaned[live.request_id] = time.monotonic()  # until a client attaches (limits.orphan_timeout_s)
         self.metrics.requests_active.inc()
         self.metrics.ingest_opened.inc()
 
     def _ingest_done(self, live: LiveRequest, outcome: str) -> None:
         self.metrics.requests_active.dec()
+        self._orphaned.pop(live.request_id, None)
         if outcome == "finished":
             self.metrics.ingest_finished.inc()
         else:
@@ -939,10 +941,15 @@ class Daemon:
         if live.done or live.listeners:
             return
         task = self.tasks.get(live.request_id)
-        if task is None:  # an application's ingested answer: the application ends it
+        ingested = self._ingest_api is not None and self._ingest_api.is_open(live.request_id)
+        if task is None and not ingested:
             return
-        if cancel:
-            task.cancel()  # the client abandoned it and nobody else streams it
+        if cancel:  # the client abandoned it and nobody else streams it
+            if task is not None:
+                task.cancel()
+            else:  # an application's answer: its next op says so (it had pushed on, every reply ok, to nobody)
+                assert self._ingest_api is not None
+                self._ingest_api.cancel(live.request_id, time.monotonic(), "every client attached to it cancelled it")
         else:  # the connection was lost: the client may come back to resume it, for limits.orphan_timeout_s
             self._orphaned[live.request_id] = time.monotonic()
 
@@ -951,15 +958,21 @@ class Daemon:
         vanished (64 answers per connection, times reconnecting clients, generated to max_tokens for nobody).
         A resume afterwards gets what was generated, then the answer's end as cancelled."""
         timeout = self.config.limits.orphan_timeout_s
+        api = self._ingest_api
         for rid, since in list(self._orphaned.items()):
             task = self.tasks.get(rid)
-            if task is None:
+            ingested = api is not None and api.is_open(rid)  # an application's answer: opened, or attached once
+            if task is None and not ingested:
                 del self._orphaned[rid]
             elif now - since >= timeout:
                 del self._orphaned[rid]
                 log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
                 self.metrics.orphans_cancelled.inc()
-                task.cancel()
+                if task is not None:
+                    task.cancel()
+                elif api is not None:
+                    api.cancel(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",
+                               outcome="orphaned")
 
     def on_report(self, report: Any) -> None:
         if report.stall_ratio is not None:

@@ -141,3 +141,53 @@ def test_an_answer_cancelled_before_its_task_first_runs_ends_and_frees_its_slot(
     tasks, live_count, active, live = asyncio.run(go())
     assert tasks == {} and live_count == 0 and active == 0
     assert live.done and live.transcript.reason == "cancelled"
+
+
+def test_an_application_answer_nobody_reads_is_cancelled_and_its_app_told(tmp_path):
+    """An ingest answer was never an orphan: a client that vanished, cancelled or never came left the
+    application pushing for ever, every reply ok, to nobody (the orphan timeout ended only upstreams' answers)."""
+    import json
+    import socket
+
+    d = DaemonProcess(tmp_path, '[limits]\norphan_timeout_s = 1\n[ingest]\nsocket = "ingest.sock"\n',
+                      server_extra="idle_timeout_s = 1\n")
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(tmp_path / "ingest.sock"))
+        f = s.makefile("rw")
+
+        def call(msg):
+            f.write(json.dumps(msg) + "\n")
+            f.flush()
+            return json.loads(f.readline())
+
+        def push_until_refused(rid: str) -> dict:
+            t0 = time.monotonic()
+            while (reply := call({"op": "push", "id": rid, "text": " more"}))["ok"]:
+                assert time.monotonic() - t0 < 15, "pushes to nobody still answered ok"
+                time.sleep(0.1)
+            return reply
+
+        never = call({"op": "open"})["id"]  # opened, its id never given to a client
+        assert push_until_refused(never)["error"] == ("this answer is already finished (cancelled: no client "
+                                                      "attached for 1 s (limits.orphan_timeout_s))")
+        left = call({"op": "open"})["id"]
+        assert call({"op": "push", "id": left, "text": "Hello"})["ok"]
+
+        async def attach_and_leave():
+            async with connect("127.0.0.1", d.port, **d.client_kwargs()) as conn, \
+                    conn.attach(bytes.fromhex(left)) as stream:
+                async for _ in stream:
+                    break  # the user pressed stop: the `async with` cancels the answer at the server
+
+        run(attach_and_leave())
+        assert push_until_refused(left)["error"] == ("this answer is already finished (cancelled: every client "
+                                                     "attached to it cancelled it)")
+        m = metrics(d)
+        assert metric_value(m, 'tokenwire_ingest_answers_failed_total{reason="orphaned"}') == 1
+        assert metric_value(m, 'tokenwire_ingest_answers_failed_total{reason="cancelled"}') == 1
+        assert metric_value(m, "tokenwire_orphans_cancelled_total") == 1
+        assert metric_value(m, "tokenwire_requests_active") == 0
+        s.close()
+    finally:
+        assert d.stop() == 0

@@ -379,7 +379,7 @@ def test_ingest_answers_are_counted_by_outcome_and_attaches_apart_from_resumes(t
 
     daemon, counts = run(go(), timeout=30)
     assert counts == {"opened": 5, "finished": 1, "attaches": 1, "resumes": 1, "app_failed": 1, "app_gone": 1,
-                      "stalled": 1, "drain": 1}
+                      "stalled": 1, "drain": 1, "cancelled": 0, "orphaned": 0}
     assert daemon.metrics.requests_active._value.get() == 0
 
 
