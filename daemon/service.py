@@ -539,7 +539,10 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            self.metrics.evicted.inc(self.store.evict(now))
+            expired, evicted = self.store.expired, self.store.evicted
+            self.store.evict(now)
+            self.metrics.expired.inc(self.store.expired - expired)
+            self.metrics.evicted.inc(self.store.evicted - evicted)
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             self._flush_counters()
             self._relax_retry(now)

@@ -85,7 +85,12 @@ class Metrics:
         )
         self.errors = Counter("tokenwire_errors_total", "Errors sent to clients, by code", ["code"], registry=r)
         self.transcript_bytes = Gauge("tokenwire_transcript_bytes", "Memory held by transcripts", registry=r)
-        self.evicted = Counter("tokenwire_transcripts_evicted_total", "Finished transcripts evicted", registry=r)
+        # apart: an eviction (memory) can end a slow client's request, an expiry (retention) is routine; one counter
+        # had both, so memory pressure could not be told from the daily churn
+        self.evicted = Counter("tokenwire_transcripts_evicted_total",
+                               "Finished transcripts dropped early, over limits.transcript_memory_mb", registry=r)
+        self.expired = Counter("tokenwire_transcripts_expired_total",
+                               "Finished transcripts dropped after limits.transcript_retain_s", registry=r)
         self.orphans_cancelled = Counter(
             "tokenwire_orphans_cancelled_total",
             "Answers cancelled after limits.orphan_timeout_s with no client attached", registry=r)

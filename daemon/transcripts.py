@@ -108,7 +108,8 @@ class TranscriptStore:
         self.retain_s = retain_s
         self._live: dict[bytes, LiveRequest] = {}
         self._finished: OrderedDict[bytes, LiveRequest] = OrderedDict()  # in finishing order
-        self.evicted = 0
+        self.expired = 0  # finished answers dropped after retain_s
+        self.evicted = 0  # dropped early, over max_bytes (streaming ones end their requests with LIMIT_EXCEEDED)
 
     def create(self, principal: str | None, max_tokens: int, now: float, model: str | None = None) -> LiveRequest:
         rid = os.urandom(REQUEST_ID_BYTES)
@@ -146,11 +147,13 @@ class TranscriptStore:
         (``evicted``) and end their requests.
         Skipping the latter let a client that read every token and never ended its requests (or read nothing,
         and pinged) keep 4.9 to 48.8 MB of finished answers against a 1 MiB bound."""
-        dropped = 0
+        expired = 0
         for rid, req in list(self._finished.items()):
             if req.finished_at is not None and now - req.finished_at >= self.retain_s and not req.listeners:
                 del self._finished[rid]
-                dropped += 1
+                expired += 1
+        self.expired += expired
+        dropped = 0
         total = self.memory_bytes
         for streaming in (False, True):
             for rid, req in list(self._finished.items()):
@@ -167,4 +170,4 @@ class TranscriptStore:
                     req.evicted = True
                     req._notify()
         self.evicted += dropped
-        return dropped
+        return expired + dropped

@@ -246,9 +246,11 @@ def test_transcript_store_evicts_expired_then_oldest_but_never_live_or_streamed(
     assert store.memory_bytes <= 10_000 or store.finished_count == 1
     assert store.get(done[0].request_id) is not None
     assert store.get(live.request_id) is not None  # answers being generated are never evicted
+    assert (store.expired, store.evicted) == (0, 2)  # memory pressure, counted apart from retention
     done[0].listeners.clear()
     store.evict(now=1000)
     assert store.finished_count == 0 and store.get(live.request_id) is not None
+    assert (store.expired, store.evicted) == (2, 2)  # the rest, after retain_s: routine, not pressure
 
 
 def test_generation_limit():
