@@ -364,6 +364,7 @@ async def serve_ingest(
             # as an ERROR with a traceback on every normal shutdown with an app connected
             why, outcome = "the daemon stopped before the application finished", "drain"
         finally:
+            ids = [rid.hex() for rid in conn.open]  # for the log line: the app_failed and stalled lines name theirs
             failed = api.disconnected(conn, time.monotonic(), why, outcome)
             if outcome == "drain":
                 # a last line, the reply to the app's next (or unanswered) op: its connection was cut with none,
@@ -372,8 +373,9 @@ async def serve_ingest(
                 with contextlib.suppress(Exception):
                     writer.write(json.dumps({"ok": False, "error": f"daemon shutting down{note}"}).encode() + b"\n")
             if failed:
-                log.warning("ingest: an application connection ended with %d open answer%s; failed them (%s)",
-                            failed, "s" if failed > 1 else "", why)
+                shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+                log.warning("ingest: %s failed: %s (%s)", f"{failed} open answers" if failed > 1 else
+                            "1 open answer", why, shown)
             writer.close()  # (what was written still goes out first)
             if clients is not None and task is not None:
                 clients.discard(task)

@@ -720,8 +720,9 @@ class Daemon:
                 if time.monotonic() >= deadline:
                     log.warning("drain deadline reached with %d answers still streaming", left)
                 else:  # every answer is generated; these clients did not take the rest within the grace
-                    log.warning("closing with %d generated answers not fully delivered (their clients did not "
-                                "take the rest within 2 s)", left)
+                    # (unknown whether they hold every token: a client that did but never sent its FIN counts)
+                    log.warning("closing with %d generated answer%s whose clients had not ended their requests "
+                                "within 2 s", left, "s" if left > 1 else "")
         finally:  # whatever the wait raised, everything is closed
             await self.stop()
 

@@ -394,20 +394,22 @@ def test_an_app_connection_that_ends_with_answers_open_is_one_log_line(tmp_path,
             all_done.set()
 
     _store, api = _api(on_done=on_done)
+    ids: list[str] = []
 
     async def go() -> None:
         server = await serve_ingest(tmp_path / "ingest.sock", api)
         reader, writer = await _connect(tmp_path / "ingest.sock")
         for _ in range(3):
-            await _send(reader, writer, {"op": "open"})
+            ids.append((await _send(reader, writer, {"op": "open"}))["id"])
         writer.close()
         await asyncio.wait_for(all_done.wait(), 5)
         server.close()
 
     run(go(), timeout=30)
     lines = [r.getMessage() for r in caplog.records if r.name == "tokenwire.ingest"]
-    assert lines == ["ingest: an application connection ended with 3 open answers; failed them (the application "
-                     "disconnected before finishing)"]
+    # one line, naming them as the app_failed and stalled lines do
+    assert lines == [f"ingest: 3 open answers failed: the application disconnected before finishing "
+                     f"({', '.join(ids)})"]
     assert done == ["app_gone"] * 3
 
 
