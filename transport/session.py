@@ -963,10 +963,10 @@ class ClientSession(_SessionBase):
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
         been silent a second, or a third of the idle timeout if less (RECOVERY_PING_S, below, once our own
-        packets go unacknowledged; a third of the idle timeout with ``keepalive`` between answers). A model that thinks longer than
-        the idle timeout before its first token would otherwise see both ends idle and the connection die. A
-        dead server still ends the connection: the idle timer restarts only on the first ack-eliciting packet
-        after a receipt (RFC 9000, 10.1)."""
+        packets go unacknowledged; a third of the idle timeout with ``keepalive`` between answers). A model that
+        thinks longer than the idle timeout before its first token would otherwise see both ends idle and the
+        connection die. A dead server still ends the connection: the idle timer restarts only on the first
+        ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
         idle = idle_timeout_in_force(self.quic)
         awaited = [r for r in self.requests.values() if not r.done]
         if not awaited:
@@ -974,15 +974,13 @@ class ClientSession(_SessionBase):
         # Silent while an answer is awaited, or our own packets unacknowledged: the path may be down. Ping at a
         # fixed pace so that a packet crosses soon after it returns and the server probes at once
         # (.path_recovery), rather than after the backed-off probe timers.
-        if backed_off(self.quic):  # our packets go unacknowledged: the path is down, or one direction is
-            interval = RECOVERY_PING_S
-        else:
-            # a pause mid-answer (a slow model, a tool call) or a model thinking before its first token: within
-            # the idle timeout (the server never pings, and a short one ended the connection first), and every
-            # second, ~40 bytes: the server learns a client's new address (NAT rebinding) only from what the
-            # client sends, and a rebinding during a 3-s prefill held every token until the next ping, 20 s on
-            # (a third of the 60-s idle timeout, the pace before the first token until then)
-            interval = min(PAUSE_PING_S, idle / 3.0)
+        # RECOVERY_PING_S when our packets go unacknowledged (the path is down, or one direction is). Otherwise a
+        # pause mid-answer (a slow model, a tool call) or a model thinking before its first token: within the
+        # idle timeout (the server never pings, and a short one ended the connection first), and every second,
+        # ~40 bytes: the server learns a client's new address (NAT rebinding) only from what the client sends,
+        # and a rebinding during a 3-s prefill held every token until the next ping, 20 s on (a third of the
+        # 60-s idle timeout, the pace before the first token until then)
+        interval = RECOVERY_PING_S if backed_off(self.quic) else min(PAUSE_PING_S, idle / 3.0)
         return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
