@@ -42,7 +42,8 @@ class CLIError(Exception):
 
 
 def write_json(doc: Any, path: str | Path) -> None:
-    """Write a command's result document (creating the folder) and say where, as every command does."""
+    """Write a command's result document (missing folders made, :func:`output_file`) and say where, as every
+    command does."""
     save_json(path, doc, indent=1)
     if str(path) != "-":
         print(f"wrote {path}")
@@ -94,17 +95,23 @@ def output_file(path: str | Path) -> Iterator[Path]:
     is written through, never replaced: the temporary file is then in the system's temporary folder (not
     next to a device) and its bytes are copied into it. ``-`` is stdout, the same way. An ``OSError``
     names ``path``.
+
+    Missing folders on the way are created (an ``--out-dir``'s files, ``--json out/x.json``; which of them an
+    option may name is :func:`check_outputs`'s rule) and removed again, when still empty, if the write fails:
+    a command that fails before writing anything leaves no empty folder behind.
     """
     target = Path(os.path.realpath(path))  # a symlink is kept, its target replaced
     through = str(path) == "-" or (target.exists() and not target.is_file())  # rename would replace it
     tmp: Path | None = None
+    made: list[Path] = []
+    done = False
     try:
         if through:
             fd, name = tempfile.mkstemp(prefix=".tokenwire-", suffix=".tmp")
             os.close(fd)
             tmp = Path(name)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            made = make_folders(target.parent)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         yield tmp
         if str(path) == "-":
@@ -119,11 +126,52 @@ def output_file(path: str | Path) -> Iterator[Path]:
         else:
             keep_mode(target, tmp)
             os.replace(tmp, target)
+        done = True
     except OSError as exc:  # named, so the command's error is one line about the user's file
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if not done:
+            remove_empty_folders(made)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, the deepest first (empty when it exists)."""
+    missing: list[Path] = []
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` with its missing parents; returns the folders made, the deepest first."""
+    missing = missing_folders(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first), each only while empty: never anything a command or a user put there."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer), or already gone: leave it and its parents
+            return
+
+
+def _may_create(folder: Path) -> bool:
+    """Whether an output option may have ``folder`` created: below the current directory only.
+
+    The documented commands rely on it there (``--out-dir data/train``, ``--json out/kv_bench.json``,
+    ``--out data/test50/x.npz``); elsewhere a typo (``--json /nonexistent/dir/x.json``) made folders from the
+    root down without a word."""
+    try:
+        cwd = Path(os.getcwd())
+    except OSError:  # the current directory was removed
+        return False
+    return Path(os.path.realpath(folder)).is_relative_to(cwd)
 
 
 def printable(text: str) -> str:
@@ -165,10 +213,14 @@ PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", 
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Create each output folder and write a scratch file there; :class:`CLIError` naming the option if not.
+    """Check that each output can be written there; :class:`CLIError` naming the option if not. Creates nothing.
 
     As :func:`output_file` will write: a file's folder is its symlink target's (where the temporary file
-    goes), and a device or FIFO only needs to be writable (nothing is created next to it).
+    goes), and a device or FIFO only needs to be writable (nothing is created next to it). A missing folder
+    is made by the command when it writes (so a command that fails first leaves none behind; this check used
+    to make them, and ``collect-many --seeds 3-1 --out-dir dd`` left an empty ``dd``), and only below the
+    current directory (:func:`_may_create`): elsewhere a file's folder, or an ``--out-dir``'s parent, must
+    exist. Writability is tried with a scratch file in the nearest folder that exists.
     """
     if getattr(args, "virtual", False) and getattr(args, "keep", None):  # testbed kv / swiftqueue
         raise CLIError("--keep keeps the namespace run's packet and endpoint logs; a --virtual run has "
@@ -193,13 +245,23 @@ def check_outputs(args: argparse.Namespace) -> None:
             if not os.access(value, os.W_OK):  # /dev/stdout, a FIFO: written through, where no scratch file goes
                 raise CLIError(f"{option}: cannot write there (permission denied)")
             continue
-        folder = Path(value) if dest in OUTPUT_DIRS else Path(os.path.realpath(value)).parent
+        folder = Path(os.path.realpath(value))
+        if dest in OUTPUT_FILES:
+            folder = folder.parent
+        missing = missing_folders(folder)
+        base = missing[-1].parent if missing else folder  # the nearest folder that exists
+        # an --out-dir itself is what the command makes; what it is made in (a file's folder) must exist
+        needed = missing[1:] if dest in OUTPUT_DIRS else missing
+        if not base.is_dir():  # a regular file where a folder would have to be
+            raise CLIError(f"{option}: cannot write there ({base}: not a folder)")
+        if needed and not _may_create(needed[0]):
+            raise CLIError(f"{option}: folder {needed[0]} does not exist; create it first (a command makes missing "
+                           "folders only below the current directory)")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".tokenwire-check-"):
+            with tempfile.NamedTemporaryFile(dir=base, prefix=".tokenwire-check-"):
                 pass
         except OSError as exc:
-            where = exc.filename or folder
+            where = exc.filename or base
             raise CLIError(f"{option}: cannot write there ({where}: {exc.strerror or exc})") from None
 
 

@@ -15,6 +15,7 @@ Tokens are word pieces of about four characters, like a BPE tokenizer's output o
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -48,6 +49,22 @@ If you want to try it yourself, run the demo with different loss patterns and co
 each scheme: the share of the reading time spent staring at a frozen sentence. You should see the \
 self-sufficient packets keep the text flowing while in-order streaming stalls after every burst.
 """
+
+MIN_RATE = 0.1
+MAX_RATE = 10_000.0
+"""Tokens/s the demo source generates at: the range of the daemon's ``params.rate`` (``upstreams.py``), which
+``demo --rate`` and ``bench daemon --rate`` state too, and which ``sim --rate`` and ``testbed compare --rate``
+check through :func:`rate_problem`. Beyond it ``sim --rate 1e20`` ran and reported a stall-free answer in no
+time, and ``--rate 1e308`` failed inside the random-number call (:func:`schedule` now draws at any finite
+rate, but no decoder emits 10^20 tokens/s)."""
+
+
+def rate_problem(rate: float, what: str = "--rate") -> str | None:
+    """Why ``rate`` (tokens/s) is refused, naming ``what``; None for a rate within [MIN_RATE, MAX_RATE]."""
+    if type(rate) not in (int, float) or not MIN_RATE <= rate <= MAX_RATE:  # (not <=: NaN too)
+        return f"{what} must be a number of tokens/s in [{MIN_RATE:g}, {MAX_RATE:g}] (the demo upstream's range)"
+    return None
+
 
 _PIECE = re.compile(r" ?[A-Za-z]+|\s+|[0-9]+|[^\sA-Za-z0-9]")
 
@@ -89,17 +106,22 @@ def schedule(
     pause_prob: float = 0.01,
     pause_s: tuple[float, float] = (0.1, 0.4),
 ) -> list[float]:
-    """Generation offsets (seconds after the request arrived) of ``n`` tokens."""
-    if rate <= 0:
-        raise ValueError("token rate must be positive")
+    """Generation offsets (seconds after the request arrived) of ``n`` tokens.
+
+    Any finite ``rate`` > 0 works (the callers bound it to the demo range, :data:`MAX_RATE`): each gap is
+    drawn at unit scale and then scaled: bit for bit what ``gammavariate(shape, scale)`` gave (it returns its
+    unit draw times ``scale``), without its refusal of a ``scale`` that underflowed to 0 (``rate=1e308``:
+    "alpha and beta must be > 0.0")."""
+    if not (rate > 0 and math.isfinite(rate)):  # (`rate <= 0` let a NaN through; inf made every gap 0)
+        raise ValueError(f"token rate must be a finite number > 0, got {rate!r}")
     rng = random.Random(f"demo-schedule:{seed}")
     shape = 1.0 / (cv * cv)
-    scale = 1.0 / (rate * shape)
+    scale = 1.0 / (rate * shape)  # 0 when the product overflows: gaps of 0, not an error
     t = first_token_s
     out: list[float] = []
     for i in range(n):
         if i:
-            t += rng.gammavariate(shape, scale)
+            t += rng.gammavariate(shape, 1.0) * scale
             if rng.random() < pause_prob:
                 t += rng.uniform(*pause_s)
         out.append(t)

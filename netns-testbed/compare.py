@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tokenwire.daemon.config import MAX_ANSWER_TOKENS
+from tokenwire.daemon.demo_upstream import rate_problem
 from tokenwire.transport import metrics
 
 from .child import Child, ChildError
@@ -78,8 +79,12 @@ class CompareConfig:
         twice = sorted({s for s in self.schemes if self.schemes.count(s) > 1})
         if twice:  # the summary is keyed by scheme: a second listing ran it again and averaged both runs
             raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
-        if self.tokens < 1 or self.rate <= 0 or self.runs < 1:
-            raise ValueError("--tokens and --runs must be >= 1 and --rate > 0")
+        if self.tokens < 1 or self.runs < 1:
+            raise ValueError("--tokens and --runs must be >= 1")
+        # the endpoints' demo source: --rate 1e308 failed in the server child as an escaped traceback
+        problem = rate_problem(self.rate, f"--rate {self.rate:g}")
+        if problem:
+            raise ValueError(problem)
         if self.tokens > MAX_ANSWER_TOKENS:  # the endpoint builds the whole answer first: 2e9 grew ~0.8 GB/s
             raise ValueError(f"--tokens {self.tokens}: at most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
         if self.delay_ms < 0:

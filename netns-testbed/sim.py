@@ -40,6 +40,7 @@ from tokenwire.transport.session import (
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
 from .loss import LossModel, parse_loss
+from .vsim import MAX_VIRTUAL_S
 
 CLIENT_ADDR = ("10.77.0.2", 40000)
 SERVER_ADDR = ("10.77.0.1", 4433)
@@ -60,7 +61,7 @@ class SimConfig:
     loss_direction: str = "both"  # "both", "down" or "up" (acks lost, tokens delivered)
     seed: int = 0
     first_token_ms: float = 150.0
-    max_virtual_s: float = 3600.0
+    max_virtual_s: float = MAX_VIRTUAL_S
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,16 @@ def count_width(rows: Iterable[dict]) -> int:
     return max([4] + [len(str(d[k])) for d in rows for k in ("tokens_sent", "tokens_rendered")])
 
 
+def lower_or_higher(value: float, reference: float) -> str | None:
+    """``value`` against ``reference`` as "12.3% lower" or "3.8% higher", the one wording of a comparison line
+    (``sim``, ``testbed swiftqueue``, ``predictor eval``): a worse value read "-3.8% lower" in one of them. None
+    where no ratio exists: a reference that is not > 0, or a NaN or infinite side."""
+    if not (reference > 0 and math.isfinite(reference) and math.isfinite(value)):
+        return None
+    change = 100.0 * (1.0 - value / reference)
+    return f"{abs(change):.1f}% {'higher' if round(change, 1) < 0 else 'lower'}"  # -0.04: "0.0% lower"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sim",
@@ -49,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.demo_upstream import rate_problem
     from tokenwire.testbed.loss import LossSpecError, parse_loss
     from tokenwire.testbed.sim import SimConfig, compare, earliest_end_s
     from tokenwire.transport.frames import SCHEMES
@@ -64,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
         parse_loss(args.loss)
     except LossSpecError as exc:
         raise CLIError(str(exc)) from None
-    if args.tokens < 1 or args.rate <= 0 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
-        raise CLIError("--tokens and --runs must be >= 1, --rate > 0, --delay-ms and --first-token-ms >= 0")
+    if args.tokens < 1 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
+        raise CLIError("--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0")
+    # --rate 1e308 was a traceback from the schedule, 1e20 a table of an answer that took no time
+    problem = rate_problem(args.rate, f"--rate {args.rate:g}")
+    if problem:
+        raise CLIError(problem)
     cfg = SimConfig(
         tokens=args.tokens,
         rate=args.rate,
@@ -130,8 +145,6 @@ def format_table(result: dict) -> str:
         if unfinished or not (math.isfinite(st) and math.isfinite(ch)):
             lines.append(f"chatterbox vs stream: comparison unavailable "
                          f"({' and '.join(unfinished) or 'a scheme'} had no finished run)")
-        elif st > 0:
-            change = 100 * (1 - ch / st)
-            word = "lower" if change >= 0 else "higher"  # not "-254.8% lower"
-            lines.append(f"chatterbox vs stream: stall ratio {abs(change):.1f}% {word}")
+        elif (change := lower_or_higher(ch, st)) is not None:  # (stream without a stall: no ratio)
+            lines.append(f"chatterbox vs stream: stall ratio {change}")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenwire.daemon.cli import CLIError, cell
 
+from .sim_cli import lower_or_higher
+
 POLICY_NAMES = ("classic", "l4s", "swiftqueue", "oracle")
 
 
@@ -137,7 +139,14 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
         plot_swiftqueue(summary, runs, args.plot)
 
     write_results(summary, args, plot)
-    return 0
+    # as `sim` does for a scheme without a finished run: the results are kept (table, JSON, plot), the exit status
+    # says that a policy measured nothing (--loss iid:1 exited 0 with every cell '-' and no comparison)
+    return 1 if silent_policies(summary) else 0
+
+
+def silent_policies(summary: dict[str, Any]) -> list[str]:
+    """The policies whose marked flow delivered no packet after the warm-up: no latency, nothing to compare."""
+    return [name for name, d in summary["policies"].items() if d.get("p99_ms") is None]
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -148,11 +157,20 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"{name:<11} {f(d['p50_ms'], '7.1f')} {f(d['p95_ms'], '7.1f')} {f(d['p99_ms'], '7.1f')} "
               f"{f(d['p999_ms'], '8.1f')} {f(d['throughput_mbps'], '7.3f')} {f(d['l_share'], '7.1%')} "
               f"{f(d['ce_rate'], '6.1%')} {f(d['drop_rate'], '6.1%')} {f(d.get('stall_ratio'), '7.2%')}")
+    pol = summary["policies"]
     for name, c in summary.get("comparison", {}).items():
         thr = c.get("throughput_ratio_vs_l4s")
         measure = "token goodput" if c.get("throughput_measure") == "goodput_tokens_per_s" else "throughput"
-        red = c["p99_reduction_vs_l4s"]
-        print(f"{name}: P99 {abs(red):.1%} {'lower' if red >= 0 else 'higher'} than l4s"
-              + (f", {measure} x{thr:.3f}" if thr is not None else ""))
+        change = lower_or_higher(pol[name]["p99_ms"], pol["l4s"]["p99_ms"])
+        print(f"{name}: P99 {change} than l4s" + (f", {measure} x{thr:.3f}" if thr is not None else ""))
+    silent = silent_policies(summary)
+    warmup = summary.get("config", {}).get("warmup_s")
+    after = f" after the {warmup:g} s warm-up" if isinstance(warmup, int | float) else ""
+    for name in silent:
+        d = pol[name]
+        lost = f" of {d['packets']} sent ({cell(d['drop_rate'], '.0%')} dropped)" if d.get("packets") else ""
+        print(f"{name}: FAILED: the marked flow delivered no packet{lost}{after}; no latency to report")
+    if "l4s" in silent and len(pol) > 1:
+        print("P99 vs l4s: comparison unavailable (l4s delivered no packet)")
     fc = summary["policies"].get("swiftqueue", {}).get("forecaster")
     print(f"backend {summary['backend']}" + (f"; swiftqueue forecaster: {fc}" if fc else ""))

@@ -54,7 +54,7 @@ from .packet import CE, NOT_ECT
 from .queue_oracle import estimate_queue_delays
 from .queues import Packet, parse_queue
 from .trace import generator_bps, trace_from_spec
-from .vsim import CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
+from .vsim import MAX_VIRTUAL_S, CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
 
 log = logging.getLogger("tokenwire.testbed.swiftqueue")
 
@@ -183,6 +183,9 @@ class SwiftQueueConfig:
             # keeps a record per token (~100 MB/s, then a MemoryError); --seconds 1e9 at tokens:50 never ended
             raise SwiftQueueEvalError(f"--flow {self.flow} for --seconds {self.seconds:g} is {tokens:.3g} tokens: at "
                                       f"most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
+        if self.virtual and not self.seconds <= MAX_VIRTUAL_S:  # `--flow bulk --seconds 1e5` ran until killed
+            raise SwiftQueueEvalError(f"--seconds {self.seconds:g}: a virtual run is at most {MAX_VIRTUAL_S:g} "
+                                      "virtual s (the simulator's cap, as `sim` and `predictor collect` have)")
         try:
             trace_from_spec(self.down_trace)
             if self.up_trace:

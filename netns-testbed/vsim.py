@@ -30,6 +30,9 @@ from .packet import CE, ECT1, NOT_ECT
 from .queues import Packet
 
 MSS = 1500
+MAX_VIRTUAL_S = 3600.0
+"""The longest virtual run a command takes (``sim``'s cap, ``predictor collect --seconds``): an hour of virtual
+time is minutes of CPU; ``collect --seconds 1e300`` was accepted and would have run until killed."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,22 @@ def _median_time(fn, calls: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def measure(forecaster, calls: int, repeats: int) -> dict:
+def _phase(what: str) -> None:
+    """One progress line per phase on stderr, as ``bench emulator`` prints: the default run takes ~20 s, and it
+    used to print nothing until the whole table."""
+    print(f"  {what} ...", file=sys.stderr, flush=True)
+
+
+def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None] | None = None) -> dict:
+    """The numbers of one forecaster; ``progress`` is told each phase (a batch size, the observe cost) first."""
     samples = _samples(256)
     for s in samples:
         forecaster.observe(s)
     now = samples[-1].ack_at + 0.001
     res: dict = {"batches": {}}
     for bs in BATCHES:
+        if progress:
+            progress(f"batch {bs}")
         nows = [now + 1e-5 * i for i in range(bs)]
         if bs == 1:
             per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
@@ -80,6 +90,8 @@ def measure(forecaster, calls: int, repeats: int) -> dict:
             per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), max(calls // bs * 4, 50), repeats)
         res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
                                    "predictions_per_s": bs / per_call}
+    if progress:
+        progress("observe per ack")
     it = itertools.cycle(samples)
     obs = _median_time(lambda: forecaster.observe(next(it)), calls, repeats)
     res["us_per_observe"] = obs * 1e6
@@ -102,9 +114,14 @@ def run_cli(args: argparse.Namespace) -> int:
         from tokenwire.daemon.cli import CLIError
 
         raise CLIError(str(exc)) from None
-    doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
-                           "onnx": measure(onnx_fc, args.calls, args.repeats),
-                           "ewma": measure(EwmaLatencyForecaster(), args.calls, args.repeats)}
+    doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window}
+    print(f"bench predictor: {args.calls} calls x {args.repeats} repeats per phase, the ONNX model then EWMA",
+          file=sys.stderr, flush=True)
+    for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
+        def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
+            _phase(f"{name}: {what}")
+
+        doc[name] = measure(fc, args.calls, args.repeats, progress)
     head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
     lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
     for name in ("onnx", "ewma"):

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,27 @@ def _seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
     return value
+
+
+@contextmanager
+def _new_out_dir(out: Path, logs: frozenset[str]) -> Iterator[None]:
+    """Remove ``--out-dir`` again (and the folders made for it) when this run made it and fails while it holds
+    nothing but this run's own ``logs`` (index.json, train.json): no dataset, no checkpoint.
+
+    The arguments and the input data are checked before anything is written; a failure after that (the first
+    dataset's run, a model that diverges at once, Ctrl-C) left a folder holding a log of nothing. A folder that
+    existed before the run is never touched."""
+    from tokenwire.daemon.cli import missing_folders, remove_empty_folders
+
+    made = missing_folders(Path(os.path.realpath(out)))
+    try:
+        yield
+    except BaseException:
+        if made and made[0].is_dir() and {p.name for p in made[0].iterdir()} <= logs:
+            for name in logs:
+                (made[0] / name).unlink(missing_ok=True)
+            remove_empty_folders(made)
+        raise
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -136,8 +160,11 @@ def _config(args: argparse.Namespace, trace: str, seed: int) -> Any:
         parse_cross_spec(args.cross)
     except CrossSpecError as exc:
         raise _err(str(exc)) from None
-    if args.seconds <= 0:
-        raise _err("--seconds must be > 0")
+    from tokenwire.testbed.vsim import MAX_VIRTUAL_S
+
+    if not 0 < args.seconds <= MAX_VIRTUAL_S:  # as `sim` refuses a run past its cap, before running
+        raise _err(f"--seconds {args.seconds:g}: must be > 0 and at most {MAX_VIRTUAL_S:g} virtual s (the "
+                   "simulator's cap)")
     if not args.delay_ms >= 0:
         raise _err("--delay-ms must be >= 0")
     if args.probe_pps is not None and not args.probe_pps > 0:
@@ -252,20 +279,22 @@ def _collect_many(args: argparse.Namespace) -> int:
     # rewritten go now, each new file is added once it is saved (an interrupted run leaves a true index)
     rerun = {Path(o).name for o in outs}
     index = [e for e in _read_index(index_path) if Path(str(e.get("path", ""))).name not in rerun]
-    _write_json(index_path, index)
     done: list[str] = []
-    try:
-        for i, ((trace, seed), out) in enumerate(zip(jobs, outs, strict=True), 1):
-            s = _run_collect(_config(args, trace, seed), out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
-            index.append({"trace": trace, "seed": seed, "path": out, **s})
-            _write_json(index_path, index)
-            done.append(out)
-    except (KeyboardInterrupt, Exception):
-        left = len(jobs) - len(done)
-        _say(f"stopped after {len(done)} of {len(jobs)} datasets: " +
-             (f"completed {', '.join(done)} (listed in {index_path}); " if done else "none completed; ") +
-             f"{left} not written: {', '.join(outs[len(done):])}")
-        raise
+    with _new_out_dir(out_dir, frozenset({"index.json"})):
+        _write_json(index_path, index)
+        try:
+            for i, ((trace, seed), out) in enumerate(zip(jobs, outs, strict=True), 1):
+                s = _run_collect(_config(args, trace, seed), out,
+                                 f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
+                index.append({"trace": trace, "seed": seed, "path": out, **s})
+                _write_json(index_path, index)
+                done.append(out)
+        except (KeyboardInterrupt, Exception):
+            left = len(jobs) - len(done)
+            _say(f"stopped after {len(done)} of {len(jobs)} datasets: " +
+                 (f"completed {', '.join(done)} (listed in {index_path}); " if done else "none completed; ") +
+                 f"{left} not written: {', '.join(outs[len(done):])}")
+            raise
     _say(f"wrote {len(jobs)} datasets and index.json to {args.out_dir}")
     return 0
 
@@ -287,7 +316,7 @@ def _read_index(path: Path) -> list[dict]:
 
 def _train(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
-    from .train import TrainConfig, TrainingDiverged, check_net_overrides, fit_ar, load_points, train_net
+    from .train import check_net_overrides, load_points
 
     kinds = [k for k in args.kinds.split(",") if k]
     bad = set(kinds) - {"transformer", "gru", "ar"}
@@ -326,6 +355,16 @@ def _train(args: argparse.Namespace) -> int:
     # train.json is rewritten now (an earlier run's would describe checkpoints about to be replaced) and after
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
     log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
+    with _new_out_dir(out, frozenset({"train.json"})):
+        _train_models(args, kinds, net, train, val, log)
+    return 0
+
+
+def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: Any, val: Any, log: dict) -> None:
+    """``train``'s models, one after the other, with ``train.json`` (``log``) rewritten after each."""
+    from .train import TrainConfig, TrainingDiverged, fit_ar, train_net
+
+    out = Path(args.out_dir)
     log_path = out / "train.json"
     _remove_earlier_outputs(out, kinds)
     _write_json(log_path, log)
@@ -349,7 +388,6 @@ def _train(args: argparse.Namespace) -> int:
         _say(f"{kind}: best epoch {info['best_epoch']} -> {out / (kind + '.pt')}")
     log["finished"] = True
     _write_json(log_path, log)
-    return 0
 
 
 def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
@@ -439,6 +477,7 @@ def _below(mae: float, ewma: float) -> str:
 
 def format_table(doc: dict) -> str:
     from tokenwire.daemon.cli import cell
+    from tokenwire.testbed.sim_cli import lower_or_higher
 
     lines = [f"{'model':<12} {'MAE ms':>8} {'RMSE ms':>8} {'spike MAE':>10} {'n':>8} {'n spike':>8}"]
     for name, m in doc["models"].items():  # NaN (no targets, no spikes): "-"
@@ -446,8 +485,8 @@ def format_table(doc: dict) -> str:
                      f"{cell(m['spike_mae_ms'], '>10.2f')} {m['n']:>8} {m['n_spike']:>8}")
     if "transformer" in doc["models"] and "ewma" in doc["models"]:
         t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
-        ratio = _below(t, e).strip()
-        lines.append(f"transformer MAE vs ewma: {ratio}% lower (target >= 45%)" if ratio != "-" else
+        change = lower_or_higher(t, e)  # a worse model read "-3.8% lower"
+        lines.append(f"transformer MAE vs ewma: {change} (target >= 45% lower)" if change is not None else
                      "transformer MAE vs ewma: no ratio (ewma's MAE is 0, or no targets)")
     said = {"newest_acked": "truth at the newest acked send: the sender's own freshness",
             "clairvoyant_prev": "truth at the previous send",

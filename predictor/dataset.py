@@ -266,6 +266,7 @@ def load(path: str | Path) -> dict:
         i = int(np.flatnonzero(bad_acked)[0])
         raise DatasetError(f"{path}: n_acked[{i}] = {acked[i]:g} is not a count of the {n_acks} acks in the file")
     _check_values(path, data)
+    _check_order(path, data)
     data["meta"] = meta
     return data
 
@@ -303,6 +304,23 @@ def _check_values(path: str | Path, data: dict) -> None:
             i = int(np.flatnonzero(bad)[0])
             raise DatasetError(f"{path}: {col}[{i}] = {v[i]:g} ({int(bad.sum())} of {v.size} rows): {why}; "
                                "not a usable latency dataset")
+
+
+def _check_order(path: str | Path, data: dict) -> None:
+    """:class:`DatasetError` naming the first row out of send order: ``sent_at`` going back, or ``n_acked`` (the
+    acks received by each send) falling. The harness cuts each point's ack window at ``n_acked`` and splits
+    train/validation by row position, so rows out of order were taken as they came and gave windows of
+    another moment, without a word. (After :func:`_check_values`: every ``sent_at`` and ``n_acked`` is finite.)
+    """
+    for col, why in (("sent_at", "rows must be in send order"),
+                     ("n_acked", "a later send cannot have received fewer acks")):
+        v = data[col]
+        back = np.flatnonzero(v[1:] < v[:-1])
+        if back.size:
+            i = int(back[0]) + 1
+            rows = f"{back.size} row{'s' if back.size != 1 else ''} like it"
+            raise DatasetError(f"{path}: {col}[{i}] = {v[i]:g} is below {col}[{i - 1}] = {v[i - 1]:g} "
+                               f"({rows}): {why}; not a usable latency dataset")
 
 
 def ack_log(data: dict) -> np.ndarray:

@@ -156,8 +156,11 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
     xv, bv, yv, wv = tensors(val)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.1)
+    total_steps = cfg.epochs * steps_per_epoch
+    # torch's OneCycleLR divides by zero when its warm-up ends at step 0, pct_start * total_steps == 1: 10 steps in
+    # all (`--epochs 10` on data that fills one batch) was a ZeroDivisionError traceback; 2 warm-up steps there
+    pct_start = 0.2 if total_steps == 10 else 0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start)
     best = (math.inf, -1)
     best_state = None
     history = []
@@ -220,8 +223,11 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
                     save_checkpoint(checkpoint, model, cfg, history, best_epoch=epoch, finished=False)
             say(f"  epoch {epoch:3d}/{cfg.epochs}  train {total / steps_per_epoch:.4f}  val {vl:.4f}  "
                 f"val MAE {vmae:6.2f} ms  {time.monotonic() - t0:5.0f} s{mark}")
-            if epoch - best[1] >= cfg.patience:
-                say(f"  early stop: no validation improvement for {cfg.patience} epochs (best epoch {best[1]})")
+            if epoch - best[1] >= cfg.patience and epoch < cfg.epochs:
+                # only when epochs were left to run: after the last planned one nothing stopped early
+                n = cfg.patience
+                say(f"  early stop: no validation improvement for {n} epoch{'s' if n != 1 else ''} "
+                    f"(best epoch {best[1]}; {cfg.epochs - epoch} of {cfg.epochs} epochs not run)")
                 break
     finally:  # Ctrl-C, an error: the CLI's message must not be appended to the progress line either
         erase()
@@ -264,25 +270,58 @@ def checkpoint_best_epoch(ck: dict) -> int | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[object, dict]:
-    """(model in eval mode, the checkpoint's dict); :class:`ModelError` for anything ``train`` did not write."""
-    import pickle
+    """(model in eval mode, the checkpoint's dict); :class:`ModelError` for anything ``train`` did not write.
+
+    The file may be anything (``--checkpoint /etc/passwd``): torch's weights-only unpickler then raises
+    whatever its parsing of the bytes runs into (UnpicklingError, RuntimeError, IndexError, UnicodeDecodeError,
+    EOFError, struct.error, ... measured on random and mutated files), and a file that unpickles may hold
+    anything, with a config no network can be built from. Each of the two steps that read the file's content
+    therefore turns *any* ``Exception`` into the one-line refusal, except ``MemoryError`` (the machine's state,
+    not the file's); what was read is checked for the shape ``train`` writes before a network is built from it.
+    """
+    import warnings
 
     import torch
 
-    from .models import build
+    from .models import NETS, build
     from .onnx_session import ModelError
 
+    def refuse(why: str) -> ModelError:
+        return ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({why})")
+
+    def first_line(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = build(ck["kind"], ck["config"])
-        model.load_state_dict(ck["state_dict"])
+        with warnings.catch_warnings():  # garbage bytes read as a pickle header: "Detected pickle protocol 71"
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: no such checkpoint") from None
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except MemoryError:
+        raise
+    except Exception as exc:  # untrusted bytes: see the docstring
+        why = first_line(exc)
         if "weights_only" in str(exc):  # torch advises loading it with weights_only=False: running its code
-            first = "it holds Python objects other than tensors and plain data; not loaded"
-        raise ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({first})") from None
+            why = "it holds Python objects other than tensors and plain data; not loaded"
+        raise refuse(why) from None
+    if not isinstance(ck, dict):
+        raise refuse(f"it holds a {type(ck).__name__}, not the dict train writes")
+    kind, config, weights = ck.get("kind"), ck.get("config"), ck.get("state_dict")
+    if not isinstance(kind, str) or kind not in NETS:
+        raise refuse(f"model kind {kind!r}, expected one of {', '.join(NETS)}")
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise refuse("no network config")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise refuse("no weights")
+    try:
+        model = build(kind, config)
+        model.load_state_dict(weights)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a config from the file: TypeError, ZeroDivisionError, RuntimeError, ...
+        raise refuse(f"its config and weights do not make a {kind} network: {first_line(exc)}") from None
     model.eval()
     return model, ck
 

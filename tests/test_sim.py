@@ -101,7 +101,7 @@ def test_a_scheme_without_a_finished_run_prints_no_nan_and_fails(tmp_path, capsy
     assert json.loads(out.read_text())["schemes"]["stream"]["runs_finished"] == 1  # the results are still kept
 
 
-@pytest.mark.parametrize("argv", [["--tokens", "200", "--rate", "0.05"], ["--tokens", "20", "--delay-ms", "1e9"],
+@pytest.mark.parametrize("argv", [["--tokens", "400", "--rate", "0.1"], ["--tokens", "20", "--delay-ms", "1e9"],
                                   ["--tokens", "20", "--first-token-ms", "4e6"]])
 def test_sim_cli_refuses_answers_that_cannot_end_within_the_virtual_time_cap(capsys, argv):
     """They ran to the 3600-s cap, failed every run ("seed 1 FAILED (no completion ...)") and exited 0."""
