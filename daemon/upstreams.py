@@ -22,7 +22,7 @@ from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
 from .config import Config, UpstreamConfig
-from .demo_upstream import answer_tokens, schedule
+from .demo_upstream import answer_tokens, rate_problem, schedule
 
 Emit = Callable[[str], None]
 
@@ -50,10 +50,7 @@ class DemoUpstream:
         self.max_tokens = max_tokens
 
     def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
-        rate = params.get("rate", self.rate)
-        if type(rate) not in (int, float) or not 0.1 <= rate <= 10_000:
-            return "params.rate must be a number in [0.1, 10000]"
-        return None
+        return rate_problem(params.get("rate", self.rate), "params.rate")
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str:
         problem = self.refusal(request.model, request.params)

@@ -232,7 +232,7 @@ def test_a_request_the_upstream_cannot_serve_is_refused_before_started(daemon):
             return info.value, stream.request_id, past.value
 
     err, request_id, past = run(go())
-    assert err.code == ErrorCode.BAD_REQUEST and "params.rate must be a number" in str(err)
+    assert err.code == ErrorCode.BAD_REQUEST and "params.rate must be a number of tokens/s in [0.1, 10000]" in str(err)
     assert request_id is None  # no STARTED came
     assert past.code == ErrorCode.BAD_REQUEST and "resume index 5 is past its end (3)" in str(past)
 
