@@ -81,6 +81,7 @@ from .kv_controller import (
     GUARD_WEIGHT,
     LEVELS,
     PRIOR_LOW,
+    SAMPLE_MIN_BYTES,
     STALE_FACTOR,
     STALE_S,
     TEXT,
@@ -108,7 +109,7 @@ FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this
 FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
 LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
 MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
-MIN_SAMPLE_BYTES = 16 * 1024  # smaller chunks (text) give no usable throughput sample
+MIN_SAMPLE_BYTES = SAMPLE_MIN_BYTES  # smaller chunks (text) give no usable throughput sample
 LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link prior (see KVServerSession.start)
 LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
 LINK_LOW_Q = 0.1  # the link prior's low quantile
@@ -178,6 +179,9 @@ class ServerTuning:
     guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate, low**w * median**(1-w): kv_controller
     firm_guard_weight: float = FIRM_GUARD_WEIGHT  # the same for a fetch's first (cold) and last chunk
     link_prior: bool = True  # plan first chunks with the connection's past chunk rates (KVServerSession.link_prior)
+    # until the connection has a link prior, a fetch the configured prior would send as text measures the link with
+    # one chunk at the lowest level where the deadline leaves room (KVServerSession._explore); False: never
+    probe: bool = True
 
     def __post_init__(self) -> None:
         check_tuning(stale_factor=self.stale_factor, reserve=self.reserve, guard_weight=self.guard_weight,
@@ -254,6 +258,8 @@ class ServerFetch:
     chunk_streams: list[tuple[int, int]] = field(default_factory=list)  # (stream id, bytes written on it)
     ack_mark: tuple[float, int] | None = None  # (when, acked bytes) at the first QUIC ACK progress seen
     first_sent_at: float | None = None  # when the first chunk was written
+    probe: int | None = None  # the chunk sent at the lowest level to measure the link (KVController._probe_fits)
+    probe_sent_at: float | None = None  # ...and when it was written
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -343,6 +349,8 @@ class KVServerSession(_SessionBase):
         f.levels.append(level)
         if f.first_sent_at is None:
             f.first_sent_at = now
+        if index == f.probe:
+            f.probe_sent_at = now
         f.chunk_streams.append((sid, len(data)))
         f.last_stream = sid
         f.bytes_written += len(payload)
@@ -377,6 +385,8 @@ class KVServerSession(_SessionBase):
                 continue
             if f.last_stream is not None and self._unacked(f) > self._lookahead(f, now):
                 continue
+            if self._awaiting_probe(f, now):
+                continue
             level = self._decide(f, now)
             f.pending = True
             out.append(KVChunkNeeded(f.stream_id, f.next_index, level))
@@ -394,15 +404,56 @@ class KVServerSession(_SessionBase):
 
     def _acked(self, f: ServerFetch) -> int:
         """Bytes of this fetch's chunk streams that QUIC has seen acknowledged (a stream gone is complete)."""
-        total = 0
-        for sid, size in f.chunk_streams:
-            stream = self.quic._streams.get(sid)
-            if stream is None:
-                total += size
-                continue
-            s = stream.sender
-            total += s._buffer_start + sum(r.stop - r.start for r in s._acked)
-        return total
+        return sum(self._stream_acked(sid, size) for sid, size in f.chunk_streams)
+
+    def _stream_acked(self, sid: int, size: int) -> int:
+        """Bytes of one chunk stream (``size`` written) that QUIC has seen acknowledged."""
+        stream = self.quic._streams.get(sid)
+        if stream is None:
+            return size
+        s = stream.sender
+        return int(s._buffer_start + sum(r.stop - r.start for r in s._acked))
+
+    def _explore(self, f: ServerFetch) -> tuple[bool, float | None]:
+        """Whether this fetch may send a probe (``KVController.choose``'s ``explore``), and what the connection
+        has measured so far (``measured_bps``: the median of its chunk rates, if any).
+
+        While the connection has no link prior of its own (fewer than ``LINK_MIN_SAMPLES`` chunk rates) its
+        first chunks are planned on the configured prior, and text chunks give no rate sample: where that prior
+        makes recomputing look cheaper than sending (5 Mbit/s on a loopback or LAN path, SmolLM2's 700 tokens at
+        the default prefill cost), every fetch went text, whatever its deadline, and the prior never moved. One
+        probe per fetch at most; none once the link prior exists (it is measured: on a link it says is slow, text
+        is the right choice), nor for the legacy rule (ablations)."""
+        assert f.controller is not None
+        if not self.tuning.probe or f.probe is not None or f.controller.legacy:
+            return False, None
+        if self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES:
+            return False, None
+        rates = sorted(self.link_rates)
+        return True, (rates[len(rates) // 2] if rates else None)
+
+    def _probe_rate(self, f: ServerFetch, now: float) -> float | None:
+        """The probe chunk's delivery rate, bit/s, once QUIC has acknowledged all of it: its bytes over the time
+        from its write to now, less one min-RTT (the last ACK's trip). On a fast path the chunk is delivered
+        long before ``fresh_rate`` has its ``FRESH_MIN_S`` of ACKs; measured over the whole chunk (slow start
+        included: an underestimate, never a burst's overestimate) it needs no such span. None before."""
+        if f.probe is None or f.probe_sent_at is None or f.probe >= len(f.chunk_streams):
+            return None
+        sid, size = f.chunk_streams[f.probe]
+        if size < MIN_SAMPLE_BYTES or self._stream_acked(sid, size) < size:
+            return None
+        span = now - f.probe_sent_at - min_rtt(self.quic, default=0.0)
+        return size * 8 / max(span, POLL_S)
+
+    def _awaiting_probe(self, f: ServerFetch, now: float) -> bool:
+        """Hold the decision after a probe until the probe has measured the link: decided at the usual look-ahead,
+        on a fast path the next chunk came before any rate existed, was cold again, and went text (or probed
+        again). The wait is the probe's last bytes and their ACK: the link idles for about one RTT, once."""
+        if f.probe is None or f.next_index != f.probe + 1 or f.samples:
+            return False
+        if self.tuning.fresh_rate and self.fresh_rate(f, now) is not None:
+            return False
+        return self._probe_rate(f, now) is None
 
     def fresh_rate(self, f: ServerFetch, now: float) -> float | None:
         """This fetch's own delivery rate from QUIC ACKs, bit/s: known ~one RTT after the first chunk starts,
@@ -491,6 +542,8 @@ class KVServerSession(_SessionBase):
             age = now - self._sample_at.get(id(f.forecaster), now) if f.controller.legacy else 0.0
         med, low = (fc.median_bps, fc.low_bps) if fc else (None, None)
         fresh = self.fresh_rate(f, now) if self.tuning.fresh_rate and not f.samples else None
+        if fresh is None and not f.samples:  # the probe's own measurement (taken whatever tuning.fresh_rate says)
+            fresh = self._probe_rate(f, now)
         if fresh is not None and not f.controller.legacy:
             # no chunk sample of its own yet, but QUIC has measured this fetch's delivery rate: that is the median
             # now, with the forecaster's relative spread as its low quantile (from its history if it has one, else
@@ -506,12 +559,16 @@ class KVServerSession(_SessionBase):
         # it is received and decoded): counted until its KV_ACK, a 650 KB chunk delivered but for its last
         # 30 KB was priced again, 2.2 s of an 8 s budget (kv_vsim, Verizon-LTE). The legacy rule keeps that count.
         inflight = f.bytes_written - f.bytes_acked if f.controller.legacy else self._unacked(f)
+        explore, measured = self._explore(f)
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=inflight,
-                                median_bps=med, low_bps=low, sample_age_s=age)
+                                median_bps=med, low_bps=low, sample_age_s=age, explore=explore, measured_bps=measured)
+        if d.probe:
+            f.probe = f.next_index
         f.decisions.append({"index": f.next_index, "level": d.level, "planned": list(d.planned),
                             "median_bps": med, "low_bps": low, "fresh": fresh is not None,
                             "age_s": age if math.isfinite(age) else None,
-                            "budget_s": d.budget_s, "time_left_s": time_left, "inflight_bytes": inflight})
+                            "budget_s": d.budget_s, "time_left_s": time_left, "inflight_bytes": inflight,
+                            "probe": d.probe})
         return d.level
 
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
@@ -1575,6 +1632,11 @@ class KVConnection(SessionProtocol):
         deadline = _deadline_ms(deadline_ms)
         ids = _token_ids(token_ids)
         hs = _chunk_hashes(hashes)
+        # named by argument here: the frame check says "kvfetch: empty token id list", a wire detail
+        if (ids is None) == (hs is None):
+            raise ValueError("invalid fetch: pass exactly one of token_ids and hashes")
+        if ids is not None and not ids:
+            raise ValueError("invalid fetch: token_ids is empty (a fetch names its context by its token ids)")
         req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=hs, controller=controller,
                       recompute_us_per_token=recompute_us_per_token, auth=self._auth, prefix=bool(prefix) or None)
         try:
@@ -1646,15 +1708,37 @@ class KVConnection(SessionProtocol):
         self._pool.shutdown(wait=False)
 
 
+def _check_decode_device(device: Any) -> None:
+    """``ValueError`` naming ``decode_device`` unless this process can allocate on it (torch is imported only
+    for another device than the CPU: this module never imports it at module level)."""
+    if isinstance(device, str) and device == "cpu":
+        return
+    try:
+        from .cachegen.codec import check_device
+    except ImportError as exc:  # no torch (the ml extra): nothing could decode on any device
+        raise ValueError(f"decode_device {device!r} needs torch: {exc}") from None
+    from .cachegen.errors import InvalidInput
+
+    try:
+        check_device(device)
+    except InvalidInput as exc:
+        raise ValueError(f"decode_device: {exc}") from None
+
+
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
-                     server_name: str | None = None, decode_device: str = "cpu", ecn: bool = False,
-                     timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
+                     cadata: bytes | str | None = None, server_name: str | None = None, decode_device: str = "cpu",
+                     ecn: bool = False, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
                      ) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
 
     ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
     as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
+    ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str), as for ``connect``.
+
+    ``decode_device``: where chunks are decoded (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); one this process cannot
+    use (no such device, a CPU-only torch) raises ``ValueError`` here, before connecting: it used to pass, and
+    the first fetch failed with a bare ``AssertionError`` from torch once its first chunk was decoded.
 
     ``warm`` (default): load torch and the codec and compile or load its kernels, as the daemon does at start,
     once per process, on a worker thread while the handshake runs; the connection is handed over when that is
@@ -1665,7 +1749,9 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
     without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
     """
-    config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, verify=verify))
+    _check_decode_device(decode_device)
+    config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,
+                                                 verify=verify))
     make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm)
     async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)

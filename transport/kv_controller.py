@@ -28,7 +28,12 @@ that comparisons are fair:
   deadline where only all-``low`` made it); the link's range over many fetches does not.
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
-  forecast. ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
+  forecast. (5) A *probe* where the prior alone would choose text: text chunks carry no rate sample, so a
+  configured prior that makes recomputing look cheaper than sending (5 Mbit/s on a LAN) would never be
+  corrected. With ``explore`` (the connection has no link prior of its own), a cold decision that picks text
+  sends the chunk at the lowest level instead when a measurement could change the choice and the probe fits
+  the time left at the guard rate with every later chunk at its cheapest (:meth:`KVController._probe_fits`).
+  ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
   back), ``prior_low=None`` the forced probe (cheapest option until measured), ``guard_weight=1,
   firm_guard_weight=1`` v5's guard (at the low quantile), ``guard_weight=0.5`` v4's blend for the middle chunks.
 * ``even-split``: CacheGen's rule: per-chunk budget = remaining time / remaining chunks; the highest level whose
@@ -74,6 +79,9 @@ GUARD_WEIGHT = 1.5
 # 294 + 293; neither, 290 + 290).
 FIRM_GUARD_WEIGHT = 2.0
 PLAN_WINDOW = 64  # chunks planned rung by rung at each decision (see KVController._median_plan)
+# A chunk smaller than this gives no usable throughput sample (its transfer is a few packets of the initial
+# window): the KV channel ignores such a chunk's rate, and a probe this small would measure nothing.
+SAMPLE_MIN_BYTES = 16 * 1024
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
 
 
@@ -115,6 +123,7 @@ class Decision:
     planned: tuple[str, ...]  # the plan for this and every later chunk (tokenwire policies)
     bandwidth_bps: float
     budget_s: float
+    probe: bool = False  # sent at the lowest level to measure the link where text was the choice (explore)
 
 
 class KVController:
@@ -141,10 +150,15 @@ class KVController:
 
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
-               median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0) -> Decision:
+               median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0,
+               explore: bool = False, measured_bps: float | None = None) -> Decision:
         """Level for ``remaining[0]`` (the next chunk).
 
         ``sample_age_s``: age of the forecast's newest sample (infinite while the fetch has none of its own).
+        ``explore``: the prior is only the configured guess (the connection has no link prior of its own), so a
+        cold decision for text may send a probe instead (tokenwire policies; see :meth:`_probe_fits`);
+        ``measured_bps``: what the connection has measured so far all the same (the median of its few chunk
+        rates), None if nothing.
         """
         if not remaining:
             raise ValueError("no chunk left to choose for")
@@ -163,10 +177,12 @@ class KVController:
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
         if self.legacy:
             return self._choose_legacy(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
-        return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
+        return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s,
+                                    explore, measured_bps)
 
     def _choose_guarded(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
-                        median_bps: float | None, low_bps: float | None, sample_age_s: float) -> Decision:
+                        median_bps: float | None, low_bps: float | None, sample_age_s: float,
+                        explore: bool = False, measured_bps: float | None = None) -> Decision:
         """Plan at the median, then downgrade the next chunk until the low-quantile fallback fits."""
         cold = low_bps is None or sample_age_s > STALE_S  # nothing measured on this fetch yet
         if cold and self.prior_low is not None:  # the configured prior, PRIOR_LOW of it as its low quantile
@@ -198,7 +214,44 @@ class KVController:
             # recompute cannot profit from that; the lowest level can (measured: Verizon-LTE seed 7, a slow
             # probe then three recomputes, 6.8 s, where the link recovered and all-low made it).
             plan[0] = LEVELS[0]
+        elif plan[0] == TEXT and cold and explore and self._probe_fits(remaining, avail, measured_bps):
+            plan[0] = LEVELS[0]
+            return Decision(plan[0], tuple(plan), low, avail, probe=True)
         return Decision(plan[0], tuple(plan), low, avail)
+
+    def _probe_fits(self, remaining: Sequence[ChunkOptions], avail: float, measured_bps: float | None) -> bool:
+        """Whether a cold decision for text sends ``remaining[0]`` at the lowest level instead, to measure the link.
+
+        Text chunks give no rate sample: a prior under which recomputing looks cheaper than sending the lowest
+        level (the configured 5 Mbit/s on a LAN, SmolLM2 at 2.25 ms/token of prefill) was never corrected, and
+        every fetch of the connection went text whatever its deadline. A probe is sent when all of these hold:
+
+        * a measurement could change the choice: recomputing costs something (at 0 s/token text is cheaper
+          than any level at any rate; above it, a fast enough link makes recomputing dearer than sending even
+          the best level, and text drops out of the ladder), the lowest level carries a usable rate sample
+          (``SAMPLE_MIN_BYTES``), and ``measured_bps`` (the connection's few chunk rates, their median), if there
+          is one, is such a link: a link measured slow is not probed again;
+        * it fits: the lowest level plus every later chunk at its cheapest option (text where the probe finds
+          the link slow) fits the time left at the *firm guard* rate of the prior it is planned on
+          (``measured_bps``, else the configured prior; ``PRIOR_LOW`` of it as its low quantile), the same
+          deadline risk the controller takes with any first chunk sent on a prior.
+
+        The cost is bounded: one chunk per fetch at the lowest level instead of exact text (a top-1 of 92.5 %
+        instead of 100 % on that chunk), and its transfer time instead of its recompute time, within the deadline
+        at the guard rate; once the connection has a link prior of its own the session stops exploring.
+        """
+        c = remaining[0]
+        size = c.sizes[LEVELS[0]]
+        if c.recompute_s <= 0 or size < SAMPLE_MIN_BYTES:
+            return False
+        if measured_bps is not None and TEXT in (r[0] for r in self._ladder(c, measured_bps)):
+            return False
+        med = (measured_bps if measured_bps is not None else self.prior_bps) * self.safety
+        guard = med * PRIOR_LOW**self.firm_guard_weight  # low**w * med**(1-w) with low = PRIOR_LOW * med
+        later = [self._ladder(x, guard, med)[0] for x in remaining[1:]]
+        rest = sum(r[1] for r in later)
+        last = remaining[-1].decode_s.get(later[-1][0] if later else LEVELS[0], 0.0)
+        return size * 8 / guard + rest + last <= avail
 
     def _median_plan(self, remaining: Sequence[ChunkOptions], med: float, avail: float) -> list[str]:
         """The plan at the median rate. A remainder longer than ``PLAN_WINDOW`` chunks plans its first

@@ -32,6 +32,7 @@ _LAZY = {
     "decode_sequence": "codec",
     "split_tokens": "codec",
     "concat_tokens": "codec",
+    "check_device": "codec",
     "LADDER": "levels",
     "LEVEL_NAMES": "levels",
     "TEXT": "levels",

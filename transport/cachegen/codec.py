@@ -111,6 +111,22 @@ def _check_fingerprint(fingerprint: int) -> int:
     return fp
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this process can allocate on; ``InvalidInput`` naming it otherwise.
+
+    Checked before anything is decoded: on a CPU-only torch ``device="cuda"`` failed at the first allocation
+    with a bare ``AssertionError`` ("Torch not compiled with CUDA enabled"), and a misspelt one with torch's
+    ``RuntimeError``; the KV client turned either into "chunk does not decode", blaming the data."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)  # what the decode's first allocation does: it raises what that would
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"device {device!r} is not available here: {exc}") from None
+    if dev.type == "meta":  # allocates, but holds no values to decode into
+        raise InvalidInput(f"device {device!r} holds no data")
+    return dev
+
+
 def _use_torch(backend: str, device: torch.device) -> bool:
     if backend not in ("auto", "numba", "torch"):
         raise InvalidInput(f"unknown backend {backend!r}")
@@ -198,9 +214,10 @@ def decode_chunk(data: bytes | bytearray | memoryview, *, device: str | torch.de
 
     Raises ``TruncatedBitstream``, ``CorruptBitstream``, ``UnsupportedVersion`` or ``ModelMismatch``
     (all ``KVCodecError``) for anything but a valid chunk; chunks above ``max_elements`` are refused.
+    A ``device`` this process cannot use (``"cuda"`` on a CPU-only torch) raises ``InvalidInput`` first.
     """
+    dev = check_device(device)
     c = bitstream.unpack(data, expect_fingerprint, expect_geometry, max_elements)
-    dev = torch.device(device)
     out_dtype = dtype or _DTYPES[c.dtype]
     # The output is allocated before any temporary: placed after each layer's temporaries it fragmented the
     # heap (+2 bytes per element of RSS on glibc).
@@ -284,10 +301,14 @@ def concat_tokens(chunks: Sequence[KV]) -> list[tuple[torch.Tensor, torch.Tensor
 
 def encode_sequence(kv: KV, level: str | Level, *, fingerprint: int, chunk_tokens: int = 256,
                     profile: Profile | None = None, backend: str = "auto") -> list[bytes]:
-    """Encode a whole prefix KV as independent chunks; the first keeps the level's sink tokens exact."""
+    """Encode a whole prefix KV as independent chunks; the first keeps the level's sink tokens exact.
+
+    An empty KV (0 tokens) is one 0-token chunk, which records the geometry and dtype: ``decode_sequence`` gives
+    it back as 0-token tensors (it used to encode to no chunks, which ``decode_sequence`` refuses)."""
     lv = get_level(level)
     out = []
-    for i, part in enumerate(split_tokens(kv, chunk_tokens)):
+    parts = split_tokens(kv, chunk_tokens) or [list(kv)]
+    for i, part in enumerate(parts):
         raw = min(lv.sink_tokens, part[0][0].shape[-2]) if i == 0 else 0
         out.append(encode_chunk(part, lv, fingerprint=fingerprint, raw_tokens=raw, profile=profile,
                                 backend=backend))

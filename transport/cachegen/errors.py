@@ -28,4 +28,5 @@ class ModelMismatch(KVCodecError):
 
 
 class InvalidInput(KVCodecError, ValueError):
-    """The encoder was given something it cannot encode (non-finite values, wrong shapes, bad level)."""
+    """The encoder was given something it cannot encode (non-finite values, wrong shapes, bad level), or a
+    decoder a device this process cannot use."""
