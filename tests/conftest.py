@@ -21,3 +21,14 @@ def _no_stale_log_handlers() -> Iterator[None]:
         if type(handler) is logging.StreamHandler and handler not in before:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 3-s predictor dataset with a few hundred prediction points (the predictor CLI tests')."""
+    from tokenwire.daemon.cli import main
+
+    f = tmp_path_factory.mktemp("small") / "d.npz"
+    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-pps", "150",
+                 "--cross", "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7", "--out", str(f)]) == 0
+    return f

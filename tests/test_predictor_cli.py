@@ -157,15 +157,6 @@ def test_net_override_defaults_match_the_model():
     assert {k: params[k].default for k in TRANSFORMER_DEFAULTS} == TRANSFORMER_DEFAULTS
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A 3-s dataset with a few hundred prediction points."""
-    f = tmp_path_factory.mktemp("small") / "d.npz"
-    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-pps", "150",
-                 "--cross", CROSS, "--out", str(f)]) == 0
-    return f
-
-
 def test_collect_many_refuses_runs_that_would_overwrite_each_other(tmp_path, capsys):
     """Same file name in two folders, a repeated trace or a repeated seed: the later run overwrote the
     earlier file while the summary said "wrote 2 datasets" and index.json listed both."""

@@ -16,18 +16,6 @@ import pytest
 from tokenwire.daemon.cli import CLIError, check_outputs, main, output_file
 from tokenwire.predictor.dataset import DatasetError, load, save
 
-CROSS = "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7"
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A 3-s dataset with a few hundred prediction points."""
-    f = tmp_path_factory.mktemp("small") / "d.npz"
-    assert main(["predictor", "collect", "--down-trace", "6mbps", "--seconds", "3", "--probe-pps", "150",
-                 "--cross", CROSS, "--out", str(f)]) == 0
-    return f
-
-
 # -- 1. `predictor export --checkpoint /etc/passwd`: an IndexError traceback from torch's unpickler
 
 
