@@ -15,6 +15,7 @@ from tokenwire.daemon.cli import main
 from tokenwire.transport.server import serve
 from tokenwire.transport.tls import CertificateFileError, client_configuration, dev_cert, make_self_signed
 
+from .terminal import default_signals
 from .test_loopback import WORDS, word_source
 
 
@@ -338,11 +339,17 @@ def test_leaving_early_cancels_the_answer_at_the_daemon(tmp_path, how):
                                                             ), done.stderr
             assert done.stdout.endswith("\n") and len(done.stdout.split()) >= 5  # the part that came, its line ended
         else:
-            proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert proc.stdout is not None
-            head = proc.stdout.read(3)  # the answer is streaming
-            proc.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sighup": signal.SIGHUP}[how])
-            out, err = proc.communicate(timeout=30)
+            proc = subprocess.Popen(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=default_signals)
+            try:
+                assert proc.stdout is not None
+                head = proc.stdout.read(3)  # the answer is streaming
+                proc.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "sighup": signal.SIGHUP}[how])
+                out, err = proc.communicate(timeout=30)
+            finally:  # a client that did not stop is not left running after the test
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
             assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", (out, err)
             assert (head + out).endswith(b"\n"), out  # "interrupted" is not glued onto the partial answer
         deadline = time.monotonic() + 10

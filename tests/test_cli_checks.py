@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .terminal import default_signals
+
 
 def _interrupt_group(proc: subprocess.Popen) -> tuple[int, str]:
     """SIGINT to the child's whole process group, as a terminal's Ctrl-C sends it; (exit status, stderr)."""
@@ -37,7 +39,8 @@ def test_bench_daemon_worker_exits_quietly_on_ctrl_c(tmp_path: Path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenwire.daemon.bench_daemon", "--worker", str(port), str(cafile), "2", "10",
              "chatterbox", str(tmp_path / "out.json")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=default_signals)
         sink.recvfrom(2048)  # its first QUIC Initial: the worker is inside its event loop
         rc, err = _interrupt_group(proc)
     assert "Traceback" not in err, err
@@ -47,7 +50,8 @@ def test_bench_daemon_worker_exits_quietly_on_ctrl_c(tmp_path: Path):
 
 def test_bench_transport_server_exits_quietly_on_ctrl_c():
     proc = subprocess.Popen([sys.executable, "-m", "tokenwire.transport.bench_transport", "--serve", "raw"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_signals)
     assert proc.stdout is not None
     assert "port" in proc.stdout.readline()  # serving
     rc, err = _interrupt_group(proc)

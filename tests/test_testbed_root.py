@@ -21,6 +21,8 @@ from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig  # noqa: 
 from tokenwire.testbed.netns import RunState, list_runs, netns_exists, pid_alive  # noqa: E402
 from tokenwire.testbed.topology import Testbed, TestbedError, wait_for  # noqa: E402
 
+from .terminal import default_signals  # noqa: E402
+
 
 def udp_pair(tb):
     srv = tb.socket(tb.server_ns)
@@ -191,14 +193,10 @@ def test_bulk_tcp_is_shaped_by_the_trace_and_ect1_udp_uses_the_l_queue():
 TOKENWIRE = [sys.executable, "-c", "import sys; from tokenwire.daemon.cli import main; sys.exit(main())"]
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _tokenwire(*args, **kw):
     """The CLI as a terminal starts it. A test run launched in the background (``make test &``) passes SIGINT
     down as ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C tests would hang."""
-    return subprocess.Popen([*TOKENWIRE, *args], preexec_fn=_default_sigint, **kw)
+    return subprocess.Popen([*TOKENWIRE, *args], preexec_fn=default_signals, **kw)
 
 
 def test_cli_up_survives_nothing_after_sigkill_and_down_cleans_it():
