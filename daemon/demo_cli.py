@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay of the link (default 40)")
     p.add_argument("--loss", default=DEFAULT_LOSS, help=f"loss spec, as in `tokenwire sim` (default {DEFAULT_LOSS})")
     p.add_argument("--seed", type=int, default=3, help="loss pattern seed (default 3)")
-    p.add_argument("--schemes", default="chatterbox,stream,duplicate", help="first one renders live")
+    p.add_argument("--schemes", default="chatterbox,stream,duplicate",
+                   help="comma-separated; the first one renders live (default chatterbox,stream,duplicate)")
     p.add_argument("--quiet", action="store_true", help="do not render the answer live")
     p.add_argument(
         "--link",
@@ -142,11 +143,20 @@ def _demo_relay(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         raise KeyboardInterrupt from None
 
 
+def cut_note(tokens: int) -> str:
+    """What ends the live answer: a marker where ``--tokens`` cut the demo answer short (it ended mid-word, and
+    read as text lost on the way; only the digest column said otherwise)."""
+    from tokenwire.daemon.demo_upstream import answer_tokens
+
+    return f" [... the demo answer cut at --tokens {tokens}]" if tokens < len(answer_tokens()) else ""
+
+
 def vars_for_json(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose")}
 
 
 async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
+    import asyncio
     import tempfile
     from pathlib import Path
 
@@ -198,12 +208,17 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                             print(f"--- {scheme} (live) " + "-" * 50, file=out)
                         else:
                             print(f"--- {scheme}: streaming the same answer on the same loss pattern ...", file=out)
-                        async for delta in stream:
+                        try:
+                            async for delta in stream:
+                                if live:
+                                    out.write(delta)
+                                    out.flush()
+                        except asyncio.CancelledError:  # Ctrl-C or SIGTERM: "interrupted" on a line of its own
                             if live:
-                                out.write(delta)
-                                out.flush()
+                                print(file=out)
+                            raise
                         if live:
-                            print("\n", file=out)
+                            print(cut_note(args.tokens) + "\n", file=out)
                         st = stream.stats
                         assert st is not None
                         results[scheme] = {
@@ -317,7 +332,7 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                 raise CLIError(f"the {scheme} client failed (exit status {proc.returncode})")
             after = tb.stats()["down"]
             if live:
-                print(file=out)
+                print(cut_note(args.tokens), file=out)
             st = json.loads(stats_path.read_text())
             packets = after["arrived_packets"] - before["arrived_packets"]
             lost = after["lost_packets"] - before["lost_packets"]

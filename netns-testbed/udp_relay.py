@@ -126,7 +126,15 @@ class UdpRelay:
         if delay <= 0:
             transport.sendto(data, addr)
         else:
-            loop.call_later(delay, transport.sendto, data, addr)
+            loop.call_later(delay, self._send_later, transport, data, addr)
+
+    @staticmethod
+    def _send_later(transport: asyncio.DatagramTransport, data: bytes, addr: tuple | None) -> None:
+        """A delayed packet's send, dropped once the relay has closed: after ``close()`` the packets still in
+        their delay were sent on closed transports, and asyncio logged "socket.send() raised exception." for
+        each (a dozen lines at the end of every ``tokenwire demo``)."""
+        if not transport.is_closing():
+            transport.sendto(data, addr)
 
     def close(self) -> None:
         for proto in self._upstreams.values():

@@ -113,3 +113,30 @@ def test_sigterm_removes_the_relay_demos_temporary_folder(tmp_path: Path) -> Non
             proc.wait()
     assert proc.returncode == 130 and err.strip() == "interrupted", err  # was killed outright (-15), folder left
     assert not list(tmp_path.glob("tokenwire-demo-*"))
+
+
+def test_the_live_answer_says_where_tokens_cut_it_and_an_interrupt_ends_its_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The live answer stopped mid-word with no marker (read as text lost on the way), and "interrupted" was
+    glued onto it: "...in an elevatorinterrupted"."""
+    live = [a for a in RELAY if a != "--quiet"]
+    assert main([*live, "--tokens", "20", "--loss", "none", "--schemes", "chatterbox"]) == 0
+    out = capsys.readouterr().out
+    assert " [... the demo answer cut at --tokens 20]\n" in out
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire.daemon.cli", "demo", "--link", "relay", "--tokens", "400", "--rate", "20",
+         "--schemes", "chatterbox"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        while not proc.stdout.readline().startswith(b"--- chatterbox (live)"):
+            pass
+        head = proc.stdout.read(20)  # mid-answer
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err.decode().strip().endswith("interrupted")
+    assert (head + rest).endswith(b"\n"), rest  # "interrupted" (stderr) starts a line of its own

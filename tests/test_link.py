@@ -178,3 +178,39 @@ def test_the_csv_packet_log_reaches_the_disk_while_packets_flow(tmp_path, monkey
     log.record("down", pkt)
     assert len(path.read_text().splitlines()) == 3  # header and both rows, before close
     log.close()
+
+
+def test_a_closed_relay_drops_the_packets_still_in_their_delay(caplog):
+    """They were sent on closed transports: asyncio logged "socket.send() raised exception." for each, a dozen
+    lines at the end of every `tokenwire demo`."""
+    import asyncio
+    import logging
+    import socket
+
+    from tokenwire.testbed.udp_relay import UdpRelay
+
+    async def go() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            server.bind(("127.0.0.1", 0))
+            server.setblocking(False)
+            relay = await UdpRelay(server.getsockname(), delay_ms=100).start()
+            client.sendto(b"first", ("127.0.0.1", relay.port))
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == b"first"  # the path is up
+            for i in range(10):  # each held 100 ms by the relay
+                client.sendto(b"%d" % i, ("127.0.0.1", relay.port))
+            await asyncio.sleep(0.02)  # received by the relay, still in their delay
+            relay.close()
+            await asyncio.sleep(0.2)  # past their delay
+            got = 0
+            while True:
+                try:
+                    server.recv(100)
+                    got += 1
+                except BlockingIOError:
+                    return got
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        assert asyncio.run(go()) == 0
+    assert "socket.send() raised exception" not in caplog.text
