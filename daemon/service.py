@@ -70,8 +70,14 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
 log = logging.getLogger("tokenwire.daemon")
-# A connection must finish its handshake within this; the SDK client's own connect timeout is 10 s too
+# A handshake from an unproven address (maybe spoofed: no Retry token, no Handshake packet from it) is closed after
+# this; the SDK client's own connect timeout is 10 s too
 HANDSHAKE_TIMEOUT_S = 10.0
+# One whose client has proven its address (our Retry's token, or a Handshake packet: it got our first flight), or any
+# while Retry is on, may take until this since it began. 10 s for all closed handshakes that loaded clients had
+# finished on their side (1,000 at once on 2 busy cores: 822 "connected", then closed before their first request).
+# Unproven ones cannot pile up meanwhile: once Retry is on, every new connection comes with a token.
+HANDSHAKE_PROVEN_TIMEOUT_S = 30.0
 # With this many handshakes in progress (or half of max_sessions, if fewer), new clients must prove their
 # address first (a QUIC Retry, RFC 9000 8.1.2: one round trip more), so spoofed Initials create no state; off
 # again once below half of it for a whole handshake timeout
@@ -133,6 +139,7 @@ class DaemonProtocol(SessionProtocol):
         self._reported_acks = 0
         self._reported_ce = 0
         daemon.protocols.add(self)
+        self._handshake_began = time.monotonic()
         daemon.handshaking += 1
         daemon.handshake_pressure()
         self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
@@ -165,9 +172,26 @@ class DaemonProtocol(SessionProtocol):
         self.server_session.close(ErrorCode.LIMIT_EXCEEDED, why)
         self.transmit()
 
+    def address_proven(self) -> bool:
+        """Whether the client is not half-open: it came back with our Retry's token, or a Handshake packet came from
+        it (aioquic validates the path then, RFC 9000 8.1), which needs the keys of our first flight."""
+        quic = self._quic
+        return quic._retry_source_connection_id is not None or any(p.is_validated for p in quic._network_paths)
+
     def _handshake_expired(self) -> None:
-        if self._handshake_timer is not None and not self.established and not self.ended:
+        """The handshake deadline: HANDSHAKE_TIMEOUT_S, or HANDSHAKE_PROVEN_TIMEOUT_S since the start for a client
+        that has proven its address, and while Retry is on (the daemon is loaded: answers come late)."""
+        if self._handshake_timer is None or self.established or self.ended:
+            return
+        if not self.address_proven() and self.daemon.retrying_since is None:
             self._refuse_handshake("timeout", f"handshake not completed within {HANDSHAKE_TIMEOUT_S:g} s")
+            return
+        limit = max(HANDSHAKE_PROVEN_TIMEOUT_S, HANDSHAKE_TIMEOUT_S)
+        left = self._handshake_began + limit - time.monotonic()
+        if left > 0:
+            self._handshake_timer = asyncio.get_running_loop().call_later(left, self._handshake_expired)
+        else:
+            self._refuse_handshake("timeout", f"handshake not completed within {limit:g} s")
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)

@@ -96,6 +96,7 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
     a real one still connects; once the load passes, Retry goes off again."""
     monkeypatch.setattr(service, "RETRY_ABOVE", 4)
     monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(service, "HANDSHAKE_PROVEN_TIMEOUT_S", 1.0)  # (what a handshake gets while Retry is on)
 
     async def go():
         async with flooded(4) as (daemon, port):

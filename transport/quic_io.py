@@ -25,7 +25,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, open_udp_socket
-from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase
+from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase, handshake_refusal
 from .tls import check_seconds
 
 log = logging.getLogger("tokenwire.transport")
@@ -98,6 +98,9 @@ def _handshake_failure(host: str, port: int, ended: qe.ConnectionTerminated) -> 
     if ended.frame_type is not None and 0x100 <= code <= 0x1FF:
         alert = code - 0x100
         return HandshakeError(f"TLS handshake with {host}:{port} failed (TLS alert {alert}): {reason}", alert)
+    refused = handshake_refusal(code, ended.reason_phrase) if ended.frame_type is not None else None
+    if refused is not None:  # (an application's close carries no frame type; this one was converted)
+        return HandshakeError(f"QUIC handshake with {host}:{port} failed: {refused}", None)
     return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
 
 

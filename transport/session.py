@@ -190,8 +190,25 @@ def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = 
                           code=known_code(error_code))
         err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
         return err
+    refused = handshake_refusal(error_code, reason)
+    if refused is not None:
+        return RemoteError(f"{what} closed: {refused}", code=known_code(error_code))
     return RemoteError(f"{what} closed: {reason or 'no reason given'} (code {error_code:#x})",
                        code=known_code(error_code))
+
+
+QUIC_APPLICATION_ERROR = 0xC
+
+
+def handshake_refusal(error_code: int, reason: str) -> str | None:
+    """What a close with QUIC's APPLICATION_ERROR and no reason means, else None. A server's close before its
+    handshake is done goes out that way (RFC 9000 10.2.3 has the reason cleared), so every refusal of a tokenwire
+    server in the handshake read "no reason given (code 0xc)", which said nothing a client could act on."""
+    if error_code != QUIC_APPLICATION_ERROR or reason:
+        return None
+    return ("the server refused it during its handshake, over its limits (too many handshakes in progress or "
+            "sessions open, a handshake that took too long) or stopping; retry later (QUIC APPLICATION_ERROR 0xc: "
+            "a close before the handshake completes carries no reason)")
 
 
 class _SessionBase:
