@@ -209,11 +209,15 @@ def cell(value: Any, fmt: str) -> str:
 OUTPUT_FILES = ("json", "json_stats", "plot", "log", "out", "pcap")
 OUTPUT_DIRS = ("out_dir", "keep")
 STDOUT_OK = ("json", "json_stats", "out")
+# files written by a library or a child process, not through output_file (matplotlib's savefig, the emulator's
+# packet log and pcap): check_outputs makes their missing folders (below the current directory) itself
+WRITTEN_ELSEWHERE = ("plot", "log", "pcap")
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf")  # matplotlib
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Check that each output can be written there; :class:`CLIError` naming the option if not. Creates nothing.
+    """Check that each output can be written there; :class:`CLIError` naming the option if not. Creates only the
+    missing folders of the outputs written elsewhere than :func:`output_file` (``WRITTEN_ELSEWHERE``).
 
     As :func:`output_file` will write: a file's folder is its symlink target's (where the temporary file
     goes), and a device or FIFO only needs to be writable (nothing is created next to it). A missing folder
@@ -260,6 +264,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         try:
             with tempfile.NamedTemporaryFile(dir=base, prefix=".tokenwire-check-"):
                 pass
+            if needed and dest in WRITTEN_ELSEWHERE:
+                make_folders(folder)  # (nothing else would: `--plot newdir/x.png` failed after the whole run)
         except OSError as exc:
             where = exc.filename or base
             raise CLIError(f"{option}: cannot write there ({where}: {exc.strerror or exc})") from None

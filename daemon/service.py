@@ -295,6 +295,7 @@ class Daemon:
         self.draining = False
         self._handle_signals = False
         self.reload_note = ""  # the start of STATUS while the last reload's files were refused (status_line)
+        self._closing_start = False  # start() is being undone (a failure or a stop signal): run()'s signals wait
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
         self._drain_task: asyncio.Task[None] | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -317,6 +318,7 @@ class Daemon:
         try:
             await self._start()
         except (StartupError, asyncio.CancelledError):  # cancelled: a stop signal during the start (run())
+            self._closing_start = True  # (run(): a later stop signal must not cut this cleanup short)
             await self.stop()
             raise
 
@@ -809,6 +811,10 @@ class Daemon:
             log.info("SIGHUP while starting: reloading once started")
 
         def stop_starting() -> None:
+            if self._closing_start:  # cancelled once, or failing: its cleanup (stop()) runs to its end
+                return
+            self._closing_start = True
+            # (a KV codec compile under way runs to its end in its thread first: a few seconds)
             log.warning("stop signal while starting: stopping")
             starting.cancel()
 

@@ -201,11 +201,21 @@ def test_signals_during_a_slow_start_neither_kill_the_daemon_nor_get_lost(tmp_pa
         self._stopped.set()  # run() returns once it has done what was due
 
     reloads: list[bool] = []
+    stops: list[bool] = []
     for sig, then in ((signal.SIGHUP, "SIGHUP while starting"), (signal.SIGTERM, "stop signal while starting")):
+        caplog.clear()
         d, _ = _daemon(tmp_path)
         monkeypatch.setattr(service.Daemon, "_start", lambda self, s=sig, t=then: slow_start(self, s, t))
         monkeypatch.setattr(d, "reload", lambda: reloads.append(True))
+        real_stop = d.stop
+
+        async def stop(real_stop=real_stop) -> None:
+            stops.append(True)
+            await real_stop()
+
+        monkeypatch.setattr(d, "stop", stop)
         with caplog.at_level(logging.INFO, logger="tokenwire.daemon"):
             asyncio.run(asyncio.wait_for(d.run(), 20))
-        assert reloads == [True]  # the SIGHUP's reload, after the start; none for the SIGTERM
-    assert "stopped" in caplog.text
+        assert "stopped" in caplog.text
+    assert reloads == [True]  # the SIGHUP's reload, after the start; none for the SIGTERM
+    assert stops == [True]  # the SIGTERM's start was undone (its listeners closed); the SIGHUP's ran on

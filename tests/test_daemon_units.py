@@ -822,3 +822,31 @@ def test_the_token_and_kv_ingest_sockets_need_paths_of_their_own(tmp_path):
     ok = parse_config({"ingest": {"socket": sock}, "kv": {"enabled": True, "ingest_socket": sock + "2"}})
     assert ok.kv.ingest_socket != ok.ingest.socket
     parse_config({"ingest": {"socket": sock}, "kv": {"enabled": False, "ingest_socket": sock}})  # never opened
+
+
+def test_a_key_renewed_by_a_user_outside_its_group_is_not_opened_to_another_group():
+    """keep_mode copied 0640 but, not being root, could not give the key its group: the new key was readable by
+    the renewing user's own group instead."""
+    import tempfile
+
+    from tokenwire.transport.file_modes import keep_mode
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another group and act as another user")
+    with tempfile.TemporaryDirectory() as folder:  # (pytest's tmp_path is in a folder only root may enter)
+        os.chmod(folder, 0o755)
+        old, new = Path(folder) / "key.pem", Path(folder) / "new.pem"
+        old.write_text("old")
+        new.write_text("new")
+        os.chmod(old, 0o640)  # root:root
+        os.chown(new, 65534, 65534)  # as nobody made it
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            keep_mode(old, new, private=True)
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert new.stat().st_mode & 0o777 == 0o600 and new.stat().st_gid == 65534
+        keep_mode(old, new, private=True)  # root: the old key's owner, group and mode
+        assert (new.stat().st_uid, new.stat().st_gid, new.stat().st_mode & 0o777) == (0, 0, 0o640)

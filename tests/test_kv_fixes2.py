@@ -125,6 +125,22 @@ def test_the_session_probes_then_waits_for_the_probes_own_rate_and_plans_on_it()
     assert ev.level in LEVELS and ev.level != "low" and not d["probe"]  # a fast link: more than the lowest level
 
 
+def test_a_probe_encoded_too_small_to_measure_does_not_hold_the_fetch():
+    """Its predicted size passed SAMPLE_MIN_BYTES, its encoding came out smaller: no rate could ever come from
+    it, and the session waited for one for ever (the fetch hung until its client gave up)."""
+    _, session, f = _session(ServerTuning(forecaster="ewma"))
+    [ev] = session.poll(0.0)
+    assert ev.level == "low" and f.probe == 0
+    session.send_chunk(0, 0, "low", b"x" * 8_000, 0.0)  # 8 kB: below MIN_SAMPLE_BYTES
+    assert session._awaiting_probe(f, 0.02) is False
+    events = []
+    for k in range(1, 400):  # the next chunk is decided without the probe's rate
+        events += session.poll(k * 0.01)
+        if events:
+            break
+    assert events and len(f.decisions) == 2 and not f.decisions[1]["probe"]
+
+
 def test_the_session_stops_exploring_once_the_connection_has_measured_its_link():
     from tokenwire.transport.kv_channel import KVChunkNeeded
 

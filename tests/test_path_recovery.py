@@ -188,3 +188,19 @@ def test_an_idle_close_with_a_request_open_says_the_server_or_path_is_gone():
     assert ended.requests_open and any(isinstance(e, RequestFailed) for e in pair.client_events)
     assert "server or path gone" in str(closed_error(ended.error_code, ended.reason, 60.0,
                                                      awaiting=ended.requests_open))
+
+
+@pytest.mark.parametrize(("waited", "interval"), [(0.0, 1.0), (3.0, 1.0), (40.0, 10.0), (200.0, 20.0)])
+def test_a_model_thinking_long_is_pinged_less_and_less(waited, interval):
+    """Before the first token the client pings every second at first (a NAT rebinding during a prefill is found
+    within a second), then a quarter of the time waited so far, up to a third of the idle timeout: at a fixed
+    second a reasoning model thinking for minutes cost 60 pings a minute."""
+    from tokenwire.transport.frames import Request
+    from tokenwire.transport.session import ClientSession
+
+    cfg = client_configuration(server_name="localhost")
+    cfg.idle_timeout = 60.0
+    session = ClientSession(QuicConnection(configuration=cfg))
+    session.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0.0)
+    session._now = session._heard_at = waited  # (the server acks each ping: heard again just now)
+    assert session._keepalive_at() == pytest.approx(waited + interval)

@@ -140,6 +140,18 @@ def test_below_the_current_directory_folders_are_made_as_the_docs_use_them(tmp_p
     assert json.loads((tmp_path / "out" / "sim" / "x.json").read_text())["schemes"]["chatterbox"]["tokens_sent"] == 10
 
 
+def test_plots_and_packet_logs_get_their_folders_below_the_current_directory(tmp_path, monkeypatch, capsys):
+    """matplotlib and the emulator write these, not output_file: with check_outputs making nothing, `testbed
+    swiftqueue --virtual ... --plot newdir/x.png` ran the whole experiment, then failed with no plot."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--seconds", "2",
+                 "--policies", "classic,l4s", "--plot", "newdir/x.png"]) == 0
+    assert (tmp_path / "newdir" / "x.png").stat().st_size > 0
+    args = argparse.Namespace(log="logs/down.csv", pcap="caps/run", plot=None)
+    check_outputs(args)
+    assert (tmp_path / "logs").is_dir() and (tmp_path / "caps").is_dir()
+
+
 def test_a_failed_write_removes_the_folders_it_made(tmp_path):
     with pytest.raises(RuntimeError), output_file(tmp_path / "a" / "b" / "x.bin") as tmp:
         tmp.write_bytes(b"half")

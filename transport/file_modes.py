@@ -15,6 +15,13 @@ def keep_mode(old: Path, new: Path, *, private: bool = False) -> None:
         st = old.stat()
     except FileNotFoundError:
         return
-    os.chmod(new, st.st_mode & (0o7770 if private else 0o7777))
+    mode = st.st_mode & (0o7770 if private else 0o7777)
     if os.geteuid() == 0:
         os.chown(new, st.st_uid, st.st_gid)
+    elif st.st_gid != os.stat(new).st_gid:
+        try:  # a member of the old group may give it (chown to a group of one's own)
+            os.chown(new, -1, st.st_gid)
+        except PermissionError:
+            if private:  # the group bits would now open a key to another group: owner only
+                mode &= 0o7700
+    os.chmod(new, mode)

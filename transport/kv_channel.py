@@ -260,6 +260,7 @@ class ServerFetch:
     first_sent_at: float | None = None  # when the first chunk was written
     probe: int | None = None  # the chunk sent at the lowest level to measure the link (KVController._probe_fits)
     probe_sent_at: float | None = None  # ...and when it was written
+    probe_bps: float | None = None  # ...and its delivery rate, once QUIC acknowledged all of it (_probe_rate)
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -437,19 +438,25 @@ class KVServerSession(_SessionBase):
         from its write to now, less one min-RTT (the last ACK's trip). On a fast path the chunk is delivered
         long before ``fresh_rate`` has its ``FRESH_MIN_S`` of ACKs; measured over the whole chunk (slow start
         included: an underestimate, never a burst's overestimate) it needs no such span. None before."""
+        if f.probe_bps is not None:  # measured once, when its last byte was acknowledged (not "to now" at each poll)
+            return f.probe_bps
         if f.probe is None or f.probe_sent_at is None or f.probe >= len(f.chunk_streams):
             return None
         sid, size = f.chunk_streams[f.probe]
         if size < MIN_SAMPLE_BYTES or self._stream_acked(sid, size) < size:
             return None
         span = now - f.probe_sent_at - min_rtt(self.quic, default=0.0)
-        return size * 8 / max(span, POLL_S)
+        f.probe_bps = size * 8 / max(span, POLL_S)
+        return f.probe_bps
 
     def _awaiting_probe(self, f: ServerFetch, now: float) -> bool:
         """Hold the decision after a probe until the probe has measured the link: decided at the usual look-ahead,
         on a fast path the next chunk came before any rate existed, was cold again, and went text (or probed
         again). The wait is the probe's last bytes and their ACK: the link idles for about one RTT, once."""
         if f.probe is None or f.next_index != f.probe + 1 or f.samples:
+            return False
+        if f.probe < len(f.chunk_streams) and f.chunk_streams[f.probe][1] < MIN_SAMPLE_BYTES:
+            # encoded smaller than its predicted size: it can give no rate, and waiting for one held the fetch
             return False
         if self.tuning.fresh_rate and self.fresh_rate(f, now) is not None:
             return False

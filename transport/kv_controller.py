@@ -247,7 +247,8 @@ class KVController:
         if measured_bps is not None and TEXT in (r[0] for r in self._ladder(c, measured_bps)):
             return False
         med = (measured_bps if measured_bps is not None else self.prior_bps) * self.safety
-        guard = med * PRIOR_LOW**self.firm_guard_weight  # low**w * med**(1-w) with low = PRIOR_LOW * med
+        low_share = self.prior_low if self.prior_low is not None else PRIOR_LOW  # as _choose_guarded prices a prior
+        guard = med * low_share**self.firm_guard_weight  # low**w * med**(1-w) with low = low_share * med
         later = [self._ladder(x, guard, med)[0] for x in remaining[1:]]
         rest = sum(r[1] for r in later)
         last = remaining[-1].decode_s.get(later[-1][0] if later else LEVELS[0], 0.0)

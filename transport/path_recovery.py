@@ -18,7 +18,8 @@ packets go unacknowledged (per second in a pause mid-answer), on the KV channel 
   resets the backoff. At most one probe per datagram received, so never more packets than the peer sends.
 * :data:`RECOVERY_PING_S`: the client, while an answer is awaited and either its tokens have started or its
   own packets go unacknowledged, pings the server after each such interval of silence (before the first
-  token silence is a model thinking: a third of the idle timeout, as before). A packet then crosses soon
+  token silence is a model thinking: every second at first, then a quarter of the time waited so far, up
+  to a third of the idle timeout; ``ClientSession._keepalive_at``). A packet then crosses soon
   after the path returns, and the server's receipt probe follows. A ping that finds the client's own
   congestion window full (:func:`window_full`: in an uplink outage its ack datagrams are lost and fill it)
   leaves as a probe, one packet past the window; aioquic held it back for the backed-off probe timer, and

@@ -979,8 +979,9 @@ class ClientSession(_SessionBase):
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
-        been silent a second, or a third of the idle timeout if less (RECOVERY_PING_S, below, once our own
-        packets go unacknowledged; a third of the idle timeout with ``keepalive`` between answers). A model that
+        been silent a second, or a third of the idle timeout if less (before the first token, backing off to a
+        quarter of the time waited so far; RECOVERY_PING_S, below, once our own packets go unacknowledged; a
+        third of the idle timeout with ``keepalive`` between answers). A model that
         thinks longer than the idle timeout before its first token would otherwise see both ends idle and the
         connection die. A dead server still ends the connection: the idle timer restarts only on the first
         ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
@@ -992,12 +993,19 @@ class ClientSession(_SessionBase):
         # fixed pace so that a packet crosses soon after it returns and the server probes at once
         # (.path_recovery), rather than after the backed-off probe timers.
         # RECOVERY_PING_S when our packets go unacknowledged (the path is down, or one direction is). Otherwise a
-        # pause mid-answer (a slow model, a tool call) or a model thinking before its first token: within the
-        # idle timeout (the server never pings, and a short one ended the connection first), and every second,
-        # ~40 bytes: the server learns a client's new address (NAT rebinding) only from what the client sends,
-        # and a rebinding during a 3-s prefill held every token until the next ping, 20 s on (a third of the
-        # 60-s idle timeout, the pace before the first token until then)
-        interval = RECOVERY_PING_S if backed_off(self.quic) else min(PAUSE_PING_S, idle / 3.0)
+        # pause mid-answer (a slow model, a tool call): every second, within the idle timeout (the server never
+        # pings, and a short one ended the connection first). Before the first token, a model thinking: every
+        # second at first, then a quarter of the time waited so far, up to a third of the idle timeout. The
+        # server learns a client's new address (NAT rebinding) only from what the client sends: at a third of the idle
+        # timeout from the start, a rebinding during a 3-s prefill held every token 20 s; at a fixed second, a
+        # reasoning model thinking for minutes cost 60 pings a minute (and a phone's radio kept awake)
+        if backed_off(self.quic):
+            interval = RECOVERY_PING_S
+        elif any(r.receiver.tokens for r in awaited):
+            interval = min(PAUSE_PING_S, idle / 3.0)
+        else:  # (the server's acks of our pings are events too: the wait is counted from the request)
+            waited = max(0.0, self._now - min(r.request_time for r in awaited))
+            interval = min(idle / 3.0, max(PAUSE_PING_S, waited / 4.0))
         return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
