@@ -46,6 +46,8 @@ setup-full: $(VENV)/.stamp-full
 # Python 3.11 or newer (pyproject.toml's requires-python): an older one failed on "No matching distribution
 # found for aioquic==1.7.2", and its .venv stayed to fail every later run
 NEEDS_311 = import sys; sys.exit(sys.version_info < (3, 11))
+CHECK_VENV = @$(PY) -c '$(NEEDS_311)' || { echo "$(VENV) was made with $$($(PY) --version 2>&1); tokenwire needs" \
+	"3.11 or newer: make clean, then again (make PYTHON=python3.11 ... to name one)" >&2; exit 1; }
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c '$(NEEDS_311)' || { echo "tokenwire needs Python 3.11 or newer;" \
@@ -53,17 +55,17 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.stamp-base: pyproject.toml Makefile | $(VENV)/bin/python
-	@$(PY) -c '$(NEEDS_311)' || { echo "$(VENV) was made with $$($(PY) --version 2>&1); tokenwire needs 3.11" \
-		"or newer: make clean, then again (make PYTHON=python3.11 ... to name one)" >&2; exit 1; }
+	$(CHECK_VENV)
 	@echo "installing tokenwire and the daemon's dependencies into $(VENV) (about a minute the first time)"
 	$(PIP) install -q -e .
 	touch $@
 
 $(VENV)/.stamp-full: pyproject.toml Makefile | $(VENV)/bin/python
-	@$(PY) -c '$(NEEDS_311)' || { echo "$(VENV) was made with $$($(PY) --version 2>&1); tokenwire needs 3.11" \
-		"or newer: make clean, then again (make PYTHON=python3.11 ... to name one)" >&2; exit 1; }
+	$(CHECK_VENV)
 	@echo "installing torch $(TORCH_VERSION), the CPU wheel (about 200 MB)"
-	@$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+	@# (+cpu wheels exist for Linux x86-64 only; elsewhere PyPI's build is the CPU one)
+	@[ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ] && $(PIP) install -q "torch==$(TORCH_VERSION)" || \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX) || \
 		{ echo "WARNING: torch $(TORCH_VERSION)+cpu (the CPU wheel) is neither in pip's sources nor reachable" \
 		"at $(TORCH_CPU_INDEX); installing PyPI's torch $(TORCH_VERSION), the CUDA build (about 4 GB more)." \

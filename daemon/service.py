@@ -1000,9 +1000,9 @@ class Daemon:
                 del self._orphaned[rid]
             elif now - since >= timeout:
                 del self._orphaned[rid]
-                log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
                 self.metrics.orphans_cancelled.inc()
                 if task is not None:
+                    log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
                     task.cancel()
                 elif api is not None:
                     api.cancel(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",

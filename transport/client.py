@@ -90,7 +90,7 @@ class PromptTooLarge(ValueError):
 
 # the names chat() and attach() take for the REQUEST fields their arguments fill: the frame check names the wire's
 # short keys (``request.mt``), which the caller never sees
-_CHAT_ARGUMENTS = {"m": "prompt", "s": "scheme", "model": "model", "mt": "max_tokens", "a": "auth_token",
+_CHAT_ARGUMENTS = {"m": "prompt", "s": "scheme", "model": "model", "mt": "max_tokens", "a": "connect(auth_token=)",
                    "rid": "resume", "rf": "resume", "p": "params"}
 _ATTACH_ARGUMENTS = {**_CHAT_ARGUMENTS, "rid": "request_id", "rf": "held"}
 

@@ -612,8 +612,9 @@ def encode_frame(frame: Frame) -> bytes:
 
 # the largest TOKENS datagram that carries one token: a peer whose max_datagram_frame_size cannot take it gets
 # the stream scheme (a chatterbox answer to a peer allowing 16-byte datagrams arrived all at once, by REPAIR)
-MIN_TOKENS_DATAGRAM = len(encode_frame(Tokens(handle=MAX_HANDLE, first=MAX_INDEX, tokens=[bytes(MAX_TOKEN_BYTES)],
-                                              sent_us=MAX_TIMESTAMP_US, total=MAX_INDEX)))
+MIN_TOKENS_DATAGRAM = len(encode_frame(Tokens(handle=MAX_HANDLE, first=MAX_INDEX - 1,
+                                              tokens=[bytes(MAX_TOKEN_BYTES)], sent_us=MAX_TIMESTAMP_US,
+                                              total=MAX_INDEX)))
 
 
 def encode_stream_frame(frame: Frame) -> bytes:

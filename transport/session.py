@@ -331,8 +331,9 @@ class _SessionBase:
     def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
         if isinstance(event, qe.HandshakeCompleted):
             limit = getattr(self.quic, "_remote_max_datagram_frame_size", None)
-            # (frame type and length varints: see DatagramScheduler.set_peer_limit)
-            self.datagrams_ok = limit is not None and limit - 3 >= MIN_TOKENS_DATAGRAM
+            # a server needs room for a TOKENS datagram (frame type and length varints: see
+            # DatagramScheduler.set_peer_limit); a client sends only ~40-byte ACK datagrams
+            self.datagrams_ok = limit is not None and (self.quic._is_client or limit - 3 >= MIN_TOKENS_DATAGRAM)
             self.scheduler.set_peer_limit(limit)
             return []
         if isinstance(event, qe.StreamDataReceived):
