@@ -230,6 +230,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise CLIError("--keep keeps the namespace run's packet and endpoint logs; a --virtual run has "
                        "neither (its results go to --json)")
 
+    to_make: list[tuple[str, Path]] = []
     for dest in OUTPUT_FILES + OUTPUT_DIRS:
         value = getattr(args, dest, None)
         if isinstance(value, (str, Path)) and str(value) == "-" and dest not in STDOUT_OK:
@@ -264,11 +265,17 @@ def check_outputs(args: argparse.Namespace) -> None:
         try:
             with tempfile.NamedTemporaryFile(dir=base, prefix=".tokenwire-check-"):
                 pass
-            if needed and dest in WRITTEN_ELSEWHERE:
-                make_folders(folder)  # (nothing else would: `--plot newdir/x.png` failed after the whole run)
         except OSError as exc:
             where = exc.filename or base
             raise CLIError(f"{option}: cannot write there ({where}: {exc.strerror or exc})") from None
+        if needed and dest in WRITTEN_ELSEWHERE:
+            to_make.append((option, folder))
+    for option, folder in to_make:  # once every output passed: a refused one leaves no folder made for another
+        try:
+            make_folders(folder)  # (nothing else would: `--plot newdir/x.png` failed after the whole run)
+        except OSError as exc:
+            raise CLIError(f"{option}: cannot write there ({exc.filename or folder}: {exc.strerror or exc})") \
+                from None
 
 
 def finite_float(text: str) -> float:
