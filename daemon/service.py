@@ -184,7 +184,8 @@ class DaemonProtocol(SessionProtocol):
         if self._handshake_timer is None or self.established or self.ended:
             return
         if not self.address_proven() and self.daemon.retrying_since is None:
-            self._refuse_handshake("timeout", f"handshake not completed within {HANDSHAKE_TIMEOUT_S:g} s")
+            took = time.monotonic() - self._handshake_began  # (10 s; more where Retry went off meanwhile)
+            self._refuse_handshake("timeout", f"handshake not completed within {max(took, HANDSHAKE_TIMEOUT_S):.0f} s")
             return
         limit = max(HANDSHAKE_PROVEN_TIMEOUT_S, HANDSHAKE_TIMEOUT_S)
         left = self._handshake_began + limit - time.monotonic()

@@ -190,7 +190,7 @@ def test_an_idle_close_with_a_request_open_says_the_server_or_path_is_gone():
                                                      awaiting=ended.requests_open))
 
 
-@pytest.mark.parametrize(("waited", "interval"), [(0.0, 1.0), (3.0, 1.0), (40.0, 10.0), (200.0, 20.0)])
+@pytest.mark.parametrize(("waited", "interval"), [(0.0, 1.0), (3.0, 1.0), (40.0, 40.0 / 3), (200.0, 20.0)])
 def test_a_model_thinking_long_is_pinged_less_and_less(waited, interval):
     """Before the first token the client pings every second at first (a NAT rebinding during a prefill is found
     within a second), then a quarter of the time waited so far, up to a third of the idle timeout: at a fixed
@@ -203,4 +203,7 @@ def test_a_model_thinking_long_is_pinged_less_and_less(waited, interval):
     session = ClientSession(QuicConnection(configuration=cfg))
     session.start_request(Request(messages=[{"role": "user", "content": "x"}]), 0.0)
     session._now = session._heard_at = waited  # (the server acks each ping: heard again just now)
+    # the ping is due when the silence is a quarter of the whole wait (at least a second, at most idle / 3)
+    assert session._keepalive_at() == pytest.approx(waited + interval)
+    session._now = waited + interval / 2  # asked again later: the same time (from "now", each timer fell short)
     assert session._keepalive_at() == pytest.approx(waited + interval)

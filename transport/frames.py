@@ -615,6 +615,9 @@ def encode_frame(frame: Frame) -> bytes:
 MIN_TOKENS_DATAGRAM = len(encode_frame(Tokens(handle=MAX_HANDLE, first=MAX_INDEX - 1,
                                               tokens=[bytes(MAX_TOKEN_BYTES)], sent_us=MAX_TIMESTAMP_US,
                                               total=MAX_INDEX)))
+# ...and the largest ACK datagram, a client's (below it, its acks would silently never leave)
+MIN_ACK_DATAGRAM = len(encode_frame(Ack(handle=MAX_HANDLE, next_index=MAX_INDEX, echo_us=MAX_TIMESTAMP_US,
+                                        recv_us=MAX_TIMESTAMP_US, ecn=[MAX_INDEX] * 4)))
 
 
 def encode_stream_frame(frame: Frame) -> bytes:

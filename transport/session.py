@@ -44,6 +44,7 @@ from .errors import (
 )
 from .frames import (
     MAX_STREAM_FRAME,
+    MIN_ACK_DATAGRAM,
     MIN_TOKENS_DATAGRAM,
     REPORT_MS_MAX,
     REQUEST_ID_BYTES,
@@ -331,9 +332,10 @@ class _SessionBase:
     def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
         if isinstance(event, qe.HandshakeCompleted):
             limit = getattr(self.quic, "_remote_max_datagram_frame_size", None)
-            # a server needs room for a TOKENS datagram (frame type and length varints: see
-            # DatagramScheduler.set_peer_limit); a client sends only ~40-byte ACK datagrams
-            self.datagrams_ok = limit is not None and (self.quic._is_client or limit - 3 >= MIN_TOKENS_DATAGRAM)
+            # a server needs room for a TOKENS datagram, a client for its ACKs (frame type and length varints: see
+            # DatagramScheduler.set_peer_limit)
+            floor = MIN_ACK_DATAGRAM if self.quic._is_client else MIN_TOKENS_DATAGRAM
+            self.datagrams_ok = limit is not None and limit - 3 >= floor
             self.scheduler.set_peer_limit(limit)
             return []
         if isinstance(event, qe.StreamDataReceived):
@@ -1005,8 +1007,11 @@ class ClientSession(_SessionBase):
         elif any(r.receiver.tokens for r in awaited):
             interval = min(PAUSE_PING_S, idle / 3.0)
         else:  # (the server's acks of our pings are events too: the wait is counted from the request)
-            waited = max(0.0, self._now - min(r.request_time for r in awaited))
-            interval = min(idle / 3.0, max(PAUSE_PING_S, waited / 4.0))
+            # the first t with t - base >= (t - asked) / 4, within [base + PAUSE_PING_S, base + idle / 3]: a due
+            # time that does not depend on when it is computed (from "now", each timer fell short and woke the
+            # client 3-4 times per ping)
+            base, asked = max(self._heard_at, self._pinged_at), min(r.request_time for r in awaited)
+            return max(base + min(PAUSE_PING_S, idle / 3.0), min(base + idle / 3.0, (4.0 * base - asked) / 3.0))
         return self._silence_ping_at(interval)
 
     def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
