@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tokenwire {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        extra = OPTIONAL_MODULES.get((exc.name or "").partition(".")[0])
+        extra = missing_extra(exc)
         if extra is None:  # not one of the extras' modules: a real bug, show it
             raise
         print(f"tokenwire {args.command}: error: needs {exc.name}, from the '{extra}' extra: "
@@ -421,6 +421,11 @@ EXTRA_INSTALL = {
     "testbed": "pip install '.[testbed]' in tokenwire's source tree",
     "redis": "pip install '.[redis]' in tokenwire's source tree",
 }
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The optional extra whose module ``exc`` found missing (a key of :data:`EXTRA_INSTALL`), or None."""
+    return OPTIONAL_MODULES.get((exc.name or "").partition(".")[0])
 
 
 if __name__ == "__main__":

@@ -771,9 +771,9 @@ def warm_up_failure(exc: BaseException) -> str:
         return (f"{head} (under systemd, MemoryDenyWriteExecute=yes forbids the JIT's executable memory: set "
                 "MemoryDenyWriteExecute=no in a drop-in)")
     if isinstance(exc, ModuleNotFoundError):  # a base install (`pip install .`): the codec needs the ml extra
-        from tokenwire.daemon.cli import EXTRA_INSTALL, OPTIONAL_MODULES
+        from tokenwire.daemon.cli import EXTRA_INSTALL, missing_extra
 
-        extra = OPTIONAL_MODULES.get((exc.name or "").partition(".")[0])
+        extra = missing_extra(exc)
         return f"{head} ([kv] needs the '{extra}' extra: {EXTRA_INSTALL[extra]})" if extra else head
     if "cpuinfo" in text:
         return (f"{head} (torch reads the CPU's features from /proc/cpuinfo: it must be visible, e.g. no "

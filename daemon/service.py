@@ -187,12 +187,11 @@ class DaemonProtocol(SessionProtocol):
             took = time.monotonic() - self._handshake_began  # (10 s; more where Retry went off meanwhile)
             self._refuse_handshake("timeout", f"handshake not completed within {max(took, HANDSHAKE_TIMEOUT_S):.0f} s")
             return
-        limit = max(HANDSHAKE_PROVEN_TIMEOUT_S, HANDSHAKE_TIMEOUT_S)
-        left = self._handshake_began + limit - time.monotonic()
+        left = self._handshake_began + HANDSHAKE_PROVEN_TIMEOUT_S - time.monotonic()
         if left > 0:
             self._handshake_timer = asyncio.get_running_loop().call_later(left, self._handshake_expired)
         else:
-            self._refuse_handshake("timeout", f"handshake not completed within {limit:g} s")
+            self._refuse_handshake("timeout", f"handshake not completed within {HANDSHAKE_PROVEN_TIMEOUT_S:g} s")
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)
@@ -975,39 +974,43 @@ class Daemon:
         live.listeners.pop((proto, sid), None)
         if live.done or live.listeners:
             return
-        task = self.tasks.get(live.request_id)
-        ingested = self._ingest_api is not None and self._ingest_api.is_open(live.request_id)
-        if task is None and not ingested:
+        if not self._generating(live.request_id):
             return
         if cancel:  # the client abandoned it and nobody else streams it
-            if task is not None:
-                task.cancel()
-            else:  # an application's answer: its next op says so (it had pushed on, every reply ok, to nobody)
-                assert self._ingest_api is not None
-                self._ingest_api.cancel(live.request_id, time.monotonic(), "every client attached to it cancelled it")
+            self._cancel_answer(live.request_id, time.monotonic(), "every client attached to it cancelled it",
+                                "cancelled")
         else:  # the connection was lost: the client may come back to resume it, for limits.orphan_timeout_s
             self._orphaned[live.request_id] = time.monotonic()
+
+    def _generating(self, rid: bytes) -> bool:
+        """Whether answer ``rid`` is still being generated: by an upstream's task, or open on the ingest socket."""
+        return rid in self.tasks or (self._ingest_api is not None and self._ingest_api.is_open(rid))
+
+    def _cancel_answer(self, rid: bytes, now: float, why: str, outcome: str) -> None:
+        """Stop generating ``rid``: an upstream's task is cancelled; an application's answer ends as cancelled,
+        and its next op says ``why`` (it had pushed on, every reply ok, to nobody). ``outcome``: the ingest
+        answer's (cancelled, or orphaned)."""
+        task = self.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+        elif self._ingest_api is not None:
+            self._ingest_api.cancel(rid, now, why, outcome)
 
     def _cancel_orphans(self, now: float) -> None:
         """Cancel the answers no client has been attached to for ``limits.orphan_timeout_s``: their clients
         vanished (64 answers per connection, times reconnecting clients, generated to max_tokens for nobody).
         A resume afterwards gets what was generated, then the answer's end as cancelled."""
         timeout = self.config.limits.orphan_timeout_s
-        api = self._ingest_api
         for rid, since in list(self._orphaned.items()):
-            task = self.tasks.get(rid)
-            ingested = api is not None and api.is_open(rid)  # an application's answer: opened, or attached once
-            if task is None and not ingested:
+            if not self._generating(rid):
                 del self._orphaned[rid]
             elif now - since >= timeout:
                 del self._orphaned[rid]
                 self.metrics.orphans_cancelled.inc()
-                if task is not None:
+                if rid in self.tasks:  # (the ingest API logs its own answers' cancellations)
                     log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
-                    task.cancel()
-                elif api is not None:
-                    api.cancel(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",
-                               outcome="orphaned")
+                self._cancel_answer(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",
+                                    "orphaned")
 
     def on_report(self, report: Any) -> None:
         if report.stall_ratio is not None:
