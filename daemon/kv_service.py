@@ -150,7 +150,7 @@ def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> i
 
 
 class KVService:
-    """Store + lazy encoder + :class:`~tokenwire.transport.kv_channel.KVProvider` for the KV channel."""
+    """Store + lazy encoder + :class:`~tokenwire.transport.kv_server_session.KVProvider` for the KV channel."""
 
     def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256,
                  put_memory_bytes: int = MAX_INGEST_BYTES) -> None:

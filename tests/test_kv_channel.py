@@ -551,8 +551,8 @@ def test_first_chunks_are_planned_on_the_connections_link_prior():
     from aioquic.quic.connection import QuicConnection
 
     from tokenwire.transport.frames import KvAck, KvFetch, StreamDecoder
-    from tokenwire.transport.kv_channel import LINK_MIN_SAMPLES, ContextPlan, KVServerSession, ServerFetch
     from tokenwire.transport.kv_controller import LEVELS, PRIOR_LOW
+    from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES, ContextPlan, KVServerSession, ServerFetch
 
     quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
     session = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=5e6))
@@ -730,7 +730,7 @@ def test_connect_kv_fails_with_a_reason():
 
 
 def test_a_fractional_deadline_rounds_up_to_whole_milliseconds():
-    from tokenwire.transport.kv_channel import _deadline_ms
+    from tokenwire.transport.kv_client import _deadline_ms
 
     assert [_deadline_ms(x) for x in (0.4, 1500.2, 2000, 0, -0.5)] == [1, 1501, 2000, 0, 0]  # 0: refused later
 
@@ -979,7 +979,7 @@ def test_a_late_fetch_that_keeps_arriving_is_waited_for():
     later."""
     from types import SimpleNamespace
 
-    from tokenwire.transport.kv_channel import _wait_while_progressing
+    from tokenwire.transport.kv_client import _wait_while_progressing
 
     async def go(stall_after, whole_chunks):
         pf = SimpleNamespace(event=asyncio.Event(), received={}, meta=None)

@@ -19,7 +19,7 @@ import torch
 
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix
 from tokenwire.daemon.kv_store import LocalChunkStore
-from tokenwire.transport import kv_channel as kc
+from tokenwire.transport import kv_client as kc
 from tokenwire.transport.frames import KvChunk
 from tokenwire.transport.kv_channel import FetchReport, ServerTuning, connect_kv, serve_kv
 

@@ -397,9 +397,9 @@ def test_a_fetch_stream_that_ends_inside_a_frame_is_a_broken_client():
 def test_a_fetch_stream_missing_its_first_byte_holds_no_more_than_its_window(monkeypatch):
     """aioquic doubled a stream's credit from the highest offset received: a client that withheld a fetch stream's
     first byte had everything it sent after it buffered by the KV server, its credit doubling as it came."""
-    from tokenwire.transport import kv_channel
+    from tokenwire.transport import kv_protocol
 
-    monkeypatch.setattr(kv_channel, "FLOW_WINDOW", 256 << 10)  # (64 MiB in use: the same rule, smaller numbers)
+    monkeypatch.setattr(kv_protocol, "FLOW_WINDOW", 256 << 10)  # (64 MiB in use: the same rule, smaller numbers)
     pair = KVPair()
     quic = pair.client.quic
     sid = quic.get_next_available_stream_id()

@@ -83,11 +83,11 @@ def _warmed_up(monkeypatch):
     process, awaited before the connection is handed over) is taken as done, so it neither counts nor stalls."""
     from concurrent.futures import Future
 
-    from tokenwire.transport import kv_channel
+    from tokenwire.transport import kv_client
 
     warmed: Future[float] = Future()
     warmed.set_result(0.0)
-    monkeypatch.setattr(kv_channel, "_warm_up", warmed)
+    monkeypatch.setattr(kv_client, "_warm_up", warmed)
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import LocalChunkStore
 from tokenwire.transport.cachegen import codec
 from tokenwire.transport.cachegen.errors import InvalidInput
-from tokenwire.transport.kv_channel import LINK_MIN_SAMPLES, ServerTuning, connect_kv, serve_kv
+from tokenwire.transport.kv_channel import ServerTuning, connect_kv, serve_kv
 from tokenwire.transport.kv_controller import LEVELS, SAMPLE_MIN_BYTES, TEXT, ChunkOptions, KVController
+from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES
 
 MB = 1_000_000
 MODEL = "tiny-test"

@@ -21,7 +21,7 @@ that comparisons are fair:
   (what QUIC has not seen acknowledged) are priced at the median (they are on the wire, what the link does to
   them is what the median forecasts).
   (3) Until the fetch has a measurement of its own (its QUIC delivery rate, see
-  ``kv_channel.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the prior is the forecast: the connection's
+  ``kv_server_session.KVServerSession.fresh_rate``, or a chunk's KV_ACK) the prior is the forecast: the connection's
   link prior (median and low quantile of its past chunk rates, ``KVServerSession.link_prior``) or, before it
   has one, the configured prior with ``PRIOR_LOW`` of it as its low quantile. An earlier fetch's forecast
   describes another moment of the link (measured: ``high`` sent on one into a capacity drop missed the
@@ -69,9 +69,10 @@ PRIOR_LOW = 0.5  # the prior's low quantile, as a share of it (the ONNX forecast
 # for w > 1 the low quantile discounted once more by the forecast's own spread, low * (low/median)**(w-1), so a
 # forecaster unsure of the link is held further back. The v3/v4 controllers used w = 0.5 for the middle chunks,
 # v5 w = 1. v6 (this one) takes the min-RTT, not the queue-inflated smoothed RTT, off the time left
-# (kv_channel.KVServerSession._path_rtt), which with w = 1 met 279 of 300 TMobile-LTE deadlines (kv_vsim seeds 100,
-# 200); w = 1.5, with the firm guard below at 2, met 295 (v5: 290) at -1.3 points of top-1, and Verizon-LTE 293
-# (v5: 290), -1.1 points; every TMobile miss left is one that fixed-L1 misses too (docs/kv_channel.md, v6 tuning).
+# (kv_server_session.KVServerSession._path_rtt), which with w = 1 met 279 of 300 TMobile-LTE deadlines (kv_vsim
+# seeds 100, 200); w = 1.5, with the firm guard below at 2, met 295 (v5: 290) at -1.3 points of top-1, and
+# Verizon-LTE 293 (v5: 290), -1.1 points; every TMobile miss left is one that fixed-L1 misses too
+# (docs/kv_channel.md, v6 tuning).
 GUARD_WEIGHT = 1.5
 # The guard of a chunk whose error no later decision of the fetch absorbs: the first one, planned on the prior before
 # anything was measured, and the last one. Neither alone held the gain (measured with v5's accounting and w = 1 for

@@ -1,0 +1,618 @@
+"""The KV channel's client SDK: :func:`connect_kv` opens a :class:`KVConnection` (the asyncio shell over
+:class:`~.kv_client_session.KVClientSession`), whose ``fetch_kv`` returns the decoded chunks and a
+:class:`FetchReport`. Chunks are decoded on a worker thread as their streams end; torch and the codec are
+imported only then (and by the once-per-process warm-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import numbers
+import operator
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, SupportsIndex
+
+from aioquic.quic.connection import QuicConnection
+
+from .errors import ErrorCode, TokenwireError
+from .frames import KvChunk, KvDone, KvFetch, KvMeta, check_outgoing
+from .kv_client_session import KVChunkReceived, KVClientSession, KVDoneReceived, KVFetchFailed, KVMetaReceived
+from .kv_controller import TEXT
+from .kv_protocol import DEFAULT_RECOMPUTE_US, KVCorruptChunk, KVError, kv_quic_config
+from .quic_io import SessionProtocol, open_client
+from .session import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
+from .tls import client_configuration
+
+log = logging.getLogger("tokenwire.kv")
+
+
+@dataclass
+class ChunkReport:
+    index: int
+    level: str
+    bytes: int
+    tokens: int
+    first_byte_ms: float
+    received_ms: float
+    decode_ms: float
+    decoded_ms: float
+
+
+@dataclass
+class FetchReport:
+    """What one fetch cost and achieved (times in ms since the request was sent).
+
+    ``fetch_ms`` ends when every chunk is received and decoded; the engine then still prefills the tokens that
+    did not come as KV (text chunks, and a prefix fetch's tokens the store lacked): ``prefill_tokens`` at
+    ``recompute_us_per_token``, ``prefill_ms``. ``deadline_met`` is ``fetch_ms + prefill_ms <= deadline_ms``,
+    the controller's own accounting (it was ``fetch_ms`` alone: a prefix fetch leaving 4,000 tokens, ~9 s, to
+    prefill reported met at 93 ms)."""
+
+    deadline_ms: float
+    fetch_ms: float
+    deadline_met: bool
+    chunks: list[ChunkReport]
+    controller: str
+    prefill_tokens: int = 0
+    recompute_us_per_token: int = DEFAULT_RECOMPUTE_US  # the fetch's, or the default when it named none
+
+    @property
+    def prefill_ms(self) -> float:
+        """The modelled prefill of ``prefill_tokens`` after the transfer."""
+        return self.prefill_tokens * self.recompute_us_per_token / 1e3
+
+    @property
+    def levels(self) -> list[str]:
+        return [c.level for c in self.chunks]
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c.bytes for c in self.chunks)
+
+    @classmethod
+    def from_timings(cls, *, deadline_ms: int, controller: str, sent_at: float, end: float,
+                     received: dict[int, tuple[KvChunk, float, float]],
+                     decode_times: dict[int, tuple[float, float]], missing_tokens: int = 0,
+                     recompute_us_per_token: int | None = None) -> FetchReport:
+        """The report of a fetch sent at ``sent_at`` and done at ``end``, from each chunk's (header, first byte,
+        last byte) and (decode start, decode end), all on one clock (the SDK's, or the virtual testbed's).
+        ``missing_tokens``: the context's tokens the store lacked (a prefix fetch), prefilled like text chunks
+        at ``recompute_us_per_token`` (None: the fetch named none, the server used its default)."""
+        chunks = []
+        for i in range(len(received)):
+            hdr, first, done = received[i]
+            d0, d1 = decode_times[i]
+            chunks.append(ChunkReport(i, hdr.level, hdr.size, hdr.tokens, (first - sent_at) * 1e3,
+                                      (done - sent_at) * 1e3, (d1 - d0) * 1e3, (d1 - sent_at) * 1e3))
+        fetch_ms = (end - sent_at) * 1e3
+        prefill = sum(c.tokens for c in chunks if c.level == TEXT) + missing_tokens
+        rc = DEFAULT_RECOMPUTE_US if recompute_us_per_token is None else recompute_us_per_token
+        return cls(float(deadline_ms), fetch_ms, fetch_ms + prefill * rc / 1e3 <= deadline_ms, chunks, controller,
+                   prefill, rc)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deadline_ms": self.deadline_ms, "fetch_ms": self.fetch_ms, "deadline_met": self.deadline_met,
+                "prefill_tokens": self.prefill_tokens, "prefill_ms": self.prefill_ms,
+                "recompute_us_per_token": self.recompute_us_per_token,
+                "controller": self.controller, "levels": self.levels, "payload_bytes": self.payload_bytes,
+                "chunks": [vars(c) for c in self.chunks]}
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    level: str
+    kv: list[tuple[Any, Any]] | None  # per layer (K, V) [1, H, T, D] torch tensors; None for text
+    token_ids: list[int] | None  # for chunks sent as text: recompute their KV from these
+
+
+@dataclass
+class KVFetchResult:
+    chunks: list[ChunkResult]
+    report: FetchReport
+    geometry: tuple[int, int, int]
+    # a prefix fetch (``fetch_kv(prefix=True)``) of a context stored only in part: the requested token ids past
+    # the stored prefix (by token ids), or how many of the requested chunks were not stored (by hashes)
+    missing_token_ids: list[int] = field(default_factory=list)
+    missing_chunks: int = 0
+    token_ids: list[int] | None = None  # the context's ids as fetched (None: fetched by hashes)
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens of the context the server had stored (all of them, unless a prefix fetch found only part)."""
+        return sum(c.kv[0][0].shape[-2] if c.kv is not None else len(c.token_ids or ()) for c in self.chunks)
+
+    def prefix_kv(self) -> tuple[list[tuple[Any, Any]] | None, int]:
+        """KV of the leading chunks that arrived as KV (concatenated), and how many tokens it covers.
+
+        Everything after it (from the first text chunk on) must be recomputed by the engine from
+        :meth:`text_token_ids`.
+        """
+        from .cachegen.codec import concat_tokens
+
+        lead = []
+        for c in self.chunks:
+            if c.kv is None:
+                break
+            lead.append(c.kv)
+        if not lead:
+            return None, 0
+        kv = concat_tokens(lead)
+        return kv, int(kv[0][0].shape[-2])
+
+    def text_token_ids(self) -> list[int]:
+        """Token ids from the first text chunk on, KV chunks after it and the tokens the store lacked (a prefix
+        fetch) included: what the engine prefills itself after :meth:`prefix_kv`, so that the two together are
+        always the whole context. (The controller may send a chunk as KV after one as text: its ids used to be
+        left out, and the engine prefilled a shorter, wrong context.) Fetched by hashes, such a KV chunk's ids
+        are unknown here: ``ValueError`` (its KV is in :attr:`chunks`)."""
+        lead = 0
+        for c in self.chunks:
+            if c.kv is None:
+                break
+            lead += int(c.kv[0][0].shape[-2])
+        if self.token_ids is not None:
+            return self.token_ids[lead:]
+        out: list[int] = []
+        started = False
+        for c in self.chunks:
+            started = started or c.kv is None
+            if not started:
+                continue
+            if c.token_ids is None:
+                raise ValueError(f"chunk {c.index} came as KV after a text chunk, and a fetch by hashes does not "
+                                 "know its token ids: use res.chunks, or fetch by token ids")
+            out.extend(c.token_ids)
+        return out
+
+
+@dataclass
+class _PendingFetch:
+    sent_at: float
+    deadline_ms: int
+    controller: str
+    token_ids: list[int] | None
+    meta: KvMeta | None = None
+    done: KvDone | None = None
+    received: dict[int, tuple[KvChunk, float, float]] = field(default_factory=dict)
+    decodes: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    waiting: list[tuple[KvChunk, bytes]] = field(default_factory=list)  # codec chunks that overtook KV_META
+    decode_times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    error: TokenwireError | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _as_arguments(message: str) -> str:
+    """The frame check's message naming ``fetch_kv``'s arguments (``deadline_ms``), not the wire's fields
+    (``kvfetch.dl``), which the caller never sees."""
+    names = {key: "auth_token" if spec[0] == "auth" else spec[0] for key, spec in KvFetch.FIELDS.items()}
+    return re.sub(r"kvfetch\.(\w+)", lambda m: names.get(m[1], m[0]), message)
+
+
+def _deadline_ms(deadline_ms: float) -> int:
+    """The deadline as whole milliseconds, rounded up (truncated, 0.4 ms became 0 and was refused as no
+    deadline); NaN, infinities and non-numbers are refused here (``int()`` would raise a bare "cannot convert
+    float NaN to integer"). The range is the frame's check (``check_outgoing``)."""
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real) or not math.isfinite(deadline_ms):
+        raise ValueError(f"deadline_ms must be a finite number of milliseconds, got {deadline_ms!r}")
+    return math.ceil(deadline_ms)
+
+
+def _token_ids(token_ids: Iterable[SupportsIndex] | None) -> list[int] | None:
+    """Token ids as Python ints: a tokenizer's numpy or torch integers are fine (msgpack cannot carry them),
+    anything that is not an integer (floats, bools, strings) is refused by position."""
+    if token_ids is None:
+        return None
+    if isinstance(token_ids, str | bytes | bytearray):
+        raise ValueError("token_ids must be a sequence of integers, not a string")
+    try:
+        items = list(token_ids)
+    except TypeError:
+        raise ValueError(f"token_ids must be a sequence of integers, got {type(token_ids).__name__}") from None
+    out: list[int] = []
+    for i, t in enumerate(items):
+        try:
+            if isinstance(t, bool):  # an int subclass, but never a token id
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise ValueError(f"token_ids[{i}] is {t!r} ({type(t).__name__}), not an integer") from None
+    return out
+
+
+def _chunk_hashes(hashes: Iterable[bytes | str] | None) -> list[bytes] | None:
+    """Chunk hashes as 16-byte ``bytes``; the hex strings ingest returns are taken as they are."""
+    if hashes is None:
+        return None
+    if isinstance(hashes, str | bytes | bytearray):
+        raise ValueError("hashes must be a list of chunk hashes, not a single one")
+    out: list[bytes] = []
+    for i, h in enumerate(hashes):
+        if isinstance(h, str):
+            try:
+                h = bytes.fromhex(h)
+            except ValueError:
+                raise ValueError(f"hashes[{i}] is not a hex string: {h[:48]!r}") from None
+        elif isinstance(h, bytes | bytearray | memoryview):
+            h = bytes(h)
+        else:
+            raise ValueError(f"hashes[{i}] is a {type(h).__name__}: chunk hashes are 16 bytes or their hex string "
+                             "(as ingest returns them)")
+        out.append(h)
+    return out
+
+
+def _check_text_ids(results: list[ChunkResult], received: dict[int, tuple[KvChunk, float, float]],
+                    ids: list[int] | None) -> None:
+    """Fetched by token ids, a text chunk must carry the ids asked for at its place in the context: the engine
+    prefills them as that context (other ids came back as if they were the context's)."""
+    pos = 0
+    for r in results:
+        n = received[r.index][0].tokens
+        if ids is not None and r.token_ids is not None and r.token_ids != ids[pos : pos + n]:
+            raise KVCorruptChunk(f"text chunk {r.index}: not the token ids asked for at {pos}-{pos + n}")
+        pos += n
+
+
+def _check_done_levels(done: KvDone, results: list[ChunkResult]) -> None:
+    """KV_DONE lists each chunk's level; the report takes them from the chunks' own headers, so a KV_DONE that
+    disagrees is a broken server (it went unnoticed). The frame itself has one level per chunk."""
+    for r, level in zip(results, done.levels, strict=True):
+        if r.level != level:
+            raise KVError(f"KV_DONE says chunk {r.index} is {level}, it came as {r.level}",
+                          code=ErrorCode.MALFORMED_FRAME)
+
+
+def _check_codec_header(hdr: KvChunk, meta: KvMeta, payload: bytes) -> None:
+    """Compare a codec chunk's bitstream header with its KV_CHUNK and KV_META before decoding it (reading the
+    header costs nothing; decoding first let an 8-token chunk whose bitstream said 16384 tokens expand to 188 M
+    elements, 3 GB, before its token count was compared), and its level with the one KV_CHUNK reports (nothing
+    compared them: a server could label any level as another). Raises ``KVCorruptChunk``, or the codec's
+    ``KVCodecError`` for a header that does not parse."""
+    from .cachegen.bitstream import read_header
+    from .cachegen.levels import get_level
+
+    bh = read_header(payload)
+    if bh.n_tokens != hdr.tokens:
+        raise KVCorruptChunk(f"chunk {hdr.index}: {bh.n_tokens} tokens, header says {hdr.tokens}")
+    if [bh.n_layers, bh.n_heads, bh.head_dim] != list(meta.geometry):
+        raise KVCorruptChunk(f"chunk {hdr.index} has geometry {[bh.n_layers, bh.n_heads, bh.head_dim]}, KV_META "
+                             f"says {list(meta.geometry)}")
+    if bh.dtype != meta.dtype:  # a mix would come back from prefix_kv() as whatever torch.cat promotes to
+        raise KVCorruptChunk(f"chunk {hdr.index} is {bh.dtype}, KV_META says {meta.dtype}")
+    if bh.level_id != get_level(hdr.level).level_id:
+        raise KVCorruptChunk(f"chunk {hdr.index} is sent as {hdr.level}, its bitstream has level id {bh.level_id}")
+
+
+def _forget_decodes(pf: _PendingFetch) -> None:
+    """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
+    and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
+    for fut in pf.decodes.values():
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
+
+
+async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float) -> None:
+    """Wait for ``pf``'s end; ``TimeoutError`` once ``progress()`` (KV_META, chunks, chunk bytes) has not changed
+    for ``quiet_s``, the first check ``quiet_s`` after the deadline."""
+    seen = progress()
+    wait = deadline_s + quiet_s
+    while True:
+        try:
+            await asyncio.wait_for(pf.event.wait(), wait)
+            return
+        except TimeoutError:
+            now = progress()
+            if now == seen:
+                raise
+            seen, wait = now, quiet_s
+
+
+def _warm_decoder() -> float:
+    """Load torch and the codec, compile or load its CPU kernels (the daemon's start-up warm-up,
+    ``cachegen.codec.warm_up``); the seconds it took."""
+    from .cachegen.codec import warm_up
+
+    return warm_up()
+
+
+def _warmed(fut: Future[float]) -> None:
+    """A warm-up that failed costs nothing but its time: the first decode meets the same problem and fails its
+    chunk with the reason. Read here, so that no "exception was never retrieved" is logged."""
+    exc = None if fut.cancelled() else fut.exception()
+    if exc is not None:
+        log.warning("KV codec warm-up failed: %s: %s", type(exc).__name__, exc)
+
+
+_warm_lock = threading.Lock()
+_warm_up: Future[float] | None = None  # the process's codec warm-up, once started
+WARM_WAIT_S = 5.0  # what connect_kv waits for it at most
+
+
+def _forget_warm_up() -> None:
+    """In a forked child: the parent's warm-up future has no thread behind it there (one forked while it ran
+    stayed RUNNING, and every connect_kv in the child waited for it for ever); the child warms up afresh."""
+    global _warm_lock, _warm_up
+    _warm_lock, _warm_up = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_warm_up)
+
+
+def _start_warm_up(pool: ThreadPoolExecutor) -> Future[float]:
+    """The process's codec warm-up: started once, on the first connection's decode thread; later connections
+    share its future (one that failed is not tried again: the first decode says why)."""
+    global _warm_up
+    with _warm_lock:
+        if _warm_up is None:
+            _warm_up = pool.submit(_warm_decoder)
+            _warm_up.add_done_callback(_warmed)
+        return _warm_up
+
+
+class KVConnection(SessionProtocol):
+    """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu",
+                 auth_token: str | None = None, warm: bool = True) -> None:
+        super().__init__(quic, stream_handler, session_factory=KVClientSession)
+        self._auth = auth_token
+        self._fetches: dict[int, _PendingFetch] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-decode")
+        # On the decode thread, while the handshake runs (connect_kv waits for its end): a process's first decode
+        # loaded torch, the codec and its kernels inside the first fetch's deadline (~0.4 s: 507 ms then 127 ms
+        # for the same 250-ms fetch)
+        self.warmed: Future[float] | None = _start_warm_up(self._pool) if warm else None
+        self.decode_device = decode_device
+        self.close_error: TokenwireError | None = None  # set once the connection has ended (idle timeout, ...)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended; a fetch on it fails at once (open a new one)."""
+        return self.close_error is not None
+
+    @property
+    def kv(self) -> KVClientSession:
+        assert isinstance(self.session, KVClientSession)
+        return self.session
+
+    def handle_session_events(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, ConnectionEnded):
+                self.close_error = closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
+                                                "KV connection")
+                for other in self._fetches.values():
+                    other.error = other.error or self.close_error
+                    other.event.set()
+                continue
+            pf = self._fetches.get(getattr(ev, "stream_id", -1))
+            if pf is None:
+                continue
+            if isinstance(ev, KVMetaReceived):
+                pf.meta = ev.meta
+                for hdr, payload in pf.waiting:
+                    self._start_decode(pf, hdr, payload)
+                pf.waiting.clear()
+            elif isinstance(ev, KVChunkReceived):
+                self.kv.ack(ev.stream_id, ev.header, ev.first_at, ev.done_at)
+                pf.received[ev.header.index] = (ev.header, ev.first_at, ev.done_at)
+                # Chunks have their own streams: one can arrive before KV_META (its packet lost). A codec
+                # chunk then waits for it, to be checked against the model fingerprint and geometry; KV_DONE
+                # follows KV_META on the fetch stream, so nothing waits past the fetch's end.
+                if ev.header.level == TEXT or pf.meta is not None:
+                    self._start_decode(pf, ev.header, ev.payload)
+                else:
+                    pf.waiting.append((ev.header, ev.payload))
+            elif isinstance(ev, KVDoneReceived):
+                pf.done = ev.done
+            elif isinstance(ev, KVFetchFailed):
+                pf.error = pf.error or ev.error
+            if pf.error is not None or (pf.done is not None and len(pf.received) == pf.done.chunks):
+                pf.event.set()
+        self.transmit()
+
+    def _start_decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> None:
+        pf.decodes[hdr.index] = asyncio.get_running_loop().run_in_executor(self._pool, self._decode, pf, hdr, payload)
+
+    def _decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> ChunkResult:
+        t0 = time.monotonic()
+        try:
+            if hdr.level == TEXT:
+                if len(payload) != 4 * hdr.tokens:
+                    raise KVCorruptChunk(f"text chunk {hdr.index}: {len(payload)} bytes for {hdr.tokens} tokens")
+                ids = list(struct.unpack(f"<{hdr.tokens}i", payload))
+                return ChunkResult(hdr.index, hdr.level, None, ids)
+            from .cachegen.codec import decode_chunk
+            from .cachegen.errors import KVCodecError
+
+            meta = pf.meta
+            assert meta is not None  # codec chunks wait for KV_META (handle_session_events)
+            layers, heads, dim = meta.geometry
+            try:
+                _check_codec_header(hdr, meta, payload)
+                kv = decode_chunk(payload, device=self.decode_device, expect_fingerprint=meta.fingerprint,
+                                  expect_geometry=(layers, heads, dim),
+                                  max_elements=2 * layers * heads * dim * hdr.tokens)
+            except KVCodecError as exc:
+                raise KVCorruptChunk(f"chunk {hdr.index} does not decode: {exc}") from None
+            return ChunkResult(hdr.index, hdr.level, kv, None)
+        finally:
+            pf.decode_times[hdr.index] = (t0, time.monotonic())
+
+    async def fetch_kv(self, *, model: str, deadline_ms: float, token_ids: Iterable[SupportsIndex] | None = None,
+                       hashes: Iterable[bytes | str] | None = None, controller: str = "tokenwire",
+                       recompute_us_per_token: int | None = None, timeout_s: float | None = None,
+                       prefix: bool = False) -> KVFetchResult:
+        """Fetch a context's KV (by token ids or chunk hashes) within ``deadline_ms``.
+
+        ``token_ids``: any integers (Python, numpy or torch, e.g. a tokenizer's array); ``hashes``: the chunk
+        hashes as ingest returns them (hex strings) or as 16-byte ``bytes``, in chain order from chunk 0.
+
+        ``prefix=True``: when the store holds only a prefix of the context (an earlier turn of the conversation),
+        fetch that prefix instead of failing with :class:`KVNotFound`; the result's ``missing_token_ids`` (part of
+        :meth:`KVFetchResult.text_token_ids`) are left for the engine to prefill, and the controller counts their
+        recompute against the deadline. The prefix is matched in whole stored chunks (the store's chunks are
+        addressed by a hash of everything before them); not even the first chunk stored is still ``KVNotFound``.
+
+        Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
+        as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` (a chunk that
+        does not decode or cannot belong to the fetch: its size, index, tokens, or a text chunk's ids),
+        :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up) or
+        :class:`RemoteError` (an ERROR, or a chunk stream the server reset); a missed deadline is reported, not
+        raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
+        controller, a non-integer token id) raises ``ValueError`` before it is sent.
+
+        ``timeout_s``: how long the whole call may take (KV_META, every chunk, KV_DONE, and decoding the chunks:
+        it bounded only their receipt) before giving up with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default
+        there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk) has come for the deadline's
+        length (at least 2 s) after the deadline, so a stalled server fails it soon after its deadline (it used to
+        take a minute) while a large context that keeps arriving (this fetch's chunk bytes count, not only whole
+        chunks; other fetches' bytes do not) is received whole, late as it may be.
+        """
+        if self.close_error is not None:
+            raise self.close_error
+        deadline = _deadline_ms(deadline_ms)
+        ids = _token_ids(token_ids)
+        hs = _chunk_hashes(hashes)
+        # named by argument here: the frame check says "kvfetch: empty token id list", a wire detail
+        if (ids is None) == (hs is None):
+            raise ValueError("invalid fetch: pass exactly one of token_ids and hashes")
+        if ids is not None and not ids:
+            raise ValueError("invalid fetch: token_ids is empty (a fetch names its context by its token ids)")
+        req = KvFetch(model=model, deadline_ms=deadline, token_ids=ids, hashes=hs, controller=controller,
+                      recompute_us_per_token=recompute_us_per_token, auth=self._auth, prefix=bool(prefix) or None)
+        try:
+            check_outgoing(req, "fetch")
+        except ValueError as exc:
+            raise ValueError(_as_arguments(str(exc))) from None
+        pf = _PendingFetch(self.clock(), deadline, controller, ids)
+        sid = self.kv.fetch(req)
+        self._fetches[sid] = pf
+        self.transmit()
+        try:
+            started = time.monotonic()
+            if timeout_s:
+                await asyncio.wait_for(pf.event.wait(), timeout_s)
+            else:
+                await _wait_while_progressing(
+                    pf, lambda: (len(pf.received), pf.meta is not None, self.kv.bytes_in(sid)),
+                    deadline / 1000, max(2.0, deadline / 1000))
+            if pf.error is not None:
+                raise pf.error
+            if pf.done is None or pf.meta is None:  # the session fails KV_DONE before KV_META: not reached
+                raise KVError("KV_DONE before KV_META", code=ErrorCode.MALFORMED_FRAME)
+            asked = len(ids) if ids is not None else None
+            if asked is not None and (pf.meta.tokens > asked or (not prefix and pf.meta.tokens != asked)):
+                raise KVError(f"the server sent {pf.meta.tokens} tokens of KV for a context of {asked}",
+                              code=ErrorCode.MALFORMED_FRAME)
+            if hs is not None and (pf.meta.chunks > len(hs) or (not prefix and pf.meta.chunks != len(hs))):
+                raise KVError(f"the server sent {pf.meta.chunks} chunks for {len(hs)} hashes",
+                              code=ErrorCode.MALFORMED_FRAME)
+            results: list[ChunkResult] = []
+            for i in range(pf.done.chunks):
+                if timeout_s:  # decoding gets what receipt left of it (none left: a decode not done fails)
+                    results.append(await asyncio.wait_for(pf.decodes[i], started + timeout_s - time.monotonic()))
+                else:
+                    results.append(await pf.decodes[i])
+            end = self.clock()
+            got = sum(hdr.tokens for hdr, _first, _done in pf.received.values())
+            if got != pf.meta.tokens or pf.done.chunks != pf.meta.chunks:
+                raise KVError(f"the server announced {pf.meta.chunks} chunks of {pf.meta.tokens} tokens and sent "
+                              f"{pf.done.chunks} of {got}", code=ErrorCode.MALFORMED_FRAME)
+            _check_done_levels(pf.done, results)
+            _check_text_ids(results, pf.received, ids)
+        except TokenwireError:
+            raise
+        except TimeoutError:
+            raise KVError(f"KV fetch timed out: {len(pf.received)} chunks received"
+                          + (f" of {pf.meta.chunks}" if pf.meta is not None else ", no KV_META")
+                          + (f" ({sum(f.done() and not f.cancelled() for f in pf.decodes.values())} decoded)"
+                             if pf.done is not None else "")
+                          + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)",
+                          code=ErrorCode.UPSTREAM_TIMEOUT) from None
+        finally:
+            self.kv.finish(sid)
+            self.transmit()
+            self._fetches.pop(sid, None)
+            _forget_decodes(pf)
+        # what the server lacked of the context: by hashes, chunk_tokens per missing chunk, as the server counts
+        missing = (len(ids) - pf.meta.tokens if ids is not None
+                   else (len(hs or ()) - pf.meta.chunks) * pf.meta.chunk_tokens)
+        report = FetchReport.from_timings(deadline_ms=deadline, controller=controller, sent_at=pf.sent_at,
+                                          end=end, received=pf.received, decode_times=pf.decode_times,
+                                          missing_tokens=missing, recompute_us_per_token=recompute_us_per_token)
+        return KVFetchResult(results, report, tuple(pf.meta.geometry),  # type: ignore[arg-type]
+                             missing_token_ids=ids[pf.meta.tokens:] if ids is not None else [],
+                             missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0, token_ids=ids)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._pool.shutdown(wait=False)
+
+
+def _check_decode_device(device: Any) -> None:
+    """``ValueError`` naming ``decode_device`` unless this process can allocate on it (torch is imported only
+    for another device than the CPU: this module never imports it at module level)."""
+    if isinstance(device, str) and device == "cpu":
+        return
+    try:
+        from .cachegen.codec import check_device
+    except ImportError as exc:  # no torch (the ml extra): nothing could decode on any device
+        raise ValueError(f"decode_device {device!r} needs torch: {exc}") from None
+    from .cachegen.errors import InvalidInput
+
+    try:
+        check_device(device)
+    except InvalidInput as exc:
+        raise ValueError(f"decode_device: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
+                     cadata: bytes | str | None = None, server_name: str | None = None, decode_device: str = "cpu",
+                     ecn: bool = False, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
+                     ) -> AsyncIterator[KVConnection]:
+    """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
+
+    ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
+    as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
+    ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str), as for ``connect``.
+
+    ``decode_device``: where chunks are decoded (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); one this process cannot
+    use (no such device, a CPU-only torch) raises ``ValueError`` here, before connecting: it used to pass, and
+    the first fetch failed with a bare ``AssertionError`` from torch once its first chunk was decoded.
+
+    ``warm`` (default): load torch and the codec and compile or load its kernels, as the daemon does at start,
+    once per process, on a worker thread while the handshake runs; the connection is handed over when that is
+    done, so the process's first fetch does not spend ~0.4 s of its deadline on it (the first connection takes
+    that much longer; later ones nothing). ``conn.warmed``: its ``concurrent.futures.Future`` (the seconds it
+    took). A warm-up that fails is logged, not raised. ``warm=False`` for a process that never decodes KV.
+
+    Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
+    without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
+    """
+    _check_decode_device(decode_device)
+    config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,
+                                                 verify=verify))
+    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm)
+    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
+        assert isinstance(p, KVConnection)
+        if p.warmed is not None and not p.warmed.cancelled():
+            # shielded: a cancelled connect must not cancel the process's one warm-up; bounded: a cold numba cache
+            # takes seconds, and past WARM_WAIT_S the first fetch had better pay the rest than the connect
+            with contextlib.suppress(Exception):  # a failed warm-up is logged (_warmed); the fetch will say why
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(p.warmed)), WARM_WAIT_S)
+        yield p

@@ -1,0 +1,630 @@
+"""The KV channel's server side, sans-I/O: one :class:`KVServerSession` per QUIC connection takes QUIC events
+and an explicit ``now`` and asks its driver (:mod:`.kv_server`) for each chunk at the level the controller
+picks just before it is written. What a store must provide is :class:`KVProvider`; the wire is in
+:mod:`.kv_protocol`."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import QuicConnection
+
+from .datagram_hook import min_rtt, smoothed_rtt
+from .errors import ErrorCode, FrameError, ProtocolError, UnsupportedVersion
+from .frames import (
+    MAX_RECOMPUTE_US,
+    Error,
+    Frame,
+    KvAck,
+    KvChunk,
+    KvDone,
+    KvFetch,
+    KvMeta,
+    StreamDecoder,
+    encode_stream_frame,
+)
+from .kv_controller import (
+    FIRM_GUARD_WEIGHT,
+    GUARD_WEIGHT,
+    LEVELS,
+    PRIOR_LOW,
+    SAMPLE_MIN_BYTES,
+    STALE_FACTOR,
+    STALE_S,
+    TEXT,
+    ChunkOptions,
+    KVController,
+    check_tuning,
+)
+from .kv_protocol import DEFAULT_RECOMPUTE_US
+from .marking import MarkingPolicy
+from .session import SessionEvent, _SessionBase, read_credit
+
+POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
+FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...
+FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
+LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
+MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
+MIN_SAMPLE_BYTES = SAMPLE_MIN_BYTES  # smaller chunks (text) give no usable throughput sample
+LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link prior (see KVServerSession.start)
+LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
+LINK_LOW_Q = 0.1  # the link prior's low quantile
+
+
+# ----------------------------------------------------------------------------------------- what a server serves
+@dataclass
+class ContextPlan:
+    """A resolved context: what the provider can send for each chunk."""
+
+    chunk_tokens: int
+    token_counts: list[int]
+    elements: list[int]  # KV elements per chunk (2 * L * H * D * tokens)
+    sizes: list[dict[str, int]]  # per chunk: level -> bytes (exact once encoded, predicted before)
+    geometry: tuple[int, int, int]
+    fingerprint: int
+    dtype: str
+    handle: Any = None  # the provider's own reference (hashes, ...)
+    # tokens of the requested context past the stored prefix (a prefix fetch): the client's engine prefills them
+    # after the transfer, so the controller counts their recompute against the deadline like a text chunk's
+    rest_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+class KVProvider(Protocol):
+    """What the KV server needs from a store (the daemon's KV service implements it)."""
+
+    async def resolve(self, fetch: KvFetch) -> ContextPlan:
+        """The context's plan; raises a TokenwireError (e.g. :class:`KVNotFound`) to refuse the fetch."""
+        ...
+
+    async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
+        """Chunk ``index`` at ``level`` (a codec level, or ``text``: the token ids as int32 LE)."""
+        ...
+
+
+@dataclass
+class ServerTuning:
+    forecaster: str = "onnx"  # onnx | ewma (the tokenwire-ewma controller always uses ewma)
+    prior_bps: float = 5e6
+    recompute_us_per_token: int = DEFAULT_RECOMPUTE_US
+    decode_elements_per_s: float = 50e6
+    stale_factor: float = STALE_FACTOR  # tokenwire's margins (kv_controller): for experiments
+    reserve: float | None = None  # None: the controller's default for its rule
+    fresh_rate: bool = True  # plan a fetch's first chunks with its own QUIC delivery rate (see fresh_rate)
+    legacy_controller: bool = False  # tokenwire's previous rule (whole plan at the low quantile): for ablations
+    guard_weight: float = GUARD_WEIGHT  # tokenwire's guard rate, low**w * median**(1-w): kv_controller
+    firm_guard_weight: float = FIRM_GUARD_WEIGHT  # the same for a fetch's first (cold) and last chunk
+    link_prior: bool = True  # plan first chunks with the connection's past chunk rates (KVServerSession.link_prior)
+    # until the connection has a link prior, a fetch the configured prior would send as text measures the link with
+    # one chunk at the lowest level where the deadline leaves room (KVServerSession._explore); False: never
+    probe: bool = True
+
+    def __post_init__(self) -> None:
+        check_tuning(stale_factor=self.stale_factor, reserve=self.reserve, guard_weight=self.guard_weight,
+                     firm_guard_weight=self.firm_guard_weight, prior_bps=self.prior_bps)
+        if not 0 <= self.recompute_us_per_token <= MAX_RECOMPUTE_US:
+            raise ValueError(f"recompute_us_per_token must be in [0, {MAX_RECOMPUTE_US}], "
+                             f"got {self.recompute_us_per_token}")
+
+    def override(self, **values: Any) -> ServerTuning:
+        """This tuning with every value that is not None replaced (the evaluation's command-line knobs)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------------------------ server side
+@dataclass
+class KVFetchRequested(SessionEvent):
+    stream_id: int
+    fetch: KvFetch
+
+
+@dataclass
+class KVChunkNeeded(SessionEvent):
+    stream_id: int
+    index: int
+    level: str
+
+
+@dataclass
+class KVFetchRefused(SessionEvent):
+    """Server: the session itself refused a fetch stream (too many at once) with an ERROR; the connection and
+    its other fetches go on. For the driver's logs and counters only."""
+
+    stream_id: int
+    code: int
+    reason: str
+
+
+@dataclass
+class KVFetchClosed(SessionEvent):
+    stream_id: int
+    levels: list[str]
+    complete: bool
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # the controller's inputs per chunk
+    # a complete fetch: from its KV_FETCH to the client's FIN, sent once it has decoded every chunk (the
+    # server's view of the fetch time: both ends one uplink trip late, so the client's but for jitter), and
+    # the deadline it had
+    elapsed_s: float | None = None
+    deadline_ms: int | None = None
+    # ...and the prefill the client's engine still does after it (text chunks, a prefix fetch's missing tokens,
+    # at the fetch's recompute cost): what the controller counted against the deadline (KVServerSession._prefill_s)
+    prefill_s: float = 0.0
+
+
+@dataclass
+class ServerFetch:
+    stream_id: int
+    fetch: KvFetch | None
+    decoder: StreamDecoder
+    received_at: float
+    plan: ContextPlan | None = None
+    controller: KVController | None = None
+    forecaster: Any = None
+    next_index: int = 0
+    pending: bool = False  # a chunk was asked for and not yet written
+    levels: list[str] = field(default_factory=list)
+    last_stream: int | None = None
+    bytes_written: int = 0
+    bytes_acked: int = 0
+    acked: set[int] = field(default_factory=set)
+    last_done_us: int | None = None
+    done_sent: bool = False
+    closed: bool = False
+    samples: int = 0  # throughput samples this fetch contributed
+    chunk_streams: list[tuple[int, int]] = field(default_factory=list)  # (stream id, bytes written on it)
+    ack_mark: tuple[float, int] | None = None  # (when, acked bytes) at the first QUIC ACK progress seen
+    first_sent_at: float | None = None  # when the first chunk was written
+    probe: int | None = None  # the chunk sent at the lowest level to measure the link (KVController._probe_fits)
+    probe_sent_at: float | None = None  # ...and when it was written
+    probe_bps: float | None = None  # ...and its delivery rate, once QUIC acknowledged all of it (_probe_rate)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+class KVServerSession(_SessionBase):
+    """Server side of one KV connection (sans-I/O). The driver answers its events with ``start``/``send_chunk``."""
+
+    def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = 16,
+                 marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None
+                 ) -> None:
+        # credit a fixed FLOW_WINDOW ahead of what is read, as the token server's: aioquic's doubling let a client
+        # that withheld a fetch stream's first byte have all it sent after the gap buffered (a fetch is ~100 bytes)
+        read_credit(quic)
+        super().__init__(quic)
+        self.tuning = tuning or ServerTuning()
+        self.max_fetches = max_fetches
+        self.marking = marking
+        self.fetches: dict[int, ServerFetch] = {}
+        self._forecaster_factory = forecaster_factory
+        self._forecasters: dict[str, Any] = {}
+        self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
+        self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
+
+    # -- driver API -----------------------------------------------------------------------------------------
+    def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
+        """Accept a fetch: KV_META goes out; chunks follow as the session asks for them."""
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed:
+            return
+        f.plan = plan
+        assert f.fetch is not None  # the driver starts a fetch on its KVFetchRequested event
+        legacy = self.tuning.legacy_controller
+        rtt = self._path_rtt(legacy)
+        prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
+        f.controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
+                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
+                                    legacy=legacy, guard_weight=self.tuning.guard_weight,
+                                    firm_guard_weight=self.tuning.firm_guard_weight)
+        kind = self._kind(f)
+        fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
+        if fc is None or (not legacy and now - self._sample_at.get(id(fc), -math.inf) > STALE_S):
+            # ...but samples older than STALE_S describe another moment of the link, and kept in the history they
+            # would steer this fetch's forecast (measured: a 6.6 Mbit/s median from an earlier fetch's samples
+            # sent a chunk high where this fetch had measured 2.4, and missed). The legacy rule keeps them.
+            if fc is not None:
+                self._sample_at.pop(id(fc), None)
+            fc = self._forecasters[kind] = self._make_forecaster(kind)
+        f.forecaster = fc
+        self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
+                                     plan.fingerprint, plan.dtype))
+
+    def link_prior(self) -> tuple[float, float]:
+        """What plans a fetch's first chunk, before it has measured anything: (median, low quantile as a share
+        of it). Once the connection has carried ``LINK_MIN_SAMPLES`` chunks, the median and ``LINK_LOW_Q``
+        quantile of their rates (what this link has delivered, across fetches); before, the configured prior.
+
+        A recent forecast cannot serve here (samples older than ``STALE_S`` describe another moment of the link,
+        see :meth:`start`), but the link's range can: a cellular link that has ranged over 1-10 Mbit/s makes
+        a fixed 5 Mbit/s prior optimistic at its low end (measured, Verizon-LTE: a first chunk sent ``high``
+        on the prior's guard took 2-3.8 s in 5 of the 7 missed fetches of 150, kv_vsim seed 100)."""
+        if self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES:
+            rates = sorted(self.link_rates)
+            med = rates[len(rates) // 2]
+            low = rates[int(LINK_LOW_Q * (len(rates) - 1))]
+            return med, low / med
+        return self.tuning.prior_bps, PRIOR_LOW
+
+    def _kind(self, f: ServerFetch) -> str:
+        return "ewma" if f.fetch is not None and f.fetch.controller in ("tokenwire-ewma", "even-split") \
+            else self.tuning.forecaster
+
+    def _make_forecaster(self, kind: str) -> Any:
+        if self._forecaster_factory is not None:
+            return self._forecaster_factory(kind)
+        from tokenwire.predictor.bandwidth import make_forecaster
+
+        return make_forecaster(kind)
+
+    def send_chunk(self, stream_id: int, index: int, level: str, payload: bytes, now: float) -> None:
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed or f.plan is None or index != f.next_index:
+            return
+        sid = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        head = KvChunk(stream_id, index, level, len(payload), zlib.crc32(payload), f.plan.token_counts[index],
+                       int(now * 1e6))
+        data = encode_stream_frame(head) + payload
+        self.quic.send_stream_data(sid, data, end_stream=True)
+        f.levels.append(level)
+        if f.first_sent_at is None:
+            f.first_sent_at = now
+        if index == f.probe:
+            f.probe_sent_at = now
+        f.chunk_streams.append((sid, len(data)))
+        f.last_stream = sid
+        f.bytes_written += len(payload)
+        f.next_index += 1
+        f.pending = False
+
+    def reject(self, stream_id: int, code: int, message: str) -> None:
+        """Fail a fetch with a typed ERROR (the connection and other fetches carry on)."""
+        f = self.fetches.get(stream_id)
+        if f is None or f.closed:
+            return
+        self._send(stream_id, Error(int(code), message[:1024]), end=True)
+        f.closed = True
+        self.fetches.pop(stream_id, None)
+        self._stop_receiving(stream_id, code)  # a KV_ACK may be on its way: it must not read as a new fetch
+
+    def poll(self, now: float) -> list[SessionEvent]:
+        """Ask for the next chunk of every fetch whose previous chunk is (nearly) on the wire."""
+        out: list[SessionEvent] = []
+        for f in list(self.fetches.values()):
+            if f.ack_mark is None and f.chunk_streams:
+                acked = self._acked(f)
+                if acked > 0:
+                    f.ack_mark = (now, acked)
+            if f.closed or f.plan is None or f.pending:
+                continue
+            n = len(f.plan.token_counts)
+            if f.next_index >= n:
+                if not f.done_sent and self._unsent(f.last_stream) == 0:
+                    f.done_sent = True
+                    self._send(f.stream_id, KvDone(n, list(f.levels)))
+                continue
+            if f.last_stream is not None and self._unacked(f) > self._lookahead(f, now):
+                continue
+            if self._awaiting_probe(f, now):
+                continue
+            level = self._decide(f, now)
+            f.pending = True
+            out.append(KVChunkNeeded(f.stream_id, f.next_index, level))
+        return out
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _unsent(self, sid: int | None) -> int:
+        if sid is None:
+            return 0
+        stream = self.quic._streams.get(sid)
+        if stream is None:
+            return 0
+        s = stream.sender
+        return max(0, s._buffer_stop - s.highest_offset)
+
+    def _acked(self, f: ServerFetch) -> int:
+        """Bytes of this fetch's chunk streams that QUIC has seen acknowledged (a stream gone is complete)."""
+        return sum(self._stream_acked(sid, size) for sid, size in f.chunk_streams)
+
+    def _stream_acked(self, sid: int, size: int) -> int:
+        """Bytes of one chunk stream (``size`` written) that QUIC has seen acknowledged."""
+        stream = self.quic._streams.get(sid)
+        if stream is None:
+            return size
+        s = stream.sender
+        return int(s._buffer_start + sum(r.stop - r.start for r in s._acked))
+
+    def _explore(self, f: ServerFetch) -> tuple[bool, float | None]:
+        """Whether this fetch may send a probe (``KVController.choose``'s ``explore``), and what the connection
+        has measured so far (``measured_bps``: the median of its chunk rates, if any).
+
+        While the connection has no link prior of its own (fewer than ``LINK_MIN_SAMPLES`` chunk rates) its
+        first chunks are planned on the configured prior, and text chunks give no rate sample: where that prior
+        makes recomputing look cheaper than sending (5 Mbit/s on a loopback or LAN path, SmolLM2's 700 tokens at
+        the default prefill cost), every fetch went text, whatever its deadline, and the prior never moved. One
+        probe per fetch at most; none once the link prior exists (it is measured: on a link it says is slow, text
+        is the right choice), nor for the legacy rule (ablations)."""
+        assert f.controller is not None
+        if not self.tuning.probe or f.probe is not None or f.controller.legacy:
+            return False, None
+        if self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES:
+            return False, None
+        rates = sorted(self.link_rates)
+        return True, (rates[len(rates) // 2] if rates else None)
+
+    def _probe_rate(self, f: ServerFetch, now: float) -> float | None:
+        """The probe chunk's delivery rate, bit/s, once QUIC has acknowledged all of it: its bytes over the time
+        from its write to now, less one min-RTT (the last ACK's trip). On a fast path the chunk is delivered
+        long before ``fresh_rate`` has its ``FRESH_MIN_S`` of ACKs; measured over the whole chunk (slow start
+        included: an underestimate, never a burst's overestimate) it needs no such span. None before."""
+        if f.probe_bps is not None:  # measured once, when its last byte was acknowledged (not "to now" at each poll)
+            return f.probe_bps
+        if f.probe is None or f.probe_sent_at is None or f.probe >= len(f.chunk_streams):
+            return None
+        sid, size = f.chunk_streams[f.probe]
+        if size < MIN_SAMPLE_BYTES or self._stream_acked(sid, size) < size:
+            return None
+        span = now - f.probe_sent_at - min_rtt(self.quic, default=0.0)
+        f.probe_bps = size * 8 / max(span, POLL_S)
+        return f.probe_bps
+
+    def _awaiting_probe(self, f: ServerFetch, now: float) -> bool:
+        """Hold the decision after a probe until the probe has measured the link: decided at the usual look-ahead,
+        on a fast path the next chunk came before any rate existed, was cold again, and went text (or probed
+        again). The wait is the probe's last bytes and their ACK: the link idles for about one RTT, once."""
+        if f.probe is None or f.next_index != f.probe + 1 or f.samples:
+            return False
+        if f.probe < len(f.chunk_streams) and f.chunk_streams[f.probe][1] < MIN_SAMPLE_BYTES:
+            # encoded smaller than its predicted size: it can give no rate, and waiting for one held the fetch
+            return False
+        if self.tuning.fresh_rate and self.fresh_rate(f, now) is not None:
+            return False
+        return self._probe_rate(f, now) is None
+
+    def fresh_rate(self, f: ServerFetch, now: float) -> float | None:
+        """This fetch's own delivery rate from QUIC ACKs, bit/s: known ~one RTT after the first chunk starts,
+        long before the first chunk's KV_ACK, so the first chunks need not be planned with an older fetch's
+        forecast. None until it spans ``FRESH_MIN_S`` and ``FRESH_MIN_BYTES``.
+
+        The lower of two rates: since the first ACK progress, and over the whole fetch (first write + min-RTT
+        to now). The second counts a stall before the first ACK, after which a link's queued packets arrive
+        in a burst (measured: 15.8 Mbit/s over the burst where the chunk took 2 s at ~1 Mbit/s)."""
+        if f.ack_mark is None:
+            return None
+        t0, a0 = f.ack_mark
+        acked = self._acked(f)
+        da, dt = acked - a0, now - t0
+        if dt < FRESH_MIN_S or da < FRESH_MIN_BYTES:
+            return None
+        rate = da * 8 / dt
+        if f.first_sent_at is not None:
+            span = now - f.first_sent_at - min_rtt(self.quic, default=0.0)
+            rate = min(rate, acked * 8 / max(span, dt))
+        return rate
+
+    def _path_rtt(self, legacy: bool = False) -> float:
+        """The path's round trip, half of it taken off a fetch's time left for the request's trip and half for
+        the last byte's: the min-RTT (the smoothed RTT until QUIC has a sample; the legacy rule keeps the
+        smoothed RTT). The smoothed RTT carries the queue a previous fetch built into the next one (no ACKs in
+        the gap between fetches), and the queueing part of the last byte's trip is already in the bytes/rate
+        cost: measured (v5, kv_vsim seeds 500 + 600), a fetch's first decision started a median 0.35 s
+        (TMobile-LTE, 4 s deadline) and 0.60 s (Verizon-LTE, 8 s) short on a path of 40 ms."""
+        smoothed = smoothed_rtt(self.quic, default=0.0)
+        return smoothed if legacy else min_rtt(self.quic, default=smoothed)
+
+    def _unacked(self, f: ServerFetch) -> int:
+        """Bytes of this fetch written but not yet acknowledged by QUIC: unsent, in the network, or delivered
+        with their ACK still on its way back."""
+        return sum(size for _, size in f.chunk_streams) - self._acked(f)
+
+    def _lookahead(self, f: ServerFetch, now: float) -> int:
+        """Decide the next chunk when only this many of the fetch's bytes are unacknowledged: one min-RTT (what
+        the ACK clock lags) plus ``LOOKAHEAD_S`` at the current rate, so the bottleneck queue still holds
+        ``LOOKAHEAD_S`` of data when the next chunk is written (the link does not idle) while the decision sees
+        the newest ACKs. Counting unsent bytes only would decide every chunk as soon as the congestion window
+        swallows the previous one: with a deep bottleneck queue, long before any of it is delivered."""
+        bps = self.fresh_rate(f, now)
+        if bps is None:
+            fc = f.forecaster.forecast() if f.forecaster is not None else None
+            bps = fc.median_bps if fc is not None else self.tuning.prior_bps
+        return max(MIN_LOOKAHEAD, int(bps / 8 * (LOOKAHEAD_S + min_rtt(self.quic, default=0.1))))
+
+    def _recompute_us(self, f: ServerFetch) -> int:
+        """The fetch's engine prefill cost per token: its own, else the configured default."""
+        rc = f.fetch.recompute_us_per_token if f.fetch is not None else None
+        return self.tuning.recompute_us_per_token if rc is None else rc
+
+    def _prefill_s(self, f: ServerFetch) -> float:
+        """Prefill the client's engine does after the transfer, committed so far: the chunks sent as text and the
+        part of the context the store lacks (a prefix fetch). The client's ``FetchReport`` counts the same."""
+        assert f.plan is not None
+        text = sum(f.plan.token_counts[i] for i, lv in enumerate(f.levels) if lv == TEXT)
+        return (text + f.plan.rest_tokens) * self._recompute_us(f) / 1e6
+
+    def _decide(self, f: ServerFetch, now: float) -> str:
+        assert f.fetch is not None and f.plan is not None and f.controller is not None
+        rc = self._recompute_us(f)
+        opts = []
+        for i in range(f.next_index, len(f.plan.token_counts)):
+            toks = f.plan.token_counts[i]
+            dec = f.plan.elements[i] / self.tuning.decode_elements_per_s
+            opts.append(ChunkOptions(dict(f.plan.sizes[i]), 4 * toks, toks * rc / 1e6, dict.fromkeys(LEVELS, dec)))
+        fc = f.forecaster.forecast()
+        time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - self._path_rtt(f.controller.legacy) / 2 - now
+        # Text chunks already sent are recomputed by the client's engine after the transfer: time not yet spent
+        # but committed. Uncounted, each text chunk looked free once sent, and a fetch planned on a slow link
+        # prior went text, text, text, text: 9.1 s of recompute for an 8 s deadline (kv_vsim Verizon-LTE seed 600,
+        # every fetch after the second, since text chunks give no rate sample to move the prior). The part of
+        # the context the store lacks (a prefix fetch) is prefilled as well.
+        time_left -= self._prefill_s(f)
+        # samples from earlier fetches describe another moment of the link: stale until this fetch has its own.
+        # This fetch's own samples are never stale: their age is the time its chunk in flight has taken, and
+        # dropping them for the prior just when the link is slow planned the next chunks on a better link
+        # than the one measured (kv_vsim, Verizon-LTE seed 200: an in-fetch decision on a >1 s old sample in
+        # every one of tokenwire's 8 misses in 150 fetches). The legacy rule keeps the age.
+        if not f.samples:
+            age = float("inf")
+        else:
+            age = now - self._sample_at.get(id(f.forecaster), now) if f.controller.legacy else 0.0
+        med, low = (fc.median_bps, fc.low_bps) if fc else (None, None)
+        fresh = self.fresh_rate(f, now) if self.tuning.fresh_rate and not f.samples else None
+        if fresh is None and not f.samples:  # the probe's own measurement (taken whatever tuning.fresh_rate says)
+            fresh = self._probe_rate(f, now)
+        if fresh is not None and not f.controller.legacy:
+            # no chunk sample of its own yet, but QUIC has measured this fetch's delivery rate: that is the median
+            # now, with the forecaster's relative spread as its low quantile (from its history if it has one, else
+            # what it forecasts from this one rate: ONNX its calibrated spread, EWMA 0.75)
+            if not (med and low):
+                one, acked = self._make_forecaster(self._kind(f)), self._acked(f)
+                one.observe(acked, acked * 8 / fresh)
+                first = one.forecast()
+                med, low = (first.median_bps, first.low_bps) if first else (1.0, 0.75)
+            med, low, age = fresh, fresh * low / med, 0.0
+        # What is still to cross the link: the bytes QUIC has not seen acknowledged. The next chunk is decided
+        # when little of the previous one is left (see _lookahead), long before that chunk's KV_ACK (sent once
+        # it is received and decoded): counted until its KV_ACK, a 650 KB chunk delivered but for its last
+        # 30 KB was priced again, 2.2 s of an 8 s budget (kv_vsim, Verizon-LTE). The legacy rule keeps that count.
+        inflight = f.bytes_written - f.bytes_acked if f.controller.legacy else self._unacked(f)
+        explore, measured = self._explore(f)
+        d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=inflight,
+                                median_bps=med, low_bps=low, sample_age_s=age, explore=explore, measured_bps=measured)
+        if d.probe:
+            f.probe = f.next_index
+        f.decisions.append({"index": f.next_index, "level": d.level, "planned": list(d.planned),
+                            "median_bps": med, "low_bps": low, "fresh": fresh is not None,
+                            "age_s": age if math.isfinite(age) else None,
+                            "budget_s": d.budget_s, "time_left_s": time_left, "inflight_bytes": inflight,
+                            "probe": d.probe})
+        return d.level
+
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if stream_id % 4 != 0:
+            raise ProtocolError(f"stream {stream_id}: KV fetches travel on client-initiated bidirectional streams")
+        f = self.fetches.get(stream_id)
+        out: list[SessionEvent] = []
+        if f is None:
+            if self._late(stream_id, end):  # the rest of a refused KV_FETCH, a KV_ACK that crossed our ERROR
+                return []
+            if not data and end:
+                return []
+            if len(self.fetches) >= self.max_fetches:
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
+            f = ServerFetch(stream_id, None, StreamDecoder(), now)
+            self.fetches[stream_id] = f
+        try:
+            frames = f.decoder.feed(data)
+        except UnsupportedVersion as exc:
+            if f.fetch is not None or exc.decoded:
+                raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
+            # a client cannot know the server's version in advance: this fetch is refused, not the connection
+            self.fetches.pop(stream_id, None)
+            return self._refuse(stream_id, ErrorCode.UNSUPPORTED_VERSION, str(exc), end)
+        except FrameError as exc:
+            raise ProtocolError(f"fetch stream {stream_id}: {exc}", code=exc.code) from None
+        for frame in frames:
+            out.extend(self._on_frame(f, frame, now))
+        if end:
+            if f.decoder.pending:  # (the token server checks this too: a partial KV_ACK was dropped unnoticed)
+                raise ProtocolError(f"fetch stream {stream_id}: truncated frame at end of stream")
+            if f.done_sent or f.closed:
+                self._fin(stream_id)
+                self.fetches.pop(stream_id, None)
+                took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if f.done_sent and f.fetch is not None
+                                  else (None, None))
+                prefill = self._prefill_s(f) if f.done_sent and f.plan is not None else 0.0
+                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions), took, deadline,
+                                         prefill))
+            elif f.fetch is None:
+                raise ProtocolError(f"fetch stream {stream_id} ended without a KV_FETCH")
+            else:  # the client gave up: stop sending this fetch
+                f.closed = True
+                self._fin(stream_id)
+                self.fetches.pop(stream_id, None)
+                out.append(KVFetchClosed(stream_id, list(f.levels), False))
+        return out
+
+    def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
+        """Refuse a fetch stream before it becomes a fetch (a KV_FETCH of many token ids spans packets); only
+        this fetch ends."""
+        self._refuse_stream(stream_id, code, reason, end)
+        return [KVFetchRefused(stream_id, int(code), reason)]
+
+    def _on_frame(self, f: ServerFetch, frame: Frame, now: float) -> list[SessionEvent]:
+        if f.fetch is None:
+            if not isinstance(frame, KvFetch):
+                raise ProtocolError(f"fetch stream {f.stream_id}: first frame must be KV_FETCH")
+            f.fetch = frame
+            return [KVFetchRequested(f.stream_id, frame)]
+        if isinstance(frame, KvAck):
+            self._on_ack(f, frame, now)
+            return []
+        if isinstance(frame, Error):  # the client reports a problem; its FIN or reset follows (as on the token
+            return []  # channel: it closed the connection here, ending every other fetch on it)
+        raise ProtocolError(f"fetch stream {f.stream_id}: unexpected {type(frame).__name__} frame")
+
+    def _on_ack(self, f: ServerFetch, ack: KvAck, now: float) -> None:
+        if f.plan is None or ack.index >= f.next_index or ack.index in f.acked:
+            raise ProtocolError(f"KV_ACK for chunk {ack.index}, which was not sent")
+        f.acked.add(ack.index)
+        f.bytes_acked += ack.size
+        start = ack.first_us if f.last_done_us is None else max(ack.first_us, f.last_done_us)
+        f.last_done_us = max(ack.done_us, f.last_done_us or 0)
+        if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
+            f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
+            self.link_rates.append(ack.size * 8e6 / (ack.done_us - start))
+            self._sample_at[id(f.forecaster)] = now
+            f.samples += 1
+        self._ecn_feedback(ack.ecn, now)
+
+    def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
+        raise ProtocolError("the KV channel carries no datagrams")
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        f = self.fetches.pop(stream_id, None)
+        if f is None:
+            return []
+        f.closed = True
+        self._reset_own_side(stream_id)
+        return [KVFetchClosed(stream_id, list(f.levels), False)]
+
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        """The client asked us to stop sending on its fetch stream (writing KV_META, KV_DONE or an ERROR on it
+        now would raise): it gave up on the fetch, which ends alone."""
+        f = self.fetches.pop(stream_id, None)
+        if f is None:  # before its KV_FETCH arrived (lost, retransmitted): drop that when it comes
+            if self._peer_sending(stream_id):
+                self._ended.add(stream_id)
+            return []
+        f.closed = True
+        self._stop_receiving(stream_id, ErrorCode.CANCELLED)
+        # a last KV_ACK may come with the FIN in this very packet, after aioquic marked the side finished
+        self._ended.add(stream_id)
+        return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        # one outcome per fetch asked for: a stream whose KV_FETCH never decoded (malformed, the cause of this
+        # close) was no fetch, and counted as an abandoned one
+        out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False)
+                                   for f in self.fetches.values() if f.fetch is not None]
+        self.fetches.clear()
+        return out
+
+    def _session_timer(self) -> float | None:
+        if any(not f.closed and f.plan is not None and not f.pending and not f.done_sent
+               for f in self.fetches.values()):
+            return self._now + POLL_S
+        return None
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        return self.poll(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        if self.marking is not None:
+            self.current_codepoint = self.marking.codepoint(now)
+        return super().datagrams_to_send(now)
