@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -755,6 +756,34 @@ async def warm_up_codec(run: Any = _warm_up) -> None:
     log.info("KV codec ready (%.1f s to compile or load its kernels)", took)
 
 
+def _load_forecaster(kind: str) -> float:
+    """Load the KV forecaster's runtime and model (:func:`~tokenwire.predictor.bandwidth.preload`); the seconds
+    it took."""
+    from tokenwire.predictor.bandwidth import preload
+
+    began = time.monotonic()
+    preload(kind)
+    return time.monotonic() - began
+
+
+async def warm_up_forecaster(kind: str, load: Any = _load_forecaster) -> None:
+    """Load the ``[kv] forecaster``'s runtime and model now, on a thread: the first fetch built it on the event
+    loop (``import onnxruntime`` and the model: ~150-200 ms during which no connection of the daemon was served).
+
+    A model that cannot load does not stop the start: it did not before, and fetches with the ``onnx`` forecaster
+    meet the same failure as before; what changes is that it is said now, in one log line naming the cure."""
+    if kind != "onnx":  # (ewma: nothing to load)
+        return
+    log.info("KV forecaster: loading onnxruntime and the bandwidth model")
+    try:
+        took = await asyncio.to_thread(load, kind)
+    except Exception as exc:  # ModelError (a missing or corrupt model), ImportError (a broken onnxruntime), ...
+        log.error("kv.forecaster = onnx but its bandwidth model cannot be loaded (%s: %s): KV fetches planned with "
+                  "it will fail; fix the install or set forecaster = \"ewma\" in [kv]", type(exc).__name__, exc)
+        return
+    log.info("KV forecaster ready (%.2f s to load onnxruntime and the bandwidth model)", took)
+
+
 # what a refused W^X mapping looks like: llvmlite's check_jit_execution raises OSError(EPERM, "cannot allocate
 # executable memory. ...") (a PermissionError) when mmap/mprotect with PROT_EXEC is refused
 _WX_HINTS = ("executable memory", "mprotect", "operation not permitted")
@@ -796,6 +825,7 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
     try:
         await warm_up_codec()
+        await warm_up_forecaster(cfg.forecaster)
     except BaseException:
         store.close()
         raise

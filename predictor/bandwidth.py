@@ -136,6 +136,21 @@ class OnnxForecaster:
         return Forecast(med, min(low * LOW_CALIBRATION, med))
 
 
+def preload(kind: str, path: str | Path | None = None) -> None:
+    """Load now what :func:`make_forecaster` needs for ``kind``: for ``onnx``, onnxruntime and the shared session
+    of the model at ``path`` (the shipped one by default; once per process); ``ewma`` needs nothing.
+
+    For a thread at start-up: the KV server makes a forecaster on the event loop at a connection's first fetch,
+    and there the import and the model's load (~150-200 ms) held up every connection of the process. Raises what
+    that first construction would (:class:`~.onnx_session.ModelError` for a missing or unusable model,
+    ``ImportError`` for a broken onnxruntime), and ``ValueError`` for an unknown ``kind``. A failed load is not
+    cached: each first construction tries it again, as before."""
+    if kind == "onnx":
+        OnnxRunner.shared(path)
+    elif kind != "ewma":
+        raise ValueError(f"unknown forecaster {kind!r}; choose onnx or ewma")
+
+
 def make_forecaster(kind: str) -> BandwidthForecaster:
     """``onnx`` (the learned model) or ``ewma``."""
     if kind == "onnx":

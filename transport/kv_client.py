@@ -378,11 +378,20 @@ class KVConnection(SessionProtocol):
         self.warmed: Future[float] | None = _start_warm_up(self._pool) if warm else None
         self.decode_device = decode_device
         self.close_error: TokenwireError | None = None  # set once the connection has ended (idle timeout, ...)
+        self.closed_locally = False  # close() ended the connection, not the server, the path or an error
 
     @property
     def closed(self) -> bool:
         """Whether the connection has ended; a fetch on it fails at once (open a new one)."""
         return self.close_error is not None
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        # aioquic ignores a close once one has begun (the server's, a protocol error's): only this one is ours. The
+        # fetches still waiting then fail as closed here: the server's "no reason given (code 0x0)" they read
+        # before was this side's own close (the end of `async with connect_kv(...)`, in another task too)
+        if self._quic._close_event is None and not self.session.closed:
+            self.closed_locally = True
+        super().close(*args, **kwargs)
 
     @property
     def kv(self) -> KVClientSession:
@@ -392,8 +401,9 @@ class KVConnection(SessionProtocol):
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ConnectionEnded):
-                self.close_error = closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
-                                                "KV connection")
+                self.close_error = (closed_locally_error() if self.closed_locally else
+                                    closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
+                                                 "KV connection"))
                 for other in self._fetches.values():
                     other.error = other.error or self.close_error
                     other.event.set()
@@ -419,7 +429,8 @@ class KVConnection(SessionProtocol):
             elif isinstance(ev, KVDoneReceived):
                 pf.done = ev.done
             elif isinstance(ev, KVFetchFailed):
-                pf.error = pf.error or ev.error
+                # after our own close nothing more is received: the failure is the close's, not the server's
+                pf.error = pf.error or (closed_locally_error() if self.closed_locally else ev.error)
             if pf.error is not None or (pf.done is not None and len(pf.received) == pf.done.chunks):
                 pf.event.set()
         self.transmit()
@@ -470,7 +481,8 @@ class KVConnection(SessionProtocol):
         Returns the decoded chunks (torch tensors shaped like the engine's cache, or token ids for chunks sent
         as text) and a :class:`FetchReport`. Raises :class:`KVNotFound`, :class:`KVCorruptChunk` (a chunk that
         does not decode or cannot belong to the fetch: its size, index, tokens, or a text chunk's ids),
-        :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up) or
+        :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up; ``CANCELLED``: this
+        side closed the connection, however its ``async with`` was left) or
         :class:`RemoteError` (an ERROR, or a chunk stream the server reset); a missed deadline is reported, not
         raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
         controller, a non-integer token id) raises ``ValueError`` before it is sent.
@@ -561,6 +573,11 @@ class KVConnection(SessionProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._pool.shutdown(wait=False)
+
+
+def closed_locally_error() -> KVError:
+    """What the fetches still waiting, and later ones, get once this side closed its connection."""
+    return KVError("KV connection closed locally (the end of `async with connect_kv(...)`)", code=ErrorCode.CANCELLED)
 
 
 def _check_decode_device(device: Any) -> None:

@@ -21,8 +21,8 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic import events as qe
-from aioquic.quic.connection import NetworkAddress, QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, open_udp_socket
 from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase, handshake_refusal
@@ -199,10 +199,32 @@ class SessionProtocol(QuicConnectionProtocol):
         if counts is not None and hasattr(self.session, "ecn_counts"):
             self.session.ecn_counts = lambda: list(counts)
 
-    def connection_lost(self, exc: Exception | None) -> None:  # pragma: no cover - socket closed under us
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
             self._session_timer = None
+        self._end_without_transport(exc)
+
+    def _end_without_transport(self, exc: Exception | None) -> None:
+        """Deliver the connection's end, once, when its socket goes before aioquic has ended it.
+
+        aioquic queues a local close's ConnectionTerminated for the end of the closing period (its timer, the one
+        cancelled above). A socket closed before then (the owner of ``async with connect(...)`` cancelled, the
+        loop shutting down) left the session open for ever: another task's answer or fetch waited on, and the
+        connection never said it was closed. The end goes through aioquic's own path (``_close_end``), so its
+        waiters are released and every subclass sees the ConnectionEnded it handles for any other end; one
+        already delivered (state TERMINATED) is not repeated.
+        """
+        quic = self._quic
+        self._process_events()  # (an end aioquic has queued goes out as it is)
+        if quic._state is QuicConnectionState.TERMINATED:
+            return
+        if quic._close_event is None:  # nobody closed it: the socket was closed or failed under the connection
+            quic._close_event = qe.ConnectionTerminated(
+                error_code=QuicErrorCode.INTERNAL_ERROR, frame_type=None,
+                reason_phrase=f"socket closed before the connection ended{f': {exc}' if exc else ''}")
+        quic._close_end()
+        self._process_events()
 
 
 class ValidatingQuicServer(QuicServer):
