@@ -399,7 +399,7 @@ async def connect(
     keyfile: str | Path | None = None,
     congestion: str = "reno",
     timeout: float = 10.0,
-    ecn: bool = False,
+    ecn: bool | None = None,
     idle_timeout: float = 60.0,
     keepalive: bool = False,
 ) -> AsyncIterator[Connection]:
@@ -413,8 +413,10 @@ async def connect(
     (every third of the idle timeout) while no answer is open.
 
     ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca``.
-    ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams (the
-    feedback a server that marks packets for L4S queues needs).
+    ``ecn``: read the ECN codepoint of every received packet and report the counts in ACK datagrams: the
+    feedback a server that marks packets ECT needs to answer congestion marks (CE). The default (None) turns it
+    on where the platform can (Linux, BSDs, macOS); ``False`` sends no counts, and a server that validates ECN
+    then stops marking this connection's packets.
     ``congestion``: aioquic's ``reno`` or ``cubic``, or ``prague`` (tokenwire's, for ECN marking); any other
     name raises ``ValueError``, as do a port outside 1..65535, ``keyfile`` without ``certfile``, and a
     ``timeout`` or ``idle_timeout`` that is not a positive number of seconds.

@@ -21,6 +21,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -157,6 +158,12 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
                 self.received_by_codepoint[ecn] += 1
             self._protocol.datagram_received(data, addr)
         self.last_ecn = None
+
+
+def ecn_supported() -> bool:
+    """Whether this platform's sockets give each received datagram's codepoint (``IP_RECVTOS``) and take one per
+    sent datagram: what the clients' default ``ecn=None`` turns ECN on for."""
+    return sys.platform != "win32" and all(hasattr(socket, o) for o in ("IP_RECVTOS", "IP_TOS", "CMSG_SPACE"))
 
 
 def open_udp_socket(host: str, port: int) -> socket.socket:

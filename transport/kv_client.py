@@ -600,13 +600,15 @@ def _check_decode_device(device: Any) -> None:
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
                      cadata: bytes | str | None = None, server_name: str | None = None, decode_device: str = "cpu",
-                     ecn: bool = False, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
+                     ecn: bool | None = None, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
                      ) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
 
     ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
     as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
     ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str), as for ``connect``.
+    ``ecn``: as for ``connect`` (on by default where the platform can): the KV_ACKs carry the ECN counts that the
+    server's scalable (``prague``) controller answers CE marks with.
 
     ``decode_device``: where chunks are decoded (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); one this process cannot
     use (no such device, a CPU-only torch) raises ``ValueError`` here, before connecting: it used to pass, and

@@ -24,7 +24,7 @@ from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
-from .ecn_socket import EcnDatagramTransport, open_udp_socket
+from .ecn_socket import EcnDatagramTransport, ecn_supported, open_udp_socket
 from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase, handshake_refusal
 from .tls import check_seconds
 
@@ -287,9 +287,10 @@ async def serve_quic(
 
 @contextlib.asynccontextmanager
 async def connect_quic(
-    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
+    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool | None = None
 ) -> AsyncIterator[QuicConnectionProtocol]:
-    """aioquic's ``connect``, optionally on the ECN-capable transport (reads received codepoints).
+    """aioquic's ``connect``, on the ECN-capable transport (reads received codepoints) when ``ecn`` is True, or
+    is None (the default) and the platform can (:func:`~.ecn_socket.ecn_supported`).
 
     Leaving it sends CONNECTION_CLOSE and returns at once: the closing period (3 PTO, 1.9 s at a 200 ms RTT)
     runs on in the background and closes the socket when it ends (:func:`close_in_background`). aioquic's
@@ -307,7 +308,7 @@ async def connect_quic(
     sock = open_udp_socket("::", 0)
     transport: asyncio.BaseTransport | None = None
     try:
-        if ecn:
+        if ecn_supported() if ecn is None else ecn:
             transport = EcnDatagramTransport(sock, protocol)
             await asyncio.sleep(0)  # connection_made
         else:
@@ -360,7 +361,7 @@ async def _close_when_ended(protocol: QuicConnectionProtocol, transport: asyncio
 @contextlib.asynccontextmanager
 async def open_client(
     host: str, port: int, *, configuration: Any, create_protocol: Callable[..., SessionProtocol],
-    ecn: bool = False, timeout: float = 10.0,
+    ecn: bool | None = None, timeout: float = 10.0,
 ) -> AsyncIterator[SessionProtocol]:
     """:func:`connect_quic` for the SDK's clients, with errors a caller can act on.
 
