@@ -12,7 +12,14 @@ from .session_outcome import ChatOutcome, estimated_base_delay, outcome_timeline
 
 @dataclass
 class ChatStats:
-    """Per-request statistics, measured at the client (milliseconds where named ``_ms``)."""
+    """Per-request statistics, measured at the client (milliseconds where named ``_ms``).
+
+    ``p50_token_delay_ms`` / ``p99_token_delay_ms`` are token delays *beyond the smallest one of this answer*
+    (r - g - min(r - g)): the client's and the server's clocks are not synchronised, so the path's one-way delay
+    is unknown here and taken as that minimum (the stall ratio uses the same base). ``tokenwire sim`` and
+    ``testbed compare`` report r - g on one clock (DESIGN.md's token delay) under the same key names: compare
+    them with each other, not with these (a 40 ms link: sim's p50 is ~40 ms, this one's ~1 ms).
+    """
 
     scheme: str
     tokens: int
