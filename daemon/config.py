@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,9 @@ class IngestConfig:
     # an open answer with no push, finish or fail for this long fails with UPSTREAM_TIMEOUT: a hung application
     # held its attached clients for ever (the orphan timeout spares ingest answers; keepalives spare the clients)
     stall_timeout_s: float = 300.0
+    # the group the socket is given (0660): an application in the daemon's own group could read what the group
+    # may (the TLS key, the config, the KV store, as the install guide had it); None: the daemon's group
+    socket_group: str | None = None
 
 
 # What aiohttp refuses to send in a header (RFC 9110 5.5: CR, LF, NUL and other controls; tab is allowed), and
@@ -525,8 +529,11 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     log = _Section("logging", top.get("logging", {}), ("level", "format"))
     metrics = _Section("metrics", top.get("metrics", {}), ("listen",))
     mlisten = metrics.str("listen", "127.0.0.1:9464")
-    ingest = _Section("ingest", top.get("ingest", {}), ("socket", "max_open", "stall_timeout_s"))
+    ingest = _Section("ingest", top.get("ingest", {}), ("socket", "max_open", "stall_timeout_s", "socket_group"))
     sock = ingest.path("socket", base, must_exist=False)
+    socket_group = ingest.str("socket_group", None) or None  # "": the daemon's group, as unset
+    if socket_group is not None and sock is None:
+        raise ConfigError("ingest.socket_group: set without ingest.socket (there is no socket to give a group)")
     max_open = ingest.int("max_open", IngestConfig.max_open, 1, 1_000_000)
     stall_timeout_s = ingest.num("stall_timeout_s", IngestConfig.stall_timeout_s, 1.0, 7 * 86400.0)
     upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
@@ -552,13 +559,100 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             format=log.str("format", "text", ("text", "json")) or "text",
         ),
         metrics=MetricsConfig(parse_addr(mlisten, "metrics.listen") if mlisten else None),
-        ingest=IngestConfig(sock, max_open, stall_timeout_s),
+        ingest=IngestConfig(sock, max_open, stall_timeout_s, socket_group),
         kv=kv,
         upstreams=upstreams,
         routes=_routes(top.get("routes", None), upstreams),
         marking=marking,
         server_as_written=written_server,
     )
+
+
+def group_id(group: str) -> int:
+    """The id of ``group``, a name or a number; ``KeyError`` for a name this system has no group of (looked up
+    when the socket is made, and by ``config check``: not at load, which reads the file alone)."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if not group.isascii() or not group.isdigit():
+            raise
+        return int(group)  # a bare id (a container's group with no name in /etc/group)
+
+
+# ---------------------------------------------------------------------------------------- config check notes
+# extra_headers names that carry credentials (Authorization, Azure's api-key, X-Api-Key, X-Auth-Token, ...)
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|password|cookie", re.IGNORECASE)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name, as configured) is this machine only: ``localhost`` (and names
+    under it, RFC 6761) or a loopback address. Other names count as remote: what they resolve to may change."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _readable_by_others(path: Path) -> str | None:
+    """Who besides its owner may read ``path`` ("other users", or "group 'NAME'"); None when nobody may, or when
+    it cannot be checked (the daemon reports a file it cannot read)."""
+    import grp
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_mode & 0o004:
+        return "other users"
+    if st.st_mode & 0o040:
+        try:
+            return f"group {grp.getgrgid(st.st_gid).gr_name!r}"
+        except KeyError:
+            return f"group {st.st_gid}"
+    return None
+
+
+def security_warnings(cfg: Config) -> list[str]:
+    """What ``config check`` warns about though the daemon runs with it: settings that expose what it guards.
+    Each passed without a word: metrics bound to every interface, an API key sent in clear text to another
+    host, and secret files readable beyond the daemon's user (an ingest application in its group read them)."""
+    out: list[str] = []
+    if cfg.metrics.listen is not None and not _is_loopback(cfg.metrics.listen[0]):
+        host, port = cfg.metrics.listen
+        where = "binds every interface" if host in ("::", "0.0.0.0") else "is not a loopback address"
+        out.append(f"metrics.listen: {addr(host, port)} {where}: /metrics and /healthz answer whoever reaches the "
+                   "port, without authentication (bind 127.0.0.1, or firewall the port)")
+    if cfg.server.private_key is not None:
+        who = _readable_by_others(cfg.server.private_key)
+        if who is not None:
+            out.append(f"server.private_key: {cfg.server.private_key} is readable by {who}: the TLS key should "
+                       "be readable by the daemon's user only (0600, owned by that user)")
+    for i, up in enumerate(cfg.upstreams):
+        if up.type != "openai":
+            continue
+        opts, where = up.options, f"upstreams[{i}]"
+        url = urllib.parse.urlsplit(opts["base_url"])
+        credentials = [k for k in ("api_key_env", "api_key_file") if opts.get(k)]
+        credentials += [f"extra_headers.{h}" for h in opts.get("extra_headers", {}) if _CREDENTIAL_HEADER.search(h)]
+        if url.password:
+            credentials.append("the password in base_url")
+        if url.scheme.lower() == "http" and credentials and not _is_loopback(url.hostname or ""):
+            out.append(f"{where}.base_url: plain http:// to {url.hostname}, not this machine: "
+                       f"{', '.join(credentials)} and every prompt cross the network unencrypted (use https://)")
+        key_file = opts.get("api_key_file")
+        who = _readable_by_others(key_file) if key_file is not None else None
+        if who is not None:
+            out.append(f"{where}.api_key_file: {key_file} is readable by {who}: the API key should be readable "
+                       "by the daemon's user only (0600, owned by that user)")
+    return out
 
 
 def _bind_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

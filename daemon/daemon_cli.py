@@ -101,7 +101,7 @@ def run_cert(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, security_warnings
     from .startup import addr
 
     try:
@@ -139,23 +139,36 @@ def run_check(args: argparse.Namespace) -> int:
     errors = check_ingest_paths(cfg.ingest) + kv_errors
     if errors:
         raise CLIError(f"{args.path}: {errors[0]}")
-    for warning in kv_warnings:
+    for warning in kv_warnings + security_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")
     print(f"  listen {listen}; certificate {certificate}")
-    print(f"  auth: {len(cfg.auth.tokens)} token(s){'' if cfg.auth.required else ' (no auth required)'}")
+    print(f"  auth: {_auth_summary(cfg)}")
+    metrics = cfg.metrics.listen
+    print(f"  metrics: {f'http://{addr(*metrics)}/metrics' if metrics is not None else 'off'}")
     print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
     print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")
     print(f"  marking: {_marking_summary(cfg.marking)}")
     if cfg.ingest.socket is not None:
-        print(f"  ingest socket {cfg.ingest.socket}")
+        group = f"group {cfg.ingest.socket_group}" if cfg.ingest.socket_group else "the daemon's group"
+        print(f"  ingest socket {cfg.ingest.socket} (0660, {group})")
     if cfg.kv.enabled:
         kv = cfg.kv
         store = kv.directory if kv.backend == "local" else "redis"
         print(f"  kv: udp/{addr(*kv.listen)}; store {store} ({kv.capacity_bytes >> 20} MiB); chunks of "
               f"{kv.chunk_tokens} tokens; ingest socket {kv.ingest_socket or '(none)'}")
     return 0
+
+
+def _auth_summary(cfg: Any) -> str:
+    """The ``auth:`` line of ``config check``. Client certificates are authentication too: with ``client_ca``
+    and no tokens it said "(no auth required)" of a daemon that refuses every client without a certificate."""
+    tokens, ca = len(cfg.auth.tokens), cfg.server.client_ca
+    if ca is not None:
+        both = f"{tokens} token(s) and " if tokens else ""
+        return f"{both}a client certificate signed by {ca}{', both' if tokens else ''} required"
+    return f"{tokens} token(s)" if tokens else "0 token(s), no client_ca: none required, any client may connect"
 
 
 def _marking_summary(m: Any) -> str:

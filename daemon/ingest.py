@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request ma
 
 from . import unix_sockets
 from .cli import printable
-from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
+from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig, group_id
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
@@ -326,16 +327,45 @@ def _handled(api: IngestAPI, msg: Any, conn: IngestConnection) -> dict[str, Any]
 
 def check_paths(cfg: IngestConfig) -> list[str]:
     """What the daemon's start would make of ``ingest.socket`` (``config check``: it said ok for a socket the
-    daemon refused), as :func:`unix_sockets.listen_problem` finds it: the daemon's own error lines."""
+    daemon refused), as :func:`unix_sockets.listen_problem` finds it, and of ``ingest.socket_group`` (a group
+    this system lacks): the daemon's own error lines."""
     problem = None if cfg.socket is None else unix_sockets.listen_problem(cfg.socket)
-    return [] if problem is None else [f"ingest.socket: cannot listen on {cfg.socket}: {problem.strerror or problem}"]
+    errors = [] if problem is None else [f"ingest.socket: cannot listen on {cfg.socket}: {problem.strerror or problem}"]
+    if cfg.socket_group is not None:
+        try:
+            group_id(cfg.socket_group)
+        except KeyError:  # the daemon would fail at start
+            errors.append(f"ingest.socket_group: no group {cfg.socket_group!r} on this system "
+                          "(systemd/tokenwire.sysusers makes tokenwire-ingest)")
+    return errors
+
+
+def set_socket_access(path: Path, group: str | None, setting: str) -> None:
+    """Make the socket just bound at ``path`` mode 0660, given to ``group`` when one is set (``setting``, the
+    config key, names it in errors); else it keeps the daemon's group.
+
+    A group of its own (``tokenwire-ingest``) lets an application connect without being in the daemon's
+    group, which could read the TLS key, the config and the KV store. The group is given before the mode opens
+    the socket to it (bound under UMask=0027, it is 0750: nobody else may connect yet). Not root, the daemon
+    may only give a group it is a member of: an ``OSError`` saying so."""
+    if group is not None:
+        try:
+            os.chown(path, -1, group_id(group))
+        except KeyError:
+            raise OSError(errno.EINVAL, f"{setting}: no group {group!r} on this system", str(path)) from None
+        except PermissionError:
+            raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "
+                          f"is not a member of it (systemd/tokenwire.sysusers: m tokenwire {group})",
+                          str(path)) from None
+    os.chmod(path, 0o660)
 
 
 async def serve_ingest(
-    path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None
+    path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None, group: str | None = None
 ) -> asyncio.Server:
-    """Listen on the Unix socket ``path`` (mode 0660; a stale socket file is replaced). ``clients``: where each
-    connection's task is kept while it runs, for :func:`close_clients`."""
+    """Listen on the Unix socket ``path`` (mode 0660, given to ``group``, ``ingest.socket_group``, when set; a
+    stale socket file is replaced). ``clients``: where each connection's task is kept while it runs, for
+    :func:`close_clients`."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = IngestConnection()
@@ -382,7 +412,13 @@ async def serve_ingest(
 
     unix_sockets.claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
-    os.chmod(path, 0o660)
+    try:
+        set_socket_access(path, group, "ingest.socket_group")
+    except OSError:
+        server.close()  # no socket left behind that nobody may use (the daemon does not start)
+        await server.wait_closed()
+        path.unlink(missing_ok=True)
+        raise
     return server
 
 

@@ -378,7 +378,8 @@ class Daemon:
                 stall_timeout_s=cfg.ingest.stall_timeout_s,
             )
             try:
-                self._ingest = await serve_ingest(cfg.ingest.socket, api, clients=self._ingest_clients)
+                self._ingest = await serve_ingest(cfg.ingest.socket, api, clients=self._ingest_clients,
+                                                  group=cfg.ingest.socket_group)
                 self._ingest_ident = unix_sockets.identity(cfg.ingest.socket)
             except OSError as exc:
                 raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "

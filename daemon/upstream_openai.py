@@ -189,7 +189,9 @@ class OpenAIUpstream:
         first_deadline = asyncio.get_running_loop().time() + waited
         try:
             async with asyncio.timeout_at(first_deadline):
-                resp = await self._session.post(self.url, json=body, headers=headers)
+                # never redirected: aiohttp's default followed a 307 to any origin with the API key, the
+                # extra_headers (Azure's api-key) and the prompt; a 3xx is an error below
+                resp = await self._session.post(self.url, json=body, headers=headers, allow_redirects=False)
         except aiohttp.ServerTimeoutError as exc:  # sock_connect, TLS handshake included; a TimeoutError as well
             message = f"cannot connect within {self.connect_timeout_s:g} s"
             raise _timeout(self.name, message) from self._detail(exc, secrets)
@@ -203,6 +205,8 @@ class OpenAIUpstream:
         async with resp:
             if resp.status >= 400:
                 raise await self._http_error(resp, secrets)
+            if 300 <= resp.status < 400:
+                raise self._redirect_error(resp, secrets)
             if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
                 return await self._read_json(resp, emit, secrets)
             return await self._read_events(resp, emit, first_deadline, secrets)
@@ -221,6 +225,17 @@ class OpenAIUpstream:
         else:
             detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset), secrets)
         return _upstream_error(self.name, f"HTTP {resp.status}: {detail}")
+
+    def _redirect_error(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> RequestError:
+        """UPSTREAM_ERROR naming the status and where it points. Redirects are not followed: the request carries
+        the API key, ``extra_headers`` secrets and the prompt, which a redirect would hand to another origin; an
+        operator who means the new place sets ``base_url`` to it."""
+        location = resp.headers.get("Location")
+        if location is None:
+            return _upstream_error(self.name, f"HTTP {resp.status} without a Location (redirects are not followed)")
+        # the Location last: a long one is what the 300-character cut shortens
+        return _upstream_error(self.name, f"HTTP {resp.status}: a redirect, not followed (set base_url to where it "
+                                          f"points): {_shown_location(self.url, location, secrets)}")
 
     async def _read_json(self, resp: aiohttp.ClientResponse, emit: Emit, secrets: tuple[str, ...]) -> str:
         """A server that ignores ``stream`` answers one JSON document: the whole completion (emitted as one piece)
@@ -357,6 +372,19 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         buf += data
     return bytes(buf)
+
+
+def _shown_location(url: str, location: str, secrets: tuple[str, ...]) -> str:
+    """A redirect's target for messages, resolved against the request's ``url``: printable, userinfo masked, the
+    query and fragment left out (a signed URL's token lives there) and the configured secrets redacted."""
+    try:
+        target = URL(url).join(URL(location))
+        shown = str(target.with_query(None).with_fragment(None))
+        if target.raw_query_string or target.raw_fragment:
+            shown += "?..."
+    except (ValueError, TypeError):  # a Location yarl cannot parse: shown as it came, cut short
+        shown = location[:200]
+    return printable(_scrub(shown_url(shown), secrets))
 
 
 def _decode(raw: bytes, charset: str | None) -> str:

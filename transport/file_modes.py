@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 
-def keep_mode(old: Path, new: Path, *, private: bool = False) -> None:
+def keep_mode(old: Path, new: Path | int, *, private: bool = False) -> None:
     """Give ``new`` the permissions (and, as root, the owner and group) of the file ``old`` it will replace;
     nothing when there is none. Without it a result made private (0600) came back world-readable after a
     rerun, and a renewed key lost the group the service reads it through. ``private``: never readable or
-    writable by others, whatever ``old`` was (a key)."""
+    writable by others, whatever ``old`` was (a key). ``new``: a path, or the descriptor of the file open for
+    writing (safer: in a folder others may write, a name can be swapped for a link before it is changed)."""
     try:
         st = old.stat()
     except FileNotFoundError:

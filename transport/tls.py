@@ -8,10 +8,12 @@ makes a development pair on disk).
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import math
 import os
 import re
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +56,10 @@ class CertPair:
         made: list[Path] = []  # the temporary files: the key's, then the certificate's
         try:
             for path, data, mode in ((key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644)):
-                made.append(_write_temp(path, data, mode))
-                keep_mode(path, made[-1], private=path == key_path)
+                made.append(_write_temp(path, data, mode, private=path == key_path))
             old_key = key_path.read_bytes() if key_path.exists() else None  # (small: kept to undo with)
-            if old_key is not None:
-                made.append(_write_temp(key_path, old_key, 0o600, ".old"))  # the undo copy, ready before anything moves
-                keep_mode(key_path, made[-1], private=True)
+            if old_key is not None:  # the undo copy, ready before anything moves
+                made.append(_write_temp(key_path, old_key, 0o600, private=True, suffix=".old"))
             os.replace(made[0], key_path)
             try:
                 os.replace(made[1], cert_path)
@@ -74,12 +74,34 @@ class CertPair:
                 tmp.unlink(missing_ok=True)
 
 
-def _write_temp(path: Path, data: bytes, mode: int, suffix: str = "") -> Path:
-    """``data`` in a new file next to ``path`` (created with ``mode``), to be renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+TEMP_TRIES = 100  # names tried before giving up (as tempfile.mkstemp): each one taken means another writer
+
+
+def _write_temp(path: Path, data: bytes, mode: int, *, private: bool, suffix: str = "") -> Path:
+    """``data`` in a new file next to ``path``, to be renamed over it: created with ``mode`` (less the umask),
+    then given ``path``'s mode, owner and group (:func:`keep_mode`; ``private``: a key) before ``data`` is in it.
+
+    The name is random and the file new (``O_EXCL``, no link followed): the name was ``.key.pem.<pid>.tmp``,
+    opened with ``O_TRUNC``, so a user who may write the folder made it beforehand (mode 0666, or a link to a
+    file of root's) and read the key written into it. Its mode and owner are set through the descriptor, so
+    the name cannot be swapped for another file in between."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(TEMP_TRIES):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{suffix}.tmp")
+        try:
+            fd = os.open(tmp, flags, mode)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(errno.EEXIST, f"no free temporary name after {TEMP_TRIES} tries", str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            keep_mode(path, fh.fileno(), private=private)
+            fh.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
