@@ -112,7 +112,14 @@ def output_file(path: str | Path) -> Iterator[Path]:
             tmp = Path(name)
         else:
             made = make_folders(target.parent)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            # a new file of a random name (O_EXCL): ".NAME.<pid>.tmp" was opened with truncation and links
+            # followed, so in a folder others may write (/tmp without protected_symlinks) a link made there in
+            # advance had root truncate a file of its choosing
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            if not target.exists():  # mkstemp's 0600: a new output gets the mode open() would have given it
+                os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         if str(path) == "-":
             out = _real_stdout()
@@ -134,6 +141,20 @@ def output_file(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         if not done:
             remove_empty_folders(made)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (another thread's files keep theirs)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def missing_folders(folder: Path) -> list[Path]:
