@@ -1010,7 +1010,11 @@ def test_a_late_fetch_that_keeps_arriving_is_waited_for():
         outcome, took = run(go(None, whole))
         assert outcome == "done" and took > 1.0
         outcome, took = run(go(2, whole))
-        assert outcome == "timed out" and 0.6 < took < 1.5
+        # stalled: fails once a quiet limit passes without progress (about 1.1 s here: the first check, at 0.6 s,
+        # saw progress). The lower bound is the behaviour: not before the quiet limit after the last progress
+        # (0.4 + 0.5 s; timers only fire late). The upper one only tells a stalled wait that ends from one that
+        # never does (run() stops that at 60 s): no timing of the host's
+        assert outcome == "timed out" and 0.9 <= took < 10
 
 
 def test_a_draining_server_refuses_new_fetches_and_lets_running_ones_finish(service):

@@ -301,11 +301,17 @@ def test_fetch_kv_raises_typed_errors_for_a_broken_server(scenario, exc, message
         await asyncio.sleep(0.05)
         p.send(sid, KvDone(2, ["text", "text"]), end=True)
 
-    t0 = time.monotonic()
-    with pytest.raises(exc, match=message) as ei:
-        _run(_fetch(serve_it))
-    assert type(ei.value) is exc and ei.value.code == ErrorCode.MALFORMED_FRAME
-    assert time.monotonic() - t0 < 3  # at once, not after a timeout
+    async def go() -> float:
+        async with _hostile(serve_it) as conn:
+            t0 = time.monotonic()  # once connected: the client's codec warm-up is not the fetch's
+            with pytest.raises(exc, match=message) as ei:
+                await conn.fetch_kv(model="m", token_ids=_ids(), deadline_ms=60_000)
+            assert type(ei.value) is exc and ei.value.code == ErrorCode.MALFORMED_FRAME
+            return time.monotonic() - t0
+
+    # at once, not after a timeout: a 60-s deadline's wait would end past 60 s (and _run stops it at 30 s); the
+    # bound is far from the nominal 0.05 s, so a loaded host does not fail it
+    assert _run(go()) < 20
 
 
 def test_fetch_kv_returns_an_honest_answer_from_the_raw_server():
@@ -353,7 +359,10 @@ def test_another_fetchs_bytes_do_not_keep_a_stalled_fetch_waiting():
 
     took, err = _run(go())
     assert isinstance(err, KVError) and err.code == ErrorCode.UPSTREAM_TIMEOUT
-    assert 2.0 <= took < 3.5
+    # max(2 s, deadline) after the 0.1-s deadline: not before (the behaviour), and ended by its own quiet limit
+    # rather than waiting as long as the other fetch's bytes flow (stopped at 10 s by the wait_for above: a
+    # TimeoutError, not a KVError); the upper bound is far from the nominal 2.1 s, not a timing of the host
+    assert 2.0 <= took < 8
 
 
 def test_a_kv_done_whose_levels_disagree_with_the_chunks_fails_the_fetch():
@@ -381,8 +390,13 @@ def test_a_reset_chunk_stream_fails_its_fetch_at_once():
         p._quic.reset_stream(u, int(ErrorCode.INTERNAL))
         p.transmit()
 
-    t0 = time.monotonic()
-    with pytest.raises(RemoteError, match="server reset the stream of chunk 1") as ei:
-        _run(_fetch(serve_it, deadline_ms=20_000))
-    assert ei.value.code == ErrorCode.INTERNAL
-    assert time.monotonic() - t0 < 3  # at once, not after the 20-s deadline's wait
+    async def go() -> float:
+        async with _hostile(serve_it) as conn:
+            t0 = time.monotonic()  # once connected: the client's codec warm-up is not the fetch's
+            with pytest.raises(RemoteError, match="server reset the stream of chunk 1") as ei:
+                await conn.fetch_kv(model="m", token_ids=_ids(), deadline_ms=20_000)
+            assert ei.value.code == ErrorCode.INTERNAL
+            return time.monotonic() - t0
+
+    # at once (nominally 0.05 s), not after the 20-s deadline's wait (and _run stops that at 30 s)
+    assert _run(go()) < 10

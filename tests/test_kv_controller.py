@@ -321,3 +321,52 @@ def test_a_long_remainder_plans_a_window_with_its_share_of_the_time(seconds, mon
     assert windowed.level == whole.level
     for lv in LEVELS:  # the window holds its share of each level (3 to 6 s span low..high)
         assert abs(windowed.planned.count(lv) / 64 - whole.planned.count(lv) / len(opts)) < 0.05
+
+
+# -- each term of the time left, pinned (a mutation audit could drop any of them and no test noticed) ------------
+GUARD_1MBS = dict(median_bps=16e6, low_bps=8e6, sample_age_s=0.0)  # 2 MB/s; guard at the low quantile, 1 MB/s
+
+
+def test_a_configured_reserve_is_kept_back_by_the_guarded_controller():
+    """``ServerTuning.reserve`` (``--reserve``) applies to the guarded rule too; its default keeps nothing back (the
+    guard is the margin). One chunk, guarded at 1 MB/s: high takes 1.85 s, medium 1.35 s."""
+    one = [chunk()]
+    reserved = KVController("tokenwire", firm_guard_weight=1.0, reserve=0.05)
+    # 5 % of 1.9 s kept back leaves 1.805 s: high no longer fits; 2.0 s leaves 1.9 s, where it does
+    assert reserved.choose(one, time_left_s=1.9, inflight_bytes=0, **GUARD_1MBS).level == "medium"
+    assert reserved.choose(one, time_left_s=2.0, inflight_bytes=0, **GUARD_1MBS).level == "high"
+    # the default reserve is none: 1.9 s is all there for high
+    default = KVController("tokenwire", firm_guard_weight=1.0)
+    assert default.reserve == 0.0
+    assert default.choose(one, time_left_s=1.9, inflight_bytes=0, **GUARD_1MBS).level == "high"
+
+
+def test_half_the_rtt_is_taken_off_the_time_left():
+    """The last byte reaches the client half an RTT after it is sent: 0.2 s of RTT turns 1.9 s into 1.8 s, where
+    high (1.85 s at the guard rate) no longer fits."""
+    one = [chunk()]
+    rtt = KVController("tokenwire", firm_guard_weight=1.0, rtt_s=0.2)
+    assert rtt.choose(one, time_left_s=1.9, inflight_bytes=0, **GUARD_1MBS).level == "medium"
+    assert rtt.choose(one, time_left_s=2.0, inflight_bytes=0, **GUARD_1MBS).level == "high"
+    assert KVController("tokenwire", firm_guard_weight=1.0).choose(one, time_left_s=1.9, inflight_bytes=0,
+                                                                   **GUARD_1MBS).level == "high"
+
+
+def test_guarded_in_flight_bytes_cost_their_time_at_the_median():
+    """2 MB in flight cost 1 s at the median (2 MB/s): 2.5 s leave 1.5 s, medium (1.35 s) but not high (1.85 s);
+    ignored, high would fit; priced at the guard rate (2 s), only low would."""
+    one = [chunk()]
+    c = KVController("tokenwire", firm_guard_weight=1.0)
+    assert c.choose(one, time_left_s=2.5, inflight_bytes=2 * MB, **GUARD_1MBS).level == "medium"
+    assert c.choose(one, time_left_s=2.5, inflight_bytes=0, **GUARD_1MBS).level == "high"
+
+
+def test_even_split_takes_the_in_flight_bytes_off_the_time_before_splitting_it():
+    """CacheGen's budget is what is left once the bytes already sent have arrived: at 1 MB/s, 8 s for 4 chunks is 2 s
+    each (high, 1.85 MB, fits); 2 MB in flight leave (8 - 2) / 4 = 1.5 s (medium); 4 MB leave 1 s (low)."""
+    c = KVController("even-split")
+    four = [chunk()] * 4  # recomputing (10 s) never fits: text is out
+    kw = dict(time_left_s=8.0, median_bps=8e6, low_bps=1e6)
+    assert c.choose(four, inflight_bytes=0, **kw).level == "high"
+    assert c.choose(four, inflight_bytes=2 * MB, **kw).level == "medium"
+    assert c.choose(four, inflight_bytes=4 * MB, **kw).level == "low"

@@ -200,9 +200,15 @@ def test_a_closed_relay_drops_the_packets_still_in_their_delay(caplog):
             assert await asyncio.wait_for(loop.sock_recv(server, 100), 5) == b"first"  # the path is up
             for i in range(10):  # each held 100 ms by the relay
                 client.sendto(b"%d" % i, ("127.0.0.1", relay.port))
-            await asyncio.sleep(0.02)  # received by the relay, still in their delay
+            # received by the relay (counted on the up path; "first" was the 1st), still in their delay: without
+            # this wait the test passed when the relay had not received them at all
+            async with asyncio.timeout(5):
+                while relay.up.packets < 11:
+                    await asyncio.sleep(0.001)
             relay.close()
-            await asyncio.sleep(0.2)  # past their delay
+            # past their delay: their sends were scheduled 100 ms after receipt, before this later timer, and
+            # asyncio runs timers in order
+            await asyncio.sleep(0.2)
             got = 0
             while True:
                 try:

@@ -175,13 +175,13 @@ def test_chat_sync_leaves_no_socket_task_or_resource_warning(caplog):
 
 
 def test_a_handshake_timeout_returns_on_time_and_leaves_no_socket(monkeypatch):
-    """After a handshake timeout the caller also waited out the closing period (0.6 s by default; 6 s here, with an
-    initial RTT of 1 s); asyncio.run's shutdown ends it now, and closes the socket."""
+    """After a handshake timeout the caller also waited out the closing period (0.6 s by default; 18 s here, with an
+    initial RTT of 3 s); asyncio.run's shutdown ends it now, and closes the socket."""
     real = client_module.client_configuration
 
     def slow_start(**kwargs):
         config = real(**kwargs)
-        config.initial_rtt = 1.0  # PTO before any RTT sample: 2 s; closing period: 6 s
+        config.initial_rtt = 3.0  # PTO before any RTT sample: 6 s; closing period: 18 s
         return config
 
     monkeypatch.setattr(client_module, "client_configuration", slow_start)
@@ -203,7 +203,8 @@ def test_a_handshake_timeout_returns_on_time_and_leaves_no_socket(monkeypatch):
             elapsed = run(go())
             gc.collect()
         after = _socket_fds()
-    assert elapsed < 3.0, f"{elapsed:.1f} s for a 0.3 s timeout"  # generous: the closing period alone is 6 s
+    # far from the nominal 0.3 s (a loaded host does not fail it), far below the 18-s closing period it guards
+    assert elapsed < 9.0, f"{elapsed:.1f} s for a 0.3 s timeout"
     assert after == before
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
