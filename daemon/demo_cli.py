@@ -4,6 +4,11 @@ The tokenwire daemon (in this process, with the demo upstream) and a client run 
 userspace relay between them that adds one-way delay and bursty loss. The answer renders live with
 Chatterbox; then the same answer is streamed with the ``stream`` and ``duplicate`` baselines on the same
 loss pattern, and a table compares them. No root needed.
+
+B/token is the UDP payload the server sent towards the client (QUIC handshake included) per token, on either
+link: the relay counted UDP payload and the namespace link IP bytes, so the same answer read 143/73/160 bytes
+per token on one and 196/112/243 on the other. The down direction alone, as ``tokenwire sim`` and ``testbed
+compare`` count bytes per token; the JSON also has ``bytes_up`` (the client's acks and the handshake).
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "netns", "relay"),
         default="auto",
         help="netns: daemon and client in network namespaces with the link emulator (needs root); relay: a "
-        "loopback UDP relay; auto (default): netns when possible",
+        "loopback UDP relay; auto (default): netns when possible. Both count B/token alike: UDP payload bytes "
+        "from the server to the client, handshake included, per token",
     )
     p.add_argument("--rate-mbps", default="12mbps",
                    help="netns link: a rate in Mbit/s (12, or 12mbps, 500kbps) or a mahimahi trace file "
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"(namespace testbed unavailable: {reason}; using the loopback relay)", file=sys.stderr)
     results = _demo_netns(args, schemes) if use_netns else _demo_relay(args, schemes)
+    for r in results.values():  # the table's B/token, in the JSON too
+        r["bytes_per_token"] = bytes_per_token(r)
     print(format_results(results, args))
     if args.json:
         write_json({"config": vars_for_json(args), "schemes": results}, args.json)
@@ -225,7 +233,8 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                             **st.to_dict(),
                             "link_loss_down": relay.down.dropped / max(1, relay.down.packets),
                             "packets_down": relay.down.packets,
-                            "bytes_down": relay.down.bytes,
+                            "bytes_down": relay.down.bytes,  # UDP payload, as the netns link counts it
+                            "bytes_up": relay.up.bytes,
                         }
                 except BrokenPipeError:  # `tokenwire demo | head`: the CLI's own handling
                     raise
@@ -296,7 +305,7 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             live = k == 0 and not args.quiet
             stats_path = tmpdir / f"{scheme}.json"
             tb.origin()  # the same trace phase and loss pattern for every scheme
-            before = tb.stats()["down"]
+            before = tb.stats()
             print(
                 f"--- {scheme} (live) " + "-" * 50
                 if live
@@ -330,20 +339,34 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             if proc.wait(timeout=600) != 0:
                 # its own one-line error is above (a link too lossy for a handshake): no traceback under it
                 raise CLIError(f"the {scheme} client failed (exit status {proc.returncode})")
-            after = tb.stats()["down"]
+            after = tb.stats()
             if live:
                 print(cut_note(args.tokens), file=out)
             st = json.loads(stats_path.read_text())
-            packets = after["arrived_packets"] - before["arrived_packets"]
-            lost = after["lost_packets"] - before["lost_packets"]
-            results[scheme] = {
-                **st,
-                "link_loss_down": lost / max(1, packets),
-                "packets_down": packets,
-                "bytes_down": after["arrived_bytes"] - before["arrived_bytes"],
-            }
+            results[scheme] = {**st, **netns_link_counts(before, after)}
         notify.close()
     return results
+
+
+def netns_link_counts(before: dict, after: dict) -> dict[str, float | int]:
+    """The relay's counters (:class:`tokenwire.testbed.udp_relay.RelayPath`) from two emulator ``stats``
+    snapshots: bytes are UDP payload, as the relay sees datagrams (the emulator's ``arrived_bytes`` are IP bytes,
+    28 more per IPv4 packet: B/token read 196/112/243 here against 143/73/160 through the relay)."""
+    def moved(direction: str, key: str) -> int:
+        return int(after[direction][key] - before[direction][key])
+
+    packets = moved("down", "arrived_packets")
+    return {
+        "link_loss_down": moved("down", "lost_packets") / max(1, packets),
+        "packets_down": packets,
+        "bytes_down": moved("down", "arrived_udp_payload_bytes"),
+        "bytes_up": moved("up", "arrived_udp_payload_bytes"),
+    }
+
+
+def bytes_per_token(r: dict) -> float:
+    """UDP payload bytes from the server to the client, handshake included, per token received."""
+    return float(r["bytes_down"]) / max(1, r["tokens"])
 
 
 def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
@@ -358,7 +381,7 @@ def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(
             f"{name:<11} {cell(r['stall_ratio'], '>11.3f')} {cell(r['longest_stall_ms'], '>11.0f')} ms "
             f"{cell(r['ttft_ms'], '>5.0f')} ms {cell(r['p99_token_delay_ms'], '>7.0f')} ms {r['tokens']:>7} "
-            f"{r['bytes_down'] / max(1, r['tokens']):>8.0f} {'verified' if r['digest_verified'] else 'MISMATCH':>9}"
+            f"{bytes_per_token(r):>8.0f} {'verified' if r['digest_verified'] else 'MISMATCH':>9}"
         )
     cb, st = (results.get(s, {}).get("stall_ratio") for s in ("chatterbox", "stream"))
     if cb is not None and st is not None:  # None: the scheme did not run, or rendered nothing
@@ -373,6 +396,7 @@ def format_results(results: dict[str, dict], args: argparse.Namespace) -> str:
     other = f"--loss {suggested} or --seed N"
     lines.append(
         "(stall ratio: share of reading time spent waiting for a token; delays beyond the link's base delay. "
+        "B/token: UDP payload bytes from the server, handshake included, per token. "
         f"Try {other}.)"
     )
     return "\n".join(lines)

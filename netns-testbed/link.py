@@ -35,12 +35,33 @@ from .trace import OPPORTUNITY_BYTES, Trace
 RecordSink = Callable[[Packet], None]
 
 
+UDP = 17
+
+
+def udp_payload_len(pkt: bytes | bytearray | memoryview) -> int:
+    """Bytes of UDP payload in an IPv4 or IPv6 packet (past the IP header, its options and the 8-byte UDP
+    header); 0 for anything else (TCP, ICMP, IPv6 with extension headers, a truncated packet)."""
+    if len(pkt) < 1:
+        return 0
+    version = pkt[0] >> 4
+    if version == 4 and len(pkt) >= 20 and pkt[9] == UDP:
+        header = (pkt[0] & 0x0F) * 4 + 8
+    elif version == 6 and len(pkt) >= 48 and pkt[6] == UDP:
+        header = 40 + 8
+    else:
+        return 0
+    return max(0, len(pkt) - header)
+
+
 @dataclass
 class LinkStats:
-    """Counters of one direction (bytes are IP bytes)."""
+    """Counters of one direction (bytes are IP bytes, except ``arrived_udp_payload_bytes``)."""
 
     arrived_packets: int = 0
     arrived_bytes: int = 0
+    # UDP payload of the arriving IP packets, what a UDP relay counts (the demo's bytes per token on either
+    # link); 0 in virtual time, where packets come as sizes, not IP bytes
+    arrived_udp_payload_bytes: int = 0
     delivered_packets: int = 0
     delivered_bytes: int = 0
     tail_drops: int = 0
@@ -111,6 +132,8 @@ class Link:
     def enqueue(self, pkt: bytes | Packet, now: float) -> Packet:
         """A packet (IP bytes, or a :class:`Packet` in virtual-time use) reaches the bottleneck at ``now``."""
         if not isinstance(pkt, Packet):
+            # (IP bytes only: a Packet's data may be anything, kv_vsim's is the UDP payload itself)
+            self.stats.arrived_udp_payload_bytes += udp_payload_len(pkt)
             pkt = Packet(len(pkt), ecn_of(pkt), bytes(pkt))
         self.advance(now)
         now = self._now  # a caller with a stale clock gets the model's time: it never runs backwards

@@ -149,20 +149,33 @@ def silent_policies(summary: dict[str, Any]) -> list[str]:
     return [name for name, d in summary["policies"].items() if d.get("p99_ms") is None]
 
 
+def rendered_cell(d: dict[str, Any], width: int) -> str:
+    """``rendered/generated`` tokens (the stall ratio covers all of them; a run that rendered 835 of 3000 showed
+    only its ratio), ``-`` for a flow that is not a token stream."""
+    if d.get("tokens") is None:
+        return f"{'-':>{width}}"
+    return f"{d.get('tokens_rendered', 0)}/{d['tokens']}".rjust(width)
+
+
 def print_table(summary: dict[str, Any]) -> None:
     f = cell
+    pol = summary["policies"]
+    w = max([8] + [len(rendered_cell(d, 0)) for d in pol.values()])
     print(f"{'policy':<11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'Mbit/s':>7} {'L share':>7} "
-          f"{'CE':>6} {'drop':>6} {'stall':>7}")
-    for name, d in summary["policies"].items():
+          f"{'CE':>6} {'drop':>6} {'stall':>7} {'rendered':>{w}}")
+    for name, d in pol.items():
         print(f"{name:<11} {f(d['p50_ms'], '7.1f')} {f(d['p95_ms'], '7.1f')} {f(d['p99_ms'], '7.1f')} "
               f"{f(d['p999_ms'], '8.1f')} {f(d['throughput_mbps'], '7.3f')} {f(d['l_share'], '7.1%')} "
-              f"{f(d['ce_rate'], '6.1%')} {f(d['drop_rate'], '6.1%')} {f(d.get('stall_ratio'), '7.2%')}")
-    pol = summary["policies"]
+              f"{f(d['ce_rate'], '6.1%')} {f(d['drop_rate'], '6.1%')} {f(d.get('stall_ratio'), '7.2%')} "
+              f"{rendered_cell(d, w)}")
     for name, c in summary.get("comparison", {}).items():
-        thr = c.get("throughput_ratio_vs_l4s")
-        measure = "token goodput" if c.get("throughput_measure") == "goodput_tokens_per_s" else "throughput"
         change = lower_or_higher(pol[name]["p99_ms"], pol["l4s"]["p99_ms"])
-        print(f"{name}: P99 {change} than l4s" + (f", {measure} x{thr:.3f}" if thr is not None else ""))
+        parts = [f"{name}: P99 {change} than l4s"]
+        for key, label in (("throughput_ratio_vs_l4s", "throughput (Mbit/s)"),
+                           ("goodput_ratio_vs_l4s", "token goodput (tokens rendered/s)")):
+            if c.get(key) is not None:
+                parts.append(f"{label} x{c[key]:.3f}")
+        print(", ".join(parts))
     silent = silent_policies(summary)
     warmup = summary.get("config", {}).get("warmup_s")
     after = f" after the {warmup:g} s warm-up" if isinstance(warmup, int | float) else ""

@@ -25,6 +25,8 @@ class RelayPath:
     loss: LossModel
     packets: int = 0
     dropped: int = 0
+    # UDP payload of every datagram offered (dropped ones too): the namespace link's arrived_udp_payload_bytes
+    # counts the same, so `tokenwire demo` reads the same B/token through either
     bytes: int = 0
 
     def decide(self, elapsed: float, size: int) -> float | None:

@@ -14,13 +14,18 @@ forecaster in the same run:
 * the target: 200 Mbit/s of 1500-byte packets = 16 667 packets/s.
 
 Medians of ``--repeats`` timed runs; the machines are shared, so the EWMA numbers of the same run are the
-yardstick.
+yardstick: the JSON records ``calls`` and ``repeats`` and the ONNX/EWMA ratios (``onnx_vs_ewma``).
+
+EWMA answers a burst with one ``predict()``: its estimate does not depend on the send time, so batch n costs
+one prediction. Its ``predict_batch`` (``predict`` + ``np.tile``) timed numpy's array handling instead (7 µs
+at batch 8, more than the prediction itself 40 times over), which the table showed as EWMA's batch cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -73,23 +78,37 @@ def _phase(what: str) -> None:
     print(f"  {what} ...", file=sys.stderr, flush=True)
 
 
-def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None] | None = None) -> dict:
-    """The numbers of one forecaster; ``progress`` is told each phase (a batch size, the observe cost) first."""
+BATCH_BY_PREDICT_BATCH = "predict_batch(): one inference call for the burst"
+BATCH_BY_ONE_PREDICT = "one predict() answers the burst (the estimate does not depend on the send time)"
+
+
+def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None] | None = None, *,
+            one_predict_per_batch: bool = False) -> dict:
+    """The numbers of one forecaster; ``progress`` is told each phase (a batch size, the observe cost) first.
+
+    ``one_predict_per_batch``: a batch costs one ``predict()`` (EWMA), not a timed ``predict_batch()``.
+    """
     samples = _samples(256)
     for s in samples:
         forecaster.observe(s)
     now = samples[-1].ack_at + 0.001
-    res: dict = {"batches": {}}
-    for bs in BATCHES:
+    res: dict = {"batches": {},
+                 "batch_method": BATCH_BY_ONE_PREDICT if one_predict_per_batch else BATCH_BY_PREDICT_BATCH}
+    single = math.nan
+    for bs in BATCHES:  # (batch 1 first: the others may reuse it)
         if progress:
             progress(f"batch {bs}")
-        nows = [now + 1e-5 * i for i in range(bs)]
         if bs == 1:
-            per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
+            single = per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
+            n_calls = calls
+        elif one_predict_per_batch:
+            per_call, n_calls = single, calls  # batch 1's predict() answers the whole burst
         else:
-            per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), max(calls // bs * 4, 50), repeats)
+            nows = [now + 1e-5 * i for i in range(bs)]
+            n_calls = max(calls // bs * 4, 50)
+            per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), n_calls, repeats)
         res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
-                                   "predictions_per_s": bs / per_call}
+                                   "predictions_per_s": bs / per_call, "calls": n_calls}
     if progress:
         progress("observe per ack")
     it = itertools.cycle(samples)
@@ -105,6 +124,16 @@ def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None
     return res
 
 
+def ratios(onnx: dict, ewma: dict) -> dict:
+    """ONNX against the same run's EWMA (the yardstick on a shared machine): time ratios > 1 = ONNX slower."""
+    return {
+        "us_per_prediction": {bs: onnx["batches"][bs]["us_per_prediction"] / ewma["batches"][bs]["us_per_prediction"]
+                              for bs in onnx["batches"]},
+        "us_per_observe": onnx["us_per_observe"] / ewma["us_per_observe"],
+        "per_ack_pps": onnx["per_ack_pps"] / ewma["per_ack_pps"],
+    }
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster
 
@@ -114,14 +143,16 @@ def run_cli(args: argparse.Namespace) -> int:
         from tokenwire.daemon.cli import CLIError
 
         raise CLIError(str(exc)) from None
-    doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window}
+    doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
+                           "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats"}
     print(f"bench predictor: {args.calls} calls x {args.repeats} repeats per phase, the ONNX model then EWMA",
           file=sys.stderr, flush=True)
     for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
         def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
             _phase(f"{name}: {what}")
 
-        doc[name] = measure(fc, args.calls, args.repeats, progress)
+        doc[name] = measure(fc, args.calls, args.repeats, progress, one_predict_per_batch=name == "ewma")
+    doc["onnx_vs_ewma"] = ratios(doc["onnx"], doc["ewma"])
     head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
     lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
     for name in ("onnx", "ewma"):
@@ -134,6 +165,11 @@ def run_cli(args: argparse.Namespace) -> int:
                      f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
         lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(
             f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
+    lines.append(f"ewma batch n: {BATCH_BY_ONE_PREDICT}")
+    rat = doc["onnx_vs_ewma"]
+    lines.append("onnx/ewma (same run): µs per prediction " + ", ".join(
+        f"batch {bs} {rat['us_per_prediction'][str(bs)]:.0f}x" for bs in BATCHES)
+        + f"; observe {rat['us_per_observe']:.1f}x; per-ack pkt/s {rat['per_ack_pps']:.3g}x")
     # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
     print("\n".join(lines))  # with --json -: on stderr (cli.main)
     if args.json:
