@@ -11,8 +11,8 @@ capacity_mb = 4096
 chunk_tokens = 256
 ingest_socket = "/run/tokenwire/kv-ingest.sock"
 ingest_memory_mb = 8192         # puts held in memory at once (bodies being read, chunked, stored); more wait
-congestion = "prague"           # bulk KV: the scalable controller, with ECT(1) marking (marking = "l4s")
-marking = "l4s"                 # l4s | classic | none
+congestion = "prague"           # follows marking: prague for l4s, reno-ecn for classic, reno for none
+marking = "l4s"                 # l4s (ECT(1)) | classic (ECT(0), as [marking] classic) | none (Not-ECT)
 forecaster = "onnx"             # onnx | ewma
 prior_mbps = 5.0                # planning bandwidth of a connection that has carried < 8 chunks (then: its own rates)
 recompute_us_per_token = 2250   # default engine prefill cost (clients may send their own)
@@ -24,11 +24,19 @@ Parsed here (not in ``config.py``) so the KV channel stays one small hook in the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenwire.transport.frames import MAX_CHUNK_TOKENS
+
+if TYPE_CHECKING:
+    from tokenwire.transport.marking import MarkingPolicy
+
+# what each kv.marking sends: "classic" is ECT(0), the classic ECN codepoint, as [marking] classic sends by default
+# (it was Not-ECT, the same on the wire as "none"); Not-ECT is "none"
+KV_ECT = {"l4s": "ect1", "classic": "ect0", "none": None}
 
 
 @dataclass(frozen=True)
@@ -57,14 +65,27 @@ KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb",
 
 def _congestion(explicit: str | None, marking: str) -> str:
     """kv.congestion follows kv.marking unless set, as server.congestion follows [marking] (one rule,
-    :func:`.marking.ect1_congestion`): ECT(1) packets need prague, and without ECT(1) marking prague sees no CE
-    marks, so the default is reno. ``marking = "classic"`` used to run prague, the default whatever the
-    marking."""
+    :func:`.marking.ecn_congestion`): ECT(1) packets need prague (another is an error); ECT(0) packets the classic
+    ECN response, reno-ecn (cubic-ecn for "cubic"; prague is an error: it answers a classic queue's CE marks with
+    cuts of a few percent); Not-ECT keeps what is set, reno by default (prague would see no CE marks)."""
     from .config import ConfigError
-    from .marking import ect1_congestion
+    from .marking import ecn_congestion
 
-    needed = ect1_congestion(marking == "l4s", explicit, "kv.congestion", "kv.marking = 'l4s'", ConfigError)
+    needed = ecn_congestion(KV_ECT[marking], explicit, "kv.congestion", f"kv.marking = {marking!r}", ConfigError)
     return needed or explicit or "reno"
+
+
+def kv_marking(marking: str) -> Callable[[], MarkingPolicy] | None:
+    """The KV channel's per-connection policy factory for ``kv.marking`` (None: "none", the plain socket); what
+    ``serve_kv(marking=...)`` takes."""
+    from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
+
+    ect = KV_ECT[marking]
+    if ect == "ect1":
+        return L4SPolicy
+    if ect == "ect0":
+        return lambda: ClassicPolicy(ect0=True)
+    return None
 
 
 def parse_kv(table: Any, base: Path | None) -> KVConfig:

@@ -40,7 +40,7 @@ from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from . import unix_sockets
-from .kv_config import KVConfig
+from .kv_config import KVConfig, kv_marking
 from .kv_store import (
     ChunkStore,
     LocalChunkStore,
@@ -766,22 +766,25 @@ def _load_forecaster(kind: str) -> float:
     return time.monotonic() - began
 
 
-async def warm_up_forecaster(kind: str, load: Any = _load_forecaster) -> None:
+async def warm_up_forecaster(kind: str, load: Any = _load_forecaster) -> bool:
     """Load the ``[kv] forecaster``'s runtime and model now, on a thread: the first fetch built it on the event
     loop (``import onnxruntime`` and the model: ~150-200 ms during which no connection of the daemon was served).
 
-    A model that cannot load does not stop the start: it did not before, and fetches with the ``onnx`` forecaster
-    meet the same failure as before; what changes is that it is said now, in one log line naming the cure."""
+    A model that cannot load does not stop the start: one log line says so, naming the cure, and False tells
+    :func:`start_kv` to plan the fetches with ewma. Each fetch's start failed instead: no KV_META, the client timed
+    out, and the load was tried again at every connection's first fetch. True: ``kind`` is usable."""
     if kind != "onnx":  # (ewma: nothing to load)
-        return
+        return True
     log.info("KV forecaster: loading onnxruntime and the bandwidth model")
     try:
         took = await asyncio.to_thread(load, kind)
     except Exception as exc:  # ModelError (a missing or corrupt model), ImportError (a broken onnxruntime), ...
-        log.error("kv.forecaster = onnx but its bandwidth model cannot be loaded (%s: %s): KV fetches planned with "
-                  "it will fail; fix the install or set forecaster = \"ewma\" in [kv]", type(exc).__name__, exc)
-        return
+        log.error("kv.forecaster = onnx but its bandwidth model cannot be loaded (%s: %s): KV fetches are planned "
+                  "with the ewma forecaster until a restart; fix the install or set forecaster = \"ewma\" in [kv]",
+                  type(exc).__name__, exc)
+        return False
     log.info("KV forecaster ready (%.2f s to load onnxruntime and the bandwidth model)", took)
+    return True
 
 
 # what a refused W^X mapping looks like: llvmlite's check_jit_execution raises OSError(EPERM, "cannot allocate
@@ -811,10 +814,14 @@ def warm_up_failure(exc: BaseException) -> str:
 
 
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
-                   authorize: Any = None) -> KVRuntime:
-    """Start the KV store service, its channel endpoint and (if configured) the ingest socket."""
+                   authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
+                   max_connections: Any = None) -> KVRuntime:
+    """Start the KV store service, its channel endpoint and (if configured) the ingest socket.
+
+    ``authorize``, ``client_verifier``, ``on_unauthorized`` and ``max_connections``: the daemon's checks, as
+    :func:`~tokenwire.transport.kv_server.serve_kv` takes them (the chat port's token, client certificate and
+    session limit: the KV port had only the token check)."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
-    from tokenwire.transport.marking import ClassicPolicy, L4SPolicy
 
     try:  # the store first: a directory it cannot use fails in a moment, not after the codec's compile
         store = open_store(cfg)
@@ -825,19 +832,21 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
     try:
         await warm_up_codec()
-        await warm_up_forecaster(cfg.forecaster)
+        forecaster = cfg.forecaster if await warm_up_forecaster(cfg.forecaster) else "ewma"
     except BaseException:
         store.close()
         raise
     service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
-    marking = {"l4s": L4SPolicy, "classic": ClassicPolicy, "none": None}[cfg.marking]
-    tuning = ServerTuning(forecaster=cfg.forecaster, prior_bps=cfg.prior_mbps * 1e6,
+    marking = kv_marking(cfg.marking)  # classic: ECT(0), as [marking]'s (it was Not-ECT, the same as "none")
+    limits = {} if max_connections is None else {"max_connections": max_connections}
+    tuning = ServerTuning(forecaster=forecaster, prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
     try:
         server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
                                 keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
-                                authorize=authorize)
+                                authorize=authorize, client_verifier=client_verifier,
+                                on_unauthorized=on_unauthorized, **limits)
     except OSError as exc:
         service.close()
         raise cannot_listen("kv.listen", exc, *cfg.listen) from None

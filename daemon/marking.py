@@ -16,6 +16,9 @@ Kept out of ``config.py``/``service.py`` (which only call :func:`parse_marking` 
 With a policy the daemon's QUIC sockets are the ECN-capable transport (``sendmsg`` + ``IP_TOS`` per
 packet, ``IP_RECVTOS``); policies that send ECT(1) (``l4s``, ``swiftqueue``) run the scalable ``prague``
 congestion controller, which is chosen automatically (an explicit other ``server.congestion`` is an error).
+``classic`` with ECT(0) runs the classic ECN response (``reno-ecn``, or ``cubic-ecn`` for ``server.congestion =
+"cubic"``: CE halves the window like a loss, once per RTT); ``prague`` is refused there. A connection whose client
+never reports ECN counts stops marking (ECN validation, ``transport.marking.EcnValidation``).
 ``swiftqueue`` loads the latency model once at start; a missing or corrupt model logs a warning and the
 daemon marks like ``l4s`` instead (it keeps serving). A model that loads but then raises on the packet path
 does the same at run time: one warning, every connection (open or new) marks like ``l4s`` until restart,
@@ -63,6 +66,13 @@ class MarkingConfig:
     def marks_ect1(self) -> bool:
         return self.policy in ECT1_POLICIES
 
+    @property
+    def ect(self) -> str | None:
+        """The ECN-capable codepoint the policy sends: ``"ect1"``, ``"ect0"`` (classic), or None (Not-ECT)."""
+        if self.marks_ect1:
+            return "ect1"
+        return "ect0" if self.policy == "classic" and self.classic_codepoint == "ect0" else None
+
 
 def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: type[Exception]) -> MarkingConfig:
     """Validate ``[marking]`` with config.py's section helper (passed in to avoid an import cycle)."""
@@ -87,8 +97,36 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
 
 def effective_congestion(marking: MarkingConfig, explicit: str | None, error_cls: type[Exception]) -> str | None:
     """The congestion controller the marking policy needs, or None to keep ``server.congestion``."""
-    return ect1_congestion(marking.marks_ect1, explicit, "server.congestion", f"marking.policy = {marking.policy!r}",
-                           error_cls)
+    what = f"marking.policy = {marking.policy!r}"
+    if marking.ect == "ect0":
+        what += " with classic_codepoint = 'ect0'"
+    return ecn_congestion(marking.ect, explicit, "server.congestion", what, error_cls)
+
+
+def ecn_congestion(ect: str | None, explicit: str | None, setting: str, marking: str,
+                   error_cls: type[Exception]) -> str | None:
+    """The congestion controller a sender of ``ect`` (``"ect1"``, ``"ect0"``, None for Not-ECT) needs, or None to
+    keep ``explicit``; ``error_cls`` naming ``setting`` and the ``marking`` that asks for it when ``explicit`` cannot
+    carry such packets.
+
+    ECT(1) needs ``prague`` (:func:`ect1_congestion`). ECT(0) needs the classic response to CE, a halving like a
+    loss's at most once per RTT (RFC 3168 §6.1.2): aioquic's Reno and CUBIC read no ECN and ignored every mark, so
+    they become ``reno-ecn`` / ``cubic-ecn`` (``transport.classic_ecn_cc``), and ``prague`` is refused: its
+    scalable response answers a classic AQM's marks with cuts of a few percent. The QUIC listeners ([marking]) and
+    the KV channel ([kv]) both decide through here.
+    """
+    if ect == "ect1":
+        return ect1_congestion(True, explicit, setting, marking, error_cls)
+    if ect != "ect0":
+        return None
+    from tokenwire.transport.classic_ecn_cc import CLASSIC_ECN
+
+    chosen = CLASSIC_ECN.get(explicit or "reno")
+    if chosen is None:
+        raise error_cls(f"{setting}: {explicit!r} cannot carry ECT(0) packets ({marking}): a classic ECN sender must "
+                        f"halve its window on CE like on a loss (RFC 3168); use \"reno\" or \"cubic\", or leave it "
+                        "unset")
+    return chosen
 
 
 def ect1_congestion(marks_ect1: bool, explicit: str | None, setting: str, marking: str,
@@ -133,6 +171,8 @@ class MarkingService:
                                  ["policy"], registry=r)
         self.model_errors = Counter("tokenwire_marking_model_errors", "Exceptions the swiftqueue latency model "
                                     "raised on the packet path (the daemon then marks like l4s)", registry=r)
+        self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Connections that stopped marking (Not-ECT "
+                                   "from then on) because their client never reported ECN counts", registry=r)
         self._swiftqueue: weakref.WeakSet[Any] = weakref.WeakSet()  # the open connections' swiftqueue policies
 
     # -- policies ------------------------------------------------------------------------------------------
@@ -212,6 +252,11 @@ class MarkingService:
         if n > 0:
             self.ce.inc(n)
 
+    def add_validation_failures(self, n: int) -> None:
+        """Count connections whose ECN validation failed (a session's ``ecn.failures`` since the last flush)."""
+        if n > 0:
+            self.unvalidated.inc(n)
+
 
 class _EcnCollector:
     """Prometheus collector: per-codepoint datagram counters and the L share, read at scrape time."""
@@ -237,6 +282,19 @@ class _EcnCollector:
         total = sum(sent)
         yield GaugeMetricFamily("tokenwire_ecn_l_share", "Share of sent datagrams marked ECT(1) (the L queue)",
                                 value=sent[1] / total if total else 0.0)
+
+
+def model_problem(model: Path | None) -> str | None:
+    """Why the swiftqueue model ``model`` (None: the shipped one) would not load, in the words the daemon's start
+    and ``config check`` use; None when it loads. A full load and trial inference: ~40 ms with onnxruntime already
+    imported, ~0.5 s when not (run it off the event loop)."""
+    from tokenwire.predictor.runtime import ModelError, load_forecaster
+
+    try:
+        load_forecaster(str(model) if model else None)
+    except ModelError as exc:
+        return str(exc)
+    return None
 
 
 def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:

@@ -26,20 +26,31 @@ import logging
 import signal
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aioquic.quic import events as qe
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection
 
 from tokenwire.transport.chatterbox import SenderStats
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.frames import Request
-from tokenwire.transport.quic_io import SessionProtocol, ValidatingQuicServer, serve_quic, tune_socket
+from tokenwire.transport.handshake_guard import (
+    HANDSHAKE_PROVEN_TIMEOUT_S,
+    HANDSHAKE_TIMEOUT_S,
+    RETRY_ABOVE,
+    ClientCertificateError,
+    GuardedProtocol,
+    HandshakeGuard,
+    retry_threshold,
+    verify_peer_certificate,
+)
+from tokenwire.transport.quic_io import ValidatingQuicServer, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session import (
     ClientReport,
     ConnectionEnded,
+    ReadCredit,
     RequestCancelled,
     RequestCompleted,
     RequestReceived,
@@ -61,7 +72,7 @@ from .cli import printable
 from .config import MAX_PRINCIPAL_CHARS, AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
-from .marking import MarkingService
+from .marking import MarkingService, model_problem
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import Metrics, serve_metrics
@@ -70,23 +81,20 @@ from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
 log = logging.getLogger("tokenwire.daemon")
-# A handshake from an unproven address (maybe spoofed: no Retry token, no Handshake packet from it) is closed after
-# this; the SDK client's own connect timeout is 10 s too
-HANDSHAKE_TIMEOUT_S = 10.0
-# One whose client has proven its address (our Retry's token, or a Handshake packet: it got our first flight), or any
-# while Retry is on, may take until this since it began. 10 s for all closed handshakes that loaded clients had
-# finished on their side (1,000 at once on 2 busy cores: 822 "connected", then closed before their first request).
-# Unproven ones cannot pile up meanwhile: once Retry is on, every new connection comes with a token.
-HANDSHAKE_PROVEN_TIMEOUT_S = 30.0
-# With this many handshakes in progress (or half of max_sessions, if fewer), new clients must prove their
-# address first (a QUIC Retry, RFC 9000 8.1.2: one round trip more), so spoofed Initials create no state; off
-# again once below half of it for a whole handshake timeout
-RETRY_ABOVE = 64
+# The handshake deadlines and the Retry threshold are transport/handshake_guard.py's (HANDSHAKE_TIMEOUT_S,
+# HANDSHAKE_PROVEN_TIMEOUT_S, RETRY_ABOVE), imported as this module's values: the daemon's guard reads them here when
+# it is made (tests shorten them)
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
 CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a warning at start and reload
 # Clients refused past max_sessions: the first is a warning, the rest are counted and summed up at most this often
+# (likewise unauthorized clients, and never-authorized connections closed to admit new clients)
 REFUSALS_LOG_S = 60.0
+# Before its first authorized request, a connection (auth tokens configured) gets connection-level credit of this many
+# maximal requests, plus its first stream's request (see ReadCredit.hold_until_authorized): an unauthenticated one
+# made the daemon hold 64 streams of 1 MiB requests short of their last byte (+75 MiB RSS for 42 s), and 3 at most
+# now. Three maximal first requests sent at once still come whole; the full window follows the first authorized one.
+UNAUTHORIZED_CREDIT_REQUESTS = 2
 # A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
 GC_INTERVAL_S = 30.0
 
@@ -104,7 +112,36 @@ def cert_principal(name: str) -> str:
     shown = "".join(c if c.isprintable() else "?" for c in name)
     return f"cert:{shown[: MAX_PRINCIPAL_CHARS - len('cert:~') - len(digest)]}~{digest}"
 
-class DaemonProtocol(SessionProtocol):
+class RefusalLog:
+    """Refusals of one kind that a flood of clients repeats, logged the daemon's way: the first is a warning, those
+    within REFUSALS_LOG_S of the last line are counted, and one line sums them up (with the next one logged, or from
+    :meth:`flush`, which the housekeeping calls). A line per refusal flooded the log (200 wrong tokens, 200 lines)."""
+
+    def __init__(self, summary: Callable[[int, float], str]) -> None:
+        self.summary = summary  # the summing-up line, of how many were counted over how many seconds
+        self.logged_at: float | None = None  # the last line about this kind
+        self.unlogged = 0  # counted since that line
+
+    def hold(self, now: float) -> bool:
+        """True: this refusal is counted, not logged; False: the caller logs it now (after what was held back)."""
+        if self.logged_at is not None and now - self.logged_at < REFUSALS_LOG_S:
+            self.unlogged += 1
+            return True
+        self.flush(now)
+        self.logged_at = now
+        return False
+
+    def flush(self, now: float) -> None:
+        """The line summing up what was counted, once the last line is REFUSALS_LOG_S old."""
+        at = self.logged_at
+        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
+            return
+        log.warning("%s", self.summary(self.unlogged, now - at))
+        self.unlogged = 0
+        self.logged_at = now
+
+
+class DaemonProtocol(GuardedProtocol):
     """One client connection."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, daemon: Daemon) -> None:
@@ -124,7 +161,11 @@ class DaemonProtocol(SessionProtocol):
         self.daemon = daemon
         self.principal: str | None = None
         self.refused = 0  # requests refused by the session (over a limit, too large): logged once, then counted
-        self.authorized = not daemon.config.auth.required
+        # With server.client_ca, not before the handshake's certificate check: True from the start (no tokens), a
+        # request in the same datagram as a certless client's Finished started an answer for nobody
+        self._authorized = not daemon.config.auth.required and daemon.client_verifier is None
+        if daemon.config.auth.required and isinstance(quic, ReadCredit):  # (the session made it one)
+            quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes)
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         self.revoked = False  # a reload removed its token: the client does not send it again
         self.attached: dict[int, LiveRequest] = {}
@@ -138,14 +179,9 @@ class DaemonProtocol(SessionProtocol):
         self._reported = SenderStats()
         self._reported_acks = 0
         self._reported_ce = 0
+        self._reported_unvalidated = 0  # ECN validation failures of this connection, counted so far
         daemon.protocols.add(self)
-        self._handshake_began = time.monotonic()
-        daemon.handshaking += 1
-        daemon.handshake_pressure()
-        self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT_S, self._handshake_expired)
-        if daemon.handshaking > limits.max_sessions:
-            self._refuse_handshake("too_many", "too many handshakes in progress")
+        self.guard_handshake(daemon.handshake_guard)  # its deadline, the bound, Retry under load (shared with KV)
 
     @property
     def server_session(self) -> ServerSession:
@@ -153,45 +189,23 @@ class DaemonProtocol(SessionProtocol):
         return self.session
 
     @property
-    def peer(self) -> str:
-        paths = self._quic._network_paths
-        return f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+    def authorized(self) -> bool:
+        """Whether its requests may start answers (a valid token, a valid certificate, or no auth configured)."""
+        return self._authorized
 
-    def _handshake_done(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-            self.daemon.handshaking -= 1
+    @authorized.setter
+    def authorized(self, value: bool) -> None:
+        self._authorized = value
+        if value:  # its client has proven itself: the full flow-control window, and no eviction past max_sessions
+            self.daemon.unauthorized.pop(self, None)
+            if isinstance(self._quic, ReadCredit):
+                self._quic.release_credit()
 
-    def _refuse_handshake(self, label: str, why: str) -> None:
-        """Close a connection still in its handshake: counted, and logged at debug level only (a flood of
-        them would flood the log)."""
-        self._handshake_done()
-        self.daemon.metrics.handshakes_refused.labels(reason=label).inc()
-        log.debug("closing connection from %s: %s", self.peer, why)
-        self.server_session.close(ErrorCode.LIMIT_EXCEEDED, why)
-        self.transmit()
-
-    def address_proven(self) -> bool:
-        """Whether the client is not half-open: it came back with our Retry's token, or a Handshake packet came from
-        it (aioquic validates the path then, RFC 9000 8.1), which needs the keys of our first flight."""
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing (by this side or the peer): nothing may start on it any more."""
         quic = self._quic
-        return quic._retry_source_connection_id is not None or any(p.is_validated for p in quic._network_paths)
-
-    def _handshake_expired(self) -> None:
-        """The handshake deadline: HANDSHAKE_TIMEOUT_S, or HANDSHAKE_PROVEN_TIMEOUT_S since the start for a client
-        that has proven its address, and while Retry is on (the daemon is loaded: answers come late)."""
-        if self._handshake_timer is None or self.established or self.ended:
-            return
-        if not self.address_proven() and self.daemon.retrying_since is None:
-            took = time.monotonic() - self._handshake_began  # (10 s; more where Retry went off meanwhile)
-            self._refuse_handshake("timeout", f"handshake not completed within {max(took, HANDSHAKE_TIMEOUT_S):.0f} s")
-            return
-        left = self._handshake_began + HANDSHAKE_PROVEN_TIMEOUT_S - time.monotonic()
-        if left > 0:
-            self._handshake_timer = asyncio.get_running_loop().call_later(left, self._handshake_expired)
-        else:
-            self._refuse_handshake("timeout", f"handshake not completed within {HANDSHAKE_PROVEN_TIMEOUT_S:g} s")
+        return self.ended or quic._close_event is not None or quic._state in END_STATES
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)
@@ -203,20 +217,16 @@ class DaemonProtocol(SessionProtocol):
         self._handshake_done()
         d = self.daemon
         if d.client_verifier is not None:
-            tls = self._quic.tls
-            try:
-                name = d.client_verifier.verify(tls._peer_certificate, tls._peer_certificate_chain)
-            except ValueError as exc:
-                log.warning("closing connection from %s: %s", self.peer, exc)
-                self.daemon.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
-                # "required" told a client that had presented a certificate to pass one
-                self.server_session.close(ErrorCode.UNAUTHORIZED, "client certificate required"
-                                          if tls._peer_certificate is None else "client certificate rejected")
+            try:  # (the KV channel's endpoint makes the same check: verify_peer_certificate)
+                name = verify_peer_certificate(self._quic, d.client_verifier)
+            except ClientCertificateError as exc:
+                d.unauthorized_client(self.peer, str(exc))
+                self.server_session.close(ErrorCode.UNAUTHORIZED, exc.close_reason)
                 return
             self.principal = cert_principal(name)
             if not d.config.auth.required:
                 self.authorized = True
-        if d.established >= d.config.limits.max_sessions:
+        if d.established >= d.config.limits.max_sessions and not d.evict_unauthorized():
             d.session_refused(self.peer)
             self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
             return
@@ -224,11 +234,22 @@ class DaemonProtocol(SessionProtocol):
         d.established += 1
         d.metrics.sessions.inc()
         d.metrics.sessions_total.inc()
+        if not self.authorized:  # (oldest first: dicts keep their order)
+            d.unauthorized[self] = None
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         d = self.daemon
         for ev in events:
             if isinstance(ev, RequestReceived):
+                if self.closing:
+                    # Requests read with a closing connection's last datagram start nothing, and are not counted: a
+                    # certless client's came in the datagram of its Finished, read after the certificate check had
+                    # closed the connection (or max_sessions had), or after a request with a wrong token had; each
+                    # generated an answer for nobody until orphan_timeout_s, filling max_live_answers.
+                    continue
+                if not self.established:  # (1-RTT data comes after the handshake; 0-RTT, if ever, must wait too)
+                    d._reject(self, ev.stream_id, ErrorCode.UNAUTHORIZED, "request before the handshake completed")
+                    continue
                 d.on_request(self, ev.stream_id, ev.request)
             elif isinstance(ev, RequestCompleted):
                 d.detach(self, ev.stream_id, cancel=False)
@@ -262,6 +283,9 @@ class DaemonProtocol(SessionProtocol):
         ce = self.server_session.ce_reported
         self.daemon.marking.add_ce(ce - self._reported_ce)
         self._reported_ce = max(ce, self._reported_ce)
+        failed = self.server_session.ecn.failures
+        self.daemon.marking.add_validation_failures(failed - self._reported_unvalidated)
+        self._reported_unvalidated = failed
 
 
 class Daemon:
@@ -278,14 +302,28 @@ class Daemon:
         self.upstreams: dict[str, Upstream] = build_upstreams(config)
         self.protocols: set[DaemonProtocol] = set()
         self.established = 0  # connections past their handshake (what max_sessions bounds)
-        self.handshaking = 0  # connections in their handshake (bounded by max_sessions too)
-        self._refusals_logged_at: float | None = None  # the last line about clients refused past max_sessions
-        self._refusals_unlogged = 0  # refused since that line
+        # connections in their handshake: a deadline, bounded by max_sessions too, Retry under load (the KV channel's
+        # endpoint has a guard of its own); housekeeping turns Retry off (_relax_retry)
+        self.handshake_guard = HandshakeGuard(
+            lambda: self.config.limits.max_sessions, timeout_s=HANDSHAKE_TIMEOUT_S,
+            proven_timeout_s=HANDSHAKE_PROVEN_TIMEOUT_S, threshold=lambda: self.retry_threshold(),
+            on_refused=lambda reason: self.metrics.handshakes_refused.labels(reason=reason).inc(),
+            on_retry=lambda active: self.metrics.retry_active.set(int(active)), relax_every=None)
+        self._session_refusals = RefusalLog(lambda n, s: (
+            f"refused {n} more connections in the last {s:.0f} s: {self.established} sessions open "
+            f"(limits.max_sessions)"))
+        self._auth_refusals = RefusalLog(lambda n, s: (
+            f"refused {n} more unauthorized clients in the last {s:.0f} s (a missing, invalid or revoked auth token "
+            f"or client certificate; tokenwire_errors_total code 0x105)"))
+        self._evictions = RefusalLog(lambda n, s: (
+            f"closed {n} more never-authorized connections in the last {s:.0f} s to admit new clients "
+            f"(limits.max_sessions; tokenwire_handshakes_refused_total reason evicted)"))
+        # established connections that have not been authorized yet (auth tokens configured), oldest first: past
+        # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
+        # every slot, and token holders got "too many sessions")
+        self.unauthorized: dict[DaemonProtocol, None] = {}
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
         self._collected_at = -GC_INTERVAL_S
-        self._retry_handler: Any = None  # aioquic's Retry token handler, made on first need (an RSA key)
-        self.retrying_since: float | None = None  # Retry is on (see RETRY_ABOVE)
-        self._calm_since: float | None = None  # while Retry is on: since when the load has been low
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self._orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         self.notifier = notifier or Notifier()
@@ -356,6 +394,7 @@ class Daemon:
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self._servers.append(server)
+            self.handshake_guard.add_server(server)
             sockname = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]  # set: serving
             self.addresses.append((sockname[0], sockname[1]))
         if cfg.metrics.listen is not None:
@@ -388,7 +427,12 @@ class Daemon:
             from .kv_service import start_kv
 
             self.notifier.status("starting: the KV codec's kernels (a first start takes ~10 s)")
-            self.kv = await start_kv(cfg.kv, authorize=self._kv_authorized, **tls_kwargs)
+            # the chat port's checks on the KV port too: tokens per fetch, with server.client_ca a verified client
+            # certificate (the one in force: SIGHUP may renew the bundle), and max_sessions connections
+            self.kv = await start_kv(
+                cfg.kv, authorize=self._kv_authorized, on_unauthorized=self.unauthorized_client,
+                client_verifier=(lambda: self.client_verifier) if self.client_verifier is not None else None,
+                max_connections=lambda: self.config.limits.max_sessions, **tls_kwargs)
             from .kv_metrics import KVMetrics
 
             KVMetrics(self.metrics.registry, self.kv)
@@ -414,25 +458,56 @@ class Daemon:
         """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
         refusals is REFUSALS_LOG_S old, else summed up later (a flood was a warning line per client: 132 from one)."""
         self.metrics.handshakes_refused.labels(reason="max_sessions").inc()
-        now = time.monotonic()
-        if self._refusals_logged_at is not None and now - self._refusals_logged_at < REFUSALS_LOG_S:
-            self._refusals_unlogged += 1
+        if self._session_refusals.hold(time.monotonic()):
             return
-        self._log_refusals(now)  # (what a summary had not said yet, first)
         log.warning("refusing connection from %s: %d sessions open (limits.max_sessions); more such refusals are "
                     "counted (tokenwire_handshakes_refused_total) and logged at most every %g s", peer,
                     self.established, REFUSALS_LOG_S)
-        self._refusals_logged_at = now
+
+    @property
+    def _refusals_logged_at(self) -> float | None:
+        """When the last line about clients refused past max_sessions was logged (tests read it)."""
+        return self._session_refusals.logged_at
+
+    def unauthorized_client(self, peer: str, why: str, *, closing: bool = True) -> None:
+        """A client refused for its auth token or certificate: counted (0x105), and logged the way refusals past
+        max_sessions are (one warning per wrong token flooded the log: 200 lines for 200 connections)."""
+        self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
+        if self._auth_refusals.hold(time.monotonic()):
+            return
+        log.warning("unauthorized client %s: %s%s; more such refusals are counted (tokenwire_errors_total code "
+                    "0x105) and logged at most every %g s", peer, why, "; closing" if closing else "", REFUSALS_LOG_S)
+
+    def evict_unauthorized(self) -> bool:
+        """Past max_sessions: close the oldest connection that has never been authorized, to make room for a new
+        client; False when there is none. Its slot is free at once (not at the end of its closing period). A client
+        that connects early and sends its first request much later may be closed so while clients that never
+        authorize flood the daemon: it hears why, and connects again."""
+        if not self.unauthorized:
+            return False
+        victim = next(iter(self.unauthorized))
+        del self.unauthorized[victim]
+        if victim.established:
+            victim.established = False
+            self.established -= 1
+            self.metrics.sessions.dec()
+        if victim.closing:  # already on its way out (a wrong token): its slot alone
+            return True
+        self.metrics.handshakes_refused.labels(reason="evicted").inc()
+        if not self._evictions.hold(time.monotonic()):
+            log.warning("closing connection from %s, never authorized, to admit a new client: %d sessions open "
+                        "(limits.max_sessions); more such closes are counted (tokenwire_handshakes_refused_total "
+                        "reason evicted) and logged at most every %g s", victim.peer,
+                        self.config.limits.max_sessions, REFUSALS_LOG_S)
+        victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions: this connection had sent no "
+                                    "authorized request and was closed to admit another client; connect again")
+        victim.transmit()
+        return True
 
     def _log_refusals(self, now: float) -> None:
-        """The refusals past max_sessions since the last line about them, once REFUSALS_LOG_S has passed."""
-        at = self._refusals_logged_at
-        if not self._refusals_unlogged or at is None or now - at < REFUSALS_LOG_S:
-            return
-        log.warning("refused %d more connections in the last %.0f s: %d sessions open (limits.max_sessions)",
-                    self._refusals_unlogged, now - at, self.established)
-        self._refusals_unlogged = 0
-        self._refusals_logged_at = now
+        """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed."""
+        for refusals in (self._session_refusals, self._auth_refusals, self._evictions):
+            refusals.flush(now)
 
     def _collect_ended(self, now: float) -> None:
         """A full garbage collection when connections have ended since the last one, at most every GC_INTERVAL_S.
@@ -452,42 +527,30 @@ class Daemon:
         """Handshakes in progress that turn Retry on: RETRY_ABOVE, or half of max_sessions when that is less (the
         handshakes in progress never exceed max_sessions: with a small one, Retry never came on and spoofed
         Initials held every handshake slot)."""
-        return max(1, min(RETRY_ABOVE, self.config.limits.max_sessions // 2))
+        return retry_threshold(self.config.limits.max_sessions, RETRY_ABOVE)
+
+    @property
+    def handshaking(self) -> int:
+        """Connections in their handshake on the chat listeners (bounded by max_sessions too)."""
+        return self.handshake_guard.handshaking
+
+    @property
+    def retrying_since(self) -> float | None:
+        """Since when Retry has been on (see RETRY_ABOVE); None while off."""
+        return self.handshake_guard.retrying_since
+
+    @retrying_since.setter
+    def retrying_since(self, value: float | None) -> None:
+        self.handshake_guard.retrying_since = value
 
     def handshake_pressure(self) -> None:
         """Many handshakes in progress: turn on address validation (Retry) on every listener."""
-        if self.retrying_since is not None or self.handshaking < self.retry_threshold():
-            return
-        if self._retry_handler is None:
-            from aioquic.quic.retry import QuicRetryTokenHandler
-
-            self._retry_handler = QuicRetryTokenHandler()
-        for server in self._servers:
-            server.retry_handler = self._retry_handler
-            server.issue_retry = True
-        self.retrying_since = time.monotonic()
-        self._calm_since = None
-        self.metrics.retry_active.set(1)
-        log.warning("%d QUIC handshakes in progress: new clients must validate their address (Retry) until "
-                    "the load passes", self.handshaking)
+        self.handshake_guard.pressure()
 
     def _relax_retry(self, now: float) -> None:
         """Retry off once the handshakes in progress have stayed below half the threshold for a whole handshake
         timeout (tokens from Retries sent before are still checked: ValidatingQuicServer)."""
-        if self.retrying_since is None:
-            return
-        if self.handshaking >= max(1, self.retry_threshold() // 2):
-            self._calm_since = None
-            return
-        if self._calm_since is None:
-            self._calm_since = now
-        if now - self._calm_since < HANDSHAKE_TIMEOUT_S:
-            return
-        for server in self._servers:
-            server.issue_retry = False
-        self.retrying_since = None
-        self.metrics.retry_active.set(0)
-        log.info("QUIC handshakes back to %d: address validation (Retry) off", self.handshaking)
+        self.handshake_guard.relax(now)
 
     def listening(self) -> str:
         """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets."""
@@ -621,6 +684,7 @@ class Daemon:
         ignored = restart_changes(self.config, new)  # logged in the new format, as all that follows
         if ignored:
             log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
+        self._check_marking_model(new)
         self.config = dataclasses.replace(self.config, auth=new.auth, limits=new.limits, logging=logging_cfg)
         self.store.max_bytes = int(new.limits.transcript_memory_mb * (1 << 20))
         self.store.retain_s = new.limits.transcript_retain_s
@@ -637,6 +701,37 @@ class Daemon:
         set_log_level(new.logging.level)  # aioquic's logger too, as at start
         self.reload_note = "" if tls_ok else "TLS files refused at the last reload (see the log); "
         return f"reloaded; {self.status_line()}", True
+
+    def _check_marking_model(self, new: Config) -> None:
+        """With [marking] swiftqueue, warn when the model as configured now would not load, so that a restart
+        would mark like l4s: a reload after the model file was corrupted said nothing, and after ``model`` changed
+        to a bad path only that [marking] changes need a restart. The start's check, on a worker thread (a load is
+        ~40 ms, ~0.5 s with onnxruntime's first import: not on the event loop); inline without a running loop."""
+        model = new.marking.model
+        if new.marking.policy != "swiftqueue":
+            return
+
+        def report(problem: str | None) -> None:
+            if problem is not None:
+                log.warning("reload: marking.model: %s; a restart would fall back to the l4s policy (running now: "
+                            "%s)", problem, self.marking.effective_policy)
+
+        def checked(fut: asyncio.Future[str | None]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                log.warning("reload: marking.model could not be checked: %s: %s", type(exc).__name__, exc)
+            else:
+                report(fut.result())
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            report(model_problem(model))
+            return
+        self.model_check = loop.run_in_executor(None, model_problem, model)
+        self.model_check.add_done_callback(checked)
 
     def _reload_tls(self) -> bool:
         """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
@@ -856,14 +951,14 @@ class Daemon:
                 proto.authorized = True
             elif proto.revoked and proto.attached:
                 # a reload removed its token; the answers it streams may finish, this request may not
-                log.warning("client %s (%s): its auth token was revoked; refusing a request", proto.peer,
-                            proto.principal)
+                if not self._auth_refusals.hold(time.monotonic()):
+                    log.warning("client %s (%s): its auth token was revoked; refusing a request", proto.peer,
+                                proto.principal)
                 self._reject(proto, sid, ErrorCode.UNAUTHORIZED, "auth token revoked")
                 return
             else:  # a wrong token, or a revoked one with nothing left streaming: closed, as ever
                 why = "auth token revoked" if proto.revoked else "missing or invalid auth token"
-                log.warning("unauthorized client %s: %s; closing", proto.peer, why)
-                self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
+                self.unauthorized_client(proto.peer, why)
                 sess.close(ErrorCode.UNAUTHORIZED, why)
                 return
         if self.draining:
@@ -1037,6 +1132,7 @@ class Daemon:
         self.protocols.discard(proto)
         self._ended_connections += 1
         proto._handshake_done()  # ended in its handshake
+        self.unauthorized.pop(proto, None)
         if proto.established:
             self.established -= 1
             self.metrics.sessions.dec()

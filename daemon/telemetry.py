@@ -30,8 +30,8 @@ class Metrics:
                                       registry=r)
         self.handshakes_refused = Counter(
             "tokenwire_handshakes_refused_total",
-            "Connections refused: closed in their handshake (not completed in time, too many in progress) or "
-            "past limits.max_sessions",
+            "Connections refused: closed in their handshake (not completed in time, too many in progress), "
+            "past limits.max_sessions, or never authorized and closed to admit a new client (evicted)",
             ["reason"], registry=r)
         self.retry_active = Gauge("tokenwire_quic_retry_active",
                                   "1 while new clients must validate their address (many handshakes in progress)",

@@ -102,7 +102,8 @@ def test_ect1_policies_run_prague_and_classic_keeps_the_configured_controller():
 
     assert cc({"marking": {"policy": "swiftqueue"}}) == "prague"
     assert cc({"marking": {"policy": "l4s"}, "server": {"congestion": "prague"}}) == "prague"
-    assert cc({"marking": {"policy": "classic"}, "server": {"congestion": "cubic"}}) == "cubic"
+    # classic packets are ECT(0) by default: the controller must read CE (RFC 3168), cubic-ecn for cubic
+    assert cc({"marking": {"policy": "classic"}, "server": {"congestion": "cubic"}}) == "cubic-ecn"
     assert not parse_config({}).marking.enabled
     assert parse_config({"marking": {"policy": "swiftqueue"}}).marking.refuge_only is True
     assert parse_config({"marking": {"policy": "swiftqueue", "refuge_only": False}}).marking.refuge_only is False

@@ -611,15 +611,19 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
 
     metrics = Metrics()
     totals = SenderStats(packets=10, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=4)
+    unvalidated: list[int] = []
     conn = SimpleNamespace(
-        server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0),
-        daemon=SimpleNamespace(metrics=metrics, marking=SimpleNamespace(add_ce=lambda n: None)),
-        _reported=SenderStats(), _reported_acks=0, _reported_ce=0,
+        server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0,
+                                       ecn=SimpleNamespace(failures=1)),
+        daemon=SimpleNamespace(metrics=metrics, marking=SimpleNamespace(
+            add_ce=lambda n: None, add_validation_failures=unvalidated.append)),
+        _reported=SenderStats(), _reported_acks=0, _reported_ce=0, _reported_unvalidated=0,
     )  # fmt: skip
     DaemonProtocol.flush_counters(conn)
     totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7)
     conn.server_session.totals = lambda: totals
     DaemonProtocol.flush_counters(conn)
+    assert unvalidated == [1, 0]  # an ECN validation failure counted once
     value = metrics.registry.get_sample_value
     assert value("tokenwire_token_packets_total") == 15
     assert value("tokenwire_repairs_total") == 3

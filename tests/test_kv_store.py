@@ -369,9 +369,10 @@ def test_kv_congestion_follows_kv_marking():
     from tokenwire.daemon.kv_config import parse_kv
 
     assert parse_kv({}, None).congestion == "prague"
-    assert parse_kv({"marking": "classic"}, None).congestion == "reno"
+    assert parse_kv({"marking": "classic"}, None).congestion == "reno-ecn"  # ECT(0): CE halves the window
     assert parse_kv({"marking": "none", "congestion": "cubic"}, None).congestion == "cubic"
-    assert parse_kv({"marking": "classic", "congestion": "prague"}, None).congestion == "prague"  # as set
+    with pytest.raises(ConfigError, match=r"kv\.congestion: 'prague' cannot carry ECT\(0\) packets"):
+        parse_kv({"marking": "classic", "congestion": "prague"}, None)
     with pytest.raises(ConfigError, match=r"kv\.congestion: 'reno' cannot carry ECT\(1\) packets"):
         parse_kv({"congestion": "reno"}, None)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .frames import Ack, Tokens, encode_frame, token_cost
@@ -126,7 +127,11 @@ class TokenSender:
         self._retx: set[int] = set()  # duplicate scheme: tokens whose every copy was lost
         self._outstanding: dict[int, SentPacket] = {}
         self._next_pid = 0
-        self.codepoint = 0  # ECN codepoint of the packets being built now (set by the session per batch)
+        self.codepoint = 0  # ECN codepoint of the last packet built (the session's choice, or as set)
+        # the session's one marking decision for the datagrams leaving now, asked only once a packet is built (a
+        # decision taken before, for transmits that built nothing, cost swiftqueue an inference each); None: use
+        # ``codepoint`` as set
+        self.codepoint_of: Callable[[], int] | None = None
         self.sent_meta: OrderedDict[int, tuple[int, int]] = OrderedDict()  # sent_us -> (size, codepoint)
         self._want_repair = False
         self._last_send = -math.inf
@@ -377,7 +382,9 @@ class TokenSender:
         )
         self._next_pid += 1
         self._outstanding[pkt.pid] = pkt
-        self.sent_meta[sent_us] = (len(payload), self.codepoint)
+        if self.codepoint_of is not None:
+            self.codepoint = self.codepoint_of()
+        self.sent_meta[sent_us] = (len(payload), self.codepoint)  # the codepoint the datagram leaves with
         if len(self.sent_meta) > 4096:
             self.sent_meta.popitem(last=False)
         self.next_new = max(self.next_new, new_end)

@@ -600,13 +600,16 @@ def _check_decode_device(device: Any) -> None:
 @contextlib.asynccontextmanager
 async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile: str | Path | None = None,
                      cadata: bytes | str | None = None, server_name: str | None = None, decode_device: str = "cpu",
-                     ecn: bool | None = None, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True
+                     ecn: bool | None = None, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True,
+                     certfile: str | Path | None = None, keyfile: str | Path | None = None,
                      ) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
 
     ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
     as the KV server checks each fetch's token (a missing or wrong one fails that fetch with ``UNAUTHORIZED``).
     ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str), as for ``connect``.
+    ``certfile``/``keyfile``: a client certificate, for daemons configured with ``server.client_ca`` (their KV
+    endpoint closes a connection without a verified one with ``UNAUTHORIZED``).
     ``ecn``: as for ``connect`` (on by default where the platform can): the KV_ACKs carry the ECN counts that the
     server's scalable (``prague``) controller answers CE marks with.
 
@@ -625,7 +628,7 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     """
     _check_decode_device(decode_device)
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,
-                                                 verify=verify))
+                                                 verify=verify, certfile=certfile, keyfile=keyfile))
     make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm)
     async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)

@@ -11,12 +11,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from .errors import ErrorCode, TokenwireError
 from .frames import KvFetch
+from .handshake_guard import ClientCertificateError, GuardedProtocol, HandshakeGuard, verify_peer_certificate
 from .kv_protocol import KVError, kv_quic_config
 from .kv_server_session import (
     KVChunkNeeded,
@@ -28,25 +30,72 @@ from .kv_server_session import (
     ServerTuning,
 )
 from .marking import MarkingPolicy
-from .quic_io import SessionProtocol, serve_quic, tune_socket
+from .quic_io import serve_quic, tune_socket
 from .session import ConnectionEnded, SessionEvent
-from .tls import CertPair, server_configuration
+from .tls import CertPair, ClientCertVerifier, request_client_certificate, server_configuration
 
 log = logging.getLogger("tokenwire.kv")
 
+_T = TypeVar("_T")
 
-class KVServerProtocol(SessionProtocol):
+# KV connections past their handshake (serve_kv's max_connections; the daemon passes limits.max_sessions), and the
+# bound on handshakes in progress: the chat port's default max_sessions
+MAX_CONNECTIONS = 10_000
+
+
+class KVServerProtocol(GuardedProtocol):
+    """One KV connection: its handshake bounded like the chat port's (deadline, bound, Retry under load: the KV port
+    held 3,000 half-open Initials, +271 MiB, for the idle timeout), its client certificate verified when the server
+    has a client CA, and its fetches resolved by the provider only once both checks passed."""
+
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, app: KVServer) -> None:
         super().__init__(quic, stream_handler, session_factory=lambda q: KVServerSession(
             q, tuning=app.tuning, marking=app.marking() if app.marking is not None else None))
         self.app = app
         self.tasks: set[asyncio.Task[None]] = set()
+        self.established = False  # past its handshake and its checks: counted in app.connections
+        if app.client_verifier is not None:
+            request_client_certificate(quic)
         app.protocols.add(self)
+        self.guard_handshake(app.guard)
 
     @property
     def kv(self) -> KVServerSession:
         assert isinstance(self.session, KVServerSession)
         return self.session
+
+    def quic_event_received(self, event: qe.QuicEvent) -> None:
+        super().quic_event_received(event)
+        if isinstance(event, qe.HandshakeCompleted):
+            self._on_handshake()
+
+    def _on_handshake(self) -> None:
+        """The chat port's checks at the handshake's end: the client's certificate (with a client CA), then the
+        connection limit. The KV port checked neither: with ``server.client_ca`` a client without a certificate
+        fetched every context and probed prefixes."""
+        self._handshake_done()
+        app = self.app
+        if app.client_verifier is not None:
+            verifier = app.client_verifier()
+            try:
+                if verifier is None:  # (fail closed: a client CA configured and none loaded)
+                    raise ClientCertificateError("no client CA loaded", "client certificate rejected")
+                verify_peer_certificate(self._quic, verifier)
+            except ClientCertificateError as exc:
+                app.stats["unauthorized"] += 1
+                if app.on_unauthorized is not None:
+                    app.on_unauthorized(self.peer, str(exc))
+                else:
+                    log.warning("closing KV connection from %s: %s", self.peer, exc)
+                self.kv.close(ErrorCode.UNAUTHORIZED, exc.close_reason)
+                return
+        if app.connections >= app.max_connections():
+            app.stats["connections_refused"] += 1
+            log.debug("closing KV connection from %s: %d connections open", self.peer, app.connections)
+            self.kv.close(ErrorCode.LIMIT_EXCEEDED, "too many KV connections")
+            return
+        self.established = True
+        app.connections += 1
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -57,6 +106,12 @@ class KVServerProtocol(SessionProtocol):
         for ev in events:
             if isinstance(ev, KVFetchRequested):
                 self.app.stats["fetches"] += 1
+                if not self.established:
+                    # read with the datagram of a Finished whose certificate failed (or past the connection limit),
+                    # after the check closed the connection: never resolved, nothing about the store answered
+                    self._fail_fetch(ev.stream_id, "refused", ErrorCode.UNAUTHORIZED,
+                                     "fetch before the connection's checks completed")
+                    continue
                 self._spawn(self._resolve(ev.stream_id, ev.fetch))
             elif isinstance(ev, KVChunkNeeded):
                 self._spawn(self._chunk(ev))
@@ -73,6 +128,10 @@ class KVServerProtocol(SessionProtocol):
                 for t in list(self.tasks):
                     t.cancel()
                 self.app.protocols.discard(self)
+                self._handshake_done()  # ended in its handshake
+                if self.established:
+                    self.established = False
+                    self.app.connections -= 1
 
     def _fail_fetch(self, sid: int, outcome: str, code: int, message: str) -> None:
         """End a fetch with an ERROR and count its ``outcome`` (``refused`` at resolve, ``failed`` at a chunk; a
@@ -97,11 +156,16 @@ class KVServerProtocol(SessionProtocol):
             log.exception("KV resolve failed")
             self._fail_fetch(sid, "refused", ErrorCode.INTERNAL, f"store failure: {exc.__class__.__name__}")
         else:
-            if plan.rest_tokens:
-                self.app.stats["prefix_hits"] += 1
-            self.kv.start(sid, plan, self.clock())
-            events = self.kv.poll(self.clock())
-            self.handle_session_events(events)
+            try:
+                self.kv.start(sid, plan, self.clock())
+            except Exception as exc:  # (a bug of the session's): this fetch fails with INTERNAL, never the task
+                log.exception("KV fetch start failed")  # unseen ("Task exception was never retrieved"), no KV_META
+                self._fail_fetch(sid, "refused", ErrorCode.INTERNAL, f"server error: {exc.__class__.__name__}")
+            else:
+                if plan.rest_tokens:
+                    self.app.stats["prefix_hits"] += 1
+                events = self.kv.poll(self.clock())
+                self.handle_session_events(events)
         self.transmit()
 
     async def _chunk(self, ev: KVChunkNeeded) -> None:
@@ -134,10 +198,20 @@ class KVServer:
     on_fetch_closed: Callable[[KVFetchClosed], None] | None = None
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes"), 0))
+        ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
+         "unauthorized", "connections_refused"), 0))  # (the last two: connections closed at the handshake's end)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
+    # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
+    client_verifier: Callable[[], ClientCertVerifier | None] | None = None
+    on_unauthorized: Callable[[str, str], None] | None = None  # (peer, why) of a refused certificate; else a warning
+    max_connections: Callable[[], int] = lambda: MAX_CONNECTIONS  # read at each handshake's end (a reload)
+    connections: int = 0  # past their handshake and checks
+    guard: HandshakeGuard = field(init=False)  # the handshakes in progress: deadline, bound, Retry
     _quic_server: Any = None
+
+    def __post_init__(self) -> None:
+        self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
         """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
@@ -155,9 +229,11 @@ class KVServer:
         return self._quic_server._configuration
 
     def close(self) -> None:
+        self.guard.close()
         for p in list(self.protocols):
             for t in list(p.tasks):  # now, not at the connection's end: the store's workers are going away too
                 t.cancel()  # (a chunk task then failed with "cannot schedule new futures", a traceback each)
+            p._handshake_done()  # its deadline has nothing left to close
             with contextlib.suppress(Exception):
                 p.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
         if self._quic_server is not None:
@@ -165,21 +241,41 @@ class KVServer:
 
 
 
+def _callable(value: _T | Callable[[], _T]) -> Callable[[], _T]:
+    """``value`` as a callable that gives what is in force (a fixed value: itself)."""
+    if callable(value):
+        return value
+    return lambda: value
+
+
 async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, cert: CertPair | None = None,
                    certfile: str | Path | None = None, keyfile: str | Path | None = None,
                    congestion: str = "prague", marking: Callable[[], MarkingPolicy] | None = None,
-                   tuning: ServerTuning | None = None, authorize: Callable[[str | None], bool] | None = None
-                   ) -> KVServer:
+                   tuning: ServerTuning | None = None, authorize: Callable[[str | None], bool] | None = None,
+                   client_verifier: ClientCertVerifier | Callable[[], ClientCertVerifier | None] | None = None,
+                   on_unauthorized: Callable[[str, str], None] | None = None,
+                   max_connections: int | Callable[[], int] = MAX_CONNECTIONS) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
     Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
     :func:`kv_congestion` picks the controller that matches a marking policy.
+
+    ``client_verifier`` (a :class:`~.tls.ClientCertVerifier`, or a callable giving the one in force): every client
+    must present a certificate that verifies against it, as on the daemon's chat port with ``server.client_ca``;
+    one that does not is closed with UNAUTHORIZED when its handshake completes (``on_unauthorized(peer, why)`` is
+    told, else a warning is logged) and none of its fetches is resolved. ``authorize`` checks each fetch's token
+    on top. ``max_connections``: KV connections open at once (a callable is read at each handshake's end); handshakes
+    in progress are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound)
+    new clients must answer a QUIC Retry first (:mod:`.handshake_guard`).
     """
-    server = KVServer(provider, tuning or ServerTuning(), authorize, marking)
+    server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
+                      client_verifier=_callable(client_verifier) if client_verifier is not None else None,
+                      on_unauthorized=on_unauthorized, max_connections=_callable(max_connections))
     config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,
                                            create_protocol=functools.partial(KVServerProtocol, app=server),
                                            ecn=marking is not None)
+    server.guard.add_server(server._quic_server)
     tune_socket(server._quic_server._transport)
     return server

@@ -5,6 +5,7 @@ picks just before it is written. What a store must provide is :class:`KVProvider
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections import deque
@@ -56,6 +57,8 @@ LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link
 LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
 LINK_LOW_Q = 0.1  # the link prior's low quantile
 
+
+log = logging.getLogger("tokenwire.kv")
 
 # ----------------------------------------------------------------------------------------- what a server serves
 @dataclass
@@ -202,6 +205,9 @@ class KVServerSession(_SessionBase):
         self.tuning = tuning or ServerTuning()
         self.max_fetches = max_fetches
         self.marking = marking
+        # ECN counts come in KV_ACKs, one per chunk once the whole chunk has arrived: QUIC acknowledges hundreds of
+        # a chunk's packets first, so validation waits for the first KV_ACK before it may fail (EcnValidation)
+        self.ecn.wait_for_report = True
         self.fetches: dict[int, ServerFetch] = {}
         self._forecaster_factory = forecaster_factory
         self._forecasters: dict[str, Any] = {}
@@ -214,16 +220,23 @@ class KVServerSession(_SessionBase):
         f = self.fetches.get(stream_id)
         if f is None or f.closed:
             return
-        f.plan = plan
         assert f.fetch is not None  # the driver starts a fetch on its KVFetchRequested event
         legacy = self.tuning.legacy_controller
         rtt = self._path_rtt(legacy)
         prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
-        f.controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
-                                    stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
-                                    legacy=legacy, guard_weight=self.tuning.guard_weight,
-                                    firm_guard_weight=self.tuning.firm_guard_weight)
-        kind = self._kind(f)
+        controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
+                                  stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
+                                  legacy=legacy, guard_weight=self.tuning.guard_weight,
+                                  firm_guard_weight=self.tuning.firm_guard_weight)
+        # the forecaster before the plan: a fetch with a plan and no forecaster was polled (its timer kept firing
+        # AttributeError in _decide) when making the forecaster raised
+        f.forecaster = self._connection_forecaster(self._kind(f), now, legacy)
+        f.plan, f.controller = plan, controller
+        self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
+                                     plan.fingerprint, plan.dtype))
+
+    def _connection_forecaster(self, kind: str, now: float, legacy: bool) -> Any:
+        """The connection's forecaster of ``kind`` for a fetch starting at ``now``."""
         fc = self._forecasters.get(kind)  # one per connection, shared by the fetches running together...
         if fc is None or (not legacy and now - self._sample_at.get(id(fc), -math.inf) > STALE_S):
             # ...but samples older than STALE_S describe another moment of the link, and kept in the history they
@@ -232,9 +245,7 @@ class KVServerSession(_SessionBase):
             if fc is not None:
                 self._sample_at.pop(id(fc), None)
             fc = self._forecasters[kind] = self._make_forecaster(kind)
-        f.forecaster = fc
-        self._send(stream_id, KvMeta(len(plan.token_counts), plan.chunk_tokens, plan.tokens, list(plan.geometry),
-                                     plan.fingerprint, plan.dtype))
+        return fc
 
     def link_prior(self) -> tuple[float, float]:
         """What plans a fetch's first chunk, before it has measured anything: (median, low quantile as a share
@@ -257,6 +268,23 @@ class KVServerSession(_SessionBase):
             else self.tuning.forecaster
 
     def _make_forecaster(self, kind: str) -> Any:
+        """A new forecaster of ``kind``; an ``ewma`` one when ``kind`` cannot be made. A model that cannot load
+        (``[kv] forecaster = "onnx"``) made every fetch's start raise: no KV_META (the client timed out), an exception
+        in the server's task, and a new load attempt at each connection's first fetch. The tuning, which every
+        session of the server shares, then says ewma (the tokenwire-ewma controller's forecaster; a forecaster steers
+        the levels, never what is sent): one warning, and no further attempt."""
+        try:
+            return self._build_forecaster(kind)
+        except Exception as exc:
+            if kind == "ewma":  # (no model, nothing to fall back on: a bug)
+                raise
+            if self.tuning.forecaster == kind:
+                self.tuning.forecaster = "ewma"
+            log.warning("KV forecaster %r cannot be made (%s: %s): KV fetches are planned with the ewma forecaster "
+                        "instead", kind, type(exc).__name__, exc)
+            return self._build_forecaster("ewma")
+
+    def _build_forecaster(self, kind: str) -> Any:
         if self._forecaster_factory is not None:
             return self._forecaster_factory(kind)
         from tokenwire.predictor.bandwidth import make_forecaster
@@ -623,8 +651,3 @@ class KVServerSession(_SessionBase):
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
         return self.poll(now)
-
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        if self.marking is not None:
-            self.current_codepoint = self.marking.codepoint(now)
-        return super().datagrams_to_send(now)

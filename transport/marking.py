@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .ecn_socket import ECT0, ECT1, NOT_ECT
+from .ecn_socket import CE, ECT0, ECT1, NOT_ECT
 
 POLICIES = ("classic", "l4s", "swiftqueue", "oracle")
 
@@ -261,6 +261,79 @@ class OraclePolicy:
 
     def on_sample(self, sample: LatencySample) -> None:
         pass
+
+
+ECN_VALIDATION_PACKETS = 10
+"""ECT-marked packets a peer must have acknowledged (QUIC ACK frames, after the handshake) without ever reporting an
+ECN-marked arrival before a connection stops marking: a few round trips of a token stream, a few packets of a KV
+chunk; small, so that a flow whose CE marks go unheard leaves the L queue early."""
+
+
+class EcnValidation:
+    """Whether a connection may go on marking ECT: ECN validation in the spirit of RFC 9000 §13.4.2.
+
+    CE reaches the congestion controller only through the peer's ECN counts, which travel in the application's
+    acks (the token client's ack datagrams, the KV client's KV_ACKs). A peer that reads no codepoints (the SDK's
+    clients with ``ecn=False``, or on a platform without ``IP_RECVTOS``; they read them by default), the ``stream``
+    scheme (no ack datagrams) and a path that clears the codepoint report none, so a flow marked ECT ignored every
+    CE an AQM set (probe: ~170 packets CE, ``tokenwire_ecn_ce_total 0``). States:
+
+    * ``testing`` (at start): the policy's codepoint;
+    * ``capable``: counts came that show an ECT(0), ECT(1) or CE arrival: the policy's codepoint from then on;
+    * ``failed``: the peer has acknowledged (QUIC) ``packets`` ECT-marked packets sent after the handshake and no
+      such counts came: Not-ECT for the rest of the connection, without asking the policy. Counts that show a
+      marked arrival later (the first acks lost, a client that reports late) make it ``capable`` again.
+
+    With ``wait_for_report`` it fails only once the peer has sent at least one ack that could carry counts (the KV
+    channel: a KV_ACK comes after a whole chunk, hundreds of packets that QUIC acknowledges first).
+    Sans-I/O: the session reports packet numbers and acknowledgements.
+    """
+
+    def __init__(self, packets: int = ECN_VALIDATION_PACKETS, *, wait_for_report: bool = False) -> None:
+        if packets < 1:
+            raise ValueError(f"ECN validation needs at least 1 packet, got {packets}")
+        self.packets = packets
+        self.wait_for_report = wait_for_report
+        self.state = "testing"
+        self.failures = 0  # times it failed (the daemon's counter reads it)
+        self.reports = 0  # acks from the peer that could carry ECN counts (with them or not)
+        self._ect_sent = 0  # ECT-marked packets sent after the handshake while testing
+        self._check_pn: int | None = None  # the packet number of the packets-th of them
+
+    @property
+    def marking_allowed(self) -> bool:
+        """False once validation failed: the connection's datagrams go out Not-ECT."""
+        return self.state != "failed"
+
+    def on_sent(self, codepoint: int, first_pn: int, end_pn: int) -> None:
+        """Packets numbered ``[first_pn, end_pn)`` left with ``codepoint`` (after the handshake)."""
+        if codepoint == NOT_ECT or self.state != "testing" or self._check_pn is not None or end_pn <= first_pn:
+            return
+        needed = self.packets - self._ect_sent
+        if end_pn - first_pn >= needed:
+            self._check_pn = first_pn + needed - 1
+        self._ect_sent += end_pn - first_pn
+
+    def on_acked(self, largest_acked: int) -> bool:
+        """The peer's largest acknowledged packet number; True when validation fails now."""
+        if self.state != "testing" or self._check_pn is None or largest_acked < self._check_pn:
+            return False
+        if self.wait_for_report and self.reports == 0:
+            return False
+        self.state = "failed"
+        self.failures += 1
+        log.debug("ECN validation failed: %d ECT-marked packets acknowledged and no ECN counts with a marked "
+                  "arrival from the peer (%d acks that could carry them); sending Not-ECT", self.packets,
+                  self.reports)
+        return True
+
+    def on_counts(self, counts: list[int]) -> None:
+        """The peer's cumulative counts (Not-ECT, ECT(1), ECT(0), CE), already checked by the session."""
+        if self.state == "capable" or counts[ECT1] + counts[ECT0] + counts[CE] <= 0:
+            return
+        if self.state == "failed":
+            log.debug("ECN counts with marked arrivals came after validation failed: marking again")
+        self.state = "capable"
 
 
 def make_policy(name: str, *, forecaster: LatencyForecaster | None = None, **kwargs) -> MarkingPolicy:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from aioquic.quic.congestion.base import K_MINIMUM_WINDOW, register_congestion_control
 from aioquic.quic.congestion.reno import RenoCongestionControl
 
+from .classic_ecn_cc import INITIAL_RTT  # (importing it registers "reno-ecn" and "cubic-ecn" too)
+
 G = 1.0 / 16.0
 
 
@@ -24,7 +26,9 @@ class PragueCongestionControl(RenoCongestionControl):
     def __init__(self, *, max_datagram_size: int) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
         self.alpha = 0.0
-        self.srtt = 0.1
+        # smoothed RTT, the observation window's length; the first sample sets it (RFC 6298 §2.2): from a start at
+        # 0.1 s, a 1-ms path still had an 88-ms window after its first sample, and CE reactions were ~100x too rare
+        self.srtt: float | None = None
         self._window_end = 0.0
         self._window_packets = 0
         self._window_marked = 0
@@ -34,7 +38,7 @@ class PragueCongestionControl(RenoCongestionControl):
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         super().on_rtt_measurement(now=now, rtt=rtt)
-        self.srtt = 0.875 * self.srtt + 0.125 * rtt if self.srtt else rtt
+        self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
 
     def on_ecn_feedback(self, *, now: float, packets: int, marked: int) -> None:
         """``packets`` newly acknowledged (by the application's ack), ``marked`` of them CE."""
@@ -59,7 +63,8 @@ class PragueCongestionControl(RenoCongestionControl):
             self.alpha = (1.0 - G) * self.alpha + G * fraction
             self._window_packets = self._window_marked = 0
             self._reduced_in_window = False
-            self._window_end = now + max(self.srtt, 0.001)
+            rtt = self.srtt if self.srtt is not None else INITIAL_RTT  # no sample yet: aioquic's initial RTT
+            self._window_end = now + max(rtt, 0.001)
 
     def get_log_data(self) -> dict:
         data = super().get_log_data()

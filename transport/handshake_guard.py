@@ -1,0 +1,231 @@
+"""Defences of a QUIC listener against handshake floods and unverified clients, shared by the daemon's chat port
+and the KV channel's endpoint (the KV port had none of them: 3,000 half-open Initials held ~90 KB each, +271 MiB,
+for the whole 60-s idle timeout, and a client without a certificate was served with ``server.client_ca`` set).
+
+aioquic makes a connection's state for every Initial datagram, which anyone can send from any (spoofed) address.
+A :class:`HandshakeGuard` watches the handshakes of one or more listeners (:class:`GuardedProtocol` connections):
+
+* a **deadline**: a handshake from an unproven address is closed after ``timeout_s``; one whose client has proven
+  its address (our Retry's token, or a Handshake packet: it had our first flight), or any while Retry is on, may
+  take ``proven_timeout_s`` from its start (loaded clients finish late);
+* a **bound**: past ``limit()`` handshakes in progress a new one is closed at once;
+* **Retry** (RFC 9000 8.1.2): from ``retry_threshold()`` handshakes in progress, new clients must prove their
+  address first (one round trip more), so spoofed Initials create no state; off again once the load has stayed
+  below half of that for a whole ``timeout_s``.
+
+:func:`verify_peer_certificate` is the client-certificate check both ports make when the handshake completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.quic.connection import QuicConnection
+
+from .errors import ErrorCode
+from .quic_io import SessionProtocol, ValidatingQuicServer
+from .tls import ClientCertVerifier
+
+log = logging.getLogger("tokenwire.transport")
+
+# A handshake from an unproven address (maybe spoofed: no Retry token, no Handshake packet from it) is closed after
+# this; the SDK client's own connect timeout is 10 s too
+HANDSHAKE_TIMEOUT_S = 10.0
+# One whose client has proven its address, or any while Retry is on, may take until this since it began. 10 s for all
+# closed handshakes that loaded clients had finished on their side (1,000 at once on 2 busy cores: 822 "connected",
+# then closed before their first request). Unproven ones cannot pile up meanwhile: with Retry on, every new
+# connection comes with a token.
+HANDSHAKE_PROVEN_TIMEOUT_S = 30.0
+# With this many handshakes in progress (or half of the bound, if fewer), new clients must prove their address first
+RETRY_ABOVE = 64
+RELAX_EVERY_S = 1.0  # how often a guard that runs its own timer checks whether Retry may go off
+
+
+def retry_threshold(limit: int, above: int = RETRY_ABOVE) -> int:
+    """Handshakes in progress that turn Retry on: ``above``, or half of ``limit`` when that is less (handshakes in
+    progress never exceed the limit: with a small one, Retry never came on and spoofed Initials held every slot)."""
+    return max(1, min(above, limit // 2))
+
+
+class HandshakeGuard:
+    """The handshakes in progress on a set of listeners (:attr:`servers`), their bound, and address validation.
+
+    ``limit``: the most handshakes in progress (read at each new one: a reload may change it). ``threshold``: what
+    turns Retry on (default :func:`retry_threshold` of ``limit()``). ``on_refused(reason)``: a handshake closed,
+    ``too_many`` or ``timeout`` (for a metric); ``on_retry(active)``: Retry went on or off. ``relax_every``: the
+    guard checks on its own timer whether Retry may go off; None where the owner calls :meth:`relax` itself.
+    """
+
+    def __init__(self, limit: Callable[[], int], *, name: str = "QUIC", timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 proven_timeout_s: float = HANDSHAKE_PROVEN_TIMEOUT_S, threshold: Callable[[], int] | None = None,
+                 on_refused: Callable[[str], None] | None = None, on_retry: Callable[[bool], None] | None = None,
+                 relax_every: float | None = RELAX_EVERY_S) -> None:
+        self.limit = limit
+        self.name = name  # in log lines: which port's handshakes
+        self.timeout_s = timeout_s
+        self.proven_timeout_s = proven_timeout_s
+        self._threshold = threshold
+        self._on_refused = on_refused
+        self._on_retry = on_retry
+        self._relax_every = relax_every
+        self.servers: list[ValidatingQuicServer] = []
+        self.handshaking = 0
+        self.retrying_since: float | None = None  # Retry is on
+        self.refused: Counter[str] = Counter()  # handshakes closed, by reason
+        self._calm_since: float | None = None  # while Retry is on: since when the load has been low
+        self._retry_handler: Any = None  # aioquic's QuicRetryTokenHandler, made on first need (an RSA key)
+        self._relax_timer: asyncio.TimerHandle | None = None
+
+    def add_server(self, server: ValidatingQuicServer) -> None:
+        """Guard ``server`` too (Retry goes on and off on every guarded listener at once)."""
+        self.servers.append(server)
+        if self.retrying_since is not None:
+            server.retry_handler, server.issue_retry = self._retry_handler, True
+
+    def retry_threshold(self) -> int:
+        return self._threshold() if self._threshold is not None else retry_threshold(self.limit())
+
+    def refused_handshake(self, reason: str) -> None:
+        self.refused[reason] += 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
+
+    def pressure(self) -> None:
+        """Many handshakes in progress: turn on address validation (Retry) on every listener."""
+        if self.retrying_since is not None or self.handshaking < self.retry_threshold():
+            return
+        if self._retry_handler is None:
+            from aioquic.quic.retry import QuicRetryTokenHandler
+
+            self._retry_handler = QuicRetryTokenHandler()
+        for server in self.servers:
+            server.retry_handler = self._retry_handler
+            server.issue_retry = True
+        self.retrying_since = time.monotonic()
+        self._calm_since = None
+        if self._on_retry is not None:
+            self._on_retry(True)
+        log.warning("%d %s handshakes in progress: new clients must validate their address (Retry) until the load "
+                    "passes", self.handshaking, self.name)
+        if self._relax_every is not None and self._relax_timer is None:
+            self._relax_timer = asyncio.get_running_loop().call_later(self._relax_every, self._tick)
+
+    def relax(self, now: float) -> None:
+        """Retry off once the handshakes in progress have stayed below half the threshold for a whole handshake
+        timeout (tokens from Retries sent before are still checked: :class:`ValidatingQuicServer`)."""
+        if self.retrying_since is None:
+            return
+        if self.handshaking >= max(1, self.retry_threshold() // 2):
+            self._calm_since = None
+            return
+        if self._calm_since is None:
+            self._calm_since = now
+        if now - self._calm_since < self.timeout_s:
+            return
+        for server in self.servers:
+            server.issue_retry = False
+        self.retrying_since = None
+        if self._on_retry is not None:
+            self._on_retry(False)
+        log.info("%s handshakes back to %d: address validation (Retry) off", self.name, self.handshaking)
+
+    def _tick(self) -> None:
+        self._relax_timer = None
+        self.relax(time.monotonic())
+        if self.retrying_since is not None and self._relax_every is not None:
+            self._relax_timer = asyncio.get_running_loop().call_later(self._relax_every, self._tick)
+
+    def close(self) -> None:
+        """Stop the guard's own timer (the listeners are closing)."""
+        if self._relax_timer is not None:
+            self._relax_timer.cancel()
+            self._relax_timer = None
+
+
+class GuardedProtocol(SessionProtocol):
+    """A server connection whose handshake a :class:`HandshakeGuard` bounds. The subclass calls
+    :meth:`guard_handshake` once its session exists, and :meth:`_handshake_done` when the handshake completes
+    and when the connection ends."""
+
+    handshake_guard: HandshakeGuard
+    _handshake_timer: asyncio.TimerHandle | None = None
+
+    def guard_handshake(self, guard: HandshakeGuard) -> None:
+        """Count this handshake, turn Retry on under pressure, arm the deadline; close it past the bound."""
+        self.handshake_guard = guard
+        self._handshake_began = time.monotonic()
+        guard.handshaking += 1
+        guard.pressure()
+        self._handshake_timer = asyncio.get_running_loop().call_later(guard.timeout_s, self._handshake_expired)
+        if guard.handshaking > guard.limit():
+            self._refuse_handshake("too_many", "too many handshakes in progress")
+
+    @property
+    def peer(self) -> str:
+        paths = self._quic._network_paths
+        return f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+
+    def _handshake_done(self) -> None:
+        """The handshake is over (completed, refused, or its connection ended): no longer counted, no deadline."""
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+            self.handshake_guard.handshaking -= 1
+
+    def _refuse_handshake(self, label: str, why: str) -> None:
+        """Close a connection still in its handshake: counted, and logged at debug level only (a flood of them would
+        flood the log)."""
+        self._handshake_done()
+        self.handshake_guard.refused_handshake(label)
+        log.debug("closing %s connection from %s: %s", self.handshake_guard.name, self.peer, why)
+        self.session.close(ErrorCode.LIMIT_EXCEEDED, why)
+        self.transmit()
+
+    def address_proven(self) -> bool:
+        """Whether the client is not half-open: it came back with our Retry's token, or a Handshake packet came from
+        it (aioquic validates the path then, RFC 9000 8.1), which needs the keys of our first flight."""
+        quic = self._quic
+        return quic._retry_source_connection_id is not None or any(p.is_validated for p in quic._network_paths)
+
+    def _handshake_expired(self) -> None:
+        """The handshake deadline: ``timeout_s``, or ``proven_timeout_s`` since the start for a client that has proven
+        its address, and while Retry is on (the listener is loaded: answers come late)."""
+        if self._handshake_timer is None:
+            return
+        guard = self.handshake_guard
+        if not self.address_proven() and guard.retrying_since is None:
+            took = time.monotonic() - self._handshake_began  # (timeout_s; more where Retry went off meanwhile)
+            self._refuse_handshake("timeout", f"handshake not completed within {max(took, guard.timeout_s):.0f} s")
+            return
+        left = self._handshake_began + guard.proven_timeout_s - time.monotonic()
+        if left > 0:
+            self._handshake_timer = asyncio.get_running_loop().call_later(left, self._handshake_expired)
+        else:
+            self._refuse_handshake("timeout", f"handshake not completed within {guard.proven_timeout_s:g} s")
+
+
+class ClientCertificateError(ValueError):
+    """A client's certificate is missing or does not verify; ``close_reason`` is what its connection is closed
+    with (``required`` told a client that had presented a certificate to pass one)."""
+
+    def __init__(self, message: str, close_reason: str) -> None:
+        super().__init__(message)
+        self.close_reason = close_reason
+
+
+def verify_peer_certificate(quic: QuicConnection, verifier: ClientCertVerifier) -> str:
+    """The verified common name of the certificate the client presented in ``quic``'s completed handshake (aioquic
+    requests one, :func:`~.tls.request_client_certificate`, but never checks it); :class:`ClientCertificateError`
+    when there is none or its chain does not verify."""
+    tls = quic.tls
+    leaf = tls._peer_certificate
+    try:
+        return verifier.verify(leaf, tls._peer_certificate_chain)
+    except ValueError as exc:
+        reason = "client certificate required" if leaf is None else "client certificate rejected"
+        raise ClientCertificateError(str(exc), reason) from None
