@@ -78,6 +78,20 @@ class _KVCollector:
         yield chunks
         yield CounterMetricFamily("tokenwire_kv_sent_bytes", "KV chunk payload bytes sent",
                                   value=stats.get("bytes", 0))
+        # the KV endpoint's admission, as the chat port's tokenwire_handshakes_refused_total and retry gauge: the
+        # guard counted its refusals where no scrape saw them
+        server = self.runtime.server
+        refused = CounterMetricFamily(
+            "tokenwire_kv_connections_refused", "KV connections closed before serving a fetch, by reason: too_many "
+            "or timeout (handshakes), max_connections (past limits.max_sessions), unauthorized (client certificate)",
+            labels=["reason"])
+        for reason in ("too_many", "timeout"):
+            refused.add_metric([reason], server.guard.refused.get(reason, 0))
+        refused.add_metric(["max_connections"], stats.get("connections_refused", 0))
+        refused.add_metric(["unauthorized"], stats.get("unauthorized", 0))
+        yield refused
+        yield GaugeMetricFamily("tokenwire_kv_quic_retry_active", "1 while the KV endpoint asks new clients for a "
+                                "QUIC Retry (handshake load)", value=int(server.guard.retrying_since is not None))
         yield CounterMetricFamily("tokenwire_kv_encodes", "KV chunk levels encoded from their source",
                                   value=service.encodes)
         ingests = CounterMetricFamily("tokenwire_kv_ingests", "KV puts by outcome", labels=["outcome"])

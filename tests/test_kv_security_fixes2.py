@@ -492,3 +492,28 @@ def test_connect_kv_presents_a_client_certificate(pki):
             server.close()
 
     assert run(go(), 30) == 1
+
+
+def test_the_kv_endpoints_refusals_and_retry_are_metrics():
+    """The KV endpoint's guard and certificate check counted refusals where no scrape saw them."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from tokenwire.daemon.kv_metrics import KVMetrics
+    from tokenwire.transport.kv_server import KVServer
+
+    server = KVServer(provider=Provider())
+    server.guard.refused.update({"timeout": 3, "too_many": 1})
+    server.stats["connections_refused"] += 2
+    server.stats["unauthorized"] += 4
+    registry = CollectorRegistry()
+    # (get_sample_value stops at the first match: the families after these, the store's, are never read)
+    service = SimpleNamespace(encodes=0, store=SimpleNamespace(stats=SimpleNamespace()))
+    KVMetrics(registry, SimpleNamespace(server=server, service=service))
+    value = registry.get_sample_value
+    assert [value("tokenwire_kv_connections_refused_total", {"reason": r})
+            for r in ("too_many", "timeout", "max_connections", "unauthorized")] == [1, 3, 2, 4]
+    assert value("tokenwire_kv_quic_retry_active") == 0
+    server.guard.retrying_since = time.monotonic()
+    assert value("tokenwire_kv_quic_retry_active") == 1
