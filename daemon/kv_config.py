@@ -10,6 +10,7 @@ redis_url = "redis://127.0.0.1:6379/0"
 capacity_mb = 4096
 chunk_tokens = 256
 ingest_socket = "/run/tokenwire/kv-ingest.sock"
+ingest_socket_group = "tokenwire-ingest"  # the socket's group (0660): who may put KV; unset: the daemon's
 ingest_memory_mb = 8192         # puts held in memory at once (bodies being read, chunked, stored); more wait
 congestion = "prague"           # follows marking: prague for l4s, reno-ecn for classic, reno for none
 marking = "l4s"                 # l4s (ECT(1)) | classic (ECT(0), as [marking] classic) | none (Not-ECT)
@@ -49,6 +50,7 @@ class KVConfig:
     capacity_bytes: int = 4096 << 20
     chunk_tokens: int = 256
     ingest_socket: Path | None = None
+    ingest_socket_group: str | None = None  # as [ingest] socket_group: None, the daemon's group
     ingest_memory_bytes: int = 8192 << 20
     congestion: str = "prague"
     marking: str = "l4s"
@@ -59,8 +61,8 @@ class KVConfig:
 
 
 KEYS = ("enabled", "listen", "backend", "directory", "redis_url", "capacity_mb", "chunk_tokens", "ingest_socket",
-        "ingest_memory_mb", "congestion", "marking", "forecaster", "prior_mbps", "recompute_us_per_token",
-        "decode_mbps")
+        "ingest_socket_group", "ingest_memory_mb", "congestion", "marking", "forecaster", "prior_mbps",
+        "recompute_us_per_token", "decode_mbps")
 
 
 def _congestion(explicit: str | None, marking: str) -> str:
@@ -103,6 +105,10 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
         raise ConfigError(f"kv.redis_url: expected a redis://, rediss:// or unix:// URL, got {redis_url!r}")
     directory = s.path("directory", base, must_exist=False) or KVConfig.directory
     marking = s.str("marking", "l4s", ("l4s", "classic", "none")) or "l4s"
+    ingest_socket = s.path("ingest_socket", base, must_exist=False)
+    ingest_socket_group = s.str("ingest_socket_group", None) or None  # "": the daemon's group, as unset
+    if ingest_socket_group is not None and ingest_socket is None:
+        raise ConfigError("kv.ingest_socket_group: set without kv.ingest_socket (there is no socket to give a group)")
     return KVConfig(
         enabled=enabled,
         listen=parse_addr(s.str("listen", "[::]:4434") or "[::]:4434", "kv.listen"),
@@ -111,7 +117,8 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
         redis_url=redis_url,
         capacity_bytes=s.int("capacity_mb", 4096, 1, 1 << 24) << 20,
         chunk_tokens=s.int("chunk_tokens", 256, 16, MAX_CHUNK_TOKENS),  # what one KV_CHUNK may carry
-        ingest_socket=s.path("ingest_socket", base, must_exist=False),
+        ingest_socket=ingest_socket,
+        ingest_socket_group=ingest_socket_group,
         # at most the largest put (8 GiB, kv_service.MAX_INGEST_BYTES): a put larger than it is refused
         ingest_memory_bytes=s.int("ingest_memory_mb", 8192, 1, 8192) << 20,
         congestion=_congestion(s.str("congestion", None, ("prague", "reno", "cubic")), marking),
@@ -142,4 +149,12 @@ def check_paths(cfg: KVConfig) -> tuple[list[str], list[str]]:
         problem = unix_sockets.listen_problem(sock)
         if problem is not None:
             errors.append(f"kv.ingest_socket: cannot listen on {sock}: {problem.strerror or problem}")
+    if cfg.enabled and cfg.ingest_socket_group is not None:
+        from .config import group_id
+
+        try:
+            group_id(cfg.ingest_socket_group)
+        except KeyError:  # the daemon would fail at start
+            errors.append(f"kv.ingest_socket_group: no group {cfg.ingest_socket_group!r} on this system "
+                          "(systemd/tokenwire.sysusers makes tokenwire-ingest)")
     return errors, warnings

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -632,13 +631,22 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
         writer.close()
 
 
-async def serve_kv_ingest(path: str | Path, service: KVService) -> asyncio.Server:
-    """Listen for KV puts on a Unix socket (mode 0660; the directory controls who may connect)."""
+async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | None = None) -> asyncio.Server:
+    """Listen for KV puts on a Unix socket (mode 0660, given to ``group``, ``kv.ingest_socket_group``, when set:
+    as the answer ingest socket, so that applications that put KV need not be in the daemon's group)."""
+    from .ingest import set_socket_access
+
     p = Path(path)
     unix_sockets.claim(p)  # a stale socket goes; a bad path, a live socket or a file is an error
     server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
                                              limit=1 << 24)
-    os.chmod(p, 0o660)
+    try:
+        set_socket_access(p, group, "kv.ingest_socket_group")
+    except OSError:
+        server.close()  # no socket left behind that nobody may use (the daemon does not start)
+        await server.wait_closed()
+        p.unlink(missing_ok=True)
+        raise
     return server
 
 
@@ -851,7 +859,8 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         service.close()
         raise cannot_listen("kv.listen", exc, *cfg.listen) from None
     try:
-        ingest = await serve_kv_ingest(cfg.ingest_socket, service) if cfg.ingest_socket is not None else None
+        ingest = (await serve_kv_ingest(cfg.ingest_socket, service, group=cfg.ingest_socket_group)
+                  if cfg.ingest_socket is not None else None)
     except OSError as exc:
         server.close()
         service.close()

@@ -342,3 +342,36 @@ def test_the_sysusers_file_makes_the_ingest_group_with_the_daemon_in_it(tmp_path
     groups = {ln.split(":")[0]: ln.split(":")[3] for ln in (tmp_path / "etc" / "group").read_text().splitlines()}
     assert groups["tokenwire-ingest"] == "tokenwire" and "tokenwire" in groups
 
+
+
+def test_the_kv_ingest_socket_is_given_its_own_group_too(tmp_path):
+    """kv.ingest_socket_group, as ingest.socket_group: an application that puts KV need not be in the daemon's
+    group; set without a socket it is a config error, and a group this system lacks is config check's error."""
+    from tokenwire.daemon.config import ConfigError
+    from tokenwire.daemon.kv_config import check_paths, parse_kv
+    from tokenwire.daemon.kv_service import KVService, serve_kv_ingest
+    from tokenwire.daemon.kv_store import LocalChunkStore
+
+    with pytest.raises(ConfigError, match="kv.ingest_socket_group: set without kv.ingest_socket"):
+        parse_kv({"ingest_socket_group": "tokenwire-ingest"}, None)
+    cfg = parse_kv({"enabled": True, "directory": str(tmp_path / "kv"), "ingest_socket": str(tmp_path / "k.sock"),
+                    "ingest_socket_group": "no-such-group-here"}, None)
+    errors, _ = check_paths(cfg)
+    assert any("kv.ingest_socket_group: no group 'no-such-group-here'" in e for e in errors)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the socket a group this user is not in")
+    group = _other_group()
+
+    async def go(path: Path) -> tuple[int, int]:
+        service = KVService(LocalChunkStore(tmp_path / "store", capacity_bytes=1 << 20), chunk_tokens=16)
+        server = await serve_kv_ingest(path, service, group=group.gr_name)
+        try:
+            st = path.stat()
+            return st.st_gid, st.st_mode & 0o777
+        finally:
+            server.close()
+            await server.wait_closed()
+            service.close()
+
+    with tempfile.TemporaryDirectory() as folder:  # a short path: sun_path holds 108 bytes
+        assert run(go(Path(folder) / "kv.sock")) == (group.gr_gid, 0o660)
