@@ -53,7 +53,9 @@ def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any]
     info: dict[str, Any] = {"policy": args.marking, "decisions": {}}
     name = args.marking
     if name == "classic":
-        return (lambda: ClassicPolicy(ect0=True)), "reno", info
+        # ECT(0) answers CE as a loss (RFC 3168), as the daemon's classic policy does: plain reno ignored CE (the
+        # app-limited token stream seldom fills its window, so earlier runs' numbers stand; a bulk flow would not)
+        return (lambda: ClassicPolicy(ect0=True)), "reno-ecn", info
     if name == "l4s":
         return L4SPolicy, "prague", info
     if name == "oracle":
