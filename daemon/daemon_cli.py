@@ -156,8 +156,10 @@ def run_check(args: argparse.Namespace) -> int:
     if cfg.kv.enabled:
         kv = cfg.kv
         store = kv.directory if kv.backend == "local" else "redis"
+        group = f"group {kv.ingest_socket_group}" if kv.ingest_socket_group else "the daemon's group"
+        sock = "(none)" if kv.ingest_socket is None else f"{kv.ingest_socket} (0660, {group})"
         print(f"  kv: udp/{addr(*kv.listen)}; store {store} ({kv.capacity_bytes >> 20} MiB); chunks of "
-              f"{kv.chunk_tokens} tokens; ingest socket {kv.ingest_socket or '(none)'}")
+              f"{kv.chunk_tokens} tokens; ingest socket {sock}")
     return 0
 
 

@@ -179,7 +179,8 @@ def test_an_unauthorized_connection_holds_its_window_and_its_first_stream_at_mos
     held = _held(pair.server.quic, pair.server)
     assert MAX_REQUEST <= held <= 3 * MAX_REQUEST + 4096, held
     client = pair.client.quic
-    assert client._remote_max_data_used == client._remote_max_data < 3 * MAX_REQUEST + 4096  # blocked: no more
+    assert client._remote_max_data < 3 * MAX_REQUEST + 4096
+    assert len(client._streams_blocked_bidi) == 30  # two streams at once while held: the rest wait (MAX_STREAMS)
     pair.server.quic.release_credit()  # authorized: the full window again, at the next packet
     pair.exchange(rounds=400)
     assert _held(pair.server.quic, pair.server) > 31 * MAX_REQUEST  # (nothing else is read of these streams)
@@ -187,12 +188,16 @@ def test_an_unauthorized_connection_holds_its_window_and_its_first_stream_at_mos
 
 def test_first_requests_sent_at_once_still_come_whole_while_held():
     """The first stream is exempt from the hold: with every stream's reads held, a few large first requests sent
-    at once (aioquic's client serves streams in turn) used the whole window and none came whole."""
+    at once (aioquic's client serves streams in turn) used the whole window and none came whole. Two streams are
+    open at once while held; the rest follow once the connection is authorized."""
     pair = _HeldPair(2 * MAX_REQUEST)
     pair.exchange(rounds=40)
     assert pair.server is not None
-    sids = [pair.client.start_request(_request("z" * (MAX_REQUEST - 200)), pair.now) for _ in range(3)]
+    sids = [pair.client.start_request(_request("z" * (MAX_REQUEST - 200)), pair.now) for _ in range(8)]
     pair.exchange(rounds=600)
+    assert [e.stream_id for e in pair.server_events if isinstance(e, RequestReceived)] == sids[:2]
+    pair.server.quic.release_credit()  # (the daemon: its first authorized request)
+    pair.exchange(rounds=1200)
     assert [e.stream_id for e in pair.server_events if isinstance(e, RequestReceived)] == sids
 
 
@@ -217,7 +222,7 @@ def test_an_unauthenticated_connection_makes_the_daemon_hold_little():
 
             def settled() -> bool:  # all sent, or blocked by the server's credit; and nothing left in flight
                 sent = all(s.sender.highest_offset == MAX_REQUEST + 3 for s in quic._streams.values())
-                blocked = quic._remote_max_data_used >= quic._remote_max_data
+                blocked = quic._remote_max_data_used >= quic._remote_max_data or bool(quic._streams_blocked_bidi)
                 return (sent or blocked) and quic._loss.bytes_in_flight == 0
 
             await until(settled, 60)
@@ -335,3 +340,21 @@ def test_the_refusal_log_sums_up_what_it_held_back():
     finally:
         logger.removeHandler(handler)
     assert lines == ["2 in 65 s"] and refusals.unlogged == 0
+
+
+def test_a_token_holders_many_first_requests_at_once_are_all_served():
+    """Eight chats of near-maximal prompts started at once right after connecting: aioquic's client spread the held
+    connection credit over all eight streams in turn, the first stream's share never completed its request, the
+    others' filled the window, and all eight were refused after request_timeout_s (the connection never authorized).
+    Two streams at once while held: the first request comes whole, authorizes, and the rest follow."""
+
+    async def go():
+        async with _daemon(tokens=True, max_request_bytes=MAX_REQUEST) as daemon, \
+                connect("127.0.0.1", daemon.addresses[0][1], verify=False, auth_token=ALICE) as conn:
+            prompt = "z" * (MAX_REQUEST - 300)  # (three fitted the hold; four did not)
+            answers = await asyncio.gather(*[conn.chat(prompt, max_tokens=2).collect() for _ in range(8)])
+            proto = next(iter(daemon.protocols))
+            return answers, proto.authorized
+
+    answers, authorized = run(go(), 60)
+    assert len(answers) == 8 and all(answers) and authorized

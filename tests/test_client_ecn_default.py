@@ -29,20 +29,24 @@ async def _chat(**kwargs):
                            **kwargs) as conn:
             transport = conn._protocol._transport
             text = await conn.chat("hi").collect()
-            return text, transport
+            # what the client's ack datagrams told the server: cumulative counts (Not-ECT, ECT(1), ECT(0), CE)
+            reported = [p.server_session._last_ecn for p in server.protocols]
+            return text, transport, reported
     finally:
         server.close()
         await server.wait_closed()
 
 
 def test_connect_reads_and_reports_ecn_by_default():
-    text, transport = asyncio.run(_chat())
+    text, transport, reported = asyncio.run(_chat())
     assert text == "one two three"
     assert isinstance(transport, EcnDatagramTransport)
-    assert transport.received_by_codepoint[ECT1] > 0  # the server's ECT(1) packets were read as such
+    assert transport.received_by_codepoint[ECT1] > 0  # the server's ECT(1) packets were read as such...
+    assert len(reported) == 1 and reported[0] is not None and reported[0][ECT1] > 0  # ...and reported back
 
 
 def test_ecn_false_keeps_the_plain_socket():
-    text, transport = asyncio.run(_chat(ecn=False))
+    text, transport, reported = asyncio.run(_chat(ecn=False))
     assert text == "one two three"
     assert not isinstance(transport, EcnDatagramTransport)
+    assert reported == [None]  # no counts came

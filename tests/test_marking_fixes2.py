@@ -58,7 +58,7 @@ class CountingPolicy:
 
 class MarkedPair(Pair):
     """A :class:`Pair` whose server marks with ``policy``; a lossless path that keeps every codepoint, and a
-    client that reports its ECN counts (as ``connect(ecn=True)``) or none (the SDK's default)."""
+    client that reports its ECN counts (as ``connect()`` does by default) or none (``connect(ecn=False)``)."""
 
     def __init__(self, policy, *, client_reports_ecn: bool) -> None:
         self.policy = policy

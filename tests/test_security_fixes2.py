@@ -352,7 +352,7 @@ def test_the_kv_ingest_socket_is_given_its_own_group_too(tmp_path):
     from tokenwire.daemon.kv_service import KVService, serve_kv_ingest
     from tokenwire.daemon.kv_store import LocalChunkStore
 
-    with pytest.raises(ConfigError, match="kv.ingest_socket_group: set without kv.ingest_socket"):
+    with pytest.raises(ConfigError, match=r"kv\.ingest_socket_group: set without kv\.ingest_socket"):
         parse_kv({"ingest_socket_group": "tokenwire-ingest"}, None)
     cfg = parse_kv({"enabled": True, "directory": str(tmp_path / "kv"), "ingest_socket": str(tmp_path / "k.sock"),
                     "ingest_socket_group": "no-such-group-here"}, None)

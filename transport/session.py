@@ -495,25 +495,37 @@ class ReadCredit(QuicConnection):
     request decoders (the token is only seen in a whole REQUEST), the connection's credit moving on with each
     (RSS +75 MiB per connection, for ``limits.request_timeout_s``). The first open stream is exempt so that a
     request always completes: aioquic's client serves its streams in turn, and with every stream's bytes held,
-    a few large first requests sent at once used the whole window and none came whole.
+    a few large first requests sent at once used the whole window and none came whole. It also may open only
+    ``streams`` request streams at once (QUIC's MAX_STREAMS; more come as those end, and all once released): the
+    client's connection credit went to its streams in turn, so with eight large first requests at once the first
+    stream's share could never complete its request, the others' shares filled the window, and no request ever
+    came whole (a token holder's eight 320 KB prompts: all refused after request_timeout_s). aioquic's client
+    queues the streams past the limit and sends them when it rises.
     """
 
     _unauthorized_window: int | None = None  # set by hold_until_authorized, None again once released
+    _held_streams = 0  # request streams withheld from MAX_STREAMS while held (given back at release)
 
-    def hold_until_authorized(self, window: int) -> None:
+    def hold_until_authorized(self, window: int, streams: int = 2) -> None:
         """Before the first datagram: advertise ``window`` bytes of connection credit (below
-        ``configuration.max_data``), and keep what the connection may make this side hold that small until
-        :meth:`release_credit`; see the class's note."""
+        ``configuration.max_data``) and ``streams`` bidirectional streams, and keep what the connection may make
+        this side hold that small until :meth:`release_credit`; see the class's note."""
         if self._spaces:  # (initialized: the transport parameter went out, and credit given cannot be taken back)
             raise RuntimeError("hold_until_authorized() after the connection's first datagram")
         window = max(1, min(window, self._configuration.max_data))
         self._unauthorized_window = window
         limit = self._local_max_data
         limit.value = limit.sent = min(limit.value, window)  # (sent: the transport parameter carries it)
+        bidi = self._local_max_streams_bidi
+        allowed = max(1, min(streams, bidi.value))
+        self._held_streams = bidi.value - allowed
+        bidi.value = bidi.sent = allowed  # aioquic adds one as each stream ends, and MAX_STREAMS says so
 
     def release_credit(self) -> None:
-        """The connection is authorized: the full window from the next packet on."""
+        """The connection is authorized: the full window and every stream from the next packet on."""
         self._unauthorized_window = None
+        self._local_max_streams_bidi.value += self._held_streams
+        self._held_streams = 0
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         limit = self._local_max_data
