@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predictor", help="µs per latency prediction (ONNX vs EWMA), batch 1/8/64, vs 17k pkt/s")
     p.add_argument("--model", help="ONNX model (default: the shipped one)")
-    p.add_argument("--calls", type=positive_int, default=2000, help="inference calls per measurement (default 2000)")
+    p.add_argument("--calls", type=positive_int, default=2000,
+                   help="inference calls per measurement of batch 1 and of observe (default 2000); a batch of B "
+                        "makes max(4 x calls / B, 50) calls, each B predictions (the JSON records each count)")
     p.add_argument("--repeats", type=positive_int, default=5, help="measurements; medians are reported (default 5)")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
@@ -145,8 +147,9 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
                            "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats"}
-    print(f"bench predictor: {args.calls} calls x {args.repeats} repeats per phase, the ONNX model then EWMA",
-          file=sys.stderr, flush=True)
+    batched = ", ".join(f"batch {bs}: {max(args.calls // bs * 4, 50)}" for bs in BATCHES if bs > 1)
+    print(f"bench predictor: {args.calls} calls ({batched}) x {args.repeats} repeats per phase, the ONNX model "
+          "then EWMA", file=sys.stderr, flush=True)
     for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
         def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
             _phase(f"{name}: {what}")

@@ -223,6 +223,7 @@ class _SessionBase:
         self.marking: MarkingPolicy | None = None  # the sender's per-packet ECN policy (None: Not-ECT)
         self.ecn = EcnValidation()  # stops marking for a peer that never reports ECN counts (see EcnValidation)
         self._batch_codepoint: int | None = None  # the one decision of this datagrams_to_send call (_codepoint_now)
+        self._decided = False  # the policy has been asked once: batches of ACKs alone take its last answer
         self.closed = False
         self.datagrams_sent = 0
         self._last_ecn: list[int] | None = None  # the peer's latest cumulative ECN counts (ECN feedback)
@@ -292,10 +293,29 @@ class _SessionBase:
         out = self.quic.datagrams_to_send(now=now)
         self.datagrams_sent += len(out)  # the bound on the ECN counts a peer may report
         if out and marking:
-            codepoint = self._codepoint_now()  # (decided already if a token datagram was built)
+            end_pn = self.quic._packet_number
+            if self._batch_codepoint is None and self._decided and self._acks_only(first_pn, end_pn):
+                # QUIC ACKs alone (of the client's ack datagrams, most often): the last decision, not the model's
+                # time; they were half of swiftqueue's inferences (5,701 calls for 2,939 token packets)
+                codepoint = self.current_codepoint if self.ecn.marking_allowed else NOT_ECT
+                self._batch_codepoint = self.current_codepoint = codepoint
+            else:
+                codepoint = self._codepoint_now()  # (decided already if a token datagram was built)
             if self.datagrams_ok is not None:  # after the handshake: packets whose acks could bring counts
-                self.ecn.on_sent(codepoint, first_pn, self.quic._packet_number)
+                self.ecn.on_sent(codepoint, first_pn, end_pn)
         return out
+
+    def _acks_only(self, first_pn: int, end_pn: int) -> bool:
+        """Whether the 1-RTT packets numbered ``[first_pn, end_pn)`` carry nothing but ACKs (none ack-eliciting);
+        False when any is of another packet space (the handshake's)."""
+        space = self.quic._spaces.get(Epoch.ONE_RTT)
+        if space is None:
+            return False
+        for pn in range(first_pn, end_pn):
+            packet = space.sent_packets.get(pn)
+            if packet is None or packet.is_ack_eliciting:
+                return False
+        return True
 
     def _codepoint_now(self) -> int:
         """The ECN codepoint of this ``datagrams_to_send`` call's datagrams (they all leave with it): the policy is
@@ -311,6 +331,7 @@ class _SessionBase:
                 codepoint = NOT_ECT
             else:
                 codepoint = self.marking.codepoint(self._now)
+                self._decided = True
             self._batch_codepoint = self.current_codepoint = codepoint
         return codepoint
 
