@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -340,26 +338,6 @@ def check_paths(cfg: IngestConfig) -> list[str]:
     return errors
 
 
-def set_socket_access(path: Path, group: str | None, setting: str) -> None:
-    """Make the socket just bound at ``path`` mode 0660, given to ``group`` when one is set (``setting``, the
-    config key, names it in errors); else it keeps the daemon's group.
-
-    A group of its own (``tokenwire-ingest``) lets an application connect without being in the daemon's
-    group, which could read the TLS key, the config and the KV store. The group is given before the mode opens
-    the socket to it (bound under UMask=0027, it is 0750: nobody else may connect yet). Not root, the daemon
-    may only give a group it is a member of: an ``OSError`` saying so."""
-    if group is not None:
-        try:
-            os.chown(path, -1, group_id(group))
-        except KeyError:
-            raise OSError(errno.EINVAL, f"{setting}: no group {group!r} on this system", str(path)) from None
-        except PermissionError:
-            raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "
-                          f"is not a member of it (systemd/tokenwire.sysusers: m tokenwire {group})",
-                          str(path)) from None
-    os.chmod(path, 0o660)
-
-
 async def serve_ingest(
     path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None, group: str | None = None
 ) -> asyncio.Server:
@@ -410,16 +388,7 @@ async def serve_ingest(
             if clients is not None and task is not None:
                 clients.discard(task)
 
-    unix_sockets.claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
-    server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
-    try:
-        set_socket_access(path, group, "ingest.socket_group")
-    except OSError:
-        server.close()  # no socket left behind that nobody may use (the daemon does not start)
-        await server.wait_closed()
-        path.unlink(missing_ok=True)
-        raise
-    return server
+    return await unix_sockets.serve(path, client, limit=MAX_LINE, group=group, setting="ingest.socket_group")
 
 
 async def close_clients(clients: set[asyncio.Task[None]], timeout: float = 1.0) -> None:

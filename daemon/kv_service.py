@@ -634,20 +634,8 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | None = None) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660, given to ``group``, ``kv.ingest_socket_group``, when set:
     as the answer ingest socket, so that applications that put KV need not be in the daemon's group)."""
-    from .ingest import set_socket_access
-
-    p = Path(path)
-    unix_sockets.claim(p)  # a stale socket goes; a bad path, a live socket or a file is an error
-    server = await asyncio.start_unix_server(lambda r, w: _handle_ingest(service, r, w), path=str(p),
-                                             limit=1 << 24)
-    try:
-        set_socket_access(p, group, "kv.ingest_socket_group")
-    except OSError:
-        server.close()  # no socket left behind that nobody may use (the daemon does not start)
-        await server.wait_closed()
-        p.unlink(missing_ok=True)
-        raise
-    return server
+    return await unix_sockets.serve(Path(path), lambda r, w: _handle_ingest(service, r, w), limit=1 << 24,
+                                    group=group, setting="kv.ingest_socket_group")
 
 
 def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""Unix-socket paths the daemon listens on (chat ingest, KV ingest): claimed at start, released at exit.
+"""Unix-socket paths the daemon listens on (chat ingest, KV ingest): claimed at start, given their mode and group,
+released at exit.
 
 Python 3.11's asyncio neither removes a stale socket file before binding nor its own at close. Doing it by
 hand must not touch what is not ours: a regular file at the path, a socket another process still listens
@@ -7,10 +8,14 @@ on, or (at exit) a socket a later process has bound at the same path since.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from . import config
 
 MAX_PATH_BYTES = 108  # sun_path: Python refuses a longer path to bind ("AF_UNIX path too long")
 
@@ -81,3 +86,40 @@ def release(path: Path, ident: tuple[int, int, int] | None) -> None:
     """Remove ``path`` if it is still the socket this process bound (``identity`` after binding)."""
     if ident is not None and identity(path) == ident and path.is_socket():
         os.unlink(path)
+
+
+def set_socket_access(path: Path, group: str | None, setting: str) -> None:
+    """Make the socket just bound at ``path`` mode 0660, given to ``group`` when one is set (``setting``, the
+    config key, names it in errors); else it keeps the daemon's group.
+
+    A group of its own (``tokenwire-ingest``) lets an application connect without being in the daemon's
+    group, which could read the TLS key, the config and the KV store. The group is given before the mode opens
+    the socket to it (bound under UMask=0027, it is 0750: nobody else may connect yet). Not root, the daemon
+    may only give a group it is a member of: an ``OSError`` saying so."""
+    if group is not None:
+        try:
+            os.chown(path, -1, config.group_id(group))
+        except KeyError:
+            raise OSError(errno.EINVAL, f"{setting}: no group {group!r} on this system", str(path)) from None
+        except PermissionError:
+            raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "
+                          f"is not a member of it (systemd/tokenwire.sysusers: m tokenwire {group})",
+                          str(path)) from None
+    os.chmod(path, 0o660)
+
+
+async def serve(path: Path, client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], *,
+                limit: int, group: str | None, setting: str) -> asyncio.Server:
+    """Listen on the Unix socket ``path`` (a stale socket file replaced, :func:`claim`), mode 0660 and given to
+    ``group`` when set (:func:`set_socket_access`); a socket whose access cannot be set is closed and removed
+    (nobody could use it, and the daemon does not start). Both ingest sockets (answers, KV) are made here."""
+    claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
+    server = await asyncio.start_unix_server(client, path=str(path), limit=limit)
+    try:
+        set_socket_access(path, group, setting)
+    except OSError:
+        server.close()
+        await server.wait_closed()
+        path.unlink(missing_ok=True)
+        raise
+    return server

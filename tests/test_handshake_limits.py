@@ -21,11 +21,11 @@ from tokenwire.transport.frames import ALPN
 from .test_loopback import run
 
 
-def half_open(port: int, n: int) -> list[socket.socket]:
+def half_open(port: int, n: int, alpn: str = ALPN) -> list[socket.socket]:
     """``n`` clients that send their first flight (one Initial datagram each) and never answer."""
     socks = []
     for _ in range(n):
-        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[alpn],
                                                               server_name="localhost"))
         quic.connect(("127.0.0.1", port), now=time.monotonic())
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

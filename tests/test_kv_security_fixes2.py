@@ -40,6 +40,8 @@ from tokenwire.transport.kv_controller import LEVELS
 from tokenwire.transport.kv_server import KVServer
 from tokenwire.transport.quic_io import open_client
 
+from .test_handshake_limits import half_open as chat_half_open
+from .test_handshake_limits import until
 from .test_loopback import run
 
 MODEL = "tenant-a-model"
@@ -236,23 +238,7 @@ def test_the_daemons_kv_port_checks_client_certificates_against_server_client_ca
 # ------------------------------------------------------------------------------------------------ 2: handshakes
 def half_open(port: int, n: int) -> list[socket.socket]:
     """``n`` KV clients that send their first flight (one Initial datagram each) and never answer."""
-    socks = []
-    for _ in range(n):
-        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[KV_ALPN],
-                                                              server_name="localhost"))
-        quic.connect(("127.0.0.1", port), now=time.monotonic())
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for data, addr in quic.datagrams_to_send(now=time.monotonic()):
-            sock.sendto(data, addr)
-        socks.append(sock)
-    return socks
-
-
-async def until(check, timeout: float = 10.0) -> None:
-    """Wait for ``check()`` (an event in this loop), failing after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
+    return chat_half_open(port, n, alpn=KV_ALPN)
 
 
 @contextlib.asynccontextmanager

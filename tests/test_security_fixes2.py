@@ -290,7 +290,7 @@ def test_the_ingest_socket_is_given_its_own_group(tmp_path):
 def test_a_socket_group_the_daemon_is_not_in_is_a_clear_error():
     """Not root, the daemon may only give a group it is a member of: the start fails naming the setting and
     the sysusers line that makes the daemon's user a member."""
-    from tokenwire.daemon.ingest import set_socket_access
+    from tokenwire.daemon.unix_sockets import set_socket_access
 
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another user")
