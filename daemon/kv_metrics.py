@@ -82,13 +82,15 @@ class _KVCollector:
         # guard counted its refusals where no scrape saw them
         server = self.runtime.server
         refused = CounterMetricFamily(
-            "tokenwire_kv_connections_refused", "KV connections closed before serving a fetch, by reason: too_many "
-            "or timeout (handshakes), max_connections (past limits.max_sessions), unauthorized (client certificate)",
+            "tokenwire_kv_connections_refused", "KV connections closed by the admission checks, by reason: too_many "
+            "or timeout (handshakes), max_connections (past limits.max_sessions), unauthorized (client certificate), "
+            "evicted (no authorized fetch, closed to admit a new client)",
             labels=["reason"])
         for reason in ("too_many", "timeout"):
             refused.add_metric([reason], server.guard.refused.get(reason, 0))
         refused.add_metric(["max_connections"], stats.get("connections_refused", 0))
         refused.add_metric(["unauthorized"], stats.get("unauthorized", 0))
+        refused.add_metric(["evicted"], stats.get("evicted", 0))
         yield refused
         yield GaugeMetricFamily("tokenwire_kv_quic_retry_active", "1 while the KV endpoint asks new clients for a "
                                 "QUIC Retry (handshake load)", value=int(server.guard.retrying_since is not None))

@@ -142,7 +142,7 @@ def test_with_a_client_ca_the_kv_port_serves_only_verified_certificates(pki):
     async def go():
         provider = Provider()
         server = await serve_kv(provider, "127.0.0.1", 0, client_verifier=verifier,
-                                on_unauthorized=lambda peer, why: seen.append((peer, why)),
+                                on_unauthorized=lambda peer, why, closing=True: seen.append((peer, why)),
                                 tuning=ServerTuning(forecaster="ewma"))
         try:
             certless = await fetch_with_finished(server.port)
@@ -167,7 +167,8 @@ def test_a_kv_client_without_a_certificate_hears_why(pki):
 
     async def go():
         server = await serve_kv(Provider(), "127.0.0.1", 0, client_verifier=lambda: verifier,
-                                on_unauthorized=lambda peer, why: None, tuning=ServerTuning(forecaster="ewma"))
+                                on_unauthorized=lambda peer, why, closing=True: None,
+                                tuning=ServerTuning(forecaster="ewma"))
         try:
             async with connect_kv("127.0.0.1", server.port, verify=False, warm=False, timeout=5) as conn:
                 with pytest.raises(RemoteError, match="client certificate required") as info:
@@ -468,7 +469,8 @@ def test_connect_kv_presents_a_client_certificate(pki):
     async def go():
         provider = Provider()
         server = await serve_kv(provider, "127.0.0.1", 0, client_verifier=verifier,
-                                on_unauthorized=lambda peer, why: None, tuning=ServerTuning(forecaster="ewma"))
+                                on_unauthorized=lambda peer, why, closing=True: None,
+                                tuning=ServerTuning(forecaster="ewma"))
         try:
             async with connect_kv("127.0.0.1", server.port, verify=False, warm=False, timeout=5, **carol) as conn:
                 with pytest.raises(KVNotFound):  # the store was asked: the certificate was verified
@@ -503,3 +505,36 @@ def test_the_kv_endpoints_refusals_and_retry_are_metrics():
     assert value("tokenwire_kv_quic_retry_active") == 0
     server.guard.retrying_since = time.monotonic()
     assert value("tokenwire_kv_quic_retry_active") == 1
+
+
+def test_idle_kv_connections_without_an_authorized_fetch_make_room_for_a_token_holder():
+    """Tokens are checked per fetch: five idle token-less KV connections held every slot of max_sessions = 5, and a
+    token holder got "too many KV connections" until their idle timeout, 60 s at a time. The oldest that has made
+    no authorized fetch is closed to admit a new client; one with an authorized fetch never is. A fetch with a
+    wrong token reaches on_unauthorized (the daemon's 0x105 count and rate-limited log)."""
+    told: list[tuple[str, bool]] = []
+
+    async def go():
+        async with kv_server(max_connections=2, authorize=lambda token: token == "good",
+                             on_unauthorized=lambda peer, why, closing: told.append((why, closing))) as server, \
+                contextlib.AsyncExitStack() as stack:
+            def enter(**kw: Any) -> Any:
+                return stack.enter_async_context(connect_kv("127.0.0.1", server.port, verify=False, warm=False,
+                                                            timeout=5, **kw))
+
+            holder = await enter(auth_token="good")
+            await holder.fetch_kv(model=MODEL, token_ids=IDS, deadline_ms=5000)  # authorized: never evicted
+            idle = await enter()  # no token, no fetch: fills the last slot
+            await until(lambda: server.connections == 2)
+            with pytest.raises(RemoteError, match="missing or invalid auth token"):
+                await (await enter(auth_token="bad")).fetch_kv(model=MODEL, token_ids=IDS, deadline_ms=5000)
+            await until(lambda: idle.closed)  # made room for the newcomer
+            newcomer = await enter(auth_token="good")
+            levels = (await newcomer.fetch_kv(model=MODEL, token_ids=IDS, deadline_ms=5000)).report.levels
+            return levels, str(idle.close_error), holder.closed, dict(server.stats)
+
+    levels, why, holder_closed, stats = run(go(), 30)
+    assert levels == ["text"] and not holder_closed
+    assert "closed to admit another client" in why
+    assert stats["evicted"] >= 2 and stats["connections_refused"] == 0  # the idle one, then the bad token's
+    assert told == [("missing or invalid auth token on a KV fetch", False)]

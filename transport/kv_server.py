@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ _T = TypeVar("_T")
 # KV connections past their handshake (serve_kv's max_connections; the daemon passes limits.max_sessions), and the
 # bound on handshakes in progress: the chat port's default max_sessions
 MAX_CONNECTIONS = 10_000
+REFUSALS_LOG_S = 60.0  # refusals past max_connections: a warning, then at most one line this often
 
 
 class KVServerProtocol(GuardedProtocol):
@@ -54,6 +57,7 @@ class KVServerProtocol(GuardedProtocol):
         self.app = app
         self.tasks: set[asyncio.Task[None]] = set()
         self.established = False  # past its handshake and its checks: counted in app.connections
+        self.authorized = app.authorize is None  # a fetch of it passed the token check (or none is made)
         if app.client_verifier is not None:
             request_client_certificate(quic)
         app.protocols.add(self)
@@ -84,18 +88,21 @@ class KVServerProtocol(GuardedProtocol):
             except ClientCertificateError as exc:
                 app.stats["unauthorized"] += 1
                 if app.on_unauthorized is not None:
-                    app.on_unauthorized(self.peer, str(exc))
+                    app.on_unauthorized(self.peer, str(exc), closing=True)
                 else:
                     log.warning("closing KV connection from %s: %s", self.peer, exc)
                 self.kv.close(ErrorCode.UNAUTHORIZED, exc.close_reason)
                 return
-        if app.connections >= app.max_connections():
+        if app.connections >= app.max_connections() and not app.evict_unauthorized():
             app.stats["connections_refused"] += 1
-            log.debug("closing KV connection from %s: %d connections open", self.peer, app.connections)
+            app.log_refusal(f"refusing KV connection from {self.peer}: {app.connections} KV connections open "
+                            "(limits.max_sessions)")
             self.kv.close(ErrorCode.LIMIT_EXCEEDED, "too many KV connections")
             return
         self.established = True
         app.connections += 1
+        if not self.authorized:  # (oldest first: dicts keep their order)
+            app.unauthorized[self] = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -128,6 +135,7 @@ class KVServerProtocol(GuardedProtocol):
                 for t in list(self.tasks):
                     t.cancel()
                 self.app.protocols.discard(self)
+                self.app.unauthorized.pop(self, None)
                 self._handshake_done()  # ended in its handshake
                 if self.established:
                     self.established = False
@@ -148,7 +156,13 @@ class KVServerProtocol(GuardedProtocol):
             if self.app.draining:  # the daemon is stopping: running fetches finish, new ones are refused
                 raise KVError("server shutting down", code=ErrorCode.SHUTTING_DOWN)
             if self.app.authorize is not None and not self.app.authorize(fetch.auth):
+                # counted and logged as the chat port's wrong tokens are (0x105; it was the fetch outcome alone)
+                if self.app.on_unauthorized is not None:
+                    self.app.on_unauthorized(self.peer, "missing or invalid auth token on a KV fetch", closing=False)
                 raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
+            if not self.authorized:  # its client holds a token: never evicted to admit another
+                self.authorized = True
+                self.app.unauthorized.pop(self, None)
             plan = await self.app.provider.resolve(fetch)
         except TokenwireError as exc:
             self._fail_fetch(sid, "refused", exc.code, str(exc))
@@ -199,19 +213,57 @@ class KVServer:
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
-         "unauthorized", "connections_refused"), 0))  # (the last two: connections closed at the handshake's end)
+         "unauthorized", "connections_refused", "evicted"), 0))  # (the last three: connections closed by the
+    # admission checks: at the handshake's end, or to make room for a new client)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
     client_verifier: Callable[[], ClientCertVerifier | None] | None = None
-    on_unauthorized: Callable[[str, str], None] | None = None  # (peer, why) of a refused certificate; else a warning
+    # (peer, why, closing=True) of a refused certificate, or (closing=False) a fetch's wrong token; else a warning
+    on_unauthorized: Callable[..., None] | None = None
     max_connections: Callable[[], int] = lambda: MAX_CONNECTIONS  # read at each handshake's end (a reload)
     connections: int = 0  # past their handshake and checks
     guard: HandshakeGuard = field(init=False)  # the handshakes in progress: deadline, bound, Retry
+    # with tokens (authorize): connections past their checks that have made no authorized fetch, oldest first.
+    # Past max_connections the oldest makes room (as on the chat port): tokens are checked per fetch, and five
+    # idle token-less connections held every slot of max_sessions = 5 until their idle timeout, 60 s at a time
+    unauthorized: dict[KVServerProtocol, None] = field(default_factory=dict)
+    _refusals_logged_at: float = -math.inf  # refusals past max_connections: a warning, then one a minute
+    _refusals_unlogged: int = 0
     _quic_server: Any = None
 
     def __post_init__(self) -> None:
         self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
+
+    def evict_unauthorized(self) -> bool:
+        """Past max_connections: close the oldest connection that has made no authorized fetch, to admit a new
+        client (its slot is free at once); False when there is none."""
+        if not self.unauthorized:
+            return False
+        victim = next(iter(self.unauthorized))
+        del self.unauthorized[victim]
+        if victim.established:
+            victim.established = False
+            self.connections -= 1
+        self.stats["evicted"] += 1
+        self.log_refusal(f"closing KV connection from {victim.peer}, which made no authorized fetch, to admit a "
+                         f"new client ({self.connections + 1} KV connections open, limits.max_sessions)")
+        victim.kv.close(ErrorCode.LIMIT_EXCEEDED, "too many KV connections: this connection had made no authorized "
+                        "fetch and was closed to admit another client; connect again")
+        victim.transmit()
+        return True
+
+    def log_refusal(self, line: str) -> None:
+        """A warning for a connection refused or evicted past max_connections, then at most one a minute saying
+        how many more (a flood was a line per client, and the refusals had been logged at debug level only)."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at < REFUSALS_LOG_S:
+            self._refusals_unlogged += 1
+            return
+        more = f" ({self._refusals_unlogged} more since the last such line)" if self._refusals_unlogged else ""
+        log.warning("%s%s; more are counted (tokenwire_kv_connections_refused_total) and logged at most every %g s",
+                    line, more, REFUSALS_LOG_S)
+        self._refusals_logged_at, self._refusals_unlogged = now, 0
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
         """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
@@ -262,11 +314,13 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
 
     ``client_verifier`` (a :class:`~.tls.ClientCertVerifier`, or a callable giving the one in force): every client
     must present a certificate that verifies against it, as on the daemon's chat port with ``server.client_ca``;
-    one that does not is closed with UNAUTHORIZED when its handshake completes (``on_unauthorized(peer, why)`` is
-    told, else a warning is logged) and none of its fetches is resolved. ``authorize`` checks each fetch's token
-    on top. ``max_connections``: KV connections open at once (a callable is read at each handshake's end); handshakes
-    in progress are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound)
-    new clients must answer a QUIC Retry first (:mod:`.handshake_guard`).
+    one that does not is closed with UNAUTHORIZED when its handshake completes (``on_unauthorized(peer, why,
+    closing=True)`` is told, else a warning is logged) and none of its fetches is resolved. ``authorize`` checks
+    each fetch's token on top (a refused one: ``on_unauthorized(peer, why, closing=False)``). ``max_connections``:
+    KV connections open at once (a callable is read at each handshake's end); with ``authorize``, past it the
+    oldest connection that has made no authorized fetch is closed to admit a new client. Handshakes in progress
+    are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound) new
+    clients must answer a QUIC Retry first (:mod:`.handshake_guard`).
     """
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
