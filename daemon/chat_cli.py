@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
     p.add_argument("--model")
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a request parameter for the upstream (repeatable; VALUE as JSON when it parses: "
+                   "--param temperature=0.2, --param seed=3, else a string)")
     p.add_argument("--attach", metavar="REQUEST_ID", help="stream an existing answer by its hex id instead")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without a packet from the server (default 60): how soon a dead "
@@ -49,6 +52,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", action="store_true", help="print statistics to stderr at the end")
     p.add_argument("--json-stats", type=Path, help="write the statistics as JSON here")
     p.set_defaults(handler=run)
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items as a request's ``params``: VALUE as JSON when it parses (numbers, true, lists),
+    else the string itself; a key given twice or an item without ``=`` is an error naming it."""
+    import json
+
+    from tokenwire.daemon.cli import CLIError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise CLIError(f"--param takes KEY=VALUE, not {item!r}")
+        if key in out:
+            raise CLIError(f"--param {key} given twice")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                            f"(`--stats` prints it), not {args.attach!r}")
     if args.key is not None and args.cert is None:
         raise CLIError("--key needs --cert")
+    params = _params(args.param)
+    if params and args.attach is not None:
+        raise CLIError("--attach streams an existing answer as it is: no --param with it")
     if not args.idle_timeout > 0:
         raise CLIError("--idle-timeout must be > 0")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -133,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                         stream = conn.attach(rid if resume is None else resume[0], scheme=args.scheme, held=held)
                     else:
                         stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
-                                           resume=resume)
+                                           params=params or None, resume=resume)
                     # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
                     # server stops generating it; a bare `async for` left it generating to max_tokens
                     where["open"] = where["asked"] = True

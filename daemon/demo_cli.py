@@ -18,13 +18,19 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import MAX_ANSWER_TOKENS
+
+if TYPE_CHECKING:
+    import socket
+    import subprocess
 
 DEFAULT_LOSS = "ge:0.004,0.04"  # bad ~9 % of the time, outages of 25 ms on average
 MAX_TOKENS = MAX_ANSWER_TOKENS  # the daemon's bound on upstreams[].max_tokens and limits.max_tokens
 HANDSHAKE_S = 10.0  # the client's handshake timeout, plus the link's delay (a module value: tests shorten it)
 SAME_STALL = 0.02
+READY_S = 60.0  # how long the namespace demo waits for its daemon's READY=1 (a first start compiles nothing: ~1 s)
 """Stall ratios closer than this read as "stalled as much". On a lossless link the ratio measures only timing
 jitter (many sub-ms gaps; ratios of 0.005-0.05, differing between schemes by up to 0.006 on an idle machine and
 0.013 on a busy one), which a relative test blew up to "33% less"; recovering from loss differs by ~0.2 on the
@@ -289,11 +295,12 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         )
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmpdir / "notify.sock"))
-        notify.settimeout(30)
         env = {**os.environ, "NOTIFY_SOCKET": str(tmpdir / "notify.sock")}
-        tb.popen(tb.server_ns, [py, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)], env=env)
-        while "READY=1" not in (msg := notify.recv(4096).decode()):
-            pass
+        errors = tmpdir / "daemon.err"
+        with open(errors, "wb") as err:
+            daemon = tb.popen(tb.server_ns, [py, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)],
+                              env=env, stderr=err)
+        msg = _wait_ready(notify, daemon, errors)
         port = int(re.findall(r"udp/[^:]+:(\d+)", msg)[0])
         print(
             f"tokenwire demo: the tokenwire daemon runs in namespace {tb.server_ns} ({tb.server_addr}:{port}), the "
@@ -330,6 +337,8 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                 scheme,
                 "--json-stats",
                 str(stats_path),
+                "--param",  # the generator's timing, as on the relay link (it streamed seed 0's whatever --seed)
+                f"seed={args.seed}",
                 "Why do chatbots stall on trains?",
             ]
             # the live answer where this command's own prints go: with --json -, stderr (a child inherits the
@@ -346,6 +355,30 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             results[scheme] = {**st, **netns_link_counts(before, after)}
         notify.close()
     return results
+
+
+def _wait_ready(notify: socket.socket, daemon: subprocess.Popen, errors: Path) -> str:
+    """The daemon's READY=1 notification (its STATUS, with the listening address), checking every 0.1 s that it
+    still runs: one that died at start (a config it refused, a broken install) left the demo waiting 30 s for a
+    bare TimeoutError. ``CLIError`` with its exit status and its last error lines, or after READY_S."""
+    import time
+
+    from tokenwire.daemon.cli import CLIError
+
+    notify.settimeout(0.1)
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        try:
+            msg = notify.recv(4096).decode()
+        except TimeoutError:
+            msg = ""
+        if "READY=1" in msg:
+            return msg
+        if daemon.poll() is not None:
+            tail = errors.read_text(errors="replace").strip().splitlines()[-5:]
+            said = ("; it said:\n  " + "\n  ".join(tail)) if tail else ""
+            raise CLIError(f"the demo's daemon exited at start (status {daemon.returncode}){said}")
+    raise CLIError(f"the demo's daemon did not report ready within {READY_S:g} s")
 
 
 def netns_link_counts(before: dict, after: dict) -> dict[str, float | int]:
