@@ -136,10 +136,11 @@ def run_check(args: argparse.Namespace) -> int:
         from .cli import EXTRA_INSTALL
 
         kv_errors.insert(0, f"kv: the KV codec needs torch, which is not installed: {EXTRA_INSTALL['ml']}")
-    errors = check_ingest_paths(cfg.ingest) + kv_errors
+    ingest_errors, ingest_warnings = check_ingest_paths(cfg.ingest)
+    errors = ingest_errors + kv_errors
     if errors:
         raise CLIError(f"{args.path}: {errors[0]}")
-    for warning in kv_warnings + security_warnings(cfg):
+    for warning in ingest_warnings + kv_warnings + security_warnings(cfg, Path(args.path)):
         print(f"warning: {warning}", file=sys.stderr)
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")

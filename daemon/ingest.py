@@ -49,7 +49,7 @@ from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request ma
 
 from . import unix_sockets
 from .cli import printable
-from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig, group_id
+from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
 
 log = logging.getLogger("tokenwire.ingest")
@@ -323,19 +323,10 @@ def _handled(api: IngestAPI, msg: Any, conn: IngestConnection) -> dict[str, Any]
         return {"ok": False, "error": "internal error (the daemon's log has it)"}
 
 
-def check_paths(cfg: IngestConfig) -> list[str]:
+def check_paths(cfg: IngestConfig) -> tuple[list[str], list[str]]:
     """What the daemon's start would make of ``ingest.socket`` (``config check``: it said ok for a socket the
-    daemon refused), as :func:`unix_sockets.listen_problem` finds it, and of ``ingest.socket_group`` (a group
-    this system lacks): the daemon's own error lines."""
-    problem = None if cfg.socket is None else unix_sockets.listen_problem(cfg.socket)
-    errors = [] if problem is None else [f"ingest.socket: cannot listen on {cfg.socket}: {problem.strerror or problem}"]
-    if cfg.socket_group is not None:
-        try:
-            group_id(cfg.socket_group)
-        except KeyError:  # the daemon would fail at start
-            errors.append(f"ingest.socket_group: no group {cfg.socket_group!r} on this system "
-                          "(systemd/tokenwire.sysusers makes tokenwire-ingest)")
-    return errors
+    daemon refused) and ``ingest.socket_group``: (its error lines, warnings), :func:`unix_sockets.socket_checks`."""
+    return unix_sockets.socket_checks(cfg.socket, cfg.socket_group, "ingest.socket")
 
 
 async def serve_ingest(

@@ -144,17 +144,9 @@ def check_paths(cfg: KVConfig) -> tuple[list[str], list[str]]:
         error, warning = check_local_directory(cfg.directory)
         errors += [f"kv.directory: {error}"] if error else []
         warnings += [f"kv.directory: {warning}"] if warning else []
-    if cfg.enabled and cfg.ingest_socket is not None:
-        sock = Path(cfg.ingest_socket)
-        problem = unix_sockets.listen_problem(sock)
-        if problem is not None:
-            errors.append(f"kv.ingest_socket: cannot listen on {sock}: {problem.strerror or problem}")
-    if cfg.enabled and cfg.ingest_socket_group is not None:
-        from .config import group_id
-
-        try:
-            group_id(cfg.ingest_socket_group)
-        except KeyError:  # the daemon would fail at start
-            errors.append(f"kv.ingest_socket_group: no group {cfg.ingest_socket_group!r} on this system "
-                          "(systemd/tokenwire.sysusers makes tokenwire-ingest)")
+    if cfg.enabled:
+        more_errors, more_warnings = unix_sockets.socket_checks(
+            None if cfg.ingest_socket is None else Path(cfg.ingest_socket), cfg.ingest_socket_group, "kv.ingest_socket")
+        errors += more_errors
+        warnings += more_warnings
     return errors, warnings

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import config
+
+log = logging.getLogger("tokenwire.daemon")
 
 MAX_PATH_BYTES = 108  # sun_path: Python refuses a longer path to bind ("AF_UNIX path too long")
 
@@ -102,9 +105,10 @@ def set_socket_access(path: Path, group: str | None, setting: str) -> None:
         except KeyError:
             raise OSError(errno.EINVAL, f"{setting}: no group {group!r} on this system", str(path)) from None
         except PermissionError:
+            how = (f"add it to group {group}" if group.isdigit()
+                   else f"systemd/tokenwire.sysusers: m tokenwire {group}")
             raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "
-                          f"is not a member of it (systemd/tokenwire.sysusers: m tokenwire {group})",
-                          str(path)) from None
+                          f"is not a member of it ({how})", str(path)) from None
     os.chmod(path, 0o660)
 
 
@@ -122,4 +126,57 @@ async def serve(path: Path, client: Callable[[asyncio.StreamReader, asyncio.Stre
         await server.wait_closed()
         path.unlink(missing_ok=True)
         raise
+    reach = None if group is None else folder_reach_problem(path.parent, config.group_id(group))
+    if reach is not None:  # (the socket works for the daemon's own group: a warning, not a failed start)
+        log.warning("%s: members of group %r cannot reach the socket: %s", setting, group, reach)
     return server
+
+
+RUNTIME_PARENT = Path("/run")  # systemd makes a unit's RuntimeDirectory= here at start, and removes it at stop
+
+
+def socket_checks(path: Path | None, group: str | None, setting: str) -> tuple[list[str], list[str]]:
+    """``config check``'s view of a socket the daemon will listen on: (errors the start would fail with, warnings).
+
+    A missing folder right under /run is a warning, not an error: the systemd unit's ``RuntimeDirectory=`` makes
+    it at start and removes it at stop, so a stopped service's correct config failed the check. With ``group``
+    (``socket_group``), a folder that does not let that group's members in is a warning: the socket's own mode
+    and group were right, and an application in the group got EACCES from its folder (a unit left from before
+    the 0711 ``/run/tokenwire`` makes it 0750 at each start)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    if path is not None:
+        problem = listen_problem(path)
+        if problem is not None:
+            line = f"{setting}: cannot listen on {path}: {problem.strerror or problem}"
+            if problem.errno == errno.ENOENT and path.parent.parent == RUNTIME_PARENT:
+                warnings.append(f"{line} now (the systemd unit's RuntimeDirectory= makes it at start; run by "
+                                "hand, make it first)")
+            else:
+                errors.append(line)
+    if group is not None:
+        group_setting = f"{setting}_group" if setting.endswith("socket") else setting
+        try:
+            gid = config.group_id(group)
+        except KeyError:  # the daemon would fail at start
+            errors.append(f"{group_setting}: no group {group!r} on this system "
+                          "(systemd/tokenwire.sysusers makes tokenwire-ingest)")
+        else:
+            reach = None if path is None else folder_reach_problem(path.parent, gid)
+            if reach is not None:
+                warnings.append(f"{group_setting}: members of group {group!r} cannot reach the socket: {reach}")
+    return errors, warnings
+
+
+def folder_reach_problem(folder: Path, gid: int) -> str | None:
+    """Why members of group ``gid`` cannot pass through ``folder`` to a socket in it (no search permission for
+    them), or None (they can, or the folder does not exist yet)."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    if st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010):
+        return None
+    return (f"its folder {folder} is mode {st.st_mode & 0o7777:04o}, group {st.st_gid}, without search permission "
+            "for them (0711 as systemd/tokenwire.tmpfiles and the unit make /run/tokenwire; reinstall the unit "
+            "if it still says RuntimeDirectoryMode=0750)")

@@ -285,12 +285,12 @@ def test_chat_stats_prints_the_servers_finish_reason_escaped(escaping_server, ca
 
 # ------------------------------------------------------------------------------- 6: socket paths, config
 def _problems(path: Path) -> list[str]:
-    return check_paths(IngestConfig(socket=path))
+    return check_paths(IngestConfig(socket=path))[0]
 
 
 def test_config_check_finds_the_socket_paths_the_daemon_would_refuse(tmp_path):
     """`config check` said ok for each of these, and the daemon refused to start."""
-    assert _problems(tmp_path / "ingest.sock") == [] and check_paths(IngestConfig()) == []
+    assert _problems(tmp_path / "ingest.sock") == [] and check_paths(IngestConfig()) == ([], [])
     missing = tmp_path / "no" / "ingest.sock"
     assert _problems(missing) == [f"ingest.socket: cannot listen on {missing}: no such folder"]
     (tmp_path / "file").write_text("")
@@ -324,7 +324,7 @@ def test_the_daemon_refuses_a_socket_path_too_long_with_the_same_line(tmp_path):
             await Daemon(cfg).start()
         return str(info.value)
 
-    assert [run(go(), timeout=30)] == check_paths(cfg.ingest)
+    assert [run(go(), timeout=30)] == check_paths(cfg.ingest)[0]
 
 
 def test_an_ingest_upstream_needs_the_ingest_socket():

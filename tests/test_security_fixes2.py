@@ -250,8 +250,8 @@ def test_the_ingest_socket_group_is_checked_by_config_check(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"ingest\.socket_group: set without ingest\.socket"):
         parse_config({"ingest": {"socket_group": group.gr_name}})
     missing = parse_config({"ingest": {"socket": sock, "socket_group": "no-such-group-tw"}}).ingest
-    assert check_paths(missing) == ["ingest.socket_group: no group 'no-such-group-tw' on this system "
-                                    "(systemd/tokenwire.sysusers makes tokenwire-ingest)"]
+    assert check_paths(missing)[0] == ["ingest.socket_group: no group 'no-such-group-tw' on this system "
+                                       "(systemd/tokenwire.sysusers makes tokenwire-ingest)"]
     path = tmp_path / "tw.toml"
     path.write_text(f'[ingest]\nsocket = "{sock}"\nsocket_group = "{group.gr_name}"\n')
     assert main(["config", "check", str(path)]) == 0
@@ -375,3 +375,50 @@ def test_the_kv_ingest_socket_is_given_its_own_group_too(tmp_path):
 
     with tempfile.TemporaryDirectory() as folder:  # a short path: sun_path holds 108 bytes
         assert run(go(Path(folder) / "kv.sock")) == (group.gr_gid, 0o660)
+
+
+# ------------------------------------------------------------------------------ the install path (a probe of it)
+def test_a_socket_folder_the_group_cannot_enter_is_a_warning_and_a_stopped_services_run_folder_is_not_an_error(
+        tmp_path, monkeypatch):
+    """An old unit re-made /run/tokenwire 0750 at each start: the socket was 0660 in tokenwire-ingest, and its
+    members got EACCES from the folder while config check said ok. And /run/tokenwire does not exist while the
+    service is stopped (RuntimeDirectory=): config check failed a correct config exactly then."""
+    from tokenwire.daemon import unix_sockets
+    from tokenwire.daemon.unix_sockets import socket_checks
+
+    group = _other_group()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    folder.chmod(0o750)
+    errors, warnings = socket_checks(folder / "ingest.sock", group.gr_name, "ingest.socket")
+    assert errors == [] and len(warnings) == 1
+    assert f"ingest.socket_group: members of group {group.gr_name!r} cannot reach the socket" in warnings[0]
+    assert "mode 0750" in warnings[0]
+    folder.chmod(0o711)
+    assert socket_checks(folder / "ingest.sock", group.gr_name, "ingest.socket") == ([], [])
+    monkeypatch.setattr(unix_sockets, "RUNTIME_PARENT", tmp_path)  # (/run on a real system)
+    errors, warnings = socket_checks(tmp_path / "stopped" / "ingest.sock", None, "ingest.socket")
+    assert errors == [] and "RuntimeDirectory= makes it at start" in warnings[0]
+    errors, _ = socket_checks(tmp_path / "stopped" / "deeper" / "ingest.sock", None, "ingest.socket")
+    assert errors and "no such folder" in errors[0]  # not a runtime folder: the start would fail
+
+
+def test_config_check_run_as_root_names_files_the_daemons_user_cannot_read(tmp_path, monkeypatch):
+    """The README's install without its chown: tokenwire cert writes the key 0600 root, config check (as root)
+    said ok, and the daemon, running as the unit's user, failed with "cannot read (Permission denied)"."""
+    import pwd
+
+    from tokenwire.daemon import config
+
+    if os.geteuid() != 0:
+        pytest.skip("config check reads as the daemon's user only when run as root")
+    nobody = pwd.getpwnam("nobody")
+    monkeypatch.setattr(config, "DAEMON_USER", "nobody")  # (tokenwire on a real install)
+    key = tmp_path / "key.pem"
+    key.write_text("secret")
+    key.chmod(0o600)
+    cfg = parse_config({"server": {"private_key": str(key), "certificate": str(key)}})
+    warned = [w for w in security_warnings(cfg) if "cannot be read by the nobody user" in w]
+    assert {w.split(":")[0] for w in warned} == {"server.private_key", "server.certificate"}
+    os.chown(key, nobody.pw_uid, -1)
+    assert not [w for w in security_warnings(cfg) if "cannot be read" in w]
