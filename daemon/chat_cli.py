@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a request parameter for the upstream (repeatable; VALUE as JSON when it parses: "
-                   "--param temperature=0.2, --param seed=3, else a string)")
+                   help="a request parameter for the upstream (repeatable; VALUE a JSON number, true/false or "
+                   "null when it parses as one, else a string: --param temperature=0.2, --param seed=3)")
     p.add_argument("--attach", metavar="REQUEST_ID", help="stream an existing answer by its hex id instead")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without a packet from the server (default 60): how soon a dead "
@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _params(items: list[str]) -> dict[str, Any]:
-    """``--param KEY=VALUE`` items as a request's ``params``: VALUE as JSON when it parses (numbers, true, lists),
-    else the string itself; a key given twice or an item without ``=`` is an error naming it."""
+    """``--param KEY=VALUE`` items as a request's ``params``: VALUE as JSON when it parses (numbers, true, null;
+    a list or object parses too, and the request check then refuses it: the protocol carries scalars only), else
+    the string itself; a key given twice or an item without ``=`` is an error naming it."""
     import json
 
     from tokenwire.daemon.cli import CLIError

@@ -92,6 +92,9 @@ class _KVCollector:
         refused.add_metric(["unauthorized"], stats.get("unauthorized", 0))
         refused.add_metric(["evicted"], stats.get("evicted", 0))
         yield refused
+        yield CounterMetricFamily("tokenwire_kv_ecn_validation_failed", "KV connections that stopped marking ECT "
+                                  "because their client reported no ECN counts (connect_kv(ecn=False))",
+                                  value=server.ecn_unvalidated())
         yield GaugeMetricFamily("tokenwire_kv_quic_retry_active", "1 while the KV endpoint asks new clients for a "
                                 "QUIC Retry (handshake load)", value=int(server.guard.retrying_since is not None))
         yield CounterMetricFamily("tokenwire_kv_encodes", "KV chunk levels encoded from their source",

@@ -195,7 +195,7 @@ def test_kv_fetches_stop_marking_for_a_client_without_ecn_counts(tmp_path):
     ids = list(range(100, 100 + n))
     svc.ingest_sync("m", ids, kv, prewarm=["high"])
 
-    async def fetch(ecn: bool) -> tuple[str, list[int]]:
+    async def fetch(ecn: bool) -> tuple[str, list[int], int]:
         server = await serve_kv(svc, "127.0.0.1", 0, congestion="prague", marking=L4SPolicy,
                                 tuning=ServerTuning(forecaster="ewma"))
         try:
@@ -203,15 +203,16 @@ def test_kv_fetches_stop_marking_for_a_client_without_ecn_counts(tmp_path):
                 res = await conn.fetch_kv(model="m", token_ids=ids, deadline_ms=20000, controller="fixed-L1")
                 assert len(res.chunks) == 24
                 states = [p.kv.ecn.state for p in server.protocols]
-            return states[0], list(server._quic_server._transport.sent_by_codepoint)
+            # counted for the metric (tokenwire_kv_ecn_validation_failed_total), open or ended
+            return states[0], list(server._quic_server._transport.sent_by_codepoint), server.ecn_unvalidated()
         finally:
             server.close()
 
     try:
-        state, sent = asyncio.run(asyncio.wait_for(fetch(False), 60))
-        assert state == "failed" and sent[NOT_ECT] > 0
-        state, sent = asyncio.run(asyncio.wait_for(fetch(True), 60))
-        assert state == "capable" and sent[NOT_ECT] == 0 and sent[ECT1] > 20
+        state, sent, failed = asyncio.run(asyncio.wait_for(fetch(False), 60))
+        assert state == "failed" and sent[NOT_ECT] > 0 and failed == 1
+        state, sent, failed = asyncio.run(asyncio.wait_for(fetch(True), 60))
+        assert state == "capable" and sent[NOT_ECT] == 0 and sent[ECT1] > 20 and failed == 0
     finally:
         svc.close()
 

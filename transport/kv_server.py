@@ -136,6 +136,7 @@ class KVServerProtocol(GuardedProtocol):
                     t.cancel()
                 self.app.protocols.discard(self)
                 self.app.unauthorized.pop(self, None)
+                self.app.stats["ecn_unvalidated"] += self.kv.ecn.failures  # (live ones: KVServer.ecn_unvalidated)
                 self._handshake_done()  # ended in its handshake
                 if self.established:
                     self.established = False
@@ -213,8 +214,9 @@ class KVServer:
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
-         "unauthorized", "connections_refused", "evicted"), 0))  # (the last three: connections closed by the
-    # admission checks: at the handshake's end, or to make room for a new client)
+         "unauthorized", "connections_refused", "evicted", "ecn_unvalidated"), 0))
+    # (unauthorized, connections_refused, evicted: connections closed by the admission checks, at the handshake's
+    # end or to make room for a new client; ecn_unvalidated: ended connections whose ECN validation failed)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
@@ -234,6 +236,12 @@ class KVServer:
 
     def __post_init__(self) -> None:
         self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
+
+    def ecn_unvalidated(self) -> int:
+        """KV connections that stopped marking because their client reported no ECN counts (ECN validation), ended
+        or open: the chat port's sessions report theirs to tokenwire_ecn_validation_failed_total, these went
+        uncounted."""
+        return self.stats["ecn_unvalidated"] + sum(p.kv.ecn.failures for p in self.protocols)
 
     def evict_unauthorized(self) -> bool:
         """Past max_connections: close the oldest connection that has made no authorized fetch, to admit a new
