@@ -342,12 +342,13 @@ def test_sse_client_failures_are_one_line(tmp_path):
     err = tmp_path / "client.stderr"
     with open(err, "w") as fh:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, text=True)
-    try:
-        with pytest.raises(ChildError) as info:
-            Child(proc, "sse-tcp client", str(err)).wait_for("connected", 30)
-    finally:
-        proc.kill()
-        proc.wait()
+    with proc:  # (its pipes closed at the end: left open, they were a ResourceWarning in a later test)
+        try:
+            with pytest.raises(ChildError) as info:
+                Child(proc, "sse-tcp client", str(err)).wait_for("connected", 30)
+        finally:
+            proc.kill()
+            proc.wait()
     assert str(info.value).startswith("sse-tcp client: ClientConnectorError: Cannot connect to host 127.0.0.1")
     assert "\n" not in str(info.value)
 
