@@ -26,7 +26,7 @@ import logging
 import signal
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from aioquic.quic import events as qe
@@ -38,10 +38,12 @@ from tokenwire.transport.frames import Request
 from tokenwire.transport.handshake_guard import (
     HANDSHAKE_PROVEN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
+    REFUSALS_LOG_S,
     RETRY_ABOVE,
     ClientCertificateError,
     GuardedProtocol,
     HandshakeGuard,
+    RefusalLog,
     retry_threshold,
     verify_peer_certificate,
 )
@@ -87,9 +89,6 @@ log = logging.getLogger("tokenwire.daemon")
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
 CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a warning at start and reload
-# Clients refused past max_sessions: the first is a warning, the rest are counted and summed up at most this often
-# (likewise unauthorized clients, and never-authorized connections closed to admit new clients)
-REFUSALS_LOG_S = 60.0
 # Before its first authorized request, a connection (auth tokens configured) gets connection-level credit of this many
 # maximal requests, plus its first stream's request (see ReadCredit.hold_until_authorized): an unauthenticated one
 # made the daemon hold 64 streams of 1 MiB requests short of their last byte (+75 MiB RSS for 42 s), and 3 at most
@@ -111,35 +110,6 @@ def cert_principal(name: str) -> str:
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     shown = "".join(c if c.isprintable() else "?" for c in name)
     return f"cert:{shown[: MAX_PRINCIPAL_CHARS - len('cert:~') - len(digest)]}~{digest}"
-
-class RefusalLog:
-    """Refusals of one kind that a flood of clients repeats, logged the daemon's way: the first is a warning, those
-    within REFUSALS_LOG_S of the last line are counted, and one line sums them up (with the next one logged, or from
-    :meth:`flush`, which the housekeeping calls). A line per refusal flooded the log (200 wrong tokens, 200 lines)."""
-
-    def __init__(self, summary: Callable[[int, float], str]) -> None:
-        self.summary = summary  # the summing-up line, of how many were counted over how many seconds
-        self.logged_at: float | None = None  # the last line about this kind
-        self.unlogged = 0  # counted since that line
-
-    def hold(self, now: float) -> bool:
-        """True: this refusal is counted, not logged; False: the caller logs it now (after what was held back)."""
-        if self.logged_at is not None and now - self.logged_at < REFUSALS_LOG_S:
-            self.unlogged += 1
-            return True
-        self.flush(now)
-        self.logged_at = now
-        return False
-
-    def flush(self, now: float) -> None:
-        """The line summing up what was counted, once the last line is REFUSALS_LOG_S old."""
-        at = self.logged_at
-        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
-            return
-        log.warning("%s", self.summary(self.unlogged, now - at))
-        self.unlogged = 0
-        self.logged_at = now
-
 
 class DaemonProtocol(GuardedProtocol):
     """One client connection."""
@@ -309,13 +279,15 @@ class Daemon:
             proven_timeout_s=HANDSHAKE_PROVEN_TIMEOUT_S, threshold=lambda: self.retry_threshold(),
             on_refused=lambda reason: self.metrics.handshakes_refused.labels(reason=reason).inc(),
             on_retry=lambda active: self.metrics.retry_active.set(int(active)), relax_every=None)
-        self._session_refusals = RefusalLog(lambda n, s: (
+        # clients refused past max_sessions, unauthorized clients and never-authorized connections closed to admit new
+        # clients: the first of each kind is a warning, the rest are counted and summed up (RefusalLog)
+        self._session_refusals = RefusalLog(log, lambda n, s: (
             f"refused {n} more connections in the last {s:.0f} s: {self.established} sessions open "
             f"(limits.max_sessions)"))
-        self._auth_refusals = RefusalLog(lambda n, s: (
+        self._auth_refusals = RefusalLog(log, lambda n, s: (
             f"refused {n} more unauthorized clients in the last {s:.0f} s (a missing, invalid or revoked auth token "
             f"or client certificate; tokenwire_errors_total code 0x105)"))
-        self._evictions = RefusalLog(lambda n, s: (
+        self._evictions = RefusalLog(log, lambda n, s: (
             f"closed {n} more never-authorized connections in the last {s:.0f} s to admit new clients "
             f"(limits.max_sessions; tokenwire_handshakes_refused_total reason evicted)"))
         # established connections that have not been authorized yet (auth tokens configured), oldest first: past

@@ -325,7 +325,7 @@ def test_wrong_tokens_are_one_warning_then_counted_and_summed_up(caplog):
 
 def test_the_refusal_log_sums_up_what_it_held_back():
     lines: list[str] = []
-    refusals = service.RefusalLog(lambda n, s: f"{n} in {s:.0f} s")
+    refusals = service.RefusalLog(service.log, lambda n, s: f"{n} in {s:.0f} s")
     now = time.monotonic()
     assert not refusals.hold(now)  # the first: logged by the caller
     assert refusals.hold(now + 1) and refusals.hold(now + 2)  # counted

@@ -44,6 +44,9 @@ HANDSHAKE_PROVEN_TIMEOUT_S = 30.0
 # With this many handshakes in progress (or half of the bound, if fewer), new clients must prove their address first
 RETRY_ABOVE = 64
 RELAX_EVERY_S = 1.0  # how often a guard that runs its own timer checks whether Retry may go off
+# Refusals a flood repeats (past the connection limit, unauthorized clients, evictions): the first is a warning, the
+# rest are counted and summed up at most this often (RefusalLog)
+REFUSALS_LOG_S = 60.0
 
 
 def retry_threshold(limit: int, above: int = RETRY_ABOVE) -> int:
@@ -145,6 +148,37 @@ class HandshakeGuard:
         if self._relax_timer is not None:
             self._relax_timer.cancel()
             self._relax_timer = None
+
+
+class RefusalLog:
+    """Refusals of one kind that a flood of clients repeats: the first is a warning, those within REFUSALS_LOG_S of
+    the last line are counted, and one line on ``logger`` sums them up (with the next one logged, or from
+    :meth:`flush`, which a housekeeping loop may call). A line per refusal flooded the log (200 wrong tokens, 200
+    lines). The daemon's chat port and the KV endpoint both log their admission refusals through it."""
+
+    def __init__(self, logger: logging.Logger, summary: Callable[[int, float], str]) -> None:
+        self.logger = logger
+        self.summary = summary  # the summing-up line, of how many were counted over how many seconds
+        self.logged_at: float | None = None  # the last line about this kind
+        self.unlogged = 0  # counted since that line
+
+    def hold(self, now: float) -> bool:
+        """True: this refusal is counted, not logged; False: the caller logs it now (after what was held back)."""
+        if self.logged_at is not None and now - self.logged_at < REFUSALS_LOG_S:
+            self.unlogged += 1
+            return True
+        self.flush(now)
+        self.logged_at = now
+        return False
+
+    def flush(self, now: float) -> None:
+        """The line summing up what was counted, once the last line is REFUSALS_LOG_S old."""
+        at = self.logged_at
+        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
+            return
+        self.logger.warning("%s", self.summary(self.unlogged, now - at))
+        self.unlogged = 0
+        self.logged_at = now
 
 
 class GuardedProtocol(SessionProtocol):

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,14 @@ from aioquic.quic.connection import QuicConnection
 
 from .errors import ErrorCode, TokenwireError
 from .frames import KvFetch
-from .handshake_guard import ClientCertificateError, GuardedProtocol, HandshakeGuard, verify_peer_certificate
+from .handshake_guard import (
+    REFUSALS_LOG_S,
+    ClientCertificateError,
+    GuardedProtocol,
+    HandshakeGuard,
+    RefusalLog,
+    verify_peer_certificate,
+)
 from .kv_protocol import KVError, kv_quic_config
 from .kv_server_session import (
     KVChunkNeeded,
@@ -43,7 +49,6 @@ _T = TypeVar("_T")
 # KV connections past their handshake (serve_kv's max_connections; the daemon passes limits.max_sessions), and the
 # bound on handshakes in progress: the chat port's default max_sessions
 MAX_CONNECTIONS = 10_000
-REFUSALS_LOG_S = 60.0  # refusals past max_connections: a warning, then at most one line this often
 
 
 class KVServerProtocol(GuardedProtocol):
@@ -230,12 +235,15 @@ class KVServer:
     # Past max_connections the oldest makes room (as on the chat port): tokens are checked per fetch, and five
     # idle token-less connections held every slot of max_sessions = 5 until their idle timeout, 60 s at a time
     unauthorized: dict[KVServerProtocol, None] = field(default_factory=dict)
-    _refusals_logged_at: float = -math.inf  # refusals past max_connections: a warning, then one a minute
-    _refusals_unlogged: int = 0
+    # refusals and evictions past max_connections: a warning, then counted and summed up at most once a minute
+    refusals: RefusalLog = field(init=False)
     _quic_server: Any = None
 
     def __post_init__(self) -> None:
         self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
+        self.refusals = RefusalLog(log, lambda n, s: (
+            f"refused or closed {n} more KV connections in the last {s:.0f} s: {self.connections} open "
+            "(limits.max_sessions)"))
 
     def ecn_unvalidated(self) -> int:
         """KV connections that stopped marking because their client reported no ECN counts (ECN validation), ended
@@ -264,14 +272,9 @@ class KVServer:
     def log_refusal(self, line: str) -> None:
         """A warning for a connection refused or evicted past max_connections, then at most one a minute saying
         how many more (a flood was a line per client, and the refusals had been logged at debug level only)."""
-        now = time.monotonic()
-        if now - self._refusals_logged_at < REFUSALS_LOG_S:
-            self._refusals_unlogged += 1
-            return
-        more = f" ({self._refusals_unlogged} more since the last such line)" if self._refusals_unlogged else ""
-        log.warning("%s%s; more are counted (tokenwire_kv_connections_refused_total) and logged at most every %g s",
-                    line, more, REFUSALS_LOG_S)
-        self._refusals_logged_at, self._refusals_unlogged = now, 0
+        if not self.refusals.hold(time.monotonic()):
+            log.warning("%s; more are counted (tokenwire_kv_connections_refused_total) and logged at most every %g s",
+                        line, REFUSALS_LOG_S)
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
         """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
