@@ -17,6 +17,7 @@ from tokenwire.transport.kv_channel import KVError, ServerTuning, connect_kv, se
 from tokenwire.transport.server import serve
 from tokenwire.transport.session import ConnectionEnded
 
+from .test_sdk_edges import _on_connection_lost
 from .test_sdk_server import T, client_kwargs, run, served
 
 
@@ -154,14 +155,7 @@ def test_an_end_delivered_by_aioquic_is_not_repeated_when_the_socket_closes():
             async with connect("127.0.0.1", server.port, **client_kwargs()) as conn:
                 proto = conn._protocol
                 ends = count_ends(proto)
-                lost = asyncio.Event()
-                real = proto.connection_lost
-
-                def connection_lost(exc):
-                    real(exc)
-                    lost.set()
-
-                proto.connection_lost = connection_lost
+                lost = _on_connection_lost(proto)
             await asyncio.wait_for(lost.wait(), T)  # the closing period ended, then the socket closed
             proto.connection_lost(None)
             return ends
