@@ -120,7 +120,7 @@ def run_check(args: argparse.Namespace) -> int:
         if "EXPIRED" in certificate:
             print(f"warning: server.certificate: {certificate}", file=sys.stderr)
     if cfg.server.client_ca is not None:  # loaded now too: the daemon would refuse to start
-        from .service import client_verifier
+        from .certificates import client_verifier
         from .startup import StartupError
 
         try:

@@ -1,7 +1,7 @@
 """``tokenwire daemon``: the edge service that terminates QUIC from chat clients and streams LLM tokens.
 
 One asyncio (uvloop) process. Per connection a :class:`DaemonProtocol` drives a sans-I/O
-:class:`~tokenwire.transport.session.ServerSession`; per answer a :class:`LiveRequest` in the
+:class:`~tokenwire.transport.server_session.ServerSession`; per answer a :class:`LiveRequest` in the
 :class:`TranscriptStore` is fed by an upstream task and streamed to every connection attached to it. So an
 answer survives its connection: a client that reconnects with the request id and the index it holds gets
 the rest (resumption), and an application's ingested answer can be attached to by id.
@@ -11,17 +11,18 @@ logging and TLS files renewed in place (a bad file is refused and the running co
 connection whose token it removed is refused further requests); SIGTERM/SIGINT drain: new requests are
 refused with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout_s``, then connections
 close; a second SIGTERM/SIGINT stops at once.
+
+This module keeps :class:`Daemon`'s orchestration (listeners, answers, reload, drain). Beside it: the per-connection
+shell (``connection.py``: :class:`DaemonProtocol`), the certificate files (``certificates.py``), SIGHUP's decisions
+(``reload_decisions.py``) and an answer's generation task (``generation.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime
 import functools
 import gc
-import hashlib
 import logging
 import signal
 import time
@@ -29,57 +30,36 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from aioquic.quic import events as qe
-from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.configuration import QuicConfiguration
 
-from tokenwire.transport.chatterbox import SenderStats
-from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import Request
 from tokenwire.transport.handshake_guard import (
     HANDSHAKE_PROVEN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
     REFUSALS_LOG_S,
     RETRY_ABOVE,
-    ClientCertificateError,
-    GuardedProtocol,
     HandshakeGuard,
     RefusalLog,
     retry_threshold,
-    verify_peer_certificate,
 )
 from tokenwire.transport.quic_io import ValidatingQuicServer, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
-from tokenwire.transport.session import (
-    ClientReport,
-    ConnectionEnded,
-    ReadCredit,
-    RequestCancelled,
-    RequestCompleted,
-    RequestReceived,
-    RequestRefused,
-    ServerSession,
-    SessionEvent,
-)
-from tokenwire.transport.tls import (
-    CertificateFileError,
-    ClientCertVerifier,
-    certificate_summary,
-    make_self_signed,
-    request_client_certificate,
-    server_configuration,
-)
+from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
-from .cli import printable
-from .config import MAX_PRINCIPAL_CHARS, AuthConfig, Config, ConfigError, TokenEntry, load_config, restart_changes
+from .certificates import client_verifier, reload_tls, server_tls
+from .config import AuthConfig, Config, ConfigError, load_config
+from .connection import DaemonProtocol
+from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService, model_problem
+from .reload_decisions import plan_reload, recheck_token
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import Metrics, serve_metrics
-from .tls_reload import reload_certificate, reload_client_ca
-from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
+from .transcripts import LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
 log = logging.getLogger("tokenwire.daemon")
@@ -88,174 +68,8 @@ log = logging.getLogger("tokenwire.daemon")
 # it is made (tests shorten them)
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
-CERT_WARN_DAYS = 14  # a server certificate this close to its end is logged as a warning at start and reload
-# Before its first authorized request, a connection (auth tokens configured) gets connection-level credit of this many
-# maximal requests, plus its first stream's request (see ReadCredit.hold_until_authorized): an unauthenticated one
-# made the daemon hold 64 streams of 1 MiB requests short of their last byte (+75 MiB RSS for 42 s), and 3 at most
-# now. Three maximal first requests sent at once still come whole; the full window follows the first authorized one.
-UNAUTHORIZED_CREDIT_REQUESTS = 2
 # A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
 GC_INTERVAL_S = 30.0
-
-
-def cert_principal(name: str) -> str:
-    """The principal of a client certificate: ``cert:`` and its common name (its whole RFC 4514 subject when it
-    has none). One too long for ingest's 128 characters, with unprintable characters or with a ``~`` keeps a
-    printable prefix and ends with ``~`` and 16 hex digits of the name's SHA-256, so every certificate's answers
-    can still be opened for it (a long subject's could not), and a name that spells out another's shortened
-    form is hashed too: two names share a principal only by a 64-bit SHA-256 prefix collision."""
-    principal = f"cert:{name}"
-    if len(principal) <= MAX_PRINCIPAL_CHARS and name.isprintable() and "~" not in name:
-        return principal
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    shown = "".join(c if c.isprintable() else "?" for c in name)
-    return f"cert:{shown[: MAX_PRINCIPAL_CHARS - len('cert:~') - len(digest)]}~{digest}"
-
-class DaemonProtocol(GuardedProtocol):
-    """One client connection."""
-
-    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, daemon: Daemon) -> None:
-        limits = daemon.config.limits
-        super().__init__(
-            quic,
-            stream_handler,
-            session_factory=lambda q: ServerSession(
-                q,
-                max_requests=limits.max_requests_per_connection,
-                max_redundant_tokens=limits.max_redundant_tokens,
-                max_request_bytes=limits.max_request_bytes,
-                marking=daemon.marking.new_policy(),
-                request_timeout=limits.request_timeout_s,
-            ),
-        )
-        self.daemon = daemon
-        self.principal: str | None = None
-        self.refused = 0  # requests refused by the session (over a limit, too large): logged once, then counted
-        # With server.client_ca, not before the handshake's certificate check: True from the start (no tokens), a
-        # request in the same datagram as a certless client's Finished started an answer for nobody
-        self._authorized = not daemon.config.auth.required and daemon.client_verifier is None
-        if daemon.config.auth.required and isinstance(quic, ReadCredit):  # (the session made it one)
-            quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes)
-        self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
-        self.revoked = False  # a reload removed its token: the client does not send it again
-        self.attached: dict[int, LiveRequest] = {}
-        if daemon.client_verifier is not None:
-            request_client_certificate(quic)
-        self.ended = False
-        # A session counts (max_sessions, the sessions gauge) once its handshake completes: one Initial
-        # datagram each (spoofable: no Retry) held every slot until the idle timeout and locked all clients
-        # out. Handshakes in progress have a deadline and a bound of their own.
-        self.established = False
-        self._reported = SenderStats()
-        self._reported_acks = 0
-        self._reported_ce = 0
-        self._reported_unvalidated = 0  # ECN validation failures of this connection, counted so far
-        daemon.protocols.add(self)
-        self.guard_handshake(daemon.handshake_guard)  # its deadline, the bound, Retry under load (shared with KV)
-
-    @property
-    def server_session(self) -> ServerSession:
-        assert isinstance(self.session, ServerSession)
-        return self.session
-
-    @property
-    def authorized(self) -> bool:
-        """Whether its requests may start answers (a valid token, a valid certificate, or no auth configured)."""
-        return self._authorized
-
-    @authorized.setter
-    def authorized(self, value: bool) -> None:
-        self._authorized = value
-        if value:  # its client has proven itself: the full flow-control window, and no eviction past max_sessions
-            self.daemon.unauthorized.pop(self, None)
-            if isinstance(self._quic, ReadCredit):
-                self._quic.release_credit()
-
-    @property
-    def closing(self) -> bool:
-        """Closed, or closing (by this side or the peer): nothing may start on it any more."""
-        quic = self._quic
-        return self.ended or quic._close_event is not None or quic._state in END_STATES
-
-    def quic_event_received(self, event: qe.QuicEvent) -> None:
-        super().quic_event_received(event)
-        if isinstance(event, qe.HandshakeCompleted):
-            self._on_handshake()
-
-    def _on_handshake(self) -> None:
-        """Check the client's certificate and the session limit, then count the session."""
-        self._handshake_done()
-        d = self.daemon
-        if d.client_verifier is not None:
-            try:  # (the KV channel's endpoint makes the same check: verify_peer_certificate)
-                name = verify_peer_certificate(self._quic, d.client_verifier)
-            except ClientCertificateError as exc:
-                d.unauthorized_client(self.peer, str(exc))
-                self.server_session.close(ErrorCode.UNAUTHORIZED, exc.close_reason)
-                return
-            self.principal = cert_principal(name)
-            if not d.config.auth.required:
-                self.authorized = True
-        if d.established >= d.config.limits.max_sessions and not d.evict_unauthorized():
-            d.session_refused(self.peer)
-            self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
-            return
-        self.established = True
-        d.established += 1
-        d.metrics.sessions.inc()
-        d.metrics.sessions_total.inc()
-        if not self.authorized:  # (oldest first: dicts keep their order)
-            d.unauthorized[self] = None
-
-    def handle_session_events(self, events: list[SessionEvent]) -> None:
-        d = self.daemon
-        for ev in events:
-            if isinstance(ev, RequestReceived):
-                if self.closing:
-                    # Requests read with a closing connection's last datagram start nothing, and are not counted: a
-                    # certless client's came in the datagram of its Finished, read after the certificate check had
-                    # closed the connection (or max_sessions had), or after a request with a wrong token had; each
-                    # generated an answer for nobody until orphan_timeout_s, filling max_live_answers.
-                    continue
-                if not self.established:  # (1-RTT data comes after the handshake; 0-RTT, if ever, must wait too)
-                    d._reject(self, ev.stream_id, ErrorCode.UNAUTHORIZED, "request before the handshake completed")
-                    continue
-                d.on_request(self, ev.stream_id, ev.request)
-            elif isinstance(ev, RequestCompleted):
-                d.detach(self, ev.stream_id, cancel=False)
-            elif isinstance(ev, RequestCancelled):
-                d.detach(self, ev.stream_id, cancel=not ev.lost)
-            elif isinstance(ev, ClientReport):
-                d.on_report(ev.report)
-            elif isinstance(ev, RequestRefused):
-                # one warning per connection, the rest at debug and counted (one client refused 1,770 streams
-                # a second, each a warning line: a log flood); the total is logged when the connection ends
-                self.refused += 1
-                (log.warning if self.refused == 1 else log.debug)(
-                    "refused a request from %s: %s", self.peer, ev.reason)
-                d.metrics.errors.labels(code=hex(ev.code)).inc()
-            elif isinstance(ev, ConnectionEnded):
-                d.on_connection_end(self, ev)
-        self.transmit()
-
-    def flush_counters(self) -> None:
-        """Add this connection's packet counters since the last flush to the Prometheus counters."""
-        now = self.server_session.totals()
-        m = self.daemon.metrics
-        prev = self._reported
-        m.packets.inc(max(0, now.packets - prev.packets))
-        m.redundant_bytes.inc(max(0, now.redundant_bytes - prev.redundant_bytes))
-        m.repairs.inc(max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks))
-        m.repeats_trimmed.inc(max(0, now.repeats_trimmed - prev.repeats_trimmed))
-        acks = self.server_session.acks_received
-        m.acks.inc(max(0, acks - self._reported_acks))
-        self._reported, self._reported_acks = now, acks
-        ce = self.server_session.ce_reported
-        self.daemon.marking.add_ce(ce - self._reported_ce)
-        self._reported_ce = max(ce, self._reported_ce)
-        failed = self.server_session.ecn.failures
-        self.daemon.marking.add_validation_failures(failed - self._reported_unvalidated)
-        self._reported_unvalidated = failed
 
 
 class Daemon:
@@ -334,25 +148,7 @@ class Daemon:
 
     async def _start(self) -> None:
         cfg = self.config
-        if cfg.server.certificate is None:
-            log.warning("no server.certificate configured: using an ephemeral self-signed certificate")
-            pair = make_self_signed(("localhost", *{h for h, _ in cfg.server.listen if h not in ("::", "0.0.0.0")}))
-            tls_kwargs: dict[str, Any] = {"cert": pair}
-            quic_config = server_configuration(
-                cert=pair, congestion=cfg.server.congestion, idle_timeout=cfg.server.idle_timeout_s
-            )
-        else:
-            tls_kwargs = {"certfile": cfg.server.certificate, "keyfile": cfg.server.private_key}
-            try:
-                quic_config = server_configuration(
-                    certfile=cfg.server.certificate,
-                    keyfile=cfg.server.private_key,
-                    congestion=cfg.server.congestion,
-                    idle_timeout=cfg.server.idle_timeout_s,
-                )
-            except (OSError, ValueError) as exc:  # unreadable, not PEM, or a key that does not match
-                raise StartupError(f"server.certificate / server.private_key: {exc}") from None
-            _warn_if_expiring(quic_config.certificate, cfg.server.certificate)
+        quic_config, tls_kwargs = server_tls(cfg)
         self._quic_config = quic_config
         factory = functools.partial(DaemonProtocol, daemon=self)
         self.marking.start()
@@ -648,23 +444,19 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.reload_note = "the last reload was refused (see the log); "
             return f"reload refused: {exc}", False
-        old_level = self.config.logging.level
-        log_format = self.log_format_override or new.logging.format
-        if log_format != self.config.logging.format:  # replaces the root handlers: only on a change
-            setup_logging(self.config.logging.level, log_format)  # the new level once the reload is logged
-        logging_cfg = dataclasses.replace(new.logging, format=log_format)
-        ignored = restart_changes(self.config, new)  # logged in the new format, as all that follows
-        if ignored:
-            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(ignored))
+        plan = plan_reload(self.config, new, self.log_format_override)  # what it applies: reload_decisions.py
+        logging_cfg = plan.config.logging
+        if plan.reformat:  # replaces the root handlers: only on a change
+            setup_logging(self.config.logging.level, logging_cfg.format)  # the new level once the reload is logged
+        if plan.needs_restart:  # logged in the new format, as all that follows
+            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(plan.needs_restart))
         self._check_marking_model(new)
-        self.config = dataclasses.replace(self.config, auth=new.auth, limits=new.limits, logging=logging_cfg)
-        self.store.max_bytes = int(new.limits.transcript_memory_mb * (1 << 20))
-        self.store.retain_s = new.limits.transcript_retain_s
+        self.config = plan.config
+        self.store.max_bytes = plan.transcript_max_bytes
+        self.store.retain_s = plan.transcript_retain_s
         revoked = self._recheck_auth(new.auth)
         tls_ok = self._reload_tls()
-        # at the more verbose of the two levels: at the old one, a reload from "warning" to "info" left no trace,
-        # and at the new one, the other way round
-        set_log_level(min(old_level, new.logging.level, key=lambda lv: logging.getLevelName(lv.upper())))
+        set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
         log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
                  logging_cfg.level, logging_cfg.format)
         if revoked:
@@ -708,34 +500,15 @@ class Daemon:
     def _reload_tls(self) -> bool:
         """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
         a restart). One that cannot be used is logged and the running one kept; False then."""
-        server = self.config.server
-        ok = True
-        if server.certificate is not None and self._quic_config is not None:
-            configs = [self._quic_config]
+        configs: list[QuicConfiguration] = []  # those serving the certificate: none before the listeners open
+        if self.config.server.certificate is not None and self._quic_config is not None:
+            configs.append(self._quic_config)
             if self.kv is not None:
                 configs.append(self.kv.server.quic_configuration)
-            try:
-                cert = reload_certificate(configs, server.certificate, server.private_key)
-            except (OSError, ValueError) as exc:
-                log.error("reload: server.certificate / server.private_key: %s; still serving the running "
-                          "certificate", exc)
-                ok = False
-            else:
-                if cert is not None:
-                    log.info("reload: serving the new certificate in %s (%s) to new connections",
-                             server.certificate, certificate_summary(cert))
-                    _warn_if_expiring(cert, server.certificate)
-        if server.client_ca:
-            try:
-                fresh = reload_client_ca(server.client_ca, self._client_ca_digest)
-            except (OSError, ValueError) as exc:
-                log.error("reload: server.client_ca: %s; still using the CA bundle read before", exc)
-                ok = False
-            else:
-                if fresh is not None:
-                    self.client_verifier, self._client_ca_digest = fresh
-                    log.info("reload: client certificates are checked against the new %s", server.client_ca)
-        return ok
+        done = reload_tls(self.config.server, configs, self._client_ca_digest)
+        if done.client_ca is not None:
+            self.client_verifier, self._client_ca_digest = done.client_ca
+        return done.ok
 
     def _recheck_auth(self, auth: AuthConfig) -> int:
         """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);
@@ -744,17 +517,9 @@ class Daemon:
         for proto in self.protocols:
             if not proto.authorized:
                 continue
-            # the token it came with must still be there (by its digest: a renamed entry is the same token); a
-            # connection let in without one needs one once a reload adds the first tokens
-            if not auth.required:
-                valid = True
-            elif proto.token is not None:
-                same = next((t for t in auth.tokens if t.sha256 == proto.token.sha256), None)
-                if same is not None:  # renamed: its new answers are the new name's, as a new connection's are
-                    proto.token, proto.principal = same, same.name
-                valid = same is not None
-            else:
-                valid = False
+            valid, same = recheck_token(auth, proto.token)  # (reload_decisions.py)
+            if same is not None:  # renamed: its new answers are the new name's, as a new connection's are
+                proto.token, proto.principal = same, same.name
             if not valid:
                 proto.authorized, proto.revoked = False, True
                 revoked += 1
@@ -978,7 +743,8 @@ class Daemon:
                 request_id=live.request_id,
                 peer=proto.peer,
             )
-            task = asyncio.ensure_future(self._feed(live, self.upstreams[route.name], chat))
+            task = asyncio.ensure_future(
+                generate_answer(live, self.upstreams[route.name], chat, self.metrics.tokens.inc))
             self.tasks[live.request_id] = task
             self.metrics.requests_active.inc()
             task.add_done_callback(functools.partial(self._fed, live))
@@ -1109,30 +875,6 @@ class Daemon:
             self.established -= 1
             self.metrics.sessions.dec()
 
-    async def _feed(self, live: LiveRequest, upstream: Upstream, chat: ChatRequest) -> None:
-        def emit(text: str) -> None:
-            before = len(live.transcript)
-            try:
-                live.push(text, time.monotonic())
-            finally:
-                self.metrics.tokens.inc(len(live.transcript) - before)
-
-        try:
-            reason = await upstream.generate(chat, emit)
-            live.finish(reason, time.monotonic())
-        except GenerationLimit:
-            live.finish("length", time.monotonic())
-        except asyncio.CancelledError:
-            live.finish("cancelled", time.monotonic())
-        except RequestError as exc:  # a typed failure (unreachable, timeout, HTTP error): the client gets it
-            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # the detail stays in the log
-            # the upstream's words: raw, a line break forged a log line and escapes reached the operator's terminal
-            log.warning("request %s failed: %s", live.request_id.hex(), printable(f"{exc}{cause}"))
-            live.fail(exc.code, str(exc), time.monotonic())
-        except Exception:
-            log.exception("upstream %s failed", upstream.name)
-            live.fail(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.name!r} failed", time.monotonic())
-
     def _fed(self, live: LiveRequest, task: asyncio.Task[None]) -> None:
         """A generation task's end, however it ended: a task cancelled before its first step never runs its body
         (a client's cancel read in the same loop turn as its request), and a ``finally`` there left the answer
@@ -1152,34 +894,6 @@ def _logged(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("stopping: %s failed", what)
-
-
-def _warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None) -> bool:
-    """Log a warning for a server certificate that has expired or ends within CERT_WARN_DAYS (only `config check`
-    said so: the daemon started with an expired one silently, and every client's handshake failed)."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    left = cert.not_valid_after_utc - now if cert is not None else None
-    if left is None or left > datetime.timedelta(days=CERT_WARN_DAYS):
-        return False
-    soon = "" if left.total_seconds() <= 0 else f", in {left.days} days" if left.days else ", within a day"
-    log.warning("server.certificate %s: %s%s; clients refuse an expired certificate (renew it, then SIGHUP)", path,
-                certificate_summary(cert, now), soon)
-    return True
-
-
-def client_verifier(config: Config) -> tuple[ClientCertVerifier | None, bytes | None]:
-    """The verifier of ``server.client_ca`` and the digest of the bytes it was built from ((None, None) without
-    one); :class:`StartupError` if it cannot load."""
-    if not config.server.client_ca:
-        return None, None
-    try:
-        fresh = reload_client_ca(config.server.client_ca, None)
-    except OSError as exc:
-        raise StartupError(f"server.client_ca: CA file {config.server.client_ca}: {exc.strerror or exc}") from None
-    except CertificateFileError as exc:
-        raise StartupError(f"server.client_ca: {exc}") from None
-    assert fresh is not None  # (no digest seen before)
-    return fresh
 
 
 def run_daemon(config: Config, *, log_format_override: str | None = None) -> None:

@@ -28,15 +28,10 @@ from aioquic.quic.packet import pull_quic_header
 
 from tokenwire.daemon.demo_upstream import answer_tokens, schedule
 from tokenwire.transport import metrics
+from tokenwire.transport.client_session import ClientSession
 from tokenwire.transport.frames import SCHEMES, Request
-from tokenwire.transport.session import (
-    ClientSession,
-    RequestFailed,
-    RequestFinished,
-    RequestReceived,
-    ServerSession,
-    SessionEvent,
-)
+from tokenwire.transport.server_session import ServerSession
+from tokenwire.transport.session_events import RequestFailed, RequestFinished, RequestReceived, SessionEvent
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
 from .loss import LossModel, parse_loss

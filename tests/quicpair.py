@@ -8,7 +8,8 @@ from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
-from tokenwire.transport.session import ClientSession, ServerSession
+from tokenwire.transport.client_session import ClientSession
+from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
 
 CLIENT = ("10.0.0.2", 1234)

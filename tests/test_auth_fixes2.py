@@ -26,7 +26,9 @@ from tokenwire.transport import tls
 from tokenwire.transport.client import connect
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import Request, encode_stream_frame
-from tokenwire.transport.session import ReadCredit, RequestReceived, ServerSession
+from tokenwire.transport.read_credit import ReadCredit
+from tokenwire.transport.server_session import ServerSession
+from tokenwire.transport.session_events import RequestReceived
 
 from .quicpair import Pair
 from .test_handshake_limits import until, value

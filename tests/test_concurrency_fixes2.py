@@ -15,7 +15,7 @@ from tokenwire.transport.client import connect
 from tokenwire.transport.errors import ErrorCode, RemoteError, TokenwireError
 from tokenwire.transport.kv_channel import KVError, ServerTuning, connect_kv, serve_kv
 from tokenwire.transport.server import serve
-from tokenwire.transport.session import ConnectionEnded
+from tokenwire.transport.session_events import ConnectionEnded
 
 from .test_sdk_edges import _on_connection_lost
 from .test_sdk_server import T, client_kwargs, run, served

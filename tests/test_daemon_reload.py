@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from tokenwire.daemon import service
+from tokenwire.daemon import certificates, service
 from tokenwire.daemon.config import parse_config
 from tokenwire.transport.client import connect
 from tokenwire.transport.errors import ErrorCode, RemoteError
@@ -144,7 +144,7 @@ def test_a_server_certificate_near_its_end_is_a_warning(days_left, warned, caplo
     cert = make_self_signed(("localhost",), days=365).certificate
     now = cert.not_valid_after_utc - datetime.timedelta(days=days_left)
     with caplog.at_level(logging.WARNING, logger="tokenwire.daemon"):
-        assert service._warn_if_expiring(cert, "/etc/tokenwire/cert.pem", now) is warned
+        assert certificates.warn_if_expiring(cert, "/etc/tokenwire/cert.pem", now) is warned
     assert ("EXPIRED" in caplog.text) is (days_left < 0) and bool(caplog.text) is warned
     assert (", in 3 days;" in caplog.text) is (days_left == 3)
 

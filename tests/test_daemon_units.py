@@ -605,7 +605,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     """The per-connection SenderStats reach Prometheus as deltas, the trimmed-repeats counter included."""
     from types import SimpleNamespace
 
-    from tokenwire.daemon.service import DaemonProtocol
+    from tokenwire.daemon.connection import DaemonProtocol
     from tokenwire.daemon.telemetry import Metrics
     from tokenwire.transport.chatterbox import SenderStats
 
@@ -759,8 +759,8 @@ def test_max_request_bytes_is_bounded_by_the_protocols_frame_limit():
 def test_a_certificate_principal_is_one_ingest_can_name():
     """A client certificate without a common name got its whole RFC 4514 subject as its principal: one past
     128 characters could never be named by ingest, so that client could attach to no ingested answer."""
+    from tokenwire.daemon.certificates import cert_principal
     from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS
-    from tokenwire.daemon.service import cert_principal
 
     assert cert_principal("carol") == "cert:carol"  # the documented form is kept where it fits
     subject = "O=Example Edge Operators,OU=" + "regional-fleet-" * 10 + ",C=DE"

@@ -6,7 +6,7 @@ from aioquic.quic import events as qe
 
 from tokenwire.transport.chatterbox import NEEDS_ROOM
 from tokenwire.transport.frames import MIN_TOKENS_DATAGRAM, Request, Tokens, decode_datagram, encode_frame
-from tokenwire.transport.session import RequestFinished, RequestReceived
+from tokenwire.transport.session_events import RequestFinished, RequestReceived
 
 from .quicpair import Pair
 

@@ -112,7 +112,7 @@ def test_prague_cuts_in_proportion_to_marking():
 def test_ce_counts_reach_the_controller():
     """The client's CE counter deltas arrive at Prague through the session (no real AQM on loopback)."""
     from tokenwire.transport.frames import Ack
-    from tokenwire.transport.session import ServerSession
+    from tokenwire.transport.server_session import ServerSession
 
     from .quicpair import Pair
 

@@ -11,17 +11,17 @@ import time
 import pytest
 from aioquic.quic import events as qe
 
-from tokenwire.daemon import bench_daemon, logs, service
+from tokenwire.daemon import bench_daemon, connection, logs, service
 from tokenwire.daemon.service import Daemon
 from tokenwire.transport.client import HandshakeError, connect
 from tokenwire.transport.quic_io import _handshake_failure
-from tokenwire.transport.session import closed_error
+from tokenwire.transport.session_events import closed_error
 
 from .test_handshake_limits import flooded, until, value
 from .test_loopback import run
 
 
-def the_handshake(daemon: Daemon) -> service.DaemonProtocol:
+def the_handshake(daemon: Daemon) -> connection.DaemonProtocol:
     (proto,) = daemon.protocols
     return proto
 

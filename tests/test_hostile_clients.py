@@ -37,8 +37,8 @@ from tokenwire.transport.frames import (
     encode_stream_frame,
 )
 from tokenwire.transport.quic_io import connect_quic
-from tokenwire.transport.session import (
-    MIN_REQUEST_RATE,
+from tokenwire.transport.server_session import MIN_REQUEST_RATE
+from tokenwire.transport.session_events import (
     ClientReport,
     ConnectionEnded,
     RequestCancelled,

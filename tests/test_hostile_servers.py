@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from tokenwire.transport.client_session import _report
 from tokenwire.transport.errors import FrameError
 from tokenwire.transport.frames import Finished, Request, Tokens, check_outgoing, encode_stream_frame
-from tokenwire.transport.session import _report
 from tokenwire.transport.session_outcome import ChatOutcome
 from tokenwire.transport.transcript import text_digest
 
@@ -71,7 +71,7 @@ def test_nothing_a_server_sends_after_a_protocol_error_completes_a_request():
     """Tokens past max_tokens were kept before the check raised, and the FINISHED after them still completed the
     request ("digest verified") over tokens the application never received."""
     from tokenwire.transport.frames import Started, encode_frame
-    from tokenwire.transport.session import RequestFailed, RequestFinished, TokensRendered
+    from tokenwire.transport.session_events import RequestFailed, RequestFinished, TokensRendered
 
     pair = Pair()
     pair.exchange(rounds=40)

@@ -32,7 +32,7 @@ from tokenwire.transport.kv_channel import (
     kv_quic_config,
 )
 from tokenwire.transport.kv_controller import LEVELS
-from tokenwire.transport.session import ConnectionEnded
+from tokenwire.transport.session_events import ConnectionEnded
 from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
 
 CLIENT = ("10.0.0.2", 1234)

@@ -32,7 +32,8 @@ from tokenwire.transport.ecn_socket import CE, ECT0, ECT1, NOT_ECT
 from tokenwire.transport.frames import Ack, Request
 from tokenwire.transport.marking import ECN_VALIDATION_PACKETS, EcnValidation, L4SPolicy
 from tokenwire.transport.prague_cc import PragueCongestionControl
-from tokenwire.transport.session import RequestFinished, ServerSession
+from tokenwire.transport.server_session import ServerSession
+from tokenwire.transport.session_events import RequestFinished
 from tokenwire.transport.tls import server_configuration
 
 from .quicpair import Pair

@@ -84,7 +84,7 @@ def test_an_attached_answer_reports_no_stall_it_cannot_measure(attach):
     counted it in its client stall histogram."""
     from tokenwire.transport.chat_stats import stats_from_outcome
     from tokenwire.transport.frames import Report, Request
-    from tokenwire.transport.session import ClientReport, RequestFinished
+    from tokenwire.transport.session_events import ClientReport, RequestFinished
     from tokenwire.transport.transcript import Transcript
 
     from .quicpair import Pair

@@ -128,8 +128,8 @@ def test_a_pause_mid_answer_pings_within_the_idle_timeout(idle_timeout, server_i
     model's 1.4-s pause ended the connection. So does a model thinking before its first token: it pinged a
     third of the idle timeout, and a NAT rebinding during a 3-s prefill held the answer 20 s (the server learns
     the new address only from the client's packets)."""
+    from tokenwire.transport.client_session import ClientSession
     from tokenwire.transport.frames import Request
-    from tokenwire.transport.session import ClientSession
 
     cfg = client_configuration(server_name="localhost")
     cfg.idle_timeout = idle_timeout
@@ -149,7 +149,7 @@ def test_a_connection_kept_between_turns_lives_with_keepalive_and_says_why_it_di
     from tests.quicpair import Pair
     from tokenwire.transport.client import closed_error
     from tokenwire.transport.frames import Request
-    from tokenwire.transport.session import ConnectionEnded, RequestFinished
+    from tokenwire.transport.session_events import ConnectionEnded, RequestFinished
 
     pair = Pair()
     pair.client.keepalive = keepalive
@@ -178,7 +178,7 @@ def test_an_idle_close_with_a_request_open_says_the_server_or_path_is_gone():
     from tests.quicpair import Pair
     from tokenwire.transport.client import closed_error
     from tokenwire.transport.frames import Request
-    from tokenwire.transport.session import ConnectionEnded, RequestFailed
+    from tokenwire.transport.session_events import ConnectionEnded, RequestFailed
 
     pair = Pair()
     pair.exchange(rounds=40)
@@ -195,8 +195,8 @@ def test_a_model_thinking_long_is_pinged_less_and_less(waited, interval):
     """Before the first token the client pings every second at first (a NAT rebinding during a prefill is found
     within a second), then a quarter of the time waited so far, up to a third of the idle timeout: at a fixed
     second a reasoning model thinking for minutes cost 60 pings a minute."""
+    from tokenwire.transport.client_session import ClientSession
     from tokenwire.transport.frames import Request
-    from tokenwire.transport.session import ClientSession
 
     cfg = client_configuration(server_name="localhost")
     cfg.idle_timeout = 60.0

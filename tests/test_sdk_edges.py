@@ -22,7 +22,7 @@ from tokenwire.transport import server as server_module
 from tokenwire.transport.client import chat_sync, connect
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.server import serve
-from tokenwire.transport.session import AIOQUIC_IDLE_REASON
+from tokenwire.transport.session_events import AIOQUIC_IDLE_REASON
 from tokenwire.transport.tls import CertificateFileError, dev_cert
 
 from .test_sdk_server import T, client_kwargs, failure, run, served, server_in_thread

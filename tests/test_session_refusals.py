@@ -6,7 +6,7 @@ REPAIR or REPORT that crossed the ERROR); none of it may read as a new request o
 
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import Repair, Request
-from tokenwire.transport.session import (
+from tokenwire.transport.session_events import (
     ConnectionEnded,
     RequestFailed,
     RequestFinished,
@@ -210,7 +210,7 @@ def _two_running_requests(first: Request) -> tuple[Pair, int, int]:
 
 def test_a_client_that_stops_reading_an_answer_cancels_it_alone():
     """STOP_SENDING from the client: aioquic resets our side, and the next TOKENS or FINISHED write raised."""
-    from tokenwire.transport.session import RequestCancelled
+    from tokenwire.transport.session_events import RequestCancelled
 
     pair, stopped, other = _two_running_requests(Request(messages=[{"role": "user", "content": "x"}],
                                                          scheme="stream"))

@@ -10,7 +10,8 @@ import pytest
 
 from tokenwire.transport.client import DigestMismatch, chat_sync, connect
 from tokenwire.transport.frames import Finished, Request, Started, Tokens, encode_frame, encode_stream_frame
-from tokenwire.transport.session import RequestFinished, ServerSession
+from tokenwire.transport.server_session import ServerSession
+from tokenwire.transport.session_events import RequestFinished
 from tokenwire.transport.transcript import text_digest
 
 from .quicpair import Pair

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import Request
-from tokenwire.transport.session import RequestFailed, closed_error
+from tokenwire.transport.session_events import RequestFailed, closed_error
 
 from .quicpair import Pair
 

@@ -79,7 +79,7 @@ async def _serve(mode: str) -> None:
     from aioquic.tls import Epoch
 
     from tokenwire.transport.server import ServerProtocol, TokenServer
-    from tokenwire.transport.session import RequestCompleted, RequestReceived
+    from tokenwire.transport.session_events import RequestCompleted, RequestReceived
     from tokenwire.transport.tls import server_configuration
 
     def report(tokens: int, counter: CountingSend, cpu: float, wall: float) -> None:

@@ -46,11 +46,11 @@ from aioquic.quic.congestion.base import _factories as _congestion_factories
 from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
+from .client_session import ClientSession
 from .errors import ErrorCode, TokenwireError
 from .frames import MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
-from .session import (
-    ClientSession,
+from .session_events import (
     ConnectionEnded,
     RequestFailed,
     RequestFinished,

@@ -31,7 +31,7 @@ from .kv_client_session import KVChunkReceived, KVClientSession, KVDoneReceived,
 from .kv_controller import TEXT
 from .kv_protocol import DEFAULT_RECOMPUTE_US, KVCorruptChunk, KVError, kv_quic_config
 from .quic_io import SessionProtocol, open_client
-from .session import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
+from .session_events import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
 from .tls import client_configuration
 
 log = logging.getLogger("tokenwire.kv")

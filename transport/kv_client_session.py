@@ -18,7 +18,8 @@ from .frames import Error, Frame, KvAck, KvChunk, KvDone, KvFetch, KvMeta, Strea
 from .kv_controller import TEXT
 from .kv_protocol import KVCorruptChunk, KVError, KVNotFound
 from .path_recovery import KV_RECOVERY_PING_S
-from .session import SessionEvent, _SessionBase, closed_error, idle_timeout_in_force
+from .session import _SessionBase
+from .session_events import SessionEvent, closed_error, idle_timeout_in_force
 
 _LEN = struct.Struct(">I")
 

@@ -39,7 +39,7 @@ from .kv_server_session import (
 )
 from .marking import MarkingPolicy
 from .quic_io import serve_quic, tune_socket
-from .session import ConnectionEnded, SessionEvent
+from .session_events import ConnectionEnded, SessionEvent
 from .tls import CertPair, ClientCertVerifier, request_client_certificate, server_configuration
 
 log = logging.getLogger("tokenwire.kv")

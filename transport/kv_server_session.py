@@ -45,7 +45,9 @@ from .kv_controller import (
 )
 from .kv_protocol import DEFAULT_RECOMPUTE_US
 from .marking import MarkingPolicy
-from .session import SessionEvent, _SessionBase, read_credit
+from .read_credit import read_credit
+from .session import _SessionBase
+from .session_events import SessionEvent
 
 POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
 FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...

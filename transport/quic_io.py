@@ -25,7 +25,8 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnecti
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, ecn_supported, open_udp_socket
-from .session import AIOQUIC_IDLE_REASON, SessionEvent, _SessionBase, handshake_refusal
+from .session import _SessionBase
+from .session_events import AIOQUIC_IDLE_REASON, SessionEvent, handshake_refusal
 from .tls import check_seconds
 
 log = logging.getLogger("tokenwire.transport")

@@ -43,14 +43,13 @@ from .errors import ErrorCode, RequestError
 from .frames import Request
 from .marking import MarkingPolicy
 from .quic_io import SessionProtocol, port_argument, serve_quic, tune_socket
-from .session import (
-    REQUEST_TIMEOUT_S,
+from .server_session import REQUEST_TIMEOUT_S, ServerSession
+from .session_events import (
     ConnectionEnded,
     RequestCancelled,
     RequestCompleted,
     RequestReceived,
     RequestRefused,
-    ServerSession,
     SessionEvent,
 )
 from .tls import CertPair, check_seconds, server_configuration

@@ -213,7 +213,7 @@ def _check_key_without_cert(certfile: str | Path | None, keyfile: str | Path | N
 # What a token server lets a client send ahead of what it has read (QUIC flow control): a request stream carries one
 # REQUEST (at most limits.max_request_bytes, itself at most 1 MiB, plus its 4-byte length) and a few small frames,
 # so 2 MiB per stream and 8 MiB per connection never hold an honest client up. Credit moves with what the server
-# has read (see ``session.ReadCredit``): aioquic's own rule doubled it whenever the highest offset received
+# has read (see ``read_credit.ReadCredit``): aioquic's own rule doubled it whenever the highest offset received
 # passed half of it, and a client that withheld a stream's first byte grew the server by 200 MB in 14 s. The
 # client keeps aioquic's growing windows: an answer (a long one resumed on the stream) must never wait for credit.
 REQUEST_STREAM_WINDOW = 2 << 20

@@ -1,0 +1,354 @@
+"""The token client's side of one connection, sans-I/O (see :mod:`.session` for the protocol).
+
+:class:`ClientSession` opens request streams, turns token datagrams and TOKENS frames into
+:class:`~.session_events.TokensRendered` events, acks what brought something new (:class:`_AckSource`), asks
+for repairs of gaps datagrams did not fill, keeps the connection alive while an answer is awaited, and checks
+the finished answer's digest. It is apart from :mod:`.server_session` and from the shared
+:class:`~.session._SessionBase` because the SDK needs only this side and the daemon only the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import QuicConnection
+
+from .chatterbox import TokenReceiver
+from .datagram_hook import smoothed_rtt
+from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, known_code
+from .frames import (
+    REPORT_MS_MAX,
+    Ack,
+    Error,
+    Finished,
+    Repair,
+    Report,
+    Request,
+    Started,
+    StreamDecoder,
+    Tokens,
+    encode_frame,
+)
+from .path_recovery import PAUSE_PING_S, RECOVERY_PING_S, backed_off
+from .session import _SessionBase
+from .session_events import (
+    RequestFailed,
+    RequestFinished,
+    RequestStarted,
+    SessionEvent,
+    TokensRendered,
+    closed_error,
+    idle_timeout_in_force,
+)
+from .session_outcome import ChatOutcome
+from .transcript import gen_times_from_deltas, text_digest
+
+
+class _AckSource:
+    """Builds the client's ack datagram for one request at send time (latest state, one in the queue)."""
+
+    copies = 1
+
+    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int] | None] | None = None) -> None:
+        self.req = req
+        self.acked_packets = 0
+        self.session_ecn = session_ecn
+
+    def wants_send(self) -> bool:
+        # Ack only packets that brought something new: acking pure repeats would make the server's QUIC
+        # ACK it, that ACK would carry repeats again (piggyback), and so on without end.
+        r = self.req
+        return not r.done and r.receiver.useful_packets > self.acked_packets
+
+    def build(self, now: float, capacity: int, *, piggyback: bool = False, window: tuple[int, int] | None = None):
+        r = self.req
+        if not self.wants_send():
+            return None
+        counts = self.session_ecn() if self.session_ecn is not None else None
+        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(now * 1e6)), counts)
+        payload = encode_frame(ack)
+        if len(payload) > capacity:
+            from .chatterbox import NEEDS_ROOM
+
+            return NEEDS_ROOM
+        self.acked_packets = r.receiver.useful_packets
+        return payload, None
+
+    def on_delivery(self, cookie, acked: bool, now: float) -> None:
+        pass
+
+
+@dataclass
+class ClientRequest:
+    stream_id: int
+    request: Request
+    request_time: float
+    receiver: TokenReceiver
+    prefix: list[bytes] = field(default_factory=list)
+    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    started: Started | None = None
+    finished: Finished | None = None
+    done: bool = False
+    gap_since: float | None = None
+    repair_upto: int = 0
+    repairs_requested: int = 0
+    ack_source: _AckSource | None = None
+
+
+class ClientSession(_SessionBase):
+    """Client side of one connection: start requests, receive renderable tokens as events."""
+
+    def __init__(self, quic: QuicConnection, *, send_acks: bool = True, send_reports: bool = True,
+                 keepalive: bool = False) -> None:
+        super().__init__(quic)
+        self.requests: dict[int, ClientRequest] = {}
+        self.send_acks = send_acks
+        self.send_reports = send_reports
+        self.ecn_counts: Callable[[], list[int]] | None = None  # received packets per codepoint (shell)
+        # ping with no request open too: a connection kept across a chat's turns outlives a user who thinks
+        # longer than the idle timeout (without it, both ends fall silent and the connection ends)
+        self.keepalive = keepalive
+
+    def _keepalive_at(self) -> float | None:
+        """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
+        been silent a second, or a third of the idle timeout if less (before the first token, backing off to a
+        quarter of the time waited so far; RECOVERY_PING_S, below, once our own packets go unacknowledged; a
+        third of the idle timeout with ``keepalive`` between answers). A model that
+        thinks longer than the idle timeout before its first token would otherwise see both ends idle and the
+        connection die. A dead server still ends the connection: the idle timer restarts only on the first
+        ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
+        idle = idle_timeout_in_force(self.quic)
+        awaited = [r for r in self.requests.values() if not r.done]
+        if not awaited:
+            return self._silence_ping_at(idle / 3.0) if self.keepalive and self.datagrams_ok is not None else None
+        # Silent while an answer is awaited, or our own packets unacknowledged: the path may be down. Ping at a
+        # fixed pace so that a packet crosses soon after it returns and the server probes at once
+        # (.path_recovery), rather than after the backed-off probe timers.
+        # RECOVERY_PING_S when our packets go unacknowledged (the path is down, or one direction is). Otherwise a
+        # pause mid-answer (a slow model, a tool call): every second, within the idle timeout (the server never
+        # pings, and a short one ended the connection first). Before the first token, a model thinking: every
+        # second at first, then a quarter of the time waited so far, up to a third of the idle timeout. The
+        # server learns a client's new address (NAT rebinding) only from what the client sends: at a third of the idle
+        # timeout from the start, a rebinding during a 3-s prefill held every token 20 s; at a fixed second, a
+        # reasoning model thinking for minutes cost 60 pings a minute (and a phone's radio kept awake)
+        if backed_off(self.quic):
+            interval = RECOVERY_PING_S
+        elif any(r.receiver.tokens for r in awaited):
+            interval = min(PAUSE_PING_S, idle / 3.0)
+        else:  # (the server's acks of our pings are events too: the wait is counted from the request)
+            # the first t with t - base >= (t - asked) / 4, within [base + PAUSE_PING_S, base + idle / 3]: a due
+            # time that does not depend on when it is computed (from "now", each timer fell short and woke the
+            # client 3-4 times per ping)
+            base, asked = max(self._heard_at, self._pinged_at), min(r.request_time for r in awaited)
+            return max(base + min(PAUSE_PING_S, idle / 3.0), min(base + idle / 3.0, (4.0 * base - asked) / 3.0))
+        return self._silence_ping_at(interval)
+
+    def start_request(self, request: Request, now: float, *, prefix: list[bytes] | None = None) -> int:
+        """Open a request stream; with ``prefix`` (tokens already held) the request resumes after them."""
+        stream_id = self.quic.get_next_available_stream_id()
+        first = request.resume_from or 0
+        req = ClientRequest(stream_id, request, now, TokenReceiver(first_index=first), prefix=list(prefix or []))
+        req.ack_source = _AckSource(req, lambda: self.ecn_counts() if self.ecn_counts is not None else None)
+        self.requests[stream_id] = req
+        self._send(stream_id, request)
+        return stream_id
+
+    def cancel(self, stream_id: int) -> None:
+        req = self.requests.pop(stream_id, None)
+        if req is not None and not req.done:
+            req.done = True
+            self._fin(stream_id)
+            self.scheduler.forget(req.ack_source)
+
+    # -- protocol handling -------------------------------------------------------------------------
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        req = self.requests.get(stream_id)
+        if req is None or req.done:
+            return []
+        out: list[SessionEvent] = []
+        for frame in req.decoder.feed(data):
+            if isinstance(frame, Started):
+                if req.started is not None:
+                    raise FrameError("duplicate started frame")
+                if frame.first_index != req.receiver.first_index:  # its tokens would be taken for others
+                    raise FrameError(f"started at token {frame.first_index}, asked from "
+                                     f"{req.receiver.first_index}")
+                req.started = frame
+                out.append(RequestStarted(stream_id, frame))
+            elif isinstance(frame, Tokens):
+                out.extend(self._tokens(req, frame, now))
+            elif isinstance(frame, Finished):
+                rx = req.receiver
+                if req.finished is not None:
+                    raise FrameError("duplicate finished frame")
+                if (rx.total is not None and rx.total != frame.total) or rx.high > frame.total:
+                    # FINISHED is the answer's length: a larger one announced before (a datagram's total, or
+                    # tokens past it) left the client waiting forever for tokens that do not exist
+                    raise FrameError(f"finished says {frame.total} tokens, but the server announced "
+                                     f"{max(rx.total or 0, rx.high)}")
+                self._check_limit(req, frame.total)  # else it waits for tokens that would be refused
+                req.finished = frame
+                rx.set_total(frame.total)
+                self._track_gap(req, now)
+            elif isinstance(frame, Error):
+                req.done = True
+                self.requests.pop(stream_id, None)
+                self._fin(stream_id)
+                self.scheduler.forget(req.ack_source)
+                err = RemoteError(frame.message or "request failed", code=known_code(frame.code))
+                out.append(RequestFailed(stream_id, err))
+                return out
+            else:
+                raise FrameError(f"unexpected {type(frame).__name__} frame from the server")
+            if req.done:
+                return out
+        out.extend(self._maybe_complete(req, now))
+        if end and not req.done:
+            self.requests.pop(stream_id, None)
+            req.done = True
+            out.append(RequestFailed(stream_id, RemoteError("server ended the request early", code=ErrorCode.INTERNAL)))
+        return out
+
+    @staticmethod
+    def _check_limit(req: ClientRequest, reach: int) -> None:
+        """The server cuts an answer at max_tokens: tokens (or a total) past it are a broken server's (2,000,000
+        were taken for a max_tokens of 10, memory growing with each). A resume or attach streams the answer as it
+        was first asked for (the daemon ignores a resume's max_tokens): no limit then (one below the answer's
+        length failed a correct server's resume as a protocol error)."""
+        limit = req.request.max_tokens if req.request.resume_id is None else None
+        if limit is not None and reach > limit:
+            raise FrameError(f"server sent tokens past the request's max_tokens ({limit})")
+
+    def _tokens(self, req: ClientRequest, frame: Tokens, now: float) -> list[SessionEvent]:
+        # judged before they are kept
+        self._check_limit(req, max([first + len(toks) for first, toks in frame.runs()] + [frame.total or 0]))
+        new = req.receiver.on_frame(frame, now)
+        self._track_gap(req, now)
+        return [TokensRendered(req.stream_id, new, now)] if new else []
+
+    def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
+        if not isinstance(frame, Tokens):
+            raise ProtocolError("servers may only send token datagrams")
+        req = self.requests.get(frame.handle)
+        if req is None or req.done:
+            return []
+        out = self._tokens(req, frame, now)
+        if self.send_acks and req.ack_source is not None:
+            self.scheduler.schedule(req.ack_source)
+        out.extend(self._maybe_complete(req, now))
+        return out
+
+    def _maybe_complete(self, req: ClientRequest, now: float) -> list[SessionEvent]:
+        fin = req.finished
+        if req.done or fin is None or req.started is None or not req.receiver.complete:
+            return []
+        req.done = True
+        self.requests.pop(req.stream_id, None)
+        self.scheduler.forget(req.ack_source)
+        tokens = req.prefix + req.receiver.tokens
+        if req.receiver.first_index != len(req.prefix):
+            tokens = req.receiver.tokens  # resumed without the prefix: the digest covers tokens not held here
+        digest_ok = len(tokens) == fin.total and text_digest(tokens) == fin.digest
+        outcome = ChatOutcome(
+            tokens=tokens,
+            first_index=req.receiver.first_index,
+            total=fin.total,
+            digest_ok=digest_ok,
+            scheme=req.started.scheme,
+            request_id=req.started.request_id,
+            finish_reason=fin.reason,
+            request_time=req.request_time,
+            render_times=list(req.receiver.render_times),
+            gen_offsets=gen_times_from_deltas(fin.gen_us) if fin.gen_us is not None else None,
+            packets=req.receiver.packets,
+            duplicate_tokens=req.receiver.duplicate_tokens,
+            repairs_requested=req.repairs_requested,
+            first_gen_us=fin.first_gen_us,
+            resumed=req.request.resume_id is not None,
+        )
+        if self.send_reports:
+            self._send(req.stream_id, _report(outcome))
+        self._fin(req.stream_id)
+        return [RequestFinished(req.stream_id, outcome)]
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        req = self.requests.pop(stream_id, None)
+        if req is None or req.done:
+            return []
+        req.done = True
+        return [RequestFailed(stream_id, RemoteError(f"server reset the request (code {code})", code=known_code(code)))]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = []
+        err = self._closing_error
+        for req in list(self.requests.values()):
+            if not req.done:
+                req.done = True
+                e = err if err is not None else closed_error(
+                    event.error_code, event.reason_phrase, idle_timeout_in_force(self.quic))
+                out.append(RequestFailed(req.stream_id, e))
+        self.requests.clear()
+        return out
+
+    # -- repair of gaps that datagrams did not fill --------------------------------------------------
+    def _repair_wait(self, req: ClientRequest) -> float:
+        rtt = smoothed_rtt(self.quic, default=0.1)
+        if req.finished is not None:
+            return max(0.02, rtt)  # the tail: datagrams with it are in flight or lost
+        return max(0.25, 3.0 * rtt)  # mid-answer: later datagrams normally fill the gap first
+
+    def _track_gap(self, req: ClientRequest, now: float) -> None:
+        gap = req.receiver.missing()
+        if gap is None:
+            req.gap_since = None
+        elif req.gap_since is None:
+            req.gap_since = now
+
+    def _session_timer(self) -> float | None:
+        best: float | None = self._keepalive_at()
+        for req in self.requests.values():
+            if req.gap_since is None or req.done:
+                continue
+            gap = req.receiver.missing()
+            if gap is None or gap[1] <= req.repair_upto:
+                continue
+            t = req.gap_since + self._repair_wait(req)
+            if best is None or t < best:
+                best = t
+        return best
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        self._ping_if_due(self._keepalive_at(), now)
+        for req in list(self.requests.values()):
+            if req.gap_since is None or req.done:
+                continue
+            gap = req.receiver.missing()
+            if gap is None:
+                req.gap_since = None
+                continue
+            a, b = gap
+            if b <= req.repair_upto or now < req.gap_since + self._repair_wait(req):
+                continue
+            a = max(a, req.repair_upto)
+            self._send(req.stream_id, Repair(a, b))
+            req.repair_upto = b
+            req.repairs_requested += 1
+            req.gap_since = now
+        return []
+
+
+def _report(outcome: ChatOutcome) -> Report:
+    """The REPORT frame a client sends before its FIN (only what it could measure)."""
+    from .chat_stats import stats_from_outcome
+
+    st = stats_from_outcome(outcome)
+
+    def ms(v: float) -> int | None:
+        # NaN -> None; clamped into the field's range, which a server's absurd generation times pushed past (the
+        # server then closed the connection on our REPORT as malformed, with every other answer on it)
+        return None if v != v else round(min(REPORT_MS_MAX, max(0.0, v)))
+
+    ratio = None if st.stall_ratio != st.stall_ratio else min(1.0, max(0.0, st.stall_ratio))
+    return Report(stall_ratio=ratio, longest_stall_ms=ms(st.longest_stall_ms), ttft_ms=ms(st.ttft_ms))

@@ -1,0 +1,470 @@
+"""The token server's side of one connection, sans-I/O (see :mod:`.session` for the protocol).
+
+:class:`ServerSession` takes QUIC events with an explicit ``now``, turns request streams into
+:class:`~.session_events.RequestReceived` events, and sends what the driver accepts and pushes (STARTED, token
+datagrams or TOKENS frames, FINISHED, repairs), with the request deadlines and refusals that keep a hostile
+client's streams bounded. It is apart from :mod:`.client_session` and from the shared :class:`~.session._SessionBase`
+because the daemon needs only this side and the SDK only the other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.stream import QuicStream
+
+from .chatterbox import SenderStats, TokenSender
+from .datagram_hook import smoothed_rtt
+from .ecn_socket import CE, ECT1
+from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
+from .frames import (
+    MAX_STREAM_FRAME,
+    REQUEST_ID_BYTES,
+    Ack,
+    Error,
+    Finished,
+    Repair,
+    Report,
+    Request,
+    Started,
+    StreamDecoder,
+    Tokens,
+)
+from .marking import LatencySample, MarkingPolicy
+from .one_way_delay import OneWayDelay
+from .read_credit import read_credit
+from .session import _SessionBase
+from .session_events import (
+    ClientReport,
+    RequestCancelled,
+    RequestCompleted,
+    RequestReceived,
+    RequestRefused,
+    SessionEvent,
+)
+from .transcript import Transcript
+
+REPAIR_CHUNK = 512  # tokens per TOKENS frame in a repair reply
+# A request stream's REQUEST must have arrived whole this long after the stream's first bytes (the daemon's
+# limits.request_timeout_s), plus its size at MIN_REQUEST_RATE: 64 streams a connection, each ~1 MiB short of its
+# last byte, were held for ever; a flat 10 s refused two honest 1-MB prompts sent at once over a 1.5 Mbit/s uplink
+REQUEST_TIMEOUT_S = 10.0
+MIN_REQUEST_RATE = 32 * 1024  # bytes/s a request's upload must average (256 Kibit/s; 1 MiB: 32 s more)
+
+
+def _forget_received(stream: QuicStream) -> None:
+    """Drop what aioquic buffered of a stream whose data will never be delivered (reset, or refused)."""
+    stream.receiver._buffer.clear()
+    stream.receiver._ranges = type(stream.receiver._ranges)()
+
+
+@dataclass
+class ServerRequest:
+    stream_id: int
+    decoder: StreamDecoder
+    opened_at: float = 0.0  # its first bytes came: the REQUEST must be whole within the request timeout
+    request: Request | None = None
+    transcript: Transcript | None = None
+    scheme: str = "chatterbox"
+    request_id: bytes = b""
+    sender: TokenSender | None = None
+    stream_next: int = 0  # stream scheme: next token index to write on the stream
+    first_index: int = 0
+    started: bool = False
+    finished_sent: bool = False
+    done: bool = False
+    repairs: int = 0
+    reported: bool = False  # its client's REPORT came (one counts)
+    on_stream: bytearray = field(default_factory=bytearray)  # per token index: 1 once sent on the stream
+
+
+class ServerSession(_SessionBase):
+    """Server side of one connection. Drive it, then ``accept``/``push``/``finish`` requests."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        max_requests: int = 64,
+        max_redundant_tokens: int = 64,
+        initial_rtt: float = 0.1,
+        max_request_bytes: int = MAX_STREAM_FRAME,
+        marking: MarkingPolicy | None = None,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        read_credit(quic)
+        super().__init__(quic)
+        self.marking = marking
+        self.on_latency_sample: Callable[[LatencySample], None] | None = None
+        self.one_way = OneWayDelay()  # the ACKs' receive times are on the client's clock
+        self.requests: dict[int, ServerRequest] = {}
+        self.max_requests = max_requests
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout = request_timeout
+        # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
+        # buffers what follows the gap, which no request, and so no request deadline, accounts for
+        self._undelivered: dict[int, float] = {}
+        self.acks_received = 0
+        self.closed_totals = SenderStats()  # counters of requests already dropped
+        self.max_redundant_tokens = max_redundant_tokens
+        self.initial_rtt = initial_rtt
+        self.requests_seen = 0
+
+    # -- API for the driver ----------------------------------------------------------------------------
+    def _on_peer_packet(self, now: float) -> None:
+        for req in self.requests.values():
+            if req.sender is not None:
+                req.sender.on_peer_packet(now)
+        self._note_undelivered(now)
+
+    def accept(
+        self,
+        stream_id: int,
+        *,
+        transcript: Transcript | None = None,
+        request_id: bytes | None = None,
+        first_index: int = 0,
+    ) -> Transcript:
+        """Start answering: STARTED goes out; tokens follow as the transcript grows (push/notify)."""
+        req = self.requests[stream_id]
+        assert req.request is not None and not req.started
+        req.transcript = transcript if transcript is not None else Transcript()
+        req.request_id = request_id if request_id is not None else os.urandom(REQUEST_ID_BYTES)
+        req.first_index = first_index
+        scheme = req.request.scheme
+        if scheme != "stream" and not self.datagrams_ok:
+            scheme = "stream"  # the peer cannot take datagrams: stream the tokens instead
+        req.scheme = scheme
+        req.stream_next = first_index
+        if scheme != "stream":
+            req.sender = TokenSender(
+                stream_id,
+                req.transcript,
+                scheme=scheme,
+                first_index=first_index,
+                max_redundant_tokens=self.max_redundant_tokens,
+                initial_rtt=smoothed_rtt(self.quic, default=self.initial_rtt),
+            )
+        req.started = True
+        self._send(stream_id, Started(stream_id, req.request_id, scheme, first_index))
+        self.notify(stream_id)
+        return req.transcript
+
+    def reject(self, stream_id: int, code: int, message: str) -> None:
+        """Refuse a request with a typed ERROR; the connection stays up."""
+        req = self.requests.get(stream_id)
+        if req is None or req.done:
+            return
+        self._send(stream_id, Error(int(code), message[:1024]), end=True)
+        self._drop(req)
+        self._ended.add(stream_id)  # the client's FIN (or reset) follows
+
+    def fail(self, stream_id: int, code: int, message: str) -> None:
+        """An accepted request that cannot finish (upstream error) ends with a typed ERROR, as a refusal does,
+        but every token generated before it reaches the client first: a datagram scheme's tokens still
+        unacknowledged go on the stream ahead of the ERROR. The client drops datagrams once it has read the
+        ERROR, so they were lost (62 of 2,000 tokens arrived when a source failed right after a burst)."""
+        req = self.requests.get(stream_id)
+        if req is not None and not req.done and req.sender is not None and req.transcript is not None:
+            self._send_tokens(req, req.sender.floor, len(req.transcript))
+        self.reject(stream_id, code, message)
+
+    def push(self, stream_id: int, piece: bytes | str, now: float, *, max_total: int | None = None) -> None:
+        """Append generated text to the request's transcript and send it on. ``max_total``: a piece longer
+        than one token (256 bytes) becomes several, and those beyond this many in all are dropped."""
+        req = self.requests.get(stream_id)
+        if req is None or req.transcript is None:
+            return
+        if req.transcript.extend(piece, now, max_total=max_total):
+            self.notify(stream_id)
+
+    def finish(self, stream_id: int, reason: str = "stop") -> None:
+        req = self.requests.get(stream_id)
+        if req is None or req.transcript is None:
+            return
+        if not req.transcript.finished:
+            req.transcript.finish(reason)
+        self.notify(stream_id)
+
+    def notify(self, stream_id: int) -> None:
+        """The transcript changed (new tokens or finished): move what is new onto the wire."""
+        req = self.requests.get(stream_id)
+        if req is None or not req.started or req.done:
+            return
+        tr = req.transcript
+        assert tr is not None
+        if req.scheme == "stream":
+            while req.stream_next < len(tr):
+                i = req.stream_next
+                self._send(stream_id, Tokens(stream_id, i, [tr.tokens[i]]))
+                req.stream_next += 1
+        elif req.sender is not None:
+            self.scheduler.schedule(req.sender)
+        if tr.finished and not req.finished_sent:
+            req.finished_sent = True
+            gen = tr.gen_deltas_us() if len(tr) <= 200_000 else None
+            t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
+            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
+
+    def request_stats(self, stream_id: int) -> ServerRequest | None:
+        return self.requests.get(stream_id)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        for req in self.requests.values():
+            if req.sender is not None:
+                # the marking decision is taken when the sender builds a datagram, not before (_codepoint_now)
+                req.sender.codepoint_of = self._codepoint_now
+                # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
+                if req.sender.can_piggyback():
+                    self.scheduler.offer_piggyback(req.sender)
+        return super().datagrams_to_send(now)
+
+    # -- protocol handling -------------------------------------------------------------------------
+    def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
+        if stream_id % 4 != 0:
+            raise ProtocolError(f"stream {stream_id}: requests travel on client-initiated bidirectional streams")
+        req = self.requests.get(stream_id)
+        if req is None:
+            if self._late(stream_id, end):  # a REPAIR or REPORT that crossed our ERROR, a refused request's tail
+                return []
+            if stream_id < 0:
+                return []
+            if not data and end:  # an empty stream: ours ends too (left open, its credit never came back)
+                self._fin(stream_id)
+                return []
+            if len(self.requests) >= self.max_requests:
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests", end)
+            opened = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
+            req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=opened)
+            self.requests[stream_id] = req
+        out: list[SessionEvent] = []
+        try:
+            frames = req.decoder.feed(data)
+        except FrameTooLarge as exc:
+            if req.request is not None or exc.decoded:
+                raise  # only a request may be large; a huge frame after one is a broken client
+            self._drop(req)
+            return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, f"request too large: {exc}", end)
+        except UnsupportedVersion as exc:
+            if req.request is not None or exc.decoded:
+                raise  # a second REQUEST on the stream: broken, whatever its version
+            # a client cannot know the server's version in advance: this request ends, not the connection
+            self._drop(req)
+            return self._refuse(stream_id, ErrorCode.UNSUPPORTED_VERSION, str(exc), end)
+        for frame in frames:
+            if req.request is None:
+                if not isinstance(frame, Request):
+                    raise FrameError(f"stream {stream_id}: first frame must be a request")
+                req.request = frame
+                self.requests_seen += 1
+                out.append(RequestReceived(stream_id, frame))
+            elif isinstance(frame, Repair):
+                self._repair(req, frame)
+            elif isinstance(frame, Report):
+                if not req.reported:  # one per answer: 10,000 from one request filled the client metrics
+                    req.reported = True
+                    out.append(ClientReport(stream_id, frame))
+            elif isinstance(frame, Error):
+                pass  # the client reports a problem; its FIN or reset follows
+            else:
+                raise FrameError(f"stream {stream_id}: unexpected {type(frame).__name__} frame from a client")
+        if end:
+            if req.decoder.pending:
+                raise FrameError(f"stream {stream_id}: truncated frame at end of stream")
+            if req.request is None:
+                raise FrameError(f"stream {stream_id}: ended without a request")
+            if req.finished_sent:
+                out.append(RequestCompleted(stream_id))
+            elif not req.done:
+                out.append(RequestCancelled(stream_id, "client ended the request"))
+            self._fin(stream_id)
+            self._drop(req)
+        return out
+
+    def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
+        """Refuse a request stream before it becomes a request; only this request ends."""
+        self._refuse_stream(stream_id, code, reason, end)
+        return [RequestRefused(stream_id, int(code), reason)]
+
+    def _repair(self, req: ServerRequest, frame: Repair) -> None:
+        if req.transcript is None or req.done or req.scheme == "stream":  # (the stream carries every token)
+            return
+        req.repairs += 1
+        self._send_tokens(req, max(frame.first, req.first_index), min(frame.end, len(req.transcript)))
+
+    def _send_tokens(self, req: ServerRequest, first: int, end: int) -> None:
+        """Tokens ``[first, end)`` on the request's stream: reliable, in order, ahead of what follows there.
+        Each token at most once: what the stream carries arrives, so a client asking again gets nothing more (a
+        hostile one's 22-byte REPAIR frames each queued the whole transcript again: 41 MB for 10,000)."""
+        tr = req.transcript
+        assert tr is not None
+        sent = req.on_stream
+        if len(sent) < end:
+            sent.extend(bytes(end - len(sent)))
+        i = first
+        while i < end:
+            i = sent.find(0, i, end)  # the next token not on the stream yet (C speed: ranges are long)
+            if i < 0:
+                return
+            stop = min(end, i + REPAIR_CHUNK)
+            j = sent.find(1, i, stop)
+            j = stop if j < 0 else j
+            self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:j]))
+            sent[i:j] = b"\x01" * (j - i)
+            i = j
+
+    def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
+        if not isinstance(frame, Ack):
+            raise ProtocolError("clients may only send ack datagrams")
+        self.acks_received += 1
+        ce_new = self._ecn_feedback(frame.ecn, now)
+        req = self.requests.get(frame.handle)
+        if req is not None and req.sender is not None:
+            meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
+            if meta is not None and frame.echo_us is not None and frame.recv_us is not None:
+                sent_at = frame.echo_us / 1e6
+                sample = LatencySample(
+                    sent_at=sent_at,
+                    ack_at=now,
+                    latency_ms=self.one_way.latency_ms(sent_at, now, (frame.recv_us - frame.echo_us) / 1000.0),
+                    size=meta[0],
+                    queue_l=meta[1] == ECT1,
+                    ce=ce_new,
+                )
+                if self.marking is not None:
+                    self.marking.on_sample(sample)
+                if self.on_latency_sample is not None:
+                    self.on_latency_sample(sample)
+            req.sender.on_ack(frame, now)
+            self.scheduler.schedule(req.sender)
+        return []
+
+    def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
+        """The client asked us to stop sending the answer (writing TOKENS or FINISHED on it now would raise):
+        it gave up on it, as with a reset, and its own FIN or reset follows."""
+        req = self.requests.get(stream_id)
+        # a running request: its last REPORT may come with the FIN in this very packet; none yet: the request
+        # may still be on its way (lost, retransmitted). Either is dropped on arrival.
+        if req is not None or self._peer_sending(stream_id):
+            self._ended.add(stream_id)
+        if req is None:
+            return []
+        self._drop(req)
+        return [RequestCancelled(stream_id, "client stopped reading the answer")]
+
+    def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        req = self.requests.get(stream_id)
+        stream = self.quic._streams.get(stream_id)
+        self._undelivered.pop(stream_id, None)
+        if stream is not None:
+            # nothing is delivered after a reset, but aioquic keeps what it buffered until the stream is discarded,
+            # while ReadCredit already counts it read: a client resetting streams it had filled behind a withheld
+            # byte got fresh credit for each, the old buffers still held (16 MiB past an 8 MiB bound)
+            _forget_received(stream)
+        if req is None:
+            # reset before any of it came (a cancel before the request left): ours ends too, or the stream's credit
+            # never comes back; unless ours has ended already (a refusal's ERROR and FIN must still arrive)
+            if stream is not None and stream.sender._buffer_fin is None:
+                self._reset_own_side(stream_id)
+            return []
+        self._drop(req)
+        self._reset_own_side(stream_id)
+        return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        out: list[SessionEvent] = [
+            RequestCancelled(r.stream_id, "connection closed", lost=True)
+            for r in self.requests.values()
+            if not r.done and not r.finished_sent
+        ]
+        for r in list(self.requests.values()):
+            self._drop(r)
+        return out
+
+    @property
+    def ce_reported(self) -> int:
+        """The client's cumulative count of CE-marked packets (0 before its first ECN feedback)."""
+        return self._last_ecn[CE] if self._last_ecn is not None else 0
+
+    def totals(self) -> SenderStats:
+        """Token-packet counters of this connection so far (finished and running requests)."""
+        out = SenderStats(**vars(self.closed_totals))
+        for req in self.requests.values():
+            out.repairs += req.repairs
+            if req.sender is not None:
+                for k, v in vars(req.sender.stats).items():
+                    setattr(out, k, getattr(out, k) + v)
+        return out
+
+    def _drop(self, req: ServerRequest) -> None:
+        req.done = True
+        self.closed_totals.repairs += req.repairs
+        req.repairs = 0
+        if req.sender is not None:
+            for k, v in vars(req.sender.stats).items():
+                setattr(self.closed_totals, k, getattr(self.closed_totals, k) + v)
+            req.sender.stats = SenderStats()
+            req.sender.close()
+            self.scheduler.forget(req.sender)
+        self.requests.pop(req.stream_id, None)
+
+    def _note_undelivered(self, now: float) -> None:
+        """Note streams holding bytes none of which could be delivered (their first withheld): they get the request
+        deadline too. Only when aioquic holds more streams than this session knows, so rarely a scan."""
+        if len(self.quic._streams) <= len(self.requests) + len(self._undelivered):
+            return
+        for sid, stream in self.quic._streams.items():
+            rx = stream.receiver
+            if (sid not in self.requests and sid not in self._undelivered and sid not in self._ended
+                    and not rx.is_finished and rx.highest_offset > rx.starting_offset() == 0):
+                self._undelivered[sid] = now
+
+    def _request_deadline(self, req: ServerRequest) -> float:
+        """When a request still arriving is refused: the request timeout after its first bytes, plus its size (once
+        its length prefix has come) at MIN_REQUEST_RATE, so that a big prompt on a slow uplink has the time it
+        needs while a stalled one still ends."""
+        size = req.decoder.expected or 0
+        return req.opened_at + self.request_timeout + size / MIN_REQUEST_RATE
+
+    def _session_timer(self) -> float | None:
+        best: float | None = None
+        for req in self.requests.values():
+            if req.request is None:  # still arriving: its deadline
+                t: float | None = self._request_deadline(req)
+            else:
+                t = req.sender.next_timer() if req.sender is not None else None
+            if t is not None and (best is None or t < best):
+                best = t
+        if self._undelivered:
+            t = min(self._undelivered.values()) + self.request_timeout
+            best = t if best is None else min(best, t)
+        return best
+
+    def _on_session_timer(self, now: float) -> list[SessionEvent]:
+        out: list[SessionEvent] = []
+        for req in list(self.requests.values()):
+            if req.request is None and now >= (deadline := self._request_deadline(req)):
+                # its decoder holds up to max_request_bytes for as long as the client likes: refused, and freed
+                self._drop(req)
+                took = f"{deadline - req.opened_at:.0f} s"
+                out.extend(self._refuse(req.stream_id, ErrorCode.LIMIT_EXCEEDED,
+                                        f"request not complete within {took} (limits.request_timeout_s "
+                                        f"{self.request_timeout:g} s, plus its size at 32 KiB/s)", False))
+            elif req.sender is not None:
+                req.sender.on_timer(now)
+                self.scheduler.schedule(req.sender)
+        for sid, since in list(self._undelivered.items()):
+            stream = self.quic._streams.get(sid)
+            if stream is None or sid in self.requests or stream.receiver.starting_offset() > 0:
+                del self._undelivered[sid]  # gone, or its bytes came through: a request with its own deadline
+            elif now >= since + self.request_timeout:
+                del self._undelivered[sid]
+                _forget_received(stream)
+                out.extend(self._refuse(sid, ErrorCode.LIMIT_EXCEEDED,
+                                        f"request not complete within {self.request_timeout:g} s "
+                                        f"(limits.request_timeout_s; its first bytes never came)", False))
+        return out
