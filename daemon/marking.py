@@ -23,7 +23,9 @@ never reports ECN counts stops marking (ECN validation, ``transport.marking.EcnV
 daemon marks like ``l4s`` instead (it keeps serving). A model that loads but then raises on the packet path
 does the same at run time: one warning, every connection (open or new) marks like ``l4s`` until restart,
 ``tokenwire_marking_policy`` moves from ``swiftqueue`` to ``l4s`` and ``tokenwire_marking_model_errors_total``
-counts the errors.
+counts the errors. A SIGHUP reload loads the model as configured again (off the event loop) and warns when
+it would not load, or when it differs from the running one (replaced in place, or loadable now where it was not
+at start): the running daemon keeps what it loaded, and a restart takes up the new file.
 """
 
 from __future__ import annotations
@@ -174,6 +176,12 @@ class MarkingService:
         self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Connections that stopped marking (Not-ECT "
                                    "from then on) because their client never reported ECN counts", registry=r)
         self._swiftqueue: weakref.WeakSet[Any] = weakref.WeakSet()  # the open connections' swiftqueue policies
+        # what start() made of the swiftqueue model, for the reload's comparison with the file on disk (a model
+        # replaced in place and a SIGHUP said nothing while the daemon kept the old model, or kept l4s):
+        # None before start() (or without swiftqueue); else whether it loaded and the sha256 of its bytes
+        self.model_loaded: bool | None = None
+        self.model_path = ""
+        self.model_digest = ""
 
     # -- policies ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,11 +196,15 @@ class MarkingService:
         elif cfg.policy == "l4s":
             self._factory = L4SPolicy
         elif cfg.policy == "swiftqueue":
-            loader = _forecaster_loader(cfg.model)
-            if loader is None:
+            first = _first_forecaster(cfg.model)
+            self.model_loaded = first is not None
+            if first is None:
                 self.effective_policy = "l4s"
                 self._factory = L4SPolicy
             else:
+                self.model_path, self.model_digest = first.path, first.digest
+                loader = first.fresh
+
                 def swiftqueue() -> MarkingPolicy:
                     pol = SwiftQueuePolicy(
                         loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
@@ -233,6 +245,39 @@ class MarkingService:
     def new_policy(self) -> MarkingPolicy | None:
         """A fresh policy for one connection (its forecaster keeps that connection's history)."""
         return self._factory() if self._factory is not None else None
+
+    def model_on_disk(self, model: Path | None) -> tuple[str | None, str | None]:
+        """The reload's check of the swiftqueue model as configured now (``model``, None: the shipped one): (why it
+        would not load or None, what differs from the model this daemon runs or None). A full load and trial
+        inference (:func:`model_problem`'s): run it off the event loop.
+
+        Without the second part, a model replaced in place (or a corrupt one fixed) and a SIGHUP said nothing, and
+        the daemon went on with the model it loaded at start, or with l4s, as if it used the file on disk.
+        """
+        from tokenwire.predictor.runtime import ModelError, load_forecaster
+
+        try:
+            now = load_forecaster(str(model) if model else None)
+        except ModelError as exc:
+            return str(exc), None
+        return None, self._model_change(now.path, now.digest)
+
+    def _model_change(self, path: str, digest: str) -> str | None:
+        """What differs between the model that loads now from ``path`` (sha256 ``digest``) and the one start()
+        loaded; None when they are the same bytes, or when start() loaded none for swiftqueue (not started, or
+        another policy: a policy change is one of the [marking] changes the reload already says need a restart)."""
+        if self.cfg.policy != "swiftqueue" or self.model_loaded is None:
+            return None
+        if not self.model_loaded:
+            return (f"{path} loads now but did not at start, so the daemon marks like l4s (the fallback); restart "
+                    "to use the swiftqueue policy with it")
+        if digest == self.model_digest:
+            return None
+        if path != self.model_path:  # marking.model names another file now
+            return (f"{path} is not the model the daemon loaded at start ({self.model_path}) and it keeps that one: "
+                    "restart to use this one")
+        return (f"{path} changed since start (sha256 {digest[:12]} now, {self.model_digest[:12]} loaded at start); "
+                "the daemon keeps the model it loaded then: restart to use this one")
 
     # -- metrics -------------------------------------------------------------------------------------------
     def add_transport(self, transport: Any) -> None:
@@ -297,8 +342,9 @@ def model_problem(model: Path | None) -> str | None:
     return None
 
 
-def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:
-    """A factory of per-connection forecasters sharing one inference session, or None (warned)."""
+def _first_forecaster(model: Path | None) -> Any | None:
+    """The forecaster loaded at start (its ``fresh()`` makes the per-connection ones, sharing its inference
+    session; its ``digest`` is that of the bytes loaded), or None (warned)."""
     from tokenwire.predictor.runtime import ModelError, load_forecaster
 
     try:
@@ -308,4 +354,4 @@ def _forecaster_loader(model: Path | None) -> Callable[[], Any] | None:
                     "falling back to the l4s policy", exc)
         return None
     log.info("swiftqueue latency model: %s", first.path or "shipped")
-    return first.fresh
+    return first

@@ -37,6 +37,12 @@ TARGET_PPS = 200e6 / (1500 * 8)
 BATCHES = (1, 8, 64)
 
 
+def batch_calls(calls: int, batch: int) -> int:
+    """Inference calls per measurement at a batch of ``batch`` > 1: max(4 x calls / B, 50), rounded down, as
+    ``--help`` says (the code computed calls // B x 4: 124 calls at batch 64 where the help promised 125)."""
+    return max(4 * calls // batch, 50)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from tokenwire.daemon.cli import positive_int
 
@@ -107,7 +113,7 @@ def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None
             per_call, n_calls = single, calls  # batch 1's predict() answers the whole burst
         else:
             nows = [now + 1e-5 * i for i in range(bs)]
-            n_calls = max(calls // bs * 4, 50)
+            n_calls = batch_calls(calls, bs)
             per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), n_calls, repeats)
         res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
                                    "predictions_per_s": bs / per_call, "calls": n_calls}
@@ -137,8 +143,12 @@ def ratios(onnx: dict, ewma: dict) -> dict:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster
+    from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster, shipped_model_path
 
+    from .cli import check_output
+
+    if args.json:  # before the run: the results would replace the model they were measured on
+        check_output("--json", args.json, [("the --model", args.model or shipped_model_path())])
     try:
         onnx_fc = load_forecaster(args.model)
     except ModelError as exc:
@@ -147,7 +157,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
                            "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats"}
-    batched = ", ".join(f"batch {bs}: {max(args.calls // bs * 4, 50)}" for bs in BATCHES if bs > 1)
+    batched = ", ".join(f"batch {bs}: {batch_calls(args.calls, bs)}" for bs in BATCHES if bs > 1)
     print(f"bench predictor: {args.calls} calls ({batched}) x {args.repeats} repeats per phase, the ONNX model "
           "then EWMA", file=sys.stderr, flush=True)
     for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):

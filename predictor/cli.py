@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,39 @@ def _new_out_dir(out: Path, logs: frozenset[str]) -> Iterator[None]:
                 (made[0] / name).unlink(missing_ok=True)
             remove_empty_folders(made)
         raise
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: :func:`os.path.samefile` when both exist (``./x`` and ``x``, a
+    symlink or a hard link to it), else their resolved paths."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:  # unreadable in between: the paths decide
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(flag: str, out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
+    """Refuse, in one line and before anything runs, an output path that is one of the command's ``inputs``
+    (``(what, path)`` pairs): ``eval --data x.npz --json x.npz``, ``export --checkpoint m.pt --out m.pt`` and
+    ``collect --down-trace t --out t`` replaced the input with their output. ``-`` (stdout) is no file."""
+    if str(out) == "-":
+        return
+    for what, path in inputs:
+        if same_file(out, path):
+            same = "" if str(path) == str(out) else f" ({path})"
+            raise _err(f"{flag} {out} is {what}{same}: writing there would destroy it; choose another path")
+
+
+def _check_distinct(flag: str, paths: list[str]) -> None:
+    """Refuse a file given twice (also as ``./a.npz`` and ``a.npz``, or through a link): its points were counted
+    twice, doubling eval's ``n`` and the weight of that file in training, without a word."""
+    for i, path in enumerate(paths):
+        for earlier in paths[:i]:
+            if same_file(path, earlier):
+                what = f"{path} given twice" if path == earlier else f"{earlier} and {path} are the same file"
+                raise _err(f"{flag}: {what}; give each file once (its points would count twice)")
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -138,7 +171,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _parse_seeds(text: str) -> list[int]:
     out: list[int] = []
-    for part in filter(None, text.split(",")):
+    if not text.strip():
+        raise _err("--seeds: no seeds")
+    for part in text.split(","):
+        if not part.strip():  # "1,,2" and "1," were read as "1,2" and "1"
+            raise _err(f"--seeds: {text!r} has an empty item (a comma too many); write N or N-M between commas")
         a, dash, b = part.partition("-")
         try:
             first, last = (int(a), int(b)) if dash else (int(a), int(a))
@@ -261,7 +298,13 @@ def _check_traces(traces: list[str], probe_pps: float | None, probe_size: int) -
             raise _err(f"--probe-pps: {trace}: {exc}") from None
 
 
+def _trace_inputs(traces: list[str]) -> list[tuple[str, str]]:
+    """The traces that are files (the others are rates like ``12mbps``), as :func:`check_output` inputs."""
+    return [("the trace file", t) for t in traces if os.path.lexists(t)]
+
+
 def _collect(args: argparse.Namespace) -> int:
+    check_output("--out", args.out, _trace_inputs([args.down_trace]))
     _run_collect(_config(args, args.down_trace, args.seed), args.out, Path(args.down_trace).name)
     return 0
 
@@ -275,6 +318,8 @@ def _collect_many(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     index_path = out_dir / "index.json"
     outs = [str(out_dir / f"{_output_stem(trace)}-s{seed}.npz") for trace, seed in jobs]
+    for written in [*outs, str(index_path)]:
+        check_output("--out-dir", written, _trace_inputs(args.traces))
     # index.json always describes finished files: entries of an earlier run for the files about to be
     # rewritten go now, each new file is added once it is saved (an interrupted run leaves a true index)
     rerun = {Path(o).name for o in outs}
@@ -343,6 +388,8 @@ def _train(args: argparse.Namespace) -> int:
         raise _err("--alpha must be >= 0 (0: no extra weight on sharp changes)")
     if not args.huber_ms > 0:  # torch's huber_loss refuses it, after the datasets have loaded
         raise _err("--huber-ms must be > 0")
+    _check_distinct("--data", args.data)
+    _check_train_outputs(Path(args.out_dir), kinds, args.data)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -352,15 +399,41 @@ def _train(args: argparse.Namespace) -> int:
         train, val = load_points(args.data, args.window, 0.2, log=_say)
     except DatasetError as exc:
         raise _err(str(exc)) from None
+    data_files = _data_files(args.data)
     # train.json is rewritten now (an earlier run's would describe checkpoints about to be replaced) and after
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
     log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
     with _new_out_dir(out, frozenset({"train.json"})):
-        _train_models(args, kinds, net, train, val, log)
+        _train_models(args, kinds, net, train, val, log, data_files)
     return 0
 
 
-def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: Any, val: Any, log: dict) -> None:
+def _check_train_outputs(out: Path, kinds: list[str], data: list[str]) -> None:
+    """Refuse an ``--out-dir`` that is a ``--data`` file, or one whose files train writes or moves aside
+    (checkpoints, their ``.previous``, ``train.json``) include a ``--data`` file."""
+    inputs = [("the --data file", d) for d in data]
+    check_output("--out-dir", out, inputs)
+    names = ["train.json"]
+    for kind in kinds:
+        name = "ar.json" if kind == "ar" else f"{kind}.pt"
+        names += [name, f"{name}.previous"]
+    for name in names:
+        check_output("--out-dir", out / name, inputs)
+
+
+def _data_files(paths: list[str]) -> list[dict[str, str]]:
+    """Each training file's path and sha256, for the checkpoints' ``train_config`` (``eval`` warns when it is
+    given one of them: a model scored on the points it was fitted or validated on reads better than it is)."""
+    from .dataset import file_digest
+
+    try:
+        return [{"path": p, "sha256": file_digest(p)} for p in paths]
+    except OSError as exc:  # loaded a moment ago: gone or unreadable since
+        raise _err(f"--data: {exc.filename}: cannot read it again ({exc.strerror})") from None
+
+
+def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: Any, val: Any, log: dict,
+                  data_files: list[dict[str, str]]) -> None:
     """``train``'s models, one after the other, with ``train.json`` (``log``) rewritten after each."""
     from .train import TrainConfig, TrainingDiverged, fit_ar, train_net
 
@@ -377,7 +450,7 @@ def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: 
             continue
         cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
                           alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
-                          max_points=args.max_points,
+                          max_points=args.max_points, threads=args.threads, data_files=data_files,
                           net=net if kind == "transformer" else {})
         try:
             _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
@@ -419,6 +492,8 @@ def _export(args: argparse.Namespace) -> int:
     from .runtime import ModelError
     from .train import checkpoint_best_epoch, load_checkpoint
 
+    inputs = [("the --checkpoint", args.checkpoint)]
+    check_output("--out", args.out, inputs + ([("the --check-data file", args.check_data)] if args.check_data else []))
     torch.set_num_threads(1)
     try:
         model, ck = load_checkpoint(args.checkpoint)
@@ -452,8 +527,14 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
     from .evaluate import run_eval
-    from .runtime import ModelError
+    from .runtime import ModelError, shipped_model_path
 
+    _check_distinct("--data", args.data)
+    if args.json:
+        base = Path(args.baselines) if args.baselines else shipped_model_path().parent
+        check_output("--json", args.json, [*(("the --data file", d) for d in args.data),
+                                           ("the --model", args.model or shipped_model_path()),
+                                           ("a baseline", base / "gru.onnx"), ("a baseline", base / "ar.json")])
     try:
         doc = run_eval(args.data, args.model, args.baselines, log=_say)
     except (DatasetError, ModelError) as exc:

@@ -9,7 +9,8 @@ Grammar: ``ITEM[+ITEM...]``, ``ITEM = KIND[*N][:key=value,...]``
 
 Common keys: ``on=S,off=S`` make the flow an on/off source with exponentially distributed period lengths of
 those means (seconds; without them it runs the whole time), ``rtt=MS`` its ack return delay (default: drawn
-per flow from 5-50 ms). ``*N`` runs N independent copies.
+per flow from 5-50 ms). ``*N`` runs N independent copies. A key may appear once per item, and a spec makes at most
+:data:`MAX_CROSS_FLOWS` flows in all.
 
 These are modes of the testbed's own :mod:`tokenwire.testbed.vsim` senders; the socket testbed has its own
 spec (``tcp:cubic``, ``udp-ect1:RATE``, :func:`tokenwire.testbed.traffic.parse_cross`), and its loss-based
@@ -29,6 +30,9 @@ KINDS = ("reno", "scalable", "cbr-l", "cbr-c")
 TCP_ALIASES = ("reno", "cubic")
 """``tcp:CC`` names modelled by the ``reno`` sender (loss-based AIMD, Not-ECT, in the C queue)."""
 SUPPORTED = f"{', '.join(KINDS)}; aliases tcp:reno|tcp:cubic (-> reno), udp-ect1:RATE (-> cbr-l)"
+MAX_CROSS_FLOWS = 1000
+"""The most cross flows a spec makes (the sum of its ``*N``). Each is a simulated sender: ``reno*100000`` (a typo)
+ran for minutes showing "0.0%", and a thousand flows already share a 12 Mbit/s link at 12 kbit/s each."""
 
 
 class CrossSpecError(ValueError):
@@ -99,12 +103,19 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
             if not n.isdigit() or int(n) < 1:
                 raise CrossSpecError(f"cross item {part!r}: *N needs a positive integer")
             item.copies = int(n)
+            if item.copies > MAX_CROSS_FLOWS:
+                raise CrossSpecError(f"cross item {part!r}: *{n} is more than the {MAX_CROSS_FLOWS} cross flows a "
+                                     "spec may make")
+        seen: set[str] = set()
         for kv in filter(None, (a.strip() for a in args.split(","))):
             key, eq, value = kv.partition("=")
             key = key.strip().lower()
             value = value.strip()
             if not eq or not value:
                 raise CrossSpecError(f"cross item {part!r}: expected key=value, got {kv!r}")
+            if key in seen:  # the last one silently won: rate=2mbps,rate=3mbps ran at 3 Mbit/s
+                raise CrossSpecError(f"cross item {part!r}: {key}= given more than once")
+            seen.add(key)
             if key == "rate":
                 pct = value.endswith("%") and _float(value[:-1], key, part)
                 if pct and pct > 1000:  # ten times the link: enough to overload any queue
@@ -126,6 +137,9 @@ def parse_cross_spec(spec: str) -> list[CrossItem]:
         if not kind.startswith("cbr") and item.rate is not None:
             raise CrossSpecError(f"cross item {part!r}: rate= is only for cbr-l/cbr-c")
         items.append(item)
+    total = sum(i.copies for i in items)
+    if total > MAX_CROSS_FLOWS:
+        raise CrossSpecError(f"cross spec {spec!r}: {total} flows in all, more than {MAX_CROSS_FLOWS}")
     return items
 
 

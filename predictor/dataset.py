@@ -38,9 +38,11 @@ counts). The *ack log* (what a runtime forecaster observes, in arrival order) is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import time
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -56,6 +58,12 @@ from .features import RAW_COLUMNS
 FORMAT_VERSION = 1
 SHADOW_SIZE = 1
 COLUMNS = ("sent_at", "ack_at", "latency_ms", "size", "queue_l", "ce", "target_l_ms", "target_c_ms", "n_acked")
+
+
+PROGRESS_EVERY_S = 5.0
+"""Wall-clock seconds between :func:`collect`'s progress reports (and one at the first probe packet). By time,
+not by probe packets: under heavy cross traffic a run made 2000 probe packets (the old step) so slowly that it
+showed "0.0%" for 89 s and nothing else."""
 
 
 class DatasetError(ValueError):
@@ -87,8 +95,13 @@ class CollectConfig:
     p_switch: float = 0.08
 
 
-def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
-    """Run one virtual-time session; returns the arrays of the module docstring (``meta`` as a JSON str)."""
+def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
+            progress_every_s: float = PROGRESS_EVERY_S) -> dict[str, np.ndarray]:
+    """Run one virtual-time session; returns the arrays of the module docstring (``meta`` as a JSON str).
+
+    ``progress`` is told the share of the virtual time done at the first probe packet and then at a probe packet
+    at least ``progress_every_s`` wall-clock seconds after the last report (read from the clock only: it changes
+    nothing in the run, which stays the same bit for bit)."""
     bad_pps = cfg.probe_pps is not None and not cfg.probe_pps > 0
     bad_share = cfg.probe_share is not None and not 0 < cfg.probe_share <= 1
     if bad_pps or bad_share:  # checked before anything is built: the CLI words the same checks per flag
@@ -140,6 +153,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
             super().__init__(size=cfg.probe_size, ack_delay=cfg.ack_delay_ms / 1000.0, name="probe")
             self.shadow = shadow
             self.queue_l = rng.random() < 0.5
+            self.reported_at = -math.inf  # wall clock (monotonic) of the last progress report
 
         def on_start(self, now: float) -> None:
             self._tick(now)
@@ -157,8 +171,11 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
             sim_.send(self, Packet(self.size, ECT1 if self.queue_l else ECT0, meta=(self.fid, seq, now)), now)
             probe_rows.append((now, self.queue_l))
             sim_.call_at(now + rng.expovariate(pps), self._tick)
-            if progress is not None and seq % 2000 == 0:
-                progress(now / cfg.seconds)
+            if progress is not None:
+                wall = time.monotonic()
+                if wall - self.reported_at >= progress_every_s:
+                    self.reported_at = wall
+                    progress(now / cfg.seconds)
 
         def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
             pass
@@ -207,6 +224,17 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None)
     return out_any
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes. ``train`` records it for each training file (``train_config.data_files``
+    of the checkpoint and the exported model) and ``eval`` warns when a ``--data`` file has one of them: a model
+    scored on its own training data reads better than it is."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_probe_pps(pps: float | None, probe_size: int, mean_bps: float) -> None:
     """:class:`ProbeRateError` when an explicit ``pps`` exceeds :func:`max_probe_pps` (None: derived, fits)."""
     most = max_probe_pps(mean_bps, probe_size)
@@ -238,15 +266,24 @@ def load(path: str | Path) -> dict:
         if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy file is one array, not an archive of columns
             raise DatasetError(f"{path}: not a latency dataset (one .npy array, not an .npz archive of columns)")
         with z:
+            for name in (*COLUMNS, "meta"):
+                _check_member(path, z, name)
             data: dict[str, Any] = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
             meta = json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset") from None
     except DatasetError:  # a ValueError too: not to be wrapped below
         raise
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
+    except RecursionError:  # (a RuntimeError: before that one) json's answer to a meta of "[[[[..."
+        raise DatasetError(f"{path}: not a latency dataset (meta is nested too deeply)") from None
+    except MemoryError:  # an archive whose sizes lie too (the header check below trusts them)
+        raise DatasetError(f"{path}: not a latency dataset (it declares arrays larger than this machine's memory)") \
+            from None
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as exc:
         # BadZipFile: truncated or corrupt archive; zlib.error: corrupt member; NotImplementedError: zipfile's
-        # answer to a damaged compression-method field
+        # answer to a damaged compression-method field; RuntimeError: its "File 'size.npy' is encrypted, password
+        # required" for a flipped flag bit; TypeError: a cast numpy cannot make
         raise DatasetError(f"{path}: not a latency dataset ({_why_not(exc)})") from None
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: not a latency dataset (meta is a JSON {type(meta).__name__}, not an object)")
@@ -269,6 +306,42 @@ def load(path: str | Path) -> dict:
     _check_order(path, data)
     data["meta"] = meta
     return data
+
+
+_REAL_KINDS = "biuf"  # numpy dtype kinds a column may hold: bool, signed, unsigned, float (save writes float64)
+_KIND_WORDS = {"c": "complex numbers", "V": "structured records", "O": "Python objects", "U": "text", "S": "bytes",
+               "M": "dates", "m": "time deltas"}
+
+
+def _check_member(path: str | Path, z: Any, name: str) -> None:
+    """Refuse the archive's member ``name`` from its .npy header, before numpy reads it: numpy allocates the
+    declared shape first (a header declaring (10**13,) raised MemoryError from a 2-KB file), a structured dtype
+    failed the cast with TypeError, and a complex column loaded with its imaginary part silently dropped. A column
+    must hold real numbers, ``meta`` text, and the declared data must fit in what the archive holds for it. A
+    member that is missing or no .npy array is left to numpy, which refuses it."""
+    fmt = np.lib.format
+    names = z.zip.namelist()
+    member = name if name in names else f"{name}.npy"  # the names NpzFile tries, in its order
+    if member not in names:
+        return
+    info = z.zip.getinfo(member)
+    with z.zip.open(member) as fh:  # (by name: zipfile's errors then name the member, not its ZipInfo)
+        try:
+            version = fmt.read_magic(fh)
+        except ValueError:
+            return
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            return
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        data_bytes = info.file_size - fh.tell()
+    kinds, want = ("US", "text") if name == "meta" else (_REAL_KINDS, "real numbers")
+    if dtype.kind not in kinds:
+        held = _KIND_WORDS.get(dtype.kind, f"{dtype!s:.40}")
+        raise DatasetError(f"{path}: not a latency dataset ({name} holds {held}, not {want})")
+    if math.prod(shape) * dtype.itemsize > data_bytes:
+        raise DatasetError(f"{path}: not a latency dataset ({name}: its header declares a {shape!s:.60} array of "
+                           f"{dtype!s:.20}, more than the {data_bytes} bytes the archive holds for it)")
 
 
 def _why_not(exc: Exception) -> str:

@@ -38,23 +38,59 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     """
     fc = load_forecaster(model)
     _check_kind(fc, "transformer", "--model takes the transformer; the gru is read from the --baselines folder")
+    seen = _training_data_check(data, log)
+    seen("transformer", fc)
     window = fc.window
     predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
     if baselines is None:
         try:
-            predictors.update(_baselines(shipped_model_path().parent, window, log))
+            predictors.update(_baselines(shipped_model_path().parent, window, log, seen))
         except ModelError as exc:  # the shipped baselines are for the shipped window
             raise ModelError(f"{exc}; the shipped baselines do not fit this --model: give --baselines a folder "
                              f"with a gru.onnx and an ar.json trained with --window {window} "
                              "(`tokenwire predictor train --kinds gru,ar`, then export the gru)") from None
     else:
-        predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log))
+        predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log, seen))
     pts = Points.concat([p for _, p in file_points(list(data), window, log)])
     doc = evaluate(pts, predictors)
     doc["data"] = list(data)
     doc["model"] = fc.path
     doc["window"] = window
     return doc
+
+
+def trained_on(fc: OnnxLatencyForecaster) -> dict[str, str]:
+    """sha256 -> path of the files the model was trained and validated on, as ``train`` records them in
+    ``train_config.data_files`` (exported into the model's metadata); empty for a model from before that record,
+    or with a record in another shape (nothing to compare: no warning, no error)."""
+    tc = fc.meta.get("train_config")
+    files = tc.get("data_files") if isinstance(tc, dict) else None
+    if not isinstance(files, list):
+        return {}
+    return {f["sha256"]: str(f.get("path", "")) for f in files
+            if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
+
+
+def _training_data_check(data: list[str], log: Callable[[str], None]) -> Callable[[str, OnnxLatencyForecaster], None]:
+    """A check, for each model loaded, that warns about the ``data`` files it was trained or validated on (same
+    sha256 as a training file): its MAE there was scored on points it was fitted to, and read as held-out."""
+    from .dataset import file_digest
+
+    digests: dict[str, str] = {}
+    for path in data:
+        try:
+            digests[path] = file_digest(path)
+        except OSError:  # loading it says what is wrong
+            pass
+
+    def check(name: str, model: OnnxLatencyForecaster) -> None:
+        trained = trained_on(model)
+        for path, digest in digests.items():
+            if digest in trained:
+                log(f"warning: {path}: the {name} was trained and validated on this file (same sha256 as its "
+                    f"training file {trained[digest]}); evaluating on training data: MAE is optimistic")
+
+    return check
 
 
 def _check_kind(fc: OnnxLatencyForecaster, kind: str, hint: str) -> None:
@@ -83,7 +119,8 @@ def _checked_baselines(base_dir: Path) -> Path:
     return base_dir
 
 
-def _baselines(base_dir: Path, window: int, log: Callable[[str], None]) -> dict[str, Predictor]:
+def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
+               seen: Callable[[str, OnnxLatencyForecaster], None] | None = None) -> dict[str, Predictor]:
     """The AR and GRU predictors from ``base_dir``; one whose file is missing is skipped with a note."""
     out: dict[str, Predictor] = {}
     ar_path = base_dir / "ar.json"
@@ -104,6 +141,8 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None]) -> dict[
         _check_kind(gru, "gru", "the baselines folder's gru.onnx is scored as the gru")
         if gru.window != window:
             raise ModelError(f"{gru_path}: window {gru.window} differs from the transformer's {window}")
+        if seen is not None:
+            seen("gru", gru)
         out["gru"] = onnx_predictor(gru)
     else:
         log(f"no {gru_path}: skipping gru")

@@ -14,6 +14,7 @@ Both forecasters implement :class:`tokenwire.transport.marking.LatencyForecaster
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -67,11 +68,14 @@ def _row(s: LatencySample) -> tuple[float, ...]:
 class OnnxLatencyForecaster:
     """SwiftQueue forecaster: exported model over the last ``window`` acks (see :mod:`.features`)."""
 
-    def __init__(self, session: Any, window: int, meta: dict[str, Any], path: str = "") -> None:
+    def __init__(self, session: Any, window: int, meta: dict[str, Any], path: str = "", digest: str = "") -> None:
         self._session = session
         self.window = window
         self.meta = meta
         self.path = path
+        # sha256 of the bytes the session was built from: the daemon's reload compares it with the file on disk,
+        # which a model replaced in place (same path) changed without a word
+        self.digest = digest
         self._ring = _Ring(window + 1)  # one more than the window: the first row's gaps need its predecessor
         self._in_x, self._in_ref = (i.name for i in session.get_inputs())
         self._out = session.get_outputs()[0].name
@@ -82,7 +86,7 @@ class OnnxLatencyForecaster:
         One per connection: onnxruntime sessions are reentrant, and loading the model at every handshake
         would cost milliseconds.
         """
-        return OnnxLatencyForecaster(self._session, self.window, self.meta, self.path)
+        return OnnxLatencyForecaster(self._session, self.window, self.meta, self.path, self.digest)
 
     @property
     def ready(self) -> bool:
@@ -158,10 +162,11 @@ def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
     model that would fail on the packet path falls back to ``l4s`` there instead.
     """
     file = Path(path) if path is not None else shipped_model_path()
-    sess = open_session(read_model(file), str(file))
+    data = read_model(file)
+    sess = open_session(data, str(file))
     meta, window = _check_meta(sess, file)
     _check_signature(sess, file, window)
-    forecaster = OnnxLatencyForecaster(sess, window, meta, str(file))
+    forecaster = OnnxLatencyForecaster(sess, window, meta, str(file), hashlib.sha256(data).hexdigest())
     _trial_run(forecaster, file)
     return forecaster
 

@@ -55,6 +55,11 @@ def check_net_overrides(net: object) -> dict:
     return dict(net)
 
 
+PROGRESS_EVERY_S = 30.0
+"""Seconds between :func:`train_net`'s plain progress lines when stderr is no terminal (a log file, systemd,
+``nohup``): an epoch takes a minute or more, and such a run printed nothing between the epoch lines."""
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite before any epoch gave usable weights (a learning rate far too high)."""
 
@@ -78,6 +83,11 @@ class TrainConfig:
     seed: int = 1
     max_points: int = 200_000
     net: dict = field(default_factory=dict)  # overrides of the network's constructor arguments
+    # recorded only (train_config of the checkpoint and the export), nothing here reads them: torch's thread count
+    # changes the weights in the last bits (4.5e-7 between 1 and 4 threads), so a seed retrains bit for bit only
+    # with the same threads; the training files' paths and sha256 let eval warn when given one of them
+    threads: int = 1
+    data_files: list[dict[str, str]] = field(default_factory=list)
 
 
 def load_points(paths: list[str], window: int, val_share: float,
@@ -130,11 +140,13 @@ def sample_weights(p: Points, alpha: float) -> np.ndarray:
 
 
 def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Path | None = None,
-              log: Callable[[str], None] = print) -> tuple[object, dict]:
+              log: Callable[[str], None] = print, progress_every_s: float = PROGRESS_EVERY_S) -> tuple[object, dict]:
     """Train one network; returns (model with the best weights, training log).
 
     A non-finite training or validation loss ends training: with the best weights so far when an earlier
-    epoch gave some (with a warning), :class:`TrainingDiverged` when none did.
+    epoch gave some (with a warning), :class:`TrainingDiverged` when none did. Within an epoch, progress goes
+    to a terminal as one redrawn line; otherwise ``log`` gets a plain line (epoch, batches, running loss,
+    elapsed time) at most every ``progress_every_s`` seconds.
     """
     import torch
 
@@ -189,6 +201,8 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
         log(msg)
 
     t0 = time.monotonic()
+    tty = sys.stderr.isatty()
+    reported = t0  # the last plain progress line (no terminal)
     try:
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.from_numpy(rng.permutation(len(train)))
@@ -202,10 +216,15 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
                 opt.step()
                 sched.step()
                 total += float(loss.detach())
-                if sys.stderr.isatty() and s % 20 == 0:
-                    print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr,
-                          flush=True)
-                    shown = True
+                if tty:
+                    if s % 20 == 0:
+                        print(f"\r  epoch {epoch} {100 * (s + 1) // steps_per_epoch:3d}%", end="", file=sys.stderr,
+                              flush=True)
+                        shown = True
+                elif time.monotonic() - reported >= progress_every_s:
+                    reported = time.monotonic()
+                    log(f"  epoch {epoch}/{cfg.epochs}: {s + 1}/{steps_per_epoch} batches, running loss "
+                        f"{total / (s + 1):.4f}, {reported - t0:.0f} s")
             vl, vmae = val_loss()
             history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": vl, "val_mae_ms": vmae})
             if not (math.isfinite(total) and math.isfinite(vl)):
@@ -302,8 +321,8 @@ def load_checkpoint(path: str | Path) -> tuple[object, dict]:
     except MemoryError:
         raise
     except Exception as exc:  # untrusted bytes: see the docstring
-        why = first_line(exc)
-        if "weights_only" in str(exc):  # torch advises loading it with weights_only=False: running its code
+        why = what_file(path) or first_line(exc)
+        if why == first_line(exc) and "weights_only" in str(exc):  # torch advises weights_only=False: running code
             why = "it holds Python objects other than tensors and plain data; not loaded"
         raise refuse(why) from None
     if not isinstance(ck, dict):
@@ -324,6 +343,74 @@ def load_checkpoint(path: str | Path) -> tuple[object, dict]:
         raise refuse(f"its config and weights do not make a {kind} network: {first_line(exc)}") from None
     model.eval()
     return model, ck
+
+
+MAX_SNIFF_BYTES = 64 << 20
+"""The largest file :func:`what_file` reads whole (to tell JSON or ONNX): a model of the packet path is far
+smaller (:data:`~.onnx_session.MAX_MODEL_BYTES`)."""
+
+
+def what_file(path: str | Path) -> str | None:
+    """What the file at ``path`` is, when torch could not load it as a checkpoint and the bytes say plainly why;
+    None when they look like torch's own formats (a complete zip archive with ``data.pkl``, a pickle), whose
+    reason is torch's.
+
+    torch's reasons read wrong for common mistakes: an ``ar.json`` was "it holds Python objects other than
+    tensors" (torch read the JSON as a pickle), a ``.pt`` copied part-way "[Errno 22] Invalid argument".
+    """
+    import zipfile
+
+    file = Path(path)
+    if file.is_dir():
+        return "a directory; give a checkpoint file in it (transformer.pt or gru.pt)"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            data = f.read(MAX_SNIFF_BYTES + 1)
+    except OSError:
+        return None
+    if size == 0 or not data:
+        return "the file is empty"
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(file) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return (f"a truncated or damaged zip archive of {size:,} bytes, the start of a checkpoint without its "
+                    "end: copied or written part-way? Copy it again from a finished training run")
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        npz = names and all(n.endswith(".npy") for n in names)
+        return "a zip archive " + ("of numpy arrays (an .npz dataset?)" if npz else "without torch's data.pkl")
+    if data[:1] == b"\x80":  # a pickle (torch's legacy format): torch's reason
+        return None
+    if b"\x00" not in data[:4096]:
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        except ValueError:
+            return "a text file; train writes binary .pt files"
+        else:
+            if isinstance(doc, dict) and {"coef", "ridge"} <= doc.keys():
+                return ("a JSON file: the AR baseline's coefficients (ar.json), which need no export; eval reads "
+                        "them from --baselines. Export takes transformer.pt or gru.pt")
+            return "a JSON file; train writes binary .pt files"
+    if _is_onnx(data):
+        return "an ONNX model, what export writes: it is exported already"
+    return None
+
+
+def _is_onnx(data: bytes) -> bool:
+    """Whether ``data`` parses as an ONNX model with a graph (protobuf parses much garbage: a graph is asked)."""
+    try:
+        import onnx
+
+        proto = onnx.ModelProto()
+        proto.ParseFromString(data)
+    except Exception:  # untrusted bytes: protobuf's DecodeError (a module without type stubs), onnx missing, ...
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
 
 
 def fit_ar(train: Points, path: str | Path | None = None) -> LinearAR:
