@@ -400,7 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _json_to_stdout(args):
             rc = args.handler(args)
     except CLIError as exc:
-        print(f"tokenwire {args.command}: error: {printable(str(exc))}", file=sys.stderr)
+        # under systemd, at error priority (a line without the sd-daemon prefix is stored as info: "tokenwire daemon:
+        # error: cannot listen ..." was missing from journalctl -p err)
+        from .logs import stream_is_journal
+
+        prefix = "<3>" if stream_is_journal(sys.stderr) else ""
+        print(f"{prefix}tokenwire {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not _stdout_reader_gone():

@@ -98,6 +98,10 @@ class Limits:
     # a request stream's REQUEST must be whole this long after its first bytes: a client that sent all but the
     # last byte of 64 ~1 MiB requests held 64 MiB of the daemon per connection for as long as it liked
     request_timeout_s: float = 10.0
+    # what connections that have not authorized yet may make the daemon hold of their requests, all together: each
+    # may hold ~3 x max_request_bytes (ReadCredit.hold_until_authorized), which over max_sessions connections is
+    # ~30 GB; past it the connection holding the most is closed (Daemon.account_unauthorized)
+    unauthorized_memory_mb: float = 256.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +355,7 @@ def _limits(t: Any) -> Limits:
         max_live_answers=s.int("max_live_answers", 4096, 1, 1_000_000),
         orphan_timeout_s=s.num("orphan_timeout_s", 300.0, 1.0, 7 * 86400.0),
         request_timeout_s=s.num("request_timeout_s", 10.0, 1.0, 3600.0),
+        unauthorized_memory_mb=s.num("unauthorized_memory_mb", 256.0, 1.0, 1 << 20),
     )
 
 

@@ -78,6 +78,10 @@ class DaemonProtocol(GuardedProtocol):
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         self.revoked = False  # a reload removed its token: the client does not send it again
         self.attached: dict[int, LiveRequest] = {}
+        self.held = 0  # bytes of its requests held while it is not authorized (Daemon.account_unauthorized)
+        # requests whose outcome (tokenwire_requests_ended_total) the daemon counted when it closed this connection:
+        # the session still holds them, and reports them lost at the end (Daemon._request_ended)
+        self.outcome_counted: set[int] = set()
         if daemon.client_verifier is not None:
             request_client_certificate(quic)
         self.ended = False
@@ -106,7 +110,7 @@ class DaemonProtocol(GuardedProtocol):
     def authorized(self, value: bool) -> None:
         self._authorized = value
         if value:  # its client has proven itself: the full flow-control window, and no eviction past max_sessions
-            self.daemon.unauthorized.pop(self, None)
+            self.daemon.forget_unauthorized(self)
             if isinstance(self._quic, ReadCredit):
                 self._quic.release_credit()
 
@@ -115,6 +119,17 @@ class DaemonProtocol(GuardedProtocol):
         """Closed, or closing (by this side or the peer): nothing may start on it any more."""
         quic = self._quic
         return self.ended or quic._close_event is not None or quic._state in END_STATES
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self in self.daemon.unauthorized:  # what it may make the daemon hold, before it authorizes
+            self.daemon.account_unauthorized(self, self._held_bytes())
+
+    def _held_bytes(self) -> int:
+        """Bytes of its request streams held: in aioquic's receive buffers, and read into the request decoders."""
+        quic = self._quic
+        return (sum(len(s.receiver._buffer) for s in quic._streams.values())
+                + sum(r.decoder.pending for r in self.server_session.requests.values()))
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         super().quic_event_received(event)
@@ -155,14 +170,17 @@ class DaemonProtocol(GuardedProtocol):
                     # certless client's came in the datagram of its Finished, read after the certificate check had
                     # closed the connection (or max_sessions had), or after a request with a wrong token had; each
                     # generated an answer for nobody until orphan_timeout_s, filling max_live_answers.
+                    d._request_ended(self, ev.stream_id, "refused", closing=True)
                     continue
                 if not self.established:  # (1-RTT data comes after the handshake; 0-RTT, if ever, must wait too)
                     d._reject(self, ev.stream_id, ErrorCode.UNAUTHORIZED, "request before the handshake completed")
                     continue
                 d.on_request(self, ev.stream_id, ev.request)
             elif isinstance(ev, RequestCompleted):
+                self._request_ended(ev.stream_id, "completed")
                 d.detach(self, ev.stream_id, cancel=False)
             elif isinstance(ev, RequestCancelled):
+                self._request_ended(ev.stream_id, "lost" if ev.lost else "cancelled")
                 d.detach(self, ev.stream_id, cancel=not ev.lost)
             elif isinstance(ev, ClientReport):
                 d.on_report(ev.report)
@@ -173,9 +191,18 @@ class DaemonProtocol(GuardedProtocol):
                 (log.warning if self.refused == 1 else log.debug)(
                     "refused a request from %s: %s", self.peer, ev.reason)
                 d.metrics.errors.labels(code=hex(ev.code)).inc()
+                self._request_ended(ev.stream_id, "refused")
             elif isinstance(ev, ConnectionEnded):
                 d.on_connection_end(self, ev)
         self.transmit()
+
+    def _request_ended(self, sid: int, outcome: str) -> None:
+        """A request the session reports ended: counted by ``outcome`` (tokenwire_requests_ended_total), unless the
+        daemon counted it when it closed the connection (a wrong token's request, "refused", came back "lost")."""
+        if sid in self.outcome_counted:
+            self.outcome_counted.discard(sid)
+            return
+        self.daemon.metrics.requests_ended.labels(outcome=outcome).inc()
 
     def flush_counters(self) -> None:
         """Add this connection's packet counters since the last flush to the Prometheus counters."""

@@ -210,7 +210,12 @@ class IngestAPI:
             req.finish(reason, now)
             self._done(req, conn, "finished")
             return {"ok": True, "tokens": len(req.transcript)}
-        message = str(msg.get("message", "application failed"))[:MAX_MESSAGE_CHARS]
+        message = msg.get("message")
+        if message is None:
+            message = "application failed"
+        elif not isinstance(message, str):  # str() of any JSON value became the clients' error text
+            return {"ok": False, "error": "message must be a string (or null for a default text)"}
+        message = message[:MAX_MESSAGE_CHARS]
         if _invalid_unicode(message):
             return {"ok": False, "error": "message is not valid Unicode (a lone surrogate)"}
         log.warning("ingest: request %s failed by the application: %s", rid.hex(), printable(message))

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from tokenwire.transport.handshake_guard import HANDSHAKE_REFUSAL_REASONS
 from tokenwire.transport.kv_controller import LEVELS, TEXT
 
 log = logging.getLogger("tokenwire.daemon")
@@ -83,15 +84,19 @@ class _KVCollector:
         server = self.runtime.server
         refused = CounterMetricFamily(
             "tokenwire_kv_connections_refused", "KV connections closed by the admission checks, by reason: too_many "
-            "or timeout (handshakes), max_connections (past limits.max_sessions), unauthorized (client certificate), "
-            "evicted (no authorized fetch, closed to admit a new client)",
+            "or timeout (handshakes), failed (a handshake ended otherwise: a TLS error, the client's close), "
+            "max_connections (past limits.max_sessions), unauthorized (client certificate), evicted (no authorized "
+            "fetch, closed to admit a new client)",
             labels=["reason"])
-        for reason in ("too_many", "timeout"):
+        for reason in HANDSHAKE_REFUSAL_REASONS:
             refused.add_metric([reason], server.guard.refused.get(reason, 0))
         refused.add_metric(["max_connections"], stats.get("connections_refused", 0))
         refused.add_metric(["unauthorized"], stats.get("unauthorized", 0))
         refused.add_metric(["evicted"], stats.get("evicted", 0))
         yield refused
+        yield CounterMetricFamily("tokenwire_kv_protocol_errors", "KV connections the endpoint closed because their "
+                                  "client broke the protocol (garbage, a chat REQUEST, a unidirectional stream, a "
+                                  "KV_ACK for a chunk never sent)", value=stats.get("protocol_errors", 0))
         yield CounterMetricFamily("tokenwire_kv_ecn_validation_failed", "KV connections that stopped marking ECT "
                                   "because their client reported no ECN counts (connect_kv(ecn=False))",
                                   value=server.ecn_unvalidated())

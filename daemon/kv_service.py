@@ -34,7 +34,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
-from tokenwire.transport.frames import KvFetch
+from tokenwire.transport.frames import MAX_KV_TOKENS, KvFetch
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
@@ -56,6 +56,14 @@ log = logging.getLogger("tokenwire.kv")
 
 _DTYPES = ("float16", "bfloat16", "float32")
 MAX_INGEST_BYTES = 8 << 30
+# A put's header line: the largest a put can need is its token ids, at most MAX_KV_TOKENS of up to 10 digits with
+# json.dumps' ", " (12 bytes each: 1.5 MiB), plus 512 KiB for the rest (model, shape, fingerprint, prewarm). It was
+# 16 MiB: every connection could make the event loop parse that much JSON, and hold twice it read ahead
+MAX_HEADER_BYTES = 12 * MAX_KV_TOKENS + (512 << 10)
+# ...and of a longer line, what is read and dropped (to its newline) after the refusal, so that an engine still
+# writing it can finish and read why: closed with it unread, the socket was reset under the engine's write (an
+# asyncio engine lost the answer). Four times the old limit: past that the byte stream is simply out of step
+MAX_DISCARD_BYTES = 64 << 20
 BODY_QUIET_S = 30.0  # a put body with no byte for this long is given up (its connection closed)
 MIN_BODY_RATE = 16 << 20  # bytes/s a put body must average, beyond BODY_QUIET_S (a local socket does GB/s)
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
@@ -100,6 +108,10 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
     token_ids = _int_ids(token_ids)
     if not isinstance(model, str) or not 1 <= len(model) <= 128:
         raise KVIngestError("model must be a name of 1 to 128 characters (what a fetch names)")
+    try:  # a lone surrogate (JSON's "\ud800") failed in the fingerprint's encode: a traceback, no typed refusal
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KVIngestError("model is not valid Unicode (a lone surrogate)") from None
     if not token_ids:
         raise KVIngestError("no token ids")
     if len(token_ids) > MAX_KV_TOKENS:
@@ -204,8 +216,13 @@ class KVService:
         from tokenwire.transport.cachegen.errors import InvalidInput
 
         token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
-        if not isinstance(prewarm, list | tuple) or any(p not in LEVELS for p in prewarm):
-            raise KVIngestError(f"prewarm must list levels of {', '.join(LEVELS)}")
+        # two messages: "must list levels of low, medium, high" for a prewarm of None (JSON null) read as a wrong
+        # level name, where the list itself was missing
+        if not isinstance(prewarm, list | tuple):
+            raise KVIngestError(f"prewarm must be a list of levels ({', '.join(LEVELS)}), "
+                                f"got {type(prewarm).__name__} {prewarm!r:.40}")
+        if bad := [p for p in prewarm if p not in LEVELS]:
+            raise KVIngestError(f"prewarm: unknown level {bad[0]!r:.40}; levels are {', '.join(LEVELS)}")
         try:
             x, geo = stack_kv(kv, dtype=None)  # in the input's dtype: the stored source is exactly that
         except InvalidInput as exc:
@@ -519,6 +536,37 @@ def open_store(cfg: KVConfig) -> ChunkStore:
 
 
 # ------------------------------------------------------------------------------------------------ Unix socket
+async def _discard_line(reader: asyncio.StreamReader) -> None:
+    """Drop the rest of an over-long header line: up to its newline, the end of the stream, BODY_QUIET_S without a
+    byte, or MAX_DISCARD_BYTES (see there). Nothing of it is kept or parsed."""
+    dropped = 0
+    while dropped < MAX_DISCARD_BYTES:
+        try:
+            piece = await asyncio.wait_for(reader.read(1 << 16), BODY_QUIET_S)
+        except TimeoutError:
+            return
+        if not piece or b"\n" in piece:
+            return
+        dropped += len(piece)
+
+
+def _body_bytes(shape: list[Any], itemsize: int) -> int:
+    """A put's body size from its header's ``shape``: five entries, each checked before any is multiplied, and the
+    product stopped at MAX_INGEST_BYTES. A shape of 80,000 entries of 10**18 (a 1.7-MB header) held the event loop
+    13 s multiplying them (every chat stalled meanwhile), and its product could not even be formatted into the
+    refusal (the engine got Python's "Exceeds the limit (4300 digits) for integer string conversion")."""
+    if len(shape) != 5 or any(type(n) is not int for n in shape):
+        raise KVIngestError("shape must be 5 integers: [layers, 2, kv_heads, tokens, head_dim]")
+    nbytes = itemsize
+    for n in shape:
+        if n < 1:
+            raise KVIngestError("shape must be positive integers")
+        nbytes *= n
+        if nbytes > MAX_INGEST_BYTES:  # (no huge number in the message: it is never formatted)
+            raise KVIngestError(f"the body would exceed the ingest limit of {MAX_INGEST_BYTES >> 30} GiB")
+    return nbytes
+
+
 async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
     """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a hung
     engine), or once the whole body has taken longer than twice ``BODY_QUIET_S`` plus ``nbytes`` at
@@ -557,8 +605,10 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 line = await reader.readline()
             except ValueError:  # over the reader's limit (readline turns LimitOverrunError into this)
                 service.count_ingest_error()  # a refused put, like a header that is not JSON
-                reply({"ok": False, "error": "header line too long"})
+                reply({"ok": False, "error": f"header line too long (over {MAX_HEADER_BYTES >> 10} KiB: a put "
+                                             f"carries at most {MAX_KV_TOKENS} token ids)"})
                 await writer.drain()
+                await _discard_line(reader)
                 break
             if not line:
                 break
@@ -569,16 +619,11 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 shape, dtype = msg.get("shape"), msg.get("dtype")
                 ids, model = msg.get("token_ids"), msg.get("model")
                 if (not isinstance(shape, list) or not isinstance(ids, list) or not isinstance(model, str)
-                        or any(type(t) is not int for t in ids) or dtype not in _DTYPES):
+                        or any(type(t) is not int for t in ids) or dtype is None):
                     raise KVIngestError("put needs model (str), token_ids (ints), shape (5 ints), dtype")
-                itemsize = 4 if dtype == "float32" else 2
-                nbytes = itemsize
-                for n in shape:
-                    if type(n) is not int or n < 1:
-                        raise KVIngestError("shape must be positive integers")
-                    nbytes *= n
-                if nbytes > MAX_INGEST_BYTES:
-                    raise KVIngestError(f"{nbytes} bytes exceed the ingest limit")
+                if dtype not in _DTYPES:  # named, as the shape check does: "int8" got the generic line above
+                    raise KVIngestError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r:.40}")
+                nbytes = _body_bytes(shape, 4 if dtype == "float32" else 2)
                 if nbytes > service.put_memory.limit:
                     raise KVIngestError(f"{nbytes} bytes exceed kv.ingest_memory_mb "
                                         f"({service.put_memory.limit >> 20} MiB)")
@@ -634,7 +679,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
 async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | None = None) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660, given to ``group``, ``kv.ingest_socket_group``, when set:
     as the answer ingest socket, so that applications that put KV need not be in the daemon's group)."""
-    return await unix_sockets.serve(Path(path), lambda r, w: _handle_ingest(service, r, w), limit=1 << 24,
+    return await unix_sockets.serve(Path(path), lambda r, w: _handle_ingest(service, r, w), limit=MAX_HEADER_BYTES,
                                     group=group, setting="kv.ingest_socket_group")
 
 
@@ -811,12 +856,12 @@ def warm_up_failure(exc: BaseException) -> str:
 
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
-                   max_connections: Any = None) -> KVRuntime:
+                   max_connections: Any = None, request_timeout: Any = None) -> KVRuntime:
     """Start the KV store service, its channel endpoint and (if configured) the ingest socket.
 
-    ``authorize``, ``client_verifier``, ``on_unauthorized`` and ``max_connections``: the daemon's checks, as
-    :func:`~tokenwire.transport.kv_server.serve_kv` takes them (the chat port's token, client certificate and
-    session limit: the KV port had only the token check)."""
+    ``authorize``, ``client_verifier``, ``on_unauthorized``, ``max_connections`` and ``request_timeout``: the
+    daemon's checks, as :func:`~tokenwire.transport.kv_server.serve_kv` takes them (the chat port's token, client
+    certificate, session limit and request timeout: the KV port had only the token check)."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
 
     try:  # the store first: a directory it cannot use fails in a moment, not after the codec's compile
@@ -835,6 +880,8 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
     marking = kv_marking(cfg.marking)  # classic: ECT(0), as [marking]'s (it was Not-ECT, the same as "none")
     limits = {} if max_connections is None else {"max_connections": max_connections}
+    if request_timeout is not None:
+        limits["request_timeout"] = request_timeout
     tuning = ServerTuning(forecaster=forecaster, prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import struct
 import tempfile
 import threading
@@ -207,6 +208,34 @@ def _locked(path: Path) -> bool:
     return False
 
 
+class _NotRegular(Exception):
+    """A store path that is no regular file (a directory, FIFO, socket, device, or a symlink to anything)."""
+
+
+# the errors of opening a path that is no regular file: a symlink (O_NOFOLLOW), a parent that is a file, a socket
+_NOT_REGULAR_ERRNOS = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` when it is a regular file; :class:`_NotRegular` otherwise. A directory with a key's name
+    failed every read with IsADirectoryError, and a FIFO blocked the store's worker thread for ever (every fetch
+    and put after it waited): opened without blocking, not following a symlink (one to /dev/zero would never end),
+    and checked by fstat before any read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _NOT_REGULAR_ERRNOS:
+            raise _NotRegular(str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(str(path))
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
 class LocalChunkStore(ChunkStore):
     """Files under ``root`` (see module docstring). Thread-safe."""
 
@@ -310,12 +339,16 @@ class LocalChunkStore(ChunkStore):
     def get(self, key: str) -> bytes | None:
         path = self._path(key)
         try:
-            blob = path.read_bytes()
+            blob = _read_regular(path)
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
                 if not path.exists():  # a put of this key may have landed since the read (it holds the lock)
                     self._forget(key)
+            return None
+        except _NotRegular:  # not ours, as _recover says (never indexed): a miss, left where it is
+            with self._lock:
+                self.stats.misses += 1
             return None
         payload = unwrap(blob)
         with self._lock:

@@ -1,14 +1,19 @@
-"""Logging for the service: human-readable text or one JSON object per line (for journald/log shippers)."""
+"""Logging for the service: human-readable text or one JSON object per line (for journald/log shippers).
+
+When stderr is the journal (systemd's ``JOURNAL_STREAM``), each line starts with the sd-daemon priority prefix
+``<N>`` (sd-daemon(3)) and text lines leave out the timestamp, which the journal records itself.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -109,13 +114,61 @@ class QuicWarningLimiter(logging.Filter):
 quic_warnings = QuicWarningLimiter()  # the daemon's, on its log handler
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a record's level for the journal: critical 2, error 3, warning 4, info 6, debug 7
+    (a level between two takes the lower one's: Python has no notice, 5)."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6)):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+def stream_is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is connected to the journal: systemd sets ``JOURNAL_STREAM`` to the ``<dev>:<ino>`` of
+    the stream it connects stdout/stderr to (systemd.exec(5)). A process whose stderr was redirected elsewhere
+    (a shell, a child under ``2> file``) still inherits the variable, so the descriptor's own identity decides."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # unset or malformed; no descriptor (a test's capture)
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class JournalFormatter(logging.Formatter):
+    """Another formatter's lines, each prefixed with its record's priority ``<N>`` for the journal (sd-daemon(3)).
+
+    Without it journald stored every line at priority 6 (info): ``journalctl -p warning`` showed nothing, errors
+    included. journald reads the prefix per line, and a line without one is info, so every line of a multi-line
+    record (a traceback) carries it too: the traceback stays with its error under ``-p err`` (journalctl shows the
+    lines without the prefix, as before).
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr) in ``fmt`` (text or json) from ``level`` on; journald priorities when it is the
+    journal (:func:`stream_is_journal`)."""
+    out = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(out)
     handler.addFilter(quic_warnings)
+    journal = stream_is_journal(out)
+    formatter: logging.Formatter
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter = JsonFormatter()
+    elif journal:  # the journal stamps each line itself
+        formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JournalFormatter(formatter) if journal else formatter)
     logging.getLogger().handlers[:] = [handler]
     set_log_level(level)
 

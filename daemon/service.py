@@ -54,7 +54,7 @@ from .connection import DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
-from .marking import MarkingService, model_problem
+from .marking import MarkingService
 from .reload_decisions import plan_reload, recheck_token
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
@@ -104,10 +104,24 @@ class Daemon:
         self._evictions = RefusalLog(log, lambda n, s: (
             f"closed {n} more never-authorized connections in the last {s:.0f} s to admit new clients "
             f"(limits.max_sessions; tokenwire_handshakes_refused_total reason evicted)"))
+        # connections closed for a protocol error (a malformed request) and requests refused past
+        # limits.max_live_answers, the same way: a line per connection let 200 clients without a token write 200
+        # warnings, and "server busy" refusals were in no log line at all
+        self._protocol_closes = RefusalLog(log, lambda n, s: (
+            f"closed {n} more connections for protocol errors in the last {s:.0f} s (tokenwire_errors_total by "
+            f"code)"))
+        self._busy_refusals = RefusalLog(log, lambda n, s: (
+            f"refused {n} more answers in the last {s:.0f} s: server busy, "
+            f"{self.config.limits.max_live_answers} answers being generated (limits.max_live_answers)"))
+        self._memory_sheds = RefusalLog(log, lambda n, s: (
+            f"closed {n} more never-authorized connections in the last {s:.0f} s for the request bytes they held "
+            f"(limits.unauthorized_memory_mb; tokenwire_handshakes_refused_total reason memory)"))
         # established connections that have not been authorized yet (auth tokens configured), oldest first: past
         # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
-        # every slot, and token holders got "too many sessions")
+        # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together
+        # (account_unauthorized)
         self.unauthorized: dict[DaemonProtocol, None] = {}
+        self.unauthorized_held = 0
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
         self._collected_at = -GC_INTERVAL_S
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
@@ -200,7 +214,8 @@ class Daemon:
             self.kv = await start_kv(
                 cfg.kv, authorize=self._kv_authorized, on_unauthorized=self.unauthorized_client,
                 client_verifier=(lambda: self.client_verifier) if self.client_verifier is not None else None,
-                max_connections=lambda: self.config.limits.max_sessions, **tls_kwargs)
+                max_connections=lambda: self.config.limits.max_sessions,
+                request_timeout=lambda: self.config.limits.request_timeout_s, **tls_kwargs)
             from .kv_metrics import KVMetrics
 
             KVMetrics(self.metrics.registry, self.kv)
@@ -254,7 +269,7 @@ class Daemon:
         if not self.unauthorized:
             return False
         victim = next(iter(self.unauthorized))
-        del self.unauthorized[victim]
+        self.forget_unauthorized(victim)
         if victim.established:
             victim.established = False
             self.established -= 1
@@ -272,10 +287,58 @@ class Daemon:
         victim.transmit()
         return True
 
+    def forget_unauthorized(self, proto: DaemonProtocol) -> None:
+        """``proto`` is authorized, evicted or gone: no longer one of :attr:`unauthorized`, and what it held no
+        longer counts toward ``limits.unauthorized_memory_mb``."""
+        if proto in self.unauthorized:
+            del self.unauthorized[proto]
+            self.unauthorized_held -= proto.held
+        proto.held = 0
+
+    def account_unauthorized(self, proto: DaemonProtocol, held: int) -> None:
+        """``proto``, established and not authorized yet, now holds ``held`` bytes of its requests (in aioquic's
+        stream buffers and the request decoders). Past ``limits.unauthorized_memory_mb`` for all such connections
+        together, the one holding the most is closed, until they are under it again.
+
+        Each may hold about 3 x ``max_request_bytes`` before it authorizes (:class:`ReadCredit`'s hold), which over
+        ``max_sessions`` connections (10,000 by default) let clients without a token make the daemon hold ~30 GB.
+        The largest holder goes first: a client's first request is a prompt, commonly kilobytes, so a token holder
+        sending one is closed only when it holds more than every connection that never authorizes.
+        """
+        if proto not in self.unauthorized:
+            return
+        self.unauthorized_held += held - proto.held
+        proto.held = held
+        budget = self.config.limits.unauthorized_memory_mb * (1 << 20)
+        while self.unauthorized_held > budget and self.unauthorized:
+            victim = max(self.unauthorized, key=lambda p: p.held)
+            held_by = victim.held
+            self.forget_unauthorized(victim)
+            if victim.established:
+                victim.established = False
+                self.established -= 1
+                self.metrics.sessions.dec()
+            if victim.closing:  # already on its way out: what it holds goes with it
+                continue
+            self.metrics.handshakes_refused.labels(reason="memory").inc()
+            if not self._memory_sheds.hold(time.monotonic()):
+                log.warning("closing connection from %s, never authorized, holding %d KiB of requests: connections "
+                            "not yet authorized held more than limits.unauthorized_memory_mb (%g MiB) together; more "
+                            "such closes are counted (tokenwire_handshakes_refused_total reason memory) and logged at "
+                            "most every %g s", victim.peer, held_by >> 10, self.config.limits.unauthorized_memory_mb,
+                            REFUSALS_LOG_S)
+            victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too much held before authorization: this "
+                                        "connection had sent no authorized request and its requests held more than "
+                                        "the server allows such connections; connect again and authorize first")
+            victim.transmit()
+
     def _log_refusals(self, now: float) -> None:
         """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed."""
-        for refusals in (self._session_refusals, self._auth_refusals, self._evictions):
+        for refusals in (self._session_refusals, self._auth_refusals, self._evictions, self._protocol_closes,
+                         self._busy_refusals, self._memory_sheds):
             refusals.flush(now)
+        if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
+            self.kv.server.flush_logs(now)
 
     def _collect_ended(self, now: float) -> None:
         """A full garbage collection when connections have ended since the last one, at most every GC_INTERVAL_S.
@@ -348,6 +411,7 @@ class Daemon:
             return "daemon shutting down"
         busy = self._busy()
         if busy is not None:
+            self._busy_refused("an answer opened on the ingest socket")
             return busy
         return principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
 
@@ -375,6 +439,15 @@ class Daemon:
         if live < self.config.limits.max_live_answers:
             return None
         return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+
+    def _busy_refused(self, what: str) -> None:
+        """``what`` was refused past ``limits.max_live_answers``: logged, the first in full, then summed up (like the
+        refusals past max_sessions); such refusals were only counted (tokenwire_errors_total 0x106), never logged."""
+        if self._busy_refusals.hold(time.monotonic()):
+            return
+        log.warning("refusing %s: server busy, %d answers being generated (limits.max_live_answers = %d); more such "
+                    "refusals are counted (a request's: tokenwire_errors_total code 0x106) and logged at most every "
+                    "%g s", what, self.live_answers(), self.config.limits.max_live_answers, REFUSALS_LOG_S)
 
     def drain_status(self) -> str:
         return f"draining {self.streaming_count()} answers"
@@ -469,18 +542,23 @@ class Daemon:
     def _check_marking_model(self, new: Config) -> None:
         """With [marking] swiftqueue, warn when the model as configured now would not load, so that a restart
         would mark like l4s: a reload after the model file was corrupted said nothing, and after ``model`` changed
-        to a bad path only that [marking] changes need a restart. The start's check, on a worker thread (a load is
-        ~40 ms, ~0.5 s with onnxruntime's first import: not on the event loop); inline without a running loop."""
+        to a bad path only that [marking] changes need a restart. Also warn when it loads but is not what runs (a
+        model replaced in place, one that now loads where start fell back to l4s): the reload said nothing and the
+        daemon kept the old marking. The start's check, on a worker thread (a load is ~40 ms, ~0.5 s with
+        onnxruntime's first import: not on the event loop); inline without a running loop."""
         model = new.marking.model
         if new.marking.policy != "swiftqueue":
             return
 
-        def report(problem: str | None) -> None:
+        def report(found: tuple[str | None, str | None]) -> None:
+            problem, change = found
             if problem is not None:
                 log.warning("reload: marking.model: %s; a restart would fall back to the l4s policy (running now: "
                             "%s)", problem, self.marking.effective_policy)
+            elif change is not None:
+                log.warning("reload: marking.model: %s (running now: %s)", change, self.marking.effective_policy)
 
-        def checked(fut: asyncio.Future[str | None]) -> None:
+        def checked(fut: asyncio.Future[tuple[str | None, str | None]]) -> None:
             if fut.cancelled():
                 return
             exc = fut.exception()
@@ -492,9 +570,9 @@ class Daemon:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            report(model_problem(model))
+            report(self.marking.model_on_disk(model))
             return
-        self.model_check = loop.run_in_executor(None, model_problem, model)
+        self.model_check = loop.run_in_executor(None, self.marking.model_on_disk, model)
         self.model_check.add_done_callback(checked)
 
     def _reload_tls(self) -> bool:
@@ -670,9 +748,22 @@ class Daemon:
         log.info("stopped")
 
     # ----------------------------------------------------------------------------------------- requests
-    def _reject(self, proto: DaemonProtocol, sid: int, code: ErrorCode, message: str) -> None:
+    def _reject(self, proto: DaemonProtocol, sid: int, code: ErrorCode, message: str, outcome: str = "refused") -> None:
+        """End request ``sid`` with an ERROR: counted by code, and by ``outcome`` (refused: no answer had started;
+        failed: its answer had)."""
         self.metrics.errors.labels(code=hex(code)).inc()
+        self._request_ended(proto, sid, outcome)
         proto.server_session.reject(sid, code, message)
+
+    def _request_ended(self, proto: DaemonProtocol, sid: int, outcome: str, *, closing: bool = False) -> None:
+        """Count how a request the daemon ends itself ended (tokenwire_requests_ended_total), once: only one the
+        session still holds (those it has ended, it reports: DaemonProtocol.handle_session_events). ``closing``:
+        ended by closing its connection, so the session reports it "lost" at the end; that is not counted again."""
+        if sid not in proto.server_session.requests or sid in proto.outcome_counted:
+            return
+        self.metrics.requests_ended.labels(outcome=outcome).inc()
+        if closing:
+            proto.outcome_counted.add(sid)
 
     def on_request(self, proto: DaemonProtocol, sid: int, request: Request) -> None:
         sess = proto.server_session
@@ -696,6 +787,7 @@ class Daemon:
             else:  # a wrong token, or a revoked one with nothing left streaming: closed, as ever
                 why = "auth token revoked" if proto.revoked else "missing or invalid auth token"
                 self.unauthorized_client(proto.peer, why)
+                self._request_ended(proto, sid, "refused", closing=True)
                 sess.close(ErrorCode.UNAUTHORIZED, why)
                 return
         if self.draining:
@@ -703,6 +795,7 @@ class Daemon:
             return
         now = time.monotonic()
         first = 0
+        by_id: str | None = None  # a request by id: "attach" or "resume"
         if request.resume_id is not None:
             live = self.store.get(request.resume_id)
             if live is None or live.principal != proto.principal:
@@ -714,10 +807,9 @@ class Daemon:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST,
                              f"resume index {first} is past {so_far} ({len(live.transcript)})")
                 return
-            if first == 0 and self._ingested.get(live.request_id) is live:  # conn.attach, not a reconnect
-                self.metrics.attaches.inc()
-            else:
-                self.metrics.resumes.inc()
+            # conn.attach, not a reconnect; counted once it has started, as tokenwire_requests_total is (which
+            # counts both too: new answers are that total minus these two)
+            by_id = "attach" if first == 0 and self._ingested.get(live.request_id) is live else "resume"
         else:
             try:
                 route = self.config.route(request.model)
@@ -730,6 +822,7 @@ class Daemon:
                 return
             busy = self._busy()
             if busy is not None:
+                self._busy_refused(f"a request from {proto.peer}")
                 self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED, busy)
                 return
             limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
@@ -757,6 +850,8 @@ class Daemon:
                 self._orphaned.setdefault(live.request_id, now)  # generating for nobody: the orphan timeout ends it
             return
         self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
+        if by_id is not None:
+            (self.metrics.attaches if by_id == "attach" else self.metrics.resumes).inc()
         self._attach(proto, sid, live)
 
     def _attach(self, proto: DaemonProtocol, sid: int, live: LiveRequest) -> None:
@@ -769,12 +864,14 @@ class Daemon:
                 if live.error is not None:
                     code, message = live.error
                     self.metrics.errors.labels(code=hex(code)).inc()
+                    self._request_ended(proto, sid, "failed")
                     self.detach(proto, sid, cancel=False)  # (a failed answer is done: nothing more to do there)
                     proto.server_session.fail(sid, code, message)
                 elif live.evicted:  # past transcript_memory_mb: the session lets go of it too (else it is not freed)
                     self.detach(proto, sid, cancel=False)
                     self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED,
-                                 "answer evicted: the server's transcript memory is full (limits.transcript_memory_mb)")
+                                 "answer evicted: the server's transcript memory is full (limits.transcript_memory_mb)",
+                                 "failed")
                 else:
                     proto.server_session.notify(sid)
                 proto.transmit()
@@ -795,6 +892,7 @@ class Daemon:
         it); when even that fails, the connection's packet path is broken, and the connection is closed."""
         self.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
         try:
+            self._request_ended(proto, sid, "failed")
             proto.server_session.reject(sid, ErrorCode.INTERNAL, "server error while sending this answer")
             proto.transmit()
         except Exception:
@@ -859,18 +957,24 @@ class Daemon:
             return
         proto.ended = True
         if not ev.by_peer and ev.error_code not in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
-            log.warning("closed connection from %s: %s (code %#x)", proto.peer, ev.reason, ev.error_code)
+            # (by_peer is False only for the session's own close: the client broke the protocol)
             self.metrics.errors.labels(code=hex(ev.error_code)).inc()
+            if not self._protocol_closes.hold(time.monotonic()):
+                log.warning("closed connection from %s: %s (code %#x); more connections closed for protocol errors "
+                            "are counted (tokenwire_errors_total by code) and logged at most every %g s", proto.peer,
+                            ev.reason, ev.error_code, REFUSALS_LOG_S)
         if proto.refused > 1:
             log.warning("connection from %s ended; %d of its requests were refused (the first one logged)",
                         proto.peer, proto.refused)
         for sid in list(proto.attached):
+            # answers sent whole whose client had not confirmed them (the session reported the others lost already)
+            self.metrics.requests_ended.labels(outcome="lost").inc()
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
         proto.flush_counters()
         self.protocols.discard(proto)
         self._ended_connections += 1
         proto._handshake_done()  # ended in its handshake
-        self.unauthorized.pop(proto, None)
+        self.forget_unauthorized(proto)
         if proto.established:
             self.established -= 1
             self.metrics.sessions.dec()

@@ -18,7 +18,28 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import SCHEMES
+from tokenwire.transport.handshake_guard import HANDSHAKE_REFUSAL_REASONS
+
+from .ingest import FAILED_OUTCOMES
+
 disable_created_metrics()  # the *_created series only add noise for a long-running daemon
+
+# The label values of the labelled series, each created at 0 with its metric: a series that first appears with its
+# first event is invisible to rate() and increase() for that event (a dashboard showed no refusal, no error).
+# tokenwire_handshakes_refused_total: the guard's reasons, then the daemon's own past the handshake
+REFUSAL_REASONS = (*HANDSHAKE_REFUSAL_REASONS, "max_sessions", "evicted", "memory")
+# tokenwire_errors_total: the codes the daemon sends (ERROR frames, its CONNECTION_CLOSEs), as hex(code); CANCELLED
+# only resets streams, UNKNOWN_REQUEST and NO_DATAGRAMS are reserved (docs/protocol.md)
+ERROR_CODES_SENT = tuple(hex(c) for c in ErrorCode if c not in (
+    ErrorCode.NO_ERROR, ErrorCode.CANCELLED, ErrorCode.UNKNOWN_REQUEST, ErrorCode.NO_DATAGRAMS))
+# tokenwire_requests_ended_total: how each request stream the daemon read as a request ended, exactly one of these.
+# completed: the client confirmed it holds the whole answer; cancelled: the client abandoned it (FIN, reset or
+# STOP_SENDING before the end); lost: its connection ended first (the client may resume it); failed: accepted, then
+# ended by an ERROR (the upstream failed, the answer was evicted, a server error while sending); refused: ended by an
+# ERROR or a close before any answer started (auth, limits, bad parameters, unknown id, draining, malformed)
+REQUEST_OUTCOMES = ("completed", "cancelled", "lost", "failed", "refused")
 
 
 class Metrics:
@@ -30,19 +51,40 @@ class Metrics:
                                       registry=r)
         self.handshakes_refused = Counter(
             "tokenwire_handshakes_refused_total",
-            "Connections refused: closed in their handshake (not completed in time, too many in progress), "
-            "past limits.max_sessions, or never authorized and closed to admit a new client (evicted)",
-            ["reason"], registry=r)
+            "Connections refused or lost before they became sessions, by reason: too_many (handshakes in progress "
+            "past limits.max_sessions), timeout (handshake not completed within its deadline or the QUIC idle "
+            "timeout), failed (handshake ended otherwise: a TLS error, the client's close), max_sessions (handshake "
+            "completed with limits.max_sessions sessions open), evicted (never authorized, closed to admit a new "
+            "client), memory (never authorized, closed for the request bytes it held past "
+            "limits.unauthorized_memory_mb)", ["reason"], registry=r)
+        for reason in REFUSAL_REASONS:
+            self.handshakes_refused.labels(reason=reason)
         self.retry_active = Gauge("tokenwire_quic_retry_active",
                                   "1 while new clients must validate their address (many handshakes in progress)",
                                   registry=r)
-        self.requests = Counter("tokenwire_requests_total", "Chat requests by scheme", ["scheme"], registry=r)
+        # One total, not split by a label: dashboards sum it by scheme; new answers are this minus
+        # tokenwire_resumes_total and tokenwire_attaches_total, which count only requests that started too
+        self.requests = Counter(
+            "tokenwire_requests_total",
+            "Requests whose answer started streaming, by the scheme serving it: new answers, resumes and attaches "
+            "alike (new answers = this - tokenwire_resumes_total - tokenwire_attaches_total); refused requests are "
+            "not counted", ["scheme"], registry=r)
+        for scheme in SCHEMES:
+            self.requests.labels(scheme=scheme)
+        self.requests_ended = Counter(
+            "tokenwire_requests_ended",
+            "Requests by how they ended: completed (the client confirmed the whole answer), cancelled (by the "
+            "client), lost (the connection ended first; the client may resume), failed (ended by an ERROR after its "
+            "answer started), refused (an ERROR or a close before any answer started)", ["outcome"], registry=r)
+        for outcome in REQUEST_OUTCOMES:
+            self.requests_ended.labels(outcome=outcome)
         self.resumes = Counter("tokenwire_resumes_total",
-                               "Requests by id other than attaches: resumes after the tokens a client holds "
-                               "(reconnects), attaches to an upstream's answer", registry=r)
+                               "Requests by id other than attaches, once their answer started: resumes after the "
+                               "tokens a client holds (reconnects), attaches to an upstream's answer", registry=r)
         self.attaches = Counter("tokenwire_attaches_total",
-                                "Requests by id for an ingest answer from its start (conn.attach, chat --attach; "
-                                "a client reconnecting before its first token counts here too)", registry=r)
+                                "Requests by id for an ingest answer from its start, once their answer started "
+                                "(conn.attach, chat --attach; a client reconnecting before its first token counts "
+                                "here too)", registry=r)
         self.ingest_opened = Counter("tokenwire_ingest_answers_opened_total",
                                      "Answers opened by applications on the ingest socket", registry=r)
         self.ingest_finished = Counter("tokenwire_ingest_answers_finished_total",
@@ -51,8 +93,9 @@ class Metrics:
         self.ingest_failed = Counter(
             "tokenwire_ingest_answers_failed_total",
             "Ingest answers failed: app_failed (its fail op), app_gone (its connection ended), stalled "
-            "(ingest.stall_timeout_s), drain (the daemon stopped)", ["reason"], registry=r)
-        for reason in ("app_failed", "app_gone", "stalled", "drain"):  # every series from the start, at 0
+            "(ingest.stall_timeout_s), drain (the daemon stopped), cancelled (by its last client), orphaned (no "
+            "client for limits.orphan_timeout_s)", ["reason"], registry=r)
+        for reason in FAILED_OUTCOMES:  # every series from the start, at 0 (cancelled and orphaned were missing)
             self.ingest_failed.labels(reason=reason)
         self.requests_active = Gauge("tokenwire_requests_active", "Answers being generated", registry=r)
         self.tokens = Counter("tokenwire_tokens_total", "Tokens generated by upstreams", registry=r)
@@ -83,7 +126,10 @@ class Metrics:
             buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
             registry=r,
         )
-        self.errors = Counter("tokenwire_errors_total", "Errors sent to clients, by code", ["code"], registry=r)
+        self.errors = Counter("tokenwire_errors_total", "Errors sent to clients (ERROR frames and connection "
+                              "closes), by code in hex (0x105: UNAUTHORIZED)", ["code"], registry=r)
+        for code in ERROR_CODES_SENT:
+            self.errors.labels(code=code)
         self.transcript_bytes = Gauge("tokenwire_transcript_bytes", "Memory held by transcripts", registry=r)
         # apart: an eviction (memory) can end a slow client's request, an expiry (retention) is routine; one counter
         # had both, so memory pressure could not be told from the daily churn

@@ -546,7 +546,8 @@ def test_a_fetch_starts_without_an_earlier_fetchs_stale_samples():
 
 
 def test_first_chunks_are_planned_on_the_connections_link_prior():
-    """After LINK_MIN_SAMPLES chunk rates, a fetch's prior is their median and low quantile, not the config's."""
+    """After LINK_MIN_SAMPLES chunk rates, a fetch's prior is their median and low quantile, not the config's;
+    before, the config's capped by the rates measured so far."""
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
@@ -562,8 +563,10 @@ def test_first_chunks_are_planned_on_the_connections_link_prior():
         f = ServerFetch(4 * k, KvFetch(model=MODEL, deadline_ms=1000, token_ids=[1] * 16), StreamDecoder(), k)
         session.fetches[4 * k] = f
         session.start(4 * k, plan, float(k))
-        expect = (5e6, PRIOR_LOW) if k < LINK_MIN_SAMPLES else session.link_prior()
-        assert (f.controller.prior_bps, f.controller.prior_low) == expect
+        # fewer than LINK_MIN_SAMPLES rates: the configured prior, capped by their lower median
+        expect = ((min(5e6, sorted(rates[:k])[(k - 1) // 2]) if k else 5e6, PRIOR_LOW) if k < LINK_MIN_SAMPLES
+                  else session.link_prior())
+        assert (f.controller.prior_bps, f.controller.prior_low) == pytest.approx(expect, rel=1e-4)
         f.next_index = 1  # the chunk went out
         session._on_ack(f, KvAck(0, 100_000, 0, int(100_000 * 8e6 / bps), None), k + 0.5)
     assert list(session.link_rates) == pytest.approx(rates, rel=1e-4)  # whole microseconds on the wire

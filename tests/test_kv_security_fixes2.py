@@ -492,7 +492,7 @@ def test_the_kv_endpoints_refusals_and_retry_are_metrics():
     from tokenwire.transport.kv_server import KVServer
 
     server = KVServer(provider=Provider())
-    server.guard.refused.update({"timeout": 3, "too_many": 1})
+    server.guard.refused.update({"timeout": 3, "too_many": 1, "failed": 5})
     server.stats["connections_refused"] += 2
     server.stats["unauthorized"] += 4
     registry = CollectorRegistry()
@@ -501,7 +501,7 @@ def test_the_kv_endpoints_refusals_and_retry_are_metrics():
     KVMetrics(registry, SimpleNamespace(server=server, service=service))
     value = registry.get_sample_value
     assert [value("tokenwire_kv_connections_refused_total", {"reason": r})
-            for r in ("too_many", "timeout", "max_connections", "unauthorized")] == [1, 3, 2, 4]
+            for r in ("too_many", "timeout", "failed", "max_connections", "unauthorized")] == [1, 3, 5, 2, 4]
     assert value("tokenwire_kv_quic_retry_active") == 0
     server.guard.retrying_since = time.monotonic()
     assert value("tokenwire_kv_quic_retry_active") == 1

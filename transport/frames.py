@@ -657,7 +657,10 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
             object_pairs_hook=_map_without_duplicates,
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
-        raise FrameError(f"not a valid msgpack frame: {exc.__class__.__name__}: {exc}") from None
+        # msgpack's StackError and FormatError carry no text: the peer read "StackError: " and nothing more
+        why = str(exc) or ("nested too deeply" if isinstance(exc, msgpack.StackError) else
+                           "an invalid type byte" if isinstance(exc, msgpack.FormatError) else "no detail given")
+        raise FrameError(f"not a valid msgpack frame: {exc.__class__.__name__}: {why}") from None
     if type(wire) is not dict:
         raise FrameError(f"a frame must be a msgpack map, got {type(wire).__name__}")
     t = wire.pop("t", None)

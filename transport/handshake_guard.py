@@ -25,10 +25,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from .errors import ErrorCode
 from .quic_io import SessionProtocol, ValidatingQuicServer
+from .session_events import AIOQUIC_IDLE_REASON
 from .tls import ClientCertVerifier
 
 log = logging.getLogger("tokenwire.transport")
@@ -47,6 +49,11 @@ RELAX_EVERY_S = 1.0  # how often a guard that runs its own timer checks whether 
 # Refusals a flood repeats (past the connection limit, unauthorized clients, evictions): the first is a warning, the
 # rest are counted and summed up at most this often (RefusalLog)
 REFUSALS_LOG_S = 60.0
+# Why a guard closed or lost a handshake (HandshakeGuard.refused, the metrics' reason label): past the bound; not
+# completed within its deadline, or by the QUIC idle timeout (server.idle_timeout_s may be shorter than the
+# deadline); ended otherwise before it completed (a TLS error such as no common ALPN, a client that rejected the
+# certificate or gave up and closed). Every handshake that does not complete is counted under one of them, once.
+HANDSHAKE_REFUSAL_REASONS = ("too_many", "timeout", "failed")
 
 
 def retry_threshold(limit: int, above: int = RETRY_ABOVE) -> int:
@@ -59,9 +66,10 @@ class HandshakeGuard:
     """The handshakes in progress on a set of listeners (:attr:`servers`), their bound, and address validation.
 
     ``limit``: the most handshakes in progress (read at each new one: a reload may change it). ``threshold``: what
-    turns Retry on (default :func:`retry_threshold` of ``limit()``). ``on_refused(reason)``: a handshake closed,
-    ``too_many`` or ``timeout`` (for a metric); ``on_retry(active)``: Retry went on or off. ``relax_every``: the
-    guard checks on its own timer whether Retry may go off; None where the owner calls :meth:`relax` itself.
+    turns Retry on (default :func:`retry_threshold` of ``limit()``). ``on_refused(reason)``: a handshake closed or
+    lost, one of HANDSHAKE_REFUSAL_REASONS (for a metric); ``on_retry(active)``: Retry went on or off.
+    ``relax_every``: the guard checks on its own timer whether Retry may go off; None where the owner calls
+    :meth:`relax` itself.
     """
 
     def __init__(self, limit: Callable[[], int], *, name: str = "QUIC", timeout_s: float = HANDSHAKE_TIMEOUT_S,
@@ -184,7 +192,8 @@ class RefusalLog:
 class GuardedProtocol(SessionProtocol):
     """A server connection whose handshake a :class:`HandshakeGuard` bounds. The subclass calls
     :meth:`guard_handshake` once its session exists, and :meth:`_handshake_done` when the handshake completes
-    and when the connection ends."""
+    and when the connection ends; a connection that ends in its handshake is counted as refused here
+    (:meth:`_handshake_lost`), before the subclass hears of its end."""
 
     handshake_guard: HandshakeGuard
     _handshake_timer: asyncio.TimerHandle | None = None
@@ -210,6 +219,24 @@ class GuardedProtocol(SessionProtocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
             self.handshake_guard.handshaking -= 1
+
+    def quic_event_received(self, event: qe.QuicEvent) -> None:
+        if isinstance(event, qe.ConnectionTerminated):
+            self._handshake_lost(event)
+        super().quic_event_received(event)
+
+    def _handshake_lost(self, event: qe.ConnectionTerminated) -> None:
+        """The connection ended with its handshake still in progress (a refusal or a stop has ended the guard's
+        count already): counted as refused, ``timeout`` for QUIC's idle timeout, else ``failed``. Only the count
+        in progress went down: half-open handshakes cut by a server.idle_timeout_s under the deadline, and TLS
+        failures, were in no metric and no log line."""
+        if self._handshake_timer is None:
+            return
+        self._handshake_done()
+        timed_out = event.reason_phrase == AIOQUIC_IDLE_REASON
+        self.handshake_guard.refused_handshake("timeout" if timed_out else "failed")
+        log.debug("%s handshake from %s ended before it completed: %s (code %#x)", self.handshake_guard.name,
+                  self.peer, event.reason_phrase or "no reason given", event.error_code)
 
     def _refuse_handshake(self, label: str, why: str) -> None:
         """Close a connection still in its handshake: counted, and logged at debug level only (a flood of them would

@@ -17,7 +17,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,20 +305,47 @@ def _forget_decodes(pf: _PendingFetch) -> None:
             fut.exception()
 
 
-async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float) -> None:
+# How often a fetch waiting without a fixed bound samples its progress: the quiet time before it fails is measured
+# from the last change seen, so it runs at most this much past the last real progress.
+STALL_POLL_S = 0.25
+
+
+async def _event_set_within(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether ``event`` is set within ``timeout_s``."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float, *,
+                                  clock: Callable[[], float] | None = None,
+                                  wait: Callable[[float], Awaitable[bool]] | None = None) -> None:
     """Wait for ``pf``'s end; ``TimeoutError`` once ``progress()`` (KV_META, chunks, chunk bytes) has not changed
-    for ``quiet_s``, the first check ``quiet_s`` after the deadline."""
-    seen = progress()
-    wait = deadline_s + quiet_s
+    for ``quiet_s``, counted from the later of the deadline and the last change (so a fetch stalled from its
+    start fails at deadline + ``quiet_s``).
+
+    Progress is sampled every ``min(STALL_POLL_S, quiet_s / 4)``. It used to be sampled once per quiet period,
+    the first sample taken at the fetch's start: KV_META that came before a stall counted as progress at the
+    first check, and the next quiet period ran from that check, not from the progress, so a fetch stalled early
+    failed a whole quiet period late (a 1-s deadline after 5 s where ~3 s is documented, a 5-s one after 15 s,
+    not 10). ``clock`` (default: the loop's) and ``wait`` (``pf.event`` set within a timeout?) are for tests."""
+    now_of = clock if clock is not None else asyncio.get_running_loop().time
+    ended_within = wait if wait is not None else functools.partial(_event_set_within, pf.event)
+    start = now_of()
+    seen, last = progress(), start
+    step = max(min(STALL_POLL_S, quiet_s / 4), 1e-3)  # (a quiet_s of 0 must not spin)
     while True:
-        try:
-            await asyncio.wait_for(pf.event.wait(), wait)
+        now = now_of()
+        give_up = max(start + deadline_s, last) + quiet_s
+        if now >= give_up:
+            raise TimeoutError(f"no progress for {quiet_s:g} s")
+        if await ended_within(min(step, give_up - now)):
             return
-        except TimeoutError:
-            now = progress()
-            if now == seen:
-                raise
-            seen, wait = now, quiet_s
+        current = progress()
+        if current != seen:
+            seen, last = current, now_of()
 
 
 def _warm_decoder() -> float:

@@ -28,9 +28,11 @@ that comparisons are fair:
   deadline where only all-``low`` made it); the link's range over many fetches does not.
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
-  forecast. (5) A *probe* where the prior alone would choose text: text chunks carry no rate sample, so a
-  configured prior that makes recomputing look cheaper than sending (5 Mbit/s on a LAN) would never be
-  corrected. With ``explore`` (the connection has no link prior of its own), a cold decision that picks text
+  forecast, unless that level costs more than ``INFEASIBLE_MARGIN`` times the text at the median (the gamble
+  would then cost far more time than it can win).
+  (5) A *probe* where the prior alone would choose text: text chunks carry no rate sample, so a configured
+  prior that makes recomputing look cheaper than sending (5 Mbit/s on a LAN) would never be corrected.
+  With ``explore`` (the connection has no link prior of its own), a cold decision that picks text
   sends the chunk at the lowest level instead when a measurement could change the choice and the probe fits
   the time left at the guard rate with every later chunk at its cheapest (:meth:`KVController._probe_fits`).
   ``legacy=True`` restores the previous rule (whole plan at the low quantile, ``RESERVE`` kept
@@ -84,6 +86,11 @@ PLAN_WINDOW = 64  # chunks planned rung by rung at each decision (see KVControll
 # window): the KV channel ignores such a chunk's rate, and a probe this small would measure nothing.
 SAMPLE_MIN_BYTES = 16 * 1024
 EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a little in size)
+# Once even the cheapest plan misses at the median, the next chunk goes at the lowest level instead of as text only
+# where the level's transfer at the median is at most this many times the text's cost (KVController._gamble_pays):
+# every such decision in the v6 Verizon-LTE data (seeds 700, 800) was at 1.02-1.89, and the fetches it helped at
+# <= 1.49; on UMTS (13.7 ms/token) and EVDO the level cost 2-43 times the text, and all-low fetches took 5-51 s.
+INFEASIBLE_MARGIN = 2.0
 
 
 def check_tuning(*, stale_factor: float = STALE_FACTOR, reserve: float | None = None,
@@ -210,15 +217,27 @@ class KVController:
                 break
             k -= 1
         plan[0] = names[k]
-        if plan[0] == TEXT and k == 0 and not self._cheapest_fits(remaining, med, avail):
+        if (plan[0] == TEXT and k == 0 and not self._cheapest_fits(remaining, med, avail)
+                and self._gamble_pays(remaining[0], med)):
             # Nothing fits even at the median: the deadline is met only if the link beats the forecast, and a
             # recompute cannot profit from that; the lowest level can (measured: Verizon-LTE seed 7, a slow
-            # probe then three recomputes, 6.8 s, where the link recovered and all-low made it).
+            # probe then three recomputes, 6.8 s, where the link recovered and all-low made it). Only where the
+            # level costs about what text does, though (see _gamble_pays).
             plan[0] = LEVELS[0]
         elif plan[0] == TEXT and cold and explore and self._probe_fits(remaining, avail, measured_bps):
             plan[0] = LEVELS[0]
             return Decision(plan[0], tuple(plan), low, avail, probe=True)
         return Decision(plan[0], tuple(plan), low, avail)
+
+    @staticmethod
+    def _gamble_pays(c: ChunkOptions, med: float) -> bool:
+        """Whether a chunk whose deadline is already lost at the median goes at the lowest level rather than as
+        text: only where that level's transfer at the median costs at most ``INFEASIBLE_MARGIN`` times the text's
+        (its recompute plus its ids). Past that margin the gamble on a link beating its forecast costs more than
+        it can win: unbounded, the rule sent a 178 KB chunk at 150 kbit/s (9.5 s at the median) instead of 0.88 s
+        of recompute, and Verizon-EVDO fetches with a 1-s deadline took 4.6-44.9 s where all-text took 3.5 s."""
+        text_s = c.recompute_s + c.text_bytes * 8 / med
+        return c.sizes[LEVELS[0]] * 8 / med <= INFEASIBLE_MARGIN * text_s
 
     def _probe_fits(self, remaining: Sequence[ChunkOptions], avail: float, measured_bps: float | None) -> bool:
         """Whether a cold decision for text sends ``remaining[0]`` at the lowest level instead, to measure the link.

@@ -39,6 +39,7 @@ from .kv_server_session import (
 )
 from .marking import MarkingPolicy
 from .quic_io import serve_quic, tune_socket
+from .server_session import REQUEST_TIMEOUT_S
 from .session_events import ConnectionEnded, SessionEvent
 from .tls import CertPair, ClientCertVerifier, request_client_certificate, server_configuration
 
@@ -58,7 +59,8 @@ class KVServerProtocol(GuardedProtocol):
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, app: KVServer) -> None:
         super().__init__(quic, stream_handler, session_factory=lambda q: KVServerSession(
-            q, tuning=app.tuning, marking=app.marking() if app.marking is not None else None))
+            q, tuning=app.tuning, marking=app.marking() if app.marking is not None else None,
+            request_timeout=app.request_timeout()))
         self.app = app
         self.tasks: set[asyncio.Task[None]] = set()
         self.established = False  # past its handshake and its checks: counted in app.connections
@@ -129,7 +131,7 @@ class KVServerProtocol(GuardedProtocol):
                 self._spawn(self._chunk(ev))
             elif isinstance(ev, KVFetchRefused):
                 self.app.stats["refused"] += 1
-                log.warning("refused KV fetch stream %d: %s", ev.stream_id, ev.reason)
+                self.app.log_fetch_refusal(self.peer, ev)
             elif isinstance(ev, KVFetchClosed):
                 self.app.stats["completed" if ev.complete else "abandoned"] += 1
                 if self.app.on_fetch_closed is not None:
@@ -137,6 +139,8 @@ class KVServerProtocol(GuardedProtocol):
                 for listener in self.app.fetch_closed_listeners:
                     listener(ev)
             elif isinstance(ev, ConnectionEnded):
+                if not ev.by_peer and ev.error_code not in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
+                    self.app.protocol_error(self.peer, ev)
                 for t in list(self.tasks):
                     t.cancel()
                 self.app.protocols.discard(self)
@@ -219,9 +223,10 @@ class KVServer:
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
-         "unauthorized", "connections_refused", "evicted", "ecn_unvalidated"), 0))
+         "unauthorized", "connections_refused", "evicted", "ecn_unvalidated", "protocol_errors"), 0))
     # (unauthorized, connections_refused, evicted: connections closed by the admission checks, at the handshake's
-    # end or to make room for a new client; ecn_unvalidated: ended connections whose ECN validation failed)
+    # end or to make room for a new client; ecn_unvalidated: ended connections whose ECN validation failed;
+    # protocol_errors: connections this server closed because their client broke the protocol, 0x101/0x102 ...)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
@@ -229,6 +234,9 @@ class KVServer:
     # (peer, why, closing=True) of a refused certificate, or (closing=False) a fetch's wrong token; else a warning
     on_unauthorized: Callable[..., None] | None = None
     max_connections: Callable[[], int] = lambda: MAX_CONNECTIONS  # read at each handshake's end (a reload)
+    # a KV_FETCH must be whole this many seconds after its first bytes, plus its size at 32 KiB/s (the chat port's
+    # limits.request_timeout_s); read as each connection starts (a reload)
+    request_timeout: Callable[[], float] = lambda: REQUEST_TIMEOUT_S
     connections: int = 0  # past their handshake and checks
     guard: HandshakeGuard = field(init=False)  # the handshakes in progress: deadline, bound, Retry
     # with tokens (authorize): connections past their checks that have made no authorized fetch, oldest first.
@@ -237,6 +245,11 @@ class KVServer:
     unauthorized: dict[KVServerProtocol, None] = field(default_factory=dict)
     # refusals and evictions past max_connections: a warning, then counted and summed up at most once a minute
     refusals: RefusalLog = field(init=False)
+    # fetch streams refused (too many at once, another version, not whole in time) and connections closed for a
+    # protocol violation: a warning, then counted and summed up at most once a minute. One client's 500 refused
+    # fetches were 500 warning lines in 3 s; its protocol violations were in no log line and no counter
+    fetch_refusals: RefusalLog = field(init=False)
+    violations: RefusalLog = field(init=False)
     _quic_server: Any = None
 
     def __post_init__(self) -> None:
@@ -244,6 +257,11 @@ class KVServer:
         self.refusals = RefusalLog(log, lambda n, s: (
             f"refused or closed {n} more KV connections in the last {s:.0f} s: {self.connections} open "
             "(limits.max_sessions)"))
+        self.fetch_refusals = RefusalLog(log, lambda n, s: (
+            f"refused {n} more KV fetch streams in the last {s:.0f} s (too many at once on their connection, "
+            "another protocol version, or a KV_FETCH not whole within limits.request_timeout_s)"))
+        self.violations = RefusalLog(log, lambda n, s: (
+            f"closed {n} more KV connections in the last {s:.0f} s for breaking the protocol"))
 
     def ecn_unvalidated(self) -> int:
         """KV connections that stopped marking because their client reported no ECN counts (ECN validation), ended
@@ -275,6 +293,33 @@ class KVServer:
         if not self.refusals.hold(time.monotonic()):
             log.warning("%s; more are counted (tokenwire_kv_connections_refused_total) and logged at most every %g s",
                         line, REFUSALS_LOG_S)
+
+    def log_fetch_refusal(self, peer: str, ev: KVFetchRefused) -> None:
+        """A fetch stream the session refused: a warning, then at most one line a minute saying how many more (the
+        rest at debug level); each is counted in ``stats["refused"]`` (tokenwire_kv_fetches_total)."""
+        if self.fetch_refusals.hold(time.monotonic()):
+            log.debug("refused KV fetch stream %d from %s: %s", ev.stream_id, peer, ev.reason)
+            return
+        log.warning("refused KV fetch stream %d from %s: %s; more refused fetch streams are counted "
+                    "(tokenwire_kv_fetches_total{outcome=\"refused\"}) and logged at most every %g s", ev.stream_id,
+                    peer, ev.reason, REFUSALS_LOG_S)
+
+    def protocol_error(self, peer: str, ev: ConnectionEnded) -> None:
+        """A connection this server closed because its client broke the protocol (garbage, a chat REQUEST, a
+        unidirectional stream, a KV_ACK for a chunk never sent): counted in ``stats["protocol_errors"]``, and logged
+        as the chat port logs them but rate-limited (a client can make them as fast as it can connect)."""
+        self.stats["protocol_errors"] += 1
+        if self.violations.hold(time.monotonic()):
+            log.debug("closed KV connection from %s: %s (code %#x)", peer, ev.reason, ev.error_code)
+            return
+        log.warning("closed KV connection from %s: %s (code %#x); more such closes are counted and logged at most "
+                    "every %g s", peer, ev.reason, ev.error_code, REFUSALS_LOG_S)
+
+    def flush_logs(self, now: float) -> None:
+        """The lines summing up refusals counted since their last line, once that is REFUSALS_LOG_S old (for the
+        owner's housekeeping: otherwise they come with the next refusal of their kind)."""
+        for refusals in (self.refusals, self.fetch_refusals, self.violations):
+            refusals.flush(now)
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
         """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
@@ -317,7 +362,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                    tuning: ServerTuning | None = None, authorize: Callable[[str | None], bool] | None = None,
                    client_verifier: ClientCertVerifier | Callable[[], ClientCertVerifier | None] | None = None,
                    on_unauthorized: Callable[[str, str], None] | None = None,
-                   max_connections: int | Callable[[], int] = MAX_CONNECTIONS) -> KVServer:
+                   max_connections: int | Callable[[], int] = MAX_CONNECTIONS,
+                   request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
     Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
@@ -331,11 +377,15 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     KV connections open at once (a callable is read at each handshake's end); with ``authorize``, past it the
     oldest connection that has made no authorized fetch is closed to admit a new client. Handshakes in progress
     are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound) new
-    clients must answer a QUIC Retry first (:mod:`.handshake_guard`).
+    clients must answer a QUIC Retry first (:mod:`.handshake_guard`). ``request_timeout`` (seconds, or a callable
+    read as each connection starts): a KV_FETCH must have arrived whole this long after its stream's first bytes,
+    plus its size at 32 KiB/s, as a chat request within ``limits.request_timeout_s``; else that fetch stream alone
+    is refused with LIMIT_EXCEEDED.
     """
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
-                      on_unauthorized=on_unauthorized, max_connections=_callable(max_connections))
+                      on_unauthorized=on_unauthorized, max_connections=_callable(max_connections),
+                      request_timeout=_callable(request_timeout))
     config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,

@@ -46,6 +46,7 @@ from .kv_controller import (
 from .kv_protocol import DEFAULT_RECOMPUTE_US
 from .marking import MarkingPolicy
 from .read_credit import read_credit
+from .server_session import MIN_REQUEST_RATE, REQUEST_TIMEOUT_S, _forget_received
 from .session import _SessionBase
 from .session_events import SessionEvent
 
@@ -192,14 +193,20 @@ class ServerFetch:
     probe_sent_at: float | None = None  # ...and when it was written
     probe_bps: float | None = None  # ...and its delivery rate, once QUIC acknowledged all of it (_probe_rate)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    # its first bytes came (or were noted behind a withheld first byte): the KV_FETCH must be whole by the request
+    # timeout after this (KVServerSession._fetch_deadline)
+    opened_at: float = 0.0
+
+
+UNDELIVERED_SCAN_S = 0.25  # at most this often, streams holding bytes none of which could be delivered are looked for
 
 
 class KVServerSession(_SessionBase):
     """Server side of one KV connection (sans-I/O). The driver answers its events with ``start``/``send_chunk``."""
 
     def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = 16,
-                 marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None
-                 ) -> None:
+                 marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None,
+                 request_timeout: float = REQUEST_TIMEOUT_S) -> None:
         # credit a fixed FLOW_WINDOW ahead of what is read, as the token server's: aioquic's doubling let a client
         # that withheld a fetch stream's first byte have all it sent after the gap buffered (a fetch is ~100 bytes)
         read_credit(quic)
@@ -215,6 +222,14 @@ class KVServerSession(_SessionBase):
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
         self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
+        # a KV_FETCH must be whole this long after its stream's first bytes, plus its size at MIN_REQUEST_RATE (the
+        # chat port's limits.request_timeout_s): 16 streams a connection each held ~655 KB of a fetch short of its
+        # last byte, kept alive by pings, for ever (+10-13 MiB a connection)
+        self.request_timeout = request_timeout
+        # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
+        # buffers what follows the gap (up to the 64-MiB stream window), which no fetch's deadline accounts for
+        self._undelivered: dict[int, float] = {}
+        self._undelivered_scan_at = -math.inf
 
     # -- driver API -----------------------------------------------------------------------------------------
     def start(self, stream_id: int, plan: ContextPlan, now: float) -> None:
@@ -257,12 +272,21 @@ class KVServerSession(_SessionBase):
         A recent forecast cannot serve here (samples older than ``STALE_S`` describe another moment of the link,
         see :meth:`start`), but the link's range can: a cellular link that has ranged over 1-10 Mbit/s makes
         a fixed 5 Mbit/s prior optimistic at its low end (measured, Verizon-LTE: a first chunk sent ``high``
-        on the prior's guard took 2-3.8 s in 5 of the 7 missed fetches of 150, kv_vsim seed 100)."""
+        on the prior's guard took 2-3.8 s in 5 of the 7 missed fetches of 150, kv_vsim seed 100).
+
+        With 1 to ``LINK_MIN_SAMPLES - 1`` rates, too few for a quantile, their *lower* median caps the configured
+        prior (``PRIOR_LOW`` of the result as its low quantile): a link measured slow is not planned as a fast
+        one. Uncapped, a connection whose warm-up measured 0.1-0.4 Mbit/s (Verizon-EVDO) planned its next first
+        chunk on the 5 Mbit/s prior, sent it ``high`` (342 KB, 29 s) and took 62.8 s for a 6-s deadline that
+        all-text met in 3.6 s. A few rates faster than the prior leave it as it is (they may be a burst)."""
         if self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES:
             rates = sorted(self.link_rates)
             med = rates[len(rates) // 2]
             low = rates[int(LINK_LOW_Q * (len(rates) - 1))]
             return med, low / med
+        if self.tuning.link_prior and self.link_rates:
+            rates = sorted(self.link_rates)
+            return min(self.tuning.prior_bps, rates[(len(rates) - 1) // 2]), PRIOR_LOW
         return self.tuning.prior_bps, PRIOR_LOW
 
     def _kind(self, f: ServerFetch) -> str:
@@ -546,6 +570,7 @@ class KVServerSession(_SessionBase):
             if len(self.fetches) >= self.max_fetches:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
             f = ServerFetch(stream_id, None, StreamDecoder(), now)
+            f.opened_at = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
             self.fetches[stream_id] = f
         try:
             frames = f.decoder.feed(data)
@@ -618,6 +643,7 @@ class KVServerSession(_SessionBase):
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
         f = self.fetches.pop(stream_id, None)
         if f is None:
+            self._forget_undelivered(stream_id)
             return []
         f.closed = True
         self._reset_own_side(stream_id)
@@ -646,10 +672,71 @@ class KVServerSession(_SessionBase):
         return out
 
     def _session_timer(self) -> float | None:
+        due = [self._fetch_deadline(f) for f in self.fetches.values() if f.fetch is None]
+        if self._undelivered:
+            due.append(min(self._undelivered.values()) + self.request_timeout)
         if any(not f.closed and f.plan is not None and not f.pending and not f.done_sent
                for f in self.fetches.values()):
-            return self._now + POLL_S
-        return None
+            due.append(self._now + POLL_S)
+        return min(due, default=None)
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
-        return self.poll(now)
+        return [*self._expire_arrivals(now), *self.poll(now)]
+
+    # -- fetches still arriving: the chat port's request timeout (server_session.ServerSession) -----------------
+    def _fetch_deadline(self, f: ServerFetch) -> float:
+        """When a KV_FETCH still arriving is refused: the request timeout after its first bytes, plus its size (once
+        its length prefix has come) at MIN_REQUEST_RATE, so that the largest fetch (~655 KB of token ids) on a slow
+        uplink has the time it needs while a stalled one still ends."""
+        size = f.decoder.expected or 0
+        return f.opened_at + self.request_timeout + size / MIN_REQUEST_RATE
+
+    def _expire_arrivals(self, now: float) -> list[SessionEvent]:
+        """Refuse, alone, each fetch stream whose KV_FETCH is not whole by its deadline (its decoder held up to a
+        frame's worth for as long as the client liked) or whose first bytes never came (aioquic held the rest)."""
+        out: list[SessionEvent] = []
+        for f in list(self.fetches.values()):
+            if f.fetch is None and now >= (deadline := self._fetch_deadline(f)):
+                del self.fetches[f.stream_id]
+                out.extend(self._refuse(f.stream_id, ErrorCode.LIMIT_EXCEEDED,
+                                        f"KV_FETCH not complete within {deadline - f.opened_at:.0f} s "
+                                        f"(limits.request_timeout_s {self.request_timeout:g} s, plus its size at "
+                                        f"{MIN_REQUEST_RATE >> 10} KiB/s)", False))
+        for sid, since in list(self._undelivered.items()):
+            stream = self.quic._streams.get(sid)
+            if (stream is None or sid in self.fetches or sid in self._ended
+                    or stream.receiver.starting_offset() > 0):
+                del self._undelivered[sid]  # gone, ended, or its bytes came through: a fetch with its own deadline
+            elif now >= since + self.request_timeout:
+                del self._undelivered[sid]
+                _forget_received(stream)
+                out.extend(self._refuse(sid, ErrorCode.LIMIT_EXCEEDED,
+                                        f"KV_FETCH not complete within {self.request_timeout:g} s "
+                                        "(limits.request_timeout_s; its first bytes never came)", False))
+        return out
+
+    def _on_peer_packet(self, now: float) -> None:
+        """Note the client's streams holding bytes none of which could be delivered (their first withheld): they get
+        the request deadline too. Scanned at most every UNDELIVERED_SCAN_S, and only when aioquic holds more streams
+        than this session knows (its own chunk streams are among them while a fetch runs)."""
+        if (now - self._undelivered_scan_at < UNDELIVERED_SCAN_S
+                or len(self.quic._streams) <= len(self.fetches) + len(self._undelivered)):
+            return
+        self._undelivered_scan_at = now
+        for sid, stream in self.quic._streams.items():
+            rx = stream.receiver
+            if (sid % 4 == 0 and sid not in self.fetches and sid not in self._undelivered and sid not in self._ended
+                    and not rx.is_finished and rx.highest_offset > rx.starting_offset() == 0):
+                self._undelivered[sid] = now
+
+    def _forget_undelivered(self, stream_id: int) -> None:
+        """A stream the client reset before any of it was delivered: what aioquic buffered behind the gap is dropped,
+        and ours ends too (left open, the stream was never discarded: its buffer stayed, and ReadCredit, which counts
+        a reset stream as read, gave its credit again), unless ours has ended already (a refusal's ERROR and FIN)."""
+        self._undelivered.pop(stream_id, None)
+        stream = self.quic._streams.get(stream_id)
+        if stream is None:
+            return
+        _forget_received(stream)
+        if stream.sender._buffer_fin is None:
+            self._reset_own_side(stream_id)
