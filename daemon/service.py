@@ -874,7 +874,7 @@ class Daemon:
                                  "failed")
                 else:
                     proto.server_session.notify(sid)
-                proto.transmit()
+                proto.transmit_soon()  # one transmit per loop turn for all of the connection's answers
             except Exception:
                 # this runs inside the upstream's emit(): a failure of this one connection's packet path was
                 # blamed on the upstream ("upstream demo failed") and failed the answer for every listener

@@ -35,22 +35,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 from tokenwire.transport.tls import server_configuration
 
 from .test_kv_channel_refusals import KVPair
-
-
-class _Writer:
-    """The writing half of an ingest connection, kept in memory."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from .test_kv_ingest_socket import _Writer
 
 
 def _service(tmp_path: Path) -> KVService:

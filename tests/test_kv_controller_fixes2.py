@@ -20,6 +20,7 @@ from tokenwire.transport.kv_controller import INFEASIBLE_MARGIN, LEVELS, PRIOR_L
 from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES
 
 from .test_kv_channel import CHUNK, MODEL, make_kv
+from .test_kv_ingest_socket import _Writer
 
 
 # -- 1. the infeasible-deadline rule --------------------------------------------------------------------------------
@@ -180,20 +181,6 @@ def test_a_missing_prewarm_list_and_an_unknown_level_are_told_apart(tmp_path):
             svc.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["ultra"])
     finally:
         svc.close()
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _socket_put(svc: KVService, header: dict[str, Any], body: bytes) -> dict[str, Any]:

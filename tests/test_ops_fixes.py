@@ -419,6 +419,8 @@ def test_a_connection_whose_sending_fails_is_closed_alone_and_the_upstream_is_no
             if self.broken:
                 raise RuntimeError("packet path failed")
 
+        transmit_soon = transmit  # (the daemon's is deferred to the loop: here the notify path's own guard)
+
         def close(self, code, reason):
             self.closed = code
 

@@ -70,6 +70,8 @@ def test_a_long_request_over_the_concurrency_limit_is_refused_alone():
 
     failed = _outcome(pair, refused)
     assert isinstance(failed, RequestFailed) and failed.error.code == ErrorCode.LIMIT_EXCEEDED
+    # the limit and what to do: an application sharing one connection among many chats could not tell
+    assert "1 already open on this connection" in str(failed.error) and "another connection" in str(failed.error)
     assert [e.stream_id for e in pair.server_events if isinstance(e, RequestRefused)] == [refused]
     assert _received(pair) == [running]  # the tail of the refused request never became a request
     assert not pair.server._ended  # STOP_SENDING made the client reset its side: nothing left to track

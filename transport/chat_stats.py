@@ -19,6 +19,10 @@ class ChatStats:
     is unknown here and taken as that minimum (the stall ratio uses the same base). ``tokenwire sim`` and
     ``testbed compare`` report r - g on one clock (DESIGN.md's token delay) under the same key names: compare
     them with each other, not with these (a 40 ms link: sim's p50 is ~40 ms, this one's ~1 ms).
+
+    ``ttft_ms`` and ``stall_ratio`` (with ``longest_stall_ms`` and the token delays) are ``float('nan')``, not
+    None, for a resumed or attached answer, whose first tokens were generated before this request (and the
+    delays when the server sent no generation times): test with ``math.isnan``; :meth:`to_dict` gives None.
     """
 
     scheme: str
@@ -37,6 +41,8 @@ class ChatStats:
     request_id: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``tokenwire chat --json-stats`` writes it): NaN (a resumed answer's
+        TTFT and stall ratio, see above) becomes None, which JSON can carry."""
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
     def __str__(self) -> str:

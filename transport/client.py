@@ -26,6 +26,10 @@ For scripts without asyncio, :func:`chat_sync` makes one request and returns a :
 Every answer ends with the server's FINISHED frame (token count and SHA-256 of the text). The client
 keeps asking for missing ranges until it holds every token, then checks the digest; a mismatch raises
 :class:`DigestMismatch` rather than returning wrong text.
+
+Every error the SDK raises on purpose is a :class:`TokenwireError` (its kinds are exported here, and listed in
+:class:`~tokenwire.transport.errors.TokenwireError`'s docstring); after one, ``conn.closed`` says whether the
+connection still takes requests.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .client_session import ClientSession
-from .errors import ErrorCode, TokenwireError
+from .errors import ConnectError, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
 from .frames import MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
 from .session_events import (
@@ -70,14 +74,19 @@ class DigestMismatch(TokenwireError):
     code = ErrorCode.INTERNAL
 
 
-class PromptTooLarge(ValueError):
+class PromptTooLarge(TokenwireError, ValueError):
     """The request would be larger than any server takes (``MAX_STREAM_FRAME``, 1 MiB): refused before sending.
 
     The limit is in bytes of the encoded request, so a prompt's size counts in bytes of UTF-8 (an ``é`` is two,
     an emoji four), not in characters. ``size``: the encoded request; ``text_bytes``: its messages' text;
     ``limit``: the bytes a request may take. A daemon may take less (its ``limits.max_request_bytes``): it refuses
     a larger request with LIMIT_EXCEEDED, that request alone.
+
+    A ``TokenwireError`` with code ``LIMIT_EXCEEDED`` (the size depends on what the end user typed: an application
+    catching tokenwire's errors catches this one too), and a ``ValueError`` as before. The connection lives on.
     """
+
+    code = ErrorCode.LIMIT_EXCEEDED
 
     def __init__(self, size: int, text_bytes: int, limit: int = MAX_STREAM_FRAME) -> None:
         super().__init__(
@@ -125,6 +134,9 @@ def _check_request(request: Request, names: dict[str, str]) -> None:
 
 _END = object()
 
+CONCURRENT_READ = ("a ChatStream is read by one task at a time, and another task is already waiting on this answer "
+                   "(async for or collect()); read it there, and use stream.text once that task has read it whole")
+
 
 def check_congestion(name: str) -> None:
     """Refuse a congestion controller aioquic does not know (it would raise a bare Exception from inside the
@@ -142,7 +154,16 @@ def closed_locally_error() -> TokenwireError:
 
 
 class ChatStream:
-    """One answer: an async iterator of text deltas; ``stats`` and ``text`` are set when it ends."""
+    """One answer: an async iterator of text deltas; ``stats`` and ``text`` are set when it ends.
+
+    One task reads it at a time (``async for`` or :meth:`collect`): a second task that starts reading while the
+    first waits for the next delta gets ``RuntimeError`` at once. (Two readers split the deltas between them, and
+    the end reached one of them only: ``gather(s.collect(), s.collect())`` hung for ever.) Once the answer has
+    ended, every read gets its end again: ``collect()`` returns the text, or raises the error it ended with.
+
+    ``stats.ttft_ms`` and ``stats.stall_ratio`` (and the token delays) are NaN for a resumed or attached answer,
+    whose tokens were generated before this request; ``stats.to_dict()`` gives them as None.
+    """
 
     def __init__(self, conn: Connection, request: Request, prefix: list[bytes]) -> None:
         self._conn = conn
@@ -158,6 +179,8 @@ class ChatStream:
         self.scheme: str | None = None
         self.stream_id: int | None = None
         self._done = False
+        self._failure: BaseException | None = None  # the error the answer ended with: every later read raises it
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting for the next delta: one at a time
         if prefix:
             self._parts.append(self._decoder.decode(b"".join(prefix)))
 
@@ -204,18 +227,28 @@ class ChatStream:
 
     async def __anext__(self) -> str:
         if self._done:
+            if self._failure is not None:
+                raise self._failure  # (it ended with an error: a later reader must not take its text for whole)
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._reader is not None:
+            raise RuntimeError(CONCURRENT_READ)
+        self._reader = asyncio.current_task()
+        try:
+            item = await self._queue.get()
+        finally:
+            self._reader = None
         if item is _END:
             self._done = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             self._done = True
+            self._failure = item
             raise item
         return item
 
     async def collect(self) -> str:
-        """Consume the whole answer and return its text."""
+        """Consume the whole answer and return its text (what was not read yet, or all of it). Raises the error
+        the answer ended with, as often as it is called; ``RuntimeError`` while another task reads it."""
         async for _ in self:
             pass
         return self.text
@@ -379,8 +412,8 @@ class Connection:
         return stream
 
     async def close(self) -> None:
-        """Close the connection and wait until it has ended: the answers still open end with a local-close error
-        first. (Leaving ``async with connect(...)`` closes without waiting out QUIC's closing period.)"""
+        """Close the connection and wait until it has ended (QUIC's closing period: 3 PTO, 5 s at most): the answers
+        still open end with a local-close error first. Leaving ``async with connect(...)`` closes without that wait."""
         self._protocol.close()
         await self._protocol.wait_closed()
 
@@ -423,8 +456,14 @@ async def connect(
     ``cafile``/``cadata``: the CAs to trust, a PEM file or PEM text (bytes or str); one without a certificate
     raises :class:`~tokenwire.transport.tls.CertificateFileError`.
 
-    Leaving the ``async with`` block sends the close and returns at once; QUIC's closing period (3 PTO) ends in
-    the background, which then closes the socket.
+    Errors: :class:`~tokenwire.transport.errors.ConnectTimeout` (no answer within ``timeout``),
+    :class:`HandshakeError` (the server answered, the handshake failed), :class:`~.errors.ConnectError` (the
+    name does not resolve): all ``TokenwireError`` and ``ConnectionError``.
+
+    Leaving the ``async with`` block sends CONNECTION_CLOSE and closes the socket before it returns, however the
+    loop is driven (``asyncio.run``, or ``run_until_complete`` then ``loop.close()``): no task or socket is left
+    behind. QUIC's closing period is not waited out (aioquic answers nothing in it); a server that lost the close
+    keeps the session until its idle timeout.
     """
     check_congestion(congestion)
     config = client_configuration(
@@ -444,18 +483,45 @@ async def connect(
 
 @dataclass
 class ChatResult:
+    """What :func:`chat_sync` returns: the whole answer's ``text`` (its digest verified) and its ``stats``."""
+
     text: str
     stats: ChatStats
 
 
-def chat_sync(host: str, port: int, prompt: str, **kwargs: Any) -> ChatResult:
-    """Blocking helper for scripts: one request, the whole text and its statistics."""
-    chat_keys = {"scheme", "model", "max_tokens", "params"}
-    chat_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in chat_keys}
+def chat_sync(
+    host: str,
+    port: int,
+    prompt: str | list[dict[str, str]],
+    *,
+    scheme: str = "chatterbox",
+    model: str | None = None,
+    max_tokens: int | None = None,
+    params: dict[str, Any] | None = None,
+    server_name: str | None = None,
+    cafile: str | Path | None = None,
+    cadata: bytes | str | None = None,
+    verify: bool = True,
+    auth_token: str | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    congestion: str = "reno",
+    timeout: float = 10.0,
+    ecn: bool | None = None,
+    idle_timeout: float = 60.0,
+) -> ChatResult:
+    """Blocking helper for scripts: one request on a connection of its own, the whole text and its statistics.
+
+    ``prompt`` and ``scheme`` .. ``params`` are :meth:`Connection.chat`'s, the rest :func:`connect`'s (named
+    here, so that a type checker sees a misspelt one, and Python's ``TypeError`` names ``chat_sync``). Raises
+    what they raise; runs its own event loop (``asyncio.run``), so it cannot be called from a coroutine.
+    """
 
     async def run() -> ChatResult:
-        async with connect(host, port, **kwargs) as conn:
-            stream = conn.chat(prompt, **chat_kwargs)
+        async with connect(host, port, server_name=server_name, cafile=cafile, cadata=cadata, verify=verify,
+                           auth_token=auth_token, certfile=certfile, keyfile=keyfile, congestion=congestion,
+                           timeout=timeout, ecn=ecn, idle_timeout=idle_timeout) as conn:
+            stream = conn.chat(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params)
             text = await stream.collect()
             assert stream.stats is not None
             return ChatResult(text, stream.stats)
@@ -498,5 +564,5 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["ChatResult", "ChatStats", "ChatStream", "Connection", "DigestMismatch", "HandshakeError", "PromptTooLarge",
-           "chat_sync", "connect"]
+__all__ = ["ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectTimeout", "Connection", "DigestMismatch",
+           "ErrorCode", "HandshakeError", "PromptTooLarge", "RemoteError", "TokenwireError", "chat_sync", "connect"]

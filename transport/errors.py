@@ -35,7 +35,25 @@ def known_code(code: int) -> ErrorCode | None:
 
 
 class TokenwireError(Exception):
-    """Base of every error tokenwire raises on purpose. ``code`` says which, ``str()`` says why."""
+    """Base of every error tokenwire raises on purpose. ``code`` says which, ``str()`` says why.
+
+    What the SDK client raises, all catchable as ``TokenwireError``:
+
+    * :class:`RemoteError`: the server refused or failed one request (an ERROR: ``LIMIT_EXCEEDED``,
+      ``NOT_FOUND``, ``BAD_REQUEST``, ``UPSTREAM_ERROR``, ...; the connection takes more requests), or the
+      connection ended (the server's close, the idle timeout: every answer open on it fails the same way).
+      ``Connection.closed`` tells the two apart.
+    * :class:`ConnectError` (also a ``ConnectionError``): no connection was made; :class:`ConnectTimeout`
+      (nobody answered within ``timeout``) and :class:`~.quic_io.HandshakeError` (the server answered and the
+      handshake failed) are its kinds.
+    * ``DigestMismatch`` (the text does not match the server's digest), ``PromptTooLarge`` (also a
+      ``ValueError``: over the size of a request, refused before sending), and a plain ``TokenwireError`` with
+      code ``CANCELLED`` for the answers the application's own close cut off.
+
+    Not tokenwire errors: mistakes in the calling code, raised before anything is sent (``ValueError`` for an
+    argument out of range, ``CertificateFileError`` for a CA file without a certificate, ``RuntimeError`` for a
+    second task reading an answer another task reads).
+    """
 
     code: ErrorCode = ErrorCode.INTERNAL
 
@@ -77,3 +95,16 @@ class RemoteError(TokenwireError):
     """An ERROR frame or connection close received from the peer, raised on the local side."""
 
     path_lost = False  # the connection died of silence (QUIC idle timeout), nobody closed it: resumable
+
+
+class ConnectError(TokenwireError, ConnectionError):
+    """No connection was made: the server's name does not resolve, nobody answered, or the handshake failed.
+
+    A ``ConnectionError`` as well, as these were before they became tokenwire errors (``except ConnectionError``
+    still catches them). ``code`` is ``INTERNAL``: no tokenwire error code was exchanged.
+    """
+
+
+class ConnectTimeout(ConnectError):
+    """Nobody answered the handshake in time (no server on that port, or the path drops everything): was a bare
+    ``ConnectionError``, which an application catching ``TokenwireError`` missed."""

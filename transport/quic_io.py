@@ -25,6 +25,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnecti
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, ecn_supported, open_udp_socket
+from .errors import ConnectError, ConnectTimeout
 from .session import _SessionBase
 from .session_events import AIOQUIC_IDLE_REASON, SessionEvent, handshake_refusal
 from .tls import check_seconds
@@ -38,6 +39,8 @@ logging.getLogger("quic").addHandler(logging.NullHandler())
 logging.getLogger("tokenwire").addHandler(logging.NullHandler())
 
 RECV_BUFFER_BYTES = 4 << 20  # the default 208 KiB overflowed on loopback bursts (research notes)
+CLOSE_PERIOD_MAX_S = 5.0
+"""The longest QUIC closing or draining period (3 PTO otherwise): see :meth:`SessionProtocol._bound_close_period`."""
 
 
 def check_port(port: int, *, listening: bool = False) -> None:
@@ -81,9 +84,9 @@ def _read_outcome(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-class HandshakeError(ConnectionError):
+class HandshakeError(ConnectError):
     """The server answered but the handshake failed; ``tls_alert`` is set when TLS refused (a certificate,
-    no common ALPN)."""
+    no common ALPN). A :class:`~.errors.ConnectError`: a ``TokenwireError`` and a ``ConnectionError``."""
 
     def __init__(self, message: str, tls_alert: int | None) -> None:
         super().__init__(message)
@@ -122,6 +125,10 @@ class SessionProtocol(QuicConnectionProtocol):
         self._session_timer: asyncio.TimerHandle | None = None
         self._session_timer_at: float | None = None
         self.terminated: qe.ConnectionTerminated | None = None
+        self._close_period_bounded = False  # (see _bound_close_period)
+        # set once the transport has let go of this protocol and closed its socket (connection_lost): what leaving
+        # connect_quic waits for, so that no loop, however it is driven or closed, is left holding the socket
+        self.socket_closed = asyncio.Event()
 
     async def wait_connected(self) -> None:
         """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
@@ -163,6 +170,7 @@ class SessionProtocol(QuicConnectionProtocol):
             return
         now = self.clock()
         datagrams = self.session.datagrams_to_send(now)
+        self._bound_close_period(now)
         send_ecn = getattr(self._transport, "sendto_ecn", None)
         if send_ecn is not None:  # an ECN-capable transport: the codepoint the marking policy chose
             ecn = self.session.current_codepoint
@@ -178,6 +186,25 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._session_timer is None and timer_at is not None:
             self._session_timer = self._loop.call_later(max(0.0, timer_at - now), self._on_timer)
         self._session_timer_at = timer_at
+
+    def _bound_close_period(self, now: float) -> None:
+        """End QUIC's closing or draining period (3 PTO) within :data:`CLOSE_PERIOD_MAX_S` of its start.
+
+        The connection's end reaches the session (and the daemon lets go of the session: its requests, its
+        ``max_sessions`` slot, the sessions gauge) only when the period is over, and a PTO grows with the RTT
+        estimate, which a lagging event loop at either end inflates: a daemon whose loop lagged for seconds under 64
+        answers had an estimate of 37 s (PTO 186 s) and kept a closed client's session for 9 minutes. RFC 9000 10.2
+        asks for 3 PTO so that late packets are discarded rather than answered; aioquic answers none in the period
+        (it does not even repeat its CONNECTION_CLOSE) and, once the connection is gone, drops a late packet for an
+        unknown connection ID without a Stateless Reset: ending the period sooner loses nothing. A path's real PTO
+        is far below the bound, and there the period is 3 PTO as before.
+        """
+        quic = self._quic
+        if self._close_period_bounded or quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING):
+            return
+        self._close_period_bounded = True  # (once, from when this side saw it begin)
+        if quic._close_at is not None:
+            quic._close_at = min(quic._close_at, now + CLOSE_PERIOD_MAX_S)
 
     def _on_timer(self) -> None:
         self._session_timer = None
@@ -204,7 +231,10 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._session_timer is not None:
             self._session_timer.cancel()
             self._session_timer = None
-        self._end_without_transport(exc)
+        try:
+            self._end_without_transport(exc)
+        finally:
+            self.socket_closed.set()  # (the transport closes the socket right after this call, in the same callback)
 
     def _end_without_transport(self, exc: Exception | None) -> None:
         """Deliver the connection's end, once, when its socket goes before aioquic has ended it.
@@ -293,9 +323,9 @@ async def connect_quic(
     """aioquic's ``connect``, on the ECN-capable transport (reads received codepoints) when ``ecn`` is True, or
     is None (the default) and the platform can (:func:`~.ecn_socket.ecn_supported`).
 
-    Leaving it sends CONNECTION_CLOSE and returns at once: the closing period (3 PTO, 1.9 s at a 200 ms RTT)
-    runs on in the background and closes the socket when it ends (:func:`close_in_background`). aioquic's
-    ``connect`` waited it out in the caller's time, and leaked the socket when that wait was cancelled.
+    Leaving it sends CONNECTION_CLOSE and closes the socket before it returns (:func:`close_and_release`), without
+    waiting out QUIC's closing period; aioquic's ``connect`` waited it out in the caller's time, and leaked the
+    socket when that wait was cancelled.
     """
     check_port(port)
     loop = asyncio.get_running_loop()
@@ -307,7 +337,7 @@ async def connect_quic(
         configuration.server_name = host
     protocol = create_protocol(QuicConnection(configuration=configuration))
     sock = open_udp_socket("::", 0)
-    transport: asyncio.BaseTransport | None = None
+    transport: asyncio.DatagramTransport | None = None
     try:
         if ecn_supported() if ecn is None else ecn:
             transport = EcnDatagramTransport(sock, protocol)
@@ -325,38 +355,39 @@ async def connect_quic(
         await protocol.wait_connected()
         yield protocol
     finally:
-        close_in_background(protocol, transport)
+        await close_and_release(protocol, transport)
 
 
-_closing: set[asyncio.Task[None]] = set()  # closing periods running on (the loop holds tasks only weakly)
+SOCKET_FLUSH_S = 1.0
+"""How long leaving a client connection waits for its transport to close the socket. It closes on the next loop
+turn, unless datagrams are still queued in the transport (a full kernel buffer): then they are given this long to
+go out, and dropped after it."""
 
 
-def close_in_background(protocol: QuicConnectionProtocol, transport: asyncio.BaseTransport) -> None:
-    """Close the connection (CONNECTION_CLOSE goes out now) and its socket once the closing period has ended,
-    without waiting for it. A loop that shuts down first (``asyncio.run`` cancels what is left) closes the
-    socket then. A caller being cancelled closes the socket at once: ``asyncio.run``'s last sweep cancels the
-    tasks left and never runs one made during it, which held its socket for the process's life. That is any
-    cancellation (a timeout around the connection too): only the resending of a lost CONNECTION_CLOSE is given up,
-    and a server that missed it holds the session until its idle timeout."""
+async def close_and_release(protocol: QuicConnectionProtocol, transport: asyncio.DatagramTransport) -> None:
+    """Close the connection (CONNECTION_CLOSE goes out in this call) and its socket, returning once the socket is
+    closed: nothing is left on the loop for it.
+
+    The closing period ran on in a background task, which closed the socket at its end (3 PTO). Only
+    ``asyncio.run``'s shutdown sweep ended that task early: an application driving its own loop
+    (``run_until_complete``, then ``loop.close()``) leaked a UDP socket and a pending task per connection
+    ("Task was destroyed but it is pending!"). Nothing is lost by not waiting: aioquic ignores every packet in the
+    closing state and never repeats its CONNECTION_CLOSE, so the period did no more than keep the socket open, and
+    RFC 9000 10.2 lets an endpoint that closes its UDP socket end the closing state early. A server that missed the
+    one close (it was lost) holds the session until its idle timeout, as before.
+    """
     try:
         protocol.close()
-    except BaseException:
-        transport.close()
-        raise
-    caller = asyncio.current_task()
-    if protocol._closed.is_set() or (caller is not None and caller.cancelling()):
-        transport.close()  # (already ended: a failed handshake, the peer's close; nothing to wait for)
-        return
-    task = asyncio.get_running_loop().create_task(_close_when_ended(protocol, transport))
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
-async def _close_when_ended(protocol: QuicConnectionProtocol, transport: asyncio.BaseTransport) -> None:
-    try:
-        await protocol.wait_closed()
-    finally:  # (cancelled too: the loop is shutting down)
-        transport.close()
+    finally:
+        transport.close()  # (once what is queued has gone out: a datagram transport flushes before it closes)
+    closed = protocol.socket_closed if isinstance(protocol, SessionProtocol) else None
+    if closed is not None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SOCKET_FLUSH_S):
+                await closed.wait()
+    if closed is None or not closed.is_set():
+        transport.abort()  # (what is still queued is dropped: the socket closes on the next loop turn)
+        await asyncio.sleep(0)  # that turn: the transport's close callback runs before this task resumes
 
 
 @contextlib.asynccontextmanager
@@ -366,10 +397,12 @@ async def open_client(
 ) -> AsyncIterator[SessionProtocol]:
     """:func:`connect_quic` for the SDK's clients, with errors a caller can act on.
 
-    No answer within ``timeout`` seconds: ``ConnectionError`` saying so (aioquic would wait for its idle
-    timeout). The server answered but the handshake failed: :class:`HandshakeError` with the reason and
-    the TLS alert (aioquic raises a ConnectionError without a message). A port outside 1..65535 or a
-    ``timeout`` that is not a positive number of seconds: ``ValueError``.
+    No answer within ``timeout`` seconds: :class:`~.errors.ConnectTimeout` saying so (aioquic would wait for its
+    idle timeout). The server answered but the handshake failed: :class:`HandshakeError` with the reason and
+    the TLS alert (aioquic raises a ConnectionError without a message). A name that does not resolve, or
+    another failure to connect: :class:`~.errors.ConnectError`. All three are ``TokenwireError`` and
+    ``ConnectionError`` (they were ``ConnectionError`` only, which an application catching ``TokenwireError``
+    missed). A port outside 1..65535 or a ``timeout`` that is not a positive number of seconds: ``ValueError``.
     """
     check_seconds("timeout", timeout, finite=False)
     made: list[SessionProtocol] = []
@@ -383,18 +416,18 @@ async def open_client(
         async with asyncio.timeout(timeout):
             protocol = cast(SessionProtocol, await cm.__aenter__())  # made by make()
     except TimeoutError:
-        raise ConnectionError(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+        raise ConnectTimeout(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
     except socket.gaierror as exc:  # an OSError, not a ConnectionError: callers catching those saw a traceback
-        raise ConnectionError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     except ConnectionError as exc:
         ended = made[0].terminated if made else None
-        if exc.args or ended is None:
-            raise
+        if ended is None or exc.args:  # (not the handshake's end: a socket's error, which carries its words)
+            raise ConnectError(f"cannot connect to {host}:{port}: {str(exc) or type(exc).__name__}") from exc
         if ended.reason_phrase == AIOQUIC_IDLE_REASON:
             # an idle timeout shorter than ``timeout`` ended the wait: nobody answered (not "handshake failed: Idle
             # timeout", which read as a server's refusal while the path was down)
-            raise ConnectionError(f"no QUIC handshake with {host}:{port} within {configuration.idle_timeout:g} s "
-                                  "(the connection's idle timeout)") from None
+            raise ConnectTimeout(f"no QUIC handshake with {host}:{port} within {configuration.idle_timeout:g} s "
+                                 "(the connection's idle timeout)") from None
         raise _handshake_failure(host, port, ended) from None
     try:
         yield protocol

@@ -237,7 +237,9 @@ class ServerSession(_SessionBase):
                 self._fin(stream_id)
                 return []
             if len(self.requests) >= self.max_requests:
-                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent requests", end)
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, (
+                    f"too many concurrent requests: {self.max_requests} already open on this connection (the "
+                    f"server's max_requests_per_connection); wait for one to end or open another connection"), end)
             opened = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
             req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=opened)
             self.requests[stream_id] = req
