@@ -603,12 +603,17 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
         while True:
             try:
                 line = await reader.readline()
-            except ValueError:  # over the reader's limit (readline turns LimitOverrunError into this)
+            except ValueError as exc:  # over the reader's limit (readline turns LimitOverrunError into this)
                 service.count_ingest_error()  # a refused put, like a header that is not JSON
                 reply({"ok": False, "error": f"header line too long (over {MAX_HEADER_BYTES >> 10} KiB: a put "
                                              f"carries at most {MAX_KV_TOKENS} token ids)"})
                 await writer.drain()
-                await _discard_line(reader)
+                # readline dropped the whole line when its newline was already buffered ("Separator is found, but
+                # chunk is longer than limit"); else only what it held, and the rest is still coming. Discarding in
+                # the first case waited for another line: 30 s (BODY_QUIET_S) of a held connection, or the next
+                # put's header eaten
+                if "Separator is found" not in str(exc):
+                    await _discard_line(reader)
                 break
             if not line:
                 break

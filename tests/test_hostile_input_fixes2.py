@@ -104,6 +104,30 @@ def test_the_ingest_header_limit_fits_the_largest_put_and_refuses_a_longer_line(
     svc.close()
 
 
+def test_a_refused_header_line_that_came_whole_ends_the_connection_at_once(tmp_path, monkeypatch):
+    """Its newline already read, readline had dropped the whole line: the discard then waited for another newline,
+    holding the connection BODY_QUIET_S (or eating the next put's header)."""
+    monkeypatch.setattr(kvs, "BODY_QUIET_S", 600.0)
+    svc = _service(tmp_path)
+    sock = tmp_path / "kv.sock"
+
+    async def go() -> tuple[bytes, bytes]:
+        srv = await serve_kv_ingest(sock, svc)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(b"x" * (kvs.MAX_HEADER_BYTES + 100) + b"\n")  # its newline within the read that overran
+            answer = await asyncio.wait_for(reader.readline(), 30)
+            rest = await asyncio.wait_for(reader.read(), 30)  # the daemon closes: not after BODY_QUIET_S
+            writer.close()
+            return answer, rest
+        finally:
+            srv.close()
+
+    answer, rest = asyncio.run(go())
+    assert b"header line too long" in answer and rest == b""
+    svc.close()
+
+
 # ------------------------------------------------------------------------------------------ 5: a lone surrogate
 def test_a_kv_put_whose_model_is_a_lone_surrogate_is_refused_with_a_typed_error(tmp_path):
     """It reached the fingerprint's encode: an ERROR traceback in the log and "ingest failed: UnicodeEncodeError"."""

@@ -418,6 +418,18 @@ def test_a_failed_handshake_and_an_unresolvable_name_are_tokenwire_errors(monkey
     assert str(info.value) == "cannot resolve tokenwire.invalid: Name or service not known"
 
 
+def test_a_host_name_idna_cannot_encode_is_a_connect_error():
+    """``bad..name`` or a label over 63 characters: the resolver's IDNA step raised a bare UnicodeError."""
+
+    async def go(host: str):
+        async with connect(host, 4433, verify=False, timeout=5):
+            pass
+
+    for host in ("bad..name", "a" * 64 + ".example"):
+        with pytest.raises(ConnectError, match="not a valid host name"):
+            run(go(host))
+
+
 def test_a_prompt_too_large_is_a_tokenwire_error_of_the_request_alone():
     async def go():
         async with served(words) as server, connect("127.0.0.1", server.port, **client_kwargs()) as conn:

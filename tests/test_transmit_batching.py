@@ -72,3 +72,21 @@ def test_a_deferred_transmit_that_raises_closes_that_connection_alone():
 
     code, answer = run(go(), 30)
     assert code == ErrorCode.INTERNAL and answer
+
+
+def test_a_direct_transmit_takes_over_a_pending_deferred_one():
+    """A datagram's transmit between two answers' notifies left the first deferred transmit pending and let the
+    second schedule another: two in one turn, where the first had nothing left to send."""
+
+    async def go():
+        async with _daemon() as daemon, connect("127.0.0.1", daemon.addresses[0][1], verify=False) as conn:
+            assert await conn.chat("x", max_tokens=2).collect()
+            (proto,) = daemon.protocols
+            proto.transmit_soon()
+            first = proto._transmit_task
+            proto.transmit()  # (what a received datagram does)
+            proto.transmit_soon()
+            second = proto._transmit_task
+            return first is not None and first.cancelled(), second is not None and second is not first
+
+    assert run(go(), 30) == (True, True)

@@ -165,7 +165,9 @@ class SessionProtocol(QuicConnectionProtocol):
         self.transmit()
 
     def transmit(self) -> None:
-        self._transmit_task = None
+        if self._transmit_task is not None:  # a deferred transmit (transmit_soon) has nothing left to do: not twice
+            self._transmit_task.cancel()
+            self._transmit_task = None
         if self._transport is None:
             return
         now = self.clock()
@@ -419,6 +421,8 @@ async def open_client(
         raise ConnectTimeout(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
     except socket.gaierror as exc:  # an OSError, not a ConnectionError: callers catching those saw a traceback
         raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    except UnicodeError as exc:  # a name IDNA cannot encode ("bad..name", a label over 63 characters)
+        raise ConnectError(f"cannot resolve {host!r}: not a valid host name ({exc})") from None
     except ConnectionError as exc:
         ended = made[0].terminated if made else None
         if ended is None or exc.args:  # (not the handshake's end: a socket's error, which carries its words)
