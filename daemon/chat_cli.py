@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,19 @@ def _port(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="ask a tokenwire server and stream the answer to stdout")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=4433)
+    p.add_argument("--host", default="127.0.0.1", help="the server's address or name")
+    p.add_argument("--port", type=_port, default=4433, help="the server's UDP port")
     p.add_argument("--server-name", help="TLS name to verify (default: --host)")
-    p.add_argument("--cafile", type=Path, help="CA or self-signed certificate to trust")
-    p.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    p.add_argument("--cafile", type=Path, help="CA or self-signed certificate to trust (default: the system's CAs)")
+    p.add_argument("--insecure", action="store_true", help="do not verify the server certificate (not with --cafile)")
     p.add_argument("--cert", type=Path, help="client certificate (PEM), for daemons with server.client_ca")
     p.add_argument("--key", type=Path, help="its private key (PEM; default: in --cert)")
     p.add_argument("--token-env", help="environment variable with the bearer token (must be set when named; "
                    f"default: {DEFAULT_TOKEN_ENV} if set, else no token)")
-    p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
-    p.add_argument("--model")
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox",
+                   help="how the answer's tokens are sent")
+    p.add_argument("--model", help="the model to ask for (default: the server's routing decides)")
+    p.add_argument("--max-tokens", type=int, help="the longest answer wanted (default: the server's limit)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a request parameter for the upstream (repeatable; VALUE a JSON number, true/false or "
                    "null when it parses as one, else a string: --param temperature=0.2, --param seed=3)")
@@ -76,6 +78,61 @@ def _params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _read_stdin_prompt() -> str:
+    """The prompt from stdin, read as UTF-8 bytes whatever the locale says: under a C locale without UTF-8 mode
+    Python decodes stdin as ASCII, and a UTF-8 prompt was refused as "not valid UTF-8"."""
+    from tokenwire.daemon.cli import CLIError
+
+    if sys.stdin is None:  # `<&-`
+        raise CLIError("no prompt given: no argument, and stdin is closed")
+    if sys.stdin.isatty():
+        print("type the prompt, then Ctrl-D", file=sys.stderr)
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes under it (a program's StringIO): already text
+        return sys.stdin.read().strip()
+    data = raw.read()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff").strip()  # (a byte-order mark is no prompt)
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"the prompt on stdin is not valid UTF-8 text (byte {exc.start})") from None
+
+
+def _utf8_argument(prompt: str) -> str:
+    """``prompt`` (the argument) as the UTF-8 text it was typed as. Python decodes arguments with the locale's
+    encoding and keeps the bytes it cannot decode as surrogates: under a C locale a UTF-8 argument arrived as
+    such and was refused; its bytes, decoded as UTF-8, are the prompt."""
+    from tokenwire.daemon.cli import CLIError
+
+    try:
+        prompt.encode("utf-8")
+        return prompt
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(prompt).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):  # bytes that are not UTF-8, or a lone surrogate typed in
+        raise CLIError("the prompt is not valid UTF-8 text") from None
+
+
+def _encodable(encoding: str | None) -> Callable[[str], str]:
+    """A function giving text that stdout's ``encoding`` can write: what it cannot encode as backslash escapes
+    (``\\u4e16``). Under PYTHONIOENCODING=ascii (or a C locale) the first such character was an error mid-answer,
+    and the rest of the answer was lost."""
+    import codecs
+
+    try:
+        name = codecs.lookup(encoding or "utf-8").name
+    except LookupError:
+        name = "utf-8"
+    if name == "utf-8":
+        return lambda text: text
+
+    def shown(text: str) -> str:
+        return text.encode(name, "backslashreplace").decode(name)
+
+    return shown
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -90,17 +147,14 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.attach is not None and (prompt is not None or args.max_tokens is not None):
         raise CLIError("--attach streams an existing answer as it is: no prompt or --max-tokens with it")
+    if args.insecure and args.cafile is not None:  # --insecure silently ignored the CA file the user named
+        raise CLIError("--insecure skips the certificate check that --cafile is for: give one of them")
     if prompt is None and args.attach is None:
-        if sys.stdin.isatty():
-            print("type the prompt, then Ctrl-D", file=sys.stderr)
-        prompt = sys.stdin.read().strip()
+        prompt = _read_stdin_prompt()
     if prompt is not None and not prompt.strip():  # `chat ""` sent an empty message, while empty stdin was refused
         raise CLIError("no prompt given (argument or stdin): it is empty")
     if prompt is not None:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:  # bytes stdin could not decode (or a lone surrogate in the argument)
-            raise CLIError("the prompt is not valid UTF-8 text") from None
+        prompt = _utf8_argument(prompt)
     rid = None
     if args.attach is not None:
         try:
@@ -132,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # aioquic logs a failed handshake as a warning; the error line below says it once
         logging.getLogger("quic").setLevel(logging.ERROR)
 
+    shown = _encodable(getattr(sys.stdout, "encoding", None))
     midline = [False]  # part of an answer is on stdout without its newline
     # whether a request went out at all, whether its stream is open on a connection now (leaving it early sends the
     # cancellation), and the request id once known: what --max-time can say when it gives up
@@ -167,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                     where["open"] = where["asked"] = True
                     async with stream:
                         async for delta in stream:
-                            sys.stdout.write(delta)
+                            sys.stdout.write(shown(delta))
                             sys.stdout.flush()
                             midline[0] = not delta.endswith("\n")
                     sys.stdout.write("\n")
@@ -256,8 +311,17 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; a ConnectionError, though
         raise
     except HandshakeError as exc:
-        hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
-                "or skip the check with --insecure") if exc.tls_alert in CERTIFICATE_ALERTS else ""
+        hint = ""
+        if exc.tls_alert in CERTIFICATE_ALERTS and args.cafile is None:
+            hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
+                    "or skip the check with --insecure")
+        elif exc.tls_alert in CERTIFICATE_ALERTS and "hostname" in str(exc):  # verified, but issued for other names
+            hint = ("; pass --server-name with a name the certificate holds, or skip the check with --insecure "
+                    "(instead of --cafile)")
+        elif exc.tls_alert in CERTIFICATE_ALERTS:  # it advised --cafile to a user who had given one
+            hint = (f"; the certificate in --cafile {args.cafile} does not verify this server's (give the CA that "
+                    "issued it, or the server's own self-signed certificate), or skip the check with --insecure "
+                    "(instead of --cafile)")
         raise CLIError(f"{exc}{hint}") from None
     except TokenwireError as exc:
         hint = ""

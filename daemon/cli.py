@@ -8,6 +8,8 @@ so ``tokenwire --help`` and the daemon start fast and never import torch by acci
 from __future__ import annotations
 
 import argparse
+import copy
+import errno
 import importlib
 import json
 import logging
@@ -69,6 +71,8 @@ def save_json(path: str | Path, doc: Any, *, indent: int | None = 2) -> None:
             else json.dumps(json_safe(doc), separators=(",", ":"), allow_nan=False)) + "\n"
     if str(path) == "-":
         out = _real_stdout()
+        if out is None:  # stdout closed (`>&-`): the result would be lost without a word
+            raise stream_error(OSError(errno.EBADF, "closed"), "stdout")
         out.write(text)
         out.flush()
         return
@@ -135,6 +139,8 @@ def output_file(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
         done = True
     except OSError as exc:  # named, so the command's error is one line about the user's file
+        if str(path) == "-":  # `--json - > /dev/full` said "-: No space left on device"
+            raise stream_error(exc, "stdout") from None
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp is not None:
@@ -236,9 +242,11 @@ WRITTEN_ELSEWHERE = ("plot", "log", "pcap")
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf")  # matplotlib
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace) -> list[list[Path]]:
     """Check that each output can be written there; :class:`CLIError` naming the option if not. Creates only the
-    missing folders of the outputs written elsewhere than :func:`output_file` (``WRITTEN_ELSEWHERE``).
+    missing folders of the outputs written elsewhere than :func:`output_file` (``WRITTEN_ELSEWHERE``), and
+    returns them (each output's, the deepest first): :func:`main` removes those still empty when the command
+    fails, so a run its handler refuses (``testbed compare --tokens 0 --plot newdir/x.png``) leaves no folder.
 
     As :func:`output_file` will write: a file's folder is its symlink target's (where the temporary file
     goes), and a device or FIFO only needs to be writable (nothing is created next to it). A missing folder
@@ -291,12 +299,16 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise CLIError(f"{option}: cannot write there ({where}: {exc.strerror or exc})") from None
         if needed and dest in WRITTEN_ELSEWHERE:
             to_make.append((option, folder))
+    made: list[list[Path]] = []
     for option, folder in to_make:  # once every output passed: a refused one leaves no folder made for another
         try:
-            make_folders(folder)  # (nothing else would: `--plot newdir/x.png` failed after the whole run)
+            made.append(make_folders(folder))  # (nothing else would: `--plot newdir/x.png` failed after the run)
         except OSError as exc:
+            for folders in made:
+                remove_empty_folders(folders)
             raise CLIError(f"{option}: cannot write there ({exc.filename or folder}: {exc.strerror or exc})") \
                 from None
+    return made
 
 
 def finite_float(text: str) -> float:
@@ -335,20 +347,91 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, as ``(default: X)``, where its help text does not already say it.
+
+    Most options' defaults were nowhere in ``--help`` (``chat --host``, ``testbed compare --tokens``, ``kv bench
+    --repeats``): argparse's ``ArgumentDefaultsHelpFormatter`` would add them, but also ``(default: None)`` and
+    ``(default: False)`` to every flag, and a second default after the many help texts that give theirs."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _default_shown(action):  # an option without a help text: its default alone
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _default_shown(action) and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
+def _default_shown(action: argparse.Action) -> bool:
+    """Whether ``--help`` should show ``action``'s default: a value the option takes when not given (not a flag's
+    False, an unset None, an empty list of a repeatable option, nor argparse's own help and version actions)."""
+    if action.default in (None, argparse.SUPPRESS, "", []) or isinstance(action.default, bool):
+        return False
+    if isinstance(action, argparse._StoreConstAction | argparse._CountAction | argparse._HelpAction
+                  | argparse._VersionAction | argparse._SubParsersAction):
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviated options, and no NaN or infinity where an option is a float, in this parser and (as
-    their class) in every subcommand's.
+    their class) in every subcommand's; help that shows the defaults (:class:`_DefaultsHelpFormatter`).
 
     With abbreviations, ``chat --server X`` silently set ``--server-name`` (the TLS name) and left the
     address at its default; with many similar flags a prefix is more often a mistake than a shortcut.
     ``type=float`` is looked up in the parser's registry at parse time, so registering :func:`finite_float`
     for it covers every option (argument groups share the registry) without touching their definitions.
+
+    Each parser also records its ``prog`` (``tokenwire config check``) as the default of ``command_path``: the
+    deepest subcommand's wins, so an error names the command that failed, as argparse's own errors do (a
+    :class:`CLIError` of ``config check`` read ``tokenwire config: error:``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)
+        self.set_defaults(command_path=self.prog)
+
+
+def installed_version() -> str:
+    """tokenwire's version: the installed distribution's, else (run from a source tree that was not installed)
+    pyproject.toml's, else "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tokenwire")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as fh:
+            return str(tomllib.load(fh)["project"]["version"])
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (the package metadata takes ~50 ms to read, which
+    every command's start would pay with argparse's ``action="version"``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = "print tokenwire's version and exit") -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if sys.stdout is None:
+            parser.exit(2, f"{parser.prog}: error: stdout is closed\n")
+        print(f"tokenwire {installed_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenwire",
         description="Move LLM traffic across real, unstable networks.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("--version", action=_VersionAction)
+    # the daemon sets its own level from logging.level at start and at each reload: -v cannot hold there
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv: debug), for the commands without a log configuration of their "
+                        "own: not the daemon, whose level is its configuration's [logging] level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -390,44 +477,153 @@ def _json_to_stdout(args: argparse.Namespace) -> Iterator[None]:
         _json_stdout.pop()
 
 
+class _NamedStream:
+    """``sys.stdout`` or ``sys.stderr`` while a command runs: a write or flush that fails raises an ``OSError``
+    naming the stream, which :func:`main` reports in one line (``tokenwire sim: error: stdout: No space left on
+    device``). Unnamed, it was a traceback (``> /dev/full``). Everything else is the stream's own."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        self._stream = stream
+        self._name = name
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise self._named(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._named(exc) from None
+
+    def _named(self, exc: OSError) -> OSError:
+        return stream_error(exc, self._name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def stream_error(exc: OSError, name: str) -> OSError:
+    """``exc``, raised writing stdout or stderr (``name``), as an ``OSError`` naming that stream, marked as one
+    (``std_stream``: a user's file may be called "stdout" too). OSError(EPIPE, ...) is a BrokenPipeError still:
+    ``| head`` keeps its own quiet path in :func:`main`."""
+    named = OSError(exc.errno, exc.strerror or str(exc), name)
+    named.std_stream = name  # type: ignore[attr-defined]
+    return named
+
+
+def _std_stream(exc: OSError) -> str | None:
+    """The stream ``exc`` was raised writing ("stdout", "stderr"; :func:`stream_error`), or None."""
+    return getattr(exc, "std_stream", None)
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr; nothing when stderr itself cannot be written (closed, or a full disk): the exit
+    status still says that the command failed."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, AttributeError):  # AttributeError: sys.stderr is None (`2>&-`)
+        pass
+
+
+def _discard(name: str = "stdout") -> None:
+    """Point the descriptor of ``sys.<name>`` (stdout or stderr) at /dev/null: what its buffer still holds can no
+    longer be written, and the interpreter's final flush would otherwise fail again ("Exception ignored ...",
+    exit status 120)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), getattr(sys, name).fileno())
+    except (OSError, AttributeError, ValueError):  # no real stream (closed, a test's capture)
+        pass
+
+
+def _fill_closed_descriptors() -> None:
+    """Open /dev/null on descriptors 0 to 2 that are closed (`tokenwire daemon >&-`): the next socket took the
+    lowest free one, and uvloop aborted the daemon at its exit ("uv__close: Assertion `fd > STDERR_FILENO'
+    failed"). ``sys.stdout`` stays None: nothing is written there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: this one, or one below it)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = getattr(args, "command_path", f"tokenwire {args.command}")
+    if sys.stdout is None and not getattr(args, "stdout_optional", False):
+        # `>&-`: print() writes nowhere without an error, so `config new-token` exited 0 with the token lost
+        _say(f"{command}: error: stdout is closed (redirect it to a file, or to /dev/null to discard the output)")
+        return 2
+    _fill_closed_descriptors()
+    saved = sys.stdout, sys.stderr
+    if sys.stdout is not None:
+        sys.stdout = _NamedStream(sys.stdout, "stdout")  # type: ignore[assignment]  # a TextIO in all it is used for
+    if sys.stderr is not None:
+        sys.stderr = _NamedStream(sys.stderr, "stderr")  # type: ignore[assignment]
     try:
-        check_outputs(args)
-        with _json_to_stdout(args):
-            rc = args.handler(args)
+        return _run(args, command)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    """Run the command ``args`` names; its errors as one line on stderr and an exit status (:func:`main`)."""
+    made: list[list[Path]] = []
+    try:
+        try:
+            made = check_outputs(args) or []  # (None from a stand-in that checks nothing)
+            with _json_to_stdout(args):
+                rc = args.handler(args)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a write error shows here, named, not at the interpreter's exit
+        except BaseException:
+            for folders in made:  # a command that failed leaves no empty folder made for its outputs
+                remove_empty_folders(folders)
+            raise
     except CLIError as exc:
         # under systemd, at error priority (a line without the sd-daemon prefix is stored as info: "tokenwire daemon:
         # error: cannot listen ..." was missing from journalctl -p err)
         from .logs import stream_is_journal
 
         prefix = "<3>" if stream_is_journal(sys.stderr) else ""
-        print(f"{prefix}tokenwire {args.command}: error: {printable(str(exc))}", file=sys.stderr)
+        _say(f"{prefix}{command}: error: {printable(str(exc))}")
         return 2
-    except BrokenPipeError:
-        if not _stdout_reader_gone():
+    except BrokenPipeError as exc:
+        if _stdout_reader_gone():
+            # `tokenwire chat ... | head`: the reader has what it wanted. Stop quietly, with stdout pointed at
+            # /dev/null so that the interpreter's final flush does not raise the same error again.
+            _discard()
+            return 1
+        stream = _std_stream(exc)
+        if stream is None:  # a socket's, not a stream of ours: a real bug, show it
             raise
-        # `tokenwire chat ... | head`: the reader has what it wanted. Stop quietly, with stdout pointed at
-        # /dev/null so that the interpreter's final flush does not raise the same error again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        _say(f"{command}: error: {stream}: {exc.strerror or exc}")
+        _discard(stream)
+        return 2
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named (a socket, the kernel): a real bug, show it
             raise
-        print(f"tokenwire {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        _say(f"{command}: error: {exc.filename}: {exc.strerror or exc}")
+        stream = _std_stream(exc)
+        if stream is not None:
+            _discard(stream)
         return 2
     except ModuleNotFoundError as exc:
         extra = missing_extra(exc)
         if extra is None:  # not one of the extras' modules: a real bug, show it
             raise
-        print(f"tokenwire {args.command}: error: needs {exc.name}, from the '{extra}' extra: "
-              f"{EXTRA_INSTALL[extra]}", file=sys.stderr)
+        _say(f"{command}: error: needs {exc.name}, from the '{extra}' extra: {EXTRA_INSTALL[extra]}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     return int(rc or 0)
 

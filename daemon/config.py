@@ -400,6 +400,8 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
         where = f"upstreams[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table")
+        # keys no type knows first: `typ = "demo"` was reported as a missing type, without the "did you mean"
+        _Section(where, item, tuple(dict.fromkeys(k for keys in UPSTREAM_KEYS.values() for k in keys)))
         kind = item.get("type")
         if not isinstance(kind, str) or kind not in UPSTREAM_KEYS:
             raise ConfigError(f"{where}.type: expected one of {', '.join(UPSTREAM_KEYS)}, got {kind!r}")
@@ -418,6 +420,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             url = s.str("base_url", None)
             if not url or not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{where}.base_url: expected an http(s):// URL, got {url!r}")
+            _check_base_url(url, f"{where}.base_url")
             opts["base_url"] = url.rstrip("/")
             key_env = s.str("api_key_env", None)
             env_key = os.environ.get(key_env) if key_env else None
@@ -467,6 +470,76 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
     return tuple(out)
 
 
+# a host name's characters (letters and digits of any script: yarl encodes them with IDNA)
+_HOST_CHARS = re.compile(r"[\w.-]+")
+
+
+def _check_base_url(url: str, where: str) -> None:
+    """Refuse an ``http(s)://`` base_url the upstream cannot send a request to: a port out of range or not a
+    number, no host, an unclosed IPv6 bracket, spaces (each was a ValueError traceback at the daemon's start, or
+    a failure of every request, after ``config check`` said ok), and a query or fragment (``/chat/completions``
+    is appended to the URL, after them). The words do not repeat the URL: it may hold a password."""
+    import yarl
+
+    bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: contains {'a space' if bad == ' ' else repr(bad)}, which a URL cannot contain "
+                          "(percent-encode it: %20)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # (raises for a port out of range or not a number)
+        yarl.URL(f"{url.rstrip('/')}/chat/completions")  # what the upstream builds its requests from
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid URL ({exc})") from None
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"{where}: no host in the URL (http://HOST[:PORT]/...)")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise ConfigError(f"{where}: [{host}] is not an IPv6 address") from None
+    elif not _HOST_CHARS.fullmatch(host) or host.strip(".") == "":
+        raise ConfigError(f"{where}: {host!r} is not a host name or address")
+    if port == 0:
+        raise ConfigError(f"{where}: port 0 is no server's port (1 to 65535)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: no ?query or #fragment: base_url is the API's root, and /chat/completions "
+                          "is appended to it")
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a ``kv.redis_url`` the Redis client cannot connect with: ``redis://h:99999/0`` passed ``config
+    check`` and the daemon refused it at start. Its words do not repeat the URL: it may hold a password."""
+    bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"kv.redis_url: contains {'a space' if bad == ' ' else repr(bad)}, which a URL cannot "
+                          "contain")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"kv.redis_url: not a valid URL ({exc})") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")
+    elif port == 0:
+        raise ConfigError("kv.redis_url: port 0 is no server's port (1 to 65535; Redis listens on 6379)")
+
+
+def _check_kv_strings(table: Any) -> None:
+    """Refuse ``[kv] listen = ""`` and ``directory = ""``: each silently meant its default (the channel on every
+    address, the store in /var/lib/tokenwire/kv), where ``metrics.listen = ""`` means off."""
+    if not isinstance(table, dict):
+        return
+    if table.get("listen") == "":
+        raise ConfigError("kv.listen: expected 'host:port', got '' (to turn the KV channel off, set kv.enabled = "
+                          "false; leave the key out for the default [::]:4434)")
+    if table.get("directory") == "":
+        raise ConfigError("kv.directory: expected a folder, got '' (leave the key out for the default "
+                          f"{KVConfig.directory})")
+
+
 def api_key_problem(key: str) -> str | None:
     """Why ``key`` cannot go in the Authorization header (a line break inside it, say two keys; every request
     failed with a traceback), as words that follow the key's name; None when it can."""
@@ -486,9 +559,18 @@ def read_api_key(path: Path) -> str:
 
 
 def _check_api_key_file(path: Path | None, where: str) -> None:
-    """Refuse a key file whose key cannot be sent. Only a readable regular file is checked (a FIFO would block);
-    the upstream reads it again at each request and reports what it cannot read then."""
-    if path is None or not path.is_file():
+    """Refuse a key file whose key cannot be sent, and a path that is no regular file (a folder passed with a
+    misleading "readable by other users" warning, and every request failed reading it). Only a readable
+    regular file's key is checked; the upstream reads it again at each request and reports what it cannot read
+    then."""
+    if path is None:
+        return
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{where}: {path} is a folder; name the file holding the key")
+        if not path.is_file():  # a FIFO would block each request's read, a device is no key
+            raise ConfigError(f"{where}: {path} is not a regular file; name the file holding the key")
+    except OSError:  # Python 3.11: a folder on the way that cannot be entered; the upstream says so per request
         return
     try:
         read_api_key(path)
@@ -548,6 +630,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError(f"ingest.socket: required by the ingest upstream {pushed!r} (applications push its "
                           "answers there)")
     kv = parse_kv(top.get("kv", {}), base)
+    _check_kv_strings(top.get("kv", {}))
+    if kv.redis_url is not None:
+        _check_redis_url(kv.redis_url)
     _check_udp_listeners(server.listen, kv.listen if kv.enabled else None)
     if (kv.enabled and sock is not None and kv.ingest_socket is not None
             and os.path.realpath(sock) == os.path.realpath(kv.ingest_socket)):

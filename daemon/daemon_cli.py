@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import sys
@@ -15,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="TOML file (default $TOKENWIRE_CONFIG, else "
                    "/etc/tokenwire/tokenwire.toml if it exists, else the built-in defaults)")
     p.add_argument("--log-format", choices=("text", "json"), help="override logging.format")
-    p.set_defaults(handler=run_daemon)
+    # its logs go to stderr: a daemon started with stdout closed (`>&-`) loses nothing
+    p.set_defaults(handler=run_daemon, stdout_optional=True)
 
     c = sub.add_parser("cert", help="make a self-signed development certificate and key")
     c.add_argument("--out-dir", type=Path, default=Path("."), help="where to write cert.pem and key.pem")
@@ -52,12 +54,23 @@ def run_daemon(args: argparse.Namespace) -> int:
     if args.log_format:
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=args.log_format))
     setup_logging(config.logging.level, config.logging.format)
+    if getattr(args, "verbose", 0):  # the top-level -v: the daemon's level is logging.level, at start and reload
+        logging.getLogger("tokenwire.daemon").warning(
+            "-v does not change the daemon's log level: set [logging] level = \"debug\" in its configuration")
     # no line of its own once started: the service logs "listening on ..." (INFO) in the chosen format; a plain
     # one here broke JSON logs and repeated that line in text
     try:
         run(config, log_format_override=args.log_format)
     except StartupError as exc:
         return _fatal(str(exc), config.logging.format)
+    except ModuleNotFoundError as exc:  # an optional extra the configuration needs ([kv] backend = "redis")
+        from .cli import EXTRA_INSTALL, missing_extra
+
+        extra = missing_extra(exc)
+        if extra is None:  # not one of the extras' modules: a real bug, show it
+            raise
+        # through _fatal: under JSON logs one JSON object (it was a plain line from the CLI's catch-all)
+        return _fatal(f"needs {exc.name}, from the '{extra}' extra: {EXTRA_INSTALL[extra]}", config.logging.format)
     return 0
 
 
@@ -136,6 +149,10 @@ def run_check(args: argparse.Namespace) -> int:
         from .cli import EXTRA_INSTALL
 
         kv_errors.insert(0, f"kv: the KV codec needs torch, which is not installed: {EXTRA_INSTALL['ml']}")
+    if cfg.kv.enabled and cfg.kv.backend == "redis":  # the daemon's start would fail on the import
+        problem = _redis_missing()
+        if problem is not None:
+            kv_errors.insert(0, problem)
     ingest_errors, ingest_warnings = check_ingest_paths(cfg.ingest)
     errors = ingest_errors + kv_errors
     if errors:
@@ -162,6 +179,22 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  kv: udp/{addr(*kv.listen)}; store {store} ({kv.capacity_bytes >> 20} MiB); chunks of "
               f"{kv.chunk_tokens} tokens; ingest socket {sock}")
     return 0
+
+
+def _redis_missing() -> str | None:
+    """Why the Redis KV store cannot be used here (the ``redis`` package, the 'redis' extra, is not installed),
+    or None. Imported, not looked up: a module found that fails to import stops the daemon just the same."""
+    from .cli import EXTRA_INSTALL
+
+    try:
+        importlib.import_module("redis")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "redis":  # redis is there; something it imports is not
+            return f"kv.backend: the Redis store's client fails to import: {exc}"
+        return f"kv.backend: the Redis store needs the redis package, which is not installed: {EXTRA_INSTALL['redis']}"
+    except ImportError as exc:
+        return f"kv.backend: the Redis store's client fails to import: {exc}"
+    return None
 
 
 def _auth_summary(cfg: Any) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -81,9 +82,14 @@ def link_rate(text: str) -> str:
     """``--rate-mbps`` as the emulator's trace spec: a bare number is Mbit/s, as the option's name says (``12``
     was read as a file name, and the missing file was a traceback once the namespaces were built)."""
     from tokenwire.daemon.cli import CLIError
-    from tokenwire.testbed.trace import TraceError, trace_from_spec
+    from tokenwire.testbed.trace import TraceError, parse_rate, trace_from_spec
 
     spec = f"{text.strip()}mbps" if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text) else text
+    negated = text.strip().removeprefix("-") if text.strip().startswith("-") else None
+    if negated is not None and not os.path.exists(text) and (
+            re.fullmatch(r"[0-9]*\.?[0-9]+", negated) or parse_rate(negated) is not None):
+        # a negative rate was looked up as a file: "-3: no such trace file"
+        raise CLIError(f"--rate-mbps: the rate must be positive, got {text.strip()}")
     try:
         trace_from_spec(spec)
     except (TraceError, ValueError) as exc:
@@ -99,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     if not schemes or any(s not in SCHEMES for s in schemes):
         raise CLIError(f"--schemes takes a comma-separated subset of {', '.join(SCHEMES)}")
+    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    if twice:  # as `testbed compare` refuses: results are keyed by scheme, so it ran twice and showed the second
+        raise CLIError(f"--schemes: {', '.join(twice)} listed twice")
     try:
         parse_loss(args.loss)
     except LossSpecError as exc:
@@ -166,7 +175,8 @@ def cut_note(tokens: int) -> str:
 
 
 def vars_for_json(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose")}
+    # (command_path: the parser's name for error lines, not a setting of the run)
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose", "command_path")}
 
 
 async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:

@@ -149,8 +149,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         return _launch_detached(args)
 
+    up = False
     try:
         with sigterm_as_ctrl_c(), Testbed(cfg, run_id=args.run_id, backend=args.backend) as tb:
+            up = True
             info = tb.describe()
             state = tb._state
             if state is not None:
@@ -168,6 +170,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     except TestbedError as exc:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the testbed is torn down
+        if not up:  # stopped while it was built: "interrupted", 130, not the silent 0 of a testbed stopped once up
+            raise
         return 0
 
 

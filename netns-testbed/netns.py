@@ -57,9 +57,41 @@ def new_run_id() -> str:
     return "tw" + secrets.token_hex(3)
 
 
+PROC_STATUS = "/proc/self/status"
+# the capabilities the testbed uses: CAP_SYS_ADMIN mounts /run/netns and enters namespaces (setns), CAP_NET_ADMIN
+# makes TUN devices and configures links and qdiscs (linux/capability.h)
+NEEDED_CAPABILITIES = {"CAP_SYS_ADMIN": 21, "CAP_NET_ADMIN": 12}
+
+
+def missing_capabilities(status_path: str | None = None) -> list[str]:
+    """The capabilities of :data:`NEEDED_CAPABILITIES` that this process lacks (``CapEff`` of
+    ``/proc/self/status``); none when that cannot be read (then the first namespace operation reports it)."""
+    try:
+        with open(status_path or PROC_STATUS) as fh:
+            line = next((ln for ln in fh if ln.startswith("CapEff:")), None)
+        if line is None:
+            return []
+        effective = int(line.split(":", 1)[1].strip(), 16)
+    except (OSError, ValueError):
+        return []
+    return [name for name, bit in NEEDED_CAPABILITIES.items() if not (effective >> bit) & 1]
+
+
 def check_root() -> None:
+    """Refuse, with one line that says why, a process that cannot build namespaces.
+
+    Root alone is not enough: root in a default Docker container lacks CAP_SYS_ADMIN, and every namespace
+    command ended in pyroute2's traceback ("PermissionError: mount rundir failed"), while ``tokenwire demo``
+    crashed instead of falling back to its loopback relay (:func:`topology.unavailable_reason`).
+    """
     if os.geteuid() != 0:
         raise TestbedError("the namespace testbed needs root (network namespaces, TUN devices)")
+    missing = missing_capabilities()
+    if missing:
+        raise TestbedError(
+            f"the namespace testbed needs {' and '.join(NEEDED_CAPABILITIES)} (network namespaces, TUN devices); "
+            f"this root process lacks {' and '.join(missing)} (in a container: start it with --privileged)"
+        )
     if not os.path.exists("/dev/net/tun"):
         raise TestbedError("/dev/net/tun is missing: the kernel has no TUN support")
 
@@ -87,7 +119,7 @@ _UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold the unwinding signals' Python handlers until the block is done, then deliver each once.
 
     At the Python level, not with ``pthread_sigmask``: a mask holds only the calling thread, and a
@@ -127,8 +159,13 @@ def create_netns(name: str) -> None:
 
     if netns_exists(name):
         raise NamespaceExists(name)
-    with _signals_deferred():
-        pr_netns.create(name)
+    with signals_deferred():
+        try:
+            pr_netns.create(name)
+        except PermissionError as exc:  # capabilities present, yet refused (an AppArmor or seccomp profile)
+            raise TestbedError(f"cannot create network namespace {name}: {exc.strerror or exc} (the namespace "
+                               "testbed needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN, and may mount "
+                               "/run/netns)") from None
 
 
 def remove_netns(name: str) -> None:

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .child import LineReader
@@ -46,6 +46,7 @@ from .netns import (
     new_run_id,
     open_tun,
     popen_in_netns,
+    signals_deferred,
     socket_in_netns,
     start_time,
 )
@@ -111,12 +112,12 @@ class Testbed:
         try:
             self.up()
         except BaseException:
-            self.down()
+            _down_once_more(self.down)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.down()
+        _down_once_more(self.down)
 
     def up(self) -> None:
         check_root()
@@ -240,13 +241,15 @@ class Testbed:
         """
         if os.getpid() != self._pid:
             return
-        for proc in self._children:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-        self._children.clear()
+        # Ctrl-C/SIGTERM wait until the teardown is done: one that landed here after a normal finish (compare
+        # and swiftqueue build a testbed per scheme) raised half-way and left the namespaces and state behind
+        with signals_deferred():
+            _every_step(self._stop_children, self._stop_emulator, self._destroy)
+
+    def _stop_children(self) -> None:
+        _stop_processes(self._children)
+
+    def _stop_emulator(self) -> None:
         emu = self.emulator
         if emu is not None:
             if emu.poll() is None and emu.stdin is not None:
@@ -265,9 +268,11 @@ class Testbed:
                     if stream is not None:
                         stream.close()
             self.emulator = None
+
+    def _destroy(self) -> None:
         if self._state is not None:
             destroy_run(self._state)
-            self._state = None
+            self._state = None  # only once it went: a failed removal is retried, or left to `testbed down`
 
     # -- using it --------------------------------------------------------------------------------------------
     def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
@@ -295,6 +300,45 @@ class Testbed:
             "client_addr": self.client_addr,
             "emulator_pid": self.emulator.pid if self.emulator else None,
         }
+
+
+def _stop_processes(children: list[subprocess.Popen]) -> None:
+    """Kill and reap a testbed's children (each one, whatever another one does)."""
+    for proc in children:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+    children.clear()
+
+
+def _every_step(*steps: Callable[[], None]) -> None:
+    """Run every teardown step even when one fails, then raise the first failure (the others noted on it):
+    a step that raised skipped the namespaces' removal, which came last."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+            else:
+                first.add_note(f"the teardown step {step.__name__} failed too: {exc!r}")
+    if first is not None:
+        raise first
+
+
+def _down_once_more(down: Callable[[], None]) -> None:
+    """``down()``, and once more if it raised: a signal that landed before it held the signals, or a step that
+    failed (a removal the kernel refused for a moment), left what the retry now removes. The first error is
+    what the caller sees; what is still left after the retry stays in the state file for ``testbed down``."""
+    try:
+        down()
+    except BaseException:
+        with contextlib.suppress(Exception):  # (an interrupt now is held by down(): nothing to suppress there)
+            down()
+        raise
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:
@@ -340,19 +384,25 @@ class DirectLink:
         except BaseException as exc:
             if isinstance(exc, NamespaceExists):  # made by someone else meanwhile: not ours to remove
                 state.disown(exc.name)
-            self.__exit__()
+            _down_once_more(self.down)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _down_once_more(self.down)
+
+    def down(self) -> None:
+        """Kill the children, remove the namespaces and the state file (as :meth:`Testbed.down`: signals held
+        meanwhile, every step run)."""
         if os.getpid() != self._pid:  # a forked helper unwinding (see Testbed.down)
             return
-        for proc in self._children:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-        self._children.clear()
+        with signals_deferred():
+            _every_step(self._stop_children, self._destroy)
+
+    def _stop_children(self) -> None:
+        _stop_processes(self._children)
+
+    def _destroy(self) -> None:
         if self._state is not None:
             destroy_run(self._state)
             self._state = None

@@ -290,7 +290,8 @@ def test_plot_dash_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
     assert main(["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--seconds", "2", "--policies",
                  "l4s", "--plot", "-"]) == 2
     err = capsys.readouterr().err
-    assert err == "tokenwire testbed: error: --plot -: this option cannot write to stdout (--json - can); name a file\n"
+    assert err == ("tokenwire testbed swiftqueue: error: --plot -: this option cannot write to stdout (--json - can); "
+                   "name a file\n")
     assert not list(tmp_path.iterdir())
     with pytest.raises(CLIError, match=r"--keep -: .* name a folder"):
         check_outputs(argparse.Namespace(keep="-"))

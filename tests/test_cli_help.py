@@ -47,7 +47,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_pat
     argv = ["testbed", "swiftqueue", "--virtual", "--down-trace", "12mbps", "--policies", "l4s", "--seconds", "30"]
     assert main([*argv, "--json", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"tokenwire testbed: error: --json {out}: cannot write there ({blocker}: ")
+    assert err.startswith(f"tokenwire testbed swiftqueue: error: --json {out}: cannot write there ({blocker}: ")
     namespaces = [a for a in argv if a != "--virtual"]  # --keep is the namespace run's (refused with --virtual)
     monkeypatch.chdir(tmp_path)  # ok/ is below the current directory: a folder the command may make
     assert main([*namespaces, "--plot", "ok/p.png", "--keep", str(blocker)]) == 2  # a dir
@@ -166,7 +166,7 @@ def test_a_file_error_inside_a_command_is_one_line_and_other_os_errors_still_rai
     monkeypatch.setattr(predictor_cli, "_eval", lambda args: (tmp_path / "gone" / "x.npz").read_bytes())
     assert main(["predictor", "eval", "--data", "x.npz"]) == 2
     err = capsys.readouterr().err
-    assert err == f"tokenwire predictor: error: {tmp_path / 'gone' / 'x.npz'}: No such file or directory\n"
+    assert err == f"tokenwire predictor eval: error: {tmp_path / 'gone' / 'x.npz'}: No such file or directory\n"
 
     def socket_trouble(args):
         raise OSError(errno.ENETUNREACH, "Network is unreachable")

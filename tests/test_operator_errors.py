@@ -136,7 +136,7 @@ def test_a_file_tomllib_cannot_parse_is_a_config_error(tmp_path, capsys, text, m
         load_config(path)
     assert main(["config", "check", str(path)]) == 2
     lines = _error_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith(f"tokenwire config: error: {path}: {message}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"tokenwire config check: error: {path}: {message}"), lines
 
 
 def test_a_reload_of_a_deeply_nested_file_is_refused_and_the_daemon_says_ready(tmp_path):

@@ -176,7 +176,7 @@ def test_a_model_whose_inputs_are_not_named_x_and_ref_is_refused(small, tmp_path
         capsys.readouterr()  # (a stale handler of an earlier in-process test may have printed a logging error)
         assert main(["predictor", "eval", "--data", str(small), "--model", str(model)]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # the command's own error line
-        assert err.startswith("tokenwire predictor: error:") and "unexpected model inputs" in err, err
+        assert err.startswith("tokenwire predictor eval: error:") and "unexpected model inputs" in err, err
 
 
 # 3. non-finite values in a dataset

@@ -25,8 +25,8 @@ def test_a_text_file_as_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     passwd.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n")  # 'r': IndexError
     assert main(["predictor", "export", "--checkpoint", str(passwd), "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"tokenwire predictor: error: {passwd}: not a checkpoint written by `tokenwire predictor "
-                          "train`") and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"tokenwire predictor export: error: {passwd}: not a checkpoint written by "
+                          "`tokenwire predictor train`") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -219,7 +219,8 @@ def test_compare_refuses_a_rate_outside_the_demo_range_before_any_run(monkeypatc
     monkeypatch.setattr(netns, "check_root", lambda: None)
     monkeypatch.setattr(compare, "run_scheme", lambda *a, **k: pytest.fail("the run started"))
     assert main(["testbed", "compare", "--down-trace", "12mbps", "--tokens", "10", "--rate", "1e308"]) == 2
-    assert capsys.readouterr().err.startswith("tokenwire testbed: error: --rate 1e+308 must be a number of tokens/s")
+    assert capsys.readouterr().err.startswith(
+        "tokenwire testbed compare: error: --rate 1e+308 must be a number of tokens/s")
     compare.CompareConfig(down_trace="12mbps", up_trace="12mbps", rate=10_000).validate()
 
 

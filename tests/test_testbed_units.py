@@ -338,7 +338,7 @@ def test_compare_names_the_scheme_whose_client_never_connects(monkeypatch, tmp_p
     rc = main(["testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "10", "--loss", "iid:1",
                "--schemes", "sse-tcp", "--tokens", "5"])
     err = capsys.readouterr().err
-    assert rc == 2 and "\ntokenwire testbed: error: sse-tcp (seed 0): sse-tcp client exited" in err, err
+    assert rc == 2 and "\ntokenwire testbed compare: error: sse-tcp (seed 0): sse-tcp client exited" in err, err
     assert "Traceback" not in err
 
 
@@ -354,7 +354,7 @@ def test_swiftqueue_names_the_policy_whose_client_never_connects(monkeypatch, ca
             "--seconds", "2"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "tokenwire testbed: error: classic: classic client exited" in err and "Traceback" not in err, err
+    assert "tokenwire testbed swiftqueue: error: classic: classic client exited" in err and "Traceback" not in err, err
     # a testbed that fails to come up is named by its policy too
     monkeypatch.setattr(_FakeTestbed, "enter_error", netns.TestbedError("emulator exited (status 1)"))
     cfg = SwiftQueueConfig(down_trace="12mbps", policies=["l4s"], seconds=2)

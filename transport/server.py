@@ -550,7 +550,10 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
                     "`tokenwire daemon` is the service.")
     parser.add_argument("--port", type=functools.partial(port_argument, listening=True), default=4433)
     args = parser.parse_args(argv)
-    server = await serve(_example_source(), host="127.0.0.1", port=args.port)
+    try:
+        server = await serve(_example_source(), host="127.0.0.1", port=args.port)
+    except OSError as exc:  # a port in use (another server, a daemon) was a traceback from the bind
+        parser.exit(2, f"{parser.prog}: error: cannot listen on udp/127.0.0.1:{args.port}: {exc.strerror or exc}\n")
     # SIGTERM (kill, systemd, docker stop) closes it as Ctrl-C does: without the close, clients waited out their
     # idle timeout (60 s) and then read "no packet from the server"
     with contextlib.suppress(NotImplementedError):  # (a loop without signal handlers)

@@ -60,9 +60,9 @@ class CertPair:
             old_key = key_path.read_bytes() if key_path.exists() else None  # (small: kept to undo with)
             if old_key is not None:  # the undo copy, ready before anything moves
                 made.append(_write_temp(key_path, old_key, 0o600, private=True, suffix=".old"))
-            os.replace(made[0], key_path)
+            _replace(made[0], key_path)
             try:
-                os.replace(made[1], cert_path)
+                _replace(made[1], cert_path)
             except OSError:
                 if old_key is None:
                     key_path.unlink(missing_ok=True)
@@ -72,6 +72,15 @@ class CertPair:
         finally:
             for tmp in made:
                 tmp.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)``, its error naming ``path``: the temporary file's random name (``cx/.cert.pem.
+    b9626f4719c807b7.tmp: Is a directory``) was what ``tokenwire cert`` reported of a ``cert.pem`` folder."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 TEMP_TRIES = 100  # names tried before giving up (as tempfile.mkstemp): each one taken means another writer

@@ -41,6 +41,12 @@ def _write_partial(path: str | None, exc: Interrupted, what: str, compact: bool 
     return 130
 
 
+def _read_error(path: str, exc: OSError) -> Exception:
+    """``--text``'s read error: the system's words alone ("cannot read /x: No such file or directory"); the
+    exception's text repeated the path as "[Errno 2] No such file or directory: '/x'"."""
+    return _cli_error(f"cannot read {path}: {exc.strerror or exc}")
+
+
 def _cli_error(msg: str) -> Exception:
     from tokenwire.daemon.cli import CLIError
 
@@ -81,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         text = _read_text(args.text)
     except OSError as exc:
-        raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+        raise _read_error(args.text, exc) from exc
     levels = [s for s in args.levels.split(",") if s]
     _check_levels(levels)
     import torch
@@ -119,7 +125,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             text = _read_text(args.text)
         except OSError as exc:
-            raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+            raise _read_error(args.text, exc) from exc
     import torch
 
     torch.set_num_threads(args.threads)
@@ -143,7 +149,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     try:
         text = _read_text(args.text)
     except OSError as exc:
-        raise _cli_error(f"cannot read {args.text}: {exc}") from exc
+        raise _read_error(args.text, exc) from exc
     import torch
 
     torch.set_num_threads(args.threads)
@@ -187,25 +193,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(handler=_eval)
 
     be = kv_sub.add_parser("bench", help="entropy-coder throughput vs zstd-1 on the same symbols")
-    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the codec runs")
     # no defaults here: given with --text, which has a geometry of its own, they are refused (run_bench's: 32 x 8 x 128)
     be.add_argument("--layers", type=positive_int, help="synthetic chunk (default 32: a Llama-3-8B 256-token chunk)")
     be.add_argument("--heads", type=positive_int, help="synthetic chunk (default 8)")
     be.add_argument("--head-dim", type=positive_int, help="synthetic chunk (default 128)")
-    be.add_argument("--tokens", type=positive_int, default=256)
-    be.add_argument("--level", default="medium")
-    be.add_argument("--repeats", type=positive_int, default=7)
+    be.add_argument("--tokens", type=positive_int, default=256, help="tokens in the chunk")
+    be.add_argument("--level", default="medium", help="the quality level encoded (a ladder name, or code=N)")
+    be.add_argument("--repeats", type=positive_int, default=7, help="timed runs (the median is reported)")
     be.add_argument("--text", help="use SmolLM2's real KV of this text instead of a synthetic chunk")
     be.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     be.add_argument("--json", help="write the report here (default stdout)")
     be.set_defaults(handler=_bench)
 
     ca = kv_sub.add_parser("calibrate", help="measure per-head sensitivity and write a step profile")
-    ca.add_argument("--text", required=True)
-    ca.add_argument("--prefix", type=positive_int, default=1024)
-    ca.add_argument("--score", type=positive_int, default=256)
+    ca.add_argument("--text", required=True, help="plain-text file (ordinary English)")
+    ca.add_argument("--prefix", type=positive_int, default=1024, help="tokens whose KV is measured")
+    ca.add_argument("--score", type=positive_int, default=256, help="tokens scored after the prefix")
     ca.add_argument("--samples", type=positive_int, default=64, help="Fisher label samples (backward passes)")
-    ca.add_argument("--threads", type=positive_int, default=2)
+    ca.add_argument("--threads", type=positive_int, default=2, help="torch threads")
     ca.add_argument("--key-bias", type=int, default=3, help="step codes added to key channels (default 3)")
     ca.add_argument("--with-sensitivity", action="store_true", help="also write the raw sensitivities")
     ca.add_argument("--json", help="write the profile here (default stdout)")
