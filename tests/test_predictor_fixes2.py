@@ -20,6 +20,8 @@ from tokenwire.predictor import crossspec
 from tokenwire.predictor.crossspec import CrossSpecError, parse_cross_spec
 from tokenwire.predictor.runtime import shipped_model_path
 
+from .test_marking_fixes2 import _Notes
+
 CROSS = "reno:on=1,off=1+cbr-l:rate=120%,on=0.3,off=0.7"
 TINY_NET = '{"d_model": 8, "heads": 2, "layers": 1, "ff": 8}'
 
@@ -54,20 +56,6 @@ def trained(tmp_path_factory, datasets):
 
 
 # ------------------------------------------------------------------------------------------------ 1. SIGHUP
-class _Notes:
-    def ready(self, status: str) -> bool:
-        return True
-
-    def reloading(self) -> bool:
-        return True
-
-    def status(self, status: str) -> bool:
-        return True
-
-    def watchdog(self) -> bool:
-        return True
-
-
 def _started_daemon(tmp_path: Path, model: Path):
     from tokenwire.daemon import service
 
