@@ -430,7 +430,14 @@ class _VersionAction(argparse.Action):
                  option_string: str | None = None) -> None:
         if sys.stdout is None:
             parser.exit(2, f"{parser.prog}: error: stdout is closed\n")
-        print(f"tokenwire {installed_version()}")
+        try:  # (before main's stream handling: argparse runs this while it parses)
+            print(f"tokenwire {installed_version()}", flush=True)
+        except BrokenPipeError:  # `| head -0`: as every command, quietly
+            _discard()
+            parser.exit(1)
+        except OSError as exc:  # a full disk: one line, as every command's stdout failure
+            _discard()
+            parser.exit(2, f"{parser.prog}: error: stdout: {exc.strerror or exc}\n")
         parser.exit()
 
 

@@ -489,8 +489,9 @@ def _check_base_url(url: str, where: str) -> None:
         parts = urllib.parse.urlsplit(url)
         port = parts.port  # (raises for a port out of range or not a number)
         yarl.URL(f"{url.rstrip('/')}/chat/completions")  # what the upstream builds its requests from
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not a valid URL ({exc})") from None
+    except ValueError:  # (not its words: with a '#', '/' or '?' in a password, they quoted a piece of it)
+        raise ConfigError(f"{where}: not a valid URL (check the host and port; a password holding '#', '/', '?' "
+                          "or '@' must be percent-encoded)") from None
     host = parts.hostname
     if not host:
         raise ConfigError(f"{where}: no host in the URL (http://HOST[:PORT]/...)")
@@ -518,8 +519,9 @@ def _check_redis_url(url: str) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"kv.redis_url: not a valid URL ({exc})") from None
+    except ValueError:  # (not its words: they could quote a piece of a password, as base_url's did)
+        raise ConfigError("kv.redis_url: not a valid URL (check the host and port; a password holding '#', '/', "
+                          "'?' or '@' must be percent-encoded)") from None
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")

@@ -143,8 +143,17 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in old.items():  # every handler back before any signal is delivered
             signal.signal(sig, handler)
-        for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)
+        _raise_each(list(dict.fromkeys(caught)))
+
+
+def _raise_each(signums: list[int]) -> None:
+    """Deliver each held signal, in order, even when one's handler raises (a SIGINT's KeyboardInterrupt left a
+    SIGTERM caught after it undelivered: the process went on and exited 0)."""
+    if signums:
+        try:
+            signal.raise_signal(signums[0])
+        finally:
+            _raise_each(signums[1:])
 
 
 def create_netns(name: str) -> None:

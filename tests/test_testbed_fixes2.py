@@ -260,3 +260,19 @@ def test_demo_refuses_a_scheme_listed_twice(monkeypatch, capsys):
     monkeypatch.setattr(demo_cli, "_demo_netns", ran)
     assert main(["demo", "--link", "relay", "--schemes", "chatterbox,stream,chatterbox"]) == 2
     assert capsys.readouterr().err.strip() == "tokenwire demo: error: --schemes: chatterbox listed twice"
+
+
+def test_every_signal_held_during_a_teardown_is_delivered_after_it(monkeypatch):
+    """A SIGINT's KeyboardInterrupt, raised first, left a SIGTERM held after it undelivered: a script using the
+    Testbed without the CLI's handlers went on and exited 0."""
+    delivered: list[int] = []  # (recorded, not sent: the test process lives on)
+
+    def first_raises(signum: int) -> None:
+        delivered.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(netns.signal, "raise_signal", first_raises)
+    with pytest.raises(KeyboardInterrupt):
+        netns._raise_each([signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+    assert delivered == [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
