@@ -474,6 +474,25 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
 _HOST_CHARS = re.compile(r"[\w.-]+")
 
 
+# what a URL that does not parse is told: never the parser's words, which with a '#', '/' or '?' in a password quoted
+# a piece of it, nor the URL
+_BAD_URL = "not a valid URL (check the host and port; a password holding '#', '/', '?' or '@' must be percent-encoded)"
+
+
+def _url_parts(url: str, where: str) -> tuple[urllib.parse.SplitResult, int | None]:
+    """``url`` split, and its port: :class:`ConfigError` for a character no URL holds (a space, a control
+    character) or a host and port that do not parse (a port out of range or not a number, an unclosed bracket)."""
+    bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: contains {'a space' if bad == ' ' else repr(bad)}, which a URL cannot contain "
+                          "(percent-encode it: %20)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts, parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {_BAD_URL}") from None
+
+
 def _check_base_url(url: str, where: str) -> None:
     """Refuse an ``http(s)://`` base_url the upstream cannot send a request to: a port out of range or not a
     number, no host, an unclosed IPv6 bracket, spaces (each was a ValueError traceback at the daemon's start, or
@@ -481,17 +500,11 @@ def _check_base_url(url: str, where: str) -> None:
     is appended to the URL, after them). The words do not repeat the URL: it may hold a password."""
     import yarl
 
-    bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
-    if bad is not None:
-        raise ConfigError(f"{where}: contains {'a space' if bad == ' ' else repr(bad)}, which a URL cannot contain "
-                          "(percent-encode it: %20)")
+    parts, port = _url_parts(url, where)
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port  # (raises for a port out of range or not a number)
         yarl.URL(f"{url.rstrip('/')}/chat/completions")  # what the upstream builds its requests from
-    except ValueError:  # (not its words: with a '#', '/' or '?' in a password, they quoted a piece of it)
-        raise ConfigError(f"{where}: not a valid URL (check the host and port; a password holding '#', '/', '?' "
-                          "or '@' must be percent-encoded)") from None
+    except ValueError:
+        raise ConfigError(f"{where}: {_BAD_URL}") from None
     host = parts.hostname
     if not host:
         raise ConfigError(f"{where}: no host in the URL (http://HOST[:PORT]/...)")
@@ -512,16 +525,7 @@ def _check_base_url(url: str, where: str) -> None:
 def _check_redis_url(url: str) -> None:
     """Refuse a ``kv.redis_url`` the Redis client cannot connect with: ``redis://h:99999/0`` passed ``config
     check`` and the daemon refused it at start. Its words do not repeat the URL: it may hold a password."""
-    bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
-    if bad is not None:
-        raise ConfigError(f"kv.redis_url: contains {'a space' if bad == ' ' else repr(bad)}, which a URL cannot "
-                          "contain")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:  # (not its words: they could quote a piece of a password, as base_url's did)
-        raise ConfigError("kv.redis_url: not a valid URL (check the host and port; a password holding '#', '/', "
-                          "'?' or '@' must be percent-encoded)") from None
+    parts, port = _url_parts(url, "kv.redis_url")
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")
