@@ -269,23 +269,33 @@ class Daemon:
         if not self.unauthorized:
             return False
         victim = next(iter(self.unauthorized))
+        self._close_unauthorized(
+            victim, "evicted", self._evictions,
+            f"closing connection from {victim.peer}, never authorized, to admit a new client: "
+            f"{self.config.limits.max_sessions} sessions open (limits.max_sessions); more such closes are counted "
+            f"(tokenwire_handshakes_refused_total reason evicted) and logged at most every {REFUSALS_LOG_S:g} s",
+            "too many sessions: this connection had sent no authorized request and was closed to admit another "
+            "client; connect again")
+        return True
+
+    def _close_unauthorized(self, victim: DaemonProtocol, reason: str, refusals: RefusalLog, warning: str,
+                            close_reason: str) -> None:
+        """Close ``victim``, never authorized, with LIMIT_EXCEEDED (``close_reason``): its session slot and what it
+        held are free at once (not at the end of its closing period), it is counted under ``reason``
+        (tokenwire_handshakes_refused_total), and the first such close is a warning (``warning``) that
+        ``refusals`` sums up after. One already on its way out (a wrong token) frees its slot alone."""
         self.forget_unauthorized(victim)
         if victim.established:
             victim.established = False
             self.established -= 1
             self.metrics.sessions.dec()
-        if victim.closing:  # already on its way out (a wrong token): its slot alone
-            return True
-        self.metrics.handshakes_refused.labels(reason="evicted").inc()
-        if not self._evictions.hold(time.monotonic()):
-            log.warning("closing connection from %s, never authorized, to admit a new client: %d sessions open "
-                        "(limits.max_sessions); more such closes are counted (tokenwire_handshakes_refused_total "
-                        "reason evicted) and logged at most every %g s", victim.peer,
-                        self.config.limits.max_sessions, REFUSALS_LOG_S)
-        victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions: this connection had sent no "
-                                    "authorized request and was closed to admit another client; connect again")
+        if victim.closing:
+            return
+        self.metrics.handshakes_refused.labels(reason=reason).inc()
+        if not refusals.hold(time.monotonic()):
+            log.warning("%s", warning)
+        victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, close_reason)
         victim.transmit()
-        return True
 
     def forget_unauthorized(self, proto: DaemonProtocol) -> None:
         """``proto`` is authorized, evicted or gone: no longer one of :attr:`unauthorized`, and what it held no
@@ -312,25 +322,14 @@ class Daemon:
         budget = self.config.limits.unauthorized_memory_mb * (1 << 20)
         while self.unauthorized_held > budget and self.unauthorized:
             victim = max(self.unauthorized, key=lambda p: p.held)
-            held_by = victim.held
-            self.forget_unauthorized(victim)
-            if victim.established:
-                victim.established = False
-                self.established -= 1
-                self.metrics.sessions.dec()
-            if victim.closing:  # already on its way out: what it holds goes with it
-                continue
-            self.metrics.handshakes_refused.labels(reason="memory").inc()
-            if not self._memory_sheds.hold(time.monotonic()):
-                log.warning("closing connection from %s, never authorized, holding %d KiB of requests: connections "
-                            "not yet authorized held more than limits.unauthorized_memory_mb (%g MiB) together; more "
-                            "such closes are counted (tokenwire_handshakes_refused_total reason memory) and logged at "
-                            "most every %g s", victim.peer, held_by >> 10, self.config.limits.unauthorized_memory_mb,
-                            REFUSALS_LOG_S)
-            victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too much held before authorization: this "
-                                        "connection had sent no authorized request and its requests held more than "
-                                        "the server allows such connections; connect again and authorize first")
-            victim.transmit()
+            self._close_unauthorized(
+                victim, "memory", self._memory_sheds,
+                f"closing connection from {victim.peer}, never authorized, holding {victim.held >> 10} KiB of "
+                f"requests: connections not yet authorized held more than limits.unauthorized_memory_mb "
+                f"({self.config.limits.unauthorized_memory_mb:g} MiB) together; more such closes are counted "
+                f"(tokenwire_handshakes_refused_total reason memory) and logged at most every {REFUSALS_LOG_S:g} s",
+                "too much held before authorization: this connection had sent no authorized request and its "
+                "requests held more than the server allows such connections; connect again and authorize first")
 
     def _log_refusals(self, now: float) -> None:
         """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed."""
