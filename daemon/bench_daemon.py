@@ -1,7 +1,9 @@
 """``tokenwire bench daemon``: the real daemon under N concurrent SDK sessions on loopback.
 
 The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per session); ``--client-procs`` client
-processes (default 2) share ``--sessions`` connections, each streaming one answer of ``rate x seconds`` tokens.
+processes (default 2) share ``--sessions`` connections, each streaming ``--answers`` concurrent answers (default
+1) of ``rate x seconds`` tokens: many answers on one connection is where per-connection work (a transmit builds
+datagrams over every stream of its connection) shows.
 Reported: sessions that could not connect (apart: their tokens are not "lost", nor their digests failed), tokens
 delivered, tokens lost or delivered twice to the application, digest failures, the daemon's CPU
 time per delivered token, and token delay (render time minus generation time; client and daemon share
@@ -36,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=20.0, help="tokens per second per session (default 20)")
     p.add_argument("--seconds", type=float, default=20.0, help="answer length in seconds of generation (default 20)")
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
+    p.add_argument("--answers", type=int, default=1,
+                   help="concurrent answers per session, all on its one connection (default 1)")
     p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default 2)")
     p.add_argument("--json", type=Path)
     p.set_defaults(handler=run_cli)
@@ -60,6 +64,7 @@ def _udp_rcvbuf_errors() -> int:
 
 
 MAX_SESSIONS = 1_000_000  # the daemon's bound on limits.max_sessions (config.py); one session per client
+MAX_ANSWERS = 10_000  # the daemon's bound on limits.max_requests_per_connection (config.py)
 READY_TIMEOUT_S = 30.0
 PROGRESS_S = 5.0  # between the progress lines on stderr
 # A client's connect timeout: the daemon's HANDSHAKE_PROVEN_TIMEOUT_S, what it gives a handshake under load (its
@@ -88,7 +93,7 @@ def _ready_port(msg: str) -> int:
 
 
 def _start_daemon(
-    tmp: Path, sessions: int, rate: float, tokens: int, ready_timeout: float = READY_TIMEOUT_S
+    tmp: Path, sessions: int, rate: float, tokens: int, ready_timeout: float = READY_TIMEOUT_S, answers: int = 1
 ) -> tuple[subprocess.Popen, int, socket.socket]:
     """Start the daemon and wait for its READY; :class:`CLIError` (the child killed) if it exits or hangs first."""
     from tokenwire.daemon.cli import CLIError
@@ -107,6 +112,8 @@ def _start_daemon(
         listen = ""
         [limits]
         max_sessions = {min(sessions + 10, MAX_SESSIONS)}
+        max_requests_per_connection = {max(64, answers)}
+        max_live_answers = {sessions * answers + 64}
         max_tokens = {max(tokens, 16_384)}
         [logging]
         level = "warning"
@@ -172,7 +179,7 @@ def _progress_line(elapsed: float, progress: list[Path], sessions: int) -> str:
 
 
 async def _clients(
-    port: int, cafile: Path, sessions: int, tokens: int, scheme: str, progress: Path | None = None
+    port: int, cafile: Path, sessions: int, tokens: int, scheme: str, progress: Path | None = None, answers: int = 1
 ) -> list[dict[str, Any]]:
     from tokenwire.daemon.demo_upstream import answer_tokens
     from tokenwire.transport.client import connect
@@ -181,36 +188,50 @@ async def _clients(
     expected = [t.encode() for t in answer_tokens(tokens)]
     results: list[dict[str, Any]] = []
 
+    async def read(conn: Any, rec: dict[str, Any]) -> None:
+        """One answer, read to its end, added to its session's record."""
+        stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
+        async for _ in stream:
+            pass
+        got = stream.tokens
+        out = stream.outcome
+        rec["tokens"] += len(got)
+        rec["duplicates"] += max(0, len(got) - len(expected))
+        rec["lost"] += sum(1 for a, b in zip(expected, got, strict=False) if a != b) + max(
+            0, len(expected) - len(got)
+        )
+        rec["digests_ok"] += bool(stream.stats and stream.stats.digest_verified) and got == expected
+        if out is not None and out.first_gen_us is not None and out.gen_offsets is not None:
+            t0 = out.first_gen_us / 1e6
+            rec["delays"] += [(r - (t0 + g)) * 1000.0 for g, r in zip(out.gen_offsets, out.render_times, strict=False)]
+
     async def one(k: int) -> None:
         await asyncio.sleep(k * 0.01)  # stagger the handshakes
-        # "lost" and "digest_ok" count once connected: a session that never connected is counted apart
-        rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": tokens, "digest_ok": False, "delays": []}
+        # "lost" and the digests count once connected: a session that never connected is counted apart
+        rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": 0, "digests_ok": 0, "answers": answers,
+                               "delays": []}
         t_start = time.monotonic()
         try:
             async with connect("127.0.0.1", port, cafile=cafile, server_name="localhost",
                                timeout=CONNECT_TIMEOUT_S) as conn:
                 rec["connect_s"] = time.monotonic() - t_start
-                stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
-                async for _ in stream:
-                    pass
+                # an answer that failed left its tokens unread: the whole answer counts as lost, whatever part
+                # of it the failure's record holds
+                failures = await asyncio.gather(*(read(conn, rec) for _ in range(answers)), return_exceptions=True)
+                for exc in failures:  # a bug, or a cancellation, is no answer's failure
+                    if exc is not None and not isinstance(exc, (TokenwireError, ConnectionError, TimeoutError)):
+                        raise exc
+                rec["lost"] += tokens * sum(1 for exc in failures if exc is not None)
+                errors = [exc for exc in failures if exc is not None]
+                if errors:
+                    rec["error"] = f"{len(errors)} of {answers} answers failed, the first: {errors[0]}"
                 rec["answer_s"] = time.monotonic() - t_start - rec["connect_s"]
                 rec["end"] = time.monotonic()
                 rec["begin"] = t_start
-                got = stream.tokens
-                out = stream.outcome
-                rec["tokens"] = len(got)
-                rec["duplicates"] = max(0, len(got) - len(expected))
-                rec["lost"] = sum(1 for a, b in zip(expected, got, strict=False) if a != b) + max(
-                    0, len(expected) - len(got)
-                )
-                rec["digest_ok"] = bool(stream.stats and stream.stats.digest_verified) and got == expected
-                if out is not None and out.first_gen_us is not None and out.gen_offsets is not None:
-                    t0 = out.first_gen_us / 1e6
-                    rec["delays"] = [
-                        (r - (t0 + g)) * 1000.0 for g, r in zip(out.gen_offsets, out.render_times, strict=False)
-                    ]
         except (TokenwireError, ConnectionError, TimeoutError) as exc:
             rec["error"] = str(exc)
+            if "connect_s" in rec:  # the connection failed under its answers: the unread ones are lost
+                rec["lost"] = max(rec["lost"], tokens * answers - rec["tokens"])
         results.append(rec)
         if progress is not None:
             _write_progress(progress, len(results))
@@ -220,7 +241,7 @@ async def _clients(
 
 
 def _worker_main(argv: list[str]) -> None:
-    """Client worker: ``--worker PORT CAFILE SESSIONS TOKENS SCHEME OUT``; writes its results to OUT as JSON and
+    """Client worker: ``--worker PORT CAFILE SESSIONS TOKENS SCHEME ANSWERS OUT``; writes its results to OUT as JSON and
     its count of finished sessions, as they finish, to :func:`_progress_path` of OUT."""
     import uvloop
 
@@ -229,26 +250,31 @@ def _worker_main(argv: list[str]) -> None:
     import tokenwire.transport.client  # noqa: F401
 
     port, cafile, sessions, tokens, scheme = int(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    answers, out = int(argv[5]), Path(argv[6])
     cpu0 = time.process_time()
-    results = uvloop.run(_clients(port, cafile, sessions, tokens, scheme, _progress_path(Path(argv[5]))))
-    Path(argv[5]).write_text(json.dumps({"results": results, "cpu_s": time.process_time() - cpu0}))
+    results = uvloop.run(_clients(port, cafile, sessions, tokens, scheme, _progress_path(out), answers))
+    out.write_text(json.dumps({"results": results, "cpu_s": time.process_time() - cpu0}))
 
 
 def _progress_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress")
 
 
-def _worker_command(port: int, cafile: Path, sessions: int, tokens: int, scheme: str, out: Path) -> list[str]:
+def _worker_command(
+    port: int, cafile: Path, sessions: int, tokens: int, scheme: str, answers: int, out: Path
+) -> list[str]:
     module = "tokenwire.daemon.bench_daemon"
     return [sys.executable, "-m", module, "--worker", str(port), str(cafile), str(sessions), str(tokens), scheme,
-            str(out)]
+            str(answers), str(out)]
 
 
-def _run_workers(port: int, cafile: Path, sessions: int, tokens: int, scheme: str, procs: int) -> tuple[list, float]:
+def _run_workers(
+    port: int, cafile: Path, sessions: int, tokens: int, scheme: str, procs: int, answers: int = 1
+) -> tuple[list, float]:
     shares = [n for n in (sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)) if n > 0]
     outs = [cafile.with_name(f"worker{i}.json") for i in range(len(shares))]
     workers = [
-        subprocess.Popen(_worker_command(port, cafile, n, tokens, scheme, out), preexec_fn=die_with_parent())
+        subprocess.Popen(_worker_command(port, cafile, n, tokens, scheme, answers, out), preexec_fn=die_with_parent())
         for n, out in zip(shares, outs, strict=True)
     ]
     results: list[dict[str, Any]] = []
@@ -292,21 +318,26 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CLIError("--rate x --seconds: at most 1,000,000 tokens per answer (limits.max_tokens)")
     if args.client_procs < 1:
         raise CLIError("--client-procs must be at least 1")
+    if not 1 <= args.answers <= MAX_ANSWERS:
+        raise CLIError(f"--answers must be in [1, {MAX_ANSWERS:,}] (the daemon's "
+                       f"limits.max_requests_per_connection), got {args.answers}")
     tokens = max(1, round(args.rate * args.seconds))
     # SIGTERM or SIGHUP (kill, a timeout, the terminal closed) unwinds like Ctrl-C: the daemon and the client
     # workers are stopped and the folder removed (the default action left the daemon running for good)
     with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        proc, port, notify = _start_daemon(tmp, args.sessions, args.rate, tokens)
+        proc, port, notify = _start_daemon(tmp, args.sessions, args.rate, tokens, answers=args.answers)
         try:
+            each = f"{args.answers} answers" if args.answers > 1 else "1 answer"
             print(
-                f"daemon pid {proc.pid} on udp/{port}: {args.sessions} sessions x {tokens} tokens at "
+                f"daemon pid {proc.pid} on udp/{port}: {args.sessions} sessions x {each} x {tokens} tokens at "
                 f"{args.rate:g}/s ({args.scheme})",
                 file=sys.stderr,
             )
             cpu0, wall0, drops0 = _cpu_seconds(proc.pid), time.monotonic(), _udp_rcvbuf_errors()
             procs = max(1, min(args.client_procs, args.sessions))
-            results, client_cpu = _run_workers(port, tmp / "cert.pem", args.sessions, tokens, args.scheme, procs)
+            results, client_cpu = _run_workers(port, tmp / "cert.pem", args.sessions, tokens, args.scheme, procs,
+                                               args.answers)
             cpu1, wall1 = _cpu_seconds(proc.pid), time.monotonic()
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -325,17 +356,19 @@ def run_cli(args: argparse.Namespace) -> int:
     out = {
         "udp_receive_buffer_drops": _udp_rcvbuf_errors() - drops0,
         "sessions": args.sessions,
+        "answers_per_session": args.answers,
         **session_counts(results),
         "rate": args.rate,
         "seconds": args.seconds,
         "scheme": args.scheme,
-        "tokens_expected": tokens * args.sessions,
+        "tokens_expected": tokens * args.sessions * args.answers,
         "tokens_delivered": delivered,
         # of the sessions that connected: one that failed its handshake lost no token, and had no digest to check
         # (237 failed handshakes read as 23,700 lost tokens and 237 digest failures)
         "lost_tokens": sum(r["lost"] for r in connected),
         "duplicate_tokens": sum(r["duplicates"] for r in connected),
-        "digest_failures": sum(1 for r in connected if not r["digest_ok"]),
+        # answers whose digest did not verify (or whose tokens differ), failed answers included
+        "digest_failures": sum(r["answers"] - r["digests_ok"] for r in connected),
         "session_errors": [r["error"] for r in results if "error" in r][:5],
         "cpu_us_per_token": 1e6 * (cpu1 - cpu0) / max(1, delivered),
         "daemon_cpu_share_of_wall": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
@@ -349,6 +382,7 @@ def run_cli(args: argparse.Namespace) -> int:
         - min((r["begin"] for r in results if "begin" in r), default=0.0),
         "p50_connect_ms": 1000 * percentile([r["connect_s"] for r in results if "connect_s" in r], 50),
         "max_connect_ms": 1000 * max((r["connect_s"] for r in results if "connect_s" in r), default=0.0),
+        # a session's answer time: its last answer's end (its answers run at once)
         "p50_answer_s": percentile([r["answer_s"] for r in results if "answer_s" in r], 50),
         "max_answer_s": max((r["answer_s"] for r in results if "answer_s" in r), default=0.0),
     }
@@ -380,7 +414,7 @@ def verdict(out: dict[str, Any]) -> int:
     return 1 if problems else 0
 
 
-if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--worker":
+if __name__ == "__main__" and len(sys.argv) == 9 and sys.argv[1] == "--worker":
     try:
         _worker_main(sys.argv[2:])
     except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the whole process group: the parent reports it
