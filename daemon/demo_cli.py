@@ -38,6 +38,13 @@ jitter (many sub-ms gaps; ratios of 0.005-0.05, differing between schemes by up 
 default link. Not a stalled time in ms: the jitter adds up with the run's length (25 ms in 3 s, 270 ms in 8 s)."""
 
 
+class TestbedUnbuilt(Exception):
+    """The namespace testbed could not be built though the host looked able to (root, capabilities, pyroute2): a
+    container whose AppArmor or seccomp profile refuses the namespace's mount. ``--link auto`` falls back."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
 def demo_tokens(text: str) -> int:
     """``type=`` of ``--tokens``: the daemon refused more than :data:`MAX_TOKENS` with a ConfigError traceback."""
     value = int(text)
@@ -126,7 +133,16 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"the namespace testbed is unavailable: {reason}")
         else:
             print(f"(namespace testbed unavailable: {reason}; using the loopback relay)", file=sys.stderr)
-    results = _demo_netns(args, schemes) if use_netns else _demo_relay(args, schemes)
+    if use_netns:
+        try:
+            results = _demo_netns(args, schemes)
+        except TestbedUnbuilt as exc:
+            if args.link == "netns":
+                raise CLIError(f"the namespace testbed could not be built: {exc}") from None
+            print(f"(namespace testbed could not be built: {exc}; using the loopback relay)", file=sys.stderr)
+            use_netns = False
+    if not use_netns:
+        results = _demo_relay(args, schemes)
     for r in results.values():  # the table's B/token, in the JSON too
         r["bytes_per_token"] = bytes_per_token(r)
     print(format_results(results, args))
@@ -268,6 +284,7 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
 
 def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
     """The daemon in the server namespace, the client in the client namespace, the emulator between them."""
+    import contextlib
     import os
     import re
     import socket
@@ -278,6 +295,7 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     from tokenwire.daemon.cli import CLIError
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
+    from tokenwire.testbed.netns import TestbedError
     from tokenwire.testbed.topology import Testbed
     from tokenwire.transport.tls import dev_cert
 
@@ -292,7 +310,11 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     results: dict[str, dict] = {}
     # SIGTERM (kill, a timeout) unwinds like Ctrl-C so the namespaces go too
     with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-demo-") as tmp, \
-            Testbed(config, scratch=tmp) as tb:
+            contextlib.ExitStack() as stack:
+        try:  # (a failed build has torn down what it made)
+            tb = stack.enter_context(Testbed(config, scratch=tmp))
+        except TestbedError as exc:
+            raise TestbedUnbuilt(str(exc)) from exc
         tmpdir = Path(tmp)
         cert, key = tmpdir / "cert.pem", tmpdir / "key.pem"
         dev_cert().write(cert, key)

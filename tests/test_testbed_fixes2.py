@@ -276,3 +276,39 @@ def test_every_signal_held_during_a_teardown_is_delivered_after_it(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         netns._raise_each([signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
     assert delivered == [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+# -- a namespace testbed that the host looked able to run, yet refused to build (AppArmor, seccomp)
+_DEMO_FAST = ["demo", "--quiet", "--tokens", "5", "--rate", "10000", "--delay-ms", "0", "--loss", "none",
+              "--schemes", "stream"]
+
+
+def _refused_build(monkeypatch) -> None:
+    def up(self) -> None:
+        raise netns.TestbedError("cannot create network namespace tw000001-srv: Permission denied")
+
+    monkeypatch.setattr(topology, "unavailable_reason", lambda: None)  # root, capabilities and pyroute2 there
+    monkeypatch.setattr(topology.Testbed, "up", up)
+
+
+def test_demo_falls_back_to_the_relay_when_the_namespaces_cannot_be_built(monkeypatch, capsys):
+    """A container whose AppArmor profile refuses the namespace mount passed the capability check, and `make demo`
+    ended in a TestbedError instead of the relay it uses when namespaces are unavailable."""
+    from tokenwire.daemon.cli import main
+
+    _refused_build(monkeypatch)
+    assert main(_DEMO_FAST) == 0
+    out, err = capsys.readouterr()
+    assert "(namespace testbed could not be built: cannot create network namespace tw000001-srv: Permission " \
+           "denied; using the loopback relay)" in err
+    assert "through a relay" in out
+
+
+def test_demo_on_the_namespaces_only_says_they_could_not_be_built(monkeypatch, capsys):
+    from tokenwire.daemon.cli import main
+
+    _refused_build(monkeypatch)
+    assert main([*_DEMO_FAST, "--link", "netns"]) == 2
+    err = capsys.readouterr().err
+    assert "the namespace testbed could not be built: cannot create network namespace" in err
+    assert "relay" not in err
