@@ -414,7 +414,10 @@ def verdict(out: dict[str, Any]) -> int:
     return 1 if problems else 0
 
 
-if __name__ == "__main__" and len(sys.argv) == 9 and sys.argv[1] == "--worker":
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    if len(sys.argv) != 9:  # (a caller built by hand, not by _worker_command: it did nothing, and exited 0)
+        sys.exit("usage: python -m tokenwire.daemon.bench_daemon --worker PORT CAFILE SESSIONS TOKENS SCHEME ANSWERS "
+                 f"OUT (got {len(sys.argv) - 2} arguments)")
     try:
         _worker_main(sys.argv[2:])
     except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the whole process group: the parent reports it

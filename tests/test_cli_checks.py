@@ -28,6 +28,7 @@ def _interrupt_group(proc: subprocess.Popen) -> tuple[int, str]:
 
 def test_bench_daemon_worker_exits_quietly_on_ctrl_c(tmp_path: Path):
     """Each client worker printed a KeyboardInterrupt traceback under the parent's single "interrupted"."""
+    from tokenwire.daemon import bench_daemon
     from tokenwire.transport.tls import dev_cert
 
     cafile = tmp_path / "cert.pem"
@@ -37,8 +38,7 @@ def test_bench_daemon_worker_exits_quietly_on_ctrl_c(tmp_path: Path):
         sink.settimeout(30)
         port = sink.getsockname()[1]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire.daemon.bench_daemon", "--worker", str(port), str(cafile), "2", "10",
-             "chatterbox", str(tmp_path / "out.json")],
+            bench_daemon._worker_command(port, cafile, 2, 10, "chatterbox", 1, tmp_path / "out.json"),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
             preexec_fn=default_signals)
         sink.recvfrom(2048)  # its first QUIC Initial: the worker is inside its event loop
