@@ -207,9 +207,13 @@ def test_an_api_key_in_clear_text_to_another_host_is_a_warning(base_url, keys, w
         assert len(notes) == 1 and notes[0].startswith("upstreams[0].base_url: plain http://") and warned in notes[0]
 
 
-def test_secret_files_readable_beyond_the_daemons_user_are_warnings(tmp_path, capsys):
+def test_secret_files_readable_beyond_the_daemons_user_are_warnings(tmp_path, capsys, monkeypatch):
     """An api_key_file and the TLS key readable by group or others passed without a word (an application in the
     daemon's group read them)."""
+    from tokenwire.daemon import config
+
+    # on a host with the unit's user (an install), root's 0600 files here are also "unreadable by tokenwire"
+    monkeypatch.setattr(config, "DAEMON_USER", "tokenwire-test-no-such-user")
     key_file = tmp_path / "vllm.key"
     key_file.write_text("sk-file\n")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
