@@ -115,8 +115,11 @@ def test_aioquic_warnings_pass_once_then_are_counted():
     handler.addFilter(limiter)
     quic = logging.getLogger("quic")
     daemon_log = logging.getLogger("tokenwire.test_limiter")
+    # the levels other tests left: an in-process `tokenwire chat` sets aioquic's to ERROR (2 lines seen, not 4)
+    levels = [(lg, lg.level) for lg in (quic, daemon_log)]
     for lg in (quic, daemon_log):
         lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
     try:
         for cid in range(5):
             quic.warning("[%02x] Error: %d, reason: %s", cid, 10, "Packet contains no CRYPTO frame")
@@ -131,8 +134,9 @@ def test_aioquic_warnings_pass_once_then_are_counted():
         quic.warning("[07] Error: %d, reason: %s", 10, "Packet contains no CRYPTO frame")
         assert seen[-1].startswith("[07] Error: 10")  # after the window, a first again
     finally:
-        for lg in (quic, daemon_log):
+        for lg, level in levels:
             lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def test_the_summary_line_carries_the_count_when_the_next_one_comes():
