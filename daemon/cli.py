@@ -188,6 +188,14 @@ def remove_empty_folders(folders: list[Path]) -> None:
             return
 
 
+def _cwd_exists() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _may_create(folder: Path) -> bool:
     """Whether an output option may have ``folder`` created: below the current directory only.
 
@@ -268,6 +276,9 @@ def check_outputs(args: argparse.Namespace) -> list[list[Path]]:
                            f"{'folder' if dest in OUTPUT_DIRS else 'file'}")
         if not isinstance(value, (str, Path)) or str(value) in ("", "-"):
             continue
+        if not os.path.isabs(value) and not _cwd_exists():  # (realpath below raised FileNotFoundError)
+            raise CLIError(f"--{dest.replace('_', '-')} {value}: the current directory no longer exists (it was "
+                           "removed): name the output with an absolute path, or cd to a folder that exists")
         option = f"--{dest.replace('_', '-')} {value}"
         if dest in OUTPUT_FILES and dest != "pcap" and Path(value).is_dir():  # found after the run, results lost
             raise CLIError(f"{option}: is a folder; name a file")
@@ -529,9 +540,11 @@ def _std_stream(exc: OSError) -> str | None:
 def _say(line: str) -> None:
     """``line`` on stderr; nothing when stderr itself cannot be written (closed, or a full disk): the exit
     status still says that the command failed."""
+    if sys.stderr is None:  # `2>&-` (print(file=None) writes to stdout: the error went into the output file)
+        return
     try:
         print(line, file=sys.stderr, flush=True)
-    except (OSError, AttributeError):  # AttributeError: sys.stderr is None (`2>&-`)
+    except OSError:
         pass
 
 
@@ -560,6 +573,10 @@ def _fill_closed_descriptors() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stderr is None:
+        # `2>&-`: print(file=None) and a logging handler made now write to stdout, so a failed command put its
+        # error line into the output file (`tokenwire chat ... 2>&- > answer.txt`). The exit status still says it.
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  # for the process's life
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -1,0 +1,41 @@
+"""Command-line edges a coverage pass found: a closed stderr, a removed current directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "tokenwire.daemon.cli"]
+
+
+@pytest.mark.parametrize("argv", [["config", "check", "/nonexistent/tokenwire.toml"],
+                                  ["daemon", "--config", "/nonexistent/tokenwire.toml"],
+                                  ["chat", "--insecure", "--port", "9", "--max-time", "1", "--max-tokens", "1", "hi"]],
+                         ids=["config-check", "daemon", "chat"])
+def test_a_closed_stderr_keeps_errors_out_of_stdout(argv: list[str], tmp_path: Path):
+    """print(file=None) writes to stdout: with `2>&-`, a failed command's error line went into the output file
+    (`tokenwire chat ... 2>&- > answer.txt` held "tokenwire chat: error: no QUIC handshake ...")."""
+    out = tmp_path / "out.txt"
+    with out.open("wb") as stdout:
+        proc = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", *CLI, *argv], stdout=stdout, timeout=60)
+    assert proc.returncode == 2
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize("argv", [["cert"], ["sim", "--runs", "1", "--tokens", "5", "--json", "out.json"]],
+                         ids=["cert", "sim"])
+def test_a_removed_current_directory_is_one_line(argv: list[str], tmp_path: Path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f'cd {gone} && rmdir {gone} && exec "$@"'
+    proc = subprocess.run(["bash", "-c", script, "bash", *CLI, *argv], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("the current directory no longer exists (it was removed): name the output "
+                                        "with an absolute path, or cd to a folder that exists")
+    assert os.listdir(tmp_path) == []
