@@ -19,6 +19,8 @@ yardstick: the JSON records ``calls`` and ``repeats`` and the ONNX/EWMA ratios (
 EWMA answers a burst with one ``predict()``: its estimate does not depend on the send time, so batch n costs
 one prediction. Its ``predict_batch`` (``predict`` + ``np.tile``) timed numpy's array handling instead (7 µs
 at batch 8, more than the prediction itself 40 times over), which the table showed as EWMA's batch cost.
+Its batch 8 and 64 entries are therefore batch 1's timing, not measurements of their own: each says
+``"derived": true`` and has no ``calls`` (measured entries say ``"derived": false``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="ONNX model (default: the shipped one)")
     p.add_argument("--calls", type=positive_int, default=2000,
                    help="inference calls per measurement of batch 1 and of observe (default 2000); a batch of B "
-                        "makes max(4 x calls / B, 50) calls, each B predictions (the JSON records each count)")
+                        "makes max(4 x calls / B, 50) calls, each B predictions (the JSON records each count); "
+                        "EWMA's batches 8 and 64 make none: one predict() answers a burst, so they are batch 1's "
+                        "time, marked derived")
     p.add_argument("--repeats", type=positive_int, default=5, help="measurements; medians are reported (default 5)")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
@@ -88,13 +92,15 @@ def _phase(what: str) -> None:
 
 BATCH_BY_PREDICT_BATCH = "predict_batch(): one inference call for the burst"
 BATCH_BY_ONE_PREDICT = "one predict() answers the burst (the estimate does not depend on the send time)"
+DERIVED_FROM_BATCH_1 = "batch 1's timed predict(), which answers the whole burst; not timed at this batch"
 
 
 def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None] | None = None, *,
             one_predict_per_batch: bool = False) -> dict:
     """The numbers of one forecaster; ``progress`` is told each phase (a batch size, the observe cost) first.
 
-    ``one_predict_per_batch``: a batch costs one ``predict()`` (EWMA), not a timed ``predict_batch()``.
+    ``one_predict_per_batch``: a batch costs one ``predict()`` (EWMA), not a timed ``predict_batch()``; its
+    entries above batch 1 are batch 1's time, marked ``"derived": true`` and without ``calls``.
     """
     samples = _samples(256)
     for s in samples:
@@ -106,17 +112,22 @@ def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None
     for bs in BATCHES:  # (batch 1 first: the others may reuse it)
         if progress:
             progress(f"batch {bs}")
+        entry: dict[str, Any]
         if bs == 1:
             single = per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
-            n_calls = calls
+            entry = {"derived": False, "calls": calls}
         elif one_predict_per_batch:
-            per_call, n_calls = single, calls  # batch 1's predict() answers the whole burst
+            # batch 1's predict() answers the whole burst: nothing is timed here, and the entry says so. It used to
+            # sit in the same fields as the measured ones, with batch 1's ``calls`` (not max(4 x calls / B, 50))
+            per_call = single
+            entry = {"derived": True, "derived_from": DERIVED_FROM_BATCH_1}
         else:
             nows = [now + 1e-5 * i for i in range(bs)]
             n_calls = batch_calls(calls, bs)
             per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), n_calls, repeats)
+            entry = {"derived": False, "calls": n_calls}
         res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
-                                   "predictions_per_s": bs / per_call, "calls": n_calls}
+                                   "predictions_per_s": bs / per_call, **entry}
     if progress:
         progress("observe per ack")
     it = itertools.cycle(samples)
@@ -173,7 +184,8 @@ def run_cli(args: argparse.Namespace) -> int:
         for bs in BATCHES:
             b = r["batches"][str(bs)]
             lines.append(f"{name:<10} {bs:>5} {b['us_per_call']:>9.1f} {b['us_per_prediction']:>9.2f} "
-                         f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}")
+                         f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}"
+                         + ("  (derived from batch 1, not timed)" if b["derived"] else ""))
         lines.append(f"{name:<10} observe {r['us_per_observe']:.2f} µs/ack; per-ack marking sustains "
                      f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
         lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(

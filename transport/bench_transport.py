@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=positive_float, default=1000.0, help="paced token rate per second (default 1000)")
     p.add_argument("--flood-tokens", type=positive_int, default=10000, help="tokens per flood run (default 10000)")
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per mode; medians are reported (default 3)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"subset of {','.join(MODES)}; raw (the ratios' baseline) is always measured")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
 
@@ -336,6 +337,18 @@ def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def with_raw_baseline(modes: list[str]) -> list[str]:
+    """``modes`` with raw aioquic first, added (and said so on stderr) when missing.
+
+    Without it ``--modes chatterbox`` wrote ``"ratios_vs_raw_aioquic": {}`` and exited 0: the same-run baseline,
+    the only yardstick on a shared machine, silently disappeared.
+    """
+    if "raw" in modes:
+        return modes
+    print("(--modes has no raw: raw aioquic added as the same-run baseline of the ratios)", file=sys.stderr)
+    return ["raw", *modes]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, write_json
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
@@ -346,15 +359,12 @@ def run_cli(args: argparse.Namespace) -> int:
     twice = sorted({m for m in modes if modes.count(m) > 1})
     if twice:  # the results are keyed by mode: a second listing ran it again and kept only the last
         raise CLIError(f"--modes: {', '.join(twice)} listed twice")
+    modes = with_raw_baseline(modes)
     # SIGTERM or SIGHUP (kill, a timeout) unwinds like Ctrl-C: _one's finally stops the server subprocess, which
     # the default action left serving for good
     with sigterm_as_ctrl_c():
         results = _measure(modes, args)
-    ratios = {}
-    if "raw" in results:
-        ratios = _ratios(results)
-    else:
-        print("(no raw baseline in --modes: no ratios)", file=sys.stderr)
+    ratios = _ratios(results)
     out = {
         "modes": results,
         "ratios_vs_raw_aioquic": ratios,

@@ -3,7 +3,8 @@
 MB/s counts symbols (one byte each) per second. "encode" is symbols -> bytes including the table build
 (histogram, normalisation); "decode" is bytes -> symbols including the decoder lookup tables. The full
 chunk pipeline (quantize + code, and back) is reported as ``codec_*`` in elements per second. Every number
-is the median of ``repeats`` runs, all measured in the same process.
+is the median of ``repeats`` runs, all measured in the same process; ``repeats_MBps`` keeps each run,
+``ratios_vs_zstd1`` compares to the same run's zstd-1 and ``load_average`` the host's load at start and end.
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ def synthetic_kv(layers: int, heads: int, head_dim: int, tokens: int, device: st
     return out
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    fn()  # warm-up (numba compile, CUDA init)
+def _repeat_times(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each of ``repeats`` timed runs of ``fn``, after one warm-up run (numba compile, CUDA init).
+
+    Every run is kept, not only the median: the JSON reports their spread, without which a loaded run (3.7x
+    slower on the shared machine) could not be told from a quiet one.
+    """
+    fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -57,7 +63,30 @@ def _median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) 
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _load_average() -> list[float] | None:
+    """The host's 1, 5 and 15-minute load averages; None where the platform has none (``os.getloadavg``)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def numba_threads() -> dict[str, Any]:
+    """The threads numba's parallel loops ran on, and its threading layer, as numba itself reports them.
+
+    The JSON read ``NUMBA_NUM_THREADS`` instead, and so said ``null`` whenever the variable was unset although
+    numba used every core. The layer is only known once a parallel function has run (else None).
+    """
+    import numba
+
+    try:
+        layer: str | None = numba.threading_layer()
+    except ValueError:  # no parallel function has run in this process yet
+        layer = None
+    return {"numba": numba.get_num_threads(), "numba_threading_layer": layer}
 
 
 def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: int = 128, tokens: int = 256,
@@ -69,6 +98,7 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
     """
     import zstandard
 
+    load_start = _load_average()  # before the chunk is built: the load the measurement starts under
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no CUDA device")
     dev = torch.device(device)
@@ -145,43 +175,62 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
         n_words = int(words_np.size)
     if status != rans.OK or not bool((torch.as_tensor(out_sym).to(dev) == sym).all()):
         raise RuntimeError("round trip failed in the benchmark")
-    t_enc = _median_time(enc, repeats, sync)
-    t_dec = _median_time(dec, repeats, sync)
+    runs: dict[str, list[float]] = {}  # seconds per repeat, by the MB/s key they give
+    runs["encode"] = _repeat_times(enc, repeats, sync)
+    runs["decode"] = _repeat_times(dec, repeats, sync)
 
     raw = sym.cpu().numpy().tobytes()
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
     zbytes = zc.compress(raw)
-    t_zenc = _median_time(lambda: zc.compress(raw), repeats, lambda: None)
-    t_zdec = _median_time(lambda: zd.decompress(zbytes), repeats, lambda: None)
+    runs["zstd1_encode"] = _repeat_times(lambda: zc.compress(raw), repeats, lambda: None)
+    runs["zstd1_decode"] = _repeat_times(lambda: zd.decompress(zbytes), repeats, lambda: None)
 
     def codec_enc() -> bytes:
         return codec.encode_chunk(kv, lv, fingerprint=0, raw_tokens=1, profile=prof)
 
     chunk = codec_enc()
-    t_cenc = _median_time(codec_enc, repeats, sync)
-    t_cdec = _median_time(lambda: codec.decode_chunk(chunk, device=device), repeats, sync)
-    doc = {
+    runs["codec_encode"] = _repeat_times(codec_enc, repeats, sync)
+    runs["codec_decode"] = _repeat_times(lambda: codec.decode_chunk(chunk, device=device), repeats, sync)
+    load_end = _load_average()
+    mbps = {key: [n_sym / t / 1e6 for t in ts] for key, ts in runs.items()}
+    med = {key: statistics.median(v) for key, v in mbps.items()}
+    doc: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "backend": "torch" if device == "cuda" else "numba",
         "symbols": n_sym,
         "source": source,
         "shape": {"layers": layers, "kv_heads": heads, "head_dim": head_dim, "tokens": tokens},
         "level": lv.name,
-        "encode_MBps": n_sym / t_enc / 1e6,
-        "decode_MBps": n_sym / t_dec / 1e6,
-        "zstd1_encode_MBps": n_sym / t_zenc / 1e6,
-        "zstd1_decode_MBps": n_sym / t_zdec / 1e6,
+        "encode_MBps": med["encode"],
+        "decode_MBps": med["decode"],
+        "zstd1_encode_MBps": med["zstd1_encode"],
+        "zstd1_decode_MBps": med["zstd1_decode"],
         # words (incl. each stream's final state) + one u16 word count per stream
         "rans_bits_per_symbol": (16 * n_words + 16 * n_streams) / n_sym,
         "zstd1_bits_per_symbol": 8 * len(zbytes) / n_sym,
         "codec_bits_per_element": 8 * len(chunk) / n_sym,
-        "codec_encode_MBps": n_sym / t_cenc / 1e6,
-        "codec_decode_MBps": n_sym / t_cdec / 1e6,
-        "threads": {"numba": int(os.environ.get("NUMBA_NUM_THREADS", 0)) or None,
-                    "torch": torch.get_num_threads()},
+        "codec_encode_MBps": med["codec_encode"],
+        "codec_decode_MBps": med["codec_decode"],
+        "threads": {**numba_threads(), "torch": torch.get_num_threads()},
         "repeats": repeats,
     }
+    # against the zstd-1 measured in this run, the yardstick on a shared machine (only absolute MB/s were written)
+    doc["ratios_vs_zstd1"] = {
+        "encode_MBps": doc["encode_MBps"] / doc["zstd1_encode_MBps"],  # > 1: rANS faster
+        "decode_MBps": doc["decode_MBps"] / doc["zstd1_decode_MBps"],
+        "bits_per_symbol": doc["rans_bits_per_symbol"] / doc["zstd1_bits_per_symbol"],  # < 1: rANS smaller
+    }
+    # what the medians hide: each repeat's MB/s, and the host's load around the run (a loaded run read as a quiet one)
+    doc["repeats_MBps"] = {key: {"min": min(v), "max": max(v), "runs": v} for key, v in mbps.items()}
+    doc["load_average"] = {"start": load_start, "end": load_end, "cpus": os.cpu_count()}
     for key in ("encode", "decode"):
         ours, ref = doc[f"{key}_MBps"], doc[f"zstd1_{key}_MBps"]
-        print(f"[kv bench] rANS {key} {ours:.0f} MB/s, zstd-1 {ref:.0f} MB/s", file=sys.stderr)
+        print(f"[kv bench] rANS {key} {ours:.0f} MB/s (runs {min(mbps[key]):.0f}-{max(mbps[key]):.0f}), "
+              f"zstd-1 {ref:.0f} MB/s: {ours / ref:.2f}x zstd-1", file=sys.stderr)
+    print(f"[kv bench] load average (1 min) {_one_minute(load_start)} at start, {_one_minute(load_end)} at end, "
+          f"{os.cpu_count()} cpus", file=sys.stderr)
     return doc
+
+
+def _one_minute(load: list[float] | None) -> str:
+    return "unknown" if load is None else f"{load[0]:.2f}"
