@@ -887,6 +887,9 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     limits = {} if max_connections is None else {"max_connections": max_connections}
     if request_timeout is not None:
         limits["request_timeout"] = request_timeout
+    if authorize is not None:  # its check lets a token-less fetch through while no [auth] tokens are configured: only
+        # with tokens is a connection held to a small window until a fetch of it is authorized (serve_kv)
+        limits["hold_unauthorized"] = lambda: not authorize(None)
     tuning = ServerTuning(forecaster=forecaster, prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)

@@ -21,8 +21,9 @@ bytes but for a look-ahead: one min-RTT plus 100 ms at the measured rate), with
 :class:`~tokenwire.transport.kv_controller.KVController`. The client decodes each chunk on a worker thread as
 soon as its stream ends, so decoding overlaps reception.
 
-This module holds what both ends share: the errors, the flow-control window, the QUIC configuration and the
-congestion controller that goes with a marking policy. The API is re-exported by :mod:`.kv_channel`.
+This module holds what both ends share: the errors, the flow-control window, the largest KV_FETCH, the QUIC
+configuration and the congestion controller that goes with a marking policy. The API is re-exported by
+:mod:`.kv_channel`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,38 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ErrorCode, TokenwireError
-from .frames import KV_ALPN
+from .frames import (
+    KV_ALPN,
+    KV_CONTROLLERS,
+    MAX_DEADLINE_MS,
+    MAX_KV_TOKENS,
+    MAX_MODEL_CHARS,
+    MAX_RECOMPUTE_US,
+    KvFetch,
+    encode_frame,
+)
 
 DEFAULT_RECOMPUTE_US = 2250  # the engine's prefill per token when a fetch names none (the daemon's default too)
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
+MAX_AUTH_CHARS = 512  # a KV_FETCH's auth token (frames.KvFetch's "a" field)
+
+
+def _largest_fetch() -> int:
+    """Bytes of the largest KV_FETCH body a client can send: every field at its longest (the 131,072 token ids of
+    the most a fetch may name, each 5 bytes as msgpack's shortest encoding of an id past 65535; strings of 4-byte
+    UTF-8 characters). Chunk hashes are the smaller choice (4,096 of 18 bytes), and only one of the two may come.
+    msgpack's spec asks every encoder for the shortest form, which is what this measures."""
+    longest = "\U0010ffff"
+    return len(encode_frame(KvFetch(model=longest * MAX_MODEL_CHARS, deadline_ms=MAX_DEADLINE_MS,
+                                    token_ids=[(1 << 31) - 1] * MAX_KV_TOKENS, controller=max(KV_CONTROLLERS, key=len),
+                                    recompute_us_per_token=MAX_RECOMPUTE_US, auth=longest * MAX_AUTH_CHARS,
+                                    prefix=True)))
+
+
+# The largest frame a fetch stream carries (its KV_FETCH; a KV_ACK or ERROR is far smaller): the server's decoder
+# refuses a longer length prefix at once. It took any stream frame up to 1 MiB, so a client without a token could
+# make the server buffer 16 x 1 MiB per connection, each such fetch given 42 s to complete instead of 30 s.
+MAX_KV_FETCH_BYTES = _largest_fetch()  # 657,989 bytes
 
 
 class KVError(TokenwireError):

@@ -27,7 +27,7 @@ from .handshake_guard import (
     RefusalLog,
     verify_peer_certificate,
 )
-from .kv_protocol import KVError, kv_quic_config
+from .kv_protocol import MAX_KV_FETCH_BYTES, KVError, kv_quic_config
 from .kv_server_session import (
     KVChunkNeeded,
     KVFetchClosed,
@@ -39,6 +39,7 @@ from .kv_server_session import (
 )
 from .marking import MarkingPolicy
 from .quic_io import serve_quic, tune_socket
+from .read_credit import ReadCredit
 from .server_session import REQUEST_TIMEOUT_S
 from .session_events import ConnectionEnded, SessionEvent
 from .tls import CertPair, ClientCertVerifier, request_client_certificate, server_configuration
@@ -50,6 +51,14 @@ _T = TypeVar("_T")
 # KV connections past their handshake (serve_kv's max_connections; the daemon passes limits.max_sessions), and the
 # bound on handshakes in progress: the chat port's default max_sessions
 MAX_CONNECTIONS = 10_000
+# With tokens, until a fetch of it authorizes, a connection gets connection-level credit of this many of the largest
+# KV_FETCHes (length prefix included), plus its first stream's fetch, and two fetch streams at once
+# (ReadCredit.hold_until_authorized, as the chat port's connections): one without a token had 16 fetch streams each
+# hold a 1-MiB KV_FETCH short of its last byte in the 64-MiB window (+23 MiB RSS a connection, for 42 s). Now ~2 MB
+# at most; two of the largest fetches sent at once still come whole, and the full window follows the first
+# authorized fetch.
+UNAUTHORIZED_CREDIT_FETCHES = 2
+UNAUTHORIZED_WINDOW = UNAUTHORIZED_CREDIT_FETCHES * (4 + MAX_KV_FETCH_BYTES)
 
 
 class KVServerProtocol(GuardedProtocol):
@@ -65,6 +74,8 @@ class KVServerProtocol(GuardedProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.established = False  # past its handshake and its checks: counted in app.connections
         self.authorized = app.authorize is None  # a fetch of it passed the token check (or none is made)
+        if app.authorize is not None and app.hold_unauthorized() and isinstance(quic, ReadCredit):  # (the session's)
+            quic.hold_until_authorized(UNAUTHORIZED_WINDOW)
         if app.client_verifier is not None:
             request_client_certificate(quic)
         app.protocols.add(self)
@@ -173,6 +184,9 @@ class KVServerProtocol(GuardedProtocol):
             if not self.authorized:  # its client holds a token: never evicted to admit another
                 self.authorized = True
                 self.app.unauthorized.pop(self, None)
+                if isinstance(self._quic, ReadCredit):  # the full window and every fetch stream, at once: the
+                    self._quic.release_credit()  # store's answer may take a while, and other fetches wait for it
+                    self.transmit()
             plan = await self.app.provider.resolve(fetch)
         except TokenwireError as exc:
             self._fail_fetch(sid, "refused", exc.code, str(exc))
@@ -237,6 +251,10 @@ class KVServer:
     # a KV_FETCH must be whole this many seconds after its first bytes, plus its size at 32 KiB/s (the chat port's
     # limits.request_timeout_s); read as each connection starts (a reload)
     request_timeout: Callable[[], float] = lambda: REQUEST_TIMEOUT_S
+    # with authorize: whether a new connection is held to UNAUTHORIZED_WINDOW until a fetch of it is authorized; read
+    # as each connection starts (the daemon's check lets every token through while no [auth] tokens are configured,
+    # and a reload may add the first)
+    hold_unauthorized: Callable[[], bool] = lambda: True
     connections: int = 0  # past their handshake and checks
     guard: HandshakeGuard = field(init=False)  # the handshakes in progress: deadline, bound, Retry
     # with tokens (authorize): connections past their checks that have made no authorized fetch, oldest first.
@@ -363,7 +381,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                    client_verifier: ClientCertVerifier | Callable[[], ClientCertVerifier | None] | None = None,
                    on_unauthorized: Callable[[str, str], None] | None = None,
                    max_connections: int | Callable[[], int] = MAX_CONNECTIONS,
-                   request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S) -> KVServer:
+                   request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S,
+                   hold_unauthorized: bool | Callable[[], bool] = True) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
     Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
@@ -373,7 +392,10 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     must present a certificate that verifies against it, as on the daemon's chat port with ``server.client_ca``;
     one that does not is closed with UNAUTHORIZED when its handshake completes (``on_unauthorized(peer, why,
     closing=True)`` is told, else a warning is logged) and none of its fetches is resolved. ``authorize`` checks
-    each fetch's token on top (a refused one: ``on_unauthorized(peer, why, closing=False)``). ``max_connections``:
+    each fetch's token on top (a refused one: ``on_unauthorized(peer, why, closing=False)``); with it, a connection's
+    flow-control window is ``UNAUTHORIZED_WINDOW`` (two of the largest KV_FETCHes, ~1.3 MB, beside its first
+    stream's) with two fetch streams at once until one of its fetches is authorized, unless ``hold_unauthorized``
+    (or what a callable gives as the connection starts) is False. ``max_connections``:
     KV connections open at once (a callable is read at each handshake's end); with ``authorize``, past it the
     oldest connection that has made no authorized fetch is closed to admit a new client. Handshakes in progress
     are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound) new
@@ -385,7 +407,7 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
                       on_unauthorized=on_unauthorized, max_connections=_callable(max_connections),
-                      request_timeout=_callable(request_timeout))
+                      request_timeout=_callable(request_timeout), hold_unauthorized=_callable(hold_unauthorized))
     config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,

@@ -43,7 +43,7 @@ from .kv_controller import (
     KVController,
     check_tuning,
 )
-from .kv_protocol import DEFAULT_RECOMPUTE_US
+from .kv_protocol import DEFAULT_RECOMPUTE_US, MAX_KV_FETCH_BYTES
 from .marking import MarkingPolicy
 from .read_credit import read_credit
 from .server_session import MIN_REQUEST_RATE, REQUEST_TIMEOUT_S, _forget_received
@@ -569,7 +569,9 @@ class KVServerSession(_SessionBase):
                 return []
             if len(self.fetches) >= self.max_fetches:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
-            f = ServerFetch(stream_id, None, StreamDecoder(), now)
+            # frames no larger than the largest legal KV_FETCH (not any stream frame's 1 MiB): what a fetch stream's
+            # decoder may hold, and what its arrival deadline grants time for (_fetch_deadline)
+            f = ServerFetch(stream_id, None, StreamDecoder(max_frame=MAX_KV_FETCH_BYTES), now)
             f.opened_at = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
             self.fetches[stream_id] = f
         try:
@@ -686,8 +688,8 @@ class KVServerSession(_SessionBase):
     # -- fetches still arriving: the chat port's request timeout (server_session.ServerSession) -----------------
     def _fetch_deadline(self, f: ServerFetch) -> float:
         """When a KV_FETCH still arriving is refused: the request timeout after its first bytes, plus its size (once
-        its length prefix has come) at MIN_REQUEST_RATE, so that the largest fetch (~655 KB of token ids) on a slow
-        uplink has the time it needs while a stalled one still ends."""
+        its length prefix has come) at MIN_REQUEST_RATE, so that the largest fetch (MAX_KV_FETCH_BYTES, 657,989 bytes:
+        30 s with the default 10-s timeout) on a slow uplink has the time it needs while a stalled one still ends."""
         size = f.decoder.expected or 0
         return f.opened_at + self.request_timeout + size / MIN_REQUEST_RATE
 
