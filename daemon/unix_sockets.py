@@ -105,6 +105,13 @@ def set_socket_access(path: Path, group: str | None, setting: str) -> None:
         except KeyError:
             raise OSError(errno.EINVAL, f"{setting}: no group {group!r} on this system", str(path)) from None
         except PermissionError:
+            if config.group_id(group) in {os.getegid(), *os.getgroups()}:
+                # a member, yet refused: a system-call filter (the unit's SystemCallFilter=~@privileged denies
+                # @chown unless it is allowed again), or a security module; "not a member" sent people the wrong way
+                raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r} although the "
+                              "daemon's user is a member of it: chown() was refused (a system-call filter: the "
+                              "systemd unit needs SystemCallFilter=@chown after ~@privileged, as "
+                              "systemd/tokenwire.service has it)", str(path)) from None
             how = (f"add it to group {group}" if group.isdigit()
                    else f"systemd/tokenwire.sysusers: m tokenwire {group}")
             raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import grp
+import os
 import re
 import shutil
 import subprocess
@@ -471,3 +473,36 @@ def test_a_stop_step_that_raises_neither_skips_the_rest_nor_leaves_the_daemon_ru
     assert closed == list(daemon.upstreams)  # the steps after the failing one ran
     assert ("stopping: closing a listener failed" if broken == "listener close" else "draining failed") \
         in caplog.text
+
+
+# ------------------------------------------------- the unit under its own filter, and a start it refused (probe A)
+def test_unit_allows_chown_again_after_denying_privileged_calls():
+    """@privileged includes @chown: with socket_group = "tokenwire-ingest" (the documented layout) the daemon's
+    chown(sock, -1, gid) failed with EPERM and it could not start under its own unit. A later allow list adds to
+    the first (systemd.exec(5)), so @chown must come after the deny line."""
+    lines = _unit_lines()
+    deny = lines.index("SystemCallFilter=~@privileged @resources @mount")
+    assert lines.index("SystemCallFilter=@chown") > deny
+
+
+def test_unit_leaves_a_refused_start_failed_instead_of_restarting_it_for_ever():
+    """Every start the daemon refuses exits 2; Restart=on-failure restarted it every ~3 s, under systemd's start
+    limit of 5 in 10 s, so the unit never failed and logged the same error for ever."""
+    lines = _unit_lines()
+    assert "Restart=on-failure" in lines and "RestartPreventExitStatus=2" in lines
+
+
+def test_a_refused_chown_to_a_group_the_daemon_is_in_names_the_system_call_filter(tmp_path, monkeypatch):
+    """It said "the daemon's user is not a member of it" of a user that was: the unit's filter had refused chown."""
+    from tokenwire.daemon import unix_sockets
+
+    def chown(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(unix_sockets.os, "chown", chown)
+    mine = grp.getgrgid(os.getegid()).gr_name
+    with pytest.raises(OSError) as info:
+        unix_sockets.set_socket_access(tmp_path / "s.sock", mine, "ingest.socket_group")
+    text = str(info.value)
+    assert "although the daemon's user is a member of it: chown() was refused" in text
+    assert "SystemCallFilter=@chown" in text and "not a member" not in text
