@@ -1,7 +1,7 @@
 """Network-namespace plumbing: names, TUN devices inside namespaces, processes and sockets in them, cleanup.
 
 Everything a run creates carries its run id (``tw`` + 6 hex digits) in its name and is listed in a state
-file under ``/run/tokenwire/testbed/`` *before* it is created, so ``tokenwire testbed down`` can remove the
+file under ``/run/tokenwire-testbed/`` *before* it is created, so ``tokenwire testbed down`` can remove the
 leftovers of a crashed run and never touches anything it did not create.
 """
 
@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 NETNS_DIR = "/run/netns"
-STATE_DIR = os.environ.get("TOKENWIRE_TESTBED_STATE", "/run/tokenwire/testbed")
+# not under /run/tokenwire: that is the systemd unit's RuntimeDirectory, which systemd removes when the service stops,
+# and with it the state a crashed run's `testbed down` needs
+STATE_DIR = os.environ.get("TOKENWIRE_TESTBED_STATE", "/run/tokenwire-testbed")
 RUN_ID_RE = re.compile(r"^tw[0-9a-f]{6}$")
 
 CLONE_NEWNET = 0x40000000
