@@ -172,10 +172,16 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
+FOLDER_MODE = 0o755  # what an output's missing folders are made with (less the umask)
+
+
 def make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` with its missing parents; returns the folders made, the deepest first."""
+    """Create ``folder`` with its missing parents, none writable by group or others whatever the umask (under
+    ``umask 000`` ``cert --out-dir new/dir`` made them 0777: anyone could swap the key written there); returns the
+    folders made, the deepest first."""
     missing = missing_folders(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    for made in reversed(missing):  # (mkdir(parents=True) makes the parents with the default mode)
+        made.mkdir(mode=FOLDER_MODE, exist_ok=True)
     return missing
 
 

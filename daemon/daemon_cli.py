@@ -88,7 +88,7 @@ def _fatal(message: str, log_format: str | None) -> int:
 def run_cert(args: argparse.Namespace) -> int:
     import json
 
-    from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.cli import CLIError, make_folders
     from tokenwire.transport.tls import make_self_signed
 
     hosts = tuple(args.host or ("localhost", "127.0.0.1", "::1"))
@@ -101,7 +101,7 @@ def run_cert(args: argparse.Namespace) -> int:
         pair = make_self_signed(hosts, days=args.days)
     except ValueError as exc:
         raise CLIError(f"--host: {exc}") from None
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(args.out_dir)  # (none writable by others, whatever the umask: the key goes there)
     pair.write(cert, key)
     print(f"wrote {cert} and {key} (self-signed for {', '.join(hosts)}, {args.days} days)")
     # the keys alone: the example config already has a [server] table, and a second one is invalid TOML

@@ -39,3 +39,14 @@ def test_a_removed_current_directory_is_one_line(argv: list[str], tmp_path: Path
     assert proc.stderr.strip().endswith("the current directory no longer exists (it was removed): name the output "
                                         "with an absolute path, or cd to a folder that exists")
     assert os.listdir(tmp_path) == []
+
+
+def test_output_folders_are_not_writable_by_others_whatever_the_umask(tmp_path: Path):
+    """Under `umask 000` `tokenwire cert --out-dir new/dir` made the folders 0777: anyone could replace the key."""
+    script = f'umask 000 && cd {tmp_path} && exec "$@"'
+    for argv in (["cert", "--out-dir", "a/b"], ["sim", "--runs", "1", "--tokens", "5", "--json", "c/d/out.json"]):
+        proc = subprocess.run(["bash", "-c", script, "bash", *CLI, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    for folder in ("a", "a/b", "c", "c/d"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o755, folder
+    assert (tmp_path / "a/b/key.pem").stat().st_mode & 0o777 == 0o600
