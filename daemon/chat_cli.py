@@ -40,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a request parameter for the upstream (repeatable; VALUE a JSON number, true/false or "
                    "null when it parses as one, else a string: --param temperature=0.2, --param seed=3)")
-    p.add_argument("--attach", metavar="REQUEST_ID", help="stream an existing answer by its hex id instead")
+    p.add_argument("--attach", metavar="REQUEST_ID",
+                   help="stream an existing answer by its hex id instead (an application's, or one a chat left: "
+                   "`tokenwire -v chat` prints an answer's id as it starts; a failure, --max-time or Ctrl-C after "
+                   "the start prints it too, and --stats at the end)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without a packet from the server (default 60): how soon a dead "
                    "server is noticed; a live one answers keepalive pings while its model thinks")
@@ -133,6 +136,12 @@ def _encodable(encoding: str | None) -> Callable[[str], str]:
     return shown
 
 
+def attach_hint(request_id: bytes) -> str:
+    """The line on stderr that gives an answer's id, in a form to paste: a client killed or cut off mid-answer
+    left the daemon generating it, and nothing had said its id (only --stats did, after a successful end)."""
+    return f"[request id {request_id.hex()} (tokenwire chat --attach {request_id.hex()})]"
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -163,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             rid = b""
         if len(rid) != REQUEST_ID_BYTES:
             raise CLIError(f"--attach takes the {2 * REQUEST_ID_BYTES}-hex-digit request id "
-                           f"(`--stats` prints it), not {args.attach!r}")
+                           f"(`tokenwire -v chat` prints it as an answer starts), not {args.attach!r}")
     if args.key is not None and args.cert is None:
         raise CLIError("--key needs --cert")
     params = _params(args.param)
@@ -189,8 +198,17 @@ def run(args: argparse.Namespace) -> int:
     shown = _encodable(getattr(sys.stdout, "encoding", None))
     midline = [False]  # part of an answer is on stdout without its newline
     # whether a request went out at all, whether its stream is open on a connection now (leaving it early sends the
-    # cancellation), and the request id once known: what --max-time can say when it gives up
-    where: dict[str, Any] = {"asked": False, "open": False, "id": None}
+    # cancellation), and the request id once known: what --max-time can say when it gives up; the answer's id once
+    # it started, and whether the daemon ended it with an ERROR (nothing left there to attach to)
+    where: dict[str, Any] = {"asked": False, "open": False, "id": None, "started": None, "over": False}
+
+    def started(request_id: bytes) -> None:
+        """STARTED: the answer has its id; -v says it at once (once: a resume starts the same answer again)."""
+        first = where["started"] is None
+        where["started"] = request_id
+        if first and args.verbose:
+            with contextlib.suppress(OSError):  # (in the connection's event handling: a closed stderr must not
+                print(attach_hint(request_id), file=sys.stderr, flush=True)  # break the answer)
 
     async def go():
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
@@ -217,14 +235,19 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
                                            params=params or None, resume=resume)
+                    stream.on_started(started)  # (the first delta may come much later: a model that thinks)
                     # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
                     # server stops generating it; a bare `async for` left it generating to max_tokens
                     where["open"] = where["asked"] = True
-                    async with stream:
-                        async for delta in stream:
-                            sys.stdout.write(shown(delta))
-                            sys.stdout.flush()
-                            midline[0] = not delta.endswith("\n")
+                    try:
+                        async with stream:
+                            async for delta in stream:
+                                sys.stdout.write(shown(delta))
+                                sys.stdout.flush()
+                                midline[0] = not delta.endswith("\n")
+                    except RemoteError:
+                        where["over"] = not conn.closed  # an ERROR for this answer, the connection up: ended there
+                        raise
                     sys.stdout.write("\n")
                     midline[0] = False
                     return stream.stats
@@ -302,11 +325,18 @@ def run(args: argparse.Namespace) -> int:
                 if not termed:
                     raise
                 raise KeyboardInterrupt from None
-        except (Exception, KeyboardInterrupt):
+        except (Exception, KeyboardInterrupt) as exc:
             if midline[0]:  # end the partial answer's line: the error line (or "interrupted") was glued onto it
                 with contextlib.suppress(OSError):
                     sys.stdout.write("\n")
                     sys.stdout.flush()
+            # a started answer left by a failure, --max-time or Ctrl-C may still be generating at the daemon (for its
+            # orphan timeout): its id, to attach to it, before the error line; not after the daemon's own ERROR for
+            # it (nothing left there), nor a local error (a full stdout)
+            if (where["started"] is not None and not where["over"]
+                    and isinstance(exc, KeyboardInterrupt | CLIError | TokenwireError)):
+                with contextlib.suppress(OSError):
+                    print(attach_hint(where["started"]), file=sys.stderr, flush=True)
             raise
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; a ConnectionError, though
         raise

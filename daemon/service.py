@@ -24,15 +24,16 @@ import contextlib
 import functools
 import gc
 import logging
+import re
 import signal
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 
-from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.frames import Request
 from tokenwire.transport.handshake_guard import (
     HANDSHAKE_PROVEN_TIMEOUT_S,
@@ -49,6 +50,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
+from .cli import printable
 from .config import AuthConfig, Config, ConfigError, load_config
 from .connection import DaemonProtocol
 from .generation import generate_answer
@@ -58,7 +60,7 @@ from .marking import MarkingService
 from .reload_decisions import plan_reload, recheck_token
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
-from .telemetry import Metrics, serve_metrics
+from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics
 from .transcripts import LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
@@ -70,6 +72,73 @@ KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end the
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
 # A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
 GC_INTERVAL_S = 30.0
+MAX_FINISH_REASON_CHARS = 32  # FINISHED's "fr" (docs/protocol.md): a longer one failed the client's decoder
+_SURROGATES = re.compile(r"[\ud800-\udfff]")  # the only code points a str can hold that UTF-8 cannot encode
+
+
+def sendable(text: str) -> str:
+    """``text`` with what UTF-8 cannot carry (lone surrogates) as U+FFFD. An upstream's words go into frames to
+    clients; one lone surrogate (an OpenAI error body's ``"bad \\ud800 thing"``) made msgpack raise while sending
+    the ERROR: the client got INTERNAL "server error while sending this answer" instead of UPSTREAM_ERROR, the log
+    blamed its connection, and every resume did it again."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def sendable_reason(reason: object) -> str:
+    """An upstream's finish reason as FINISHED can carry it: sendable, printable (clients print it) and cut to
+    MAX_FINISH_REASON_CHARS; ``TypeError`` (an upstream's bug: UPSTREAM_ERROR) for one that is not a str."""
+    if not isinstance(reason, str):
+        raise TypeError(f"the upstream returned a finish reason of type {type(reason).__name__}, expected a str")
+    return printable(sendable(reason))[:MAX_FINISH_REASON_CHARS]
+
+
+def failure_reason(code: int) -> str:
+    """tokenwire_upstream_failures_total's reason for a failed answer's error code: ``timeout``
+    (UPSTREAM_TIMEOUT), ``error`` (UPSTREAM_ERROR: the upstream's error, an unreachable upstream, an upstream's
+    bug), ``refused`` (any other code an upstream chose: it refused the request after it started)."""
+    if code == ErrorCode.UPSTREAM_TIMEOUT:
+        return "timeout"
+    return "error" if code == ErrorCode.UPSTREAM_ERROR else "refused"
+
+
+class SendableUpstream:
+    """An upstream as the service calls it: the text it hands over that reaches clients (a refusal, a typed
+    failure's message, a finish reason) made sendable here, once, whatever upstream it is (a custom one too): the
+    ERROR or FINISHED then goes out as the upstream meant it, to every listener and every resume alike."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.name = sendable(str(upstream.name))
+
+    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
+        problem = self.upstream.refusal(model, params)
+        return None if problem is None else sendable(str(problem))
+
+    async def generate(self, request: ChatRequest, emit: Callable[[str], None]) -> str:
+        try:
+            reason = await self.upstream.generate(request, emit)
+        except RequestError as exc:
+            message = sendable(str(exc))
+            if message == str(exc):
+                raise
+            raise RequestError(message, code=exc.code) from exc.__cause__  # (the cause: the log's detail)
+        return sendable_reason(reason)
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+
+class _RoutineLog(RefusalLog):
+    """RefusalLog's pattern (one line, then one summing up at most every REFUSALS_LOG_S) for routine events: the
+    summary at INFO, as the first line, not as a warning."""
+
+    def flush(self, now: float) -> None:
+        at = self.logged_at
+        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
+            return
+        self.logger.info("%s", self.summary(self.unlogged, now - at))
+        self.unlogged = 0
+        self.logged_at = now
 
 
 class Daemon:
@@ -84,6 +153,10 @@ class Daemon:
             max_bytes=int(config.limits.transcript_memory_mb * (1 << 20)), retain_s=config.limits.transcript_retain_s
         )
         self.upstreams: dict[str, Upstream] = build_upstreams(config)
+        for up in config.upstreams:  # each upstream's series at 0 (an ingest route's answers fail as ingest answers)
+            if up.type != "ingest":
+                for reason in UPSTREAM_FAILURE_REASONS:
+                    self.metrics.upstream_failures.labels(upstream=up.name, reason=reason)
         self.protocols: set[DaemonProtocol] = set()
         self.established = 0  # connections past their handshake (what max_sessions bounds)
         # connections in their handshake: a deadline, bounded by max_sessions too, Retry under load (the KV channel's
@@ -116,6 +189,10 @@ class Daemon:
         self._memory_sheds = RefusalLog(log, lambda n, s: (
             f"closed {n} more never-authorized connections in the last {s:.0f} s for the request bytes they held "
             f"(limits.unauthorized_memory_mb; tokenwire_handshakes_refused_total reason memory)"))
+        # answers cancelled by the orphan timeout: many clients vanishing at once wrote a line each (196 in a second)
+        self._orphan_cancels = _RoutineLog(log, lambda n, s: (
+            f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
+            f"{self.config.limits.orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"))
         # established connections that have not been authorized yet (auth tokens configured), oldest first: past
         # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
         # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together
@@ -334,7 +411,7 @@ class Daemon:
     def _log_refusals(self, now: float) -> None:
         """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed."""
         for refusals in (self._session_refusals, self._auth_refusals, self._evictions, self._protocol_closes,
-                         self._busy_refusals, self._memory_sheds):
+                         self._busy_refusals, self._memory_sheds, self._orphan_cancels):
             refusals.flush(now)
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
             self.kv.server.flush_logs(now)
@@ -815,7 +892,8 @@ class Daemon:
             except LookupError as exc:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, str(exc))
                 return
-            problem = self.upstreams[route.name].refusal(request.model, request.params or {})
+            upstream = SendableUpstream(self.upstreams[route.name])  # its words, made sendable once
+            problem = upstream.refusal(request.model, request.params or {})
             if problem is not None:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, problem)
                 return
@@ -835,11 +913,10 @@ class Daemon:
                 request_id=live.request_id,
                 peer=proto.peer,
             )
-            task = asyncio.ensure_future(
-                generate_answer(live, self.upstreams[route.name], chat, self.metrics.tokens.inc))
+            task = asyncio.ensure_future(generate_answer(live, upstream, chat, self.metrics.tokens.inc))
             self.tasks[live.request_id] = task
             self.metrics.requests_active.inc()
-            task.add_done_callback(functools.partial(self._fed, live))
+            task.add_done_callback(functools.partial(self._fed, live, route.name))
         try:
             sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
         except Exception:  # a frame of the answer's the encoder refuses: this request ends, not its connection
@@ -938,8 +1015,11 @@ class Daemon:
             elif now - since >= timeout:
                 del self._orphaned[rid]
                 self.metrics.orphans_cancelled.inc()
-                if rid in self.tasks:  # (the ingest API logs its own answers' cancellations)
-                    log.info("request %s: no client for %.0f s; cancelling it", rid.hex(), now - since)
+                # (the ingest API logs its own answers' cancellations)
+                if rid in self.tasks and not self._orphan_cancels.hold(now):
+                    log.info("request %s: no client for %.0f s; cancelling it; more such cancellations are counted "
+                             "(tokenwire_orphans_cancelled_total) and logged at most every %g s", rid.hex(),
+                             now - since, REFUSALS_LOG_S)
                 self._cancel_answer(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",
                                     "orphaned")
 
@@ -978,12 +1058,16 @@ class Daemon:
             self.established -= 1
             self.metrics.sessions.dec()
 
-    def _fed(self, live: LiveRequest, task: asyncio.Task[None]) -> None:
+    def _fed(self, live: LiveRequest, upstream: str, task: asyncio.Task[None]) -> None:
         """A generation task's end, however it ended: a task cancelled before its first step never runs its body
         (a client's cancel read in the same loop turn as its request), and a ``finally`` there left the answer
-        unfinished and its task counted against max_live_answers for good."""
+        unfinished and its task counted against max_live_answers for good. A failed answer is counted here, once,
+        by ``upstream`` (its route's name): tokenwire_errors_total counts each ERROR delivered (a failure with no
+        client attached, none; with three resumes, four), so no metric said how often an upstream failed."""
         if not live.done:
             live.finish("cancelled", time.monotonic())
+        if live.error is not None:
+            self.metrics.upstream_failures.labels(upstream=upstream, reason=failure_reason(live.error[0])).inc()
         self.metrics.requests_active.dec()
         self.store.mark_finished(live)
         self.tasks.pop(live.request_id, None)

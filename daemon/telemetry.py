@@ -40,6 +40,9 @@ ERROR_CODES_SENT = tuple(hex(c) for c in ErrorCode if c not in (
 # ended by an ERROR (the upstream failed, the answer was evicted, a server error while sending); refused: ended by an
 # ERROR or a close before any answer started (auth, limits, bad parameters, unknown id, draining, malformed)
 REQUEST_OUTCOMES = ("completed", "cancelled", "lost", "failed", "refused")
+# tokenwire_upstream_failures_total: by the failed answer's code (service.failure_reason); its series exist at 0 for
+# each configured upstream (the daemon creates them: this module does not know the upstreams)
+UPSTREAM_FAILURE_REASONS = ("timeout", "error", "refused")
 
 
 class Metrics:
@@ -140,6 +143,12 @@ class Metrics:
         self.orphans_cancelled = Counter(
             "tokenwire_orphans_cancelled_total",
             "Answers cancelled after limits.orphan_timeout_s with no client attached", registry=r)
+        # per failed generation, once: tokenwire_errors_total counts per ERROR delivered (resumes again, none unheard)
+        self.upstream_failures = Counter(
+            "tokenwire_upstream_failures_total",
+            "Answers whose generation failed, once each, by upstream and reason: timeout (UPSTREAM_TIMEOUT), error "
+            "(UPSTREAM_ERROR: an error the upstream reported, unreachable, or its bug), refused (another code: the "
+            "upstream refused the request after it started)", ["upstream", "reason"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,10 +38,11 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import logging
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ from .session_events import (
 )
 from .session_outcome import ChatOutcome
 from .tls import client_configuration
+
+log = logging.getLogger("tokenwire.client")
 
 
 class DigestMismatch(TokenwireError):
@@ -181,6 +184,7 @@ class ChatStream:
         self._done = False
         self._failure: BaseException | None = None  # the error the answer ended with: every later read raises it
         self._reader: asyncio.Task[Any] | None = None  # the task waiting for the next delta: one at a time
+        self._on_started: list[Callable[[bytes], None]] = []
         if prefix:
             self._parts.append(self._decoder.decode(b"".join(prefix)))
 
@@ -195,10 +199,28 @@ class ChatStream:
             return None
         return self.request_id, list(self.tokens)
 
+    def on_started(self, callback: Callable[[bytes], None]) -> None:
+        """Call ``callback(request_id)`` when the server's STARTED arrives (at once if it already has): the answer
+        has its id then, maybe long before its first token (a model that thinks), and a client that dies meanwhile
+        can still be re-attached by it. It runs in the connection's event handling: it must be quick, and an
+        exception it raises is logged, not raised."""
+        self._on_started.append(callback)
+        if self.scheme is not None and self.request_id is not None:
+            self._call_started(callback, self.request_id)
+
+    @staticmethod
+    def _call_started(callback: Callable[[bytes], None], request_id: bytes) -> None:
+        try:
+            callback(request_id)
+        except Exception:  # an application's bug must not break the connection's other answers
+            log.exception("a ChatStream.on_started callback raised")
+
     # events from the protocol
     def _started(self, request_id: bytes, scheme: str) -> None:
         self.request_id = request_id
         self.scheme = scheme
+        for callback in list(self._on_started):
+            self._call_started(callback, request_id)
 
     def _tokens(self, toks: list[bytes]) -> None:
         self.tokens.extend(toks)
