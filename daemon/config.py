@@ -564,6 +564,43 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def api_key_absence(api_key_env: str | None, api_key_file: Path | None, *, show_path: bool = True) -> str | None:
+    """Why a configured key source yields no key now ("$OPENAI_KEY is unset", "/etc/k is empty"), as words that
+    can stand alone; None when it yields one, when none is configured, or when it cannot be read (the other
+    checks say why). An empty key sent no Authorization header without a word: the user saw only the 401.
+    ``show_path``: False for what clients hear (they are not told the daemon's file names)."""
+    if api_key_file is not None:
+        try:
+            key = read_api_key(api_key_file)
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            return None
+        return None if key else f"{api_key_file if show_path else 'the API key file'} is empty"
+    if api_key_env:
+        value = os.environ.get(api_key_env)
+        if value is None:
+            return f"${api_key_env} is unset"
+        return None if value.strip() else f"${api_key_env} is empty"
+    return None
+
+
+def api_key_warnings(cfg: Config) -> list[str]:
+    """What ``config check`` warns about an ``openai`` upstream's ``api_key_env`` or ``api_key_file`` that yields
+    no key: it passed, and requests went without an Authorization header, the user hearing only the 401. A
+    warning, not an error: ``config check`` runs in the operator's environment, the daemon in its own (the unit's
+    EnvironmentFile=), and a key file is read at each request (filled after the start, it is used)."""
+    out: list[str] = []
+    for i, up in enumerate(cfg.upstreams):
+        if up.type != "openai":
+            continue
+        key_env, key_file = up.options.get("api_key_env"), up.options.get("api_key_file")
+        absent = api_key_absence(key_env, key_file)
+        if absent is not None:
+            source, here = ("api_key_file", "") if key_file is not None else ("api_key_env", " here")
+            out.append(f"upstreams[{i}].{source}: {absent}{here}: upstream {up.name!r} would be sent no API key "
+                       "(its server may answer 401)")
+    return out
+
+
 def _check_api_key_file(path: Path | None, where: str) -> None:
     """Refuse a key file whose key cannot be sent, and a path that is no regular file (a folder passed with a
     misleading "readable by other users" warning, and every request failed reading it). Only a readable

@@ -114,7 +114,7 @@ def run_cert(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
-    from .config import ConfigError, load_config, security_warnings
+    from .config import ConfigError, api_key_warnings, load_config, security_warnings
     from .startup import addr
 
     try:
@@ -157,7 +157,7 @@ def run_check(args: argparse.Namespace) -> int:
     errors = ingest_errors + kv_errors
     if errors:
         raise CLIError(f"{args.path}: {errors[0]}")
-    for warning in ingest_warnings + kv_warnings + security_warnings(cfg, Path(args.path)):
+    for warning in ingest_warnings + kv_warnings + security_warnings(cfg, Path(args.path)) + api_key_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")

@@ -3,8 +3,10 @@
 Streams ``POST {base_url}/chat/completions`` with ``stream: true`` and reads the server-sent events:
 ``data: {chat.completion.chunk}`` lines carrying ``choices[0].delta.content``, ending with
 ``data: [DONE]`` (or, from servers that never send it, the end of the body after a ``finish_reason``).
-aiohttp does the HTTP; the SSE line protocol is parsed here (a dozen lines, no library needed for it). A server
-that ignores ``stream`` and answers one ``application/json`` completion is read as that completion.
+aiohttp does the HTTP; the SSE line protocol is parsed here (:class:`_EventStream`, the spec's line rules). A
+server that ignores ``stream`` and answers one ``application/json`` completion is read as that completion; an
+answer of another Content-Type is read as events only when it starts like them (a proxy's HTML login page is an
+error quoting its start). A choice's first ``finish_reason`` ends its answer: content after it is dropped.
 
 Every failure reaches the client as a typed error: HTTP errors and error events as ``UPSTREAM_ERROR``
 (with the upstream's own message, truncated, the configured secrets in it redacted), as is a refused or failed
@@ -13,31 +15,37 @@ first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as ``
 absolute deadlines (from the request's start, then from the last token), so keep-alive comments and empty
 deltas cannot put them off. A stream that stalls after its ``finish_reason`` ends normally, FINISHED_GRACE_S
 later; the reason is made printable (clients print it; a lone surrogate could not be sent). Clients hear the
-upstream's name, never its URL; the log gets the URL with its userinfo masked.
+upstream's name, never its URL; the log gets the URL with its userinfo masked. Every text made here is UTF-8
+encodable: an emoji's UTF-16 halves sent in two events are joined, other lone surrogates become U+FFFD.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import json
+import logging
 import os
+import re
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable
-from .config import api_key_problem, read_api_key
+from .config import api_key_absence, api_key_problem, read_api_key
 from .logs import shown_url
 from .upstreams import Emit
+
+log = logging.getLogger("tokenwire.daemon")
 
 PASSTHROUGH_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n")
 ERROR_BODY_LIMIT = 64 * 1024  # plenty for an error message; a proxy's endless page is not read to its end
@@ -46,10 +54,29 @@ REDACTED = "[redacted]"
 FINISHED_GRACE_S = 2.0  # after a finish_reason, the wait for [DONE] or the stream's end (a usage chunk may come)
 # an extra_headers value shorter than this is no secret (X-Priority: 1), and redacting it would garble messages
 SECRET_MIN_CHARS = 8
+MESSAGE_LIMIT = 300  # characters of an error's text after "upstream 'name': " (docs/protocol.md)
+# one SSE line, and one event's data: the bound aiohttp's readline had (twice its 256 KiB read buffer), now ours
+EVENT_LINE_LIMIT = 512 * 1024
+BODY_START_LIMIT = 200  # characters of an answer of an unexpected Content-Type quoted in its error
+SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how an event stream's first line starts
+SSE_SNIFF_BYTES = 6  # enough of a body's start (past blanks) to tell whether it is one
+BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _well_formed(text: str) -> str:
+    """``text`` as UTF-8 can encode it: a surrogate pair made its character, a lone surrogate (JSON allows
+    ``"\\ud800"``) U+FFFD. One in an answer or an error message was a UnicodeEncodeError traceback where the
+    text was stored or sent (the transcript, msgpack), and the answer failed."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _upstream_error(name: str, message: str) -> RequestError:
-    return RequestError(f"upstream {name!r}: {message[:300]}", code=ErrorCode.UPSTREAM_ERROR)
+    text = _well_formed(message)[:MESSAGE_LIMIT]  # (the upstream's words may hold lone surrogates)
+    return RequestError(f"upstream {name!r}: {text}", code=ErrorCode.UPSTREAM_ERROR)
 
 
 def _timeout(name: str, message: str) -> RequestError:
@@ -79,6 +106,95 @@ def _why(exc: aiohttp.ClientError) -> str:
     if isinstance(os_error, ConnectionRefusedError):
         return "connection refused"
     return exc.__class__.__name__
+
+
+class _Surrogates:
+    """Joins an emoji's UTF-16 halves sent in two events (``"\\ud83d"``, then ``"\\ude00 end"``: valid JSON, from
+    proxies that slice text by UTF-16 unit): a high surrogate ending one piece waits for the next piece, and what
+    is passed on is well-formed (:func:`_well_formed`)."""
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        text, self._held = self._held + text, ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._held = text[:-1], text[-1]
+        return _well_formed(text)
+
+    def flush(self) -> str:
+        """At the answer's end: a high surrogate still held (no low one came) as U+FFFD, else nothing."""
+        held, self._held = self._held, ""
+        return "\ufffd" if held else ""
+
+
+class _TooLong(Exception):
+    """An SSE line, or one event's data, over :data:`EVENT_LINE_LIMIT` (``args[0]``: what, in words)."""
+
+
+class _EventStream:
+    """The body's server-sent events, by the SSE rules (WHATWG HTML, "Interpreting an event stream"): a line ends
+    in CRLF, LF or CR; an event's ``data:`` lines are joined with "\n"; a blank line dispatches it. aiohttp's
+    readline knew LF only: a CR-only stream was one endless line, and an event whose JSON came over two data
+    lines was refused line by line as not JSON. Each line and each event's data is bounded by ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._line = bytearray()  # the line not ended yet
+        self._after_cr = False  # the last chunk ended in CR: an LF starting the next one is that line's end
+        self._started = False  # (a UTF-8 byte-order mark at the stream's start is dropped)
+        self._type = ""
+        self._data: list[str] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        """The events ``chunk`` completes: (event type, data)."""
+        if not chunk:
+            return []
+        if not self._started:
+            self._started = True
+            chunk = chunk.removeprefix(BOM)
+        pos = 1 if self._after_cr and chunk.startswith(b"\n") else 0
+        self._after_cr = False
+        events: list[tuple[str, str]] = []
+        while (end := _LINE_END.search(chunk, pos)) is not None:
+            if len(self._line) + end.start() - pos > self._limit:
+                raise _TooLong("event line too long")
+            line = bytes(self._line) + chunk[pos:end.start()]
+            self._line.clear()
+            self._after_cr = end.group() == b"\r" and end.end() == len(chunk)
+            pos = end.end()
+            events += self._take(line)
+        self._line += chunk[pos:]
+        if len(self._line) > self._limit:  # checked as it grows: a line that never ends is not buffered whole
+            raise _TooLong("event line too long")
+        return events
+
+    def end(self) -> list[tuple[str, str]]:
+        """The body ended: its last line and event count without a line end or blank line after them (a server
+        that ends with a bare ``data: [DONE]`` was read so)."""
+        line, self._line = bytes(self._line), bytearray()
+        return (self._take(line) if line else []) + self._take(b"")
+
+    def _take(self, raw: bytes) -> list[tuple[str, str]]:
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():  # a blank line (of spaces too, as it was read before)
+            data, kind = self._data, self._type
+            self._data, self._type, self._size = [], "", 0
+            return [(kind, "\n".join(data))] if data else []
+        if text.startswith(":"):  # a comment: keep-alives
+            return []
+        field, _, value = text.partition(":")
+        value = value.removeprefix(" ")
+        field = field.strip()
+        if field == "event":
+            self._type = value.strip()
+        elif field == "data":
+            self._size += len(value) + 1
+            if self._size > self._limit:
+                raise _TooLong("event too long")
+            self._data.append(value)
+        return []  # id:, retry:, and lines of no field the stream defines
 
 
 class OpenAIUpstream:
@@ -117,6 +233,13 @@ class OpenAIUpstream:
             basic = f"{url.user or ''}:{url.password}".encode("latin-1", errors="replace")
             secrets += [url.password, base64.b64encode(basic).decode()]
         self._static_secrets = tuple(secrets)
+        # said once at start (the daemon builds its upstreams then): an empty key source sent no Authorization
+        # header without a word, and the user saw only the server's 401
+        absent = api_key_absence(api_key_env, api_key_file)
+        if absent is not None:
+            source = "api_key_file" if api_key_file is not None else "api_key_env"
+            log.warning("upstream %r: %s (%s): its requests carry no API key, and its server may answer 401",
+                        name, printable(absent), source)
 
     def _secrets(self, key: str | None) -> tuple[str, ...]:
         """What upstream text passed on must not contain: this request's API key and the other credentials; the
@@ -128,9 +251,10 @@ class OpenAIUpstream:
         detail.__cause__ = exc
         return detail
 
-    def _api_key(self) -> str | None:
-        """Read at each request, so a rotated key file or environment takes effect without a restart. A key that
-        cannot go in a header (a line break inside it) is a typed error: aiohttp's was a traceback per request."""
+    def _api_key(self) -> tuple[str | None, str | None]:
+        """(the key, or None; why a configured source yielded none, for a 401's message). Read at each request,
+        so a rotated key file or environment takes effect without a restart. A key that cannot go in a header
+        (a line break inside it) is a typed error: aiohttp's was a traceback per request."""
         if self.api_key_file is not None:
             try:
                 key = read_api_key(self.api_key_file)
@@ -146,8 +270,10 @@ class OpenAIUpstream:
             if problem is not None:
                 raise _upstream_error(self.name, f"the API key in ${self.api_key_env} {problem}")
         else:
-            return None
-        return key or None
+            return None, None
+        if key.strip():
+            return key, None
+        return None, api_key_absence(self.api_key_env, self.api_key_file, show_path=False)
 
     def _model(self, request: ChatRequest) -> str | None:
         """The upstream's model name: ``models`` maps the client's; a client that names none gets ``model``, else
@@ -178,7 +304,7 @@ class OpenAIUpstream:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
             )
         headers = {"Accept": "text/event-stream", **self.extra_headers}
-        key = self._api_key()
+        key, no_key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         secrets = self._secrets(key)
@@ -204,17 +330,24 @@ class OpenAIUpstream:
             raise _upstream_error(self.name, message) from self._detail(exc, secrets)
         async with resp:
             if resp.status >= 400:
-                raise await self._http_error(resp, secrets)
+                raise await self._http_error(resp, secrets, no_key)
             if 300 <= resp.status < 400:
                 raise self._redirect_error(resp, secrets)
             if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
                 return await self._read_json(resp, emit, secrets)
-            return await self._read_events(resp, emit, first_deadline, secrets)
+            if resp.content_type == "text/event-stream":
+                return await self._read_events(resp, emit, first_deadline, secrets)
+            head = await self._events_start(resp, first_deadline, secrets)
+            return await self._read_events(resp, emit, first_deadline, secrets, head)
 
-    async def _http_error(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> RequestError:
+    async def _http_error(
+        self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...], no_key: str | None = None
+    ) -> RequestError:
         """UPSTREAM_ERROR with the status and the upstream's message. The body is read with a time and size bound
         and decoded leniently: ``resp.text()`` hung on a body that never came and raised on non-UTF-8 or cut-short
-        ones, so the client got a vague error and the log a traceback."""
+        ones, so the client got a vague error and the log a traceback. Notes follow the message, kept whole
+        through the cut (the message is shortened): the Retry-After of a 429 or 503 (it was dropped), and for a
+        401 or 403 that no key was sent because ``no_key`` (an unset variable, an empty file)."""
         try:
             async with asyncio.timeout(self.stall_timeout_s):
                 raw = await _read_body(resp, ERROR_BODY_LIMIT)
@@ -224,7 +357,45 @@ class OpenAIUpstream:
             detail = f"(error body cut short: {exc.__class__.__name__})"
         else:
             detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset), secrets)
-        return _upstream_error(self.name, f"HTTP {resp.status}: {detail}")
+        notes = []
+        retry = _retry_after(resp.headers.get("Retry-After"))
+        if retry is not None:
+            notes.append(f"Retry-After: {retry}")
+        if no_key is not None and resp.status in (401, 403):
+            notes.append(f"no API key was sent: {no_key}")
+        head, tail = f"HTTP {resp.status}: ", "".join(f"; {note}" for note in notes)
+        return _upstream_error(self.name, head + detail[:max(0, MESSAGE_LIMIT - len(head) - len(tail))] + tail)
+
+    async def _events_start(
+        self, resp: aiohttp.ClientResponse, first_deadline: float, secrets: tuple[str, ...]
+    ) -> bytes:
+        """The start of an answer that is neither an event stream nor JSON by its Content-Type (or has none):
+        returned, to be read as events, when it starts like them (a server that mislabels its stream), else
+        UPSTREAM_ERROR naming the type and quoting the start. A proxy's HTML login page (status 200) was read as
+        events: "stream ended without [DONE]", or no first token for the whole deadline if it never ended."""
+        head = b""
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                while len(head.removeprefix(BOM).lstrip()) < SSE_SNIFF_BYTES:
+                    data = await resp.content.readany()
+                    if not data:
+                        break
+                    head += data
+        except TimeoutError:
+            if not head.removeprefix(BOM).strip():
+                waited = self.connect_timeout_s + self.first_token_timeout_s
+                raise _timeout(self.name, f"no first token within {waited:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
+        if head.removeprefix(BOM).lstrip().startswith(SSE_FIELDS):
+            return head
+        try:  # what else came already, never waited for (a page that never ends is quoted as far as it came)
+            head += resp.content.read_nowait(ERROR_BODY_LIMIT)
+        except aiohttp.ClientError:
+            pass
+        shown = printable(resp.headers.get("Content-Type", "(none)"))[:100]
+        start = _body_start(head, resp.charset, secrets)
+        raise _upstream_error(self.name, f"unexpected Content-Type {shown}: {start}")
 
     def _redirect_error(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> RequestError:
         """UPSTREAM_ERROR naming the status and where it points. Redirects are not followed: the request carries
@@ -253,68 +424,83 @@ class OpenAIUpstream:
         picked = self._choice_zero(doc, "message")
         if not picked:  # not a completion at all: an empty success would hide it
             raise _upstream_error(self.name, "malformed answer (no choice 0)")
-        reason = "stop"
+        reason: str | None = None
         for content, finish, _ in picked:
+            if reason is not None:  # the finish is final
+                break
             if content:
-                emit(content)
+                emit(_well_formed(content))
             if finish:
                 reason = printable(str(finish))[:32]
-        return reason
+        return reason or "stop"
 
     async def _read_events(
-        self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float, secrets: tuple[str, ...]
+        self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float, secrets: tuple[str, ...],
+        head: bytes = b"",
     ) -> str:
+        """The answer from the event stream (``head``: its start, already read). Content after the choice's
+        finish_reason is dropped: the finish is final (it was appended to the whole answer)."""
         loop = asyncio.get_running_loop()
         deadline = first_deadline  # then the last token's time + stall_timeout_s; nothing else moves it
         started = False  # a token came (content, or reasoning the client is not sent)
-        reason: str | None = None  # the last finish_reason
-        event = ""  # the current event's type (``event:`` line); a blank line ends the event
+        reason: str | None = None  # the finish_reason: the first one ends the answer
+        stream = _EventStream(EVENT_LINE_LIMIT)
+        surrogates = _Surrogates()
+
+        def done(reason: str) -> str:
+            tail = surrogates.flush()
+            if tail:
+                emit(tail)
+            return reason
+
         while True:
+            if head:
+                data, head = head, b""
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        data = await resp.content.readany()
+                except TimeoutError:
+                    if reason is not None:  # the whole answer came, then neither [DONE] nor the end: it is done
+                        resp.close()  # not back to the pool: that stream may still send
+                        return done(reason)
+                    if started:
+                        raise _timeout(self.name, f"the stream stalled for {self.stall_timeout_s:g} s") from None
+                    waited = self.connect_timeout_s + self.first_token_timeout_s
+                    raise _timeout(self.name, f"no first token within {waited:g} s") from None
+                except aiohttp.ClientError as exc:
+                    raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
             try:
-                async with asyncio.timeout_at(deadline):
-                    line = await resp.content.readline()
-            except TimeoutError:
-                if reason is not None:  # the whole answer came, then neither [DONE] nor the end: it is done
-                    resp.close()  # not back to the pool: that stream may still send
-                    return reason
-                if started:
-                    raise _timeout(self.name, f"the stream stalled for {self.stall_timeout_s:g} s") from None
-                waited = self.connect_timeout_s + self.first_token_timeout_s
-                raise _timeout(self.name, f"no first token within {waited:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
-            except (LineTooLong, ValueError):  # over aiohttp's line limit (ValueError before aiohttp 3.10)
-                raise _upstream_error(self.name, "event line too long") from None
-            if not line:
+                events = stream.feed(data) if data else stream.end()
+            except _TooLong as exc:
+                raise _upstream_error(self.name, str(exc)) from None
+            for event, value in events:
+                value = value.strip()
+                if event == "error":
+                    raise _upstream_error(self.name, _error_text(value, secrets) if value else "error event")
+                if value == "[DONE]":
+                    return done(reason or "stop")
+                # without the line feeds that joined its data lines: in JSON each is white space (dropped, the same
+                # document) or, where a server cut its JSON inside a string or a number ("c" / "hoices"), an error
+                chunk = self._document(value.replace("\n", ""), "event", secrets)
+                for content, finish, progress in self._choice_zero(chunk):
+                    if reason is not None:
+                        continue  # after the finish: neither content nor a token that puts off the end
+                    if content:
+                        piece = surrogates.feed(content)
+                        if piece:
+                            emit(piece)
+                    if progress:
+                        started = True
+                        deadline = loop.time() + self.stall_timeout_s
+                    if finish:
+                        reason = printable(str(finish))[:32]
+                        # the answer is whole: [DONE] or the end is due at once, not a stall timeout later
+                        deadline = min(deadline, loop.time() + FINISHED_GRACE_S)
+            if not data:
                 if reason is not None:  # TGI (before mid-2024), ik_llama.cpp, llama-box end without [DONE]
-                    return reason
+                    return done(reason)
                 raise _upstream_error(self.name, "stream ended without [DONE]")
-            text = line.decode("utf-8", errors="replace").strip()
-            if not text:
-                event = ""
-                continue
-            field, _, value = text.partition(":")
-            value = value.strip()
-            if field == "event":
-                event = value
-                continue
-            if field != "data":
-                continue  # comments (":" lines), id:, retry:
-            if event == "error":
-                raise _upstream_error(self.name, _error_text(value, secrets) if value else "error event")
-            if value == "[DONE]":
-                return reason or "stop"
-            chunk = self._document(value, "event", secrets)
-            for content, finish, progress in self._choice_zero(chunk):
-                if content:
-                    emit(content)
-                if progress:
-                    started = True
-                    deadline = loop.time() + self.stall_timeout_s
-                if finish:
-                    reason = printable(str(finish))[:32]
-                    # the answer is whole: [DONE] or the end is due at once, not a stall timeout later
-                    deadline = min(deadline, loop.time() + FINISHED_GRACE_S)
 
     def _document(self, text: str, what: str, secrets: tuple[str, ...]) -> Any:
         """A JSON answer or event; UPSTREAM_ERROR for one that is not JSON or that carries the upstream's error."""
@@ -385,6 +571,30 @@ def _shown_location(url: str, location: str, secrets: tuple[str, ...]) -> str:
     except (ValueError, TypeError):  # a Location yarl cannot parse: shown as it came, cut short
         shown = location[:200]
     return printable(_scrub(shown_url(shown), secrets))
+
+
+def _retry_after(value: str | None) -> str | None:
+    """A Retry-After header in words: its seconds, or an HTTP date as the seconds until it; another value quoted
+    (printable, cut short). None without one."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit() and len(value) <= 12:
+        return f"{int(value)} s"
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return f"{max(0, round(when.timestamp() - time.time()))} s"
+    except (TypeError, ValueError, OverflowError):  # not a date either
+        return printable(value[:40])
+
+
+def _body_start(raw: bytes, charset: str | None, secrets: tuple[str, ...]) -> str:
+    """The start of a body for an error: the secrets redacted, its runs of white space as one space (an HTML
+    page's line breaks, escaped, would fill it), printable, then cut to BODY_START_LIMIT characters."""
+    text = printable(" ".join(_scrub(_decode(raw[:ERROR_BODY_LIMIT], charset), secrets).split()))
+    if len(text) > BODY_START_LIMIT:
+        return text[:BODY_START_LIMIT] + "..."
+    return text or "(empty body)"
 
 
 def _decode(raw: bytes, charset: str | None) -> str:
