@@ -120,6 +120,11 @@ class _KVCollector:
                                   value=st.evictions)
         yield CounterMetricFamily("tokenwire_kv_store_corrupt", "Store objects that failed their checksum "
                                   "(deleted; a level is encoded again from its source)", value=st.corrupt)
+        # its own metric, not added to corrupt's: these never failed a read, they were cut short by a crash or a
+        # full disk before the store's start (the local store's recovery deleted them without a trace)
+        yield CounterMetricFamily("tokenwire_kv_store_recovered", "Partial or truncated store objects removed at the "
+                                  "local store's start (left by a crash or a full disk during their write)",
+                                  value=st.recovered_partial)
         yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
                                 value=store.capacity_bytes)
         used = self.usage.read(store)

@@ -44,6 +44,7 @@ from .kv_store import (
     ChunkStore,
     LocalChunkStore,
     RedisChunkStore,
+    ReportEvery,
     StoreError,
     chain_root,
     chunk_hashes,
@@ -184,6 +185,7 @@ class KVService:
         # daemon 17-19 s past its drain timeout)
         self._closing = threading.Event()
         self.encodes = 0
+        self._unreadable_meta = ReportEvery()  # metadata this version cannot read: a miss, logged now and then
         # counted for the daemon's metrics (the ingest worker writes them)
         self.ingests = 0
         self.ingest_errors = 0
@@ -365,17 +367,31 @@ class KVService:
 
     # -- lookups and lazy encoding (worker thread) ---------------------------------------------------------
     def meta_sync(self, h: str) -> ChunkMeta | None:
+        read = self._meta_read(h)
+        return read[0] if read is not None else None
+
+    def _meta_read(self, h: str) -> tuple[ChunkMeta, bytes | None] | None:
+        """Chunk ``h``'s metadata and, when read from the store, its payload (None: from this process's cache)."""
         with self._lock:
             m = self._meta.get(h)
         # a store shared with other daemons (Redis) may have been re-ingested by one of them: read it there
         if m is not None and not self.store.shared and self.store.contains(object_key(h, "meta")):
-            return m
+            return m, None
         data = self.store.get(object_key(h, "meta"))
         if data is None:
             return None
-        m = ChunkMeta.unpack(data)
+        try:
+            m = ChunkMeta.unpack(data)
+        except KVError as exc:
+            # another version's metadata (a field renamed) on a shared store: a miss for this chunk, left in place.
+            # Raised, it failed every fetch naming the chunk as INTERNAL, a prefix fetch's earlier chunks with it
+            held = self._unreadable_meta.due()
+            if held is not None:
+                log.warning("KV chunk %s: %s (written by another tokenwire version?): a miss%s", h, exc,
+                            f"; {held} more since the last such line" if held else "")
+            return None
         self._remember(self._meta, h, m)
-        return m
+        return m, data
 
     def encoded_sync(self, h: str, level: str) -> bytes:
         """Chunk ``h`` at ``level``: from the store, else encoded from its source now (and stored)."""
@@ -387,16 +403,32 @@ class KVService:
         with self._chunk_lock(h):  # the ingest worker may be replacing this chunk, or encoding it
             return self._encode_locked(h, level, key)
 
-    def _encode_locked(self, h: str, level: str, key: str) -> bytes:
-        """``encoded_sync`` with the chunk's lock held."""
+    def _encode_locked(self, h: str, level: str, key: str,
+                       read: tuple[ChunkMeta, bytes | None] | None = None) -> bytes:
+        """``encoded_sync`` with the chunk's lock held; ``read``: the metadata the caller checked (chunk_sync's).
+
+        On a shared store another daemon may replace the chunk while this one encodes it (no lock spans
+        daemons). Its replacement deletes the metadata first and writes it last, so (1) a source read between two
+        reads of the same metadata is that metadata's source (else the fetch is refused: it could have been the
+        new KV, sent under the old fingerprint), and (2) the level is stored only while the metadata is still the
+        one it was encoded under (``put_if``, one step in Redis): stored after the replacement, a stale level sat
+        under the new metadata, and a re-put with that metadata kept it, so the context never fetched again."""
         data = self.store.get(key)  # encoded by the other worker while this one waited
         if data is not None:
             self._remember(self._sizes, (h, level), len(data))
             return data
-        meta = self.meta_sync(h)
+        if read is None:
+            read = self._meta_read(h)
         src = self.store.get(object_key(h, "src"))
-        if meta is None or src is None:
-            raise KVNotFound(f"chunk {h} is no longer stored (evicted or corrupt)")
+        if read is None or src is None:
+            raise KVNotFound(f"chunk {h} is no longer stored (evicted, corrupt, or of another tokenwire version)")
+        meta, blob = read
+        meta_key = object_key(h, "meta")
+        if not self.store.shared:
+            blob = None  # a store only this process writes: the chunk's lock already orders its writers
+        if blob is not None and self.store.get(meta_key) != blob:
+            raise KVNotFound(f"chunk {meta.index} of the context was stored again with other KV during this fetch "
+                             "(by another daemon sharing the store); fetch it again")
         import torch
 
         from tokenwire.transport.cachegen.codec import encode_chunk, unstack_kv
@@ -410,7 +442,16 @@ class KVService:
         raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
         data = encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
         self.encodes += 1
-        self.store.put(key, data)
+        try:
+            if blob is not None:
+                self.store.put_if(key, data, guard=meta_key, expected=blob)  # False: replaced since; not kept
+            else:
+                self.store.put(key, data)
+        except StoreError:
+            # a level is a cache: one the store has no room for (a full disk, a Redis at its maxmemory) is sent
+            # all the same, as one that does not fit the capacity is; the store logged why. It failed the fetch of
+            # a context stored before the disk filled
+            pass
         self._remember(self._sizes, (h, level), len(data))
         return data
 
@@ -478,16 +519,17 @@ class KVService:
         whose other chunks and KV_META are the old put's."""
         h = plan.handle[index]
         with self._chunk_lock(h):
-            meta = self.meta_sync(h)
-            if meta is None:
+            read = self._meta_read(h)
+            if read is None:
                 raise KVNotFound(f"chunk {h} is no longer stored")
+            meta = read[0]
             if (meta.fingerprint, (meta.layers, meta.heads, meta.head_dim), meta.dtype, len(meta.token_ids)) != (
                     plan.fingerprint, tuple(plan.geometry), plan.dtype, plan.token_counts[index]):
                 raise KVNotFound(f"chunk {index} of the context was stored again with other KV during this fetch "
                                  f"(now fingerprint {meta.fingerprint}, {meta.dtype}); fetch it again")
             if level == TEXT:
                 return struct.pack(f"<{len(meta.token_ids)}i", *meta.token_ids)
-            return self._encode_locked(h, level, object_key(h, level))
+            return self._encode_locked(h, level, object_key(h, level), read)
 
     # -- KVProvider (async, for the channel) -----------------------------------------------------------------
     async def resolve(self, fetch: KvFetch) -> ContextPlan:

@@ -51,7 +51,45 @@ DEFAULT_CHUNK_TOKENS = 256
 
 
 class StoreError(TokenwireError):
+    """The store failed: a Redis that does not answer, a directory it cannot write. One line, no traceback."""
+
     code = ErrorCode.INTERNAL
+
+
+class StoreFullError(StoreError):
+    """The store has no room for a write: its disk is full (ENOSPC, EDQUOT) or its Redis is at its maxmemory.
+    Its own type, so that a level that cannot be kept is still sent (a level is a cache), and so that the engine
+    hears "full" where it heard "ingest failed: OSError" or "KV store unavailable"."""
+
+
+REPORT_S = 60.0  # a recurring store condition (corrupt objects, a full disk) is logged once per this long
+
+
+class ReportEvery:
+    """Lets one log line through per ``interval`` and counts the rest, so that a condition hit by every fetch
+    (a full disk, a read-only mount, objects of another version) is seen without a line per chunk. Thread-safe:
+    the fetch and the ingest workers both report."""
+
+    def __init__(self, interval: float = REPORT_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None while the last line is recent (this one is counted); else how many were held back since it."""
+        with self._lock:
+            now = self.clock()
+            if self._last is not None and now - self._last < self.interval:
+                self._held += 1
+                return None
+            held, self._held, self._last = self._held, 0, now
+            return held
+
+
+def _held(n: int) -> str:
+    return f"; {n} more since the last such line" if n else ""
 
 
 def chain_root(model: str) -> str:
@@ -90,7 +128,8 @@ def wrap(payload: bytes) -> bytes:
 
 
 def unwrap(blob: bytes) -> bytes | None:
-    """The payload, or None when the envelope is truncated, foreign or fails its checksum."""
+    """The payload, or None when the envelope is truncated, foreign or fails its checksum (see
+    :func:`foreign_version` for telling another version's object from a corrupt one)."""
     if len(blob) < _HEADER.size:
         return None
     magic, version, length, crc = _HEADER.unpack_from(blob)
@@ -98,6 +137,16 @@ def unwrap(blob: bytes) -> bytes | None:
     if magic != MAGIC or version != VERSION or len(payload) != length or zlib.crc32(payload) != crc:
         return None
     return payload
+
+
+def foreign_version(blob: bytes) -> int | None:
+    """The envelope version of an object written by another tokenwire version (a whole header, our magic, a
+    version other than :data:`VERSION`; 0 was never written), else None. Such an object is a miss, left in place:
+    deleted as corrupt, a rolling upgrade had the old daemons on a shared Redis delete every object the new ones
+    wrote. Something shorter than a header is corrupt (a truncated write), whatever its first bytes."""
+    if len(blob) < _HEADER.size or blob[:4] != MAGIC or blob[4] in (0, VERSION):
+        return None
+    return blob[4]
 
 
 REBUILT_LEVELS = ("low", "medium", "high")  # encoded from a chunk's source whenever needed again
@@ -126,13 +175,15 @@ class StoreStats:
     puts: int = 0
     evictions: int = 0
     corrupt: int = 0
-    recovered_partial: int = 0
+    recovered_partial: int = 0  # partial writes and truncated objects removed at the local store's start
+    foreign: int = 0  # reads of objects written by another tokenwire version (a miss each, left in place)
 
 
 class ChunkStore(ABC):
     capacity_bytes: int
     stats: StoreStats
     shared = False  # other processes write it too: what this one cached about it may be stale
+    where = "the KV store"  # for log lines: the directory, or the Redis URL with its password masked
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -155,6 +206,38 @@ class ChunkStore(ABC):
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """``contains`` for each key (a store with round trips answers them in one)."""
         return [self.contains(k) for k in keys]
+
+    def put_if(self, key: str, data: bytes, *, guard: str, expected: bytes) -> bool:
+        """``put``, only while object ``guard`` holds ``expected`` (its payload); False, nothing stored, otherwise.
+        Here a read then a put: atomic against this process's writers (the service's chunk lock orders them),
+        all a store that is not :attr:`shared` has. A shared store makes the check and the write one step."""
+        if self.get(guard) != expected:
+            return False
+        self.put(key, data)
+        return True
+
+    def _report(self, kind: str, msg: str, *args: Any) -> None:
+        """One warning per REPORT_S for each ``kind`` of recurring condition, with how many were held back."""
+        # per instance, made at first use (the stores' __init__ do not call one here)
+        held = self.__dict__.setdefault("_reports", {}).setdefault(kind, ReportEvery()).due()
+        if held is not None:
+            log.warning(msg + "%s", *args, _held(held))
+
+    def _found_corrupt(self, key: str) -> None:
+        """An object that failed its checksum (deleted by the caller): counted and logged (it was neither)."""
+        self.stats.corrupt += 1
+        self.stats.misses += 1
+        self._report("corrupt", "KV store %s: %s failed its checksum and was deleted (a level is encoded again "
+                     "from its source; a source or metadata makes its chunk a miss until put again)",
+                     self.where, key)
+
+    def _found_foreign(self, key: str, version: int) -> None:
+        """An object of another tokenwire version's envelope: a miss, left in place for the version that reads it."""
+        self.stats.foreign += 1
+        self.stats.misses += 1
+        self._report("foreign", "KV store %s: %s was written by another tokenwire version (envelope version %d; "
+                     "this one reads %d): a miss, left in place (daemons sharing a store mid-upgrade?)",
+                     self.where, key, version, VERSION)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -243,8 +326,10 @@ class LocalChunkStore(ChunkStore):
         if capacity_bytes <= 0:
             raise StoreError("capacity must be positive")
         self.root = Path(root)
+        self.where = str(self.root)
         self.capacity_bytes = capacity_bytes
         self.stats = StoreStats()
+        self._touch_failed = False  # an mtime that cannot be set (a read-only mount) is logged once
         self._lock = threading.RLock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, least recent first
         # the eviction order (EVICTION_POLICY), kept as it changes so that a put into a full store costs what it
@@ -296,8 +381,11 @@ class LocalChunkStore(ChunkStore):
         return self.root / key[:2] / key
 
     def _recover(self) -> None:
-        """Drop partial writes and truncated files; rebuild the LRU index from mtimes."""
+        """Drop partial writes and truncated files; rebuild the LRU index from mtimes. Another version's objects
+        are kept, as a read keeps them (see :func:`foreign_version`): indexed, so that eviction still counts and
+        removes them. What was dropped is one log line and tokenwire_kv_store_recovered_total (it was neither)."""
         found: list[tuple[float, str, int]] = []
+        foreign = 0
         for sub in self.root.iterdir():
             if not sub.is_dir():
                 continue
@@ -314,7 +402,9 @@ class LocalChunkStore(ChunkStore):
                 with f.open("rb") as fh:
                     head = fh.read(_HEADER.size)
                 ok = len(head) == _HEADER.size and head[:4] == MAGIC
-                if ok:
+                if ok and foreign_version(head) is not None:
+                    foreign += 1  # its header may not be ours to measure: kept whole, as a read would keep it
+                elif ok:
                     length = _HEADER.unpack(head)[2]
                     ok = st.st_size == _HEADER.size + length
                 if not ok:
@@ -324,6 +414,13 @@ class LocalChunkStore(ChunkStore):
                 found.append((st.st_mtime, f.name, st.st_size))
         for _, key, size in sorted(found):
             self._add(key, size)
+        if self.stats.recovered_partial:
+            log.warning("KV store %s: removed %d partial or truncated objects at start (left by a crash or a full "
+                        "disk during their write; a level is encoded again, a chunk without its source or metadata "
+                        "is a miss until put again)", self.root, self.stats.recovered_partial)
+        if foreign:
+            log.warning("KV store %s: %d objects written by another tokenwire version are kept but not read by this "
+                        "one (misses; evicted in their turn)", self.root, foreign)
         if found:  # restarted with a smaller capacity: back within it now, not at the next put
             with self._lock:
                 self._evict(keep="")
@@ -352,10 +449,16 @@ class LocalChunkStore(ChunkStore):
             return None
         payload = unwrap(blob)
         with self._lock:
+            if payload is None and (version := foreign_version(blob)) is not None:
+                self._found_foreign(key, version)  # stays indexed: counted, and evicted in its turn
+                return None
             if payload is None:
-                self.stats.corrupt += 1
-                self.stats.misses += 1
-                path.unlink(missing_ok=True)
+                self._found_corrupt(key)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:  # a read-only mount: still a miss (the unlink failed every such fetch)
+                    self._report("unlink", "KV store %s: cannot delete the corrupt %s: %s", self.root, key,
+                                 exc.strerror or exc)
                 self._forget(key)
                 return None
             self.stats.hits += 1
@@ -365,6 +468,12 @@ class LocalChunkStore(ChunkStore):
             os.utime(path)  # recency that survives a restart
         except FileNotFoundError:
             pass
+        except OSError as exc:  # best effort: on a read-only mount every hit failed here, with the data in hand
+            if not self._touch_failed:
+                self._touch_failed = True
+                log.warning("KV store %s: cannot record an object's use in its mtime (%s): hits are served, their "
+                            "recency is kept in memory only (lost at a restart); not logged again",
+                            self.root, exc.strerror or exc)
         return payload
 
     def put(self, key: str, data: bytes) -> None:
@@ -372,27 +481,45 @@ class LocalChunkStore(ChunkStore):
         blob = wrap(data)
         if len(blob) > self.capacity_bytes:
             raise StoreError(f"object of {len(blob)} bytes exceeds the store capacity of {self.capacity_bytes}")
-        path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        placed = False  # renamed into place: from then on it is the object, indexed, never removed as a leftover
         try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with self._lock:
-            os.replace(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY)
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                os.fsync(dfd)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
             finally:
-                os.close(dfd)
-            self._forget(key)
-            self._add(key, len(blob))
-            self.stats.puts += 1
-            self._evict(keep=key)
+                os.close(fd)
+            with self._lock:
+                os.replace(tmp, path)
+                placed = True
+                self._forget(key)
+                self._add(key, len(blob))
+                self.stats.puts += 1
+                dfd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+                self._evict(keep=key)
+        except OSError as exc:
+            raise self._write_failed(key, exc) from None
+        finally:
+            if not placed:  # a full disk left the partial .tmp behind, uncounted, until the next start
+                _discard(tmp)
+
+    def _write_failed(self, key: str, exc: OSError) -> StoreError:
+        """A write's OSError as a one-line :class:`StoreError` naming the directory (the engine heard "ingest
+        failed: OSError" and the log got a traceback); a full disk is a :class:`StoreFullError`."""
+        why = exc.strerror or str(exc)
+        self._report("write", "KV store %s: cannot write %s: %s", self.root, key, why)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFullError(f"KV store full: no space left on the device of {self.root} (kv.directory); "
+                                  f"free space there or set kv.capacity_mb below its free space")
+        return StoreError(f"KV store: cannot write in {self.root}: {why}")
 
     def _add(self, key: str, size: int) -> None:
         self._index[key] = size
@@ -457,11 +584,27 @@ class LocalChunkStore(ChunkStore):
 
     def delete(self, key: str) -> None:
         with self._lock:
-            self._path(key).unlink(missing_ok=True)
+            try:
+                self._path(key).unlink(missing_ok=True)
+            except OSError as exc:  # a read-only mount: one typed line, not a raw OSError
+                raise self._write_failed(key, exc) from None
             self._forget(key)
 
 
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # (a read-only mount): what cannot be removed now goes at the next start
+        pass
+
+
 REDIS_REPORT_S = 10.0  # one warning per this long while Redis keeps failing
+FULL_HINT = ("; tokenwire evicts by kv.capacity_mb, which must stay below Redis's maxmemory (with room for its "
+             "bookkeeping keys)")
+# maxmemory policies under which Redis may evict any key, tokenwire's size hash, usage total and recency sets
+# included: its usage is then overstated and the objects those lost are never evicted by tokenwire. The volatile-*
+# policies evict only keys with a TTL, which tokenwire never sets: to it they are noeviction.
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
 
 def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -474,11 +617,15 @@ def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except self._redis_error as exc:
+            full = isinstance(exc, self._oom_error)
             now = time.monotonic()
             if now - self._reported_at >= REDIS_REPORT_S:
                 self._reported_at = now
-                log.warning("KV store: Redis at %s failed: %s: %s (more failures in the next %g s not logged)",
-                            shown_url(self.url), exc.__class__.__name__, exc, REDIS_REPORT_S)
+                log.warning("KV store: Redis at %s failed: %s: %s%s (more failures in the next %g s not logged)",
+                            shown_url(self.url), exc.__class__.__name__, exc, FULL_HINT if full else "",
+                            REDIS_REPORT_S)
+            if full:  # it answered: "unavailable" sent operators to look for a Redis that was down
+                raise StoreFullError("KV store full: Redis is full (maxmemory)") from None
             raise StoreError(f"KV store unavailable (Redis {exc.__class__.__name__})") from None
 
     return call
@@ -499,7 +646,9 @@ class RedisChunkStore(ChunkStore):
         self.stats = StoreStats()
         self.prefix = prefix
         self.url = url
+        self.where = shown_url(url)
         self._redis_error = redis.RedisError
+        self._oom_error = redis.exceptions.OutOfMemoryError
         self._reported_at = -REDIS_REPORT_S
         try:
             # Any: redis annotates replies bytes | str; without decode_responses they are bytes
@@ -527,12 +676,12 @@ class RedisChunkStore(ChunkStore):
         forget = "redis.call('ZREM', KEYS[4], ARGV[1]); redis.call('ZREM', KEYS[5], ARGV[1]); " + unsize
         # put: KEYS += object, lru, lru-chunks, lru-levels; ARGV: key, blob, size, time, chunk, is-a-level.
         # Returns the store's usage after it.
-        self._put = self._r.register_script(
-            total + "local old = redis.call('HGET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[3], ARGV[2]); "
-            "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]); redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]); "
-            "redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5]); "
-            "if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end; "
-            "return redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - (tonumber(old) or 0))")
+        put = (total + "local old = redis.call('HGET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[3], ARGV[2]); "
+               "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]); redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]); "
+               "redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5]); "
+               "if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end; "
+               "return redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - (tonumber(old) or 0))")
+        self._put = self._r.register_script(put)
         # delete: KEYS += object, lru, lru-levels; ARGV: key
         self._delete = self._r.register_script(total + "redis.call('DEL', KEYS[3]); " + forget)
         # a miss forgets the key only if the object is still absent (another writer may have stored it since
@@ -540,7 +689,41 @@ class RedisChunkStore(ChunkStore):
         self._forget_if_absent = self._r.register_script(
             total + "if redis.call('EXISTS', KEYS[3]) == 0 then " + forget + "end")
         self._usage = self._r.register_script(total + "return tonumber(redis.call('GET', KEYS[2]))")
+        # put_if: put's KEYS and ARGV, then KEYS[7] = the guard object, ARGV[7] = its expected blob; nil (and
+        # nothing written) when the guard holds anything else or is gone. One step, so that a level encoded from
+        # a source another daemon replaced meanwhile is never stored under the new metadata
+        self._put_if = self._r.register_script(
+            "if redis.call('GET', KEYS[7]) ~= ARGV[7] then return false end; " + put)
         self._migrate()
+        self._check_memory_policy()
+
+    def _check_memory_policy(self) -> None:
+        """Warn at start about a Redis configuration that breaks the store: a maxmemory-policy that evicts any key
+        (tokenwire's bookkeeping with them: usage overstated by 79 % in a probe, untracked objects never evicted),
+        or a maxmemory below kv.capacity_mb (puts fail as "Redis is full" before tokenwire evicts anything).
+        CONFIG may be refused (an ACL, a managed Redis): then nothing is known and nothing is said but a debug
+        line."""
+        try:
+            conf = self._r.config_get("maxmemory*")
+        except self._redis_error as exc:
+            log.debug("KV store: Redis at %s: CONFIG GET maxmemory* refused (%s); its eviction policy is not "
+                      "checked", self.where, exc)
+            return
+        conf = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in conf.items()}
+        policy, maxmemory = conf.get("maxmemory-policy", ""), int(conf.get("maxmemory") or 0)
+        if policy in EVICTING_POLICIES:  # (maxmemory 0 today: no limit, but one set later applies it)
+            log.warning("KV store: Redis at %s has maxmemory-policy %s: Redis may evict tokenwire's bookkeeping "
+                        "keys (%ssizes, used, lru*), after which the store's usage is overstated and the objects "
+                        "they tracked are never evicted by tokenwire; set maxmemory-policy noeviction (tokenwire "
+                        "evicts by kv.capacity_mb) with maxmemory above kv.capacity_mb", self.where, policy,
+                        self.prefix)
+        if maxmemory and maxmemory < self.capacity_bytes:
+            log.warning("KV store: Redis at %s has maxmemory %d MiB, below kv.capacity_mb (%d MiB): %s; set "
+                        "kv.capacity_mb below maxmemory, with room for the bookkeeping keys and any other data",
+                        self.where, maxmemory >> 20, self.capacity_bytes >> 20,
+                        "Redis evicts before tokenwire does" if policy in EVICTING_POLICIES else
+                        "puts will fail with \"Redis is full (maxmemory)\" before tokenwire evicts anything")
 
     def _migrate(self) -> None:
         """A store written before the level and chunk recency sets existed: build them from the object LRU once
@@ -594,30 +777,53 @@ class RedisChunkStore(ChunkStore):
         blob = self._r.get(self._k(key))
         if blob is None:
             self.stats.misses += 1
-            self._forget_if_absent(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels],
-                                   args=[key])
+            try:
+                self._forget_if_absent(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels],
+                                       args=[key])
+            except self._oom_error:
+                pass  # bookkeeping: a full Redis (maxmemory) must not turn a miss into a failure
             return None
         payload = unwrap(blob)
+        if payload is None and (version := foreign_version(blob)) is not None:
+            self._found_foreign(key, version)  # a newer daemon's write on this Redis: never deleted here
+            return None
         if payload is None:
-            self.stats.corrupt += 1
-            self.stats.misses += 1
+            self._found_corrupt(key)
             self.delete(key)
             return None
         self.stats.hits += 1
         pipe = self._r.pipeline(transaction=False)
         self._touch(pipe, key)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except self._oom_error:
+            pass  # recency is best effort: a Redis at its maxmemory failed every hit here, the data in hand
         return payload
 
     @_redis_errors
     def put(self, key: str, data: bytes) -> None:
+        self._store(key, data, None)
+
+    @_redis_errors
+    def put_if(self, key: str, data: bytes, *, guard: str, expected: bytes) -> bool:
+        return self._store(key, data, (guard, expected))
+
+    def _store(self, key: str, data: bytes, guard: tuple[str, bytes] | None) -> bool:
+        """``put``, or with ``guard`` (object, payload) ``put_if``: the check and the write in one script."""
         blob = wrap(data)
         if len(blob) > self.capacity_bytes:
             raise StoreError(f"object of {len(blob)} bytes exceeds the store capacity of {self.capacity_bytes}")
+        keys = [self._sizes, self._used, self._k(key), self._lru, self._lru_chunks, self._lru_levels]
+        args: list[bytes | str | int | float] = [key, blob, len(blob), time.time(), chunk_of(key),
+                                                 int(kind_of(key) in REBUILT_LEVELS)]
         with self._lock:
-            used = int(self._put(
-                keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_chunks, self._lru_levels],
-                args=[key, blob, len(blob), time.time(), chunk_of(key), int(kind_of(key) in REBUILT_LEVELS)]))
+            if guard is None:
+                reply = self._put(keys=keys, args=args)
+            else:
+                reply = self._put_if(keys=[*keys, self._k(guard[0])], args=[*args, wrap(guard[1])])
+                if reply is None:
+                    return False
+            used = int(reply)
             self.stats.puts += 1
             excess = used - self.capacity_bytes
             if excess > 0:
@@ -625,6 +831,7 @@ class RedisChunkStore(ChunkStore):
                 for victim in victims:
                     self.delete(victim)
                 self.stats.evictions += len(victims)
+        return True
 
     def _sized(self, keys: list[str]) -> list[tuple[str, int]]:
         sizes = self._r.hmget(self._sizes, keys) if keys else []
