@@ -444,10 +444,13 @@ class OpenAIUpstream:
         deadline = first_deadline  # then the last token's time + stall_timeout_s; nothing else moves it
         started = False  # a token came (content, or reasoning the client is not sent)
         reason: str | None = None  # the finish_reason: the first one ends the answer
+        answered = False  # an event carried the answer's choice (index 0): a stream of none answered nothing
         stream = _EventStream(EVENT_LINE_LIMIT)
         surrogates = _Surrogates()
 
         def done(reason: str) -> str:
+            if not answered:  # ({"id": 1} then [DONE] was an empty answer, exit 0; a JSON answer so is refused)
+                raise _upstream_error(self.name, "malformed stream (no event carried choice 0)")
             tail = surrogates.flush()
             if tail:
                 emit(tail)
@@ -484,6 +487,7 @@ class OpenAIUpstream:
                 # document) or, where a server cut its JSON inside a string or a number ("c" / "hoices"), an error
                 chunk = self._document(value.replace("\n", ""), "event", secrets)
                 for content, finish, progress in self._choice_zero(chunk):
+                    answered = True
                     if reason is not None:
                         continue  # after the finish: neither content nor a token that puts off the end
                     if content:

@@ -339,3 +339,16 @@ def test_content_after_the_finish_reason_is_not_the_answer():
     assert ask(Canned([ev(chunk("Hi")), finished_with_content, *after, DONE])) == (["Hi", "!"], "stop")
     # and after a finish without [DONE]: the end of the body
     assert ask(Canned([ev(chunk("Hi")), FINISH, ev(chunk("AFTER"))])) == (["Hi"], "stop")
+
+
+@pytest.mark.parametrize("pieces", [[ev({"id": 1}), DONE], [ev({"id": 1, "choices": []}), ev({"id": 2}), DONE],
+                                    [ev({"choices": [{"index": 1, "delta": {"content": "x"}}]}), DONE]],
+                         ids=["no-choices", "empty-choices", "other-choice"])
+def test_a_stream_in_which_no_event_carries_choice_0_is_malformed(pieces):
+    """It was an empty answer, "stop", exit 0 (a probe); a JSON answer without choice 0 is refused so already."""
+    exc = failure(Canned(pieces))
+    assert exc.code == ErrorCode.UPSTREAM_ERROR and "malformed stream (no event carried choice 0)" in str(exc)
+
+
+def test_a_stream_whose_choice_0_says_nothing_is_an_empty_answer_not_an_error():
+    assert ask(Canned([ev(chunk(None)), FINISH, DONE])) == ([], "stop")
