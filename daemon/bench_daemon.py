@@ -158,24 +158,33 @@ def _start_daemon(
         raise
 
 
-def _write_progress(path: Path, done: int) -> None:
-    """A worker's count of finished sessions, for the parent's one progress line (replaced whole: never half)."""
+def _write_progress(path: Path, done: int, tokens: int = 0) -> None:
+    """A worker's count of finished sessions and of tokens received, for the parent's one progress line (replaced
+    whole: never half)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(str(done))
+    tmp.write_text(f"{done} {tokens}")
     os.replace(tmp, path)
 
 
-def _sessions_finished(path: Path) -> int:
+def _read_progress(path: Path) -> tuple[int, int]:
+    """(sessions finished, tokens received) of one worker; (0, 0) before it has written any."""
     try:
-        return int(path.read_text())
+        fields = [int(f) for f in path.read_text().split()]
     except (OSError, ValueError):  # not written yet
-        return 0
+        return 0, 0
+    done, tokens = [*fields, 0, 0][:2]  # (an older worker's file holds the sessions alone)
+    return done, tokens
 
 
-def _progress_line(elapsed: float, progress: list[Path], sessions: int) -> str:
-    """All workers' sessions in one line: each worker printed its own, "0/2 sessions finished" twice for 4."""
-    done = sum(_sessions_finished(p) for p in progress)
-    return f"  {elapsed:5.0f} s: {done}/{sessions} sessions finished"
+def _progress_line(elapsed: float, progress: list[Path], sessions: int, tokens: int = 0) -> str:
+    """All workers' sessions in one line: each worker printed its own, "0/2 sessions finished" twice for 4. With
+    ``tokens`` (all the sessions' answers), the tokens received so far too: sessions end together at the end of a
+    long run, and "0/200 sessions finished" for 30 s said nothing of how it went."""
+    counts = [_read_progress(p) for p in progress]
+    line = f"  {elapsed:5.0f} s: {sum(c[0] for c in counts)}/{sessions} sessions finished"
+    if tokens:
+        line += f", {sum(c[1] for c in counts):,}/{tokens:,} tokens received"
+    return line
 
 
 async def _clients(
@@ -187,12 +196,19 @@ async def _clients(
 
     expected = [t.encode() for t in answer_tokens(tokens)]
     results: list[dict[str, Any]] = []
+    reading: set[Any] = set()  # the answers being read, and the tokens of those read to their end
+    received = [0]
 
     async def read(conn: Any, rec: dict[str, Any]) -> None:
         """One answer, read to its end, added to its session's record."""
         stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
-        async for _ in stream:
-            pass
+        reading.add(stream)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            reading.discard(stream)
+            received[0] += len(stream.tokens)
         got = stream.tokens
         out = stream.outcome
         rec["tokens"] += len(got)
@@ -233,10 +249,21 @@ async def _clients(
             if "connect_s" in rec:  # the connection failed under its answers: the unread ones are lost
                 rec["lost"] = max(rec["lost"], tokens * answers - rec["tokens"])
         results.append(rec)
-        if progress is not None:
-            _write_progress(progress, len(results))
 
-    await asyncio.gather(*(one(k) for k in range(sessions)))
+    async def report() -> None:
+        while True:
+            assert progress is not None
+            _write_progress(progress, len(results), received[0] + sum(len(s.tokens) for s in reading))
+            await asyncio.sleep(PROGRESS_S / 5)
+
+    reporter = asyncio.ensure_future(report()) if progress is not None else None
+    try:
+        await asyncio.gather(*(one(k) for k in range(sessions)))
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+    if progress is not None:
+        _write_progress(progress, len(results), received[0])
     return results
 
 
@@ -288,7 +315,8 @@ def _run_workers(
                     status = w.wait(max(0.0, next_report - time.monotonic()))
                     break
                 except subprocess.TimeoutExpired:
-                    line = _progress_line(time.monotonic() - start, [_progress_path(o) for o in outs], sessions)
+                    line = _progress_line(time.monotonic() - start, [_progress_path(o) for o in outs], sessions,
+                                          sessions * answers * tokens)
                     print(line, file=sys.stderr, flush=True)
                     next_report += PROGRESS_S
             if status != 0:

@@ -428,10 +428,22 @@ def test_daemon_workers_progress_is_one_line_for_all_sessions(tmp_path, monkeypa
     ticks = (time.monotonic() - t0) / 0.1
     lines = capsys.readouterr().err.splitlines()
     assert lines and len(lines) <= ticks + 1  # one per tick, not one per worker
-    assert all(ln.endswith(("0/4 sessions finished", "1/4 sessions finished", "2/4 sessions finished"))
-               for ln in lines), lines
+    assert all(ln.endswith(("0/4 sessions finished, 0/40 tokens received",
+                            "1/4 sessions finished, 0/40 tokens received",
+                            "2/4 sessions finished, 0/40 tokens received")) for ln in lines), lines
     assert bench_daemon._progress_line(5.0, [tmp_path / "worker0.json.progress", tmp_path / "nothing"], 4) == \
         "      5 s: 1/4 sessions finished"
+
+
+def test_daemon_workers_progress_counts_the_tokens_received_before_sessions_end(tmp_path):
+    """Sessions end together at the end of a run: "0/200 sessions finished" for 30 s said nothing of how it went."""
+    from tokenwire.daemon import bench_daemon
+
+    one, two = tmp_path / "w0.json.progress", tmp_path / "w1.json.progress"
+    bench_daemon._write_progress(one, 0, 1500)
+    bench_daemon._write_progress(two, 1, 2500)
+    assert bench_daemon._progress_line(5.0, [one, two], 4, 8000) == \
+        "      5 s: 1/4 sessions finished, 4,000/8,000 tokens received"
 
 
 def test_sim_union_oracle_is_never_above_a_schemes_own():
