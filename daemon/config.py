@@ -753,42 +753,21 @@ def _readable_by_others(path: Path) -> str | None:
     return None
 
 
-DAEMON_USER = "tokenwire"  # the systemd unit's User=: config check, run as root, reads files as that user would
-
-
-def _unreadable_by_daemon(path: Path) -> str | None:
-    """Why the systemd unit's user (:data:`DAEMON_USER`) cannot read ``path``; None when it can, or when that
-    cannot be told here: ``config check`` not run as root, no such user on this system, or no file. ``tokenwire
-    cert`` writes its key 0600 root, and a check run as root said ok for a key the daemon then could not read."""
-    import grp
-    import pwd
-
-    if os.geteuid() != 0:
-        return None
-    try:
-        user = pwd.getpwnam(DAEMON_USER)
-        st = path.stat()
-    except (KeyError, OSError):
-        return None
-    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if DAEMON_USER in g.gr_mem}
-    if ((st.st_uid == user.pw_uid and st.st_mode & 0o400) or (st.st_gid in groups and st.st_mode & 0o040)
-            or st.st_mode & 0o004):
-        return None
-    return (f"{path} cannot be read by the {DAEMON_USER} user the systemd unit runs the daemon as (owner "
-            f"{st.st_uid}, mode {st.st_mode & 0o777:04o}): chown {DAEMON_USER}:{DAEMON_USER} {path}")
-
-
 def security_warnings(cfg: Config, config_path: Path | None = None) -> list[str]:
     """What ``config check`` warns about though the daemon runs with it: settings that expose what it guards.
     Each passed without a word: metrics bound to every interface, an API key sent in clear text to another
     host, and secret files readable beyond the daemon's user (an ingest application in its group read them). Run
-    as root where the unit's user exists, also the files that user could not read (``config_path`` too)."""
+    as root where the unit's user exists, also the files that user could not read (``config_path`` too, and
+    through their folders) and the places the unit's daemon could not write (:func:`service_write_warnings`)."""
+    from .unit_access import service_write_warnings, unreadable_by_daemon
+
     out: list[str] = []
     for name, path in (("configuration", config_path), ("server.private_key", cfg.server.private_key),
-                       ("server.certificate", cfg.server.certificate)):
-        problem = None if path is None else _unreadable_by_daemon(path)
+                       ("server.certificate", cfg.server.certificate), ("server.client_ca", cfg.server.client_ca)):
+        problem = None if path is None else unreadable_by_daemon(path)
         if problem is not None:
             out.append(f"{name}: {problem}")
+    out += service_write_warnings(cfg)
     if cfg.metrics.listen is not None and not _is_loopback(cfg.metrics.listen[0]):
         host, port = cfg.metrics.listen
         where = "binds every interface" if host in ("::", "0.0.0.0") else "is not a loopback address"
@@ -812,7 +791,7 @@ def security_warnings(cfg: Config, config_path: Path | None = None) -> list[str]
             out.append(f"{where}.base_url: plain http:// to {url.hostname}, not this machine: "
                        f"{', '.join(credentials)} and every prompt cross the network unencrypted (use https://)")
         key_file = opts.get("api_key_file")
-        unreadable = _unreadable_by_daemon(key_file) if key_file is not None else None
+        unreadable = unreadable_by_daemon(key_file) if key_file is not None else None
         if unreadable is not None:
             out.append(f"{where}.api_key_file: {unreadable}")
         who = _readable_by_others(key_file) if key_file is not None else None

@@ -210,10 +210,10 @@ def test_an_api_key_in_clear_text_to_another_host_is_a_warning(base_url, keys, w
 def test_secret_files_readable_beyond_the_daemons_user_are_warnings(tmp_path, capsys, monkeypatch):
     """An api_key_file and the TLS key readable by group or others passed without a word (an application in the
     daemon's group read them)."""
-    from tokenwire.daemon import config
+    from tokenwire.daemon import unit_access
 
     # on a host with the unit's user (an install), root's 0600 files here are also "unreadable by tokenwire"
-    monkeypatch.setattr(config, "DAEMON_USER", "tokenwire-test-no-such-user")
+    monkeypatch.setattr(unit_access, "DAEMON_USER", "tokenwire-test-no-such-user")
     key_file = tmp_path / "vllm.key"
     key_file.write_text("sk-file\n")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -412,17 +412,20 @@ def test_config_check_run_as_root_names_files_the_daemons_user_cannot_read(tmp_p
     said ok, and the daemon, running as the unit's user, failed with "cannot read (Permission denied)"."""
     import pwd
 
-    from tokenwire.daemon import config
+    from tokenwire.daemon import unit_access
 
     if os.geteuid() != 0:
         pytest.skip("config check reads as the daemon's user only when run as root")
     nobody = pwd.getpwnam("nobody")
-    monkeypatch.setattr(config, "DAEMON_USER", "nobody")  # (tokenwire on a real install)
-    key = tmp_path / "key.pem"
-    key.write_text("secret")
-    key.chmod(0o600)
-    cfg = parse_config({"server": {"private_key": str(key), "certificate": str(key)}})
-    warned = [w for w in security_warnings(cfg) if "cannot be read by the nobody user" in w]
-    assert {w.split(":")[0] for w in warned} == {"server.private_key", "server.certificate"}
-    os.chown(key, nobody.pw_uid, -1)
-    assert not [w for w in security_warnings(cfg) if "cannot be read" in w]
+    monkeypatch.setattr(unit_access, "DAEMON_USER", "nobody")  # (tokenwire on a real install)
+    # not under tmp_path: pytest's 0700 root folder above it keeps nobody out, which config check now says too
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        key = Path(folder) / "key.pem"
+        key.write_text("secret")
+        key.chmod(0o600)
+        cfg = parse_config({"server": {"private_key": str(key), "certificate": str(key)}})
+        warned = [w for w in security_warnings(cfg) if "cannot be read by the nobody user" in w]
+        assert {w.split(":")[0] for w in warned} == {"server.private_key", "server.certificate"}
+        os.chown(key, nobody.pw_uid, -1)
+        assert not [w for w in security_warnings(cfg) if "cannot be read" in w]
