@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request may name
@@ -51,6 +51,9 @@ from . import unix_sockets
 from .cli import printable
 from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
+
+if TYPE_CHECKING:  # (at run time only with a log passed in: `config check` imports this module without aioquic)
+    from tokenwire.transport.handshake_guard import RefusalLog
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
@@ -120,6 +123,7 @@ class IngestAPI:
         max_open: int = DEFAULT_MAX_OPEN,
         refuse_open: Callable[[str | None], str | None] = lambda principal: None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        orphan_log: RefusalLog | None = None,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
@@ -131,6 +135,10 @@ class IngestAPI:
         # no client can have), or None
         self.refuse_open = refuse_open
         self.stall_timeout_s = stall_timeout_s
+        # the orphan timeout's cancellations: one line, then those of the next REFUSALS_LOG_S counted and summed
+        # up (the daemon passes the log its own answers' go through, which its housekeeping flushes); a line each
+        # wrote hundreds when many clients vanished at once. None: a line each (a bare API, as in tests)
+        self.orphan_log = orphan_log
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
@@ -259,7 +267,14 @@ class IngestAPI:
             return False
         conn = entry[0]
         req = conn.open[request_id]
-        log.info("ingest: request %s cancelled: %s", request_id.hex(), why)
+        if outcome != "orphaned" or self.orphan_log is None:
+            log.info("ingest: request %s cancelled: %s", request_id.hex(), why)
+        elif not self.orphan_log.hold(now):
+            from tokenwire.transport.handshake_guard import REFUSALS_LOG_S  # (loaded: orphan_log is one of its)
+
+            log.info("ingest: request %s cancelled: %s; more such cancellations are counted "
+                     "(tokenwire_orphans_cancelled_total) and logged at most every %g s", request_id.hex(), why,
+                     REFUSALS_LOG_S)
         req.finish("cancelled", now)
         self._done(req, conn, outcome, f"cancelled: {why}")
         return True
