@@ -583,8 +583,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `2>&-`: print(file=None) and a logging handler made now write to stdout, so a failed command put its
         # error line into the output file (`tokenwire chat ... 2>&- > answer.txt`). The exit status still says it.
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  # for the process's life
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if next((w for w in words if not w.startswith("-")), None) == "daemon":  # (the global options take no value)
+        from .daemon_cli import early_sighups
+
+        early_sighups.install()  # before the parser's imports: a SIGHUP then killed the daemon without a word
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except BaseException:  # (--help, a usage error: no daemon runs to take the signals over)
+        from .daemon_cli import early_sighups
+
+        early_sighups.restore()
+        raise
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = getattr(args, "command_path", f"tokenwire {args.command}")

@@ -77,7 +77,12 @@ class DaemonProtocol(GuardedProtocol):
         if daemon.config.auth.required and isinstance(quic, ReadCredit):  # (the session made it one)
             quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes)
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
-        self.revoked = False  # a reload removed its token: the client does not send it again
+        # the sha256 of the token its client sent while no tokens were configured (nothing checked it then): a
+        # reload adding that token keeps it authorized, as the SDK does not send it again once answered
+        self.sent_token_sha256: str | None = None
+        # why a reload took its authorization away, what its next requests hear (reload_decisions.REVOKED or
+        # NOW_REQUIRED); None: it did not. The client does not send a token again
+        self.revoked: str | None = None
         self.attached: dict[int, LiveRequest] = {}
         self.held = 0  # bytes of its requests held while it is not authorized (Daemon.account_unauthorized)
         # requests whose outcome (tokenwire_requests_ended_total) the daemon counted when it closed this connection:

@@ -37,41 +37,86 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.set_defaults(handler=run_new_token)
 
 
+class EarlySighups:
+    """SIGHUPs recorded before the daemon's event loop handles them.
+
+    Until Daemon.run installs its loop's handlers (after the CLI's parser, the imports and the config's load,
+    ~1.5 s), a SIGHUP (a `systemctl reload` or a `kill -HUP` right after the start) killed the daemon without a log
+    line (its default action, exit status 129). Recorded, it is a reload once started, as one during the start is.
+    :func:`tokenwire.daemon.cli.main` installs it before it builds its parser (0.3 s of imports), ``run_daemon``
+    for callers that come in later; installing twice is one install."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> None:
+        import signal
+
+        if self._installed:
+            return
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._record)
+        except ValueError:  # not the main thread (an in-process caller): signals are not ours to handle
+            return
+        self._installed = True
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.count += 1
+
+    def restore(self) -> None:
+        """The handler from before :meth:`install` back (an in-process caller gets its own), the count reset."""
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._installed = False
+        self.count = 0
+
+
+early_sighups = EarlySighups()
+
+
 def run_daemon(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .config import ConfigError, load_config
-    from .logs import setup_logging
-    from .service import run_daemon as run
-    from .startup import StartupError
-
+    early_sighups.install()  # (installed already when the CLI's main saw the daemon command)
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        if args.log_format == "json":  # nothing set up the JSON logs yet
-            setup_logging("info", "json")
-        return _fatal(str(exc), args.log_format)
-    if args.log_format:
-        config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=args.log_format))
-    setup_logging(config.logging.level, config.logging.format)
-    if getattr(args, "verbose", 0):  # the top-level -v: the daemon's level is logging.level, at start and reload
-        logging.getLogger("tokenwire.daemon").warning(
-            "-v does not change the daemon's log level: set [logging] level = \"debug\" in its configuration")
-    # no line of its own once started: the service logs "listening on ..." (INFO) in the chosen format; a plain
-    # one here broke JSON logs and repeated that line in text
-    try:
-        run(config, log_format_override=args.log_format)
-    except StartupError as exc:
-        return _fatal(str(exc), config.logging.format)
-    except ModuleNotFoundError as exc:  # an optional extra the configuration needs ([kv] backend = "redis")
-        from .cli import EXTRA_INSTALL, missing_extra
+        import dataclasses
 
-        extra = missing_extra(exc)
-        if extra is None:  # not one of the extras' modules: a real bug, show it
-            raise
-        # through _fatal: under JSON logs one JSON object (it was a plain line from the CLI's catch-all)
-        return _fatal(f"needs {exc.name}, from the '{extra}' extra: {EXTRA_INSTALL[extra]}", config.logging.format)
-    return 0
+        from .config import ConfigError, load_config
+        from .logs import setup_logging
+        from .service import run_daemon as run
+        from .startup import StartupError
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            if args.log_format == "json":  # nothing set up the JSON logs yet
+                setup_logging("info", "json")
+            return _fatal(str(exc), args.log_format)
+        if args.log_format:
+            config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=args.log_format))
+        setup_logging(config.logging.level, config.logging.format)
+        if getattr(args, "verbose", 0):  # the top-level -v: the daemon's level is logging.level, at start and reload
+            logging.getLogger("tokenwire.daemon").warning(
+                "-v does not change the daemon's log level: set [logging] level = \"debug\" in its configuration")
+        # no line of its own once started: the service logs "listening on ..." (INFO) in the chosen format; a plain
+        # one here broke JSON logs and repeated that line in text
+        try:
+            run(config, log_format_override=args.log_format, sighup_before=lambda: early_sighups.count > 0)
+        except StartupError as exc:
+            return _fatal(str(exc), config.logging.format)
+        except ModuleNotFoundError as exc:  # an optional extra the configuration needs ([kv] backend = "redis")
+            from .cli import EXTRA_INSTALL, missing_extra
+
+            extra = missing_extra(exc)
+            if extra is None:  # not one of the extras' modules: a real bug, show it
+                raise
+            # through _fatal: under JSON logs one JSON object (it was a plain line from the CLI's catch-all)
+            return _fatal(f"needs {exc.name}, from the '{extra}' extra: {EXTRA_INSTALL[extra]}", config.logging.format)
+        return 0
+    finally:
+        early_sighups.restore()
 
 
 def _fatal(message: str, log_format: str | None) -> int:

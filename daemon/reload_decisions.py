@@ -1,6 +1,6 @@
 """SIGHUP's decisions, without I/O: what a reload applies of a new configuration (auth tokens, limits and
-logging), what it leaves for a restart, at which log level it announces itself, and whether each authorized
-connection keeps its authorization under the new tokens.
+logging), what it leaves for a restart, at which log level it announces itself, whether each authorized
+connection keeps its authorization under the new tokens, and the warning a reload that removes the last token logs.
 
 Split out of ``service.py``: :meth:`Daemon.reload <tokenwire.daemon.service.Daemon.reload>` reads the file,
 replaces the logging handlers, swaps the configuration in and takes up renewed TLS files (its I/O shell); what it
@@ -47,21 +47,53 @@ def plan_reload(running: Config, new: Config, log_format_override: str | None = 
     )
 
 
+# What the next request of a connection that lost its authorization hears (its close reason, or its ERROR while
+# answers still stream on it). "auth token revoked" was also said to a connection that never sent a token when a
+# reload added the first ones: it was let in while none was required, and needs one now
+REVOKED = "auth token revoked"
+NOW_REQUIRED = "authentication is now required: reconnect with a valid auth token"
+
+
 class TokenCheck(NamedTuple):
     """An authorized connection's token under the tokens in force after a reload."""
 
     valid: bool  # it stays authorized; False: its authorization is revoked
     entry: TokenEntry | None  # the entry in force for its token (a renamed one: the new name), when there is one
+    why: str | None = None  # not valid: what its next request hears (REVOKED or NOW_REQUIRED)
 
 
-def recheck_token(auth: AuthConfig, token: TokenEntry | None) -> TokenCheck:
+def recheck_token(auth: AuthConfig, token: TokenEntry | None, sent_sha256: str | None = None) -> TokenCheck:
     """Whether a connection authorized with ``token`` (None: let in while no tokens were configured) stays
-    authorized under ``auth``."""
+    authorized under ``auth``. ``sent_sha256``: the digest of the token such a connection sent anyway (None: it
+    sent none)."""
     # the token it came with must still be there (by its digest: a renamed entry is the same token); a
     # connection let in without one needs one once a reload adds the first tokens
     if not auth.required:
         return TokenCheck(True, None)
-    if token is None:
-        return TokenCheck(False, None)
-    same = next((t for t in auth.tokens if t.sha256 == token.sha256), None)
-    return TokenCheck(same is not None, same)
+    # Let in while no tokens were configured, nothing checked the token it sent; the SDK sends its token only until
+    # the server answers, so a reload adding that very token closed it "auth token revoked" on its next request
+    # (which carried none). By the sent token's digest, it stays authorized as that token's owner.
+    digest = token.sha256 if token is not None else sent_sha256
+    same = None if digest is None else next((t for t in auth.tokens if t.sha256 == digest), None)
+    if same is not None:
+        return TokenCheck(True, same)
+    return TokenCheck(False, None, REVOKED if token is not None else NOW_REQUIRED)
+
+
+def opened_auth_warning(running: AuthConfig, new: AuthConfig, *, certificates: bool, holding: int) -> str | None:
+    """The warning for a reload that removes the last auth token, or None. No tokens means no token required
+    (documented, as at start): revoking a leaked token that was the last one switched authentication off, logged only
+    as "reloaded: 0 auth tokens" at INFO, and nothing told the operator the daemon now let in anyone.
+    ``certificates``: server.client_ca is set (clients still need a certificate); ``holding``: open connections
+    that authorized with a token now removed (they stay authorized: nothing is required any more)."""
+    if not running.required or new.required:
+        return None
+    if certificates:
+        who = "any client with a certificate signed by server.client_ca, without a token"
+    else:
+        who = "any client that reaches it, without a token (chat and KV channel)"
+    held = (f"; the {holding} open connection{'s' if holding != 1 else ''} that authorized with a removed token "
+            f"stay{'s' if holding == 1 else ''} authorized") if holding else ""
+    return (f"reload: the last auth token was removed ({len(running.tokens)} before, none now): authentication by "
+            f"token is OFF and the daemon now accepts {who}{held}; to keep tokens required, keep at least one "
+            f"[[auth.tokens]] entry (a new one: tokenwire config new-token)")

@@ -8,7 +8,8 @@ the rest (resumption), and an application's ingested answer can be attached to b
 
 Operations: sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING; SIGHUP reloads auth tokens, limits,
 logging and TLS files renewed in place (a bad file is refused and the running configuration kept; a
-connection whose token it removed is refused further requests); SIGTERM/SIGINT drain: new requests are
+connection whose token it removed, or let in without one when it adds the first, gets UNAUTHORIZED on its next
+request); SIGTERM/SIGINT drain: new requests are
 refused with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout_s``, then connections
 close; a second SIGTERM/SIGINT stops at once.
 
@@ -51,13 +52,13 @@ from tokenwire.transport.session_events import ConnectionEnded
 from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
 from .cli import printable
-from .config import AuthConfig, Config, ConfigError, load_config
+from .config import AuthConfig, Config, ConfigError, hash_token, load_config
 from .connection import DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
-from .reload_decisions import plan_reload, recheck_token
+from .reload_decisions import NOW_REQUIRED, opened_auth_warning, plan_reload, recheck_token
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics
@@ -272,6 +273,7 @@ class Daemon:
                 on_done=self._ingest_done,
                 on_tokens=self.metrics.tokens.inc,
                 max_open=cfg.ingest.max_open,
+                orphan_log=self._orphan_cancels,  # one line, then a summary, for chat and ingest answers alike
                 refuse_open=self._ingest_refusal,
                 stall_timeout_s=cfg.ingest.stall_timeout_s,
             )
@@ -600,17 +602,28 @@ class Daemon:
         if plan.needs_restart:  # logged in the new format, as all that follows
             log.warning("reload: changes to %s need a restart and were not applied", ", ".join(plan.needs_restart))
         self._check_marking_model(new)
+        running_auth = self.config.auth
         self.config = plan.config
         self.store.max_bytes = plan.transcript_max_bytes
         self.store.retain_s = plan.transcript_retain_s
-        revoked = self._recheck_auth(new.auth)
+        opened = opened_auth_warning(
+            running_auth, new.auth, certificates=self.client_verifier is not None,
+            holding=sum(1 for p in self.protocols if p.authorized and p.token is not None))
+        removed, now_required = self._recheck_auth(new.auth)
         tls_ok = self._reload_tls()
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
         log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
                  logging_cfg.level, logging_cfg.format)
-        if revoked:
-            log.warning("reload: %d connections lost their authorization (token removed or changed); their "
-                        "next requests are refused with UNAUTHORIZED", revoked)
+        if opened is not None:  # (at WARNING: the daemon is open to clients without a token from now on)
+            log.warning("%s", opened)
+        if removed or now_required:
+            # what on_request does with them: the line said "refused" of connections it closes
+            why = [f"{removed} whose token was removed or changed"] if removed else []
+            if now_required:
+                why.append(f"{now_required} let in while no token was required, that sent none of those now configured")
+            log.warning("reload: %d connections lost their authorization (%s); the next request of each gets "
+                        "UNAUTHORIZED: refused while answers still stream on its connection (they finish), else "
+                        "its connection is closed", removed + now_required, "; ".join(why))
         set_log_level(new.logging.level)  # aioquic's logger too, as at start
         self.reload_note = "" if tls_ok else "TLS files refused at the last reload (see the log); "
         return f"reloaded; {self.status_line()}", True
@@ -664,20 +677,25 @@ class Daemon:
             self.client_verifier, self._client_ca_digest = done.client_ca
         return done.ok
 
-    def _recheck_auth(self, auth: AuthConfig) -> int:
+    def _recheck_auth(self, auth: AuthConfig) -> tuple[int, int]:
         """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);
-        returns how many lost their authorization. Their running answers go on; see :meth:`on_request`."""
-        revoked = 0
+        returns how many lost their authorization: those whose token was removed or changed, and those let in
+        while no token was required that sent none now configured. Their running answers go on; see
+        :meth:`on_request`."""
+        removed = now_required = 0
         for proto in self.protocols:
             if not proto.authorized:
                 continue
-            valid, same = recheck_token(auth, proto.token)  # (reload_decisions.py)
-            if same is not None:  # renamed: its new answers are the new name's, as a new connection's are
+            valid, same, why = recheck_token(auth, proto.token, proto.sent_token_sha256)  # (reload_decisions.py)
+            if same is not None:  # renamed, or sent while none was required: its new answers are the name's
                 proto.token, proto.principal = same, same.name
             if not valid:
-                proto.authorized, proto.revoked = False, True
-                revoked += 1
-        return revoked
+                proto.authorized, proto.revoked = False, why
+                if why == NOW_REQUIRED:
+                    now_required += 1
+                else:
+                    removed += 1
+        return removed, now_required
 
     def streaming_count(self) -> int:
         return sum(len(p.attached) for p in self.protocols)
@@ -785,8 +803,10 @@ class Daemon:
         finally:
             self._stopped.set()
 
-    async def run(self) -> None:
-        """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading."""
+    async def run(self, *, sighup_before: Callable[[], bool] | None = None) -> None:
+        """Start, then serve until SIGTERM/SIGINT (drain) with SIGHUP reloading. ``sighup_before``: whether a
+        SIGHUP came before this was called (``tokenwire daemon`` records one from its start on): handled as one
+        during the start, a reload once started."""
         self._handle_signals = True  # start() installs the handlers before it says READY
         loop = asyncio.get_running_loop()
         starting = asyncio.ensure_future(self.start())
@@ -810,6 +830,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, reload_later)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_starting)
+        # read once the loop's handler is in: a SIGHUP before it (imports, the config's load: ~1.5 s) is in the
+        # record, one after it reaches reload_later, so none is lost between the two
+        if sighup_before is not None and sighup_before():
+            reload_later()
         try:
             await starting
         except asyncio.CancelledError:
@@ -850,22 +874,29 @@ class Daemon:
             entry = auth.entry(request.auth)
             if entry is not None:
                 proto.authorized, proto.token, proto.principal = True, entry, entry.name
-                proto.revoked = False
+                proto.revoked = None
             elif not auth.required:  # a reload removed every token: opened before it, let in now
-                proto.authorized = True
+                proto.authorized, proto.revoked = True, None
             elif proto.revoked and proto.attached:
-                # a reload removed its token; the answers it streams may finish, this request may not
+                # a reload removed its token (or added the first ones); the answers it streams may finish, this
+                # request may not
                 if not self._auth_refusals.hold(time.monotonic()):
-                    log.warning("client %s (%s): its auth token was revoked; refusing a request", proto.peer,
-                                proto.principal)
-                self._reject(proto, sid, ErrorCode.UNAUTHORIZED, "auth token revoked")
+                    who = f" ({proto.principal})" if proto.principal else ""
+                    log.warning("client %s%s: %s; refusing a request (its answers streaming finish)", proto.peer,
+                                who, proto.revoked)
+                self._reject(proto, sid, ErrorCode.UNAUTHORIZED, proto.revoked)
                 return
             else:  # a wrong token, or a revoked one with nothing left streaming: closed, as ever
-                why = "auth token revoked" if proto.revoked else "missing or invalid auth token"
+                why = proto.revoked or "missing or invalid auth token"
                 self.unauthorized_client(proto.peer, why)
                 self._request_ended(proto, sid, "refused", closing=True)
                 sess.close(ErrorCode.UNAUTHORIZED, why)
                 return
+        if (request.auth is not None and proto.token is None and proto.sent_token_sha256 is None
+                and not self.config.auth.required):
+            # no tokens configured: nothing checks the one it sent, but a reload adding that token must find it
+            # (the SDK sends it only until answered: the next request, without one, was closed "auth token revoked")
+            proto.sent_token_sha256 = hash_token(request.auth)
         if self.draining:
             self._reject(proto, sid, ErrorCode.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
             return
@@ -1015,7 +1046,7 @@ class Daemon:
             elif now - since >= timeout:
                 del self._orphaned[rid]
                 self.metrics.orphans_cancelled.inc()
-                # (the ingest API logs its own answers' cancellations)
+                # (the ingest API logs its own answers' cancellations, through the same _orphan_cancels)
                 if rid in self.tasks and not self._orphan_cancels.hold(now):
                     log.info("request %s: no client for %.0f s; cancelling it; more such cancellations are counted "
                              "(tokenwire_orphans_cancelled_total) and logged at most every %g s", rid.hex(),
@@ -1083,11 +1114,12 @@ def _logged(what: str) -> Iterator[None]:
         log.exception("stopping: %s failed", what)
 
 
-def run_daemon(config: Config, *, log_format_override: str | None = None) -> None:
-    """Blocking entry point of ``tokenwire daemon`` (uvloop)."""
+def run_daemon(config: Config, *, log_format_override: str | None = None,
+               sighup_before: Callable[[], bool] | None = None) -> None:
+    """Blocking entry point of ``tokenwire daemon`` (uvloop). ``sighup_before``: see :meth:`Daemon.run`."""
     import uvloop
 
     async def main() -> None:
-        await Daemon(config, log_format_override=log_format_override).run()
+        await Daemon(config, log_format_override=log_format_override).run(sighup_before=sighup_before)
 
     uvloop.run(main())

@@ -140,3 +140,25 @@ def test_orphaned_ingest_answers_log_one_line_then_a_summary(caplog: pytest.LogC
     for rid in [_open(api, conn) for _ in range(2)]:
         api.cancel(rid, 100.0 + REFUSALS_LOG_S, "every client attached to it cancelled it")
     assert len(_lines(caplog, "cancelled: every client attached")) == 2
+
+
+def test_the_daemon_gives_the_ingest_api_its_orphan_log(tmp_path):
+    """Chat and ingest orphans share one line and one summary a minute (the ingest API logged each)."""
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.daemon.service import Daemon
+
+    from .test_loopback import run
+
+    cfg = parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
+                        "ingest": {"socket": str(tmp_path / "ingest.sock")},
+                        "upstreams": [{"name": "app", "type": "ingest"}]})
+
+    async def go():
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            return daemon._ingest_api is not None and daemon._ingest_api.orphan_log is daemon._orphan_cancels
+        finally:
+            await daemon.stop()
+
+    assert run(go(), 30)

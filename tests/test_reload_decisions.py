@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from tokenwire.daemon.config import AuthConfig, Config, TokenEntry, parse_config
-from tokenwire.daemon.reload_decisions import plan_reload, recheck_token
+from tokenwire.daemon.reload_decisions import (
+    NOW_REQUIRED,
+    REVOKED,
+    opened_auth_warning,
+    plan_reload,
+    recheck_token,
+)
 
 
 def _digest(token: str) -> str:
@@ -84,15 +90,65 @@ def test_a_renamed_token_is_the_same_token_under_its_new_name():
 
 
 def test_a_removed_or_changed_token_revokes_the_connection():
-    assert recheck_token(AuthConfig((BOB,)), ALICE) == (False, None)
+    assert recheck_token(AuthConfig((BOB,)), ALICE) == (False, None, REVOKED)
     changed = TokenEntry("alice", _digest("alice-new-secret"))  # same name, another token
-    assert recheck_token(AuthConfig((changed,)), ALICE) == (False, None)
+    assert recheck_token(AuthConfig((changed,)), ALICE) == (False, None, REVOKED)
 
 
 def test_without_tokens_every_connection_stays_authorized():
-    assert recheck_token(AuthConfig(()), ALICE) == (True, None)
-    assert recheck_token(AuthConfig(()), None) == (True, None)
+    assert recheck_token(AuthConfig(()), ALICE) == (True, None, None)
+    assert recheck_token(AuthConfig(()), None) == (True, None, None)
 
 
 def test_a_connection_let_in_without_a_token_needs_one_once_the_first_tokens_are_added():
-    assert recheck_token(AuthConfig((ALICE,)), None) == (False, None)
+    """It is told that a token is now required, not that one was revoked: it never sent one."""
+    assert recheck_token(AuthConfig((ALICE,)), None) == (False, None, NOW_REQUIRED)
+    assert "revoked" not in NOW_REQUIRED and "reconnect" in NOW_REQUIRED
+
+
+def test_a_token_sent_while_none_was_required_stays_authorized_when_a_reload_adds_it():
+    """Nothing checked it while no tokens were configured; the reload that adds it found the connection without
+    a token and revoked it (the SDK does not send it again: its next request was closed "auth token revoked")."""
+    check = recheck_token(AuthConfig((BOB, ALICE)), None, ALICE.sha256)
+    assert check == (True, ALICE, None)
+    renamed = TokenEntry("alice-laptop", ALICE.sha256)  # by its digest, under whatever name it is added
+    assert recheck_token(AuthConfig((renamed,)), None, ALICE.sha256).entry == renamed
+
+
+def test_a_token_sent_while_none_was_required_that_is_not_added_needs_a_valid_one():
+    assert recheck_token(AuthConfig((BOB,)), None, ALICE.sha256) == (False, None, NOW_REQUIRED)
+
+
+def test_the_token_a_connection_authorized_with_wins_over_one_it_sent_before():
+    # (a sent digest is kept only while the connection has no token entry; an entry it authorized with decides)
+    assert recheck_token(AuthConfig((BOB,)), ALICE, BOB.sha256) == (False, None, REVOKED)
+
+
+def test_a_reload_that_removes_the_last_token_warns_that_the_daemon_is_now_open():
+    """Revoking the last (leaked) token switched authentication off with an INFO line, "reloaded: 0 auth tokens"."""
+    warning = opened_auth_warning(AuthConfig((ALICE, BOB)), AuthConfig(()), certificates=False, holding=3)
+    assert warning is not None
+    assert "the last auth token was removed (2 before, none now)" in warning
+    assert "accepts any client that reaches it, without a token" in warning
+    assert "the 3 open connections that authorized with a removed token stay authorized" in warning
+    assert "keep at least one [[auth.tokens]] entry" in warning
+    one = opened_auth_warning(AuthConfig((ALICE,)), AuthConfig(()), certificates=False, holding=1)
+    assert one is not None and "the 1 open connection that authorized with a removed token stays authorized" in one
+    assert "open connection" not in (opened_auth_warning(AuthConfig((ALICE,)), AuthConfig(()), certificates=False,
+                                                         holding=0) or "")
+
+
+def test_without_tokens_but_with_client_certificates_the_warning_says_a_certificate_is_still_required():
+    warning = opened_auth_warning(AuthConfig((ALICE,)), AuthConfig(()), certificates=True, holding=0)
+    assert warning is not None and "with a certificate signed by server.client_ca, without a token" in warning
+    assert "any client that reaches it" not in warning
+
+
+@pytest.mark.parametrize(("running", "new"), [
+    ((), ()),  # open before, open after: nothing changed
+    ((), (ALICE,)),  # the first token: closed now
+    ((ALICE,), (BOB,)),  # tokens still required
+    ((ALICE, BOB), (BOB,)),
+])
+def test_only_a_reload_from_some_tokens_to_none_warns_that_the_daemon_is_open(running, new):
+    assert opened_auth_warning(AuthConfig(running), AuthConfig(new), certificates=False, holding=0) is None
