@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "null when it parses as one, else a string: --param temperature=0.2, --param seed=3)")
     p.add_argument("--attach", metavar="REQUEST_ID",
                    help="stream an existing answer by its hex id instead (an application's, or one a chat left: "
-                   "`tokenwire -v chat` prints an answer's id as it starts; a failure, --max-time or Ctrl-C after "
-                   "the start prints it too, and --stats at the end)")
+                   "`tokenwire -v chat` prints an answer's id as it starts; a chat whose connection was lost "
+                   "mid-answer prints it too, and --stats at the end)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without a packet from the server (default 60): how soon a dead "
                    "server is noticed; a live one answers keepalive pings while its model thinks")
@@ -330,10 +330,11 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError):
                     sys.stdout.write("\n")
                     sys.stdout.flush()
-            # a started answer left by a failure, --max-time or Ctrl-C may still be generating at the daemon (for its
-            # orphan timeout): its id, to attach to it, before the error line; not after the daemon's own ERROR for
-            # it (nothing left there), nor a local error (a full stdout)
-            if (where["started"] is not None and not where["over"]
+            # a started answer whose connection was lost (retries spent, or --max-time or Ctrl-C while reconnecting)
+            # may still be generating at the daemon (for its orphan timeout): its id, to attach to it, before the
+            # error line. Not when its stream was still open (leaving it sent the cancellation: an attach then got
+            # "the server cancelled this answer"), nor after the daemon's own ERROR for it, nor a local error
+            if (where["started"] is not None and not where["over"] and not where["open"]
                     and isinstance(exc, KeyboardInterrupt | CLIError | TokenwireError)):
                 with contextlib.suppress(OSError):
                     print(attach_hint(where["started"]), file=sys.stderr, flush=True)

@@ -285,17 +285,18 @@ def test_verbose_chat_prints_the_request_id_as_the_answer_starts(sdk_port, monke
                                                f"(tokenwire chat --attach {IDS['think first'].hex()})]")
 
 
-def test_max_time_after_the_answer_started_prints_its_id(sdk_port, capsys):
+def test_max_time_with_the_stream_open_prints_no_id_of_the_answer_it_cancelled(sdk_port, capsys):
+    """Leaving the open stream sent the cancellation: an attach to the id printed got "the server cancelled this
+    answer" (a review of the first version of this hint)."""
     rc = main(["chat", "--port", str(sdk_port), "--insecure", "--max-time", "1", "then hang"])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert rc == 2 and out == "partial\n", (out, err)
-    assert lines[-2:] == [attach_hint(IDS["then hang"]), "tokenwire chat: error: no whole answer within 1 s "
-                          "(--max-time); the answer's cancellation was sent to the server (it does not arrive if the "
-                          "path is down)"], err
+    assert lines == ["tokenwire chat: error: no whole answer within 1 s (--max-time); the answer's cancellation was "
+                     "sent to the server (it does not arrive if the path is down)"], err
 
 
-def test_ctrl_c_after_the_answer_started_prints_its_id(sdk_port):
+def test_ctrl_c_with_the_stream_open_prints_no_id_of_the_answer_it_cancelled(sdk_port):
     cmd = [sys.executable, "-m", "tokenwire.daemon.cli", "chat", "--port", str(sdk_port), "--insecure", "slowly"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals)
     try:
@@ -308,7 +309,7 @@ def test_ctrl_c_after_the_answer_started_prints_its_id(sdk_port):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130
-    assert err.decode().strip().splitlines()[-2:] == [attach_hint(IDS["slowly"]), "interrupted"], err
+    assert err.decode().strip().splitlines() == ["interrupted"], err
 
 
 def test_a_lost_connection_after_the_answer_started_prints_its_id(tmp_path, capsys):
