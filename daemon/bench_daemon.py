@@ -65,6 +65,8 @@ def _udp_rcvbuf_errors() -> int:
 
 MAX_SESSIONS = 1_000_000  # the daemon's bound on limits.max_sessions (config.py); one session per client
 MAX_ANSWERS = 10_000  # the daemon's bound on limits.max_requests_per_connection (config.py)
+MAX_LIVE_ANSWERS = 1_000_000  # the daemon's bound on limits.max_live_answers (config.py)
+LIVE_ANSWERS_MARGIN = 64  # answers the daemon may run beyond the benchmark's own (its warm-ups)
 READY_TIMEOUT_S = 30.0
 PROGRESS_S = 5.0  # between the progress lines on stderr
 # A client's connect timeout: the daemon's HANDSHAKE_PROVEN_TIMEOUT_S, what it gives a handshake under load (its
@@ -113,7 +115,7 @@ def _start_daemon(
         [limits]
         max_sessions = {min(sessions + 10, MAX_SESSIONS)}
         max_requests_per_connection = {max(64, answers)}
-        max_live_answers = {sessions * answers + 64}
+        max_live_answers = {sessions * answers + LIVE_ANSWERS_MARGIN}
         max_tokens = {max(tokens, 16_384)}
         [logging]
         level = "warning"
@@ -349,6 +351,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if not 1 <= args.answers <= MAX_ANSWERS:
         raise CLIError(f"--answers must be in [1, {MAX_ANSWERS:,}] (the daemon's "
                        f"limits.max_requests_per_connection), got {args.answers}")
+    if args.sessions * args.answers > MAX_LIVE_ANSWERS - LIVE_ANSWERS_MARGIN:
+        # the daemon refused the max_live_answers the benchmark wrote for it, in words the user never used
+        raise CLIError(f"--sessions x --answers: at most {MAX_LIVE_ANSWERS - LIVE_ANSWERS_MARGIN:,} answers at once "
+                       f"(the daemon's limits.max_live_answers), got {args.sessions * args.answers:,}")
     tokens = max(1, round(args.rate * args.seconds))
     # SIGTERM or SIGHUP (kill, a timeout, the terminal closed) unwinds like Ctrl-C: the daemon and the client
     # workers are stopped and the folder removed (the default action left the daemon running for good)

@@ -714,10 +714,10 @@ class RedisChunkStore(ChunkStore):
         policy, maxmemory = conf.get("maxmemory-policy", ""), int(conf.get("maxmemory") or 0)
         if policy in EVICTING_POLICIES:  # (maxmemory 0 today: no limit, but one set later applies it)
             log.warning("KV store: Redis at %s has maxmemory-policy %s: Redis may evict tokenwire's bookkeeping "
-                        "keys (%ssizes, used, lru*), after which the store's usage is overstated and the objects "
-                        "they tracked are never evicted by tokenwire; set maxmemory-policy noeviction (tokenwire "
-                        "evicts by kv.capacity_mb) with maxmemory above kv.capacity_mb", self.where, policy,
-                        self.prefix)
+                        "keys (%ssizes, %sused, %slru*), after which the store's usage is overstated and the "
+                        "objects they tracked are never evicted by tokenwire; set maxmemory-policy noeviction "
+                        "(tokenwire evicts by kv.capacity_mb) with maxmemory above kv.capacity_mb", self.where, policy,
+                        self.prefix, self.prefix, self.prefix)
         if maxmemory and maxmemory < self.capacity_bytes:
             log.warning("KV store: Redis at %s has maxmemory %d MiB, below kv.capacity_mb (%d MiB): %s; set "
                         "kv.capacity_mb below maxmemory, with room for the bookkeeping keys and any other data",

@@ -143,6 +143,7 @@ class _EventStream:
         self._line = bytearray()  # the line not ended yet
         self._after_cr = False  # the last chunk ended in CR: an LF starting the next one is that line's end
         self._started = False  # (a UTF-8 byte-order mark at the stream's start is dropped)
+        self._head = b""  # the first bytes while they may still be a byte-order mark's start
         self._type = ""
         self._data: list[str] = []
         self._size = 0
@@ -151,7 +152,11 @@ class _EventStream:
         """The events ``chunk`` completes: (event type, data)."""
         if not chunk:
             return []
-        if not self._started:
+        if not self._started:  # (a byte-order mark split over the first reads is still one)
+            chunk, self._head = self._head + chunk, b""
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                self._head = chunk
+                return []
             self._started = True
             chunk = chunk.removeprefix(BOM)
         pos = 1 if self._after_cr and chunk.startswith(b"\n") else 0
@@ -173,8 +178,10 @@ class _EventStream:
     def end(self) -> list[tuple[str, str]]:
         """The body ended: its last line and event count without a line end or blank line after them (a server
         that ends with a bare ``data: [DONE]`` was read so)."""
+        head, self._head, self._started = self._head, b"", True
+        events = self.feed(head.removeprefix(BOM)) if head else []
         line, self._line = bytes(self._line), bytearray()
-        return (self._take(line) if line else []) + self._take(b"")
+        return events + (self._take(line) if line else []) + self._take(b"")
 
     def _take(self, raw: bytes) -> list[tuple[str, str]]:
         text = raw.decode("utf-8", errors="replace")
@@ -190,11 +197,31 @@ class _EventStream:
         if field == "event":
             self._type = value.strip()
         elif field == "data":
+            events = []
+            if self._data and _whole_document("\n".join(self._data)):
+                # a server that ends its events with one line feed, not a blank line (outside the SSE rules, read
+                # before them: its events were joined into one text that is not JSON, and none came before the end)
+                events.append((self._type, "\n".join(self._data)))
+                self._data, self._type, self._size = [], "", 0
             self._size += len(value) + 1
             if self._size > self._limit:
                 raise _TooLong("event too long")
             self._data.append(value)
+            return events
         return []  # id:, retry:, and lines of no field the stream defines
+
+
+def _whole_document(data: str) -> bool:
+    """Whether an event's data so far is a whole JSON document (or ``[DONE]``): another ``data:`` line after it
+    starts a new event. Only a server that omits the blank line pays this parse: a blank line empties the data."""
+    text = data.strip()
+    if text == "[DONE]":
+        return True
+    try:
+        json.loads(text.replace("\n", ""))
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 class OpenAIUpstream:

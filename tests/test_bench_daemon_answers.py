@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tokenwire.daemon import bench_daemon
 from tokenwire.daemon.cli import main
 from tokenwire.daemon.config import parse_config
@@ -57,3 +59,18 @@ def test_answers_beyond_the_daemons_bound_are_refused_before_anything_starts(cap
     assert main(["bench", "daemon", "--answers", "10001", "--seconds", "1"]) == 2
     assert "--answers must be in [1, 10,000] (the daemon's limits.max_requests_per_connection), got 10001" in \
         capsys.readouterr().err
+
+
+def test_sessions_times_answers_beyond_the_daemons_live_answers_are_refused_up_front(capsys):
+    """--sessions 101 --answers 10000 made the daemon refuse "limits.max_live_answers: ... got 1010064", a setting
+    the user never wrote (the benchmark derives it)."""
+    from tokenwire.daemon.bench_daemon import LIVE_ANSWERS_MARGIN, MAX_LIVE_ANSWERS
+    from tokenwire.daemon.config import ConfigError
+
+    assert parse_config({"limits": {"max_live_answers": MAX_LIVE_ANSWERS}}).limits.max_live_answers == MAX_LIVE_ANSWERS
+    with pytest.raises(ConfigError):
+        parse_config({"limits": {"max_live_answers": MAX_LIVE_ANSWERS + 1}})
+    assert main(["bench", "daemon", "--sessions", "101", "--answers", "10000", "--seconds", "1"]) == 2
+    limit = MAX_LIVE_ANSWERS - LIVE_ANSWERS_MARGIN
+    assert f"--sessions x --answers: at most {limit:,} answers at once (the daemon's limits.max_live_answers), " \
+           "got 1,010,000" in capsys.readouterr().err

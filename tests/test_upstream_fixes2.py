@@ -352,3 +352,33 @@ def test_a_stream_in_which_no_event_carries_choice_0_is_malformed(pieces):
 
 def test_a_stream_whose_choice_0_says_nothing_is_an_empty_answer_not_an_error():
     assert ask(Canned([ev(chunk(None)), FINISH, DONE])) == ([], "stop")
+
+
+def test_events_ended_by_one_line_feed_are_each_an_event_as_they_come():
+    """A server that ends its events with "\\n" alone (outside the SSE rules) was read before the new parser;
+    after it every data line was joined into one text that is not JSON ("malformed event"), and nothing came before
+    the body's end. Each is an event again, as soon as the next one starts."""
+    stream = _EventStream(EVENT_LINE_LIMIT)
+    first = stream.feed(b'data: {"a": 1}\n')
+    assert first == []  # (its end is not known yet)
+    assert stream.feed(b'data: {"b": 2}\n') == [("", '{"a": 1}')]
+    assert stream.feed(b"data: [DONE]\n") == [("", '{"b": 2}')]
+    assert stream.end() == [("", "[DONE]")]
+    single = [p.replace(b"\n\n", b"\n") for p in _events()]
+    assert ask(Canned(single)) == (["Hel", "lo"], "stop")
+
+
+def test_an_events_json_over_several_lines_is_still_one_event():
+    stream = _EventStream(EVENT_LINE_LIMIT)
+    assert stream.feed(b'data: {"choices":\ndata: [1]}\n\n') == [("", '{"choices":\n[1]}')]
+
+
+def test_a_byte_order_mark_split_over_the_first_reads_is_dropped():
+    raw = b"\xef\xbb\xbf" + b"".join(_events())
+    for cut in (1, 2):
+        stream = _EventStream(EVENT_LINE_LIMIT)
+        got = stream.feed(raw[:cut]) + stream.feed(raw[cut:]) + stream.end()
+        whole = _EventStream(EVENT_LINE_LIMIT)
+        assert got == whole.feed(raw) + whole.end() and len(got) == 4
+    short = _EventStream(EVENT_LINE_LIMIT)  # a body of two bytes that are not a mark: kept
+    assert short.feed(b"\xef\xbb") == [] and short.end() == []
