@@ -212,7 +212,9 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"  metrics: {f'http://{addr(*metrics)}/metrics' if metrics is not None else 'off'}")
     print(f"  upstreams: {', '.join(f'{u.name} ({u.type})' for u in cfg.upstreams)}")
     print(f"  routes: {', '.join(f'{r.model} -> {r.upstream}' for r in cfg.routes)}")
-    print(f"  marking: {_marking_summary(cfg.marking)}")
+    print(f"  marking: {_marking_summary(cfg.marking)}"  # classic's controller too: reno-ecn, not the reno set
+          + (f"; {cfg.server.congestion} congestion control" if cfg.marking.enabled and not cfg.marking.marks_ect1
+             else ""))
     if cfg.ingest.socket is not None:
         group = f"group {cfg.ingest.socket_group}" if cfg.ingest.socket_group else "the daemon's group"
         print(f"  ingest socket {cfg.ingest.socket} (0660, {group})")

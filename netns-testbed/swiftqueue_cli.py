@@ -79,15 +79,20 @@ def _config(args: argparse.Namespace) -> Any:
         raise CLIError("--cross tcp:bbr needs the namespace run (kernel TCP): virtual time has no rate-based "
                        "sender; use tcp:reno or tcp:cubic there")
     if args.backend == "kernel":
-        raise CLIError("--backend kernel: the swiftqueue run needs the userspace emulator (the oracle reads its "
-                       "queue state)")
-    from .queues import DualPI2, parse_queue
-
-    if not isinstance(parse_queue(cfg.queue), DualPI2):
-        # a single queue has no L queue: the policies' choice changed nothing and "L share" was meaningless
-        raise CLIError(f"--queue {cfg.queue}: the swiftqueue evaluation needs a DualQ queue, "
-                       "dualpi2[:key=value,...]: its policies choose per packet between the L and C queues")
+        # every policy's latencies, queues and CE marks come from the emulator's per-packet log, which kernel
+        # qdiscs do not keep: the oracle (blamed alone before, even for --policies l4s) is only a second reason
+        raise CLIError("--backend kernel: " + ("virtual time runs in the simulator, with no backend to choose"
+                       if args.virtual else kernel_refusal(cfg.policies)))
     return cfg
+
+
+def kernel_refusal(policies: list[str]) -> str:
+    """Why the namespace run cannot use kernel qdiscs, for these policies."""
+    why = ("the swiftqueue run reads each marked packet's queue, ECN marks and latency from the userspace "
+           "emulator's per-packet log, which kernel qdiscs do not keep")
+    if "oracle" in policies:
+        why += "; and the oracle policy reads the emulator's queue state"
+    return why + " (use --backend userspace or auto)"
 
 
 def cmd_swiftqueue(args: argparse.Namespace) -> int:
@@ -140,8 +145,25 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
 
     write_results(summary, args, plot)
     # as `sim` does for a scheme without a finished run: the results are kept (table, JSON, plot), the exit status
-    # says that a policy measured nothing (--loss iid:1 exited 0 with every cell '-' and no comparison)
-    return 1 if silent_policies(summary) else 0
+    # says that a policy measured nothing (--loss iid:1 exited 0 with every cell '-' and no comparison), or that
+    # swiftqueue measured l4s instead (its model failed: the run exited 0 reporting "P99 0.0% lower than l4s")
+    return 1 if silent_policies(summary) or fallen_back(summary) else 0
+
+
+def fallen_back(summary: dict[str, Any]) -> list[str]:
+    """The policies that marked like ``l4s`` instead of themselves for some packets (their ``fallback`` block)."""
+    return [name for name, d in summary["policies"].items() if d.get("fallback")]
+
+
+def fallback_line(name: str, fb: dict[str, Any]) -> str:
+    """The table's line under a policy's row that fell back: what failed, when, for how many packets."""
+    what = "could not be loaded" if fb.get("stage") == "load" else "failed on the packet path"
+    at = f" at {fb['at_s']:.3f} s" if isinstance(fb.get("at_s"), int | float) else ""
+    reason = str(fb.get("reason", ""))
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return (f"  ^ {name}: FELL BACK to {fb.get('to', 'l4s')}{at}: the latency model {what} ({reason}); "
+            f"{fb.get('packets')} of {fb.get('of_packets')} packets marked like {fb.get('to', 'l4s')}, "
+            "so this row is not a swiftqueue result")
 
 
 def silent_policies(summary: dict[str, Any]) -> list[str]:
@@ -168,6 +190,8 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{f(d['p999_ms'], '8.1f')} {f(d['throughput_mbps'], '7.3f')} {f(d['l_share'], '7.1%')} "
               f"{f(d['ce_rate'], '6.1%')} {f(d['drop_rate'], '6.1%')} {f(d.get('stall_ratio'), '7.2%')} "
               f"{rendered_cell(d, w)}")
+        if d.get("fallback"):
+            print(fallback_line(name, d["fallback"]))
     for name, c in summary.get("comparison", {}).items():
         change = lower_or_higher(pol[name]["p99_ms"], pol["l4s"]["p99_ms"])
         parts = [f"{name}: P99 {change} than l4s"]
@@ -175,7 +199,9 @@ def print_table(summary: dict[str, Any]) -> None:
                            ("goodput_ratio_vs_l4s", "token goodput (tokens rendered/s)")):
             if c.get(key) is not None:
                 parts.append(f"{label} x{c[key]:.3f}")
-        print(", ".join(parts))
+        fb = pol[name].get("fallback")
+        print(", ".join(parts) + (f" ({name} FELL BACK to {fb.get('to', 'l4s')} for {fb.get('packets')} of "
+                                  f"{fb.get('of_packets')} packets)" if fb else ""))
     silent = silent_policies(summary)
     warmup = summary.get("config", {}).get("warmup_s")
     after = f" after the {warmup:g} s warm-up" if isinstance(warmup, int | float) else ""
@@ -185,5 +211,7 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"{name}: FAILED: the marked flow delivered no packet{lost}{after}; no latency to report")
     if "l4s" in silent and len(pol) > 1:
         print("P99 vs l4s: comparison unavailable (l4s delivered no packet)")
-    fc = summary["policies"].get("swiftqueue", {}).get("forecaster")
-    print(f"backend {summary['backend']}" + (f"; swiftqueue forecaster: {fc}" if fc else ""))
+    sq = summary["policies"].get("swiftqueue", {})
+    fc = sq.get("forecaster")
+    failed = " (FAILED: swiftqueue fell back to l4s)" if sq.get("fallback") else ""
+    print(f"backend {summary['backend']}" + (f"; swiftqueue forecaster: {fc}{failed}" if fc else ""))

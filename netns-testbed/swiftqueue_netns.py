@@ -30,6 +30,7 @@ from .swiftqueue_eval import (
     PolicyRun,
     SwiftQueueConfig,
     build_summary,
+    fallback_record,
     load_predictor_forecaster,
     parse_flow_spec,
 )
@@ -78,9 +79,17 @@ def endpoint_policy_factory(args: argparse.Namespace) -> tuple[Callable[[], Any]
         return L4SPolicy, "prague", info
 
     def make_swiftqueue() -> Any:
+        def on_failure(exc: BaseException) -> None:
+            # the harness reports when (this host's monotonic clock, as the run's origin) and for how many
+            # packets; the policy's own warning, which this replaces, went to a stderr file nobody reads
+            info["fallback"] = {"reason": pol.failed, "at_monotonic": time.monotonic()}
+            info["policy"] = "swiftqueue, then l4s (fallback: the latency model failed)"
+            print(f"swiftqueue: the latency forecaster failed ({pol.failed}); marking like l4s from now on",
+                  file=sys.stderr, flush=True)
+
         pol = SwiftQueuePolicy(fc, margin_ms=args.margin_ms, hysteresis_ms=args.hysteresis_ms,
                                probe_interval_s=args.probe_interval, refuge_only=args.refuge_only,
-                               classic=ECT0)
+                               classic=ECT0, on_failure=on_failure)
         info["decisions"] = pol.decisions
         return pol
 
@@ -181,7 +190,25 @@ def _run_netns_policy(cfg: SwiftQueueConfig, policy: str, workdir: str, progress
                     forecaster=marking.get("forecaster", "") if policy == "swiftqueue" else "",
                     base_delay_ms=cfg.delay_ms, span_s=max(1e-9, (records[-1]["t"] if records else 0) - cfg.warmup_s))
     run.extra = {"emulator": emu_stats, "text_ok": client.get("digest_ok"), "server_policy": marking.get("policy")}
+    if policy == "swiftqueue":
+        run.fallback = server_fallback(marking, origin, len(records))
     return run
+
+
+def server_fallback(marking: dict[str, Any], origin: float, packets: int) -> dict[str, Any] | None:
+    """The ``fallback`` block (:func:`~.swiftqueue_eval.fallback_record`) of a namespace swiftqueue run from the
+    server's ``marking`` info (:func:`endpoint_policy_factory`), None when it ran as itself; ``origin``: the run's
+    start on the monotonic clock, ``packets``: the marked flow's packets in the emulator's log."""
+    fb = marking.get("fallback")
+    if fb is not None:
+        decisions = marking.get("decisions", {})
+        at = fb.get("at_monotonic")
+        return fallback_record("run", str(fb.get("reason")), None if at is None else at - origin,
+                               int(decisions.get("fallback", 0)), sum(int(v) for v in decisions.values()))
+    if str(marking.get("policy", "")).startswith("l4s (fallback"):  # no model loaded: l4s from the first packet
+        reason = str(marking.get("forecaster", "")).removeprefix("none: ") or "no latency model"
+        return fallback_record("load", reason, 0.0, packets, packets)
+    return None
 
 
 def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
