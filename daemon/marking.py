@@ -187,7 +187,7 @@ class MarkingService:
     def start(self) -> None:
         """Load what the policy needs (the latency model), once; fall back to ``l4s`` if it cannot load."""
         from tokenwire.transport.ecn_socket import ECT0, NOT_ECT
-        from tokenwire.transport.marking import ClassicPolicy, L4SPolicy, SwiftQueuePolicy
+        from tokenwire.transport.marking import PREDICT_INTERVAL_S, ClassicPolicy, L4SPolicy, SwiftQueuePolicy
 
         cfg = self.cfg
         classic = ECT0 if cfg.classic_codepoint == "ect0" else NOT_ECT
@@ -210,6 +210,7 @@ class MarkingService:
                         loader(), margin_ms=cfg.margin_ms, hysteresis_ms=cfg.hysteresis_ms,
                         probe_interval_s=cfg.probe_interval_s, refuge_only=cfg.refuge_only, classic=classic,
                         on_failure=self.forecaster_failed,
+                        predict_interval_s=PREDICT_INTERVAL_S,  # not an inference per token packet on the event loop
                     )  # fmt: skip
                     self._swiftqueue.add(pol)
                     return pol

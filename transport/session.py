@@ -114,7 +114,7 @@ class _SessionBase:
         self._now = now
         self._batch_codepoint = None  # a new call: the policy has not been asked for it
         marking = self.marking is not None
-        if marking and self.ecn.state == "testing":
+        if marking and self.ecn.marking_allowed:  # for the connection's life: a path may start clearing ECN
             space = self.quic._spaces.get(Epoch.ONE_RTT)
             if space is not None:
                 self.ecn.on_acked(space.largest_acked_packet)
