@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from tokenwire.transport import tls
@@ -46,7 +44,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 
 from .test_handshake_limits import until
 from .test_kv_channel_refusals import KVPair
-from .test_kv_security_fixes2 import kv_daemon
+from .test_kv_security_fixes2 import Raw, kv_daemon  # (Raw: a client on bare aioquic, never a token)
 from .test_loopback import run
 
 TOKEN = "good-token"
@@ -123,17 +121,6 @@ class IdsProvider:
         assert level == "text"
         start = index * plan.chunk_tokens
         return b"".join(t.to_bytes(4, "little") for t in plan.handle[start:start + plan.token_counts[index]])
-
-
-class Raw(QuicConnectionProtocol):
-    """A KV client on bare aioquic: writes what the test writes, never a token."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[qe.QuicEvent] = []
-
-    def quic_event_received(self, event: qe.QuicEvent) -> None:
-        self.events.append(event)
 
 
 @contextlib.asynccontextmanager

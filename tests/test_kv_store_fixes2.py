@@ -7,10 +7,6 @@ import asyncio
 import errno
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +15,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.test_kv_channel import CHUNK, MODEL, _fetch, make_kv, run
-from tests.test_kv_store import make_store, redis_url  # noqa: F401  (the fixtures)
+from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F401  (the fixtures)
 from tokenwire.daemon import kv_store
 from tokenwire.daemon.kv_metrics import _KVCollector
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
@@ -274,30 +270,8 @@ def test_a_source_replaced_between_its_reads_is_not_sent_under_the_old_metadata(
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory):
     """A Redis of this module's own, since its tests change its configuration (maxmemory, policy, ACL users)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = tmp_path_factory.mktemp("redis-own")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    yield client, f"redis://127.0.0.1:{port}/0"
-    client.close()
-    proc.terminate()
-    proc.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis-own")) as (client, url):
+        yield client, url
 
 
 def _warnings(caplog, text: str) -> list[str]:

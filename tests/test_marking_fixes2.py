@@ -93,9 +93,8 @@ def _request(scheme: str = "chatterbox") -> Request:
     return Request(messages=[{"role": "user", "content": "x"}], scheme=scheme)
 
 
-def _stream_answer(pair: MarkedPair, tokens: int, scheme: str = "chatterbox") -> None:
-    """One answer, a token per few milliseconds (one datagram each), to its end."""
-    pair.exchange(rounds=40)  # handshake
+def answer_on(pair: MarkedPair, scheme: str, tokens: int) -> None:
+    """One more answer on the pair's connection (handshake done), a token per exchange (one datagram each)."""
     sid = pair.client.start_request(_request(scheme), pair.now)
     pair.exchange(rounds=20)
     srv = pair.server
@@ -106,6 +105,12 @@ def _stream_answer(pair: MarkedPair, tokens: int, scheme: str = "chatterbox") ->
         pair.exchange(rounds=2)
     srv.finish(sid)
     pair.exchange(rounds=200)
+
+
+def _stream_answer(pair: MarkedPair, tokens: int, scheme: str = "chatterbox") -> None:
+    """One answer, a token per few milliseconds (one datagram each), to its end."""
+    pair.exchange(rounds=40)  # handshake
+    answer_on(pair, scheme, tokens)
     assert any(isinstance(e, RequestFinished) and e.result.digest_ok for e in pair.client_events)
 
 

@@ -20,7 +20,7 @@ from tokenwire.transport.marking import (
     SwiftQueuePolicy,
 )
 
-from .test_marking_fixes2 import CountingPolicy, MarkedPair, _request
+from .test_marking_fixes2 import CountingPolicy, MarkedPair, answer_on
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -43,25 +43,11 @@ def _sample(policy: SwiftQueuePolicy, at: float, ms: float, queue_l: bool) -> No
     policy.on_sample(LatencySample(sent_at=at - 0.05, ack_at=at, latency_ms=ms, size=1200, queue_l=queue_l, ce=False))
 
 
-def _answer(pair: MarkedPair, scheme: str, tokens: int) -> None:
-    """One more answer on the pair's connection (handshake done), a token per exchange."""
-    sid = pair.client.start_request(_request(scheme), pair.now)
-    pair.exchange(rounds=20)
-    srv = pair.server
-    assert srv is not None
-    srv.accept(sid)
-    for i in range(tokens):
-        srv.push(sid, f"t{i} ", pair.now)
-        pair.exchange(rounds=2)
-    srv.finish(sid)
-    pair.exchange(rounds=200)
-
-
 def _validated_pair() -> MarkedPair:
     """A connection whose first (chatterbox) answer validated ECN: the client reports its counts."""
     pair = MarkedPair(CountingPolicy(ECT1), client_reports_ecn=True)
     pair.exchange(rounds=40)  # handshake
-    _answer(pair, "chatterbox", 30)
+    answer_on(pair, "chatterbox", 30)
     assert pair.server is not None and pair.server.ecn.state == "capable"
     return pair
 
@@ -73,7 +59,7 @@ def test_a_stream_answer_after_a_validated_one_stops_marking_and_counts_a_failur
     srv = pair.server
     assert srv is not None
     start = len(pair.batches)
-    _answer(pair, "stream", 40)
+    answer_on(pair, "stream", 40)
     assert srv.ecn.state == "failed" and srv.ecn.failures == 1
     marks = [cp for cp, _ in pair.batches[start:]]
     assert marks[-1] == NOT_ECT and marks.count(NOT_ECT) > marks.count(ECT1)
@@ -93,7 +79,7 @@ def test_a_path_that_starts_clearing_the_codepoint_mid_connection_stops_marking(
         return [bleached_from[0] + sum(now) - sum(bleached_from), *bleached_from[1:]]
 
     pair.client.ecn_counts = bleached
-    _answer(pair, "chatterbox", 40)
+    answer_on(pair, "chatterbox", 40)
     assert srv.ecn.state == "failed" and srv.ecn.failures == 1
     assert pair.batches[-1][0] == NOT_ECT
 
@@ -105,7 +91,7 @@ def test_a_validated_connection_keeps_marking_through_answers_and_quiet_periods(
     srv = pair.server
     assert srv is not None
     for _ in range(3):
-        _answer(pair, "chatterbox", 30)
+        answer_on(pair, "chatterbox", 30)
         pair.now += 300.0  # quiet: no packet at all (no failure can come from time alone)
         for i in range(2 * ECN_VALIDATION_PACKETS):  # a client's keepalive pings: the server's ACKs are ECT(1)
             pair.client.quic.send_ping(1000 + i)

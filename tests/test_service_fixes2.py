@@ -32,19 +32,7 @@ from tokenwire.transport.server import ChatRequest, serve
 from .terminal import default_signals
 from .test_handshake_limits import until, value
 from .test_loopback import run
-
-
-@contextlib.asynccontextmanager
-async def serving(**sections: Any) -> AsyncIterator[tuple[Daemon, int]]:
-    """An in-process daemon on loopback (its port), metrics over HTTP off; stopped at the end."""
-    raw: dict[str, Any] = {"metrics": {"listen": ""}, **sections}
-    raw["server"] = {"listen": ["127.0.0.1:0"], **sections.get("server", {})}
-    daemon = Daemon(parse_config(raw))
-    await daemon.start()
-    try:
-        yield daemon, daemon.addresses[0][1]
-    finally:
-        await daemon.stop()
+from .test_observability_fixes2 import serving
 
 
 class Scripted:
