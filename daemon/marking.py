@@ -173,8 +173,10 @@ class MarkingService:
                                  ["policy"], registry=r)
         self.model_errors = Counter("tokenwire_marking_model_errors", "Exceptions the swiftqueue latency model "
                                     "raised on the packet path (the daemon then marks like l4s)", registry=r)
-        self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Connections that stopped marking (Not-ECT "
-                                   "from then on) because their client never reported ECN counts", registry=r)
+        self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Times connections stopped marking (Not-ECT) "
+                                   "because 10 of their ECT packets carrying data were acknowledged with no new ECT "
+                                   "or CE arrival in the client's counts; a connection may count more than once",
+                                   registry=r)
         self._swiftqueue: weakref.WeakSet[Any] = weakref.WeakSet()  # the open connections' swiftqueue policies
         # what start() made of the swiftqueue model, for the reload's comparison with the file on disk (a model
         # replaced in place and a SIGHUP said nothing while the daemon kept the old model, or kept l4s):

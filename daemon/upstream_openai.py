@@ -198,10 +198,12 @@ class _EventStream:
             self._type = value.strip()
         elif field == "data":
             events = []
-            if self._data and _whole_document("\n".join(self._data)):
+            if len(self._data) == 1 and _whole_document(self._data[0]):
                 # a server that ends its events with one line feed, not a blank line (outside the SSE rules, read
-                # before them: its events were joined into one text that is not JSON, and none came before the end)
-                events.append((self._type, "\n".join(self._data)))
+                # before them: its events were joined into one text that is not JSON, and none came before the end).
+                # Its events are one line each: only an event's first line is parsed for this, once (every line
+                # parsed with all before it made a 256-KB event of 16,000 lines take 9.6 s of the event loop)
+                events.append((self._type, self._data[0]))
                 self._data, self._type, self._size = [], "", 0
             self._size += len(value) + 1
             if self._size > self._limit:
@@ -212,13 +214,13 @@ class _EventStream:
 
 
 def _whole_document(data: str) -> bool:
-    """Whether an event's data so far is a whole JSON document (or ``[DONE]``): another ``data:`` line after it
-    starts a new event. Only a server that omits the blank line pays this parse: a blank line empties the data."""
+    """Whether an event's first data line is a whole JSON document (or ``[DONE]``): another ``data:`` line after it
+    starts a new event."""
     text = data.strip()
     if text == "[DONE]":
         return True
     try:
-        json.loads(text.replace("\n", ""))
+        json.loads(text)
     except (ValueError, RecursionError):
         return False
     return True

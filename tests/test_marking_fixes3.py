@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tokenwire.transport.ecn_socket import CE, ECT0, ECT1, NOT_ECT
+from tokenwire.transport.frames import Request
 from tokenwire.transport.marking import (
     ECN_VALIDATION_PACKETS,
     PREDICT_INTERVAL_S,
@@ -194,3 +195,47 @@ def test_the_daemon_reuses_predictions_for_the_interval():
     svc.start()
     pol = svc.new_policy()
     assert isinstance(pol, SwiftQueuePolicy) and pol.predict_interval_s == PREDICT_INTERVAL_S > 0
+
+
+# -- validation counts only packets that carry data (a review of the first version of the life-long check)
+def _answer_with(pair: MarkedPair, prompt: str, tokens: int) -> int:
+    """An answer to ``prompt`` on the pair's connection; the index in ``pair.batches`` where it began."""
+    start = len(pair.batches)
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": prompt}]), pair.now)
+    pair.exchange(rounds=60)
+    srv = pair.server
+    assert srv is not None
+    srv.accept(sid)
+    pair.exchange(rounds=40)  # the model's prefill: STARTED is out, and acknowledged, before the first token
+    for i in range(tokens):
+        srv.push(sid, f"t{i} ", pair.now)
+        pair.exchange(rounds=2)
+    srv.finish(sid)
+    pair.exchange(rounds=200)
+    return start
+
+
+def test_the_acks_a_large_prompt_draws_do_not_fail_a_healthy_connection():
+    """A 100-KB prompt drew many ACK-only packets from the server, acknowledged by QUIC before any report: the next
+    answer's STARTED then failed validation, on every such request, and its first packets left Not-ECT."""
+    pair = _validated_pair()
+    srv = pair.server
+    assert srv is not None
+    for _ in range(3):
+        start = _answer_with(pair, "x" * 100_000, 20)
+        assert srv.ecn.failures == 0 and srv.ecn.state == "capable"
+        assert NOT_ECT not in [cp for cp, _ in pair.batches[start:]]
+
+
+def test_the_pings_of_an_idle_connection_do_not_fail_its_next_answer():
+    """A client pinging through a pause between turns (every idle_timeout_s / 3): the server's ACK-only answers
+    counted, and the next answer failed validation."""
+    pair = _validated_pair()
+    srv = pair.server
+    assert srv is not None
+    for uid in range(15):
+        pair.client.quic.send_ping(uid)
+        pair.exchange(rounds=5)
+    start = _answer_with(pair, "and now?", 20)
+    assert srv.ecn.failures == 0
+    assert NOT_ECT not in [cp for cp, _ in pair.batches[start:]]

@@ -382,3 +382,19 @@ def test_a_byte_order_mark_split_over_the_first_reads_is_dropped():
         assert got == whole.feed(raw) + whole.end() and len(got) == 4
     short = _EventStream(EVENT_LINE_LIMIT)  # a body of two bytes that are not a mark: kept
     assert short.feed(b"\xef\xbb") == [] and short.end() == []
+
+
+def test_an_event_over_many_data_lines_is_parsed_in_linear_time(monkeypatch):
+    """Each new data line made the parser try the whole event so far as JSON: a 256-KB event of 16,000 lines took
+    9.6 s of the event loop (a review). Counted, not timed: one attempt per event, on its first line."""
+    from tokenwire.daemon import upstream_openai
+
+    tried: list[str] = []
+    real = upstream_openai._whole_document
+    monkeypatch.setattr(upstream_openai, "_whole_document", lambda data: tried.append(data) or real(data))
+    lines = ['{"choices": [', *(f'"{i}",' for i in range(2000)), '"end"]}']
+    body = "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+    stream = _EventStream(EVENT_LINE_LIMIT)
+    got = [ev for k in range(0, len(body), 4096) for ev in stream.feed(body[k:k + 4096])]
+    assert got == [("", "\n".join(lines))]
+    assert tried == [lines[0]]

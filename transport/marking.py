@@ -343,8 +343,10 @@ class EcnValidation:
     "Long enough" is what the feedback channel can show: a client acks every packet that brings a token, with
     cumulative counts of every datagram it got, so ``packets`` of them acknowledged without the marked counts
     growing means that no report came (no feedback channel) or that the reports saw them arrive unmarked (bleached).
-    Packets, not time: a quiet connection never fails (no packets; the ACK-only packets that answer a client's
-    keepalive pings are never acknowledged).
+    Packets, not time, and only packets that carry application data (stream data or a datagram; the session
+    reports no others): ACK-only, PING and flow-control packets are acknowledged by QUIC before any report can
+    say anything (counted, the ACKs that a 100-KB prompt drew, or the PINGs of an idle keepalive connection,
+    failed a healthy chatterbox connection at its next answer). A quiet connection never fails.
 
     With ``wait_for_report`` it fails only once the peer has sent an ack that could carry counts after the
     ``packets``-th packet was acknowledged (the KV channel: a KV_ACK comes after a whole chunk, hundreds of packets

@@ -26,6 +26,7 @@ import math
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.stream import QuicStreamSender
 from aioquic.tls import Epoch
 
 from .datagram_hook import DatagramScheduler
@@ -39,6 +40,9 @@ from .session_events import ConnectionEnded, SessionEvent
 # Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
 # go out from the listener, before the connection exists
 ECN_SLACK = 2
+# who registers the delivery handlers of application data in a packet: aioquic's stream senders (stream data, a
+# reset) and this package's datagram scheduler (every datagram frame it writes)
+_APP_DATA_SENDERS = (QuicStreamSender, DatagramScheduler)
 
 
 # ------------------------------------------------------------------------------------------------ base
@@ -131,8 +135,26 @@ class _SessionBase:
             else:
                 codepoint = self._codepoint_now()  # (decided already if a token datagram was built)
             if self.datagrams_ok is not None:  # after the handshake: packets whose acks could bring counts
-                self.ecn.on_sent(codepoint, first_pn, end_pn)
+                for pn in self._app_data_packets(first_pn, end_pn):
+                    self.ecn.on_sent(codepoint, pn, pn + 1)
         return out
+
+    def _app_data_packets(self, first_pn: int, end_pn: int) -> list[int]:
+        """The 1-RTT packets numbered ``[first_pn, end_pn)`` that carry stream data or a datagram: those a client
+        answers with counts (an ack datagram per token packet) or, on a stream, that a scheme without them sends.
+        ACK-only, PING and flow-control packets are acknowledged by QUIC before any report can say anything:
+        counted, the ACKs a 100-KB prompt drew and the PINGs of an idle keepalive connection failed a healthy
+        chatterbox connection's validation at its next answer (its first packets then left Not-ECT)."""
+        space = self.quic._spaces.get(Epoch.ONE_RTT)
+        if space is None:
+            return []
+        found = []
+        for pn in range(first_pn, end_pn):
+            packet = space.sent_packets.get(pn)
+            if packet is not None and any(isinstance(getattr(handler, "__self__", None), _APP_DATA_SENDERS)
+                                          for handler, _ in packet.delivery_handlers):
+                found.append(pn)
+        return found
 
     def _acks_only(self, first_pn: int, end_pn: int) -> bool:
         """Whether the 1-RTT packets numbered ``[first_pn, end_pn)`` carry nothing but ACKs (none ack-eliciting);
