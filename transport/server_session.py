@@ -9,6 +9,7 @@ because the daemon needs only this side and the SDK only the other.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,6 +150,8 @@ class ServerSession(_SessionBase):
                 max_redundant_tokens=self.max_redundant_tokens,
                 initial_rtt=smoothed_rtt(self.quic, default=self.initial_rtt),
             )
+            # FINISHED (and ERROR, repair replies) go ahead of the repeats in the packets that leave
+            req.sender.stream_backlog = functools.partial(self._stream_backlog, stream_id)
         req.started = True
         self._send(stream_id, Started(stream_id, req.request_id, scheme, first_index))
         self.notify(stream_id)
@@ -209,6 +212,21 @@ class ServerSession(_SessionBase):
             gen = tr.gen_deltas_us() if len(tr) <= 200_000 else None
             t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
             self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
+
+    def _stream_backlog(self, stream_id: int) -> int:
+        """Bytes of ``stream_id`` waiting to be sent that flow control lets leave now (aioquic's private stream
+        state, 1.7.2 pinned): a token sender leaves them room, or repeats written ahead of every STREAM frame
+        keep them out of each packet while the congestion window only lets probes leave."""
+        stream = self.quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        if stream.is_blocked or sender.buffer_is_empty or sender._reset_error_code is not None:
+            return 0  # nothing aioquic would write now (the checks of its own stream loop)
+        quic = self.quic
+        max_offset = min(sender.highest_offset + quic._remote_max_data - quic._remote_max_data_used,
+                         stream.max_stream_data_remote)
+        return sum(max(0, min(r.stop, max_offset) - r.start) for r in sender._pending)
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
