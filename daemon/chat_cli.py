@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):  # (in the connection's event handling: a closed stderr must not
                 print(attach_hint(request_id), file=sys.stderr, flush=True)  # break the answer)
 
-    async def go():
+    async def go() -> Any:
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
         retries = 0
         while True:
@@ -231,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
                     connected = True
                     if rid is not None or (resume is not None and prompt is None):
                         held = resume[1] if resume is not None else None
-                        stream = conn.attach(rid if resume is None else resume[0], scheme=args.scheme, held=held)
+                        target = resume[0] if resume is not None else rid
+                        assert target is not None  # (an --attach id, or a resume's)
+                        stream = conn.attach(target, scheme=args.scheme, held=held)
                     else:
                         stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
                                            params=params or None, resume=resume)
