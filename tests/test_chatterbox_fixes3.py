@@ -1,16 +1,17 @@
-"""Chatterbox repeats against the congestion window and the request stream: FINISHED is not kept out of the
-packets by repeats, and repeats of tokens too recent to be acknowledged keep to the window's share."""
+"""Chatterbox repeats against the request stream: FINISHED is not kept out of the packets by repeats (a rule
+that kept repeats of not-yet-due tokens to half the window was tried and reverted: see transport/chatterbox.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytest
+from aioquic.quic.packet_builder import QuicDeliveryState
 
 import tokenwire.testbed.sim as sim
 from tokenwire.testbed.loss import LossModel, NoLoss
 from tokenwire.transport.chatterbox import NEEDS_ROOM, STREAM_FRAME_OVERHEAD, TokenSender
-from tokenwire.transport.frames import Ack, Tokens, decode_datagram
+from tokenwire.transport.frames import Tokens, decode_datagram
 from tokenwire.transport.transcript import Transcript
 
 CAP = 1162
@@ -102,72 +103,24 @@ def test_finished_reaches_the_client_with_the_last_token_in_an_uplink_only_outag
     assert ended - result.render[-1] < 0.01  # with the last token, not a probe timeout later
 
 
-# ------------------------------------------------------------------ repeats too recent to help
-def _long_path_sender(n_young: int, n_old: int = 0) -> tuple[Transcript, TokenSender]:
-    """A 2-s round trip with acks flowing: ``n_old`` tokens sent long ago, ``n_young`` within the last RTT."""
-    tr, s = make(0, initial_rtt=2.0)
-    for i in range(n_old):
-        tr.append(f"o{i} ".encode(), 0.0)
-    if n_old:
-        build(s, 0.0)
-    for i in range(n_young):
-        t = 3.0 + i * 0.03
-        tr.append(f"y{i} ".encode(), t)
-        build(s, t)
-    s.on_ack(Ack(7, 0, None, 4_900_000), 4.9)  # acks flow (nothing in order yet): no ack silence
-    tr.append(b"NEW ", 5.0)
-    return tr, s
+def test_the_backlog_is_the_next_frame_aioquic_writes_not_every_pending_range():
+    """aioquic writes one STREAM frame per stream per packet, from its first pending range: the sum of the ranges
+    (a lost STARTED's 40 bytes ahead of the rest of a FINISHED) kept repeats out of packets that left room empty."""
+    from aioquic.quic.connection import QuicConnection
 
+    from tokenwire.transport.server_session import ServerSession
+    from tokenwire.transport.tls import server_configuration
 
-def test_repeats_of_tokens_not_yet_due_keep_to_the_windows_share_while_acks_flow():
-    """1-s one-way delay, no loss: ~60 unacknowledged tokens rode in every packet, filled the window and held
-    new tokens back (loopback relay: stall 0.107-0.130, in-order streaming 0.023-0.031)."""
-    _tr, s = _long_path_sender(60)
-    frame, _ = build(s, 5.0, window=(20_000, 12_000))  # more than half the window in flight
-    assert frame.runs() == [(60, [b"NEW "])]
-    assert s.stats.repeats_trimmed == 1
-    _tr, s = _long_path_sender(60)
-    frame, _ = build(s, 5.0, window=(20_000, 2_000))  # room in the first half: they still ride
-    assert frame.first == 0 and len(frame.tokens) == 61
-
-
-def test_overdue_tokens_are_repeated_whatever_the_window():
-    """Tokens older than a round trip and unacknowledged are presumably lost: they still ride in every packet
-    (after an outage aioquic collapses the window, and the lost tokens must not wait for it)."""
-    _tr, s = _long_path_sender(40, n_old=10)
-    frame, _ = build(s, 5.0, window=(20_000, 12_000))
-    runs = frame.runs()
-    assert runs[0] == (0, [f"o{i} ".encode() for i in range(10)])  # the overdue ones, and not the young
-    assert runs[-1] == (50, [b"NEW "])
-
-
-def test_a_long_delay_path_streams_without_stalls():
-    """Loss-free 1-s one-way delay (tokenwire sim): chatterbox stalled 0.080 where in-order streaming had 0."""
-    result = sim.run_scheme("chatterbox", sim.SimConfig(tokens=300, delay_ms=1000.0, seed=1))
-    assert result.digest_ok
-    assert result.stats.stall_ratio < 0.01
-
-
-def test_the_last_tokens_repeats_ride_in_full_once_nothing_new_can_come():
-    """The share rule keeps the window for new tokens; after the last one there are none, and the tail's
-    repeats must ride behind FINISHED (sim, 25-ms outages, seed 2: trimmed, stall 0.033 -> 0.040)."""
-    tr, s = _long_path_sender(60)
-    build(s, 5.0, window=(20_000, 2_000))  # the last token leaves
-    tr.finish()
-    out = s.build(5.05, CAP, piggyback=True, window=(20_000, 12_000))  # an ACK leaving, the window over half
-    assert out is not None and out is not NEEDS_ROOM
-    frame = decode_datagram(out[0])  # type: ignore[index]
-    assert isinstance(frame, Tokens) and frame.first == 0 and len(frame.tokens) == 61
-
-
-def test_first_send_times_of_acknowledged_tokens_are_dropped():
-    """A first send time per token, kept for the whole answer: 8 MB for a 1,000,000-token one."""
-    from tokenwire.transport.chatterbox import FIRST_SENT_TRIM
-
-    tr, s = make()
-    for i in range(5 * FIRST_SENT_TRIM):
-        tr.append(f"t{i} ".encode(), i * 0.001)
-        build(s, i * 0.001)
-        s.on_ack(Ack(7, s.next_new), i * 0.001)
-    assert s.floor == 5 * FIRST_SENT_TRIM
-    assert len(s._first_sent) <= FIRST_SENT_TRIM + 1
+    session = ServerSession(QuicConnection(configuration=server_configuration(),
+                                           original_destination_connection_id=bytes(8)))
+    session.quic._remote_max_data = 1 << 20
+    stream = session.quic._get_or_create_stream_for_send(3)
+    stream.max_stream_data_remote = 1 << 20
+    stream.is_blocked = False  # (the peer's stream limit, which a handshake would have given)
+    stream.sender.write(b"S" * 40)
+    stream.sender.get_frame(40)  # STARTED went out ...
+    stream.sender.write(b"F" * 1381)  # ... then FINISHED's first 500 bytes, the rest waits
+    stream.sender.get_frame(500)
+    stream.sender.on_data_delivery(QuicDeliveryState.LOST, 0, 40, False)  # STARTED lost: sent again first
+    assert [(r.start, r.stop) for r in stream.sender._pending] == [(0, 40), (540, 1421)]
+    assert session._stream_backlog(3) == 40  # (the next frame; it was 40 + 881)

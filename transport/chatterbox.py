@@ -27,21 +27,20 @@ packet each 1, 2, 4, 8 ... seconds into the silence: a downlink outage followed 
 otherwise left a 37-token gap for 3 s, the tokens that would fill it riding in no packet until acks
 returned (namespace testbed, instrumented).
 
-While acknowledgements flow, repeats of tokens whose first copy left less than :data:`DUE_RTTS` smoothed
-round trips ago (plus :data:`ACK_DUE_MARGIN_S`), too recent to have been acknowledged, keep to the same first
-half of the window. On a long path every token is that recent for a whole round trip: with 1 s of one-way
-delay and no loss ~60 of them rode in every packet, filled the window before the first acknowledgement and
-held new tokens back (loopback UDP relay, 300 tokens: stall 0.107-0.109, in-order streaming 0.023-0.027; with
-the rule 0.023-0.028, and 40 % fewer duplicate tokens). Overdue tokens (presumably lost) still ride in every
-packet whatever the window: right after an outage aioquic has collapsed it to two packets, and a half-window
-rule on them would keep the lost tokens out of most packets. Once the last token has left, no new token
-needs the window and the rule lapses (the tail's repeats ride behind FINISHED).
+The rule is gated on silence by design: while acknowledgements flow the window frees itself, and right after
+an outage aioquic has collapsed it to two packets, where a half-window rule would keep repeats out of most
+packets. Measured, the gate changes little either way (namespace testbed, 2-s outages both ways: 42.7 / 44.3 %
+stall gated, 45.0 / 42.2 % not; the sim's loss rows move by at most 0.03, in both directions). A rule that kept
+repeats of tokens not yet due (sent less than 1.25 round trips ago) to half the window while acks flow was tried
+and reverted: it cured a loss-free 1-s one-way path (stall 0.107 -> 0.023 through a relay) but on long lossy
+paths it delayed each lost token's first repeat by a round trip (`tokenwire sim`, 300 ms each way, iid 5 %,
+seeds 1-9: 0.304/0.274/0.242 -> 0.391/0.316/0.278; 500 and 1000 ms likewise).
 
-The request stream's waiting frames (FINISHED, an ERROR, repair replies) take their room in a packet before
-the repeats: aioquic writes DATAGRAM frames ahead of STREAM frames, and once the window is full only probes
-leave, each of which the repeats filled, so FINISHED waited for acknowledgements to free the window
-(loopback UDP relay, 25-s uplink-only outage: last token at 12.9 s, answer ended at 27.1 s when the uplink
-returned; now both at 12.5-12.9 s). The session reports that backlog (``stream_backlog``).
+The request stream's next waiting frame (FINISHED above all) takes its room in a packet before the repeats:
+aioquic writes DATAGRAM frames ahead of STREAM frames, and once the window is full only probes leave, each of
+which the repeats filled, so FINISHED waited for acknowledgements to free the window (loopback UDP relay, 25-s
+uplink-only outage: last token at 12.9 s, answer ended at 27.1 s when the uplink returned; now both at
+12.5-12.9 s). The session reports that backlog (``stream_backlog``).
 
 Limit, measured: in an uplink-only outage nothing frees the window, and every repeat sent into it is taken
 from the new tokens at the outage's end. Through the loopback relay (1-ms round trip, 15.8 KB window, 8-s
@@ -59,8 +58,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from array import array
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,14 +79,8 @@ def _int_size(v: int) -> int:
     return 9
 
 
-REPEAT_WINDOW_SHARE = 0.5  # repeats (in ack silence, or of tokens not yet due) fill the window up to this share
+REPEAT_WINDOW_SHARE = 0.5  # during ack silence, repeated tokens may fill the window up to this share of it
 ACK_SILENCE_S = 0.5  # ... silence: no acknowledgement for this long (or four smoothed RTTs, if longer)
-# A token is overdue (its first copy presumably lost) once its first send is this many smoothed RTTs old, plus
-# ACK_DUE_MARGIN_S for the client's ack delay; repeats of tokens not yet overdue keep to REPEAT_WINDOW_SHARE
-# even while acks flow (see the module docstring)
-DUE_RTTS = 1.25  # a token first sent this many smoothed round trips ago (plus the margin) is overdue: lost
-ACK_DUE_MARGIN_S = 0.025  # the client's ack delay and the timers' granularity, beyond the round trips
-FIRST_SENT_TRIM = 1024  # acknowledged tokens' first send times kept before they are dropped, in one go
 STREAM_FRAME_OVERHEAD = 16  # a STREAM frame's type, stream id, offset and length, upper bound
 
 NEEDS_ROOM = object()  # build() result: nothing fits in the space offered, try a fresh packet
@@ -166,9 +157,8 @@ class TokenSender:
         self._heard_at: float | None = None  # last acknowledgement (or the first send, before any)
         self._peer_seen_at: float | None = None  # last packet of any kind from the client (None: not told)
         self._silent_full_packets = 0  # packets with unlimited repeats sent during the current silence
-        self._first_sent = array("d")  # first send time of token first_index + k: which repeats are overdue
-        # bytes the request's own stream has waiting to leave (FINISHED, ERROR, repair replies), as the driver
-        # reports them: repeats leave that room in the packet. None: not told (no room kept)
+        # bytes of the request stream's next frame waiting to leave (FINISHED above all), as the driver reports
+        # them: repeats leave that room in the packet. None: not told (no room kept)
         self.stream_backlog: Callable[[], int] | None = None
 
     # ----------------------------------------------------------------------------------- state queries
@@ -308,8 +298,7 @@ class TokenSender:
             return None
         toks = self.transcript.tokens
         n_avail = len(toks)
-        tr_finished = self.transcript.finished
-        total = n_avail if tr_finished else None
+        total = n_avail if self.transcript.finished else None
         sent_us = max(0, int(now * 1e6))
 
         if self.scheme == "duplicate":  # retransmit tokens whose every copy was lost, oldest run first
@@ -354,33 +343,19 @@ class TokenSender:
             self._heard_at = now
         silence = max(ACK_SILENCE_S, 4 * self.srtt)
         quiet_for = now - self._heard_at
-        young_from = old_limit  # repeats from this index on are of tokens not yet overdue
-        young_budget = old_budget
         if quiet_for > silence and quiet_for >= silence * 2 ** (self._silent_full_packets + 1):
             self._silent_full_packets += 1  # this one carries the full repeats; the next twice as late
-        elif window is not None and (new_end > new_first or piggyback):
+        elif quiet_for > silence and window is not None and (new_end > new_first or piggyback):
             cwnd, in_flight = window
             if in_flight < cwnd:  # a full window means this packet is a probe: let it carry the floor
-                share = min(old_budget, int(cwnd * REPEAT_WINDOW_SHARE) - in_flight - (capacity - budget))
-                if quiet_for <= silence:
-                    # acks flow: tokens whose first copy cannot have been acknowledged yet are repeated within the
-                    # window's share only (1-s one-way delay: ~60 of them rode in every packet, filled the window
-                    # and held new tokens back, stall 0.11-0.13 where in-order streaming had 0.02-0.03); once
-                    # the last token has left, no new token needs the window (sim, 25-ms outages, seed 2: the
-                    # rule kept the tail's repeats out of the packets behind FINISHED, stall 0.033 -> 0.040)
-                    if not tr_finished or new_end < n_avail:
-                        young_from = max(old_first, min(old_limit, self._young_from(now)))
-                        young_budget = share
-                elif self._peer_seen_at is not None and now - self._peer_seen_at > silence:
+                old_budget = min(old_budget, int(cwnd * REPEAT_WINDOW_SHARE) - in_flight - (capacity - budget))
+                if self._peer_seen_at is not None and now - self._peer_seen_at > silence:
                     old_budget = used  # nothing at all from the client either: the uplink is out, no repeats
-                else:
-                    old_budget = share
         old_end = old_first
         trimmed = False
         while old_end < old_limit:
             cost = token_cost(toks[old_end])
-            limit = old_budget if old_end < young_from else min(old_budget, young_budget)
-            if used + cost > limit:
+            if used + cost > old_budget:
                 trimmed = used + cost <= budget  # it would have fitted: a window rule cut the repeats here
                 break
             used += cost
@@ -437,12 +412,7 @@ class TokenSender:
         self.sent_meta[sent_us] = (len(payload), self.codepoint)  # the codepoint the datagram leaves with
         if len(self.sent_meta) > 4096:
             self.sent_meta.popitem(last=False)
-        if new_end > new_first:
-            self._first_sent.extend([now] * (new_end - new_first))
         self.next_new = max(self.next_new, new_end)
-        acked = self.floor - (self.next_new - len(self._first_sent))  # entries of acknowledged tokens
-        if acked > FIRST_SENT_TRIM:  # (only tokens from the floor up are ever repeated: 8 bytes a token otherwise)
-            del self._first_sent[:acked]
         if self.scheme == "duplicate":
             self._retx.difference_update(range(old_first, old_end))
         st = self.stats
@@ -459,12 +429,6 @@ class TokenSender:
         self._want_repair = False
         self._last_send = now
         return payload, pkt
-
-    def _young_from(self, now: float) -> int:
-        """The first token index whose first copy left too recently to be acknowledged yet (not overdue)."""
-        due = now - (DUE_RTTS * self.srtt + ACK_DUE_MARGIN_S)
-        base = self.next_new - len(self._first_sent)
-        return base + bisect_right(self._first_sent, due)
 
     def _stream_reserve(self) -> int:
         """Room the request stream's waiting bytes need in this packet (0 when none wait or not told)."""
