@@ -129,19 +129,6 @@ class SendableUpstream:
         await self.upstream.close()
 
 
-class _RoutineLog(RefusalLog):
-    """RefusalLog's pattern (one line, then one summing up at most every REFUSALS_LOG_S) for routine events: the
-    summary at INFO, as the first line, not as a warning."""
-
-    def flush(self, now: float) -> None:
-        at = self.logged_at
-        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
-            return
-        self.logger.info("%s", self.summary(self.unlogged, now - at))
-        self.unlogged = 0
-        self.logged_at = now
-
-
 class Daemon:
     def __init__(
         self, config: Config, *, notifier: Notifier | None = None, log_format_override: str | None = None
@@ -191,9 +178,10 @@ class Daemon:
             f"closed {n} more never-authorized connections in the last {s:.0f} s for the request bytes they held "
             f"(limits.unauthorized_memory_mb; tokenwire_handshakes_refused_total reason memory)"))
         # answers cancelled by the orphan timeout: many clients vanishing at once wrote a line each (196 in a second)
-        self._orphan_cancels = _RoutineLog(log, lambda n, s: (
+        self._orphan_cancels = RefusalLog(log, lambda n, s: (
             f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
-            f"{self.config.limits.orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"))
+            f"{self.config.limits.orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"),
+            level=logging.INFO)  # (routine: the summary at INFO, as the first line)
         # established connections that have not been authorized yet (auth tokens configured), oldest first: past
         # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
         # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together

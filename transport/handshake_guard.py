@@ -162,11 +162,14 @@ class RefusalLog:
     """Refusals of one kind that a flood of clients repeats: the first is a warning, those within REFUSALS_LOG_S of
     the last line are counted, and one line on ``logger`` sums them up (with the next one logged, or from
     :meth:`flush`, which a housekeeping loop may call). A line per refusal flooded the log (200 wrong tokens, 200
-    lines). The daemon's chat port and the KV endpoint both log their admission refusals through it."""
+    lines). The daemon's chat port and the KV endpoint both log their admission refusals through it; routine events
+    (orphaned answers cancelled) too, with their summary at ``level`` INFO."""
 
-    def __init__(self, logger: logging.Logger, summary: Callable[[int, float], str]) -> None:
+    def __init__(self, logger: logging.Logger, summary: Callable[[int, float], str], *,
+                 level: int = logging.WARNING) -> None:
         self.logger = logger
         self.summary = summary  # the summing-up line, of how many were counted over how many seconds
+        self.level = level  # the summing-up line's
         self.logged_at: float | None = None  # the last line about this kind
         self.unlogged = 0  # counted since that line
 
@@ -184,7 +187,7 @@ class RefusalLog:
         at = self.logged_at
         if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
             return
-        self.logger.warning("%s", self.summary(self.unlogged, now - at))
+        self.logger.log(self.level, "%s", self.summary(self.unlogged, now - at))
         self.unlogged = 0
         self.logged_at = now
 
