@@ -371,9 +371,14 @@ class EcnValidation:
         """False once validation failed: the connection's datagrams go out Not-ECT."""
         return self.state != "failed"
 
+    def counts(self, codepoint: int) -> bool:
+        """Whether packets sent now with ``codepoint`` would count (:meth:`on_sent`): not while Not-ECT, failed, or
+        waiting for the acknowledgement of the packet that decides. The session skips finding them otherwise."""
+        return codepoint != NOT_ECT and self.state != "failed" and self._check_pn is None
+
     def on_sent(self, codepoint: int, first_pn: int, end_pn: int) -> None:
         """Packets numbered ``[first_pn, end_pn)`` left with ``codepoint`` (after the handshake)."""
-        if codepoint == NOT_ECT or self.state == "failed" or self._check_pn is not None or end_pn <= first_pn:
+        if not self.counts(codepoint) or end_pn <= first_pn:
             return
         needed = self.packets - self._ect_sent
         if end_pn - first_pn >= needed:

@@ -134,7 +134,9 @@ class _SessionBase:
                 self._batch_codepoint = self.current_codepoint = codepoint
             else:
                 codepoint = self._codepoint_now()  # (decided already if a token datagram was built)
-            if self.datagrams_ok is not None:  # after the handshake: packets whose acks could bring counts
+            # after the handshake: packets whose acks could bring counts (found only while they would count: the
+            # scan of each packet's delivery handlers is per-datagram work)
+            if self.datagrams_ok is not None and self.ecn.counts(codepoint):
                 for pn in self._app_data_packets(first_pn, end_pn):
                     self.ecn.on_sent(codepoint, pn, pn + 1)
         return out
