@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import shutil
 import sys
@@ -213,6 +214,18 @@ def _may_create(folder: Path) -> bool:
     except OSError:  # the current directory was removed
         return False
     return Path(os.path.realpath(folder)).is_relative_to(cwd)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the only code points a str can hold that UTF-8 cannot encode
+
+
+def well_formed(text: str) -> str:
+    """``text`` as UTF-8 can encode it: a surrogate pair made its character, a lone surrogate (JSON allows
+    ``"\\ud800"``) U+FFFD. An upstream's words with one were a UnicodeEncodeError where they were stored or sent
+    (the transcript, msgpack): the answer failed, or its ERROR became INTERNAL, blamed on the client's connection."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def printable(text: str) -> str:

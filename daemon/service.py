@@ -25,7 +25,6 @@ import contextlib
 import functools
 import gc
 import logging
-import re
 import signal
 import time
 import weakref
@@ -51,7 +50,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
-from .cli import printable
+from .cli import printable, well_formed
 from .config import AuthConfig, Config, ConfigError, hash_token, load_config
 from .connection import DaemonProtocol
 from .generation import generate_answer
@@ -74,15 +73,6 @@ STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: clos
 # A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
 GC_INTERVAL_S = 30.0
 MAX_FINISH_REASON_CHARS = 32  # FINISHED's "fr" (docs/protocol.md): a longer one failed the client's decoder
-_SURROGATES = re.compile(r"[\ud800-\udfff]")  # the only code points a str can hold that UTF-8 cannot encode
-
-
-def sendable(text: str) -> str:
-    """``text`` with what UTF-8 cannot carry (lone surrogates) as U+FFFD. An upstream's words go into frames to
-    clients; one lone surrogate (an OpenAI error body's ``"bad \\ud800 thing"``) made msgpack raise while sending
-    the ERROR: the client got INTERNAL "server error while sending this answer" instead of UPSTREAM_ERROR, the log
-    blamed its connection, and every resume did it again."""
-    return _SURROGATES.sub("\ufffd", text)
 
 
 def sendable_reason(reason: object) -> str:
@@ -90,7 +80,7 @@ def sendable_reason(reason: object) -> str:
     MAX_FINISH_REASON_CHARS; ``TypeError`` (an upstream's bug: UPSTREAM_ERROR) for one that is not a str."""
     if not isinstance(reason, str):
         raise TypeError(f"the upstream returned a finish reason of type {type(reason).__name__}, expected a str")
-    return printable(sendable(reason))[:MAX_FINISH_REASON_CHARS]
+    return printable(well_formed(reason))[:MAX_FINISH_REASON_CHARS]
 
 
 def failure_reason(code: int) -> str:
@@ -109,17 +99,17 @@ class SendableUpstream:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.name = sendable(str(upstream.name))
+        self.name = well_formed(str(upstream.name))
 
     def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
         problem = self.upstream.refusal(model, params)
-        return None if problem is None else sendable(str(problem))
+        return None if problem is None else well_formed(str(problem))
 
     async def generate(self, request: ChatRequest, emit: Callable[[str], None]) -> str:
         try:
             reason = await self.upstream.generate(request, emit)
         except RequestError as exc:
-            message = sendable(str(exc))
+            message = well_formed(str(exc))
             if message == str(exc):
                 raise
             raise RequestError(message, code=exc.code) from exc.__cause__  # (the cause: the log's detail)

@@ -40,7 +40,7 @@ from yarl import URL
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
-from .cli import printable
+from .cli import printable, well_formed
 from .config import api_key_absence, api_key_problem, read_api_key
 from .logs import shown_url
 from .upstreams import Emit
@@ -61,21 +61,11 @@ BODY_START_LIMIT = 200  # characters of an answer of an unexpected Content-Type 
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how an event stream's first line starts
 SSE_SNIFF_BYTES = 6  # enough of a body's start (past blanks) to tell whether it is one
 BOM = b"\xef\xbb\xbf"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def _well_formed(text: str) -> str:
-    """``text`` as UTF-8 can encode it: a surrogate pair made its character, a lone surrogate (JSON allows
-    ``"\\ud800"``) U+FFFD. One in an answer or an error message was a UnicodeEncodeError traceback where the
-    text was stored or sent (the transcript, msgpack), and the answer failed."""
-    if text.isascii() or _SURROGATE.search(text) is None:
-        return text
-    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-
-
 def _upstream_error(name: str, message: str) -> RequestError:
-    text = _well_formed(message)[:MESSAGE_LIMIT]  # (the upstream's words may hold lone surrogates)
+    text = well_formed(message)[:MESSAGE_LIMIT]  # (the upstream's words may hold lone surrogates)
     return RequestError(f"upstream {name!r}: {text}", code=ErrorCode.UPSTREAM_ERROR)
 
 
@@ -111,7 +101,7 @@ def _why(exc: aiohttp.ClientError) -> str:
 class _Surrogates:
     """Joins an emoji's UTF-16 halves sent in two events (``"\\ud83d"``, then ``"\\ude00 end"``: valid JSON, from
     proxies that slice text by UTF-16 unit): a high surrogate ending one piece waits for the next piece, and what
-    is passed on is well-formed (:func:`_well_formed`)."""
+    is passed on is well-formed (:func:`well_formed`)."""
 
     def __init__(self) -> None:
         self._held = ""
@@ -120,7 +110,7 @@ class _Surrogates:
         text, self._held = self._held + text, ""
         if text and "\ud800" <= text[-1] <= "\udbff":
             text, self._held = text[:-1], text[-1]
-        return _well_formed(text)
+        return well_formed(text)
 
     def flush(self) -> str:
         """At the answer's end: a high surrogate still held (no low one came) as U+FFFD, else nothing."""
@@ -458,7 +448,7 @@ class OpenAIUpstream:
             if reason is not None:  # the finish is final
                 break
             if content:
-                emit(_well_formed(content))
+                emit(well_formed(content))
             if finish:
                 reason = printable(str(finish))[:32]
         return reason or "stop"
