@@ -618,9 +618,7 @@ def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
         except self._redis_error as exc:
             full = isinstance(exc, self._oom_error)
-            now = time.monotonic()
-            if now - self._reported_at >= REDIS_REPORT_S:
-                self._reported_at = now
+            if self._failures_logged.due() is not None:  # (the workers' threads share it: ReportEvery locks)
                 log.warning("KV store: Redis at %s failed: %s: %s%s (more failures in the next %g s not logged)",
                             shown_url(self.url), exc.__class__.__name__, exc, FULL_HINT if full else "",
                             REDIS_REPORT_S)
@@ -649,7 +647,7 @@ class RedisChunkStore(ChunkStore):
         self.where = shown_url(url)
         self._redis_error = redis.RedisError
         self._oom_error = redis.exceptions.OutOfMemoryError
-        self._reported_at = -REDIS_REPORT_S
+        self._failures_logged = ReportEvery(REDIS_REPORT_S)
         try:
             # Any: redis annotates replies bytes | str; without decode_responses they are bytes
             self._r: Any = redis.Redis.from_url(url, socket_timeout=10)
