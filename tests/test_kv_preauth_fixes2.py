@@ -66,7 +66,7 @@ def _largest_fetch(**change: Any) -> KvFetch:
 # ------------------------------------------------------------------------------ 1: a fetch stream's frame bound
 def test_the_bound_is_the_largest_legal_kv_fetch():
     """Every field at its longest decodes, and one character more in either string is no KV_FETCH at all: the bound
-    follows frames.py's field limits (MAX_AUTH_CHARS repeats the auth field's)."""
+    follows frames.py's field limits (MAX_AUTH_CHARS is the auth field's)."""
     body = encode_frame(_largest_fetch())
     assert len(body) == MAX_KV_FETCH_BYTES == 657_989
     assert isinstance(decode_frame(body), KvFetch)

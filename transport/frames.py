@@ -41,6 +41,7 @@ MAX_TIMESTAMP_US = (1 << 63) - 1
 REQUEST_ID_BYTES = 16
 DIGEST_BYTES = 32
 MAX_MESSAGES = 512
+MAX_AUTH_CHARS = 512  # an auth token (a REQUEST's and a KV_FETCH's "a")
 MAX_TEXT = 1 << 20
 MAX_PARAMS = 32
 
@@ -238,7 +239,7 @@ class Request(Frame):
         "s": ("scheme", _str(16, SCHEMES), False),
         "model": ("model", _str(MAX_MODEL_CHARS), False),
         "mt": ("max_tokens", _int(1, 1_000_000), False),
-        "a": ("auth", _str(512), False),
+        "a": ("auth", _str(MAX_AUTH_CHARS), False),
         "rid": ("resume_id", _bytes(REQUEST_ID_BYTES, REQUEST_ID_BYTES), False),
         "rf": ("resume_from", _u_index, False),
         "p": ("params", _params, False),
@@ -466,7 +467,7 @@ class KvFetch(Frame):
         "hs": ("hashes", _hash_list, False),
         "ctl": ("controller", _str(32, KV_CONTROLLERS), False),
         "rc": ("recompute_us_per_token", _int(0, MAX_RECOMPUTE_US), False),
-        "a": ("auth", _str(512), False),
+        "a": ("auth", _str(MAX_AUTH_CHARS), False),
         "px": ("prefix", _bool, False),
     }
 

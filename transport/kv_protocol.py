@@ -34,6 +34,7 @@ from .errors import ErrorCode, TokenwireError
 from .frames import (
     KV_ALPN,
     KV_CONTROLLERS,
+    MAX_AUTH_CHARS,
     MAX_DEADLINE_MS,
     MAX_KV_TOKENS,
     MAX_MODEL_CHARS,
@@ -44,7 +45,6 @@ from .frames import (
 
 DEFAULT_RECOMPUTE_US = 2250  # the engine's prefill per token when a fetch names none (the daemon's default too)
 FLOW_WINDOW = 64 << 20  # QUIC flow-control windows: a chunk must never wait for a window update
-MAX_AUTH_CHARS = 512  # a KV_FETCH's auth token (frames.KvFetch's "a" field)
 
 
 def _largest_fetch() -> int:
