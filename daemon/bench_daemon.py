@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.daemon.bench_cli import die_with_parent
+from tokenwire.daemon.config import MAX_LIVE_ANSWERS, MAX_REQUESTS_PER_CONNECTION, MAX_SESSIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,9 +64,8 @@ def _udp_rcvbuf_errors() -> int:
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
-MAX_SESSIONS = 1_000_000  # the daemon's bound on limits.max_sessions (config.py); one session per client
-MAX_ANSWERS = 10_000  # the daemon's bound on limits.max_requests_per_connection (config.py)
-MAX_LIVE_ANSWERS = 1_000_000  # the daemon's bound on limits.max_live_answers (config.py)
+# the daemon's bounds (one session per client; an answer per request of a connection)
+MAX_ANSWERS = MAX_REQUESTS_PER_CONNECTION
 LIVE_ANSWERS_MARGIN = 64  # answers the daemon may run beyond the benchmark's own (its warm-ups)
 READY_TIMEOUT_S = 30.0
 PROGRESS_S = 5.0  # between the progress lines on stderr

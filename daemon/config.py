@@ -116,6 +116,10 @@ class MetricsConfig:
 
 
 MAX_ANSWER_TOKENS = 1_000_000  # the bound of limits.max_tokens and of an upstream's max_tokens
+# the bounds of limits.max_sessions, max_requests_per_connection and max_live_answers (`bench daemon` keeps to them)
+MAX_SESSIONS = 1_000_000
+MAX_REQUESTS_PER_CONNECTION = 10_000
+MAX_LIVE_ANSWERS = 1_000_000
 
 # A principal is a token's name or "cert:" + a certificate's common name (at most 64 characters in X.509): 128
 # leaves room for both, and keeps the names every open answer holds small
@@ -342,8 +346,8 @@ def _auth(t: Any) -> AuthConfig:
 def _limits(t: Any) -> Limits:
     s = _Section("limits", t, tuple(Limits.__dataclass_fields__))
     return Limits(
-        max_sessions=s.int("max_sessions", 10_000, 1, 1_000_000),
-        max_requests_per_connection=s.int("max_requests_per_connection", 64, 1, 10_000),
+        max_sessions=s.int("max_sessions", 10_000, 1, MAX_SESSIONS),
+        max_requests_per_connection=s.int("max_requests_per_connection", 64, 1, MAX_REQUESTS_PER_CONNECTION),
         max_tokens=s.int("max_tokens", 16_384, 1, MAX_ANSWER_TOKENS),
         # at most the protocol's own frame limit: above it a large prompt passed the size check, then the frame
         # validator refused it as malformed and closed the connection (the SDK refused it too)
@@ -352,7 +356,7 @@ def _limits(t: Any) -> Limits:
         transcript_memory_mb=s.num("transcript_memory_mb", 256.0, 1.0, 1 << 20),
         transcript_retain_s=s.num("transcript_retain_s", 600.0, 0.0, 7 * 86400.0),
         drain_timeout_s=s.num("drain_timeout_s", 30.0, 0.0, 3600.0),
-        max_live_answers=s.int("max_live_answers", 4096, 1, 1_000_000),
+        max_live_answers=s.int("max_live_answers", 4096, 1, MAX_LIVE_ANSWERS),
         orphan_timeout_s=s.num("orphan_timeout_s", 300.0, 1.0, 7 * 86400.0),
         request_timeout_s=s.num("request_timeout_s", 10.0, 1.0, 3600.0),
         unauthorized_memory_mb=s.num("unauthorized_memory_mb", 256.0, 1.0, 1 << 20),
