@@ -38,7 +38,19 @@ class DaemonProcess:
             """
         )
         self.write_config(extra_toml)
-        self.notify_path = tmp / "notify.sock"
+        self._listen_for_notifications()
+        # WATCHDOG_PID empty: any pid accepted
+        self._spawn({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": ""})
+        ready = self.wait_for("READY")
+        ports = re.findall(r"udp/[^:]+:(\d+)", ready.get("STATUS", ""))
+        assert ports, ready
+        self.port = int(ports[0])
+        m = re.search(r"http://[^:]+:(\d+)/metrics", ready.get("STATUS", ""))
+        self.metrics_port = int(m.group(1)) if m else None
+
+    def _listen_for_notifications(self) -> None:
+        """The NOTIFY_SOCKET the daemon's sd_notify messages reach, read by a thread of its own."""
+        self.notify_path = self.tmp / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.2)
@@ -48,22 +60,17 @@ class DaemonProcess:
         self._reader = threading.Thread(target=self._drain_notify, daemon=True)
         self._closing = False
         self._reader.start()
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "3000000"}
-        env["WATCHDOG_PID"] = ""  # set below once we know the pid: any pid accepted when empty
-        self.log_path = tmp / "daemon.log"
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        """``tokenwire daemon --config`` this config, its output in daemon.log, ``env`` beside NOTIFY_SOCKET."""
+        self.log_path = self.tmp / "daemon.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **env},
         )
-        ready = self.wait_for("READY")
-        ports = re.findall(r"udp/[^:]+:(\d+)", ready.get("STATUS", ""))
-        assert ports, ready
-        self.port = int(ports[0])
-        m = re.search(r"http://[^:]+:(\d+)/metrics", ready.get("STATUS", ""))
-        self.metrics_port = int(m.group(1)) if m else None
 
     def write_config(self, extra_toml: str) -> None:
         self.config_path.write_text(

@@ -10,9 +10,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -173,21 +170,8 @@ class _FifoDaemon(DaemonProcess):
         PAIR.write(self.cert, self.key)
         self.config_path = tmp / "tokenwire.toml"
         os.mkfifo(self.config_path)
-        self.notify_path = tmp / "notify.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.settimeout(0.2)
-        self.messages: list[dict[str, str]] = []
-        self._seen = 0
-        self._cond = threading.Condition()
-        self._closing = False
-        self._reader = threading.Thread(target=self._drain_notify, daemon=True)
-        self._reader.start()
-        self.log_path = tmp / "daemon.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)})
+        self._listen_for_notifications()
+        self._spawn({})
 
     def text(self, level: str) -> str:
         return (f'[server]\nlisten = ["127.0.0.1:0"]\ncertificate = "{self.cert}"\nprivate_key = "{self.key}"\n'
