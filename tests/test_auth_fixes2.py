@@ -32,7 +32,7 @@ from tokenwire.transport.session_events import RequestReceived
 
 from .quicpair import Pair
 from .test_handshake_limits import until, value
-from .test_hostile_clients import _Raw, _raw
+from .test_hostile_clients import FLUSH_SLACK_S, _Raw, _raw
 from .test_loopback import run
 
 ALICE = "alice-token-for-tests"
@@ -314,7 +314,7 @@ def test_wrong_tokens_are_one_warning_then_counted_and_summed_up(caplog):
                         await conn.chat("x", max_tokens=2).collect()
             at = daemon._auth_refusals.logged_at
             assert at is not None
-            daemon._log_refusals(at + service.REFUSALS_LOG_S)  # (exactly: "60 s")
+            daemon._log_refusals(at + service.REFUSALS_LOG_S + FLUSH_SLACK_S)  # ("60 s")
             return value(daemon, "tokenwire_errors_total", {"code": hex(ErrorCode.UNAUTHORIZED)})
 
     assert run(go(), 60) == 12

@@ -29,6 +29,7 @@ from tokenwire.transport.frames import SCHEMES, Request
 from tokenwire.transport.handshake_guard import REFUSALS_LOG_S
 
 from .test_handshake_limits import half_open, until, value
+from .test_hostile_clients import FLUSH_SLACK_S
 from .test_loopback import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_connections_closed_for_protocol_errors_are_one_warning_then_a_summary(c
             code = {"code": hex(ErrorCode.MALFORMED_FRAME)}
             await until(lambda: value(daemon, "tokenwire_errors_total", code) == 5)
             logged = lines(caplog, "closed connection from")
-            daemon._log_refusals(daemon._protocol_closes.logged_at + REFUSALS_LOG_S)  # the housekeeping's flush
+            daemon._log_refusals(daemon._protocol_closes.logged_at + REFUSALS_LOG_S + FLUSH_SLACK_S)
             return logged, lines(caplog, "more connections for protocol errors")
 
     with caplog.at_level(logging.INFO, logger="tokenwire.daemon"):
@@ -140,7 +141,7 @@ def test_busy_refusals_are_logged_once_then_summed_up_naming_the_limit(caplog):
                     refused.append(info.value.code)
                 await long.cancel()
             logged = lines(caplog, "server busy")
-            daemon._log_refusals(daemon._busy_refusals.logged_at + REFUSALS_LOG_S)
+            daemon._log_refusals(daemon._busy_refusals.logged_at + REFUSALS_LOG_S + FLUSH_SLACK_S)
             return refused, logged, lines(caplog, "more answers in the last"), value(
                 daemon, "tokenwire_requests_ended_total", {"outcome": "refused"})
 
