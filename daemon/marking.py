@@ -171,6 +171,9 @@ class MarkingService:
                           registry=r)
         self.policy_info = Gauge("tokenwire_marking_policy", "The marking policy in use (1 for the active one)",
                                  ["policy"], registry=r)
+        # every policy's series from the start, at 0 (docs/metrics.md): only the active one's was exported, so a
+        # query for another policy (swiftqueue on a daemon that fell back to l4s at start) found no series, not a 0
+        self._show_policy(None)
         self.model_errors = Counter("tokenwire_marking_model_errors", "Exceptions the swiftqueue latency model "
                                     "raised on the packet path (the daemon then marks like l4s)", registry=r)
         self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Times connections stopped marking (Not-ECT) "
@@ -219,7 +222,7 @@ class MarkingService:
 
                 self._factory = swiftqueue
         if self.effective_policy:
-            self.policy_info.labels(policy=self.effective_policy).set(1)
+            self._show_policy(self.effective_policy)
             log.info("ECN marking: policy %s%s", self.effective_policy,
                      "" if self.effective_policy == cfg.policy else f" (configured {cfg.policy}; model unavailable)")
 
@@ -240,10 +243,17 @@ class MarkingService:
                     "falling back to the l4s policy until restart", why)
         self.effective_policy = "l4s"
         self._factory = L4SPolicy
-        self.policy_info.labels(policy="swiftqueue").set(0)
-        self.policy_info.labels(policy="l4s").set(1)
+        self._show_policy("l4s")
         for pol in list(self._swiftqueue):
             pol.fall_back(f"the latency model failed on another connection ({why})")
+
+    def _show_policy(self, active: str | None) -> None:
+        """``tokenwire_marking_policy``: 1 for ``active``, 0 for every other policy (all of them: None).
+
+        The policy only changes at start and on the model's failure: [marking] is one of the sections a SIGHUP
+        reload does not apply (config.RESTART_SECTIONS), so the reload leaves this as it is."""
+        for policy in POLICIES:
+            self.policy_info.labels(policy=policy).set(int(policy == active))
 
     def new_policy(self) -> MarkingPolicy | None:
         """A fresh policy for one connection (its forecaster keeps that connection's history)."""
