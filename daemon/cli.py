@@ -604,10 +604,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-    except BaseException:  # (--help, a usage error: no daemon runs to take the signals over)
+    except BaseException as exc:  # (--help, a usage error: no daemon runs to take the signals over)
         from .daemon_cli import early_sighups
 
         early_sighups.restore()
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C while the parser's type checks import their modules (over 1.5 s on a loaded machine) was a
+            # 20-to-60-line traceback; later it is "interrupted", exit 130, as here
+            _say("interrupted")
+            return 130
         raise
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

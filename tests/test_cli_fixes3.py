@@ -1,4 +1,5 @@
-"""Command-line edges a coverage pass found: a closed stderr, a removed current directory."""
+"""Command-line edges a coverage pass found: a closed stderr, a removed current directory; a Ctrl-C while the
+parser is built."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tokenwire.daemon import cli
 
 CLI = [sys.executable, "-m", "tokenwire.daemon.cli"]
 
@@ -50,3 +53,22 @@ def test_output_folders_are_not_writable_by_others_whatever_the_umask(tmp_path: 
     for folder in ("a", "a/b", "c", "c/d"):
         assert (tmp_path / folder).stat().st_mode & 0o777 == 0o755, folder
     assert (tmp_path / "a/b/key.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_c_while_the_parser_imports_is_interrupted_not_a_traceback(monkeypatch, capsys):
+    """The parser's type checks import aioquic and more (over 1.5 s on a loaded machine): a Ctrl-C then was a
+    traceback and death by the signal, where a Ctrl-C a second later is "interrupted", exit 130."""
+
+    def interrupted_parse(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_parse)
+    assert cli.main(["chat", "--insecure", "hello"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
+
+
+def test_other_parser_exits_still_raise(monkeypatch):
+    """--help and usage errors are SystemExit from argparse: they keep their status."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["chat", "--no-such-option"])
+    assert info.value.code == 2
