@@ -147,7 +147,14 @@ def run(args: argparse.Namespace) -> int:
         r["bytes_per_token"] = bytes_per_token(r)
     print(format_results(results, args))
     if args.json:
-        write_json({"config": vars_for_json(args), "schemes": results}, args.json)
+        config = vars_for_json(args)
+        # what ran, not what was asked: `auto` that fell back to the relay (which applies no --rate-mbps) read as
+        # "link": "auto", "rate_mbps": "12mbps" in the JSON, its B/token and stalls taken for a namespace run's
+        config["link"] = "netns" if use_netns else "relay"
+        config["link_asked"] = args.link
+        if not use_netns:
+            config["rate_mbps"] = None
+        write_json({"config": config, "schemes": results}, args.json)
     bad = [s for s, r in results.items() if not r["digest_verified"]]
     return 1 if bad else 0
 

@@ -140,3 +140,16 @@ def test_the_live_answer_says_where_tokens_cut_it_and_an_interrupt_ends_its_line
             proc.wait()
     assert proc.returncode == 130 and err.decode().strip().endswith("interrupted")
     assert (head + rest).endswith(b"\n"), rest  # "interrupted" (stderr) starts a line of its own
+
+
+def test_the_json_says_which_link_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--link auto` that fell back to the relay read "link": "auto", "rate_mbps": "12mbps" in the JSON: a relay run
+    (no rate applied, another B/token) looked like a namespace run to whoever read the JSON alone."""
+    from tokenwire.testbed import topology
+
+    monkeypatch.setattr(topology, "unavailable_reason", lambda: "not root (a test)")
+    out = tmp_path / "demo.json"
+    argv = [*RELAY[:1], "--quiet", "--delay-ms", "0", "--rate", "10000", "--tokens", "5", "--loss", "none"]
+    assert main([*argv, "--schemes", "stream", "--json", str(out)]) == 0  # (--link auto: the default)
+    config = json.loads(out.read_text())["config"]
+    assert (config["link"], config["link_asked"], config["rate_mbps"]) == ("relay", "auto", None)
