@@ -458,9 +458,25 @@ class KVConnection(SessionProtocol):
             elif isinstance(ev, KVFetchFailed):
                 # after our own close nothing more is received: the failure is the close's, not the server's
                 pf.error = pf.error or (closed_locally_error() if self.closed_locally else ev.error)
+                # the session ended the fetch with a FIN (a chunk's CRC, the server's ERROR or reset), which a server
+                # that has sent KV_DONE counts as completed: a reset instead, before this batch's transmit sends it
+                self._abandon(ev.stream_id)
             if pf.error is not None or (pf.done is not None and len(pf.received) == pf.done.chunks):
                 pf.event.set()
         self.transmit()
+
+    def _abandon(self, sid: int) -> None:
+        """End a fetch this side failed or gave up on (a timeout, a chunk that does not decode, a cancelled task,
+        any error) with RESET_STREAM ``CANCELLED`` on its stream, never a FIN: the server reads a FIN after KV_DONE
+        as every chunk decoded (``tokenwire_kv_fetches_total{outcome="completed"}`` and a deadline-ratio sample),
+        and a fetch that timed out with its chunks received but none decoded was counted done in time. Every server
+        version counts a reset as abandoned. A FIN the session queued and this side has not sent yet is dropped
+        with it (aioquic sends nothing more of a reset stream); the session's end of the fetch follows (its
+        STOP_SENDING on chunk streams still arriving; the FIN it would write cannot follow the reset)."""
+        if not self.kv.closed:  # (a connection that has ended sends nothing)
+            with contextlib.suppress(AssertionError, ValueError, RuntimeError):  # the stream is gone already
+                self._quic.reset_stream(sid, ErrorCode.CANCELLED)
+        self.kv.finish(sid)
 
     def _start_decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> None:
         pf.decodes[hdr.index] = asyncio.get_running_loop().run_in_executor(self._pool, self._decode, pf, hdr, payload)
@@ -512,7 +528,9 @@ class KVConnection(SessionProtocol):
         side closed the connection, however its ``async with`` was left) or
         :class:`RemoteError` (an ERROR, or a chunk stream the server reset); a missed deadline is reported, not
         raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
-        controller, a non-integer token id) raises ``ValueError`` before it is sent.
+        controller, a non-integer token id) raises ``ValueError`` before it is sent. A fetch that raises (however:
+        a timeout, a cancelled task too) is reset on the wire, which the server counts as abandoned; only a fetch
+        whose every chunk decoded ends with the FIN that it counts as completed.
 
         ``timeout_s``: how long the whole call may take (KV_META, every chunk, KV_DONE, and decoding the chunks:
         it bounded only their receipt) before giving up with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default
@@ -541,6 +559,7 @@ class KVConnection(SessionProtocol):
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
         self.transmit()
+        decoded = False  # every chunk decoded and checked: only then the FIN (_abandon)
         try:
             started = time.monotonic()
             if timeout_s:
@@ -573,6 +592,7 @@ class KVConnection(SessionProtocol):
                               f"{pf.done.chunks} of {got}", code=ErrorCode.MALFORMED_FRAME)
             _check_done_levels(pf.done, results)
             _check_text_ids(results, pf.received, ids)
+            decoded = True
         except TokenwireError:
             raise
         except TimeoutError:
@@ -583,7 +603,12 @@ class KVConnection(SessionProtocol):
                           + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)",
                           code=ErrorCode.UPSTREAM_TIMEOUT) from None
         finally:
-            self.kv.finish(sid)
+            # the FIN tells the server the fetch completed (its outcome and deadline ratio); any other exit,
+            # CancelledError and KeyboardInterrupt included, abandons it
+            if decoded:
+                self.kv.finish(sid)
+            else:
+                self._abandon(sid)
             self.transmit()
             self._fetches.pop(sid, None)
             _forget_decodes(pf)

@@ -154,7 +154,7 @@ class KVFetchRefused(SessionEvent):
 class KVFetchClosed(SessionEvent):
     stream_id: int
     levels: list[str]
-    complete: bool
+    complete: bool  # the client's FIN after KV_DONE and every chunk's KV_ACK (see KVServerSession._completed)
     decisions: list[dict[str, Any]] = field(default_factory=list)  # the controller's inputs per chunk
     # a complete fetch: from its KV_FETCH to the client's FIN, sent once it has decoded every chunk (the
     # server's view of the fetch time: both ends one uplink trip late, so the client's but for jitter), and
@@ -592,10 +592,11 @@ class KVServerSession(_SessionBase):
             if f.done_sent or f.closed:
                 self._fin(stream_id)
                 self.fetches.pop(stream_id, None)
-                took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if f.done_sent and f.fetch is not None
+                complete = self._completed(f)
+                took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if complete and f.fetch is not None
                                   else (None, None))
-                prefill = self._prefill_s(f) if f.done_sent and f.plan is not None else 0.0
-                out.append(KVFetchClosed(stream_id, list(f.levels), f.done_sent, list(f.decisions), took, deadline,
+                prefill = self._prefill_s(f) if complete else 0.0
+                out.append(KVFetchClosed(stream_id, list(f.levels), complete, list(f.decisions), took, deadline,
                                          prefill))
             elif f.fetch is None:
                 raise ProtocolError(f"fetch stream {stream_id} ended without a KV_FETCH")
@@ -605,6 +606,15 @@ class KVServerSession(_SessionBase):
                 self.fetches.pop(stream_id, None)
                 out.append(KVFetchClosed(stream_id, list(f.levels), False))
         return out
+
+    @staticmethod
+    def _completed(f: ServerFetch) -> bool:
+        """Whether the client's FIN ends ``f`` as completed: after KV_DONE, with a KV_ACK for every chunk (the client
+        sends one per chunk received whole, before its FIN on this same stream). A client that fails or gives up on
+        a fetch resets its stream (abandoned); earlier clients FIN'd that too, and one that gave up with chunks
+        still on their way was counted completed, its time in the deadline histogram. (One that gave up with every
+        chunk received cannot be told from a success: only its reset says so.)"""
+        return f.done_sent and f.plan is not None and len(f.acked) == len(f.plan.token_counts)
 
     def _refuse(self, stream_id: int, code: ErrorCode, reason: str, end: bool) -> list[SessionEvent]:
         """Refuse a fetch stream before it becomes a fetch (a KV_FETCH of many token ids spans packets); only
@@ -649,7 +659,9 @@ class KVServerSession(_SessionBase):
             return []
         f.closed = True
         self._reset_own_side(stream_id)
-        return [KVFetchClosed(stream_id, list(f.levels), False)]
+        # (the controller's inputs as on a FIN: the SDK resets every fetch it fails or gives up on, and the
+        # evaluation records a timed-out fetch's decisions)
+        return [KVFetchClosed(stream_id, list(f.levels), False, list(f.decisions))]
 
     def _on_stop_sending(self, stream_id: int) -> list[SessionEvent]:
         """The client asked us to stop sending on its fetch stream (writing KV_META, KV_DONE or an ERROR on it
