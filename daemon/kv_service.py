@@ -39,6 +39,7 @@ from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from . import unix_sockets
+from .config import Limits
 from .kv_config import KVConfig, kv_marking
 from .kv_store import (
     ChunkStore,
@@ -931,12 +932,16 @@ def warm_up_failure(exc: BaseException) -> str:
 
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
-                   max_connections: Any = None, request_timeout: Any = None) -> KVRuntime:
+                   max_connections: Any = None, request_timeout: Any = None,
+                   unauthorized_memory: Any = None) -> KVRuntime:
     """Start the KV store service, its channel endpoint and (if configured) the ingest socket.
 
     ``authorize``, ``client_verifier``, ``on_unauthorized``, ``max_connections`` and ``request_timeout``: the
     daemon's checks, as :func:`~tokenwire.transport.kv_server.serve_kv` takes them (the chat port's token, client
-    certificate, session limit and request timeout: the KV port had only the token check)."""
+    certificate, session limit and request timeout: the KV port had only the token check). ``unauthorized_memory``
+    (bytes, or a callable read at each count): what KV connections with no authorized fetch may hold together,
+    ``limits.unauthorized_memory_mb``; left out, that setting's default (never unbounded: ~2 MB a connection over
+    max_sessions connections was ~20 GB)."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
 
     try:  # the store first: a directory it cannot use fails in a moment, not after the codec's compile
@@ -957,6 +962,9 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     limits = {} if max_connections is None else {"max_connections": max_connections}
     if request_timeout is not None:
         limits["request_timeout"] = request_timeout
+    # the chat port's budget in full, not a share of it (see KVServer.unauthorized_memory)
+    limits["unauthorized_memory"] = (unauthorized_memory if unauthorized_memory is not None
+                                     else int(Limits.unauthorized_memory_mb * (1 << 20)))
     if authorize is not None:  # its check lets a token-less fetch through while no [auth] tokens are configured: only
         # with tokens is a connection held to a small window until a fetch of it is authorized (serve_kv)
         limits["hold_unauthorized"] = lambda: not authorize(None)

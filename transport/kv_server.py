@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aioquic.quic import events as qe
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection
 
 from .errors import ErrorCode, TokenwireError
 from .frames import KvFetch
@@ -59,6 +59,11 @@ MAX_CONNECTIONS = 10_000
 # authorized fetch.
 UNAUTHORIZED_CREDIT_FETCHES = 2
 UNAUTHORIZED_WINDOW = UNAUTHORIZED_CREDIT_FETCHES * (4 + MAX_KV_FETCH_BYTES)
+# ...and what all such connections may make the endpoint hold of their fetch streams together (the daemon's
+# limits.unauthorized_memory_mb, whose default this is): ~2 MB each over max_connections (10,000) let clients
+# without a token make the daemon hold ~20 GB. Past it the connection holding the most is closed (KVServer.
+# account_unauthorized)
+UNAUTHORIZED_MEMORY_BYTES = 256 << 20
 
 
 class KVServerProtocol(GuardedProtocol):
@@ -74,8 +79,14 @@ class KVServerProtocol(GuardedProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.established = False  # past its handshake and its checks: counted in app.connections
         self.authorized = app.authorize is None  # a fetch of it passed the token check (or none is made)
+        # held to UNAUTHORIZED_WINDOW until authorized: only then does what it holds count toward the endpoint's
+        # unauthorized_memory (one not held, with no tokens to check, authorizes with any fetch, as a chat connection
+        # without [auth] tokens is authorized from the start)
+        self.held_back = False
+        self.held = 0  # bytes of its fetch streams held, as last counted (KVServer.account_unauthorized)
         if app.authorize is not None and app.hold_unauthorized() and isinstance(quic, ReadCredit):  # (the session's)
             quic.hold_until_authorized(UNAUTHORIZED_WINDOW)
+            self.held_back = True
         if app.client_verifier is not None:
             request_client_certificate(quic)
         app.protocols.add(self)
@@ -90,6 +101,22 @@ class KVServerProtocol(GuardedProtocol):
         super().quic_event_received(event)
         if isinstance(event, qe.HandshakeCompleted):
             self._on_handshake()
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self.held_back and self in self.app.unauthorized:  # what it may make the server hold, before it authorizes
+            self.app.account_unauthorized(self, self.held_bytes())
+
+    def held_bytes(self) -> int:
+        """Bytes of its fetch streams held: in aioquic's receive buffers, and read into the fetch decoders."""
+        return (sum(len(s.receiver._buffer) for s in self._quic._streams.values())
+                + sum(f.decoder.pending for f in self.kv.fetches.values()))
+
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing (by either side): nothing more it sends is read."""
+        quic = self._quic
+        return self.kv.closed or quic._close_event is not None or quic._state in END_STATES
 
     def _on_handshake(self) -> None:
         """The chat port's checks at the handshake's end: the client's certificate (with a client CA), then the
@@ -155,7 +182,7 @@ class KVServerProtocol(GuardedProtocol):
                 for t in list(self.tasks):
                     t.cancel()
                 self.app.protocols.discard(self)
-                self.app.unauthorized.pop(self, None)
+                self.app.forget_unauthorized(self)
                 self.app.stats["ecn_unvalidated"] += self.kv.ecn.failures  # (live ones: KVServer.ecn_unvalidated)
                 self._handshake_done()  # ended in its handshake
                 if self.established:
@@ -181,9 +208,9 @@ class KVServerProtocol(GuardedProtocol):
                 if self.app.on_unauthorized is not None:
                     self.app.on_unauthorized(self.peer, "missing or invalid auth token on a KV fetch", closing=False)
                 raise KVError("missing or invalid auth token", code=ErrorCode.UNAUTHORIZED)
-            if not self.authorized:  # its client holds a token: never evicted to admit another
+            if not self.authorized:  # its client holds a token: never evicted to admit another, nor for memory
                 self.authorized = True
-                self.app.unauthorized.pop(self, None)
+                self.app.forget_unauthorized(self)
                 if isinstance(self._quic, ReadCredit):  # the full window and every fetch stream, at once: the
                     self._quic.release_credit()  # store's answer may take a while, and other fetches wait for it
                     self.transmit()
@@ -237,10 +264,13 @@ class KVServer:
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
-         "unauthorized", "connections_refused", "evicted", "ecn_unvalidated", "protocol_errors"), 0))
+         "unauthorized", "connections_refused", "evicted", "evicted_memory", "ecn_unvalidated", "protocol_errors"),
+        0))
     # (unauthorized, connections_refused, evicted: connections closed by the admission checks, at the handshake's
-    # end or to make room for a new client; ecn_unvalidated: ended connections whose ECN validation failed;
-    # protocol_errors: connections this server closed because their client broke the protocol, 0x101/0x102 ...)
+    # end, to make room for a new client, or for the bytes they held before authorization (of evicted, those are
+    # evicted_memory too: the KV metric's evicted label counts both); ecn_unvalidated: ended connections whose ECN
+    # validation failed; protocol_errors: connections this server closed because their client broke the protocol,
+    # 0x101/0x102 ...)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
@@ -261,6 +291,13 @@ class KVServer:
     # Past max_connections the oldest makes room (as on the chat port): tokens are checked per fetch, and five
     # idle token-less connections held every slot of max_sessions = 5 until their idle timeout, 60 s at a time
     unauthorized: dict[KVServerProtocol, None] = field(default_factory=dict)
+    # what those of them held to UNAUTHORIZED_WINDOW hold of their fetch streams, all together, and the bound on it
+    # (bytes; read at each count: a reload applies). The daemon gives the chat port's limits.unauthorized_memory_mb
+    # in full, not a share of one budget: each port has its own admission (its own max_sessions connections and
+    # handshakes too), so a flood on one never closes the other's clients before they authorize, and the daemon's
+    # worst case is twice the knob, not ~2 MB x max_sessions (~20 GB)
+    unauthorized_memory: Callable[[], int] = lambda: UNAUTHORIZED_MEMORY_BYTES
+    unauthorized_held: int = 0
     # refusals and evictions past max_connections: a warning, then counted and summed up at most once a minute
     refusals: RefusalLog = field(init=False)
     # fetch streams refused (too many at once, another version, not whole in time) and connections closed for a
@@ -268,6 +305,8 @@ class KVServer:
     # fetches were 500 warning lines in 3 s; its protocol violations were in no log line and no counter
     fetch_refusals: RefusalLog = field(init=False)
     violations: RefusalLog = field(init=False)
+    # connections closed for what they held before authorization: a warning, then summed up at most once a minute
+    memory_sheds: RefusalLog = field(init=False)
     _quic_server: Any = None
 
     def __post_init__(self) -> None:
@@ -280,6 +319,9 @@ class KVServer:
             "another protocol version, or a KV_FETCH not whole within limits.request_timeout_s)"))
         self.violations = RefusalLog(log, lambda n, s: (
             f"closed {n} more KV connections in the last {s:.0f} s for breaking the protocol"))
+        self.memory_sheds = RefusalLog(log, lambda n, s: (
+            f"closed {n} more KV connections in the last {s:.0f} s, which had made no authorized fetch, for the fetch "
+            f"bytes they held (limits.unauthorized_memory_mb; tokenwire_kv_connections_refused_total reason evicted)"))
 
     def ecn_unvalidated(self) -> int:
         """KV connections that stopped marking because their client reported no ECN counts (ECN validation), ended
@@ -293,7 +335,7 @@ class KVServer:
         if not self.unauthorized:
             return False
         victim = next(iter(self.unauthorized))
-        del self.unauthorized[victim]
+        self.forget_unauthorized(victim)
         if victim.established:
             victim.established = False
             self.connections -= 1
@@ -304,6 +346,62 @@ class KVServer:
                         "fetch and was closed to admit another client; connect again")
         victim.transmit()
         return True
+
+    def forget_unauthorized(self, proto: KVServerProtocol) -> None:
+        """``proto`` is authorized, closed or gone: no longer one of :attr:`unauthorized`, and what it held no
+        longer counts toward :attr:`unauthorized_memory`."""
+        if proto in self.unauthorized:
+            del self.unauthorized[proto]
+            self.unauthorized_held -= proto.held
+        proto.held = 0
+
+    def account_unauthorized(self, proto: KVServerProtocol, held: int) -> None:
+        """``proto``, past its checks with no authorized fetch yet, now holds ``held`` bytes of its fetch streams.
+        Past :attr:`unauthorized_memory` for all such connections together, the one holding the most (the oldest of
+        equals) is closed with LIMIT_EXCEEDED until they are under it again: a client's first fetch is usually far
+        smaller than the 1.3 to 2 MB a token-less flood holds on each connection, so a token holder sending one is
+        closed only when it holds more than every connection that never authorizes. An authorized connection is
+        never one of them (forget_unauthorized, before its fetch is resolved)."""
+        if proto not in self.unauthorized:
+            return
+        self.unauthorized_held += held - proto.held
+        proto.held = held
+        budget = self.unauthorized_memory()
+        if self.unauthorized_held <= budget:
+            return
+        # a recount first: the others' counts are from their last datagram, and a fetch stream refused since (not
+        # whole in time) no longer holds its bytes. Those never held (started while no tokens were configured) stay
+        # out of it, as they are out of every count
+        for p in self.unauthorized:
+            if p.held_back:
+                p.held = p.held_bytes()
+        self.unauthorized_held = sum(p.held for p in self.unauthorized)
+        while self.unauthorized_held > budget and self.unauthorized:
+            self._shed(max(self.unauthorized, key=lambda p: p.held), budget)
+
+    def _shed(self, victim: KVServerProtocol, budget: int) -> None:
+        """Close ``victim``, which has made no authorized fetch, for what it holds: its slot and its bytes are free
+        at once (not at the end of its closing period); counted under ``evicted`` (and ``evicted_memory``). One
+        already closing (a protocol error, its client's close) reads nothing more: its slot and bytes alone."""
+        held = victim.held
+        self.forget_unauthorized(victim)
+        if victim.established:
+            victim.established = False
+            self.connections -= 1
+        if victim.closing:
+            return
+        self.stats["evicted"] += 1
+        self.stats["evicted_memory"] += 1
+        if not self.memory_sheds.hold(time.monotonic()):
+            log.warning("closing KV connection from %s, which made no authorized fetch, holding %d KiB of fetch "
+                        "streams: KV connections not yet authorized held more than %d KiB together "
+                        "(limits.unauthorized_memory_mb); more such closes are counted "
+                        "(tokenwire_kv_connections_refused_total reason evicted) and logged at most every %g s",
+                        victim.peer, held >> 10, budget >> 10, REFUSALS_LOG_S)
+        victim.kv.close(ErrorCode.LIMIT_EXCEEDED, "too much held before authorization: this connection had made no "
+                        "authorized fetch and its fetch streams held more than the server allows; connect again and "
+                        "authorize first")
+        victim.transmit()
 
     def log_refusal(self, line: str) -> None:
         """A warning for a connection refused or evicted past max_connections, then at most one a minute saying
@@ -336,7 +434,7 @@ class KVServer:
     def flush_logs(self, now: float) -> None:
         """The lines summing up refusals counted since their last line, once that is REFUSALS_LOG_S old (for the
         owner's housekeeping: otherwise they come with the next refusal of their kind)."""
-        for refusals in (self.refusals, self.fetch_refusals, self.violations):
+        for refusals in (self.refusals, self.fetch_refusals, self.violations, self.memory_sheds):
             refusals.flush(now)
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
@@ -382,7 +480,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                    on_unauthorized: Callable[[str, str], None] | None = None,
                    max_connections: int | Callable[[], int] = MAX_CONNECTIONS,
                    request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S,
-                   hold_unauthorized: bool | Callable[[], bool] = True) -> KVServer:
+                   hold_unauthorized: bool | Callable[[], bool] = True,
+                   unauthorized_memory: int | Callable[[], int] = UNAUTHORIZED_MEMORY_BYTES) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
     Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
@@ -395,7 +494,9 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     each fetch's token on top (a refused one: ``on_unauthorized(peer, why, closing=False)``); with it, a connection's
     flow-control window is ``UNAUTHORIZED_WINDOW`` (two of the largest KV_FETCHes, ~1.3 MB, beside its first
     stream's) with two fetch streams at once until one of its fetches is authorized, unless ``hold_unauthorized``
-    (or what a callable gives as the connection starts) is False. ``max_connections``:
+    (or what a callable gives as the connection starts) is False; all connections so held together may hold at
+    most ``unauthorized_memory`` bytes of their fetch streams (a callable is read at each count), past which the one
+    holding the most is closed with LIMIT_EXCEEDED (counted in ``stats["evicted"]``). ``max_connections``:
     KV connections open at once (a callable is read at each handshake's end); with ``authorize``, past it the
     oldest connection that has made no authorized fetch is closed to admit a new client. Handshakes in progress
     are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound) new
@@ -407,7 +508,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
                       on_unauthorized=on_unauthorized, max_connections=_callable(max_connections),
-                      request_timeout=_callable(request_timeout), hold_unauthorized=_callable(hold_unauthorized))
+                      request_timeout=_callable(request_timeout), hold_unauthorized=_callable(hold_unauthorized),
+                      unauthorized_memory=_callable(unauthorized_memory))
     config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,
