@@ -66,6 +66,7 @@ class DaemonProtocol(GuardedProtocol):
                 max_request_bytes=limits.max_request_bytes,
                 marking=daemon.marking.new_policy(),
                 request_timeout=limits.request_timeout_s,
+                setting_prefix="limits.",  # its refusals name the daemon's settings
             ),
         )
         self.daemon = daemon
@@ -86,7 +87,7 @@ class DaemonProtocol(GuardedProtocol):
         self.attached: dict[int, LiveRequest] = {}
         self.held = 0  # bytes of its requests held while it is not authorized (Daemon.account_unauthorized)
         # requests whose outcome (tokenwire_requests_ended_total) the daemon counted when it closed this connection:
-        # the session still holds them, and reports them lost at the end (Daemon._request_ended)
+        # the session still holds them, and reports them again at the end (Daemon._request_ended)
         self.outcome_counted: set[int] = set()
         if daemon.client_verifier is not None:
             request_client_certificate(quic)
@@ -147,6 +148,9 @@ class DaemonProtocol(GuardedProtocol):
             self.transmit()
         except Exception:
             log.exception("connection from %s failed while sending; closing it", self.peer)
+            # a server error's close is an error sent, as a protocol violation's is (it was in no metric)
+            if not self.closing:
+                self.daemon.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
             with contextlib.suppress(Exception):
                 self.close(ErrorCode.INTERNAL, "server error while sending")
 
@@ -205,7 +209,7 @@ class DaemonProtocol(GuardedProtocol):
                 self._request_ended(ev.stream_id, "completed")
                 d.detach(self, ev.stream_id, cancel=False)
             elif isinstance(ev, RequestCancelled):
-                self._request_ended(ev.stream_id, "lost" if ev.lost else "cancelled")
+                self._request_ended(ev.stream_id, self._cancel_outcome(ev))
                 d.detach(self, ev.stream_id, cancel=not ev.lost)
             elif isinstance(ev, ClientReport):
                 d.on_report(ev.report)
@@ -221,9 +225,19 @@ class DaemonProtocol(GuardedProtocol):
                 d.on_connection_end(self, ev)
         self.transmit()
 
+    def _cancel_outcome(self, ev: RequestCancelled) -> str:
+        """How a request the session reports cancelled ended: "lost" or "cancelled" once its answer had started
+        (it is attached: on_request attaches every request it accepts), else "refused", as every request that
+        ends before an answer starts. A malformed request, or half a REQUEST and then the close, was counted
+        "lost": 8 such connections made completed + cancelled + lost + failed exceed tokenwire_requests_total."""
+        if ev.stream_id not in self.attached:
+            return "refused"
+        return "lost" if ev.lost else "cancelled"
+
     def _request_ended(self, sid: int, outcome: str) -> None:
         """A request the session reports ended: counted by ``outcome`` (tokenwire_requests_ended_total), unless the
-        daemon counted it when it closed the connection (a wrong token's request, "refused", came back "lost")."""
+        daemon counted it when it closed the connection (a wrong token's request, "refused", came back cancelled
+        with the connection's end)."""
         if sid in self.outcome_counted:
             self.outcome_counted.discard(sid)
             return

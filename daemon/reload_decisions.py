@@ -27,15 +27,17 @@ class ReloadPlan:
     transcript_max_bytes: int  # the transcript store's bounds under the new limits
     transcript_retain_s: float
     announce_level: str  # the log level while the reload's own lines are logged; the new one follows
+    changed: list[str] = dataclasses.field(default_factory=list)  # what it applies that differs: changed_settings
 
 
 def plan_reload(running: Config, new: Config, log_format_override: str | None = None) -> ReloadPlan:
     """The reload of ``running`` to ``new``. ``log_format_override`` (``--log-format``) wins over the file's
     format on reload too, as at start."""
     log_format = log_format_override or new.logging.format
+    applied = dataclasses.replace(running, auth=new.auth, limits=new.limits,
+                                  logging=dataclasses.replace(new.logging, format=log_format))
     return ReloadPlan(
-        config=dataclasses.replace(running, auth=new.auth, limits=new.limits,
-                                   logging=dataclasses.replace(new.logging, format=log_format)),
+        config=applied,
         reformat=log_format != running.logging.format,
         needs_restart=restart_changes(running, new),
         transcript_max_bytes=int(new.limits.transcript_memory_mb * (1 << 20)),
@@ -44,7 +46,39 @@ def plan_reload(running: Config, new: Config, log_format_override: str | None = 
         # and at the new one, the other way round
         announce_level=min(running.logging.level, new.logging.level,
                            key=lambda lv: logging.getLevelName(lv.upper())),
+        changed=changed_settings(running, applied),
     )
+
+
+def _shown(value: object) -> str:
+    """A setting's value as the file writes it: 256 for 256.0 MiB, not Python's repr."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def changed_settings(running: Config, applied: Config) -> list[str]:
+    """What a reload from ``running`` to ``applied`` changes of what it applies, each as ``section.key=new (was
+    old)``, and auth tokens by name (never a digest). The reload line printed the whole new [limits] as a Python
+    repr ("limits Limits(max_sessions=10000, ...)"): twelve values, and not a word of which one had changed."""
+    out = [f"{section}.{f.name}={_shown(getattr(new, f.name))} (was {_shown(getattr(old, f.name))})"
+           for section, old, new in (("limits", running.limits, applied.limits),
+                                     ("logging", running.logging, applied.logging))
+           for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)]
+    return out + _token_changes(running.auth, applied.auth)
+
+
+def _token_changes(old: AuthConfig, new: AuthConfig) -> list[str]:
+    """Auth tokens added, removed, renamed (the same token under a new name) or replaced (a new token under a
+    name that had one), by name."""
+    old_names = {t.sha256: t.name for t in old.tokens}
+    new_names = {t.sha256: t.name for t in new.tokens}
+    added = [name for digest, name in new_names.items() if digest not in old_names]
+    removed = [name for digest, name in old_names.items() if digest not in new_names]
+    replaced = [name for name in added if name in removed]
+    return ([f"auth token {name} added" for name in added if name not in replaced]
+            + [f"auth token {name} removed" for name in removed if name not in replaced]
+            + [f"auth token {name} replaced" for name in replaced]
+            + [f"auth token {old_names[digest]} renamed {name}" for digest, name in new_names.items()
+               if digest in old_names and old_names[digest] != name])
 
 
 # What the next request of a connection that lost its authorization hears (its close reason, or its ERROR while

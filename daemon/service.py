@@ -296,7 +296,8 @@ class Daemon:
 
     def session_refused(self, peer: str) -> None:
         """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
-        refusals is REFUSALS_LOG_S old, else summed up later (a flood was a warning line per client: 132 from one)."""
+        refusals is REFUSALS_LOG_S old, else summed up later (a flood was a warning line per client: 132 from one).
+        Its LIMIT_EXCEEDED close is an admission check's: counted here alone, not in tokenwire_errors_total."""
         self.metrics.handshakes_refused.labels(reason="max_sessions").inc()
         if self._session_refusals.hold(time.monotonic()):
             return
@@ -339,8 +340,9 @@ class Daemon:
                             close_reason: str) -> None:
         """Close ``victim``, never authorized, with LIMIT_EXCEEDED (``close_reason``): its session slot and what it
         held are free at once (not at the end of its closing period), it is counted under ``reason``
-        (tokenwire_handshakes_refused_total), and the first such close is a warning (``warning``) that
-        ``refusals`` sums up after. One already on its way out (a wrong token) frees its slot alone."""
+        (tokenwire_handshakes_refused_total; an admission check's close, so not in tokenwire_errors_total), and the
+        first such close is a warning (``warning``) that ``refusals`` sums up after. One already on its way out (a
+        wrong token) frees its slot alone."""
         self.forget_unauthorized(victim)
         if victim.established:
             victim.established = False
@@ -590,7 +592,9 @@ class Daemon:
         removed, now_required = self._recheck_auth(new.auth)
         tls_ok = self._reload_tls()
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
-        log.info("reloaded: %d auth tokens, limits %s, logging %s/%s", len(new.auth.tokens), new.limits,
+        # what changed, old and new (the whole [limits] as a Python repr said nothing of which setting had)
+        log.info("reloaded: %d auth tokens; %s; logging %s/%s", len(new.auth.tokens),
+                 f"changed {', '.join(plan.changed)}" if plan.changed else "no setting it applies changed",
                  logging_cfg.level, logging_cfg.format)
         if opened is not None:  # (at WARNING: the daemon is open to clients without a token from now on)
             log.warning("%s", opened)
@@ -930,7 +934,7 @@ class Daemon:
             sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
         except Exception:  # a frame of the answer's the encoder refuses: this request ends, not its connection
             log.exception("request %s from %s: sending its start failed", live.request_id.hex(), proto.peer)
-            self._end_request(proto, sid)
+            self._end_request(proto, sid, "refused")  # no answer started (nor counted in requests_total)
             if live.request_id in self.tasks and not live.listeners:
                 self._orphaned.setdefault(live.request_id, now)  # generating for nobody: the orphan timeout ends it
             return
@@ -971,16 +975,20 @@ class Daemon:
         if live.error is not None:
             notify()
 
-    def _end_request(self, proto: DaemonProtocol, sid: int) -> None:
+    def _end_request(self, proto: DaemonProtocol, sid: int, outcome: str = "failed") -> None:
         """Sending a request's answer raised: end that request alone with INTERNAL (a frame the encoder refuses,
         an upstream's finish reason with a lone surrogate, closed the whole connection and every other answer on
-        it); when even that fails, the connection's packet path is broken, and the connection is closed."""
+        it); when even that fails, the connection's packet path is broken, and the connection is closed.
+        ``outcome``: "failed" once its answer had started, "refused" when its start could not be sent (counted
+        "failed", it was an end without a start: more ends than tokenwire_requests_total)."""
         self.metrics.errors.labels(code=hex(ErrorCode.INTERNAL)).inc()
         try:
-            self._request_ended(proto, sid, "failed")
+            self._request_ended(proto, sid, outcome)
             proto.server_session.reject(sid, ErrorCode.INTERNAL, "server error while sending this answer")
             proto.transmit()
         except Exception:
+            if sid in proto.server_session.requests:  # counted above: the close reports it again, not counted twice
+                proto.outcome_counted.add(sid)
             with contextlib.suppress(Exception):
                 proto.close(ErrorCode.INTERNAL, "server error while sending")
 

@@ -38,8 +38,10 @@ ERROR_CODES_SENT = tuple(hex(c) for c in ErrorCode if c not in (
 # tokenwire_requests_ended_total: how each request stream the daemon read as a request ended, exactly one of these.
 # completed: the client confirmed it holds the whole answer; cancelled: the client abandoned it (FIN, reset or
 # STOP_SENDING before the end); lost: its connection ended first (the client may resume it); failed: accepted, then
-# ended by an ERROR (the upstream failed, the answer was evicted, a server error while sending); refused: ended by an
-# ERROR or a close before any answer started (auth, limits, bad parameters, unknown id, draining, malformed)
+# ended by an ERROR (the upstream failed, the answer was evicted, a server error while sending); refused: ended
+# before any answer started: by an ERROR (auth, limits, bad parameters, unknown id, draining), by its connection's
+# close (malformed, a wrong token, a request not yet whole), or by its client before its request was whole or
+# answered. completed + cancelled + lost + failed = tokenwire_requests_total once no request is open
 REQUEST_OUTCOMES = ("completed", "cancelled", "lost", "failed", "refused")
 # tokenwire_upstream_failures_total: by the failed answer's code (service.failure_reason); its series exist at 0 for
 # each configured upstream (the daemon creates them: this module does not know the upstreams)
@@ -62,7 +64,9 @@ class Metrics:
             "timeout), failed (handshake ended otherwise: a TLS error, the client's close), max_sessions (handshake "
             "completed with limits.max_sessions sessions open), evicted (never authorized, closed to admit a new "
             "client), memory (never authorized, closed for the request bytes it held past "
-            "limits.unauthorized_memory_mb)", ["reason"], registry=r)
+            "limits.unauthorized_memory_mb); evicted and memory connections were sessions first (counted in "
+            "tokenwire_sessions_total too); capacity closes are counted here, not in tokenwire_errors_total",
+            ["reason"], registry=r)
         for reason in REFUSAL_REASONS:
             self.handshakes_refused.labels(reason=reason)
         self.retry_active = Gauge("tokenwire_quic_retry_active",
@@ -81,7 +85,8 @@ class Metrics:
             "tokenwire_requests_ended",
             "Requests by how they ended: completed (the client confirmed the whole answer), cancelled (by the "
             "client), lost (the connection ended first; the client may resume), failed (ended by an ERROR after its "
-            "answer started), refused (an ERROR or a close before any answer started)", ["outcome"], registry=r)
+            "answer started), refused (ended before any answer started: an ERROR, a close, or the client before "
+            "its request was answered)", ["outcome"], registry=r)
         for outcome in REQUEST_OUTCOMES:
             self.requests_ended.labels(outcome=outcome)
         self.resumes = Counter("tokenwire_resumes_total",

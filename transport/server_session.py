@@ -96,6 +96,7 @@ class ServerSession(_SessionBase):
         max_request_bytes: int = MAX_STREAM_FRAME,
         marking: MarkingPolicy | None = None,
         request_timeout: float = REQUEST_TIMEOUT_S,
+        setting_prefix: str = "the server's ",
     ) -> None:
         read_credit(quic)
         super().__init__(quic)
@@ -106,6 +107,9 @@ class ServerSession(_SessionBase):
         self.max_requests = max_requests
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
+        # how a refusal names the limit it enforces ("limits." in the daemon): "request too large: stream frame of
+        # 5049 bytes exceeds the limit of 4096" left the operator and the client to guess which setting that was
+        self.setting_prefix = setting_prefix
         # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
         # buffers what follows the gap, which no request, and so no request deadline, accounts for
         self._undelivered: dict[int, float] = {}
@@ -259,8 +263,9 @@ class ServerSession(_SessionBase):
                 return []
             if len(self.requests) >= self.max_requests:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, (
-                    f"too many concurrent requests: {self.max_requests} already open on this connection (the "
-                    f"server's max_requests_per_connection); wait for one to end or open another connection"), end)
+                    f"too many concurrent requests: {self.max_requests} already open on this connection "
+                    f"({self.setting_prefix}max_requests_per_connection); wait for one to end or open another "
+                    f"connection"), end)
             opened = self._undelivered.pop(stream_id, now)  # its first bytes came then, behind a gap
             req = ServerRequest(stream_id, StreamDecoder(max_frame=self.max_request_bytes), opened_at=opened)
             self.requests[stream_id] = req
@@ -271,7 +276,8 @@ class ServerSession(_SessionBase):
             if req.request is not None or exc.decoded:
                 raise  # only a request may be large; a huge frame after one is a broken client
             self._drop(req)
-            return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, f"request too large: {exc}", end)
+            return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED,
+                                f"request too large: {exc} ({self.setting_prefix}max_request_bytes)", end)
         except UnsupportedVersion as exc:
             if req.request is not None or exc.decoded:
                 raise  # a second REQUEST on the stream: broken, whatever its version
@@ -399,8 +405,12 @@ class ServerSession(_SessionBase):
         return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
 
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        """Every request still open ends with its connection: ``lost`` only where an answer had started, which the
+        client may resume by its id. A stream whose REQUEST never came whole (half a frame, then the close) or that
+        broke the protocol has nothing to resume: reported "lost", it was counted as an answer the network cut."""
         out: list[SessionEvent] = [
-            RequestCancelled(r.stream_id, "connection closed", lost=True)
+            RequestCancelled(r.stream_id, "connection closed", lost=True) if r.started else
+            RequestCancelled(r.stream_id, "connection closed before the request was answered")
             for r in self.requests.values()
             if not r.done and not r.finished_sent
         ]
