@@ -100,7 +100,9 @@ class Limits:
     request_timeout_s: float = 10.0
     # what connections that have not authorized yet may make the daemon hold of their requests, all together: each
     # may hold ~3 x max_request_bytes (ReadCredit.hold_until_authorized), which over max_sessions connections is
-    # ~30 GB; past it the connection holding the most is closed (Daemon.account_unauthorized)
+    # ~30 GB; past it the connection holding the most is closed (Daemon.account_unauthorized). The KV endpoint's
+    # connections have a budget of this size of their own (KVServer.unauthorized_memory): the daemon holds at most
+    # twice it
     unauthorized_memory_mb: float = 256.0
 
 

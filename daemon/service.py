@@ -272,7 +272,8 @@ class Daemon:
                 cfg.kv, authorize=self._kv_authorized, on_unauthorized=self.unauthorized_client,
                 client_verifier=(lambda: self.client_verifier) if self.client_verifier is not None else None,
                 max_connections=lambda: self.config.limits.max_sessions,
-                request_timeout=lambda: self.config.limits.request_timeout_s, **tls_kwargs)
+                request_timeout=lambda: self.config.limits.request_timeout_s,
+                unauthorized_memory=lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)), **tls_kwargs)
             from .kv_metrics import KVMetrics
 
             KVMetrics(self.metrics.registry, self.kv)
@@ -395,6 +396,7 @@ class Daemon:
         for refusals in (self._session_refusals, self._auth_refusals, self._evictions, self._protocol_closes,
                          self._busy_refusals, self._memory_sheds, self._orphan_cancels):
             refusals.flush(now)
+        self.metrics.flush_logs(now)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
             self.kv.server.flush_logs(now)
 
