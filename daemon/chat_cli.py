@@ -247,8 +247,10 @@ def run(args: argparse.Namespace) -> int:
                                 sys.stdout.write(shown(delta))
                                 sys.stdout.flush()
                                 midline[0] = not delta.endswith("\n")
-                    except RemoteError:
-                        where["over"] = not conn.closed  # an ERROR for this answer, the connection up: ended there
+                    except RemoteError as exc:
+                        # an ERROR for this answer, the connection up: ended there; or the daemon's stop, which ends
+                        # every answer it holds (in its memory): an attach after its restart is an unknown id
+                        where["over"] = not conn.closed or exc.code == ErrorCode.SHUTTING_DOWN
                         raise
                     sys.stdout.write("\n")
                     midline[0] = False

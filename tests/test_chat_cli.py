@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import threading
@@ -408,3 +409,29 @@ def test_printable_leaves_ordinary_text_alone():
 
     assert printable("zoë says: 2 × 3 = 6 ✓") == "zoë says: 2 × 3 = 6 ✓"
     assert printable("a\tb\x1bc\x9bd") == "a\\tb\\x1bc\\x9bd"
+
+
+def test_an_answer_the_daemons_stop_ended_gets_no_attach_hint(tmp_path):
+    """A SIGTERM drain that closes the connection (SHUTTING_DOWN) ends every answer the daemon held: the CLI still
+    printed "tokenwire chat --attach ID", which after the restart said "unknown or expired request id"."""
+    from .daemon_proc import DaemonProcess
+
+    d = DaemonProcess(tmp_path, "[limits]\ndrain_timeout_s = 0.5\n",
+                      upstream_toml='[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = 20\nfirst_token_ms = 20\n')
+    cmd = [sys.executable, "-m", "tokenwire.daemon.cli", "chat", "--port", str(d.port), "--cafile", str(d.cert),
+           "--server-name", "localhost", "--max-tokens", "500", "a long story"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.read(3)  # the answer is streaming
+        d.signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert d.proc.wait(30) == 0  # the drain's end (a second SIGTERM from stop() would cut it)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        d.stop()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and "server shutting down" in lines[-1], lines
+    assert not any("--attach" in line for line in lines), lines
