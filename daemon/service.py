@@ -691,7 +691,7 @@ class Daemon:
             self._drain_task = asyncio.ensure_future(self.drain())
             self._drain_task.add_done_callback(self._drained)
         elif not self._cut.is_set():
-            log.warning("second signal: stopping now, %d answers cut", self.streaming_count())
+            log.warning("second signal: stopping now; answers still streaming, cut: %d", self.streaming_count())
             self._cut.set()
 
     def _drained(self, task: asyncio.Task[None]) -> None:

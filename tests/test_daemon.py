@@ -394,7 +394,7 @@ def test_a_second_stop_signal_ends_the_drain_at_once(tmp_path, second):
 
         assert run(go()).code == ErrorCode.SHUTTING_DOWN
         assert d.proc.wait(15) == 0
-        assert "second signal: stopping now, 1 answers cut" in d.log()
+        assert "second signal: stopping now; answers still streaming, cut: 1" in d.log()
     finally:
         d.stop()
 
