@@ -15,6 +15,7 @@ and over the union of all schemes' packets (aligned on the emulator origin).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from tokenwire.daemon.config import MAX_ANSWER_TOKENS
 from tokenwire.daemon.demo_upstream import rate_problem
 from tokenwire.transport import metrics
 
-from .child import Child, ChildError
+from .child import Child, ChildError, ExitWatch, exit_status
 from .emulator import DirectionConfig, EmulatorConfig
 from .endpoints import ALL_SCHEMES
 from .netns import run_folder
@@ -135,13 +136,33 @@ def _endpoint_argv(role: str, scheme: str, host: str, out: str, cfg: CompareConf
 
 
 def _start(tb: Testbed, ns: str, role: str, scheme: str, out: str, cfg: CompareConfig, seed: int,
-           workdir: str, tag: str) -> Child:
+           workdir: str, tag: str, watches: Sequence[ExitWatch] = (), kept: bool = False) -> Child:
     err_path = os.path.join(workdir, f"{tag}.{role}.stderr")
     with open(err_path, "w") as err:
         argv = _endpoint_argv(role, scheme, tb.server_addr, out, cfg, seed)
         pipe = subprocess.PIPE
         proc = tb.popen(ns, argv, stdin=pipe, stdout=pipe, stderr=err, text=True, bufsize=1)
-    return Child(proc, f"{scheme} {role}", err_path)
+    return Child(proc, f"{scheme} {role}", err_path, watches, stderr_kept=kept)
+
+
+@contextlib.contextmanager
+def _watching_emulator(tb: Testbed, scheme: str, seed: int) -> Iterator[list[ExitWatch]]:
+    """The link emulator's exit ends every wait on the endpoints at once, as the error: the client noticed
+    only at its 60-s QUIC idle timeout, and the error blamed it ("no packet from the server")."""
+    # None with the kernel backend (its qdiscs are no process); getattr: the tests' stand-in testbed has none
+    emulator = getattr(tb, "emulator", None)
+    if emulator is None:
+        yield []
+        return
+
+    def failure(status: int) -> CompareError:
+        return CompareError(f"testbed: link emulator exited ({exit_status(status)}) during {scheme} seed {seed}")
+
+    watch = ExitWatch(emulator, failure)
+    try:
+        yield [watch]
+    finally:
+        watch.close()
 
 
 Progress = Callable[[str, int, int], None]
@@ -153,6 +174,8 @@ def run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str,
     it fails (an endpoint that exits, never connects or stops answering: a :class:`ChildError`)."""
     try:
         return _run_scheme(scheme, cfg, seed, workdir, progress, scratch=scratch)
+    except TestbedError as exc:  # its emulator failed to start, or answer
+        raise CompareError(f"{scheme} (seed {seed}): testbed: {exc}") from None
     except CompareError:
         raise
     except ChildError as exc:
@@ -165,12 +188,14 @@ def _run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str, progre
     log_path = os.path.join(workdir, f"{tag}.pktlog.csv")
     srv_out = os.path.join(workdir, f"{tag}.server.json")
     cli_out = os.path.join(workdir, f"{tag}.client.json")
-    with Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch) as tb:
+    kept = scratch is None  # the folder outlives the run (--keep): an endpoint's error names its stderr file
+    with (Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch) as tb,
+          _watching_emulator(tb, scheme, seed) as watches):
         if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
             start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
-        srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag)
+        srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag, watches, kept)
         srv.wait_for("ready", 30)
-        cli = _start(tb, tb.client_ns, "client", scheme, cli_out, cfg, seed, workdir, tag)
+        cli = _start(tb, tb.client_ns, "client", scheme, cli_out, cfg, seed, workdir, tag, watches, kept)
         cli.wait_for("connected", 30)
         origin = tb.origin()
         cli.send("go")
@@ -364,7 +389,7 @@ def summarize_runs(cfg: CompareConfig, per_scheme: dict[str, list[SchemeRun]], o
         d["per_seed_stall_ratio"] = [st.stall_ratio for st in stats]
         if s == "sse-tcp":
             d["tcp_congestion_control"] = rs[0].cc
-        schemes[s] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+        schemes[s] = _nan_to_none(d)
     reference = "chatterbox" if "chatterbox" in schemes else next(iter(schemes))
     seed_stats = {s: [r.stats for r in rs if r.stats is not None] for s, rs in per_scheme.items()}
     return {
@@ -392,31 +417,136 @@ def run_compare(
     workdir: str | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    on_partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[SchemeRun]]]:
-    """Run every scheme for ``cfg.runs`` seeds; returns the JSON summary and the raw runs (for plots)."""
+    """Run every scheme for ``cfg.runs`` seeds; returns the JSON summary and the raw runs (for plots).
+
+    A failure or an interrupt (KeyboardInterrupt) after at least one finished run first hands ``on_partial``
+    the finished runs (:func:`partial_summary`), then propagates: a late failure, or Ctrl-C at the last run
+    of ``--runs 2``, threw every finished run away."""
     cfg.validate()
     per_scheme: dict[str, list[SchemeRun]] = {s: [] for s in cfg.schemes}
     oracles: list[float] = []
     base_delays: list[float] = []
     backend = reason = ""
-    # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
-    with run_folder(workdir, "tw-compare-") as (wd, scratch):
-        for k in range(cfg.runs):
-            seed = cfg.seed + k
-            batch = []
-            for s in cfg.schemes:
-                if log:
-                    log(f"seed {seed}: {s}")
-                try:
+    finished: list[SchemeRun] = []
+    current: tuple[str, int] | None = None  # the run under way: the one a failure or an interrupt stopped
+    try:
+        # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
+        with run_folder(workdir, "tw-compare-") as (wd, scratch):
+            for k in range(cfg.runs):
+                seed = cfg.seed + k
+                batch = []
+                for s in cfg.schemes:
+                    if log:
+                        log(f"seed {seed}: {s}")
+                    current = (s, seed)
                     r = run_scheme(s, cfg, seed, wd, progress, scratch=scratch)
-                except TestbedError as exc:
-                    raise CompareError(f"{s}: testbed: {exc}") from None
-                per_scheme[s].append(r)
-                batch.append(r)
-                backend, reason = r.backend, r.backend_reason
-            finalize(batch)
-            oracles.append(union_oracle(batch))
-            base_delays.append(batch[0].base_delay * 1000.0)
+                    current = None
+                    finished.append(r)
+                    per_scheme[s].append(r)
+                    batch.append(r)
+                    backend, reason = r.backend, r.backend_reason
+                finalize(batch)
+                oracles.append(union_oracle(batch))
+                base_delays.append(batch[0].base_delay * 1000.0)
+    except BaseException as exc:
+        if finished and on_partial is not None:
+            try:
+                doc = partial_summary(cfg, finished, current, exc)
+            except Exception as err:  # never hide the failure itself behind one in summarizing what finished
+                exc.add_note(f"(the finished runs could not be summarized: {err!r})")
+            else:
+                on_partial(doc)
+        raise
     summary = summarize_runs(cfg, per_scheme, oracles, backend, reason)
     summary["base_delay_ms"] = base_delays
+    # a partial run's JSON says "complete": false (partial_summary), so a reader can tell them apart
+    summary["complete"] = True
     return summary, per_scheme
+
+
+def _stopped_by(exc: BaseException) -> str:
+    """Why a run stopped, in one line: its error, or "interrupted" (Ctrl-C, or SIGTERM/SIGHUP, which the CLI
+    turns into KeyboardInterrupt)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return str(exc) or type(exc).__name__
+
+
+def _nan_to_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _run_row(run: SchemeRun, seed_complete: bool) -> dict[str, Any]:
+    """One finished run's figures (the summary's per-scheme keys, for this run alone)."""
+    st = run.stats
+    assert st is not None  # finalize() has summarized it
+    row: dict[str, Any] = {"scheme": run.scheme, "seed": run.seed}
+    row.update({k: getattr(st, k) for k in SUMMARY_KEYS})
+    row.update(tokens_sent=st.tokens_sent, tokens_rendered=st.tokens_rendered,
+               oracle_stall_ratio=run.oracle_stall_ratio, digest_ok=run.text_ok,
+               down_loss_rate=run.down_lost / max(1, run.down_packets), base_delay_ms=run.base_delay * 1000.0,
+               seed_complete=seed_complete)
+    if run.scheme == "sse-tcp":
+        row["tcp_congestion_control"] = run.cc
+    return _nan_to_none(row)
+
+
+def partial_summary(cfg: CompareConfig, finished: list[SchemeRun], stopped: tuple[str, int] | None,
+                    exc: BaseException) -> dict[str, Any]:
+    """The JSON of a run that did not finish: what did finish, and which runs are missing and why.
+
+    Not the complete document's shape on purpose: it has no top-level ``schemes``, ``comparison`` or ``oracle``,
+    so no reader of the complete JSON takes a few seeds' (or schemes') figures for the whole run. Instead:
+    ``"complete": false``; ``runs_finished`` (one row per finished run, the summary's keys for that run;
+    ``seed_complete`` false where another scheme of its seed is missing: its base delay is then the least of the
+    finished schemes' only, see :func:`path_base_delay`); ``stopped_at`` (the run under way, ``{scheme, seed}``;
+    null when it stopped between runs); ``runs_missing`` (scheme, seed, why: the error or "interrupted" for the
+    run that stopped, "not run: ..." for the rest); ``complete_seeds`` (the complete document's
+    ``schemes``, ``comparison``, ``oracle`` and ``base_delay_ms`` over the seeds every scheme finished, with
+    their ``seeds``; null without one); and ``config``, ``backend``, ``backend_reason`` as in the complete one.
+    """
+    why = _stopped_by(exc)
+    by_seed: dict[int, list[SchemeRun]] = {}
+    for run in finished:
+        by_seed.setdefault(run.seed, []).append(run)
+    for runs in by_seed.values():  # again from the configured delay: the failure may have come before finalize()
+        for run in runs:
+            run.base_delay = cfg.delay_ms / 1000.0
+        finalize(runs)
+    whole = [seed for seed, runs in by_seed.items() if len(runs) == len(cfg.schemes)]
+    done = {(run.scheme, run.seed) for run in finished}
+    missing = [
+        {"scheme": s, "seed": seed, "why": why if (s, seed) == stopped else "not run: the run stopped before it"}
+        for seed in range(cfg.seed, cfg.seed + cfg.runs) for s in cfg.schemes if (s, seed) not in done
+    ]
+    last = finished[-1]
+    complete_seeds: dict[str, Any] | None = None
+    if whole:
+        per_scheme = {s: [r for seed in whole for r in by_seed[seed] if r.scheme == s] for s in cfg.schemes}
+        doc = summarize_runs(cfg, per_scheme, [union_oracle(by_seed[seed]) for seed in whole], last.backend,
+                             last.backend_reason)
+        complete_seeds = {"seeds": whole, "schemes": doc["schemes"], "comparison": doc["comparison"],
+                          "oracle": doc["oracle"],
+                          "base_delay_ms": [by_seed[seed][0].base_delay * 1000.0 for seed in whole]}
+    return {
+        "complete": False,
+        "stopped_by": "interrupt" if isinstance(exc, KeyboardInterrupt) else "error",
+        "error": why,
+        "stopped_at": None if stopped is None else {"scheme": stopped[0], "seed": stopped[1]},
+        "runs_finished": [_run_row(run, run.seed in whole) for run in finished],
+        "runs_missing": missing,
+        "complete_seeds": complete_seeds,
+        "config": asdict(cfg),
+        "backend": last.backend,
+        "backend_reason": last.backend_reason,
+    }
+
+
+def describe_partial(doc: dict[str, Any]) -> str:
+    """One line on a partial document, for stderr: how many runs finished, and where it stopped (the error line
+    that follows says why)."""
+    finished, missing, at = doc["runs_finished"], doc["runs_missing"], doc["stopped_at"]
+    where = f" (stopped at {at['scheme']} seed {at['seed']})" if at else ""
+    return f"{len(finished)} of {len(finished) + len(missing)} runs finished{where}"

@@ -137,6 +137,18 @@ def _quic_server(args: argparse.Namespace) -> Server:
 async def _quic_client(args: argparse.Namespace, go: Callable[[], Awaitable[None]],
                        progress: Callable[[int], None]) -> dict[str, Any]:
     """Connect (handshake before the measured request), wait for go, stream one answer with the SDK."""
+    from tokenwire.transport.errors import TokenwireError
+
+    try:
+        return await _quic_answer(args, go, progress)
+    except TokenwireError as exc:
+        # the SDK's typed failures (idle timeout, refused, reset) in one line, as sse-tcp's: they ended the
+        # client with a traceback, which the harness squeezed into its error line
+        raise EndpointFailed(f"{exc.__class__.__name__}: {exc}") from None
+
+
+async def _quic_answer(args: argparse.Namespace, go: Callable[[], Awaitable[None]],
+                       progress: Callable[[int], None]) -> dict[str, Any]:
     from tokenwire.transport.client import connect
 
     async with connect(args.host, args.port, verify=False, timeout=30.0, ecn=bool(args.marking)) as conn:
