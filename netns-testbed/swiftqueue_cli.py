@@ -69,6 +69,12 @@ def _config(args: argparse.Namespace) -> Any:
         cfg.validate()
     except SwiftQueueEvalError as exc:
         raise CLIError(str(exc)) from None
+    if args.model is not None and "swiftqueue" not in cfg.policies:
+        # the model is the swiftqueue policy's alone: without that policy it was never loaded, so a file that does
+        # not exist exited 0 and the table read as if the model had been measured (as train refuses --net when
+        # --kinds has no transformer)
+        raise CLIError(f"--model is the swiftqueue policy's latency model, and --policies {args.policies} runs no "
+                       "swiftqueue: add swiftqueue to --policies or drop --model")
     if args.virtual and (not isinstance(parse_loss(args.up_loss), NoLoss) or args.up_trace or args.up_mbps):
         # vsim returns each ack after a fixed delay: an up-link option would be accepted and ignored
         raise CLIError("--up-trace, --up-mbps and --up-loss need the namespace run: in virtual time acks return "

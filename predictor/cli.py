@@ -6,11 +6,13 @@ Top level imports argparse only; numpy, torch and onnxruntime load inside the ha
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,14 +43,33 @@ def _seed(text: str) -> int:
     return value
 
 
+def _sigterm_as_ctrl_c(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``handler`` with SIGTERM (and SIGHUP) unwinding like Ctrl-C, as the testbed's long commands do: by
+    default a SIGTERM (``timeout``, systemd, a batch scheduler) killed ``collect-many`` and ``train`` outright,
+    leaving a new ``--out-dir`` that holds only an empty index.json/train.json, a temporary file of a write cut
+    short, and no word of what was done; Ctrl-C's path cleans up, prints the summary, then "interrupted" (130).
+    Off the main thread (no signal handlers can be set there) the handler just runs."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return handler(args)
+        from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
+        with sigterm_as_ctrl_c():
+            return handler(args)
+
+    return run
+
+
 @contextmanager
 def _new_out_dir(out: Path, logs: frozenset[str]) -> Iterator[None]:
     """Remove ``--out-dir`` again (and the folders made for it) when this run made it and fails while it holds
     nothing but this run's own ``logs`` (index.json, train.json): no dataset, no checkpoint.
 
     The arguments and the input data are checked before anything is written; a failure after that (the first
-    dataset's run, a model that diverges at once, Ctrl-C) left a folder holding a log of nothing. A folder that
-    existed before the run is never touched."""
+    dataset's run, a model that diverges at once, Ctrl-C, or SIGTERM: :func:`_sigterm_as_ctrl_c`) left a folder
+    holding a log of nothing. A folder that existed before the run is never touched."""
     from tokenwire.daemon.cli import missing_folders, remove_empty_folders
 
     made = missing_folders(Path(os.path.realpath(out)))
@@ -303,12 +324,14 @@ def _trace_inputs(traces: list[str]) -> list[tuple[str, str]]:
     return [("the trace file", t) for t in traces if os.path.lexists(t)]
 
 
+@_sigterm_as_ctrl_c
 def _collect(args: argparse.Namespace) -> int:
     check_output("--out", args.out, _trace_inputs([args.down_trace]))
     _run_collect(_config(args, args.down_trace, args.seed), args.out, Path(args.down_trace).name)
     return 0
 
 
+@_sigterm_as_ctrl_c
 def _collect_many(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     jobs = [(t, s) for t in args.traces for s in seeds]
@@ -359,6 +382,7 @@ def _read_index(path: Path) -> list[dict]:
     return doc
 
 
+@_sigterm_as_ctrl_c
 def _train(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
     from .train import check_net_overrides, load_points
@@ -367,6 +391,9 @@ def _train(args: argparse.Namespace) -> int:
     bad = set(kinds) - {"transformer", "gru", "ar"}
     if bad or not kinds:
         raise _err(f"--kinds: unknown {sorted(bad)}; choose from transformer,gru,ar")
+    twice = [k for k in dict.fromkeys(kinds) if kinds.count(k) > 1]
+    if twice:  # each was trained again into the same file: the second run replaced the first's checkpoint
+        raise _err(f"--kinds: {', '.join(twice)} given more than once; give each kind once")
     try:
         net = check_net_overrides(json.loads(args.net))
     except json.JSONDecodeError:
@@ -441,26 +468,74 @@ def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: 
     log_path = out / "train.json"
     _remove_earlier_outputs(out, kinds)
     _write_json(log_path, log)
-    for kind in kinds:
-        if kind == "ar":
-            fit_ar(train, out / "ar.json")
-            log["models"]["ar"] = {"train_points": len(train)}
+    try:
+        for kind in kinds:
+            if kind == "ar":
+                fit_ar(train, out / "ar.json")
+                log["models"]["ar"] = {"train_points": len(train)}
+                _write_json(log_path, log)
+                _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
+                continue
+            cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                              alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
+                              max_points=args.max_points, threads=args.threads, data_files=data_files,
+                              net=net if kind == "transformer" else {})
+            try:
+                _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
+            except TrainingDiverged as exc:
+                raise _err(f"{kind}: {exc}") from None
+            log["models"][kind] = info
             _write_json(log_path, log)
-            _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
-            continue
-        cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                          alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
-                          max_points=args.max_points, threads=args.threads, data_files=data_files,
-                          net=net if kind == "transformer" else {})
-        try:
-            _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
-        except TrainingDiverged as exc:
-            raise _err(f"{kind}: {exc}") from None
-        log["models"][kind] = info
-        _write_json(log_path, log)
-        _say(f"{kind}: best epoch {info['best_epoch']} -> {out / (kind + '.pt')}")
+            _say(f"{kind}: best epoch {info['best_epoch']} -> {out / (kind + '.pt')}")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the model being trained may have left a usable checkpoint
+        left = [k for k in kinds if k not in log["models"]]
+        if left and left[0] != "ar":
+            _note_interrupted(out, left[0], log)
+        if left[1:]:
+            _say(f"not trained: {', '.join(left[1:])}")
+        raise
     log["finished"] = True
     _write_json(log_path, log)
+
+
+def _note_interrupted(out: Path, kind: str, log: dict) -> None:
+    """Say which checkpoint an interrupted ``kind`` left and record it in train.json, as unfinished.
+
+    train_net saves a checkpoint at every improvement (``finished: false``), so an interrupted run usually
+    keeps one that ``export`` takes, with its warning; yet Ctrl-C said only "interrupted", and train.json listed
+    no model, as if nothing usable was left. (Any ``<kind>.pt`` here is this run's: an earlier run's was moved
+    aside to ``.previous`` at the start.)"""
+    import torch
+
+    from .train import checkpoint_best_epoch
+
+    path = out / f"{kind}.pt"
+    if not path.is_file():
+        _say(f"{kind}: interrupted before its first epoch ended: no checkpoint of it written")
+        return
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # written by this run a moment ago; if it cannot be read, say so and record nothing
+        _say(f"warning: {kind}: interrupted; its checkpoint {path} cannot be read back ({exc})")
+        return
+    history = ck.get("history") if isinstance(ck, dict) else None
+    if not isinstance(history, list):
+        return
+    best = checkpoint_best_epoch(ck)
+    finished = ck.get("finished") is True  # interrupted after its last save: a complete model
+    scored = [h for h in history if isinstance(h, dict) and h.get("epoch") == best]
+    log["models"][kind] = {"best_epoch": best, "best_val_loss": scored[0].get("val_loss") if scored else None,
+                           "history": history, "finished": finished}
+    try:
+        _write_json(out / "train.json", log)
+    except OSError as exc:  # the interrupt stays the outcome (130); the log is the casualty
+        _say(f"warning: {out / 'train.json'}: not updated ({exc.strerror or exc})")
+    if finished:
+        _say(f"{kind}: interrupted after it finished: {path} holds its best epoch {best}")
+        return
+    _say(f"{kind}: interrupted; kept {path} with the weights of epoch {best} (the best so far; training did not "
+         f"finish, recorded so in train.json): `tokenwire predictor export --checkpoint {path} --out "
+         f"{out / kind}.onnx` takes it, with a warning that it is unfinished")
 
 
 def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
@@ -483,6 +558,7 @@ def _remove_earlier_outputs(out: Path, kinds: list[str]) -> None:
             _say(f"warning: {exported} was exported from an earlier run; export the new {kind}.pt again")
 
 
+@_sigterm_as_ctrl_c
 def _export(args: argparse.Namespace) -> int:
     import torch
 
@@ -524,6 +600,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_sigterm_as_ctrl_c
 def _eval(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
     from .evaluate import run_eval

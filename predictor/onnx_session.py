@@ -8,8 +8,10 @@ untyped exceptions. Imports onnxruntime only, never torch.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -66,4 +68,63 @@ def open_session(data: bytes, label: str) -> Any:
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions for bad files
+        what = other_file(data, label)
+        if what is not None:
+            raise ModelError(f"{label}: {what}") from None
         raise ModelError(f"{label}: not a usable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _torch_format(data: bytes) -> str | None:
+    """What ``data`` is when it is in one of torch.save's formats, else None."""
+    if data[:1] == b"\x80":  # pickle protocol 2+; an ONNX file starts with a protobuf tag (0x08: ir_version)
+        return "a Python pickle (a torch checkpoint of the legacy format?)"
+    if not data.startswith(b"PK\x03\x04"):
+        return None
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "a torch checkpoint, what `tokenwire predictor train` writes"
+    return None
+
+
+def other_file(data: bytes, label: str) -> str | None:
+    """What a file that onnxruntime refused is, when it is one the predictor's other steps write, and what to
+    give instead; None for anything else (onnxruntime's reason stands).
+
+    A checkpoint, a dataset or a JSON result given as a model read "INVALID_PROTOBUF : Failed to load model
+    because protobuf parsing failed", which says neither what the file is nor what to do. ``export`` tells the
+    same files apart for ``--checkpoint`` (:func:`~.train.what_file`, whose first clause is reused here; its
+    advice is about checkpoints)."""
+    torch_file = _torch_format(data)
+    if torch_file is not None:
+        return (f"not a usable ONNX model: {torch_file}; run `tokenwire predictor export --checkpoint {label} --out "
+                "MODEL.onnx` first and give the .onnx it writes")
+    export = "`tokenwire predictor export` writes"
+    if not _holds(label, data):  # what_file reads a path: only where the label names the file of these bytes
+        return None
+    from .train import what_file  # numpy only, not torch: a daemon's base install has it
+
+    what = what_file(label)
+    if what is None or what.startswith(("an ONNX model", "a directory")):
+        return None  # an ONNX file onnxruntime cannot run (its reason says why); a folder: read_model refuses it
+    if what.startswith("a truncated or damaged zip archive"):  # a .pt copied part-way: its advice fits
+        return f"not a usable ONNX model: {what}, then export it to ONNX"
+    first = what.split("; ")[0]  # what it is; the rest is export's advice, about checkpoints
+    if first == "the file is empty":
+        first = "an empty file"
+    return f"not a usable ONNX model: {first}; give the .onnx of a trained model (the shipped one, or one {export})"
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the regular file at ``path`` holds ``data`` (callers label the bytes with the path they read
+    them from, all but export's check, which reads a temporary file and names the output)."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False

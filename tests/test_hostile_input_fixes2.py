@@ -322,6 +322,8 @@ def _dataset(tmp_path: Path) -> Path:
     n = 20
     data: dict[str, Any] = {c: np.arange(n, dtype=np.float64) for c in COLUMNS}
     data["n_acked"] = np.zeros(n)
+    data["queue_l"] = data["ce"] = np.arange(n) % 2.0  # flags are 0 or 1 (load refuses others)
+    data["size"] = np.full(n, 1200.0)
     data["meta"] = json.dumps({"format": "tokenwire-latency-dataset", "version": FORMAT_VERSION})
     path = tmp_path / "good.npz"
     save(path, data)
