@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError, cell, positive_int, write_json
+from tokenwire.daemon.cli import CLIError, cell, finite_float, positive_int, write_json
 
 from .child import ChildError
 
@@ -32,16 +32,50 @@ def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False) ->
     up.add_argument("--up-trace", metavar="F", help="trace file or rate of the client -> server direction "
                     "(default: the same as --down-trace)")
     up.add_argument("--up-mbps", type=float, metavar="R", help="fixed uplink rate in Mbit/s")
-    p.add_argument("--delay-ms", type=float, default=50.0, metavar="D", help="one-way delay, each direction")
+    p.add_argument("--delay-ms", type=delay_ms_arg, default=50.0, metavar="D",
+                   help=f"one-way delay, each direction (0 to {MAX_DELAY_MS:g})")
     p.add_argument("--loss", default="none", metavar="SPEC",
                    help="down-link loss: none | iid:P | ge:P_GB,P_BG[,LOSS_IN_BAD] (bursty)")
     p.add_argument("--up-loss", default="none", metavar="SPEC", help="up-link loss (default none)")
     p.add_argument("--queue", default="droptail:packets=1000", metavar="SPEC",
                    help="bottleneck queue of both directions: infinite | droptail:packets=N | "
                    "droptail:bytes=N | dualpi2[:key=value,...]")
-    p.add_argument("--seed", type=int, default=0, help="seed of loss patterns and AQM decisions")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of loss patterns and AQM decisions (integer >= 0)")
     p.add_argument("--backend", choices=("auto", "userspace", "kernel"), default="auto",
                    help="auto: kernel qdiscs if the probe finds netem+dualpi2 and they can express the path")
+
+
+SSE_CONNECT_S = 10.0
+"""The sse-tcp client's TCP connect timeout (``sse.sse_client``'s ``sock_connect``): the tightest deadline of a run."""
+MAX_DELAY_MS = 4_000.0
+"""Largest ``--delay-ms`` (one way). A TCP connect takes one round trip, 8 s at this bound, within
+:data:`SSE_CONNECT_S` with 2 s to spare for a busy host; a QUIC handshake (up to two round trips, 16 s) fits the
+endpoints' 30 s (``emulator.HANDSHAKE_WAIT_S``). At 10 s, chatterbox still ran and sse-tcp failed to connect; at
+1e9 ms every run failed ~30 s after the namespaces were built. (A geostationary satellite hop is ~0.3 s.)"""
+
+
+def delay_ms_arg(text: str) -> float:
+    """argparse type of the testbed's ``--delay-ms``: a finite number from 0 to :data:`MAX_DELAY_MS`. It was bounded
+    only below, and ``--delay-ms 1e9`` built the namespaces to fail ~30 s later."""
+    value = finite_float(text)
+    if not 0 <= value <= MAX_DELAY_MS:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the one-way delay is 0 to {MAX_DELAY_MS:g} ms (a run's clients connect within "
+            f"{SSE_CONNECT_S:g} s: sse-tcp's TCP connect, one round trip)"
+        )
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of the testbed's ``--seed``: an integer >= 0, as ``predictor collect --seed`` takes (numpy's
+    generators refuse negative seeds); ``compare --seed -1`` was accepted where ``predictor collect`` refused it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
+    return value
 
 
 def up_spec(args: argparse.Namespace) -> str:
@@ -52,16 +86,51 @@ def up_spec(args: argparse.Namespace) -> str:
     return args.up_trace or args.down_trace
 
 
+LARGE_TRACE_BYTES = 16_000_000
+"""A trace file from this size on is announced before it is parsed: ~1 s of parsing at the ~15 MB/s measured here
+(a 20-million-line trace, 158 MB, took 11 s; on a busy host 18-26 s passed without a word)."""
+
+
+def note_large_traces(*specs: str | None) -> None:
+    """Say on stderr, as the other progress lines, that a large trace file is being read: the command was silent
+    for the whole parse. Each file once (the up trace is the down trace by default)."""
+    from .trace import parse_rate
+
+    for spec in dict.fromkeys(s for s in specs if s is not None):
+        if parse_rate(spec) is not None:
+            continue
+        try:
+            size = os.stat(spec).st_size
+        except OSError:  # (missing: the parse says so)
+            continue
+        if size >= LARGE_TRACE_BYTES:
+            print(f"reading trace {spec} ({size / 1e6:.0f} MB)...", file=sys.stderr, flush=True)
+
+
 def emulator_config(args: argparse.Namespace, *, log: str | None = None, pcap: str | None = None) -> Any:
     from .emulator import DirectionConfig, EmulatorConfig
+
+    note_large_traces(args.down_trace, up_spec(args))
 
     cfg = EmulatorConfig(
         down=DirectionConfig(args.down_trace, args.delay_ms, args.loss, args.queue),
         up=DirectionConfig(up_spec(args), args.delay_ms, args.up_loss, args.queue),
         seed=args.seed, log_path=log, pcap_prefix=pcap,
     )  # fmt: skip
-    validate(cfg.down.validate, cfg.up.validate)
+    validate(cfg.down.validate, cfg.up.validate, crossable(cfg.down.trace, cfg.up.trace))
     return cfg
+
+
+def crossable(*specs: str | None) -> Callable[[], None]:
+    """The check, for :func:`validate`, that no trace of ``specs`` goes too long without a delivery opportunity
+    (:func:`.emulator.check_trace_gaps`): such a run built its namespaces and failed ~30 s later."""
+    from .emulator import check_trace_gaps
+
+    def check() -> None:
+        for spec in dict.fromkeys(s for s in specs if s is not None):
+            check_trace_gaps(spec)
+
+    return check
 
 
 def validate(*checks: Any) -> None:
@@ -310,13 +379,16 @@ def _print_up(info: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .netns import RunState, check_root, destroy_run, list_runs, remove_scratch, terminate_pids
+    from .netns import check_root, list_runs, terminate_pids
 
     try:
         check_root()
     except Exception as exc:
         raise CLIError(str(exc)) from None
-    runs = list_runs()
+    # a run whose state file cannot be read is seen by what its file still tells (a live owner of another
+    # version is left alone): it was re-read here without a guard, a traceback that also stopped the cleanup
+    # of every other crashed run
+    runs = [_salvaged(st) if st.info.get("unreadable_state") else st for st in list_runs()]
     if args.run_ids:
         wanted = set(args.run_ids)
         unknown = wanted - {r.run_id for r in runs}
@@ -328,16 +400,110 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not runs:
         print("nothing to clean up")
         return 0
+    failed: list[str] = []
     for st in runs:
         if st.owner_pid != os.getpid() and st.owner_alive:
             terminate_pids([st.owner_pid], timeout=10)  # a live owner tears its own run down
-        st2 = RunState.load(st.path) if os.path.exists(st.path) else None
-        removed = destroy_run(st2) if st2 is not None else []
-        scratch = remove_scratch(st2) if st2 is not None else None  # its owner died without removing it
-        if scratch is not None:
-            removed.append(scratch)
-        print(f"{st.run_id}: " + (", ".join(removed) if removed else "removed"))
+        try:
+            removed, unreadable = _destroy(st)
+        except Exception as exc:  # (OSError, a netlink error...): reported, and the other runs still cleaned
+            failed.append(st.run_id)
+            print(f"{st.run_id}: not cleaned up: {exc.__class__.__name__}: {exc}", file=sys.stderr, flush=True)
+            continue
+        if unreadable:  # (removed by its id: the namespaces, processes and links named <id>-*)
+            what = f"its state file could not be read ({unreadable}): removed it" + "".join(f", {r}" for r in removed)
+        else:
+            what = ", ".join(removed) if removed else "removed"
+        print(f"{st.run_id}: {what}", flush=True)
+    if failed:
+        raise CLIError(f"could not clean up {', '.join(failed)} (see above); run `tokenwire testbed down "
+                       f"{' '.join(failed)}` again")
     return 0
+
+
+_UNREADABLE_ERRORS = (ValueError, OSError, TypeError)  # as netns.list_runs (JSONDecodeError is a ValueError)
+
+
+def _destroy(st: Any) -> tuple[list[str], str | None]:
+    """Remove what run ``st`` left (namespaces, processes in them, state file, scratch folder, links named by
+    its id); returns what was removed and, for a state file that cannot be read, why."""
+    from .netns import RunState, destroy_run, remove_scratch
+
+    why = st.info.get("unreadable_state")
+    target = None
+    if why is None and os.path.exists(st.path):  # (gone: its owner, terminated above, tore the run down)
+        try:
+            target = RunState.load(st.path)
+        except _UNREADABLE_ERRORS as exc:  # spoilt since it was listed
+            why = f"{exc.__class__.__name__}: {exc}"
+    if why is not None:
+        target = _salvaged(st, why)
+    removed = destroy_run(target) if target is not None else []
+    scratch = remove_scratch(target) if target is not None else None  # its owner died without removing it
+    if scratch is not None:
+        removed.append(scratch)
+    removed += _remove_links(st.run_id)
+    return removed, why
+
+
+def _salvaged(st: Any, why: str | None = None) -> Any:
+    """A run whose state file cannot be read (a truncated file, or one of another version with keys this one does
+    not know), as far as the file still tells: its namespaces by its id, the scratch folder it names, and its
+    owner only when alive and provably the one that wrote the file (pid and start time: a bare pid may since
+    belong to anybody)."""
+    from .netns import _unreadable_state, same_process
+
+    why = why or str(st.info.get("unreadable_state"))
+    out = _unreadable_state(st.run_id, why)
+    fields = _state_fields(st.path)
+    pid, started = fields.get("owner_pid"), fields.get("owner_start")
+    if isinstance(pid, int) and pid > 0 and isinstance(started, int) and same_process(pid, started):
+        out.owner_pid, out.owner_start = pid, started
+    scratch = fields.get("scratch")
+    if isinstance(scratch, str):
+        out.info["scratch"] = scratch  # (netns.remove_scratch removes only a folder of ours in the temp dir)
+    return out
+
+
+_FIELD_RE = re.compile(r'"(owner_pid|owner_start|scratch)"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+
+
+def _state_fields(path: str) -> dict[str, Any]:
+    """``owner_pid``, ``owner_start`` and ``info.scratch`` of a state file that :meth:`RunState.load` refused:
+    from its JSON if it parses, else from whatever of them a truncated file still holds whole."""
+    try:
+        with open(path, errors="replace") as fh:
+            text = fh.read(1 << 20)  # a state file is a few kB
+    except OSError:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        info = data.get("info")
+        return {"owner_pid": data.get("owner_pid"), "owner_start": data.get("owner_start"),
+                "scratch": info.get("scratch") if isinstance(info, dict) else None}
+    out: dict[str, Any] = {}
+    for m in _FIELD_RE.finditer(text):
+        with contextlib.suppress(ValueError):
+            out.setdefault(m.group(1), json.loads(m.group(2)))
+    return out
+
+
+def _remove_links(run_id: str) -> list[str]:
+    """Interfaces named by the run id left in this namespace (the kernel backend makes its veths here before it
+    moves them into the run's namespaces); usually none, as a veth goes with its peer's namespace."""
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]  # no stubs, no py.typed
+
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if isinstance(name, str) and name.startswith(run_id + "-"):
+                ipr.link("del", index=link["index"])
+                removed.append(f"link {name}")
+    return removed
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -406,7 +572,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         up_loss=args.up_loss, queue=args.queue, schemes=schemes, tokens=args.tokens, rate=args.rate,
         seed=args.seed, runs=args.runs, sse_cc=args.sse_cc, backend=args.backend, cross=args.cross or [],
     )  # fmt: skip
-    validate(cfg.validate)
+    note_large_traces(cfg.down_trace, cfg.up_trace)
+    validate(cfg.validate, crossable(cfg.down_trace, cfg.up_trace))
     tty = sys.stderr.isatty()
     started = time.monotonic()
     last_line = [0.0]
@@ -471,7 +638,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.text:
         cfg.text = args.text
-    validate(cfg.validate)
+    note_large_traces(cfg.down_trace, cfg.up_trace)
+    validate(cfg.validate, crossable(cfg.down_trace, cfg.up_trace))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

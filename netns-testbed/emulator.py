@@ -35,11 +35,48 @@ from .loss import parse_loss
 from .pktlog import CsvPacketLog, PcapTap
 from .queue_oracle import OracleBoard, estimate_queue_delays
 from .queues import DualPI2, Queue, parse_queue
-from .trace import trace_from_spec
+from .trace import Trace, TraceError, trace_from_spec
 
 PR_SET_TIMERSLACK = 29
 READ_BATCH = 256
 ORACLE_EVERY_S = 0.0002  # publish the oracle estimate at most this often (it costs a trace lookup)
+
+
+HANDSHAKE_WAIT_S = 30.0
+"""How long the testbed's runs wait for a QUIC connection (the endpoints client's connect timeout, the runs'
+``wait_for("connected", 30)``)."""
+MAX_TRACE_GAP_MS = int(HANDSHAKE_WAIT_S * 1000)
+"""Longest time a trace of the testbed's commands may go without a delivery opportunity (:func:`check_trace_gaps`).
+Every run starts with a handshake near the trace's start, and one that meets such a gap fails after
+:data:`HANDSHAKE_WAIT_S`; a gap twice as long outlasts the QUIC idle timeout (60 s) and ends a connection whatever
+it carries. The cellular traces in the shared ``traces/`` folder go at most 11.6 s without one
+(Verizon-EVDO-driving); a fixed rate below 400 bit/s has such gaps."""
+
+
+def longest_gap_ms(trace: Trace) -> int:
+    """The longest time ``trace`` (repeating) goes without a delivery opportunity: between two of its timestamps,
+    or from the start (and each repeat) to its first one. A block at a time: a whole-trace ``diff`` of a trace of
+    hundreds of millions of lines would double its memory."""
+    import numpy as np
+
+    stamps = np.frombuffer(trace.stamps_ms, dtype=np.int64)
+    gap = int(stamps[0])
+    block = 1 << 20
+    for start in range(1, len(stamps), block):
+        gap = max(gap, int(np.diff(stamps[start - 1 : start + block]).max()))
+    return gap
+
+
+def check_trace_gaps(spec: str) -> None:
+    """Refuse a trace (file or rate) that goes longer than :data:`MAX_TRACE_GAP_MS` without a delivery
+    opportunity: one delivery per 10 minutes built the namespaces and failed ~30 s later with "no answer before
+    the deadline". The testbed's commands call it; :meth:`DirectionConfig.validate` does not, as ``demo``,
+    ``bench`` and library callers build testbeds under their own bounds."""
+    gap = longest_gap_ms(trace_from_spec(spec))
+    if gap > MAX_TRACE_GAP_MS:
+        raise TraceError(f"{spec}: {gap / 1000:g} s without a delivery opportunity, at most "
+                         f"{MAX_TRACE_GAP_MS / 1000:g} s: a run's handshake that meets the gap fails (the endpoints "
+                         f"wait {HANDSHAKE_WAIT_S:g} s for it)")
 
 
 @dataclass
@@ -319,11 +356,20 @@ async def _serve_control(shell: EmulatorShell) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
-    def reply(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+    def reply(obj: dict[str, Any]) -> bool:
+        """Answer the owner; False once it is gone (its end of the pipe closed: killed), which ends the service
+        as its EOF does. The BrokenPipeError escaped and ended this task with "Task exception was never
+        retrieved" on the emulator's stderr."""
+        try:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _owner_gone()
+            return False
+        return True
 
-    reply({"ready": True, "pid": os.getpid(), "origin": shell.origin})
+    if not reply({"ready": True, "pid": os.getpid(), "origin": shell.origin}):
+        return
     while True:
         line = await reader.readline()
         cmd = line.decode().strip()
@@ -333,13 +379,23 @@ async def _serve_control(shell: EmulatorShell) -> None:
             try:
                 offset = float(cmd[7:] or 0.0)
             except ValueError:
-                reply({"error": f"bad origin offset {cmd[7:]!r}"})
-                continue
-            reply({"origin": shell.restart(max(0.0, offset))})
+                answer: dict[str, Any] = {"error": f"bad origin offset {cmd[7:]!r}"}
+            else:
+                answer = {"origin": shell.restart(max(0.0, offset))}
         elif cmd == "stats":
-            reply(shell.stats())
+            answer = shell.stats()
         else:
-            reply({"error": f"unknown command {cmd!r}"})
+            answer = {"error": f"unknown command {cmd!r}"}
+        if not reply(answer):
+            break
+
+
+def _owner_gone() -> None:
+    """Our stdout's reader is gone: send what is still buffered, and whatever comes later, to /dev/null, so that
+    neither the final stats nor the flush at exit raise a second BrokenPipeError."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(json.dumps({"stopped": True, **shell.stats()}) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:  # the owner died first (killed): the final stats have no reader
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            _owner_gone()
     finally:
         shell.close()
         loop.close()

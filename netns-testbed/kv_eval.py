@@ -375,5 +375,7 @@ def plot_kv(summary: dict[str, Any], path: str) -> None:
     trace = os.path.basename(summary["config"]["down_trace"])
     ax2.set_title(f"{trace}, {summary['config']['context_tokens']} tokens, deadline {dl} ms")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .plots import save_figure  # atomic, as --json: an interrupt left a truncated PNG over the good one
+
+    save_figure(fig, path)
     plt.close(fig)

@@ -8,9 +8,25 @@ so stalls can be traced to what the network did. Both panels show the first seed
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 COLORS = {"chatterbox": "#1b9e77", "duplicate": "#7570b3", "stream": "#d95f02", "sse-tcp": "#e7298a"}
+
+
+def save_figure(fig: Any, path: str, *, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` as every ``--plot`` is written: through :func:`tokenwire.daemon.cli.output_file`,
+    like ``--json``. ``fig.savefig(path)`` wrote in place, and an interrupt (or a full disk) meanwhile left a
+    truncated image where the previous good one was.
+
+    The format is the one ``path``'s extension names (``--plot x.svg``), PNG without one: the temporary file's
+    ``.tmp`` would otherwise be taken for the format.
+    """
+    from tokenwire.daemon.cli import output_file
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    with output_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=ext or "png")
 
 
 def _cumulative(gen: list[float], render: list[float], base: float, t0: float) -> tuple[list[float], list[float]]:
@@ -95,5 +111,7 @@ def plot_compare(summary: dict[str, Any], runs: dict[str, list[Any]], path: str,
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

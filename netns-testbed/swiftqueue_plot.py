@@ -38,6 +38,8 @@ def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     fig = plt.figure(figsize=(14, 6))
     gs = fig.add_gridspec(2, 2, width_ratios=[1, 1.5], height_ratios=[2, 1])
     ax_cdf = fig.add_subplot(gs[:, 0])
@@ -90,5 +92,7 @@ def plot_swiftqueue(summary: dict[str, Any], runs: dict[str, Any], path: str) ->
                  f"{', '.join(cfg.get('cross') or []) or 'none'}  flow {cfg.get('flow')}  backend "
                  f"{summary.get('backend')}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

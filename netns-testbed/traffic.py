@@ -69,7 +69,8 @@ def udp_send(sock: socket.socket, dest: tuple[str, int], *, rate_pps: float, siz
         if interval:
             due = (cycle_start + in_cycle * interval) if cycle else start + seq * interval
             if due > now:
-                time.sleep(due - now)
+                # not past the end: a sparse flow's next packet may be due after it (or beyond what sleep takes)
+                time.sleep(min(due, end) - now)
                 continue
         try:
             sock.sendmsg([HEADER.pack(seq, time.monotonic_ns()), pad], cmsg, 0, dest)
@@ -218,8 +219,40 @@ CROSS_HELP = ("tcp:cubic | tcp:bbr | tcp:reno (bulk kernel TCP, classic queue) |
               "ECT(1)) | onoff-ect1:RATE:ON_MS:OFF_MS (the same, bursting)")  # also `compare --help` and its docs
 
 
-def parse_cross(spec: str) -> tuple[str, str]:
-    """``tcp:cubic`` -> ("tcp", "cubic"); ``udp-ect1:2mbps`` -> ("udp-ect1", "2mbps"); ValueError otherwise."""
+CROSS_PACKET_BYTES = 1200
+"""UDP payload of a cross flow's packets (28 more bytes of UDP/IP headers on the wire)."""
+MIN_CROSS_PPS = 1.0
+"""Slowest paced cross flow: a packet a second. Below it a "flow" is a packet now and then, which no queue
+notices; and 1bps, sent as ``--rate 0.000``, was the sender's flood."""
+
+
+def cross_pps(bps: float, size: int = CROSS_PACKET_BYTES) -> float:
+    """Packets per second of a paced flow of ``bps`` bit/s in ``size``-byte datagrams (headers counted)."""
+    return bps / (8 * (size + 28))
+
+
+def min_cross_bps(size: int = CROSS_PACKET_BYTES) -> float:
+    """The smallest RATE of a paced cross flow (:data:`MIN_CROSS_PPS` packets of ``size`` bytes a second)."""
+    return MIN_CROSS_PPS * 8 * (size + 28)
+
+
+def parse_cross(spec: str, *, size: int = CROSS_PACKET_BYTES) -> tuple[str, str]:
+    """``tcp:cubic`` -> ("tcp", "cubic"); ``udp-ect1:2mbps`` -> ("udp-ect1", "2mbps"); ValueError otherwise, also for
+    a RATE below :func:`min_cross_bps` (a paced flow of ``size``-byte packets cannot go that slow)."""
+    from .trace import generator_bps
+
+    kind, arg = _split_cross(spec)
+    if kind != "tcp":
+        rate = arg.partition(":")[0]
+        bps = generator_bps(rate)
+        if bps is not None and bps < min_cross_bps(size):
+            raise ValueError(f"cross traffic {spec!r}: {rate} is below the slowest paced flow, "
+                             f"{min_cross_bps(size):g} bit/s (one {size + 28}-byte packet a second)")
+    return kind, arg
+
+
+def _split_cross(spec: str) -> tuple[str, str]:
+    """:func:`parse_cross` without the lower bound on RATE."""
     from .trace import generator_bps
 
     kind, _, arg = spec.strip().lower().partition(":")
@@ -239,30 +272,36 @@ def parse_cross(spec: str) -> tuple[str, str]:
     raise ValueError(f"cross traffic {spec!r}: expected {CROSS_HELP}")
 
 
-def start_cross(tb: Any, specs: list[str], duration: float, *, size: int = 1200) -> list[Any]:
+def start_cross(tb: Any, specs: list[str], duration: float, *, size: int = CROSS_PACKET_BYTES) -> list[Any]:
     """Start each cross flow server -> client inside ``tb`` (sinks first); returns the children.
 
-    They run for ``duration`` seconds or until the testbed goes down, whichever comes first.
+    They run for ``duration`` seconds or until the testbed goes down, whichever comes first. A RATE below
+    :func:`min_cross_bps` (a caller that did not check it with :func:`parse_cross`) is sent as the sparse flow it
+    asks for, never as a flood.
     """
     import subprocess
 
     from .child import Child
-    from .trace import parse_rate
+    from .trace import generator_bps
 
     py = [sys.executable, "-m", "tokenwire.testbed.traffic"]
     pipe = subprocess.PIPE
     children = []
     for k, spec in enumerate(specs):
-        kind, arg = parse_cross(spec)
+        kind, arg = _split_cross(spec)
         port = str(9300 + k)
         if kind == "tcp":
             sink = ["tcp-sink", "--host", tb.client_addr, "--port", port]
             send = ["tcp-send", "--host", tb.client_addr, "--port", port, "--cc", arg, "--duration", str(duration)]
         else:
             rate, _, times = arg.partition(":")
-            pps = (parse_rate(rate) or 0.0) / (8 * (size + 28))
+            bps = generator_bps(rate)
+            if bps is None:  # (_split_cross accepted it: cannot happen)
+                raise ValueError(f"cross traffic {spec!r}: no rate")
+            # repr, exact: "%.3f" made any rate under ~5 bit/s "0.000", which the sender takes for a flood
+            pps = repr(cross_pps(bps, size))
             sink = ["udp-sink", "--host", tb.client_addr, "--port", port, "--idle", "5"]
-            send = ["udp-send", "--host", tb.client_addr, "--port", port, "--rate", f"{pps:.3f}", "--size",
+            send = ["udp-send", "--host", tb.client_addr, "--port", port, "--rate", pps, "--size",
                     str(size), "--tos", "0x01", "--duration", str(duration)]
             if kind == "onoff-ect1":
                 on, _, off = times.partition(":")

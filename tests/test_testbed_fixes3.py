@@ -1,0 +1,424 @@
+"""``testbed down`` over unreadable state files, cross-traffic rates too low to pace, atomic ``--plot`` files,
+absurd delays and trace gaps refused up front, the emulator's owner dying under a reply, a progress line for
+large traces, and the testbed's ``--seed`` as ``predictor collect`` takes it."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tokenwire.daemon.cli import main
+from tokenwire.testbed import cli, emulator, netns, topology, traffic
+from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
+from tokenwire.testbed.trace import TraceError
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                reason="needs root (network namespaces)")
+
+
+# -- 1. `testbed down` over state files it cannot read ---------------------------------------------------------
+@pytest.fixture
+def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A state folder and a namespace folder of plain files (namespaces "removed" by unlinking them)."""
+    state, ns_dir = tmp_path / "state", tmp_path / "netns"
+    state.mkdir()
+    ns_dir.mkdir()
+    monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(netns, "NETNS_DIR", str(ns_dir))
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(netns, "remove_netns", lambda name: os.unlink(ns_dir / name))
+    monkeypatch.setattr(cli, "_remove_links", lambda run_id: [], raising=False)  # (not in every version)
+    return SimpleNamespace(state=state, ns=ns_dir)
+
+
+def _scratch() -> str:
+    return tempfile.mkdtemp(prefix="tw-compare-")
+
+
+def test_down_cleans_runs_whose_state_file_cannot_be_read_and_the_runs_after_them(fake_host, capsys):
+    """A truncated state file and one with a key of another version: `down` ended in a JSONDecodeError (or
+    TypeError) traceback, removed nothing, and stopped the cleanup of every crashed run after it."""
+    truncated_scratch, other_scratch = _scratch(), _scratch()
+    try:
+        # truncated after the scratch folder (the order RunState writes its fields in puts info last)
+        text = json.dumps({"run_id": "tw5d5d5d", "owner_pid": 1, "info": {"scratch": truncated_scratch}})
+        (fake_host.state / "tw5d5d5d.json").write_text(text[:-2])
+        (fake_host.state / "tw5d5d5e.json").write_text(json.dumps(
+            {"run_id": "tw5d5d5e", "owner_pid": 1, "namespaces": ["tw5d5d5e-srv"], "tun_fds": [3],
+             "info": {"scratch": other_scratch}}))
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        netns.RunState("tw5d5d5f", dead.pid, ["tw5d5d5f-srv"]).save()  # readable, crashed, listed after them
+        for name in ("tw5d5d5d-srv", "tw5d5d5d-cli", "tw5d5d5e-srv", "tw5d5d5f-srv", "tw111111-srv"):
+            (fake_host.ns / name).write_text("")
+
+        assert cli.cmd_down(argparse.Namespace(run_ids=[], all=False)) == 0
+
+        out = capsys.readouterr().out
+        assert sorted(os.listdir(fake_host.ns)) == ["tw111111-srv"]  # only what carries their ids
+        assert os.listdir(fake_host.state) == []
+        assert not os.path.exists(truncated_scratch) and not os.path.exists(other_scratch)
+        lines = out.splitlines()
+        assert lines[0].startswith("tw5d5d5d: its state file could not be read (JSONDecodeError: ")
+        assert ": removed it, namespace tw5d5d5d-cli, namespace tw5d5d5d-srv, folder " in lines[0]
+        assert "namespace tw5d5d5d-cli" in lines[0] and "namespace tw5d5d5d-srv" in lines[0]
+        assert lines[1].startswith("tw5d5d5e: its state file could not be read (TypeError")
+        assert "namespace tw5d5d5e-srv" in lines[1] and f"folder {os.path.realpath(other_scratch)}" in lines[1]
+        assert lines[2] == "tw5d5d5f: namespace tw5d5d5f-srv"
+    finally:
+        for path in (truncated_scratch, other_scratch):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_down_by_id_cleans_a_run_whose_state_file_cannot_be_read(fake_host, capsys):
+    (fake_host.state / "tw5d5d5d.json").write_text('{"run_id": "tw5d5d5d", "owner_pid": 1, "namesp')
+    (fake_host.ns / "tw5d5d5d-srv").write_text("")
+    assert cli.cmd_down(argparse.Namespace(run_ids=["tw5d5d5d"], all=False)) == 0
+    assert os.listdir(fake_host.ns) == [] and os.listdir(fake_host.state) == []
+    assert "its state file could not be read" in capsys.readouterr().out
+
+
+def test_plain_down_leaves_a_live_run_whose_state_file_has_keys_of_another_version(fake_host, capsys):
+    """Its owner is alive and provably the writer (pid and start time): a running testbed of a newer version, not a
+    crashed one; only `down ID` (or --all) stops it."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (fake_host.state / "tw5d5d60.json").write_text(json.dumps(
+            {"run_id": "tw5d5d60", "owner_pid": owner.pid, "owner_start": netns.start_time(owner.pid),
+             "namespaces": ["tw5d5d60-srv"], "new_key": 1}))
+        (fake_host.ns / "tw5d5d60-srv").write_text("")
+        assert cli.cmd_down(argparse.Namespace(run_ids=[], all=False)) == 0
+        assert capsys.readouterr().out == "nothing to clean up\n"
+        assert os.listdir(fake_host.ns) == ["tw5d5d60-srv"] and owner.poll() is None
+
+        assert cli.cmd_down(argparse.Namespace(run_ids=["tw5d5d60"], all=False)) == 0
+        assert owner.wait(timeout=30) is not None  # terminated first, as a readable run's live owner is
+        assert os.listdir(fake_host.ns) == [] and os.listdir(fake_host.state) == []
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_salvaged_pid_without_its_start_time_is_never_signalled(fake_host, monkeypatch):
+    """A bare pid (1 in a hand-made file) may belong to anybody: it is not taken for the run's owner."""
+    signalled: list[Any] = []
+    monkeypatch.setattr(netns, "terminate_pids", lambda pids, timeout=3.0: signalled.append(pids))
+    (fake_host.state / "tw5d5d61.json").write_text('{"run_id": "tw5d5d61", "owner_pid": 1, "x": 1}')
+    assert cli.cmd_down(argparse.Namespace(run_ids=["tw5d5d61"], all=False)) == 0
+    assert signalled == [] and os.listdir(fake_host.state) == []
+
+
+def test_a_run_that_cannot_be_cleaned_does_not_stop_the_others(fake_host, monkeypatch, capsys):
+    def refuse(name: str) -> None:
+        if name.startswith("tw5d5d62"):
+            raise PermissionError(1, "Operation not permitted")
+        os.unlink(fake_host.ns / name)
+
+    monkeypatch.setattr(netns, "remove_netns", refuse)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for run_id in ("tw5d5d62", "tw5d5d63"):
+        netns.RunState(run_id, dead.pid, [f"{run_id}-srv"]).save()
+        (fake_host.ns / f"{run_id}-srv").write_text("")
+    with pytest.raises(cli.CLIError, match="could not clean up tw5d5d62"):
+        cli.cmd_down(argparse.Namespace(run_ids=[], all=False))
+    captured = capsys.readouterr()
+    assert "tw5d5d62: not cleaned up: PermissionError" in captured.err
+    assert "tw5d5d63: namespace tw5d5d63-srv" in captured.out
+    assert os.listdir(fake_host.ns) == ["tw5d5d62-srv"]
+
+
+@needs_root
+def test_down_removes_real_namespaces_of_unreadable_runs(tmp_path):
+    """The probe's repro: `tokenwire testbed down ID` on each, through the command, with real namespaces."""
+    ids = ["tw" + secrets.token_hex(3) for _ in range(2)]
+    (tmp_path / f"{ids[0]}.json").write_text(f'{{"run_id": "{ids[0]}", "owner_pid": 1, "namesp')
+    (tmp_path / f"{ids[1]}.json").write_text(json.dumps({"run_id": ids[1], "owner_pid": 1, "tun_fds": [3]}))
+    env = {**os.environ, "TOKENWIRE_TESTBED_STATE": str(tmp_path)}
+    try:
+        for run_id in ids:
+            subprocess.run(["ip", "netns", "add", f"{run_id}-srv"], check=True)
+        for run_id in ids:
+            done = subprocess.run([sys.executable, "-m", "tokenwire.daemon.cli", "testbed", "down", run_id],
+                                  env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert f"{run_id}: its state file could not be read" in done.stdout
+            assert f"namespace {run_id}-srv" in done.stdout
+        assert not any(os.path.exists(f"/run/netns/{run_id}-srv") for run_id in ids)
+        assert os.listdir(tmp_path) == []
+    finally:
+        for run_id in ids:
+            subprocess.run(["ip", "netns", "del", f"{run_id}-srv"], capture_output=True)
+
+
+# -- 2. cross traffic too slow to pace -------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["udp-ect1:1bps", "udp-ect1:4bps", "onoff-ect1:1kbps:100:100", "udp-ect1:9.8kbps"])
+def test_a_cross_rate_below_one_packet_a_second_is_refused_with_the_minimum(spec):
+    with pytest.raises(ValueError, match=r"below the slowest paced flow, 9824 bit/s \(one 1228-byte packet a"):
+        traffic.parse_cross(spec)
+
+
+def test_compare_refuses_a_cross_rate_too_slow_to_pace_before_anything_is_built():
+    from tokenwire.testbed.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="slowest paced flow"):
+        CompareConfig(down_trace="12mbps", up_trace="12mbps", cross=["udp-ect1:1bps"]).validate()
+    traffic.parse_cross("udp-ect1:9824bps")  # the minimum itself
+
+
+class _RecordingTestbed:
+    client_addr, client_ns, server_ns = "10.0.0.2", "tw000000-cli", "tw000000-srv"
+
+    def __init__(self) -> None:
+        self.argv: list[list[str]] = []
+
+    def popen(self, ns: str, argv: list[str], **kwargs: Any) -> None:
+        self.argv.append(argv)
+
+
+class _ReadyChild:
+    def __init__(self, proc: Any, name: str) -> None:
+        pass
+
+    def wait_for(self, key: str, timeout: float) -> dict[str, Any]:
+        return {key: True}
+
+
+@pytest.mark.parametrize("spec", ["udp-ect1:1bps", "onoff-ect1:3bps:100:100", "udp-ect1:2mbps"])
+def test_the_sender_gets_the_exact_rate_never_a_rounded_flood(spec, monkeypatch):
+    """`--rate` was "%.3f" packets/s: under ~5 bit/s "0.000", the sender's flood."""
+    from tokenwire.testbed import child
+    from tokenwire.testbed.trace import parse_rate
+
+    monkeypatch.setattr(child, "Child", _ReadyChild)
+    tb = _RecordingTestbed()
+    traffic.start_cross(tb, [spec], 10.0)
+    sender = tb.argv[1]
+    rate = float(sender[sender.index("--rate") + 1])
+    assert rate > 0 and rate == pytest.approx(parse_rate(spec.split(":")[1]) / (8 * 1228), rel=1e-12)
+
+
+def test_a_sender_whose_next_packet_is_due_after_the_end_stops_at_the_end():
+    """A rate so low that the second packet is due past the run slept until then (time.sleep(1e40) overflowed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sink.bind(("127.0.0.1", 0))
+        result = traffic.udp_send(sock, sink.getsockname(), rate_pps=1e-40, size=100, duration=0.05)
+    assert result["sent"] == 1 and result["errors"] == 0
+
+
+# -- 3. --plot written atomically -------------------------------------------------------------------------------
+def _compare_plot_args(path: str) -> tuple[Any, ...]:
+    stats = SimpleNamespace(stall_ratio=0.01, p99_token_delay_ms=80.0)
+    run = SimpleNamespace(gen=[0.0, 0.1, 0.2], render=[0.05, 0.16, 0.3], stats=stats, seed=0, origin=0.0,
+                          base_delay=0.05, deliveries=[(0.0, 0.05), (0.1, 0.16)])
+    summary = {"config": {"down_trace": "12mbps", "delay_ms": 50, "loss": "none", "queue": "droptail",
+                          "tokens": 3, "rate": 10}, "backend": "userspace"}
+    return summary, {"chatterbox": [run]}, path
+
+
+def _swiftqueue_plot_args(path: str) -> tuple[Any, ...]:
+    records = [{"t": 0.01 * i, "latency_ms": 20.0 + i % 3, "ecn": i % 2} for i in range(50)]
+    summary = {"policies": {"swiftqueue": {"p99_ms": 22.0, "l_share": 0.5}}, "config": {"down_trace": "12mbps"},
+               "backend": "userspace"}
+    return summary, {"swiftqueue": SimpleNamespace(records=records)}, path
+
+
+def _kv_plot_args(path: str) -> tuple[Any, ...]:
+    summary = {"controllers": {"tokenwire": {"deadline_attainment": 0.9, "mean_quality_top1": 0.95}},
+               "fetches": {"tokenwire": [{"fetch_ms": 900.0}, {"fetch_ms": 1200.0}]},
+               "config": {"deadline_ms": 3000, "down_trace": "12mbps", "context_tokens": 1024}}
+    return summary, path
+
+
+def _plotters() -> list[tuple[str, Any]]:
+    from tokenwire.testbed.kv_eval import plot_kv
+    from tokenwire.testbed.plots import plot_compare
+    from tokenwire.testbed.swiftqueue_plot import plot_swiftqueue
+
+    return [("compare", lambda p: plot_compare(*_compare_plot_args(p))),
+            ("swiftqueue", lambda p: plot_swiftqueue(*_swiftqueue_plot_args(p))),
+            ("kv", lambda p: plot_kv(*_kv_plot_args(p)))]
+
+
+@pytest.mark.parametrize("which", ["compare", "swiftqueue", "kv"])
+def test_an_interrupted_plot_leaves_the_previous_file_whole(which, tmp_path, monkeypatch):
+    """The PNG was written in place: Ctrl-C while it was written left a truncated image over the good one."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    plot = dict(_plotters())[which]
+    path = tmp_path / "plot.png"
+    plot(str(path))
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    def interrupted(self: Any, fname: Any, **kwargs: Any) -> None:
+        with open(fname, "wb") as fh:
+            fh.write(good[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot(str(path))
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["plot.png"]  # no temporary file left either
+
+
+def test_a_plot_takes_the_format_its_extension_names(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = dict(_plotters())["compare"]
+    plot(str(tmp_path / "plot.svg"))
+    plot(str(tmp_path / "plot"))  # none: PNG, at the path given (not "plot.png")
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:1000]
+    assert (tmp_path / "plot").read_bytes().startswith(b"\x89PNG")
+    assert sorted(os.listdir(tmp_path)) == ["plot", "plot.svg"]
+
+
+def _no_testbed(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("a testbed was built")
+
+
+# -- 4. absurd delays and trace gaps, refused before any namespace ----------------------------------------------
+@pytest.mark.parametrize("command", ["compare", "up", "kv", "swiftqueue"])
+@pytest.mark.parametrize("delay", ["1e9", "4000.5", "-1"])
+def test_the_testbed_commands_refuse_an_absurd_delay_as_they_parse_it(command, delay, capsys):
+    """`--delay-ms 1e9` built the namespaces and failed ~30 s later with "no answer before the deadline"."""
+    from tokenwire.daemon.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:  # the parser alone: a delay accepted would otherwise run the command
+        build_parser().parse_args(["testbed", command, "--down-trace", "12mbps", "--delay-ms", delay])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --delay-ms: {delay}: the one-way delay is 0 to {cli.MAX_DELAY_MS:g} ms" in err
+
+
+def test_the_largest_delay_is_accepted_and_nan_is_still_not_a_number(capsys):
+    from tokenwire.daemon.cli import build_parser
+
+    args = build_parser().parse_args(["testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "4000"])
+    assert args.delay_ms == cli.MAX_DELAY_MS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["testbed", "compare", "--down-trace", "12mbps", "--delay-ms", "nan"])
+    assert "expected a finite number" in capsys.readouterr().err
+
+
+def test_the_bound_is_the_commands_not_the_emulators():
+    """`demo` and `bench emulator` build testbeds with delays up to their own 10 s bound."""
+    DirectionConfig("12mbps", 10_000.0).validate()
+
+
+def test_a_trace_with_a_gap_no_run_survives_is_refused(tmp_path, monkeypatch, capsys):
+    """One delivery opportunity per 10 minutes ran ~32 s and failed with "no answer before the deadline"."""
+    gap = tmp_path / "gap.trace"
+    gap.write_text("600000\n")
+    with pytest.raises(TraceError, match=r"600 s without a delivery opportunity, at most 30 s"):
+        emulator.check_trace_gaps(str(gap))
+    inner = tmp_path / "inner.trace"
+    inner.write_text("1\n2\n40003\n40004\n")  # a gap between two opportunities
+    with pytest.raises(TraceError, match=r"40\.001 s without"):
+        emulator.check_trace_gaps(str(inner))
+    with pytest.raises(TraceError, match=r"30\.076 s without"):  # a fixed rate below 400 bit/s has them too
+        emulator.check_trace_gaps("399bps")
+
+
+@pytest.mark.parametrize("command", ["compare", "up", "kv"])
+@pytest.mark.parametrize("option", ["--down-trace", "--up-trace"])
+def test_the_testbed_commands_refuse_a_gap_no_run_survives_before_building_anything(command, option, tmp_path,
+                                                                                      monkeypatch, capsys):
+    gap = tmp_path / "gap.trace"
+    gap.write_text("600000\n")
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(topology.Testbed, "__init__", _no_testbed)
+    paths = {"--down-trace": "12mbps", "--up-trace": "12mbps", option: str(gap)}
+    assert main(["testbed", command, *(w for kv in paths.items() for w in kv)]) == 2
+    err = capsys.readouterr().err
+    assert f"{gap}: 600 s without a delivery opportunity" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gaps_up_to_the_limit_and_the_shared_cellular_traces_are_accepted(tmp_path):
+    edge = tmp_path / "edge.trace"
+    edge.write_text(f"{emulator.MAX_TRACE_GAP_MS}\n")
+    emulator.check_trace_gaps(str(edge))
+    emulator.check_trace_gaps("400bps")
+    for path in glob.glob("/work/shared/traces/*.down") + glob.glob("/work/shared/traces/*.up"):
+        emulator.check_trace_gaps(path)  # (their longest gap: 11.6 s)
+    DirectionConfig("399bps").validate()  # demo and library callers: their own bounds
+
+
+# -- 5. the emulator's owner dies under a reply ------------------------------------------------------------------
+def test_the_emulator_stops_quietly_when_its_owner_is_gone_before_a_reply(tmp_path):
+    """The BrokenPipeError of reply() escaped: "Task exception was never retrieved" and a traceback on stderr."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    cfg = EmulatorConfig(down=DirectionConfig("12mbps"), up=DirectionConfig("12mbps")).to_json()
+    fds = [pairs[0][0].fileno(), pairs[1][0].fileno()]
+    err = tmp_path / "emulator.stderr"
+    try:
+        with open(err, "w") as err_fh:
+            proc = subprocess.Popen([sys.executable, "-m", "tokenwire.testbed.emulator", cfg, *map(str, fds)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_fh, pass_fds=fds,
+                                    env={**os.environ, "TOKENWIRE_EMULATOR_RT": "0"})
+        assert proc.stdin is not None and proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["ready"]
+        proc.stdout.close()  # the owner's end: gone, as when it is killed
+        proc.stdin.write(b"stats\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0  # it stops (the next command would never come)
+        proc.stdin.close()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert err.read_text() == ""
+
+
+# -- 6. a progress line for large traces --------------------------------------------------------------------------
+def test_a_large_trace_is_announced_once_on_stderr(tmp_path, monkeypatch, capsys):
+    big, small = tmp_path / "big.trace", tmp_path / "small.trace"
+    big.write_text("1\n" * 1000)
+    small.write_text("1\n")
+    monkeypatch.setattr(cli, "LARGE_TRACE_BYTES", 1000)
+    cli.note_large_traces(str(big), str(big), str(small), "12mbps", None, str(tmp_path / "missing"))
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"reading trace {big} (0 MB)...\n"
+
+
+def test_compare_announces_a_large_trace_before_parsing_it(tmp_path, monkeypatch, capsys):
+    """A 20-million-line trace: nothing printed for 18-26 s before "[1/1]"."""
+    big = tmp_path / "big.trace"
+    big.write_text("1\n" * 1000)
+    monkeypatch.setattr(cli, "LARGE_TRACE_BYTES", 1000, raising=False)
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(topology.Testbed, "__init__", _no_testbed)
+    assert main(["testbed", "compare", "--down-trace", str(big), "--tokens", "0"]) == 2  # stopped after it
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"reading trace {big} (0 MB)..." and "--tokens" in err[1]
+
+
+# -- 7. the testbed's --seed takes what predictor collect takes -------------------------------------------------
+@pytest.mark.parametrize("command", ["compare", "up", "kv", "swiftqueue"])
+def test_the_testbed_seed_is_an_integer_from_0_like_predictor_collect(command, capsys):
+    from tokenwire.daemon.cli import build_parser
+
+    parser = build_parser()  # the parser alone: a seed accepted would otherwise run the command
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["testbed", command, "--down-trace", "12mbps", "--seed", "-1"])
+    assert info.value.code == 2
+    assert "--seed: -1 is negative; seeds are integers >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predictor", "collect", "--seed", "-1"])
+    assert "--seed: -1 is negative; seeds are integers >= 0" in capsys.readouterr().err
+    assert parser.parse_args(["testbed", command, "--down-trace", "12mbps", "--seed", "0"]).seed == 0
