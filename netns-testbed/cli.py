@@ -558,13 +558,11 @@ def write_results(summary: dict[str, Any], args: argparse.Namespace, plot: Calla
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, CompareError, run_compare
+    from tokenwire.daemon.cli import save_json
+
+    from .compare import CompareConfig, CompareError, describe_partial, run_compare
     from .netns import TestbedError, check_root
 
-    try:
-        check_root()
-    except TestbedError as exc:
-        raise CLIError(str(exc)) from None
     require_plotting(args)
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     cfg = CompareConfig(
@@ -574,6 +572,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )  # fmt: skip
     note_large_traces(cfg.down_trace, cfg.up_trace)
     validate(cfg.validate, crossable(cfg.down_trace, cfg.up_trace))
+    try:  # after the arguments' checks: without root, a wrong argument was reported as "needs root"
+        check_root()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
     tty = sys.stderr.isatty()
     started = time.monotonic()
     last_line = [0.0]
@@ -594,9 +596,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
             last_line[0] = now
             print(line, file=sys.stderr, flush=True)
 
+    def keep_partial(doc: dict[str, Any]) -> None:
+        """A failure or an interrupt after finished runs: they are written, marked "complete": false, not lost."""
+        if tty:
+            print(file=sys.stderr)  # off the progress line
+        if not args.json:
+            print(f"testbed compare: {describe_partial(doc)}; not saved (no --json)", file=sys.stderr, flush=True)
+            return
+        save_json(args.json, doc, indent=1)
+        print(f'testbed compare: {describe_partial(doc)}; wrote them to {args.json} ("complete": false)',
+              file=sys.stderr, flush=True)
+
     try:
         with sigterm_as_ctrl_c():
-            summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log)
+            summary, runs = run_compare(cfg, workdir=args.keep, progress=progress, log=log, on_partial=keep_partial)
     except (CompareError, TestbedError, ChildError) as exc:
         raise CLIError(str(exc)) from None
     if tty:

@@ -156,7 +156,8 @@ def _watching_emulator(tb: Testbed, scheme: str, seed: int) -> Iterator[list[Exi
         return
 
     def failure(status: int) -> CompareError:
-        return CompareError(f"testbed: link emulator exited ({exit_status(status)}) during {scheme} seed {seed}")
+        return CompareError(f"testbed: link emulator exited ({exit_status(status)}) during {scheme} seed {seed}"
+                            f"{tb.emulator_failure()}")
 
     watch = ExitWatch(emulator, failure)
     try:
@@ -189,7 +190,9 @@ def _run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str, progre
     srv_out = os.path.join(workdir, f"{tag}.server.json")
     cli_out = os.path.join(workdir, f"{tag}.client.json")
     kept = scratch is None  # the folder outlives the run (--keep): an endpoint's error names its stderr file
-    with (Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch) as tb,
+    emulator_stderr = os.path.join(workdir, f"{tag}.emulator.stderr")
+    with (Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch,
+                  emulator_stderr=emulator_stderr) as tb,
           _watching_emulator(tb, scheme, seed) as watches):
         if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
             start_cross(tb, cfg.cross, cfg.run_timeout() + 60)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .child import LineReader
+from .child import LineReader, last_error_line
 from .emulator import EmulatorConfig
 from .netns import (
     NamespaceExists,
@@ -80,7 +80,8 @@ class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, config: EmulatorConfig | None = None, *, run_id: str | None = None,
-                 backend: str = "auto", ready_timeout: float | None = None, scratch: str | None = None) -> None:
+                 backend: str = "auto", ready_timeout: float | None = None, scratch: str | None = None,
+                 emulator_stderr: str | None = None) -> None:
         if backend not in ("auto", "userspace", "kernel"):
             raise ValueError(f"backend must be auto, userspace or kernel, not {backend!r}")
         self.prefer_backend = backend
@@ -106,6 +107,9 @@ class Testbed:
         # the caller's temporary folder (logs, results): listed in the run's state so that `testbed down`
         # removes it after a crash (SIGKILL) that left the caller no chance to
         self.scratch = scratch
+        # a file for the emulator's stderr: its traceback went to the terminal, ahead of an error line without
+        # the cause ("emulator exited (status 1)"); the error now ends with its last line (emulator_failure)
+        self.emulator_stderr = emulator_stderr
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -180,10 +184,11 @@ class Testbed:
                 str(fd_cli)]
 
     def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
-        self.emulator = subprocess.Popen(
-            self._emulator_argv(fd_srv, fd_cli), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            pass_fds=(fd_srv, fd_cli), start_new_session=True, text=True, bufsize=1,
-        )  # fmt: skip
+        with open(self.emulator_stderr, "ab") if self.emulator_stderr else contextlib.nullcontext() as err:
+            self.emulator = subprocess.Popen(
+                self._emulator_argv(fd_srv, fd_cli), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                pass_fds=(fd_srv, fd_cli), start_new_session=True, text=True, bufsize=1,
+            )  # fmt: skip
         assert self.emulator.stdout is not None
         self._emu_lines = LineReader(self.emulator.stdout)
         if self._state is not None:  # recorded while it loads its traces: `testbed down` and `up --detach` see it
@@ -207,8 +212,19 @@ class Testbed:
         if line is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)  # its stdout closed as it exited: the status follows at once
-            raise TestbedError(f"emulator exited (status {proc.poll()})")
+            raise TestbedError(f"emulator exited (status {proc.poll()}){self.emulator_failure()}")
         return json.loads(line)
+
+    def emulator_failure(self) -> str:
+        """``": <its last error line>"`` from the emulator's stderr file (``emulator_stderr``), or ""."""
+        if self.emulator_stderr is None:
+            return ""
+        try:
+            with open(self.emulator_stderr, errors="replace") as fh:
+                line = last_error_line(fh.read())
+        except OSError:
+            return ""
+        return f": {line}" if line else ""
 
     def command(self, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
         """Send one control command to the emulator and return its JSON answer."""

@@ -297,6 +297,19 @@ def test_a_refused_run_leaves_no_folder_made_for_its_plot(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_wrong_compare_argument_is_named_without_root_too(monkeypatch, capsys):
+    """Root was checked first: a user without it was told "needs root" about a wrong --tokens (and the test above
+    failed for them: `make test` is documented to pass root or not)."""
+    from tokenwire.testbed import netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert main(["testbed", "compare", "--down-trace", "12mbps", "--tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "needs root" not in err
+    assert main(["testbed", "compare", "--down-trace", "12mbps", "--tokens", "5"]) == 2  # (right: then root)
+    assert "needs root" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------- 7. --version
 def test_version_prints_the_installed_version(capsys):
     with pytest.raises(SystemExit) as done:
@@ -418,3 +431,25 @@ def test_an_empty_kv_string_is_refused_not_the_default(tmp_path, key, words):
     """`[kv] listen = ""` and `directory = ""` silently meant their defaults, while `metrics.listen = ""` is off."""
     with pytest.raises(ConfigError, match=words):
         load_config(_config(tmp_path, f'[kv]\n{key} = ""\n'))
+
+
+def test_compare_writes_the_finished_runs_it_is_handed_when_it_stops(tmp_path, monkeypatch, capsys):
+    """A failure or Ctrl-C after finished runs lost them all (no --json): the CLI writes what run_compare hands over
+    (``on_partial``), marked "complete": false, and still fails."""
+    from tokenwire.testbed import compare, netns
+
+    doc = {"complete": False, "runs_finished": [{"scheme": "chatterbox", "seed": 0}],
+           "runs_missing": [{"scheme": "stream", "seed": 0, "why": "interrupted"}],
+           "stopped_at": {"scheme": "stream", "seed": 0}}
+
+    def stopped(cfg, *, on_partial, **kwargs):
+        on_partial(doc)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(compare, "run_compare", stopped)
+    out = tmp_path / "c.json"
+    assert main(["testbed", "compare", "--down-trace", "12mbps", "--tokens", "5", "--json", str(out)]) == 130
+    assert json.loads(out.read_text()) == doc
+    assert ('1 of 2 runs finished (stopped at stream seed 0); wrote them to ' f'{out} ("complete": false)'
+            in capsys.readouterr().err)

@@ -41,6 +41,9 @@ class _EmulatorTestbed:
         self.children: list[subprocess.Popen] = []
         self.emulator: subprocess.Popen | None = None
 
+    def emulator_failure(self) -> str:
+        return ""  # (a SIGKILL leaves no error line)
+
     def __enter__(self) -> _EmulatorTestbed:
         self.emulator = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                                          stdin=subprocess.PIPE)
@@ -271,3 +274,16 @@ def test_a_complete_runs_json_says_complete(monkeypatch, tmp_path):
     assert set(summary) == {"schemes", "comparison", "oracle", "config", "backend", "backend_reason",
                             "base_delay_ms", "complete"}
     assert [len(rs) for rs in runs.values()] == [2, 2]
+
+
+def test_the_emulators_error_line_comes_from_its_stderr_file(tmp_path):
+    """The emulator's traceback went to the terminal and the error said only "emulator exited (status 1)": its
+    stderr goes to a file, and the error ends with the file's last error line."""
+    from tokenwire.testbed.topology import Testbed
+
+    err = tmp_path / "emulator.stderr"
+    err.write_text('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+                   "tokenwire.testbed.trace.TraceError: tm.trace: no such trace file\n")
+    assert Testbed(emulator_stderr=str(err)).emulator_failure() == ": TraceError: tm.trace: no such trace file"
+    assert Testbed(emulator_stderr=str(tmp_path / "none")).emulator_failure() == ""
+    assert Testbed().emulator_failure() == ""
