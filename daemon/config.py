@@ -63,16 +63,37 @@ class TokenEntry:
 @dataclass(frozen=True)
 class AuthConfig:
     tokens: tuple[TokenEntry, ...] = ()
+    # the file says `[auth] tokens = []`: no token, on purpose. A reload may switch token authentication off only
+    # so (a file truncated before its [[auth.tokens]] tables, mid-write, had opened the daemon to anyone)
+    declared_none: bool = field(default=False, compare=False)
+    # the entries by digest (the first of a digest listed twice): one lookup per presented token, where a scan
+    # hashed the token once per entry (17.7 ms of event loop per wrong token at 10,000 tokens)
+    _by_digest: dict[str, TokenEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_digest: dict[str, TokenEntry] = {}
+        for e in self.tokens:
+            by_digest.setdefault(e.sha256, e)
+        object.__setattr__(self, "_by_digest", by_digest)
 
     @property
     def required(self) -> bool:
         return bool(self.tokens)
 
+    def by_digest(self, sha256: str) -> TokenEntry | None:
+        """The entry of the token whose SHA-256 hex digest is ``sha256``, or None."""
+        return self._by_digest.get(sha256)
+
     def entry(self, token: str | None) -> TokenEntry | None:
-        """The entry ``token`` matches, or None when it is missing or wrong."""
+        """The entry ``token`` matches, or None when it is missing or wrong.
+
+        Timing: the lookup compares the presented token's SHA-256 digest with the stored digests, never the token
+        itself, so how long it takes tells at most how much of the digest of a guess matches a stored digest, which
+        brings an attacker no closer to a token (finding an input with a given digest prefix is a preimage search).
+        The scan it replaces was not constant-time either: it stopped at the first match."""
         if token is None:
             return None
-        return next((e for e in self.tokens if e.matches(token)), None)
+        return self._by_digest.get(hash_token(token))
 
     def principal(self, token: str | None) -> str | None:
         """The name of the token's owner, or None when it is missing or wrong."""
@@ -242,8 +263,14 @@ class _Section:
             raise ConfigError(f"{self._k(key)}: expected one of {', '.join(choices)}, got {v!r}")
         return v
 
-    def path(self, key: builtins.str, base: Path | None, must_exist: builtins.bool = True) -> Path | None:
+    def path(self, key: builtins.str, base: Path | None, must_exist: builtins.bool = True,
+             empty_hint: builtins.str | None = None) -> Path | None:
+        """The path at ``key`` (relative: to ``base``, the config file's folder). ``empty_hint``: "" is refused,
+        these words saying what leaving the key out does; None: "" means unset (as [marking] model = "" does)."""
         v = self.str(key, None)
+        if v == "" and empty_hint is not None:
+            # "" silently meant unset: server.client_ca = "" let in clients without a certificate (fails open)
+            raise ConfigError(f"{self._k(key)}: expected a file path, got '' ({empty_hint})")
         if v is None or v == "":
             return None
         p = Path(v)
@@ -274,22 +301,29 @@ def parse_addr(text: str, where: str) -> tuple[str, int]:
     return host or "::", int(port)
 
 
-def _server(t: Any, base: Path | None) -> ServerConfig:
+_SELF_SIGNED = "leave both server.certificate and server.private_key out for an ephemeral self-signed certificate"
+
+
+def _server(t: Any, base: Path | None, tls_may_be_missing: bool = False) -> ServerConfig:
+    """[server]. ``tls_may_be_missing``: a reload's read, where a TLS file missing (mid-renewal) is the TLS
+    reload's to report, the running files kept, not a reason to refuse the tokens and limits beside it."""
     s = _Section("server", t, ("listen", "certificate", "private_key", "client_ca", "congestion", "idle_timeout_s"))
     listen = s.get("listen", ["[::]:4433"])
     if isinstance(listen, str):
         listen = [listen]
     if not isinstance(listen, list) or not listen or not all(isinstance(x, str) for x in listen):
         raise ConfigError("server.listen: expected a list of 'host:port' strings")
-    cert = s.path("certificate", base)
-    key = s.path("private_key", base)
+    must_exist = not tls_may_be_missing
+    cert = s.path("certificate", base, must_exist, empty_hint=_SELF_SIGNED)
+    key = s.path("private_key", base, must_exist, empty_hint=_SELF_SIGNED)
     if (cert is None) != (key is None):
         raise ConfigError("server.certificate and server.private_key must be set together")
     return ServerConfig(
         listen=tuple(parse_addr(x, "server.listen") for x in listen),
         certificate=cert,
         private_key=key,
-        client_ca=s.path("client_ca", base),
+        client_ca=s.path("client_ca", base, must_exist,
+                         empty_hint="leave the key out for no client certificates; set, clients must present one"),
         congestion=s.str("congestion", "reno", ("reno", "cubic", "prague")) or "reno",
         idle_timeout_s=s.num("idle_timeout_s", 60.0, 1.0, 3600.0),
     )
@@ -322,6 +356,7 @@ def _auth(t: Any) -> AuthConfig:
     if not isinstance(raw, list):
         raise ConfigError("auth.tokens: expected an array of {name, sha256} tables")
     out: list[TokenEntry] = []
+    first_of: dict[str, int] = {}  # digest -> its first entry's index: a scan of `out` per entry was quadratic
     for i, item in enumerate(raw):
         e = _Section(f"auth.tokens[{i}]", item, ("name", "sha256"))
         name = e.str("name", None)
@@ -336,13 +371,14 @@ def _auth(t: Any) -> AuthConfig:
                 f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "
                 "`tokenwire config new-token`), never the token itself"
             )
-        first = next((j for j, t in enumerate(out) if t.sha256 == digest), None)
-        if first is not None:  # one token, two entries: the first one's name is the principal, the second dead
+        first = first_of.setdefault(digest, i)
+        if first != i:  # one token, two entries: the first one's name is the principal, the second dead
             raise ConfigError(f"auth.tokens[{i}].sha256: the same digest as auth.tokens[{first}] "
                               f"({out[first].name!r}): one token can have one name (a name may have several "
                               "tokens, e.g. while one is replaced)")
         out.append(TokenEntry(name, digest))
-    return AuthConfig(tuple(out))
+    # `tokens = []` written out (a key that is there, an empty array): no token on purpose (AuthConfig.declared_none)
+    return AuthConfig(tuple(out), declared_none="tokens" in s.table and not raw)
 
 
 def _limits(t: Any) -> Limits:
@@ -434,7 +470,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             if problem is not None:  # an unset variable is the upstream's to report, at each request
                 raise ConfigError(f"{where}.api_key_env: the key in ${key_env} {problem}")
             opts["api_key_env"] = key_env
-            key_file = s.path("api_key_file", base)
+            key_file = s.path("api_key_file", base, empty_hint="leave the key out for no key from a file")
             _check_api_key_file(key_file, f"{where}.api_key_file")
             opts["api_key_file"] = key_file
             models = s.get("models", {})
@@ -458,7 +494,7 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
                 if problem is not None:
                     raise ConfigError(f"{where}.extra_headers.{hname}: the value contains {problem}")
             opts["extra_headers"] = dict(headers)
-            ca_file = s.path("ca_file", base)
+            ca_file = s.path("ca_file", base, empty_hint="leave the key out to trust the system's CAs")
             if ca_file is not None:
                 if not url.startswith("https://"):
                     raise ConfigError(f"{where}.ca_file: only for an https:// base_url, got {url!r}")
@@ -648,14 +684,15 @@ def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...
     return tuple(out)
 
 
-def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
-    """Validate an already-parsed TOML document."""
+def parse_config(data: dict[str, Any], path: Path | None = None, *, tls_may_be_missing: bool = False) -> Config:
+    """Validate an already-parsed TOML document. ``tls_may_be_missing``: a reload's read (see :func:`_server`)."""
     top = _Section(
         "", data, ("server", "auth", "limits", "logging", "metrics", "ingest", "upstreams", "routes", "marking",
          "kv")
     )
+    # relative paths: to the folder of the file as it was named (not resolved: a symlinked file's own folder)
     base = path.parent if path is not None else None
-    server = written_server = _server(top.get("server", {}), base)
+    server = written_server = _server(top.get("server", {}), base, tls_may_be_missing)
     marking = parse_marking(top.get("marking", {}), base, _Section, ConfigError)
     server_table = top.get("server", {})
     cc = effective_congestion(marking, server_table.get("congestion") if isinstance(server_table, dict) else None,
@@ -858,22 +895,29 @@ def _check_udp_listeners(listen: tuple[tuple[str, int], ...], kv_listen: tuple[s
 RESTART_SECTIONS = ("server", "metrics", "ingest", "upstreams", "routes", "marking", "kv")
 
 
-def restart_changes(old: Config, new: Config) -> list[str]:
-    """The sections changed in ``new`` that a reload cannot apply (a restart does).
-
-    Compares what the operator wrote: ``server.congestion`` derived from ``[marking]`` is [marking]'s change.
-    """
-    changed = []
+def restart_sections(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """Each section a reload cannot apply as (name, running, new), as compared: what the operator wrote of
+    [server] (``server.congestion`` derived from ``[marking]`` is [marking]'s change). [kv] and [marking] are left
+    out while off on both sides: a tweak of a channel that is off changes nothing a restart would start, and
+    "changes to kv need a restart" said otherwise."""
+    out: list[tuple[str, Any, Any]] = []
     for name in RESTART_SECTIONS:
         a, b = getattr(old, name), getattr(new, name)
         if name == "server":
             a, b = old.server_as_written or a, new.server_as_written or b
-        if a != b:
-            changed.append(name)
-    return changed
+        if name in ("kv", "marking") and not a.enabled and not b.enabled:
+            continue
+        out.append((name, a, b))
+    return out
 
 
-def _missing(path: Path) -> bool:
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The sections changed in ``new`` that a reload cannot apply (a restart does); by key:
+    :func:`tokenwire.daemon.reload_decisions.restart_settings`."""
+    return [name for name, a, b in restart_sections(old, new) if a != b]
+
+
+def path_missing(path: Path) -> bool:
     """Whether nothing is at ``path``. A folder on the way that cannot be entered (/etc/tokenwire is 0750
     root:tokenwire) may hide a file: not missing, so reading it says why. ``Path.exists`` raised
     PermissionError there (Python 3.11); newer ones may return False, silently the defaults."""
@@ -886,12 +930,19 @@ def _missing(path: Path) -> bool:
     return False
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults)."""
+def _has_setting(value: Any) -> bool:
+    """Whether a parsed TOML value sets anything: a key with a value, not only (nested) table headers."""
+    return not isinstance(value, dict) or any(_has_setting(v) for v in value.values())
+
+
+def load_config(path: str | Path | None = None, *, tls_may_be_missing: bool = False) -> Config:
+    """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults).
+    ``tls_may_be_missing``: a reload's read: a TLS file missing at its path is the TLS reload's to report (the
+    running files kept), not a refusal of the whole file (a token revoked in the same SIGHUP stayed valid)."""
     if path is None:
         env = os.environ.get("TOKENWIRE_CONFIG") or None  # set but empty: as if unset (the defaults)
         path = Path(env) if env else DEFAULT_PATH
-        if env is None and _missing(path):
+        if env is None and path_missing(path):
             return parse_config({}, None)
     p = Path(path)
     try:
@@ -907,14 +958,25 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        # `tokens = [...]` (or `tokens = []`) with [[auth.tokens]] tables after it: the parser's words alone
+        # ("Cannot mutate immutable namespace") did not say that the two forms cannot be mixed
+        hint = (" (an array written as `key = [...]` cannot be extended by [[...]] tables: write each entry as a "
+                "[[...]] table, as `tokenwire config new-token` prints them)"
+                if "immutable namespace" in str(exc) else "")
+        raise ConfigError(f"{p}: not valid TOML: {exc}{hint}") from None
     except RecursionError:  # arrays or inline tables nested thousands deep: a traceback, or a reload's escape
         raise ConfigError(f"{p}: not valid TOML: nested too deeply") from None
     except MemoryError:  # the machine's problem, not the file's
         raise
     except Exception as exc:  # tomllib lets others out too (an integer of 5000 digits: a bare ValueError)
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    if not _has_setting(data):
+        # an empty or comment-only file was every default: a SIGHUP that read one truncated by an in-place rewrite
+        # dropped every auth token and reset the limits, and a start ran open on [::]:4433
+        raise ConfigError(f"{p}: no setting in it (the file is empty, or holds only comments or table headers): "
+                          "refused rather than run on every default. A file being written? Write it beside this "
+                          "one and rename it into place")
     try:
-        return parse_config(data, p)
+        return parse_config(data, p, tls_may_be_missing=tls_may_be_missing)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None

@@ -175,8 +175,9 @@ def run_check(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise CLIError(f"{args.path}: server.certificate / server.private_key: {exc}") from None
         certificate = f"{cfg.server.certificate} ({certificate_summary(quic.certificate)})"
-        if "EXPIRED" in certificate:
-            print(f"warning: server.certificate: {certificate}", file=sys.stderr)
+        ending = _certificate_ending(quic.certificate)
+        if ending is not None:  # the daemon's own rule (certificates.warn_if_expiring): only EXPIRED was a warning
+            print(f"warning: server.certificate: {certificate}{ending}", file=sys.stderr)
     if cfg.server.client_ca is not None:  # loaded now too: the daemon would refuse to start
         from .certificates import client_verifier
         from .startup import StartupError
@@ -226,6 +227,23 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  kv: udp/{addr(*kv.listen)}; store {store} ({kv.capacity_bytes >> 20} MiB); chunks of "
               f"{kv.chunk_tokens} tokens; ingest socket {sock}")
     return 0
+
+
+def _certificate_ending(cert: Any) -> str | None:
+    """What the warning on a server certificate that has expired or ends within CERT_WARN_DAYS adds after its
+    summary, or None for one that does not: the daemon warns at start and reload within 14 days of the end, and
+    `config check` was silent about one ending in 3."""
+    import datetime
+
+    from .certificates import CERT_WARN_DAYS
+
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if left > datetime.timedelta(days=CERT_WARN_DAYS):
+        return None
+    if left.total_seconds() <= 0:
+        return ": clients refuse an expired certificate (renew it, then SIGHUP the daemon)"
+    soon = f"in {left.days} day{'s' if left.days != 1 else ''}" if left.days else "within a day"
+    return f": it ends {soon}; clients will refuse it then (renew it, then SIGHUP the daemon)"
 
 
 def _redis_missing() -> str | None:

@@ -1,6 +1,7 @@
 """SIGHUP's decisions, without I/O: what a reload applies of a new configuration (auth tokens, limits and
-logging), what it leaves for a restart, at which log level it announces itself, whether each authorized
-connection keeps its authorization under the new tokens, and the warning a reload that removes the last token logs.
+logging), what it leaves for a restart (by key, and STATUS's "restart pending" note), at which log level it
+announces itself, whether each authorized connection keeps its authorization under the new tokens, when a reload
+that would remove every token is refused, and the warning a reload that removes the last token on purpose logs.
 
 Split out of ``service.py``: :meth:`Daemon.reload <tokenwire.daemon.service.Daemon.reload>` reads the file,
 replaces the logging handlers, swaps the configuration in and takes up renewed TLS files (its I/O shell); what it
@@ -14,7 +15,7 @@ import dataclasses
 import logging
 from typing import NamedTuple
 
-from .config import AuthConfig, Config, TokenEntry, restart_changes
+from .config import AuthConfig, Config, Route, TokenEntry, UpstreamConfig, restart_changes, restart_sections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class ReloadPlan:
     transcript_retain_s: float
     announce_level: str  # the log level while the reload's own lines are logged; the new one follows
     changed: list[str] = dataclasses.field(default_factory=list)  # what it applies that differs: changed_settings
+    # the keys behind needs_restart (restart_settings): STATUS names them until a restart or a reload reverting them
+    restart_pending: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan_reload(running: Config, new: Config, log_format_override: str | None = None) -> ReloadPlan:
@@ -47,7 +50,90 @@ def plan_reload(running: Config, new: Config, log_format_override: str | None = 
         announce_level=min(running.logging.level, new.logging.level,
                            key=lambda lv: logging.getLevelName(lv.upper())),
         changed=changed_settings(running, applied),
+        restart_pending=restart_settings(running, new),
     )
+
+
+def auth_off_refusal(running: AuthConfig, new: AuthConfig) -> str | None:
+    """Why a reload to ``new`` is refused for switching token authentication off, or None. A reload that removes
+    every auth token must be meant: the new file must say ``tokens = []`` in its [auth] table. A file read while
+    it was being rewritten in place (truncated before the [[auth.tokens]] tables, which the README says to append
+    at its end) had dropped them all, and the daemon let in anyone; an [auth] header alone proves nothing (the
+    example has one near the top, the tables come last)."""
+    if not running.required or new.required or new.declared_none:
+        return None
+    n = len(running.tokens)
+    return (f"it has no auth token, where {n} {'is' if n == 1 else 'are'} in force: a reload does not switch token "
+            "authentication off unless the file says so with `tokens = []` in its [auth] table (a file being "
+            "written? write it beside this one and rename it into place)")
+
+
+def _differences(where: str, old: object, new: object) -> list[str]:
+    """The keys of one table (a dataclass) that differ, as ``where.key`` (the file's key names)."""
+    if not dataclasses.is_dataclass(old) or not dataclasses.is_dataclass(new):
+        return [where] if old != new else []
+    return [f"{where}.{_KEY_NAMES.get(f.name, f.name)}" for f in dataclasses.fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)]
+
+
+# fields held in other units than the file's keys ([kv] capacity_mb is KVConfig.capacity_bytes)
+_KEY_NAMES = {"capacity_bytes": "capacity_mb", "ingest_memory_bytes": "ingest_memory_mb"}
+
+
+def _upstream_differences(old: tuple[UpstreamConfig, ...], new: tuple[UpstreamConfig, ...]) -> list[str]:
+    """Upstreams matched by name (an upstream inserted above another is not a change of every key below it):
+    ``upstreams[i].key`` at its index in the new file, ``upstreams[i] (name) added``, ``upstreams (name)
+    removed``. Keys only, never values: base_url and extra_headers may hold credentials."""
+    before = {u.name: u for u in old}
+    out: list[str] = []
+    for i, u in enumerate(new):
+        was = before.get(u.name)
+        if was is None:
+            out.append(f"upstreams[{i}] ({u.name}) added")
+            continue
+        if was.type != u.type:
+            out.append(f"upstreams[{i}].type")
+        keys = dict.fromkeys([*was.options, *u.options])
+        out += [f"upstreams[{i}].{k}" for k in keys if was.options.get(k) != u.options.get(k)]
+    names = {u.name for u in new}
+    return out + [f"upstreams ({u.name}) removed" for u in old if u.name not in names]
+
+
+def _route_differences(old: tuple[Route, ...], new: tuple[Route, ...]) -> list[str]:
+    """Routes by index: their order is what they mean (the first match wins)."""
+    out: list[str] = []
+    for i in range(max(len(old), len(new))):
+        if i >= len(old):
+            out.append(f"routes[{i}] added")
+        elif i >= len(new):
+            out.append(f"routes[{i}] removed")
+        else:
+            out += _differences(f"routes[{i}]", old[i], new[i])
+    return out
+
+
+def restart_settings(running: Config, new: Config) -> list[str]:
+    """The settings of ``new`` that differ from ``running`` and need a restart, by key (``server.idle_timeout_s``),
+    as :func:`changed_settings` names what a reload applies: "changes to server, metrics need a restart" left the
+    operator to find which. [kv] and [marking] tweaks while off on both sides are none (config.restart_sections)."""
+    out: list[str] = []
+    for name, old, now in restart_sections(running, new):
+        if name == "upstreams":
+            out += _upstream_differences(old, now)
+        elif name == "routes":
+            out += _route_differences(old, now)
+        else:
+            out += _differences(name, old, now)
+    return out
+
+
+def restart_note(pending: list[str], shown: int = 6) -> str:
+    """The start of STATUS while settings on disk wait for a restart ("" when none): a reload that left some
+    unapplied said "reloaded; listening on ...", and `systemctl status` looked clean."""
+    if not pending:
+        return ""
+    more = f" and {len(pending) - shown} more" if len(pending) > shown else ""
+    return f"restart pending: {', '.join(pending[:shown])}{more} (see the log); "
 
 
 def _shown(value: object) -> str:
@@ -108,7 +194,8 @@ def recheck_token(auth: AuthConfig, token: TokenEntry | None, sent_sha256: str |
     # the server answers, so a reload adding that very token closed it "auth token revoked" on its next request
     # (which carried none). By the sent token's digest, it stays authorized as that token's owner.
     digest = token.sha256 if token is not None else sent_sha256
-    same = None if digest is None else next((t for t in auth.tokens if t.sha256 == digest), None)
+    # (a lookup: a scan per connection was connections x tokens of work on the event loop at each reload)
+    same = None if digest is None else auth.by_digest(digest)
     if same is not None:
         return TokenCheck(True, same)
     return TokenCheck(False, None, REVOKED if token is not None else NOW_REQUIRED)

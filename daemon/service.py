@@ -51,13 +51,20 @@ from tokenwire.transport.session_events import ConnectionEnded
 from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
 from .cli import printable, well_formed
-from .config import AuthConfig, Config, ConfigError, hash_token, load_config
+from .config import AuthConfig, Config, ConfigError, hash_token, load_config, path_missing
 from .connection import DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
-from .reload_decisions import NOW_REQUIRED, opened_auth_warning, plan_reload, recheck_token
+from .reload_decisions import (
+    NOW_REQUIRED,
+    auth_off_refusal,
+    opened_auth_warning,
+    plan_reload,
+    recheck_token,
+    restart_note,
+)
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics
@@ -189,6 +196,9 @@ class Daemon:
         self.draining = False
         self._handle_signals = False
         self.reload_note = ""  # the start of STATUS while the last reload's files were refused (status_line)
+        # settings the file changed that only a restart applies, by key (status_line): until a restart, or a reload
+        # of a file that reverts them
+        self.restart_pending: list[str] = []
         self._closing_start = False  # start() is being undone (a failure or a stop signal): run()'s signals wait
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
         self._drain_task: asyncio.Task[None] | None = None
@@ -517,7 +527,8 @@ class Daemon:
         files on disk are not what runs, which had vanished from the status 10 s after the reload), the
         listening addresses, then the load."""
         return (
-            f"{self.reload_note}listening on {self.listening()}; {self.established} sessions, "
+            f"{self.reload_note}{restart_note(self.restart_pending)}listening on {self.listening()}; "
+            f"{self.established} sessions, "
             f"{self.store.live_count} answers "
             f"running, {self.store.finished_count} retained"
         )
@@ -572,7 +583,12 @@ class Daemon:
 
     def _reload(self) -> tuple[str, bool]:
         try:
-            new = load_config(self.config.path)
+            # a TLS file missing (mid-renewal) is _reload_tls's to report, the running one kept: it refused the
+            # whole file, and a token revoked in the same SIGHUP stayed valid
+            new = load_config(self.config.path, tls_may_be_missing=True)
+            refusal = auth_off_refusal(self.config.auth, new.auth)  # (reload_decisions.py)
+            if refusal is not None:
+                raise ConfigError(f"{self.config.path}: {refusal}")
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.reload_note = "the last reload was refused (see the log); "
@@ -583,6 +599,10 @@ class Daemon:
             setup_logging(self.config.logging.level, logging_cfg.format)  # the new level once the reload is logged
         if plan.needs_restart:  # logged in the new format, as all that follows
             log.warning("reload: changes to %s need a restart and were not applied", ", ".join(plan.needs_restart))
+            # each key, as the applied ones are: the sections alone left the operator to find which
+            log.warning("reload: restart pending: %s (STATUS says so until a restart, or a reload that reverts "
+                        "them)", ", ".join(plan.restart_pending))
+        self.restart_pending = plan.restart_pending
         self._check_marking_model(new)
         running_auth = self.config.auth
         self.config = plan.config
@@ -592,7 +612,7 @@ class Daemon:
             running_auth, new.auth, certificates=self.client_verifier is not None,
             holding=sum(1 for p in self.protocols if p.authorized and p.token is not None))
         removed, now_required = self._recheck_auth(new.auth)
-        tls_ok = self._reload_tls()
+        tls_ok = self._reload_tls(new)
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
         # what changed, old and new (the whole [limits] as a Python repr said nothing of which setting had)
         log.info("reloaded: %d auth tokens; %s; logging %s/%s", len(new.auth.tokens),
@@ -648,9 +668,17 @@ class Daemon:
         self.model_check = loop.run_in_executor(None, self.marking.model_on_disk, model)
         self.model_check.add_done_callback(checked)
 
-    def _reload_tls(self) -> bool:
+    def _reload_tls(self, new: Config | None = None) -> bool:
         """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
-        a restart). One that cannot be used is logged and the running one kept; False then."""
+        a restart). One that cannot be used, or is missing, is logged and the running one kept; False then.
+        ``new``: the file's configuration, whose TLS files at other paths than the running ones are checked to
+        exist (a restart would fail without them; the reload read them leniently)."""
+        if new is not None:
+            for key in ("certificate", "private_key", "client_ca"):
+                path = getattr(new.server, key)
+                if path is not None and path != getattr(self.config.server, key) and path_missing(path):
+                    log.warning("reload: server.%s: %s does not exist: a restart would fail (the running TLS files "
+                                "serve until then)", key, path)
         configs: list[QuicConfiguration] = []  # those serving the certificate: none before the listeners open
         if self.config.server.certificate is not None and self._quic_config is not None:
             configs.append(self._quic_config)

@@ -192,7 +192,7 @@ def test_config_check_reports_marking_and_an_unusable_model(tmp_path, capsys):
     assert "marking: swiftqueue" in out
     assert "warning: marking.model" in err and "missing.onnx" in err and "l4s" in err
     off = tmp_path / "off.toml"
-    off.write_text("")
+    off.write_text('[marking]\npolicy = ""\n')
     assert main(["config", "check", str(off)]) == 0
     assert "marking: off" in capsys.readouterr().out
 

@@ -176,7 +176,7 @@ def _example_keys(text: str) -> dict[str, set[str]]:
 
     for raw in text.splitlines():
         line = raw.strip().lstrip("#").strip()
-        header = re.match(r"\[\[?([a-z_]+)\]\]?(\s|#|$)", line)
+        header = re.match(r"\[\[?([a-z_.]+)\]\]?(\s|#|$)", line)
         if header:
             close_block()
             section, block, kind = header.group(1), set(), None
@@ -408,6 +408,7 @@ def test_a_connection_whose_sending_fails_is_closed_alone_and_the_upstream_is_no
     class Session:
         def __init__(self):
             self.notified = 0
+            self.requests: dict = {}  # (none open: the close that follows has none to report again)
 
         def notify(self, sid):
             self.notified += 1
