@@ -34,12 +34,12 @@ def test_every_answer_of_every_session_is_delivered_and_verified(tmp_path: Path,
 
 
 def test_an_answer_the_daemon_refuses_is_lost_whole_and_named(tmp_path: Path):
-    """Three answers on a connection allowed two at a time: the third is refused, and the session's record says
+    """Three answers where the daemon generates two at a time: the third is refused, and the session's record says
     so instead of passing the two that arrived off as the whole run."""
     cafile, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     dev_cert().write(cafile, key)  # the benchmark's clients verify the daemon's certificate, as the CLI's do
     cfg = parse_config({"server": {"listen": ["127.0.0.1:0"], "certificate": str(cafile), "private_key": str(key)},
-                        "metrics": {"listen": ""}, "limits": {"max_requests_per_connection": 2}})
+                        "metrics": {"listen": ""}, "limits": {"max_live_answers": 2}})
 
     async def go():
         daemon = Daemon(cfg)

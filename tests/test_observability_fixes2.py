@@ -202,6 +202,13 @@ def test_every_request_ends_in_exactly_one_outcome():
     assert run(go(), 30) == {"completed": 1, "cancelled": 1, "lost": 0, "failed": 1, "refused": 2}
 
 
+def _close_as_a_lost_path(conn: Any) -> None:
+    """A CONNECTION_CLOSE without the resets of the open answers that the SDK's close sends first (which cancel
+    them): the daemon then sees the connection end under its answers, as when the path goes."""
+    conn._protocol._quic.close()
+    conn._protocol.transmit()
+
+
 def test_a_request_whose_connection_ends_is_lost_once():
     """Mid-answer, and with the whole answer sent but not confirmed by the client (the session reports no event for
     that one: the daemon counts it at the connection's end)."""
@@ -211,12 +218,14 @@ def test_a_request_whose_connection_ends_is_lost_once():
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 stream = conn.chat("x", max_tokens=500, params={"rate": 20})
                 await stream.__anext__()
+                _close_as_a_lost_path(conn)
             await until(lambda: not daemon.protocols, 10)
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 conn._protocol.client_session._fin = lambda stream_id: None  # its FIN after FINISHED never leaves
                 await conn.chat("x", max_tokens=3).collect()
                 (served,) = daemon.protocols
                 assert len(served.attached) == 1  # FINISHED sent, the client's confirmation not come
+                _close_as_a_lost_path(conn)
             await until(lambda: not daemon.protocols, 10)
             return {o: value(daemon, "tokenwire_requests_ended_total", {"outcome": o}) for o in REQUEST_OUTCOMES}
 

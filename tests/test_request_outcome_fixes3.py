@@ -111,7 +111,9 @@ def test_every_request_ends_once_and_the_started_ones_add_up_to_requests_total()
                     await conn.chat("x" * 2000, max_tokens=3).collect()
             async with connect("127.0.0.1", port, verify=False, timeout=5, auth_token=TOKEN) as conn:
                 stream = conn.chat("x", max_tokens=500, params={"rate": 20})
-                await stream.__anext__()  # lost: the connection ends mid-answer
+                await stream.__anext__()  # lost: the connection ends mid-answer (a close without the resets
+                conn._protocol._quic.close()  # a deliberate close sends: a path that went)
+                conn._protocol.transmit()
             await until(lambda: not daemon.protocols)
             demo = daemon.upstreams["demo"]
             daemon.upstreams["demo"] = _FailingUpstream()  # type: ignore[assignment]
@@ -253,23 +255,22 @@ def test_the_docs_say_which_closes_errors_total_counts_and_that_evictions_were_s
 
 # ------------------------------------------------------------------------------------- 3. the too-large refusal
 def test_a_request_too_large_names_limits_max_request_bytes_to_the_client_and_in_the_log(caplog):
-    async def go() -> tuple[str, str]:
+    async def go() -> str:
         async with serving(limits={"max_request_bytes": 1024, "max_requests_per_connection": 1}) as (_, port):
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 with pytest.raises(RemoteError) as large:
                     await conn.chat("x" * 2000, max_tokens=3).collect()
                 first = conn.chat("x", max_tokens=500, params={"rate": 20})
                 await first.__anext__()
-                with pytest.raises(RemoteError) as many:
-                    await conn.chat("x", max_tokens=3).collect()
+                second = conn.chat("x", max_tokens=3)  # past the limit: QUIC's stream limit holds it, not refused
                 await first.cancel()
-            return str(large.value), str(many.value)
+                assert await second.collect()
+            return str(large.value)
 
     with caplog.at_level(logging.DEBUG, logger="tokenwire.daemon"):
-        large, many = run(go(), 30)
+        large = run(go(), 30)
     assert re.search(r"request too large: stream frame of \d+ bytes exceeds the limit of 1024 "
                      r"\(limits\.max_request_bytes\)", large), large
-    assert "(limits.max_requests_per_connection)" in many, many
     logged = [r.getMessage() for r in caplog.records if "request too large" in r.getMessage()]
     assert logged and "(limits.max_request_bytes)" in logged[0], logged
 

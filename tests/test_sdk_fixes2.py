@@ -462,7 +462,7 @@ def test_chat_sync_takes_the_keyword_parameters_of_connect_and_chat():
     connect_params = inspect.signature(client_module.connect.__wrapped__).parameters  # type: ignore[attr-defined]
     chat_params = inspect.signature(client_module.Connection.chat).parameters
     expected = {n: p for n, p in [*connect_params.items(), *chat_params.items()]
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("keepalive", "resume")}
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert {n for n, p in sync.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} == set(expected)
     for name, param in expected.items():
         assert (sync[name].default, sync[name].annotation) == (param.default, param.annotation), name

@@ -45,6 +45,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from aioquic.quic.congestion.base import _factories as _congestion_factories
@@ -141,6 +142,31 @@ CONCURRENT_READ = ("a ChatStream is read by one task at a time, and another task
                    "(async for or collect()); read it there, and use stream.text once that task has read it whole")
 
 
+class _Reraise:
+    """Raises one stored error object as often as it is read, its traceback bounded.
+
+    Raised bare again and again (every read of a failed answer, every ``chat()`` on a closed connection), the one
+    object gathered the frames of every raise in its traceback: 1,000 reads, 3,000 frames, each holding its
+    frame's locals. The first raise starts from an empty traceback (an error every open answer shares may carry
+    another reader's); each later one shows its own frames on top of the first raise's, kept for debugging.
+    The same object each time: ``except`` clauses and ``is`` see the error the answer ended with.
+    """
+
+    __slots__ = ("_first", "_raised")
+
+    def __init__(self) -> None:
+        self._raised = False
+        self._first: TracebackType | None = None
+
+    def __call__(self, error: BaseException) -> BaseException:
+        if not self._raised:
+            self._raised = True
+            return error.with_traceback(None)
+        if self._first is None:
+            self._first = error.__traceback__  # the first raise's, as it unwound to where it was caught
+        return error.with_traceback(self._first)
+
+
 def check_congestion(name: str) -> None:
     """Refuse a congestion controller aioquic does not know (it would raise a bare Exception from inside the
     connection). The names are aioquic's registry: ``reno`` and ``cubic``, and tokenwire's ``prague``."""
@@ -183,6 +209,7 @@ class ChatStream:
         self.stream_id: int | None = None
         self._done = False
         self._failure: BaseException | None = None  # the error the answer ended with: every later read raises it
+        self._raise_failure = _Reraise()
         self._reader: asyncio.Task[Any] | None = None  # the task waiting for the next delta: one at a time
         self._on_started: list[Callable[[bytes], None]] = []
         if prefix:
@@ -250,7 +277,8 @@ class ChatStream:
     async def __anext__(self) -> str:
         if self._done:
             if self._failure is not None:
-                raise self._failure  # (it ended with an error: a later reader must not take its text for whole)
+                # (it ended with an error: a later reader must not take its text for whole)
+                raise self._raise_failure(self._failure)
             raise StopAsyncIteration
         if self._reader is not None:
             raise RuntimeError(CONCURRENT_READ)
@@ -265,7 +293,7 @@ class ChatStream:
         if isinstance(item, BaseException):
             self._done = True
             self._failure = item
-            raise item
+            raise self._raise_failure(item)
         return item
 
     async def collect(self) -> str:
@@ -315,6 +343,10 @@ class ClientProtocol(SessionProtocol):
         # aioquic ignores a close once one has begun (the server's, a protocol error's): only this one is ours
         if self._quic._close_event is None and not self.session.closed:
             self.closed_locally = True
+            # the application ends its open answers (they fail here with CANCELLED): the server must hear so, in
+            # the flight ahead of the close, or it keeps generating them for a client it takes for lost
+            if self.client_session.abandon_open():
+                self.transmit()
         super().close(*args, **kwargs)
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
@@ -353,6 +385,13 @@ class Connection:
     def __init__(self, protocol: ClientProtocol, auth_token: str | None) -> None:
         self._protocol = protocol
         self._auth = auth_token
+        self._raise_closed = _Reraise()
+
+    def _check_open(self) -> None:
+        """Raise why the connection ended, once it has: a new request cannot go out."""
+        error = self._protocol.close_error
+        if error is not None:
+            raise self._raise_closed(error)
 
     @property
     def closed(self) -> bool:
@@ -380,12 +419,13 @@ class Connection:
         request's ``max_tokens`` and ignores the resume's.
 
         An argument the protocol refuses raises ``ValueError`` naming it (``max_tokens: 0 out of range``); nothing
-        is sent and the connection lives on. A prompt over the limit of a request (1 MiB, counted in bytes of UTF-8
-        with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too."""
+        is sent and the connection lives on. A request past the server's limit of answers open at once (its
+        ``max_requests_per_connection``, which it gives as QUIC's stream limit) waits until one of them has ended,
+        then leaves: its stream's statistics count from then. A prompt over the limit of a request (1 MiB, counted
+        in bytes of UTF-8 with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
-        if self._protocol.close_error is not None:
-            raise self._protocol.close_error
+        self._check_open()
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         rid, prefix = resume if resume is not None else (None, [])
         request = Request(
@@ -404,8 +444,7 @@ class Connection:
         """Stream an existing answer by id (one an application opened through ingest) from its start, or after
         the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``). Needs the
         tokenwire daemon, which keeps answers by id; the SDK's ``serve()`` refuses an attach with NOT_FOUND."""
-        if self._protocol.close_error is not None:
-            raise self._protocol.close_error
+        self._check_open()
         prefix = list(held or [])
         request = Request(
             scheme=scheme,
@@ -531,19 +570,35 @@ def chat_sync(
     timeout: float = 10.0,
     ecn: bool | None = None,
     idle_timeout: float = 60.0,
+    keepalive: bool = False,
+    resume: tuple[bytes, list[bytes]] | None = None,
 ) -> ChatResult:
     """Blocking helper for scripts: one request on a connection of its own, the whole text and its statistics.
 
-    ``prompt`` and ``scheme`` .. ``params`` are :meth:`Connection.chat`'s, the rest :func:`connect`'s (named
-    here, so that a type checker sees a misspelt one, and Python's ``TypeError`` names ``chat_sync``). Raises
-    what they raise; runs its own event loop (``asyncio.run``), so it cannot be called from a coroutine.
+    ``prompt``, ``scheme`` .. ``params`` and ``resume`` are :meth:`Connection.chat`'s, the rest :func:`connect`'s,
+    every one of them (named here, so that a type checker sees a misspelt one, and Python's ``TypeError`` names
+    ``chat_sync``; a test holds the three signatures together). Raises what they raise. It runs its own event loop
+    (``asyncio.run``): called from a coroutine (a running loop in this thread), it raises ``RuntimeError`` at once
+    and sends nothing; use ``async with connect(...)`` and ``await conn.chat(...).collect()`` there.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass  # no loop running in this thread: asyncio.run can make one
+    else:
+        # before the coroutine exists: asyncio.run refused with its own words ("cannot be called from a running
+        # event loop"), which named neither chat_sync nor what to use, and left a "never awaited" RuntimeWarning
+        raise RuntimeError(
+            "chat_sync() cannot be called from a coroutine or a running event loop (it runs its own, with "
+            "asyncio.run); in async code use the async API: `async with connect(...) as conn:` and "
+            "`await conn.chat(...).collect()`")
 
     async def run() -> ChatResult:
         async with connect(host, port, server_name=server_name, cafile=cafile, cadata=cadata, verify=verify,
                            auth_token=auth_token, certfile=certfile, keyfile=keyfile, congestion=congestion,
-                           timeout=timeout, ecn=ecn, idle_timeout=idle_timeout) as conn:
-            stream = conn.chat(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params)
+                           timeout=timeout, ecn=ecn, idle_timeout=idle_timeout, keepalive=keepalive) as conn:
+            stream = conn.chat(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params,
+                               resume=resume)
             text = await stream.collect()
             assert stream.stats is not None
             return ChatResult(text, stream.stats)

@@ -110,6 +110,8 @@ class ClientSession(_SessionBase):
         # ping with no request open too: a connection kept across a chat's turns outlives a user who thinks
         # longer than the idle timeout (without it, both ends fall silent and the connection ends)
         self.keepalive = keepalive
+        # requests whose stream waits for the server's stream credit (its request limit): see _release_queued
+        self._queued: set[int] = set()
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
@@ -153,7 +155,32 @@ class ClientSession(_SessionBase):
         req.ack_source = _AckSource(req, lambda: self.ecn_counts() if self.ecn_counts is not None else None)
         self.requests[stream_id] = req
         self._send(stream_id, request)
+        if self._stream_blocked(stream_id):  # past the server's request limit: QUIC sends it once a slot frees
+            self._queued.add(stream_id)
         return stream_id
+
+    def _stream_blocked(self, stream_id: int) -> bool:
+        """Whether ``stream_id`` waits for the server's MAX_STREAMS (aioquic holds back a stream past the peer's
+        limit, nothing of it sent)."""
+        stream = self.quic._streams.get(stream_id)
+        return stream is not None and stream.is_blocked
+
+    def _on_peer_packet(self, now: float) -> None:
+        if self._queued:
+            self._release_queued(now)
+
+    def _release_queued(self, now: float) -> None:
+        """A queued request's time starts when the server's MAX_STREAMS lets it leave: its TTFT (and the REPORT the
+        daemon's client-side metrics read) is the server's and the path's, not the wait behind the application's
+        other answers, as when the application queues its chats itself; and the pings' backoff before the first
+        token counts from then."""
+        for sid in list(self._queued):
+            req = self.requests.get(sid)
+            if req is None or req.done:
+                self._queued.discard(sid)
+            elif not self._stream_blocked(sid):
+                self._queued.discard(sid)
+                req.request_time = now
 
     def cancel(self, stream_id: int) -> None:
         req = self.requests.pop(stream_id, None)
@@ -161,6 +188,30 @@ class ClientSession(_SessionBase):
             req.done = True
             self._fin(stream_id)
             self.scheduler.forget(req.ack_source)
+
+    def abandon_open(self) -> list[int]:
+        """Before this side closes the connection on purpose: reset every request stream still open (RESET_STREAM
+        CANCELLED), so that the server stops generating their answers, and return their ids. The driver sends the
+        resets before its CONNECTION_CLOSE (aioquic's close sends nothing else): a close alone reads to the server
+        as a lost connection, whose answers it keeps generating for a client that may come back to resume them (the
+        daemon, for limits.orphan_timeout_s), while the application had ended them. A stream still waiting for
+        the server's stream credit was never seen there: it gets a FIN behind its REQUEST, which the close keeps
+        from leaving (a reset would go out at once, past the server's stream limit, a protocol violation). Their
+        requests end here without an event: the driver fails them with its close."""
+        abandoned = []
+        for sid, req in list(self.requests.items()):
+            if req.done:
+                continue
+            req.done = True
+            self.scheduler.forget(req.ack_source)
+            if self._stream_blocked(sid):
+                self._fin(sid)  # (should it leave after all: a REQUEST with its FIN, a give-up before it began)
+            else:
+                self._reset_own_side(sid)
+            abandoned.append(sid)
+        self.requests.clear()
+        self._queued.clear()
+        return abandoned
 
     # -- protocol handling -------------------------------------------------------------------------
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:

@@ -273,6 +273,30 @@ class ValidatingQuicServer(QuicServer):
     issue_retry = False
     retry_handler: Any = None  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # set once the transport has let go of the listening socket (it closes it right after connection_lost, in the
+        # same callback): what wait_released waits for
+        self.socket_closed = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.socket_closed.set()
+
+    async def wait_released(self) -> None:
+        """After :meth:`close`, return once the listening socket is closed, so that its port can be bound again.
+
+        ``close()`` only schedules it (the transport closes the socket on a later loop turn, once its queued
+        datagrams, the connections' CONNECTION_CLOSEs, went out): a server closed and waited for, then started again
+        on the same port, failed with "Address already in use". Queued datagrams get :data:`SOCKET_FLUSH_S` to go
+        out, then are dropped, as a client's are (:func:`close_and_release`).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SOCKET_FLUSH_S):
+                await self.socket_closed.wait()
+        if not self.socket_closed.is_set() and self._transport is not None:
+            self._transport.abort()  # (what is still queued is dropped: the socket closes on the next loop turn)
+            await asyncio.sleep(0)  # that turn: the transport's close callback runs before this task resumes
+
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         self.choose_retry(data)
         super().datagram_received(data, addr)

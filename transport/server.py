@@ -35,14 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
 
 from .client import check_congestion
 from .errors import ErrorCode, RequestError
 from .frames import Request
 from .marking import MarkingPolicy
-from .quic_io import SessionProtocol, port_argument, serve_quic, tune_socket
+from .quic_io import SessionProtocol, ValidatingQuicServer, port_argument, serve_quic, tune_socket
 from .server_session import REQUEST_TIMEOUT_S, ServerSession
 from .session_events import (
     ConnectionEnded,
@@ -407,7 +406,7 @@ class TokenServer:
     marking: Callable[[], MarkingPolicy] | None = None  # per-connection ECN marking policy (ECN transport)
     stats: ServerStats = field(default_factory=ServerStats)
     protocols: set[ServerProtocol] = field(default_factory=set)
-    _quic_server: QuicServer | None = None
+    _quic_server: ValidatingQuicServer | None = None
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: list[asyncio.Task[None]] = field(default_factory=list, repr=False)  # sources close() cancelled
     _closing_protocols: list[ServerProtocol] = field(default_factory=list, repr=False)  # connections it closed
@@ -476,11 +475,14 @@ class TokenServer:
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` has been called and everything it stopped has stopped: no token source of
-        this server and no connection of it runs after this returns."""
+        this server and no connection of it runs after this returns, and its UDP socket is closed (a server
+        started on the same port at once can bind it)."""
         await self._closed.wait()
         # the sources' cleanup (their finally blocks), then each connection's QUIC closing period (3 PTO)
         await asyncio.gather(*self._stopping, return_exceptions=True)
         await asyncio.gather(*(p.wait_closed() for p in self._closing_protocols), return_exceptions=True)
+        if self._quic_server is not None:  # (close() only scheduled the socket's close)
+            await self._quic_server.wait_released()
 
     async def __aenter__(self) -> TokenServer:
         return self
@@ -515,6 +517,10 @@ async def serve(
     object, an exception) fails closed: the connection closes with INTERNAL and the request counts as failed
     (a verdict that is not a bool is logged once). With an async check, the requests that come before the first
     verdict are each checked, and any ``False`` closes the connection, answers already let in with it.
+
+    ``max_requests_per_connection``: the answers a connection may have open at once, advertised to its client as
+    QUIC's stream limit: the client's QUIC stack holds a request past it back until one of them has ended (a
+    queued request, not a refused one).
 
     ``request_timeout``: a request must have arrived whole this many seconds after its stream's first bytes, plus
     its size at 32 KiB/s (LIMIT_EXCEEDED otherwise; the daemon's ``limits.request_timeout_s``): a client that

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aioquic.quic.connection import QuicConnection
 
-from .errors import RemoteError, TokenwireError, known_code
+from .errors import ErrorCode, RemoteError, TokenwireError, known_code
 from .frames import Report, Request, Started
 from .session_outcome import ChatOutcome
 
@@ -122,12 +122,17 @@ def idle_timeout_in_force(quic: QuicConnection) -> float:
 def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = "connection",
                  awaiting: bool = True) -> RemoteError:
     """Why a connection ended, for the client's requests; the idle timer's close says what it means. With
-    nothing ``awaiting`` (a chat app between turns), neither end had anything to say: the server is not gone."""
+    nothing ``awaiting`` (a chat app between turns), neither end had anything to say: the server is not gone.
+
+    The idle timeout's error has code NO_ERROR and ``path_lost``: QUIC closes silently (RFC 9000, 10.1), so no
+    end sent a code, and none failed. aioquic reports its own timer as transport INTERNAL_ERROR (0x1), which maps
+    to no tokenwire code and so read as INTERNAL, "a failure of the server itself": an application dispatching on
+    the code took a network blip (or a chat left idle between turns) for a server bug."""
     if reason == AIOQUIC_IDLE_REASON:
         why = ("server or path gone" if awaiting else
                "no request was open, so neither end sent anything; connect again, or connect with keepalive=True")
         err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): {why}",
-                          code=known_code(error_code))
+                          code=ErrorCode.NO_ERROR)
         err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
         return err
     refused = handshake_refusal(error_code, reason)
