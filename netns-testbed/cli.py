@@ -385,10 +385,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         check_root()
     except Exception as exc:
         raise CLIError(str(exc)) from None
-    # a run whose state file cannot be read is seen by what its file still tells (a live owner of another
-    # version is left alone): it was re-read here without a guard, a traceback that also stopped the cleanup
-    # of every other crashed run
-    runs = [_salvaged(st) if st.info.get("unreadable_state") else st for st in list_runs()]
+    runs = _listed_runs(list_runs())
     if args.run_ids:
         wanted = set(args.run_ids)
         unknown = wanted - {r.run_id for r in runs}
@@ -506,11 +503,20 @@ def _remove_links(run_id: str) -> list[str]:
     return removed
 
 
+def _listed_runs(runs: list[Any]) -> list[Any]:
+    """``runs`` (:func:`.netns.list_runs`) with each run whose state file cannot be read seen by what its file still
+    tells (:func:`_salvaged`: a live owner, proven by pid and start time, of another version is left alone).
+    ``down`` re-read such a file without a guard, a traceback that also stopped the cleanup of every other crashed
+    run; and ``status`` judged the run by list_runs' owner pid 0 and called a live run CRASHED, while ``down``
+    saw its live owner and left it ("nothing to clean up"). Both commands list runs through this one function."""
+    return [_salvaged(st) if st.info.get("unreadable_state") else st for st in runs]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .netns import list_runs, netns_exists
 
     out: list[dict[str, Any]] = []
-    for st in list_runs():
+    for st in _listed_runs(list_runs()):
         out.append({
             "run_id": st.run_id, "backend": st.backend, "owner_pid": st.owner_pid,
             "owner_alive": st.owner_alive, "emulator_alive": st.emulator_alive,
@@ -529,6 +535,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{r['run_id']}  {state}  backend {r['backend']}  namespaces {names}")
         if r["unreadable_state"]:
             print(f"    its state file cannot be read ({r['unreadable_state']}): namespaces found by its id")
+            if r["owner_alive"]:  # (a plain `down` leaves it: say how it is stopped)
+                print(f"    its owner, pid {r['owner_pid']}, is alive: `tokenwire testbed down {r['run_id']}` "
+                      "stops it")
         else:
             print(f"    server {r['server_addr']}  client {r['client_addr']}")
         s = r["stats"]

@@ -354,7 +354,15 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 async def _serve_control(shell: EmulatorShell) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        await _answer_commands(shell, reader)
+    finally:  # also when cancelled (SIGTERM): an open pipe transport warned "unclosed transport" at exit
+        transport.close()
+
+
+async def _answer_commands(shell: EmulatorShell, reader: asyncio.StreamReader) -> None:
+    """Answer the owner's commands on ``reader`` until ``stop`` or EOF (see the module docstring)."""
 
     def reply(obj: dict[str, Any]) -> bool:
         """Answer the owner; False once it is gone (its end of the pipe closed: killed), which ends the service
@@ -418,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         shell.attach(loop)
         control = loop.create_task(_serve_control(shell))
         loop.run_until_complete(asyncio.wait([control, stop], return_when=asyncio.FIRST_COMPLETED))
+        # Stopped by SIGTERM, the control task still waits for a command: cancelled and awaited here, or it was
+        # destroyed pending after loop.close(), and "Task was destroyed but it is pending!" on stderr became the
+        # owner's reason for the emulator's exit.
+        control.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(control)
+        loop.run_until_complete(asyncio.sleep(0))  # the closed stdin transport's connection_lost callback
         shell.detach()
         try:
             sys.stdout.write(json.dumps({"stopped": True, **shell.stats()}) + "\n")
@@ -427,7 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shell.close()
         loop.close()
+    if stop.done():
+        _die_of(signal.SIGTERM)
     return 0
+
+
+def _die_of(signum: int) -> None:
+    """End the process by ``signum``'s default action, after the clean shutdown above: a SIGTERM'd emulator exited
+    0, as a stopped one does, and the owner reported "link emulator exited (status 0)" for a terminated one. Now
+    it reads "status -15: killed by SIGTERM" (``child.exit_status``); the normal ``stop`` still exits 0."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``testbed down`` over unreadable state files, cross-traffic rates too low to pace, atomic ``--plot`` files,
 absurd delays and trace gaps refused up front, the emulator's owner dying under a reply, a progress line for
-large traces, and the testbed's ``--seed`` as ``predictor collect`` takes it."""
+large traces, the testbed's ``--seed`` as ``predictor collect`` takes it, a SIGTERM'd emulator's quiet exit, and
+``status`` agreeing with ``down`` about runs whose state file cannot be read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +43,25 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespac
     monkeypatch.setattr(netns, "check_root", lambda: None)
     monkeypatch.setattr(netns, "remove_netns", lambda name: os.unlink(ns_dir / name))
     monkeypatch.setattr(cli, "_remove_links", lambda run_id: [], raising=False)  # (not in every version)
+    real_terminate = netns.terminate_pids
+
+    def only_ours(pids: list[int], timeout: float = 3.0) -> None:
+        """A defect (or a mutant) that takes a stranger's pid for an owner fails the test instead of signalling
+        that process: the hand-made files here name pid 1."""
+        strangers = [pid for pid in pids if _parent_of(pid) != os.getpid()]
+        assert not strangers, f"would signal processes this test did not start: {strangers}"
+        real_terminate(pids, timeout)
+
+    monkeypatch.setattr(netns, "terminate_pids", only_ours)
     return SimpleNamespace(state=state, ns=ns_dir)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _scratch() -> str:
@@ -422,3 +442,144 @@ def test_the_testbed_seed_is_an_integer_from_0_like_predictor_collect(command, c
         parser.parse_args(["predictor", "collect", "--seed", "-1"])
     assert "--seed: -1 is negative; seeds are integers >= 0" in capsys.readouterr().err
     assert parser.parse_args(["testbed", command, "--down-trace", "12mbps", "--seed", "0"]).seed == 0
+
+
+# -- 8. a SIGTERM'd emulator exits quietly, and says it was terminated ------------------------------------------
+def _start_emulator(err_fh: Any, pairs: list[tuple[socket.socket, socket.socket]],
+                    *python_flags: str) -> subprocess.Popen:
+    cfg = EmulatorConfig(down=DirectionConfig("12mbps"), up=DirectionConfig("12mbps")).to_json()
+    fds = [pairs[0][0].fileno(), pairs[1][0].fileno()]
+    proc = subprocess.Popen([sys.executable, *python_flags, "-m", "tokenwire.testbed.emulator", cfg, *map(str, fds)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_fh, pass_fds=fds,
+                            env={**os.environ, "TOKENWIRE_EMULATOR_RT": "0"})
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["ready"]
+    return proc
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "stop"])
+def test_a_stopped_or_terminated_emulator_leaves_nothing_on_stderr(how, tmp_path):
+    """SIGTERM mid-run (the owner's control pipe still open): the control task was left pending at loop.close(),
+    and "Task was destroyed but it is pending!" on the emulator's stderr became compare's reason for its exit
+    ("link emulator exited (status 0) ...: task: <Task pending ...>"). It now exits by SIGTERM (status -15,
+    "killed by SIGTERM" in the owner's error) after the same clean shutdown; a normal `stop` still exits 0.
+    ResourceWarnings shown: the stdin pipe transport was never closed ("unclosed transport")."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    err = tmp_path / "emulator.stderr"
+    try:
+        with open(err, "w") as err_fh:
+            proc = _start_emulator(err_fh, pairs, "-W", "always::ResourceWarning")
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"origin\n")  # a command answered first, as in a run
+        proc.stdin.flush()
+        assert "origin" in json.loads(proc.stdout.readline())
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.stdin.write(b"stop\n")
+            proc.stdin.flush()
+        status = proc.wait(timeout=60)  # stdin still open: the pipe's EOF does not end it
+        final = json.loads(proc.stdout.readline())
+        proc.stdin.close()
+        proc.stdout.close()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert final["stopped"] is True  # its final stats, in either case
+    assert err.read_text() == ""
+    assert status == (-signal.SIGTERM if how == "SIGTERM" else 0)
+
+
+@needs_root
+def test_a_testbeds_emulator_terminated_mid_run_leaves_no_false_cause(tmp_path, monkeypatch):
+    """Through a real testbed: the owner's error ends with the emulator's last stderr line (emulator_failure),
+    which was the asyncio task line; and the teardown after it still removes the namespaces."""
+    monkeypatch.setattr(netns, "STATE_DIR", str(tmp_path / "state"))
+    run_id = f"tw5b1b{secrets.token_hex(1)}"  # (this file's prefix: tw5b1b)
+    err = tmp_path / "emulator.stderr"
+    with topology.Testbed(EmulatorConfig(), run_id=run_id, backend="userspace", emulator_stderr=str(err)) as tb:
+        assert tb.emulator is not None
+        tb.origin()
+        tb.emulator.send_signal(signal.SIGTERM)
+        assert tb.emulator.wait(timeout=60) == -signal.SIGTERM
+        assert tb.emulator_failure() == "" and err.read_text() == ""
+    assert not any(netns.netns_exists(ns) for ns in (tb.server_ns, tb.client_ns))
+
+
+# -- 9. `status` and `down` agree about a run whose state file cannot be read -------------------------------------
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_status_shows_a_live_run_with_an_unreadable_state_file_as_running(fake_host, capsys):
+    """The owner is alive and provably the writer (pid and start time): `status` said "CRASHED (clean with
+    `tokenwire testbed down`)" from list_runs' owner pid 0, and `down` then said "nothing to clean up"."""
+    owner = _sleeper()
+    try:
+        (fake_host.state / "tw5b1b01.json").write_text(json.dumps(
+            {"run_id": "tw5b1b01", "owner_pid": owner.pid, "owner_start": netns.start_time(owner.pid),
+             "namespaces": [], "newer_key": 1, "info": {}}))
+        (fake_host.ns / "tw5b1b01-srv").write_text("")
+
+        assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "tw5b1b01  running  backend userspace  namespaces tw5b1b01-srv"
+        assert lines[1].startswith("    its state file cannot be read (TypeError: ")
+        assert lines[2] == f"    its owner, pid {owner.pid}, is alive: `tokenwire testbed down tw5b1b01` stops it"
+        assert cli.cmd_status(argparse.Namespace(json=True)) == 0
+        [run] = json.loads(capsys.readouterr().out)
+        assert run["owner_alive"] is True and run["owner_pid"] == owner.pid and run["unreadable_state"]
+
+        assert cli.cmd_down(argparse.Namespace(run_ids=[], all=False)) == 0  # agrees: a live run, left alone
+        assert capsys.readouterr().out == "nothing to clean up\n" and owner.poll() is None
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_status_shows_an_unreadable_run_without_a_provable_owner_as_crashed_and_down_cleans_it(fake_host, capsys):
+    """The other side of the agreement: a pid without its start time is no proof of a live owner."""
+    owner = _sleeper()
+    try:
+        (fake_host.state / "tw5b1b02.json").write_text(json.dumps(
+            {"run_id": "tw5b1b02", "owner_pid": owner.pid, "newer_key": 1}))
+        assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("tw5b1b02  CRASHED (clean with `tokenwire testbed down`)") and "owner" not in out
+        assert cli.cmd_down(argparse.Namespace(run_ids=[], all=False)) == 0
+        assert capsys.readouterr().out.startswith("tw5b1b02: its state file could not be read")
+        assert owner.poll() is None  # cleaned, its pid never signalled
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+@pytest.mark.parametrize("owner_start", ["wrong", "missing", "a string"])
+@pytest.mark.parametrize("how", ["by id", "--all"])
+def test_down_never_signals_a_live_pid_an_unreadable_state_file_names_without_its_start_time(owner_start, how,
+                                                                                           fake_host, capsys):
+    """`down ID` and `down --all` SIGTERM (then SIGKILL) a live owner: a corrupted file's bare pid, or one whose
+    start time is not that process's, may belong to anybody and must not be taken for the owner. (The mutant
+    `isinstance(started, int) and same_process(pid, started)` -> `True` in cli._salvaged killed this process.)"""
+    proc = _sleeper()
+    try:
+        fields: dict[str, Any] = {"run_id": "tw5b1b03", "owner_pid": proc.pid, "newer_key": 1}
+        started = netns.start_time(proc.pid)
+        assert started is not None
+        if owner_start == "wrong":
+            fields["owner_start"] = started + 1
+        elif owner_start == "a string":
+            fields["owner_start"] = str(started)
+        (fake_host.state / "tw5b1b03.json").write_text(json.dumps(fields))
+        (fake_host.ns / "tw5b1b03-srv").write_text("")
+
+        args = argparse.Namespace(run_ids=["tw5b1b03"] if how == "by id" else [], all=how == "--all")
+        assert cli.cmd_down(args) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("tw5b1b03: its state file could not be read") and "namespace tw5b1b03-srv" in out
+        assert os.listdir(fake_host.ns) == [] and os.listdir(fake_host.state) == []
+        assert proc.poll() is None  # still alive: never signalled
+    finally:
+        proc.kill()
+        proc.wait()
