@@ -52,7 +52,7 @@ from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
 from .cli import printable, well_formed
 from .config import AuthConfig, Config, ConfigError, hash_token, load_config, path_missing
-from .connection import DaemonProtocol
+from .connection import UNAUTHORIZED_CREDIT_REQUESTS, DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
@@ -384,19 +384,27 @@ class Daemon:
         ``max_sessions`` connections (10,000 by default) let clients without a token make the daemon hold ~30 GB.
         The largest holder goes first: a client's first request is a prompt, commonly kilobytes, so a token holder
         sending one is closed only when it holds more than every connection that never authorizes.
+
+        The budget is never below what one connection may hold under the current limits: its window (2 x
+        ``max_request_bytes``) and its first stream's request with its length prefix. At the setting's minimum
+        (1 MiB) with the default ``max_request_bytes`` (1 MiB), a lone token holder whose two 600-KB prompts were on
+        their way on a new connection was closed every time, before its token could be read.
         """
         if proto not in self.unauthorized:
             return
         self.unauthorized_held += held - proto.held
         proto.held = held
-        budget = self.config.limits.unauthorized_memory_mb * (1 << 20)
+        limits = self.config.limits
+        budget = max(int(limits.unauthorized_memory_mb * (1 << 20)),
+                     (UNAUTHORIZED_CREDIT_REQUESTS + 1) * limits.max_request_bytes + 4)
         while self.unauthorized_held > budget and self.unauthorized:
             victim = max(self.unauthorized, key=lambda p: p.held)
             self._close_unauthorized(
                 victim, "memory", self._memory_sheds,
                 f"closing connection from {victim.peer}, never authorized, holding {victim.held >> 10} KiB of "
-                f"requests: connections not yet authorized held more than limits.unauthorized_memory_mb "
-                f"({self.config.limits.unauthorized_memory_mb:g} MiB) together; more such closes are counted "
+                f"requests: connections not yet authorized held more than {budget >> 10} KiB together "
+                f"(limits.unauthorized_memory_mb, {limits.unauthorized_memory_mb:g} MiB, or what one connection may "
+                f"hold if more: ~3 x limits.max_request_bytes); more such closes are counted "
                 f"(tokenwire_handshakes_refused_total reason memory) and logged at most every {REFUSALS_LOG_S:g} s",
                 "too much held before authorization: this connection had sent no authorized request and its "
                 "requests held more than the server allows such connections; connect again and authorize first")
@@ -761,7 +769,7 @@ class Daemon:
             left = self.streaming_count()
             if left and not self._cut.is_set():  # a second signal has said how many it cut
                 if time.monotonic() >= deadline:
-                    log.warning("drain deadline reached with %d answers still streaming", left)
+                    log.warning("drain deadline reached; answers still streaming, cut: %d", left)
                 else:  # every answer is generated; these clients did not take the rest within the grace
                     # (unknown whether they hold every token: a client that did but never sent its FIN counts)
                     log.warning("closing with %d generated answer%s whose clients had not ended their requests "

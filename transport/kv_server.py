@@ -64,6 +64,12 @@ UNAUTHORIZED_WINDOW = UNAUTHORIZED_CREDIT_FETCHES * (4 + MAX_KV_FETCH_BYTES)
 # without a token make the daemon hold ~20 GB. Past it the connection holding the most is closed (KVServer.
 # account_unauthorized)
 UNAUTHORIZED_MEMORY_BYTES = 256 << 20
+# ...and what ONE such connection may make it hold (KVServerProtocol.held_bytes): its window (aioquic's receive
+# buffers, and every fetch stream's decoder but the first's, ReadCredit) and its first stream's decoder, the largest
+# KV_FETCH with its length prefix. The budget is never below it (KVServer.unauthorized_budget): at the setting's
+# minimum (1 MiB) a lone token holder whose two fetches of 128 Ki ids were not whole yet (~1.3 MB, not yet
+# authorized) was closed every time
+UNAUTHORIZED_CONNECTION_BYTES = UNAUTHORIZED_WINDOW + 4 + MAX_KV_FETCH_BYTES  # 1,973,979 bytes
 
 
 class KVServerProtocol(GuardedProtocol):
@@ -295,7 +301,8 @@ class KVServer:
     # (bytes; read at each count: a reload applies). The daemon gives the chat port's limits.unauthorized_memory_mb
     # in full, not a share of one budget: each port has its own admission (its own max_sessions connections and
     # handshakes too), so a flood on one never closes the other's clients before they authorize, and the daemon's
-    # worst case is twice the knob, not ~2 MB x max_sessions (~20 GB)
+    # worst case is twice the knob, not ~2 MB x max_sessions (~20 GB). What is enforced is unauthorized_budget():
+    # never below what one connection may hold
     unauthorized_memory: Callable[[], int] = lambda: UNAUTHORIZED_MEMORY_BYTES
     unauthorized_held: int = 0
     # refusals and evictions past max_connections: a warning, then counted and summed up at most once a minute
@@ -355,18 +362,25 @@ class KVServer:
             self.unauthorized_held -= proto.held
         proto.held = 0
 
+    def unauthorized_budget(self) -> int:
+        """What connections not yet authorized may hold together: :attr:`unauthorized_memory`, but never less than
+        one connection may hold (UNAUTHORIZED_CONNECTION_BYTES). Below it a lone client was closed for what its own
+        window let it send, before its token could be read: a budget of 1 MiB closed every token holder whose two
+        fetches of 128 Ki ids were on their way."""
+        return max(self.unauthorized_memory(), UNAUTHORIZED_CONNECTION_BYTES)
+
     def account_unauthorized(self, proto: KVServerProtocol, held: int) -> None:
         """``proto``, past its checks with no authorized fetch yet, now holds ``held`` bytes of its fetch streams.
-        Past :attr:`unauthorized_memory` for all such connections together, the one holding the most (the oldest of
+        Past :meth:`unauthorized_budget` for all such connections together, the one holding the most (the oldest of
         equals) is closed with LIMIT_EXCEEDED until they are under it again: a client's first fetch is usually far
         smaller than the 1.3 to 2 MB a token-less flood holds on each connection, so a token holder sending one is
-        closed only when it holds more than every connection that never authorizes. An authorized connection is
-        never one of them (forget_unauthorized, before its fetch is resolved)."""
+        closed only when it holds more than every connection that never authorizes, and never while it is the only
+        one. An authorized connection is never one of them (forget_unauthorized, before its fetch is resolved)."""
         if proto not in self.unauthorized:
             return
         self.unauthorized_held += held - proto.held
         proto.held = held
-        budget = self.unauthorized_memory()
+        budget = self.unauthorized_budget()
         if self.unauthorized_held <= budget:
             return
         # a recount first: the others' counts are from their last datagram, and a fetch stream refused since (not
@@ -495,8 +509,9 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     flow-control window is ``UNAUTHORIZED_WINDOW`` (two of the largest KV_FETCHes, ~1.3 MB, beside its first
     stream's) with two fetch streams at once until one of its fetches is authorized, unless ``hold_unauthorized``
     (or what a callable gives as the connection starts) is False; all connections so held together may hold at
-    most ``unauthorized_memory`` bytes of their fetch streams (a callable is read at each count), past which the one
-    holding the most is closed with LIMIT_EXCEEDED (counted in ``stats["evicted"]``). ``max_connections``:
+    most ``unauthorized_memory`` bytes of their fetch streams (a callable is read at each count; never less than one
+    connection may hold, ``UNAUTHORIZED_CONNECTION_BYTES``, ~2 MB), past which the one holding the most is closed
+    with LIMIT_EXCEEDED (counted in ``stats["evicted"]``). ``max_connections``:
     KV connections open at once (a callable is read at each handshake's end); with ``authorize``, past it the
     oldest connection that has made no authorized fetch is closed to admit a new client. Handshakes in progress
     are bounded by it too, have the chat port's deadlines, and from 64 in progress (or half the bound) new
