@@ -361,6 +361,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_arg(text: str) -> int:
+    """``type=`` of a ``--seed``: an integer >= 0 (numpy's generators refuse negative seeds, which ``predictor
+    train`` reported as a traceback after loading its data; ``testbed compare --seed -1`` was accepted where
+    ``predictor collect`` refused it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
+    return value
+
+
 def positive_float(text: str) -> float:
     """``type=`` of a rate or a length of time that must be above 0."""
     value = finite_float(text)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tokenwire.daemon.cli import CLIError, cell, finite_float, positive_int, write_json
+from tokenwire.daemon.cli import CLIError, cell, finite_float, positive_int, seed_arg, write_json
 
 from .child import ChildError
 
@@ -63,18 +63,6 @@ def delay_ms_arg(text: str) -> float:
             f"{text}: the one-way delay is 0 to {MAX_DELAY_MS:g} ms (a run's clients connect within "
             f"{SSE_CONNECT_S:g} s: sse-tcp's TCP connect, one round trip)"
         )
-    return value
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of the testbed's ``--seed``: an integer >= 0, as ``predictor collect --seed`` takes (numpy's
-    generators refuse negative seeds); ``compare --seed -1`` was accepted where ``predictor collect`` refused it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
     return value
 
 

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tokenwire.daemon.cli import seed_arg
+
 DEFAULT_WINDOW = 64
 """``train --window``'s default, the shipped models' window: a dataset needs more acks for any point."""
 
@@ -29,18 +31,6 @@ def _err(msg: str) -> Exception:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _seed(text: str) -> int:
-    """argparse type of ``--seed``: a non-negative integer, as ``collect-many --seeds`` takes (numpy's
-    generators refuse negative seeds, which ``train`` used to report as a traceback after loading the data)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
-    return value
 
 
 def _sigterm_as_ctrl_c(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -145,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
     p.add_argument("--down-trace", required=True, help="mahimahi trace file or a rate like 12mbps")
-    p.add_argument("--seed", type=_seed, default=1, help="integer >= 0 (default 1)")
+    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default 1)")
     p.add_argument("--out", required=True, help="output .npz")
     collect_args(p)
     p.set_defaults(handler=_collect)
@@ -169,7 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default 4)")
     p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default 2)")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
-    p.add_argument("--seed", type=_seed, default=1, help="integer >= 0 (default 1)")
+    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default 1)")
     p.add_argument("--max-points", type=int, default=200_000)
     p.add_argument("--net", default="{}", help='JSON overrides of the transformer\'s network, e.g. '
                    '\'{"d_model": 32}\' (the transformer only: refused when --kinds has no transformer)')

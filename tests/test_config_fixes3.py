@@ -12,8 +12,7 @@ import contextlib
 import hashlib
 import logging
 import sys
-import tomllib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tokenwire.transport.tls import make_self_signed
 
 from .daemon_proc import PAIR
 from .test_loopback import run
+from .test_reload_fixes3 import _daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "alice-token-for-config-fixes3", "bob-token-for-config-fixes3"
@@ -42,18 +42,6 @@ def _table(name: str, token: str) -> str:
 
 WITH_ALICE = BASE + _table("alice", ALICE)
 WITH_BOTH = WITH_ALICE + _table("bob", BOB)
-
-
-@contextlib.asynccontextmanager
-async def _daemon(path: Path, text: str) -> AsyncIterator[Daemon]:
-    """The daemon in this process, started from ``text`` written at ``path`` (what its reload reads again)."""
-    path.write_text(text)
-    daemon = Daemon(parse_config(tomllib.loads(text), path))
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()
 
 
 def _idle_daemon(path: Path, text: str) -> Daemon:

@@ -37,24 +37,11 @@ from .quicpair import Pair
 from .test_daemon_reload import _Notes
 from .test_handshake_limits import until, value
 from .test_loopback import run
-from .test_observability_fixes2 import _FailingUpstream
+from .test_observability_fixes2 import _FailingUpstream, serving
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 TOKEN = "outcome-tests-token"
 AUTH = {"tokens": [{"name": "a", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}
-
-
-@contextlib.asynccontextmanager
-async def serving(**sections: Any) -> AsyncIterator[tuple[Daemon, int]]:
-    """An in-process daemon on loopback with the given config sections (its port); stopped at the end."""
-    raw: dict[str, Any] = {"metrics": {"listen": ""}, **sections}
-    raw["server"] = {"listen": ["127.0.0.1:0"], **sections.get("server", {})}
-    daemon = Daemon(parse_config(raw))
-    await daemon.start()
-    try:
-        yield daemon, daemon.addresses[0][1]
-    finally:
-        await daemon.stop()
 
 
 @contextlib.asynccontextmanager

@@ -15,21 +15,14 @@ from tokenwire.daemon.marking import POLICIES, MarkingConfig, MarkingService
 from tokenwire.daemon.telemetry import Metrics, serve_metrics
 from tokenwire.transport.handshake_guard import REFUSALS_LOG_S
 
+from .test_telemetry import _request
+
 # malformed requests that aiohttp reports through the server's logger (each answered 400)
 MALFORMED = (
     b"GET /metrics HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
     b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"GET /metrics HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n",
 )
-
-
-async def _request(port: int, raw: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return data
 
 
 def _flood(metrics: Metrics, requests: list[bytes]) -> list[bytes]:
