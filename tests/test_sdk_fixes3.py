@@ -146,6 +146,23 @@ def test_a_request_past_the_limit_waits_for_a_lost_fin_instead_of_being_refused(
     assert done.result.request_time > asked
 
 
+def test_queued_requests_are_released_in_order_without_a_walk_of_them_all(monkeypatch):
+    """Each packet received walked every queued request, and each timer update every open one: 2,000 chats
+    started at once cost 16 s of client CPU (8.4 ms a chat; 5.2 ms walking to the first still blocked)."""
+    from tokenwire.transport.client_session import ClientSession
+
+    pair = _LimitedPair(2)
+    pair.exchange(rounds=40)  # the handshake
+    sids = [pair.client.start_request(_ask(f"q{i}"), pair.now) for i in range(300)]
+    assert list(pair.client._queued) == sids[2:]  # past the limit: queued, in stream order
+    looked = []
+    blocked = ClientSession._stream_blocked
+    monkeypatch.setattr(ClientSession, "_stream_blocked", lambda self, sid: looked.append(sid) or blocked(self, sid))
+    pair.client._on_peer_packet(pair.now)
+    assert looked == [sids[2]]  # the first still blocked holds every later one back
+    assert [r.stream_id for r in pair.client._awaited()] == sids[:3]  # the open ones and the first queued
+
+
 def test_a_sdk_connection_gets_the_servers_request_limit_as_its_stream_limit():
     """serve(max_requests_per_connection=) is what the client's QUIC stack may open (aioquic's default was 128)."""
 

@@ -9,6 +9,7 @@ the finished answer's digest. It is apart from :mod:`.server_session` and from t
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,8 +111,9 @@ class ClientSession(_SessionBase):
         # ping with no request open too: a connection kept across a chat's turns outlives a user who thinks
         # longer than the idle timeout (without it, both ends fall silent and the connection ends)
         self.keepalive = keepalive
-        # requests whose stream waits for the server's stream credit (its request limit): see _release_queued
-        self._queued: set[int] = set()
+        # requests whose stream waits for the server's stream credit (its request limit), in stream order, which is
+        # the order aioquic lets them go: see _release_queued
+        self._queued: deque[int] = deque()
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
@@ -122,7 +124,7 @@ class ClientSession(_SessionBase):
         connection die. A dead server still ends the connection: the idle timer restarts only on the first
         ack-eliciting packet after a receipt (RFC 9000, 10.1)."""
         idle = idle_timeout_in_force(self.quic)
-        awaited = [r for r in self.requests.values() if not r.done]
+        awaited = self._awaited()
         if not awaited:
             return self._silence_ping_at(idle / 3.0) if self.keepalive and self.datagrams_ok is not None else None
         # Silent while an answer is awaited, or our own packets unacknowledged: the path may be down. Ping at a
@@ -156,8 +158,23 @@ class ClientSession(_SessionBase):
         self.requests[stream_id] = req
         self._send(stream_id, request)
         if self._stream_blocked(stream_id):  # past the server's request limit: QUIC sends it once a slot frees
-            self._queued.add(stream_id)
+            self._queued.append(stream_id)
         return stream_id
+
+    def _awaited(self) -> list[ClientRequest]:
+        """The open requests the pings are for: those on the wire, and the first still waiting for stream credit
+        (so that a connection whose sent requests all ended keeps its pings while it waits for MAX_STREAMS). The
+        requests are in stream order (``self.requests`` is filled as streams open), so the walk stops there: over
+        thousands of queued requests, a walk of them all at every timer update cost the client CPU that grew with
+        the square of their number."""
+        first_queued = self._queued[0] if self._queued else None
+        awaited = []
+        for sid, r in self.requests.items():
+            if not r.done:
+                awaited.append(r)
+            if first_queued is not None and sid >= first_queued:
+                break
+        return awaited
 
     def _stream_blocked(self, stream_id: int) -> bool:
         """Whether ``stream_id`` waits for the server's MAX_STREAMS (aioquic holds back a stream past the peer's
@@ -174,12 +191,17 @@ class ClientSession(_SessionBase):
         daemon's client-side metrics read) is the server's and the path's, not the wait behind the application's
         other answers, as when the application queues its chats itself; and the pings' backoff before the first
         token counts from then."""
-        for sid in list(self._queued):
+        # in stream order, as aioquic unblocks them: the first still blocked holds every later one back (a walk of
+        # them all at each packet received grew with the square of the requests queued)
+        while self._queued:
+            sid = self._queued[0]
             req = self.requests.get(sid)
-            if req is None or req.done:
-                self._queued.discard(sid)
-            elif not self._stream_blocked(sid):
-                self._queued.discard(sid)
+            alive = req is not None and not req.done
+            if alive and self._stream_blocked(sid):
+                break
+            self._queued.popleft()
+            if alive:
+                assert req is not None
                 req.request_time = now
 
     def cancel(self, stream_id: int) -> None:
