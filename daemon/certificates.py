@@ -49,12 +49,21 @@ def cert_principal(name: str) -> str:
     return f"cert:{shown[: MAX_PRINCIPAL_CHARS - len('cert:~') - len(digest)]}~{digest}"
 
 
+def ending_soon(cert: Any, now: datetime.datetime | None = None) -> datetime.timedelta | None:
+    """The time a server certificate has left when that calls for a warning (it has expired, or ends within
+    CERT_WARN_DAYS), else None: the rule the daemon's log line and `config check`'s warning share."""
+    if cert is None:
+        return None
+    left: datetime.timedelta = cert.not_valid_after_utc - (now or datetime.datetime.now(datetime.UTC))
+    return None if left > datetime.timedelta(days=CERT_WARN_DAYS) else left
+
+
 def warn_if_expiring(cert: Any, path: Any, now: datetime.datetime | None = None) -> bool:
     """Log a warning for a server certificate that has expired or ends within CERT_WARN_DAYS (only `config check`
     said so: the daemon started with an expired one silently, and every client's handshake failed)."""
     now = now or datetime.datetime.now(datetime.UTC)
-    left = cert.not_valid_after_utc - now if cert is not None else None
-    if left is None or left > datetime.timedelta(days=CERT_WARN_DAYS):
+    left = ending_soon(cert, now)
+    if left is None:
         return False
     soon = "" if left.total_seconds() <= 0 else f", in {left.days} days" if left.days else ", within a day"
     log.warning("server.certificate %s: %s%s; clients refuse an expired certificate (renew it, then SIGHUP)", path,

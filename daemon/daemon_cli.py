@@ -233,12 +233,10 @@ def _certificate_ending(cert: Any) -> str | None:
     """What the warning on a server certificate that has expired or ends within CERT_WARN_DAYS adds after its
     summary, or None for one that does not: the daemon warns at start and reload within 14 days of the end, and
     `config check` was silent about one ending in 3."""
-    import datetime
+    from .certificates import ending_soon
 
-    from .certificates import CERT_WARN_DAYS
-
-    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-    if left > datetime.timedelta(days=CERT_WARN_DAYS):
+    left = ending_soon(cert)
+    if left is None:
         return None
     if left.total_seconds() <= 0:
         return ": clients refuse an expired certificate (renew it, then SIGHUP the daemon)"
