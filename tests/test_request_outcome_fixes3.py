@@ -37,7 +37,7 @@ from .quicpair import Pair
 from .test_daemon_reload import _Notes
 from .test_handshake_limits import until, value
 from .test_loopback import run
-from .test_observability_fixes2 import _FailingUpstream, serving
+from .test_observability_fixes2 import _close_as_a_lost_path, _FailingUpstream, serving
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 TOKEN = "outcome-tests-token"
@@ -98,9 +98,8 @@ def test_every_request_ends_once_and_the_started_ones_add_up_to_requests_total()
                     await conn.chat("x" * 2000, max_tokens=3).collect()
             async with connect("127.0.0.1", port, verify=False, timeout=5, auth_token=TOKEN) as conn:
                 stream = conn.chat("x", max_tokens=500, params={"rate": 20})
-                await stream.__anext__()  # lost: the connection ends mid-answer (a close without the resets
-                conn._protocol._quic.close()  # a deliberate close sends: a path that went)
-                conn._protocol.transmit()
+                await stream.__anext__()  # lost: the connection ends mid-answer
+                _close_as_a_lost_path(conn)
             await until(lambda: not daemon.protocols)
             demo = daemon.upstreams["demo"]
             daemon.upstreams["demo"] = _FailingUpstream()  # type: ignore[assignment]

@@ -32,7 +32,7 @@ from tokenwire.transport.server import ChatRequest, serve
 from .terminal import default_signals
 from .test_handshake_limits import until, value
 from .test_loopback import run
-from .test_observability_fixes2 import serving
+from .test_observability_fixes2 import _close_as_a_lost_path, serving
 
 
 class Scripted:
@@ -154,8 +154,7 @@ def test_upstream_failures_are_counted_once_per_failed_answer_by_reason():
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 stream = conn.chat("x")
                 await stream.__anext__()  # started; the connection then ends with the answer generating
-                conn._protocol._quic.close()  # (a close without the SDK's resets of its open answers: a lost path)
-                conn._protocol.transmit()
+                _close_as_a_lost_path(conn)
             await until(lambda: not daemon.protocols and daemon._orphaned)
             unheard.go.set()  # it fails with no client attached
             await until(lambda: not daemon.tasks)
