@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events as qe
-from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.connection import QuicConnection
 
 from tokenwire.transport.chatterbox import SenderStats
 from tokenwire.transport.errors import ErrorCode
@@ -124,8 +124,7 @@ class DaemonProtocol(GuardedProtocol):
     @property
     def closing(self) -> bool:
         """Closed, or closing (by this side or the peer): nothing may start on it any more."""
-        quic = self._quic
-        return self.ended or quic._close_event is not None or quic._state in END_STATES
+        return self.ended or self.quic_closing
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aioquic.quic import events as qe
-from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.connection import QuicConnection
 
 from .errors import ErrorCode, TokenwireError
 from .frames import KvFetch
@@ -121,8 +121,7 @@ class KVServerProtocol(GuardedProtocol):
     @property
     def closing(self) -> bool:
         """Closed, or closing (by either side): nothing more it sends is read."""
-        quic = self._quic
-        return self.kv.closed or quic._close_event is not None or quic._state in END_STATES
+        return self.kv.closed or self.quic_closing
 
     def _on_handshake(self) -> None:
         """The chat port's checks at the handshake's end: the client's certificate (with a client CA), then the

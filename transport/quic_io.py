@@ -21,7 +21,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic import events as qe
-from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import END_STATES, NetworkAddress, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
 from .ecn_socket import EcnDatagramTransport, ecn_supported, open_udp_socket
@@ -129,6 +129,13 @@ class SessionProtocol(QuicConnectionProtocol):
         # set once the transport has let go of this protocol and closed its socket (connection_lost): what leaving
         # connect_quic waits for, so that no loop, however it is driven or closed, is left holding the socket
         self.socket_closed = asyncio.Event()
+
+    @property
+    def quic_closing(self) -> bool:
+        """The QUIC connection is closing or closed, by either side (a close begun, or an end state): nothing more
+        it sends is read. Subclasses add their session's own end (their ``closing``)."""
+        quic = self._quic
+        return quic._close_event is not None or quic._state in END_STATES
 
     async def wait_connected(self) -> None:
         """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
