@@ -85,7 +85,6 @@ class DaemonProtocol(GuardedProtocol):
         # NOW_REQUIRED); None: it did not. The client does not send a token again
         self.revoked: str | None = None
         self.attached: dict[int, LiveRequest] = {}
-        self.held = 0  # bytes of its requests held while it is not authorized (Daemon.account_unauthorized)
         # requests whose outcome (tokenwire_requests_ended_total) the daemon counted when it closed this connection:
         # the session still holds them, and reports them again at the end (Daemon._request_ended)
         self.outcome_counted: set[int] = set()
@@ -186,8 +185,8 @@ class DaemonProtocol(GuardedProtocol):
         d.established += 1
         d.metrics.sessions.inc()
         d.metrics.sessions_total.inc()
-        if not self.authorized:  # (oldest first: dicts keep their order)
-            d.unauthorized[self] = None
+        if not self.authorized:  # what it holds counts from now (Daemon.account_unauthorized), oldest first
+            d.count_unauthorized(self)
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         d = self.daemon

@@ -44,6 +44,7 @@ from tokenwire.transport.handshake_guard import (
     RefusalLog,
     retry_threshold,
 )
+from tokenwire.transport.preauth_budget import PreauthBudget
 from tokenwire.transport.quic_io import ValidatingQuicServer, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session_events import ConnectionEnded
@@ -181,10 +182,11 @@ class Daemon:
             level=logging.INFO)  # (routine: the summary at INFO, as the first line)
         # established connections that have not been authorized yet (auth tokens configured), oldest first: past
         # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
-        # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together
-        # (account_unauthorized)
-        self.unauthorized: dict[DaemonProtocol, None] = {}
-        self.unauthorized_held = 0
+        # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together,
+        # within limits.unauthorized_memory_mb (count_unauthorized, account_unauthorized; the KV endpoint keeps a
+        # budget of its own of the same kind)
+        self.unauthorized: PreauthBudget[DaemonProtocol] = PreauthBudget(
+            lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)))
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
         self._collected_at = -GC_INTERVAL_S
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
@@ -335,9 +337,9 @@ class Daemon:
         client; False when there is none. Its slot is free at once (not at the end of its closing period). A client
         that connects early and sends its first request much later may be closed so while clients that never
         authorize flood the daemon: it hears why, and connects again."""
-        if not self.unauthorized:
+        victim = self.unauthorized.oldest()
+        if victim is None:
             return False
-        victim = next(iter(self.unauthorized))
         self._close_unauthorized(
             victim, "evicted", self._evictions,
             f"closing connection from {victim.peer}, never authorized, to admit a new client: "
@@ -367,42 +369,46 @@ class Daemon:
         victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, close_reason)
         victim.transmit()
 
+    @property
+    def unauthorized_held(self) -> int:
+        """What the connections not yet authorized hold of their requests, together, as last counted."""
+        return self.unauthorized.held
+
+    def count_unauthorized(self, proto: DaemonProtocol) -> None:
+        """``proto``, established, is not authorized yet: one of :attr:`unauthorized` (the newest), with the
+        allowance its own limits gave it (its window, ``UNAUTHORIZED_CREDIT_REQUESTS`` of its
+        ``max_request_bytes``, and its first stream's request with its length prefix). Its session keeps the
+        ``max_request_bytes`` it started with, so a reload lowering the setting must not lower the floor under it:
+        the floor read the current setting, and a lone connection opened before such a reload was closed for what
+        its own window let it send."""
+        self.unauthorized.add(proto, (UNAUTHORIZED_CREDIT_REQUESTS + 1) * proto.server_session.max_request_bytes + 4)
+
     def forget_unauthorized(self, proto: DaemonProtocol) -> None:
         """``proto`` is authorized, evicted or gone: no longer one of :attr:`unauthorized`, and what it held no
         longer counts toward ``limits.unauthorized_memory_mb``."""
-        if proto in self.unauthorized:
-            del self.unauthorized[proto]
-            self.unauthorized_held -= proto.held
-        proto.held = 0
+        self.unauthorized.forget(proto)
 
     def account_unauthorized(self, proto: DaemonProtocol, held: int) -> None:
         """``proto``, established and not authorized yet, now holds ``held`` bytes of its requests (in aioquic's
         stream buffers and the request decoders). Past ``limits.unauthorized_memory_mb`` for all such connections
-        together, the one holding the most is closed, until they are under it again.
+        together, the one holding the most (the oldest of equals) is closed, until they are under it again.
 
         Each may hold about 3 x ``max_request_bytes`` before it authorizes (:class:`ReadCredit`'s hold), which over
         ``max_sessions`` connections (10,000 by default) let clients without a token make the daemon hold ~30 GB.
         The largest holder goes first: a client's first request is a prompt, commonly kilobytes, so a token holder
         sending one is closed only when it holds more than every connection that never authorizes.
 
-        The budget is never below what one connection may hold under the current limits: its window (2 x
-        ``max_request_bytes``) and its first stream's request with its length prefix. At the setting's minimum
-        (1 MiB) with the default ``max_request_bytes`` (1 MiB), a lone token holder whose two 600-KB prompts were on
-        their way on a new connection was closed every time, before its token could be read.
+        The budget is never below what one connection counted may hold (:meth:`count_unauthorized`): at the
+        setting's minimum (1 MiB) with the default ``max_request_bytes`` (1 MiB), a lone token holder whose two
+        600-KB prompts were on their way on a new connection was closed every time, before its token could be read.
         """
-        if proto not in self.unauthorized:
-            return
-        self.unauthorized_held += held - proto.held
-        proto.held = held
         limits = self.config.limits
-        budget = max(int(limits.unauthorized_memory_mb * (1 << 20)),
-                     (UNAUTHORIZED_CREDIT_REQUESTS + 1) * limits.max_request_bytes + 4)
-        while self.unauthorized_held > budget and self.unauthorized:
-            victim = max(self.unauthorized, key=lambda p: p.held)
+        for shed in self.unauthorized.account(proto, held):
+            victim = shed.holder
             self._close_unauthorized(
                 victim, "memory", self._memory_sheds,
-                f"closing connection from {victim.peer}, never authorized, holding {victim.held >> 10} KiB of "
-                f"requests: connections not yet authorized held more than {budget >> 10} KiB together "
+                f"closing connection from {victim.peer}, never authorized, holding {shed.held >> 10} KiB of "
+                f"requests: connections not yet authorized held more than {shed.budget >> 10} KiB together "
                 f"(limits.unauthorized_memory_mb, {limits.unauthorized_memory_mb:g} MiB, or what one connection may "
                 f"hold if more: ~3 x limits.max_request_bytes); more such closes are counted "
                 f"(tokenwire_handshakes_refused_total reason memory) and logged at most every {REFUSALS_LOG_S:g} s",

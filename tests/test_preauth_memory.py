@@ -32,7 +32,7 @@ def test_connections_without_a_token_hold_at_most_the_budget_together_and_the_la
             await until(lambda: len(daemon.unauthorized) == 1, 10)
             small._quic.send_stream_data(small._quic.get_next_available_stream_id(), b"\x00\x00\x01\x00" + bytes(99))
             small.transmit()
-            await until(lambda: next(iter(daemon.unauthorized)).held == 103, 10)
+            await until(lambda: daemon.unauthorized.held_by(next(iter(daemon.unauthorized))) == 103, 10)
             big = []
             for n in range(12):  # each holds ~128 KiB (its window: 2 x 64 KiB): ~1.5 MiB in all, over the budget
                 raw = await stack.enter_async_context(_raw(daemon))
@@ -47,7 +47,7 @@ def test_connections_without_a_token_hold_at_most_the_budget_together_and_the_la
                         == value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"}), 10)
             ends = [_closed_by_server(raw) for raw in big if _closed_by_server(raw) is not None]
             held = daemon.unauthorized_held
-            recount = sum(p.held for p in daemon.unauthorized)
+            recount = sum(daemon.unauthorized.held_by(p) for p in daemon.unauthorized)
             # a token holder is served meanwhile, and its connection never counts
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False, auth_token=ALICE) as alice:
                 answer = await alice.chat("x", max_tokens=2).collect()

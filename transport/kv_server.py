@@ -38,6 +38,7 @@ from .kv_server_session import (
     ServerTuning,
 )
 from .marking import MarkingPolicy
+from .preauth_budget import PreauthBudget
 from .quic_io import serve_quic, tune_socket
 from .read_credit import ReadCredit
 from .server_session import REQUEST_TIMEOUT_S
@@ -62,11 +63,11 @@ UNAUTHORIZED_WINDOW = UNAUTHORIZED_CREDIT_FETCHES * (4 + MAX_KV_FETCH_BYTES)
 # ...and what all such connections may make the endpoint hold of their fetch streams together (the daemon's
 # limits.unauthorized_memory_mb, whose default this is): ~2 MB each over max_connections (10,000) let clients
 # without a token make the daemon hold ~20 GB. Past it the connection holding the most is closed (KVServer.
-# account_unauthorized)
+# account_unauthorized, with the chat port's PreauthBudget)
 UNAUTHORIZED_MEMORY_BYTES = 256 << 20
 # ...and what ONE such connection may make it hold (KVServerProtocol.held_bytes): its window (aioquic's receive
 # buffers, and every fetch stream's decoder but the first's, ReadCredit) and its first stream's decoder, the largest
-# KV_FETCH with its length prefix. The budget is never below it (KVServer.unauthorized_budget): at the setting's
+# KV_FETCH with its length prefix. The budget is never below it (KVServer.count_unauthorized): at the setting's
 # minimum (1 MiB) a lone token holder whose two fetches of 128 Ki ids were not whole yet (~1.3 MB, not yet
 # authorized) was closed every time
 UNAUTHORIZED_CONNECTION_BYTES = UNAUTHORIZED_WINDOW + 4 + MAX_KV_FETCH_BYTES  # 1,973,979 bytes
@@ -89,7 +90,6 @@ class KVServerProtocol(GuardedProtocol):
         # unauthorized_memory (one not held, with no tokens to check, authorizes with any fetch, as a chat connection
         # without [auth] tokens is authorized from the start)
         self.held_back = False
-        self.held = 0  # bytes of its fetch streams held, as last counted (KVServer.account_unauthorized)
         if app.authorize is not None and app.hold_unauthorized() and isinstance(quic, ReadCredit):  # (the session's)
             quic.hold_until_authorized(UNAUTHORIZED_WINDOW)
             self.held_back = True
@@ -151,8 +151,8 @@ class KVServerProtocol(GuardedProtocol):
             return
         self.established = True
         app.connections += 1
-        if not self.authorized:  # (oldest first: dicts keep their order)
-            app.unauthorized[self] = None
+        if not self.authorized:  # what it holds counts from now (KVServer.account_unauthorized), oldest first
+            app.count_unauthorized(self)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -295,15 +295,14 @@ class KVServer:
     # with tokens (authorize): connections past their checks that have made no authorized fetch, oldest first.
     # Past max_connections the oldest makes room (as on the chat port): tokens are checked per fetch, and five
     # idle token-less connections held every slot of max_sessions = 5 until their idle timeout, 60 s at a time
-    unauthorized: dict[KVServerProtocol, None] = field(default_factory=dict)
-    # what those of them held to UNAUTHORIZED_WINDOW hold of their fetch streams, all together, and the bound on it
-    # (bytes; read at each count: a reload applies). The daemon gives the chat port's limits.unauthorized_memory_mb
-    # in full, not a share of one budget: each port has its own admission (its own max_sessions connections and
-    # handshakes too), so a flood on one never closes the other's clients before they authorize, and the daemon's
-    # worst case is twice the knob, not ~2 MB x max_sessions (~20 GB). What is enforced is unauthorized_budget():
-    # never below what one connection may hold
+    unauthorized: PreauthBudget[KVServerProtocol] = field(init=False)
+    # what those of them held to UNAUTHORIZED_WINDOW hold of their fetch streams, all together (unauthorized_held),
+    # and the bound on it (bytes; read at each count: a reload applies). The daemon gives the chat port's
+    # limits.unauthorized_memory_mb in full, not a share of one budget: each port has its own admission (its own
+    # max_sessions connections and handshakes too), so a flood on one never closes the other's clients before they
+    # authorize, and the daemon's worst case is twice the knob, not ~2 MB x max_sessions (~20 GB). What is enforced
+    # is unauthorized.budget(): never below what one connection may hold (count_unauthorized)
     unauthorized_memory: Callable[[], int] = lambda: UNAUTHORIZED_MEMORY_BYTES
-    unauthorized_held: int = 0
     # refusals and evictions past max_connections: a warning, then counted and summed up at most once a minute
     refusals: RefusalLog = field(init=False)
     # fetch streams refused (too many at once, another version, not whole in time) and connections closed for a
@@ -317,6 +316,8 @@ class KVServer:
 
     def __post_init__(self) -> None:
         self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
+        # (the bound read through the attribute at each count: the owner may replace the callable)
+        self.unauthorized = PreauthBudget(lambda: self.unauthorized_memory(), measure=_held_now)
         self.refusals = RefusalLog(log, lambda n, s: (
             f"refused or closed {n} more KV connections in the last {s:.0f} s: {self.connections} open "
             "(limits.max_sessions)"))
@@ -338,9 +339,9 @@ class KVServer:
     def evict_unauthorized(self) -> bool:
         """Past max_connections: close the oldest connection that has made no authorized fetch, to admit a new
         client (its slot is free at once); False when there is none."""
-        if not self.unauthorized:
+        victim = self.unauthorized.oldest()
+        if victim is None:
             return False
-        victim = next(iter(self.unauthorized))
         self.forget_unauthorized(victim)
         if victim.established:
             victim.established = False
@@ -353,51 +354,40 @@ class KVServer:
         victim.transmit()
         return True
 
+    @property
+    def unauthorized_held(self) -> int:
+        """What the connections held to UNAUTHORIZED_WINDOW hold of their fetch streams, together, as last counted."""
+        return self.unauthorized.held
+
+    def count_unauthorized(self, proto: KVServerProtocol) -> None:
+        """``proto``, past its checks, has made no authorized fetch yet: one of :attr:`unauthorized` (the newest).
+        One held to UNAUTHORIZED_WINDOW may hold UNAUTHORIZED_CONNECTION_BYTES alone: the budget is never below it
+        while it is counted (below it a lone client was closed for what its own window let it send, before its
+        token could be read: a budget of 1 MiB closed every token holder whose two fetches of 128 Ki ids were on
+        their way). One not held is out of every count (any fetch of it authorizes it): no allowance."""
+        self.unauthorized.add(proto, UNAUTHORIZED_CONNECTION_BYTES if proto.held_back else 0)
+
     def forget_unauthorized(self, proto: KVServerProtocol) -> None:
         """``proto`` is authorized, closed or gone: no longer one of :attr:`unauthorized`, and what it held no
         longer counts toward :attr:`unauthorized_memory`."""
-        if proto in self.unauthorized:
-            del self.unauthorized[proto]
-            self.unauthorized_held -= proto.held
-        proto.held = 0
-
-    def unauthorized_budget(self) -> int:
-        """What connections not yet authorized may hold together: :attr:`unauthorized_memory`, but never less than
-        one connection may hold (UNAUTHORIZED_CONNECTION_BYTES). Below it a lone client was closed for what its own
-        window let it send, before its token could be read: a budget of 1 MiB closed every token holder whose two
-        fetches of 128 Ki ids were on their way."""
-        return max(self.unauthorized_memory(), UNAUTHORIZED_CONNECTION_BYTES)
+        self.unauthorized.forget(proto)
 
     def account_unauthorized(self, proto: KVServerProtocol, held: int) -> None:
         """``proto``, past its checks with no authorized fetch yet, now holds ``held`` bytes of its fetch streams.
-        Past :meth:`unauthorized_budget` for all such connections together, the one holding the most (the oldest of
-        equals) is closed with LIMIT_EXCEEDED until they are under it again: a client's first fetch is usually far
-        smaller than the 1.3 to 2 MB a token-less flood holds on each connection, so a token holder sending one is
-        closed only when it holds more than every connection that never authorizes, and never while it is the only
-        one. An authorized connection is never one of them (forget_unauthorized, before its fetch is resolved)."""
-        if proto not in self.unauthorized:
-            return
-        self.unauthorized_held += held - proto.held
-        proto.held = held
-        budget = self.unauthorized_budget()
-        if self.unauthorized_held <= budget:
-            return
-        # a recount first: the others' counts are from their last datagram, and a fetch stream refused since (not
-        # whole in time) no longer holds its bytes. Those never held (started while no tokens were configured) stay
-        # out of it, as they are out of every count
-        for p in self.unauthorized:
-            if p.held_back:
-                p.held = p.held_bytes()
-        self.unauthorized_held = sum(p.held for p in self.unauthorized)
-        while self.unauthorized_held > budget and self.unauthorized:
-            self._shed(max(self.unauthorized, key=lambda p: p.held), budget)
+        Past the budget (:attr:`unauthorized_memory`, never below one connection's allowance) for all such
+        connections together, every count is taken afresh, then the one holding the most (the oldest of equals) is
+        closed with LIMIT_EXCEEDED until they are under it again: a client's first fetch is usually far smaller than
+        the 1.3 to 2 MB a token-less flood holds on each connection, so a token holder sending one is closed only
+        when it holds more than every connection that never authorizes, and never while it is the only one. An
+        authorized connection is never one of them (forget_unauthorized, before its fetch is resolved)."""
+        for shed in self.unauthorized.account(proto, held):
+            self._shed(shed.holder, shed.held, shed.budget)
 
-    def _shed(self, victim: KVServerProtocol, budget: int) -> None:
-        """Close ``victim``, which has made no authorized fetch, for what it holds: its slot and its bytes are free
-        at once (not at the end of its closing period); counted under ``evicted`` (and ``evicted_memory``). One
-        already closing (a protocol error, its client's close) reads nothing more: its slot and bytes alone."""
-        held = victim.held
-        self.forget_unauthorized(victim)
+    def _shed(self, victim: KVServerProtocol, held: int, budget: int) -> None:
+        """Close ``victim`` (out of the budget already), which has made no authorized fetch, for the ``held`` bytes
+        it held past ``budget``: its slot is free at once (not at the end of its closing period); counted under
+        ``evicted`` (and ``evicted_memory``). One already closing (a protocol error, its client's close) reads
+        nothing more: its slot alone."""
         if victim.established:
             victim.established = False
             self.connections -= 1
@@ -476,6 +466,12 @@ class KVServer:
         if self._quic_server is not None:
             self._quic_server.close()
 
+
+def _held_now(proto: KVServerProtocol) -> int:
+    """What ``proto`` holds of its fetch streams now, for the budget's recount: a count from its last datagram may
+    be stale (a fetch stream refused since by its deadline, a timer, no datagram of its own). One not held back
+    (started while no tokens were configured) is out of every count."""
+    return proto.held_bytes() if proto.held_back else 0
 
 
 def _callable(value: _T | Callable[[], _T]) -> Callable[[], _T]:

@@ -657,6 +657,12 @@ class KVServerSession(_SessionBase):
         if f is None:
             self._forget_undelivered(stream_id)
             return []
+        stream = self.quic._streams.get(stream_id)
+        if stream is not None:
+            # nothing of it is delivered any more, but aioquic keeps what it buffered behind a gap until the stream
+            # is discarded, once the client acknowledges our reset: one that never did kept those bytes counted
+            # (the endpoint's budget for connections not yet authorized) until that budget closed it
+            _forget_received(stream)
         f.closed = True
         self._reset_own_side(stream_id)
         # (the controller's inputs as on a FIN: the SDK resets every fetch it fails or gives up on, and the
