@@ -68,7 +68,7 @@ from .reload_decisions import (
 )
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
-from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics
+from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics, transport_error_label
 from .transcripts import LiveRequest, TranscriptStore
 from .upstreams import Upstream, build_upstreams
 
@@ -1097,12 +1097,18 @@ class Daemon:
             return
         proto.ended = True
         if not ev.by_peer and ev.error_code not in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN):
-            # (by_peer is False only for the session's own close: the client broke the protocol)
-            self.metrics.errors.labels(code=hex(ev.error_code)).inc()
+            # (by_peer is False only for the session's own close: the client broke the protocol). A close aioquic
+            # made for a QUIC transport error in the client's packets (a stream past the request limit:
+            # STREAM_LIMIT_ERROR) is counted under its transport code, "quic:0x4": a bare hex reads as tokenwire's
+            # code space, where CRYPTO_ERROR's 0x100 + alert collides. It was in no metric, and only aioquic's line
+            # (no peer, no limit) told of it
+            transport = proto.server_session.transport_error
+            label = hex(ev.error_code) if transport is None else transport_error_label(transport.transport_code)
+            self.metrics.errors.labels(code=label).inc()
             if not self._protocol_closes.hold(time.monotonic()):
-                log.warning("closed connection from %s: %s (code %#x); more connections closed for protocol errors "
+                log.warning("closed connection from %s: %s (code %s); more connections closed for protocol errors "
                             "are counted (tokenwire_errors_total by code) and logged at most every %g s", proto.peer,
-                            ev.reason, ev.error_code, REFUSALS_LOG_S)
+                            ev.reason, label, REFUSALS_LOG_S)
         if proto.refused > 1:
             log.warning("connection from %s ended; %d of its requests were refused (the first one logged)",
                         proto.peer, proto.refused)

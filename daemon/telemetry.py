@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aioquic.quic.packet import QuicErrorCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -35,13 +36,30 @@ REFUSAL_REASONS = (*HANDSHAKE_REFUSAL_REASONS, "max_sessions", "evicted", "memor
 # only resets streams, UNKNOWN_REQUEST and NO_DATAGRAMS are reserved (docs/protocol.md)
 ERROR_CODES_SENT = tuple(hex(c) for c in ErrorCode if c not in (
     ErrorCode.NO_ERROR, ErrorCode.CANCELLED, ErrorCode.UNKNOWN_REQUEST, ErrorCode.NO_DATAGRAMS))
+
+
+def transport_error_label(code: int) -> str:
+    """tokenwire_errors_total's ``code`` of a QUIC transport error (RFC 9000 20.1) that the daemon's QUIC stack closed
+    a connection with for what its client sent: "quic:" and the code in hex. Transport codes are a space of their
+    own (another close frame on the wire), and CRYPTO_ERROR, 0x100 + a TLS alert, overlaps tokenwire's: as a bare
+    hex code a client's bad CRYPTO frame (alert 10, 0x10a) would read as NO_DATAGRAMS."""
+    return f"quic:{code:#x}"
+
+
+# tokenwire_errors_total: the transport errors aioquic closes a connection with for a client's packets once the
+# handshake is done (TRANSPORT_PARAMETER_ERROR is the handshake's: a failed handshake is counted as one)
+QUIC_ERROR_CODES_SENT = tuple(transport_error_label(c) for c in (
+    QuicErrorCode.FLOW_CONTROL_ERROR, QuicErrorCode.STREAM_LIMIT_ERROR, QuicErrorCode.STREAM_STATE_ERROR,
+    QuicErrorCode.FINAL_SIZE_ERROR, QuicErrorCode.FRAME_ENCODING_ERROR, QuicErrorCode.CONNECTION_ID_LIMIT_ERROR,
+    QuicErrorCode.PROTOCOL_VIOLATION, QuicErrorCode.CRYPTO_BUFFER_EXCEEDED))
 # tokenwire_requests_ended_total: how each request stream the daemon read as a request ended, exactly one of these.
 # completed: the client confirmed it holds the whole answer; cancelled: the client abandoned it (FIN, reset or
-# STOP_SENDING before the end); lost: its connection ended first (the client may resume it); failed: accepted, then
-# ended by an ERROR (the upstream failed, the answer was evicted, a server error while sending); refused: ended
-# before any answer started: by an ERROR (auth, limits, bad parameters, unknown id, draining), by its connection's
-# close (malformed, a wrong token, a request not yet whole), or by its client before its request was whole or
-# answered. completed + cancelled + lost + failed = tokenwire_requests_total once no request is open
+# STOP_SENDING before the end, or a protocol violation that closed its connection: no path was lost); lost: its
+# connection ended first (the client may resume it); failed: accepted, then ended by an ERROR (the upstream failed,
+# the answer was evicted, a server error while sending); refused: ended before any answer started: by an ERROR
+# (auth, limits, bad parameters, unknown id, draining), by its connection's close (malformed, a wrong token, a
+# request not yet whole), or by its client before its request was whole or answered. completed + cancelled + lost
+# + failed = tokenwire_requests_total once no request is open
 REQUEST_OUTCOMES = ("completed", "cancelled", "lost", "failed", "refused")
 # tokenwire_upstream_failures_total: by the failed answer's code (service.failure_reason); its series exist at 0 for
 # each configured upstream (the daemon creates them: this module does not know the upstreams)
@@ -84,9 +102,9 @@ class Metrics:
         self.requests_ended = Counter(
             "tokenwire_requests_ended",
             "Requests by how they ended: completed (the client confirmed the whole answer), cancelled (by the "
-            "client), lost (the connection ended first; the client may resume), failed (ended by an ERROR after its "
-            "answer started), refused (ended before any answer started: an ERROR, a close, or the client before "
-            "its request was answered)", ["outcome"], registry=r)
+            "client, or its protocol violation), lost (the connection ended first; the client may resume), failed "
+            "(ended by an ERROR after its answer started), refused (ended before any answer started: an ERROR, a "
+            "close, or the client before its request was answered)", ["outcome"], registry=r)
         for outcome in REQUEST_OUTCOMES:
             self.requests_ended.labels(outcome=outcome)
         self.resumes = Counter("tokenwire_resumes_total",
@@ -139,8 +157,10 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("tokenwire_errors_total", "Errors sent to clients (ERROR frames and connection "
-                              "closes), by code in hex (0x105: UNAUTHORIZED)", ["code"], registry=r)
-        for code in ERROR_CODES_SENT:
+                              "closes), by code in hex (0x105: UNAUTHORIZED); quic: and a hex code: a QUIC transport "
+                              "error the connection was closed with for the client's packets (quic:0x4: "
+                              "STREAM_LIMIT_ERROR, a stream past the request limit)", ["code"], registry=r)
+        for code in (*ERROR_CODES_SENT, *QUIC_ERROR_CODES_SENT):
             self.errors.labels(code=code)
         self.transcript_bytes = Gauge("tokenwire_transcript_bytes", "Memory held by transcripts", registry=r)
         # apart: an eviction (memory) can end a slow client's request, an expiry (retention) is routine; one counter

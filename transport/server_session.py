@@ -9,6 +9,7 @@ because the daemon needs only this side and the SDK only the other.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.stream import QuicStream
 
 from .chatterbox import SenderStats, TokenSender
@@ -41,6 +43,7 @@ from .read_credit import read_credit
 from .session import _SessionBase
 from .session_events import (
     ClientReport,
+    ConnectionEnded,
     RequestCancelled,
     RequestCompleted,
     RequestReceived,
@@ -81,6 +84,35 @@ def _forget_received(stream: QuicStream) -> None:
     stream.receiver._ranges = type(stream.receiver._ranges)()
 
 
+class PeerTransportError(ProtocolError):
+    """The client broke QUIC itself, and aioquic closed its connection with a transport error (RFC 9000 20.1):
+    a stream past the stream limit (STREAM_LIMIT_ERROR), data past its credit (FLOW_CONTROL_ERROR), a frame that
+    does not parse (FRAME_ENCODING_ERROR), a PROTOCOL_VIOLATION... ``transport_code`` is the code the client
+    heard, in QUIC's transport space (not an :class:`ErrorCode`: CRYPTO_ERROR, 0x100 + a TLS alert, overlaps
+    tokenwire's codes); ``frame_type`` the frame aioquic blamed."""
+
+    def __init__(self, message: str, transport_code: int, frame_type: int | None) -> None:
+        super().__init__(message)
+        self.transport_code = transport_code
+        self.frame_type = frame_type
+
+
+def transport_error_name(code: int) -> str:
+    """A QUIC transport error code's name (RFC 9000 20.1), as operators look it up: ``STREAM_LIMIT_ERROR``."""
+    if QuicErrorCode.CRYPTO_ERROR <= code <= QuicErrorCode.CRYPTO_ERROR + 0xFF:
+        return f"CRYPTO_ERROR (TLS alert {code - QuicErrorCode.CRYPTO_ERROR})"
+    return QuicErrorCode(code).name if code in QuicErrorCode._value2member_map_ else "unknown transport error"
+
+
+def _frame_name(frame_type: int) -> str:
+    """A QUIC frame type's name (RFC 9000 19), for a close's reason: STREAM frames are types 0x08 to 0x0f."""
+    if QuicFrameType.STREAM_BASE <= frame_type <= QuicFrameType.STREAM_BASE + 7:
+        return "STREAM"
+    if frame_type in (QuicFrameType.DATAGRAM, QuicFrameType.DATAGRAM_WITH_LENGTH):
+        return "DATAGRAM"
+    return QuicFrameType(frame_type).name if frame_type in QuicFrameType._value2member_map_ else f"{frame_type:#x}"
+
+
 @dataclass
 class ServerRequest:
     stream_id: int
@@ -106,8 +138,10 @@ class ServerSession(_SessionBase):
 
     ``max_requests``: the requests open at once, advertised as the client's stream limit
     (:func:`offer_request_streams`), so that a client's QUIC stack holds the request past it back (one that opens
-    a stream past it breaks QUIC's rule, and aioquic closes its connection with STREAM_LIMIT_ERROR). A request past
-    the attribute lowered after the connection opened is refused alone with LIMIT_EXCEEDED.
+    a stream past it breaks QUIC's rule, and aioquic closes its connection with STREAM_LIMIT_ERROR: a
+    :class:`PeerTransportError`, as every transport error aioquic closes it with for what the client sent; see
+    :meth:`_note_transport_close`). A request past the attribute lowered after the connection opened is refused alone
+    with LIMIT_EXCEEDED.
     """
 
     def __init__(
@@ -143,9 +177,18 @@ class ServerSession(_SessionBase):
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
+        self._offered_streams = max_requests  # (the transport parameter: a STREAM_LIMIT_ERROR's close names it)
 
     # -- API for the driver ----------------------------------------------------------------------------
+    @property
+    def transport_error(self) -> PeerTransportError | None:
+        """Why aioquic closed this connection for what the client sent (a QUIC transport error), or None."""
+        err = self._closing_error
+        return err if isinstance(err, PeerTransportError) else None
+
     def _on_peer_packet(self, now: float) -> None:
+        if self._closing_error is None:
+            self._note_transport_close()
         for req in self.requests.values():
             if req.sender is not None:
                 req.sender.on_peer_packet(now)
@@ -429,16 +472,71 @@ class ServerSession(_SessionBase):
         self._reset_own_side(stream_id)
         return [RequestCancelled(stream_id, f"client reset the stream (code {code})")]
 
+    def _note_transport_close(self) -> None:
+        """Note a close aioquic made itself for the datagram just read (a driver calls ``after_datagram`` for each):
+        a transport error in the client's packets, past the handshake. It made the close on its own, and its
+        ConnectionTerminated comes only at the end of the closing period with the code and nothing to tell it from
+        the client's own close: the connection was not counted as a protocol error, its line (aioquic's, without the
+        peer) was the only trace, and its answers were "lost", generating for a resume until the orphan timeout. Now
+        it is this side's close for the client's fault, as a malformed frame's is (``by_peer`` False), and what the
+        client sent after it is not used (``_closing_error``).
+
+        aioquic's close from a peer's packet is the one pending right after it is read with a frame type: the
+        sessions' own closes carry none (an application close), and the peer's close or the idle timer's sets none
+        pending. During the handshake the handshake guard counts the close (``failed``)."""
+        quic = self.quic
+        closing = quic._close_event
+        if closing is None or not quic._close_pending or closing.frame_type is None or not quic._handshake_complete:
+            return
+        code, frame_type = closing.error_code, closing.frame_type
+        why = f"QUIC {transport_error_name(code)} ({code:#x}): {closing.reason_phrase or 'no reason given'}"
+        if frame_type != QuicFrameType.PADDING:  # (aioquic's "none in particular": a packet's reserved bits)
+            why += f" (a {_frame_name(frame_type)} frame)"
+        if code == QuicErrorCode.STREAM_LIMIT_ERROR:
+            why += f"; {self._stream_limit()}"
+        self._closing_error = PeerTransportError(why, code, frame_type)
+
+    def _stream_limit(self) -> str:
+        """The request streams the client may have open at once, as a STREAM_LIMIT_ERROR's close says: the limit
+        it broke, told to it by QUIC's stream limit (MAX_STREAMS)."""
+        at_once = self._offered_streams
+        held = getattr(self.quic, "_held_streams", 0) if getattr(self.quic, "_unauthorized_window", None) else 0
+        setting = f"{self.setting_prefix}max_requests_per_connection"
+        # (a stream past it, not a request: a unidirectional stream past its own limit is the same error)
+        if held:  # (ReadCredit.hold_until_authorized: fewer until its first authorized request)
+            return (f"the client opened a stream past its stream limit, {at_once - held} request streams at once "
+                    f"before its first authorized request ({setting}: {at_once} after it)")
+        return f"the client opened a stream past its stream limit, {at_once} request streams at once ({setting})"
+
+    def _handle_quic_event(self, event: qe.QuicEvent, now: float) -> list[SessionEvent]:
+        out = super()._handle_quic_event(event, now)
+        err = self.transport_error
+        if err is not None and isinstance(event, qe.ConnectionTerminated):
+            # why, in words (aioquic's reason is "Too many streams open", without the limit or the code's name)
+            out = [dataclasses.replace(e, reason=str(err)) if isinstance(e, ConnectionEnded) else e for e in out]
+        return out
+
     def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
         """Every request still open ends with its connection: ``lost`` only where an answer had started, which the
         client may resume by its id. A stream whose REQUEST never came whole (half a frame, then the close) or that
-        broke the protocol has nothing to resume: reported "lost", it was counted as an answer the network cut."""
-        out: list[SessionEvent] = [
-            RequestCancelled(r.stream_id, "connection closed", lost=True) if r.started else
-            RequestCancelled(r.stream_id, "connection closed before the request was answered")
-            for r in self.requests.values()
-            if not r.done and not r.finished_sent
-        ]
+        broke the protocol has nothing to resume: reported "lost", it was counted as an answer the network cut.
+
+        A connection this side closed because its client broke the protocol (tokenwire's or QUIC's) lost no path:
+        its answers end cancelled (``lost`` False: the driver stops generating them), those sent whole too. As
+        "lost" they went on generating for a resume until the orphan timeout, for a client whose next connection
+        may break the protocol again."""
+        broke = self._closing_error
+        if broke is not None:
+            out: list[SessionEvent] = [
+                RequestCancelled(r.stream_id, f"connection closed: the client broke the protocol ({broke})")
+                for r in self.requests.values() if not r.done]
+        else:
+            out = [
+                RequestCancelled(r.stream_id, "connection closed", lost=True) if r.started else
+                RequestCancelled(r.stream_id, "connection closed before the request was answered")
+                for r in self.requests.values()
+                if not r.done and not r.finished_sent
+            ]
         for r in list(self.requests.values()):
             self._drop(r)
         return out
