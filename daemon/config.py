@@ -69,12 +69,18 @@ class AuthConfig:
     # the entries by digest (the first of a digest listed twice): one lookup per presented token, where a scan
     # hashed the token once per entry (17.7 ms of event loop per wrong token at 10,000 tokens)
     _by_digest: dict[str, TokenEntry] = field(init=False, repr=False, compare=False)
+    # the entries by name, in file order (a name may have several tokens, e.g. while one is replaced): an ingest
+    # open's principal check scanned every entry by name, on the event loop, per open
+    _by_name: dict[str, tuple[TokenEntry, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_digest: dict[str, TokenEntry] = {}
+        by_name: dict[str, list[TokenEntry]] = {}
         for e in self.tokens:
             by_digest.setdefault(e.sha256, e)
+            by_name.setdefault(e.name, []).append(e)  # (linear: one name may have thousands of tokens)
         object.__setattr__(self, "_by_digest", by_digest)
+        object.__setattr__(self, "_by_name", {name: tuple(entries) for name, entries in by_name.items()})
 
     @property
     def required(self) -> bool:
@@ -83,6 +89,11 @@ class AuthConfig:
     def by_digest(self, sha256: str) -> TokenEntry | None:
         """The entry of the token whose SHA-256 hex digest is ``sha256``, or None."""
         return self._by_digest.get(sha256)
+
+    def by_name(self, name: str) -> tuple[TokenEntry, ...]:
+        """The entries named ``name`` (the principal a client with one of their tokens has), in file order; none
+        when no token has that name."""
+        return self._by_name.get(name, ())
 
     def entry(self, token: str | None) -> TokenEntry | None:
         """The entry ``token`` matches, or None when it is missing or wrong.

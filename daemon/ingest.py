@@ -96,7 +96,7 @@ def principal_problem(principal: str | None, auth: AuthConfig, *, certificates: 
     if auth.required:
         if principal is None:
             return "principal required: auth tokens are configured, and a client attaches as its token's name"
-        if all(t.name != principal for t in auth.tokens):
+        if not auth.by_name(principal):  # (a lookup: a scan of every token per open blocked the loop)
             return f"principal {principal!r} is not the name of an auth token: no client could attach to it"
         return None
     if certificates:
