@@ -361,16 +361,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**32 - 1
+"""Largest ``--seed``: what every generator a seed reaches takes (torch's ``manual_seed`` refused 2**64 and up with
+a traceback from ``predictor train``, numpy's legacy ``RandomState`` refuses 2**32), and a JSON result records
+exactly (a double holds integers to 2**53: a larger seed read back by another tool replayed another run)."""
+
+
 def seed_arg(text: str) -> int:
-    """``type=`` of a ``--seed``: an integer >= 0 (numpy's generators refuse negative seeds, which ``predictor
-    train`` reported as a traceback after loading its data; ``testbed compare --seed -1`` was accepted where
-    ``predictor collect`` refused it)."""
+    """``type=`` of every ``--seed`` (``testbed``, ``predictor``, ``sim``): an integer from 0 to :data:`MAX_SEED`
+    (numpy's generators refuse negative seeds, which ``predictor train`` reported as a traceback after loading its
+    data; ``testbed compare --seed -1`` was accepted where ``predictor collect`` refused it)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is too large; seeds are integers from 0 to {MAX_SEED} (2**32 - 1)")
     return value
 
 

@@ -54,6 +54,8 @@ def demo_tokens(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tokenwire.daemon.cli import seed_arg  # (imported here: cli imports this module)
+
     p = sub.add_parser(
         "demo",
         help="stream a demo answer over QUIC through a lossy link, live, then compare schemes",
@@ -66,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=30.0, help="tokens per second (default 30)")
     p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay of the link (default 40)")
     p.add_argument("--loss", default=DEFAULT_LOSS, help=f"loss spec, as in `tokenwire sim` (default {DEFAULT_LOSS})")
-    p.add_argument("--seed", type=int, default=3, help="loss pattern seed (default 3)")
+    p.add_argument("--seed", type=seed_arg, default=3, help="loss pattern seed, an integer >= 0 (default 3)")
     p.add_argument("--schemes", default="chatterbox,stream,duplicate",
                    help="comma-separated; the first one renders live (default chatterbox,stream,duplicate)")
     p.add_argument("--quiet", action="store_true", help="do not render the answer live")

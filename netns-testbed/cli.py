@@ -98,15 +98,23 @@ def note_large_traces(*specs: str | None) -> None:
 def emulator_config(args: argparse.Namespace, *, log: str | None = None, pcap: str | None = None) -> Any:
     from .emulator import DirectionConfig, EmulatorConfig
 
-    note_large_traces(args.down_trace, up_spec(args))
-
     cfg = EmulatorConfig(
         down=DirectionConfig(args.down_trace, args.delay_ms, args.loss, args.queue),
         up=DirectionConfig(up_spec(args), args.delay_ms, args.up_loss, args.queue),
         seed=args.seed, log_path=log, pcap_prefix=pcap,
     )  # fmt: skip
-    validate(cfg.down.validate, cfg.up.validate, crossable(cfg.down.trace, cfg.up.trace))
+    check_path(cfg.down.trace, cfg.up.trace, cfg.down.validate, cfg.up.validate)
     return cfg
+
+
+def check_path(down_trace: str | None, up_trace: str | None, *checks: Callable[[], None]) -> None:
+    """The checks of a testbed command's path, before anything is built, as :class:`CLIError`: the command's own
+    ``checks`` (its config's ``validate``), then no trace going longer than :data:`.emulator.MAX_TRACE_GAP_MS`
+    without a delivery opportunity (:func:`crossable`); a large trace file is announced first, as its parse is
+    slow. The one place ``up``, ``compare``, ``kv`` and ``swiftqueue`` take them from: ``swiftqueue`` had a check
+    of its own without the gap rule, and a trace with a minute-long gap built the namespaces to fail later."""
+    note_large_traces(down_trace, up_trace)
+    validate(*checks, crossable(down_trace, up_trace))
 
 
 def crossable(*specs: str | None) -> Callable[[], None]:
@@ -373,7 +381,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         check_root()
     except Exception as exc:
         raise CLIError(str(exc)) from None
-    runs = _listed_runs(list_runs())
+    runs = list_runs()
     if args.run_ids:
         wanted = set(args.run_ids)
         unknown = wanted - {r.run_id for r in runs}
@@ -406,74 +414,23 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-_UNREADABLE_ERRORS = (ValueError, OSError, TypeError)  # as netns.list_runs (JSONDecodeError is a ValueError)
-
-
 def _destroy(st: Any) -> tuple[list[str], str | None]:
     """Remove what run ``st`` left (namespaces, processes in them, state file, scratch folder, links named by
     its id); returns what was removed and, for a state file that cannot be read, why."""
-    from .netns import RunState, destroy_run, remove_scratch
+    from .netns import destroy_run, read_run, remove_scratch
 
-    why = st.info.get("unreadable_state")
-    target = None
-    if why is None and os.path.exists(st.path):  # (gone: its owner, terminated above, tore the run down)
-        try:
-            target = RunState.load(st.path)
-        except _UNREADABLE_ERRORS as exc:  # spoilt since it was listed
-            why = f"{exc.__class__.__name__}: {exc}"
-    if why is not None:
-        target = _salvaged(st, why)
+    target = st
+    if os.path.exists(st.path):  # read again: it may have been spoilt since it was listed (then salvaged)
+        target = read_run(st.path, st.run_id)
+    elif st.info.get("unreadable_state") is None:
+        target = None  # gone: its owner, terminated above, tore the run down
+    why = target.info.get("unreadable_state") if target is not None else None
     removed = destroy_run(target) if target is not None else []
     scratch = remove_scratch(target) if target is not None else None  # its owner died without removing it
     if scratch is not None:
         removed.append(scratch)
     removed += _remove_links(st.run_id)
     return removed, why
-
-
-def _salvaged(st: Any, why: str | None = None) -> Any:
-    """A run whose state file cannot be read (a truncated file, or one of another version with keys this one does
-    not know), as far as the file still tells: its namespaces by its id, the scratch folder it names, and its
-    owner only when alive and provably the one that wrote the file (pid and start time: a bare pid may since
-    belong to anybody)."""
-    from .netns import _unreadable_state, same_process
-
-    why = why or str(st.info.get("unreadable_state"))
-    out = _unreadable_state(st.run_id, why)
-    fields = _state_fields(st.path)
-    pid, started = fields.get("owner_pid"), fields.get("owner_start")
-    if isinstance(pid, int) and pid > 0 and isinstance(started, int) and same_process(pid, started):
-        out.owner_pid, out.owner_start = pid, started
-    scratch = fields.get("scratch")
-    if isinstance(scratch, str):
-        out.info["scratch"] = scratch  # (netns.remove_scratch removes only a folder of ours in the temp dir)
-    return out
-
-
-_FIELD_RE = re.compile(r'"(owner_pid|owner_start|scratch)"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
-
-
-def _state_fields(path: str) -> dict[str, Any]:
-    """``owner_pid``, ``owner_start`` and ``info.scratch`` of a state file that :meth:`RunState.load` refused:
-    from its JSON if it parses, else from whatever of them a truncated file still holds whole."""
-    try:
-        with open(path, errors="replace") as fh:
-            text = fh.read(1 << 20)  # a state file is a few kB
-    except OSError:
-        return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        info = data.get("info")
-        return {"owner_pid": data.get("owner_pid"), "owner_start": data.get("owner_start"),
-                "scratch": info.get("scratch") if isinstance(info, dict) else None}
-    out: dict[str, Any] = {}
-    for m in _FIELD_RE.finditer(text):
-        with contextlib.suppress(ValueError):
-            out.setdefault(m.group(1), json.loads(m.group(2)))
-    return out
 
 
 def _remove_links(run_id: str) -> list[str]:
@@ -491,20 +448,11 @@ def _remove_links(run_id: str) -> list[str]:
     return removed
 
 
-def _listed_runs(runs: list[Any]) -> list[Any]:
-    """``runs`` (:func:`.netns.list_runs`) with each run whose state file cannot be read seen by what its file still
-    tells (:func:`_salvaged`: a live owner, proven by pid and start time, of another version is left alone).
-    ``down`` re-read such a file without a guard, a traceback that also stopped the cleanup of every other crashed
-    run; and ``status`` judged the run by list_runs' owner pid 0 and called a live run CRASHED, while ``down``
-    saw its live owner and left it ("nothing to clean up"). Both commands list runs through this one function."""
-    return [_salvaged(st) if st.info.get("unreadable_state") else st for st in runs]
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from .netns import list_runs, netns_exists
 
     out: list[dict[str, Any]] = []
-    for st in _listed_runs(list_runs()):
+    for st in list_runs():
         out.append({
             "run_id": st.run_id, "backend": st.backend, "owner_pid": st.owner_pid,
             "owner_alive": st.owner_alive, "emulator_alive": st.emulator_alive,
@@ -567,8 +515,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         up_loss=args.up_loss, queue=args.queue, schemes=schemes, tokens=args.tokens, rate=args.rate,
         seed=args.seed, runs=args.runs, sse_cc=args.sse_cc, backend=args.backend, cross=args.cross or [],
     )  # fmt: skip
-    note_large_traces(cfg.down_trace, cfg.up_trace)
-    validate(cfg.validate, crossable(cfg.down_trace, cfg.up_trace))
+    check_path(cfg.down_trace, cfg.up_trace, cfg.validate)
     try:  # after the arguments' checks: without root, a wrong argument was reported as "needs root"
         check_root()
     except TestbedError as exc:
@@ -648,8 +595,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.text:
         cfg.text = args.text
-    note_large_traces(cfg.down_trace, cfg.up_trace)
-    validate(cfg.validate, crossable(cfg.down_trace, cfg.up_trace))
+    check_path(cfg.down_trace, cfg.up_trace, cfg.validate)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 NETNS_DIR = "/run/netns"
 # not under /run/tokenwire: that is the systemd unit's RuntimeDirectory, which systemd removes when the service stops,
@@ -409,35 +410,112 @@ class RunState:
 
     @classmethod
     def load(cls, path: str) -> RunState:
+        """The run of state file ``path``; ValueError or TypeError for one that is not a whole state file of this
+        version (:func:`list_runs` salvages those).
+
+        A pid the file names without a recorded start time is never taken for a live process: ``__post_init__``
+        filled the missing ``owner_start`` with whatever process held the pid now, so a hand-made or older file
+        naming pid 1 had ``testbed down ID`` SIGTERM it, and an ``emulator_pid`` without ``emulator_start`` was
+        signalled even by a plain ``down``. The pids' types are checked here for the same reason: a string pid
+        passed ``load`` and ended ``status`` in a TypeError traceback."""
         with open(path) as fh:
             data = json.load(fh)
-        if not RUN_ID_RE.match(str(data.get("run_id", ""))):
+        if not isinstance(data, dict) or not RUN_ID_RE.match(str(data.get("run_id", ""))):
             raise ValueError(f"{path}: not a testbed state file")
+        names = data.get("namespaces", [])
+        valid = {
+            "owner_pid": _uint(data.get("owner_pid")),  # (a negative pid names a process group to os.kill)
+            "emulator_pid": data.get("emulator_pid") is None or _uint(data["emulator_pid"]),
+            "namespaces": isinstance(names, list) and all(isinstance(ns, str) for ns in names),
+            "info": isinstance(data.get("info", {}), dict),
+        }
+        wrong = [f"{key} {data.get(key)!r}" for key, ok in valid.items() if not ok]
+        if wrong:
+            raise ValueError(f"{path}: {', '.join(wrong)}: not a testbed state file's")
+        for pid_key, start_key in (("owner_pid", "owner_start"), ("emulator_pid", "emulator_start")):
+            if data.get(pid_key) and not _uint(data.get(start_key)):
+                data[start_key] = UNPROVEN_START
         return cls(**data)
 
 
 def list_runs() -> list[RunState]:
-    """State files of every run on this host (crashed ones included)."""
+    """State files of every run on this host (crashed ones included), in the one form every caller (``testbed
+    status``, ``testbed down``) judges them by. A state file that cannot be read is listed by :func:`read_run` as
+    far as it still tells: skipped, it hid its namespaces from ``status`` and ``down``; listed with owner pid 0,
+    ``status`` called a live run CRASHED while ``down``, which salvaged the owner itself, left it alone."""
     if not os.path.isdir(STATE_DIR):
         return []
     out = []
     for name in sorted(os.listdir(STATE_DIR)):
-        if name.endswith(".json"):
-            try:
-                out.append(RunState.load(os.path.join(STATE_DIR, name)))
-            except (ValueError, OSError, TypeError) as exc:  # JSONDecodeError is a ValueError
-                run_id = name[: -len(".json")]
-                if RUN_ID_RE.match(run_id):  # unreadable, but its name says which namespaces are its
-                    out.append(_unreadable_state(run_id, f"{exc.__class__.__name__}: {exc}"))
+        run_id = name.removesuffix(".json")
+        if run_id != name and RUN_ID_RE.match(run_id):  # (a file of no run's name tells no namespaces to go by)
+            out.append(read_run(os.path.join(STATE_DIR, name), run_id))
     return out
 
 
-def _unreadable_state(run_id: str, why: str) -> RunState:
-    """A run whose state file cannot be read, seen as crashed: what carries its id can still be removed.
-    Skipping it hid its namespaces from ``status`` and ``down``."""
+def read_run(path: str, run_id: str) -> RunState:
+    """Run ``run_id``'s state from its file ``path``: loaded, or, when it cannot be (cut short, keys or types of
+    another version), salvaged as a crashed run with ``info["unreadable_state"]`` saying why: its namespaces found
+    by its id, the scratch folder the file still names (:func:`remove_scratch` removes only one of ours), and its
+    owner only when the file still names a pid and a start time that match a live process (a bare pid may since
+    belong to anybody: it is never signalled)."""
+    try:
+        state = RunState.load(path)
+    except (ValueError, OSError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        return _salvaged(run_id, f"{exc.__class__.__name__}: {exc}", _state_fields(path))
+    if state.run_id != run_id:  # another run's state under this name: its namespaces, owner and folder are not ours
+        return _salvaged(run_id, f"ValueError: {path}: the state of run {state.run_id}", {})
+    return state
+
+
+def _salvaged(run_id: str, why: str, fields: dict[str, object]) -> RunState:
     names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
-    return RunState(run_id=run_id, owner_pid=0, namespaces=sorted(n for n in names if n.startswith(run_id + "-")),
-                    created=0.0, info={"unreadable_state": why})
+    out = RunState(run_id=run_id, owner_pid=0, namespaces=sorted(n for n in names if n.startswith(run_id + "-")),
+                   created=0.0, info={"unreadable_state": why})
+    pid, started = fields.get("owner_pid"), fields.get("owner_start")
+    if _uint(pid) and pid > 0 and _uint(started) and same_process(pid, started):
+        out.owner_pid, out.owner_start = pid, started
+    scratch = fields.get("scratch")
+    if isinstance(scratch, str):
+        out.info["scratch"] = scratch
+    return out
+
+
+UNPROVEN_START = -1
+"""The start time given a pid that a state file names without its own: no process has it (``/proc/PID/stat``'s
+field is unsigned), so :func:`same_process` never takes that pid for the run's."""
+
+
+def _uint(value: object) -> TypeGuard[int]:
+    """A pid or a start time as :func:`start_time` reads one: an int >= 0; not a bool (``true`` in JSON), and not
+    None, which :func:`same_process` takes for "any process with this pid"."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_FIELD_RE = re.compile(r'"(owner_pid|owner_start|scratch)"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+
+
+def _state_fields(path: str) -> dict[str, object]:
+    """``owner_pid``, ``owner_start`` and ``info.scratch`` of a state file that :meth:`RunState.load` refused:
+    from its JSON if it parses, else from whatever of them a truncated file still holds whole."""
+    try:
+        with open(path, errors="replace") as fh:
+            text = fh.read(1 << 20)  # a state file is a few kB
+    except OSError:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        info = data.get("info")
+        return {"owner_pid": data.get("owner_pid"), "owner_start": data.get("owner_start"),
+                "scratch": info.get("scratch") if isinstance(info, dict) else None}
+    out: dict[str, object] = {}
+    for m in _FIELD_RE.finditer(text):
+        with contextlib.suppress(ValueError):
+            out.setdefault(m.group(1), json.loads(m.group(2)))
+    return out
 
 
 SCRATCH_PREFIXES = ("tw-", "tokenwire-")  # the temporary folders the testbed's commands make

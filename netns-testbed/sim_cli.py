@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenwire.daemon.cli import cell, write_json
+from tokenwire.daemon.cli import cell, seed_arg, write_json
 
 LONG_RUN_TOKENS = 5_000
 """Tokens simulated in all (``--tokens`` x schemes x runs) from which progress is printed: 1.5-2 s on the
@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--loss-direction", choices=("both", "down", "up"), default="both",
                    help="lossy directions (up: the client's packets only, as when a cell's uplink fails)")
-    p.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
+    # seed_arg, as every other --seed: a plain int took -1 and 2**70, seeds the testbed and predictor refuse
+    p.add_argument("--seed", type=seed_arg, default=1, help="first seed, an integer >= 0 (default 1)")
     p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default 1)")
     p.add_argument("--first-token-ms", type=float, default=150.0, help="generator prefill delay (default 150)")
     p.add_argument("--json", type=Path, help="write the results here")

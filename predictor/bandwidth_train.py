@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenwire.daemon.cli import seed_arg
 from tokenwire.testbed.trace import OPPORTUNITY_BYTES, Trace, load_trace
 
 from .bandwidth import HORIZON, MODEL_FILE, N_FEATURES, QUANTILES, WINDOW, features
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "shipped"))
     ap.add_argument("--series", type=int, default=1500, help="series per training trace")
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0, help="an integer from 0 to 2**32 - 1 (default 0)")
     ap.add_argument("--json", help="write the evaluation report here")
     args = ap.parse_args(argv)
     report = train(args)

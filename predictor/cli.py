@@ -6,6 +6,7 @@ Top level imports argparse only; numpy, torch and onnxruntime load inside the ha
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tokenwire.daemon.cli import seed_arg
+from tokenwire.daemon.cli import MAX_SEED, seed_arg
 
 DEFAULT_WINDOW = 64
 """``train --window``'s default, the shipped models' window: a dataset needs more acks for any point."""
@@ -180,6 +181,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_eval)
 
 
+MAX_SEEDS = 10_000
+"""Seeds one ``collect-many`` takes: each is a testbed run per trace (seconds to minutes), so more is a typo."""
+
+
 def _parse_seeds(text: str) -> list[int]:
     out: list[int] = []
     if not text.strip():
@@ -194,6 +199,10 @@ def _parse_seeds(text: str) -> list[int]:
             raise _err(f"--seeds: {part!r} is not N or N-M") from None
         if last < first:  # range() of it is empty: it used to end in "no seeds"
             raise _err(f"--seeds: {part!r} is a reversed range; write {last}-{first}")
+        if last > MAX_SEED:  # as every --seed (seed_arg): torch and numpy's legacy generator refuse larger ones
+            raise _err(f"--seeds: {last} is too large; seeds are integers from 0 to {MAX_SEED} (2**32 - 1)")
+        if len(out) + last - first + 1 > MAX_SEEDS:  # (0-4294967295 built a list of 4 billion ints first)
+            raise _err(f"--seeds: {text!r} names more than {MAX_SEEDS} seeds, each a collection run; split it")
         out += list(range(first, last + 1))
     if not out:
         raise _err("--seeds: no seeds")
@@ -279,7 +288,7 @@ def _output_stem(trace: str) -> str:
 def _check_jobs(traces: list[str], seeds: list[int]) -> None:
     """Refuse repeated seeds and traces whose output files would coincide: a later run would overwrite an
     earlier one while the summary and index.json still counted both."""
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)  # (count() per seed: quadratic)
     if twice:
         raise _err(f"--seeds: {', '.join(map(str, twice))} given more than once")
     by_stem: dict[str, list[str]] = {}

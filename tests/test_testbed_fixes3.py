@@ -561,7 +561,7 @@ def test_down_never_signals_a_live_pid_an_unreadable_state_file_names_without_it
                                                                                            fake_host, capsys):
     """`down ID` and `down --all` SIGTERM (then SIGKILL) a live owner: a corrupted file's bare pid, or one whose
     start time is not that process's, may belong to anybody and must not be taken for the owner. (The mutant
-    `isinstance(started, int) and same_process(pid, started)` -> `True` in cli._salvaged killed this process.)"""
+    `_uint(started) and same_process(pid, started)` -> `True` in netns._salvaged killed this process.)"""
     proc = _sleeper()
     try:
         fields: dict[str, Any] = {"run_id": "tw5b1b03", "owner_pid": proc.pid, "newer_key": 1}
