@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -861,16 +861,18 @@ def _warm_up() -> float:
     return warm_up()
 
 
-async def warm_up_codec(run: Any = _warm_up) -> None:
+async def warm_up_codec(run: Any = _warm_up, clock: Callable[[], float] = time.monotonic) -> None:
     """Compile the codec's CPU kernels now: cold, that took ~3 s (2 cores), which the first fetch would
     otherwise spend against its deadline. A JIT that cannot run at all is a :class:`StartupError` now
-    rather than a failed fetch later."""
+    rather than a failed fetch later. The time logged is the whole wait (``clock`` around it): ``run``'s own
+    figure left out importing torch and numba, and "ready (0.5 s)" came 3.9 s after "compiling"."""
     log.info("KV codec: compiling or loading its kernels (a first start takes ~10 s)")
+    began = clock()
     try:
-        took = await asyncio.to_thread(run)
+        await asyncio.to_thread(run)
     except (OSError, RuntimeError, ImportError) as exc:
         raise StartupError(warm_up_failure(exc)) from None
-    log.info("KV codec ready (%.1f s to compile or load its kernels)", took)
+    log.info("KV codec ready (%.1f s to compile or load its kernels)", clock() - began)
 
 
 def _load_forecaster(kind: str) -> float:
@@ -883,7 +885,8 @@ def _load_forecaster(kind: str) -> float:
     return time.monotonic() - began
 
 
-async def warm_up_forecaster(kind: str, load: Any = _load_forecaster) -> bool:
+async def warm_up_forecaster(kind: str, load: Any = _load_forecaster,
+                             clock: Callable[[], float] = time.monotonic) -> bool:
     """Load the ``[kv] forecaster``'s runtime and model now, on a thread: the first fetch built it on the event
     loop (``import onnxruntime`` and the model: ~150-200 ms during which no connection of the daemon was served).
 
@@ -893,14 +896,15 @@ async def warm_up_forecaster(kind: str, load: Any = _load_forecaster) -> bool:
     if kind != "onnx":  # (ewma: nothing to load)
         return True
     log.info("KV forecaster: loading onnxruntime and the bandwidth model")
+    began = clock()  # the whole wait, as the codec's (its load's own figure leaves out the thread's start)
     try:
-        took = await asyncio.to_thread(load, kind)
+        await asyncio.to_thread(load, kind)
     except Exception as exc:  # ModelError (a missing or corrupt model), ImportError (a broken onnxruntime), ...
         log.error("kv.forecaster = onnx but its bandwidth model cannot be loaded (%s: %s): KV fetches are planned "
                   "with the ewma forecaster until a restart; fix the install or set forecaster = \"ewma\" in [kv]",
                   type(exc).__name__, exc)
         return False
-    log.info("KV forecaster ready (%.2f s to load onnxruntime and the bandwidth model)", took)
+    log.info("KV forecaster ready (%.2f s to load onnxruntime and the bandwidth model)", clock() - began)
     return True
 
 
@@ -944,19 +948,17 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     max_sessions connections was ~20 GB)."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
 
-    try:  # the store first: a directory it cannot use fails in a moment, not after the codec's compile
+    # Every check that can refuse the start comes before the warm-ups (the codec's compile, the forecaster's
+    # load: seconds): the store, the port, the ingest socket's path and group. A refused start after the warm-up
+    # took 6-8 s, and with the unit's RestartSec=2 the retries never reached StartLimitBurst= within
+    # StartLimitIntervalSec=: the unit restarted for ever instead of staying failed.
+    try:  # the store first: a directory it cannot use fails in a moment
         store = open_store(cfg)
     except OSError as exc:
         raise StartupError(f"kv.directory: cannot use {exc.filename or cfg.directory}: {exc.strerror or exc}") \
             from None
     except StoreError as exc:
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
-    try:
-        await warm_up_codec()
-        forecaster = cfg.forecaster if await warm_up_forecaster(cfg.forecaster) else "ewma"
-    except BaseException:
-        store.close()
-        raise
     service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
     marking = kv_marking(cfg.marking)  # classic: ECT(0), as [marking]'s (it was Not-ECT, the same as "none")
     limits = {} if max_connections is None else {"max_connections": max_connections}
@@ -968,7 +970,9 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     if authorize is not None:  # its check lets a token-less fetch through while no [auth] tokens are configured: only
         # with tokens is a connection held to a small window until a fetch of it is authorized (serve_kv)
         limits["hold_unauthorized"] = lambda: not authorize(None)
-    tuning = ServerTuning(forecaster=forecaster, prior_bps=cfg.prior_mbps * 1e6,
+    # ewma until the forecaster's model is loaded (below): the port is open during the warm-up, and a fetch then
+    # must not load onnxruntime on the event loop. Every session shares this tuning: the load's outcome sets it.
+    tuning = ServerTuning(forecaster="ewma", prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
     try:
@@ -987,7 +991,15 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         service.close()
         raise StartupError(f"kv.ingest_socket: cannot listen on {cfg.ingest_socket}: {exc.strerror or exc}") \
             from None
+    path = Path(cfg.ingest_socket) if cfg.ingest_socket is not None else None
+    runtime = KVRuntime(service, server, ingest, path, unix_sockets.identity(path) if path is not None else None)
+    try:  # (a fetch or put that comes meanwhile waits on its worker thread for the compile, as a cold one did)
+        await warm_up_codec()
+        if await warm_up_forecaster(cfg.forecaster):
+            tuning.forecaster = cfg.forecaster
+    except BaseException:  # a refused JIT, or a stop signal during the start
+        await runtime.aclose()  # (a put may be on a worker now: not joined on the event loop)
+        raise
     log.info("KV channel on udp %s:%d (store: %s, %d MiB)", cfg.listen[0], server.port, cfg.backend,
              cfg.capacity_bytes >> 20)
-    path = Path(cfg.ingest_socket) if cfg.ingest_socket is not None else None
-    return KVRuntime(service, server, ingest, path, unix_sockets.identity(path) if path is not None else None)
+    return runtime

@@ -154,11 +154,53 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
+# The daemon's own loggers follow [logging] level; every other library's (numba, torch, onnxruntime, aiohttp,
+# asyncio, aioquic's "quic", ...) logs from WARNING up whatever that level, unless the operator names it here
+# (comma- or space-separated logger names, e.g. in a drop-in: Environment=TOKENWIRE_LOG_LIBRARIES=numba): with
+# level = "debug" and [kv], numba's compiler alone wrote ~16,000 lines in 4 s at a first start, past journald's
+# default rate limit (10,000 in 30 s), which then dropped the daemon's own lines.
+OWN_LOGGERS = ("tokenwire",)
+LIBRARY_LOGGERS_ENV = "TOKENWIRE_LOG_LIBRARIES"
+LIBRARY_FLOOR = logging.WARNING
+# libraries whose records cost their time even when the handler drops them (numba builds a bytecode dump per
+# record): held at the floor by their logger's level too, not by the handler alone
+_HELD_BY_LEVEL = ("quic", "numba")
+
+
+def _within(name: str, roots: tuple[str, ...]) -> bool:
+    """Whether logger ``name`` is one of ``roots`` or below one of them (``numba.core.ssa`` is below ``numba``)."""
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def named_libraries() -> tuple[str, ...]:
+    """The logger names :data:`LIBRARY_LOGGERS_ENV` asks to follow [logging] level, as the daemon's own do."""
+    return tuple(n for n in re.split(r"[\s,]+", os.environ.get(LIBRARY_LOGGERS_ENV, "")) if n)
+
+
+class LibraryFilter(logging.Filter):
+    """On the daemon's handler: passes a record of the daemon's own loggers (:data:`OWN_LOGGERS`) or of one the
+    operator named (:func:`named_libraries`) at any level the loggers let through, anyone else's from
+    :attr:`floor` up (WARNING, or the configured level when that is higher). A handler filter covers every
+    library, those that give their loggers a level of their own included; :func:`set_log_level` sets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floor = LIBRARY_FLOOR
+        self.named: tuple[str, ...] = ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.floor or _within(record.name, OWN_LOGGERS + self.named)
+
+
+library_records = LibraryFilter()  # the daemon's, on its log handler
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Log to ``stream`` (stderr) in ``fmt`` (text or json) from ``level`` on; journald priorities when it is the
     journal (:func:`stream_is_journal`)."""
     out = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(out)
+    handler.addFilter(library_records)
     handler.addFilter(quic_warnings)
     journal = stream_is_journal(out)
     formatter: logging.Formatter
@@ -173,8 +215,28 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     set_log_level(level)
 
 
+_levelled: set[str] = set()  # loggers set_log_level gave a level of their own (reset at the next call)
+
+
 def set_log_level(level: str) -> None:
-    """The root logger's level, and aioquic's (``quic``) never below WARNING: its INFO lines are per packet."""
+    """The root logger's level, and the rule for other libraries' records (:class:`LibraryFilter`): from WARNING
+    up unless named in :data:`LIBRARY_LOGGERS_ENV` (the process's environment: a changed drop-in needs a
+    restart). aioquic's (``quic``: its INFO lines are per packet) and numba's loggers are held there by their
+    level too; a named logger below one of them (``numba.core.ssa``) gets the configured level itself, or its
+    parent's would still hold it."""
     root = logging.getLogger()
     root.setLevel(level.upper())
-    logging.getLogger("quic").setLevel(max(logging.WARNING, root.level))
+    named = named_libraries()
+    library_records.named = named
+    library_records.floor = max(LIBRARY_FLOOR, root.level)
+    for name in _levelled:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    _levelled.clear()
+    for name in _HELD_BY_LEVEL:
+        if not _within(name, named):
+            logging.getLogger(name).setLevel(library_records.floor)
+            _levelled.add(name)
+    for name in named:
+        if _within(name, tuple(n for n in _levelled if n != name)):
+            logging.getLogger(name).setLevel(root.level)
+            _levelled.add(name)

@@ -6,11 +6,18 @@ user cannot read, a folder it cannot enter, a store left root's by a ``sudo toke
 outside the unit's writable ones passed ``config check`` and failed the service's start. These are warnings
 (:func:`tokenwire.daemon.config.security_warnings` gathers them): a drop-in may change the user, its groups or
 ``ReadWritePaths=``, and the service may run on another host than the check.
+
+The unit's sandbox hid more that ``config check`` passed: a socket or store under /tmp (``PrivateTmp=yes``: the
+service's own, empty at each start), a file, store or socket under /home, /root or /run/user, or a venv whose
+Python resolves there (``ProtectHome=yes``), a port below 1024 (no capabilities), a socket group the user is not
+in. The installed unit's own settings are read where they decide (a drop-in may change them); with no unit
+installed, the shipped unit's.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +31,10 @@ DAEMON_USER = "tokenwire"  # the systemd unit's User=: config check, run as root
 STATE_DIRECTORY = Path("/var/lib/tokenwire")
 RUNTIME_DIRECTORY = Path("/run/tokenwire")
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # the service's own, empty: what is there now is not what it sees
+PROTECTED_HOME = (Path("/home"), Path("/root"), Path("/run/user"))  # ProtectHome=yes: hidden from the service
+# What the shipped unit (systemd/tokenwire.service) says, for a check run before it is installed (the README's
+# install checks the configuration first)
+SHIPPED_UNIT = {"PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": ""}
 UNIT_NAME = "tokenwire.service"
 UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"), Path("/usr/local/lib/systemd/system"),
              Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))  # systemd's search order, first wins
@@ -132,10 +143,14 @@ def unreadable_by_daemon(path: Path) -> str | None:
     """Why the systemd unit's user (:data:`DAEMON_USER`) cannot read ``path``; None when it can, or when that
     cannot be told here: ``config check`` not run as root, no such user on this system, or no file. ``tokenwire
     cert`` writes its key 0600 root, and a check run as root said ok for a key the daemon then could not read;
-    and of a file the user owns in a folder it cannot enter."""
+    and of a file the user owns in a folder it cannot enter; and of one under /home, /root or /run/user, which
+    the unit's ProtectHome=yes hides whatever the modes."""
     who = _daemon_user()
     if who is None:
         return None
+    hidden = _protect_home_note(path, "reading it", writes=False)
+    if hidden is not None:  # (its folders' modes say nothing then: chmod would not help)
+        return f"{hidden} (e.g. to /etc/tokenwire, owned by {who.name}:{who.group})"
     try:
         st = path.stat()
     except OSError:
@@ -162,12 +177,11 @@ _UNIT_SPECIFIERS = {"%S": "/var/lib", "%t": "/run", "%C": "/var/cache", "%L": "/
                     "%V": "/var/tmp"}
 
 
-def _unit_read_write_paths() -> list[Path] | None:
-    """The ReadWritePaths= the installed unit and its drop-ins give the service (systemd's rules: the first unit
-    file found, then each drop-in name once, first directory wins, in name order; an empty assignment resets the
-    list); None when no unit is installed (the README's install checks the configuration before it installs it)."""
-    import shlex
-
+def _unit_assignments() -> dict[str, list[str]] | None:
+    """Every ``[Service]`` assignment of the installed unit and its drop-ins, by key, in systemd's order (the
+    first unit file found, then each drop-in name once, first directory wins, in name order); an empty
+    assignment is kept as ``""`` (it resets a list). None when no unit is installed (the README's install checks
+    the configuration before it installs it)."""
     unit = next((d / UNIT_NAME for d in UNIT_DIRS if (d / UNIT_NAME).is_file()), None)
     dropins: dict[str, Path] = {}
     for d in UNIT_DIRS:
@@ -176,7 +190,7 @@ def _unit_read_write_paths() -> list[Path] | None:
             dropins.setdefault(conf.name, conf)
     if unit is None and not dropins:
         return None
-    paths: list[Path] = []
+    found: dict[str, list[str]] = {}
     for file in ([unit] if unit is not None else []) + [dropins[name] for name in sorted(dropins)]:
         try:
             lines = file.read_text(errors="replace").splitlines()
@@ -189,27 +203,152 @@ def _unit_read_write_paths() -> list[Path] | None:
                 section = line
                 continue
             key, eq, value = line.partition("=")
-            if section != "[Service]" or not eq or key.strip() != "ReadWritePaths":
+            if section == "[Service]" and eq:
+                found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def _unit_words(key: str, assignments: dict[str, list[str]] | None = None) -> list[str] | None:
+    """The words of a list setting (``ReadWritePaths=``, ``StateDirectory=``, ...) of the installed unit: each
+    assignment adds to the list, an empty one resets it, with systemd's quoting and a system unit's path
+    specifiers; None when no unit is installed."""
+    import shlex
+
+    found = _unit_assignments() if assignments is None else assignments
+    if found is None:
+        return None
+    words: list[str] = []
+    for value in found.get(key, []):
+        if not value:
+            words.clear()
+            continue
+        try:
+            more = shlex.split(value)
+        except ValueError:  # unbalanced quotes: systemd ignores the line too
+            continue
+        for word in more:
+            for spec, path in _UNIT_SPECIFIERS.items():
+                word = word.replace(spec, path)
+            words.append(word)
+    return words
+
+
+def _unit_read_write_paths() -> list[Path] | None:
+    """The ReadWritePaths= the installed unit and its drop-ins give the service (:func:`_unit_words`); None when
+    no unit is installed."""
+    words = _unit_words("ReadWritePaths")
+    # "-": ignored when missing; "+": outside the namespace (writable all the same)
+    return None if words is None else [Path(word.lstrip("-+")) for word in words]
+
+
+# where systemd makes each kind of a unit's own directories (systemd.exec(5), a system unit), its User='s at start
+_UNIT_DIRECTORY_ROOTS = {"StateDirectory": Path("/var/lib"), "RuntimeDirectory": Path("/run"),
+                         "CacheDirectory": Path("/var/cache"), "LogsDirectory": Path("/var/log")}
+
+
+def _unit_directories() -> list[Path]:
+    """The StateDirectory=, RuntimeDirectory=, CacheDirectory= and LogsDirectory= of the installed unit and its
+    drop-ins (``StateDirectory=tokenwire twkv``: /var/lib/tokenwire and /var/lib/twkv), which the service may
+    write under ProtectSystem=strict and systemd hands to its user at start; the shipped unit's with none
+    installed. A drop-in's store in /var/lib/twkv was told to add ReadWritePaths=."""
+    found = _unit_assignments()
+    if found is None:
+        return [STATE_DIRECTORY, RUNTIME_DIRECTORY]
+    out: list[Path] = []
+    for key, root in _UNIT_DIRECTORY_ROOTS.items():
+        for word in _unit_words(key, found) or []:
+            name = word.split(":", 1)[0]  # (NAME:LINK makes a link LINK to NAME too)
+            if name and not name.startswith("/"):
+                out.append(root / name)
+    return out
+
+
+def _unit_setting(key: str) -> str:
+    """The value a single-valued setting of the installed unit ends up with (the last assignment); with no unit
+    installed the shipped unit's (:data:`SHIPPED_UNIT`), with a unit that does not set it ``""`` (systemd's
+    default: off)."""
+    found = _unit_assignments()
+    if found is None:
+        return SHIPPED_UNIT.get(key, "")
+    values = found.get(key, [])
+    return values[-1] if values else ""
+
+
+def _unit_has_capability(capability: str) -> bool:
+    """Whether the installed unit's CapabilityBoundingSet= and AmbientCapabilities= both hold ``capability``
+    (a port below 1024 needs CAP_NET_BIND_SERVICE in both: the ambient set is refused past the bounding one)."""
+    found = _unit_assignments()
+    if found is None:
+        found = {key: [value] for key, value in SHIPPED_UNIT.items()}
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        held: set[str] = set()
+        inverted = False  # "~CAP_A CAP_B": every capability but these
+        for value in found.get(key, []):
+            if not value:
+                held, inverted = set(), False
                 continue
-            if not value.strip():
-                paths.clear()
-                continue
-            try:
-                words = shlex.split(value)
-            except ValueError:  # unbalanced quotes: systemd ignores the line too
-                continue
-            for word in words:  # "-": ignored when missing; "+": outside the namespace (writable all the same)
-                for spec, value in _UNIT_SPECIFIERS.items():
-                    word = word.replace(spec, value)
-                paths.append(Path(word.lstrip("-+")))
-    return paths
+            inverted = value.startswith("~")
+            words = set(value.lstrip("~").split())
+            held = words if inverted else held | words
+        if (capability in held) == inverted:
+            return False
+    return True
+
+
+def _enabled(value: str) -> bool:
+    """A unit boolean as systemd reads it (PrivateTmp=disconnected is on too)."""
+    return value.strip().lower() in ("yes", "true", "on", "1", "disconnected")
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> Path | None:
+    """The first of ``roots`` that ``path`` is in, as written or as its links resolve; None when it is in none."""
+    for form in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for root in roots:
+            if form.is_relative_to(root) or form.is_relative_to(os.path.realpath(root)):
+                return root
+    return None
+
+
+def _hidden_home(path: Path) -> tuple[Path, str] | None:
+    """(the folder, the unit's ProtectHome= mode) when ``path`` is under a folder that setting hides from the
+    daemon (yes, tmpfs) or makes read-only (read-only): /home, /root, /run/user; None when it is not, or the
+    unit lets it be. A certificate under /home passed, and the service exited 2 "Permission denied"."""
+    mode = _unit_setting("ProtectHome").strip().lower()
+    if not (_enabled(mode) or mode in ("tmpfs", "read-only")):
+        return None
+    root = _under(path, PROTECTED_HOME)
+    return None if root is None else (root, "read-only" if mode == "read-only" else "yes")
+
+
+def _protect_home_note(path: Path, what: str, *, writes: bool) -> str | None:
+    """The warning for ``path`` under a folder the unit's ProtectHome= hides (:func:`_hidden_home`): ``what``
+    (the daemon's use of it) fails. ``writes``: the daemon writes there (a store, a socket), so ProtectHome=
+    read-only breaks it as well."""
+    hidden = _hidden_home(path)
+    if hidden is None:
+        return None
+    root, mode = hidden
+    if mode == "read-only":
+        return None if not writes else (
+            f"{path} is under {root}, which the systemd unit's ProtectHome=read-only makes read-only: {what} fails "
+            "with \"Read-only file system\"; move it out of /home, /root and /run/user")
+    return (f"{path} is under {root}, which the systemd unit's ProtectHome=yes hides from the daemon: {what} fails "
+            "with \"Permission denied\" (exit status 2); move it out of /home, /root and /run/user")
+
+
+def _private_tmp(path: Path) -> Path | None:
+    """The /tmp or /var/tmp that ``path`` is in when the unit's PrivateTmp= gives the service its own there;
+    None otherwise."""
+    return _under(path, PRIVATE_TMP) if _enabled(_unit_setting("PrivateTmp")) else None
 
 
 def _read_only_for_service(path: Path) -> bool:
     """Whether the unit's ProtectSystem=strict leaves ``path`` read-only for the daemon: it is outside the
-    StateDirectory=, RuntimeDirectory=, PrivateTmp= folders and every ReadWritePaths= of the installed unit."""
+    StateDirectory=, RuntimeDirectory=, PrivateTmp= folders and every ReadWritePaths= of the installed unit, and
+    the StateDirectory=/RuntimeDirectory= (Cache, Logs) entries of its drop-ins."""
     real = Path(os.path.realpath(path))
-    writable = [STATE_DIRECTORY, RUNTIME_DIRECTORY, *PRIVATE_TMP, *(_unit_read_write_paths() or [])]
+    writable = [STATE_DIRECTORY, RUNTIME_DIRECTORY, *PRIVATE_TMP, *(_unit_read_write_paths() or []),
+                *_unit_directories()]
     return not any(real.is_relative_to(os.path.realpath(w)) for w in writable)
 
 
@@ -267,7 +406,7 @@ def _fixed_by_systemd(path: Path, who: _DaemonUser) -> bool:
     RuntimeDirectory= trees to User=/Group= at each start when the top folder is not theirs (or is missing). It
     does not descend into one that is already theirs, where what ``sudo tokenwire daemon`` left stays root's."""
     real = Path(os.path.realpath(path))
-    for top in (STATE_DIRECTORY, RUNTIME_DIRECTORY):
+    for top in (STATE_DIRECTORY, RUNTIME_DIRECTORY, *_unit_directories()):
         if real.is_relative_to(os.path.realpath(top)):
             try:
                 st = top.stat()
@@ -277,11 +416,91 @@ def _fixed_by_systemd(path: Path, who: _DaemonUser) -> bool:
     return False
 
 
+def _sandbox_tmp_or_home(setting: str, path: Path, what: str, instead: Path) -> str | None:
+    """The warning for a store or socket the unit's PrivateTmp= or ProtectHome= takes from the daemon or from the
+    applications (:func:`_private_tmp`, :func:`_protect_home_note`); None when neither does. ``instead``: where
+    the unit lets it be."""
+    tmp = _private_tmp(path)
+    if tmp is not None:
+        lost = ("the KV store is lost at every restart, and no other process sees it" if setting == "kv.directory"
+                else f"no other process sees the socket (applications connecting to {path} get \"No such file or "
+                "directory\"), and it is gone at each restart")
+        return (f"{setting}: {path} is under {tmp}, which the systemd unit's PrivateTmp=yes makes the service's "
+                f"own, empty at each start: {lost}; put it in {instead.parent} (e.g. {instead})")
+    home = _protect_home_note(path, what, writes=True)
+    return None if home is None else f"{setting}: {home} (e.g. to {instead})"
+
+
+def _group_warnings(cfg: Config, who: _DaemonUser) -> list[str]:
+    """A socket group (``ingest.socket_group``, ``kv.ingest_socket_group``) the unit's user is not a member of:
+    not root, the daemon cannot give its socket to that group and refuses to start ("not a member of it"). Its
+    groups are the user's own and its supplementary ones, and any SupplementaryGroups= of the installed unit."""
+    from .config import group_id
+
+    gids = set(who.gids)
+    for name in _unit_words("SupplementaryGroups") or []:
+        try:
+            gids.add(group_id(name))
+        except KeyError:  # (systemd refuses to start the unit then: not this check's to say)
+            continue
+    groups = [("ingest.socket_group", cfg.ingest.socket, cfg.ingest.socket_group)]
+    if cfg.kv.enabled:
+        groups.append(("kv.ingest_socket_group", cfg.kv.ingest_socket, cfg.kv.ingest_socket_group))
+    out: list[str] = []
+    for setting, sock, group in groups:
+        if sock is None or group is None:
+            continue
+        try:
+            gid = group_id(group)
+        except KeyError:  # no such group: the socket checks say so, as an error
+            continue
+        if gid not in gids:
+            how = (f"usermod -aG {group} {who.name}" if group.isdigit()
+                   else f"systemd/tokenwire.sysusers: m {who.name} {group}, then systemd-sysusers")
+            out.append(f"{setting}: the {who.name} user the systemd unit runs the daemon as is not a member of group "
+                       f"{group!r}: the daemon cannot give {sock} to it and refuses to start ({how})")
+    return out
+
+
+def _port_warnings(cfg: Config) -> list[str]:
+    """Ports below 1024 (server.listen, kv.listen, metrics.listen) while the installed unit does not give the
+    daemon CAP_NET_BIND_SERVICE in both lines it needs: the start failed with a bare "Permission denied"."""
+    from .startup import CAPABILITY_HINT, addr, unprivileged_port_start
+
+    if _unit_has_capability("CAP_NET_BIND_SERVICE"):
+        return []
+    first_free = unprivileged_port_start()
+    listens = [("server.listen", a) for a in cfg.server.listen]
+    if cfg.kv.enabled:
+        listens.append(("kv.listen", cfg.kv.listen))
+    if cfg.metrics.listen is not None:
+        listens.append(("metrics.listen", cfg.metrics.listen))
+    return [f"{setting}: {addr(host, port)}: the systemd unit gives the daemon no capabilities, and binding this "
+            f"port fails with \"Permission denied\": {CAPABILITY_HINT}"
+            for setting, (host, port) in listens if 0 < port < first_free]
+
+
+def _interpreter_warning() -> str | None:
+    """The Python this check runs on (the unit's venv, run as the README says) resolving into a folder the unit's
+    ProtectHome=yes hides (a venv made from pyenv's Python links to /home/.../.pyenv): the unit's ExecStart= then
+    fails with status 203/EXEC (or that Python finds no standard library), before the daemon can say a word."""
+    for path in (sys.executable, sys.base_prefix):
+        hidden = _hidden_home(Path(path)) if path else None
+        if hidden is not None and hidden[1] == "yes":
+            return (f"ExecStart: this check runs on {sys.executable}, and {path} resolves to {os.path.realpath(path)}"
+                    f", under {hidden[0]}: if the unit runs this venv (/opt/tokenwire as the README makes it), its "
+                    "ProtectHome=yes hides that Python and the start fails with status 203/EXEC; make the venv from "
+                    "a Python outside /home and /root (e.g. sudo /usr/bin/python3 -m venv /opt/tokenwire)")
+    return None
+
+
 def service_write_warnings(cfg: Config) -> list[str]:
     """Where the unit's daemon could not write what it writes at start, though ``config check`` (run as root)
     can: a kv.directory or socket folder left root's (a ``sudo tokenwire daemon`` run; the service then failed
     "kv.directory: cannot use .../b8/b8f1....high: Permission denied"), and a kv.directory outside the folders
-    the unit may write (the service failed "Read-only file system"). Warnings: a drop-in may change User=,
+    the unit may write (the service failed "Read-only file system"). And what else the unit's sandbox takes: a
+    store or socket under /tmp (PrivateTmp=) or /home (ProtectHome=, a read file too), a socket group the user
+    is not in, a port below 1024, a venv whose Python is under /home. Warnings: a drop-in may change User=,
     ReadWritePaths= or the groups, and the service may run on another host than this check."""
     who = _daemon_user()
     if who is None:
@@ -289,7 +508,13 @@ def service_write_warnings(cfg: Config) -> list[str]:
     out: list[str] = []
     user = f"the {who.name} user the systemd unit runs the daemon as"
     kv = cfg.kv
-    if kv.enabled and kv.backend == "local" and not _in_private_tmp(kv.directory):
+    sandboxed = None
+    if kv.enabled and kv.backend == "local":
+        sandboxed = _sandbox_tmp_or_home("kv.directory", kv.directory, "the store's start",
+                                         STATE_DIRECTORY / "kv")
+        if sandboxed is not None:
+            out.append(sandboxed)
+    if kv.enabled and kv.backend == "local" and sandboxed is None and not _in_private_tmp(kv.directory):
         root = Path(os.path.abspath(kv.directory))
         above = next((p for p in (root, *root.parents) if p.exists()), None)  # the start makes what is missing
         fixed = _fixed_by_systemd(root, who)
@@ -317,7 +542,13 @@ def service_write_warnings(cfg: Config) -> list[str]:
     if kv.enabled:
         sockets.append(("kv.ingest_socket", kv.ingest_socket))
     for setting, sock in sockets:
-        if sock is None or _in_private_tmp(sock):
+        if sock is None:
+            continue
+        sandboxed = _sandbox_tmp_or_home(setting, sock, "making the socket", RUNTIME_DIRECTORY / sock.name)
+        if sandboxed is not None:
+            out.append(sandboxed)
+            continue
+        if _in_private_tmp(sock):
             continue
         folder = Path(os.path.abspath(sock)).parent
         try:
@@ -335,4 +566,14 @@ def service_write_warnings(cfg: Config) -> list[str]:
                        "under its ProtectSystem=strict the daemon cannot make the socket (\"Read-only file "
                        f"system\"); add a drop-in (systemctl edit tokenwire) with ReadWritePaths={folder} under "
                        "[Service], or put the socket in /run/tokenwire")
-    return out
+    # files the daemon reads that config.security_warnings does not name: the unit's view of them too
+    read = [(f"upstreams[{i}].ca_file", up.options.get("ca_file")) for i, up in enumerate(cfg.upstreams)]
+    if cfg.marking.policy == "swiftqueue":
+        read.append(("marking.model", cfg.marking.model))
+    for setting, path in read:
+        problem = unreadable_by_daemon(Path(path)) if path is not None else None
+        if problem is not None:
+            out.append(f"{setting}: {problem}")
+    out += _group_warnings(cfg, who) + _port_warnings(cfg)
+    interpreter = _interpreter_warning()
+    return out if interpreter is None else [*out, interpreter]

@@ -175,6 +175,17 @@ def socket_checks(path: Path | None, group: str | None, setting: str) -> tuple[l
     return errors, warnings
 
 
+def _group_name(gid: int) -> str:
+    """``'tokenwire'`` for its gid (the number when this system has no such group): the message said "group 994"
+    where every other one names the group."""
+    import grp
+
+    try:
+        return repr(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        return str(gid)
+
+
 def folder_reach_problem(folder: Path, gid: int) -> str | None:
     """Why members of group ``gid`` cannot pass through ``folder`` to a socket in it (no search permission for
     them), or None (they can, or the folder does not exist yet)."""
@@ -184,6 +195,6 @@ def folder_reach_problem(folder: Path, gid: int) -> str | None:
         return None
     if st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010):
         return None
-    return (f"its folder {folder} is mode {st.st_mode & 0o7777:04o}, group {st.st_gid}, without search permission "
-            "for them (0711 as systemd/tokenwire.tmpfiles and the unit make /run/tokenwire; reinstall the unit "
-            "if it still says RuntimeDirectoryMode=0750)")
+    return (f"its folder {folder} is mode {st.st_mode & 0o7777:04o}, group {_group_name(st.st_gid)}, without "
+            "search permission for them (0711 as systemd/tokenwire.tmpfiles and the unit make /run/tokenwire; "
+            "reinstall the unit if it still says RuntimeDirectoryMode=0750)")

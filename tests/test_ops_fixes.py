@@ -492,7 +492,7 @@ def test_unit_leaves_a_refused_start_failed_instead_of_restarting_it_for_ever():
     RestartPreventExitStatus=2: an unreachable Redis or a port still held exit 2 too, and pass within seconds."""
     text = UNIT.read_text()
     unit_section = text.split("[Service]")[0]
-    assert "StartLimitIntervalSec=60" in unit_section and "StartLimitBurst=10" in unit_section  # ([Unit] only)
+    assert "StartLimitIntervalSec=180" in unit_section and "StartLimitBurst=10" in unit_section  # ([Unit] only)
     lines = _unit_lines()
     assert "Restart=on-failure" in lines and "RestartSec=2" in lines
     assert not any(ln.startswith("RestartPreventExitStatus=") for ln in lines)
