@@ -80,6 +80,9 @@ KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end the
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
 # A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
 GC_INTERVAL_S = 30.0
+# UNAUTHORIZED for a token of another principal than the connection's (Daemon._authorize; docs/protocol.md)
+ANOTHER_PRINCIPAL = ("auth token of another principal: a connection keeps the principal of its first authorized "
+                     "request (open a new connection for another)")
 MAX_FINISH_REASON_CHARS = 32  # FINISHED's "fr" (docs/protocol.md): a longer one failed the client's decoder
 
 
@@ -893,36 +896,18 @@ class Daemon:
 
     def on_request(self, proto: DaemonProtocol, sid: int, request: Request) -> None:
         sess = proto.server_session
-        if sid not in sess.requests:  # the client's FIN came in the same read: cancelled before it began
+        # The client's FIN came in the same read: cancelled before it began. Its token is checked all the same: it
+        # returned before the check, so a wrong token got a bare FIN (no UNAUTHORIZED close, log line or count).
+        cancelled = sid not in sess.requests
+        if not self._authorize(proto, sid, request, cancelled=cancelled):
             return
-        if not proto.authorized:
-            auth = self.config.auth
-            entry = auth.entry(request.auth)
-            if entry is not None:
-                proto.authorized, proto.token, proto.principal = True, entry, entry.name
-                proto.revoked = None
-            elif not auth.required:  # a reload removed every token: opened before it, let in now
-                proto.authorized, proto.revoked = True, None
-            elif proto.revoked and proto.attached:
-                # a reload removed its token (or added the first ones); the answers it streams may finish, this
-                # request may not
-                if not self._auth_refusals.hold(time.monotonic()):
-                    who = f" ({proto.principal})" if proto.principal else ""
-                    log.warning("client %s%s: %s; refusing a request (its answers streaming finish)", proto.peer,
-                                who, proto.revoked)
-                self._reject(proto, sid, ErrorCode.UNAUTHORIZED, proto.revoked)
-                return
-            else:  # a wrong token, or a revoked one with nothing left streaming: closed, as ever
-                why = proto.revoked or "missing or invalid auth token"
-                self.unauthorized_client(proto.peer, why)
-                self._request_ended(proto, sid, "refused", closing=True)
-                sess.close(ErrorCode.UNAUTHORIZED, why)
-                return
         if (request.auth is not None and proto.token is None and proto.sent_token_sha256 is None
                 and not self.config.auth.required):
             # no tokens configured: nothing checks the one it sent, but a reload adding that token must find it
             # (the SDK sends it only until answered: the next request, without one, was closed "auth token revoked")
             proto.sent_token_sha256 = hash_token(request.auth)
+        if cancelled:
+            return
         if self.draining:
             self._reject(proto, sid, ErrorCode.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
             return
@@ -986,6 +971,55 @@ class Daemon:
         if by_id is not None:
             (self.metrics.attaches if by_id == "attach" else self.metrics.resumes).inc()
         self._attach(proto, sid, live)
+
+    def _authorize(self, proto: DaemonProtocol, sid: int, request: Request, *, cancelled: bool) -> bool:
+        """Whether request ``sid`` may go on as far as authorization goes; if not, it is refused (ERROR) or its
+        connection closed (UNAUTHORIZED). ``cancelled``: its client's FIN came with it (nothing to answer on).
+
+        A connection's principal is fixed by its first request a token authorized: a token on a later request must
+        be one of that principal's tokens in force. Any valid token used to be taken: after a reload revoked bob's
+        token, alice's made bob's connection alice's, and a request with bob's revoked token was then served (an
+        authorized connection's tokens were not looked at)."""
+        auth = self.config.auth
+        if not auth.required:
+            if not proto.authorized:  # a reload removed every token: opened before it, let in now
+                proto.authorized, proto.revoked = True, None
+            return True
+        entry = auth.entry(request.auth)
+        # (a connection no token has authorized yet, or one let in while none was required, has no principal to keep)
+        others = entry is not None and proto.token is not None and entry.name != proto.principal
+        if proto.authorized:
+            if request.auth is None or (entry is not None and not others):
+                return True
+            why = ANOTHER_PRINCIPAL if others else "invalid auth token (this connection stays authorized)"
+            self._refuse_unauthorized(proto, sid, why, cancelled=cancelled)
+            return False
+        if entry is not None and not others:
+            proto.authorized, proto.token, proto.principal = True, entry, entry.name
+            proto.revoked = None
+            return True
+        why = ANOTHER_PRINCIPAL if others else proto.revoked or "missing or invalid auth token"
+        if proto.revoked and proto.attached:
+            # a reload removed its token (or added the first ones); the answers it streams may finish, this request
+            # may not
+            self._refuse_unauthorized(proto, sid, why, cancelled=cancelled, streaming=True)
+            return False
+        # a wrong token, or a revoked one with nothing left streaming: closed, as ever
+        self.unauthorized_client(proto.peer, why)
+        self._request_ended(proto, sid, "refused", closing=True)
+        proto.server_session.close(ErrorCode.UNAUTHORIZED, why)
+        return False
+
+    def _refuse_unauthorized(self, proto: DaemonProtocol, sid: int, why: str, *, cancelled: bool,
+                             streaming: bool = False) -> None:
+        """Refuse request ``sid`` alone with UNAUTHORIZED (its connection stays): logged as refusals of
+        unauthorized clients are. ``cancelled``: its client ended it already, so no ERROR goes out."""
+        if not self._auth_refusals.hold(time.monotonic()):
+            who = f" ({proto.principal})" if proto.principal else ""
+            log.warning("client %s%s: %s; refusing a request%s", proto.peer, who, why,
+                        " (its answers streaming finish)" if streaming else "")
+        if not cancelled:
+            self._reject(proto, sid, ErrorCode.UNAUTHORIZED, why)
 
     def _attach(self, proto: DaemonProtocol, sid: int, live: LiveRequest) -> None:
         proto.attached[sid] = live

@@ -26,6 +26,7 @@ import base64
 import email.utils
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -302,7 +303,9 @@ class OpenAIUpstream:
             return self.models[name] or None
         return name or self.model
 
-    def _body(self, request: ChatRequest) -> dict[str, Any]:
+    def _body(self, request: ChatRequest) -> bytes:
+        """The request body, as strict JSON. A non-finite parameter is refused (BAD_REQUEST), never sent: json's
+        default (aiohttp's ``json=``) wrote ``"temperature": NaN``, which no JSON parser of an upstream accepts."""
         body: dict[str, Any] = {"messages": request.messages, "stream": True}
         model = self._model(request)
         if model:
@@ -312,7 +315,12 @@ class OpenAIUpstream:
         for key in PASSTHROUGH_PARAMS:
             if key in request.params:
                 body[key] = request.params[key]
-        return body
+        try:
+            return json.dumps(body, allow_nan=False).encode()
+        except ValueError:
+            bad = [k for k, v in body.items() if isinstance(v, float) and not math.isfinite(v)]
+            raise RequestError(f"upstream {self.name!r}: parameter {', '.join(bad) or '?'} is not a finite number "
+                               "(JSON has no NaN or infinity)", code=ErrorCode.BAD_REQUEST) from None
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str:
         if self._session is None:
@@ -323,6 +331,8 @@ class OpenAIUpstream:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
             )
         headers = {"Accept": "text/event-stream", **self.extra_headers}
+        if not any(name.lower() == "content-type" for name in headers):  # the body goes as bytes: see _body
+            headers["Content-Type"] = "application/json"
         key, no_key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -336,7 +346,7 @@ class OpenAIUpstream:
             async with asyncio.timeout_at(first_deadline):
                 # never redirected: aiohttp's default followed a 307 to any origin with the API key, the
                 # extra_headers (Azure's api-key) and the prompt; a 3xx is an error below
-                resp = await self._session.post(self.url, json=body, headers=headers, allow_redirects=False)
+                resp = await self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
         except aiohttp.ServerTimeoutError as exc:  # sock_connect, TLS handshake included; a TimeoutError as well
             message = f"cannot connect within {self.connect_timeout_s:g} s"
             raise _timeout(self.name, message) from self._detail(exc, secrets)

@@ -14,6 +14,7 @@ the client decodes incrementally.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -185,6 +186,9 @@ def _params(frame: str, key: str, v: Any) -> dict[str, Any]:
             raise _fail(frame, key, f"parameter {_shown(k)} must be a number, string, boolean or null")
         if type(x) is str and len(x) > 1024:
             raise _fail(frame, key, f"parameter {_shown(k)} is longer than 1024 characters")
+        if type(x) is float and not math.isfinite(x):
+            # NaN and infinities have no JSON spelling: an openai upstream was sent "temperature": NaN
+            raise _fail(frame, key, f"parameter {_shown(k)} must be a finite number, got {x!r}")
     return v
 
 
