@@ -904,7 +904,7 @@ class Daemon:
         if (request.auth is not None and proto.token is None and proto.sent_token_sha256 is None
                 and not self.config.auth.required):
             # no tokens configured: nothing checks the one it sent, but a reload adding that token must find it
-            # (the SDK sends it only until answered: the next request, without one, was closed "auth token revoked")
+            # (the SDK sends it until an answer starts: the next request, without one, was closed "auth token revoked")
             proto.sent_token_sha256 = hash_token(request.auth)
         if cancelled:
             return

@@ -360,3 +360,24 @@ def test_a_token_holders_many_first_requests_at_once_are_all_served():
 
     answers, authorized = run(go(), 60)
     assert len(answers) == 8 and all(answers) and authorized
+
+
+def test_a_first_request_refused_before_it_was_read_does_not_stop_the_sdk_sending_its_token():
+    """The SDK stopped sending its token after any ERROR ("a wrong token would have closed the connection"), but a
+    request refused before the daemon read it (over limits.max_request_bytes) checked no token: the next request,
+    without one, was closed "missing or invalid auth token". It sends the token until an answer has started."""
+    async def go() -> tuple[Any, Any, float]:
+        async with _daemon(tokens=True, max_request_bytes=4096) as d:
+            async with connect("127.0.0.1", d.addresses[0][1], verify=False, auth_token=ALICE) as conn:
+                first: Any
+                try:
+                    first = await conn.chat("x" * 8000, max_tokens=2).collect()
+                except RemoteError as exc:
+                    first = exc
+                second = await conn.chat("hi", max_tokens=2).collect()
+            return first, second, value(d, "tokenwire_errors_total", {"code": hex(ErrorCode.UNAUTHORIZED)})
+
+    first, second, unauthorized = run(go(), 60)
+    assert isinstance(first, RemoteError) and first.code == ErrorCode.LIMIT_EXCEEDED, first
+    assert second, second
+    assert unauthorized == 0

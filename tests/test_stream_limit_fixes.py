@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aioquic.asyncio import connect as aioquic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.events import ConnectionTerminated as QuicConnectionTerminated
 from aioquic.quic.events import QuicEvent
 from aioquic.quic.packet import QuicErrorCode
 
@@ -117,6 +118,37 @@ def test_a_peer_close_and_the_idle_timeout_are_not_a_transport_error():
     assert [(e.stream_id, e.lost) for e in pair.server_events if isinstance(e, RequestCancelled)] == [(sid, True)]
     ends = [e for e in pair.server_events if isinstance(e, ConnectionEnded)]
     assert [e.by_peer for e in ends] == [True]
+
+
+def test_the_clients_own_transport_close_is_not_taken_for_one_of_aioquics():
+    """A client may close with a transport code and a frame type itself (its stack found fault with us): aioquic
+    then holds the client's close event, not a pending close of its own, and the answer stays lost (resumable),
+    uncounted as a violation. (Without the pending-close guard this was counted quic:0xa and cancelled.)"""
+    pair, sid = _with_an_answer()
+    pair.client.quic.close(error_code=QuicErrorCode.PROTOCOL_VIOLATION, frame_type=0x8, reason_phrase="our own")
+    pair.exchange(rounds=400, quiet_after=60)
+    assert pair.server is not None and pair.server.transport_error is None
+    assert [(e.stream_id, e.lost) for e in pair.server_events if isinstance(e, RequestCancelled)] == [(sid, True)]
+    assert [e.by_peer for e in pair.server_events if isinstance(e, ConnectionEnded)] == [True]
+
+
+def test_a_close_aioquic_makes_during_the_handshake_is_left_to_the_handshake_guard():
+    """During the handshake the guard counts a failure as a failed handshake (docs/metrics.md): the session takes
+    aioquic's pending close for a transport error only once the handshake is complete."""
+    pair, _ = _with_an_answer()
+    server = pair.server
+    assert server is not None
+    quic = server.quic
+    quic._close_event = QuicConnectionTerminated(
+        error_code=QuicErrorCode.PROTOCOL_VIOLATION, frame_type=0x8, reason_phrase="bad frame")
+    quic._close_pending = True
+    quic._handshake_complete = False
+    server._note_transport_close()
+    assert server.transport_error is None
+    quic._handshake_complete = True  # (the same close after the handshake is one)
+    server._note_transport_close()
+    assert server.transport_error is not None
+    assert server.transport_error.transport_code == QuicErrorCode.PROTOCOL_VIOLATION
 
 
 class _HeldPair(Pair):

@@ -332,7 +332,7 @@ class ClientProtocol(SessionProtocol):
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
         self.closed_locally = False  # close() ended the connection, not the server, the path or an error
-        self.answered = False  # the server has answered a request: it has checked this connection's token
+        self.answered = False  # the server has started an answer: it has checked this connection's token
 
     @property
     def client_session(self) -> ClientSession:
@@ -365,7 +365,8 @@ class ClientProtocol(SessionProtocol):
                 if s is not None:
                     s._finished(ev.result)
             elif isinstance(ev, RequestFailed):
-                self.answered = True  # a per-request error: a wrong token would have closed the connection
+                # (not "answered": a request refused before the server read it, too large or of another version,
+                # authorized nothing, and the next one without the token was closed "missing or invalid auth token")
                 s = self.streams.pop(ev.stream_id, None)
                 if s is not None:
                     # after our own close nothing more is received: the failure is the close's, not the server's
@@ -455,7 +456,9 @@ class Connection:
         return self._start(request, prefix, _ATTACH_ARGUMENTS)
 
     def _auth_to_send(self) -> str | None:
-        """The token, on every request until the server has answered one.
+        """The token, on every request until the server has started an answer to one. An ERROR is no proof: a
+        request refused before it was read (over ``limits.max_request_bytes``, another version) checked no token
+        (docs/protocol.md, Auth tokens).
 
         The server checks the first request it *receives*. Streams are independent, so when the datagram
         of the first request sent is lost, a later one arrives first; if only the first carried the token,

@@ -14,6 +14,7 @@ closes the connections it is handed back.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -53,6 +54,9 @@ class PreauthBudget(Generic[H]):
         self.measure = measure
         self._holdings: dict[H, _Holding] = {}  # oldest first: dicts keep their order
         self._held = 0
+        # holders by allowance: the floor is the largest key, a max over the few allowances ever granted (one per
+        # max_request_bytes a reload set) instead of over every holder at each datagram (591 us at 10,000 holders)
+        self._allowances: Counter[int] = Counter()
 
     # ------------------------------------------------------------------------------------------------ the holders
     def add(self, holder: H, allowance: int) -> None:
@@ -64,6 +68,7 @@ class PreauthBudget(Generic[H]):
         if holder in self._holdings:
             raise ValueError(f"{holder!r} is counted already")
         self._holdings[holder] = _Holding(0, allowance)
+        self._allowances[allowance] += 1
 
     def forget(self, holder: H) -> int:
         """``holder`` is authorized, closed or gone: out of the budget, what it held no longer counted (0 for one
@@ -72,6 +77,9 @@ class PreauthBudget(Generic[H]):
         if holding is None:
             return 0
         self._held -= holding.held
+        self._allowances[holding.allowance] -= 1
+        if not self._allowances[holding.allowance]:
+            del self._allowances[holding.allowance]
         return holding.held
 
     def held_by(self, holder: H) -> int:
@@ -101,7 +109,7 @@ class PreauthBudget(Generic[H]):
     # ------------------------------------------------------------------------------------------------ the bound
     def floor(self) -> int:
         """The largest allowance of the holders counted now (0 with none)."""
-        return max((h.allowance for h in self._holdings.values()), default=0)
+        return max(self._allowances, default=0)
 
     def budget(self) -> int:
         """What the holders may hold together: ``limit()``, but never below :meth:`floor`."""
