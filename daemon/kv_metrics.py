@@ -125,6 +125,11 @@ class _KVCollector:
         yield CounterMetricFamily("tokenwire_kv_store_recovered", "Partial or truncated store objects removed at the "
                                   "local store's start (left by a crash or a full disk during their write)",
                                   value=st.recovered_partial)
+        # a chunk left without its source counted as stored (its metadata): every prefix fetch of its context failed
+        # mid-way at it; now its metadata and levels go, and this says how often that happened
+        yield CounterMetricFamily("tokenwire_kv_store_unsourced", "Chunks whose metadata and levels were removed "
+                                  "because their source was gone (at the local store's start, or found by a fetch)",
+                                  value=st.unsourced)
         yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
                                 value=store.capacity_bytes)
         used = self.usage.read(store)

@@ -307,15 +307,35 @@ class KVService:
         return None
 
     def _usable(self, h: str) -> ChunkMeta | None:
-        """Chunk ``h``'s metadata when it can be sent (its source or an encoded level is stored). Under the
-        chunk's lock: an ingest replacing the chunk (metadata deleted, then written) is seen before or after,
-        never half-way as a miss."""
+        """Chunk ``h``'s metadata when it can be sent: its metadata and its source are stored. A chunk without its
+        source (removed at the store's start as truncated, or deleted when a read found it corrupt) is a miss, the
+        end of a prefix fetch: taken as stored while an encoded level of it was, it failed every prefix fetch of its
+        context mid-way with "chunk ... is no longer stored" as soon as a level not stored was asked for. Its
+        metadata and levels are removed then (dead weight, counted in the store's bytes). Under the chunk's lock:
+        an ingest replacing the chunk (metadata deleted, then written) is seen before or after, never half-way as
+        a miss."""
         with self._chunk_lock(h):
             m = self.meta_sync(h)
-            if m is None or (not self.store.contains(object_key(h, "src")) and not any(
-                    self.store.contains(object_key(h, lv)) for lv in LEVELS)):
+            if m is None:
+                return None
+            if not self.store.contains(object_key(h, "src")):
+                self._drop_unsourced(h)
                 return None
             return m
+
+    def _drop_unsourced(self, h: str) -> None:
+        """Remove what is left of chunk ``h``, found without its source (:meth:`ChunkStore.drop_unsourced`), and
+        forget what this process cached of it. A store that cannot delete (a read-only mount) logs why: still a
+        miss."""
+        try:
+            if self.store.drop_unsourced(h) is None:
+                return  # its source is back (put again by another daemon sharing the store): nothing cached goes
+        except StoreError:
+            return
+        with self._lock:
+            self._meta.pop(h, None)
+            for lv in LEVELS:
+                self._sizes.pop((h, lv), None)
 
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:

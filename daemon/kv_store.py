@@ -8,7 +8,8 @@ one level (``<hash>.<level>``), wrapped in an envelope with a CRC32 so that noth
 * :class:`LocalChunkStore`: one file per object, written to a temporary file in the same directory,
   fsynced and renamed into place (a crash mid-write leaves only a ``.tmp`` file, removed at the next start),
   checksums verified on every read (a bad file is deleted and reported as a miss), a capacity bound with
-  least-recently-used eviction (recency survives restarts through file mtimes).
+  least-recently-used eviction that takes a context from its tail (recency survives restarts through file
+  mtimes; the chain's links are learned again from the metadata at start).
 * :class:`RedisChunkStore`: the same contract on a Redis/Valkey server shared by several daemons (values in
   the same envelope; recency in sorted sets; eviction by this client under the same byte bound).
 
@@ -31,11 +32,13 @@ import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
 from tokenwire.transport.errors import ErrorCode, TokenwireError
 
@@ -150,6 +153,7 @@ def foreign_version(blob: bytes) -> int | None:
 
 
 REBUILT_LEVELS = ("low", "medium", "high")  # encoded from a chunk's source whenever needed again
+NEEDS_SOURCE = ("meta", *REBUILT_LEVELS)  # a chunk's objects that are dead weight without its source
 
 
 def chunk_of(key: str) -> str:
@@ -164,8 +168,52 @@ EVICTION_POLICY = """Encoded levels go first, least recently used first (the ser
 when needed). Storing a level never evicts a source or metadata: when the other levels cannot free enough,
 the new level itself is not kept (its caller holds the bytes and serves them). Storing a source or metadata
 (an ingest) then evicts whole chunks, source, metadata and levels together, the chunk used least recently
-(its latest use) first, never the chunk being written. Plain per-object LRU let a fetch's own encodings
-evict its context's sources and metadata, leaving orphans and contexts no fetch could use."""
+(its latest use) first, never the chunk being written, and never a chunk before a chunk stored after it in
+a context (one its metadata chains to it, see :func:`chain_parent`): a chunk is usable only with every chunk
+before it, so a context is evicted from its tail and what is left of it is a prefix a fetch can use. Chunks of
+one put or fetch are used in chain order, so plain LRU took a context's first chunk first, and its every other
+chunk stayed as dead weight. Only when the chunks left are all needed by the chunk being written (the store
+too small for its context) do they go, least recently used first. Plain per-object LRU let a fetch's own
+encodings evict its context's sources and metadata, leaving orphans and contexts no fetch could use."""
+
+
+def chain_entry(meta: bytes) -> tuple[int, list[int]] | None:
+    """A chunk's place in its context, from its metadata's payload (``kv_service.ChunkMeta.pack``: msgpack with
+    the chunk's index ``i`` and token ids ``ids``): (index, token ids); None for anything else (another
+    version's metadata, a test's bytes)."""
+    try:
+        doc = msgpack.unpackb(meta)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    index, ids = doc.get("i"), doc.get("ids")
+    if type(index) is not int or index < 0 or not isinstance(ids, list) or not ids:
+        return None
+    return index, ids  # (ids that are not all integers fail chain_step's pack: never a confirmed link)
+
+
+def chain_parent(chunk: str, entry: tuple[int, list[int]], candidates: Sequence[tuple[int, str]]) -> str | None:
+    """The chunk that ``chunk`` (with ``entry``, see :func:`chain_entry`) follows in its context, among
+    ``candidates`` ((index, hash) of chunks whose metadata was seen lately, the latest last): one with the index
+    before it that the chain's hash confirms (``chain_step(parent, ids) == chunk``), so a link is never wrong,
+    only sometimes not learned (then the chunk is evicted in plain LRU order). A put writes a context's chunks in
+    order and a fetch resolves them in order, so the parent's metadata is among the last few seen."""
+    index, ids = entry
+    if index == 0:
+        return None  # chained to the model's root: nothing before it
+    for at, candidate in reversed(candidates):
+        if at != index - 1 or candidate == chunk:
+            continue
+        try:
+            if chain_step(candidate, ids) == chunk:
+                return candidate
+        except (ValueError, struct.error):  # not a hash of ours, ids out of range: not its parent
+            continue
+    return None
+
+
+CHAIN_MEMORY = 64  # metadata (index, hash) kept to find a chunk's parent among (see chain_parent)
 
 
 @dataclass
@@ -176,12 +224,15 @@ class StoreStats:
     evictions: int = 0
     corrupt: int = 0
     recovered_partial: int = 0  # partial writes and truncated objects removed at the local store's start
+    unsourced: int = 0  # chunks whose metadata and levels were removed for want of their source
     foreign: int = 0  # reads of objects written by another tokenwire version (a miss each, left in place)
 
 
 class ChunkStore(ABC):
     capacity_bytes: int
     stats: StoreStats
+    _chain_seen: deque[tuple[int, str]]  # (index, hash) of the metadata seen lately: see chain_parent
+    _chain_lock: threading.Lock
     shared = False  # other processes write it too: what this one cached about it may be stale
     where = "the KV store"  # for log lines: the directory, or the Redis URL with its password masked
 
@@ -206,6 +257,39 @@ class ChunkStore(ABC):
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """``contains`` for each key (a store with round trips answers them in one)."""
         return [self.contains(k) for k in keys]
+
+    def drop_unsourced(self, chunk: str) -> int | None:
+        """Remove chunk ``chunk``'s metadata and encoded levels when its source is not stored; None when it is.
+        Without its source a chunk is a miss everywhere (a level not stored cannot be encoded), and what is left
+        of it was dead weight counted in the store's bytes; with its metadata it counted as stored, and every
+        prefix fetch of its context failed mid-way. Returns how many objects went. Here a check then deletes, all
+        a store that is not :attr:`shared` needs (the service's chunk lock orders its writers); a shared store
+        makes the check and the deletes one step, so that a source another daemon puts meanwhile is kept."""
+        if self.contains(object_key(chunk, "src")):
+            return None
+        keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
+        found = [key for key, there in zip(keys, self.contains_many(keys), strict=True) if there]
+        for key in found:
+            self.delete(key)
+        self._dropped_unsourced(chunk, len(found))
+        return len(found)
+
+    def _dropped_unsourced(self, chunk: str, removed: int) -> None:
+        if removed:
+            self.stats.unsourced += 1
+            self._report("unsourced", "KV store %s: chunk %s has no source: its metadata and levels were removed "
+                         "(%d objects; a miss until put again)", self.where, chunk, removed)
+
+    def _chain_link(self, key: str, payload: bytes) -> str | None:
+        """The parent of the chunk whose metadata ``key`` holds ``payload`` (read or written now), when it can be
+        confirmed (:func:`chain_parent`); remembers this chunk as a candidate parent for the next ones."""
+        if kind_of(key) != "meta" or (entry := chain_entry(payload)) is None:
+            return None
+        chunk = chunk_of(key)
+        with self._chain_lock:  # (the fetch and the ingest workers both read and write metadata)
+            parent = chain_parent(chunk, entry, list(self._chain_seen))
+            self._chain_seen.append((entry[0], chunk))
+        return parent
 
     def put_if(self, key: str, data: bytes, *, guard: str, expected: bytes) -> bool:
         """``put``, only while object ``guard`` holds ``expected`` (its payload); False, nothing stored, otherwise.
@@ -337,6 +421,11 @@ class LocalChunkStore(ChunkStore):
         self._levels: OrderedDict[str, None] = OrderedDict()
         self._level_bytes = 0
         self._chunks: OrderedDict[str, set[str]] = OrderedDict()
+        # the prefix tree, as far as learned (chain_parent): a stored chunk's parent, and a chunk's stored children
+        self._parent: dict[str, str] = {}
+        self._kids: dict[str, set[str]] = {}
+        self._chain_seen = deque(maxlen=CHAIN_MEMORY)
+        self._chain_lock = threading.Lock()
         self._used = 0
         self._lock_fd: int | None = None
         self._claim()
@@ -383,9 +472,11 @@ class LocalChunkStore(ChunkStore):
     def _recover(self) -> None:
         """Drop partial writes and truncated files; rebuild the LRU index from mtimes. Another version's objects
         are kept, as a read keeps them (see :func:`foreign_version`): indexed, so that eviction still counts and
-        removes them. What was dropped is one log line and tokenwire_kv_store_recovered_total (it was neither)."""
+        removes them. What was dropped is one log line and tokenwire_kv_store_recovered_total (it was neither); the
+        metadata and levels of chunks left without a source go too (:meth:`_without_unsourced`), and the prefix
+        tree is learned again from the metadata (:meth:`_relink`)."""
         found: list[tuple[float, str, int]] = []
-        foreign = 0
+        foreign: set[str] = set()
         for sub in self.root.iterdir():
             if not sub.is_dir():
                 continue
@@ -403,7 +494,7 @@ class LocalChunkStore(ChunkStore):
                     head = fh.read(_HEADER.size)
                 ok = len(head) == _HEADER.size and head[:4] == MAGIC
                 if ok and foreign_version(head) is not None:
-                    foreign += 1  # its header may not be ours to measure: kept whole, as a read would keep it
+                    foreign.add(f.name)  # its header may not be ours to measure: kept whole, as a read would keep it
                 elif ok:
                     length = _HEADER.unpack(head)[2]
                     ok = st.st_size == _HEADER.size + length
@@ -412,18 +503,68 @@ class LocalChunkStore(ChunkStore):
                     self.stats.recovered_partial += 1
                     continue
                 found.append((st.st_mtime, f.name, st.st_size))
+        found = self._without_unsourced(found, foreign)
         for _, key, size in sorted(found):
             self._add(key, size)
+        self._relink([key for _, key, _ in found if kind_of(key) == "meta" and key not in foreign], found)
         if self.stats.recovered_partial:
             log.warning("KV store %s: removed %d partial or truncated objects at start (left by a crash or a full "
                         "disk during their write; a level is encoded again, a chunk without its source or metadata "
                         "is a miss until put again)", self.root, self.stats.recovered_partial)
+        if self.stats.unsourced:
+            log.warning("KV store %s: removed the metadata and levels of %d chunks whose source is gone (a miss until "
+                        "put again)", self.root, self.stats.unsourced)
         if foreign:
             log.warning("KV store %s: %d objects written by another tokenwire version are kept but not read by this "
-                        "one (misses; evicted in their turn)", self.root, foreign)
+                        "one (misses; evicted in their turn)", self.root, len(foreign))
         if found:  # restarted with a smaller capacity: back within it now, not at the next put
             with self._lock:
                 self._evict(keep="")
+
+    def _without_unsourced(self, found: list[tuple[float, str, int]],
+                           foreign: set[str]) -> list[tuple[float, str, int]]:
+        """``found`` less the metadata and levels of chunks without a source file (removed here, counted in
+        ``stats.unsourced``): a truncated source removed above, or one gone otherwise. They kept the chunk counted
+        as stored (its metadata), and every prefix fetch of its context failed mid-way at it. Another version's
+        objects stay, as everywhere."""
+        sourced = {chunk_of(key) for _, key, _ in found if kind_of(key) == "src"}
+        kept: list[tuple[float, str, int]] = []
+        dropped: set[str] = set()
+        for entry in found:
+            key = entry[1]
+            if kind_of(key) in NEEDS_SOURCE and chunk_of(key) not in sourced and key not in foreign:
+                self._path(key).unlink(missing_ok=True)
+                dropped.add(chunk_of(key))
+            else:
+                kept.append(entry)
+        self.stats.unsourced += len(dropped)
+        return kept
+
+    def _relink(self, metas: list[str], found: list[tuple[float, str, int]]) -> None:
+        """Learn the prefix tree again from the metadata, read in the order of their mtimes: written (or read) in
+        chain order, so a chunk's parent is among the few next to it in that order, before it or, within one
+        tick of the file system's clock (equal mtimes, sorted by name), after it: each is looked for among the
+        last :data:`CHAIN_MEMORY` read, both ways. Without this, eviction after a restart took a context from its
+        first chunk again. Metadata that fails its checksum is left to the read that finds it."""
+        mtimes = {key: mtime for mtime, key, _ in found}
+        recent: deque[tuple[str, tuple[int, list[int]]]] = deque(maxlen=CHAIN_MEMORY)
+        for key in sorted(metas, key=lambda k: (mtimes[k], k)):
+            try:
+                payload = unwrap(_read_regular(self._path(key)))
+            except (OSError, _NotRegular):
+                continue
+            entry = chain_entry(payload) if payload is not None else None
+            if entry is None:
+                continue
+            chunk = chunk_of(key)
+            parent = chain_parent(chunk, entry, [(e[0], c) for c, e in recent])
+            if parent is not None:
+                self._link(chunk, parent)
+            for child, (index, ids) in recent:  # read before their parent (an mtime tie)
+                if index == entry[0] + 1 and child not in self._parent and chain_parent(
+                        child, (index, ids), [(entry[0], chunk)]) == chunk:
+                    self._link(child, chunk)
+            recent.append((chunk, entry))
 
     @property
     def used_bytes(self) -> int:
@@ -464,6 +605,7 @@ class LocalChunkStore(ChunkStore):
             self.stats.hits += 1
             if key in self._index:
                 self._touch(key)
+                self._learn(key, payload)
         try:
             os.utime(path)  # recency that survives a restart
         except FileNotFoundError:
@@ -498,6 +640,7 @@ class LocalChunkStore(ChunkStore):
                 placed = True
                 self._forget(key)
                 self._add(key, len(blob))
+                self._learn(key, data)  # before the eviction: a new chunk's parent is no longer a leaf
                 self.stats.puts += 1
                 dfd = os.open(path.parent, os.O_RDONLY)
                 try:
@@ -548,9 +691,34 @@ class LocalChunkStore(ChunkStore):
             keys.discard(key)
             if not keys:
                 del self._chunks[chunk_of(key)]
+                self._unlink(chunk_of(key))
+
+    def _learn(self, key: str, payload: bytes) -> None:
+        """Link the chunk of metadata ``key`` to its parent, when :meth:`_chain_link` confirms one."""
+        parent = self._chain_link(key, payload)
+        if parent is not None:
+            self._link(chunk_of(key), parent)
+
+    def _link(self, chunk: str, parent: str) -> None:
+        if chunk in self._chunks and self._parent.get(chunk) != parent:
+            self._unlink(chunk)
+            self._parent[chunk] = parent
+            self._kids.setdefault(parent, set()).add(chunk)
+
+    def _unlink(self, chunk: str) -> None:
+        """``chunk`` left the store: its parent no longer needs keeping for it. (Its own children keep their link:
+        put again, it is their parent again.)"""
+        parent = self._parent.pop(chunk, None)
+        if parent is not None:
+            kids = self._kids.get(parent)
+            if kids is not None:
+                kids.discard(chunk)
+                if not kids:
+                    del self._kids[parent]
 
     def _evict(self, keep: str) -> None:
-        """:data:`EVICTION_POLICY`, read off the orders kept above (a put costs what it evicts)."""
+        """:data:`EVICTION_POLICY`, read off the orders kept above (a put costs what it evicts, and a pass over
+        the chunks it keeps for the later chunks of their contexts: about a context's length)."""
         excess = self._used - self.capacity_bytes
         if excess <= 0:
             return
@@ -568,19 +736,69 @@ class LocalChunkStore(ChunkStore):
         if excess > 0 and kind_of(keep) in REBUILT_LEVELS:
             victims.append(keep)  # a new level never evicts a source or metadata
         elif excess > 0:
-            chosen = set(victims)
-            for chunk, keys in self._chunks.items():
-                if excess <= 0:
-                    break
-                if chunk == chunk_of(keep):
-                    continue
-                for key in keys - chosen:
-                    victims.append(key)
-                    excess -= self._index[key]
+            self._evict_chunks(chunk_of(keep), victims, excess)
         for victim in victims:
             self._path(victim).unlink(missing_ok=True)
             self._forget(victim)
             self.stats.evictions += 1
+
+    def _evict_chunks(self, spare: str, victims: list[str], excess: int) -> None:
+        """Whole chunks into ``victims`` until ``excess`` bytes are freed (:data:`EVICTION_POLICY`): the least
+        recently used first, a chunk only once no chunk stored after it in a context is left, never ``spare``
+        (the chunk being written). A chunk passed over for its children is less recent than every chunk after it
+        in this order: when its last child goes, it is the least recent candidate, and goes next."""
+        chosen = set(victims)
+        gone: set[str] = set()
+        passed: set[str] = set()
+
+        def needed(chunk: str) -> bool:
+            return any(kid not in gone for kid in self._kids.get(chunk, ()))
+
+        def take(chunk: str) -> None:
+            nonlocal excess
+            for key in self._chunks[chunk] - chosen:
+                victims.append(key)
+                chosen.add(key)
+                excess -= self._index[key]
+            gone.add(chunk)
+
+        for chunk in self._chunks:
+            if excess <= 0:
+                return
+            if chunk == spare:
+                continue
+            if needed(chunk):
+                passed.add(chunk)
+                continue
+            take(chunk)
+            parent = self._parent.get(chunk)
+            while excess > 0 and parent is not None and parent in passed and not needed(parent):
+                passed.discard(parent)
+                take(parent)
+                parent = self._parent.get(parent)
+        for chunk in self._chunks:  # left: chunks the one being written needs (the store is too small for it)
+            if excess <= 0:
+                return
+            if chunk in passed:
+                take(chunk)
+
+    def drop_unsourced(self, chunk: str) -> int | None:
+        with self._lock:  # (the check and the deletes in one step, as a shared store makes them)
+            if object_key(chunk, "src") in self._index:
+                return None
+            removed = 0
+            for key in (object_key(chunk, kind) for kind in NEEDS_SOURCE):
+                if key not in self._index:
+                    continue
+                try:
+                    self._path(key).unlink(missing_ok=True)
+                except OSError as exc:  # a read-only mount: left counted (still a miss: no source)
+                    self._report("unlink", "KV store %s: cannot delete %s: %s", self.root, key, exc.strerror or exc)
+                    continue
+                self._forget(key)
+                removed += 1
+            self._dropped_unsourced(chunk, removed)
+            return removed
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -631,7 +849,9 @@ def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 
 class RedisChunkStore(ChunkStore):
     """Objects in Redis/Valkey under ``prefix``; sizes in a hash; recency in sorted sets: of every object, of
-    the encoded levels, and of chunks by their latest use (:data:`EVICTION_POLICY` reads the last two)."""
+    the encoded levels, and of chunks by their latest use (:data:`EVICTION_POLICY` reads the last two); the
+    prefix tree as far as learned (:func:`chain_parent`) in two hashes shared by every daemon: a chunk's parent,
+    and a chunk's number of stored children."""
 
     shared = True
 
@@ -662,7 +882,11 @@ class RedisChunkStore(ChunkStore):
         self._lru_chunks = prefix + "lru-chunks"
         self._sizes = prefix + "sizes"
         self._used = prefix + "used"  # the sum of the size hash, kept by every write (a put summed the hash)
+        self._parents = prefix + "parent"  # chunk -> the chunk before it in its context
+        self._kid_counts = prefix + "kids"  # chunk -> how many stored chunks have it as their parent
         self._lock = threading.Lock()
+        self._chain_seen = deque(maxlen=CHAIN_MEMORY)
+        self._chain_lock = threading.Lock()
         # Scripts, so that each change of the size hash and its running total is one atomic step for every
         # daemon sharing the store. Every script takes KEYS[1] = sizes, KEYS[2] = used; a store without the
         # total (written before it existed) gets it from the hash, once, inside the first script to run.
@@ -692,6 +916,26 @@ class RedisChunkStore(ChunkStore):
         # a source another daemon replaced meanwhile is never stored under the new metadata
         self._put_if = self._r.register_script(
             "if redis.call('GET', KEYS[7]) ~= ARGV[7] then return false end; " + put)
+        # link: KEYS = parent hash, kids hash; ARGV: chunk, its parent. A chunk's parent is fixed by its hash (the
+        # chain): only a new link counts a child
+        self._link = self._r.register_script(
+            "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then "
+            "redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end")
+        # unlink: the chunk leaves the store (KEYS[3], lru-chunks) and its parent, if it had one, counts a child
+        # less, in one step (a daemon stopped between the two left the parent counted as needed); returns that parent
+        self._unlink = self._r.register_script(
+            "redis.call('ZREM', KEYS[3], ARGV[1]); "
+            "local p = redis.call('HGET', KEYS[1], ARGV[1]); if not p then return false end; "
+            "redis.call('HDEL', KEYS[1], ARGV[1]); "
+            "if redis.call('HINCRBY', KEYS[2], p, -1) <= 0 then redis.call('HDEL', KEYS[2], p) end; return p")
+        # drop_unsourced: KEYS = sizes, used, lru, lru-levels, the source, then the objects to drop; ARGV: their
+        # keys. -1 (nothing done) while the source is there; else how many objects went
+        self._drop_unsourced = self._r.register_script(
+            total + "if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end; local n = 0; "
+            "for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]); local k = ARGV[i - 5]; "
+            "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
+            "local old = redis.call('HGET', KEYS[1], k); "
+            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; return n")
         self._migrate()
         self._check_memory_policy()
 
@@ -796,7 +1040,30 @@ class RedisChunkStore(ChunkStore):
             pipe.execute()
         except self._oom_error:
             pass  # recency is best effort: a Redis at its maxmemory failed every hit here, the data in hand
+        self._learn(key, payload)
         return payload
+
+    def _learn(self, key: str, payload: bytes) -> None:
+        """Write the link of the chunk of metadata ``key`` to its parent, when :meth:`_chain_link` confirms one
+        (a round trip each time: another daemon's eviction may have removed it since this one wrote it)."""
+        parent = self._chain_link(key, payload)
+        if parent is None:
+            return
+        try:
+            self._link(keys=[self._parents, self._kid_counts], args=[chunk_of(key), parent])
+        except self._redis_error:
+            pass  # bookkeeping, after the hit or put: never its failure (the chunk is evicted in LRU order)
+
+    @_redis_errors
+    def drop_unsourced(self, chunk: str) -> int | None:
+        keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
+        removed = int(self._drop_unsourced(
+            keys=[self._sizes, self._used, self._lru, self._lru_levels, self._k(object_key(chunk, "src")),
+                  *(self._k(k) for k in keys)], args=keys))
+        if removed < 0:
+            return None
+        self._dropped_unsourced(chunk, removed)
+        return removed
 
     @_redis_errors
     def put(self, key: str, data: bytes) -> None:
@@ -823,6 +1090,7 @@ class RedisChunkStore(ChunkStore):
                     return False
             used = int(reply)
             self.stats.puts += 1
+            self._learn(key, data)  # before the eviction: a new chunk's parent is no longer a leaf
             excess = used - self.capacity_bytes
             if excess > 0:
                 victims = self._victims(key, excess)
@@ -851,24 +1119,20 @@ class RedisChunkStore(ChunkStore):
                 freed += size
         if freed < excess and kind_of(keep) in REBUILT_LEVELS:
             return [keep]  # the other levels cannot make room: only the new one goes, never a source
-        out, chosen, start = list(levels), set(levels), 0
-        while freed < excess:  # whole chunks, least recently used first
-            batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
-            if not batch:
-                break
-            start += len(batch)
-            for chunk in batch:
-                if freed >= excess:
-                    break
-                if chunk == chunk_of(keep):
-                    continue
-                keys = [f"{chunk}.{kind}" for kind in ("src", "meta", *REBUILT_LEVELS)]
-                for k, size in self._sized([k for k in keys if k not in chosen]):
-                    out.append(k)
-                    chosen.add(k)
-                    freed += size
-                self._r.zrem(self._lru_chunks, chunk)  # going (or already gone)
-                start -= 1
+        out, chosen = list(levels), set(levels)
+
+        def take(chunk: str) -> str | None:
+            """Chunk ``chunk`` whole into ``out``; its parent, now needed by one chunk less."""
+            nonlocal freed
+            keys = [f"{chunk}.{kind}" for kind in ("src", "meta", *REBUILT_LEVELS)]
+            for k, size in self._sized([k for k in keys if k not in chosen]):
+                out.append(k)
+                chosen.add(k)
+                freed += size
+            parent = self._unlink(keys=[self._parents, self._kid_counts, self._lru_chunks], args=[chunk])  # going
+            return parent.decode() if parent is not None else None
+
+        self._victim_chunks(chunk_of(keep), take, lambda: freed < excess)
         start = 0
         while freed < excess:  # objects of other kinds, or written before the chunk set existed: plain LRU
             batch = [k.decode() for k in self._r.zrange(self._lru, start, start + 1023)]
@@ -882,6 +1146,51 @@ class RedisChunkStore(ChunkStore):
                 chosen.add(k)
                 freed += size
         return out
+
+    def _victim_chunks(self, spare: str, take: Callable[[str], str | None], short: Callable[[], bool]) -> None:
+        """Whole chunks, :data:`EVICTION_POLICY`, in batches, each by ``take`` while ``short`` (of room): the
+        least recently used first, a chunk only once no chunk stored after it in a context is left (its count of
+        children), never ``spare``. As in the local store, a chunk passed over for its children goes as soon as
+        its last child went (it is less recent than anything still to come)."""
+        passed: set[str] = set()
+        start = 0
+        while short():
+            batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
+            if not batch:
+                break
+            counts = self._r.hmget(self._kid_counts, batch)
+            lost: Counter[str] = Counter()  # children taken since ``counts`` was read
+            start += len(batch)
+            for chunk, count in zip(batch, counts, strict=True):
+                if not short():
+                    break
+                if chunk == spare:
+                    continue
+                if int(count or 0) - lost[chunk] > 0:
+                    passed.add(chunk)
+                    continue
+                parent = take(chunk)
+                start -= 1
+                while parent is not None:
+                    lost[parent] += 1
+                    if not short() or parent not in passed or int(self._r.hget(self._kid_counts, parent) or 0) > 0:
+                        break
+                    passed.discard(parent)
+                    parent = take(parent)
+                    start -= 1
+        start = 0
+        while short() and passed:  # left: chunks the one being written needs (the store is too small for it)
+            batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
+            if not batch:
+                break
+            start += len(batch)
+            for chunk in batch:
+                if not short():
+                    break
+                if chunk in passed:
+                    passed.discard(chunk)
+                    take(chunk)
+                    start -= 1
 
     @_redis_errors
     def delete(self, key: str) -> None:

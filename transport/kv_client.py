@@ -209,6 +209,20 @@ def _deadline_ms(deadline_ms: float) -> int:
     return math.ceil(deadline_ms)
 
 
+def _timeout_s(timeout_s: float | None) -> float | None:
+    """``fetch_kv``'s ``timeout_s``, checked before anything is sent: None (no fixed bound), or a positive finite
+    number of seconds. Unchecked, 0 meant no bound (a falsy test), -1 sent the fetch and failed it at once as
+    "timed out" (the server counted it abandoned), NaN received every chunk and then failed "(0 decoded)", and
+    "5" raised a bare TypeError from the comparison inside asyncio."""
+    if timeout_s is None:
+        return None
+    if (isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not math.isfinite(timeout_s)
+            or timeout_s <= 0):
+        raise ValueError(f"timeout_s must be a positive finite number of seconds, or None for no fixed bound; "
+                         f"got {timeout_s!r}")
+    return float(timeout_s)
+
+
 def _token_ids(token_ids: Iterable[SupportsIndex] | None) -> list[int] | None:
     """Token ids as Python ints: a tokenizer's numpy or torch integers are fine (msgpack cannot carry them),
     anything that is not an integer (floats, bools, strings) is refused by position."""
@@ -537,11 +551,14 @@ class KVConnection(SessionProtocol):
         there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk) has come for the deadline's
         length (at least 2 s) after the deadline, so a stalled server fails it soon after its deadline (it used to
         take a minute) while a large context that keeps arriving (this fetch's chunk bytes count, not only whole
-        chunks; other fetches' bytes do not) is received whole, late as it may be.
+        chunks; other fetches' bytes do not) is received whole, late as it may be. ``timeout_s`` must be a positive
+        finite number of seconds or None (the default: no fixed bound); 0, a negative number, NaN, an infinity or a
+        non-number (``"5"``) raises ``ValueError`` before the fetch is sent.
         """
         if self.close_error is not None:
             raise self.close_error
         deadline = _deadline_ms(deadline_ms)
+        timeout_s = _timeout_s(timeout_s)
         ids = _token_ids(token_ids)
         hs = _chunk_hashes(hashes)
         # named by argument here: the frame check says "kvfetch: empty token id list", a wire detail
@@ -562,7 +579,7 @@ class KVConnection(SessionProtocol):
         decoded = False  # every chunk decoded and checked: only then the FIN (_abandon)
         try:
             started = time.monotonic()
-            if timeout_s:
+            if timeout_s is not None:
                 await asyncio.wait_for(pf.event.wait(), timeout_s)
             else:
                 await _wait_while_progressing(
@@ -581,7 +598,7 @@ class KVConnection(SessionProtocol):
                               code=ErrorCode.MALFORMED_FRAME)
             results: list[ChunkResult] = []
             for i in range(pf.done.chunks):
-                if timeout_s:  # decoding gets what receipt left of it (none left: a decode not done fails)
+                if timeout_s is not None:  # decoding gets what receipt left of it (none left: a decode not done fails)
                     results.append(await asyncio.wait_for(pf.decodes[i], started + timeout_s - time.monotonic()))
                 else:
                     results.append(await pf.decodes[i])

@@ -248,6 +248,18 @@ def run_eval(text: str, prefix: int, levels: Sequence[str], chunk_tokens: int = 
 
 # --- calibration -----------------------------------------------------------------------------------------
 
+class _SamplesCut(KeyboardInterrupt):
+    """An interrupt after ``used`` Fisher samples, raised from inside the handling of the interrupt itself with
+    the sensitivities they give: a caller builds the partial profile in its own ``except`` block, so that
+    ``sigterm_as_ctrl_c`` ignores a repeat (its retry timer, ``timeout``'s second SIGTERM) until that profile is
+    written. Swallowed here, the profile was built with no interrupt being handled, and a repeat then was a
+    plain KeyboardInterrupt: no ``.partial`` file (2 of 4 runs under ``timeout -s TERM``)."""
+
+    def __init__(self, sens: np.ndarray, used: int) -> None:
+        super().__init__()
+        self.sens, self.used = sens, used
+
+
 def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple[np.ndarray, int]:
     """Expected KL increase per squared relative step, per (layer, K/V, channel), from the Fisher diagonal,
     and the number of label samples it averages: fewer than ``samples`` after a Ctrl-C past the first.
@@ -259,6 +271,15 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple
     over ``samples`` draws. One backward pass per draw replaces hundreds of perturb-and-score runs; per head,
     the two agree with a log-correlation of 0.92 on SmolLM2 (docs/kv_codec.md).
     """
+    try:
+        return _channel_sensitivity(setup, samples, seed)
+    except _SamplesCut as cut:
+        return cut.sens, cut.used
+
+
+def _channel_sensitivity(setup: Setup, samples: int, seed: int) -> tuple[np.ndarray, int]:
+    """:func:`channel_sensitivity`, raising :class:`_SamplesCut` (with the samples' sensitivities) when
+    interrupted after a sample; before the first, the interrupt itself."""
     model = setup.lm.model
     kv = [(k.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True))
           for k, v in setup.kv]
@@ -266,7 +287,6 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple
     acc = [torch.zeros_like(t) for t in flat]
     probs = torch.softmax(setup.ref_logits, -1).to(torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    n_pos = setup.score_ids.shape[1]
     used = 0
     try:
         for i in range(samples):
@@ -281,8 +301,15 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple
         if not used:
             raise
         _say(f"interrupted: the profile averages the {used} samples taken", "kv calibrate")
-    n_layers = len(kv)
-    n_heads, head_dim = kv[0][0].shape[1], kv[0][0].shape[3]
+        raise _SamplesCut(_sensitivity(setup, acc, used), used) from None  # (see _SamplesCut: still handling it)
+    return _sensitivity(setup, acc, used), used
+
+
+def _sensitivity(setup: Setup, acc: list[torch.Tensor], used: int) -> np.ndarray:
+    """Per (layer, K/V, channel) sensitivities from the squared gradients summed over ``used`` samples."""
+    n_layers = len(setup.kv)
+    n_heads, head_dim = setup.kv[0][0].shape[1], setup.kv[0][0].shape[3]
+    n_pos = setup.score_ids.shape[1]
     sens = np.zeros((n_layers, 2, n_heads * head_dim))
     for li in range(n_layers):
         for j in range(2):
@@ -292,7 +319,7 @@ def channel_sensitivity(setup: Setup, samples: int = 16, seed: int = 0) -> tuple
             # the KL reported is a mean over scored positions
             per = (fisher * scale[None, :, None] ** 2).sum(dim=1) / 24 / n_pos  # [H, D]
             sens[li, j] = per.reshape(-1).numpy()
-    return sens, used
+    return sens
 
 
 def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key_bias: int = 3,
@@ -301,9 +328,23 @@ def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key
 
     ``key_bias`` codes are added to every key channel: the Fisher estimate under-rates keys a little (KL
     at equal size was lowest with +2..+4 on SmolLM2, measured on texts other than the calibration text).
+
+    Interrupted after a sample: :class:`Interrupted` with the profile of the samples taken, built while that
+    interrupt is still being handled (see :class:`_SamplesCut`).
     """
     setup = prepare(text, prefix, n_score)
-    sens, used = channel_sensitivity(setup, samples)
+    try:
+        sens, used = _channel_sensitivity(setup, samples, 0)
+    except _SamplesCut as cut:
+        doc = _profile(setup, prefix, n_score, cut.sens, cut.used, key_bias, with_sensitivity)
+        doc["interrupted"] = True
+        raise Interrupted(doc) from None
+    return _profile(setup, prefix, n_score, sens, used, key_bias, with_sensitivity)
+
+
+def _profile(setup: Setup, prefix: int, n_score: int, sens: np.ndarray, used: int, key_bias: int,
+             with_sensitivity: bool) -> dict[str, Any]:
+    """The profile document of sensitivities ``sens`` from ``used`` samples."""
     offsets = offsets_from_sensitivity(sens)
     offsets[:, 0] += key_bias
     doc: dict[str, Any] = {
@@ -314,9 +355,6 @@ def calibrate(text: str, prefix: int, n_score: int = 256, samples: int = 64, key
     }
     if with_sensitivity:
         doc["sensitivity"] = [[[float(f"{v:.4g}") for v in row] for row in layer] for layer in sens]
-    if used < samples:
-        doc["interrupted"] = True
-        raise Interrupted(doc)
     return doc
 
 
