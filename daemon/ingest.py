@@ -4,20 +4,32 @@ Newline-delimited JSON over a Unix stream socket (any language, or ``socat``, ca
 line per request line::
 
     {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
-        -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client
+        -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client (the SDK's
+        ``Connection.attach`` takes the id's bytes, ``bytes.fromhex(id)``; ``tokenwire chat --attach`` the hex)
         (model and principal: at most 128 characters each; at most ``[ingest] max_open`` answers open at
         once per connection, 1024 by default; the principal must be one a client can have: with auth tokens
         a token's name, with ``server.client_ca`` only ``cert:`` and a certificate's name, else none; refused
-        while the daemon drains, and past ``limits.max_live_answers``, which counts open ingest answers too)
+        while the daemon drains, past ``limits.max_live_answers``, which counts open ingest answers too, and
+        while the answers being generated fill ``limits.transcript_memory_mb``)
     {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
-        (text past the answer's max_tokens is cut and the answer finishes: the reply then adds
-        "finished": "length", "cut": true, and later ops on the id say it is finished)
+        (a push's text is cut into tokens of at most 256 bytes of UTF-8, each a token of the answer:
+        "tokens" is how many the answer holds now, and max_tokens counts these, so bounds its bytes to
+        256 x max_tokens; text past the answer's max_tokens is cut and the answer finishes: the reply then
+        adds "finished": "length", "cut": true, and later ops on the id say it is finished. A push that
+        would take the answers being generated past ``limits.transcript_memory_mb`` is refused, nothing
+        of it added, and the answer stays open: finish or fail it, or push again once other answers end)
     {"op": "finish", "id": "...", "reason": "stop"}     -> {"ok": true, "tokens": 12}
         (reason: 1 to 32 printable characters, what FINISHED's ``fr`` carries; "stop" by default)
     {"op": "fail", "id": "...", "message": "model crashed"}  -> {"ok": true}
-        (clients get UPSTREAM_ERROR with the message's first 300 characters)
+        (clients get UPSTREAM_ERROR with the message's first 300 characters; "application failed"
+        when it is null, left out or "")
 
-Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays open. Text that is not valid
+Errors come back as ``{"ok": false, "error": "..."}`` and the connection stays open. The application must read
+every reply line: the daemon reads no further op from a connection while the replies it wrote there wait
+unread (past the socket's buffers), and fails its answers when that lasts ``[ingest] stall_timeout_s`` ("the
+application did not read its replies"). An answer belongs to the connection that opened it: only it may push,
+finish or fail the answer, which fails when that connection closes (an application that reconnects, after a
+crash say, opens new answers). Text that is not valid
 Unicode (JSON can carry a lone surrogate, ``"\\ud83d"``) is refused wherever it would reach a client. An
 application that disconnects with answers still open fails them (``UPSTREAM_ERROR``), so no client waits
 forever; so does an answer with no op on it for ``[ingest] stall_timeout_s`` (``UPSTREAM_TIMEOUT``; later ops
@@ -50,7 +62,7 @@ from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request ma
 from . import unix_sockets
 from .cli import printable
 from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
-from .transcripts import GenerationLimit, LiveRequest, TranscriptStore
+from .transcripts import GenerationLimit, LiveRequest, TranscriptStore, request_bytes
 
 if TYPE_CHECKING:  # (at run time only with a log passed in: `config check` imports this module without aioquic)
     from tokenwire.transport.handshake_guard import RefusalLog
@@ -74,6 +86,9 @@ class IngestConnection:
 
     open: dict[bytes, LiveRequest] = field(default_factory=dict)
     finished: OrderedDict[bytes, str] = field(default_factory=OrderedDict)
+    # since when the daemon waits to write a reply the application has not read (None: it does not): it reads no
+    # op meanwhile, and the stall timeout blamed the application for sending nothing
+    writing_since: float | None = None
 
 
 def _invalid_unicode(text: str) -> bool:
@@ -103,10 +118,41 @@ def principal_problem(principal: str | None, auth: AuthConfig, *, certificates: 
         if principal is None or not principal.startswith("cert:"):
             return ("principal must be \"cert:\" and a client certificate's name: without auth tokens, clients "
                     "attach as their certificate (server.client_ca)")
+        if not is_cert_principal(principal):
+            return (f"principal {principal!r} is not one a client certificate can have: \"cert:\" and its name "
+                    "(printable, no '~'), or a shortened name ending in '~' and 16 hex digits, as "
+                    "tokenwire.daemon.certificates.cert_principal(name) gives it")
         return None
     if principal is not None:
         return "no principal may be named: auth is off, so clients have none and could not attach to it"
     return None
+
+
+CERT_PREFIX = "cert:"
+CERT_DIGEST_CHARS = 16  # hex digits of the name's SHA-256 after the '~' of a shortened certificate principal
+# the longest printable prefix a shortened one keeps (certificates.cert_principal: 128 in all)
+CERT_SHOWN_CHARS = MAX_PRINCIPAL_CHARS - len(CERT_PREFIX) - 1 - CERT_DIGEST_CHARS
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_cert_principal(principal: str) -> bool:
+    """Whether some client certificate's name gives ``principal`` (``certificates.cert_principal``): any
+    ``cert:...`` was accepted at open, e.g. ``cert:ca~rol``, which no certificate has, and every attach got
+    "unknown or expired request id". Its two forms: ``cert:`` and a name that is printable, has no ``~`` and fits
+    128 characters; or a shortened one, ``cert:``, a printable prefix of the name (unprintable characters shown as
+    ``?``), ``~`` and 16 hex digits, which only a name that needed it has: one that had a ``~`` or an unprintable
+    character (in the prefix, then), or a long one (whose prefix is then CERT_SHOWN_CHARS long)."""
+    if not principal.startswith(CERT_PREFIX) or len(principal) > MAX_PRINCIPAL_CHARS:
+        return False
+    name = principal[len(CERT_PREFIX):]
+    if not name.isprintable():
+        return False
+    if "~" not in name:
+        return True
+    shown, _, digest = name.rpartition("~")
+    if len(digest) != CERT_DIGEST_CHARS or not set(digest) <= _HEX_DIGITS:
+        return False
+    return len(shown) == CERT_SHOWN_CHARS or "~" in shown or "?" in shown
 
 
 class IngestAPI:
@@ -142,6 +188,8 @@ class IngestAPI:
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
+        # answers a push was refused for past transcript_memory_mb: logged once each, not at every retried push
+        self._memory_refused: set[bytes] = set()
 
     @property
     def live_count(self) -> int:
@@ -177,6 +225,9 @@ class IngestAPI:
             refused = self.refuse_open(principal)
             if refused is not None:
                 return {"ok": False, "error": refused}
+            need = request_bytes(model, principal)
+            if self.store.live_bytes + need > self.store.max_bytes:
+                return {"ok": False, "error": self._memory_full(need, "open")}
             req = self.store.create(principal, limit, now, model=model)
             conn.open[req.request_id] = req
             self._open[req.request_id] = (conn, now)
@@ -193,7 +244,13 @@ class IngestAPI:
             ended = conn.finished.get(rid)
             if ended is not None:
                 return {"ok": False, "error": f"this answer is already finished ({ended})"}
-            return {"ok": False, "error": "unknown id, or not opened on this connection"}
+            if rid in self._open:
+                return {"ok": False, "error": "this answer is open on another connection: only the connection that "
+                        "opened an answer may push, finish or fail it"}
+            # the app that reconnects after a crash: its old answers failed with the connection that opened them
+            return {"ok": False, "error": "unknown id on this connection: an answer belongs to the connection that "
+                    "opened it, and fails when that connection closes (open a new one), or this is not an id "
+                    "open returned"}
         self._open[rid] = (conn, now)  # a sign of life, whatever the op (an empty push keeps an answer open)
         if op == "push":
             text = msg.get("text")
@@ -201,6 +258,9 @@ class IngestAPI:
                 return {"ok": False, "error": "push needs a 'text' string"}
             if _invalid_unicode(text):
                 return {"ok": False, "error": "text is not valid Unicode (a lone surrogate)"}
+            need = req.growth(text)
+            if need and self.store.live_bytes + need > self.store.max_bytes:
+                return {"ok": False, "error": self._memory_full(need, "push", req)}
             try:
                 self.on_tokens(req.push(text, now))
             except GenerationLimit as cut:
@@ -219,10 +279,10 @@ class IngestAPI:
             self._done(req, conn, "finished")
             return {"ok": True, "tokens": len(req.transcript)}
         message = msg.get("message")
-        if message is None:
-            message = "application failed"
-        elif not isinstance(message, str):  # str() of any JSON value became the clients' error text
+        if message is not None and not isinstance(message, str):  # str() of any JSON value became the error text
             return {"ok": False, "error": "message must be a string (or null for a default text)"}
+        if not message:  # "" as null: clients got a bare "upstream error" for one, "application failed" for the other
+            message = "application failed"
         message = message[:MAX_MESSAGE_CHARS]
         if _invalid_unicode(message):
             return {"ok": False, "error": "message is not valid Unicode (a lone surrogate)"}
@@ -231,12 +291,31 @@ class IngestAPI:
         self._done(req, conn, "app_failed")
         return {"ok": True}
 
+    def _memory_full(self, need: int, op: str, req: LiveRequest | None = None) -> str:
+        """The refusal of an open or a push (``op``; ``req``: the pushed answer) that would take the answers being
+        generated past ``limits.transcript_memory_mb``: finished answers are evicted to make room (oldest first),
+        open ones cannot be, and one application connection held 750 MB of open answers against a 256 MiB bound
+        (the bound then pushed finished answers out within seconds of their end). Refused, not waited on: the
+        application is never blocked, it decides. A push's refusals are logged once per answer."""
+        mib = 1 << 20
+        live, bound = self.store.live_bytes / mib, self.store.max_bytes / mib
+        if req is not None and req.request_id not in self._memory_refused:
+            self._memory_refused.add(req.request_id)
+            log.warning("ingest: a push to request %s refused: the answers being generated hold %.1f MiB, and "
+                        "limits.transcript_memory_mb is %g MiB (later refusals for this answer are not logged)",
+                        req.request_id.hex(), live, bound)
+        then = ("nothing of it was added and the answer stays open: finish or fail it, or push again once other "
+                "answers have ended") if req is not None else "open again once answers have ended"
+        return (f"transcript memory full: the answers being generated hold {live:.1f} MiB of "
+                f"limits.transcript_memory_mb = {bound:g} MiB, and this {op} needs {need} bytes more; {then}")
+
     def _done(self, req: LiveRequest, conn: IngestConnection, outcome: str, ended: str | None = None) -> None:
         # remembered by how it ended (``ended``, else its finish reason or "failed"), so that a later op on it says
         # it is finished (it said "unknown id"); the oldest go beyond FINISHED_KEPT, a long-lived app connection
         # opens answers without end
         conn.open.pop(req.request_id, None)
         self._open.pop(req.request_id, None)
+        self._memory_refused.discard(req.request_id)
         conn.finished[req.request_id] = ended or (req.transcript.reason if req.error is None else "failed")
         while len(conn.finished) > FINISHED_KEPT:
             conn.finished.popitem(last=False)
@@ -280,15 +359,26 @@ class IngestAPI:
         return True
 
     def expire_stalled(self, now: float) -> int:
-        """Fail, with UPSTREAM_TIMEOUT, the answers with no op on them for ``stall_timeout_s``; how many."""
-        stalled = [(rid, conn) for rid, (conn, last) in self._open.items() if now - last >= self.stall_timeout_s]
-        why = f"the application sent nothing for {self.stall_timeout_s:g} s (ingest.stall_timeout_s)"
+        """Fail, with UPSTREAM_TIMEOUT, the answers with no op on them for ``stall_timeout_s``; how many.
+
+        While the daemon waits for the application to read a reply (``writing_since``) it reads none of that
+        connection's ops, so its answers' clocks count from then, and the failure says the application did not
+        read: it said "the application sent nothing" of one that pushed on and never read a reply."""
+        timeout = self.stall_timeout_s
+        stalled = [(rid, conn) for rid, (conn, last) in self._open.items()
+                   if now - (last if conn.writing_since is None else max(last, conn.writing_since)) >= timeout]
         for rid, conn in stalled:
             req = conn.open[rid]
+            if conn.writing_since is None:
+                why = f"the application sent nothing for {timeout:g} s (ingest.stall_timeout_s)"
+                ended = f"timed out: no op on it for {timeout:g} s, ingest.stall_timeout_s"
+            else:
+                why = (f"the application did not read its replies for {timeout:g} s (ingest.stall_timeout_s): the "
+                       "daemon reads no more ops from it until it does")
+                ended = f"timed out: the application did not read its replies for {timeout:g} s, ingest.stall_timeout_s"
             log.warning("ingest: request %s failed: %s", rid.hex(), why)
             req.fail(ErrorCode.UPSTREAM_TIMEOUT, why, now)
-            self._done(req, conn, "stalled", f"timed out: no op on it for {self.stall_timeout_s:g} s, "
-                       "ingest.stall_timeout_s")
+            self._done(req, conn, "stalled", ended)
         return len(stalled)
 
 
@@ -374,7 +464,11 @@ async def serve_ingest(
                     msg, error = _decoded(line)
                 reply = {"ok": False, "error": error} if error else _handled(api, msg, conn)
                 writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
+                conn.writing_since = time.monotonic()  # (seen by the stall timer only while drain() waits)
+                try:
+                    await writer.drain()
+                finally:
+                    conn.writing_since = None
         except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:

@@ -471,10 +471,16 @@ class Daemon:
         self.handshake_guard.relax(now)
 
     def listening(self) -> str:
-        """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets."""
+        """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets, then the
+        ingest sockets, ``unix:/run/tokenwire/ingest.sock`` (the start-up line and STATUS never named them, and
+        an application developer had to read the configuration to find where to connect)."""
         out = ", ".join(f"udp/{addr(h, p)}" for h, p in self.addresses)
+        if self._ingest is not None and self.config.ingest.socket is not None:
+            out += f"; ingest on unix:{self.config.ingest.socket}"
         if self.kv is not None:
             out += f"; KV channel on udp/{addr(self.config.kv.listen[0], self.kv.server.port)}"
+            if self.kv.ingest is not None and self.kv.ingest_path is not None:
+                out += f", KV ingest on unix:{self.kv.ingest_path}"
         return out
 
     def ready_status(self) -> str:

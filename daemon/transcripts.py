@@ -4,7 +4,9 @@ A request's answer outlives the connection that asked for it: when a client's co
 upstream keeps generating into the transcript, and the client reconnects with the request id and the index
 it holds to receive the rest (resumption). Finished answers are kept for ``retain_s`` seconds, within a
 memory bound, oldest evicted first (those still streaming to a client last); answers still being generated
-are never evicted.
+are never evicted. The bytes of those are kept as a running total (:attr:`TranscriptStore.live_bytes`), so that
+an ingest push is checked against the bound without summing every answer (:meth:`LiveRequest.growth`), and
+refused past it.
 
 Sans-I/O: no event loop here. Listeners are plain callbacks the service registers; ``now`` is explicit.
 """
@@ -20,11 +22,17 @@ from tokenwire.transport.frames import REQUEST_ID_BYTES
 from tokenwire.transport.transcript import Transcript, split_piece
 
 TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
+REQUEST_OVERHEAD_BYTES = 256  # per answer, however short
 
 
 def _text_bytes(text: str | None) -> int:
     # surrogatepass: JSON can carry a lone surrogate ("\ud83d"), which plain UTF-8 refuses to encode
     return len(text.encode("utf-8", "surrogatepass")) if text else 0
+
+
+def request_bytes(model: str | None, principal: str | None) -> int:
+    """The :attr:`LiveRequest.memory_bytes` of an answer with no token yet: what an ingest open is checked for."""
+    return _text_bytes(model) + _text_bytes(principal) + REQUEST_OVERHEAD_BYTES
 
 
 class GenerationLimit(Exception):
@@ -47,6 +55,9 @@ class LiveRequest:
     # model and principal count in memory_bytes too (unbounded ingest names once grew the daemon by a GB outside
     # that bound); they never change, so their size is taken once, not at every housekeeping pass
     _name_bytes: int = field(init=False, repr=False, default=0)
+    # told the bytes each push adds while the request is one of its store's live answers (None: it is not), so the
+    # store keeps their total without summing every answer at each ingest push (O(answers) a token)
+    _grew: Callable[[int], None] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         self._name_bytes = _text_bytes(self.model) + _text_bytes(self.principal)
@@ -58,7 +69,16 @@ class LiveRequest:
     @property
     def memory_bytes(self) -> int:
         tr = self.transcript
-        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + self._name_bytes + 256
+        return tr.total_bytes + TOKEN_OVERHEAD_BYTES * len(tr) + self._name_bytes + REQUEST_OVERHEAD_BYTES
+
+    def growth(self, piece: str | bytes) -> int:
+        """The bytes of :attr:`memory_bytes` that pushing ``piece`` would add (what fits under ``max_tokens``):
+        an ingest push is checked against the store's bound with it before anything is added."""
+        if self.done or not piece:
+            return 0
+        data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        toks = split_piece(data)[: max(0, self.max_tokens - len(self.transcript))]
+        return sum(map(len, toks)) + TOKEN_OVERHEAD_BYTES * len(toks)
 
     def _notify(self) -> None:
         for callback in list(self.listeners.values()):
@@ -71,8 +91,11 @@ class LiveRequest:
         if self.done or not piece:
             return 0
         data = piece.encode("utf-8") if isinstance(piece, str) else piece
+        before = self.transcript.total_bytes
         added = self.transcript.extend(data, now, max_total=self.max_tokens)  # 256-byte tokens, cut at the limit
         if added:
+            if self._grew is not None:
+                self._grew(self.transcript.total_bytes - before + TOKEN_OVERHEAD_BYTES * added)
             self._notify()
         if added < len(split_piece(data)):
             raise GenerationLimit(added)
@@ -110,12 +133,18 @@ class TranscriptStore:
         self._finished: OrderedDict[bytes, LiveRequest] = OrderedDict()  # in finishing order
         self.expired = 0  # finished answers dropped after retain_s
         self.evicted = 0  # dropped early, over max_bytes (streaming ones end their requests with LIMIT_EXCEEDED)
+        self._live_bytes = 0  # memory_bytes of the answers in _live, kept as they grow (LiveRequest._grew)
 
     def create(self, principal: str | None, max_tokens: int, now: float, model: str | None = None) -> LiveRequest:
         rid = os.urandom(REQUEST_ID_BYTES)
         req = LiveRequest(rid, principal, max_tokens, now, model=model)
         self._live[rid] = req
+        self._live_bytes += req.memory_bytes
+        req._grew = self._live_grew
         return req
+
+    def _live_grew(self, added: int) -> None:
+        self._live_bytes += added
 
     def get(self, request_id: bytes) -> LiveRequest | None:
         return self._live.get(request_id) or self._finished.get(request_id)
@@ -123,11 +152,23 @@ class TranscriptStore:
     def mark_finished(self, req: LiveRequest) -> None:
         """Move a finished (or failed) answer to the retention queue."""
         if self._live.pop(req.request_id, None) is not None:
+            self._left_live(req)
             self._finished[req.request_id] = req
 
     def discard(self, req: LiveRequest) -> None:
-        self._live.pop(req.request_id, None)
+        if self._live.pop(req.request_id, None) is not None:
+            self._left_live(req)
         self._finished.pop(req.request_id, None)
+
+    def _left_live(self, req: LiveRequest) -> None:
+        req._grew = None
+        self._live_bytes -= req.memory_bytes
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes held by the answers still being generated (open ingest answers and the upstreams' alike), at
+        O(1): :meth:`evict` cannot free them, so an ingest push is refused when they would pass ``max_bytes``."""
+        return self._live_bytes
 
     @property
     def memory_bytes(self) -> int:

@@ -97,7 +97,7 @@ def set_socket_access(path: Path, group: str | None, setting: str) -> None:
 
     A group of its own (``tokenwire-ingest``) lets an application connect without being in the daemon's
     group, which could read the TLS key, the config and the KV store. The group is given before the mode opens
-    the socket to it (bound under UMask=0027, it is 0750: nobody else may connect yet). Not root, the daemon
+    the socket to it, and the socket listens only once both are set (:func:`bind_private`). Not root, the daemon
     may only give a group it is a member of: an ``OSError`` saying so."""
     if group is not None:
         try:
@@ -119,18 +119,42 @@ def set_socket_access(path: Path, group: str | None, setting: str) -> None:
     os.chmod(path, 0o660)
 
 
+BACKLOG = 100  # asyncio's own default for a server it makes
+
+
+def bind_private(path: Path, group: str | None, setting: str) -> socket.socket:
+    """A Unix stream socket bound at ``path``, given its mode and group (:func:`set_socket_access`), and only
+    then listening: nobody can connect before its access is set (ECONNREFUSED). asyncio's bind-and-listen left
+    it connectable with the process umask's mode until chmod: under umask 000 a user outside the group
+    connected and opened an answer. A socket whose access cannot be set is closed and its file removed."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    try:
+        set_socket_access(path, group, setting)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    return sock
+
+
 async def serve(path: Path, client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], *,
                 limit: int, group: str | None, setting: str) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (a stale socket file replaced, :func:`claim`), mode 0660 and given to
-    ``group`` when set (:func:`set_socket_access`); a socket whose access cannot be set is closed and removed
-    (nobody could use it, and the daemon does not start). Both ingest sockets (answers, KV) are made here."""
+    ``group`` when set, before it listens (:func:`bind_private`); a socket whose access cannot be set is closed
+    and removed (nobody could use it, and the daemon does not start). Both ingest sockets (answers, KV) are
+    made here."""
     claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
-    server = await asyncio.start_unix_server(client, path=str(path), limit=limit)
-    try:
-        set_socket_access(path, group, setting)
-    except OSError:
-        server.close()
-        await server.wait_closed()
+    sock = bind_private(path, group, setting)
+    try:  # (given a socket, asyncio neither binds nor removes anything at the path)
+        server = await asyncio.start_unix_server(client, sock=sock, limit=limit, backlog=BACKLOG)
+    except BaseException:
+        sock.close()
         path.unlink(missing_ok=True)
         raise
     reach = None if group is None else folder_reach_problem(path.parent, config.group_id(group))

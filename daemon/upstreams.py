@@ -81,7 +81,9 @@ class IngestUpstream:
         self.name = name
 
     def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
-        return (f"model {model!r} is served by an application through the ingest API: attach to its answer with "
+        # a request with no model took a route's default to here, and was told "model None is served by ..."
+        what = f"model {model!r}" if model is not None else f"a request naming no model (upstream {self.name!r})"
+        return (f"{what} is served by an application through the ingest API: attach to its answer with "
                 "the request id it gave you")
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str:

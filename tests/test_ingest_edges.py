@@ -351,7 +351,9 @@ def test_ingest_answers_are_counted_by_outcome_and_attaches_apart_from_resumes(t
             await _send(reader, writer, {"op": "push", "id": finished, "text": "hello"})
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False) as conn:
                 async with asyncio.timeout(10):
-                    stream = conn.attach(bytes.fromhex(finished))
+                    with pytest.raises(ValueError, match="32 hex digits, as ingest's open returns them"):
+                        conn.attach(finished[:-1] + "g")
+                    stream = conn.attach(finished)  # the hex id as open returns it (was: bytes only)
                     first = await stream.__anext__()
                     again = conn.attach(bytes.fromhex(finished), held=[first.encode()])  # a reconnect's resume
                     await _send(reader, writer, {"op": "finish", "id": finished})

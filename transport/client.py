@@ -441,11 +441,21 @@ class Connection:
         )
         return self._start(request, prefix, _CHAT_ARGUMENTS)
 
-    def attach(self, request_id: bytes, *, scheme: str = "chatterbox", held: list[bytes] | None = None) -> ChatStream:
+    def attach(self, request_id: bytes | str, *, scheme: str = "chatterbox",
+               held: list[bytes] | None = None) -> ChatStream:
         """Stream an existing answer by id (one an application opened through ingest) from its start, or after
         the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``). Needs the
-        tokenwire daemon, which keeps answers by id; the SDK's ``serve()`` refuses an attach with NOT_FOUND."""
+        tokenwire daemon, which keeps answers by id; the SDK's ``serve()`` refuses an attach with NOT_FOUND.
+
+        ``request_id``: its 16 bytes, or the 32 hex digits ingest's ``open`` returns (a str: passing it as
+        ``id.encode()`` gave "32 bytes, expected 16..16")."""
         self._check_open()
+        if isinstance(request_id, str):
+            try:
+                request_id = bytes.fromhex(request_id)
+            except ValueError:
+                raise ValueError(f"request id {request_id!r}: 32 hex digits, as ingest's open returns them, "
+                                 "or 16 bytes") from None
         prefix = list(held or [])
         request = Request(
             scheme=scheme,
