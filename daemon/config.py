@@ -20,17 +20,21 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tokenwire.transport.frames import MAX_STREAM_FRAME
 
 from .kv_config import KVConfig, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 from .startup import addr
+
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_PATH = Path("/etc/tokenwire/tokenwire.toml")
 
@@ -432,20 +436,71 @@ UPSTREAM_KEYS = {
 }
 
 
-def _check_upstream_ca(path: Path, where: str) -> None:
-    """The CA bundle an https upstream's certificate is checked against (a vLLM behind a private CA): one that
-    cannot be read or holds no certificate fails at load, not as "certificate not trusted" at every request."""
+def _file_option(s: _Section, key: str, base: Path | None, empty_hint: str) -> Path | None:
+    """An upstream's file path at ``key`` (relative: to ``base``), without touching the file: a reload reads
+    upstream files leniently (:func:`upstream_file_problems`), and ``Path.exists`` raised for a folder on the way
+    that cannot be entered, which vetoed the whole reload."""
+    v = s.str(key, None)
+    if v == "":
+        raise ConfigError(f"{s.where}.{key}: expected a file path, got '' ({empty_hint})")
+    if v is None:
+        return None
+    p = Path(v)
+    return base / p if not p.is_absolute() and base is not None else p
+
+
+def _missing(path: Path) -> str | None:
+    """Why nothing usable is at ``path`` (words after the key's name), or None when something is."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{path} does not exist"
+    except OSError as exc:  # a folder on the way that cannot be read (as Path.exists raised on Python 3.11)
+        return f"{path}: cannot be read ({exc.strerror})"
+    return None
+
+
+def upstream_ca_context(path: Path) -> tuple[ssl.SSLContext, bytes]:
+    """A TLS client context trusting only the CAs in ``path`` (PEM), and the bytes it was built from (a reload
+    compares them to take up a bundle renewed in place). Read as a regular file without blocking (a FIFO there
+    froze the event loop); ``OSError`` as reading raised it, :class:`FileProblem` for what is there, ``ValueError``
+    for a file without a PEM certificate (an empty one made a context that trusts nothing)."""
     import ssl
 
+    data = read_regular_file(path, CA_FILE_LIMIT)
+    text = data.decode("ascii", errors="ignore")  # PEM is ASCII; a comment in another charset is no certificate
+    if "-----BEGIN" not in text:
+        raise ValueError("no PEM certificate in it")
     try:
-        ssl.create_default_context(cafile=str(path))
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        ssl_error = isinstance(exc, ssl.SSLError | ValueError)  # (an SSLError is an OSError too)
-        why = "no PEM certificate in it" if ssl_error or not exc.strerror else exc.strerror  # type: ignore[union-attr]
-        raise ConfigError(f"{where}: {path}: {why}") from None
+        return ssl.create_default_context(cadata=text), data
+    except ssl.SSLError:
+        raise ValueError("no PEM certificate in it") from None
 
 
-def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
+def _upstream_ca_problem(path: Path) -> str | None:
+    """Why the CA bundle an https upstream's certificate is checked against (a vLLM behind a private CA) cannot be
+    used, as words after its key (one that cannot be read or holds no certificate fails at load, not as
+    "certificate not trusted" at every request); None when it can."""
+    missing = _missing(path)
+    if missing is not None:
+        return missing
+    try:
+        upstream_ca_context(path)
+    except FileProblem as exc:
+        return f"{path} {exc}"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or 'cannot be read'}"
+    except ValueError as exc:
+        return f"{path}: {exc}"
+    return None
+
+
+def _upstreams(raw: Any, base: Path | None, check_files: bool = True) -> tuple[UpstreamConfig, ...]:
+    """The [[upstreams]] tables. ``check_files``: False for a reload's read, whose upstream settings are never
+    applied ("changes to upstreams need a restart"): an api_key_file or ca_file missing or bad for a moment (a key
+    being rotated) refused the whole reload, and a token revoked in the same SIGHUP stayed valid. The reload
+    reports those files with :func:`upstream_file_problems` instead; at start and in ``config check`` they are
+    errors."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError("upstreams: expected a non-empty array of [[upstreams]] tables")
     out: list[UpstreamConfig] = []
@@ -470,19 +525,18 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
             opts["first_token_ms"] = s.num("first_token_ms", 150.0, 0.0, 60_000.0)
             opts["max_tokens"] = s.int("max_tokens", 2000, 1, MAX_ANSWER_TOKENS)
         elif kind == "openai":
-            url = s.str("base_url", None)
-            if not url or not url.startswith(("http://", "https://")):
-                raise ConfigError(f"{where}.base_url: expected an http(s):// URL, got {url!r}")
-            _check_base_url(url, f"{where}.base_url")
-            opts["base_url"] = url.rstrip("/")
+            url = _base_url(s.str("base_url", None), f"{where}.base_url")
+            opts["base_url"] = url
             key_env = s.str("api_key_env", None)
             env_key = os.environ.get(key_env) if key_env else None
             problem = None if env_key is None else api_key_problem(env_key)
             if problem is not None:  # an unset variable is the upstream's to report, at each request
                 raise ConfigError(f"{where}.api_key_env: the key in ${key_env} {problem}")
             opts["api_key_env"] = key_env
-            key_file = s.path("api_key_file", base, empty_hint="leave the key out for no key from a file")
-            _check_api_key_file(key_file, f"{where}.api_key_file")
+            key_file = _file_option(s, "api_key_file", base, "leave the key out for no key from a file")
+            problem = None if key_file is None or not check_files else _api_key_file_problem(key_file)
+            if problem is not None:
+                raise ConfigError(f"{where}.api_key_file: {problem}")
             opts["api_key_file"] = key_file
             models = s.get("models", {})
             if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
@@ -505,22 +559,72 @@ def _upstreams(raw: Any, base: Path | None) -> tuple[UpstreamConfig, ...]:
                 if problem is not None:
                     raise ConfigError(f"{where}.extra_headers.{hname}: the value contains {problem}")
             opts["extra_headers"] = dict(headers)
-            ca_file = s.path("ca_file", base, empty_hint="leave the key out to trust the system's CAs")
+            ca_file = _file_option(s, "ca_file", base, "leave the key out to trust the system's CAs")
             if ca_file is not None:
                 if not url.startswith("https://"):
                     raise ConfigError(f"{where}.ca_file: only for an https:// base_url, got {url!r}")
-                _check_upstream_ca(ca_file, f"{where}.ca_file")
+                problem = _upstream_ca_problem(ca_file) if check_files else None
+                if problem is not None:
+                    raise ConfigError(f"{where}.ca_file: {problem}")
             opts["ca_file"] = ca_file
+            sources = [k for k in ("api_key_env", "api_key_file") if opts[k]]
+            authorization = [h for h in headers if h.lower() == "authorization"]
+            if sources and authorization:
+                # the key's "Bearer KEY" replaced that header without a word (or, spelt "authorization", both went)
+                raise ConfigError(f"{where}.extra_headers.{authorization[0]}: {' and '.join(sources)} sends the "
+                                  "Authorization header too (Bearer KEY); use one of them")
             # user:password@ in the URL is Basic auth: aiohttp refuses to send another Authorization header with it
             # (a ValueError at every request, while config check said ok)
-            bearer = [k for k in ("api_key_env", "api_key_file") if opts[k]]
-            bearer += [f"extra_headers.{h}" for h in headers if h.lower() == "authorization"]
+            bearer = sources + [f"extra_headers.{h}" for h in authorization]
             netloc = re.split(r"[/?#]", url.split("//", 1)[1], maxsplit=1)[0]
             if bearer and "@" in netloc:
                 raise ConfigError(f"{where}: base_url has credentials in it (user:password@), sent as the "
                                   f"Authorization header, and so does {' and '.join(bearer)}; use one of them")
         out.append(UpstreamConfig(name, kind, opts))
     return tuple(out)
+
+
+class UpstreamFileProblem(NamedTuple):
+    """An upstream's api_key_file or ca_file that a start would refuse (:func:`upstream_file_problems`)."""
+
+    upstream: str  # its name
+    key: str  # "api_key_file" or "ca_file"
+    path: Path
+    text: str  # ``upstreams[i].key: why``, as the start's error says it
+
+
+def upstream_file_problems(cfg: Config) -> list[UpstreamFileProblem]:
+    """What a start would refuse of ``cfg``'s upstream files, read leniently (a reload's read): the reload warns
+    of them and keeps the running upstreams, which it never replaces."""
+    out: list[UpstreamFileProblem] = []
+    for i, up in enumerate(cfg.upstreams):
+        if up.type != "openai":
+            continue
+        for key, check in (("api_key_file", _api_key_file_problem), ("ca_file", _upstream_ca_problem)):
+            path = up.options.get(key)
+            if path is None:
+                continue
+            problem = check(path)
+            if problem is not None:
+                out.append(UpstreamFileProblem(up.name, key, path, f"upstreams[{i}].{key}: {problem}"))
+    return out
+
+
+def _base_url(url: str | None, where: str) -> str:
+    """An openai upstream's ``base_url``, its scheme in lower case and without a trailing slash."""
+    scheme, sep, rest = (url or "").partition("://")
+    if not url or not sep or scheme.lower() not in ("http", "https"):
+        raise ConfigError(f"{where}: expected an http(s):// URL, got {url!r}")
+    url = f"{scheme.lower()}://{rest}"  # schemes are case-insensitive (RFC 3986 3.1): "HTTP://" was refused
+    _check_base_url(url, where)
+    url = url.rstrip("/")
+    path = urllib.parse.urlsplit(url).path
+    if path.lower().endswith("/chat/completions"):
+        # requests went to .../chat/completions/chat/completions, and every one failed with a 404
+        root = path[:-len("/chat/completions")] or "/"
+        raise ConfigError(f"{where}: ends in /chat/completions, which the upstream appends itself: give the API's "
+                          f"root (path {root})")
+    return url
 
 
 # a host name's characters (letters and digits of any script: yarl encodes them with IDNA)
@@ -606,11 +710,45 @@ def api_key_problem(key: str) -> str | None:
     return None if problem is None else f"contains {problem} (one key on one line)"
 
 
+KEY_FILE_LIMIT = 64 * 1024  # an API key (a JWT with its claims too) is far smaller: a log named by mistake is not
+CA_FILE_LIMIT = 16 * 1024 * 1024  # a CA bundle (the system's whole store is ~220 KiB)
+
+
+class FileProblem(ValueError):
+    """What is at a path is no file to read a key or CAs from: words that follow its name ("is a folder")."""
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``, opened without blocking. A FIFO there blocked ``open`` until a
+    writer came, on the event loop at every request (the daemon froze, /healthz and the watchdog included); a
+    device is no file either. :class:`FileProblem` for a folder, another kind of file or one over ``limit``
+    bytes; ``OSError`` as opening or reading raised it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode  # of what was opened: a path swapped after a check cannot slip through
+        if stat.S_ISDIR(mode):
+            raise FileProblem("is a folder")
+        if not stat.S_ISREG(mode):
+            raise FileProblem("is not a regular file")
+        data = bytearray()
+        while len(data) <= limit:  # (a file growing while it is read is bounded too)
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FileProblem(f"is larger than {limit >> 10} KiB")
+    return bytes(data)
+
+
 def read_api_key(path: Path) -> str:
     """The key in ``path``, stripped; ``UnicodeDecodeError`` for a file that is not UTF-8 text, ``ValueError``
-    saying what is wrong with the key (words that follow its name), ``OSError`` as reading raised it. The config
-    check and the upstream (at each request) both read here."""
-    key = path.read_bytes().decode("utf-8").strip()
+    saying what is wrong with the key or the file (words that follow its name; :class:`FileProblem` for the
+    file), ``OSError`` as reading raised it. The config check and the upstream (at each request) both read here,
+    without blocking (:func:`read_regular_file`)."""
+    key = read_regular_file(path, KEY_FILE_LIMIT).decode("utf-8").strip()
     problem = api_key_problem(key)
     if problem is not None:
         raise ValueError(problem)
@@ -654,28 +792,33 @@ def api_key_warnings(cfg: Config) -> list[str]:
     return out
 
 
-def _check_api_key_file(path: Path | None, where: str) -> None:
-    """Refuse a key file whose key cannot be sent, and a path that is no regular file (a folder passed with a
-    misleading "readable by other users" warning, and every request failed reading it). Only a readable
-    regular file's key is checked; the upstream reads it again at each request and reports what it cannot read
+def _api_key_file_problem(path: Path) -> str | None:
+    """Why a start refuses ``path`` as an api_key_file (words after the key's name): nothing there, a path that is
+    no regular file (a folder passed with a misleading "readable by other users" warning, and every request failed
+    reading it), a key that cannot be sent; None otherwise. A file this process cannot read passes (``config
+    check`` may run as another user): the upstream reads it again at each request and reports what it cannot read
     then."""
-    if path is None:
-        return
+    missing = _missing(path)
+    if missing is not None:
+        return missing
     try:
         if path.is_dir():
-            raise ConfigError(f"{where}: {path} is a folder; name the file holding the key")
+            return f"{path} is a folder; name the file holding the key"
         if not path.is_file():  # a FIFO would block each request's read, a device is no key
-            raise ConfigError(f"{where}: {path} is not a regular file; name the file holding the key")
+            return f"{path} is not a regular file; name the file holding the key"
     except OSError:  # Python 3.11: a folder on the way that cannot be entered; the upstream says so per request
-        return
+        return None
     try:
         read_api_key(path)
     except OSError:
-        return
+        return None
     except UnicodeDecodeError:
-        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+        return f"{path} is not UTF-8 text"
+    except FileProblem as exc:
+        return f"{path} {exc}"
     except ValueError as exc:
-        raise ConfigError(f"{where}: the key in {path} {exc}") from None
+        return f"the key in {path} {exc}"
+    return None
 
 
 def _routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route, ...]:
@@ -720,7 +863,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None, *, tls_may_be_m
         raise ConfigError("ingest.socket_group: set without ingest.socket (there is no socket to give a group)")
     max_open = ingest.int("max_open", IngestConfig.max_open, 1, 1_000_000)
     stall_timeout_s = ingest.num("stall_timeout_s", IngestConfig.stall_timeout_s, 1.0, 7 * 86400.0)
-    upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base)
+    upstreams = _upstreams(top.get("upstreams", [{"name": "demo", "type": "demo"}]), base, not tls_may_be_missing)
     pushed = next((u.name for u in upstreams if u.type == "ingest"), None)
     if pushed is not None and sock is None:
         # no application could open one of its answers, and every chat request routed to it is refused

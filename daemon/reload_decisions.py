@@ -1,5 +1,6 @@
 """SIGHUP's decisions, without I/O: what a reload applies of a new configuration (auth tokens, limits and
-logging), what it leaves for a restart (by key, and STATUS's "restart pending" note), at which log level it
+logging), what it leaves for a restart (by key, and STATUS's "restart pending" note), what it warns of upstream
+files a start would refuse (never a refusal: upstreams are not reloaded), at which log level it
 announces itself, whether each authorized connection keeps its authorization under the new tokens, when a reload
 that would remove every token is refused, and the warning a reload that removes the last token on purpose logs.
 
@@ -15,7 +16,16 @@ import dataclasses
 import logging
 from typing import NamedTuple
 
-from .config import AuthConfig, Config, Route, TokenEntry, UpstreamConfig, restart_changes, restart_sections
+from .config import (
+    AuthConfig,
+    Config,
+    Route,
+    TokenEntry,
+    UpstreamConfig,
+    UpstreamFileProblem,
+    restart_changes,
+    restart_sections,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +144,23 @@ def restart_note(pending: list[str], shown: int = 6) -> str:
         return ""
     more = f" and {len(pending) - shown} more" if len(pending) > shown else ""
     return f"restart pending: {', '.join(pending[:shown])}{more} (see the log); "
+
+
+def upstream_file_warnings(running: Config, problems: list[UpstreamFileProblem]) -> list[str]:
+    """What a reload logs of the upstream files a start would refuse (config.upstream_file_problems of the new
+    file). Warnings, not a refusal: upstreams are never replaced at a reload, and a key file missing for a moment
+    (a rotation) refused the whole SIGHUP, so a token revoked in it stayed valid. A ``ca_file`` at the running
+    path is left to the upstream's own reread (OpenAIUpstream.reload_ca), which says the running bundle is kept."""
+    runs = {u.name: u.options for u in running.upstreams if u.type == "openai"}
+    out: list[str] = []
+    for problem in problems:
+        running_path = runs.get(problem.upstream, {}).get(problem.key)
+        if problem.path != running_path:
+            out.append(f"reload: {problem.text}: a restart would refuse it (upstreams change only at a restart)")
+        elif problem.key == "api_key_file":  # read at each request by the running upstream
+            out.append(f"reload: {problem.text}: upstream {problem.upstream!r} reads it at each request, which "
+                       "fails until it is fixed; a restart would refuse it")
+    return out
 
 
 def _shown(value: object) -> str:

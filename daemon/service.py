@@ -52,7 +52,15 @@ from tokenwire.transport.session_events import ConnectionEnded
 from . import unix_sockets
 from .certificates import client_verifier, reload_tls, server_tls
 from .cli import printable, well_formed
-from .config import AuthConfig, Config, ConfigError, hash_token, load_config, path_missing
+from .config import (
+    AuthConfig,
+    Config,
+    ConfigError,
+    hash_token,
+    load_config,
+    path_missing,
+    upstream_file_problems,
+)
 from .connection import UNAUTHORIZED_CREDIT_REQUESTS, DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
@@ -65,6 +73,7 @@ from .reload_decisions import (
     plan_reload,
     recheck_token,
     restart_note,
+    upstream_file_warnings,
 )
 from .sd_notify import Notifier
 from .startup import StartupError, addr, cannot_listen
@@ -584,10 +593,10 @@ class Daemon:
                 last_status = now
 
     def reload(self) -> bool:
-        """SIGHUP: apply new auth tokens, limits and logging from the same file, and a certificate or client CA
-        bundle renewed in place; a bad file changes nothing. systemd hears READY=1 after RELOADING=1 whatever
-        happens (an unexpected error left the unit "reloading" until its timeout). Ignored while draining: the
-        daemon is on its way out, and a READY=1 after STOPPING=1 told systemd otherwise."""
+        """SIGHUP: apply new auth tokens, limits and logging from the same file, and a certificate, client CA
+        bundle or upstream ca_file renewed in place; a bad file changes nothing. systemd hears READY=1 after
+        RELOADING=1 whatever happens (an unexpected error left the unit "reloading" until its timeout). Ignored while
+        draining: the daemon is on its way out, and a READY=1 after STOPPING=1 told systemd otherwise."""
         if self.draining:
             log.warning("reload ignored: the daemon is draining")
             return False
@@ -626,6 +635,9 @@ class Daemon:
             log.warning("reload: restart pending: %s (STATUS says so until a restart, or a reload that reverts "
                         "them)", ", ".join(plan.restart_pending))
         self.restart_pending = plan.restart_pending
+        # upstream files a start would refuse: read leniently, warned of (a missing key file refused the reload)
+        for warning in upstream_file_warnings(self.config, upstream_file_problems(new)):
+            log.warning("%s", warning)
         self._check_marking_model(new)
         running_auth = self.config.auth
         self.config = plan.config
@@ -636,6 +648,7 @@ class Daemon:
             holding=sum(1 for p in self.protocols if p.authorized and p.token is not None))
         removed, now_required = self._recheck_auth(new.auth)
         tls_ok = self._reload_tls(new)
+        tls_ok = self._reload_upstream_ca() and tls_ok  # (both run: each logs what it refused)
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
         # what changed, old and new (the whole [limits] as a Python repr said nothing of which setting had)
         log.info("reloaded: %d auth tokens; %s; logging %s/%s", len(new.auth.tokens),
@@ -711,6 +724,17 @@ class Daemon:
         if done.client_ca is not None:
             self.client_verifier, self._client_ca_digest = done.client_ca
         return done.ok
+
+    def _reload_upstream_ca(self) -> bool:
+        """Each upstream's ca_file renewed in place, read again (an upstream with a ``reload_ca``: the openai
+        one): it was read once at start, and a renewed bundle was ignored until a restart. False when one was
+        refused (logged, the running bundle kept)."""
+        ok = True
+        for up in self.upstreams.values():
+            reload_ca = getattr(up, "reload_ca", None)
+            if callable(reload_ca):
+                ok = bool(reload_ca()) and ok
+        return ok
 
     def _recheck_auth(self, auth: AuthConfig) -> tuple[int, int]:
         """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);

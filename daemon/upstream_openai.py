@@ -15,8 +15,13 @@ first_token_timeout_s`` of the request or no token for ``stall_timeout_s`` as ``
 absolute deadlines (from the request's start, then from the last token), so keep-alive comments and empty
 deltas cannot put them off. A stream that stalls after its ``finish_reason`` ends normally, FINISHED_GRACE_S
 later; the reason is made printable (clients print it; a lone surrogate could not be sent). Clients hear the
-upstream's name, never its URL; the log gets the URL with its userinfo masked. Every text made here is UTF-8
-encodable: an emoji's UTF-16 halves sent in two events are joined, other lone surrogates become U+FFFD.
+upstream's name, never its URL; the log gets the URL with its userinfo masked (HTTP errors too). Every text made
+here is UTF-8 encodable: an emoji's UTF-16 halves sent in two events are joined, other lone surrogates become U+FFFD.
+
+Connections are kept for KEEPALIVE_S between requests, under the idle timeouts servers use (uvicorn, so vLLM: 5 s),
+and a request on a kept connection that the server closed before a byte of its answer came is sent once more, on a
+new connection (:func:`_stale`). ``ca_file`` is read again at SIGHUP (:meth:`OpenAIUpstream.reload_ca`); the API
+key file at each request, only when it changed, without blocking the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import errno
 import json
 import logging
 import math
@@ -42,7 +48,7 @@ from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable, well_formed
-from .config import api_key_absence, api_key_problem, read_api_key
+from .config import FileProblem, api_key_absence, api_key_problem, read_api_key, upstream_ca_context
 from .logs import shown_url
 from .upstreams import Emit
 
@@ -62,6 +68,13 @@ BODY_START_LIMIT = 200  # characters of an answer of an unexpected Content-Type 
 SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")  # how an event stream's first line starts
 SSE_SNIFF_BYTES = 6  # enough of a body's start (past blanks) to tell whether it is one
 BOM = b"\xef\xbb\xbf"
+# how long a connection is kept for the next request: under the idle timeouts of common servers (uvicorn's, so
+# vLLM's, 5 s; aiohttp kept it 15 s), so that a request rarely lands as the server closes it (see _stale)
+KEEPALIVE_S = 4.0
+# a key file whose last change is younger than this is read again at the next request, whatever its stat says:
+# timestamps are coarse (a tick of milliseconds, seconds on some file systems), so a same-size rewrite within one
+# tick of the last read would look unchanged
+KEY_FILE_SETTLED_S = 2.0
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
@@ -87,8 +100,9 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
-def _why(exc: aiohttp.ClientError) -> str:
-    """Why a connection failed, in words without the address (aiohttp's message names the host and port)."""
+def _why(exc: aiohttp.ClientError, https: bool = False) -> str:
+    """Why a connection failed, in words without the address (aiohttp's message names the host and port).
+    ``https``: the base_url's scheme; an https one pointing at a plain-HTTP server was only "ClientConnectorError"."""
     os_error = getattr(exc, "os_error", None)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "its TLS certificate is not trusted"
@@ -96,7 +110,62 @@ def _why(exc: aiohttp.ClientError) -> str:
         return "its host name does not resolve"
     if isinstance(os_error, ConnectionRefusedError):
         return "connection refused"
+    plain = "does it speak plain HTTP? base_url says https://"
+    if https and isinstance(exc, aiohttp.ClientConnectorSSLError):  # (a plain-HTTP answer: WRONG_VERSION_NUMBER)
+        reason = getattr(os_error, "reason", None) or os_error.__class__.__name__
+        return f"the TLS handshake failed ({reason}): {plain}"
+    handshake_cut = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError)
+    if https and isinstance(exc, aiohttp.ClientConnectorError) and isinstance(os_error, handshake_cut):
+        return f"the connection was closed during the TLS handshake: {plain}"
     return exc.__class__.__name__
+
+
+# what a write to a connection the server has closed raises (aiohttp's words for it, before any response)
+_WRITE_FAILED = "Can not write request body"
+_CLOSED_ERRNOS = (errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED)
+
+
+def _closed_early(exc: BaseException) -> bool:
+    """Whether the server closed the connection before its answer's headers were complete (after the connection
+    was made): "cannot reach the server" blamed a server that had been reached."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    if isinstance(exc, aiohttp.ClientConnectorError) or not isinstance(exc, aiohttp.ClientOSError):
+        return False
+    return exc.errno in _CLOSED_ERRNOS or str(exc.strerror or "").startswith(_WRITE_FAILED)
+
+
+def _stale(exc: BaseException, reused: bool) -> bool:
+    """Whether a request that failed with ``exc`` met a kept connection the server closed while it was idle, so
+    that it may be sent again on a new one: only on a connection ``reused`` from the pool, and only where no byte
+    of an answer can have come (the request may have been processed, but a chat completion no byte of which came
+    back was not answered, and asking again is safe). So: the server's end of the connection before a byte came
+    (aiohttp's parser hands over a partial response: then no retry), or the request could not be written (it
+    never reached the server whole). A reset while waiting for the answer is not retried: bytes of an answer may
+    have come before it, and it does not say."""
+    if not reused:
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # none of a response parsed (else its RawResponseMessage)
+    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+            and str(exc.strerror or "").startswith(_WRITE_FAILED))
+
+
+class _Attempt:
+    """One request's trace context: whether its connection was taken from the pool (a kept one)."""
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _note_reuse(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+    """aiohttp's on_connection_reuseconn: the request goes on a kept connection."""
+    if isinstance(ctx.trace_request_ctx, _Attempt):
+        ctx.trace_request_ctx.reused = True
+
+
+def _size(n: int) -> str:
+    return f"{n >> 10} KiB" if n >= 1024 and n % 1024 == 0 else f"{n} bytes"
 
 
 class _Surrogates:
@@ -120,7 +189,8 @@ class _Surrogates:
 
 
 class _TooLong(Exception):
-    """An SSE line, or one event's data, over :data:`EVENT_LINE_LIMIT` (``args[0]``: what, in words)."""
+    """An SSE line, or one event's data, over :data:`EVENT_LINE_LIMIT` (``args[0]``: what, in words, with the
+    limit: "event line too long" alone did not say which bound, nor that it is the daemon's)."""
 
 
 class _EventStream:
@@ -155,7 +225,7 @@ class _EventStream:
         events: list[tuple[str, str]] = []
         while (end := _LINE_END.search(chunk, pos)) is not None:
             if len(self._line) + end.start() - pos > self._limit:
-                raise _TooLong("event line too long")
+                raise self._too_long("event line")
             line = bytes(self._line) + chunk[pos:end.start()]
             self._line.clear()
             self._after_cr = end.group() == b"\r" and end.end() == len(chunk)
@@ -163,8 +233,13 @@ class _EventStream:
             events += self._take(line)
         self._line += chunk[pos:]
         if len(self._line) > self._limit:  # checked as it grows: a line that never ends is not buffered whole
-            raise _TooLong("event line too long")
+            raise self._too_long("event line")
         return events
+
+    def _too_long(self, what: str) -> _TooLong:
+        data = " of data" if what == "event" else ""
+        return _TooLong(f"{what} too long: over {_size(self._limit)}{data}, the daemon's limit for one server-sent "
+                        f"{what}")
 
     def end(self) -> list[tuple[str, str]]:
         """The body ended: its last line and event count without a line end or blank line after them (a server
@@ -198,7 +273,7 @@ class _EventStream:
                 self._data, self._type, self._size = [], "", 0
             self._size += len(value) + 1
             if self._size > self._limit:
-                raise _TooLong("event too long")
+                raise self._too_long("event")
             self._data.append(value)
             return events
         return []  # id:, retry:, and lines of no field the stream defines
@@ -244,9 +319,16 @@ class OpenAIUpstream:
         self.first_token_timeout_s = first_token_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.extra_headers = extra_headers or {}
-        self._session: aiohttp.ClientSession | None = None
-        # the system's trust store, or only ca_file's CAs (read once, at start: a restart picks up a new bundle)
-        self._tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self.ca_file = ca_file
+        self._session: aiohttp.ClientSession | None = None  # kept connections (KEEPALIVE_S)
+        self._fresh_session: aiohttp.ClientSession | None = None  # a new connection per request: the retry's
+        # the system's trust store, or only ca_file's CAs (read again at SIGHUP: reload_ca)
+        self._tls: ssl.SSLContext | bool = True
+        self._ca_data = b""
+        if ca_file is not None:
+            self._tls, self._ca_data = upstream_ca_context(ca_file)
+        # the key file's stat when its key was read, and that key: a stat per request, not an open and a read
+        self._key_cache: tuple[tuple[int, ...], str] | None = None
         url = URL(self.url)
         secrets = [v for v in self.extra_headers.values() if len(v) >= SECRET_MIN_CHARS]
         if url.password:  # and the Basic credentials aiohttp sends it in (latin-1, as aiohttp encodes them)
@@ -271,13 +353,52 @@ class OpenAIUpstream:
         detail.__cause__ = exc
         return detail
 
+    def reload_ca(self) -> bool:
+        """SIGHUP: take up a ``ca_file`` renewed in place (at the running path: a changed path needs a restart),
+        as the server's certificate and client CA are. The bundle was read once, at start, and a renewed one never
+        again: the upstream's renewed certificate was "not trusted" until a restart. One that cannot be used is
+        logged and the running one kept: False then. Connections already made stay as they were verified."""
+        if self.ca_file is None:
+            return True
+        try:
+            context, data = upstream_ca_context(self.ca_file)
+        except (OSError, ValueError) as exc:  # FileProblem and "no PEM certificate" are ValueErrors
+            if isinstance(exc, FileProblem):
+                why = f"{self.ca_file} {exc}"
+            elif isinstance(exc, OSError):
+                why = f"{self.ca_file}: {exc.strerror or exc.__class__.__name__}"
+            else:
+                why = f"{self.ca_file}: {exc}"
+            log.warning("reload: upstream %r: ca_file %s; the CA bundle read before is kept", self.name, why)
+            return False
+        if data != self._ca_data:
+            self._tls, self._ca_data = context, data
+            log.info("reload: upstream %r: ca_file %s changed: its new connections trust the CAs in it now",
+                     self.name, self.ca_file)
+        return True
+
+    def _read_key_file(self, path: Path) -> str:
+        """:func:`read_api_key`, again only when the file changed (its stat: device, inode, size, times; a key
+        rotated by renaming a new file into place, or rewritten in place, is read at the next request). A file
+        changed within KEY_FILE_SETTLED_S is not cached (a same-size rewrite within a timestamp's tick)."""
+        st = os.stat(path)  # (does not block on a FIFO; read_api_key refuses one)
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._key_cache is not None and self._key_cache[0] == signature:
+            return self._key_cache[1]
+        self._key_cache = None
+        key = read_api_key(path)
+        if time.time() - max(st.st_mtime, st.st_ctime) >= KEY_FILE_SETTLED_S:
+            self._key_cache = (signature, key)
+        return key
+
     def _api_key(self) -> tuple[str | None, str | None]:
-        """(the key, or None; why a configured source yielded none, for a 401's message). Read at each request,
-        so a rotated key file or environment takes effect without a restart. A key that cannot go in a header
-        (a line break inside it) is a typed error: aiohttp's was a traceback per request."""
+        """(the key, or None; why a configured source yielded none, for a 401's message). Read at each request
+        (when it changed), so a rotated key file or environment takes effect without a restart. A key that cannot
+        go in a header (a line break inside it) is a typed error: aiohttp's was a traceback per request. The file
+        is read without blocking the event loop: a FIFO in its place froze the daemon (read_regular_file)."""
         if self.api_key_file is not None:
             try:
-                key = read_api_key(self.api_key_file)
+                key = self._read_key_file(self.api_key_file)
             except OSError as exc:
                 raise _upstream_error(self.name, f"cannot read the API key file: {exc.strerror}") from None
             except UnicodeDecodeError:
@@ -322,14 +443,52 @@ class OpenAIUpstream:
             raise RequestError(f"upstream {self.name!r}: parameter {', '.join(bad) or '?'} is not a finite number "
                                "(JSON has no NaN or infinity)", code=ErrorCode.BAD_REQUEST) from None
 
-    async def generate(self, request: ChatRequest, emit: Emit) -> str:
+    def _pooled(self) -> aiohttp.ClientSession:
         if self._session is None:
+            trace = aiohttp.TraceConfig()  # tells _stale whether a request went on a kept connection
+            trace.on_connection_reuseconn.append(_note_reuse)
             # limit=0: aiohttp's default pool of 100 connections made answer 101+ wait for a free one, and that
             # wait counted against the first-token deadline; the daemon's own limits bound concurrency
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ssl=self._tls),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
+                trace_configs=[trace],
+            )
+        return self._session
+
+    def _fresh(self) -> aiohttp.ClientSession:
+        """Where a request that met a stale kept connection goes again: a new connection (another kept one, as
+        idle as the first, may be as stale)."""
+        if self._fresh_session is None:
+            self._fresh_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
             )
+        return self._fresh_session
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str],
+                    attempt: _Attempt) -> aiohttp.ClientResponse:
+        # never redirected: aiohttp's default followed a 307 to any origin with the API key, the extra_headers
+        # (Azure's api-key) and the prompt; a 3xx is an error. The TLS context per request: reload_ca replaces it
+        return await session.post(self.url, data=body, headers=headers, allow_redirects=False, ssl=self._tls,
+                                  trace_request_ctx=attempt)
+
+    def _failure(self, exc: aiohttp.ClientError, new_connection: bool, retried: bool) -> str:
+        """A connection's failure in words: the server closing it ("cannot reach the server" said otherwise of a
+        server that had been reached), else why it could not be reached."""
+        https = URL(self.url).scheme == "https"
+        if not _closed_early(exc):
+            return f"cannot reach the server: {_why(exc, https)}"
+        partial = isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str)
+        text = "the connection was closed by the server " + (
+            "before its answer's headers were complete" if partial else "before it answered")
+        if retried:
+            return text + " (on a new connection too)"
+        if new_connection and not https:  # a TLS server hangs up on plain HTTP
+            return text + " (if it serves HTTPS, base_url must say https://)"
+        return text
+
+    async def generate(self, request: ChatRequest, emit: Emit) -> str:
         headers = {"Accept": "text/event-stream", **self.extra_headers}
         if not any(name.lower() == "content-type" for name in headers):  # the body goes as bytes: see _body
             headers["Content-Type"] = "application/json"
@@ -342,32 +501,58 @@ class OpenAIUpstream:
         # headers used to get connect + first-token time and the first token that much again.
         waited = self.connect_timeout_s + self.first_token_timeout_s
         first_deadline = asyncio.get_running_loop().time() + waited
+        attempt, retried = _Attempt(), False
         try:
             async with asyncio.timeout_at(first_deadline):
-                # never redirected: aiohttp's default followed a 307 to any origin with the API key, the
-                # extra_headers (Azure's api-key) and the prompt; a 3xx is an error below
-                resp = await self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
+                try:
+                    resp = await self._post(self._pooled(), body, headers, attempt)
+                except aiohttp.ClientError as exc:
+                    # a request that lands as the server closes an idle kept connection: 10 in 150 failed "cannot
+                    # reach the server" with requests spaced at the server's keep-alive timeout
+                    if not _stale(exc, attempt.reused):
+                        raise
+                    log.debug("upstream %r: a kept connection was closed by the server (%s); sending the request "
+                              "again on a new one", self.name, exc.__class__.__name__)
+                    retried = True
+                    resp = await self._post(self._fresh(), body, headers, _Attempt())
         except aiohttp.ServerTimeoutError as exc:  # sock_connect, TLS handshake included; a TimeoutError as well
             message = f"cannot connect within {self.connect_timeout_s:g} s"
             raise _timeout(self.name, message) from self._detail(exc, secrets)
         except TimeoutError:
             raise _timeout(self.name, f"no response within {waited:g} s") from None
         except aiohttp.ClientError as exc:
-            raise _upstream_error(self.name, f"cannot reach the server: {_why(exc)}") from self._detail(exc, secrets)
+            message = self._failure(exc, retried or not attempt.reused, retried)
+            raise _upstream_error(self.name, message) from self._detail(exc, secrets)
         except Exception as exc:  # aiohttp refusing the request (a ValueError): a log line, not a traceback each time
             message = f"the request could not be sent ({exc.__class__.__name__})"
             raise _upstream_error(self.name, message) from self._detail(exc, secrets)
         async with resp:
-            if resp.status >= 400:
-                raise await self._http_error(resp, secrets, no_key)
-            if 300 <= resp.status < 400:
-                raise self._redirect_error(resp, secrets)
-            if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
-                return await self._read_json(resp, emit, secrets)
-            if resp.content_type == "text/event-stream":
-                return await self._read_events(resp, emit, first_deadline, secrets)
-            head = await self._events_start(resp, first_deadline, secrets)
-            return await self._read_events(resp, emit, first_deadline, secrets, head)
+            try:
+                return await self._answer(resp, emit, first_deadline, secrets, no_key)
+            except RequestError as exc:
+                if isinstance(exc.__cause__, UpstreamDetail):
+                    raise
+                # the log's line for an HTTP error, a broken or malformed answer named no URL (a connection's
+                # failure did): the URL (userinfo masked, no query: base_url has none) and the status
+                cause = exc.__cause__
+                said = f"{self.shown_url}: HTTP {resp.status}" + (f": {cause}" if cause is not None else "")
+                detail = UpstreamDetail(_scrub(said, secrets))
+                detail.__cause__ = cause
+                raise exc from detail
+
+    async def _answer(self, resp: aiohttp.ClientResponse, emit: Emit, first_deadline: float,
+                      secrets: tuple[str, ...], no_key: str | None) -> str:
+        """The answer of a response, by its status and Content-Type."""
+        if resp.status >= 400:
+            raise await self._http_error(resp, secrets, no_key)
+        if 300 <= resp.status < 400:
+            raise self._redirect_error(resp, secrets)
+        if resp.content_type == "application/json" or resp.content_type.endswith("+json"):
+            return await self._read_json(resp, emit, secrets)
+        if resp.content_type == "text/event-stream":
+            return await self._read_events(resp, emit, first_deadline, secrets)
+        head = await self._events_start(resp, first_deadline, secrets)
+        return await self._read_events(resp, emit, first_deadline, secrets, head)
 
     async def _http_error(
         self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...], no_key: str | None = None
@@ -440,9 +625,8 @@ class OpenAIUpstream:
     async def _read_json(self, resp: aiohttp.ClientResponse, emit: Emit, secrets: tuple[str, ...]) -> str:
         """A server that ignores ``stream`` answers one JSON document: the whole completion (emitted as one piece)
         or an error (even with status 200). Both were dropped as "stream ended without [DONE]"."""
-        try:
-            async with asyncio.timeout(self.stall_timeout_s):
-                raw = await _read_body(resp, JSON_ANSWER_LIMIT)
+        try:  # each read within stall_timeout_s of the last, as a stream's tokens (the whole body was bounded so)
+            raw = await _read_body(resp, JSON_ANSWER_LIMIT, idle_s=self.stall_timeout_s)
         except TimeoutError:
             raise _timeout(self.name, f"the JSON answer stalled for {self.stall_timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
@@ -577,16 +761,19 @@ class OpenAIUpstream:
         return None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh_session = None
 
 
-async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most ``limit`` + 1 bytes of the body (one more than allowed tells the caller it was too long)."""
+async def _read_body(resp: aiohttp.ClientResponse, limit: int, idle_s: float | None = None) -> bytes:
+    """At most ``limit`` + 1 bytes of the body (one more than allowed tells the caller it was too long).
+    ``idle_s``: TimeoutError when a read brings nothing for that long (a body still coming is not cut)."""
     buf = bytearray()
     while len(buf) <= limit:
-        data = await resp.content.read(limit + 1 - len(buf))
+        async with asyncio.timeout(idle_s):
+            data = await resp.content.read(limit + 1 - len(buf))
         if not data:
             break
         buf += data
@@ -645,12 +832,36 @@ def _is_error(doc: Any) -> bool:
 
 
 def _error_text(body: str, secrets: tuple[str, ...]) -> str:
-    """The upstream's error message from an OpenAI-style error body, else the body itself; ``secrets`` redacted
-    before it is cut short (a cut through a key would leave its start)."""
+    """The upstream's error message from an error body (:func:`_error_words`), else the body itself; ``secrets``
+    redacted before it is cut short (a cut through a key would leave its start)."""
     try:
         data = json.loads(body)
-        err = data.get("error", data)
-        text = str(err.get("message") or err) if isinstance(err, dict) else str(err)
-    except (ValueError, RecursionError, AttributeError):  # not JSON (a huge integer, deep nesting) or no object
+        if not isinstance(data, dict):
+            raise ValueError("no object")
+        text = _error_words(data.get("error", data))
+    except (ValueError, RecursionError):  # not JSON (a huge integer, deep nesting) or no object
         return _scrub(body.strip(), secrets)[:300] or "(empty body)"
     return _scrub(text, secrets)[:300]
+
+
+def _error_words(err: Any) -> str:
+    """An error document's words: OpenAI's ``error.message``, vLLM's ``message``, FastAPI's ``detail`` (a text, or
+    its validation errors as ``loc: msg``), else the JSON itself. ``{"detail": "Not Found"}`` was shown as the
+    Python repr ``{'detail': 'Not Found'}``."""
+    if isinstance(err, dict):
+        for key in ("message", "detail", "msg"):
+            if err.get(key):
+                return _error_words(err[key])
+    if isinstance(err, str):
+        return err
+    if isinstance(err, list) and err and all(isinstance(e, dict) and e.get("msg") for e in err):
+        return "; ".join(_validation_error(e) for e in err)
+    return json.dumps(err, ensure_ascii=False)  # RecursionError: the caller's fallback, the body
+
+
+def _validation_error(item: dict[str, Any]) -> str:
+    """One of FastAPI's validation errors (``{"loc": ["body", "messages"], "msg": "Field required"}``)."""
+    loc = item.get("loc")
+    where = ".".join(str(part) for part in loc) if isinstance(loc, list) else ""
+    text = _error_words(item["msg"])
+    return f"{where}: {text}" if where else text

@@ -328,7 +328,8 @@ def test_the_line_bound_holds_for_a_line_and_for_an_events_data():
     with pytest.raises(Exception, match="event line too long"):
         _EventStream(100).feed(b"data: " + b"x" * 200)  # checked as it grows, before its end
     err = failure(Canned(_events(b"".join(b"data: " + b"x" * 1000 + b"\n" for _ in range(600)) + b"\n")))
-    assert str(err) == "upstream 'vllm': event too long"
+    assert str(err) == ("upstream 'vllm': event too long: over 512 KiB of data, the daemon's limit for one "
+                        "server-sent event")
 
 
 # ------------------------------------------------------------------------------ 6. content after the finish
