@@ -995,22 +995,30 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     tuning = ServerTuning(forecaster="ewma", prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
+    # Every resource is closed on any BaseException from here on: a stop signal (a cancel) while serve_kv or
+    # serve_kv_ingest was pending left the store's lock and the UDP port held by the process that went on.
     try:
-        server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
-                                keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
-                                authorize=authorize, client_verifier=client_verifier,
-                                on_unauthorized=on_unauthorized, **limits)
-    except OSError as exc:
+        try:
+            server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
+                                    keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
+                                    authorize=authorize, client_verifier=client_verifier,
+                                    on_unauthorized=on_unauthorized, **limits)
+        except OSError as exc:
+            raise cannot_listen("kv.listen", exc, *cfg.listen) from None
+    except BaseException:
         service.close()
-        raise cannot_listen("kv.listen", exc, *cfg.listen) from None
+        raise
     try:
-        ingest = (await serve_kv_ingest(cfg.ingest_socket, service, group=cfg.ingest_socket_group)
-                  if cfg.ingest_socket is not None else None)
-    except OSError as exc:
+        try:
+            ingest = (await serve_kv_ingest(cfg.ingest_socket, service, group=cfg.ingest_socket_group)
+                      if cfg.ingest_socket is not None else None)
+        except OSError as exc:
+            raise StartupError(f"kv.ingest_socket: cannot listen on {cfg.ingest_socket}: "
+                               f"{exc.strerror or exc}") from None
+    except BaseException:
         server.close()
         service.close()
-        raise StartupError(f"kv.ingest_socket: cannot listen on {cfg.ingest_socket}: {exc.strerror or exc}") \
-            from None
+        raise
     path = Path(cfg.ingest_socket) if cfg.ingest_socket is not None else None
     runtime = KVRuntime(service, server, ingest, path, unix_sockets.identity(path) if path is not None else None)
     try:  # (a fetch or put that comes meanwhile waits on its worker thread for the compile, as a cold one did)

@@ -168,13 +168,16 @@ EVICTION_POLICY = """Encoded levels go first, least recently used first (the ser
 when needed). Storing a level never evicts a source or metadata: when the other levels cannot free enough,
 the new level itself is not kept (its caller holds the bytes and serves them). Storing a source or metadata
 (an ingest) then evicts whole chunks, source, metadata and levels together, the chunk used least recently
-(its latest use) first, never the chunk being written, and never a chunk before a chunk stored after it in
+(its latest use) first, not the chunk being written (but see below), and never a chunk before a chunk stored after it in
 a context (one its metadata chains to it, see :func:`chain_parent`): a chunk is usable only with every chunk
 before it, so a context is evicted from its tail and what is left of it is a prefix a fetch can use. Chunks of
 one put or fetch are used in chain order, so plain LRU took a context's first chunk first, and its every other
-chunk stayed as dead weight. Only when the chunks left are all needed by the chunk being written (the store
-too small for its context) do they go, least recently used first. Plain per-object LRU let a fetch's own
-encodings evict its context's sources and metadata, leaving orphans and contexts no fetch could use."""
+chunk stayed as dead weight. The store never keeps a chunk whose known parent is gone: a chunk whose metadata
+confirms a parent that is not stored is removed at once (an eviction), and an evicted chunk takes its linked
+descendants with it (the local store; Redis knows only their count). When the chunks left are all needed by the
+chunk being written (the store too small for its context), that chunk goes itself, then its own tail. Plain
+per-object LRU let a fetch's own encodings evict its context's sources and metadata, leaving orphans and
+contexts no fetch could use."""
 
 
 def chain_entry(meta: bytes) -> tuple[int, list[int]] | None:
@@ -602,10 +605,12 @@ class LocalChunkStore(ChunkStore):
                                  exc.strerror or exc)
                 self._forget(key)
                 return None
-            self.stats.hits += 1
             if key in self._index:
                 self._touch(key)
-                self._learn(key, payload)
+                if self._learn(key, payload):  # its parent is gone: unreachable, removed (a hit would fail mid-way)
+                    self.stats.misses += 1
+                    return None
+            self.stats.hits += 1
         try:
             os.utime(path)  # recency that survives a restart
         except FileNotFoundError:
@@ -693,17 +698,43 @@ class LocalChunkStore(ChunkStore):
                 del self._chunks[chunk_of(key)]
                 self._unlink(chunk_of(key))
 
-    def _learn(self, key: str, payload: bytes) -> None:
-        """Link the chunk of metadata ``key`` to its parent, when :meth:`_chain_link` confirms one."""
+    def _learn(self, key: str, payload: bytes) -> bool:
+        """Link the chunk of metadata ``key`` to its parent, when :meth:`_chain_link` confirms one; True when that
+        parent is not stored, and the chunk (unreachable) was removed instead."""
         parent = self._chain_link(key, payload)
-        if parent is not None:
-            self._link(chunk_of(key), parent)
+        return parent is not None and self._link(chunk_of(key), parent)
 
-    def _link(self, chunk: str, parent: str) -> None:
+    def _link(self, chunk: str, parent: str) -> bool:
+        """Record ``chunk``'s confirmed ``parent``; when the parent is not stored, remove ``chunk`` and its linked
+        descendants instead (returns True): unreachable, they were kept as "needed" by one another while the
+        usable prefix's tail was evicted for them (a context larger than the store kept only its useless tail)."""
+        if chunk in self._chunks and parent not in self._chunks:
+            self._drop_unreachable(chunk)
+            return True
         if chunk in self._chunks and self._parent.get(chunk) != parent:
             self._unlink(chunk)
             self._parent[chunk] = parent
             self._kids.setdefault(parent, set()).add(chunk)
+        return False
+
+    def _descendants(self, chunk: str) -> list[str]:
+        """The stored chunks linked below ``chunk``, at any depth (they are unusable without it)."""
+        out: list[str] = []
+        todo = list(self._kids.get(chunk, ()))
+        while todo:
+            kid = todo.pop()
+            if kid in self._chunks and kid not in out:
+                out.append(kid)
+                todo.extend(self._kids.get(kid, ()))
+        return out
+
+    def _drop_unreachable(self, chunk: str) -> None:
+        """Evict ``chunk`` and its descendants now (counted as evictions): its parent is gone."""
+        for gone in (chunk, *self._descendants(chunk)):
+            for key in list(self._chunks.get(gone, ())):
+                self._path(key).unlink(missing_ok=True)
+                self._forget(key)
+                self.stats.evictions += 1
 
     def _unlink(self, chunk: str) -> None:
         """``chunk`` left the store: its parent no longer needs keeping for it. (Its own children keep their link:
@@ -755,31 +786,41 @@ class LocalChunkStore(ChunkStore):
             return any(kid not in gone for kid in self._kids.get(chunk, ()))
 
         def take(chunk: str) -> None:
+            """``chunk`` whole, with its linked descendants: without it they are unreachable (kept, they were
+            "needed" by one another while usable chunks went)."""
             nonlocal excess
-            for key in self._chunks[chunk] - chosen:
-                victims.append(key)
-                chosen.add(key)
-                excess -= self._index[key]
-            gone.add(chunk)
+            for one in (chunk, *self._descendants(chunk)):
+                for key in self._chunks[one] - chosen:
+                    victims.append(key)
+                    chosen.add(key)
+                    excess -= self._index[key]
+                gone.add(one)
+
+        def up_from(parent: str | None) -> None:
+            while excess > 0 and parent is not None and parent in passed and not needed(parent):
+                passed.discard(parent)
+                take(parent)
+                parent = self._parent.get(parent)
 
         for chunk in self._chunks:
             if excess <= 0:
                 return
-            if chunk == spare:
+            if chunk == spare or chunk in gone:
                 continue
             if needed(chunk):
                 passed.add(chunk)
                 continue
             take(chunk)
-            parent = self._parent.get(chunk)
-            while excess > 0 and parent is not None and parent in passed and not needed(parent):
-                passed.discard(parent)
-                take(parent)
-                parent = self._parent.get(parent)
-        for chunk in self._chunks:  # left: chunks the one being written needs (the store is too small for it)
+            up_from(self._parent.get(chunk))
+        if excess > 0 and spare in self._chunks and self._parent.get(spare) in passed:
+            # left: chunks the one being written needs (the store is too small for its context). Any of them
+            # going leaves it unreachable (it would go with them): it goes itself, and what is left is a prefix
+            take(spare)
+            up_from(self._parent.get(spare))
+        for chunk in self._chunks:  # (a chunk needed by a stale link only)
             if excess <= 0:
                 return
-            if chunk in passed:
+            if chunk in passed and chunk not in gone:
                 take(chunk)
 
     def drop_unsourced(self, chunk: str) -> int | None:
@@ -916,11 +957,24 @@ class RedisChunkStore(ChunkStore):
         # a source another daemon replaced meanwhile is never stored under the new metadata
         self._put_if = self._r.register_script(
             "if redis.call('GET', KEYS[7]) ~= ARGV[7] then return false end; " + put)
-        # link: KEYS = parent hash, kids hash; ARGV: chunk, its parent. A chunk's parent is fixed by its hash (the
-        # chain): only a new link counts a child
+        # link: KEYS = sizes, used, parent hash, kids hash, lru, lru-levels, lru-chunks, the chunk's metadata, the
+        # parent's source and metadata, then the chunk's objects; ARGV: chunk, its parent, then those objects' keys.
+        # A chunk's parent is fixed by its hash (the chain): only a new link counts a child. All in one step, after
+        # checking that both are stored: written after the read, a link outlived a concurrent eviction for good (a
+        # ghost child kept its parent "needed"). A parent that is gone makes the chunk unreachable: it is removed
+        # here (returns how many objects went; 0 otherwise), else a context larger than the store kept its tail.
         self._link = self._r.register_script(
-            "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then "
-            "redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end")
+            total + "if redis.call('EXISTS', KEYS[8]) == 0 then return 0 end; "
+            "if redis.call('EXISTS', KEYS[9]) == 1 or redis.call('EXISTS', KEYS[10]) == 1 then "
+            "if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 1 then "
+            "redis.call('HINCRBY', KEYS[4], ARGV[2], 1) end; return 0 end; local n = 0; "
+            "for i = 11, #KEYS do local k = ARGV[i - 8]; n = n + redis.call('DEL', KEYS[i]); "
+            "redis.call('ZREM', KEYS[5], k); redis.call('ZREM', KEYS[6], k); "
+            "local old = redis.call('HGET', KEYS[1], k); "
+            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; "
+            "redis.call('ZREM', KEYS[7], ARGV[1]); local p = redis.call('HGET', KEYS[3], ARGV[1]); "
+            "if p then redis.call('HDEL', KEYS[3], ARGV[1]); "
+            "if redis.call('HINCRBY', KEYS[4], p, -1) <= 0 then redis.call('HDEL', KEYS[4], p) end end; return n")
         # unlink: the chunk leaves the store (KEYS[3], lru-chunks) and its parent, if it had one, counts a child
         # less, in one step (a daemon stopped between the two left the parent counted as needed); returns that parent
         self._unlink = self._r.register_script(
@@ -1033,26 +1087,37 @@ class RedisChunkStore(ChunkStore):
             self._found_corrupt(key)
             self.delete(key)
             return None
-        self.stats.hits += 1
         pipe = self._r.pipeline(transaction=False)
         self._touch(pipe, key)
         try:
             pipe.execute()
         except self._oom_error:
             pass  # recency is best effort: a Redis at its maxmemory failed every hit here, the data in hand
-        self._learn(key, payload)
+        if self._learn(key, payload):  # its parent is gone: unreachable, removed (a hit would fail mid-way)
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
         return payload
 
-    def _learn(self, key: str, payload: bytes) -> None:
+    def _learn(self, key: str, payload: bytes) -> bool:
         """Write the link of the chunk of metadata ``key`` to its parent, when :meth:`_chain_link` confirms one
-        (a round trip each time: another daemon's eviction may have removed it since this one wrote it)."""
+        (a round trip each time: another daemon's eviction may have removed it since this one wrote it), only
+        while both are stored; True when the parent is not stored, and the chunk (unreachable) was removed."""
         parent = self._chain_link(key, payload)
         if parent is None:
-            return
+            return False
+        chunk = chunk_of(key)
+        objects = [f"{chunk}.{kind}" for kind in ("src", *NEEDS_SOURCE)]
         try:
-            self._link(keys=[self._parents, self._kid_counts], args=[chunk_of(key), parent])
+            removed = int(self._link(
+                keys=[self._sizes, self._used, self._parents, self._kid_counts, self._lru, self._lru_levels,
+                      self._lru_chunks, self._k(key), self._k(object_key(parent, "src")),
+                      self._k(object_key(parent, "meta")), *(self._k(k) for k in objects)],
+                args=[chunk, parent, *objects]))
         except self._redis_error:
-            pass  # bookkeeping, after the hit or put: never its failure (the chunk is evicted in LRU order)
+            return False  # bookkeeping, after the hit or put: never its failure (the chunk is evicted in LRU order)
+        self.stats.evictions += removed
+        return removed > 0
 
     @_redis_errors
     def drop_unsourced(self, chunk: str) -> int | None:
@@ -1178,8 +1243,17 @@ class RedisChunkStore(ChunkStore):
                     passed.discard(parent)
                     parent = take(parent)
                     start -= 1
+        spare_parent = self._r.hget(self._parents, spare) if short() and passed else None
+        if spare_parent is not None and spare_parent.decode() in passed:
+            # left: chunks the one being written needs (the store is too small for its context). Any of them going
+            # leaves it unreachable: it goes itself, and its passed ancestors after it while room is short
+            parent = take(spare)
+            while parent is not None and short() and parent in passed \
+                    and int(self._r.hget(self._kid_counts, parent) or 0) <= 0:
+                passed.discard(parent)
+                parent = take(parent)
         start = 0
-        while short() and passed:  # left: chunks the one being written needs (the store is too small for it)
+        while short() and passed:  # (chunks needed by links of other daemons' chunks)
             batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
             if not batch:
                 break

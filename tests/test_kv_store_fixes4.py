@@ -5,8 +5,11 @@ context's first chunks first, leaving the rest of it unusable dead weight."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.test_kv_channel import CHUNK, MODEL, _fetch, make_kv, run
@@ -14,7 +17,7 @@ from tests.test_kv_ingest_fixes3 import _rot
 from tests.test_kv_store import make_store, redis_url  # noqa: F401  (the fixtures)
 from tests.test_kv_store_fixes2 import _collected
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import ChunkStore, LocalChunkStore, object_key, wrap
+from tokenwire.daemon.kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, chunk_hashes, object_key, wrap
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVNotFound
 
@@ -171,3 +174,179 @@ def test_a_shared_prefix_stays_while_a_context_that_continues_it_is_stored(make_
         assert kept == [True] * kept.count(True) + [False] * kept.count(False), kept
         assert _prefix(svc, ctx) == [CHUNK] * kept.count(True)
     svc.close()
+
+
+# -- 3. a chunk whose parent is gone is never kept (review of the tail-first eviction) -----------------------------
+def _raw_meta(i: int, ids: list[int]) -> bytes:
+    """Metadata as kv_service.ChunkMeta packs it (chain_entry reads ``i`` and ``ids``)."""
+    return msgpack.packb({"m": "m", "fp": 1, "g": [1, 1, 1], "dt": "f16", "i": i, "ids": ids})
+
+
+def _put_chunk(store: ChunkStore, h: str, i: int, ids: list[int], size: int = 1000) -> None:
+    """One chunk in ingest order: its source, then its metadata."""
+    store.put(object_key(h, "src"), b"x" * size)
+    store.put(object_key(h, "meta"), _raw_meta(i, ids))
+
+
+def _kept(store: ChunkStore, hs: list[str]) -> list[int]:
+    return [i for i, h in enumerate(hs) if store.contains(object_key(h, "src"))]
+
+
+def test_a_context_larger_than_the_store_keeps_a_usable_prefix(make_store):  # noqa: F811
+    """10 chunks for room for ~5: chunk 5's source evicted chunk 4 (the tail), then chunk 5's metadata linked it
+    to the gone 4, and from then on 5, 6, 7... were each "needed" by the next while the prefix's tail went: kept
+    [5..9], a usable prefix of 0 chunks. A chunk whose parent is gone is unreachable and is removed at once."""
+    store = make_store(capacity=5 * 1100)
+    toks = list(range(40))
+    hs = chunk_hashes(toks, model="m", chunk_tokens=4)
+    for i, h in enumerate(hs):
+        _put_chunk(store, h, i, toks[4 * i : 4 * i + 4])
+    kept = _kept(store, hs)
+    assert kept == list(range(len(kept))) and len(kept) >= 4, kept  # a prefix; nothing whose parent is gone
+    assert not any(store.contains(object_key(h, "meta")) for h in hs[len(kept) :])
+    assert store.used_bytes <= store.capacity_bytes and store.stats.evictions > 0
+
+
+def test_a_chunk_read_after_its_parent_went_is_removed_with_its_descendants(make_store):  # noqa: F811
+    """A chunk whose metadata confirms a parent that is not stored is a miss and goes, and (local store: it knows
+    the children) every chunk linked below it goes with it: unusable, they were kept as needed by one another."""
+    store = make_store(capacity=1 << 20)
+    toks = list(range(12))
+    hs = chunk_hashes(toks, model="m", chunk_tokens=4)
+    for i, h in enumerate(hs):
+        _put_chunk(store, h, i, toks[4 * i : 4 * i + 4])
+    store.get(object_key(hs[0], "meta"))  # (a fetch resolves in chain order: chunk 0 is a candidate parent)
+    for kind in ("src", "meta"):
+        store.delete(object_key(hs[0], kind))
+    evictions = store.stats.evictions
+    assert store.get(object_key(hs[1], "meta")) is None
+    assert not store.contains(object_key(hs[1], "src")) and store.stats.evictions >= evictions + 2
+    if make_store.kind == "local":
+        assert _kept(store, hs) == [] and store.used_bytes == 0
+
+
+def test_eviction_walks_up_to_a_passed_parent_before_another_context(make_store):  # noqa: F811
+    """A's tail goes, then its chunks before it, each passed over for its child until that child went, before any
+    chunk of the more recent context B: B stays whole and A keeps a usable prefix. Without the walk up, B lost its
+    tail and A its first chunk, the rest of A dead weight."""
+    store = make_store(capacity=6 * 1100)
+    a_toks, b_toks = list(range(16)), list(range(500, 508))
+    ha, hb = chunk_hashes(a_toks, model="m", chunk_tokens=4), chunk_hashes(b_toks, model="m", chunk_tokens=4)
+    for i, h in enumerate(ha):
+        _put_chunk(store, h, i, a_toks[4 * i : 4 * i + 4])
+    for i, h in enumerate(hb):
+        _put_chunk(store, h, i, b_toks[4 * i : 4 * i + 4])
+    assert store.stats.evictions == 0
+    c = chunk_hashes([900] * 4, model="m", chunk_tokens=4)[0]
+    store.put(object_key(c, "src"), b"c" * 3000)  # room for about three chunks
+    assert _kept(store, hb) == [0, 1]
+    assert _kept(store, ha) == [0]
+
+
+def test_a_redis_store_learns_a_link_on_a_read(redis_url):  # noqa: F811
+    """A link not learned at the put (the parent's metadata was written after its child's) is learned when a fetch
+    reads them in chain order, so eviction takes the context from its tail."""
+    import redis
+
+    prefix = "tw-test-learn-read:"
+    r = redis.Redis.from_url(redis_url)
+    store = RedisChunkStore(redis_url, 2 * 1100 + 500, prefix=prefix)
+    try:
+        toks = list(range(8))
+        h0, h1 = chunk_hashes(toks, model="m", chunk_tokens=4)
+        for h in (h1, h0):
+            store.put(object_key(h, "src"), b"x" * 1000)
+        store.put(object_key(h1, "meta"), _raw_meta(1, toks[4:]))
+        store.put(object_key(h0, "meta"), _raw_meta(0, toks[:4]))
+        assert r.hget(prefix + "parent", h1) is None  # not learned at the put
+        store.get(object_key(h0, "meta"))
+        store.get(object_key(h1, "meta"))
+        assert r.hget(prefix + "parent", h1) == h0.encode()
+        other = chunk_hashes([77] * 4, model="m", chunk_tokens=4)[0]
+        store.put(object_key(other, "src"), b"o" * 1000)  # one chunk goes: chunk 1 (chunk 0 is the least recent)
+        assert store.contains(object_key(h0, "src")) and not store.contains(object_key(h1, "src"))
+    finally:
+        for k in r.scan_iter(prefix + "*"):
+            r.delete(k)
+        store.close()
+        r.close()
+
+
+def test_a_redis_link_is_not_written_for_a_chunk_evicted_meanwhile(redis_url):  # noqa: F811
+    """Daemon A reads chunk 1's metadata; daemon B evicts the context before A writes its link: the link was
+    written anyway (HSETNX after the read), a ghost child that kept chunk 0 "needed" for good once it was put
+    again. The link is written only while both chunks are stored, in one script."""
+    import redis
+
+    prefix = "tw-test-ghost:"
+    r = redis.Redis.from_url(redis_url)
+    a, b = RedisChunkStore(redis_url, 20_000, prefix=prefix), RedisChunkStore(redis_url, 20_000, prefix=prefix)
+    try:
+        toks = list(range(1, 9))
+        h0, h1 = chunk_hashes(toks, model="m", chunk_tokens=4)
+        for i, h in enumerate((h0, h1)):
+            _put_chunk(a, h, i, toks[4 * i : 4 * i + 4], size=4000)
+        a.get(object_key(h0, "meta"))
+        orig = a._chain_link
+
+        def racing(key: str, payload: bytes) -> str | None:
+            if key == object_key(h1, "meta"):  # B ingests other contexts between A's read and its link
+                for j in range(3):
+                    b.put(object_key(chunk_hashes([100 + j] * 4, model="m", chunk_tokens=4)[0], "src"), b"o" * 7000)
+            return orig(key, payload)
+
+        a._chain_link = racing  # type: ignore[method-assign]
+        a.get(object_key(h1, "meta"))
+        assert not a.contains(object_key(h0, "src")) and not a.contains(object_key(h1, "src"))
+        assert r.hget(prefix + "parent", h1) is None
+        a._chain_link = orig  # type: ignore[method-assign]
+        _put_chunk(a, h0, 0, toks[:4], size=4000)  # put again alone: nothing needs it
+        assert r.hget(prefix + "kids", h0) is None
+    finally:
+        for k in r.scan_iter(prefix + "*"):
+            r.delete(k)
+        a.close()
+        b.close()
+        r.close()
+
+
+# -- 4. start_kv: a stop while a listener is being opened ----------------------------------------------------------
+def test_a_start_cancelled_while_the_ingest_socket_opens_releases_the_store_and_the_port(tmp_path, monkeypatch):
+    """A stop signal (a cancel) while serve_kv_ingest was pending left the store's lock and the KV UDP port held:
+    the cleanup covered OSError only."""
+    import asyncio
+
+    from tokenwire.daemon import kv_service
+    from tokenwire.daemon.config import parse_config
+    from tokenwire.transport import kv_channel
+
+    table = {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "kv"), "forecaster": "ewma",
+             "ingest_socket": str(tmp_path / "kv.sock")}
+    cfg = parse_config({"kv": table}, tmp_path / "tw.toml").kv
+    ports: list[int] = []
+    real_serve_kv = kv_channel.serve_kv
+
+    async def serve_kv(*args: Any, **kwargs: Any) -> Any:
+        server = await real_serve_kv(*args, **kwargs)
+        ports.append(server.port)  # (read now: a closed server's socket has no name)
+        return server
+
+    async def go() -> None:
+        entered = asyncio.Event()
+
+        async def ingest(*args: Any, **kwargs: Any) -> None:
+            entered.set()
+            await asyncio.Event().wait()  # pending until cancelled
+
+        monkeypatch.setattr(kv_channel, "serve_kv", serve_kv)
+        monkeypatch.setattr(kv_service, "serve_kv_ingest", ingest)
+        task = asyncio.ensure_future(kv_service.start_kv(cfg))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    LocalChunkStore(tmp_path / "kv", 1 << 20).close()  # not "in use by another process"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", ports[0]))  # the KV port was closed
