@@ -4,8 +4,10 @@ The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per sessio
 processes (default 2) share ``--sessions`` connections, each streaming ``--answers`` concurrent answers (default
 1) of ``rate x seconds`` tokens: many answers on one connection is where per-connection work (a transmit builds
 datagrams over every stream of its connection) shows.
-Reported: sessions that could not connect (apart: their tokens are not "lost", nor their digests failed), tokens
-delivered, tokens lost or delivered twice to the application, digest failures, the daemon's CPU
+Reported: sessions that could not connect (apart: their tokens are not "lost", nor their digests failed; a session
+the daemon refused at its handshake, over its limits, is one of them), tokens delivered, tokens lost or delivered
+twice to the application, digest failures (answers whose end came with a digest that did not match), answers
+unfinished (failed or refused before their end: lost whole, no digest checked), the daemon's CPU
 time per delivered token, and token delay (render time minus generation time; client and daemon share
 the host's monotonic clock, so the delay is absolute). Unlike the other benchmarks it has no same-run
 baseline: these are absolute numbers under load (the per-packet cost against raw aioquic is
@@ -193,7 +195,7 @@ async def _clients(
     port: int, cafile: Path, sessions: int, tokens: int, scheme: str, progress: Path | None = None, answers: int = 1
 ) -> list[dict[str, Any]]:
     from tokenwire.daemon.demo_upstream import answer_tokens
-    from tokenwire.transport.client import connect
+    from tokenwire.transport.client import DigestMismatch, connect
     from tokenwire.transport.errors import TokenwireError
 
     expected = [t.encode() for t in answer_tokens(tokens)]
@@ -201,9 +203,11 @@ async def _clients(
     reading: set[Any] = set()  # the answers being read, and the tokens of those read to their end
     received = [0]
 
-    async def read(conn: Any, rec: dict[str, Any]) -> None:
-        """One answer, read to its end, added to its session's record."""
+    async def read(conn: Any, rec: dict[str, Any], streams: list[Any]) -> None:
+        """One answer, read to its end, added to its session's record; an answer that failed raises its error
+        after its digest (if its end came) is counted."""
         stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
+        streams.append(stream)
         reading.add(stream)
         try:
             async for _ in stream:
@@ -211,8 +215,13 @@ async def _clients(
         finally:
             reading.discard(stream)
             received[0] += len(stream.tokens)
-        got = stream.tokens
-        out = stream.outcome
+            got = stream.tokens
+            out = stream.outcome
+            if out is not None:
+                # its end (FIN) came, so its digest was checked: only such an answer can fail its digest (every
+                # unfinished answer counted as a "digest failure": 5 refused sessions read as 5 corrupted answers)
+                rec["digests_checked"] += 1
+                rec["digest_failures"] += not out.digest_ok or got != expected
         rec["tokens"] += len(got)
         rec["duplicates"] += max(0, len(got) - len(expected))
         rec["lost"] += sum(1 for a, b in zip(expected, got, strict=False) if a != b) + max(
@@ -226,21 +235,32 @@ async def _clients(
     async def one(k: int) -> None:
         await asyncio.sleep(k * 0.01)  # stagger the handshakes
         # "lost" and the digests count once connected: a session that never connected is counted apart
-        rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": 0, "digests_ok": 0, "answers": answers,
-                               "delays": []}
+        rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": 0, "digests_ok": 0, "digests_checked": 0,
+                               "digest_failures": 0, "unfinished": 0, "answers": answers, "delays": []}
         t_start = time.monotonic()
+        streams: list[Any] = []
         try:
             async with connect("127.0.0.1", port, cafile=cafile, server_name="localhost",
                                timeout=CONNECT_TIMEOUT_S) as conn:
                 rec["connect_s"] = time.monotonic() - t_start
                 # an answer that failed left its tokens unread: the whole answer counts as lost, whatever part
                 # of it the failure's record holds
-                failures = await asyncio.gather(*(read(conn, rec) for _ in range(answers)), return_exceptions=True)
+                failures = await asyncio.gather(*(read(conn, rec, streams) for _ in range(answers)),
+                                                return_exceptions=True)
                 for exc in failures:  # a bug, or a cancellation, is no answer's failure
                     if exc is not None and not isinstance(exc, (TokenwireError, ConnectionError, TimeoutError)):
                         raise exc
-                rec["lost"] += tokens * sum(1 for exc in failures if exc is not None)
                 errors = [exc for exc in failures if exc is not None]
+                if errors and refused_at_handshake(conn, streams, errors):
+                    # the client's side of the handshake had ended (connect() returned), then the server refused
+                    # the session (over its limits): it never connected, and had no token to lose
+                    del rec["connect_s"]
+                    rec["error"] = str(errors[0])
+                    results.append(rec)
+                    return
+                rec["lost"] += tokens * len(errors)
+                # (a digest mismatch is an answer that reached its end: counted in digest_failures instead)
+                rec["unfinished"] += sum(1 for exc in errors if not isinstance(exc, DigestMismatch))
                 if errors:
                     rec["error"] = f"{len(errors)} of {answers} answers failed, the first: {errors[0]}"
                 rec["answer_s"] = time.monotonic() - t_start - rec["connect_s"]
@@ -250,6 +270,7 @@ async def _clients(
             rec["error"] = str(exc)
             if "connect_s" in rec:  # the connection failed under its answers: the unread ones are lost
                 rec["lost"] = max(rec["lost"], tokens * answers - rec["tokens"])
+                rec["unfinished"] = answers - rec["digests_checked"]
         results.append(rec)
 
     async def report() -> None:
@@ -401,8 +422,10 @@ def run_cli(args: argparse.Namespace) -> int:
         # (237 failed handshakes read as 23,700 lost tokens and 237 digest failures)
         "lost_tokens": sum(r["lost"] for r in connected),
         "duplicate_tokens": sum(r["duplicates"] for r in connected),
-        # answers whose digest did not verify (or whose tokens differ), failed answers included
-        "digest_failures": sum(r["answers"] - r["digests_ok"] for r in connected),
+        # answers whose end came and whose digest did not verify (or whose tokens differ); the answers that ended
+        # without it (refused, failed, cut off) are answers_unfinished: no digest was checked there
+        "digest_failures": sum(r["digest_failures"] for r in connected),
+        "answers_unfinished": sum(r["unfinished"] for r in connected),
         "session_errors": [r["error"] for r in results if "error" in r][:5],
         "cpu_us_per_token": 1e6 * (cpu1 - cpu0) / max(1, delivered),
         "daemon_cpu_share_of_wall": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
@@ -427,22 +450,45 @@ def run_cli(args: argparse.Namespace) -> int:
     return verdict(out)
 
 
+def refused_at_handshake(conn: Any, streams: list[Any], errors: list[BaseException]) -> bool:
+    """Whether the daemon refused this session at its handshake, after the client's connect() had returned: the
+    connection closed under every failed answer, no answer started, and the close says refused (QUIC's
+    APPLICATION_ERROR without a reason, what a close before the server's handshake is done carries, or
+    LIMIT_EXCEEDED, "too many sessions"). The client's side of the handshake ends before the server's does, so
+    such a session looked connected: 5 sessions refused under load read as 3000 lost tokens and 5 digest
+    failures, as if the daemon had lost data."""
+    from tokenwire.transport.errors import ErrorCode, RemoteError
+    from tokenwire.transport.session_events import QUIC_APPLICATION_ERROR, handshake_refusal
+
+    if not conn.closed or any(s.request_id is not None or s.tokens for s in streams):
+        return False
+    refusal = handshake_refusal(QUIC_APPLICATION_ERROR, "")
+    return all(isinstance(e, RemoteError)
+               and (e.code == ErrorCode.LIMIT_EXCEEDED or bool(refusal and refusal in str(e))) for e in errors)
+
+
 def session_counts(results: list[dict[str, Any]]) -> dict[str, int]:
-    """Sessions that connected, and those that did not (their handshake failed or timed out)."""
+    """Sessions that connected, and those that did not (their handshake failed or timed out, or the daemon refused
+    them at it)."""
     connected = sum(1 for r in results if "connect_s" in r)
     return {"sessions_connected": connected, "sessions_failed_to_connect": len(results) - connected}
 
 
 def verdict(out: dict[str, Any]) -> int:
     """The exit status, with a line on stderr saying what went wrong: 1 when tokens were lost or duplicated, a
-    digest failed, or a session could not connect; else 0."""
+    digest failed, an answer did not reach its end, or a session could not connect; else 0."""
     problems = []
     if out["sessions_failed_to_connect"]:
         problems.append(f"{out['sessions_failed_to_connect']} of {out['sessions']} sessions could not connect "
-                        "(their handshake failed or timed out: see session_errors)")
-    if out["lost_tokens"] or out["duplicate_tokens"] or out["digest_failures"]:
-        problems.append(f"of the sessions that connected: {out['lost_tokens']} tokens lost, "
-                        f"{out['duplicate_tokens']} duplicated, {out['digest_failures']} digest failures")
+                        "(their handshake failed or timed out, or the daemon refused them at it: see session_errors)")
+    unfinished = out.get("answers_unfinished", 0)
+    if out["lost_tokens"] or out["duplicate_tokens"] or out["digest_failures"] or unfinished:
+        line = (f"of the sessions that connected: {out['lost_tokens']} tokens lost, "
+                f"{out['duplicate_tokens']} duplicated, {out['digest_failures']} digest failures")
+        if unfinished:  # (their tokens are among the lost; their digests were never checked)
+            line += (f", {unfinished} answer{'s' if unfinished != 1 else ''} unfinished (failed before their end: "
+                     "see session_errors)")
+        problems.append(line)
     for line in problems:
         print(f"bench daemon: {line}", file=sys.stderr)
     return 1 if problems else 0

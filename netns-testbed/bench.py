@@ -84,6 +84,15 @@ is done, and the sink must report within :data:`PHASE_SLACK_S` of that; half of 
 60-s delay ran every phase and then failed in the last ("no answer before the deadline"), every number lost."""
 
 
+MAX_SECONDS = 600.0
+"""``--seconds`` bound: each of the floods and probe phases sends that long (the run takes about 5 x --seconds):
+10 minutes a phase is already a long measurement; 1e9 s was accepted and set out to run for decades."""
+MAX_PROBE_RATE = 20_000.0
+"""``--rate`` bound (probe packets/s): the probes measure the emulator's added delay, so they must not load it; at
+a fifth of what it sustains here (docs/testbed.md) they do not. At 1e9 every send deadline was already past, the
+sender flooded, and the "delay error" was that of the queue the probes built themselves."""
+
+
 def _phase(what: str) -> None:
     """One progress line per phase on stderr (the run takes ~5 x --seconds, the paced rates up to 7 x --repeats
     trials of ~1.3 s, plus the namespaces' setup)."""
@@ -279,6 +288,12 @@ def print_report(res: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .netns import TestbedError, check_root
 
+    if args.seconds > MAX_SECONDS:  # (argparse's positive_float took any size)
+        raise CLIError(f"--seconds {args.seconds:g}: at most {MAX_SECONDS:g} (the length of each flood and probe "
+                       "phase; the run takes about 5 times as long)")
+    if args.rate > MAX_PROBE_RATE:
+        raise CLIError(f"--rate {args.rate:g}: at most {MAX_PROBE_RATE:,.0f} probe packets/s (the probes measure the "
+                       "emulator's added delay and must not load it: the flood phases measure its packets/s)")
     if args.delay_ms > MAX_DELAY_MS:  # before any namespace: the last phase would fail with every number lost
         raise CLIError(f"--delay-ms {args.delay_ms:g}: at most {MAX_DELAY_MS:g} (the delayed probes must reach the "
                        f"sink within the phase's {PHASE_SLACK_S:g}-s deadline)")

@@ -602,10 +602,25 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
     try:
         if args.virtual:
+            import multiprocessing
+
             from .kv_vsim import KVSimError, run_kv_virtual
 
+            def stop_workers(signum: int, frame: Any) -> None:
+                # The worker processes stop first, then Ctrl-C's path: SIGTERM killed this process alone (exit 143)
+                # and left its workers and their resource tracker running (reparented to PID 1), and an interrupt
+                # that leaves them waits in the pool's shutdown for every controller still queued.
+                if os.getpid() == _OWNER_PID:  # (a child that inherited it leaves the workers to the parent)
+                    for child in multiprocessing.active_children():
+                        child.terminate()
+                _interrupt(signum, frame)
+
             try:
-                summary = run_kv_virtual(cfg, log=log, workers=args.workers)
+                with sigterm_as_ctrl_c():
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        if signal.getsignal(sig) is _interrupt:  # (one ignored on entry stays ignored: nohup)
+                            signal.signal(sig, stop_workers)
+                    summary = run_kv_virtual(cfg, log=log, workers=args.workers)
             except KVSimError as exc:
                 raise CLIError(str(exc)) from None
         else:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenwire.daemon.cli import cell, seed_arg, write_json
@@ -60,9 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.config import MAX_ANSWER_TOKENS
     from tokenwire.daemon.demo_upstream import rate_problem
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.testbed.loss import LossSpecError, parse_loss
-    from tokenwire.testbed.sim import SimConfig, compare, earliest_end_s
+    from tokenwire.testbed.sim import SimConfig, compare, end_spread, first_seed_past_cap
     from tokenwire.transport.frames import SCHEMES
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if args.tokens < 1 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
         raise CLIError("--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0")
+    if args.tokens > MAX_ANSWER_TOKENS:  # as `testbed compare` and `bench daemon` refuse it: no answer is longer
+        raise CLIError(f"--tokens {args.tokens}: at most {MAX_ANSWER_TOKENS:,} (the daemon's bound on an answer)")
     # --rate 1e308 was a traceback from the schedule, 1e20 a table of an answer that took no time
     problem = rate_problem(args.rate, f"--rate {args.rate:g}")
     if problem:
@@ -91,24 +95,55 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         first_token_ms=args.first_token_ms,
     )
-    for seed in range(args.seed, args.seed + args.runs):  # a run past the cap fails only at the cap, every cell NaN
-        need = earliest_end_s(dataclasses.replace(cfg, seed=seed))
-        if need > cfg.max_virtual_s:
-            raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s, --first-token-ms {args.first_token_ms:g}"
-                           f" and 4 x --delay-ms {args.delay_ms:g} end at {need:.0f} s of virtual time at the earliest"
-                           f" (seed {seed}), past the simulator's cap of {cfg.max_virtual_s:.0f} s")
+    # SIGTERM or SIGHUP (kill, a timeout, a closed terminal) takes Ctrl-C's path: "interrupted", exit 130 (it
+    # died silently with 143)
+    with sigterm_as_ctrl_c():
+        past = first_seed_past_cap(cfg, args.runs, _seed_check_progress(args.runs))
+        if past is not None:  # a run past the cap fails only at the cap, every cell NaN
+            seed, _ = past
+            mean, _ = end_spread(cfg)
+            raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s, --first-token-ms "
+                           f"{args.first_token_ms:g} and 4 x --delay-ms {args.delay_ms:g} end past the simulator's "
+                           f"cap of {cfg.max_virtual_s:.0f} s of virtual time (seed {seed}; about {mean:,.0f} s on "
+                           "average over seeds)")
 
-    def progress(msg: str) -> None:
-        print(f"  simulating {msg} ...", file=sys.stderr, flush=True)
+        def progress(msg: str) -> None:
+            print(f"  simulating {msg} ...", file=sys.stderr, flush=True)
 
-    # a line per scheme and seed once the run is long: by its count of runs, or by its tokens (one seed of three
-    # schemes at --tokens 20000 ran 13.5 s without a word)
-    long_run = args.runs * len(schemes) > 3 or args.tokens * args.runs * len(schemes) >= LONG_RUN_TOKENS
-    result = compare(schemes, cfg, runs=args.runs, progress=progress if long_run else None)
+        started = time.monotonic()
+
+        def run_progress(msg: str) -> None:
+            print(f"    {msg}, {time.monotonic() - started:.0f} s elapsed", file=sys.stderr, flush=True)
+
+        # a line per scheme and seed once the run is long: by its count of runs, or by its tokens (one seed of three
+        # schemes at --tokens 20000 ran 13.5 s without a word), and lines within a long run
+        long_run = args.runs * len(schemes) > 3 or args.tokens * args.runs * len(schemes) >= LONG_RUN_TOKENS
+        cfg.progress = run_progress if long_run else None
+        result = compare(schemes, cfg, runs=args.runs, progress=progress if long_run else None)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
     return 1 if any(d["runs_finished"] == 0 for d in result["schemes"].values()) else 0
+
+
+SEED_CHECK_PROGRESS_S = 5.0
+"""Wall-clock seconds between two lines of the per-seed check against the cap, where it draws each seed."""
+
+
+def _seed_check_progress(runs: int) -> Callable[[int], None]:
+    """A progress line every :data:`SEED_CHECK_PROGRESS_S` while each seed's schedule is drawn against the cap
+    (only near the cap): ``--runs 1000000`` spent over 30 s in that check without a word."""
+    started = time.monotonic()
+    last = [started]
+
+    def report(checked: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= SEED_CHECK_PROGRESS_S:
+            last[0] = now
+            print(f"  checking each seed's answer against the simulator's cap: {checked:,}/{runs:,} seeds, "
+                  f"{now - started:.0f} s elapsed", file=sys.stderr, flush=True)
+
+    return report
 
 
 def format_table(result: dict) -> str:
@@ -132,8 +167,10 @@ def format_table(result: dict) -> str:
     for name, d in result["schemes"].items():
         for f in d["failed_runs"]:
             why = f["error"].removeprefix(f"{name}: ")  # the simulator's errors name the scheme already
-            lines.append(f"{name}: seed {f['seed']} FAILED ({why}); the row averages the "
-                         f"{d['runs_finished']} run(s) that finished")
+            # "the row averages the 0 run(s) that finished" said it averaged something
+            row = (f"the row averages the {d['runs_finished']} run(s) that finished" if d["runs_finished"] else
+                   "no run finished, so the row has no numbers")
+            lines.append(f"{name}: seed {f['seed']} FAILED ({why}); {row}")
     ref = result["oracle"]["reference_scheme"]
     if math.isfinite(oracle):
         lines.append(f"oracle (on {ref}'s packets): stall {oracle:.4f}")

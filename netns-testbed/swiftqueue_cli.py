@@ -124,7 +124,8 @@ def cmd_swiftqueue(args: argparse.Namespace) -> int:
     if cfg.virtual:
         from .swiftqueue_eval import run_virtual_all
 
-        summary, runs = run_virtual_all(cfg, log_fn=log, progress=progress)
+        with sigterm_as_ctrl_c():  # as the namespace run: SIGTERM said nothing and exited 143
+            summary, runs = run_virtual_all(cfg, log_fn=log, progress=progress)
     else:
         from .child import ChildError
         from .netns import TestbedError, check_root

@@ -155,6 +155,7 @@ def ratios(onnx: dict, ewma: dict) -> dict:
 
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster, shipped_model_path
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
 
     from .cli import check_output
 
@@ -171,11 +172,14 @@ def run_cli(args: argparse.Namespace) -> int:
     batched = ", ".join(f"batch {bs}: {batch_calls(args.calls, bs)}" for bs in BATCHES if bs > 1)
     print(f"bench predictor: {args.calls} calls ({batched}) x {args.repeats} repeats per phase, the ONNX model "
           "then EWMA", file=sys.stderr, flush=True)
-    for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
-        def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
-            _phase(f"{name}: {what}")
+    # SIGTERM or SIGHUP (kill, a timeout, a closed terminal) takes Ctrl-C's path, "interrupted" and exit 130: it
+    # died silently with 143
+    with sigterm_as_ctrl_c():
+        for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
+            def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
+                _phase(f"{name}: {what}")
 
-        doc[name] = measure(fc, args.calls, args.repeats, progress, one_predict_per_batch=name == "ewma")
+            doc[name] = measure(fc, args.calls, args.repeats, progress, one_predict_per_batch=name == "ewma")
     doc["onnx_vs_ewma"] = ratios(doc["onnx"], doc["ewma"])
     head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
     lines = [f"{head} {'pkt/s (observe+pred)':>21}"]

@@ -337,6 +337,10 @@ def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+MAX_PACED_S = 3600.0
+"""The longest paced run ``--tokens`` / ``--rate`` may ask for (each mode runs it ``--repeats`` times)."""
+
+
 def with_raw_baseline(modes: list[str]) -> list[str]:
     """``modes`` with raw aioquic first, added (and said so on stderr) when missing.
 
@@ -359,6 +363,16 @@ def run_cli(args: argparse.Namespace) -> int:
     twice = sorted({m for m in modes if modes.count(m) > 1})
     if twice:  # the results are keyed by mode: a second listing ran it again and kept only the last
         raise CLIError(f"--modes: {', '.join(twice)} listed twice")
+    # a paced run is a token rate a model can have, and a bounded wait: --rate 1e12 made every token due at once
+    # (a second flood, reported as the paced numbers), and a tiny rate ran for days
+    from tokenwire.daemon.demo_upstream import MAX_RATE, MIN_RATE
+
+    if not MIN_RATE <= args.rate <= MAX_RATE:
+        raise CLIError(f"--rate {args.rate:g}: a paced rate is within [{MIN_RATE:g}, {MAX_RATE:g}] tokens/s (the demo "
+                       "upstream's range, a model's); the flood runs measure the sender at its own pace")
+    if args.tokens / args.rate > MAX_PACED_S:
+        raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s: a paced run of "
+                       f"{args.tokens / args.rate:,.0f} s, at most {MAX_PACED_S:g} (it runs --repeats times per mode)")
     modes = with_raw_baseline(modes)
     # SIGTERM or SIGHUP (kill, a timeout) unwinds like Ctrl-C: _one's finally stops the server subprocess, which
     # the default action left serving for good
