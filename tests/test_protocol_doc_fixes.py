@@ -7,13 +7,10 @@ after which the revoked token was served again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import math
 import ssl
-import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,6 @@ from aioquic.quic.packet import pull_quic_header
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tokenwire.daemon.config import parse_config
 from tokenwire.daemon.reload_decisions import REVOKED
 from tokenwire.daemon.service import ANOTHER_PRINCIPAL, Daemon
 from tokenwire.daemon.upstream_openai import OpenAIUpstream
@@ -56,6 +52,7 @@ from .test_handshake_limits import until, value
 from .test_hostile_clients import _Raw
 from .test_loopback import run
 from .test_openai_upstream import REQ, FakeOpenAI, generate
+from .test_reload_fixes3 import _daemon  # (the daemon in this process, configured by a file a reload reads)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 ALICE, BOB, BOB2 = "alice-token-for-doc-fixes", "bob-token-for-doc-fixes", "bob-second-token-for-doc-fixes"
@@ -221,18 +218,6 @@ def _config(*tokens: tuple[str, str]) -> str:
     entries = "".join(f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{hashlib.sha256(tok.encode()).hexdigest()}"\n'
                       for name, tok in tokens)
     return '[server]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = ""\n' + entries
-
-
-@contextlib.asynccontextmanager
-async def _daemon(path: Path, text: str) -> AsyncIterator[Daemon]:
-    """The daemon in this process (the demo upstream), configured by ``text`` at ``path`` (what a reload reads)."""
-    path.write_text(text)
-    daemon = Daemon(parse_config(tomllib.loads(text), path))
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()
 
 
 def _raw(daemon: Daemon):
