@@ -8,16 +8,36 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from tokenwire.daemon.cli import main
-from tokenwire.transport.server import serve
+from tokenwire.transport.server import TokenServer, serve
 from tokenwire.transport.tls import CertificateFileError, client_configuration, dev_cert, make_self_signed
 
 from .terminal import default_signals
 from .test_loopback import WORDS, word_source
+
+
+def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                     close: Callable[[], Awaitable[object]]) -> None:
+    """Await ``close()`` on ``loop`` (run by ``thread``), then stop the loop, join the thread and close the loop.
+
+    ``server.close`` and ``loop.stop`` queued back to back ended the loop, when both ran in one turn, before the
+    callbacks that close the UDP sockets close() had scheduled, and the loop itself was never closed: the loop,
+    its self-pipe (a Unix stream socket pair) and a UDP transport on 127.0.0.1 were left to the garbage collector,
+    whose ResourceWarnings then came out in whichever later test it ran in."""
+    asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+async def closed(server: TokenServer) -> None:
+    """``server`` (the SDK's) closed, its connections' closing periods over and its UDP socket closed."""
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +56,7 @@ def server_port() -> Iterator[int]:
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     assert started.wait(30)
     yield holder["server"].port
-    loop.call_soon_threadsafe(holder["server"].close)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    stop_loop_thread(loop, thread, lambda: closed(holder["server"]))
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +253,11 @@ def _relay_with_outage(port: int, dark: tuple[float, float]) -> Iterator[int]:
     try:
         yield relay.port
     finally:
-        loop.call_soon_threadsafe(relay.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        async def close_relay() -> None:
+            relay.close()
+            await asyncio.sleep(0)  # (its transports close their sockets on the next loop turn)
+
+        stop_loop_thread(loop, thread, close_relay)
 
 
 @contextlib.contextmanager
@@ -294,9 +314,7 @@ def test_a_resume_the_server_cannot_serve_says_the_printed_part_is_all_there_is(
         with _relay_with_outage(server.port, (0.5, 2.0)) as port:
             rc, out, err = chat(capsys, "--port", str(port), "--insecure", "--idle-timeout", "0.6", "hello")
     finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        stop_loop_thread(loop, thread, lambda: closed(server))
     assert rc == 2 and out.strip() and "resuming request" in err, err
     assert err.strip().splitlines()[-1].endswith("the daemon no longer holds the answer (restarted, or it was "
                                                  "retained for less time than the outage lasted): what was printed "
@@ -395,9 +413,7 @@ def test_a_servers_words_reach_the_terminal_escaped_and_on_their_own_line(capsys
     try:
         rc, out, err = chat(capsys, "--port", str(server.port), "--insecure", "hi")
     finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        stop_loop_thread(loop, thread, lambda: closed(server))
     assert rc == 2
     assert out == "Hello \n"
     assert err.count("\n") == 1 and "\x1b" not in err and "\x07" not in err and "\u202e" not in err, repr(err)

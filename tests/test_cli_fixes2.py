@@ -25,6 +25,8 @@ from tokenwire.daemon.config import ConfigError, load_config
 from tokenwire.transport.server import serve
 from tokenwire.transport.tls import make_self_signed
 
+from .test_chat_cli import closed, stop_loop_thread
+
 PIECES = ["h\u00e9llo", " \u4e16\u754c", " \U0001f389", " done"]
 CLI = [sys.executable, "-m", "tokenwire.daemon.cli"]
 
@@ -50,9 +52,7 @@ def server() -> Iterator[tuple[int, list[str]]]:
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     yield holder["server"].port, prompts
-    loop.call_soon_threadsafe(holder["server"].close)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    stop_loop_thread(loop, thread, lambda: closed(holder["server"]))  # (its UDP socket and loop closed, not leaked)
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -162,21 +162,22 @@ def test_the_daemon_runs_and_stops_cleanly_with_stdout_and_stdin_closed(tmp_path
     config = _config(tmp_path, '[server]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = ""\n')
     proc = subprocess.Popen(["bash", "-c", 'exec "$@" >&- <&-', "bash", *CLI, "daemon", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in proc.stderr:  # (until it listens: the line comes once its sockets are open)
-            lines.append(line)
-            if "listening on" in line:
-                break
-        assert any("listening on" in line for line in lines), lines
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        assert proc.wait(60) == 0, [*lines, rest]
-        assert "Assertion" not in rest and "stopped" in rest, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with proc:  # (its stderr pipe closed at the end: left open, it was a ResourceWarning)
+        try:
+            lines = []
+            for line in proc.stderr:  # (until it listens: the line comes once its sockets are open)
+                lines.append(line)
+                if "listening on" in line:
+                    break
+            assert any("listening on" in line for line in lines), lines
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stderr.read()
+            assert proc.wait(60) == 0, [*lines, rest]
+            assert "Assertion" not in rest and "stopped" in rest, rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -109,11 +109,12 @@ def test_client_killed_mid_answer_resumes_with_the_exact_text(daemon):
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
-        state = json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()  # SIGKILL: no QUIC close, the server just stops hearing from it
-        proc.wait()
+    with proc:  # (its stdout pipe closed at the end: left open, it was a ResourceWarning)
+        try:
+            state = json.loads(proc.stdout.readline())
+        finally:
+            proc.kill()  # SIGKILL: no QUIC close, the server just stops hearing from it
+            proc.wait()
     rid = bytes.fromhex(state["id"])
     held = [bytes.fromhex(t) for t in state["tokens"]]
     assert len(held) >= 40

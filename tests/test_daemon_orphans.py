@@ -46,11 +46,12 @@ def daemon(tmp_path):
 def test_an_answer_with_no_client_for_the_orphan_timeout_is_cancelled_and_resumes_as_such(daemon, capsys):
     proc = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, str(daemon.port), str(daemon.cert)],
                             stdout=subprocess.PIPE, text=True)
-    try:
-        rid = bytes.fromhex(proc.stdout.readline().strip())
-    finally:
-        proc.kill()
-        proc.wait()
+    with proc:  # (its stdout pipe closed at the end: left open, it was a ResourceWarning)
+        try:
+            rid = bytes.fromhex(proc.stdout.readline().strip())
+        finally:
+            proc.kill()
+            proc.wait()
     t0 = time.monotonic()
     while metric_value(metrics(daemon), "tokenwire_requests_active") != 0:  # 100 s of answer left
         assert time.monotonic() - t0 < 15, "the answer still generates for a client that is gone"

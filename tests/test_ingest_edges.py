@@ -39,6 +39,7 @@ from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import Finished
 from tokenwire.transport.server import serve
 
+from .test_chat_cli import closed, stop_loop_thread
 from .test_loopback import run
 
 SURROGATE = "\ud83d"  # half of an emoji: JSON can carry it, UTF-8 cannot
@@ -270,9 +271,7 @@ def escaping_server() -> Iterator[int]:
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     yield holder["server"].port
-    loop.call_soon_threadsafe(holder["server"].close)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    stop_loop_thread(loop, thread, lambda: closed(holder["server"]))  # (its UDP socket and loop closed, not leaked)
 
 
 def test_chat_stats_prints_the_servers_finish_reason_escaped(escaping_server, capsys):

@@ -421,7 +421,10 @@ def test_a_connect_timeout_is_no_first_token_timeout():
     """A TLS handshake (or a TCP connect) that never completes hit aiohttp's sock_connect timeout, whose
     exception is a TimeoutError too: it was reported as "no response within 20.3 s" after 0.3 s."""
     async def go():
-        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never speaks TLS
+        accepted: list[asyncio.StreamWriter] = []
+        # accepts, never speaks TLS (what it accepted is closed at the end: left open, the garbage collector found it
+        # in a later test)
+        silent = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
         port = silent.sockets[0].getsockname()[1]
         up = OpenAIUpstream("tls", base_url=f"https://127.0.0.1:{port}/v1", connect_timeout_s=0.3,
                             first_token_timeout_s=20)
@@ -430,6 +433,9 @@ def test_a_connect_timeout_is_no_first_token_timeout():
         finally:
             await up.close()
             silent.close()
+            for writer in accepted:
+                writer.close()
+            await silent.wait_closed()
 
     with pytest.raises(RequestError) as info:
         run(go(), timeout=10)
@@ -532,7 +538,7 @@ def daemon_on(fake: FakeOpenAI, tmp_path, upstream_keys: str = "", extra_toml: s
     from .daemon_proc import DaemonProcess
 
     loop = asyncio.new_event_loop()
-    _runner, port = loop.run_until_complete(_serve(fake))
+    runner, port = loop.run_until_complete(_serve(fake))
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     d = None
@@ -555,8 +561,11 @@ upstream = "vllm"
     finally:
         if d is not None:
             d.stop()
+        # the fake's listening socket and the loop closed: left open, the garbage collector found them in a later test
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
+        loop.close()
 
 
 def test_daemon_routes_to_openai_upstream_and_reports_errors(tmp_path, fake):

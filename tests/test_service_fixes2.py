@@ -30,6 +30,7 @@ from tokenwire.transport.handshake_guard import REFUSALS_LOG_S
 from tokenwire.transport.server import ChatRequest, serve
 
 from .terminal import default_signals
+from .test_chat_cli import closed, stop_loop_thread
 from .test_handshake_limits import until, value
 from .test_loopback import run
 from .test_observability_fixes2 import _close_as_a_lost_path, serving
@@ -245,9 +246,7 @@ def sdk_port() -> Iterator[int]:
     thread.start()
     server = asyncio.run_coroutine_threadsafe(serve(_source, host="127.0.0.1", port=0), loop).result(30)
     yield server.port
-    loop.call_soon_threadsafe(server.close)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    stop_loop_thread(loop, thread, lambda: closed(server))  # (its UDP socket and loop closed, not leaked)
 
 
 class _Watched(io.StringIO):

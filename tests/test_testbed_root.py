@@ -1,5 +1,6 @@
 """The namespace testbed with real TUN devices, sockets and processes (root only; CI runs as root)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -77,8 +78,8 @@ def test_delay_and_ecn_survive_the_emulated_path():
     The two delays differ by 195 ms, so "the up direction has its own delay" survives a loaded host."""
     down_s, up_s = 0.200, 0.005
     cfg = EmulatorConfig(down=DirectionConfig(None, down_s * 1000), up=DirectionConfig(None, up_s * 1000))
-    with Testbed(cfg) as tb:
-        srv, cli = udp_pair(tb)
+    with Testbed(cfg) as tb, contextlib.ExitStack() as sockets:
+        srv, cli = [sockets.enter_context(s) for s in udp_pair(tb)]  # (closed at the end, not by the collector)
         delays = []
         for tos in (0x00, 0x01, 0x02, 0xB9):
             t0 = time.monotonic()
@@ -108,8 +109,8 @@ def test_dualpi2_marks_ce_end_to_end_and_the_pcap_shows_it(tmp_path):
         log_path=log,
         pcap_prefix=prefix,
     )
-    with Testbed(cfg) as tb:
-        srv, cli = udp_pair(tb)
+    with Testbed(cfg) as tb, contextlib.ExitStack() as sockets:
+        srv, cli = [sockets.enter_context(s) for s in udp_pair(tb)]  # (closed at the end, not by the collector)
         for i in range(40):  # 40 kB at once into a 2 Mbit/s link: sojourns far above the 1 ms step
             send_tos(srv, cli.getsockname(), struct.pack("!I", i) + b"y" * 996, 0x01)
         seen = [recv_tos(cli)[1] for _ in range(40)]
@@ -216,11 +217,12 @@ def test_cli_up_survives_nothing_after_sigkill_and_down_cleans_it():
         text=True,
         start_new_session=True,
     )
-    info = json.loads(proc.stdout.readline())
-    names = (info["server_ns"], info["client_ns"])
-    assert all(netns_exists(n) for n in names)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with proc:  # (its stdout pipe closed at the end: left open, it was a ResourceWarning)
+        info = json.loads(proc.stdout.readline())
+        names = (info["server_ns"], info["client_ns"])
+        assert all(netns_exists(n) for n in names)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     wait_for(lambda: not pid_alive(info["emulator_pid"]), 5, "the emulator to notice its owner died")
     assert all(netns_exists(n) for n in names)  # leftovers of a crashed run
     out = subprocess.run([*TOKENWIRE, "testbed", "status"], capture_output=True, text=True, check=True).stdout
@@ -232,10 +234,10 @@ def test_cli_up_survives_nothing_after_sigkill_and_down_cleans_it():
 
 
 def test_cli_up_tears_down_on_ctrl_c():
-    proc = _tokenwire("testbed", "up", "--json", stdout=subprocess.PIPE, text=True)
-    info = json.loads(proc.stdout.readline())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=15) == 0
+    with _tokenwire("testbed", "up", "--json", stdout=subprocess.PIPE, text=True) as proc:  # (its pipe closed)
+        info = json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
     assert not netns_exists(info["server_ns"]) and not netns_exists(info["client_ns"])
 
 
@@ -248,17 +250,18 @@ def test_cli_up_tears_down_on_ctrl_c():
 def test_namespace_commands_tear_down_on_sigterm(argv):
     """kill / a CI or systemd timeout sends SIGTERM: the run unwinds like Ctrl-C and removes its namespaces."""
     proc = _tokenwire(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: any(r.owner_pid == proc.pid and any(map(netns_exists, r.namespaces)) for r in list_runs()),
-                 60, f"the namespaces of {' '.join(argv[:2])}")
-        (run,) = [r for r in list_runs() if r.owner_pid == proc.pid]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 130, proc.stderr.read()
-    finally:
-        if proc.poll() is None:  # the test failed: leave nothing behind
-            proc.kill()
-            proc.wait()
-            subprocess.run([*TOKENWIRE, "testbed", "down"], capture_output=True, check=False)
+    with proc:  # (its stderr pipe closed at the end: left open, it was a ResourceWarning)
+        try:
+            wait_for(lambda: any(r.owner_pid == proc.pid and any(map(netns_exists, r.namespaces))
+                                 for r in list_runs()), 60, f"the namespaces of {' '.join(argv[:2])}")
+            (run,) = [r for r in list_runs() if r.owner_pid == proc.pid]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 130, proc.stderr.read()
+        finally:
+            if proc.poll() is None:  # the test failed: leave nothing behind
+                proc.kill()
+                proc.wait()
+                subprocess.run([*TOKENWIRE, "testbed", "down"], capture_output=True, check=False)
     assert not any(netns_exists(n) for n in run.namespaces)
     assert not os.path.exists(run.path)
 

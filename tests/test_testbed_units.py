@@ -600,7 +600,8 @@ def test_the_emulator_writes_out_its_log_and_pcaps_on_a_timer_once_traffic_stops
         rows = log.read_text().splitlines()
         assert len(rows) == 2 and rows[1].startswith("down,") and ",delivered," in rows[1], rows
         for name in ("down.in", "down.out"):
-            assert len(list(RawPcapReader(f"{prefix}.{name}.pcap"))) == 1, name
+            with RawPcapReader(f"{prefix}.{name}.pcap") as pcap:  # (closed here, not by the collector)
+                assert len(list(pcap)) == 1, name
     finally:
         shell.detach()
         shell.close()
