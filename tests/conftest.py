@@ -42,15 +42,16 @@ def small(tmp_path_factory):
 # collector, whenever it runs: its ResourceWarning then came out in another test, or nowhere (the default filters
 # ignore them). One run printed five in tests/test_testbed_guards.py, whose `simplefilter("error")` made them
 # unraisable exceptions, for an event loop and a UDP socket another file's fixture had left. A full collection after
-# every test costs 0.07-0.2 s (the heap holds torch and numba), about 15 % of the suite: too much for every run,
-# hence an option, for CI now and then and for hunting a leak.
+# every test costs 0.1-0.25 s once torch and numba are in the heap (the KV tests: 108 s instead of 51 s), far too
+# much for every run (a collection per module instead misses, depending on when the collector ran by itself): hence
+# an option, for CI now and then and for hunting a leak.
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--leak-check", action="store_true",
         help="fail a test that leaves a socket, transport, event loop or file unclosed (a ResourceWarning, which "
              "the default filters ignore) in its setup, call or teardown, or for the garbage collector (a full "
              "collection after each teardown: a module's fixtures end with its last test); with tracemalloc "
-             "(PYTHONTRACEMALLOC=20) each comes with where it was allocated; about 15 %% slower")
+             "(PYTHONTRACEMALLOC=20) each comes with where it was allocated; slow: up to twice the time")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
