@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ import pytest
 
 from tokenwire.daemon import unix_sockets
 from tokenwire.daemon.certificates import cert_principal
-from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS, AuthConfig, parse_config
+from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS, AuthConfig
 from tokenwire.daemon.ingest import IngestAPI, IngestConnection, is_cert_principal, principal_problem, serve_ingest
-from tokenwire.daemon.service import Daemon
 from tokenwire.daemon.transcripts import (
     REQUEST_OVERHEAD_BYTES,
     TOKEN_OVERHEAD_BYTES,
@@ -31,6 +30,7 @@ from tokenwire.daemon.transcripts import (
 from tokenwire.daemon.upstreams import IngestUpstream
 from tokenwire.transport.errors import ErrorCode
 
+from .test_ingest_edges import _daemon  # (the daemon in this process, with an ingest socket)
 from .test_loopback import run
 
 TOKEN = "t" * 256  # one token of 256 bytes: REQUEST's memory grows by 256 + TOKEN_OVERHEAD_BYTES per push
@@ -322,18 +322,6 @@ def test_a_fail_with_an_empty_message_is_a_fail_with_none(fail):
     assert api.handle({"op": "fail", "id": rid, **fail}, conn, 1) == {"ok": True}
     req = store.get(bytes.fromhex(rid))
     assert req is not None and req.error == (ErrorCode.UPSTREAM_ERROR, "application failed")
-
-
-@contextlib.asynccontextmanager
-async def _daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    doc: dict[str, Any] = {"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
-                           "ingest": {"socket": str(tmp_path / "ingest.sock")}}
-    daemon = Daemon(parse_config(doc))
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()
 
 
 def test_the_start_up_line_and_status_name_the_ingest_socket(tmp_path):
