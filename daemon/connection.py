@@ -128,7 +128,7 @@ class DaemonProtocol(GuardedProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
         if self in self.daemon.unauthorized:  # what it may make the daemon hold, before it authorizes
-            self.daemon.account_unauthorized(self, self._held_bytes())
+            self.daemon.account_unauthorized(self, self.held_bytes())
 
     def transmit_soon(self) -> None:
         """Send what this connection's answers queued once per event-loop turn, not once per token of each.
@@ -152,8 +152,9 @@ class DaemonProtocol(GuardedProtocol):
             with contextlib.suppress(Exception):
                 self.close(ErrorCode.INTERNAL, "server error while sending")
 
-    def _held_bytes(self) -> int:
-        """Bytes of its request streams held: in aioquic's receive buffers, and read into the request decoders."""
+    def held_bytes(self) -> int:
+        """Bytes of its request streams held: in aioquic's receive buffers, and read into the request decoders
+        (what :attr:`Daemon.unauthorized` counts, at each datagram and afresh past its budget)."""
         quic = self._quic
         return (sum(len(s.receiver._buffer) for s in quic._streams.values())
                 + sum(r.decoder.pending for r in self.server_session.requests.values()))

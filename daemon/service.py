@@ -196,9 +196,11 @@ class Daemon:
         # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
         # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together,
         # within limits.unauthorized_memory_mb (count_unauthorized, account_unauthorized; the KV endpoint keeps a
-        # budget of its own of the same kind)
+        # budget of its own of the same kind). Past the budget every holder is counted afresh (measure): a count
+        # from a connection's last datagram may be stale (a request refused since by its deadline, a timer, with no
+        # datagram of its own), and a token holder sending its prompt was closed for bytes no longer held.
         self.unauthorized: PreauthBudget[DaemonProtocol] = PreauthBudget(
-            lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)))
+            lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)), measure=lambda p: p.held_bytes())
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
         self._collected_at = -GC_INTERVAL_S
         self.tasks: dict[bytes, asyncio.Task[None]] = {}

@@ -209,6 +209,50 @@ def test_a_connection_opened_before_a_reload_lowering_max_request_bytes_keeps_it
     assert shed == 0 and not ends and counted and held_after >= 2 * max_request
 
 
+class _StaleChat:
+    """A chat-port connection not yet authorized, as the daemon counts it: what it holds now (``now``, given by
+    held_bytes()); a close is recorded."""
+
+    def __init__(self, now: int, max_request_bytes: int) -> None:
+        self.now = now
+        self.established = True
+        self.closing = False
+        self.peer = "192.0.2.1:4433"
+        self.closed: list[tuple[int, str]] = []
+        self.server_session = SimpleNamespace(max_request_bytes=max_request_bytes,
+                                              close=lambda code, reason: self.closed.append((code, reason)))
+
+    def held_bytes(self) -> int:
+        return self.now
+
+    def transmit(self) -> None:
+        pass
+
+
+def test_a_chat_count_past_the_budget_is_checked_against_what_the_others_hold_now(tmp_path: Path):
+    """The chat port recounts as the KV endpoint does: what a connection held at its last datagram may be gone
+    since (its request refused by its deadline, a timer, with no datagram of its own). A client quiet since its
+    700-KB request was refused got a token holder's next datagram closing it, for the 1 MB of its prompt: 1.7 MB
+    counted against the 1.5-MiB floor (max_request_bytes 512 KiB), 1 MB held."""
+    max_request = 512 * KIB
+    path = tmp_path / "tokenwire.toml"
+    path.write_text(_config_text(max_request))
+    daemon = Daemon(load_config(path))  # (not started: the budget's arithmetic and its closes alone)
+    quiet, sending = _StaleChat(0, max_request), _StaleChat(1 << 20, max_request)
+    for proto in (quiet, sending):
+        daemon.count_unauthorized(proto)  # type: ignore[arg-type]  # (as _on_handshake counts a connection)
+    daemon.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
+    quiet.now = 0  # its request refused since by its deadline, with no datagram of its own to say so
+    daemon.account_unauthorized(sending, 1 << 20)  # type: ignore[arg-type]
+    assert not quiet.closed and not sending.closed
+    assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"}) == 0
+    assert daemon.unauthorized_held == 1 << 20 and daemon.unauthorized.held_by(quiet) == 0  # type: ignore[arg-type]
+    # past the budget with what they hold now, the largest goes, as before
+    quiet.now = 700_000
+    daemon.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
+    assert sending.closed and not quiet.closed and sending not in daemon.unauthorized
+
+
 # ------------------------------------------------------------------------------------------ KV: a reset fetch stream
 def _held(pair: KVPair) -> int:
     """What the KV endpoint counts of this connection (KVServerProtocol.held_bytes, on the sans-I/O session)."""
