@@ -234,10 +234,13 @@ class Daemon:
 
     # ----------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Open every listener; :class:`StartupError` (with what was opened closed again) if one cannot."""
+        """Open every listener; :class:`StartupError` (with what was opened closed again) if one cannot. Any
+        other exception closes what was opened too, then propagates: only StartupError and a cancel did, and an
+        OSError or a bug in a later step left the UDP listeners, their sockets and the housekeeping task open."""
         try:
             await self._start()
-        except (StartupError, asyncio.CancelledError):  # cancelled: a stop signal during the start (run())
+        except (Exception, asyncio.CancelledError):  # cancelled: a stop signal during the start (run())
+            # (not BaseException: KeyboardInterrupt/SystemExit go on untouched, as asyncio expects of them)
             self._closing_start = True  # (run(): a later stop signal must not cut this cleanup short)
             await self.stop()
             raise
@@ -255,9 +258,9 @@ class Daemon:
                 )
             except OSError as exc:
                 raise cannot_listen("server.listen", exc, host, port) from None
+            self._servers.append(server)  # at once: stop() closes only what is in the list, whatever raises next
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
-            self._servers.append(server)
             self.handshake_guard.add_server(server)
             sockname = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]  # set: serving
             self.addresses.append((sockname[0], sockname[1]))
@@ -304,6 +307,9 @@ class Daemon:
 
             KVMetrics(self.metrics.registry, self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
+        # before the serving signal handlers go in: a failure past them (start() undoing it all) would leave
+        # on_stop_signal installed to drain a daemon that start() is already stopping
+        status = self.ready_status()
         if self._handle_signals:
             # before READY: systemd may reload or stop the daemon the moment it is ready, and a SIGHUP that
             # came before the handler killed it (the default action), a SIGTERM skipped the drain
@@ -311,7 +317,6 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
-        status = self.ready_status()
         log.info("%s", status)
         self.notifier.ready(status)
 

@@ -319,14 +319,30 @@ class Testbed:
 
 
 def _stop_processes(children: list[subprocess.Popen]) -> None:
-    """Kill and reap a testbed's children (each one, whatever another one does)."""
+    """Kill and reap a testbed's children (each one, whatever another one does), then close our ends of their
+    pipes: the list forgets them, and each run leaked its children's stdin/stdout/stderr descriptors (a
+    ResourceWarning apiece) until the garbage collector found them."""
     for proc in children:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=2)
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+        finally:  # a child that outlived the wait too (killed, not yet reaped): nobody reads its pipes any more
+            _close_pipes(proc)
     children.clear()
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    """Close whichever of ``proc``'s stdin/stdout/stderr are our pipes; a flush into a dead child's stdin
+    (BrokenPipeError) or an already closed one does not stop the others. (getattr: a Popen-like child without
+    the attributes, as the teardown tests' stand-ins, has no pipes to close.)"""
+    for name in ("stdin", "stdout", "stderr"):
+        stream = getattr(proc, name, None)
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
 
 
 def _every_step(*steps: Callable[[], None]) -> None:

@@ -262,14 +262,17 @@ def save(path: str | Path, data: dict) -> None:
 def load(path: str | Path) -> dict:
     """Read a dataset written by :func:`save`; raises :class:`DatasetError` on anything unexpected."""
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy file is one array, not an archive of columns
-            raise DatasetError(f"{path}: not a latency dataset (one .npy array, not an .npz archive of columns)")
-        with z:
-            for name in (*COLUMNS, "meta"):
-                _check_member(path, z, name)
-            data: dict[str, Any] = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
-            meta = json.loads(str(z["meta"]))
+        # our own file, closed by the with: np.load(path) left its file open when the archive was truncated or
+        # corrupt (numpy 2.4's NpzFile() raises after np.load handed the file over), a ResourceWarning per load
+        with open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy file is one array, not an archive of columns
+                raise DatasetError(f"{path}: not a latency dataset (one .npy array, not an .npz archive of columns)")
+            with z:
+                for name in (*COLUMNS, "meta"):
+                    _check_member(path, z, name)
+                data: dict[str, Any] = {c: np.asarray(z[c], dtype=np.float64) for c in COLUMNS}
+                meta = json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset") from None
     except DatasetError:  # a ValueError too: not to be wrapped below

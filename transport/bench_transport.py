@@ -272,8 +272,12 @@ def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
         client = uvloop.run(_client_run(mode, port, n, rate))
         server = json.loads(proc.stdout.readline())
     finally:
-        proc.kill()
-        proc.wait()
+        try:
+            proc.kill()
+            proc.wait()
+        finally:  # once reaped (or not, if the wait itself was cut short): every run leaked its stdout pipe
+            if proc.stdout is not None:
+                proc.stdout.close()
     return _figures(server, client, n)
 
 
