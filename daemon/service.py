@@ -215,6 +215,8 @@ class Daemon:
         # settings the file changed that only a restart applies, by key (status_line): until a restart, or a reload
         # of a file that reverts them
         self.restart_pending: list[str] = []
+        # started: the chat listeners read their datagrams and /healthz is 200 (while not draining) from then on
+        self.serving = False
         self._closing_start = False  # start() is being undone (a failure or a stop signal): run()'s signals wait
         self._cut = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining now
         self._drain_task: asyncio.Task[None] | None = None
@@ -259,6 +261,9 @@ class Daemon:
             except OSError as exc:
                 raise cannot_listen("server.listen", exc, host, port) from None
             self._servers.append(server)  # at once: stop() closes only what is in the list, whatever raises next
+            # bound now (a port in use fails the start at once, not after the KV warm-up), served once ready: a
+            # client served during the warm-up had its answer cut by a stop signal there (no drain before READY)
+            server.accepting = False
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self.handshake_guard.add_server(server)
@@ -267,7 +272,9 @@ class Daemon:
         if cfg.metrics.listen is not None:
             host, port = cfg.metrics.listen
             try:
-                self._metrics_runner = await serve_metrics(self.metrics, host, port, lambda: not self.draining)
+                self._metrics_runner = await serve_metrics(
+                    self.metrics, host, port, lambda: self.serving and not self.draining,
+                    why_not=lambda: "draining" if self.serving else "starting")
             except OSError as exc:
                 raise cannot_listen("metrics.listen", exc, host, port, tcp=True) from None
             site = next(iter(self._metrics_runner.sites))
@@ -317,6 +324,9 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
+        for server in self._servers:
+            server.accepting = True
+        self.serving = True
         log.info("%s", status)
         self.notifier.ready(status)
 

@@ -285,7 +285,10 @@ class _Guard:
         self._lost(handler, exc)
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
+async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool], *,
+                        why_not: Callable[[], str] = lambda: "draining") -> web.AppRunner:
+    """``/metrics`` and ``/healthz`` on ``host``:``port``. ``/healthz`` is 200 while ``healthy()``, else 503 with
+    ``why_not()`` ("starting", "draining") as its body."""
     guard: list[_Guard] = []
 
     @web.middleware
@@ -302,7 +305,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
 
     async def handle_health(request: web.Request) -> web.Response:
         ok = healthy()
-        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "draining\n")
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else f"{why_not()}\n")
 
     app = web.Application(middlewares=[mark_served])
     app.router.add_get("/metrics", handle_metrics)

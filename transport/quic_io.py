@@ -278,7 +278,10 @@ class ValidatingQuicServer(QuicServer):
     """
 
     issue_retry = False
-    retry_handler: Any = None  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
+    retry_handler: Any = None
+    # False: every datagram is dropped unread (its client's Initial is sent again): the owner has bound the port and
+    # is not ready to serve yet (the daemon's KV codec warm-up, seconds during which a stop signal could not drain)
+    accepting = True  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -306,6 +309,8 @@ class ValidatingQuicServer(QuicServer):
             await asyncio.sleep(0)  # that turn: the transport's close callback runs before this task resumes
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        if not self.accepting:
+            return
         self.choose_retry(data)
         super().datagram_received(data, addr)
 
