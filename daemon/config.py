@@ -680,14 +680,28 @@ def _check_base_url(url: str, where: str) -> None:
 
 
 def _check_redis_url(url: str) -> None:
-    """Refuse a ``kv.redis_url`` the Redis client cannot connect with: ``redis://h:99999/0`` passed ``config
-    check`` and the daemon refused it at start. Its words do not repeat the URL: it may hold a password."""
+    """Refuse a ``kv.redis_url`` the Redis client cannot connect with, or would read otherwise than it says:
+    ``redis://h:99999/0`` passed ``config check`` and the daemon refused it at start; ``redis://`` (no host)
+    connected to localhost:6379, a db that is no number (``/abc``) to db 0, both silently, and a query
+    (``?socket_timeout=1``) overrode the daemon's own settings for its connection. Its words do not repeat the URL:
+    it may hold a password."""
     parts, port = _url_parts(url, "kv.redis_url")
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")
-    elif port == 0:
+        return
+    if not parts.hostname:
+        raise ConfigError("kv.redis_url: no host in the URL (redis://HOST[:PORT][/DB]; a password as "
+                          "redis://:PASSWORD@HOST..., with '/', '?' or '#' in it percent-encoded)")
+    if port == 0:
         raise ConfigError("kv.redis_url: port 0 is no server's port (1 to 65535; Redis listens on 6379)")
+    db = urllib.parse.unquote(parts.path).strip("/")  # (what redis-py reads as the db: the path's number)
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError("kv.redis_url: the path must be a database number (redis://HOST:PORT/0), or left out "
+                          "for db 0")
+    if parts.query or parts.fragment:
+        raise ConfigError("kv.redis_url: no ?query or #fragment: Redis's client reads a query's options (a "
+                          "socket_timeout) over the daemon's own; give the database as the path (/0)")
 
 
 def _check_kv_strings(table: Any) -> None:

@@ -130,6 +130,11 @@ class _KVCollector:
         yield CounterMetricFamily("tokenwire_kv_store_unsourced", "Chunks whose metadata and levels were removed "
                                   "because their source was gone (at the local store's start, or found by a fetch)",
                                   value=st.unsourced)
+        # two daemons replacing one chunk of a shared store at once could leave one put's source under the other's
+        # metadata (wrong KV served under a fingerprint): such a chunk is a miss now, and this says how often
+        yield CounterMetricFamily("tokenwire_kv_store_mismatched", "Chunks found with a source other than the one "
+                                  "their metadata records (another put's, or one that does not encode): a miss each",
+                                  value=st.mismatched)
         yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
                                 value=store.capacity_bytes)
         used = self.usage.read(store)

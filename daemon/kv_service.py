@@ -27,12 +27,13 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
+from tokenwire.transport.cachegen.errors import KVCodecError
 from tokenwire.transport.errors import ErrorCode, TokenwireError
 from tokenwire.transport.frames import MAX_KV_TOKENS, KvFetch
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
@@ -127,6 +128,16 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
     return token_ids
 
 
+_SOURCE_ID = struct.Struct(">Q16s")  # a source's length in bytes, and the first 16 bytes of its SHA-256
+
+
+def source_id(source: bytes) -> bytes:
+    """The identity of a chunk's source bytes, recorded in its metadata (:attr:`ChunkMeta.source`). SHA-256, not
+    the envelope's CRC32: two puts of the same tokens with other KV are what it tells apart, and a 32-bit check
+    would let one in 4 billion such races through; SHA-256 costs about what the CRC does (~1 GB/s here)."""
+    return _SOURCE_ID.pack(len(source), hashlib.sha256(source).digest()[:16])
+
+
 @dataclass(frozen=True)
 class ChunkMeta:
     model: str
@@ -137,24 +148,56 @@ class ChunkMeta:
     dtype: str
     index: int
     token_ids: tuple[int, ...]
+    # The identity of the source it was written with (:func:`source_id`). Two daemons replacing one chunk of a
+    # shared store at once could leave one put's source under the other's metadata: every read of a source is
+    # checked against this, so such a pair is a miss, never the wrong KV served under a fingerprint. Left out of
+    # ==: a re-put of the same context compares what it would write without it. None: metadata written before
+    # it existed (its source cannot be proven its own: a miss, replaced by the next put).
+    source: bytes | None = field(default=None, compare=False)
 
     def pack(self) -> bytes:
-        return msgpack.packb({"m": self.model, "fp": self.fingerprint, "g": [self.layers, self.heads, self.head_dim],
-                              "dt": self.dtype, "i": self.index, "ids": list(self.token_ids)})
+        doc: dict[str, Any] = {"m": self.model, "fp": self.fingerprint,
+                               "g": [self.layers, self.heads, self.head_dim], "dt": self.dtype, "i": self.index,
+                               "ids": list(self.token_ids)}
+        if self.source is not None:
+            doc["src"] = self.source
+        return msgpack.packb(doc)
 
     @classmethod
     def unpack(cls, data: bytes) -> ChunkMeta:
         try:
             d = msgpack.unpackb(data)
             # "g" holds the three ints of the geometry (mypy cannot count a * argument)
-            return cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"],  # type: ignore[arg-type, call-arg]
-                       int(d["i"]), tuple(d["ids"]))
+            m = cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"],  # type: ignore[arg-type, call-arg]
+                    int(d["i"]), tuple(d["ids"]), d.get("src"))
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise KVError(f"unreadable chunk metadata: {exc}", code=ErrorCode.INTERNAL) from None
+        # checked here, not where they are used: a dtype torch lacks or a geometry of 0 failed the fetch's encode
+        # with an AttributeError or a reshape's RuntimeError, as INTERNAL "store failure"
+        if (m.dtype not in _DTYPES or min(m.layers, m.heads, m.head_dim) < 1
+                or (m.source is not None and (type(m.source) is not bytes or len(m.source) != _SOURCE_ID.size))):
+            raise KVError("unreadable chunk metadata: a dtype, geometry or source identity out of range",
+                          code=ErrorCode.INTERNAL)
+        return m
 
     @property
     def elements(self) -> int:
         return 2 * self.layers * self.heads * self.head_dim * len(self.token_ids)
+
+    def source_problem(self, source: bytes) -> str | None:
+        """Why ``source`` (a read of this chunk's source) is not the one this metadata was written with; None
+        when it is. Checked before any reshape: a source of another length (an fp16 put's under an fp32 put's
+        metadata) raised RuntimeError in the reshape on every fetch."""
+        if self.source is None:
+            return "its metadata records no source identity (written by an earlier tokenwire version)"
+        itemsize = 4 if self.dtype == "float32" else 2
+        if len(source) != self.elements * itemsize:
+            return (f"its source holds {len(source)} bytes where its metadata's {self.dtype} "
+                    f"{[self.layers, 2, len(self.token_ids), self.heads * self.head_dim]} needs "
+                    f"{self.elements * itemsize}")
+        if source_id(source) != self.source:
+            return "its source is another put's (two puts replaced the chunk at once)"
+        return None
 
 
 def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
@@ -252,17 +295,22 @@ class KVService:
             meta = ChunkMeta(model, fp, geo.n_layers, geo.n_heads, geo.head_dim, dtype, i,
                              tuple(token_ids[lo : lo + self.chunk_tokens]))
             with self._chunk_lock(h):  # a fetch encoding this chunk meanwhile sees it before or after, whole
-                if self._stored_as(h) == meta:
-                    self._keep_readable(h, x, lo)
+                stored = self._stored_as(h)
+                if stored is not None and stored == meta and self._keep_readable(h, stored, x, lo):
+                    meta = stored  # as stored: with the identity of the source kept (this put's may differ)
                 else:
                     # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that
-                    # kept its name): replace it whole; the old source under new metadata served wrong KV.
-                    # Metadata goes first: a write failing half-way leaves a chunk without metadata (a miss),
-                    # never a new source under the old metadata
+                    # kept its name), or a source that is not its metadata's: replace it whole; the old source
+                    # under new metadata served wrong KV. Metadata goes first: a write failing half-way leaves a
+                    # chunk without metadata (a miss), never a new source under the old metadata
+                    source = self._source_of(x, lo)
+                    meta = replace(meta, source=source_id(source))
                     for lv in ("meta", *LEVELS):
                         self.store.delete(object_key(h, lv))
-                    # source first, metadata last: a chunk with metadata always has its source
-                    self.store.put(object_key(h, "src"), self._source_of(x, lo))
+                    # source first, metadata last: a chunk with metadata always has its source. Across daemons
+                    # on a shared store another put may land between the two: the identity in the metadata
+                    # makes such a pair a miss at its first read (and the next put replaces it)
+                    self.store.put(object_key(h, "src"), source)
                     self.store.put(object_key(h, "meta"), meta.pack())
                     with self._lock:
                         for lv in LEVELS:
@@ -318,6 +366,10 @@ class KVService:
             m = self.meta_sync(h)
             if m is None:
                 return None
+            if m.source is None:  # an earlier version's: its source cannot be proven its own. Left in place
+                self._report_unreadable(h, "its metadata records no source identity (written by an earlier "
+                                        "tokenwire version; the next put replaces it)")
+                return None
             if not self.store.contains(object_key(h, "src")):
                 self._drop_unsourced(h)
                 return None
@@ -336,6 +388,34 @@ class KVService:
             self._meta.pop(h, None)
             for lv in LEVELS:
                 self._sizes.pop((h, lv), None)
+
+    def _found_mismatched(self, h: str, problem: str) -> None:
+        """Chunk ``h``'s source is not its metadata's (``problem`` says how): counted and logged by the store."""
+        self.store.found_mismatched(h, problem)
+
+    def _drop_mismatched(self, h: str, blob: bytes | None, problem: str) -> None:
+        """Chunk ``h``, read with metadata payload ``blob`` (None: from this process's cache), has a source its
+        metadata does not name, or one that does not encode: count it, and remove its metadata and levels while
+        that metadata is still there (:meth:`ChunkStore.drop_mismatched`), so that the next fetch is a miss at it
+        and the next put replaces it. Without this every fetch of it failed mid-way, and a re-put that found its
+        metadata kept it. A store that cannot delete logs why: still a miss for this fetch."""
+        self._found_mismatched(h, problem)
+        try:
+            if blob is None:  # a store only this process writes: the chunk's lock (held) orders its writers
+                blob = self.store.get(object_key(h, "meta"))
+            if blob is None or self.store.drop_mismatched(h, blob) is None:
+                return  # put again since (by another daemon sharing the store): nothing cached goes
+        except StoreError:
+            return
+        with self._lock:
+            self._meta.pop(h, None)
+            for lv in LEVELS:
+                self._sizes.pop((h, lv), None)
+
+    def _report_unreadable(self, h: str, why: str) -> None:
+        held = self._unreadable_meta.due()
+        if held is not None:
+            log.warning("KV chunk %s: %s: a miss%s", h, why, f"; {held} more since the last such line" if held else "")
 
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                      fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
@@ -381,19 +461,33 @@ class KVService:
 
         return x[:, :, lo : lo + self.chunk_tokens].contiguous().view(torch.uint8).numpy().tobytes()
 
-    def _keep_readable(self, h: str, x: Any, lo: int) -> None:
-        """Chunk ``h`` is stored under the metadata being put: make sure its source still reads back, and write it
-        from the put's KV in hand (``x``, the chunk at token ``lo``) when it does not. "Already stored" came from the
-        store's index (on a restart, any file whose header and size were whole), so a source whose payload had
-        rotted was kept: the put said ok and the next fetch failed NOT_FOUND (its read found the source corrupt).
+    def _keep_readable(self, h: str, stored: ChunkMeta, x: Any, lo: int) -> bool:
+        """Chunk ``h`` is stored under metadata ``stored``, equal to the put's: make sure its source still reads
+        back and is the one ``stored`` names (:meth:`ChunkMeta.source_problem`), and write it from the put's KV in
+        hand (``x``, the chunk at token ``lo``) when it is not but the put's is. False: the chunk must be replaced
+        whole (its metadata records no source identity, or names a source other than the put's). "Already
+        stored" came from the store's index (on a restart, any file whose header and size were whole), so a
+        source whose payload had rotted was kept: the put said ok and the next fetch failed NOT_FOUND (its read
+        found the source corrupt); and a source another daemon's put left under this metadata was kept, and its
+        KV served under this put's fingerprint.
 
-        Cost: every re-put reads back and checksums its context's sources, one chunk in memory at a time. For a
-        1,024-token fp16 context that is 22.5 MiB with 30 layers of 3 KV heads of 64 (SmolLM-135M), ~40 ms from the
-        page cache on 2 cores, and 128 MiB with 32 layers of 8 of 128 (Llama-3-8B), ~0.2-0.3 s, more from disk
-        or over Redis; a first put, or one under other metadata, reads nothing."""
-        if self.store.get(object_key(h, "src")) is not None:  # verified (CRC32); a corrupt one is deleted
-            return
-        self.store.put(object_key(h, "src"), self._source_of(x, lo))
+        Cost: every re-put reads back, checksums and hashes its context's sources, one chunk in memory at a time.
+        For a 1,024-token fp16 context that is 22.5 MiB with 30 layers of 3 KV heads of 64 (SmolLM-135M), ~40 ms
+        from the page cache on 2 cores (~20 ms of it the identity's SHA-256, the CRC-checked reads the rest), and
+        128 MiB with 32 layers of 8 of 128 (Llama-3-8B), about 5.7 times that, more from disk or over Redis; a
+        first put, or one under other metadata, reads nothing (it hashes its sources once, for their identity)."""
+        if stored.source is None:
+            return False
+        src = self.store.get(object_key(h, "src"))  # verified (CRC32); a corrupt one is deleted
+        if src is not None:
+            problem = stored.source_problem(src)
+            if problem is None:
+                return True
+            self._found_mismatched(h, problem)
+        source = self._source_of(x, lo)
+        if source_id(source) != stored.source:
+            return False  # this put's KV is not the metadata's (nondeterministic bytes): replaced whole
+        self.store.put(object_key(h, "src"), source)
         # the chunk's files were damaged: its levels are read too, and the store drops those that fail their check
         # (a level that passes is kept: it was encoded from a source of the same metadata)
         for lv in LEVELS:
@@ -401,6 +495,7 @@ class KVService:
             if self.store.contains(key) and self.store.get(key) is None:
                 with self._lock:
                     self._sizes.pop((h, lv), None)
+        return True
 
     def _stored_as(self, h: str) -> ChunkMeta | None:
         """The metadata chunk ``h`` is stored under, when both its source and metadata are there."""
@@ -434,10 +529,7 @@ class KVService:
         except KVError as exc:
             # another version's metadata (a field renamed) on a shared store: a miss for this chunk, left in place.
             # Raised, it failed every fetch naming the chunk as INTERNAL, a prefix fetch's earlier chunks with it
-            held = self._unreadable_meta.due()
-            if held is not None:
-                log.warning("KV chunk %s: %s (written by another tokenwire version?): a miss%s", h, exc,
-                            f"; {held} more since the last such line" if held else "")
+            self._report_unreadable(h, f"{exc} (written by another tokenwire version?)")
             return None
         self._remember(self._meta, h, m)
         return m, data
@@ -461,7 +553,10 @@ class KVService:
         reads of the same metadata is that metadata's source (else the fetch is refused: it could have been the
         new KV, sent under the old fingerprint), and (2) the level is stored only while the metadata is still the
         one it was encoded under (``put_if``, one step in Redis): stored after the replacement, a stale level sat
-        under the new metadata, and a re-put with that metadata kept it, so the context never fetched again."""
+        under the new metadata, and a re-put with that metadata kept it, so the context never fetched again; and
+        (3) the source is the one the metadata records (:meth:`ChunkMeta.source_problem`), else the chunk is a miss
+        and its metadata goes (:meth:`_drop_mismatched`): two replacements at once could leave one put's source
+        under the other's metadata for good, which (1) cannot see."""
         data = self.store.get(key)  # encoded by the other worker while this one waited
         if data is not None:
             self._remember(self._sizes, (h, level), len(data))
@@ -478,31 +573,49 @@ class KVService:
         if blob is not None and self.store.get(meta_key) != blob:
             raise KVNotFound(f"chunk {meta.index} of the context was stored again with other KV during this fetch "
                              "(by another daemon sharing the store); fetch it again")
-        import torch
-
-        from tokenwire.transport.cachegen.codec import encode_chunk, unstack_kv
-
-        t = torch.frombuffer(bytearray(src), dtype=getattr(torch, meta.dtype))
-        n_tok = len(meta.token_ids)
-        x = t.reshape(meta.layers, 2, n_tok, meta.heads * meta.head_dim).to(torch.float32)
-        kv = unstack_kv(x, meta.heads, getattr(torch, meta.dtype))
-        from tokenwire.transport.cachegen.levels import get_level
-
-        raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
-        data = encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
+        # the two reads above prove the source was read while this metadata was stored, not that it is this
+        # metadata's: two daemons replacing the chunk at once left one put's source under the other's metadata
+        problem = meta.source_problem(src)
+        encoded = b""
+        if problem is None:
+            try:
+                encoded = self._encode(meta, src, level)
+            except (KVCodecError, RuntimeError, ValueError, TypeError) as exc:
+                # a source that passed every check and still does not encode is no KV of this metadata: a miss
+                # (NOT_FOUND), not INTERNAL "store failure" on every fetch with a traceback in the log
+                problem = f"its source does not encode ({exc.__class__.__name__}: {exc})"
+        if problem is not None:
+            self._drop_mismatched(h, blob, problem)
+            raise KVNotFound(f"chunk {meta.index} of the context is not stored whole ({problem}): a miss until it is "
+                             "put again")
         self.encodes += 1
         try:
             if blob is not None:
-                self.store.put_if(key, data, guard=meta_key, expected=blob)  # False: replaced since; not kept
+                self.store.put_if(key, encoded, guard=meta_key, expected=blob)  # False: replaced since; not kept
             else:
-                self.store.put(key, data)
+                self.store.put(key, encoded)
         except StoreError:
             # a level is a cache: one the store has no room for (a full disk, a Redis at its maxmemory) is sent
             # all the same, as one that does not fit the capacity is; the store logged why. It failed the fetch of
             # a context stored before the disk filled
             pass
-        self._remember(self._sizes, (h, level), len(data))
-        return data
+        self._remember(self._sizes, (h, level), len(encoded))
+        return encoded
+
+    @staticmethod
+    def _encode(meta: ChunkMeta, src: bytes, level: str) -> bytes:
+        """Chunk ``src`` (a source :meth:`ChunkMeta.source_problem` passed) encoded at ``level``."""
+        import torch
+
+        from tokenwire.transport.cachegen.codec import encode_chunk, unstack_kv
+        from tokenwire.transport.cachegen.levels import get_level
+
+        t = torch.frombuffer(bytearray(src), dtype=getattr(torch, meta.dtype))
+        n_tok = len(meta.token_ids)
+        x = t.reshape(meta.layers, 2, n_tok, meta.heads * meta.head_dim).to(torch.float32)
+        kv = unstack_kv(x, meta.heads, getattr(torch, meta.dtype))
+        raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
+        return encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
 
     def resolve_sync(self, fetch: KvFetch) -> ContextPlan:
         if fetch.token_ids is not None:
@@ -622,7 +735,9 @@ class KVService:
 def open_store(cfg: KVConfig) -> ChunkStore:
     if cfg.backend == "redis":
         assert cfg.redis_url is not None
-        return RedisChunkStore(cfg.redis_url, cfg.capacity_bytes)
+        store = RedisChunkStore(cfg.redis_url, cfg.capacity_bytes)
+        store.check_shared_settings(cfg.chunk_tokens)
+        return store
     return LocalChunkStore(cfg.directory, cfg.capacity_bytes)
 
 

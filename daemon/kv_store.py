@@ -30,6 +30,7 @@ import struct
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
@@ -229,6 +230,10 @@ class StoreStats:
     recovered_partial: int = 0  # partial writes and truncated objects removed at the local store's start
     unsourced: int = 0  # chunks whose metadata and levels were removed for want of their source
     foreign: int = 0  # reads of objects written by another tokenwire version (a miss each, left in place)
+    # chunks whose source was found not to be their metadata's (another put's, left by two daemons replacing the
+    # chunk at once; see kv_service.ChunkMeta.source): a miss each; those whose metadata and levels went are also
+    # counted in ``unsourced``
+    mismatched: int = 0
 
 
 class ChunkStore(ABC):
@@ -276,6 +281,34 @@ class ChunkStore(ABC):
             self.delete(key)
         self._dropped_unsourced(chunk, len(found))
         return len(found)
+
+    def drop_mismatched(self, chunk: str, meta: bytes) -> int | None:
+        """Remove chunk ``chunk``'s metadata and encoded levels while its metadata still holds ``meta`` (its
+        payload), found naming a source other than the one stored (see :meth:`found_mismatched`); None, nothing
+        removed, when it holds anything else (put again since). The source stays: on a shared store it may be that
+        of a put whose metadata is still to come (two daemons replacing the chunk at once); else the next put of
+        the chunk overwrites it, or it is evicted in its turn. Returns how many objects went, counted in
+        ``stats.unsourced`` as a chunk without its source is: a miss until put again. Here a check then deletes
+        (the service's chunk lock orders this process's writers); a shared store makes them one step, so that
+        metadata another daemon writes meanwhile is kept."""
+        if self.get(object_key(chunk, "meta")) != meta:
+            return None
+        keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
+        found = [key for key, there in zip(keys, self.contains_many(keys), strict=True) if there]
+        for key in found:
+            self.delete(key)
+        self._dropped_mismatched(len(found))
+        return len(found)
+
+    def _dropped_mismatched(self, removed: int) -> None:
+        if removed:  # (found_mismatched logged it)
+            self.stats.unsourced += 1
+
+    def found_mismatched(self, chunk: str, problem: str) -> None:
+        """Chunk ``chunk``'s source is not the one its metadata records (``problem``): counted and logged (once per
+        REPORT_S). A miss: never served, never kept by a re-put."""
+        self.stats.mismatched += 1
+        self._report("mismatched", "KV store %s: chunk %s: %s: a miss until put again", self.where, chunk, problem)
 
     def _dropped_unsourced(self, chunk: str, removed: int) -> None:
         if removed:
@@ -888,6 +921,23 @@ def _redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _auth_refused(url: str, exc: Exception) -> str:
+    """The start-up error for a Redis that refused the connection's credentials: what to change, and where, before
+    Redis's own words. Without a password it was only those ("HELLO must be called with the client already
+    authenticated, otherwise the HELLO AUTH <user> <pass> option can be used..."), which name neither."""
+    try:
+        given = urllib.parse.urlsplit(url).password is not None
+    except ValueError:
+        given = False
+    where = shown_url(url)
+    if given:
+        return (f"the Redis store at {where} refused kv.redis_url's user or password (check them, percent-encoded "
+                f"in the URL): {exc}")
+    return (f"the Redis store at {where} requires a password: put it in kv.redis_url (redis://:PASSWORD@HOST:PORT/DB"
+            f", or redis://USER:PASSWORD@... for an ACL user; percent-encode '@', '/', '?' and '#' in it). Redis "
+            f"said: {exc}")
+
+
 class RedisChunkStore(ChunkStore):
     """Objects in Redis/Valkey under ``prefix``; sizes in a hash; recency in sorted sets: of every object, of
     the encoded levels, and of chunks by their latest use (:data:`EVICTION_POLICY` reads the last two); the
@@ -916,6 +966,8 @@ class RedisChunkStore(ChunkStore):
             raise StoreError(f"bad Redis URL {shown_url(url)!r}: {exc}") from None
         try:
             self._r.ping()
+        except redis.AuthenticationError as exc:
+            raise StoreError(_auth_refused(url, exc)) from None
         except redis.RedisError as exc:
             raise StoreError(f"cannot reach the Redis store at {shown_url(url)}: {exc}") from None
         self._lru = prefix + "lru"
@@ -925,6 +977,7 @@ class RedisChunkStore(ChunkStore):
         self._used = prefix + "used"  # the sum of the size hash, kept by every write (a put summed the hash)
         self._parents = prefix + "parent"  # chunk -> the chunk before it in its context
         self._kid_counts = prefix + "kids"  # chunk -> how many stored chunks have it as their parent
+        self._settings = prefix + "settings"  # the settings of the last daemon that started: check_shared_settings
         self._lock = threading.Lock()
         self._chain_seen = deque(maxlen=CHAIN_MEMORY)
         self._chain_lock = threading.Lock()
@@ -945,8 +998,10 @@ class RedisChunkStore(ChunkStore):
                "if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end; "
                "return redis.call('INCRBY', KEYS[2], tonumber(ARGV[3]) - (tonumber(old) or 0))")
         self._put = self._r.register_script(put)
-        # delete: KEYS += object, lru, lru-levels; ARGV: key
-        self._delete = self._r.register_script(total + "redis.call('DEL', KEYS[3]); " + forget)
+        # delete: KEYS += object, lru, lru-levels; ARGV: key. Returns how many objects DEL removed (0: another
+        # daemon's eviction or put had removed it first), so that an eviction counts only what it removed
+        self._delete = self._r.register_script(
+            total + "local n = redis.call('DEL', KEYS[3]); " + forget + "return n")
         # a miss forgets the key only if the object is still absent (another writer may have stored it since
         # the GET: forgotten, it would sit there uncounted and never evicted); KEYS and ARGV as delete's
         self._forget_if_absent = self._r.register_script(
@@ -990,8 +1045,44 @@ class RedisChunkStore(ChunkStore):
             "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
             "local old = redis.call('HGET', KEYS[1], k); "
             "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; return n")
+        # drop_mismatched: KEYS = sizes, used, lru, lru-levels, the metadata, then the objects to drop; ARGV: the
+        # metadata's expected blob, then the objects' keys. -1 (nothing done) while the metadata holds anything
+        # else (another daemon's put since); else how many objects went
+        self._drop_mismatched = self._r.register_script(
+            total + "if redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end; local n = 0; "
+            "for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]); local k = ARGV[i - 4]; "
+            "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
+            "local old = redis.call('HGET', KEYS[1], k); "
+            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; return n")
         self._migrate()
         self._check_memory_policy()
+
+    def check_shared_settings(self, chunk_tokens: int) -> None:
+        """Warn at start when the daemons sharing this store disagree on what makes their stores one: a context put
+        with another kv.chunk_tokens is chunked and hashed otherwise (a fetch through this daemon finds none of
+        it: "0 of 4 chunks found", nothing said why), and each daemon evicts down to its own kv.capacity_mb (one
+        small put through a daemon with less evicted the shared store to its capacity). The settings of the last
+        daemon that started are kept in ``<prefix>settings``; so is a store over this daemon's capacity worth a
+        line. Bookkeeping: a Redis that refuses it (an ACL) costs a debug line, never the start."""
+        ours = {"chunk_tokens": chunk_tokens, "capacity_mb": self.capacity_bytes >> 20}
+        try:
+            theirs = {k.decode(): v.decode() for k, v in self._r.hgetall(self._settings).items()}
+            self._r.hset(self._settings, mapping=ours)
+            used = self.used_bytes
+        except (self._redis_error, StoreError) as exc:
+            log.debug("KV store: Redis at %s: the shared settings are not checked (%s)", self.where, exc)
+            return
+        differ = [f"kv.{name} = {theirs[name]} there, {value} here" for name, value in ours.items()
+                  if name in theirs and theirs[name] != str(value)]
+        if differ:
+            log.warning("KV store: Redis at %s was last used by a daemon with other settings (%s): daemons sharing "
+                        "a store must agree on kv.chunk_tokens (a context put with another is not found by a "
+                        "fetch) and kv.capacity_mb (the smallest evicts the store down to itself)", self.where,
+                        "; ".join(differ))
+        if used > self.capacity_bytes:
+            log.warning("KV store: Redis at %s holds %.1f MiB, over kv.capacity_mb (%d MiB): this daemon's next put "
+                        "evicts the store down to its capacity (daemons sharing a store must agree on "
+                        "kv.capacity_mb)", self.where, used / (1 << 20), self.capacity_bytes >> 20)
 
     def _check_memory_policy(self) -> None:
         """Warn at start about a Redis configuration that breaks the store: a maxmemory-policy that evicts any key
@@ -1131,6 +1222,17 @@ class RedisChunkStore(ChunkStore):
         return removed
 
     @_redis_errors
+    def drop_mismatched(self, chunk: str, meta: bytes) -> int | None:
+        keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
+        removed = int(self._drop_mismatched(
+            keys=[self._sizes, self._used, self._lru, self._lru_levels, self._k(object_key(chunk, "meta")),
+                  *(self._k(k) for k in keys)], args=[wrap(meta), *keys]))
+        if removed < 0:
+            return None
+        self._dropped_mismatched(removed)
+        return removed
+
+    @_redis_errors
     def put(self, key: str, data: bytes) -> None:
         self._store(key, data, None)
 
@@ -1158,10 +1260,9 @@ class RedisChunkStore(ChunkStore):
             self._learn(key, data)  # before the eviction: a new chunk's parent is no longer a leaf
             excess = used - self.capacity_bytes
             if excess > 0:
-                victims = self._victims(key, excess)
-                for victim in victims:
-                    self.delete(victim)
-                self.stats.evictions += len(victims)
+                # only what this daemon's deletes removed: a victim another daemon evicted at the same time was
+                # counted by both (351 counted against 340 objects deleted in a probe of two daemons evicting)
+                self.stats.evictions += sum(self._remove(victim) for victim in self._victims(key, excess))
         return True
 
     def _sized(self, keys: list[str]) -> list[tuple[str, int]]:
@@ -1268,7 +1369,12 @@ class RedisChunkStore(ChunkStore):
 
     @_redis_errors
     def delete(self, key: str) -> None:
-        self._delete(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels], args=[key])
+        self._remove(key)
+
+    def _remove(self, key: str) -> int:
+        """Delete ``key`` and its bookkeeping: 1 when it was there to delete, 0 when it was already gone."""
+        return int(self._delete(keys=[self._sizes, self._used, self._k(key), self._lru, self._lru_levels],
+                                args=[key]))
 
     def close(self) -> None:
         self._r.close()

@@ -19,8 +19,17 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 
 
 def shown_url(url: str) -> str:
-    """A URL for messages and the log, its userinfo (``user:password@``, Redis's ``:secret@``) masked."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+    """A URL for messages and the log, its userinfo (``user:password@``, Redis's ``:secret@``) masked: all of the
+    authority up to its *last* '@', where urllib (and redis-py, aiohttp with it) ends the userinfo, the authority
+    ending at the first '/', '?' or '#' after ``//``. Masked up to the first '@', a password with an '@' in it
+    (``redis://:x@Secret@host``, which redis-py reads as ``x@Secret``) was logged from that '@' on."""
+    head, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    if "@" not in rest[:end]:
+        return url
+    return f"{head}//***@{rest[:end].rpartition('@')[2]}{rest[end:]}"
 
 
 class JsonFormatter(logging.Formatter):
