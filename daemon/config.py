@@ -1065,13 +1065,15 @@ RESTART_SECTIONS = ("server", "metrics", "ingest", "upstreams", "routes", "marki
 
 def restart_sections(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """Each section a reload cannot apply as (name, running, new), as compared: what the operator wrote of
-    [server] (``server.congestion`` derived from ``[marking]`` is [marking]'s change). [kv] and [marking] are left
-    out while off on both sides: a tweak of a channel that is off changes nothing a restart would start, and
-    "changes to kv need a restart" said otherwise."""
+    [server] (``server.congestion`` derived from ``[marking]`` is [marking]'s change), unless the controller in
+    effect is the same on both sides: then that one (an explicit ``congestion = "prague"`` where l4s chose prague
+    already, compared as written against unset, i.e. "reno", said "restart pending: server.congestion" for nothing).
+    [kv] and [marking] are left out while off on both sides: a tweak of a channel that is off changes nothing a
+    restart would start, and "changes to kv need a restart" said otherwise."""
     out: list[tuple[str, Any, Any]] = []
     for name in RESTART_SECTIONS:
         a, b = getattr(old, name), getattr(new, name)
-        if name == "server":
+        if name == "server" and a.congestion != b.congestion:
             a, b = old.server_as_written or a, new.server_as_written or b
         if name in ("kv", "marking") and not a.enabled and not b.enabled:
             continue

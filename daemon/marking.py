@@ -177,8 +177,9 @@ class MarkingService:
         self.model_errors = Counter("tokenwire_marking_model_errors", "Exceptions the swiftqueue latency model "
                                     "raised on the packet path (the daemon then marks like l4s)", registry=r)
         self.unvalidated = Counter("tokenwire_ecn_validation_failed", "Times connections stopped marking (Not-ECT) "
-                                   "because 10 of their ECT packets carrying data were acknowledged with no new ECT "
-                                   "or CE arrival in the client's counts; a connection may count more than once",
+                                   "because 10 of their ECT packets carrying data were acknowledged with no new "
+                                   "arrival of the codepoint they carried, or CE, in the client's counts (a path "
+                                   "re-marking ECT(1) to ECT(0) too); a connection may count more than once",
                                    registry=r)
         self._swiftqueue: weakref.WeakSet[Any] = weakref.WeakSet()  # the open connections' swiftqueue policies
         # what start() made of the swiftqueue model, for the reload's comparison with the file on disk (a model

@@ -33,7 +33,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime import OnnxLatencyForecaster
 
 TARGET_PPS = 200e6 / (1500 * 8)
 BATCHES = (1, 8, 64)
@@ -73,6 +76,36 @@ def _samples(n: int) -> list:
     return out
 
 
+def _history(forecaster: Any) -> tuple[list, float]:
+    """Feed ``forecaster`` the benchmark's ack history; (the samples, the time its predictions are asked for)."""
+    samples = _samples(256)
+    for s in samples:
+        forecaster.observe(s)
+    return samples, samples[-1].ack_at + 0.001
+
+
+def _burst(now: float, batch: int) -> list[float]:
+    """Send times of a burst of ``batch`` packets leaving at ``now``."""
+    return [now + 1e-5 * i for i in range(batch)]
+
+
+def model_failure(forecaster: OnnxLatencyForecaster) -> str | None:
+    """Why the ONNX ``forecaster`` raises on the windows :func:`measure` times (each call it makes once, on a
+    history of its own), or None when it runs.
+
+    The model loaded (its trial on zeros passed) but may fail on real windows: measure() then ended in
+    onnxruntime's traceback and exit 1, where a model that does not load is one line and exit 2."""
+    probe = forecaster.fresh()
+    _, now = _history(probe)
+    try:
+        probe.predict(now)
+        for bs in BATCHES:
+            probe.predict_batch(_burst(now, bs))
+    except Exception as exc:  # onnxruntime's own untyped exceptions
+        return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return None
+
+
 def _median_time(fn, calls: int, repeats: int) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` runs of ``calls`` calls."""
     runs = []
@@ -102,10 +135,7 @@ def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None
     ``one_predict_per_batch``: a batch costs one ``predict()`` (EWMA), not a timed ``predict_batch()``; its
     entries above batch 1 are batch 1's time, marked ``"derived": true`` and without ``calls``.
     """
-    samples = _samples(256)
-    for s in samples:
-        forecaster.observe(s)
-    now = samples[-1].ack_at + 0.001
+    samples, now = _history(forecaster)
     res: dict = {"batches": {},
                  "batch_method": BATCH_BY_ONE_PREDICT if one_predict_per_batch else BATCH_BY_PREDICT_BATCH}
     single = math.nan
@@ -122,7 +152,7 @@ def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None
             per_call = single
             entry = {"derived": True, "derived_from": DERIVED_FROM_BATCH_1}
         else:
-            nows = [now + 1e-5 * i for i in range(bs)]
+            nows = _burst(now, bs)
             n_calls = batch_calls(calls, bs)
             per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), n_calls, repeats)
             entry = {"derived": False, "calls": n_calls}
@@ -161,12 +191,16 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.json:  # before the run: the results would replace the model they were measured on
         check_output("--json", args.json, [("the --model", args.model or shipped_model_path())])
+    from tokenwire.daemon.cli import CLIError
+
     try:
         onnx_fc = load_forecaster(args.model)
     except ModelError as exc:
-        from tokenwire.daemon.cli import CLIError
-
         raise CLIError(str(exc)) from None
+    failure = model_failure(onnx_fc)
+    if failure is not None:
+        raise CLIError(f"{onnx_fc.path}: inference failed on a real window ({failure}); the daemon would mark like "
+                       "l4s with this model")
     doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
                            "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats"}
     batched = ", ".join(f"batch {bs}: {batch_calls(args.calls, bs)}" for bs in BATCHES if bs > 1)

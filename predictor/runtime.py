@@ -78,6 +78,9 @@ class OnnxLatencyForecaster:
         self.digest = digest
         self._ring = _Ring(window + 1)  # one more than the window: the first row's gaps need its predecessor
         self._in_x, self._in_ref = (i.name for i in session.get_inputs())
+        # the ring's count at the first of the latest run of windows the model answered non-finite for (None: the
+        # last answer was finite); see predict()
+        self._bad_since: int | None = None
         self._out = session.get_outputs()[0].name
 
     def fresh(self) -> OnnxLatencyForecaster:
@@ -111,12 +114,29 @@ class OnnxLatencyForecaster:
         return {self._in_x: x, self._in_ref: r}
 
     def predict(self, now: float) -> tuple[float, float] | None:
-        """(L ms, C ms) for a packet sent at ``now``; None until ``window + 1`` acks have been seen."""
+        """(L ms, C ms) for a packet sent at ``now``; None until ``window + 1`` acks have been seen.
+
+        A non-finite answer (NaN or infinity) is None too, as long as one odd sample may be its cause: such a sample
+        puts every window outside what the model was trained on until it leaves the ring, ``window + 1`` acks later.
+        Non-finite answers for every window asked until none of the first one's acks is left raise
+        :class:`ModelError`, which the swiftqueue policy treats like any model failure (l4s, one warning,
+        ``tokenwire_marking_model_errors_total``): answered None for good, a model that gave NaN for every input
+        kept every decision "cold" for the connection's life, without a word.
+        """
         if not self.ready:
             return None
         y = self._session.run([self._out], self._inputs([now]))[0]
         l_ms, c_ms = float(y[0, 0]), float(y[0, 1])
-        return (l_ms, c_ms) if math.isfinite(l_ms) and math.isfinite(c_ms) else None
+        if math.isfinite(l_ms) and math.isfinite(c_ms):
+            self._bad_since = None
+            return l_ms, c_ms
+        if self._bad_since is None:
+            self._bad_since = self._ring.count
+        elif self._ring.count - self._bad_since >= self._ring.cap:  # no ack of the first such window is left
+            raise ModelError(f"{self.path or 'the latency model'}: answers non-finite latencies (NaN or infinity) "
+                             f"for every window of the last {self._ring.count - self._bad_since} acks: the weights "
+                             "are broken (did training diverge?)")
+        return None
 
     def predict_batch(self, nows: Sequence[float]) -> np.ndarray | None:
         """``(len(nows), 2)`` predictions for packets leaving at ``nows``, in one inference call."""
@@ -157,9 +177,10 @@ def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
 
     Unusable: missing, unreadable or corrupt; metadata that is not a tokenwire latency model's (a JSON object
     with the format, the feature list and version, an integer window); inputs other than ``x`` float32
-    ``(batch, W, F)`` and ``ref`` float32 ``(batch, 3)``; an output other than float32 ``(batch, 2)``; or a
-    trial inference on zeros that fails or answers another shape. The daemon calls this once at start, so a
-    model that would fail on the packet path falls back to ``l4s`` there instead.
+    ``(batch, W, F)`` and ``ref`` float32 ``(batch, 3)``; an output other than float32 ``(batch, 2)``; a
+    trial inference on zeros that fails or answers another shape; or one on a window of steady acks that answers
+    NaN or infinity. The daemon calls this once at start, so a model that would fail on the packet path falls back
+    to ``l4s`` there instead.
     """
     file = Path(path) if path is not None else shipped_model_path()
     data = read_model(file)
@@ -228,6 +249,42 @@ def _trial_run(forecaster: OnnxLatencyForecaster, file: Path) -> None:
     if not isinstance(y, np.ndarray) or y.shape != (1, 2) or y.dtype != np.float32:
         raise ModelError(f"{file}: trial inference answered {getattr(y, 'dtype', type(y).__name__)} "
                          f"{getattr(y, 'shape', '')}; expected float32 (1, 2)")
+    _trial_finite(forecaster, file)
+
+
+def _trial_samples(n: int) -> list[LatencySample]:
+    """``n`` acks of a steady flow, 5 ms apart: two in three through L at about 20 ms, the others through C at
+    about 40 ms."""
+    out = []
+    for i in range(n):
+        t = 0.005 * (i + 1)
+        queue_l = i % 3 != 0
+        lat = (20.0 if queue_l else 40.0) + (i % 5) * 0.2
+        out.append(LatencySample(sent_at=t - lat / 1000 - 0.01, ack_at=t, latency_ms=lat, size=1200,
+                                 queue_l=queue_l, ce=False))
+    return out
+
+
+def _trial_finite(forecaster: OnnxLatencyForecaster, file: Path) -> None:
+    """A model that answers NaN or infinity on a real window is refused, as ``export`` refuses one.
+
+    Accepted, a model that answered NaN for every input left swiftqueue "cold" on every packet (never leaving its
+    queue) and asked it again at every packet, with no warning. Judged on a window the packet path builds
+    (:meth:`OnnxLatencyForecaster._inputs`), not on the zeros above: a scale of 0 ms is no input the packet path
+    makes (at least MIN_SCALE_MS), and the shipped model itself answers NaN there. A model that raises on this
+    window is left to the packet path's fallback, as before: only the zeros trial's failures refuse a model.
+    """
+    trial = forecaster.fresh()  # its own history: the returned forecaster starts empty
+    hist = _trial_samples(trial.window + 1)
+    for s in hist:
+        trial.observe(s)
+    try:
+        y = trial._session.run([trial._out], trial._inputs([hist[-1].ack_at + 0.001]))[0]
+    except Exception:  # onnxruntime's own untyped exceptions: see above
+        return
+    if not np.all(np.isfinite(y)):
+        raise ModelError(f"{file}: trial inference answers non-finite latencies (NaN or infinity) on a window of "
+                         "steady acks: the weights are broken (did training diverge?)")
 
 
 def make_swiftqueue_policy(path: str | None = None, **kw: Any) -> MarkingPolicy:

@@ -147,6 +147,7 @@ class SwiftQueuePolicy:
         self.predict_interval_s = predict_interval_s
         self.predictions = 0  # forecaster.predict calls (inferences); decisions count packets
         self._predicted_at = -math.inf  # when last_prediction was made
+        self._none_when_ready = False  # the last answer was None from a forecaster with a full window (_reusable)
         self.margin_ms = margin_ms
         self.hysteresis_ms = hysteresis_ms
         self.classic = classic
@@ -172,6 +173,7 @@ class SwiftQueuePolicy:
                 self.predictions += 1
                 pred = self.forecaster.predict(now)
                 self._predicted_at = now
+                self._none_when_ready = pred is None and bool(getattr(self.forecaster, "ready", False))
             except Exception as exc:  # whatever the model raises, the packet must leave
                 self._give_up(exc)
         if self.failed is not None:
@@ -198,8 +200,12 @@ class SwiftQueuePolicy:
 
     def _reusable(self, now: float) -> bool:
         """Whether the last prediction still answers for a packet leaving at ``now``: made less than
-        ``predict_interval_s`` ago (and not None: a forecaster still filling its window is asked again, cheaply)."""
-        return self.last_prediction is not None and 0.0 <= now - self._predicted_at < self.predict_interval_s
+        ``predict_interval_s`` ago (and not None: a forecaster still filling its window is asked again, cheaply).
+
+        A None from a forecaster whose window is full (it says so in ``ready``) is an inference that answered NaN or
+        infinity: reused like an answer, or a model doing so was run for every packet, the interval defeated."""
+        answered = self.last_prediction is not None or self._none_when_ready
+        return answered and 0.0 <= now - self._predicted_at < self.predict_interval_s
 
     def _worth_moving(self, in_l: bool) -> bool:
         """Only a queue measured slower than the path's floor (+ margin + hysteresis) is worth leaving.
@@ -317,8 +323,9 @@ class OraclePolicy:
 
 ECN_VALIDATION_PACKETS = 10
 """ECT-marked packets a peer must have acknowledged (QUIC ACK frames, after the handshake) since its
-ECN counts last showed a new marked arrival before a connection stops marking: a few round trips of a token stream,
-a few packets of a KV chunk; small, so that a flow whose CE marks go unheard leaves the L queue early."""
+ECN counts last showed a new arrival with their codepoint (or CE) before a connection stops marking: a few round trips
+of a token stream, a few packets of a KV chunk; small, so that a flow whose CE marks go unheard leaves the L queue
+early."""
 
 
 class EcnValidation:
@@ -334,11 +341,17 @@ class EcnValidation:
     a path that began clearing the codepoint mid-connection kept getting ECT(1). States:
 
     * ``testing`` (at start): the policy's codepoint;
-    * ``capable``: the last counts showed more marked (ECT(0), ECT(1) or CE) arrivals than any before: the
-      policy's codepoint;
+    * ``capable``: the last counts showed new arrivals with a codepoint the packets sent since the previous such
+      counts carried (ECT(0) for ECT(0), ECT(1) for ECT(1)), or CE: the policy's codepoint;
     * ``failed``: the peer has acknowledged (QUIC) ``packets`` ECT-marked packets sent after the handshake since
-      the counts last grew (or since the start): Not-ECT, without asking the policy. Counts that show new marked
+      the counts last grew so (or since the start): Not-ECT, without asking the policy. Counts that show such
       arrivals later (the first acks lost, a client that reports late) make it ``capable`` again.
+
+    Arrivals of another ECT codepoint than the one sent do not count (RFC 9000 §13.4.2.1: validation fails when
+    the counts show that the path changed the codepoint): a path re-marking ECT(1) to ECT(0) showed 604 ECT(0)
+    arrivals for 604 ECT(1) packets, passed validation, and ``prague`` went on answering the classic queue's CE
+    marks with a scalable response. ECT(0) arrivals after ECT(1) packets may also be late packets of a ``swiftqueue``
+    move from C to L; they only make the ECT(1) packets that follow wait for arrivals of their own.
 
     "Long enough" is what the feedback channel can show: a client acks every packet that brings a token, with
     cumulative counts of every datagram it got, so ``packets`` of them acknowledged without the marked counts
@@ -361,8 +374,10 @@ class EcnValidation:
         self.state = "testing"
         self.failures = 0  # times it failed (the daemon's counter reads it)
         self.reports = 0  # acks from the peer that could carry ECN counts (with them or not)
-        self._marked = 0  # marked arrivals (ECT(0) + ECT(1) + CE) in the latest counts
-        self._ect_sent = 0  # ECT-marked packets counted since the marked counts last grew
+        self._counts = [0, 0, 0, 0]  # the latest counts (Not-ECT, ECT(1), ECT(0), CE)
+        self._sent_cps: set[int] = set()  # the ECT codepoints of the packets counted since the counts last validated
+        self._other_cps: set[int] = set()  # ECT codepoints that arrived meanwhile without any sent (re-marked?)
+        self._ect_sent = 0  # ECT-marked packets counted since the counts last validated
         self._check_pn: int | None = None  # the packet number of the packets-th of them
         self._reports_at_check: int | None = None  # reports when that packet was acknowledged (wait_for_report)
 
@@ -384,6 +399,7 @@ class EcnValidation:
         if end_pn - first_pn >= needed:
             self._check_pn = first_pn + needed - 1
         self._ect_sent += end_pn - first_pn
+        self._sent_cps.add(codepoint)
 
     def on_acked(self, largest_acked: int) -> bool:
         """The peer's largest acknowledged packet number; True when validation fails now."""
@@ -396,21 +412,32 @@ class EcnValidation:
                 return False
         self.state = "failed"
         self.failures += 1
-        self._rearm()
-        log.debug("ECN validation failed: %d ECT-marked packets acknowledged and no ECN counts with a new marked "
-                  "arrival from the peer (%d acks that could carry them); sending Not-ECT", self.packets,
-                  self.reports)
+        self._rearm()  # (the codepoints sent stay: only their arrival, or CE, makes the connection capable again)
+        if self._other_cps - self._sent_cps:
+            log.debug("ECN validation failed: %d packets sent %s acknowledged and the peer's ECN counts grew in %s "
+                      "only: the path changes the codepoint (RFC 9000 §13.4.2.1); sending Not-ECT", self.packets,
+                      _cp_names(self._sent_cps), _cp_names(self._other_cps - self._sent_cps))
+        else:
+            log.debug("ECN validation failed: %d ECT-marked packets acknowledged and no ECN counts with a new marked "
+                      "arrival from the peer (%d acks that could carry them); sending Not-ECT", self.packets,
+                      self.reports)
         return True
 
     def on_counts(self, counts: list[int]) -> None:
         """The peer's cumulative counts (Not-ECT, ECT(1), ECT(0), CE), already checked by the session."""
-        marked = counts[ECT1] + counts[ECT0] + counts[CE]
-        if marked <= self._marked:
+        grown = {cp for cp in (ECT1, ECT0, CE) if counts[cp] > self._counts[cp]}
+        self._counts = [max(a, b) for a, b in zip(counts, self._counts, strict=True)]
+        if not grown:
             return  # nothing new arrived marked: the packets since the last growth keep counting
-        self._marked = marked
+        if self._sent_cps and not grown & (self._sent_cps | {CE}):
+            # only another ECT codepoint than those sent since: re-marked by the path (or late packets of before)
+            self._other_cps |= grown
+            return
         if self.state == "failed":
             log.debug("ECN counts with new marked arrivals came after validation failed: marking again")
         self.state = "capable"
+        self._sent_cps.clear()
+        self._other_cps.clear()
         self._rearm()
 
     def _rearm(self) -> None:
@@ -418,6 +445,11 @@ class EcnValidation:
         self._ect_sent = 0
         self._check_pn = None
         self._reports_at_check = None
+
+
+def _cp_names(cps: set[int]) -> str:
+    """``{ECT1, ECT0}`` as "ECT(0)/ECT(1)", for the log."""
+    return "/".join({ECT0: "ECT(0)", ECT1: "ECT(1)", CE: "CE"}.get(cp, str(cp)) for cp in sorted(cps, reverse=True))
 
 
 def make_policy(name: str, *, forecaster: LatencyForecaster | None = None, **kwargs) -> MarkingPolicy:
