@@ -6,12 +6,25 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
+
+T = TypeVar("T")
 
 DEFAULT_TOKEN_ENV = "TOKENWIRE_TOKEN"
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48}  # TLS alerts about the server's certificate (RFC 8446, 6)
+CERTIFICATE_EXPIRED = 45  # certificate_expired: outside its validity period, whoever issued it (not a trust problem)
+MAX_STDIN_PROMPT = 1 << 20
+"""Bytes of a prompt on stdin read at most (the SDK's limit on a whole request, MAX_STREAM_FRAME): beyond it the
+request is refused anyway, and an endless stdin (`yes | tokenwire chat`) was read whole first (4.5 GB in 8 s)."""
+CLEANUP_S = 5.0
+"""How long the tasks still running when the answer's task has ended (aioquic's, a closing connection's) get to end
+before the event loop closes anyway: asyncio.run waited for them without a bound, and a double Ctrl-C hung the
+client there (1 run in 12)."""
 
 
 def _port(text: str) -> int:
@@ -31,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="do not verify the server certificate (not with --cafile)")
     p.add_argument("--cert", type=Path, help="client certificate (PEM), for daemons with server.client_ca")
     p.add_argument("--key", type=Path, help="its private key (PEM; default: in --cert)")
-    p.add_argument("--token-env", help="environment variable with the bearer token (must be set when named; "
+    p.add_argument("--token-env", help="environment variable with the bearer token (set and not empty when named; "
                    f"default: {DEFAULT_TOKEN_ENV} if set, else no token)")
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox",
                    help="how the answer's tokens are sent")
@@ -91,13 +104,27 @@ def _read_stdin_prompt() -> str:
     if sys.stdin.isatty():
         print("type the prompt, then Ctrl-D", file=sys.stderr)
     raw = getattr(sys.stdin, "buffer", None)
+    # at most one byte (or character, which is at least one byte) past the limit: enough to know that it is over
     if raw is None:  # a text stream without bytes under it (a program's StringIO): already text
-        return sys.stdin.read().strip()
-    data = raw.read()
+        text = sys.stdin.read(MAX_STDIN_PROMPT + 1)
+        if len(text) > MAX_STDIN_PROMPT:
+            raise CLIError(_stdin_too_large())
+        return text.strip()
+    data = raw.read(MAX_STDIN_PROMPT + 1)
+    if len(data) > MAX_STDIN_PROMPT:
+        raise CLIError(_stdin_too_large())
     try:
         return data.decode("utf-8").removeprefix("\ufeff").strip()  # (a byte-order mark is no prompt)
     except UnicodeDecodeError as exc:
         raise CLIError(f"the prompt on stdin is not valid UTF-8 text (byte {exc.start})") from None
+
+
+def _stdin_too_large() -> str:
+    """The SDK's "prompt too large" (:class:`~tokenwire.transport.client.PromptTooLarge`) for a stdin that was not
+    read to its end: its size is unknown, only that it is over the limit."""
+    return (f"prompt too large: its text on stdin is over {MAX_STDIN_PROMPT:,} bytes of UTF-8 (read no further), "
+            f"over the limit of {MAX_STDIN_PROMPT:,} bytes per request (a daemon's limits.max_request_bytes may be "
+            "lower)")
 
 
 def _utf8_argument(prompt: str) -> str:
@@ -142,11 +169,101 @@ def attach_hint(request_id: bytes) -> str:
     return f"[request id {request_id.hex()} (tokenwire chat --attach {request_id.hex()})]"
 
 
+def run_interruptible(main: Coroutine[Any, Any, T],
+                      loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+    """Run ``main`` on an event loop of its own (``loop_factory``'s: ``uvloop.new_event_loop`` for the demo), as
+    ``asyncio.run`` does, with Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) cancelling it: leaving the
+    stream's ``async with`` cancels the answer at the server. Then ``KeyboardInterrupt``, for the CLI's
+    "interrupted" and exit status 130.
+
+    The first signal cancels ``main`` once; later ones are ignored, its cleanup under way. asyncio.run's own Ctrl-C
+    handling raised KeyboardInterrupt at the second one wherever Python was (in aioquic's sendmsg, closing async
+    generators, in the loop's shutdown): 35 to 102 lines of tracebacks, or a client hung in its shutdown. By
+    default SIGTERM and SIGHUP killed the client outright, and no cancellation went out: the daemon generated the
+    abandoned answer to max_tokens. Not ``sigterm_as_ctrl_c`` either: its KeyboardInterrupt lands anywhere too.
+    The tasks left when ``main`` ends get :data:`CLEANUP_S` to end (asyncio.run waited for them for ever).
+
+    Signals already ignored stay so (``nohup``, a background job's SIGINT), and a SIGINT handler of a program's own
+    is left to it; off the main thread (chat called from a worker thread) only the main thread may handle signals.
+    After an interruption the signals taken stay ignored: the process is ending with "interrupted", and one more
+    Ctrl-C meanwhile was a KeyboardInterrupt traceback in that very path."""
+    import asyncio
+    import signal
+    import threading
+
+    loop = (loop_factory or asyncio.new_event_loop)()
+    taken: list[tuple[signal.Signals, Any]] = []
+    interrupted: list[int] = []
+    try:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(main)
+
+        def on_signal(signum: int) -> None:
+            if not interrupted:
+                interrupted.append(signum)
+                task.cancel()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous = signal.getsignal(sig)
+                if previous is signal.SIG_IGN or (sig == signal.SIGINT and previous is not signal.default_int_handler):
+                    continue
+                loop.add_signal_handler(sig, on_signal, sig)
+                taken.append((sig, previous))
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            raise KeyboardInterrupt from None
+        finally:
+            _finish_loop(loop)
+    finally:
+        for sig, previous in taken:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN if interrupted else previous)
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio.run's shutdown of ``loop`` (the tasks left cancelled, async generators closed, the default executor
+    shut down), each step bounded by :data:`CLEANUP_S`: a task that never ended hung the client at exit. Tasks still
+    running then are dropped without asyncio's "Task was destroyed but it is pending!" for each."""
+    import asyncio
+
+    left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        loop.run_until_complete(asyncio.wait(left, timeout=CLEANUP_S))
+    for shutdown in (loop.shutdown_asyncgens, loop.shutdown_default_executor):
+        try:
+            loop.run_until_complete(asyncio.wait_for(shutdown(), CLEANUP_S))
+        except TimeoutError:
+            pass
+    abandoned = {t for t in left if not t.done()}
+    for t in left:
+        if t.done() and not t.cancelled() and t.exception() is not None:  # as asyncio.run: reported, not raised
+            loop.call_exception_handler({"message": "unhandled exception during chat shutdown",
+                                         "exception": t.exception(), "task": t})
+    if abandoned:
+        default = loop.get_exception_handler()
+
+        def quiet(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if context.get("task") in abandoned:
+                return
+            if default is not None:
+                default(lp, context)
+            else:
+                lp.default_exception_handler(context)
+
+        loop.set_exception_handler(quiet)
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
-    import signal
-    import threading
 
     from tokenwire.daemon.cli import CLIError, printable, save_json
     from tokenwire.transport.client import HandshakeError, connect
@@ -188,8 +305,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-time must be a number of seconds > 0")
     if args.token_env is not None:
         token = os.environ.get(args.token_env)
-        if not token:
+        if token is None:
             raise CLIError(f"--token-env: the environment variable {args.token_env} is not set")
+        if not token:  # `MYTOK= tokenwire chat --token-env MYTOK` was told "not set", which it was
+            raise CLIError(f"--token-env: the environment variable {args.token_env} is empty (set it to the token)")
     else:
         token = os.environ.get(DEFAULT_TOKEN_ENV) or None
     if not args.verbose:  # aioquic logs a failed handshake as a warning; the error line below says it once
@@ -296,39 +415,9 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{head}, while reconnecting: the server could not be told to cancel it and may finish"
                            f"{ident}") from None
 
-    termed: list[bool] = []
-
-    async def interruptible() -> Any:
-        """:func:`bounded`, with SIGTERM taking Ctrl-C's path: by default it killed the client outright, so no
-        cancellation went out and the daemon generated the abandoned answer to max_tokens. Cancelling the task,
-        as asyncio.run does on Ctrl-C, leaves the stream's ``async with``, which cancels the answer at the server;
-        then "interrupted" and 130, as Ctrl-C (and a SIGTERM to `tokenwire demo` or `kv calibrate`). As in
-        ``demo``, not ``sigterm_as_ctrl_c``: its KeyboardInterrupt, raised at any bytecode, could land inside
-        aioquic and break its cleanup. A SIGTERM ignored on entry stays ignored; off the main thread (chat called
-        from a program's worker thread) Python lets nobody but the main thread handle signals."""
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        assert task is not None
-        # SIGHUP too: the terminal closed (its default action killed the client just the same); not under nohup
-        caught = [sig for sig in (signal.SIGTERM, signal.SIGHUP)
-                  if threading.current_thread() is threading.main_thread()
-                  and signal.getsignal(sig) is not signal.SIG_IGN]
-        for sig in caught:
-            loop.add_signal_handler(
-                sig, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
-        try:
-            return await bounded()
-        finally:
-            for sig in caught:
-                loop.remove_signal_handler(sig)
-
     try:
         try:
-            try:
-                stats = asyncio.run(interruptible())
-            except asyncio.CancelledError:
-                if not termed:
-                    raise
-                raise KeyboardInterrupt from None
+            stats = run_interruptible(bounded())
         except (Exception, KeyboardInterrupt) as exc:
             if midline[0]:  # end the partial answer's line: the error line (or "interrupted") was glued onto it
                 with contextlib.suppress(OSError):
@@ -347,7 +436,14 @@ def run(args: argparse.Namespace) -> int:
         raise
     except HandshakeError as exc:
         hint = ""
-        if exc.tls_alert in CERTIFICATE_ALERTS and args.cafile is None:
+        if exc.tls_alert == CERTIFICATE_EXPIRED:
+            # (--cafile or not: whoever issued it, it is out of date) it advised a --cafile that was the very
+            # certificate; aioquic says which end ("no longer valid", "not valid yet")
+            when = "is not valid yet" if "not valid yet" in str(exc) else "has expired"
+            hint = (f"; the server's certificate {when} (outside its validity period): it must be renewed on the "
+                    "server (the tokenwire daemon takes a renewed one on SIGHUP); if its dates look right, check "
+                    "this machine's clock")
+        elif exc.tls_alert in CERTIFICATE_ALERTS and args.cafile is None:
             hint = ("; trust the server's certificate with --cafile (and --server-name if it names another host), "
                     "or skip the check with --insecure")
         elif exc.tls_alert in CERTIFICATE_ALERTS and "hostname" in str(exc):  # verified, but issued for other names

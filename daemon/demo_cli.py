@@ -27,10 +27,16 @@ if TYPE_CHECKING:
     import socket
     import subprocess
 
+    from tokenwire.transport.client import ChatStream
+
 DEFAULT_LOSS = "ge:0.004,0.04"  # bad ~9 % of the time, outages of 25 ms on average
 MAX_TOKENS = MAX_ANSWER_TOKENS  # the daemon's bound on upstreams[].max_tokens and limits.max_tokens
 HANDSHAKE_S = 10.0  # the client's handshake timeout, plus the link's delay (a module value: tests shorten it)
 SAME_STALL = 0.02
+PROGRESS_S = 5.0
+"""Seconds between two progress lines on stderr while a scheme's answer streams unrendered (--quiet, and the
+schemes after the first), as ``tokenwire sim`` prints them: ``--quiet --tokens 3000`` said nothing for minutes."""
+DEFAULT_LINK_RATE = "12mbps"
 READY_S = 60.0  # how long the namespace demo waits for its daemon's READY=1 (a first start compiles nothing: ~1 s)
 """Stall ratios closer than this read as "stalled as much". On a lossless link the ratio measures only timing
 jitter (many sub-ms gaps; ratios of 0.005-0.05, differing between schemes by up to 0.006 on an idle machine and
@@ -80,9 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loopback UDP relay; auto (default): netns when possible. Both count B/token alike: UDP payload bytes "
         "from the server to the client, handshake included, per token",
     )
-    p.add_argument("--rate-mbps", default="12mbps",
+    p.add_argument("--rate-mbps", default=None,
                    help="netns link: a rate in Mbit/s (12, or 12mbps, 500kbps) or a mahimahi trace file "
-                        "(default 12mbps)")
+                        f"(default {DEFAULT_LINK_RATE}; the loopback relay applies no rate)")
     p.add_argument("--json", type=Path, help="also write the comparison here")
     p.set_defaults(handler=run)
 
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if not 0.1 <= args.rate <= 10_000 or not 0 <= args.delay_ms <= 10_000:  # (--tokens: demo_tokens, at parsing)
         raise CLIError("expected --rate in [0.1, 10000] (the demo upstream's range), --delay-ms in [0, 10000]")
-    args.rate_mbps = link_rate(args.rate_mbps)
+    rate_given = args.rate_mbps  # (None: the default, which needs no warning where it does not apply)
+    args.rate_mbps = link_rate(rate_given if rate_given is not None else DEFAULT_LINK_RATE)
     use_netns = False
     if args.link in ("auto", "netns"):
         from tokenwire.testbed.topology import unavailable_reason
@@ -144,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"(namespace testbed could not be built: {exc}; using the loopback relay)", file=sys.stderr)
             use_netns = False
     if not use_netns:
+        if rate_given is not None:  # it was silently ignored, with --link relay and when auto fell back alike
+            print(f"(--rate-mbps {rate_given} is ignored: the loopback relay adds delay and loss but applies no "
+                  "rate limit; the namespace link applies it, --link netns as root)", file=sys.stderr)
         results = _demo_relay(args, schemes)
     for r in results.values():  # the table's B/token, in the JSON too
         r["bytes_per_token"] = bytes_per_token(r)
@@ -162,33 +172,52 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo_relay(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
-    """:func:`_demo`, with SIGTERM handled as asyncio handles Ctrl-C: the task is cancelled, so its ``finally``
-    blocks stop the daemon and remove the temporary folder (cert, key), which the default action (exit 143) left
-    behind; then main()'s "interrupted" (130). Not ``sigterm_as_ctrl_c``: its KeyboardInterrupt, raised at any
-    bytecode, could land inside aioquic's connect and fail its cleanup (a KeyError traceback)."""
-    import asyncio
-    import signal
-
+    """:func:`_demo` on uvloop, Ctrl-C, SIGTERM and SIGHUP cancelling it (chat's :func:`run_interruptible`): its
+    ``finally`` blocks stop the daemon and remove the temporary folder (cert, key), then main()'s "interrupted"
+    (130). SIGTERM's default action (exit 143) left the folder behind; uvloop.run's own Ctrl-C handling raised
+    KeyboardInterrupt at the second Ctrl-C wherever Python was (tracebacks, or death by the signal, 4 runs in 8);
+    ``sigterm_as_ctrl_c``'s KeyboardInterrupt could land inside aioquic's connect and fail its cleanup too."""
     import uvloop
 
-    termed: list[bool] = []
+    from tokenwire.daemon.chat_cli import run_interruptible
 
-    async def main() -> dict[str, dict]:
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        assert task is not None
-        loop.add_signal_handler(
-            signal.SIGTERM, lambda: (termed.append(True), task.cancel()))  # type: ignore[func-returns-value]
-        try:
-            return await _demo(args, schemes)
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+    return run_interruptible(_demo(args, schemes), uvloop.new_event_loop)
 
+
+def scheme_heading(scheme: str, k: int, live: bool) -> str:
+    """The line above scheme number ``k``'s run: "the same answer" from the second on (under --quiet the first
+    said "the same answer" too, with no answer before it)."""
+    if live:
+        return f"--- {scheme} (live) " + "-" * 50
+    if k == 0:
+        return f"--- {scheme}: streaming the answer (not rendered) on the lossy link ..."
+    return f"--- {scheme}: streaming the same answer on the same loss pattern ..."
+
+
+def progress_line(scheme: str, elapsed_s: float, received: int | None = None, tokens: int | None = None) -> str:
+    """A progress line of an unrendered scheme's run, as ``tokenwire sim`` words its own."""
+    got = f"{received}/{tokens} tokens received, " if received is not None else "streaming, "
+    return f"    {scheme}: {got}{elapsed_s:.0f} s elapsed"
+
+
+def _say_progress(line: str) -> None:
+    """``line`` on stderr; a stderr that cannot be written (closed, a full disk) costs the line, not the demo."""
     try:
-        return uvloop.run(main())
-    except asyncio.CancelledError:
-        if not termed:
-            raise
-        raise KeyboardInterrupt from None
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+async def _progress(scheme: str, stream: ChatStream, tokens: int) -> None:
+    """Print :func:`progress_line` (the tokens ``stream`` holds) on stderr every :data:`PROGRESS_S` until cancelled
+    (the run's end)."""
+    import asyncio
+    import time
+
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(PROGRESS_S)
+        _say_progress(progress_line(scheme, time.monotonic() - started, len(stream.tokens), tokens))
 
 
 def cut_note(tokens: int) -> str:
@@ -251,12 +280,12 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                     async with connect("127.0.0.1", relay.port, cafile=cert, server_name="localhost",
                                        timeout=HANDSHAKE_S + 8 * args.delay_ms / 1000) as conn:
                         connected = True
-                        stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme,
+                        # max_tokens: the demo upstream's answer is its text once unless a request asks for more
+                        stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme, max_tokens=args.tokens,
                                            params={"seed": args.seed})
-                        if live:
-                            print(f"--- {scheme} (live) " + "-" * 50, file=out)
-                        else:
-                            print(f"--- {scheme}: streaming the same answer on the same loss pattern ...", file=out)
+                        print(scheme_heading(scheme, k, live), file=out, flush=True)
+                        ticker = None if live else asyncio.ensure_future(
+                            _progress(scheme, stream, args.tokens))
                         try:
                             async for delta in stream:
                                 if live:
@@ -266,6 +295,9 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                             if live:
                                 print(file=out)
                             raise
+                        finally:
+                            if ticker is not None:
+                                ticker.cancel()
                         if live:
                             print(cut_note(args.tokens) + "\n", file=out)
                         st = stream.stats
@@ -362,13 +394,7 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             stats_path = tmpdir / f"{scheme}.json"
             tb.origin()  # the same trace phase and loss pattern for every scheme
             before = tb.stats()
-            print(
-                f"--- {scheme} (live) " + "-" * 50
-                if live
-                else f"--- {scheme}: streaming the same answer on the same loss pattern ...",
-                file=out,
-                flush=True,
-            )
+            print(scheme_heading(scheme, k, live), file=out, flush=True)
             argv = [
                 py,
                 "-m",
@@ -388,13 +414,15 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                 str(stats_path),
                 "--param",  # the generator's timing, as on the relay link (it streamed seed 0's whatever --seed)
                 f"seed={args.seed}",
+                "--max-tokens",  # the demo upstream's answer is its text once unless a request asks for more
+                str(args.tokens),
                 "Why do chatbots stall on trains?",
             ]
             # the live answer where this command's own prints go: with --json -, stderr (a child inherits the
             # real stdout, which redirect_stdout cannot move, and put the answer ahead of the JSON)
             to = (2 if str(args.json) == "-" else None) if live else subprocess.DEVNULL  # fd 2: stderr
             proc = tb.popen(tb.client_ns, argv, stdout=to)
-            if proc.wait(timeout=600) != 0:
+            if _wait_with_progress(proc, scheme, live=live) != 0:
                 # its own one-line error is above (a link too lossy for a handshake): no traceback under it
                 raise CLIError(f"the {scheme} client failed (exit status {proc.returncode})")
             after = tb.stats()
@@ -404,6 +432,24 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             results[scheme] = {**st, **netns_link_counts(before, after)}
         notify.close()
     return results
+
+
+def _wait_with_progress(proc: subprocess.Popen, scheme: str, *, live: bool, limit_s: float = 600.0) -> int:
+    """``proc.wait(timeout=limit_s)``, with a :func:`progress_line` on stderr every :data:`PROGRESS_S` unless the
+    answer renders ``live``: the client in the other namespace reports no token count until its end."""
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    while True:
+        left = limit_s - (time.monotonic() - started)
+        try:
+            return proc.wait(timeout=max(0.0, min(PROGRESS_S, left)))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - started >= limit_s:
+                raise
+            if not live:
+                _say_progress(progress_line(scheme, time.monotonic() - started))
 
 
 def _wait_ready(notify: socket.socket, daemon: subprocess.Popen, errors: Path) -> str:

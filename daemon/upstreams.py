@@ -41,7 +41,12 @@ class Upstream(Protocol):
 
 
 class DemoUpstream:
-    """The recorded-style demo answer at a realistic rate. A request may ask for ``params.rate``."""
+    """The recorded-style demo answer at a realistic rate. A request may ask for ``params.rate`` and ``params.seed``.
+
+    The answer is the demo text once, ending "stop"; a request's larger ``max_tokens`` gets it repeated to that
+    length, ending "length". ``max_tokens`` here is the upstream's own limit on an answer: one it cuts ends
+    "length" too. The default answer was the text repeated to this limit (2000 tokens, 71 s at 30 tokens/s), cut
+    mid-sentence, and its end read "stop"."""
 
     def __init__(self, name: str, rate: float = 30.0, first_token_ms: float = 150.0, max_tokens: int = 2000) -> None:
         self.name = name
@@ -50,7 +55,11 @@ class DemoUpstream:
         self.max_tokens = max_tokens
 
     def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
-        return rate_problem(params.get("rate", self.rate), "params.rate")
+        problem = rate_problem(params.get("rate", self.rate), "params.rate")
+        # (bool is an int to Python; JSON's true is no seed) seed=abc and seed=1.5 ran silently as seed 0
+        if problem is None and "seed" in params and type(params["seed"]) is not int:
+            problem = "params.seed must be an integer (the seed of the demo upstream's token timing)"
+        return problem
 
     async def generate(self, request: ChatRequest, emit: Emit) -> str:
         problem = self.refusal(request.model, request.params)
@@ -58,9 +67,9 @@ class DemoUpstream:
             raise RequestError(problem, code=ErrorCode.BAD_REQUEST)
         rate = request.params.get("rate", self.rate)
         seed = request.params.get("seed", 0)
-        n = min(self.max_tokens, request.max_tokens or self.max_tokens)
+        whole = len(answer_tokens())  # the text once: the answer when no max_tokens is asked for
+        n = min(self.max_tokens, request.max_tokens or whole)
         tokens = answer_tokens(n)
-        seed = seed if type(seed) is int else 0
         offsets = schedule(len(tokens), rate=float(rate), seed=seed, first_token_s=self.first_token_s)
         start = time.monotonic()
         for tok, at in zip(tokens, offsets, strict=True):
@@ -68,7 +77,8 @@ class DemoUpstream:
             if delay > 0:
                 await asyncio.sleep(delay)
             emit(tok)
-        return "length" if request.max_tokens is not None and n >= request.max_tokens else "stop"
+        # "stop" only for the text's own end: a limit (the request's max_tokens, or this upstream's) cut the rest
+        return "stop" if request.max_tokens is None and n == whole else "length"
 
     async def close(self) -> None:
         pass

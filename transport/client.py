@@ -639,9 +639,17 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tokenwire.transport.client``: 0 once the answer is printed; a failure (no server, a refusal)
-    is one line on stderr and 1, not a traceback."""
+    is one line on stderr and 1, not a traceback. A reader that goes away (``| head -1``) ends it quietly with 1,
+    as ``tokenwire chat``: it was "error: [Errno 32] Broken pipe" (a ``ConnectionError`` too)."""
+    import os
+
     try:
         asyncio.run(_main(argv))
+    except BrokenPipeError:
+        # stdout now at /dev/null: what its buffer still holds would fail the interpreter's last flush again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConnectionError, TokenwireError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
