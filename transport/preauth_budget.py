@@ -135,9 +135,14 @@ class PreauthBudget(Generic[H]):
                 other.held = self.measure(h)
             self._held = sum(h.held for h in self._holdings.values())
         shed: list[Shed[H]] = []
-        while self._held > budget and self._holdings:
-            # max() keeps the first of equals, and the dict is oldest first: the oldest of equals goes
-            victim = max(self._holdings, key=lambda h: self._holdings[h].held)
+        if self._held <= budget:
+            return shed
+        # largest first, one sort for all the victims (a max() over every holder for each of them made one datagram
+        # that shed 1,607 of 2,000 connections stall the loop ~1 s); the sort is stable and the dict oldest first,
+        # so the oldest of equals goes first
+        for victim in sorted(self._holdings, key=lambda h: self._holdings[h].held, reverse=True):
+            if self._held <= budget:
+                break
             shed.append(Shed(victim, self._holdings[victim].held, budget))
             self.forget(victim)
         return shed
