@@ -70,6 +70,11 @@ MAX_DISCARD_BYTES = 64 << 20
 BODY_QUIET_S = 30.0  # a put body with no byte for this long is given up (its connection closed)
 MIN_BODY_RATE = 16 << 20  # bytes/s a put body must average, beyond BODY_QUIET_S (a local socket does GB/s)
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
+# A fetch's lookup in the store (resolve) is bounded by the fetch's deadline, never below this: a hung Redis
+# (SIGSTOP) answered only at its socket timeout (10 s), after a client with a shorter deadline had given up with "KV
+# fetch timed out ... no KV_META", never hearing that the store did not answer. The floor keeps a healthy store that
+# is slower than a tiny deadline (a long context's lookups) from being called unavailable.
+RESOLVE_FLOOR_S = 2.0
 
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -230,6 +235,7 @@ class KVService:
         self._closing = threading.Event()
         self.encodes = 0
         self._unreadable_meta = ReportEvery()  # metadata this version cannot read: a miss, logged now and then
+        self._unanswered = ReportEvery()  # lookups the store did not answer within their fetch's deadline
         # counted for the daemon's metrics (the ingest worker writes them)
         self.ingests = 0
         self.ingest_errors = 0
@@ -354,12 +360,13 @@ class KVService:
             return candidates[n - 1], m
         return None
 
-    def _usable(self, h: str) -> ChunkMeta | None:
+    def _usable(self, h: str, later: Sequence[str] = ()) -> ChunkMeta | None:
         """Chunk ``h``'s metadata when it can be sent: its metadata and its source are stored. A chunk without its
         source (removed at the store's start as truncated, or deleted when a read found it corrupt) is a miss, the
         end of a prefix fetch: taken as stored while an encoded level of it was, it failed every prefix fetch of its
         context mid-way with "chunk ... is no longer stored" as soon as a level not stored was asked for. Its
-        metadata and levels are removed then (dead weight, counted in the store's bytes). Under the chunk's lock:
+        metadata and levels are removed then (dead weight, counted in the store's bytes), with the chunks ``later``
+        (those known to follow it: unreachable without it). Under the chunk's lock:
         an ingest replacing the chunk (metadata deleted, then written) is seen before or after, never half-way as
         a miss."""
         with self._chunk_lock(h):
@@ -371,23 +378,24 @@ class KVService:
                                         "tokenwire version; the next put replaces it)")
                 return None
             if not self.store.contains(object_key(h, "src")):
-                self._drop_unsourced(h)
+                self._drop_unsourced(h, later)
                 return None
             return m
 
-    def _drop_unsourced(self, h: str) -> None:
+    def _drop_unsourced(self, h: str, later: Sequence[str] = ()) -> None:
         """Remove what is left of chunk ``h``, found without its source (:meth:`ChunkStore.drop_unsourced`), and
-        forget what this process cached of it. A store that cannot delete (a read-only mount) logs why: still a
-        miss."""
+        the chunks ``later`` after it, and forget what this process cached of them. A store that cannot delete (a
+        read-only mount) logs why: still a miss."""
         try:
-            if self.store.drop_unsourced(h) is None:
+            if self.store.drop_unsourced(h, later) is None:
                 return  # its source is back (put again by another daemon sharing the store): nothing cached goes
         except StoreError:
             return
         with self._lock:
-            self._meta.pop(h, None)
-            for lv in LEVELS:
-                self._sizes.pop((h, lv), None)
+            for c in (h, *later):
+                self._meta.pop(c, None)
+                for lv in LEVELS:
+                    self._sizes.pop((c, lv), None)
 
     def _found_mismatched(self, h: str, problem: str) -> None:
         """Chunk ``h``'s source is not its metadata's (``problem`` says how): counted and logged by the store."""
@@ -624,7 +632,9 @@ class KVService:
             hashes = [h.hex() for h in fetch.hashes or []]
         metas: list[ChunkMeta] = []
         for i, h in enumerate(hashes):
-            m = self._usable(h)
+            # chained from the fetch's token ids, the later hashes follow this chunk: unreachable if it is gone.
+            # (Hashes a client lists prove nothing before they are checked: none go for them)
+            m = self._usable(h, hashes[i + 1 :] if fetch.token_ids is not None else ())
             if m is None:
                 if fetch.prefix and fetch.token_ids is not None:
                     # the chain's later chunks all depend on this one: the prefix ends here, perhaps with the
@@ -695,7 +705,20 @@ class KVService:
 
     # -- KVProvider (async, for the channel) -----------------------------------------------------------------
     async def resolve(self, fetch: KvFetch) -> ContextPlan:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
+        """:meth:`resolve_sync` on the fetch worker, within the fetch's deadline (:data:`RESOLVE_FLOOR_S` at least):
+        past it the fetch fails with "KV store unavailable" (:class:`StoreError`). The lookup in progress finishes
+        on the worker, when the store answers or its own timeout ends it; one still queued is cancelled."""
+        bound = max(fetch.deadline_ms / 1000.0, RESOLVE_FLOOR_S)
+        job = asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
+        try:
+            return await asyncio.wait_for(job, bound)
+        except TimeoutError:
+            held = self._unanswered.due()
+            if held is not None:
+                log.warning("KV store %s did not answer a fetch's lookup within %g s (its deadline): the fetch failed "
+                            "as \"KV store unavailable\"%s", self.store.where, bound,
+                            f"; {held} more since the last such line" if held else "")
+            raise StoreError(f"KV store unavailable: no answer within the fetch's deadline ({bound:g} s)") from None
 
     async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)

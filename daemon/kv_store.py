@@ -218,6 +218,9 @@ def chain_parent(chunk: str, entry: tuple[int, list[int]], candidates: Sequence[
 
 
 CHAIN_MEMORY = 64  # metadata (index, hash) kept to find a chunk's parent among (see chain_parent)
+# hashes the local store's start may spend looking for the parents that the mtime order did not give (about 4 us
+# each on a 2-core machine): bounds a start with many contexts whose links were not learned
+RECOVER_SEARCH_STEPS = 200_000
 
 
 @dataclass
@@ -266,13 +269,17 @@ class ChunkStore(ABC):
         """``contains`` for each key (a store with round trips answers them in one)."""
         return [self.contains(k) for k in keys]
 
-    def drop_unsourced(self, chunk: str) -> int | None:
+    def drop_unsourced(self, chunk: str, later: Sequence[str] = ()) -> int | None:
         """Remove chunk ``chunk``'s metadata and encoded levels when its source is not stored; None when it is.
         Without its source a chunk is a miss everywhere (a level not stored cannot be encoded), and what is left
         of it was dead weight counted in the store's bytes; with its metadata it counted as stored, and every
-        prefix fetch of its context failed mid-way. Returns how many objects went. Here a check then deletes, all
-        a store that is not :attr:`shared` needs (the service's chunk lock orders its writers); a shared store
-        makes the check and the deletes one step, so that a source another daemon puts meanwhile is kept."""
+        prefix fetch of its context failed mid-way. ``later``: chunks known to follow it in a context (a fetch's
+        later hashes, chained from its token ids): they go too, whole (counted as evictions), as every chunk a
+        store knows to follow it does (:data:`EVICTION_POLICY`): without it no fetch can use them, and they
+        stayed as dead weight until LRU took them. Returns how many of its own objects went. Here a check then
+        deletes, all a store that is not :attr:`shared` needs (the service's chunk lock orders its writers); a
+        shared store makes the check and the deletes one step, so that a source another daemon puts meanwhile is
+        kept."""
         if self.contains(object_key(chunk, "src")):
             return None
         keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
@@ -280,6 +287,11 @@ class ChunkStore(ABC):
         for key in found:
             self.delete(key)
         self._dropped_unsourced(chunk, len(found))
+        after = [object_key(c, kind) for c in later for kind in ("src", *NEEDS_SOURCE)]
+        for key, there in zip(after, self.contains_many(after), strict=True):
+            if there:
+                self.delete(key)
+                self.stats.evictions += 1
         return len(found)
 
     def drop_mismatched(self, chunk: str, meta: bytes) -> int | None:
@@ -509,8 +521,10 @@ class LocalChunkStore(ChunkStore):
         """Drop partial writes and truncated files; rebuild the LRU index from mtimes. Another version's objects
         are kept, as a read keeps them (see :func:`foreign_version`): indexed, so that eviction still counts and
         removes them. What was dropped is one log line and tokenwire_kv_store_recovered_total (it was neither); the
-        metadata and levels of chunks left without a source go too (:meth:`_without_unsourced`), and the prefix
-        tree is learned again from the metadata (:meth:`_relink`)."""
+        prefix tree is learned again from the metadata (:meth:`_relink`, :meth:`_find_parents`), then the metadata
+        and levels of chunks left without a source go (:meth:`_without_unsourced`), and so does every chunk after a
+        chunk that is gone (:meth:`_drop_unreachable_at_start`): the links are learned first, from every chunk's
+        metadata, because a chunk's parent is known only from the parent's name, which went with its metadata."""
         found: list[tuple[float, str, int]] = []
         foreign: set[str] = set()
         for sub in self.root.iterdir():
@@ -539,10 +553,17 @@ class LocalChunkStore(ChunkStore):
                     self.stats.recovered_partial += 1
                     continue
                 found.append((st.st_mtime, f.name, st.st_size))
-        found = self._without_unsourced(found, foreign)
         for _, key, size in sorted(found):
             self._add(key, size)
-        self._relink([key for _, key, _ in found if kind_of(key) == "meta" and key not in foreign], found)
+        entries = self._relink([key for _, key, _ in found if kind_of(key) == "meta" and key not in foreign], found)
+        orphans = self._find_parents(entries)
+        gone = self._without_unsourced(found, foreign)
+        # what follows a chunk that is gone: the descendants of the unsourced chunks (their links were learned
+        # from the metadata just removed), and chunks after a chunk that is not stored at all (a truncated
+        # source and metadata). Kept, no fetch could use them, and they counted in the store's bytes until LRU
+        unreachable = self._drop_unreachable_at_start(
+            [kid for chunk in gone if chunk not in self._chunks for kid in self._kids.get(chunk, ())] + orphans,
+            foreign)
         if self.stats.recovered_partial:
             log.warning("KV store %s: removed %d partial or truncated objects at start (left by a crash or a full "
                         "disk during their write; a level is encoded again, a chunk without its source or metadata "
@@ -550,6 +571,9 @@ class LocalChunkStore(ChunkStore):
         if self.stats.unsourced:
             log.warning("KV store %s: removed the metadata and levels of %d chunks whose source is gone (a miss until "
                         "put again)", self.root, self.stats.unsourced)
+        if unreachable:
+            log.warning("KV store %s: removed %d chunks that follow a chunk that is gone (unreachable: a fetch needs "
+                        "every chunk before them; counted as evictions)", self.root, unreachable)
         if foreign:
             log.warning("KV store %s: %d objects written by another tokenwire version are kept but not read by this "
                         "one (misses; evicted in their turn)", self.root, len(foreign))
@@ -557,32 +581,30 @@ class LocalChunkStore(ChunkStore):
             with self._lock:
                 self._evict(keep="")
 
-    def _without_unsourced(self, found: list[tuple[float, str, int]],
-                           foreign: set[str]) -> list[tuple[float, str, int]]:
-        """``found`` less the metadata and levels of chunks without a source file (removed here, counted in
-        ``stats.unsourced``): a truncated source removed above, or one gone otherwise. They kept the chunk counted
+    def _without_unsourced(self, found: list[tuple[float, str, int]], foreign: set[str]) -> set[str]:
+        """Remove (files and index) the metadata and levels of chunks without a source file, counted in
+        ``stats.unsourced``: a truncated source removed above, or one gone otherwise. They kept the chunk counted
         as stored (its metadata), and every prefix fetch of its context failed mid-way at it. Another version's
-        objects stay, as everywhere."""
+        objects stay, as everywhere. Returns the chunks dropped."""
         sourced = {chunk_of(key) for _, key, _ in found if kind_of(key) == "src"}
-        kept: list[tuple[float, str, int]] = []
         dropped: set[str] = set()
-        for entry in found:
-            key = entry[1]
+        for _, key, _ in found:
             if kind_of(key) in NEEDS_SOURCE and chunk_of(key) not in sourced and key not in foreign:
                 self._path(key).unlink(missing_ok=True)
+                self._forget(key)
                 dropped.add(chunk_of(key))
-            else:
-                kept.append(entry)
         self.stats.unsourced += len(dropped)
-        return kept
+        return dropped
 
-    def _relink(self, metas: list[str], found: list[tuple[float, str, int]]) -> None:
+    def _relink(self, metas: list[str], found: list[tuple[float, str, int]]) -> dict[str, tuple[int, list[int]]]:
         """Learn the prefix tree again from the metadata, read in the order of their mtimes: written (or read) in
         chain order, so a chunk's parent is among the few next to it in that order, before it or, within one
         tick of the file system's clock (equal mtimes, sorted by name), after it: each is looked for among the
         last :data:`CHAIN_MEMORY` read, both ways. Without this, eviction after a restart took a context from its
-        first chunk again. Metadata that fails its checksum is left to the read that finds it."""
+        first chunk again. Metadata that fails its checksum is left to the read that finds it. Returns each
+        chunk's place in its context (:func:`chain_entry`), as read."""
         mtimes = {key: mtime for mtime, key, _ in found}
+        entries: dict[str, tuple[int, list[int]]] = {}
         recent: deque[tuple[str, tuple[int, list[int]]]] = deque(maxlen=CHAIN_MEMORY)
         for key in sorted(metas, key=lambda k: (mtimes[k], k)):
             try:
@@ -593,6 +615,7 @@ class LocalChunkStore(ChunkStore):
             if entry is None:
                 continue
             chunk = chunk_of(key)
+            entries[chunk] = entry
             parent = chain_parent(chunk, entry, [(e[0], c) for c, e in recent])
             if parent is not None:
                 self._link(chunk, parent)
@@ -601,6 +624,76 @@ class LocalChunkStore(ChunkStore):
                         child, (index, ids), [(entry[0], chunk)]) == chunk:
                     self._link(child, chunk)
             recent.append((chunk, entry))
+        return entries
+
+    def _find_parents(self, entries: dict[str, tuple[int, list[int]]]) -> list[str]:
+        """Look for the parent of every chunk past its context's first that :meth:`_relink` left unlinked (its
+        parent not among the metadata read next to it) among every stored chunk that can be it: those of the index
+        before it, and those whose index is unknown (no metadata of ours, or one not read), chunks with children
+        first (a shared prefix, used since, is far from its old children in mtime order). A parent found is
+        linked. Returns the chunks whose parent is not stored (a chunk before them is gone for good: unreachable).
+        At most :data:`RECOVER_SEARCH_STEPS` hashes in all: past them a chunk is kept unlinked (its parent may be
+        stored), as before."""
+        orphans = [c for c, (index, _) in entries.items() if index > 0 and c not in self._parent]
+        if not orphans:
+            return []
+        by_index: dict[int | None, list[tuple[bool, bytes, str]]] = {}
+        for chunk in self._chunks:
+            entry = entries.get(chunk)
+            try:
+                name = bytes.fromhex(chunk)
+            except ValueError:
+                continue  # not a hash of ours: no chunk's parent
+            by_index.setdefault(entry[0] if entry is not None else None, []).append(
+                (chunk not in self._kids, name, chunk))
+        for candidates in by_index.values():
+            candidates.sort()  # chunks with children first
+        steps, skipped = RECOVER_SEARCH_STEPS, 0
+        unreachable: list[str] = []
+        for chunk in orphans:
+            index, ids = entries[chunk]
+            try:
+                packed, target = struct.pack(f"<{len(ids)}q", *ids), bytes.fromhex(chunk)
+            except (struct.error, ValueError):  # ids out of range, a name no hash has: no parent can be confirmed
+                continue
+            parent: str | None = None
+            searched = True
+            for _, name, candidate in (*by_index.get(index - 1, ()), *by_index.get(None, ())):
+                if steps <= 0:
+                    searched = False
+                    skipped += 1
+                    break
+                steps -= 1
+                h = hashlib.blake2b(name, digest_size=16)  # chain_step, the ids packed once per chunk
+                h.update(packed)
+                if h.digest() == target and candidate != chunk:
+                    parent = candidate
+                    break
+            if parent is not None:
+                self._link(chunk, parent)
+            elif searched:
+                unreachable.append(chunk)
+        if skipped:
+            log.info("KV store %s: the parents of %d chunks were not looked for at start (past %d hashes): they are "
+                     "kept, evicted in plain LRU order", self.root, skipped, RECOVER_SEARCH_STEPS)
+        return unreachable
+
+    def _drop_unreachable_at_start(self, chunks: list[str], foreign: set[str]) -> int:
+        """Remove ``chunks`` and their linked descendants, files and index (counted as evictions, as a chunk found
+        unreachable while running is: it had its source and metadata, and went for want of a chunk before it).
+        Another version's objects stay, as everywhere. Returns how many chunks went."""
+        removed = 0
+        for chunk in chunks:
+            if chunk not in self._chunks:
+                continue  # (a descendant of one removed before it)
+            for gone in (chunk, *self._descendants(chunk)):
+                for key in list(self._chunks.get(gone, ())):
+                    if key not in foreign:
+                        self._path(key).unlink(missing_ok=True)
+                        self._forget(key)
+                        self.stats.evictions += 1
+                removed += 1
+        return removed
 
     @property
     def used_bytes(self) -> int:
@@ -856,23 +949,35 @@ class LocalChunkStore(ChunkStore):
             if chunk in passed and chunk not in gone:
                 take(chunk)
 
-    def drop_unsourced(self, chunk: str) -> int | None:
+    def drop_unsourced(self, chunk: str, later: Sequence[str] = ()) -> int | None:
+        """As :meth:`ChunkStore.drop_unsourced`; the chunks that go with it are ``later`` and every chunk linked
+        below it or them (the prefix tree learned from the metadata): they had their sources, and stayed unreachable
+        in the store's bytes until LRU took them."""
         with self._lock:  # (the check and the deletes in one step, as a shared store makes them)
             if object_key(chunk, "src") in self._index:
                 return None
-            removed = 0
-            for key in (object_key(chunk, kind) for kind in NEEDS_SOURCE):
-                if key not in self._index:
-                    continue
-                try:
-                    self._path(key).unlink(missing_ok=True)
-                except OSError as exc:  # a read-only mount: left counted (still a miss: no source)
-                    self._report("unlink", "KV store %s: cannot delete %s: %s", self.root, key, exc.strerror or exc)
-                    continue
-                self._forget(key)
-                removed += 1
+            removed = self._unlink_objects([object_key(chunk, kind) for kind in NEEDS_SOURCE])
             self._dropped_unsourced(chunk, removed)
+            below = [*self._kids.get(chunk, ()), *later]
+            for gone in {c: None for b in below if b in self._chunks for c in (b, *self._descendants(b))}:
+                self.stats.evictions += self._unlink_objects(list(self._chunks.get(gone, ())))
             return removed
+
+    def _unlink_objects(self, keys: list[str]) -> int:
+        """Delete those of ``keys`` that are stored (files and index); how many went. One that cannot be deleted
+        (a read-only mount) is reported and left counted."""
+        removed = 0
+        for key in keys:
+            if key not in self._index:
+                continue
+            try:
+                self._path(key).unlink(missing_ok=True)
+            except OSError as exc:  # a read-only mount: left counted (still a miss: no source)
+                self._report("unlink", "KV store %s: cannot delete %s: %s", self.root, key, exc.strerror or exc)
+                continue
+            self._forget(key)
+            removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -1037,14 +1142,24 @@ class RedisChunkStore(ChunkStore):
             "local p = redis.call('HGET', KEYS[1], ARGV[1]); if not p then return false end; "
             "redis.call('HDEL', KEYS[1], ARGV[1]); "
             "if redis.call('HINCRBY', KEYS[2], p, -1) <= 0 then redis.call('HDEL', KEYS[2], p) end; return p")
-        # drop_unsourced: KEYS = sizes, used, lru, lru-levels, the source, then the objects to drop; ARGV: their
-        # keys. -1 (nothing done) while the source is there; else how many objects went
+        # drop_unsourced: KEYS = sizes, used, lru, lru-levels, the source, parent hash, kids hash, lru-chunks, then
+        # the objects to drop (the chunk's metadata and levels, then the later chunks' objects); ARGV: how many of
+        # them are the chunk's own, their keys, then the chunks that leave the store (it and the later ones).
+        # Nothing done ({-1, 0}) while the source is there; else {its own objects that went, the later ones'}. One
+        # step with the check, so that a source another daemon puts meanwhile keeps its context; each chunk that
+        # goes leaves lru-chunks and its parent's count of children (take's and unlink's bookkeeping)
         self._drop_unsourced = self._r.register_script(
-            total + "if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end; local n = 0; "
-            "for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]); local k = ARGV[i - 5]; "
+            total + "if redis.call('EXISTS', KEYS[5]) == 1 then return {-1, 0} end; "
+            "local own = tonumber(ARGV[1]); local n = {0, 0}; "
+            "for i = 9, #KEYS do local k = ARGV[i - 7]; local d = redis.call('DEL', KEYS[i]); "
+            "if i - 8 <= own then n[1] = n[1] + d else n[2] = n[2] + d end; "
             "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
             "local old = redis.call('HGET', KEYS[1], k); "
-            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; return n")
+            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; "
+            "for i = #KEYS - 6, #ARGV do local c = ARGV[i]; redis.call('ZREM', KEYS[8], c); "
+            "local p = redis.call('HGET', KEYS[6], c); if p then redis.call('HDEL', KEYS[6], c); "
+            "if redis.call('HINCRBY', KEYS[7], p, -1) <= 0 then redis.call('HDEL', KEYS[7], p) end end end; "
+            "return n")
         # drop_mismatched: KEYS = sizes, used, lru, lru-levels, the metadata, then the objects to drop; ARGV: the
         # metadata's expected blob, then the objects' keys. -1 (nothing done) while the metadata holds anything
         # else (another daemon's put since); else how many objects went
@@ -1211,14 +1326,22 @@ class RedisChunkStore(ChunkStore):
         return removed > 0
 
     @_redis_errors
-    def drop_unsourced(self, chunk: str) -> int | None:
-        keys = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
-        removed = int(self._drop_unsourced(
+    def drop_unsourced(self, chunk: str, later: Sequence[str] = ()) -> int | None:
+        """As :meth:`ChunkStore.drop_unsourced`, in one script. Redis keeps only a count of a chunk's children,
+        not their names (finding them would scan the parent hash, in a script that blocks every daemon): the
+        chunks that go with it are ``later`` alone (a fetch's own context after it); another context's chunks after
+        it stay until their LRU turn, or until a read of their metadata confirms their parent gone (:meth:`_learn`:
+        only while this process still remembers the parent, :data:`CHAIN_MEMORY`)."""
+        own = [object_key(chunk, kind) for kind in NEEDS_SOURCE]
+        keys = own + [object_key(c, kind) for c in later for kind in ("src", *NEEDS_SOURCE)]
+        removed, evicted = (int(n) for n in self._drop_unsourced(
             keys=[self._sizes, self._used, self._lru, self._lru_levels, self._k(object_key(chunk, "src")),
-                  *(self._k(k) for k in keys)], args=keys))
+                  self._parents, self._kid_counts, self._lru_chunks, *(self._k(k) for k in keys)],
+            args=[len(own), *keys, chunk, *later]))
         if removed < 0:
             return None
         self._dropped_unsourced(chunk, removed)
+        self.stats.evictions += evicted
         return removed
 
     @_redis_errors

@@ -51,7 +51,7 @@ def test_a_source_truncated_before_a_restart_takes_its_chunks_metadata_and_level
     try:
         assert _stored(svc.store, hashes[1]) == [False, False, False]
         assert not list(root.rglob(f"{hashes[1]}.*"))  # the files too
-        assert _stored(svc.store, hashes[2]) == [True, True, True]  # whole, though unreachable without chunk 1
+        assert _stored(svc.store, hashes[2]) == [False, False, False]  # unreachable without chunk 1: removed too
         assert svc.store.used_bytes == _disk_bytes(root)
         assert svc.store.stats.recovered_partial == 1 and svc.store.stats.unsourced == 1
         assert _collected(svc)["tokenwire_kv_store_unsourced_total"] == 1  # (in a metric, as the recovered are)
@@ -71,7 +71,8 @@ def test_a_source_deleted_as_corrupt_at_run_time_makes_its_chunk_a_miss(make_sto
     ids = list(range(7, 7 + 3 * CHUNK))
     hashes = svc.ingest_sync(MODEL, ids, make_kv(len(ids), 2), prewarm=["low"])
     h = hashes[1]
-    sizes = sum(len(wrap(store.get(object_key(h, kind)) or b"")) for kind in ("src", "meta", "low"))
+    sizes = sum(len(wrap(store.get(object_key(c, kind)) or b"")) for c in hashes[1:]  # chunk 2 goes with it
+                for kind in ("src", "meta", "low"))
     used = store.used_bytes
     _rot(store, object_key(h, "src"))
     plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
