@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -204,6 +206,24 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         sys.unraisablehook = old_hook
 
 
+def ctrl_c_throughout(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a command's ``handler`` under :func:`sigterm_as_ctrl_c` from its first line, for the commands documented
+    to turn SIGTERM into Ctrl-C's path (``up``, ``compare``, ``kv``, ``swiftqueue``). Their own blocks began only
+    once the path was checked, and parsing a large trace there (seconds: "reading trace F (N MB)...") died on
+    SIGTERM with status 143 where Ctrl-C said "interrupted" (130). Off the main thread (no signal handlers can be
+    set there) the handler just runs."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return handler(args)
+        with sigterm_as_ctrl_c():
+            return handler(args)
+
+    return run
+
+
+@ctrl_c_throughout
 def cmd_up(args: argparse.Namespace) -> int:
     from .netns import RUN_ID_RE, TestbedError
     from .topology import Testbed
@@ -289,6 +309,9 @@ def _launch_detached(args: argparse.Namespace) -> int:
                 # a kernel-backend run has no emulator: ready is all it says
                 if st is not None and st.info.get("ready") and (st.backend == "kernel" or st.emulator_alive):
                     _print_up(st.info, args.json)
+                    # kept, not dropped: a Popen collected while its child runs warned "ResourceWarning: subprocess
+                    # N is still running" in every in-process caller (pytest --leak-check); the CLI exits next
+                    _LEFT_RUNNING.append(proc)
                     return 0
                 # the step it is at: each gets DETACH_STEP_S, but the two that parse traces take what they take
                 now_step = _DETACH_STEPS[0 if st is None else 2 if st.emulator_alive else 1]
@@ -314,6 +337,10 @@ def _launch_detached(args: argparse.Namespace) -> int:
         finally:
             if early_log is not None:
                 early_log.close()
+
+
+_LEFT_RUNNING: list[subprocess.Popen] = []
+"""The runs ``up --detach`` started and left running, up: their handles, kept for the life of the process."""
 
 
 def _lines(log_text: str) -> list[str]:
@@ -474,14 +501,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             if r["owner_alive"]:  # (a plain `down` leaves it: say how it is stopped)
                 print(f"    its owner, pid {r['owner_pid']}, is alive: `tokenwire testbed down {r['run_id']}` "
                       "stops it")
-        else:
-            print(f"    server {r['server_addr']}  client {r['client_addr']}")
+        else:  # a hand-made or older state file may name no address: the line said "server None  client None"
+            print(f"    server {_shown(r['server_addr'])}  client {_shown(r['client_addr'])}")
         s = r["stats"]
         if s:
             d, u = s["down"], s["up"]
             print(f"    down: {d['delivered_packets']} pkts delivered, {d['lost_packets']} lost, "
                   f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered")
     return 0
+
+
+def _shown(value: object) -> str:
+    """A state file's field as ``status`` prints it: ``unknown`` for one the file does not name (not Python's
+    ``None``)."""
+    return "unknown" if value is None or value == "" else str(value)
 
 
 def require_plotting(args: argparse.Namespace) -> None:
@@ -502,6 +535,7 @@ def write_results(summary: dict[str, Any], args: argparse.Namespace, plot: Calla
         print(f"wrote {args.plot}")
 
 
+@ctrl_c_throughout
 def cmd_compare(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import save_json
 
@@ -569,6 +603,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@ctrl_c_throughout
 def cmd_kv(args: argparse.Namespace) -> int:
     from .kv_eval import KVEvalConfig, KVEvalError, plot_kv, run_kv_eval
     from .netns import TestbedError, check_root
@@ -733,3 +768,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .swiftqueue_cli import register_swiftqueue
 
     register_swiftqueue(tsub)
+    swiftqueue = tsub.choices["swiftqueue"]  # (its handler lives in swiftqueue_cli; wrapped here like the others')
+    swiftqueue.set_defaults(handler=ctrl_c_throughout(swiftqueue.get_default("handler")))

@@ -1,7 +1,9 @@
 """``testbed down`` over unreadable state files, cross-traffic rates too low to pace, atomic ``--plot`` files,
 absurd delays and trace gaps refused up front, the emulator's owner dying under a reply, a progress line for
-large traces, the testbed's ``--seed`` as ``predictor collect`` takes it, a SIGTERM'd emulator's quiet exit, and
-``status`` agreeing with ``down`` about runs whose state file cannot be read."""
+large traces, the testbed's ``--seed`` as ``predictor collect`` takes it, a SIGTERM'd emulator's quiet exit,
+``status`` agreeing with ``down`` about runs whose state file cannot be read, SIGTERM as Ctrl-C from a command's
+start (its trace parse included), ``status`` without addresses, the docs' synopses, and ``up --detach`` letting go
+of the run it leaves up."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -583,3 +587,240 @@ def test_down_never_signals_a_live_pid_an_unreadable_state_file_names_without_it
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- 10. SIGTERM takes the Ctrl-C path from a command's start, the parse of its traces included ------------------
+_PARSING_COMMANDS = {
+    "up": ["testbed", "up"],
+    "compare": ["testbed", "compare", "--tokens", "10"],
+    "kv": ["testbed", "kv", "--virtual"],
+    "swiftqueue": ["testbed", "swiftqueue", "--virtual", "--seconds", "5"],
+}
+
+
+def _writer_once_read(fifo: Path, proc: subprocess.Popen) -> int:
+    """The write end of ``fifo``, opened once ``proc`` opened it to read (its trace parse has begun, and blocks
+    while this end is open and silent); a command that exits first fails the test with its output, not a hang."""
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)), daemon=True)
+    opener.start()
+    while opener.is_alive():
+        opener.join(0.1)
+        if opener.is_alive() and proc.poll() is not None:
+            unblock = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (lets the opener's open return)
+            opener.join()
+            os.close(unblock)
+            os.close(opened[0])
+            out, err = proc.communicate()
+            pytest.fail(f"exited ({proc.returncode}) before it read its trace: {out}{err}")
+    return opened[0]
+
+
+@pytest.mark.parametrize("command", list(_PARSING_COMMANDS))
+def test_sigterm_while_a_command_parses_its_trace_says_interrupted_and_exits_130(command, tmp_path):
+    """SIGTERM while `reading trace F (N MB)...` was on the screen killed `up`, `compare` and `swiftqueue` outright
+    (status 143, not a word), where Ctrl-C said "interrupted" (130): their handlers took SIGTERM over only after
+    the path's checks, which parse the traces. The trace here is a FIFO, so the command sits in that parse for
+    as long as this test holds the FIFO's write end: the signal lands there, whatever the host's speed."""
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "TOKENWIRE_TESTBED_STATE": str(tmp_path / "state")}  # (nothing gets that far)
+    argv = [sys.executable, "-m", "tokenwire.daemon.cli", *_PARSING_COMMANDS[command], "--down-trace", str(fifo)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        writer = _writer_once_read(fifo, proc)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            os.close(writer)  # (only now: an end of file earlier is an empty trace, an error of its own)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), (proc.returncode, out, err)
+    assert not (tmp_path / "state").exists()
+
+
+class _AtTheChecks(Exception):
+    pass
+
+
+@pytest.mark.parametrize("words", [["up"], ["compare", "--down-trace", "1mbps"],
+                                   ["kv", "--virtual", "--down-trace", "1mbps"],
+                                   ["swiftqueue", "--virtual", "--down-trace", "1mbps"]])
+def test_the_path_checks_of_every_command_documented_to_take_sigterm_as_ctrl_c_run_under_it(words, monkeypatch):
+    """The same, in-process and for every such command: at its path's checks (where the traces are parsed)
+    SIGTERM and SIGINT already unwind like Ctrl-C, and the handlers are given back once the command is done."""
+    from tokenwire.daemon.cli import build_parser
+
+    seen: list[tuple[Any, Any]] = []
+
+    def at_the_checks(*args: Any) -> None:
+        seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        raise _AtTheChecks
+
+    monkeypatch.setattr(cli, "check_path", at_the_checks)  # (`up` reaches it through emulator_config)
+    args = build_parser().parse_args(["testbed", *words])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(_AtTheChecks):
+        args.handler(args)
+    assert seen == [(cli._interrupt, cli._interrupt)]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+# -- 11. `status` of a run whose state file names no addresses ----------------------------------------------------
+def test_status_says_unknown_for_addresses_a_state_file_does_not_name(fake_host, capsys):
+    """A hand-made (or older) state file with a run id and a pid: the line read "server None  client None"."""
+    (fake_host.state / "tw5c5c01.json").write_text(json.dumps({"run_id": "tw5c5c01", "owner_pid": 1}))
+    (fake_host.state / "tw5c5c02.json").write_text(json.dumps(
+        {"run_id": "tw5c5c02", "owner_pid": 1, "info": {"server_addr": "10.213.0.1"}}))
+    assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out
+    lines = out.splitlines()
+    assert lines[0].startswith("tw5c5c01  CRASHED") and lines[1] == "    server unknown  client unknown"
+    assert lines[2].startswith("tw5c5c02  CRASHED") and lines[3] == "    server 10.213.0.1  client unknown"
+    assert cli.cmd_status(argparse.Namespace(json=True)) == 0
+    first, second = json.loads(capsys.readouterr().out)  # (JSON keeps null: "not known" to a program)
+    assert first["server_addr"] is None and second["server_addr"] == "10.213.0.1" and second["client_addr"] is None
+
+
+# -- 12. docs/testbed.md's synopses name every option the commands take -------------------------------------------
+def _synopses() -> dict[str, str]:
+    """The ``tokenwire testbed CMD ...`` synopses of docs/testbed.md's Commands block, continuation lines joined."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "testbed.md").read_text()
+    block = text.split("## Commands", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    out: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        if line.startswith("tokenwire testbed "):
+            current = line.split()[2]
+            out[current] = line
+        elif line.startswith(" ") and current is not None:
+            out[current] += line
+        else:
+            current = None
+    return out
+
+
+@pytest.mark.parametrize("command", ["up", "status", "down", "compare"])
+def test_the_docs_synopsis_of_each_testbed_command_names_every_option_of_its_help(command):
+    """`up`'s left out `--backend {auto,userspace,kernel}`, which `up --help` shows."""
+    from tokenwire.daemon.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    testbed = sub.choices["testbed"]
+    tsub = next(a for a in testbed._actions if isinstance(a, argparse._SubParsersAction))
+    cmd = tsub.choices[command]
+    options = {opt for a in cmd._actions if a.help is not argparse.SUPPRESS for opt in a.option_strings
+               if opt.startswith("--") and opt != "--help"}
+    documented = set(re.findall(r"--[a-z][a-z0-9-]*", _synopses()[command]))
+    assert options - documented == set(), f"docs/testbed.md's `testbed {command}` synopsis lacks them"
+    backend = next((a for a in cmd._actions if "--backend" in a.option_strings), None)
+    if backend is not None:  # and with the choices the parser takes
+        assert "--backend " + "|".join(backend.choices) in _synopses()[command]
+
+
+# -- 13. `up --detach` lets go of the run it leaves running ------------------------------------------------------
+FAKE_DETACHED_UP = r"""
+import json, os, sys, time
+run_id, state_dir, exit_status = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if exit_status >= 0:  # a child that fails before its state
+    sys.exit(exit_status)
+st = {"run_id": run_id, "owner_pid": os.getpid(), "namespaces": [], "backend": "kernel",
+      "info": {"run_id": run_id, "backend": "kernel", "server_ns": run_id + "-srv", "client_ns": run_id + "-cli",
+               "server_addr": "10.213.0.1", "client_addr": "10.213.0.2", "ready": True}}
+path = os.path.join(state_dir, run_id + ".json")
+with open(path + ".tmp", "w") as fh:
+    json.dump(st, fh)
+os.replace(path + ".tmp", path)  # (whole, as RunState.save writes it: the launcher reads it meanwhile)
+print("fake up running", flush=True)
+time.sleep(120)
+"""
+
+
+def _detach_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_status: int = -1) -> tuple[Any, Path]:
+    from tokenwire.daemon.cli import build_parser
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(cli, "_detach_argv", lambda args, run_id: [
+        sys.executable, "-c", FAKE_DETACHED_UP, run_id, str(state), str(exit_status)])
+    return build_parser().parse_args(["testbed", "up", "--detach", "--json"]), state
+
+
+def test_up_detach_leaves_its_run_up_without_a_subprocess_still_running_warning(tmp_path, monkeypatch, capsys):
+    """The launcher dropped the Popen of the child it leaves running: "ResourceWarning: subprocess N is still
+    running" in every in-process caller (`pytest --leak-check` flagged two tests of test_testbed_units)."""
+    import gc
+    import warnings
+
+    args, state = _detach_args(tmp_path, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert cli.cmd_up(args) == 0
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    info = json.loads(capsys.readouterr().out)
+    pid = json.loads((state / f"{info['run_id']}.json").read_text())["owner_pid"]
+    try:  # up, as --detach means: running, in its own session, stdin /dev/null, output into its log
+        assert netns.pid_alive(pid) and os.getsid(pid) == pid
+        assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+        log = str(state / f"{info['run_id']}.log")
+        assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2") == log
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)  # (a caller that stops the run reaps it: it is still this process's child)
+
+
+@pytest.mark.parametrize("exit_status", [0, 3])
+def test_up_detach_reports_the_exit_status_of_a_child_that_fails_before_its_state(exit_status, tmp_path,
+                                                                                  monkeypatch):
+    """The child's exit status in the error; nothing is left behind."""
+    from tokenwire.daemon.cli import CLIError
+
+    args, state = _detach_args(tmp_path, monkeypatch, exit_status)
+    with pytest.raises(CLIError, match=f"^testbed failed to start: exit status {exit_status}$"):
+        cli.cmd_up(args)
+    assert list(state.iterdir()) == []
+
+
+STUBBORN_UP = r"""
+import json, os, signal, sys, time
+run_id, state_dir = sys.argv[1:3]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before its state: the launcher's step limit starts with that
+path = os.path.join(state_dir, run_id + ".json")
+with open(path + ".tmp", "w") as fh:
+    json.dump({"run_id": run_id, "owner_pid": os.getpid(), "namespaces": []}, fh)
+os.replace(path + ".tmp", path)
+time.sleep(120)
+"""
+
+
+def test_up_detach_kills_and_reaps_a_child_that_ignores_sigterm(tmp_path, monkeypatch):
+    """The SIGKILL path of stopping a child that does not come up: killed once DETACH_STOP_S passed, reaped (no
+    zombie of this process), its state and log removed."""
+    from tokenwire.daemon.cli import CLIError
+
+    args, state = _detach_args(tmp_path, monkeypatch)
+    stopped: list[tuple[int, int | None]] = []
+    monkeypatch.setattr(cli, "_detach_argv", lambda args, run_id: [sys.executable, "-c", STUBBORN_UP, run_id,
+                                                                   str(state)])
+    real_stop = cli._stop_child
+
+    def stop(proc: Any, path: str) -> None:
+        real_stop(proc, path)
+        stopped.append((proc.pid, proc.returncode))
+
+    monkeypatch.setattr(cli, "_stop_child", stop)
+    monkeypatch.setattr(cli, "DETACH_STEP_S", 0.2)
+    monkeypatch.setattr(cli, "DETACH_STOP_S", 0.2)
+    with pytest.raises(CLIError, match="still building the namespaces"):
+        cli.cmd_up(args)
+    [(pid, status)] = stopped
+    assert status == -signal.SIGKILL  # (SIGTERM, ignored, then SIGKILL)
+    with pytest.raises(ChildProcessError):  # reaped already: no zombie left for this process
+        os.waitpid(pid, os.WNOHANG)
+    assert list(state.iterdir()) == []
