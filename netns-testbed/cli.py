@@ -503,12 +503,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "stops it")
         else:  # a hand-made or older state file may name no address: the line said "server None  client None"
             print(f"    server {_shown(r['server_addr'])}  client {_shown(r['client_addr'])}")
-        s = r["stats"]
-        if s:
-            d, u = s["down"], s["up"]
-            print(f"    down: {d['delivered_packets']} pkts delivered, {d['lost_packets']} lost, "
-                  f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered")
+        line = _stats_line(r["stats"])
+        if line:
+            print(f"    {line}")
     return 0
+
+
+def _stats_line(stats: object) -> str | None:
+    """The link counters a run's state file holds, as one line; None when it holds none, or none in the shape the
+    testbed writes them (a hand-made or damaged file: a KeyError traceback for ``{"down": 1}``)."""
+    try:
+        d, u = stats["down"], stats["up"]  # type: ignore[index]
+        return (f"down: {d['delivered_packets']} pkts delivered, {d['lost_packets']} lost, "
+                f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered")
+    except (KeyError, TypeError, IndexError):
+        return None
 
 
 def _shown(value: object) -> str:

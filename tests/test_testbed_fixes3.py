@@ -686,6 +686,21 @@ def test_status_says_unknown_for_addresses_a_state_file_does_not_name(fake_host,
     assert first["server_addr"] is None and second["server_addr"] == "10.213.0.1" and second["client_addr"] is None
 
 
+def test_status_skips_link_counters_not_in_the_shape_the_testbed_writes(fake_host, capsys):
+    """A hand-made or damaged state file's ``info.stats`` ({"down": 1}) was a KeyError traceback in ``status``."""
+    for n, stats in enumerate(({"down": 1}, [1, 2], "x", {"down": {}, "up": {}})):
+        (fake_host.state / f"tw5c5d0{n}.json").write_text(json.dumps(
+            {"run_id": f"tw5c5d0{n}", "owner_pid": 1, "info": {"stats": stats}}))
+    good = {"delivered_packets": 5, "lost_packets": 1, "tail_drops": 2, "aqm_drops": 3}
+    (fake_host.state / "tw5c5d09.json").write_text(json.dumps(
+        {"run_id": "tw5c5d09", "owner_pid": 1, "info": {"stats": {"down": good, "up": good}}}))
+    assert cli.cmd_status(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out
+    assert out.count("CRASHED") == 5
+    assert [ln.strip() for ln in out.splitlines() if "delivered" in ln] == [
+        "down: 5 pkts delivered, 1 lost, 5 dropped; up: 5 delivered"]
+
+
 # -- 12. docs/testbed.md's synopses name every option the commands take -------------------------------------------
 def _synopses() -> dict[str, str]:
     """The ``tokenwire testbed CMD ...`` synopses of docs/testbed.md's Commands block, continuation lines joined."""
