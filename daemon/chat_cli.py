@@ -194,12 +194,15 @@ def run_interruptible(main: Coroutine[Any, Any, T],
     loop = (loop_factory or asyncio.new_event_loop)()
     taken: list[tuple[signal.Signals, Any]] = []
     interrupted: list[int] = []
+    raising: list[bool] = []  # KeyboardInterrupt is on its way: the signals stay ignored until the process ends
     try:
         asyncio.set_event_loop(loop)
         task = loop.create_task(main)
 
         def on_signal(signum: int) -> None:
-            if not interrupted:
+            # (once main is done, a signal during the cleanup interrupts nothing: the call returns main's result,
+            # and the signals are restored; recorded, it left them ignored for the rest of the process)
+            if not interrupted and not task.done():
                 interrupted.append(signum)
                 task.cancel()
 
@@ -215,13 +218,14 @@ def run_interruptible(main: Coroutine[Any, Any, T],
         except asyncio.CancelledError:
             if not interrupted:
                 raise
+            raising.append(True)
             raise KeyboardInterrupt from None
         finally:
             _finish_loop(loop)
     finally:
         for sig, previous in taken:
             loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN if interrupted else previous)
+            signal.signal(sig, signal.SIG_IGN if raising else previous)
         asyncio.set_event_loop(None)
         loop.close()
 

@@ -77,8 +77,9 @@ class DemoUpstream:
             if delay > 0:
                 await asyncio.sleep(delay)
             emit(tok)
-        # "stop" only for the text's own end: a limit (the request's max_tokens, or this upstream's) cut the rest
-        return "stop" if request.max_tokens is None and n == whole else "length"
+        # "stop" only for the text's own end (a max_tokens of exactly its length included): a limit (the request's
+        # max_tokens, or this upstream's) cut the rest
+        return "stop" if n == whole else "length"
 
     async def close(self) -> None:
         pass

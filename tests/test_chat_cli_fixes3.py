@@ -162,6 +162,46 @@ def test_later_signals_leave_the_first_ones_cleanup_alone():
         0, ["cleanup finished", "interrupted", "exit True"], ""), proc.stderr
 
 
+LATE_SIGNAL = textwrap.dedent("""
+    import asyncio, os, signal, time
+    from tokenwire.daemon.chat_cli import run_interruptible
+
+    async def answer():
+        async def left():  # a task still running when the answer is done: cancelled in the cleanup
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                os.kill(os.getpid(), signal.SIGTERM)  # a signal during the cleanup, the answer already done
+                await asyncio.sleep(0.1)
+                raise
+        asyncio.ensure_future(left())
+        await asyncio.sleep(0)
+        return "done"
+
+    print(run_interruptible(answer()), signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+
+    async def second():
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(30)
+
+    started = time.monotonic()
+    try:
+        run_interruptible(second())
+    except KeyboardInterrupt:
+        print("second interrupted", time.monotonic() - started < 20, flush=True)
+""")
+
+
+def test_a_signal_after_the_answer_is_done_interrupts_nothing_and_leaves_the_signals_as_they_were():
+    """A signal during the cleanup, once main had returned, was recorded as an interruption: the call returned
+    normally but left SIGINT, SIGTERM and SIGHUP ignored, so a second call in the process could not be
+    interrupted."""
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGNAL], capture_output=True, text=True, timeout=60,
+                          preexec_fn=default_signals)
+    assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (
+        0, ["done True", "second interrupted True"], ""), proc.stderr
+
+
 @pytest.mark.timeout(60)
 def test_a_task_that_never_ends_does_not_hang_the_client(monkeypatch, caplog):
     """asyncio.run waited for the tasks left at the end without a bound: the hang after a double Ctrl-C. The task
@@ -265,6 +305,7 @@ def _generate(upstream: DemoUpstream, max_tokens: int | None, params: dict | Non
     (2000, 5, 5, "length"),
     (2000, 5000, 2000, "length"),  # the upstream's own limit cut it: was "stop"
     (100, None, 100, "length"),
+    (2000, len(answer_tokens()), len(answer_tokens()), "stop"),  # asked for exactly the text: its own end
 ])
 def test_the_demo_answer_is_its_text_once_unless_more_is_asked_for(instant, limit, asked, tokens, reason):
     got, why = _generate(DemoUpstream("demo", max_tokens=limit), asked)

@@ -278,10 +278,10 @@ class ValidatingQuicServer(QuicServer):
     """
 
     issue_retry = False
-    retry_handler: Any = None
+    retry_handler: Any = None  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
     # False: every datagram is dropped unread (its client's Initial is sent again): the owner has bound the port and
     # is not ready to serve yet (the daemon's KV codec warm-up, seconds during which a stop signal could not drain)
-    accepting = True  # aioquic's QuicRetryTokenHandler (an RSA key: made by the owner on first need)
+    accepting = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
