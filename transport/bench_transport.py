@@ -4,8 +4,9 @@ The baseline is raw aioquic DATAGRAM frames of the same size, measured in the sa
 frame, one ``transmit()`` per frame, no acknowledgements of our own. The server runs in a subprocess so
 that each side's CPU time is its own process's. Two workloads per mode:
 
-* ``paced``: tokens at ``--rate`` per second (one token per packet), CPU microseconds per token and per
-  token packet on each side;
+* ``paced``: tokens at ``--rate`` per second, CPU microseconds per token and per token packet on each side
+  (one token per packet while the rate leaves a loop turn between tokens; the SDK server sends once per loop
+  turn, so tokens due in the same turn share a packet);
 * ``flood``: tokens as fast as the sender can go, token packets and delivered tokens per second, both over the
   client's clock (from its request to the answer's end), so the two columns divide the same time.
 

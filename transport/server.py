@@ -17,7 +17,8 @@ Example (runnable: ``python -m tokenwire.transport.server``)::
 
     asyncio.run(main())
 
-Every token the source yields is put on the wire at once, with the scheme the client asked for
+Every token the source yields is put on the wire at once (those it yields in one turn of the event loop together),
+with the scheme the client asked for
 (``chatterbox`` by default, ``stream`` or ``duplicate`` as baselines). The transcript of each answer
 stays in memory until the client confirms it holds everything, so any lost range can be sent again.
 """
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
 from .client import check_congestion
@@ -57,6 +59,29 @@ log = logging.getLogger("tokenwire.server")
 
 NO_RESUME = "this server cannot resume answers (resume and attach need the tokenwire daemon)"
 """The NOT_FOUND refusal of a request with a resume id: the SDK server keeps no answer beyond its connection."""
+
+MAX_REQUESTS_PER_CONNECTION = 10_000
+"""The bound of ``max_requests_per_connection``: the daemon's (``daemon.config.MAX_REQUESTS_PER_CONNECTION``). Each
+open answer holds its transcript and a QUIC stream; unbounded, 2**60 + 1 broke every handshake (a stream limit QUIC
+cannot encode), 2**62 raised inside aioquic, and a close then raised KeyError and leaked the socket."""
+
+IDLE_TIMEOUT_RANGE_S = (1.0, 3600.0)
+"""The bounds of ``idle_timeout``: the daemon's ``server.idle_timeout_s``."""
+
+AUTHORIZE_TIMEOUT_S = 10.0
+"""How long an async ``authorize`` may take for a verdict: one that never returned left its client waiting for
+ever. Past it the request fails and the connection closes with INTERNAL, as for an ``authorize`` that raised."""
+
+STOP_TIMEOUT_S = 10.0
+"""How long :meth:`TokenServer.wait_closed` waits for the cancelled token sources to stop (their ``finally``
+blocks run): a source that swallowed its cancellation kept ``wait_closed``, and leaving ``async with server``,
+waiting for ever. Past it the sources still running are logged and left running."""
+
+PIECES_PER_TURN = 64
+TURN_S = 0.005
+"""A source that yields without awaiting (a cached answer: ``for w in words: yield w``) gives the event loop a turn
+after this many pieces or seconds: it never let the loop run, and 20,000 such pieces froze every other client for
+1.2 s. Its pieces go out in one transmit per turn, as the daemon's do."""
 
 
 @dataclass
@@ -113,6 +138,8 @@ class ServerProtocol(SessionProtocol):
     """One QUIC connection on the server: runs a task per request that feeds the source's tokens in."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, app: TokenServer) -> None:
+        # why this connection is closed once its handshake is done (set by _new_policy, inside super().__init__)
+        self._refusal: str | None = None
         super().__init__(
             quic,
             stream_handler,
@@ -121,10 +148,12 @@ class ServerProtocol(SessionProtocol):
                 max_requests=app.max_requests_per_connection,
                 max_redundant_tokens=app.max_redundant_tokens,
                 request_timeout=app.request_timeout,
-                marking=app.marking() if app.marking is not None else None,
+                marking=self._new_policy(app),
             ),
         )
         self.app = app
+        self._queued_pieces = 0  # pieces pushed since the queued transmit was scheduled (see _queue_transmit)
+        self._queued_since = 0.0
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.authorized = app.authorize is None
         self.shut_down = False  # the server's close() closed this connection
@@ -137,13 +166,53 @@ class ServerProtocol(SessionProtocol):
         assert isinstance(self.session, ServerSession)
         return self.session
 
+    def _new_policy(self, app: TokenServer) -> MarkingPolicy | None:
+        """This connection's marking policy. A factory that raised broke every handshake silently (a traceback per
+        Initial in the loop's exception handler, a client's ConnectTimeout): the connection goes on without a
+        policy until its handshake is done, then closes with INTERNAL and the reason (:meth:`quic_event_received`).
+        """
+        if app.marking is None:
+            return None
+        try:
+            return app.marking()
+        except Exception as exc:
+            self._refusal = f"server error: its ECN marking policy failed ({type(exc).__name__})"
+            if not app._warned_marking:  # the traceback once; each later connection a line
+                app._warned_marking = True
+                log.exception("the marking policy factory failed; closing the connection")
+            else:
+                log.error("the marking policy factory failed (%s: %s); closing the connection",
+                          type(exc).__name__, exc)
+            return None
+
+    def quic_event_received(self, event: qe.QuicEvent) -> None:
+        super().quic_event_received(event)
+        if self._refusal is not None and isinstance(event, qe.HandshakeCompleted):
+            # (closed now, not at once: a close before the handshake is done reaches the client without its reason)
+            self.server_session.close(ErrorCode.INTERNAL, self._refusal)
+
+    def _cancel_tasks(self) -> None:
+        """Cancel every request's task once, and forget it: close() left them here, and the connection's end (3 PTO
+        later) cancelled them again, inside the source's ``finally``, cutting its cleanup short."""
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        for task in tasks:
+            task.cancel()
+
+    def _spawn(self, stream_id: int, coro: Awaitable[None], label: str) -> None:
+        """Run a request's task; the server keeps it until it ends, so that wait_closed() waits for it (a
+        connection that ended first, its cleanup still running, is no longer in ``app.protocols``)."""
+        task = asyncio.ensure_future(coro)
+        self.tasks[stream_id] = task
+        self.app._track(task, label)
+
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, RequestReceived):
                 self._on_request(ev.stream_id, ev.request)
             elif isinstance(ev, RequestCancelled):
                 self._settle(ev.stream_id, "cancelled")
-                task = self.tasks.pop(ev.stream_id, None)
+                task = self.tasks.pop(ev.stream_id, None)  # (popped: cancelled once, whatever ends later)
                 if task is not None:
                     task.cancel()
             elif isinstance(ev, RequestCompleted):
@@ -156,9 +225,7 @@ class ServerProtocol(SessionProtocol):
                 if not ev.by_peer:
                     self.app.stats.protocol_errors += 1
                     log.warning("closed connection: %s (code %#x)", ev.reason, ev.error_code)
-                for task in self.tasks.values():
-                    task.cancel()
-                self.tasks.clear()
+                self._cancel_tasks()
                 # the session cancelled every request the connection cut off (RequestCancelled, above): what
                 # has no outcome yet is an answer sent whole (FINISHED) whose client closed before confirming,
                 # or that the server's own close() cut off before the client could confirm it
@@ -181,6 +248,9 @@ class ServerProtocol(SessionProtocol):
             return
         if self.app.closing:  # close() has begun (the connection is closing and cancels it): start nothing
             return
+        if self._refusal is not None:  # (its connection is closing: the marking policy failed)
+            self._settle(stream_id, "failed")
+            return
         if not self.authorized:
             assert self.app.authorize is not None
             try:
@@ -193,9 +263,9 @@ class ServerProtocol(SessionProtocol):
                 # an async check (a database, a token service) runs in the request's task: the connection, and
                 # every other one, goes on meanwhile; cancelling the request or closing cancels the check too
                 check = asyncio.ensure_future(verdict)
-                task = asyncio.ensure_future(self._start_when_authorized(stream_id, request, check))
-                task.add_done_callback(lambda _: _drop_check(check))
-                self.tasks[stream_id] = task
+                self._spawn(stream_id, self._start_when_authorized(stream_id, request, check),
+                            f"authorize() of stream {stream_id}")
+                self.tasks[stream_id].add_done_callback(lambda _: _drop_check(check))
                 return
             if not self._authorize(stream_id, verdict):
                 return
@@ -205,8 +275,17 @@ class ServerProtocol(SessionProtocol):
         """Await an async ``authorize``'s verdict, then start the request as :meth:`_on_request` would have."""
         task = asyncio.current_task()
         failed = False
+        verdict: object = None
+        limit = self.app.authorize_timeout
         try:
-            verdict = await check
+            # asyncio.wait, not wait_for: a check that swallows its cancellation cannot hold this task (the done
+            # callback of _on_request cancels it once this task ends)
+            await asyncio.wait({check}, timeout=limit)
+            if check.done():
+                verdict = check.result()
+            else:  # a check that never answered left its client waiting for ever
+                log.error("authorize() gave no verdict within %g s (authorize_timeout); closing the connection", limit)
+                failed = True
         except asyncio.CancelledError:
             if task is not None and task.cancelling():
                 raise  # the request or the connection ended first (its event settled the request)
@@ -274,8 +353,7 @@ class ServerProtocol(SessionProtocol):
             peer=self._quic._network_paths[0].addr if self._quic._network_paths else None,
         )
         self.transmit()
-        task = asyncio.ensure_future(self._feed(stream_id, chat, transcript))
-        self.tasks[stream_id] = task
+        self._spawn(stream_id, self._feed(stream_id, chat, transcript), f"request {chat.request_id.hex()}")
 
     async def _feed(self, stream_id: int, chat: ChatRequest, transcript) -> None:
         sess = self.server_session
@@ -337,15 +415,43 @@ class ServerProtocol(SessionProtocol):
             if task is not None and task.cancelling():  # a source that swallowed our cancellation
                 raise asyncio.CancelledError
             before = len(transcript)
+            now = self.clock()
             try:
-                sess.push(stream_id, piece, self.clock(), max_total=limit)
-                self.app.stats.tokens += len(transcript) - before  # tokens, not pieces: a long piece is several
-                self.transmit()
+                sess.push(stream_id, piece, now, max_total=limit)
             except Exception as exc:
                 raise _SendFailed from exc
+            self.app.stats.tokens += len(transcript) - before  # tokens, not pieces: a long piece is several
             if limit is not None and len(transcript) >= limit:
-                return "length"
+                return "length"  # (the FINISHED's transmit sends it)
+            if self._queue_transmit(now):
+                await asyncio.sleep(0)  # a source that does not await: let the loop send, and serve the others
+        if task is not None and task.cancelling():  # one that swallowed it and then ended: no FINISHED to send
+            raise asyncio.CancelledError
         return None
+
+    def _queue_transmit(self, now: float) -> bool:
+        """Send what the answers pushed on the loop's next turn, once for all of them: a source that awaits between
+        pieces has each one sent at once, one that does not has them batched. True when the loop has had no turn
+        for :data:`PIECES_PER_TURN` pieces or :data:`TURN_S` seconds: the caller must give it one."""
+        if self._transmit_task is None:
+            self._transmit_task = self._loop.call_soon(self._transmit_queued)
+            self._queued_pieces, self._queued_since = 0, now
+        self._queued_pieces += 1
+        return self._queued_pieces >= PIECES_PER_TURN or now - self._queued_since >= TURN_S
+
+    def _transmit_queued(self) -> None:
+        """The queued transmit; one that raises is this connection's fault (as a push that raises): its requests
+        fail and it is closed, and the loop's exception handler sees nothing."""
+        try:
+            self.transmit()
+        except Exception:
+            self._transmit_task = None
+            if self._quic._close_event is not None:
+                return  # closing already (this failure was reported, or the close is under way)
+            log.exception("connection failed while sending; closing it")
+            for stream_id in list(self.tasks):
+                self._settle(stream_id, "failed")
+            self._close_broken()
 
 
 def _drop_check(check: asyncio.Future[Any]) -> None:
@@ -372,15 +478,17 @@ def _source_reason(chat: ChatRequest) -> str:
 
 
 async def _next_piece(source: AsyncIterator[str]) -> bytes | None:
-    """The source's next piece, type-checked; None once it has ended."""
+    """The source's next piece, type-checked; None once it has ended. Bytes are refused as any other non-str: they
+    were sent as they came, invalid UTF-8 rendered as U+FFFD, while the type and the error said str."""
     try:
         piece = await anext(source)
     except StopAsyncIteration:
         return None
-    if not isinstance(piece, str | bytes):
-        raise TypeError(f"token source yielded {type(piece).__name__}, expected str")
+    if not isinstance(piece, str):
+        hint = " (decode bytes first: a piece is text)" if isinstance(piece, bytes | bytearray) else ""
+        raise TypeError(f"token source yielded {type(piece).__name__}, expected str{hint}")
     # encoded here, so that text UTF-8 cannot carry (a lone surrogate) is the source's fault, not the sending's
-    return piece.encode("utf-8") if isinstance(piece, str) else piece
+    return piece.encode("utf-8")
 
 
 async def _aclose(source: AsyncIterator[str]) -> None:
@@ -404,19 +512,46 @@ class TokenServer:
     max_redundant_tokens: int = 64
     request_timeout: float = REQUEST_TIMEOUT_S  # a request must be whole this long after its first bytes (+ size)
     marking: Callable[[], MarkingPolicy] | None = None  # per-connection ECN marking policy (ECN transport)
+    authorize_timeout: float = AUTHORIZE_TIMEOUT_S  # an async authorize's verdict must come within this
+    stop_timeout: float = STOP_TIMEOUT_S  # wait_closed() waits this long for the cancelled sources to stop
     stats: ServerStats = field(default_factory=ServerStats)
     protocols: set[ServerProtocol] = field(default_factory=set)
     _quic_server: ValidatingQuicServer | None = None
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
-    _stopping: list[asyncio.Task[None]] = field(default_factory=list, repr=False)  # sources close() cancelled
+    # every request's task until it ends, whatever cancelled it (its label names it in the log): wait_closed() waits
+    _running: dict[asyncio.Task[None], str] = field(default_factory=dict, repr=False)
+    _abandoned: set[asyncio.Task[None]] = field(default_factory=set, repr=False)  # still running past stop_timeout
     _closing_protocols: list[ServerProtocol] = field(default_factory=list, repr=False)  # connections it closed
     _warned_verdict: bool = field(default=False, repr=False)  # authorize() gave a non-bool verdict (logged once)
+    _warned_marking: bool = field(default=False, repr=False)  # the marking factory failed (traceback logged once)
 
     def __post_init__(self) -> None:
+        # callables checked here: a source of None or "hello", authorize=True or a str, marking="swiftqueue" were
+        # accepted and failed each request (or each handshake) later
+        if not callable(self.source):
+            hint = (" (pass the async generator function, not what calling it returned)"
+                    if inspect.isasyncgen(self.source) else "")
+            raise TypeError("source must be a callable that takes a ChatRequest and returns an async iterator of str "
+                            f"pieces, not {type(self.source).__name__}{hint}")
+        for name in ("authorize", "marking"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be a callable or None, not {type(value).__name__}")
         limit = self.max_requests_per_connection
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # 0 accepted, then refused all
-            raise ValueError(f"max_requests_per_connection must be an int of at least 1, not {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_REQUESTS_PER_CONNECTION:
+            raise ValueError(f"max_requests_per_connection must be an int from 1 to {MAX_REQUESTS_PER_CONNECTION}, "
+                             f"not {limit!r}")
         check_seconds("request_timeout", self.request_timeout)
+        check_seconds("authorize_timeout", self.authorize_timeout)
+        check_seconds("stop_timeout", self.stop_timeout)
+
+    def _track(self, task: asyncio.Task[None], label: str) -> None:
+        self._running[task] = label
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._abandoned.discard(task)
 
     @property
     def port(self) -> int:
@@ -440,7 +575,12 @@ class TokenServer:
         congestion: str = "reno",
         idle_timeout: float = 60.0,
     ) -> TokenServer:
+        """Bind ``host:port`` and serve (what :func:`serve` does after building the server); ``idle_timeout`` as
+        there."""
         check_congestion(congestion)
+        check_idle_timeout(idle_timeout)
+        if self.marking is not None:
+            _try_marking(self.marking)  # before the socket: a factory that fails, fails here and not per handshake
         config = server_configuration(
             cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion, idle_timeout=idle_timeout
         )
@@ -456,19 +596,16 @@ class TokenServer:
 
     def close(self) -> None:
         """Stop accepting, close every connection (clients see SHUTTING_DOWN) and cancel every running token
-        source; :meth:`wait_closed` waits until all of that has finished."""
+        source, once (its ``finally`` blocks run uncut); :meth:`wait_closed` waits until all of that has finished."""
         if self._closed.is_set():
             return
         self._closed.set()
         for proto in list(self.protocols):
-            tasks = [t for t in proto.tasks.values() if not t.done()]
             # what this close cuts off counts as cancelled, not completed (unless the client's own close came first)
             proto.shut_down = proto._quic._close_event is None
             with contextlib.suppress(Exception):
                 proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
-            for task in tasks:
-                task.cancel()
-            self._stopping.extend(tasks)
+            proto._cancel_tasks()  # (once: the connection's end, later, finds none to cancel again)
             self._closing_protocols.append(proto)
         if self._quic_server is not None:
             self._quic_server.close()
@@ -476,10 +613,22 @@ class TokenServer:
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` has been called and everything it stopped has stopped: no token source of
         this server and no connection of it runs after this returns, and its UDP socket is closed (a server
-        started on the same port at once can bind it)."""
+        started on the same port at once can bind it).
+
+        A source that ignores its cancellation (it catches ``CancelledError`` and goes on) is waited for
+        ``stop_timeout`` seconds, then logged and left running: it held this wait for ever. Cancelling this wait
+        (``asyncio.wait_for``, ``asyncio.timeout``) returns at once and cancels no source a second time."""
         await self._closed.wait()
-        # the sources' cleanup (their finally blocks), then each connection's QUIC closing period (3 PTO)
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        # the sources' cleanup (their finally blocks), then each connection's QUIC closing period (3 PTO);
+        # asyncio.wait, not gather: a cancel of this wait was passed on to the sources (gather cancels its children)
+        running = [t for t in self._running if not t.done() and t not in self._abandoned]
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.stop_timeout)
+            if late:
+                self._abandoned.update(late)
+                log.error("%d token source(s) still running %g s after close() (they caught their cancellation?), "
+                          "left running: %s", len(late), self.stop_timeout,
+                          ", ".join(sorted(self._running.get(t, "?") for t in late)))
         await asyncio.gather(*(p.wait_closed() for p in self._closing_protocols), return_exceptions=True)
         if self._quic_server is not None:  # (close() only scheduled the socket's close)
             await self._quic_server.wait_released()
@@ -505,10 +654,19 @@ async def serve(
     max_requests_per_connection: int = 64,
     marking: Callable[[], MarkingPolicy] | None = None,
     request_timeout: float = REQUEST_TIMEOUT_S,
+    idle_timeout: float = 60.0,
+    authorize_timeout: float = AUTHORIZE_TIMEOUT_S,
+    stop_timeout: float = STOP_TIMEOUT_S,
 ) -> TokenServer:
     """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``; a port outside
-    0..65535 raises ``ValueError``, as does ``max_requests_per_connection`` below 1 and ``keyfile`` without
-    ``certfile``).
+    0..65535 raises ``ValueError``, as do ``max_requests_per_connection`` outside 1..10,000, ``idle_timeout``
+    outside 1..3600 and ``keyfile`` without ``certfile``; a ``source``, ``authorize`` or ``marking`` that is not
+    callable raises ``TypeError``).
+
+    ``source``: called with a :class:`ChatRequest`, returns an async iterator of ``str`` pieces (anything else it
+    yields, bytes too, fails that request with UPSTREAM_ERROR). A source that yields many pieces without awaiting
+    (a cached answer) is given no more than :data:`PIECES_PER_TURN` pieces or :data:`TURN_S` seconds at a time: the
+    other connections are served in between, and its pieces go out batched.
 
     ``authorize``: called with a request's auth token (None when it has none) before its source runs, for each
     request of a connection until one has been let in; a plain function or an ``async def`` (awaited in the
@@ -516,7 +674,8 @@ async def serve(
     ``True`` to let the connection in; ``False`` closes it with UNAUTHORIZED. Anything else (None, a truthy
     object, an exception) fails closed: the connection closes with INTERNAL and the request counts as failed
     (a verdict that is not a bool is logged once). With an async check, the requests that come before the first
-    verdict are each checked, and any ``False`` closes the connection, answers already let in with it.
+    verdict are each checked, and any ``False`` closes the connection, answers already let in with it. An async
+    check that gives no verdict within ``authorize_timeout`` seconds (default 10) fails closed as well (logged).
 
     ``max_requests_per_connection``: the answers a connection may have open at once, advertised to its client as
     QUIC's stream limit: the client's QUIC stack holds a request past it back until one of them has ended (a
@@ -528,13 +687,43 @@ async def serve(
 
     ``marking``: a factory of per-connection ECN marking policies (``tokenwire.transport.marking``); with
     it the server runs on the ECN-capable transport and sets each packet's codepoint. Pair ECT(1) marking
-    with ``congestion="prague"`` (a scalable response to CE).
+    with ``congestion="prague"`` (a scalable response to CE). ``serve`` calls the factory once before it binds,
+    and raises ``ValueError`` if that fails; a connection for which it fails later is closed with INTERNAL, after
+    its handshake, with the reason (and the failure is logged).
+
+    ``idle_timeout``: seconds without a packet from a client after which its connection ends and its running
+    sources are cancelled (the daemon's ``server.idle_timeout_s``; default 60): a client that vanished, its
+    sources generating for nobody, is cut off this soon. A live client's keepalive pings hold its connection open.
+
+    ``stop_timeout``: how long :meth:`TokenServer.wait_closed` waits for the sources ``close()`` cancelled to stop
+    (their ``finally`` blocks run); one that ignores its cancellation longer is logged and left running.
     """
     server = TokenServer(
         source, authorize=authorize, max_requests_per_connection=max_requests_per_connection, marking=marking,
-        request_timeout=request_timeout,
+        request_timeout=request_timeout, authorize_timeout=authorize_timeout, stop_timeout=stop_timeout,
     )
-    return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion)
+    return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion,
+                              idle_timeout=idle_timeout)
+
+
+def check_idle_timeout(value: float) -> None:
+    """ValueError unless ``value`` is in :data:`IDLE_TIMEOUT_RANGE_S`, the daemon's ``server.idle_timeout_s``."""
+    lo, hi = IDLE_TIMEOUT_RANGE_S
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:  # (nan: not in it)
+        raise ValueError(f"idle_timeout must be a number of seconds from {lo:g} to {hi:g} (the daemon's "
+                         f"server.idle_timeout_s), not {value!r}")
+
+
+def _try_marking(factory: Callable[[], MarkingPolicy]) -> None:
+    """Make one policy with ``factory`` and drop it: a factory that raises (``make_policy("swiftqueue")`` without
+    a forecaster) broke every handshake silently; it is a ValueError of ``serve`` now, before anything binds."""
+    try:
+        policy = factory()
+    except Exception as exc:
+        raise ValueError(f"marking: the policy factory failed: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(policy, "codepoint", None)) or not callable(getattr(policy, "on_sample", None)):
+        raise TypeError(f"marking: the factory returned {type(policy).__name__}, not a marking policy (one with "
+                        "codepoint() and on_sample())")
 
 
 def _example_source() -> Callable[[ChatRequest], AsyncIterator[str]]:  # pragma: no cover - example
