@@ -26,10 +26,10 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
@@ -75,6 +75,9 @@ CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a mi
 # fetch timed out ... no KV_META", never hearing that the store did not answer. The floor keeps a healthy store that
 # is slower than a tiny deadline (a long context's lookups) from being called unavailable.
 RESOLVE_FLOOR_S = 2.0
+# How often a waiting lookup looks again while the fetch worker runs nothing (the moment between two jobs): it
+# starts then, and its own time counts from there
+RESOLVE_RECHECK_S = 0.05
 
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -205,6 +208,47 @@ class ChunkMeta:
         return None
 
 
+_T = TypeVar("_T")
+
+
+class _TimedPool(ThreadPoolExecutor):
+    """A thread pool that knows since when its running jobs have run (:meth:`running_since`). A fetch's lookup is
+    bounded by its deadline so that a hung store is reported (:meth:`KVService.resolve`); counted from its submit,
+    the bound also took the time it sat queued behind other fetches' encodes, and a healthy store under concurrent
+    fetches was called unavailable (a lookup queued behind 2.5 s of moving work failed at 2 s)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._since: dict[object, float] = {}  # a running job's token -> when it started (time.monotonic)
+        self._since_lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """``fn(*args, **kwargs)`` on a worker, its start and end recorded (every job: run_in_executor's too)."""
+        token = object()
+
+        def timed() -> _T:
+            with self._since_lock:
+                self._since[token] = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._since_lock:
+                    del self._since[token]
+
+        return super().submit(timed)
+
+    def running_since(self) -> float | None:
+        """When the latest-started of the running jobs started; None while none runs. With every worker busy a
+        queued job waits on all of them: this is the one that has run the shortest (the fetch pool has one)."""
+        with self._since_lock:
+            return max(self._since.values(), default=None)
+
+
+def _after(hashes: Sequence[str], i: int) -> Sequence[str]:
+    """The hashes after the ``i``-th: the chunks that follow it in a fetch's chain."""
+    return hashes[i + 1 :]
+
+
 def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
     from tokenwire.transport.cachegen.smollm import model_fingerprint
 
@@ -220,7 +264,7 @@ class KVService:
         self.chunk_tokens = chunk_tokens
         # the ingest socket's puts in memory at once (bodies read, being chunked and stored): kv.ingest_memory_mb
         self.put_memory = MemoryBudget(put_memory_bytes)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-store")  # fetches
+        self.pool = _TimedPool(max_workers=1, thread_name_prefix="tw-kv-store")  # fetches (see resolve)
         # ingests (with their prewarm encodes) on their own worker: on the fetch worker, a fetch of a small
         # encoded context waited behind another engine's ingest and missed its deadline (1.3 s against 0.15)
         self.ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-ingest")
@@ -360,15 +404,15 @@ class KVService:
             return candidates[n - 1], m
         return None
 
-    def _usable(self, h: str, later: Sequence[str] = ()) -> ChunkMeta | None:
+    def _usable(self, h: str, later: Callable[[], Sequence[str]] = tuple) -> ChunkMeta | None:
         """Chunk ``h``'s metadata when it can be sent: its metadata and its source are stored. A chunk without its
         source (removed at the store's start as truncated, or deleted when a read found it corrupt) is a miss, the
         end of a prefix fetch: taken as stored while an encoded level of it was, it failed every prefix fetch of its
         context mid-way with "chunk ... is no longer stored" as soon as a level not stored was asked for. Its
-        metadata and levels are removed then (dead weight, counted in the store's bytes), with the chunks ``later``
-        (those known to follow it: unreachable without it). Under the chunk's lock:
-        an ingest replacing the chunk (metadata deleted, then written) is seen before or after, never half-way as
-        a miss."""
+        metadata and levels are removed then (dead weight, counted in the store's bytes), with the chunks that
+        ``later()`` lists (those known to follow it: unreachable without it; asked for only then). Under the chunk's
+        lock: an ingest replacing the chunk (metadata deleted, then written) is seen before or after, never half-way
+        as a miss."""
         with self._chunk_lock(h):
             m = self.meta_sync(h)
             if m is None:
@@ -378,7 +422,7 @@ class KVService:
                                         "tokenwire version; the next put replaces it)")
                 return None
             if not self.store.contains(object_key(h, "src")):
-                self._drop_unsourced(h, later)
+                self._drop_unsourced(h, later())
                 return None
             return m
 
@@ -631,10 +675,12 @@ class KVService:
         else:
             hashes = [h.hex() for h in fetch.hashes or []]
         metas: list[ChunkMeta] = []
+        chained = fetch.token_ids is not None
         for i, h in enumerate(hashes):
             # chained from the fetch's token ids, the later hashes follow this chunk: unreachable if it is gone.
-            # (Hashes a client lists prove nothing before they are checked: none go for them)
-            m = self._usable(h, hashes[i + 1 :] if fetch.token_ids is not None else ())
+            # (Hashes a client lists prove nothing before they are checked: none go for them.) Sliced only on a
+            # miss: sliced for every chunk, a 4,096-chunk lookup copied ~8 million hashes (27 ms)
+            m = self._usable(h, functools.partial(_after, hashes, i) if chained else tuple)
             if m is None:
                 if fetch.prefix and fetch.token_ids is not None:
                     # the chain's later chunks all depend on this one: the prefix ends here, perhaps with the
@@ -705,20 +751,43 @@ class KVService:
 
     # -- KVProvider (async, for the channel) -----------------------------------------------------------------
     async def resolve(self, fetch: KvFetch) -> ContextPlan:
-        """:meth:`resolve_sync` on the fetch worker, within the fetch's deadline (:data:`RESOLVE_FLOOR_S` at least):
-        past it the fetch fails with "KV store unavailable" (:class:`StoreError`). The lookup in progress finishes
-        on the worker, when the store answers or its own timeout ends it; one still queued is cancelled."""
+        """:meth:`resolve_sync` on the fetch worker, bounded by the fetch's deadline (:data:`RESOLVE_FLOOR_S` at
+        least): the fetch fails with "KV store unavailable" (:class:`StoreError`) once the lookup itself, or the job
+        running ahead of it on the worker (another fetch's lookup or chunk: store calls), has run that long: the
+        store does not answer (a hung Redis). Time queued behind jobs that each end within the bound is not counted:
+        that queue is moving, and the store answering (counted, a healthy store under concurrent fetches was called
+        unavailable). The lookup in progress finishes on the worker, when the store answers or its own timeout ends
+        it; one still queued is cancelled, as it is when the fetch is (resolve cancelled)."""
         bound = max(fetch.deadline_ms / 1000.0, RESOLVE_FLOOR_S)
-        job = asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
+        began: list[float] = []  # when the lookup started on the worker
+
+        def lookup() -> ContextPlan:
+            began.append(time.monotonic())
+            return self.resolve_sync(fetch)
+
+        job = asyncio.get_running_loop().run_in_executor(self.pool, lookup)
         try:
-            return await asyncio.wait_for(job, bound)
-        except TimeoutError:
-            held = self._unanswered.due()
-            if held is not None:
-                log.warning("KV store %s did not answer a fetch's lookup within %g s (its deadline): the fetch failed "
-                            "as \"KV store unavailable\"%s", self.store.where, bound,
-                            f"; {held} more since the last such line" if held else "")
-            raise StoreError(f"KV store unavailable: no answer within the fetch's deadline ({bound:g} s)") from None
+            while not job.done():
+                since = began[0] if began else self.pool.running_since()
+                if since is None:  # between two jobs: this one or the next starts now
+                    left = RESOLVE_RECHECK_S
+                else:
+                    left = since + bound - time.monotonic()
+                    if left <= 0:
+                        break
+                await asyncio.wait({job}, timeout=left)  # (never cancels the job; a cancelled resolve does, below)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if job.done():
+            return job.result()
+        job.cancel()
+        held = self._unanswered.due()
+        if held is not None:
+            log.warning("KV store %s did not answer a fetch's lookup, or the store call ahead of it, within %g s (its "
+                        "deadline): the fetch failed as \"KV store unavailable\"%s", self.store.where, bound,
+                        f"; {held} more since the last such line" if held else "")
+        raise StoreError(f"KV store unavailable: no answer within the fetch's deadline ({bound:g} s)")
 
     async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)

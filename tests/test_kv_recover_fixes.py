@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,228 @@ def test_a_stopped_redis_is_reported_to_the_client_within_the_fetch_deadline(tmp
         finally:
             os.kill(pid, signal.SIGCONT)
             svc.close()
+
+
+# -- review of the above (/tmp/xp/s30/pR) ---------------------------------------------------------------------------
+def test_chunks_after_a_chunk_gone_whole_go_at_start_with_nothing_of_it_left(tmp_path: Path, caplog):
+    """Chunk 0's source, metadata and level all truncated: no chunk of it is without its source, so only the search
+    for the parents of chunks 1 and 2 can tell they are unreachable (in the test above its level is left, and the
+    chunks after it went as its descendants)."""
+    root = tmp_path / "kv"
+    _, hashes = _put_three(root)
+    for kind in ALL:
+        os.truncate(_file(root, hashes[0], kind), 10)
+    store = LocalChunkStore(root, 64 << 20)
+    try:
+        assert store.used_bytes == 0 and _objects(root) == []
+        assert store.stats.unsourced == 0 and store.stats.evictions == 6
+        assert "removed 2 chunks that follow a chunk that is gone" in caplog.text
+    finally:
+        store.close()
+
+
+def test_the_search_for_parents_at_start_tries_chunks_with_children_first(tmp_path: Path, monkeypatch):
+    """Under the search's bound, a shared first chunk (one with a child linked already) is tried before the many
+    first chunks without children that come before it in mtime order: its old child is linked to it, not left
+    unlinked for want of steps."""
+    root = tmp_path / "kv"
+    store = LocalChunkStore(root, 10 << 20)
+    shared, old, new = list(range(8)), list(range(100, 108)), list(range(200, 208))
+    p0 = chain_step(chain_root("m"), shared)
+    x1, y1 = chain_step(p0, old), chain_step(p0, new)
+    _put_chunk(store, p0, 0, shared)
+    _put_chunk(store, x1, 1, old)
+    _put_chunk(store, y1, 1, new)
+    others = [chain_step(chain_root("m"), [1000 + i]) for i in range(kv_store.CHAIN_MEMORY + 6)]
+    for i, h in enumerate(others):
+        _put_chunk(store, h, 0, [1000 + i])
+    store.close()
+    t = 1_700_000_000
+    for n, h in enumerate((x1, *others, p0, y1)):  # x1 far from p0; y1 next to it (linked by the mtime order)
+        for kind in ("src", "meta"):
+            os.utime(_file(root, h, kind), (t + n, t + n))
+    monkeypatch.setattr(kv_store, "RECOVER_SEARCH_STEPS", 5)  # fewer than the chunks without children before p0
+    store = LocalChunkStore(root, 10 << 20)
+    try:
+        assert store._parent.get(y1) == p0 and store._parent.get(x1) == p0
+        assert store.stats.evictions == 0
+    finally:
+        store.close()
+
+
+class _DictStore(ChunkStore):
+    """A store with the base class's own drop_unsourced (the local and Redis stores have their own): a dict."""
+
+    def __init__(self) -> None:
+        self.capacity_bytes = 64 << 20
+        self.stats = kv_store.StoreStats()
+        self._objects: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self._objects.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._objects[key] = bytes(data)
+        self.stats.puts += 1
+
+    def delete(self, key: str) -> None:
+        self._objects.pop(key, None)
+
+    def contains(self, key: str) -> bool:
+        return key in self._objects
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(len(v) for v in self._objects.values())
+
+
+def test_the_base_store_counts_the_chunks_after_an_unsourced_one_as_evictions():
+    store = _DictStore()
+    svc = KVService(store, chunk_tokens=CHUNK)
+    ids = list(range(3 * CHUNK))
+    hashes = svc.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["low"])
+    store.delete(object_key(hashes[1], "src"))
+    assert _prefix(svc, ids) == [CHUNK]
+    assert [any(_stored(store, h, ALL)) for h in hashes] == [True, False, False]
+    assert store.stats.unsourced == 1 and store.stats.evictions == 3  # chunk 2's source, metadata and level
+    svc.close()
+
+
+class _CountedSlices(list):
+    """A list that counts the items its slices copy."""
+
+    copied = 0
+
+    def __getitem__(self, key):  # type: ignore[override]
+        got = super().__getitem__(key)
+        if isinstance(key, slice):
+            self.copied += len(got)
+        return got
+
+
+def test_a_lookup_by_token_ids_slices_the_later_hashes_only_on_a_miss(tmp_path, monkeypatch):
+    """The later hashes (those a chunk without its source takes with it) were sliced for every chunk: n*(n-1)/2
+    hashes copied per lookup (27 ms at 4,096 chunks), for a miss that seldom comes."""
+    svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK)
+    ids = list(range(16 * CHUNK))
+    svc.ingest_sync(MODEL, ids, make_kv(len(ids)))
+    made: list[_CountedSlices] = []
+
+    def counted(*args, **kwargs) -> _CountedSlices:
+        made.append(_CountedSlices(kv_store.chunk_hashes(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(kv_service, "chunk_hashes", counted)
+    try:
+        assert svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids)).token_counts == [CHUNK] * 16
+        assert len(made) == 1 and made[0].copied <= 2 * 16  # (the plan's own hashes: one slice of 16)
+    finally:
+        svc.close()
+
+
+class _Slow(LocalChunkStore):
+    """A local store whose first lookup after ``slow`` is set takes ``delay`` seconds (a slow, healthy store)."""
+
+    delay = 0.3
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow = threading.Event()
+
+    def contains(self, key: str) -> bool:
+        if self.slow.is_set():
+            self.slow.clear()
+            time.sleep(self.delay)
+        return super().contains(key)
+
+
+def test_a_healthy_store_slower_than_a_tiny_deadline_is_not_called_unavailable(tmp_path):
+    """The bound has a floor (RESOLVE_FLOOR_S, 2 s): a 1-ms deadline does not make a 0.3-s lookup "unavailable"."""
+    store = _Slow(tmp_path / "kv", 64 << 20)
+    svc = KVService(store, chunk_tokens=CHUNK)
+    ids = list(range(2 * CHUNK))
+    svc.ingest_sync(MODEL, ids, make_kv(len(ids)))
+    store.slow.set()
+    try:
+        plan = asyncio.run(svc.resolve(KvFetch(model=MODEL, deadline_ms=1, token_ids=ids)))
+        assert plan.token_counts == [CHUNK] * 2 and not store.slow.is_set()  # (the slow lookup was made)
+    finally:
+        svc.close()
+
+
+def _stored_service(tmp_path: Path) -> tuple[KVService, list[int]]:
+    svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=CHUNK)
+    ids = list(range(2 * CHUNK))
+    svc.ingest_sync(MODEL, ids, make_kv(len(ids)))
+    return svc, ids
+
+
+def test_a_lookup_queued_behind_moving_work_is_served_not_called_unavailable(tmp_path, monkeypatch):
+    """resolve_queue.py: the one fetch worker busy with other fetches' work (here six jobs of 0.3 s, each well
+    within the 1-s bound, 1.8 s together): the bound counted the time queued, and a healthy store was "KV store
+    unavailable: no answer within the fetch's deadline"."""
+    monkeypatch.setattr(kv_service, "RESOLVE_FLOOR_S", 1.0)
+    svc, ids = _stored_service(tmp_path)
+    try:
+        ahead = [svc.pool.submit(time.sleep, 0.3) for _ in range(6)]
+        plan = asyncio.run(svc.resolve(KvFetch(model=MODEL, deadline_ms=50, token_ids=ids)))
+        assert plan.token_counts == [CHUNK] * 2 and all(job.done() for job in ahead)
+    finally:
+        svc.close()
+
+
+def _hung_ahead(svc: KVService) -> threading.Event:
+    """A job on the fetch worker that runs until the event returned is set (a store call that hangs)."""
+    release = threading.Event()
+    svc.pool.submit(release.wait, 30)
+    return release
+
+
+def _count_lookups(svc: KVService, monkeypatch) -> list[KvFetch]:
+    calls: list[KvFetch] = []
+    real = svc.resolve_sync
+
+    def counted(fetch: KvFetch):
+        calls.append(fetch)
+        return real(fetch)
+
+    monkeypatch.setattr(svc, "resolve_sync", counted)
+    return calls
+
+
+def test_a_lookup_queued_behind_a_hung_job_fails_as_unavailable_and_never_runs(tmp_path, monkeypatch):
+    """The point of the bound stays: a job ahead on the worker that has run for the bound (a hung Redis under
+    another fetch's chunk) fails the lookups queued behind it as the store not answering, and they are dropped."""
+    monkeypatch.setattr(kv_service, "RESOLVE_FLOOR_S", 0.1)
+    svc, ids = _stored_service(tmp_path)
+    calls = _count_lookups(svc, monkeypatch)
+    release = _hung_ahead(svc)
+    try:
+        with pytest.raises(StoreError, match=r"KV store unavailable: no answer within the fetch's deadline"):
+            asyncio.run(svc.resolve(KvFetch(model=MODEL, deadline_ms=50, token_ids=ids)))
+    finally:
+        release.set()
+    svc.pool.submit(lambda: None).result(10)  # the worker is past the hung job and whatever was queued
+    assert calls == []
+    svc.close()
+
+
+def test_a_cancelled_fetch_takes_its_queued_lookup_with_it(tmp_path, monkeypatch):
+    svc, ids = _stored_service(tmp_path)
+    calls = _count_lookups(svc, monkeypatch)
+    release = _hung_ahead(svc)
+
+    async def cancel_while_queued() -> None:
+        task = asyncio.create_task(svc.resolve(KvFetch(model=MODEL, deadline_ms=5000, token_ids=ids)))
+        await asyncio.sleep(0)  # (its job is submitted at its first step)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(cancel_while_queued())
+    finally:
+        release.set()
+    svc.pool.submit(lambda: None).result(10)
+    assert calls == []
+    svc.close()

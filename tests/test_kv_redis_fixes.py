@@ -15,6 +15,7 @@ import pytest
 
 from tests.test_cli_fixes2 import _config
 from tests.test_kv_channel import CHUNK, MODEL, make_kv
+from tests.test_kv_ingest_fixes3 import _rot
 from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F401  (the fixtures)
 from tokenwire.daemon import kv_service
 from tokenwire.daemon.config import ConfigError, load_config
@@ -24,7 +25,7 @@ from tokenwire.daemon.kv_store import LocalChunkStore, RedisChunkStore, StoreErr
 from tokenwire.daemon.logs import shown_url
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.frames import KvFetch
-from tokenwire.transport.kv_channel import KVNotFound
+from tokenwire.transport.kv_channel import KVError, KVNotFound
 
 
 def _error(payload: bytes, kv, first: int = 0) -> float:
@@ -303,3 +304,71 @@ def test_daemons_sharing_a_store_with_other_settings_are_warned_at_start(redis_u
 
 def _said(caplog, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+# -- review of the above (/tmp/xp/s30/pR) ---------------------------------------------------------------------------
+def test_a_re_put_with_other_kv_under_equal_metadata_replaces_a_chunk_whose_source_rotted(make_store):  # noqa: F811
+    """The stored source is unreadable and the put's own KV is not the one the metadata names (an engine whose
+    bytes differ run to run, under the same fingerprint): the chunk is replaced whole. Writing the put's source
+    under the old metadata said ok, and the next fetch was a miss ("another put's")."""
+    store = make_store(capacity=64 << 20)
+    svc = KVService(store, chunk_tokens=CHUNK)
+    ids = list(range(CHUNK))
+    kv_a, kv_b = make_kv(CHUNK, 1), make_kv(CHUNK, 2)
+    (h,) = svc.ingest_sync(MODEL, ids, kv_a, fingerprint=111)
+    _rot(store, object_key(h, "src"))
+    svc.ingest_sync(MODEL, ids, kv_b, fingerprint=111)
+    meta = ChunkMeta.unpack(store.get(object_key(h, "meta")))
+    assert meta.source == source_id(store.get(object_key(h, "src")))
+    plan = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+    assert _error(svc.chunk_sync(plan, 0, "high"), kv_b) < 0.5
+    svc.close()
+
+
+def test_metadata_another_daemon_writes_between_the_read_and_the_drop_is_kept(redis_url, monkeypatch):  # noqa: F811
+    """B's fetch finds B's source under A's metadata and drops that metadata; meanwhile another daemon puts the
+    chunk again (new metadata, its own source): the drop, one script that compares the metadata first, keeps it."""
+    a, b = _two_daemons(redis_url)
+    ids = list(range(CHUNK))
+    kv_a, kv_b = make_kv(CHUNK, 1), make_kv(CHUNK, 2)
+    try:
+        h = _race(monkeypatch, a, b, ids, kv_a, kv_b, fingerprint=222)
+        fetch = KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids)
+        plan = b.resolve_sync(fetch)
+        found = b.store.found_mismatched
+
+        def put_again_before_the_drop(chunk: str, problem: str) -> None:
+            found(chunk, problem)
+            a.ingest_sync(MODEL, ids, kv_b, fingerprint=222)
+
+        monkeypatch.setattr(b.store, "found_mismatched", put_again_before_the_drop)
+        with pytest.raises(KVNotFound, match="another put's"):
+            b.chunk_sync(plan, 0, "high")
+        monkeypatch.setattr(b.store, "found_mismatched", found)
+        assert b.store.stats.mismatched == 1 and b.store.stats.unsourced == 0  # nothing dropped
+        assert ChunkMeta.unpack(b.store.get(object_key(h, "meta"))).fingerprint == 222
+        plan = b.resolve_sync(fetch)
+        assert plan.fingerprint == 222 and _error(b.chunk_sync(plan, 0, "high"), kv_b) < 0.5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_metadata_with_a_source_identity_of_another_length_is_unreadable_and_left_in_place(make_store):  # noqa: F811
+    """A source identity that is not 24 bytes (another version's, or damaged) is no identity of ours: the metadata
+    is unreadable (a miss, left for the version that wrote it), never read as naming another put's source (then its
+    first fetch deleted it as mismatched)."""
+    store = make_store(capacity=64 << 20)
+    svc = KVService(store, chunk_tokens=CHUNK)
+    ids = list(range(CHUNK))
+    (h,) = svc.ingest_sync(MODEL, ids, make_kv(CHUNK))
+    doc = msgpack.unpackb(store.get(object_key(h, "meta")))
+    doc["src"] = doc["src"][:16]
+    with pytest.raises(KVError, match="source identity out of range"):
+        ChunkMeta.unpack(msgpack.packb(doc))
+    store.put(object_key(h, "meta"), msgpack.packb(doc))
+    fresh = KVService(store, chunk_tokens=CHUNK)  # (nothing cached)
+    with pytest.raises(KVNotFound, match="0 of 1 chunks found"):
+        fresh.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
+    assert store.contains(object_key(h, "meta")) and store.stats.mismatched == 0
+    svc.close()

@@ -516,3 +516,16 @@ def test_validation_counts_only_arrivals_of_the_codepoint_sent_or_ce() -> None:
     v.on_sent(ECT0, 44, 45)  # a run of both codepoints: either validates it
     v.on_counts([0, 1, 21, 1])
     assert not v.on_acked(44) and v.state == "capable"
+
+
+def test_a_re_marking_path_is_still_detected_after_the_codepoint_switches() -> None:
+    """Validated with ECT(0), then moved to ECT(1) (swiftqueue into L) on a path that re-marks ECT(1) to ECT(0):
+    the codepoints of packets before the validation must not count for those after it, or those ECT(0) arrivals
+    validate the ECT(1) packets and the re-marking is never seen."""
+    v = EcnValidation(packets=10)
+    v.on_sent(ECT0, 0, 10)
+    v.on_counts([0, 0, 10, 0])  # ECT(0) arrivals for ECT(0) packets: capable
+    assert v.state == "capable"
+    v.on_sent(ECT1, 10, 20)
+    v.on_counts([0, 0, 20, 0])  # the ECT(1) packets arrive as ECT(0)
+    assert v.on_acked(19) and v.state == "failed" and v.failures == 1
