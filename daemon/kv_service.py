@@ -681,6 +681,10 @@ class KVService:
             # (Hashes a client lists prove nothing before they are checked: none go for them.) Sliced only on a
             # miss: sliced for every chunk, a 4,096-chunk lookup copied ~8 million hashes (27 ms)
             m = self._usable(h, functools.partial(_after, hashes, i) if chained else tuple)
+            if m is not None and m.model != fetch.model:
+                # (by hashes only: a token-id chain starts from its model) another model's chunk is a miss for this
+                # one, as its token ids are: "belongs to model 'm-A'" told a client of m-B that, and whose, it was
+                m = None
             if m is None:
                 if fetch.prefix and fetch.token_ids is not None:
                     # the chain's later chunks all depend on this one: the prefix ends here, perhaps with the
@@ -695,8 +699,6 @@ class KVService:
                 if fetch.prefix and metas:
                     break
                 raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found")
-            if m.model != fetch.model:
-                raise KVNotFound(f"chunk {h} belongs to model {m.model!r}, not {fetch.model!r}")
             metas.append(m)
         hashes = hashes[:len(metas)]
         if fetch.token_ids is None:  # by hashes: they must be a context's chain from its first chunk, in order

@@ -565,7 +565,8 @@ class KVServerSession(_SessionBase):
         if f is None:
             if self._late(stream_id, end):  # the rest of a refused KV_FETCH, a KV_ACK that crossed our ERROR
                 return []
-            if not data and end:
+            if not data and end:  # an empty stream: ours ends too (left open, its credit never came back: after 128
+                self._fin(stream_id)  # of them the connection could open no fetch, held back by QUIC for ever)
                 return []
             if len(self.fetches) >= self.max_fetches:
                 return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
@@ -636,8 +637,10 @@ class KVServerSession(_SessionBase):
         raise ProtocolError(f"fetch stream {f.stream_id}: unexpected {type(frame).__name__} frame")
 
     def _on_ack(self, f: ServerFetch, ack: KvAck, now: float) -> None:
-        if f.plan is None or ack.index >= f.next_index or ack.index in f.acked:
+        if f.plan is None or ack.index >= f.next_index:
             raise ProtocolError(f"KV_ACK for chunk {ack.index}, which was not sent")
+        if ack.index in f.acked:  # (its own words: "which was not sent" sent a client's author after the wrong bug)
+            raise ProtocolError(f"KV_ACK for chunk {ack.index}, which was acknowledged already")
         f.acked.add(ack.index)
         f.bytes_acked += ack.size
         start = ack.first_us if f.last_done_us is None else max(ack.first_us, f.last_done_us)
