@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,6 +27,20 @@ CLEANUP_S = 5.0
 """How long the tasks still running when the answer's task has ended (aioquic's, a closing connection's) get to end
 before the event loop closes anyway: asyncio.run waited for them without a bound, and a double Ctrl-C hung the
 client there (1 run in 12)."""
+RECONNECT_S = 300.0
+"""How long ``--retries`` goes on reconnecting after one lost connection before it gives up: the daemon keeps an
+answer nobody is attached to for ``limits.orphan_timeout_s`` (300 s by default), counted from when its end of the
+connection timed out, about when the client noticed. The attempts used to follow one another back to back, each
+bounded only by the 10-s handshake timeout (or --idle-timeout): a 120-s outage both ways gave up at 95 s with the
+answer still at the daemon, and with --idle-timeout 3 --retries 5 the retries were gone 12 s into an outage."""
+RETRY_FIRST_S = 1.0
+"""The wait before an outage's second reconnect attempt (the first goes at once), doubling with each one after."""
+RETRY_CAP_S = 15.0
+"""The longest wait between reconnect attempts: the answer resumes at most this long (plus a handshake) after the
+path returns, and a failing name lookup (a network gone: it fails at once) costs a line on stderr per 15 s."""
+RETRY_JITTER = 0.2
+"""Each wait is shortened by up to this fraction at random: clients cut off together (a server's or a cell's
+outage) do not come back in lockstep."""
 
 
 def _port(text: str) -> int:
@@ -62,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "server is noticed; a live one answers keepalive pings while its model thinks")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="when the connection is lost mid-answer (the path went silent for --idle-timeout), "
-                   "reconnect and resume the answer where it stopped, up to N times (default 3; 0: give up)")
+                   "reconnect and resume the answer where it stopped, up to N times (default 3; 0: give up); "
+                   f"attempts that find no server back off ({RETRY_FIRST_S:g} s doubling to {RETRY_CAP_S:g} s "
+                   f"apart) and go on for {RECONNECT_S:g} s after each loss")
     p.add_argument("--max-time", type=float, metavar="S",
                    help="give up when the whole answer has not come within S seconds, retries included, and "
                    "cancel it at the server (default: no limit; a live server that stops sending holds the "
@@ -167,6 +185,49 @@ def attach_hint(request_id: bytes) -> str:
     """The line on stderr that gives an answer's id, in a form to paste: a client killed or cut off mid-answer
     left the daemon generating it, and nothing had said its id (only --stats did, after a successful end)."""
     return f"[request id {request_id.hex()} (tokenwire chat --attach {request_id.hex()})]"
+
+
+class Reconnecting:
+    """``--retries``' bookkeeping: how many lost connections are left to resume, and when an outage's next
+    reconnect attempt goes.
+
+    A connection that was up and is lost mid-answer spends one retry (``retries`` in all) and starts an outage; its
+    first reconnect attempt goes at once. Attempts that find no server (no handshake, no name lookup) spend no
+    retry: the next one follows after :data:`RETRY_FIRST_S`, doubling up to :data:`RETRY_CAP_S` (jittered), for
+    :data:`RECONNECT_S` after the loss. Counting every attempt as a retry spent them back to back, seconds into
+    an outage the daemon outlives."""
+
+    def __init__(self, retries: int, *, clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.retries = retries
+        self.clock = clock
+        self.rng = rng  # in [0, 1): the jitter
+        self.used = 0  # lost connections resumed, or being reconnected
+        self.attempts = 0  # reconnect attempts in the current outage (the one under way included)
+        self.lost_at = 0.0  # (the clock's) when the current outage's connection was lost
+
+    def lost(self) -> bool:
+        """A connection that was up is lost: whether a retry is left (it is spent now, and an outage starts)."""
+        if self.used >= self.retries:
+            return False
+        self.used += 1
+        self.attempts = 1
+        self.lost_at = self.clock()
+        return True
+
+    def failed(self) -> float | None:
+        """The current outage's reconnect attempt failed: seconds to wait before the next one, or None when it
+        would start past :data:`RECONNECT_S` since the loss (then give up)."""
+        wait = min(RETRY_CAP_S, RETRY_FIRST_S * 2.0 ** min(self.attempts - 1, 30))
+        wait *= 1.0 - RETRY_JITTER * self.rng()
+        if self.reconnecting_for() + wait > RECONNECT_S:
+            return None
+        self.attempts += 1
+        return wait
+
+    def reconnecting_for(self) -> float:
+        """Seconds since the current outage's connection was lost."""
+        return self.clock() - self.lost_at
 
 
 def run_interruptible(main: Coroutine[Any, Any, T],
@@ -335,10 +396,11 @@ def run(args: argparse.Namespace) -> int:
 
     async def go() -> Any:
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
-        retries = 0
+        reconnecting = Reconnecting(args.retries)
         while True:
             stream = None
             connected = False
+            wait = 0.0  # before the next reconnect attempt
             try:
                 async with connect(
                     args.host,
@@ -390,13 +452,33 @@ def run(args: argparse.Namespace) -> int:
                 point = stream.resume_point() if stream is not None else None
                 if point is None and resume is not None:
                     point = resume  # the reconnect itself failed: still where we were
-                if not lost or point is None or retries >= args.retries:
+                if not lost or point is None:
                     raise
-                retries += 1
                 resume = point
                 where["id"] = point[0].hex()
-                print(f"\n[{printable(str(exc))}; resuming request {point[0].hex()} after token {len(point[1])} "
-                      f"({retries}/{args.retries})]", file=sys.stderr, flush=True)
+                at = f"request {point[0].hex()} after token {len(point[1])}"
+                if connected:  # a connection that was up is lost: a retry, its first attempt at once
+                    if not reconnecting.lost():
+                        given = ("not reconnecting (--retries 0)" if not args.retries else
+                                 f"gave up: the connection was lost {args.retries + 1} times, --retries "
+                                 f"{args.retries} used up")
+                        raise CLIError(f"{printable(str(exc))}; {given}") from exc
+                    print(f"\n[{printable(str(exc))}; resuming {at} ({reconnecting.used}/{args.retries})]",
+                          file=sys.stderr, flush=True)
+                    continue
+                # no server reached (the path still dark, the network gone): wait, longer each time, then try
+                # again; interruptible as the rest (Ctrl-C, --max-time cancel the sleep)
+                pause = reconnecting.failed()
+                if pause is None:
+                    raise CLIError(
+                        f"{printable(str(exc))}; gave up reconnecting: no server reached in "
+                        f"{reconnecting.reconnecting_for():.0f} s and {reconnecting.attempts} attempts since the "
+                        f"connection was lost (--retries reconnects for at most {RECONNECT_S:g} s)") from exc
+                wait = pause
+                print(f"[{printable(str(exc))}; resuming {at} ({reconnecting.used}/{args.retries}): attempt "
+                      f"{reconnecting.attempts} in {wait:.1f} s, {reconnecting.reconnecting_for():.0f} s after the "
+                      "loss]", file=sys.stderr, flush=True)
+            await asyncio.sleep(wait)  # (outside the except: a Ctrl-C here is not chained to the lost connection)
 
     async def bounded():
         if args.max_time is None:
