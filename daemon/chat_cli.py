@@ -284,9 +284,19 @@ def run_interruptible(main: Coroutine[Any, Any, T],
         finally:
             _finish_loop(loop)
     finally:
-        for sig, previous in taken:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN if raising else previous)
+        # interrupted, the signals go from the loop's handler to ignored with them blocked: remove_signal_handler
+        # puts SIGINT's default handler back first, and another Ctrl-C in between was a KeyboardInterrupt out of
+        # this cleanup (the client killed by SIGINT, 1 run in a few under load); one pending meanwhile is dropped
+        held = {sig for sig, _ in taken} if raising else set()
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for sig, previous in taken:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN if raising else previous)
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         asyncio.set_event_loop(None)
         loop.close()
 
