@@ -87,8 +87,10 @@ log = logging.getLogger("tokenwire.daemon")
 # it is made (tests shorten them)
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
-# A full garbage collection after connections ended, at most this often (see Daemon._collect_ended)
+# A full garbage collection after connections ended (see Daemon._collect_ended): at most this often, and only once those
+# ended since the last one are at least this fraction of the connections alive
 GC_INTERVAL_S = 30.0
+GC_ENDED_FRACTION = 0.25
 # UNAUTHORIZED for a token of another principal than the connection's (Daemon._authorize; docs/protocol.md)
 ANOTHER_PRINCIPAL = ("auth token of another principal: a connection keeps the principal of its first authorized "
                      "request (open a new connection for another)")
@@ -202,6 +204,7 @@ class Daemon:
         self.unauthorized: PreauthBudget[DaemonProtocol] = PreauthBudget(
             lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)), measure=lambda p: p.held_bytes())
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
+        self._froze_heap = False  # start() froze what was alive then (gc.freeze): stop() unfreezes it
         self._collected_at = -GC_INTERVAL_S
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self._orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
@@ -324,6 +327,14 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
+        if self._handle_signals and not gc.get_freeze_count():
+            # the process is this daemon's (run()), and what is alive now (imports; torch and numba with [kv]) lives
+            # as long as it: frozen, no full collection walks it again (~52,000 objects, ~25 ms of each; with [kv]
+            # 0.1-0.25 s). Collected first, and before any chat client is let in, so that no garbage and no
+            # connection is frozen (a frozen cycle is never freed)
+            gc.collect()
+            gc.freeze()
+            self._froze_heap = True
         for server in self._servers:
             server.accepting = True
         self.serving = True
@@ -454,14 +465,19 @@ class Daemon:
             self.kv.server.flush_logs(now)
 
     def _collect_ended(self, now: float) -> None:
-        """A full garbage collection when connections have ended since the last one, at most every GC_INTERVAL_S.
+        """A full garbage collection once the connections ended since the last one are at least GC_ENDED_FRACTION of
+        those alive, at most every GC_INTERVAL_S.
 
-        aioquic's ``QuicConnection`` is a reference cycle of its own (its frame handlers, its loss recovery's probe
-        callback and its TLS callbacks are its bound methods), which cannot be broken from outside: a closed
-        connection, and the stream buffers it holds, waited for a full collection, which a daemon with a large
-        heap runs seldom (the probe saw megabytes per closed connection stay).
-        """
-        if not self._ended_connections or now - self._collected_at < GC_INTERVAL_S:
+        An ended connection leaves a reference cycle (aioquic's ``QuicConnection`` and its bound methods) that only a
+        full collection frees, and a daemon with a large heap runs one seldom. A collection after every end stalled
+        the loop, /healthz included, 0.45 s at 2000 sessions and 0.6-1 s at 3000 after any one close: it walks every
+        live session (~300 objects each), not only the ended ones. DaemonProtocol._release_ended empties the cycle's
+        buffers at the end (~30 KiB of small objects are left of ~100 KiB, or megabytes), so it can wait: each end
+        pays for the walk of at most 1/GC_ENDED_FRACTION live sessions, and the leftovers waiting stay below a quarter
+        of the connections alive (CPython's own full collections wait for the same 25 % growth of the heap). With no
+        connection left, the first end collects (what is walked is then little more than the leftovers)."""
+        ended = self._ended_connections
+        if not ended or now - self._collected_at < GC_INTERVAL_S or ended < GC_ENDED_FRACTION * len(self.protocols):
             return
         self._ended_connections = 0
         self._collected_at = now
@@ -877,6 +893,9 @@ class Daemon:
             with _logged("telling systemd"):
                 self.notifier.close()
         finally:
+            if self._froze_heap:  # (a process that goes on after its daemon, a test run, gets its heap back)
+                self._froze_heap = False
+                gc.unfreeze()
             self._stopped.set()
 
     async def run(self, *, sighup_before: Callable[[], bool] | None = None) -> None:
