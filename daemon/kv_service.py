@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -134,6 +135,23 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
     if fingerprint is not None and (type(fingerprint) is not int or not 0 <= fingerprint < 1 << 64):
         raise KVIngestError("fingerprint must be an integer in [0, 2**64)")
     return token_ids
+
+
+def _check_prewarm(prewarm: object) -> list[str]:
+    """The levels a put asks to encode now, each once, in its order. Every entry cost an encode, or a store read of
+    the level the first one wrote, per chunk: a 1.6-MB header of 200,000 "low"s held the one ingest worker 16.7 s
+    (every put queued behind it). A list longer than the levels there are is refused, not cut: it is no engine's."""
+    # two messages: "must list levels of low, medium, high" for a prewarm of None (JSON null) read as a wrong level
+    # name, where the list itself was missing
+    if not isinstance(prewarm, list | tuple):
+        raise KVIngestError(f"prewarm must be a list of levels ({', '.join(LEVELS)}), "
+                            f"got {type(prewarm).__name__} {prewarm!r:.40}")
+    if len(prewarm) > len(LEVELS):
+        raise KVIngestError(f"prewarm lists {len(prewarm)} entries; there are {len(LEVELS)} levels "
+                            f"({', '.join(LEVELS)}): name each at most once")
+    if bad := [p for p in prewarm if p not in LEVELS]:
+        raise KVIngestError(f"prewarm: unknown level {bad[0]!r:.40}; levels are {', '.join(LEVELS)}")
+    return list(dict.fromkeys(prewarm))
 
 
 _SOURCE_ID = struct.Struct(">Q16s")  # a source's length in bytes, and the first 16 bytes of its SHA-256
@@ -312,13 +330,7 @@ class KVService:
         from tokenwire.transport.cachegen.errors import InvalidInput
 
         token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
-        # two messages: "must list levels of low, medium, high" for a prewarm of None (JSON null) read as a wrong
-        # level name, where the list itself was missing
-        if not isinstance(prewarm, list | tuple):
-            raise KVIngestError(f"prewarm must be a list of levels ({', '.join(LEVELS)}), "
-                                f"got {type(prewarm).__name__} {prewarm!r:.40}")
-        if bad := [p for p in prewarm if p not in LEVELS]:
-            raise KVIngestError(f"prewarm: unknown level {bad[0]!r:.40}; levels are {', '.join(LEVELS)}")
+        prewarm = _check_prewarm(prewarm)
         try:
             x, geo = stack_kv(kv, dtype=None)  # in the input's dtype: the stored source is exactly that
         except InvalidInput as exc:
@@ -869,27 +881,87 @@ def _body_bytes(shape: list[Any], itemsize: int) -> int:
 
 async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
     """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a hung
-    engine), or once the whole body has taken longer than twice ``BODY_QUIET_S`` plus ``nbytes`` at
-    ``MIN_BODY_RATE`` (an engine trickling a byte now and then held its share of ``kv.ingest_memory_mb``, and
-    every put queued behind it, for as long as it liked). A slow engine that keeps a sane pace is waited for."""
-    data = bytearray(nbytes)
-    got = 0
+    engine), or once, beyond twice ``BODY_QUIET_S``, the body has averaged under ``MIN_BODY_RATE`` since it began (an
+    engine trickling a byte now and then held its share of ``kv.ingest_memory_mb``, and every put queued behind it;
+    a deadline of 60 s plus ``nbytes`` at that rate let it do so ~570 s for 8 GiB, whatever its pace). A slow engine
+    that keeps a sane pace is waited for.
+
+    The buffer grows as bytes arrive: allocated whole at the header (``bytearray(nbytes)`` writes every page), a
+    200-byte header declaring 2 GiB, then silence, made the daemon commit 2 GB for 30 s. The put's share of the
+    memory budget is still held from the header on (the caller's ``put_memory.hold``)."""
+    data = bytearray()
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2 * BODY_QUIET_S + nbytes / MIN_BODY_RATE  # a silence ends a stalled one first
-    while got < nbytes:
-        wait = min(BODY_QUIET_S, max(deadline - loop.time(), 0.0))
+    began = loop.time()
+    while len(data) < nbytes:
+        # the average falls under MIN_BODY_RATE at began + got / MIN_BODY_RATE; it is not asked before 2 x quiet
+        left = began + max(2 * BODY_QUIET_S, len(data) / MIN_BODY_RATE) - loop.time()
+        wait = min(BODY_QUIET_S, left)
         try:
-            piece = await asyncio.wait_for(reader.read(min(nbytes - got, 1 << 20)), wait)
+            if wait <= 0:
+                raise TimeoutError
+            piece = await asyncio.wait_for(reader.read(min(nbytes - len(data), 1 << 20)), wait)
         except TimeoutError:
             why = (f"nothing for {BODY_QUIET_S:g} s" if wait >= BODY_QUIET_S else
-                   f"slower than {MIN_BODY_RATE / (1 << 20):g} MiB/s")
-            raise TimeoutError(f"put body stalled: {why} after {got} of {nbytes} bytes; the connection is closed"
-                               ) from None
+                   f"slower than {MIN_BODY_RATE / (1 << 20):g} MiB/s on average beyond {2 * BODY_QUIET_S:g} s")
+            raise TimeoutError(f"put body stalled: {why} after {len(data)} of {nbytes} bytes; the connection is "
+                               "closed") from None
         if not piece:
-            raise asyncio.IncompleteReadError(bytes(data[:got]), nbytes)
-        data[got : got + len(piece)] = piece
-        got += len(piece)
+            raise asyncio.IncompleteReadError(bytes(data), nbytes)
+        data += piece  # (realloc: a large buffer grows in place, its pages committed as they are written)
     return data
+
+
+class _HeaderTimeout(Exception):
+    """A put's header line did not end within ``BODY_QUIET_S`` of its first byte."""
+
+
+async def _read_header_line(reader: asyncio.StreamReader) -> bytes:
+    """The next header line (b"" at the end of the stream); once its first byte is in, the rest must come within
+    ``BODY_QUIET_S`` (:class:`_HeaderTimeout`): 300 connections each holding a 2-MB line short of its newline kept
+    520 MB for as long as they liked. Waiting for that first byte is not bounded here: an idle engine connection
+    between puts is not a half-written line."""
+    try:
+        first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        return b""
+    if first == b"\n":
+        return first
+    try:
+        return first + await asyncio.wait_for(reader.readline(), BODY_QUIET_S)
+    except TimeoutError:
+        raise _HeaderTimeout(f"header line not complete within {BODY_QUIET_S:g} s of its first byte; the "
+                             "connection is closed") from None
+
+
+def _parse_header(line: bytes) -> Any:
+    """The header line's JSON, or :class:`KVIngestError` with a plain message: Python's own text reached the
+    engine ("maximum recursion depth exceeded while decoding a JSON array...", "...use
+    sys.set_int_max_str_digits() to increase the limit")."""
+    try:
+        text = line.decode("utf-8")  # json.loads(bytes) would guess UTF-16 from some bytes
+    except UnicodeDecodeError as exc:
+        raise KVIngestError(f"not UTF-8 (at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise KVIngestError("JSON nested too deeply (a put header is one flat object)") from None
+    except json.JSONDecodeError as exc:
+        raise KVIngestError(f"not JSON: {exc}") from None
+    except ValueError:  # int() refusing a number of more digits than sys.get_int_max_str_digits()
+        raise KVIngestError(f"a number is too long (over {sys.get_int_max_str_digits()} digits)") from None
+
+
+def _check_put_header(service: KVService, msg: dict[str, Any], model: str, ids: list[int],
+                      shape: list[int]) -> tuple[Any, list[str]]:
+    """What of a put needs only its header (model, token ids against the shape, their range and chunk count, the
+    fingerprint, prewarm), checked before any of the body is read: the same messages as the ingest's checks, which
+    ran after the body had come (an empty model name was refused after 512 MiB; 4,097 chunks of ids waited 30 s for
+    a body first). Returns the fingerprint and the prewarm levels (each once)."""
+    fp = msg.get("fingerprint")
+    _check_context(model, ids, fp, service.chunk_tokens)
+    if len(ids) != shape[3]:  # the ingest's message (stack_kv's token count is the shape's)
+        raise KVIngestError(f"KV holds {shape[3]} tokens but {len(ids)} token ids were given")
+    return fp, _check_prewarm(msg.get("prewarm", []))
 
 
 async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -902,7 +974,12 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
     try:
         while True:
             try:
-                line = await reader.readline()
+                line = await _read_header_line(reader)
+            except _HeaderTimeout as exc:
+                service.count_ingest_error()
+                reply({"ok": False, "error": str(exc)})
+                await writer.drain()
+                break
             except ValueError as exc:  # over the reader's limit (readline turns LimitOverrunError into this)
                 service.count_ingest_error()  # a refused put, like a header that is not JSON
                 reply({"ok": False, "error": f"header line too long (over {MAX_HEADER_BYTES >> 10} KiB: a put "
@@ -918,7 +995,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
             if not line:
                 break
             try:
-                msg = json.loads(line.decode("utf-8"))  # json.loads(bytes) would guess UTF-16 from some bytes
+                msg = _parse_header(line)
                 if not isinstance(msg, dict) or msg.get("op") != "put":
                     raise KVIngestError("expected {\"op\": \"put\", ...}")
                 shape, dtype = msg.get("shape"), msg.get("dtype")
@@ -932,11 +1009,18 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 if nbytes > service.put_memory.limit:
                     raise KVIngestError(f"{nbytes} bytes exceed kv.ingest_memory_mb "
                                         f"({service.put_memory.limit >> 20} MiB)")
-            except (ValueError, RecursionError, KVIngestError) as exc:  # ValueError: JSON or UTF-8
+            except KVIngestError as exc:
                 service.count_ingest_error()
                 reply({"ok": False, "error": f"bad header: {exc}"[:300]})
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
+            try:
+                fp, prewarm = _check_put_header(service, msg, model, ids, shape)
+            except KVIngestError as exc:  # (the ingest's own message, as when it was refused after the body)
+                service.count_ingest_error()
+                reply({"ok": False, "error": str(exc)[:300]})
+                await writer.drain()
+                break  # its body is not read: the byte stream is out of step
             # the body is held from its first byte until the put is stored: wait for room before reading it
             in_put = True
             async with service.put_memory.hold(nbytes):
@@ -948,8 +1032,6 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     in_put = False  # counted and answered: not again if the drain fails or is cancelled
                     await writer.drain()
                     break
-                fp = msg.get("fingerprint")
-                prewarm = msg.get("prewarm", [])
                 try:
                     loop = asyncio.get_running_loop()
                     call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data,
