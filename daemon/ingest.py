@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenwire.transport.errors import ErrorCode
-from tokenwire.transport.frames import MAX_MODEL_CHARS  # what a QUIC request may name
+from tokenwire.transport.frames import MAX_MODEL_CHARS, REQUEST_ID_BYTES  # what a QUIC request may name/have
 
 from . import unix_sockets
 from .cli import printable
@@ -74,6 +74,9 @@ DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open
 DEFAULT_STALL_TIMEOUT_S = IngestConfig.stall_timeout_s
 MAX_REASON_CHARS = 32  # FINISHED's "fr": a str of at most 32 (docs/protocol.md); a longer one failed the client
 MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
+# a line begun must end within this: 300 connections each holding a 1 MiB line without its newline held 300 MB.
+# The wait for a line's first byte is not bounded: an application may hold its connection idle between answers
+LINE_TIMEOUT_S = 30.0
 # how an ingest answer ended (the outcome on_done hears, tokenwire_ingest_answers_failed_total's reason)
 FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain", "cancelled", "orphaned")
 
@@ -89,6 +92,18 @@ class IngestConnection:
     # since when the daemon waits to write a reply the application has not read (None: it does not): it reads no
     # op meanwhile, and the stall timeout blamed the application for sending nothing
     writing_since: float | None = None
+
+
+def _request_id(value: Any) -> bytes | None:
+    """The request id an op names (``value``, its "id"), or None when it is not one: a string of 32 hex digits.
+    A 1-byte "00" got "unknown id on this connection", which sent the application looking for a lost connection."""
+    if not isinstance(value, str) or len(value) != 2 * REQUEST_ID_BYTES:
+        return None
+    try:
+        rid = bytes.fromhex(value)
+    except ValueError:
+        return None
+    return rid if len(rid) == REQUEST_ID_BYTES else None  # (fromhex skips spaces)
 
 
 def _invalid_unicode(text: str) -> bool:
@@ -170,6 +185,7 @@ class IngestAPI:
         refuse_open: Callable[[str | None], str | None] = lambda principal: None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         orphan_log: RefusalLog | None = None,
+        fail_log: RefusalLog | None = None,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
@@ -185,6 +201,14 @@ class IngestAPI:
         # up (the daemon passes the log its own answers' go through, which its housekeeping flushes); a line each
         # wrote hundreds when many clients vanished at once. None: a line each (a bare API, as in tests)
         self.orphan_log = orphan_log
+        # the application's fail ops: a line each wrote 15,000 warnings a minute for an app that failed its answers
+        # in a loop; one line, then a summary (flushed by expire_stalled, which the daemon's housekeeping calls)
+        if fail_log is None:
+            from tokenwire.transport.handshake_guard import RefusalLog  # (aioquic: not for `config check`)
+
+            fail_log = RefusalLog(log, lambda n, secs: f"ingest: {n} more answers failed by their application "
+                                  f"over {secs:.0f} s (tokenwire_ingest_answers_failed_total{{reason=\"app_failed\"}})")
+        self.fail_log = fail_log
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
@@ -235,10 +259,12 @@ class IngestAPI:
             return {"ok": True, "id": req.request_id.hex()}
         if op not in ("push", "finish", "fail"):
             return {"ok": False, "error": f"unknown op {op!r} (open, push, finish, fail)"}
-        try:
-            rid = bytes.fromhex(msg.get("id", ""))
-        except (TypeError, ValueError):
-            return {"ok": False, "error": "id must be the hex request id returned by open"}
+        if "id" not in msg:  # ("" went on to "unknown id on this connection", as if the app had reconnected)
+            return {"ok": False, "error": f"{op} needs an 'id': the hex request id open returned"}
+        rid = _request_id(msg["id"])
+        if rid is None:
+            return {"ok": False, "error": f"id must be the {2 * REQUEST_ID_BYTES} hex digits of a request id, as "
+                    "open returned it"}
         req = conn.open.get(rid)
         if req is None:
             ended = conn.finished.get(rid)
@@ -286,7 +312,12 @@ class IngestAPI:
         message = message[:MAX_MESSAGE_CHARS]
         if _invalid_unicode(message):
             return {"ok": False, "error": "message is not valid Unicode (a lone surrogate)"}
-        log.warning("ingest: request %s failed by the application: %s", rid.hex(), printable(message))
+        if not self.fail_log.hold(now):
+            from tokenwire.transport.handshake_guard import REFUSALS_LOG_S  # (loaded: fail_log is one of its)
+
+            log.warning("ingest: request %s failed by the application: %s; more such failures are counted "
+                        "(tokenwire_ingest_answers_failed_total) and logged at most every %g s", rid.hex(),
+                        printable(message), REFUSALS_LOG_S)
         req.fail(ErrorCode.UPSTREAM_ERROR, message, now)
         self._done(req, conn, "app_failed")
         return {"ok": True}
@@ -364,6 +395,7 @@ class IngestAPI:
         While the daemon waits for the application to read a reply (``writing_since``) it reads none of that
         connection's ops, so its answers' clocks count from then, and the failure says the application did not
         read: it said "the application sent nothing" of one that pushed on and never read a reply."""
+        self.fail_log.flush(now)  # the summary of the fail ops held back, once their minute is over
         timeout = self.stall_timeout_s
         stalled = [(rid, conn) for rid, (conn, last) in self._open.items()
                    if now - (last if conn.writing_since is None else max(last, conn.writing_since)) >= timeout]
@@ -386,15 +418,36 @@ TOO_LONG = b"<too long>"
 """What :func:`_read_line` returns for a line over ``MAX_LINE`` (it is consumed, the stream stays usable)."""
 
 
+class LineTimeout(TimeoutError):
+    """A line was begun and not completed within ``LINE_TIMEOUT_S``: its connection is closed."""
+
+
 async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """The next line, ``TOO_LONG`` for an over-long one (skipped up to its newline), None at end of input.
+    """The next line, ``TOO_LONG`` for an over-long one (skipped up to its newline), None at end of input; a last
+    line without its newline counts (``printf '...' | socat``: it was dropped, unanswered). ``LineTimeout`` when
+    a line's first byte is not followed by its newline within ``LINE_TIMEOUT_S``.
 
     Skipping instead of closing keeps the connection, and with it the answers it owns, alive.
     """
-    try:
-        return await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError:
+    first = await reader.read(1)  # not bounded in time: the application may be idle between ops
+    if not first:
         return None
+    if first == b"\n":
+        return first
+    try:
+        async with asyncio.timeout(LINE_TIMEOUT_S):
+            return await _rest_of_line(reader, first)
+    except TimeoutError:
+        raise LineTimeout(f"a line not completed within {LINE_TIMEOUT_S:g} s") from None
+
+
+async def _rest_of_line(reader: asyncio.StreamReader, first: bytes) -> bytes | None:
+    """:func:`_read_line` after its ``first`` byte."""
+    try:
+        return first + await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:  # end of input: the last line, unless it is only blanks
+        line = first + exc.partial
+        return line if line.strip() else None
     except asyncio.LimitOverrunError as exc:
         overrun = exc
     while True:  # drop what is buffered (up to the newline if it has arrived), then look again
@@ -402,8 +455,8 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
             await reader.readexactly(overrun.consumed)
             await reader.readuntil(b"\n")
             return TOO_LONG
-        except asyncio.IncompleteReadError:
-            return None
+        except asyncio.IncompleteReadError:  # an over-long last line: answered as any other
+            return TOO_LONG
         except asyncio.LimitOverrunError as exc:
             overrun = exc
 
@@ -469,6 +522,10 @@ async def serve_ingest(
                     await writer.drain()
                 finally:
                     conn.writing_since = None
+        except LineTimeout as exc:  # (before OSError: a TimeoutError is one)
+            why = f"the application left {exc}: the daemon closed its connection"
+            with contextlib.suppress(Exception):
+                writer.write(json.dumps({"ok": False, "error": f"{exc}: the connection is closed"}).encode() + b"\n")
         except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:

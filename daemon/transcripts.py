@@ -21,8 +21,15 @@ from dataclasses import dataclass, field
 from tokenwire.transport.frames import REQUEST_ID_BYTES
 from tokenwire.transport.transcript import Transcript, split_piece
 
-TOKEN_OVERHEAD_BYTES = 72  # per token: bytes object, list slot, generation-time float
-REQUEST_OVERHEAD_BYTES = 256  # per answer, however short
+# What an answer costs beyond its tokens' bytes, measured (Python 3.11, x86-64) by creating, filling and finishing
+# answers in a TranscriptStore (tests/test_ingest_fixes5.py repeats it): per token 74 B under tracemalloc and
+# 94 B of RSS (bytes object, two list slots, generation-time float, allocator slack); per answer, however short,
+# 690 B under tracemalloc and 960 B of RSS (LiveRequest, Transcript, its lists, dicts, the store's entries, and
+# the SHA-256 state that OpenSSL allocates outside tracemalloc's view). The bound is on the process's memory: the
+# RSS figures. 72 and 256 counted a third of it: 100,000 empty answers grew the daemon by 68 MB while
+# tokenwire_transcript_bytes said 23.8 MiB.
+TOKEN_OVERHEAD_BYTES = 96
+REQUEST_OVERHEAD_BYTES = 960
 
 
 def _text_bytes(text: str | None) -> int:

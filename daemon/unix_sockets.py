@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
+import resource
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -143,16 +146,90 @@ def bind_private(path: Path, group: str | None, setting: str) -> socket.socket:
     return sock
 
 
-async def serve(path: Path, client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], *,
-                limit: int, group: str | None, setting: str) -> asyncio.Server:
+# connections one socket holds at once: a quarter of the fd limit, at most 4096 (limits.max_live_answers' default,
+# so an application with a connection per answer still reaches it), at least 64
+MAX_CONNECTIONS_CAP = 4096
+MIN_CONNECTIONS = 64
+
+Client = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def connection_bound() -> int:
+    """How many connections one Unix socket accepts at once (:func:`serve`), from the process's fd limit: with
+    none, 20,000 silent connections took every fd, and /healthz, the KV store's files and new puts failed."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CAP
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS_CAP, soft // 4))
+
+
+class _Gate:
+    """The connections one socket holds (:func:`serve`), and the rate-limited warning about those refused."""
+
+    def __init__(self, bound: int, setting: str) -> None:
+        from tokenwire.transport.handshake_guard import RefusalLog  # (aioquic: only a running daemon serves)
+
+        self.bound = bound
+        self.setting = setting
+        self.active = 0
+        self.refusals = RefusalLog(log, lambda n, s: f"{setting}: {n} more connections refused over {s:.0f} s: "
+                                                     f"{bound} connections already open")
+
+    def refused(self) -> None:
+        if not self.refusals.hold(time.monotonic()):
+            log.warning("%s: a connection refused: %d connections already open, the most it takes (a quarter of "
+                        "the fd limit, at most %d); more refusals are counted and logged at most once a minute",
+                        self.setting, self.bound, MAX_CONNECTIONS_CAP)
+
+
+class _BoundedProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, counted from its connection's accept to its socket's close: one past the bound
+    gets a last line, ``{"ok": false, "error": ...}`` (what both ingest protocols reply), and is closed at once,
+    its handler never run. Counted here rather than in the handler, so the count is of open fds."""
+
+    def __init__(self, gate: _Gate, reader: asyncio.StreamReader, client: Client) -> None:
+        super().__init__(reader, client)
+        self._gate = gate
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self._gate
+        if gate.active >= gate.bound:
+            gate.refused()
+            assert isinstance(transport, asyncio.WriteTransport)  # (a stream socket's)
+            transport.write(json.dumps({"ok": False, "error": f"too many connections to this socket (over "
+                                        f"{gate.bound}): close idle ones, or retry"}).encode() + b"\n")
+            transport.close()  # (what was written still goes out first; a peer that never reads loses it)
+            return
+        gate.active += 1
+        self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._gate.active -= 1
+            self._gate.refusals.flush(time.monotonic())  # the summary line, once a minute has passed since the last
+        super().connection_lost(exc)
+
+
+async def serve(path: Path, client: Client, *, limit: int, group: str | None, setting: str,
+                max_connections: int | None = None) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (a stale socket file replaced, :func:`claim`), mode 0660 and given to
     ``group`` when set, before it listens (:func:`bind_private`); a socket whose access cannot be set is closed
     and removed (nobody could use it, and the daemon does not start). Both ingest sockets (answers, KV) are
-    made here."""
+    made here, each holding at most ``max_connections`` at once (:func:`connection_bound` by default: with no
+    bound, abandoned connections took every fd of the daemon)."""
+    bound = connection_bound() if max_connections is None else max_connections
     claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
     sock = bind_private(path, group, setting)
     try:  # (given a socket, asyncio neither binds nor removes anything at the path)
-        server = await asyncio.start_unix_server(client, sock=sock, limit=limit, backlog=BACKLOG)
+        gate = _Gate(bound, setting.removesuffix("_group"))
+        loop = asyncio.get_running_loop()
+        # asyncio.start_unix_server's own factory, with the counting protocol
+        server = await loop.create_unix_server(
+            lambda: _BoundedProtocol(gate, asyncio.StreamReader(limit=limit, loop=loop), client), sock=sock,
+            backlog=BACKLOG)
     except BaseException:
         sock.close()
         path.unlink(missing_ok=True)

@@ -82,13 +82,13 @@ def test_open_answers_no_longer_push_a_just_finished_answer_out():
     attach got "unknown or expired request id". Now the open ones stop at the bound (their app is told), and an
     answer that was let in stays until it expires."""
     room = REQUEST_OVERHEAD_BYTES + 2 + TOKEN_OVERHEAD_BYTES  # the small answer below: open, push "hi"
-    bound = REQUEST_OVERHEAD_BYTES + 50 * 2 * PER_TOKEN + room + 10  # (less than a 2-token push left over)
+    bound = REQUEST_OVERHEAD_BYTES + 13 * 8 * PER_TOKEN + room + 10  # (less than an 8-token push left over)
     store, api = _api(bound)
     big, small = IngestConnection(), IngestConnection()
     filler = _open(api, big)
     refused = None
     for _ in range(200):
-        reply = api.handle({"op": "push", "id": filler, "text": TOKEN * 2}, big, 1)
+        reply = api.handle({"op": "push", "id": filler, "text": TOKEN * 8}, big, 1)
         if not reply["ok"]:
             refused = reply
             break
