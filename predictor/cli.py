@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tokenwire.daemon.cli import MAX_SEED, seed_arg
+from tokenwire.testbed.cli import ctrl_c_throughout
 
 DEFAULT_WINDOW = 64
 """``train --window``'s default, the shipped models' window: a dataset needs more acks for any point."""
@@ -34,23 +33,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _sigterm_as_ctrl_c(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run ``handler`` with SIGTERM (and SIGHUP) unwinding like Ctrl-C, as the testbed's long commands do: by
-    default a SIGTERM (``timeout``, systemd, a batch scheduler) killed ``collect-many`` and ``train`` outright,
-    leaving a new ``--out-dir`` that holds only an empty index.json/train.json, a temporary file of a write cut
-    short, and no word of what was done; Ctrl-C's path cleans up, prints the summary, then "interrupted" (130).
-    Off the main thread (no signal handlers can be set there) the handler just runs."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        if threading.current_thread() is not threading.main_thread():
-            return handler(args)
-        from tokenwire.testbed.cli import sigterm_as_ctrl_c
-
-        with sigterm_as_ctrl_c():
-            return handler(args)
-
-    return run
+# SIGTERM (and SIGHUP) unwinding like Ctrl-C, as the testbed's long commands do: by default a SIGTERM (``timeout``,
+# systemd, a batch scheduler) killed ``collect-many`` and ``train`` outright, leaving a new ``--out-dir`` that held
+# only an empty index.json/train.json, a temporary file of a write cut short, and no word of what was done; Ctrl-C's
+# path cleans up, prints the summary, then "interrupted" (130). The testbed's own decorator, not a copy of it.
+_sigterm_as_ctrl_c = ctrl_c_throughout
 
 
 @contextmanager

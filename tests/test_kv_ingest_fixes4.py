@@ -17,22 +17,7 @@ from tokenwire.daemon.kv_service import KVIngestError, KVService
 from tokenwire.daemon.kv_store import LocalChunkStore
 
 from .test_kv_channel import CHUNK, MODEL, make_kv
-
-
-class _Writer:
-    """A stream writer that keeps what the handler answers."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from .test_kv_ingest_socket import _Writer
 
 
 def _service(tmp_path, **kwargs: Any) -> KVService:
