@@ -203,12 +203,18 @@ class IngestAPI:
         self.orphan_log = orphan_log
         # the application's fail ops: a line each wrote 15,000 warnings a minute for an app that failed its answers
         # in a loop; one line, then a summary (flushed by expire_stalled, which the daemon's housekeeping calls)
+        from tokenwire.transport.handshake_guard import RefusalLog  # (aioquic: not for `config check`)
+
         if fail_log is None:
-            from tokenwire.transport.handshake_guard import RefusalLog  # (aioquic: not for `config check`)
 
             fail_log = RefusalLog(log, lambda n, secs: f"ingest: {n} more answers failed by their application "
                                   f"over {secs:.0f} s (tokenwire_ingest_answers_failed_total{{reason=\"app_failed\"}})")
         self.fail_log = fail_log
+        # connections that ended with answers open: a line each wrote ~2,300 warnings a minute for an app that
+        # reconnected in a loop (probe); one line, then a summary (flushed by expire_stalled, as fail_log's)
+        self.gone_log = RefusalLog(log, lambda n, secs: f"ingest: {n} more application connections ended with "
+                                   f"answers open over {secs:.0f} s, their open answers failed "
+                                   f"(tokenwire_ingest_answers_failed_total)")
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
@@ -396,6 +402,7 @@ class IngestAPI:
         connection's ops, so its answers' clocks count from then, and the failure says the application did not
         read: it said "the application sent nothing" of one that pushed on and never read a reply."""
         self.fail_log.flush(now)  # the summary of the fail ops held back, once their minute is over
+        self.gone_log.flush(now)  # and of the connections that ended with answers open
         timeout = self.stall_timeout_s
         stalled = [(rid, conn) for rid, (conn, last) in self._open.items()
                    if now - (last if conn.writing_since is None else max(last, conn.writing_since)) >= timeout]
@@ -542,10 +549,11 @@ async def serve_ingest(
                 note = f": {failed} open answer{'s' if failed > 1 else ''} failed" if failed else ""
                 with contextlib.suppress(Exception):
                     writer.write(json.dumps({"ok": False, "error": f"daemon shutting down{note}"}).encode() + b"\n")
-            if failed:
+            if failed and (outcome == "drain" or not api.gone_log.hold(time.monotonic())):
                 shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-                log.warning("ingest: %s failed: %s (%s)", f"{failed} open answers" if failed > 1 else
-                            "1 open answer", why, shown)
+                log.warning("ingest: %s failed: %s (%s)%s", f"{failed} open answers" if failed > 1 else
+                            "1 open answer", why, shown, "" if outcome == "drain" else
+                            "; more such connections are counted and summed up at most every minute")
             writer.close()  # (what was written still goes out first)
             if clients is not None and task is not None:
                 clients.discard(task)

@@ -410,7 +410,7 @@ def test_an_app_connection_that_ends_with_answers_open_is_one_log_line(tmp_path,
     lines = [r.getMessage() for r in caplog.records if r.name == "tokenwire.ingest"]
     # one line, naming them as the app_failed and stalled lines do
     assert lines == [f"ingest: 3 open answers failed: the application disconnected before finishing "
-                     f"({', '.join(ids)})"]
+                     f"({', '.join(ids)}); more such connections are counted and summed up at most every minute"]
     assert done == ["app_gone"] * 3
 
 

@@ -218,6 +218,30 @@ def test_fail_ops_log_one_line_then_a_summary(caplog):
     assert len(lines) == 2 and "3 more answers failed by their application" in lines[1]
 
 
+def test_connections_ending_with_answers_open_log_one_line_then_a_summary(tmp_path, caplog):
+    """An application reconnecting in a loop with answers open wrote ~2,300 warnings a minute, one per connection."""
+    _, api = _api()
+
+    async def go() -> None:
+        server = await serve_ingest(tmp_path / "ingest.sock", api)
+        try:
+            for _ in range(3):
+                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "ingest.sock"))
+                await _send(reader, writer, b'{"op": "open"}')
+                writer.close()
+                await reader.read()  # (the daemon's side closed too: its line is written)
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.INFO, logger="tokenwire.ingest"):
+        run(go(), timeout=30)
+        held = [r.getMessage() for r in caplog.records if "open answer" in r.getMessage()]
+        api.expire_stalled(1e9)  # the daemon's housekeeping, a minute on
+    lines = [r.getMessage() for r in caplog.records if "open answer" in r.getMessage()]
+    assert len(held) == 1 and "1 open answer failed: the application disconnected" in held[0]
+    assert len(lines) == 2 and "2 more application connections ended with answers open" in lines[1]
+
+
 # (7) the transcript memory accounting
 
 
