@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,36 @@ def test_the_stdin_bound_is_the_sdks_request_limit():
 
 
 # ---------------------------------------------------------------------------------- 2. Ctrl-C, many times
+def _mid_live_answer(out: Any) -> None:
+    """Read the demo's output to 20 bytes into its live answer."""
+    while b"(live)" not in out.readline():
+        pass
+    out.read(20)
+
+
+def _ctrl_c_five_times(proc: subprocess.Popen, gap: float, ready: Callable[[], object]) -> None:
+    """Once ``ready()`` returns (the answer is streaming), five SIGINTs ``gap`` s apart: the process must end
+    with the one line "interrupted", exit status 130 (killed if it outlives the check)."""
+    import time
+
+    try:
+        ready()
+        for _ in range(5):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(gap)  # (0: the sender yields the CPU all the same)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err.decode().strip().splitlines() == ["interrupted"], err.decode()
+
+
 def test_ctrl_c_pressed_many_times_at_once_is_one_interrupted_line(tmp_path):
     """Five SIGINTs back to back mid-answer: asyncio.run raised KeyboardInterrupt for the second one wherever it
     landed (35-102 lines of tracebacks: aioquic's sendmsg, "Event loop is closed") or hung the client in its
     shutdown, in 6 runs of 6 here. A few ms apart, as a hand presses them: sent all at once, they reached the
     client as one."""
-    import time
 
     d = DaemonProcess(tmp_path, upstream_toml='[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = 20\n'
                                               'first_token_ms = 20\n')
@@ -115,18 +140,8 @@ def test_ctrl_c_pressed_many_times_at_once_is_one_interrupted_line(tmp_path):
         for gap in (0.0, 0.001, 0.003):
             proc = subprocess.Popen([sys.executable, "-m", "tokenwire.daemon.cli", *chat_argv(d, "a long story")],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals)
-            try:
-                assert proc.stdout is not None
-                proc.stdout.read(3)  # the answer is streaming
-                for _ in range(5):
-                    proc.send_signal(signal.SIGINT)
-                    time.sleep(gap)  # (0: the sender yields the CPU all the same)
-                _, err = proc.communicate(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()
-            assert proc.returncode == 130 and err.decode().strip().splitlines() == ["interrupted"], err.decode()
+            assert proc.stdout is not None
+            _ctrl_c_five_times(proc, gap, functools.partial(proc.stdout.read, 3))  # (the answer is streaming)
     finally:
         d.stop()
 
@@ -387,27 +402,14 @@ def test_rate_mbps_on_the_relay_is_said_to_be_ignored(link, monkeypatch, capsys)
 def test_ctrl_c_pressed_many_times_stops_the_relay_demo_cleanly(tmp_path):
     """uvloop.run's Ctrl-C handling, as asyncio.run's: the demo died by the signal (exit status -2) or printed
     tracebacks, 4 runs in 8, and its temporary folder could stay."""
-    import time
 
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     for gap in (0.0, 0.002):
         proc = subprocess.Popen([sys.executable, "-m", "tokenwire.daemon.cli", "demo", "--link", "relay", "--tokens",
                                  "300", "--rate", "30", "--schemes", "chatterbox"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_signals)
-        try:
-            assert proc.stdout is not None
-            while b"(live)" not in proc.stdout.readline():
-                pass
-            proc.stdout.read(20)  # mid-answer
-            for _ in range(5):
-                proc.send_signal(signal.SIGINT)
-                time.sleep(gap)
-            _, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 130 and err.decode().strip().splitlines() == ["interrupted"], err.decode()
+        assert proc.stdout is not None
+        _ctrl_c_five_times(proc, gap, functools.partial(_mid_live_answer, proc.stdout))
         assert not list(tmp_path.glob("tokenwire-demo-*"))
 
 

@@ -182,13 +182,8 @@ def test_a_close_beside_live_sessions_collects_nothing_and_the_last_close_does(r
 
 
 # ------------------------------------------------------------------------------ 3. gc.freeze() once started
-def test_the_daemon_run_by_run_freezes_its_heap_before_letting_clients_in(recorder):
-    """Under run() (the process is the daemon's) what is alive once started is collected, then frozen, before the
-    chat listeners accept: every full collection walked the imports again (~52,000 objects; torch and numba with
-    [kv]), and a connection frozen would never be freed."""
-    daemon = a_daemon()
-    daemon._handle_signals = True  # (what run() sets)
-    recorder.daemon = daemon
+def _start_and_stop(daemon: Daemon) -> None:
+    """Start ``daemon`` and stop it again, its signal handlers not installed (the test process keeps its own)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -197,6 +192,17 @@ def test_the_daemon_run_by_run_freezes_its_heap_before_letting_clients_in(record
         await daemon.stop()
 
     run(main())
+
+
+def test_the_daemon_run_by_run_freezes_its_heap_before_letting_clients_in(recorder):
+    """Under run() (the process is the daemon's) what is alive once started is collected, then frozen, before the
+    chat listeners accept: every full collection walked the imports again (~52,000 objects; torch and numba with
+    [kv]), and a connection frozen would never be freed."""
+    daemon = a_daemon()
+    daemon._handle_signals = True  # (what run() sets)
+    recorder.daemon = daemon
+
+    _start_and_stop(daemon)
     # stop() gives the heap back (a process that goes on after its daemon: a test run)
     assert recorder.calls == ["collect", "freeze", "unfreeze"]
     assert recorder.at_freeze == [(False, False)]
@@ -210,11 +216,5 @@ def test_a_daemon_in_someone_elses_process_or_a_frozen_one_freezes_nothing(recor
     daemon._handle_signals = handle_signals
     recorder.frozen = frozen
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler = lambda *a: None  # type: ignore[method-assign]
-        await daemon.start()
-        await daemon.stop()
-
-    run(main())
+    _start_and_stop(daemon)
     assert "freeze" not in recorder.calls and "unfreeze" not in recorder.calls  # (not its freeze to undo)
