@@ -1095,6 +1095,11 @@ class RedisChunkStore(ChunkStore):
         unsize = ("local old = redis.call('HGET', KEYS[1], ARGV[1]); "
                   "if old then redis.call('HDEL', KEYS[1], ARGV[1]); redis.call('DECRBY', KEYS[2], old) end; ")
         forget = "redis.call('ZREM', KEYS[4], ARGV[1]); redis.call('ZREM', KEYS[5], ARGV[1]); " + unsize
+        # the bookkeeping of object ``k`` a drop script deletes (KEYS = sizes, used, lru, lru-levels, ...): out of
+        # the recency sets and the size hash, its size off the usage; ends the script's loop over the objects
+        unbook = ("redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
+                  "local old = redis.call('HGET', KEYS[1], k); "
+                  "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; ")
         # put: KEYS += object, lru, lru-chunks, lru-levels; ARGV: key, blob, size, time, chunk, is-a-level.
         # Returns the store's usage after it.
         put = (total + "local old = redis.call('HGET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[3], ARGV[2]); "
@@ -1152,10 +1157,7 @@ class RedisChunkStore(ChunkStore):
             total + "if redis.call('EXISTS', KEYS[5]) == 1 then return {-1, 0} end; "
             "local own = tonumber(ARGV[1]); local n = {0, 0}; "
             "for i = 9, #KEYS do local k = ARGV[i - 7]; local d = redis.call('DEL', KEYS[i]); "
-            "if i - 8 <= own then n[1] = n[1] + d else n[2] = n[2] + d end; "
-            "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
-            "local old = redis.call('HGET', KEYS[1], k); "
-            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; "
+            "if i - 8 <= own then n[1] = n[1] + d else n[2] = n[2] + d end; " + unbook +
             "for i = #KEYS - 6, #ARGV do local c = ARGV[i]; redis.call('ZREM', KEYS[8], c); "
             "local p = redis.call('HGET', KEYS[6], c); if p then redis.call('HDEL', KEYS[6], c); "
             "if redis.call('HINCRBY', KEYS[7], p, -1) <= 0 then redis.call('HDEL', KEYS[7], p) end end end; "
@@ -1165,10 +1167,7 @@ class RedisChunkStore(ChunkStore):
         # else (another daemon's put since); else how many objects went
         self._drop_mismatched = self._r.register_script(
             total + "if redis.call('GET', KEYS[5]) ~= ARGV[1] then return -1 end; local n = 0; "
-            "for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]); local k = ARGV[i - 4]; "
-            "redis.call('ZREM', KEYS[3], k); redis.call('ZREM', KEYS[4], k); "
-            "local old = redis.call('HGET', KEYS[1], k); "
-            "if old then redis.call('HDEL', KEYS[1], k); redis.call('DECRBY', KEYS[2], old) end end; return n")
+            "for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]); local k = ARGV[i - 4]; " + unbook + "return n")
         self._migrate()
         self._check_memory_policy()
 
