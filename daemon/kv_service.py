@@ -59,6 +59,11 @@ from .startup import StartupError, cannot_listen
 log = logging.getLogger("tokenwire.kv")
 
 _DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a stored KV dtype (one of :data:`_DTYPES`)."""
+    return 4 if dtype == "float32" else 2
 MAX_INGEST_BYTES = 8 << 30
 # A put's header line: the largest a put can need is its token ids, at most MAX_KV_TOKENS of up to 10 digits with
 # json.dumps' ", " (12 bytes each: 1.5 MiB), plus 512 KiB for the rest (model, shape, fingerprint, prewarm). It was
@@ -216,7 +221,7 @@ class ChunkMeta:
         metadata) raised RuntimeError in the reshape on every fetch."""
         if self.source is None:
             return "its metadata records no source identity (written by an earlier tokenwire version)"
-        itemsize = 4 if self.dtype == "float32" else 2
+        itemsize = _itemsize(self.dtype)
         if len(source) != self.elements * itemsize:
             return (f"its source holds {len(source)} bytes where its metadata's {self.dtype} "
                     f"{[self.layers, 2, len(self.token_ids), self.heads * self.head_dim]} needs "
@@ -1005,7 +1010,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     raise KVIngestError("put needs model (str), token_ids (ints), shape (5 ints), dtype")
                 if dtype not in _DTYPES:  # named, as the shape check does: "int8" got the generic line above
                     raise KVIngestError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r:.40}")
-                nbytes = _body_bytes(shape, 4 if dtype == "float32" else 2)
+                nbytes = _body_bytes(shape, _itemsize(dtype))
                 if nbytes > service.put_memory.limit:
                     raise KVIngestError(f"{nbytes} bytes exceed kv.ingest_memory_mb "
                                         f"({service.put_memory.limit >> 20} MiB)")
