@@ -17,11 +17,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events as qe
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import QuicConnection
 
 from tokenwire.transport.chatterbox import SenderStats
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.handshake_guard import ClientCertificateError, GuardedProtocol, verify_peer_certificate
+from tokenwire.transport.quic_io import RELEASED_AT_END as RELEASED_AT_END  # (re-exported: moved there)
 from tokenwire.transport.read_credit import ReadCredit
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.session_events import (
@@ -49,12 +50,6 @@ log = logging.getLogger("tokenwire.daemon")
 # made the daemon hold 64 streams of 1 MiB requests short of their last byte (+75 MiB RSS for 42 s), and 3 at most
 # now. Three maximal first requests sent at once still come whole; the full window follows the first authorized one.
 UNAUTHORIZED_CREDIT_REQUESTS = 2
-# What a terminated aioquic (==1.7.2) QuicConnection holds and no longer reads, emptied at the connection's end
-# (DaemonProtocol._release_ended): its streams (their send and receive buffers: in the table, the send queue and the
-# blocked lists), its TLS send buffers (3 x 16 KiB), its handshake streams, its keys and its frame handlers (bound
-# methods). tests/test_gc_stall_fixes.py pins the names.
-RELEASED_AT_END = ("_streams", "_streams_queue", "_streams_blocked_bidi", "_streams_blocked_uni", "_crypto_streams",
-                   "_crypto_buffers", "_cryptos", "_cryptos_initial", "_QuicConnection__frame_handlers")
 
 
 class DaemonProtocol(GuardedProtocol):
@@ -105,6 +100,8 @@ class DaemonProtocol(GuardedProtocol):
         self._reported_acks = 0
         self._reported_ce = 0
         self._reported_unvalidated = 0  # ECN validation failures of this connection, counted so far
+        self.datagrams_in = 0  # datagrams received (with the session's datagrams_sent: add_counters' skip)
+        self._counted_at: tuple[int, int] | None = None  # (datagrams_in, datagrams_sent) when last counted
         daemon.protocols.add(self)
         self.guard_handshake(daemon.handshake_guard)  # its deadline, the bound, Retry under load (shared with KV)
 
@@ -132,6 +129,7 @@ class DaemonProtocol(GuardedProtocol):
         return self.ended or self.quic_closing
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.datagrams_in += 1  # (what moves its counters: see add_counters)
         super().datagram_received(data, addr)
         if self in self.daemon.unauthorized:  # what it may make the daemon hold, before it authorizes
             self.daemon.account_unauthorized(self, self.held_bytes())
@@ -227,28 +225,8 @@ class DaemonProtocol(GuardedProtocol):
                 d.metrics.errors.labels(code=hex(ev.code)).inc()
                 self._request_ended(ev.stream_id, "refused")
             elif isinstance(ev, ConnectionEnded):
-                d.on_connection_end(self, ev)
-                self._release_ended()
+                d.on_connection_end(self, ev)  # (SessionProtocol empties the ended connection after this call)
         self.transmit()
-
-    def _release_ended(self) -> None:
-        """Empty what the terminated QUIC connection holds (:data:`RELEASED_AT_END`), so refcounting frees it now.
-
-        aioquic's ``QuicConnection`` is a reference cycle (its frame handlers, its loss recovery's probe callback and
-        its TLS callbacks are its bound methods), and this protocol is in one with it (aioquic's server's terminated
-        handler): all they referenced waited for a full collection, ~100 KiB (~300 objects) a connection after a short
-        chat, megabytes while its streams' buffers held an answer's data. The daemon collected after every
-        connection's end instead, and a full collection walks every live session too: up to ~1 s at 3000 sessions,
-        after any one close. Emptied, ~30 KiB (~120 objects) are left for a rare collection (Daemon._collect_ended).
-        Nothing reads them once terminated: aioquic returns first in that state (receive_datagram, datagrams_to_send,
-        get_timer) and the session has dropped its requests."""
-        quic = self._quic
-        if quic._state is not QuicConnectionState.TERMINATED:  # (ConnectionEnded comes from its end: never so)
-            return
-        for name in RELEASED_AT_END:
-            held = getattr(quic, name, None)  # (a name an aioquic upgrade dropped: left; the pinning test fails)
-            if isinstance(held, (dict, list)):
-                held.clear()
 
     def _cancel_outcome(self, ev: RequestCancelled) -> str:
         """How a request the session reports cancelled ended: "lost" or "cancelled" once its answer had started
@@ -268,21 +246,70 @@ class DaemonProtocol(GuardedProtocol):
             return
         self.daemon.metrics.requests_ended.labels(outcome=outcome).inc()
 
+    def add_counters(self, into: CounterDeltas) -> bool:
+        """Add this connection's counters since the last time to ``into`` (the housekeeping's sum over every
+        connection); False, reading nothing, when it has neither received nor sent a datagram since.
+
+        Each second the daemon flushed every connection's counters: its totals() (every running request's sender
+        stats), six Prometheus inc() calls (a lock each) and two marking calls, 27-148 ms a tick at 3,000 idle
+        sessions. What they count moves only with a datagram: acks, ECN reports and repair requests come in one
+        (datagram_received), token packets and ECN validation's verdict (taken as the packets are built, or on an
+        acknowledgement: in the transmit that follows the datagram) go out in one (the session's datagrams_sent), so
+        a connection quiet since the last flush has nothing to add. The sum is counted once per metric
+        (:meth:`CounterDeltas.flush`)."""
+        mark = (self.datagrams_in, self.server_session.datagrams_sent)
+        if mark == self._counted_at:
+            return False
+        self._counted_at = mark
+        _add_counters(self, into)
+        return True
+
     def flush_counters(self) -> None:
-        """Add this connection's packet counters since the last flush to the Prometheus counters."""
-        now = self.server_session.totals()
-        m = self.daemon.metrics
-        prev = self._reported
-        m.packets.inc(max(0, now.packets - prev.packets))
-        m.redundant_bytes.inc(max(0, now.redundant_bytes - prev.redundant_bytes))
-        m.repairs.inc(max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks))
-        m.repeats_trimmed.inc(max(0, now.repeats_trimmed - prev.repeats_trimmed))
-        acks = self.server_session.acks_received
-        m.acks.inc(max(0, acks - self._reported_acks))
-        self._reported, self._reported_acks = now, acks
-        ce = self.server_session.ce_reported
-        self.daemon.marking.add_ce(ce - self._reported_ce)
-        self._reported_ce = max(ce, self._reported_ce)
-        failed = self.server_session.ecn.failures
-        self.daemon.marking.add_validation_failures(failed - self._reported_unvalidated)
-        self._reported_unvalidated = failed
+        """Add this connection's packet counters since the last flush to the Prometheus counters (at its end: every
+        one, whatever moved it)."""
+        deltas = CounterDeltas()
+        _add_counters(self, deltas)
+        deltas.flush(self.daemon)
+
+
+class CounterDeltas:
+    """What the connections' counters moved since their last flush, summed: each metric is counted once a tick,
+    not once per connection."""
+
+    __slots__ = ("acks", "ce", "packets", "redundant_bytes", "repairs", "repeats_trimmed", "unvalidated")
+
+    def __init__(self) -> None:
+        self.packets = self.redundant_bytes = self.repairs = self.repeats_trimmed = 0
+        self.acks = self.ce = self.unvalidated = 0
+
+    def flush(self, daemon: Daemon) -> None:
+        """Count the sums in the daemon's metrics (a metric that did not move is not touched)."""
+        m = daemon.metrics
+        for counter, n in ((m.packets, self.packets), (m.redundant_bytes, self.redundant_bytes),
+                           (m.repairs, self.repairs), (m.repeats_trimmed, self.repeats_trimmed),
+                           (m.acks, self.acks)):
+            if n:
+                counter.inc(n)
+        daemon.marking.add_ce(self.ce)
+        daemon.marking.add_validation_failures(self.unvalidated)
+
+
+def _add_counters(proto: DaemonProtocol, into: CounterDeltas) -> None:
+    """Add ``proto``'s counters since its last flush to ``into`` and note them flushed (each delta as the
+    per-connection flush counted it: never negative)."""
+    sess = proto.server_session
+    now = sess.totals()
+    prev = proto._reported
+    into.packets += max(0, now.packets - prev.packets)
+    into.redundant_bytes += max(0, now.redundant_bytes - prev.redundant_bytes)
+    into.repairs += max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks)
+    into.repeats_trimmed += max(0, now.repeats_trimmed - prev.repeats_trimmed)
+    acks = sess.acks_received
+    into.acks += max(0, acks - proto._reported_acks)
+    proto._reported, proto._reported_acks = now, acks
+    ce = sess.ce_reported
+    into.ce += max(0, ce - proto._reported_ce)
+    proto._reported_ce = max(ce, proto._reported_ce)
+    failed = sess.ecn.failures
+    into.unvalidated += max(0, failed - proto._reported_unvalidated)
+    proto._reported_unvalidated = failed

@@ -61,7 +61,7 @@ from .config import (
     path_missing,
     upstream_file_problems,
 )
-from .connection import UNAUTHORIZED_CREDIT_REQUESTS, DaemonProtocol
+from .connection import UNAUTHORIZED_CREDIT_REQUESTS, CounterDeltas, DaemonProtocol
 from .generation import generate_answer
 from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
@@ -342,10 +342,14 @@ class Daemon:
         self.notifier.ready(status)
 
     def _flush_counters(self) -> None:
-        """Every connection's packet counters into the metrics. Its own function: a loop variable in the
-        housekeeping coroutine held the last connection (and megabytes of its buffers) until the next one."""
-        for proto in list(self.protocols):
-            proto.flush_counters()
+        """Every connection's packet counters into the metrics: those that moved since the last tick, summed, and
+        each metric counted once (DaemonProtocol.add_counters: 27-148 ms a tick at 3,000 idle sessions, each
+        recomputed and counted alone). Its own function: a loop variable in the housekeeping coroutine held the
+        last connection (and megabytes of its buffers) until the next one."""
+        deltas = CounterDeltas()
+        for proto in self.protocols:  # (nothing in the loop adds or drops a connection)
+            proto.add_counters(deltas)
+        deltas.flush(self)
 
     def session_refused(self, peer: str) -> None:
         """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such

@@ -24,9 +24,9 @@ from aioquic.quic.connection import QuicConnection
 
 from tokenwire.daemon import service
 from tokenwire.daemon.config import parse_config
-from tokenwire.daemon.connection import RELEASED_AT_END
 from tokenwire.daemon.service import Daemon
 from tokenwire.transport.client import connect
+from tokenwire.transport.quic_io import RELEASED_AT_END
 
 from .test_handshake_limits import until
 from .test_hostile_clients import _daemon
@@ -111,7 +111,7 @@ def test_an_ended_connections_streams_keys_and_handshake_buffers_are_freed_witho
 
 
 def test_aioquic_still_has_the_attributes_released_at_a_connections_end():
-    """Pins aioquic's private names (pyproject: aioquic==1.7.2) that DaemonProtocol._release_ended empties: one
+    """Pins aioquic's private names (pyproject: aioquic==1.7.2) that SessionProtocol._release_ended empties: one
     renamed by an upgrade would be left holding its buffers again, silently."""
     quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
     quic.connect(("127.0.0.1", 4433), now=0.0)  # (its TLS state and keys are made here)
