@@ -689,7 +689,13 @@ def _check_redis_url(url: str) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")
-        return
+        return  # (an '@' in a socket's path is a path: /run/redis@main/redis.sock)
+    if "@" in url.partition("//")[2][len(parts.netloc):]:
+        # redis://:s3cr@t/x@HOST/0: the authority ends at the password's '/', and the client would connect to host
+        # "t" (refused later for a db that is no number, or a query: both sent the operator the wrong way)
+        raise ConfigError("kv.redis_url: an '@' after the host (in the path, ?query or #fragment): a password with "
+                          "'/', '?' or '#' in it ends the host early; percent-encode the password ('/' as %2F, '?' "
+                          "as %3F, '#' as %23, '@' as %40)")
     if not parts.hostname:
         raise ConfigError("kv.redis_url: no host in the URL (redis://HOST[:PORT][/DB]; a password as "
                           "redis://:PASSWORD@HOST..., with '/', '?' or '#' in it percent-encoded)")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 
 from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.handshake_guard import REFUSALS_LOG_S, RefusalLog
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable
@@ -24,6 +26,47 @@ from .upstreams import Upstream
 
 # the daemon's logger (not this module's name): operators and tests filter the daemon's lines by it
 log = logging.getLogger("tokenwire.daemon")
+
+
+class _UpstreamFailureLog(RefusalLog):
+    """One upstream's failed answers: the first a warning, the rest counted and summed up with the last one's
+    reason."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(log, self._summary)
+        self.name = name
+        self.last = ""  # the last failure counted, in words
+
+    def _summary(self, n: int, seconds: float) -> str:
+        return f"{n} more failures of upstream {self.name!r} in the last {seconds:.0f} s: {self.last}"
+
+
+# by upstream object, gone with it (a reload's replaced upstreams, a stopped test daemon's)
+_FAILURE_LOGS: weakref.WeakKeyDictionary[Upstream, _UpstreamFailureLog] = weakref.WeakKeyDictionary()
+
+
+def _failure_log(upstream: Upstream) -> _UpstreamFailureLog:
+    """``upstream``'s log of failed answers, made at its first failure. Kept by the upstream object, not its name:
+    each daemon (tests run several in one process) and each reload's new upstreams start their own."""
+    found = _FAILURE_LOGS.get(upstream)
+    if found is None:
+        found = _FAILURE_LOGS[upstream] = _UpstreamFailureLog(upstream.name)
+    return found
+
+
+def flush_failure_logs(upstreams: Iterable[Upstream], now: float, *, final: bool = False) -> None:
+    """The summary lines of the failures held back for ``upstreams`` (``now``: ``time.monotonic()``), once their
+    minute is over, or at once when ``final`` (the daemon is stopping). For the daemon's housekeeping and stop."""
+    for upstream in upstreams:
+        found = _FAILURE_LOGS.get(upstream)
+        if found is not None:
+            found.flush(now, final=final)
+
+
+def _connect_detail(text: str) -> str:
+    """aiohttp's "Cannot connect to host H:P ssl:default [...]" for a plain-HTTP URL: the "ssl:default" made
+    operators look for a TLS problem on a server spoken to without TLS (host, port and the errno reason stay)."""
+    return text.replace(" ssl:default", "", 1) if text.startswith("http://") else text
 
 
 async def generate_answer(live: LiveRequest, upstream: Upstream, chat: ChatRequest,
@@ -45,10 +88,21 @@ async def generate_answer(live: LiveRequest, upstream: Upstream, chat: ChatReque
     except asyncio.CancelledError:
         live.finish("cancelled", time.monotonic())
     except RequestError as exc:  # a typed failure (unreachable, timeout, HTTP error): the client gets it
-        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # the detail stays in the log
+        # the detail stays in the log
+        cause = f" ({_connect_detail(str(exc.__cause__))})" if exc.__cause__ is not None else ""
         # the upstream's words: raw, a line break forged a log line and escapes reached the operator's terminal
-        log.warning("request %s failed: %s", live.request_id.hex(), printable(f"{exc}{cause}"))
-        live.fail(exc.code, str(exc), time.monotonic())
+        text = printable(f"{exc}{cause}")
+        now = time.monotonic()
+        # one line per upstream, then a summary: a dead upstream wrote a warning per request (100 in a second)
+        failures = _failure_log(upstream)
+        if failures.hold(now):  # (set after hold(): a summary hold() writes is of the earlier ones)
+            failures.last = text
+        else:
+            log.warning("request %s failed: %s; more failures of upstream %r are counted "
+                        "(tokenwire_upstream_failures_total) and logged at most every %g s", live.request_id.hex(),
+                        text, upstream.name, REFUSALS_LOG_S)
+        live.fail(exc.code, str(exc), now)
     except Exception:
         log.exception("upstream %s failed", upstream.name)
         live.fail(ErrorCode.UPSTREAM_ERROR, f"upstream {upstream.name!r} failed", time.monotonic())
+

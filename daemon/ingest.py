@@ -54,7 +54,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import MAX_MODEL_CHARS, REQUEST_ID_BYTES  # what a QUIC request may name/have
@@ -79,6 +79,9 @@ MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
 LINE_TIMEOUT_S = 30.0
 # how an ingest answer ended (the outcome on_done hears, tokenwire_ingest_answers_failed_total's reason)
 FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain", "cancelled", "orphaned")
+# why an open was refused (on_open_refused, tokenwire_ingest_opens_refused_total's reason); a malformed open is not
+# counted (the application's bug, in its reply)
+OPEN_REFUSAL_REASONS = ("busy", "memory", "principal", "max_open", "draining")
 
 
 @dataclass
@@ -104,6 +107,14 @@ def _request_id(value: Any) -> bytes | None:
     except ValueError:
         return None
     return rid if len(rid) == REQUEST_ID_BYTES else None  # (fromhex skips spaces)
+
+
+class OpenRefusal(NamedTuple):
+    """The daemon's no to an open (``IngestAPI.refuse_open``): ``reason``, one of OPEN_REFUSAL_REASONS (the
+    metric's label), and ``text``, the application's reply."""
+
+    reason: str
+    text: str
 
 
 def _invalid_unicode(text: str) -> bool:
@@ -182,10 +193,11 @@ class IngestAPI:
         on_done: Callable[[LiveRequest, str], None] = lambda r, outcome: None,
         on_tokens: Callable[[int], None] = lambda n: None,
         max_open: int = DEFAULT_MAX_OPEN,
-        refuse_open: Callable[[str | None], str | None] = lambda principal: None,
+        refuse_open: Callable[[str | None], OpenRefusal | None] = lambda principal: None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         orphan_log: RefusalLog | None = None,
         fail_log: RefusalLog | None = None,
+        on_open_refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
@@ -196,6 +208,7 @@ class IngestAPI:
         # the daemon's say on an open, given its principal: why not (draining, too many answers live, a principal
         # no client can have), or None
         self.refuse_open = refuse_open
+        self.on_open_refused = on_open_refused  # one of OPEN_REFUSAL_REASONS, once per refused open (a metric)
         self.stall_timeout_s = stall_timeout_s
         # the orphan timeout's cancellations: one line, then those of the next REFUSALS_LOG_S counted and summed
         # up (the daemon passes the log its own answers' go through, which its housekeeping flushes); a line each
@@ -206,7 +219,6 @@ class IngestAPI:
         from tokenwire.transport.handshake_guard import RefusalLog  # (aioquic: not for `config check`)
 
         if fail_log is None:
-
             fail_log = RefusalLog(log, lambda n, secs: f"ingest: {n} more answers failed by their application "
                                   f"over {secs:.0f} s (tokenwire_ingest_answers_failed_total{{reason=\"app_failed\"}})")
         self.fail_log = fail_log
@@ -215,6 +227,9 @@ class IngestAPI:
         self.gone_log = RefusalLog(log, lambda n, secs: f"ingest: {n} more application connections ended with "
                                    f"answers open over {secs:.0f} s, their open answers failed "
                                    f"(tokenwire_ingest_answers_failed_total)")
+        # answers failed by the stall timeout, per connection (by id(conn)) with the last one's reason: a line each
+        # let one stalled connection write up to max_open (1,024) warnings at once; one line, then a summary
+        self._stall_logs: dict[int, tuple[RefusalLog, list[str]]] = {}
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
@@ -250,13 +265,16 @@ class IngestAPI:
                 if name is not None and _invalid_unicode(name):
                     return {"ok": False, "error": f"{key} is not valid Unicode (a lone surrogate)"}
             if len(conn.open) >= self.max_open:
+                self.on_open_refused("max_open")
                 return {"ok": False, "error": f"{len(conn.open)} answers already open on this connection "
                         "(ingest.max_open): finish or fail one first"}
             refused = self.refuse_open(principal)
             if refused is not None:
-                return {"ok": False, "error": refused}
+                self.on_open_refused(refused.reason)
+                return {"ok": False, "error": refused.text}
             need = request_bytes(model, principal)
             if self.store.live_bytes + need > self.store.max_bytes:
+                self.on_open_refused("memory")
                 return {"ok": False, "error": self._memory_full(need, "open")}
             req = self.store.create(principal, limit, now, model=model)
             conn.open[req.request_id] = req
@@ -369,7 +387,30 @@ class IngestAPI:
         for req in failed:
             req.fail(ErrorCode.UPSTREAM_ERROR, why, now)
             self._done(req, conn, outcome)
+        stalls = self._stall_logs.pop(id(conn), None)
+        if stalls is not None:  # the connection's story is over: its stalls held back are summed up now
+            stalls[0].flush(now, final=True)
         return len(failed)
+
+    def flush_logs(self, now: float, *, final: bool = False) -> None:
+        """The summary lines of the failures held back (fail ops, connections gone with answers open, stalls),
+        once their minute is over, or at once when ``final`` (the daemon is stopping)."""
+        self.fail_log.flush(now, final=final)
+        self.gone_log.flush(now, final=final)
+        for stalls, _ in self._stall_logs.values():
+            stalls.flush(now, final=final)
+
+    def _stall_log(self, conn: IngestConnection, rid: bytes) -> tuple[RefusalLog, list[str]]:
+        """``conn``'s log of stalled answers (made at its first, ``rid``) and the last reason held back."""
+        found = self._stall_logs.get(id(conn))
+        if found is None:
+            from tokenwire.transport.handshake_guard import RefusalLog  # (loaded: a daemon's housekeeping calls)
+
+            last = [""]
+            found = self._stall_logs[id(conn)] = (RefusalLog(log, lambda n, secs: (
+                f"ingest: {n} more answers failed in the last {secs:.0f} s on the application connection of request "
+                f"{rid.hex()}: {last[0]}")), last)
+        return found
 
     def is_open(self, request_id: bytes) -> bool:
         return request_id in self._open
@@ -401,8 +442,10 @@ class IngestAPI:
         While the daemon waits for the application to read a reply (``writing_since``) it reads none of that
         connection's ops, so its answers' clocks count from then, and the failure says the application did not
         read: it said "the application sent nothing" of one that pushed on and never read a reply."""
-        self.fail_log.flush(now)  # the summary of the fail ops held back, once their minute is over
-        self.gone_log.flush(now)  # and of the connections that ended with answers open
+        from tokenwire.transport.handshake_guard import REFUSALS_LOG_S  # (loaded: fail_log is one of its)
+
+        # the summaries of the fail ops, of the connections that ended with answers open, of the stalls held back
+        self.flush_logs(now)
         timeout = self.stall_timeout_s
         stalled = [(rid, conn) for rid, (conn, last) in self._open.items()
                    if now - (last if conn.writing_since is None else max(last, conn.writing_since)) >= timeout]
@@ -415,7 +458,13 @@ class IngestAPI:
                 why = (f"the application did not read its replies for {timeout:g} s (ingest.stall_timeout_s): the "
                        "daemon reads no more ops from it until it does")
                 ended = f"timed out: the application did not read its replies for {timeout:g} s, ingest.stall_timeout_s"
-            log.warning("ingest: request %s failed: %s", rid.hex(), why)
+            stalls, last = self._stall_log(conn, rid)
+            if stalls.hold(now):
+                last[0] = why
+            else:
+                log.warning("ingest: request %s failed: %s; more on this connection are counted "
+                            "(tokenwire_ingest_answers_failed_total{reason=\"stalled\"}) and logged at most every "
+                            "%g s", rid.hex(), why, REFUSALS_LOG_S)
             req.fail(ErrorCode.UPSTREAM_TIMEOUT, why, now)
             self._done(req, conn, "stalled", ended)
         return len(stalled)
@@ -500,11 +549,13 @@ def check_paths(cfg: IngestConfig) -> tuple[list[str], list[str]]:
 
 
 async def serve_ingest(
-    path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None, group: str | None = None
+    path: Path, api: IngestAPI, *, clients: set[asyncio.Task[None]] | None = None, group: str | None = None,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (mode 0660, given to ``group``, ``ingest.socket_group``, when set; a
     stale socket file is replaced). ``clients``: where each connection's task is kept while it runs, for
-    :func:`close_clients`."""
+    :func:`close_clients`. ``start_serving=False``: bound, nothing accepted until ``server.start_serving()``
+    (the daemon's start gate, :func:`unix_sockets.serve`)."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = IngestConnection()
@@ -558,7 +609,8 @@ async def serve_ingest(
             if clients is not None and task is not None:
                 clients.discard(task)
 
-    return await unix_sockets.serve(path, client, limit=MAX_LINE, group=group, setting="ingest.socket_group")
+    return await unix_sockets.serve(path, client, limit=MAX_LINE, group=group, setting="ingest.socket_group",
+                                    start_serving=start_serving)
 
 
 async def close_clients(clients: set[asyncio.Task[None]], timeout: float = 1.0) -> None:

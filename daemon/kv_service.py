@@ -16,6 +16,7 @@ waits on disk, Redis or the codec. torch is imported only here (and only when ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ _DTYPES = ("float16", "bfloat16", "float32")
 def _itemsize(dtype: str) -> int:
     """Bytes per element of a stored KV dtype (one of :data:`_DTYPES`)."""
     return 4 if dtype == "float32" else 2
+
+
 MAX_INGEST_BYTES = 8 << 30
 # A put's header line: the largest a put can need is its token ids, at most MAX_KV_TOKENS of up to 10 digits with
 # json.dumps' ", " (12 bytes each: 1.5 MiB), plus 512 KiB for the rest (model, shape, fingerprint, prewarm). It was
@@ -81,8 +84,8 @@ CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a mi
 # fetch timed out ... no KV_META", never hearing that the store did not answer. The floor keeps a healthy store that
 # is slower than a tiny deadline (a long context's lookups) from being called unavailable.
 RESOLVE_FLOOR_S = 2.0
-# How often a waiting lookup looks again while the fetch worker runs nothing (the moment between two jobs): it
-# starts then, and its own time counts from there
+# How often a waiting lookup looks again while the fetch worker runs nothing (the moment between two jobs: it
+# starts then, and its own time counts from there) or only untimed work (another fetch's encode)
 RESOLVE_RECHECK_S = 0.05
 
 
@@ -235,15 +238,23 @@ _T = TypeVar("_T")
 
 
 class _TimedPool(ThreadPoolExecutor):
-    """A thread pool that knows since when its running jobs have run (:meth:`running_since`). A fetch's lookup is
-    bounded by its deadline so that a hung store is reported (:meth:`KVService.resolve`); counted from its submit,
-    the bound also took the time it sat queued behind other fetches' encodes, and a healthy store under concurrent
-    fetches was called unavailable (a lookup queued behind 2.5 s of moving work failed at 2 s)."""
+    """A thread pool that knows since when its running jobs have waited on the store (:meth:`running_since`). A
+    fetch's lookup is bounded by its deadline so that a hung store is reported (:meth:`KVService.resolve`); counted
+    from its submit, the bound also took the time it sat queued behind other fetches' encodes, and a healthy store
+    under concurrent fetches was called unavailable (a lookup queued behind 2.5 s of moving work failed at 2 s).
+
+    A job's own CPU work and its waits for the other worker are left out too (:meth:`untimed`: the codec's encode,
+    a chunk's lock): timed whole, a lookup queued behind one fetch's encode of a long chunk (seconds of CPU) failed
+    as "KV store unavailable", with a warning blaming a healthy store. What is timed is the rest, the store's calls
+    and the little between them; a job the pool knows nothing of is timed whole, as a hung store call would be.
+    (Left out rather than timed in: a store call added later without a mark is timed, and still reported.)"""
 
     def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        self._since: dict[object, float] = {}  # a running job's token -> when it started (time.monotonic)
+        # a running job's token -> since when it has been waiting on the store (time.monotonic); None in untimed work
+        self._since: dict[object, float | None] = {}
         self._since_lock = threading.Lock()
+        self._job = threading.local()  # on a worker of this pool: the token of the job it runs
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """``fn(*args, **kwargs)`` on a worker, its start and end recorded (every job: run_in_executor's too)."""
@@ -252,19 +263,39 @@ class _TimedPool(ThreadPoolExecutor):
         def timed() -> _T:
             with self._since_lock:
                 self._since[token] = time.monotonic()
+            self._job.token = token
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._job.token = None
                 with self._since_lock:
                     del self._since[token]
 
         return super().submit(timed)
 
-    def running_since(self) -> float | None:
-        """When the latest-started of the running jobs started; None while none runs. With every worker busy a
-        queued job waits on all of them: this is the one that has run the shortest (the fetch pool has one)."""
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Within the block the running job's clock stops (work that is not the store's), and restarts at its end.
+        Anywhere but on this pool's workers (the ingest worker's prewarm encode) it does nothing."""
+        token = getattr(self._job, "token", None)
+        if token is None:
+            yield
+            return
         with self._since_lock:
-            return max(self._since.values(), default=None)
+            outer = self._since[token]
+            self._since[token] = None
+        try:
+            yield
+        finally:
+            with self._since_lock:
+                self._since[token] = None if outer is None else time.monotonic()  # (nested: still stopped)
+
+    def running_since(self) -> float | None:
+        """Since when the running job has waited on the store (the latest such start of those running); None while
+        none runs, or while it is in untimed work. With every worker busy a queued job waits on all of them: this
+        is the one that has waited the shortest (the fetch pool has one)."""
+        with self._since_lock:
+            return max((since for since in self._since.values() if since is not None), default=None)
 
 
 def _after(hashes: Sequence[str], i: int) -> Sequence[str]:
@@ -430,7 +461,7 @@ class KVService:
         ``later()`` lists (those known to follow it: unreachable without it; asked for only then). Under the chunk's
         lock: an ingest replacing the chunk (metadata deleted, then written) is seen before or after, never half-way
         as a miss."""
-        with self._chunk_lock(h):
+        with self._holding(h):
             m = self.meta_sync(h)
             if m is None:
                 return None
@@ -516,6 +547,18 @@ class KVService:
     def _chunk_lock(self, h: str) -> threading.Lock:
         """One of a few locks, by chunk: an ingest replacing a chunk and a fetch encoding it take turns."""
         return self._chunk_locks[int(h[:8], 16) % len(self._chunk_locks)]
+
+    @contextlib.contextmanager
+    def _holding(self, h: str) -> Iterator[None]:
+        """Chunk ``h``'s lock (:meth:`_chunk_lock`) for the block. The wait for it is not the store's time on the
+        fetch worker (:meth:`_TimedPool.untimed`): the ingest worker holds it for seconds encoding a prewarm level."""
+        lock = self._chunk_lock(h)
+        with self.pool.untimed():
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
         with self._lock:
@@ -610,7 +653,7 @@ class KVService:
         if data is not None:
             self._remember(self._sizes, (h, level), len(data))
             return data
-        with self._chunk_lock(h):  # the ingest worker may be replacing this chunk, or encoding it
+        with self._holding(h):  # the ingest worker may be replacing this chunk, or encoding it
             return self._encode_locked(h, level, key)
 
     def _encode_locked(self, h: str, level: str, key: str,
@@ -644,15 +687,16 @@ class KVService:
                              "(by another daemon sharing the store); fetch it again")
         # the two reads above prove the source was read while this metadata was stored, not that it is this
         # metadata's: two daemons replacing the chunk at once left one put's source under the other's metadata
-        problem = meta.source_problem(src)
-        encoded = b""
-        if problem is None:
-            try:
-                encoded = self._encode(meta, src, level)
-            except (KVCodecError, RuntimeError, ValueError, TypeError) as exc:
-                # a source that passed every check and still does not encode is no KV of this metadata: a miss
-                # (NOT_FOUND), not INTERNAL "store failure" on every fetch with a traceback in the log
-                problem = f"its source does not encode ({exc.__class__.__name__}: {exc})"
+        with self.pool.untimed():  # CPU work (seconds for a long chunk): a lookup queued behind it is not failed for it
+            problem = meta.source_problem(src)
+            encoded = b""
+            if problem is None:
+                try:
+                    encoded = self._encode(meta, src, level)
+                except (KVCodecError, RuntimeError, ValueError, TypeError) as exc:
+                    # a source that passed every check and still does not encode is no KV of this metadata: a miss
+                    # (NOT_FOUND), not INTERNAL "store failure" on every fetch with a traceback in the log
+                    problem = f"its source does not encode ({exc.__class__.__name__}: {exc})"
         if problem is not None:
             self._drop_mismatched(h, blob, problem)
             raise KVNotFound(f"chunk {meta.index} of the context is not stored whole ({problem}): a miss until it is "
@@ -755,7 +799,7 @@ class KVService:
         it replaced with other KV (another fingerprint, dtype or geometry) is refused, not served into a fetch
         whose other chunks and KV_META are the old put's."""
         h = plan.handle[index]
-        with self._chunk_lock(h):
+        with self._holding(h):
             read = self._meta_read(h)
             if read is None:
                 raise KVNotFound(f"chunk {h} is no longer stored")
@@ -772,23 +816,19 @@ class KVService:
     async def resolve(self, fetch: KvFetch) -> ContextPlan:
         """:meth:`resolve_sync` on the fetch worker, bounded by the fetch's deadline (:data:`RESOLVE_FLOOR_S` at
         least): the fetch fails with "KV store unavailable" (:class:`StoreError`) once the lookup itself, or the job
-        running ahead of it on the worker (another fetch's lookup or chunk: store calls), has run that long: the
+        running ahead of it on the worker (another fetch's lookup or chunk), has waited on the store that long: the
         store does not answer (a hung Redis). Time queued behind jobs that each end within the bound is not counted:
         that queue is moving, and the store answering (counted, a healthy store under concurrent fetches was called
-        unavailable). The lookup in progress finishes on the worker, when the store answers or its own timeout ends
-        it; one still queued is cancelled, as it is when the fetch is (resolve cancelled)."""
-        bound = max(fetch.deadline_ms / 1000.0, RESOLVE_FLOOR_S)
-        began: list[float] = []  # when the lookup started on the worker
-
-        def lookup() -> ContextPlan:
-            began.append(time.monotonic())
-            return self.resolve_sync(fetch)
-
-        job = asyncio.get_running_loop().run_in_executor(self.pool, lookup)
+        unavailable); nor is a job's encode or its wait for a chunk's lock (:meth:`_TimedPool.untimed`). The lookup
+        in progress finishes on the worker, when the store answers or its own timeout ends it; one still queued is
+        cancelled, as it is when the fetch is (resolve cancelled)."""
+        deadline = fetch.deadline_ms / 1000.0
+        bound = max(deadline, RESOLVE_FLOOR_S)
+        job = asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
         try:
             while not job.done():
-                since = began[0] if began else self.pool.running_since()
-                if since is None:  # between two jobs: this one or the next starts now
+                since = self.pool.running_since()  # (the lookup's own, once it runs: the pool has one worker)
+                if since is None:  # between two jobs, or in one's untimed work (an encode): look again soon
                     left = RESOLVE_RECHECK_S
                 else:
                     left = since + bound - time.monotonic()
@@ -802,11 +842,15 @@ class KVService:
             return job.result()
         job.cancel()
         held = self._unanswered.due()
+        floor = bound > deadline  # (a tiny deadline: the lookup was given RESOLVE_FLOOR_S)
         if held is not None:
-            log.warning("KV store %s did not answer a fetch's lookup, or the store call ahead of it, within %g s (its "
-                        "deadline): the fetch failed as \"KV store unavailable\"%s", self.store.where, bound,
+            used = (f"{bound:g} s (the least a lookup is given; the fetch's deadline is {deadline:g} s)" if floor
+                    else f"{bound:g} s (the fetch's deadline)")
+            log.warning("KV store %s did not answer a fetch's lookup, or the store call ahead of it on the fetch "
+                        "worker, within %s: the fetch failed as \"KV store unavailable\"%s", self.store.where, used,
                         f"; {held} more since the last such line" if held else "")
-        raise StoreError(f"KV store unavailable: no answer within the fetch's deadline ({bound:g} s)")
+        raise StoreError("KV store unavailable: no answer within the fetch's deadline "
+                         + (f"(nor within {bound:g} s, the least a lookup is given)" if floor else f"({bound:g} s)"))
 
     async def chunk(self, plan: ContextPlan, index: int, level: str) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.chunk_sync, plan, index, level)
@@ -1068,11 +1112,13 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
         writer.close()
 
 
-async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | None = None) -> asyncio.Server:
+async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | None = None,
+                          start_serving: bool = True) -> asyncio.Server:
     """Listen for KV puts on a Unix socket (mode 0660, given to ``group``, ``kv.ingest_socket_group``, when set:
-    as the answer ingest socket, so that applications that put KV need not be in the daemon's group)."""
+    as the answer ingest socket, so that applications that put KV need not be in the daemon's group).
+    ``start_serving=False``: bound, nothing accepted until ``server.start_serving()`` (:func:`start_kv`)."""
     return await unix_sockets.serve(Path(path), lambda r, w: _handle_ingest(service, r, w), limit=MAX_HEADER_BYTES,
-                                    group=group, setting="kv.ingest_socket_group")
+                                    group=group, setting="kv.ingest_socket_group", start_serving=start_serving)
 
 
 def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
@@ -1151,6 +1197,14 @@ class KVRuntime:
 
     ingest_path: Path | None = None
     ingest_ident: tuple[int, int, int] | None = None
+
+    async def start_serving(self) -> None:
+        """Open the start gate (:func:`start_kv` with ``serve=False``): the endpoint reads its datagrams from now
+        on (its clients' Initials, dropped until now, are resent), and the ingest socket accepts the engines'
+        connections waiting in its backlog."""
+        self.server._quic_server.accepting = True  # (ValidatingQuicServer.accepting, as on the chat port)
+        if self.ingest is not None:
+            await self.ingest.start_serving()
 
     def close(self) -> None:
         self.server.close()
@@ -1253,8 +1307,15 @@ def warm_up_failure(exc: BaseException) -> str:
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
                    max_connections: Any = None, request_timeout: Any = None,
-                   unauthorized_memory: Any = None) -> KVRuntime:
+                   unauthorized_memory: Any = None, serve: bool = True) -> KVRuntime:
     """Start the KV store service, its channel endpoint and (if configured) the ingest socket.
+
+    Both are bound at once (a port or socket in use fails the start before the warm-ups) and serve nothing during
+    the warm-ups: the endpoint drops its datagrams unread (a client's Initial is resent) and the ingest socket
+    accepts no connection (they wait in its backlog). A fetch or put served then was cut, with no drain, by a stop
+    signal during the warm-up. ``serve``: open them once warmed up; False leaves that to the caller
+    (:meth:`KVRuntime.start_serving`: the daemon opens them at READY, with its chat port, after freezing its heap,
+    so that no connection made meanwhile is frozen, never to be freed).
 
     ``authorize``, ``client_verifier``, ``on_unauthorized``, ``max_connections`` and ``request_timeout``: the
     daemon's checks, as :func:`~tokenwire.transport.kv_server.serve_kv` takes them (the chat port's token, client
@@ -1286,8 +1347,8 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     if authorize is not None:  # its check lets a token-less fetch through while no [auth] tokens are configured: only
         # with tokens is a connection held to a small window until a fetch of it is authorized (serve_kv)
         limits["hold_unauthorized"] = lambda: not authorize(None)
-    # ewma until the forecaster's model is loaded (below): the port is open during the warm-up, and a fetch then
-    # must not load onnxruntime on the event loop. Every session shares this tuning: the load's outcome sets it.
+    # ewma until the forecaster's model is loaded (below): never onnxruntime loaded on the event loop. Every session
+    # shares this tuning: the load's outcome sets it.
     tuning = ServerTuning(forecaster="ewma", prior_bps=cfg.prior_mbps * 1e6,
                           recompute_us_per_token=cfg.recompute_us_per_token,
                           decode_elements_per_s=cfg.decode_mbps * 1e6 / 8)
@@ -1301,12 +1362,14 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
                                     on_unauthorized=on_unauthorized, **limits)
         except OSError as exc:
             raise cannot_listen("kv.listen", exc, *cfg.listen) from None
+        server._quic_server.accepting = False  # bound, gated until start_serving (as the daemon's chat port)
     except BaseException:
         service.close()
         raise
     try:
         try:
-            ingest = (await serve_kv_ingest(cfg.ingest_socket, service, group=cfg.ingest_socket_group)
+            ingest = (await serve_kv_ingest(cfg.ingest_socket, service, group=cfg.ingest_socket_group,
+                                            start_serving=False)
                       if cfg.ingest_socket is not None else None)
         except OSError as exc:
             raise StartupError(f"kv.ingest_socket: cannot listen on {cfg.ingest_socket}: "
@@ -1317,12 +1380,14 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
         raise
     path = Path(cfg.ingest_socket) if cfg.ingest_socket is not None else None
     runtime = KVRuntime(service, server, ingest, path, unix_sockets.identity(path) if path is not None else None)
-    try:  # (a fetch or put that comes meanwhile waits on its worker thread for the compile, as a cold one did)
+    try:  # (nothing is served meanwhile: see above)
         await warm_up_codec()
         if await warm_up_forecaster(cfg.forecaster):
             tuning.forecaster = cfg.forecaster
+        if serve:
+            await runtime.start_serving()
     except BaseException:  # a refused JIT, or a stop signal during the start
-        await runtime.aclose()  # (a put may be on a worker now: not joined on the event loop)
+        await runtime.aclose()  # (its socket file removed; no put or fetch was served to be cut)
         raise
     log.info("KV channel on udp %s:%d (store: %s, %d MiB)", cfg.listen[0], server.port, cfg.backend,
              cfg.capacity_bytes >> 20)

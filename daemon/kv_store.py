@@ -561,6 +561,7 @@ class LocalChunkStore(ChunkStore):
         # what follows a chunk that is gone: the descendants of the unsourced chunks (their links were learned
         # from the metadata just removed), and chunks after a chunk that is not stored at all (a truncated
         # source and metadata). Kept, no fetch could use them, and they counted in the store's bytes until LRU
+        evicted_before = self.stats.evictions  # (the objects they had, for the log line: the metric counts those)
         unreachable = self._drop_unreachable_at_start(
             [kid for chunk in gone if chunk not in self._chunks for kid in self._kids.get(chunk, ())] + orphans,
             foreign)
@@ -569,11 +570,16 @@ class LocalChunkStore(ChunkStore):
                         "disk during their write; a level is encoded again, a chunk without its source or metadata "
                         "is a miss until put again)", self.root, self.stats.recovered_partial)
         if self.stats.unsourced:
-            log.warning("KV store %s: removed the metadata and levels of %d chunks whose source is gone (a miss until "
-                        "put again)", self.root, self.stats.unsourced)
+            log.warning("KV store %s: removed the metadata and levels of %d chunk%s whose source is gone (a miss "
+                        "until put again)", self.root, self.stats.unsourced, "" if self.stats.unsourced == 1 else "s")
         if unreachable:
-            log.warning("KV store %s: removed %d chunks that follow a chunk that is gone (unreachable: a fetch needs "
-                        "every chunk before them; counted as evictions)", self.root, unreachable)
+            # the objects too: tokenwire_kv_store_evictions_total counts those (metadata, source, levels), and "2
+            # chunks" beside a rise of 4 looked like a miscount
+            objects = self.stats.evictions - evicted_before
+            log.warning("KV store %s: removed %d chunk%s that follow%s a chunk that is gone (unreachable: a fetch "
+                        "needs every chunk before %s; %d object%s, counted as evictions)", self.root, unreachable,
+                        "" if unreachable == 1 else "s", "s" if unreachable == 1 else "",
+                        "it" if unreachable == 1 else "them", objects, "" if objects == 1 else "s")
         if foreign:
             log.warning("KV store %s: %d objects written by another tokenwire version are kept but not read by this "
                         "one (misses; evicted in their turn)", self.root, len(foreign))

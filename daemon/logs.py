@@ -22,14 +22,25 @@ def shown_url(url: str) -> str:
     """A URL for messages and the log, its userinfo (``user:password@``, Redis's ``:secret@``) masked: all of the
     authority up to its *last* '@', where urllib (and redis-py, aiohttp with it) ends the userinfo, the authority
     ending at the first '/', '?' or '#' after ``//``. Masked up to the first '@', a password with an '@' in it
-    (``redis://:x@Secret@host``, which redis-py reads as ``x@Secret``) was logged from that '@' on."""
+    (``redis://:x@Secret@host``, which redis-py reads as ``x@Secret``) was logged from that '@' on.
+
+    An '@' after the authority is most likely a password's own: one with an unencoded '/', '?' or '#' ends the
+    authority early (``redis://:s3cr@t/x@host/0``, ``redis://:pa?ss@host``), and its rest was logged. Then all up
+    to the URL's last '@' is masked (``config check`` refuses such a ``kv.redis_url``; a path with an '@' of its own
+    shows less of its URL: safe, and rare). Not when the authority has an '@' of its own and ended at a '/', and
+    only a query or fragment holds one (``https://u:p@host/v1?mail=a@b``): its userinfo was found, the rest is not
+    a password's. A URL with no authority (``unix:///run/redis@main/redis.sock``) has no password to hide."""
     head, sep, rest = url.partition("//")
     if not sep:
         return url
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    if "@" not in rest[:end]:
+    authority, after = rest[:end], rest[end:]
+    path = after[:min((i for i in map(after.find, "?#") if i >= 0), default=len(after))]
+    if authority and "@" in after and ("@" not in authority or not after.startswith("/") or "@" in path):
+        return f"{head}//***@{rest.rpartition('@')[2]}"
+    if "@" not in authority:
         return url
-    return f"{head}//***@{rest[:end].rpartition('@')[2]}{rest[end:]}"
+    return f"{head}//***@{authority.rpartition('@')[2]}{after}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -62,8 +62,8 @@ from .config import (
     upstream_file_problems,
 )
 from .connection import UNAUTHORIZED_CREDIT_REQUESTS, CounterDeltas, DaemonProtocol
-from .generation import generate_answer
-from .ingest import IngestAPI, close_clients, principal_problem, serve_ingest
+from .generation import flush_failure_logs, generate_answer
+from .ingest import IngestAPI, OpenRefusal, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
 from .reload_decisions import (
@@ -168,9 +168,10 @@ class Daemon:
             on_retry=lambda active: self.metrics.retry_active.set(int(active)), relax_every=None)
         # clients refused past max_sessions, unauthorized clients and never-authorized connections closed to admit new
         # clients: the first of each kind is a warning, the rest are counted and summed up (RefusalLog)
+        # (the limit, not the sessions open: read when the summary is written, a minute on, that said "0 open")
         self._session_refusals = RefusalLog(log, lambda n, s: (
-            f"refused {n} more connections in the last {s:.0f} s: {self.established} sessions open "
-            f"(limits.max_sessions)"))
+            f"refused {n} more connections in the last {s:.0f} s at the session limit "
+            f"(limits.max_sessions = {self.config.limits.max_sessions})"))
         self._auth_refusals = RefusalLog(log, lambda n, s: (
             f"refused {n} more unauthorized clients in the last {s:.0f} s (a missing, invalid or revoked auth token "
             f"or client certificate; tokenwire_errors_total code 0x105)"))
@@ -254,6 +255,7 @@ class Daemon:
         cfg = self.config
         quic_config, tls_kwargs = server_tls(cfg)
         self._quic_config = quic_config
+        self.metrics.served_certificate(quic_config.certificate)  # (tokenwire_tls_cert_expiry_seconds)
         factory = functools.partial(DaemonProtocol, daemon=self)
         self.marking.start()
         for host, port in cfg.server.listen:
@@ -292,11 +294,13 @@ class Daemon:
                 max_open=cfg.ingest.max_open,
                 orphan_log=self._orphan_cancels,  # one line, then a summary, for chat and ingest answers alike
                 refuse_open=self._ingest_refusal,
+                on_open_refused=lambda reason: self.metrics.ingest_opens_refused.labels(reason=reason).inc(),
                 stall_timeout_s=cfg.ingest.stall_timeout_s,
             )
             try:
+                # bound now, served once ready, as the chat port (an app's connection waits in the backlog)
                 self._ingest = await serve_ingest(cfg.ingest.socket, api, clients=self._ingest_clients,
-                                                  group=cfg.ingest.socket_group)
+                                                  group=cfg.ingest.socket_group, start_serving=False)
                 self._ingest_ident = unix_sockets.identity(cfg.ingest.socket)
             except OSError as exc:
                 raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "
@@ -312,7 +316,8 @@ class Daemon:
                 client_verifier=(lambda: self.client_verifier) if self.client_verifier is not None else None,
                 max_connections=lambda: self.config.limits.max_sessions,
                 request_timeout=lambda: self.config.limits.request_timeout_s,
-                unauthorized_memory=lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)), **tls_kwargs)
+                unauthorized_memory=lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)),
+                serve=False, **tls_kwargs)  # (bound, gated: served at READY, below)
             from .kv_metrics import KVMetrics
 
             KVMetrics(self.metrics.registry, self.kv)
@@ -330,13 +335,19 @@ class Daemon:
         if self._handle_signals and not gc.get_freeze_count():
             # the process is this daemon's (run()), and what is alive now (imports; torch and numba with [kv]) lives
             # as long as it: frozen, no full collection walks it again (~52,000 objects, ~25 ms of each; with [kv]
-            # 0.1-0.25 s). Collected first, and before any chat client is let in, so that no garbage and no
-            # connection is frozen (a frozen cycle is never freed)
+            # 0.1-0.25 s). Collected first, and before any client is let in (chat, ingest, KV), so that no garbage
+            # and no connection is frozen (a frozen cycle is never freed)
             gc.collect()
             gc.freeze()
             self._froze_heap = True
+        # the start gate opens: every listener was bound above and served nothing during the KV warm-up, where a
+        # stop signal cut what was served with no drain (the ingest sockets' and the KV port's too)
         for server in self._servers:
             server.accepting = True
+        if self._ingest is not None:
+            await self._ingest.start_serving()
+        if self.kv is not None:
+            await self.kv.start_serving()
         self.serving = True
         log.info("%s", status)
         self.notifier.ready(status)
@@ -459,14 +470,18 @@ class Daemon:
                 "too much held before authorization: this connection had sent no authorized request and its "
                 "requests held more than the server allows such connections; connect again and authorize first")
 
-    def _log_refusals(self, now: float) -> None:
-        """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed."""
+    def _log_refusals(self, now: float, *, final: bool = False) -> None:
+        """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed; ``final``: at once
+        (stop(): those held back were never written, though their metrics had counted them)."""
         for refusals in (self._session_refusals, self._auth_refusals, self._evictions, self._protocol_closes,
                          self._busy_refusals, self._memory_sheds, self._orphan_cancels):
-            refusals.flush(now)
-        self.metrics.flush_logs(now)  # the metrics port's malformed requests
+            refusals.flush(now, final=final)
+        self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
-            self.kv.server.flush_logs(now)
+            self.kv.server.flush_logs(now, final=final)
+        flush_failure_logs(self.upstreams.values(), now, final=final)  # the upstreams' failed answers
+        if final and self._ingest_api is not None:  # (else its expire_stalled, in housekeeping, flushes them)
+            self._ingest_api.flush_logs(now, final=True)
 
     def _collect_ended(self, now: float) -> None:
         """A full garbage collection once the connections ended since the last one are at least GC_ENDED_FRACTION of
@@ -542,17 +557,18 @@ class Daemon:
         auth = self.config.auth
         return not auth.required or auth.principal(token) is not None
 
-    def _ingest_refusal(self, principal: str | None) -> str | None:
+    def _ingest_refusal(self, principal: str | None) -> OpenRefusal | None:
         """Why an application may not open an answer now, or None: the daemon drains (every attach would get
         SHUTTING_DOWN), answers are at ``limits.max_live_answers`` (ingest answers are never evicted: open ones
         count), or no client could attach as ``principal`` under the auth in force now (SIGHUP changes it)."""
         if self.draining:
-            return "daemon shutting down"
+            return OpenRefusal("draining", "daemon shutting down")
         busy = self._busy()
         if busy is not None:
             self._busy_refused("an answer opened on the ingest socket")
-            return busy
-        return principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
+            return OpenRefusal("busy", busy)
+        problem = principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
+        return None if problem is None else OpenRefusal("principal", problem)
 
     def _ingest_opened(self, live: LiveRequest) -> None:
         self._ingested[live.request_id] = live
@@ -648,6 +664,10 @@ class Daemon:
             log.exception("reload failed part-way")
             return False
         finally:
+            # the gauges say what STATUS says: reload_note is empty only after a reload that applied everything
+            self.metrics.config_reload_ok.set(0 if self.reload_note else 1)
+            self.metrics.restart_pending.set(1 if self.restart_pending else 0)
+            self.metrics.served_certificate(self._quic_config.certificate if self._quic_config is not None else None)
             self.notifier.ready(status)
 
     def _reload(self) -> tuple[str, bool]:
@@ -894,6 +914,8 @@ class Daemon:
             for up in self.upstreams.values():
                 with _logged(f"closing upstream {up.name!r}"):
                     await up.close()
+            with _logged("summing up the refusals and failures held back"):
+                self._log_refusals(time.monotonic(), final=True)  # (else lost: 3 refusals, 1 line, no summary)
             with _logged("telling systemd"):
                 self.notifier.close()
         finally:

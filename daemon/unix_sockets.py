@@ -197,8 +197,9 @@ class _BoundedProtocol(asyncio.StreamReaderProtocol):
         if gate.active >= gate.bound:
             gate.refused()
             assert isinstance(transport, asyncio.WriteTransport)  # (a stream socket's)
-            transport.write(json.dumps({"ok": False, "error": f"too many connections to this socket (over "
-                                        f"{gate.bound}): close idle ones, or retry"}).encode() + b"\n")
+            transport.write(json.dumps({"ok": False, "error": f"too many connections to this socket ({gate.bound} "
+                                        "already open, the most it takes): close idle ones, or retry"}).encode()
+                            + b"\n")
             transport.close()  # (what was written still goes out first; a peer that never reads loses it)
             return
         gate.active += 1
@@ -214,12 +215,16 @@ class _BoundedProtocol(asyncio.StreamReaderProtocol):
 
 
 async def serve(path: Path, client: Client, *, limit: int, group: str | None, setting: str,
-                max_connections: int | None = None) -> asyncio.Server:
+                max_connections: int | None = None, start_serving: bool = True) -> asyncio.Server:
     """Listen on the Unix socket ``path`` (a stale socket file replaced, :func:`claim`), mode 0660 and given to
     ``group`` when set, before it listens (:func:`bind_private`); a socket whose access cannot be set is closed
     and removed (nobody could use it, and the daemon does not start). Both ingest sockets (answers, KV) are
     made here, each holding at most ``max_connections`` at once (:func:`connection_bound` by default: with no
-    bound, abandoned connections took every fd of the daemon)."""
+    bound, abandoned connections took every fd of the daemon).
+
+    ``start_serving=False``: bound and listening, but no connection is accepted until ``server.start_serving()``
+    (the daemon's start gate: the path is claimed at once, so a socket in use fails the start before the KV
+    warm-up, and what connects meanwhile waits in the backlog, unread, until READY)."""
     bound = connection_bound() if max_connections is None else max_connections
     claim(path)  # a stale socket goes; a bad path, a live socket or a file is an error
     sock = bind_private(path, group, setting)
@@ -229,7 +234,7 @@ async def serve(path: Path, client: Client, *, limit: int, group: str | None, se
         # asyncio.start_unix_server's own factory, with the counting protocol
         server = await loop.create_unix_server(
             lambda: _BoundedProtocol(gate, asyncio.StreamReader(limit=limit, loop=loop), client), sock=sock,
-            backlog=BACKLOG)
+            backlog=BACKLOG, start_serving=start_serving)
     except BaseException:
         sock.close()
         path.unlink(missing_ok=True)

@@ -20,7 +20,14 @@ import pytest
 from tokenwire.daemon import unix_sockets
 from tokenwire.daemon.certificates import cert_principal
 from tokenwire.daemon.config import MAX_PRINCIPAL_CHARS, AuthConfig
-from tokenwire.daemon.ingest import IngestAPI, IngestConnection, is_cert_principal, principal_problem, serve_ingest
+from tokenwire.daemon.ingest import (
+    IngestAPI,
+    IngestConnection,
+    OpenRefusal,
+    is_cert_principal,
+    principal_problem,
+    serve_ingest,
+)
 from tokenwire.daemon.transcripts import (
     REQUEST_OVERHEAD_BYTES,
     TOKEN_OVERHEAD_BYTES,
@@ -284,7 +291,11 @@ def test_cert_principals_no_certificate_can_have_are_refused(principal):
 
 
 def test_an_open_for_such_a_principal_is_refused_with_client_ca():
-    store, api = _api(refuse_open=lambda p: principal_problem(p, AuthConfig(), certificates=True))
+    def refuse(principal):
+        problem = principal_problem(principal, AuthConfig(), certificates=True)
+        return None if problem is None else OpenRefusal("principal", problem)
+
+    store, api = _api(refuse_open=refuse)
     reply = api.handle({"op": "open", "principal": "cert:ca~rol"}, IngestConnection(), 0)
     assert reply["ok"] is False and "not one a client certificate can have" in reply["error"]
     assert "cert_principal" in reply["error"] and store.live_count == 0

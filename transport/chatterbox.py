@@ -105,6 +105,8 @@ class SenderStats:
     tokens_carried: int = 0
     redundant_tokens: int = 0
     redundant_bytes: int = 0
+    # packets with no new token, only repeats (repair = new_end == new_first): after a loss report or the idle
+    # timer, or when nothing new was ready; piggybacks: those riding along with other frames. Both rise without loss
     repairs: int = 0
     piggybacks: int = 0
     repeats_trimmed: int = 0  # packets whose repeats were cut to leave half the window to new tokens

@@ -182,10 +182,12 @@ class RefusalLog:
         self.logged_at = now
         return False
 
-    def flush(self, now: float) -> None:
-        """The line summing up what was counted, once the last line is REFUSALS_LOG_S old."""
+    def flush(self, now: float, *, final: bool = False) -> None:
+        """The line summing up what was counted, once the last line is REFUSALS_LOG_S old; ``final``: now, however
+        recent that line (the daemon is stopping: what was held back was never written, and the metrics that
+        counted it were gone with the process)."""
         at = self.logged_at
-        if not self.unlogged or at is None or now - at < REFUSALS_LOG_S:
+        if not self.unlogged or at is None or (now - at < REFUSALS_LOG_S and not final):
             return
         self.logger.log(self.level, "%s", self.summary(self.unlogged, now - at))
         self.unlogged = 0
@@ -200,6 +202,9 @@ class GuardedProtocol(SessionProtocol):
 
     handshake_guard: HandshakeGuard
     _handshake_timer: asyncio.TimerHandle | None = None
+    # a refusal made before the connection's first datagram was read (past the bound, in __init__): its debug line
+    # waits for that datagram's address (it said "from ?", the connection having no path yet)
+    _refusal_unlogged: str | None = None
 
     def guard_handshake(self, guard: HandshakeGuard) -> None:
         """Count this handshake, turn Retry on under pressure, arm the deadline; close it past the bound."""
@@ -215,6 +220,13 @@ class GuardedProtocol(SessionProtocol):
     def peer(self) -> str:
         paths = self._quic._network_paths
         return f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        why = self._refusal_unlogged
+        if why is not None:  # (the first datagram: aioquic hands it over right after making the connection)
+            self._refusal_unlogged = None
+            log.debug("closing %s connection from %s:%s: %s", self.handshake_guard.name, addr[0], addr[1], why)
+        super().datagram_received(data, addr)
 
     def _handshake_done(self) -> None:
         """The handshake is over (completed, refused, or its connection ended): no longer counted, no deadline."""
@@ -246,7 +258,10 @@ class GuardedProtocol(SessionProtocol):
         flood the log)."""
         self._handshake_done()
         self.handshake_guard.refused_handshake(label)
-        log.debug("closing %s connection from %s: %s", self.handshake_guard.name, self.peer, why)
+        if self._quic._network_paths:
+            log.debug("closing %s connection from %s: %s", self.handshake_guard.name, self.peer, why)
+        else:
+            self._refusal_unlogged = why
         self.session.close(ErrorCode.LIMIT_EXCEEDED, why)
         self.transmit()
 

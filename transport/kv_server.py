@@ -318,9 +318,11 @@ class KVServer:
         self.guard = HandshakeGuard(lambda: self.max_connections(), name="KV channel")
         # (the bound read through the attribute at each count: the owner may replace the callable)
         self.unauthorized = PreauthBudget(lambda: self.unauthorized_memory(), measure=_held_now)
+        # the limit, not the connections open: read when the line is written, a minute on, that count said "0 open"
+        # of refusals made at the limit
         self.refusals = RefusalLog(log, lambda n, s: (
-            f"refused or closed {n} more KV connections in the last {s:.0f} s: {self.connections} open "
-            "(limits.max_sessions)"))
+            f"refused or closed {n} more KV connections in the last {s:.0f} s at the connection limit "
+            f"(limits.max_sessions = {self.max_connections()})"))
         self.fetch_refusals = RefusalLog(log, lambda n, s: (
             f"refused {n} more KV fetch streams in the last {s:.0f} s (too many at once on their connection, "
             "another protocol version, or a KV_FETCH not whole within limits.request_timeout_s)"))
@@ -434,11 +436,12 @@ class KVServer:
         log.warning("closed KV connection from %s: %s (code %#x); more such closes are counted and logged at most "
                     "every %g s", peer, ev.reason, ev.error_code, REFUSALS_LOG_S)
 
-    def flush_logs(self, now: float) -> None:
+    def flush_logs(self, now: float, *, final: bool = False) -> None:
         """The lines summing up refusals counted since their last line, once that is REFUSALS_LOG_S old (for the
-        owner's housekeeping: otherwise they come with the next refusal of their kind)."""
+        owner's housekeeping: otherwise they come with the next refusal of their kind); ``final``: at once (the
+        owner is stopping: they were never written)."""
         for refusals in (self.refusals, self.fetch_refusals, self.violations, self.memory_sheds):
-            refusals.flush(now)
+            refusals.flush(now, final=final)
 
     def open_fetches(self, *, unsent_only: bool = False) -> int:
         """Fetches being served, or (``unsent_only``) those with chunks not yet on the wire: what a drain waits
