@@ -413,11 +413,12 @@ def _train(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         raise _err(str(exc)) from None
     data_files = _data_files(args.data)
+    data_runs = _data_runs(args.data)
     # train.json is rewritten now (an earlier run's would describe checkpoints about to be replaced) and after
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
     log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
     with _new_out_dir(out, frozenset({"train.json"})):
-        _train_models(args, kinds, net, train, val, log, data_files)
+        _train_models(args, kinds, net, train, val, log, data_files, data_runs)
     return 0
 
 
@@ -445,8 +446,16 @@ def _data_files(paths: list[str]) -> list[dict[str, str]]:
         raise _err(f"--data: {exc.filename}: cannot read it again ({exc.strerror})") from None
 
 
+def _data_runs(paths: list[str]) -> list[dict]:
+    """The runs the training files were collected from (trace, seed, seconds: :func:`~.harness.dataset_run`),
+    for ``eval``'s warning about a file of the same run collected for another ``--seconds``."""
+    from .harness import dataset_run
+
+    return [run for run in map(dataset_run, paths) if run is not None]
+
+
 def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: Any, val: Any, log: dict,
-                  data_files: list[dict[str, str]]) -> None:
+                  data_files: list[dict[str, str]], data_runs: list[dict]) -> None:
     """``train``'s models, one after the other, with ``train.json`` (``log``) rewritten after each."""
     from .train import TrainConfig, TrainingDiverged, fit_ar, train_net
 
@@ -457,7 +466,7 @@ def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: 
     try:
         for kind in kinds:
             if kind == "ar":
-                fit_ar(train, out / "ar.json")
+                fit_ar(train, out / "ar.json", data_files, data_runs)
                 log["models"]["ar"] = {"train_points": len(train)}
                 _write_json(log_path, log)
                 _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
@@ -465,6 +474,7 @@ def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: 
             cfg = TrainConfig(kind=kind, window=args.window, epochs=args.epochs, batch=args.batch, lr=args.lr,
                               alpha=args.alpha, huber_ms=args.huber_ms, patience=args.patience, seed=args.seed,
                               max_points=args.max_points, threads=args.threads, data_files=data_files,
+                              data_runs=data_runs,
                               net=net if kind == "transformer" else {})
             try:
                 _, info = train_net(cfg, train, val, out / f"{kind}.pt", log=_say)
@@ -619,6 +629,22 @@ def _below(mae: float, ewma: float) -> str:
     return f"{100 * (1 - mae / ewma):5.1f}"
 
 
+def _no_ratio_why(t: dict, e: dict) -> str:
+    """Why the transformer-vs-EWMA line has no ratio, the side that lacks one named: it used to blame EWMA's
+    MAE ("is 0, or no targets") also when the transformer's was NaN (non-finite predictions) and EWMA's fine."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, int | float) and v == v and abs(v) != float("inf")
+
+    if not t.get("n"):
+        return "no known targets"
+    if not finite(t.get("mae_ms")):
+        bad = t.get("n_nonfinite")
+        return (f"the transformer answered NaN/inf on {bad} points" if bad else "the transformer has no MAE")
+    if not finite(e.get("mae_ms")):
+        return "ewma has no MAE"
+    return "ewma's MAE is 0: a constant latency"
+
+
 def format_table(doc: dict) -> str:
     from tokenwire.daemon.cli import cell
     from tokenwire.testbed.sim_cli import lower_or_higher
@@ -628,10 +654,10 @@ def format_table(doc: dict) -> str:
         lines.append(f"{name:<12} {cell(m['mae_ms'], '>8.2f')} {cell(m['rmse_ms'], '>8.2f')} "
                      f"{cell(m['spike_mae_ms'], '>10.2f')} {m['n']:>8} {m['n_spike']:>8}")
     if "transformer" in doc["models"] and "ewma" in doc["models"]:
-        t, e = doc["models"]["transformer"]["mae_ms"], doc["models"]["ewma"]["mae_ms"]
-        change = lower_or_higher(t, e)  # a worse model read "-3.8% lower"
+        t, e = doc["models"]["transformer"], doc["models"]["ewma"]
+        change = lower_or_higher(t["mae_ms"], e["mae_ms"])  # a worse model read "-3.8% lower"
         lines.append(f"transformer MAE vs ewma: {change} (target >= 45% lower)" if change is not None else
-                     "transformer MAE vs ewma: no ratio (ewma's MAE is 0, or no targets)")
+                     f"transformer MAE vs ewma: no ratio ({_no_ratio_why(t, e)})")
     said = {"newest_acked": "truth at the newest acked send: the sender's own freshness",
             "clairvoyant_prev": "truth at the previous send",
             "interpolated": "mean of the previous and the next send's truth (uses the future)"}

@@ -53,42 +53,96 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
         predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log, seen))
     pts = Points.concat([p for _, p in file_points(list(data), window, log)])
     doc = evaluate(pts, predictors)
+    base_dir = shipped_model_path().parent if baselines is None else Path(baselines)
+    sources = {"transformer": fc.path, "gru": str(base_dir / "gru.onnx"), "ar": str(base_dir / "ar.json")}
+    _refuse_nonfinite(doc, sources)
     doc["data"] = list(data)
     doc["model"] = fc.path
     doc["window"] = window
     return doc
 
 
-def trained_on(fc: OnnxLatencyForecaster) -> dict[str, str]:
+def _refuse_nonfinite(doc: dict, sources: dict[str, str]) -> None:
+    """:class:`ModelError` when a model answered NaN or infinity on any point (``n_nonfinite`` of
+    :func:`~.harness.evaluate`).
+
+    Its MAE came out NaN, shown as "-" beside a full ``n``, with a ratio line that blamed EWMA and ``null``s in
+    the JSON, and the command succeeded. The daemon does not run such a model either (its load check refuses it,
+    falling back to ``l4s``), so a score of its finite answers alone would describe nothing that runs."""
+    n = doc.get("points", 0)
+    bad = [f"{sources.get(name, name)}: the {name} model answers NaN/inf on {m['n_nonfinite']} of {n} points"
+           for name, m in doc["models"].items() if m.get("n_nonfinite")]
+    if bad:
+        raise ModelError(f"{'; '.join(bad)}; not scored (a forecaster must answer a finite latency at every point)")
+
+
+def trained_on(fc: OnnxLatencyForecaster | dict) -> dict[str, str]:
     """sha256 -> path of the files the model was trained and validated on, as ``train`` records them in
-    ``train_config.data_files`` (exported into the model's metadata); empty for a model from before that record,
-    or with a record in another shape (nothing to compare: no warning, no error)."""
-    tc = fc.meta.get("train_config")
-    files = tc.get("data_files") if isinstance(tc, dict) else None
-    if not isinstance(files, list):
-        return {}
+    ``train_config.data_files`` (exported into the model's metadata; in ``ar.json``, ``fc`` being its document,
+    at the top level); empty for a model from before that record, or with a record in another shape (nothing
+    to compare: no warning, no error)."""
+    files = _record(fc, "data_files")
     return {f["sha256"]: str(f.get("path", "")) for f in files
             if isinstance(f, dict) and isinstance(f.get("sha256"), str)}
 
 
-def _training_data_check(data: list[str], log: Callable[[str], None]) -> Callable[[str, OnnxLatencyForecaster], None]:
-    """A check, for each model loaded, that warns about the ``data`` files it was trained or validated on (same
-    sha256 as a training file): its MAE there was scored on points it was fitted to, and read as held-out."""
+def _record(model: OnnxLatencyForecaster | dict, key: str) -> list:
+    """The list ``train`` recorded under ``key`` for a model: in an ONNX model's ``train_config`` metadata, or at
+    the top of an ``ar.json`` document; empty when absent or not a list."""
+    if isinstance(model, dict):
+        found = model.get(key)
+    else:
+        tc = model.meta.get("train_config")
+        found = tc.get(key) if isinstance(tc, dict) else None
+    return found if isinstance(found, list) else []
+
+
+def _same_run(run: dict, recorded: list) -> dict | None:
+    """The first of the ``recorded`` training runs with ``run``'s trace and seed, else None."""
+    for r in recorded:
+        if isinstance(r, dict) and r.get("trace") == run["trace"] and r.get("seed") == run["seed"]:
+            return r
+    return None
+
+
+def _training_data_check(data: list[str], log: Callable[[str], None]) -> Callable[[str, OnnxLatencyForecaster | dict],
+                                                                                  None]:
+    """A check, for each model loaded, that warns about the ``data`` files it was trained or validated on: its MAE
+    there was scored on points it was fitted to, and read as held-out.
+
+    A file is training data when it has a training file's sha256, or when it was collected from the same trace
+    and seed as one (``data_runs``): a run of another ``--seconds`` has other bytes but the same first rows, so
+    the overlap went unnoticed. Every kind is checked, the AR baseline through its ``ar.json`` record."""
     from .dataset import file_digest
+    from .harness import dataset_run
 
     digests: dict[str, str] = {}
+    runs: dict[str, dict] = {}
     for path in data:
         try:
             digests[path] = file_digest(path)
         except OSError:  # loading it says what is wrong
             pass
+        run = dataset_run(path)
+        if run is not None:
+            runs[path] = run
 
-    def check(name: str, model: OnnxLatencyForecaster) -> None:
+    def check(name: str, model: OnnxLatencyForecaster | dict) -> None:
         trained = trained_on(model)
-        for path, digest in digests.items():
-            if digest in trained:
+        recorded = _record(model, "data_runs")
+        for path in data:
+            if digests.get(path) in trained:
                 log(f"warning: {path}: the {name} was trained and validated on this file (same sha256 as its "
-                    f"training file {trained[digest]}); evaluating on training data: MAE is optimistic")
+                    f"training file {trained[digests[path]]}); evaluating on training data: MAE is optimistic")
+                continue
+            same = _same_run(runs[path], recorded) if path in runs else None
+            if same is not None:
+                mine, theirs = runs[path]["seconds"], same.get("seconds")
+                how = (f"collected for {mine:g} s vs {theirs:g} s: the same probe send times over the same link, "
+                       "many rows identical" if isinstance(theirs, int | float) and theirs != mine else
+                       "other bytes: collected with other settings?")
+                log(f"warning: {path}: the same trace ({same['trace']}) and seed ({same['seed']}) as the {name}'s "
+                    f"training file {same.get('path', '?')} ({how}); not held-out data: MAE may be optimistic")
 
     return check
 
@@ -120,18 +174,21 @@ def _checked_baselines(base_dir: Path) -> Path:
 
 
 def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
-               seen: Callable[[str, OnnxLatencyForecaster], None] | None = None) -> dict[str, Predictor]:
+               seen: Callable[[str, OnnxLatencyForecaster | dict], None] | None = None) -> dict[str, Predictor]:
     """The AR and GRU predictors from ``base_dir``; one whose file is missing is skipped with a note."""
     out: dict[str, Predictor] = {}
     ar_path = base_dir / "ar.json"
     if ar_path.exists():
         try:
-            ar = LinearAR.from_dict(json.loads(ar_path.read_text()))
+            ar_doc = json.loads(ar_path.read_text())
+            ar = LinearAR.from_dict(ar_doc)
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{ar_path}: unusable AR coefficients ({exc})") from None
         if ar.lags != min(AR_LAGS, window):
             raise ModelError(f"{ar_path}: AR coefficients for {ar.lags} acks; a window of {window} needs "
                              f"{min(AR_LAGS, window)}")
+        if seen is not None:
+            seen("ar", ar_doc)
         out["ar"] = lambda p: ar.predict(p.x, p.base)
     else:
         log(f"no {ar_path}: skipping ar")

@@ -117,6 +117,26 @@ def file_points(paths: list[str], window: int, log: Callable[[str], None] = prin
     return kept
 
 
+def dataset_run(path: str) -> dict | None:
+    """The run a dataset file was collected from: ``{"path", "trace", "seed", "seconds"}`` from its meta; None
+    when the file or its meta cannot be read as a dataset's (callers only compare runs, they never need one).
+
+    Two collections of one trace and seed that differ in ``--seconds`` have different bytes (sha256) but the
+    same first rows; ``eval`` compares runs to warn about that overlap with a model's training files."""
+    import json
+
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # the meta member alone
+            meta = json.loads(str(z["meta"]))
+        cfg = meta["config"]
+        trace, seed, seconds = meta["trace_name"], cfg["seed"], cfg["seconds"]
+    except Exception:  # anything unreadable: loading the file says what is wrong, here there is nothing to compare
+        return None
+    if not (isinstance(trace, str) and isinstance(seed, int) and isinstance(seconds, int | float)):
+        return None
+    return {"path": str(path), "trace": trace, "seed": seed, "seconds": seconds}
+
+
 def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str, float | int]:
     """MAE, RMSE, spike MAE, mean signed error, median absolute error (ms) and n over the known targets.
 
@@ -140,6 +160,16 @@ def metrics(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict[str
 Predictor = Callable[[Points], np.ndarray]
 
 
+def nonfinite_points(pred: np.ndarray) -> int:
+    """How many prediction points (rows of ``pred``) have a NaN or infinite latency in either queue.
+
+    Counted on every point, known target or not: the MAE of such a model is NaN, which the table shows as
+    "-" next to an ``n`` that looks complete, so callers refuse the model by this count instead."""
+    if pred.size == 0:
+        return 0
+    return int(np.count_nonzero(~np.all(np.isfinite(pred.reshape(len(pred), -1)), axis=1)))
+
+
 def _scored(pred: np.ndarray, target: np.ndarray, spike: np.ndarray) -> dict:
     """:func:`metrics` pooled over both queues, plus each queue's MAE."""
     m = metrics(pred, target, spike)
@@ -160,10 +190,13 @@ def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
     Every predictor runs on the same points. A reference is scored on the targets where it has an answer
     (the first and last sends of a run have no neighbour; a dropped shadow leaves a gap), so its ``n`` can
     be a few smaller; it carries every model's MAE on exactly those targets (``models_mae_ms_same_targets``)
-    and EWMA's under its own key, for like-for-like ratios.
+    and EWMA's under its own key, for like-for-like ratios. Each model also gets ``n_nonfinite``
+    (:func:`nonfinite_points`) out of ``points`` (``len(pts)``), for the caller to refuse on.
     """
     preds = {name: fn(pts) for name, fn in predictors.items()}
     out = {name: _scored(pred, pts.target, pts.spike) for name, pred in preds.items()}
+    for name, pred in preds.items():
+        out[name]["n_nonfinite"] = nonfinite_points(pred)  # points whose prediction is NaN/inf (eval refuses)
     refs = {}
     for name, answer in references(pts).items():
         target = np.where(np.isnan(answer), np.nan, pts.target)  # only where the reference has an answer
@@ -171,7 +204,7 @@ def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
         refs[name]["ewma_mae_ms_same_targets"] = metrics(pts.ewma, target, pts.spike)["mae_ms"]
         refs[name]["models_mae_ms_same_targets"] = {
             m: metrics(pred, target, pts.spike)["mae_ms"] for m, pred in preds.items()}
-    return {"models": out, "references": refs}
+    return {"models": out, "references": refs, "points": len(pts)}
 
 
 def baseline_predictors() -> dict[str, Predictor]:

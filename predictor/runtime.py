@@ -198,18 +198,51 @@ def _check_meta(sess: Any, file: Path) -> tuple[dict[str, Any], int]:
     try:
         meta = json.loads(props["tokenwire"])
     except (KeyError, ValueError):
+        if _is_bandwidth_model(sess):
+            raise ModelError(f"{file}: tokenwire's KV bandwidth model (the KV channel's chunk-throughput "
+                             "forecaster), not a latency model; give the SwiftQueue latency model (the shipped "
+                             "swiftqueue.onnx, or one `tokenwire predictor export` writes)") from None
         raise ModelError(f"{file}: not a tokenwire latency model (metadata missing)") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{file}: not a tokenwire latency model (metadata is a JSON {type(meta).__name__}, "
                          "not an object)")
-    features = meta.get("features")
-    if (meta.get("format") != MODEL_FORMAT or not isinstance(features, list) or features != list(FEATURES)
-            or meta.get("features_version") != FEATURES_VERSION):
-        raise ModelError(f"{file}: model was built for other inputs ({meta.get('format')}, {features})")
+    differs = _other_inputs(meta)
+    if differs:
+        raise ModelError(f"{file}: model was built for other inputs ({'; '.join(differs)})")
     window = meta.get("window")
     if type(window) is not int or window < 2:  # bool is an int subclass: type(), not isinstance()
         raise ModelError(f"{file}: metadata window must be an integer >= 2, got {window!r}")
     return meta, window
+
+
+def _other_inputs(meta: dict[str, Any]) -> list[str]:
+    """What in a model's metadata differs from the inputs this version builds: each of format, features_version
+    and the feature list, as "got X, expected Y"; empty when they all match.
+
+    The refusal used to print the model's format and feature list only: a model of another features_version
+    with the same names read as if nothing differed, and one with other names left the reader to diff them
+    against a list it did not show."""
+    out = []
+    if meta.get("format") != MODEL_FORMAT:
+        out.append(f"format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    if meta.get("features_version") != FEATURES_VERSION:
+        out.append(f"features_version {meta.get('features_version')!r}, expected {FEATURES_VERSION}")
+    features = meta.get("features")
+    if features != list(FEATURES):
+        out.append(f"features {features!r}, expected {list(FEATURES)!r}")
+    return out
+
+
+def _is_bandwidth_model(sess: Any) -> bool:
+    """Whether ``sess`` has the KV bandwidth model's signature (one input ``x`` of (batch, its features), one
+    output of (batch, its quantiles)): that model carries no metadata, so given where a latency model belongs
+    it was "metadata missing", which does not say it is a model of tokenwire's own, for another purpose."""
+    from .bandwidth import N_FEATURES as BW_FEATURES
+    from .bandwidth import QUANTILES
+
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    return (len(inputs) == 1 and inputs[0].name == "x" and _shape_is(inputs[0].shape, [BW_FEATURES])
+            and len(outputs) == 1 and _shape_is(outputs[0].shape, [len(QUANTILES)]))
 
 
 def _shape_is(shape: Any, rest: list[int]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -85,9 +86,12 @@ class TrainConfig:
     net: dict = field(default_factory=dict)  # overrides of the network's constructor arguments
     # recorded only (train_config of the checkpoint and the export), nothing here reads them: torch's thread count
     # changes the weights in the last bits (4.5e-7 between 1 and 4 threads), so a seed retrains bit for bit only
-    # with the same threads; the training files' paths and sha256 let eval warn when given one of them
+    # with the same threads; the training files' paths and sha256 let eval warn when given one of them, and the
+    # runs they were collected from (trace, seed, seconds: :func:`~.harness.dataset_run`) when given a file of
+    # the same trace and seed collected for another --seconds (other bytes, many of the same rows)
     threads: int = 1
     data_files: list[dict[str, str]] = field(default_factory=list)
+    data_runs: list[dict] = field(default_factory=list)
 
 
 def load_points(paths: list[str], window: int, val_share: float,
@@ -265,16 +269,48 @@ def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: 
     """Write a checkpoint: the model's weights (those of ``best_epoch``), the log so far, and whether
     training has ``finished`` (False while epochs are still to come). Through
     :func:`tokenwire.daemon.cli.output_file`: atomic for a regular file (keeping its permissions), a
-    symlink's target replaced, a device or FIFO written through."""
+    symlink's target replaced, a device or FIFO written through.
+
+    torch is handed an open file, not the temporary file's name: given a name, it names the records inside
+    the zip after it (``.transformer.pt.b0gplfsg/data.pkl``), so two runs of one seed wrote the same weights
+    into different bytes; given a file it names them ``archive/``. A failed write comes back as an ``OSError``
+    (:func:`_save_error`), which the CLI reports in one line, not as torch's ``RuntimeError`` traceback."""
     import torch
 
     from tokenwire.daemon.cli import output_file
 
+    state = model.state_dict()  # type: ignore[attr-defined]
+    ck = {"kind": cfg.kind, "config": model.config,  # type: ignore[attr-defined]
+          "state_dict": state, "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
+          "finished": finished}
     with output_file(path) as tmp:
-        torch.save({"kind": cfg.kind, "config": model.config,  # type: ignore[attr-defined]
-                    "state_dict": model.state_dict(),  # type: ignore[attr-defined]
-                    "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
-                    "finished": finished}, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(ck, f)
+        except RuntimeError as exc:  # output_file removes the temporary file and leaves ``path`` as it was
+            raise _save_error(tmp, exc, sum(t.numel() * t.element_size() for t in state.values())) from None
+
+
+def _save_error(tmp: Path, exc: RuntimeError, weight_bytes: int) -> OSError:
+    """The ``OSError`` for a ``torch.save`` into ``tmp`` that failed with ``exc``.
+
+    torch's zip writer checks its own position after each record; when the disk fills it fails that check
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 86912 vs 86800"), a ``RuntimeError`` that
+    the CLI's handling of full disks (``OSError``) missed, so ``train`` ended in a traceback. ENOSPC when the
+    file system has less room left than the weights need (read while the partial file still holds its
+    share), else an ``OSError`` with torch's first line."""
+    import errno
+
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        st = os.statvfs(tmp.parent)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and free < weight_bytes + (64 << 10):  # 64 KiB: the pickled log and the zip's records
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (writing the checkpoint: {free:,} bytes free, "
+                       f"its weights alone take {weight_bytes:,})")
+    return OSError(None, f"writing the checkpoint failed (torch.save: {detail})")
 
 
 def checkpoint_best_epoch(ck: dict) -> int | None:
@@ -340,9 +376,22 @@ def load_checkpoint(path: str | Path) -> tuple[object, dict]:
     except MemoryError:
         raise
     except Exception as exc:  # a config from the file: TypeError, ZeroDivisionError, RuntimeError, ...
-        raise refuse(f"its config and weights do not make a {kind} network: {first_line(exc)}") from None
+        raise refuse(f"its config and weights do not make a {kind} network: {_first_detail(exc)}") from None
     model.eval()
     return model, ck
+
+
+def _first_detail(exc: BaseException) -> str:
+    """``exc``'s first line, and when that line only announces a list ("Error(s) in loading state_dict for
+    TransformerForecaster:"), the list's first item and how many follow: the heading alone said nothing of which
+    weight did not fit ("size mismatch for pos: ... [1, 64, 32] from checkpoint, ... [1, 64, 64]")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if not lines[0].endswith(":") or len(lines) < 2:
+        return lines[0]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"
 
 
 MAX_SNIFF_BYTES = 64 << 20
@@ -413,11 +462,20 @@ def _is_onnx(data: bytes) -> bool:
     return proto.ir_version > 0 and len(proto.graph.node) > 0
 
 
-def fit_ar(train: Points, path: str | Path | None = None) -> LinearAR:
-    """The AR baseline fitted on ``train``, written to ``path`` (``ar.json``) as every output is written."""
+def fit_ar(train: Points, path: str | Path | None = None, data_files: list[dict[str, str]] | None = None,
+           data_runs: list[dict] | None = None) -> LinearAR:
+    """The AR baseline fitted on ``train``, written to ``path`` (``ar.json``) as every output is written.
+
+    ``data_files`` and ``data_runs`` are recorded next to the coefficients, as the networks' checkpoints record
+    them in ``train_config``: without them ``eval`` could not warn when given the AR's own training data."""
     from tokenwire.daemon.cli import save_bytes
 
     ar = LinearAR().fit(train.x, train.base, train.target)
     if path is not None:
-        save_bytes(path, (json.dumps(ar.to_dict()) + "\n").encode())
+        doc = ar.to_dict()
+        if data_files is not None:
+            doc["data_files"] = data_files
+        if data_runs is not None:
+            doc["data_runs"] = data_runs
+        save_bytes(path, (json.dumps(doc) + "\n").encode())
     return ar
