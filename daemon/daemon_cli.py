@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +103,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         # no line of its own once started: the service logs "listening on ..." (INFO) in the chosen format; a plain
         # one here broke JSON logs and repeated that line in text
         try:
-            run(config, log_format_override=args.log_format, sighup_before=lambda: early_sighups.count > 0)
+            # exits the process from inside the loop once the daemon has stopped: finish_process
+            run(config, log_format_override=args.log_format, sighup_before=lambda: early_sighups.count > 0,
+                when_stopped=lambda: finish_process(0))
         except StartupError as exc:
             return _fatal(str(exc), config.logging.format)
         except ModuleNotFoundError as exc:  # an optional extra the configuration needs ([kv] backend = "redis")
@@ -117,6 +119,43 @@ def run_daemon(args: argparse.Namespace) -> int:
         return 0
     finally:
         early_sighups.restore()
+
+
+KV_WORKER_PREFIX = "tw-kv-"  # the KV service's store and ingest workers (kv_service: thread_name_prefix)
+KV_WORKER_WAIT_S = 10.0  # past stop()'s own bound; a chunk cut later is a .tmp file the store's next start removes
+
+
+def finish_process(code: int) -> NoReturn:
+    """End ``tokenwire daemon`` right after its "stopped" line: stop signals ignored, logs and streams flushed,
+    then ``os._exit(code)``.
+
+    Python's own exit took 0.2-5 s more (torch's and numba's teardown; up to ~10 s when stopped during the [kv]
+    warm-up, joining the compile thread) with the loop's signal handlers gone: a SIGHUP then (a `systemctl
+    reload` racing a stop) killed the daemon, status 129, and systemd recorded the stop as failed. Nothing is
+    lost by skipping that exit: stop() has closed every listener and the KV store, and told systemd; a KV worker
+    still inside a chunk's write (past stop()'s bound) is waited for, as the interpreter's exit did, for up to
+    :data:`KV_WORKER_WAIT_S` (the signals that could cut a hang short are ignored now). The compile thread is
+    not: numba writes its cache files whole (a temporary file renamed). For the CLI only: an in-process caller
+    runs :func:`tokenwire.daemon.service.run_daemon` without it and goes on."""
+    import os
+    import signal
+    import threading
+    import time
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):  # for the rest of the process's life
+        signal.signal(sig, signal.SIG_IGN)
+    deadline = time.monotonic() + KV_WORKER_WAIT_S
+    for thread in threading.enumerate():
+        if thread.name.startswith(KV_WORKER_PREFIX) and not thread.daemon and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    logging.shutdown()  # (what the interpreter's exit ran: every handler flushed and closed)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream: nothing more can reach it
+                pass
+    os._exit(code)
 
 
 def _fatal(message: str, log_format: str | None) -> int:

@@ -942,7 +942,8 @@ class Daemon:
             if self._closing_start:  # cancelled once, or failing: its cleanup (stop()) runs to its end
                 return
             self._closing_start = True
-            # (a KV codec compile under way runs to its end in its thread first: a few seconds)
+            # (a KV codec compile under way is not waited for: `tokenwire daemon` ends the process once stopped,
+            # an in-process caller's loop joins its thread at its close, a few seconds)
             log.warning("stop signal while starting: stopping")
             starting.cancel()
 
@@ -1277,11 +1278,16 @@ def _logged(what: str) -> Iterator[None]:
 
 
 def run_daemon(config: Config, *, log_format_override: str | None = None,
-               sighup_before: Callable[[], bool] | None = None) -> None:
-    """Blocking entry point of ``tokenwire daemon`` (uvloop). ``sighup_before``: see :meth:`Daemon.run`."""
+               sighup_before: Callable[[], bool] | None = None,
+               when_stopped: Callable[[], None] | None = None) -> None:
+    """Blocking entry point of ``tokenwire daemon`` (uvloop). ``sighup_before``: see :meth:`Daemon.run`.
+    ``when_stopped``: called once the daemon has stopped, still on its loop (whose signal handlers are still in):
+    the CLI's ends the process there, before the loop's close joins a KV warm-up's thread (seconds)."""
     import uvloop
 
     async def main() -> None:
         await Daemon(config, log_format_override=log_format_override).run(sighup_before=sighup_before)
+        if when_stopped is not None:
+            when_stopped()
 
     uvloop.run(main())

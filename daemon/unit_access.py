@@ -10,8 +10,10 @@ outside the unit's writable ones passed ``config check`` and failed the service'
 The unit's sandbox hid more that ``config check`` passed: a socket or store under /tmp (``PrivateTmp=yes``: the
 service's own, empty at each start), a file, store or socket under /home, /root or /run/user, or a venv whose
 Python resolves there (``ProtectHome=yes``), a port below 1024 (no capabilities), a socket group the user is not
-in. The installed unit's own settings are read where they decide (a drop-in may change them); with no unit
-installed, the shipped unit's.
+in, a Redis socket (``kv.redis_url = "unix://..."``) under /tmp or out of the user's reach, and an enabled [kv]
+under ``MemoryDenyWriteExecute=yes`` (its codec's JIT is refused). The installed unit's own settings are read
+where they decide (a drop-in may change them, User= and Group= included); with no unit installed, the shipped
+unit's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import Config
 
-DAEMON_USER = "tokenwire"  # the systemd unit's User=: config check, run as root, reads files as that user would
+DAEMON_USER = "tokenwire"  # the shipped unit's User=: config check, run as root, reads files as that user would
+# (an installed unit's or drop-in's User= and Group= win: _daemon_user)
 # What the unit lets the daemon write under ProtectSystem=strict (systemd/tokenwire.service): its StateDirectory=,
 # its RuntimeDirectory=, PrivateTmp='s own /tmp and /var/tmp, and any ReadWritePaths= of the unit or a drop-in
 STATE_DIRECTORY = Path("/var/lib/tokenwire")
@@ -34,7 +37,8 @@ PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # the service's own, empty: what
 PROTECTED_HOME = (Path("/home"), Path("/root"), Path("/run/user"))  # ProtectHome=yes: hidden from the service
 # What the shipped unit (systemd/tokenwire.service) says, for a check run before it is installed (the README's
 # install checks the configuration first)
-SHIPPED_UNIT = {"PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": ""}
+SHIPPED_UNIT = {"PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+                "MemoryDenyWriteExecute": "yes"}
 UNIT_NAME = "tokenwire.service"
 UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"), Path("/usr/local/lib/systemd/system"),
              Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))  # systemd's search order, first wins
@@ -54,29 +58,39 @@ class _DaemonUser:
 
 
 def _daemon_user() -> _DaemonUser | None:
-    """:data:`DAEMON_USER`, when ``config check`` can check files as that user: run as root (anyone else may not
-    even see them) on a system that has the user (an install; elsewhere the check says nothing of it)."""
+    """The unit's User= (and Group=) as the installed unit and its drop-ins end up with it, else
+    :data:`DAEMON_USER`, when ``config check`` can check files as that user: run as root (anyone else may not
+    even see them) on a system that has the user (an install; elsewhere the check says nothing of it). A drop-in
+    with User=svc-tw was ignored: every warning named tokenwire and its groups."""
     import grp
     import pwd
 
     if os.geteuid() != 0:
         return None
+    name = _unit_setting("User").strip() or DAEMON_USER
     try:
-        user = pwd.getpwnam(DAEMON_USER)
+        user = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except KeyError:
         return None
+    gid = user.pw_gid
+    group_name = _unit_setting("Group").strip()
+    if group_name:  # the unit's Group= replaces the user's own group (its supplementary ones stay)
+        try:
+            gid = int(group_name) if group_name.isdigit() else grp.getgrnam(group_name).gr_gid
+        except KeyError:  # (systemd refuses to start the unit then: not this check's to say)
+            pass
     # systemd gives User= its supplementary groups (initgroups), as getgrouplist lists them; /etc/group's members
     # too, should the lookup fail
-    gids = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if DAEMON_USER in g.gr_mem}
+    gids = {gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
     try:
-        gids.update(os.getgrouplist(DAEMON_USER, user.pw_gid))
+        gids.update(os.getgrouplist(user.pw_name, gid))
     except OSError:
         pass
     try:
-        group = grp.getgrgid(user.pw_gid).gr_name
+        group = grp.getgrgid(gid).gr_name
     except KeyError:
-        group = str(user.pw_gid)
-    return _DaemonUser(DAEMON_USER, user.pw_uid, user.pw_gid, group, frozenset(gids))
+        group = str(gid)
+    return _DaemonUser(user.pw_name, user.pw_uid, gid, group, frozenset(gids))
 
 
 def _has_acl(path: Path) -> bool:
@@ -144,13 +158,19 @@ def unreadable_by_daemon(path: Path) -> str | None:
     cannot be told here: ``config check`` not run as root, no such user on this system, or no file. ``tokenwire
     cert`` writes its key 0600 root, and a check run as root said ok for a key the daemon then could not read;
     and of a file the user owns in a folder it cannot enter; and of one under /home, /root or /run/user, which
-    the unit's ProtectHome=yes hides whatever the modes."""
+    the unit's ProtectHome=yes hides whatever the modes; and of one under /tmp or /var/tmp, where its PrivateTmp=
+    shows the service a folder of its own, empty (the daemon failed "No such file or directory")."""
     who = _daemon_user()
     if who is None:
         return None
     hidden = _protect_home_note(path, "reading it", writes=False)
     if hidden is not None:  # (its folders' modes say nothing then: chmod would not help)
         return f"{hidden} (e.g. to /etc/tokenwire, owned by {who.name}:{who.group})"
+    tmp = _private_tmp(path)
+    if tmp is not None:  # (a file there now is not in the service's /tmp: its modes say nothing either)
+        return (f"{path} is under {tmp}, which the systemd unit's PrivateTmp=yes makes the service's own, empty at "
+                "each start: reading it fails with \"No such file or directory\" (exit status 2); move it (e.g. to "
+                f"/etc/tokenwire, owned by {who.name}:{who.group})")
     try:
         st = path.stat()
     except OSError:
@@ -494,14 +514,60 @@ def _interpreter_warning() -> str | None:
     return None
 
 
+def _redis_socket_warnings(url: str | None, who: _DaemonUser) -> list[str]:
+    """A ``kv.redis_url = "unix://..."`` socket the unit's daemon cannot reach: under /tmp (PrivateTmp=: the
+    service's own /tmp has no Redis socket in it), under /home (ProtectHome=), behind a folder the user cannot
+    enter, or a socket it may not write (connecting needs that). Each passed, and the start failed to connect."""
+    if url is None or not url.lower().startswith("unix://"):
+        return []
+    import urllib.parse
+
+    sock = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    if not sock.is_absolute():
+        return []  # (the configuration's own check refuses it)
+    lead = f"kv.redis_url: {sock}"
+    tmp = _private_tmp(sock)
+    if tmp is not None:
+        return [f"{lead} is under {tmp}, which the systemd unit's PrivateTmp=yes makes the service's own, empty at "
+                "each start: the daemon finds no Redis socket there (\"No such file or directory\") and does not "
+                "start; have Redis listen on a socket in /run (e.g. unixsocket /run/redis/redis.sock)"]
+    home = _protect_home_note(sock, "connecting to Redis", writes=False)
+    if home is not None:
+        return [f"kv.redis_url: {home}"]
+    user = f"the {who.name} user the systemd unit runs the daemon as"
+    closed = _closed_folder(sock, who)
+    if closed is not None:
+        return [f"{lead} cannot be reached by {user}: {closed}"]
+    try:
+        st = sock.stat()
+    except OSError:  # not there now (Redis not running here): nothing to judge
+        return []
+    if _denied(sock, st, who, 2):
+        return [f"{lead} ({_owner_mode(st)}) may not be written by {user}, and connecting needs that: the daemon "
+                f"does not start (\"Permission denied\"); set Redis's unixsocketperm 770 and add {who.name} to the "
+                "socket's group (a drop-in with SupplementaryGroups=)"]
+    return []
+
+
+def _memory_deny_write_execute_warning() -> str | None:
+    """With [kv] enabled: the unit's MemoryDenyWriteExecute=yes (the shipped unit's, unless a drop-in turns it
+    off) refuses the KV codec's JIT, and the daemon does not start. ``config check`` said ok."""
+    if not _enabled(_unit_setting("MemoryDenyWriteExecute")):
+        return None
+    return ("kv.enabled: the systemd unit's MemoryDenyWriteExecute=yes refuses the KV codec's JIT (numba) the "
+            "executable memory it compiles into, and the daemon does not start; add a drop-in (systemctl edit "
+            "tokenwire) with MemoryDenyWriteExecute=no under [Service]")
+
+
 def service_write_warnings(cfg: Config) -> list[str]:
     """Where the unit's daemon could not write what it writes at start, though ``config check`` (run as root)
     can: a kv.directory or socket folder left root's (a ``sudo tokenwire daemon`` run; the service then failed
     "kv.directory: cannot use .../b8/b8f1....high: Permission denied"), and a kv.directory outside the folders
     the unit may write (the service failed "Read-only file system"). And what else the unit's sandbox takes: a
     store or socket under /tmp (PrivateTmp=) or /home (ProtectHome=, a read file too), a socket group the user
-    is not in, a port below 1024, a venv whose Python is under /home. Warnings: a drop-in may change User=,
-    ReadWritePaths= or the groups, and the service may run on another host than this check."""
+    is not in, a port below 1024, a venv whose Python is under /home, a Redis socket the daemon cannot reach, the
+    KV codec under MemoryDenyWriteExecute=yes. Warnings: the unit may change before the start, and the service
+    may run on another host than this check."""
     who = _daemon_user()
     if who is None:
         return []
@@ -538,6 +604,11 @@ def service_write_warnings(cfg: Config) -> list[str]:
                        "under its ProtectSystem=strict the store's start fails with \"Read-only file system\"; add "
                        f"a drop-in (systemctl edit tokenwire) with ReadWritePaths={root} under [Service] (it must "
                        f"exist before the start: install -d -o {who.name} -g {who.group} -m 0700 {root})")
+    if kv.enabled:
+        out += _redis_socket_warnings(kv.redis_url if kv.backend == "redis" else None, who)
+        wx = _memory_deny_write_execute_warning()
+        if wx is not None:
+            out.append(wx)
     sockets = [("ingest.socket", cfg.ingest.socket)]
     if kv.enabled:
         sockets.append(("kv.ingest_socket", kv.ingest_socket))

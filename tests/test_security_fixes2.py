@@ -418,6 +418,7 @@ def test_config_check_run_as_root_names_files_the_daemons_user_cannot_read(tmp_p
         pytest.skip("config check reads as the daemon's user only when run as root")
     nobody = pwd.getpwnam("nobody")
     monkeypatch.setattr(unit_access, "DAEMON_USER", "nobody")  # (tokenwire on a real install)
+    monkeypatch.setattr(unit_access, "PRIVATE_TMP", ())  # (its files are under the host's /tmp: see the next line)
     # not under tmp_path: pytest's 0700 root folder above it keeps nobody out, which config check now says too
     with tempfile.TemporaryDirectory() as folder:
         os.chmod(folder, 0o755)
