@@ -35,7 +35,7 @@ from .loss import parse_loss
 from .pktlog import CsvPacketLog, PcapTap
 from .queue_oracle import OracleBoard, estimate_queue_delays
 from .queues import DualPI2, Queue, parse_queue
-from .trace import Trace, TraceError, trace_from_spec
+from .trace import OPPORTUNITY_BYTES, Trace, TraceError, trace_from_spec
 
 PR_SET_TIMERSLACK = 29
 READ_BATCH = 256
@@ -50,7 +50,22 @@ MAX_TRACE_GAP_MS = int(HANDSHAKE_WAIT_S * 1000)
 Every run starts with a handshake near the trace's start, and one that meets such a gap fails after
 :data:`HANDSHAKE_WAIT_S`; a gap twice as long outlasts the QUIC idle timeout (60 s) and ends a connection whatever
 it carries. The cellular traces in the shared ``traces/`` folder go at most 11.6 s without one
-(Verizon-EVDO-driving); a fixed rate below 400 bit/s has such gaps."""
+(Verizon-EVDO-driving); a fixed rate below 400 bit/s has such gaps. No gap this long is not enough: see
+:data:`HANDSHAKE_OPPORTUNITIES`."""
+HANDSHAKE_OPPORTUNITIES = 5
+"""Fewest delivery opportunities every :data:`HANDSHAKE_WAIT_S` of a trace of the testbed's commands must hold
+(:func:`check_trace_opportunities`). One handshake and a 5-token answer, counted through a UDP proxy between the
+endpoints' server and client on loopback (UDP payloads): server -> client 1200 B (its padded Initial+Handshake
+flight, self-signed certificate), 224 B (HANDSHAKE_DONE) and 33 B, then 8 datagrams (502 B) of answer; client ->
+server 1200 B, 1200 B (both padded) and 33 B, then 8 (364 B). Each 1228-byte IP packet takes an opportunity to
+itself, and one reaching an empty queue waits for the next (unused ones are wasted), so the handshake, the request
+and the first token take at least 3 opportunities each way, a round trip apart; with seconds between
+opportunities QUIC's probe timeouts (1 s, doubling) also queue retransmitted 1228-byte packets ahead of them.
+Measured with ``compare --tokens 5`` (stream): 450 bit/s and one opportunity per 29 s failed after ~32 s, 1 kbit/s
+(2.5 per 30 s) after 87 s, 1.5 kbit/s (3.75) after 79 s; 1.8 kbit/s (4.5) and 2 kbit/s (5) ran. 5 keeps a
+margin over both the 3 counted and the 4.5 measured. At a fixed rate it means at least :data:`MIN_USABLE_BPS`."""
+MIN_USABLE_BPS = HANDSHAKE_OPPORTUNITIES * OPPORTUNITY_BYTES * 8 / HANDSHAKE_WAIT_S
+"""2000 bit/s: the smallest fixed rate with :data:`HANDSHAKE_OPPORTUNITIES` in every :data:`HANDSHAKE_WAIT_S`."""
 
 
 def longest_gap_ms(trace: Trace) -> int:
@@ -67,12 +82,76 @@ def longest_gap_ms(trace: Trace) -> int:
     return gap
 
 
+def longest_span_ms(trace: Trace, count: int) -> tuple[int, int]:
+    """The longest time ``trace`` (repeating) takes, after any one of its delivery opportunities, to offer
+    ``count`` more, and where within the trace (ms) that opportunity lies. Opportunity ``i + count`` of the
+    repeated trace minus opportunity ``i``, for every ``i`` of one period: a sliding window, O(n), a block at a time
+    as :func:`longest_gap_ms`. A window starting elsewhere holds at least as many; the start of the trace counts
+    as the opportunity at its last timestamp (the period), so ``count=1`` gives :func:`longest_gap_ms`."""
+    import numpy as np
+
+    stamps = np.frombuffer(trace.stamps_ms, dtype=np.int64)
+    n, period = len(stamps), trace.period_ms
+    worst, at = -1, 0
+    block = 1 << 20
+    inner = max(0, n - count)  # windows that end within the same period: plain differences of slices
+    for start in range(0, inner, block):
+        stop = min(inner, start + block)
+        spans = stamps[start + count : stop + count] - stamps[start:stop]
+        k = int(spans.argmax())
+        if int(spans[k]) > worst:
+            worst, at = int(spans[k]), int(stamps[start + k])
+    i = np.arange(inner, n, dtype=np.int64)  # the rest wrap into later periods (at most ``count`` of them)
+    j = i + count
+    spans = stamps[j % n] + (j // n) * period - stamps[i]
+    k = int(spans.argmax())
+    if int(spans[k]) > worst:
+        worst, at = int(spans[k]), int(stamps[i[k]])
+    return worst, at % period
+
+
 def check_trace_gaps(spec: str) -> None:
     """Refuse a trace (file or rate) that goes longer than :data:`MAX_TRACE_GAP_MS` without a delivery
     opportunity: one delivery per 10 minutes built the namespaces and failed ~30 s later with "no answer before
-    the deadline". The testbed's commands call it; :meth:`DirectionConfig.validate` does not, as ``demo``,
-    ``bench`` and library callers build testbeds under their own bounds."""
-    gap = longest_gap_ms(trace_from_spec(spec))
+    the deadline". The testbed's commands call it (through :func:`check_trace_usable`);
+    :meth:`DirectionConfig.validate` does not, as ``demo``, ``bench`` and library callers build testbeds under
+    their own bounds."""
+    _check_gaps(spec, trace_from_spec(spec))
+
+
+def check_trace_opportunities(spec: str) -> None:
+    """Refuse a trace (file or rate) with fewer than :data:`HANDSHAKE_OPPORTUNITIES` delivery opportunities in
+    some :data:`HANDSHAKE_WAIT_S`: no gap over 30 s is not enough, as 450 bit/s (one opportunity per 26.7 s) and
+    one per 29 s passed that check and failed ~32 s later, 1 kbit/s after 87 s."""
+    _check_opportunities(spec, trace_from_spec(spec))
+
+
+def check_trace_usable(spec: str) -> None:
+    """Both checks of a testbed command's trace (:func:`check_trace_gaps`, then
+    :func:`check_trace_opportunities`) on one parse."""
+    trace = trace_from_spec(spec)
+    _check_gaps(spec, trace)
+    _check_opportunities(spec, trace)
+
+
+def _check_opportunities(spec: str, trace: Trace) -> None:
+    if longest_span_ms(trace, HANDSHAKE_OPPORTUNITIES)[0] <= MAX_TRACE_GAP_MS:
+        return
+    # the fewest any 30 s holds, and after which opportunity (a refused trace: a few more passes do not matter)
+    fits = (k for k in range(HANDSHAKE_OPPORTUNITIES - 1, 0, -1) if longest_span_ms(trace, k)[0] <= MAX_TRACE_GAP_MS)
+    fewest = next(fits, 0)
+    at = longest_span_ms(trace, fewest + 1)[1]  # the next fewest + 1 take longer than 30 s from there
+    raise TraceError(
+        f"{spec}: only {fewest} delivery opportunit{'y' if fewest == 1 else 'ies'} in the {HANDSHAKE_WAIT_S:g} s "
+        f"after {at / 1000:g} s into the trace, at least {HANDSHAKE_OPPORTUNITIES} needed in every "
+        f"{HANDSHAKE_WAIT_S:g} s: a run's QUIC handshake and first answer take several {OPPORTUNITY_BYTES}-byte "
+        f"opportunities each way within the endpoints' {HANDSHAKE_WAIT_S:g} s (a fixed rate needs at least "
+        f"{MIN_USABLE_BPS / 1000:g} kbit/s)"
+    )
+
+
+def _check_gaps(spec: str, trace: Trace) -> None:
+    gap = longest_gap_ms(trace)
     if gap > MAX_TRACE_GAP_MS:
         raise TraceError(f"{spec}: {gap / 1000:g} s without a delivery opportunity, at most "
                          f"{MAX_TRACE_GAP_MS / 1000:g} s: a run's handshake that meets the gap fails (the endpoints "

@@ -272,6 +272,9 @@ def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]
     return out
 
 
+KV_BACKEND_REASON = "the KV run needs the userspace emulator (its packet log measures the link's capacity)"
+
+
 def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: None,
                 workdir: str | None = None) -> dict[str, Any]:
     from tokenwire.transport.errors import ErrorCode
@@ -343,9 +346,13 @@ def run_kv_eval(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: Non
             cli.send("stop")
             srv.send("stop")
             srv.wait_for("stopped", 30)
+            backend, backend_reason = tb.backend, tb.backend_reason
         add_goodput(rows, log_path, down)
+    if backend_reason == "requested":  # (by this function, not the user: say why)
+        backend_reason = KV_BACKEND_REASON
+    # backend and its reason, as compare's and swiftqueue's JSON have them (docs/testbed.md: every run reports them)
     return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": ctx,
-            "trace_mean_mbps": down.mean_mbps}
+            "trace_mean_mbps": down.mean_mbps, "backend": backend, "backend_reason": backend_reason}
 
 
 def plot_kv(summary: dict[str, Any], path: str) -> None:

@@ -4,7 +4,7 @@ Spec syntax (``--queue``)::
 
     infinite
     droptail:packets=N            drop arrivals once N packets are queued
-    droptail:bytes=N              ... once N bytes are queued (both limits may be given)
+    droptail:bytes=N              ... once N bytes are queued, N >= 1500 (both limits may be given)
     dualpi2[:key=value,...]       RFC 9332 DualQ Coupled AQM with the Linux 6.18 defaults
 
 DualPI2 keys (defaults from ``dualpi2_reset_default()`` in Linux 6.18 ``net/sched/sch_dualpi2.c`` and
@@ -394,6 +394,10 @@ def parse_queue(spec: str, seed: int = 0) -> Queue:
             raise QueueSpecError(f"queue spec {spec!r}: droptail needs packets=N or bytes=N")
         if packets == 0 or nbytes == 0:
             raise QueueSpecError(f"queue spec {spec!r}: a zero limit would drop everything")
+        if nbytes is not None and nbytes < MTU:
+            # bytes=100 was taken, and every 1228-byte QUIC packet was tail-dropped: runs failed ~30 s later
+            raise QueueSpecError(f"queue spec {spec!r}: bytes={nbytes} is below one {MTU}-byte packet and would "
+                                 f"drop every full-size packet (bytes must be >= {MTU})")
         return DropTail(packets, nbytes)
     if kind == "dualpi2":
         p = DualPI2Params(seed=seed)

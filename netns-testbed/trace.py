@@ -92,6 +92,9 @@ class Trace:
 
 _RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
 _UNIT = {"g": 1e9, "m": 1e6, "k": 1e3, None: 1.0}
+_BAD_RATE_RE = re.compile(
+    r"^\s*[+-]?(?:nan|inf(?:inity)?|[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?:g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
+"""What reads as a rate, with the numbers :data:`_RATE_RE` refuses (signed, NaN, infinite): not a file name."""
 
 
 def parse_rate(text: str) -> float | None:
@@ -305,4 +308,7 @@ def trace_from_spec(spec: str) -> Trace:
     if _RATE_RE.match(spec) and not os.path.exists(spec):  # "1e400mbps": a rate, not a missing trace file
         raise TraceError(f"rate {spec.strip()} is out of range: a fixed rate is {MIN_RATE_BPS:g} bit/s to "
                          f"{MAX_RATE_MBPS:g} Mbit/s")
+    if _BAD_RATE_RE.match(spec) and not os.path.exists(spec):  # "nanmbps", "-5mbps": "no such trace file" misled
+        raise TraceError(f"{spec.strip()} is not a valid rate: a fixed rate is a positive finite number with a unit, "
+                         "like 12mbps or 800kbps")
     return load_trace(spec)
