@@ -78,8 +78,9 @@ class KVPair:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
             quic = QuicConnection(configuration=kv_quic_config(server_configuration()),
                                   original_destination_connection_id=header.destination_cid)
-            self.server = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"), max_fetches=self.max_fetches,
-                                          forecaster_factory=_ewma)
+            self.server = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"), forecaster_factory=_ewma)
+            # lowered after the client was told the default (QUIC's stream limit): the refusal is the backstop's
+            self.server.max_fetches = self.max_fetches
         return self.server
 
     def _on_server(self, events: list) -> None:
@@ -210,7 +211,8 @@ def test_the_tail_of_a_refused_fetch_is_dropped_when_a_slot_frees_meanwhile(whil
         failed = pair.outcome(sid)
         assert isinstance(failed, KVFetchFailed) and failed.error.code == code
     assert later == [] and pair.requested() == [running]
-    assert first == [KVFetchRefused(refused, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches")]
+    assert first == [KVFetchRefused(refused, ErrorCode.LIMIT_EXCEEDED,
+                                    "too many concurrent fetches (at most 1 on a connection)")]
     assert not pair.server._ended and not pair.client._sending  # both streams closed both ways
     pair.assert_connection_up()
 

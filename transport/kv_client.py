@@ -17,6 +17,7 @@ import re
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .frames import KvChunk, KvDone, KvFetch, KvMeta, check_outgoing
 from .kv_client_session import KVChunkReceived, KVClientSession, KVDoneReceived, KVFetchFailed, KVMetaReceived
 from .kv_controller import TEXT
 from .kv_protocol import DEFAULT_RECOMPUTE_US, KVCorruptChunk, KVError, kv_quic_config
+from .kv_server_session import MAX_FETCHES
 from .quic_io import SessionProtocol, open_client
 from .session_events import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
 from .tls import client_configuration
@@ -420,6 +422,8 @@ class KVConnection(SessionProtocol):
         self.decode_device = decode_device
         self.close_error: TokenwireError | None = None  # set once the connection has ended (idle timeout, ...)
         self.closed_locally = False  # close() ended the connection, not the server, the path or an error
+        # fetches waiting, in call order, for the server's stream limit to let one more open (_fetch_slot)
+        self._slot_waiters: deque[asyncio.Event] = deque()
 
     @property
     def closed(self) -> bool:
@@ -439,6 +443,49 @@ class KVConnection(SessionProtocol):
         assert isinstance(self.session, KVClientSession)
         return self.session
 
+    def _stream_free(self) -> bool:
+        """Whether the server's stream limit (QUIC's MAX_STREAMS: its concurrent-fetch limit, ``MAX_FETCHES`` by
+        default) lets this side open one more fetch stream now."""
+        quic = self._quic
+        return quic.get_next_available_stream_id() // 4 < quic._remote_max_streams_bidi
+
+    async def _fetch_slot(self) -> None:
+        """Wait, in call order, until a fetch may open its stream without going past the server's limit.
+
+        aioquic would hold such a stream back by itself, but the fetch's clock (its report's ``fetch_ms``, the
+        stall timer that fails a fetch once nothing has come for its deadline past the deadline) would then run
+        while it waited, counting time that was neither the server's nor the link's. Before the server advertised
+        its limit, the 17th fetch at once went out and was refused with LIMIT_EXCEEDED."""
+        if not self._slot_waiters and self._stream_free():
+            return
+        turn = asyncio.Event()
+        self._slot_waiters.append(turn)
+        try:
+            while True:
+                await turn.wait()
+                turn.clear()
+                if self.close_error is not None:
+                    raise self.close_error
+                if self._slot_waiters[0] is turn and self._stream_free():
+                    return  # (the caller opens its stream before its next await: no other waiter can take it)
+        finally:
+            self._slot_waiters.remove(turn)
+            self._wake_slot_waiter()  # the next in line: there may be credit for it too, or this one gave up
+
+    def _wake_slot_waiter(self) -> None:
+        """Let the first waiting fetch check for a free stream (every one, once the connection has ended)."""
+        if not self._slot_waiters:
+            return
+        if self.close_error is not None:
+            for turn in self._slot_waiters:
+                turn.set()
+        elif self._stream_free():
+            self._slot_waiters[0].set()
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self._wake_slot_waiter()  # (a MAX_STREAMS frame raises the limit, and makes no event of its own)
+
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ConnectionEnded):
@@ -448,6 +495,7 @@ class KVConnection(SessionProtocol):
                 for other in self._fetches.values():
                     other.error = other.error or self.close_error
                     other.event.set()
+                self._wake_slot_waiter()
                 continue
             pf = self._fetches.get(getattr(ev, "stream_id", -1))
             if pf is None:
@@ -546,8 +594,14 @@ class KVConnection(SessionProtocol):
         a timeout, a cancelled task too) is reset on the wire, which the server counts as abandoned; only a fetch
         whose every chunk decoded ends with the FIN that it counts as completed.
 
-        ``timeout_s``: how long the whole call may take (KV_META, every chunk, KV_DONE, and decoding the chunks:
-        it bounded only their receipt) before giving up with :class:`KVError` (``UPSTREAM_TIMEOUT``). By default
+        A connection carries at most the server's fetch limit at once (:data:`MAX_FETCHES`, 16, by default; QUIC's
+        stream limit tells the client): a fetch past it waits, in call order, until one has ended, and only then
+        is sent; its deadline and its report's ``fetch_ms`` count from then (the 17th fetch at once was refused
+        with LIMIT_EXCEEDED). For many more at once, open more connections.
+
+        ``timeout_s``: how long the whole call may take (a wait for a fetch slot, KV_META, every chunk, KV_DONE, and
+        decoding the chunks: it bounded only their receipt) before giving up with :class:`KVError`
+        (``UPSTREAM_TIMEOUT``). By default
         there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk) has come for the deadline's
         length (at least 2 s) after the deadline, so a stalled server fails it soon after its deadline (it used to
         take a minute) while a large context that keeps arriving (this fetch's chunk bytes count, not only whole
@@ -572,6 +626,18 @@ class KVConnection(SessionProtocol):
             check_outgoing(req, "fetch")
         except ValueError as exc:
             raise ValueError(_as_arguments(str(exc))) from None
+        called = time.monotonic()
+        try:
+            # (timeout_s bounds the whole call, this wait too; asyncio.timeout, not wait_for: in this task, so that
+            # the stream is opened before any other waiter runs and takes the same slot)
+            async with asyncio.timeout(timeout_s):
+                await self._fetch_slot()
+        except TimeoutError:
+            raise KVError(f"KV fetch timed out after {timeout_s:g} s waiting for a free fetch slot on its connection "
+                          f"(the server's limit on fetches at once, {MAX_FETCHES} by default); nothing was sent",
+                          code=ErrorCode.UPSTREAM_TIMEOUT) from None
+        if self.close_error is not None:
+            raise self.close_error
         pf = _PendingFetch(self.clock(), deadline, controller, ids)
         sid = self.kv.fetch(req)
         self._fetches[sid] = pf
@@ -580,7 +646,7 @@ class KVConnection(SessionProtocol):
         try:
             started = time.monotonic()
             if timeout_s is not None:
-                await asyncio.wait_for(pf.event.wait(), timeout_s)
+                await asyncio.wait_for(pf.event.wait(), called + timeout_s - started)
             else:
                 await _wait_while_progressing(
                     pf, lambda: (len(pf.received), pf.meta is not None, self.kv.bytes_in(sid)),
@@ -599,7 +665,7 @@ class KVConnection(SessionProtocol):
             results: list[ChunkResult] = []
             for i in range(pf.done.chunks):
                 if timeout_s is not None:  # decoding gets what receipt left of it (none left: a decode not done fails)
-                    results.append(await asyncio.wait_for(pf.decodes[i], started + timeout_s - time.monotonic()))
+                    results.append(await asyncio.wait_for(pf.decodes[i], called + timeout_s - time.monotonic()))
                 else:
                     results.append(await pf.decodes[i])
             end = self.clock()

@@ -46,9 +46,16 @@ from .kv_controller import (
 from .kv_protocol import DEFAULT_RECOMPUTE_US, MAX_KV_FETCH_BYTES
 from .marking import MarkingPolicy
 from .read_credit import read_credit
-from .server_session import MIN_REQUEST_RATE, REQUEST_TIMEOUT_S, _forget_received
+from .server_session import MIN_REQUEST_RATE, REQUEST_TIMEOUT_S, _forget_received, offer_request_streams
 from .session import _SessionBase
 from .session_events import SessionEvent
+
+MAX_FETCHES = 16
+"""Fetches one KV connection may have open at once, advertised to its client as QUIC's bidirectional stream limit:
+the client's QUIC stack (and ``fetch_kv``, which waits for a stream before it sends) holds a fetch past it back
+until one has ended in both directions, as the chat port does with its requests. Unadvertised (aioquic's 128
+streams), the 17th concurrent ``fetch_kv`` on a connection was refused with LIMIT_EXCEEDED ("too many concurrent
+fetches") while chat requests past their limit waited their turn."""
 
 POLL_S = 0.002  # how often a sending fetch checks whether the next chunk is due
 FRESH_MIN_S = 0.08  # a fetch's own QUIC delivery rate counts once it spans this long...
@@ -204,12 +211,16 @@ UNDELIVERED_SCAN_S = 0.25  # at most this often, streams holding bytes none of w
 class KVServerSession(_SessionBase):
     """Server side of one KV connection (sans-I/O). The driver answers its events with ``start``/``send_chunk``."""
 
-    def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = 16,
+    def __init__(self, quic: QuicConnection, *, tuning: ServerTuning | None = None, max_fetches: int = MAX_FETCHES,
                  marking: MarkingPolicy | None = None, forecaster_factory: Callable[[str], Any] | None = None,
                  request_timeout: float = REQUEST_TIMEOUT_S) -> None:
         # credit a fixed FLOW_WINDOW ahead of what is read, as the token server's: aioquic's doubling let a client
         # that withheld a fetch stream's first byte have all it sent after the gap buffered (a fetch is ~100 bytes)
         read_credit(quic)
+        # the client opens no fetch stream past the limit (ReadCredit.hold_until_authorized may hold some back later);
+        # the check in _on_stream_data stays as the backstop, for a limit lowered after the connection opened (a client
+        # opening streams past QUIC's limit is closed by aioquic with STREAM_LIMIT_ERROR)
+        offer_request_streams(quic, max_fetches)
         super().__init__(quic)
         self.tuning = tuning or ServerTuning()
         self.max_fetches = max_fetches
@@ -569,7 +580,8 @@ class KVServerSession(_SessionBase):
                 self._fin(stream_id)  # of them the connection could open no fetch, held back by QUIC for ever)
                 return []
             if len(self.fetches) >= self.max_fetches:
-                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED, "too many concurrent fetches", end)
+                return self._refuse(stream_id, ErrorCode.LIMIT_EXCEEDED,
+                                    f"too many concurrent fetches (at most {self.max_fetches} on a connection)", end)
             # frames no larger than the largest legal KV_FETCH (not any stream frame's 1 MiB): what a fetch stream's
             # decoder may hold, and what its arrival deadline grants time for (_fetch_deadline)
             f = ServerFetch(stream_id, None, StreamDecoder(max_frame=MAX_KV_FETCH_BYTES), now)

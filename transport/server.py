@@ -65,6 +65,15 @@ MAX_REQUESTS_PER_CONNECTION = 10_000
 open answer holds its transcript and a QUIC stream; unbounded, 2**60 + 1 broke every handshake (a stream limit QUIC
 cannot encode), 2**62 raised inside aioquic, and a close then raised KeyError and leaked the socket."""
 
+MAX_TOKENS = 16_384
+"""``serve``'s default ``max_tokens``, the daemon's ``limits.max_tokens``: the most tokens one answer may have, whatever
+its request asks. Uncapped, a request without max_tokens to a source that never stopped streamed 1.28 M tokens in
+40 s, both ends' memory growing ~80 B a token (the transcript is kept until the client confirms it)."""
+
+MAX_TOKENS_BOUND = 1_000_000
+"""The bound of ``max_tokens``: the protocol's own bound on a request's max_tokens (and the daemon's
+``limits.max_tokens``)."""
+
 IDLE_TIMEOUT_RANGE_S = (1.0, 3600.0)
 """The bounds of ``idle_timeout``: the daemon's ``server.idle_timeout_s``."""
 
@@ -91,6 +100,9 @@ class ChatRequest:
     ``finish_reason``: how the answer ends when the source ends it before ``max_tokens``: "stop" unless the
     source sets another reason before it ends (a content filter, say). An answer that reaches ``max_tokens``
     ends with "length", as an LLM reports an answer that its limit stopped.
+
+    ``max_tokens``: the request's limit, lowered to the server's (``serve(max_tokens=)``) when it asks for more;
+    None when it asked for none (the answer still stops at the server's limit), as the daemon tells its upstreams.
     """
 
     messages: list[dict[str, str]]
@@ -346,7 +358,7 @@ class ServerProtocol(SessionProtocol):
         chat = ChatRequest(
             messages=request.messages,
             model=request.model,
-            max_tokens=request.max_tokens,
+            max_tokens=min(request.max_tokens, self.app.max_tokens) if request.max_tokens else None,
             params=dict(request.params or {}),
             scheme=req.scheme,
             request_id=req.request_id,
@@ -360,7 +372,10 @@ class ServerProtocol(SessionProtocol):
         source: AsyncIterator[str] | None = None
         try:
             source = aiter(self.app.source(chat))
-            reason = await self._pump(stream_id, source, chat.max_tokens, transcript) or _source_reason(chat)
+            # the server's cap bounds an answer whose request set none (an endless source streamed 1.28 M tokens
+            # in 40 s, both ends' memory growing), and one whose request asked for more
+            limit = self.app.max_tokens if chat.max_tokens is None else min(chat.max_tokens, self.app.max_tokens)
+            reason = await self._pump(stream_id, source, limit, transcript) or _source_reason(chat)
             await _aclose(source)  # before FINISHED: a source cut at max_tokens releases what it holds first
             source = None
             try:
@@ -514,6 +529,7 @@ class TokenServer:
     marking: Callable[[], MarkingPolicy] | None = None  # per-connection ECN marking policy (ECN transport)
     authorize_timeout: float = AUTHORIZE_TIMEOUT_S  # an async authorize's verdict must come within this
     stop_timeout: float = STOP_TIMEOUT_S  # wait_closed() waits this long for the cancelled sources to stop
+    max_tokens: int = MAX_TOKENS  # the most tokens an answer may have, whatever its request asks
     stats: ServerStats = field(default_factory=ServerStats)
     protocols: set[ServerProtocol] = field(default_factory=set)
     _quic_server: ValidatingQuicServer | None = None
@@ -533,6 +549,7 @@ class TokenServer:
                     if inspect.isasyncgen(self.source) else "")
             raise TypeError("source must be a callable that takes a ChatRequest and returns an async iterator of str "
                             f"pieces, not {type(self.source).__name__}{hint}")
+        _check_source_kind(self.source)
         for name in ("authorize", "marking"):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -544,6 +561,10 @@ class TokenServer:
         check_seconds("request_timeout", self.request_timeout)
         check_seconds("authorize_timeout", self.authorize_timeout)
         check_seconds("stop_timeout", self.stop_timeout)
+        cap = self.max_tokens
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_TOKENS_BOUND:
+            raise ValueError(f"max_tokens must be an int from 1 to {MAX_TOKENS_BOUND:,} (the protocol's bound), "
+                             f"not {cap!r}")
 
     def _track(self, task: asyncio.Task[None], label: str) -> None:
         self._running[task] = label
@@ -657,14 +678,17 @@ async def serve(
     idle_timeout: float = 60.0,
     authorize_timeout: float = AUTHORIZE_TIMEOUT_S,
     stop_timeout: float = STOP_TIMEOUT_S,
+    max_tokens: int = MAX_TOKENS,
 ) -> TokenServer:
     """Start serving ``source`` on UDP ``host:port`` (port 0 picks a free one: see ``server.port``; a port outside
     0..65535 raises ``ValueError``, as do ``max_requests_per_connection`` outside 1..10,000, ``idle_timeout``
-    outside 1..3600 and ``keyfile`` without ``certfile``; a ``source``, ``authorize`` or ``marking`` that is not
-    callable raises ``TypeError``).
+    outside 1..3600, ``max_tokens`` outside 1..1,000,000 and ``keyfile`` without ``certfile``; a ``source``,
+    ``authorize`` or ``marking`` that is not callable raises ``TypeError``, as does a ``source`` that is an
+    ``async def`` without ``yield`` or a sync generator function).
 
     ``source``: called with a :class:`ChatRequest`, returns an async iterator of ``str`` pieces (anything else it
-    yields, bytes too, fails that request with UPSTREAM_ERROR). A source that yields many pieces without awaiting
+    yields, bytes too, fails that request with UPSTREAM_ERROR): an async generator function, or a plain function
+    that returns an async iterator. A source that yields many pieces without awaiting
     (a cached answer) is given no more than :data:`PIECES_PER_TURN` pieces or :data:`TURN_S` seconds at a time: the
     other connections are served in between, and its pieces go out batched.
 
@@ -697,13 +721,37 @@ async def serve(
 
     ``stop_timeout``: how long :meth:`TokenServer.wait_closed` waits for the sources ``close()`` cancelled to stop
     (their ``finally`` blocks run); one that ignores its cancellation longer is logged and left running.
+
+    ``max_tokens``: the most tokens one answer may have (default 16,384, the daemon's ``limits.max_tokens``): an
+    answer stops at the lower of it and its request's ``max_tokens`` and ends with ``finish_reason`` "length",
+    its source closed, as at a request's own limit. A request without ``max_tokens`` is bounded too: a source that
+    never stops is not streamed for ever (the transcript of each answer stays in memory until the client confirms
+    it). The source sees the request's limit lowered to this one in ``request.max_tokens`` (None if none was asked).
     """
     server = TokenServer(
         source, authorize=authorize, max_requests_per_connection=max_requests_per_connection, marking=marking,
         request_timeout=request_timeout, authorize_timeout=authorize_timeout, stop_timeout=stop_timeout,
+        max_tokens=max_tokens,
     )
     return await server.start(host, port, cert=cert, certfile=certfile, keyfile=keyfile, congestion=congestion,
                               idle_timeout=idle_timeout)
+
+
+def _check_source_kind(source: Callable[..., Any]) -> None:
+    """TypeError for a source that can never give an async iterator: an ``async def`` that returns (its call gives a
+    coroutine) or a sync generator function. Each request to one failed later with "token source failed:
+    TypeError", an ERROR and a traceback in the log, and "coroutine ... was never awaited". A plain function that
+    returns an async iterator stays allowed (the documented contract); an async generator function is a source."""
+    # (inspect sees through bound methods and functools.partial; a callable object is left to its requests)
+    if inspect.isasyncgenfunction(source):
+        return
+    if inspect.iscoroutinefunction(source):
+        raise TypeError("source is an async def that returns: it must yield its str pieces (an async generator "
+                        "function: `async def source(request): ... yield piece`), or be a plain function that "
+                        "returns an async iterator")
+    if inspect.isgeneratorfunction(source):
+        raise TypeError("source is a sync generator function: it must be an async generator function (`async def` "
+                        "with `yield`), or a plain function that returns an async iterator")
 
 
 def check_idle_timeout(value: float) -> None:
