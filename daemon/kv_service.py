@@ -1122,20 +1122,15 @@ async def serve_kv_ingest(path: str | Path, service: KVService, *, group: str | 
 
 
 def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
-    """Refuse, as :meth:`KVService.ingest` does and with its message, KV that ``stack_kv`` refuses: run on data-less
-    ("meta") copies of the tensors, so checking costs no copy of the context."""
-    import torch
-
-    from tokenwire.transport.cachegen.codec import stack_kv
+    """Refuse, as :meth:`KVService.ingest` does and with its message, KV that ``stack_kv`` refuses: checked on the
+    tensors' dtypes and shapes alone (``stack_kv``'s own checks, :mod:`tokenwire.transport.cachegen.shapes`), so
+    checking costs no copy of the context and imports no codec (whose numba kernels need a writable cache at
+    import: an engine with no writable home failed there)."""
     from tokenwire.transport.cachegen.errors import InvalidInput
-
-    def meta(layer: Any) -> Any:
-        if not isinstance(layer, tuple | list) or len(layer) != 2:
-            return layer  # stack_kv names what is wrong with it
-        return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in layer)
+    from tokenwire.transport.cachegen.shapes import check_kv_layers
 
     try:
-        stack_kv([meta(layer) for layer in kv], dtype=None)
+        check_kv_layers(kv)
     except InvalidInput as exc:
         raise KVIngestError(f"bad KV tensors: {exc}") from None
 
@@ -1202,7 +1197,7 @@ class KVRuntime:
         """Open the start gate (:func:`start_kv` with ``serve=False``): the endpoint reads its datagrams from now
         on (its clients' Initials, dropped until now, are resent), and the ingest socket accepts the engines'
         connections waiting in its backlog."""
-        self.server._quic_server.accepting = True  # (ValidatingQuicServer.accepting, as on the chat port)
+        self.server.accepting = True
         if self.ingest is not None:
             await self.ingest.start_serving()
 
@@ -1359,10 +1354,11 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
             server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
                                     keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
                                     authorize=authorize, client_verifier=client_verifier,
-                                    on_unauthorized=on_unauthorized, **limits)
+                                    on_unauthorized=on_unauthorized, accepting=False, **limits)
+            # bound, gated until start_serving (as the daemon's chat port) from its first datagram on: gated only
+            # after serve_kv returned, a datagram read in the loop turn between was served
         except OSError as exc:
             raise cannot_listen("kv.listen", exc, *cfg.listen) from None
-        server._quic_server.accepting = False  # bound, gated until start_serving (as the daemon's chat port)
     except BaseException:
         service.close()
         raise

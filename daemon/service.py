@@ -260,15 +260,14 @@ class Daemon:
         self.marking.start()
         for host, port in cfg.server.listen:
             try:
-                server = await serve_quic(
-                    host, port, configuration=quic_config, create_protocol=factory, ecn=cfg.marking.enabled
-                )
+                # bound now (a port in use fails the start at once, not after the KV warm-up), served once ready: a
+                # client served during the warm-up had its answer cut by a stop signal there (no drain before READY).
+                # Gated from its first datagram: gated after serve_quic returned, one read in between was served
+                server = await serve_quic(host, port, configuration=quic_config, create_protocol=factory,
+                                          ecn=cfg.marking.enabled, accepting=False)
             except OSError as exc:
                 raise cannot_listen("server.listen", exc, host, port) from None
             self._servers.append(server)  # at once: stop() closes only what is in the list, whatever raises next
-            # bound now (a port in use fails the start at once, not after the KV warm-up), served once ready: a
-            # client served during the warm-up had its answer cut by a stop signal there (no drain before READY)
-            server.accepting = False
             tune_socket(server._transport)
             self.marking.add_transport(server._transport)
             self.handshake_guard.add_server(server)
@@ -482,6 +481,7 @@ class Daemon:
         flush_failure_logs(self.upstreams.values(), now, final=final)  # the upstreams' failed answers
         if final and self._ingest_api is not None:  # (else its expire_stalled, in housekeeping, flushes them)
             self._ingest_api.flush_logs(now, final=True)
+        unix_sockets.flush_logs(now, final=final)  # the ingest sockets' connections refused past their bound
 
     def _collect_ended(self, now: float) -> None:
         """A full garbage collection once the connections ended since the last one are at least GC_ENDED_FRACTION of

@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 from . import config
 
@@ -89,7 +90,11 @@ def identity(path: Path) -> tuple[int, int, int] | None:
 
 
 def release(path: Path, ident: tuple[int, int, int] | None) -> None:
-    """Remove ``path`` if it is still the socket this process bound (``identity`` after binding)."""
+    """Remove ``path`` if it is still the socket this process bound (``identity`` after binding). Its refusals held
+    back are summed up now (the socket is closed: no more come) and its gate forgotten (:func:`flush_logs`)."""
+    gate = _gates.pop(Path(path), None)
+    if gate is not None:
+        gate.refusals.flush(time.monotonic(), final=True)
     if ident is not None and identity(path) == ident and path.is_socket():
         os.unlink(path)
 
@@ -115,11 +120,22 @@ def set_socket_access(path: Path, group: str | None, setting: str) -> None:
                               "daemon's user is a member of it: chown() was refused (a system-call filter: the "
                               "systemd unit needs SystemCallFilter=@chown after ~@privileged, as "
                               "systemd/tokenwire.service has it)", str(path)) from None
-            how = (f"add it to group {group}" if group.isdigit()
-                   else f"systemd/tokenwire.sysusers: m tokenwire {group}")
+            user = _user_name()  # (the one running: a drop-in's User= or a hand-run daemon, not always tokenwire)
+            how = (f"add {user} to group {group}" if group.isdigit()
+                   else f"a sysusers line such as systemd/tokenwire.sysusers' m {user} {group}")
             raise OSError(errno.EPERM, f"{setting}: cannot give the socket to group {group!r}: the daemon's user "
-                          f"is not a member of it ({how})", str(path)) from None
+                          f"{user} is not a member of it ({how})", str(path)) from None
     os.chmod(path, 0o660)
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as (its uid when it has no name)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 BACKLOG = 100  # asyncio's own default for a server it makes
@@ -163,6 +179,20 @@ def connection_bound() -> int:
     return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS_CAP, soft // 4))
 
 
+# The gates of the sockets :func:`serve` made, by path, until :func:`release`: what :func:`flush_logs` sums up. Held
+# here, not by their servers: uvloop's server lets go of its protocol factory (and so of the gate) at close, before
+# the daemon's last flush. A new socket on the same path replaces its entry (bounded by the paths served).
+_gates: dict[Path, _Gate] = {}
+
+
+def flush_logs(now: float, *, final: bool = False) -> None:
+    """The lines summing up the connections refused past each socket's bound (its "N more connections refused"),
+    once the last line is a minute old (for the daemon's housekeeping: else it comes with a connection's close or
+    the next refusal); ``final``: at once (the daemon is stopping: they were never written)."""
+    for gate in list(_gates.values()):
+        gate.refusals.flush(now, final=final)
+
+
 class _Gate:
     """The connections one socket holds (:func:`serve`), and the rate-limited warning about those refused."""
 
@@ -196,7 +226,9 @@ class _BoundedProtocol(asyncio.StreamReaderProtocol):
         gate = self._gate
         if gate.active >= gate.bound:
             gate.refused()
-            assert isinstance(transport, asyncio.WriteTransport)  # (a stream socket's)
+            # a stream socket's (uvloop's, the daemon's loop, is no asyncio.WriteTransport subclass: an isinstance
+            # assert there failed, and the refused connection was closed without its line)
+            transport = cast(asyncio.WriteTransport, transport)
             transport.write(json.dumps({"ok": False, "error": f"too many connections to this socket ({gate.bound} "
                                         "already open, the most it takes): close idle ones, or retry"}).encode()
                             + b"\n")
@@ -235,6 +267,7 @@ async def serve(path: Path, client: Client, *, limit: int, group: str | None, se
         server = await loop.create_unix_server(
             lambda: _BoundedProtocol(gate, asyncio.StreamReader(limit=limit, loop=loop), client), sock=sock,
             backlog=BACKLOG, start_serving=start_serving)
+        _gates[path] = gate
     except BaseException:
         sock.close()
         path.unlink(missing_ok=True)

@@ -454,6 +454,16 @@ class KVServer:
         return int(self._quic_server._transport.get_extra_info("sockname")[1])
 
     @property
+    def accepting(self) -> bool:
+        """Whether the endpoint reads its datagrams (False: each is dropped unread, and a client's Initial is sent
+        again): the owner's start gate (:func:`serve_kv`'s ``accepting``), as on the daemon's chat port."""
+        return bool(self._quic_server.accepting)
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._quic_server.accepting = value
+
+    @property
     def quic_configuration(self) -> Any:
         """The listener's configuration, read at each new connection (the daemon's SIGHUP renews its certificate)."""
         return self._quic_server._configuration
@@ -493,7 +503,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                    max_connections: int | Callable[[], int] = MAX_CONNECTIONS,
                    request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S,
                    hold_unauthorized: bool | Callable[[], bool] = True,
-                   unauthorized_memory: int | Callable[[], int] = UNAUTHORIZED_MEMORY_BYTES) -> KVServer:
+                   unauthorized_memory: int | Callable[[], int] = UNAUTHORIZED_MEMORY_BYTES,
+                   accepting: bool = True) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
     Bulk KV traffic should mark ECT(1) (``marking=L4SPolicy``) and use the scalable ``prague`` controller;
@@ -516,7 +527,8 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     clients must answer a QUIC Retry first (:mod:`.handshake_guard`). ``request_timeout`` (seconds, or a callable
     read as each connection starts): a KV_FETCH must have arrived whole this long after its stream's first bytes,
     plus its size at 32 KiB/s, as a chat request within ``limits.request_timeout_s``; else that fetch stream alone
-    is refused with LIMIT_EXCEEDED.
+    is refused with LIMIT_EXCEEDED. ``accepting=False``: the port is bound but its datagrams are dropped unread until
+    the owner sets :attr:`KVServer.accepting` (a start gate: clients' Initials are resent meanwhile).
     """
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
@@ -527,7 +539,7 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,
                                            create_protocol=functools.partial(KVServerProtocol, app=server),
-                                           ecn=marking is not None)
+                                           ecn=marking is not None, accepting=accepting)
     server.guard.add_server(server._quic_server)
     tune_socket(server._quic_server._transport)
     return server

@@ -413,23 +413,30 @@ def _initial_token(data: bytes | str, server: QuicServer) -> bool:
 
 
 async def serve_quic(
-    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False
+    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False, accepting: bool = True
 ) -> ValidatingQuicServer:
     """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints); ValueError for a
-    port outside 0..65535."""
+    port outside 0..65535. ``accepting=False``: bound, every datagram dropped unread until the owner sets
+    :attr:`ValidatingQuicServer.accepting` (its start gate): set by the caller after this returned, a datagram
+    read in the loop turn between (the ECN path awaits one here) was served before the gate closed."""
     check_port(port, listening=True)
+
+    def make() -> ValidatingQuicServer:
+        server = ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol)
+        server.accepting = accepting  # before its transport exists: gated from the first datagram read
+        return server
+
     if not ecn:
         # our own socket, as on the ECN path: "[::]" is dual-stack whatever net.ipv6.bindv6only says (aioquic's
         # serve took the kernel default, so such a host served IPv6 only unless marking was on)
         sock = open_udp_socket(host, port)
         try:
-            _, server = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol), sock=sock)
+            _, server = await asyncio.get_running_loop().create_datagram_endpoint(make, sock=sock)
         except BaseException:
             sock.close()
             raise
         return server
-    server = ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol)
+    server = make()
     EcnDatagramTransport(open_udp_socket(host, port), server)
     await asyncio.sleep(0)  # connection_made runs on the next loop turn
     return server

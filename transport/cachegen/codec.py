@@ -21,6 +21,7 @@ from .bitstream import Chunk
 from .errors import CorruptBitstream, InvalidInput, ModelMismatch
 from .levels import Level, Profile, get_level, profile_for
 from .quant import dequantize, quantize, scale_values, token_scales
+from .shapes import check_kv_layers
 
 KV = Sequence[tuple[torch.Tensor, torch.Tensor]]
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -38,42 +39,7 @@ class Geometry:
 def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, Geometry]:
     """``[L, 2, T, C]`` of a per-layer KV list (channel = head * head_dim + dim), as ``dtype`` (fp32 for the
     codec; ``None`` keeps the input's, for storing it: an fp32 copy of a large context costs twice its size)."""
-    if len(kv) == 0:
-        raise InvalidInput("no layers")
-    layers = []
-    shape = None
-    dtype0 = None
-    for i, layer in enumerate(kv):
-        if not isinstance(layer, tuple | list) or len(layer) != 2:
-            raise InvalidInput(f"layer {i} must be a (K, V) pair, not a {type(layer).__name__}"
-                               + (f" of {len(layer)}" if isinstance(layer, tuple | list) else ""))
-        k, v = layer
-        for kv_t in (k, v):
-            if not isinstance(kv_t, torch.Tensor) or not kv_t.is_floating_point():
-                raise InvalidInput("KV entries must be floating-point tensors")
-        # the bitstream records one dtype and decodes every tensor to it: a V or a layer in another dtype
-        # used to come back silently converted to layer 0's K dtype
-        if dtype0 is None:
-            dtype0 = k.dtype
-        if k.dtype != dtype0 or v.dtype != dtype0:
-            raise InvalidInput(f"layer {i} has K {k.dtype} and V {v.dtype}; every tensor must be {dtype0}")
-        if k.shape != v.shape:
-            raise InvalidInput(f"K {tuple(k.shape)} and V {tuple(v.shape)} differ")
-        if k.dim() == 4:
-            if k.shape[0] != 1:
-                raise InvalidInput("batch size must be 1")
-            k, v = k[0], v[0]
-        if k.dim() != 3:
-            raise InvalidInput("expected [1, H, T, D] or [H, T, D] tensors")
-        if shape is None:
-            shape = tuple(k.shape)
-        elif tuple(k.shape) != shape:
-            raise InvalidInput("all layers must have the same shape")
-        layers.append((k, v))
-    assert shape is not None
-    h, t, d = shape
-    if h == 0 or d == 0:  # the format has no such geometry: decoding refuses it
-        raise InvalidInput(f"{h} heads of {d} dims")
+    layers, (h, t, d) = check_kv_layers(kv)  # (shared with put_kv_unix, which must not import this module)
     first = layers[0][0]
     # one allocation, each layer copied (and converted) straight into it: per-layer reshapes and a stack
     # used to hold the whole context two more times
@@ -83,7 +49,7 @@ def stack_kv(kv: KV, *, dtype: torch.dtype | None = torch.float32) -> tuple[torc
         # copy, which .numpy() then refuses
         x[i, 0].view(t, h, d).copy_(k.detach().permute(1, 0, 2))
         x[i, 1].view(t, h, d).copy_(v.detach().permute(1, 0, 2))
-    return x, Geometry(len(kv), shape[0], shape[2], shape[1])
+    return x, Geometry(len(kv), h, d, t)
 
 
 def unstack_kv(x: torch.Tensor, n_heads: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
