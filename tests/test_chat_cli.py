@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -130,9 +131,6 @@ def test_untrusted_certificate_says_why(server_port, tmp_path, capsys):
     (["--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
     (["--idle-timeout", "0", "hi"], "--idle-timeout must be > 0"),
     (["--max-time", "0", "hi"], "--max-time must be a number of seconds > 0"),
-    # nothing answers on port 9: time runs out before any request went out
-    (["--max-time", "0.5", "--idle-timeout", "5", "hi"], "no whole answer within 0.5 s (--max-time): the server "
-                                                          "was not reached, nothing was asked of it"),
     (["--token-env", "TOKENWIRE_TEST_UNSET_VARIABLE", "hi"], "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
     (["--attach", "00" * 16, "a prompt"], "no prompt or --max-tokens with it"),  # were silently ignored
     ([""], "no prompt given (argument or stdin): it is empty"),  # was sent (empty stdin was refused)
@@ -146,6 +144,26 @@ def test_bad_arguments_are_rejected_before_connecting(argv, message, capsys, mon
     rc, _, err = chat(capsys, "--port", "9", *argv)
     assert rc == 2
     assert message in err, err
+
+
+def test_max_time_runs_out_before_a_silent_server_is_reached(capsys):
+    """A port that takes datagrams and never answers: time runs out before any request went out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        rc, _, err = chat(capsys, "--host", "127.0.0.1", "--port", str(silent.getsockname()[1]), "--max-time", "0.5",
+                          "--idle-timeout", "5", "hi")
+    assert rc == 2
+    assert ("no whole answer within 0.5 s (--max-time): the server was not reached, nothing was asked of it"
+            in err), err
+
+
+def test_a_port_nobody_listens_on_is_said_at_once(capsys):
+    """Linux answers a datagram to a closed port with ICMP port unreachable: said at once, not after --max-time."""
+    if sys.platform != "linux":
+        pytest.skip("the refusal reaches the client on Linux only")
+    rc, _, err = chat(capsys, "--host", "127.0.0.1", "--port", "9", "--max-time", "60", "hi")
+    assert rc == 2
+    assert "nothing listening at 127.0.0.1:9 (connection refused)" in err, err
 
 
 def test_request_the_server_would_refuse_is_one_line(server_port, cafile, capsys):

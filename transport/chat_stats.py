@@ -23,6 +23,9 @@ class ChatStats:
     ``ttft_ms`` and ``stall_ratio`` (with ``longest_stall_ms`` and the token delays) are ``float('nan')``, not
     None, for a resumed or attached answer, whose first tokens were generated before this request (and the
     delays when the server sent no generation times): test with ``math.isnan``; :meth:`to_dict` gives None.
+    ``stall_ratio`` and ``longest_stall_ms`` alone are NaN for an answer generated at once (within 100 ms: a
+    cached one, see :func:`~.metrics.generated_at_once`), and for a cancelled answer's partial statistics;
+    :meth:`stall_unknown` says which case it is.
     """
 
     scheme: str
@@ -45,15 +48,43 @@ class ChatStats:
         TTFT and stall ratio, see above) becomes None, which JSON can carry."""
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
+    def stall_unknown(self) -> str | None:
+        """Why ``stall_ratio`` is NaN, in words (None when it is a number). Told from the other fields: a
+        cancelled answer (partial: no generation times came), a resumed or attached one (no TTFT either), an answer
+        generated at once (its token delays are measured), or one whose FINISHED carried no generation times (the
+        frame holds them for :data:`GEN_TIMES_MAX` tokens at most)."""
+        if not math.isnan(self.stall_ratio):
+            return None
+        if self.finish_reason == "cancelled" and not self.digest_verified:
+            return "cancelled: no generation times came"
+        if not math.isnan(self.p50_token_delay_ms):
+            return "generated at once, not streamed"
+        if self.tokens == 0:
+            return "no tokens"
+        if math.isnan(self.ttft_ms):
+            return "resumed or attached"
+        if self.tokens > GEN_TIMES_MAX:
+            return f"over {GEN_TIMES_MAX:,} tokens: the server sends no generation times for them"
+        return "the server sent no generation times"
+
     def __str__(self) -> str:
-        stall = ("stall ratio n/a (resumed or attached, or no generation times)" if math.isnan(self.stall_ratio)
+        unknown = self.stall_unknown()
+        stall = (f"stall ratio n/a ({unknown})" if unknown is not None
                  else f"stall ratio {self.stall_ratio:.3f} (longest {self.longest_stall_ms:.0f} ms)")
         ttft = "TTFT n/a" if math.isnan(self.ttft_ms) else f"TTFT {self.ttft_ms:.0f} ms"
         ended = "" if self.finish_reason in ("stop", None) else f", ended: {self.finish_reason}"  # cut short
+        # (a cancelled answer's partial stats: no digest came to check, which is no mismatch)
+        digest = ("verified" if self.digest_verified else
+                  "not checked" if self.finish_reason == "cancelled" else "MISMATCH")
         return (
             f"{self.tokens} tokens via {self.scheme}{ended}, {ttft}, {stall}, "
-            f"digest {'verified' if self.digest_verified else 'MISMATCH'}"
+            f"digest {digest}"
         )
+
+
+GEN_TIMES_MAX = 200_000
+"""The most tokens whose generation times a FINISHED frame carries (``frames.Finished``'s ``g``): a longer answer's
+statistics have no stall ratio."""
 
 
 def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
@@ -64,9 +95,10 @@ def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:
         gen, render = tl
         d = estimated_base_delay(gen, render)
         s = metrics.summarize(gen, render, base_delay=d, request_time=outcome.request_time)
+        at_once = metrics.generated_at_once(outcome.gen_offsets or gen)  # (the whole answer's generation)
         stall, longest, p50, p99, gap = (
-            s.stall_ratio,
-            s.longest_stall_ms,
+            nan if at_once else s.stall_ratio,
+            nan if at_once else s.longest_stall_ms,
             s.p50_token_delay_ms - d * 1000.0,
             s.p99_token_delay_ms - d * 1000.0,
             s.p99_gap_ms,

@@ -37,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import functools
 import logging
 import re
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -53,7 +53,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
 from .client_session import ClientSession
-from .errors import ConnectError, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
+from .errors import ConnectError, ConnectRefused, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
 from .frames import MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
 from .session_events import (
@@ -78,6 +78,10 @@ class DigestMismatch(TokenwireError):
     code = ErrorCode.INTERNAL
 
 
+# how PromptTooLarge names a field other than the prompt
+_FIELD_LABELS = {"params": "params", "auth_token": "the auth token (connect(auth_token=))", "model": "model"}
+
+
 class PromptTooLarge(TokenwireError, ValueError):
     """The request would be larger than any server takes (``MAX_STREAM_FRAME``, 1 MiB): refused before sending.
 
@@ -86,19 +90,34 @@ class PromptTooLarge(TokenwireError, ValueError):
     ``limit``: the bytes a request may take. A daemon may take less (its ``limits.max_request_bytes``): it refuses
     a larger request with LIMIT_EXCEEDED, that request alone.
 
+    ``field`` names the argument that takes the most of the request (``"prompt"``, ``"params"``, ``"model"`` or
+    ``"auth_token"``, connect()'s) and ``field_bytes`` its encoded size: the message blames it, not the prompt, when
+    a large ``params`` or auth token is what is over (a 3-byte prompt with 2 MB of params was "prompt too large:
+    its text is 3 bytes"). The name stays ``PromptTooLarge``, as callers catch it.
+
     A ``TokenwireError`` with code ``LIMIT_EXCEEDED`` (the size depends on what the end user typed: an application
     catching tokenwire's errors catches this one too), and a ``ValueError`` as before. The connection lives on.
     """
 
     code = ErrorCode.LIMIT_EXCEEDED
 
-    def __init__(self, size: int, text_bytes: int, limit: int = MAX_STREAM_FRAME) -> None:
-        super().__init__(
-            f"prompt too large: its text is {text_bytes:,} bytes of UTF-8 and the request {size:,} bytes encoded, over "
-            f"the limit of {limit:,} bytes per request (a daemon's limits.max_request_bytes may be lower)")
+    def __init__(self, size: int, text_bytes: int, limit: int = MAX_STREAM_FRAME, *, field: str = "prompt",
+                 field_bytes: int | None = None) -> None:
+        tail = (f"over the limit of {limit:,} bytes per request (a daemon's limits.max_request_bytes may be "
+                "lower)")
+        if field == "prompt":
+            message = (f"prompt too large: its text is {text_bytes:,} bytes of UTF-8 and the request {size:,} bytes "
+                       f"encoded, {tail}")
+        else:
+            label = _FIELD_LABELS.get(field, field)
+            message = (f"request too large: {label} makes up {field_bytes or 0:,} of its {size:,} bytes encoded (the "
+                       f"prompt's text is {text_bytes:,} bytes of UTF-8), {tail}")
+        super().__init__(message)
         self.size = size
         self.text_bytes = text_bytes
         self.limit = limit
+        self.field = field
+        self.field_bytes = text_bytes if field_bytes is None else field_bytes
 
 
 # the names chat() and attach() take for the REQUEST fields their arguments fill: the frame check names the wire's
@@ -120,6 +139,22 @@ def _text_bytes(request: Request) -> int:
                if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
+def _largest_field(request: Request) -> tuple[str, int]:
+    """The argument whose field takes the most bytes of the encoded request, and those bytes: what to blame for a
+    request over the limit. Each is measured as the encoding of a request holding that field alone, less an empty
+    request's, so a field's framing counts as the wire counts it."""
+    empty = len(encode_frame(Request()))
+    sizes: dict[str, int] = {}
+    for name, only in (("prompt", Request(messages=request.messages)), ("params", Request(params=request.params)),
+                       ("auth_token", Request(auth=request.auth)), ("model", Request(model=request.model))):
+        try:
+            sizes[name] = len(encode_frame(only)) - empty
+        except (TypeError, OverflowError, ValueError):  # (unencodable: not what made the request too large)
+            sizes[name] = 0
+    name = max(sizes, key=lambda k: sizes[k])  # (the first of equals: the prompt)
+    return name, sizes[name]
+
+
 def _check_request(request: Request, names: dict[str, str]) -> None:
     """The frame check of ``request``, its errors in the caller's words: :class:`PromptTooLarge` for a request
     over the size every server refuses (it said "frame of 1048623 bytes exceeds the limit of 1048576"), and
@@ -132,7 +167,8 @@ def _check_request(request: Request, names: dict[str, str]) -> None:
         except (TypeError, OverflowError, ValueError):  # unencodable: check_outgoing's message says so
             size = 0
         if size > MAX_STREAM_FRAME:
-            raise PromptTooLarge(size, _text_bytes(request)) from None
+            field, field_bytes = _largest_field(request)
+            raise PromptTooLarge(size, _text_bytes(request), field=field, field_bytes=field_bytes) from None
         raise ValueError(_as_arguments(str(exc), names)) from None
 
 
@@ -191,7 +227,8 @@ class ChatStream:
     ended, every read gets its end again: ``collect()`` returns the text, or raises the error it ended with.
 
     ``stats.ttft_ms`` and ``stats.stall_ratio`` (and the token delays) are NaN for a resumed or attached answer,
-    whose tokens were generated before this request; ``stats.to_dict()`` gives them as None.
+    whose tokens were generated before this request; ``stats.to_dict()`` gives them as None. The stall ratio alone
+    is NaN for an answer generated at once (not streamed) and after :meth:`cancel` (partial statistics).
     """
 
     def __init__(self, conn: Connection, request: Request, prefix: list[bytes]) -> None:
@@ -306,12 +343,20 @@ class ChatStream:
     async def cancel(self) -> None:
         """Abandon the answer (the server stops generating it). A no-op once the answer has ended: the text
         received and not read yet can still be read (it was thrown away). A reader waiting in another task
-        (``async for``) ends its loop: a "stop" button runs elsewhere than the reader."""
+        (``async for``) ends its loop: a "stop" button runs elsewhere than the reader.
+
+        ``stats`` then holds what was measured before the cancel (None if the server had not started the answer):
+        ``finish_reason`` ``"cancelled"``, ``tokens`` the tokens rendered, the TTFT; partial, so no stall ratio
+        (NaN: the server's generation times come with its end) and ``digest_verified`` False (no digest came).
+        ``outcome`` is the partial outcome they were computed from."""
         proto = self._conn._protocol
         if self.stream_id is not None and proto.streams.pop(self.stream_id, None) is not None:
             # still open: what is queued is dropped with the rest of the answer
             self._done = True
-            proto.client_session.cancel(self.stream_id)
+            partial = proto.client_session.cancel(self.stream_id)
+            if partial is not None:  # (the TTFT measured was lost with the rest: stats stayed None)
+                self.outcome = partial
+                self.stats = stats_from_outcome(partial)
             proto.transmit()
             self._queue.put_nowait(_END)
 
@@ -333,6 +378,44 @@ class ClientProtocol(SessionProtocol):
         self.close_error: TokenwireError | None = None
         self.closed_locally = False  # close() ended the connection, not the server, the path or an error
         self.answered = False  # the server has started an answer: it has checked this connection's token
+        self.heard = False  # a datagram came from the server: a refusal (ICMP) since then may be a restart's blip
+        self.refused = False  # the handshake ended on "connection refused" before the server sent anything
+
+    def connect(self, addr: Any, transmit: bool = True) -> None:
+        """Connect the UDP socket to the server's address (on Linux) before the first Initial, so that the kernel
+        reports an ICMP port unreachable to it: on an unconnected socket it is dropped, and a dead port cost the
+        whole connect timeout. Nothing else changes: the server's address is the only one a client takes packets
+        from (RFC 9000, 9), and every datagram still goes to the address aioquic names. Where the socket cannot be
+        connected (another platform, an odd transport) nothing is reported and the timeout stands."""
+        if sys.platform == "linux" and self._transport is not None:
+            sock = self._transport.get_extra_info("socket")
+            # (through a duplicate of its descriptor: the transport's own object may be a wrapper without connect())
+            with contextlib.suppress(OSError, AttributeError, ValueError, TypeError), \
+                    socket.fromfd(sock.fileno(), sock.family, socket.SOCK_DGRAM) as same:
+                same.connect(addr)
+        super().connect(addr, transmit)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.heard = True
+        super().datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        """Fail the handshake at once on "connection refused" while the server has sent nothing at all: nothing
+        listens on that port (later refusals, or one after a packet came back, are a restarting server's: QUIC
+        retransmits through them). :func:`connect` raises :class:`~.errors.ConnectRefused` for it."""
+        if isinstance(exc, ConnectionRefusedError) and not self.heard and not self._connected:
+            waiter = self._connected_waiter
+            self.refused = True
+            if waiter is not None and not waiter.done():
+                self._connected_waiter = None
+                waiter.set_exception(ConnectionRefusedError("connection refused"))
+            return
+        super().error_received(exc)
+
+    async def wait_connected(self) -> None:
+        if self.refused:  # (refused before the wait began)
+            raise ConnectionRefusedError("connection refused")
+        await super().wait_connected()
 
     @property
     def client_session(self) -> ClientSession:
@@ -423,7 +506,8 @@ class Connection:
         is sent and the connection lives on. A request past the server's limit of answers open at once (its
         ``max_requests_per_connection``, which it gives as QUIC's stream limit) waits until one of them has ended,
         then leaves: its stream's statistics count from then. A prompt over the limit of a request (1 MiB, counted
-        in bytes of UTF-8 with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too."""
+        in bytes of UTF-8 with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too; so
+        do ``params`` or an auth token that make the request too large, and the error names which."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         self._check_open()
@@ -531,8 +615,10 @@ async def connect(
     raises :class:`~tokenwire.transport.tls.CertificateFileError`.
 
     Errors: :class:`~tokenwire.transport.errors.ConnectTimeout` (no answer within ``timeout``),
-    :class:`HandshakeError` (the server answered, the handshake failed), :class:`~.errors.ConnectError` (the
-    name does not resolve): all ``TokenwireError`` and ``ConnectionError``.
+    :class:`~.errors.ConnectRefused` (on Linux: the host answered the first packet with ICMP port unreachable,
+    nothing listens there; raised at once, not after ``timeout``), :class:`HandshakeError` (the server answered,
+    the handshake failed), :class:`~.errors.ConnectError` (the name does not resolve): all ``TokenwireError`` and
+    ``ConnectionError``.
 
     Leaving the ``async with`` block sends CONNECTION_CLOSE and closes the socket before it returns, however the
     loop is driven (``asyncio.run``, or ``run_until_complete`` then ``loop.close()``): no task or socket is left
@@ -550,9 +636,22 @@ async def connect(
         keyfile=keyfile,
         idle_timeout=idle_timeout,
     )
-    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
-                           create_protocol=functools.partial(ClientProtocol, keepalive=keepalive)) as protocol:
-        yield Connection(protocol, auth_token)  # type: ignore[arg-type]
+    made: list[ClientProtocol] = []
+
+    def make(*args: Any, **kwargs: Any) -> ClientProtocol:
+        made.append(ClientProtocol(*args, keepalive=keepalive, **kwargs))
+        return made[-1]
+
+    entered = False
+    try:
+        async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
+                               create_protocol=make) as protocol:
+            entered = True
+            yield Connection(protocol, auth_token)  # type: ignore[arg-type]
+    except ConnectError:
+        if entered or not made or not made[0].refused:  # (a ConnectError of the block's own: not the handshake's)
+            raise
+        raise ConnectRefused(f"nothing listening at {host}:{port} (connection refused)") from None
 
 
 @dataclass
@@ -662,5 +761,6 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectTimeout", "Connection", "DigestMismatch",
-           "ErrorCode", "HandshakeError", "PromptTooLarge", "RemoteError", "TokenwireError", "chat_sync", "connect"]
+__all__ = ["ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectRefused", "ConnectTimeout", "Connection",
+           "DigestMismatch", "ErrorCode", "HandshakeError", "PromptTooLarge", "RemoteError", "TokenwireError",
+           "chat_sync", "connect"]

@@ -240,12 +240,37 @@ class ClientSession(_SessionBase):
                 assert req is not None
                 req.request_time = now
 
-    def cancel(self, stream_id: int) -> None:
+    def cancel(self, stream_id: int) -> ChatOutcome | None:
+        """End the request on this side; return what was measured of it so far (None once it has ended, or before
+        the server started it: no id, no scheme). The outcome is partial: ``total`` counts the tokens rendered,
+        ``finish_reason`` is ``cancelled``, the digest unchecked (``digest_ok`` False) and no generation times (they
+        come with the server's FINISHED), so its statistics have a TTFT and no stall ratio."""
         req = self.requests.pop(stream_id, None)
-        if req is not None and not req.done:
-            req.done = True
-            self._fin(stream_id)
-            self.scheduler.forget(req.ack_source)
+        if req is None or req.done:
+            return None
+        req.done = True
+        self._fin(stream_id)
+        self.scheduler.forget(req.ack_source)
+        if req.started is None:
+            return None
+        rec = req.receiver
+        tokens = req.prefix + rec.tokens if rec.first_index == len(req.prefix) else list(rec.tokens)
+        return ChatOutcome(
+            tokens=tokens,
+            first_index=rec.first_index,
+            total=rec.first_index + len(rec.render_times),
+            digest_ok=False,
+            scheme=req.started.scheme,
+            request_id=req.started.request_id,
+            finish_reason="cancelled",
+            request_time=req.request_time,
+            render_times=list(rec.render_times),
+            gen_offsets=None,
+            packets=rec.packets,
+            duplicate_tokens=rec.duplicate_tokens,
+            repairs_requested=req.repairs_requested,
+            resumed=req.request.resume_id is not None,
+        )
 
     def abandon_open(self) -> list[int]:
         """Before this side closes the connection on purpose: reset every request stream still open (RESET_STREAM

@@ -45,7 +45,7 @@ class TokenwireError(Exception):
       ``Connection.closed`` tells the two apart.
     * :class:`ConnectError` (also a ``ConnectionError``): no connection was made; :class:`ConnectTimeout`
       (nobody answered within ``timeout``) and :class:`~.quic_io.HandshakeError` (the server answered and the
-      handshake failed) are its kinds.
+      handshake failed) and :class:`ConnectRefused` (nothing listens there: a refusal seen at once) are its kinds.
     * ``DigestMismatch`` (the text does not match the server's digest), ``PromptTooLarge`` (also a
       ``ValueError``: over the size of a request, refused before sending), and a plain ``TokenwireError`` with
       code ``CANCELLED`` for the answers the application's own close cut off.
@@ -108,3 +108,14 @@ class ConnectError(TokenwireError, ConnectionError):
 class ConnectTimeout(ConnectError):
     """Nobody answered the handshake in time (no server on that port, or the path drops everything): was a bare
     ``ConnectionError``, which an application catching ``TokenwireError`` missed."""
+
+
+class ConnectRefused(ConnectError):
+    """Nothing listens at that address: the host answered the client's first packet with ICMP port unreachable
+    (``connection refused``) and the server never sent a packet. Raised as soon as the refusal arrives instead of
+    after the whole connect timeout (a dead local port cost 3 s to say what the kernel knew at once). A
+    :class:`ConnectError`, so retry logic takes it as an attempt that reached no server, as a timeout.
+
+    Only where the refusal can be seen (Linux, whose kernel reports it to the client's connected socket); elsewhere
+    the same case ends in :class:`ConnectTimeout`. A refusal after the server has sent anything does not end the
+    handshake (a server restarting): QUIC retransmits through it."""
