@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", type=int, default=1,
                    help="concurrent answers per session, all on its one connection (default 1)")
     p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default 2)")
+    p.add_argument("--port", type=int, default=0,
+                   help="the daemon's UDP port on 127.0.0.1 (default 0: any free one), to keep runs in a port range")
+    p.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                   help="serve the daemon's Prometheus metrics there during the run (default off)")
     p.add_argument("--json", type=Path)
     p.set_defaults(handler=run_cli)
 
@@ -74,6 +78,8 @@ PROGRESS_S = 5.0  # between the progress lines on stderr
 # A client's connect timeout: the daemon's HANDSHAKE_PROVEN_TIMEOUT_S, what it gives a handshake under load (its
 # 10 s for an unproven address does not apply then: it has Retry on, and every client comes back with a token)
 CONNECT_TIMEOUT_S = 30.0
+HANDSHAKE_STAGGER_S = 0.01  # between a worker's sessions' starts
+FIRST_TOKEN_MS = 150.0  # the demo upstream's wait before an answer's first token, written in the daemon's config
 
 
 def _daemon_command(cfg: Path) -> list[str]:
@@ -96,10 +102,18 @@ def _ready_port(msg: str) -> int:
     return int(found.group(1))
 
 
+def _ready_metrics(msg: str) -> str | None:
+    """The metrics URL in READY's STATUS (``metrics on http://HOST:PORT/metrics``), None when metrics are off."""
+    found = re.search(r"metrics on (\S+)", msg)
+    return found.group(1) if found else None
+
+
 def _start_daemon(
-    tmp: Path, sessions: int, rate: float, tokens: int, ready_timeout: float = READY_TIMEOUT_S, answers: int = 1
-) -> tuple[subprocess.Popen, int, socket.socket]:
-    """Start the daemon and wait for its READY; :class:`CLIError` (the child killed) if it exits or hangs first."""
+    tmp: Path, sessions: int, rate: float, tokens: int, ready_timeout: float = READY_TIMEOUT_S, answers: int = 1,
+    port: int = 0, metrics_listen: str = "",
+) -> tuple[subprocess.Popen, int, socket.socket, str]:
+    """Start the daemon and wait for its READY; :class:`CLIError` (the child killed) if it exits or hangs first.
+    Returns the daemon, its QUIC port, the notify socket and READY's STATUS (the metrics URL is there)."""
     from tokenwire.daemon.cli import CLIError
     from tokenwire.transport.tls import dev_cert
 
@@ -109,11 +123,11 @@ def _start_daemon(
     cfg.write_text(
         textwrap.dedent(f"""
         [server]
-        listen = ["127.0.0.1:0"]
+        listen = ["127.0.0.1:{port}"]
         certificate = "{cert}"
         private_key = "{key}"
         [metrics]
-        listen = ""
+        listen = {json.dumps(metrics_listen)}
         [limits]
         max_sessions = {min(sessions + 10, MAX_SESSIONS)}
         max_requests_per_connection = {max(64, answers)}
@@ -125,6 +139,7 @@ def _start_daemon(
         name = "demo"
         type = "demo"
         rate = {rate}
+        first_token_ms = {FIRST_TOKEN_MS}
         max_tokens = {tokens}
         """)
     )
@@ -145,7 +160,7 @@ def _start_daemon(
             except TimeoutError:
                 msg = ""
             if "READY=1" in msg:
-                return proc, _ready_port(msg), notify
+                return proc, _ready_port(msg), notify, msg
             status = proc.poll()
             if status is not None:
                 raise CLIError(f"the daemon exited with status {status} before it was ready; its stderr:\n"
@@ -206,6 +221,7 @@ async def _clients(
     async def read(conn: Any, rec: dict[str, Any], streams: list[Any]) -> None:
         """One answer, read to its end, added to its session's record; an answer that failed raises its error
         after its digest (if its end came) is counted."""
+        asked = time.monotonic()  # (the time to first token counts from here: a request queued for credit waits too)
         stream = conn.chat("bench", scheme=scheme, max_tokens=tokens)
         streams.append(stream)
         reading.add(stream)
@@ -230,13 +246,19 @@ async def _clients(
         rec["digests_ok"] += bool(stream.stats and stream.stats.digest_verified) and got == expected
         if out is not None and out.first_gen_us is not None and out.gen_offsets is not None:
             t0 = out.first_gen_us / 1e6
-            rec["delays"] += [(r - (t0 + g)) * 1000.0 for g, r in zip(out.gen_offsets, out.render_times, strict=False)]
+            n = min(len(out.gen_offsets), len(out.render_times))
+            rec["timings"].append({
+                "first_gen_s": t0,  # the daemon's monotonic clock, the host's: comparable across sessions
+                "gen_s": out.gen_offsets[:n],
+                "delays_ms": [(r - (t0 + g)) * 1000.0 for g, r in zip(out.gen_offsets, out.render_times, strict=False)],
+                "ttft_ms": (out.render_times[0] - asked) * 1000.0 if out.render_times else None,
+            })
 
     async def one(k: int) -> None:
-        await asyncio.sleep(k * 0.01)  # stagger the handshakes
+        await asyncio.sleep(k * HANDSHAKE_STAGGER_S)  # stagger the handshakes
         # "lost" and the digests count once connected: a session that never connected is counted apart
         rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": 0, "digests_ok": 0, "digests_checked": 0,
-                               "digest_failures": 0, "unfinished": 0, "answers": answers, "delays": []}
+                               "digest_failures": 0, "unfinished": 0, "answers": answers, "timings": []}
         t_start = time.monotonic()
         streams: list[Any] = []
         try:
@@ -357,6 +379,7 @@ def _run_workers(
 
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, json_safe, write_json
+    from tokenwire.daemon.demo_upstream import schedule
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.transport.metrics import percentile
 
@@ -376,17 +399,31 @@ def run_cli(args: argparse.Namespace) -> int:
         # the daemon refused the max_live_answers the benchmark wrote for it, in words the user never used
         raise CLIError(f"--sessions x --answers: at most {MAX_LIVE_ANSWERS - LIVE_ANSWERS_MARGIN:,} answers at once "
                        f"(the daemon's limits.max_live_answers), got {args.sessions * args.answers:,}")
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if args.metrics_listen:
+        from tokenwire.daemon.config import ConfigError, parse_addr
+
+        try:
+            parse_addr(args.metrics_listen, "--metrics-listen")
+        except ConfigError as exc:
+            raise CLIError(str(exc)) from None
     tokens = max(1, round(args.rate * args.seconds))
+    # the daemon's demo upstream generates every answer on this schedule (seed 0): generation's lateness is
+    # measured against it
+    scheduled = schedule(tokens, rate=args.rate, seed=0, first_token_s=FIRST_TOKEN_MS / 1000.0)
     # SIGTERM or SIGHUP (kill, a timeout, the terminal closed) unwinds like Ctrl-C: the daemon and the client
     # workers are stopped and the folder removed (the default action left the daemon running for good)
     with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        proc, port, notify = _start_daemon(tmp, args.sessions, args.rate, tokens, answers=args.answers)
+        proc, port, notify, status = _start_daemon(tmp, args.sessions, args.rate, tokens, answers=args.answers,
+                                                   port=args.port, metrics_listen=args.metrics_listen)
         try:
             each = f"{args.answers} answers" if args.answers > 1 else "1 answer"
             print(
                 f"daemon pid {proc.pid} on udp/{port}: {args.sessions} sessions x {each} x {tokens} tokens at "
-                f"{args.rate:g}/s ({args.scheme})",
+                f"{args.rate:g}/s ({args.scheme})" + (f"; metrics on {_ready_metrics(status)}"
+                                                       if _ready_metrics(status) else ""),
                 file=sys.stderr,
             )
             cpu0, wall0, drops0 = _cpu_seconds(proc.pid), time.monotonic(), _udp_rcvbuf_errors()
@@ -406,7 +443,6 @@ def run_cli(args: argparse.Namespace) -> int:
             for line in logged[-20:]:  # the daemon's warnings during the run (its stderr went to a file)
                 print(f"daemon: {line}", file=sys.stderr)
     delivered = sum(r["tokens"] for r in results)
-    delays = [d for r in results for d in r["delays"]]
     connected = [r for r in results if "connect_s" in r]
     out = {
         "udp_receive_buffer_drops": _udp_rcvbuf_errors() - drops0,
@@ -431,8 +467,7 @@ def run_cli(args: argparse.Namespace) -> int:
         "daemon_cpu_share_of_wall": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
         "client_cpu_share_of_wall": client_cpu / max(1e-9, wall1 - wall0),
         "client_procs": procs,
-        "p50_token_delay_ms": percentile(delays, 50),
-        "p99_token_delay_ms": percentile(delays, 99),
+        **delay_summary([a for r in results for a in r.get("timings", [])], scheduled),
         "wall_s": wall1 - wall0,
         # first request to last answer's end: the serving span (connection teardown excluded)
         "serving_span_s": max((r["end"] for r in results if "end" in r), default=0.0)
@@ -442,11 +477,21 @@ def run_cli(args: argparse.Namespace) -> int:
         # a session's answer time: its last answer's end (its answers run at once)
         "p50_answer_s": percentile([r["answer_s"] for r in results if "answer_s" in r], 50),
         "max_answer_s": max((r["answer_s"] for r in results if "answer_s" in r), default=0.0),
+        "scheduled_span_s": scheduled[-1] + HANDSHAKE_STAGGER_S * (-(-args.sessions // procs) - 1),
     }
+    reasons = overload_reasons(out)
+    out["overloaded"] = bool(reasons)
+    out["overload_reasons"] = reasons
+    out["meanings"] = MEANINGS
     out = json_safe(out)  # percentiles of no samples (every session failed) are NaN: null in JSON
     print(json.dumps(out, indent=2))
     if args.json:
         write_json(out, args.json)
+    for line in summary_lines(out):
+        print(line, file=sys.stderr)
+    if reasons:
+        print(f"bench daemon: WARNING: the numbers measure a backlog, not latency: lower --rate or --sessions "
+              f"({'; '.join(reasons)})", file=sys.stderr)
     return verdict(out)
 
 
@@ -472,6 +517,102 @@ def session_counts(results: list[dict[str, Any]]) -> dict[str, int]:
     them at it)."""
     connected = sum(1 for r in results if "connect_s" in r)
     return {"sessions_connected": connected, "sessions_failed_to_connect": len(results) - connected}
+
+
+# What each delay figure means, in the JSON beside them: "p99 token delay" alone read as the token path's latency,
+# when under load it was the handshake storm's or a backlog's
+MEANINGS = {
+    "p50_token_delay_ms/p99_token_delay_ms": "every delivered token: its render time minus its generation time",
+    "steady_state_p50_token_delay_ms/steady_state_p99_token_delay_ms": (
+        "the tokens generated after every answer had begun (its first token generated): the token path without the "
+        "handshakes and answer starts of the others; steady_state_after_s is when that was, after the first began"),
+    "p50_ttft_ms/p99_ttft_ms": "time to first token: an answer's request sent to its first token rendered",
+    "generation_late_p50_ms/generation_late_p99_ms/generation_late_max_ms": (
+        "how late the daemon generated a token against its answer's schedule (the demo upstream's offsets), its "
+        "answer's most punctual token taken as on time (a lower bound): delays count from the actual "
+        "generation time, so this lag is in none of them"),
+    "serving_span_s/scheduled_span_s": (
+        "first session's start to last answer's end, and what it would be with every answer generated on schedule "
+        "(its schedule, first-token wait included, plus the handshakes' stagger)"),
+}
+# Beyond these the run measured a backlog, not latency: the host could not carry the load asked of it
+OVERLOAD_SPAN_RATIO = 1.5  # serving span over the scheduled span...
+OVERLOAD_SPAN_SLACK_S = 1.0  # ...and longer by this much (a 0.1-s run's handshakes alone make it 1.5 x)
+OVERLOAD_LATE_MS = 250.0  # generation's p99 lateness against its schedule
+
+
+def delay_summary(timings: list[dict[str, Any]], scheduled: list[float]) -> dict[str, Any]:
+    """Token delays overall and in the steady state, the time to first token, and generation's lateness.
+
+    ``timings``: one record per answer that reached its end (``first_gen_s``, the daemon's time of its first token;
+    ``gen_s``, each token's generation offset from it; ``delays_ms``, each token's render minus generation time;
+    ``ttft_ms``). ``scheduled``: the demo upstream's generation offsets for one answer. The steady state starts when
+    the last answer's first token was generated: a tail taken while sessions were still handshaking measured the
+    storm of starts (every p99 token of a 200-session run), not the token path."""
+    from tokenwire.transport.metrics import percentile
+
+    delays = [d for a in timings for d in a["delays_ms"]]
+    starts = [a["first_gen_s"] for a in timings]
+    last = max(starts, default=float("nan"))
+    steady = [d for a in timings for g, d in zip(a["gen_s"], a["delays_ms"], strict=False)
+              if a["first_gen_s"] + g >= last]
+    # each token's generation against its schedule, the answer's most punctual token taken as on time (a lower
+    # bound: the daemon's start of the answer is not sent; measured from the first token, a late first token made
+    # the rest read early): the lag the delays above do not see
+    late: list[float] = []
+    for a in timings:
+        behind = [g - s for g, s in zip(a["gen_s"], scheduled, strict=False)]
+        late += [1000.0 * (b - min(behind)) for b in behind]
+    ttft = [a["ttft_ms"] for a in timings if a.get("ttft_ms") is not None]
+    return {
+        "p50_token_delay_ms": percentile(delays, 50),
+        "p99_token_delay_ms": percentile(delays, 99),
+        "steady_state_p50_token_delay_ms": percentile(steady, 50),
+        "steady_state_p99_token_delay_ms": percentile(steady, 99),
+        "steady_state_tokens": len(steady),
+        "steady_state_after_s": last - min(starts, default=float("nan")),
+        "p50_ttft_ms": percentile(ttft, 50),
+        "p99_ttft_ms": percentile(ttft, 99),
+        "generation_late_p50_ms": percentile(late, 50),
+        "generation_late_p99_ms": percentile(late, 99),
+        "generation_late_max_ms": max(late, default=float("nan")),
+    }
+
+
+def overload_reasons(out: dict[str, Any]) -> list[str]:
+    """Why the run measured a backlog rather than latency (empty when it did not): the serving span far beyond the
+    schedule, or generation itself running late. ``--sessions 4 --answers 64 --rate 400 --seconds 1`` asked for
+    ~102,000 tokens/s; its 1-s answers took 4-7 s and its p99 token delay looked fine, as delays count from the
+    (late) generation time."""
+    reasons = []
+    span, scheduled = out.get("serving_span_s"), out.get("scheduled_span_s")
+    if span is not None and scheduled and span > OVERLOAD_SPAN_RATIO * scheduled and span - scheduled > \
+            OVERLOAD_SPAN_SLACK_S:
+        reasons.append(f"serving took {span:.1f} s for a scheduled {scheduled:.1f} s ({span / scheduled:.1f} x)")
+    late = out.get("generation_late_p99_ms")
+    if late is not None and late == late and late > OVERLOAD_LATE_MS:  # (NaN: no answer ended)
+        reasons.append(f"generation ran late of its schedule: p99 {late:,.0f} ms, max "
+                       f"{out.get('generation_late_max_ms', late):,.0f} ms")
+    return reasons
+
+
+def summary_lines(out: dict[str, Any]) -> list[str]:
+    """The delay figures in words, for stderr (stdout holds the JSON alone)."""
+    def ms(key: str) -> str:
+        v = out.get(key)
+        return "-" if v is None or v != v else f"{v:,.1f}"
+
+    return [
+        f"token delay (render - generation), all tokens: p50 {ms('p50_token_delay_ms')} ms, "
+        f"p99 {ms('p99_token_delay_ms')} ms",
+        f"  steady state (the {out.get('steady_state_tokens', 0):,} tokens generated after every answer began, "
+        f"{ms('steady_state_after_s')} s after the first): p50 {ms('steady_state_p50_token_delay_ms')} ms, "
+        f"p99 {ms('steady_state_p99_token_delay_ms')} ms",
+        f"time to first token (request to first render): p50 {ms('p50_ttft_ms')} ms, p99 {ms('p99_ttft_ms')} ms",
+        f"generation late of its schedule (in no delay above): p50 {ms('generation_late_p50_ms')} ms, "
+        f"p99 {ms('generation_late_p99_ms')} ms, max {ms('generation_late_max_ms')} ms; serving span "
+        f"{ms('serving_span_s')} s for a scheduled {ms('scheduled_span_s')} s",
+    ]
 
 
 def verdict(out: dict[str, Any]) -> int:
