@@ -41,6 +41,21 @@ stops (a drain's end) it fails the answers still open and writes one last line, 
 "daemon shutting down ..."}``, before closing the connection: the reply an application reads for its next (or
 unanswered) op. Clients attach with
 ``Connection.attach(request_id)`` (a resume from index 0); only the principal named at open may attach.
+
+For engine authors. ``model`` in an open is a label kept with the answer (it counts in the answer's memory): it
+is not checked against ``[[routes]]`` or an ``ingest`` upstream, and no client sees it (a client attaches by id
+alone). A push of ``""`` adds nothing and counts as an op, so it keeps an answer alive against
+``stall_timeout_s`` through a long thinking phase. Replies carry no id: they come one per line read, in order,
+and a pipelining engine pairs them by position; a blank line is a line too, answered with an error, so it must
+send none. Each push is at least one token of the answer, and a probe measured about 13,300 pushes a second on
+one connection through the daemon (2 cores): an engine that produces faster merges what it has into one push,
+and clients then see fewer, larger tokens (a push's text is one token up to 256 bytes; max_tokens counts
+these). JSON carries characters, not bytes: an engine whose tokens split a UTF-8 character holds its bytes until
+the character is whole (a lone surrogate is refused). A line is at most MAX_LINE (1 MiB) bytes before its
+newline; a longer one is skipped and answered with an error. An op on an id that is not open says whether the
+answer is finished and how, for the last ``finished_kept`` answers that ended on the connection (2,048, or
+twice ``max_open``, up to 16,384; only the last 256 while every connection together remembers 524,288); an
+older one gets "unknown id".
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -69,8 +85,17 @@ if TYPE_CHECKING:  # (at run time only with a log passed in: `config check` impo
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
-FINISHED_KEPT = 256  # finished answers an ingest connection still recognises by id
 DEFAULT_MAX_OPEN = IngestConfig.max_open  # answers one connection may hold open at once
+# ended answers a connection still recognises by id (a later op on one says how it ended): at least twice
+# max_open, since an engine with 1,024 answers open and 256 remembered was told "unknown id" for one it had
+# just been cancelled. Each costs ~185 bytes (a 16-byte id, the ordered dict's entry; the reason is interned), so:
+FINISHED_KEPT = 2 * DEFAULT_MAX_OPEN  # at the least (2,048: ~370 KiB for a busy connection)
+MAX_FINISHED_KEPT = 1 << 14  # at the most, however large max_open is (~3 MiB)
+# across every connection (~90 MiB): past it, a connection that ends an answer keeps only its last
+# MIN_FINISHED_KEPT, so 4,096 busy connections (the socket's bound) hold ~290 MB at worst, as 256 each did before,
+# not 1.5 GB (or 12 GB with max_open at 1,000,000)
+FINISHED_TOTAL = 1 << 19
+MIN_FINISHED_KEPT = 256
 DEFAULT_STALL_TIMEOUT_S = IngestConfig.stall_timeout_s
 MAX_REASON_CHARS = 32  # FINISHED's "fr": a str of at most 32 (docs/protocol.md); a longer one failed the client
 MAX_MESSAGE_CHARS = 300  # of a fail's message, in the ERROR clients get
@@ -82,6 +107,9 @@ FAILED_OUTCOMES = ("app_failed", "app_gone", "stalled", "drain", "cancelled", "o
 # why an open was refused (on_open_refused, tokenwire_ingest_opens_refused_total's reason); a malformed open is not
 # counted (the application's bug, in its reply)
 OPEN_REFUSAL_REASONS = ("busy", "memory", "principal", "max_open", "draining")
+# why a push was refused by the daemon's say (on_push_refused, tokenwire_ingest_pushes_refused_total's reason): only
+# the transcript memory; a malformed push, or one to an answer not open, is the application's bug, in its reply
+PUSH_REFUSAL_REASONS = ("memory",)
 
 
 @dataclass
@@ -198,10 +226,14 @@ class IngestAPI:
         orphan_log: RefusalLog | None = None,
         fail_log: RefusalLog | None = None,
         on_open_refused: Callable[[str], None] = lambda reason: None,
+        on_push_refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.store = store
         self.max_tokens = max_tokens
         self.max_open = max_open  # per connection: one app opened 200k answers, each held until it ends
+        # ended ids each connection remembers (FINISHED_KEPT's comment), and how many all of them hold now
+        self.finished_kept = max(FINISHED_KEPT, min(2 * max_open, MAX_FINISHED_KEPT))
+        self._finished_total = 0
         self.on_open = on_open
         self.on_done = on_done  # with the outcome: "finished" or one of FAILED_OUTCOMES
         self.on_tokens = on_tokens  # tokens added (the daemon's tokenwire_tokens_total)
@@ -209,6 +241,8 @@ class IngestAPI:
         # no client can have), or None
         self.refuse_open = refuse_open
         self.on_open_refused = on_open_refused  # one of OPEN_REFUSAL_REASONS, once per refused open (a metric)
+        # one of PUSH_REFUSAL_REASONS, once per refused push: pushes refused for memory were in no metric
+        self.on_push_refused = on_push_refused
         self.stall_timeout_s = stall_timeout_s
         # the orphan timeout's cancellations: one line, then those of the next REFUSALS_LOG_S counted and summed
         # up (the daemon passes the log its own answers' go through, which its housekeeping flushes); a line each
@@ -300,7 +334,8 @@ class IngestAPI:
             # the app that reconnects after a crash: its old answers failed with the connection that opened them
             return {"ok": False, "error": "unknown id on this connection: an answer belongs to the connection that "
                     "opened it, and fails when that connection closes (open a new one), or this is not an id "
-                    "open returned"}
+                    f"open returned, or it ended long ago (the last {self.finished_kept} ended answers of a "
+                    "connection are remembered)"}
         self._open[rid] = (conn, now)  # a sign of life, whatever the op (an empty push keeps an answer open)
         if op == "push":
             text = msg.get("text")
@@ -310,6 +345,7 @@ class IngestAPI:
                 return {"ok": False, "error": "text is not valid Unicode (a lone surrogate)"}
             need = req.growth(text)
             if need and self.store.live_bytes + need > self.store.max_bytes:
+                self.on_push_refused("memory")
                 return {"ok": False, "error": self._memory_full(need, "push", req)}
             try:
                 self.on_tokens(req.push(text, now))
@@ -366,14 +402,20 @@ class IngestAPI:
 
     def _done(self, req: LiveRequest, conn: IngestConnection, outcome: str, ended: str | None = None) -> None:
         # remembered by how it ended (``ended``, else its finish reason or "failed"), so that a later op on it says
-        # it is finished (it said "unknown id"); the oldest go beyond FINISHED_KEPT, a long-lived app connection
-        # opens answers without end
+        # it is finished (it said "unknown id"); the oldest go beyond finished_kept (MIN_FINISHED_KEPT while all
+        # connections hold FINISHED_TOTAL), a long-lived app connection opens answers without end. Interned: the
+        # same few reasons, each a string of its own per answer, cost more than the ids
         conn.open.pop(req.request_id, None)
         self._open.pop(req.request_id, None)
         self._memory_refused.discard(req.request_id)
-        conn.finished[req.request_id] = ended or (req.transcript.reason if req.error is None else "failed")
-        while len(conn.finished) > FINISHED_KEPT:
+        if req.request_id not in conn.finished:
+            self._finished_total += 1
+        conn.finished[req.request_id] = sys.intern(
+            ended or (req.transcript.reason if req.error is None else "failed"))
+        keep = self.finished_kept if self._finished_total <= FINISHED_TOTAL else MIN_FINISHED_KEPT
+        while len(conn.finished) > keep:
             conn.finished.popitem(last=False)
+            self._finished_total -= 1
         self.store.mark_finished(req)
         self.on_done(req, outcome)
 
@@ -387,6 +429,9 @@ class IngestAPI:
         for req in failed:
             req.fail(ErrorCode.UPSTREAM_ERROR, why, now)
             self._done(req, conn, outcome)
+        # its ended ids leave the total with it (the connection is gone: no op will name them again)
+        self._finished_total -= len(conn.finished)
+        conn.finished.clear()
         stalls = self._stall_logs.pop(id(conn), None)
         if stalls is not None:  # the connection's story is over: its stalls held back are summed up now
             stalls[0].flush(now, final=True)
@@ -424,7 +469,11 @@ class IngestAPI:
             return False
         conn = entry[0]
         req = conn.open[request_id]
-        if outcome != "orphaned" or self.orphan_log is None:
+        if outcome != "orphaned":
+            # DEBUG: a line each was 645 of 687 in a probe's log; a chat answer its clients cancel writes none, and
+            # tokenwire_ingest_answers_failed_total{reason="cancelled"} counts them
+            log.debug("ingest: request %s cancelled: %s", request_id.hex(), why)
+        elif self.orphan_log is None:
             log.info("ingest: request %s cancelled: %s", request_id.hex(), why)
         elif not self.orphan_log.hold(now):
             from tokenwire.transport.handshake_guard import REFUSALS_LOG_S  # (loaded: orphan_log is one of its)
@@ -498,11 +547,15 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
 
 
 async def _rest_of_line(reader: asyncio.StreamReader, first: bytes) -> bytes | None:
-    """:func:`_read_line` after its ``first`` byte."""
+    """:func:`_read_line` after its ``first`` byte. The reader's limit (MAX_LINE) bounds what follows ``first``,
+    so a line of MAX_LINE + 1 bytes got through: the length is checked here, for a limit of MAX_LINE exactly."""
     try:
-        return first + await reader.readuntil(b"\n")
+        line = first + await reader.readuntil(b"\n")
+        return line if len(line) <= MAX_LINE + 1 else TOO_LONG  # (+ 1: its newline)
     except asyncio.IncompleteReadError as exc:  # end of input: the last line, unless it is only blanks
         line = first + exc.partial
+        if len(line) > MAX_LINE:
+            return TOO_LONG
         return line if line.strip() else None
     except asyncio.LimitOverrunError as exc:
         overrun = exc

@@ -294,6 +294,7 @@ class Daemon:
                 orphan_log=self._orphan_cancels,  # one line, then a summary, for chat and ingest answers alike
                 refuse_open=self._ingest_refusal,
                 on_open_refused=lambda reason: self.metrics.ingest_opens_refused.labels(reason=reason).inc(),
+                on_push_refused=lambda reason: self.metrics.ingest_pushes_refused.labels(reason=reason).inc(),
                 stall_timeout_s=cfg.ingest.stall_timeout_s,
             )
             try:
