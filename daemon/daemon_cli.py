@@ -122,7 +122,9 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 KV_WORKER_PREFIX = "tw-kv-"  # the KV service's store and ingest workers (kv_service: thread_name_prefix)
-KV_WORKER_WAIT_S = 10.0  # past stop()'s own bound; a chunk cut later is a .tmp file the store's next start removes
+# past stop()'s own bound (a chunk cut later is a .tmp file the store's next start removes); in STOPPING's
+# EXTEND_TIMEOUT_USEC too (service.KV_WORKER_WAIT_S, which the daemon asks systemd for)
+KV_WORKER_WAIT_S = 10.0
 
 
 def finish_process(code: int) -> NoReturn:

@@ -87,6 +87,9 @@ log = logging.getLogger("tokenwire.daemon")
 # it is made (tests shorten them)
 KV_CLOSE_S = 5.0  # at stop, how long the KV store's workers may take to end their chunk (well under WatchdogSec)
 STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: closing connections, the process's exit
+# `tokenwire daemon`'s wait, after "stopped", for a KV worker still inside a chunk's write (daemon_cli.finish_process,
+# signals ignored by then): asked of systemd too, else its SIGKILL at the end of the extension failed the stop
+KV_WORKER_WAIT_S = 10.0
 # A full garbage collection after connections ended (see Daemon._collect_ended): at most this often, and only once those
 # ended since the last one are at least this fraction of the connections alive
 GC_INTERVAL_S = 30.0
@@ -845,9 +848,10 @@ class Daemon:
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
         try:
             # systemd's TimeoutStopSec (45 s in the unit) would SIGKILL a longer drain mid-way: ask for the drain's
-            # own bound, plus the KV store's close and a margin (sd_notify(3), EXTEND_TIMEOUT_USEC)
-            self.notifier.stopping(self.drain_status(),
-                                   extend_s=self.config.limits.drain_timeout_s + KV_CLOSE_S + STOP_MARGIN_S)
+            # own bound, plus the KV store's close, the exit's wait for a KV worker and a margin (sd_notify(3),
+            # EXTEND_TIMEOUT_USEC)
+            self.notifier.stopping(self.drain_status(), extend_s=(
+                self.config.limits.drain_timeout_s + KV_CLOSE_S + KV_WORKER_WAIT_S + STOP_MARGIN_S))
             log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
                      self.config.limits.drain_timeout_s)
             # first let every attached answer finish generating (and every KV fetch put its chunks on the wire),

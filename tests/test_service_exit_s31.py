@@ -178,3 +178,11 @@ def test_finish_process_waits_for_a_stuck_kv_worker_a_bounded_time(monkeypatch, 
         release.set()
         worker.join(30)
     assert alive == [True]  # it exited without it
+
+
+def test_the_exits_wait_for_a_kv_worker_is_in_what_systemd_is_asked_for():
+    """finish_process may wait KV_WORKER_WAIT_S after "stopped", signals ignored: STOPPING's extension counts it
+    (else systemd's SIGKILL at the extension's end failed the stop)."""
+    from tokenwire.daemon import daemon_cli, service
+
+    assert daemon_cli.KV_WORKER_WAIT_S == service.KV_WORKER_WAIT_S > 0
