@@ -39,7 +39,6 @@ import codecs
 import contextlib
 import logging
 import re
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -378,44 +377,11 @@ class ClientProtocol(SessionProtocol):
         self.close_error: TokenwireError | None = None
         self.closed_locally = False  # close() ended the connection, not the server, the path or an error
         self.answered = False  # the server has started an answer: it has checked this connection's token
-        self.heard = False  # a datagram came from the server: a refusal (ICMP) since then may be a restart's blip
-        self.refused = False  # the handshake ended on "connection refused" before the server sent anything
 
-    def connect(self, addr: Any, transmit: bool = True) -> None:
-        """Connect the UDP socket to the server's address (on Linux) before the first Initial, so that the kernel
-        reports an ICMP port unreachable to it: on an unconnected socket it is dropped, and a dead port cost the
-        whole connect timeout. Nothing else changes: the server's address is the only one a client takes packets
-        from (RFC 9000, 9), and every datagram still goes to the address aioquic names. Where the socket cannot be
-        connected (another platform, an odd transport) nothing is reported and the timeout stands."""
-        if sys.platform == "linux" and self._transport is not None:
-            sock = self._transport.get_extra_info("socket")
-            # (through a duplicate of its descriptor: the transport's own object may be a wrapper without connect())
-            with contextlib.suppress(OSError, AttributeError, ValueError, TypeError), \
-                    socket.fromfd(sock.fileno(), sock.family, socket.SOCK_DGRAM) as same:
-                same.connect(addr)
-        super().connect(addr, transmit)
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.heard = True
-        super().datagram_received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        """Fail the handshake at once on "connection refused" while the server has sent nothing at all: nothing
-        listens on that port (later refusals, or one after a packet came back, are a restarting server's: QUIC
-        retransmits through them). :func:`connect` raises :class:`~.errors.ConnectRefused` for it."""
-        if isinstance(exc, ConnectionRefusedError) and not self.heard and not self._connected:
-            waiter = self._connected_waiter
-            self.refused = True
-            if waiter is not None and not waiter.done():
-                self._connected_waiter = None
-                waiter.set_exception(ConnectionRefusedError("connection refused"))
-            return
-        super().error_received(exc)
-
-    async def wait_connected(self) -> None:
-        if self.refused:  # (refused before the wait began)
-            raise ConnectionRefusedError("connection refused")
-        await super().wait_connected()
+    @property
+    def refused(self) -> bool:
+        """The handshake ended on "connection refused" before the server sent anything (``connect_refused``)."""
+        return self.connect_refused
 
     @property
     def client_session(self) -> ClientSession:
@@ -636,22 +602,13 @@ async def connect(
         keyfile=keyfile,
         idle_timeout=idle_timeout,
     )
-    made: list[ClientProtocol] = []
 
     def make(*args: Any, **kwargs: Any) -> ClientProtocol:
-        made.append(ClientProtocol(*args, keepalive=keepalive, **kwargs))
-        return made[-1]
+        return ClientProtocol(*args, keepalive=keepalive, **kwargs)
 
-    entered = False
-    try:
-        async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
-                               create_protocol=make) as protocol:
-            entered = True
-            yield Connection(protocol, auth_token)  # type: ignore[arg-type]
-    except ConnectError:
-        if entered or not made or not made[0].refused:  # (a ConnectError of the block's own: not the handshake's)
-            raise
-        raise ConnectRefused(f"nothing listening at {host}:{port} (connection refused)") from None
+    async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout,
+                           create_protocol=make) as protocol:
+        yield Connection(protocol, auth_token)  # type: ignore[arg-type]
 
 
 @dataclass

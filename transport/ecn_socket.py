@@ -141,15 +141,25 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
             self.send_errors += 1
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.debug("sendmsg failed: %s", exc)
+            if isinstance(exc, ConnectionRefusedError):
+                # a connected socket's pending ICMP refusal is handed to whichever call comes first: picked up here,
+                # by a retransmit, it was counted and lost, and a dead port cost the whole connect timeout (asyncio's
+                # and uvloop's own transports pass it on the same way)
+                self._protocol.error_received(exc)
 
     def _read_ready(self) -> None:
-        for _ in range(256):  # bounded: let other callbacks run under a flood
+        for n in range(256):  # bounded: let other callbacks run under a flood
             try:
                 data, ancdata, _flags, addr = self._sock.recvmsg(_MAX_DATAGRAM, _CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
+                if n == 0:  # woken with nothing to read: perhaps by an error that a send consumed first
+                    self._rearm_reader()
                 return
             except OSError as exc:
-                self._protocol.error_received(exc)
+                try:
+                    self._protocol.error_received(exc)
+                finally:
+                    self._rearm_reader()
                 return
             tos = _tos_from_ancillary(ancdata)
             ecn = (tos & 0x3) if tos is not None else None
@@ -159,6 +169,84 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
             self._protocol.datagram_received(data, addr)
         self.last_ecn = None
 
+    def _rearm_reader(self) -> None:
+        """Watch the socket afresh after a socket error (an ICMP refusal on a connected socket: POLLERR).
+
+        uvloop stops polling a descriptor for good on POLLERR: it runs the read callback one last time and closes
+        its poll handle without a word, so a client went deaf after one ICMP error in a live connection and died
+        of its idle timeout while the server kept sending. Removing the reader drops the dead handle; adding it
+        makes a new one. On asyncio's selector loops it changes nothing."""
+        if self._closing:
+            return
+        fd = self._sock.fileno()
+        if fd < 0:  # (closed under us)
+            return
+        self._loop.remove_reader(fd)
+        self._loop.add_reader(fd, self._read_ready)
+
+
+def dissolve_association(sock: socket.socket) -> bool:
+    """Undo ``connect()`` on a UDP socket (Linux: a ``connect`` to an ``AF_UNSPEC`` address), keeping its port.
+
+    Python's ``socket.connect`` cannot say ``AF_UNSPEC``, so libc's is called. The kernel then reports no more ICMP
+    errors to the socket (an unconnected socket never gets them), and takes datagrams from any address again.
+    Linux also unbinds the local port of a socket bound to port 0 (:func:`bind_locked_port` binds one that stays):
+    such a socket is bound to its old port again at once, and False returned if that fails (its next send takes a
+    new port). False too where the call is not available or fails: the socket stays as it was."""
+    if sys.platform != "linux":
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    name = sock.getsockname()
+    unspec = bytes(16)  # a sockaddr whose sa_family is AF_UNSPEC (0); 16 bytes: any family's minimum length
+    if libc.connect(sock.fileno(), unspec, len(unspec)) != 0:
+        return False
+    if sock.getsockname()[1] != name[1]:
+        try:
+            sock.bind((sock.getsockname()[0], name[1], *name[2:]))
+        except OSError:
+            return False
+    return True
+
+
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    """The C library through ctypes, loaded once (None where it cannot be)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        except (ImportError, OSError):  # pragma: no cover - no ctypes, no libc
+            _LIBC = False
+    return _LIBC or None
+
+
+def bind_locked_port(sock: socket.socket, host: str, tries: int = 8) -> None:
+    """Bind ``sock`` to ``host`` and an ephemeral port named explicitly, so that the port stays the socket's when its
+    association is dissolved (:func:`dissolve_association`): Linux keeps the port of a socket bound to port 0 only
+    while it is connected, and a client that lost it would carry on from a new one (a migration to the server).
+
+    The kernel picks the port (a probe socket bound to port 0); another process taking it in between makes the
+    bind fail, and another is tried."""
+    for attempt in range(tries):
+        with socket.socket(sock.family, socket.SOCK_DGRAM) as probe:
+            if sock.family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        try:
+            sock.bind((host, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == tries - 1:
+                raise
+
 
 def ecn_supported() -> bool:
     """Whether this platform's sockets give each received datagram's codepoint (``IP_RECVTOS``) and take one per
@@ -166,15 +254,19 @@ def ecn_supported() -> bool:
     return sys.platform != "win32" and all(hasattr(socket, o) for o in ("IP_RECVTOS", "IP_TOS", "CMSG_SPACE"))
 
 
-def open_udp_socket(host: str, port: int) -> socket.socket:
-    """A UDP socket bound to ``host:port`` (dual-stack when ``host`` is an IPv6 wildcard)."""
+def open_udp_socket(host: str, port: int, *, locked_port: bool = False) -> socket.socket:
+    """A UDP socket bound to ``host:port`` (dual-stack when ``host`` is an IPv6 wildcard). ``locked_port`` with port 0:
+    an ephemeral port named in the bind (:func:`bind_locked_port`), which a dissolved association leaves in place."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
+        if locked_port and port == 0:
+            bind_locked_port(sock, str(sockaddr[0]))
+        else:
+            sock.bind(sockaddr)
     except BaseException:
         sock.close()  # (a port in use: the caller reports it; the socket is not left open)
         raise

@@ -118,4 +118,5 @@ class ConnectRefused(ConnectError):
 
     Only where the refusal can be seen (Linux, whose kernel reports it to the client's connected socket); elsewhere
     the same case ends in :class:`ConnectTimeout`. A refusal after the server has sent anything does not end the
-    handshake (a server restarting): QUIC retransmits through it."""
+    handshake (a server restarting): QUIC retransmits through it, and the client's socket stops taking ICMP errors
+    at all once the server has been heard. ``connect`` and ``connect_kv`` both raise it."""

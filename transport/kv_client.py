@@ -758,8 +758,9 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     that much longer; later ones nothing). ``conn.warmed``: its ``concurrent.futures.Future`` (the seconds it
     took). A warm-up that fails is logged, not raised. ``warm=False`` for a process that never decodes KV.
 
-    Fails like :func:`tokenwire.transport.client.connect`: ``ConnectionError`` after ``timeout`` seconds
-    without an answer, ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake.
+    Fails like :func:`tokenwire.transport.client.connect`: ``ConnectTimeout`` after ``timeout`` seconds
+    without an answer, ``ConnectRefused`` at once where nothing listens (Linux: ICMP port unreachable),
+    ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake; all are ``ConnectError``.
     """
     _check_decode_device(decode_device)
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -24,8 +25,8 @@ from aioquic.quic import events as qe
 from aioquic.quic.connection import END_STATES, NetworkAddress, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
-from .ecn_socket import EcnDatagramTransport, ecn_supported, open_udp_socket
-from .errors import ConnectError, ConnectTimeout
+from .ecn_socket import EcnDatagramTransport, dissolve_association, ecn_supported, open_udp_socket
+from .errors import ConnectError, ConnectRefused, ConnectTimeout
 from .session import _SessionBase
 from .session_events import AIOQUIC_IDLE_REASON, SessionEvent, handshake_refusal
 from .tls import check_seconds
@@ -135,6 +136,9 @@ class SessionProtocol(QuicConnectionProtocol):
         # set once the transport has let go of this protocol and closed its socket (connection_lost): what leaving
         # connect_quic waits for, so that no loop, however it is driven or closed, is left holding the socket
         self.socket_closed = asyncio.Event()
+        self.heard = False  # a datagram came from the server: a refusal (ICMP) since then may be a restart's blip
+        self.connect_refused = False  # the handshake ended on "connection refused" before the server sent anything
+        self._associated = False  # connect() connected the UDP socket to the server (see connect)
 
     @property
     def quic_closing(self) -> bool:
@@ -143,12 +147,58 @@ class SessionProtocol(QuicConnectionProtocol):
         quic = self._quic
         return quic._close_event is not None or quic._state in END_STATES
 
+    # -- a client's connection attempt ---------------------------------------------------------------
+    def connect(self, addr: NetworkAddress, transmit: bool = True) -> None:
+        """Connect the UDP socket to the server's address (on Linux) before the first Initial, so that the kernel
+        reports an ICMP port unreachable to it: on an unconnected socket it is dropped, and a dead port cost the
+        whole connect timeout. The association lasts until the server's first datagram (:meth:`datagram_received`
+        dissolves it): only a refusal before then means anything, and a connected socket that got one later went
+        deaf on uvloop's ECN path. Every datagram still goes to the address aioquic names. Where the socket cannot
+        be connected (another platform, an odd transport) nothing is reported and the timeout stands."""
+        if sys.platform == "linux" and self._transport is not None:
+            with contextlib.suppress(OSError, AttributeError, ValueError, TypeError), self._socket_copy() as same:
+                same.connect(addr)
+                self._associated = True
+        super().connect(addr, transmit)
+
+    def _socket_copy(self) -> socket.socket:
+        """A duplicate of the transport's socket descriptor, as a plain socket: the transport's own object may be a
+        wrapper without ``connect()``. Closing it leaves the transport's open."""
+        sock = self._transport.get_extra_info("socket")  # type: ignore[union-attr]  # (callers check for None)
+        return socket.fromfd(sock.fileno(), sock.family, socket.SOCK_DGRAM)
+
+    def _dissolve_association(self) -> None:
+        """Back to an unconnected socket once the server has been heard: later ICMP errors are not delivered at all
+        (a restarting server's, a forged one), as before the socket was connected."""
+        self._associated = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        with contextlib.suppress(OSError, AttributeError, ValueError, TypeError), self._socket_copy() as same:
+            if not dissolve_association(same):
+                log.debug("could not dissolve the client socket's association: ICMP errors still reach it")
+
+    def error_received(self, exc: Exception) -> None:
+        """Fail the handshake at once on "connection refused" while the server has sent nothing at all: nothing
+        listens on that port (later refusals, or one after a packet came back, are a restarting server's: QUIC
+        retransmits through them). :func:`open_client` raises :class:`~.errors.ConnectRefused` for it."""
+        if isinstance(exc, ConnectionRefusedError) and not self.heard and not self._connected:
+            waiter = self._connected_waiter
+            self.connect_refused = True
+            if waiter is not None and not waiter.done():
+                self._connected_waiter = None
+                waiter.set_exception(ConnectionRefusedError("connection refused"))
+            return
+        super().error_received(exc)
+
     async def wait_connected(self) -> None:
-        """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind.
+        """aioquic's, but a cancelled wait (the handshake timeout) leaves no orphaned future behind, and a refusal
+        that came before the wait began fails it at once.
 
         aioquic awaits a shielded waiter; cancelling the wait leaves the waiter to receive the connection's
         ConnectionError at close with nobody to read it ("Future exception was never retrieved").
         """
+        if self.connect_refused:
+            raise ConnectionRefusedError("connection refused")
         try:
             await super().wait_connected()
         except asyncio.CancelledError:
@@ -196,6 +246,10 @@ class SessionProtocol(QuicConnectionProtocol):
 
     # -- I/O -----------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        if not self.heard:
+            self.heard = True
+            if self._associated:
+                self._dissolve_association()
         now = self.clock()
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self.session.after_datagram(now)
@@ -462,7 +516,7 @@ async def connect_quic(
     if configuration.server_name is None:
         configuration.server_name = host
     protocol = create_protocol(QuicConnection(configuration=configuration))
-    sock = open_udp_socket("::", 0)
+    sock = open_udp_socket("::", 0, locked_port=True)  # (a port the socket keeps when its association is dissolved)
     transport: asyncio.DatagramTransport | None = None
     try:
         if ecn_supported() if ecn is None else ecn:
@@ -525,8 +579,10 @@ async def open_client(
 
     No answer within ``timeout`` seconds: :class:`~.errors.ConnectTimeout` saying so (aioquic would wait for its
     idle timeout). The server answered but the handshake failed: :class:`HandshakeError` with the reason and
-    the TLS alert (aioquic raises a ConnectionError without a message). A name that does not resolve, or
-    another failure to connect: :class:`~.errors.ConnectError`. All three are ``TokenwireError`` and
+    the TLS alert (aioquic raises a ConnectionError without a message). The host refused the first packet (Linux:
+    ICMP port unreachable, nothing listens there) before the server sent anything: :class:`~.errors.ConnectRefused`
+    at once, not after ``timeout``. A name that does not resolve, or
+    another failure to connect: :class:`~.errors.ConnectError`. All are ``TokenwireError`` and
     ``ConnectionError`` (they were ``ConnectionError`` only, which an application catching ``TokenwireError``
     missed). A port outside 1..65535 or a ``timeout`` that is not a positive number of seconds: ``ValueError``.
     """
@@ -548,6 +604,8 @@ async def open_client(
     except UnicodeError as exc:  # a name IDNA cannot encode ("bad..name", a label over 63 characters)
         raise ConnectError(f"cannot resolve {host!r}: not a valid host name ({exc})") from None
     except ConnectionError as exc:
+        if made and made[0].connect_refused:
+            raise ConnectRefused(f"nothing listening at {host}:{port} (connection refused)") from None
         ended = made[0].terminated if made else None
         if ended is None or exc.args:  # (not the handshake's end: a socket's error, which carries its words)
             raise ConnectError(f"cannot connect to {host}:{port}: {str(exc) or type(exc).__name__}") from exc
