@@ -26,7 +26,8 @@ import sys
 import threading
 import time
 import warnings
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -87,6 +88,12 @@ RESOLVE_FLOOR_S = 2.0
 # How often a waiting lookup looks again while the fetch worker runs nothing (the moment between two jobs: it
 # starts then, and its own time counts from there) or only untimed work (another fetch's encode)
 RESOLVE_RECHECK_S = 0.05
+# How long a fetch job's wait for a chunk's lock is left out of its store time (:meth:`KVService._holding`): the
+# ingest worker holds the lock for seconds encoding a prewarm level (CPU work, not the store's), but also across
+# its store writes; past this the wait counts again, so a write hung under the lock (a hung disk or Redis) is
+# reported by the lookup's bound as "KV store unavailable", not waited for without end. Well above a prewarm's
+# encodes of one chunk (seconds each on 2 busy cores).
+LOCK_UNTIMED_S = 60.0
 
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -163,6 +170,15 @@ def _check_prewarm(prewarm: object) -> list[str]:
 
 
 _SOURCE_ID = struct.Struct(">Q16s")  # a source's length in bytes, and the first 16 bytes of its SHA-256
+
+
+class PutHashes(list[str]):
+    """A put's chunk hashes (a plain list to callers), with ``kept_other``: how many of its chunks were already
+    stored under the same metadata with OTHER KV (an earlier put's source) and kept as they were."""
+
+    def __init__(self, hashes: Sequence[str] = (), *, kept_other: int = 0) -> None:
+        super().__init__(hashes)
+        self.kept_other = kept_other
 
 
 def source_id(source: bytes) -> bytes:
@@ -303,6 +319,13 @@ def _after(hashes: Sequence[str], i: int) -> Sequence[str]:
     return hashes[i + 1 :]
 
 
+def _end_unclaimed(work: Future[ContextPlan]) -> None:
+    """A lookup whose fetch stopped waiting for it (cancelled, out of time): its plan, if it came, is ended (on the
+    worker's thread, or at once when it had ended)."""
+    if not work.cancelled() and work.exception() is None:
+        work.result().end()
+
+
 def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
     from tokenwire.transport.cachegen.smollm import model_fingerprint
 
@@ -387,6 +410,7 @@ class KVService:
         if need > self.store.capacity_bytes:  # it would evict itself while being stored
             raise KVIngestError(f"a context of ~{need} bytes does not fit the store's capacity of "
                                 f"{self.store.capacity_bytes} bytes (kv.capacity_mb)")
+        kept_other = 0  # chunks kept as stored whose source is not this put's KV (an earlier put's)
         for i, h in enumerate(hashes):
             self._check_open(i, len(hashes))
             lo = i * self.chunk_tokens
@@ -396,6 +420,10 @@ class KVService:
                 stored = self._stored_as(h)
                 if stored is not None and stored == meta and self._keep_readable(h, stored, x, lo):
                     meta = stored  # as stored: with the identity of the source kept (this put's may differ)
+                    # what is stored stays ("re-ingest keeps what is stored"), but a put with other KV under the
+                    # same fingerprint is told: every put said ok while a context was left of two puts' chunks
+                    if source_id(self._source_of(x, lo)) != stored.source:
+                        kept_other += 1
                 else:
                     # new, or the same tokens under another fingerprint, dtype or geometry (a fine-tune that
                     # kept its name), or a source that is not its metadata's: replace it whole; the old source
@@ -417,7 +445,20 @@ class KVService:
             for lv in prewarm:
                 self._check_open(i + 1, len(hashes))
                 self.encoded_sync(h, lv)
-        return hashes
+        if kept_other:
+            self._report_kept_other(model, kept_other, len(hashes))
+        return PutHashes(hashes, kept_other=kept_other)
+
+    def _report_kept_other(self, model: str, kept: int, total: int) -> None:
+        """A warning, at most one a minute (the rest counted), for a re-put whose KV differs from what was kept."""
+        with self._lock:
+            report = self.__dict__.setdefault("_kept_other_report", ReportEvery())
+        held = report.due()
+        if held is not None:
+            log.warning("a put of %r kept %d of its %d chunks as stored with other KV than the put's (an earlier "
+                        "put under the same fingerprint; what is stored is kept: delete it or change the fingerprint "
+                        "to replace it)%s", model, kept, total, f"; {held} more such puts since the last line" if held
+                        else "")
 
     @property
     def closing(self) -> bool:
@@ -551,9 +592,13 @@ class KVService:
     @contextlib.contextmanager
     def _holding(self, h: str) -> Iterator[None]:
         """Chunk ``h``'s lock (:meth:`_chunk_lock`) for the block. The wait for it is not the store's time on the
-        fetch worker (:meth:`_TimedPool.untimed`): the ingest worker holds it for seconds encoding a prewarm level."""
+        fetch worker (:meth:`_TimedPool.untimed`) for up to :data:`LOCK_UNTIMED_S`: the ingest worker holds it for
+        seconds encoding a prewarm level. Past that it is timed: the holder is in a store call that does not return
+        (untimed for ever, a lookup waited without end and nothing said the store was hung)."""
         lock = self._chunk_lock(h)
         with self.pool.untimed():
+            got = lock.acquire(timeout=LOCK_UNTIMED_S)
+        if not got:
             lock.acquire()
         try:
             yield
@@ -730,11 +775,32 @@ class KVService:
         raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
         return encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
 
-    def resolve_sync(self, fetch: KvFetch) -> ContextPlan:
+    def resolve_sync(self, fetch: KvFetch, *, pin: bool = False) -> ContextPlan:
+        """The fetch's plan. ``pin``: its chunks are pinned against eviction (:class:`~.kv_store.Pins`) from before
+        they are looked up until :meth:`ContextPlan.end` (the KV endpoint calls it when the fetch ends, however it
+        ends; a plan dropped without it unpins when collected): a put evicting them failed the fetch mid-way."""
+        if not pin:
+            return self._resolve_sync(fetch, None)
+        held: list[str] = []
+        try:
+            plan = self._resolve_sync(fetch, held)
+        except BaseException:
+            self.store.pins.release(held)
+            raise
+        kept = list(plan.handle)
+        self.store.pins.release((Counter(held) - Counter(kept)).elements())  # (past a prefix fetch's end)
+        # idempotent, and called when the plan is collected if nothing ended it (a pin must never leak)
+        plan.on_end = weakref.finalize(plan, self.store.pins.release, kept)
+        return plan
+
+    def _resolve_sync(self, fetch: KvFetch, held: list[str] | None) -> ContextPlan:
         if fetch.token_ids is not None:
             hashes = chunk_hashes(fetch.token_ids, model=fetch.model, chunk_tokens=self.chunk_tokens)
         else:
             hashes = [h.hex() for h in fetch.hashes or []]
+        if held is not None:  # before any is looked up: an eviction between the lookup and the pin failed it too
+            self.store.pins.hold(hashes)
+            held.extend(hashes)
         metas: list[ChunkMeta] = []
         chained = fetch.token_ids is not None
         for i, h in enumerate(hashes):
@@ -755,6 +821,9 @@ class KVService:
                     tail = self._stored_tail(parent, fetch.token_ids[i * ct : (i + 1) * ct],
                                              metas[-1] if metas else None, fetch.model)
                     if tail is not None:
+                        if held is not None:
+                            self.store.pins.hold([tail[0]])
+                            held.append(tail[0])
                         hashes[i] = tail[0]
                         metas.append(tail[1])
                 if fetch.prefix and metas:
@@ -824,7 +893,9 @@ class KVService:
         cancelled, as it is when the fetch is (resolve cancelled)."""
         deadline = fetch.deadline_ms / 1000.0
         bound = max(deadline, RESOLVE_FLOOR_S)
-        job = asyncio.get_running_loop().run_in_executor(self.pool, self.resolve_sync, fetch)
+        # (the worker's own future: the loop's, once cancelled, drops the plan of a lookup that ran on to its end)
+        work = self.pool.submit(functools.partial(self.resolve_sync, fetch, pin=True))
+        job = asyncio.wrap_future(work)
         try:
             while not job.done():
                 since = self.pool.running_since()  # (the lookup's own, once it runs: the pool has one worker)
@@ -836,10 +907,12 @@ class KVService:
                         break
                 await asyncio.wait({job}, timeout=left)  # (never cancels the job; a cancelled resolve does, below)
         except asyncio.CancelledError:
+            work.add_done_callback(_end_unclaimed)  # a lookup that ends anyway must not keep its pins
             job.cancel()
             raise
         if job.done():
             return job.result()
+        work.add_done_callback(_end_unclaimed)
         job.cancel()
         held = self._unanswered.due()
         floor = bound > deadline  # (a tiny deadline: the lookup was given RESOLVE_FLOOR_S)
@@ -1086,7 +1159,8 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data,
                                              fingerprint=fp, prewarm=prewarm)
                     hashes = await loop.run_in_executor(service.ingest_pool, call)
-                    reply({"ok": True, "chunks": len(hashes), "hashes": hashes})
+                    reply({"ok": True, "chunks": len(hashes), "hashes": hashes,
+                           "kept_other": getattr(hashes, "kept_other", 0)})
                 except TokenwireError as exc:  # KVError and StoreError (a Redis store that is down): one line
                     reply({"ok": False, "error": str(exc)})
                 except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
@@ -1137,7 +1211,11 @@ def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
 
 def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                 fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
-    """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes."""
+    """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes (a
+    :class:`PutHashes`: ``kept_other`` as the daemon answered).
+
+    Raises :class:`KVIngestError` for a refused put (the daemon's reason) and for a socket it cannot connect to
+    (naming the path; the ``OSError`` is its ``__cause__``)."""
     import socket
 
     import torch
@@ -1159,7 +1237,11 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     if fingerprint is not None:
         head["fingerprint"] = fingerprint
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(path))
+        try:
+            s.connect(str(path))
+        except OSError as exc:  # it was a bare "[Errno 2] No such file or directory", naming no socket
+            raise KVIngestError(f"cannot connect to the KV ingest socket {path}: {exc.strerror or exc} (is the "
+                                "daemon running, with [kv] ingest_socket?)") from exc
         try:
             s.sendall(json.dumps(head).encode() + b"\n")
             s.sendall(t.view(torch.uint8).numpy().tobytes())
@@ -1180,7 +1262,7 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
         ans = {}
     if not ans.get("ok"):
         raise KVIngestError(ans.get("error", "no answer from the KV ingest socket"))
-    return list(ans["hashes"])
+    return PutHashes(ans["hashes"], kept_other=int(ans.get("kept_other", 0)))  # (an older daemon sends none)
 
 
 # ------------------------------------------------------------------------------------------------ daemon hook

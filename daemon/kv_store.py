@@ -34,7 +34,7 @@ import urllib.parse
 import zlib
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,44 @@ confirms a parent that is not stored is removed at once (an eviction), and an ev
 descendants with it (the local store; Redis knows only their count). When the chunks left are all needed by the
 chunk being written (the store too small for its context), that chunk goes itself, then its own tail. Plain
 per-object LRU let a fetch's own encodings evict its context's sources and metadata, leaving orphans and
-contexts no fetch could use."""
+contexts no fetch could use.
+
+Chunks pinned by this process's fetches in progress (:class:`Pins`) are never evicted whole (their encoded levels
+still go first: a fetch encodes a missing level again from the source): a fetch resolved a context, and a put
+evicting its chunks failed it mid-way ("chunk ... is no longer stored", 8 % of fetches under load, after ~10 s
+of transfer). When every chunk that could make room is pinned, the chunk being written goes itself (its put is
+trimmed to the prefix stored before it, as when the store is too small for its context) rather than a pinned one,
+so the capacity still holds. Pins are this process's: another daemon sharing a Redis store cannot see them, and
+its puts may still evict a chunk this one is sending (that fetch fails as before)."""
+
+
+class Pins:
+    """The chunks this process's fetches in progress are sending, with a count each (two fetches of one context
+    pin its chunks twice, and the first to end must not unpin them for the other). Thread-safe: fetches pin on the
+    fetch worker and unpin on the event loop, while the ingest worker's eviction reads them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: Counter[str] = Counter()
+
+    def hold(self, chunks: Iterable[str]) -> None:
+        with self._lock:
+            self._count.update(chunks)
+
+    def release(self, chunks: Iterable[str]) -> None:
+        with self._lock:
+            self._count.subtract(chunks)
+            for chunk in [c for c, n in self._count.items() if n <= 0]:
+                del self._count[chunk]
+
+    def snapshot(self) -> frozenset[str]:
+        """The chunks pinned now (what an eviction must leave)."""
+        with self._lock:
+            return frozenset(self._count)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._count)
 
 
 def chain_entry(meta: bytes) -> tuple[int, list[int]] | None:
@@ -246,6 +283,15 @@ class ChunkStore(ABC):
     _chain_lock: threading.Lock
     shared = False  # other processes write it too: what this one cached about it may be stale
     where = "the KV store"  # for log lines: the directory, or the Redis URL with its password masked
+
+    @property
+    def pins(self) -> Pins:
+        """This process's pinned chunks (:data:`EVICTION_POLICY`); made at first use, so that a store whose
+        ``__init__`` calls no base class (a test's) has them too."""
+        pins = self.__dict__.get("_pins")
+        if pins is None:
+            pins = self.__dict__.setdefault("_pins", Pins())
+        return pins
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -913,6 +959,8 @@ class LocalChunkStore(ChunkStore):
         chosen = set(victims)
         gone: set[str] = set()
         passed: set[str] = set()
+        pinned = self.pins.snapshot()
+        blocked = False  # a pinned chunk was passed over
 
         def needed(chunk: str) -> bool:
             return any(kid not in gone for kid in self._kids.get(chunk, ()))
@@ -922,6 +970,8 @@ class LocalChunkStore(ChunkStore):
             "needed" by one another while usable chunks went)."""
             nonlocal excess
             for one in (chunk, *self._descendants(chunk)):
+                if one in pinned:  # (never: a fetch pins a whole prefix, so a pinned chunk's parent is pinned too)
+                    continue
                 for key in self._chunks[one] - chosen:
                     victims.append(key)
                     chosen.add(key)
@@ -939,12 +989,15 @@ class LocalChunkStore(ChunkStore):
                 return
             if chunk == spare or chunk in gone:
                 continue
+            if chunk in pinned:
+                blocked = True
+                continue
             if needed(chunk):
                 passed.add(chunk)
                 continue
             take(chunk)
             up_from(self._parent.get(chunk))
-        if excess > 0 and spare in self._chunks and self._parent.get(spare) in passed:
+        if excess > 0 and spare in self._chunks and spare not in pinned and self._parent.get(spare) in passed:
             # left: chunks the one being written needs (the store is too small for its context). Any of them
             # going leaves it unreachable (it would go with them): it goes itself, and what is left is a prefix
             take(spare)
@@ -954,6 +1007,8 @@ class LocalChunkStore(ChunkStore):
                 return
             if chunk in passed and chunk not in gone:
                 take(chunk)
+        if excess > 0 and blocked and spare in self._chunks and spare not in pinned and spare not in gone:
+            take(spare)  # what is left is pinned by fetches in progress: the put is trimmed, not the capacity
 
     def drop_unsourced(self, chunk: str, later: Sequence[str] = ()) -> int | None:
         """As :meth:`ChunkStore.drop_unsourced`; the chunks that go with it are ``later`` and every chunk linked
@@ -1414,6 +1469,7 @@ class RedisChunkStore(ChunkStore):
         if freed < excess and kind_of(keep) in REBUILT_LEVELS:
             return [keep]  # the other levels cannot make room: only the new one goes, never a source
         out, chosen = list(levels), set(levels)
+        pinned = self.pins.snapshot()
 
         def take(chunk: str) -> str | None:
             """Chunk ``chunk`` whole into ``out``; its parent, now needed by one chunk less."""
@@ -1426,27 +1482,33 @@ class RedisChunkStore(ChunkStore):
             parent = self._unlink(keys=[self._parents, self._kid_counts, self._lru_chunks], args=[chunk])  # going
             return parent.decode() if parent is not None else None
 
-        self._victim_chunks(chunk_of(keep), take, lambda: freed < excess)
+        blocked = self._victim_chunks(chunk_of(keep), take, lambda: freed < excess, pinned)
         start = 0
         while freed < excess:  # objects of other kinds, or written before the chunk set existed: plain LRU
             batch = [k.decode() for k in self._r.zrange(self._lru, start, start + 1023)]
             if not batch:
                 break
             start += len(batch)
-            for k, size in self._sized([k for k in batch if k not in chosen and chunk_of(k) != chunk_of(keep)]):
+            for k, size in self._sized([k for k in batch if k not in chosen and chunk_of(k) != chunk_of(keep)
+                                        and (chunk_of(k) not in pinned or kind_of(k) in REBUILT_LEVELS)]):
                 if freed >= excess:
                     break
                 out.append(k)
                 chosen.add(k)
                 freed += size
+        if freed < excess and blocked and chunk_of(keep) not in pinned:
+            take(chunk_of(keep))  # what is left is pinned by fetches in progress: the put is trimmed instead
         return out
 
-    def _victim_chunks(self, spare: str, take: Callable[[str], str | None], short: Callable[[], bool]) -> None:
+    def _victim_chunks(self, spare: str, take: Callable[[str], str | None], short: Callable[[], bool],
+                       pinned: frozenset[str] = frozenset()) -> bool:
         """Whole chunks, :data:`EVICTION_POLICY`, in batches, each by ``take`` while ``short`` (of room): the
         least recently used first, a chunk only once no chunk stored after it in a context is left (its count of
-        children), never ``spare``. As in the local store, a chunk passed over for its children goes as soon as
-        its last child went (it is less recent than anything still to come)."""
+        children), never ``spare`` nor one of ``pinned``. As in the local store, a chunk passed over for its
+        children goes as soon as its last child went (it is less recent than anything still to come). Returns
+        whether a pinned chunk was passed over."""
         passed: set[str] = set()
+        blocked = False
         start = 0
         while short():
             batch = [c.decode() for c in self._r.zrange(self._lru_chunks, start, start + 255)]
@@ -1459,6 +1521,9 @@ class RedisChunkStore(ChunkStore):
                 if not short():
                     break
                 if chunk == spare:
+                    continue
+                if chunk in pinned:
+                    blocked = True
                     continue
                 if int(count or 0) - lost[chunk] > 0:
                     passed.add(chunk)
@@ -1473,7 +1538,7 @@ class RedisChunkStore(ChunkStore):
                     parent = take(parent)
                     start -= 1
         spare_parent = self._r.hget(self._parents, spare) if short() and passed else None
-        if spare_parent is not None and spare_parent.decode() in passed:
+        if spare_parent is not None and spare_parent.decode() in passed and spare not in pinned:
             # left: chunks the one being written needs (the store is too small for its context). Any of them going
             # leaves it unreachable: it goes itself, and its passed ancestors after it while room is short
             parent = take(spare)
@@ -1494,6 +1559,7 @@ class RedisChunkStore(ChunkStore):
                     passed.discard(chunk)
                     take(chunk)
                     start -= 1
+        return blocked
 
     @_redis_errors
     def delete(self, key: str) -> None:

@@ -961,7 +961,7 @@ def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
             t0 = time.monotonic()
             try:
                 with pytest.raises(KVError, match="timed out: 0 chunks received, no KV_META") as ei:
-                    await asyncio.wait_for(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=100), 10)
+                    await asyncio.wait_for(conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=100), 25)
                 took = time.monotonic() - t0
                 with pytest.raises(KVError, match=r"after 0\.3 s"):
                     await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=100, timeout_s=0.3)
@@ -972,7 +972,7 @@ def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
             return ei.value.code, took, again
 
     code, took, again = run(go())
-    assert code == ErrorCode.UPSTREAM_TIMEOUT and 2.0 <= took < 4  # 100 ms + 2 s
+    assert code == ErrorCode.UPSTREAM_TIMEOUT and 10.0 <= took < 14  # 100 ms + PRE_META_QUIET_S (10 s)
     assert again.report.levels == ["low"]
 
 

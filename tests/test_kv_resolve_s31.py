@@ -156,3 +156,30 @@ def test_a_lookup_waiting_for_a_chunks_lock_is_not_timed(tmp_path, monkeypatch):
     finally:
         svc.close()
     assert not done and plan.token_counts == [CHUNK] * 2
+
+
+def test_a_chunks_lock_held_past_the_untimed_wait_fails_the_lookup(tmp_path, monkeypatch):
+    """The lock's holder can be in a store write that never returns (the ingest worker writes under it): the wait
+    is left out of the lookup's time only up to LOCK_UNTIMED_S, then the bound applies ("KV store unavailable").
+    Untimed for ever, the lookup waited without end behind a hung write and nothing said so."""
+    monkeypatch.setattr(kv_service, "RESOLVE_FLOOR_S", BOUND_S)
+    monkeypatch.setattr(kv_service, "LOCK_UNTIMED_S", BOUND_S)
+    svc, ids = _stored(tmp_path)
+    h = svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=50, token_ids=ids)).handle[0]
+    lock = svc._chunk_lock(h)
+
+    async def go():
+        lock.acquire()  # (held, as by a write that never returns, until the lookup has its outcome)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match=r"^KV store unavailable"):
+                await asyncio.wait_for(svc.resolve(KvFetch(model=MODEL, deadline_ms=50, token_ids=ids)), 20)
+            return time.monotonic() - t0
+        finally:
+            lock.release()
+
+    try:
+        took = asyncio.run(go())
+    finally:
+        svc.close()
+    assert took >= 2 * BOUND_S  # the untimed wait, then the bound

@@ -324,6 +324,28 @@ def _forget_decodes(pf: _PendingFetch) -> None:
 # How often a fetch waiting without a fixed bound samples its progress: the quiet time before it fails is measured
 # from the last change seen, so it runs at most this much past the last real progress.
 STALL_POLL_S = 0.25
+# The quiet a fetch without ``timeout_s`` is allowed (see :func:`_stall_bounds`). Once something came: at least
+# QUIET_FLOOR_S and the deadline, and GAP_FACTOR times the longest wait for progress it has seen so far, that part
+# capped at MAX_GAP_QUIET_S (a server that went silent for good fails within it). One worker thread serves every
+# fetch's lookup and encodes in arrival order, so under load a fetch sees long gaps while it is being served: a fixed
+# 2 s failed 33 of 619 fetches (the server counted them abandoned) that were still arriving.
+QUIET_FLOOR_S = 2.0
+GAP_FACTOR = 4.0
+MAX_GAP_QUIET_S = 30.0
+# Before anything came (KV_META): the server's lookup waits its turn on that worker, and the server itself fails a
+# lookup the store does not answer ("KV store unavailable") after max(deadline, its RESOLVE_FLOOR_S, 2 s) of the
+# store's time. The client waits longer (at least this, 3 x the deadline for long ones) so the server's typed answer
+# arrives first; it failed at 2 s with a bare "no KV_META".
+PRE_META_QUIET_S = 10.0
+SERVER_RESOLVE_FLOOR_S = 2.0  # the daemon's RESOLVE_FLOOR_S (daemon/kv_service.py; a test checks they agree)
+
+
+def _stall_bounds(deadline_s: float) -> tuple[float, float]:
+    """(quiet allowed once something came, before the gap scaling; quiet allowed before anything came) for a fetch
+    with this deadline; both are counted from the later of the deadline and the last progress."""
+    quiet = max(QUIET_FLOOR_S, deadline_s)
+    first = max(PRE_META_QUIET_S, 3 * max(deadline_s, SERVER_RESOLVE_FLOOR_S))
+    return quiet, first
 
 
 async def _event_set_within(event: asyncio.Event, timeout_s: float) -> bool:
@@ -336,11 +358,18 @@ async def _event_set_within(event: asyncio.Event, timeout_s: float) -> bool:
 
 
 async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float, *,
+                                  first_quiet_s: float | None = None, gap_factor: float = 0.0,
+                                  max_gap_quiet_s: float = math.inf,
                                   clock: Callable[[], float] | None = None,
                                   wait: Callable[[float], Awaitable[bool]] | None = None) -> None:
     """Wait for ``pf``'s end; ``TimeoutError`` once ``progress()`` (KV_META, chunks, chunk bytes) has not changed
     for ``quiet_s``, counted from the later of the deadline and the last change (so a fetch stalled from its
     start fails at deadline + ``quiet_s``).
+
+    ``first_quiet_s`` (default ``quiet_s``) replaces ``quiet_s`` until the first change (the server's lookup may
+    wait in its queue). Once changes have come, the quiet allowed is ``max(quiet_s, min(max_gap_quiet_s,
+    gap_factor x the longest wait between changes so far))``, the wait for the first change included: a fetch that
+    was served slowly so far is given as much again, a busy server's gaps being no sign of a dead one.
 
     Progress is sampled every ``min(STALL_POLL_S, quiet_s / 4)``. It used to be sampled once per quiet period,
     the first sample taken at the fetch's start: KV_META that came before a stall counted as progress at the
@@ -351,17 +380,22 @@ async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline
     ended_within = wait if wait is not None else functools.partial(_event_set_within, pf.event)
     start = now_of()
     seen, last = progress(), start
+    allowed = quiet_s if first_quiet_s is None else first_quiet_s
+    longest = 0.0  # the longest wait between two changes seen (from the start to the first one included)
     step = max(min(STALL_POLL_S, quiet_s / 4), 1e-3)  # (a quiet_s of 0 must not spin)
     while True:
         now = now_of()
-        give_up = max(start + deadline_s, last) + quiet_s
+        give_up = max(start + deadline_s, last) + allowed
         if now >= give_up:
-            raise TimeoutError(f"no progress for {quiet_s:g} s")
+            raise TimeoutError(f"no progress for {allowed:g} s")
         if await ended_within(min(step, give_up - now)):
             return
         current = progress()
         if current != seen:
-            seen, last = current, now_of()
+            changed = now_of()
+            longest = max(longest, changed - last)
+            seen, last = current, changed
+            allowed = max(quiet_s, min(max_gap_quiet_s, gap_factor * longest))
 
 
 def _warm_decoder() -> float:
@@ -602,10 +636,16 @@ class KVConnection(SessionProtocol):
         ``timeout_s``: how long the whole call may take (a wait for a fetch slot, KV_META, every chunk, KV_DONE, and
         decoding the chunks: it bounded only their receipt) before giving up with :class:`KVError`
         (``UPSTREAM_TIMEOUT``). By default
-        there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk) has come for the deadline's
-        length (at least 2 s) after the deadline, so a stalled server fails it soon after its deadline (it used to
-        take a minute) while a large context that keeps arriving (this fetch's chunk bytes count, not only whole
-        chunks; other fetches' bytes do not) is received whole, late as it may be. ``timeout_s`` must be a positive
+        there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk, bytes of one) has come, after
+        the deadline, for the quiet it is allowed. Before KV_META: ``max(10 s, 3 x max(deadline, 2 s))``, longer
+        than the server's own bound on a lookup the store does not answer, so that its "KV store unavailable"
+        arrives first (the lookup may also wait behind other fetches' work on the server's one worker). After it:
+        ``max(2 s, deadline, 4 x the longest wait for progress so far)``, the last term at most 30 s, so a fetch
+        served slowly by a busy server is waited for (a fixed 2 s failed fetches still arriving under load) while
+        one that went silent for good fails within 30 s (or its deadline) of its last progress. A large context
+        that keeps arriving (this fetch's chunk bytes count, not only whole chunks; other fetches' bytes do not)
+        is received whole, late as it may be. (The connection's QUIC idle timeout, 60 s, also ends every fetch
+        of a server that sends nothing at all.) ``timeout_s`` must be a positive
         finite number of seconds or None (the default: no fixed bound); 0, a negative number, NaN, an infinity or a
         non-number (``"5"``) raises ``ValueError`` before the fetch is sent.
         """
@@ -648,9 +688,11 @@ class KVConnection(SessionProtocol):
             if timeout_s is not None:
                 await asyncio.wait_for(pf.event.wait(), called + timeout_s - started)
             else:
+                quiet, first_quiet = _stall_bounds(deadline / 1000)
                 await _wait_while_progressing(
                     pf, lambda: (len(pf.received), pf.meta is not None, self.kv.bytes_in(sid)),
-                    deadline / 1000, max(2.0, deadline / 1000))
+                    deadline / 1000, quiet, first_quiet_s=first_quiet, gap_factor=GAP_FACTOR,
+                    max_gap_quiet_s=MAX_GAP_QUIET_S)
             if pf.error is not None:
                 raise pf.error
             if pf.done is None or pf.meta is None:  # the session fails KV_DONE before KV_META: not reached

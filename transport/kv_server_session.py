@@ -86,10 +86,17 @@ class ContextPlan:
     # tokens of the requested context past the stored prefix (a prefix fetch): the client's engine prefills them
     # after the transfer, so the controller counts their recompute against the deadline like a text chunk's
     rest_tokens: int = 0
+    # called when the fetch ends, however it ends (completed, failed, given up, its connection closed, or never
+    # started): the provider's hold on what it resolved ends (the daemon's pins against eviction). Idempotent
+    on_end: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:
         return sum(self.token_counts)
+
+    def end(self) -> None:
+        if self.on_end is not None:
+            self.on_end()
 
 
 class KVProvider(Protocol):
@@ -205,6 +212,12 @@ class ServerFetch:
     opened_at: float = 0.0
 
 
+def _ended(f: ServerFetch) -> None:
+    """``f`` left the session's fetches: its plan's provider lets go of it (:meth:`ContextPlan.end`)."""
+    if f.plan is not None:
+        f.plan.end()
+
+
 UNDELIVERED_SCAN_S = 0.25  # at most this often, streams holding bytes none of which could be delivered are looked for
 
 
@@ -247,8 +260,18 @@ class KVServerSession(_SessionBase):
         """Accept a fetch: KV_META goes out; chunks follow as the session asks for them."""
         f = self.fetches.get(stream_id)
         if f is None or f.closed:
+            plan.end()  # it ended while its plan was resolved: nothing holds the plan now
             return
         assert f.fetch is not None  # the driver starts a fetch on its KVFetchRequested event
+        try:
+            self._start(f, plan, now)
+        except BaseException:
+            plan.end()  # (the driver fails the fetch; its plan was never attached to it)
+            raise
+
+    def _start(self, f: ServerFetch, plan: ContextPlan, now: float) -> None:
+        stream_id = f.stream_id
+        assert f.fetch is not None
         legacy = self.tuning.legacy_controller
         rtt = self._path_rtt(legacy)
         prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
@@ -356,6 +379,7 @@ class KVServerSession(_SessionBase):
         self._send(stream_id, Error(int(code), message[:1024]), end=True)
         f.closed = True
         self.fetches.pop(stream_id, None)
+        _ended(f)
         self._stop_receiving(stream_id, code)  # a KV_ACK may be on its way: it must not read as a new fetch
 
     def poll(self, now: float) -> list[SessionEvent]:
@@ -605,6 +629,7 @@ class KVServerSession(_SessionBase):
             if f.done_sent or f.closed:
                 self._fin(stream_id)
                 self.fetches.pop(stream_id, None)
+                _ended(f)
                 complete = self._completed(f)
                 took, deadline = ((now - f.received_at, f.fetch.deadline_ms) if complete and f.fetch is not None
                                   else (None, None))
@@ -617,6 +642,7 @@ class KVServerSession(_SessionBase):
                 f.closed = True
                 self._fin(stream_id)
                 self.fetches.pop(stream_id, None)
+                _ended(f)
                 out.append(KVFetchClosed(stream_id, list(f.levels), False))
         return out
 
@@ -679,6 +705,7 @@ class KVServerSession(_SessionBase):
             # (the endpoint's budget for connections not yet authorized) until that budget closed it
             _forget_received(stream)
         f.closed = True
+        _ended(f)
         self._reset_own_side(stream_id)
         # (the controller's inputs as on a FIN: the SDK resets every fetch it fails or gives up on, and the
         # evaluation records a timed-out fetch's decisions)
@@ -693,6 +720,7 @@ class KVServerSession(_SessionBase):
                 self._ended.add(stream_id)
             return []
         f.closed = True
+        _ended(f)
         self._stop_receiving(stream_id, ErrorCode.CANCELLED)
         # a last KV_ACK may come with the FIN in this very packet, after aioquic marked the side finished
         self._ended.add(stream_id)
@@ -703,6 +731,8 @@ class KVServerSession(_SessionBase):
         # close) was no fetch, and counted as an abandoned one
         out: list[SessionEvent] = [KVFetchClosed(f.stream_id, list(f.levels), False)
                                    for f in self.fetches.values() if f.fetch is not None]
+        for f in self.fetches.values():
+            _ended(f)
         self.fetches.clear()
         return out
 
