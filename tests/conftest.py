@@ -118,3 +118,15 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
     return (yield from _leak_checked(item, "teardown"))
+
+
+@pytest.fixture
+def no_automatic_collection() -> Iterator[None]:
+    """Python's own collections off: what is freed here is freed by refcounting alone (the tests of what an
+    ended connection leaves for the collector)."""
+    gc.collect()  # (what earlier tests left is not this test's)
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

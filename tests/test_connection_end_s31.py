@@ -10,12 +10,8 @@ seen through weak references, with Python's own collections off.
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tokenwire.transport.client import connect
 from tokenwire.transport.kv_channel import ServerTuning, connect_kv, serve_kv
@@ -26,17 +22,6 @@ from .test_handshake_limits import until
 from .test_kv_security_fixes2 import IDS, MODEL, TextProvider
 from .test_loopback import run
 from .test_sdk_server import client_kwargs
-
-
-@pytest.fixture
-def no_automatic_collection() -> Iterator[None]:
-    """Python's own collections off: what is freed here is freed by refcounting alone."""
-    gc.collect()  # (what earlier tests left is not this test's)
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _held(quic: Any) -> list[weakref.ref]:

@@ -11,11 +11,9 @@ No timing is asserted: what is freed is seen through weak references, the collec
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 import types
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -67,15 +65,6 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> _GcRecorder:
     return rec
 
 
-@pytest.fixture
-def no_automatic_collection() -> Iterator[None]:
-    """Python's own collections off: what is freed here is freed by refcounting alone."""
-    gc.collect()  # (what earlier tests left is not this test's)
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def a_daemon() -> Daemon:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.test_kv_channel import CHUNK, MODEL, kv_client, make_kv, run
+from tests.test_kv_controller_fixes2 import _FakeLoop as _FakeClock
 from tokenwire.daemon.kv_service import RESOLVE_FLOOR_S, KVService
 from tokenwire.daemon.kv_store import LocalChunkStore
 from tokenwire.transport import kv_client as kvc
@@ -101,26 +102,11 @@ def test_the_pre_meta_bound_outlasts_the_servers_lookup_bound():
         assert quiet == max(2.0, deadline_s)
 
 
-class _FakeLoop:
-    """A fake clock for _wait_while_progressing: progress changes at the given times, the fetch ends at ``end_at``."""
+class _FakeLoop(_FakeClock):
+    """test_kv_controller_fixes2's fake clock, run with the bounds fetch_kv now uses (_stall_bounds, the gaps
+    seen)."""
 
-    def __init__(self, progress_at: list[float], end_at: float | None = None) -> None:
-        self.now, self.progress_at, self.end_at = 0.0, progress_at, end_at
-
-    def clock(self) -> float:
-        return self.now
-
-    def progress(self) -> int:
-        return sum(t <= self.now for t in self.progress_at)
-
-    async def wait(self, timeout_s: float) -> bool:
-        if self.end_at is not None and self.end_at <= self.now + timeout_s:
-            self.now = self.end_at
-            return True
-        self.now += timeout_s
-        return False
-
-    def run(self, deadline_s: float) -> tuple[str, float]:
+    def run_bounds(self, deadline_s: float) -> tuple[str, float]:
         quiet, first = kvc._stall_bounds(deadline_s)
 
         async def go() -> str:
@@ -146,11 +132,11 @@ STEP = kvc.STALL_POLL_S
     ([9.0], 9.0 + 30.0),  # the scaled part (36 s) stops at MAX_GAP_QUIET_S
 ])
 def test_the_quiet_allowed_scales_with_the_waits_seen(progress_at, expect_at):
-    outcome, at = _FakeLoop(progress_at).run(0.1)
+    outcome, at = _FakeLoop(progress_at).run_bounds(0.1)
     assert outcome == "timed out"
     assert expect_at <= at <= expect_at + 2 * STEP
 
 
 def test_a_fetch_served_with_growing_gaps_is_waited_for():
     """Gaps of 1, 2, 3.5, 6 s after a 0.5-s KV_META (each within 4 x the longest before it): done."""
-    assert _FakeLoop([0.5, 1.5, 3.5, 7.0, 13.0], end_at=13.0).run(0.1) == ("done", 13.0)
+    assert _FakeLoop([0.5, 1.5, 3.5, 7.0, 13.0], end_at=13.0).run_bounds(0.1) == ("done", 13.0)

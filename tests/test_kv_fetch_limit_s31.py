@@ -4,7 +4,6 @@ chat requests do) instead of being refused with LIMIT_EXCEEDED; the server's che
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 
 import pytest
@@ -18,6 +17,8 @@ from tokenwire.transport.kv_channel import KVError, ServerTuning, connect_kv, se
 from tokenwire.transport.kv_protocol import kv_quic_config
 from tokenwire.transport.kv_server_session import MAX_FETCHES, KVServerSession
 from tokenwire.transport.tls import server_configuration
+
+from .test_kv_channel import kv_client
 
 MODEL = "tiny-test"
 CHUNK = 32
@@ -40,21 +41,6 @@ def service(tmp_path):
     svc.ingest_sync(MODEL, IDS, make_kv(len(IDS)), prewarm=["low"])
     yield svc
     svc.close()
-
-
-@contextlib.asynccontextmanager
-async def kv_client(service):
-    server = await serve_kv(service, "127.0.0.1", 0, tuning=ServerTuning(forecaster="ewma"))
-    try:
-        async with connect_kv("127.0.0.1", server.port, verify=False) as conn:
-            yield conn, server
-        waits = [asyncio.ensure_future(p.wait_closed()) for p in list(server.protocols)]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=10)
-            for w in pending:
-                w.cancel()
-    finally:
-        server.close()
 
 
 class HeldResolve:

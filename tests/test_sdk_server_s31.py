@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
 
 import pytest
 
 from tokenwire.transport.client import connect
 from tokenwire.transport.server import MAX_TOKENS, ChatRequest, serve
-from tokenwire.transport.tls import dev_cert
 
-T = 10.0  # generous bound on every wait: a hang fails the test instead of blocking the run
-
-
-def run(coro, timeout: float = 30.0):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-def client_kwargs() -> dict[str, Any]:
-    return {"cadata": dev_cert().cert_pem, "server_name": "localhost"}
+from .test_sdk_server import T, client_kwargs, run
 
 
 def endless(seen: list[ChatRequest], closed: list[bool]):
