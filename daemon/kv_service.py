@@ -174,11 +174,15 @@ _SOURCE_ID = struct.Struct(">Q16s")  # a source's length in bytes, and the first
 
 class PutHashes(list[str]):
     """A put's chunk hashes (a plain list to callers), with ``kept_other``: how many of its chunks were already
-    stored under the same metadata with OTHER KV (an earlier put's source) and kept as they were."""
+    stored under the same metadata with OTHER KV (an earlier put's source) and kept as they were; and ``stored``:
+    how many of its first chunks are stored when the put returns (fewer than all when the store trimmed it: a
+    context larger than what could be evicted, every other chunk pinned by fetches in progress). A fetch finds
+    only that prefix."""
 
-    def __init__(self, hashes: Sequence[str] = (), *, kept_other: int = 0) -> None:
+    def __init__(self, hashes: Sequence[str] = (), *, kept_other: int = 0, stored: int | None = None) -> None:
         super().__init__(hashes)
         self.kept_other = kept_other
+        self.stored = len(self) if stored is None else stored
 
 
 def source_id(source: bytes) -> bytes:
@@ -447,7 +451,24 @@ class KVService:
                 self.encoded_sync(h, lv)
         if kept_other:
             self._report_kept_other(model, kept_other, len(hashes))
-        return PutHashes(hashes, kept_other=kept_other)
+        # the store may have trimmed the put to room it could make (every other chunk pinned by a fetch in progress,
+        # or the context larger than what could go): it said ok for every chunk while fetches then missed the tail
+        present = self.store.contains_many([object_key(h, "meta") for h in hashes])
+        prefix = present.index(False) if False in present else len(hashes)
+        if prefix < len(hashes):
+            self._report_trimmed(model, prefix, len(hashes))
+        return PutHashes(hashes, kept_other=kept_other, stored=prefix)
+
+    def _report_trimmed(self, model: str, stored: int, total: int) -> None:
+        """A warning, at most one a minute (the rest counted), for a put the store kept only a prefix of."""
+        with self._lock:
+            report = self.__dict__.setdefault("_trimmed_report", ReportEvery())
+        held = report.due()
+        if held is not None:
+            log.warning("a put of %r is stored for its first %d of %d chunks only: the store could not make room for "
+                        "the rest (the chunks it could evict are being sent by fetches in progress, or kv.capacity_mb "
+                        "is small for such contexts); put it again later%s", model, stored, total,
+                        f"; {held} more such puts since the last line" if held else "")
 
     def _report_kept_other(self, model: str, kept: int, total: int) -> None:
         """A warning, at most one a minute (the rest counted), for a re-put whose KV differs from what was kept."""
@@ -1160,7 +1181,8 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                                              fingerprint=fp, prewarm=prewarm)
                     hashes = await loop.run_in_executor(service.ingest_pool, call)
                     reply({"ok": True, "chunks": len(hashes), "hashes": hashes,
-                           "kept_other": getattr(hashes, "kept_other", 0)})
+                           "kept_other": getattr(hashes, "kept_other", 0),
+                           "stored": getattr(hashes, "stored", len(hashes))})
                 except TokenwireError as exc:  # KVError and StoreError (a Redis store that is down): one line
                     reply({"ok": False, "error": str(exc)})
                 except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
@@ -1212,7 +1234,7 @@ def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
 def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                 fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
     """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes (a
-    :class:`PutHashes`: ``kept_other`` as the daemon answered).
+    :class:`PutHashes`: ``kept_other`` and ``stored`` as the daemon answered).
 
     Raises :class:`KVIngestError` for a refused put (the daemon's reason) and for a socket it cannot connect to
     (naming the path; the ``OSError`` is its ``__cause__``)."""
@@ -1262,7 +1284,8 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
         ans = {}
     if not ans.get("ok"):
         raise KVIngestError(ans.get("error", "no answer from the KV ingest socket"))
-    return PutHashes(ans["hashes"], kept_other=int(ans.get("kept_other", 0)))  # (an older daemon sends none)
+    # (an older daemon sends neither)
+    return PutHashes(ans["hashes"], kept_other=int(ans.get("kept_other", 0)), stored=ans.get("stored"))
 
 
 # ------------------------------------------------------------------------------------------------ daemon hook

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import threading
 from typing import Any
 
@@ -61,9 +62,11 @@ def test_a_fetch_in_progress_completes_through_a_put_that_would_evict_its_chunks
         svc.close()
 
 
-def test_a_put_into_a_store_full_of_pinned_chunks_trims_itself(make_store):  # noqa: F811
+def test_a_put_into_a_store_full_of_pinned_chunks_trims_itself(make_store, caplog):  # noqa: F811
     """Every chunk that could make room is pinned: the chunk being written goes itself (its put keeps the prefix
-    it stored), never a pinned one, and the store stays within its capacity."""
+    it stored), never a pinned one, and the store stays within its capacity. The put says how much is stored
+    (``stored``) and a warning says it was trimmed: it answered every hash with nothing said, and fetches missed."""
+    caplog.set_level(logging.WARNING, "tokenwire")
     svc = KVService(make_store(capacity=CAPACITY), chunk_tokens=CHUNK)
     a, b = list(range(4 * CHUNK)), list(range(5000, 5000 + 3 * CHUNK))
     ha = svc.ingest_sync(MODEL, a, make_kv(len(a), 1))
@@ -73,6 +76,8 @@ def test_a_put_into_a_store_full_of_pinned_chunks_trims_itself(make_store):  # n
         assert _whole(svc, ha) == [True] * 4
         kept = _whole(svc, hb)
         assert kept[0] and not kept[-1] and kept == sorted(kept, reverse=True), kept  # a prefix of B
+        assert hb.stored == sum(kept) < len(hb) == 3
+        assert any(f"first {hb.stored} of 3 chunks only" in r.getMessage() for r in caplog.records)
         assert svc.store.used_bytes <= svc.store.capacity_bytes
         for i in range(4):
             svc.chunk_sync(plan, i, "low")
@@ -233,3 +238,17 @@ def test_every_way_a_fetch_ends_ends_its_plan(how: str):
     elif how == "start failed":
         session.reject(0, 0x1, "server error")  # (what the driver does then)
     assert ended and 0 not in session.fetches
+
+
+def test_a_fetch_whose_kv_done_is_sent_ends_its_plan_before_the_clients_fin():
+    """Once KV_DONE is sent every chunk is with QUIC and the store is not read for the fetch again: its pins go
+    then. They waited for the client's FIN, which the SDK sends after decoding everything (and a client keeping its
+    streams open never sends), while every put meeting them was trimmed."""
+    session, ended, plan = _session_with_a_plan()
+    session.start(0, plan, 0.0)
+    f = session.fetches[0]
+    f.next_index = len(plan.token_counts)  # (every chunk handed to QUIC)
+    f.pending = False
+    session.poll(1.0)
+    assert f.done_sent and ended == [1]
+    assert 0 in session.fetches  # (the fetch itself lives on until the client's FIN)

@@ -189,7 +189,9 @@ def dissolve_association(sock: socket.socket) -> bool:
     """Undo ``connect()`` on a UDP socket (Linux: a ``connect`` to an ``AF_UNSPEC`` address), keeping its port.
 
     Python's ``socket.connect`` cannot say ``AF_UNSPEC``, so libc's is called. The kernel then reports no more ICMP
-    errors to the socket (an unconnected socket never gets them), and takes datagrams from any address again.
+    errors to the socket (an unconnected socket never gets them), and takes datagrams from any peer again, though
+    (Linux 6.x, a dual-stack socket connected to an IPv4-mapped address) only at the local address it used while
+    connected: enough for QUIC, whose server answers the address the client sends from.
     Linux also unbinds the local port of a socket bound to port 0 (:func:`bind_locked_port` binds one that stays):
     such a socket is bound to its old port again at once, and False returned if that fails (its next send takes a
     new port). False too where the call is not available or fails: the socket stays as it was."""

@@ -335,7 +335,8 @@ MAX_GAP_QUIET_S = 30.0
 # Before anything came (KV_META): the server's lookup waits its turn on that worker, and the server itself fails a
 # lookup the store does not answer ("KV store unavailable") after max(deadline, its RESOLVE_FLOOR_S, 2 s) of the
 # store's time. The client waits longer (at least this, 3 x the deadline for long ones) so the server's typed answer
-# arrives first; it failed at 2 s with a bare "no KV_META".
+# to a hung store arrives first; it failed at 2 s with a bare "no KV_META". Not a bound on the server's work: a
+# lookup queued behind more than this of other fetches' encodes (untimed on the server) still fails here.
 PRE_META_QUIET_S = 10.0
 SERVER_RESOLVE_FLOOR_S = 2.0  # the daemon's RESOLVE_FLOOR_S (daemon/kv_service.py; a test checks they agree)
 
@@ -639,7 +640,8 @@ class KVConnection(SessionProtocol):
         there is no fixed bound: the fetch fails once nothing new (KV_META, a chunk, bytes of one) has come, after
         the deadline, for the quiet it is allowed. Before KV_META: ``max(10 s, 3 x max(deadline, 2 s))``, longer
         than the server's own bound on a lookup the store does not answer, so that its "KV store unavailable"
-        arrives first (the lookup may also wait behind other fetches' work on the server's one worker). After it:
+        arrives first; a lookup queued on the server's one worker behind more than that of other fetches' encodes
+        (which the server does not count against the store) still fails here, as a timeout. After it:
         ``max(2 s, deadline, 4 x the longest wait for progress so far)``, the last term at most 30 s, so a fetch
         served slowly by a busy server is waited for (a fixed 2 s failed fetches still arriving under load) while
         one that went silent for good fails within 30 s (or its deadline) of its last progress. A large context

@@ -397,6 +397,10 @@ class KVServerSession(_SessionBase):
                 if not f.done_sent and self._unsent(f.last_stream) == 0:
                     f.done_sent = True
                     self._send(f.stream_id, KvDone(n, list(f.levels)))
+                    # every chunk is with QUIC: the store is not read for this fetch again, so its pins go now,
+                    # not at the client's FIN (which the SDK sends once it has decoded everything: seconds, and
+                    # never from a client that keeps its streams open, whose pins then trimmed every put)
+                    f.plan.end()
                 continue
             if f.last_stream is not None and self._unacked(f) > self._lookahead(f, now):
                 continue
