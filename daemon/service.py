@@ -950,6 +950,9 @@ class Daemon:
             # (a KV codec compile under way is not waited for: `tokenwire daemon` ends the process once stopped,
             # an in-process caller's loop joins its thread at its close, a few seconds)
             log.warning("stop signal while starting: stopping")
+            # systemd hears it too ("deactivating", not "activating" while the start is undone); the stop() that
+            # follows has nothing to drain, so no extension is asked for
+            self.notifier.stopping("stopping: a stop signal during the start")
             starting.cancel()
 
         # a start can take seconds (the KV codec's compile): a SIGHUP then killed the daemon without a word

@@ -95,6 +95,10 @@ class _Notes:
         self.sent.append(("STATUS", status))
         return True
 
+    def stopping(self, status: str = "draining", extend_s: float | None = None) -> bool:
+        self.sent.append(("STOPPING", status))
+        return True
+
     def watchdog(self) -> bool:
         return True
 
@@ -202,9 +206,10 @@ def test_signals_during_a_slow_start_neither_kill_the_daemon_nor_get_lost(tmp_pa
 
     reloads: list[bool] = []
     stops: list[bool] = []
+    told: list[list[str]] = []
     for sig, then in ((signal.SIGHUP, "SIGHUP while starting"), (signal.SIGTERM, "stop signal while starting")):
         caplog.clear()
-        d, _ = _daemon(tmp_path)
+        d, notes = _daemon(tmp_path)
         monkeypatch.setattr(service.Daemon, "_start", lambda self, s=sig, t=then: slow_start(self, s, t))
         monkeypatch.setattr(d, "reload", lambda: reloads.append(True))
         real_stop = d.stop
@@ -220,5 +225,7 @@ def test_signals_during_a_slow_start_neither_kill_the_daemon_nor_get_lost(tmp_pa
         with caplog.at_level(logging.INFO, logger="tokenwire.daemon"):
             asyncio.run(asyncio.wait_for(d.run(), 20))
         assert "stopped" in caplog.text
+        told.append([kind for kind, _ in notes.sent if kind == "STOPPING"])
     assert reloads == [True]  # the SIGHUP's reload, after the start; none for the SIGTERM
     assert stops == [True, True]  # the SIGTERM's start was undone to its end; the SIGHUP's ran on
+    assert told[1] == ["STOPPING"]  # systemd heard the stop during the start (it still said "activating")
