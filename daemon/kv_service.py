@@ -459,27 +459,24 @@ class KVService:
             self._report_trimmed(model, prefix, len(hashes))
         return PutHashes(hashes, kept_other=kept_other, stored=prefix)
 
-    def _report_trimmed(self, model: str, stored: int, total: int) -> None:
-        """A warning, at most one a minute (the rest counted), for a put the store kept only a prefix of."""
+    def _warn_put(self, kind: str, message: str) -> None:
+        """``message`` as a warning, at most one a minute for each ``kind`` of put problem (the rest counted and
+        said with the next line): a put that kept chunks with other KV, a put the store trimmed."""
         with self._lock:
-            report = self.__dict__.setdefault("_trimmed_report", ReportEvery())
+            report = self.__dict__.setdefault(f"_{kind}_report", ReportEvery())
         held = report.due()
         if held is not None:
-            log.warning("a put of %r is stored for its first %d of %d chunks only: the store could not make room for "
-                        "the rest (the chunks it could evict are being sent by fetches in progress, or kv.capacity_mb "
-                        "is small for such contexts); put it again later%s", model, stored, total,
-                        f"; {held} more such puts since the last line" if held else "")
+            log.warning("%s%s", message, f"; {held} more such puts since the last line" if held else "")
+
+    def _report_trimmed(self, model: str, stored: int, total: int) -> None:
+        self._warn_put("trimmed", f"a put of {model!r} is stored for its first {stored} of {total} chunks only: the "
+                       "store could not make room for the rest (the chunks it could evict are being sent by fetches "
+                       "in progress, or kv.capacity_mb is small for such contexts); put it again later")
 
     def _report_kept_other(self, model: str, kept: int, total: int) -> None:
-        """A warning, at most one a minute (the rest counted), for a re-put whose KV differs from what was kept."""
-        with self._lock:
-            report = self.__dict__.setdefault("_kept_other_report", ReportEvery())
-        held = report.due()
-        if held is not None:
-            log.warning("a put of %r kept %d of its %d chunks as stored with other KV than the put's (an earlier "
-                        "put under the same fingerprint; what is stored is kept: delete it or change the fingerprint "
-                        "to replace it)%s", model, kept, total, f"; {held} more such puts since the last line" if held
-                        else "")
+        self._warn_put("kept_other", f"a put of {model!r} kept {kept} of its {total} chunks as stored with other KV "
+                       "than the put's (an earlier put under the same fingerprint; what is stored is kept: delete it "
+                       "or change the fingerprint to replace it)")
 
     @property
     def closing(self) -> bool:
