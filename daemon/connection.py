@@ -246,9 +246,9 @@ class DaemonProtocol(GuardedProtocol):
             return
         self.daemon.metrics.requests_ended.labels(outcome=outcome).inc()
 
-    def add_counters(self, into: CounterDeltas) -> bool:
+    def add_counters(self, into: CounterDeltas) -> None:
         """Add this connection's counters since the last time to ``into`` (the housekeeping's sum over every
-        connection); False, reading nothing, when it has neither received nor sent a datagram since.
+        connection); nothing, reading nothing, when it has neither received nor sent a datagram since.
 
         Each second the daemon flushed every connection's counters: its totals() (every running request's sender
         stats), six Prometheus inc() calls (a lock each) and two marking calls, 27-148 ms a tick at 3,000 idle
@@ -259,10 +259,9 @@ class DaemonProtocol(GuardedProtocol):
         (:meth:`CounterDeltas.flush`)."""
         mark = (self.datagrams_in, self.server_session.datagrams_sent)
         if mark == self._counted_at:
-            return False
+            return
         self._counted_at = mark
         _add_counters(self, into)
-        return True
 
     def flush_counters(self) -> None:
         """Add this connection's packet counters since the last flush to the Prometheus counters (at its end: every
