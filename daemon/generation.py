@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable
 
 from tokenwire.transport.errors import ErrorCode, RequestError
-from tokenwire.transport.handshake_guard import REFUSALS_LOG_S, RefusalLog
+from tokenwire.transport.handshake_guard import REFUSALS_LOG_S, ReasonLog
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable
@@ -28,29 +28,19 @@ from .upstreams import Upstream
 log = logging.getLogger("tokenwire.daemon")
 
 
-class _UpstreamFailureLog(RefusalLog):
-    """One upstream's failed answers: the first a warning, the rest counted and summed up with the last one's
-    reason."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(log, self._summary)
-        self.name = name
-        self.last = ""  # the last failure counted, in words
-
-    def _summary(self, n: int, seconds: float) -> str:
-        return f"{n} more failures of upstream {self.name!r} in the last {seconds:.0f} s: {self.last}"
-
-
 # by upstream object, gone with it (a reload's replaced upstreams, a stopped test daemon's)
-_FAILURE_LOGS: weakref.WeakKeyDictionary[Upstream, _UpstreamFailureLog] = weakref.WeakKeyDictionary()
+_FAILURE_LOGS: weakref.WeakKeyDictionary[Upstream, ReasonLog] = weakref.WeakKeyDictionary()
 
 
-def _failure_log(upstream: Upstream) -> _UpstreamFailureLog:
-    """``upstream``'s log of failed answers, made at its first failure. Kept by the upstream object, not its name:
-    each daemon (tests run several in one process) and each reload's new upstreams start their own."""
+def _failure_log(upstream: Upstream) -> ReasonLog:
+    """``upstream``'s log of failed answers (the first a warning, the rest counted and summed up with the last
+    one's reason), made at its first failure. Kept by the upstream object, not its name: each daemon (tests run
+    several in one process) and each reload's new upstreams start their own."""
     found = _FAILURE_LOGS.get(upstream)
     if found is None:
-        found = _FAILURE_LOGS[upstream] = _UpstreamFailureLog(upstream.name)
+        name = upstream.name
+        found = _FAILURE_LOGS[upstream] = ReasonLog(log, lambda n, secs: (
+            f"{n} more failures of upstream {name!r} in the last {secs:.0f} s"))
     return found
 
 
@@ -94,10 +84,7 @@ async def generate_answer(live: LiveRequest, upstream: Upstream, chat: ChatReque
         text = printable(f"{exc}{cause}")
         now = time.monotonic()
         # one line per upstream, then a summary: a dead upstream wrote a warning per request (100 in a second)
-        failures = _failure_log(upstream)
-        if failures.hold(now):  # (set after hold(): a summary hold() writes is of the earlier ones)
-            failures.last = text
-        else:
+        if not _failure_log(upstream).note(now, text):
             log.warning("request %s failed: %s; more failures of upstream %r are counted "
                         "(tokenwire_upstream_failures_total) and logged at most every %g s", live.request_id.hex(),
                         text, upstream.name, REFUSALS_LOG_S)

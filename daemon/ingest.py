@@ -81,7 +81,7 @@ from .config import MAX_PRINCIPAL_CHARS, AuthConfig, IngestConfig
 from .transcripts import GenerationLimit, LiveRequest, TranscriptStore, request_bytes
 
 if TYPE_CHECKING:  # (at run time only with a log passed in: `config check` imports this module without aioquic)
-    from tokenwire.transport.handshake_guard import RefusalLog
+    from tokenwire.transport.handshake_guard import ReasonLog, RefusalLog
 
 log = logging.getLogger("tokenwire.ingest")
 MAX_LINE = 1 << 20
@@ -263,7 +263,7 @@ class IngestAPI:
                                    f"(tokenwire_ingest_answers_failed_total)")
         # answers failed by the stall timeout, per connection (by id(conn)) with the last one's reason: a line each
         # let one stalled connection write up to max_open (1,024) warnings at once; one line, then a summary
-        self._stall_logs: dict[int, tuple[RefusalLog, list[str]]] = {}
+        self._stall_logs: dict[int, ReasonLog] = {}
         # every connection's open answers, with their connection and last op: a hung application held its
         # attached clients for ever (nothing else ends an ingest answer; keepalives keep the clients' connections)
         self._open: dict[bytes, tuple[IngestConnection, float]] = {}
@@ -434,7 +434,7 @@ class IngestAPI:
         conn.finished.clear()
         stalls = self._stall_logs.pop(id(conn), None)
         if stalls is not None:  # the connection's story is over: its stalls held back are summed up now
-            stalls[0].flush(now, final=True)
+            stalls.flush(now, final=True)
         return len(failed)
 
     def flush_logs(self, now: float, *, final: bool = False) -> None:
@@ -442,19 +442,19 @@ class IngestAPI:
         once their minute is over, or at once when ``final`` (the daemon is stopping)."""
         self.fail_log.flush(now, final=final)
         self.gone_log.flush(now, final=final)
-        for stalls, _ in self._stall_logs.values():
+        for stalls in self._stall_logs.values():
             stalls.flush(now, final=final)
 
-    def _stall_log(self, conn: IngestConnection, rid: bytes) -> tuple[RefusalLog, list[str]]:
-        """``conn``'s log of stalled answers (made at its first, ``rid``) and the last reason held back."""
+    def _stall_log(self, conn: IngestConnection, rid: bytes) -> ReasonLog:
+        """``conn``'s log of stalled answers (made at its first, ``rid``), its summary ending with the last reason
+        held back."""
         found = self._stall_logs.get(id(conn))
         if found is None:
-            from tokenwire.transport.handshake_guard import RefusalLog  # (loaded: a daemon's housekeeping calls)
+            from tokenwire.transport.handshake_guard import ReasonLog  # (loaded: a daemon's housekeeping calls)
 
-            last = [""]
-            found = self._stall_logs[id(conn)] = (RefusalLog(log, lambda n, secs: (
+            found = self._stall_logs[id(conn)] = ReasonLog(log, lambda n, secs: (
                 f"ingest: {n} more answers failed in the last {secs:.0f} s on the application connection of request "
-                f"{rid.hex()}: {last[0]}")), last)
+                f"{rid.hex()}"))
         return found
 
     def is_open(self, request_id: bytes) -> bool:
@@ -507,10 +507,7 @@ class IngestAPI:
                 why = (f"the application did not read its replies for {timeout:g} s (ingest.stall_timeout_s): the "
                        "daemon reads no more ops from it until it does")
                 ended = f"timed out: the application did not read its replies for {timeout:g} s, ingest.stall_timeout_s"
-            stalls, last = self._stall_log(conn, rid)
-            if stalls.hold(now):
-                last[0] = why
-            else:
+            if not self._stall_log(conn, rid).note(now, why):
                 log.warning("ingest: request %s failed: %s; more on this connection are counted "
                             "(tokenwire_ingest_answers_failed_total{reason=\"stalled\"}) and logged at most every "
                             "%g s", rid.hex(), why, REFUSALS_LOG_S)

@@ -194,6 +194,23 @@ class RefusalLog:
         self.logged_at = now
 
 
+class ReasonLog(RefusalLog):
+    """A :class:`RefusalLog` of failures that each have a reason: its summing-up line ends with the last reason held
+    back (``summary`` gives the rest). An upstream's failed answers and an ingest connection's stalled ones."""
+
+    def __init__(self, logger: logging.Logger, summary: Callable[[int, float], str]) -> None:
+        super().__init__(logger, lambda n, secs: f"{summary(n, secs)}: {self.last}")
+        self.last = ""  # the last reason held back
+
+    def note(self, now: float, reason: str) -> bool:
+        """:meth:`hold`, keeping ``reason`` when it is held back (after hold(): a summary it writes is of the
+        earlier ones)."""
+        held = self.hold(now)
+        if held:
+            self.last = reason
+        return held
+
+
 class GuardedProtocol(SessionProtocol):
     """A server connection whose handshake a :class:`HandshakeGuard` bounds. The subclass calls
     :meth:`guard_handshake` once its session exists, and :meth:`_handshake_done` when the handshake completes
