@@ -109,7 +109,7 @@ def test_a_refusal_ends_the_handshake_only_while_the_server_has_sent_nothing():
         error = waiting.exception() if done else None
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        return proto.refused, done, error
+        return proto.connect_refused, done, error
 
     refused, done, error = run(go(False))
     assert refused and done and isinstance(error, ConnectionRefusedError)

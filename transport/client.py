@@ -379,11 +379,6 @@ class ClientProtocol(SessionProtocol):
         self.answered = False  # the server has started an answer: it has checked this connection's token
 
     @property
-    def refused(self) -> bool:
-        """The handshake ended on "connection refused" before the server sent anything (``connect_refused``)."""
-        return self.connect_refused
-
-    @property
     def client_session(self) -> ClientSession:
         assert isinstance(self.session, ClientSession)
         return self.session
