@@ -19,9 +19,11 @@ costs one parse, however large the file.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
+import select
 import stat
 import threading
 from array import array
@@ -29,6 +31,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 OPPORTUNITY_BYTES = 1500
 """Bytes one delivery opportunity can carry (mahimahi's MTU-sized slot; TUN here carries bare IP packets)."""
@@ -193,6 +196,8 @@ MAX_LINE_CHARS = 100
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # ASCII, yet binary (NUL bytes); tabs, CR and FF are blanks
 _READ_CHUNK = 1 << 20  # characters parsed at a time
 _CACHE_ENTRIES = 4
+_WAIT_S = 0.25
+"""Longest wait on a silent pipe (a FIFO, ``<(zcat trace.gz)``) between returns to the interpreter."""
 _cache: OrderedDict[tuple[object, ...], Trace] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -219,7 +224,7 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             if hit is not None:
                 _cache.move_to_end(key)
                 return hit
-    trace = _parse_trace_file(name)  # outside the lock: another file's parse need not wait
+    trace = _parse_trace_file(name, regular=key is not None)  # outside the lock: another file's parse need not wait
     if key is not None:
         with _cache_lock:
             _cache[key] = trace
@@ -228,13 +233,57 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     return trace
 
 
-def _parse_trace_file(name: str) -> Trace:
+class _PatientPipe(io.RawIOBase):
+    """A pipe's read end that waits for data in slices of :data:`_WAIT_S`. Python runs a signal's handler only
+    between bytecodes: a SIGTERM landing after the last check and before a blocking ``read()`` waited for the
+    writer's next bytes, forever from a silent one, so ``testbed up --down-trace FIFO`` ignored it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not select.select([self._fd], [], [], _WAIT_S)[0]:
+            pass  # (back in the interpreter: a pending handler runs here)
+        return os.readv(self._fd, [buffer])
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def _open_text(name: str, regular: bool) -> io.TextIOWrapper:
+    """``name`` opened as ASCII text, through :class:`_PatientPipe` unless it is a ``regular`` file (which never
+    blocks for long)."""
+    if regular:
+        return open(name, encoding="ascii")
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = _PatientPipe(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return io.TextIOWrapper(io.BufferedReader(raw, 1 << 16), encoding="ascii")
+    except BaseException:  # (an interrupt in here: the wrappers made so far may have closed it already)
+        raw.close()
+        raise
+
+
+def _parse_trace_file(name: str, regular: bool = True) -> Trace:
     stamps = array("q")
     prev = 0
     lineno = 0
     rest = ""  # the line being read, its newline not seen yet
     try:
-        with open(name, encoding="ascii") as fh:
+        with _open_text(name, regular) as fh:
             while True:
                 # a fixed amount at a time, not readlines(): its size hint bounds the lines read, not one line
                 chunk = fh.read(_READ_CHUNK)
