@@ -64,7 +64,8 @@ _BENCH_DAEMON_KILLED = """
 
     def workers(*args):
         print("running", flush=True)
-        time.sleep(60)
+        for _ in range(600):  # in slices: a signal landing just before one long sleep's syscall waits it out
+            time.sleep(0.1)
 
     bench_daemon._run_workers = workers
     sys.exit(main(["bench", "daemon", "--sessions", "2", "--rate", "10", "--seconds", "1"]))

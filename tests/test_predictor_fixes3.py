@@ -29,7 +29,8 @@ _HELD = """
 
     def held(*args, **kwargs):
         print("running", flush=True)
-        time.sleep(120)  # until the test's SIGTERM
+        for _ in range(1200):  # until the test's SIGTERM; in slices, as a real step's loop: a signal landing just
+            time.sleep(0.1)  # before one long sleep's syscall was handled only once it ended (1 run in many)
         raise AssertionError("SIGTERM did not arrive")
 
     cli._run_collect = held  # collect-many's first dataset
