@@ -18,6 +18,12 @@ class ChildError(RuntimeError):
     """A child process failed, exited early or did not answer in time."""
 
 
+WAIT_SLICE_S = 0.25
+"""Longest single wait for a child's line. Python runs a signal's handler only between bytecodes: a SIGTERM landing
+just before one select() of a whole phase (a sender silent until its phase ends: ``bench emulator``) was handled
+only when that select returned, up to the phase's length plus slack later."""
+
+
 class ExitWatch:
     """Another process whose exit ends a :class:`Child`'s waits at once, with that process's own error.
 
@@ -95,7 +101,7 @@ class LineReader:
             fds = [self.fd, *(w.fd for w in watches if w.fd is not None)]
             if any(w.fd is None for w in watches):
                 left = min(left, ExitWatch.POLL_S)
-            ready, _, _ = select.select(fds, [], [], left)
+            ready, _, _ = select.select(fds, [], [], min(left, WAIT_SLICE_S))
             if self.fd not in ready:
                 continue
             chunk = os.read(self.fd, 65536)
