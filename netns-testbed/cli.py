@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +280,21 @@ def _detach_argv(args: argparse.Namespace, run_id: str) -> list[str]:
     return [sys.executable, "-c", entry, *_up_argv(args), "--run-id", run_id]
 
 
+def _with_copies(args: argparse.Namespace, copies: str | None) -> argparse.Namespace:
+    """``args`` for the child of ``--detach``, a trace read from a pipe (``<(zcat trace.gz)``, a FIFO) given as a
+    regular copy in ``copies`` (None: there is no such trace): this process's checks took the pipe's content, and
+    the child found it empty."""
+    from .trace import child_readable
+
+    if copies is None:
+        return args
+    child = argparse.Namespace(**vars(args))
+    child.down_trace = child_readable(args.down_trace, copies)
+    if args.up_mbps is None:
+        child.up_trace = child_readable(up_spec(args), copies)
+    return child
+
+
 def _launch_detached(args: argparse.Namespace) -> int:
     """``up --detach``: start the foreground ``up`` in its own session and wait until it is up.
 
@@ -292,13 +308,18 @@ def _launch_detached(args: argparse.Namespace) -> int:
     os.makedirs(STATE_DIR, exist_ok=True)
     logfile = os.path.join(STATE_DIR, f"{run_id}.log")
     path = os.path.join(STATE_DIR, f"{run_id}.json")
-    with sigterm_as_ctrl_c():
+    from .trace import read_once
+
+    # copies of piped traces, if any, live until the child is up (its emulator has read them by then) or stopped
+    piped = any(read_once(spec) for spec in (args.down_trace, up_spec(args)))
+    with (sigterm_as_ctrl_c(),
+          tempfile.TemporaryDirectory(prefix="tw-traces-") if piped else contextlib.nullcontext() as copies):
         proc: subprocess.Popen | None = None
         early_log = None
         try:  # from before the child exists: an interrupt at any point after it stops it
             with open(logfile, "w") as log:
-                proc = subprocess.Popen(_detach_argv(args, run_id), stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=log, start_new_session=True)
+                proc = subprocess.Popen(_detach_argv(_with_copies(args, copies), run_id), stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, start_new_session=True)
             # read through our own descriptor: the failing run's teardown removes the log file with its state
             early_log = open(logfile)  # noqa: SIM115 - closed below
             started = time.monotonic()
@@ -310,7 +331,7 @@ def _launch_detached(args: argparse.Namespace) -> int:
                 st = RunState.load(path) if os.path.exists(path) else None
                 # a kernel-backend run has no emulator: ready is all it says
                 if st is not None and st.info.get("ready") and (st.backend == "kernel" or st.emulator_alive):
-                    _print_up(st.info, args.json)
+                    _print_up(_as_given(st.info, args), args.json)
                     # kept, not dropped: a Popen collected while its child runs warned "ResourceWarning: subprocess
                     # N is still running" in every in-process caller (pytest --leak-check); the CLI exits next
                     _LEFT_RUNNING.append(proc)
@@ -339,6 +360,19 @@ def _launch_detached(args: argparse.Namespace) -> int:
         finally:
             if early_log is not None:
                 early_log.close()
+
+
+def _as_given(info: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A detached child's ``info`` with the traces named as the user gave them, not by the copies of piped ones
+    the child was given (removed by now)."""
+    config = info.get("config")
+    if not isinstance(config, dict):
+        return info
+    shown = {**config}
+    for direction, spec in (("down", args.down_trace), ("up", up_spec(args))):
+        if isinstance(shown.get(direction), dict):
+            shown[direction] = {**shown[direction], "trace": spec}
+    return {**info, "config": shown}
 
 
 _LEFT_RUNNING: list[subprocess.Popen] = []

@@ -18,6 +18,7 @@ namespace run); a round starts ``GAP_S`` after the previous fetch of that contro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import heapq
@@ -29,12 +30,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .kv_eval import KVEvalConfig, fetch_metrics, prepare_context, summarize, timed_out_metrics
-from .trace import Trace, trace_from_spec
+from .trace import Trace, child_readable, read_once, trace_from_spec
+
+WAIT_SLICE_S = 0.25
+"""Longest single wait for the worker processes. Python runs a signal's handler only between bytecodes: a SIGTERM
+landing just before one wait for the next controller to finish was handled only when it finished (32 s into a
+15-repeat run, minutes into a longer one), the workers computing on meanwhile."""
 
 SERVER_ADDR = ("10.78.0.1", 8444)
 CLIENT_ADDR = ("10.78.0.2", 40000)
@@ -443,14 +449,23 @@ def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: 
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futs = {pool.submit(_run_controller, cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets): ctl
+        # the workers open the traces again: one read from a pipe (<(zcat trace.gz), a FIFO) is handed to them as
+        # a regular copy of this process's parse (the pipe was empty for them), removed once they are done
+        piped = read_once(cfg.down_trace) or read_once(cfg.up_trace)
+        with (tempfile.TemporaryDirectory(prefix="tw-traces-") if piped else contextlib.nullcontext() as copies,
+              ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool):
+            wcfg = cfg if copies is None else replace(cfg, down_trace=child_readable(cfg.down_trace, copies),
+                                                      up_trace=child_readable(cfg.up_trace, copies))
+            futs = {pool.submit(_run_controller, wcfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets): ctl
                     for ctl in run}
-            for fut in as_completed(futs):  # reported as each finishes; the JSON keeps the list's order
-                ctl = futs[fut]
-                rows[ctl] = fut.result()
-                met = sum(r["deadline_met"] for r in rows[ctl])
-                log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
+            pending = set(futs)
+            while pending:  # reported as each finishes; the JSON keeps the list's order
+                done, pending = wait(pending, timeout=WAIT_SLICE_S, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    ctl = futs[fut]
+                    rows[ctl] = fut.result()
+                    met = sum(r["deadline_met"] for r in rows[ctl])
+                    log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
         rows = {ctl: rows[ctl] for ctl in run}
     return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": info,
             "trace_mean_mbps": down.mean_mbps, "backend": "virtual"}

@@ -25,16 +25,19 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .child import LineReader, last_error_line
-from .emulator import EmulatorConfig
+from .emulator import DirectionConfig, EmulatorConfig
 from .netns import (
     NamespaceExists,
     RunState,
@@ -50,6 +53,7 @@ from .netns import (
     socket_in_netns,
     start_time,
 )
+from .trace import child_readable, read_once
 
 ADDRESS_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 EMULATOR_READY_CAP_S = 120.0
@@ -110,6 +114,9 @@ class Testbed:
         # a file for the emulator's stderr: its traceback went to the terminal, ahead of an error line without
         # the cause ("emulator exited (status 1)"); the error now ends with its last line (emulator_failure)
         self.emulator_stderr = emulator_stderr
+        # regular copies of traces read from pipes, for the emulator (a pipe's content is read once): a folder of
+        # this testbed's, removed by down() (and, after a crash, with the scratch folder the state names)
+        self._trace_copies: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -127,12 +134,14 @@ class Testbed:
         check_root()
         self.config.down.validate()
         self.config.up.validate()
+        if any(d.trace is not None and read_once(d.trace) for d in (self.config.down, self.config.up)):
+            self._trace_copies = tempfile.mkdtemp(prefix="tw-traces-", dir=self.scratch)
         names = [self.server_ns, self.client_ns, f"{self.run_id}-rtr", f"{self.run_id}-probe"]
         state = RunState(self.run_id, os.getpid(), names)
         state.info = {"server_addr": self.server_addr, "client_addr": self.client_addr,
-                      "config": json.loads(self.config.to_json())}
-        if self.scratch is not None:
-            state.info["scratch"] = self.scratch
+                      "config": json.loads(self.config.to_json())}  # (the user's trace names, not the copies)
+        if self.scratch is not None or self._trace_copies is not None:
+            state.info["scratch"] = self.scratch or self._trace_copies  # (the copies lie in the caller's scratch)
         state.claim()  # before creating anything: a crash from here on leaves a trail for `testbed down`
         self._state = state
         try:
@@ -180,8 +189,21 @@ class Testbed:
         state.save()
 
     def _emulator_argv(self, fd_srv: int, fd_cli: int) -> list[str]:
-        return [sys.executable, "-m", "tokenwire.testbed.emulator", self.config.to_json(), str(fd_srv),
+        return [sys.executable, "-m", "tokenwire.testbed.emulator", self._emulator_config().to_json(), str(fd_srv),
                 str(fd_cli)]
+
+    def _emulator_config(self) -> EmulatorConfig:
+        """The config the emulator process gets: a trace read from a pipe (``<(zcat trace.gz)``, a FIFO) is
+        given as a regular copy of this process's parse, as the emulator opens the path again and the pipe,
+        read by the path's checks, has nothing left (it failed with "empty trace", or waited on a FIFO)."""
+        folder = self._trace_copies
+        if folder is None:
+            return self.config
+
+        def readable(d: DirectionConfig) -> DirectionConfig:
+            return d if d.trace is None else replace(d, trace=child_readable(d.trace, folder))
+
+        return replace(self.config, down=readable(self.config.down), up=readable(self.config.up))
 
     def _start_emulator(self, fd_srv: int, fd_cli: int) -> None:
         with open(self.emulator_stderr, "ab") if self.emulator_stderr else contextlib.nullcontext() as err:
@@ -260,7 +282,7 @@ class Testbed:
         # Ctrl-C/SIGTERM wait until the teardown is done: one that landed here after a normal finish (compare
         # and swiftqueue build a testbed per scheme) raised half-way and left the namespaces and state behind
         with signals_deferred():
-            _every_step(self._stop_children, self._stop_emulator, self._destroy)
+            _every_step(self._stop_children, self._stop_emulator, self._destroy, self._remove_trace_copies)
 
     def _stop_children(self) -> None:
         _stop_processes(self._children)
@@ -289,6 +311,11 @@ class Testbed:
         if self._state is not None:
             destroy_run(self._state)
             self._state = None  # only once it went: a failed removal is retried, or left to `testbed down`
+
+    def _remove_trace_copies(self) -> None:
+        if self._trace_copies is not None:
+            shutil.rmtree(self._trace_copies, ignore_errors=True)
+            self._trace_copies = None
 
     # -- using it --------------------------------------------------------------------------------------------
     def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:

@@ -15,16 +15,25 @@ digits, ``33.3kbps`` included), otherwise within 0.001 %. The smallest rate is 1
 A trace file is read line by line, and each process parses a given file once: the result is kept (a few
 files, keyed by path, size and modification time), so validating a spec and then building the link from it
 costs one parse, however large the file.
+
+A pipe (a FIFO, bash's ``<(zcat trace.gz)``, which is ``/dev/fd/63``) gives its content once: a command that
+checks its traces and then runs on them read an exhausted pipe the second time ("empty trace"). Any file that is
+not regular is therefore read once per process as well, kept by device and inode (and modification time, which a
+pipe's writer moves: an inode number reused by a later FIFO is not taken for the old one), under the same bound of
+a few entries. Another process cannot read that pipe again: :func:`child_readable` writes this process's parse to
+a regular file for it (the emulator of a namespace run, worker processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import re
 import select
 import stat
+import tempfile
 import threading
 from array import array
 from bisect import bisect_right
@@ -196,6 +205,7 @@ MAX_LINE_CHARS = 100
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # ASCII, yet binary (NUL bytes); tabs, CR and FF are blanks
 _READ_CHUNK = 1 << 20  # characters parsed at a time
 _CACHE_ENTRIES = 4
+_WRITE_LINES = 1 << 16  # timestamps written at a time by :func:`child_readable`
 _WAIT_S = 0.25
 """Longest wait on a silent pipe (a FIFO, ``<(zcat trace.gz)``) between returns to the interpreter."""
 _cache: OrderedDict[tuple[object, ...], Trace] = OrderedDict()
@@ -207,7 +217,10 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
 
     The file is streamed, never held as a whole; a regular file already parsed by this process (same path,
     device, inode, size and modification time) is not parsed again (the same :class:`Trace`, which nothing
-    modifies, is returned).
+    modifies, is returned). Nor is a pipe or other non-regular file already read (same device, inode and
+    modification time, whatever the path: ``/dev/fd/63`` and ``/proc/self/fd/63`` are one pipe): its content could
+    be read only once, and the second look found it empty. The cache holds :data:`_CACHE_ENTRIES` files of either
+    kind, the least recently used going first.
     """
     name = os.fspath(path)
     try:
@@ -216,21 +229,72 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         raise TraceError(f"{name}: no such trace file") from None
     except OSError as exc:
         raise TraceError(f"{name}: cannot read trace: {exc.strerror}") from None
-    key = None
-    if stat.S_ISREG(st.st_mode):
-        key = (os.path.abspath(name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with _cache_lock:  # a library caller may load traces from several threads: get-then-move is not atomic
-            hit = _cache.get(key)
-            if hit is not None:
-                _cache.move_to_end(key)
-                return hit
-    trace = _parse_trace_file(name, regular=key is not None)  # outside the lock: another file's parse need not wait
-    if key is not None:
-        with _cache_lock:
-            _cache[key] = trace
-            while len(_cache) > _CACHE_ENTRIES:
-                _cache.popitem(last=False)
+    regular = stat.S_ISREG(st.st_mode)
+    key = _cache_key(name, st)
+    with _cache_lock:  # a library caller may load traces from several threads: get-then-move is not atomic
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    trace = _parse_trace_file(name, regular=regular)  # outside the lock: another file's parse need not wait
+    if not regular:  # keyed as it is now, its writer done: a write during the parse moved the modification time
+        try:
+            key = _cache_key(name, os.stat(name))
+        except OSError:  # (a FIFO removed meanwhile: nobody can name it again)
+            return trace
+    with _cache_lock:
+        _cache[key] = trace
+        while len(_cache) > _CACHE_ENTRIES:
+            _cache.popitem(last=False)
     return trace
+
+
+def _cache_key(name: str, st: os.stat_result) -> tuple[object, ...]:
+    """A regular file by path, device, inode, size and modification time; anything else by device, inode and
+    modification time (a pipe's size says nothing, and its name may be one of several: ``/dev/fd/N``)."""
+    if stat.S_ISREG(st.st_mode):
+        return (os.path.abspath(name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return ("pipe", st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def read_once(spec: str) -> bool:
+    """Whether ``spec`` names a trace another process cannot read again: a pipe, or any file that is not regular
+    (not a rate, not a regular file, not a missing path)."""
+    if parse_rate(spec) is not None:
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(spec).st_mode)
+    except OSError:
+        return False
+
+
+def child_readable(spec: str, folder: str) -> str:
+    """``spec`` as another process can read it: unchanged for a rate or a regular file (or a path that does not
+    exist: the child's parse says so); for a pipe, whose content this process has taken, this process's parse
+    written as a regular mahimahi file under ``folder``, whose path is returned. The copy keeps the pipe's base
+    name (the child's :attr:`Trace.name`), in a folder per pipe, so a spec given twice (down and up) is written
+    once. ``folder`` is the caller's to remove, with the copy, once the child has read it."""
+    if not read_once(spec):
+        return spec
+    st = os.stat(spec)
+    trace = trace_from_spec(spec)  # (the parse this process already made, from the cache)
+    where = os.path.join(folder, f"{st.st_dev}-{st.st_ino}")
+    path = os.path.join(where, os.path.basename(spec.rstrip("/")) or "trace")
+    if os.path.exists(path):
+        return path
+    os.makedirs(where, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".partial-")
+    try:
+        with open(fd, "w", encoding="ascii") as fh:
+            stamps = trace.stamps_ms
+            for start in range(0, len(stamps), _WRITE_LINES):  # a block at a time, not one string of GBs
+                fh.write("\n".join(map(str, stamps[start : start + _WRITE_LINES])) + "\n")
+        os.replace(tmp, path)  # whole or absent: an interrupted write leaves no short trace under the name
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 class _PatientPipe(io.RawIOBase):

@@ -311,14 +311,17 @@ _KV_VIRTUAL = """
         cfg.recompute_us_per_token = 50_000
         return real(cfg, **kw)
 
-    real_as_completed = kv_vsim.as_completed
+    real_wait = kv_vsim.wait
 
-    def as_completed(futures):  # the pool's workers are started: say so
-        print("workers", *[p.pid for p in multiprocessing.active_children()], flush=True)
-        return real_as_completed(futures)
+    def wait(futures, **kw):  # the pool's workers are started: say so (once)
+        if not said:
+            said.append(print("workers", *[p.pid for p in multiprocessing.active_children()], flush=True))
+        return real_wait(futures, **kw)
+
+    said = []
 
     kv_vsim.run_kv_virtual = synthetic
-    kv_vsim.as_completed = as_completed
+    kv_vsim.wait = wait
     sys.exit(main(["testbed", "kv", "--virtual", "--down-trace", "8mbps", "--delay-ms", "10", "--context-tokens",
                    "512", "--chunk-tokens", "128", "--controllers", "tokenwire,fixed-L1,fixed-L3", "--repeats",
                    "5000", "--workers", "2"]))

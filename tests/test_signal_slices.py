@@ -20,14 +20,16 @@ class Delivered(Exception):
 
 
 @contextmanager
-def signal_to_another_thread(after_s: float = 0.5) -> Iterator[None]:
-    """SIGUSR1 raising :class:`Delivered`, sent ``after_s`` into the block to a helper thread (never to the main
-    thread, whose blocking call it would interrupt)."""
+def signal_to_another_thread(after_s: float = 0.5, ready: threading.Event | None = None) -> Iterator[None]:
+    """SIGUSR1 raising :class:`Delivered`, sent to a helper thread (never to the main thread, whose blocking call
+    it would interrupt) ``after_s`` into the block, or after ``ready`` is set when given."""
 
     def handler(signum: int, frame: object) -> None:
         raise Delivered
 
     def poke() -> None:
+        if ready is not None:
+            ready.wait(30)
         time.sleep(after_s)
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
 
@@ -65,3 +67,51 @@ def test_a_childs_line_wait_returns_to_the_interpreter_while_the_child_is_silent
         writer.join(10)
         reader.close()
         os.close(w)
+
+
+def test_kv_virtual_waits_for_its_workers_in_slices(monkeypatch):
+    """`testbed kv --virtual` waited for its next controller in one futex wait: a SIGTERM landing just before it
+    was handled when that controller finished (32 s into a 15-repeat run), the workers computing on meanwhile."""
+    from concurrent.futures import Future
+
+    from tokenwire.testbed import kv_vsim
+    from tokenwire.testbed.kv_eval import KVEvalConfig
+
+    futures: list[Future] = []
+    finished, submitted = threading.Event(), threading.Event()
+
+    class Pool:  # workers that never finish by themselves
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> Pool:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def submit(self, *args: object) -> Future:
+            futures.append(Future())
+            submitted.set()  # (the wait for them comes next)
+            return futures[-1]
+
+    def give_up() -> None:  # after 10 s the workers "finish" (the blocked wait then returns)
+        if not finished.wait(10):
+            gave_up.set()
+            for f in futures:
+                f.set_result([])
+
+    gave_up = threading.Event()
+    monkeypatch.setattr(kv_vsim, "ProcessPoolExecutor", Pool)
+    cfg = KVEvalConfig(down_trace="8mbps", up_trace="8mbps", delay_ms=10, context_tokens=512, chunk_tokens=128,
+                       deadline_ms=8000, controllers=["tokenwire", "fixed-L1"], repeats=2,
+                       recompute_us_per_token=50_000, synthetic=(8, 4, 64))
+    ender = threading.Thread(target=give_up, daemon=True)
+    try:
+        with signal_to_another_thread(ready=submitted), pytest.raises(Delivered):
+            ender.start()
+            kv_vsim.run_kv_virtual(cfg, workers=2)
+        assert futures and not gave_up.is_set()  # handled while the workers ran, not once they were done
+    finally:
+        finished.set()
+        ender.join(10)
