@@ -115,3 +115,33 @@ def test_kv_virtual_waits_for_its_workers_in_slices(monkeypatch):
     finally:
         finished.set()
         ender.join(10)
+
+
+def test_a_fifo_trace_without_a_writer_yet_is_waited_for_in_slices(tmp_path):
+    """open() of a FIFO waits for a writer: a SIGTERM landing just before it was never handled while none came
+    (`testbed up --down-trace FIFO`, `predictor collect`: 10 runs of 10 hung)."""
+    from tokenwire.testbed.trace import load_trace
+
+    fifo = tmp_path / "t.fifo"
+    os.mkfifo(fifo)
+    done, gave_up = threading.Event(), threading.Event()
+
+    def writer() -> None:  # none for 10 s; then one comes and goes (a blocked open returns, at the end of file)
+        if not done.wait(10):
+            gave_up.set()
+            os.close(os.open(fifo, os.O_WRONLY))
+
+    late = threading.Thread(target=writer, daemon=True)
+    late.start()
+    try:
+        with signal_to_another_thread(), pytest.raises(Delivered):
+            load_trace(str(fifo))
+        assert not gave_up.is_set()  # handled while no writer had come
+    finally:
+        done.set()
+        late.join(15)
+    # and a writer that comes later is still waited for: its trace is read whole
+    fed = threading.Thread(target=lambda: (time.sleep(0.5), (tmp_path / "t.fifo").write_text("1\n2\n")))
+    fed.start()
+    assert list(load_trace(str(fifo)).stamps_ms) == [1, 2]
+    fed.join(10)
