@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the daemon's UDP port on 127.0.0.1 (default 0: any free one), to keep runs in a port range")
     p.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                    help="serve the daemon's Prometheus metrics there during the run (default off)")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here (- for stdout)")
     p.set_defaults(handler=run_cli)
 
 
@@ -484,11 +484,10 @@ def run_cli(args: argparse.Namespace) -> int:
     out["overload_reasons"] = reasons
     out["meanings"] = MEANINGS
     out = json_safe(out)  # percentiles of no samples (every session failed) are NaN: null in JSON
-    print(json.dumps(out, indent=2))
     if args.json:
         write_json(out, args.json)
-    for line in summary_lines(out):
-        print(line, file=sys.stderr)
+    for line in summary_lines(out):  # (stdout, as every benchmark's table: with --json -, cli.main sends it to stderr)
+        print(line)
     if reasons:
         print(f"bench daemon: WARNING: the numbers measure a backlog, not latency: lower --rate or --sessions "
               f"({'; '.join(reasons)})", file=sys.stderr)
