@@ -789,19 +789,21 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
 
     parser = argparse.ArgumentParser(
         prog="python -m tokenwire.transport.server",
-        description="The SDK's smallest server: the demo answer on 127.0.0.1 with the development certificate. "
+        description="The SDK's smallest server: the demo answer with the development certificate. "
                     "`tokenwire daemon` is the service.")
+    # --host: a testbed's server namespace has its own address (docs/testbed.md), which 127.0.0.1 never reached
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=functools.partial(port_argument, listening=True), default=4433)
     args = parser.parse_args(argv)
     try:
-        server = await serve(_example_source(), host="127.0.0.1", port=args.port)
+        server = await serve(_example_source(), host=args.host, port=args.port)
     except OSError as exc:  # a port in use (another server, a daemon) was a traceback from the bind
-        parser.exit(2, f"{parser.prog}: error: cannot listen on udp/127.0.0.1:{args.port}: {exc.strerror or exc}\n")
+        parser.exit(2, f"{parser.prog}: error: cannot listen on udp/{args.host}:{args.port}: {exc.strerror or exc}\n")
     # SIGTERM (kill, systemd, docker stop) closes it as Ctrl-C does: without the close, clients waited out their
     # idle timeout (60 s) and then read "no packet from the server"
     with contextlib.suppress(NotImplementedError):  # (a loop without signal handlers)
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
-    print(f"serving the demo answer on udp://127.0.0.1:{server.port} (dev certificate); Ctrl-C to stop", flush=True)
+    print(f"serving the demo answer on udp://{args.host}:{server.port} (dev certificate); Ctrl-C to stop", flush=True)
     async with server:  # Ctrl-C cancels the wait: leaving the block closes the server (clients get SHUTTING_DOWN)
         await server.wait_closed()
 
