@@ -22,3 +22,21 @@ def test_the_example_server_and_client_meet_on_another_address(capsys):
         server.terminate()
         server.communicate(timeout=30)
     assert "digest verified" in capsys.readouterr().out
+
+
+def test_certificate_file_error_comes_from_the_client_module_as_the_other_errors(tmp_path):
+    """The README names it among connect's errors; it lived only in transport.tls, outside the client's exports."""
+    import asyncio
+
+    import pytest
+
+    from tokenwire.transport.client import CertificateFileError, __all__, connect
+
+    assert "CertificateFileError" in __all__
+
+    async def attempt() -> None:
+        async with connect("127.0.0.1", 9, cafile=str(tmp_path / "missing.pem")):
+            pass
+
+    with pytest.raises(CertificateFileError, match=r"missing\.pem"):
+        asyncio.run(attempt())

@@ -66,7 +66,7 @@ from .session_events import (
     idle_timeout_in_force,
 )
 from .session_outcome import ChatOutcome
-from .tls import client_configuration
+from .tls import CertificateFileError, client_configuration
 
 log = logging.getLogger("tokenwire.client")
 
@@ -714,6 +714,6 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectRefused", "ConnectTimeout", "Connection",
-           "DigestMismatch", "ErrorCode", "HandshakeError", "PromptTooLarge", "RemoteError", "TokenwireError",
-           "chat_sync", "connect"]
+__all__ = ["CertificateFileError", "ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectRefused",
+           "ConnectTimeout", "Connection", "DigestMismatch", "ErrorCode", "HandshakeError", "PromptTooLarge",
+           "RemoteError", "TokenwireError", "chat_sync", "connect"]
