@@ -17,7 +17,7 @@ marking = "l4s"                 # l4s (ECT(1)) | classic (ECT(0), as [marking] c
 forecaster = "onnx"             # onnx | ewma
 prior_mbps = 5.0                # planning bandwidth of a connection that has carried < 8 chunks (then: its own rates)
 recompute_us_per_token = 2250   # default engine prefill cost (clients may send their own)
-decode_mbps = 400.0             # client decode speed assumed by the controller (elements/s / 1e6 * 8)
+decode_mbps = 400.0             # decode speed planned for a client that sends no figure (elements/s / 1e6 * 8)
 ```
 
 Parsed here (not in ``config.py``) so the KV channel stays one small hook in the daemon's config.

@@ -4,7 +4,7 @@ A probe (no token, [auth] tokens configured) opened 16 fetch streams per KV conn
 of 1 MiB - 16 and the whole body but its last byte: +23 MiB RSS a connection for 42 s, bound only by max_sessions.
 Now a KV connection gets connection-level credit of two of the largest legal KV_FETCHes (plus its first stream's)
 and two fetch streams at once until one of its fetches is authorized, and a fetch stream's frames may be no larger
-than the largest legal KV_FETCH (657,989 bytes: 30 s to arrive with the default timeout, not 42 s).
+than the largest legal KV_FETCH (658,001 bytes: 30 s to arrive with the default timeout, not 42 s).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tokenwire.transport.frames import (
     KV_CONTROLLERS,
     MAX_CHUNK_TOKENS,
     MAX_DEADLINE_MS,
+    MAX_DECODE_RATE,
     MAX_KV_TOKENS,
     MAX_MODEL_CHARS,
     MAX_RECOMPUTE_US,
@@ -59,7 +60,7 @@ def _largest_fetch(**change: Any) -> KvFetch:
     fields: dict[str, Any] = {"model": longest * MAX_MODEL_CHARS, "deadline_ms": MAX_DEADLINE_MS,
                               "token_ids": [(1 << 31) - 1] * MAX_KV_TOKENS, "controller": max(KV_CONTROLLERS, key=len),
                               "recompute_us_per_token": MAX_RECOMPUTE_US, "auth": longest * MAX_AUTH_CHARS,
-                              "prefix": True}
+                              "prefix": True, "decode_elements_per_s": float(MAX_DECODE_RATE)}
     return KvFetch(**{**fields, **change})
 
 
@@ -68,7 +69,7 @@ def test_the_bound_is_the_largest_legal_kv_fetch():
     """Every field at its longest decodes, and one character more in either string is no KV_FETCH at all: the bound
     follows frames.py's field limits (MAX_AUTH_CHARS is the auth field's)."""
     body = encode_frame(_largest_fetch())
-    assert len(body) == MAX_KV_FETCH_BYTES == 657_989
+    assert len(body) == MAX_KV_FETCH_BYTES == 658_001
     assert isinstance(decode_frame(body), KvFetch)
     hashes = encode_frame(KvFetch(model="\U0010ffff" * MAX_MODEL_CHARS, deadline_ms=MAX_DEADLINE_MS,
                                   hashes=[bytes(16)] * 4096, auth="\U0010ffff" * MAX_AUTH_CHARS))

@@ -414,6 +414,17 @@ CHUNK_HASH_BYTES = 16
 MAX_KV_CHUNK_BYTES = 1 << 30  # payload bytes announced by one KV_CHUNK header
 MAX_DEADLINE_MS = 3_600_000
 MAX_RECOMPUTE_US = 10_000_000  # per token: 10 s, far beyond any engine's prefill
+# a client's measured decode rate, KV elements per second: 1,000 (a 1-M-element chunk in 17 min) to 10^12 (far
+# beyond any codec), so the server's decode times stay finite and its plan's sums free of NaN
+MIN_DECODE_RATE = 1e3
+MAX_DECODE_RATE = 1e12
+
+
+def _decode_rate(frame: str, key: str, v: Any) -> float:
+    if type(v) not in (int, float) or not MIN_DECODE_RATE <= v <= MAX_DECODE_RATE:  # (NaN fails the range too)
+        raise _fail(frame, key, f"expected a decode rate in [{MIN_DECODE_RATE:g}, {MAX_DECODE_RATE:g}] "
+                                f"elements/s, got {v!r}")
+    return float(v)
 
 
 def _hash_list(frame: str, key: str, v: Any) -> list[bytes]:
@@ -450,6 +461,9 @@ class KvFetch(Frame):
     ``recompute_us_per_token`` is the client engine's prefill cost (it decides when text beats KV);
     ``controller`` selects a level policy (baselines for evaluation; ``tokenwire`` by default); ``prefix``
     asks for the longest stored prefix when the whole context is not stored (a conversation's next turn).
+    ``decode_elements_per_s`` is the client's measured decode rate (the server plans each chunk's decode with
+    it); a client sends it only to a server that negotiated ``KV_ALPN_DECODE_RATE`` (kv_protocol), since older
+    servers refuse any field they do not know.
     """
 
     TYPE = FrameType.KV_FETCH
@@ -461,6 +475,7 @@ class KvFetch(Frame):
     recompute_us_per_token: int | None = None
     auth: str | None = None
     prefix: bool | None = None
+    decode_elements_per_s: float | None = None
     version: int = PROTOCOL_VERSION
 
     FIELDS: ClassVar[FieldSpec] = {
@@ -473,6 +488,7 @@ class KvFetch(Frame):
         "rc": ("recompute_us_per_token", _int(0, MAX_RECOMPUTE_US), False),
         "a": ("auth", _str(MAX_AUTH_CHARS), False),
         "px": ("prefix", _bool, False),
+        "dr": ("decode_elements_per_s", _decode_rate, False),
     }
 
 

@@ -576,7 +576,18 @@ class KVConnection(SessionProtocol):
         self.kv.finish(sid)
 
     def _start_decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> None:
-        pf.decodes[hdr.index] = asyncio.get_running_loop().run_in_executor(self._pool, self._decode, pf, hdr, payload)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._decode, pf, hdr, payload)
+        fut.add_done_callback(functools.partial(self._decoded, pf, hdr))
+        pf.decodes[hdr.index] = fut
+
+    def _decoded(self, pf: _PendingFetch, hdr: KvChunk, fut: asyncio.Future[Any]) -> None:
+        """A codec chunk decoded: its rate feeds the connection's decode rate, which later fetches tell the server
+        (``KVClientSession.decode_rate``). On the loop, not the decode thread: the session is not thread-safe."""
+        if hdr.level == TEXT or pf.meta is None or fut.cancelled() or fut.exception() is not None:
+            return
+        t0, t1 = pf.decode_times.get(hdr.index, (0.0, 0.0))
+        layers, heads, dim = pf.meta.geometry
+        self.kv.decode_rate.observe(2 * layers * heads * dim * hdr.tokens, t1 - t0)
 
     def _decode(self, pf: _PendingFetch, hdr: KvChunk, payload: bytes) -> ChunkResult:
         t0 = time.monotonic()

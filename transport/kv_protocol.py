@@ -36,6 +36,7 @@ from .frames import (
     KV_CONTROLLERS,
     MAX_AUTH_CHARS,
     MAX_DEADLINE_MS,
+    MAX_DECODE_RATE,
     MAX_KV_TOKENS,
     MAX_MODEL_CHARS,
     MAX_RECOMPUTE_US,
@@ -56,13 +57,19 @@ def _largest_fetch() -> int:
     return len(encode_frame(KvFetch(model=longest * MAX_MODEL_CHARS, deadline_ms=MAX_DEADLINE_MS,
                                     token_ids=[(1 << 31) - 1] * MAX_KV_TOKENS, controller=max(KV_CONTROLLERS, key=len),
                                     recompute_us_per_token=MAX_RECOMPUTE_US, auth=longest * MAX_AUTH_CHARS,
-                                    prefix=True)))
+                                    prefix=True, decode_elements_per_s=float(MAX_DECODE_RATE))))
 
 
 # The largest frame a fetch stream carries (its KV_FETCH; a KV_ACK or ERROR is far smaller): the server's decoder
 # refuses a longer length prefix at once. It took any stream frame up to 1 MiB, so a client without a token could
 # make the server buffer 16 x 1 MiB per connection, each such fetch given 42 s to complete instead of 30 s.
-MAX_KV_FETCH_BYTES = _largest_fetch()  # 657,989 bytes
+MAX_KV_FETCH_BYTES = _largest_fetch()  # 658,001 bytes (657,989 before the decode rate's 12: key, float64)
+
+# The ALPN a server that reads KV_FETCH's decode rate ("dr") offers first, beside KV_ALPN. The frame decoder refuses
+# fields it does not know, and a server refusing a KV_FETCH closes the connection: a client sends its decode rate only
+# where this was negotiated (kv_client_session.KVClientSession.sends_decode_rate), so an old server never sees the
+# field, and an old client (offering KV_ALPN alone) is served as before, planned at the configured rate.
+KV_ALPN_DECODE_RATE = KV_ALPN + "+dr"
 
 
 class KVError(TokenwireError):
@@ -81,8 +88,9 @@ class KVCorruptChunk(KVError):
 
 
 def kv_quic_config(config: Any) -> Any:
-    """The KV channel's QUIC settings on either end's configuration: its ALPN, no datagrams, flow windows."""
-    config.alpn_protocols = [KV_ALPN]
+    """The KV channel's QUIC settings on either end's configuration: its ALPNs (the server prefers the first
+    the client offers), no datagrams, flow windows."""
+    config.alpn_protocols = [KV_ALPN_DECODE_RATE, KV_ALPN]
     config.max_datagram_frame_size = None  # KV frames never travel in datagrams: the extension is not offered
     config.max_data = FLOW_WINDOW
     config.max_stream_data = FLOW_WINDOW

@@ -70,7 +70,7 @@ UNAUTHORIZED_MEMORY_BYTES = 256 << 20
 # KV_FETCH with its length prefix. The budget is never below it (KVServer.count_unauthorized): at the setting's
 # minimum (1 MiB) a lone token holder whose two fetches of 128 Ki ids were not whole yet (~1.3 MB, not yet
 # authorized) was closed every time
-UNAUTHORIZED_CONNECTION_BYTES = UNAUTHORIZED_WINDOW + 4 + MAX_KV_FETCH_BYTES  # 1,973,979 bytes
+UNAUTHORIZED_CONNECTION_BYTES = UNAUTHORIZED_WINDOW + 4 + MAX_KV_FETCH_BYTES  # 1,974,015 bytes
 
 
 class KVServerProtocol(GuardedProtocol):

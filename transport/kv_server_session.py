@@ -543,10 +543,11 @@ class KVServerSession(_SessionBase):
     def _decide(self, f: ServerFetch, now: float) -> str:
         assert f.fetch is not None and f.plan is not None and f.controller is not None
         rc = self._recompute_us(f)
+        rate = self._decode_rate(f)
         opts = []
         for i in range(f.next_index, len(f.plan.token_counts)):
             toks = f.plan.token_counts[i]
-            dec = f.plan.elements[i] / self.tuning.decode_elements_per_s
+            dec = f.plan.elements[i] / rate
             opts.append(ChunkOptions(dict(f.plan.sizes[i]), 4 * toks, toks * rc / 1e6, dict.fromkeys(LEVELS, dec)))
         fc = f.forecaster.forecast()
         time_left = f.received_at + f.fetch.deadline_ms / 1000.0 - self._path_rtt(f.controller.legacy) / 2 - now
@@ -585,16 +586,35 @@ class KVServerSession(_SessionBase):
         # 30 KB was priced again, 2.2 s of an 8 s budget (kv_vsim, Verizon-LTE). The legacy rule keeps that count.
         inflight = f.bytes_written - f.bytes_acked if f.controller.legacy else self._unacked(f)
         explore, measured = self._explore(f)
+        busy = self._decode_backlog(f, now, rate)
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=inflight,
-                                median_bps=med, low_bps=low, sample_age_s=age, explore=explore, measured_bps=measured)
+                                median_bps=med, low_bps=low, sample_age_s=age, explore=explore, measured_bps=measured,
+                                decode_busy_s=busy)
         if d.probe:
             f.probe = f.next_index
         f.decisions.append({"index": f.next_index, "level": d.level, "planned": list(d.planned),
                             "median_bps": med, "low_bps": low, "fresh": fresh is not None,
                             "age_s": age if math.isfinite(age) else None,
                             "budget_s": d.budget_s, "time_left_s": time_left, "inflight_bytes": inflight,
-                            "probe": d.probe})
+                            "probe": d.probe, "decode_elements_per_s": rate, "decode_busy_s": busy})
         return d.level
+
+    def _decode_rate(self, f: ServerFetch) -> float:
+        """The client's decode rate, elements/s: the one its KV_FETCH carries (measured on its own decodes), else the
+        configured one (``[kv] decode_mbps``; older clients send none)."""
+        sent = f.fetch.decode_elements_per_s if f.fetch is not None else None
+        return self.tuning.decode_elements_per_s if sent is None else sent
+
+    @staticmethod
+    def _decode_backlog(f: ServerFetch, now: float, rate: float) -> float:
+        """Decode work still queued at the client for the chunks already sent, at least (the controller's
+        ``decode_busy_s``): their decode times at ``rate`` less the time since the first was written, the most its one
+        decode thread can have worked through (it starts only once a chunk has arrived, so this is a lower bound)."""
+        assert f.plan is not None
+        if f.first_sent_at is None:
+            return 0.0
+        work = sum(f.plan.elements[i] for i, lv in enumerate(f.levels) if lv != TEXT) / rate
+        return max(0.0, work - (now - f.first_sent_at))
 
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
         if stream_id % 4 != 0:
@@ -755,7 +775,7 @@ class KVServerSession(_SessionBase):
     # -- fetches still arriving: the chat port's request timeout (server_session.ServerSession) -----------------
     def _fetch_deadline(self, f: ServerFetch) -> float:
         """When a KV_FETCH still arriving is refused: the request timeout after its first bytes, plus its size (once
-        its length prefix has come) at MIN_REQUEST_RATE, so that the largest fetch (MAX_KV_FETCH_BYTES, 657,989 bytes:
+        its length prefix has come) at MIN_REQUEST_RATE, so that the largest fetch (MAX_KV_FETCH_BYTES, 658,001 bytes:
         30 s with the default 10-s timeout) on a slow uplink has the time it needs while a stalled one still ends."""
         size = f.decoder.expected or 0
         return f.opened_at + self.request_timeout + size / MIN_REQUEST_RATE
