@@ -846,7 +846,8 @@ class KVService:
                         metas.append(tail[1])
                 if fetch.prefix and metas:
                     break
-                raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found")
+                hint = f" (prefix=True fetches the {len(metas)} stored)" if metas else ""
+                raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found{hint}")
             metas.append(m)
         hashes = hashes[:len(metas)]
         if fetch.token_ids is None:  # by hashes: they must be a context's chain from its first chunk, in order

@@ -169,7 +169,7 @@ def test_a_fetch_that_drops_an_unsourced_chunk_takes_the_chunks_after_it(make_st
     else:
         assert store.used_bytes == _disk_bytes(store.root)
         assert not any(h in store._parent or h in store._kids for h in hashes[1:])
-    with pytest.raises(KVNotFound, match="1 of 3 chunks found"):
+    with pytest.raises(KVNotFound, match=r"1 of 3 chunks found \(prefix=True fetches the 1 stored\)$"):
         svc.resolve_sync(KvFetch(model=MODEL, deadline_ms=1000, token_ids=ids))
     svc.ingest_sync(MODEL, ids, make_kv(len(ids)))
     assert _prefix(svc, ids) == [CHUNK] * 3
