@@ -19,9 +19,10 @@ costs one parse, however large the file.
 A pipe (a FIFO, bash's ``<(zcat trace.gz)``, which is ``/dev/fd/63``) gives its content once: a command that
 checks its traces and then runs on them read an exhausted pipe the second time ("empty trace"). Any file that is
 not regular is therefore read once per process as well, kept by device and inode (and modification time, which a
-pipe's writer moves: an inode number reused by a later FIFO is not taken for the old one), under the same bound of
-a few entries. Another process cannot read that pipe again: :func:`child_readable` writes this process's parse to
-a regular file for it (the emulator of a namespace run, worker processes).
+pipe's writer moves: an inode number reused by a later FIFO is not taken for the old one), for the life of the
+process (the bound of a few entries is the regular files'). Another process cannot read that pipe again:
+:func:`child_readable` writes this process's parse to a regular file for it (the emulator of a namespace run,
+worker processes).
 """
 
 from __future__ import annotations
@@ -219,8 +220,10 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     device, inode, size and modification time) is not parsed again (the same :class:`Trace`, which nothing
     modifies, is returned). Nor is a pipe or other non-regular file already read (same device, inode and
     modification time, whatever the path: ``/dev/fd/63`` and ``/proc/self/fd/63`` are one pipe): its content could
-    be read only once, and the second look found it empty. The cache holds :data:`_CACHE_ENTRIES` files of either
-    kind, the least recently used going first.
+    be read only once, and the second look found it empty. The cache holds :data:`_CACHE_ENTRIES` regular files,
+    the least recently used going first, and every pipe read, for the life of the process: a pipe dropped could not
+    be read again (``predictor collect-many`` with five piped traces lost the first before its run; a FIFO's
+    second read waited for a writer that never came).
     """
     name = os.fspath(path)
     try:
@@ -244,8 +247,9 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             return trace
     with _cache_lock:
         _cache[key] = trace
-        while len(_cache) > _CACHE_ENTRIES:
-            _cache.popitem(last=False)
+        files = [k for k in _cache if k[0] != "pipe"]
+        for old in files[: max(0, len(files) - _CACHE_ENTRIES)]:  # (oldest first; pipes are never dropped)
+            del _cache[old]
     return trace
 
 
@@ -305,6 +309,8 @@ class _PatientPipe(io.RawIOBase):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self._fd = fd
+        self._poll = select.poll()  # (not select(): it refuses descriptors from 1024 on, a ValueError)
+        self._poll.register(fd, select.POLLIN)
 
     def fileno(self) -> int:
         return self._fd
@@ -313,7 +319,7 @@ class _PatientPipe(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        while not select.select([self._fd], [], [], _WAIT_S)[0]:
+        while not self._poll.poll(_WAIT_S * 1000):
             pass  # (back in the interpreter: a pending handler runs here)
         return os.readv(self._fd, [buffer])
 
