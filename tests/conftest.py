@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import tracemalloc
 import warnings
 from collections.abc import Generator, Iterator
@@ -24,6 +25,16 @@ def _no_stale_log_handlers() -> Iterator[None]:
         if type(handler) is logging.StreamHandler and handler not in before:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decode_rates() -> Iterator[None]:
+    """The KV client's decode rate is the process's (``kv_client.process_decode_rate``): each test starts without
+    the figures an earlier test's decodes left, so the server plans its fetches as a fresh process's."""
+    module = sys.modules.get("tokenwire.transport.kv_client")
+    if module is not None:
+        module._DECODE_RATES.clear()
+    yield
 
 
 @pytest.fixture(scope="module")

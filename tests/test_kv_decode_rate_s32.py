@@ -167,6 +167,33 @@ def test_a_fetch_tells_the_server_the_rate_measured_on_this_connections_decodes(
     assert seen == [None, measured]  # nothing before any decode; then this connection's figure
 
 
+def test_a_new_connection_tells_the_server_the_rate_its_process_measured(service, monkeypatch):  # noqa: F811
+    """The rate is the host's and the codec's: per connection, a connection's first fetch (every fetch of a client
+    opening a connection per fetch) told the server nothing, planned at the configured 50 M elements/s."""
+    ids = list(range(100, 100 + 3 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["medium"])
+    seen = []
+    on_frame = KVServerSession._on_frame
+
+    def spy(self, f, frame, now):
+        if isinstance(frame, KvFetch):
+            seen.append(frame.decode_elements_per_s)
+        return on_frame(self, f, frame, now)
+
+    monkeypatch.setattr(KVServerSession, "_on_frame", spy)
+
+    async def go():
+        async with kv_client(service) as (conn, _):
+            await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
+            measured = conn.kv.decode_rate.rate()
+        async with kv_client(service) as (conn, _):  # a new connection: its first fetch
+            await conn.fetch_kv(model=MODEL, token_ids=ids, deadline_ms=5000, controller="fixed-L2")
+        return measured
+
+    measured = run(go())
+    assert measured is not None and seen == [None, measured]
+
+
 def test_a_server_that_does_not_read_the_rate_never_gets_it(service, monkeypatch):  # noqa: F811
     """An older server offers KV_ALPN alone and refuses unknown KV_FETCH fields (closing the connection)."""
     from tokenwire.transport import kv_server

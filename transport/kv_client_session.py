@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -52,17 +53,20 @@ class DecodeRate:
 
     def __init__(self, window: int = DECODE_RATE_CHUNKS) -> None:
         self._rates: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()  # (one may serve a process's connections, on several event loops)
 
     def observe(self, elements: int, seconds: float) -> None:
         """One codec chunk of ``elements`` decoded in ``seconds`` (ignored unless both are positive and finite)."""
         if elements > 0 and 0 < seconds < math.inf:
-            self._rates.append(elements / seconds)
+            with self._lock:
+                self._rates.append(elements / seconds)
 
     def rate(self) -> float | None:
         """The figure a fetch carries (within KV_FETCH's bounds), or None before any codec chunk decoded."""
-        if not self._rates:
+        with self._lock:
+            r = sorted(self._rates)
+        if not r:
             return None
-        r = sorted(self._rates)
         return min(max(r[len(r) // 2], MIN_DECODE_RATE), MAX_DECODE_RATE)
 
 
