@@ -141,18 +141,24 @@ def test_the_decode_rate_is_the_median_of_recent_chunks_within_the_frames_bounds
     assert r.rate() == 1e3  # clamped to what KV_FETCH accepts
 
 
-def test_a_fetch_tells_the_server_the_rate_measured_on_this_connections_decodes(service, monkeypatch):  # noqa: F811
-    ids = list(range(100, 100 + 3 * CHUNK))
-    service.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["medium"])
-    seen = []
+def rates_received(monkeypatch) -> list:
+    """The decode rate of every KV_FETCH the server receives from now on (None: none sent), in order."""
+    seen: list = []
     on_frame = KVServerSession._on_frame
 
     def spy(self, f, frame, now):
         if isinstance(frame, KvFetch):
-            seen.append(getattr(frame, "decode_elements_per_s", None))
+            seen.append(frame.decode_elements_per_s)
         return on_frame(self, f, frame, now)
 
     monkeypatch.setattr(KVServerSession, "_on_frame", spy)
+    return seen
+
+
+def test_a_fetch_tells_the_server_the_rate_measured_on_this_connections_decodes(service, monkeypatch):  # noqa: F811
+    ids = list(range(100, 100 + 3 * CHUNK))
+    service.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["medium"])
+    seen = rates_received(monkeypatch)
 
     async def go():
         async with kv_client(service) as (conn, _):
@@ -172,15 +178,7 @@ def test_a_new_connection_tells_the_server_the_rate_its_process_measured(service
     opening a connection per fetch) told the server nothing, planned at the configured 50 M elements/s."""
     ids = list(range(100, 100 + 3 * CHUNK))
     service.ingest_sync(MODEL, ids, make_kv(len(ids)), prewarm=["medium"])
-    seen = []
-    on_frame = KVServerSession._on_frame
-
-    def spy(self, f, frame, now):
-        if isinstance(frame, KvFetch):
-            seen.append(frame.decode_elements_per_s)
-        return on_frame(self, f, frame, now)
-
-    monkeypatch.setattr(KVServerSession, "_on_frame", spy)
+    seen = rates_received(monkeypatch)
 
     async def go():
         async with kv_client(service) as (conn, _):

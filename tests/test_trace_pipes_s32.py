@@ -70,6 +70,15 @@ def fifo_fed_once(path: str, data: bytes = TRACE) -> Iterator[list[int]]:
         assert not feeder.is_alive()
 
 
+@pytest.fixture
+def temp(tmp_path, monkeypatch):
+    """tempfile's folder, this test's alone: where a run puts its copies of piped traces (and must leave none)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 def piped(data: bytes = TRACE) -> tuple[str, int]:
     """An anonymous pipe holding ``data``, its write end closed, named as bash names ``<(...)``: ``/dev/fd/N``."""
     r, w = os.pipe()
@@ -149,7 +158,7 @@ def test_swiftqueue_virtual_takes_a_fifo(tmp_path, capsys):
     assert json.loads(out.read_text())["config"]["down_trace"] == fifo  # the user's name, in the results
 
 
-def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_path, monkeypatch, capsys):
+def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_path, temp, monkeypatch, capsys):
     """The parent reads the FIFO once; the worker processes (spawned: they open the trace again) get a regular
     copy in a folder of the run's, gone once the run is."""
     from tokenwire.testbed import kv_vsim
@@ -161,10 +170,7 @@ def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_pa
         cfg.recompute_us_per_token = 50_000
         return real(cfg, **kw)
 
-    temp = tmp_path / "tmp"
-    temp.mkdir()
     monkeypatch.setattr(kv_vsim, "run_kv_virtual", synthetic)
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the run's copies go (and must be gone from)
     fifo = str(tmp_path / "down.fifo")
     out = tmp_path / "kv.json"
     with fifo_fed_once(fifo) as opens:
@@ -189,11 +195,8 @@ def root_only(test):
 
 
 @root_only
-def test_compare_takes_a_fifo_down_trace(tmp_path, monkeypatch, capsys):
+def test_compare_takes_a_fifo_down_trace(tmp_path, temp, monkeypatch, capsys):
     """The emulator of each scheme's testbed opens its traces again: it gets a copy, removed with the run."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     fifo = str(tmp_path / "down.fifo")
     out = tmp_path / "cmp.json"
     with fifo_fed_once(fifo) as opens:
@@ -208,14 +211,11 @@ def test_compare_takes_a_fifo_down_trace(tmp_path, monkeypatch, capsys):
 
 
 @root_only
-def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt(tmp_path, monkeypatch):
+def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt(tmp_path, temp, monkeypatch):
     from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
     from tokenwire.testbed.netns import STATE_DIR
     from tokenwire.testbed.topology import Testbed
 
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     name, fd = piped()
     try:
         cfg = EmulatorConfig(down=DirectionConfig(name, 10.0), up=DirectionConfig("12mbps", 10.0))
@@ -235,11 +235,8 @@ def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt
 
 
 @root_only
-def test_up_detach_takes_a_fifo_and_shows_its_name(tmp_path, monkeypatch, capsys):
+def test_up_detach_takes_a_fifo_and_shows_its_name(tmp_path, temp, monkeypatch, capsys):
     """The background child of ``up --detach`` opens its traces again: it gets a copy, gone once it is up."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     fifo = str(tmp_path / "down.fifo")
     run_id = None
     try:
