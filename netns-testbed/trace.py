@@ -336,10 +336,10 @@ def _open_text(name: str, regular: bool) -> io.TextIOWrapper:
         return open(name, encoding="ascii")
     # not blocking in open() either: a FIFO's open waits for a writer, and a SIGTERM landing just before it was
     # never handled while none came. Opened at once, the wait is the reader's, in slices (on Linux a FIFO no writer
-    # has opened yet is not at its end for select(); it is once a writer came and went)
+    # has opened yet is not at its end for poll(); it is once a writer came and went)
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        os.set_blocking(fd, True)  # (select says when a read returns at once)
+        os.set_blocking(fd, True)  # (poll says when a read returns at once)
         raw = _PatientPipe(fd)
     except BaseException:
         os.close(fd)
