@@ -261,15 +261,21 @@ def _cache_key(name: str, st: os.stat_result) -> tuple[object, ...]:
     return ("pipe", st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+_DESCRIPTOR_NAMES = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/")
+
+
 def read_once(spec: str) -> bool:
     """Whether ``spec`` names a trace another process cannot read again: a pipe, or any file that is not regular
-    (not a rate, not a regular file, not a missing path)."""
+    (not a rate, not a regular file, not a missing path), or a regular file named through one of this process's
+    descriptors (``/dev/stdin`` redirected from a file: in another process the name is that one's own descriptor,
+    ``up --detach``'s child read its /dev/null as an empty trace)."""
     if parse_rate(spec) is not None:
         return False
     try:
-        return not stat.S_ISREG(os.stat(spec).st_mode)
+        regular = stat.S_ISREG(os.stat(spec).st_mode)
     except OSError:
         return False
+    return not regular or os.path.abspath(spec).startswith(_DESCRIPTOR_NAMES)
 
 
 def child_readable(spec: str, folder: str) -> str:

@@ -277,3 +277,23 @@ def test_a_pipe_read_on_a_descriptor_past_1023_works(tmp_path):
         for f in fillers:
             os.close(f)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_trace_named_through_a_descriptor_is_copied_for_another_process(tmp_path):
+    """`up --detach --down-trace /dev/stdin < f.trace`: in the child, /dev/stdin was its own (/dev/null), an empty
+    trace. A name of this process's descriptor gets a copy, however regular the file behind it."""
+    import subprocess
+    import sys
+
+    trace = tmp_path / "f.trace"
+    trace.write_text("4\n9\n")
+    probe = ("import sys; from tokenwire.testbed.trace import child_readable, load_trace, read_once; "
+             "c = child_readable('/dev/stdin', sys.argv[1]); "
+             "print(read_once('/dev/stdin'), c != '/dev/stdin', list(load_trace(c).stamps_ms))")
+    with open(trace) as stdin:
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "copies")], stdin=stdin,
+                             capture_output=True, text=True, timeout=60)
+    assert out.stdout.split(None, 2) == ["True", "True", "[4, 9]\n"], out.stderr
+    from tokenwire.testbed.trace import read_once
+
+    assert not read_once(str(trace))  # (the file by its own name: any process reads it)
