@@ -98,10 +98,12 @@ class LineReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            fds = [self.fd, *(w.fd for w in watches if w.fd is not None)]
+            poller = select.poll()  # (not select(): it refuses descriptors from 1024 on, a ValueError)
+            for fd in (self.fd, *(w.fd for w in watches if w.fd is not None)):
+                poller.register(fd, select.POLLIN)
             if any(w.fd is None for w in watches):
                 left = min(left, ExitWatch.POLL_S)
-            ready, _, _ = select.select(fds, [], [], min(left, WAIT_SLICE_S))
+            ready = {fd for fd, _ in poller.poll(min(left, WAIT_SLICE_S) * 1000)}
             if self.fd not in ready:
                 continue
             chunk = os.read(self.fd, 65536)

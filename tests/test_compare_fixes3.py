@@ -84,7 +84,7 @@ def test_the_emulators_exit_ends_the_run_at_once_and_is_the_error(monkeypatch, t
 
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
 def test_a_watched_exit_ends_a_wait_on_another_process(monkeypatch, pidfd):
-    """The watched process exits during the wait (once it is in select(), on the client's pipe): the wait ends with
+    """The watched process exits during the wait (once it is in poll(), on the client's pipe): the wait ends with
     the watched process's error, through its pidfd, or where ``pidfd_open`` is missing by polling it. Without
     either the wait went on until the client spoke (here: "connected", 10 s later) and the exit went unnoticed."""
     import select
@@ -94,19 +94,26 @@ def test_a_watched_exit_ends_a_wait_on_another_process(monkeypatch, pidfd):
     sleeper = [sys.executable, "-c", "import sys; sys.stdin.read()"]
     late = [sys.executable, "-c", "import json, sys, time; time.sleep(10); "
             "sys.stdout.write(json.dumps({'connected': True}) + '\\n')"]  # one write: the line whole
-    real_select = select.select
+    real_poll = select.poll
     with (subprocess.Popen(sleeper, stdin=subprocess.PIPE) as emu,
           subprocess.Popen(late, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as client):
 
-        def select_then_exit(*args: Any) -> Any:
-            if emu.poll() is None:  # the emulator exits after the wait began
-                emu.send_signal(signal.SIGTERM)
-                emu.wait()
-            return real_select(*args)
+        class ExitThenPoll:  # select.poll(), whose first wait makes the emulator exit (after the wait began)
+            def __init__(self) -> None:
+                self.poller = real_poll()
+
+            def register(self, *args: Any) -> None:
+                self.poller.register(*args)
+
+            def poll(self, *args: Any) -> Any:
+                if emu.poll() is None:
+                    emu.send_signal(signal.SIGTERM)
+                    emu.wait()
+                return self.poller.poll(*args)
 
         watch = ExitWatch(emu, lambda status: ChildError(f"emulator gone ({status})"))
         assert (watch.fd is not None) == pidfd
-        monkeypatch.setattr(select, "select", select_then_exit)
+        monkeypatch.setattr(select, "poll", ExitThenPoll)
         try:
             with pytest.raises(ChildError, match=r"^emulator gone \(-15\)$"):
                 Child(client, "x client", watches=[watch]).wait_for("connected", 60)

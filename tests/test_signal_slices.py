@@ -145,3 +145,28 @@ def test_a_fifo_trace_without_a_writer_yet_is_waited_for_in_slices(tmp_path):
     fed.start()
     assert list(load_trace(str(fifo)).stamps_ms) == [1, 2]
     fed.join(10)
+
+
+def test_a_childs_line_is_read_on_a_descriptor_past_1023():
+    """select() refuses descriptors from 1024 on ("filedescriptor out of range in select()", a traceback): a
+    harness holding many files could not wait on a child."""
+    import resource
+
+    from tokenwire.testbed.child import LineReader
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("the descriptor limit is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        r, w = os.pipe()
+        os.write(w, b"ready\n")
+        os.close(w)
+        with os.fdopen(r, "rb", buffering=0) as reader:
+            assert r >= 1024 and LineReader(reader).readline(time.monotonic() + 10) == "ready"
+    finally:
+        for f in fillers:
+            os.close(f)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
