@@ -37,6 +37,18 @@ def _fresh_decode_rates() -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The system temporary directory as an empty folder of this test's own (other runs use the real one): what a
+    command leaves in it is the test's to see."""
+    import tempfile
+
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A 3-s predictor dataset with a few hundred prediction points (the predictor CLI tests')."""

@@ -165,17 +165,6 @@ def test_a_second_start_under_a_live_run_id_leaves_the_live_run_alone(kind, caps
 
 
 # -- 3. --keep DIR: no temporary folder at all (one was made anyway, recorded nowhere: SIGKILL left it behind)
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """The system temporary directory as an empty folder of this test's own (other runs use the real one)."""
-    import tempfile
-
-    tmp = tmp_path / "systmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
-
-
 class _Stop(Exception):
     pass
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -68,15 +67,6 @@ def fifo_fed_once(path: str, data: bytes = TRACE) -> Iterator[list[int]]:
         finally:
             os.close(unblock)
         assert not feeder.is_alive()
-
-
-@pytest.fixture
-def temp(tmp_path, monkeypatch):
-    """tempfile's folder, this test's alone: where a run puts its copies of piped traces (and must leave none)."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def piped(data: bytes = TRACE) -> tuple[str, int]:
@@ -158,7 +148,7 @@ def test_swiftqueue_virtual_takes_a_fifo(tmp_path, capsys):
     assert json.loads(out.read_text())["config"]["down_trace"] == fifo  # the user's name, in the results
 
 
-def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_path, temp, monkeypatch, capsys):
+def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_path, private_tmp, monkeypatch, capsys):
     """The parent reads the FIFO once; the worker processes (spawned: they open the trace again) get a regular
     copy in a folder of the run's, gone once the run is."""
     from tokenwire.testbed import kv_vsim
@@ -182,7 +172,7 @@ def test_kv_virtual_takes_a_fifo_and_its_workers_get_a_copy_removed_after(tmp_pa
     summary = json.loads(out.read_text())
     assert summary["config"]["down_trace"] == fifo and summary["config"]["up_trace"] == fifo
     assert all(len(rows) == 1 for rows in summary["fetches"].values())
-    assert list(temp.iterdir()) == []
+    assert list(private_tmp.iterdir()) == []
 
 
 def root_only(test):
@@ -195,7 +185,7 @@ def root_only(test):
 
 
 @root_only
-def test_compare_takes_a_fifo_down_trace(tmp_path, temp, monkeypatch, capsys):
+def test_compare_takes_a_fifo_down_trace(tmp_path, private_tmp, monkeypatch, capsys):
     """The emulator of each scheme's testbed opens its traces again: it gets a copy, removed with the run."""
     fifo = str(tmp_path / "down.fifo")
     out = tmp_path / "cmp.json"
@@ -207,11 +197,11 @@ def test_compare_takes_a_fifo_down_trace(tmp_path, temp, monkeypatch, capsys):
     summary = json.loads(out.read_text())
     assert summary["config"]["down_trace"] == fifo and summary["config"]["up_trace"] == fifo
     assert {d["tokens_rendered"] for d in summary["schemes"].values()} == {10}
-    assert list(temp.iterdir()) == []
+    assert list(private_tmp.iterdir()) == []
 
 
 @root_only
-def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt(tmp_path, temp, monkeypatch):
+def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt(tmp_path, private_tmp, monkeypatch):
     from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig
     from tokenwire.testbed.netns import STATE_DIR
     from tokenwire.testbed.topology import Testbed
@@ -220,7 +210,7 @@ def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt
     try:
         cfg = EmulatorConfig(down=DirectionConfig(name, 10.0), up=DirectionConfig("12mbps", 10.0))
         with pytest.raises(KeyboardInterrupt), Testbed(cfg, backend="userspace") as tb:
-            (copies,) = temp.iterdir()  # the emulator is up: it read its copy
+            (copies,) = private_tmp.iterdir()  # the emulator is up: it read its copy
             (copy,) = [p for p in copies.rglob("*") if p.is_file()]
             assert load_trace(str(copy)).stamps_ms == load_trace(name).stamps_ms
             with open(os.path.join(STATE_DIR, f"{tb.run_id}.json")) as fh:
@@ -229,13 +219,13 @@ def test_the_emulator_reads_a_copy_named_in_no_state_and_removed_on_an_interrupt
             assert state["info"]["scratch"] == str(copies)  # removed by `testbed down` after a crash
             assert tb.stats()["down"]["delivered_packets"] == 0
             raise KeyboardInterrupt  # Ctrl-C, or SIGTERM made one
-        assert list(temp.iterdir()) == []
+        assert list(private_tmp.iterdir()) == []
     finally:
         os.close(fd)
 
 
 @root_only
-def test_up_detach_takes_a_fifo_and_shows_its_name(tmp_path, temp, monkeypatch, capsys):
+def test_up_detach_takes_a_fifo_and_shows_its_name(tmp_path, private_tmp, monkeypatch, capsys):
     """The background child of ``up --detach`` opens its traces again: it gets a copy, gone once it is up."""
     fifo = str(tmp_path / "down.fifo")
     run_id = None
@@ -248,7 +238,7 @@ def test_up_detach_takes_a_fifo_and_shows_its_name(tmp_path, temp, monkeypatch, 
         info = json.loads(out)
         run_id = info["run_id"]
         assert info["config"]["down"]["trace"] == fifo and info["config"]["up"]["trace"] == fifo
-        assert list(temp.iterdir()) == []  # the child's emulator has read its copy: removed
+        assert list(private_tmp.iterdir()) == []  # the child's emulator has read its copy: removed
     finally:
         if run_id is not None:
             assert main(["testbed", "down", run_id]) == 0
