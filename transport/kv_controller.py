@@ -172,7 +172,6 @@ class KVController:
         self.guard_weight = guard_weight
         self.firm_guard_weight = firm_guard_weight
         self.reserve = (LEGACY_RESERVE if legacy else RESERVE) if reserve is None else reserve
-        self._busy_s = 0.0  # the decision's decode_busy_s, while choose() runs (see decode_finish)
 
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
@@ -204,17 +203,14 @@ class KVController:
             return Decision(LEVELS[0], (LEVELS[0],), bw, budget)
         if self.legacy:
             return self._choose_legacy(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
-        self._busy_s = max(0.0, decode_busy_s)
-        try:
-            return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s,
-                                        explore, measured_bps)
-        finally:
-            self._busy_s = 0.0
+        return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s,
+                                    explore, measured_bps, max(0.0, decode_busy_s))
 
     def _choose_guarded(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
                         median_bps: float | None, low_bps: float | None, sample_age_s: float,
-                        explore: bool = False, measured_bps: float | None = None) -> Decision:
-        """Plan at the median, then downgrade the next chunk until the low-quantile fallback fits."""
+                        explore: bool = False, measured_bps: float | None = None, busy_s: float = 0.0) -> Decision:
+        """Plan at the median, then downgrade the next chunk until the low-quantile fallback fits (``busy_s``: the
+        client's decode work already queued, :func:`decode_finish`)."""
         cold = low_bps is None or sample_age_s > STALE_S  # nothing measured on this fetch yet
         if cold and self.prior_low is not None:  # the configured prior, PRIOR_LOW of it as its low quantile
             median_bps, low_bps = self.prior_bps, self.prior_bps * self.prior_low
@@ -226,7 +222,7 @@ class KVController:
         w = self.firm_guard_weight if firm else self.guard_weight
         low = low**w * med ** (1 - w)
         avail = time_left_s * (1 - self.reserve) - inflight_bytes * 8 / med - self.rtt_s / 2
-        plan = self._median_plan(remaining, med, avail)
+        plan = self._median_plan(remaining, med, avail, busy_s)
         guard = self._ladder(remaining[0], low, med)
         names = [r[0] for r in guard]
         later = [self._ladder(c, low, med)[0] for c in remaining[1:]]
@@ -237,18 +233,18 @@ class KVController:
             k = 0
         while k > 0:
             if decode_finish([guard[k][1], *later_costs], [remaining[0].decode_s.get(names[k], 0.0), *later_decodes],
-                             self._busy_s) <= avail:
+                             busy_s) <= avail:
                 break
             k -= 1
         plan[0] = names[k]
-        if (plan[0] == TEXT and k == 0 and not self._cheapest_fits(remaining, med, avail)
+        if (plan[0] == TEXT and k == 0 and not self._cheapest_fits(remaining, med, avail, busy_s)
                 and self._gamble_pays(remaining[0], med)):
             # Nothing fits even at the median: the deadline is met only if the link beats the forecast, and a
             # recompute cannot profit from that; the lowest level can (measured: Verizon-LTE seed 7, a slow
             # probe then three recomputes, 6.8 s, where the link recovered and all-low made it). Only where the
             # level costs about what text does, though (see _gamble_pays).
             plan[0] = LEVELS[0]
-        elif plan[0] == TEXT and cold and explore and self._probe_fits(remaining, avail, measured_bps):
+        elif plan[0] == TEXT and cold and explore and self._probe_fits(remaining, avail, measured_bps, busy_s):
             plan[0] = LEVELS[0]
             return Decision(plan[0], tuple(plan), low, avail, probe=True)
         return Decision(plan[0], tuple(plan), low, avail)
@@ -263,7 +259,8 @@ class KVController:
         text_s = c.recompute_s + c.text_bytes * 8 / med
         return c.sizes[LEVELS[0]] * 8 / med <= INFEASIBLE_MARGIN * text_s
 
-    def _probe_fits(self, remaining: Sequence[ChunkOptions], avail: float, measured_bps: float | None) -> bool:
+    def _probe_fits(self, remaining: Sequence[ChunkOptions], avail: float, measured_bps: float | None,
+                    busy_s: float = 0.0) -> bool:
         """Whether a cold decision for text sends ``remaining[0]`` at the lowest level instead, to measure the link.
 
         Text chunks give no rate sample: a prior under which recomputing looks cheaper than sending the lowest
@@ -297,29 +294,31 @@ class KVController:
         costs = [size * 8 / guard, *(r[1] for r in later)]
         decodes = [c.decode_s.get(LEVELS[0], 0.0), *(x.decode_s.get(r[0], 0.0) for x, r in zip(remaining[1:], later,
                                                                                               strict=True))]
-        return decode_finish(costs, decodes, self._busy_s) <= avail
+        return decode_finish(costs, decodes, busy_s) <= avail
 
-    def _median_plan(self, remaining: Sequence[ChunkOptions], med: float, avail: float) -> list[str]:
+    def _median_plan(self, remaining: Sequence[ChunkOptions], med: float, avail: float,
+                     busy_s: float = 0.0) -> list[str]:
         """The plan at the median rate. A remainder longer than ``PLAN_WINDOW`` chunks plans its first
         ``PLAN_WINDOW`` with their share of the slack (in proportion to their cheapest costs): re-planned
         whole at every chunk, the plan cost O(n^2) per decision on the event loop (158 ms at 512 chunks, 2.5 s
         at 2048; a 131,072-token fetch took 27 s of planning). Only the next chunk's level is used, and the
         guard in :meth:`_choose_guarded` still checks it against every remaining chunk."""
         if len(remaining) <= PLAN_WINDOW:
-            return self.plan(remaining, med, avail, text_bw=med, early_first=True)
+            return self.plan(remaining, med, avail, text_bw=med, early_first=True, busy_s=busy_s)
         cheapest = [self._ladder(c, med, med)[0] for c in remaining]
         base = [r[1] for r in cheapest]
         total = decode_finish(base, [c.decode_s.get(r[0], 0.0) for c, r in zip(remaining, cheapest, strict=True)],
-                              self._busy_s)
+                              busy_s)
         head = sum(base[:PLAN_WINDOW])
         budget = head + (avail - total) * head / max(total, 1e-12)
         return self.plan(remaining[:PLAN_WINDOW], med, budget, text_bw=med, early_first=True, tail_is_last=False)
 
-    def _cheapest_fits(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float) -> bool:
+    def _cheapest_fits(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float,
+                       busy_s: float = 0.0) -> bool:
         """Whether every remaining chunk at its cheapest option (text where that is cheaper) fits at ``bw``."""
         ladders = [self._ladder(c, bw, bw)[0] for c in remaining]
         decodes = [c.decode_s.get(r[0], 0.0) for c, r in zip(remaining, ladders, strict=True)]
-        return decode_finish([r[1] for r in ladders], decodes, self._busy_s) <= budget_s
+        return decode_finish([r[1] for r in ladders], decodes, busy_s) <= budget_s
 
     def _choose_legacy(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
                        median_bps: float | None, low_bps: float | None, sample_age_s: float) -> Decision:
@@ -352,12 +351,13 @@ class KVController:
 
     def plan(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float, *,
              lowest_only: bool = False, text_bw: float | None = None, early_first: bool = False,
-             tail_is_last: bool = True) -> list[str]:
+             tail_is_last: bool = True, busy_s: float = 0.0) -> list[str]:
         """Levels for every remaining chunk that fit ``budget_s`` at ``bw``, maximizing weighted quality.
 
         Equal gains go to the later chunk, or with ``early_first`` to the earlier one (upgrade what is sent now,
         while later chunks can still absorb a surprise). ``tail_is_last=False``: ``remaining`` is the head of a
-        longer remainder, so its last chunk neither weighs ``TAIL_WEIGHT`` nor pays the final decode.
+        longer remainder, so its last chunk neither weighs ``TAIL_WEIGHT`` nor pays the final decode. ``busy_s``: the
+        client's decode work already queued (:func:`decode_finish`).
         """
         ladders = [self._ladder(c, bw, text_bw) for c in remaining]
         pick = [0] * len(remaining)
@@ -368,7 +368,7 @@ class KVController:
                 return sum(ladders[i][pick[i]][1] for i in range(n))
             return decode_finish([ladders[i][pick[i]][1] for i in range(n)],
                                  [remaining[i].decode_s.get(ladders[i][pick[i]][0], 0.0) for i in range(n)],
-                                 self._busy_s)
+                                 busy_s)
 
         if not lowest_only:
             spent = cost()
