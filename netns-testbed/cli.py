@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -308,12 +307,10 @@ def _launch_detached(args: argparse.Namespace) -> int:
     os.makedirs(STATE_DIR, exist_ok=True)
     logfile = os.path.join(STATE_DIR, f"{run_id}.log")
     path = os.path.join(STATE_DIR, f"{run_id}.json")
-    from .trace import read_once
+    from .trace import copies_folder
 
     # copies of piped traces, if any, live until the child is up (its emulator has read them by then) or stopped
-    piped = any(read_once(spec) for spec in (args.down_trace, up_spec(args)))
-    with (sigterm_as_ctrl_c(),
-          tempfile.TemporaryDirectory(prefix="tw-traces-") if piped else contextlib.nullcontext() as copies):
+    with sigterm_as_ctrl_c(), copies_folder(args.down_trace, up_spec(args)) as copies:
         proc: subprocess.Popen | None = None
         early_log = None
         try:  # from before the child exists: an interrupt at any point after it stops it

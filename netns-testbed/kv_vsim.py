@@ -18,7 +18,6 @@ namespace run); a round starts ``GAP_S`` after the previous fetch of that contro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import functools
 import heapq
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .kv_eval import KVEvalConfig, fetch_metrics, prepare_context, summarize, timed_out_metrics
-from .trace import Trace, child_readable, read_once, trace_from_spec
+from .trace import Trace, child_readable, copies_folder, trace_from_spec
 
 WAIT_SLICE_S = 0.25
 """Longest single wait for the worker processes. Python runs a signal's handler only between bytecodes: a SIGTERM
@@ -451,8 +450,7 @@ def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: 
 
         # the workers open the traces again: one read from a pipe (<(zcat trace.gz), a FIFO) is handed to them as
         # a regular copy of this process's parse (the pipe was empty for them), removed once they are done
-        piped = read_once(cfg.down_trace) or read_once(cfg.up_trace)
-        with (tempfile.TemporaryDirectory(prefix="tw-traces-") if piped else contextlib.nullcontext() as copies,
+        with (copies_folder(cfg.down_trace, cfg.up_trace) as copies,
               ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool):
             wcfg = cfg if copies is None else replace(cfg, down_trace=child_readable(cfg.down_trace, copies),
                                                       up_trace=child_readable(cfg.up_trace, copies))

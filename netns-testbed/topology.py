@@ -53,7 +53,7 @@ from .netns import (
     socket_in_netns,
     start_time,
 )
-from .trace import child_readable, read_once
+from .trace import COPIES_PREFIX, child_readable, read_once
 
 ADDRESS_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 EMULATOR_READY_CAP_S = 120.0
@@ -135,7 +135,7 @@ class Testbed:
         self.config.down.validate()
         self.config.up.validate()
         if any(d.trace is not None and read_once(d.trace) for d in (self.config.down, self.config.up)):
-            self._trace_copies = tempfile.mkdtemp(prefix="tw-traces-", dir=self.scratch)
+            self._trace_copies = tempfile.mkdtemp(prefix=COPIES_PREFIX, dir=self.scratch)
         names = [self.server_ns, self.client_ns, f"{self.run_id}-rtr", f"{self.run_id}-probe"]
         state = RunState(self.run_id, os.getpid(), names)
         state.info = {"server_addr": self.server_addr, "client_addr": self.client_addr,

@@ -39,6 +39,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -261,6 +262,8 @@ def _cache_key(name: str, st: os.stat_result) -> tuple[object, ...]:
     return ("pipe", st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+COPIES_PREFIX = "tw-traces-"
+"""The name of every folder of copies of read-once traces begins so (``testbed down`` finds them as a run's scratch)."""
 _DESCRIPTOR_NAMES = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/")
 
 
@@ -276,6 +279,17 @@ def read_once(spec: str) -> bool:
     except OSError:
         return False
     return not regular or os.path.abspath(spec).startswith(_DESCRIPTOR_NAMES)
+
+
+@contextlib.contextmanager
+def copies_folder(*specs: str | None) -> Iterator[str | None]:
+    """A private folder for :func:`child_readable`'s copies while the block runs, removed after it; None (and no
+    folder) when no spec of ``specs`` is read once."""
+    if not any(s is not None and read_once(s) for s in specs):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=COPIES_PREFIX) as folder:
+        yield folder
 
 
 def child_readable(spec: str, folder: str) -> str:
