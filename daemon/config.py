@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tokenwire.transport.frames import MAX_STREAM_FRAME
 
+from .config_lines import error_line
 from .kv_config import KVConfig, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 from .startup import addr
@@ -1155,4 +1156,6 @@ def load_config(path: str | Path | None = None, *, tls_may_be_missing: bool = Fa
     try:
         return parse_config(data, p, tls_may_be_missing=tls_may_be_missing)
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+        # path:line: as compilers and linters write it, so an editor jumps there (tomllib's own errors give theirs)
+        line = error_line(text, str(exc))
+        raise ConfigError(f"{p}:{line}: {exc}" if line is not None else f"{p}: {exc}") from None

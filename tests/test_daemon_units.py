@@ -87,7 +87,7 @@ def test_config_check_refuses_overlapping_listeners_in_one_line(tmp_path, capsys
                                    '[kv]\nenabled = true\nlisten = "0.0.0.0:27999"\n')
     assert main(["config", "check", cfg]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"tokenwire config check: error: {cfg}: kv.listen: 0.0.0.0:27999 overlaps server.listen "
+    assert err == [f"tokenwire config check: error: {cfg}:5: kv.listen: 0.0.0.0:27999 overlaps server.listen "
                    "127.0.0.1:27999 (both are UDP; give the KV channel a port of its own)"], err
 
 
