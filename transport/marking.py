@@ -327,6 +327,14 @@ ECN counts last showed a new arrival with their codepoint (or CE) before a conne
 of a token stream, a few packets of a KV chunk; small, so that a flow whose CE marks go unheard leaves the L queue
 early."""
 
+ECN_RETRY_S = 30.0
+"""How long after failing a connection tries ECN again (RFC 9000 §13.4.2: "an endpoint could continue to periodically
+attempt validation"), doubled after each retry that fails, up to :data:`ECN_RETRY_MAX_S`. A path that stopped
+clearing the codepoint (a connection that migrated, a middlebox reconfigured) got Not-ECT for the rest of a
+connection that can last hours; a retry costs a client that reads no codepoints about ``packets`` ECT packets whose CE
+marks nobody hears."""
+ECN_RETRY_MAX_S = 480.0
+
 
 class EcnValidation:
     """Whether a connection may go on marking ECT: ECN validation in the spirit of RFC 9000 §13.4.2, for the
@@ -345,7 +353,10 @@ class EcnValidation:
       counts carried (ECT(0) for ECT(0), ECT(1) for ECT(1)), or CE: the policy's codepoint;
     * ``failed``: the peer has acknowledged (QUIC) ``packets`` ECT-marked packets sent after the handshake since
       the counts last grew so (or since the start): Not-ECT, without asking the policy. Counts that show such
-      arrivals later (the first acks lost, a client that reports late) make it ``capable`` again.
+      arrivals later (the first acks lost, a client that reports late) make it ``capable`` again;
+    * ``retesting``: :meth:`retry` found a failed connection's retry due (:data:`ECN_RETRY_S` after it failed,
+      doubling): the policy's codepoint again, judged as in ``testing``. It fails back to ``failed`` without
+      counting another failure (the connection stopped marking once), or turns ``capable``.
 
     Arrivals of another ECT codepoint than the one sent do not count (RFC 9000 §13.4.2.1: validation fails when
     the counts show that the path changed the codepoint): a path re-marking ECT(1) to ECT(0) showed 604 ECT(0)
@@ -380,6 +391,8 @@ class EcnValidation:
         self._ect_sent = 0  # ECT-marked packets counted since the counts last validated
         self._check_pn: int | None = None  # the packet number of the packets-th of them
         self._reports_at_check: int | None = None  # reports when that packet was acknowledged (wait_for_report)
+        self.retries = 0  # retries since the connection last failed from marking (not retesting)
+        self._retry_at: float | None = None  # when the next retry is due; set at the first retry() after a failure
 
     @property
     def marking_allowed(self) -> bool:
@@ -410,8 +423,11 @@ class EcnValidation:
                 self._reports_at_check = self.reports
             if self.reports <= self._reports_at_check:
                 return False
+        if self.state != "retesting":  # a retry that fails stops nothing that was marking for the connection
+            self.failures += 1
+            self.retries = 0
         self.state = "failed"
-        self.failures += 1
+        self._retry_at = None
         self._rearm()  # (the codepoints sent stay: only their arrival, or CE, makes the connection capable again)
         if self._other_cps - self._sent_cps:
             log.debug("ECN validation failed: %d packets sent %s acknowledged and the peer's ECN counts grew in %s "
@@ -435,10 +451,30 @@ class EcnValidation:
             return
         if self.state == "failed":
             log.debug("ECN counts with new marked arrivals came after validation failed: marking again")
+        elif self.state == "retesting":
+            log.debug("ECN retry %d passed: marking again", self.retries)
         self.state = "capable"
+        self._retry_at = None
         self._sent_cps.clear()
         self._other_cps.clear()
         self._rearm()
+
+    def retry(self, now: float) -> bool:
+        """Called with the time while ``failed``: True when a retry starts now (the connection marks again while it
+        is judged). The first call after a failure sets the retry's time, so the caller needs no clock of its own
+        at the failure: it asks at every send, and the first send after the failure is when it failed."""
+        if self.state != "failed":
+            return False
+        if self._retry_at is None:
+            self._retry_at = now + min(ECN_RETRY_S * 2 ** self.retries, ECN_RETRY_MAX_S)
+            return False
+        if now < self._retry_at:
+            return False
+        self.retries += 1
+        self.state = "retesting"
+        self._retry_at = None
+        self._rearm()
+        return True
 
     def _rearm(self) -> None:
         """Count afresh from the next packet sent."""

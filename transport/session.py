@@ -118,6 +118,8 @@ class _SessionBase:
         self._now = now
         self._batch_codepoint = None  # a new call: the policy has not been asked for it
         marking = self.marking is not None
+        if marking and not self.ecn.marking_allowed:
+            self.ecn.retry(now)  # (RFC 9000 §13.4.2 allows it: a path may stop clearing the codepoint)
         if marking and self.ecn.marking_allowed:  # for the connection's life: a path may start clearing ECN
             space = self.quic._spaces.get(Epoch.ONE_RTT)
             if space is not None:
