@@ -89,8 +89,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate-mbps", default=None,
                    help="netns link: a rate in Mbit/s (12, or 12mbps, 500kbps) or a mahimahi trace file "
                         f"(default {DEFAULT_LINK_RATE}; the loopback relay applies no rate)")
+    p.add_argument("--port", type=listen_port, default=None,
+                   help="the UDP port the daemon listens on, 0 for a free one (default: a free one on the loopback "
+                        f"relay, {NETNS_PORT} in the namespace testbed's own network); the first line says where")
     p.add_argument("--json", type=Path, help="also write the comparison here")
     p.set_defaults(handler=run)
+
+
+NETNS_PORT = 4433
+"""The daemon's port in the server namespace unless ``--port`` says otherwise: that network is the demo's own."""
+
+
+def listen_port(text: str) -> int:
+    """``--port``: 0 to 65535, the SDK's check (imported here: aioquic is not loaded for every command's help)."""
+    from tokenwire.transport.quic_io import port_argument
+
+    return port_argument(text, listening=True)
 
 
 def link_rate(text: str) -> str:
@@ -241,6 +255,7 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     from tokenwire.daemon.cli import CLIError
     from tokenwire.daemon.config import parse_config
     from tokenwire.daemon.service import Daemon
+    from tokenwire.daemon.startup import StartupError
     from tokenwire.testbed.udp_relay import UdpRelay
     from tokenwire.transport.client import connect
     from tokenwire.transport.errors import RemoteError
@@ -253,7 +268,10 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         dev_cert().write(cert, key)
         config = parse_config(
             {
-                "server": {"listen": ["127.0.0.1:0"], "certificate": str(cert), "private_key": str(key)},
+                # --port: a fixed one to watch or let through a firewall; by default a free one (two demos, or a
+                # demo and a test, on one machine)
+                "server": {"listen": [f"127.0.0.1:{args.port or 0}"], "certificate": str(cert),
+                           "private_key": str(key)},
                 "metrics": {"listen": ""},
                 # the daemon's own limit too (16384 by default): it cut a longer --tokens short, silently
                 "limits": {"max_tokens": args.tokens},
@@ -261,13 +279,16 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             }
         )
         daemon = Daemon(config)
-        await daemon.start()
+        try:
+            await daemon.start()
+        except StartupError as exc:  # --port taken (by another demo, say): its one line, not a traceback
+            raise CLIError(f"--port {args.port}: {exc}" if args.port else str(exc)) from None
         port = daemon.addresses[0][1]
         relay = await UdpRelay(("127.0.0.1", port), delay_ms=args.delay_ms, loss=args.loss, seed=args.seed).start()
         print(
-            f"tokenwire demo: the tokenwire daemon (demo upstream, {args.rate:g} tokens/s) on udp/{port}; the "
-            f"client reaches it through a relay adding {args.delay_ms:g} ms one-way delay and loss {args.loss} "
-            f"(seed {args.seed}).\n",
+            f"tokenwire demo: the tokenwire daemon (demo upstream, {args.rate:g} tokens/s) on udp/127.0.0.1:{port}; "
+            f"the client reaches it through a relay on udp/127.0.0.1:{relay.port} adding {args.delay_ms:g} ms "
+            f"one-way delay and loss {args.loss} (seed {args.seed}).\n",
             file=out,
         )
         try:
@@ -360,8 +381,9 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         cert, key = tmpdir / "cert.pem", tmpdir / "key.pem"
         dev_cert().write(cert, key)
         cfg = tmpdir / "tokenwire.toml"
+        listen = f"{tb.server_addr}:{NETNS_PORT if args.port is None else args.port}"  # (0: READY says which)
         cfg.write_text(
-            f'[server]\nlisten = ["{tb.server_addr}:4433"]\ncertificate = "{cert}"\nprivate_key = "{key}"\n'
+            f'[server]\nlisten = ["{listen}"]\ncertificate = "{cert}"\nprivate_key = "{key}"\n'
             f'[metrics]\nlisten = ""\n[logging]\nlevel = "warning"\n'
             f'[limits]\nmax_tokens = {args.tokens}\n'  # the default 16384 cut a longer --tokens short
             f'[[upstreams]]\nname = "demo"\ntype = "demo"\nrate = {args.rate}\nmax_tokens = {args.tokens}\n'

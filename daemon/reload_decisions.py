@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from .config import (
@@ -41,18 +42,26 @@ class ReloadPlan:
     changed: list[str] = dataclasses.field(default_factory=list)  # what it applies that differs: changed_settings
     # the keys behind needs_restart (restart_settings): STATUS names them until a restart or a reload reverting them
     restart_pending: list[str] = dataclasses.field(default_factory=list)
+    # what the reload logs of them, as (level, line): what is new against what was pending already (restart_log)
+    restart_lines: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
-def plan_reload(running: Config, new: Config, log_format_override: str | None = None) -> ReloadPlan:
+def plan_reload(running: Config, new: Config, log_format_override: str | None = None, *,
+                pending: Sequence[str] = (), last_read: Config | None = None) -> ReloadPlan:
     """The reload of ``running`` to ``new``. ``log_format_override`` (``--log-format``) wins over the file's
-    format on reload too, as at start."""
+    format on reload too, as at start. ``pending``: the keys a previous reload left for a restart;
+    ``last_read``: the file as that reload read it (None: as running), to tell a pending key changed again."""
     log_format = log_format_override or new.logging.format
+    needs_restart = restart_changes(running, new)
+    now_pending = restart_settings(running, new)
+    # a key pending before and still pending whose value changed since the last read is a new change too
+    again = [k for k in restart_settings(last_read, new) if k in pending and k in now_pending] if last_read else []
     applied = dataclasses.replace(running, auth=new.auth, limits=new.limits,
                                   logging=dataclasses.replace(new.logging, format=log_format))
     return ReloadPlan(
         config=applied,
         reformat=log_format != running.logging.format,
-        needs_restart=restart_changes(running, new),
+        needs_restart=needs_restart,
         transcript_max_bytes=int(new.limits.transcript_memory_mb * (1 << 20)),
         transcript_retain_s=new.limits.transcript_retain_s,
         # at the more verbose of the two levels: at the old one, a reload from "warning" to "info" left no trace,
@@ -60,8 +69,40 @@ def plan_reload(running: Config, new: Config, log_format_override: str | None = 
         announce_level=min(running.logging.level, new.logging.level,
                            key=lambda lv: logging.getLevelName(lv.upper())),
         changed=changed_settings(running, applied),
-        restart_pending=restart_settings(running, new),
+        restart_pending=now_pending,
+        restart_lines=restart_log(needs_restart, list(pending), now_pending, again),
     )
+
+
+_UNTIL = "STATUS says so until a restart, or a reload that reverts them"
+
+
+def restart_log(sections: Sequence[str], before: Sequence[str], now: Sequence[str],
+                again: Sequence[str] = ()) -> list[tuple[int, str]]:
+    """What a reload logs of the settings left for a restart, as (level, line). ``sections``: the sections that
+    differ from what runs; ``before``: the keys pending before this reload; ``now``: after it; ``again``: keys
+    pending on both sides whose value changed since the last reload. Each SIGHUP while a restart was pending
+    repeated "changes to server need a restart and were not applied" at WARNING, the file untouched: it read as
+    if new changes had been refused. Only what is new is a warning; a set unchanged is one INFO line."""
+    if not before:  # the first ones: as every reload logged them
+        first = [f"reload: changes to {', '.join(sections)} need a restart and were not applied"] if sections else []
+        first += [f"reload: restart pending: {', '.join(now)} ({_UNTIL})"] if now else []
+        return [(logging.WARNING, line) for line in first]
+    added = [k for k in now if k not in before]
+    reverted = [k for k in before if k not in now]
+    fresh = added + [k for k in again if k not in added]
+    out: list[tuple[int, str]] = []
+    if reverted:
+        out.append((logging.INFO, f"reload: {', '.join(reverted)} back to what runs: no longer pending a restart"
+                                  f"{'' if now else ' (none is now)'}"))
+    if fresh:
+        out.append((logging.WARNING, f"reload: new changes to {', '.join(fresh)} need a restart and were not "
+                                     "applied"))
+        out.append((logging.WARNING, f"reload: restart pending: {', '.join(now)} ({_UNTIL})"))
+    elif now:
+        out.append((logging.INFO, f"reload: restart still pending: {', '.join(now)} (no new change needing a restart "
+                                  f"since the last reload; {_UNTIL})"))
+    return out
 
 
 def auth_off_refusal(running: AuthConfig, new: AuthConfig) -> str | None:

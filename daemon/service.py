@@ -222,6 +222,7 @@ class Daemon:
         # settings the file changed that only a restart applies, by key (status_line): until a restart, or a reload
         # of a file that reverts them
         self.restart_pending: list[str] = []
+        self._restart_read: Config | None = None  # the file as the last applied reload read it (None: as running)
         # started: the chat listeners read their datagrams and /healthz is 200 (while not draining) from then on
         self.serving = False
         self._closing_start = False  # start() is being undone (a failure or a stop signal): run()'s signals wait
@@ -686,16 +687,14 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.reload_note = "the last reload was refused (see the log); "
             return f"reload refused: {exc}", False
-        plan = plan_reload(self.config, new, self.log_format_override)  # what it applies: reload_decisions.py
+        # what it applies: reload_decisions.py (and what it says of the restart-needing changes: only what is new)
+        plan = plan_reload(self.config, new, self.log_format_override, pending=self.restart_pending,
+                           last_read=self._restart_read)
         logging_cfg = plan.config.logging
         if plan.reformat:  # replaces the root handlers: only on a change
             setup_logging(self.config.logging.level, logging_cfg.format)  # the new level once the reload is logged
-        if plan.needs_restart:  # logged in the new format, as all that follows
-            log.warning("reload: changes to %s need a restart and were not applied", ", ".join(plan.needs_restart))
-            # each key, as the applied ones are: the sections alone left the operator to find which
-            log.warning("reload: restart pending: %s (STATUS says so until a restart, or a reload that reverts "
-                        "them)", ", ".join(plan.restart_pending))
         self.restart_pending = plan.restart_pending
+        self._restart_read = new
         # upstream files a start would refuse: read leniently, warned of (a missing key file refused the reload)
         for warning in upstream_file_warnings(self.config, upstream_file_problems(new)):
             log.warning("%s", warning)
@@ -711,6 +710,10 @@ class Daemon:
         tls_ok = self._reload_tls(new)
         tls_ok = self._reload_upstream_ca() and tls_ok  # (both run: each logs what it refused)
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
+        # the settings left for a restart, each by key (the sections alone left the operator to find which): a
+        # WARNING only for what this reload found new, an INFO line for a pending set the file did not change
+        for level, line in plan.restart_lines:
+            log.log(level, "%s", line)
         # what changed, old and new (the whole [limits] as a Python repr said nothing of which setting had)
         log.info("reloaded: %d auth tokens; %s; logging %s/%s", len(new.auth.tokens),
                  f"changed {', '.join(plan.changed)}" if plan.changed else "no setting it applies changed",

@@ -22,7 +22,8 @@ not regular is therefore read once per process as well, kept by device and inode
 pipe's writer moves: an inode number reused by a later FIFO is not taken for the old one), for the life of the
 process (the bound of a few entries is the regular files'). Another process cannot read that pipe again:
 :func:`child_readable` writes this process's parse to a regular file for it (the emulator of a namespace run,
-worker processes).
+worker processes). A library caller that feeds one FIFO again for another run in the same process (a new writer)
+calls :func:`forget_trace` first: nothing the reader can see tells that writer apart from none (see there).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
     be read only once, and the second look found it empty. The cache holds :data:`_CACHE_ENTRIES` regular files,
     the least recently used going first, and every pipe read, for the life of the process: a pipe dropped could not
     be read again (``predictor collect-many`` with five piped traces lost the first before its run; a FIFO's
-    second read waited for a writer that never came).
+    second read waited for a writer that never came). A FIFO fed again by a new writer for another run is read
+    again after :func:`forget_trace`.
     """
     name = os.fspath(path)
     try:
@@ -247,11 +249,38 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         except OSError:  # (a FIFO removed meanwhile: nobody can name it again)
             return trace
     with _cache_lock:
+        if key[0] == "pipe":  # an earlier parse of the same pipe (its writer's last write is older) is superseded
+            for old in [k for k in _cache if k[:3] == key[:3] and k != key]:
+                del _cache[old]
         _cache[key] = trace
         files = [k for k in _cache if k[0] != "pipe"]
         for old in files[: max(0, len(files) - _CACHE_ENTRIES)]:  # (oldest first; pipes are never dropped)
             del _cache[old]
     return trace
+
+
+def forget_trace(path: str | os.PathLike[str]) -> bool:
+    """Drop this process's parse of the trace at ``path`` (a pipe's, by its device and inode; a regular file's,
+    by its path): the next :func:`load_trace` reads it again. True if there was one.
+
+    For a FIFO fed once per run by a new writer (a library caller running two experiments in one process): the
+    second run found the first parse and returned it, and the new writer stayed blocked in its open(2) forever.
+    Such a writer is invisible until a reader opens the FIFO, and that open lets it in, whatever the reader then
+    does; so a parse kept for the "check the spec, then run on it" reads of one run (where no second writer comes,
+    and a second read would wait forever) cannot be told from a stale one by looking. The caller who starts the
+    new writer knows: it calls this between the runs."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except OSError:
+        return False
+    key = _cache_key(name, st)
+    with _cache_lock:
+        same = 3 if key[0] == "pipe" else 1  # a pipe by device and inode, a file by path: whatever its stamps were
+        gone = [k for k in _cache if k[:same] == key[:same]]
+        for k in gone:
+            del _cache[k]
+    return bool(gone)
 
 
 def _cache_key(name: str, st: os.stat_result) -> tuple[object, ...]:

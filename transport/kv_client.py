@@ -41,6 +41,7 @@ from .kv_protocol import DEFAULT_RECOMPUTE_US, KVCorruptChunk, KVError, kv_quic_
 from .kv_server_session import MAX_FETCHES
 from .quic_io import SessionProtocol, open_client
 from .session_events import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
+from .tls import CertificateFileError as CertificateFileError  # re-exported: connect_kv raises it, as connect
 from .tls import client_configuration
 
 log = logging.getLogger("tokenwire.kv")
@@ -836,6 +837,8 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     Fails like :func:`tokenwire.transport.client.connect`: ``ConnectTimeout`` after ``timeout`` seconds
     without an answer, ``ConnectRefused`` at once where nothing listens (Linux: ICMP port unreachable),
     ``HandshakeError`` (reason, TLS alert) when the server refuses the handshake; all are ``ConnectError``.
+    A ``cafile``/``cadata`` with no usable certificate raises :class:`CertificateFileError` (a ``ValueError``,
+    exported here as by the chat client) before anything is sent.
     """
     _check_decode_device(decode_device)
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,
