@@ -669,6 +669,15 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
     if args.workers is not None and not args.virtual:  # it was accepted and ignored
         raise CLIError("--workers: only the virtual-time run (--virtual) uses worker processes")
+    if args.decode_rate is not None:
+        if not args.virtual:  # the namespace run's client is the SDK, which decodes and reports its own rate
+            raise CLIError("--decode-rate: only the virtual-time run (--virtual) models the client's decode")
+        from .kv_vsim import check_decode_rate
+
+        try:
+            check_decode_rate(args.decode_rate)
+        except ValueError as exc:
+            raise CLIError(f"--decode-rate: {exc}") from None
     if not args.virtual:
         try:
             check_root()
@@ -714,7 +723,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         if signal.getsignal(sig) is _interrupt:  # (one ignored on entry stays ignored: nohup)
                             signal.signal(sig, stop_workers)
-                    summary = run_kv_virtual(cfg, log=log, workers=args.workers)
+                    summary = run_kv_virtual(cfg, log=log, workers=args.workers, decode_rate=args.decode_rate)
             except KVSimError as exc:
                 raise CLIError(str(exc)) from None
         else:
@@ -822,6 +831,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--virtual", action="store_true",
                     help="virtual time (kv_vsim): the same stack over the emulator's link model; no root, fast")
     kv.add_argument("--workers", type=positive_int, metavar="N", help="--virtual: processes (default: one per core)")
+    kv.add_argument("--decode-rate", type=float, metavar="EPS",
+                    help="--virtual: the client's decode speed in elements/s, which it reports in each KV_FETCH as "
+                         "the SDK reports its measured one (default: 50e6, not reported: the server's default)")
     kv.set_defaults(handler=cmd_kv)
 
     from .swiftqueue_cli import register_swiftqueue

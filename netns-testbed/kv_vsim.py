@@ -7,7 +7,8 @@ real :class:`KVController` and forecasters (ONNX or EWMA), the daemon's :class:`
 chunks of the real context. Only the clock and the path are simulated: the path is two emulator
 :class:`~.link.Link` cores (trace, queue, one-way delay, exactly the namespace emulator's delivery model), and
 the client's decode takes ``elements / decode rate`` (50 M elements/s: measured 55 ms per 256-token SmolLM2
-chunk in the namespace runs) instead of running the codec. Nothing else competes for the CPU, which the
+chunk in the namespace runs; ``decode_rate`` sets another, which the client then reports in its KV_FETCH as the
+SDK reports what it measured) instead of running the codec. Nothing else competes for the CPU, which the
 namespace run cannot promise on a 2-core host, so the two differ by the hosts' scheduling jitter as well.
 
 Rounds draw their trace offsets with the same random sequence as the namespace run, so ``--seed N`` replays the
@@ -28,8 +29,8 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -47,7 +48,7 @@ IP_UDP_HEADER = 28
 TIMER_SLACK = 1e-6  # timers fire 1 us late, as real ones do (see sim.py)
 GAP_S = 5.0  # idle time on a controller's connection between its fetches (the others' fetches run meanwhile)
 PROGRESS_S = 10.0  # wall seconds between a controller's progress lines
-DECODE_ELEMENTS_PER_S = 50e6  # the client's decode rate (one CPU thread, namespace runs)
+DECODE_ELEMENTS_PER_S = 50e6  # the client's decode rate (one CPU thread, namespace runs) unless one is given
 
 
 class KVSimError(RuntimeError):
@@ -182,7 +183,11 @@ class _Fetch:
 class ControllerSim:
     """One controller's connection through the virtual path; :meth:`fetch` runs one fetch at a trace offset."""
 
-    def __init__(self, cfg: KVEvalConfig, ctx: Context, *, recompute_us_per_token: int, seed: int) -> None:
+    def __init__(self, cfg: KVEvalConfig, ctx: Context, *, recompute_us_per_token: int, seed: int,
+                 decode_rate: float | None = None) -> None:
+        """``decode_rate``: the client's decode speed, elements/s, modelled and reported in every KV_FETCH (``dr``),
+        as the SDK reports the rate it measured, so the server plans with the figure the client decodes at; None:
+        ``DECODE_ELEMENTS_PER_S``, reported nowhere (the server plans at its configured rate, the same 50 M)."""
         from tokenwire.transport.kv_channel import KVClientSession, ServerTuning, kv_congestion, kv_quic_config
         from tokenwire.transport.tls import client_configuration, sim_cert
 
@@ -193,6 +198,7 @@ class ControllerSim:
         self.cfg = cfg
         self.ctx = ctx
         self.recompute_us_per_token = recompute_us_per_token
+        self.decode_rate = decode_rate
         self.loop = _Loop()
         delay = cfg.delay_ms / 1000.0
         self.down_trace = trace_from_spec(cfg.down_trace)
@@ -324,7 +330,7 @@ class ControllerSim:
                 busy = max((e for _, e in f.decoded.values()), default=0.0)
                 start = max(now, busy)  # one decode thread, as the namespace client
                 elements = self.ctx.plan.elements[ev.header.index]
-                dur = 0.0 if ev.header.level == TEXT else elements / DECODE_ELEMENTS_PER_S
+                dur = 0.0 if ev.header.level == TEXT else elements / (self.decode_rate or DECODE_ELEMENTS_PER_S)
                 f.decoded[ev.header.index] = (start, start + dur)
             elif isinstance(ev, KVDoneReceived):
                 f.done = ev.done
@@ -333,6 +339,12 @@ class ControllerSim:
             if f.done is not None and len(f.received) == f.done.chunks and f.end is None:
                 f.end = max(e for _, e in f.decoded.values())
                 sess.finish(f.sid)
+                if self.decode_rate is not None:
+                    # The decode's end is an event of its own: a slow client decodes for seconds after the last
+                    # packet, and the loop, stopping only at events, ran on to the next timer (the 60-s idle
+                    # timeout: at 1 M elements/s the connection closed between fetches). The default rate's
+                    # decode ends within the ACK exchange and keeps the stepping the tables were measured with.
+                    self.loop.at(f.end, lambda: None)
 
     # -- one fetch --------------------------------------------------------------------------------------------
     def fetch(self, controller: str, deadline_ms: int, offset_s: float) -> dict[str, Any]:
@@ -353,7 +365,8 @@ class ControllerSim:
         self.down.departures.clear()
         f = self.current = _Fetch()
         req = KvFetch(model=self.ctx.model, deadline_ms=int(deadline_ms), token_ids=self.ctx.token_ids,
-                      controller=controller, recompute_us_per_token=self.recompute_us_per_token)
+                      controller=controller, recompute_us_per_token=self.recompute_us_per_token,
+                      decode_elements_per_s=self.decode_rate)
         f.sid = self.client.session.fetch(req)
         self._service(self.client)
         timeout = 30 + 20 * deadline_ms / 1000
@@ -378,6 +391,16 @@ class ControllerSim:
         m.update(offset_s=offset_s, decisions=(f.closed or {}).get("decisions", []),
                  **goodput(self.down.departures, t0, last, origin, self.down_trace, m["payload_bytes"]))
         return m
+
+
+def check_decode_rate(rate: float | None) -> None:
+    """``ValueError`` for a decode rate the KV_FETCH frame cannot carry (its ``dr`` bounds), before a run: the
+    client would send it and the server refuse the fetch, minutes in."""
+    from tokenwire.transport.frames import MAX_DECODE_RATE, MIN_DECODE_RATE
+
+    if rate is not None and not MIN_DECODE_RATE <= rate <= MAX_DECODE_RATE:  # (NaN fails the range too)
+        raise ValueError(f"the decode rate must be in [{MIN_DECODE_RATE:g}, {MAX_DECODE_RATE:g}] elements/s, "
+                         f"got {rate}")
 
 
 def goodput(departures: list[tuple[float, int]], t0: float, t1: float, origin: float, trace: Trace,
@@ -406,10 +429,10 @@ def round_plan(cfg: KVEvalConfig, period_s: float) -> tuple[float, list[tuple[li
 
 
 def _run_controller(cfg: KVEvalConfig, ctx: Context, controller: str, recompute_us_per_token: int,
-                    warm: float, offsets: list[float]) -> list[dict[str, Any]]:
+                    warm: float, offsets: list[float], decode_rate: float | None = None) -> list[dict[str, Any]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sim = ControllerSim(cfg, ctx, recompute_us_per_token=recompute_us_per_token,
-                        seed=cfg.seed * 7919 + cfg.controllers.index(controller))
+                        seed=cfg.seed * 7919 + cfg.controllers.index(controller), decode_rate=decode_rate)
     sim.fetch("fixed-L1", 10 * cfg.deadline_ms, warm)  # warm-up, not counted (as the namespace run)
     rows = []
     last = time.monotonic()
@@ -423,13 +446,41 @@ def _run_controller(cfg: KVEvalConfig, ctx: Context, controller: str, recompute_
     return rows
 
 
+STOP_JOIN_S = 5.0
+"""How long :func:`stop_pool` waits for a terminated worker before it kills it."""
+
+
+def stop_pool(pool: ProcessPoolExecutor, futures: Iterable[Future[Any]]) -> None:
+    """Cancel the queued controllers and end the running ones: on an exception in :func:`run_kv_virtual`
+    (KeyboardInterrupt included) the pool's exit waited for every controller to run to its end (minutes to
+    hours); the CLI terminated the workers from its signal handler, a Python caller's Ctrl-C did not. This
+    pool's own workers only (a caller's other children are not ours to end); the pool sees them gone, fails
+    what they ran, and its exit returns."""
+    for fut in futures:
+        fut.cancel()  # (a queued one: the pool hands it to no worker; a running one is not cancelled)
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # (no public list before Python 3.14)
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in workers:
+        proc.join(STOP_JOIN_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(STOP_JOIN_S)
+
+
 def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: None,
-                   workers: int | None = None, only: list[str] | None = None) -> dict[str, Any]:
+                   workers: int | None = None, only: list[str] | None = None,
+                   decode_rate: float | None = None) -> dict[str, Any]:
     """Every controller's fetches in virtual time (one process per controller, ``workers`` at once).
 
     ``only``: run just these of ``cfg.controllers``, on the offsets the whole list draws (an A/B of one
-    controller against an earlier run of the list)."""
+    controller against an earlier run of the list). ``decode_rate``: the client's decode speed, elements/s, which
+    it also reports to the server (:class:`ControllerSim`); None: ``DECODE_ELEMENTS_PER_S``, not reported.
+    An exception while the workers run (Ctrl-C's KeyboardInterrupt, one raised by ``log``) ends them before it
+    propagates (:func:`stop_pool`)."""
     cfg.validate()
+    check_decode_rate(decode_rate)
     down = trace_from_spec(cfg.down_trace)
     ctx, info = load_context(cfg, log)
     if cfg.recompute_us_per_token is None:
@@ -443,7 +494,7 @@ def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: 
     log(f"{len(run)} controllers x {cfg.repeats} fetches in virtual time, {n} processes")
     if n <= 1:
         for ctl in run:
-            rows[ctl] = _run_controller(cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets)
+            rows[ctl] = _run_controller(cfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets, decode_rate)
             log(f"{ctl}: done")
     else:
         import multiprocessing
@@ -454,16 +505,23 @@ def run_kv_virtual(cfg: KVEvalConfig, *, log: Callable[[str], None] = lambda m: 
               ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool):
             wcfg = cfg if copies is None else replace(cfg, down_trace=child_readable(cfg.down_trace, copies),
                                                       up_trace=child_readable(cfg.up_trace, copies))
-            futs = {pool.submit(_run_controller, wcfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets): ctl
-                    for ctl in run}
-            pending = set(futs)
-            while pending:  # reported as each finishes; the JSON keeps the list's order
-                done, pending = wait(pending, timeout=WAIT_SLICE_S, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    ctl = futs[fut]
-                    rows[ctl] = fut.result()
-                    met = sum(r["deadline_met"] for r in rows[ctl])
-                    log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
+            futs: dict[Future[list[dict[str, Any]]], str] = {}
+            try:
+                futs = {pool.submit(_run_controller, wcfg, ctx, ctl, cfg.recompute_us_per_token, warm, offsets,
+                                    decode_rate): ctl for ctl in run}
+                pending = set(futs)
+                while pending:  # reported as each finishes; the JSON keeps the list's order
+                    done, pending = wait(pending, timeout=WAIT_SLICE_S, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        ctl = futs[fut]
+                        rows[ctl] = fut.result()
+                        met = sum(r["deadline_met"] for r in rows[ctl])
+                        log(f"{ctl}: {met}/{len(rows[ctl])} deadlines met")
+            except BaseException:
+                stop_pool(pool, futs)  # before the pool's own exit, which waits for every controller to run
+                raise
         rows = {ctl: rows[ctl] for ctl in run}
     return {"controllers": summarize(rows), "fetches": rows, "config": asdict(cfg), "context": info,
-            "trace_mean_mbps": down.mean_mbps, "backend": "virtual"}
+            "trace_mean_mbps": down.mean_mbps, "backend": "virtual",
+            "client_decode_elements_per_s": decode_rate or DECODE_ELEMENTS_PER_S,
+            "decode_rate_reported": decode_rate is not None}

@@ -139,6 +139,69 @@ def test_kv_client_exports_the_certificate_error_connect_kv_raises(tmp_path):
         asyncio.run(connect())
 
 
+# ------------------------------------------------------- 4. run_kv_virtual interrupted from Python (not the CLI)
+_KV_CALLER = """
+import multiprocessing, sys
+from tokenwire.testbed import kv_vsim
+from tokenwire.testbed.kv_eval import KVEvalConfig
+
+real_wait = kv_vsim.wait
+said = []
+
+def wait(futures, **kw):  # the pool's workers are started: say which (once)
+    if not said:
+        said.append(print("workers", *[p.pid for p in multiprocessing.active_children()], flush=True))
+    return real_wait(futures, **kw)
+
+kv_vsim.wait = wait
+# three controllers on two workers, each ~0.7 s a fetch: hours of work, one controller queued
+cfg = KVEvalConfig(down_trace="8mbps", up_trace="8mbps", delay_ms=10, context_tokens=512, chunk_tokens=128,
+                   deadline_ms=8000, controllers=["tokenwire", "fixed-L1", "fixed-L3"], repeats=5000,
+                   recompute_us_per_token=50_000, synthetic=(8, 4, 64))
+try:
+    kv_vsim.run_kv_virtual(cfg, workers=2)
+except KeyboardInterrupt:
+    print("interrupted; children left:", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_a_python_callers_ctrl_c_ends_run_kv_virtuals_workers_and_returns(tmp_path):
+    """Called from Python, run_kv_virtual's KeyboardInterrupt waited in the pool's shutdown for every controller,
+    running and queued, to run to its end (here hours); only the CLI's signal handler terminated the workers."""
+    import contextlib
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KV_CALLER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # (its own session: the SIGINT reaches it alone)
+    fds: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("workers "), line + (proc.stderr.read() if proc.stderr else "")
+        workers = [int(p) for p in line.split()[1:]]
+        assert len(workers) == 2
+        fds = [os.pidfd_open(pid) for pid in workers]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # (a bound on a hang: it returns within a second or two)
+        assert proc.returncode == 0, err
+        assert "interrupted; children left: 0" in out, out + err
+        for fd in fds:  # a pidfd turns readable once its process has exited
+            readable, _, _ = select.select([fd], [], [], 0)
+            assert readable, "a worker of run_kv_virtual outlived its interrupt"
+    finally:  # the workers first: they hold the child's stdout, which its communicate() reads to the end
+        for fd in fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 # ------------------------------------------------------------- 5. a FIFO fed again by a new writer, same process
 def _write_once(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY)  # (waits for a reader: that wait is all a reader could ever see of it)

@@ -8,10 +8,11 @@ that comparisons are fair:
 * ``tokenwire`` (ONNX forecaster) / ``tokenwire-ewma`` (EWMA forecaster): a *guarded* plan, re-made before
   every chunk with what is actually left. (1) Plan the whole remainder at the forecast's *median*, as a
   knapsack: start every remaining chunk at its cheapest option (lowest level, or text where recomputing is
-  faster than sending the lowest level), then upgrade, one rung at a time, the chunk with the best quality gain
-  per second (the last chunk weighs ``TAIL_WEIGHT``: recency; ties go to the *earlier* chunk, which is sent
-  while the later ones can still be downgraded). (2) Guard the chunk about to be sent: it keeps its planned
-  level only if, at the *guard rate* (below the forecast's calibrated low quantile, ``GUARD_WEIGHT``), it plus
+  faster than the lowest level's transfer or, the longer of the two, its decode at the client:
+  :meth:`KVController._coded_s`), then upgrade, one rung at a time, the chunk with the best quality gain per
+  second (the last chunk weighs ``TAIL_WEIGHT``: recency; ties go to the *earlier* chunk, which is sent while
+  the later ones can still be downgraded). (2) Guard the chunk about to be sent: it keeps its planned level only
+  if, at the *guard rate* (below the forecast's calibrated low quantile, ``GUARD_WEIGHT``), it plus
   every later chunk at its cheapest option still fits the time left; otherwise it is downgraded until that
   holds. The tail risk is thus priced once, on the bytes not yet committed, and a wrong guess early is paid for
   by cheaper chunks later, not by a missed deadline. Where no later chunk can pay for it (the last chunk, and a
@@ -29,7 +30,8 @@ that comparisons are fair:
   (4) Text only where something fits: when even the cheapest plan misses at the median, the next chunk goes
   at the lowest level rather than as text, since only bytes on the wire can profit from a link that beats its
   forecast, unless that level costs more than ``INFEASIBLE_MARGIN`` times the text at the median (the gamble
-  would then cost far more time than it can win).
+  would then cost far more time than it can win) or its decode alone costs more than the text (no link can win
+  that back).
   (5) A *probe* where the prior alone would choose text: text chunks carry no rate sample, so a configured
   prior that makes recomputing look cheaper than sending (5 Mbit/s on a LAN) would never be corrected.
   With ``explore`` (the connection has no link prior of its own), a cold decision that picks text
@@ -255,9 +257,12 @@ class KVController:
         text: only where that level's transfer at the median costs at most ``INFEASIBLE_MARGIN`` times the text's
         (its recompute plus its ids). Past that margin the gamble on a link beating its forecast costs more than
         it can win: unbounded, the rule sent a 178 KB chunk at 150 kbit/s (9.5 s at the median) instead of 0.88 s
-        of recompute, and Verizon-EVDO fetches with a 1-s deadline took 4.6-44.9 s where all-text took 3.5 s."""
+        of recompute, and Verizon-EVDO fetches with a 1-s deadline took 4.6-44.9 s where all-text took 3.5 s.
+        And only where the level's decode is shorter than the text: the gamble is on the link, and a decode is
+        as certain a cost as a recompute, so a level whose decode alone outlasts the text loses on any link."""
         text_s = c.recompute_s + c.text_bytes * 8 / med
-        return c.sizes[LEVELS[0]] * 8 / med <= INFEASIBLE_MARGIN * text_s
+        return (c.sizes[LEVELS[0]] * 8 / med <= INFEASIBLE_MARGIN * text_s
+                and c.decode_s.get(LEVELS[0], 0.0) < text_s)
 
     def _probe_fits(self, remaining: Sequence[ChunkOptions], avail: float, measured_bps: float | None,
                     busy_s: float = 0.0) -> bool:
@@ -269,9 +274,10 @@ class KVController:
 
         * a measurement could change the choice: recomputing costs something (at 0 s/token text is cheaper
           than any level at any rate; above it, a fast enough link makes recomputing dearer than sending even
-          the best level, and text drops out of the ladder), the lowest level carries a usable rate sample
-          (``SAMPLE_MIN_BYTES``), and ``measured_bps`` (the connection's few chunk rates, their median), if there
-          is one, is such a link: a link measured slow is not probed again;
+          the best level, and text drops out of the ladder) and more than the lowest level's decode (a decode
+          that outlasts the recompute keeps text the cheaper option on any link), the lowest level carries a
+          usable rate sample (``SAMPLE_MIN_BYTES``), and ``measured_bps`` (the connection's few chunk rates, their
+          median), if there is one, is such a link: a link measured slow is not probed again;
         * it fits: the lowest level plus every later chunk at its cheapest option (text where the probe finds
           the link slow) fits the time left at the *firm guard* rate of the prior it is planned on
           (``measured_bps``, else the configured prior; ``PRIOR_LOW`` of it as its low quantile), the same
@@ -283,7 +289,7 @@ class KVController:
         """
         c = remaining[0]
         size = c.sizes[LEVELS[0]]
-        if c.recompute_s <= 0 or size < SAMPLE_MIN_BYTES:
+        if c.recompute_s <= 0 or size < SAMPLE_MIN_BYTES or c.decode_s.get(LEVELS[0], 0.0) >= c.recompute_s:
             return False
         if measured_bps is not None and TEXT in (r[0] for r in self._ladder(c, measured_bps)):
             return False
@@ -341,13 +347,29 @@ class KVController:
 
         Text is a rung only above the levels it beats at the *expected* rate ``text_bw`` (the median): its cost
         is a certain, large recompute, so a pessimistic bandwidth must not turn every chunk into text.
+        A level is weighed against text at what it costs the client's decode pipeline
+        (:meth:`_coded_s`: its transfer or its decode, the longer), so a slow decoder makes text the cheaper
+        option where recomputing beats decoding; the rung's cost stays the transfer, the link time that
+        :func:`decode_finish` adds the decodes to.
         """
         tb = text_bw or bw
         text_s = c.recompute_s + c.text_bytes * 8 / bw
         rungs = [(lv, c.sizes[lv] * 8 / bw, LEVEL_TOP1[lv]) for lv in LEVELS]
-        if text_s < c.sizes[LEVELS[-1]] * 8 / tb:  # exact, and cheaper than sending the best level
-            rungs = [r for r in rungs if c.sizes[r[0]] * 8 / tb < text_s] + [(TEXT, text_s, LEVEL_TOP1[TEXT])]
+        if text_s < KVController._coded_s(c, LEVELS[-1], tb):  # exact, and cheaper than the best level
+            text = (TEXT, text_s, LEVEL_TOP1[TEXT])
+            rungs = [r for r in rungs if KVController._coded_s(c, r[0], tb) < text_s] + [text]
         return rungs
+
+    @staticmethod
+    def _coded_s(c: ChunkOptions, level: str, bw: float) -> float:
+        """What sending ``c`` at ``level`` costs the fetch's finish, to weigh against its text: the longer of its
+        transfer at ``bw`` and its decode. The client decodes on one thread while the next chunks cross the link,
+        so chunk after chunk the slower of the two stages sets the pace (:func:`decode_finish`): with a decode
+        shorter than the transfer (the configured 50 M elements/s below ~90 Mbit/s) this is the transfer, the
+        comparison before decode was counted, and with a decode longer than it (a 1.3-2.85 M elements/s CPU
+        client) the decode. The pipeline's first transfer and last decode are not counted (a lone chunk costs
+        both): the plan's fit, :func:`decode_finish`, prices them."""
+        return max(c.sizes[level] * 8 / bw, c.decode_s.get(level, 0.0))
 
     def plan(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float, *,
              lowest_only: bool = False, text_bw: float | None = None, early_first: bool = False,
