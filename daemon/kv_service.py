@@ -38,7 +38,16 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no hints
 
 from tokenwire.transport.cachegen.errors import KVCodecError
 from tokenwire.transport.errors import ErrorCode, TokenwireError
-from tokenwire.transport.frames import MAX_KV_TOKENS, KvFetch
+from tokenwire.transport.frames import (
+    MAX_CHUNK_TOKENS,
+    MAX_FINGERPRINT,
+    MAX_GEOMETRY,
+    MAX_KV_CHUNKS,
+    MAX_KV_TOKENS,
+    MAX_MODEL_CHARS,
+    MAX_TOKEN_ID,
+    KvFetch,
+)
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
@@ -192,6 +201,36 @@ def source_id(source: bytes) -> bytes:
     return _SOURCE_ID.pack(len(source), hashlib.sha256(source).digest()[:16])
 
 
+def _int_in(v: object, lo: int, hi: int) -> bool:
+    """``v`` is an int (never a bool, a float or a numeric string) in [lo, hi]."""
+    return type(v) is int and lo <= v <= hi
+
+
+def _meta_problem(d: dict[Any, Any]) -> str | None:
+    """What is wrong with a decoded metadata map (:meth:`ChunkMeta.pack`'s), None when nothing is: the bounds of
+    :func:`_check_context` at ingest and of the KV frames a fetch sends (a dtype torch lacks or a geometry of 0
+    once failed the fetch's encode as an INTERNAL "store failure"). Keys it does not know are left alone."""
+    if missing := [k for k in ("m", "fp", "g", "dt", "i", "ids") if k not in d]:
+        return f"no field {missing[0]!r}"
+    m, g, ids, src = d["m"], d["g"], d["ids"], d.get("src")
+    if type(m) is not str or not 1 <= len(m) <= MAX_MODEL_CHARS:
+        return f"model must be a name of 1 to {MAX_MODEL_CHARS} characters"
+    if not _int_in(d["fp"], 0, MAX_FINGERPRINT):
+        return "fingerprint must be an integer in [0, 2**64)"
+    if type(g) is not list or len(g) != 3 or not all(_int_in(x, 1, MAX_GEOMETRY) for x in g):
+        return f"geometry must be 3 integers in [1, {MAX_GEOMETRY}]"
+    if d["dt"] not in _DTYPES:  # (a str: a list or map is in no tuple of strings)
+        return f"dtype must be one of {', '.join(_DTYPES)}"
+    if not _int_in(d["i"], 0, MAX_KV_CHUNKS - 1):
+        return f"chunk index must be an integer in [0, {MAX_KV_CHUNKS})"
+    if type(ids) is not list or not 1 <= len(ids) <= MAX_CHUNK_TOKENS \
+            or not all(_int_in(t, 0, MAX_TOKEN_ID) for t in ids):
+        return f"token ids must be a list of 1 to {MAX_CHUNK_TOKENS} integers in [0, 2**31)"
+    if src is not None and (type(src) is not bytes or len(src) != _SOURCE_ID.size):
+        return f"source identity out of range (not {_SOURCE_ID.size} bytes)"
+    return None
+
+
 @dataclass(frozen=True)
 class ChunkMeta:
     model: str
@@ -219,20 +258,22 @@ class ChunkMeta:
 
     @classmethod
     def unpack(cls, data: bytes) -> ChunkMeta:
+        """Metadata from a store's payload, or :class:`KVError` (a caller's miss, replaced by the next put).
+
+        Every field is checked by exact type against the bounds a put was held to and the wire carries: int() took
+        "77", 1.9 and True, and infinity raised an untyped OverflowError that failed both the fetch and the re-put
+        meant to repair it; a negative fingerprint or ids given as a string passed here and broke later, as a
+        malformed KV_META that closed the fetching connection or a struct.error in a text chunk."""
         try:
             d = msgpack.unpackb(data)
-            # "g" holds the three ints of the geometry (mypy cannot count a * argument)
-            m = cls(d["m"], int(d["fp"]), *map(int, d["g"]), d["dt"],  # type: ignore[arg-type, call-arg]
-                    int(d["i"]), tuple(d["ids"]), d.get("src"))
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise KVError(f"unreadable chunk metadata: {exc}", code=ErrorCode.INTERNAL) from None
-        # checked here, not where they are used: a dtype torch lacks or a geometry of 0 failed the fetch's encode
-        # with an AttributeError or a reshape's RuntimeError, as INTERNAL "store failure"
-        if (m.dtype not in _DTYPES or min(m.layers, m.heads, m.head_dim) < 1
-                or (m.source is not None and (type(m.source) is not bytes or len(m.source) != _SOURCE_ID.size))):
-            raise KVError("unreadable chunk metadata: a dtype, geometry or source identity out of range",
-                          code=ErrorCode.INTERNAL)
-        return m
+        if type(d) is not dict:
+            raise KVError(f"unreadable chunk metadata: a {type(d).__name__}, not a map", code=ErrorCode.INTERNAL)
+        if problem := _meta_problem(d):
+            raise KVError(f"unreadable chunk metadata: {problem}", code=ErrorCode.INTERNAL)
+        layers, heads, head_dim = d["g"]
+        return cls(d["m"], d["fp"], layers, heads, head_dim, d["dt"], d["i"], tuple(d["ids"]), d.get("src"))
 
     @property
     def elements(self) -> int:

@@ -11,18 +11,20 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aioquic.quic.packet import QuicErrorCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import SCHEMES
 from tokenwire.transport.handshake_guard import HANDSHAKE_REFUSAL_REASONS, REFUSALS_LOG_S, RefusalLog
+from tokenwire.transport.quic_io import DROP_REASONS, datagrams_dropped
 
 from .ingest import FAILED_OUTCOMES, OPEN_REFUSAL_REASONS, PUSH_REFUSAL_REASONS
 
@@ -213,8 +215,13 @@ class Metrics:
         self.tls_cert_expiry = Gauge(
             "tokenwire_tls_cert_expiry_seconds",
             "The served certificate's notAfter, as a Unix timestamp (set at start and at each reload)", registry=r)
-        # the metrics port's malformed requests (serve_metrics): a flood of them wrote a warning line each
-        self.malformed_http = _MalformedLog()
+        # the metrics port's malformed requests (serve_metrics): a flood of them wrote a warning line each; its log
+        # line said they were counted, and only its summary line counted them
+        self.malformed_http = _MalformedLog(Counter(
+            "tokenwire_metrics_malformed_requests_total",
+            "Requests on the metrics port that aiohttp could not parse (a port scan, a request without Host)",
+            registry=r))
+        r.register(_DatagramDrops())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -235,12 +242,28 @@ class _MalformedLog(RefusalLog):
     """Malformed HTTP requests on the metrics port, as the QUIC ports' refusals: the first is a warning, those
     within REFUSALS_LOG_S of the last line are counted, then summed up in one line with the last one's reason."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: Counter) -> None:
         super().__init__(log, self._summary)
         self.last = ""  # the last one counted: "from <peer>: <aiohttp's reason>"
+        self.total = total  # every one, in tokenwire_metrics_malformed_requests_total
 
     def _summary(self, n: int, seconds: float) -> str:
         return f"metrics: {n} more malformed HTTP requests in the last {seconds:.0f} s (the last: {self.last})"
+
+
+class _DatagramDrops:
+    """tokenwire_datagrams_dropped_total, read at each scrape from the QUIC servers' process-wide table (transport
+    keeps plain integers: one increment on a dropped datagram, nothing on a connection's)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tokenwire_datagrams_dropped",
+            "UDP datagrams on the QUIC ports dropped before any connection saw them, by reason: malformed (no QUIC "
+            "header), unknown_connection (no connection has its ID and it cannot open one), not_accepting (the "
+            "port is not serving yet)", labels=["reason"])
+        for reason in DROP_REASONS:
+            family.add_metric([reason], datagrams_dropped[reason])
+        yield family
 
 
 class _HttpLog(logging.LoggerAdapter):
@@ -259,13 +282,15 @@ class _HttpLog(logging.LoggerAdapter):
     def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
+            self.refusals.total.inc()
             what = str(msg) % args if args else str(msg)  # aiohttp's "Error handling request from <peer>"
             reason = " ".join(str(exc.message or exc).split()).rstrip(".")
             if self.refusals.hold(time.monotonic()):  # set after hold(): a summary hold() writes is of earlier ones
                 self.refusals.last = f"{what.removeprefix('Error handling request ')}: {reason}"
             else:
                 self.logger.warning("metrics: %s: %s; more malformed requests are counted and logged at most every "
-                                    "%g s", what, reason, REFUSALS_LOG_S)
+                                    "%g s (each in tokenwire_metrics_malformed_requests_total)", what, reason,
+                                    REFUSALS_LOG_S)
         else:
             self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 

@@ -644,7 +644,7 @@ class OpenAIUpstream:
             if content:
                 emit(well_formed(content))
             if finish:
-                reason = printable(str(finish))[:32]
+                reason = printable(finish)[:32]
         return reason or "stop"
 
     async def _read_events(
@@ -711,7 +711,7 @@ class OpenAIUpstream:
                         started = True
                         deadline = loop.time() + self.stall_timeout_s
                     if finish:
-                        reason = printable(str(finish))[:32]
+                        reason = printable(finish)[:32]
                         # the answer is whole: [DONE] or the end is due at once, not a stall timeout later
                         deadline = min(deadline, loop.time() + FINISHED_GRACE_S)
             if not data:
@@ -729,7 +729,7 @@ class OpenAIUpstream:
             raise _upstream_error(self.name, _error_text(text, secrets))
         return doc
 
-    def _choice_zero(self, chunk: Any, key: str = "delta") -> list[tuple[str | None, Any, bool]]:
+    def _choice_zero(self, chunk: Any, key: str = "delta") -> list[tuple[str | None, str | None, bool]]:
         """(content, finish_reason, whether a token came) of the answer's choice (index 0) in one chunk (``key``
         "delta") or a whole completion ("message"); a reasoning delta is a token though it is not content, so a
         long think is no stall. UPSTREAM_ERROR naming what is wrong for JSON of another shape (it was an
@@ -752,8 +752,11 @@ class OpenAIUpstream:
             content = delta.get("content")
             if content is not None and not isinstance(content, str):
                 raise bad(f"{key}.content is a {type(content).__name__}, not text")
+            finish = choice.get("finish_reason")
+            if finish is not None and not isinstance(finish, str):  # an object became its Python repr
+                raise bad(f"finish_reason is a {type(finish).__name__}, not text")
             progress = bool(content or delta.get("reasoning_content") or delta.get("reasoning"))
-            out.append((content, choice.get("finish_reason"), progress))
+            out.append((content, finish, progress))
         return out
 
     def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
@@ -833,15 +836,17 @@ def _is_error(doc: Any) -> bool:
 
 def _error_text(body: str, secrets: tuple[str, ...]) -> str:
     """The upstream's error message from an error body (:func:`_error_words`), else the body itself; ``secrets``
-    redacted before it is cut short (a cut through a key would leave its start)."""
+    redacted before it is cut short (a cut through a key would leave its start), and made printable as a finish
+    reason is: clients print it, and its NULs, line feeds and escape sequences reached them raw (a lone surrogate
+    stays the replacement character that :func:`_upstream_error` made of it)."""
     try:
         data = json.loads(body)
         if not isinstance(data, dict):
             raise ValueError("no object")
         text = _error_words(data.get("error", data))
     except (ValueError, RecursionError):  # not JSON (a huge integer, deep nesting) or no object
-        return _scrub(body.strip(), secrets)[:300] or "(empty body)"
-    return _scrub(text, secrets)[:300]
+        return printable(well_formed(_scrub(body.strip(), secrets)))[:300] or "(empty body)"
+    return printable(well_formed(_scrub(text, secrets)))[:300]
 
 
 def _error_words(err: Any) -> str:

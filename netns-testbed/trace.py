@@ -206,6 +206,8 @@ MAX_LINE_CHARS = 100
 """Longest trace line: one integer timestamp and some blanks. A longer line is refused before it is read whole
 (a file without newlines, ``/dev/zero`` say, was read into memory until a MemoryError)."""
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # ASCII, yet binary (NUL bytes); tabs, CR and FF are blanks
+# what a block of well-formed lines holds: digits and blanks (int() also took "1_0" as 10 and "+20")
+_NOT_DIGITS_RE = re.compile(r"[^0-9\t\n\v\f\r ]")
 _READ_CHUNK = 1 << 20  # characters parsed at a time
 _CACHE_ENTRIES = 4
 _WRITE_LINES = 1 << 16  # timestamps written at a time by :func:`child_readable`
@@ -417,10 +419,10 @@ def _parse_trace_file(name: str, regular: bool = True) -> Trace:
                 if chunk or not block:
                     lines.pop()  # the empty piece after the block's last newline
                 if lines:
-                    # fast path: a chunk of well-formed lines (int() ignores surrounding blanks, refuses control
-                    # characters)
+                    # fast path: a chunk of well-formed lines, digits and blanks only (int() ignores surrounding
+                    # blanks, and refuses the blanks between two numbers on one line)
                     try:
-                        values = list(map(int, lines))
+                        values = None if _NOT_DIGITS_RE.search(block) else list(map(int, lines))
                     except ValueError:
                         values = None
                     if (values is not None and prev <= values[0] and values[-1] <= MAX_STAMP_MS
@@ -458,12 +460,12 @@ def _check_line(name: str, lineno: int, line: str, prev: int, stamps: array) -> 
     text = line.strip()
     if not text:
         return prev
-    try:
-        value = int(text)
-    except ValueError:
-        raise TraceError(f"{name}:{lineno}: expected an integer ms timestamp, got {text!r}") from None
-    if value < 0:
-        raise TraceError(f"{name}:{lineno}: negative timestamp {value}")
+    digits = text.removeprefix("-")  # (a negative one is told as such, below)
+    if not (digits.isascii() and digits.isdigit()):  # plain decimal: int() took "1_0" (10) and "+20"
+        raise TraceError(f"{name}:{lineno}: expected an integer ms timestamp, got {text!r}")
+    if digits != text:
+        raise TraceError(f"{name}:{lineno}: negative timestamp {text}")
+    value = int(text)
     if value > MAX_STAMP_MS:  # it would overflow the int64 array (an OverflowError traceback)
         raise TraceError(f"{name}:{lineno}: timestamp {value} beyond {MAX_STAMP_MS} ms (about 31 years)")
     if value < prev:

@@ -45,6 +45,7 @@ MAX_MESSAGES = 512
 MAX_AUTH_CHARS = 512  # an auth token (a REQUEST's and a KV_FETCH's "a")
 MAX_TEXT = 1 << 20
 MAX_PARAMS = 32
+MAX_GEN_TIMES = 200_000  # a FINISHED's generation times (longer answers omit them)
 
 _LEN = struct.Struct(">I")
 
@@ -346,7 +347,7 @@ class Finished(Frame):
         "n": ("total", _u_index, True),
         "d": ("digest", _bytes(DIGEST_BYTES, DIGEST_BYTES), True),
         "fr": ("reason", _str(32), True),
-        "g": ("gen_us", _int_list(200_000, 0, MAX_TIMESTAMP_US), False),
+        "g": ("gen_us", _int_list(MAX_GEN_TIMES, 0, MAX_TIMESTAMP_US), False),
         "t0": ("first_gen_us", _u_ts, False),
     }
 
@@ -410,6 +411,9 @@ KV_CONTROLLERS = ("tokenwire", "tokenwire-ewma", "even-split", "fixed-L1", "fixe
 KV_LEVELS = ("text", "low", "medium", "high")
 MAX_KV_TOKENS = 1 << 17  # token ids in one fetch (128 Ki)
 MAX_KV_CHUNKS = 4096
+MAX_TOKEN_ID = (1 << 31) - 1  # a token id: int32 on the text level's wire (and at ingest)
+MAX_GEOMETRY = 65535  # each of a KV_META's layers, kv heads and head_dim
+MAX_FINGERPRINT = (1 << 64) - 1  # a model fingerprint (uint64)
 CHUNK_HASH_BYTES = 16
 MAX_KV_CHUNK_BYTES = 1 << 30  # payload bytes announced by one KV_CHUNK header
 MAX_DEADLINE_MS = 3_600_000
@@ -442,7 +446,7 @@ def _geometry(frame: str, key: str, v: Any) -> list[int]:
     if type(v) is not list or len(v) != 3:
         raise _fail(frame, key, "expected [layers, kv_heads, head_dim]")
     for x in v:
-        _int(1, 65535)(frame, key, x)
+        _int(1, MAX_GEOMETRY)(frame, key, x)
     return v
 
 
@@ -482,7 +486,7 @@ class KvFetch(Frame):
         "v": ("version", _version, True),
         "model": ("model", _str(MAX_MODEL_CHARS), True),
         "dl": ("deadline_ms", _int(1, MAX_DEADLINE_MS), True),
-        "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, (1 << 31) - 1), False),
+        "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, MAX_TOKEN_ID), False),
         "hs": ("hashes", _hash_list, False),
         "ctl": ("controller", _str(32, KV_CONTROLLERS), False),
         "rc": ("recompute_us_per_token", _int(0, MAX_RECOMPUTE_US), False),
@@ -509,7 +513,7 @@ class KvMeta(Frame):
         "ct": ("chunk_tokens", _int(1, MAX_CHUNK_TOKENS), True),
         "tok": ("tokens", _int(1, MAX_KV_TOKENS * 8), True),
         "geo": ("geometry", _geometry, True),
-        "fp": ("fingerprint", _int(0, (1 << 64) - 1), True),
+        "fp": ("fingerprint", _int(0, MAX_FINGERPRINT), True),
         "dt": ("dtype", _str(16, ("float16", "bfloat16", "float32")), True),
     }
 
@@ -582,6 +586,10 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
     for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error, Report, KvFetch, KvMeta, KvChunk, KvAck,
                 KvDone)
 }
+
+# the longest array any frame carries (a FINISHED's times; a KV_FETCH's ids next): the decoder's bound on one
+# array header's claim, before the field checks hold each list to its own bound
+MAX_ARRAY_ITEMS = max(MAX_GEN_TIMES, MAX_KV_TOKENS, MAX_TOKENS_PER_FRAME, MAX_KV_CHUNKS, MAX_MESSAGES)
 
 
 def _post_validate(frame: Frame) -> None:
@@ -658,6 +666,14 @@ def _map_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
+def _items_present(data: bytes) -> None:
+    """Walks ``data``'s first object without building it (msgpack's skip allocates nothing): OutOfData when a
+    header claims more than the frame holds, StackError when nested too deeply."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    unpacker.skip()
+
+
 def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
     """Decode and validate one frame. Raises :class:`FrameError` (or a subclass) on any bad input, and
     :class:`UnsupportedVersion` for a well-formed REQUEST or KV_FETCH of another protocol version (its own
@@ -665,6 +681,11 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
     if len(data) > max_size:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the limit of {max_size}")
     try:
+        # First a pass that builds nothing: msgpack allocates an array's list when it reads its header, so a
+        # 5,000-byte frame of 1,000 nested headers each claiming 200,000 items cost 62 ms and 65 MiB before the
+        # bytes ran out. Every item takes a byte at least, so once the claims are known to be present, what the
+        # decode below allocates is bounded by the frame's size.
+        _items_present(data)
         wire = msgpack.unpackb(
             data,
             raw=False,
@@ -672,7 +693,7 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
             strict_map_key=True,
             max_bin_len=max_size,
             max_str_len=max_size,
-            max_array_len=200_000,
+            max_array_len=min(MAX_ARRAY_ITEMS, len(data)),
             max_map_len=64,
             max_ext_len=0,
             object_pairs_hook=_map_without_duplicates,
@@ -681,6 +702,8 @@ def decode_frame(data: bytes, *, max_size: int = MAX_STREAM_FRAME) -> Frame:
         # msgpack's StackError and FormatError carry no text: the peer read "StackError: " and nothing more
         why = str(exc) or ("nested too deeply" if isinstance(exc, msgpack.StackError) else
                            "an invalid type byte" if isinstance(exc, msgpack.FormatError) else "no detail given")
+        if isinstance(exc, msgpack.OutOfData):
+            why = "it ends inside a value (a header claims more items or bytes than follow it)"
         raise FrameError(f"not a valid msgpack frame: {exc.__class__.__name__}: {why}") from None
     if type(wire) is not dict:
         raise FrameError(f"a frame must be a msgpack map, got {type(wire).__name__}")

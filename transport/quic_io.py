@@ -22,6 +22,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic import events as qe
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import END_STATES, NetworkAddress, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
@@ -38,6 +39,15 @@ log = logging.getLogger("tokenwire.transport")
 # sees every record: the handler does not stop propagation.
 logging.getLogger("quic").addHandler(logging.NullHandler())
 logging.getLogger("tokenwire").addHandler(logging.NullHandler())
+
+# Datagrams a QUIC server of this process dropped before any connection saw them, by reason: malformed (no QUIC
+# header: junk on the port), unknown_connection (a header no connection's ID matches and that cannot open one: a
+# short or long packet for a connection gone or never made, an Initial under 1,200 bytes), not_accepting (the port
+# is bound but not serving yet: the daemon's start). aioquic drops them without a word (a flood of junk moved no
+# metric); Version Negotiation and Retry answers are not drops. One process-wide table: the daemon's QUIC ports
+# together (telemetry exports it as tokenwire_datagrams_dropped_total).
+DROP_REASONS = ("malformed", "unknown_connection", "not_accepting")
+datagrams_dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 
 RECV_BUFFER_BYTES = 4 << 20  # the default 208 KiB overflowed on loopback bursts (research notes)
 CLOSE_PERIOD_MAX_S = 5.0
@@ -370,7 +380,8 @@ class ValidatingQuicServer(QuicServer):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._protocols = ProtocolTable()  # (aioquic's plain dict: a connection's end walked every entry)
+        self._table = ProtocolTable()  # (aioquic's plain dict: a connection's end walked every entry)
+        self._protocols = self._table
         # set once the transport has let go of the listening socket (it closes it right after connection_lost, in the
         # same callback): what wait_released waits for
         self.socket_closed = asyncio.Event()
@@ -395,9 +406,30 @@ class ValidatingQuicServer(QuicServer):
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         if not self.accepting:
+            datagrams_dropped["not_accepting"] += 1
             return
         self.choose_retry(data)
+        table = self._table
+        table.found = None
         super().datagram_received(data, addr)
+        if table.found is not True:  # (the packet path: a connection's datagram costs this test and the lookup's)
+            self._count_drop(data, table.found)
+
+    def _count_drop(self, data: bytes | str, found: bool | None) -> None:
+        """Count ``data`` in :data:`datagrams_dropped` if aioquic dropped it: it reached no connection (``found``:
+        False when its lookup missed, None when aioquic returned before it). Parsed again, only here: on a miss or
+        before any lookup, a datagram is junk, a new connection's Initial, or one aioquic answered."""
+        try:
+            header = pull_quic_header(Buffer(data=bytes(data)),  # type: ignore[arg-type]  # datagrams are bytes
+                                      host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            datagrams_dropped["malformed"] += 1
+            return
+        if found is None:
+            return  # a version this server lacks: answered with a Version Negotiation
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            datagrams_dropped["unknown_connection"] += 1
+        # (else a connection was made for it, or it was answered with a Retry or an INVALID_TOKEN close)
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         """Forget ``protocol``'s connection IDs, and only those. aioquic's walks every ID of every connection for
@@ -420,9 +452,17 @@ class ProtocolTable(dict[bytes, QuicConnectionProtocol]):
     def __init__(self) -> None:
         super().__init__()
         self._cids: dict[QuicConnectionProtocol, set[bytes]] = {}
+        # whether aioquic's lookup of the last datagram's connection found one (None: no lookup since the server
+        # reset it); aioquic looks up each datagram once with get(), which this class's own methods do not call
+        self.found: bool | None = None
+
+    def get(self, cid: bytes, default: Any = None) -> Any:  # type: ignore[override]  # (dict.get's overloads)
+        protocol = dict.get(self, cid, default)
+        self.found = protocol is not None
+        return protocol
 
     def __setitem__(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
-        old = self.get(cid)
+        old = dict.get(self, cid)
         if old is not None and old is not protocol:  # (an ID issued again to another connection: moves with it)
             self._drop(cid, old)
         super().__setitem__(cid, protocol)
@@ -440,7 +480,7 @@ class ProtocolTable(dict[bytes, QuicConnectionProtocol]):
     def forget(self, protocol: QuicConnectionProtocol) -> None:
         """Remove every ID of ``protocol`` (none left for one not in the table)."""
         for cid in self._cids.pop(protocol, ()):
-            if self.get(cid) is protocol:
+            if dict.get(self, cid) is protocol:
                 super().__delitem__(cid)
 
     def ids_of(self, protocol: QuicConnectionProtocol) -> frozenset[bytes]:
