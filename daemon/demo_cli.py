@@ -18,8 +18,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from .config import MAX_ANSWER_TOKENS
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     import socket
     import subprocess
 
+    from tokenwire.testbed.topology import Testbed
+    from tokenwire.transport.chat_stats import ChatStats
     from tokenwire.transport.client import ChatStream
 
 DEFAULT_LOSS = "ge:0.004,0.04"  # bad ~9 % of the time, outages of 25 ms on average
@@ -247,8 +250,93 @@ def vars_for_json(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose", "command_path")}
 
 
-async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
+async def _warm_up(host: str, port: int, cafile: Path) -> None:
+    """One unmeasured one-token answer straight from the daemon (no link in between): its first connection and
+    request run cold code paths (~0.1 s), which delayed only the first scheme's answer against the loss pattern
+    every scheme replays. Its outcome does not matter: the measured runs follow."""
     import asyncio
+    import contextlib
+
+    from tokenwire.transport.client import connect
+    from tokenwire.transport.errors import RemoteError, TokenwireError
+
+    with contextlib.suppress(ConnectionError, RemoteError, TokenwireError, TimeoutError):
+        async with asyncio.timeout(20), connect(host, port, cafile=cafile, server_name="localhost",
+                                                timeout=HANDSHAKE_S) as conn:
+            async for _ in conn.chat("warm-up", max_tokens=1):
+                pass
+
+
+async def stream_scheme(host: str, port: int, cafile: Path, scheme: str, args: argparse.Namespace, *, live: bool,
+                        out: TextIO, aligned: Callable[[str], Awaitable[None] | None],
+                        progress: bool) -> ChatStats:
+    """Connect, send the request and stream the answer (rendered on ``out`` when ``live``); its statistics, or
+    ``CLIError``.
+
+    ``aligned(phase)`` restarts the link's loss pattern (the relay's, or the emulator's origin) right before each
+    of three moments: ``connect`` (the handshake), ``request`` (after the handshake, immediately before the
+    request leaves) and ``close`` (the answer is whole; the connection closes). So every scheme's request meets
+    the same point of the pattern, as ``tokenwire testbed compare`` does it: restarted before the connection
+    only, the pattern ran on during the handshake (and the client process's start-up on the namespace link),
+    hundreds of ms that varied from run to run, and the first scheme, whose start was slowest, met another stretch
+    of it (TTFT 0.7-1.9 s in 5 of 14 first runs, 0.24 s for the others). The handshake gets its own restart
+    because on the namespace link a handshake packet lost at a random point (a 1.4-s TTFT) was as unfair; the
+    close, because a close lost in an outage left the daemon probing the departed client until its idle timeout,
+    and those packets counted in the next scheme's B/token (stream 95-101 instead of 74 after chatterbox).
+    """
+    import asyncio
+
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.transport.client import connect
+    from tokenwire.transport.errors import RemoteError
+
+    connected = False
+    try:
+        await _phase(aligned, "connect")
+        # the handshake's packets cross the link's delay several times (and may be lost)
+        async with connect(host, port, cafile=cafile, server_name="localhost",
+                           timeout=HANDSHAKE_S + 8 * args.delay_ms / 1000) as conn:
+            connected = True
+            await _phase(aligned, "request")
+            # max_tokens: the demo upstream's answer is its text once unless a request asks for more
+            stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme, max_tokens=args.tokens,
+                               params={"seed": args.seed})
+            ticker = asyncio.ensure_future(_progress(scheme, stream, args.tokens)) if progress else None
+            try:
+                async for delta in stream:
+                    if live:
+                        out.write(delta)
+                        out.flush()
+            except asyncio.CancelledError:  # Ctrl-C or SIGTERM: "interrupted" on a line of its own
+                if live:
+                    print(file=out)
+                raise
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
+            if live:
+                print(cut_note(args.tokens) + "\n", file=out)
+            st = stream.stats
+            assert st is not None
+            await _phase(aligned, "close")
+            return st
+    except BrokenPipeError:  # `tokenwire demo | head`: the CLI's own handling
+        raise
+    except (ConnectionError, RemoteError) as exc:  # was a traceback (an OSError without a file name)
+        if not connected:
+            raise CLIError(f"{scheme}: {exc}: the link (--loss {args.loss}) is too lossy for a QUIC "
+                           "handshake; try less loss") from None
+        raise CLIError(f"{scheme}: the connection failed mid-answer ({exc}); the link (--loss "
+                       f"{args.loss}) may be too lossy; try less loss") from None
+
+
+async def _phase(aligned: Callable[[str], Awaitable[None] | None], phase: str) -> None:
+    waited = aligned(phase)
+    if waited is not None:
+        await waited
+
+
+async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
     import tempfile
     from pathlib import Path
 
@@ -257,8 +345,6 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
     from tokenwire.daemon.service import Daemon
     from tokenwire.daemon.startup import StartupError
     from tokenwire.testbed.udp_relay import UdpRelay
-    from tokenwire.transport.client import connect
-    from tokenwire.transport.errors import RemoteError
     from tokenwire.transport.tls import dev_cert
 
     out = sys.stdout
@@ -292,52 +378,27 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
             file=out,
         )
         try:
+            await _warm_up("127.0.0.1", port, cert)  # straight to the daemon: no delay, no loss
             for k, scheme in enumerate(schemes):
                 live = k == 0 and not args.quiet
-                relay.reset(args.seed)  # the same outages for every scheme
-                connected = False
-                try:
-                    # the handshake's packets cross the relay's delay several times (and may be lost)
-                    async with connect("127.0.0.1", relay.port, cafile=cert, server_name="localhost",
-                                       timeout=HANDSHAKE_S + 8 * args.delay_ms / 1000) as conn:
-                        connected = True
-                        # max_tokens: the demo upstream's answer is its text once unless a request asks for more
-                        stream = conn.chat("Why do chatbots stall on trains?", scheme=scheme, max_tokens=args.tokens,
-                                           params={"seed": args.seed})
-                        print(scheme_heading(scheme, k, live), file=out, flush=True)
-                        ticker = None if live else asyncio.ensure_future(
-                            _progress(scheme, stream, args.tokens))
-                        try:
-                            async for delta in stream:
-                                if live:
-                                    out.write(delta)
-                                    out.flush()
-                        except asyncio.CancelledError:  # Ctrl-C or SIGTERM: "interrupted" on a line of its own
-                            if live:
-                                print(file=out)
-                            raise
-                        finally:
-                            if ticker is not None:
-                                ticker.cancel()
-                        if live:
-                            print(cut_note(args.tokens) + "\n", file=out)
-                        st = stream.stats
-                        assert st is not None
-                        results[scheme] = {
-                            **st.to_dict(),
-                            "link_loss_down": relay.down.dropped / max(1, relay.down.packets),
-                            "packets_down": relay.down.packets,
-                            "bytes_down": relay.down.bytes,  # UDP payload, as the netns link counts it
-                            "bytes_up": relay.up.bytes,
-                        }
-                except BrokenPipeError:  # `tokenwire demo | head`: the CLI's own handling
-                    raise
-                except (ConnectionError, RemoteError) as exc:  # was a traceback (an OSError without a file name)
-                    if not connected:
-                        raise CLIError(f"{scheme}: {exc}: the link (--loss {args.loss}) is too lossy for a QUIC "
-                                       "handshake; try less loss") from None
-                    raise CLIError(f"{scheme}: the connection failed mid-answer ({exc}); the link (--loss "
-                                   f"{args.loss}) may be too lossy; try less loss") from None
+                print(scheme_heading(scheme, k, live), file=out, flush=True)
+
+                def aligned(phase: str) -> None:
+                    """The pattern's start at each of stream_scheme's phases; fresh counters at its connection."""
+                    if phase == "connect":
+                        relay.reset(args.seed)
+                    else:  # (the handshake's packets still count in B/token)
+                        relay.restart(args.seed)
+
+                st = await stream_scheme("127.0.0.1", relay.port, cert, scheme, args, live=live, out=out,
+                                         aligned=aligned, progress=not live)
+                results[scheme] = {
+                    **st.to_dict(),
+                    "link_loss_down": relay.down.dropped / max(1, relay.down.packets),
+                    "packets_down": relay.down.packets,
+                    "bytes_down": relay.down.bytes,  # UDP payload, as the netns link counts it
+                    "bytes_up": relay.up.bytes,
+                }
         finally:
             relay.close()
             await daemon.stop()
@@ -347,6 +408,7 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
 def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]:
     """The daemon in the server namespace, the client in the client namespace, the emulator between them."""
     import contextlib
+    import functools
     import os
     import re
     import socket
@@ -397,14 +459,32 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
                               env=env, stderr=err)
         msg = _wait_ready(notify, daemon, errors)
         port = int(re.findall(r"udp/[^:]+:(\d+)", msg)[0])
-        # one unmeasured request first: the daemon's first connection ran ~0.1 s slower (cold code paths), which
-        # moved the first scheme's request onto another part of the loss pattern that every scheme replays, and
-        # only the first scheme lost it (TTFT 1,376 ms against 235 ms for the others, whichever scheme ran first)
-        warm = tb.popen(tb.client_ns, [py, "-m", "tokenwire.daemon.cli", "chat", "--host", tb.server_addr, "--port",
-                                       str(port), "--cafile", str(cert), "--server-name", "localhost",
-                                       "--max-tokens", "1", "--max-time", "20", "warm-up"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        warm.wait(timeout=60)  # (its outcome does not matter: the link may lose it, the measured runs follow)
+
+        def run_client(scheme: str, tokens: int, live: bool, stdout: int | None, stderr: int | None,
+                       stats_path: Path, limit_s: float = 600.0) -> tuple[int, list[dict]]:
+            """:func:`netns_client` in the client namespace, driven to its exit: its status, and the emulator's
+            counters as they were at each origin it asked for."""
+            client = {"host": tb.server_addr, "port": port, "cafile": str(cert), "scheme": scheme,
+                      "stats": str(stats_path), "live": live, "tokens": tokens, "seed": args.seed,
+                      "delay_ms": args.delay_ms, "loss": args.loss}
+            ready_r, ready_w = os.pipe()
+            try:
+                proc = tb.popen(tb.client_ns, [py, "-c", NETNS_CLIENT, json.dumps(client), str(ready_w)],
+                                stdout=stdout, stderr=stderr, stdin=subprocess.PIPE, pass_fds=(ready_w,))
+            finally:
+                os.close(ready_w)  # (the child's copy alone: its exit reads as EOF)
+            restarted: list[dict] = []
+            with open(ready_r, "rb") as ready:
+                status = _drive_client(proc, ready, scheme, progress=not live and stderr is None, limit_s=limit_s,
+                                       aligned=functools.partial(_restart_origin, tb, restarted))
+            return status, restarted
+
+        # one unmeasured one-token answer first, through the link (the client namespace reaches the daemon only
+        # through it): the daemon's first connection and request run cold code paths (~0.1 s), which delayed only
+        # the first scheme's answer against the loss pattern. Its outcome does not matter (the link may lose it);
+        # its close is aligned like the schemes' (stream_scheme), so no lost close leaves the daemon probing it.
+        with contextlib.suppress(subprocess.TimeoutExpired):  # (killed after a minute: the runs follow anyway)
+            run_client("stream", 1, False, subprocess.DEVNULL, subprocess.DEVNULL, tmpdir / "warm-up.json", 60.0)
         print(
             f"tokenwire demo: the tokenwire daemon runs in namespace {tb.server_ns} ({tb.server_addr}:{port}), the "
             f"client in {tb.client_ns}; the link emulator between them ({tb.backend}) adds {half:g} ms each way, "
@@ -414,64 +494,102 @@ def _demo_netns(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         for k, scheme in enumerate(schemes):
             live = k == 0 and not args.quiet
             stats_path = tmpdir / f"{scheme}.json"
-            tb.origin()  # the same trace phase and loss pattern for every scheme
             before = tb.stats()
             print(scheme_heading(scheme, k, live), file=out, flush=True)
-            argv = [
-                py,
-                "-m",
-                "tokenwire.daemon.cli",
-                "chat",
-                "--host",
-                tb.server_addr,
-                "--port",
-                str(port),
-                "--cafile",
-                str(cert),
-                "--server-name",
-                "localhost",
-                "--scheme",
-                scheme,
-                "--json-stats",
-                str(stats_path),
-                "--param",  # the generator's timing, as on the relay link (it streamed seed 0's whatever --seed)
-                f"seed={args.seed}",
-                "--max-tokens",  # the demo upstream's answer is its text once unless a request asks for more
-                str(args.tokens),
-                "Why do chatbots stall on trains?",
-            ]
             # the live answer where this command's own prints go: with --json -, stderr (a child inherits the
             # real stdout, which redirect_stdout cannot move, and put the answer ahead of the JSON)
             to = (2 if str(args.json) == "-" else None) if live else subprocess.DEVNULL  # fd 2: stderr
-            proc = tb.popen(tb.client_ns, argv, stdout=to)
-            if _wait_with_progress(proc, scheme, live=live) != 0:
+            status, restarted = run_client(scheme, args.tokens, live, to, None, stats_path)
+            if status != 0:
                 # its own one-line error is above (a link too lossy for a handshake): no traceback under it
-                raise CLIError(f"the {scheme} client failed (exit status {proc.returncode})")
+                raise CLIError(f"the {scheme} client failed (exit status {status})")
             after = tb.stats()
-            if live:
-                print(cut_note(args.tokens), file=out)
             st = json.loads(stats_path.read_text())
-            results[scheme] = {**st, **netns_link_counts(before, after)}
+            results[scheme] = {**st, **netns_link_counts(before, after, restarted)}
         notify.close()
     return results
 
 
-def _wait_with_progress(proc: subprocess.Popen, scheme: str, *, live: bool, limit_s: float = 600.0) -> int:
-    """``proc.wait(timeout=limit_s)``, with a :func:`progress_line` on stderr every :data:`PROGRESS_S` unless the
-    answer renders ``live``: the client in the other namespace reports no token count until its end."""
+def _restart_origin(tb: Testbed, snapshots: list[dict], phase: str) -> None:
+    """The namespace client reached one of :func:`stream_scheme`'s phases: the emulator's pattern starts over, as
+    compare restarts it between its client's "connected" and its "go". The origin zeroes the emulator's counters,
+    so they are read first (into ``snapshots``)."""
+    snapshots.append(tb.stats())
+    tb.origin()
+
+
+def _drive_client(proc: subprocess.Popen, ready: BinaryIO, scheme: str, *, progress: bool,
+                  aligned: Callable[[str], None], limit_s: float = 600.0) -> int:
+    """Run the namespace client (:func:`netns_client`) to its exit, its status: each phase it names on ``ready``
+    gets ``aligned(phase)``, then "go" on its stdin; with ``progress``, a :func:`progress_line` on stderr every
+    :data:`PROGRESS_S` (the client in the other namespace reports no token count until its end)."""
+    import contextlib
+    import select
     import subprocess
     import time
 
-    started = time.monotonic()
+    assert proc.stdin is not None
+    started = last = time.monotonic()
+    pending = b""
     while True:
-        left = limit_s - (time.monotonic() - started)
-        try:
-            return proc.wait(timeout=max(0.0, min(PROGRESS_S, left)))
-        except subprocess.TimeoutExpired:
-            if time.monotonic() - started >= limit_s:
-                raise
-            if not live:
-                _say_progress(progress_line(scheme, time.monotonic() - started))
+        now = time.monotonic()
+        if now - started >= limit_s:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, limit_s)
+        wait = min(max(0.0, last + PROGRESS_S - now), max(0.0, started + limit_s - now))
+        if select.select([ready], [], [], wait)[0]:
+            chunk = os.read(ready.fileno(), 256)
+            if not chunk:  # it exited (a failed handshake: its one-line error on stderr)
+                break
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                aligned(line.decode())
+                with contextlib.suppress(BrokenPipeError):  # (it exited meanwhile: its status says how)
+                    proc.stdin.write(b"go\n")
+                    proc.stdin.flush()
+        elif time.monotonic() - last >= PROGRESS_S:
+            last = time.monotonic()
+            if progress:
+                _say_progress(progress_line(scheme, last - started))
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    return proc.wait(timeout=max(1.0, started + limit_s - time.monotonic()))
+
+
+NETNS_CLIENT = "import sys; from tokenwire.daemon.demo_cli import netns_client; sys.exit(netns_client(sys.argv[1:]))"
+"""The namespace demo's client process (``python -c``): not ``tokenwire chat``, which sends its request as soon as
+it has connected, while the emulator's pattern must restart between the two (:func:`stream_scheme`)."""
+
+
+def netns_client(argv: list[str]) -> int:
+    """``argv``: the run as JSON and a pipe's fd. :func:`stream_scheme`, writing the name of each of its phases on
+    the pipe and waiting for ``go`` on stdin (the demo restarts the emulator's origin meanwhile); the statistics
+    go to the JSON's ``stats`` file, as ``tokenwire chat --json-stats`` writes them."""
+    import asyncio
+
+    import uvloop
+
+    from tokenwire.daemon.cli import CLIError
+
+    run = json.loads(argv[0])
+    ready_fd = int(argv[1])
+    args = argparse.Namespace(tokens=run["tokens"], seed=run["seed"], delay_ms=run["delay_ms"], loss=run["loss"])
+
+    async def aligned(phase: str) -> None:
+        os.write(ready_fd, phase.encode() + b"\n")
+        said = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.readline)
+        if said.strip() != b"go":
+            raise CLIError("the demo did not say go")
+
+    try:
+        st = uvloop.run(stream_scheme(run["host"], run["port"], Path(run["cafile"]), run["scheme"], args,
+                                      live=run["live"], out=sys.stdout, aligned=aligned, progress=False))
+    except CLIError as exc:
+        print(f"tokenwire demo: error: {exc}", file=sys.stderr)
+        return 2
+    Path(run["stats"]).write_text(json.dumps(st.to_dict()))
+    return 0
 
 
 def _wait_ready(notify: socket.socket, daemon: subprocess.Popen, errors: Path) -> str:
@@ -498,12 +616,17 @@ def _wait_ready(notify: socket.socket, daemon: subprocess.Popen, errors: Path) -
     raise CLIError(f"the demo's daemon did not report ready within {READY_S:g} s")
 
 
-def netns_link_counts(before: dict, after: dict) -> dict[str, float | int]:
+def netns_link_counts(before: dict, after: dict, restarted: Sequence[dict] = ()) -> dict[str, float | int]:
     """The relay's counters (:class:`tokenwire.testbed.udp_relay.RelayPath`) from two emulator ``stats``
     snapshots: bytes are UDP payload, as the relay sees datagrams (the emulator's ``arrived_bytes`` are IP bytes,
-    28 more per IPv4 packet: B/token read 196/112/243 here against 143/73/160 through the relay)."""
+    28 more per IPv4 packet: B/token read 196/112/243 here against 143/73/160 through the relay).
+
+    ``restarted``: the snapshots taken just before each ``origin`` between the two (the demo restarts the
+    pattern at each of a run's phases), which zeroes the emulator's counters: what moved up to each counts."""
     def moved(direction: str, key: str) -> int:
-        return int(after[direction][key] - before[direction][key])
+        points = [before, *restarted, after]
+        return int(points[1][direction][key] - before[direction][key]
+                   + sum(p[direction][key] for p in points[2:]))
 
     packets = moved("down", "arrived_packets")
     return {

@@ -97,6 +97,15 @@ class UdpRelay:
         self.up = RelayPath(d, parse_loss(up_spec, seed=self.seed + 7919))
         self._t0 = time.monotonic()
 
+    def restart(self, seed: int | None = None) -> None:
+        """:meth:`reset`, keeping the packet and byte counters: ``tokenwire demo`` restarts the pattern after
+        the handshake, as the request leaves (every scheme's request then meets the same outages), and still
+        counts the handshake's packets and bytes."""
+        down, up = self.down, self.up
+        self.reset(seed)
+        for new, old in ((self.down, down), (self.up, up)):
+            new.packets, new.dropped, new.bytes = old.packets, old.dropped, old.bytes
+
     async def start(self) -> UdpRelay:
         loop = asyncio.get_running_loop()
         self._front, _ = await loop.create_datagram_endpoint(lambda: _Front(self), local_addr=(self.host, self.port))
