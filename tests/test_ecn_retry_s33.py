@@ -84,3 +84,18 @@ def test_a_session_whose_retry_fails_goes_back_to_not_ect():
     first_plain = marks.index(NOT_ECT, marks.index(ECT1))
     assert set(marks[first_plain:]) == {NOT_ECT}
     assert srv.ecn.state == "failed" and srv.ecn.failures == 1 and srv.ecn.retries == 1
+
+
+def test_the_back_off_stays_at_its_cap_however_many_retries_failed():
+    """2.0 ** 1024 overflows: a connection's 1,024th failed retry (about six days at the cap) raised OverflowError
+    in every later send."""
+    v = EcnValidation()
+    pn = _fail(v, 0)
+    t = 0.0
+    for _ in range(1100):
+        v.retry(t)
+        t = v._retry_at or t
+        assert v.retry(t)
+        pn = _fail(v, pn)
+    v.retry(t)
+    assert v._retry_at == t + ECN_RETRY_MAX_S and v.retries == 1100

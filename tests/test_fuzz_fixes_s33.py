@@ -141,7 +141,9 @@ def test_frames_with_their_longest_lists_still_decode(frame) -> None:
     assert F.decode_frame(F.encode_frame(frame)) == frame
 
 
-@pytest.mark.parametrize(("data", "says"), [(b"\x92\x01", "OutOfData"), (b"\x81\xa1t", "OutOfData"),
+@pytest.mark.parametrize(("data", "says"), [(b"\x92\x01", "ValueError: Unpack failed: incomplete input"),
+                                            (b"\x81\xa1t", "ValueError: Unpack failed: incomplete input"),
+                                            (b"\x81\xa1t\xdd\x00\x00\x00\x05", "OutOfData: it ends inside"),
                                             (b"\x91" * 100_000, "StackError: nested too deeply"),
                                             (b"\xc1", "FormatError: an invalid type byte"),
                                             (b"\x81\xa1t\x01\x00", "ExtraData")])

@@ -331,9 +331,11 @@ ECN_RETRY_S = 30.0
 """How long after failing a connection tries ECN again (RFC 9000 §13.4.2: "an endpoint could continue to periodically
 attempt validation"), doubled after each retry that fails, up to :data:`ECN_RETRY_MAX_S`. A path that stopped
 clearing the codepoint (a connection that migrated, a middlebox reconfigured) got Not-ECT for the rest of a
-connection that can last hours; a retry costs a client that reads no codepoints about ``packets`` ECT packets whose CE
-marks nobody hears."""
+connection that can last hours. A retry to a client that reads no codepoints sends ECT packets whose CE marks
+nobody hears: the validation's ``packets`` and what leaves until the last of them is acknowledged (about a round
+trip of sending; on the KV channel until the next KV_ACK)."""
 ECN_RETRY_MAX_S = 480.0
+_RETRY_DOUBLINGS = 16  # more than the doublings from ECN_RETRY_S to ECN_RETRY_MAX_S
 
 
 class EcnValidation:
@@ -466,7 +468,8 @@ class EcnValidation:
         if self.state != "failed":
             return False
         if self._retry_at is None:
-            self._retry_at = now + min(ECN_RETRY_S * 2 ** self.retries, ECN_RETRY_MAX_S)
+            # (the exponent capped: 2.0 ** 1024 overflows, a connection's 1,024th failed retry after ~6 days)
+            self._retry_at = now + min(ECN_RETRY_S * 2.0 ** min(self.retries, _RETRY_DOUBLINGS), ECN_RETRY_MAX_S)
             return False
         if now < self._retry_at:
             return False
