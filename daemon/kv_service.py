@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -52,6 +52,7 @@ from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
 
 from . import unix_sockets
+from .bounded_cache import BoundedCache
 from .config import Limits
 from .kv_config import KVConfig, kv_marking
 from .kv_store import (
@@ -89,6 +90,9 @@ MAX_DISCARD_BYTES = 64 << 20
 BODY_QUIET_S = 30.0  # a put body with no byte for this long is given up (its connection closed)
 MIN_BODY_RATE = 16 << 20  # bytes/s a put body must average, beyond BODY_QUIET_S (a local socket does GB/s)
 CACHE_ENTRIES = 1 << 16  # chunk metadata and encoded sizes kept in memory (a miss reads the store)
+# ...and the metadata's estimated bytes (BoundedCache): ~10 KB per 256-token chunk, so ~6,000 chunks (1.6 M tokens
+# of context) before the least recent go; by entries alone it held up to ~745 MB of evicted chunks' token ids
+META_CACHE_BYTES = 64 << 20
 # A fetch's lookup in the store (resolve) is bounded by the fetch's deadline, never below this: a hung Redis
 # (SIGSTOP) answered only at its socket timeout (10 s), after a client with a shorter deadline had given up with "KV
 # fetch timed out ... no KV_META", never hearing that the store did not answer. The floor keeps a healthy store that
@@ -204,6 +208,12 @@ def source_id(source: bytes) -> bytes:
 def _int_in(v: object, lo: int, hi: int) -> bool:
     """``v`` is an int (never a bool, a float or a numeric string) in [lo, hi]."""
     return type(v) is int and lo <= v <= hi
+
+
+def _meta_cost(m: ChunkMeta) -> int:
+    """About what a cached :class:`ChunkMeta` holds: each token id an int object and a tuple slot (~40 bytes; those
+    below 257 are shared, so this is an upper bound), plus the object, its strings and its identity."""
+    return 400 + 40 * len(m.token_ids)
 
 
 def _meta_problem(d: dict[Any, Any]) -> str | None:
@@ -392,8 +402,8 @@ class KVService:
         self.ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-ingest")
         # caches of what the store holds (a miss re-reads it): bounded, as a long-running daemon sees every
         # chunk it ever stored, evicted ones included
-        self._meta: OrderedDict[str, ChunkMeta] = OrderedDict()
-        self._sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._meta: BoundedCache[str, ChunkMeta] = BoundedCache(CACHE_ENTRIES, META_CACHE_BYTES, _meta_cost)
+        self._sizes: BoundedCache[tuple[str, str], int] = BoundedCache(CACHE_ENTRIES, 0, lambda _: 0)  # (by entries)
         self._lock = threading.Lock()
         self._chunk_locks = [threading.Lock() for _ in range(64)]
         # set at close: a put in progress stops at its next chunk (a 60k-token put with prewarm kept the
@@ -485,7 +495,7 @@ class KVService:
                     self.store.put(object_key(h, "meta"), meta.pack())
                     with self._lock:
                         for lv in LEVELS:
-                            self._sizes.pop((h, lv), None)
+                            self._sizes.pop((h, lv))
                 self._remember(self._meta, h, meta)
             for lv in prewarm:
                 self._check_open(i + 1, len(hashes))
@@ -585,9 +595,9 @@ class KVService:
             return
         with self._lock:
             for c in (h, *later):
-                self._meta.pop(c, None)
+                self._meta.pop(c)
                 for lv in LEVELS:
-                    self._sizes.pop((c, lv), None)
+                    self._sizes.pop((c, lv))
 
     def _found_mismatched(self, h: str, problem: str) -> None:
         """Chunk ``h``'s source is not its metadata's (``problem`` says how): counted and logged by the store."""
@@ -608,9 +618,9 @@ class KVService:
         except StoreError:
             return
         with self._lock:
-            self._meta.pop(h, None)
+            self._meta.pop(h)
             for lv in LEVELS:
-                self._sizes.pop((h, lv), None)
+                self._sizes.pop((h, lv))
 
     def _report_unreadable(self, h: str, why: str) -> None:
         held = self._unreadable_meta.due()
@@ -664,12 +674,9 @@ class KVService:
         finally:
             lock.release()
 
-    def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
+    def _remember(self, cache: BoundedCache[Any, Any], key: Any, value: Any) -> None:
         with self._lock:
-            cache[key] = value
-            cache.move_to_end(key)
-            while len(cache) > CACHE_ENTRIES:
-                cache.popitem(last=False)
+            cache.put(key, value)
 
     def _source_of(self, x: Any, lo: int) -> bytes:
         """The stored source of the chunk at token ``lo`` of ``x`` (the context's ``[L, 2, T, H*D]`` KV): its bytes."""
@@ -710,7 +717,7 @@ class KVService:
             key = object_key(h, lv)
             if self.store.contains(key) and self.store.get(key) is None:
                 with self._lock:
-                    self._sizes.pop((h, lv), None)
+                    self._sizes.pop((h, lv))
         return True
 
     def _stored_as(self, h: str) -> ChunkMeta | None:
@@ -739,6 +746,9 @@ class KVService:
             return m, None
         data = self.store.get(object_key(h, "meta"))
         if data is None:
+            if m is not None:  # evicted: its token ids held memory for a chunk no fetch can have
+                with self._lock:
+                    self._meta.pop(h)
             return None
         try:
             m = ChunkMeta.unpack(data)
