@@ -63,6 +63,8 @@ from .kv_store import (
     StoreError,
     chain_root,
     chunk_hashes,
+    chunk_of,
+    kind_of,
     object_key,
 )
 from .memory_budget import MemoryBudget
@@ -405,6 +407,7 @@ class KVService:
         self._meta: BoundedCache[str, ChunkMeta] = BoundedCache(CACHE_ENTRIES, META_CACHE_BYTES, _meta_cost)
         self._sizes: BoundedCache[tuple[str, str], int] = BoundedCache(CACHE_ENTRIES, 0, lambda _: 0)  # (by entries)
         self._lock = threading.Lock()
+        store.on_evicted = self._evicted  # (a local store's evictions; a shared one's go by the bounds)
         self._chunk_locks = [threading.Lock() for _ in range(64)]
         # set at close: a put in progress stops at its next chunk (a 60k-token put with prewarm kept the
         # daemon 17-19 s past its drain timeout)
@@ -673,6 +676,19 @@ class KVService:
             yield
         finally:
             lock.release()
+
+    def _evicted(self, key: str) -> None:
+        """The store evicted object ``key``: what the caches hold of it goes (the store's lock is held: this takes
+        only the caches' lock, which is never held around a store call). A chunk's source or metadata gone takes
+        all of the chunk's entries, a level its size."""
+        h, kind = chunk_of(key), kind_of(key)
+        with self._lock:
+            if kind in LEVELS:
+                self._sizes.pop((h, kind))
+            else:
+                self._meta.pop(h)
+                for lv in LEVELS:
+                    self._sizes.pop((h, lv))
 
     def _remember(self, cache: BoundedCache[Any, Any], key: Any, value: Any) -> None:
         with self._lock:

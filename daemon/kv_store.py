@@ -282,6 +282,11 @@ class ChunkStore(ABC):
     _chain_seen: deque[tuple[int, str]]  # (index, hash) of the metadata seen lately: see chain_parent
     _chain_lock: threading.Lock
     shared = False  # other processes write it too: what this one cached about it may be stale
+    # told each object key the store evicts for room (LocalChunkStore), with the store's lock held: the KV service
+    # drops what it cached about the chunk (its metadata held ~11 KB of token ids per 256-token chunk, kept for
+    # every chunk ever put). A Redis store evicts in its server-side script and tells no one: the service's cache
+    # bound in bytes covers it. Must not call back into the store.
+    on_evicted: Callable[[str], None] | None = None
     where = "the KV store"  # for log lines: the directory, or the Redis URL with its password masked
 
     @property
@@ -950,6 +955,8 @@ class LocalChunkStore(ChunkStore):
             self._path(victim).unlink(missing_ok=True)
             self._forget(victim)
             self.stats.evictions += 1
+            if self.on_evicted is not None:
+                self.on_evicted(victim)
 
     def _evict_chunks(self, spare: str, victims: list[str], excess: int) -> None:
         """Whole chunks into ``victims`` until ``excess`` bytes are freed (:data:`EVICTION_POLICY`): the least

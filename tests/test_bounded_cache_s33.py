@@ -62,3 +62,26 @@ def test_an_evicted_chunks_cached_metadata_is_dropped_when_read(tmp_path):
         assert h not in svc._meta
     finally:
         svc.close()
+
+
+def test_a_local_stores_evictions_take_the_chunks_cached_entries(tmp_path):
+    """A small local store evicting as distinct contexts are put: the service's caches keep only chunks it holds
+    (before, every chunk ever put stayed cached, up to 65,536 of them)."""
+    pytest.importorskip("torch")
+    from tokenwire.daemon.kv_service import KVService
+    from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+
+    from .test_kv_channel import CHUNK, MODEL, make_kv
+
+    store = LocalChunkStore(tmp_path / "kv", 64 << 10)  # (about three chunks)
+    svc = KVService(store, chunk_tokens=CHUNK)
+    try:
+        for n in range(12):
+            h = svc.ingest_sync(MODEL, [n] * CHUNK, make_kv(CHUNK), prewarm=["low"])[0]
+            svc.encoded_sync(h, "low")
+        assert store.stats.evictions > 0
+        assert 0 < len(svc._meta) < 12
+        assert all(store.contains(object_key(h, "meta")) for h in list(svc._meta._items))
+        assert all(store.contains(object_key(h, lv)) for h, lv in list(svc._sizes._items))
+    finally:
+        svc.close()
