@@ -134,6 +134,14 @@ def decode_finish(costs: Sequence[float], decodes: Sequence[float], busy_s: floa
     return max(done, arrived)
 
 
+def _rungs_finish(chunks: Sequence[ChunkOptions], rungs: Sequence[tuple[str, float, float]],
+                  busy_s: float = 0.0) -> float:
+    """:func:`decode_finish` of ``chunks`` sent at ``rungs`` (one (level, cost, quality) of each chunk's ladder):
+    each rung's cost on the link, and its level's decode at the client."""
+    return decode_finish([r[1] for r in rungs], [c.decode_s.get(r[0], 0.0) for c, r in zip(chunks, rungs, strict=True)],
+                         busy_s)
+
+
 @dataclass(frozen=True)
 class ChunkOptions:
     """What sending one chunk costs: bytes per codec level, and the recompute time if sent as text."""
@@ -228,14 +236,11 @@ class KVController:
         guard = self._ladder(remaining[0], low, med)
         names = [r[0] for r in guard]
         later = [self._ladder(c, low, med)[0] for c in remaining[1:]]
-        later_costs = [r[1] for r in later]
-        later_decodes = [c.decode_s.get(r[0], 0.0) for c, r in zip(remaining[1:], later, strict=True)]
         k = names.index(plan[0]) if plan[0] in names else 0
         if cold and self.prior_low is None:  # the forced probe: cheapest until measured
             k = 0
         while k > 0:
-            if decode_finish([guard[k][1], *later_costs], [remaining[0].decode_s.get(names[k], 0.0), *later_decodes],
-                             busy_s) <= avail:
+            if _rungs_finish(remaining, [guard[k], *later], busy_s) <= avail:
                 break
             k -= 1
         plan[0] = names[k]
@@ -297,10 +302,8 @@ class KVController:
         low_share = self.prior_low if self.prior_low is not None else PRIOR_LOW  # as _choose_guarded prices a prior
         guard = med * low_share**self.firm_guard_weight  # low**w * med**(1-w) with low = low_share * med
         later = [self._ladder(x, guard, med)[0] for x in remaining[1:]]
-        costs = [size * 8 / guard, *(r[1] for r in later)]
-        decodes = [c.decode_s.get(LEVELS[0], 0.0), *(x.decode_s.get(r[0], 0.0) for x, r in zip(remaining[1:], later,
-                                                                                              strict=True))]
-        return decode_finish(costs, decodes, busy_s) <= avail
+        probe = (LEVELS[0], size * 8 / guard, LEVEL_TOP1[LEVELS[0]])
+        return _rungs_finish(remaining, [probe, *later], busy_s) <= avail
 
     def _median_plan(self, remaining: Sequence[ChunkOptions], med: float, avail: float,
                      busy_s: float = 0.0) -> list[str]:
@@ -313,8 +316,7 @@ class KVController:
             return self.plan(remaining, med, avail, text_bw=med, early_first=True, busy_s=busy_s)
         cheapest = [self._ladder(c, med, med)[0] for c in remaining]
         base = [r[1] for r in cheapest]
-        total = decode_finish(base, [c.decode_s.get(r[0], 0.0) for c, r in zip(remaining, cheapest, strict=True)],
-                              busy_s)
+        total = _rungs_finish(remaining, cheapest, busy_s)
         head = sum(base[:PLAN_WINDOW])
         budget = head + (avail - total) * head / max(total, 1e-12)
         return self.plan(remaining[:PLAN_WINDOW], med, budget, text_bw=med, early_first=True, tail_is_last=False)
@@ -322,9 +324,7 @@ class KVController:
     def _cheapest_fits(self, remaining: Sequence[ChunkOptions], bw: float, budget_s: float,
                        busy_s: float = 0.0) -> bool:
         """Whether every remaining chunk at its cheapest option (text where that is cheaper) fits at ``bw``."""
-        ladders = [self._ladder(c, bw, bw)[0] for c in remaining]
-        decodes = [c.decode_s.get(r[0], 0.0) for c, r in zip(remaining, ladders, strict=True)]
-        return decode_finish([r[1] for r in ladders], decodes, busy_s) <= budget_s
+        return _rungs_finish(remaining, [self._ladder(c, bw, bw)[0] for c in remaining], busy_s) <= budget_s
 
     def _choose_legacy(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
                        median_bps: float | None, low_bps: float | None, sample_age_s: float) -> Decision:
@@ -388,9 +388,7 @@ class KVController:
         def cost() -> float:  # when the last chunk is decoded, the client's one decode thread working in order
             if not tail_is_last:  # (a head of the remainder: its decodes overlap the transfers of what follows)
                 return sum(ladders[i][pick[i]][1] for i in range(n))
-            return decode_finish([ladders[i][pick[i]][1] for i in range(n)],
-                                 [remaining[i].decode_s.get(ladders[i][pick[i]][0], 0.0) for i in range(n)],
-                                 busy_s)
+            return _rungs_finish(remaining, [ladders[i][pick[i]] for i in range(n)], busy_s)
 
         if not lowest_only:
             spent = cost()
