@@ -145,11 +145,9 @@ def _int_ids(token_ids: Any) -> list[int]:
 def _check_context(model: object, token_ids: Sequence[int], fingerprint: object, chunk_tokens: int) -> list[int]:
     """The token ids as ints; refuses at ingest what a fetch could never name or the wire could not carry (a
     negative fingerprint was stored and then closed every fetching connection with a malformed KV_META)."""
-    from tokenwire.transport.frames import MAX_KV_CHUNKS, MAX_KV_TOKENS
-
     token_ids = _int_ids(token_ids)
-    if not isinstance(model, str) or not 1 <= len(model) <= 128:
-        raise KVIngestError("model must be a name of 1 to 128 characters (what a fetch names)")
+    if not isinstance(model, str) or not 1 <= len(model) <= MAX_MODEL_CHARS:
+        raise KVIngestError(f"model must be a name of 1 to {MAX_MODEL_CHARS} characters (what a fetch names)")
     try:  # a lone surrogate (JSON's "\ud800") failed in the fingerprint's encode: a traceback, no typed refusal
         model.encode("utf-8")
     except UnicodeEncodeError:
@@ -160,9 +158,9 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
         raise KVIngestError(f"{len(token_ids)} token ids; a fetch carries at most {MAX_KV_TOKENS}")
     if -(-len(token_ids) // chunk_tokens) > MAX_KV_CHUNKS:
         raise KVIngestError(f"{len(token_ids)} tokens make more than {MAX_KV_CHUNKS} chunks of {chunk_tokens}")
-    if any(not 0 <= t < 1 << 31 for t in token_ids):
+    if any(not 0 <= t <= MAX_TOKEN_ID for t in token_ids):
         raise KVIngestError("token ids must be integers in [0, 2**31)")
-    if fingerprint is not None and (type(fingerprint) is not int or not 0 <= fingerprint < 1 << 64):
+    if fingerprint is not None and not _int_in(fingerprint, 0, MAX_FINGERPRINT):
         raise KVIngestError("fingerprint must be an integer in [0, 2**64)")
     return token_ids
 
@@ -596,11 +594,7 @@ class KVService:
                 return  # its source is back (put again by another daemon sharing the store): nothing cached goes
         except StoreError:
             return
-        with self._lock:
-            for c in (h, *later):
-                self._meta.pop(c)
-                for lv in LEVELS:
-                    self._sizes.pop((c, lv))
+        self._uncache(h, *later)
 
     def _found_mismatched(self, h: str, problem: str) -> None:
         """Chunk ``h``'s source is not its metadata's (``problem`` says how): counted and logged by the store."""
@@ -620,10 +614,7 @@ class KVService:
                 return  # put again since (by another daemon sharing the store): nothing cached goes
         except StoreError:
             return
-        with self._lock:
-            self._meta.pop(h)
-            for lv in LEVELS:
-                self._sizes.pop((h, lv))
+        self._uncache(h)
 
     def _report_unreadable(self, h: str, why: str) -> None:
         held = self._unreadable_meta.due()
@@ -682,10 +673,16 @@ class KVService:
         only the caches' lock, which is never held around a store call). A chunk's source or metadata gone takes
         all of the chunk's entries, a level its size."""
         h, kind = chunk_of(key), kind_of(key)
+        if kind not in LEVELS:
+            self._uncache(h)
+            return
         with self._lock:
-            if kind in LEVELS:
-                self._sizes.pop((h, kind))
-            else:
+            self._sizes.pop((h, kind))
+
+    def _uncache(self, *chunks: str) -> None:
+        """What the caches hold of these chunks goes: their metadata and every level's size."""
+        with self._lock:
+            for h in chunks:
                 self._meta.pop(h)
                 for lv in LEVELS:
                     self._sizes.pop((h, lv))
