@@ -38,11 +38,12 @@ from .session_events import SessionEvent, closed_error, idle_timeout_in_force
 
 _LEN = struct.Struct(">I")
 
-DECODE_RATE_CHUNKS = 9  # codec chunks the client's decode rate is the median of (its connection's latest)
+DECODE_RATE_CHUNKS = 9  # codec chunks the client's decode rate is the median of (the latest)
 
 
 class DecodeRate:
-    """This connection's decode rate, KV elements per second: the median of its latest codec chunks' rates.
+    """A client's decode rate, KV elements per second: the median of its latest codec chunks' rates (the SDK keeps
+    one per process and decode device, shared by its connections: ``kv_client.process_decode_rate``).
 
     The server plans each chunk's decode at the client (one worker thread, chunks one after another) with a rate;
     the configured one (``[kv] decode_mbps``, 50 M elements/s) was 20-40x what this SDK decodes on a CPU (1.3-2.85

@@ -40,6 +40,7 @@ from .frames import (
     MAX_KV_TOKENS,
     MAX_MODEL_CHARS,
     MAX_RECOMPUTE_US,
+    MAX_TOKEN_ID,
     KvFetch,
     encode_frame,
 )
@@ -55,7 +56,7 @@ def _largest_fetch() -> int:
     msgpack's spec asks every encoder for the shortest form, which is what this measures."""
     longest = "\U0010ffff"
     return len(encode_frame(KvFetch(model=longest * MAX_MODEL_CHARS, deadline_ms=MAX_DEADLINE_MS,
-                                    token_ids=[(1 << 31) - 1] * MAX_KV_TOKENS, controller=max(KV_CONTROLLERS, key=len),
+                                    token_ids=[MAX_TOKEN_ID] * MAX_KV_TOKENS, controller=max(KV_CONTROLLERS, key=len),
                                     recompute_us_per_token=MAX_RECOMPUTE_US, auth=longest * MAX_AUTH_CHARS,
                                     prefix=True, decode_elements_per_s=float(MAX_DECODE_RATE))))
 
