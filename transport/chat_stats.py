@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import metrics
+from .frames import MAX_GEN_TIMES
 from .session_outcome import ChatOutcome, estimated_base_delay, outcome_timelines
 
 
@@ -82,7 +83,7 @@ class ChatStats:
         )
 
 
-GEN_TIMES_MAX = 200_000
+GEN_TIMES_MAX = MAX_GEN_TIMES
 """The most tokens whose generation times a FINISHED frame carries (``frames.Finished``'s ``g``): a longer answer's
 statistics have no stall ratio."""
 

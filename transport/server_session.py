@@ -25,6 +25,7 @@ from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from .frames import (
+    MAX_GEN_TIMES,
     MAX_STREAM_FRAME,
     REQUEST_ID_BYTES,
     Ack,
@@ -281,7 +282,7 @@ class ServerSession(_SessionBase):
             self.scheduler.schedule(req.sender)
         if tr.finished and not req.finished_sent:
             req.finished_sent = True
-            gen = tr.gen_deltas_us() if len(tr) <= 200_000 else None
+            gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
             t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
             self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
 
