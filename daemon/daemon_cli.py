@@ -200,8 +200,10 @@ def run_cert(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
-    from .config import ConfigError, api_key_warnings, load_config, security_warnings
+    from .config import ConfigError, load_config
+    from .config_warnings import security_warnings
     from .startup import addr
+    from .upstream_config import api_key_warnings
 
     try:
         cfg = load_config(args.path)

@@ -25,12 +25,15 @@ Parsed here (not in ``config.py``) so the KV channel stays one small hook in the
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenwire.transport.frames import MAX_CHUNK_TOKENS
+
+from .config_values import ConfigError, Section, parse_addr, url_parts
 
 if TYPE_CHECKING:
     from tokenwire.transport.marking import MarkingPolicy
@@ -70,7 +73,6 @@ def _congestion(explicit: str | None, marking: str) -> str:
     :func:`.marking.ecn_congestion`): ECT(1) packets need prague (another is an error); ECT(0) packets the classic
     ECN response, reno-ecn (cubic-ecn for "cubic"; prague is an error: it answers a classic queue's CE marks with
     cuts of a few percent); Not-ECT keeps what is set, reno by default (prague would see no CE marks)."""
-    from .config import ConfigError
     from .marking import ecn_congestion
 
     needed = ecn_congestion(KV_ECT[marking], explicit, "kv.congestion", f"kv.marking = {marking!r}", ConfigError)
@@ -91,9 +93,7 @@ def kv_marking(marking: str) -> Callable[[], MarkingPolicy] | None:
 
 
 def parse_kv(table: Any, base: Path | None) -> KVConfig:
-    from .config import ConfigError, _Section, parse_addr
-
-    s = _Section("kv", table, KEYS)
+    s = Section("kv", table, KEYS)
     enabled = s.get("enabled", False)
     if type(enabled) is not bool:
         raise ConfigError(f"kv.enabled: expected true or false, got {enabled!r}")
@@ -150,3 +150,47 @@ def check_paths(cfg: KVConfig) -> tuple[list[str], list[str]]:
         errors += more_errors
         warnings += more_warnings
     return errors, warnings
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a ``kv.redis_url`` the Redis client cannot connect with, or would read otherwise than it says:
+    ``redis://h:99999/0`` passed ``config check`` and the daemon refused it at start; ``redis://`` (no host)
+    connected to localhost:6379, a db that is no number (``/abc``) to db 0, both silently, and a query
+    (``?socket_timeout=1``) overrode the daemon's own settings for its connection. Its words do not repeat the URL:
+    it may hold a password."""
+    parts, port = url_parts(url, "kv.redis_url")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError("kv.redis_url: no socket path in the unix:// URL (unix:///run/redis/redis.sock)")
+        return  # (an '@' in a socket's path is a path: /run/redis@main/redis.sock)
+    if "@" in url.partition("//")[2][len(parts.netloc):]:
+        # redis://:s3cr@t/x@HOST/0: the authority ends at the password's '/', and the client would connect to host
+        # "t" (refused later for a db that is no number, or a query: both sent the operator the wrong way)
+        raise ConfigError("kv.redis_url: an '@' after the host (in the path, ?query or #fragment): a password with "
+                          "'/', '?' or '#' in it ends the host early; percent-encode the password ('/' as %2F, '?' "
+                          "as %3F, '#' as %23, '@' as %40)")
+    if not parts.hostname:
+        raise ConfigError("kv.redis_url: no host in the URL (redis://HOST[:PORT][/DB]; a password as "
+                          "redis://:PASSWORD@HOST..., with '/', '?' or '#' in it percent-encoded)")
+    if port == 0:
+        raise ConfigError("kv.redis_url: port 0 is no server's port (1 to 65535; Redis listens on 6379)")
+    db = urllib.parse.unquote(parts.path).strip("/")  # (what redis-py reads as the db: the path's number)
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError("kv.redis_url: the path must be a database number (redis://HOST:PORT/0), or left out "
+                          "for db 0")
+    if parts.query or parts.fragment:
+        raise ConfigError("kv.redis_url: no ?query or #fragment: Redis's client reads a query's options (a "
+                          "socket_timeout) over the daemon's own; give the database as the path (/0)")
+
+
+def check_kv_strings(table: Any) -> None:
+    """Refuse ``[kv] listen = ""`` and ``directory = ""``: each silently meant its default (the channel on every
+    address, the store in /var/lib/tokenwire/kv), where ``metrics.listen = ""`` means off."""
+    if not isinstance(table, dict):
+        return
+    if table.get("listen") == "":
+        raise ConfigError("kv.listen: expected 'host:port', got '' (to turn the KV channel off, set kv.enabled = "
+                          "false; leave the key out for the default [::]:4434)")
+    if table.get("directory") == "":
+        raise ConfigError("kv.directory: expected a folder, got '' (leave the key out for the default "
+                          f"{KVConfig.directory})")

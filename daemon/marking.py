@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config_values import ConfigError, Section
+
 if TYPE_CHECKING:
     from tokenwire.transport.marking import MarkingPolicy
 
@@ -76,16 +78,16 @@ class MarkingConfig:
         return "ect0" if self.policy == "classic" and self.classic_codepoint == "ect0" else None
 
 
-def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: type[Exception]) -> MarkingConfig:
-    """Validate ``[marking]`` with config.py's section helper (passed in to avoid an import cycle)."""
-    s = section_cls("marking", table, KEYS)
+def parse_marking(table: Any, base: Path | None) -> MarkingConfig:
+    """Validate ``[marking]`` (relative paths: to ``base``, the config file's folder)."""
+    s = Section("marking", table, KEYS)
     policy = s.str("policy", "") or None
     if policy is not None and policy not in POLICIES:
-        raise error_cls(f"marking.policy: expected one of {', '.join(POLICIES)} (or \"\" for off), got {policy!r}")
+        raise ConfigError(f"marking.policy: expected one of {', '.join(POLICIES)} (or \"\" for off), got {policy!r}")
     # existence is checked when the daemon starts: a missing or corrupt model is logged and falls back to l4s
     model = s.path("model", base, must_exist=False)
     if model is not None and policy != "swiftqueue":
-        raise error_cls("marking.model: only the swiftqueue policy uses a model (set marking.policy)")
+        raise ConfigError("marking.model: only the swiftqueue policy uses a model (set marking.policy)")
     return MarkingConfig(
         policy=policy,
         model=model,
@@ -97,12 +99,12 @@ def parse_marking(table: Any, base: Path | None, section_cls: Any, error_cls: ty
     )
 
 
-def effective_congestion(marking: MarkingConfig, explicit: str | None, error_cls: type[Exception]) -> str | None:
+def effective_congestion(marking: MarkingConfig, explicit: str | None) -> str | None:
     """The congestion controller the marking policy needs, or None to keep ``server.congestion``."""
     what = f"marking.policy = {marking.policy!r}"
     if marking.ect == "ect0":
         what += " with classic_codepoint = 'ect0'"
-    return ecn_congestion(marking.ect, explicit, "server.congestion", what, error_cls)
+    return ecn_congestion(marking.ect, explicit, "server.congestion", what, ConfigError)
 
 
 def ecn_congestion(ect: str | None, explicit: str | None, setting: str, marking: str,

@@ -17,16 +17,8 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .config import (
-    AuthConfig,
-    Config,
-    Route,
-    TokenEntry,
-    UpstreamConfig,
-    UpstreamFileProblem,
-    restart_changes,
-    restart_sections,
-)
+from .config import AuthConfig, Config, TokenEntry, restart_changes, restart_sections
+from .upstream_config import Route, UpstreamConfig, UpstreamFileProblem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,8 +48,8 @@ from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable, well_formed
-from .config import FileProblem, api_key_absence, api_key_problem, read_api_key, upstream_ca_context
 from .logs import shown_url
+from .upstream_config import FileProblem, api_key_absence, api_key_problem, read_api_key, upstream_ca_context
 from .upstreams import Emit
 
 log = logging.getLogger("tokenwire.daemon")

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest
 
-from .config import Config, UpstreamConfig
+from .config import Config
 from .demo_upstream import answer_tokens, rate_problem, schedule
+from .upstream_config import UpstreamConfig
 
 Emit = Callable[[str], None]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tokenwire.daemon import unit_access
-from tokenwire.daemon.config import parse_config, security_warnings
+from tokenwire.daemon.config import parse_config
+from tokenwire.daemon.config_warnings import security_warnings
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="config check reads as the daemon's user only as root")
 

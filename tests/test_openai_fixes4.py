@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tokenwire.daemon import config as config_module
-from tokenwire.daemon import upstream_openai
-from tokenwire.daemon.config import ConfigError, load_config, parse_config, upstream_file_problems
+from tokenwire.daemon import upstream_config, upstream_openai
+from tokenwire.daemon.config import ConfigError, load_config, parse_config
 from tokenwire.daemon.reload_decisions import upstream_file_warnings
+from tokenwire.daemon.upstream_config import upstream_file_problems
 from tokenwire.daemon.upstream_openai import KEEPALIVE_S, OpenAIUpstream, _stale
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.tls import make_self_signed
@@ -358,7 +358,7 @@ def test_a_fifo_as_the_api_key_file_is_refused_without_blocking_the_daemon(tmp_p
 
 def test_a_huge_api_key_file_is_refused(tmp_path):
     key = tmp_path / "key"
-    key.write_bytes(b"x" * (config_module.KEY_FILE_LIMIT + 1))
+    key.write_bytes(b"x" * (upstream_config.KEY_FILE_LIMIT + 1))
     with pytest.raises(RequestError, match="the API key file is larger than 64 KiB"):
         generate(FakeOpenAI(), "ok", api_key_file=key)
     with pytest.raises(ConfigError, match=r"upstreams\[0\]\.api_key_file: .* is larger than 64 KiB"):

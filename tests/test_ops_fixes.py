@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tokenwire.daemon import config as config_mod
+from tokenwire.daemon import config_values, upstream_config
 from tokenwire.daemon.config import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +137,12 @@ def test_kv_warm_up_reports_other_failures_plainly(exc):
 
 # -------------------------------------------------------------------------------------- example config (4)
 def _known_keys() -> dict[str, set[str]]:
-    """Every section's known keys, as config.py declares them: recorded from ``_Section`` while a document with
+    """Every section's known keys, as config.py declares them: recorded from ``Section`` while a document with
     every section parses, plus every upstream type's (``UPSTREAM_KEYS``) and [kv]'s (``kv_config.KEYS``)."""
     from tokenwire.daemon.kv_config import KEYS as KV_KEYS
 
     seen: dict[str, set[str]] = defaultdict(set)
-    real_init = config_mod._Section.__init__
+    real_init = config_values.Section.__init__
 
     def recording(self, where, table, known):
         seen[re.sub(r"\[\d+\]", "", where)].update(known)
@@ -152,13 +153,13 @@ def _known_keys() -> dict[str, set[str]]:
         "metrics": {}, "ingest": {}, "marking": {}, "kv": {},
         "upstreams": [{"name": "d", "type": "demo"}], "routes": [{"upstream": "d"}],
     }
-    config_mod._Section.__init__ = recording
+    config_values.Section.__init__ = recording
     try:
         parse_config(doc)
     finally:
-        config_mod._Section.__init__ = real_init
+        config_values.Section.__init__ = real_init
     seen.pop("upstreams", None)  # recorded for the demo type only: every type's keys come from UPSTREAM_KEYS
-    for kind, keys in config_mod.UPSTREAM_KEYS.items():
+    for kind, keys in upstream_config.UPSTREAM_KEYS.items():
         seen[f"upstreams:{kind}"] = set(keys)
     seen["kv"] |= set(KV_KEYS)
     return dict(seen)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tokenwire.daemon.config import ConfigError, parse_config, security_warnings
+from tokenwire.daemon.config import ConfigError, parse_config
+from tokenwire.daemon.config_warnings import security_warnings
 from tokenwire.daemon.upstream_openai import OpenAIUpstream
 from tokenwire.transport.errors import ErrorCode, RequestError
 from tokenwire.transport.server import ChatRequest

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tokenwire.daemon import unit_access
-from tokenwire.daemon.config import parse_config, security_warnings
+from tokenwire.daemon.config import parse_config
+from tokenwire.daemon.config_warnings import security_warnings
 
 from .daemon_proc import PAIR
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tokenwire.daemon import kv_service, logs, startup, unit_access, unix_sockets
-from tokenwire.daemon.config import parse_config, security_warnings
+from tokenwire.daemon.config import parse_config
+from tokenwire.daemon.config_warnings import security_warnings
 from tokenwire.daemon.startup import StartupError
 
 ROOT = Path(__file__).resolve().parents[1]
