@@ -150,7 +150,8 @@ class _UsageReader:
     or cut off by a partition) held every scrape for the client's 10-s socket timeout, so Prometheus timed out
     and lost *all* of the daemon's metrics just when they were wanted. The read runs on its own thread; a scrape
     that gives up leaves it running and a later scrape takes its result (one read at a time; scrapes at the
-    same moment share it, none waits for another's wait)."""
+    same moment share it, none waits for another's wait; once one has waited in vain, the next ones do not wait
+    until that read ends)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -160,6 +161,10 @@ class _UsageReader:
     def read(self, store: Any) -> int | None:
         with self._lock:
             read = self._pending
+            if read is not None and self._stalled and not read.done():
+                # a scrape already waited for this read in vain: each later one waited again, in the default
+                # executor's few threads, so concurrent scrapes queued behind each other up to Prometheus's timeout
+                return None
             if read is None:
                 read = self._pending = Future()
                 threading.Thread(target=_read_usage, args=(store, read), name="kv-store-usage",

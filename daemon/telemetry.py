@@ -282,17 +282,29 @@ class _HttpLog(logging.LoggerAdapter):
     def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
-            self.refusals.total.inc()
-            what = str(msg) % args if args else str(msg)  # aiohttp's "Error handling request from <peer>"
-            reason = " ".join(str(exc.message or exc).split()).rstrip(".")
-            if self.refusals.hold(time.monotonic()):  # set after hold(): a summary hold() writes is of earlier ones
-                self.refusals.last = f"{what.removeprefix('Error handling request ')}: {reason}"
-            else:
-                self.logger.warning("metrics: %s: %s; more malformed requests are counted and logged at most every "
-                                    "%g s (each in tokenwire_metrics_malformed_requests_total)", what, reason,
-                                    REFUSALS_LOG_S)
+            self._malformed(msg, args, exc)
         else:
             self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs a connection's first request with no HTTP method (a TLS ClientHello, an SSH banner,
+        junk: what a port scan sends) at DEBUG instead, where the counter never saw it."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            self._malformed(msg, args, exc)
+        else:
+            self.logger.debug(msg, *args, **kwargs)
+
+    def _malformed(self, msg: object, args: tuple[Any, ...], exc: HttpProcessingError) -> None:
+        self.refusals.total.inc()
+        what = str(msg) % args if args else str(msg)  # aiohttp's "Error handling request from <peer>"
+        reason = " ".join(str(exc.message or exc).split()).rstrip(".")
+        if self.refusals.hold(time.monotonic()):  # set after hold(): a summary hold() writes is of earlier ones
+            self.refusals.last = f"{what.removeprefix('Error handling request ')}: {reason}"
+        else:
+            self.logger.warning("metrics: %s: %s; more malformed requests are counted and logged at most every "
+                                "%g s (each in tokenwire_metrics_malformed_requests_total)", what, reason,
+                                REFUSALS_LOG_S)
 
 
 # A scraper's connection must complete a request within this, and at most this many are open at once: half-sent
