@@ -133,10 +133,10 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
 def check_paths(cfg: KVConfig) -> tuple[list[str], list[str]]:
     """What the daemon's start would make of ``[kv]``'s paths, found without creating, locking or binding
     anything (``config check``): (errors the daemon refuses to start with, warnings), each in the daemon's own
-    words: the store's directory (``kv_store.check_local_directory``) and the ingest socket
+    words: the store's directory (``kv_store_local.check_local_directory``) and the ingest socket
     (``unix_sockets.listen_problem``)."""
     from . import unix_sockets
-    from .kv_store import check_local_directory
+    from .kv_store_local import check_local_directory
 
     errors: list[str] = []
     warnings: list[str] = []

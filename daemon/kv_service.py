@@ -57,8 +57,6 @@ from .config import Limits
 from .kv_config import KVConfig, kv_marking
 from .kv_store import (
     ChunkStore,
-    LocalChunkStore,
-    RedisChunkStore,
     ReportEvery,
     StoreError,
     chain_root,
@@ -67,6 +65,8 @@ from .kv_store import (
     kind_of,
     object_key,
 )
+from .kv_store_local import LocalChunkStore
+from .kv_store_redis import RedisChunkStore
 from .memory_budget import MemoryBudget
 from .startup import StartupError, cannot_listen
 

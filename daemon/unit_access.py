@@ -378,7 +378,7 @@ def _kv_directory_offenders(root: Path, who: _DaemonUser) -> tuple[list[str], bo
     and whether :data:`KV_SCAN_LIMIT` cut the look short. Bounded (a store may hold millions of objects): every
     object folder first, then an even share of the objects in each, as a ``sudo tokenwire daemon`` run leaves
     root's folders and files all over the store."""
-    from .kv_store import LOCK_FILE
+    from .kv_store_local import LOCK_FILE
 
     found: list[str] = []
     examined = 0

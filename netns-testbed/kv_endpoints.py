@@ -32,7 +32,7 @@ async def run_server(args: argparse.Namespace) -> int:
     import torch
 
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
     from tokenwire.transport.kv_channel import ServerTuning, kv_congestion, serve_kv
     from tokenwire.transport.kv_controller import LEVELS
     from tokenwire.transport.marking import L4SPolicy

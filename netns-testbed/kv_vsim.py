@@ -109,7 +109,7 @@ def load_context(cfg: KVEvalConfig, log: Callable[[str], None]) -> tuple[Context
     import torch
 
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
     from tokenwire.transport.frames import KvFetch
     from tokenwire.transport.kv_controller import LEVELS, TEXT
 

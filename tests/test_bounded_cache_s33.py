@@ -30,7 +30,7 @@ def test_distinct_puts_past_the_store_capacity_keep_the_metadata_cache_within_it
     pytest.importorskip("torch")
     from tokenwire.daemon import kv_service as kvs
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
 
     from .test_kv_channel import CHUNK, MODEL, make_kv
 
@@ -48,7 +48,8 @@ def test_distinct_puts_past_the_store_capacity_keep_the_metadata_cache_within_it
 def test_an_evicted_chunks_cached_metadata_is_dropped_when_read(tmp_path):
     pytest.importorskip("torch")
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+    from tokenwire.daemon.kv_store import object_key
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
 
     from .test_kv_channel import CHUNK, MODEL, make_kv
 
@@ -69,7 +70,8 @@ def test_a_local_stores_evictions_take_the_chunks_cached_entries(tmp_path):
     (before, every chunk ever put stayed cached, up to 65,536 of them)."""
     pytest.importorskip("torch")
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+    from tokenwire.daemon.kv_store import object_key
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
 
     from .test_kv_channel import CHUNK, MODEL, make_kv
 

@@ -11,7 +11,8 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tokenwire.daemon.kv_service import ChunkMeta, KVService
-from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+from tokenwire.daemon.kv_store import object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import frames as F
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVError, KVNotFound

@@ -23,7 +23,8 @@ from aioquic.quic.connection import QuicConnection
 from tokenwire.daemon import kv_service as kvs
 from tokenwire.daemon.ingest import IngestAPI, IngestConnection
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import LocalChunkStore, wrap
+from tokenwire.daemon.kv_store import wrap
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.daemon.transcripts import TranscriptStore
 from tokenwire.predictor.dataset import COLUMNS, FORMAT_VERSION, DatasetError, load, save
 from tokenwire.transport.errors import ErrorCode, FrameError

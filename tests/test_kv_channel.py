@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+from tokenwire.daemon.kv_store import object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.kv_channel import (
@@ -455,7 +456,7 @@ from tests.test_kv_store import redis_url  # noqa: E402, F401  (the real-server 
 def test_service_on_the_redis_backend(redis_url):  # noqa: F811
     import uuid
 
-    from tokenwire.daemon.kv_store import RedisChunkStore
+    from tokenwire.daemon.kv_store_redis import RedisChunkStore
 
     svc = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=f"tw-test-{uuid.uuid4().hex}:"), chunk_tokens=CHUNK)
     try:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import kv_client as kc
 from tokenwire.transport.frames import KvChunk
 from tokenwire.transport.kv_channel import FetchReport, ServerTuning, connect_kv, serve_kv

@@ -13,7 +13,7 @@ import pytest
 from tests.test_kv_channel import CHUNK, MODEL, kv_client, make_kv, run
 from tests.test_kv_controller_fixes2 import _FakeLoop as _FakeClock
 from tokenwire.daemon.kv_service import RESOLVE_FLOOR_S, KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import kv_client as kvc
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.kv_channel import KVError

@@ -13,7 +13,7 @@ import pytest
 
 from tokenwire.daemon import kv_service as kvs
 from tokenwire.daemon.kv_service import KVIngestError, KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.kv_channel import KVChunkNeeded, ServerTuning
 from tokenwire.transport.kv_client import STALL_POLL_S, _wait_while_progressing
 from tokenwire.transport.kv_controller import INFEASIBLE_MARGIN, LEVELS, PRIOR_LOW, TEXT, ChunkOptions, KVController

@@ -11,7 +11,7 @@ import torch
 from aioquic.quic.connection import QuicConnection
 
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.kv_channel import KVError, ServerTuning, connect_kv, serve_kv
 from tokenwire.transport.kv_protocol import kv_quic_config

@@ -8,7 +8,7 @@ import torch
 
 from tests.test_kv_channel import make_kv, run
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.cachegen import codec
 from tokenwire.transport.cachegen.errors import InvalidInput
 from tokenwire.transport.kv_channel import ServerTuning, connect_kv, serve_kv

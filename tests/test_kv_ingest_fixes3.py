@@ -13,7 +13,8 @@ from tests.test_kv_channel import CHUNK, MODEL, _fetch, make_kv, run
 from tests.test_kv_store import make_store, redis_url  # noqa: F401  (the fixtures)
 from tokenwire.daemon.ingest import IngestAPI, IngestConnection
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import ChunkStore, LocalChunkStore, object_key
+from tokenwire.daemon.kv_store import ChunkStore, object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.daemon.transcripts import TranscriptStore
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.frames import KvFetch

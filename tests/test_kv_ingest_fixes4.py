@@ -14,7 +14,7 @@ import pytest
 
 from tokenwire.daemon import kv_service as kvs
 from tokenwire.daemon.kv_service import KVIngestError, KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 
 from .test_kv_channel import CHUNK, MODEL, make_kv
 from .test_kv_ingest_socket import _Writer

@@ -12,7 +12,8 @@ import torch
 
 from tokenwire.daemon import kv_service as kvs
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import LocalChunkStore, chunk_hashes, object_key
+from tokenwire.daemon.kv_store import chunk_hashes, object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 
 from .test_kv_channel import CHUNK, MODEL, make_kv
 

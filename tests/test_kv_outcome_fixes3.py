@@ -23,7 +23,7 @@ from tests.test_kv_channel import CHUNK, MODEL, kv_client, make_kv, run
 from tests.test_kv_channel_refusals import KVPair
 from tokenwire.daemon.kv_metrics import KVMetrics
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import kv_server_session
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.kv_channel import KVCorruptChunk, KVError, KVFetchClosed, KVServerSession

@@ -17,7 +17,8 @@ from tests.test_kv_channel import CHUNK, MODEL, kv_client, make_kv, run
 from tests.test_kv_store import make_store, redis_url  # noqa: F401  (the fixtures)
 from tests.test_kv_store_fixes4 import CAPACITY
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+from tokenwire.daemon.kv_store import object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVNotFound
 

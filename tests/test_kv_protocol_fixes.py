@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVNotFound

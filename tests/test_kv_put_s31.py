@@ -11,7 +11,8 @@ import pytest
 
 from tests.test_kv_channel import CHUNK, MODEL, make_kv, run
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import LocalChunkStore, object_key
+from tokenwire.daemon.kv_store import object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 
 
 @pytest.fixture

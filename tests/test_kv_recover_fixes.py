@@ -20,18 +20,11 @@ from tests.test_kv_ingest_fixes3 import _rot
 from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F401  (the fixtures)
 from tests.test_kv_store_fixes2 import _collected
 from tests.test_kv_store_fixes4 import _disk_bytes, _prefix, _put_chunk, _stored
-from tokenwire.daemon import kv_service, kv_store
+from tokenwire.daemon import kv_service, kv_store, kv_store_local
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import (
-    ChunkStore,
-    LocalChunkStore,
-    RedisChunkStore,
-    StoreError,
-    chain_root,
-    chain_step,
-    object_key,
-    wrap,
-)
+from tokenwire.daemon.kv_store import ChunkStore, StoreError, chain_root, chain_step, object_key, wrap
+from tokenwire.daemon.kv_store_local import LocalChunkStore
+from tokenwire.daemon.kv_store_redis import RedisChunkStore
 from tokenwire.transport.errors import ErrorCode, RemoteError
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVNotFound
@@ -134,7 +127,7 @@ def test_the_search_for_parents_at_start_is_bounded(tmp_path: Path, monkeypatch)
     _, hashes = _put_three(root)
     for kind in ("src", "meta"):
         os.truncate(_file(root, hashes[0], kind), 10)
-    monkeypatch.setattr(kv_store, "RECOVER_SEARCH_STEPS", 0)
+    monkeypatch.setattr(kv_store_local, "RECOVER_SEARCH_STEPS", 0)
     store = LocalChunkStore(root, 64 << 20)
     try:
         assert [all(_stored(store, h, ALL)) for h in hashes[1:]] == [True, True] and store.stats.evictions == 0
@@ -299,7 +292,7 @@ def test_the_search_for_parents_at_start_tries_chunks_with_children_first(tmp_pa
     for n, h in enumerate((x1, *others, p0, y1)):  # x1 far from p0; y1 next to it (linked by the mtime order)
         for kind in ("src", "meta"):
             os.utime(_file(root, h, kind), (t + n, t + n))
-    monkeypatch.setattr(kv_store, "RECOVER_SEARCH_STEPS", 5)  # fewer than the chunks without children before p0
+    monkeypatch.setattr(kv_store_local, "RECOVER_SEARCH_STEPS", 5)  # fewer than the chunks without children before p0
     store = LocalChunkStore(root, 10 << 20)
     try:
         assert store._parent.get(y1) == p0 and store._parent.get(x1) == p0

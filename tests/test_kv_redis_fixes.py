@@ -21,7 +21,9 @@ from tokenwire.daemon import kv_service
 from tokenwire.daemon.config import ConfigError, load_config
 from tokenwire.daemon.kv_config import KVConfig
 from tokenwire.daemon.kv_service import ChunkMeta, KVService, open_store, source_id
-from tokenwire.daemon.kv_store import LocalChunkStore, RedisChunkStore, StoreError, object_key
+from tokenwire.daemon.kv_store import StoreError, object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
+from tokenwire.daemon.kv_store_redis import RedisChunkStore
 from tokenwire.daemon.logs import shown_url
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.frames import KvFetch

@@ -17,7 +17,8 @@ import pytest
 from tests.test_kv_channel import CHUNK, MODEL, make_kv
 from tokenwire.daemon import kv_service
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import LocalChunkStore, StoreError
+from tokenwire.daemon.kv_store import StoreError
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.frames import KvFetch
 
 BOUND_S = 0.2  # RESOLVE_FLOOR_S in these tests: every fetch here has a 50-ms deadline

@@ -12,7 +12,8 @@ import torch
 
 from tokenwire.daemon import kv_service as kvs
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import LocalChunkStore, chunk_hashes, object_key
+from tokenwire.daemon.kv_store import chunk_hashes, object_key
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import KvFetch
@@ -324,7 +325,7 @@ def test_daemons_sharing_redis_see_each_others_reingest(redis_url):  # noqa: F81
     fingerprint and dtype), this one encoded the new source under its old metadata."""
     import uuid
 
-    from tokenwire.daemon.kv_store import RedisChunkStore
+    from tokenwire.daemon.kv_store_redis import RedisChunkStore
 
     prefix = f"tw-test-{uuid.uuid4().hex}:"
     a = KVService(RedisChunkStore(redis_url, 64 << 20, prefix=prefix), chunk_tokens=CHUNK)

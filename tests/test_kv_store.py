@@ -16,15 +16,9 @@ from typing import Any
 
 import pytest
 
-from tokenwire.daemon.kv_store import (
-    LocalChunkStore,
-    RedisChunkStore,
-    StoreError,
-    chunk_hashes,
-    object_key,
-    unwrap,
-    wrap,
-)
+from tokenwire.daemon.kv_store import StoreError, chunk_hashes, object_key, unwrap, wrap
+from tokenwire.daemon.kv_store_local import LocalChunkStore
+from tokenwire.daemon.kv_store_redis import RedisChunkStore
 
 
 @contextlib.contextmanager
@@ -345,9 +339,10 @@ def test_a_store_directory_is_one_processs_and_must_be_writable(tmp_path):
 
     root = tmp_path / "store"
     s = LocalChunkStore(root, 1 << 20)
-    other = subprocess.run([sys.executable, "-c", "import sys\nfrom tokenwire.daemon.kv_store import "
-                            "LocalChunkStore, StoreError\ntry:\n    LocalChunkStore(sys.argv[1], 1 << 20)\n"
-                            "except StoreError as e:\n    print(e)", str(root)],
+    other = subprocess.run([sys.executable, "-c", "import sys\nfrom tokenwire.daemon.kv_store import StoreError\n"
+                            "from tokenwire.daemon.kv_store_local import LocalChunkStore\ntry:\n"
+                            "    LocalChunkStore(sys.argv[1], 1 << 20)\nexcept StoreError as e:\n    print(e)",
+                            str(root)],
                            capture_output=True, text=True, check=True)
     assert "in use by another process" in other.stdout
     s.close()
@@ -411,7 +406,8 @@ def test_a_redis_that_fails_is_one_line_for_the_client_and_one_warning_in_the_lo
 
     import redis
 
-    from tokenwire.daemon.kv_store import RedisChunkStore, StoreError
+    from tokenwire.daemon.kv_store import StoreError
+    from tokenwire.daemon.kv_store_redis import RedisChunkStore
 
     store = RedisChunkStore(redis_url, 1 << 20, prefix="tw-test-down:")
     with socket.socket() as s:  # a port nobody listens on: Redis is "down"

@@ -19,16 +19,9 @@ from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F40
 from tokenwire.daemon import kv_store
 from tokenwire.daemon.kv_metrics import _KVCollector
 from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
-from tokenwire.daemon.kv_store import (
-    MAGIC,
-    LocalChunkStore,
-    RedisChunkStore,
-    ReportEvery,
-    StoreError,
-    StoreFullError,
-    object_key,
-    wrap,
-)
+from tokenwire.daemon.kv_store import MAGIC, ReportEvery, StoreError, StoreFullError, object_key, wrap
+from tokenwire.daemon.kv_store_local import LocalChunkStore
+from tokenwire.daemon.kv_store_redis import RedisChunkStore
 from tokenwire.transport.cachegen import codec
 from tokenwire.transport.cachegen.codec import decode_chunk
 from tokenwire.transport.frames import KvFetch

@@ -17,7 +17,9 @@ from tests.test_kv_ingest_fixes3 import _rot
 from tests.test_kv_store import make_store, redis_url  # noqa: F401  (the fixtures)
 from tests.test_kv_store_fixes2 import _collected
 from tokenwire.daemon.kv_service import KVService
-from tokenwire.daemon.kv_store import ChunkStore, LocalChunkStore, RedisChunkStore, chunk_hashes, object_key, wrap
+from tokenwire.daemon.kv_store import ChunkStore, chunk_hashes, object_key, wrap
+from tokenwire.daemon.kv_store_local import LocalChunkStore
+from tokenwire.daemon.kv_store_redis import RedisChunkStore
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import KVNotFound
 

@@ -191,7 +191,7 @@ def test_kv_fetches_stop_marking_for_a_client_without_ecn_counts(tmp_path):
     """connect_kv() (ecn=False) sends KV_ACKs without counts: a fetch at 100 % CE was never slowed by it."""
     torch = pytest.importorskip("torch")
     from tokenwire.daemon.kv_service import KVService
-    from tokenwire.daemon.kv_store import LocalChunkStore
+    from tokenwire.daemon.kv_store_local import LocalChunkStore
     from tokenwire.transport.kv_channel import ServerTuning, connect_kv, serve_kv
 
     chunk, n = 32, 32 * 24

@@ -13,7 +13,7 @@ import pytest
 
 from tokenwire.daemon.config import load_config
 from tokenwire.daemon.ingest import IngestConnection
-from tokenwire.daemon.kv_store import LocalChunkStore
+from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.daemon.service import Daemon
 from tokenwire.transport.tls import make_self_signed
 
