@@ -30,7 +30,6 @@ from .kv_config import KVConfig, check_kv_strings, check_redis_url, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 from .startup import addr
 from .upstream_config import Route, UpstreamConfig, parse_routes, parse_upstreams
-from .upstream_config import upstream_file_problems as upstream_file_problems  # (re-exported)
 
 if TYPE_CHECKING:
     pass
@@ -131,7 +130,7 @@ class Limits:
     request_timeout_s: float = 10.0
     # what connections that have not authorized yet may make the daemon hold of their requests, all together: each
     # may hold ~3 x max_request_bytes (ReadCredit.hold_until_authorized), which over max_sessions connections is
-    # ~30 GB; past it the connection holding the most is closed (Daemon.account_unauthorized). The KV endpoint's
+    # ~30 GB; past it the connection holding the most is closed (Admission.account_unauthorized). The KV endpoint's
     # connections have a budget of this size of their own (KVServer.unauthorized_memory): the daemon holds at most
     # twice it
     unauthorized_memory_mb: float = 256.0

@@ -119,7 +119,7 @@ class DaemonProtocol(GuardedProtocol):
     def authorized(self, value: bool) -> None:
         self._authorized = value
         if value:  # its client has proven itself: the full flow-control window, and no eviction past max_sessions
-            self.daemon.forget_unauthorized(self)
+            self.daemon.admission.forget_unauthorized(self)
             if isinstance(self._quic, ReadCredit):
                 self._quic.release_credit()
 
@@ -131,8 +131,8 @@ class DaemonProtocol(GuardedProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.datagrams_in += 1  # (what moves its counters: see add_counters)
         super().datagram_received(data, addr)
-        if self in self.daemon.unauthorized:  # what it may make the daemon hold, before it authorizes
-            self.daemon.account_unauthorized(self, self.held_bytes())
+        if self in self.daemon.admission.unauthorized:  # what it may make the daemon hold, before it authorizes
+            self.daemon.admission.account_unauthorized(self, self.held_bytes())
 
     def transmit_soon(self) -> None:
         """Send what this connection's answers queued once per event-loop turn, not once per token of each.
@@ -158,7 +158,7 @@ class DaemonProtocol(GuardedProtocol):
 
     def held_bytes(self) -> int:
         """Bytes of its request streams held: in aioquic's receive buffers, and read into the request decoders
-        (what :attr:`Daemon.unauthorized` counts, at each datagram and afresh past its budget)."""
+        (what :attr:`Admission.unauthorized` counts, at each datagram and afresh past its budget)."""
         quic = self._quic
         return (sum(len(s.receiver._buffer) for s in quic._streams.values())
                 + sum(r.decoder.pending for r in self.server_session.requests.values()))
@@ -176,22 +176,22 @@ class DaemonProtocol(GuardedProtocol):
             try:  # (the KV channel's endpoint makes the same check: verify_peer_certificate)
                 name = verify_peer_certificate(self._quic, d.client_verifier)
             except ClientCertificateError as exc:
-                d.unauthorized_client(self.peer, str(exc))
+                d.admission.unauthorized_client(self.peer, str(exc))
                 self.server_session.close(ErrorCode.UNAUTHORIZED, exc.close_reason)
                 return
             self.principal = cert_principal(name)
             if not d.config.auth.required:
                 self.authorized = True
-        if d.established >= d.config.limits.max_sessions and not d.evict_unauthorized():
-            d.session_refused(self.peer)
+        if d.admission.established >= d.config.limits.max_sessions and not d.admission.evict_unauthorized():
+            d.admission.session_refused(self.peer)
             self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
             return
         self.established = True
-        d.established += 1
+        d.admission.established += 1
         d.metrics.sessions.inc()
         d.metrics.sessions_total.inc()
-        if not self.authorized:  # what it holds counts from now (Daemon.account_unauthorized), oldest first
-            d.count_unauthorized(self)
+        if not self.authorized:  # what it holds counts from now (Admission.account_unauthorized), oldest first
+            d.admission.count_unauthorized(self)
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         d = self.daemon

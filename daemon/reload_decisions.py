@@ -180,7 +180,7 @@ def restart_note(pending: list[str], shown: int = 6) -> str:
 
 
 def upstream_file_warnings(running: Config, problems: list[UpstreamFileProblem]) -> list[str]:
-    """What a reload logs of the upstream files a start would refuse (config.upstream_file_problems of the new
+    """What a reload logs of the upstream files a start would refuse (upstream_config.upstream_file_problems of the new
     file). Warnings, not a refusal: upstreams are never replaced at a reload, and a key file missing for a moment
     (a rotation) refused the whole SIGHUP, so a token revoked in it stayed valid. A ``ca_file`` at the running
     path is left to the upstream's own reread (OpenAIUpstream.reload_ca), which says the running bundle is kept."""

@@ -14,8 +14,10 @@ refused with SHUTTING_DOWN, running answers finish within ``limits.drain_timeout
 close; a second SIGTERM/SIGINT stops at once.
 
 This module keeps :class:`Daemon`'s orchestration (listeners, answers, reload, drain). Beside it: the per-connection
-shell (``connection.py``: :class:`DaemonProtocol`), the certificate files (``certificates.py``), SIGHUP's decisions
-(``reload_decisions.py``) and an answer's generation task (``generation.py``).
+shell (``connection.py``: :class:`DaemonProtocol`), the session slots and the connections not yet authorized
+(``admission.py``), the certificate files (``certificates.py``), SIGHUP's decisions (``reload_decisions.py``) and
+its steps on the running parts (``reload_steps.py``), the upstreams' words made sendable (``sendable_upstream.py``)
+and an answer's generation task (``generation.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 
-from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import Request
 from tokenwire.transport.handshake_guard import (
     HANDSHAKE_PROVEN_TIMEOUT_S,
@@ -44,41 +46,40 @@ from tokenwire.transport.handshake_guard import (
     RefusalLog,
     retry_threshold,
 )
-from tokenwire.transport.preauth_budget import PreauthBudget
 from tokenwire.transport.quic_io import ValidatingQuicServer, serve_quic, tune_socket
 from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
-from .certificates import client_verifier, reload_tls, server_tls
-from .cli import printable, well_formed
+from .admission import Admission
+from .certificates import client_verifier, server_tls
 from .config import (
-    AuthConfig,
     Config,
     ConfigError,
     hash_token,
     load_config,
-    path_missing,
-    upstream_file_problems,
 )
-from .connection import UNAUTHORIZED_CREDIT_REQUESTS, CounterDeltas, DaemonProtocol
+from .connection import UNAUTHORIZED_CREDIT_REQUESTS as UNAUTHORIZED_CREDIT_REQUESTS  # (re-exported)
+from .connection import CounterDeltas, DaemonProtocol
 from .generation import flush_failure_logs, generate_answer
 from .ingest import IngestAPI, OpenRefusal, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
-from .reload_decisions import (
-    NOW_REQUIRED,
-    auth_off_refusal,
-    opened_auth_warning,
-    plan_reload,
-    recheck_token,
-    restart_note,
-    upstream_file_warnings,
+from .reload_decisions import auth_off_refusal, opened_auth_warning, plan_reload, restart_note, upstream_file_warnings
+from .reload_steps import (
+    ModelCheck,
+    check_marking_model,
+    log_reloaded,
+    recheck_auth,
+    reload_tls_files,
+    reload_upstream_cas,
 )
 from .sd_notify import Notifier
+from .sendable_upstream import SendableUpstream
 from .startup import StartupError, addr, cannot_listen
 from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics, transport_error_label
 from .transcripts import LiveRequest, TranscriptStore
+from .upstream_config import upstream_file_problems
 from .upstreams import Upstream, build_upstreams
 
 log = logging.getLogger("tokenwire.daemon")
@@ -97,15 +98,6 @@ GC_ENDED_FRACTION = 0.25
 # UNAUTHORIZED for a token of another principal than the connection's (Daemon._authorize; docs/protocol.md)
 ANOTHER_PRINCIPAL = ("auth token of another principal: a connection keeps the principal of its first authorized "
                      "request (open a new connection for another)")
-MAX_FINISH_REASON_CHARS = 32  # FINISHED's "fr" (docs/protocol.md): a longer one failed the client's decoder
-
-
-def sendable_reason(reason: object) -> str:
-    """An upstream's finish reason as FINISHED can carry it: sendable, printable (clients print it) and cut to
-    MAX_FINISH_REASON_CHARS; ``TypeError`` (an upstream's bug: UPSTREAM_ERROR) for one that is not a str."""
-    if not isinstance(reason, str):
-        raise TypeError(f"the upstream returned a finish reason of type {type(reason).__name__}, expected a str")
-    return printable(well_formed(reason))[:MAX_FINISH_REASON_CHARS]
 
 
 def failure_reason(code: int) -> str:
@@ -115,33 +107,6 @@ def failure_reason(code: int) -> str:
     if code == ErrorCode.UPSTREAM_TIMEOUT:
         return "timeout"
     return "error" if code == ErrorCode.UPSTREAM_ERROR else "refused"
-
-
-class SendableUpstream:
-    """An upstream as the service calls it: the text it hands over that reaches clients (a refusal, a typed
-    failure's message, a finish reason) made sendable here, once, whatever upstream it is (a custom one too): the
-    ERROR or FINISHED then goes out as the upstream meant it, to every listener and every resume alike."""
-
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
-        self.name = well_formed(str(upstream.name))
-
-    def refusal(self, model: str | None, params: dict[str, Any]) -> str | None:
-        problem = self.upstream.refusal(model, params)
-        return None if problem is None else well_formed(str(problem))
-
-    async def generate(self, request: ChatRequest, emit: Callable[[str], None]) -> str:
-        try:
-            reason = await self.upstream.generate(request, emit)
-        except RequestError as exc:
-            message = well_formed(str(exc))
-            if message == str(exc):
-                raise
-            raise RequestError(message, code=exc.code) from exc.__cause__  # (the cause: the log's detail)
-        return sendable_reason(reason)
-
-    async def close(self) -> None:
-        await self.upstream.close()
 
 
 class Daemon:
@@ -161,26 +126,16 @@ class Daemon:
                 for reason in UPSTREAM_FAILURE_REASONS:
                     self.metrics.upstream_failures.labels(upstream=up.name, reason=reason)
         self.protocols: set[DaemonProtocol] = set()
-        self.established = 0  # connections past their handshake (what max_sessions bounds)
+        # the session slots (max_sessions) and the connections holding one not yet authorized (admission.py), which
+        # each connection (connection.py) takes, accounts for and gives back
+        self.admission = Admission(lambda: self.config.limits, self.metrics)
         # connections in their handshake: a deadline, bounded by max_sessions too, Retry under load (the KV channel's
-        # endpoint has a guard of its own); housekeeping turns Retry off (_relax_retry)
+        # endpoint has a guard of its own); housekeeping turns Retry off (HandshakeGuard.relax)
         self.handshake_guard = HandshakeGuard(
             lambda: self.config.limits.max_sessions, timeout_s=HANDSHAKE_TIMEOUT_S,
             proven_timeout_s=HANDSHAKE_PROVEN_TIMEOUT_S, threshold=lambda: self.retry_threshold(),
             on_refused=lambda reason: self.metrics.handshakes_refused.labels(reason=reason).inc(),
             on_retry=lambda active: self.metrics.retry_active.set(int(active)), relax_every=None)
-        # clients refused past max_sessions, unauthorized clients and never-authorized connections closed to admit new
-        # clients: the first of each kind is a warning, the rest are counted and summed up (RefusalLog)
-        # (the limit, not the sessions open: read when the summary is written, a minute on, that said "0 open")
-        self._session_refusals = RefusalLog(log, lambda n, s: (
-            f"refused {n} more connections in the last {s:.0f} s at the session limit "
-            f"(limits.max_sessions = {self.config.limits.max_sessions})"))
-        self._auth_refusals = RefusalLog(log, lambda n, s: (
-            f"refused {n} more unauthorized clients in the last {s:.0f} s (a missing, invalid or revoked auth token "
-            f"or client certificate; tokenwire_errors_total code 0x105)"))
-        self._evictions = RefusalLog(log, lambda n, s: (
-            f"closed {n} more never-authorized connections in the last {s:.0f} s to admit new clients "
-            f"(limits.max_sessions; tokenwire_handshakes_refused_total reason evicted)"))
         # connections closed for a protocol error (a malformed request) and requests refused past
         # limits.max_live_answers, the same way: a line per connection let 200 clients without a token write 200
         # warnings, and "server busy" refusals were in no log line at all
@@ -190,23 +145,11 @@ class Daemon:
         self._busy_refusals = RefusalLog(log, lambda n, s: (
             f"refused {n} more answers in the last {s:.0f} s: server busy, "
             f"{self.config.limits.max_live_answers} answers being generated (limits.max_live_answers)"))
-        self._memory_sheds = RefusalLog(log, lambda n, s: (
-            f"closed {n} more never-authorized connections in the last {s:.0f} s for the request bytes they held "
-            f"(limits.unauthorized_memory_mb; tokenwire_handshakes_refused_total reason memory)"))
         # answers cancelled by the orphan timeout: many clients vanishing at once wrote a line each (196 in a second)
         self._orphan_cancels = RefusalLog(log, lambda n, s: (
             f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
             f"{self.config.limits.orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"),
             level=logging.INFO)  # (routine: the summary at INFO, as the first line)
-        # established connections that have not been authorized yet (auth tokens configured), oldest first: past
-        # max_sessions the oldest makes room for a new client (clients that connected and never sent a request held
-        # every slot, and token holders got "too many sessions"); and the request bytes they hold, all together,
-        # within limits.unauthorized_memory_mb (count_unauthorized, account_unauthorized; the KV endpoint keeps a
-        # budget of its own of the same kind). Past the budget every holder is counted afresh (measure): a count
-        # from a connection's last datagram may be stale (a request refused since by its deadline, a timer, with no
-        # datagram of its own), and a token holder sending its prompt was closed for bytes no longer held.
-        self.unauthorized: PreauthBudget[DaemonProtocol] = PreauthBudget(
-            lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)), measure=lambda p: p.held_bytes())
         self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
         self._froze_heap = False  # start() froze what was alive then (gc.freeze): stop() unfreezes it
         self._collected_at = -GC_INTERVAL_S
@@ -223,6 +166,7 @@ class Daemon:
         # of a file that reverts them
         self.restart_pending: list[str] = []
         self._restart_read: Config | None = None  # the file as the last applied reload read it (None: as running)
+        self.model_check: ModelCheck | None = None  # the last reload's check of the marking model, on a worker thread
         # started: the chat listeners read their datagrams and /healthz is 200 (while not draining) from then on
         self.serving = False
         self._closing_start = False  # start() is being undone (a failure or a stop signal): run()'s signals wait
@@ -316,7 +260,7 @@ class Daemon:
             # the chat port's checks on the KV port too: tokens per fetch, with server.client_ca a verified client
             # certificate (the one in force: SIGHUP may renew the bundle), and max_sessions connections
             self.kv = await start_kv(
-                cfg.kv, authorize=self._kv_authorized, on_unauthorized=self.unauthorized_client,
+                cfg.kv, authorize=self._kv_authorized, on_unauthorized=self.admission.unauthorized_client,
                 client_verifier=(lambda: self.client_verifier) if self.client_verifier is not None else None,
                 max_connections=lambda: self.config.limits.max_sessions,
                 request_timeout=lambda: self.config.limits.request_timeout_s,
@@ -366,119 +310,12 @@ class Daemon:
             proto.add_counters(deltas)
         deltas.flush(self)
 
-    def session_refused(self, peer: str) -> None:
-        """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
-        refusals is REFUSALS_LOG_S old, else summed up later (a flood was a warning line per client: 132 from one).
-        Its LIMIT_EXCEEDED close is an admission check's: counted here alone, not in tokenwire_errors_total."""
-        self.metrics.handshakes_refused.labels(reason="max_sessions").inc()
-        if self._session_refusals.hold(time.monotonic()):
-            return
-        log.warning("refusing connection from %s: %d sessions open (limits.max_sessions); more such refusals are "
-                    "counted (tokenwire_handshakes_refused_total) and logged at most every %g s", peer,
-                    self.established, REFUSALS_LOG_S)
-
-    @property
-    def _refusals_logged_at(self) -> float | None:
-        """When the last line about clients refused past max_sessions was logged (tests read it)."""
-        return self._session_refusals.logged_at
-
-    def unauthorized_client(self, peer: str, why: str, *, closing: bool = True) -> None:
-        """A client refused for its auth token or certificate: counted (0x105), and logged the way refusals past
-        max_sessions are (one warning per wrong token flooded the log: 200 lines for 200 connections)."""
-        self.metrics.errors.labels(code=hex(ErrorCode.UNAUTHORIZED)).inc()
-        if self._auth_refusals.hold(time.monotonic()):
-            return
-        log.warning("unauthorized client %s: %s%s; more such refusals are counted (tokenwire_errors_total code "
-                    "0x105) and logged at most every %g s", peer, why, "; closing" if closing else "", REFUSALS_LOG_S)
-
-    def evict_unauthorized(self) -> bool:
-        """Past max_sessions: close the oldest connection that has never been authorized, to make room for a new
-        client; False when there is none. Its slot is free at once (not at the end of its closing period). A client
-        that connects early and sends its first request much later may be closed so while clients that never
-        authorize flood the daemon: it hears why, and connects again."""
-        victim = self.unauthorized.oldest()
-        if victim is None:
-            return False
-        self._close_unauthorized(
-            victim, "evicted", self._evictions,
-            f"closing connection from {victim.peer}, never authorized, to admit a new client: "
-            f"{self.config.limits.max_sessions} sessions open (limits.max_sessions); more such closes are counted "
-            f"(tokenwire_handshakes_refused_total reason evicted) and logged at most every {REFUSALS_LOG_S:g} s",
-            "too many sessions: this connection had sent no authorized request and was closed to admit another "
-            "client; connect again")
-        return True
-
-    def _close_unauthorized(self, victim: DaemonProtocol, reason: str, refusals: RefusalLog, warning: str,
-                            close_reason: str) -> None:
-        """Close ``victim``, never authorized, with LIMIT_EXCEEDED (``close_reason``): its session slot and what it
-        held are free at once (not at the end of its closing period), it is counted under ``reason``
-        (tokenwire_handshakes_refused_total; an admission check's close, so not in tokenwire_errors_total), and the
-        first such close is a warning (``warning``) that ``refusals`` sums up after. One already on its way out (a
-        wrong token) frees its slot alone."""
-        self.forget_unauthorized(victim)
-        if victim.established:
-            victim.established = False
-            self.established -= 1
-            self.metrics.sessions.dec()
-        if victim.closing:
-            return
-        self.metrics.handshakes_refused.labels(reason=reason).inc()
-        if not refusals.hold(time.monotonic()):
-            log.warning("%s", warning)
-        victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, close_reason)
-        victim.transmit()
-
-    @property
-    def unauthorized_held(self) -> int:
-        """What the connections not yet authorized hold of their requests, together, as last counted."""
-        return self.unauthorized.held
-
-    def count_unauthorized(self, proto: DaemonProtocol) -> None:
-        """``proto``, established, is not authorized yet: one of :attr:`unauthorized` (the newest), with the
-        allowance its own limits gave it (its window, ``UNAUTHORIZED_CREDIT_REQUESTS`` of its
-        ``max_request_bytes``, and its first stream's request with its length prefix). Its session keeps the
-        ``max_request_bytes`` it started with, so a reload lowering the setting must not lower the floor under it:
-        the floor read the current setting, and a lone connection opened before such a reload was closed for what
-        its own window let it send."""
-        self.unauthorized.add(proto, (UNAUTHORIZED_CREDIT_REQUESTS + 1) * proto.server_session.max_request_bytes + 4)
-
-    def forget_unauthorized(self, proto: DaemonProtocol) -> None:
-        """``proto`` is authorized, evicted or gone: no longer one of :attr:`unauthorized`, and what it held no
-        longer counts toward ``limits.unauthorized_memory_mb``."""
-        self.unauthorized.forget(proto)
-
-    def account_unauthorized(self, proto: DaemonProtocol, held: int) -> None:
-        """``proto``, established and not authorized yet, now holds ``held`` bytes of its requests (in aioquic's
-        stream buffers and the request decoders). Past ``limits.unauthorized_memory_mb`` for all such connections
-        together, the one holding the most (the oldest of equals) is closed, until they are under it again.
-
-        Each may hold about 3 x ``max_request_bytes`` before it authorizes (:class:`ReadCredit`'s hold), which over
-        ``max_sessions`` connections (10,000 by default) let clients without a token make the daemon hold ~30 GB.
-        The largest holder goes first: a client's first request is a prompt, commonly kilobytes, so a token holder
-        sending one is closed only when it holds more than every connection that never authorizes.
-
-        The budget is never below what one connection counted may hold (:meth:`count_unauthorized`): at the
-        setting's minimum (1 MiB) with the default ``max_request_bytes`` (1 MiB), a lone token holder whose two
-        600-KB prompts were on their way on a new connection was closed every time, before its token could be read.
-        """
-        limits = self.config.limits
-        for shed in self.unauthorized.account(proto, held):
-            victim = shed.holder
-            self._close_unauthorized(
-                victim, "memory", self._memory_sheds,
-                f"closing connection from {victim.peer}, never authorized, holding {shed.held >> 10} KiB of "
-                f"requests: connections not yet authorized held more than {shed.budget >> 10} KiB together "
-                f"(limits.unauthorized_memory_mb, {limits.unauthorized_memory_mb:g} MiB, or what one connection may "
-                f"hold if more: ~3 x limits.max_request_bytes); more such closes are counted "
-                f"(tokenwire_handshakes_refused_total reason memory) and logged at most every {REFUSALS_LOG_S:g} s",
-                "too much held before authorization: this connection had sent no authorized request and its "
-                "requests held more than the server allows such connections; connect again and authorize first")
-
     def _log_refusals(self, now: float, *, final: bool = False) -> None:
         """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed; ``final``: at once
         (stop(): those held back were never written, though their metrics had counted them)."""
-        for refusals in (self._session_refusals, self._auth_refusals, self._evictions, self._protocol_closes,
-                         self._busy_refusals, self._memory_sheds, self._orphan_cancels):
+        adm = self.admission
+        for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, self._protocol_closes,
+                         self._busy_refusals, adm.memory_sheds, self._orphan_cancels):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
@@ -512,29 +349,6 @@ class Daemon:
         handshakes in progress never exceed max_sessions: with a small one, Retry never came on and spoofed
         Initials held every handshake slot)."""
         return retry_threshold(self.config.limits.max_sessions, RETRY_ABOVE)
-
-    @property
-    def handshaking(self) -> int:
-        """Connections in their handshake on the chat listeners (bounded by max_sessions too)."""
-        return self.handshake_guard.handshaking
-
-    @property
-    def retrying_since(self) -> float | None:
-        """Since when Retry has been on (see RETRY_ABOVE); None while off."""
-        return self.handshake_guard.retrying_since
-
-    @retrying_since.setter
-    def retrying_since(self, value: float | None) -> None:
-        self.handshake_guard.retrying_since = value
-
-    def handshake_pressure(self) -> None:
-        """Many handshakes in progress: turn on address validation (Retry) on every listener."""
-        self.handshake_guard.pressure()
-
-    def _relax_retry(self, now: float) -> None:
-        """Retry off once the handshakes in progress have stayed below half the threshold for a whole handshake
-        timeout (tokens from Retries sent before are still checked: ValidatingQuicServer)."""
-        self.handshake_guard.relax(now)
 
     def listening(self) -> str:
         """The QUIC listeners (and the KV channel's), ``udp/[::]:4433`` style: IPv6 hosts in brackets, then the
@@ -618,7 +432,7 @@ class Daemon:
         listening addresses, then the load."""
         return (
             f"{self.reload_note}{restart_note(self.restart_pending)}listening on {self.listening()}; "
-            f"{self.established} sessions, "
+            f"{self.admission.established} sessions, "
             f"{self.store.live_count} answers "
             f"running, {self.store.finished_count} retained"
         )
@@ -637,7 +451,7 @@ class Daemon:
             self.metrics.evicted.inc(self.store.evicted - evicted)
             self.metrics.transcript_bytes.set(self.store.memory_bytes)
             self._flush_counters()
-            self._relax_retry(now)
+            self.handshake_guard.relax(now)  # Retry off once handshakes have been calm a while
             self._log_refusals(now)
             self._collect_ended(now)
             self._cancel_orphans(now)
@@ -698,7 +512,9 @@ class Daemon:
         # upstream files a start would refuse: read leniently, warned of (a missing key file refused the reload)
         for warning in upstream_file_warnings(self.config, upstream_file_problems(new)):
             log.warning("%s", warning)
-        self._check_marking_model(new)
+        check = check_marking_model(self.marking, new)  # (reload_steps.py, as the steps below)
+        if check is not None:
+            self.model_check = check
         running_auth = self.config.auth
         self.config = plan.config
         self.store.max_bytes = plan.transcript_max_bytes
@@ -706,119 +522,29 @@ class Daemon:
         opened = opened_auth_warning(
             running_auth, new.auth, certificates=self.client_verifier is not None,
             holding=sum(1 for p in self.protocols if p.authorized and p.token is not None))
-        removed, now_required = self._recheck_auth(new.auth)
+        removed, now_required = recheck_auth(self.protocols, new.auth)
         tls_ok = self._reload_tls(new)
-        tls_ok = self._reload_upstream_ca() and tls_ok  # (both run: each logs what it refused)
+        tls_ok = reload_upstream_cas(self.upstreams.values()) and tls_ok  # (both run: each logs what it refused)
         set_log_level(plan.announce_level)  # the more verbose of the two levels (see ReloadPlan.announce_level)
-        # the settings left for a restart, each by key (the sections alone left the operator to find which): a
-        # WARNING only for what this reload found new, an INFO line for a pending set the file did not change
-        for level, line in plan.restart_lines:
-            log.log(level, "%s", line)
-        # what changed, old and new (the whole [limits] as a Python repr said nothing of which setting had)
-        log.info("reloaded: %d auth tokens; %s; logging %s/%s", len(new.auth.tokens),
-                 f"changed {', '.join(plan.changed)}" if plan.changed else "no setting it applies changed",
-                 logging_cfg.level, logging_cfg.format)
-        if opened is not None:  # (at WARNING: the daemon is open to clients without a token from now on)
-            log.warning("%s", opened)
-        if removed or now_required:
-            # what on_request does with them: the line said "refused" of connections it closes
-            why = [f"{removed} whose token was removed or changed"] if removed else []
-            if now_required:
-                why.append(f"{now_required} let in while no token was required, that sent none of those now configured")
-            log.warning("reload: %d connections lost their authorization (%s); the next request of each gets "
-                        "UNAUTHORIZED: refused while answers still stream on its connection (they finish), else "
-                        "its connection is closed", removed + now_required, "; ".join(why))
+        log_reloaded(plan, new, opened, removed, now_required)
         set_log_level(new.logging.level)  # aioquic's logger too, as at start
         self.reload_note = "" if tls_ok else "TLS files refused at the last reload (see the log); "
         return f"reloaded; {self.status_line()}", True
-
-    def _check_marking_model(self, new: Config) -> None:
-        """With [marking] swiftqueue, warn when the model as configured now would not load, so that a restart
-        would mark like l4s: a reload after the model file was corrupted said nothing, and after ``model`` changed
-        to a bad path only that [marking] changes need a restart. Also warn when it loads but is not what runs (a
-        model replaced in place, one that now loads where start fell back to l4s): the reload said nothing and the
-        daemon kept the old marking. The start's check, on a worker thread (a load is ~40 ms, ~0.5 s with
-        onnxruntime's first import: not on the event loop); inline without a running loop."""
-        model = new.marking.model
-        if new.marking.policy != "swiftqueue":
-            return
-
-        def report(found: tuple[str | None, str | None]) -> None:
-            problem, change = found
-            if problem is not None:
-                log.warning("reload: marking.model: %s; a restart would fall back to the l4s policy (running now: "
-                            "%s)", problem, self.marking.effective_policy)
-            elif change is not None:
-                log.warning("reload: marking.model: %s (running now: %s)", change, self.marking.effective_policy)
-
-        def checked(fut: asyncio.Future[tuple[str | None, str | None]]) -> None:
-            if fut.cancelled():
-                return
-            exc = fut.exception()
-            if exc is not None:
-                log.warning("reload: marking.model could not be checked: %s: %s", type(exc).__name__, exc)
-            else:
-                report(fut.result())
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            report(self.marking.model_on_disk(model))
-            return
-        self.model_check = loop.run_in_executor(None, self.marking.model_on_disk, model)
-        self.model_check.add_done_callback(checked)
 
     def _reload_tls(self, new: Config | None = None) -> bool:
         """Take up a certificate or client CA bundle changed in place (at the running paths: changed paths need
         a restart). One that cannot be used, or is missing, is logged and the running one kept; False then.
         ``new``: the file's configuration, whose TLS files at other paths than the running ones are checked to
-        exist (a restart would fail without them; the reload read them leniently)."""
-        if new is not None:
-            for key in ("certificate", "private_key", "client_ca"):
-                path = getattr(new.server, key)
-                if path is not None and path != getattr(self.config.server, key) and path_missing(path):
-                    log.warning("reload: server.%s: %s does not exist: a restart would fail (the running TLS files "
-                                "serve until then)", key, path)
+        exist (a restart would fail without them; the reload read them leniently): reload_steps.reload_tls_files."""
         configs: list[QuicConfiguration] = []  # those serving the certificate: none before the listeners open
         if self.config.server.certificate is not None and self._quic_config is not None:
             configs.append(self._quic_config)
             if self.kv is not None:
                 configs.append(self.kv.server.quic_configuration)
-        done = reload_tls(self.config.server, configs, self._client_ca_digest)
+        done = reload_tls_files(self.config.server, new, configs, self._client_ca_digest)
         if done.client_ca is not None:
             self.client_verifier, self._client_ca_digest = done.client_ca
         return done.ok
-
-    def _reload_upstream_ca(self) -> bool:
-        """Each upstream's ca_file renewed in place, read again (an upstream with a ``reload_ca``: the openai
-        one): it was read once at start, and a renewed bundle was ignored until a restart. False when one was
-        refused (logged, the running bundle kept)."""
-        ok = True
-        for up in self.upstreams.values():
-            reload_ca = getattr(up, "reload_ca", None)
-            if callable(reload_ca):
-                ok = bool(reload_ca()) and ok
-        return ok
-
-    def _recheck_auth(self, auth: AuthConfig) -> tuple[int, int]:
-        """Re-check every authorized connection against the tokens in force (the KV channel checks each fetch);
-        returns how many lost their authorization: those whose token was removed or changed, and those let in
-        while no token was required that sent none now configured. Their running answers go on; see
-        :meth:`on_request`."""
-        removed = now_required = 0
-        for proto in self.protocols:
-            if not proto.authorized:
-                continue
-            valid, same, why = recheck_token(auth, proto.token, proto.sent_token_sha256)  # (reload_decisions.py)
-            if same is not None:  # renamed, or sent while none was required: its new answers are the name's
-                proto.token, proto.principal = same, same.name
-            if not valid:
-                proto.authorized, proto.revoked = False, why
-                if why == NOW_REQUIRED:
-                    now_required += 1
-                else:
-                    removed += 1
-        return removed, now_required
 
     def streaming_count(self) -> int:
         return sum(len(p.attached) for p in self.protocols)
@@ -1109,7 +835,7 @@ class Daemon:
             self._refuse_unauthorized(proto, sid, why, cancelled=cancelled, streaming=True)
             return False
         # a wrong token, or a revoked one with nothing left streaming: closed, as ever
-        self.unauthorized_client(proto.peer, why)
+        self.admission.unauthorized_client(proto.peer, why)
         self._request_ended(proto, sid, "refused", closing=True)
         proto.server_session.close(ErrorCode.UNAUTHORIZED, why)
         return False
@@ -1118,7 +844,7 @@ class Daemon:
                              streaming: bool = False) -> None:
         """Refuse request ``sid`` alone with UNAUTHORIZED (its connection stays): logged as refusals of
         unauthorized clients are. ``cancelled``: its client ended it already, so no ERROR goes out."""
-        if not self._auth_refusals.hold(time.monotonic()):
+        if not self.admission.auth_refusals.hold(time.monotonic()):
             who = f" ({proto.principal})" if proto.principal else ""
             log.warning("client %s%s: %s; refusing a request%s", proto.peer, who, why,
                         " (its answers streaming finish)" if streaming else "")
@@ -1258,10 +984,7 @@ class Daemon:
         self.protocols.discard(proto)
         self._ended_connections += 1
         proto._handshake_done()  # ended in its handshake
-        self.forget_unauthorized(proto)
-        if proto.established:
-            self.established -= 1
-            self.metrics.sessions.dec()
+        self.admission.ended(proto)
 
     def _fed(self, live: LiveRequest, upstream: str, task: asyncio.Task[None]) -> None:
         """A generation task's end, however it ended: a task cancelled before its first step never runs its body

@@ -270,13 +270,14 @@ def test_connections_that_never_authorize_make_room_for_new_clients():
             alice = await join(1, auth_token=ALICE)
             assert await alice.chat("x", max_tokens=2).collect()
             await join(2, keepalive=True)  # a squatter
-            squatter = next(iter(daemon.unauthorized))
+            squatter = next(iter(daemon.admission.unauthorized))
             await join(3, keepalive=True)  # another: the first makes room for it
-            assert squatter.closing and squatter not in daemon.unauthorized and daemon.established == 2
+            admission = daemon.admission
+            assert squatter.closing and squatter not in admission.unauthorized and admission.established == 2
             assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "evicted"}) == 1
             bob = await join(4, auth_token=ALICE)  # a token holder: the second squatter makes room
             assert await bob.chat("x", max_tokens=2).collect() and await alice.chat("y", max_tokens=2).collect()
-            assert not daemon.unauthorized and daemon.established == 2
+            assert not daemon.admission.unauthorized and daemon.admission.established == 2
             late = await stack.enter_async_context(connect("127.0.0.1", port, verify=False, auth_token=ALICE))
             with pytest.raises(RemoteError) as info:  # both slots authorized: refused, as before
                 await late.chat("x", max_tokens=2).collect()
@@ -289,7 +290,7 @@ def test_connections_that_never_authorize_make_room_for_new_clients():
 def test_an_evicted_client_hears_why():
     async def go():
         async with _daemon(tokens=True, max_sessions=1) as daemon, _raw(daemon) as squatter:
-            await until(lambda: daemon.established == 1, 10)
+            await until(lambda: daemon.admission.established == 1, 10)
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False, auth_token=ALICE) as alice:
                 answer = await alice.chat("x", max_tokens=2).collect()
                 await asyncio.wait_for(squatter.wait_closed(), 10)
@@ -312,7 +313,7 @@ def test_wrong_tokens_are_one_warning_then_counted_and_summed_up(caplog):
                     async with connect("127.0.0.1", daemon.addresses[0][1], verify=False,
                                        auth_token=f"wrong-{i}") as conn:
                         await conn.chat("x", max_tokens=2).collect()
-            at = daemon._auth_refusals.logged_at
+            at = daemon.admission.auth_refusals.logged_at
             assert at is not None
             daemon._log_refusals(at + service.REFUSALS_LOG_S + FLUSH_SLACK_S)  # ("60 s")
             return value(daemon, "tokenwire_errors_total", {"code": hex(ErrorCode.UNAUTHORIZED)})

@@ -33,7 +33,8 @@ def test_a_client_that_answered_our_first_flight_outlives_the_short_deadline(mon
     monkeypatch.setattr(Daemon, "retry_threshold", lambda self: 1000)  # no Retry: the proof is the Handshake packet
 
     def timeouts(daemon: Daemon) -> tuple[int, float]:
-        return daemon.handshaking, value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"})
+        return (daemon.handshake_guard.handshaking,
+                value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}))
 
     async def go():
         async with flooded(1) as (daemon, _port):
@@ -63,12 +64,12 @@ def test_a_half_open_handshake_still_ends_at_the_short_deadline_unless_retry_is_
             await until(lambda: len(daemon.protocols) == 2)
             first, second = list(daemon.protocols)
             assert not first.address_proven()
-            daemon.retrying_since = time.monotonic()
+            daemon.handshake_guard.retrying_since = time.monotonic()
             first._handshake_expired()
-            under_retry = daemon.handshaking
-            daemon.retrying_since = None
+            under_retry = daemon.handshake_guard.handshaking
+            daemon.handshake_guard.retrying_since = None
             second._handshake_expired()
-            return under_retry, daemon.handshaking
+            return under_retry, daemon.handshake_guard.handshaking
 
     assert run(go(), 30) == (2, 1)
 
@@ -80,7 +81,7 @@ def test_a_refusal_in_the_handshake_says_what_it_means(monkeypatch):
 
     async def go():
         async with flooded(1, max_sessions=1) as (daemon, port):
-            await until(lambda: daemon.handshaking == 1)
+            await until(lambda: daemon.handshake_guard.handshaking == 1)
             with pytest.raises(HandshakeError) as info:
                 async with connect("127.0.0.1", port, verify=False, timeout=5):
                     pass

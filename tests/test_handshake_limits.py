@@ -76,16 +76,16 @@ def test_half_open_handshakes_neither_take_sessions_nor_lock_clients_out(monkeyp
 
     async def go():
         async with flooded(5, max_sessions=3) as (daemon, port):
-            await until(lambda: daemon.handshaking + value(daemon, "tokenwire_handshakes_refused_total",
+            await until(lambda: daemon.handshake_guard.handshaking + value(daemon, "tokenwire_handshakes_refused_total",
                                                             {"reason": "too_many"}) >= 5)
-            assert daemon.established == 0 and value(daemon, "tokenwire_sessions_open") == 0
-            assert daemon.handshaking == 3  # the bound: max_sessions; the two past it were closed at once
+            assert daemon.admission.established == 0 and value(daemon, "tokenwire_sessions_open") == 0
+            assert daemon.handshake_guard.handshaking == 3  # the bound: max_sessions; the two past it closed at once
             assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "too_many"}) == 2
-            await until(lambda: daemon.handshaking == 0, 5)  # the deadline closes the three
+            await until(lambda: daemon.handshake_guard.handshaking == 0, 5)  # the deadline closes the three
             assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}) == 3
             async with connect("127.0.0.1", port, verify=False) as conn:  # a real client is served
                 text = await asyncio.wait_for(conn.chat("x", max_tokens=3).collect(), 10)
-                assert daemon.established == 1 and value(daemon, "tokenwire_sessions_open") == 1
+                assert daemon.admission.established == 1 and value(daemon, "tokenwire_sessions_open") == 1
             return text
 
     assert len(run(go(), 30)) > 0
@@ -100,7 +100,7 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
 
     async def go():
         async with flooded(4) as (daemon, port):
-            await until(lambda: daemon.retrying_since is not None)
+            await until(lambda: daemon.handshake_guard.retrying_since is not None)
             assert value(daemon, "tokenwire_quic_retry_active") == 1
             before = len(daemon.protocols)
             more = half_open(port, 3)  # answered with a Retry: no connection state made for them
@@ -108,12 +108,12 @@ def test_many_handshakes_at_once_turn_on_address_validation(monkeypatch):
             for sock in more:
                 sock.close()
             assert len(daemon.protocols) <= before + 1
-            await until(lambda: daemon.handshaking == 0, 5)
+            await until(lambda: daemon.handshake_guard.handshaking == 0, 5)
             now = time.monotonic()
-            daemon._relax_retry(now)  # calm from now on: not yet off
-            assert daemon.retrying_since is not None
-            daemon._relax_retry(now + service.HANDSHAKE_TIMEOUT_S)  # calm for a whole handshake timeout
-            assert daemon.retrying_since is None and value(daemon, "tokenwire_quic_retry_active") == 0
+            daemon.handshake_guard.relax(now)  # calm from now on: not yet off
+            assert daemon.handshake_guard.retrying_since is not None
+            daemon.handshake_guard.relax(now + service.HANDSHAKE_TIMEOUT_S)  # calm for a whole handshake timeout
+            assert daemon.handshake_guard.retrying_since is None and value(daemon, "tokenwire_quic_retry_active") == 0
             return text
 
     assert len(run(go(), 30)) > 0
@@ -144,7 +144,8 @@ def test_a_connection_the_client_closes_in_its_handshake_is_no_session_and_no_re
         try:
             await asyncio.get_running_loop().run_in_executor(None, give_up, daemon.addresses[0][1])
             await until(lambda: not daemon.protocols)
-            return (daemon.handshaking, daemon.established, value(daemon, "tokenwire_sessions_open"),
+            return (daemon.handshake_guard.handshaking, daemon.admission.established,
+                    value(daemon, "tokenwire_sessions_open"),
                     value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}))
         finally:
             await daemon.stop()
@@ -159,7 +160,7 @@ def test_with_few_sessions_allowed_retry_comes_on_at_half_of_them(monkeypatch):
 
     async def go():
         async with flooded(10, max_sessions=10) as (daemon, port):
-            await until(lambda: daemon.retrying_since is not None)
+            await until(lambda: daemon.handshake_guard.retrying_since is not None)
             assert daemon.retry_threshold() == 5
             return await chat(port)  # past the Retry
 

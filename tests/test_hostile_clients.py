@@ -416,7 +416,8 @@ def test_clients_refused_past_max_sessions_are_counted_by_reason_and_summed_up_i
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False) as first:
                 await first.chat("x", max_tokens=3).collect()
                 codes = [await refused(daemon) for _ in range(4)]
-            daemon._log_refusals(daemon._refusals_logged_at + service.REFUSALS_LOG_S + FLUSH_SLACK_S)  # ("60 s")
+            logged_at = daemon.admission.session_refusals.logged_at
+            daemon._log_refusals(logged_at + service.REFUSALS_LOG_S + FLUSH_SLACK_S)  # ("60 s")
             return (codes, value(daemon, "tokenwire_handshakes_refused_total", {"reason": "max_sessions"}),
                     value(daemon, "tokenwire_errors_total", {"code": "0x106"}))
 

@@ -92,7 +92,7 @@ def test_a_handshake_cut_by_the_idle_timeout_counts_as_refused_once(monkeypatch)
         async with serving(server={"idle_timeout_s": 1}) as (daemon, port):
             socks = half_open(port, 2)
             try:
-                await until(lambda: daemon.handshaking == 2)
+                await until(lambda: daemon.handshake_guard.handshaking == 2)
                 await until(lambda: not daemon.protocols, 10)  # both ended (on_connection_end ran)
             finally:
                 for s in socks:

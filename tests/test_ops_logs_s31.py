@@ -107,7 +107,7 @@ def test_refusals_held_back_are_summed_up_when_the_daemon_stops(caplog):
         await daemon.start()
         try:
             now = time.monotonic()
-            held = [daemon._auth_refusals.hold(now) for _ in range(3)]
+            held = [daemon.admission.auth_refusals.hold(now) for _ in range(3)]
             assert held == [False, True, True]  # (the first the caller logs)
             assert not daemon.metrics.malformed_http.hold(now) and daemon.metrics.malformed_http.hold(now)
         finally:
@@ -123,7 +123,7 @@ def test_summaries_state_the_limit_not_the_count_when_written():
     """"refused or closed 1 more KV connections in the last 60 s: 0 open (limits.max_sessions)": the count was read
     a minute after the refusals, when the connections had gone."""
     daemon = Daemon(parse_config({"metrics": {"listen": ""}, "limits": {"max_sessions": 4}}))
-    chat_line = daemon._session_refusals.summary(3, 60.0)
+    chat_line = daemon.admission.session_refusals.summary(3, 60.0)
     assert chat_line == "refused 3 more connections in the last 60 s at the session limit (limits.max_sessions = 4)"
     kv = KVServer(provider=None, max_connections=lambda: 4)  # type: ignore[arg-type]
     assert kv.refusals.summary(1, 60.0) == ("refused or closed 1 more KV connections in the last 60 s at the "

@@ -187,12 +187,12 @@ def test_a_connection_opened_before_a_reload_lowering_max_request_bytes_keeps_it
 
     async def go() -> tuple[int, bool, int, bool, float, list[qe.ConnectionTerminated]]:
         async with _daemon_from(path) as daemon, _raw(daemon) as raw:
-            await until(lambda: len(daemon.unauthorized) == 1, 10)
-            proto = next(iter(daemon.unauthorized))
+            await until(lambda: len(daemon.admission.unauthorized) == 1, 10)
+            proto = next(iter(daemon.admission.unauthorized))
             _almost_whole(raw._quic, 2, max_request)
             raw.transmit()
-            await until(lambda: daemon.unauthorized_held >= 2 * max_request, 30)
-            held = daemon.unauthorized_held
+            await until(lambda: daemon.admission.unauthorized.held >= 2 * max_request, 30)
+            held = daemon.admission.unauthorized.held
             path.write_text(_config_text(64 << 10))
             reloaded = daemon.reload() and daemon.config.limits.max_request_bytes == 64 << 10
             raw._quic.send_ping(7)  # its next datagram, counted
@@ -202,7 +202,8 @@ def test_a_connection_opened_before_a_reload_lowering_max_request_bytes_keeps_it
                         10)
             shed = value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"})
             ends = [e for e in raw.events if isinstance(e, qe.ConnectionTerminated)]
-            return held, reloaded, daemon.unauthorized_held, proto in daemon.unauthorized, shed, ends
+            unauthorized = daemon.admission.unauthorized
+            return held, reloaded, unauthorized.held, proto in unauthorized, shed, ends
 
     held, reloaded, held_after, counted, shed, ends = run(go(), 60)
     assert held >= 2 * max_request and reloaded
@@ -240,17 +241,17 @@ def test_a_chat_count_past_the_budget_is_checked_against_what_the_others_hold_no
     daemon = Daemon(load_config(path))  # (not started: the budget's arithmetic and its closes alone)
     quiet, sending = _StaleChat(0, max_request), _StaleChat(1 << 20, max_request)
     for proto in (quiet, sending):
-        daemon.count_unauthorized(proto)  # type: ignore[arg-type]  # (as _on_handshake counts a connection)
-    daemon.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
+        daemon.admission.count_unauthorized(proto)  # type: ignore[arg-type]  # (as _on_handshake counts a connection)
+    daemon.admission.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
     quiet.now = 0  # its request refused since by its deadline, with no datagram of its own to say so
-    daemon.account_unauthorized(sending, 1 << 20)  # type: ignore[arg-type]
+    daemon.admission.account_unauthorized(sending, 1 << 20)  # type: ignore[arg-type]
     assert not quiet.closed and not sending.closed
     assert value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"}) == 0
-    assert daemon.unauthorized_held == 1 << 20 and daemon.unauthorized.held_by(quiet) == 0  # type: ignore[arg-type]
+    assert daemon.admission.unauthorized.held == 1 << 20 and daemon.admission.unauthorized.held_by(quiet) == 0  # type: ignore[arg-type]
     # past the budget with what they hold now, the largest goes, as before
     quiet.now = 700_000
-    daemon.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
-    assert sending.closed and not quiet.closed and sending not in daemon.unauthorized
+    daemon.admission.account_unauthorized(quiet, 700_000)  # type: ignore[arg-type]
+    assert sending.closed and not quiet.closed and sending not in daemon.admission.unauthorized
 
 
 # ------------------------------------------------------------------------------------------ KV: a reset fetch stream

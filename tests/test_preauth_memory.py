@@ -29,10 +29,11 @@ def test_connections_without_a_token_hold_at_most_the_budget_together_and_the_la
                 contextlib.AsyncExitStack() as stack:
             budget = 1 << 20
             small = await stack.enter_async_context(_raw(daemon))
-            await until(lambda: len(daemon.unauthorized) == 1, 10)
+            await until(lambda: len(daemon.admission.unauthorized) == 1, 10)
             small._quic.send_stream_data(small._quic.get_next_available_stream_id(), b"\x00\x00\x01\x00" + bytes(99))
             small.transmit()
-            await until(lambda: daemon.unauthorized.held_by(next(iter(daemon.unauthorized))) == 103, 10)
+            unauthorized = daemon.admission.unauthorized
+            await until(lambda: unauthorized.held_by(next(iter(unauthorized))) == 103, 10)
             big = []
             for n in range(12):  # each holds ~128 KiB (its window: 2 x 64 KiB): ~1.5 MiB in all, over the budget
                 raw = await stack.enter_async_context(_raw(daemon))
@@ -40,18 +41,18 @@ def test_connections_without_a_token_hold_at_most_the_budget_together_and_the_la
                 _almost_whole(raw._quic, 4, MAX_REQUEST)
                 raw.transmit()
                 big.append(raw)
-                peak = daemon.unauthorized_held
+                peak = daemon.admission.unauthorized.held
                 assert peak <= budget, peak  # (checked on every datagram: never past it once it is read)
             await until(lambda: value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"}) >= 3, 30)
             await until(lambda: sum(_closed_by_server(raw) is not None for raw in big)
                         == value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"}), 10)
             ends = [_closed_by_server(raw) for raw in big if _closed_by_server(raw) is not None]
-            held = daemon.unauthorized_held
-            recount = sum(daemon.unauthorized.held_by(p) for p in daemon.unauthorized)
+            held = daemon.admission.unauthorized.held
+            recount = sum(daemon.admission.unauthorized.held_by(p) for p in daemon.admission.unauthorized)
             # a token holder is served meanwhile, and its connection never counts
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False, auth_token=ALICE) as alice:
                 answer = await alice.chat("x", max_tokens=2).collect()
-            return ends, held, recount, _closed_by_server(small), answer, len(daemon.unauthorized)
+            return ends, held, recount, _closed_by_server(small), answer, len(daemon.admission.unauthorized)
 
     ends, held, recount, small_end, answer, left = run(go(), 90)
     assert ends and all(e.error_code == ErrorCode.LIMIT_EXCEEDED and "before authorization" in e.reason_phrase
@@ -65,16 +66,16 @@ def test_what_a_connection_held_stops_counting_when_it_authorizes_or_ends():
     async def go():
         async with _daemon(tokens=True, max_request_bytes=MAX_REQUEST) as daemon:
             async with _raw(daemon) as raw:
-                await until(lambda: len(daemon.unauthorized) == 1, 10)
+                await until(lambda: len(daemon.admission.unauthorized) == 1, 10)
                 _almost_whole(raw._quic, 2, MAX_REQUEST)
                 raw.transmit()
-                await until(lambda: daemon.unauthorized_held > MAX_REQUEST, 10)
-                during = daemon.unauthorized_held
-            await until(lambda: not daemon.unauthorized, 10)
-            after_end = daemon.unauthorized_held
+                await until(lambda: daemon.admission.unauthorized.held > MAX_REQUEST, 10)
+                during = daemon.admission.unauthorized.held
+            await until(lambda: not daemon.admission.unauthorized, 10)
+            after_end = daemon.admission.unauthorized.held
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False, auth_token=ALICE) as alice:
                 assert await alice.chat("x" * 5000, max_tokens=2).collect()
-                after_auth = daemon.unauthorized_held
+                after_auth = daemon.admission.unauthorized.held
             return during, after_end, after_auth
 
     during, after_end, after_auth = run(go(), 60)

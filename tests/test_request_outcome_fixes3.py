@@ -197,7 +197,7 @@ def test_an_evicted_never_authorized_connection_is_a_session_and_a_refusal_once_
     async def go() -> tuple[float, float, float, int | None]:
         async with serving(auth=AUTH, limits={"max_sessions": 1}) as (daemon, port):
             async with connect("127.0.0.1", port, verify=False, timeout=5, auth_token=TOKEN) as idle:
-                await until(lambda: len(daemon.unauthorized) == 1)
+                await until(lambda: len(daemon.admission.unauthorized) == 1)
                 async with connect("127.0.0.1", port, verify=False, timeout=5, auth_token=TOKEN) as second:
                     assert await second.chat("x", max_tokens=2).collect()
                 await until(lambda: idle.closed)

@@ -68,7 +68,7 @@ def test_connections_without_a_token_are_still_held_to_one_connections_allowance
                 raws.append(raw)
             await until(lambda: any(map(_closed_by_server, raws)), 30)
             shed = value(daemon, "tokenwire_handshakes_refused_total", {"reason": "memory"})
-            return [_closed_by_server(r) for r in raws], daemon.unauthorized_held, shed
+            return [_closed_by_server(r) for r in raws], daemon.admission.unauthorized.held, shed
 
     ends, held, shed = run(go(), 60)
     closed = [e for e in ends if e is not None]

@@ -5,8 +5,8 @@ Before its first authorized request a connection may make the server hold its fl
 the KV endpoint. Over ``limits.max_sessions`` connections (10,000 by default) clients without a token could make the
 daemon hold 20-30 GB. Both ports keep one of these: each connection is counted from its handshake's end until it
 authorizes or ends, and past the budget the largest holders are chosen to be closed. The chat port
-(``Daemon.account_unauthorized``) and the KV endpoint (``KVServer.account_unauthorized``) had a copy each of this
-arithmetic; the closes themselves, their counters and their log lines stay theirs.
+(``Admission.account_unauthorized`` in daemon/admission.py) and the KV endpoint (``KVServer.account_unauthorized``)
+had a copy each of this arithmetic; the closes themselves, their counters and their log lines stay theirs.
 
 No asyncio, no clock, no logging: the owner says what each connection holds (:meth:`PreauthBudget.account`) and
 closes the connections it is handed back.
