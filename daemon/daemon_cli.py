@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
     chk = csub.add_parser("check", help="validate a TOML configuration file")
-    chk.add_argument("path", type=Path)
+    chk.add_argument("path", type=Path, nargs="?", help="the file (default: the daemon's, $TOKENWIRE_CONFIG, else "
+                     "/etc/tokenwire/tokenwire.toml)")
     chk.set_defaults(handler=run_check)
     tok = csub.add_parser("new-token", help="print a new bearer token and the line that stores its hash")
     tok.add_argument("--name", default="client", help="who the token is for")
@@ -200,11 +202,16 @@ def run_cert(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
-    from .config import ConfigError, load_config
+    from .config import DEFAULT_PATH, ConfigError, load_config, path_missing
     from .config_warnings import security_warnings
     from .startup import addr
     from .upstream_config import api_key_warnings
 
+    if args.path is None:  # the file the daemon would read without --config
+        args.path = Path(os.environ.get("TOKENWIRE_CONFIG") or DEFAULT_PATH)
+        if not os.environ.get("TOKENWIRE_CONFIG") and path_missing(args.path):
+            raise CLIError(f"{args.path}: no such file (the daemon would run with the built-in defaults); name the "
+                           "file to check")
     try:
         cfg = load_config(args.path)
     except ConfigError as exc:

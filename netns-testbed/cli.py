@@ -664,6 +664,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 @ctrl_c_throughout
 def cmd_kv(args: argparse.Namespace) -> int:
+    from tokenwire.transport.cachegen.smollm import ModelUnavailable
+
     from .kv_eval import KVEvalConfig, KVEvalError, plot_kv, run_kv_eval
     from .netns import TestbedError, check_root
 
@@ -729,7 +731,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         else:
             with sigterm_as_ctrl_c():
                 summary = run_kv_eval(cfg, log=log, workdir=args.keep)
-    except (KVEvalError, TestbedError, ChildError) as exc:
+    except (KVEvalError, TestbedError, ChildError, ModelUnavailable) as exc:  # (the last: the ml extras missing)
         raise CLIError(str(exc)) from None
     print(f"{'controller':<15} {'attain':>7} {'top-1':>7} {'bits/el':>8} {'p95 ms':>8} {'goodput':>8}  levels")
     for name, d in summary["controllers"].items():

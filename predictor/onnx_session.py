@@ -58,6 +58,10 @@ def read_model(file: Path) -> bytes:
 
 def open_session(data: bytes, label: str) -> Any:
     """An onnxruntime session for ``data`` (CPU, one intra-op and one inter-op thread, sequential)."""
+    # onnxruntime's Linux wheels (1.29 on) keep a device id and an event cache for Microsoft's usage telemetry in
+    # $HOME/.cache/Microsoft unless this is set: only the systemd unit set it, so every `tokenwire` run elsewhere
+    # (the daemon by hand, bench, eval, the testbed) left them. Off unless the user chose otherwise.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort  # type: ignore[import-untyped]  # no stubs, no py.typed
 
     opts = ort.SessionOptions()
