@@ -565,7 +565,10 @@ def require_plotting(args: argparse.Namespace) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise CLIError("--plot needs matplotlib: pip install 'tokenwire[testbed]'") from None
+            from tokenwire.daemon.cli import EXTRA_INSTALL
+
+            # (the extras' one hint: tokenwire is installed from its source tree, not from an index)
+            raise CLIError(f"--plot needs matplotlib, from the 'testbed' extra: {EXTRA_INSTALL['testbed']}") from None
 
 
 def write_results(summary: dict[str, Any], args: argparse.Namespace, plot: Callable[[], None]) -> None:

@@ -15,6 +15,7 @@ log(future rate / newest rate). Compared on the held-out traces with the last va
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -168,15 +169,25 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tokenwire.predictor.bandwidth_train",
+                                 description=__doc__.split("\n\n")[0])
     # the shared traces beside the source tree (../shared/traces from the repository), wherever it is checked out
-    ap.add_argument("--traces", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "traces"))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "shipped"))
+    ap.add_argument("--traces", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "traces"),
+                    help="the folder of cellular *.down traces (default: ../shared/traces beside the source tree)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "shipped"),
+                    help="where bandwidth.onnx goes (default: the package's shipped/ folder, replacing its model)")
     ap.add_argument("--series", type=int, default=1500, help="series per training trace")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--seed", type=seed_arg, default=0, help="an integer from 0 to 2**32 - 1 (default 0)")
     ap.add_argument("--json", help="write the evaluation report here")
     args = ap.parse_args(argv)
+    # an installed copy has no ../shared/traces, nor torch without the ml extra: one line each, before any work
+    if not Path(args.traces).is_dir():
+        ap.error(f"--traces: {args.traces} is not a folder of traces (run from the source tree, or name one)")
+    if importlib.util.find_spec("torch") is None:
+        from tokenwire.daemon.cli import EXTRA_INSTALL
+
+        ap.error(f"needs torch, from the 'ml' extra: {EXTRA_INSTALL['ml']}")
     report = train(args)
     text = json.dumps(report, indent=2)
     print(text)

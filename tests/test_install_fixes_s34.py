@@ -4,6 +4,8 @@ check` without the daemon's default path."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_loading_a_model_leaves_no_telemetry_files_in_home(tmp_path) -> None:
     """onnxruntime keeps a device id and an event cache under $HOME/.cache/Microsoft unless ORT_DISABLE_TELEMETRY
@@ -53,3 +55,16 @@ def test_config_check_without_a_path_checks_the_daemons_file(tmp_path, monkeypat
     assert main(["config", "check"]) == 2
     err = capsys.readouterr().err
     assert "absent.toml: no such file (the daemon would run with the built-in defaults)" in err, err
+
+
+def test_bandwidth_train_without_traces_stops_before_any_work(tmp_path, capsys) -> None:
+    """An installed copy's default --traces (../shared/traces beside the package) does not exist: it went on into
+    torch and failed with a traceback; --out's default would have written into site-packages."""
+    from tokenwire.predictor import bandwidth_train
+
+    with pytest.raises(SystemExit) as done:
+        bandwidth_train.main(["--traces", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--traces:" in err and "is not a folder of traces" in err, err
+    assert not (tmp_path / "out").exists()
