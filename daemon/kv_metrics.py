@@ -26,10 +26,13 @@ DEADLINE_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0)
 
 
 class KVMetrics:
-    """Registers the KV channel's metrics for one running KV runtime (``kv_service.KVRuntime``)."""
+    """Registers the KV channel's metrics for one KV runtime (``kv_runtime.KVRuntime``). The daemon registers them
+    before the runtime exists (``runtime`` None, then :meth:`attach`): the codec's warm-up takes seconds at start,
+    and a scrape then had none of the KV families, so dashboards showed gaps and ``absent()`` alerts fired after
+    every restart. Until attached every KV counter reads 0 at ``capacity_bytes``, and the store's usage is left
+    out (no store is open yet)."""
 
-    def __init__(self, registry: CollectorRegistry, runtime: Any) -> None:
-        self.runtime = runtime
+    def __init__(self, registry: CollectorRegistry, runtime: Any = None, *, capacity_bytes: int = 0) -> None:
         self.deadline_ratio = Histogram(
             "tokenwire_kv_fetch_deadline_ratio",
             "Completed KV fetches: time from KV_FETCH to the client's end of the fetch (it has decoded every chunk) "
@@ -39,12 +42,33 @@ class KVMetrics:
             "FetchReport.deadline_met agrees when the fetch names its recompute_us_per_token)",
             buckets=DEADLINE_RATIO_BUCKETS, registry=registry,
         )
-        registry.register(_KVCollector(runtime))
+        self._collector = _KVCollector(runtime if runtime is not None else _not_started(capacity_bytes))
+        registry.register(self._collector)
+        if runtime is not None:
+            self.attach(runtime)
+
+    def attach(self, runtime: Any) -> None:
+        """The runtime is up: its counters are what scrapes read from now on."""
+        self._collector.runtime = runtime
         runtime.server.fetch_closed_listeners.append(self._on_fetch_closed)
 
     def _on_fetch_closed(self, ev: Any) -> None:
         if ev.complete and ev.elapsed_s is not None and ev.deadline_ms:
             self.deadline_ratio.observe((ev.elapsed_s + ev.prefill_s) / (ev.deadline_ms / 1000.0))
+
+
+def _not_started(capacity_bytes: int) -> Any:
+    """What the collector reads before the KV runtime exists: a server and a service with nothing counted yet."""
+    from types import SimpleNamespace
+
+    from .kv_store import StoreStats
+
+    guard = SimpleNamespace(refused={}, retrying_since=None)
+    server = SimpleNamespace(stats={}, guard=guard, ecn_unvalidated=lambda: 0)
+    store = SimpleNamespace(stats=StoreStats(), capacity_bytes=capacity_bytes, used_bytes=None)
+    service = SimpleNamespace(store=store, encodes=0, ingests=0, ingest_errors=0, ingested_tokens=0,
+                              put_memory=SimpleNamespace(used=0, waiting=0))
+    return SimpleNamespace(server=server, service=service, started=False)
 
 
 class _KVCollector:
@@ -137,7 +161,7 @@ class _KVCollector:
                                   value=st.mismatched)
         yield GaugeMetricFamily("tokenwire_kv_store_capacity_bytes", "The KV store's capacity (kv.capacity_mb)",
                                 value=store.capacity_bytes)
-        used = self.usage.read(store)
+        used = self.usage.read(store) if getattr(self.runtime, "started", True) else None
         if used is not None:
             yield GaugeMetricFamily("tokenwire_kv_store_bytes", "Bytes the KV store holds", value=used)
 

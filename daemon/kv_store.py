@@ -204,7 +204,7 @@ class Pins:
 
 
 def chain_entry(meta: bytes) -> tuple[int, list[int]] | None:
-    """A chunk's place in its context, from its metadata's payload (``kv_service.ChunkMeta.pack``: msgpack with
+    """A chunk's place in its context, from its metadata's payload (``kv_meta.ChunkMeta.pack``: msgpack with
     the chunk's index ``i`` and token ids ``ids``): (index, token ids); None for anything else (another
     version's metadata, a test's bytes, token ids that are not all integers). A corrupt id was passed on as one:
     a float or a string failed only later, in each caller's hash of the chain, and a bool hashed as 0 or 1."""
@@ -256,7 +256,7 @@ class StoreStats:
     unsourced: int = 0  # chunks whose metadata and levels were removed for want of their source
     foreign: int = 0  # reads of objects written by another tokenwire version (a miss each, left in place)
     # chunks whose source was found not to be their metadata's (another put's, left by two daemons replacing the
-    # chunk at once; see kv_service.ChunkMeta.source): a miss each; those whose metadata and levels went are also
+    # chunk at once; see kv_meta.ChunkMeta.source): a miss each; those whose metadata and levels went are also
     # counted in ``unsourced``
     mismatched: int = 0
 

@@ -254,8 +254,11 @@ class Daemon:
                 raise StartupError(f"ingest.socket: cannot listen on {cfg.ingest.socket}: "
                                    f"{exc.strerror or exc}") from None
         if cfg.kv.enabled:  # the KV channel: its own endpoint and store (torch only loads when KV is used)
-            from .kv_service import start_kv
+            from .kv_metrics import KVMetrics
+            from .kv_runtime import start_kv
 
+            # registered before the warm-up (seconds), at 0: a scrape then had none of the KV families
+            kv_metrics = KVMetrics(self.metrics.registry, capacity_bytes=cfg.kv.capacity_bytes)
             self.notifier.status("starting: the KV codec's kernels (a first start takes ~10 s)")
             # the chat port's checks on the KV port too: tokens per fetch, with server.client_ca a verified client
             # certificate (the one in force: SIGHUP may renew the bundle), and max_sessions connections
@@ -266,9 +269,7 @@ class Daemon:
                 request_timeout=lambda: self.config.limits.request_timeout_s,
                 unauthorized_memory=lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)),
                 serve=False, **tls_kwargs)  # (bound, gated: served at READY, below)
-            from .kv_metrics import KVMetrics
-
-            KVMetrics(self.metrics.registry, self.kv)
+            kv_metrics.attach(self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
         # before the serving signal handlers go in: a failure past them (start() undoing it all) would leave
         # on_stop_signal installed to drain a daemon that start() is already stopping

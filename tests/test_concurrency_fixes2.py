@@ -207,18 +207,18 @@ def fresh_runners(monkeypatch):
 
 def start_kv_with(tmp_path: Path, monkeypatch, forecaster: str):
     """The daemon's KV start (its codec compile stubbed out: the subject is the forecaster), then its close."""
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.config import parse_config
 
     async def no_compile() -> None:
         return None
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", no_compile)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", no_compile)
     cfg = parse_config({"kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "kv"),
                                "forecaster": forecaster}}, tmp_path / "tw.toml")
 
     async def go():
-        runtime = await kv_service.start_kv(cfg.kv)
+        runtime = await kv_runtime.start_kv(cfg.kv)
         runtime.close()
 
     run(go())

@@ -632,7 +632,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
 
 
 def test_kv_codec_warm_up_failure_is_a_startup_error_naming_the_unit_setting():
-    from tokenwire.daemon.kv_service import warm_up_codec
+    from tokenwire.daemon.kv_runtime import warm_up_codec
     from tokenwire.daemon.startup import StartupError
 
     def refused():
@@ -650,7 +650,7 @@ def test_a_base_install_is_told_which_extra_a_command_or_kv_needs(tmp_path, monk
     import tomllib
 
     from tokenwire.daemon import cli
-    from tokenwire.daemon.kv_service import warm_up_failure
+    from tokenwire.daemon.kv_runtime import warm_up_failure
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ModuleNotFoundError(name="torch")
     ckpt = tmp_path / "model.pt"
@@ -681,7 +681,7 @@ def test_kv_codec_warm_up_under_memory_deny_write_execute(tmp_path):
     script = (
         "import asyncio, ctypes, sys\n"
         "if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit(77)\n"
-        "from tokenwire.daemon.kv_service import warm_up_codec\n"
+        "from tokenwire.daemon.kv_runtime import warm_up_codec\n"
         "from tokenwire.daemon.startup import StartupError\n"
         "try:\n    asyncio.run(warm_up_codec())\nexcept StartupError as e:\n    print(e); sys.exit(3)\n"
     )

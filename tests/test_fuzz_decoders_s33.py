@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tokenwire.daemon import ingest
 from tokenwire.daemon import upstream_openai as oai
 from tokenwire.daemon.config import ConfigError, parse_config
-from tokenwire.daemon.kv_service import ChunkMeta
+from tokenwire.daemon.kv_meta import ChunkMeta
 from tokenwire.daemon.transcripts import TranscriptStore
 from tokenwire.testbed.trace import MAX_STAMP_MS, TraceError, load_trace
 from tokenwire.transport.errors import RequestError

@@ -10,7 +10,8 @@ import struct
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from tokenwire.daemon.kv_service import ChunkMeta, KVService
+from tokenwire.daemon.kv_meta import ChunkMeta
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import object_key
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import frames as F

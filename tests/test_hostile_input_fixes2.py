@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 from aioquic.quic.connection import QuicConnection
 
-from tokenwire.daemon import kv_service as kvs
+from tokenwire.daemon import kv_ingest
 from tokenwire.daemon.ingest import IngestAPI, IngestConnection
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import wrap
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.daemon.transcripts import TranscriptStore
@@ -50,7 +52,7 @@ def _ingest(svc: KVService, data: bytes) -> dict[str, Any]:
         reader, writer = asyncio.StreamReader(), _Writer()
         reader.feed_data(data)
         reader.feed_eof()
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 60)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 60)  # type: ignore[arg-type]
         return writer.data
 
     return json.loads(asyncio.run(go()).splitlines()[-1])
@@ -84,7 +86,7 @@ def test_the_ingest_header_limit_fits_the_largest_put_and_refuses_a_longer_line(
     largest = json.dumps({"op": "put", "model": "\U0001f600" * 128, "token_ids": [2**31 - 1] * MAX_KV_TOKENS,
                           "shape": [65535, 2, 65535, MAX_KV_TOKENS, 65535], "dtype": "bfloat16",
                           "fingerprint": 2**64 - 1, "prewarm": ["low", "medium", "high"]}).encode() + b"\n"
-    assert len(largest) <= kvs.MAX_HEADER_BYTES < 3 << 20
+    assert len(largest) <= kv_ingest.MAX_HEADER_BYTES < 3 << 20
     svc = _service(tmp_path)
     sock = tmp_path / "kv.sock"
 
@@ -100,7 +102,7 @@ def test_the_ingest_header_limit_fits_the_largest_put_and_refuses_a_longer_line(
             srv.close()
 
     answer = json.loads(asyncio.run(go()))
-    assert answer == {"ok": False, "error": f"header line too long (over {kvs.MAX_HEADER_BYTES >> 10} KiB: a put "
+    assert answer == {"ok": False, "error": f"header line too long (over {kv_ingest.MAX_HEADER_BYTES >> 10} KiB: a put "
                                             f"carries at most {MAX_KV_TOKENS} token ids)"}
     svc.close()
 
@@ -108,7 +110,7 @@ def test_the_ingest_header_limit_fits_the_largest_put_and_refuses_a_longer_line(
 def test_a_refused_header_line_that_came_whole_ends_the_connection_at_once(tmp_path, monkeypatch):
     """Its newline already read, readline had dropped the whole line: the discard then waited for another newline,
     holding the connection BODY_QUIET_S (or eating the next put's header)."""
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 600.0)
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 600.0)
     svc = _service(tmp_path)
     sock = tmp_path / "kv.sock"
 
@@ -116,7 +118,7 @@ def test_a_refused_header_line_that_came_whole_ends_the_connection_at_once(tmp_p
         srv = await serve_kv_ingest(sock, svc)
         try:
             reader, writer = await asyncio.open_unix_connection(str(sock))
-            writer.write(b"x" * (kvs.MAX_HEADER_BYTES + 100) + b"\n")  # its newline within the read that overran
+            writer.write(b"x" * (kv_ingest.MAX_HEADER_BYTES + 100) + b"\n")  # its newline within the read that overran
             answer = await asyncio.wait_for(reader.readline(), 30)
             rest = await asyncio.wait_for(reader.read(), 30)  # the daemon closes: not after BODY_QUIET_S
             writer.close()

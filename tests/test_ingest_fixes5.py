@@ -18,7 +18,7 @@ import pytest
 
 from tokenwire.daemon import ingest, unix_sockets
 from tokenwire.daemon.ingest import IngestAPI, IngestConnection, serve_ingest
-from tokenwire.daemon.kv_service import serve_kv_ingest
+from tokenwire.daemon.kv_ingest import serve_kv_ingest
 from tokenwire.daemon.transcripts import REQUEST_OVERHEAD_BYTES, TOKEN_OVERHEAD_BYTES, TranscriptStore
 
 from .test_kv_ingest_socket import _service
@@ -86,7 +86,7 @@ def test_the_chat_ingest_socket_holds_a_bounded_number_of_connections(tmp_path, 
 
 
 def test_the_kv_ingest_socket_has_the_bound_too(tmp_path, monkeypatch):
-    """kv_service starts its socket through unix_sockets.serve: the bound applies there without a change of its
+    """kv_ingest starts its socket through unix_sockets.serve: the bound applies there without a change of its
     own."""
     monkeypatch.setattr(unix_sockets, "connection_bound", lambda: 2)
     svc = _service(tmp_path)

@@ -16,7 +16,9 @@ import urllib.request
 import pytest
 import torch
 
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import object_key
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.cachegen.codec import decode_chunk
@@ -385,7 +387,8 @@ def test_ingest_rejects_bad_input(service):
 
 def test_kv_channel_imports_no_torch():
     code = ("import sys, tokenwire.transport.kv_channel, tokenwire.transport.kv_controller, "
-            "tokenwire.daemon.service, tokenwire.daemon.kv_service, "
+            "tokenwire.daemon.service, tokenwire.daemon.kv_service, tokenwire.daemon.kv_meta, "
+            "tokenwire.daemon.kv_ingest, tokenwire.daemon.kv_runtime, "
             "tokenwire.predictor.bandwidth as b; b.OnnxForecaster().forecast(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert os.system(f"{sys.executable} -c \"{code}\"") == 0

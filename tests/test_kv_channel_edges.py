@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix
+from tokenwire.daemon.kv_ingest import put_kv_unix
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport import kv_client as kc
 from tokenwire.transport.frames import KvChunk
@@ -214,7 +216,7 @@ def test_a_forked_child_warms_up_afresh(monkeypatch):
 
 
 def test_integer_ids_of_any_kind_are_taken():
-    from tokenwire.daemon.kv_service import _int_ids
+    from tokenwire.daemon.kv_meta import _int_ids
 
     assert _int_ids(torch.arange(3)) == _int_ids(np.arange(3)) == _int_ids(range(3)) == [0, 1, 2]
 
@@ -415,7 +417,7 @@ def test_config_check_refuses_kv_without_torch_and_a_read_only_store(tmp_path, c
 
 def test_the_daemon_checks_the_kv_store_before_compiling_the_codec(tmp_path, monkeypatch):
     """A store directory it could not use failed the start only after the codec's compile (~9 s cold)."""
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.config import parse_config
     from tokenwire.daemon.startup import StartupError
 
@@ -428,9 +430,9 @@ def test_the_daemon_checks_the_kv_store_before_compiling_the_codec(tmp_path, mon
     async def warm_up() -> None:
         compiled.append(True)
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", warm_up)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", warm_up)
     with pytest.raises(StartupError, match=r"kv\.directory: cannot use"):
-        asyncio.run(kv_service.start_kv(cfg.kv))
+        asyncio.run(kv_runtime.start_kv(cfg.kv))
     assert compiled == []
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from tokenwire.daemon import kv_service as kvs
-from tokenwire.daemon.kv_service import KVIngestError, KVService
+from tokenwire.daemon import kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.kv_channel import KVChunkNeeded, ServerTuning
 from tokenwire.transport.kv_client import STALL_POLL_S, _wait_while_progressing
@@ -188,7 +189,7 @@ def _socket_put(svc: KVService, header: dict[str, Any], body: bytes) -> dict[str
         reader, writer = asyncio.StreamReader(), _Writer()
         reader.feed_data(json.dumps(header).encode() + b"\n" + body)
         reader.feed_eof()
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 30)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 30)  # type: ignore[arg-type]
         return writer.data
 
     return json.loads(asyncio.run(go()).splitlines()[0])

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tokenwire.daemon import kv_service as kvs
-from tokenwire.daemon.kv_service import KVIngestError, KVService
+from tokenwire.daemon import kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 
 from .test_kv_channel import CHUNK, MODEL, make_kv
@@ -42,7 +43,7 @@ def test_a_declared_body_is_not_allocated_before_its_bytes_arrive(tmp_path):
         reader.feed_data(_header(token_ids=list(range(tokens)), shape=[1, 2, 1, tokens, dim]) + b"\0" * 10)
         tracemalloc.start()
         try:
-            task = asyncio.ensure_future(kvs._handle_ingest(svc, reader, _Writer()))  # type: ignore[arg-type]
+            task = asyncio.ensure_future(kv_ingest._handle_ingest(svc, reader, _Writer()))  # type: ignore[arg-type]
             for _ in range(1000):  # until its body is being read: the budget is held from then on
                 if svc.put_memory.used:
                     break
@@ -74,7 +75,7 @@ def test_a_body_that_arrives_in_pieces_is_stored_whole(tmp_path):
     async def go() -> bytes:
         reader, writer = asyncio.StreamReader(), _Writer()
         reader.feed_data(_header(token_ids=list(range(n)), shape=[1, 2, 1, n, 8]))
-        task = asyncio.ensure_future(kvs._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(kv_ingest._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
         for i in range(0, len(body), 1000):
             reader.feed_data(body[i : i + 1000])
             await asyncio.sleep(0)
@@ -121,7 +122,7 @@ def test_duplicate_prewarm_levels_are_encoded_once_and_a_longer_list_is_refused(
     ({"prewarm": ["low"] * 200}, "prewarm lists 200 entries"),
     # (chunks of 16 tokens: 4,097 of them are fewer ids than a fetch's MAX_KV_TOKENS)
     ({"token_ids": list(range(4097 * 16)), "shape": [1, 2, 1, 4097 * 16, 8]}, "tokens make more than 4096 chunks"),
-    ({"token_ids": list(range(kvs.MAX_KV_TOKENS + 1)), "shape": [1, 2, 1, kvs.MAX_KV_TOKENS + 1, 8]},
+    ({"token_ids": list(range(kv_ingest.MAX_KV_TOKENS + 1)), "shape": [1, 2, 1, kv_ingest.MAX_KV_TOKENS + 1, 8]},
      "a fetch carries at most"),
 ], ids=["model", "count", "range", "fingerprint", "level", "prewarm-length", "chunks", "tokens"])
 def test_what_needs_only_the_header_is_refused_before_any_body_byte(tmp_path, fields, says):
@@ -130,9 +131,9 @@ def test_what_needs_only_the_header_is_refused_before_any_body_byte(tmp_path, fi
     svc = KVService(LocalChunkStore(tmp_path / "kv", 64 << 20), chunk_tokens=16)
 
     async def go() -> bytes:
-        reader, writer = asyncio.StreamReader(limit=kvs.MAX_HEADER_BYTES), _Writer()
+        reader, writer = asyncio.StreamReader(limit=kv_ingest.MAX_HEADER_BYTES), _Writer()
         reader.feed_data(_header(**fields))  # the header only: the engine's body would follow
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 5)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 5)  # type: ignore[arg-type]
         return writer.data
 
     reply = json.loads(asyncio.run(go()))
@@ -144,13 +145,13 @@ def test_what_needs_only_the_header_is_refused_before_any_body_byte(tmp_path, fi
 # ---------------------------------------------------------------------- 5: a half-written header line
 def test_a_header_line_not_completed_in_time_closes_the_connection_with_a_reply(tmp_path, monkeypatch):
     """readline() had no bound: 300 connections each holding a 2-MB line short of its newline kept 520 MB."""
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 0.2)
     svc = _service(tmp_path)
 
     async def go() -> bytes:
         reader, writer = asyncio.StreamReader(), _Writer()
         reader.feed_data(b'{"op": "put", "model": "m", "token_ids": [1, 2')  # and no more, no newline, no EOF
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 5)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 5)  # type: ignore[arg-type]
         return writer.data
 
     reply = json.loads(asyncio.run(go()))
@@ -164,15 +165,15 @@ def test_a_header_line_not_completed_in_time_closes_the_connection_with_a_reply(
 def test_a_trickling_body_is_closed_by_the_rate_rule_not_a_deadline_scaled_by_its_size(tmp_path, monkeypatch):
     """The deadline was 60 s + nbytes at 16 MiB/s whatever the pace: a 1.5-GiB put trickling a byte every 20 s kept
     its memory, and every put behind it, 156 s. Past 2 x BODY_QUIET_S, a body averaging under MIN_BODY_RATE ends."""
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
-    monkeypatch.setattr(kvs, "MIN_BODY_RATE", 100)  # bytes/s; the old deadline for 16 KiB: 0.4 + 164 s
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 0.2)
+    monkeypatch.setattr(kv_ingest, "MIN_BODY_RATE", 100)  # bytes/s; the old deadline for 16 KiB: 0.4 + 164 s
     svc = _service(tmp_path)
     fed_max = 100  # a byte every 0.05 s: never quiet, 20 bytes/s on average
 
     async def go() -> tuple[bytes, int, bool]:
         reader, writer = asyncio.StreamReader(), _Writer()
         reader.feed_data(_header(shape=[1, 2, 1, 4, 2048]))  # 16 KiB
-        task = asyncio.ensure_future(kvs._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(kv_ingest._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
         fed = 0
         while not task.done() and fed < fed_max:
             reader.feed_data(b"\0")
@@ -203,10 +204,10 @@ def test_header_parse_errors_are_plain_messages(tmp_path, line, says):
     svc = _service(tmp_path)
 
     async def go() -> bytes:
-        reader, writer = asyncio.StreamReader(limit=kvs.MAX_HEADER_BYTES), _Writer()
+        reader, writer = asyncio.StreamReader(limit=kv_ingest.MAX_HEADER_BYTES), _Writer()
         reader.feed_data(line)
         reader.feed_eof()
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 10)  # type: ignore[arg-type]
         return writer.data
 
     assert json.loads(asyncio.run(go())) == {"ok": False, "error": says}

@@ -10,8 +10,10 @@ import time
 import pytest
 import torch
 
-from tokenwire.daemon import kv_service as kvs
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon import kv_ingest
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import chunk_hashes, object_key
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 
@@ -158,7 +160,7 @@ def test_a_header_line_too_long_counts_as_a_refused_ingest(tmp_path):
         reader.feed_data(b"x" * 200 + b"\n")
         reader.feed_eof()
         writer = _Writer()
-        await kvs._handle_ingest(svc, reader, writer)  # type: ignore[arg-type]
+        await kv_ingest._handle_ingest(svc, reader, writer)  # type: ignore[arg-type]
         return writer.data
 
     assert b"header line too long" in asyncio.run(go())
@@ -172,7 +174,7 @@ def test_a_put_body_that_stalls_is_given_up(tmp_path, monkeypatch):
     """Eight engines that declared 1-GiB puts, sent 100 MB and stalled held 800 MB for good (no read timeout)."""
     import json
 
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 0.2)
     svc = _service(tmp_path)
 
     async def go() -> bytes:
@@ -180,7 +182,7 @@ def test_a_put_body_that_stalls_is_given_up(tmp_path, monkeypatch):
         header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
         reader.feed_data(json.dumps(header).encode() + b"\n" + b"\0" * 10)  # 10 of 32 bytes, then nothing
         writer = _Writer()
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, writer), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, writer), 10)  # type: ignore[arg-type]
         return writer.data
 
     reply = asyncio.run(go())
@@ -194,8 +196,8 @@ def test_a_put_body_that_trickles_is_given_up_by_the_rate_rule(tmp_path, monkeyp
     kv.ingest_memory_mb, and every put queued behind it, for as long as it liked (review)."""
     import json
 
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.2)
-    monkeypatch.setattr(kvs, "MIN_BODY_RATE", 100)  # bytes/s: slower on average beyond 0.4 s (2 x quiet) closes it
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 0.2)
+    monkeypatch.setattr(kv_ingest, "MIN_BODY_RATE", 100)  # bytes/s: slower on average past 0.4 s (2 x quiet) closes it
     svc = _service(tmp_path)
 
     async def go() -> tuple[bytes, int]:
@@ -203,7 +205,7 @@ def test_a_put_body_that_trickles_is_given_up_by_the_rate_rule(tmp_path, monkeyp
         header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
         reader.feed_data(json.dumps(header).encode() + b"\n")
         writer = _Writer()
-        task = asyncio.ensure_future(kvs._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(kv_ingest._handle_ingest(svc, reader, writer))  # type: ignore[arg-type]
         fed = 0
         while not task.done() and fed < 31:  # a byte every 0.1 s: never a 0.2-s silence, never the whole body
             reader.feed_data(b"\0")
@@ -243,12 +245,12 @@ def test_puts_past_the_ingest_memory_budget_wait_for_room_and_a_larger_one_is_re
         first, second, big = asyncio.StreamReader(), asyncio.StreamReader(), asyncio.StreamReader()
         w1, w2, w3 = _Writer(), _Writer(), _Writer()
         first.feed_data(header("a") + body[:100])  # the first put's body: still arriving
-        t1 = asyncio.ensure_future(kvs._handle_ingest(svc, first, w1))  # type: ignore[arg-type]
+        t1 = asyncio.ensure_future(kv_ingest._handle_ingest(svc, first, w1))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         assert svc.put_memory.used == size
         second.feed_data(header("b") + body)  # all of it sent: it does not fit beside the first
         second.feed_eof()
-        t2 = asyncio.ensure_future(kvs._handle_ingest(svc, second, w2))  # type: ignore[arg-type]
+        t2 = asyncio.ensure_future(kv_ingest._handle_ingest(svc, second, w2))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         assert svc.put_memory.waiting == 1 and w2.data == b""
         assert len(second._buffer) == size  # its body is left in the socket's buffer, not copied out
@@ -257,7 +259,7 @@ def test_puts_past_the_ingest_memory_budget_wait_for_room_and_a_larger_one_is_re
         await asyncio.wait_for(asyncio.gather(t1, t2), 30)
         big.feed_data(header("c", [1, 2, 1, 4 * n, 8]))
         big.feed_eof()
-        await asyncio.wait_for(kvs._handle_ingest(svc, big, w3), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, big, w3), 10)  # type: ignore[arg-type]
         return w1.data, w2.data, w3.data
 
     r1, r2, r3 = asyncio.run(go())
@@ -280,10 +282,10 @@ def test_a_put_waiting_for_room_at_shutdown_hears_why_and_a_vanished_one_is_coun
         holder, waiter = asyncio.StreamReader(), asyncio.StreamReader()
         wh, ww = _Writer(), _Writer()
         holder.feed_data(header + b"\0" * 10)  # holds the budget, its body still arriving
-        t1 = asyncio.ensure_future(kvs._handle_ingest(svc, holder, wh))  # type: ignore[arg-type]
+        t1 = asyncio.ensure_future(kv_ingest._handle_ingest(svc, holder, wh))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         waiter.feed_data(header)
-        t2 = asyncio.ensure_future(kvs._handle_ingest(svc, waiter, ww))  # type: ignore[arg-type]
+        t2 = asyncio.ensure_future(kv_ingest._handle_ingest(svc, waiter, ww))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         assert svc.put_memory.waiting == 1
         t2.cancel()  # the daemon stops
@@ -302,7 +304,7 @@ def test_a_stalled_put_whose_engine_is_gone_is_counted_once(tmp_path, monkeypatc
     put a second time (review)."""
     import json
 
-    monkeypatch.setattr(kvs, "BODY_QUIET_S", 0.1)
+    monkeypatch.setattr(kv_ingest, "BODY_QUIET_S", 0.1)
     svc = _service(tmp_path)
 
     class GoneWriter(_Writer):
@@ -313,7 +315,7 @@ def test_a_stalled_put_whose_engine_is_gone_is_counted_once(tmp_path, monkeypatc
         reader = asyncio.StreamReader()
         header = {"op": "put", "model": "m", "token_ids": [1, 2], "shape": [1, 2, 1, 2, 4], "dtype": "float16"}
         reader.feed_data(json.dumps(header).encode() + b"\n" + b"\0" * 10)
-        await asyncio.wait_for(kvs._handle_ingest(svc, reader, GoneWriter()), 10)  # type: ignore[arg-type]
+        await asyncio.wait_for(kv_ingest._handle_ingest(svc, reader, GoneWriter()), 10)  # type: ignore[arg-type]
 
     asyncio.run(go())
     assert svc.ingest_errors == 1

@@ -293,18 +293,18 @@ def test_a_count_past_the_budget_is_checked_against_what_the_others_hold_now():
 def test_start_kv_bounds_the_endpoint_by_the_settings_default_when_given_none(tmp_path: Path, monkeypatch):
     """start_kv without unauthorized_memory (a caller other than the daemon): limits.unauthorized_memory_mb's
     default (256 MiB), never an unbounded budget."""
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.config import Limits, parse_config
 
     async def no_compile() -> None:
         return None
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", no_compile)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", no_compile)
     cfg = parse_config({"kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "kv"),
                                "forecaster": "ewma"}}, tmp_path / "tw.toml")
 
     async def go() -> int:
-        runtime = await kv_service.start_kv(cfg.kv, authorize=lambda token: token == TOKEN)
+        runtime = await kv_runtime.start_kv(cfg.kv, authorize=lambda token: token == TOKEN)
         try:
             return runtime.server.unauthorized_memory()
         finally:

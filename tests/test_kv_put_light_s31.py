@@ -15,16 +15,18 @@ import textwrap
 import pytest
 import torch
 
-from tokenwire.daemon.kv_service import KVIngestError, _check_kv
+from tokenwire.daemon.kv_ingest import _check_kv
+from tokenwire.daemon.kv_meta import KVIngestError
 from tokenwire.transport.cachegen.codec import stack_kv
 from tokenwire.transport.cachegen.errors import InvalidInput
 
 CLIENT = textwrap.dedent('''
     import json, os, socket, sys, threading
-    import tokenwire.daemon.kv_service  # the module alone: no numba either
+    import tokenwire.daemon.kv_ingest  # the module alone (and kv_service, kv_meta): no numba either
     light = sorted(m for m in sys.modules if m.startswith("numba") or m.endswith((".codec", ".rans")))
     import torch
-    from tokenwire.daemon.kv_service import KVIngestError, put_kv_unix
+    from tokenwire.daemon.kv_ingest import put_kv_unix
+    from tokenwire.daemon.kv_meta import KVIngestError
 
     path = os.path.join(sys.argv[1], "kv.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,7 +61,7 @@ CLIENT = textwrap.dedent('''
 
 
 def test_the_put_client_checks_and_sends_without_the_codec(tmp_path):
-    """In a fresh process with an unwritable HOME and no NUMBA_CACHE_DIR: importing kv_service, a put through
+    """In a fresh process with an unwritable HOME and no NUMBA_CACHE_DIR: importing kv_ingest, a put through
     put_kv_unix (to a stand-in daemon) and a put it refuses load neither the codec nor numba (as root the cache
     would be written anyway, so the modules loaded are what is checked: the codec's import is the failure)."""
     home = tmp_path / "home"

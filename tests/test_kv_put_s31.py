@@ -10,7 +10,9 @@ import socket
 import pytest
 
 from tests.test_kv_channel import CHUNK, MODEL, make_kv, run
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import object_key
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 

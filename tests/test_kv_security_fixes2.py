@@ -191,13 +191,13 @@ def _kv_daemon_config(tmp_path: Path, **server: Any) -> Any:
 @contextlib.asynccontextmanager
 async def kv_daemon(monkeypatch, cfg: Any) -> AsyncIterator[Any]:
     """The daemon with [kv] in this process (the codec's compile stubbed out: the subject is the endpoint)."""
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.service import Daemon
 
     async def no_compile() -> None:
         return None
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", no_compile)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", no_compile)
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -439,21 +439,21 @@ def test_a_fetch_over_the_kv_port_with_an_unloadable_onnx_model_is_served(monkey
 def test_the_daemons_kv_start_plans_with_ewma_when_the_model_cannot_load(tmp_path, monkeypatch):
     """The start's one error line said fetches "will fail"; they now run on ewma, with no load tried at each
     connection's first fetch."""
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.config import parse_config
     from tokenwire.predictor import bandwidth
 
     async def no_compile() -> None:
         return None
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", no_compile)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", no_compile)
     monkeypatch.setattr(bandwidth.OnnxRunner, "_shared", {})
     monkeypatch.setattr(bandwidth, "default_model_path", lambda: tmp_path / "gone.onnx")
     cfg = parse_config({"kv": {"enabled": True, "listen": "127.0.0.1:0", "directory": str(tmp_path / "kv"),
                                "forecaster": "onnx"}}, tmp_path / "tw.toml")
 
     async def go():
-        runtime = await kv_service.start_kv(cfg.kv)
+        runtime = await kv_runtime.start_kv(cfg.kv)
         try:
             return runtime.server.tuning.forecaster
         finally:

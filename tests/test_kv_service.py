@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tokenwire.daemon import kv_service as kvs
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import chunk_hashes, object_key
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.transport.cachegen.codec import decode_chunk

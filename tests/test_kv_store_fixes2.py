@@ -17,8 +17,10 @@ import pytest
 from tests.test_kv_channel import CHUNK, MODEL, _fetch, make_kv, run
 from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F401  (the fixtures)
 from tokenwire.daemon import kv_store
+from tokenwire.daemon.kv_ingest import put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_meta import KVIngestError
 from tokenwire.daemon.kv_metrics import _KVCollector
-from tokenwire.daemon.kv_service import KVIngestError, KVService, put_kv_unix, serve_kv_ingest
+from tokenwire.daemon.kv_service import KVService
 from tokenwire.daemon.kv_store import MAGIC, ReportEvery, StoreError, StoreFullError, object_key, wrap
 from tokenwire.daemon.kv_store_local import LocalChunkStore
 from tokenwire.daemon.kv_store_redis import RedisChunkStore

@@ -181,7 +181,7 @@ def test_a_shared_prefix_stays_while_a_context_that_continues_it_is_stored(make_
 
 # -- 3. a chunk whose parent is gone is never kept (review of the tail-first eviction) -----------------------------
 def _raw_meta(i: int, ids: list[int]) -> bytes:
-    """Metadata as kv_service.ChunkMeta packs it (chain_entry reads ``i`` and ``ids``)."""
+    """Metadata as kv_meta.ChunkMeta packs it (chain_entry reads ``i`` and ``ids``)."""
     return msgpack.packb({"m": "m", "fp": 1, "g": [1, 1, 1], "dt": "f16", "i": i, "ids": ids})
 
 
@@ -319,7 +319,7 @@ def test_a_start_cancelled_while_the_ingest_socket_opens_releases_the_store_and_
     the cleanup covered OSError only."""
     import asyncio
 
-    from tokenwire.daemon import kv_service
+    from tokenwire.daemon import kv_runtime
     from tokenwire.daemon.config import parse_config
     from tokenwire.transport import kv_channel
 
@@ -342,8 +342,8 @@ def test_a_start_cancelled_while_the_ingest_socket_opens_releases_the_store_and_
             await asyncio.Event().wait()  # pending until cancelled
 
         monkeypatch.setattr(kv_channel, "serve_kv", serve_kv)
-        monkeypatch.setattr(kv_service, "serve_kv_ingest", ingest)
-        task = asyncio.ensure_future(kv_service.start_kv(cfg))
+        monkeypatch.setattr(kv_runtime, "serve_kv_ingest", ingest)
+        task = asyncio.ensure_future(kv_runtime.start_kv(cfg))
         await entered.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -93,7 +93,7 @@ def test_unit_with_the_opt_path_verifies(tmp_path):
 
 # ------------------------------------------------------------------------------- the KV codec's start-up (2)
 def _warm_up_error(exc: BaseException) -> str:
-    from tokenwire.daemon.kv_service import warm_up_codec
+    from tokenwire.daemon.kv_runtime import warm_up_codec
     from tokenwire.daemon.startup import StartupError
 
     def fails() -> float:

@@ -357,7 +357,8 @@ def test_the_kv_ingest_socket_is_given_its_own_group_too(tmp_path):
     group; set without a socket it is a config error, and a group this system lacks is config check's error."""
     from tokenwire.daemon.config import ConfigError
     from tokenwire.daemon.kv_config import check_paths, parse_kv
-    from tokenwire.daemon.kv_service import KVService, serve_kv_ingest
+    from tokenwire.daemon.kv_ingest import serve_kv_ingest
+    from tokenwire.daemon.kv_service import KVService
     from tokenwire.daemon.kv_store_local import LocalChunkStore
 
     with pytest.raises(ConfigError, match=r"kv\.ingest_socket_group: set without kv\.ingest_socket"):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.test_kv_channel import MODEL, run
-from tokenwire.daemon import kv_service
+from tokenwire.daemon import kv_runtime
 from tokenwire.daemon.config import parse_config
 from tokenwire.daemon.service import Daemon
 from tokenwire.transport import kv_channel
@@ -62,7 +62,7 @@ class _Warmup:
             await self.done.wait()
 
         monkeypatch.setattr(kv_channel, "serve_kv", recorded_serve_kv)
-        monkeypatch.setattr(kv_service, "warm_up_codec", held)
+        monkeypatch.setattr(kv_runtime, "warm_up_codec", held)
 
     def finish(self) -> None:
         self.done.set()

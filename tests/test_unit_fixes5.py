@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenwire.daemon import kv_service, logs, startup, unit_access, unix_sockets
+from tokenwire.daemon import kv_runtime, logs, startup, unit_access, unix_sockets
 from tokenwire.daemon.config import parse_config
 from tokenwire.daemon.config_warnings import security_warnings
 from tokenwire.daemon.startup import StartupError
@@ -56,8 +56,8 @@ def _record_warm_ups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         began.append("forecaster")
         return True
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", codec)
-    monkeypatch.setattr(kv_service, "warm_up_forecaster", forecaster)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", codec)
+    monkeypatch.setattr(kv_runtime, "warm_up_forecaster", forecaster)
     return began
 
 
@@ -69,7 +69,7 @@ def test_a_kv_port_in_use_refuses_the_start_before_any_warm_up(tmp_path, monkeyp
     holder, port = _taken_udp_port()
     with holder, pytest.raises(StartupError, match=rf"kv\.listen: cannot listen on udp/127\.0\.0\.1:{port}: "
                                                    "Address already in use"):
-        asyncio.run(kv_service.start_kv(_kv_config(tmp_path, listen=f"127.0.0.1:{port}")))
+        asyncio.run(kv_runtime.start_kv(_kv_config(tmp_path, listen=f"127.0.0.1:{port}")))
     assert began == []
 
 
@@ -79,7 +79,7 @@ def test_a_bad_kv_ingest_socket_refuses_the_start_before_any_warm_up(tmp_path, m
     kv = (_kv_config(tmp_path, ingest_socket=str(tmp_path / "kv.sock"), ingest_socket_group="tw-fixes5-no-group")
           if setting == "group" else _kv_config(tmp_path, ingest_socket=str(tmp_path / "missing" / "kv.sock")))
     with pytest.raises(StartupError, match=r"kv\.ingest_socket: cannot listen on"):
-        asyncio.run(kv_service.start_kv(kv))
+        asyncio.run(kv_runtime.start_kv(kv))
     assert began == []
     assert not (tmp_path / "kv.sock").exists()
 
@@ -93,11 +93,11 @@ def test_the_warm_ups_come_after_the_port_and_socket_and_a_failed_one_frees_them
         events.append(f"codec: socket {'there' if sock.is_socket() else 'missing'}")
         raise StartupError("kv: the KV codec cannot compile or run its kernels")
 
-    monkeypatch.setattr(kv_service, "warm_up_codec", codec)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", codec)
     holder, port = _taken_udp_port()
     holder.close()  # (free again: the start binds it)
     with pytest.raises(StartupError, match="cannot compile"):
-        asyncio.run(kv_service.start_kv(_kv_config(tmp_path, listen=f"127.0.0.1:{port}", ingest_socket=str(sock))))
+        asyncio.run(kv_runtime.start_kv(_kv_config(tmp_path, listen=f"127.0.0.1:{port}", ingest_socket=str(sock))))
     assert events == ["codec: socket there"]
     assert not sock.exists()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
@@ -106,9 +106,9 @@ def test_the_warm_ups_come_after_the_port_and_socket_and_a_failed_one_frees_them
 
 def test_fetches_during_the_warm_up_plan_with_ewma_then_the_configured_forecaster(tmp_path, monkeypatch):
     """The port is open during the warm-up: a fetch then must not load onnxruntime on the event loop."""
-    made: list[kv_service.KVRuntime] = []
+    made: list[kv_runtime.KVRuntime] = []
     seen: list[str] = []
-    real_runtime = kv_service.KVRuntime
+    real_runtime = kv_runtime.KVRuntime
 
     def runtime(*args, **kwargs):  # type: ignore[no-untyped-def]
         made.append(real_runtime(*args, **kwargs))
@@ -120,12 +120,12 @@ def test_fetches_during_the_warm_up_plan_with_ewma_then_the_configured_forecaste
     async def forecaster(kind: str) -> bool:
         return True
 
-    monkeypatch.setattr(kv_service, "KVRuntime", runtime)
-    monkeypatch.setattr(kv_service, "warm_up_codec", codec)
-    monkeypatch.setattr(kv_service, "warm_up_forecaster", forecaster)
+    monkeypatch.setattr(kv_runtime, "KVRuntime", runtime)
+    monkeypatch.setattr(kv_runtime, "warm_up_codec", codec)
+    monkeypatch.setattr(kv_runtime, "warm_up_forecaster", forecaster)
 
     async def go() -> str:
-        started = await kv_service.start_kv(_kv_config(tmp_path, forecaster="onnx"))
+        started = await kv_runtime.start_kv(_kv_config(tmp_path, forecaster="onnx"))
         try:
             return started.server.tuning.forecaster
         finally:
@@ -180,14 +180,14 @@ def test_the_codec_ready_line_times_the_whole_wait(caplog):
     """warm_up()'s own figure left out importing torch and numba: "ready (0.5 s)" came 3.9 s after "compiling"."""
     ticks = iter([100.0, 103.9])
     with caplog.at_level(logging.INFO, logger="tokenwire.kv"):
-        asyncio.run(kv_service.warm_up_codec(lambda: 0.5, clock=lambda: next(ticks)))
+        asyncio.run(kv_runtime.warm_up_codec(lambda: 0.5, clock=lambda: next(ticks)))
     assert "KV codec ready (3.9 s to compile or load its kernels)" in caplog.text
 
 
 def test_the_forecaster_ready_line_times_the_whole_wait(caplog):
     ticks = iter([10.0, 10.5])
     with caplog.at_level(logging.INFO, logger="tokenwire.kv"):
-        assert asyncio.run(kv_service.warm_up_forecaster("onnx", lambda kind: 0.01, clock=lambda: next(ticks)))
+        assert asyncio.run(kv_runtime.warm_up_forecaster("onnx", lambda kind: 0.01, clock=lambda: next(ticks)))
     assert "KV forecaster ready (0.50 s" in caplog.text
 
 
