@@ -117,7 +117,8 @@ def check_tuning(*, stale_factor: float = STALE_FACTOR, reserve: float | None = 
         bad("prior_bps", prior_bps, 0 < prior_bps < math.inf, "> 0")
 
 
-def decode_finish(costs: Sequence[float], decodes: Sequence[float], busy_s: float = 0.0) -> float:
+def decode_finish(costs: Sequence[float], decodes: Sequence[float], busy_s: float = 0.0,
+                  recompute_s: float = 0.0) -> float:
     """Seconds from now until the client has decoded the last of these chunks, sent back to back: chunk i arrives
     after the costs of chunks 0..i, and its decode starts once it has arrived *and* the decode before it is done.
 
@@ -126,20 +127,32 @@ def decode_finish(costs: Sequence[float], decodes: Sequence[float], busy_s: floa
     for every decode before it (measured: a 1.3-2.85 M elements/s client took 26-35 s for a fetch planned to end
     within its deadline). ``busy_s``: decode work already queued at the client (chunks sent earlier). Where every
     decode is shorter than the next chunk's transfer this is the previous model's sum plus the last decode.
-    A text chunk's cost (its recompute) counts as link time here, as it always has."""
+    ``recompute_s``: the text chunks' recompute, which the client's engine does after the last byte *and* the last
+    decode (its ``FetchReport``: ``fetch_ms + prefill_ms``), so it is added at the end. Counted as link time
+    instead (until v9), it overlapped the decode queue, and a slow decoder's plan mixing levels and text came out
+    early by up to the queued decode work."""
     arrived, done = 0.0, busy_s
     for cost, dec in zip(costs, decodes, strict=True):
         arrived += cost
         done = max(done, arrived) + dec
-    return max(done, arrived)
+    return max(done, arrived) + recompute_s
 
 
 def _rungs_finish(chunks: Sequence[ChunkOptions], rungs: Sequence[tuple[str, float, float]],
                   busy_s: float = 0.0) -> float:
     """:func:`decode_finish` of ``chunks`` sent at ``rungs`` (one (level, cost, quality) of each chunk's ladder):
-    each rung's cost on the link, and its level's decode at the client."""
-    return decode_finish([r[1] for r in rungs], [c.decode_s.get(r[0], 0.0) for c, r in zip(chunks, rungs, strict=True)],
-                         busy_s)
+    a level's cost on the link and its decode at the client; a text rung's ids on the link and its recompute
+    (the rest of its cost, :meth:`KVController._ladder`) after the last decode."""
+    link, decodes, recompute = [], [], 0.0
+    for c, (lv, cost, _q) in zip(chunks, rungs, strict=True):
+        if lv == TEXT:
+            link.append(max(0.0, cost - c.recompute_s))
+            decodes.append(0.0)
+            recompute += c.recompute_s
+        else:
+            link.append(cost)
+            decodes.append(c.decode_s.get(lv, 0.0))
+    return decode_finish(link, decodes, busy_s, recompute)
 
 
 @dataclass(frozen=True)
@@ -350,7 +363,8 @@ class KVController:
         A level is weighed against text at what it costs the client's decode pipeline
         (:meth:`_coded_s`: its transfer or its decode, the longer), so a slow decoder makes text the cheaper
         option where recomputing beats decoding; the rung's cost stays the transfer, the link time that
-        :func:`decode_finish` adds the decodes to.
+        :func:`decode_finish` adds the decodes to. A text rung's cost is its recompute plus its ids' transfer,
+        which :func:`_rungs_finish` takes apart: the ids on the link, the recompute after the last decode.
         """
         tb = text_bw or bw
         text_s = c.recompute_s + c.text_bytes * 8 / bw
@@ -392,10 +406,11 @@ class KVController:
 
         if not lowest_only:
             spent = cost()
+            capped = [False] * n  # an upgrade to text that did not fit after all (see below)
             while True:
                 best_i, best_gain = -1, 0.0
                 for i in range(n):
-                    if pick[i] + 1 >= len(ladders[i]):
+                    if pick[i] + 1 >= len(ladders[i]) or capped[i]:
                         continue
                     dt = ladders[i][pick[i] + 1][1] - ladders[i][pick[i]][1]
                     dq = ladders[i][pick[i] + 1][2] - ladders[i][pick[i]][2]
@@ -410,7 +425,16 @@ class KVController:
                 if best_i < 0:
                     break
                 pick[best_i] += 1
-                spent = cost()
+                after = cost()
+                if after > budget_s + 1e-9 and after > spent:
+                    # The step's dt can fall short only for an upgrade to text: its recompute lands after the last
+                    # decode, and where that queue, not this chunk's transfer, sets the finish, the level's transfer
+                    # saved is not time saved. (A level's step never overshoots: a transfer moves the finish by at
+                    # most itself.) Undone, and the chunk stays where it was.
+                    pick[best_i] -= 1
+                    capped[best_i] = True
+                else:
+                    spent = after
         return [ladders[i][pick[i]][0] for i in range(n)]
 
 
