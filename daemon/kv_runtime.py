@@ -153,6 +153,24 @@ def warm_up_failure(exc: BaseException) -> str:
     return head
 
 
+async def _opened_store(cfg: KVConfig) -> ChunkStore:
+    """:func:`open_store` on a worker thread: a local store's start reads every object's header and every chunk's
+    metadata (seconds for a large store, minutes on a cold disk), and on the event loop that held up the start's
+    notifications to systemd. A stop signal meanwhile does not wait for it; the store it opens is closed (its lock
+    released) once it is open."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open_store, cfg))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[ChunkStore]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
                    max_connections: Any = None, request_timeout: Any = None,
@@ -179,7 +197,7 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     # took 6-8 s, and with the unit's RestartSec=2 the retries never reached StartLimitBurst= within
     # StartLimitIntervalSec=: the unit restarted for ever instead of staying failed.
     try:  # the store first: a directory it cannot use fails in a moment
-        store = open_store(cfg)
+        store = await _opened_store(cfg)
     except OSError as exc:
         raise StartupError(f"kv.directory: cannot use {exc.filename or cfg.directory}: {exc.strerror or exc}") \
             from None
