@@ -60,6 +60,10 @@ RELEASED_AT_END = ("_streams", "_streams_queue", "_streams_blocked_bidi", "_stre
                    "_crypto_buffers", "_cryptos", "_cryptos_initial", "_QuicConnection__frame_handlers")
 
 
+def _ignore(*args: object) -> None:
+    """What an ended connection's callbacks become (see SessionProtocol._release_ended)."""
+
+
 def check_port(port: int, *, listening: bool = False) -> None:
     """ValueError naming ``port`` unless it is a UDP port number: 1..65535 to connect to, 0..65535 to listen on
     (0: any free one). The socket layer took it modulo 65536 (port 70000 listened on, or called, 4464)."""
@@ -253,6 +257,23 @@ class SessionProtocol(QuicConnectionProtocol):
             held = getattr(quic, name, None)  # (a name an aioquic upgrade dropped: left; the pinning test fails)
             if isinstance(held, (dict, list)):
                 held.clear()
+        # The rest of the cycles an ended connection is in, so that refcounting frees all of it (~120 objects a
+        # connection were left to a full collection, which walks every live session; the daemon freezes what
+        # survives one, and a frozen cycle is never collected): aioquic's server stores handlers on its protocol
+        # that hold the protocol (partials; all called by now), the session's scheduler clock is a closure over the
+        # session, the datagram hook's writer is the scheduler's bound method set on the connection
+        # (datagram_hook.py), and aioquic's TLS context and loss recovery hold the connection's bound methods.
+        self._connection_id_issued_handler = self._connection_id_retired_handler = _ignore
+        self._connection_terminated_handler = _ignore
+        self.session.release_cycles()
+        quic.__dict__.pop("_write_datagram_frame", None)
+        tls = getattr(quic, "tls", None)
+        if tls is not None:
+            tls.alpn_cb = None
+            tls.update_traffic_key_cb = _ignore
+        loss = getattr(quic, "_loss", None)
+        if loss is not None and hasattr(loss, "_send_probe"):
+            loss._send_probe = _ignore
 
     # -- I/O -----------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:

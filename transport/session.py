@@ -72,6 +72,12 @@ class _SessionBase:
         # grants new streams only as old ones finish in both directions).
         self._ended: set[int] = set()
 
+    def release_cycles(self) -> None:
+        """At the connection's end (``SessionProtocol._release_ended``): the scheduler's clock, a closure over this
+        session (a reference cycle: session, scheduler, closure), reads the last time instead."""
+        now = self._now
+        self.scheduler._clock = lambda: now
+
     # -- driver entry points ----------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
         self._now = now
