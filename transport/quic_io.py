@@ -126,6 +126,13 @@ def _handshake_failure(host: str, port: int, ended: qe.ConnectionTerminated) -> 
     refused = handshake_refusal(code, ended.reason_phrase) if ended.frame_type is not None else None
     if refused is not None:  # (an application's close carries no frame type; this one was converted)
         return HandshakeError(f"QUIC handshake with {host}:{port} failed: {refused}", None)
+    if ended.frame_type is not None and code == QuicErrorCode.INVALID_TOKEN and not ended.reason_phrase:
+        # a loaded server's answer to a Retry token it cannot accept (RFC 9000 8.1.3); it read "no reason given
+        # (code 0xb)" in a handshake storm
+        return HandshakeError(f"QUIC handshake with {host}:{port} failed: the server did not accept the Retry token "
+                              "this client sent back (the server is under handshake load and asks clients to prove "
+                              "their address; the token came back too late, or from another address or port): "
+                              "retry (QUIC INVALID_TOKEN 0xb)", None)
     return HandshakeError(f"QUIC handshake with {host}:{port} failed: {reason} (code {code:#x})", None)
 
 
