@@ -4,8 +4,8 @@ finish reason, ``length`` at the transcript's bound, ``cancelled``, the client's
 for an upstream's bug).
 
 Split out of ``service.py``: the task's body needs nothing of the daemon's but a token counter, so it is a plain
-coroutine with explicit arguments; :class:`~tokenwire.daemon.service.Daemon` starts it, holds the task
-(``limits.max_live_answers``, the orphan timeout) and does its bookkeeping when it is done (``Daemon._fed``).
+coroutine with explicit arguments; :class:`~tokenwire.daemon.answers.LiveAnswers` starts it, holds the task
+(``limits.max_live_answers``, the orphan timeout) and does its bookkeeping when it is done (``LiveAnswers._fed``).
 """
 
 from __future__ import annotations

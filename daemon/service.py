@@ -15,9 +15,10 @@ close; a second SIGTERM/SIGINT stops at once.
 
 This module keeps :class:`Daemon`'s orchestration (listeners, answers, reload, drain). Beside it: the per-connection
 shell (``connection.py``: :class:`DaemonProtocol`), the session slots and the connections not yet authorized
-(``admission.py``), the certificate files (``certificates.py``), SIGHUP's decisions (``reload_decisions.py``) and
-its steps on the running parts (``reload_steps.py``), the upstreams' words made sendable (``sendable_upstream.py``)
-and an answer's generation task (``generation.py``).
+(``admission.py``), the answers being generated and the orphan timeout (``answers.py``), the pacing of the full
+garbage collections (``gc_pacing.py``), the certificate files (``certificates.py``), SIGHUP's decisions
+(``reload_decisions.py``) and its steps on the running parts (``reload_steps.py``), the upstreams' words made sendable
+(``sendable_upstream.py``) and an answer's generation task (``generation.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import signal
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,11 +46,11 @@ from tokenwire.transport.handshake_guard import (
     retry_threshold,
 )
 from tokenwire.transport.quic_io import ValidatingQuicServer, serve_quic, tune_socket
-from tokenwire.transport.server import ChatRequest
 from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
 from .admission import Admission
+from .answers import LiveAnswers
 from .certificates import client_verifier, server_tls
 from .config import (
     Config,
@@ -61,7 +60,8 @@ from .config import (
 )
 from .connection import UNAUTHORIZED_CREDIT_REQUESTS as UNAUTHORIZED_CREDIT_REQUESTS  # (re-exported)
 from .connection import CounterDeltas, DaemonProtocol
-from .generation import flush_failure_logs, generate_answer
+from .gc_pacing import GcPacing
+from .generation import flush_failure_logs
 from .ingest import IngestAPI, OpenRefusal, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
 from .marking import MarkingService
@@ -91,22 +91,9 @@ STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: clos
 # `tokenwire daemon`'s wait, after "stopped", for a KV worker still inside a chunk's write (daemon_cli.finish_process,
 # signals ignored by then): asked of systemd too, else its SIGKILL at the end of the extension failed the stop
 KV_WORKER_WAIT_S = 10.0
-# A full garbage collection after connections ended (see Daemon._collect_ended): at most this often, and only once those
-# ended since the last one are at least this fraction of the connections alive
-GC_INTERVAL_S = 30.0
-GC_ENDED_FRACTION = 0.25
 # UNAUTHORIZED for a token of another principal than the connection's (Daemon._authorize; docs/protocol.md)
 ANOTHER_PRINCIPAL = ("auth token of another principal: a connection keeps the principal of its first authorized "
                      "request (open a new connection for another)")
-
-
-def failure_reason(code: int) -> str:
-    """tokenwire_upstream_failures_total's reason for a failed answer's error code: ``timeout``
-    (UPSTREAM_TIMEOUT), ``error`` (UPSTREAM_ERROR: the upstream's error, an unreachable upstream, an upstream's
-    bug), ``refused`` (any other code an upstream chose: it refused the request after it started)."""
-    if code == ErrorCode.UPSTREAM_TIMEOUT:
-        return "timeout"
-    return "error" if code == ErrorCode.UPSTREAM_ERROR else "refused"
 
 
 class Daemon:
@@ -136,25 +123,15 @@ class Daemon:
             proven_timeout_s=HANDSHAKE_PROVEN_TIMEOUT_S, threshold=lambda: self.retry_threshold(),
             on_refused=lambda reason: self.metrics.handshakes_refused.labels(reason=reason).inc(),
             on_retry=lambda active: self.metrics.retry_active.set(int(active)), relax_every=None)
-        # connections closed for a protocol error (a malformed request) and requests refused past
-        # limits.max_live_answers, the same way: a line per connection let 200 clients without a token write 200
-        # warnings, and "server busy" refusals were in no log line at all
+        # connections closed for a protocol error (a malformed request), the way refusals past max_sessions are: a
+        # line per connection let 200 clients without a token write 200 warnings
         self._protocol_closes = RefusalLog(log, lambda n, s: (
             f"closed {n} more connections for protocol errors in the last {s:.0f} s (tokenwire_errors_total by "
             f"code)"))
-        self._busy_refusals = RefusalLog(log, lambda n, s: (
-            f"refused {n} more answers in the last {s:.0f} s: server busy, "
-            f"{self.config.limits.max_live_answers} answers being generated (limits.max_live_answers)"))
-        # answers cancelled by the orphan timeout: many clients vanishing at once wrote a line each (196 in a second)
-        self._orphan_cancels = RefusalLog(log, lambda n, s: (
-            f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
-            f"{self.config.limits.orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"),
-            level=logging.INFO)  # (routine: the summary at INFO, as the first line)
-        self._ended_connections = 0  # since the last garbage collection (see _collect_ended)
-        self._froze_heap = False  # start() froze what was alive then (gc.freeze): stop() unfreezes it
-        self._collected_at = -GC_INTERVAL_S
-        self.tasks: dict[bytes, asyncio.Task[None]] = {}
-        self._orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
+        # the answers being generated (upstreams' tasks, ingest answers), their bound and the orphan timeout
+        # (answers.py): requests start answers there, and tell it when one has a listener again or none left
+        self.answers = LiveAnswers(lambda: self.config.limits, self.metrics, self.store)
+        self.gc_pacing = GcPacing()  # the heap frozen once started, full collections after connections ended
         self.notifier = notifier or Notifier()
         # the bundle's digest, from the same read: SIGHUP rereads the bundle when its bytes change
         self.client_verifier, self._client_ca_digest = client_verifier(config)
@@ -180,8 +157,6 @@ class Daemon:
         self._ingest_ident: tuple[int, int, int] | None = None
         self._ingest_api: IngestAPI | None = None
         self._ingest_clients: set[asyncio.Task[None]] = set()  # the applications' connections, ended at stop
-        # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
-        self._ingested: weakref.WeakValueDictionary[bytes, LiveRequest] = weakref.WeakValueDictionary()
         self.kv: Any = None  # KVRuntime when [kv] is enabled
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -232,14 +207,14 @@ class Daemon:
             site = next(iter(self._metrics_runner.sites))
             self.metrics_address = site._server.sockets[0].getsockname()[:2]
         if cfg.ingest.socket is not None:
-            api = self._ingest_api = IngestAPI(
+            api = self._ingest_api = self.answers.ingest = IngestAPI(
                 self.store,
                 max_tokens=lambda: self.config.limits.max_tokens,
-                on_open=self._ingest_opened,
-                on_done=self._ingest_done,
+                on_open=self.answers.ingest_opened,
+                on_done=self.answers.ingest_done,
                 on_tokens=self.metrics.tokens.inc,
                 max_open=cfg.ingest.max_open,
-                orphan_log=self._orphan_cancels,  # one line, then a summary, for chat and ingest answers alike
+                orphan_log=self.answers.orphan_cancels,  # one line, then a summary, for chat and ingest answers alike
                 refuse_open=self._ingest_refusal,
                 on_open_refused=lambda reason: self.metrics.ingest_opens_refused.labels(reason=reason).inc(),
                 on_push_refused=lambda reason: self.metrics.ingest_pushes_refused.labels(reason=reason).inc(),
@@ -281,14 +256,8 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
-        if self._handle_signals and not gc.get_freeze_count():
-            # the process is this daemon's (run()), and what is alive now (imports; torch and numba with [kv]) lives
-            # as long as it: frozen, no full collection walks it again (~52,000 objects, ~25 ms of each; with [kv]
-            # 0.1-0.25 s). Collected first, and before any client is let in (chat, ingest, KV), so that no garbage
-            # and no connection is frozen (a frozen cycle is never freed)
-            gc.collect()
-            gc.freeze()
-            self._froze_heap = True
+        if self._handle_signals:  # the process is this daemon's (run()): frozen before any client is let in
+            self.gc_pacing.freeze_started()
         # the start gate opens: every listener was bound above and served nothing during the KV warm-up, where a
         # stop signal cut what was served with no drain (the ingest sockets' and the KV port's too)
         for server in self._servers:
@@ -316,7 +285,7 @@ class Daemon:
         (stop(): those held back were never written, though their metrics had counted them)."""
         adm = self.admission
         for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, self._protocol_closes,
-                         self._busy_refusals, adm.memory_sheds, self._orphan_cancels):
+                         self.answers.busy_refusals, adm.memory_sheds, self.answers.orphan_cancels):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
@@ -325,25 +294,6 @@ class Daemon:
         if final and self._ingest_api is not None:  # (else its expire_stalled, in housekeeping, flushes them)
             self._ingest_api.flush_logs(now, final=True)
         unix_sockets.flush_logs(now, final=final)  # the ingest sockets' connections refused past their bound
-
-    def _collect_ended(self, now: float) -> None:
-        """A full garbage collection once the connections ended since the last one are at least GC_ENDED_FRACTION of
-        those alive, at most every GC_INTERVAL_S.
-
-        An ended connection leaves a reference cycle (aioquic's ``QuicConnection`` and its bound methods) that only a
-        full collection frees, and a daemon with a large heap runs one seldom. A collection after every end stalled
-        the loop, /healthz included, 0.45 s at 2000 sessions and 0.6-1 s at 3000 after any one close: it walks every
-        live session (~300 objects each), not only the ended ones. DaemonProtocol._release_ended empties the cycle's
-        buffers at the end (~30 KiB of small objects are left of ~100 KiB, or megabytes), so it can wait: each end
-        pays for the walk of at most 1/GC_ENDED_FRACTION live sessions, and the leftovers waiting stay below a quarter
-        of the connections alive (CPython's own full collections wait for the same 25 % growth of the heap). With no
-        connection left, the first end collects (what is walked is then little more than the leftovers)."""
-        ended = self._ended_connections
-        if not ended or now - self._collected_at < GC_INTERVAL_S or ended < GC_ENDED_FRACTION * len(self.protocols):
-            return
-        self._ended_connections = 0
-        self._collected_at = now
-        gc.collect()
 
     def retry_threshold(self) -> int:
         """Handshakes in progress that turn Retry on: RETRY_ABOVE, or half of max_sessions when that is less (the
@@ -383,46 +333,12 @@ class Daemon:
         count), or no client could attach as ``principal`` under the auth in force now (SIGHUP changes it)."""
         if self.draining:
             return OpenRefusal("draining", "daemon shutting down")
-        busy = self._busy()
+        busy = self.answers.busy()
         if busy is not None:
-            self._busy_refused("an answer opened on the ingest socket")
+            self.answers.busy_refused("an answer opened on the ingest socket")
             return OpenRefusal("busy", busy)
         problem = principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
         return None if problem is None else OpenRefusal("principal", problem)
-
-    def _ingest_opened(self, live: LiveRequest) -> None:
-        self._ingested[live.request_id] = live
-        self._orphaned[live.request_id] = time.monotonic()  # until a client attaches (limits.orphan_timeout_s)
-        self.metrics.requests_active.inc()
-        self.metrics.ingest_opened.inc()
-
-    def _ingest_done(self, live: LiveRequest, outcome: str) -> None:
-        self.metrics.requests_active.dec()
-        self._orphaned.pop(live.request_id, None)
-        if outcome == "finished":
-            self.metrics.ingest_finished.inc()
-        else:
-            self.metrics.ingest_failed.labels(reason=outcome).inc()
-
-    def live_answers(self) -> int:
-        """Answers being generated: by the upstreams, and open on the ingest socket."""
-        return len(self.tasks) + (self._ingest_api.live_count if self._ingest_api is not None else 0)
-
-    def _busy(self) -> str | None:
-        """Why no answer may start now (``limits.max_live_answers`` are live), for a request and an ingest open."""
-        live = self.live_answers()
-        if live < self.config.limits.max_live_answers:
-            return None
-        return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
-
-    def _busy_refused(self, what: str) -> None:
-        """``what`` was refused past ``limits.max_live_answers``: logged, the first in full, then summed up (like the
-        refusals past max_sessions); such refusals were only counted (tokenwire_errors_total 0x106), never logged."""
-        if self._busy_refusals.hold(time.monotonic()):
-            return
-        log.warning("refusing %s: server busy, %d answers being generated (limits.max_live_answers = %d); more such "
-                    "refusals are counted (a request's: tokenwire_errors_total code 0x106) and logged at most every "
-                    "%g s", what, self.live_answers(), self.config.limits.max_live_answers, REFUSALS_LOG_S)
 
     def drain_status(self) -> str:
         return f"draining {self.streaming_count()} answers"
@@ -454,8 +370,8 @@ class Daemon:
             self._flush_counters()
             self.handshake_guard.relax(now)  # Retry off once handshakes have been calm a while
             self._log_refusals(now)
-            self._collect_ended(now)
-            self._cancel_orphans(now)
+            self.gc_pacing.collect_ended(now, len(self.protocols))
+            self.answers.cancel_orphans(now)
             if self._ingest_api is not None:
                 self._ingest_api.expire_stalled(now)
 
@@ -624,8 +540,7 @@ class Daemon:
                     proto._handshake_done()  # its deadline has nothing left to close
                     proto.close(ErrorCode.SHUTTING_DOWN, "server shutting down")
             await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
-            for task in list(self.tasks.values()):
-                task.cancel()
+            self.answers.cancel_all()
             for server in self._servers:
                 with _logged("closing a listener"):
                     server.close()
@@ -654,9 +569,7 @@ class Daemon:
             with _logged("telling systemd"):
                 self.notifier.close()
         finally:
-            if self._froze_heap:  # (a process that goes on after its daemon, a test run, gets its heap back)
-                self._froze_heap = False
-                gc.unfreeze()
+            self.gc_pacing.unfreeze()  # (a process that goes on after its daemon, a test run, gets its heap back)
             self._stopped.set()
 
     async def run(self, *, sighup_before: Callable[[], bool] | None = None) -> None:
@@ -758,7 +671,7 @@ class Daemon:
                 return
             # conn.attach, not a reconnect; counted once it has started, as tokenwire_requests_total is (which
             # counts both too: new answers are that total minus these two)
-            by_id = "attach" if first == 0 and self._ingested.get(live.request_id) is live else "resume"
+            by_id = "attach" if first == 0 and self.answers.is_ingested(live) else "resume"
         else:
             try:
                 route = self.config.route(request.model)
@@ -770,33 +683,19 @@ class Daemon:
             if problem is not None:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, problem)
                 return
-            busy = self._busy()
+            busy = self.answers.busy()
             if busy is not None:
-                self._busy_refused(f"a request from {proto.peer}")
+                self.answers.busy_refused(f"a request from {proto.peer}")
                 self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED, busy)
                 return
-            limit = min(request.max_tokens or self.config.limits.max_tokens, self.config.limits.max_tokens)
-            live = self.store.create(proto.principal, limit, now, model=request.model)
-            chat = ChatRequest(
-                messages=request.messages or [],
-                model=request.model,
-                max_tokens=limit if request.max_tokens else None,  # clamped; none asked, none sent
-                params=dict(request.params or {}),
-                scheme=request.scheme,
-                request_id=live.request_id,
-                peer=proto.peer,
-            )
-            task = asyncio.ensure_future(generate_answer(live, upstream, chat, self.metrics.tokens.inc))
-            self.tasks[live.request_id] = task
-            self.metrics.requests_active.inc()
-            task.add_done_callback(functools.partial(self._fed, live, route.name))
+            live = self.answers.start(request, upstream, route.name, principal=proto.principal, peer=proto.peer,
+                                      now=now)
         try:
             sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
         except Exception:  # a frame of the answer's the encoder refuses: this request ends, not its connection
             log.exception("request %s from %s: sending its start failed", live.request_id.hex(), proto.peer)
             self._end_request(proto, sid, "refused")  # no answer started (nor counted in requests_total)
-            if live.request_id in self.tasks and not live.listeners:
-                self._orphaned.setdefault(live.request_id, now)  # generating for nobody: the orphan timeout ends it
+            self.answers.unsent(live, now)  # generating for nobody: the orphan timeout ends it
             return
         self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
         if by_id is not None:
@@ -854,7 +753,7 @@ class Daemon:
 
     def _attach(self, proto: DaemonProtocol, sid: int, live: LiveRequest) -> None:
         proto.attached[sid] = live
-        self._orphaned.pop(live.request_id, None)
+        self.answers.attached(live.request_id)
         key = (proto, sid)
 
         def notify() -> None:
@@ -906,48 +805,7 @@ class Daemon:
         if live is None:
             return
         live.listeners.pop((proto, sid), None)
-        if live.done or live.listeners:
-            return
-        if not self._generating(live.request_id):
-            return
-        if cancel:  # the client abandoned it and nobody else streams it
-            self._cancel_answer(live.request_id, time.monotonic(), "every client attached to it cancelled it",
-                                "cancelled")
-        else:  # the connection was lost: the client may come back to resume it, for limits.orphan_timeout_s
-            self._orphaned[live.request_id] = time.monotonic()
-
-    def _generating(self, rid: bytes) -> bool:
-        """Whether answer ``rid`` is still being generated: by an upstream's task, or open on the ingest socket."""
-        return rid in self.tasks or (self._ingest_api is not None and self._ingest_api.is_open(rid))
-
-    def _cancel_answer(self, rid: bytes, now: float, why: str, outcome: str) -> None:
-        """Stop generating ``rid``: an upstream's task is cancelled; an application's answer ends as cancelled,
-        and its next op says ``why`` (it had pushed on, every reply ok, to nobody). ``outcome``: the ingest
-        answer's (cancelled, or orphaned)."""
-        task = self.tasks.get(rid)
-        if task is not None:
-            task.cancel()
-        elif self._ingest_api is not None:
-            self._ingest_api.cancel(rid, now, why, outcome)
-
-    def _cancel_orphans(self, now: float) -> None:
-        """Cancel the answers no client has been attached to for ``limits.orphan_timeout_s``: their clients
-        vanished (64 answers per connection, times reconnecting clients, generated to max_tokens for nobody).
-        A resume afterwards gets what was generated, then the answer's end as cancelled."""
-        timeout = self.config.limits.orphan_timeout_s
-        for rid, since in list(self._orphaned.items()):
-            if not self._generating(rid):
-                del self._orphaned[rid]
-            elif now - since >= timeout:
-                del self._orphaned[rid]
-                self.metrics.orphans_cancelled.inc()
-                # (the ingest API logs its own answers' cancellations, through the same _orphan_cancels)
-                if rid in self.tasks and not self._orphan_cancels.hold(now):
-                    log.info("request %s: no client for %.0f s; cancelling it; more such cancellations are counted "
-                             "(tokenwire_orphans_cancelled_total) and logged at most every %g s", rid.hex(),
-                             now - since, REFUSALS_LOG_S)
-                self._cancel_answer(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)",
-                                    "orphaned")
+        self.answers.unattended(live, cancel=cancel)
 
     def on_report(self, report: Any) -> None:
         if report.stall_ratio is not None:
@@ -983,25 +841,9 @@ class Daemon:
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
         proto.flush_counters()
         self.protocols.discard(proto)
-        self._ended_connections += 1
+        self.gc_pacing.connection_ended()
         proto._handshake_done()  # ended in its handshake
         self.admission.ended(proto)
-
-    def _fed(self, live: LiveRequest, upstream: str, task: asyncio.Task[None]) -> None:
-        """A generation task's end, however it ended: a task cancelled before its first step never runs its body
-        (a client's cancel read in the same loop turn as its request), and a ``finally`` there left the answer
-        unfinished and its task counted against max_live_answers for good. A failed answer is counted here, once,
-        by ``upstream`` (its route's name): tokenwire_errors_total counts each ERROR delivered (a failure with no
-        client attached, none; with three resumes, four), so no metric said how often an upstream failed."""
-        if not live.done:
-            live.finish("cancelled", time.monotonic())
-        if live.error is not None:
-            self.metrics.upstream_failures.labels(upstream=upstream, reason=failure_reason(live.error[0])).inc()
-        self.metrics.requests_active.dec()
-        self.store.mark_finished(live)
-        self.tasks.pop(live.request_id, None)
-        self._orphaned.pop(live.request_id, None)
-
 
 @contextlib.contextmanager
 def _logged(what: str) -> Iterator[None]:

@@ -63,7 +63,7 @@ QUIC_ERROR_CODES_SENT = tuple(transport_error_label(c) for c in (
 # request not yet whole), or by its client before its request was whole or answered. completed + cancelled + lost
 # + failed = tokenwire_requests_total once no request is open
 REQUEST_OUTCOMES = ("completed", "cancelled", "lost", "failed", "refused")
-# tokenwire_upstream_failures_total: by the failed answer's code (service.failure_reason); its series exist at 0 for
+# tokenwire_upstream_failures_total: by the failed answer's code (answers.failure_reason); its series exist at 0 for
 # each configured upstream (the daemon creates them: this module does not know the upstreams)
 UPSTREAM_FAILURE_REASONS = ("timeout", "error", "refused")
 

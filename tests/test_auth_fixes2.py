@@ -84,7 +84,7 @@ def _closed_with(raw: _Raw) -> int:
 def _started_nothing(daemon: Daemon) -> None:
     assert value(daemon, "tokenwire_requests_total", {"scheme": "chatterbox"}) == 0
     assert value(daemon, "tokenwire_requests_active") == 0
-    assert not daemon.tasks and not daemon.store.live_count
+    assert not daemon.answers.tasks and not daemon.store.live_count
 
 
 # ------------------------------------------------------------------------- 1: nothing starts on a refused connection

@@ -137,7 +137,7 @@ def test_an_answer_cancelled_before_its_task_first_runs_ends_and_frees_its_slot(
         for _ in range(3):
             await asyncio.sleep(0)
         active = daemon.metrics.requests_active._value.get()
-        return daemon.tasks, daemon.store.live_count, active, live
+        return daemon.answers.tasks, daemon.store.live_count, active, live
 
     tasks, live_count, active, live = asyncio.run(go())
     assert tasks == {} and live_count == 0 and active == 0

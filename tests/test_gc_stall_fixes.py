@@ -20,7 +20,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from tokenwire.daemon import service
+from tokenwire.daemon import gc_pacing
 from tokenwire.daemon.config import parse_config
 from tokenwire.daemon.service import Daemon
 from tokenwire.transport.client import connect
@@ -32,7 +32,7 @@ from .test_loopback import run
 
 
 class _GcRecorder:
-    """Stands for the ``gc`` module as service.py sees it: records the calls, collects and freezes nothing."""
+    """Stands for the ``gc`` module as gc_pacing.py sees it: records the calls, collects and freezes nothing."""
 
     def __init__(self, frozen: int = 0) -> None:
         self.calls: list[str] = []
@@ -59,7 +59,7 @@ class _GcRecorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> _GcRecorder:
     rec = _GcRecorder()
-    monkeypatch.setattr(service, "gc", types.SimpleNamespace(
+    monkeypatch.setattr(gc_pacing, "gc", types.SimpleNamespace(
         collect=rec.collect, get_freeze_count=rec.get_freeze_count, freeze=rec.freeze,
         unfreeze=rec.unfreeze))
     return rec
@@ -80,7 +80,7 @@ def test_an_ended_connections_streams_keys_and_handshake_buffers_are_freed_witho
 
     async def go() -> tuple[list[weakref.ref], list[tuple[str, Any]] | None]:
         async with _daemon() as daemon:
-            daemon._collected_at = time.monotonic() + 1000  # the housekeeping task collects nothing here
+            daemon.gc_pacing.collected_at = time.monotonic() + 1000  # the housekeeping task collects nothing here
             async with connect("127.0.0.1", daemon.addresses[0][1], verify=False) as conn:
                 answer = conn.chat("x" * 5000, max_tokens=400)
                 await answer.__anext__()  # streaming: the request stream is open on both sides
@@ -120,22 +120,23 @@ def test_one_end_among_many_live_connections_starts_no_full_collection(recorder)
     live: set[Any] = {object() for _ in range(40)}
     daemon.protocols = live  # (only counted)
     now = 1000.0
-    daemon._collected_at = now - service.GC_INTERVAL_S
-    daemon._ended_connections = 1
-    daemon._collect_ended(now)
+    daemon.gc_pacing.collected_at = now - gc_pacing.GC_INTERVAL_S
+    daemon.gc_pacing.ended_connections = 1
+    daemon.gc_pacing.collect_ended(now, len(daemon.protocols))
     assert recorder.calls == []
-    daemon._ended_connections = 9
-    daemon._collect_ended(now)
+    daemon.gc_pacing.ended_connections = 9
+    daemon.gc_pacing.collect_ended(now, len(daemon.protocols))
     assert recorder.calls == []
-    daemon._ended_connections = int(40 * service.GC_ENDED_FRACTION)
-    daemon._collect_ended(now)
-    assert recorder.calls == ["collect"] and daemon._ended_connections == 0 and daemon._collected_at == now
-    daemon._ended_connections = 40
-    daemon._collect_ended(now + service.GC_INTERVAL_S / 2)  # too soon after the last one
+    daemon.gc_pacing.ended_connections = int(40 * gc_pacing.GC_ENDED_FRACTION)
+    daemon.gc_pacing.collect_ended(now, len(daemon.protocols))
+    pacing = daemon.gc_pacing
+    assert recorder.calls == ["collect"] and pacing.ended_connections == 0 and pacing.collected_at == now
+    daemon.gc_pacing.ended_connections = 40
+    daemon.gc_pacing.collect_ended(now + gc_pacing.GC_INTERVAL_S / 2, len(daemon.protocols))  # too soon after it
     assert recorder.calls == ["collect"]
     live.clear()
-    daemon._ended_connections = 1
-    daemon._collect_ended(now + service.GC_INTERVAL_S)
+    daemon.gc_pacing.ended_connections = 1
+    daemon.gc_pacing.collect_ended(now + gc_pacing.GC_INTERVAL_S, len(daemon.protocols))
     assert recorder.calls == ["collect", "collect"]
 
 
@@ -145,7 +146,7 @@ def test_a_close_beside_live_sessions_collects_nothing_and_the_last_close_does(r
 
     async def go() -> tuple[list[str], list[str]]:
         async with _daemon() as daemon:
-            daemon._collected_at = time.monotonic() + 1000  # (the housekeeping task's own passes: none here)
+            daemon.gc_pacing.collected_at = time.monotonic() + 1000  # (the housekeeping task's own passes: none here)
             held: list[Any] = []
             for _ in range(9):
                 held.append(connect("127.0.0.1", daemon.addresses[0][1], verify=False))
@@ -154,15 +155,15 @@ def test_a_close_beside_live_sessions_collects_nothing_and_the_last_close_does(r
             await held.pop().__aexit__(None, None, None)
             await until(lambda: len(daemon.protocols) == 8, 10)
             now = time.monotonic()
-            daemon._collected_at = now - service.GC_INTERVAL_S
-            daemon._collect_ended(now)
+            daemon.gc_pacing.collected_at = now - gc_pacing.GC_INTERVAL_S
+            daemon.gc_pacing.collect_ended(now, len(daemon.protocols))
             after_one = list(recorder.calls)
-            daemon._collected_at = now + 1000
+            daemon.gc_pacing.collected_at = now + 1000
             while held:
                 await held.pop().__aexit__(None, None, None)
             await until(lambda: not daemon.protocols, 10)
-            daemon._collected_at = now - service.GC_INTERVAL_S
-            daemon._collect_ended(now)
+            daemon.gc_pacing.collected_at = now - gc_pacing.GC_INTERVAL_S
+            daemon.gc_pacing.collect_ended(now, len(daemon.protocols))
             return after_one, list(recorder.calls)
 
     after_one, after_all = run(go(), 60)

@@ -462,7 +462,7 @@ def test_an_answer_whose_only_client_failed_while_sending_is_left_to_the_orphan_
                     async for _ in stream:
                         pass
             rid = stream.resume_point()[0]
-            return info.value.code, rid in daemon.tasks, rid in daemon._orphaned
+            return info.value.code, rid in daemon.answers.tasks, rid in daemon.answers.orphaned
 
     code, generating, orphaned = run(go(), timeout=30)
     assert code == ErrorCode.INTERNAL and generating and orphaned

@@ -161,7 +161,7 @@ def test_the_daemon_gives_the_ingest_api_its_orphan_log(tmp_path):
         daemon = Daemon(cfg)
         await daemon.start()
         try:
-            return daemon._ingest_api is not None and daemon._ingest_api.orphan_log is daemon._orphan_cancels
+            return daemon._ingest_api is not None and daemon._ingest_api.orphan_log is daemon.answers.orphan_cancels
         finally:
             await daemon.stop()
 

@@ -133,7 +133,7 @@ def test_busy_refusals_are_logged_once_then_summed_up_naming_the_limit(caplog):
         async with serving(limits={"max_live_answers": 1}) as (daemon, port):
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 long = conn.chat("x", max_tokens=500, params={"rate": 20})
-                await until(lambda: daemon.live_answers() == 1)
+                await until(lambda: daemon.answers.count() == 1)
                 refused = []
                 for _ in range(3):
                     with pytest.raises(RemoteError) as info:
@@ -141,7 +141,7 @@ def test_busy_refusals_are_logged_once_then_summed_up_naming_the_limit(caplog):
                     refused.append(info.value.code)
                 await long.cancel()
             logged = lines(caplog, "server busy")
-            daemon._log_refusals(daemon._busy_refusals.logged_at + REFUSALS_LOG_S + FLUSH_SLACK_S)
+            daemon._log_refusals(daemon.answers.busy_refusals.logged_at + REFUSALS_LOG_S + FLUSH_SLACK_S)
             return refused, logged, lines(caplog, "more answers in the last"), value(
                 daemon, "tokenwire_requests_ended_total", {"outcome": "refused"})
 

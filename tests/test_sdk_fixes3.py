@@ -255,7 +255,7 @@ def test_leaving_connect_with_an_answer_open_cancels_it_at_the_daemon(how):
                 await reading[0].collect()
             await until(lambda: _ended(daemon, "cancelled") + _ended(daemon, "lost") >= 1, T)
             await until(lambda: not daemon.protocols, T)
-            return _ended(daemon, "cancelled"), _ended(daemon, "lost"), daemon.live_answers(), info.value
+            return _ended(daemon, "cancelled"), _ended(daemon, "lost"), daemon.answers.count(), info.value
 
     cancelled, lost, live, error = run(go())
     assert (cancelled, lost) == (1, 0)

@@ -156,9 +156,9 @@ def test_upstream_failures_are_counted_once_per_failed_answer_by_reason():
                 stream = conn.chat("x")
                 await stream.__anext__()  # started; the connection then ends with the answer generating
                 _close_as_a_lost_path(conn)
-            await until(lambda: not daemon.protocols and daemon._orphaned)
+            await until(lambda: not daemon.protocols and daemon.answers.orphaned)
             unheard.go.set()  # it fails with no client attached
-            await until(lambda: not daemon.tasks)
+            await until(lambda: not daemon.answers.tasks)
             alone = client_errors(daemon, ErrorCode.UPSTREAM_ERROR), failures(daemon, "error")
             async with connect("127.0.0.1", port, verify=False, timeout=5) as conn:
                 for _ in range(3):  # three resumes: three ERRORs delivered, still one failure
@@ -173,7 +173,7 @@ def test_upstream_failures_are_counted_once_per_failed_answer_by_reason():
                 cancelled = conn.chat("x")
                 await cancelled.__anext__()
                 await cancelled.cancel()  # not a failure
-            await until(lambda: not daemon.tasks)
+            await until(lambda: not daemon.answers.tasks)
             return alone, client_errors(daemon, ErrorCode.UPSTREAM_ERROR), {
                 r: failures(daemon, r) for r in UPSTREAM_FAILURE_REASONS}
 
@@ -203,9 +203,9 @@ def test_orphan_cancellations_are_one_line_then_a_summary(caplog):
         tasks = [asyncio.ensure_future(asyncio.Event().wait()) for _ in range(50)]  # answers generating
         for i, task in enumerate(tasks):
             rid = i.to_bytes(16, "big")
-            daemon.tasks[rid] = task
-            daemon._orphaned[rid] = 0.0
-        daemon._cancel_orphans(timeout)
+            daemon.answers.tasks[rid] = task
+            daemon.answers.orphaned[rid] = 0.0
+        daemon.answers.cancel_orphans(timeout)
         await asyncio.gather(*tasks, return_exceptions=True)
         first = [r.getMessage() for r in caplog.records if "cancelling it" in r.getMessage()]
         daemon._log_refusals(timeout + REFUSALS_LOG_S)  # the housekeeping's flush, a minute later

@@ -224,7 +224,7 @@ def test_the_daemon_counts_and_logs_a_stream_past_the_limit_and_cancels_its_answ
             await _one_stream_too_many(daemon, port, answer=True)
             await _one_stream_too_many(daemon, port, answer=False)  # counted, not logged again
             ended = {o: value(daemon, "tokenwire_requests_ended_total", {"outcome": o}) for o in REQUEST_OUTCOMES}
-            generating, orphaned = len(daemon.tasks), len(daemon._orphaned)
+            generating, orphaned = len(daemon.answers.tasks), len(daemon.answers.orphaned)
             daemon._log_refusals(daemon._protocol_closes.logged_at + REFUSALS_LOG_S + FLUSH_SLACK_S)
             return (ended, value(daemon, "tokenwire_errors_total", {"code": "quic:0x4"}),
                     value(daemon, "tokenwire_errors_total", {"code": "0x4"}), generating, orphaned,

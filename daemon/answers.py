@@ -1,0 +1,215 @@
+"""The answers being generated: :class:`LiveAnswers`.
+
+An answer is live from its start (an upstream's generation task, or an application's open on the ingest socket) to
+its end, whoever is attached to it: it outlives its connection, and a client may resume it. This class keeps them:
+the upstreams' tasks and their bookkeeping when they end, the ingest answers by id, the bound on them all
+(``limits.max_live_answers``, refusals logged as a flood must be), and the answers nobody is attached to, which the
+orphan timeout cancels (``limits.orphan_timeout_s``).
+
+Split out of ``service.py``, where it was spread over :class:`~tokenwire.daemon.service.Daemon`: its state is narrow
+(the tasks, the orphans, the ingest answers, two refusal logs) and it knows nothing of connections, listeners or
+auth. The daemon owns one; a request's handling starts answers on it and tells it when an answer has a listener
+again (:meth:`LiveAnswers.attached`) or none left (:meth:`LiveAnswers.unattended`), and the housekeeping runs its
+orphan timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Callable
+
+from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.frames import Request
+from tokenwire.transport.handshake_guard import REFUSALS_LOG_S, RefusalLog
+from tokenwire.transport.server import ChatRequest
+
+from .config import Limits
+from .generation import generate_answer
+from .ingest import IngestAPI
+from .sendable_upstream import SendableUpstream
+from .telemetry import Metrics
+from .transcripts import LiveRequest, TranscriptStore
+
+# the daemon's logger (not this module's name): operators and tests filter the daemon's lines by it
+log = logging.getLogger("tokenwire.daemon")
+
+
+def failure_reason(code: int) -> str:
+    """tokenwire_upstream_failures_total's reason for a failed answer's error code: ``timeout``
+    (UPSTREAM_TIMEOUT), ``error`` (UPSTREAM_ERROR: the upstream's error, an unreachable upstream, an upstream's
+    bug), ``refused`` (any other code an upstream chose: it refused the request after it started)."""
+    if code == ErrorCode.UPSTREAM_TIMEOUT:
+        return "timeout"
+    return "error" if code == ErrorCode.UPSTREAM_ERROR else "refused"
+
+
+class LiveAnswers:
+    """The answers being generated, by the upstreams and on the ingest socket. ``limits``: the limits in force
+    (SIGHUP replaces them), read at each use; ``metrics``, ``store``: the daemon's. :attr:`ingest` is the ingest
+    socket's API once the daemon has one (its open answers are live answers too)."""
+
+    def __init__(self, limits: Callable[[], Limits], metrics: Metrics, store: TranscriptStore) -> None:
+        self._limits = limits
+        self.metrics = metrics
+        self.store = store
+        self.ingest: IngestAPI | None = None
+        # requests refused past limits.max_live_answers: a line per refusal was none at all before ("server busy"
+        # refusals were only counted); the first a warning, the rest summed up
+        self.busy_refusals = RefusalLog(log, lambda n, s: (
+            f"refused {n} more answers in the last {s:.0f} s: server busy, "
+            f"{self._limits().max_live_answers} answers being generated (limits.max_live_answers)"))
+        # answers cancelled by the orphan timeout: many clients vanishing at once wrote a line each (196 in a second)
+        self.orphan_cancels = RefusalLog(log, lambda n, s: (
+            f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
+            f"{self._limits().orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"),
+            level=logging.INFO)  # (routine: the summary at INFO, as the first line)
+        self.tasks: dict[bytes, asyncio.Task[None]] = {}  # the upstreams' answers being generated, by id
+        self.orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
+        # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
+        self._ingested: weakref.WeakValueDictionary[bytes, LiveRequest] = weakref.WeakValueDictionary()
+
+    # ------------------------------------------------------------------------------ how many, and the bound
+    def count(self) -> int:
+        """Answers being generated: by the upstreams, and open on the ingest socket."""
+        return len(self.tasks) + (self.ingest.live_count if self.ingest is not None else 0)
+
+    def busy(self) -> str | None:
+        """Why no answer may start now (``limits.max_live_answers`` are live), for a request and an ingest open."""
+        live = self.count()
+        if live < self._limits().max_live_answers:
+            return None
+        return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+
+    def busy_refused(self, what: str) -> None:
+        """``what`` was refused past ``limits.max_live_answers``: logged, the first in full, then summed up (like the
+        refusals past max_sessions); such refusals were only counted (tokenwire_errors_total 0x106), never logged."""
+        if self.busy_refusals.hold(time.monotonic()):
+            return
+        log.warning("refusing %s: server busy, %d answers being generated (limits.max_live_answers = %d); more such "
+                    "refusals are counted (a request's: tokenwire_errors_total code 0x106) and logged at most every "
+                    "%g s", what, self.count(), self._limits().max_live_answers, REFUSALS_LOG_S)
+
+    # ------------------------------------------------------------------------------ the upstreams' answers
+    def start(self, request: Request, upstream: SendableUpstream, route: str, *, principal: str | None, peer: str,
+              now: float) -> LiveRequest:
+        """A new answer to ``request`` (from ``principal``'s client at ``peer``), in the store and generated by
+        ``upstream`` (its route's name: ``route``) in a task of its own; its max_tokens at most ``limits.max_tokens``.
+        """
+        limits = self._limits()
+        limit = min(request.max_tokens or limits.max_tokens, limits.max_tokens)
+        live = self.store.create(principal, limit, now, model=request.model)
+        chat = ChatRequest(
+            messages=request.messages or [],
+            model=request.model,
+            max_tokens=limit if request.max_tokens else None,  # clamped; none asked, none sent
+            params=dict(request.params or {}),
+            scheme=request.scheme,
+            request_id=live.request_id,
+            peer=peer,
+        )
+        task = asyncio.ensure_future(generate_answer(live, upstream, chat, self.metrics.tokens.inc))
+        self.tasks[live.request_id] = task
+        self.metrics.requests_active.inc()
+        task.add_done_callback(functools.partial(self._fed, live, route))
+        return live
+
+    def _fed(self, live: LiveRequest, upstream: str, task: asyncio.Task[None]) -> None:
+        """A generation task's end, however it ended: a task cancelled before its first step never runs its body
+        (a client's cancel read in the same loop turn as its request), and a ``finally`` there left the answer
+        unfinished and its task counted against max_live_answers for good. A failed answer is counted here, once,
+        by ``upstream`` (its route's name): tokenwire_errors_total counts each ERROR delivered (a failure with no
+        client attached, none; with three resumes, four), so no metric said how often an upstream failed."""
+        if not live.done:
+            live.finish("cancelled", time.monotonic())
+        if live.error is not None:
+            self.metrics.upstream_failures.labels(upstream=upstream, reason=failure_reason(live.error[0])).inc()
+        self.metrics.requests_active.dec()
+        self.store.mark_finished(live)
+        self.tasks.pop(live.request_id, None)
+        self.orphaned.pop(live.request_id, None)
+
+    def cancel_all(self) -> None:
+        """The daemon stops: every upstream's task is cancelled (each ends its answer as cancelled)."""
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+    # ------------------------------------------------------------------------------ the ingest socket's answers
+    def ingest_opened(self, live: LiveRequest) -> None:
+        """An application opened ``live`` on the ingest socket: nobody is attached to it yet."""
+        self._ingested[live.request_id] = live
+        self.orphaned[live.request_id] = time.monotonic()  # until a client attaches (limits.orphan_timeout_s)
+        self.metrics.requests_active.inc()
+        self.metrics.ingest_opened.inc()
+
+    def ingest_done(self, live: LiveRequest, outcome: str) -> None:
+        """An ingest answer ended, by ``outcome`` (finished, or the reason it failed)."""
+        self.metrics.requests_active.dec()
+        self.orphaned.pop(live.request_id, None)
+        if outcome == "finished":
+            self.metrics.ingest_finished.inc()
+        else:
+            self.metrics.ingest_failed.labels(reason=outcome).inc()
+
+    def is_ingested(self, live: LiveRequest) -> bool:
+        """Whether ``live`` is an application's answer (a request for it by id from index 0 attaches to it)."""
+        return self._ingested.get(live.request_id) is live
+
+    # ------------------------------------------------------------------------------ listeners, and none
+    def attached(self, rid: bytes) -> None:
+        """A client is attached to answer ``rid``: not an orphan (any more)."""
+        self.orphaned.pop(rid, None)
+
+    def unattended(self, live: LiveRequest, *, cancel: bool) -> None:
+        """The last client attached to ``live`` let go of it (if none is left). ``cancel``: it cancelled it, so
+        nobody wants it and it stops; otherwise its connection was lost, and the client may come back to resume it
+        within ``limits.orphan_timeout_s``."""
+        if live.done or live.listeners:
+            return
+        if not self.generating(live.request_id):
+            return
+        if cancel:  # the client abandoned it and nobody else streams it
+            self.cancel(live.request_id, time.monotonic(), "every client attached to it cancelled it", "cancelled")
+        else:  # the connection was lost: the client may come back to resume it, for limits.orphan_timeout_s
+            self.orphaned[live.request_id] = time.monotonic()
+
+    def unsent(self, live: LiveRequest, now: float) -> None:
+        """The start of ``live`` could not be sent to the client that asked for it: if it is generating for nobody,
+        the orphan timeout ends it."""
+        if live.request_id in self.tasks and not live.listeners:
+            self.orphaned.setdefault(live.request_id, now)
+
+    def generating(self, rid: bytes) -> bool:
+        """Whether answer ``rid`` is still being generated: by an upstream's task, or open on the ingest socket."""
+        return rid in self.tasks or (self.ingest is not None and self.ingest.is_open(rid))
+
+    def cancel(self, rid: bytes, now: float, why: str, outcome: str) -> None:
+        """Stop generating ``rid``: an upstream's task is cancelled; an application's answer ends as cancelled,
+        and its next op says ``why`` (it had pushed on, every reply ok, to nobody). ``outcome``: the ingest
+        answer's (cancelled, or orphaned)."""
+        task = self.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+        elif self.ingest is not None:
+            self.ingest.cancel(rid, now, why, outcome)
+
+    def cancel_orphans(self, now: float) -> None:
+        """Cancel the answers no client has been attached to for ``limits.orphan_timeout_s``: their clients
+        vanished (64 answers per connection, times reconnecting clients, generated to max_tokens for nobody).
+        A resume afterwards gets what was generated, then the answer's end as cancelled."""
+        timeout = self._limits().orphan_timeout_s
+        for rid, since in list(self.orphaned.items()):
+            if not self.generating(rid):
+                del self.orphaned[rid]
+            elif now - since >= timeout:
+                del self.orphaned[rid]
+                self.metrics.orphans_cancelled.inc()
+                # (the ingest API logs its own answers' cancellations, through the same orphan_cancels)
+                if rid in self.tasks and not self.orphan_cancels.hold(now):
+                    log.info("request %s: no client for %.0f s; cancelling it; more such cancellations are counted "
+                             "(tokenwire_orphans_cancelled_total) and logged at most every %g s", rid.hex(),
+                             now - since, REFUSALS_LOG_S)
+                self.cancel(rid, now, f"no client attached for {timeout:g} s (limits.orphan_timeout_s)", "orphaned")
