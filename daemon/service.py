@@ -257,7 +257,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
         if self._handle_signals:  # the process is this daemon's (run()): frozen before any client is let in
-            self.gc_pacing.freeze_started()
+            self.gc_pacing.freeze_started(asyncio.get_running_loop())
         # the start gate opens: every listener was bound above and served nothing during the KV warm-up, where a
         # stop signal cut what was served with no drain (the ingest sockets' and the KV port's too)
         for server in self._servers:

@@ -36,6 +36,7 @@ class _GcRecorder:
 
     def __init__(self, frozen: int = 0) -> None:
         self.calls: list[str] = []
+        self.callbacks: list[Any] = []  # (gc.callbacks: what freeze_started registers)
         self.frozen = frozen
         self.at_freeze: list[tuple[bool, bool]] = []  # (a chat listener accepting, serving) when freeze() came
         self.daemon: Daemon | None = None
@@ -61,7 +62,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> _GcRecorder:
     rec = _GcRecorder()
     monkeypatch.setattr(gc_pacing, "gc", types.SimpleNamespace(
         collect=rec.collect, get_freeze_count=rec.get_freeze_count, freeze=rec.freeze,
-        unfreeze=rec.unfreeze))
+        unfreeze=rec.unfreeze, callbacks=rec.callbacks))
     return rec
 
 
