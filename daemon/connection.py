@@ -100,6 +100,7 @@ class DaemonProtocol(GuardedProtocol):
         self._reported_acks = 0
         self._reported_ce = 0
         self._reported_unvalidated = 0  # ECN validation failures of this connection, counted so far
+        self._reported_path_changes = 0  # its peer's moves to another address or port, counted so far
         self.datagrams_in = 0  # datagrams received (with the session's datagrams_sent: add_counters' skip)
         self._counted_at: tuple[int, int] | None = None  # (datagrams_in, datagrams_sent) when last counted
         daemon.protocols.add(self)
@@ -275,18 +276,19 @@ class CounterDeltas:
     """What the connections' counters moved since their last flush, summed: each metric is counted once a tick,
     not once per connection."""
 
-    __slots__ = ("acks", "ce", "packets", "redundant_bytes", "repairs", "repeats_trimmed", "unvalidated")
+    __slots__ = ("acks", "ce", "packets", "path_changes", "redundant_bytes", "repairs", "repeats_trimmed",
+                 "unvalidated")
 
     def __init__(self) -> None:
         self.packets = self.redundant_bytes = self.repairs = self.repeats_trimmed = 0
-        self.acks = self.ce = self.unvalidated = 0
+        self.acks = self.ce = self.unvalidated = self.path_changes = 0
 
     def flush(self, daemon: Daemon) -> None:
         """Count the sums in the daemon's metrics (a metric that did not move is not touched)."""
         m = daemon.metrics
         for counter, n in ((m.packets, self.packets), (m.redundant_bytes, self.redundant_bytes),
                            (m.repairs, self.repairs), (m.repeats_trimmed, self.repeats_trimmed),
-                           (m.acks, self.acks)):
+                           (m.acks, self.acks), (m.path_changes, self.path_changes)):
             if n:
                 counter.inc(n)
         daemon.marking.add_ce(self.ce)
@@ -312,3 +314,6 @@ def _add_counters(proto: DaemonProtocol, into: CounterDeltas) -> None:
     failed = sess.ecn.failures
     into.unvalidated += max(0, failed - proto._reported_unvalidated)
     proto._reported_unvalidated = failed
+    moved = sess.path_changes
+    into.path_changes += max(0, moved - proto._reported_path_changes)
+    proto._reported_path_changes = moved

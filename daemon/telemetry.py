@@ -164,6 +164,10 @@ class Metrics:
             registry=r,
         )
         self.acks = Counter("tokenwire_acks_total", "Client ack datagrams received", registry=r)
+        # a phone's NAT rebinding or its move from Wi-Fi to cellular: QUIC migrates the connection, and nothing
+        # showed an operator that it happened (ECN is validated afresh on the new path)
+        self.path_changes = Counter("tokenwire_path_changes_total", "Times a chat client's connection moved to "
+                                    "another address or port (QUIC connection migration)", registry=r)
         self.client_stall = Histogram(
             "tokenwire_client_stall_ratio",
             "Stall ratio reported by clients",

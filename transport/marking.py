@@ -479,6 +479,21 @@ class EcnValidation:
         self._rearm()
         return True
 
+    def path_changed(self) -> None:
+        """The peer moved to a new path (a NAT rebinding, Wi-Fi to cellular: QUIC connection migration): judged
+        afresh from the next packet, in ``testing``, as RFC 9000 §13.4.2 validates ECN per path. A connection that
+        failed on a path that cleared the codepoint stayed Not-ECT on a clean one until its retry (30 s, doubling
+        to 8 minutes), and one capable on a clean path went on marking on one that clears it until its next check.
+        Not a failure or a retry: the counts and the failures so far stay."""
+        if self.state != "testing":
+            log.debug("ECN validation: the peer's path changed; validating afresh (was %s)", self.state)
+        self.state = "testing"
+        self.retries = 0
+        self._retry_at = None
+        self._sent_cps.clear()
+        self._other_cps.clear()
+        self._rearm()
+
     def _rearm(self) -> None:
         """Count afresh from the next packet sent."""
         self._ect_sent = 0

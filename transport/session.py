@@ -71,6 +71,8 @@ class _SessionBase:
         # which a STOP_SENDING brings about at once; bounded by the peer's stream credit meanwhile (aioquic
         # grants new streams only as old ones finish in both directions).
         self._ended: set[int] = set()
+        self._path: NetworkAddress | None = None  # the peer's address on the primary path (migrations change it)
+        self.path_changes = 0  # times the peer moved to another address or port
 
     def release_cycles(self) -> None:
         """At the connection's end (``SessionProtocol._release_ended``): the scheduler's clock, a closure over this
@@ -94,6 +96,13 @@ class _SessionBase:
         if (self.datagrams_ok is not None and not self.closed
                 and probe_on_receipt(self.quic, self._now, self._receipt_probe_at)):
             self._receipt_probe_at = self._now
+        paths = self.quic._network_paths  # (aioquic ==1.7.2: the primary path first; a migration moves one there)
+        path = paths[0].addr if paths else None
+        if path != self._path:
+            if self._path is not None and path is not None:
+                self.path_changes += 1
+                self.ecn.path_changed()
+            self._path = path
         self._on_peer_packet(self._now)
 
     def _on_peer_packet(self, now: float) -> None:
