@@ -465,8 +465,9 @@ class KVConnection(SessionProtocol):
     """A client connection to a KV channel endpoint (from :func:`connect_kv`)."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, decode_device: str = "cpu",
-                 auth_token: str | None = None, warm: bool = True) -> None:
-        super().__init__(quic, stream_handler, session_factory=KVClientSession)
+                 auth_token: str | None = None, warm: bool = True, keepalive: bool = False) -> None:
+        super().__init__(quic, stream_handler,
+                         session_factory=lambda q: KVClientSession(q, keepalive=keepalive))
         self._auth = auth_token
         self._fetches: dict[int, _PendingFetch] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tw-kv-decode")
@@ -547,7 +548,7 @@ class KVConnection(SessionProtocol):
             if isinstance(ev, ConnectionEnded):
                 self.close_error = (closed_locally_error() if self.closed_locally else
                                     closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
-                                                 "KV connection"))
+                                                 "KV connection", awaiting=bool(self._fetches)))
                 for other in self._fetches.values():
                     other.error = other.error or self.close_error
                     other.event.set()
@@ -813,7 +814,7 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
                      cadata: bytes | str | None = None, server_name: str | None = None, decode_device: str = "cpu",
                      ecn: bool | None = None, timeout: float = 10.0, auth_token: str | None = None, warm: bool = True,
                      certfile: str | Path | None = None, keyfile: str | Path | None = None,
-                     ) -> AsyncIterator[KVConnection]:
+                     keepalive: bool = False) -> AsyncIterator[KVConnection]:
     """Open a KV channel connection; ``conn.fetch_kv(...)`` fetches contexts over it.
 
     ``auth_token``: for a server with authentication (the daemon's ``[auth]`` tokens); every fetch carries it,
@@ -827,6 +828,10 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     ``decode_device``: where chunks are decoded (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); one this process cannot
     use (no such device, a CPU-only torch) raises ``ValueError`` here, before connecting: it used to pass, and
     the first fetch failed with a bare ``AssertionError`` from torch once its first chunk was decoded.
+
+    ``keepalive``: PING the server every third of the idle timeout (60 s) between fetches too, for a connection
+    kept across an engine's turns: without it, one idle that long ends (both ends silent), and the next fetch on
+    it fails at once with the idle timeout's error (``path_lost``: fetch again on a new connection).
 
     ``warm`` (default): load torch and the codec and compile or load its kernels, as the daemon does at start,
     once per process, on a worker thread while the handshake runs; the connection is handed over when that is
@@ -843,7 +848,8 @@ async def connect_kv(host: str, port: int = 4434, *, verify: bool = True, cafile
     _check_decode_device(decode_device)
     config = kv_quic_config(client_configuration(server_name=server_name, cafile=cafile, cadata=cadata,
                                                  verify=verify, certfile=certfile, keyfile=keyfile))
-    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm)
+    make = functools.partial(KVConnection, decode_device=decode_device, auth_token=auth_token, warm=warm,
+                             keepalive=keepalive)
     async with open_client(host, port, configuration=config, ecn=ecn, timeout=timeout, create_protocol=make) as p:
         assert isinstance(p, KVConnection)
         if p.warmed is not None and not p.warmed.cancelled():

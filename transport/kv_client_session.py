@@ -177,8 +177,11 @@ class KVClientSession(_SessionBase):
     server cannot make the client keep what it will never use; when a fetch ends, every chunk stream of it
     still arriving is stopped the same way."""
 
-    def __init__(self, quic: QuicConnection) -> None:
+    def __init__(self, quic: QuicConnection, *, keepalive: bool = False) -> None:
         super().__init__(quic)
+        # ping with no fetch open too: an engine keeps one KV connection across its users' turns, and a turn longer
+        # than the idle timeout (60 s) ended it, both ends silent (the next fetch failed at once)
+        self.keepalive = keepalive
         self.fetches: dict[int, _ClientFetch] = {}
         self.incoming: dict[int, _Incoming] = {}
         self.ecn_counts: Callable[[], list[int]] | None = None
@@ -204,7 +207,10 @@ class KVClientSession(_SessionBase):
         """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
         first one to cross makes the server probe at once (:mod:`.path_recovery`), instead of after its
         backed-off probe timer, which can run past a fetch's deadline."""
-        return self._silence_ping_at(KV_RECOVERY_PING_S) if self.fetches else None
+        if self.fetches:
+            return self._silence_ping_at(KV_RECOVERY_PING_S)
+        # (with keepalive, between fetches: a third of the idle timeout, as the chat client's)
+        return self._silence_ping_at(idle_timeout_in_force(self.quic) / 3.0) if self.keepalive else None
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
         self._ping_if_due(self._session_timer(), now)
