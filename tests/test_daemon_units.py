@@ -614,10 +614,11 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     unvalidated: list[int] = []
     conn = SimpleNamespace(
         server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0,
-                                       ecn=SimpleNamespace(failures=1)),
+                                       ecn=SimpleNamespace(failures=1), path_changes=2),
         daemon=SimpleNamespace(metrics=metrics, marking=SimpleNamespace(
             add_ce=lambda n: None, add_validation_failures=unvalidated.append)),
         _reported=SenderStats(), _reported_acks=0, _reported_ce=0, _reported_unvalidated=0,
+        _reported_path_changes=0,
     )  # fmt: skip
     DaemonProtocol.flush_counters(conn)
     totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7)
@@ -629,6 +630,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     assert value("tokenwire_repairs_total") == 3
     assert value("tokenwire_repeats_trimmed_total") == 7
     assert value("tokenwire_acks_total") == 5
+    assert value("tokenwire_path_changes_total") == 2  # (two moves, counted once)
 
 
 def test_kv_codec_warm_up_failure_is_a_startup_error_naming_the_unit_setting():
