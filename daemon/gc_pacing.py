@@ -17,9 +17,13 @@ from typing import Any
 # those ended since the last one are at least this fraction of the connections alive
 GC_INTERVAL_S = 30.0
 GC_ENDED_FRACTION = 0.25
-# What is frozen after each full collection (GcPacing._refreeze) is walked again at most this often, for cycles that
-# became garbage while frozen: a frozen cycle is otherwise never freed
-GC_UNFREEZE_INTERVAL_S = 3600.0
+# What is frozen after full collections (GcPacing._refreeze) is walked again this often, whatever else happens, for
+# cycles that became garbage while frozen (an upstream failure's traceback alive at the freeze): a frozen cycle is
+# otherwise never freed (a review's failure storm on long-lived connections froze ~4,300 such objects a minute)
+GC_UNFREEZE_INTERVAL_S = 600.0
+# Survivors are frozen only when at least this many are not yet: the point is the long-lived session state added
+# since the last freeze (~300 objects a session, ~65 sessions), not every full collection's in-flight objects
+FREEZE_MIN_OBJECTS = 20_000
 
 
 class GcPacing:
@@ -60,12 +64,14 @@ class GcPacing:
 
     def _refreeze(self, phase: str, info: dict[str, Any]) -> None:
         """``gc.callbacks``: after a full collection (CPython's own, each time the heap grew by a quarter, or ours),
-        freeze what survived it, so that the next one walks only what is newer. The freeze at start covered the
-        imports alone: CPython's own collections walked every live session as sessions were added, 0.3 s of CPU
-        at 2,000 sessions and 0.5-1.7 s of stalled loop at 3,000 (a gc probe's measurements), and no pacing of
-        ours bounded those. Safe because an ended connection leaves no cycle (``SessionProtocol._release_ended``):
-        refcounting frees a frozen session at its end as any other. Scheduled on the loop, never inside the
-        collection, thread-safely: a worker thread's allocation may run a collection too."""
+        freeze what survived it once FREEZE_MIN_OBJECTS survivors are unfrozen, so that the next one walks only what
+        is newer. The freeze at start covered the imports alone: CPython's own collections walked every live session
+        as sessions were added, 0.3 s of CPU at 2,000 sessions and 0.5-1.7 s of stalled loop at 3,000 (a gc probe's
+        measurements), and no pacing of ours bounded those. Safe because an ended connection leaves no cycle
+        (``SessionProtocol._release_ended``): refcounting frees a frozen session at its end as any other; what
+        was in flight at a freeze and dies in a cycle later waits for :meth:`collect_ended`'s walk of the whole
+        heap. Scheduled on the loop, never inside the collection, thread-safely: a worker thread's allocation may
+        run a collection too."""
         if phase == "stop" and info.get("generation") == 2 and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._freeze_survivors)
@@ -73,8 +79,12 @@ class GcPacing:
                 pass
 
     def _freeze_survivors(self) -> None:
-        if self.froze_heap:  # (not after unfreeze())
-            gc.freeze()
+        if not self.froze_heap:  # (not after unfreeze())
+            return
+        if len(gc.get_objects(generation=2)) < FREEZE_MIN_OBJECTS:  # (the unfrozen survivors: cheap beside a walk)
+            return
+        gc.collect(1)  # the young generations' garbage, not frozen with the survivors
+        gc.freeze()
 
     def connection_ended(self) -> None:
         """A connection ended: what it left for the next full collection (collect_ended), if anything."""
@@ -90,16 +100,18 @@ class GcPacing:
         included, 0.45 s at 2000 sessions and 0.6-1 s at 3000 after any one close: it walked every live session
         (~300 objects each). Paced, each end pays for the walk of at most 1/GC_ENDED_FRACTION live sessions; with
         the heap frozen (``_refreeze``) it walks only what is newer than the last full collection, and all of the
-        frozen heap again at most every GC_UNFREEZE_INTERVAL_S, for cycles that became garbage while frozen."""
+        frozen heap again every GC_UNFREEZE_INTERVAL_S, whether connections ended or not (a daemon of long-lived
+        connections ends none), for cycles that became garbage while frozen."""
+        if self.froze_heap and now - self.unfrozen_at >= GC_UNFREEZE_INTERVAL_S:
+            self.unfrozen_at = self.collected_at = now
+            self.ended_connections = 0
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()  # (at once: not left for _refreeze's turn of the loop)
+            return
         ended = self.ended_connections
         if not ended or now - self.collected_at < GC_INTERVAL_S or ended < GC_ENDED_FRACTION * alive:
             return
         self.ended_connections = 0
         self.collected_at = now
-        if self.froze_heap and now - self.unfrozen_at >= GC_UNFREEZE_INTERVAL_S:
-            self.unfrozen_at = now
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()  # (at once: not left for _refreeze's turn of the loop)
-        else:
-            gc.collect()
+        gc.collect()

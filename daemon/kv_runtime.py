@@ -23,7 +23,6 @@ from .kv_ingest import serve_kv_ingest
 from .kv_service import KVService
 from .kv_store import ChunkStore, StoreError
 from .kv_store_local import LocalChunkStore
-from .kv_store_redis import RedisChunkStore
 from .startup import StartupError, cannot_listen
 
 log = logging.getLogger("tokenwire.kv")
@@ -32,7 +31,9 @@ log = logging.getLogger("tokenwire.kv")
 def open_store(cfg: KVConfig) -> ChunkStore:
     if cfg.backend == "redis":
         assert cfg.redis_url is not None
-        store = RedisChunkStore(cfg.redis_url, cfg.capacity_bytes)
+        from . import kv_store_redis  # (only a Redis store loads its code)
+
+        store = kv_store_redis.RedisChunkStore(cfg.redis_url, cfg.capacity_bytes)
         store.check_shared_settings(cfg.chunk_tokens)
         return store
     return LocalChunkStore(cfg.directory, cfg.capacity_bytes)

@@ -17,7 +17,7 @@ from tests.test_cli_fixes2 import _config
 from tests.test_kv_channel import CHUNK, MODEL, make_kv
 from tests.test_kv_ingest_fixes3 import _rot
 from tests.test_kv_store import make_store, redis_server, redis_url  # noqa: F401  (the fixtures)
-from tokenwire.daemon import kv_runtime
+from tokenwire.daemon import kv_store_redis
 from tokenwire.daemon.config import ConfigError, load_config
 from tokenwire.daemon.kv_config import KVConfig
 from tokenwire.daemon.kv_meta import ChunkMeta, source_id
@@ -286,7 +286,7 @@ def test_daemons_sharing_a_store_with_other_settings_are_warned_at_start(redis_u
     """Puts through a daemon with chunk_tokens 128 were "0 of 4 chunks found" through one with 64, and a put through
     one with 1 MiB evicted the shared store from 1.9 MB to 1.0 MB; nothing said why."""
     prefix = f"tw-settings-{uuid.uuid4().hex}:"  # (this test's keys apart on the shared test Redis)
-    monkeypatch.setattr(kv_runtime, "RedisChunkStore", functools.partial(RedisChunkStore, prefix=prefix))
+    monkeypatch.setattr(kv_store_redis, "RedisChunkStore", functools.partial(RedisChunkStore, prefix=prefix))
     first = KVConfig(enabled=True, backend="redis", redis_url=redis_url, chunk_tokens=64, capacity_bytes=4 << 20)
     other = dataclasses.replace(first, chunk_tokens=128, capacity_bytes=1 << 20)
     with caplog.at_level(logging.WARNING, logger="tokenwire.kv"):

@@ -74,3 +74,15 @@ def test_moved_names_live_only_in_their_backend(module, names):
     for name in names:
         assert hasattr(module, name), name
         assert not hasattr(kv_store, name), name
+
+
+def test_the_daemons_kv_start_up_loads_no_redis_code_for_a_local_store() -> None:
+    """kv_runtime imported the Redis store at its top: a daemon with a local store loaded it after all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tokenwire.daemon.kv_runtime, tokenwire.daemon.service\n"
+            "print(sorted(m for m in ('tokenwire.daemon.kv_store_redis', 'redis') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -68,3 +68,35 @@ def test_the_daemon_counts_its_clients_moves() -> None:
     deltas.flush(daemon)
     assert daemon.metrics.registry.get_sample_value("tokenwire_path_changes_total") == 2
     assert proto._reported_path_changes == 3
+
+
+def test_a_forged_packet_from_elsewhere_is_no_move() -> None:
+    """aioquic promotes an address on its first non-probing packet before validating it, and goes back when the
+    real one sends again: one genuine packet replayed from another address (RFC 9000 §9.3.3) counted as two moves
+    and reset a failed validation. Only a validated path is a move now."""
+    pair = Pair()
+    pair.exchange()
+    server = pair.server
+    assert server is not None
+    _failed(server.ecn)
+    forged = ("203.0.113.9", 5555)
+    for i in range(3):
+        pair.now += 0.01
+        pair.client.quic.send_ping(100 + i)
+        for data, _ in pair.client.datagrams_to_send(pair.now):
+            server.receive_datagram(data, forged, pair.now)  # the attacker's copy arrives first
+            server.receive_datagram(data, quicpair.CLIENT, pair.now)  # the genuine one: a duplicate
+        for _ in range(40):  # the wire, as it is: what the server sends to the forged address reaches nobody
+            pair.now += 0.005
+            for data, addr in server.datagrams_to_send(pair.now):
+                if addr == quicpair.CLIENT:
+                    pair.client.receive_datagram(data, quicpair.SERVER, pair.now)
+            for data, _ in pair.client.datagrams_to_send(pair.now):
+                server.receive_datagram(data, quicpair.CLIENT, pair.now)
+            for session in (pair.client, server):
+                timer = session.get_timer()
+                if timer is not None and timer <= pair.now:
+                    session.handle_timer(pair.now)
+    assert server.quic._network_paths[0].addr == quicpair.CLIENT  # (aioquic went back to the real address)
+    assert server.path_changes == 0
+    assert server.ecn.state == "failed"

@@ -484,11 +484,10 @@ class EcnValidation:
         afresh from the next packet, in ``testing``, as RFC 9000 §13.4.2 validates ECN per path. A connection that
         failed on a path that cleared the codepoint stayed Not-ECT on a clean one until its retry (30 s, doubling
         to 8 minutes), and one capable on a clean path went on marking on one that clears it until its next check.
-        Not a failure or a retry: the counts and the failures so far stay."""
+        Not a failure or a retry: the counts, the failures and the retries' back-off so far stay."""
         if self.state != "testing":
             log.debug("ECN validation: the peer's path changed; validating afresh (was %s)", self.state)
         self.state = "testing"
-        self.retries = 0
         self._retry_at = None
         self._sent_cps.clear()
         self._other_cps.clear()

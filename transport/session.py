@@ -96,8 +96,11 @@ class _SessionBase:
         if (self.datagrams_ok is not None and not self.closed
                 and probe_on_receipt(self.quic, self._now, self._receipt_probe_at)):
             self._receipt_probe_at = self._now
-        paths = self.quic._network_paths  # (aioquic ==1.7.2: the primary path first; a migration moves one there)
-        path = paths[0].addr if paths else None
+        # (aioquic ==1.7.2: the primary path first. It promotes a new address on its first non-probing packet, before
+        # validating it, and goes back when the old one sends again: a forged or replayed packet from elsewhere
+        # counted as two moves and reset ECN. Only a validated path is a move.)
+        paths = self.quic._network_paths
+        path = paths[0].addr if paths and paths[0].is_validated else self._path
         if path != self._path:
             if self._path is not None and path is not None:
                 self.path_changes += 1
