@@ -64,6 +64,7 @@ from .gc_pacing import GcPacing
 from .generation import flush_failure_logs
 from .ingest import IngestAPI, OpenRefusal, close_clients, principal_problem, serve_ingest
 from .logs import set_log_level, setup_logging
+from .loop_lag import LoopLag
 from .marking import MarkingService
 from .reload_decisions import auth_off_refusal, opened_auth_warning, plan_reload, restart_note, upstream_file_warnings
 from .reload_steps import (
@@ -159,6 +160,7 @@ class Daemon:
         self._ingest_clients: set[asyncio.Task[None]] = set()  # the applications' connections, ended at stop
         self.kv: Any = None  # KVRuntime when [kv] is enabled
         self._housekeeping: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLag(self.metrics.loop_lag.observe)  # (started with the housekeeping)
         self._stopped = asyncio.Event()
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -246,6 +248,7 @@ class Daemon:
                 serve=False, **tls_kwargs)  # (bound, gated: served at READY, below)
             kv_metrics.attach(self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
+        self.loop_lag.start(asyncio.get_running_loop())
         # before the serving signal handlers go in: a failure past them (start() undoing it all) would leave
         # on_stop_signal installed to drain a daemon that start() is already stopping
         status = self.ready_status()
@@ -569,6 +572,7 @@ class Daemon:
             with _logged("telling systemd"):
                 self.notifier.close()
         finally:
+            self.loop_lag.stop()
             self.gc_pacing.unfreeze()  # (a process that goes on after its daemon, a test run, gets its heap back)
             self._stopped.set()
 

@@ -168,6 +168,12 @@ class Metrics:
         # showed an operator that it happened (ECN is validated afresh on the new path)
         self.path_changes = Counter("tokenwire_path_changes_total", "Times a chat client's connection moved to "
                                     "another address or port (QUIC connection migration)", registry=r)
+        # how late the event loop runs (daemon/loop_lag.py): every connection's packets wait as long
+        self.loop_lag = Histogram(
+            "tokenwire_event_loop_lag_seconds", "How late the daemon's event loop ran a timer due every 0.1 s: time "
+            "it was held by other work (a long garbage collection, a burst of CPU work, a host short of CPU), "
+            "during which every connection's packets waited", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.client_stall = Histogram(
             "tokenwire_client_stall_ratio",
             "Stall ratio reported by clients",
