@@ -34,7 +34,7 @@ log = logging.getLogger("tokenwire.kv")
 
 MAGIC = b"TWKC"
 VERSION = 1
-_HEADER = struct.Struct(">4sB3xQI")  # magic, version, pad, payload length, crc32
+ENVELOPE_HEADER = struct.Struct(">4sB3xQI")  # magic, version, pad, payload length, crc32 (the local store reads it)
 KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 DEFAULT_CHUNK_TOKENS = 256
 
@@ -113,16 +113,16 @@ def object_key(chunk_hash: str, level: str) -> str:
 
 
 def wrap(payload: bytes) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
+    return ENVELOPE_HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
 
 
 def unwrap(blob: bytes) -> bytes | None:
     """The payload, or None when the envelope is truncated, foreign or fails its checksum (see
     :func:`foreign_version` for telling another version's object from a corrupt one)."""
-    if len(blob) < _HEADER.size:
+    if len(blob) < ENVELOPE_HEADER.size:
         return None
-    magic, version, length, crc = _HEADER.unpack_from(blob)
-    payload = blob[_HEADER.size :]
+    magic, version, length, crc = ENVELOPE_HEADER.unpack_from(blob)
+    payload = blob[ENVELOPE_HEADER.size :]
     if magic != MAGIC or version != VERSION or len(payload) != length or zlib.crc32(payload) != crc:
         return None
     return payload
@@ -133,7 +133,7 @@ def foreign_version(blob: bytes) -> int | None:
     version other than :data:`VERSION`; 0 was never written), else None. Such an object is a miss, left in place:
     deleted as corrupt, a rolling upgrade had the old daemons on a shared Redis delete every object the new ones
     wrote. Something shorter than a header is corrupt (a truncated write), whatever its first bytes."""
-    if len(blob) < _HEADER.size or blob[:4] != MAGIC or blob[4] in (0, VERSION):
+    if len(blob) < ENVELOPE_HEADER.size or blob[:4] != MAGIC or blob[4] in (0, VERSION):
         return None
     return blob[4]
 

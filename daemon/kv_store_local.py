@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .kv_store import (
-    _HEADER,
     CHAIN_MEMORY,
+    ENVELOPE_HEADER,
     KEY_RE,
     MAGIC,
     NEEDS_SOURCE,
@@ -247,13 +247,13 @@ class LocalChunkStore(ChunkStore):
                     continue  # a name no key has: indexed, it broke every eviction with "invalid chunk key"
                 st = f.stat()
                 with f.open("rb") as fh:
-                    head = fh.read(_HEADER.size)
-                ok = len(head) == _HEADER.size and head[:4] == MAGIC
+                    head = fh.read(ENVELOPE_HEADER.size)
+                ok = len(head) == ENVELOPE_HEADER.size and head[:4] == MAGIC
                 if ok and foreign_version(head) is not None:
                     foreign.add(f.name)  # its header may not be ours to measure: kept whole, as a read would keep it
                 elif ok:
-                    length = _HEADER.unpack(head)[2]
-                    ok = st.st_size == _HEADER.size + length
+                    length = ENVELOPE_HEADER.unpack(head)[2]
+                    ok = st.st_size == ENVELOPE_HEADER.size + length
                 if not ok:
                     f.unlink(missing_ok=True)
                     self.stats.recovered_partial += 1
