@@ -9,6 +9,8 @@ the finished answer's digest. It is apart from :mod:`.server_session` and from t
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,13 @@ address change the server sends to the old address, and learns the new one only 
 ratio 0.34-0.47 against 0.014-0.022 clean; 0.08-0.10 with this ping, the clean path unchanged)."""
 STREAM_PING_GAPS = 4.0  # ... times the recent token-packet gap: a slower answer's ordinary gaps ping nothing
 TOKEN_GAP_GAIN = 1.0 / 8.0  # the gap's moving average, as RFC 6298's smoothed RTT: a stall moves it little
+
+
+def _ecn_counts_of(session: weakref.ref[ClientSession]) -> list[int] | None:
+    """The session's ECN counts for a request's ack, through a weak reference: a closure over the session made a
+    reference cycle of it and its requests, and a client's connection waited for a full collection after its end."""
+    s = session()
+    return s.ecn_counts() if s is not None and s.ecn_counts is not None else None
 
 
 class _AckSource:
@@ -190,7 +199,7 @@ class ClientSession(_SessionBase):
         stream_id = self.quic.get_next_available_stream_id()
         first = request.resume_from or 0
         req = ClientRequest(stream_id, request, now, TokenReceiver(first_index=first), prefix=list(prefix or []))
-        req.ack_source = _AckSource(req, lambda: self.ecn_counts() if self.ecn_counts is not None else None)
+        req.ack_source = _AckSource(req, functools.partial(_ecn_counts_of, weakref.ref(self)))
         self.requests[stream_id] = req
         self._send(stream_id, request)
         if self._stream_blocked(stream_id):  # past the server's request limit: QUIC sends it once a slot frees

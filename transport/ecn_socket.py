@@ -45,6 +45,13 @@ def _tos_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     return None
 
 
+_CLOSED = asyncio.DatagramProtocol()  # what a closed transport reports to: nothing (its methods do nothing)
+
+
+def _not_ect() -> int:
+    return NOT_ECT
+
+
 class EcnDatagramTransport(asyncio.DatagramTransport):
     """UDP transport with a per-datagram ECN codepoint on send and the received codepoint on receive."""
 
@@ -61,7 +68,7 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
         self._protocol = protocol
         self._loop = asyncio.get_running_loop()
         self._closing = False
-        self.codepoint = codepoint or (lambda: NOT_ECT)
+        self.codepoint = codepoint or _not_ect
         self.dscp = dscp & 0xFC
         self.last_ecn: int | None = None
         self.sent_by_codepoint = [0, 0, 0, 0]
@@ -114,6 +121,11 @@ class EcnDatagramTransport(asyncio.DatagramTransport):
             self._protocol.connection_lost(None)
         finally:
             self._sock.close()
+            # let go of the protocol and the codepoint callable (a session's), as asyncio's own transports do: a
+            # transport that kept them was in a reference cycle with its protocol, and a client's whole connection
+            # (~200 objects) waited for a full collection after every `async with connect(...)`
+            self._protocol = _CLOSED
+            self.codepoint = _not_ect
 
     def abort(self) -> None:
         self.close()

@@ -252,9 +252,8 @@ class SessionProtocol(QuicConnectionProtocol):
         terminated handler): all they referenced waited for a full collection, ~100 KiB (~300 objects) a connection
         after a short chat, megabytes while its streams' buffers held an answer's or a KV chunk's data. Here, at the
         end every connection shares (the daemon's chat port, its KV endpoint, the SDK's server, the clients), not in
-        one subclass: the KV endpoint's and the SDK server's kept the whole cycle until a full collection. (A client
-        that leaves ``connect``'s context closes its transport before its connection is terminated, so its ~200
-        objects still wait for the collector: the application's process, whose own collections free them.)
+        one subclass: the KV endpoint's and the SDK server's kept the whole cycle until a full collection. (A client's
+        side is freed as well once its ECN transport lets go of it: ``EcnDatagramTransport._finish_close``.)
         Nothing reads them once terminated: aioquic returns first in that state (receive_datagram,
         datagrams_to_send; get_timer has no timer left), the sessions have dropped their requests and fetches (what
         their drivers call later, a task's late push or chunk, finds none and writes nothing), and no more events
