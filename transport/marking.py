@@ -455,11 +455,7 @@ class EcnValidation:
             log.debug("ECN counts with new marked arrivals came after validation failed: marking again")
         elif self.state == "retesting":
             log.debug("ECN retry %d passed: marking again", self.retries)
-        self.state = "capable"
-        self._retry_at = None
-        self._sent_cps.clear()
-        self._other_cps.clear()
-        self._rearm()
+        self._judge_afresh("capable")
 
     def retry(self, now: float) -> bool:
         """Called with the time while ``failed``: True when a retry starts now (the connection marks again while it
@@ -487,7 +483,11 @@ class EcnValidation:
         Not a failure or a retry: the counts, the failures and the retries' back-off so far stay."""
         if self.state != "testing":
             log.debug("ECN validation: the peer's path changed; validating afresh (was %s)", self.state)
-        self.state = "testing"
+        self._judge_afresh("testing")
+
+    def _judge_afresh(self, state: str) -> None:
+        """Enter ``state`` with no retry due and no codepoints counted: what the next packets show decides."""
+        self.state = state
         self._retry_at = None
         self._sent_cps.clear()
         self._other_cps.clear()
