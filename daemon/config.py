@@ -460,14 +460,21 @@ def _has_setting(value: Any) -> bool:
     return not isinstance(value, dict) or any(_has_setting(v) for v in value.values())
 
 
+def daemon_config_path() -> Path | None:
+    """The file the daemon reads when none is named: ``$TOKENWIRE_CONFIG``, else DEFAULT_PATH; None when that is
+    missing and the environment named none (the embedded defaults apply). ``config check`` checks the same file."""
+    env = os.environ.get("TOKENWIRE_CONFIG") or None  # set but empty: as if unset (the defaults)
+    path = Path(env) if env else DEFAULT_PATH
+    return None if env is None and path_missing(path) else path
+
+
 def load_config(path: str | Path | None = None, *, tls_may_be_missing: bool = False) -> Config:
     """Load and validate ``path`` (default: /etc/tokenwire/tokenwire.toml, else the embedded defaults).
     ``tls_may_be_missing``: a reload's read: a TLS file missing at its path is the TLS reload's to report (the
     running files kept), not a refusal of the whole file (a token revoked in the same SIGHUP stayed valid)."""
     if path is None:
-        env = os.environ.get("TOKENWIRE_CONFIG") or None  # set but empty: as if unset (the defaults)
-        path = Path(env) if env else DEFAULT_PATH
-        if env is None and path_missing(path):
+        path = daemon_config_path()
+        if path is None:
             return parse_config({}, None)
     p = Path(path)
     try:

@@ -6,7 +6,6 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -202,16 +201,17 @@ def run_cert(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError
 
-    from .config import DEFAULT_PATH, ConfigError, load_config, path_missing
+    from . import config
+    from .config import ConfigError, daemon_config_path, load_config
     from .config_warnings import security_warnings
     from .startup import addr
     from .upstream_config import api_key_warnings
 
     if args.path is None:  # the file the daemon would read without --config
-        args.path = Path(os.environ.get("TOKENWIRE_CONFIG") or DEFAULT_PATH)
-        if not os.environ.get("TOKENWIRE_CONFIG") and path_missing(args.path):
-            raise CLIError(f"{args.path}: no such file (the daemon would run with the built-in defaults); name the "
-                           "file to check")
+        args.path = daemon_config_path()
+        if args.path is None:
+            raise CLIError(f"{config.DEFAULT_PATH}: no such file (the daemon would run with the built-in defaults); "
+                           "name the file to check")
     try:
         cfg = load_config(args.path)
     except ConfigError as exc:
