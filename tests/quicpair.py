@@ -65,10 +65,12 @@ class Pair:
                         on_server_event(ev)
             if self.server is not None:
                 batch = []
-                for data, _ in self.server.datagrams_to_send(self.now):
+                for data, addr in self.server.datagrams_to_send(self.now):
                     moved = True
                     batch.append(data)
-                    if not drop_down(data):
+                    # (only what is sent to the client's address reaches it: a path validation's challenge to a
+                    # forged address reaches nobody)
+                    if addr == CLIENT and not drop_down(data):
                         self.client_events += self.client.receive_datagram(data, SERVER, self.now)
                 if batch:
                     self.down_batches.append(batch)
