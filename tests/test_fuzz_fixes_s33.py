@@ -284,15 +284,9 @@ def test_malformed_requests_on_the_metrics_port_are_counted_in_a_series() -> Non
 
     from tokenwire.daemon.telemetry import Metrics, serve_metrics
 
-    metrics = Metrics()
+    from .test_metrics_audit_s34 import ask_raw as ask
 
-    async def ask(port: int, raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(raw)
-        await writer.drain()
-        answer = await reader.read(200)
-        writer.close()
-        return answer
+    metrics = Metrics()
 
     async def go() -> list[bytes]:
         port = next(_PORTS)

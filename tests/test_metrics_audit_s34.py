@@ -18,7 +18,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 NOT_HTTP = [b"\x16\x03\x01\x00\x05hello", b"SSH-2.0-OpenSSH_9.0\r\n", b"\x00" * 100, b"GARBAGE\r\n\r\n"]
 
 
-async def _ask(port: int, raw: bytes) -> bytes:
+async def ask_raw(port: int, raw: bytes) -> bytes:
+    """What the metrics port answers to ``raw`` sent on a connection of its own (its first 200 bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
     await writer.drain()
@@ -40,8 +41,8 @@ def test_what_a_port_scan_sends_is_counted_and_logged_once(caplog: pytest.LogCap
         runner = await serve_metrics(metrics, "127.0.0.1", 0, lambda: True)
         try:
             port = runner.addresses[0][1]
-            answers = [await _ask(port, raw) for raw in NOT_HTTP]
-            answers.append(await _ask(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+            answers = [await ask_raw(port, raw) for raw in NOT_HTTP]
+            answers.append(await ask_raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
             return answers
         finally:
             await runner.cleanup()
