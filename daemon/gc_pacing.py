@@ -37,29 +37,27 @@ class GcPacing:
         self.unfrozen_at = 0.0  # (time.monotonic, collect_ended's clock) the last walk of all of the frozen heap
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def freeze_started(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def freeze_started(self, loop: asyncio.AbstractEventLoop) -> None:
         """The process is this daemon's (run()), and what is alive now (imports; torch and numba with [kv]) lives
         as long as it: frozen, no full collection walks it again (~52,000 objects, ~25 ms of each; with [kv]
         0.1-0.25 s). Collected first, and before any client is let in (chat, ingest, KV), so that no garbage
         and no connection is frozen (a frozen cycle is never freed). Nothing when the heap is frozen already (by
-        the application, or a daemon before in the same process). With ``loop``, what survives each later full
-        collection is frozen as well (:meth:`_refreeze`)."""
+        the application, or a daemon before in the same process). What survives each later full collection is
+        frozen as well, on ``loop`` (:meth:`_refreeze`)."""
         if not gc.get_freeze_count():
             gc.collect()
             gc.freeze()
             self.froze_heap = True
             self.unfrozen_at = time.monotonic()
-            if loop is not None:
-                self._loop = loop
-                gc.callbacks.append(self._refreeze)
+            self._loop = loop
+            gc.callbacks.append(self._refreeze)
 
     def unfreeze(self) -> None:
         """The daemon stopped: a process that goes on after it (a test run) gets its heap back, if it froze it."""
         if self.froze_heap:
             self.froze_heap = False
-            if self._loop is not None:
-                self._loop = None
-                gc.callbacks.remove(self._refreeze)
+            self._loop = None
+            gc.callbacks.remove(self._refreeze)
             gc.unfreeze()
 
     def _refreeze(self, phase: str, info: dict[str, Any]) -> None:
