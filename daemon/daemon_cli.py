@@ -1,4 +1,4 @@
-"""``tokenwire daemon``, ``tokenwire cert`` and ``tokenwire config check|new-token``."""
+"""``tokenwire daemon``, ``tokenwire cert`` and ``tokenwire config check|new-token|example``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--force", action="store_true", help="overwrite existing files")
     c.set_defaults(handler=run_cert)
 
-    cfg = sub.add_parser("config", help="validate a configuration, make auth tokens")
+    cfg = sub.add_parser("config", help="validate a configuration, make auth tokens, print the example files")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
     chk = csub.add_parser("check", help="validate a TOML configuration file")
@@ -36,6 +36,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok = csub.add_parser("new-token", help="print a new bearer token and the line that stores its hash")
     tok.add_argument("--name", default="client", help="who the token is for")
     tok.set_defaults(handler=run_new_token)
+    ex = csub.add_parser("example", help="print the example configuration, or the systemd unit and its sysusers and "
+                         "tmpfiles snippets, as shipped with this install")
+    ex.add_argument("file", nargs="?", choices=tuple(EXAMPLE_FILES), default="config",
+                    help="which file (default config: tokenwire.toml.example, every key with its default)")
+    ex.add_argument("--dir", action="store_true", help="print the folder holding the four files instead (the "
+                    "README's systemd/ for an install without the source tree)")
+    ex.set_defaults(handler=run_example)
+
+
+# `tokenwire config example`'s files: systemd/ in the source tree, tokenwire/systemd/ installed (pyproject.toml)
+EXAMPLE_FILES = {"config": "tokenwire.toml.example", "unit": "tokenwire.service", "sysusers": "tokenwire.sysusers",
+                 "tmpfiles": "tokenwire.tmpfiles"}
+
+
+def example_dir() -> Path:
+    """Where the shipped systemd files are: beside the daemon package both in the source tree (daemon/ and
+    systemd/) and installed (tokenwire/daemon/ and tokenwire/systemd/). A path, not importlib.resources: an
+    editable install made before tokenwire.systemd was a package does not map it."""
+    return Path(__file__).resolve().parent.parent / "systemd"
 
 
 class EarlySighups:
@@ -340,6 +359,23 @@ def _marking_summary(m: Any) -> str:
         line += f" ({which}; margin {m.margin_ms:g} ms, hysteresis {m.hysteresis_ms:g} ms, refuge rule " \
                 f"{'on' if m.refuge_only else 'off'})"
     return line + ("; prague congestion control" if m.marks_ect1 else "")
+
+
+def run_example(args: argparse.Namespace) -> int:
+    """Print a shipped file (or their folder): a wheel install has no checkout to copy systemd/ from."""
+    from tokenwire.daemon.cli import CLIError
+
+    folder = example_dir()
+    if args.dir:
+        print(folder)
+        return 0
+    path = folder / EXAMPLE_FILES[args.file]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror or exc} (an install without its package data?)") from None
+    sys.stdout.write(text)
+    return 0
 
 
 def run_new_token(args: argparse.Namespace) -> int:

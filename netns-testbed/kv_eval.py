@@ -41,7 +41,9 @@ from .trace import trace_from_spec
 
 PORT = 8444
 CONTROLLERS = ("tokenwire", "tokenwire-ewma", "even-split", "fixed-L1", "fixed-L2", "fixed-L3")
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "prose_harbor.txt"
+# shipped in the package (pyproject.toml's package data; tests/data/prose_harbor.txt links to it): an installed
+# copy has no tests/ folder, and `testbed kv` without --text needs it
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "prose_harbor.txt"
 
 
 class KVEvalError(ChildError):
@@ -137,9 +139,9 @@ def prepare_context(cfg: KVEvalConfig, path: str, log: Callable[[str], None]) ->
                     "v": [torch.randn(shape, generator=g).half() for _ in range(layers)]}, path)
         return {"model": "synthetic", "prefill_s": 0.0, "geometry": [layers, heads, dim],
                 "elements": 2 * layers * heads * dim * cfg.context_tokens}
-    if cfg.text == str(DEFAULT_TEXT) and not DEFAULT_TEXT.is_file():  # an installed copy: tests/ is not in it
-        raise KVEvalError("the default context text (tests/data/prose_harbor.txt) comes with the source tree, not "
-                          "with an installed tokenwire: pass --text FILE (any plain English text)")
+    if cfg.text == str(DEFAULT_TEXT) and not DEFAULT_TEXT.is_file():  # an install made without the package data
+        raise KVEvalError(f"the default context text ({DEFAULT_TEXT}) is missing: it comes with the source tree and "
+                          "the package, so this install is incomplete; pass --text FILE (any plain English text)")
     try:
         raw = Path(cfg.text).read_bytes()
         text = raw.decode("utf-8")

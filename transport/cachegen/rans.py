@@ -19,6 +19,10 @@ table is produced on every machine and device.
 from __future__ import annotations
 
 import numpy as np
+
+from . import numba_cache  # noqa: F401  (sets NUMBA_CACHE_DIR before numba reads it)
+
+# isort: split
 from numba import njit, prange
 
 PROB_BITS = 12

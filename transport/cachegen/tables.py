@@ -8,6 +8,10 @@ architecture is identical: one differing entry would make the whole stream undec
 from __future__ import annotations
 
 import numpy as np
+
+from . import numba_cache  # noqa: F401  (sets NUMBA_CACHE_DIR before numba reads it)
+
+# isort: split
 from numba import njit, prange
 
 from .rans import PROB_BITS, PROB_SCALE
