@@ -7,6 +7,10 @@ any failure to a precise close code and keep serving everyone else.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (for the annotation only: the SDK imports this module)
+    from .kv_client import KVFetchResult
 
 
 class ErrorCode(IntEnum):
@@ -56,6 +60,12 @@ class TokenwireError(Exception):
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
+    # Set only on what ``KVConnection.fetch_kv`` raises once its fetch was sent (None on every other error):
+    # ``partial``, the result of the chunks that arrived and decoded, leading ones only (the engine prefills the
+    # rest: a deadline met with what came instead of nothing); ``silent_s``, how long nothing had come from the
+    # server when it failed, if long enough to mean the server or the path is gone rather than slow.
+    partial: KVFetchResult | None = None
+    silent_s: float | None = None
 
     def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)

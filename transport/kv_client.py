@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -26,7 +27,7 @@ from typing import Any, SupportsIndex
 
 from aioquic.quic.connection import QuicConnection
 
-from .errors import ErrorCode, TokenwireError
+from .errors import ErrorCode, RemoteError, TokenwireError
 from .frames import KvChunk, KvDone, KvFetch, KvMeta, check_outgoing
 from .kv_client_session import (
     DecodeRate,
@@ -39,6 +40,7 @@ from .kv_client_session import (
 from .kv_controller import TEXT
 from .kv_protocol import DEFAULT_RECOMPUTE_US, KVCorruptChunk, KVError, kv_quic_config
 from .kv_server_session import MAX_FETCHES
+from .path_recovery import KV_RECOVERY_PING_S
 from .quic_io import SessionProtocol, open_client
 from .session_events import ConnectionEnded, SessionEvent, closed_error, idle_timeout_in_force
 from .tls import CertificateFileError as CertificateFileError  # re-exported: connect_kv raises it, as connect
@@ -319,14 +321,71 @@ def _check_codec_header(hdr: KvChunk, meta: KvMeta, payload: bytes) -> None:
         raise KVCorruptChunk(f"chunk {hdr.index} is sent as {hdr.level}, its bitstream has level id {bh.level_id}")
 
 
+def _partial_result(pf: _PendingFetch, hashes: list[bytes] | None, recompute_us_per_token: int | None,
+                    end: float) -> KVFetchResult | None:
+    """What a failed fetch can still hand over (the error's ``partial``): the result of its leading chunks that
+    arrived and decoded, 0 up to the first one that did not, as a successful fetch would hold them, everything
+    after them left to prefill (``missing_token_ids``, ``missing_chunks``, the report's ``prefill_tokens``). A chunk
+    past a gap is left out: the engine's cache is a prefix. None when no leading chunk decoded, or before KV_META
+    (neither the geometry nor the context's length is known). A chunk still decoding is not waited for."""
+    meta = pf.meta
+    if meta is None:
+        return None
+    results: list[ChunkResult] = []
+    for i in range(meta.chunks):
+        fut = pf.decodes.get(i)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            break
+        results.append(fut.result())
+    if not results:
+        return None
+    try:
+        _check_text_ids(results, pf.received, pf.token_ids)
+    except KVCorruptChunk:  # (a text chunk that is not the context's: none of it is handed over)
+        return None
+    n = len(results)
+    got = sum(pf.received[i][0].tokens for i in range(n))
+    ids = pf.token_ids
+    missing = (len(ids) - got if ids is not None
+               else meta.tokens - got + (len(hashes or ()) - meta.chunks) * meta.chunk_tokens)
+    report = FetchReport.from_timings(deadline_ms=pf.deadline_ms, controller=pf.controller, sent_at=pf.sent_at,
+                                      end=end, received={i: pf.received[i] for i in range(n)},
+                                      decode_times={i: pf.decode_times[i] for i in range(n)}, missing_tokens=missing,
+                                      recompute_us_per_token=recompute_us_per_token)
+    return KVFetchResult(results, report, tuple(meta.geometry),  # type: ignore[arg-type]
+                         missing_token_ids=ids[got:] if ids is not None else [],
+                         missing_chunks=len(hashes) - n if hashes is not None else 0, token_ids=ids)
+
+
+def _keeps_partial(err: TokenwireError) -> bool:
+    """Whether a failed fetch's decoded chunks are still the context's: not when the server sent something broken
+    (a corrupt chunk, frames that do not add up, a protocol error that closed the connection)."""
+    return not isinstance(err, KVCorruptChunk) and err.code not in (ErrorCode.MALFORMED_FRAME,
+                                                                    ErrorCode.FRAME_TOO_LARGE)
+
+
+def _own_error(err: TokenwireError) -> TokenwireError:
+    """A copy of ``err`` for one fetch to raise with its own ``partial``: a connection's end is one error shared by
+    every fetch open on it, and kept as ``close_error`` (the partial of one fetch would have been another's, and the
+    connection would have held its tensors). Same type, message and attributes."""
+    try:
+        return copy.copy(err)
+    except Exception:  # (an error type this cannot rebuild: raised as it is, without a partial)
+        return err
+
+
 def _forget_decodes(pf: _PendingFetch) -> None:
     """Decodes nobody will await (the fetch failed on another chunk, or timed out): cancel those not yet done
-    and read the outcome of those done, so asyncio logs no "Future exception was never retrieved"."""
+    and read the outcome of those done, so asyncio logs no "Future exception was never retrieved". Then let go of
+    them and of payloads still waiting for KV_META: a failed fetch's error keeps ``fetch_kv``'s frame (and so
+    ``pf``) alive in its traceback while the caller holds it for its ``partial``, which has what it uses."""
     for fut in pf.decodes.values():
         if not fut.done():
             fut.cancel()
         elif not fut.cancelled():
             fut.exception()
+    pf.decodes.clear()
+    pf.waiting.clear()
 
 
 # How often a fetch waiting without a fixed bound samples its progress: the quiet time before it fails is measured
@@ -657,7 +716,12 @@ class KVConnection(SessionProtocol):
         :class:`KVError` (``MALFORMED_FRAME``: KV_META or KV_DONE out of order or not adding up; ``CANCELLED``: this
         side closed the connection, however its ``async with`` was left) or
         :class:`RemoteError` (an ERROR, or a chunk stream the server reset); a missed deadline is reported, not
-        raised (the data is still valid). A fetch the server would refuse (a deadline of 0, an unknown
+        raised (the data is still valid). An error raised once the fetch was sent carries what had come: ``partial``,
+        a :class:`KVFetchResult` of the leading chunks decoded by then (``prefix_kv()`` and ``text_token_ids()`` still
+        make up the whole context, the rest in ``missing_token_ids``), None if none had, and never for a corrupt
+        chunk or frames that do not add up; and ``silent_s``, how long nothing had come from the server, when that
+        means the server or the path is gone (a timeout's message says so, or that the server still answers and is
+        only slow). A fetch the server would refuse (a deadline of 0, an unknown
         controller, a non-integer token id) raises ``ValueError`` before it is sent. A fetch that raises (however:
         a timeout, a cancelled task too) is reset on the wire, which the server counts as abandoned; only a fetch
         whose every chunk decoded ends with the FIN that it counts as completed.
@@ -729,7 +793,7 @@ class KVConnection(SessionProtocol):
                     deadline / 1000, quiet, first_quiet_s=first_quiet, gap_factor=GAP_FACTOR,
                     max_gap_quiet_s=MAX_GAP_QUIET_S)
             if pf.error is not None:
-                raise pf.error
+                raise _own_error(pf.error)
             if pf.done is None or pf.meta is None:  # the session fails KV_DONE before KV_META: not reached
                 raise KVError("KV_DONE before KV_META", code=ErrorCode.MALFORMED_FRAME)
             asked = len(ids) if ids is not None else None
@@ -753,15 +817,20 @@ class KVConnection(SessionProtocol):
             _check_done_levels(pf.done, results)
             _check_text_ids(results, pf.received, ids)
             decoded = True
-        except TokenwireError:
+        except TokenwireError as exc:
+            if exc is not pf.error:  # (the copy raised above; never a shared error)
+                self._interrupted(exc, pf, hs, recompute_us_per_token, self.clock())
             raise
         except TimeoutError:
-            raise KVError(f"KV fetch timed out: {len(pf.received)} chunks received"
+            now = self.clock()
+            err = KVError(f"KV fetch timed out: {len(pf.received)} chunks received"
                           + (f" of {pf.meta.chunks}" if pf.meta is not None else ", no KV_META")
                           + (f" ({sum(f.done() and not f.cancelled() for f in pf.decodes.values())} decoded)"
                              if pf.done is not None else "")
-                          + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)",
-                          code=ErrorCode.UPSTREAM_TIMEOUT) from None
+                          + f" after {time.monotonic() - started:.1f} s (deadline {deadline} ms)"
+                          + self._silence_said(now), code=ErrorCode.UPSTREAM_TIMEOUT)
+            self._interrupted(err, pf, hs, recompute_us_per_token, now)
+            raise err from None
         finally:
             # the FIN tells the server the fetch completed (its outcome and deadline ratio); any other exit,
             # CancelledError and KeyboardInterrupt included, abandons it
@@ -781,6 +850,32 @@ class KVConnection(SessionProtocol):
         return KVFetchResult(results, report, tuple(pf.meta.geometry),  # type: ignore[arg-type]
                              missing_token_ids=ids[pf.meta.tokens:] if ids is not None else [],
                              missing_chunks=len(hs) - pf.meta.chunks if hs is not None else 0, token_ids=ids)
+
+    def _silence_said(self, now: float) -> str:
+        """What a timed-out fetch's message adds: whether the server went silent (the path or the server is gone:
+        a new connection may do better) or still answers (a slow server: the same connection is fine). A user
+        could not tell the two apart: both were "KV fetch timed out: 3 chunks received of 8 after 2.5 s"."""
+        silent = self.kv.silent_for(now)
+        if silent is not None:
+            return f": no packet from the server for {silent:.1f} s, pings unanswered: server or path gone"
+        heard = self.kv.datagram_at
+        if heard is None:
+            return ""
+        if now - heard <= 2 * KV_RECOVERY_PING_S:  # (a ping would have been answered by now: it was)
+            return f": the server still answers (a packet {now - heard:.1f} s ago): slow, not gone"
+        return f": the server's last packet came {now - heard:.1f} s ago"  # (too soon to call it gone)
+
+    def _interrupted(self, err: TokenwireError, pf: _PendingFetch, hashes: list[bytes] | None,
+                     recompute_us_per_token: int | None, now: float) -> None:
+        """Give the error of a fetch that failed after it was sent (this fetch's own instance) its ``partial`` (the
+        leading chunks decoded: :func:`_partial_result`) and ``silent_s`` (how long the server had been silent, when
+        that long means it or the path is gone)."""
+        silent, heard = self.kv.silent_for(now), self.kv.datagram_at
+        if silent is None and isinstance(err, RemoteError) and err.path_lost and heard is not None:
+            silent = now - heard  # (the idle timer's close: silence itself, however short that timeout)
+        err.silent_s = silent
+        if _keeps_partial(err):
+            err.partial = _partial_result(pf, hashes, recompute_us_per_token, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

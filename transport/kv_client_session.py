@@ -39,6 +39,9 @@ from .session_events import SessionEvent, closed_error, idle_timeout_in_force
 _LEN = struct.Struct(">I")
 
 DECODE_RATE_CHUNKS = 9  # codec chunks the client's decode rate is the median of (the latest)
+# No datagram from the server for this long while a fetch is pending: its PINGs (one per KV_RECOVERY_PING_S of
+# silence) went unanswered for several round trips, so the server or the path is gone (KVClientSession.silent_for)
+SILENT_AFTER_S = 4 * KV_RECOVERY_PING_S
 
 
 class DecodeRate:
@@ -189,6 +192,9 @@ class KVClientSession(_SessionBase):
         # server's STOP_SENDING (aioquic has reset our side then, and a write would raise)
         self._sending: set[int] = set()
         self.decode_rate = DecodeRate()  # fed by the shell (kv_client) as chunks decode on its worker thread
+        # when the latest datagram from the server came (None: none yet), whatever it carried: a fetch that times
+        # out says whether the server still answers (a slow server) or has been silent (a lost path)
+        self.datagram_at: float | None = None
 
     @property
     def sends_decode_rate(self) -> bool:
@@ -202,6 +208,20 @@ class KVClientSession(_SessionBase):
         bytes for no fetch, are not: they kept a 1-s fetch waiting 45-73 s)."""
         f = self.fetches.get(fetch_sid)
         return f.bytes_in if f is not None else 0
+
+    def after_datagram(self, now: float | None = None) -> None:
+        super().after_datagram(now)
+        self.datagram_at = self._now
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds since the server's latest datagram, or None when it is recent enough to say nothing: while a
+        fetch is pending this side PINGs after each :data:`KV_RECOVERY_PING_S` of silence, which a server that
+        still runs acknowledges within a round trip, so :data:`SILENT_AFTER_S` without a datagram means the server
+        or the path is gone, not slow."""
+        if self.datagram_at is None:
+            return None
+        quiet = now - self.datagram_at
+        return quiet if quiet >= SILENT_AFTER_S else None
 
     def _session_timer(self) -> float | None:
         """A PING after each KV_RECOVERY_PING_S of silence while a fetch is pending: after a loss outage the
