@@ -59,6 +59,12 @@ class MarkingPolicy(Protocol):
 
     def on_sample(self, sample: LatencySample) -> None: ...
 
+    def path_changed(self) -> None:
+        """The peer moved to another host (QUIC connection migration): what the policy learnt of the old path's
+        queues says nothing of the new one's. A no-op for policies that keep no history (the session also skips a
+        policy from outside this package that has no such method: ``path_reset.policy_path_changed``)."""
+        ...
+
 
 class ClassicPolicy:
     name = "classic"
@@ -72,6 +78,9 @@ class ClassicPolicy:
     def on_sample(self, sample: LatencySample) -> None:
         pass
 
+    def path_changed(self) -> None:
+        pass
+
 
 class L4SPolicy:
     name = "l4s"
@@ -80,6 +89,9 @@ class L4SPolicy:
         return ECT1
 
     def on_sample(self, sample: LatencySample) -> None:
+        pass
+
+    def path_changed(self) -> None:
         pass
 
 
@@ -152,6 +164,7 @@ class SwiftQueuePolicy:
         self.hysteresis_ms = hysteresis_ms
         self.classic = classic
         self.probe_interval_s = probe_interval_s
+        self._cold_start = cold_start
         self._current = cold_start
         self.decisions = {"l": 0, "c": 0, "cold": 0, "probe": 0, "fallback": 0}
         self.last_prediction: tuple[float, float] | None = None
@@ -276,6 +289,27 @@ class SwiftQueuePolicy:
             except Exception as exc:  # see codepoint()
                 self._give_up(exc)
 
+    def path_changed(self) -> None:
+        """Start over as on a new connection (the peer moved to another host): the old path's floor, its last
+        samples per queue and the forecaster's ack history would judge the new path's queues by the old one's. Under
+        a Wi-Fi path's floor (5 ms, say) every sample of a slower LTE path reads as above the floor, so the floor rule
+        would never hold the flow in its queue, and the refuge rule would read the old path's C samples for up to
+        ``refuge_memory_s``. The forecaster is replaced by a ``fresh()`` one of the same model where it offers that
+        (the ONNX forecaster: its window refills in ``window + 1`` acks, the cold-start codepoint meanwhile); one
+        without ``fresh`` keeps its history. The counters (decisions, predictions) and a model failure stay."""
+        fresh = getattr(self.forecaster, "fresh", None)
+        if callable(fresh):
+            self.forecaster = fresh()
+        self._current = self._cold_start
+        self.last_prediction = None
+        self._predicted_at = -math.inf
+        self._none_when_ready = False
+        self._last_sample = {True: -math.inf, False: -math.inf}
+        self._last_probe = -math.inf
+        self._floor_ms = math.inf
+        for recent in self._recent.values():
+            recent.clear()
+
     def fall_back(self, reason: str) -> None:
         """Mark like ``l4s`` from now on without asking the forecaster again, and without reporting (the
         daemon calls it on every open connection once one of them met an error from the model they share)."""
@@ -319,6 +353,9 @@ class OraclePolicy:
 
     def on_sample(self, sample: LatencySample) -> None:
         pass
+
+    def path_changed(self) -> None:
+        pass  # (it asks the emulator, which knows the path it emulates)
 
 
 ECN_VALIDATION_PACKETS = 10

@@ -35,6 +35,7 @@ from .errors import ErrorCode, FrameError, ProtocolError, TokenwireError
 from .frames import MIN_ACK_DATAGRAM, MIN_TOKENS_DATAGRAM, Error, decode_datagram, encode_stream_frame
 from .marking import EcnValidation, MarkingPolicy
 from .path_recovery import probe_on_receipt, window_full
+from .path_reset import host_changed, policy_path_changed, reset_for_new_path
 from .session_events import ConnectionEnded, SessionEvent
 
 # Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
@@ -105,6 +106,11 @@ class _SessionBase:
             if self._path is not None and path is not None:
                 self.path_changes += 1
                 self.ecn.path_changed()
+                # another host: a new path, whose window and round trip are unknown (RFC 9000 §9.4). A change of port
+                # alone is a NAT rebinding, the same path: its congestion and RTT state still hold (.path_reset)
+                if host_changed(self._path, path):
+                    reset_for_new_path(self.quic)
+                    policy_path_changed(self.marking)
             self._path = path
         self._on_peer_packet(self._now)
 
