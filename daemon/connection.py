@@ -276,11 +276,11 @@ class CounterDeltas:
     """What the connections' counters moved since their last flush, summed: each metric is counted once a tick,
     not once per connection."""
 
-    __slots__ = ("acks", "ce", "packets", "path_changes", "redundant_bytes", "repairs", "repeats_trimmed",
-                 "unvalidated")
+    __slots__ = ("acks", "ce", "packets", "path_changes", "redundant_bytes", "repairs", "repeats_capped",
+                 "repeats_trimmed", "unvalidated")
 
     def __init__(self) -> None:
-        self.packets = self.redundant_bytes = self.repairs = self.repeats_trimmed = 0
+        self.packets = self.redundant_bytes = self.repairs = self.repeats_trimmed = self.repeats_capped = 0
         self.acks = self.ce = self.unvalidated = self.path_changes = 0
 
     def flush(self, daemon: Daemon) -> None:
@@ -288,6 +288,7 @@ class CounterDeltas:
         m = daemon.metrics
         for counter, n in ((m.packets, self.packets), (m.redundant_bytes, self.redundant_bytes),
                            (m.repairs, self.repairs), (m.repeats_trimmed, self.repeats_trimmed),
+                           (m.repeats_capped, self.repeats_capped),
                            (m.acks, self.acks), (m.path_changes, self.path_changes)):
             if n:
                 counter.inc(n)
@@ -305,6 +306,7 @@ def _add_counters(proto: DaemonProtocol, into: CounterDeltas) -> None:
     into.redundant_bytes += max(0, now.redundant_bytes - prev.redundant_bytes)
     into.repairs += max(0, now.repairs + now.piggybacks - prev.repairs - prev.piggybacks)
     into.repeats_trimmed += max(0, now.repeats_trimmed - prev.repeats_trimmed)
+    into.repeats_capped += max(0, now.repeats_capped - prev.repeats_capped)
     acks = sess.acks_received
     into.acks += max(0, acks - proto._reported_acks)
     proto._reported, proto._reported_acks = now, acks

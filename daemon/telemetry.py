@@ -163,6 +163,13 @@ class Metrics:
             "silent (typically an uplink outage)",
             registry=r,
         )
+        # (how often the congestion cap acts: Chatterbox's redundancy backing off on a queueing or CE-marking path)
+        self.repeats_capped = Counter(
+            "tokenwire_repeats_capped_total",
+            "Token packets whose repeats were cut to the two oldest unacknowledged tokens because the path was "
+            "congested (its round trip well above its minimum, or CE marks)",
+            registry=r,
+        )
         self.acks = Counter("tokenwire_acks_total", "Client ack datagrams received", registry=r)
         # a phone's NAT rebinding or its move from Wi-Fi to cellular: QUIC migrates the connection, and nothing
         # showed an operator that it happened (ECN is validated afresh on the new path)

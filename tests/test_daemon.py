@@ -295,6 +295,7 @@ def test_metrics_endpoint_exposes_counters(daemon):
         "tokenwire_token_packets_total",
         "tokenwire_redundant_bytes_total",
         "tokenwire_repeats_trimmed_total",
+        "tokenwire_repeats_capped_total",
         "tokenwire_acks_total",
         "tokenwire_client_stall_ratio_bucket",
         "tokenwire_errors_total",

@@ -610,7 +610,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     from tokenwire.transport.chatterbox import SenderStats
 
     metrics = Metrics()
-    totals = SenderStats(packets=10, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=4)
+    totals = SenderStats(packets=10, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=4, repeats_capped=3)
     unvalidated: list[int] = []
     conn = SimpleNamespace(
         server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0,
@@ -621,7 +621,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
         _reported_path_changes=0,
     )  # fmt: skip
     DaemonProtocol.flush_counters(conn)
-    totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7)
+    totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7, repeats_capped=5)
     conn.server_session.totals = lambda: totals
     DaemonProtocol.flush_counters(conn)
     assert unvalidated == [1, 0]  # an ECN validation failure counted once
@@ -629,6 +629,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     assert value("tokenwire_token_packets_total") == 15
     assert value("tokenwire_repairs_total") == 3
     assert value("tokenwire_repeats_trimmed_total") == 7
+    assert value("tokenwire_repeats_capped_total") == 5
     assert value("tokenwire_acks_total") == 5
     assert value("tokenwire_path_changes_total") == 2  # (two moves, counted once)
 

@@ -59,7 +59,10 @@ def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkey
     its own congestion window, so its recovery pings stopped leaving: 6 client packets in the outage's last
     4 s, and after the uplink returned tokens waited for a backed-off probe (chatterbox stall 0.307, longest
     4.0 s; stream 0.229). A ping that finds the window full now leaves as a probe, one packet past it, every
-    quarter second (chatterbox 0.178, stream 0.209, longest 2.0 s for both)."""
+    quarter second (chatterbox 0.178, stream 0.209, longest 2.0 s for both). Since QUIC's ACKs ride the next packet
+    with data (transport/ack_timing.py), chatterbox sends fewer bytes before the outage, its window grows less in
+    slow start (20.1 KB against 22.4 KB at 3 s) and new tokens fill it a second sooner: 0.229, longest 2.1 s. Stream's
+    window is the same (16.9 KB); its probes' times moved, and one 1.6-s gap became 1.85 s: 0.220."""
     models = iter([_Outage(0.0, 0.0), _Outage(3.0, 19.0)])
     monkeypatch.setattr(sim, "parse_loss", lambda spec, seed=0: next(models))
     wires: list = []
@@ -74,7 +77,7 @@ def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkey
     assert run.digest_ok and run.stats.tokens_rendered == 700
     up = wires[1]
     assert sum(1 for t, _n, _ok in up.log if 15.0 <= t < 19.0) >= 16
-    assert run.stats.stall_ratio < (0.19 if scheme == "chatterbox" else 0.22)
+    assert run.stats.stall_ratio < (0.24 if scheme == "chatterbox" else 0.23)
     assert run.stats.longest_stall_ms < 2500
 
 

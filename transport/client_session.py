@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
+from .ack_timing import AckTiming
 from .chatterbox import TokenReceiver
 from .datagram_hook import smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, known_code
@@ -136,6 +137,7 @@ class ClientSession(_SessionBase):
         # counted as PAUSE_PING_S at most: a pause or the time between answers is not the answer's pace)
         self._token_at: float | None = None
         self._token_gap: float | None = None
+        self.ack_timing = AckTiming()  # its QUIC ACKs ride the ack datagrams
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has

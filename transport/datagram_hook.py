@@ -113,6 +113,10 @@ class DatagramScheduler:
         self._queued.add(key)
         self._quic._datagrams_pending.append(_Piggyback(source))  # type: ignore[arg-type]  # (as above)
 
+    def data_waiting(self) -> bool:
+        """Whether a datagram is queued to leave (a piggyback offer is not one: it never makes a packet)."""
+        return any(not isinstance(item, _Piggyback) for item in self._quic._datagrams_pending)
+
     def send_plain(self, payload: bytes, on_delivery: Callable[[bool], None] | None = None) -> None:
         """Queue a ready-made payload, refusing anything that could never fit a packet."""
         if len(payload) > self.max_payload:

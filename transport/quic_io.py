@@ -290,6 +290,7 @@ class SessionProtocol(QuicConnectionProtocol):
             if self._associated:
                 self._dissolve_association()
         now = self.clock()
+        self.session.before_datagram()
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self.session.after_datagram(now)
         self._process_events()

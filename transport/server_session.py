@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.stream import QuicStream
 
-from .chatterbox import SenderStats, TokenSender
+from .ack_timing import AckTiming
+from .chatterbox import QUEUE_DELAY_S, QUEUE_DELAY_SHARE, SenderStats, TokenSender
 from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
@@ -178,7 +180,9 @@ class ServerSession(_SessionBase):
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
+        self._ce_at = -math.inf  # when an ack last reported new CE marks
         self._offered_streams = max_requests  # (the transport parameter: a STREAM_LIMIT_ERROR's close names it)
+        self.ack_timing = AckTiming()  # its QUIC ACKs ride the token packets
 
     # -- API for the driver ----------------------------------------------------------------------------
     @property
@@ -225,6 +229,7 @@ class ServerSession(_SessionBase):
             )
             # FINISHED (and ERROR, repair replies) go ahead of the repeats in the packets that leave
             req.sender.stream_backlog = functools.partial(self._stream_backlog, stream_id)
+            req.sender.congested = self._path_congested  # (repeats shrink on a congested path)
         req.started = True
         self._send(stream_id, Started(stream_id, req.request_id, scheme, first_index))
         self.notify(stream_id)
@@ -303,6 +308,17 @@ class ServerSession(_SessionBase):
                          stream.max_stream_data_remote)
         first = next(iter(sender._pending), None)
         return 0 if first is None else max(0, min(first.stop, max_offset) - first.start)
+
+    def _path_congested(self, now: float) -> bool:
+        """Whether the path to the client queues (aioquic's smoothed round trip well above its minimum) or marks CE:
+        Chatterbox's senders then repeat fewer tokens per packet (chatterbox.CONGESTED_REPEATS)."""
+        loss = self.quic._loss
+        if not loss._rtt_initialized:
+            return False
+        srtt, floor = loss._rtt_smoothed, loss._rtt_min
+        if srtt - floor > max(QUEUE_DELAY_S, QUEUE_DELAY_SHARE * floor):
+            return True
+        return now - self._ce_at < srtt
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
@@ -420,6 +436,8 @@ class ServerSession(_SessionBase):
             raise ProtocolError("clients may only send ack datagrams")
         self.acks_received += 1
         ce_new = self._ecn_feedback(frame.ecn, now)
+        if ce_new:
+            self._ce_at = now
         req = self.requests.get(frame.handle)
         if req is not None and req.sender is not None:
             meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None

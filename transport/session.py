@@ -29,6 +29,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.stream import QuicStreamSender
 from aioquic.tls import Epoch
 
+from .ack_timing import AckTiming
 from .datagram_hook import DatagramScheduler
 from .ecn_socket import CE, NOT_ECT
 from .errors import ErrorCode, FrameError, ProtocolError, TokenwireError
@@ -74,6 +75,8 @@ class _SessionBase:
         self._ended: set[int] = set()
         self._path: NetworkAddress | None = None  # the peer's address on the primary path (migrations change it)
         self.path_changes = 0  # times the peer moved to another address or port
+        # when this side's QUIC ACKs leave (None: aioquic's own 1-ms timer); the chat sessions hold them for data
+        self.ack_timing: AckTiming | None = None
 
     def release_cycles(self) -> None:
         """At the connection's end (``SessionProtocol._release_ended``): the scheduler's clock, a closure over this
@@ -84,9 +87,16 @@ class _SessionBase:
     # -- driver entry points ----------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> list[SessionEvent]:
         self._now = now
+        self.before_datagram()
         self.quic.receive_datagram(data, addr, now=now)
         self.after_datagram()
         return self._pump(now)
+
+    def before_datagram(self) -> None:
+        """Before each datagram from the peer goes to QUIC (drivers that feed the ``QuicConnection`` themselves call
+        this, then :meth:`after_datagram`)."""
+        if self.ack_timing is not None:
+            self.ack_timing.before_receive(self.quic)
 
     def after_datagram(self, now: float | None = None) -> None:
         """Once per datagram from the peer, after QUIC has processed it (drivers that feed the
@@ -94,6 +104,8 @@ class _SessionBase:
         (:mod:`.path_recovery`)."""
         if now is not None:
             self._now = now
+        if self.ack_timing is not None:
+            self.ack_timing.after_receive(self.quic, self._now)
         if (self.datagrams_ok is not None and not self.closed
                 and probe_on_receipt(self.quic, self._now, self._receipt_probe_at)):
             self._receipt_probe_at = self._now
@@ -148,6 +160,8 @@ class _SessionBase:
             space = self.quic._spaces.get(Epoch.ONE_RTT)
             if space is not None:
                 self.ecn.on_acked(space.largest_acked_packet)
+        if self.ack_timing is not None:
+            self.ack_timing.before_send(self.quic, now, self.scheduler.data_waiting)
         first_pn = self.quic._packet_number
         out = self.quic.datagrams_to_send(now=now)
         self.datagrams_sent += len(out)  # the bound on the ECN counts a peer may report
