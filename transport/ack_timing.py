@@ -14,10 +14,15 @@ and asks for one at least every second ack-eliciting packet (§13.2.2). Within t
 re-times the one-RTT space's ACK:
 
 * it is held up to :data:`ACK_HOLD_S` after the first packet it covers;
-* it is due at once when a second datagram arrives before it left, and when a packet arrives out of order or
-  after a gap (§13.2.1's SHOULD: the peer's loss detection waits for it);
+* it is due at once when a second ack-eliciting packet arrives before it left, and when one arrives out of order
+  or after a gap (§13.2.1's SHOULD: the peer's loss detection waits for it);
 * it rides the next packet that leaves with data: before each send, if data waits (a datagram, stream data, a
   PING; see :func:`data_waiting`), the ACK is made due now, so aioquic writes it into that packet.
+
+The hold is the same on a lossy path. Sending the ACK at once there for 2 s after a token packet was lost, with
+the oldest unacknowledged tokens in it, bought back most of the stall the hold cost one lossy chat, but 30 chats on
+one lossy 1-Mbit/s link collapsed with it as before the hold (docs/testbed.md, "Many chats sharing one
+bottleneck"); tried and reverted.
 
 Only the chat sessions use it. A KV transfer is bulk data, for which aioquic's 1-ms timer already acks every
 few packets; the second-packet rule would add ACKs there.

@@ -13,8 +13,9 @@ that each side's CPU time is its own process's. Two workloads per mode:
 
 A *token packet* is a 1-RTT packet the server sends that asks for an acknowledgement (it carries DATAGRAM or
 STREAM frames: tokens). The server also sends ACK-only packets, for the acknowledgements and reports the
-Chatterbox client sends back; those are in ``server_datagrams`` but divide nothing: counted as packets they
-made Chatterbox look cheaper per packet than raw aioquic while it costs about twice as much per token.
+Chatterbox client sends back when no token packet leaves within the ACK's hold (:mod:`.ack_timing`: paced tokens
+closer than 20 ms carry every ACK); those are in ``server_datagrams`` but divide nothing: counted as packets they
+made Chatterbox look cheaper per packet than raw aioquic while it cost about twice as much per token.
 Both sides' per-packet CPU divides by the server's token packets (on loopback every one arrives).
 
 Every number is the median of ``--repeats`` runs; ratios compare tokenwire to raw aioquic, per token (not per
