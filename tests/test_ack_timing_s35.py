@@ -7,10 +7,12 @@ import pytest
 from aioquic.tls import Epoch
 
 from tests.quicpair import CLIENT, Pair
+from tests.test_path_recovery import logged_wires
 from tokenwire.testbed import sim
 from tokenwire.transport.ack_timing import ACK_HOLD_S
 from tokenwire.transport.chatterbox import CONGESTED_REPEATS, NEEDS_ROOM, TokenSender
 from tokenwire.transport.frames import Tokens, decode_datagram
+from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.transcript import Transcript
 
 
@@ -41,12 +43,18 @@ def test_the_hold_stays_within_the_max_ack_delay_the_server_advertises():
     assert pair.client.quic._loss.max_ack_delay > ACK_HOLD_S
 
 
-def test_an_ack_eliciting_packet_is_acknowledged_after_the_hold_not_after_one_millisecond():
+def _holding() -> tuple[Pair, ServerSession]:
+    """A quiet connection whose server has just received a client's PING (an ACK to send)."""
     pair = _established()
     server = pair.server
     assert server is not None
     (ping,) = _client_ping(pair)
     server.receive_datagram(ping, CLIENT, pair.now)
+    return pair, server
+
+
+def test_an_ack_eliciting_packet_is_acknowledged_after_the_hold_not_after_one_millisecond():
+    pair, server = _holding()
     assert _space(server).ack_at == pytest.approx(pair.now + ACK_HOLD_S)  # aioquic alone: now + 1 ms
     assert server.datagrams_to_send(pair.now + 0.002) == []  # nothing to ride with, nothing sent yet
     out = server.datagrams_to_send(pair.now + ACK_HOLD_S)
@@ -94,11 +102,7 @@ def test_a_packet_that_elicits_no_ack_neither_counts_nor_moves_the_held_ack():
 
 
 def test_a_held_ack_rides_the_next_packet_that_carries_data():
-    pair = _established()
-    server = pair.server
-    assert server is not None
-    (ping,) = _client_ping(pair)
-    server.receive_datagram(ping, CLIENT, pair.now)
+    pair, server = _holding()
     assert _space(server).ack_at > pair.now
     server.quic.send_ping(9)  # something ack-eliciting to send: the ACK goes in the same packet
     out = server.datagrams_to_send(pair.now + 0.001)
@@ -107,14 +111,7 @@ def test_a_held_ack_rides_the_next_packet_that_carries_data():
 
 
 def _wire_counts(scheme: str, monkeypatch) -> tuple[float, float]:
-    wires: list = []
-
-    class _Logged(sim._Wire):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            wires.append(self)
-
-    monkeypatch.setattr(sim, "_Wire", _Logged)
+    wires = logged_wires(monkeypatch)
     run = sim.run_scheme(scheme, sim.SimConfig(tokens=300, loss="none", seed=3))
     assert run.digest_ok and run.stats.tokens_rendered == 300
     down, up = wires

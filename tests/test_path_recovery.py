@@ -53,6 +53,20 @@ def test_an_uplink_only_outage_no_longer_blocks_new_tokens(monkeypatch):
     assert run.stats.stall_ratio < 0.02 and run.stats.longest_stall_ms < 200
 
 
+def logged_wires(monkeypatch) -> list:
+    """The sim's two wires (down, then up), each keeping its log of (time, size, delivered) per packet, as the next
+    run makes them."""
+    wires: list = []
+
+    class _Logged(sim._Wire):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            wires.append(self)
+
+    monkeypatch.setattr(sim, "_Wire", _Logged)
+    return wires
+
+
 @pytest.mark.parametrize("scheme", ["chatterbox", "stream"])
 def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkeypatch):
     """16 s from 3 s in which the client's packets are lost. Its ack datagrams (chatterbox) and pings filled
@@ -65,14 +79,7 @@ def test_a_long_uplink_only_outage_lets_the_clients_pings_through(scheme, monkey
     window is the same (16.9 KB); its probes' times moved, and one 1.6-s gap became 1.85 s: 0.220."""
     models = iter([_Outage(0.0, 0.0), _Outage(3.0, 19.0)])
     monkeypatch.setattr(sim, "parse_loss", lambda spec, seed=0: next(models))
-    wires: list = []
-
-    class _Logged(sim._Wire):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            wires.append(self)
-
-    monkeypatch.setattr(sim, "_Wire", _Logged)
+    wires = logged_wires(monkeypatch)
     run = sim.run_scheme(scheme, sim.SimConfig(tokens=700, loss="none", loss_direction="both", seed=1))
     assert run.digest_ok and run.stats.tokens_rendered == 700
     up = wires[1]
