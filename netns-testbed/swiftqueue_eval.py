@@ -316,7 +316,10 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
     nothing sent for an idle-repair timeout (``REPAIR_*``), a repair packet carries the floor's run and, when
     that does not reach the newest token, the newest unacknowledged tokens newest first, as the real one does
     after generation ends with a tail lost. Not modelled: the congestion window's half-window rule for repeats
-    during ack silence (vsim's paced flow has no window; its acks are never lost).
+    during ack silence (vsim's paced flow has no window; its acks are never lost), and the cap of two repeats per
+    packet while the path queues or CE marks come back (``chatterbox.CONGESTED_REPEATS``, added after this
+    model's results in docs/swiftqueue.md: with L4S marking the real sender's packets are smaller whenever the
+    L queue marks).
     """
 
     def __init__(self, policy: MarkingPolicy, spec: FlowSpec, *, max_redundant: int = Limits.max_redundant_tokens,
