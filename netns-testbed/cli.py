@@ -841,6 +841,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "the SDK reports its measured one (default: 50e6, not reported: the server's default)")
     kv.set_defaults(handler=cmd_kv)
 
+    from .contention import register_contention
+
+    register_contention(tsub)  # (its handler runs under ctrl_c_throughout, applied in its module)
+
     from .swiftqueue_cli import register_swiftqueue
 
     register_swiftqueue(tsub)
