@@ -126,6 +126,24 @@ def test_a_port_only_change_keeps_the_state_and_a_later_host_change_resets_it(mo
     assert at["cc"] is not cc and at["cwnd"] == initial and not at["rtt_initialized"]
 
 
+def test_a_return_to_a_host_used_before_resets_nothing(monkeypatch) -> None:
+    """aioquic makes an address it validated once primary again on any packet from it, unvalidated: an on-path
+    attacker rewriting the client's source address to its old one reset the window to the initial one at each flip
+    (a review's script: 300 KB -> 12 KB, twice per flip). A host used before is no new path."""
+    pair, server = _connected(monkeypatch)
+    loss = server.quic._loss
+    home = quicpair.CLIENT
+    _move(pair, monkeypatch, ("10.0.0.3", 40000))
+    assert server.path_changes == 1
+    grown = loss._cc
+    loss._cc.congestion_window = 300_000  # (the new path's window grew meanwhile)
+    _move(pair, monkeypatch, home)  # back to the first host: one packet from there is enough for aioquic
+    assert server.path_changes == 2 and server._path == home
+    assert loss._cc is grown and loss.congestion_window == 300_000 and loss._rtt_initialized
+    _move(pair, monkeypatch, ("10.0.0.3", 40000))
+    assert server.path_changes == 3 and loss._cc is grown
+
+
 def test_the_same_host_in_another_form_is_no_host_change() -> None:
     assert not host_changed(("10.0.0.2", 1234), ("::ffff:10.0.0.2", 5678, 0, 0))  # a dual-stack socket's view
     assert not host_changed(("2001:db8::1", 1, 0, 0), ("2001:db8:0::1", 2, 0, 0))

@@ -2,12 +2,25 @@
 
 RFC 9000 §9.4: on confirming the peer's ownership of a new address, an endpoint MUST reset the congestion
 controller and the RTT estimator to initial values (RFC 9002 Appendices A.3 and B.3) unless only the port changed,
-and packets sent on the old path MUST NOT contribute to congestion control or RTT estimation for the new one.
+and packets sent on the old path MUST NOT contribute to congestion control or RTT estimation for the new one (the
+RTT part is not done here: below).
 aioquic (1.7.2, pinned) does neither: a phone that moved from Wi-Fi to LTE kept the Wi-Fi window and round trip, so
 the server sent a window sized for the old path into the new one, and timed its losses and probes by the old RTT.
 
+Only a host the connection had not used before is a new path. aioquic keeps an address it validated once as
+validated, and makes it primary again on any packet from it with a higher packet number, without validating it
+afresh: an on-path attacker who rewrites source addresses could otherwise flip the connection between a client's
+old and new address and reset its window at each flip (a review's script: 300 KB to the initial 12 KB, twice per
+flip). Returning to a known host keeps the current state, which is what every move kept before this module (RFC
+9000 §9.4 asks for the reset on confirming a *new* address).
+
 A port-only change is left alone: it is nearly always a NAT rebinding, the same path through a new mapping, whose
 window and round trip are still right (§9.4 allows keeping them); starting over would cost a slow start for nothing.
+
+Not done: an ACK whose largest packet was sent on the old path still gives aioquic an RTT sample (it takes one
+from the largest packet an ACK newly covers, whether or not it counts in flight). That needs an old packet
+delivered after the new path was validated, a make-before-break move through a deep queue; in a review's
+script it set the new path's smoothed and minimum RTT to the old path's 630 ms.
 
 The packets still in flight when the controller is replaced were sent on the old path. Their bytes stay in the new
 controller's ``bytes_in_flight`` (otherwise the fresh window would come on top of them: a burst), but aioquic must
@@ -43,11 +56,11 @@ _STATS = ("ce_events", "marked_total")  # our controllers' per-connection counte
 
 def host_changed(old: NetworkAddress, new: NetworkAddress) -> bool:
     """Whether ``new`` is another host than ``old``, not the same host on another port (a NAT rebinding). An IPv4
-    address and its IPv4-mapped IPv6 form (a dual-stack socket's view) are the same host."""
-    return _host(old) != _host(new)
+    address and its IPv4-mapped IPv6 form (a dual-stack socket's view) are the same host (:func:`host_key`)."""
+    return host_key(old) != host_key(new)
 
 
-def _host(addr: NetworkAddress) -> str:
+def host_key(addr: NetworkAddress) -> str:
     try:
         ip = ipaddress.ip_address(addr[0])
     except ValueError:  # not an IP literal: compare as given

@@ -36,12 +36,15 @@ from .errors import ErrorCode, FrameError, ProtocolError, TokenwireError
 from .frames import MIN_ACK_DATAGRAM, MIN_TOKENS_DATAGRAM, Error, decode_datagram, encode_stream_frame
 from .marking import EcnValidation, MarkingPolicy
 from .path_recovery import probe_on_receipt, window_full
-from .path_reset import host_changed, policy_path_changed, reset_for_new_path
+from .path_reset import host_changed, host_key, policy_path_changed, reset_for_new_path
 from .session_events import ConnectionEnded, SessionEvent
 
 # Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
 # go out from the listener, before the connection exists
 ECN_SLACK = 2
+# hosts a connection remembers having used (a phone's Wi-Fi and cellular addresses, a few more): past it, a move is
+# to a new host as far as the congestion reset is concerned
+MAX_HOSTS_REMEMBERED = 16
 # who registers the delivery handlers of application data in a packet: aioquic's stream senders (stream data, a
 # reset) and this package's datagram scheduler (every datagram frame it writes)
 _APP_DATA_SENDERS = (QuicStreamSender, DatagramScheduler)
@@ -75,6 +78,7 @@ class _SessionBase:
         self._ended: set[int] = set()
         self._path: NetworkAddress | None = None  # the peer's address on the primary path (migrations change it)
         self.path_changes = 0  # times the peer moved to another address or port
+        self._hosts: set[str] = set()  # the peer's hosts (path_reset.host_key) this connection has used as its primary
         # when this side's QUIC ACKs leave (None: aioquic's own 1-ms timer); the chat sessions hold them for data
         self.ack_timing: AckTiming | None = None
 
@@ -118,11 +122,14 @@ class _SessionBase:
             if self._path is not None and path is not None:
                 self.path_changes += 1
                 self.ecn.path_changed()
-                # another host: a new path, whose window and round trip are unknown (RFC 9000 §9.4). A change of port
-                # alone is a NAT rebinding, the same path: its congestion and RTT state still hold (.path_reset)
-                if host_changed(self._path, path):
+                # a host not used before: a new path, whose window and round trip are unknown (RFC 9000 §9.4). A
+                # change of port alone is a NAT rebinding, the same path; a host used before may be a forged flip
+                # (.path_reset)
+                if host_changed(self._path, path) and host_key(path) not in self._hosts:
                     reset_for_new_path(self.quic)
                     policy_path_changed(self.marking)
+            if path is not None and len(self._hosts) < MAX_HOSTS_REMEMBERED:
+                self._hosts.add(host_key(path))
             self._path = path
         self._on_peer_packet(self._now)
 
