@@ -183,9 +183,13 @@ def flow_finished(flow: dict[str, Any], tokens: int) -> bool:
 
 
 def goodput_tps(flow: dict[str, Any]) -> float | None:
-    """Tokens rendered per second from the request to the last render; None without both."""
+    """Tokens rendered per second from the request to the last render. 0 for a flow that rendered nothing (starved,
+    or never connected): left out, it made Jain's index read 1.0 exactly when a flow got nothing. None when a flow
+    rendered tokens but lacks a time to divide by."""
     start, last, n = flow.get("request_time"), flow.get("last_render"), flow.get("tokens_rendered")
-    if start is None or last is None or not n or last <= start:
+    if not n:
+        return 0.0
+    if start is None or last is None or last <= start:
         return None
     return float(n) / (float(last) - float(start))
 

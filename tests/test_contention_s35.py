@@ -100,7 +100,12 @@ def test_run_summary_adds_wire_bytes_and_leaves_failed_flows_out_of_the_percenti
 
 def test_goodput_needs_a_request_and_a_last_render():
     assert goodput_tps({"request_time": 1.0, "last_render": 3.0, "tokens_rendered": 60}) == 30.0
-    assert goodput_tps({"request_time": 1.0, "last_render": None, "tokens_rendered": 0}) is None
+    assert goodput_tps({"request_time": 1.0, "last_render": None, "tokens_rendered": 5}) is None
+    # a flow that rendered nothing (starved, or never connected) has a goodput of 0, and counts against fairness
+    assert goodput_tps({"request_time": 1.0, "last_render": None, "tokens_rendered": 0}) == 0.0
+    assert goodput_tps({"port": None, "error": "connect failed"}) == 0.0
+    flows = [{"request_time": 0.0, "last_render": 10.0, "tokens_rendered": 300} for _ in range(9)]
+    assert jain_index(goodput_tps(f) for f in [*flows, {"tokens_rendered": 0}]) == pytest.approx(0.9)
 
 
 def _run(stalls, bpt):
