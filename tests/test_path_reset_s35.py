@@ -16,7 +16,7 @@ from aioquic.quic.congestion.base import K_INITIAL_WINDOW
 import tokenwire.transport.prague_cc  # noqa: F401  (registers "prague", "reno-ecn" and "cubic-ecn")
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import LatencySample, SwiftQueuePolicy
-from tokenwire.transport.path_reset import host_changed, policy_path_changed
+from tokenwire.transport.path_reset import host_changed, policy_path_changed, reset_for_new_path
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.tls import server_configuration
 
@@ -139,9 +139,31 @@ def test_a_return_to_a_host_used_before_resets_nothing(monkeypatch) -> None:
     loss._cc.congestion_window = 300_000  # (the new path's window grew meanwhile)
     _move(pair, monkeypatch, home)  # back to the first host: one packet from there is enough for aioquic
     assert server.path_changes == 2 and server._path == home
-    assert loss._cc is grown and loss.congestion_window == 300_000 and loss._rtt_initialized
+    assert loss._cc is grown and loss.congestion_window == 300_000
     _move(pair, monkeypatch, ("10.0.0.3", 40000))
     assert server.path_changes == 3 and loss._cc is grown
+
+
+def test_a_packet_sent_on_the_old_path_gives_the_new_one_no_rtt_sample(monkeypatch) -> None:
+    """aioquic samples the RTT from the largest packet an ACK newly covers: an old-path packet delivered 0.6 s late,
+    after the move, set the new path's smoothed and minimum RTT to 630 ms (a review's script)."""
+    pair, server = _connected(monkeypatch)
+    client, loss = pair.client, server.quic._loss
+    server.quic.send_ping(42)
+    down = [d for d, _ in server.datagrams_to_send(pair.now)]  # on the old path, through a deep queue
+    reset_for_new_path(server.quic)  # the move is validated meanwhile
+    assert not loss._rtt_initialized
+    space = next(s for s in loss.spaces if s.is_application_data)
+    assert space.ack_eliciting_in_flight == 0  # (the old packets no longer arm the new path's probe timer)
+    pair.now += 0.6
+    for d in down:
+        client.receive_datagram(d, quicpair.SERVER, pair.now)
+    up = [d for d, _ in client.datagrams_to_send(pair.now + 0.025)]  # the client's ACK of it
+    assert up
+    for d in up:
+        server.receive_datagram(d, quicpair.CLIENT, pair.now + 0.03)
+    assert not loss._rtt_initialized and loss._rtt_min == math.inf  # no sample from it
+    assert not space.sent_packets and loss.bytes_in_flight == 0  # acknowledged, and its bytes released
 
 
 def test_the_same_host_in_another_form_is_no_host_change() -> None:

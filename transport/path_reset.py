@@ -2,8 +2,7 @@
 
 RFC 9000 §9.4: on confirming the peer's ownership of a new address, an endpoint MUST reset the congestion
 controller and the RTT estimator to initial values (RFC 9002 Appendices A.3 and B.3) unless only the port changed,
-and packets sent on the old path MUST NOT contribute to congestion control or RTT estimation for the new one (the
-RTT part is not done here: below).
+and packets sent on the old path MUST NOT contribute to congestion control or RTT estimation for the new one.
 aioquic (1.7.2, pinned) does neither: a phone that moved from Wi-Fi to LTE kept the Wi-Fi window and round trip, so
 the server sent a window sized for the old path into the new one, and timed its losses and probes by the old RTT.
 
@@ -17,10 +16,15 @@ flip). Returning to a known host keeps the current state, which is what every mo
 A port-only change is left alone: it is nearly always a NAT rebinding, the same path through a new mapping, whose
 window and round trip are still right (§9.4 allows keeping them); starting over would cost a slow start for nothing.
 
-Not done: an ACK whose largest packet was sent on the old path still gives aioquic an RTT sample (it takes one
-from the largest packet an ACK newly covers, whether or not it counts in flight). That needs an old packet
-delivered after the new path was validated, a make-before-break move through a deep queue; in a review's
-script it set the new path's smoothed and minimum RTT to the old path's 630 ms.
+No RTT sample from the old path either: aioquic takes one from the largest packet an ACK newly covers if that ACK
+covers an ack-eliciting packet, whether or not it counts in flight, so the old path's packets stop being
+ack-eliciting (and leave aioquic's count of those in flight, which arms the probe timer: the new path's own
+packets arm it; an old packet's loss is still detected by the packet and time thresholds, and its frames sent
+again). Before, an old packet delivered after the new path was validated (a make-before-break move through a
+deep queue) gave the new path its first sample: in a review's script, a smoothed and minimum RTT of 630 ms.
+"Old" is every packet outstanding at the reset: aioquic does not record a packet's path, so what went to the new
+address before its validation completed (the PATH_CHALLENGE among it) counts as old too, and the new path's first
+sample comes from its next packet with data.
 
 The packets still in flight when the controller is replaced were sent on the old path. Their bytes stay in the new
 controller's ``bytes_in_flight`` (otherwise the fresh window would come on top of them: a burst), but aioquic must
@@ -86,6 +90,9 @@ def reset_for_new_path(quic: QuicConnection) -> None:
         if not space.is_application_data:
             continue
         for packet in space.sent_packets.values():
+            if packet.is_ack_eliciting:  # (aioquic takes RTT samples from ack-eliciting packets only)
+                packet.is_ack_eliciting = False
+                space.ack_eliciting_in_flight -= 1
             if packet.in_flight:
                 packet.in_flight = False
                 packet.delivery_handlers.append((_release, (loss, packet.sent_bytes)))
