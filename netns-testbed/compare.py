@@ -27,14 +27,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tokenwire.daemon.config import MAX_ANSWER_TOKENS
-from tokenwire.daemon.demo_upstream import rate_problem
 from tokenwire.transport import metrics
 
 from .child import Child, ChildError, ExitWatch, exit_status
-from .emulator import DirectionConfig, EmulatorConfig
 from .endpoints import ALL_SCHEMES
 from .netns import run_folder
+from .path_config import PathConfig, check_answers
 from .pktlog import read_packet_log
 from .tokens import answer
 from .topology import Testbed, TestbedError
@@ -48,13 +46,7 @@ class CompareError(ChildError):
 
 
 @dataclass
-class CompareConfig:
-    down_trace: str
-    up_trace: str
-    delay_ms: float = 50.0
-    loss: str = "none"
-    up_loss: str = "none"
-    queue: str = "droptail:packets=1000"
+class CompareConfig(PathConfig):
     schemes: list[str] = field(default_factory=lambda: list(ALL_SCHEMES))
     tokens: int = 400
     rate: float = 30.0
@@ -65,14 +57,6 @@ class CompareConfig:
     timeout_s: float | None = None
     cross: list[str] = field(default_factory=list)
 
-    def emulator_config(self, seed: int, log_path: str | None) -> EmulatorConfig:
-        return EmulatorConfig(
-            down=DirectionConfig(self.down_trace, self.delay_ms, self.loss, self.queue),
-            up=DirectionConfig(self.up_trace, self.delay_ms, self.up_loss, self.queue),
-            seed=seed,
-            log_path=log_path,
-        )
-
     def validate(self) -> None:
         unknown = [s for s in self.schemes if s not in ALL_SCHEMES]
         if unknown or not self.schemes:
@@ -80,20 +64,10 @@ class CompareConfig:
         twice = sorted({s for s in self.schemes if self.schemes.count(s) > 1})
         if twice:  # the summary is keyed by scheme: a second listing ran it again and averaged both runs
             raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
-        if self.tokens < 1 or self.runs < 1:
-            raise ValueError("--tokens and --runs must be >= 1")
-        # the endpoints' demo source: --rate 1e308 failed in the server child as an escaped traceback
-        problem = rate_problem(self.rate, f"--rate {self.rate:g}")
-        if problem:
-            raise ValueError(problem)
-        if self.tokens > MAX_ANSWER_TOKENS:  # the endpoint builds the whole answer first: 2e9 grew ~0.8 GB/s
-            raise ValueError(f"--tokens {self.tokens}: at most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
-        if self.delay_ms < 0:
-            raise ValueError("--delay-ms must be >= 0")
+        check_answers(self.tokens, self.runs, self.rate)
         for spec in self.cross:
             parse_cross(spec)
-        self.emulator_config(self.seed, None).down.validate()
-        self.emulator_config(self.seed, None).up.validate()
+        self.validate_path()
 
     def run_timeout(self) -> float:
         """Deadline for one scheme's answer: generous, but a stuck run does fail."""

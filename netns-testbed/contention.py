@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 from tokenwire.daemon.cli import CLIError, cell, positive_int
 
 from .cli import ctrl_c_throughout
+from .path_config import PathConfig, check_answers
 
 if TYPE_CHECKING:
-    from .emulator import EmulatorConfig
     from .topology import Testbed
     from .trace import Trace
 
@@ -54,13 +54,7 @@ class ContentionError(RuntimeError):
 
 
 @dataclass
-class ContentionConfig:
-    down_trace: str
-    up_trace: str
-    delay_ms: float = 50.0
-    loss: str = "none"
-    up_loss: str = "none"
-    queue: str = "droptail:packets=1000"
+class ContentionConfig(PathConfig):
     chats: int = 10
     schemes: list[str] = field(default_factory=lambda: ["chatterbox", "stream"])
     tokens: int = 300
@@ -69,19 +63,7 @@ class ContentionConfig:
     runs: int = 1
     timeout_s: float | None = None
 
-    def emulator_config(self, seed: int, log_path: str | None) -> EmulatorConfig:
-        from .emulator import DirectionConfig, EmulatorConfig
-
-        return EmulatorConfig(
-            down=DirectionConfig(self.down_trace, self.delay_ms, self.loss, self.queue),
-            up=DirectionConfig(self.up_trace, self.delay_ms, self.up_loss, self.queue),
-            seed=seed, log_path=log_path,
-        )  # fmt: skip
-
     def validate(self) -> None:
-        from tokenwire.daemon.config import MAX_ANSWER_TOKENS
-        from tokenwire.daemon.demo_upstream import rate_problem
-
         unknown = [s for s in self.schemes if s not in CONTENTION_SCHEMES]
         if unknown or not self.schemes:
             raise ValueError(f"--schemes: unknown scheme(s) {unknown}; choose from {', '.join(CONTENTION_SCHEMES)}")
@@ -90,17 +72,8 @@ class ContentionConfig:
             raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
         if not 1 <= self.chats <= MAX_CHATS:
             raise ValueError(f"--chats {self.chats}: 1 to {MAX_CHATS}")
-        if self.tokens < 1 or self.runs < 1:
-            raise ValueError("--tokens and --runs must be >= 1")
-        if self.tokens > MAX_ANSWER_TOKENS:
-            raise ValueError(f"--tokens {self.tokens}: at most {MAX_ANSWER_TOKENS} (the daemon's bound on an answer)")
-        problem = rate_problem(self.rate, f"--rate {self.rate:g}")
-        if problem:
-            raise ValueError(problem)
-        if self.delay_ms < 0:
-            raise ValueError("--delay-ms must be >= 0")
-        self.emulator_config(self.seed, None).down.validate()
-        self.emulator_config(self.seed, None).up.validate()
+        check_answers(self.tokens, self.runs, self.rate)
+        self.validate_path()
 
     def run_timeout(self) -> float:
         """Deadline for one run's answers from "go": generous (a congested link may take several times the
@@ -114,14 +87,12 @@ class ContentionConfig:
 
 
 def percentile(values: Iterable[float | None], q: float) -> float | None:
-    """The ``q`` quantile (0..1, linear between ranks) of the known values; None without any (None and NaN are
-    unknown: a flow that failed, or a stall ratio the SDK could not measure)."""
-    xs = sorted(float(v) for v in values if v is not None and not math.isnan(v))
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    """The ``q`` quantile (0..1, linear between ranks: ``metrics.percentile``) of the known values; None without any
+    (None and NaN are unknown: a flow that failed, or a stall ratio the SDK could not measure)."""
+    from tokenwire.transport.metrics import percentile as linear
+
+    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return linear(xs, 100.0 * q) if xs else None
 
 
 def jain_index(values: Iterable[float | None]) -> float | None:
