@@ -5,7 +5,9 @@ that link then looks like (how full, how deep its queue, how fairly it is shared
 each run (seed) and scheme a fresh testbed is built; the real daemon (demo upstream) starts in the server
 namespace, client workers (:mod:`.contention_client`) open N SDK connections in the client namespace, the
 emulator's clocks restart (``origin``) and every answer starts together. Flow ``i`` asks the demo for seed
-``seed + i``, so every scheme serves the same answers on the same trace and loss pattern.
+``seed + i``, so every scheme serves the same answers on the same trace and loss pattern. ``--cross`` adds
+``compare``'s cross traffic (:mod:`.traffic`) to every run; a run that fails or is interrupted midway hands on
+what finished, in ``compare``'s partial shape (:func:`partial_summary`).
 
 The aggregation (:func:`percentile`, :func:`jain_index`, :func:`down_link_summary`, :func:`run_summary`,
 :func:`scheme_summary`) is pure: it takes the workers' flow records and the emulator's packet log rows.
@@ -25,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from tokenwire.daemon.cli import CLIError, cell, positive_int
 
 from .cli import ctrl_c_throughout
 from .path_config import PathConfig, check_answers
+from .traffic import CROSS_HELP, parse_cross
 
 if TYPE_CHECKING:
     from .topology import Testbed
@@ -47,6 +50,7 @@ PORT = 8443
 UDP = "17"  # a packet log row's ``proto`` (the IP protocol number)
 READY_S = 60.0
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
+UNIX_PATH_MAX = 108  # sun_path of an AF_UNIX address, its terminating NUL included
 
 
 class ContentionError(RuntimeError):
@@ -62,6 +66,8 @@ class ContentionConfig(PathConfig):
     seed: int = 0
     runs: int = 1
     timeout_s: float | None = None
+    cross: list[str] = field(default_factory=list)
+    """Cross traffic server -> client (:func:`.traffic.parse_cross` specs), as ``compare --cross``."""
 
     def validate(self) -> None:
         unknown = [s for s in self.schemes if s not in CONTENTION_SCHEMES]
@@ -73,6 +79,8 @@ class ContentionConfig(PathConfig):
         if not 1 <= self.chats <= MAX_CHATS:
             raise ValueError(f"--chats {self.chats}: 1 to {MAX_CHATS}")
         check_answers(self.tokens, self.runs, self.rate)
+        for spec in self.cross:
+            parse_cross(spec)
         self.validate_path()
 
     def run_timeout(self) -> float:
@@ -106,28 +114,34 @@ def jain_index(values: Iterable[float | None]) -> float | None:
 
 
 def down_link_summary(rows: Iterable[dict[str, str]], trace: Trace, origin: float,
-                      server_port: int = PORT) -> dict[str, Any]:
-    """The down link from the emulator's packet log, from ``origin`` (the trace's restart) on.
+                      server_port: int = PORT, until: float | None = None) -> dict[str, Any]:
+    """The down link from the emulator's packet log, from ``origin`` (the trace's restart) on, up to ``until``
+    (the answers' end, on the same clock; None: the whole log). Cross traffic runs until the testbed goes down:
+    without the bound its packets after the chats stretched the span and filled it.
 
-    ``utilisation``: IP bytes delivered over the trace's capacity from the origin to the last delivery's departure
-    (the link's byte budget: a small packet leaves the rest of its opportunity to the next one). ``sojourn_ms_*``:
+    ``utilisation``: IP bytes delivered (the chats' and any cross traffic's) over the trace's capacity from the
+    origin to the last delivery's departure (the link's byte budget: a small packet leaves the rest of its
+    opportunity to the next one); ``chats_utilisation``: the daemon's share of it alone. ``sojourn_ms_*``:
     queueing of the delivered packets. ``bytes_by_port``: IP bytes the daemon sent to each client port, as
     ``compare`` counts them (every packet offered to the link, delivered or not: what the scheme spent).
     """
-    packets = lost = dropped = delivered_bytes = 0
+    packets = lost = dropped = delivered_bytes = chats_bytes = 0
     last_departure: float | None = None
     sojourns: list[float] = []
     by_port: dict[int, int] = {}
     for row in rows:
-        if row["dir"] != "down" or float(row["arrival"]) < origin:
+        arrival = float(row["arrival"])
+        if row["dir"] != "down" or arrival < origin or (until is not None and arrival >= until):
             continue
         packets += 1
         size = int(row["size"])
-        if row["proto"] == UDP and row["sport"] == str(server_port) and row["dport"]:
+        daemon = row["proto"] == UDP and row["sport"] == str(server_port) and bool(row["dport"])
+        if daemon:
             port = int(row["dport"])
             by_port[port] = by_port.get(port, 0) + size
         if row["fate"] == "delivered":
             delivered_bytes += size
+            chats_bytes += size if daemon else 0
             if row["departure"]:
                 dep = float(row["departure"])
                 last_departure = dep if last_departure is None else max(last_departure, dep)
@@ -141,8 +155,9 @@ def down_link_summary(rows: Iterable[dict[str, str]], trace: Trace, origin: floa
     capacity = trace.bytes_between(0.0, span * 1000.0) if span else 0
     return {
         "packets": packets, "lost": lost, "dropped": dropped, "delivered_bytes": delivered_bytes,
-        "span_s": span, "capacity_bytes": capacity,
+        "chats_delivered_bytes": chats_bytes, "span_s": span, "capacity_bytes": capacity,
         "utilisation": delivered_bytes / capacity if capacity else None,
+        "chats_utilisation": chats_bytes / capacity if capacity else None,
         "sojourn_ms_p50": percentile(sojourns, 0.5), "sojourn_ms_p99": percentile(sojourns, 0.99),
         "bytes_by_port": by_port,
     }  # fmt: skip
@@ -211,6 +226,7 @@ def scheme_summary(runs: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "ttft_ms_p90": percentile((f.get("ttft_ms") for f in done), 0.9),
         "bytes_per_token": _mean(r["bytes_per_token"] for r in runs),
         "utilisation": _mean(r["link"]["utilisation"] for r in runs),
+        "chats_utilisation": _mean(r["link"].get("chats_utilisation") for r in runs),
         "sojourn_ms_p50": _mean(r["link"]["sojourn_ms_p50"] for r in runs),
         "sojourn_ms_p99": _mean(r["link"]["sojourn_ms_p99"] for r in runs),
         "jain_goodput": _mean(r["jain_goodput"] for r in runs),
@@ -310,17 +326,21 @@ def _wait_ready(notify: socket.socket, daemon: subprocess.Popen, err_path: str, 
 
 
 def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progress: Progress | None = None, *,
-            scratch: str | None = None) -> dict[str, Any]:
-    """One scheme's run through a fresh testbed: :func:`run_summary` plus the daemon's and emulator's CPU share."""
-    from .child import ChildError, ExitWatch, exit_status
+            scratch: str | None = None, note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One scheme's run through a fresh testbed: :func:`run_summary` plus the daemon's and emulator's CPU share.
+    ``note`` hears how many chats connected (the wait for them, up to :data:`CONNECT_WAIT_S`, was silent)."""
+    from .child import ChildError, ExitWatch, exit_status, last_error_line
     from .compare import _watching_emulator
     from .netns import TestbedError
     from .pktlog import read_packet_log
     from .topology import Testbed
     from .trace import trace_from_spec
+    from .traffic import start_cross
 
     tag = f"{scheme}.seed{seed}"
-    folder = os.path.join(workdir, tag)
+    # absolute: the daemon resolves its config's certificate paths from the config's folder, and a relative
+    # --keep DIR made them DIR/<tag>/DIR/<tag>/cert.pem ("does not exist": every run failed at start)
+    folder = os.path.abspath(os.path.join(workdir, tag))
     os.makedirs(folder, exist_ok=True)
     log_path = os.path.join(folder, "pktlog.csv")
     total = cfg.chats * cfg.tokens
@@ -328,9 +348,13 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
         with (Testbed(cfg.emulator_config(seed, log_path), backend="userspace", scratch=scratch,
                       emulator_stderr=os.path.join(folder, "emulator.stderr")) as tb,
               _watching_emulator(tb, scheme, seed) as watches,
-              socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify):
+              socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+              _short_folder(folder) as notify_folder):
+            cross = []
+            if cfg.cross:  # as compare: through the handshakes and every answer; stopped with the testbed
+                cross = start_cross(tb, cfg.cross, READY_S + CONNECT_WAIT_S + cfg.run_timeout() + 60.0)
             conf, cafile = _daemon_config(tb, folder, cfg)
-            notify_path = os.path.join(folder, "notify.sock")
+            notify_path = os.path.join(notify_folder, "notify.sock")
             notify.bind(notify_path)
             err_path = os.path.join(folder, "daemon.stderr")
             with open(err_path, "w") as err:
@@ -338,24 +362,43 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
                                                  conf], env={**os.environ, "NOTIFY_SOCKET": notify_path},
                                   stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
             _wait_ready(notify, daemon, err_path, watches)
-            daemon_watch = ExitWatch(daemon, lambda st: ChildError(f"the daemon exited ({exit_status(st)}) during "
-                                                                   f"{scheme} seed {seed}; see {err_path}"))
+
+            def daemon_failed(status: int) -> ChildError:
+                # its last error line: the folder of a run without --keep is gone by the time the error is read
+                why = ""
+                with contextlib.suppress(OSError), open(err_path, errors="replace") as fh:
+                    why = last_error_line(fh.read())
+                # (the ContentionError it becomes, below, names the scheme and seed)
+                return ChildError(f"the daemon exited ({exit_status(status)}) mid-run" + (f": {why}" if why else "")
+                                  + (f"; see {err_path}" if scratch is None else ""))
+
+            daemon_watch = ExitWatch(daemon, daemon_failed)
+            # a cross sender sends for longer than the run can last: its exit is a failure (a refused congestion
+            # control, say), which otherwise left a run "with cross traffic" without any
+            cross_watches = [_exit_watch(c.proc, f"cross traffic {c.name}") for c in cross
+                             if c.name.endswith(" sender")]
             try:
-                workers = _start_workers(tb, cfg, scheme, seed, folder, cafile, [*watches, daemon_watch])
+                workers = _start_workers(tb, cfg, scheme, seed, folder, cafile,
+                                         [*watches, daemon_watch, *cross_watches])
                 deadline = time.monotonic() + CONNECT_WAIT_S
                 connected = sum(int(w.wait_for("connected", deadline - time.monotonic())["connected"])
                                 for w in workers)
                 if connected == 0:
                     raise ContentionError(f"{scheme} seed {seed}: no chat connected to the daemon")
+                if note:
+                    note(f"    {scheme}: {connected}/{cfg.chats} chats connected"
+                         + ("" if connected == cfg.chats else " (the others count as failed flows)"))
                 origin = tb.origin()
                 cpu0, emu0, t0 = _cpu_seconds(daemon.pid), _emulator_cpu(tb), time.monotonic()
                 for w in workers:
                     w.send("go")
                 _await_workers(workers, scheme, total, cfg.run_timeout(), progress)
-                wall = time.monotonic() - t0
+                end = time.monotonic()
+                wall = end - t0
                 cpu1, emu1 = _cpu_seconds(daemon.pid), _emulator_cpu(tb)
             finally:
-                daemon_watch.close()
+                for w in (daemon_watch, *cross_watches):
+                    w.close()
             daemon.terminate()
             try:
                 daemon.wait(10)
@@ -370,11 +413,31 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
     for k in range(len(workers)):
         with open(os.path.join(folder, f"worker{k}.json")) as fh:
             flows += json.load(fh)["flows"]
-    link = down_link_summary(read_packet_log(log_path), trace_from_spec(cfg.down_trace), origin)
+    link = down_link_summary(read_packet_log(log_path), trace_from_spec(cfg.down_trace), origin, until=end)
     run = run_summary(flows, link, cfg.tokens)
     run.update(scheme=scheme, seed=seed, chats=cfg.chats, wall_s=wall, daemon_cpu_share=(cpu1 - cpu0) / wall,
                emulator_cpu_share=None if emu0 is None or emu1 is None else (emu1 - emu0) / wall)
     return run
+
+
+def _exit_watch(proc: subprocess.Popen, what: str) -> Any:
+    """An :class:`.child.ExitWatch` that fails a run when ``proc`` exits, naming it as ``what``."""
+    from .child import ChildError, ExitWatch, exit_status
+
+    return ExitWatch(proc, lambda status: ChildError(f"{what} exited ({exit_status(status)}) mid-run"))
+
+
+@contextlib.contextmanager
+def _short_folder(folder: str) -> Iterator[str]:
+    """``folder``, or a temporary one where a socket's path in it would pass the kernel's limit on an AF_UNIX
+    path (108 bytes): a deep --keep DIR failed with "AF_UNIX path too long"."""
+    if len(os.path.join(folder, "notify.sock").encode()) < UNIX_PATH_MAX:
+        yield folder
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tw-contention-") as short:
+        yield short
 
 
 def _emulator_cpu(tb: Testbed) -> float | None:
@@ -418,22 +481,84 @@ def _await_workers(workers: list[Any], scheme: str, total: int, timeout: float, 
 
 
 def run_contention(cfg: ContentionConfig, *, workdir: str | None = None, progress: Progress | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every scheme for ``cfg.runs`` seeds; the JSON document."""
+                   log: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None,
+                   on_partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every scheme for ``cfg.runs`` seeds; the JSON document (:func:`summarize`).
+
+    As ``compare``'s :func:`.compare.run_compare`: a failure or an interrupt after at least one finished run first
+    hands ``on_partial`` what finished (:func:`partial_summary`), then propagates. Ctrl-C at the sixth of six
+    10-minute runs threw the five finished ones away."""
     from .netns import run_folder
 
     cfg.validate()
-    per_scheme: dict[str, list[dict[str, Any]]] = {s: [] for s in cfg.schemes}
-    with run_folder(workdir, "tw-contention-") as (wd, scratch):
-        for k in range(cfg.runs):
-            seed = cfg.seed + k
-            for s in cfg.schemes:
-                if log:
-                    log(f"seed {seed}: {s}, {cfg.chats} chats")
-                per_scheme[s].append(run_one(s, cfg, seed, wd, progress, scratch=scratch))
+    finished: list[dict[str, Any]] = []
+    current: tuple[str, int] | None = None  # the run under way: the one a failure or an interrupt stopped
+    try:
+        with run_folder(workdir, "tw-contention-") as (wd, scratch):
+            for k in range(cfg.runs):
+                seed = cfg.seed + k
+                for s in cfg.schemes:
+                    if log:
+                        log(f"seed {seed}: {s}, {cfg.chats} chats")
+                    current = (s, seed)
+                    finished.append(run_one(s, cfg, seed, wd, progress, scratch=scratch, note=note))
+                    current = None
+    except BaseException as exc:
+        if finished and on_partial is not None:
+            try:
+                doc = partial_summary(cfg, finished, current, exc)
+            except Exception as err:  # never hide the failure itself behind one in summarizing what finished
+                exc.add_note(f"(the finished runs could not be summarized: {err!r})")
+            else:
+                on_partial(doc)
+        raise
+    return summarize(cfg, finished)
+
+
+def summarize(cfg: ContentionConfig, finished: list[dict[str, Any]]) -> dict[str, Any]:
+    """The complete document from every run (:func:`run_one`'s dicts, any order): per scheme its runs in seed
+    order, their :func:`scheme_summary` and chatterbox's :func:`comparison_block`."""
+    per_scheme = {s: sorted((r for r in finished if r["scheme"] == s), key=lambda r: r["seed"]) for s in cfg.schemes}
     schemes = {s: scheme_summary(rs, cfg.tokens) for s, rs in per_scheme.items()}
     return {"schemes": schemes, "comparison": comparison_block(schemes), "runs": per_scheme, "config": asdict(cfg),
             "complete": True}
+
+
+def partial_summary(cfg: ContentionConfig, finished: list[dict[str, Any]], stopped: tuple[str, int] | None,
+                    exc: BaseException) -> dict[str, Any]:
+    """The JSON of a run that did not finish, in ``compare``'s shape (:func:`.compare.partial_summary`).
+
+    No top-level ``schemes`` or ``comparison``, so no reader of the complete document takes a few runs for the
+    whole. ``"complete": false``; ``stopped_by`` ("error" or "interrupt") and ``error`` (the error, or
+    "interrupted"); ``stopped_at`` (the run under way, ``{scheme, seed}``; null between runs); ``runs_finished``
+    (each finished run as the complete document's ``runs`` hold it, with ``seed_complete``: every scheme of its
+    seed finished); ``runs_missing`` (scheme, seed, why); ``complete_seeds`` (``schemes`` and ``comparison`` over
+    the seeds every scheme finished, with their ``seeds``; null without one); ``config``.
+    """
+    from .compare import _stopped_by
+
+    why = _stopped_by(exc)
+    done = {(r["scheme"], r["seed"]) for r in finished}
+    seeds = range(cfg.seed, cfg.seed + cfg.runs)
+    whole = [seed for seed in seeds if all((s, seed) in done for s in cfg.schemes)]
+    missing = [
+        {"scheme": s, "seed": seed, "why": why if (s, seed) == stopped else "not run: the run stopped before it"}
+        for seed in seeds for s in cfg.schemes if (s, seed) not in done
+    ]
+    complete_seeds: dict[str, Any] | None = None
+    if whole:
+        doc = summarize(cfg, [r for r in finished if r["seed"] in whole])
+        complete_seeds = {"seeds": whole, "schemes": doc["schemes"], "comparison": doc["comparison"]}
+    return {
+        "complete": False,
+        "stopped_by": "interrupt" if isinstance(exc, KeyboardInterrupt) else "error",
+        "error": why,
+        "stopped_at": None if stopped is None else {"scheme": stopped[0], "seed": stopped[1]},
+        "runs_finished": [{**r, "seed_complete": r["seed"] in whole} for r in finished],
+        "runs_missing": missing,
+        "complete_seeds": complete_seeds,
+        "config": asdict(cfg),
+    }
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -453,7 +578,10 @@ def register_contention(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=positive_int, default=300, metavar="N", help="tokens per answer")
     p.add_argument("--rate", type=float, default=30.0, metavar="R", help="tokens per second of each answer")
     p.add_argument("--runs", type=positive_int, default=1, help="seeds seed, seed+1, ... (flows pooled)")
-    p.add_argument("--json", metavar="PATH", help="write the summary JSON (with per-flow rows) here")
+    p.add_argument("--cross", action="append", metavar="SPEC",
+                   help=f"cross traffic server -> client during every run (repeatable): {CROSS_HELP}")
+    p.add_argument("--json", metavar="PATH", help="write the summary JSON (with per-flow rows) here; a run that "
+                   'fails or is interrupted writes what finished, marked "complete": false')
     p.add_argument("--keep", metavar="DIR", help="keep packet logs, daemon and worker outputs in DIR")
     p.set_defaults(handler=cmd_contention)
 
@@ -472,7 +600,7 @@ def config_from_args(args: argparse.Namespace) -> ContentionConfig:
     cfg = ContentionConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
         up_loss=args.up_loss, queue=args.queue, chats=args.chats, schemes=schemes, tokens=args.tokens,
-        rate=args.rate, seed=args.seed, runs=args.runs,
+        rate=args.rate, seed=args.seed, runs=args.runs, cross=args.cross or [],
     )  # fmt: skip
     check_path(cfg.down_trace, cfg.up_trace, cfg.validate)
     return cfg
@@ -481,9 +609,10 @@ def config_from_args(args: argparse.Namespace) -> ContentionConfig:
 @ctrl_c_throughout
 def cmd_contention(args: argparse.Namespace) -> int:
     """Under :func:`.cli.ctrl_c_throughout`: SIGTERM and SIGHUP tear the namespaces down as Ctrl-C does."""
-    from tokenwire.daemon.cli import write_json
+    from tokenwire.daemon.cli import save_json, write_json
 
     from .child import ChildError
+    from .compare import describe_partial
     from .netns import TestbedError, check_root
 
     cfg = config_from_args(args)
@@ -495,24 +624,53 @@ def cmd_contention(args: argparse.Namespace) -> int:
     done = [0]
     shown_at = 0.0
     shown: tuple[str, int] | None = None  # the last progress line's (scheme, count): each worker's report calls
+    unshown: str | None = None  # the latest line the 5-s throttle held back
     started = time.monotonic()
 
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def show_last_progress() -> None:
+        """A run's latest count once it ends: the throttle left one up to 5 s old as the last word on a run whose
+        flows did not all finish (a whole run's last count is always shown)."""
+        nonlocal unshown
+        if unshown is not None:
+            say(unshown)
+            unshown = None
+
     def log(msg: str) -> None:
+        show_last_progress()
         done[0] += 1
-        print(f"[{done[0]}/{total}] {msg}", file=sys.stderr, flush=True)
+        say(f"[{done[0]}/{total}] {msg}")
 
     def progress(scheme: str, k: int, n: int) -> None:
-        nonlocal shown_at, shown
+        nonlocal shown_at, shown, unshown
         now = time.monotonic()
-        if (now - shown_at >= 5.0 or k >= n) and shown != (scheme, k):
-            shown_at, shown = now, (scheme, k)
-            print(f"    {scheme}: {k}/{n} tokens rendered ({k / n:.0%}), {now - started:.0f} s elapsed",
-                  file=sys.stderr, flush=True)
+        if shown == (scheme, k):
+            return
+        line = f"    {scheme}: {k}/{n} tokens rendered ({k / n:.0%}), {now - started:.0f} s elapsed"
+        if now - shown_at >= 5.0 or k >= n:
+            shown_at, shown, unshown = now, (scheme, k), None
+            say(line)
+        else:
+            unshown = line
+
+    def keep_partial(doc: dict[str, Any]) -> None:
+        """A failure or an interrupt after finished runs: they are written, marked "complete": false, not lost."""
+        show_last_progress()
+        if not args.json:
+            say(f"testbed contention: {describe_partial(doc)}; not saved (no --json)")
+            return
+        save_json(args.json, doc, indent=1)
+        say(f'testbed contention: {describe_partial(doc)}; wrote them to {args.json} ("complete": false)')
 
     try:
-        summary = run_contention(cfg, workdir=args.keep, progress=progress, log=log)
+        summary = run_contention(cfg, workdir=args.keep, progress=progress, log=log, note=say,
+                                 on_partial=keep_partial)
     except (ContentionError, TestbedError, ChildError) as exc:
+        show_last_progress()
         raise CLIError(str(exc)) from None
+    show_last_progress()
     print_table(summary)
     if args.json:
         write_json(summary, args.json)
@@ -530,5 +688,9 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{f(d['utilisation'], '6.1%')} {soj:>19} {f(d['jain_goodput'], '6.3f')} "
               f"{f(d['daemon_cpu_share'], '5.2f')} {d['flows_finished']:>4}/{d['flows']:<4} "
               f"{d['digests_verified']:>8}")
+    cross = summary["config"].get("cross")
+    if cross:  # util counts every delivered byte: say how much of it was the chats'
+        shares = ", ".join(f"{s} {f(d.get('chats_utilisation'), '.1%')}" for s, d in summary["schemes"].items())
+        print(f"cross traffic {' + '.join(cross)}: util counts it too; the chats' own share of the link: {shares}")
     for line in comparison_lines(summary["comparison"]):
         print(line)

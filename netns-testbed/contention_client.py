@@ -92,10 +92,13 @@ async def _run(spec: dict[str, Any]) -> None:
                 _emit({"progress": sum(rendered)})
 
         reporter = asyncio.create_task(report())
+        timeout = float(spec["timeout"])
         try:
             flows = await asyncio.wait_for(
-                asyncio.gather(*(one(k, i, c, hs) for k, (i, (c, hs)) in enumerate(conns))),
-                float(spec["timeout"]))
+                asyncio.gather(*(one(k, i, c, hs) for k, (i, (c, hs)) in enumerate(conns))), timeout)
+        except TimeoutError:  # the coordinator's error read "client worker 0: TimeoutError: " and nothing more
+            raise TimeoutError(f"its {len(conns)} answers were not all in within {timeout:g} s "
+                               f"({sum(rendered)} of {len(conns) * int(spec['tokens'])} tokens rendered)") from None
         finally:
             reporter.cancel()
         flows += [{**e, "port": None} for e in errors]
