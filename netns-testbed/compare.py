@@ -36,7 +36,7 @@ from .path_config import PathConfig, check_answers
 from .pktlog import read_packet_log
 from .tokens import answer
 from .topology import Testbed, TestbedError
-from .traffic import parse_cross, start_cross
+from .traffic import parse_cross, start_cross, watch_senders
 
 PORT = 8443
 
@@ -167,9 +167,14 @@ def _run_scheme(scheme: str, cfg: CompareConfig, seed: int, workdir: str, progre
     emulator_stderr = os.path.join(workdir, f"{tag}.emulator.stderr")
     with (Testbed(cfg.emulator_config(seed, log_path), backend=cfg.backend, scratch=scratch,
                   emulator_stderr=emulator_stderr) as tb,
-          _watching_emulator(tb, scheme, seed) as watches):
+          _watching_emulator(tb, scheme, seed) as watches,
+          contextlib.ExitStack() as stack):
+        cross = []
         if cfg.cross:  # running through the handshake and the whole answer; stopped with the testbed
-            start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
+            cross = start_cross(tb, cfg.cross, cfg.run_timeout() + 60)
+        cross_watches = watch_senders(cross)  # a sender's exit ends the run with its error
+        stack.callback(lambda: [w.close() for w in cross_watches])
+        watches = [*watches, *cross_watches]
         srv = _start(tb, tb.server_ns, "server", scheme, srv_out, cfg, seed, workdir, tag, watches, kept)
         srv.wait_for("ready", 30)
         cli = _start(tb, tb.client_ns, "client", scheme, cli_out, cfg, seed, workdir, tag, watches, kept)

@@ -335,7 +335,7 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
     from .pktlog import read_packet_log
     from .topology import Testbed
     from .trace import trace_from_spec
-    from .traffic import start_cross
+    from .traffic import start_cross, watch_senders
 
     tag = f"{scheme}.seed{seed}"
     # absolute: the daemon resolves its config's certificate paths from the config's folder, and a relative
@@ -375,8 +375,7 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
             daemon_watch = ExitWatch(daemon, daemon_failed)
             # a cross sender sends for longer than the run can last: its exit is a failure (a refused congestion
             # control, say), which otherwise left a run "with cross traffic" without any
-            cross_watches = [_exit_watch(c.proc, f"cross traffic {c.name}") for c in cross
-                             if c.name.endswith(" sender")]
+            cross_watches = watch_senders(cross)  # (a sender that exits fails the run)
             try:
                 workers = _start_workers(tb, cfg, scheme, seed, folder, cafile,
                                          [*watches, daemon_watch, *cross_watches])
@@ -418,13 +417,6 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
     run.update(scheme=scheme, seed=seed, chats=cfg.chats, wall_s=wall, daemon_cpu_share=(cpu1 - cpu0) / wall,
                emulator_cpu_share=None if emu0 is None or emu1 is None else (emu1 - emu0) / wall)
     return run
-
-
-def _exit_watch(proc: subprocess.Popen, what: str) -> Any:
-    """An :class:`.child.ExitWatch` that fails a run when ``proc`` exits, naming it as ``what``."""
-    from .child import ChildError, ExitWatch, exit_status
-
-    return ExitWatch(proc, lambda status: ChildError(f"{what} exited ({exit_status(status)}) mid-run"))
 
 
 @contextlib.contextmanager

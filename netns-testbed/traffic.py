@@ -312,3 +312,17 @@ def start_cross(tb: Any, specs: list[str], duration: float, *, size: int = CROSS
         c_send.wait_for("ready", 15)
         children += [c_sink, c_send]
     return children
+
+
+def watch_senders(children: list[Any]) -> list[Any]:
+    """An :class:`.child.ExitWatch` per cross sender of :func:`start_cross`: each sends for longer than the run
+    can last, so its exit is a failure (a congestion control the kernel refused, a crash) that otherwise left a
+    run reported "with cross traffic" without any. Sinks are not watched: an on/off sink ends by itself after
+    its idle time. The caller closes them."""
+    from .child import ChildError, ExitWatch, exit_status
+
+    def watch(c: Any) -> Any:
+        name = f"cross traffic {c.name}"
+        return ExitWatch(c.proc, lambda status: ChildError(f"{name} exited ({exit_status(status)}) mid-run"))
+
+    return [watch(c) for c in children if c.name.endswith(" sender")]
