@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from tokenwire.daemon.config import MAX_ANSWER_TOKENS, Limits
 from tokenwire.transport import metrics
+from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUEUE_DELAY_SHARE
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import (
     POLICIES,
@@ -315,12 +316,20 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
     the answer never rendered: 835 of 3000 tokens on TMobile-UMTS-driving.) With tokens unacknowledged and
     nothing sent for an idle-repair timeout (``REPAIR_*``), a repair packet carries the floor's run and, when
     that does not reach the newest token, the newest unacknowledged tokens newest first, as the real one does
-    after generation ends with a tail lost. Not modelled: the congestion window's half-window rule for repeats
-    during ack silence (vsim's paced flow has no window; its acks are never lost), and the cap of two repeats per
-    packet while the path queues or CE marks come back (``chatterbox.CONGESTED_REPEATS``, added after this
-    model's results in docs/swiftqueue.md: with L4S marking the real sender's packets are smaller whenever the
-    L queue marks).
+    after generation ends with a tail lost. While the path is congested, a packet with a new token repeats at most
+    the ``chatterbox.CONGESTED_REPEATS`` oldest unacknowledged tokens (a repair is not capped), judged as
+    :meth:`tokenwire.transport.server_session.ServerSession._path_congested` judges it: the smoothed round trip
+    (aioquic's rule: the first sample, then 7/8 old + 1/8 new) above the lowest one by more than
+    ``QUEUE_DELAY_S`` or ``QUEUE_DELAY_SHARE`` of it, or a CE mark acknowledged within one smoothed round trip on
+    a packet not sent ECT(1). (CE on ECT(1), an L queue's routine mark, counts there only while the bytes in flight
+    fill ``chatterbox.L4S_CE_WINDOW_SHARE`` of the congestion window; this flow has no window, so never.)
+    (The docs/swiftqueue.md tables of session 35 and before were made without the cap.) :attr:`congestion_cap`
+    switches it off.
+    Not modelled: the congestion window's half-window rule for repeats during ack silence (vsim's paced flow has
+    no window; its acks are never lost), and the client's ack delay in the round-trip samples.
     """
+
+    congestion_cap = True  # the cap of repeats on a congested path (False: the sender before it, for comparison)
 
     def __init__(self, policy: MarkingPolicy, spec: FlowSpec, *, max_redundant: int = Limits.max_redundant_tokens,
                  **kw: Any) -> None:
@@ -344,6 +353,11 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         self._backoff = 0
         self._last_send = -math.inf
         self._repair_timer: int | None = None
+        # the congestion cap's view of the path, as aioquic's recovery and ServerSession keep it
+        self._rtt_min = math.inf
+        self._rtt_smoothed: float | None = None
+        self._ce_at = -math.inf  # when an acknowledgement last carried a CE mark on a packet not sent ECT(1)
+        self.repeats_capped = 0  # packets whose repeats the cap cut
 
     def on_start(self, now: float) -> None:
         self._tick(now)
@@ -357,13 +371,27 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         self._send(now)
         self.sim.call_at(self.start + self._ticks * self.interval, self._tick)
 
-    def _token_runs(self, repair: bool) -> tuple[tuple[int, int], ...]:
-        """The runs of the packet leaving now (after a new token, if any, was appended to ``gen``)."""
+    def path_congested(self, now: float) -> bool:
+        """The real session's verdict (``ServerSession._path_congested``) from this flow's acknowledgements."""
+        srtt = self._rtt_smoothed
+        if srtt is None:
+            return False
+        floor = self._rtt_min
+        if srtt - floor > max(QUEUE_DELAY_S, QUEUE_DELAY_SHARE * floor):
+            return True
+        return now - self._ce_at < srtt
+
+    def _token_runs(self, repair: bool, *, congested: bool = False) -> tuple[tuple[int, int], ...]:
+        """The runs of the packet leaving now (after a new token, if any, was appended to ``gen``); ``congested``:
+        the cap applies (:meth:`path_congested`)."""
         sent_end = len(self.gen)  # tokens generated so far (all sent at least once after this packet)
         new_first = sent_end if repair else sent_end - 1
         room = TOKENS_PER_PACKET - (sent_end - new_first)  # new tokens claim the packet first
         old_first = self._floor
         old_end = min(new_first, old_first + self.max_redundant, old_first + room)
+        if congested and not repair and old_end > old_first + CONGESTED_REPEATS:
+            old_end = old_first + CONGESTED_REPEATS  # (TokenSender.build: only packets with a new token)
+            self.repeats_capped += 1
         runs: list[tuple[int, int]] = [(old_first, old_end)] if old_first < old_end else []
         if repair and runs and old_end < sent_end:
             # a repair also carries the newest unacknowledged tokens, newest first (TokenSender.build, step 3)
@@ -387,7 +415,7 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         if self.spec.kind == "tokens":
             if not repair:
                 self.gen.append(now)
-            runs = self._token_runs(repair)
+            runs = self._token_runs(repair, congested=self.congestion_cap and not repair and self.path_congested(now))
             size = TOKEN_PACKET_HEADER_B + TOKEN_B * sum(e - f for f, e in runs)
             rec = SentRecord(now, cp, size, runs)
         else:
@@ -429,6 +457,11 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         if not rec.runs:
             return
         self._srtt = 0.875 * self._srtt + 0.125 * (now - sent)  # as the sender's echo-based SRTT
+        sample = now - sent  # aioquic's smoothed and lowest round trip, for the congestion cap
+        self._rtt_min = min(self._rtt_min, sample)
+        self._rtt_smoothed = sample if self._rtt_smoothed is None else 0.875 * self._rtt_smoothed + 0.125 * sample
+        if ce and rec.ecn != ECT1:  # (an L-queue mark alone is no congestion: ServerSession._note_ce)
+            self._ce_at = now
         floor = self._floor
         for first, end in rec.runs:
             self._acked_above.update(range(max(first, self._floor), end))
@@ -652,6 +685,7 @@ def run_virtual(cfg: SwiftQueueConfig, policy_name: str, *, forecaster: LatencyF
     if isinstance(flow, MarkedPacedFlow) and spec.kind == "tokens":
         run.gen = list(flow.gen)
         run.extra["repair_packets"] = flow.repairs
+        run.extra["repeats_capped"] = flow.repeats_capped
         render = [math.inf] * len(flow.gen)
         for seq, t_arr in arrivals.items():
             for a, b in sent_log[seq].runs:
@@ -714,7 +748,8 @@ def summarize_run(run: PolicyRun, warmup_s: float, t0: float = 0.0) -> dict[str,
       token's render (to the end of the run when some never rendered). Generation is paced alike for every
       policy, so this differs between policies only by how late the answer finishes on screen and by what
       never arrives (it was ``(rendered - 1) / generation span``: 1.000 against ``l4s`` by construction);
-    * ``repair_packets`` (virtual runs): packets that carried no new token (the idle-repair timer).
+    * ``repair_packets`` (virtual runs): packets that carried no new token (the idle-repair timer);
+    * ``repeats_capped`` (virtual runs): packets whose repeats the congestion cap cut (:class:`MarkedPacedFlow`).
     """
     rs = [r for r in run.records if r["t"] - t0 >= warmup_s]
     lat = [r["latency_ms"] for r in rs if r["latency_ms"] is not None]
@@ -742,6 +777,8 @@ def summarize_run(run: PolicyRun, warmup_s: float, t0: float = 0.0) -> dict[str,
         out["goodput_tokens_per_s"] = rendered / span if span > 0 else None
         if "repair_packets" in run.extra:
             out["repair_packets"] = run.extra["repair_packets"]
+        if "repeats_capped" in run.extra:
+            out["repeats_capped"] = run.extra["repeats_capped"]
     if run.decisions:
         out["decisions"] = run.decisions
     if run.forecaster:

@@ -22,7 +22,7 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.stream import QuicStream
 
 from .ack_timing import AckTiming
-from .chatterbox import QUEUE_DELAY_S, QUEUE_DELAY_SHARE, SenderStats, TokenSender
+from .chatterbox import L4S_CE_WINDOW_SHARE, QUEUE_DELAY_S, QUEUE_DELAY_SHARE, SenderStats, TokenSender
 from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
@@ -180,7 +180,8 @@ class ServerSession(_SessionBase):
         self.max_redundant_tokens = max_redundant_tokens
         self.initial_rtt = initial_rtt
         self.requests_seen = 0
-        self._ce_at = -math.inf  # when an ack last reported new CE marks
+        self._ce_at = -math.inf  # when an ack last reported new CE marks on a packet not sent ECT(1) (_note_ce)
+        self._l_ce_at = -math.inf  # ... on a packet sent ECT(1): an L4S queue's marks
         self._offered_streams = max_requests  # (the transport parameter: a STREAM_LIMIT_ERROR's close names it)
         self.ack_timing = AckTiming()  # its QUIC ACKs ride the token packets
 
@@ -309,16 +310,35 @@ class ServerSession(_SessionBase):
         first = next(iter(sender._pending), None)
         return 0 if first is None else max(0, min(first.stop, max_offset) - first.start)
 
+    def _note_ce(self, codepoint: int | None, now: float) -> None:
+        """An ack reported new CE marks; ``codepoint``: what the packet it echoes left with (None: unknown).
+
+        The ack counts marks, not which packets bore them: the echoed packet, the latest the client received,
+        stands for them (a policy switches codepoints seldom). CE on ECT(1) comes from an L4S queue, which marks
+        from about 1 ms of queue on, so whenever scalable flows share it, congested for us or not; see
+        chatterbox.L4S_CE_WINDOW_SHARE for when it counts. Any other CE counts at once: a classic AQM marks
+        where it would drop."""
+        if codepoint == ECT1:
+            self._l_ce_at = now
+        else:
+            self._ce_at = now
+
     def _path_congested(self, now: float) -> bool:
-        """Whether the path to the client queues (aioquic's smoothed round trip well above its minimum) or marks CE:
-        Chatterbox's senders then repeat fewer tokens per packet (chatterbox.CONGESTED_REPEATS)."""
+        """Whether the path to the client queues (aioquic's smoothed round trip well above its minimum) or marks CE
+        (:meth:`_note_ce`): Chatterbox's senders then repeat fewer tokens per packet (chatterbox.CONGESTED_REPEATS).
+        On a path without ECN (the 1-Mbit/s droptail contention) only the round-trip rule ever applies."""
         loss = self.quic._loss
         if not loss._rtt_initialized:
             return False
         srtt, floor = loss._rtt_smoothed, loss._rtt_min
         if srtt - floor > max(QUEUE_DELAY_S, QUEUE_DELAY_SHARE * floor):
             return True
-        return now - self._ce_at < srtt
+        if now - self._ce_at < srtt:
+            return True
+        if now - self._l_ce_at < srtt:
+            cc = loss._cc
+            return cc.bytes_in_flight >= L4S_CE_WINDOW_SHARE * cc.congestion_window
+        return False
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
@@ -436,11 +456,13 @@ class ServerSession(_SessionBase):
             raise ProtocolError("clients may only send ack datagrams")
         self.acks_received += 1
         ce_new = self._ecn_feedback(frame.ecn, now)
-        if ce_new:
-            self._ce_at = now
         req = self.requests.get(frame.handle)
+        meta = None
+        if req is not None and req.sender is not None and frame.echo_us is not None:
+            meta = req.sender.sent_meta.get(frame.echo_us)  # (size, codepoint) of the packet the ack echoes
+        if ce_new:
+            self._note_ce(meta[1] if meta is not None else None, now)
         if req is not None and req.sender is not None:
-            meta = req.sender.sent_meta.get(frame.echo_us) if frame.echo_us is not None else None
             if meta is not None and frame.echo_us is not None and frame.recv_us is not None:
                 sent_at = frame.echo_us / 1e6
                 sample = LatencySample(
