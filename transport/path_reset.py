@@ -6,12 +6,26 @@ and packets sent on the old path MUST NOT contribute to congestion control or RT
 aioquic (1.7.2, pinned) does neither: a phone that moved from Wi-Fi to LTE kept the Wi-Fi window and round trip, so
 the server sent a window sized for the old path into the new one, and timed its losses and probes by the old RTT.
 
-Only a host the connection had not used before is a new path. aioquic keeps an address it validated once as
+A return to a host the connection used before (Wi-Fi, then LTE, then Wi-Fi again) takes back the state that host's
+path had when the connection left it (:func:`save_path`, :func:`restore_path`), not the state of the path being left
+(it kept LTE's window and round trip on Wi-Fi), nor initial values: aioquic keeps an address it validated once as
 validated, and makes it primary again on any packet from it with a higher packet number, without validating it
-afresh: an on-path attacker who rewrites source addresses could otherwise flip the connection between a client's
-old and new address and reset its window at each flip (a review's script: 300 KB to the initial 12 KB, twice per
-flip). Returning to a known host keeps the current state, which is what every move kept before this module (RFC
-9000 §9.4 asks for the reset on confirming a *new* address).
+afresh, so an on-path attacker who rewrites source addresses can flip the connection between a client's old and new
+address at will, and a reset at each flip cost the real path its window (a review's script: 300 KB to the initial
+12 KB, twice per flip). With saved state a flip costs the real path nothing: its own controller comes back with the
+next genuine packet. What a forged packet can make the server adopt is bounded instead: a path left for longer than
+its probe timeout (RFC 9002 §6.2.1; a genuine flip back comes sooner while data flows) comes back as after an idle
+period, its round-trip estimate and slow-start threshold kept but a fresh controller at the initial window (RFC 5681
+§4.1's restart window; the threshold is the larger of its own and 3/4 of the window left behind, RFC 2861 §3), so a
+forged packet from an address left long ago makes the server send an initial window there, what it may send to any
+address it validated, and no more; only a flip back within the old path's probe timeout restores its controller whole
+(on a connection idle for longer, a forged flip costs the real path its window, as an idle period does a TCP sender).
+Each switch still takes the packets then outstanding out of congestion control (below), so an attacker who flips the
+connection every round trip keeps its window from growing or shrinking, bounded by the window it had.
+RFC 9000 §9.4 asks for initial values on a new address and advises caution with earlier values on a new path: the
+restored values are that very path's own, and the idle rule keeps the window from outliving the period it was measured
+in. The session keeps the state of ``session.MAX_HOSTS_REMEMBERED`` hosts at most (the one left longest ago is
+dropped first); a host whose state was dropped is a new one again.
 
 A port-only change is left alone: it is nearly always a NAT rebinding, the same path through a new mapping, whose
 window and round trip are still right (§9.4 allows keeping them); starting over would cost a slow start for nothing.
@@ -37,18 +51,31 @@ path still fills the fresh window until it is resolved, and what may leave beyon
 (RFC 9002 §7.7's bound on a burst), as at a connection's start; the pacer restarts unset, as there, until the new
 path's first sample.
 
-The session also tells the marking policy (:func:`policy_path_changed`): swiftqueue's latency history is the old
-path's too.
+The session also tells the marking policy (:func:`policy_path_changed`) of each move to another host, a return
+included: swiftqueue's latency history is the old path's too.
 
-Sans-I/O: the session calls :func:`reset_for_new_path` from its path-change check with the connection it drives.
-``tests/test_path_reset_s35.py`` pins what this relies on in aioquic's recovery state.
+The new address's PATH_CHALLENGE can be stuck behind the old path's packets (:func:`challenge_held`): aioquic counts
+the challenge against the congestion window, so when the packets sent to the address the peer left fill it to the
+byte (aioquic pads a datagram up to the window's last byte), nothing goes to the new address but ACKs until they are
+acknowledged or declared lost: until the probe timeout when none of them will ever be acknowledged, 50 ms in the
+in-memory pair and a few hundred on a cellular path (``tests/test_migration_s36.py``). RFC 9000 §9.4: packets sent on
+the old path MUST NOT contribute to congestion control for the new one, and a sender can make exceptions for probe
+packets; RFC 9002 §7 lets a probe (§6.2.4) past the window. So the session sends the challenge as a probe: one
+datagram past the window, once per challenge, and no bigger than RFC 9000 §8's anti-amplification limit lets a
+datagram to an unvalidated address be (three times what came from it).
+
+Sans-I/O: the session calls :func:`save_path` and :func:`reset_for_new_path` or :func:`restore_path` from its
+path-change check with the connection it drives, and :func:`challenge_held` after each datagram from the peer.
+``tests/test_path_reset_s35.py`` and ``tests/test_migration_s36.py`` pin what this relies on in aioquic's state.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+from dataclasses import dataclass
 
+from aioquic.quic.congestion.base import QuicCongestionControl
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet_builder import QuicDeliveryState
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
@@ -56,6 +83,8 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
 from .marking import MarkingPolicy
 
 _STATS = ("ce_events", "marked_total")  # our controllers' per-connection counters: statistics, not control state
+# the round-trip estimate's fields in aioquic's QuicPacketRecovery (1.7.2), saved and restored together
+_RTT = ("_rtt_initialized", "_rtt_first_sample_time", "_rtt_latest", "_rtt_min", "_rtt_smoothed", "_rtt_variance")
 
 
 def host_changed(old: NetworkAddress, new: NetworkAddress) -> bool:
@@ -77,15 +106,78 @@ def host_key(addr: NetworkAddress) -> str:
 def reset_for_new_path(quic: QuicConnection) -> None:
     """Give ``quic`` a new congestion controller of the same kind and an empty RTT estimate (see the module doc)."""
     loss = quic._loss
+    _switch_controller(loss, _fresh_controller(quic))
+    # RFC 9002 Appendix A.3: no sample yet (aioquic's initial RTT stands in); persistent congestion then counts only
+    # packets sent after the new path's first sample
+    loss._rtt_initialized = False
+    loss._rtt_first_sample_time = 0.0
+    loss._rtt_latest = 0.0
+    loss._rtt_min = math.inf
+    loss._rtt_smoothed = 0.0
+    loss._rtt_variance = 0.0
+    loss._pacer = QuicPacketPacer(max_datagram_size=_datagram_size(quic))  # (its rate came from the old path)
+
+
+@dataclass
+class SavedPath:
+    """A path's congestion and round-trip state as the connection left it (:func:`save_path`)."""
+
+    controller: QuicCongestionControl
+    rtt: tuple[object, ...]  # the _RTT fields, in order
+    pacer: QuicPacketPacer
+    left_at: float
+    probe_timeout: float  # its PTO when left (RFC 9002 §6.2.1; twice the initial RTT before its first sample)
+
+
+def save_path(quic: QuicConnection, now: float) -> SavedPath:
+    """The state of the path ``quic`` is leaving, for a return to it (:func:`restore_path`)."""
+    loss = quic._loss
+    return SavedPath(loss._cc, tuple(getattr(loss, name) for name in _RTT), loss._pacer, now, loss.get_probe_timeout())
+
+
+def restore_path(quic: QuicConnection, saved: SavedPath, now: float) -> bool:
+    """Give ``quic`` back the state of a path it returns to; True when whole, False when as after an idle period
+    (see the module doc). The packets outstanding now were sent on the path being left, and are handled as on a
+    reset (:func:`reset_for_new_path`)."""
+    loss = quic._loss
+    whole = now - saved.left_at <= saved.probe_timeout
+    if whole:
+        _switch_controller(loss, saved.controller)
+        loss._pacer = saved.pacer
+    else:
+        fresh = _fresh_controller(quic)
+        left = saved.controller
+        # the window restarts at the initial one or less (RFC 5681 §4.1); the threshold is the larger of its own and
+        # 3/4 of the window left behind (RFC 2861 §3), none if the path never saw congestion
+        fresh.congestion_window = min(fresh.congestion_window, left.congestion_window)
+        if left.ssthresh is not None:
+            fresh.ssthresh = max(left.ssthresh, left.congestion_window * 3 // 4)
+        _switch_controller(loss, fresh)
+        loss._pacer = QuicPacketPacer(max_datagram_size=_datagram_size(quic))
+    for name, value in zip(_RTT, saved.rtt, strict=True):
+        setattr(loss, name, value)
+    return whole
+
+
+def _datagram_size(quic: QuicConnection) -> int:
+    return getattr(quic._loss._cc, "_max_datagram_size", quic._max_datagram_size)
+
+
+def _fresh_controller(quic: QuicConnection) -> QuicCongestionControl:
+    """A controller of the current one's kind at initial values (RFC 9002 Appendix B.3)."""
+    return type(quic._loss._cc)(max_datagram_size=_datagram_size(quic))
+
+
+def _switch_controller(loss: QuicPacketRecovery, controller: QuicCongestionControl) -> None:
+    """Make ``controller`` the current one. The packets outstanding now stay counted in flight but are no longer any
+    controller's to judge, nor a source of RTT samples (see the module doc)."""
     old = loss._cc
-    size = getattr(old, "_max_datagram_size", quic._max_datagram_size)
-    fresh = type(old)(max_datagram_size=size)
     for name in _STATS:
         if hasattr(old, name):
-            setattr(fresh, name, getattr(old, name))
+            setattr(controller, name, getattr(old, name))
     # the old path's packets: still counted, no longer the controller's to judge (only the application space's:
     # a handshake space aioquic discards drops its packets without calling their handlers)
-    fresh.bytes_in_flight = old.bytes_in_flight
+    controller.bytes_in_flight = old.bytes_in_flight
     for space in loss.spaces:
         if not space.is_application_data:
             continue
@@ -96,16 +188,7 @@ def reset_for_new_path(quic: QuicConnection) -> None:
             if packet.in_flight:
                 packet.in_flight = False
                 packet.delivery_handlers.append((_release, (loss, packet.sent_bytes)))
-    loss._cc = fresh
-    # RFC 9002 Appendix A.3: no sample yet (aioquic's initial RTT stands in); persistent congestion then counts only
-    # packets sent after the new path's first sample
-    loss._rtt_initialized = False
-    loss._rtt_first_sample_time = 0.0
-    loss._rtt_latest = 0.0
-    loss._rtt_min = math.inf
-    loss._rtt_smoothed = 0.0
-    loss._rtt_variance = 0.0
-    loss._pacer = QuicPacketPacer(max_datagram_size=size)  # (its rate came from the old window and round trip)
+    loss._cc = controller
 
 
 def _release(state: QuicDeliveryState, loss: QuicPacketRecovery, sent_bytes: int) -> None:
@@ -120,3 +203,18 @@ def policy_path_changed(policy: MarkingPolicy | None) -> None:
     hook = getattr(policy, "path_changed", None)
     if hook is not None:
         hook()
+
+
+def challenge_held(quic: QuicConnection) -> bool:
+    """Whether the peer's current address awaits a PATH_CHALLENGE that the congestion window holds back (see the
+    module doc): the address is not validated, its challenge is not out, and the window has no room for a datagram.
+    The caller then sends it as a probe (``quic._send_probe()``: the next datagram carries a PING and may pass the
+    window by one datagram); once written, the challenge is out and this is False again until it is lost."""
+    paths = quic._network_paths
+    if not paths or not quic._handshake_complete:
+        return False
+    path = paths[0]
+    if path.is_validated or path.local_challenge_sent:
+        return False
+    loss = quic._loss
+    return loss.congestion_window - loss.bytes_in_flight < quic._max_datagram_size

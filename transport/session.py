@@ -36,14 +36,23 @@ from .errors import ErrorCode, FrameError, ProtocolError, TokenwireError
 from .frames import MIN_ACK_DATAGRAM, MIN_TOKENS_DATAGRAM, Error, decode_datagram, encode_stream_frame
 from .marking import EcnValidation, MarkingPolicy
 from .path_recovery import probe_on_receipt, window_full
-from .path_reset import host_changed, host_key, policy_path_changed, reset_for_new_path
+from .path_reset import (
+    SavedPath,
+    challenge_held,
+    host_changed,
+    host_key,
+    policy_path_changed,
+    reset_for_new_path,
+    restore_path,
+    save_path,
+)
 from .session_events import ConnectionEnded, SessionEvent
 
 # Datagrams a client may count that this session did not send: the server's Retry and a version negotiation
 # go out from the listener, before the connection exists
 ECN_SLACK = 2
-# hosts a connection remembers having used (a phone's Wi-Fi and cellular addresses, a few more): past it, a move is
-# to a new host as far as the congestion reset is concerned
+# hosts whose path state a connection keeps for a return (a phone's Wi-Fi and cellular addresses, a few more): past
+# it, the host left longest ago is forgotten, and a move back to it is to a new host (path_reset)
 MAX_HOSTS_REMEMBERED = 16
 # who registers the delivery handlers of application data in a packet: aioquic's stream senders (stream data, a
 # reset) and this package's datagram scheduler (every datagram frame it writes)
@@ -77,8 +86,11 @@ class _SessionBase:
         # grants new streams only as old ones finish in both directions).
         self._ended: set[int] = set()
         self._path: NetworkAddress | None = None  # the peer's address on the primary path (migrations change it)
-        self.path_changes = 0  # times the peer moved to another address or port
-        self._hosts: set[str] = set()  # the peer's hosts (path_reset.host_key) this connection has used as its primary
+        # times the peer's validated address changed: to another port (a NAT rebinding), another host, or back to one
+        # used before (which aioquic makes primary again on one packet from it, a forged one too: see after_datagram)
+        self.path_changes = 0
+        # the path state of the hosts (path_reset.host_key) the peer has left, oldest first, for a return to them
+        self._saved_paths: dict[str, SavedPath] = {}
         # when this side's QUIC ACKs leave (None: aioquic's own 1-ms timer); the chat sessions hold them for data
         self.ack_timing: AckTiming | None = None
 
@@ -121,17 +133,34 @@ class _SessionBase:
         if path != self._path:
             if self._path is not None and path is not None:
                 self.path_changes += 1
-                self.ecn.path_changed()
-                # a host not used before: a new path, whose window and round trip are unknown (RFC 9000 §9.4). A
-                # change of port alone is a NAT rebinding, the same path; a host used before may be a forged flip
-                # (.path_reset)
-                if host_changed(self._path, path) and host_key(path) not in self._hosts:
-                    reset_for_new_path(self.quic)
-                    policy_path_changed(self.marking)
-            if path is not None and len(self._hosts) < MAX_HOSTS_REMEMBERED:
-                self._hosts.add(host_key(path))
+                self.ecn.path_changed()  # (a path of its own, whose ECN support is the new path's: RFC 9000 §13.4.2)
+                if host_changed(self._path, path):
+                    self._host_changed(path)
+                # (a change of port alone is a NAT rebinding, the same path: nothing to reset, RFC 9000 §9.4)
             self._path = path
+        if (self.datagrams_ok is not None and not self.closed and challenge_held(self.quic)):
+            self.quic._send_probe()  # the new address's PATH_CHALLENGE, past a window the old path fills (.path_reset)
         self._on_peer_packet(self._now)
+
+    def _host_changed(self, path: NetworkAddress) -> None:
+        """The peer's validated address moved to another host: keep the state of the path left, and take back the
+        new host's own if the connection used it before, else start afresh (RFC 9000 §9.4; :mod:`.path_reset`)."""
+        assert self._path is not None
+        left = host_key(self._path)
+        self._saved_paths.pop(left, None)
+        self._saved_paths[left] = save_path(self.quic, self._now)  # (last in the order: left most recently)
+        while len(self._saved_paths) > MAX_HOSTS_REMEMBERED:
+            del self._saved_paths[next(iter(self._saved_paths))]
+        saved = self._saved_paths.pop(host_key(path), None)
+        if saved is None:
+            reset_for_new_path(self.quic)
+        else:
+            restore_path(self.quic, saved, self._now)
+        if window_full(self.quic):
+            # the old path's packets fill the window, and no longer arm the probe timer (.path_reset): a PING on the
+            # path taken has its ACK declare the lost ones lost (a return has no PATH_CHALLENGE to do it)
+            self.quic._send_probe()
+        policy_path_changed(self.marking)
 
     def _on_peer_packet(self, now: float) -> None:
         """Hook: a datagram from the peer was processed."""
