@@ -222,10 +222,15 @@ class CbrFlow(Flow):
 class Simulation:
     """Discrete-event loop moving flows' packets through one bottleneck link and acks back."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, *, keep: Callable[[Packet], bool] | None = None) -> None:
+        """``keep`` picks the packets :attr:`records` holds (default: all of them). A caller that reads only a few
+        flows' packets passes it: every packet of a run, cross traffic included, was held until the end (about 2
+        MB per virtual second at 100 Mbit/s, gigabytes for a long run), though ``predictor collect`` reads only
+        its probe's. The link's own ``on_record`` still sees every packet."""
         self.link = link
         self.flows: list[Flow] = []
         self.records: list[Packet] = []
+        self.keep = keep
         self._events: list[tuple[float, int, Callable[[float], None]]] = []
         self._ids = itertools.count()
         self._cancelled: set[int] = set()
@@ -233,7 +238,8 @@ class Simulation:
         prev = link.on_record
 
         def record(pkt: Packet) -> None:
-            self.records.append(pkt)
+            if self.keep is None or self.keep(pkt):
+                self.records.append(pkt)
             if prev is not None:
                 prev(pkt)
 

@@ -10,6 +10,7 @@ Huber loss, its ridge chosen by validation: :class:`LinearAR`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -160,7 +161,10 @@ class LinearAR:
         self.format = AR_FORMAT
         self.coef: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray, ref: np.ndarray, target: np.ndarray) -> LinearAR:
+    def fit(self, x: np.ndarray, ref: np.ndarray, target: np.ndarray,
+            progress: Callable[[str], None] | None = None) -> LinearAR:
+        """Fit on the points; ``progress`` is told of each step (the cross-validation's folds, the final fit):
+        on a full training set the fit takes minutes, which ``train`` spent without a line."""
         a = _lag_columns(x)
         for j, q in enumerate("LC"):
             if not np.any(~np.isnan(target[:, j])):
@@ -168,9 +172,11 @@ class LinearAR:
         if self.huber_ms is None:
             self.huber_ms = AR_HUBER_MS
         if self.choose_ridge or self.ridge is None:
-            ridge, self.validation_mae_ms = self._choose_ridge(a, ref, target)
+            ridge, self.validation_mae_ms = self._choose_ridge(a, ref, target, progress)
         else:
             ridge, self.validation_mae_ms = float(self.ridge), None
+        if progress is not None:
+            progress(f"final fit with ridge {ridge:g}")
         self.coef = self._fit(a, ref, target, [ridge])[ridge]
         self.ridge = ridge
         self.format = AR_FORMAT
@@ -196,7 +202,7 @@ class LinearAR:
         return out
 
     def _choose_ridge(self, a: np.ndarray, ref: np.ndarray, target: np.ndarray,
-                      ) -> tuple[float, dict[float, float] | None]:
+                      progress: Callable[[str], None] | None = None) -> tuple[float, dict[float, float] | None]:
         """The ridge of :data:`AR_RIDGES` with the least pooled MAE (ms) on held-out contiguous blocks.
 
         Contiguous blocks, not a shuffle: neighbouring prediction points share most of their window, so a
@@ -208,7 +214,10 @@ class LinearAR:
             return AR_DEFAULT_RIDGE, None
         err = dict.fromkeys(AR_RIDGES, 0.0)
         count = 0
-        for held in np.array_split(np.arange(n), AR_FOLDS):
+        for fold, held in enumerate(np.array_split(np.arange(n), AR_FOLDS), 1):
+            if progress is not None:
+                progress(f"choosing the ridge: fold {fold}/{AR_FOLDS} of the cross-validation "
+                         f"({len(AR_RIDGES)} ridges)")
             fit_rows = np.ones(n, dtype=bool)
             fit_rows[held] = False
             coefs = self._fit(a[fit_rows], ref[fit_rows], target[fit_rows], list(AR_RIDGES))

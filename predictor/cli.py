@@ -319,6 +319,8 @@ def _collect(args: argparse.Namespace) -> int:
 
 @_sigterm_as_ctrl_c
 def _collect_many(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     seeds = _parse_seeds(args.seeds)
     jobs = [(t, s) for t in args.traces for s in seeds]
     cfg = _config(args, args.traces[0], seeds[0])  # flags checked once and every trace before any run
@@ -338,9 +340,11 @@ def _collect_many(args: argparse.Namespace) -> int:
         _write_json(index_path, index)
         try:
             for i, ((trace, seed), out) in enumerate(zip(jobs, outs, strict=True), 1):
-                s = _run_collect(_config(args, trace, seed), out,
-                                 f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
-                index.append({"trace": trace, "seed": seed, "path": out, **s})
+                run_cfg = _config(args, trace, seed)
+                s = _run_collect(run_cfg, out, f"[{i}/{len(jobs)}] {Path(trace).name} seed {seed}")
+                # the settings too: the index said which trace and seed, not for how long, with what cross traffic,
+                # probe or delay, so files of two collect-many runs with other flags could not be told apart
+                index.append({"trace": trace, "seed": seed, "path": out, **s, "config": asdict(run_cfg)})
                 _write_json(index_path, index)
                 done.append(out)
         except (KeyboardInterrupt, Exception):
@@ -354,18 +358,38 @@ def _collect_many(args: argparse.Namespace) -> int:
 
 
 def _read_index(path: Path) -> list[dict]:
-    """The entries of an existing index.json (an unreadable one is replaced, with a warning)."""
+    """The entries of an existing index.json; an unreadable one is moved aside (:func:`_keep_broken_index`) and
+    a new index started, with a warning."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        _say(f"warning: {path}: unreadable ({exc}); starting a new index")
+        _keep_broken_index(path, f"unreadable ({exc})")
         return []
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
-        _say(f"warning: {path}: not a list of datasets; starting a new index")
+        _keep_broken_index(path, "not a list of datasets")
         return []
     return doc
+
+
+def _keep_broken_index(path: Path, why: str) -> None:
+    """Move an index.json that cannot be read to ``index.json.broken`` (``.broken.N`` when taken), so the new
+    index does not replace it: it was overwritten, and the entries of the datasets already in the folder, which
+    a damaged byte had made unreadable, were lost without a word beyond "starting a new index". Refused (before
+    any run) when it cannot be moved: then it would be replaced."""
+    aside = path.with_name(path.name + ".broken")
+    n = 0
+    while os.path.lexists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.broken.{n}")
+    try:
+        path.rename(aside)
+    except OSError as exc:
+        raise _err(f"{path}: {why}, and it cannot be moved aside ({exc.strerror or exc}); the new index would "
+                   "replace it: repair or remove it first") from None
+    _say(f"warning: {path}: {why}; moved to {aside.name} (its entries are not in the new index) and starting a "
+         "new index")
 
 
 @_sigterm_as_ctrl_c
@@ -466,7 +490,7 @@ def _train_models(args: argparse.Namespace, kinds: list[str], net: dict, train: 
     try:
         for kind in kinds:
             if kind == "ar":
-                fit_ar(train, out / "ar.json", data_files, data_runs)
+                fit_ar(train, out / "ar.json", data_files, data_runs, log=_say)
                 log["models"]["ar"] = {"train_points": len(train)}
                 _write_json(log_path, log)
                 _say(f"ar: fitted on {len(train)} points -> {out / 'ar.json'}")
@@ -562,13 +586,14 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .harness import file_points
     from .runtime import ModelError
-    from .train import checkpoint_best_epoch, load_checkpoint
+    from .train import check_checkpoint_features, checkpoint_best_epoch, load_checkpoint
 
     inputs = [("the --checkpoint", args.checkpoint)]
     check_output("--out", args.out, inputs + ([("the --check-data file", args.check_data)] if args.check_data else []))
     torch.set_num_threads(1)
     try:
         model, ck = load_checkpoint(args.checkpoint)
+        check_checkpoint_features(args.checkpoint, ck)
     except ModelError as exc:
         raise _err(str(exc)) from None
     cx = cb = None

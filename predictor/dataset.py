@@ -45,6 +45,7 @@ import random
 import time
 import zipfile
 import zlib
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,6 +96,24 @@ class CollectConfig:
     p_switch: float = 0.08
 
 
+_STREAMED = ("sent_at", "queue_l", "latency_ms", "ack_at", "ce", "target_l_ms", "target_c_ms")
+"""The columns :func:`collect` fills while the run goes (``size`` and ``n_acked`` are derived at the end)."""
+_UNKNOWN = (math.nan, math.nan, 0.0, math.nan, math.nan)
+"""A new row's ``latency_ms``, ``ack_at``, ``ce``, ``target_l_ms``, ``target_c_ms`` until its packets arrive:
+unknown, except ``ce`` (a lost packet reads unmarked)."""
+
+
+class _Unkept(list[float]):
+    """A flow's per-ack RTT list that keeps nothing: :func:`collect` reads no flow's ``stats.rtts``, and every
+    cross-traffic ack appended one float to it until the run ended (~90 KB per virtual s at 100 Mbit/s)."""
+
+    def append(self, value: float, /) -> None:
+        pass
+
+
+_UNKEPT = _Unkept()
+
+
 def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
             progress_every_s: float = PROGRESS_EVERY_S) -> dict[str, np.ndarray]:
     """Run one virtual-time session; returns the arrays of the module docstring (``meta`` as a JSON str).
@@ -115,8 +134,27 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
     trace = trace_from_spec(cfg.down_trace)
     mean_bps = trace.mean_mbps * 1e6
     check_probe_pps(cfg.probe_pps, cfg.probe_size, mean_bps)
-    link = Link(trace, DualPI2(DualPI2Params(seed=cfg.seed)), delay=cfg.delay_ms / 1000.0)
-    sim = Simulation(link)
+    # the rows, column by column, filled as the run goes: each probe send appends one, each delivered probe or
+    # shadow packet fills its cells when the link records it. Nothing else of the run is kept: the simulation
+    # used to hold every packet (cross traffic included) until the end, ~2 MB per virtual s at 100 Mbit/s
+    rows = {c: array("d") for c in _STREAMED}
+    ids = {"probe": -1, "shadow": -1}  # flow ids, known once the flows are added (before any packet is recorded)
+    ack_delay = cfg.ack_delay_ms / 1000.0  # the probe's
+
+    def on_record(pkt: Packet) -> None:
+        if pkt.fate != "delivered":
+            return
+        fid, seq, sent = cast("tuple[int, int, float]", pkt.meta)  # (fid, seq, sent at), as collect sends
+        lat = (pkt.delivery - sent) * 1000.0  # type: ignore[operator]
+        if fid == ids["probe"]:
+            rows["latency_ms"][seq] = lat
+            rows["ack_at"][seq] = pkt.delivery + ack_delay  # type: ignore[operator]
+            rows["ce"][seq] = float(pkt.ecn_out == 3)
+        elif fid == ids["shadow"]:
+            rows["target_l_ms" if seq % 2 == 0 else "target_c_ms"][seq // 2] = lat
+
+    link = Link(trace, DualPI2(DualPI2Params(seed=cfg.seed)), delay=cfg.delay_ms / 1000.0, on_record=on_record)
+    sim = Simulation(link, keep=lambda pkt: False)  # on_record above reads what is needed, as it happens
     items = parse_cross_spec(cfg.cross)
     for plan in plan_flows(items, seconds=cfg.seconds, mean_bps=mean_bps, seed=cfg.seed):
         for start, stop in plan.periods:
@@ -135,7 +173,6 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
     if pps is None:
         pps = min(300.0, max(5.0, 0.08 * mean_bps / (8 * OPPORTUNITY_BYTES)))
     rng = random.Random(f"probe:{cfg.seed}")
-    probe_rows: list[tuple[float, bool]] = []  # (sent_at, queue_l) per probe seq
 
     class Shadow(Flow):
         """Owner of the shadow packets: sends nothing by itself, ignores acks."""
@@ -150,7 +187,7 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
         """Poisson sender, per-packet queue from a switching Markov chain, shadows ahead of each packet."""
 
         def __init__(self, shadow: Flow) -> None:
-            super().__init__(size=cfg.probe_size, ack_delay=cfg.ack_delay_ms / 1000.0, name="probe")
+            super().__init__(size=cfg.probe_size, ack_delay=ack_delay, name="probe")
             self.shadow = shadow
             self.queue_l = rng.random() < 0.5
             self.reported_at = -math.inf  # wall clock (monotonic) of the last progress report
@@ -164,12 +201,13 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
                 return
             if rng.random() < cfg.p_switch:
                 self.queue_l = not self.queue_l
-            seq = len(probe_rows)
+            seq = len(rows["sent_at"])
+            for col, value in zip(_STREAMED, (now, float(self.queue_l), *_UNKNOWN), strict=True):
+                rows[col].append(value)  # (before the packets: on_record fills this row's cells)
             sim_ = self.sim
             sim_.send(self.shadow, Packet(SHADOW_SIZE, ECT1, meta=(self.shadow.fid, 2 * seq, now)), now)
             sim_.send(self.shadow, Packet(SHADOW_SIZE, ECT0, meta=(self.shadow.fid, 2 * seq + 1, now)), now)
             sim_.send(self, Packet(self.size, ECT1 if self.queue_l else ECT0, meta=(self.fid, seq, now)), now)
-            probe_rows.append((now, self.queue_l))
             sim_.call_at(now + rng.expovariate(pps), self._tick)
             if progress is not None:
                 wall = time.monotonic()
@@ -182,25 +220,14 @@ def collect(cfg: CollectConfig, progress: Callable[[float], None] | None = None,
 
     shadow = sim.add(Shadow())
     probe = sim.add(Probe(shadow))
+    ids.update(probe=probe.fid, shadow=shadow.fid)
+    for flow in sim.flows:  # nothing reads the per-ack RTT lists: one float per ack of every flow, kept to the end
+        flow.stats.rtts = _UNKEPT
     sim.run(cfg.seconds + 5.0)  # let the last packets arrive
 
-    n = len(probe_rows)
-    out = {c: np.full(n, np.nan) for c in COLUMNS}
-    out["sent_at"][:] = [r[0] for r in probe_rows]
-    out["queue_l"][:] = [float(r[1]) for r in probe_rows]
+    n = len(rows["sent_at"])
+    out = {c: np.array(rows[c], dtype=np.float64) if c in rows else np.full(n, np.nan) for c in COLUMNS}
     out["size"][:] = cfg.probe_size
-    out["ce"][:] = 0.0
-    for pkt in sim.records:
-        if pkt.fate != "delivered":
-            continue
-        fid, seq, sent = cast("tuple[int, int, float]", pkt.meta)  # (fid, seq, sent at), as collect sends
-        lat = (pkt.delivery - sent) * 1000.0  # type: ignore[operator]
-        if fid == probe.fid:
-            out["latency_ms"][seq] = lat
-            out["ack_at"][seq] = pkt.delivery + probe.ack_delay  # type: ignore[operator]
-            out["ce"][seq] = float(pkt.ecn_out == 3)
-        elif fid == shadow.fid:
-            out["target_l_ms" if seq % 2 == 0 else "target_c_ms"][seq // 2] = lat
     acks = np.sort(out["ack_at"][~np.isnan(out["ack_at"])])
     out["n_acked"] = np.searchsorted(acks, out["sent_at"], side="right").astype(np.float64)
     q = link.queue

@@ -189,6 +189,9 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
                              f"{min(AR_LAGS, window)}")
         if seen is not None:
             seen("ar", ar_doc)
+        why = stale_ar(base_dir, ar_doc)
+        if why:
+            log(f"warning: {why}")
         out["ar"] = lambda p: ar.predict(p.x, p.base)
     else:
         log(f"no {ar_path}: skipping ar")
@@ -200,7 +203,123 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
             raise ModelError(f"{gru_path}: window {gru.window} differs from the transformer's {window}")
         if seen is not None:
             seen("gru", gru)
+        why = stale_gru(base_dir, gru.meta)
+        if why:
+            log(f"warning: {why}")
         out["gru"] = onnx_predictor(gru)
     else:
         log(f"no {gru_path}: skipping gru")
     return out
+
+
+def _json_same(value: object) -> object:
+    """``value`` as it reads back from JSON (tuples become lists), to compare a checkpoint's record with the
+    copy export wrote into the model's metadata."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _newer(a: Path, b: Path) -> bool:
+    """Whether file ``a`` was modified after file ``b`` (False when either cannot be read)."""
+    try:
+        return a.stat().st_mtime_ns > b.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def _read_train_log(base_dir: Path) -> dict | None:
+    """The folder's ``train.json`` (the log of the last ``train`` run into it), None when absent or unreadable."""
+    try:
+        doc = json.loads((base_dir / "train.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _checkpoint_record(path: Path) -> dict | None:
+    """The training record (best_epoch, epochs run, train_config) of the checkpoint at ``path``, as export
+    stamps it; None when it cannot be read (torch missing, not a checkpoint: loading it is not eval's job)."""
+    try:
+        import torch
+
+        from .train import checkpoint_best_epoch
+
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any file, any failure: no comparison, no warning (nothing known about it)
+        return None
+    if not isinstance(ck, dict):
+        return None
+    history = ck.get("history")
+    return {"best_epoch": checkpoint_best_epoch(ck),
+            "epochs_run": len(history) if isinstance(history, list) else None,
+            "train_config": _json_same(ck.get("train_config"))}
+
+
+def _differences(exported: dict, trained: dict) -> list[str]:
+    """What differs between a model's export metadata and the training record of ``trained`` (fields that
+    either side lacks are not compared)."""
+    out = []
+    be, n = exported.get("best_epoch"), exported.get("epochs_run")
+    tbe, tn = trained.get("best_epoch"), trained.get("epochs_run")
+    if (None not in (be, tbe) and be != tbe) or (None not in (n, tn) and n != tn):
+        out.append(f"best epoch {be} of {n} run in the export, {tbe} of {tn} there")
+    tc, ttc = exported.get("train_config"), trained.get("train_config")
+    if isinstance(tc, dict) and isinstance(ttc, dict) and tc != ttc:
+        keys = sorted(k for k in tc.keys() | ttc.keys() if tc.get(k) != ttc.get(k))
+        out.append(f"other training settings ({', '.join(keys)})")
+    return out
+
+
+def stale_gru(base_dir: Path, meta: dict) -> str | None:
+    """Why the folder's ``gru.onnx`` (export metadata ``meta``) is not the gru its ``gru.pt`` or ``train.json``
+    describe, None when it is (or nothing says otherwise).
+
+    ``train`` moves an earlier ``gru.pt`` aside but leaves the earlier ``gru.onnx`` (with a warning that scrolls
+    by), so after a retraining eval scored the old export under the folder's name, next to a newer checkpoint
+    and log of another model. Compared: the best epoch, the epochs run and the training settings export stamps.
+    """
+    gru_onnx, gru_pt = base_dir / "gru.onnx", base_dir / "gru.pt"
+    exported = {"best_epoch": meta.get("best_epoch"), "epochs_run": meta.get("epochs_run"),
+                "train_config": meta.get("train_config")}
+    redo = f"export it again: `tokenwire predictor export --checkpoint {gru_pt} --out {gru_onnx}`"
+    if gru_pt.is_file():
+        ck = _checkpoint_record(gru_pt)
+        diffs = _differences(exported, ck) if ck is not None else []
+        if diffs:
+            when = f"; {gru_pt.name} is newer" if _newer(gru_pt, gru_onnx) else ""
+            return (f"{gru_onnx} is not an export of {gru_pt} ({'; '.join(diffs)}{when}): it comes from another "
+                    f"training run, and is what is scored as the gru here; {redo}")
+    log = _read_train_log(base_dir)
+    model = log.get("models", {}).get("gru") if log is not None and isinstance(log.get("models"), dict) else None
+    if isinstance(model, dict):
+        history = model.get("history")
+        trained = {"best_epoch": model.get("best_epoch"),
+                   "epochs_run": len(history) if isinstance(history, list) else None}
+        diffs = _differences(exported, trained)
+        if diffs:
+            train_json = base_dir / "train.json"
+            return (f"{gru_onnx} is not an export of the gru that {train_json} logs ({'; '.join(diffs)}): it comes "
+                    f"from another training run, and is what is scored as the gru here; {redo}")
+    return None
+
+
+def stale_ar(base_dir: Path, ar_doc: dict) -> str | None:
+    """Why the folder's ``ar.json`` (``ar_doc``) is from an earlier training than its ``train.json``, None when
+    it is not (or nothing says so).
+
+    A ``train`` run without ``ar`` in ``--kinds`` leaves an earlier ``ar.json`` in place beside its new log, and
+    eval scored that AR (fitted on what data?) as the folder's. Not a warning when the AR records the same
+    training files (paths) as the log: fitted on the same data, so comparable."""
+    ar_json, train_json = base_dir / "ar.json", base_dir / "train.json"
+    log = _read_train_log(base_dir)
+    if log is None or not isinstance(log.get("kinds"), list) or "ar" in log["kinds"]:
+        return None
+    if not _newer(train_json, ar_json):
+        return None
+    fitted_on = [f.get("path") for f in ar_doc.get("data_files") or [] if isinstance(f, dict)]
+    if fitted_on and fitted_on == log.get("data"):
+        return None
+    data = f"on {', '.join(map(str, fitted_on))}" if fitted_on else "on data it does not record"
+    kinds = ",".join(map(str, log["kinds"]))
+    return (f"{ar_json} is older than {train_json}, whose run (--kinds {kinds}) fitted no ar: it comes from an "
+            f"earlier training ({data}), and is what is scored as the ar here; refit it on this run's data with "
+            f"`tokenwire predictor train --data ... --kinds ar --out-dir {base_dir}`")

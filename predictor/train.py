@@ -3,8 +3,9 @@
 Datasets are turned into prediction points by the harness (:func:`~.harness.points`); the training files
 are split by *time* into train and validation (the last ``val_share`` of each file's points), so validation
 never sees the same moments; held-out traces are for ``eval`` only. Early stopping keeps the weights of the
-best validation loss; the checkpoint holds kind, config, weights, window, the training log, the best epoch
-and whether training finished (it is saved at every improvement with ``finished: False``, so an interrupted
+best validation loss; the checkpoint holds kind, config, weights, window, the input features (list and
+version: ``export`` refuses a checkpoint of other features), the training log, the best epoch and whether
+training finished (it is saved at every improvement with ``finished: False``, so an interrupted
 run leaves a usable but unfinished checkpoint, which ``export`` warns about).
 
 The loss is :func:`~.models.change_focused_loss`: Huber on the change to the last value per queue, with
@@ -27,6 +28,7 @@ import numpy as np
 
 from .baselines import LinearAR
 from .dataset import DatasetError
+from .features import FEATURES, FEATURES_VERSION, MS_SCALE
 from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, file_points
 
 TRANSFORMER_DEFAULTS = {"d_model": 32, "heads": 4, "layers": 2, "ff": 64, "dropout": 0.0}
@@ -207,6 +209,11 @@ def train_net(cfg: TrainConfig, train: Points, val: Points, checkpoint: str | Pa
     t0 = time.monotonic()
     tty = sys.stderr.isatty()
     reported = t0  # the last plain progress line (no terminal)
+    # the epoch lines' columns: "train" and "val" are losses, not MAEs, and "*" follows the validation loss only
+    log(f"  {cfg.kind}: train, val = loss on the training and validation points (Huber on the error in units of "
+        f"{MS_SCALE:g} ms, transition at {cfg.huber_ms:g} ms, sharp changes weighted {1 + cfg.alpha:g}x)")
+    log(f"  {cfg.kind}: MAE = validation mean absolute error in ms; * = a new lowest validation loss (not MAE): "
+        "those weights are kept and checkpointed")
     try:
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.from_numpy(rng.permutation(len(train)))
@@ -282,7 +289,7 @@ def save_checkpoint(path: str | Path, model: object, cfg: TrainConfig, history: 
     state = model.state_dict()  # type: ignore[attr-defined]
     ck = {"kind": cfg.kind, "config": model.config,  # type: ignore[attr-defined]
           "state_dict": state, "train_config": asdict(cfg), "history": history, "best_epoch": best_epoch,
-          "finished": finished}
+          "finished": finished, "features": list(FEATURES), "features_version": FEATURES_VERSION}
     with output_file(path) as tmp:
         try:
             with open(tmp, "wb") as f:
@@ -311,6 +318,30 @@ def _save_error(tmp: Path, exc: RuntimeError, weight_bytes: int) -> OSError:
         return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (writing the checkpoint: {free:,} bytes free, "
                        f"its weights alone take {weight_bytes:,})")
     return OSError(None, f"writing the checkpoint failed (torch.save: {detail})")
+
+
+def check_checkpoint_features(path: str | Path, ck: dict) -> None:
+    """:class:`~.onnx_session.ModelError` unless checkpoint ``ck`` was trained on the input features this
+    version builds (its recorded ``features_version`` and ``features``).
+
+    ``export`` stamps the features of the version that runs it into the model; a checkpoint trained on another
+    version's features was exported as if it were of this one, and the runtime then fed it inputs of another
+    meaning without a word. Checkpoints record their features since this check exists: an older one is refused
+    with that reason (its features are unknown), not as a file ``train`` did not write."""
+    from .onnx_session import ModelError
+
+    version, features = ck.get("features_version"), ck.get("features")
+    if version is None and features is None:
+        raise ModelError(f"{path}: a checkpoint of an older `tokenwire predictor train` that did not record the "
+                         f"input features it was trained on; this version exports features version "
+                         f"{FEATURES_VERSION} and cannot tell whether they are the same: retrain it with this "
+                         "version (`tokenwire predictor train`), then export")
+    if version != FEATURES_VERSION or features != list(FEATURES):
+        listed = ", ".join(map(str, features)) if isinstance(features, list) else repr(features)
+        what = f"features version {version!r}" if version != FEATURES_VERSION else f"other features ({listed})"
+        raise ModelError(f"{path}: trained on {what}; this version builds features version {FEATURES_VERSION} "
+                         f"({', '.join(FEATURES)}) and would stamp its model so: retrain it with this version "
+                         "(`tokenwire predictor train`), then export")
 
 
 def checkpoint_best_epoch(ck: dict) -> int | None:
@@ -463,14 +494,21 @@ def _is_onnx(data: bytes) -> bool:
 
 
 def fit_ar(train: Points, path: str | Path | None = None, data_files: list[dict[str, str]] | None = None,
-           data_runs: list[dict] | None = None) -> LinearAR:
+           data_runs: list[dict] | None = None, log: Callable[[str], None] | None = None) -> LinearAR:
     """The AR baseline fitted on ``train``, written to ``path`` (``ar.json``) as every output is written.
 
     ``data_files`` and ``data_runs`` are recorded next to the coefficients, as the networks' checkpoints record
-    them in ``train_config``: without them ``eval`` could not warn when given the AR's own training data."""
+    them in ``train_config``: without them ``eval`` could not warn when given the AR's own training data.
+    ``log`` gets a line per step of the fit (minutes on a full training set, silent before)."""
     from tokenwire.daemon.cli import save_bytes
 
-    ar = LinearAR().fit(train.x, train.base, train.target)
+    t0 = time.monotonic()
+
+    def progress(step: str) -> None:
+        if log is not None:
+            log(f"  ar: {step} ({len(train)} points, {time.monotonic() - t0:.0f} s)")
+
+    ar = LinearAR().fit(train.x, train.base, train.target, progress)
     if path is not None:
         doc = ar.to_dict()
         if data_files is not None:
