@@ -120,7 +120,8 @@ def test_a_return_takes_back_the_state_the_host_was_left_with(monkeypatch) -> No
     loss._rtt_smoothed, loss._rtt_min = 0.3, 0.25
     _from(pair, monkeypatch, HOME, 1)
     assert server.path_changes == 2 and server._path == HOME
-    assert (loss._rtt_smoothed, loss._rtt_variance, loss._rtt_min) == wifi_rtt and loss._rtt_initialized
+    assert (loss._rtt_smoothed, loss._rtt_variance) == wifi_rtt[:2] and loss._rtt_initialized
+    assert loss._rtt_min == math.inf  # (measured afresh after a probe timeout away: the host may be further now)
     assert loss.congestion_window == _initial(server) and loss._cc.ssthresh == 160_000
 
 
@@ -194,3 +195,30 @@ def test_a_host_whose_state_was_dropped_is_a_new_one_again(monkeypatch) -> None:
     assert server.path_changes == 4
     assert not loss._rtt_initialized and loss._rtt_min == math.inf  # initial values: a new host
     assert loss.congestion_window == _initial(server)
+
+
+def test_the_host_returned_to_keeps_its_state_when_the_table_is_full(monkeypatch) -> None:
+    """The table of left hosts is trimmed to MAX_HOSTS_REMEMBERED after the host being left is added: the host being
+    returned to, the oldest in a full table, was dropped first and came back reset (a review's script)."""
+    monkeypatch.setattr(session_module, "MAX_HOSTS_REMEMBERED", 2)
+    pair, server = _connected()
+    for host in ("10.0.1.1", "10.0.1.2"):
+        _from(pair, monkeypatch, (host, 40000), rounds=50, stay=1.0)
+    assert set(server._saved_paths) == {"10.0.0.2", "10.0.1.1"}  # full: home is the oldest
+    _from(pair, monkeypatch, HOME)
+    assert server._path == HOME and server.path_changes == 3
+    assert server.quic._loss._rtt_initialized  # home's estimate back, not a reset
+    assert set(server._saved_paths) == {"10.0.1.1", "10.0.1.2"}
+
+
+def test_a_path_taken_back_after_its_probe_timeout_measures_its_minimum_afresh(monkeypatch) -> None:
+    """aioquic only ever lowers the minimum RTT: a host's old 4-ms floor under what is now a 60-ms path (a carrier
+    NAT's other cell) read as 56 ms of queue to the congestion cap for the rest of the connection."""
+    pair, server = _connected()
+    loss = server.quic._loss
+    loss._rtt_min = 0.004  # home was close
+    _from(pair, monkeypatch, LTE, rounds=50, stay=1.0)
+    _from(pair, monkeypatch, HOME)
+    assert server._path == HOME
+    assert loss._rtt_initialized and loss._rtt_smoothed > 0  # its estimate back
+    assert loss._rtt_min == math.inf  # and its floor to be measured again

@@ -156,6 +156,11 @@ def restore_path(quic: QuicConnection, saved: SavedPath, now: float) -> bool:
         loss._pacer = QuicPacketPacer(max_datagram_size=_datagram_size(quic))
     for name, value in zip(_RTT, saved.rtt, strict=True):
         setattr(loss, name, value)
+    if not whole:
+        # the minimum is measured afresh: aioquic only ever lowers it, and the same host may be further away now (a
+        # carrier NAT's other cell, another access point): a stale 4-ms floor under a 60-ms path read as a queue to
+        # ServerSession._path_congested for the rest of the connection (a review's script: 2500 of 2500 checks)
+        loss._rtt_min = math.inf
     return whole
 
 

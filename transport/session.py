@@ -147,11 +147,11 @@ class _SessionBase:
         new host's own if the connection used it before, else start afresh (RFC 9000 §9.4; :mod:`.path_reset`)."""
         assert self._path is not None
         left = host_key(self._path)
+        saved = self._saved_paths.pop(host_key(path), None)  # (before the trim below, which would drop the oldest)
         self._saved_paths.pop(left, None)
         self._saved_paths[left] = save_path(self.quic, self._now)  # (last in the order: left most recently)
         while len(self._saved_paths) > MAX_HOSTS_REMEMBERED:
             del self._saved_paths[next(iter(self._saved_paths))]
-        saved = self._saved_paths.pop(host_key(path), None)
         if saved is None:
             reset_for_new_path(self.quic)
         else:
