@@ -222,3 +222,63 @@ def test_a_path_taken_back_after_its_probe_timeout_measures_its_minimum_afresh(m
     assert server._path == HOME
     assert loss._rtt_initialized and loss._rtt_smoothed > 0  # its estimate back
     assert loss._rtt_min == math.inf  # and its floor to be measured again
+
+
+def test_what_went_to_a_forged_address_is_no_congestion_of_the_real_path() -> None:
+    """An on-path attacker rewrites one client packet's source to a fresh address: aioquic makes it primary unvalidated,
+    sends it a PATH_CHALLENGE (and data, within 3x), and goes back with the client's next packet. Those packets were
+    declared lost by the real path's controller: its window cut (15,000 -> 8,700 bytes here; 917 KB -> 468 KB in a
+    review's longer run) by one rewritten packet, and again by the next."""
+    import heapq
+    import itertools
+
+    from tokenwire.transport.frames import Request
+
+    forged_addr = ("192.0.2.7", 999)
+    pair = Pair()
+    pair.exchange(rounds=40)
+    server, client = pair.server, pair.client
+    assert server is not None
+    sid = client.start_request(Request(messages=[{"role": "user", "content": "x"}], scheme="chatterbox"), pair.now)
+    pair.exchange(rounds=20)
+    server.accept(sid)
+    loss = server.quic._loss
+    wire: list = []
+    seq = itertools.count()
+    to_forged = 0
+
+    def step(forge: bool = False) -> None:  # 2 ms: 20 tokens, 20 ms each way
+        nonlocal to_forged
+        pair.now += 0.002
+        now = pair.now
+        while wire and wire[0][0] <= now:
+            _, _, to, data, src = heapq.heappop(wire)
+            if to == "client":
+                client.receive_datagram(data, quicpair.SERVER, now)
+            else:
+                server.receive_datagram(data, src, now)
+        for _ in range(20):
+            server.push(sid, "tok ", now)
+        for data, addr in server.datagrams_to_send(now):
+            if addr == HOME:
+                heapq.heappush(wire, (now + 0.02, next(seq), "client", data, None))
+            else:
+                to_forged += len(data)  # (nobody there)
+        for i, (data, _) in enumerate(client.datagrams_to_send(now)):
+            heapq.heappush(wire, (now + 0.02, next(seq), "server", data, forged_addr if forge and i == 0 else HOME))
+        for session in (server, client):
+            timer = session.get_timer()
+            if timer is not None and timer <= now:
+                session.handle_timer(now)
+
+    for _ in range(300):
+        step()
+    loss._cc.congestion_window = loss._cc.ssthresh = 15_000  # a window the stream fills
+    for _ in range(20):
+        step()
+    client.quic.send_ping(5)
+    step(forge=True)
+    for _ in range(400):
+        step()
+    assert to_forged > 0 and server.path_changes == 0  # the forged address got packets; no move was counted
+    assert loss._cc.ssthresh == 15_000 and loss.congestion_window >= 15_000  # no congestion event from their loss

@@ -183,17 +183,38 @@ def _switch_controller(loss: QuicPacketRecovery, controller: QuicCongestionContr
     # the old path's packets: still counted, no longer the controller's to judge (only the application space's:
     # a handshake space aioquic discards drops its packets without calling their handlers)
     controller.bytes_in_flight = old.bytes_in_flight
+    _detach(loss, 0)
+    loss._cc = controller
+
+
+def detach_sent_since(quic: QuicConnection, first_pn: int) -> int:
+    """Take the packets numbered ``first_pn`` and up out of congestion control and RTT sampling, as a path switch
+    does with the old path's; returns how many. For the packets aioquic sent to an address it promoted unvalidated
+    and then left (a forged or replayed packet from elsewhere; the peer never moved): the real path's controller
+    declared them lost, a congestion event per forged packet (a review's script: window 917 KB -> 468 KB on one
+    rewritten packet). RFC 9000 §9.4: probing packets' loss should not cut the sending rate."""
+    return _detach(quic._loss, first_pn)
+
+
+def _detach(loss: QuicPacketRecovery, first_pn: int) -> int:
+    """The application space's packets from ``first_pn`` on: still counted in flight, no longer a controller's to
+    judge (:func:`_release` frees their bytes), nor a source of RTT samples. Only that space: a handshake space aioquic
+    discards drops its packets without calling their handlers."""
+    count = 0
     for space in loss.spaces:
         if not space.is_application_data:
             continue
-        for packet in space.sent_packets.values():
+        for pn, packet in space.sent_packets.items():
+            if pn < first_pn:
+                continue
             if packet.is_ack_eliciting:  # (aioquic takes RTT samples from ack-eliciting packets only)
                 packet.is_ack_eliciting = False
                 space.ack_eliciting_in_flight -= 1
             if packet.in_flight:
                 packet.in_flight = False
                 packet.delivery_handlers.append((_release, (loss, packet.sent_bytes)))
-    loss._cc = controller
+                count += 1
+    return count
 
 
 def _release(state: QuicDeliveryState, loss: QuicPacketRecovery, sent_bytes: int) -> None:

@@ -39,6 +39,7 @@ from .path_recovery import probe_on_receipt, window_full
 from .path_reset import (
     SavedPath,
     challenge_held,
+    detach_sent_since,
     host_changed,
     host_key,
     policy_path_changed,
@@ -91,6 +92,8 @@ class _SessionBase:
         self.path_changes = 0
         # the path state of the hosts (path_reset.host_key) the peer has left, oldest first, for a return to them
         self._saved_paths: dict[str, SavedPath] = {}
+        # the first packet number sent while aioquic's primary address was one not validated (None: it is validated)
+        self._unvalidated_from: int | None = None
         # when this side's QUIC ACKs leave (None: aioquic's own 1-ms timer); the chat sessions hold them for data
         self.ack_timing: AckTiming | None = None
 
@@ -130,6 +133,15 @@ class _SessionBase:
         # counted as two moves and reset ECN. Only a validated path is a move.)
         paths = self.quic._network_paths
         path = paths[0].addr if paths and paths[0].is_validated else self._path
+        if paths and not paths[0].is_validated and paths[0].addr != self._path:
+            if self._unvalidated_from is None:  # what leaves from now on goes to an address not validated
+                self._unvalidated_from = self.quic._packet_number
+        elif self._unvalidated_from is not None:
+            if path == self._path and self._path is not None:
+                # back on the validated address without a move: what went to the other one was probing, and its
+                # loss is no congestion of this path (.path_reset.detach_sent_since)
+                detach_sent_since(self.quic, self._unvalidated_from)
+            self._unvalidated_from = None
         if path != self._path:
             if self._path is not None and path is not None:
                 self.path_changes += 1
