@@ -440,7 +440,8 @@ def _train(args: argparse.Namespace) -> int:
     data_runs = _data_runs(args.data)
     # train.json is rewritten now (an earlier run's would describe checkpoints about to be replaced) and after
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
-    log: dict = {"data": args.data, "command": " ".join(sys.argv), "kinds": kinds, "models": {}, "finished": False}
+    log: dict = {"data": args.data, "data_files": data_files, "command": " ".join(sys.argv), "kinds": kinds,
+                 "models": {}, "finished": False}
     with _new_out_dir(out, frozenset({"train.json"})):
         _train_models(args, kinds, net, train, val, log, data_files, data_runs)
     return 0

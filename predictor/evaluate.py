@@ -308,15 +308,21 @@ def stale_ar(base_dir: Path, ar_doc: dict) -> str | None:
 
     A ``train`` run without ``ar`` in ``--kinds`` leaves an earlier ``ar.json`` in place beside its new log, and
     eval scored that AR (fitted on what data?) as the folder's. Not a warning when the AR records the same
-    training files (paths) as the log: fitted on the same data, so comparable."""
+    training files as the log: by content (sha256) where the log records it, else by path (logs of before); the
+    paths alone missed data re-collected in place and flagged ``./a.npz`` against ``a.npz``."""
     ar_json, train_json = base_dir / "ar.json", base_dir / "train.json"
     log = _read_train_log(base_dir)
     if log is None or not isinstance(log.get("kinds"), list) or "ar" in log["kinds"]:
         return None
     if not _newer(train_json, ar_json):
         return None
-    fitted_on = [f.get("path") for f in ar_doc.get("data_files") or [] if isinstance(f, dict)]
-    if fitted_on and fitted_on == log.get("data"):
+    files = [f for f in ar_doc.get("data_files") or [] if isinstance(f, dict)]
+    fitted_on = [f.get("path") for f in files]
+    logged = [f for f in log.get("data_files") or [] if isinstance(f, dict)]
+    if logged:
+        if files and sorted(str(f.get("sha256")) for f in files) == sorted(str(f.get("sha256")) for f in logged):
+            return None
+    elif fitted_on and fitted_on == log.get("data"):
         return None
     data = f"on {', '.join(map(str, fitted_on))}" if fitted_on else "on data it does not record"
     kinds = ",".join(map(str, log["kinds"]))

@@ -248,3 +248,23 @@ def test_train_explains_its_columns_and_the_ar_fit_reports_progress(datasets):
     fit_ar(train, None, log=steps.append)
     assert any("fold 1/4" in s for s in steps) and any("final fit" in s for s in steps), steps
     assert all(s.startswith("  ar: ") for s in steps)
+
+
+def test_stale_ar_compares_the_training_files_by_content(tmp_path) -> None:
+    """train.json records the files' sha256 (data_files): an ar.json fitted on data re-collected in place is stale,
+    and one fitted on the same file named otherwise (./a.npz, a.npz) is not (both went the other way on paths)."""
+    import json
+    import os
+
+    from tokenwire.predictor.evaluate import stale_ar
+
+    def verdict(ar_files: list[dict], logged: list[dict]) -> str | None:
+        (tmp_path / "ar.json").write_text(json.dumps({"data_files": ar_files}))
+        (tmp_path / "train.json").write_text(json.dumps(
+            {"kinds": ["transformer"], "data": [f["path"] for f in logged], "data_files": logged}))
+        os.utime(tmp_path / "ar.json", (1_000_000, 1_000_000))  # older than the log
+        return stale_ar(tmp_path, json.loads((tmp_path / "ar.json").read_text()))
+
+    old, new = "0" * 64, "1" * 64
+    assert verdict([{"path": "a.npz", "sha256": old}], [{"path": "a.npz", "sha256": new}]) is not None
+    assert verdict([{"path": "./a.npz", "sha256": new}], [{"path": "a.npz", "sha256": new}]) is None
