@@ -169,7 +169,10 @@ def test_stale_c_samples_no_longer_keep_a_flow_in_l():
     t = 1.0 + 0.04 + REFUGE_MEMORY_S + 0.5
     for i in range(3):  # L's last three samples off the floor: the floor rule lets it move
         _sample(p, t - 0.04 + i * 0.02, 100.0, True)
-    assert p.codepoint(t) == ECT0  # C's samples are stale: the predictions decide
+    assert p.codepoint(t) == ECT0  # C's samples are stale: one packet asks C (a refuge probe, session 36)
+    assert p.decisions["probe"] == 1 and p._current == ECT1  # the flow itself stays in L until C answers
+    _sample(p, t + 0.05, 20.0, False)  # C answers at the floor: a refuge now
+    assert p.codepoint(t + 0.06) == ECT0 and p._current == ECT0
 
 
 def test_the_refuge_memory_must_be_positive():
