@@ -40,6 +40,7 @@ from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUE
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import (
     POLICIES,
+    REFUGE_MEMORY_S,
     ClassicPolicy,
     L4SPolicy,
     LatencyForecaster,
@@ -814,7 +815,43 @@ def build_summary(cfg: SwiftQueueConfig, runs: dict[str, PolicyRun], backend: st
             if "goodput_tokens_per_s" in ref:
                 comparison[name]["goodput_ratio_vs_l4s"] = ratio(d, ref, "goodput_tokens_per_s")
     return {"policies": pol, "comparison": comparison, "config": asdict(cfg), "backend": backend,
-            "backend_reason": backend_reason}
+            "backend_reason": backend_reason, "provenance": provenance(cfg)}
+
+
+def provenance(cfg: SwiftQueueConfig) -> dict[str, Any]:
+    """What the results depend on beyond ``config``: the code (tokenwire's version and, run from a git checkout,
+    its commit), the latency model's bytes (sha256) and the policy's and token model's constants. ``config`` alone
+    could not reproduce them: a constant added later (the refuge memory, commit 8f511d9) changed 12 of 16
+    scenarios' swiftqueue rows while the files' settings stayed the same, and nothing in them said why."""
+    import hashlib
+    import os
+    import subprocess
+
+    from tokenwire.daemon.cli import installed_version
+    from tokenwire.predictor.runtime import shipped_model_path
+
+    commit = None
+    here = os.path.dirname(os.path.realpath(__file__))
+    try:
+        # the commit, "-dirty" when the checkout has uncommitted changes
+        out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=5, check=False)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass  # (no git, or not a checkout: an installed package)
+    model: dict[str, Any] | None = None
+    if "swiftqueue" in cfg.policies:
+        path = cfg.model or str(shipped_model_path())
+        try:
+            with open(path, "rb") as fh:
+                model = {"path": path, "sha256": hashlib.sha256(fh.read()).hexdigest()}
+        except OSError as exc:
+            model = {"path": path, "sha256": None, "error": exc.strerror or str(exc)}
+    return {
+        "tokenwire_version": installed_version(), "git_commit": commit, "model": model,
+        "refuge_memory_s": REFUGE_MEMORY_S, "congestion_cap": MarkedPacedFlow.congestion_cap,
+        "congested_repeats": CONGESTED_REPEATS, "queue_delay_s": QUEUE_DELAY_S, "queue_delay_share": QUEUE_DELAY_SHARE,
+    }  # fmt: skip
 
 
 def run_virtual_all(cfg: SwiftQueueConfig, *, log_fn: Callable[[str], None] | None = None,
