@@ -433,13 +433,8 @@ def run_compare(
                 oracles.append(union_oracle(batch))
                 base_delays.append(batch[0].base_delay * 1000.0)
     except BaseException as exc:
-        if finished and on_partial is not None:
-            try:
-                doc = partial_summary(cfg, finished, current, exc)
-            except Exception as err:  # never hide the failure itself behind one in summarizing what finished
-                exc.add_note(f"(the finished runs could not be summarized: {err!r})")
-            else:
-                on_partial(doc)
+        if finished:
+            offer_partial(exc, on_partial, lambda e: partial_summary(cfg, finished, current, e))
         raise
     summary = summarize_runs(cfg, per_scheme, oracles, backend, reason)
     summary["base_delay_ms"] = base_delays
@@ -473,6 +468,21 @@ def _run_row(run: SchemeRun, seed_complete: bool) -> dict[str, Any]:
     if run.scheme == "sse-tcp":
         row["tcp_congestion_control"] = run.cc
     return _nan_to_none(row)
+
+
+def offer_partial(exc: BaseException, on_partial: Callable[[dict[str, Any]], None] | None,
+                  build: Callable[[BaseException], dict[str, Any]]) -> None:
+    """Hand ``on_partial`` the document of the runs that finished before ``exc`` stopped a command (``build``
+    makes it from ``exc``; ``compare`` and ``contention`` share this). A failure in summarizing them is added to
+    ``exc`` as a note, never raised instead of it: the caller re-raises ``exc``."""
+    if on_partial is None:
+        return
+    try:
+        doc = build(exc)
+    except Exception as err:
+        exc.add_note(f"(the finished runs could not be summarized: {err!r})")
+    else:
+        on_partial(doc)
 
 
 def partial_summary(cfg: CompareConfig, finished: list[SchemeRun], stopped: tuple[str, int] | None,

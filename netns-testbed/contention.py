@@ -496,13 +496,10 @@ def run_contention(cfg: ContentionConfig, *, workdir: str | None = None, progres
                     finished.append(run_one(s, cfg, seed, wd, progress, scratch=scratch, note=note))
                     current = None
     except BaseException as exc:
-        if finished and on_partial is not None:
-            try:
-                doc = partial_summary(cfg, finished, current, exc)
-            except Exception as err:  # never hide the failure itself behind one in summarizing what finished
-                exc.add_note(f"(the finished runs could not be summarized: {err!r})")
-            else:
-                on_partial(doc)
+        if finished:
+            from .compare import offer_partial
+
+            offer_partial(exc, on_partial, lambda e: partial_summary(cfg, finished, current, e))
         raise
     return summarize(cfg, finished)
 
