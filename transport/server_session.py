@@ -22,7 +22,14 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.stream import QuicStream
 
 from .ack_timing import AckTiming
-from .chatterbox import L4S_CE_WINDOW_SHARE, QUEUE_DELAY_S, QUEUE_DELAY_SHARE, SenderStats, TokenSender
+from .chatterbox import (
+    COALESCE_QUEUE_S,
+    L4S_CE_WINDOW_SHARE,
+    QUEUE_DELAY_S,
+    QUEUE_DELAY_SHARE,
+    SenderStats,
+    TokenSender,
+)
 from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
@@ -231,6 +238,8 @@ class ServerSession(_SessionBase):
             # FINISHED (and ERROR, repair replies) go ahead of the repeats in the packets that leave
             req.sender.stream_backlog = functools.partial(self._stream_backlog, stream_id)
             req.sender.congested = self._path_congested  # (repeats shrink on a congested path)
+            if scheme == "chatterbox":
+                req.sender.queue_delay = self._queue_delay  # (new tokens share packets while the path queues)
         req.started = True
         self._send(stream_id, Started(stream_id, req.request_id, scheme, first_index))
         self.notify(stream_id)
@@ -339,6 +348,17 @@ class ServerSession(_SessionBase):
             cc = loss._cc
             return cc.bytes_in_flight >= L4S_CE_WINDOW_SHARE * cc.congestion_window
         return False
+
+    def _queue_delay(self, now: float) -> float:
+        """How long the path to the client queues now: aioquic's smoothed round trip above its minimum, once that
+        is well past the round-trip rule of :meth:`_path_congested` (chatterbox.COALESCE_QUEUE_S; else 0: a bursty
+        link's jitter, or a queue too short to be worth holding tokens for). Chatterbox's senders wait that long, at
+        most COALESCE_MAX_S, to put several new tokens in one packet."""
+        loss = self.quic._loss
+        if not loss._rtt_initialized:
+            return 0.0
+        excess = loss._rtt_smoothed - loss._rtt_min
+        return excess if excess > max(COALESCE_QUEUE_S, QUEUE_DELAY_SHARE * loss._rtt_min) else 0.0
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
