@@ -22,7 +22,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 from .link import Link
@@ -41,7 +41,6 @@ class FlowStats:
     acked: int = 0
     ce_acked: int = 0
     lost: int = 0
-    rtts: list[float] = field(default_factory=list)
 
 
 class Flow:
@@ -111,7 +110,6 @@ class Flow:
         st.acked += 1
         st.ce_acked += ce
         rtt = now - sent
-        st.rtts.append(rtt)
         self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
         self._highest_acked = max(self._highest_acked, seq)
         lost = []
@@ -213,7 +211,6 @@ class CbrFlow(Flow):
         if self._inflight.pop(seq, None) is not None:
             self.stats.acked += 1
             self.stats.ce_acked += ce
-            self.stats.rtts.append(now - sent)
 
     def _arm_rto(self, now: float) -> None:
         pass

@@ -74,7 +74,7 @@ def test_collect_holds_no_packet_and_no_rtt_list_to_the_end(monkeypatch):
     (sim,) = sims
     assert len(sim.flows) > 2  # cross traffic ran
     assert sim.records == []
-    assert all(len(f.stats.rtts) == 0 for f in sim.flows)
+    assert all(not hasattr(f.stats, "rtts") for f in sim.flows)  # (vsim keeps no per-ack RTT list at all now)
     assert sum(f.stats.acked for f in sim.flows) > 100  # ...and was acknowledged
     meta = json.loads(data["meta"])
     assert meta["probe_delivered"] > 100
