@@ -32,7 +32,7 @@ from tokenwire.transport import metrics
 from .child import Child, ChildError, ExitWatch, exit_status
 from .endpoints import ALL_SCHEMES
 from .netns import run_folder
-from .path_config import PathConfig, check_answers
+from .path_config import PathConfig, check_answers, check_schemes
 from .pktlog import read_packet_log
 from .tokens import answer
 from .topology import Testbed, TestbedError
@@ -58,12 +58,7 @@ class CompareConfig(PathConfig):
     cross: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        unknown = [s for s in self.schemes if s not in ALL_SCHEMES]
-        if unknown or not self.schemes:
-            raise ValueError(f"unknown scheme(s) {unknown}; choose from {', '.join(ALL_SCHEMES)}")
-        twice = sorted({s for s in self.schemes if self.schemes.count(s) > 1})
-        if twice:  # the summary is keyed by scheme: a second listing ran it again and averaged both runs
-            raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
+        check_schemes(self.schemes, ALL_SCHEMES)
         check_answers(self.tokens, self.runs, self.rate)
         for spec in self.cross:
             parse_cross(spec)

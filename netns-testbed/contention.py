@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwire.daemon.cli import CLIError, cell, positive_int
 
 from .cli import ctrl_c_throughout
-from .path_config import PathConfig, check_answers
+from .path_config import PathConfig, check_answers, check_schemes
 from .traffic import CROSS_HELP, parse_cross
 
 if TYPE_CHECKING:
@@ -70,12 +70,7 @@ class ContentionConfig(PathConfig):
     """Cross traffic server -> client (:func:`.traffic.parse_cross` specs), as ``compare --cross``."""
 
     def validate(self) -> None:
-        unknown = [s for s in self.schemes if s not in CONTENTION_SCHEMES]
-        if unknown or not self.schemes:
-            raise ValueError(f"--schemes: unknown scheme(s) {unknown}; choose from {', '.join(CONTENTION_SCHEMES)}")
-        twice = sorted({s for s in self.schemes if self.schemes.count(s) > 1})
-        if twice:
-            raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
+        check_schemes(self.schemes, CONTENTION_SCHEMES)
         if not 1 <= self.chats <= MAX_CHATS:
             raise ValueError(f"--chats {self.chats}: 1 to {MAX_CHATS}")
         check_answers(self.tokens, self.runs, self.rate)

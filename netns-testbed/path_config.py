@@ -42,6 +42,17 @@ class PathConfig:
         emu.up.validate()
 
 
+def check_schemes(schemes: list[str], allowed: tuple[str, ...] | list[str]) -> None:
+    """``--schemes``: known ones, at least one, none listed twice (the summary is keyed by scheme: a second listing
+    ran it again and averaged both runs)."""
+    unknown = [s for s in schemes if s not in allowed]
+    if unknown or not schemes:
+        raise ValueError(f"--schemes: unknown scheme(s) {unknown}; choose from {', '.join(allowed)}")
+    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    if twice:
+        raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
+
+
 def check_answers(tokens: int, runs: int, rate: float) -> None:
     """The demo answers' bounds: at least one token and one run, a rate the demo source takes (--rate 1e308 failed
     in the server child as an escaped traceback), and at most the daemon's bound on an answer (the endpoint builds
