@@ -50,7 +50,6 @@ PORT = 8443
 UDP = "17"  # a packet log row's ``proto`` (the IP protocol number)
 READY_S = 60.0
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
-UNIX_PATH_MAX = 108  # sun_path of an AF_UNIX address, its terminating NUL included
 
 
 class ContentionError(RuntimeError):
@@ -418,7 +417,9 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
 def _short_folder(folder: str) -> Iterator[str]:
     """``folder``, or a temporary one where a socket's path in it would pass the kernel's limit on an AF_UNIX
     path (108 bytes): a deep --keep DIR failed with "AF_UNIX path too long"."""
-    if len(os.path.join(folder, "notify.sock").encode()) < UNIX_PATH_MAX:
+    from tokenwire.daemon.unix_sockets import MAX_PATH_BYTES
+
+    if len(os.path.join(folder, "notify.sock").encode()) < MAX_PATH_BYTES:  # (room for its terminating NUL)
         yield folder
         return
     import tempfile

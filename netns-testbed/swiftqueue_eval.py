@@ -36,7 +36,7 @@ from typing import Any, cast
 
 from tokenwire.daemon.config import MAX_ANSWER_TOKENS, Limits
 from tokenwire.transport import metrics
-from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUEUE_DELAY_SHARE
+from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUEUE_DELAY_SHARE, path_queues
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import (
     POLICIES,
@@ -377,8 +377,7 @@ class MarkedPacedFlow(_MarkedMixin, Flow):
         srtt = self._rtt_smoothed
         if srtt is None:
             return False
-        floor = self._rtt_min
-        if srtt - floor > max(QUEUE_DELAY_S, QUEUE_DELAY_SHARE * floor):
+        if path_queues(srtt, self._rtt_min):
             return True
         return now - self._ce_at < srtt
 

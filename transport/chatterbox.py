@@ -114,6 +114,16 @@ in-order streaming's 90 + 43, and queued its own tokens: median token delay 370 
 1.2 s). With the wait: 206 ms, 1.1 s, 94 bytes per token, stall 84.2 -> 83.1 % (stream 80.6 %; 3 seeds each).
 At the cap's own 40-ms threshold instead of 200 ms the wait cost a faster, bursty link stall: T-Mobile UMTS (2 Mbit/s
 mean) 32.4 -> 37.1 % (stream 32.0 %); with 200 ms, 32.6 %."""
+
+
+def path_queues(srtt: float, floor: float, threshold: float = QUEUE_DELAY_S) -> bool:
+    """Whether a smoothed round trip ``srtt`` stands more than ``threshold`` above the path's minimum ``floor``, or
+    more than QUEUE_DELAY_SHARE of the minimum if larger: the queue test of the congestion cap (QUEUE_DELAY_S)
+    and of the wait for shared packets (COALESCE_QUEUE_S), in the server session and in the SwiftQueue virtual
+    model alike."""
+    return srtt - floor > max(threshold, QUEUE_DELAY_SHARE * floor)
+
+
 REPEAT_WINDOW_SHARE = 0.5  # during ack silence, repeated tokens may fill the window up to this share of it
 ACK_SILENCE_S = 0.5  # ... silence: no acknowledgement for this long (or four smoothed RTTs, if longer)
 STREAM_FRAME_OVERHEAD = 16  # a STREAM frame's type, stream id, offset and length, upper bound

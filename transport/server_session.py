@@ -25,10 +25,9 @@ from .ack_timing import AckTiming
 from .chatterbox import (
     COALESCE_QUEUE_S,
     L4S_CE_WINDOW_SHARE,
-    QUEUE_DELAY_S,
-    QUEUE_DELAY_SHARE,
     SenderStats,
     TokenSender,
+    path_queues,
 )
 from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
@@ -340,7 +339,7 @@ class ServerSession(_SessionBase):
         if not loss._rtt_initialized:
             return False
         srtt, floor = loss._rtt_smoothed, loss._rtt_min
-        if srtt - floor > max(QUEUE_DELAY_S, QUEUE_DELAY_SHARE * floor):
+        if path_queues(srtt, floor):
             return True
         if now - self._ce_at < srtt:
             return True
@@ -358,7 +357,7 @@ class ServerSession(_SessionBase):
         if not loss._rtt_initialized:
             return 0.0
         excess = loss._rtt_smoothed - loss._rtt_min
-        return excess if excess > max(COALESCE_QUEUE_S, QUEUE_DELAY_SHARE * loss._rtt_min) else 0.0
+        return excess if path_queues(loss._rtt_smoothed, loss._rtt_min, COALESCE_QUEUE_S) else 0.0
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
