@@ -210,6 +210,11 @@ class ServerFetch:
     # its first bytes came (or were noted behind a withheld first byte): the KV_FETCH must be whole by the request
     # timeout after this (KVServerSession._fetch_deadline)
     opened_at: float = 0.0
+    # the client's host changed while it ran (KVServerSession._on_host_changed): the first chunk written on the path
+    # taken (earlier chunks' KV_ACKs measure the path left), and (when, bytes acknowledged) at the change, from which
+    # fresh_rate measures instead of from the first write
+    path_index: int = 0
+    path_start: tuple[float, int] | None = None
 
 
 def _ended(f: ServerFetch) -> None:
@@ -219,6 +224,15 @@ def _ended(f: ServerFetch) -> None:
 
 
 UNDELIVERED_SCAN_S = 0.25  # at most this often, streams holding bytes none of which could be delivered are looked for
+
+
+@dataclass
+class HostLink:
+    """What a connection measured of its link on one client host (see KVServerSession._on_host_changed)."""
+
+    rates: deque[float]  # KVServerSession.link_rates
+    forecasters: dict[str, Any]  # KVServerSession._forecasters
+    sample_at: dict[int, float]  # KVServerSession._sample_at, for those forecasters
 
 
 class KVServerSession(_SessionBase):
@@ -246,6 +260,9 @@ class KVServerSession(_SessionBase):
         self._forecasters: dict[str, Any] = {}
         self._sample_at: dict[int, float] = {}  # forecaster -> when its newest sample arrived
         self.link_rates: deque[float] = deque(maxlen=LINK_SAMPLES)  # every fetch's chunk rates, bit/s
+        # the link knowledge above (rates, forecasters) of the hosts the client has left, for a return to them: those
+        # whose path state the session keeps (_saved_paths), no more (_on_host_changed)
+        self._saved_links: dict[str, HostLink] = {}
         # a KV_FETCH must be whole this long after its stream's first bytes, plus its size at MIN_REQUEST_RATE (the
         # chat port's limits.request_timeout_s): 16 streams a connection each held ~655 KB of a fetch short of its
         # last byte, kept alive by pings, for ever (+10-13 MiB a connection)
@@ -274,7 +291,7 @@ class KVServerSession(_SessionBase):
         assert f.fetch is not None
         legacy = self.tuning.legacy_controller
         rtt = self._path_rtt(legacy)
-        prior, prior_low = (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
+        prior, prior_low = self._prior(legacy)
         controller = KVController(f.fetch.controller, prior_bps=prior, rtt_s=rtt, prior_low=prior_low,
                                   stale_factor=self.tuning.stale_factor, reserve=self.tuning.reserve,
                                   legacy=legacy, guard_weight=self.tuning.guard_weight,
@@ -297,6 +314,51 @@ class KVServerSession(_SessionBase):
                 self._sample_at.pop(id(fc), None)
             fc = self._forecasters[kind] = self._make_forecaster(kind)
         return fc
+
+    def _prior(self, legacy: bool) -> tuple[float, float]:
+        """The prior a fetch's cold decisions plan on: the link prior, or the configured one for the legacy rule."""
+        return (self.tuning.prior_bps, PRIOR_LOW) if legacy else self.link_prior()
+
+    def _on_host_changed(self, left: str, entered: str) -> None:
+        """The client moved to another host (Wi-Fi to LTE, say; a port-only NAT rebinding is no move). The chunk
+        rates and forecasters measured the path left, like the congestion state the session has just switched:
+        kept, the first fetches after a move from 50 to 3 Mbit/s were planned at Wi-Fi's rates and missed their
+        deadlines. So they are put aside for a return, and the host entered gets its own back, or none, as a new
+        connection (the configured prior, and a probe where that says text). Remembered for the hosts whose path
+        state the session keeps: bounded by MAX_HOSTS_REMEMBERED, and dropped with theirs."""
+        saved = self._saved_links.pop(entered, None)
+        self._saved_links.pop(left, None)
+        forecasters = self._forecasters
+        self._saved_links[left] = HostLink(self.link_rates, forecasters, {
+            id(fc): self._sample_at[id(fc)] for fc in forecasters.values() if id(fc) in self._sample_at})
+        for host in [h for h in self._saved_links if h not in self._saved_paths]:
+            del self._saved_links[host]
+        if saved is None:
+            saved = HostLink(deque(maxlen=LINK_SAMPLES), {}, {})
+        self.link_rates, self._forecasters, self._sample_at = saved.rates, saved.forecasters, saved.sample_at
+        for f in self.fetches.values():
+            if not f.closed and f.plan is not None and f.controller is not None:
+                self._replan_on_new_path(f, self._now)
+
+    def _replan_on_new_path(self, f: ServerFetch, now: float) -> None:
+        """A fetch running across a host change plans its next chunks as a fetch starting now would: its samples
+        measured the path left (kept as its own, they are never stale, and its next decision sent the rest at the
+        old path's rate), so it takes the new host's forecaster and prior and is cold until it measures the new path:
+        its QUIC delivery rate from the change on (fresh_rate), a probe, or a KV_ACK of a chunk written after the
+        change (earlier chunks' KV_ACKs feed no forecaster: their transfer was mostly on the path left). Its guard
+        while cold is the firm one, as for a first chunk."""
+        assert f.controller is not None
+        legacy = f.controller.legacy
+        f.forecaster = self._connection_forecaster(self._kind(f), now, legacy)
+        f.controller.prior_bps, f.controller.prior_low = self._prior(legacy)
+        f.samples = 0
+        f.path_index = f.next_index  # (a chunk asked for and not yet written goes out on the new path)
+        f.ack_mark = None  # (set again at the next poll: the rate since the change)
+        f.path_start = (now, self._acked(f)) if f.first_sent_at is not None else None
+        if f.probe is not None and f.probe < f.next_index:
+            # a probe written on the path left measured that path: as if none was sent, so the fetch may probe the
+            # new one (and does not wait for a rate that would plan it on the old one)
+            f.probe = f.probe_sent_at = f.probe_bps = None
 
     def link_prior(self) -> tuple[float, float]:
         """What plans a fetch's first chunk, before it has measured anything: (median, low quantile as a share
@@ -497,8 +559,10 @@ class KVServerSession(_SessionBase):
             return None
         rate = da * 8 / dt
         if f.first_sent_at is not None:
-            span = now - f.first_sent_at - min_rtt(self.quic, default=0.0)
-            rate = min(rate, acked * 8 / max(span, dt))
+            # (since the client's last host change, if it changed after the first write: _replan_on_new_path)
+            since, before = f.path_start or (f.first_sent_at, 0)
+            span = now - since - min_rtt(self.quic, default=0.0)
+            rate = min(rate, (acked - before) * 8 / max(span, dt))
         return rate
 
     def _path_rtt(self, legacy: bool = False) -> float:
@@ -707,7 +771,9 @@ class KVServerSession(_SessionBase):
         f.bytes_acked += ack.size
         start = ack.first_us if f.last_done_us is None else max(ack.first_us, f.last_done_us)
         f.last_done_us = max(ack.done_us, f.last_done_us or 0)
-        if ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None:
+        # (a chunk written before the client's host changed measured the path left: _replan_on_new_path)
+        if (ack.size >= MIN_SAMPLE_BYTES and ack.done_us > start and f.forecaster is not None
+                and ack.index >= f.path_index):
             f.forecaster.observe(ack.size, (ack.done_us - start) / 1e6)
             self.link_rates.append(ack.size * 8e6 / (ack.done_us - start))
             self._sample_at[id(f.forecaster)] = now

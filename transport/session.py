@@ -173,6 +173,12 @@ class _SessionBase:
             # path taken has its ACK declare the lost ones lost (a return has no PATH_CHALLENGE to do it)
             self.quic._send_probe()
         policy_path_changed(self.marking)
+        self._on_host_changed(left, host_key(path))
+
+    def _on_host_changed(self, left: str, entered: str) -> None:
+        """Hook: the peer moved from host ``left`` to host ``entered`` (:func:`.path_reset.host_key`), after the
+        path state was switched. A side that keeps knowledge of its own per path (the KV server's link rates) keeps
+        it per host too, remembered for the hosts in ``_saved_paths`` only, so that it is forgotten with theirs."""
 
     def _on_peer_packet(self, now: float) -> None:
         """Hook: a datagram from the peer was processed."""
