@@ -26,8 +26,10 @@ from .child import ChildError
 SCHEME_NAMES = ("chatterbox", "stream", "duplicate", "sse-tcp")
 
 
-def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False) -> None:
-    """The emulated path, shared by ``up`` and ``compare``."""
+def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False, kernel: bool = True) -> None:
+    """The emulated path, shared by ``up``, ``compare``, ``kv`` and ``contention``. ``kernel``: whether the command
+    can run on kernel qdiscs; ``kv`` and ``contention`` cannot (they read the emulator's packet log), and their
+    ``--backend`` help says so rather than describe a probe they never make."""
     p.add_argument("--down-trace", required=down_required, default=None if down_required else "12mbps",
                    metavar="F", help="mahimahi trace file or a fixed rate like 12mbps (server -> client)")
     up = p.add_mutually_exclusive_group()
@@ -44,7 +46,9 @@ def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False) ->
                    "droptail:bytes=N | dualpi2[:key=value,...]")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of loss patterns and AQM decisions (integer >= 0)")
     p.add_argument("--backend", choices=("auto", "userspace", "kernel"), default="auto",
-                   help="auto: kernel qdiscs if the probe finds netem+dualpi2 and they can express the path")
+                   help="auto: kernel qdiscs if the probe finds netem+dualpi2 and they can express the path"
+                   if kernel else "the userspace emulator in every case (its packet log measures the link); "
+                   "kernel is refused")
 
 
 SSE_CONNECT_S = 10.0
@@ -811,7 +815,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.set_defaults(handler=cmd_compare)
 
     kv = tsub.add_parser("kv", help="KV-cache fetches through the emulated path, one row per level controller")
-    add_path_args(kv, down_required=True)
+    add_path_args(kv, down_required=True, kernel=False)
     kv.add_argument("--context-tokens", type=int, default=1024, metavar="N")
     kv.add_argument("--chunk-tokens", type=int, default=256, metavar="N")
     kv.add_argument("--deadline-ms", type=int, default=3000, metavar="D")

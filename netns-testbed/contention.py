@@ -553,7 +553,7 @@ def register_contention(tsub: argparse._SubParsersAction) -> None:
     from .cli import add_path_args
 
     p = tsub.add_parser("contention", help="N chats at once through one emulated bottleneck, per scheme")
-    add_path_args(p, down_required=True)
+    add_path_args(p, down_required=True, kernel=False)
     p.add_argument("--chats", type=positive_int, default=10, metavar="N",
                    help=f"concurrent chats, 1 to {MAX_CHATS} (the daemon, its clients and the emulator share this "
                    "host's CPU: a 2-core host kept up with about 30 chatterbox chats at 30 tokens/s before CPU, not "

@@ -320,3 +320,15 @@ def test_a_rewritten_json_result_keeps_its_permissions(tmp_path):
     path.chmod(0o600)
     save_json(path, {"run": 2})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and '"run": 2' in path.read_text()
+
+
+def test_backend_help_says_what_each_testbed_command_runs_on():
+    """``kv`` and ``contention`` refuse ``--backend kernel`` (they read the emulator's packet log): their help must not
+    describe the kernel-qdisc probe that ``up`` and ``compare`` make."""
+    pages = {" ".join(path): parser for path, parser in _walk(build_parser())}
+    for name in ("testbed kv", "testbed contention"):
+        (action,) = [a for a in pages[name]._actions if "--backend" in a.option_strings]
+        assert "kernel is refused" in action.help and "netem" not in action.help, name
+    for name in ("testbed up", "testbed compare"):
+        (action,) = [a for a in pages[name]._actions if "--backend" in a.option_strings]
+        assert "netem+dualpi2" in action.help, name
