@@ -20,10 +20,10 @@ import select
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from tokenwire.transport.file_modes import keep_mode
 
@@ -396,6 +396,31 @@ def nonnegative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+_V = TypeVar("_V")
+_K = TypeVar("_K", bound=Hashable)
+
+
+@overload
+def repeated(values: Iterable[_K]) -> dict[_K, list[_K]]: ...
+
+
+@overload
+def repeated(values: Iterable[_V], key: Callable[[_V], _K]) -> dict[_K, list[_V]]: ...
+
+
+def repeated(values: Iterable[Any], key: Callable[[Any], Hashable] | None = None) -> dict[Any, list[Any]]:
+    """The values of a listing option that name one thing more than once: ``{key: [values with that key, in
+    order]}`` for each key held by two or more, keys in order of first appearance (by default a value is its own
+    key; ``key`` says when two spellings are one thing, as two paths to the same file). One check for every
+    ``--schemes``/``--modes``/``--policies``/``--data``...: the results are keyed by the value, so a second
+    listing ran it again and replaced or doubled the first, and the commands each had their own copy of it.
+    Linear (a ``count()`` per value was quadratic in a long list)."""
+    groups: dict[Any, list[Any]] = {}
+    for value in values:
+        groups.setdefault(value if key is None else key(value), []).append(value)
+    return {k: same for k, same in groups.items() if len(same) > 1}
 
 
 class _DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -130,14 +130,14 @@ def link_rate(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenwire.daemon.cli import CLIError, write_json
+    from tokenwire.daemon.cli import CLIError, repeated, write_json
     from tokenwire.testbed.loss import LossSpecError, parse_loss
     from tokenwire.transport.frames import SCHEMES
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     if not schemes or any(s not in SCHEMES for s in schemes):
         raise CLIError(f"--schemes takes a comma-separated subset of {', '.join(SCHEMES)}")
-    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    twice = sorted(repeated(schemes))
     if twice:  # as `testbed compare` refuses: results are keyed by scheme, so it ran twice and showed the second
         raise CLIError(f"--schemes: {', '.join(twice)} listed twice")
     try:

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenwire.daemon.cli import repeated
+
 from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
 from .netns import run_folder
@@ -79,7 +81,7 @@ class KVEvalConfig:
         bad = [c for c in self.controllers if c not in CONTROLLERS]
         if bad or not self.controllers:
             raise ValueError(f"unknown controller(s) {bad}; choose from {', '.join(CONTROLLERS)}")
-        twice = sorted({c for c in self.controllers if self.controllers.count(c) > 1})
+        twice = sorted(repeated(self.controllers))
         if twice:  # the results are keyed by controller: the second one's fetches replaced the first's
             raise ValueError(f"--controllers: {', '.join(twice)} listed twice")
         if self.context_tokens < 1 or self.chunk_tokens < 16 or self.deadline_ms < 1 or self.repeats < 1:

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenwire.daemon.cli import CLIError
+    from tokenwire.daemon.cli import CLIError, repeated
     from tokenwire.daemon.config import MAX_ANSWER_TOKENS
     from tokenwire.daemon.demo_upstream import rate_problem
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad or not schemes:
         raise CLIError(f"unknown scheme(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SCHEMES)}")
-    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    twice = sorted(repeated(schemes))
     if twice:  # the summary is keyed by scheme: a second listing counted every run twice
         raise CLIError(f"--schemes: {', '.join(twice)} listed twice")
     try:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from tokenwire.daemon.cli import repeated
 from tokenwire.daemon.config import MAX_ANSWER_TOKENS, Limits
 from tokenwire.transport import metrics
 from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUEUE_DELAY_SHARE, path_queues
@@ -167,7 +168,7 @@ class SwiftQueueConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise SwiftQueueEvalError(f"--policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
-        twice = sorted({p for p in self.policies if self.policies.count(p) > 1})
+        twice = sorted(repeated(self.policies))
         if twice:  # the results are keyed by policy: a second run would overwrite the first
             raise SwiftQueueEvalError(f"--policies: {', '.join(twice)} listed twice")
         if self.seconds <= self.warmup_s:

@@ -190,7 +190,12 @@ class ScalableFlow(Flow):
 
 
 class CbrFlow(Flow):
-    """Unresponsive sender at a constant bit rate (acks only counted)."""
+    """Unresponsive sender at a constant bit rate (acks only counted).
+
+    It keeps nothing per packet: an ack is counted as it comes, and a packet the bottleneck dropped is never
+    heard of again (no loss detection, no timeout). Its :attr:`_inflight` entries were removed by acks only, so a
+    long run through a slow link kept one for every drop to its end (``predictor collect``, ``testbed swiftqueue
+    --virtual`` with CBR cross traffic)."""
 
     def __init__(self, rate_bps: float, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
@@ -207,10 +212,16 @@ class CbrFlow(Flow):
         self._send(now)
         self.sim.call_at(now + self.interval, self._tick)
 
+    def _send(self, now: float) -> None:
+        assert self.sim is not None
+        seq = self._next_seq
+        self._next_seq += 1
+        self.stats.sent += 1
+        self.sim.send(self, Packet(self.size, self.ecn, meta=(self.fid, seq, now)), now)
+
     def on_ack(self, seq: int, sent: float, ce: bool, now: float) -> None:
-        if self._inflight.pop(seq, None) is not None:
-            self.stats.acked += 1
-            self.stats.ce_acked += ce
+        self.stats.acked += 1  # (the link delivers a packet once: each ack is of a packet not yet counted)
+        self.stats.ce_acked += ce
 
     def _arm_rto(self, now: float) -> None:
         pass

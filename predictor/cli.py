@@ -6,7 +6,6 @@ Top level imports argparse only; numpy, torch and onnxruntime load inside the ha
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tokenwire.daemon.cli import MAX_SEED, seed_arg
+from tokenwire.daemon.cli import MAX_SEED, repeated, seed_arg
 from tokenwire.testbed.cli import ctrl_c_throughout
 
 DEFAULT_WINDOW = 64
@@ -61,15 +60,19 @@ def _new_out_dir(out: Path, logs: frozenset[str]) -> Iterator[None]:
         raise
 
 
-def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether ``a`` and ``b`` name one file: :func:`os.path.samefile` when both exist (``./x`` and ``x``, a
-    symlink or a hard link to it), else their resolved paths."""
+def file_key(path: str | os.PathLike[str]) -> tuple[int, int] | str:
+    """What names one file: its device and inode when it exists (``./x`` and ``x``, a symlink or a hard link to
+    it are one file, as :func:`os.path.samefile` says), else its resolved path."""
     try:
-        if os.path.exists(a) and os.path.exists(b):
-            return os.path.samefile(a, b)
-    except OSError:  # unreadable in between: the paths decide
-        pass
-    return os.path.realpath(a) == os.path.realpath(b)
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing or unreadable: the paths decide
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file (:func:`file_key`)."""
+    return file_key(a) == file_key(b)
 
 
 def check_output(flag: str, out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
@@ -87,11 +90,11 @@ def check_output(flag: str, out: str | os.PathLike[str], inputs: Iterable[tuple[
 def _check_distinct(flag: str, paths: list[str]) -> None:
     """Refuse a file given twice (also as ``./a.npz`` and ``a.npz``, or through a link): its points were counted
     twice, doubling eval's ``n`` and the weight of that file in training, without a word."""
-    for i, path in enumerate(paths):
-        for earlier in paths[:i]:
-            if same_file(path, earlier):
-                what = f"{path} given twice" if path == earlier else f"{earlier} and {path} are the same file"
-                raise _err(f"{flag}: {what}; give each file once (its points would count twice)")
+    groups = repeated(paths, key=file_key)
+    if groups:  # the first file named twice, by its first two names
+        earlier, path = next(iter(groups.values()))[:2]
+        what = f"{path} given twice" if path == earlier else f"{earlier} and {path} are the same file"
+        raise _err(f"{flag}: {what}; give each file once (its points would count twice)")
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -275,15 +278,10 @@ def _output_stem(trace: str) -> str:
 def _check_jobs(traces: list[str], seeds: list[int]) -> None:
     """Refuse repeated seeds and traces whose output files would coincide: a later run would overwrite an
     earlier one while the summary and index.json still counted both."""
-    twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)  # (count() per seed: quadratic)
+    twice = sorted(repeated(seeds))
     if twice:
         raise _err(f"--seeds: {', '.join(map(str, twice))} given more than once")
-    by_stem: dict[str, list[str]] = {}
-    for trace in traces:
-        by_stem.setdefault(_output_stem(trace), []).append(trace)
-    for stem, same in by_stem.items():
-        if len(same) < 2:
-            continue
+    for stem, same in repeated(traces, key=_output_stem).items():
         if len(set(same)) < len(same):
             raise _err(f"--traces: {same[0]} given more than once")
         raise _err(f"--traces: {', '.join(same)} would be written to the same files {stem}-sN.npz (named after "
@@ -401,7 +399,7 @@ def _train(args: argparse.Namespace) -> int:
     bad = set(kinds) - {"transformer", "gru", "ar"}
     if bad or not kinds:
         raise _err(f"--kinds: unknown {sorted(bad)}; choose from transformer,gru,ar")
-    twice = [k for k in dict.fromkeys(kinds) if kinds.count(k) > 1]
+    twice = list(repeated(kinds))
     if twice:  # each was trained again into the same file: the second run replaced the first's checkpoint
         raise _err(f"--kinds: {', '.join(twice)} given more than once; give each kind once")
     try:
@@ -526,20 +524,19 @@ def _note_interrupted(out: Path, kind: str, log: dict) -> None:
     keeps one that ``export`` takes, with its warning; yet Ctrl-C said only "interrupted", and train.json listed
     no model, as if nothing usable was left. (Any ``<kind>.pt`` here is this run's: an earlier run's was moved
     aside to ``.previous`` at the start.)"""
-    import torch
-
-    from .train import checkpoint_best_epoch
+    from .onnx_session import ModelError
+    from .train import checkpoint_best_epoch, read_checkpoint
 
     path = out / f"{kind}.pt"
     if not path.is_file():
         _say(f"{kind}: interrupted before its first epoch ended: no checkpoint of it written")
         return
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # written by this run a moment ago; if it cannot be read, say so and record nothing
-        _say(f"warning: {kind}: interrupted; its checkpoint {path} cannot be read back ({exc})")
+        ck = read_checkpoint(path)
+    except ModelError as exc:  # written by this run a moment ago; if it cannot be read, say so and record nothing
+        _say(f"warning: {kind}: interrupted; its checkpoint cannot be read back, nothing recorded of it: {exc}")
         return
-    history = ck.get("history") if isinstance(ck, dict) else None
+    history = ck.get("history")
     if not isinstance(history, list):
         return
     best = checkpoint_best_epoch(ck)

@@ -237,16 +237,13 @@ def _read_train_log(base_dir: Path) -> dict | None:
 
 def _checkpoint_record(path: Path) -> dict | None:
     """The training record (best_epoch, epochs run, train_config) of the checkpoint at ``path``, as export
-    stamps it; None when it cannot be read (torch missing, not a checkpoint: loading it is not eval's job)."""
+    stamps it; None without torch (nothing to compare with); :class:`ModelError` when it is no checkpoint
+    (:func:`~.train.read_checkpoint`, export's reader)."""
+    from .train import checkpoint_best_epoch, read_checkpoint
+
     try:
-        import torch
-
-        from .train import checkpoint_best_epoch
-
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # any file, any failure: no comparison, no warning (nothing known about it)
-        return None
-    if not isinstance(ck, dict):
+        ck = read_checkpoint(path)
+    except ImportError:  # no torch (eval runs on onnxruntime alone): nothing to compare with
         return None
     history = ck.get("history")
     return {"best_epoch": checkpoint_best_epoch(ck),
@@ -276,13 +273,19 @@ def stale_gru(base_dir: Path, meta: dict) -> str | None:
     ``train`` moves an earlier ``gru.pt`` aside but leaves the earlier ``gru.onnx`` (with a warning that scrolls
     by), so after a retraining eval scored the old export under the folder's name, next to a newer checkpoint
     and log of another model. Compared: the best epoch, the epochs run and the training settings export stamps.
+    A ``gru.pt`` that is no checkpoint (truncated, foreign) is said to be one, as export would say it, when
+    ``train.json`` shows no difference either: it was skipped without a word, as if it matched.
     """
     gru_onnx, gru_pt = base_dir / "gru.onnx", base_dir / "gru.pt"
     exported = {"best_epoch": meta.get("best_epoch"), "epochs_run": meta.get("epochs_run"),
                 "train_config": meta.get("train_config")}
     redo = f"export it again: `tokenwire predictor export --checkpoint {gru_pt} --out {gru_onnx}`"
+    unread = None
     if gru_pt.is_file():
-        ck = _checkpoint_record(gru_pt)
+        try:
+            ck = _checkpoint_record(gru_pt)
+        except ModelError as exc:  # a broken gru.pt is no reason to stop eval: train.json may still tell
+            ck, unread = None, f"{exc}; {gru_onnx} was not compared with it"
         diffs = _differences(exported, ck) if ck is not None else []
         if diffs:
             when = f"; {gru_pt.name} is newer" if _newer(gru_pt, gru_onnx) else ""
@@ -299,7 +302,7 @@ def stale_gru(base_dir: Path, meta: dict) -> str | None:
             train_json = base_dir / "train.json"
             return (f"{gru_onnx} is not an export of the gru that {train_json} logs ({'; '.join(diffs)}): it comes "
                     f"from another training run, and is what is scored as the gru here; {redo}")
-    return None
+    return unread
 
 
 def stale_ar(base_dir: Path, ar_doc: dict) -> str | None:

@@ -30,6 +30,7 @@ from .baselines import LinearAR
 from .dataset import DatasetError
 from .features import FEATURES, FEATURES_VERSION, MS_SCALE
 from .harness import SPIKE_ABS_MS, SPIKE_REL, Points, file_points
+from .onnx_session import ModelError
 
 TRANSFORMER_DEFAULTS = {"d_model": 32, "heads": 4, "layers": 2, "ff": 64, "dropout": 0.0}
 """The Transformer's constructor defaults that ``--net`` may override (mirrors ``models.TransformerForecaster``;
@@ -328,8 +329,6 @@ def check_checkpoint_features(path: str | Path, ck: dict) -> None:
     version's features was exported as if it were of this one, and the runtime then fed it inputs of another
     meaning without a word. Checkpoints record their features since this check exists: an older one is refused
     with that reason (its features are unknown), not as a file ``train`` did not write."""
-    from .onnx_session import ModelError
-
     version, features = ck.get("features_version"), ck.get("features")
     if version is None and features is None:
         raise ModelError(f"{path}: a checkpoint of an older `tokenwire predictor train` that did not record the "
@@ -355,25 +354,30 @@ def checkpoint_best_epoch(ck: dict) -> int | None:
     return min(scored)[1] if scored else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[object, dict]:
-    """(model in eval mode, the checkpoint's dict); :class:`ModelError` for anything ``train`` did not write.
+def _refusal(path: str | Path, why: str) -> ModelError:
+    """The one-line :class:`ModelError` of a file that is no checkpoint ``train`` wrote."""
+    return ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({why})")
 
-    The file may be anything (``--checkpoint /etc/passwd``): torch's weights-only unpickler then raises
-    whatever its parsing of the bytes runs into (UnpicklingError, RuntimeError, IndexError, UnicodeDecodeError,
-    EOFError, struct.error, ... measured on random and mutated files), and a file that unpickles may hold
-    anything, with a config no network can be built from. Each of the two steps that read the file's content
-    therefore turns *any* ``Exception`` into the one-line refusal, except ``MemoryError`` (the machine's state,
-    not the file's); what was read is checked for the shape ``train`` writes before a network is built from it.
-    """
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The dict of the checkpoint at ``path``, checked for the shape ``train`` writes (a model kind, a network
+    config, tensors); :class:`ModelError` for anything else. Every reader of a checkpoint goes through here
+    (export, train's interrupt record, eval's check that gru.onnx is an export of gru.pt): each had its own
+    ``torch.load`` and failed on a truncated or foreign file in its own way, from a traceback to silence.
+
+    The file may be anything (``--checkpoint /etc/passwd``): torch's weights-only unpickler (never the full
+    one, which runs code) then raises whatever its parsing of the bytes runs into (UnpicklingError,
+    RuntimeError, IndexError, UnicodeDecodeError, EOFError, struct.error, ... measured on random and mutated
+    files), so *any* ``Exception`` becomes the one-line refusal, except ``MemoryError`` (the machine's state,
+    not the file's); and a file that unpickles may hold anything."""
     import warnings
 
     import torch
 
-    from .models import NETS, build
-    from .onnx_session import ModelError
+    from .models import NETS
 
     def refuse(why: str) -> ModelError:
-        return ModelError(f"{path}: not a checkpoint written by `tokenwire predictor train` ({why})")
+        return _refusal(path, why)
 
     def first_line(exc: BaseException) -> str:
         text = str(exc).strip()
@@ -401,13 +405,24 @@ def load_checkpoint(path: str | Path) -> tuple[object, dict]:
         raise refuse("no network config")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise refuse("no weights")
+    return ck
+
+
+def load_checkpoint(path: str | Path) -> tuple[object, dict]:
+    """(model in eval mode, the checkpoint's dict); :class:`ModelError` for anything ``train`` did not write
+    (:func:`read_checkpoint`), or whose config and weights make no network (a config from the file: building it
+    may raise anything, so any ``Exception`` but ``MemoryError`` is the same one-line refusal)."""
+    from .models import build
+
+    ck = read_checkpoint(path)
+    kind, config, weights = ck["kind"], ck["config"], ck["state_dict"]
     try:
         model = build(kind, config)
         model.load_state_dict(weights)
     except MemoryError:
         raise
     except Exception as exc:  # a config from the file: TypeError, ZeroDivisionError, RuntimeError, ...
-        raise refuse(f"its config and weights do not make a {kind} network: {_first_detail(exc)}") from None
+        raise _refusal(path, f"its config and weights do not make a {kind} network: {_first_detail(exc)}") from None
     model.eval()
     return model, ck
 

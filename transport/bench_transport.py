@@ -366,13 +366,13 @@ def with_raw_baseline(modes: list[str]) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from tokenwire.daemon.cli import CLIError, write_json
+    from tokenwire.daemon.cli import CLIError, repeated, write_json
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise CLIError(f"--modes takes a subset of {','.join(MODES)}")
-    twice = sorted({m for m in modes if modes.count(m) > 1})
+    twice = sorted(repeated(modes))
     if twice:  # the results are keyed by mode: a second listing ran it again and kept only the last
         raise CLIError(f"--modes: {', '.join(twice)} listed twice")
     # a paced run is a token rate a model can have, and a bounded wait: --rate 1e12 made every token due at once
