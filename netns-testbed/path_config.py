@@ -48,7 +48,9 @@ def check_schemes(schemes: list[str], allowed: tuple[str, ...] | list[str]) -> N
     unknown = [s for s in schemes if s not in allowed]
     if unknown or not schemes:
         raise ValueError(f"--schemes: unknown scheme(s) {unknown}; choose from {', '.join(allowed)}")
-    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    from tokenwire.daemon.cli import repeated
+
+    twice = sorted(repeated(schemes))
     if twice:
         raise ValueError(f"--schemes: {', '.join(twice)} listed twice")
 

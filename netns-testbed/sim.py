@@ -413,7 +413,9 @@ def compare(
 ) -> dict[str, Any]:
     """Run every scheme for ``runs`` seeds (cfg.seed, cfg.seed+1, ...); the JSON-ready summary. ``progress`` is
     told each scheme and seed as it starts, ``cfg.progress`` how far a long run is (:func:`run_scheme`)."""
-    twice = sorted({s for s in schemes if schemes.count(s) > 1})
+    from tokenwire.daemon.cli import repeated
+
+    twice = sorted(repeated(schemes))
     if twice:  # the summary is keyed by scheme: its runs would be counted twice
         raise ValueError(f"scheme(s) {', '.join(twice)} listed twice")
     per_scheme: dict[str, list[SimRun]] = {s: [] for s in schemes}
