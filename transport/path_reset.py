@@ -51,6 +51,23 @@ path still fills the fresh window until it is resolved, and what may leave beyon
 (RFC 9002 §7.7's bound on a burst), as at a connection's start; the pacer restarts unset, as there, until the new
 path's first sample.
 
+Taking the old path's packets out of the probe timer's count has a cost at the tail: when the last of them to carry
+frames (a chat answer's FINISHED, a KV fetch's KV_DONE) is lost on the path left, and nothing ack-eliciting follows
+it, no timer is armed and no later packet is acknowledged, so aioquic never declares it lost (RFC 9002 §6.1 detects a
+loss only from the acknowledgement of a later packet; its probe timeout, §6.2, is what covers a lost tail) and its
+frames never go again: the client pings, the server answers with ACKs alone, until the idle timeout (a probe's relay
+flipping a KV client between two hosts every 100 ms: 1 to 3 of 16 to 28 fetches stuck with every chunk received and
+no KV_DONE). A move to a new host recovered by chance (its PATH_CHALLENGE is ack-eliciting, and its ACK lets the
+packet and time thresholds find the loss); a return to a validated host sends no challenge. So the session sends a
+probe (RFC 9002 §6.2.4: one ack-eliciting packet, past the window) on the path taken whenever a packet it takes off
+the old path was ack-eliciting (:func:`delivery_pending`, asked before the switch), and likewise when it takes back
+packets sent to an address it left unvalidated (:func:`detach_sent_since`): the probe's ACK is the later
+acknowledgement that the loss detection needs, and stands in for the probe timer the detached packets no longer arm.
+Not a probe on every move: when nothing detached was ack-eliciting, nothing is waiting to be declared lost, and a PING
+would buy an ACK that tells nothing (an idle keepalive connection moving would pay a packet each way per move). A
+datagram (a chatterbox token packet) is not sent again by QUIC, but its loss, found the same way, tells the token
+sender to repeat its tokens.
+
 The session also tells the marking policy (:func:`policy_path_changed`) of each move to another host, a return
 included: swiftqueue's latency history is the old path's too.
 
@@ -194,6 +211,16 @@ def detach_sent_since(quic: QuicConnection, first_pn: int) -> int:
     declared them lost, a congestion event per forged packet (a review's script: window 917 KB -> 468 KB on one
     rewritten packet). RFC 9000 §9.4: probing packets' loss should not cut the sending rate."""
     return _detach(quic._loss, first_pn)
+
+
+def delivery_pending(quic: QuicConnection, first_pn: int = 0) -> bool:
+    """Whether an application packet numbered ``first_pn`` or up, still outstanding, is ack-eliciting: its frames
+    (stream data, a datagram, flow credit) wait on an acknowledgement, or on a loss that only an ACK of a later
+    ack-eliciting packet can reveal once :func:`_detach` made it non-ack-eliciting (the module doc's tail probe).
+    Asked before the detach: afterwards no packet says what it was."""
+    return any(packet.is_ack_eliciting
+               for space in quic._loss.spaces if space.is_application_data
+               for pn, packet in space.sent_packets.items() if pn >= first_pn)
 
 
 def _detach(loss: QuicPacketRecovery, first_pn: int) -> int:

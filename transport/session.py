@@ -39,6 +39,7 @@ from .path_recovery import probe_on_receipt, window_full
 from .path_reset import (
     SavedPath,
     challenge_held,
+    delivery_pending,
     detach_sent_since,
     host_changed,
     host_key,
@@ -140,7 +141,10 @@ class _SessionBase:
             if path == self._path and self._path is not None:
                 # back on the validated address without a move: what went to the other one was probing, and its
                 # loss is no congestion of this path (.path_reset.detach_sent_since)
+                pending = delivery_pending(self.quic, self._unvalidated_from)
                 detach_sent_since(self.quic, self._unvalidated_from)
+                if pending:  # (their lost tail's frames need a later ACK to be declared lost: _host_changed)
+                    self.quic._send_probe()
             self._unvalidated_from = None
         if path != self._path:
             if self._path is not None and path is not None:
@@ -156,8 +160,17 @@ class _SessionBase:
 
     def _host_changed(self, path: NetworkAddress) -> None:
         """The peer's validated address moved to another host: keep the state of the path left, and take back the
-        new host's own if the connection used it before, else start afresh (RFC 9000 §9.4; :mod:`.path_reset`)."""
+        new host's own if the connection used it before, else start afresh (RFC 9000 §9.4; :mod:`.path_reset`).
+
+        Then a probe (RFC 9002 §6.2.4) on the path taken when a packet taken off the old path was ack-eliciting:
+        detached, it arms no probe timer, and when it was the last to carry frames (a FINISHED, a KV_DONE) and is lost
+        on the path left, only the ACK of a later ack-eliciting packet lets the loss detection find it (§6.1). A move
+        to a new host sends one anyway (its PATH_CHALLENGE), a return to a validated host does not: its lost tail
+        stayed lost until the idle timeout. Not a probe on every move: with nothing ack-eliciting detached, nothing
+        awaits a verdict, and the ACK would tell nothing. Also when the window is full (packets detached by an
+        earlier move, no longer ack-eliciting, may fill it): the probe's ACK lets them be resolved."""
         assert self._path is not None
+        pending = delivery_pending(self.quic)  # (asked before the switch below makes them non-ack-eliciting)
         left = host_key(self._path)
         saved = self._saved_paths.pop(host_key(path), None)  # (before the trim below, which would drop the oldest)
         self._saved_paths.pop(left, None)
@@ -168,9 +181,9 @@ class _SessionBase:
             reset_for_new_path(self.quic)
         else:
             restore_path(self.quic, saved, self._now)
-        if window_full(self.quic):
-            # the old path's packets fill the window, and no longer arm the probe timer (.path_reset): a PING on the
-            # path taken has its ACK declare the lost ones lost (a return has no PATH_CHALLENGE to do it)
+        if pending or window_full(self.quic):
+            # the old path's packets no longer arm the probe timer (.path_reset): a PING on the path taken has its
+            # ACK declare the lost ones lost (a return has no PATH_CHALLENGE to do it)
             self.quic._send_probe()
         policy_path_changed(self.marking)
         self._on_host_changed(left, host_key(path))
