@@ -24,6 +24,7 @@ from tokenwire.transport.frames import MAX_KV_TOKENS
 from . import unix_sockets
 from .kv_meta import _DTYPES, KVIngestError, PutHashes, _check_context, _check_prewarm, _itemsize
 from .kv_service import MAX_INGEST_BYTES, KVService
+from .kv_store import scope_problem
 
 log = logging.getLogger("tokenwire.kv")
 
@@ -143,16 +144,17 @@ def _parse_header(line: bytes) -> Any:
 
 
 def _check_put_header(service: KVService, msg: dict[str, Any], model: str, ids: list[int],
-                      shape: list[int]) -> tuple[Any, list[str]]:
+                      shape: list[int]) -> tuple[Any, list[str], str | None]:
     """What of a put needs only its header (model, token ids against the shape, their range and chunk count, the
-    fingerprint, prewarm), checked before any of the body is read: the same messages as the ingest's checks, which
-    ran after the body had come (an empty model name was refused after 512 MiB; 4,097 chunks of ids waited 30 s for
-    a body first). Returns the fingerprint and the prewarm levels (each once)."""
+    fingerprint, prewarm, the scope), checked before any of the body is read: the same messages as the ingest's
+    checks, which ran after the body had come (an empty model name was refused after 512 MiB; 4,097 chunks of ids
+    waited 30 s for a body first). Returns the fingerprint, the prewarm levels (each once) and the scope."""
     fp = msg.get("fingerprint")
     _check_context(model, ids, fp, service.chunk_tokens)
     if len(ids) != shape[3]:  # the ingest's message (stack_kv's token count is the shape's)
         raise KVIngestError(f"KV holds {shape[3]} tokens but {len(ids)} token ids were given")
-    return fp, _check_prewarm(msg.get("prewarm", []))
+    prewarm = _check_prewarm(msg.get("prewarm", []))
+    return fp, prewarm, service.check_scope(msg.get("scope"))
 
 
 async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -206,7 +208,7 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 await writer.drain()
                 break  # the byte stream is out of step: the engine must reconnect
             try:
-                fp, prewarm = _check_put_header(service, msg, model, ids, shape)
+                fp, prewarm, scope = _check_put_header(service, msg, model, ids, shape)
             except KVIngestError as exc:  # (the ingest's own message, as when it was refused after the body)
                 service.count_ingest_error()
                 reply({"ok": False, "error": str(exc)[:300]})
@@ -226,11 +228,14 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                 try:
                     loop = asyncio.get_running_loop()
                     call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data,
-                                             fingerprint=fp, prewarm=prewarm)
+                                             fingerprint=fp, prewarm=prewarm, scope=scope)
                     hashes = await loop.run_in_executor(service.ingest_pool, call)
-                    reply({"ok": True, "chunks": len(hashes), "hashes": hashes,
-                           "kept_other": getattr(hashes, "kept_other", 0),
-                           "stored": getattr(hashes, "stored", len(hashes))})
+                    answer = {"ok": True, "chunks": len(hashes), "hashes": hashes,
+                              "kept_other": getattr(hashes, "kept_other", 0),
+                              "stored": getattr(hashes, "stored", len(hashes))}
+                    if scope is not None:  # said back: the engine knows its context is scoped (put_kv_unix)
+                        answer["scope"] = scope
+                    reply(answer)
                 except TokenwireError as exc:  # KVError and StoreError (a Redis store that is down): one line
                     reply({"ok": False, "error": str(exc)})
                 except Exception as exc:  # a bug must cost this put, with an answer, not the engine's connection
@@ -280,9 +285,13 @@ def _check_kv(kv: Sequence[tuple[Any, Any]]) -> None:
 
 
 def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
-                fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+                fingerprint: int | None = None, prewarm: Sequence[str] = (), scope: str | None = None) -> list[str]:
     """Client side of the Unix-socket ingest (blocking): send one context's KV; returns its chunk hashes (a
     :class:`PutHashes`: ``kept_other`` and ``stored`` as the daemon answered).
+
+    ``scope``: a principal's name (an auth token's name, or a client certificate's ``cert:`` principal): only
+    fetches with that principal find the context; None (the default): shared, found by every client. The daemon
+    refuses a scope no client could have under its auth.
 
     Raises :class:`KVIngestError` for a refused put (the daemon's reason) and for a socket it cannot connect to
     (naming the path; the ``OSError`` is its ``__cause__``)."""
@@ -295,6 +304,9 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     # ingest()'s check and message (int() cut a float id and took True); the daemon's chunk_tokens is not known
     # here, so the chunk count is checked at the largest, and again by the daemon
     ids = _check_context(model, token_ids, fingerprint, MAX_CHUNK_TOKENS)
+    if scope is not None and (problem := scope_problem(scope)) is not None:  # (KVService.check_scope's words)
+        shown = repr(scope) if isinstance(scope, str) else type(scope).__name__
+        raise KVIngestError(f"invalid scope {shown:.80}: {problem}")
     _check_kv(kv)  # what ingest() refuses: a batch was sent as its element 0, mixed dtypes promoted to fp32
     ks = [k[0] if k.dim() == 4 else k for k, _ in kv]
     vs = [v[0] if v.dim() == 4 else v for _, v in kv]
@@ -306,6 +318,8 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
             "dtype": dtype, "prewarm": list(prewarm)}
     if fingerprint is not None:
         head["fingerprint"] = fingerprint
+    if scope is not None:  # (left out when shared: a daemon before scopes refuses nothing it does not know)
+        head["scope"] = scope
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))
@@ -332,6 +346,11 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
         ans = {}
     if not ans.get("ok"):
         raise KVIngestError(ans.get("error", "no answer from the KV ingest socket"))
+    if scope is not None and ans.get("scope") != scope:
+        # a daemon before scopes ignores the field: the context is stored, but shared, visible to every client
+        raise KVIngestError(f"the daemon did not scope the put to {scope!r}: it is a version without KV scopes, "
+                            "and stored the context shared (every client can fetch it); upgrade it, or put no "
+                            "context that must stay private")
     # (an older daemon sends neither)
     return PutHashes(ans["hashes"], kept_other=int(ans.get("kept_other", 0)), stored=ans.get("stored"))
 

@@ -175,7 +175,8 @@ def _close_opened(opening: asyncio.Future[ChunkStore]) -> None:
 async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, keyfile: Any = None,
                    authorize: Any = None, client_verifier: Any = None, on_unauthorized: Any = None,
                    max_connections: Any = None, request_timeout: Any = None,
-                   unauthorized_memory: Any = None, serve: bool = True) -> KVRuntime:
+                   unauthorized_memory: Any = None, principal: Any = None, check_scope: Any = None,
+                   serve: bool = True) -> KVRuntime:
     """Start the KV store service, its channel endpoint and (if configured) the ingest socket.
 
     Both are bound at once (a port or socket in use fails the start before the warm-ups) and serve nothing during
@@ -190,7 +191,9 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
     certificate, session limit and request timeout: the KV port had only the token check). ``unauthorized_memory``
     (bytes, or a callable read at each count): what KV connections with no authorized fetch may hold together,
     ``limits.unauthorized_memory_mb``; left out, that setting's default (never unbounded: ~2 MB a connection over
-    max_sessions connections was ~20 GB)."""
+    max_sessions connections was ~20 GB). ``principal(token, certificate name)``: the principal a fetch resolves
+    with (``serve_kv``'s); ``check_scope(name)``: why a put may not be scoped to ``name`` under the auth in force,
+    or None (:class:`KVService`'s)."""
     from tokenwire.transport.kv_channel import ServerTuning, serve_kv
 
     # Every check that can refuse the start comes before the warm-ups (the codec's compile, the forecaster's
@@ -204,7 +207,8 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
             from None
     except StoreError as exc:
         raise StartupError(f"kv.{'redis_url' if cfg.backend == 'redis' else 'directory'}: {exc}") from None
-    service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes)
+    service = KVService(store, chunk_tokens=cfg.chunk_tokens, put_memory_bytes=cfg.ingest_memory_bytes,
+                        check_scope=check_scope)
     marking = kv_marking(cfg.marking)  # classic: ECT(0), as [marking]'s (it was Not-ECT, the same as "none")
     limits = {} if max_connections is None else {"max_connections": max_connections}
     if request_timeout is not None:
@@ -227,7 +231,8 @@ async def start_kv(cfg: KVConfig, *, cert: Any = None, certfile: Any = None, key
             server = await serve_kv(service, cfg.listen[0], cfg.listen[1], cert=cert, certfile=certfile,
                                     keyfile=keyfile, congestion=cfg.congestion, marking=marking, tuning=tuning,
                                     authorize=authorize, client_verifier=client_verifier,
-                                    on_unauthorized=on_unauthorized, accepting=False, **limits)
+                                    on_unauthorized=on_unauthorized, principal=principal, accepting=False,
+                                    **limits)
             # bound, gated until start_serving (as the daemon's chat port) from its first datagram on: gated only
             # after serve_kv returned, a datagram read in the loop turn between was served
         except OSError as exc:

@@ -38,6 +38,7 @@ from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import KvFetch
 from tokenwire.transport.kv_channel import ContextPlan, KVError, KVNotFound
 from tokenwire.transport.kv_controller import LEVELS, TEXT, predicted_size
+from tokenwire.transport.kv_server_session import FETCH_PRINCIPAL
 
 from .bounded_cache import BoundedCache
 from .kv_meta import (
@@ -55,10 +56,12 @@ from .kv_store import (
     ReportEvery,
     StoreError,
     chain_root,
+    chain_step,
     chunk_hashes,
     chunk_of,
     kind_of,
     object_key,
+    scope_problem,
 )
 from .memory_budget import MemoryBudget
 
@@ -164,6 +167,21 @@ def _end_unclaimed(work: Future[ContextPlan]) -> None:
         work.result().end()
 
 
+class _Missing(KVNotFound):
+    """A context not stored (a fetch's NOT_FOUND), with how many of its chunks were (``found``, of ``total``):
+    of a scoped fetch's two lookups, the one that found more is the one said."""
+
+    def __init__(self, found: int, total: int, message: str | None = None) -> None:
+        hint = f" (prefix=True fetches the {found} stored)" if found else ""
+        super().__init__(message or f"context not stored: {found} of {total} chunks found{hint}")
+        self.found = found
+
+
+def _out_of_order() -> KVError:
+    return KVError("the chunk hashes are not one context's chain in order from its first chunk (as ingest "
+                   "returned them)", code=ErrorCode.BAD_REQUEST)
+
+
 def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
     from tokenwire.transport.cachegen.smollm import model_fingerprint
 
@@ -174,9 +192,13 @@ class KVService:
     """Store + lazy encoder + :class:`~tokenwire.transport.kv_server_session.KVProvider` for the KV channel."""
 
     def __init__(self, store: ChunkStore, *, chunk_tokens: int = 256,
-                 put_memory_bytes: int = MAX_INGEST_BYTES) -> None:
+                 put_memory_bytes: int = MAX_INGEST_BYTES,
+                 check_scope: Callable[[str], str | None] | None = None) -> None:
         self.store = store
         self.chunk_tokens = chunk_tokens
+        # the daemon's check of a put's scope against the auth in force (why no fetch could have that principal,
+        # or None); every put's scope is held to kv_store.scope_problem first, with or without it
+        self._scope_check = check_scope
         # the ingest socket's puts in memory at once (bodies read, being chunked and stored): kv.ingest_memory_mb
         self.put_memory = MemoryBudget(put_memory_bytes)
         self.pool = _TimedPool(max_workers=1, thread_name_prefix="tw-kv-store")  # fetches (see resolve)
@@ -202,11 +224,28 @@ class KVService:
         self.ingested_tokens = 0
 
     # -- ingest (worker thread) -------------------------------------------------------------------------------
+    def check_scope(self, scope: object) -> str | None:
+        """A put's ``scope`` as given (None: shared), or :class:`KVIngestError` naming why no fetch could ever
+        have that principal (:func:`~.kv_store.scope_problem`, then the daemon's ``check_scope``): a scoped put
+        that no fetch can find is refused at the put, not stored for nobody."""
+        if scope is None:
+            return None
+        problem = scope_problem(scope)
+        if problem is None and self._scope_check is not None:
+            problem = self._scope_check(str(scope))
+        if problem is not None:
+            shown = repr(scope) if isinstance(scope, str) else type(scope).__name__
+            raise KVIngestError(f"invalid scope {shown:.80}: {problem}")
+        return str(scope)
+
     def ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
-                    fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
-        """Store a context's KV (per layer ``(K, V)``, ``[1, H, T, D]`` or ``[H, T, D]``); returns chunk hashes."""
+                    fingerprint: int | None = None, prewarm: Sequence[str] = (),
+                    scope: str | None = None) -> list[str]:
+        """Store a context's KV (per layer ``(K, V)``, ``[1, H, T, D]`` or ``[H, T, D]``); returns chunk hashes.
+        ``scope``: a principal's name (an auth token's, or a certificate's ``cert:`` one); only fetches with that
+        principal find the context (:func:`~.kv_store.chain_root`). None: shared, found by every fetch."""
         try:
-            hashes = self._ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
+            hashes = self._ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm, scope=scope)
         except Exception:
             self.count_ingest_error()
             raise
@@ -221,7 +260,7 @@ class KVService:
             self.ingest_errors += 1
 
     def _ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
-                     fingerprint: int | None, prewarm: Sequence[str]) -> list[str]:
+                     fingerprint: int | None, prewarm: Sequence[str], scope: str | None) -> list[str]:
         import torch
 
         from tokenwire.transport.cachegen.codec import stack_kv
@@ -229,6 +268,7 @@ class KVService:
 
         token_ids = _check_context(model, token_ids, fingerprint, self.chunk_tokens)
         prewarm = _check_prewarm(prewarm)
+        scope = self.check_scope(scope)
         try:
             x, geo = stack_kv(kv, dtype=None)  # in the input's dtype: the stored source is exactly that
         except InvalidInput as exc:
@@ -243,7 +283,7 @@ class KVService:
         x = x.to(kv[0][0].dtype).cpu()
         fp = fingerprint if fingerprint is not None else default_fingerprint(model, geo.n_layers, geo.n_heads,
                                                                            geo.head_dim)
-        hashes = chunk_hashes(token_ids, model=model, chunk_tokens=self.chunk_tokens)
+        hashes = chunk_hashes(token_ids, model=model, chunk_tokens=self.chunk_tokens, scope=scope)
         # sources, metadata (the model's name and up to 5 bytes per token id) and each object's envelope
         need = x.element_size() * x.numel() + len(hashes) * (128 + len(model.encode())) + 5 * len(token_ids)
         if need > self.store.capacity_bytes:  # it would evict itself while being stored
@@ -405,14 +445,15 @@ class KVService:
             log.warning("KV chunk %s: %s: a miss%s", h, why, f"; {held} more since the last such line" if held else "")
 
     async def ingest(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
-                     fingerprint: int | None = None, prewarm: Sequence[str] = ()) -> list[str]:
+                     fingerprint: int | None = None, prewarm: Sequence[str] = (),
+                     scope: str | None = None) -> list[str]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.ingest_pool, lambda: self.ingest_sync(
-            model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm))
+            model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm, scope=scope))
 
     def ingest_raw_sync(self, model: str, token_ids: Sequence[int], shape: Sequence[int], dtype: str,
                         data: bytes | bytearray, *, fingerprint: int | None = None,
-                        prewarm: Sequence[str] = ()) -> list[str]:
+                        prewarm: Sequence[str] = (), scope: str | None = None) -> list[str]:
         """Ingest from raw bytes laid out ``[L, 2, H, T, D]`` (the Unix-socket path)."""
         import torch
 
@@ -429,7 +470,7 @@ class KVService:
             raise KVIngestError(f"{len(data)} bytes do not hold a {list(shape)} {dtype} tensor")
         t = t.reshape(*shape)
         kv = [(t[i, 0], t[i, 1]) for i in range(shape[0])]
-        return self.ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm)
+        return self.ingest_sync(model, token_ids, kv, fingerprint=fingerprint, prewarm=prewarm, scope=scope)
 
     def _chunk_lock(self, h: str) -> threading.Lock:
         """One of a few locks, by chunk: an ingest replacing a chunk and a fetch encoding it take turns."""
@@ -640,27 +681,59 @@ class KVService:
         raw = min(get_level(level).sink_tokens, n_tok) if meta.index == 0 else 0
         return encode_chunk(kv, level, fingerprint=meta.fingerprint, raw_tokens=raw)
 
-    def resolve_sync(self, fetch: KvFetch, *, pin: bool = False) -> ContextPlan:
+    def resolve_sync(self, fetch: KvFetch, *, pin: bool = False, principal: str | None = None) -> ContextPlan:
         """The fetch's plan. ``pin``: its chunks are pinned against eviction (:class:`~.kv_store.Pins`) from before
         they are looked up until :meth:`ContextPlan.end` (the KV endpoint calls it when the fetch ends, however it
-        ends; a plan dropped without it unpins when collected): a put evicting them failed the fetch mid-way."""
+        ends; a plan dropped without it unpins when collected): a put evicting them failed the fetch mid-way.
+        ``principal``: the fetching client's (its auth token's name, or its certificate's ``cert:`` one): its
+        scope is looked in beside the shared space (:meth:`_resolve_scoped`); None: the shared space only."""
         if not pin:
-            return self._resolve_sync(fetch, None)
+            return self._resolve_scoped(fetch, None, principal)
         held: list[str] = []
         try:
-            plan = self._resolve_sync(fetch, held)
+            plan = self._resolve_scoped(fetch, held, principal)
         except BaseException:
             self.store.pins.release(held)
             raise
         kept = list(plan.handle)
-        self.store.pins.release((Counter(held) - Counter(kept)).elements())  # (past a prefix fetch's end)
+        # (past a prefix fetch's end, and the space a scoped fetch's lookup did not take)
+        self.store.pins.release((Counter(held) - Counter(kept)).elements())
         # idempotent, and called when the plan is collected if nothing ended it (a pin must never leak)
         plan.on_end = weakref.finalize(plan, self.store.pins.release, kept)
         return plan
 
-    def _resolve_sync(self, fetch: KvFetch, held: list[str] | None) -> ContextPlan:
+    def _resolve_scoped(self, fetch: KvFetch, held: list[str] | None, principal: str | None) -> ContextPlan:
+        """The fetch's plan among what ``principal`` may find: its own scope's contexts and the shared ones, never
+        another principal's. Those are keyed under another chain root (:func:`~.kv_store.chain_root`) and never
+        looked up, so no answer (a whole fetch's, a prefix's length, a miss's count) depends on whether they exist.
+        By token ids each space is looked up on its own: a whole fetch takes the scope's context, else the shared
+        one; a prefix fetch the longer prefix (the scope's on a tie). By hashes the chain's first chunk says which
+        space the listed chain is in (:meth:`_resolve`)."""
+        if principal is None or fetch.token_ids is None:
+            return self._resolve(fetch, held, (principal, None) if principal is not None else (None,))
+        own: ContextPlan | _Missing
+        try:
+            own = self._resolve(fetch, held, (principal,))
+        except _Missing as exc:
+            own = exc
+        if isinstance(own, ContextPlan) and not fetch.prefix:
+            return own
+        try:
+            shared = self._resolve(fetch, held, (None,))
+        except _Missing as exc:
+            if isinstance(own, ContextPlan):
+                return own
+            raise own if own.found > exc.found else exc from None  # (the shared one's words on a tie: as before)
+        return shared if isinstance(own, _Missing) or shared.tokens > own.tokens else own
+
+    def _resolve(self, fetch: KvFetch, held: list[str] | None, scopes: Sequence[str | None]) -> ContextPlan:
+        """The fetch's plan in the key spaces of ``scopes`` (a principal's name, None: the shared space): by token
+        ids, the one chain of ``scopes[0]``; by hashes, a chain from the root of any of them."""
+        total = len(fetch.token_ids if fetch.token_ids is not None else fetch.hashes or [])
         if fetch.token_ids is not None:
-            hashes = chunk_hashes(fetch.token_ids, model=fetch.model, chunk_tokens=self.chunk_tokens)
+            hashes = chunk_hashes(fetch.token_ids, model=fetch.model, chunk_tokens=self.chunk_tokens,
+                                  scope=scopes[0])
+            total = len(hashes)
         else:
             hashes = [h.hex() for h in fetch.hashes or []]
         if held is not None:  # before any is looked up: an eviction between the lookup and the pin failed it too
@@ -682,7 +755,7 @@ class KVService:
                     # the chain's later chunks all depend on this one: the prefix ends here, perhaps with the
                     # shorter last chunk of the stored context (the previous turn's prompt)
                     ct = self.chunk_tokens
-                    parent = hashes[i - 1] if i else chain_root(fetch.model)
+                    parent = hashes[i - 1] if i else chain_root(fetch.model, scopes[0])
                     tail = self._stored_tail(parent, fetch.token_ids[i * ct : (i + 1) * ct],
                                              metas[-1] if metas else None, fetch.model)
                     if tail is not None:
@@ -691,17 +764,20 @@ class KVService:
                             held.append(tail[0])
                         hashes[i] = tail[0]
                         metas.append(tail[1])
-                if fetch.prefix and metas:
-                    break
-                hint = f" (prefix=True fetches the {len(metas)} stored)" if metas else ""
-                raise KVNotFound(f"context not stored: {len(metas)} of {len(hashes)} chunks found{hint}")
+                if chained and not (fetch.prefix and metas):
+                    raise _Missing(len(metas), total)
+                break  # (by hashes: the chain is checked first, below)
             metas.append(m)
         hashes = hashes[:len(metas)]
-        if fetch.token_ids is None:  # by hashes: they must be a context's chain from its first chunk, in order
+        if not chained:  # by hashes: they must be a context's chain from its first chunk, in order
+            found = self._proven(hashes, metas, [chain_root(fetch.model, s) for s in scopes])
+            if found < total and not (fetch.prefix and found):
+                raise _Missing(found, total)
+            metas, hashes = metas[:found], hashes[:found]
             ids = [t for m in metas for t in m.token_ids]
-            if chunk_hashes(ids, model=fetch.model, chunk_tokens=self.chunk_tokens) != hashes:
-                raise KVError("the chunk hashes are not one context's chain in order from its first chunk "
-                              "(as ingest returned them)", code=ErrorCode.BAD_REQUEST)
+            if all(chunk_hashes(ids, model=fetch.model, chunk_tokens=self.chunk_tokens, scope=s) != hashes
+                   for s in scopes):
+                raise _out_of_order()
         first = metas[0]
         # A context's chunks can be stored under different fingerprints, geometries or dtypes (a shared prefix
         # re-put by another engine replaces its chunks whole): such a context is not usable as a whole; a prefix
@@ -710,10 +786,10 @@ class KVService:
         for i, m in enumerate(metas):
             if (m.fingerprint, m.layers, m.heads, m.head_dim, m.dtype) != kind:
                 if not fetch.prefix:
-                    raise KVNotFound(f"context not stored as one: chunk {i} is fingerprint {m.fingerprint}, "
-                                     f"geometry {(m.layers, m.heads, m.head_dim)}, {m.dtype}; chunk 0 is "
-                                     f"{first.fingerprint}, {(first.layers, first.heads, first.head_dim)}, "
-                                     f"{first.dtype} (re-put by another engine?)")
+                    raise _Missing(i, len(metas), f"context not stored as one: chunk {i} is fingerprint "
+                                   f"{m.fingerprint}, geometry {(m.layers, m.heads, m.head_dim)}, {m.dtype}; chunk 0 "
+                                   f"is {first.fingerprint}, {(first.layers, first.heads, first.head_dim)}, "
+                                   f"{first.dtype} (re-put by another engine?)")
                 metas = metas[:i]
                 hashes = hashes[:i]
                 break
@@ -727,6 +803,34 @@ class KVService:
         return ContextPlan(self.chunk_tokens, [len(m.token_ids) for m in metas], [m.elements for m in metas],
                            sizes, (first.layers, first.heads, first.head_dim), first.fingerprint, first.dtype,
                            handle=hashes, rest_tokens=rest)
+
+    @staticmethod
+    def _proven(hashes: Sequence[str], metas: Sequence[ChunkMeta], roots: Sequence[str]) -> int:
+        """How many of a fetch's listed chunks (found, ``hashes`` with their ``metas``), from the first, are its
+        context's chain in order from one of ``roots`` (the key spaces the fetch may use). At the first that is
+        not: :func:`_out_of_order` when the chain from a root reaches it through the listed chunks all the same (a
+        chain listed out of order), else its position: such a chunk is a miss, as if it were not stored. A client
+        can compute a scoped chunk's key (the scope is a principal's name, the rest its tokens): "not in order"
+        for another principal's chunk told it that the context existed. Cost: one hash of each chunk's tokens,
+        then at most one more per listed chunk (a chunk has one parent)."""
+        for i, (h, m) in enumerate(zip(hashes, metas, strict=True)):
+            parents = roots if i == 0 else (hashes[i - 1],)
+            if any(chain_step(p, m.token_ids) == h for p in parents):
+                continue
+            by_index: dict[int, list[int]] = {}
+            for j, other in enumerate(metas):
+                by_index.setdefault(other.index, []).append(j)
+            at = i
+            while metas[at].index > 0:  # back to the first chunk, by the listed chunk each one follows
+                ids = metas[at].token_ids
+                at = next((j for j in by_index.get(metas[at].index - 1, ())
+                           if chain_step(hashes[j], ids) == hashes[at]), -1)
+                if at < 0:
+                    return i
+            if any(chain_step(r, metas[at].token_ids) == hashes[at] for r in roots):
+                raise _out_of_order()
+            return i
+        return len(metas)
 
     def chunk_sync(self, plan: ContextPlan, index: int, level: str) -> bytes:
         """Chunk ``index`` of a resolved plan at ``level``, as the plan (and the KV_META sent from it) says it is.
@@ -756,11 +860,14 @@ class KVService:
         that queue is moving, and the store answering (counted, a healthy store under concurrent fetches was called
         unavailable); nor is a job's encode or its wait for a chunk's lock (:meth:`_TimedPool.untimed`). The lookup
         in progress finishes on the worker, when the store answers or its own timeout ends it; one still queued is
-        cancelled, as it is when the fetch is (resolve cancelled)."""
+        cancelled, as it is when the fetch is (resolve cancelled). The fetching client's principal
+        (:data:`~tokenwire.transport.kv_server_session.FETCH_PRINCIPAL`, set by the endpoint): its scope is looked
+        in beside the shared space (:meth:`resolve_sync`)."""
         deadline = fetch.deadline_ms / 1000.0
         bound = max(deadline, RESOLVE_FLOOR_S)
         # (the worker's own future: the loop's, once cancelled, drops the plan of a lookup that ran on to its end)
-        work = self.pool.submit(functools.partial(self.resolve_sync, fetch, pin=True))
+        principal = FETCH_PRINCIPAL.get()  # (read here, on the loop: the worker thread has its own context)
+        work = self.pool.submit(functools.partial(self.resolve_sync, fetch, pin=True, principal=principal))
         job = asyncio.wrap_future(work)
         try:
             while not job.done():

@@ -81,9 +81,32 @@ def _held(n: int) -> str:
     return f"; {n} more since the last such line" if n else ""
 
 
-def chain_root(model: str) -> str:
-    """What the first chunk's hash is chained to: the model's name."""
-    return hashlib.blake2b(model.encode(), digest_size=16).hexdigest()
+# blake2b's personalization for a scoped chain's root: another hash function than the shared root's (no
+# personalization), so no model name, however spelt, gives a shared root equal to a scoped one
+SCOPE_PERSON = b"tokenwire.scope"
+
+
+def chain_root(model: str, scope: str | None = None) -> str:
+    """What the first chunk's hash is chained to: the model's name, and for a scoped put (:func:`scope_problem`)
+    its scope too. A scope is a key namespace, not an ACL: a scoped context's chunk keys differ from the shared
+    one's and from every other scope's, so a lookup from another principal's chain never meets them, and the store
+    needs no per-object owner. No scope: the root of every version before scopes (stored keys unchanged)."""
+    if scope is None:
+        return hashlib.blake2b(model.encode(), digest_size=16).hexdigest()
+    m, s = model.encode(), scope.encode()  # (length-prefixed: ("a", "bc") and ("ab", "c") must differ)
+    return hashlib.blake2b(struct.pack("<I", len(m)) + m + s, digest_size=16, person=SCOPE_PERSON).hexdigest()
+
+
+def scope_problem(scope: object) -> str | None:
+    """Why ``scope`` cannot scope a KV put (None when it can): it must be a name some principal can have, by the
+    rule auth-token names follow (``config.token_name_problem``: non-empty, printable, at most 128 characters; a
+    certificate's ``cert:`` principal passes it). The daemon checks further against the auth in force
+    (``ingest.principal_problem``, :class:`~.kv_service.KVService`'s ``check_scope``)."""
+    from .config import token_name_problem  # (here: the engine's light put client imports this module)
+
+    if not isinstance(scope, str):
+        return "must be a string (a principal's name)"
+    return token_name_problem(scope)  # (a lone surrogate is not printable: refused there)
 
 
 def chain_step(parent: str, chunk: Sequence[int]) -> str:
@@ -93,12 +116,14 @@ def chain_step(parent: str, chunk: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def chunk_hashes(token_ids: Sequence[int], *, model: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[str]:
-    """The prefix-hash chain of a context: one hex key per chunk (the last one may be partial)."""
+def chunk_hashes(token_ids: Sequence[int], *, model: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 scope: str | None = None) -> list[str]:
+    """The prefix-hash chain of a context: one hex key per chunk (the last one may be partial); ``scope``: in that
+    principal's namespace (:func:`chain_root`)."""
     if chunk_tokens < 1:
         raise ValueError("chunk_tokens must be >= 1")
     out: list[str] = []
-    prev = chain_root(model)
+    prev = chain_root(model, scope)
     for i in range(0, len(token_ids), chunk_tokens):
         prev = chain_step(prev, token_ids[i : i + chunk_tokens])
         out.append(prev)

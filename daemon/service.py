@@ -51,7 +51,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 from . import unix_sockets
 from .admission import Admission
 from .answers import LiveAnswers
-from .certificates import client_verifier, server_tls
+from .certificates import cert_principal, client_verifier, server_tls
 from .config import (
     Config,
     ConfigError,
@@ -245,6 +245,7 @@ class Daemon:
                 max_connections=lambda: self.config.limits.max_sessions,
                 request_timeout=lambda: self.config.limits.request_timeout_s,
                 unauthorized_memory=lambda: int(self.config.limits.unauthorized_memory_mb * (1 << 20)),
+                principal=self._kv_principal, check_scope=self._kv_scope_problem,
                 serve=False, **tls_kwargs)  # (bound, gated: served at READY, below)
             kv_metrics.attach(self.kv)
         self._housekeeping = asyncio.ensure_future(self._housekeep())
@@ -329,6 +330,20 @@ class Daemon:
         first) applies to KV fetches too; a closure over the start-up tokens kept revoked ones working."""
         auth = self.config.auth
         return not auth.required or auth.principal(token) is not None
+
+    def _kv_principal(self, token: str | None, cert_name: str | None) -> str | None:
+        """The principal a KV fetch (already authorized) resolves with, as a chat client's: its token's name with
+        [auth] tokens (a certificate gives way to it), else its certificate's ``cert:`` principal with
+        server.client_ca, else none."""
+        auth = self.config.auth
+        if auth.required:
+            return auth.principal(token)
+        return cert_principal(cert_name) if cert_name is not None else None
+
+    def _kv_scope_problem(self, scope: str) -> str | None:
+        """Why no KV fetch could have principal ``scope`` under the auth in force (an ingest open's check), or None:
+        a put scoped to it is refused."""
+        return principal_problem(scope, self.config.auth, certificates=self.client_verifier is not None)
 
     def _ingest_refusal(self, principal: str | None) -> OpenRefusal | None:
         """Why an application may not open an answer now, or None: the daemon drains (every attach would get

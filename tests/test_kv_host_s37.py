@@ -34,7 +34,7 @@ from tokenwire.transport.kv_channel import (
     kv_quic_config,
 )
 from tokenwire.transport.kv_controller import PRIOR_LOW
-from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES
+from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES, MOVE_HOLD_S
 from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
 
 SERVER = ("10.0.0.1", 4435)
@@ -80,6 +80,8 @@ class ShapedPair:
         self.closed: list[KVFetchClosed] = []
         self.ack_chunks = True  # the client acknowledges each chunk it receives
         self.done: set[int] = set()  # fetches whose KV_DONE and every chunk have arrived
+        self.asked: list[tuple[float, int]] = []  # (when, chunk index) of each chunk the server decided
+        self.lost_to: set[str] = set()  # hosts the server's datagrams never reach (an address that cannot validate)
         self._got: dict[int, set[int]] = {}
         self._chunks: dict[int, int] = {}
         self.client.quic.connect(SERVER, now=self.now)
@@ -102,6 +104,7 @@ class ShapedPair:
                 self.server.start(ev.stream_id, _plan(self.chunks), self.now)
                 self._on_server(self.server.poll(self.now))
             elif isinstance(ev, KVChunkNeeded):
+                self.asked.append((self.now, ev.index))
                 self.server.send_chunk(ev.stream_id, ev.index, ev.level, b"k" * SIZES.get(ev.level, 4 * TOKENS),
                                        self.now)
             elif isinstance(ev, KVFetchClosed):
@@ -142,8 +145,9 @@ class ShapedPair:
             self._seq += 1
             heapq.heappush(self._up, (self.now + DELAY_S, self._seq, data, self.addr))
         if self.server is not None:
-            for data, _ in self.server.datagrams_to_send(self.now):
-                self._send_down(data)
+            for data, addr in self.server.datagrams_to_send(self.now):
+                if addr[0] not in self.lost_to:
+                    self._send_down(data)
 
     def run(self, seconds: float) -> None:
         end = self.now + seconds
@@ -334,3 +338,63 @@ def test_the_fresh_rate_of_a_fetch_running_across_a_move_is_the_new_paths() -> N
     session.poll(1.0)
     sender.on_data_delivery(QuicDeliveryState.ACKED, 100_000, 600_000, False)  # 500 KB in 0.2 s on the new path
     assert session.fresh_rate(f, 1.2) == pytest.approx(500_000 * 8 / 0.2)
+
+
+def test_the_first_fetch_after_an_unannounced_move_is_planned_for_the_host_entered() -> None:
+    """The client moves and fetches at once, its KV_FETCH the first packet from the new host (the tests above ping
+    first, and wait for the server to validate the address). The session learns of the move at validation, a round
+    trip later: the fetch's decisions were made at once, on Wi-Fi's rates (``high, high``, 1.71 s for a 1-s
+    deadline; on real sockets ``high`` x3, 2.5 s for 2 s). Now they wait for the validation (MOVE_HOLD_S at most)."""
+    pair = ShapedPair({WIFI[0]: 50e6, LTE[0]: 3e6})
+    server = pair.server
+    assert server is not None
+    _warm(pair)
+    assert server.link_prior()[0] > 10e6
+    changes = server.path_changes
+    pair.addr = LTE  # no ping: the fetch's own packet tells the server
+    start = pair.now
+    closed = pair.fetch(deadline_ms=1000)
+    assert server.path_changes == changes + 1 and server._path == LTE
+    assert closed.decisions[0]["median_bps"] is None  # cold, on LTE's prior (the configured one), not Wi-Fi's
+    assert closed.levels == ["low", "low"]
+    assert closed.elapsed_s is not None and closed.elapsed_s < 1.0
+    # the hold ended at the validation, not at its bound
+    first_decision = min(t for t, i in pair.asked if t >= start and i == 0)
+    assert first_decision - start < MOVE_HOLD_S
+
+
+def test_a_move_that_never_validates_holds_a_fetch_once_and_for_the_bound_at_most() -> None:
+    """An address that never validates (here the server's datagrams to it are all lost; a forged or replayed packet
+    from elsewhere does the same) must not hold a fetch for ever, nor again each time the address changes: the fetch
+    is decided MOVE_HOLD_S after its hold began, on what the session knows (the host it has validated), and a move to
+    a third address while it runs holds it no more."""
+    pair = ShapedPair({WIFI[0]: 50e6, LTE[0]: 3e6, "10.0.0.4": 3e6}, chunks=4)
+    server = pair.server
+    assert server is not None
+    _warm(pair)
+    pair.lost_to = {LTE[0], "10.0.0.4"}
+    pair.addr = LTE
+    sid = pair.client.fetch(KvFetch(model="m", deadline_ms=20_000, token_ids=list(range(TOKENS * 4)),
+                                    recompute_us_per_token=RECOMPUTE_US))
+    while (f := server.fetches.get(sid)) is None or f.plan is None:
+        pair.step()
+        assert pair.now < 10
+    start = pair.now
+    while f.next_index < 1:
+        pair.step()
+        assert pair.now - start < 2.0, "the fetch was held for ever"
+    held = pair.now - start
+    assert MOVE_HOLD_S <= held < MOVE_HOLD_S + 0.05
+    assert server._path == WIFI and f.move_hold_at is not None  # never validated: still Wi-Fi's knowledge
+    hold_began = f.move_hold_at
+    third = ("10.0.0.4", 40000)
+    pair.addr = third  # another address not validated, while the fetch runs
+    while not (paths := server.quic._network_paths) or paths[0].addr != third:
+        pair.step()
+        assert pair.now - start < 4.0
+    assert not paths[0].is_validated
+    assert not server._held_for_move(f, pair.now) and f.move_hold_at == hold_began  # not held again
+    while f.next_index < 4:
+        pair.step()
+        assert pair.now - start < 6.0, "the fetch was held for ever"
+    assert server._path == WIFI

@@ -29,6 +29,7 @@ from .handshake_guard import (
 )
 from .kv_protocol import MAX_KV_FETCH_BYTES, KVError, kv_quic_config
 from .kv_server_session import (
+    FETCH_PRINCIPAL,
     KVChunkNeeded,
     KVFetchClosed,
     KVFetchRefused,
@@ -90,6 +91,7 @@ class KVServerProtocol(GuardedProtocol):
         # unauthorized_memory (one not held, with no tokens to check, authorizes with any fetch, as a chat connection
         # without [auth] tokens is authorized from the start)
         self.held_back = False
+        self.cert_name: str | None = None  # the verified client certificate's name (with a client CA)
         if app.authorize is not None and app.hold_unauthorized() and isinstance(quic, ReadCredit):  # (the session's)
             quic.hold_until_authorized(UNAUTHORIZED_WINDOW)
             self.held_back = True
@@ -134,7 +136,7 @@ class KVServerProtocol(GuardedProtocol):
             try:
                 if verifier is None:  # (fail closed: a client CA configured and none loaded)
                     raise ClientCertificateError("no client CA loaded", "client certificate rejected")
-                verify_peer_certificate(self._quic, verifier)
+                self.cert_name = verify_peer_certificate(self._quic, verifier)
             except ClientCertificateError as exc:
                 app.stats["unauthorized"] += 1
                 if app.on_unauthorized is not None:
@@ -219,6 +221,10 @@ class KVServerProtocol(GuardedProtocol):
                 if isinstance(self._quic, ReadCredit):  # the full window and every fetch stream, at once: the
                     self._quic.release_credit()  # store's answer may take a while, and other fetches wait for it
                     self.transmit()
+            # the principal a fetch resolves with (its scope's contexts, beside the shared ones): asked of the
+            # owner per fetch, as its token is checked per fetch; set in this fetch's own task (_spawn) alone
+            if self.app.principal is not None:
+                FETCH_PRINCIPAL.set(self.app.principal(fetch.auth, self.cert_name))
             plan = await self.app.provider.resolve(fetch)
         except TokenwireError as exc:
             self._fail_fetch(sid, "refused", exc.code, str(exc))
@@ -290,6 +296,10 @@ class KVServer:
     # as each connection starts (the daemon's check lets every token through while no [auth] tokens are configured,
     # and a reload may add the first)
     hold_unauthorized: Callable[[], bool] = lambda: True
+    # (a fetch's token, its connection's verified certificate name) -> the principal it fetches as, or None; asked
+    # after authorize passed it. The daemon's: the token's name with [auth] tokens, else the certificate's "cert:"
+    # principal, else none. None: no fetch has a principal (only shared contexts are found)
+    principal: Callable[[str | None, str | None], str | None] | None = None
     connections: int = 0  # past their handshake and checks
     guard: HandshakeGuard = field(init=False)  # the handshakes in progress: deadline, bound, Retry
     # with tokens (authorize): connections past their checks that have made no authorized fetch, oldest first.
@@ -504,6 +514,7 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
                    request_timeout: float | Callable[[], float] = REQUEST_TIMEOUT_S,
                    hold_unauthorized: bool | Callable[[], bool] = True,
                    unauthorized_memory: int | Callable[[], int] = UNAUTHORIZED_MEMORY_BYTES,
+                   principal: Callable[[str | None, str | None], str | None] | None = None,
                    accepting: bool = True) -> KVServer:
     """Serve ``provider``'s contexts on UDP ``host:port`` (ALPN ``tokenwire-kv/1``).
 
@@ -529,12 +540,14 @@ async def serve_kv(provider: KVProvider, host: str = "::", port: int = 4434, *, 
     plus its size at 32 KiB/s, as a chat request within ``limits.request_timeout_s``; else that fetch stream alone
     is refused with LIMIT_EXCEEDED. ``accepting=False``: the port is bound but its datagrams are dropped unread until
     the owner sets :attr:`KVServer.accepting` (a start gate: clients' Initials are resent meanwhile).
+    ``principal(token, certificate name)``: the principal an authorized fetch resolves with (the provider looks in
+    its scope beside the shared contexts; :attr:`KVServer.principal`).
     """
     server = KVServer(provider, tuning or ServerTuning(), authorize, marking,
                       client_verifier=_callable(client_verifier) if client_verifier is not None else None,
                       on_unauthorized=on_unauthorized, max_connections=_callable(max_connections),
                       request_timeout=_callable(request_timeout), hold_unauthorized=_callable(hold_unauthorized),
-                      unauthorized_memory=_callable(unauthorized_memory))
+                      unauthorized_memory=_callable(unauthorized_memory), principal=principal)
     config = kv_quic_config(server_configuration(cert=cert, certfile=certfile, keyfile=keyfile,
                                                  congestion=congestion))
     server._quic_server = await serve_quic(host, port, configuration=config,
