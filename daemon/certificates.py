@@ -26,7 +26,7 @@ from tokenwire.transport.tls import (
     server_configuration,
 )
 
-from .config import MAX_PRINCIPAL_CHARS, Config, ServerConfig
+from .config import CERT_PRINCIPAL_PREFIX, MAX_PRINCIPAL_CHARS, Config, ServerConfig
 from .startup import StartupError
 from .tls_reload import reload_certificate, reload_client_ca
 
@@ -41,7 +41,7 @@ def cert_principal(name: str) -> str:
     printable prefix and ends with ``~`` and 16 hex digits of the name's SHA-256, so every certificate's answers
     can still be opened for it (a long subject's could not), and a name that spells out another's shortened
     form is hashed too: two names share a principal only by a 64-bit SHA-256 prefix collision."""
-    principal = f"cert:{name}"
+    principal = f"{CERT_PRINCIPAL_PREFIX}{name}"
     if len(principal) <= MAX_PRINCIPAL_CHARS and name.isprintable() and "~" not in name:
         return principal
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -223,12 +223,29 @@ def _server(t: Any, base: Path | None, tls_may_be_missing: bool = False) -> Serv
     )
 
 
+CERT_PRINCIPAL_PREFIX = "cert:"
+"""What every client certificate's principal starts with (``certificates.cert_principal``): no token may be named so."""
+
+
 def token_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name an auth token (None when it can), as words that follow the key or option.
 
     The name is the principal that logs show: a line break in it forged log lines. ``config new-token --name``
     and ``[[auth.tokens]] name`` both check here; printable as ``cert_principal`` means it (``str.isprintable``).
+    A token's name and a certificate's principal are one name space (an ingest answer opened for a principal, a KV
+    context scoped to one), so ``cert:`` is reserved: a token named ``cert:carol`` got the answers and scoped KV
+    contexts of the certificate principal ``cert:carol``, whatever certificate its holder showed.
     """
+    problem = principal_name_problem(name)
+    if problem is None and name.startswith(CERT_PRINCIPAL_PREFIX):
+        return (f"the {CERT_PRINCIPAL_PREFIX!r} prefix is reserved for client certificates' principals (a token of "
+                "that name would be taken for the certificate's holder)")
+    return problem
+
+
+def principal_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a principal's name at all (None when it can): non-empty, printable, at most
+    ``MAX_PRINCIPAL_CHARS``; a token's and a certificate's principal both pass it (a KV put's scope is checked here)."""
     if not name.strip():
         return "a non-empty name is required"
     bad = next((c for c in name if not c.isprintable()), None)

@@ -99,14 +99,14 @@ def chain_root(model: str, scope: str | None = None) -> str:
 
 def scope_problem(scope: object) -> str | None:
     """Why ``scope`` cannot scope a KV put (None when it can): it must be a name some principal can have, by the
-    rule auth-token names follow (``config.token_name_problem``: non-empty, printable, at most 128 characters; a
-    certificate's ``cert:`` principal passes it). The daemon checks further against the auth in force
-    (``ingest.principal_problem``, :class:`~.kv_service.KVService`'s ``check_scope``)."""
-    from .config import token_name_problem  # (here: the engine's light put client imports this module)
+    rule every principal's name follows (``config.principal_name_problem``: non-empty, printable, at most 128
+    characters; a token's name and a certificate's ``cert:`` principal pass it). The daemon checks further against
+    the auth in force (``ingest.principal_problem``, :class:`~.kv_service.KVService`'s ``check_scope``)."""
+    from .config import principal_name_problem  # (here: the engine's light put client imports this module)
 
     if not isinstance(scope, str):
         return "must be a string (a principal's name)"
-    return token_name_problem(scope)  # (a lone surrogate is not printable: refused there)
+    return principal_name_problem(scope)  # (a lone surrogate is not printable: refused there)
 
 
 def chain_step(parent: str, chunk: Sequence[int]) -> str:

@@ -278,3 +278,19 @@ def test_end_to_end_a_scope_of_a_client_certificates_principal(tmp_path):
         svc.close()
     assert carol == ("ok", 3 * CHUNK)
     assert dave == ("not found", "context not stored: 0 of 3 chunks found")
+
+
+def test_no_token_may_take_a_certificate_principals_name(tmp_path):
+    """A token named ``cert:carol`` had the principal of carol's client certificate: with tokens added to a daemon
+    that had used a client CA, its holder fetched carol's scoped KV contexts (and attached to answers opened for
+    her), whatever certificate it showed. The ``cert:`` prefix is reserved, in the config and in ``new-token``;
+    a scope of that name still passes (a certificate's principal)."""
+    from tokenwire.daemon.config import ConfigError, parse_config, token_name_problem
+    from tokenwire.daemon.kv_store import scope_problem
+
+    assert token_name_problem("cert:carol") is not None and "reserved" in token_name_problem("cert:carol")
+    assert token_name_problem("carol") is None and token_name_problem("certain") is None
+    assert scope_problem("cert:carol") is None
+    digest = hash_token("secret-token-value")
+    with pytest.raises(ConfigError, match=r"auth\.tokens\[0\]\.name: the 'cert:' prefix is reserved"):
+        parse_config({"auth": {"tokens": [{"name": "cert:carol", "sha256": digest}]}}, tls_may_be_missing=True)
