@@ -394,7 +394,10 @@ def test_a_move_that_never_validates_holds_a_fetch_once_and_for_the_bound_at_mos
         assert pair.now - start < 4.0
     assert not paths[0].is_validated
     assert not server._held_for_move(f, pair.now) and f.move_hold_at == hold_began  # not held again
+    # the third address now answers: the fetch goes on, held by nothing but its look-ahead (with nothing
+    # acknowledged, the look-ahead alone stops it: what the rate samples of Wi-Fi's warm-up say it may have out)
+    pair.lost_to = set()
     while f.next_index < 4:
         pair.step()
         assert pair.now - start < 6.0, "the fetch was held for ever"
-    assert server._path == WIFI
+    assert f.move_hold_at == hold_began
