@@ -401,3 +401,43 @@ def test_a_move_that_never_validates_holds_a_fetch_once_and_for_the_bound_at_mos
         pair.step()
         assert pair.now - start < 6.0, "the fetch was held for ever"
     assert f.move_hold_at == hold_began
+
+
+def test_no_rate_sample_across_a_move_reads_above_the_link() -> None:
+    """A chunk written before a move, acknowledged after it, gave no sample but ended the time measured: the next
+    chunk's window was cut to its last few ms and counted all its bytes over them (a move back to 20-Mbit/s Wi-Fi
+    mid-fetch: samples of 171 Mbit/s, into the host's link prior). Fetches alternate with fetches that move mid-way
+    (Wi-Fi 20 Mbit/s, LTE 4 Mbit/s); every sample is checked against the rate of the host in force."""
+    rates = {WIFI[0]: 20e6, LTE[0]: 4e6}
+    pair = ShapedPair(rates, chunks=6)
+    server = pair.server
+    assert server is not None
+    samples: list[tuple[str, float]] = []
+    on_ack = server._on_ack
+
+    def spy(f, ack, now):
+        n = len(server.link_rates)
+        on_ack(f, ack, now)
+        samples.extend((pair.addr[0], r) for r in list(server.link_rates)[n:])
+
+    server._on_ack = spy  # type: ignore[method-assign]
+    moved = 0
+    for k in range(8):
+        if k % 2 == 0:
+            pair.fetch(deadline_ms=5000, limit_s=60)
+            continue
+        sid = pair.client.fetch(KvFetch(model="m", deadline_ms=5000, token_ids=list(range(TOKENS * 6)),
+                                        recompute_us_per_token=RECOMPUTE_US))
+        while (f := server.fetches.get(sid)) is None or f.next_index < 2:
+            pair.step()
+            assert pair.now < 600
+        pair.move(LTE if pair.addr[0] == WIFI[0] else WIFI)
+        moved += f.path_index > 0
+        while sid not in pair.done:
+            pair.step()
+            assert pair.now < 600, "the fetch did not complete (a hang)"
+        pair.client.finish(sid)
+        pair.run(0.2)
+    assert moved >= 3 and len(samples) >= 30  # the moves happened mid-fetch, and samples were taken
+    worst = max(r / rates[host] for host, r in samples)
+    assert worst < 1.1, f"a sample read {worst:.2f}x its link"
