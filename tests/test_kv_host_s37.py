@@ -407,7 +407,7 @@ def test_no_rate_sample_across_a_move_reads_above_the_link() -> None:
     """A chunk written before a move, acknowledged after it, gave no sample but ended the time measured: the next
     chunk's window was cut to its last few ms and counted all its bytes over them (a move back to 20-Mbit/s Wi-Fi
     mid-fetch: samples of 171 Mbit/s, into the host's link prior). Fetches alternate with fetches that move mid-way
-    (Wi-Fi 20 Mbit/s, LTE 4 Mbit/s); every sample is checked against the rate of the host in force."""
+    (Wi-Fi 20 Mbit/s, LTE 4 Mbit/s); every sample is checked against the rate of the host the server is on."""
     rates = {WIFI[0]: 20e6, LTE[0]: 4e6}
     pair = ShapedPair(rates, chunks=6)
     server = pair.server
@@ -418,7 +418,10 @@ def test_no_rate_sample_across_a_move_reads_above_the_link() -> None:
     def spy(f, ack, now):
         n = len(server.link_rates)
         on_ack(f, ack, now)
-        samples.extend((pair.addr[0], r) for r in list(server.link_rates)[n:])
+        # (the host the server is on when the sample is taken: a chunk received on Wi-Fi, acknowledged while the
+        # client's packets already came from LTE but before the server validated that address, measured Wi-Fi)
+        assert server._path is not None
+        samples.extend((server._path[0], r) for r in list(server.link_rates)[n:])
 
     server._on_ack = spy  # type: ignore[method-assign]
     moved = 0
