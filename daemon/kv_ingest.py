@@ -23,8 +23,7 @@ from tokenwire.transport.frames import MAX_KV_TOKENS
 
 from . import unix_sockets
 from .kv_meta import _DTYPES, KVIngestError, PutHashes, _check_context, _check_prewarm, _itemsize
-from .kv_service import MAX_INGEST_BYTES, KVService
-from .kv_store import scope_problem
+from .kv_service import MAX_INGEST_BYTES, KVService, checked_scope
 
 log = logging.getLogger("tokenwire.kv")
 
@@ -304,9 +303,7 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
     # ingest()'s check and message (int() cut a float id and took True); the daemon's chunk_tokens is not known
     # here, so the chunk count is checked at the largest, and again by the daemon
     ids = _check_context(model, token_ids, fingerprint, MAX_CHUNK_TOKENS)
-    if scope is not None and (problem := scope_problem(scope)) is not None:  # (KVService.check_scope's words)
-        shown = repr(scope) if isinstance(scope, str) else type(scope).__name__
-        raise KVIngestError(f"invalid scope {shown:.80}: {problem}")
+    checked_scope(scope)  # (the name rule; the daemon checks the scope against its auth too)
     _check_kv(kv)  # what ingest() refuses: a batch was sent as its element 0, mixed dtypes promoted to fp32
     ks = [k[0] if k.dim() == 4 else k for k, _ in kv]
     vs = [v[0] if v.dim() == 4 else v for _, v in kv]

@@ -182,6 +182,21 @@ def _out_of_order() -> KVError:
                    "returned them)", code=ErrorCode.BAD_REQUEST)
 
 
+def checked_scope(scope: object, check: Callable[[str], str | None] | None = None) -> str | None:
+    """A put's ``scope`` (None: shared), or :class:`KVIngestError` with why it cannot scope a put: the name rule
+    (:func:`~.kv_store.scope_problem`), then ``check`` (the daemon's, against the auth in force). The daemon's
+    ingest and the engine's ``put_kv_unix`` (the name rule only, before it connects) say it in the same words."""
+    if scope is None:
+        return None
+    problem = scope_problem(scope)
+    if problem is None and check is not None:
+        problem = check(str(scope))
+    if problem is not None:
+        shown = repr(scope) if isinstance(scope, str) else type(scope).__name__
+        raise KVIngestError(f"invalid scope {shown:.80}: {problem}")
+    return str(scope)
+
+
 def default_fingerprint(model: str, layers: int, heads: int, head_dim: int) -> int:
     from tokenwire.transport.cachegen.smollm import model_fingerprint
 
@@ -228,15 +243,7 @@ class KVService:
         """A put's ``scope`` as given (None: shared), or :class:`KVIngestError` naming why no fetch could ever
         have that principal (:func:`~.kv_store.scope_problem`, then the daemon's ``check_scope``): a scoped put
         that no fetch can find is refused at the put, not stored for nobody."""
-        if scope is None:
-            return None
-        problem = scope_problem(scope)
-        if problem is None and self._scope_check is not None:
-            problem = self._scope_check(str(scope))
-        if problem is not None:
-            shown = repr(scope) if isinstance(scope, str) else type(scope).__name__
-            raise KVIngestError(f"invalid scope {shown:.80}: {problem}")
-        return str(scope)
+        return checked_scope(scope, self._scope_check)
 
     def ingest_sync(self, model: str, token_ids: Sequence[int], kv: Sequence[tuple[Any, Any]], *,
                     fingerprint: int | None = None, prewarm: Sequence[str] = (),

@@ -46,6 +46,21 @@ def _ewma(kind: str):
     return make_forecaster("ewma")
 
 
+def new_kv_client() -> KVClientSession:
+    """A KV client session of the in-memory pairs (the dev certificate), not yet connected."""
+    cfg = kv_quic_config(client_configuration(cadata=dev_cert().cert_pem, server_name="localhost"))
+    return KVClientSession(QuicConnection(configuration=cfg))
+
+
+def new_kv_server(first_datagram: bytes, tuning: ServerTuning) -> KVServerSession:
+    """The server session the client's first datagram opens (its destination connection id), with ewma
+    forecasters."""
+    header = pull_quic_header(Buffer(data=first_datagram), host_cid_length=8)
+    quic = QuicConnection(configuration=kv_quic_config(server_configuration()),
+                          original_destination_connection_id=header.destination_cid)
+    return KVServerSession(quic, tuning=tuning, forecaster_factory=_ewma)
+
+
 def _plan(chunks: int) -> ContextPlan:
     return ContextPlan(16, [16] * chunks, [1000] * chunks, [dict.fromkeys(LEVELS, CHUNK_BYTES)] * chunks,
                        (1, 1, 1), 0, "float16")
@@ -60,8 +75,7 @@ class KVPair:
     """
 
     def __init__(self, *, max_fetches: int = 16, chunks: int = 2) -> None:
-        cfg = kv_quic_config(client_configuration(cadata=dev_cert().cert_pem, server_name="localhost"))
-        self.client = KVClientSession(QuicConnection(configuration=cfg))
+        self.client = new_kv_client()
         self.server: KVServerSession | None = None
         self.max_fetches = max_fetches
         self.chunks = chunks
@@ -75,10 +89,7 @@ class KVPair:
 
     def _server_for(self, data: bytes) -> KVServerSession:
         if self.server is None:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-            quic = QuicConnection(configuration=kv_quic_config(server_configuration()),
-                                  original_destination_connection_id=header.destination_cid)
-            self.server = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma"), forecaster_factory=_ewma)
+            self.server = new_kv_server(data, ServerTuning(forecaster="ewma"))
             # lowered after the client was told the default (QUIC's stream limit): the refusal is the backstop's
             self.server.max_fetches = self.max_fetches
         return self.server

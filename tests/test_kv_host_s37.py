@@ -15,9 +15,7 @@ from __future__ import annotations
 import heapq
 
 import pytest
-from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header
 
 from tokenwire.transport import session as session_module
 from tokenwire.transport.frames import KvAck, KvFetch
@@ -25,17 +23,16 @@ from tokenwire.transport.kv_channel import (
     ContextPlan,
     KVChunkNeeded,
     KVChunkReceived,
-    KVClientSession,
     KVDoneReceived,
     KVFetchClosed,
     KVFetchRequested,
     KVServerSession,
     ServerTuning,
-    kv_quic_config,
 )
 from tokenwire.transport.kv_controller import PRIOR_LOW
 from tokenwire.transport.kv_server_session import LINK_MIN_SAMPLES, MOVE_HOLD_S
-from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
+
+from .test_kv_channel_refusals import _ewma, new_kv_client, new_kv_server
 
 SERVER = ("10.0.0.1", 4435)
 WIFI = ("10.0.0.2", 1234)
@@ -49,12 +46,6 @@ ELEMENTS = 2 * 32 * 4 * 64 * TOKENS  # a chunk's (21 ms of decode at the default
 RECOMPUTE_US = 20_000  # per token: 1.28 s a chunk, so text is never the cheaper option here
 
 
-def _ewma(kind: str):
-    from tokenwire.predictor.bandwidth import make_forecaster
-
-    return make_forecaster("ewma")
-
-
 def _plan(chunks: int) -> ContextPlan:
     return ContextPlan(TOKENS, [TOKENS] * chunks, [ELEMENTS] * chunks, [dict(SIZES) for _ in range(chunks)],
                        GEOMETRY, 0, "float16")
@@ -66,8 +57,7 @@ class ShapedPair:
     each chunk sent when asked for) and the client acknowledges each chunk, and ends a fetch once it is done."""
 
     def __init__(self, rates: dict[str, float], chunks: int = 2) -> None:
-        cfg = kv_quic_config(client_configuration(cadata=dev_cert().cert_pem, server_name="localhost"))
-        self.client = KVClientSession(QuicConnection(configuration=cfg))
+        self.client = new_kv_client()
         self.server: KVServerSession | None = None
         self.rates = rates
         self.addr = WIFI
@@ -90,11 +80,7 @@ class ShapedPair:
 
     def _server_for(self, data: bytes) -> KVServerSession:
         if self.server is None:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-            quic = QuicConnection(configuration=kv_quic_config(server_configuration()),
-                                  original_destination_connection_id=header.destination_cid)
-            self.server = KVServerSession(quic, tuning=ServerTuning(forecaster="ewma", prior_bps=PRIOR_BPS),
-                                          forecaster_factory=_ewma)
+            self.server = new_kv_server(data, ServerTuning(forecaster="ewma", prior_bps=PRIOR_BPS))
         return self.server
 
     def _on_server(self, events: list) -> None:
