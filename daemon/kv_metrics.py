@@ -64,7 +64,7 @@ def _not_started(capacity_bytes: int) -> Any:
     from .kv_store import StoreStats
 
     guard = SimpleNamespace(refused={}, retrying_since=None)
-    server = SimpleNamespace(stats={}, guard=guard, ecn_unvalidated=lambda: 0)
+    server = SimpleNamespace(stats={}, guard=guard, ecn_unvalidated=lambda: 0, path_changes=lambda: 0)
     store = SimpleNamespace(stats=StoreStats(), capacity_bytes=capacity_bytes, used_bytes=None)
     service = SimpleNamespace(store=store, encodes=0, ingests=0, ingest_errors=0, ingested_tokens=0,
                               put_memory=SimpleNamespace(used=0, waiting=0))
@@ -124,6 +124,10 @@ class _KVCollector:
         yield CounterMetricFamily("tokenwire_kv_ecn_validation_failed", "KV connections that stopped marking ECT "
                                   "because their client reported no ECN counts (connect_kv(ecn=False))",
                                   value=server.ecn_unvalidated())
+        yield CounterMetricFamily("tokenwire_kv_path_changes", "Times a KV client's connection moved to another "
+                                  "address or port (QUIC connection migration; counted once the new path is "
+                                  "validated, as tokenwire_path_changes_total counts the chat port's)",
+                                  value=server.path_changes())
         yield GaugeMetricFamily("tokenwire_kv_quic_retry_active", "1 while the KV endpoint asks new clients for a "
                                 "QUIC Retry (handshake load)", value=int(server.guard.retrying_since is not None))
         yield CounterMetricFamily("tokenwire_kv_encodes", "KV chunk levels encoded from their source",

@@ -332,7 +332,7 @@ def test_a_full_redis_says_full_and_its_stored_contexts_are_still_served(own_red
 # -- 6. objects removed without a trace ---------------------------------------------------------------------------
 def _collected(svc: KVService) -> dict[str, float]:
     guard = SimpleNamespace(refused={}, retrying_since=None)
-    server = SimpleNamespace(stats={}, guard=guard, ecn_unvalidated=lambda: 0)
+    server = SimpleNamespace(stats={}, guard=guard, ecn_unvalidated=lambda: 0, path_changes=lambda: 0)
     collector = _KVCollector(SimpleNamespace(server=server, service=svc))
     return {s.name: s.value for family in collector.collect() for s in family.samples}
 

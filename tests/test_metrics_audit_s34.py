@@ -83,7 +83,8 @@ def test_the_kv_families_are_scraped_at_zero_before_the_runtime_exists() -> None
 
     listeners: list = []
     server = SimpleNamespace(stats={"completed": 3, "chunks_low": 2}, fetch_closed_listeners=listeners,
-                             guard=SimpleNamespace(refused={}, retrying_since=None), ecn_unvalidated=lambda: 0)
+                             guard=SimpleNamespace(refused={}, retrying_since=None), ecn_unvalidated=lambda: 0,
+                             path_changes=lambda: 0)
     store = SimpleNamespace(stats=StoreStats(), capacity_bytes=64 << 20, used_bytes=1234)
     service = SimpleNamespace(store=store, encodes=5, ingests=2, ingest_errors=0, ingested_tokens=512,
                               put_memory=SimpleNamespace(used=0, waiting=0))

@@ -191,6 +191,7 @@ class KVServerProtocol(GuardedProtocol):
                 self.app.protocols.discard(self)
                 self.app.forget_unauthorized(self)
                 self.app.stats["ecn_unvalidated"] += self.kv.ecn.failures  # (live ones: KVServer.ecn_unvalidated)
+                self.app.stats["path_changes"] += self.kv.path_changes  # (live ones: KVServer.path_changes)
                 self._handshake_done()  # ended in its handshake
                 if self.established:
                     self.established = False
@@ -275,13 +276,14 @@ class KVServer:
     fetch_closed_listeners: list[Callable[[KVFetchClosed], None]] = field(default_factory=list)  # e.g. metrics
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("fetches", "completed", "abandoned", "refused", "failed", "prefix_hits", "chunks", "bytes",
-         "unauthorized", "connections_refused", "evicted", "evicted_memory", "ecn_unvalidated", "protocol_errors"),
+         "unauthorized", "connections_refused", "evicted", "evicted_memory", "ecn_unvalidated", "protocol_errors",
+         "path_changes"),
         0))
     # (unauthorized, connections_refused, evicted: connections closed by the admission checks, at the handshake's
     # end, to make room for a new client, or for the bytes they held before authorization (of evicted, those are
     # evicted_memory too: the KV metric's evicted label counts both); ecn_unvalidated: ended connections whose ECN
     # validation failed; protocol_errors: connections this server closed because their client broke the protocol,
-    # 0x101/0x102 ...)
+    # 0x101/0x102 ...; path_changes: ended connections' moves to another client address or port)
     protocols: set[KVServerProtocol] = field(default_factory=set)
     draining: bool = False  # set by the owner's drain: new fetches are refused with SHUTTING_DOWN
     # with a client CA: the verifier in force (the daemon's SIGHUP may replace it), asked at each handshake's end
@@ -347,6 +349,12 @@ class KVServer:
         or open: the chat port's sessions report theirs to tokenwire_ecn_validation_failed_total, these went
         uncounted."""
         return self.stats["ecn_unvalidated"] + sum(p.kv.ecn.failures for p in self.protocols)
+
+    def path_changes(self) -> int:
+        """Times KV connections, ended or open, moved to another client address or port (QUIC migration): a move
+        re-plans the fetches running on it (kv_server_session._replan_on_new_path), and before this count only a
+        debug log line showed one; the chat port's moves are tokenwire_path_changes_total."""
+        return self.stats["path_changes"] + sum(p.kv.path_changes for p in self.protocols)
 
     def evict_unauthorized(self) -> bool:
         """Past max_connections: close the oldest connection that has made no authorized fetch, to admit a new
