@@ -824,21 +824,11 @@ def provenance(cfg: SwiftQueueConfig) -> dict[str, Any]:
     could not reproduce them: a constant added later (the refuge memory, commit 8f511d9) changed 12 of 16
     scenarios' swiftqueue rows while the files' settings stayed the same, and nothing in them said why."""
     import hashlib
-    import os
-    import subprocess
 
     from tokenwire.daemon.cli import installed_version
+    from tokenwire.daemon.run_provenance import git_commit
     from tokenwire.predictor.runtime import shipped_model_path
 
-    commit = None
-    here = os.path.dirname(os.path.realpath(__file__))
-    try:
-        # the commit, "-dirty" when the checkout has uncommitted changes
-        out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=40"],
-                             capture_output=True, text=True, timeout=5, check=False)
-        commit = out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass  # (no git, or not a checkout: an installed package)
     model: dict[str, Any] | None = None
     if "swiftqueue" in cfg.policies:
         path = cfg.model or str(shipped_model_path())
@@ -848,7 +838,7 @@ def provenance(cfg: SwiftQueueConfig) -> dict[str, Any]:
         except OSError as exc:
             model = {"path": path, "sha256": None, "error": exc.strerror or str(exc)}
     return {
-        "tokenwire_version": installed_version(), "git_commit": commit, "model": model,
+        "tokenwire_version": installed_version(), "git_commit": git_commit(), "model": model,
         "refuge_memory_s": REFUGE_MEMORY_S, "congestion_cap": MarkedPacedFlow.congestion_cap,
         "congested_repeats": CONGESTED_REPEATS, "queue_delay_s": QUEUE_DELAY_S, "queue_delay_share": QUEUE_DELAY_SHARE,
     }  # fmt: skip
