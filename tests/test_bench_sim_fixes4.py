@@ -363,7 +363,7 @@ def test_sigterm_to_kv_virtual_stops_its_workers_and_takes_the_ctrl_c_path():
 # -- minor: bounds of bench transport and bench emulator
 @pytest.mark.parametrize("argv,message", [
     (["bench", "transport", "--rate", "1e12"], "--rate 1e+12: a paced rate is within [0.1, 10000] tokens/s"),
-    (["bench", "transport", "--rate", "0.1"], "--tokens 3000 at --rate 0.1/s: a paced run of 30,000 s, at most 3600"),
+    (["bench", "transport", "--rate", "0.1"], "--tokens 1500 at --rate 0.1/s: a paced run of 15,000 s, at most 3600"),
     (["bench", "emulator", "--rate", "1e9"], "--rate 1e+09: at most 20,000 probe packets/s"),
     (["bench", "emulator", "--seconds", "1e9"], "--seconds 1e+09: at most 600 (the length of each flood and probe"),
 ])

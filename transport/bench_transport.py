@@ -8,8 +8,10 @@ that each side's CPU time is its own process's. Two workloads per mode:
 * ``paced``: tokens at ``--rate`` per second, CPU microseconds per token and per token packet on each side
   (one token per packet while the rate leaves a loop turn between tokens; the SDK server sends once per loop
   turn, so tokens due in the same turn share a packet);
-* ``flood``: tokens as fast as the sender can go, token packets and delivered tokens per second, both over the
-  client's clock (from its request to the answer's end), so the two columns divide the same time.
+* ``flood``: answers of ``--flood-tokens`` tokens as fast as the sender can go, one after another on one connection
+  until they have lasted :data:`FLOOD_S`; token packets and delivered tokens per second, both over the client's
+  clock (from each request to its answer's end, summed), so the two columns divide the same time. Raw aioquic's
+  server sends its ``done`` only once its last DATAGRAM frame has left (it overtook them before).
 
 A *token packet* is a 1-RTT packet the server sends that asks for an acknowledgement (it carries DATAGRAM or
 STREAM frames: tokens). The server also sends ACK-only packets, for the acknowledgements and reports the
@@ -18,38 +20,60 @@ closer than 20 ms carry every ACK); those are in ``server_datagrams`` but divide
 made Chatterbox look cheaper per packet than raw aioquic while it cost about twice as much per token.
 Both sides' per-packet CPU divides by the server's token packets (on loopback every one arrives).
 
-Every number is the median of ``--repeats`` runs; ratios compare tokenwire to raw aioquic, per token (not per
-flood packet: raw aioquic coalesces many DATAGRAM frames into one packet when flooding, so packets/s do not
-compare).
+Runs are interleaved so that the same-run baseline absorbs a shared machine's drift: every repeat measures raw
+aioquic next to each tokenwire mode (a *pair*, its two runs back to back, their order flipped every other repeat),
+each ratio is taken within its pair, and the reported ratio is the median over the repeats with its min and max
+(each pair's value in the JSON too). A mode's figures are medians over its runs.
+
+Every run counts the tokens requested, sent and delivered. CPU per token divides by the tokens actually sent
+(server) and delivered (client): a paced run the server cut short (once at ``TokenServer``'s default 16,384 tokens)
+had its CPU divided by the tokens asked for. A run that sent fewer tokens than requested, or of a tokenwire mode
+that delivered fewer than were sent, is listed in ``short_runs`` and the command exits 1; raw aioquic's DATAGRAM
+frames are unreliable, so its losses are reported (``tokens_lost``) but are not a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tokenwire.daemon.bench_cli import die_with_parent
+from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
 
 MODES = ("raw", "chatterbox", "stream", "duplicate")
 TOKEN = b" tok"  # 4 bytes: a typical token
+FLOOD_S = 1.0
+"""A flood run asks for answers of ``--flood-tokens`` one after another on its connection until they have lasted this
+long on the client's clock (the pauses between them aside): one answer of 10,000 tokens lasted ~50 ms of raw
+aioquic, too short to measure (its tokens/s swung 83k to 308k between runs), and a flood bounded by time instead had
+the SDK server take in a second's tokens at once from its source and send them for 40 s."""
+MAX_FLOOD_ANSWERS = 1000
+"""The most answers a flood run asks for (a bound on a run whose answers are tiny)."""
+DRAIN_TIMEOUT_S = 30.0
+"""The raw server waits at most this long for its queued DATAGRAM frames to leave before it sends ``done``."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from tokenwire.daemon.cli import positive_float, positive_int
 
     p = sub.add_parser("transport", help="CPU per token and per token packet, packets/s, on loopback vs raw aioquic")
-    p.add_argument("--tokens", type=positive_int, default=3000, help="tokens per paced run (default 3000)")
+    p.add_argument("--tokens", type=positive_int, default=1500, help="tokens per paced run (default 1500)")
     p.add_argument("--rate", type=positive_float, default=1000.0, help="paced token rate per second (default 1000)")
-    p.add_argument("--flood-tokens", type=positive_int, default=10000, help="tokens per flood run (default 10000)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="runs per mode; medians are reported (default 3)")
+    p.add_argument("--flood-tokens", type=positive_int, default=10000,
+                   help=f"tokens per flood answer; a flood run asks for answers until {FLOOD_S:g} s have passed "
+                        "(default 10000)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="raw/mode pairs per mode; medians are reported, ratios within each pair (default 3)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"subset of {','.join(MODES)}; raw (the ratios' baseline) is always measured")
     p.add_argument("--json", type=Path, help="write results here")
@@ -75,6 +99,39 @@ async def _pace(sent: int, n: int, rate: float, t0: float) -> None:
     await asyncio.sleep(max(wait, 0.001))
 
 
+async def _raw_answer(proto: Any, sid: int, n: int, rate: float) -> int:
+    """Raw aioquic's answer on ``proto`` (a ``QuicConnectionProtocol``): ``n`` DATAGRAM frames, then "done N" on
+    stream ``sid`` once all of them have left; N is how many left (all, unless the wait for them gave up)."""
+    from tokenwire.transport.server import PIECES_PER_TURN as BATCH  # the baseline's frames per transmit() at most
+
+    quic = proto._quic
+    t0 = time.monotonic()
+    payload = b"\x00" * 20 + TOKEN  # about the size of a one-token frame
+    sent = 0
+    while sent < n:
+        due = _due(n, rate, t0)
+        while sent < due:
+            quic.send_datagram_frame(payload)
+            sent += 1
+            if sent == due or sent % BATCH == 0:
+                # as the SDK server sends: once per loop turn, for the tokens due in it (64 at most before the loop
+                # gets a turn); one transmit() per frame made tokenwire look cheaper per token than the baseline
+                # once the server batched
+                proto.transmit()
+        await _pace(sent, n, rate, t0)
+    # "done" only once every DATAGRAM frame has left (the congestion window holds them; each ACK sends more): a
+    # STREAM frame fills the room a DATAGRAM frame does not fit in, so "done" overtook the queued frames, the
+    # client stopped there and they were never sent (8,977 of 10,000 tokens arrived; 10,259 of 100,000)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while quic._datagrams_pending and time.monotonic() < deadline:
+        proto.transmit()
+        await asyncio.sleep(0.001)
+    sent -= len(quic._datagrams_pending)
+    quic.send_stream_data(sid, f"done {sent}".encode(), end_stream=True)
+    proto.transmit()
+    return sent
+
+
 async def _serve(mode: str) -> None:
     """Subprocess entry: serve one workload per connection, print a JSON line per finished workload."""
     from aioquic.asyncio import serve as quic_serve
@@ -82,17 +139,31 @@ async def _serve(mode: str) -> None:
     from aioquic.quic import events as qe
     from aioquic.tls import Epoch
 
-    from tokenwire.transport.server import PIECES_PER_TURN as BATCH  # the baseline's frames per transmit() at most
-    from tokenwire.transport.server import ServerProtocol, TokenServer
+    from tokenwire.transport.server import MAX_TOKENS_BOUND, ServerProtocol, TokenServer
     from tokenwire.transport.session_events import RequestCompleted, RequestReceived
     from tokenwire.transport.tls import server_configuration
 
-    def report(tokens: int, counter: CountingSend, cpu: float, wall: float) -> None:
-        print(json.dumps({"tokens": tokens, "datagrams": counter.n, "token_packets": counter.token_packets,
+    Counts = tuple[int, int]  # (datagrams, token packets) a connection has sent so far
+
+    def report(tokens: int, counter: CountingSend, start: Counts, cpu: float, wall: float) -> None:
+        """One answer's line: its counts since ``start``, what the connection had sent when it began."""
+        n, token_packets = counter.counts()
+        print(json.dumps({"tokens": tokens, "datagrams": n - start[0], "token_packets": token_packets - start[1],
                           "cpu_s": cpu, "wall_s": wall}), flush=True)
 
     class CountingSend:
-        """Counts the UDP datagrams a connection sends and, of its QUIC packets, the token packets."""
+        """Counts the UDP datagrams a connection sends and, of its QUIC packets, the token packets; one per
+        connection (a flood's answers share it: one per answer wrapped the transport again)."""
+
+        @classmethod
+        def of(cls, proto: Any) -> CountingSend:
+            counter: CountingSend | None = getattr(proto, "_bench_counter", None)
+            if counter is None:
+                counter = proto._bench_counter = cls(proto)
+            return counter
+
+        def counts(self) -> Counts:
+            return self.n, self.token_packets
 
         def __init__(self, proto: Any) -> None:
             self.proto = proto
@@ -124,26 +195,21 @@ async def _serve(mode: str) -> None:
                     self.task = asyncio.ensure_future(self.blast(event.stream_id, int(n), float(rate)))
 
             async def blast(self, sid: int, n: int, rate: float) -> None:
-                counter = CountingSend(self)
-                cpu0, t0 = _cpu(), time.monotonic()
-                payload = b"\x00" * 20 + TOKEN  # about the size of a one-token frame
-                sent = 0
-                while sent < n:
-                    due = _due(n, rate, t0)
-                    while sent < due:
-                        self._quic.send_datagram_frame(payload)
-                        sent += 1
-                        if sent == due or sent % BATCH == 0:
-                            # as the SDK server sends: once per loop turn, for the tokens due in it (64 at most
-                            # before the loop gets a turn); one transmit() per frame made tokenwire look cheaper
-                            # per token than the baseline once the server batched
-                            self.transmit()
-                    await _pace(sent, n, rate, t0)
-                self._quic.send_stream_data(sid, b"done", end_stream=True)
-                self.transmit()
+                async with self.one_at_a_time:  # a flood's next answer counts from this one's report
+                    await self.answer(sid, n, rate)
+
+            @functools.cached_property
+            def one_at_a_time(self) -> asyncio.Lock:
+                return asyncio.Lock()
+
+            async def answer(self, sid: int, n: int, rate: float) -> None:
+                counter = CountingSend.of(self)
+                counts0, cpu0, t0 = counter.counts(), _cpu(), time.monotonic()
+                sent = await _raw_answer(self, sid, n, rate)
                 wall = time.monotonic() - t0  # the sending time: tokenwire's modes are timed the same way
-                await asyncio.sleep(0.05)  # let the last acks arrive (their CPU counts, the wait does not)
-                report(n, counter, _cpu() - cpu0, wall)
+                if rate > 0:  # (a flood's next answer follows at once: the last acks count there)
+                    await asyncio.sleep(0.05)  # let the last acks arrive (their CPU counts, the wait does not)
+                report(sent, counter, counts0, _cpu() - cpu0, wall)
 
         server = await quic_serve("127.0.0.1", 0, configuration=server_configuration(), create_protocol=RawServer)
     else:
@@ -162,22 +228,22 @@ async def _serve(mode: str) -> None:
 
         class BenchProtocol(ServerProtocol):
             def handle_session_events(self, events: list) -> None:
+                # per answer, by stream: a flood's next request can come in the datagram that completes the last one
+                starts: dict[int, tuple[int, Counts, float, float]] = self.__dict__.setdefault("starts", {})
+                counter = CountingSend.of(self)
                 for ev in events:
                     if isinstance(ev, RequestReceived):
-                        self.counter = CountingSend(self)
-                        self.cpu0, self.t0 = _cpu(), time.monotonic()
+                        starts[ev.stream_id] = (self.app.stats.tokens, counter.counts(), _cpu(), time.monotonic())
                 super().handle_session_events(events)
                 for ev in events:
-                    if isinstance(ev, RequestCompleted):
-                        report(
-                            int(self.app.stats.tokens),
-                            self.counter,
-                            _cpu() - self.cpu0,
-                            time.monotonic() - self.t0,
-                        )
-                        self.app.stats.tokens = 0
+                    if isinstance(ev, RequestCompleted) and ev.stream_id in starts:
+                        tokens0, counts0, cpu0, t0 = starts.pop(ev.stream_id)
+                        report(self.app.stats.tokens - tokens0, counter, counts0, _cpu() - cpu0,
+                               time.monotonic() - t0)
 
-        app = TokenServer(source)
+        # the server's limit is the protocol's bound, not serve()'s default 16,384: that cut a paced --tokens 40000
+        # run to 16,384 tokens ("length") while its CPU was divided by 40,000
+        app = TokenServer(source, max_tokens=MAX_TOKENS_BOUND)
         server = await quic_serve(
             "127.0.0.1",
             0,
@@ -201,7 +267,9 @@ class _Proxy:
 
 
 # --------------------------------------------------------------------------------------------- client side
-async def _client_run(mode: str, port: int, n: int, rate: float) -> dict[str, Any]:
+async def _client_run(mode: str, port: int, n: int, rate: float, seconds: float = 0.0) -> dict[str, Any]:
+    """One connection's workload: an answer of ``n`` tokens, and more of them one after another until ``seconds``
+    have passed (a flood). Its wall time and CPU count the answers, not the pauses between them."""
     from aioquic.asyncio import connect as quic_connect
     from aioquic.asyncio.protocol import QuicConnectionProtocol
     from aioquic.quic import events as qe
@@ -209,9 +277,15 @@ async def _client_run(mode: str, port: int, n: int, rate: float) -> dict[str, An
     from tokenwire.transport.client import connect
     from tokenwire.transport.tls import client_configuration
 
+    totals = {"answers": 0, "tokens": 0, "datagrams": 0, "cpu_s": 0.0, "wall_s": 0.0}
+
+    def more() -> bool:
+        """Another answer while the answers so far lasted less than ``seconds`` (the pauses between them aside)."""
+        return totals["answers"] == 0 or (totals["wall_s"] < seconds and totals["answers"] < MAX_FLOOD_ANSWERS)
+
     if mode == "raw":
-        done = asyncio.Event()
         got = {"n": 0, "udp": 0}
+        done = asyncio.Event()
 
         class RawClient(QuicConnectionProtocol):
             def datagram_received(self, data: Any, addr: Any) -> None:
@@ -221,24 +295,28 @@ async def _client_run(mode: str, port: int, n: int, rate: float) -> dict[str, An
             def quic_event_received(self, event: qe.QuicEvent) -> None:
                 if isinstance(event, qe.DatagramFrameReceived):
                     got["n"] += 1
-                elif isinstance(event, qe.StreamDataReceived) and event.end_stream:
+                elif isinstance(event, qe.StreamDataReceived) and event.end_stream:  # "done N"
                     done.set()
 
         config = client_configuration(verify=False)
         async with quic_connect("127.0.0.1", port, configuration=config, create_protocol=RawClient) as proto:
-            cpu0, t0 = _cpu(), time.monotonic()
-            sid = proto._quic.get_next_available_stream_id()
-            proto._quic.send_stream_data(sid, f"go {n} {rate}".encode())
-            proto.transmit()
-            await done.wait()
-            wall = time.monotonic() - t0  # to the end of the answer, as for tokenwire's modes (not the wait below)
-            await asyncio.sleep(0.05)
-            return {
-                "tokens": got["n"],
-                "datagrams": got["udp"],
-                "cpu_s": _cpu() - cpu0,
-                "wall_s": wall,
-            }
+            while more():
+                done.clear()
+                got["n"] = got["udp"] = 0
+                cpu0, t0 = _cpu(), time.monotonic()
+                sid = proto._quic.get_next_available_stream_id()
+                proto._quic.send_stream_data(sid, f"go {n} {rate}".encode(), end_stream=True)
+                proto.transmit()
+                await done.wait()  # the server sends "done" once its last DATAGRAM frame has left
+                wall = time.monotonic() - t0  # to the end of the answer, as for tokenwire's modes (not the wait)
+                if rate > 0:
+                    await asyncio.sleep(0.05)  # the last acks (a flood's next answer follows at once)
+                totals["answers"] += 1
+                totals["tokens"] += got["n"]
+                totals["datagrams"] += got["udp"]
+                totals["cpu_s"] += _cpu() - cpu0
+                totals["wall_s"] += wall
+            return totals
 
     # the server subprocess made its own development certificate: nothing to verify it against
     # ecn=False: the raw-aioquic baseline reads with uvloop's transport, and so must this client (the SDK's default
@@ -253,19 +331,23 @@ async def _client_run(mode: str, port: int, n: int, rate: float) -> dict[str, An
             real(data, addr)
 
         proto.datagram_received = counting  # type: ignore[method-assign]
-        cpu0, t0 = _cpu(), time.monotonic()
-        stream = conn.chat("bench", scheme=mode, params={"n": n, "rate": rate})
-        await stream.collect()
-        assert stream.stats is not None and stream.stats.digest_verified
-        return {
-            "tokens": stream.stats.tokens,
-            "datagrams": counter["udp"],
-            "cpu_s": _cpu() - cpu0,
-            "wall_s": time.monotonic() - t0,
-        }
+        while more():
+            counter["udp"] = 0
+            cpu0, t0 = _cpu(), time.monotonic()
+            stream = conn.chat("bench", scheme=mode, params={"n": n, "rate": rate})
+            await stream.collect()
+            assert stream.stats is not None and stream.stats.digest_verified
+            totals["answers"] += 1
+            totals["tokens"] += stream.stats.tokens
+            totals["datagrams"] += counter["udp"]
+            totals["cpu_s"] += _cpu() - cpu0
+            totals["wall_s"] += time.monotonic() - t0
+        return totals
 
 
-def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def _server_process(mode: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A bench server subprocess for ``mode`` and its port; killed, reaped and its pipe closed on the way out."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenwire.transport.bench_transport", "--serve", mode],
         stdout=subprocess.PIPE,
@@ -274,11 +356,7 @@ def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
     )
     try:
         assert proc.stdout is not None
-        port = json.loads(proc.stdout.readline())["port"]
-        import uvloop
-
-        client = uvloop.run(_client_run(mode, port, n, rate))
-        server = json.loads(proc.stdout.readline())
+        yield proc, json.loads(proc.stdout.readline())["port"]
     finally:
         try:
             proc.kill()
@@ -286,17 +364,39 @@ def _one(mode: str, n: int, rate: float) -> dict[str, Any]:
         finally:  # once reaped (or not, if the wait itself was cut short): every run leaked its stdout pipe
             if proc.stdout is not None:
                 proc.stdout.close()
-    return _figures(server, client, n)
+
+
+def _one(mode: str, n: int, rate: float, *, flood_s: float = FLOOD_S) -> dict[str, Any]:
+    """One workload on a fresh server subprocess: one paced answer of ``n`` tokens at ``rate``, or a flood (``rate``
+    0): answers of ``n`` tokens as fast as the sender goes, one after another until they have lasted ``flood_s``
+    seconds (the server reports each answer; their sums are the run's)."""
+    import uvloop
+
+    with _server_process(mode) as (proc, port):
+        assert proc.stdout is not None
+        client = uvloop.run(_client_run(mode, port, n, rate, flood_s if rate <= 0 else 0.0))
+        answers = [json.loads(proc.stdout.readline()) for _ in range(client["answers"])]
+    server = {key: sum(a[key] for a in answers) for key in ("tokens", "datagrams", "token_packets", "cpu_s", "wall_s")}
+    return {**_figures(server, client, n * client["answers"]), "answers": client["answers"]}
 
 
 def _figures(server: dict[str, Any], client: dict[str, Any], n: int) -> dict[str, Any]:
-    """One run's numbers from the two sides' reports: per token, and per *token* packet (ACK-only excluded)."""
+    """One run's numbers from the two sides' reports: per token, and per *token* packet (ACK-only excluded).
+
+    Per token divides by the tokens the server sent (its CPU) and the client received (its CPU), not by the ``n``
+    asked for: a server that stopped early made each token look cheaper by the tokens it never sent."""
     packets = max(1, server["token_packets"])
+    sent, delivered = int(server["tokens"]), int(client["tokens"])
     return {
+        "tokens_requested": n,
+        "tokens_sent": sent,
+        "tokens_delivered": delivered,
+        "tokens_lost": sent - delivered,
+        "complete": delivered == sent == n,
         "server_us_per_packet": 1e6 * server["cpu_s"] / packets,
         "client_us_per_packet": 1e6 * client["cpu_s"] / packets,
-        "server_us_per_token": 1e6 * server["cpu_s"] / max(1, n),
-        "client_us_per_token": 1e6 * client["cpu_s"] / max(1, n),
+        "server_us_per_token": 1e6 * server["cpu_s"] / max(1, sent),
+        "client_us_per_token": 1e6 * client["cpu_s"] / max(1, delivered),
         "server_token_packets": server["token_packets"],
         "server_datagrams": server["datagrams"],  # token packets + ACK-only ones
         "client_datagrams": client["datagrams"],
@@ -325,28 +425,88 @@ def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def _run_figures(paced: dict[str, Any], flood: dict[str, Any]) -> dict[str, Any]:
+    """One repeat of a mode (its paced run and its flood run) as the figures the table and the ratios read."""
+    return {
+        "server_us_per_packet": paced["server_us_per_packet"],
+        "client_us_per_packet": paced["client_us_per_packet"],
+        "server_us_per_token": paced["server_us_per_token"],
+        "client_us_per_token": paced["client_us_per_token"],
+        "paced_packets_per_token": paced["server_token_packets"] / max(1, paced["tokens_sent"]),
+        "paced_datagrams_per_token": paced["server_datagrams"] / max(1, paced["tokens_sent"]),  # ACK-only included
+        "flood_tokens_per_s": flood["tokens_per_s"],
+        "flood_packets_per_s": flood["packets_per_s"],
+        # within one run: the median tokens over the median packets of different runs read 42-66 for raw aioquic
+        "flood_tokens_per_packet": flood["tokens_delivered"] / max(1, flood["server_token_packets"]),
+        "flood_s": flood["wall_s"],
+    }
+
+
+FIGURES = ("server_us_per_packet", "client_us_per_packet", "server_us_per_token", "client_us_per_token",
+           "paced_packets_per_token", "paced_datagrams_per_token", "flood_tokens_per_s", "flood_packets_per_s",
+           "flood_tokens_per_packet", "flood_s")
+COUNTS = ("tokens_requested", "tokens_sent", "tokens_delivered", "tokens_lost")
+
+
+def _pairs(modes: list[str], repeats: int) -> list[tuple[int, list[str]]]:
+    """The order of the runs: per repeat, raw aioquic back to back with each tokenwire mode, in ``--modes``' order
+    the first time and flipped every other repeat, so that a drift in the machine's load falls on both sides of a
+    pair alike. Raw ran all its repeats first before, and a mode's ratio read 1.19 to 1.74 between runs."""
+    others = [m for m in modes if m != "raw"]
+    if not others:
+        return [(k, ["raw"]) for k in range(repeats)]
+    raw_first = modes[0] == "raw"
+    order = []
+    for k in range(repeats):
+        for mode in others:
+            pair = ["raw", mode] if raw_first == (k % 2 == 0) else [mode, "raw"]
+            order.append((k, pair))
+    return order
+
+
+def _short(mode: str, run: dict[str, Any]) -> bool:
+    """Whether a run measured fewer tokens than it should have: raw aioquic's DATAGRAM frames may be lost (its loss
+    is reported, not a failure), but it must send every token; a tokenwire mode must deliver every one."""
+    if mode == "raw":
+        return run["tokens_sent"] != run["tokens_requested"]
+    return not run["complete"]
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_repeat": values}
+
+
 def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Each mode's medians over ``--repeats`` paced and flood runs."""
+    """Every mode's runs, interleaved with the raw baseline (:func:`_pairs`); each ratio within its pair."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    pair_ratios: dict[str, list[dict[str, float]]] = {m: [] for m in modes if m != "raw"}
+    short: list[dict[str, Any]] = []
+    order = _pairs(modes, args.repeats)
+    for i, (k, pair) in enumerate(order):
+        print(f"  repeat {k + 1}/{args.repeats}: {' then '.join(pair)} ({i + 1}/{len(order)}) ...",
+              file=sys.stderr, flush=True)
+        figures: dict[str, dict[str, Any]] = {}
+        for mode in pair:
+            paced = _one(mode, args.tokens, args.rate)
+            flood = _one(mode, args.flood_tokens, 0.0)
+            for workload, r in (("paced", paced), ("flood", flood)):
+                if _short(mode, r):
+                    short.append({"mode": mode, "workload": workload, "repeat": k + 1,
+                                  **{c: r[c] for c in COUNTS}})
+            figures[mode] = {**_run_figures(paced, flood), "repeat": k + 1,
+                             **{f"paced_{c}": paced[c] for c in COUNTS}, **{f"flood_{c}": flood[c] for c in COUNTS}}
+            runs[mode].append(figures[mode])
+        for mode, ratios in _ratios(figures).items():
+            pair_ratios[mode].append(ratios)
     results: dict[str, Any] = {}
     for mode in modes:
-        paced, flood = [], []
-        for k in range(args.repeats):
-            print(f"  {mode}: run {k + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
-            paced.append(_one(mode, args.tokens, args.rate))
-            flood.append(_one(mode, args.flood_tokens, 0.0))
-        med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
-        results[mode] = {
-            "server_us_per_packet": med(paced, "server_us_per_packet"),
-            "client_us_per_packet": med(paced, "client_us_per_packet"),
-            "server_us_per_token": med(paced, "server_us_per_token"),
-            "client_us_per_token": med(paced, "client_us_per_token"),
-            "paced_packets_per_token": med(paced, "server_token_packets") / args.tokens,
-            "paced_datagrams_per_token": med(paced, "server_datagrams") / args.tokens,  # ACK-only ones included
-            "flood_tokens_per_s": med(flood, "tokens_per_s"),
-            "flood_packets_per_s": med(flood, "packets_per_s"),
-            "flood_tokens_per_packet": med(flood, "tokens") / max(1.0, med(flood, "server_token_packets")),
-        }
-    return results
+        rs = runs[mode]
+        results[mode] = {key: statistics.median(r[key] for r in rs) for key in FIGURES}
+        for c in COUNTS:  # totals over every run of the mode, paced and flood
+            results[mode][c] = sum(r[f"paced_{c}"] + r[f"flood_{c}"] for r in rs)
+        results[mode]["runs"] = rs
+    spread = {mode: {key: _spread([p[key] for p in ps]) for key in ps[0]} for mode, ps in pair_ratios.items() if ps}
+    return {"modes": results, "spread": spread, "short_runs": short, "order": [p for _, p in order]}
 
 
 MAX_PACED_S = 3600.0
@@ -385,50 +545,80 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.tokens / args.rate > MAX_PACED_S:
         raise CLIError(f"--tokens {args.tokens} at --rate {args.rate:g}/s: a paced run of "
                        f"{args.tokens / args.rate:,.0f} s, at most {MAX_PACED_S:g} (it runs --repeats times per mode)")
+    from tokenwire.transport.server import MAX_TOKENS_BOUND
+
+    for name in ("tokens", "flood_tokens"):
+        if getattr(args, name) > MAX_TOKENS_BOUND:  # the most one answer may have: the run would be cut short
+            raise CLIError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {MAX_TOKENS_BOUND:,} (the "
+                           "protocol's bound on an answer's tokens)")
     modes = with_raw_baseline(modes)
+    started = RunProvenance()
     # SIGTERM or SIGHUP (kill, a timeout) unwinds like Ctrl-C: _one's finally stops the server subprocess, which
     # the default action left serving for good
     with sigterm_as_ctrl_c():
-        results = _measure(modes, args)
-    ratios = _ratios(results)
+        measured = _measure(modes, args)
+    results, spread, short = measured["modes"], measured["spread"], measured["short_runs"]
+    ratios = {mode: {key: s["median"] for key, s in r.items()} for mode, r in spread.items()}
     out = {
         "modes": results,
         "ratios_vs_raw_aioquic": ratios,
+        "ratios_spread": spread,
+        "figures": "a mode's figures are medians over its --repeats runs (each run: a paced and a flood workload, "
+                   "listed in runs); each ratio is taken within a pair of back-to-back runs, raw aioquic's and the "
+                   "mode's, and ratios_vs_raw_aioquic gives the median over the pairs (ratios_spread: min, max and "
+                   "each pair's value)",
+        "run_order": measured["order"],
         "flood_clock": "client: from its request to the answer's end (flood_tokens_per_s, flood_packets_per_s)",
+        "per_token": "server CPU over the tokens it sent, client CPU over the tokens it received",
+        "short_runs": short,
+        "complete": not short,
         "config": {
             "tokens": args.tokens,
             "rate": args.rate,
             "flood_tokens": args.flood_tokens,
+            "flood_seconds": FLOOD_S,
             "repeats": args.repeats,
         },
+        "provenance": run_provenance(started),
     }
     print("(pkt: token packet, the server's ack-eliciting packets; dgram: every datagram it sent, ACK-only too;\n"
-          " flood pkt/s and tok/s: per second of the client's clock, from its request to the answer's end)")
+          " flood pkt/s and tok/s: per second of the client's clock, from its request to the answer's end;\n"
+          " medians over the runs; lost: tokens sent but not received, over all runs)")
     print(
         f"{'mode':<11} {'srv us/tok':>10} {'cli us/tok':>10} {'srv us/pkt':>10} {'cli us/pkt':>10} "
-        f"{'pkts/token':>10} {'dgrams/tok':>10} {'flood pkt/s':>12} {'flood tok/s':>12}"
+        f"{'pkts/token':>10} {'dgrams/tok':>10} {'flood pkt/s':>12} {'flood tok/s':>12} {'flood s':>8} "
+        f"{'delivered':>10} {'lost':>6}"
     )
     for mode, r in results.items():
         print(
             f"{mode:<11} {r['server_us_per_token']:>10.1f} {r['client_us_per_token']:>10.1f} "
             f"{r['server_us_per_packet']:>10.1f} {r['client_us_per_packet']:>10.1f} "
             f"{r['paced_packets_per_token']:>10.2f} {r['paced_datagrams_per_token']:>10.2f} "
-            f"{r['flood_packets_per_s']:>12.0f} {r['flood_tokens_per_s']:>12.0f}"
+            f"{r['flood_packets_per_s']:>12.0f} {r['flood_tokens_per_s']:>12.0f} {r['flood_s']:>8.2f} "
+            f"{r['tokens_delivered']:>10} {r['tokens_lost']:>6}"
         )
-    for mode, r in ratios.items():
+    for mode, r in spread.items():
         # raw aioquic coalesces many DATAGRAM frames into one packet when flooding: packets/s do not compare
+        def x(key: str, r: dict[str, Any] = r) -> str:
+            return f"{r[key]['median']:.2f}x ({r[key]['min']:.2f}-{r[key]['max']:.2f})"
+
         print(
-            f"{mode}: CPU per token {r['server_cpu_per_token_vs_raw']:.2f}x raw (server), "
-            f"{r['client_cpu_per_token_vs_raw']:.2f}x (client); per token packet "
-            f"{r['server_cpu_per_token_packet_vs_raw']:.2f}x / {r['client_cpu_per_token_packet_vs_raw']:.2f}x; "
-            f"flood tokens/s {r['flood_tokens_per_s_vs_raw']:.2f}x raw "
+            f"{mode}: CPU per token {x('server_cpu_per_token_vs_raw')} raw (server), "
+            f"{x('client_cpu_per_token_vs_raw')} (client); per token packet "
+            f"{x('server_cpu_per_token_packet_vs_raw')} / {x('client_cpu_per_token_packet_vs_raw')}; "
+            f"flood tokens/s {x('flood_tokens_per_s_vs_raw')} raw "
             f"({results[mode]['flood_tokens_per_packet']:.1f} tokens/packet, raw "
             f"{results['raw']['flood_tokens_per_packet']:.1f})"
         )
+    if spread:
+        print(f"(ratios: median over {args.repeats} raw/mode pairs, min-max in brackets)")
+    for s in short:
+        print(f"SHORT RUN: {s['mode']} {s['workload']} (repeat {s['repeat']}): {s['tokens_requested']} tokens "
+              f"requested, {s['tokens_sent']} sent, {s['tokens_delivered']} delivered: its figures are not "
+              "comparable", file=sys.stderr)
     if args.json:
         write_json(out, args.json)
-    return 0
-
+    return 1 if short else 0
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
