@@ -6,9 +6,10 @@ Three measurements, each against a baseline taken in the same run:
    times: the median, with the spread (min/max) in the JSON.
 2. **Packets/s through real namespaces**: a UDP flood from the server namespace to the client namespace,
    once over a plain veth pair (baseline) and once through the emulator (unlimited rate, no delay); the sink
-   counts what arrives. Then paced UDP at increasing rates through the emulator, ``--repeats`` trials per rate:
-   the sustained rate is the highest whose median loss is below 1 % (the sender is Python too, so it may be the
-   limit).
+   counts what arrives, and the delivered rate is that count over the sender's span (:func:`delivered_pps`).
+   Then paced UDP at increasing rates through the emulator, ``--repeats`` trials per rate: the sustained rate is
+   the median delivered rate of the highest rate whose median loss is below 1 % (the sender is Python too, so it
+   may be the limit).
 3. **Added-delay error**: paced UDP probes carrying their send time; one-way delay measured by the sink on
    the shared monotonic clock. Over the veth pair that is the host's own path latency; through the emulator
    with ``--delay-ms D`` the error is ``one_way - D``. Also reported: how late the emulator's writes were
@@ -117,21 +118,39 @@ def _run_pair(tb: Any, sink_args: list[str], send_args: list[str], timeout: floa
     return sent, got
 
 
+def sender_span(sent: dict[str, Any]) -> float:
+    """Seconds the sender sent for: its ``elapsed``, or ``sent / pps`` where a report lacks it (the same figure)."""
+    if sent.get("elapsed"):
+        return float(sent["elapsed"])
+    return sent["sent"] / sent["pps"] if sent.get("pps") else 0.0
+
+
+def delivered_pps(sent: dict[str, Any], got: dict[str, Any]) -> float:
+    """Packets the sink received per second of the sender's span (:func:`sender_span`): never above what was
+    offered.
+
+    The sink's own ``pps`` is over its first-to-last read, and a sink that starts reading late drains its socket
+    buffer at once: "veth 62,406 pkt/s delivered (offered 40,791)" in a 1-s flood, which skewed "% of veth"."""
+    span = sender_span(sent)
+    return got["received"] / span if span > 0 else 0.0
+
+
 def _flood(tb: Any, seconds: float, *, emulated: bool = False) -> dict[str, Any]:
     """A UDP flood through ``tb``; through the emulator (``emulated``) also where its packets were lost, from the
     emulator's own counters over the flood (:func:`_loss_split`)."""
     before = tb.stats() if emulated else None
     sent, got = _run_pair(tb, ["--idle", "1.0"], ["--rate", "0", "--size", "200", "--duration", str(seconds)],
                           seconds + PHASE_SLACK_S)
-    out = {"sent_pps": sent["pps"], "delivered_pps": got["pps"], "loss": 1 - got["received"] / max(1, sent["sent"])}
+    out = {"sent_pps": sent["pps"], "delivered_pps": delivered_pps(sent, got), "sink_read_pps": got["pps"],
+           "loss": 1 - got["received"] / max(1, sent["sent"])}
     if before is not None:
         after = tb.stats()
         out["emulator"] = after["down"]
         arrived = after["down"]["arrived_packets"] - before["down"]["arrived_packets"]
         forwarded = (after["down"]["delivered_packets"] - before["down"]["delivered_packets"]
                      - (after["write_errors"] - before["write_errors"]))  # released but not written: not forwarded
-        span = got["received"] / got["pps"] if got["pps"] else 0.0  # the sink's first to last packet
-        out["emulator_forwarded_pps"] = forwarded / span if span else 0.0
+        span = sender_span(sent)  # as for delivered_pps (the sink's read span is skewed)
+        out["emulator_forwarded_pps"] = forwarded / span if span > 0 else 0.0
         out.update(_loss_split(sent["sent"], arrived, forwarded, got["received"]))
     return out
 
@@ -159,7 +178,8 @@ def _trial(tb: Any, pps: int, seconds: float) -> dict[str, float]:
     """One paced trial at ``pps``: what the sender offered, what the sink got, the loss between them."""
     sent, got = _run_pair(tb, ["--idle", "0.5"], ["--rate", str(pps), "--size", "200", "--duration",
                                                   str(seconds)], seconds + PHASE_SLACK_S)
-    return {"offered_pps": sent["pps"], "delivered_pps": got["pps"], "loss": 1 - got["received"] / max(1, sent["sent"])}
+    return {"offered_pps": sent["pps"], "delivered_pps": delivered_pps(sent, got), "sink_read_pps": got["pps"],
+            "loss": 1 - got["received"] / max(1, sent["sent"])}
 
 
 def ladder_step(pps: int, trials: list[dict[str, float]]) -> dict[str, Any]:
@@ -179,6 +199,10 @@ def _ladder(tb: Any, seconds: float, repeats: int = DEFAULT_REPEATS) -> dict[str
 
     ``sender_limited`` says the Python sender could not offer some target rate at all (median of its trials), so
     the emulator's real limit lies above what was measured.
+
+    The sustained rate is that rung's median, not the highest median of any passing rung (the code took the max
+    while this docstring and docs/testbed.md said the last rung): with the sender falling short, a lower rung's
+    lucky trials could outrank the rung that decides.
     """
     steps = []
     sustained = 0.0
@@ -188,7 +212,7 @@ def _ladder(tb: Any, seconds: float, repeats: int = DEFAULT_REPEATS) -> dict[str
         steps.append(step)
         if step["loss"] >= LADDER_LOSS:
             break
-        sustained = max(sustained, step["delivered_pps"])
+        sustained = step["delivered_pps"]
         sender_limited = sender_limited or step["offered_pps"] < 0.9 * pps
     return {"steps": steps, "sustained_pps": sustained, "sender_limited": sender_limited, "repeats": repeats,
             "trial_seconds": seconds, "loss_threshold": LADDER_LOSS}
@@ -208,9 +232,12 @@ def _probes(tb: Any, seconds: float, rate: float, delay_ms: float) -> dict[str, 
 
 
 def run_bench(seconds: float, delay_ms: float, rate: float, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
+
     from .emulator import DirectionConfig, EmulatorConfig
     from .topology import DirectLink, Testbed
 
+    started = RunProvenance()
     res: dict[str, Any] = {"config": {"seconds": seconds, "delay_ms": delay_ms, "probe_rate_pps": rate,
                                       "repeats": repeats}}
     _phase(f"core in virtual time ({repeats} runs)")
@@ -235,6 +262,7 @@ def run_bench(seconds: float, delay_ms: float, rate: float, repeats: int = DEFAU
         probes = _probes(tb, seconds, rate, delay_ms)
         probes["emulator_release_late_ms"] = tb.stats()["release_late_ms"]
     res["emulator"] = {"flood": flood, "ladder": ladder, "probes_no_delay": probes0, "probes_delay": probes}
+    res["provenance"] = run_provenance(started)
     return res
 
 
@@ -247,8 +275,14 @@ def _pps_cell(d: dict[str, Any]) -> str:
 
 
 def _rung_cell(s: dict[str, Any]) -> str:
-    """``40k->0.0%`` or, with trials, ``40k->0.0% (11.7/0.0/0.0%)``: every trial's loss, so an outlier shows."""
-    text = f"{s['offered_pps'] / 1000:.0f}k->{s['loss']:.1%}"
+    """``40k->0.0%`` or, with trials, ``40k->0.0% (11.7/0.0/0.0%)``: every trial's loss, so an outlier shows.
+
+    Named by its target rate, with what the sender offered when it fell short (``80k (offered 51k)->...``): named
+    by the offered rate alone, the rungs read out of order (``33k, 33k, 79k, 51k, 83k``)."""
+    text = f"{s['target_pps'] / 1000:.0f}k"
+    if s["offered_pps"] < 0.9 * s["target_pps"]:
+        text += f" (offered {s['offered_pps'] / 1000:.0f}k)"
+    text += f"->{s['loss']:.1%}"
     trials = s.get("trials") or []
     if len(trials) > 1:
         text += " (" + "/".join(f"{t['loss'] * 100:.1f}" for t in trials) + "%)"
@@ -308,9 +342,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             res = run_bench(args.seconds, args.delay_ms, args.rate, args.repeats)
     except (TestbedError, RuntimeError) as exc:
         raise CLIError(str(exc)) from None
-    print_report(res)
-    if args.json:
+    if args.json:  # first: `... --json x.json | head -1` ended the report with a BrokenPipeError, the JSON unwritten
         write_json(res, args.json)
+    print_report(res)
     return 0
 
 

@@ -16,6 +16,13 @@ forecaster in the same run:
 Medians of ``--repeats`` timed runs; the machines are shared, so the EWMA numbers of the same run are the
 yardstick: the JSON records ``calls`` and ``repeats`` and the ONNX/EWMA ratios (``onnx_vs_ewma``).
 
+The yardstick is only one if both sides see the same machine. Each repeat times ONNX and EWMA back to back, phase
+by phase (in alternating order), and EWMA makes enough calls to run about as long as ONNX did on the same phase
+(:func:`baseline_calls`, from a calibration round that is also the warm-up, left out of the results). Run one
+forecaster after the other, with EWMA's 2 000 calls lasting 0.2 ms against ONNX's 0.5 s, a preemption hit ONNX
+alone and the ratio swung from 2 503x to 4 007x over five runs. Each entry keeps every repeat
+(``us_per_call_runs``) and their range, and ``onnx_vs_ewma_runs`` the ratio of each repeat with its range.
+
 EWMA answers a burst with one ``predict()``: its estimate does not depend on the send time, so batch n costs
 one prediction. Its ``predict_batch`` (``predict`` + ``np.tile``) timed numpy's array handling instead (7 µs
 at batch 8, more than the prediction itself 40 times over), which the table showed as EWMA's batch cost.
@@ -26,6 +33,7 @@ Its batch 8 and 64 entries are therefore batch 1's timing, not measurements of t
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import statistics
@@ -106,15 +114,18 @@ def model_failure(forecaster: OnnxLatencyForecaster) -> str | None:
     return None
 
 
-def _median_time(fn, calls: int, repeats: int) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` runs of ``calls`` calls."""
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - t0) / calls)
-    return statistics.median(runs)
+Clock = Callable[[], float]
+_clock: Clock = time.perf_counter
+"""The clock every phase is timed with (a test swaps in a fake one)."""
+
+
+def _time_per_call(fn: Callable[[], Any], calls: int, clock: Clock | None = None) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls."""
+    clock = clock or _clock
+    t0 = clock()
+    for _ in range(calls):
+        fn()
+    return (clock() - t0) / calls
 
 
 def _phase(what: str) -> None:
@@ -126,51 +137,152 @@ def _phase(what: str) -> None:
 BATCH_BY_PREDICT_BATCH = "predict_batch(): one inference call for the burst"
 BATCH_BY_ONE_PREDICT = "one predict() answers the burst (the estimate does not depend on the send time)"
 DERIVED_FROM_BATCH_1 = "batch 1's timed predict(), which answers the whole burst; not timed at this batch"
+OBSERVE = "observe"
+MAX_BASELINE_CALLS = 5_000_000
+"""Upper bound on a baseline phase's calls (~0.5 s of EWMA's 0.1-µs predict): a subject much slower than ONNX
+would otherwise have EWMA spin for minutes."""
 
 
-def measure(forecaster, calls: int, repeats: int, progress: Callable[[str], None] | None = None, *,
-            one_predict_per_batch: bool = False) -> dict:
-    """The numbers of one forecaster; ``progress`` is told each phase (a batch size, the observe cost) first.
+def _phases(forecaster: Any, calls: int, one_predict_per_batch: bool) -> dict[str, tuple[Callable[[], Any], int]]:
+    """The timed phases of ``forecaster``, in order: batch sizes ("1", "8", "64"; EWMA's above 1 are not timed) and
+    ``observe``; each its call and its number of calls per measurement."""
+    samples, now = _history(forecaster)
+    out: dict[str, tuple[Callable[[], Any], int]] = {"1": (lambda: forecaster.predict(now), calls)}
+    if not one_predict_per_batch:
+        for bs in BATCHES[1:]:
+            nows = _burst(now, bs)
+            out[str(bs)] = (functools.partial(forecaster.predict_batch, nows), batch_calls(calls, bs))
+    it = itertools.cycle(samples)
+    out[OBSERVE] = (lambda: forecaster.observe(next(it)), calls)
+    return out
+
+
+def baseline_calls(subject_s: float, baseline_s: float, floor: int) -> int:
+    """Calls of a baseline phase so that it runs about as long as the subject's (``subject_s`` seconds in all,
+    against ``baseline_s`` per baseline call), at least ``floor`` and at most :data:`MAX_BASELINE_CALLS`."""
+    if baseline_s <= 0 or not math.isfinite(subject_s / baseline_s):
+        return max(floor, 1)
+    return int(min(MAX_BASELINE_CALLS, max(floor, round(subject_s / baseline_s))))
+
+
+def _order(repeat: int) -> tuple[int, int]:
+    """Subject first on even repeats, baseline first on odd ones: a drift of the machine's speed during a repeat
+    does not always favour the same side."""
+    return (0, 1) if repeat % 2 == 0 else (1, 0)
+
+
+def _interleaved(sides: list[dict[str, tuple[Callable[[], Any], int]]], repeats: int,
+                 progress: Callable[[str], None] | None, clock: Clock | None) -> list[dict[str, list[float]]]:
+    """Seconds per call of each side's phases, ``repeats`` times: each repeat times every phase of side 0 next to
+    the same phase of side 1 (when it has it), in :func:`_order`."""
+    runs: list[dict[str, list[float]]] = [{key: [] for key in side} for side in sides]
+    for r in range(repeats):
+        if progress:
+            progress(f"repeat {r + 1}/{repeats}" + (": every phase of both, side by side" if len(sides) > 1 else ""))
+        for key in sides[0]:
+            for i in _order(r) if len(sides) > 1 else (0,):
+                if key in sides[i]:
+                    fn, n = sides[i][key]
+                    runs[i][key].append(_time_per_call(fn, n, clock))
+    return runs
+
+
+def _result(runs: dict[str, list[float]], calls: dict[str, int], one_predict_per_batch: bool) -> dict[str, Any]:
+    """A forecaster's entry of the JSON from its per-repeat seconds per call (``runs``) and ``calls`` per phase."""
+    res: dict[str, Any] = {"batches": {},
+                           "batch_method": BATCH_BY_ONE_PREDICT if one_predict_per_batch else BATCH_BY_PREDICT_BATCH}
+    for bs in BATCHES:
+        entry: dict[str, Any]
+        if str(bs) in runs:
+            rs = runs[str(bs)]
+            per_call = statistics.median(rs)
+            entry = {"derived": False, "calls": calls[str(bs)], "us_per_call_runs": [x * 1e6 for x in rs],
+                     "us_per_call_min": min(rs) * 1e6, "us_per_call_max": max(rs) * 1e6}
+        else:
+            # batch 1's predict() answers the whole burst: nothing is timed here, and the entry says so. It used to
+            # sit in the same fields as the measured ones, with batch 1's ``calls`` (not max(4 x calls / B, 50))
+            per_call = statistics.median(runs["1"])
+            entry = {"derived": True, "derived_from": DERIVED_FROM_BATCH_1}
+        res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
+                                   "predictions_per_s": bs / per_call, **entry}
+    obs = statistics.median(runs[OBSERVE])
+    res["us_per_observe"] = obs * 1e6
+    res["observe_calls"] = calls[OBSERVE]
+    res["us_per_observe_runs"] = [x * 1e6 for x in runs[OBSERVE]]
+    one = res["batches"]["1"]["us_per_call"] / 1e6
+    res["per_ack_pps"] = 1.0 / (obs + one)  # every packet: one ack observed, one prediction
+    res["per_batch_pps"] = {str(bs): 1.0 / (obs + res["batches"][str(bs)]["us_per_call"] / 1e6 / bs)
+                            for bs in BATCHES}
+    # one predict() per burst of n packets, its answer reused for the whole burst (same history)
+    res["per_burst_pps"] = {str(n): n / (n * obs + one) for n in (1, 8, 16, 32, 64)}
+    return res
+
+
+def measure(forecaster: Any, calls: int, repeats: int, progress: Callable[[str], None] | None = None, *,
+            one_predict_per_batch: bool = False, clock: Clock | None = None) -> dict:
+    """The numbers of one forecaster alone (no baseline beside it); ``progress`` is told each repeat first.
 
     ``one_predict_per_batch``: a batch costs one ``predict()`` (EWMA), not a timed ``predict_batch()``; its
     entries above batch 1 are batch 1's time, marked ``"derived": true`` and without ``calls``.
     """
-    samples, now = _history(forecaster)
-    res: dict = {"batches": {},
-                 "batch_method": BATCH_BY_ONE_PREDICT if one_predict_per_batch else BATCH_BY_PREDICT_BATCH}
-    single = math.nan
-    for bs in BATCHES:  # (batch 1 first: the others may reuse it)
+    phases = _phases(forecaster, calls, one_predict_per_batch)
+    runs = _interleaved([phases], repeats, progress, clock)[0]
+    return _result(runs, {k: n for k, (_, n) in phases.items()}, one_predict_per_batch)
+
+
+PHASE_NAMES = {OBSERVE: "observe per ack", **{str(bs): f"batch {bs}" for bs in BATCHES}}
+
+
+def measure_pair(subject: Any, baseline: Any, calls: int, repeats: int,
+                 progress: Callable[[str], None] | None = None, *, names: tuple[str, str] = ("onnx", "ewma"),
+                 clock: Clock | None = None) -> tuple[dict, dict]:
+    """The numbers of ``subject`` (ONNX: every batch timed) and of ``baseline`` (EWMA: one predict() per burst),
+    timed side by side in each repeat (:func:`_interleaved`).
+
+    First a calibration round (also the warm-up, not in the results) times each phase the two share (batch 1,
+    observe) with ``calls`` calls; the baseline's phases then make :func:`baseline_calls` calls each, so that a
+    preemption or a slower spell of the shared machine lands on both sides alike.
+    """
+    subj = _phases(subject, calls, False)
+    base = _phases(baseline, calls, True)
+    for key, (b_fn, b_n) in base.items():  # (only the phases with a baseline: the default run stays under ~1 min)
         if progress:
-            progress(f"batch {bs}")
-        entry: dict[str, Any]
-        if bs == 1:
-            single = per_call = _median_time(lambda: forecaster.predict(now), calls, repeats)
-            entry = {"derived": False, "calls": calls}
-        elif one_predict_per_batch:
-            # batch 1's predict() answers the whole burst: nothing is timed here, and the entry says so. It used to
-            # sit in the same fields as the measured ones, with batch 1's ``calls`` (not max(4 x calls / B, 50))
-            per_call = single
-            entry = {"derived": True, "derived_from": DERIVED_FROM_BATCH_1}
-        else:
-            nows = _burst(now, bs)
-            n_calls = batch_calls(calls, bs)
-            per_call = _median_time(lambda nows=nows: forecaster.predict_batch(nows), n_calls, repeats)
-            entry = {"derived": False, "calls": n_calls}
-        res["batches"][str(bs)] = {"us_per_call": per_call * 1e6, "us_per_prediction": per_call * 1e6 / bs,
-                                   "predictions_per_s": bs / per_call, **entry}
-    if progress:
-        progress("observe per ack")
-    it = itertools.cycle(samples)
-    obs = _median_time(lambda: forecaster.observe(next(it)), calls, repeats)
-    res["us_per_observe"] = obs * 1e6
-    per_ack = obs + res["batches"]["1"]["us_per_call"] / 1e6
-    res["per_ack_pps"] = 1.0 / per_ack  # every packet: one ack observed, one prediction
-    res["per_batch_pps"] = {str(bs): 1.0 / (obs + res["batches"][str(bs)]["us_per_call"] / 1e6 / bs)
-                            for bs in BATCHES}
-    # one predict() per burst of n packets, its answer reused for the whole burst (same history)
-    one = res["batches"]["1"]["us_per_call"] / 1e6
-    res["per_burst_pps"] = {str(n): n / (n * obs + one) for n in (1, 8, 16, 32, 64)}
-    return res
+            progress(f"{names[0]}: {PHASE_NAMES[key]} and {names[1]}: {PHASE_NAMES[key]} (calibration and warm-up)")
+        fn, n = subj[key]
+        subject_s = _time_per_call(fn, n, clock) * n
+        base[key] = (b_fn, baseline_calls(subject_s, _time_per_call(b_fn, b_n, clock), b_n))
+    runs = _interleaved([subj, base], repeats, progress, clock)
+    return (_result(runs[0], {k: n for k, (_, n) in subj.items()}, False),
+            _result(runs[1], {k: n for k, (_, n) in base.items()}, True))
+
+
+def onnx_threads(forecaster: Any) -> dict[str, Any]:
+    """The threads onnxruntime's session runs on, as the session itself reports them (None where unknown): the
+    table's "one core" holds only while both are 1."""
+    session = getattr(forecaster, "_session", None)
+    try:
+        opts = session.get_session_options()  # type: ignore[union-attr]
+        return {"intra_op": opts.intra_op_num_threads, "inter_op": opts.inter_op_num_threads,
+                "execution_mode": str(opts.execution_mode), "providers": session.get_providers()}  # type: ignore[union-attr]
+    except AttributeError:
+        return {"intra_op": None, "inter_op": None, "execution_mode": None, "providers": None}
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def ratio_runs(onnx: dict, ewma: dict) -> dict[str, Any]:
+    """The ONNX/EWMA ratio of each repeat (the two sides were timed back to back in it), median and range: the
+    spread of the ratio itself, where the medians' ratio hides it."""
+    e1 = ewma["batches"]["1"]["us_per_call_runs"]
+    pred = {}
+    for bs in BATCHES:
+        b = onnx["batches"][str(bs)]
+        pred[str(bs)] = _spread([o / bs / e for o, e in zip(b["us_per_call_runs"], e1, strict=True)])
+    return {"us_per_prediction": pred,
+            "us_per_observe": _spread([o / e for o, e in zip(onnx["us_per_observe_runs"],
+                                                             ewma["us_per_observe_runs"], strict=True)])}
 
 
 def ratios(onnx: dict, ewma: dict) -> dict:
@@ -183,7 +295,41 @@ def ratios(onnx: dict, ewma: dict) -> dict:
     }
 
 
+def _us(x: float) -> str:
+    """µs for the table: whole ones from 10 up, three significant digits below (EWMA's 0.1 µs)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.3g}"
+
+
+def format_table(doc: dict[str, Any]) -> list[str]:
+    """The table's lines for the result document ``doc``."""
+    head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
+    lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
+    for name in ("onnx", "ewma"):
+        r = doc[name]
+        for bs in BATCHES:
+            b = r["batches"][str(bs)]
+            lines.append(f"{name:<10} {bs:>5} {b['us_per_call']:>9.1f} {b['us_per_prediction']:>9.2f} "
+                         f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}"
+                         + ("  (derived from batch 1, not timed)" if b["derived"] else
+                            f"  (runs {_us(b['us_per_call_min'])}-{_us(b['us_per_call_max'])})"))
+        lines.append(f"{name:<10} observe {r['us_per_observe']:.2f} µs/ack; per-ack marking sustains "
+                     f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
+        lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(
+            f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
+    lines.append(f"ewma batch n: {BATCH_BY_ONE_PREDICT}")
+    rat = doc["onnx_vs_ewma"]
+    runs = doc["onnx_vs_ewma_runs"]["us_per_prediction"]
+    lines.append("onnx/ewma (same run): µs per prediction " + ", ".join(
+        f"batch {bs} {rat['us_per_prediction'][str(bs)]:.0f}x" for bs in BATCHES)
+        + f"; observe {rat['us_per_observe']:.1f}x; per-ack pkt/s {rat['per_ack_pps']:.3g}x")
+    lines.append(f"onnx/ewma per repeat (timed side by side): batch 1 {runs['1']['min']:.0f}-{runs['1']['max']:.0f}x; "
+                 f"ewma ran {doc['ewma']['batches']['1']['calls']:,} calls per batch-1 measurement against onnx's "
+                 f"{doc['onnx']['batches']['1']['calls']:,}")
+    return lines
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
     from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster, shipped_model_path
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
 
@@ -202,43 +348,25 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CLIError(f"{onnx_fc.path}: inference failed on a real window ({failure}); the daemon would mark like "
                        "l4s with this model")
     doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
-                           "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats"}
+                           "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats",
+                           "interleaved": True, "onnxruntime_threads": onnx_threads(onnx_fc)}
     batched = ", ".join(f"batch {bs}: {batch_calls(args.calls, bs)}" for bs in BATCHES if bs > 1)
-    print(f"bench predictor: {args.calls} calls ({batched}) x {args.repeats} repeats per phase, the ONNX model "
-          "then EWMA", file=sys.stderr, flush=True)
+    print(f"bench predictor: {args.calls} calls ({batched}) x {args.repeats} repeats per phase, the ONNX model and "
+          "EWMA side by side in each repeat (EWMA's calls last as long)", file=sys.stderr, flush=True)
+    started = RunProvenance()
     # SIGTERM or SIGHUP (kill, a timeout, a closed terminal) takes Ctrl-C's path, "interrupted" and exit 130: it
     # died silently with 143
     with sigterm_as_ctrl_c():
-        for name, fc in (("onnx", onnx_fc), ("ewma", EwmaLatencyForecaster())):
-            def progress(what: str, name: str = name) -> None:  # (the default binds this forecaster's name, B023)
-                _phase(f"{name}: {what}")
-
-            doc[name] = measure(fc, args.calls, args.repeats, progress, one_predict_per_batch=name == "ewma")
+        doc["onnx"], doc["ewma"] = measure_pair(onnx_fc, EwmaLatencyForecaster(), args.calls, args.repeats, _phase)
     doc["onnx_vs_ewma"] = ratios(doc["onnx"], doc["ewma"])
-    head = f"{'forecaster':<10} {'batch':>5} {'µs/call':>9} {'µs/pred':>9} {'pred/s':>10}"
-    lines = [f"{head} {'pkt/s (observe+pred)':>21}"]
-    for name in ("onnx", "ewma"):
-        r = doc[name]
-        for bs in BATCHES:
-            b = r["batches"][str(bs)]
-            lines.append(f"{name:<10} {bs:>5} {b['us_per_call']:>9.1f} {b['us_per_prediction']:>9.2f} "
-                         f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}"
-                         + ("  (derived from batch 1, not timed)" if b["derived"] else ""))
-        lines.append(f"{name:<10} observe {r['us_per_observe']:.2f} µs/ack; per-ack marking sustains "
-                     f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
-        lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(
-            f"n={n} {pps:.0f} pkt/s" for n, pps in r["per_burst_pps"].items()))
-    lines.append(f"ewma batch n: {BATCH_BY_ONE_PREDICT}")
-    rat = doc["onnx_vs_ewma"]
-    lines.append("onnx/ewma (same run): µs per prediction " + ", ".join(
-        f"batch {bs} {rat['us_per_prediction'][str(bs)]:.0f}x" for bs in BATCHES)
-        + f"; observe {rat['us_per_observe']:.1f}x; per-ack pkt/s {rat['per_ack_pps']:.3g}x")
-    # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr
-    print("\n".join(lines))  # with --json -: on stderr (cli.main)
-    if args.json:
+    doc["onnx_vs_ewma_runs"] = ratio_runs(doc["onnx"], doc["ewma"])
+    doc["provenance"] = run_provenance(started)
+    if args.json:  # first: `... --json p.json | head -1` ended the table with a BrokenPipeError, the JSON unwritten
         from tokenwire.daemon.cli import save_json
 
         save_json(args.json, doc)
         if str(args.json) != "-":
             print(f"wrote {args.json}", file=sys.stderr)
+    # with --json -, stdout is the JSON document alone (parseable); the table goes to stderr (cli.main)
+    print("\n".join(format_table(doc)))
     return 0

@@ -285,8 +285,10 @@ def test_bench_predictor_prints_each_phase_on_stderr(capsys):
     assert main(["bench", "predictor", "--calls", "5", "--repeats", "1"]) == 0
     out, err = capsys.readouterr()
     phases = [line.strip() for line in err.splitlines() if line.startswith("  ")]
-    assert phases == [f"{fc}: {what} ..." for fc in ("onnx", "ewma")
-                      for what in ("batch 1", "batch 8", "batch 64", "observe per ack")], err
+    # (session 38: both forecasters run side by side in each repeat, after one calibration round)
+    assert phases == ["onnx: batch 1 and ewma: batch 1 (calibration and warm-up) ...",
+                      "onnx: observe per ack and ewma: observe per ack (calibration and warm-up) ...",
+                      "repeat 1/1: every phase of both, side by side ..."], err
     assert "µs/call" in out and "onnx: batch" not in out
 
 

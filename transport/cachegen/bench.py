@@ -4,7 +4,11 @@ MB/s counts symbols (one byte each) per second. "encode" is symbols -> bytes inc
 (histogram, normalisation); "decode" is bytes -> symbols including the decoder lookup tables. The full
 chunk pipeline (quantize + code, and back) is reported as ``codec_*`` in elements per second. Every number
 is the median of ``repeats`` runs, all measured in the same process; ``repeats_MBps`` keeps each run,
-``ratios_vs_zstd1`` compares to the same run's zstd-1 and ``load_average`` the host's load at start and end.
+``ratios_vs_zstd1`` compares to the same run's zstd-1 and ``load_average`` the host's load at start and end
+(kept for older readers; ``provenance`` has it too, with the commit, the libraries and the host).
+
+Each phase says on stderr that it starts (a default run takes ~50 s), and the summary lines end with the full
+pipeline's ``codec_*`` MB/s, the figures docs/kv_codec.md quotes, which the summary used to leave out.
 """
 
 from __future__ import annotations
@@ -66,6 +70,16 @@ def _repeat_times(fn: Callable[[], Any], repeats: int, sync: Callable[[], None])
     return times
 
 
+def _phase(what: str) -> None:
+    """One progress line on stderr as a phase starts: the default run printed nothing for ~50 s after its header."""
+    print(f"[kv bench]   {what} ...", file=sys.stderr, flush=True)
+
+
+def mbps_text(x: float) -> str:
+    """MB/s with enough digits to be read: a tiny chunk's rANS encode printed "0 MB/s"."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _load_average() -> list[float] | None:
     """The host's 1, 5 and 15-minute load averages; None where the platform has none (``os.getloadavg``)."""
     try:
@@ -98,7 +112,12 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
     """
     import zstandard
 
-    load_start = _load_average()  # before the chunk is built: the load the measurement starts under
+    from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
+
+    # before the chunk is built: the load the measurement starts under (provenance reads the load, once at start
+    # and once at the end; load_average repeats its two readings)
+    started = RunProvenance()
+    load_start = started.load_start
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no CUDA device")
     dev = torch.device(device)
@@ -117,6 +136,7 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
         source = "smollm2"
     print(f"[kv bench] {source}: {layers} layers x {heads} heads x {head_dim} dims x {tokens} tokens",
           file=sys.stderr, flush=True)
+    _phase("quantizing the chunk, building the tables, one round trip (compiles numba's code on a first run)")
     x, _ = codec.stack_kv(kv)
     lv = get_level(level)
     codes = torch.from_numpy(prof.step_codes(lv).astype(np.int64)).to(dev)
@@ -176,22 +196,27 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
     if status != rans.OK or not bool((torch.as_tensor(out_sym).to(dev) == sym).all()):
         raise RuntimeError("round trip failed in the benchmark")
     runs: dict[str, list[float]] = {}  # seconds per repeat, by the MB/s key they give
+    _phase(f"rANS encode, {repeats} runs")
     runs["encode"] = _repeat_times(enc, repeats, sync)
+    _phase(f"rANS decode, {repeats} runs")
     runs["decode"] = _repeat_times(dec, repeats, sync)
 
     raw = sym.cpu().numpy().tobytes()
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
     zbytes = zc.compress(raw)
+    _phase(f"zstd-1 compress and decompress, {repeats} runs each")
     runs["zstd1_encode"] = _repeat_times(lambda: zc.compress(raw), repeats, lambda: None)
     runs["zstd1_decode"] = _repeat_times(lambda: zd.decompress(zbytes), repeats, lambda: None)
 
     def codec_enc() -> bytes:
         return codec.encode_chunk(kv, lv, fingerprint=0, raw_tokens=1, profile=prof)
 
+    _phase(f"full codec (quantize + code) encode and decode, {repeats} runs each")
     chunk = codec_enc()
     runs["codec_encode"] = _repeat_times(codec_enc, repeats, sync)
     runs["codec_decode"] = _repeat_times(lambda: codec.decode_chunk(chunk, device=device), repeats, sync)
-    load_end = _load_average()
+    provenance = run_provenance(started)
+    load_end = provenance["load_average"]["end"]
     mbps = {key: [n_sym / t / 1e6 for t in ts] for key, ts in runs.items()}
     med = {key: statistics.median(v) for key, v in mbps.items()}
     doc: dict[str, Any] = {
@@ -223,10 +248,16 @@ def run_bench(device: str = "cpu", layers: int = 32, heads: int = 8, head_dim: i
     # what the medians hide: each repeat's MB/s, and the host's load around the run (a loaded run read as a quiet one)
     doc["repeats_MBps"] = {key: {"min": min(v), "max": max(v), "runs": v} for key, v in mbps.items()}
     doc["load_average"] = {"start": load_start, "end": load_end, "cpus": os.cpu_count()}
+    doc["provenance"] = provenance
     for key in ("encode", "decode"):
         ours, ref = doc[f"{key}_MBps"], doc[f"zstd1_{key}_MBps"]
-        print(f"[kv bench] rANS {key} {ours:.0f} MB/s (runs {min(mbps[key]):.0f}-{max(mbps[key]):.0f}), "
-              f"zstd-1 {ref:.0f} MB/s: {ours / ref:.2f}x zstd-1", file=sys.stderr)
+        print(f"[kv bench] rANS {key} {mbps_text(ours)} MB/s (runs {mbps_text(min(mbps[key]))}-"
+              f"{mbps_text(max(mbps[key]))}), zstd-1 {mbps_text(ref)} MB/s: {ours / ref:.2g}x zstd-1", file=sys.stderr)
+    enc_mb, dec_mb = mbps["codec_encode"], mbps["codec_decode"]
+    print(f"[kv bench] full codec (quantize + code; MB/s of KV elements) encode {mbps_text(doc['codec_encode_MBps'])}"
+          f" MB/s (runs {mbps_text(min(enc_mb))}-{mbps_text(max(enc_mb))}), decode "
+          f"{mbps_text(doc['codec_decode_MBps'])} MB/s (runs {mbps_text(min(dec_mb))}-{mbps_text(max(dec_mb))})",
+          file=sys.stderr)
     print(f"[kv bench] load average (1 min) {_one_minute(load_start)} at start, {_one_minute(load_end)} at end, "
           f"{os.cpu_count()} cpus", file=sys.stderr)
     return doc

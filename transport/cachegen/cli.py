@@ -140,10 +140,15 @@ def _bench(args: argparse.Namespace) -> int:
             raise _read_error(args.text, exc) from exc
     import torch
 
+    from tokenwire.testbed.cli import sigterm_as_ctrl_c
+
     torch.set_num_threads(args.threads)
     try:
-        doc = run_bench(device=args.device, tokens=args.tokens, level=args.level, repeats=args.repeats, text=text,
-                        **geometry)
+        # SIGTERM or SIGHUP (a kill, a CI timeout, a closed terminal) takes Ctrl-C's path, "interrupted" and exit
+        # 130, as the other benches do: it died without a word with 143 (129)
+        with sigterm_as_ctrl_c():
+            doc = run_bench(device=args.device, tokens=args.tokens, level=args.level, repeats=args.repeats,
+                            text=text, **geometry)
     except (RuntimeError, ValueError, KVCodecError) as exc:
         raise _cli_error(str(exc)) from exc
     _write_json(args.json, doc)
