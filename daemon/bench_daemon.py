@@ -1,9 +1,13 @@
 """``tokenwire bench daemon``: the real daemon under N concurrent SDK sessions on loopback.
 
-The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per session); ``--client-procs`` client
-processes (default 2) share ``--sessions`` connections, each streaming ``--answers`` concurrent answers (default
-1) of ``rate x seconds`` tokens: many answers on one connection is where per-connection work (a transmit builds
-datagrams over every stream of its connection) shows.
+The daemon runs as a subprocess (demo upstream at ``--rate`` tokens/s per session, without the demo's 100-400 ms
+pauses: a fixed pause per 100 tokens held every rate near 400 tokens/s at most, ``--rate 5000 --seconds 4`` ran
+54 s); ``--client-procs`` client processes (default 2) share ``--sessions`` connections, each streaming
+``--answers`` concurrent answers (default 1) of ``rate x seconds`` tokens: many answers on one connection is where
+per-connection work (a transmit builds datagrams over every stream of its connection) shows. A session waits (up to
+30 s) for the daemon to acknowledge its answers' ends before it closes: closed at once, a session whose last packets
+the loaded daemon's socket dropped stayed open in the daemon, and a run with every token delivered ended in the
+daemon's warning about clients that had not ended their requests.
 Reported: sessions that could not connect (apart: their tokens are not "lost", nor their digests failed; a session
 the daemon refused at its handshake, over its limits, is one of them), tokens delivered, tokens lost or delivered
 twice to the application, digest failures (answers whose end came with a digest that did not match), answers
@@ -82,8 +86,80 @@ HANDSHAKE_STAGGER_S = 0.01  # between a worker's sessions' starts
 FIRST_TOKEN_MS = 150.0  # the demo upstream's wait before an answer's first token, written in the daemon's config
 
 
+# How long a session waits, once its answers have ended, for the daemon to acknowledge their ends (its FINs), and
+# how often it looks: a loaded daemon acknowledges late (round trips of 7-11 s on a 2-core host at load 5, where a
+# 5-s bound still left 104 answers to its stop warning; this one is CONNECT_TIMEOUT_S's, what a handshake under load
+# gets), and ends still unacknowledged at the timeout are counted (request_ends_unacknowledged). Unacknowledged after
+# CONFIRM_PING_AFTER_S, it sends PINGs (see confirm_ends), again after twice as long each time: a PING every look
+# from 200 sessions added 2,000 packets/s to a loaded daemon
+CONFIRM_TIMEOUT_S = 30.0
+CONFIRM_POLL_S = 0.05
+CONFIRM_PING_AFTER_S = 0.2
+CONFIRM_PINGS = 3  # aioquic's packet threshold: a packet is lost once one sent 3 after it is acknowledged
+CONFIRM_PING_UID = -1  # (aioquic's own ping() waiters use id() values, tokenwire's keepalives small counters)
+
+
 def _daemon_command(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "tokenwire.daemon.cli", "daemon", "--config", str(cfg)]
+    """The real daemon, started through this module's ``--daemon`` entry: the demo upstream without its pauses."""
+    return [sys.executable, "-m", "tokenwire.daemon.bench_daemon", "--daemon", str(cfg)]
+
+
+def _daemon_main(cfg: str) -> int:
+    """``tokenwire daemon --config CFG`` with the demo upstream's pauses off (:func:`set_default_pause_prob`): the
+    benchmark's schedule is then ``--rate`` tokens/s, and the serving span is compared with that schedule."""
+    from tokenwire.daemon.cli import main
+    from tokenwire.daemon.demo_upstream import set_default_pause_prob
+
+    set_default_pause_prob(0.0)
+    return main(["daemon", "--config", cfg])
+
+
+def unacknowledged_ends(quic: Any, stream_ids: list[int]) -> int:
+    """How many of these request streams the server has not acknowledged this side's end (FIN) of. aioquic marks a
+    stream's sender finished once its FIN is acknowledged, and drops the stream once both sides are; the server
+    handles what a packet carries before it acknowledges it, so an acknowledged FIN is a request it has ended."""
+    unacked = 0
+    for sid in stream_ids:
+        stream = quic._streams.get(sid)
+        if stream is not None and not stream.sender.is_finished:
+            unacked += 1
+    return unacked
+
+
+async def confirm_ends(conn: Any, streams: list[Any], timeout: float | None = None) -> int:
+    """Wait until the daemon has acknowledged the end of every answer that reached its end (its FIN went out with
+    it), the connection closed, or ``timeout``; the ends still unacknowledged. Left at once, the close (sent once,
+    never again) and a FIN the daemon's full socket dropped were lost for good: the daemon held the session and its
+    answers until its idle timeout, and a 200-session run with every token delivered ended "closing with 197
+    generated answers whose clients had not ended their requests".
+
+    An end still unacknowledged after a while gets PINGs, each in a packet of its own: the handshake storm's late
+    acknowledgements had taught the client a round trip of ~9 s (a 46-s PTO), and the FIN was the last packet it had
+    to send, so nothing after it could show it lost. Acknowledged PINGs past it do (aioquic's packet threshold), and
+    the FIN is sent again."""
+    from tokenwire.transport.path_recovery import window_full
+
+    protocol = conn._protocol
+    quic = protocol._quic
+    ids = [s.stream_id for s in streams if s.outcome is not None and s.stream_id is not None]
+    start = time.monotonic()
+    deadline = start + (CONFIRM_TIMEOUT_S if timeout is None else timeout)
+    wait = CONFIRM_PING_AFTER_S
+    ping_at = start + wait
+    while True:
+        left = unacknowledged_ends(quic, ids)
+        now = time.monotonic()
+        if not left or conn.closed or now >= deadline:
+            return left
+        if now >= ping_at:
+            for _ in range(CONFIRM_PINGS):
+                quic.send_ping(CONFIRM_PING_UID)
+                if window_full(quic):  # (as the keepalive does: a full window held the PING back for a PTO)
+                    quic._send_probe()
+                protocol.transmit()
+            wait *= 2
+            ping_at = now + wait
+        await asyncio.sleep(CONFIRM_POLL_S)
 
 
 def _stderr_tail(path: Path, lines: int = 8) -> str:
@@ -258,7 +334,8 @@ async def _clients(
         await asyncio.sleep(k * HANDSHAKE_STAGGER_S)  # stagger the handshakes
         # "lost" and the digests count once connected: a session that never connected is counted apart
         rec: dict[str, Any] = {"tokens": 0, "duplicates": 0, "lost": 0, "digests_ok": 0, "digests_checked": 0,
-                               "digest_failures": 0, "unfinished": 0, "answers": answers, "timings": []}
+                               "digest_failures": 0, "unfinished": 0, "answers": answers, "timings": [],
+                               "ends_unacknowledged": 0}
         t_start = time.monotonic()
         streams: list[Any] = []
         try:
@@ -288,6 +365,8 @@ async def _clients(
                 rec["answer_s"] = time.monotonic() - t_start - rec["connect_s"]
                 rec["end"] = time.monotonic()
                 rec["begin"] = t_start
+                # (after the answers' end: the serving span and answer times do not include this wait)
+                rec["ends_unacknowledged"] = await confirm_ends(conn, streams)
         except (TokenwireError, ConnectionError, TimeoutError) as exc:
             rec["error"] = str(exc)
             if "connect_s" in rec:  # the connection failed under its answers: the unread ones are lost
@@ -377,9 +456,30 @@ def _run_workers(
     return results, cpu
 
 
+def scheduled_rate(scheduled: list[float]) -> float | None:
+    """Tokens/s of one answer's schedule from its first token to its last (None for one token): the rate the run
+    actually asks of the daemon, which the banner prints beside ``--rate``."""
+    if len(scheduled) < 2 or scheduled[-1] <= scheduled[0]:
+        return None
+    return (len(scheduled) - 1) / (scheduled[-1] - scheduled[0])
+
+
+def banner(pid: int, port: int, sessions: int, answers: int, tokens: int, rate: float, scheme: str,
+           scheduled: list[float], metrics: str | None = None) -> str:
+    """The run's first line: what was asked, and the schedule it makes (its length and real rate), so that a rate
+    the demo cannot keep is seen before the run, not after it."""
+    each = f"{answers} answers" if answers > 1 else "1 answer"
+    real = scheduled_rate(scheduled)
+    line = (f"daemon pid {pid} on udp/{port}: {sessions} sessions x {each} x {tokens} tokens at {rate:g}/s ({scheme}); "
+            f"each answer scheduled over {scheduled[-1]:.2f} s (its first token after {scheduled[0] * 1000:.0f} ms"
+            + (f", then {real:,.1f} tokens/s" if real is not None else "") + ")")
+    return line + (f"; metrics on {metrics}" if metrics else "")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, json_safe, write_json
     from tokenwire.daemon.demo_upstream import schedule
+    from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.transport.metrics import percentile
 
@@ -409,23 +509,19 @@ def run_cli(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise CLIError(str(exc)) from None
     tokens = max(1, round(args.rate * args.seconds))
-    # the daemon's demo upstream generates every answer on this schedule (seed 0): generation's lateness is
-    # measured against it
-    scheduled = schedule(tokens, rate=args.rate, seed=0, first_token_s=FIRST_TOKEN_MS / 1000.0)
+    # the daemon's demo upstream generates every answer on this schedule (seed 0, no pauses: _daemon_main):
+    # generation's lateness is measured against it
+    scheduled = schedule(tokens, rate=args.rate, seed=0, first_token_s=FIRST_TOKEN_MS / 1000.0, pause_prob=0.0)
     # SIGTERM or SIGHUP (kill, a timeout, the terminal closed) unwinds like Ctrl-C: the daemon and the client
     # workers are stopped and the folder removed (the default action left the daemon running for good)
     with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="tokenwire-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        started = RunProvenance()  # (the load average before the daemon and the clients add theirs)
         proc, port, notify, status = _start_daemon(tmp, args.sessions, args.rate, tokens, answers=args.answers,
                                                    port=args.port, metrics_listen=args.metrics_listen)
         try:
-            each = f"{args.answers} answers" if args.answers > 1 else "1 answer"
-            print(
-                f"daemon pid {proc.pid} on udp/{port}: {args.sessions} sessions x {each} x {tokens} tokens at "
-                f"{args.rate:g}/s ({args.scheme})" + (f"; metrics on {_ready_metrics(status)}"
-                                                       if _ready_metrics(status) else ""),
-                file=sys.stderr,
-            )
+            print(banner(proc.pid, port, args.sessions, args.answers, tokens, args.rate, args.scheme, scheduled,
+                         _ready_metrics(status)), file=sys.stderr)
             cpu0, wall0, drops0 = _cpu_seconds(proc.pid), time.monotonic(), _udp_rcvbuf_errors()
             procs = max(1, min(args.client_procs, args.sessions))
             results, client_cpu = _run_workers(port, tmp / "cert.pem", args.sessions, tokens, args.scheme, procs,
@@ -452,6 +548,11 @@ def run_cli(args: argparse.Namespace) -> int:
         "rate": args.rate,
         "seconds": args.seconds,
         "scheme": args.scheme,
+        "tokens_per_answer": tokens,
+        # one answer's schedule: its length (first-token wait included) and its rate from the first token on
+        "scheduled_answer_s": scheduled[-1],
+        "scheduled_rate": scheduled_rate(scheduled),
+        "demo_pauses": False,
         "tokens_expected": tokens * args.sessions * args.answers,
         "tokens_delivered": delivered,
         # of the sessions that connected: one that failed its handshake lost no token, and had no digest to check
@@ -463,6 +564,10 @@ def run_cli(args: argparse.Namespace) -> int:
         "digest_failures": sum(r["digest_failures"] for r in connected),
         "answers_unfinished": sum(r["unfinished"] for r in connected),
         "session_errors": [r["error"] for r in results if "error" in r][:5],
+        # answers whose end (the client's FIN) had no acknowledgement from the daemon when their session closed,
+        # after confirm_ends's wait: a daemon seconds behind (an overloaded run) may not have read them before it is
+        # stopped, and then warns of "clients [that] had not ended their requests"
+        "request_ends_unacknowledged": sum(r.get("ends_unacknowledged", 0) for r in connected),
         "cpu_us_per_token": 1e6 * (cpu1 - cpu0) / max(1, delivered),
         "daemon_cpu_share_of_wall": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
         "client_cpu_share_of_wall": client_cpu / max(1e-9, wall1 - wall0),
@@ -483,6 +588,7 @@ def run_cli(args: argparse.Namespace) -> int:
     out["overloaded"] = bool(reasons)
     out["overload_reasons"] = reasons
     out["meanings"] = MEANINGS
+    out["provenance"] = run_provenance(started)
     out = json_safe(out)  # percentiles of no samples (every session failed) are NaN: null in JSON
     if args.json:
         write_json(out, args.json)
@@ -561,7 +667,8 @@ def delay_summary(timings: list[dict[str, Any]], scheduled: list[float]) -> dict
     late: list[float] = []
     for a in timings:
         behind = [g - s for g, s in zip(a["gen_s"], scheduled, strict=False)]
-        late += [1000.0 * (b - min(behind)) for b in behind]
+        punctual = min(behind, default=0.0)  # (once: taken per token, a 20,000-token answer's summary took 8 s)
+        late += [1000.0 * (b - punctual) for b in behind]
     ttft = [a["ttft_ms"] for a in timings if a.get("ttft_ms") is not None]
     return {
         "p50_token_delay_ms": percentile(delays, 50),
@@ -596,12 +703,34 @@ def overload_reasons(out: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(out: dict[str, Any]) -> list[str]:
-    """The delay figures in words, for stderr (stdout holds the JSON alone)."""
+    """The run's figures in words, the table every benchmark prints on stdout: the daemon's CPU per token, what
+    was delivered and lost, the sessions and their connects, the host's UDP drops, then the delays. It held the
+    delays alone: without ``--json`` a run never said how many tokens arrived, nor what they cost."""
     def ms(key: str) -> str:
         v = out.get(key)
         return "-" if v is None or v != v else f"{v:,.1f}"
 
+    def n(key: str) -> str:
+        v = out.get(key)
+        return "-" if v is None else f"{v:,}"
+
+    def share(key: str) -> str:
+        v = out.get(key)
+        return "-" if v is None or v != v else f"{100 * v:.0f} %"
+
+    unacked = out.get("request_ends_unacknowledged") or 0
     return [
+        f"daemon CPU: {ms('cpu_us_per_token')} us per delivered token ({share('daemon_cpu_share_of_wall')} of one "
+        f"core over {ms('wall_s')} s; the {n('client_procs')} client processes {share('client_cpu_share_of_wall')})",
+        f"tokens: {n('tokens_delivered')} of {n('tokens_expected')} delivered; {n('lost_tokens')} lost, "
+        f"{n('duplicate_tokens')} duplicated; {n('digest_failures')} digest failures, {n('answers_unfinished')} "
+        "answers unfinished",
+        f"sessions: {n('sessions_connected')} connected, {n('sessions_failed_to_connect')} failed to connect; "
+        f"connect p50 {ms('p50_connect_ms')} ms, max {ms('max_connect_ms')} ms; answers p50 {ms('p50_answer_s')} s, "
+        f"max {ms('max_answer_s')} s",
+        f"UDP receive-buffer drops on the host (any process's): {n('udp_receive_buffer_drops')}"
+        + (f"; {unacked:,} answer ends unacknowledged by the daemon when their session closed (a daemon "
+           "that had not read them warns of clients that had not ended their requests)" if unacked else ""),
         f"token delay (render - generation), all tokens: p50 {ms('p50_token_delay_ms')} ms, "
         f"p99 {ms('p99_token_delay_ms')} ms",
         f"  steady state (the {out.get('steady_state_tokens', 0):,} tokens generated after every answer began, "
@@ -633,6 +762,11 @@ def verdict(out: dict[str, Any]) -> int:
         print(f"bench daemon: {line}", file=sys.stderr)
     return 1 if problems else 0
 
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--daemon"]:
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: python -m tokenwire.daemon.bench_daemon --daemon CONFIG (got {len(sys.argv) - 2} arguments)")
+    sys.exit(_daemon_main(sys.argv[2]))
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     if len(sys.argv) != 9:  # (a caller built by hand, not by _worker_command: it did nothing, and exited 0)

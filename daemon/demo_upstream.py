@@ -7,7 +7,9 @@ LLM behind them. Timing model (one schedule shared by the simulator and the live
 * inter-token gaps: gamma distributed with the requested mean rate and a coefficient of variation of 0.35,
   the spread seen in decode steps of batched serving;
 * occasional stalls of the generator itself (1 % of tokens wait an extra 100-400 ms: batch contention,
-  a tool call), which every scheme must render without adding stalls of its own.
+  a tool call), which every scheme must render without adding stalls of its own. ``bench daemon`` runs its
+  daemon with them off (:func:`set_default_pause_prob`): a fixed pause per 100 tokens capped the real rate near
+  400 tokens/s whatever ``--rate`` asked.
 
 Tokens are word pieces of about four characters, like a BPE tokenizer's output on English text.
 """
@@ -49,6 +51,9 @@ If you want to try it yourself, run the demo with different loss patterns and co
 each scheme: the share of the reading time spent staring at a frozen sentence. You should see the \
 self-sufficient packets keep the text flowing while in-order streaming stalls after every burst.
 """
+
+PAUSE_PROB = 0.01
+"""The share of tokens that wait an extra pause: :func:`schedule`'s default."""
 
 MIN_RATE = 0.1
 MAX_RATE = 10_000.0
@@ -103,10 +108,12 @@ def schedule(
     seed: int = 0,
     first_token_s: float = 0.15,
     cv: float = 0.35,
-    pause_prob: float = 0.01,
+    pause_prob: float = PAUSE_PROB,
     pause_s: tuple[float, float] = (0.1, 0.4),
 ) -> list[float]:
     """Generation offsets (seconds after the request arrived) of ``n`` tokens.
+
+    ``pause_prob``: the share of tokens that wait an extra ``pause_s`` (the default: :func:`set_default_pause_prob`).
 
     Any finite ``rate`` > 0 works (the callers bound it to the demo range, :data:`MAX_RATE`): each gap is
     drawn at unit scale and then scaled: bit for bit what ``gammavariate(shape, scale)`` gave (it returns its
@@ -126,6 +133,18 @@ def schedule(
                 t += rng.uniform(*pause_s)
         out.append(t)
     return out
+
+
+def set_default_pause_prob(prob: float) -> None:
+    """Make ``prob`` :func:`schedule`'s default ``pause_prob`` in this process, for every caller that passes none
+    (the daemon's demo upstream; ``sim`` reads the default too). Only ``bench daemon``'s daemon process calls it,
+    with 0: the pauses are the demo's realism, while the benchmark measures the daemon's cost per token at the rate
+    it states."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"a pause probability must be in [0, 1], got {prob!r}")
+    defaults = schedule.__kwdefaults__
+    assert defaults is not None  # (schedule's parameters after * all have defaults)
+    defaults["pause_prob"] = prob
 
 
 async def demo_stream(
