@@ -18,9 +18,7 @@ that comparisons are fair:
   by cheaper chunks later, not by a missed deadline. Where no later chunk can pay for it (the last chunk, and a
   first chunk planned on the prior) the guard is firmer (``FIRM_GUARD_WEIGHT``). Both weights are above 1: the
   guard rate is the low quantile discounted once more by the forecast's own spread (see ``GUARD_WEIGHT``), since
-  the deadlines missed at the low quantile itself were fetches whose link fell further than it. A connection
-  measured steady (its link prior's low share at least ``STABLE_SHARE``) floors that low quantile at the median
-  times the share: the ONNX forecaster's spread is the cellular traces', whatever this link did. Bytes in flight
+  the deadlines missed at the low quantile itself were fetches whose link fell further than it. Bytes in flight
   (what QUIC has not seen acknowledged) are priced at the median (they are on the wire, what the link does to
   them is what the median forecasts).
   (3) Until the fetch has a measurement of its own (its QUIC delivery rate, see
@@ -95,15 +93,6 @@ EARLY_TIE = 0.05  # gains within 5 % count as equal (encoded chunks differ a lit
 # every such decision in the v6 Verizon-LTE data (seeds 700, 800) was at 1.02-1.89, and the fetches it helped at
 # <= 1.49; on UMTS (13.7 ms/token) and EVDO the level cost 2-43 times the text, and all-low fetches took 5-51 s.
 INFEASIBLE_MARGIN = 2.0
-# A connection measured steady floors the guard's low quantile: where the link prior's low share (its 10 % chunk
-# rate over their median, ``KVServerSession.link_prior``) is at least this, the low quantile is at least the median
-# times that share. The ONNX forecaster's low quantile is ~0.5 of its median whatever this link did (calibrated on
-# the cellular traces; after 8 identical samples too), so on a fixed 50 Mbit/s link with a 1-s deadline the guard
-# priced the middle chunks at ~0.35 of what the link delivers: top-1 95.2 %, half the chunks ``low``; floored,
-# 97.4 %, every deadline met either way (kv_vsim, seeds 900 and 700). The threshold keeps the floor off links that
-# vary: the shares on TMobile-LTE and Verizon-LTE were 0.28-0.65, the fixed links' 0.99-1.0; with no threshold the
-# floor moved 9 cellular fetches of 200 a level up and 0.1-0.5 s later for +0.02-0.03 points (docs/kv_channel.md).
-STABLE_SHARE = 0.8
 
 
 def check_tuning(*, stale_factor: float = STALE_FACTOR, reserve: float | None = None,
@@ -210,8 +199,7 @@ class KVController:
     # -- the decision ---------------------------------------------------------------------------------------
     def choose(self, remaining: Sequence[ChunkOptions], *, time_left_s: float, inflight_bytes: int,
                median_bps: float | None, low_bps: float | None, sample_age_s: float = 0.0,
-               explore: bool = False, measured_bps: float | None = None, decode_busy_s: float = 0.0,
-               link_low_share: float | None = None) -> Decision:
+               explore: bool = False, measured_bps: float | None = None, decode_busy_s: float = 0.0) -> Decision:
         """Level for ``remaining[0]`` (the next chunk).
 
         ``sample_age_s``: age of the forecast's newest sample (infinite while the fetch has none of its own).
@@ -220,8 +208,6 @@ class KVController:
         ``measured_bps``: what the connection has measured so far all the same (the median of its few chunk
         rates), None if nothing. ``decode_busy_s``: decode work of chunks already sent that the client has yet to do
         (its one decode thread is busy that long before ``remaining[0]`` can decode; tokenwire policies).
-        ``link_low_share``: the low share of the connection's own link prior (``KVServerSession.link_prior``), None
-        until it has one: a steady link floors the guard's low quantile (``STABLE_SHARE``; tokenwire policies).
         """
         if not remaining:
             raise ValueError("no chunk left to choose for")
@@ -241,19 +227,16 @@ class KVController:
         if self.legacy:
             return self._choose_legacy(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s)
         return self._choose_guarded(remaining, time_left_s, inflight_bytes, median_bps, low_bps, sample_age_s,
-                                    explore, measured_bps, max(0.0, decode_busy_s), link_low_share)
+                                    explore, measured_bps, max(0.0, decode_busy_s))
 
     def _choose_guarded(self, remaining: Sequence[ChunkOptions], time_left_s: float, inflight_bytes: int,
                         median_bps: float | None, low_bps: float | None, sample_age_s: float,
-                        explore: bool = False, measured_bps: float | None = None, busy_s: float = 0.0,
-                        link_low_share: float | None = None) -> Decision:
+                        explore: bool = False, measured_bps: float | None = None, busy_s: float = 0.0) -> Decision:
         """Plan at the median, then downgrade the next chunk until the low-quantile fallback fits (``busy_s``: the
-        client's decode work already queued, :func:`decode_finish`; ``link_low_share``: see :meth:`_stable_low`)."""
+        client's decode work already queued, :func:`decode_finish`)."""
         cold = low_bps is None or sample_age_s > STALE_S  # nothing measured on this fetch yet
         if cold and self.prior_low is not None:  # the configured prior, PRIOR_LOW of it as its low quantile
             median_bps, low_bps = self.prior_bps, self.prior_bps * self.prior_low
-        elif not cold and median_bps is not None and low_bps is not None:
-            low_bps = self._stable_low(median_bps, low_bps, link_low_share)
         med = (median_bps if median_bps is not None else self.prior_bps) * self.safety
         low = (low_bps if low_bps is not None else self.prior_bps) * self.safety
         low = min(low, med)
@@ -285,18 +268,6 @@ class KVController:
             plan[0] = LEVELS[0]
             return Decision(plan[0], tuple(plan), low, avail, probe=True)
         return Decision(plan[0], tuple(plan), low, avail)
-
-    @staticmethod
-    def _stable_low(median_bps: float, low_bps: float, share: float | None) -> float:
-        """The forecast's low quantile, floored at ``median_bps`` times the link prior's low ``share`` where that is
-        at least ``STABLE_SHARE`` (a link measured steady over the connection's last chunks).
-
-        The ONNX forecaster prices every link like the cellular traces it was calibrated on (low ~0.5 of the
-        median after 8 equal samples); the connection's own rates say how far this link has actually fallen.
-        Only for a fetch's measured forecast: a cold decision already plans on the link prior itself."""
-        if share is None or not STABLE_SHARE <= share <= 1:  # (a NaN fails both)
-            return low_bps
-        return max(low_bps, median_bps * share)
 
     @staticmethod
     def _gamble_pays(c: ChunkOptions, med: float) -> bool:

@@ -721,10 +721,9 @@ class KVServerSession(_SessionBase):
         inflight = f.bytes_written - f.bytes_acked if f.controller.legacy else self._unacked(f)
         explore, measured = self._explore(f)
         busy = self._decode_backlog(f, now, rate)
-        own = self.tuning.link_prior and len(self.link_rates) >= LINK_MIN_SAMPLES  # measured, not the configured one
         d = f.controller.choose(opts, time_left_s=time_left, inflight_bytes=inflight,
                                 median_bps=med, low_bps=low, sample_age_s=age, explore=explore, measured_bps=measured,
-                                decode_busy_s=busy, link_low_share=self.link_prior()[1] if own else None)
+                                decode_busy_s=busy)
         if d.probe:
             f.probe = f.next_index
         f.decisions.append({"index": f.next_index, "level": d.level, "planned": list(d.planned),
