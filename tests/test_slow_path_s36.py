@@ -1,6 +1,7 @@
 """Chatterbox on a slow path that queues: new tokens wait at the sender to share a packet (chatterbox.COALESCE_MAX_S,
 server_session.ServerSession._queue_delay) instead of queueing one packet, one ack datagram and one QUIC ACK per
-token behind a link that cannot carry them."""
+token behind a link that cannot carry them. Only after a token datagram was declared lost (chatterbox.QUIET_LOSS_S:
+tests/test_quiet_path_s38.py), so these tests declare one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def _sender(queue: list[float]) -> tuple[Transcript, TokenSender]:
     tr.append(b"t0 ", 0.0)
     s = TokenSender(5, tr)
     s.queue_delay = lambda now: queue[0]
+    s.losses.at = 0.0  # a datagram was just lost: the wait applies (chatterbox.QUIET_LOSS_S)
     return tr, s
 
 
@@ -114,6 +116,7 @@ def test_a_queued_path_sends_fewer_token_packets_for_the_same_tokens():
     _path(server, 0.400, 0.080)  # 320 ms of queue
     sender.srtt = 0.400  # (as the client's acks would have told it: no idle repair is due within the test)
     now = pair.now
+    sender.losses.at = now  # a datagram was just lost: the wait applies (chatterbox.QUIET_LOSS_S)
     for i in range(6):
         now += 0.033
         server.push(sid, f"w{i} ", now)

@@ -105,15 +105,28 @@ window on each), where repeats take the room new tokens need (not modelled there
 COALESCE_QUEUE_S = 0.2
 COALESCE_MAX_S = 0.1
 """While the path queues well past the congestion cap's threshold (the smoothed round trip more than COALESCE_QUEUE_S,
-or QUEUE_DELAY_SHARE of the minimum if larger, above its minimum), new tokens wait at the sender to share a packet:
-a packet with new tokens leaves at most once per COALESCE_MAX_S (or per the queue's delay, if a driver reports less).
-Each packet costs ~85 bytes of headers and draws an ack datagram and QUIC ACKs on the uplink for ~6 bytes of token,
-and repeats, even capped, make it larger. On Verizon EVDO (namespace testbed, no loss, ~50 kbit/s both ways for most
-of a 600-token answer) Chatterbox sent 1.46 packets per token down and 1.26 up, 156 + 116 bytes per token against
-in-order streaming's 90 + 43, and queued its own tokens: median token delay 370 ms, p99 2.8 s (stream: 199 ms,
-1.2 s). With the wait: 206 ms, 1.1 s, 94 bytes per token, stall 84.2 -> 83.1 % (stream 80.6 %; 3 seeds each).
+or QUEUE_DELAY_SHARE of the minimum if larger, above its minimum) and a token datagram was declared lost within
+QUIET_LOSS_S, new tokens wait at the sender to share a packet: a packet with new tokens leaves at most once per
+COALESCE_MAX_S (or per the queue's delay, if a driver reports less). Each packet costs ~85 bytes of headers and draws
+an ack datagram and QUIC ACKs on the uplink for ~6 bytes of token, and repeats, even capped, make it larger. On
+Verizon EVDO (namespace testbed, no loss, ~50 kbit/s both ways for most of a 600-token answer) Chatterbox with
+repeats and no wait sent 1.46 packets per token down and 1.26 up, 156 + 116 bytes per token against in-order
+streaming's 90 + 43, and queued its own tokens: median token delay 370 ms, p99 2.8 s (stream: 199 ms, 1.2 s); with
+the wait 206 ms, 1.1 s, 94 bytes per token. What the wait saved is bytes and tail delay, not stall: the 84.2 -> 83.1 %
+first measured with it is inside the run-to-run spread of 3-seed sets (83.1-84.2 % over six sets of the same code).
 At the cap's own 40-ms threshold instead of 200 ms the wait cost a faster, bursty link stall: T-Mobile UMTS (2 Mbit/s
 mean) 32.4 -> 37.1 % (stream 32.0 %); with 200 ms, 32.6 %."""
+QUIET_LOSS_S = 10.0
+"""On a queueing path (COALESCE_QUEUE_S) where no token datagram (new tokens, repeats, a repair or a piggyback, of any
+answer on the connection: LossClock) was declared lost by QUIC for this long, new tokens neither wait (COALESCE_MAX_S)
+nor carry repeats, and nothing rides a packet leaving anyway: in-order streaming's behaviour, whose every token arrives
+there too. Verizon EVDO delivers 2-5 slots of ~1500 bytes a second after its first 8 s: the wait kept tokens at the
+sender while a slot passed (in-order streaming used 43 slots after 7.5 s, Chatterbox 36-40), each miss costing a whole
+slot gap (0.3-1.2 s), and repeats made the packets in the byte-limited slots larger. Trace replay (tsim, EVDO, 600
+tokens, 40 ms, seeds 0-9): stall 82.97 -> 81.52 % (stream 81.10 %), and 81.05 % with FINISHED sent after the last tokens
+(server_session.ServerSession.notify); namespace testbed 83.6 -> 82.6 % (3-seed sets; stream 81.2 %), at 119-132 bytes
+per token instead of 93 and a p99 token delay of 1.4 s instead of 1.1. The first loss restores the wait and the repeats
+for QUIET_LOSS_S after the latest one; repairs carry their repeats throughout."""
 
 
 def path_queues(srtt: float, floor: float, threshold: float = QUEUE_DELAY_S) -> bool:
@@ -141,6 +154,14 @@ class SentPacket:
     copies: int
     repair: bool
     acked: bool = False
+
+
+@dataclass(slots=True)
+class LossClock:
+    """When QUIC last declared a token datagram lost (QUIET_LOSS_S). A connection's senders share one, so that an
+    answer starting on a path that lost a datagram lately (the previous turn's) starts with the wait and repeats."""
+
+    at: float = -math.inf
 
 
 @dataclass
@@ -200,6 +221,7 @@ class TokenSender:
         self.codepoint_of: Callable[[], int] | None = None
         self.sent_meta: OrderedDict[int, tuple[int, int]] = OrderedDict()  # sent_us -> (size, codepoint)
         self._want_repair = False
+        self.losses = LossClock()  # (the session gives every sender of its connection the same one)
         self._last_send = -math.inf
         self._backoff = 0
         self._heard_at: float | None = None  # last acknowledgement (or the first send, before any)
@@ -281,6 +303,7 @@ class TokenSender:
         else:
             self.stats.lost_reports += 1
             if not pkt.acked and pkt.copies <= 0:
+                self.losses.at = now
                 self._on_lost(pkt)
         if pkt.copies <= 0:
             del self._outstanding[pid]
@@ -295,15 +318,17 @@ class TokenSender:
         self._silent_full_packets = 0
 
     def _on_lost(self, pkt: SentPacket) -> None:
-        still_missing = any(self._is_unacked(i) for first, end in pkt.runs for i in range(first, end))
-        if not still_missing:
+        missing = next((i for first, end in pkt.runs for i in range(first, end) if self._is_unacked(i)), None)
+        if missing is None:
             return
         if self.scheme == "duplicate":
             for first, end in pkt.runs:
                 self._retx.update(i for i in range(first, end) if self._is_unacked(i))
             return
-        # chatterbox: a later packet still in flight carries the floor anyway; otherwise repair now
-        if not any(p > pkt.pid for p in self._outstanding):
+        # chatterbox: a later packet still in flight that carries the floor carries the missing token too (its
+        # repeats start at the floor); otherwise repair now. One sent without repeats (a quiet path, QUIET_LOSS_S)
+        # does not: taken for one, it left the lost token to the idle repair, 1.5 round trips of a queueing path
+        if not any(p > pkt.pid and later.runs[0][0] <= missing for p, later in self._outstanding.items()):
             self._want_repair = True
 
     def _is_unacked(self, i: int) -> bool:
@@ -397,6 +422,10 @@ class TokenSender:
         if (self.scheme == "chatterbox" and (new_end > new_first or piggyback) and self.congested is not None
                 and old_limit > old_first + CONGESTED_REPEATS and self.congested(now)):
             old_limit, capped = old_first + CONGESTED_REPEATS, True
+        quiet = False  # (not counted as capped: repeats_capped says a congested path cut them)
+        if (self.scheme == "chatterbox" and (new_end > new_first or piggyback) and old_limit > old_first
+                and self._quiet_queue(now)):
+            old_limit, quiet = old_first, True  # a queueing path that loses nothing: no repeats (QUIET_LOSS_S)
         # 2) the request stream's waiting frames (FINISHED above all) come next: aioquic writes DATAGRAM frames
         #    before STREAM frames, and repeats that filled each packet kept FINISHED out of every probe while the
         #    window was full (uplink-only outage: the answer ended when the uplink returned, 14 s after its last
@@ -429,7 +458,8 @@ class TokenSender:
         #    only once, went into an outage (measured: a repair that carried only the floor's 64 tokens, all
         #    delivered, every few seconds for 15 s while the last 50 tokens were missing)
         tail_first = self.next_new
-        if self.scheme == "chatterbox" and not has_new and not capped and old_end == old_limit < self.next_new:
+        if (self.scheme == "chatterbox" and not has_new and not capped and not quiet
+                and old_end == old_limit < self.next_new):
             room = old_budget - (2 + 1 + 9 + 3)  # the second run's overhead
             while tail_first > old_end:
                 cost = token_cost(toks[tail_first - 1])
@@ -478,7 +508,7 @@ class TokenSender:
             self.sent_meta.popitem(last=False)
         self.next_new = max(self.next_new, new_end)
         if new_end > new_first and self.queue_delay is not None:
-            wait = min(COALESCE_MAX_S, self.queue_delay(now))
+            wait = 0.0 if now - self.losses.at > QUIET_LOSS_S else min(COALESCE_MAX_S, self.queue_delay(now))
             self._hold_until = now + wait if wait > 0 else None
         if self.scheme == "duplicate":
             self._retx.difference_update(range(old_first, old_end))
@@ -497,6 +527,11 @@ class TokenSender:
         self._want_repair = False
         self._last_send = now
         return payload, pkt
+
+    def _quiet_queue(self, now: float) -> bool:
+        """The path queues (the driver's queue delay above 0) and no token datagram was lost for QUIET_LOSS_S."""
+        return (now - self.losses.at > QUIET_LOSS_S and self.queue_delay is not None
+                and self.queue_delay(now) > 0)
 
     def _stream_reserve(self) -> int:
         """Room the request stream's waiting bytes need in this packet (0 when none wait or not told)."""
