@@ -3,8 +3,11 @@
 Both ends are real aioquic ``QuicConnection`` objects wrapped in the real tokenwire sessions (the same
 code the daemon runs: Chatterbox sender/receiver, datagram hook, repair logic, TLS and QUIC loss recovery);
 only the clock and the wire are simulated. The channel adds a one-way delay and drops packets according
-to a loss model (:mod:`tokenwire.testbed.loss`). Time advances from event to event, so a 10-minute answer
-simulates in well under a second and every run with one seed is exactly reproducible.
+to a loss model (:mod:`tokenwire.testbed.loss`); or, given a down trace, each direction is the testbed's own
+trace-driven :class:`~tokenwire.testbed.link.Link` (mahimahi's delivery opportunities behind a drop-tail queue,
+then the loss model and the delay), so a slow cellular trace's stalls come out of the same model the namespace
+testbed runs, deterministically and in seconds rather than minutes. Time advances from event to event, so a
+10-minute answer simulates in well under a second and every run with one seed is exactly reproducible.
 
 Tokens come from the demo upstream's schedule (realistic rate, jitter and generator pauses), identical
 for every scheme under one seed, and the gilbert-elliott loss pattern is a function of time, so every
@@ -36,13 +39,19 @@ from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.session_events import RequestFailed, RequestFinished, RequestReceived, SessionEvent
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
+from .link import Link
 from .loss import LossModel, parse_loss
+from .queues import DropTail, Packet
+from .trace import trace_from_spec
 from .vsim import MAX_VIRTUAL_S
 
 CLIENT_ADDR = ("10.77.0.2", 40000)
 SERVER_ADDR = ("10.77.0.1", 4433)
 IP_UDP_HEADER = 28
 TIMER_SLACK = 1e-6
+QUEUE_PACKETS = 1000
+"""Drop-tail limit of a trace-driven direction's queue, in packets: ``testbed compare``'s default
+(``--queue droptail:packets=1000``), so that a trace replay here and a testbed run meet the same buffer."""
 
 
 class SimError(RuntimeError):
@@ -59,12 +68,22 @@ class SimConfig:
     seed: int = 0
     first_token_ms: float = 150.0
     max_virtual_s: float = MAX_VIRTUAL_S
+    # trace-driven path (None: the fixed delay/loss channel); the up trace defaults to the down one, as in
+    # `testbed compare`; delay and loss then apply on top of the trace
+    down_trace: str | None = None
+    up_trace: str | None = None
+    queue_packets: int = QUEUE_PACKETS
     # told how far a long run is (run_scheme's ``progress``): not a parameter of the run, so not in to_dict; a
     # field, so that compare() hands it to every run without a third argument (stand-ins of run_scheme take two)
     progress: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def up_trace_spec(self) -> str | None:
+        """The up direction's trace: ``up_trace``, else the down one (``testbed compare``'s default)."""
+        return self.up_trace if self.up_trace is not None else self.down_trace
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "tokens": self.tokens,
             "rate": self.rate,
             "delay_ms": self.delay_ms,
@@ -73,6 +92,9 @@ class SimConfig:
             "seed": self.seed,
             "first_token_ms": self.first_token_ms,
         }
+        if self.down_trace is not None:  # (absent otherwise: a delay/loss run's JSON is what it always was)
+            d.update(down_trace=self.down_trace, up_trace=self.up_trace_spec, queue_packets=self.queue_packets)
+        return d
 
 
 @dataclass
@@ -125,11 +147,85 @@ class _Node:
     on_events: Callable[[list[SessionEvent]], None] = lambda evs: None
 
 
-@dataclass
+Deliver = Callable[[bytes], None]
+
+
 class _Wire:
-    delay: float
-    loss: LossModel
-    log: list[tuple[float, int, bool]] = field(default_factory=list)  # (send time, bytes, delivered)
+    """One direction of the fixed channel: each datagram is lost (the loss model, at its send time) or delivered
+    ``delay`` later, one event per datagram. ``sent`` logs every datagram as a :class:`Packet` (size with the
+    IP/UDP header, ``arrival`` the send time, ``delivery`` None when lost), as :class:`_TraceWire`'s does, so
+    that a run reads either log the same way."""
+
+    def __init__(self, loop: _EventLoop, delay: float, loss: LossModel, deliver: Deliver) -> None:
+        self.loop, self.delay, self.loss, self.deliver = loop, delay, loss, deliver
+        self.sent: list[Packet] = []
+
+    def send(self, datagrams: list[bytes], now: float) -> None:
+        for data in datagrams:
+            pkt = Packet(len(data) + IP_UDP_HEADER, 0, data)
+            pkt.arrival = now
+            if self.loss.lost(now):
+                pkt.fate = "lost"
+            else:
+                pkt.delivery = now + self.delay
+                self.loop.at(pkt.delivery, functools.partial(self.deliver, data))
+            self.sent.append(pkt)
+
+
+class _TraceWire:
+    """One direction as the testbed's trace-driven :class:`Link` (queue, opportunities, loss, delay), driven
+    by the event loop: one wake-up at the link's next event time (never two at one instant), which hands over
+    whatever is due and arms the next. The link decides in virtual time, so when a wake-up runs changes
+    nothing but the order of events at one instant."""
+
+    def __init__(self, loop: _EventLoop, link: Link, deliver: Deliver) -> None:
+        self.loop, self.link, self.deliver = loop, link, deliver
+        self.sent: list[Packet] = []
+        self._armed: set[float] = set()
+
+    def send(self, datagrams: list[bytes], now: float) -> None:
+        for data in datagrams:
+            self.sent.append(self.link.enqueue(Packet(len(data) + IP_UDP_HEADER, 0, data), now))
+        self._arm()
+
+    def _arm(self) -> None:
+        t = self.link.next_event_time()
+        if t is None or t in self._armed:
+            return
+        self._armed.add(t)
+        self.loop.at(t, functools.partial(self._wake, t))
+
+    def _wake(self, t: float) -> None:
+        self._armed.discard(t)
+        for pkt in self.link.dequeue_ready(self.loop.now):
+            assert pkt.data is not None  # (this wire's packets carry their datagram)
+            self.deliver(pkt.data)
+        self._arm()
+
+
+def _channel(cfg: SimConfig, loop: _EventLoop, to_client: Deliver, to_server: Deliver) -> tuple[
+        _Wire | _TraceWire, _Wire | _TraceWire]:
+    """The (down, up) directions of ``cfg``'s path: the fixed delay/loss wires, or trace-driven links behind a
+    ``cfg.queue_packets`` drop-tail queue with the same delay and loss on top (as ``testbed compare`` builds
+    them). The loss models are seeded as they always were, so a seed meets the same outages either way."""
+    delay = cfg.delay_ms / 1000.0
+    down_loss = parse_loss(cfg.loss if cfg.loss_direction != "up" else "none", seed=cfg.seed)
+    up_spec = cfg.loss if cfg.loss_direction in ("both", "up") else "none"
+    up_loss = parse_loss(up_spec, seed=cfg.seed + 7919)
+    up_trace = cfg.up_trace_spec
+    if cfg.down_trace is None or up_trace is None:
+        return _Wire(loop, delay, down_loss, to_client), _Wire(loop, delay, up_loss, to_server)
+
+    def link(spec: str, loss: LossModel, name: str) -> Link:
+        return Link(trace_from_spec(spec), DropTail(packets=cfg.queue_packets), delay=delay, loss=loss, name=name)
+
+    return (_TraceWire(loop, link(cfg.down_trace, down_loss, "down"), to_client),
+            _TraceWire(loop, link(up_trace, up_loss, "up"), to_server))
+
+
+def _dropped(pkt: Packet) -> bool:
+    """Lost on the way (the loss model, or a full queue); a packet still queued or in flight at the end is not."""
+    return pkt.fate not in ("queued", "delivered")
 
 
 RUN_PROGRESS_S = 5.0
@@ -150,9 +246,6 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
         progress = cfg.progress
     loop = _EventLoop()
     delay = cfg.delay_ms / 1000.0
-    down = _Wire(delay, parse_loss(cfg.loss if cfg.loss_direction != "up" else "none", seed=cfg.seed))
-    up_spec = cfg.loss if cfg.loss_direction in ("both", "up") else "none"
-    up = _Wire(delay, parse_loss(up_spec, seed=cfg.seed + 7919))
     cert = sim_cert()  # same handshake length in every process: a seed's run is reproducible to the bit
     tokens = answer_tokens(cfg.tokens)
     offsets = schedule(len(tokens), rate=cfg.rate, seed=cfg.seed, first_token_s=cfg.first_token_ms / 1000.0)
@@ -168,12 +261,7 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
         if sess is None:
             return
         now = loop.now
-        wire, dst = (down, client) if node is server else (up, server)
-        for data, _addr in sess.datagrams_to_send(now):
-            lost = wire.loss.lost(now)
-            wire.log.append((now, len(data), not lost))
-            if not lost:
-                loop.at(now + wire.delay, functools.partial(deliver, dst, data))
+        (down if node is server else up).send([data for data, _addr in sess.datagrams_to_send(now)], now)
         t = sess.get_timer()
         if t != node.timer_at:
             node.timer_at = t
@@ -211,7 +299,7 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
                 sess.accept(ev.stream_id)
                 arrival = loop.now
                 state["arrival"] = arrival
-                state["down_from"] = len(down.log)
+                state["down_from"] = len(down.sent)
                 for i, (tok, off) in enumerate(zip(tokens, offsets, strict=True)):
                     last = i == len(tokens) - 1
                     loop.at(arrival + off, functools.partial(push, ev.stream_id, tok, last))
@@ -234,6 +322,7 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
 
     server.on_events = server_events
     client.on_events = client_events
+    down, up = _channel(cfg, loop, functools.partial(deliver, client), functools.partial(deliver, server))
 
     client_quic.connect(SERVER_ADDR, now=0.0)
     request = Request(messages=[{"role": "user", "content": "Why do chatbots stall on trains?"}], scheme=scheme)
@@ -292,9 +381,9 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
     gen = state["gen"]
     render = outcome.render_times
     base_delay = delay
-    down_log = down.log[state["down_from"] :]
-    wire_bytes = sum(n + IP_UDP_HEADER for _, n, _ok in down_log)
-    deliveries = [(t, t + delay) for t, _n, ok in down_log if ok]
+    down_log = down.sent[state["down_from"] :]
+    wire_bytes = sum(p.size for p in down_log)
+    deliveries = [(p.arrival, p.delivery) for p in down_log if p.delivery is not None]
     stats = metrics.summarize(gen, render, base_delay=base_delay, request_time=request_time, wire_bytes=wire_bytes)
     oracle = metrics.stall_ratio(gen, metrics.oracle_render_times(gen, deliveries), base_delay)
     return SimRun(
@@ -310,8 +399,8 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
         stats=stats,
         oracle_stall_ratio=oracle,
         packets_down=len(down_log),
-        packets_lost_down=sum(1 for _, _, ok in down_log if not ok),
-        packets_lost_up=sum(1 for _, _, ok in up.log if not ok),
+        packets_lost_down=sum(1 for p in down_log if _dropped(p)),
+        packets_lost_up=sum(1 for p in up.sent if _dropped(p)),
     )
 
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tokenwire.daemon.cli import cell, seed_arg, write_json
+from tokenwire.daemon.cli import cell, positive_int, seed_arg, write_json
 
 LONG_RUN_TOKENS = 5_000
 """Tokens simulated in all (``--tokens`` x schemes x runs) from which progress is printed: 1.5-2 s on the
@@ -35,9 +35,10 @@ def lower_or_higher(value: float, reference: float) -> str | None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sim",
-        help="compare chatterbox/stream/duplicate in virtual time over a lossy channel",
+        help="compare chatterbox/stream/duplicate in virtual time over a lossy channel or a trace",
         description="Runs the real sans-I/O stack (aioquic + tokenwire sessions) of each scheme over a channel "
-        "with one-way delay and loss, in virtual time, and reports stall ratio, TTFT, token delay and bytes.",
+        "with one-way delay and loss, or over the testbed's trace-driven link (--down-trace), in virtual time, "
+        "and reports stall ratio, TTFT, token delay and bytes.",
     )
     p.add_argument("--schemes", default="chatterbox,stream,duplicate", help="comma-separated (default: all three)")
     p.add_argument("--tokens", type=int, default=400, help="tokens per answer (default 400)")
@@ -50,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--loss-direction", choices=("both", "down", "up"), default="both",
                    help="lossy directions (up: the client's packets only, as when a cell's uplink fails)")
+    p.add_argument("--down-trace", metavar="SPEC", help="replay a mahimahi trace file or a fixed rate like 12mbps "
+                   "(server -> client) through the testbed's link model; --delay-ms and --loss apply on top")
+    p.add_argument("--up-trace", metavar="SPEC", help="trace file or rate of the client -> server direction "
+                   "(default: the same as --down-trace)")
+    p.add_argument("--queue-packets", type=positive_int, metavar="N", help="drop-tail queue of each traced "
+                   "direction, in packets (default 1000, as testbed compare's --queue)")
     # seed_arg, as every other --seed: a plain int took -1 and 2**70, seeds the testbed and predictor refuse
     p.add_argument("--seed", type=seed_arg, default=1, help="first seed, an integer >= 0 (default 1)")
     p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default 1)")
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if args.tokens < 1 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
         raise CLIError("--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0")
+    check_traces(args)
     if args.tokens > MAX_ANSWER_TOKENS:  # as `testbed compare` and `bench daemon` refuse it: no answer is longer
         raise CLIError(f"--tokens {args.tokens}: at most {MAX_ANSWER_TOKENS:,} (the daemon's bound on an answer)")
     # --rate 1e308 was a traceback from the schedule, 1e20 a table of an answer that took no time
@@ -94,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
         loss_direction=args.loss_direction,
         seed=args.seed,
         first_token_ms=args.first_token_ms,
+        down_trace=args.down_trace,
+        up_trace=args.up_trace,
     )
+    if args.queue_packets is not None:
+        cfg.queue_packets = args.queue_packets
     # SIGTERM or SIGHUP (kill, a timeout, a closed terminal) takes Ctrl-C's path: "interrupted", exit 130 (it
     # died silently with 143)
     with sigterm_as_ctrl_c():
@@ -126,6 +138,39 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(d["runs_finished"] == 0 for d in result["schemes"].values()) else 0
 
 
+def check_traces(args: argparse.Namespace) -> None:
+    """Refuse a bad trace before any run, as :class:`CLIError` (one line, exit 2): each trace is parsed here (a
+    large file announced first, as ``testbed`` does), and the runs take the parse from the trace cache. The
+    trace options without ``--down-trace`` would be ignored, so they are refused too."""
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.testbed.cli import note_large_traces
+    from tokenwire.testbed.trace import TraceError, trace_from_spec
+
+    if args.down_trace is None:
+        given = [o for o, v in (("--up-trace", args.up_trace), ("--queue-packets", args.queue_packets))
+                 if v is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)}: only with --down-trace (without it the channel has no trace)")
+        return
+    up = args.up_trace if args.up_trace is not None else args.down_trace
+    note_large_traces(args.down_trace, up)
+    for option, spec in (("--down-trace", args.down_trace), ("--up-trace", up)):
+        try:
+            trace_from_spec(spec)
+        except TraceError as exc:
+            raise CLIError(f"{option}: {exc}") from None
+
+
+def describe_path(cfg: dict) -> str:
+    """The channel of a result's ``config``, for the table's first line."""
+    path = f"one-way delay {cfg['delay_ms']:g} ms, loss {cfg['loss']} ({cfg['loss_direction']})"
+    if cfg.get("down_trace") is None:
+        return path
+    traces = (f"trace {cfg['down_trace']}" if cfg["up_trace"] == cfg["down_trace"] else
+              f"traces {cfg['down_trace']} down, {cfg['up_trace']} up")
+    return f"{traces}, droptail {cfg['queue_packets']} packets, {path}"
+
+
 SEED_CHECK_PROGRESS_S = 5.0
 """Wall-clock seconds between two lines of the per-seed check against the cap, where it draws each seed."""
 
@@ -151,8 +196,8 @@ def format_table(result: dict) -> str:
     oracle = result["oracle"]["stall_ratio"]
     w = count_width(result["schemes"].values())
     lines = [
-        f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, one-way delay {cfg['delay_ms']:g} ms, loss {cfg['loss']} "
-        f"({cfg['loss_direction']}), seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1}",
+        f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}, "
+        f"seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1}",
         f"{'scheme':<11} {'stall':>7} {'own oracle':>10} {'TTFT ms':>8} {'p99 ms':>7} {'B/token':>8} "
         f"{'rendered':>{2 * w + 1}} {'digest':>6}",
     ]
