@@ -65,6 +65,17 @@ FRESH_MIN_BYTES = 32 * 1024  # ...and this many acknowledged bytes
 LOOKAHEAD_S = 0.1  # data left queued at the bottleneck when the next chunk is decided
 MIN_LOOKAHEAD = 64 * 1024  # decide the next chunk when fewer unacknowledged bytes remain (or more: _lookahead)
 MIN_SAMPLE_BYTES = SAMPLE_MIN_BYTES  # smaller chunks (text) give no usable throughput sample
+# the shortest rate window closed as a sample: the longest of MIN_WINDOW_S and MIN_WINDOW_RTT of the path's min-RTT
+# (KVServerSession._sample_window). A window's bytes are what QUIC acknowledged by its KV_ACK, which a late ACK frame
+# (the client's ack delay, its event loop, ACK aggregation on the path) shifts by a few ms either way: over a window
+# of about that length the shift is most of the sample (0.17 ms read 15.9x the link)
+# (8 ms: a randomized sans-I/O check, QUIC's view up to 3.4 ms off at each KV_ACK, had 1.3 % of samples outside
+# 0.8-1.25x the link with no minimum, 1.3 % at 2 ms, 1.0 % at 4, 0.6 % at 8, 0.5 % at 16, which merged more; most
+# of the rest after a host change, which reads low). Half the min-RTT where that is longer: ACKs
+# bunch by more on long paths (Linux's delivery-rate sampler drops intervals under a whole min-RTT; a window's span
+# here is the client's own clock, only its bytes are QUIC's)
+MIN_WINDOW_S = 0.008
+MIN_WINDOW_RTT = 0.5
 LINK_SAMPLES = 64  # chunk rates a connection remembers across fetches: its link prior (see KVServerSession.start)
 LINK_MIN_SAMPLES = 8  # fewer than this: the configured prior
 LINK_LOW_Q = 0.1  # the link prior's low quantile
@@ -220,6 +231,7 @@ class ServerFetch:
     arriving: dict[int, None] = field(default_factory=dict)
     arriving_to: int = 0
     busy_at_end: set[int] = field(default_factory=set)
+    # (also a window too short, or with too few bytes, for a sample of its own: merged into the next, held_for empty)
     held: tuple[int, int, int] | None = None
     held_for: set[int] = field(default_factory=set)
     done_sent: bool = False
@@ -840,29 +852,28 @@ class KVServerSession(_SessionBase):
         f.acked.add(ack.index)
         f.arriving.pop(ack.index, None)
         f.bytes_acked += ack.size
-        if ack.size < MIN_SAMPLE_BYTES and ack.index not in f.held_for:
-            # no sample, so no end to the time measured (see _sample_window); unless a held window waits for its
-            # first byte
-            self._ecn_feedback(ack.ecn, now)
-            return
-        if ack.index < f.path_index:
-            # written before the client's host changed: it measured the path left (_replan_on_new_path), and its end
-            # is no start for the path taken's windows either: it cut the next chunk's to its last few ms, whose bytes
-            # from before it then counted over them (a move and back, 20 Mbit/s: samples of 171 Mbit/s)
-            self._ecn_feedback(ack.ecn, now)
-            return
-        if f.forecaster is None:
+        # No window from a text chunk's KV_ACK: no sample, so no end to the time measured (see _sample_window); unless
+        # a held window waits for its first byte. Nor from a chunk written before the client's host changed: it
+        # measured the path left (_replan_on_new_path), and its end is no start for the path taken's windows either:
+        # it cut the next chunk's to its last few ms, whose bytes from before it then counted over them (a move and
+        # back, 20 Mbit/s: samples of 171 Mbit/s)
+        if (ack.size < MIN_SAMPLE_BYTES and ack.index not in f.held_for) or ack.index < f.path_index:
+            pass
+        elif f.forecaster is None:
             f.last_done_us = max(ack.done_us, f.last_done_us or 0)
         else:
             window = self._sample_window(f, ack)
             if window is not None:
                 start, end, nbytes = window
-                if end > start and nbytes >= MIN_SAMPLE_BYTES:  # (the window's bytes: _sample_window)
-                    f.forecaster.observe(nbytes, (end - start) / 1e6)
-                    self.link_rates.append(nbytes * 8e6 / (end - start))
-                    self._sample_at[id(f.forecaster)] = now
-                    f.samples += 1
+                f.forecaster.observe(nbytes, (end - start) / 1e6)  # (enough bytes and time: _sample_window)
+                self.link_rates.append(nbytes * 8e6 / (end - start))
+                self._sample_at[id(f.forecaster)] = now
+                f.samples += 1
                 f.last_done_us = max(end, f.last_done_us or 0)
+        if f.held is not None and not f.held_for and len(f.acked) == len(f.plan.token_counts):
+            # the fetch's last KV_ACK left a window held (too few bytes; or the last was a text chunk's, or from
+            # before a host change, and closed none): nothing is left to merge it into, so it is no sample
+            f.held = None
         self._ecn_feedback(ack.ecn, now)
 
     def _arriving(self, f: ServerFetch) -> list[int]:
@@ -899,18 +910,23 @@ class KVServerSession(_SessionBase):
         its own KV_ACK instead, its bytes were charged to the few ms after the later chunk's end (30x the link when
         the first-written chunk finished last); the previous window's end taken as its start counted the link idle
         before it (0.10x; both in ``tests/test_kv_sampler_s38.py``). A window of fewer than MIN_SAMPLE_BYTES (the
-        tail of a chunk whose other bytes earlier windows counted) is no sample either. Without overlap the window
-        and bytes are the chunk's, as before. After a host change the windows start afresh (``last_done_us`` None)
-        and count only the chunks written since: a chunk written before the change and still arriving is left out,
-        so a window it shares reads low (0.45x the link after a move back to Wi-Fi in ``tests/test_kv_host_s37.py``'s
-        pair), not high."""
+        tail of a chunk whose other bytes earlier windows counted), or too short for the bytes QUIC acknowledged
+        (MIN_WINDOW_S), is no sample either: it is held and its bytes and time added to the next window's. Without
+        overlap the window and bytes are the chunk's, as before. After a host change the windows start afresh
+        (``last_done_us`` None) and count only the chunks written since: a chunk written before the change and still
+        arriving is left out, so a window it shares reads low (0.45x the link after a move back to Wi-Fi in
+        ``tests/test_kv_host_s37.py``'s pair), not high."""
         start = ack.first_us if f.last_done_us is None else max(ack.first_us, f.last_done_us)
         end = ack.done_us
         nbytes = max(ack.size - f.sampled.get(ack.index, 0), 0)
         f.sampled[ack.index] = ack.size
         if f.held is not None:
-            start, end, nbytes = min(start, f.held[0]), max(end, f.held[1]), nbytes + f.held[2]
-            f.held = None
+            (h_start, h_end, h_bytes), f.held = f.held, None
+            if f.held_for:  # held for an earlier chunk's first byte: one window, first byte to last
+                start, end = min(start, h_start), max(end, h_end)
+            else:  # a short one held, its end this window's start at the earliest: their spans added (the idle link
+                start -= h_end - h_start  # between them, if any, is in neither)
+            nbytes += h_bytes
         f.held_for.discard(ack.index)
         arriving = self._arriving(f)
         for j in arriving:
@@ -929,6 +945,21 @@ class KVServerSession(_SessionBase):
             f.held = (start, end, nbytes)
             return None
         f.busy_at_end = {j for j in arriving if f.sampled.get(j, 0) > 0}
+        if end <= start:
+            return None  # (done before the previous window's end: its bytes no time to be counted over)
+        own = nbytes == ack.size and start == ack.first_us  # the chunk alone, first byte to last: the KV_ACK's count
+        short = end - start < max(MIN_WINDOW_S, MIN_WINDOW_RTT * self._path_rtt()) * 1e6
+        last = f.plan is not None and len(f.acked) == len(f.plan.token_counts)
+        if nbytes < MIN_SAMPLE_BYTES or (short and not own and not last):
+            # too few bytes, or too short for bytes QUIC acknowledged (a late ACK frame moves a few ms' worth): no
+            # sample alone (a 0.17 ms window read 15.9x the link). Closed for the next window's start (which the
+            # chunks still arriving decide, as above), but held: its bytes and time are added to the next's. A
+            # chunk alone is exact however short (its KV_ACK's times and size); the fetch's last window has no
+            # next, and closes short (a sample of the probe's three chunks at once), or with too few bytes is
+            # dropped (_on_ack)
+            f.held = (start, end, nbytes)
+            f.last_done_us = max(end, f.last_done_us or 0)
+            return None
         return start, end, nbytes
 
     def _on_datagram(self, frame: Any, now: float) -> list[SessionEvent]:
