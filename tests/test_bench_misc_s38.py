@@ -250,9 +250,10 @@ def test_kv_bench_prints_each_phase_the_codec_line_and_small_rates(monkeypatch, 
     assert len(phases) == 5 and any("rANS encode" in ln for ln in phases), err
     codec_line = next(ln for ln in err if "full codec" in ln and not ln.endswith(" ..."))
     assert "encode" in codec_line and "decode" in codec_line
-    # 32 symbols: well under 1 MB/s, once printed "0 MB/s"
-    assert doc["encode_MBps"] < 0.5 and not any(" 0 MB/s" in ln or "(runs 0-0)" in ln for ln in err), err
+    # 32 symbols: about 1 MB/s or less (how much less is the host's), once printed "0 MB/s"
+    assert not any(" 0 MB/s" in ln or "(runs 0-0)" in ln for ln in err), err
     assert bench.mbps_text(doc["encode_MBps"]) != "0"
+    assert bench.mbps_text(0.0421) == "0.0421" and bench.mbps_text(0.985) == "0.985"
     assert bench.mbps_text(38.2) == "38.2" and bench.mbps_text(120.4) == "120"
     assert set(doc["provenance"]) >= PROVENANCE_KEYS
     assert doc["load_average"]["start"] == doc["provenance"]["load_average"]["start"]

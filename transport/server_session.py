@@ -46,6 +46,7 @@ from .frames import (
     Started,
     StreamDecoder,
     Tokens,
+    encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
 from .one_way_delay import OneWayDelay
@@ -182,7 +183,8 @@ class ServerSession(_SessionBase):
         # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
         # buffers what follows the gap, which no request, and so no request deadline, accounts for
         self._undelivered: dict[int, float] = {}
-        self._finish_after_tokens: set[int] = set()  # FINISHED waits for the last token's first datagram
+        # FINISHED, encoded, waiting for the last tokens' first datagram (notify), by request stream
+        self._finish_after_tokens: dict[int, bytes] = {}
         self._token_losses = LossClock()  # the latest token datagram QUIC declared lost, of any request
         self.acks_received = 0
         self.closed_totals = SenderStats()  # counters of requests already dropped
@@ -299,18 +301,22 @@ class ServerSession(_SessionBase):
         elif req.sender is not None:
             self.scheduler.schedule(req.sender)
         if tr.finished and not req.finished_sent:
+            data = self._finish_after_tokens.pop(stream_id, None)
+            if data is None:
+                # encoded here, in the caller's hands: a frame the encoder refuses (a finish reason with a lone
+                # surrogate) ends this request alone (the daemon's notify), not the connection's packet path later
+                gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
+                t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
+                data = encode_stream_frame(Finished(len(tr), tr.digest(), tr.reason, gen, t0))
             if req.sender is not None and req.sender.next_new < len(tr) and self._window_room():
                 # the last tokens leave first, in a datagram of their own (datagrams_to_send queues FINISHED once
                 # they left): FINISHED (a 600-token answer's is ~2 KB with its generation times) queued with them made
                 # their packet 1228 bytes, which on a link of a few 1500-byte delivery opportunities a second waited
                 # a second for the next one
-                self._finish_after_tokens.add(stream_id)
+                self._finish_after_tokens[stream_id] = data
                 return
-            self._finish_after_tokens.discard(stream_id)
             req.finished_sent = True
-            gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
-            t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
-            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
+            self.quic.send_stream_data(stream_id, data)
 
     def _window_room(self) -> bool:
         """Whether the congestion window has room for two more full packets: the last tokens' own and FINISHED's.
@@ -397,7 +403,7 @@ class ServerSession(_SessionBase):
             for sid in list(self._finish_after_tokens):
                 waiting = self.requests.get(sid)
                 if waiting is None or waiting.done or waiting.sender is None or waiting.transcript is None:
-                    self._finish_after_tokens.discard(sid)
+                    self._finish_after_tokens.pop(sid, None)
                 elif waiting.sender.next_new >= len(waiting.transcript) or not self._window_room():
                     # every token has left once; or the window filled while they waited (a coalescing wait): then
                     # FINISHED rides the probe that carries them, as it did before
@@ -653,7 +659,7 @@ class ServerSession(_SessionBase):
 
     def _drop(self, req: ServerRequest) -> None:
         req.done = True
-        self._finish_after_tokens.discard(req.stream_id)  # (a cancel or reset while FINISHED waited: none goes)
+        self._finish_after_tokens.pop(req.stream_id, None)  # (a cancel or reset while FINISHED waited: none goes)
         self.closed_totals.repairs += req.repairs
         req.repairs = 0
         if req.sender is not None:
