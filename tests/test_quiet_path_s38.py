@@ -1,15 +1,10 @@
 """Chatterbox on a queueing path that loses nothing (chatterbox.QUIET_LOSS_S): new tokens leave at once and alone,
-as in-order streaming sends them; the first declared loss brings the wait and the repeats back. And FINISHED leaves
-after the last tokens' own datagram when the window has room for both (server_session.ServerSession.notify)."""
+as in-order streaming sends them; the first declared loss brings the wait and the repeats back."""
 
 from __future__ import annotations
 
-from aioquic.quic.stream import QuicStreamSender
-from aioquic.tls import Epoch
-
 from tests.quicpair import Pair
 from tokenwire.transport.chatterbox import COALESCE_MAX_S, NEEDS_ROOM, QUIET_LOSS_S, SentPacket, TokenSender
-from tokenwire.transport.datagram_hook import DatagramScheduler
 from tokenwire.transport.frames import Request, Tokens, decode_datagram
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.transcript import Transcript
@@ -124,7 +119,7 @@ def test_a_token_whose_later_packet_carries_it_waits_for_that_packet():
     assert not s.wants_send()
 
 
-# ------------------------------------------------------------------------------------------------ FINISHED
+# ------------------------------------------------------------------------------------------------ the session
 def _chat() -> tuple[Pair, ServerSession, int]:
     pair = Pair()
     pair.exchange(rounds=40)
@@ -135,116 +130,6 @@ def _chat() -> tuple[Pair, ServerSession, int]:
     server.accept(sid)
     server.datagrams_to_send(pair.now)  # STARTED
     return pair, server, sid
-
-
-def _packets(server: ServerSession, sid: int, now: float) -> list[tuple[bool, int]]:
-    """Send now; per 1-RTT packet built: (carries a token datagram, bytes of ``sid``'s stream it carries)."""
-    first_pn = server.quic._packet_number
-    server.datagrams_to_send(now)
-    space = server.quic._spaces[Epoch.ONE_RTT]
-    out = []
-    for pn in range(first_pn, server.quic._packet_number):
-        packet = space.sent_packets.get(pn)
-        if packet is None:
-            continue
-        datagram, stream_bytes = False, 0
-        for handler, args in packet.delivery_handlers:
-            owner = getattr(handler, "__self__", None)
-            if isinstance(owner, DatagramScheduler):
-                datagram = True
-            elif isinstance(owner, QuicStreamSender) and owner._stream_id == sid:
-                stream_bytes += args[1] - args[0]
-        out.append((datagram, stream_bytes))
-    return out
-
-
-def test_finished_leaves_after_the_last_tokens_own_datagram_when_the_window_has_room():
-    pair, server, sid = _chat()
-    req = server.requests[sid]
-    for i in range(5):
-        server.push(sid, f"w{i} ", pair.now)
-    server.finish(sid)
-    assert not req.finished_sent  # it waits for the tokens to leave
-    sent = _packets(server, sid, pair.now + 0.001)
-    assert req.finished_sent and not server._finish_after_tokens
-    with_tokens = [i for i, (dg, _b) in enumerate(sent) if dg]
-    with_finished = [i for i, (_dg, b) in enumerate(sent) if b > 0]
-    assert with_tokens and with_finished  # both left in this one call
-    assert sent[with_tokens[-1]][1] == 0  # the last tokens' packet carries none of FINISHED
-    assert min(with_finished) > max(with_tokens)
-
-
-def test_finished_goes_with_the_last_tokens_when_the_window_has_no_room():
-    pair, server, sid = _chat()
-    req = server.requests[sid]
-    cc = server.quic._loss._cc
-    in_flight = cc.bytes_in_flight
-    for i in range(5):
-        server.push(sid, f"w{i} ", pair.now)
-    cc.bytes_in_flight = cc.congestion_window - server.quic._max_datagram_size  # room for one packet, not two
-    server.finish(sid)
-    assert req.finished_sent and not server._finish_after_tokens  # queued at once, as before
-    cc.bytes_in_flight = in_flight
-    sent = _packets(server, sid, pair.now + 0.001)
-    assert any(dg and b > 0 for dg, b in sent)  # one packet: the last tokens and FINISHED
-
-
-def _held(server: ServerSession, sid: int, now: float) -> None:
-    """The path queues and lost a datagram lately: the request's last token waits to share a packet, its FINISHED
-    waits for that token."""
-    loss = server.quic._loss
-    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, 0.080, 0.400
-    sender = server.requests[sid].sender
-    assert sender is not None
-    sender.srtt = 0.400
-    sender.losses.at = now
-    server.push(sid, "w0 ", now)
-    server.datagrams_to_send(now)
-    server.push(sid, "w1 ", now + 0.01)
-    server.finish(sid)
-    server.datagrams_to_send(now + 0.01)
-    assert sender.next_new == 1 and sid in server._finish_after_tokens
-
-
-def test_finished_follows_held_tokens_once_they_leave():
-    pair, server, sid = _chat()
-    req = server.requests[sid]
-    _held(server, sid, pair.now)
-    t = server._session_timer()
-    assert t is not None and t <= pair.now + COALESCE_MAX_S
-    server._on_session_timer(t)
-    server.datagrams_to_send(t)
-    assert req.sender is not None and req.sender.next_new == 2
-    assert req.finished_sent and not server._finish_after_tokens
-
-
-def test_finished_is_not_kept_waiting_once_the_window_fills():
-    """The window filled while the last tokens waited: FINISHED goes now, to ride the probe that carries them (as it
-    did before: otherwise it waits for the probe after)."""
-    pair, server, sid = _chat()
-    req = server.requests[sid]
-    _held(server, sid, pair.now)
-    cc = server.quic._loss._cc
-    in_flight = cc.bytes_in_flight
-    cc.bytes_in_flight = cc.congestion_window
-    try:
-        server.datagrams_to_send(pair.now + 0.02)
-    finally:
-        cc.bytes_in_flight = in_flight
-    assert req.finished_sent and not server._finish_after_tokens
-
-
-def test_a_request_cancelled_while_finished_waits_sends_no_finished_and_leaves_nothing_behind():
-    pair, server, sid = _chat()
-    req = server.requests[sid]
-    _held(server, sid, pair.now)
-    pair.client.cancel(sid)
-    pair.exchange(rounds=20)  # the client's cancel reaches the server; the server sends what it has
-    assert req.done and sid not in server.requests
-    assert not req.finished_sent and not server._finish_after_tokens
-    pair.exchange(rounds=40, quiet_after=20.0)  # nothing left to send for it, nothing raised
-    assert not req.finished_sent
-
 
 
 def test_an_answer_on_a_connection_that_lost_a_datagram_lately_starts_with_the_wait():

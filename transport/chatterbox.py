@@ -122,11 +122,10 @@ answer on the connection: LossClock) was declared lost by QUIC for this long, ne
 nor carry repeats, and nothing rides a packet leaving anyway: in-order streaming's behaviour, whose every token arrives
 there too. Verizon EVDO delivers 2-5 slots of ~1500 bytes a second after its first 8 s: the wait kept tokens at the
 sender while a slot passed (in-order streaming used 43 slots after 7.5 s, Chatterbox 36-40), each miss costing a whole
-slot gap (0.3-1.2 s), and repeats made the packets in the byte-limited slots larger. Trace replay (tsim, EVDO, 600
-tokens, 40 ms, seeds 0-9): stall 82.97 -> 81.52 % (stream 81.10 %), and 81.05 % with FINISHED sent after the last tokens
-(server_session.ServerSession.notify); namespace testbed 83.6 -> 82.6 % (3-seed sets; stream 81.2 %), at 119-132 bytes
-per token instead of 93 and a p99 token delay of 1.4 s instead of 1.1. The first loss restores the wait and the repeats
-for QUIET_LOSS_S after the latest one; repairs carry their repeats throughout."""
+slot gap (0.3-1.2 s), and repeats made the packets in the byte-limited slots larger. `tokenwire sim --down-trace`
+(EVDO both ways, 600 tokens, 40 ms, seeds 0-9): stall 82.97 -> 81.52 % (stream 81.10 %) at 119 bytes per token instead
+of 92, p99 token delay 1.11 -> 1.23 s; with EVDO's own uplink trace 85.25 -> 84.19 % (stream 83.49 %). The first loss
+restores the wait and the repeats for QUIET_LOSS_S after the latest one; repairs carry their repeats throughout."""
 
 
 def path_queues(srtt: float, floor: float, threshold: float = QUEUE_DELAY_S) -> bool:
@@ -325,9 +324,11 @@ class TokenSender:
             for first, end in pkt.runs:
                 self._retx.update(i for i in range(first, end) if self._is_unacked(i))
             return
-        # chatterbox: a later packet still in flight that carries the floor carries the missing token too (its
-        # repeats start at the floor); otherwise repair now. One sent without repeats (a quiet path, QUIET_LOSS_S)
-        # does not: taken for one, it left the lost token to the idle repair, 1.5 round trips of a queueing path
+        # chatterbox: a later packet still in flight whose repeats start at or below the missing token keeps the
+        # floor moving, and the token rides a later packet's repeats once it is the floor; otherwise repair now
+        # (capped repeats, CONGESTED_REPEATS, may not carry it yet: the floor first, as before). One sent without
+        # repeats (a quiet path, QUIET_LOSS_S) carries none: taken for one, it left the lost token to the idle
+        # repair, 1.5 round trips of a queueing path
         if not any(p > pkt.pid and later.runs[0][0] <= missing for p, later in self._outstanding.items()):
             self._want_repair = True
 

@@ -46,7 +46,6 @@ from .frames import (
     Started,
     StreamDecoder,
     Tokens,
-    encode_stream_frame,
 )
 from .marking import LatencySample, MarkingPolicy
 from .one_way_delay import OneWayDelay
@@ -183,8 +182,6 @@ class ServerSession(_SessionBase):
         # streams holding bytes none of which could be delivered yet (the first withheld), since when: aioquic
         # buffers what follows the gap, which no request, and so no request deadline, accounts for
         self._undelivered: dict[int, float] = {}
-        # FINISHED, encoded, waiting for the last tokens' first datagram (notify), by request stream
-        self._finish_after_tokens: dict[int, bytes] = {}
         self._token_losses = LossClock()  # the latest token datagram QUIC declared lost, of any request
         self.acks_received = 0
         self.closed_totals = SenderStats()  # counters of requests already dropped
@@ -301,29 +298,10 @@ class ServerSession(_SessionBase):
         elif req.sender is not None:
             self.scheduler.schedule(req.sender)
         if tr.finished and not req.finished_sent:
-            data = self._finish_after_tokens.pop(stream_id, None)
-            if data is None:
-                # encoded here, in the caller's hands: a frame the encoder refuses (a finish reason with a lone
-                # surrogate) ends this request alone (the daemon's notify), not the connection's packet path later
-                gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
-                t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
-                data = encode_stream_frame(Finished(len(tr), tr.digest(), tr.reason, gen, t0))
-            if req.sender is not None and req.sender.next_new < len(tr) and self._window_room():
-                # the last tokens leave first, in a datagram of their own (datagrams_to_send queues FINISHED once
-                # they left): FINISHED (a 600-token answer's is ~2 KB with its generation times) queued with them made
-                # their packet 1228 bytes, which on a link of a few 1500-byte delivery opportunities a second waited
-                # a second for the next one
-                self._finish_after_tokens[stream_id] = data
-                return
             req.finished_sent = True
-            self.quic.send_stream_data(stream_id, data)
-
-    def _window_room(self) -> bool:
-        """Whether the congestion window has room for two more full packets: the last tokens' own and FINISHED's.
-        Without it the last tokens leave in a probe, and FINISHED rides that probe (an uplink-only outage: otherwise it
-        waits for the next probe timeout)."""
-        cc = self.quic._loss._cc
-        return cc.bytes_in_flight + 2 * self.quic._max_datagram_size <= cc.congestion_window
+            gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
+            t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
+            self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
 
     def _stream_backlog(self, stream_id: int) -> int:
         """Bytes of ``stream_id``'s next STREAM frame that flow control lets leave now (aioquic's private stream
@@ -395,23 +373,7 @@ class ServerSession(_SessionBase):
                 # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
                 if req.sender.can_piggyback():
                     self.scheduler.offer_piggyback(req.sender)
-        out = super().datagrams_to_send(now)
-        if self._finish_after_tokens:
-            # FINISHED of the requests whose last tokens left in the packets just built: a second pass sends it (the
-            # same ACK state and pacing as any stream data queued after a send). O(requests waiting), most often none
-            finished = False
-            for sid in list(self._finish_after_tokens):
-                waiting = self.requests.get(sid)
-                if waiting is None or waiting.done or waiting.sender is None or waiting.transcript is None:
-                    self._finish_after_tokens.pop(sid, None)
-                elif waiting.sender.next_new >= len(waiting.transcript) or not self._window_room():
-                    # every token has left once; or the window filled while they waited (a coalescing wait): then
-                    # FINISHED rides the probe that carries them, as it did before
-                    self.notify(sid)
-                    finished = True
-            if finished:
-                out += super().datagrams_to_send(now)
-        return out
+        return super().datagrams_to_send(now)
 
     # -- protocol handling -------------------------------------------------------------------------
     def _on_stream_data(self, stream_id: int, data: bytes, end: bool, now: float) -> list[SessionEvent]:
@@ -659,7 +621,6 @@ class ServerSession(_SessionBase):
 
     def _drop(self, req: ServerRequest) -> None:
         req.done = True
-        self._finish_after_tokens.pop(req.stream_id, None)  # (a cancel or reset while FINISHED waited: none goes)
         self.closed_totals.repairs += req.repairs
         req.repairs = 0
         if req.sender is not None:
