@@ -63,6 +63,11 @@ def logged_wires(monkeypatch) -> list:
             super().__init__(*args, **kwargs)
             wires.append(self)
 
+        @property
+        def log(self) -> list[tuple[float, int, bool]]:
+            # (the wire logs Packet objects since the trace-driven channel: session 38)
+            return [(p.arrival, p.size, p.delivery is not None) for p in self.sent]
+
     monkeypatch.setattr(sim, "_Wire", _Logged)
     return wires
 
