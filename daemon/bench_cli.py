@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
 from collections.abc import Callable
+from typing import Any
 
 BENCH_MODULES: list[str] = [
     "tokenwire.transport.bench_transport",
@@ -20,6 +22,15 @@ BENCH_MODULES: list[str] = [
 
 KV_BENCH_NOTE = ("The KV codec's benchmark (encode/decode MB/s vs zstd-1 on the same symbols) is `tokenwire kv bench`, "
                  "with the other KV commands.")
+
+
+def spread(values: list[float], runs_key: str | None = None) -> dict[str, Any]:
+    """Median and range of repeated measurements (the benchmark standard: medians of repeats, spread shown), with
+    the values themselves under ``runs_key`` where given. The one helper of every bench that reports a spread."""
+    out: dict[str, Any] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    if runs_key is not None:
+        out[runs_key] = values
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

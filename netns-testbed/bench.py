@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from tokenwire.daemon.bench_cli import spread
 from tokenwire.daemon.cli import CLIError, write_json
 
 
@@ -58,11 +59,6 @@ def bench_core(packets: int = 200_000) -> dict[str, Any]:
     return out
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    """Median and range of repeated measurements (the benchmark standard: medians of repeats, spread shown)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def bench_core_repeated(repeats: int) -> dict[str, Any]:
     """:func:`bench_core` ``repeats`` times; per queue ``pps`` is the median, ``pps_min``/``pps_max`` the spread
     and ``pps_runs`` every figure. One run on a shared host moved by 2x between runs (132 k and 258 k pkt/s for
@@ -71,7 +67,7 @@ def bench_core_repeated(repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in runs[0] if runs else ():
         pps = [r[name]["pps"] for r in runs]
-        sp = _spread(pps)
+        sp = spread(pps)
         out[name] = {**runs[0][name], "pps": sp["median"], "pps_min": sp["min"], "pps_max": sp["max"],
                      "pps_runs": pps, "repeats": repeats}
     return out
@@ -187,7 +183,7 @@ def ladder_step(pps: int, trials: list[dict[str, float]]) -> dict[str, Any]:
     a one-trial rung had), the loss's range and every trial. On a shared host one trial at 40 k pkt/s lost 11.7 %
     and the next two none (the emulator had forwarded every packet; the loss was in the client's kernel): with
     that one trial deciding, "sustained" read 20-40 k pkt/s against the documented >= 112 k."""
-    loss = _spread([t["loss"] for t in trials])
+    loss = spread([t["loss"] for t in trials])
     return {"target_pps": pps, "offered_pps": statistics.median(t["offered_pps"] for t in trials),
             "delivered_pps": statistics.median(t["delivered_pps"] for t in trials), "loss": loss["median"],
             "loss_min": loss["min"], "loss_max": loss["max"], "trials": trials}

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokenwire.daemon.bench_cli import spread
+
 if TYPE_CHECKING:
     from .runtime import OnnxLatencyForecaster
 
@@ -268,10 +270,6 @@ def onnx_threads(forecaster: Any) -> dict[str, Any]:
         return {"intra_op": None, "inter_op": None, "execution_mode": None, "providers": None}
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
 def ratio_runs(onnx: dict, ewma: dict) -> dict[str, Any]:
     """The ONNX/EWMA ratio of each repeat (the two sides were timed back to back in it), median and range: the
     spread of the ratio itself, where the medians' ratio hides it."""
@@ -279,10 +277,10 @@ def ratio_runs(onnx: dict, ewma: dict) -> dict[str, Any]:
     pred = {}
     for bs in BATCHES:
         b = onnx["batches"][str(bs)]
-        pred[str(bs)] = _spread([o / bs / e for o, e in zip(b["us_per_call_runs"], e1, strict=True)])
+        pred[str(bs)] = spread([o / bs / e for o, e in zip(b["us_per_call_runs"], e1, strict=True)], "runs")
     return {"us_per_prediction": pred,
-            "us_per_observe": _spread([o / e for o, e in zip(onnx["us_per_observe_runs"],
-                                                             ewma["us_per_observe_runs"], strict=True)])}
+            "us_per_observe": spread([o / e for o, e in zip(onnx["us_per_observe_runs"],
+                                                            ewma["us_per_observe_runs"], strict=True)], "runs")}
 
 
 def ratios(onnx: dict, ewma: dict) -> dict:

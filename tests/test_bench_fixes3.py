@@ -79,13 +79,14 @@ def test_kv_bench_reports_threads_ratios_load_and_each_repeat(monkeypatch):
 
 
 def test_kv_bench_without_a_load_average_says_none(monkeypatch):
-    from tokenwire.transport.cachegen import bench
+    # (the kv bench reads the load through run_provenance since session 38)
+    from tokenwire.daemon import run_provenance
 
     def unsupported() -> tuple[float, float, float]:
         raise OSError("no load average here")
 
-    monkeypatch.setattr(bench.os, "getloadavg", unsupported)
-    assert bench._load_average() is None
+    monkeypatch.setattr(run_provenance.os, "getloadavg", unsupported)
+    assert run_provenance._load() is None
 
 
 # -- 3. bench predictor: EWMA's batch 8/64 figures were batch 1's, in the fields of measured ones

@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenwire.daemon.bench_cli import die_with_parent
+from tokenwire.daemon.bench_cli import die_with_parent, spread
 from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
 
 MODES = ("raw", "chatterbox", "stream", "duplicate")
@@ -472,10 +472,6 @@ def _short(mode: str, run: dict[str, Any]) -> bool:
     return not run["complete"]
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_repeat": values}
-
-
 def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every mode's runs, interleaved with the raw baseline (:func:`_pairs`); each ratio within its pair."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
@@ -505,8 +501,9 @@ def _measure(modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
         for c in COUNTS:  # totals over every run of the mode, paced and flood
             results[mode][c] = sum(r[f"paced_{c}"] + r[f"flood_{c}"] for r in rs)
         results[mode]["runs"] = rs
-    spread = {mode: {key: _spread([p[key] for p in ps]) for key in ps[0]} for mode, ps in pair_ratios.items() if ps}
-    return {"modes": results, "spread": spread, "short_runs": short, "order": [p for _, p in order]}
+    ratio_spread = {mode: {key: spread([p[key] for p in ps], "per_repeat") for key in ps[0]}
+                    for mode, ps in pair_ratios.items() if ps}
+    return {"modes": results, "spread": ratio_spread, "short_runs": short, "order": [p for _, p in order]}
 
 
 MAX_PACED_S = 3600.0

@@ -80,14 +80,6 @@ def mbps_text(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _load_average() -> list[float] | None:
-    """The host's 1, 5 and 15-minute load averages; None where the platform has none (``os.getloadavg``)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def numba_threads() -> dict[str, Any]:
     """The threads numba's parallel loops ran on, and its threading layer, as numba itself reports them.
 
