@@ -283,6 +283,14 @@ async def _client_run(mode: str, port: int, n: int, rate: float, seconds: float 
         """Another answer while the answers so far lasted less than ``seconds`` (the pauses between them aside)."""
         return totals["answers"] == 0 or (totals["wall_s"] < seconds and totals["answers"] < MAX_FLOOD_ANSWERS)
 
+    def tally(tokens: int, datagrams: int, cpu_s: float, wall_s: float) -> None:
+        """One answer's figures into the run's sums."""
+        totals["answers"] += 1
+        totals["tokens"] += tokens
+        totals["datagrams"] += datagrams
+        totals["cpu_s"] += cpu_s
+        totals["wall_s"] += wall_s
+
     if mode == "raw":
         got = {"n": 0, "udp": 0}
         done = asyncio.Event()
@@ -311,11 +319,7 @@ async def _client_run(mode: str, port: int, n: int, rate: float, seconds: float 
                 wall = time.monotonic() - t0  # to the end of the answer, as for tokenwire's modes (not the wait)
                 if rate > 0:
                     await asyncio.sleep(0.05)  # the last acks (a flood's next answer follows at once)
-                totals["answers"] += 1
-                totals["tokens"] += got["n"]
-                totals["datagrams"] += got["udp"]
-                totals["cpu_s"] += _cpu() - cpu0
-                totals["wall_s"] += wall
+                tally(got["n"], got["udp"], _cpu() - cpu0, wall)
             return totals
 
     # the server subprocess made its own development certificate: nothing to verify it against
@@ -337,11 +341,7 @@ async def _client_run(mode: str, port: int, n: int, rate: float, seconds: float 
             stream = conn.chat("bench", scheme=mode, params={"n": n, "rate": rate})
             await stream.collect()
             assert stream.stats is not None and stream.stats.digest_verified
-            totals["answers"] += 1
-            totals["tokens"] += stream.stats.tokens
-            totals["datagrams"] += counter["udp"]
-            totals["cpu_s"] += _cpu() - cpu0
-            totals["wall_s"] += time.monotonic() - t0
+            tally(stream.stats.tokens, counter["udp"], _cpu() - cpu0, time.monotonic() - t0)
         return totals
 
 
