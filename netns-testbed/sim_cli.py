@@ -140,11 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
 def check_traces(args: argparse.Namespace) -> None:
     """Refuse a bad trace before any run, as :class:`CLIError` (one line, exit 2): each trace is parsed here (a
-    large file announced first, as ``testbed`` does), and the runs take the parse from the trace cache. The
-    trace options without ``--down-trace`` would be ignored, so they are refused too."""
+    large file announced first, as ``testbed`` does), and the runs take the parse from the trace cache. A trace
+    that ``testbed``'s commands refuse as too sparse for a handshake (:func:`.testbed.cli.crossable`) is refused
+    too: the simulator waits out any handshake, and ``--down-trace 1kbps`` ran to a stall of 1.0 where
+    ``testbed compare`` names the problem. The trace options without ``--down-trace`` would be ignored, so they
+    are refused too."""
     from tokenwire.daemon.cli import CLIError
-    from tokenwire.testbed.cli import note_large_traces
-    from tokenwire.testbed.trace import TraceError, trace_from_spec
+    from tokenwire.testbed.cli import crossable, note_large_traces
+    from tokenwire.testbed.trace import TraceError
 
     if args.down_trace is None:
         given = [o for o, v in (("--up-trace", args.up_trace), ("--queue-packets", args.queue_packets))
@@ -154,9 +157,12 @@ def check_traces(args: argparse.Namespace) -> None:
         return
     up = args.up_trace if args.up_trace is not None else args.down_trace
     note_large_traces(args.down_trace, up)
-    for option, spec in (("--down-trace", args.down_trace), ("--up-trace", up)):
+    checks = {"--down-trace": args.down_trace}
+    if up != args.down_trace:  # the same spec (the default): one parse and one check
+        checks["--up-trace"] = up
+    for option, spec in checks.items():
         try:
-            trace_from_spec(spec)
+            crossable(spec)()  # the parse (a malformed trace's error), then the gap and opportunity rules
         except TraceError as exc:
             raise CLIError(f"{option}: {exc}") from None
 

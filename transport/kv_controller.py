@@ -169,6 +169,9 @@ class ChunkOptions:
 class Decision:
     level: str
     planned: tuple[str, ...]  # the plan for this and every later chunk (tokenwire policies)
+    # The rate the choice was checked against, recorded as a decision's ``guard_bps``: tokenwire's guard rate
+    # (low**w * median**(1-w), on the prior when cold), the legacy rule's discounted low quantile, even-split's
+    # median; the fixed levels use none and carry the median (0.0 without one).
     bandwidth_bps: float
     budget_s: float
     probe: bool = False  # sent at the lowest level to measure the link where text was the choice (explore)

@@ -738,8 +738,10 @@ class KVServerSession(_SessionBase):
                                 decode_busy_s=busy)
         if d.probe:
             f.probe = f.next_index
+        # guard_bps: the rate the choice was checked against (tokenwire: the guard, below the low quantile and, on
+        # a cold decision, derived from the prior rather than from median_bps/low_bps, the forecast's inputs)
         f.decisions.append({"index": f.next_index, "level": d.level, "planned": list(d.planned),
-                            "median_bps": med, "low_bps": low, "fresh": fresh is not None,
+                            "median_bps": med, "low_bps": low, "guard_bps": d.bandwidth_bps, "fresh": fresh is not None,
                             "age_s": age if math.isfinite(age) else None,
                             "budget_s": d.budget_s, "time_left_s": time_left, "inflight_bytes": inflight,
                             "probe": d.probe, "decode_elements_per_s": rate, "decode_busy_s": busy})
