@@ -16,6 +16,7 @@ scheme meets the same outages.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
@@ -33,8 +34,8 @@ from aioquic.quic.packet import pull_quic_header
 
 from tokenwire.daemon.demo_upstream import answer_tokens, schedule
 from tokenwire.transport import metrics
-from tokenwire.transport.client_session import ClientSession
-from tokenwire.transport.frames import SCHEMES, Request
+from tokenwire.transport.client_session import AnswerComplete, ClientSession
+from tokenwire.transport.frames import CHAT_ALPNS, SCHEMES, Request
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.session_events import RequestFailed, RequestFinished, RequestReceived, SessionEvent
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
@@ -52,6 +53,10 @@ TIMER_SLACK = 1e-6
 QUEUE_PACKETS = 1000
 """Drop-tail limit of a trace-driven direction's queue, in packets: ``testbed compare``'s default
 (``--queue droptail:packets=1000``), so that a trace replay here and a testbed run meet the same buffer."""
+
+
+STATS_TAIL_S = 30.0
+"""Virtual seconds a run goes on after its answer's end for the GEN_TIMES frame that follows it (bytes only)."""
 
 
 class SimError(RuntimeError):
@@ -128,6 +133,11 @@ class _EventLoop:
 
     def run(self, done: Callable[[], bool], limit: float, tick: Callable[[], None] | None = None) -> None:
         """Run events until ``done()``; ``tick`` is called after each one (the progress within a run)."""
+        self.run_on(done, limit, tick)
+
+    def run_on(self, done: Callable[[], bool], limit: float, tick: Callable[[], None] | None = None) -> None:
+        """:meth:`run` itself; called directly, the run goes on after its answer (the GEN_TIMES tail), which a
+        probe of the answer's end that wraps :meth:`run` does not take for the end."""
         while self._heap and not done():
             t, _, fn = heapq.heappop(self._heap)
             if t > limit:
@@ -252,9 +262,12 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
 
     client = _Node("client")
     server = _Node("server")
-    client_quic = QuicConnection(configuration=client_configuration(cadata=cert.cert_pem, server_name="localhost"))
+    client_config = client_configuration(cadata=cert.cert_pem, server_name="localhost")
+    client_config.alpn_protocols = list(CHAT_ALPNS)  # generation times apart from FINISHED, as the SDK's
+    client_quic = QuicConnection(configuration=client_config)
     client.session = ClientSession(client_quic)
-    state: dict[str, Any] = {"outcome": None, "error": None, "arrival": None, "gen": [], "down_from": None}
+    state: dict[str, Any] = {"outcome": None, "error": None, "arrival": None, "gen": [], "down_from": None,
+                             "stats": False}
 
     def service(node: _Node) -> None:
         sess = node.session
@@ -282,8 +295,10 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
     def deliver(node: _Node, data: bytes) -> None:
         if node.session is None:  # the server connection is born from the client's first Initial
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            server_config = server_configuration(cert=cert)
+            server_config.alpn_protocols = list(CHAT_ALPNS)
             quic = QuicConnection(
-                configuration=server_configuration(cert=cert),
+                configuration=server_config,
                 original_destination_connection_id=header.destination_cid,
             )
             node.session = ServerSession(quic)
@@ -315,8 +330,11 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
 
     def client_events(evs: list[SessionEvent]) -> None:
         for ev in evs:
-            if isinstance(ev, RequestFinished):
-                state["outcome"] = ev.result
+            # the answer's end: its text whole and checked (the generation times that follow it, ALPN_GEN_TIMES, are
+            # the client's statistics; the run's come from the pushes it made itself)
+            if isinstance(ev, AnswerComplete | RequestFinished):
+                state["outcome"] = state["outcome"] or ev.result
+                state["stats"] = isinstance(ev, RequestFinished)
             elif isinstance(ev, RequestFailed):
                 state["error"] = ev.error
 
@@ -372,6 +390,11 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
             loop.run(done, cfg.max_virtual_s, tick=tick)
     except SimError as exc:  # the cap: named by scheme, as every other failure is
         raise SimError(f"{scheme}: {exc}") from None
+    if state["outcome"] is not None and not state["stats"]:
+        # the generation times follow the answer (ALPN_GEN_TIMES): their bytes count, as when FINISHED carried them,
+        # and the answer's times (its end included) are taken already
+        with contextlib.suppress(SimError):
+            loop.run_on(lambda: bool(state["stats"]), loop.now + STATS_TAIL_S)
     if state["error"] is not None:
         raise SimError(f"{scheme}: request failed: {state['error']}")
     outcome = state["outcome"]

@@ -15,6 +15,7 @@ from tokenwire.transport.frames import (
     Error,
     Finished,
     FrameType,
+    GenTimes,
     Repair,
     Request,
     Started,
@@ -41,6 +42,8 @@ SAMPLES = [
     Tokens(handle=0, first=9, tokens=[b"a", b"\xe2\x82"], sent_us=12345678901, total=20, extra=(15, [b"z"])),
     Ack(handle=8, next_index=4, echo_us=1, recv_us=2, ecn=[1, 2, 3, 0]),
     Finished(total=3, digest=b"d" * 32, reason="length", gen_us=[0, 10, 20]),
+    Finished(total=3, digest=b"d" * 32, first_gen_us=7),  # ALPN_GEN_TIMES: its g comes in GEN_TIMES
+    GenTimes(gen_us=[0, 10, 20]),
     Repair(first=2, end=9),
     Error(code=ErrorCode.UNAUTHORIZED, message="nope"),
 ]
@@ -103,6 +106,14 @@ def _raw(d):
         (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "s": "carrier-pigeon"}), "not one of"),
         (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "rf": 3}), "together"),
         (_raw({"t": 5, "n": 1, "d": b"short", "fr": "stop"}), "bytes"),
+        (_raw({"t": 14}), "gentimes: missing required field 'g'"),
+        (_raw({"t": 14, "g": [0, -1]}), "out of range"),
+        (_raw({"t": 14, "g": [0, 2**63]}), "out of range"),
+        (_raw({"t": 14, "g": [0, 1.5]}), "expected an integer"),
+        (_raw({"t": 14, "g": [0, True]}), "expected an integer"),
+        (_raw({"t": 14, "g": b"\x00"}), "expected a list"),
+        (_raw({"t": 14, "g": [0], "n": 1}), "unknown field"),
+        (_raw({"t": 14, "g": [0] * 200_001}), "exceeds max_array_len"),
         (_raw({"t": 1, "v": 1, "m": [{"role": "user", "content": "x"}], "p": {"k": [1]}}), "parameter"),
         (b"\x81\xa1t\x07" + b"\x00", "msgpack"),  # trailing garbage
     ],
@@ -129,6 +140,8 @@ def test_size_limits():
 def test_only_tokens_and_acks_travel_in_datagrams():
     with pytest.raises(FrameError, match="datagram"):
         decode_datagram(encode_frame(Repair(1, 2)))
+    with pytest.raises(FrameError, match="datagram"):
+        decode_datagram(encode_frame(GenTimes([0])))
     assert isinstance(decode_datagram(encode_frame(Ack(0, 1))), Ack)
 
 
@@ -163,7 +176,7 @@ msgpack_values = st.recursive(
         msgpack_values,
         max_size=6,
     ),
-    st.integers(1, 7),
+    st.sampled_from([*range(1, 9), 14]),
 )
 @example(fields={"v": 0}, t=1)  # a REQUEST of version 0: UnsupportedVersion, found by this test
 def test_fuzz_structured_maps_only_raise_frame_errors(fields, t):

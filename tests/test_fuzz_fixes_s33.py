@@ -135,6 +135,7 @@ def test_nested_array_claims_are_refused_before_anything_is_allocated(data, deco
     F.KvFetch(model="m", deadline_ms=1, token_ids=[F.MAX_TOKEN_ID] * F.MAX_KV_TOKENS),
     F.KvFetch(model="m", deadline_ms=1, hashes=[bytes(16)] * F.MAX_KV_CHUNKS),
     F.Finished(total=1, digest=bytes(32), gen_us=[1] * F.MAX_GEN_TIMES),
+    F.GenTimes(gen_us=[1] * F.MAX_GEN_TIMES),
     F.Tokens(handle=1, first=0, tokens=[b"x"] * F.MAX_TOKENS_PER_FRAME, extra=(F.MAX_TOKENS_PER_FRAME, [b"y"] * 9)),
     F.KvDone(chunks=F.MAX_KV_CHUNKS, levels=["low"] * F.MAX_KV_CHUNKS),
     F.Request(messages=[{"role": "user", "content": "x"}] * F.MAX_MESSAGES, params={f"p{i}": i for i in range(32)}),

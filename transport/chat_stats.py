@@ -84,8 +84,8 @@ class ChatStats:
 
 
 GEN_TIMES_MAX = MAX_GEN_TIMES
-"""The most tokens whose generation times a FINISHED frame carries (``frames.Finished``'s ``g``): a longer answer's
-statistics have no stall ratio."""
+"""The most tokens whose generation times a FINISHED frame carries (``frames.Finished``'s ``g``, or the GEN_TIMES
+frame after it with ``frames.ALPN_GEN_TIMES``): a longer answer's statistics have no stall ratio."""
 
 
 def stats_from_outcome(outcome: ChatOutcome) -> ChatStats:

@@ -51,9 +51,9 @@ from aioquic.quic.congestion.base import _factories as _congestion_factories
 from aioquic.quic.connection import QuicConnection
 
 from .chat_stats import ChatStats, stats_from_outcome
-from .client_session import ClientSession
+from .client_session import AnswerComplete, ClientSession
 from .errors import ConnectError, ConnectRefused, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
-from .frames import MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
+from .frames import CHAT_ALPNS, MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
 from .session_events import (
     ConnectionEnded,
@@ -248,6 +248,7 @@ class ChatStream:
         self._raise_failure = _Reraise()
         self._reader: asyncio.Task[Any] | None = None  # the task waiting for the next delta: one at a time
         self._on_started: list[Callable[[bytes], None]] = []
+        self._answer: ChatOutcome | None = None  # whole and checked, its generation times awaited (_answered)
         if prefix:
             self._parts.append(self._decoder.decode(b"".join(prefix)))
 
@@ -292,18 +293,35 @@ class ChatStream:
             self._parts.append(text)
             self._queue.put_nowait(text)
 
-    def _finished(self, outcome: ChatOutcome) -> None:
-        self.outcome = outcome
-        self.stats = stats_from_outcome(outcome)
+    @property
+    def answered(self) -> bool:
+        """Whether the whole text is here and its digest checked. With a server that sends the generation times
+        after FINISHED (``ALPN_GEN_TIMES``) that is a little before the iteration ends: it ends once ``stats`` are
+        complete, so that a reader of ``stats`` after ``async for`` gets a stall ratio."""
+        return self._answer is not None
+
+    def _answered(self, outcome: ChatOutcome) -> None:
+        """Every token and the digest: the text's last delta (or the mismatch) goes out now; the end waits for
+        :meth:`_finished`, with the generation times."""
+        self._answer = self.outcome = outcome
         tail = self._decoder.decode(b"", final=True)
         if tail:
             self._parts.append(tail)
             self._queue.put_nowait(tail)
         if not outcome.digest_ok:
             self._queue.put_nowait(DigestMismatch("received text does not match the server's digest"))
+
+    def _finished(self, outcome: ChatOutcome) -> None:
+        if self._answer is None:
+            self._answered(outcome)
+        self.outcome = outcome
+        self.stats = stats_from_outcome(outcome)
         self._queue.put_nowait(_END)
 
     def _failed(self, error: TokenwireError) -> None:
+        if self._answer is not None:  # only the generation times were missing: statistics without them
+            self._finished(self._answer)
+            return
         self._queue.put_nowait(error)
 
     # async iteration
@@ -404,6 +422,10 @@ class ClientProtocol(SessionProtocol):
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
                     s._started(ev.started.request_id, ev.started.scheme)
+            elif isinstance(ev, AnswerComplete):
+                s = self.streams.get(ev.stream_id)
+                if s is not None:
+                    s._answered(ev.result)
             elif isinstance(ev, RequestFinished):
                 s = self.streams.pop(ev.stream_id, None)
                 if s is not None:
@@ -597,6 +619,8 @@ async def connect(
         keyfile=keyfile,
         idle_timeout=idle_timeout,
     )
+    # offer the generation times apart from FINISHED (frames.ALPN_GEN_TIMES); a server without them picks tokenwire/1
+    config.alpn_protocols = list(CHAT_ALPNS)
 
     def make(*args: Any, **kwargs: Any) -> ClientProtocol:
         return ClientProtocol(*args, keepalive=keepalive, **kwargs)

@@ -9,6 +9,7 @@ the finished answer's digest. It is apart from :mod:`.server_session` and from t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from collections import deque
@@ -23,10 +24,13 @@ from .chatterbox import TokenReceiver
 from .datagram_hook import smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, known_code
 from .frames import (
+    ALPN_GEN_TIMES,
+    MAX_GEN_TIMES,
     REPORT_MS_MAX,
     Ack,
     Error,
     Finished,
+    GenTimes,
     Repair,
     Report,
     Request,
@@ -57,6 +61,21 @@ address change the server sends to the old address, and learns the new one only 
 ratio 0.34-0.47 against 0.014-0.022 clean; 0.08-0.10 with this ping, the clean path unchanged)."""
 STREAM_PING_GAPS = 4.0  # ... times the recent token-packet gap: a slower answer's ordinary gaps ping nothing
 TOKEN_GAP_GAIN = 1.0 / 8.0  # the gap's moving average, as RFC 6298's smoothed RTT: a stall moves it little
+GEN_TIMES_WAIT_S = 10.0
+"""How long an answer that is complete (``ALPN_GEN_TIMES``) waits for its GEN_TIMES: the statistics then end
+without generation times, as a stream's end or reset before it ends them, rather than a server that never sends it
+holding the request (and a reader waiting for the statistics) open for ever. The server sends it once the client has
+every token: an RTT and ~2 KB later (600 tokens), about a second on a 50-kbit/s path."""
+
+
+@dataclass
+class AnswerComplete(SessionEvent):
+    """Client, ``ALPN_GEN_TIMES``: every token is here and the digest checked (``result.digest_ok``), but the
+    generation times (``result.gen_offsets`` None) are still to come; :class:`RequestFinished` follows with them,
+    or without them if the stream ends first or they take :data:`GEN_TIMES_WAIT_S`."""
+
+    stream_id: int
+    result: ChatOutcome
 
 
 def _ecn_counts_of(session: weakref.ref[ClientSession]) -> list[int] | None:
@@ -115,6 +134,8 @@ class ClientRequest:
     repair_upto: int = 0
     repairs_requested: int = 0
     ack_source: _AckSource | None = None
+    answered: ChatOutcome | None = None  # complete, its GEN_TIMES awaited (AnswerComplete)
+    answered_at: float = 0.0
 
 
 class ClientSession(_SessionBase):
@@ -262,6 +283,8 @@ class ClientSession(_SessionBase):
         req.done = True
         self._fin(stream_id)
         self.scheduler.forget(req.ack_source)
+        if req.answered is not None:
+            return req.answered  # whole and checked: only its generation times are missing
         if req.started is None:
             return None
         rec = req.receiver
@@ -298,7 +321,9 @@ class ClientSession(_SessionBase):
                 continue
             req.done = True
             self.scheduler.forget(req.ack_source)
-            if self._stream_blocked(sid):
+            if req.answered is not None:
+                self._fin(sid)  # complete: the server has nothing left to generate
+            elif self._stream_blocked(sid):
                 self._fin(sid)  # (should it leave after all: a REQUEST with its FIN, a give-up before it began)
             else:
                 self._reset_own_side(sid)
@@ -337,6 +362,17 @@ class ClientSession(_SessionBase):
                 req.finished = frame
                 rx.set_total(frame.total)
                 self._track_gap(req, now)
+            elif isinstance(frame, GenTimes):
+                fin = req.finished
+                if fin is None or not self._times_follow(fin):
+                    raise FrameError("generation times the server had no reason to send (before FINISHED, or "
+                                     "beside FINISHED's own, or without ALPN_GEN_TIMES)")
+                if len(frame.gen_us) != fin.total:
+                    raise FrameError(f"{len(frame.gen_us)} generation times for {fin.total} tokens")
+                if req.answered is not None:
+                    return out + self._end_answered(req, frame.gen_us)
+                # (tokens still missing, which the server sends it only after: the answer ends with them)
+                req.finished = dataclasses.replace(fin, gen_us=frame.gen_us)
             elif isinstance(frame, Error):
                 req.done = True
                 self.requests.pop(stream_id, None)
@@ -350,6 +386,8 @@ class ClientSession(_SessionBase):
             if req.done:
                 return out
         out.extend(self._maybe_complete(req, now))
+        if end and req.answered is not None and not req.done:
+            return out + self._end_answered(req, None)  # no GEN_TIMES came: statistics without them
         if end and not req.done:
             self.requests.pop(stream_id, None)
             req.done = True
@@ -380,7 +418,7 @@ class ClientSession(_SessionBase):
         if not isinstance(frame, Tokens):
             raise ProtocolError("servers may only send token datagrams")
         req = self.requests.get(frame.handle)
-        if req is None or req.done:
+        if req is None or req.done or req.answered is not None:
             return []
         out = self._tokens(req, frame, now)
         if self.send_acks and req.ack_source is not None:
@@ -388,18 +426,50 @@ class ClientSession(_SessionBase):
         out.extend(self._maybe_complete(req, now))
         return out
 
+    def _times_follow(self, fin: Finished) -> bool:
+        """Whether a GEN_TIMES frame follows ``fin``: ``ALPN_GEN_TIMES`` was negotiated and FINISHED came without
+        its times, which the answer's length did not rule out (beyond MAX_GEN_TIMES tokens there are none)."""
+        tls = getattr(self.quic, "tls", None)
+        return (fin.gen_us is None and fin.total <= MAX_GEN_TIMES
+                and getattr(tls, "alpn_negotiated", None) == ALPN_GEN_TIMES)
+
     def _maybe_complete(self, req: ClientRequest, now: float) -> list[SessionEvent]:
         fin = req.finished
-        if req.done or fin is None or req.started is None or not req.receiver.complete:
+        if req.done or req.answered is not None or fin is None or req.started is None or not req.receiver.complete:
             return []
+        self.scheduler.forget(req.ack_source)
+        if self._times_follow(fin):
+            # the answer is whole and checked now; its statistics when GEN_TIMES comes (_end_answered)
+            req.answered = self._outcome(req, fin)
+            req.answered_at = now
+            return [AnswerComplete(req.stream_id, req.answered)]
         req.done = True
         self.requests.pop(req.stream_id, None)
-        self.scheduler.forget(req.ack_source)
+        return self._report_and_end(req, self._outcome(req, fin))
+
+    def _end_answered(self, req: ClientRequest, gen_us: list[int] | None) -> list[SessionEvent]:
+        """An answered request's end: with its GEN_TIMES, or (``None``) without, when they did not come."""
+        assert req.answered is not None
+        req.done = True
+        self.requests.pop(req.stream_id, None)
+        outcome = req.answered
+        if gen_us is not None:
+            outcome = dataclasses.replace(outcome, gen_offsets=gen_times_from_deltas(gen_us))
+        return self._report_and_end(req, outcome)
+
+    def _report_and_end(self, req: ClientRequest, outcome: ChatOutcome) -> list[SessionEvent]:
+        if self.send_reports:
+            self._send(req.stream_id, _report(outcome))
+        self._fin(req.stream_id)
+        return [RequestFinished(req.stream_id, outcome)]
+
+    def _outcome(self, req: ClientRequest, fin: Finished) -> ChatOutcome:
+        assert req.started is not None
         tokens = req.prefix + req.receiver.tokens
         if req.receiver.first_index != len(req.prefix):
             tokens = req.receiver.tokens  # resumed without the prefix: the digest covers tokens not held here
         digest_ok = len(tokens) == fin.total and text_digest(tokens) == fin.digest
-        outcome = ChatOutcome(
+        return ChatOutcome(
             tokens=tokens,
             first_index=req.receiver.first_index,
             total=fin.total,
@@ -416,12 +486,11 @@ class ClientSession(_SessionBase):
             first_gen_us=fin.first_gen_us,
             resumed=req.request.resume_id is not None,
         )
-        if self.send_reports:
-            self._send(req.stream_id, _report(outcome))
-        self._fin(req.stream_id)
-        return [RequestFinished(req.stream_id, outcome)]
 
     def _on_stream_reset(self, stream_id: int, code: int) -> list[SessionEvent]:
+        req = self.requests.get(stream_id)
+        if req is not None and req.answered is not None and not req.done:
+            return self._end_answered(req, None)  # whole and checked: statistics without their times
         req = self.requests.pop(stream_id, None)
         if req is None or req.done:
             return []
@@ -432,7 +501,10 @@ class ClientSession(_SessionBase):
         out: list[SessionEvent] = []
         err = self._closing_error
         for req in list(self.requests.values()):
-            if not req.done:
+            if not req.done and req.answered is not None:  # whole and checked: statistics without their times
+                req.done = True
+                out.append(RequestFinished(req.stream_id, req.answered))
+            elif not req.done:
                 req.done = True
                 e = err if err is not None else closed_error(
                     event.error_code, event.reason_phrase, idle_timeout_in_force(self.quic))
@@ -457,6 +529,10 @@ class ClientSession(_SessionBase):
     def _session_timer(self) -> float | None:
         best: float | None = self._keepalive_at()
         for req in self.requests.values():
+            if req.answered is not None and not req.done:
+                t = req.answered_at + GEN_TIMES_WAIT_S
+                best = t if best is None else min(best, t)
+                continue
             if req.gap_since is None or req.done:
                 continue
             gap = req.receiver.missing()
@@ -469,7 +545,12 @@ class ClientSession(_SessionBase):
 
     def _on_session_timer(self, now: float) -> list[SessionEvent]:
         self._ping_if_due(self._keepalive_at(), now)
+        out: list[SessionEvent] = []
         for req in list(self.requests.values()):
+            if req.answered is not None and not req.done:
+                if now >= req.answered_at + GEN_TIMES_WAIT_S:
+                    out.extend(self._end_answered(req, None))
+                continue
             if req.gap_since is None or req.done:
                 continue
             gap = req.receiver.missing()
@@ -484,7 +565,7 @@ class ClientSession(_SessionBase):
             req.repair_upto = b
             req.repairs_requested += 1
             req.gap_since = now
-        return []
+        return out
 
 
 def _report(outcome: ChatOutcome) -> Report:

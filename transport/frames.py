@@ -26,6 +26,12 @@ from .errors import FrameError, FrameTooLarge, UnsupportedVersion
 
 PROTOCOL_VERSION = 1
 ALPN = "tokenwire/1"
+ALPN_GEN_TIMES = ALPN + "+gt"
+"""The same protocol, with FINISHED's generation times in a GEN_TIMES frame after it (:class:`GenTimes`): a
+client offers it ahead of ``ALPN`` and a server that knows it prefers it, so neither end's older peer ever sees the
+new frame (an older client closes the connection on a frame type it does not know, an older server on a REQUEST
+key it does not know: a REQUEST field could not ask for it)."""
+CHAT_ALPNS = (ALPN_GEN_TIMES, ALPN)  # either end's offer, in the server's order of preference
 
 SCHEMES = ("chatterbox", "stream", "duplicate")
 
@@ -64,6 +70,7 @@ class FrameType(IntEnum):
     KV_CHUNK = 11
     KV_ACK = 12
     KV_DONE = 13
+    GEN_TIMES = 14
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +360,24 @@ class Finished(Frame):
 
 
 @dataclass(slots=True)
+class GenTimes(Frame):
+    """Server -> client on the request stream, after FINISHED, with ``ALPN_GEN_TIMES`` only: FINISHED's ``g``.
+
+    Apart so that FINISHED stays small: with ~2 KB of times for 600 tokens it made the packet of an answer's last
+    tokens too big for the last send slot of a slow path, and those tokens waited a second for the next one. The
+    answer (text, digest) is complete at FINISHED; only the statistics wait for this frame. One per token from
+    index 0, as FINISHED's ``g``; not sent beyond :data:`MAX_GEN_TIMES` tokens.
+    """
+
+    TYPE = FrameType.GEN_TIMES
+    gen_us: list[int]
+
+    FIELDS: ClassVar[FieldSpec] = {
+        "g": ("gen_us", _int_list(MAX_GEN_TIMES, 0, MAX_TIMESTAMP_US), True),
+    }
+
+
+@dataclass(slots=True)
 class Repair(Frame):
     """Client -> server on the request stream: send tokens [first, end) again, reliably on this stream."""
 
@@ -584,11 +609,11 @@ class KvDone(Frame):
 FRAME_CLASSES: dict[int, type[Frame]] = {
     int(cls.TYPE): cls
     for cls in (Request, Started, Tokens, Ack, Finished, Repair, Error, Report, KvFetch, KvMeta, KvChunk, KvAck,
-                KvDone)
+                KvDone, GenTimes)
 }
 
-# the longest array any frame carries (a FINISHED's times; a KV_FETCH's ids next): the decoder's bound on one
-# array header's claim, before the field checks hold each list to its own bound
+# the longest array any frame carries (a FINISHED's or GEN_TIMES's times; a KV_FETCH's ids next): the decoder's
+# bound on one array header's claim, before the field checks hold each list to its own bound
 MAX_ARRAY_ITEMS = max(MAX_GEN_TIMES, MAX_KV_TOKENS, MAX_TOKENS_PER_FRAME, MAX_KV_CHUNKS, MAX_MESSAGES)
 
 

@@ -34,12 +34,14 @@ from .datagram_hook import smoothed_rtt
 from .ecn_socket import CE, ECT1
 from .errors import ErrorCode, FrameError, FrameTooLarge, ProtocolError, UnsupportedVersion
 from .frames import (
+    ALPN_GEN_TIMES,
     MAX_GEN_TIMES,
     MAX_STREAM_FRAME,
     REQUEST_ID_BYTES,
     Ack,
     Error,
     Finished,
+    GenTimes,
     Repair,
     Report,
     Request,
@@ -137,6 +139,10 @@ class ServerRequest:
     first_index: int = 0
     started: bool = False
     finished_sent: bool = False
+    # ALPN_GEN_TIMES: the generation times that follow FINISHED in a frame of their own (see _send_gen_times), and
+    # the stream offset FINISHED ends at
+    gen_times: list[int] | None = None
+    finished_end: int = 0
     done: bool = False
     repairs: int = 0
     reported: bool = False  # its client's REPORT came (one counts)
@@ -192,6 +198,7 @@ class ServerSession(_SessionBase):
         self._l_ce_at = -math.inf  # ... on a packet sent ECT(1): an L4S queue's marks
         self._offered_streams = max_requests  # (the transport parameter: a STREAM_LIMIT_ERROR's close names it)
         self.ack_timing = AckTiming()  # its QUIC ACKs ride the token packets
+        self._gen_times_due: set[int] = set()  # requests whose GEN_TIMES waits (_send_gen_times)
 
     # -- API for the driver ----------------------------------------------------------------------------
     @property
@@ -301,7 +308,39 @@ class ServerSession(_SessionBase):
             req.finished_sent = True
             gen = tr.gen_deltas_us() if len(tr) <= MAX_GEN_TIMES else None
             t0 = max(0, round(tr.gen_times[0] * 1e6)) if tr.gen_times else None
+            if gen is not None and self.gen_times_apart:
+                req.gen_times, gen = gen, None  # (GEN_TIMES follows: _send_gen_times)
             self._send(stream_id, Finished(len(tr), tr.digest(), tr.reason, gen, t0))
+            if req.gen_times is not None:
+                stream = self.quic._streams.get(stream_id)
+                req.finished_end = stream.sender._buffer_stop if stream is not None else 0
+                self._gen_times_due.add(stream_id)
+
+    @property
+    def gen_times_apart(self) -> bool:
+        """Whether the client negotiated ``ALPN_GEN_TIMES``: FINISHED then goes without its generation times, which
+        follow in a GEN_TIMES frame (an older client closes the connection on that frame, so only then)."""
+        tls = getattr(self.quic, "tls", None)
+        return getattr(tls, "alpn_negotiated", None) == ALPN_GEN_TIMES
+
+    def _send_gen_times(self) -> None:
+        """Write each answer's GEN_TIMES once its FINISHED has left and every token has reached the client (the
+        datagram schemes' sender knows; the stream scheme's tokens are ahead on the stream): so it shares no packet
+        with tokens, makes none of theirs bigger, and holds no repair back behind its ~2 KB (600 tokens). Called
+        before each send: the client's acknowledgements that make it due also bring that call."""
+        for sid in list(self._gen_times_due):
+            req = self.requests.get(sid)
+            if req is None or req.gen_times is None or req.done:
+                self._gen_times_due.discard(sid)
+                continue
+            stream = self.quic._streams.get(req.stream_id)
+            if stream is None or stream.sender.highest_offset < req.finished_end:
+                continue  # FINISHED has not left yet
+            if req.sender is not None and req.transcript is not None and req.sender.floor < len(req.transcript):
+                continue  # tokens still unacknowledged: a repeat or repair may yet need the room
+            self._send(req.stream_id, GenTimes(req.gen_times))
+            req.gen_times = None
+            self._gen_times_due.discard(sid)
 
     def _stream_backlog(self, stream_id: int) -> int:
         """Bytes of ``stream_id``'s next STREAM frame that flow control lets leave now (aioquic's private stream
@@ -366,6 +405,8 @@ class ServerSession(_SessionBase):
         return self.requests.get(stream_id)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        if self._gen_times_due:
+            self._send_gen_times()
         for req in self.requests.values():
             if req.sender is not None:
                 # the marking decision is taken when the sender builds a datagram, not before (_codepoint_now)
