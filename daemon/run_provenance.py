@@ -64,6 +64,9 @@ class RunProvenance:
         self.started = datetime.now(UTC)
         self._t0 = time.monotonic()
         self.load_start = _load()
+        # the commit whose code runs: read at the start, as Python imported it (a commit made during a long run
+        # was recorded, with -dirty, by a testbed swiftqueue JSON that read it at the end)
+        self.git_commit = git_commit()
 
     def finish(self) -> dict[str, Any]:
         from .cli import installed_version
@@ -77,7 +80,7 @@ class RunProvenance:
             # the 1, 5 and 15-minute load averages before and after: a run at load 5 on 2 CPUs is not a quiet one
             "load_average": {"start": self.load_start, "end": _load()},
             "tokenwire_version": installed_version(),
-            "git_commit": git_commit(),
+            "git_commit": self.git_commit,
             "python": sys.version.split()[0],
             "libraries": _library_versions(),
         }

@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from tokenwire.daemon.cli import repeated
 from tokenwire.daemon.config import MAX_ANSWER_TOKENS, Limits
+from tokenwire.daemon.run_provenance import RunProvenance
 from tokenwire.transport import metrics
 from tokenwire.transport.chatterbox import CONGESTED_REPEATS, QUEUE_DELAY_S, QUEUE_DELAY_SHARE, path_queues
 from tokenwire.transport.ecn_socket import ECT0, ECT1
@@ -792,8 +793,10 @@ def summarize_run(run: PolicyRun, warmup_s: float, t0: float = 0.0) -> dict[str,
 
 
 def build_summary(cfg: SwiftQueueConfig, runs: dict[str, PolicyRun], backend: str,
-                  backend_reason: str = "", t0: dict[str, float] | None = None) -> dict[str, Any]:
-    """The JSON document: ``{"policies": {name: {...}}, "comparison": {...}, "config", "backend"}``."""
+                  backend_reason: str = "", t0: dict[str, float] | None = None,
+                  started: RunProvenance | None = None) -> dict[str, Any]:
+    """The JSON document: ``{"policies": {name: {...}}, "comparison": {...}, "config", "backend", "provenance"}``
+    (``started``: where the runs began, for the provenance's load average and commit)."""
     pol = {name: summarize_run(run, cfg.warmup_s, (t0 or {}).get(name, 0.0)) for name, run in runs.items()}
     comparison: dict[str, Any] = {}
 
@@ -815,18 +818,19 @@ def build_summary(cfg: SwiftQueueConfig, runs: dict[str, PolicyRun], backend: st
             if "goodput_tokens_per_s" in ref:
                 comparison[name]["goodput_ratio_vs_l4s"] = ratio(d, ref, "goodput_tokens_per_s")
     return {"policies": pol, "comparison": comparison, "config": asdict(cfg), "backend": backend,
-            "backend_reason": backend_reason, "provenance": provenance(cfg)}
+            "backend_reason": backend_reason, "provenance": provenance(cfg, started)}
 
 
-def provenance(cfg: SwiftQueueConfig) -> dict[str, Any]:
+def provenance(cfg: SwiftQueueConfig, started: RunProvenance | None = None) -> dict[str, Any]:
     """What the results depend on beyond ``config``: the code (tokenwire's version and, run from a git checkout,
     its commit), the latency model's bytes (sha256) and the policy's and token model's constants. ``config`` alone
     could not reproduce them: a constant added later (the refuge memory, commit 8f511d9) changed 12 of 16
-    scenarios' swiftqueue rows while the files' settings stayed the same, and nothing in them said why."""
+    scenarios' swiftqueue rows while the files' settings stayed the same, and nothing in them said why. Also the
+    host, its CPUs and its load average before and after (:mod:`tokenwire.daemon.run_provenance`, as every bench
+    JSON has): a namespace run's P99 and stall depend on how loaded the host was."""
     import hashlib
 
-    from tokenwire.daemon.cli import installed_version
-    from tokenwire.daemon.run_provenance import git_commit
+    from tokenwire.daemon.run_provenance import run_provenance
     from tokenwire.predictor.runtime import shipped_model_path
 
     model: dict[str, Any] | None = None
@@ -838,7 +842,7 @@ def provenance(cfg: SwiftQueueConfig) -> dict[str, Any]:
         except OSError as exc:
             model = {"path": path, "sha256": None, "error": exc.strerror or str(exc)}
     return {
-        "tokenwire_version": installed_version(), "git_commit": git_commit(), "model": model,
+        **run_provenance(started), "model": model,
         "refuge_memory_s": REFUGE_MEMORY_S, "congestion_cap": MarkedPacedFlow.congestion_cap,
         "congested_repeats": CONGESTED_REPEATS, "queue_delay_s": QUEUE_DELAY_S, "queue_delay_share": QUEUE_DELAY_SHARE,
     }  # fmt: skip
@@ -849,6 +853,7 @@ def run_virtual_all(cfg: SwiftQueueConfig, *, log_fn: Callable[[str], None] | No
                     ) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
     """Every policy of ``cfg`` in virtual time; returns the JSON summary and the runs (for the plot)."""
     cfg.validate()
+    started = RunProvenance()
     runs: dict[str, PolicyRun] = {}
     for k, name in enumerate(cfg.policies):
         if log_fn:
@@ -859,4 +864,4 @@ def run_virtual_all(cfg: SwiftQueueConfig, *, log_fn: Callable[[str], None] | No
             cfg, name, forecaster=fc, forecaster_name=fc_name,
             progress=(lambda t, n=name: progress(n, t, cfg.seconds)) if progress else None,  # type: ignore[misc]
         )
-    return build_summary(cfg, runs, "virtual", "vsim: virtual time, no namespaces"), runs
+    return build_summary(cfg, runs, "virtual", "vsim: virtual time, no namespaces", started=started), runs

@@ -217,6 +217,9 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
                   ) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
     """Every policy of ``cfg`` through the namespace testbed; the JSON summary and the runs (for the plot)."""
     cfg.validate()
+    from tokenwire.daemon.run_provenance import RunProvenance
+
+    started = RunProvenance()
     runs: dict[str, PolicyRun] = {}
     # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind
     with run_folder(workdir, "tw-swiftqueue-") as (wd, scratch):
@@ -234,7 +237,8 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
     base_ms = max(cfg.delay_ms, best * 1000.0 if math.isfinite(best) else cfg.delay_ms)
     for run in runs.values():
         run.base_delay_ms = base_ms
-    summary = build_summary(cfg, runs, "userspace", "namespaces + userspace emulator (the oracle reads its state)")
+    summary = build_summary(cfg, runs, "userspace", "namespaces + userspace emulator (the oracle reads its state)",
+                            started=started)
     summary["base_delay_ms"] = base_ms
     for name, run in runs.items():
         summary["policies"][name]["digest_ok"] = run.extra.get("text_ok")
