@@ -394,7 +394,24 @@ def run(args: argparse.Namespace) -> int:
     # whether a request went out at all, whether its stream is open on a connection now (leaving it early sends the
     # cancellation), and the request id once known: what --max-time can say when it gives up; the answer's id once
     # it started, and whether the daemon ended it with an ERROR (nothing left there to attach to)
-    where: dict[str, Any] = {"asked": False, "open": False, "id": None, "started": None, "over": False}
+    where: dict[str, Any] = {"asked": False, "open": False, "id": None, "started": None, "over": False,
+                             "stream": None}
+
+    def whole_answer() -> Any:
+        """The statistics of an answer whose text came whole and digest-checked before --max-time or Ctrl-C ended
+        the wait for its generation times (GEN_TIMES, a round trip after the last text): it is a whole answer,
+        exit status 0, statistics without a stall ratio (leaving its ``async with`` ended it so). None otherwise:
+        the answer was cut short."""
+        from tokenwire.transport.chat_stats import stats_from_outcome
+
+        stream = where["stream"]
+        if stream is None or not stream.answered or stream.outcome is None or not stream.outcome.digest_ok:
+            return None
+        with contextlib.suppress(OSError):  # the answer's last line, as a whole answer ends
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        midline[0] = False
+        return stream.stats if stream.stats is not None else stats_from_outcome(stream.outcome)
 
     def started(request_id: bytes) -> None:
         """STARTED: the answer has its id; -v says it at once (once: a resume starts the same answer again)."""
@@ -433,6 +450,7 @@ def run(args: argparse.Namespace) -> int:
                         stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
                                            params=params or None, resume=resume)
                     stream.on_started(started)  # (the first delta may come much later: a model that thinks)
+                    where["stream"] = stream
                     # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
                     # server stops generating it; a bare `async for` left it generating to max_tokens
                     where["open"] = where["asked"] = True
@@ -501,6 +519,9 @@ def run(args: argparse.Namespace) -> int:
         except TimeoutError:
             if not limit.expired():
                 raise
+            whole = whole_answer()
+            if whole is not None:
+                return whole
             head = f"no whole answer within {args.max_time:g} s (--max-time)"
             if not where["asked"]:  # timed out connecting: no request went out
                 raise CLIError(f"{head}: the server was not reached, nothing was asked of it") from None
@@ -515,19 +536,23 @@ def run(args: argparse.Namespace) -> int:
         try:
             stats = run_interruptible(bounded())
         except (Exception, KeyboardInterrupt) as exc:
-            if midline[0]:  # end the partial answer's line: the error line (or "interrupted") was glued onto it
-                with contextlib.suppress(OSError):
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
-            # a started answer whose connection was lost (retries spent, or --max-time or Ctrl-C while reconnecting)
-            # may still be generating at the daemon (for its orphan timeout): its id, to attach to it, before the
-            # error line. Not when its stream was still open (leaving it sent the cancellation: an attach then got
-            # "the server cancelled this answer"), nor after the daemon's own ERROR for it, nor a local error
-            if (where["started"] is not None and not where["over"] and not where["open"]
-                    and isinstance(exc, KeyboardInterrupt | CLIError | TokenwireError)):
-                with contextlib.suppress(OSError):
-                    print(attach_hint(where["started"]), file=sys.stderr, flush=True)
-            raise
+            # (Ctrl-C between the answer's last text and its statistics: a whole answer, see whole_answer)
+            stats = whole_answer() if isinstance(exc, KeyboardInterrupt) else None
+            if stats is None:
+                if midline[0]:  # end the partial answer's line: the error line (or "interrupted") was glued onto it
+                    with contextlib.suppress(OSError):
+                        sys.stdout.write("\n")
+                        sys.stdout.flush()
+                # a started answer whose connection was lost (retries spent, or --max-time or Ctrl-C while
+                # reconnecting) may still be generating at the daemon (for its orphan timeout): its id, to attach to
+                # it, before the error line. Not when its stream was still open (leaving it sent the cancellation:
+                # an attach then got "the server cancelled this answer"), nor after the daemon's own ERROR for it,
+                # nor a local error
+                if (where["started"] is not None and not where["over"] and not where["open"]
+                        and isinstance(exc, KeyboardInterrupt | CLIError | TokenwireError)):
+                    with contextlib.suppress(OSError):
+                        print(attach_hint(where["started"]), file=sys.stderr, flush=True)
+                raise
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; a ConnectionError, though
         raise
     except HandshakeError as exc:

@@ -33,7 +33,10 @@ from tokenwire.transport.frames import (
 )
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.session_events import (
+    ClientReport,
     ConnectionEnded,
+    RequestCancelled,
+    RequestCompleted,
     RequestFailed,
     RequestFinished,
     RequestReceived,
@@ -99,7 +102,7 @@ def _finished_frames(pair: AlpnPair) -> list[Finished]:
     return [f for f in pair.sent if isinstance(f, Finished)]
 
 
-def test_both_ends_new_finished_goes_without_times_and_gen_times_follows_once_every_token_is_acknowledged() -> None:
+def test_both_ends_new_finished_goes_without_times_and_gen_times_follows_it() -> None:
     pair = AlpnPair()
     sid = pair.answer()
     assert pair.server.quic.tls.alpn_negotiated == ALPN_GEN_TIMES
@@ -303,3 +306,184 @@ def test_gen_times_round_trips_and_checks_its_field() -> None:
     frame = GenTimes([0, 5, 7])
     assert decode_frame(encode_frame(frame)) == frame
     assert cs.GEN_TIMES_WAIT_S > 1.0  # (a slow path's ~2 KB take a second)
+
+
+# -- an answer that is whole before its GEN_TIMES came stays whole when it is cancelled or its connection closed --
+
+def _answered_without_gen_times(pair: AlpnPair) -> int:
+    pair.exchange(rounds=20)
+    _without_gen_times(pair)
+    sid = pair.answer(40)
+    pair.exchange(rounds=100, quiet_after=0.5)  # (not into GEN_TIMES_WAIT_S)
+    assert pair.of(AnswerComplete) and not pair.of(RequestFinished)
+    return sid
+
+
+def _server_saw(pair: AlpnPair, sid: int) -> tuple[list[ClientReport], list[type]]:
+    reports = [e for e in pair.server_events if isinstance(e, ClientReport) and e.stream_id == sid]
+    ends = [type(e) for e in pair.server_events
+            if isinstance(e, RequestCompleted | RequestCancelled) and e.stream_id == sid]
+    return reports, ends
+
+
+def test_a_cancel_after_the_answer_is_whole_sends_its_report_and_keeps_it_whole() -> None:
+    """The REPORT left with FINISHED before GEN_TIMES; a cancel between the two (the SDK's ``async with`` left
+    after the last delta) ended the request with a bare FIN, and the daemon's client stall/TTFT metrics skipped it."""
+    pair = AlpnPair()
+    sid = _answered_without_gen_times(pair)
+    outcome = pair.client.cancel(sid)
+    assert outcome is not None and outcome.finish_reason != "cancelled" and outcome.digest_ok
+    assert outcome.gen_offsets is None and outcome.total == 40
+    assert sid not in pair.client.requests
+    pair.exchange(rounds=50, quiet_after=0.5)
+    reports, ends = _server_saw(pair, sid)
+    assert len(reports) == 1 and reports[0].report.ttft_ms is not None and reports[0].report.stall_ratio is None
+    assert ends == [RequestCompleted]
+
+
+def test_closing_the_connection_after_the_answer_is_whole_sends_its_report_first() -> None:
+    pair = AlpnPair()
+    sid = _answered_without_gen_times(pair)
+    assert pair.client.abandon_open() == [sid]
+    assert sid not in pair.client.requests
+    pair.exchange(rounds=50, quiet_after=0.5)
+    reports, ends = _server_saw(pair, sid)
+    assert len(reports) == 1 and reports[0].report.ttft_ms is not None
+    assert ends == [RequestCompleted]
+
+
+class _FakeSession:
+    def __init__(self, outcome: ChatOutcome) -> None:
+        self.outcome = outcome
+        self.cancelled: list[int] = []
+
+    def cancel(self, stream_id: int) -> ChatOutcome:
+        self.cancelled.append(stream_id)
+        return self.outcome
+
+
+class _FakeProtocol:
+    def __init__(self, session: _FakeSession) -> None:
+        self.streams: dict[int, ChatStream] = {}
+        self.client_session = session
+
+    def transmit(self) -> None:
+        pass
+
+
+class _FakeConnection:
+    def __init__(self, protocol: _FakeProtocol) -> None:
+        self._protocol = protocol
+
+
+def test_the_sdk_streams_cancel_after_the_last_delta_keeps_the_answer_whole() -> None:
+    asyncio.run(_cancel_after_the_last_delta())
+
+
+async def _cancel_after_the_last_delta() -> None:
+    """``cancel()`` (``async with`` left) between the last delta and the statistics: the answer ended as a
+    cancellation, and the deltas not read yet were thrown away though the text was whole."""
+    whole = _outcome(None)
+    proto = _FakeProtocol(_FakeSession(whole))
+    s = ChatStream(_FakeConnection(proto), Request(messages=[{"role": "user", "content": "x"}]), [])  # type: ignore[arg-type]
+    s.stream_id = 4
+    proto.streams[4] = s
+    s._tokens([b"ok "])
+    s._answered(whole)
+    await s.cancel()
+    assert proto.client_session.cancelled == [4] and 4 not in proto.streams
+    assert [d async for d in s] == ["ok "]  # read after the cancel, as a whole answer's would be
+    assert s.stats is not None and s.stats.finish_reason == "stop" and s.stats.digest_verified
+    assert math.isnan(s.stats.stall_ratio)  # (no generation times)
+    await s.cancel()  # a no-op now
+    assert proto.client_session.cancelled == [4]
+
+
+# -- `tokenwire chat`: --max-time or Ctrl-C between the last text and GEN_TIMES leave a whole answer --
+
+@pytest.fixture
+def silent_times_server(monkeypatch, tmp_path):
+    """A server (``tokenwire/1+gt``) that never sends GEN_TIMES: the chat client's answer is whole and its
+    statistics wait (GEN_TIMES_WAIT_S), as they do for a round trip after every answer. Yields (port, cafile)."""
+    import threading
+
+    from tests.test_chat_cli import closed, stop_loop_thread
+    from tests.test_loopback import word_source
+    from tokenwire.transport.server import serve
+
+    monkeypatch.setattr(ServerSession, "_send_gen_times", lambda self: None)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(word_source, host="127.0.0.1", port=0), loop).result(30)
+    ca = tmp_path / "dev.pem"
+    ca.write_bytes(dev_cert().cert_pem)
+    try:
+        yield server.port, ca
+    finally:
+        stop_loop_thread(loop, thread, lambda: closed(server))
+
+
+def _whole_text(n: int) -> str:
+    from tests.test_loopback import WORDS
+
+    return "".join(WORDS[:n]) + "\n"
+
+
+def test_max_time_after_the_whole_answer_is_a_whole_answer(silent_times_server, capsys) -> None:
+    """`--max-time` running out between the last text and the statistics said "no whole answer" (exit 2) after
+    printing the whole, digest-checked answer."""
+    from tokenwire.daemon.cli import main
+
+    port, ca = silent_times_server
+    rc = main(["chat", "--port", str(port), "--cafile", str(ca), "--server-name", "localhost", "--max-tokens", "30",
+               "--max-time", "2", "--stats", "hi"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == _whole_text(30)
+    assert "no whole answer" not in err and "request id" in err, err  # --stats: its statistics line
+
+
+def test_ctrl_c_after_the_whole_answer_is_a_whole_answer(silent_times_server, capsys, monkeypatch) -> None:
+    """Ctrl-C between the last text and the statistics said "interrupted" (exit 130) after the whole answer."""
+    import os
+    import signal
+
+    from tokenwire.daemon.cli import main
+
+    answered = ChatStream._answered
+
+    def then_ctrl_c(self, outcome):
+        answered(self, outcome)
+        os.kill(os.getpid(), signal.SIGINT)  # (the loop's handler takes it: the chat's task is cancelled)
+
+    monkeypatch.setattr(ChatStream, "_answered", then_ctrl_c)
+    port, ca = silent_times_server
+    taken = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in taken}
+    try:
+        rc = main(["chat", "--port", str(port), "--cafile", str(ca), "--server-name", "localhost", "--max-tokens",
+                   "30", "--stats", "hi"])
+    finally:
+        for sig in taken:  # (an interrupted chat leaves them ignored for the process's end: not this one's)
+            signal.signal(sig, previous[sig])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == _whole_text(30)
+    assert "interrupted" not in err and "request id" in err, err
+
+
+def test_gen_times_leaves_right_after_finished_not_a_round_trip_later() -> None:
+    """It waited for the client to acknowledge every token: the statistics, and the SDK's loop, ended a round trip
+    and the client's ACK hold after the answer (loopback 118 -> 162 ms). Now only a repair or repeat that waits to
+    leave right then goes ahead of it (here none: the sender's idle repair is not due within 3 ms)."""
+    pair = AlpnPair()
+    sid = pair.answer(20)
+    req = pair.server.requests[sid]
+    for _ in range(3):  # the tokens and FINISHED leave; nothing reaches the client, nothing is acknowledged
+        pair.now += 0.001
+        pair.server.datagrams_to_send(pair.now)
+    assert _finished_frames(pair) and req.sender is not None
+    (times,) = [f for f in pair.sent if isinstance(f, GenTimes)]
+    assert len(times.gen_us) == 20 and req.sender.floor < 20  # before the client acknowledged its tokens
+    assert pair.sent.index(times) > pair.sent.index(_finished_frames(pair)[0])

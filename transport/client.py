@@ -365,8 +365,19 @@ class ChatStream:
         ``stats`` then holds what was measured before the cancel (None if the server had not started the answer):
         ``finish_reason`` ``"cancelled"``, ``tokens`` the tokens rendered, the TTFT; partial, so no stall ratio
         (NaN: the server's generation times come with its end) and ``digest_verified`` False (no digest came).
-        ``outcome`` is the partial outcome they were computed from."""
+        ``outcome`` is the partial outcome they were computed from.
+
+        Once the last delta has arrived (:attr:`answered`) the answer is whole, and a cancel (or leaving ``async
+        with``, or closing the connection) keeps it so: the answer ends as it would had the generation times not
+        come, the deltas not read yet still read, ``stats`` complete but for the stall ratio, and the server
+        gets the client's REPORT."""
         proto = self._conn._protocol
+        if self.stream_id is not None and self._answer is not None:
+            if proto.streams.pop(self.stream_id, None) is not None:
+                whole = proto.client_session.cancel(self.stream_id)  # (its REPORT and FIN; no GEN_TIMES wait)
+                self._finished(whole if whole is not None else self._answer)
+                proto.transmit()
+            return
         if self.stream_id is not None and proto.streams.pop(self.stream_id, None) is not None:
             # still open: what is queued is dropped with the rest of the answer
             self._done = True
@@ -440,7 +451,9 @@ class ClientProtocol(SessionProtocol):
             elif isinstance(ev, ConnectionEnded):
                 self.close_error = (closed_locally_error() if self.closed_locally else
                                     closed_error(ev.error_code, ev.reason, idle_timeout_in_force(self._quic),
-                                                 awaiting=ev.requests_open))
+                                                 # (a stream still being read counts: the session may have
+                                                 # closed its request, the application not read its end)
+                                                 awaiting=ev.requests_open or bool(self.streams)))
                 for s in self.streams.values():
                     s._failed(self.close_error)
                 self.streams.clear()
@@ -577,7 +590,7 @@ async def connect(
     idle_timeout: float = 60.0,
     keepalive: bool = False,
 ) -> AsyncIterator[Connection]:
-    """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1``, DATAGRAM enabled).
+    """Open a tokenwire connection (QUIC, ALPN ``tokenwire/1+gt`` or ``tokenwire/1``, DATAGRAM enabled).
 
     ``idle_timeout``: seconds without any packet from the server after which the connection (and every
     answer on it) ends with an error: how long a dead server or a dark path takes to notice. QUIC uses the

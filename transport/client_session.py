@@ -276,15 +276,21 @@ class ClientSession(_SessionBase):
         """End the request on this side; return what was measured of it so far (None once it has ended, or before
         the server started it: no id, no scheme). The outcome is partial: ``total`` counts the tokens rendered,
         ``finish_reason`` is ``cancelled``, the digest unchecked (``digest_ok`` False) and no generation times (they
-        come with the server's FINISHED), so its statistics have a TTFT and no stall ratio."""
+        come with the server's FINISHED), so its statistics have a TTFT and no stall ratio.
+
+        An answer already whole and checked (``AnswerComplete``: only its GEN_TIMES to come) is not cancelled:
+        it ends as one whose GEN_TIMES did not come, its REPORT (without a stall ratio) ahead of the FIN, and its
+        outcome is the whole answer's (the server's ``finish_reason``, the digest checked)."""
+        req = self.requests.get(stream_id)
+        if req is not None and req.answered is not None and not req.done:
+            self._end_answered(req, None)
+            return req.answered
         req = self.requests.pop(stream_id, None)
         if req is None or req.done:
             return None
         req.done = True
         self._fin(stream_id)
         self.scheduler.forget(req.ack_source)
-        if req.answered is not None:
-            return req.answered  # whole and checked: only its generation times are missing
         if req.started is None:
             return None
         rec = req.receiver
@@ -314,16 +320,21 @@ class ClientSession(_SessionBase):
         daemon, for limits.orphan_timeout_s), while the application had ended them. A stream still waiting for
         the server's stream credit was never seen there: it gets a FIN behind its REQUEST, which the close keeps
         from leaving (a reset would go out at once, past the server's stream limit, a protocol violation). Their
-        requests end here without an event: the driver fails them with its close."""
+        requests end here without an event: the driver fails them with its close. An answer already whole and
+        checked (only its GEN_TIMES to come) is not abandoned: its REPORT, without a stall ratio, and FIN go out
+        ahead of the close, as they would had the GEN_TIMES not come (the daemon's client metrics count it), and
+        the driver's close ends it with its statistics, not as a failure (``ChatStream._failed``)."""
         abandoned = []
         for sid, req in list(self.requests.items()):
             if req.done:
                 continue
+            if req.answered is not None:
+                self._end_answered(req, None)  # (its RequestFinished is not needed: the close's failure ends it)
+                abandoned.append(sid)
+                continue
             req.done = True
             self.scheduler.forget(req.ack_source)
-            if req.answered is not None:
-                self._fin(sid)  # complete: the server has nothing left to generate
-            elif self._stream_blocked(sid):
+            if self._stream_blocked(sid):
                 self._fin(sid)  # (should it leave after all: a REQUEST with its FIN, a give-up before it began)
             else:
                 self._reset_own_side(sid)

@@ -324,10 +324,13 @@ class ServerSession(_SessionBase):
         return getattr(tls, "alpn_negotiated", None) == ALPN_GEN_TIMES
 
     def _send_gen_times(self) -> None:
-        """Write each answer's GEN_TIMES once its FINISHED has left and every token has reached the client (the
-        datagram schemes' sender knows; the stream scheme's tokens are ahead on the stream): so it shares no packet
-        with tokens, makes none of theirs bigger, and holds no repair back behind its ~2 KB (600 tokens). Called
-        before each send: the client's acknowledgements that make it due also bring that call."""
+        """Write each answer's GEN_TIMES once its FINISHED has left, unless a repair or repeat of its tokens waits
+        to leave right then (it goes first: GEN_TIMES' ~2 KB for 600 tokens would hold a repair written behind it on
+        the stream). Not after every token is acknowledged: that kept the client's statistics, and so the SDK's
+        loop, a round trip and its ACK hold longer (sim, seeds 0-9, one-way 40 ms: 94 -> 20 ms after the answer;
+        TMobile-LTE 1 % loss 203 -> 51 ms; EVDO with its uplink 1.39 -> 0.61 s), for no stall saved: the stall
+        ratios stayed the same on every trace and loss model (one Gilbert-Elliott seed 0.3514 -> 0.3505). Called
+        before each send: FINISHED leaving, and the acknowledgements that end a repair, bring that call."""
         for sid in list(self._gen_times_due):
             req = self.requests.get(sid)
             if req is None or req.gen_times is None or req.done:
@@ -336,8 +339,8 @@ class ServerSession(_SessionBase):
             stream = self.quic._streams.get(req.stream_id)
             if stream is None or stream.sender.highest_offset < req.finished_end:
                 continue  # FINISHED has not left yet
-            if req.sender is not None and req.transcript is not None and req.sender.floor < len(req.transcript):
-                continue  # tokens still unacknowledged: a repeat or repair may yet need the room
+            if req.sender is not None and req.sender.wants_send():
+                continue  # a repair or repeat waits to leave right now: it goes first
             self._send(req.stream_id, GenTimes(req.gen_times))
             req.gen_times = None
             self._gen_times_due.discard(sid)

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from . import prague_cc  # noqa: F401  (registers the "prague" congestion controller with aioquic)
 from .file_modes import keep_mode
-from .frames import ALPN
+from .frames import ALPN, CHAT_ALPNS
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,8 @@ def server_configuration(
     initial_rtt: float | None = None,
 ) -> QuicConfiguration:
     _check_key_without_cert(certfile, keyfile)
-    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    # tokenwire/1+gt first (frames.ALPN_GEN_TIMES): a client offering it gets its generation times after FINISHED
+    config = QuicConfiguration(is_client=False, alpn_protocols=list(CHAT_ALPNS))
     _common(config, idle_timeout, congestion, initial_rtt)
     config.max_stream_data = REQUEST_STREAM_WINDOW  # (the KV channel sets its own)
     config.max_data = REQUEST_CONNECTION_WINDOW
