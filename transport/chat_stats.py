@@ -52,8 +52,8 @@ class ChatStats:
     def stall_unknown(self) -> str | None:
         """Why ``stall_ratio`` is NaN, in words (None when it is a number). Told from the other fields: a
         cancelled answer (partial: no generation times came), a resumed or attached one (no TTFT either), an answer
-        generated at once (its token delays are measured), or one whose FINISHED carried no generation times (the
-        frame holds them for :data:`GEN_TIMES_MAX` tokens at most)."""
+        generated at once (its token delays are measured), or one whose generation times did not come (FINISHED or
+        GEN_TIMES hold them for :data:`GEN_TIMES_MAX` tokens at most; a whole answer left before its GEN_TIMES)."""
         if not math.isnan(self.stall_ratio):
             return None
         if self.finish_reason == "cancelled" and not self.digest_verified:
@@ -66,7 +66,9 @@ class ChatStats:
             return "resumed or attached"
         if self.tokens > GEN_TIMES_MAX:
             return f"over {GEN_TIMES_MAX:,} tokens: the server sends no generation times for them"
-        return "the server sent no generation times"
+        # (an old server's FINISHED without them, or GEN_TIMES not here yet: the answer was left or cancelled once
+        # whole, the connection closed, or 10 s passed)
+        return "no generation times came"
 
     def __str__(self) -> str:
         unknown = self.stall_unknown()
