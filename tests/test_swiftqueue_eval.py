@@ -199,6 +199,10 @@ def test_virtual_runs_are_deterministic():
                            virtual=True, policies=["l4s", "oracle"], flow="rt:1mbps")
     a, _ = run_virtual_all(cfg)
     b, _ = run_virtual_all(cfg)
+    for doc in (a, b):  # the run's own circumstances: when, how long, under what load
+        for key in ("started_utc", "wall_s", "load_average"):
+            assert key in doc["provenance"]
+            del doc["provenance"][key]
     assert a == b
 
 
