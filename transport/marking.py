@@ -106,6 +106,29 @@ flow fled into the classic backlog, as without the rule); 5 s +5/+1 %; 10 s +1/+
 or better at 10 s (-73.2/-74.8 %; -10.1 -> -12.5, +1.2 -> -2.0 %)."""
 
 
+REFUGE_SHARE = 0.25
+"""How much of L's queueing C's may show and still count as a refuge (SwiftQueuePolicy._c_queue_is_small).
+
+During an L burst DualPI2 serves C at its WRR share only, so even an empty C answers a few ms above the floor (at
+12 Mbit/s ~9 L packets of 1 ms go before each C packet): the floor test alone rejected every refuge probe, which is
+only sent during a burst, and a flow back in L stayed there (namespaces, fixed 12 Mbit/s, A: -0.9 and +0.4 % P99
+against l4s in two of three runs). A classic flow's standing queue, drained at that share, answers far above L
+instead. Virtual fixed A with the flow forced into L and C's samples lapsed (at 20/25/30.5/40 s, seeds 0/1): it
+left L 10-20 s later or never; now 60 ms after the probe in 7 of 8 runs (the 8th: the probe left as L drained, and
+the next one 10 s later). The 16 scenarios x seeds 0-3: fixed A -73.2 % as before, UMTS unchanged; fixed B median
+0.0 -> +2.1 % (+1.5 ... +4.3): an empty C between the classic flow's on-periods is now a refuge, and the flow meets
+the next L burst there, C drained at its share."""
+
+REFUGE_PAIR_S = 0.1
+"""How far apart in sending time an L packet and a C packet may be to count as seeing the queues at the same moment
+(SwiftQueuePolicy._c_queue_is_small): a few token packets; an L burst changes its queue by ~30 ms per 100 ms."""
+
+REFUGE_EVIDENCE_S = 0.2
+"""How long a C sample judged against its L neighbours counts (SwiftQueuePolicy._c_queue_is_small): what C and L
+showed together holds while the burst that made it lasts, not for REFUGE_MEMORY_S. Virtual TMobile-UMTS B, seed
+0: a C sample judged 2.2 s after it arrived moved the flow into C, P99 against l4s -3.4 -> +55 %; at 0.2 s -3.4 %."""
+
+
 PREDICT_INTERVAL_S = 0.02
 """How long the daemon's swiftqueue reuses a prediction (``predict_interval_s``; SwiftQueuePolicy._reusable).
 
@@ -179,6 +202,10 @@ class SwiftQueuePolicy:
         self._floor_ms = math.inf  # lowest latency sample seen: the path's propagation floor
         # the last few samples of each queue as (ack time, latency ms): the floor and refuge rules read them
         self._recent: dict[bool, deque[tuple[float, float]]] = {True: deque(maxlen=3), False: deque(maxlen=3)}
+        # C's last samples as [ack time, send time, best latency of the L packets sent beside it (inf: none yet)],
+        # and L's last samples as (send time, latency): _c_queue_is_small compares what both saw at the same moment
+        self._c_beside: deque[list[float]] = deque(maxlen=3)
+        self._l_sent: deque[tuple[float, float]] = deque(maxlen=8)
 
     def codepoint(self, now: float) -> int:
         pred = None
@@ -261,11 +288,16 @@ class SwiftQueuePolicy:
         once per ``refuge_memory_s`` (virtual UMTS A, P99 vs ``l4s`` +416 % at seed 0); keeping them for ever held a
         flow in L through 600 s of L bursts after one backlogged C sample. Instead one packet goes to C (the caller
         marks it classic and the flow stays in L), at most one per ``refuge_memory_s``, and its ack decides by the
-        same floor test. Virtual, the 16 scenarios x seeds 0-3, median P99 vs ``l4s``: UMTS A/B/C/D +1.0/+17.1/-2.7/
+        same test. Virtual, the 16 scenarios x seeds 0-3, median P99 vs ``l4s``: UMTS A/B/C/D +1.0/+17.1/-2.7/
         +1.2 % -> +0.1/-1.7/+3.6/+2.2 %, fixed B +2.7 -> 0.0 %, worst of the 64 runs +416 -> +14 %, fixed A -73.2 %
         as before. (Judging that answer more leniently, as a refuge whenever it beat L's last samples by margin +
         hysteresis, fled into B's backlogged C again: +15 … +25 %.) In the daemon the probe is what one
         ``datagrams_to_send`` call builds: one token datagram at an answer's pace.
+
+        The floor test alone could never pass a probe: it is sent only while L is predicted slower, i.e. during an L
+        burst, when even an empty C answers ~8-9 ms above the floor (C's WRR share), so a flow that walked back into
+        L under jitter stayed there; C's samples also count as a refuge when they are small against L's at the
+        same moment (:meth:`_c_queue_is_small`).
         """
         if not self.refuge_only:
             return True
@@ -278,7 +310,28 @@ class SwiftQueuePolicy:
                 return False  # the probe's answer is on its way (or the probe was lost): L meanwhile
             self._refuge_probe_at = now
             return None
-        return self._at_floor(False, since)
+        return self._at_floor(False, since) or self._c_queue_is_small(now, since)
+
+    def _c_queue_is_small(self, now: float, since: float) -> bool:
+        """Every C sample acked at ``since`` or later arrived within ``REFUGE_EVIDENCE_S`` and queued at most
+        ``REFUGE_SHARE`` of what the L packets sent beside it (within ``REFUGE_PAIR_S``) queued, each minus the floor.
+
+        Queueing against queueing at the same moment tells an empty C served at its WRR share (a few ms while L
+        queues tens) from a classic flow's standing queue drained at that share (far above L); only what both
+        queues showed together counts, so a C sample with no L packet beside it (the flow sat in C) never does,
+        nor one older than the burst it was compared in.
+        """
+        beside = {ack: l_ms for ack, _, l_ms in self._c_beside}
+        fresh = [(at, ms) for at, ms in self._recent[False] if at >= since]
+        if not fresh:
+            return False
+        for at, ms in fresh:
+            l_ms = beside.get(at, math.inf)
+            if at < now - REFUGE_EVIDENCE_S or not math.isfinite(l_ms):
+                return False
+            if ms - self._floor_ms > REFUGE_SHARE * (l_ms - self._floor_ms):
+                return False
+        return True
 
     def _probe(self, now: float, current_ms: float) -> bool:
         """One packet into the unused queue when its latest sample is older than ``probe_interval_s``.
@@ -304,6 +357,14 @@ class SwiftQueuePolicy:
         self._last_sample[sample.queue_l] = max(self._last_sample[sample.queue_l], sample.ack_at)
         self._floor_ms = min(self._floor_ms, sample.latency_ms)
         self._recent[sample.queue_l].append((sample.ack_at, sample.latency_ms))
+        if sample.queue_l:
+            self._l_sent.append((sample.sent_at, sample.latency_ms))
+            for entry in self._c_beside:  # an L packet sent beside a C one, acked after it
+                if abs(sample.sent_at - entry[1]) <= REFUGE_PAIR_S:
+                    entry[2] = min(entry[2], sample.latency_ms)
+        else:
+            near = [ms for sent, ms in self._l_sent if abs(sent - sample.sent_at) <= REFUGE_PAIR_S]
+            self._c_beside.append([sample.ack_at, sample.sent_at, min(near, default=math.inf)])
         if self.failed is None:
             try:
                 self.forecaster.observe(sample)
@@ -331,6 +392,8 @@ class SwiftQueuePolicy:
         self._floor_ms = math.inf
         for recent in self._recent.values():
             recent.clear()
+        self._c_beside.clear()
+        self._l_sent.clear()
 
     def fall_back(self, reason: str) -> None:
         """Mark like ``l4s`` from now on without asking the forecaster again, and without reporting (the
