@@ -28,6 +28,8 @@ class _Stream:
         self.conn, self.first, self.deltas, self.lose = conn, first, deltas, lose
         self.got = 0
         self.stats: Any = None
+        self.answered = False  # (ChatStream's: the whole answer is here; these lose their path first)
+        self.outcome: Any = None
 
     def on_started(self, callback: Any) -> None:
         callback(RID)
