@@ -12,22 +12,11 @@ import pytest
 from tokenwire.transport.ecn_socket import ECT0, ECT1
 from tokenwire.transport.marking import REFUGE_EVIDENCE_S, REFUGE_MEMORY_S, LatencySample, SwiftQueuePolicy
 
+from .test_refuge_s36 import StubForecaster
+
 FLOOR_MS = 20.0
 BURST_MS = 80.0  # L's one-way latency during the burst: 60 ms of queueing
 RETURN_S = 0.02  # the ack's way back
-
-
-class StubForecaster:
-    """Answers ``pred`` (L ms, C ms) whatever it observed."""
-
-    def __init__(self, pred: tuple[float, float]) -> None:
-        self.pred = pred
-
-    def observe(self, sample: LatencySample) -> None:
-        pass
-
-    def predict(self, now: float) -> tuple[float, float] | None:
-        return self.pred
 
 
 def _ack(p: SwiftQueuePolicy, sent: float, ms: float, queue_l: bool) -> float:
