@@ -64,8 +64,9 @@ TOKEN_GAP_GAIN = 1.0 / 8.0  # the gap's moving average, as RFC 6298's smoothed R
 GEN_TIMES_WAIT_S = 10.0
 """How long an answer that is complete (``ALPN_GEN_TIMES``) waits for its GEN_TIMES: the statistics then end
 without generation times, as a stream's end or reset before it ends them, rather than a server that never sends it
-holding the request (and a reader waiting for the statistics) open for ever. The server sends it once the client has
-every token: an RTT and ~2 KB later (600 tokens), about a second on a 50-kbit/s path."""
+holding the request (and a reader waiting for the statistics) open for ever. The server sends it right after
+FINISHED (behind a repair waiting to leave): its ~2 KB for 600 tokens arrive within a few ms on a fast path, about a
+second on a 50-kbit/s one."""
 
 
 @dataclass
