@@ -295,10 +295,8 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
     def deliver(node: _Node, data: bytes) -> None:
         if node.session is None:  # the server connection is born from the client's first Initial
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-            server_config = server_configuration(cert=cert)
-            server_config.alpn_protocols = list(CHAT_ALPNS)
             quic = QuicConnection(
-                configuration=server_config,
+                configuration=server_configuration(cert=cert),  # (it offers ALPN_GEN_TIMES first)
                 original_destination_connection_id=header.destination_cid,
             )
             node.session = ServerSession(quic)
