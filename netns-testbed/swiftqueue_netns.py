@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tokenwire.daemon.run_provenance import RunProvenance
+
 from .child import Child, ChildError
 from .emulator import DirectionConfig, EmulatorConfig
 from .netns import run_folder
@@ -217,8 +219,6 @@ def run_netns_all(cfg: SwiftQueueConfig, *, workdir: str | None = None,
                   ) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
     """Every policy of ``cfg`` through the namespace testbed; the JSON summary and the runs (for the plot)."""
     cfg.validate()
-    from tokenwire.daemon.run_provenance import RunProvenance
-
     started = RunProvenance()
     runs: dict[str, PolicyRun] = {}
     # no temporary folder with --keep: one made anyway was recorded nowhere, and a SIGKILL left it behind

@@ -202,8 +202,8 @@ class SwiftQueuePolicy:
         self._floor_ms = math.inf  # lowest latency sample seen: the path's propagation floor
         # the last few samples of each queue as (ack time, latency ms): the floor and refuge rules read them
         self._recent: dict[bool, deque[tuple[float, float]]] = {True: deque(maxlen=3), False: deque(maxlen=3)}
-        # C's last samples as [ack time, send time, best latency of the L packets sent beside it (inf: none yet)],
-        # and L's last samples as (send time, latency): _c_queue_is_small compares what both saw at the same moment
+        # C's last samples as [ack time, send time, latency, best latency of the L packets sent beside it (inf: none
+        # yet)], and L's last samples as (send time, latency): _c_queue_is_small compares what both saw at one moment
         self._c_beside: deque[list[float]] = deque(maxlen=3)
         self._l_sent: deque[tuple[float, float]] = deque(maxlen=8)
 
@@ -321,12 +321,10 @@ class SwiftQueuePolicy:
         queues showed together counts, so a C sample with no L packet beside it (the flow sat in C) never does,
         nor one older than the burst it was compared in.
         """
-        beside = {ack: l_ms for ack, _, l_ms in self._c_beside}
-        fresh = [(at, ms) for at, ms in self._recent[False] if at >= since]
+        fresh = [(at, ms, l_ms) for at, _, ms, l_ms in self._c_beside if at >= since]
         if not fresh:
             return False
-        for at, ms in fresh:
-            l_ms = beside.get(at, math.inf)
+        for at, ms, l_ms in fresh:
             if at < now - REFUGE_EVIDENCE_S or not math.isfinite(l_ms):
                 return False
             if ms - self._floor_ms > REFUGE_SHARE * (l_ms - self._floor_ms):
@@ -361,10 +359,10 @@ class SwiftQueuePolicy:
             self._l_sent.append((sample.sent_at, sample.latency_ms))
             for entry in self._c_beside:  # an L packet sent beside a C one, acked after it
                 if abs(sample.sent_at - entry[1]) <= REFUGE_PAIR_S:
-                    entry[2] = min(entry[2], sample.latency_ms)
+                    entry[3] = min(entry[3], sample.latency_ms)
         else:
             near = [ms for sent, ms in self._l_sent if abs(sent - sample.sent_at) <= REFUGE_PAIR_S]
-            self._c_beside.append([sample.ack_at, sample.sent_at, min(near, default=math.inf)])
+            self._c_beside.append([sample.ack_at, sample.sent_at, sample.latency_ms, min(near, default=math.inf)])
         if self.failed is None:
             try:
                 self.forecaster.observe(sample)
