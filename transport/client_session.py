@@ -441,9 +441,7 @@ class ClientSession(_SessionBase):
     def _times_follow(self, fin: Finished) -> bool:
         """Whether a GEN_TIMES frame follows ``fin``: ``ALPN_GEN_TIMES`` was negotiated and FINISHED came without
         its times, which the answer's length did not rule out (beyond MAX_GEN_TIMES tokens there are none)."""
-        tls = getattr(self.quic, "tls", None)
-        return (fin.gen_us is None and fin.total <= MAX_GEN_TIMES
-                and getattr(tls, "alpn_negotiated", None) == ALPN_GEN_TIMES)
+        return fin.gen_us is None and fin.total <= MAX_GEN_TIMES and self.alpn == ALPN_GEN_TIMES
 
     def _maybe_complete(self, req: ClientRequest, now: float) -> list[SessionEvent]:
         fin = req.finished

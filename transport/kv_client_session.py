@@ -200,8 +200,7 @@ class KVClientSession(_SessionBase):
     def sends_decode_rate(self) -> bool:
         """Whether the server negotiated ``KV_ALPN_DECODE_RATE``: it reads KV_FETCH's decode rate (an older server
         refuses the field, closing the connection)."""
-        tls = getattr(self.quic, "tls", None)
-        return getattr(tls, "alpn_negotiated", None) == KV_ALPN_DECODE_RATE
+        return self.alpn == KV_ALPN_DECODE_RATE
 
     def bytes_in(self, fetch_sid: int) -> int:
         """Chunk bytes received for this fetch: its progress while a big chunk arrives (another fetch's bytes, or

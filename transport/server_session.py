@@ -320,8 +320,7 @@ class ServerSession(_SessionBase):
     def gen_times_apart(self) -> bool:
         """Whether the client negotiated ``ALPN_GEN_TIMES``: FINISHED then goes without its generation times, which
         follow in a GEN_TIMES frame (an older client closes the connection on that frame, so only then)."""
-        tls = getattr(self.quic, "tls", None)
-        return getattr(tls, "alpn_negotiated", None) == ALPN_GEN_TIMES
+        return self.alpn == ALPN_GEN_TIMES
 
     def _send_gen_times(self) -> None:
         """Write each answer's GEN_TIMES once its FINISHED has left, unless a repair or repeat of its tokens waits

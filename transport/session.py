@@ -376,6 +376,12 @@ class _SessionBase:
             return [*failed, ConnectionEnded(event.error_code, event.reason_phrase, by_peer, bool(failed))]
         return []
 
+    @property
+    def alpn(self) -> str | None:
+        """The ALPN the handshake negotiated (None before it): a protocol extension offered as a second ALPN
+        (``tokenwire/1+gt``, ``tokenwire-kv/1+dr``) is on when that one was picked."""
+        return getattr(getattr(self.quic, "tls", None), "alpn_negotiated", None)
+
     def _send(self, stream_id: int, frame, end: bool = False) -> None:
         self.quic.send_stream_data(stream_id, encode_stream_frame(frame), end_stream=end)
 
