@@ -24,7 +24,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from tokenwire.transport.client_session import AnswerComplete, ClientSession
 from tokenwire.transport.frames import CHAT_ALPNS, SCHEMES, Request
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.session_events import RequestFailed, RequestFinished, RequestReceived, SessionEvent
+from tokenwire.transport.session_outcome import estimated_base_delay
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
 from .link import Link
@@ -78,6 +79,8 @@ class SimConfig:
     down_trace: str | None = None
     up_trace: str | None = None
     queue_packets: int = QUEUE_PACKETS
+    # chats at once over the one channel (run_chats): chat i asks for the demo schedule of seed + i
+    chats: int = 1
     # told how far a long run is (run_scheme's ``progress``): not a parameter of the run, so not in to_dict; a
     # field, so that compare() hands it to every run without a third argument (stand-ins of run_scheme take two)
     progress: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
@@ -99,6 +102,8 @@ class SimConfig:
         }
         if self.down_trace is not None:  # (absent otherwise: a delay/loss run's JSON is what it always was)
             d.update(down_trace=self.down_trace, up_trace=self.up_trace_spec, queue_packets=self.queue_packets)
+        if self.chats != 1:  # (absent for one chat: a single-chat run's JSON is what it always was)
+            d["chats"] = self.chats
         return d
 
 
@@ -157,28 +162,31 @@ class _Node:
     on_events: Callable[[list[SessionEvent]], None] = lambda evs: None
 
 
-Deliver = Callable[[bytes], None]
+Address = tuple[str, int]
+Deliver = Callable[[Address, bytes], None]
+"""A direction's receiving end: ``deliver(addr, data)``, ``addr`` the datagram's client (its destination down, its
+source up), by which a run of several chats routes it to that chat's connection."""
 
 
 class _Wire:
     """One direction of the fixed channel: each datagram is lost (the loss model, at its send time) or delivered
     ``delay`` later, one event per datagram. ``sent`` logs every datagram as a :class:`Packet` (size with the
-    IP/UDP header, ``arrival`` the send time, ``delivery`` None when lost), as :class:`_TraceWire`'s does, so
-    that a run reads either log the same way."""
+    IP/UDP header, ``arrival`` the send time, ``delivery`` None when lost, ``meta`` the client's address), as
+    :class:`_TraceWire`'s does, so that a run reads either log the same way."""
 
     def __init__(self, loop: _EventLoop, delay: float, loss: LossModel, deliver: Deliver) -> None:
         self.loop, self.delay, self.loss, self.deliver = loop, delay, loss, deliver
         self.sent: list[Packet] = []
 
-    def send(self, datagrams: list[bytes], now: float) -> None:
+    def send(self, datagrams: list[bytes], now: float, addr: Address) -> None:
         for data in datagrams:
-            pkt = Packet(len(data) + IP_UDP_HEADER, 0, data)
+            pkt = Packet(len(data) + IP_UDP_HEADER, 0, data, addr)
             pkt.arrival = now
             if self.loss.lost(now):
                 pkt.fate = "lost"
             else:
                 pkt.delivery = now + self.delay
-                self.loop.at(pkt.delivery, functools.partial(self.deliver, data))
+                self.loop.at(pkt.delivery, functools.partial(self.deliver, addr, data))
             self.sent.append(pkt)
 
 
@@ -193,9 +201,9 @@ class _TraceWire:
         self.sent: list[Packet] = []
         self._armed: set[float] = set()
 
-    def send(self, datagrams: list[bytes], now: float) -> None:
+    def send(self, datagrams: list[bytes], now: float, addr: Address) -> None:
         for data in datagrams:
-            self.sent.append(self.link.enqueue(Packet(len(data) + IP_UDP_HEADER, 0, data), now))
+            self.sent.append(self.link.enqueue(Packet(len(data) + IP_UDP_HEADER, 0, data, addr), now))
         self._arm()
 
     def _arm(self) -> None:
@@ -208,8 +216,8 @@ class _TraceWire:
     def _wake(self, t: float) -> None:
         self._armed.discard(t)
         for pkt in self.link.dequeue_ready(self.loop.now):
-            assert pkt.data is not None  # (this wire's packets carry their datagram)
-            self.deliver(pkt.data)
+            assert pkt.data is not None  # (this wire's packets carry their datagram and its client)
+            self.deliver(pkt.meta, pkt.data)  # type: ignore[arg-type]
         self._arm()
 
 
@@ -242,39 +250,95 @@ RUN_PROGRESS_S = 5.0
 """Wall-clock seconds between two progress lines within one scheme's run (``run_scheme``'s ``progress``)."""
 
 
-def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | None = None, *,
-               progress_every_s: float = RUN_PROGRESS_S, clock: Callable[[], float] = time.monotonic) -> SimRun:
-    """Simulate one request of ``cfg.tokens`` tokens with ``scheme``; raises SimError if it never completes.
+GO_SETTLE_S = 0.5
+"""With several chats, seconds between the last handshake's completion and "go" (at least four one-way delays), and
+again while a traced direction still queues: the 30 handshakes of a 1-Mbit/s run left ~300 ms of their packets queued
+up, and every request waited behind them (TTFT ~570 ms instead of ~250)."""
 
-    ``progress`` (default ``cfg.progress``) is told, every ``progress_every_s`` of ``clock`` (wall time), how far
-    the run is: tokens generated and rendered, and the virtual time. Progress by scheme and seed alone said
-    nothing inside a run (``--tokens 100000 --rate 10000 --schemes chatterbox``: 49 s without a word). It only
-    reads the state: a run with it is the same run as without."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
-    if progress is None:
-        progress = cfg.progress
-    loop = _EventLoop()
-    delay = cfg.delay_ms / 1000.0
-    cert = sim_cert()  # same handshake length in every process: a seed's run is reproducible to the bit
-    tokens = answer_tokens(cfg.tokens)
-    offsets = schedule(len(tokens), rate=cfg.rate, seed=cfg.seed, first_token_s=cfg.first_token_ms / 1000.0)
 
-    client = _Node("client")
-    server = _Node("server")
-    client_config = client_configuration(cadata=cert.cert_pem, server_name="localhost")
-    client_config.alpn_protocols = list(CHAT_ALPNS)  # generation times apart from FINISHED, as the SDK's
-    client_quic = QuicConnection(configuration=client_config)
-    client.session = ClientSession(client_quic)
-    state: dict[str, Any] = {"outcome": None, "error": None, "arrival": None, "gen": [], "down_from": None,
-                             "stats": False}
+def client_address(index: int) -> Address:
+    """Chat ``index``'s client address: :data:`CLIENT_ADDR` for the first (the one chat of a single-chat run), the
+    next ports for the others (one client host, a UDP port per connection, as ``testbed contention``'s workers)."""
+    return CLIENT_ADDR[0], CLIENT_ADDR[1] + index
 
-    def service(node: _Node) -> None:
+
+@dataclass
+class _Flow:
+    """One chat of a run: its client and server connections and what its answer has done so far."""
+
+    index: int
+    addr: Address
+    offsets: list[float]
+    client: _Node
+    server: _Node
+    outcome: Any = None
+    error: Exception | None = None  # (RequestFailed's error)
+    arrival: float | None = None  # when the server received its request (its answer's schedule starts there)
+    gen: list[float] = field(default_factory=list)
+    down_from: int = 0  # the shared down log's length at its arrival (its packets are this flow's ones after it)
+    stats: bool = False  # its generation times came (RequestFinished), or were part of the answer's end
+    request_time: float = 0.0
+    started: bool = False
+
+    @property
+    def over(self) -> bool:
+        return self.outcome is not None or self.error is not None
+
+
+class _Chats:
+    """``cfg.chats`` chats of one scheme over one channel per direction, in one virtual time (:func:`run_scheme`
+    is the run of one, :func:`run_chats` of several).
+
+    Chat ``i`` is a client connection from :func:`client_address` ``(i)`` whose answer follows the demo schedule of
+    seed ``cfg.seed + i``; the server side is one :class:`ServerSession` per client address, born from that
+    client's first Initial (the daemon's: one connection, and one session, per client). Every datagram travels as
+    ``(client address, bytes)``: the down direction delivers to the client of that address, the up direction to the
+    server connection of it. The handshakes start together at time 0; every request goes out at the moment the last
+    handshake completes and the channel has carried the handshakes' packets away ("go", :meth:`_maybe_go`: ``testbed
+    contention`` starts its answers once every connection is open, so that N handshakes at once are not what is
+    measured), so the answers start together, as there; with one chat that is the moment its own completes, as
+    always."""
+
+    def __init__(self, scheme: str, cfg: SimConfig) -> None:
+        if cfg.chats < 1:  # (no flow: the run would be "done" before it began)
+            raise ValueError(f"chats must be >= 1, got {cfg.chats}")
+        self.scheme, self.cfg = scheme, cfg
+        self.loop = _EventLoop()
+        self.cert = sim_cert()  # same handshake length in every process: a seed's run is reproducible to the bit
+        self.tokens = answer_tokens(cfg.tokens)
+        self.flows: list[_Flow] = []
+        self.by_addr: dict[Address, _Flow] = {}
+        for i in range(cfg.chats):
+            offsets = schedule(len(self.tokens), rate=cfg.rate, seed=cfg.seed + i,
+                               first_token_s=cfg.first_token_ms / 1000.0)
+            client_config = client_configuration(cadata=self.cert.cert_pem, server_name="localhost")
+            client_config.alpn_protocols = list(CHAT_ALPNS)  # generation times apart from FINISHED, as the SDK's
+            client = _Node("client", ClientSession(QuicConnection(configuration=client_config)))
+            flow = _Flow(i, client_address(i), offsets, client, _Node("server"))
+            client.on_events = functools.partial(self._client_events, flow)
+            flow.server.on_events = functools.partial(self._server_events, flow)
+            self.flows.append(flow)
+            self.by_addr[flow.addr] = flow
+        self.go: float | None = None  # when the requests went out
+        self._go_pending = False
+        self._settle_s = max(GO_SETTLE_S, 4 * cfg.delay_ms / 1000.0)
+        self.down, self.up = _channel(cfg, self.loop, self._to_client, self._to_server)
+        for flow in self.flows:
+            sess = flow.client.session
+            assert isinstance(sess, ClientSession)
+            sess.quic.connect(SERVER_ADDR, now=0.0)
+        for flow in self.flows:
+            self.loop.at(0.0, functools.partial(self._service, flow, flow.client))
+
+    # -- the wire --------------------------------------------------------------------------------------------
+    def _service(self, flow: _Flow, node: _Node) -> None:
         sess = node.session
         if sess is None:
             return
+        loop = self.loop
         now = loop.now
-        (down if node is server else up).send([data for data, _addr in sess.datagrams_to_send(now)], now)
+        wire = self.down if node is flow.server else self.up
+        wire.send([data for data, _addr in sess.datagrams_to_send(now)], now, flow.addr)
         t = sess.get_timer()
         if t != node.timer_at:
             node.timer_at = t
@@ -283,146 +347,319 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
                 gen = node.timer_gen
                 # fire 1 us late, as real timers do: aioquic's loss timer compares `now - delay` with a send
                 # time, and at exactly the deadline float rounding can leave it armed at the same instant
-                loop.at(max(t, now) + TIMER_SLACK, functools.partial(fire_timer, node, gen))
+                loop.at(max(t, now) + TIMER_SLACK, functools.partial(self._fire_timer, flow, node, gen))
 
-    def fire_timer(node: _Node, gen: int) -> None:
+    def _fire_timer(self, flow: _Flow, node: _Node, gen: int) -> None:
         if gen != node.timer_gen or node.session is None:
             return
         node.timer_at = None
-        node.on_events(node.session.handle_timer(loop.now))
-        service(node)
+        node.on_events(node.session.handle_timer(self.loop.now))
+        self._service(flow, node)
 
-    def deliver(node: _Node, data: bytes) -> None:
+    def _to_client(self, addr: Address, data: bytes) -> None:
+        flow = self.by_addr[addr]
+        node = flow.client
+        assert node.session is not None
+        node.on_events(node.session.receive_datagram(data, SERVER_ADDR, self.loop.now))
+        self._service(flow, node)
+
+    def _to_server(self, addr: Address, data: bytes) -> None:
+        flow = self.by_addr[addr]
+        node = flow.server
         if node.session is None:  # the server connection is born from the client's first Initial
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
             quic = QuicConnection(
-                configuration=server_configuration(cert=cert),  # (it offers ALPN_GEN_TIMES first)
+                configuration=server_configuration(cert=self.cert),  # (it offers ALPN_GEN_TIMES first)
                 original_destination_connection_id=header.destination_cid,
             )
             node.session = ServerSession(quic)
-        src = SERVER_ADDR if node is client else CLIENT_ADDR
-        node.on_events(node.session.receive_datagram(data, src, loop.now))
-        service(node)
+        node.on_events(node.session.receive_datagram(data, addr, self.loop.now))
+        self._service(flow, node)
 
-    def server_events(evs: list[SessionEvent]) -> None:
-        sess = server.session
+    # -- the answers -----------------------------------------------------------------------------------------
+    def _server_events(self, flow: _Flow, evs: list[SessionEvent]) -> None:
+        sess = flow.server.session
         assert isinstance(sess, ServerSession)
         for ev in evs:
             if isinstance(ev, RequestReceived):
                 sess.accept(ev.stream_id)
-                arrival = loop.now
-                state["arrival"] = arrival
-                state["down_from"] = len(down.sent)
-                for i, (tok, off) in enumerate(zip(tokens, offsets, strict=True)):
-                    last = i == len(tokens) - 1
-                    loop.at(arrival + off, functools.partial(push, ev.stream_id, tok, last))
+                arrival = self.loop.now
+                flow.arrival = arrival
+                flow.down_from = len(self.down.sent)
+                for i, (tok, off) in enumerate(zip(self.tokens, flow.offsets, strict=True)):
+                    last = i == len(self.tokens) - 1
+                    self.loop.at(arrival + off, functools.partial(self._push, flow, ev.stream_id, tok, last))
 
-    def push(stream_id: int, tok: str, last: bool) -> None:
-        sess = server.session
+    def _push(self, flow: _Flow, stream_id: int, tok: str, last: bool) -> None:
+        sess = flow.server.session
         assert isinstance(sess, ServerSession)
-        state["gen"].append(loop.now)
-        sess.push(stream_id, tok, loop.now)
+        now = self.loop.now
+        flow.gen.append(now)
+        sess.push(stream_id, tok, now)
         if last:
             sess.finish(stream_id)
-        service(server)
+        self._service(flow, flow.server)
 
-    def client_events(evs: list[SessionEvent]) -> None:
+    def _client_events(self, flow: _Flow, evs: list[SessionEvent]) -> None:
         for ev in evs:
             # the answer's end: its text whole and checked (the generation times that follow it, ALPN_GEN_TIMES, are
             # the client's statistics; the run's come from the pushes it made itself)
             if isinstance(ev, AnswerComplete | RequestFinished):
-                state["outcome"] = state["outcome"] or ev.result
-                state["stats"] = isinstance(ev, RequestFinished)
+                flow.outcome = flow.outcome or ev.result
+                flow.stats = isinstance(ev, RequestFinished)
             elif isinstance(ev, RequestFailed):
-                state["error"] = ev.error
+                flow.error = ev.error
+        self._maybe_go()
 
-    server.on_events = server_events
-    client.on_events = client_events
-    down, up = _channel(cfg, loop, functools.partial(deliver, client), functools.partial(deliver, server))
-
-    client_quic.connect(SERVER_ADDR, now=0.0)
-    request = Request(messages=[{"role": "user", "content": "Why do chatbots stall on trains?"}], scheme=scheme)
-    request_time = 0.0
-    started = {"sent": False}
-
-    def maybe_send_request() -> None:
-        # send the request as soon as the client may (the handshake completes inside the loop)
-        sess = client.session
-        assert isinstance(sess, ClientSession)
-        if not started["sent"] and sess.datagrams_ok is not None:
-            started["sent"] = True
-            nonlocal request_time
-            request_time = loop.now
-            sess.start_request(request, loop.now)
-            service(client)
-
-    orig_client_events = client.on_events
-
-    def client_events_and_request(evs: list[SessionEvent]) -> None:
-        orig_client_events(evs)
-        maybe_send_request()
-
-    client.on_events = client_events_and_request
-    loop.at(0.0, lambda: service(client))
-    next_report = clock() + progress_every_s
-
-    def tick() -> None:
-        nonlocal next_report
-        now = clock()
-        if progress is None or now < next_report:  # (None: never called; the check keeps mypy's narrowing)
+    def _maybe_go(self) -> None:
+        """Every request at once, once every client may send one (the handshakes complete inside the loop): at that
+        moment with one chat (the single-chat run's timing), after :data:`GO_SETTLE_S` with several, and later while
+        a traced direction still queues their handshakes' packets (:meth:`_settled`)."""
+        if self.go is not None or self._go_pending:
             return
-        next_report = now + progress_every_s
-        sess = client.session
-        rendered = sum(len(r.receiver.render_times) for r in sess.requests.values()) if isinstance(
-            sess, ClientSession) else 0
-        progress(f"{scheme}: {len(state['gen'])}/{len(tokens)} tokens generated, {rendered} rendered, "
-                 f"{loop.now:.1f} s of virtual time")
+        for flow in self.flows:
+            sess = flow.client.session
+            assert isinstance(sess, ClientSession)
+            if sess.datagrams_ok is None:
+                return
+        if len(self.flows) == 1:
+            self._go()
+            return
+        self._go_pending = True
+        self.loop.at(self.loop.now + self._settle_s, self._settled)
 
-    def done() -> bool:
-        return state["outcome"] is not None or state["error"] is not None
+    def _settled(self) -> None:
+        if any(isinstance(w, _TraceWire) and w.link.backlog for w in (self.down, self.up)):
+            self.loop.at(self.loop.now + self._settle_s, self._settled)
+            return
+        self._go()
 
-    try:
+    def _go(self) -> None:
+        self.go = now = self.loop.now
+        for flow in self.flows:
+            sess = flow.client.session
+            assert isinstance(sess, ClientSession)
+            flow.started = True
+            flow.request_time = now
+            request = Request(messages=[{"role": "user", "content": "Why do chatbots stall on trains?"}],
+                              scheme=self.scheme)
+            sess.start_request(request, now)
+            self._service(flow, flow.client)
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def rendered(self) -> int:
+        return sum(len(r.receiver.render_times) for f in self.flows if isinstance(f.client.session, ClientSession)
+                   for r in f.client.session.requests.values())
+
+    def run(self, progress: Callable[[str], None] | None, progress_every_s: float,
+            clock: Callable[[], float]) -> None:
+        """Until every answer ended (or failed), then the GEN_TIMES tail; SimError past ``cfg.max_virtual_s``."""
+        loop, flows = self.loop, self.flows
+        next_report = clock() + progress_every_s
+        total = len(self.tokens) * len(flows)
+
+        def tick() -> None:
+            nonlocal next_report
+            now = clock()
+            if progress is None or now < next_report:  # (None: never called; the check keeps mypy's narrowing)
+                return
+            next_report = now + progress_every_s
+            generated = sum(len(f.gen) for f in flows)
+            progress(f"{self.scheme}: {generated}/{total} tokens generated, {self.rendered()} rendered, "
+                     f"{loop.now:.1f} s of virtual time")
+
+        def done() -> bool:
+            return all(f.over for f in flows)
+
         if progress is None:
-            loop.run(done, cfg.max_virtual_s)
+            loop.run(done, self.cfg.max_virtual_s)
         else:
-            loop.run(done, cfg.max_virtual_s, tick=tick)
+            loop.run(done, self.cfg.max_virtual_s, tick=tick)
+        if any(f.outcome is not None and not f.stats for f in flows):
+            # the generation times follow the answer (ALPN_GEN_TIMES): their bytes count, as when FINISHED carried
+            # them, and the answer's times (its end included) are taken already
+            with contextlib.suppress(SimError):
+                loop.run_on(lambda: all(f.stats or f.outcome is None for f in flows), loop.now + STATS_TAIL_S)
+
+    def result(self, flow: _Flow) -> SimRun:
+        """The run of one finished chat (its outcome is in)."""
+        outcome = flow.outcome
+        assert outcome is not None and flow.arrival is not None
+        gen = flow.gen
+        render = outcome.render_times
+        base_delay = self.cfg.delay_ms / 1000.0
+        addr = flow.addr
+        down_log = [p for p in self.down.sent[flow.down_from :] if p.meta == addr]
+        wire_bytes = sum(p.size for p in down_log)
+        deliveries = [(p.arrival, p.delivery) for p in down_log if p.delivery is not None]
+        stats = metrics.summarize(gen, render, base_delay=base_delay, request_time=flow.request_time,
+                                  wire_bytes=wire_bytes)
+        oracle = metrics.stall_ratio(gen, metrics.oracle_render_times(gen, deliveries), base_delay)
+        return SimRun(
+            scheme=self.scheme,
+            gen=gen,
+            render=render,
+            request_time=flow.request_time,
+            request_arrival=flow.arrival,
+            base_delay=base_delay,
+            wire_bytes=wire_bytes,
+            deliveries=deliveries,
+            digest_ok=outcome.digest_ok,
+            stats=stats,
+            oracle_stall_ratio=oracle,
+            packets_down=len(down_log),
+            packets_lost_down=sum(1 for p in down_log if _dropped(p)),
+            packets_lost_up=sum(1 for p in self.up.sent if p.meta == addr and _dropped(p)),
+        )
+
+
+def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | None = None, *,
+               progress_every_s: float = RUN_PROGRESS_S, clock: Callable[[], float] = time.monotonic) -> SimRun:
+    """Simulate one request of ``cfg.tokens`` tokens with ``scheme``; raises SimError if it never completes.
+
+    ``progress`` (default ``cfg.progress``) is told, every ``progress_every_s`` of ``clock`` (wall time), how far
+    the run is: tokens generated and rendered, and the virtual time. Progress by scheme and seed alone said
+    nothing inside a run (``--tokens 100000 --rate 10000 --schemes chatterbox``: 49 s without a word). It only
+    reads the state: a run with it is the same run as without.
+
+    One chat whatever ``cfg.chats`` says (:func:`run_chats` runs several)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if progress is None:
+        progress = cfg.progress
+    if cfg.chats != 1:
+        cfg = SimConfig(**{**cfg.__dict__, "chats": 1})
+    sim = _Chats(scheme, cfg)
+    try:
+        sim.run(progress, progress_every_s, clock)
     except SimError as exc:  # the cap: named by scheme, as every other failure is
         raise SimError(f"{scheme}: {exc}") from None
-    if state["outcome"] is not None and not state["stats"]:
-        # the generation times follow the answer (ALPN_GEN_TIMES): their bytes count, as when FINISHED carried them,
-        # and the answer's times (its end included) are taken already
-        with contextlib.suppress(SimError):
-            loop.run_on(lambda: bool(state["stats"]), loop.now + STATS_TAIL_S)
-    if state["error"] is not None:
-        raise SimError(f"{scheme}: request failed: {state['error']}")
-    outcome = state["outcome"]
-    if outcome is None:
+    flow = sim.flows[0]
+    if flow.error is not None:
+        raise SimError(f"{scheme}: request failed: {flow.error}")
+    if flow.outcome is None:
         raise SimError(f"{scheme}: simulation ended without finishing the request")
+    return sim.result(flow)
 
-    gen = state["gen"]
-    render = outcome.render_times
-    base_delay = delay
-    down_log = down.sent[state["down_from"] :]
-    wire_bytes = sum(p.size for p in down_log)
-    deliveries = [(p.arrival, p.delivery) for p in down_log if p.delivery is not None]
-    stats = metrics.summarize(gen, render, base_delay=base_delay, request_time=request_time, wire_bytes=wire_bytes)
-    oracle = metrics.stall_ratio(gen, metrics.oracle_render_times(gen, deliveries), base_delay)
-    return SimRun(
-        scheme=scheme,
-        gen=gen,
-        render=render,
-        request_time=request_time,
-        request_arrival=state["arrival"],
-        base_delay=base_delay,
-        wire_bytes=wire_bytes,
-        deliveries=deliveries,
-        digest_ok=outcome.digest_ok,
-        stats=stats,
-        oracle_stall_ratio=oracle,
-        packets_down=len(down_log),
-        packets_lost_down=sum(1 for p in down_log if _dropped(p)),
-        packets_lost_up=sum(1 for p in up.sent if _dropped(p)),
-    )
+
+@dataclass
+class FlowRun:
+    """One chat of a :func:`run_chats` run: its :class:`SimRun`, or why it did not finish."""
+
+    index: int
+    seed: int
+    addr: Address
+    run: SimRun | None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The whole answer rendered, its digest verified: the flow counts in the stall and TTFT percentiles."""
+        r = self.run
+        return r is not None and r.digest_ok and r.stats.tokens_rendered == r.stats.tokens_sent == len(r.gen)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"flow": self.index, "seed": self.seed, "port": self.addr[1], "finished": self.finished}
+        r = self.run
+        if r is None:
+            return {**d, "error": self.error}
+        d.update(r.stats.to_dict())
+        render = [t for t in r.render if t is not None]
+        # as the SDK measures it (testbed contention's figure): the base delay estimated as the smallest render minus
+        # generation difference, which takes in the link's least transmission time (this run's uses the delay alone)
+        sdk = metrics.stall_ratio(r.gen, render, estimated_base_delay(r.gen, render)) if render else math.nan
+        d.update(
+            sdk_stall_ratio=_nan_none(sdk),
+            digest_verified=r.digest_ok, wire_bytes=r.wire_bytes, oracle_stall_ratio=_nan_none(r.oracle_stall_ratio),
+            packets_down=r.packets_down, packets_lost_down=r.packets_lost_down, packets_lost_up=r.packets_lost_up,
+            request_time=r.request_time, request_arrival=r.request_arrival,
+            goodput_tps=(len(render) / (render[-1] - r.request_time) if render and render[-1] > r.request_time
+                         else 0.0),
+        )
+        return d
+
+
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+@dataclass
+class ChatsRun:
+    """One scheme, one seed, ``cfg.chats`` chats sharing the channel: each flow and each direction's figures."""
+
+    scheme: str
+    seed: int
+    flows: list[FlowRun]
+    down: dict[str, Any]
+    up: dict[str, Any]
+    go: float | None
+
+
+def direction_summary(wire: _Wire | _TraceWire, since: float) -> dict[str, Any]:
+    """One direction's log from ``since`` (the requests' "go") on, as ``testbed contention``'s
+    :func:`~tokenwire.testbed.contention.down_link_summary` reads the emulator's: packets offered, dropped by the
+    full queue (``dropped``) or by the loss model (``lost``), bytes delivered, queueing (sojourn, arrival to the start
+    of transmission) of the delivered packets, and for a traced direction ``utilisation``: delivered bytes over the
+    trace's capacity from ``since`` to the last delivered packet's departure. No queue on the fixed channel: sojourn
+    and utilisation are None there."""
+    packets = lost = dropped = delivered_bytes = offered_bytes = 0
+    last_departure: float | None = None
+    sojourns: list[float] = []
+    for p in wire.sent:
+        if p.arrival < since:
+            continue
+        packets += 1
+        offered_bytes += p.size
+        if p.fate == "lost":
+            lost += 1
+        elif p.fate not in ("queued", "delivered"):
+            dropped += 1
+        elif p.delivery is not None:
+            delivered_bytes += p.size
+            if p.departure is not None:
+                last_departure = p.departure if last_departure is None else max(last_departure, p.departure)
+            if p.sojourn is not None:
+                sojourns.append(p.sojourn * 1000.0)
+    util = None
+    if isinstance(wire, _TraceWire) and wire.link.trace is not None and last_departure is not None:
+        start = wire.link.start
+        capacity = wire.link.trace.bytes_between((since - start) * 1000.0, (last_departure - start) * 1000.0)
+        util = delivered_bytes / capacity if capacity else None
+    return {
+        "packets": packets, "offered_bytes": offered_bytes, "dropped": dropped, "lost": lost,
+        "delivered_bytes": delivered_bytes, "utilisation": util,
+        "sojourn_ms_p50": metrics.percentile(sojourns, 50.0) if sojourns else None,
+        "sojourn_ms_p99": metrics.percentile(sojourns, 99.0) if sojourns else None,
+    }  # fmt: skip
+
+
+def run_chats(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | None = None, *,
+              progress_every_s: float = RUN_PROGRESS_S, clock: Callable[[], float] = time.monotonic) -> ChatsRun:
+    """``cfg.chats`` chats of ``scheme`` at once over one channel per direction (:class:`_Chats`). A chat that fails
+    (its connection dies, or the run reaches ``cfg.max_virtual_s`` before its answer ended) is a failed flow of the
+    result, not an exception: the others' figures stand."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if progress is None:
+        progress = cfg.progress
+    sim = _Chats(scheme, cfg)
+    cap: str | None = None
+    try:
+        sim.run(progress, progress_every_s, clock)
+    except SimError as exc:
+        cap = str(exc)
+    flows = []
+    for f in sim.flows:
+        seed = cfg.seed + f.index
+        if f.outcome is not None:
+            flows.append(FlowRun(f.index, seed, f.addr, sim.result(f)))
+        else:
+            why = (f"request failed: {f.error}" if f.error is not None else
+                   cap or "simulation ended without finishing the request")
+            flows.append(FlowRun(f.index, seed, f.addr, None, why))
+    since = sim.go if sim.go is not None else 0.0
+    return ChatsRun(scheme, cfg.seed, flows, direction_summary(sim.down, since), direction_summary(sim.up, since),
+                    sim.go)
 
 
 def _offsets(n: int, *, rate: float, seed: int, first_token_s: float) -> Iterator[float]:
@@ -522,8 +759,12 @@ def compare(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every scheme for ``runs`` seeds (cfg.seed, cfg.seed+1, ...); the JSON-ready summary. ``progress`` is
-    told each scheme and seed as it starts, ``cfg.progress`` how far a long run is (:func:`run_scheme`)."""
+    told each scheme and seed as it starts, ``cfg.progress`` how far a long run is (:func:`run_scheme`). With
+    ``cfg.chats`` > 1, :func:`compare_chats`'s summary."""
     from tokenwire.daemon.cli import repeated
+
+    if cfg.chats != 1:
+        return compare_chats(schemes, cfg, runs, progress)
 
     twice = sorted(repeated(schemes))
     if twice:  # the summary is keyed by scheme: its runs would be counted twice
@@ -579,5 +820,102 @@ def compare(
             "per_scheme": {s: d["oracle_stall_ratio"] for s, d in out_schemes.items()},
             "union_stall_ratio": mean(oracles),
         },
+        "config": {**cfg.to_dict(), "runs": runs, "schemes": schemes},
+    }
+
+
+def _mean_known(xs: Iterable[float | None]) -> float | None:
+    known = [float(x) for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(known) if known else None
+
+
+def chats_run_summary(run: ChatsRun) -> dict[str, Any]:
+    """One run (scheme, seed) of several chats, as ``testbed contention``'s :func:`.contention.run_summary`: its
+    flows, their stall and TTFT percentiles over the finished ones, Jain's index of goodput, bytes per token (the
+    chats' IP bytes down from their requests' arrival over the tokens rendered) and both directions' figures."""
+    from .contention import jain_index, percentile
+
+    rows = [f.to_dict() for f in run.flows]
+    done = [r for r in rows if r["finished"]]
+    sent = sum(r.get("wire_bytes") or 0 for r in rows)
+    delivered = sum(r.get("tokens_rendered") or 0 for r in rows)
+    return {
+        "seed": run.seed,
+        "flows": rows,
+        "flows_finished": len(done),
+        "digests_verified": sum(1 for r in rows if r.get("digest_verified")),
+        "stall_ratio_p50": percentile((r.get("stall_ratio") for r in done), 0.5),
+        "stall_ratio_p90": percentile((r.get("stall_ratio") for r in done), 0.9),
+        "ttft_ms_p50": percentile((r.get("ttft_ms") for r in done), 0.5),
+        "ttft_ms_p90": percentile((r.get("ttft_ms") for r in done), 0.9),
+        "jain_goodput": jain_index(r.get("goodput_tps", 0.0) for r in rows),
+        "tokens_delivered": delivered,
+        "bytes_per_token": sent / delivered if delivered else None,
+        "go_s": run.go,
+        "link": run.down,
+        "up_link": run.up,
+    }
+
+
+def chats_scheme_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A scheme over its runs (:func:`chats_run_summary`'s), as contention's :func:`.contention.scheme_summary`:
+    per-flow percentiles pooled over every finished flow of every run, the runs' means of the per-run figures."""
+    from .contention import percentile
+
+    flows = [f for r in runs for f in r["flows"]]
+    done = [f for f in flows if f["finished"]]
+    return {
+        "stall_ratio_p50": percentile((f.get("stall_ratio") for f in done), 0.5),
+        "stall_ratio_p90": percentile((f.get("stall_ratio") for f in done), 0.9),
+        "stall_ratio_mean": _mean_known(f.get("stall_ratio") for f in done),
+        "sdk_stall_ratio_p50": percentile((f.get("sdk_stall_ratio") for f in done), 0.5),
+        "sdk_stall_ratio_p90": percentile((f.get("sdk_stall_ratio") for f in done), 0.9),
+        "ttft_ms_p50": percentile((f.get("ttft_ms") for f in done), 0.5),
+        "ttft_ms_p90": percentile((f.get("ttft_ms") for f in done), 0.9),
+        "bytes_per_token": _mean_known(r["bytes_per_token"] for r in runs),
+        "utilisation": _mean_known(r["link"]["utilisation"] for r in runs),
+        "sojourn_ms_p50": _mean_known(r["link"]["sojourn_ms_p50"] for r in runs),
+        "sojourn_ms_p99": _mean_known(r["link"]["sojourn_ms_p99"] for r in runs),
+        "dropped_down": _mean_known(r["link"]["dropped"] for r in runs),
+        "lost_down": _mean_known(r["link"]["lost"] for r in runs),
+        "packets_down": _mean_known(r["link"]["packets"] for r in runs),
+        "jain_goodput": _mean_known(r["jain_goodput"] for r in runs),
+        "flows": len(flows),
+        "flows_finished": len(done),
+        "digests_verified": sum(r["digests_verified"] for r in runs),
+        "per_run_stall_ratio_p50": [r["stall_ratio_p50"] for r in runs],
+    }
+
+
+def compare_chats(
+    schemes: list[str],
+    cfg: SimConfig,
+    runs: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every scheme for ``runs`` seeds, ``cfg.chats`` chats at once each (:func:`run_chats`): ``testbed
+    contention``'s document in virtual time. ``schemes`` (each scheme's :func:`chats_scheme_summary`),
+    ``comparison`` (chatterbox against each other scheme, :func:`.contention.comparison_block`), ``runs`` (per
+    scheme, each run's :func:`chats_run_summary` with every flow) and ``config``. Run seed ``s`` gives chat ``i``
+    the demo schedule of seed ``s + i`` and seeds the channel's loss models with ``s``, as contention's runs do."""
+    from tokenwire.daemon.cli import repeated
+
+    from .contention import comparison_block
+
+    twice = sorted(repeated(schemes))
+    if twice:  # the summary is keyed by scheme: its runs would be counted twice
+        raise ValueError(f"scheme(s) {', '.join(twice)} listed twice")
+    per_scheme: dict[str, list[dict[str, Any]]] = {s: [] for s in schemes}
+    for k in range(runs):
+        seed_cfg = SimConfig(**{**cfg.__dict__, "seed": cfg.seed + k})
+        for s in schemes:
+            if progress:
+                progress(f"seed {seed_cfg.seed}: {s}, {cfg.chats} chats")
+            per_scheme[s].append(chats_run_summary(run_chats(s, seed_cfg)))
+    summary = {s: chats_scheme_summary(rs) for s, rs in per_scheme.items()}
+    return {
+        "schemes": summary,
+        "comparison": comparison_block(summary),
+        "runs": per_scheme,
         "config": {**cfg.to_dict(), "runs": runs, "schemes": schemes},
     }

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from tokenwire.daemon.cli import cell, positive_int, seed_arg, write_json
 
+MAX_SIM_CHATS = 200
+"""``--chats`` at most: ``testbed contention``'s bound (its ``MAX_CHATS``), so that the two take the same runs."""
+
 LONG_RUN_TOKENS = 5_000
 """Tokens simulated in all (``--tokens`` x schemes x runs) from which progress is printed: 1.5-2 s on the
 development VM (the default, 400 x 3, takes half a second and prints none)."""
@@ -61,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_arg, default=1, help="first seed, an integer >= 0 (default 1)")
     p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default 1)")
     p.add_argument("--first-token-ms", type=float, default=150.0, help="generator prefill delay (default 150)")
+    p.add_argument("--chats", type=positive_int, default=1, metavar="N",
+                   help="chats at once sharing the one channel (each direction's trace and queue), 1 to "
+                   f"{MAX_SIM_CHATS} (default 1): testbed contention in virtual time, without its CPU limits; chat i "
+                   "gets the demo schedule of seed + i, and the table reports per-flow percentiles")
     p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(handler=run)
 
@@ -87,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if args.tokens < 1 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
         raise CLIError("--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0")
+    if not 1 <= args.chats <= MAX_SIM_CHATS:
+        raise CLIError(f"--chats {args.chats}: 1 to {MAX_SIM_CHATS}")
     check_traces(args)
     if args.tokens > MAX_ANSWER_TOKENS:  # as `testbed compare` and `bench daemon` refuse it: no answer is longer
         raise CLIError(f"--tokens {args.tokens}: at most {MAX_ANSWER_TOKENS:,} (the daemon's bound on an answer)")
@@ -104,13 +113,16 @@ def run(args: argparse.Namespace) -> int:
         first_token_ms=args.first_token_ms,
         down_trace=args.down_trace,
         up_trace=args.up_trace,
+        chats=args.chats,
     )
     if args.queue_packets is not None:
         cfg.queue_packets = args.queue_packets
     # SIGTERM or SIGHUP (kill, a timeout, a closed terminal) takes Ctrl-C's path: "interrupted", exit 130 (it
     # died silently with 143)
     with sigterm_as_ctrl_c():
-        past = first_seed_past_cap(cfg, args.runs, _seed_check_progress(args.runs))
+        # chat i of run k gets the schedule of seed + k + i: every one of them must end within the cap
+        seeds = args.runs + args.chats - 1
+        past = first_seed_past_cap(cfg, seeds, _seed_check_progress(seeds))
         if past is not None:  # a run past the cap fails only at the cap, every cell NaN
             seed, _ = past
             mean, _ = end_spread(cfg)
@@ -129,9 +141,15 @@ def run(args: argparse.Namespace) -> int:
 
         # a line per scheme and seed once the run is long: by its count of runs, or by its tokens (one seed of three
         # schemes at --tokens 20000 ran 13.5 s without a word), and lines within a long run
-        long_run = args.runs * len(schemes) > 3 or args.tokens * args.runs * len(schemes) >= LONG_RUN_TOKENS
+        long_run = (args.runs * len(schemes) > 3
+                    or args.tokens * args.runs * len(schemes) * args.chats >= LONG_RUN_TOKENS)
         cfg.progress = run_progress if long_run else None
         result = compare(schemes, cfg, runs=args.runs, progress=progress if long_run else None)
+    if args.chats > 1:
+        print(format_chats_table(result))
+        if args.json:
+            write_json(result, args.json)
+        return 1 if any(d["flows_finished"] == 0 for d in result["schemes"].values()) else 0
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -236,4 +254,41 @@ def format_table(result: dict) -> str:
                          f"({' and '.join(unfinished) or 'a scheme'} had no finished run)")
         elif (change := lower_or_higher(ch, st)) is not None:  # (stream without a stall: no ratio)
             lines.append(f"chatterbox vs stream: stall ratio {change}")
+    return "\n".join(lines)
+
+
+FAILED_FLOWS_SHOWN = 5
+"""Failed flows named under a ``--chats`` table (the rest counted): every one of 200 would bury the table."""
+
+
+def format_chats_table(result: dict) -> str:
+    """``--chats N``'s table, as ``testbed contention``'s: per scheme the stall and TTFT percentiles over every
+    finished flow of every run, bytes per token, the down link's utilisation, queueing (sojourn p50/p99), drops by the
+    full queue and losses (per run), finished flows and verified digests; then chatterbox against each scheme."""
+    from tokenwire.testbed.contention import comparison_lines
+
+    cfg = result["config"]
+    f = cell
+    lines = [
+        f"{cfg['chats']} chats x {cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}, "
+        f"seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1} (virtual time: no CPU limits)",
+        f"{'scheme':<11} {'stall p50':>9} {'p90':>7} {'TTFT p50':>9} {'p90':>7} {'B/token':>8} {'util':>6} "
+        f"{'sojourn p50/p99 ms':>19} {'drop/lost':>10} {'Jain':>6} {'finished':>9} {'digests':>8}",
+    ]
+    for s, d in result["schemes"].items():
+        soj = f"{f(d['sojourn_ms_p50'], '.1f')}/{f(d['sojourn_ms_p99'], '.1f')}"
+        drops = f"{f(d['dropped_down'], '.0f')}/{f(d['lost_down'], '.0f')}"
+        lines.append(
+            f"{s:<11} {f(d['stall_ratio_p50'], '9.3f')} {f(d['stall_ratio_p90'], '7.3f')} "
+            f"{f(d['ttft_ms_p50'], '9.0f')} {f(d['ttft_ms_p90'], '7.0f')} {f(d['bytes_per_token'], '8.0f')} "
+            f"{f(d['utilisation'], '6.1%')} {soj:>19} {drops:>10} {f(d['jain_goodput'], '6.3f')} "
+            f"{d['flows_finished']:>4}/{d['flows']:<4} {d['digests_verified']:>8}")
+    for s, runs in result["runs"].items():
+        failed = [(r["seed"], fl) for r in runs for fl in r["flows"] if not fl["finished"]]
+        for seed, fl in failed[:FAILED_FLOWS_SHOWN]:
+            why = fl.get("error") or "incomplete answer or digest mismatch"
+            lines.append(f"{s}: seed {seed} flow {fl['flow']} FAILED ({why})")
+        if len(failed) > FAILED_FLOWS_SHOWN:
+            lines.append(f"{s}: {len(failed) - FAILED_FLOWS_SHOWN} more failed flows (see --json)")
+    lines += comparison_lines(result["comparison"])
     return "\n".join(lines)
