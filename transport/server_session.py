@@ -25,6 +25,7 @@ from .ack_timing import AckTiming
 from .chatterbox import (
     COALESCE_QUEUE_S,
     L4S_CE_WINDOW_SHARE,
+    PIGGYBACK_QUEUE_S,
     LossClock,
     SenderStats,
     TokenSender,
@@ -392,6 +393,13 @@ class ServerSession(_SessionBase):
             return cc.bytes_in_flight >= L4S_CE_WINDOW_SHARE * cc.congestion_window
         return False
 
+    def _piggyback_welcome(self) -> bool:
+        """Whether repeats may ride the packets that leave anyway: not once the path to the client queues at all
+        (aioquic's smoothed round trip more than chatterbox.PIGGYBACK_QUEUE_S above its minimum), where they are the
+        redundancy that fills a shared bottleneck first."""
+        loss = self.quic._loss
+        return not loss._rtt_initialized or loss._rtt_smoothed - loss._rtt_min <= PIGGYBACK_QUEUE_S
+
     def _queue_delay(self, now: float) -> float:
         """How long the path to the client queues now: aioquic's smoothed round trip above its minimum, once that
         is well past the round-trip rule of :meth:`_path_congested` (chatterbox.COALESCE_QUEUE_S; else 0: a bursty
@@ -409,12 +417,14 @@ class ServerSession(_SessionBase):
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         if self._gen_times_due:
             self._send_gen_times()
+        piggyback = self._piggyback_welcome()
         for req in self.requests.values():
             if req.sender is not None:
                 # the marking decision is taken when the sender builds a datagram, not before (_codepoint_now)
                 req.sender.codepoint_of = self._codepoint_now
-                # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback)
-                if req.sender.can_piggyback():
+                # Chatterbox: no packet leaves without the unacknowledged tokens (see offer_piggyback), while the
+                # path has room for them, nor without new tokens that wait to share one
+                if req.sender.can_piggyback() and (piggyback or req.sender.holds_new_tokens()):
                     self.scheduler.offer_piggyback(req.sender)
         return super().datagrams_to_send(now)
 
