@@ -174,6 +174,20 @@ def goodput_tps(flow: dict[str, Any]) -> float | None:
     return float(n) / (float(last) - float(start))
 
 
+def flows_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's figures over its flows (rows with ``finished``), as this module and ``sim --chats`` report them:
+    flows finished, digests verified, and the stall and TTFT percentiles over the finished flows."""
+    done = [r for r in rows if r["finished"]]
+    return {
+        "flows_finished": len(done),
+        "digests_verified": sum(1 for r in rows if r.get("digest_verified")),
+        "stall_ratio_p50": percentile((r.get("stall_ratio") for r in done), 0.5),
+        "stall_ratio_p90": percentile((r.get("stall_ratio") for r in done), 0.9),
+        "ttft_ms_p50": percentile((r.get("ttft_ms") for r in done), 0.5),
+        "ttft_ms_p90": percentile((r.get("ttft_ms") for r in done), 0.9),
+    }
+
+
 def run_summary(flows: list[dict[str, Any]], link: dict[str, Any], tokens: int) -> dict[str, Any]:
     """One run of one scheme: its flows (with their wire bytes and goodput added) and its link figures."""
     by_port = link["bytes_by_port"]
@@ -185,17 +199,11 @@ def run_summary(flows: list[dict[str, Any]], link: dict[str, Any], tokens: int) 
         n = f.get("tokens_rendered") or 0
         row["bytes_per_token"] = wire / n if wire is not None and n else None
         rows.append(row)
-    done = [r for r in rows if r["finished"]]
     delivered = sum(r.get("tokens_rendered") or 0 for r in rows)
     sent = sum(by_port.values())
     return {
         "flows": rows,
-        "flows_finished": len(done),
-        "digests_verified": sum(1 for r in rows if r.get("digest_verified")),
-        "stall_ratio_p50": percentile((r.get("stall_ratio") for r in done), 0.5),
-        "stall_ratio_p90": percentile((r.get("stall_ratio") for r in done), 0.9),
-        "ttft_ms_p50": percentile((r.get("ttft_ms") for r in done), 0.5),
-        "ttft_ms_p90": percentile((r.get("ttft_ms") for r in done), 0.9),
+        **flows_summary(rows),
         "jain_goodput": jain_index(r["goodput_tps"] for r in rows),
         "tokens_delivered": delivered,
         "bytes_per_token": sent / delivered if delivered else None,

@@ -833,21 +833,15 @@ def chats_run_summary(run: ChatsRun) -> dict[str, Any]:
     """One run (scheme, seed) of several chats, as ``testbed contention``'s :func:`.contention.run_summary`: its
     flows, their stall and TTFT percentiles over the finished ones, Jain's index of goodput, bytes per token (the
     chats' IP bytes down from their requests' arrival over the tokens rendered) and both directions' figures."""
-    from .contention import jain_index, percentile
+    from .contention import flows_summary, jain_index
 
     rows = [f.to_dict() for f in run.flows]
-    done = [r for r in rows if r["finished"]]
     sent = sum(r.get("wire_bytes") or 0 for r in rows)
     delivered = sum(r.get("tokens_rendered") or 0 for r in rows)
     return {
         "seed": run.seed,
         "flows": rows,
-        "flows_finished": len(done),
-        "digests_verified": sum(1 for r in rows if r.get("digest_verified")),
-        "stall_ratio_p50": percentile((r.get("stall_ratio") for r in done), 0.5),
-        "stall_ratio_p90": percentile((r.get("stall_ratio") for r in done), 0.9),
-        "ttft_ms_p50": percentile((r.get("ttft_ms") for r in done), 0.5),
-        "ttft_ms_p90": percentile((r.get("ttft_ms") for r in done), 0.9),
+        **flows_summary(rows),
         "jain_goodput": jain_index(r.get("goodput_tps", 0.0) for r in rows),
         "tokens_delivered": delivered,
         "bytes_per_token": sent / delivered if delivered else None,

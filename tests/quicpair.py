@@ -9,6 +9,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
 from tokenwire.transport.client_session import ClientSession
+from tokenwire.transport.frames import Request
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
 
@@ -88,3 +89,16 @@ class Pair:
                 if not timers or min(timers) > self.now + quiet_after:
                     return  # quiet: only the idle timeout is left
                 self.now = max(self.now, min(timers) - dt)
+
+
+def accepted_chat(scheme: str = "chatterbox") -> tuple[Pair, ServerSession, int]:
+    """A connected pair whose client asked for an answer with ``scheme`` and whose server accepted it (nothing of the
+    answer sent yet): (pair, server session, the request's stream id)."""
+    pair = Pair()
+    pair.exchange(rounds=40)
+    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], scheme=scheme), pair.now)
+    pair.exchange(rounds=20)
+    server = pair.server
+    assert server is not None
+    server.accept(sid)
+    return pair, server, sid

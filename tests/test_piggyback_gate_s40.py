@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.quicpair import Pair
+from tests.quicpair import Pair, accepted_chat
 from tokenwire.testbed.sim import SimConfig, run_chats
 from tokenwire.transport.chatterbox import PIGGYBACK_QUEUE_S, TokenSender
-from tokenwire.transport.frames import Request
 from tokenwire.transport.server_session import ServerSession
 
 MIN_RTT = 0.080
@@ -18,13 +17,7 @@ def _token_unacknowledged(excess_s: float | None, *, lost_lately: bool = False,
     """A chat whose first token left and is not acknowledged, on a path whose smoothed round trip stands
     ``excess_s`` above its minimum (None: no round-trip sample yet); ``lost_lately``: a token datagram of the
     connection was declared lost just before (chatterbox.QUIET_LOSS_S)."""
-    pair = Pair()
-    pair.exchange(rounds=40)
-    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}]), pair.now)
-    pair.exchange(rounds=20)
-    server = pair.server
-    assert server is not None
-    server.accept(sid)
+    pair, server, sid = accepted_chat()
     server.datagrams_to_send(pair.now)  # STARTED
     loss = server.quic._loss
     if excess_s is None:

@@ -3,7 +3,7 @@ as in-order streaming sends them; the first declared loss brings the wait and th
 
 from __future__ import annotations
 
-from tests.quicpair import Pair
+from tests.quicpair import Pair, accepted_chat
 from tokenwire.transport.chatterbox import COALESCE_MAX_S, NEEDS_ROOM, QUIET_LOSS_S, SentPacket, TokenSender
 from tokenwire.transport.frames import Request, Tokens, decode_datagram
 from tokenwire.transport.server_session import ServerSession
@@ -121,13 +121,7 @@ def test_a_token_whose_later_packet_carries_it_waits_for_that_packet():
 
 # ------------------------------------------------------------------------------------------------ the session
 def _chat() -> tuple[Pair, ServerSession, int]:
-    pair = Pair()
-    pair.exchange(rounds=40)
-    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}]), pair.now)
-    pair.exchange(rounds=20)
-    server = pair.server
-    assert server is not None
-    server.accept(sid)
+    pair, server, sid = accepted_chat()
     server.datagrams_to_send(pair.now)  # STARTED
     return pair, server, sid
 

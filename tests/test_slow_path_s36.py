@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.quicpair import Pair
+from tests.quicpair import accepted_chat
 from tokenwire.transport.chatterbox import COALESCE_MAX_S, COALESCE_QUEUE_S, NEEDS_ROOM, QUEUE_DELAY_S, TokenSender
-from tokenwire.transport.frames import Request, Tokens, decode_datagram
+from tokenwire.transport.frames import Tokens, decode_datagram
 from tokenwire.transport.server_session import ServerSession
 from tokenwire.transport.transcript import Transcript
 
@@ -76,24 +76,13 @@ def test_a_packet_leaving_anyway_takes_the_waiting_tokens_along():
 
 
 # ------------------------------------------------------------------------------------------------ the real session
-def _chat(scheme: str = "chatterbox") -> tuple[Pair, ServerSession, int]:
-    pair = Pair()
-    pair.exchange(rounds=40)
-    sid = pair.client.start_request(Request(messages=[{"role": "user", "content": "x"}], scheme=scheme), pair.now)
-    pair.exchange(rounds=20)
-    server = pair.server
-    assert server is not None
-    server.accept(sid)
-    return pair, server, sid
-
-
 def _path(server: ServerSession, srtt: float, floor: float) -> None:
     loss = server.quic._loss
     loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, srtt
 
 
 def test_the_server_tells_the_queue_only_well_past_the_round_trip_rule():
-    _pair, server, sid = _chat()
+    _pair, server, sid = accepted_chat()
     sender = server.requests[sid].sender
     assert sender is not None and sender.queue_delay is not None
     _path(server, 0.080 + QUEUE_DELAY_S + 0.01, 0.080)  # past the congestion cap's threshold: repeats are capped ...
@@ -102,14 +91,14 @@ def test_the_server_tells_the_queue_only_well_past_the_round_trip_rule():
     assert sender.queue_delay(0.0) == 0.0
     _path(server, 0.400, 0.080)
     assert sender.queue_delay(0.0) == pytest.approx(0.320)
-    _pair, server, sid = _chat("duplicate")
+    _pair, server, sid = accepted_chat("duplicate")
     sender = server.requests[sid].sender
     assert sender is not None and sender.queue_delay is None  # the duplicate baseline sends as the paper's did
 
 
 def test_a_queued_path_sends_fewer_token_packets_for_the_same_tokens():
     """Server side of a real connection, tokens every 33 ms: 6 tokens leave in 3 packets, not 6."""
-    pair, server, sid = _chat()
+    pair, server, sid = accepted_chat()
     sender = server.requests[sid].sender
     assert sender is not None
     server.datagrams_to_send(pair.now)  # STARTED
