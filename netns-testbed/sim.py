@@ -37,7 +37,13 @@ from tokenwire.transport import metrics
 from tokenwire.transport.client_session import AnswerComplete, ClientSession
 from tokenwire.transport.frames import CHAT_ALPNS, SCHEMES, Request
 from tokenwire.transport.server_session import ServerSession
-from tokenwire.transport.session_events import RequestFailed, RequestFinished, RequestReceived, SessionEvent
+from tokenwire.transport.session_events import (
+    ConnectionEnded,
+    RequestFailed,
+    RequestFinished,
+    RequestReceived,
+    SessionEvent,
+)
 from tokenwire.transport.session_outcome import estimated_base_delay
 from tokenwire.transport.tls import client_configuration, server_configuration, sim_cert
 
@@ -250,6 +256,10 @@ RUN_PROGRESS_S = 5.0
 """Wall-clock seconds between two progress lines within one scheme's run (``run_scheme``'s ``progress``)."""
 
 
+WAIT_PING_S = 15.0
+"""With several chats, how often the connected clients ping while others still shake hands (:meth:`_Chats._keep_alive`):
+well inside the 60-s idle timeout, which a failing handshake takes to end."""
+
 GO_SETTLE_S = 0.5
 """With several chats, seconds between the last handshake's completion and "go" (at least four one-way delays), and
 again while a traced direction still queues: the 30 handshakes of a 1-Mbit/s run left ~300 ms of their packets queued
@@ -279,10 +289,12 @@ class _Flow:
     stats: bool = False  # its generation times came (RequestFinished), or were part of the answer's end
     request_time: float = 0.0
     started: bool = False
+    lost: str | None = None  # its connection ended before its request went out: why (its handshake failed, say)
+    ended_at: float | None = None  # when its statistics came: its packets after that are not counted as its own
 
     @property
     def over(self) -> bool:
-        return self.outcome is not None or self.error is not None
+        return self.outcome is not None or self.error is not None or self.lost is not None
 
 
 class _Chats:
@@ -329,6 +341,8 @@ class _Chats:
             sess.quic.connect(SERVER_ADDR, now=0.0)
         for flow in self.flows:
             self.loop.at(0.0, functools.partial(self._service, flow, flow.client))
+        if len(self.flows) > 1:
+            self.loop.at(WAIT_PING_S, self._keep_alive)
 
     # -- the wire --------------------------------------------------------------------------------------------
     def _service(self, flow: _Flow, node: _Node) -> None:
@@ -407,20 +421,27 @@ class _Chats:
             if isinstance(ev, AnswerComplete | RequestFinished):
                 flow.outcome = flow.outcome or ev.result
                 flow.stats = isinstance(ev, RequestFinished)
+                if flow.stats:
+                    flow.ended_at = self.loop.now
             elif isinstance(ev, RequestFailed):
                 flow.error = ev.error
+            elif isinstance(ev, ConnectionEnded) and not flow.started:
+                flow.lost = ev.reason or f"error code {ev.error_code}"
         self._maybe_go()
 
     def _maybe_go(self) -> None:
-        """Every request at once, once every client may send one (the handshakes complete inside the loop): at that
-        moment with one chat (the single-chat run's timing), after :data:`GO_SETTLE_S` with several, and later while
-        a traced direction still queues their handshakes' packets (:meth:`_settled`)."""
+        """Every request at once, once every client may send one (the handshakes complete inside the loop) or its
+        connection ended without (its request is never sent; the others go): at that moment with one chat (the
+        single-chat run's timing), after :data:`GO_SETTLE_S` with several, and later while a traced direction still
+        queues their handshakes' packets (:meth:`_settled`). Meanwhile the connected clients ping every
+        :data:`WAIT_PING_S` (:meth:`_keep_alive`), so that a handshake that takes long or fails does not let them
+        reach their idle timeout first."""
         if self.go is not None or self._go_pending:
             return
         for flow in self.flows:
             sess = flow.client.session
             assert isinstance(sess, ClientSession)
-            if sess.datagrams_ok is None:
+            if sess.datagrams_ok is None and flow.lost is None:
                 return
         if len(self.flows) == 1:
             self._go()
@@ -434,11 +455,24 @@ class _Chats:
             return
         self._go()
 
+    def _keep_alive(self) -> None:
+        if self.go is not None:
+            return
+        for flow in self.flows:
+            sess = flow.client.session
+            assert isinstance(sess, ClientSession)
+            if sess.datagrams_ok is not None and not sess.closed:
+                sess.quic.send_ping(0)
+                self._service(flow, flow.client)
+        self.loop.at(self.loop.now + WAIT_PING_S, self._keep_alive)
+
     def _go(self) -> None:
         self.go = now = self.loop.now
         for flow in self.flows:
             sess = flow.client.session
             assert isinstance(sess, ClientSession)
+            if flow.lost is not None:
+                continue
             flow.started = True
             flow.request_time = now
             request = Request(messages=[{"role": "user", "content": "Why do chatbots stall on trains?"}],
@@ -448,8 +482,14 @@ class _Chats:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def rendered(self) -> int:
-        return sum(len(r.receiver.render_times) for f in self.flows if isinstance(f.client.session, ClientSession)
-                   for r in f.client.session.requests.values())
+        """Tokens rendered so far over every chat (an ended answer's request has left its session: its outcome's)."""
+        n = 0
+        for f in self.flows:
+            if f.outcome is not None:
+                n += sum(1 for t in f.outcome.render_times if t is not None)
+            elif isinstance(f.client.session, ClientSession):
+                n += sum(len(r.receiver.render_times) for r in f.client.session.requests.values())
+        return n
 
     def run(self, progress: Callable[[str], None] | None, progress_every_s: float,
             clock: Callable[[], float]) -> None:
@@ -488,8 +528,9 @@ class _Chats:
         gen = flow.gen
         render = outcome.render_times
         base_delay = self.cfg.delay_ms / 1000.0
-        addr = flow.addr
-        down_log = [p for p in self.down.sent[flow.down_from :] if p.meta == addr]
+        addr, end = flow.addr, flow.ended_at if flow.ended_at is not None else math.inf
+        # its own packets from its request's arrival to its statistics' (the others' answers may go on after)
+        down_log = [p for p in self.down.sent[flow.down_from :] if p.meta == addr and p.arrival <= end]
         wire_bytes = sum(p.size for p in down_log)
         deliveries = [(p.arrival, p.delivery) for p in down_log if p.delivery is not None]
         stats = metrics.summarize(gen, render, base_delay=base_delay, request_time=flow.request_time,
@@ -537,6 +578,8 @@ def run_scheme(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | No
     flow = sim.flows[0]
     if flow.error is not None:
         raise SimError(f"{scheme}: request failed: {flow.error}")
+    if flow.lost is not None:
+        raise SimError(f"{scheme}: connection closed before its request: {flow.lost}")
     if flow.outcome is None:
         raise SimError(f"{scheme}: simulation ended without finishing the request")
     return sim.result(flow)
@@ -655,6 +698,7 @@ def run_chats(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | Non
             flows.append(FlowRun(f.index, seed, f.addr, sim.result(f)))
         else:
             why = (f"request failed: {f.error}" if f.error is not None else
+                   f"connection closed before its request: {f.lost}" if f.lost is not None else
                    cap or "simulation ended without finishing the request")
             flows.append(FlowRun(f.index, seed, f.addr, None, why))
     since = sim.go if sim.go is not None else 0.0

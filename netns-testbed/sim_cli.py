@@ -279,9 +279,9 @@ def format_chats_table(result: dict) -> str:
         soj = f"{f(d['sojourn_ms_p50'], '.1f')}/{f(d['sojourn_ms_p99'], '.1f')}"
         drops = f"{f(d['dropped_down'], '.0f')}/{f(d['lost_down'], '.0f')}"
         lines.append(
-            f"{s:<11} {f(d['stall_ratio_p50'], '9.3f')} {f(d['stall_ratio_p90'], '7.3f')} "
-            f"{f(d['ttft_ms_p50'], '9.0f')} {f(d['ttft_ms_p90'], '7.0f')} {f(d['bytes_per_token'], '8.0f')} "
-            f"{f(d['utilisation'], '6.1%')} {soj:>19} {drops:>10} {f(d['jain_goodput'], '6.3f')} "
+            f"{s:<11} {f(d['stall_ratio_p50'], '>9.3f')} {f(d['stall_ratio_p90'], '>7.3f')} "
+            f"{f(d['ttft_ms_p50'], '>9.0f')} {f(d['ttft_ms_p90'], '>7.0f')} {f(d['bytes_per_token'], '>8.0f')} "
+            f"{f(d['utilisation'], '>6.1%')} {soj:>19} {drops:>10} {f(d['jain_goodput'], '>6.3f')} "
             f"{d['flows_finished']:>4}/{d['flows']:<4} {d['digests_verified']:>8}")
     for s, runs in result["runs"].items():
         failed = [(r["seed"], fl) for r in runs for fl in r["flows"] if not fl["finished"]]

@@ -152,3 +152,51 @@ def test_cli_checks_every_chats_seed_against_the_cap(capsys: pytest.CaptureFixtu
     with pytest.raises(Checked):
         main(["sim", "--chats", "5", "--runs", "2", "--tokens", "5"])
     assert seen == [6]
+
+
+def test_a_chat_whose_connection_ends_before_its_request_does_not_hold_the_others() -> None:
+    """"Go" waited for every handshake: one that never completed kept every request from leaving, and all the chats
+    failed (10 chats at 60 % loss: 0 of 10 finished, 8 of them connected). Now that chat fails with its reason."""
+    cfg = _cfg(chats=10, tokens=30, loss="iid:0.6", delay_ms=50.0, seed=1)
+    run = run_chats("stream", cfg)
+    lost = [f for f in run.flows if not f.finished]
+    assert len(lost) == 1 and lost[0].error == "connection closed before its request: Idle timeout"
+    assert all(f.run is not None and f.run.digest_ok for f in run.flows if f is not lost[0])
+
+
+def test_the_connected_chats_outlive_a_long_handshake() -> None:
+    """A handshake that fails takes the 60-s idle timeout to end: the chats already connected ping meanwhile, or
+    theirs ran out too before "go" (a closed client's own close counts its idle time from its last packet)."""
+    chats = sim._Chats("stream", _cfg(chats=3, tokens=10))
+    stuck = chats.flows[1].client.session
+    assert stuck is not None
+    # flow 1's Initials never arrive: its handshake fails at the idle timeout, 60 s in
+    wire_send = chats.up.send
+    chats.up.send = lambda datagrams, now, addr: wire_send([] if addr == chats.flows[1].addr else datagrams, now, addr)
+    chats.run(None, 5.0, lambda: 0.0)
+    assert chats.flows[1].lost == "Idle timeout" and chats.go is not None and chats.go > 60.0
+    assert chats.flows[0].outcome is not None and chats.flows[2].outcome is not None
+    assert chats.flows[0].outcome.digest_ok and chats.flows[2].outcome.digest_ok
+
+
+def test_progress_counts_the_tokens_of_answers_that_ended() -> None:
+    """An answer that ended leaves its client session: the count read only the open ones and fell as chats ended."""
+    chats = sim._Chats("chatterbox", _cfg(chats=3, tokens=20))
+    chats.run(None, 5.0, lambda: 0.0)
+    assert all(f.outcome is not None for f in chats.flows)
+    assert chats.rendered() == 60
+
+
+def test_a_flow_counts_its_own_bytes_up_to_its_statistics() -> None:
+    """A chat's bytes end with its statistics (GEN_TIMES), as a single-chat run's do, not with the last chat's: the
+    first chats to end got the ACKs their connections sent while the others still ran."""
+    chats = sim._Chats("chatterbox", _cfg(chats=4, tokens=30))
+    chats.run(None, 5.0, lambda: 0.0)
+    later = 0
+    for flow in chats.flows:
+        assert flow.ended_at is not None
+        result = chats.result(flow)
+        own = [p for p in chats.down.sent[flow.down_from:] if p.meta == flow.addr]
+        assert result.wire_bytes == sum(p.size for p in own if p.arrival <= flow.ended_at)
+        later += sum(1 for p in own if p.arrival > flow.ended_at)
+    assert later > 0  # (the case is there: packets of a chat after its end, not counted)
