@@ -211,7 +211,8 @@ def run_summary(flows: list[dict[str, Any]], link: dict[str, Any], tokens: int) 
     }
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
+def mean_known(values: Iterable[float | None]) -> float | None:
+    """The mean of the known values (None and NaN left out); None when none is known."""
     xs = [float(v) for v in values if v is not None and not math.isnan(v)]
     return statistics.fmean(xs) if xs else None
 
@@ -226,13 +227,13 @@ def scheme_summary(runs: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "stall_ratio_p90": percentile((f.get("stall_ratio") for f in done), 0.9),
         "ttft_ms_p50": percentile((f.get("ttft_ms") for f in done), 0.5),
         "ttft_ms_p90": percentile((f.get("ttft_ms") for f in done), 0.9),
-        "bytes_per_token": _mean(r["bytes_per_token"] for r in runs),
-        "utilisation": _mean(r["link"]["utilisation"] for r in runs),
-        "chats_utilisation": _mean(r["link"].get("chats_utilisation") for r in runs),
-        "sojourn_ms_p50": _mean(r["link"]["sojourn_ms_p50"] for r in runs),
-        "sojourn_ms_p99": _mean(r["link"]["sojourn_ms_p99"] for r in runs),
-        "jain_goodput": _mean(r["jain_goodput"] for r in runs),
-        "daemon_cpu_share": _mean(r.get("daemon_cpu_share") for r in runs),
+        "bytes_per_token": mean_known(r["bytes_per_token"] for r in runs),
+        "utilisation": mean_known(r["link"]["utilisation"] for r in runs),
+        "chats_utilisation": mean_known(r["link"].get("chats_utilisation") for r in runs),
+        "sojourn_ms_p50": mean_known(r["link"]["sojourn_ms_p50"] for r in runs),
+        "sojourn_ms_p99": mean_known(r["link"]["sojourn_ms_p99"] for r in runs),
+        "jain_goodput": mean_known(r["jain_goodput"] for r in runs),
+        "daemon_cpu_share": mean_known(r.get("daemon_cpu_share") for r in runs),
         "flows": len(flows),
         "flows_finished": len(done),
         "digests_verified": sum(r["digests_verified"] for r in runs),

@@ -24,7 +24,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,11 +286,15 @@ class _Flow:
     arrival: float | None = None  # when the server received its request (its answer's schedule starts there)
     gen: list[float] = field(default_factory=list)
     down_from: int = 0  # the shared down log's length at its arrival (its packets are this flow's ones after it)
-    stats: bool = False  # its generation times came (RequestFinished), or were part of the answer's end
     request_time: float = 0.0
     started: bool = False
     lost: str | None = None  # its connection ended before its request went out: why (its handshake failed, say)
     ended_at: float | None = None  # when its statistics came: its packets after that are not counted as its own
+
+    @property
+    def stats(self) -> bool:
+        """Its generation times came (RequestFinished), or were part of the answer's end."""
+        return self.ended_at is not None
 
     @property
     def over(self) -> bool:
@@ -420,8 +424,7 @@ class _Chats:
             # the client's statistics; the run's come from the pushes it made itself)
             if isinstance(ev, AnswerComplete | RequestFinished):
                 flow.outcome = flow.outcome or ev.result
-                flow.stats = isinstance(ev, RequestFinished)
-                if flow.stats:
+                if isinstance(ev, RequestFinished):
                     flow.ended_at = self.loop.now
             elif isinstance(ev, RequestFailed):
                 flow.error = ev.error
@@ -868,11 +871,6 @@ def compare(
     }
 
 
-def _mean_known(xs: Iterable[float | None]) -> float | None:
-    known = [float(x) for x in xs if x is not None and not math.isnan(x)]
-    return statistics.fmean(known) if known else None
-
-
 def chats_run_summary(run: ChatsRun) -> dict[str, Any]:
     """One run (scheme, seed) of several chats, as ``testbed contention``'s :func:`.contention.run_summary`: its
     flows, their stall and TTFT percentiles over the finished ones, Jain's index of goodput, bytes per token (the
@@ -898,26 +896,26 @@ def chats_run_summary(run: ChatsRun) -> dict[str, Any]:
 def chats_scheme_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A scheme over its runs (:func:`chats_run_summary`'s), as contention's :func:`.contention.scheme_summary`:
     per-flow percentiles pooled over every finished flow of every run, the runs' means of the per-run figures."""
-    from .contention import percentile
+    from .contention import mean_known, percentile
 
     flows = [f for r in runs for f in r["flows"]]
     done = [f for f in flows if f["finished"]]
     return {
         "stall_ratio_p50": percentile((f.get("stall_ratio") for f in done), 0.5),
         "stall_ratio_p90": percentile((f.get("stall_ratio") for f in done), 0.9),
-        "stall_ratio_mean": _mean_known(f.get("stall_ratio") for f in done),
+        "stall_ratio_mean": mean_known(f.get("stall_ratio") for f in done),
         "sdk_stall_ratio_p50": percentile((f.get("sdk_stall_ratio") for f in done), 0.5),
         "sdk_stall_ratio_p90": percentile((f.get("sdk_stall_ratio") for f in done), 0.9),
         "ttft_ms_p50": percentile((f.get("ttft_ms") for f in done), 0.5),
         "ttft_ms_p90": percentile((f.get("ttft_ms") for f in done), 0.9),
-        "bytes_per_token": _mean_known(r["bytes_per_token"] for r in runs),
-        "utilisation": _mean_known(r["link"]["utilisation"] for r in runs),
-        "sojourn_ms_p50": _mean_known(r["link"]["sojourn_ms_p50"] for r in runs),
-        "sojourn_ms_p99": _mean_known(r["link"]["sojourn_ms_p99"] for r in runs),
-        "dropped_down": _mean_known(r["link"]["dropped"] for r in runs),
-        "lost_down": _mean_known(r["link"]["lost"] for r in runs),
-        "packets_down": _mean_known(r["link"]["packets"] for r in runs),
-        "jain_goodput": _mean_known(r["jain_goodput"] for r in runs),
+        "bytes_per_token": mean_known(r["bytes_per_token"] for r in runs),
+        "utilisation": mean_known(r["link"]["utilisation"] for r in runs),
+        "sojourn_ms_p50": mean_known(r["link"]["sojourn_ms_p50"] for r in runs),
+        "sojourn_ms_p99": mean_known(r["link"]["sojourn_ms_p99"] for r in runs),
+        "dropped_down": mean_known(r["link"]["dropped"] for r in runs),
+        "lost_down": mean_known(r["link"]["lost"] for r in runs),
+        "packets_down": mean_known(r["link"]["packets"] for r in runs),
+        "jain_goodput": mean_known(r["jain_goodput"] for r in runs),
         "flows": len(flows),
         "flows_finished": len(done),
         "digests_verified": sum(r["digests_verified"] for r in runs),

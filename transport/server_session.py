@@ -376,20 +376,26 @@ class ServerSession(_SessionBase):
         else:
             self._ce_at = now
 
+    def _rtt(self) -> tuple[float, float] | None:
+        """aioquic's (smoothed, minimum) round trip of the path to the client; None before its first sample. The
+        congestion cap, the piggyback gate and the wait for shared packets all read the queue from these two."""
+        loss = self.quic._loss
+        return (loss._rtt_smoothed, loss._rtt_min) if loss._rtt_initialized else None
+
     def _path_congested(self, now: float) -> bool:
         """Whether the path to the client queues (aioquic's smoothed round trip well above its minimum) or marks CE
         (:meth:`_note_ce`): Chatterbox's senders then repeat fewer tokens per packet (chatterbox.CONGESTED_REPEATS).
         On a path without ECN (the 1-Mbit/s droptail contention) only the round-trip rule ever applies."""
-        loss = self.quic._loss
-        if not loss._rtt_initialized:
+        rtt = self._rtt()
+        if rtt is None:
             return False
-        srtt, floor = loss._rtt_smoothed, loss._rtt_min
+        srtt, floor = rtt
         if path_queues(srtt, floor):
             return True
         if now - self._ce_at < srtt:
             return True
         if now - self._l_ce_at < srtt:
-            cc = loss._cc
+            cc = self.quic._loss._cc
             return cc.bytes_in_flight >= L4S_CE_WINDOW_SHARE * cc.congestion_window
         return False
 
@@ -397,19 +403,19 @@ class ServerSession(_SessionBase):
         """Whether repeats may ride the packets that leave anyway: not once the path to the client queues at all
         (aioquic's smoothed round trip more than chatterbox.PIGGYBACK_QUEUE_S above its minimum), where they are the
         redundancy that fills a shared bottleneck first."""
-        loss = self.quic._loss
-        return not loss._rtt_initialized or loss._rtt_smoothed - loss._rtt_min <= PIGGYBACK_QUEUE_S
+        rtt = self._rtt()
+        return rtt is None or rtt[0] - rtt[1] <= PIGGYBACK_QUEUE_S
 
     def _queue_delay(self, now: float) -> float:
         """How long the path to the client queues now: aioquic's smoothed round trip above its minimum, once that
         is well past the round-trip rule of :meth:`_path_congested` (chatterbox.COALESCE_QUEUE_S; else 0: a bursty
         link's jitter, or a queue too short to be worth holding tokens for). Chatterbox's senders wait that long, at
         most COALESCE_MAX_S, to put several new tokens in one packet."""
-        loss = self.quic._loss
-        if not loss._rtt_initialized:
+        rtt = self._rtt()
+        if rtt is None:
             return 0.0
-        excess = loss._rtt_smoothed - loss._rtt_min
-        return excess if path_queues(loss._rtt_smoothed, loss._rtt_min, COALESCE_QUEUE_S) else 0.0
+        srtt, floor = rtt
+        return srtt - floor if path_queues(srtt, floor, COALESCE_QUEUE_S) else 0.0
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
         return self.requests.get(stream_id)
