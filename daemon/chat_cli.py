@@ -231,7 +231,8 @@ class Reconnecting:
 
 
 def run_interruptible(main: Coroutine[Any, Any, T],
-                      loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+                      loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None, *,
+                      exiting: bool = False) -> T:
     """Run ``main`` on an event loop of its own (``loop_factory``'s: ``uvloop.new_event_loop`` for the demo), as
     ``asyncio.run`` does, with Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) cancelling it: leaving the
     stream's ``async with`` cancels the answer at the server. Then ``KeyboardInterrupt``, for the CLI's
@@ -246,8 +247,15 @@ def run_interruptible(main: Coroutine[Any, Any, T],
 
     Signals already ignored stay so (``nohup``, a background job's SIGINT), and a SIGINT handler of a program's own
     is left to it; off the main thread (chat called from a worker thread) only the main thread may handle signals.
-    After an interruption the signals taken stay ignored: the process is ending with "interrupted", and one more
-    Ctrl-C meanwhile was a KeyboardInterrupt traceback in that very path."""
+    Whichever way the call ends (a result, an error, an interruption) the handlers it took are given back as they
+    were: a program that calls it in a loop and goes on after a KeyboardInterrupt can be interrupted again, and
+    killed by SIGTERM (they were left ignored for the rest of the process after the first interruption). A signal
+    that comes while they are given back is dropped, as during the cleanup.
+
+    ``exiting``: the caller is a command that ends once interrupted (``tokenwire chat``, ``tokenwire demo``): after
+    an interruption the signals taken are left ignored, not given back, so that one more Ctrl-C while it says
+    "interrupted" and exits is not a KeyboardInterrupt traceback in that very path (nor SIGTERM its death by the
+    signal). Given back on a result or an error all the same."""
     import asyncio
     import signal
     import threading
@@ -255,7 +263,7 @@ def run_interruptible(main: Coroutine[Any, Any, T],
     loop = (loop_factory or asyncio.new_event_loop)()
     taken: list[tuple[signal.Signals, Any]] = []
     interrupted: list[int] = []
-    raising: list[bool] = []  # KeyboardInterrupt is on its way: the signals stay ignored until the process ends
+    raising: list[bool] = []  # KeyboardInterrupt is on its way out of an interruption
     try:
         asyncio.set_event_loop(loop)
         task = loop.create_task(main)
@@ -284,21 +292,25 @@ def run_interruptible(main: Coroutine[Any, Any, T],
         finally:
             _finish_loop(loop)
     finally:
-        # interrupted, the signals go from the loop's handler to ignored with them blocked: remove_signal_handler
-        # puts SIGINT's default handler back first, and another Ctrl-C in between was a KeyboardInterrupt out of
-        # this cleanup (the client killed by SIGINT, 1 run in a few under load); one pending meanwhile is dropped
-        held = {sig for sig, _ in taken} if raising else set()
-        if held:
-            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        # the signals go from the loop's handler back to the previous ones with them blocked: remove_signal_handler
+        # (and loop.close) puts SIGINT's default handler and SIG_DFL in first, and another Ctrl-C in between was a
+        # KeyboardInterrupt out of this cleanup (the client killed by SIGINT, 1 run in a few under load), a
+        # SIGTERM death. One pending meanwhile is dropped (SIG_IGN discards it) before the previous handler is in
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {sig for sig, _ in taken}) if taken else None
         try:
-            for sig, previous in taken:
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_IGN if raising else previous)
+            try:
+                for sig, _ in taken:
+                    loop.remove_signal_handler(sig)
+                asyncio.set_event_loop(None)
+                loop.close()
+            finally:
+                for sig, previous in taken:
+                    signal.signal(sig, signal.SIG_IGN)
+                    if not (raising and exiting):
+                        signal.signal(sig, previous)
         finally:
-            if held:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-        asyncio.set_event_loop(None)
-        loop.close()
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -534,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         try:
-            stats = run_interruptible(bounded())
+            stats = run_interruptible(bounded(), exiting=True)
         except (Exception, KeyboardInterrupt) as exc:
             # (Ctrl-C between the answer's last text and its statistics: a whole answer, see whole_answer)
             stats = whole_answer() if isinstance(exc, KeyboardInterrupt) else None

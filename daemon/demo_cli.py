@@ -198,7 +198,7 @@ def _demo_relay(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
 
     from tokenwire.daemon.chat_cli import run_interruptible
 
-    return run_interruptible(_demo(args, schemes), uvloop.new_event_loop)
+    return run_interruptible(_demo(args, schemes), uvloop.new_event_loop, exiting=True)
 
 
 def scheme_heading(scheme: str, k: int, live: bool) -> str:

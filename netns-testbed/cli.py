@@ -113,26 +113,28 @@ def emulator_config(args: argparse.Namespace, *, log: str | None = None, pcap: s
     return cfg
 
 
-def check_path(down_trace: str | None, up_trace: str | None, *checks: Callable[[], None]) -> None:
+def check_path(down_trace: str | None, up_trace: str | None, *checks: Callable[[], None], chats: int = 1) -> None:
     """The checks of a testbed command's path, before anything is built, as :class:`CLIError`: the command's own
     ``checks`` (its config's ``validate``), then no trace going longer than :data:`.emulator.MAX_TRACE_GAP_MS`
-    without a delivery opportunity nor holding fewer than :data:`.emulator.HANDSHAKE_OPPORTUNITIES` in any 30 s
-    (:func:`crossable`); a large trace file is announced first, as its parse is
-    slow. The one place ``up``, ``compare``, ``kv`` and ``swiftqueue`` take them from: ``swiftqueue`` had a check
-    of its own without the gap rule, and a trace with a minute-long gap built the namespaces to fail later."""
+    without a delivery opportunity nor holding fewer than :data:`.emulator.HANDSHAKE_OPPORTUNITIES` in any 30 s,
+    ``chats`` times as many for ``contention``'s chats (:func:`crossable`); a large trace file is announced first,
+    as its parse is slow. The one place ``up``, ``compare``, ``kv``, ``swiftqueue`` and ``contention`` take them from:
+    ``swiftqueue`` had a check of its own without the gap rule, and a trace with a minute-long gap built the
+    namespaces to fail later."""
     note_large_traces(down_trace, up_trace)
-    validate(*checks, crossable(down_trace, up_trace))
+    validate(*checks, crossable(down_trace, up_trace, chats=chats))
 
 
-def crossable(*specs: str | None) -> Callable[[], None]:
-    """The check, for :func:`validate`, that every trace of ``specs`` offers a handshake enough delivery
-    opportunities in time (:func:`.emulator.check_trace_usable`): a gap over 30 s, or too few opportunities in
-    some 30 s (450 bit/s, 1 kbit/s), built the namespaces and failed 30-90 s later."""
+def crossable(*specs: str | None, chats: int = 1) -> Callable[[], None]:
+    """The check, for :func:`validate`, that every trace of ``specs`` offers ``chats`` handshakes at once enough
+    delivery opportunities in time (:func:`.emulator.check_trace_usable`): a gap over 30 s, or too few
+    opportunities in some 30 s (450 bit/s, 1 kbit/s), built the namespaces and failed 30-90 s later; 20 chats'
+    handshakes at 3 kbit/s (enough for one) all timed out."""
     from .emulator import check_trace_usable
 
     def check() -> None:
         for spec in dict.fromkeys(s for s in specs if s is not None):
-            check_trace_usable(spec)
+            check_trace_usable(spec, chats)
 
     return check
 

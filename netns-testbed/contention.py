@@ -596,7 +596,7 @@ def config_from_args(args: argparse.Namespace) -> ContentionConfig:
         up_loss=args.up_loss, queue=args.queue, chats=args.chats, schemes=schemes, tokens=args.tokens,
         rate=args.rate, seed=args.seed, runs=args.runs, cross=args.cross or [],
     )  # fmt: skip
-    check_path(cfg.down_trace, cfg.up_trace, cfg.validate)
+    check_path(cfg.down_trace, cfg.up_trace, cfg.validate, chats=cfg.chats)  # (all of them handshake at once)
     return cfg
 
 

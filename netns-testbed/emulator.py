@@ -119,34 +119,65 @@ def check_trace_gaps(spec: str) -> None:
     _check_gaps(spec, trace_from_spec(spec))
 
 
-def check_trace_opportunities(spec: str) -> None:
+def check_trace_opportunities(spec: str, chats: int = 1) -> None:
     """Refuse a trace (file or rate) with fewer than :data:`HANDSHAKE_OPPORTUNITIES` delivery opportunities in
     some :data:`HANDSHAKE_WAIT_S`: no gap over 30 s is not enough, as 450 bit/s (one opportunity per 26.7 s) and
-    one per 29 s passed that check and failed ~32 s later, 1 kbit/s after 87 s."""
-    _check_opportunities(spec, trace_from_spec(spec))
+    one per 29 s passed that check and failed ~32 s later, 1 kbit/s after 87 s. ``chats`` handshakes at once
+    (``testbed contention``, ``sim --chats``) need ``chats`` times as many (:func:`handshake_opportunities`)."""
+    _check_opportunities(spec, trace_from_spec(spec), chats)
 
 
-def check_trace_usable(spec: str) -> None:
+def check_trace_usable(spec: str, chats: int = 1) -> None:
     """Both checks of a testbed command's trace (:func:`check_trace_gaps`, then
-    :func:`check_trace_opportunities`) on one parse."""
+    :func:`check_trace_opportunities` for ``chats`` handshakes at once) on one parse."""
     trace = trace_from_spec(spec)
     _check_gaps(spec, trace)
-    _check_opportunities(spec, trace)
+    _check_opportunities(spec, trace, chats)
 
 
-def _check_opportunities(spec: str, trace: Trace) -> None:
-    if longest_span_ms(trace, HANDSHAKE_OPPORTUNITIES)[0] <= MAX_TRACE_GAP_MS:
+def handshake_opportunities(chats: int = 1) -> int:
+    """Delivery opportunities every :data:`HANDSHAKE_WAIT_S` of a trace must hold for ``chats`` QUIC handshakes
+    that start together (``testbed contention``'s workers connect every chat at once, each with the endpoints'
+    30 s; ``sim --chats`` starts them all at time 0): :data:`HANDSHAKE_OPPORTUNITIES` each. Every chat's handshake
+    packets (3 full-size datagrams each way, and their retransmissions) take opportunities of their own on the one
+    link, so the need grows with the chats: 20 handshakes at 3 kbit/s (7 opportunities per 30 s, enough for one)
+    all timed out. In ``sim`` (virtual time, no 30-s connect bound, 40 ms each way) the wait for the handshakes
+    (until the requests leave: every one done, the links drained) grew in proportion to ``chats`` over the rate:
+    with exactly this many per 30 s, 55 s for 5 chats (10 kbit/s) and 52 s for 20 (40 kbit/s); with a fifth of it
+    (8 kbit/s for 20) none connected. A floor, then, as the single chat's 5 is, not a guarantee."""
+    return HANDSHAKE_OPPORTUNITIES * chats
+
+
+def _check_opportunities(spec: str, trace: Trace, chats: int = 1) -> None:
+    needed = handshake_opportunities(chats)
+    if longest_span_ms(trace, needed)[0] <= MAX_TRACE_GAP_MS:
         return
-    # the fewest any 30 s holds, and after which opportunity (a refused trace: a few more passes do not matter)
-    fits = (k for k in range(HANDSHAKE_OPPORTUNITIES - 1, 0, -1) if longest_span_ms(trace, k)[0] <= MAX_TRACE_GAP_MS)
-    fewest = next(fits, 0)
+    # the fewest any 30 s holds (the most k that every 30 s holds: longest_span_ms grows with k, so a binary
+    # search), and after which opportunity (a refused trace: a few more passes do not matter)
+    fewest, above = 0, needed  # longest_span_ms(trace, above) is over 30 s
+    while above - fewest > 1:
+        mid = (fewest + above) // 2
+        if longest_span_ms(trace, mid)[0] <= MAX_TRACE_GAP_MS:
+            fewest = mid
+        else:
+            above = mid
     at = longest_span_ms(trace, fewest + 1)[1]  # the next fewest + 1 take longer than 30 s from there
+    only = (f"{spec}: only {fewest} delivery opportunit{'y' if fewest == 1 else 'ies'} in the {HANDSHAKE_WAIT_S:g} s "
+            f"after {at / 1000:g} s into the trace, at least {needed} needed in every {HANDSHAKE_WAIT_S:g} s")
+    if chats == 1:
+        raise TraceError(
+            f"{only}: a run's QUIC handshake and first answer take several {OPPORTUNITY_BYTES}-byte "
+            f"opportunities each way within the endpoints' {HANDSHAKE_WAIT_S:g} s (a fixed rate needs at least "
+            f"{MIN_USABLE_BPS / 1000:g} kbit/s)"
+        )
+    can = fewest // HANDSHAKE_OPPORTUNITIES
     raise TraceError(
-        f"{spec}: only {fewest} delivery opportunit{'y' if fewest == 1 else 'ies'} in the {HANDSHAKE_WAIT_S:g} s "
-        f"after {at / 1000:g} s into the trace, at least {HANDSHAKE_OPPORTUNITIES} needed in every "
-        f"{HANDSHAKE_WAIT_S:g} s: a run's QUIC handshake and first answer take several {OPPORTUNITY_BYTES}-byte "
-        f"opportunities each way within the endpoints' {HANDSHAKE_WAIT_S:g} s (a fixed rate needs at least "
-        f"{MIN_USABLE_BPS / 1000:g} kbit/s)"
+        f"{only} for {chats} chats: their QUIC handshakes start together and share the link, each taking "
+        f"{HANDSHAKE_OPPORTUNITIES} {OPPORTUNITY_BYTES}-byte opportunities each way within the endpoints' "
+        f"{HANDSHAKE_WAIT_S:g} s; "
+        + (f"this trace can start at most {can} chat{'' if can == 1 else 's'} at once (--chats {can})"
+           if can else "not even one chat can start on this trace")
+        + f" (a fixed rate needs at least {chats * MIN_USABLE_BPS / 1000:g} kbit/s for {chats} chats)"
     )
 
 

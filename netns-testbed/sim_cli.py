@@ -161,8 +161,9 @@ def check_traces(args: argparse.Namespace) -> None:
     large file announced first, as ``testbed`` does), and the runs take the parse from the trace cache. A trace
     that ``testbed``'s commands refuse as too sparse for a handshake (:func:`.testbed.cli.crossable`) is refused
     too: the simulator waits out any handshake, and ``--down-trace 1kbps`` ran to a stall of 1.0 where
-    ``testbed compare`` names the problem. The trace options without ``--down-trace`` would be ignored, so they
-    are refused too."""
+    ``testbed compare`` names the problem; with ``--chats N`` a trace too sparse for N handshakes at once, as
+    ``testbed contention`` (20 at 3 kbit/s all failed at the idle timeout). The trace options without
+    ``--down-trace`` would be ignored, so they are refused too."""
     from tokenwire.daemon.cli import CLIError
     from tokenwire.testbed.cli import crossable, note_large_traces
     from tokenwire.testbed.trace import TraceError
@@ -180,7 +181,8 @@ def check_traces(args: argparse.Namespace) -> None:
         checks["--up-trace"] = up
     for option, spec in checks.items():
         try:
-            crossable(spec)()  # the parse (a malformed trace's error), then the gap and opportunity rules
+            # the parse (a malformed trace's error), then the gap and opportunity rules, for --chats handshakes
+            crossable(spec, chats=args.chats)()
         except TraceError as exc:
             raise CLIError(f"{option}: {exc}") from None
 

@@ -162,7 +162,7 @@ INTERRUPTED_CLEANUP = textwrap.dedent("""
             raise
 
     try:
-        run_interruptible(answer())
+        run_interruptible(answer(), exiting=True)  # (the CLI's: the process ends with "interrupted")
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     os.kill(os.getpid(), signal.SIGINT)  # after the interruption too: ignored, the process is ending
@@ -175,6 +175,147 @@ def test_later_signals_leave_the_first_ones_cleanup_alone():
                           preexec_fn=default_signals)
     assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (
         0, ["cleanup finished", "interrupted", "exit True"], ""), proc.stderr
+
+
+INTERRUPTED_AND_GOING_ON = textwrap.dedent("""
+    import asyncio, os, signal, time
+    from tokenwire.daemon.chat_cli import run_interruptible
+
+    def own_term(signum, frame):
+        print("own SIGTERM handler", flush=True)
+
+    def state():
+        return (signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP))
+
+    async def answer(sig):
+        try:
+            os.kill(os.getpid(), sig)
+            await asyncio.sleep(2)  # (not interrupted: the signal was ignored)
+            print("not interrupted by", sig.name, flush=True)
+        except asyncio.CancelledError:
+            for again in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # while the cleanup runs: ignored
+                os.kill(os.getpid(), again)
+            await asyncio.sleep(0.05)
+            raise
+
+    before = state()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # a chatbot's loop, answer after answer
+        try:
+            run_interruptible(answer(sig))
+        except KeyboardInterrupt:
+            print("interrupted by", sig.name, state() == before, flush=True)
+    try:  # Ctrl-C is Ctrl-C again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+    signal.signal(signal.SIGTERM, own_term)  # a program's own SIGTERM handler: given back after an interruption
+    try:
+        run_interruptible(answer(signal.SIGTERM))
+    except KeyboardInterrupt:
+        print("own handler back", signal.getsignal(signal.SIGTERM) is own_term, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print("SIGTERM kills again", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+    print("still alive", flush=True)
+""")
+
+
+def test_an_interrupted_call_gives_the_signals_back_to_a_program_that_goes_on():
+    """A library's: after an interruption SIGINT, SIGTERM and SIGHUP were left ignored for the rest of the
+    process, so a program that called it in a loop and went on after the KeyboardInterrupt could no longer be
+    stopped by Ctrl-C nor SIGTERM (its own SIGTERM handler was gone too). The CLI's ``exiting`` keeps them
+    ignored, above."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_AND_GOING_ON], capture_output=True, text=True,
+                          timeout=60, preexec_fn=default_signals)
+    assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (
+        -signal.SIGTERM, ["interrupted by SIGINT True", "interrupted by SIGTERM True", "interrupted by SIGHUP True",
+                          "interrupted by SIGINT True", "KeyboardInterrupt", "own handler back True",
+                          "own SIGTERM handler", "SIGTERM kills again"], ""), proc.stderr
+
+
+SIGNALS_GIVEN_BACK = textwrap.dedent("""
+    import asyncio, os, signal, threading
+    from tokenwire.daemon.chat_cli import run_interruptible
+
+    def state():
+        return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+
+    async def fails():
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    async def interrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(30)
+
+    async def done():
+        return "done"
+
+    before = state()
+    for exiting in (False, True):
+        try:
+            run_interruptible(fails(), exiting=exiting)
+        except ValueError:
+            print("error", exiting, state() == before, flush=True)
+        print("result", run_interruptible(done(), exiting=exiting), state() == before, flush=True)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # a mask of the caller's: kept
+    try:
+        run_interruptible(interrupted())
+    except KeyboardInterrupt:
+        print("interrupted", state() == before, signal.pthread_sigmask(signal.SIG_BLOCK, []) ==
+              mask | {signal.SIGUSR1}, flush=True)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: stays ignored, given back as it was
+    try:
+        run_interruptible(interrupted(), exiting=True)
+    except KeyboardInterrupt:
+        print("nohup", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
+""")
+
+
+def test_the_signals_are_given_back_on_an_error_a_result_and_an_interruption():
+    proc = subprocess.run([sys.executable, "-c", SIGNALS_GIVEN_BACK], capture_output=True, text=True, timeout=60,
+                          preexec_fn=default_signals)
+    assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (
+        0, ["error False True", "result done True", "error True True", "result done True", "interrupted True True",
+            "nohup True"], ""), proc.stderr
+
+
+CHAT_EXITING = textwrap.dedent("""
+    import os, signal, socket, sys, threading
+    from tokenwire.daemon.cli import main
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a server that never answers: chat is connecting
+    silent.bind(("127.0.0.1", 0))
+
+    def interrupt():
+        silent.recvfrom(65536)  # its first handshake packet
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    rc = main(["chat", "--insecure", "--port", str(silent.getsockname()[1]), "hi"])
+    ignored = [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # more of them on the way out: ignored
+        os.kill(os.getpid(), s)
+    print(rc, ignored, flush=True)
+    sys.exit(rc)
+""")
+
+
+def test_chat_itself_keeps_the_signals_ignored_on_its_way_out():
+    """The library gives the signals back; ``tokenwire chat`` (``exiting``) keeps them ignored once interrupted, so
+    that one more Ctrl-C while it says "interrupted" and exits is no KeyboardInterrupt traceback (and SIGTERM no
+    death by the signal): the protection the tests of five Ctrl-C above rely on."""
+    proc = subprocess.run([sys.executable, "-c", CHAT_EXITING], capture_output=True, text=True, timeout=60,
+                          preexec_fn=default_signals)
+    assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (
+        130, ["130 [True, True, True]"], "interrupted\n"), proc.stderr
 
 
 LATE_SIGNAL = textwrap.dedent("""

@@ -124,6 +124,93 @@ def test_either_direction_is_checked(option, monkeypatch, capsys):
     assert "1kbps: only 2 delivery opportunities" in capsys.readouterr().err
 
 
+# -- 1b. many chats' handshakes at once (session 41) --------------------------------------------------------------
+def _per_second(tmp_path: Any) -> str:
+    path = tmp_path / "persec.trace"
+    path.write_text("".join(f"{ms}\n" for ms in range(1000, 60_001, 1000)))  # 30 opportunities in every 30 s
+    return str(path)
+
+
+def test_many_chats_need_as_many_times_the_opportunities(tmp_path):
+    """``contention --chats 20`` and ``sim --chats 20`` at 3 kbit/s passed the one-handshake check (7 per 30 s)
+    and every handshake timed out: N handshakes at once take N times the opportunities."""
+    assert emulator.handshake_opportunities(1) == emulator.HANDSHAKE_OPPORTUNITIES
+    assert emulator.handshake_opportunities(20) == 20 * emulator.HANDSHAKE_OPPORTUNITIES
+    emulator.check_trace_usable("3kbps")  # one chat: as before
+    emulator.check_trace_usable("3kbps", 1)
+    with pytest.raises(TraceError, match=r"^3kbps: only 7 delivery opportunities in the 30 s after 0 s into the "
+                                         r"trace, at least 100 needed in every 30 s for 20 chats: .*can start at "
+                                         r"most 1 chat at once \(--chats 1\) \(a fixed rate needs at least 40 "
+                                         r"kbit/s for 20 chats\)$"):
+        emulator.check_trace_usable("3kbps", 20)
+    with pytest.raises(TraceError, match=r"at least 10 needed .* for 2 chats"):
+        emulator.check_trace_opportunities("3kbps", 2)
+    emulator.check_trace_usable("40kbps", 20)  # exactly 100 per 30 s
+    with pytest.raises(TraceError, match=r"only 99 delivery opportunities"):
+        emulator.check_trace_usable("39.9kbps", 20)
+    persec = _per_second(tmp_path)
+    emulator.check_trace_usable(persec, 6)
+    with pytest.raises(TraceError, match=r"only 30 delivery .*at least 35 needed .* for 7 chats: .*can start at most "
+                                         r"6 chats at once \(--chats 6\)"):
+        emulator.check_trace_usable(persec, 7)
+    with pytest.raises(TraceError, match=r"only 2 delivery opportunities .*not even one chat can start on this trace "
+                                         r"\(a fixed rate needs at least 20 kbit/s for 10 chats\)"):
+        emulator.check_trace_usable("1kbps", 10)
+
+
+def test_the_fewest_named_is_the_most_every_30_s_holds():
+    """The count in the message (a binary search over ``longest_span_ms`` for N chats) against a linear scan."""
+    import random
+
+    rng = random.Random(41)
+    for _ in range(60):
+        stamps = sorted({rng.randint(1, 90_000) for _ in range(rng.randint(1, 40))})
+        trace = Trace(array("q", stamps))
+        most = max(k for k in range(0, 200) if k == 0 or emulator.longest_span_ms(trace, k)[0] <= 30_000)
+        for chats in (1, 2, 3, 7):
+            needed = emulator.handshake_opportunities(chats)
+            if most >= needed:
+                emulator._check_opportunities("t", trace, chats)
+                continue
+            with pytest.raises(TraceError) as refused:
+                emulator._check_opportunities("t", trace, chats)
+            assert str(refused.value).startswith(f"t: only {most} delivery opportunit"), (stamps, chats)
+            if chats > 1:
+                assert (f"(--chats {most // 5})" if most >= 5 else "not even one chat") in str(refused.value)
+
+
+def test_contention_refuses_a_trace_too_sparse_for_its_chats(monkeypatch, capsys):
+    monkeypatch.setattr(netns, "check_root", lambda: None)
+    monkeypatch.setattr(topology.Testbed, "__init__", _no_testbed)
+    assert main(["testbed", "contention", "--down-trace", "3kbps", "--chats", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tokenwire testbed contention: error: 3kbps: only 7 "), err
+    assert "at least 100 needed in every 30 s for 20 chats" in err and "(--chats 1)" in err, err
+    # either direction; its default of 10 chats too
+    assert main(["testbed", "contention", "--down-trace", "12mbps", "--up-trace", "3kbps"]) == 2
+    assert "3kbps: only 7 delivery opportunities in the 30 s after 0 s into the trace, at least 50 needed" in (
+        capsys.readouterr().err)
+
+
+def test_sim_chats_refuses_a_trace_too_sparse_for_its_chats_and_runs_what_passes(tmp_path, capsys):
+    """``sim --chats 20 --down-trace 3kbps`` ran: every chat failed at the idle timeout ("connection closed before
+    its request"), exit 1, after its whole run."""
+    assert main(["sim", "--chats", "20", "--tokens", "3", "--schemes", "stream", "--down-trace", "3kbps"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip().splitlines() == [
+        "tokenwire sim: error: --down-trace: 3kbps: only 7 delivery opportunities in the 30 s after 0 s into the "
+        "trace, at least 100 needed in every 30 s for 20 chats: their QUIC handshakes start together and share "
+        "the link, each taking 5 1500-byte opportunities each way within the endpoints' 30 s; this trace can "
+        "start at most 1 chat at once (--chats 1) (a fixed rate needs at least 40 kbit/s for 20 chats)"]
+    persec = _per_second(tmp_path)
+    assert main(["sim", "--chats", "7", "--tokens", "3", "--schemes", "stream", "--down-trace", "12mbps",
+                 "--up-trace", persec]) == 2
+    assert "--up-trace: " in capsys.readouterr().err
+    # the most it allows connect, every one (virtual time: the wait for the handshakes is ~50 s of it)
+    assert main(["sim", "--chats", "6", "--tokens", "3", "--schemes", "stream", "--down-trace", persec]) == 0
+    assert "6/6" in capsys.readouterr().out
+
+
 # -- 2. a droptail byte limit below one packet ---------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["droptail:bytes=100", "droptail:bytes=1499", "droptail:packets=10,bytes=1228"])
 def test_a_byte_limit_below_one_packet_is_refused(spec):
