@@ -53,6 +53,7 @@ from .frames import (
 from .marking import LatencySample, MarkingPolicy
 from .one_way_delay import OneWayDelay
 from .read_credit import read_credit
+from .rtt_floor import WindowedMin
 from .session import _SessionBase
 from .session_events import (
     ClientReport,
@@ -200,6 +201,8 @@ class ServerSession(_SessionBase):
         self._offered_streams = max_requests  # (the transport parameter: a STREAM_LIMIT_ERROR's close names it)
         self.ack_timing = AckTiming()  # its QUIC ACKs ride the token packets
         self._gen_times_due: set[int] = set()  # requests whose GEN_TIMES waits (_send_gen_times)
+        self.rtt_floor = WindowedMin()  # the path's base round trip: aioquic's latest samples, windowed (_rtt)
+        self._rtt_seen: tuple[float, float, float] | None = None  # aioquic's RTT state when last read (_note_rtt)
 
     # -- API for the driver ----------------------------------------------------------------------------
     @property
@@ -211,6 +214,7 @@ class ServerSession(_SessionBase):
     def _on_peer_packet(self, now: float) -> None:
         if self._closing_error is None:
             self._note_transport_close()
+        self._note_rtt(now)
         for req in self.requests.values():
             if req.sender is not None:
                 req.sender.on_peer_packet(now)
@@ -376,11 +380,36 @@ class ServerSession(_SessionBase):
         else:
             self._ce_at = now
 
-    def _rtt(self) -> tuple[float, float] | None:
-        """aioquic's (smoothed, minimum) round trip of the path to the client; None before its first sample. The
-        congestion cap, the piggyback gate and the wait for shared packets all read the queue from these two."""
+    def _note_rtt(self, now: float) -> None:
+        """Feed the RTT sample aioquic took from the datagram just read, if it took one, to :attr:`rtt_floor`. aioquic
+        keeps no count of its samples: a new one changes its latest, smoothed or variance (a repeat of the very
+        same round trip that moves none of them adds nothing to a minimum but its time)."""
         loss = self.quic._loss
-        return (loss._rtt_smoothed, loss._rtt_min) if loss._rtt_initialized else None
+        if not loss._rtt_initialized:
+            return
+        seen = (loss._rtt_latest, loss._rtt_smoothed, loss._rtt_variance)
+        if seen != self._rtt_seen:
+            self._rtt_seen = seen
+            self.rtt_floor.add(loss._rtt_latest, now)
+
+    def _on_host_changed(self, left: str, entered: str) -> None:
+        """The client moved to another host: the samples taken on the path left are no floor of the new one
+        (:mod:`.path_reset` gives aioquic the new path's own estimator, fresh or the one it had there)."""
+        super()._on_host_changed(left, entered)
+        self.rtt_floor.clear()
+        self._rtt_seen = None
+
+    def _rtt(self) -> tuple[float, float] | None:
+        """aioquic's smoothed round trip of the path to the client and the path's base round trip; None before its
+        first sample. The congestion cap, the piggyback gate and the wait for shared packets all read the queue from
+        these two. The base is the minimum of aioquic's samples of the last rtt_floor.RTT_FLOOR_WINDOW_S
+        (:attr:`rtt_floor`), never below aioquic's own minimum, which never expires: with it alone a path whose base
+        delay grew read the growth as a queue for the rest of the connection (see :mod:`.rtt_floor`)."""
+        loss = self.quic._loss
+        if not loss._rtt_initialized:
+            return None
+        floor = self.rtt_floor.value(self._now)
+        return loss._rtt_smoothed, loss._rtt_min if math.isinf(floor) else max(floor, loss._rtt_min)
 
     def _path_congested(self, now: float) -> bool:
         """Whether the path to the client queues (aioquic's smoothed round trip well above its minimum) or marks CE
@@ -421,6 +450,7 @@ class ServerSession(_SessionBase):
         return self.requests.get(stream_id)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        self._now = now  # (the RTT floor's window reads it: _rtt)
         if self._gen_times_due:
             self._send_gen_times()
         piggyback = self._piggyback_welcome()
