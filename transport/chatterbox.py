@@ -104,11 +104,13 @@ token, and the queue that wandered between 10 and 50 ms stalled them: median 0.3
 streaming 0.42). It costs the repairs that rode a lone ACK where a trace's own capacity queues: one chat, the same
 sim, `ge:0.01,0.1` on the down link of TMobile-LTE-short 15.0 -> 15.5 %, Verizon-LTE-short 19.6 -> 20.4 % (streaming
 32.9 / 36.2 %); a queueless path (the fixed-delay channel, 12 Mbit/s) is unchanged. At 7 ms the cellular cost was 0.1 /
-0.3 points, but 30 chats kept 0.22 / 0.28; at 10 ms 0.25 / 0.30. No gate helps at 40 chats on that link: the new
-tokens' own repeats and packets pass its capacity (stall 0.98, streaming 0.23). On the TMobile trace the gate was shut
+0.3 points, but 30 chats kept 0.22 / 0.28; at 10 ms 0.25 / 0.30. No gate helps at 40 chats on that link (stall 0.98,
+streaming 0.23): the client's ack datagrams, and the server's lone ACKs of them, pass its capacity; the client
+stops them while the path queues (client_session.ACK_QUEUE_S). On the TMobile trace the gate was shut
 at 603 of 902 chances (the smoothed round trip 3.9 / 5.7 / 8.2 ms above its minimum at p10 / p50 / p90: the trace's
-own jitter). aioquic's minimum never expires, so a path whose base delay grows by more than 5 ms (a new route) keeps
-the gate shut for the rest of the connection; its chats lose the lone ACKs' repairs and nothing else."""
+own jitter). The minimum is that of the last 10 s (server_session.ServerSession._rtt, rtt_floor.RTT_FLOOR_WINDOW_S):
+with aioquic's, which never expires, a path whose base delay grew by more than 5 ms (a new route) kept the gate shut
+for the rest of the connection."""
 L4S_CE_WINDOW_SHARE = 0.5
 """A CE mark on a packet sent ECT(1) makes the path congested only while the bytes in flight fill this share of the
 congestion window. An L4S queue marks from about 1 ms of queue on, so its marks come back whenever scalable flows

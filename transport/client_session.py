@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
-from .ack_timing import AckTiming
+from .ack_timing import ACK_HOLD_S, AckTiming
 from .chatterbox import TokenReceiver
 from .datagram_hook import smoothed_rtt
 from .errors import ErrorCode, FrameError, ProtocolError, RemoteError, known_code
@@ -40,6 +41,7 @@ from .frames import (
     encode_frame,
 )
 from .path_recovery import PAUSE_PING_S, RECOVERY_PING_S, backed_off
+from .rtt_floor import WindowedMin
 from .session import _SessionBase
 from .session_events import (
     RequestFailed,
@@ -67,6 +69,51 @@ without generation times, as a stream's end or reset before it ends them, rather
 holding the request (and a reader waiting for the statistics) open for ever. The server sends it right after
 FINISHED (behind a repair waiting to leave): its ~2 KB for 600 tokens arrive within a few ms on a fast path, about a
 second on a 50-kbit/s one."""
+ACK_QUEUE_S = 0.012
+ACK_QUEUE_HOLD_S = 1.0
+ACK_QUEUE_QUIC_HOLD_S = 0.001
+"""While the path from the server queues, the client sends no ack datagrams (:class:`_AckSource`): from a token
+datagram whose one-way delay (its arrival less the send time it carries, on the server's clock) stands more than
+ACK_QUEUE_S above the smallest the connection has seen, for ACK_QUEUE_HOLD_S after the latest such one. Its QUIC
+ACKs then leave after ACK_QUEUE_QUIC_HOLD_S (aioquic's own 1 ms) instead of ack_timing.ACK_HOLD_S, so that the
+server's token senders still learn at once what arrived (QUIC's acknowledgement of each token datagram).
+
+Each ack datagram is ack-eliciting: the server must acknowledge it within its max_ack_delay, and when no token
+packet leaves within ack_timing.ACK_HOLD_S (the ~33-ms gap of a 30-token/s answer is longer) the ACK leaves in a
+packet of its own. 30 chats on one 1-Mbit/s link (``tokenwire sim --chats 30``, 40 ms each way, droptail 200, 2 %
+iid loss, seed 0) sent 0.41 such lone ACK packets per token (25 of their 131 bytes per token down), an ACK frame
+in each token packet (6 more) and 87 bytes per token up where QUIC ACKs alone take 58; in-order streaming sends
+91 down. At 40 chats that offered the link 1.1-1.2 Mbit/s from the first half second on: the queue filled its 200
+packets in 1.5 s, and the answers stalled 0.98 of their reading time (streaming 0.23). With no ack datagrams there
+at all, 0.22 at 105 bytes per token. But on a path with room they are the lone ACKs that carry repeats
+(chatterbox.PIGGYBACK_QUEUE_S): without them one lossy chat on the fixed 50-ms channel stalled 0.0178 instead of
+0.0144 (iid 2 %). So they stop only while the path queues.
+
+The threshold sits above the path's own jitter, which looks like a queue of the same size: the 1-Mbit/s trace
+delivers in 1500-byte slots 12 ms apart, so that one chat's token datagrams wait 0-12 ms at random (median 6), and
+40 chats with the ack datagrams off queue hardly more (median 6.7 ms, p90 12 ms). With them back on, the queue
+grows ~10 ms every 100 ms: the sample is not smoothed (the queue must be caught as it builds), and the hold keeps
+the ack datagrams off while it drains. Measured (40 chats, iid 2 %, seed 0 / one chat on the same link, seeds 0-2),
+stall for threshold and hold: 8 ms, 0.5 s: 0.213 / 0.1750; 10 ms, 0.5 s: 0.221 / 0.1758; 12 ms, 0.5 s: 0.251 /
+0.1683; 12 ms, 1 s: 0.232 / 0.1683 (the one chat's figure without the rule: no ack datagram held back); 15 ms, 2 s:
+0.259 / 0.1683; 8 ms over an EWMA of 1/8 of the samples, 0.5 s: 0.267 / 0.1684; 8 ms over their minimum in 100 ms:
+0.301 / 0.1731. Below 12 ms the lone chat's jitter reads as a queue and costs it the repairs on the lone ACKs.
+
+With 12 ms and 1 s (the same sim; median stall of the flows over seeds 0-2, bytes per token; before -> after,
+in-order streaming beside): 30 chats, iid 2 % 0.210 (131) -> 0.194 (118), streaming 0.225 (91); 30 chats,
+``ge:0.01,0.1`` 0.266 -> 0.252, streaming 0.420; 40 chats, iid 2 % 0.978 (136) -> 0.230 (105), streaming 0.231
+(91); 40 chats, ``ge:0.01,0.1`` 0.984 -> 0.292, streaming 0.464; 50 chats still past the wall (0.985 at 111 bytes
+per token; streaming 0.350 iid, 0.980 bursty). One chat: the fixed 50-ms channel's four loss rows unchanged (no
+queue: 0.0144 / 0.0338 / 0.0682 / 0.0420), the 1-Mbit/s link unchanged (0.1683), TMobile-LTE-short with its uplink
+and ``ge:0.01,0.1`` down 0.1550 -> 0.1554 (135 -> 120 bytes per token), Verizon-LTE-short 0.2044 -> 0.2049 (133 ->
+112), Verizon EVDO 0.8097 -> 0.8075 (114 -> 98), TMobile UMTS 0.2971 -> 0.2970 (135 -> 109).
+
+The smallest one-way delay is that of the last rtt_floor.RTT_FLOOR_WINDOW_S (the server's RTT floor's window): a
+path whose base delay grows by more than ACK_QUEUE_S keeps the client off its ack datagrams that long, not for the rest
+of the connection. A server that marks its packets ECN-capable (the daemon's [marking]) takes its latency samples and
+ECN counts from the ack datagrams (SwiftQueue's choice of queue, Prague's answer to CE marks), and those matter most
+while a queue builds: a connection on which any packet arrived ECT(0), ECT(1) or CE keeps them (and stays at the
+capacity wall above). The daemon marks nothing unless configured to."""
 
 
 @dataclass
@@ -86,21 +133,30 @@ def _ecn_counts_of(session: weakref.ref[ClientSession]) -> list[int] | None:
     return s.ecn_counts() if s is not None and s.ecn_counts is not None else None
 
 
+def _holds_acks_of(session: weakref.ref[ClientSession]) -> bool:
+    """Whether the session holds its ack datagrams back now (ACK_QUEUE_S), through a weak reference (as above)."""
+    s = session()
+    return s is not None and s.holds_acks()
+
+
 class _AckSource:
     """Builds the client's ack datagram for one request at send time (latest state, one in the queue)."""
 
     copies = 1
 
-    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int] | None] | None = None) -> None:
+    def __init__(self, req: ClientRequest, session_ecn: Callable[[], list[int] | None] | None = None,
+                 held: Callable[[], bool] | None = None) -> None:
         self.req = req
         self.acked_packets = 0
         self.session_ecn = session_ecn
+        self.held = held  # while it says so, no ack datagram (ACK_QUEUE_S)
 
     def wants_send(self) -> bool:
         # Ack only packets that brought something new: acking pure repeats would make the server's QUIC
         # ACK it, that ACK would carry repeats again (piggyback), and so on without end.
         r = self.req
-        return not r.done and r.receiver.useful_packets > self.acked_packets
+        return (not r.done and r.receiver.useful_packets > self.acked_packets
+                and not (self.held is not None and self.held()))
 
     def build(self, now: float, capacity: int, *, piggyback: bool = False, window: tuple[int, int] | None = None):
         r = self.req
@@ -160,6 +216,10 @@ class ClientSession(_SessionBase):
         self._token_at: float | None = None
         self._token_gap: float | None = None
         self.ack_timing = AckTiming()  # its QUIC ACKs ride the ack datagrams
+        # the smallest one-way delay of a token datagram of late (its arrival less the send time it carries, on the
+        # server's clock), and when one last stood ACK_QUEUE_S above it
+        self._owd_floor = WindowedMin()
+        self._queued_at = -math.inf
 
     def _keepalive_at(self) -> float | None:
         """When to PING the server: while an answer is awaited (always, with ``keepalive``) and the server has
@@ -223,7 +283,9 @@ class ClientSession(_SessionBase):
         stream_id = self.quic.get_next_available_stream_id()
         first = request.resume_from or 0
         req = ClientRequest(stream_id, request, now, TokenReceiver(first_index=first), prefix=list(prefix or []))
-        req.ack_source = _AckSource(req, functools.partial(_ecn_counts_of, weakref.ref(self)))
+        me = weakref.ref(self)
+        req.ack_source = _AckSource(req, functools.partial(_ecn_counts_of, me),
+                                    functools.partial(_holds_acks_of, me))
         self.requests[stream_id] = req
         self._send(stream_id, request)
         if self._stream_blocked(stream_id):  # past the server's request limit: QUIC sends it once a slot frees
@@ -433,10 +495,39 @@ class ClientSession(_SessionBase):
         if req is None or req.done or req.answered is not None:
             return []
         out = self._tokens(req, frame, now)
+        self._note_one_way_delay(frame, now)
         if self.send_acks and req.ack_source is not None:
             self.scheduler.schedule(req.ack_source)
         out.extend(self._maybe_complete(req, now))
         return out
+
+    def _note_one_way_delay(self, frame: Tokens, now: float) -> None:
+        """A token datagram arrived: its one-way delay against the connection's smallest tells whether the path
+        from the server queues (ACK_QUEUE_S), and the QUIC ACK hold follows (ACK_QUEUE_QUIC_HOLD_S)."""
+        if frame.sent_us is None:
+            return
+        delay = now - frame.sent_us / 1e6  # (the two clocks' offset is in every sample alike)
+        self._owd_floor.add(delay, now)
+        if delay - self._owd_floor.value(now) > ACK_QUEUE_S:
+            self._queued_at = now
+        if self.send_acks and self.ack_timing is not None:  # (without ack datagrams, its ACKs are as they were)
+            self.ack_timing.hold = ACK_QUEUE_QUIC_HOLD_S if self.holds_acks() else ACK_HOLD_S
+
+    def path_queues(self) -> bool:
+        """Whether a token datagram's one-way delay stood more than ACK_QUEUE_S above the smallest of late (a window
+        of rtt_floor.RTT_FLOOR_WINDOW_S) within the last ACK_QUEUE_HOLD_S."""
+        return self._now - self._queued_at < ACK_QUEUE_HOLD_S
+
+    def holds_acks(self) -> bool:
+        """Whether the ack datagrams stop now: the path from the server queues (:meth:`path_queues`) and no packet
+        of this connection arrived ECN-capable (a server that marks takes its latency samples and ECN counts from
+        them; see ACK_QUEUE_S)."""
+        return self.path_queues() and not self._ecn_marked()
+
+    def _ecn_marked(self) -> bool:
+        """Whether a packet of this connection arrived ECT(0), ECT(1) or CE (False where the socket cannot tell)."""
+        counts = self.ecn_counts() if self.ecn_counts is not None else None
+        return counts is not None and any(counts[1:])
 
     def _times_follow(self, fin: Finished) -> bool:
         """Whether a GEN_TIMES frame follows ``fin``: ``ALPN_GEN_TIMES`` was negotiated and FINISHED came without
