@@ -23,8 +23,8 @@ BASE_S = 0.040  # the path's one-way delay
 class _Chat:
     """An accepted chat whose server's token datagrams reach the client ``delay`` after they leave."""
 
-    def __init__(self) -> None:
-        self.pair, self.server, self.sid = accepted_chat()
+    def __init__(self, scheme: str = "chatterbox") -> None:
+        self.pair, self.server, self.sid = accepted_chat(scheme)
         self.server.datagrams_to_send(self.pair.now)  # STARTED (delivered by the pair before: not needed here)
         self.client: ClientSession = self.pair.client
         self.n = 0
@@ -125,6 +125,18 @@ def test_a_base_delay_that_grew_is_no_queue_once_the_window_passed() -> None:
         chat.ack_left(t + longer)
     assert not any(wanted[:4 * int(RTT_FLOOR_WINDOW_S) - 4])  # within the window: the old floor, a queue
     assert all(wanted[-4:]) and not chat.client.path_queues()
+
+
+def test_the_duplicate_baseline_keeps_its_ack_datagrams() -> None:
+    """The paper's duplication baseline stays as measured: its token datagrams neither count as queue samples nor
+    lose their acks."""
+    chat = _Chat("duplicate")
+    t = chat.pair.now + 0.1
+    assert chat.token(t, BASE_S)
+    chat.ack_left(t + BASE_S)
+    assert chat.token(t + 0.033, BASE_S + ACK_QUEUE_S + 0.01)
+    assert not chat.client.path_queues()
+    assert chat.client.ack_timing is not None and chat.client.ack_timing.hold == ACK_HOLD_S
 
 
 def test_forty_chats_on_one_megabit_stay_out_of_the_collapse() -> None:
