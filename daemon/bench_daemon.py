@@ -41,17 +41,17 @@ from tokenwire.daemon.config import MAX_LIVE_ANSWERS, MAX_REQUESTS_PER_CONNECTIO
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("daemon", help="the real daemon under N concurrent SDK sessions on loopback")
-    p.add_argument("--sessions", type=int, default=200, help="concurrent client sessions (default 200)")
-    p.add_argument("--rate", type=float, default=20.0, help="tokens per second per session (default 20)")
-    p.add_argument("--seconds", type=float, default=20.0, help="answer length in seconds of generation (default 20)")
+    p.add_argument("--sessions", type=int, default=200, help="concurrent client sessions (default: 200)")
+    p.add_argument("--rate", type=float, default=20.0, help="tokens per second per session (default: 20)")
+    p.add_argument("--seconds", type=float, default=20.0, help="answer length in seconds of generation (default: 20)")
     p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
     p.add_argument("--answers", type=int, default=1,
-                   help="concurrent answers per session, all on its one connection (default 1)")
-    p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default 2)")
+                   help="concurrent answers per session, all on its one connection (default: 1)")
+    p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default: 2)")
     p.add_argument("--port", type=int, default=0,
-                   help="the daemon's UDP port on 127.0.0.1 (default 0: any free one), to keep runs in a port range")
+                   help="the daemon's UDP port on 127.0.0.1 (default: 0, any free one), to keep runs in a port range")
     p.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
-                   help="serve the daemon's Prometheus metrics there during the run (default off)")
+                   help="serve the daemon's Prometheus metrics there during the run (default: off)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here (- for stdout)")
     p.set_defaults(handler=run_cli)
 
@@ -478,7 +478,7 @@ def banner(pid: int, port: int, sessions: int, answers: int, tokens: int, rate: 
 
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, json_safe, write_json
-    from tokenwire.daemon.demo_upstream import schedule
+    from tokenwire.daemon.demo_upstream import rate_problem, schedule
     from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
     from tokenwire.transport.metrics import percentile
@@ -486,8 +486,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if not 1 <= args.sessions <= MAX_SESSIONS:
         raise CLIError(f"--sessions must be in [1, {MAX_SESSIONS:,}] (the daemon's limits.max_sessions), "
                        f"got {args.sessions}")
-    if not 0.1 <= args.rate <= 10_000 or args.seconds <= 0:
-        raise CLIError("--rate in [0.1, 10000] (the demo upstream's range) and --seconds > 0")
+    problem = rate_problem(args.rate, f"--rate {args.rate:g}")  # each option by name (one message named both)
+    if problem:
+        raise CLIError(problem)
+    if args.seconds <= 0:
+        raise CLIError(f"--seconds {args.seconds:g} must be > 0")
     if args.rate * args.seconds > 1_000_000:
         raise CLIError("--rate x --seconds: at most 1,000,000 tokens per answer (limits.max_tokens)")
     if args.client_procs < 1:

@@ -74,11 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "`tokenwire -v chat` prints an answer's id as it starts; a chat whose connection was lost "
                    "mid-answer prints it too, and --stats at the end)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
-                   help="give up after S seconds without a packet from the server (default 60): how soon a dead "
+                   help="give up after S seconds without a packet from the server (default: 60): how soon a dead "
                    "server is noticed; a live one answers keepalive pings while its model thinks")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="when the connection is lost mid-answer (the path went silent for --idle-timeout), "
-                   "reconnect and resume the answer where it stopped, up to N times (default 3; 0: give up); "
+                   "reconnect and resume the answer where it stopped, up to N times (default: 3; 0: give up); "
                    f"attempts that find no server back off ({RETRY_FIRST_S:g} s doubling to {RETRY_CAP_S:g} s "
                    f"apart) and go on for {RECONNECT_S:g} s after each loss")
     p.add_argument("--max-time", type=float, metavar="S",

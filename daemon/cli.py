@@ -20,10 +20,11 @@ import select
 import shutil
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 from tokenwire.transport.file_modes import keep_mode
 
@@ -436,6 +437,12 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """argparse's wrapping, without breaking a word: ``predictor collect --cross`` showed its default's last
+        word as ``...o`` / ``n=1``, and a hyphen split ``--first-token-ms`` in two. A word longer than the line
+        overflows it instead."""
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if _default_shown(action) and "default" not in text.lower():
@@ -471,8 +478,14 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
+        add_help = kwargs.get("add_help", True)
+        kwargs["add_help"] = False  # (added below, as our action)
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)
+        self.register("action", "help", _HelpAction)  # (before -h is added: it is looked up by name)
+        if add_help:
+            self.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                              help="show this help message and exit")
         self.set_defaults(command_path=self.prog)
 
 
@@ -504,17 +517,34 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if sys.stdout is None:
-            parser.exit(2, f"{parser.prog}: error: stdout is closed\n")
-        try:  # (before main's stream handling: argparse runs this while it parses)
-            print(f"tokenwire {installed_version()}", flush=True)
-        except BrokenPipeError:  # `| head -0`: as every command, quietly
-            _discard()
-            parser.exit(1)
-        except OSError as exc:  # a full disk: one line, as every command's stdout failure
-            _discard()
-            parser.exit(2, f"{parser.prog}: error: stdout: {exc.strerror or exc}\n")
-        parser.exit()
+        _print_and_exit(parser, lambda: f"tokenwire {installed_version()}\n")
+
+
+class _HelpAction(argparse._HelpAction):
+    """``-h``/``--help``, printed as ``--version`` is: argparse's own ignores a failed write, so ``--help >
+    /dev/full`` exited 0 with nothing printed and no word of why."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        _print_and_exit(parser, parser.format_help)
+
+
+def _print_and_exit(parser: argparse.ArgumentParser, text: Callable[[], str]) -> NoReturn:
+    """Print ``text()`` on stdout and exit, while the arguments are parsed (before :func:`main`'s stream
+    handling): 0 once it is written; a closed or full stdout is one line and exit status 2, a reader gone (``|
+    head -0``) exit status 1, quietly, as every command's."""
+    if sys.stdout is None:
+        parser.exit(2, f"{parser.prog}: error: stdout is closed\n")
+    try:
+        sys.stdout.write(text())
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard()
+        parser.exit(1)
+    except OSError as exc:  # a full disk
+        _discard()
+        parser.exit(2, f"{parser.prog}: error: stdout: {exc.strerror or exc}\n")
+    parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwire.transport.frames import MAX_STREAM_FRAME
 
 from .config_lines import error_line
-from .config_values import MAX_ANSWER_TOKENS, ConfigError, Section, parse_addr
+from .config_values import MAX_ANSWER_TOKENS, MISSING, ConfigError, Section, parse_addr
 from .kv_config import KVConfig, check_kv_strings, check_redis_url, parse_kv
 from .marking import MarkingConfig, effective_congestion, parse_marking
 from .startup import addr
@@ -272,12 +272,16 @@ def _auth(t: Any) -> AuthConfig:
         e = Section(f"auth.tokens[{i}]", item, ("name", "sha256"))
         name = e.str("name", None)
         digest = e.str("sha256", None)
+        if name is None:
+            raise ConfigError(f"auth.tokens[{i}].name: {MISSING}")
         if not name:
-            raise ConfigError(f"auth.tokens[{i}].name: required")
+            raise ConfigError(f"auth.tokens[{i}].name: expected a non-empty string, got ''")
         problem = token_name_problem(name)
         if problem is not None:
             raise ConfigError(f"auth.tokens[{i}].name: {problem}")
-        if digest is None or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if digest is None:
+            raise ConfigError(f"auth.tokens[{i}].sha256: {MISSING} (make it with `tokenwire config new-token`)")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ConfigError(
                 f"auth.tokens[{i}].sha256: expected 64 lowercase hex digits (make one with "
                 "`tokenwire config new-token`), never the token itself"

@@ -6,8 +6,11 @@ of them imports the module that assembles the document."""
 from __future__ import annotations
 
 import builtins
+import datetime
 import difflib
 import ipaddress
+import json
+import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -18,6 +21,34 @@ MAX_ANSWER_TOKENS = 1_000_000  # the bound of limits.max_tokens and of an upstre
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and key."""
+
+
+MISSING = "required key missing"  # what a message says of a key that must be set and is not
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_value(v: Any) -> builtins.str:
+    """``v`` as the TOML document spells it, for messages: ``true``, not Python's ``True``; a string quoted
+    (``'x'``, or ``"..."`` with TOML's escapes when it holds a quote or a control character); arrays and inline
+    tables likewise. ``max_tokens = true`` said "got True"."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, builtins.str):
+        if "'" not in v and v.isprintable():
+            return f"'{v}'"
+        return json.dumps(v, ensure_ascii=False)  # (JSON's string escapes are TOML's)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        items = ", ".join(f"{k if _BARE_KEY.fullmatch(k) else toml_value(k)} = {toml_value(x)}" for k, x in v.items())
+        return "{ " + items + " }" if items else "{}"
+    return repr(v)  # an int
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -44,19 +75,19 @@ class Section:
     def int(self, key: str, default: int, lo: int, hi: int) -> int:
         v = self.table.get(key, default)
         if type(v) is not int or not lo <= v <= hi:
-            raise ConfigError(f"{self._k(key)}: expected an integer in [{lo}, {hi}], got {v!r}")
+            raise ConfigError(f"{self._k(key)}: expected an integer in [{lo}, {hi}], got {toml_value(v)}")
         return v
 
     def num(self, key: str, default: float, lo: float, hi: float) -> float:
         v = self.table.get(key, default)
         if type(v) not in (int, float) or not lo <= v <= hi:
-            raise ConfigError(f"{self._k(key)}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
+            raise ConfigError(f"{self._k(key)}: expected a number in [{lo:g}, {hi:g}], got {toml_value(v)}")
         return float(v)
 
     def bool(self, key: str, default: bool) -> bool:
         v = self.table.get(key, default)
         if type(v) is not bool:
-            raise ConfigError(f"{self._k(key)}: expected true or false, got {v!r}")
+            raise ConfigError(f"{self._k(key)}: expected true or false, got {toml_value(v)}")
         return v
 
     def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
@@ -64,9 +95,9 @@ class Section:
         if v is None:
             return None
         if type(v) is not str:
-            raise ConfigError(f"{self._k(key)}: expected a string, got {v!r}")
+            raise ConfigError(f"{self._k(key)}: expected a string, got {toml_value(v)}")
         if choices is not None and v not in choices:
-            raise ConfigError(f"{self._k(key)}: expected one of {', '.join(choices)}, got {v!r}")
+            raise ConfigError(f"{self._k(key)}: expected one of {', '.join(choices)}, got {toml_value(v)}")
         return v
 
     def path(self, key: builtins.str, base: Path | None, must_exist: builtins.bool = True,

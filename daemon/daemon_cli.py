@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("daemon", help="run the edge service (QUIC token streaming)")
-    p.add_argument("--config", type=Path, help="TOML file (default $TOKENWIRE_CONFIG, else "
+    p.add_argument("--config", type=Path, help="TOML file (default: $TOKENWIRE_CONFIG, else "
                    "/etc/tokenwire/tokenwire.toml if it exists, else the built-in defaults)")
     p.add_argument("--log-format", choices=("text", "json"), help="override logging.format")
     # its logs go to stderr: a daemon started with stdout closed (`>&-`) loses nothing
@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.set_defaults(handler=run_new_token)
     ex = csub.add_parser("example", help="print the example configuration, or the systemd unit and its sysusers and "
                          "tmpfiles snippets, as shipped with this install")
-    ex.add_argument("file", nargs="?", choices=tuple(EXAMPLE_FILES), default="config",
-                    help="which file (default config: tokenwire.toml.example, every key with its default)")
+    ex.add_argument("file", nargs="?", choices=tuple(EXAMPLE_FILES), default="config", metavar="FILE",
+                    help="which file: config (tokenwire.toml.example, every key with its default), unit, sysusers or "
+                    "tmpfiles (default: config)")
     ex.add_argument("--dir", action="store_true", help="print the folder holding the four files instead (the "
                     "README's systemd/ for an install without the source tree)")
     ex.set_defaults(handler=run_example)

@@ -37,6 +37,7 @@ MAX_TOKENS = MAX_ANSWER_TOKENS  # the daemon's bound on upstreams[].max_tokens a
 HANDSHAKE_S = 10.0  # the client's handshake timeout, plus the link's delay (a module value: tests shorten it)
 SAME_STALL = 0.02
 PROGRESS_S = 5.0
+MAX_DELAY_MS = 10_000.0  # --delay-ms: one-way delay of the link, in ms
 """Seconds between two progress lines on stderr while a scheme's answer streams unrendered (--quiet, and the
 schemes after the first), as ``tokenwire sim`` prints them: ``--quiet --tokens 3000`` said nothing for minutes."""
 DEFAULT_LINK_RATE = "12mbps"
@@ -73,13 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "otherwise a loopback UDP relay); renders the answer live, then compares schemes.",
     )
     p.add_argument("--tokens", type=demo_tokens, default=240,
-                   help=f"answer length in tokens, at most {MAX_TOKENS} (default 240)")
-    p.add_argument("--rate", type=float, default=30.0, help="tokens per second (default 30)")
-    p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay of the link (default 40)")
-    p.add_argument("--loss", default=DEFAULT_LOSS, help=f"loss spec, as in `tokenwire sim` (default {DEFAULT_LOSS})")
-    p.add_argument("--seed", type=seed_arg, default=3, help="loss pattern seed, an integer >= 0 (default 3)")
+                   help=f"answer length in tokens, at most {MAX_TOKENS} (default: 240)")
+    p.add_argument("--rate", type=float, default=30.0, help="tokens per second (default: 30)")
+    p.add_argument("--delay-ms", type=float, default=40.0, help="one-way delay of the link (default: 40)")
+    p.add_argument("--loss", default=DEFAULT_LOSS, help=f"loss spec, as in `tokenwire sim` (default: {DEFAULT_LOSS})")
+    p.add_argument("--seed", type=seed_arg, default=3, help="loss pattern seed, an integer >= 0 (default: 3)")
     p.add_argument("--schemes", default="chatterbox,stream,duplicate",
-                   help="comma-separated; the first one renders live (default chatterbox,stream,duplicate)")
+                   help="comma-separated; the first one renders live (default: chatterbox,stream,duplicate)")
     p.add_argument("--quiet", action="store_true", help="do not render the answer live")
     p.add_argument(
         "--link",
@@ -91,10 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rate-mbps", default=None,
                    help="netns link: a rate in Mbit/s (12, or 12mbps, 500kbps) or a mahimahi trace file "
-                        f"(default {DEFAULT_LINK_RATE}; the loopback relay applies no rate)")
+                        f"(default: {DEFAULT_LINK_RATE}; the loopback relay applies no rate)")
     p.add_argument("--port", type=listen_port, default=None,
                    help="the UDP port the daemon listens on, 0 for a free one (default: a free one on the loopback "
                         f"relay, {NETNS_PORT} in the namespace testbed's own network); the first line says where")
+    p.add_argument("--relay-port", type=listen_port, default=None,
+                   help="the UDP port of the loopback relay the client reaches the daemon through, 0 for a free one "
+                        "(default: a free one; the namespace testbed has no relay): with --port, the demo keeps to "
+                        "two ports of your choice")
     p.add_argument("--json", type=Path, help="also write the comparison here")
     p.set_defaults(handler=run)
 
@@ -131,6 +136,7 @@ def link_rate(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tokenwire.daemon.cli import CLIError, repeated, write_json
+    from tokenwire.daemon.demo_upstream import rate_problem
     from tokenwire.testbed.loss import LossSpecError, parse_loss
     from tokenwire.transport.frames import SCHEMES
 
@@ -144,8 +150,12 @@ def run(args: argparse.Namespace) -> int:
         parse_loss(args.loss)
     except LossSpecError as exc:
         raise CLIError(str(exc)) from None
-    if not 0.1 <= args.rate <= 10_000 or not 0 <= args.delay_ms <= 10_000:  # (--tokens: demo_tokens, at parsing)
-        raise CLIError("expected --rate in [0.1, 10000] (the demo upstream's range), --delay-ms in [0, 10000]")
+    # (--tokens: demo_tokens, at parsing); each option by name, as sim's: one message named both
+    problem = rate_problem(args.rate, f"--rate {args.rate:g}")
+    if problem:
+        raise CLIError(problem)
+    if not 0 <= args.delay_ms <= MAX_DELAY_MS:
+        raise CLIError(f"--delay-ms {args.delay_ms:g} must be in [0, {MAX_DELAY_MS:g}]")
     rate_given = args.rate_mbps  # (None: the default, which needs no warning where it does not apply)
     args.rate_mbps = link_rate(rate_given if rate_given is not None else DEFAULT_LINK_RATE)
     use_netns = False
@@ -167,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"the namespace testbed could not be built: {exc}") from None
             print(f"(namespace testbed could not be built: {exc}; using the loopback relay)", file=sys.stderr)
             use_netns = False
+    if use_netns and args.relay_port:
+        print(f"(--relay-port {args.relay_port} is ignored: the namespace testbed has no relay)", file=sys.stderr)
     if not use_netns:
         if rate_given is not None:  # it was silently ignored, with --link relay and when auto fell back alike
             print(f"(--rate-mbps {rate_given} is ignored: the loopback relay adds delay and loss but applies no "
@@ -370,7 +382,15 @@ async def _demo(args: argparse.Namespace, schemes: list[str]) -> dict[str, dict]
         except StartupError as exc:  # --port taken (by another demo, say): its one line, not a traceback
             raise CLIError(f"--port {args.port}: {exc}" if args.port else str(exc)) from None
         port = daemon.addresses[0][1]
-        relay = await UdpRelay(("127.0.0.1", port), delay_ms=args.delay_ms, loss=args.loss, seed=args.seed).start()
+        relay = UdpRelay(("127.0.0.1", port), delay_ms=args.delay_ms, loss=args.loss, seed=args.seed,
+                         port=args.relay_port or 0)
+        try:
+            await relay.start()
+        except OSError as exc:  # --relay-port taken (by the daemon's --port, another demo): one line
+            await daemon.stop()
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # (uvloop wraps the errno's)
+            raise CLIError(f"--relay-port {args.relay_port}: cannot listen on udp/127.0.0.1:{args.relay_port}: "
+                           f"{cause.strerror or cause}") from None
         print(
             f"tokenwire demo: the tokenwire daemon (demo upstream, {args.rate:g} tokens/s) on udp/127.0.0.1:{port}; "
             f"the client reaches it through a relay on udp/127.0.0.1:{relay.port} adding {args.delay_ms:g} ms "

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenwire.transport.frames import MAX_CHUNK_TOKENS
 
-from .config_values import ConfigError, Section, parse_addr, url_parts
+from .config_values import ConfigError, Section, parse_addr, toml_value, url_parts
 
 if TYPE_CHECKING:
     from tokenwire.transport.marking import MarkingPolicy
@@ -96,7 +96,7 @@ def parse_kv(table: Any, base: Path | None) -> KVConfig:
     s = Section("kv", table, KEYS)
     enabled = s.get("enabled", False)
     if type(enabled) is not bool:
-        raise ConfigError(f"kv.enabled: expected true or false, got {enabled!r}")
+        raise ConfigError(f"kv.enabled: expected true or false, got {toml_value(enabled)}")
     backend = s.str("backend", "local", ("local", "redis")) or "local"
     redis_url = s.str("redis_url", None)
     if backend == "redis" and not redis_url:

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config_values import BAD_URL, HOST_CHARS, MAX_ANSWER_TOKENS, ConfigError, Section, url_parts
+from .config_values import (
+    BAD_URL,
+    HOST_CHARS,
+    MAX_ANSWER_TOKENS,
+    MISSING,
+    ConfigError,
+    Section,
+    toml_value,
+    url_parts,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -144,12 +153,16 @@ def parse_upstreams(raw: Any, base: Path | None, check_files: bool = True) -> tu
         # keys no type knows first: `typ = "demo"` was reported as a missing type, without the "did you mean"
         Section(where, item, tuple(dict.fromkeys(k for keys in UPSTREAM_KEYS.values() for k in keys)))
         kind = item.get("type")
+        if kind is None:
+            raise ConfigError(f"{where}.type: {MISSING} (one of {', '.join(UPSTREAM_KEYS)})")
         if not isinstance(kind, str) or kind not in UPSTREAM_KEYS:
-            raise ConfigError(f"{where}.type: expected one of {', '.join(UPSTREAM_KEYS)}, got {kind!r}")
+            raise ConfigError(f"{where}.type: expected one of {', '.join(UPSTREAM_KEYS)}, got {toml_value(kind)}")
         s = Section(where, item, UPSTREAM_KEYS[kind])
         name = s.str("name", None)
+        if name is None:
+            raise ConfigError(f"{where}.name: {MISSING}")
         if not name:
-            raise ConfigError(f"{where}.name: required")
+            raise ConfigError(f"{where}.name: expected a non-empty string, got ''")
         if any(u.name == name for u in out):
             raise ConfigError(f"{where}.name: {name!r} is defined twice")
         opts: dict[str, Any] = {}
@@ -418,6 +431,8 @@ def parse_routes(raw: Any, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Route
         s = Section(f"routes[{i}]", item, ("model", "upstream"))
         model = s.str("model", "*") or "*"
         up = s.str("upstream", None)
+        if up is None:
+            raise ConfigError(f"routes[{i}].upstream: {MISSING} (one of {', '.join(sorted(names))})")
         if up not in names:
             raise ConfigError(f"routes[{i}].upstream: {up!r} is not a defined upstream ({', '.join(sorted(names))})")
         out.append(Route(model, up))

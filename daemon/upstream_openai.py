@@ -6,7 +6,8 @@ Streams ``POST {base_url}/chat/completions`` with ``stream: true`` and reads the
 aiohttp does the HTTP; the SSE line protocol is parsed here (:class:`_EventStream`, the spec's line rules). A
 server that ignores ``stream`` and answers one ``application/json`` completion is read as that completion; an
 answer of another Content-Type is read as events only when it starts like them (a proxy's HTML login page is an
-error quoting its start). A choice's first ``finish_reason`` ends its answer: content after it is dropped.
+error quoting its start; an HTML page, there or in an HTTP error, is quoted by its title and text). A choice's
+first ``finish_reason`` ends its answer: content after it is dropped.
 
 Every failure reaches the client as a typed error: HTTP errors and error events as ``UPSTREAM_ERROR``
 (with the upstream's own message, truncated, the configured secrets in it redacted), as is a refused or failed
@@ -38,6 +39,7 @@ import re
 import socket
 import ssl
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -570,14 +572,26 @@ class OpenAIUpstream:
         except aiohttp.ClientError as exc:
             detail = f"(error body cut short: {exc.__class__.__name__})"
         else:
-            detail = _error_text(_decode(raw[:ERROR_BODY_LIMIT], resp.charset), secrets)
+            body = _decode(raw[:ERROR_BODY_LIMIT], resp.charset)
+            if _is_page(resp, body):  # an HTML error page (a proxy's, a plain web server's): its title and words
+                what = f"{resp.content_type} page" if "Content-Type" in resp.headers else "HTML page (no Content-Type)"
+                words = _page_words(body, secrets)  # ("title": text, or the text alone)
+                return self._error_with_notes(resp, f"HTTP {resp.status}, {what}", words, no_key,
+                                              sep=" " if words.startswith('"') else ": ")
+            detail = _error_text(body, secrets)
+        return self._error_with_notes(resp, f"HTTP {resp.status}", detail, no_key)
+
+    def _error_with_notes(self, resp: aiohttp.ClientResponse, head: str, detail: str, no_key: str | None,
+                          sep: str = ": ") -> RequestError:
+        """UPSTREAM_ERROR ``head: detail; notes`` (``sep`` between head and detail), the detail shortened so that
+        the notes survive the cut."""
         notes = []
         retry = _retry_after(resp.headers.get("Retry-After"))
         if retry is not None:
             notes.append(f"Retry-After: {retry}")
         if no_key is not None and resp.status in (401, 403):
             notes.append(f"no API key was sent: {no_key}")
-        head, tail = f"HTTP {resp.status}: ", "".join(f"; {note}" for note in notes)
+        head, tail = f"{head}{sep}", "".join(f"; {note}" for note in notes)
         return _upstream_error(self.name, head + detail[:max(0, MESSAGE_LIMIT - len(head) - len(tail))] + tail)
 
     async def _events_start(
@@ -608,7 +622,8 @@ class OpenAIUpstream:
         except aiohttp.ClientError:
             pass
         shown = printable(resp.headers.get("Content-Type", "(none)"))[:100]
-        start = _body_start(head, resp.charset, secrets)
+        text = _decode(head[:ERROR_BODY_LIMIT], resp.charset)
+        start = _page_words(text, secrets) if _is_page(resp, text) else _body_start(head, resp.charset, secrets)
         raise _upstream_error(self.name, f"unexpected Content-Type {shown}: {start}")
 
     def _redirect_error(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> RequestError:
@@ -818,6 +833,60 @@ def _body_start(raw: bytes, charset: str | None, secrets: tuple[str, ...]) -> st
     if len(text) > BODY_START_LIMIT:
         return text[:BODY_START_LIMIT] + "..."
     return text or "(empty body)"
+
+
+class _PageText(HTMLParser):
+    """An HTML page's ``<title>`` and the rest of its text, scripts and styles left out."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.title: list[str] = []
+        self.text: list[str] = []
+        self._in: list[str] = []  # the open title, script and style elements
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("title", "script", "style"):
+            self._in.append(tag)
+        self.text.append(" ")  # <p>a</p><p>b</p> is "a b", not "ab"
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._in:
+            del self._in[len(self._in) - 1 - self._in[::-1].index(tag):]
+        self.text.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._in:
+            self.text.append(data)
+        elif self._in[-1] == "title":
+            self.title.append(data)
+
+
+def _is_page(resp: aiohttp.ClientResponse, text: str) -> bool:
+    """Whether a body is an HTML page: by its Content-Type (unless it is JSON: its message is read as JSON), or
+    (none, or another one) by its start."""
+    start = text.lstrip("\ufeff \t\r\n")[:14].lower()
+    if resp.content_type in ("text/html", "application/xhtml+xml"):
+        return not start.startswith(("{", "["))
+    return start.startswith(("<!doctype html", "<html"))
+
+
+def _page_words(text: str, secrets: tuple[str, ...]) -> str:
+    """An HTML page for an error: its title quoted, then its text (the title's repeat at its start left out: a
+    heading usually says it again), runs of white space as one space, printable, cut to BODY_START_LIMIT
+    characters. Python's http.server answered a POST with a 501 page that reached users as its raw markup, every
+    line break an escaped ``\\n``, cut before its message."""
+    page = _PageText()
+    page.feed(_scrub(text, secrets))
+    page.close()
+    title = " ".join("".join(page.title).split())
+    words = " ".join("".join(page.text).split())
+    if title and words.startswith(title):
+        words = words[len(title):].lstrip(" :-")
+    shown = (f'"{title}"' + (f": {words}" if words else "")) if title else words
+    shown = printable(well_formed(shown))
+    if len(shown) > BODY_START_LIMIT:
+        return shown[:BODY_START_LIMIT] + "..."
+    return shown or "(no text)"
 
 
 def _decode(raw: bytes, charset: str | None) -> str:

@@ -352,7 +352,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delay-ms", type=nonnegative_float, default=20.0, help="one-way delay for the accuracy phase")
     p.add_argument("--rate", type=positive_float, default=1000.0, help="probe packets per second")
     p.add_argument("--repeats", type=positive_int, default=DEFAULT_REPEATS,
-                   help=f"runs of the core measurement and trials per paced rate; medians are reported (default "
+                   help=f"runs of the core measurement and trials per paced rate; medians are reported (default: "
                         f"{DEFAULT_REPEATS})")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(handler=cmd_bench)

@@ -40,7 +40,7 @@ def add_path_args(p: argparse.ArgumentParser, *, down_required: bool = False, ke
                    help=f"one-way delay, each direction (0 to {MAX_DELAY_MS:g})")
     p.add_argument("--loss", default="none", metavar="SPEC",
                    help="down-link loss: none | iid:P | ge:P_GB,P_BG[,LOSS_IN_BAD] (bursty)")
-    p.add_argument("--up-loss", default="none", metavar="SPEC", help="up-link loss (default none)")
+    p.add_argument("--up-loss", default="none", metavar="SPEC", help="up-link loss (default: none)")
     p.add_argument("--queue", default="droptail:packets=1000", metavar="SPEC",
                    help="bottleneck queue of both directions: infinite | droptail:packets=N | "
                    "droptail:bytes=N | dualpi2[:key=value,...]")
@@ -831,7 +831,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--reserve", type=float, help="tokenwire: share of the time left kept in reserve")
     kv.add_argument("--legacy-controller", action="store_true",
                     help="tokenwire: the previous rule (whole plan at the low quantile, 5 %% reserve)")
-    kv.add_argument("--text", help="text whose first N tokens form the context (default tests/data/prose_harbor.txt)")
+    kv.add_argument("--text", help="text whose first N tokens form the context (default: the shipped prose_harbor.txt)")
     kv.add_argument("--json", metavar="PATH")
     kv.add_argument("--plot", metavar="PATH")
     kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")

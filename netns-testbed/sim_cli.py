@@ -44,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and reports stall ratio, TTFT, token delay and bytes.",
     )
     p.add_argument("--schemes", default="chatterbox,stream,duplicate", help="comma-separated (default: all three)")
-    p.add_argument("--tokens", type=int, default=400, help="tokens per answer (default 400)")
-    p.add_argument("--rate", type=float, default=30.0, help="generation rate, tokens/s (default 30)")
-    p.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay in ms (default 50)")
+    p.add_argument("--tokens", type=int, default=400, help="tokens per answer (default: 400)")
+    p.add_argument("--rate", type=float, default=30.0, help="generation rate, tokens/s (default: 30)")
+    p.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay in ms (default: 50)")
     p.add_argument(
         "--loss",
         default="none",
@@ -59,14 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--up-trace", metavar="SPEC", help="trace file or rate of the client -> server direction "
                    "(default: the same as --down-trace)")
     p.add_argument("--queue-packets", type=positive_int, metavar="N", help="drop-tail queue of each traced "
-                   "direction, in packets (default 1000, as testbed compare's --queue)")
+                   "direction, in packets (default: 1000, as testbed compare's --queue)")
     # seed_arg, as every other --seed: a plain int took -1 and 2**70, seeds the testbed and predictor refuse
-    p.add_argument("--seed", type=seed_arg, default=1, help="first seed, an integer >= 0 (default 1)")
-    p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default 1)")
-    p.add_argument("--first-token-ms", type=float, default=150.0, help="generator prefill delay (default 150)")
+    p.add_argument("--seed", type=seed_arg, default=1, help="first seed, an integer >= 0 (default: 1)")
+    p.add_argument("--runs", type=int, default=1, help="seeds to run: seed, seed+1, ... (default: 1)")
+    p.add_argument("--first-token-ms", type=float, default=150.0, help="generator prefill delay (default: 150)")
     p.add_argument("--chats", type=positive_int, default=1, metavar="N",
                    help="chats at once sharing the one channel (each direction's trace and queue), 1 to "
-                   f"{MAX_SIM_CHATS} (default 1): testbed contention in virtual time, without its CPU limits; chat i "
+                   f"{MAX_SIM_CHATS} (default: 1): testbed contention in virtual time, without its CPU limits; chat i "
                    "gets the demo schedule of seed + i, and the table reports per-flow percentiles")
     p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(handler=run)
@@ -92,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         parse_loss(args.loss)
     except LossSpecError as exc:
         raise CLIError(str(exc)) from None
-    if args.tokens < 1 or args.delay_ms < 0 or args.runs < 1 or args.first_token_ms < 0:
-        raise CLIError("--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0")
+    # one option at a time, by name: "--tokens and --runs must be >= 1, --delay-ms and --first-token-ms >= 0"
+    # left the user to find which of the four it meant
+    for option, value, least in (("--tokens", args.tokens, 1), ("--runs", args.runs, 1),
+                                 ("--delay-ms", args.delay_ms, 0), ("--first-token-ms", args.first_token_ms, 0)):
+        if value < least:
+            raise CLIError(f"{option} {value:g} must be >= {least}")
     if not 1 <= args.chats <= MAX_SIM_CHATS:
         raise CLIError(f"--chats {args.chats}: 1 to {MAX_SIM_CHATS}")
     check_traces(args)
@@ -224,7 +228,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}, "
         f"seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1}",
-        f"{'scheme':<11} {'stall':>7} {'own oracle':>10} {'TTFT ms':>8} {'p99 ms':>7} {'B/token':>8} "
+        f"{'scheme':<11} {'stall':>7} {'own-oracle':>10} {'TTFT ms':>8} {'p99 ms':>7} {'B/token':>8} "
         f"{'rendered':>{2 * w + 1}} {'digest':>6}",
     ]
     for name, d in result["schemes"].items():

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where bandwidth.onnx goes (default: the package's shipped/ folder, replacing its model)")
     ap.add_argument("--series", type=int, default=1500, help="series per training trace")
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--seed", type=seed_arg, default=0, help="an integer from 0 to 2**32 - 1 (default 0)")
+    ap.add_argument("--seed", type=seed_arg, default=0, help="an integer from 0 to 2**32 - 1 (default: 0)")
     ap.add_argument("--json", help="write the evaluation report here")
     args = ap.parse_args(argv)
     # an installed copy has no ../shared/traces, nor torch without the ml extra: one line each, before any work

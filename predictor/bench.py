@@ -64,11 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predictor", help="µs per latency prediction (ONNX vs EWMA), batch 1/8/64, vs 17k pkt/s")
     p.add_argument("--model", help="ONNX model (default: the shipped one)")
     p.add_argument("--calls", type=positive_int, default=2000,
-                   help="inference calls per measurement of batch 1 and of observe (default 2000); a batch of B "
+                   help="inference calls per measurement of batch 1 and of observe (default: 2000); a batch of B "
                         "makes max(4 x calls / B, 50) calls, each B predictions (the JSON records each count); "
                         "EWMA's batches 8 and 64 make none: one predict() answers a burst, so they are batch 1's "
                         "time, marked derived")
-    p.add_argument("--repeats", type=positive_int, default=5, help="measurements; medians are reported (default 5)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measurements; medians are reported (default: 5)")
     p.add_argument("--json", type=Path, help="write results here")
     p.set_defaults(handler=run_cli)
 

@@ -112,10 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def collect_args(p: argparse.ArgumentParser) -> None:
         shown = DEFAULT_CROSS.replace("%", "%%")  # argparse %-formats help text
-        p.add_argument("--cross", default=DEFAULT_CROSS, help=f"cross traffic (default {shown!r}; "
+        p.add_argument("--cross", default=DEFAULT_CROSS, help=f"cross traffic (default: {shown!r}; "
                        "grammar in docs/swiftqueue.md)")
-        p.add_argument("--seconds", type=float, default=60.0, help="virtual seconds per run (default 60)")
-        p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default 10)")
+        p.add_argument("--seconds", type=float, default=60.0, help="virtual seconds per run (default: 60)")
+        p.add_argument("--delay-ms", type=float, default=10.0, help="one-way propagation delay (default: 10)")
         rate = p.add_mutually_exclusive_group()
         rate.add_argument("--probe-pps", type=float, help="probe packets/s (default: 8%% of the trace's 1500-byte "
                           "delivery opportunities, i.e. 6.4%% of its bits, within 5-300 packets/s; at most the "
@@ -126,14 +126,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
     p.add_argument("--down-trace", required=True, help="mahimahi trace file or a rate like 12mbps")
-    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default 1)")
+    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default: 1)")
     p.add_argument("--out", required=True, help="output .npz")
     collect_args(p)
     p.set_defaults(handler=_collect)
 
     p = psub.add_parser("collect-many", help="datasets for several traces x seeds, with progress")
     p.add_argument("--traces", nargs="+", required=True, help="trace files (or rates)")
-    p.add_argument("--seeds", default="1-3", help="integers >= 0, e.g. 1-4 or 1,5,9 (default 1-3)")
+    p.add_argument("--seeds", default="1-3", help="integers >= 0, e.g. 1-4 or 1,5,9 (default: 1-3)")
     p.add_argument("--out-dir", required=True)
     collect_args(p)
     p.set_defaults(handler=_collect_many)
@@ -147,10 +147,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default 4)")
-    p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default 2)")
+    p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default: 4)")
+    p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default: 2)")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
-    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default 1)")
+    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default: 1)")
     p.add_argument("--max-points", type=int, default=200_000)
     p.add_argument("--net", default="{}", help='JSON overrides of the transformer\'s network, e.g. '
                    '\'{"d_model": 32}\' (the transformer only: refused when --kinds has no transformer)')

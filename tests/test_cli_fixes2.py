@@ -411,7 +411,7 @@ def test_help_shows_defaults(path, shown):
 def test_help_shows_no_default_of_a_flag_or_an_unset_option():
     text = _help("chat")
     assert "(default: False)" not in text and "(default: None)" not in text and "(default: [])" not in text
-    assert text.count("(default: 60") == 0  # --idle-timeout says "(default 60)" itself: not twice
+    assert text.count("(default: 60") == 1  # --idle-timeout says "(default: 60)" itself: not twice
 
 
 def test_the_sdk_server_on_a_busy_port_is_one_line():

@@ -260,9 +260,11 @@ def test_new_token_prints_a_toml_line_for_any_name_and_refuses_an_empty_one(caps
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["cert", "--out-dir", "unused", "--days", "3000000"], "at most 36500"),  # an OverflowError
-    (["demo", "--link", "relay", "--rate", "1e9"], "--rate in [0.1, 10000]"),  # a ConfigError traceback
-    (["demo", "--link", "relay", "--delay-ms", "60000"], "--delay-ms in [0, 10000]"),
-    (["bench", "daemon", "--rate", "20000"], "--rate in [0.1, 10000]"),  # every session failed, NaN in JSON
+    # a ConfigError traceback
+    (["demo", "--link", "relay", "--rate", "1e9"], "--rate 1e+09 must be a number of tokens/s in [0.1, 10000]"),
+    (["demo", "--link", "relay", "--delay-ms", "60000"], "--delay-ms 60000 must be in [0, 10000]"),
+    # every session failed, NaN in JSON
+    (["bench", "daemon", "--rate", "20000"], "--rate 20000 must be a number of tokens/s in [0.1, 10000]"),
     (["demo", "--link", "netns", "--rate-mbps", "fast"], "--rate-mbps: "),  # a TraceError traceback
 ])
 def test_out_of_range_values_are_one_line(argv, message, capsys):

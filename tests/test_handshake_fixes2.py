@@ -171,5 +171,5 @@ def test_bench_daemon_help_says_its_defaults():
     sub = parser.add_subparsers()
     bench_daemon.register(sub)
     helps = {a.dest: a.help or "" for a in sub.choices["daemon"]._actions}
-    assert "(default 20)" in helps["seconds"] and "(default 200)" in helps["sessions"]
+    assert "(default: 20)" in helps["seconds"] and "(default: 200)" in helps["sessions"]
     assert "one client process" not in (bench_daemon.__doc__ or "")

@@ -337,7 +337,7 @@ def test_reasoning_deltas_are_tokens_not_a_stall(fake):
     "mode, text",
     [
         ("error_body_late", "HTTP 500: (no error body within 0.5 s)"),  # resp.text() waited for it
-        ("error_body_latin1", "HTTP 502: <html>Fehler: \ufffdberlastet</html>"),  # was UnicodeDecodeError
+        ("error_body_latin1", "HTTP 502, text/html page: Fehler: \ufffdberlastet"),  # was UnicodeDecodeError
         ("error_body_cut", "HTTP 502: (error body cut short: ClientPayloadError)"),  # was ClientPayloadError
         ("raw:data: " + json.dumps(chunk("x" * 1_100_000)), "event line too long"),  # was LineTooLong
     ],

@@ -168,7 +168,7 @@ def test_sim_cli_rejects_bad_input(capsys):
     assert "within [0, 1]" in capsys.readouterr().err
     assert main(["sim", "--schemes", "carrier-pigeon"]) == 2
     assert main(["sim", "--first-token-ms", "-1"]) == 2  # ran, with the first token before the request
-    assert "--first-token-ms >= 0" in capsys.readouterr().err
+    assert "--first-token-ms -1 must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "NaN", "infinity"])

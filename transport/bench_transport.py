@@ -67,13 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from tokenwire.daemon.cli import positive_float, positive_int
 
     p = sub.add_parser("transport", help="CPU per token and per token packet, packets/s, on loopback vs raw aioquic")
-    p.add_argument("--tokens", type=positive_int, default=1500, help="tokens per paced run (default 1500)")
-    p.add_argument("--rate", type=positive_float, default=1000.0, help="paced token rate per second (default 1000)")
+    p.add_argument("--tokens", type=positive_int, default=1500, help="tokens per paced run (default: 1500)")
+    p.add_argument("--rate", type=positive_float, default=1000.0, help="paced token rate per second (default: 1000)")
     p.add_argument("--flood-tokens", type=positive_int, default=10000,
                    help=f"tokens per flood answer; a flood run asks for answers until {FLOOD_S:g} s have passed "
-                        "(default 10000)")
+                        "(default: 10000)")
     p.add_argument("--repeats", type=positive_int, default=3,
-                   help="raw/mode pairs per mode; medians are reported, ratios within each pair (default 3)")
+                   help="raw/mode pairs per mode; medians are reported, ratios within each pair (default: 3)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"subset of {','.join(MODES)}; raw (the ratios' baseline) is always measured")
     p.add_argument("--json", type=Path, help="write results here")

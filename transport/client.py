@@ -715,7 +715,7 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
         description="The SDK's smallest client: ask a server (certificate not verified) and print the answer. "
                     "`tokenwire chat` is the full command-line client.")
     parser.add_argument("prompt", nargs="?", default="Why do chatbots stall on trains?")
-    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
     parser.add_argument("--port", type=port_argument, default=4433)
     args = parser.parse_args(argv)
     async with connect(args.host, args.port, verify=False) as conn:

@@ -792,7 +792,7 @@ async def _main(argv: list[str] | None = None) -> None:  # pragma: no cover - ex
         description="The SDK's smallest server: the demo answer with the development certificate. "
                     "`tokenwire daemon` is the service.")
     # --host: a testbed's server namespace has its own address (docs/testbed.md), which 127.0.0.1 never reached
-    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=functools.partial(port_argument, listening=True), default=4433)
     args = parser.parse_args(argv)
     try:
