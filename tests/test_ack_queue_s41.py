@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import statistics
+from typing import Any
 
 import pytest
+from aioquic.tls import Epoch
 
-from tests.quicpair import SERVER, accepted_chat
+from tests.quicpair import CLIENT, SERVER, accepted_chat
 from tokenwire.testbed.sim import SimConfig, run_chats
 from tokenwire.transport.ack_timing import ACK_HOLD_S
 from tokenwire.transport.client_session import (
@@ -16,6 +20,7 @@ from tokenwire.transport.client_session import (
     ClientSession,
 )
 from tokenwire.transport.rtt_floor import RTT_FLOOR_WINDOW_S, SLOTS
+from tokenwire.transport.server_session import ServerSession
 
 BASE_S = 0.040  # the path's one-way delay
 
@@ -151,3 +156,79 @@ def test_forty_chats_on_one_megabit_stay_out_of_the_collapse() -> None:
     sent = sum(f.run.wire_bytes for f in run.flows if f.run is not None)
     assert sent / (40 * 60) < 120
     assert statistics.median(f.run.stats.stall_ratio for f in run.flows if f.run is not None) < 0.5
+
+
+def test_the_datagram_that_shows_the_queue_gets_its_quic_ack_at_once() -> None:
+    """The QUIC ACK of the very datagram that showed the queue was armed with the usual hold before the datagram's
+    frames were read; it is pulled in to ACK_QUEUE_QUIC_HOLD_S."""
+    chat = _Chat()
+    t = chat.pair.now + 0.1
+    assert chat.token(t, BASE_S)
+    chat.ack_left(t + BASE_S)
+    arrived = t + 0.033 + BASE_S + ACK_QUEUE_S + 0.005
+    assert not chat.token(t + 0.033, BASE_S + ACK_QUEUE_S + 0.005)
+    assert chat.client.quic._spaces[Epoch.ONE_RTT].ack_at == pytest.approx(arrived + ACK_QUEUE_QUIC_HOLD_S)
+
+
+def test_the_quic_ack_hold_comes_back_with_the_next_packet_after_the_queue() -> None:
+    """Once the ack datagrams may go again, the next packet from the server (whatever it carries) finds the usual
+    hold, not the queue's 1 ms: each 1-ms ACK is a packet of its own."""
+    chat = _Chat()
+    t = chat.pair.now + 0.1
+    chat.token(t, BASE_S)
+    chat.ack_left(t + BASE_S)
+    chat.token(t + 0.033, BASE_S + ACK_QUEUE_S + 0.005)
+    assert chat.client.ack_timing is not None and chat.client.ack_timing.hold == ACK_QUEUE_QUIC_HOLD_S
+    # a packet with no token datagram in it (a PING, the server's ACK), as a driver feeds it (session.before_datagram)
+    chat.client._now = t + 0.033 + ACK_QUEUE_HOLD_S + 5.0
+    chat.client.before_datagram()
+    assert not chat.client.path_queues() and chat.client.ack_timing.hold == ACK_HOLD_S
+
+
+def _answer_through_a_growing_queue(pair: Any, server: ServerSession, sid: int, tokens: int) -> None:
+    """``tokens`` tokens at 30/s; the path from the server queues from the fifth on, by 6 ms a token up to 200 ms."""
+    events: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+    t0 = pair.now + 0.1
+    for n in range(tokens):
+        heapq.heappush(events, (t0 + 0.033 * n, next(seq), "push", n))
+    while events:
+        now, _, kind, x = heapq.heappop(events)
+        if kind == "push":
+            server.push(sid, f"t{x} ", now)
+        elif kind == "to_client":
+            pair.client.receive_datagram(x, SERVER, now)
+        elif kind == "to_server":
+            server.receive_datagram(x, CLIENT, now)
+        elif kind == "server_timer":
+            server.handle_timer(now)
+        elif kind == "client_timer":
+            pair.client.handle_timer(now)
+        if kind in ("push", "to_server", "server_timer"):
+            k = (now - t0) / 0.033
+            down = BASE_S + (0.0 if k < 5 else min(0.200, 0.006 * (k - 4)))
+            for data, _ in server.datagrams_to_send(now):
+                heapq.heappush(events, (now + down, next(seq), "to_client", data))
+            at = server.get_timer()
+            if at is not None and at < t0 + 6 and not any(e[2] == "server_timer" for e in events):
+                heapq.heappush(events, (max(at, now), next(seq), "server_timer", None))
+        if kind in ("to_client", "client_timer"):
+            for data, _ in pair.client.datagrams_to_send(now):
+                heapq.heappush(events, (now + BASE_S, next(seq), "to_server", data))
+            at = pair.client.get_timer()
+            if at is not None and at < t0 + 5 and not any(e[2] == "client_timer" for e in events):
+                heapq.heappush(events, (max(at, now), next(seq), "client_timer", None))
+
+
+def test_the_senders_round_trip_follows_the_queue_while_the_acks_are_held() -> None:
+    """The sender's round trip (its idle repair's timeout, the silence rule) came from the ack datagrams' echoes
+    alone, and stood at its value from before the queue while they were held (0.048 s against aioquic's 0.289: more
+    idle repairs into the queue). QUIC's acknowledgements of the token datagrams feed it then
+    (chatterbox.ECHO_STALE_RTTS)."""
+    pair, server, sid = accepted_chat()
+    server.datagrams_to_send(pair.now)
+    sender = server.requests[sid].sender
+    assert sender is not None
+    _answer_through_a_growing_queue(pair, server, sid, 90)
+    assert server.quic._loss._rtt_smoothed > 0.2
+    assert sender.srtt > 0.6 * server.quic._loss._rtt_smoothed

@@ -90,6 +90,14 @@ class AckTiming:
         self.held = 0  # ACKs set to wait for data to ride
         self.ridden = 0  # ACKs made due because data was leaving: each saved a packet
 
+    def set_hold(self, quic: QuicConnection, hold: float, now: float) -> None:
+        """Hold later ACKs ``hold``; one already pending waits no longer than that from ``now`` (a client that found
+        the path queueing in the datagram it just read: client_session.ACK_QUEUE_QUIC_HOLD_S)."""
+        self.hold = hold
+        space = quic._spaces.get(Epoch.ONE_RTT)
+        if space is not None and not self._hidden and space.ack_at is not None and space.ack_at > now + hold:
+            space.ack_at = now + hold
+
     def before_receive(self, quic: QuicConnection) -> None:
         space = quic._spaces.get(Epoch.ONE_RTT)
         if space is None:

@@ -111,6 +111,13 @@ at 603 of 902 chances (the smoothed round trip 3.9 / 5.7 / 8.2 ms above its mini
 own jitter). The minimum is that of the last 10 s (server_session.ServerSession._rtt, rtt_floor.RTT_FLOOR_WINDOW_S):
 with aioquic's, which never expires, a path whose base delay grew by more than 5 ms (a new route) kept the gate shut
 for the rest of the connection."""
+ECHO_STALE_RTTS = 2.0
+"""While no ack datagram has brought an RTT sample (its echo) for this many of the sender's smoothed round trips, QUIC's
+acknowledgement of a token datagram gives one instead (its send to the ack's arrival, the client's ACK delay included):
+the client holds its ack datagrams back while the path from the server queues (client_session.ACK_QUEUE_S), and the
+round trip, which sets the idle repair's timeout and the silence rule, stood at its value from before the queue. A
+review's run (90 tokens, a queue growing to 200 ms): 0.048 s against aioquic's 0.289, 4 idle repairs and 106 repeated
+tokens where acks on had 2 and 79. Where ack datagrams come, nothing changes."""
 L4S_CE_WINDOW_SHARE = 0.5
 """A CE mark on a packet sent ECT(1) makes the path congested only while the bytes in flight fill this share of the
 congestion window. An L4S queue marks from about 1 ms of queue on, so its marks come back whenever scalable flows
@@ -241,6 +248,7 @@ class TokenSender:
         self._last_send = -math.inf
         self._backoff = 0
         self._heard_at: float | None = None  # last acknowledgement (or the first send, before any)
+        self._echo_at = -math.inf  # when an ack datagram last brought an RTT sample (on_ack)
         self._peer_seen_at: float | None = None  # last packet of any kind from the client (None: not told)
         self._silent_full_packets = 0  # packets with unlimited repeats sent during the current silence
         # bytes of the request stream's next frame waiting to leave (FINISHED above all), as the driver reports
@@ -296,9 +304,8 @@ class TokenSender:
     def on_ack(self, ack: Ack, now: float) -> None:
         """A client ack datagram: cumulative progress and, with an echo, an RTT sample."""
         if ack.echo_us is not None:
-            sample = now - ack.echo_us / 1e6
-            if 0.0 <= sample < 60.0:
-                self.srtt = 0.875 * self.srtt + 0.125 * sample
+            self._rtt_sample(now - ack.echo_us / 1e6)
+            self._echo_at = now
         self._heard(now)
         self._advance_floor(min(ack.next_index, self.next_new))
 
@@ -314,6 +321,8 @@ class TokenSender:
             self._heard(now)
             if not pkt.acked:
                 pkt.acked = True
+                if now - self._echo_at > ECHO_STALE_RTTS * self.srtt:  # the client holds its ack datagrams back
+                    self._rtt_sample(now - pkt.sent_at)
                 for first, end in pkt.runs:
                     self._mark_acked(first, end)
         else:
@@ -323,6 +332,10 @@ class TokenSender:
                 self._on_lost(pkt)
         if pkt.copies <= 0:
             del self._outstanding[pid]
+
+    def _rtt_sample(self, sample: float) -> None:
+        if 0.0 <= sample < 60.0:
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
 
     def on_peer_packet(self, now: float) -> None:
         """Any packet from the client arrived (the session tells every sender): during a downlink outage its

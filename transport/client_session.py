@@ -513,8 +513,17 @@ class ClientSession(_SessionBase):
         self._owd_floor.add(delay, now)
         if delay - self._owd_floor.value(now) > ACK_QUEUE_S:
             self._queued_at = now
+        self._set_ack_hold(now)
+
+    def before_datagram(self) -> None:
+        self._set_ack_hold(self._now)  # (the queue's hold ends with it, chatterbox datagrams or not)
+        super().before_datagram()
+
+    def _set_ack_hold(self, now: float) -> None:
+        """QUIC ACKs leave at once (ACK_QUEUE_QUIC_HOLD_S) while the ack datagrams are held back, else after the
+        usual hold; one pending already is pulled in (the datagram that showed the queue armed it)."""
         if self.send_acks and self.ack_timing is not None:  # (without ack datagrams, its ACKs are as they were)
-            self.ack_timing.hold = ACK_QUEUE_QUIC_HOLD_S if self.holds_acks() else ACK_HOLD_S
+            self.ack_timing.set_hold(self.quic, ACK_QUEUE_QUIC_HOLD_S if self.holds_acks() else ACK_HOLD_S, now)
 
     def path_queues(self) -> bool:
         """Whether a token datagram's one-way delay stood more than ACK_QUEUE_S above the smallest of late (a window
