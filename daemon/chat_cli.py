@@ -278,7 +278,9 @@ def run_interruptible(main: Coroutine[Any, Any, T],
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 previous = signal.getsignal(sig)
-                if previous is signal.SIG_IGN or (sig == signal.SIGINT and previous is not signal.default_int_handler):
+                # (None: a handler installed outside Python, which could not be given back: left to its owner)
+                if (previous is None or previous is signal.SIG_IGN
+                        or (sig == signal.SIGINT and previous is not signal.default_int_handler)):
                     continue
                 loop.add_signal_handler(sig, on_signal, sig)
                 taken.append((sig, previous))
@@ -301,6 +303,10 @@ def run_interruptible(main: Coroutine[Any, Any, T],
             try:
                 for sig, _ in taken:
                     loop.remove_signal_handler(sig)
+                    # at once: blocked here, a signal still reaches another thread of the process, and Python runs
+                    # the handler in place when this one next checks (SIGINT's default: a KeyboardInterrupt out of
+                    # loop.close, a review's repro with one more thread alive)
+                    signal.signal(sig, signal.SIG_IGN)
                 asyncio.set_event_loop(None)
                 loop.close()
             finally:

@@ -173,8 +173,7 @@ def _check_opportunities(spec: str, trace: Trace, chats: int = 1) -> None:
     can = fewest // HANDSHAKE_OPPORTUNITIES
     raise TraceError(
         f"{only} for {chats} chats: their QUIC handshakes start together and share the link, each taking "
-        f"{HANDSHAKE_OPPORTUNITIES} {OPPORTUNITY_BYTES}-byte opportunities each way within the endpoints' "
-        f"{HANDSHAKE_WAIT_S:g} s; "
+        f"{HANDSHAKE_OPPORTUNITIES} opportunities of {OPPORTUNITY_BYTES} bytes each way; "
         + (f"this trace can start at most {can} chat{'' if can == 1 else 's'} at once (--chats {can})"
            if can else "not even one chat can start on this trace")
         + f" (a fixed rate needs at least {chats * MIN_USABLE_BPS / 1000:g} kbit/s for {chats} chats)"

@@ -308,6 +308,40 @@ CHAT_EXITING = textwrap.dedent("""
 """)
 
 
+SIGNAL_WHILE_ANOTHER_THREAD_LIVES = textwrap.dedent("""
+    import asyncio, os, signal, threading, time
+    from tokenwire.daemon.chat_cli import run_interruptible
+
+    closing = asyncio.BaseEventLoop.close
+
+    def close(self):  # a Ctrl-C while the loop closes, its handlers already removed
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        closing(self)
+
+    asyncio.BaseEventLoop.close = close
+    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()  # the signal may reach this one
+
+    async def answer():
+        return "result"
+
+    try:
+        print("returned", run_interruptible(answer()), flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+    print("handler back", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+""")
+
+
+def test_a_signal_during_the_cleanup_is_dropped_with_other_threads_alive():
+    """Blocked in the calling thread only, a signal in the cleanup reached another thread, and Python ran SIGINT's
+    default handler (remove_signal_handler had put it back) in the middle of loop.close: a KeyboardInterrupt out of
+    a call whose answer had completed."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_ANOTHER_THREAD_LIVES], capture_output=True, text=True,
+                          timeout=60, preexec_fn=default_signals)
+    assert proc.stdout.splitlines() == ["returned result", "handler back True"], proc.stderr
+
+
 def test_chat_itself_keeps_the_signals_ignored_on_its_way_out():
     """The library gives the signals back; ``tokenwire chat`` (``exiting``) keeps them ignored once interrupted, so
     that one more Ctrl-C while it says "interrupted" and exits is no KeyboardInterrupt traceback (and SIGTERM no

@@ -30,6 +30,12 @@ def test_the_minimum_of_the_window() -> None:
     assert w.value(17.5) == 0.040
 
 
+@pytest.mark.parametrize("window", [0.0, -1.0, math.inf, math.nan])
+def test_a_window_that_is_no_length_is_refused(window: float) -> None:
+    with pytest.raises(ValueError, match="window"):
+        WindowedMin(window)
+
+
 def test_a_rising_series_keeps_one_sample_per_slot() -> None:
     """A client that makes each round trip longer than the last cannot grow the filter past its slots."""
     w = WindowedMin(10.0, slots=SLOTS)

@@ -200,7 +200,7 @@ def test_sim_chats_refuses_a_trace_too_sparse_for_its_chats_and_runs_what_passes
     assert out.out == "" and out.err.strip().splitlines() == [
         "tokenwire sim: error: --down-trace: 3kbps: only 7 delivery opportunities in the 30 s after 0 s into the "
         "trace, at least 100 needed in every 30 s for 20 chats: their QUIC handshakes start together and share "
-        "the link, each taking 5 1500-byte opportunities each way within the endpoints' 30 s; this trace can "
+        "the link, each taking 5 opportunities of 1500 bytes each way; this trace can "
         "start at most 1 chat at once (--chats 1) (a fixed rate needs at least 40 kbit/s for 20 chats)"]
     persec = _per_second(tmp_path)
     assert main(["sim", "--chats", "7", "--tokens", "3", "--schemes", "stream", "--down-trace", "12mbps",

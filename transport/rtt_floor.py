@@ -42,7 +42,7 @@ class WindowedMin:
     sample that recent, the latest slot's minimum: a path gone quiet keeps the floor it had, as aioquic's does."""
 
     def __init__(self, window: float = RTT_FLOOR_WINDOW_S, slots: int = SLOTS) -> None:
-        if window <= 0 or slots < 1:
+        if not 0 < window < math.inf or slots < 1:  # (NaN fails the first test too)
             raise ValueError(f"window must be > 0 and slots >= 1, got {window}, {slots}")
         self.window = window
         self.slot_s = window / slots
