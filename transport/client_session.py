@@ -74,7 +74,7 @@ ACK_QUEUE_HOLD_S = 1.0
 ACK_QUEUE_QUIC_HOLD_S = 0.001
 """While the path from the server queues, the client sends no ack datagrams (:class:`_AckSource`): from a token
 datagram whose one-way delay (its arrival less the send time it carries, on the server's clock) stands more than
-ACK_QUEUE_S above the smallest the connection has seen, for ACK_QUEUE_HOLD_S after the latest such one. Its QUIC
+ACK_QUEUE_S above the smallest of late (below), for ACK_QUEUE_HOLD_S after the latest such one. Its QUIC
 ACKs then leave after ACK_QUEUE_QUIC_HOLD_S (aioquic's own 1 ms) instead of ack_timing.ACK_HOLD_S, so that the
 server's token senders still learn at once what arrived (QUIC's acknowledgement of each token datagram).
 
