@@ -251,6 +251,7 @@ class ServerSession(_SessionBase):
             # FINISHED (and ERROR, repair replies) go ahead of the repeats in the packets that leave
             req.sender.stream_backlog = functools.partial(self._stream_backlog, stream_id)
             req.sender.congested = self._path_congested  # (repeats shrink on a congested path)
+            req.sender.path_rtt = functools.partial(smoothed_rtt, self.quic, self.initial_rtt)
             req.sender.losses = self._token_losses  # (a loss of any answer's datagram ends the quiet: QUIET_LOSS_S)
             if scheme == "chatterbox":
                 req.sender.queue_delay = self._queue_delay  # (new tokens share packets while the path queues)
