@@ -404,8 +404,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--token-env: the environment variable {args.token_env} is empty (set it to the token)")
     else:
         token = os.environ.get(DEFAULT_TOKEN_ENV) or None
-    if not args.verbose:  # aioquic logs a failed handshake as a warning; the error line below says it once
-        logging.getLogger("quic").setLevel(logging.ERROR)
+    # aioquic's logger: without -v, ERROR (it logs a failed handshake as a warning; the error line below says it
+    # once); -v is for tokenwire's own lines (the request id), aioquic's INFO lines ("Negotiated protocol version",
+    # per connection) held back at WARNING; -vv (debug) lets aioquic's through as well. Set each time: an earlier
+    # run in the same process left its level behind
+    logging.getLogger("quic").setLevel(logging.ERROR if not args.verbose else
+                                       logging.WARNING if args.verbose < 2 else logging.NOTSET)
 
     shown = _encodable(getattr(sys.stdout, "encoding", None))
     midline = [False]  # part of an answer is on stdout without its newline

@@ -309,7 +309,7 @@ def format_table(doc: dict[str, Any]) -> list[str]:
             lines.append(f"{name:<10} {bs:>5} {b['us_per_call']:>9.1f} {b['us_per_prediction']:>9.2f} "
                          f"{b['predictions_per_s']:>10.0f} {r['per_batch_pps'][str(bs)]:>21.0f}"
                          + ("  (derived from batch 1, not timed)" if b["derived"] else
-                            f"  (runs {_us(b['us_per_call_min'])}-{_us(b['us_per_call_max'])})"))
+                            f"  (min-max over repeats {_us(b['us_per_call_min'])}-{_us(b['us_per_call_max'])})"))
         lines.append(f"{name:<10} observe {r['us_per_observe']:.2f} µs/ack; per-ack marking sustains "
                      f"{r['per_ack_pps']:.0f} pkt/s ({r['per_ack_pps'] / TARGET_PPS:.2f}x the {TARGET_PPS:.0f} target)")
         lines.append(f"{name:<10} one prediction per burst of n packets: " + ", ".join(

@@ -672,7 +672,8 @@ def format_table(doc: dict) -> str:
     from tokenwire.daemon.cli import cell
     from tokenwire.testbed.sim_cli import lower_or_higher
 
-    lines = [f"{'model':<12} {'MAE ms':>8} {'RMSE ms':>8} {'spike MAE':>10} {'n':>8} {'n spike':>8}"]
+    # n: the known targets, both queues' (a prediction point has one per queue, L and C)
+    lines = [f"{'model':<12} {'MAE ms':>8} {'RMSE ms':>8} {'spike MAE':>10} {'n (L+C)':>8} {'n spike':>8}"]
     for name, m in doc["models"].items():  # NaN (no targets, no spikes): "-"
         lines.append(f"{name:<12} {cell(m['mae_ms'], '>8.2f')} {cell(m['rmse_ms'], '>8.2f')} "
                      f"{cell(m['spike_mae_ms'], '>10.2f')} {m['n']:>8} {m['n_spike']:>8}")

@@ -103,7 +103,10 @@ def file_points(paths: list[str], window: int, log: Callable[[str], None] = prin
     for i, path in enumerate(paths, 1):
         data = load(path)
         pts = points(data, window)
-        log(f"  [{i}/{len(paths)}] {path}: {len(pts)} prediction points")
+        # the tables' n counts targets (each point has one per queue, L and C; unknown ones left out), not points
+        known = int(np.count_nonzero(~np.isnan(pts.target)))
+        log(f"  [{i}/{len(paths)}] {path}: {len(pts)} prediction points ({known} known targets over the L and C "
+            "queues)")
         if len(pts):
             kept.append((path, pts))
         else:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import sys
 import time
@@ -114,10 +115,35 @@ class HandshakeError(ConnectError):
         self.tls_alert = tls_alert
 
 
+# aioquic (==1.7.2) words a certificate issued for other names with service_identity's reprs: "hostname 'foo'
+# doesn't match either of DNSPattern(pattern=b'localhost'), IPAddressPattern(pattern=IPv4Address('127.0.0.1'))".
+# The names in plain text: "... doesn't match the certificate's names: localhost, 127.0.0.1"
+_NAME_MISMATCH = re.compile(r"(hostname '.*' doesn't match) (?:either of )?(.*)", re.DOTALL)
+_PATTERN_REPRS = (
+    (re.compile(r"DNSPattern\(pattern=b'([^']*)'\)"), r"\1"),
+    (re.compile(r"IPAddressPattern\(pattern=IPv[46](?:Address|Network)\('([^']*)'\)\)"), r"\1"),
+    (re.compile(r"URIPattern\(protocol_pattern=b'([^']*)', dns_pattern=([^,)]*)\)"), r"\1:\2"),
+    (re.compile(r"SRVPattern\(name_pattern=b'([^']*)', dns_pattern=([^,)]*)\)"), r"_\1.\2"),
+)
+
+
+def plain_certificate_names(reason: str) -> str:
+    """``reason`` with aioquic's name-mismatch wording (pattern reprs) turned into the names in plain text."""
+    found = _NAME_MISMATCH.fullmatch(reason)
+    if found is None:
+        return reason
+    names = found.group(2)
+    for pattern, plain in _PATTERN_REPRS:
+        names = pattern.sub(plain, names)
+    if "Pattern(" in names:  # a form this does not know: leave it whole
+        return reason
+    return f"{found.group(1)} the certificate's name{'s' if ', ' in names else ''}: {names}"
+
+
 def _handshake_failure(host: str, port: int, ended: qe.ConnectionTerminated) -> HandshakeError:
     """Why a handshake failed, in words (from the close that ended it)."""
     code = ended.error_code
-    reason = ended.reason_phrase or "no reason given"
+    reason = plain_certificate_names(ended.reason_phrase or "no reason given")
     # QUIC CRYPTO_ERROR is 0x100 + the TLS alert (RFC 9001, 4.8), a transport close; application closes
     # (tokenwire's own codes share the numbers) carry no frame type
     if ended.frame_type is not None and 0x100 <= code <= 0x1FF:
