@@ -36,8 +36,8 @@ DEFAULT_LOSS = "ge:0.004,0.04"  # bad ~9 % of the time, outages of 25 ms on aver
 MAX_TOKENS = MAX_ANSWER_TOKENS  # the daemon's bound on upstreams[].max_tokens and limits.max_tokens
 HANDSHAKE_S = 10.0  # the client's handshake timeout, plus the link's delay (a module value: tests shorten it)
 SAME_STALL = 0.02
-PROGRESS_S = 5.0
 MAX_DELAY_MS = 10_000.0  # --delay-ms: one-way delay of the link, in ms
+PROGRESS_S = 5.0
 """Seconds between two progress lines on stderr while a scheme's answer streams unrendered (--quiet, and the
 schemes after the first), as ``tokenwire sim`` prints them: ``--quiet --tokens 3000`` said nothing for minutes."""
 DEFAULT_LINK_RATE = "12mbps"
