@@ -35,7 +35,13 @@ def spread(values: list[float], runs_key: str | None = None) -> dict[str, Any]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     # the KV codec's benchmark lives with the KV commands: `bench --help` listed every other one and never said where
-    parser = sub.add_parser("bench", help="benchmarks (print numbers, write JSON)", epilog=KV_BENCH_NOTE)
+    parser = sub.add_parser(
+        "bench", help="benchmarks (print numbers, write JSON)", epilog=KV_BENCH_NOTE,
+        description="Benchmarks of the transport, the daemon, the link emulator and the latency predictor. Each "
+        "prints its numbers and, with --json, writes them with the run's provenance; those that compare "
+        "measure their baseline in the same run and report medians of repeats with their range, as the machines "
+        "are shared and noisy.",
+    )
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCH")
     bench_sub.required = True
     for name in BENCH_MODULES:

@@ -40,11 +40,20 @@ from tokenwire.daemon.config import MAX_LIVE_ANSWERS, MAX_REQUESTS_PER_CONNECTIO
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("daemon", help="the real daemon under N concurrent SDK sessions on loopback")
+    p = sub.add_parser(
+        "daemon", help="the real daemon under N concurrent SDK sessions on loopback",
+        description="Starts the real daemon (demo upstream at --rate tokens/s, without the demo's pauses) and "
+        "client processes that open --sessions connections to it on 127.0.0.1, each streaming --answers answers "
+        "at once, and reports sessions that could not connect, tokens delivered, lost or "
+        "duplicated, digest failures, unfinished answers, the daemon's CPU time per token and the token delay. "
+        "There is no same-run baseline: these are absolute numbers under load (the cost against raw aioquic is "
+        "`bench transport`'s).",
+    )
     p.add_argument("--sessions", type=int, default=200, help="concurrent client sessions (default: 200)")
     p.add_argument("--rate", type=float, default=20.0, help="tokens per second per session (default: 20)")
     p.add_argument("--seconds", type=float, default=20.0, help="answer length in seconds of generation (default: 20)")
-    p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox")
+    p.add_argument("--scheme", choices=("chatterbox", "stream", "duplicate"), default="chatterbox",
+                   help="how every answer's tokens are sent (the scheme each session asks the daemon for)")
     p.add_argument("--answers", type=int, default=1,
                    help="concurrent answers per session, all on its one connection (default: 1)")
     p.add_argument("--client-procs", type=int, default=2, help="client processes sharing the sessions (default: 2)")

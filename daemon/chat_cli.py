@@ -51,7 +51,12 @@ def _port(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="ask a tokenwire server and stream the answer to stdout")
+    p = sub.add_parser(
+        "chat", help="ask a tokenwire server and stream the answer to stdout",
+        description="Sends one prompt to a tokenwire daemon over QUIC and writes the answer to stdout as its "
+        "tokens arrive; a connection lost mid-answer is resumed where it stopped (--retries). Use it to try a "
+        "daemon, or to measure a path (--stats, --json-stats: TTFT, stall ratio, token delay).",
+    )
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     p.add_argument("--host", default="127.0.0.1", help="the server's address or name")
     p.add_argument("--port", type=_port, default=4433, help="the server's UDP port")

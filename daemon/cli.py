@@ -443,6 +443,12 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
         overflows it instead."""
         return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """A description or epilog wrapped as the options' help is (:meth:`_split_lines`): argparse's own fill split
+        ``drop-tail`` and ``--delay-ms`` at their hyphens."""
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if _default_shown(action) and "default" not in text.lower():

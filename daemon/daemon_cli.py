@@ -12,32 +12,66 @@ from typing import Any, NoReturn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("daemon", help="run the edge service (QUIC token streaming)")
+    p = sub.add_parser(
+        "daemon", help="run the edge service (QUIC token streaming)",
+        description="Runs the edge service in the foreground: it terminates QUIC from chat clients, gets tokens "
+        "from the upstreams its configuration names and streams them with the scheme each request asks for (and "
+        "serves the KV channel when [kv] is on). Without a configuration file it serves the built-in demo answer "
+        "on udp/[::]:4433 with an ephemeral self-signed certificate. SIGHUP reloads tokens, limits, logging and "
+        "certificates without dropping sessions (a bad file is refused, the running one kept); SIGTERM or Ctrl-C "
+        "drains the running answers and stops.",
+    )
     p.add_argument("--config", type=Path, help="TOML file (default: $TOKENWIRE_CONFIG, else "
                    "/etc/tokenwire/tokenwire.toml if it exists, else the built-in defaults)")
-    p.add_argument("--log-format", choices=("text", "json"), help="override logging.format")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="log format, overriding the configuration's [logging] format, also across reloads (default: "
+                   "the configuration's)")
     # its logs go to stderr: a daemon started with stdout closed (`>&-`) loses nothing
     p.set_defaults(handler=run_daemon, stdout_optional=True)
 
-    c = sub.add_parser("cert", help="make a self-signed development certificate and key")
+    c = sub.add_parser(
+        "cert", help="make a self-signed development certificate and key",
+        description="Writes a self-signed certificate for the names and addresses given (--host) and its private "
+        "key, cert.pem and key.pem, and prints the [server] lines that point tokenwire.toml at them. "
+        "Clients trust it with `tokenwire chat --cafile cert.pem`.",
+    )
     c.add_argument("--out-dir", type=Path, default=Path("."), help="where to write cert.pem and key.pem")
     c.add_argument("--host", action="append", help="DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)")
     c.add_argument("--days", type=int, default=365, help="validity in days (1 to 36500; default 365)")
     c.add_argument("--force", action="store_true", help="overwrite existing files")
     c.set_defaults(handler=run_cert)
 
-    cfg = sub.add_parser("config", help="validate a configuration, make auth tokens, print the example files")
+    cfg = sub.add_parser(
+        "config", help="validate a configuration, make auth tokens, print the example files",
+        description="Helpers for the daemon's TOML configuration: check a file before a start or a reload, make "
+        "a bearer token, print the shipped example files.",
+    )
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
-    chk = csub.add_parser("check", help="validate a TOML configuration file")
+    chk = csub.add_parser(
+        "check", help="validate a TOML configuration file",
+        description="Loads a configuration as the daemon would, certificates and socket and store paths "
+        "included (nothing is bound or locked), and prints what the daemon would run with: listen addresses, "
+        "certificate, auth, metrics, upstreams, routes, marking, ingest and KV. An error is one line and exit "
+        "status 2; warnings go to stderr. Run it before a `systemctl reload`.",
+    )
     chk.add_argument("path", type=Path, nargs="?", help="the file (default: the daemon's, $TOKENWIRE_CONFIG, else "
                      "/etc/tokenwire/tokenwire.toml)")
     chk.set_defaults(handler=run_check)
-    tok = csub.add_parser("new-token", help="print a new bearer token and the line that stores its hash")
-    tok.add_argument("--name", default="client", help="who the token is for")
+    tok = csub.add_parser(
+        "new-token", help="print a new bearer token and the line that stores its hash",
+        description="Makes a random bearer token and prints it once, with the [[auth.tokens]] table (the name "
+        "and the token's SHA-256) to append to tokenwire.toml: the configuration stores the hash only, so give "
+        "the token to the client and keep no other copy. Nothing is written.",
+    )
+    tok.add_argument("--name", default="client", help="who the token is for: the table's name, the principal the "
+                     "daemon's logs show for clients with this token")
     tok.set_defaults(handler=run_new_token)
     ex = csub.add_parser("example", help="print the example configuration, or the systemd unit and its sysusers and "
-                         "tmpfiles snippets, as shipped with this install")
+                         "tmpfiles snippets, as shipped with this install",
+                         description="Prints one of the files shipped with this install (an installed copy has "
+                         "no source tree to copy systemd/ from): the example configuration with every key and its "
+                         "default, the systemd unit, or its sysusers and tmpfiles snippets.")
     ex.add_argument("file", nargs="?", choices=tuple(EXAMPLE_FILES), default="config", metavar="FILE",
                     help="which file: config (tokenwire.toml.example, every key with its default), unit, sysusers or "
                     "tmpfiles (default: config)")

@@ -777,11 +777,22 @@ def print_table(summary: dict[str, Any]) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from .traffic import CROSS_HELP  # (the standard library only, like argparse)
 
-    p = sub.add_parser("testbed", help="network-namespace testbed with the trace-driven link emulator")
+    p = sub.add_parser(
+        "testbed", help="network-namespace testbed with the trace-driven link emulator",
+        description="Real processes and real kernel and QUIC stacks in two Linux network namespaces joined by a "
+        "userspace link emulator that replays a capacity trace (mahimahi format, or a fixed rate) with delay, loss "
+        "and a bottleneck queue. The namespace commands need root; kv and swiftqueue also run in virtual time "
+        "(--virtual), without root. Details in docs/testbed.md.",
+    )
     tsub = p.add_subparsers(dest="testbed_cmd", metavar="CMD")
     tsub.required = True
 
-    up = tsub.add_parser("up", help="build server/client namespaces joined by the emulator (until Ctrl-C)")
+    up = tsub.add_parser(
+        "up", help="build server/client namespaces joined by the emulator (until Ctrl-C)",
+        description="Builds a server and a client namespace joined by the emulated path and keeps it up until "
+        "Ctrl-C or `testbed down RUN_ID` (--detach: in the background), printing the namespace names and "
+        "addresses: run your own server and client in them with `ip netns exec NAME COMMAND`. Needs root.",
+    )
     add_path_args(up)
     up.add_argument("--log", metavar="CSV", help="write the per-packet log here")
     up.add_argument("--pcap", metavar="PREFIX", help="write PREFIX.{down,up}.{in,out}.pcap")
@@ -791,20 +802,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--run-id", help=argparse.SUPPRESS)
     up.set_defaults(handler=cmd_up)
 
-    down = tsub.add_parser("down", help="tear down testbeds (default: leftovers of crashed runs)")
+    down = tsub.add_parser(
+        "down", help="tear down testbeds (default: leftovers of crashed runs)",
+        description="Removes testbed runs: their processes, emulator, namespaces, interfaces, state file and "
+        "temporary folder. Without arguments only runs whose owner has died (crashed, or killed with SIGKILL); "
+        "name run ids (from `testbed status`) or give --all to stop live ones too. Needs root.",
+    )
     down.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="these runs (running or not)")
     down.add_argument("--all", action="store_true", help="every testbed run on this host, running or not")
     down.set_defaults(handler=cmd_down)
 
-    status = tsub.add_parser("status", help="list testbed runs on this host")
-    status.add_argument("--json", action="store_true")
+    status = tsub.add_parser(
+        "status", help="list testbed runs on this host",
+        description="Lists the testbed runs on this host from their state files: run id, running or CRASHED, "
+        "backend, namespaces, addresses and the link's packet counters. A crashed run's leftovers are removed by "
+        "`testbed down`.",
+    )
+    status.add_argument("--json", action="store_true",
+                        help="print the runs as a JSON list (run id, backend, owner and emulator alive, namespaces, "
+                        "addresses, link counters) instead of the table")
     status.set_defaults(handler=cmd_status)
 
-    cmp = tsub.add_parser("compare", help="run token-streaming schemes end to end through the same path")
+    cmp = tsub.add_parser(
+        "compare", help="run token-streaming schemes end to end through the same path",
+        description="Streams one answer per scheme and seed through a fresh testbed each (a real server in the "
+        "server namespace, its client in the client namespace), every scheme meeting the same capacity trace and "
+        "loss pattern for a seed, and reports stall ratio, the oracle's stall ratio, TTFT, token delay, bytes per "
+        "token and loss. sse-tcp is the baseline outside QUIC: server-sent events over kernel TCP, as chatbots "
+        "stream today. Needs root.",
+    )
     add_path_args(cmp, down_required=True)
     cmp.add_argument("--schemes", default=",".join(SCHEME_NAMES),
                      help=f"comma-separated, from {', '.join(SCHEME_NAMES)}")
-    cmp.add_argument("--tokens", type=int, default=400, metavar="N")
+    cmp.add_argument("--tokens", type=int, default=400, metavar="N", help="tokens per answer")
     cmp.add_argument("--rate", type=float, default=30.0, metavar="R", help="tokens per second")
     cmp.add_argument("--runs", type=int, default=1, help="seeds seed, seed+1, ... (results averaged)")
     cmp.add_argument("--sse-cc", default="cubic", choices=("cubic", "bbr", "reno"),
@@ -816,11 +846,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--keep", metavar="DIR", help="keep per-run packet logs and endpoint outputs in DIR")
     cmp.set_defaults(handler=cmd_compare)
 
-    kv = tsub.add_parser("kv", help="KV-cache fetches through the emulated path, one row per level controller")
+    kv = tsub.add_parser(
+        "kv", help="KV-cache fetches through the emulated path, one row per level controller",
+        description="Fetches the real SmolLM2-135M KV cache of a text's first --context-tokens tokens from the "
+        "daemon's KV service across the emulated path, each level controller in turn on the same stretch of the "
+        "traces, and reports per controller the share of fetches within --deadline-ms, the quality (top-1 "
+        "agreement of the levels used), bits per element, p95 fetch time and goodput. Needs the ml and kv-eval "
+        "extras with the model, and root unless --virtual, which runs the same stack in virtual time.",
+    )
     add_path_args(kv, down_required=True, kernel=False)
-    kv.add_argument("--context-tokens", type=int, default=1024, metavar="N")
-    kv.add_argument("--chunk-tokens", type=int, default=256, metavar="N")
-    kv.add_argument("--deadline-ms", type=int, default=3000, metavar="D")
+    kv.add_argument("--context-tokens", type=int, default=1024, metavar="N",
+                    help="the context each fetch gets: the KV of the text's first N tokens")
+    kv.add_argument("--chunk-tokens", type=int, default=256, metavar="N",
+                    help="tokens per KV chunk, the unit a controller gives a level to (or sends as text); at least 16")
+    kv.add_argument("--deadline-ms", type=int, default=3000, metavar="D",
+                    help="each fetch's deadline in ms, which the controllers plan against and attainment counts")
     kv.add_argument("--controllers", default="tokenwire,even-split,fixed-L1,fixed-L2,fixed-L3",
                     help="comma-separated: tokenwire, tokenwire-ewma, even-split, fixed-L1, fixed-L2, fixed-L3")
     kv.add_argument("--repeats", type=int, default=5, metavar="K", help="fetches per controller")
@@ -832,8 +872,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--legacy-controller", action="store_true",
                     help="tokenwire: the previous rule (whole plan at the low quantile, 5 %% reserve)")
     kv.add_argument("--text", help="text whose first N tokens form the context (default: the shipped prose_harbor.txt)")
-    kv.add_argument("--json", metavar="PATH")
-    kv.add_argument("--plot", metavar="PATH")
+    kv.add_argument("--json", metavar="PATH", help="write the summary JSON (with every fetch's row) here")
+    kv.add_argument("--plot", metavar="PATH",
+                    help="write a plot (quality vs deadline attainment per controller + fetch-time CDF); its "
+                    "format is the file's extension, e.g. .png")
     kv.add_argument("--keep", metavar="DIR", help="keep the context file and endpoint logs in DIR")
     kv.add_argument("--guard-weight", type=float, metavar="W",
                     help="tokenwire: guard rate low**W * median**(1-W) (default: the controller's)")

@@ -561,7 +561,14 @@ def partial_summary(cfg: ContentionConfig, finished: list[dict[str, Any]], stopp
 def register_contention(tsub: argparse._SubParsersAction) -> None:
     from .cli import add_path_args
 
-    p = tsub.add_parser("contention", help="N chats at once through one emulated bottleneck, per scheme")
+    p = tsub.add_parser(
+        "contention", help="N chats at once through one emulated bottleneck, per scheme",
+        description="Runs the real daemon (demo upstream) in the server namespace and --chats SDK clients at once "
+        "in the client namespace, per scheme and seed on a fresh testbed, every scheme serving the same answers "
+        "on the same trace and loss pattern. Reports the spread of stall ratio and TTFT over the chats, bytes per "
+        "token, link utilisation, queue sojourn, Jain fairness of goodput, the daemon's CPU share and the "
+        "answers finished and verified: whether a scheme keeps its lead when many chats share a link. Needs root.",
+    )
     add_path_args(p, down_required=True, kernel=False)
     p.add_argument("--chats", type=positive_int, default=10, metavar="N",
                    help=f"concurrent chats, 1 to {MAX_CHATS} (the daemon, its clients and the emulator share this "

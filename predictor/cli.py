@@ -106,7 +106,13 @@ def _write_json(path: Path, doc: Any) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     from .crossspec import DEFAULT_CROSS
 
-    parser = sub.add_parser("predictor", help="SwiftQueue latency predictor: collect, train, export, eval")
+    parser = sub.add_parser(
+        "predictor", help="SwiftQueue latency predictor: collect, train, export, eval",
+        description="Build and check the latency model SwiftQueue marks packets with: collect per-packet datasets "
+        "in virtual time, train the networks (and fit the AR baseline), export them to ONNX, and score every "
+        "model on held-out datasets. A trained model is used by the daemon's [marking] model and by `testbed "
+        "swiftqueue --model`. Training and export need the ml extras. Details in docs/swiftqueue.md.",
+    )
     psub = parser.add_subparsers(dest="predictor_cmd", metavar="STEP")
     psub.required = True
 
@@ -124,47 +130,91 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="probe rate as a share (0-1] of the trace's mean capacity in bits")
         p.add_argument("--p-switch", type=float, default=0.08, help="probe queue switch probability per packet")
 
-    p = psub.add_parser("collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)")
+    p = psub.add_parser(
+        "collect", help="one virtual-time DualPI2 run over a trace -> per-packet dataset (.npz)",
+        description="Runs a probe flow and cross traffic through a DualPI2 bottleneck replaying the trace, in "
+        "virtual time, and writes one row per probe packet: what the sender saw from its acks, and as ground "
+        "truth the latency a packet sent at that moment would have had in each queue, L and C. These files are "
+        "what `predictor train` and `predictor eval` read.",
+    )
     p.add_argument("--down-trace", required=True, help="mahimahi trace file or a rate like 12mbps")
-    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default: 1)")
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--seed", type=seed_arg, default=1,
+                   help="seed of the run's AQM decisions, cross traffic, and the probe's send times and queue "
+                   "switches, an integer >= 0 (default: 1)")
+    p.add_argument("--out", required=True, help="the dataset file to write (.npz)")
     collect_args(p)
     p.set_defaults(handler=_collect)
 
-    p = psub.add_parser("collect-many", help="datasets for several traces x seeds, with progress")
+    p = psub.add_parser(
+        "collect-many", help="datasets for several traces x seeds, with progress",
+        description="Runs `predictor collect` for every trace and seed, one after the other, and keeps an index of "
+        "the finished datasets (index.json, with each run's settings and summary), so an interrupted run leaves "
+        "a true index of what it wrote.",
+    )
     p.add_argument("--traces", nargs="+", required=True, help="trace files (or rates)")
     p.add_argument("--seeds", default="1-3", help="integers >= 0, e.g. 1-4 or 1,5,9 (default: 1-3)")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True,
+                   help="folder for the datasets, TRACE-sSEED.npz (the trace's file name, dots as _), and index.json; "
+                   "other files in it are kept")
     collect_args(p)
     p.set_defaults(handler=_collect_many)
 
-    p = psub.add_parser("train", help="train transformer/gru (torch) and fit the AR baseline")
+    p = psub.add_parser(
+        "train", help="train transformer/gru (torch) and fit the AR baseline",
+        description="Trains the transformer and GRU latency models (torch, CPU) on datasets from `predictor "
+        "collect`, validating on the last 20% of each file in time and keeping the weights of the best "
+        "validation loss (early stopping), and fits the linear AR baseline. Writes a checkpoint per model and "
+        "train.json; an earlier run's checkpoints are moved to .previous.",
+    )
     p.add_argument("--data", nargs="+", required=True, help="training datasets (.npz); validation = last 20%% "
                    "of each in time")
     p.add_argument("--kinds", default="transformer,gru,ar", help="subset of transformer,gru,ar")
     p.add_argument("--out-dir", required=True, help="checkpoints: transformer.pt, gru.pt, ar.json, train.json")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="acks of history each prediction sees, the models' input length: a send is a prediction "
+                   "point only with more acks than this before it (default: %(default)s, the shipped models')")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="most training epochs of each network; early stopping (--patience) may end it sooner")
+    p.add_argument("--batch", type=int, default=256, help="training points per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate of the networks' one-cycle schedule (AdamW); lower it if training "
+                   "diverges")
     p.add_argument("--alpha", type=float, default=4.0, help="extra loss weight of sharp changes (default: 4)")
     p.add_argument("--huber-ms", type=float, default=2.0, help="Huber transition in ms (default: 2)")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
-    p.add_argument("--seed", type=seed_arg, default=1, help="integer >= 0 (default: 1)")
-    p.add_argument("--max-points", type=int, default=200_000)
+    p.add_argument("--seed", type=seed_arg, default=1,
+                   help="seed of the networks' initial weights, batch order and --max-points sample, an integer "
+                   ">= 0 (default: 1)")
+    p.add_argument("--max-points", type=int, default=200_000,
+                   help="at most this many training points per network, a random sample when the datasets hold more "
+                   "(validation points and the AR fit take all)")
     p.add_argument("--net", default="{}", help='JSON overrides of the transformer\'s network, e.g. '
                    '\'{"d_model": 32}\' (the transformer only: refused when --kinds has no transformer)')
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; recorded in the checkpoint, as a seed retrains bit for bit only with the "
+                   "same count")
     p.set_defaults(handler=_train)
 
-    p = psub.add_parser("export", help="checkpoint -> ONNX (dynamic batch), validated against torch")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p = psub.add_parser(
+        "export", help="checkpoint -> ONNX (dynamic batch), validated against torch",
+        description="Converts a checkpoint of `predictor train` to the ONNX model the daemon and `predictor eval` "
+        "run, and writes it only once onnxruntime's answers match torch's (within 0.05 ms at batches of 1, 8 and "
+        "64). A checkpoint of an unfinished training run is exported with a warning.",
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="a network's checkpoint from `predictor train` (transformer.pt or gru.pt)")
+    p.add_argument("--out", required=True, help="the ONNX file to write")
     p.add_argument("--check-data", help="a dataset whose windows are also used for the torch/ONNX comparison")
     p.set_defaults(handler=_export)
 
-    p = psub.add_parser("eval", help="MAE/RMSE/spike error of every model on datasets (held-out traces)")
-    p.add_argument("--data", nargs="+", required=True)
+    p = psub.add_parser(
+        "eval", help="MAE/RMSE/spike error of every model on datasets (held-out traces)",
+        description="Scores the transformer (ONNX), the GRU (ONNX), the AR baseline, the last value and EWMA on the "
+        "same prediction points of the datasets: MAE, RMSE and the error at latency spikes, per queue. Give it "
+        "datasets of traces the models were not trained on; it warns when given a training file.",
+    )
+    p.add_argument("--data", nargs="+", required=True,
+                   help="datasets (.npz) from `predictor collect`, of traces held out from training")
     p.add_argument("--model", help="transformer ONNX (default: the shipped model)")
     p.add_argument("--baselines", help="directory with gru.onnx and ar.json (default: the shipped ones)")
     p.add_argument("--json", help="write the results here")

@@ -399,10 +399,11 @@ def _help(*path: str) -> str:
     (("chat",), "--host HOST the server's address or name (default: 127.0.0.1)"),
     (("chat",), "--scheme {chatterbox,stream,duplicate} how the answer's tokens are sent (default: chatterbox)"),
     (("cert",), "--out-dir OUT_DIR where to write cert.pem and key.pem (default: .)"),
-    (("testbed", "compare"), "--tokens N (default: 400)"),
+    (("testbed", "compare"), "--tokens N tokens per answer (default: 400)"),
     (("bench", "emulator"), "--seconds SECONDS length of each flood/probe phase (default: 3.0)"),
     (("kv", "bench"), "--repeats REPEATS timed runs (the median is reported) (default: 7)"),
-    (("predictor", "train"), "--epochs EPOCHS (default: 30)"),
+    (("predictor", "train"), "--epochs EPOCHS most training epochs of each network; early stopping (--patience) may "
+                             "end it sooner (default: 30)"),
 ])
 def test_help_shows_defaults(path, shown):
     assert shown in _help(*path)

@@ -194,11 +194,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     # a traceback, --repeats 0 ended in "no median for empty data", calibrate --samples 0 wrote NaN offsets
     from tokenwire.daemon.cli import positive_int
 
-    parser = sub.add_parser("kv", help="KV-cache codec: quality eval, throughput bench, calibration")
+    parser = sub.add_parser(
+        "kv", help="KV-cache codec: quality eval, throughput bench, calibration",
+        description="Measure the KV-cache codec (docs/kv_codec.md): its size and quality on the real SmolLM2-135M, "
+        "its entropy coder's throughput, and the per-model step profile it quantizes with. Needs the ml extras; "
+        "eval and calibrate also the kv-eval extras and the model.",
+    )
     kv_sub = parser.add_subparsers(dest="kv_command", metavar="KV_COMMAND")
     kv_sub.required = True
 
-    ev = kv_sub.add_parser("eval", help="size and quality of each level on the real SmolLM2-135M")
+    ev = kv_sub.add_parser(
+        "eval", help="size and quality of each level on the real SmolLM2-135M",
+        description="Computes the KV of a text's first --prefix tokens, replaces it by its encoded-then-decoded "
+        "version at each level, and scores the next --score tokens against the exact KV: bits per element, top-1 "
+        "agreement, KL divergence and perplexity, with fp16, int8 and LMCache's default configuration as "
+        "baselines in the same run. The report is JSON; Ctrl-C writes the levels measured so far.",
+    )
     ev.add_argument("--text", required=True, help="plain-text file (ordinary English)")
     ev.add_argument("--prefix", type=positive_int, default=1024, help="tokens whose KV is encoded (default: 1024)")
     ev.add_argument("--score", type=_score_tokens, default=256,
@@ -206,17 +217,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--levels", default="low,medium,high",
                     help="comma list: ladder names, code=N (custom step code), or text (the fallback)")
     ev.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per chunk (default: 256)")
-    ev.add_argument("--backend", choices=("auto", "numba", "torch"), default="auto")
+    ev.add_argument("--backend", choices=("auto", "numba", "torch"), default="auto",
+                    help="the entropy coder's implementation: numba (the CPU coder) or torch (the same bytes in torch "
+                    "ops); auto takes numba here, as the KV is on the CPU")
     ev.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
     ev.add_argument("--json", help="write the report here (default: stdout)")
     ev.set_defaults(handler=_eval)
 
-    be = kv_sub.add_parser("bench", help="entropy-coder throughput vs zstd-1 on the same symbols")
+    be = kv_sub.add_parser(
+        "bench", help="entropy-coder throughput vs zstd-1 on the same symbols",
+        description="Times the codec's rANS entropy coder against zstd-1 on the same quantized symbols, encode and "
+        "decode in MB/s, and the whole chunk pipeline (quantize + code, and back) in elements per second, on a "
+        "synthetic chunk (a Llama-3-8B 256-token chunk by default) or SmolLM2's real KV of a text. Medians of "
+        "--repeats in one process; the JSON keeps every run and the host's load.",
+    )
     be.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the codec runs")
     # no defaults here: given with --text, which has a geometry of its own, they are refused (run_bench's: 32 x 8 x 128)
-    be.add_argument("--layers", type=positive_int, help="synthetic chunk (default: 32, a Llama-3-8B 256-token chunk)")
-    be.add_argument("--heads", type=positive_int, help="synthetic chunk (default: 8)")
-    be.add_argument("--head-dim", type=positive_int, help="synthetic chunk (default: 128)")
+    be.add_argument("--layers", type=positive_int,
+                    help="layers of the synthetic chunk (default: 32, a Llama-3-8B 256-token chunk)")
+    be.add_argument("--heads", type=positive_int, help="KV heads of the synthetic chunk (default: 8)")
+    be.add_argument("--head-dim", type=positive_int, help="channels per head of the synthetic chunk (default: 128)")
     be.add_argument("--tokens", type=positive_int, default=256, help="tokens in the chunk")
     be.add_argument("--level", default="medium", help="the quality level encoded (a ladder name, or code=N)")
     be.add_argument("--repeats", type=positive_int, default=7, help="timed runs (the median is reported)")
@@ -225,7 +245,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--json", help="write the report here (default: stdout)")
     be.set_defaults(handler=_bench)
 
-    ca = kv_sub.add_parser("calibrate", help="measure per-head sensitivity and write a step profile")
+    ca = kv_sub.add_parser(
+        "calibrate", help="measure per-head sensitivity and write a step profile",
+        description="Estimates how much each KV channel of SmolLM2-135M matters (Fisher sensitivity over "
+        "--samples backward passes on a text) and writes the step profile the encoder quantizes with: per-channel "
+        "step-code offsets, finer steps where the model is sensitive. Decoders never need it. Takes minutes; "
+        "Ctrl-C after the first sample writes a profile of the samples taken, to FILE.partial beside --json FILE.",
+    )
     ca.add_argument("--text", required=True, help="plain-text file (ordinary English)")
     ca.add_argument("--prefix", type=positive_int, default=1024, help="tokens whose KV is measured")
     ca.add_argument("--score", type=positive_int, default=256, help="tokens scored after the prefix")
