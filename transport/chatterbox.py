@@ -347,6 +347,11 @@ class TokenSender:
         keep-alive pings still come, during an uplink outage nothing does."""
         self._peer_seen_at = now
 
+    def on_stream_delivery(self, first: int, end: int) -> None:
+        """Tokens ``[first, end)`` reached the client on the request stream (a repair there, acknowledged by QUIC):
+        acknowledged, as an ack datagram's index would say (the session tells it, server_session._note_stream_acks)."""
+        self._mark_acked(max(first, self.floor), min(end, self.next_new))
+
     def _heard(self, now: float) -> None:
         self._heard_at = now
         self._silent_full_packets = 0

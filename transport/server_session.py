@@ -149,6 +149,9 @@ class ServerRequest:
     repairs: int = 0
     reported: bool = False  # its client's REPORT came (one counts)
     on_stream: bytearray = field(default_factory=bytearray)  # per token index: 1 once sent on the stream
+    # TOKENS frames on the stream whose QUIC acknowledgement the token sender waits for: (the stream offset each
+    # ends at, first, end), in stream order (_note_stream_acks)
+    stream_tokens: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class ServerSession(_SessionBase):
@@ -217,6 +220,8 @@ class ServerSession(_SessionBase):
         self._note_rtt(now)
         for req in self.requests.values():
             if req.sender is not None:
+                if req.stream_tokens:
+                    self._note_stream_acks(req)
                 req.sender.on_peer_packet(now)
         self._note_undelivered(now)
 
@@ -561,7 +566,35 @@ class ServerSession(_SessionBase):
             j = stop if j < 0 else j
             self._send(req.stream_id, Tokens(req.stream_id, i, tr.tokens[i:j]))
             sent[i:j] = b"\x01" * (j - i)
+            stream = self.quic._streams.get(req.stream_id)
+            if req.sender is not None and stream is not None:
+                req.stream_tokens.append((stream.sender._buffer_stop, i, j))
             i = j
+
+    def _note_stream_acks(self, req: ServerRequest) -> None:
+        """Tokens that reached the client on the stream (a repair's TOKENS frames, once QUIC has acknowledged every
+        byte of the stream up to their frame's end: the client's session has read them) are acknowledged for the
+        token sender too. Only the ack datagrams' cumulative index told it, and the client holds those back while
+        the path from the server queues (client_session.ACK_QUEUE_S): the capped repeats (chatterbox.
+        CONGESTED_REPEATS) then walked through the repaired range two tokens a round trip, every packet carrying
+        tokens the client had, and a datagram lost meanwhile waited for the client's own REPAIR (a 1-s downlink
+        outage behind a 60-ms queue, 150 tokens: 126 such repeats, now 2; one more datagram lost after the repair,
+        its token 558 -> 232 ms late). The cap keeps two repeats a packet either way: they now carry tokens the
+        client may lack."""
+        assert req.sender is not None
+        stream = self.quic._streams.get(req.stream_id)
+        if stream is None:
+            req.stream_tokens.clear()
+            return
+        acked_to = stream.sender._buffer_start  # (aioquic's offset below which every byte is acknowledged)
+        pending = req.stream_tokens
+        k = 0
+        while k < len(pending) and pending[k][0] <= acked_to:
+            _stop, first, end = pending[k]
+            req.sender.on_stream_delivery(first, end)
+            k += 1
+        if k:
+            del pending[:k]
 
     def _on_datagram(self, frame, now: float) -> list[SessionEvent]:
         if not isinstance(frame, Ack):
