@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import tracemalloc
 import warnings
 from collections.abc import Generator, Iterator
 
 import pytest
+
+# Threads that wait by spinning, on the 2 shared cores the suite runs on, where a pool's other thread is often not
+# running: set before anything imports numpy or torch (pytest imports this file first), and inherited by the
+# subprocesses the tests start. Unless the caller chose otherwise:
+# - torch's OpenMP threads wait passively: spinning, one scoring pass of SmolLM2 (tests/test_kv_codec_model.py)
+#   cost 4-7 s of CPU and 10-26 s of wall time under load, against 0.9 s and 2 s passive, with the same 2 threads;
+# - numpy's OpenBLAS uses one thread: the AR fit's thousands of small solves (``predictor train --kinds ar``,
+#   ``fit_ar``) spent 8-14 s of CPU on a 316-point fit with a thread per core, against 1.8 s with one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +60,11 @@ def private_tmp(tmp_path, monkeypatch):
     return tmp
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small(tmp_path_factory):
-    """A 3-s predictor dataset with a few hundred prediction points (the predictor CLI tests')."""
+    """A 3-s predictor dataset with a few hundred prediction points (the predictor CLI tests'). One for the session:
+    the 14 modules using it only read it (``--data``, ``--check-data``, ``read_bytes``), and were collecting the same
+    run (same trace, seed, options: the same bytes) one each."""
     from tokenwire.daemon.cli import main
 
     f = tmp_path_factory.mktemp("small") / "d.npz"

@@ -69,7 +69,7 @@ def test_sizes_and_quality_in_expected_bands(ladder_results):
 def test_beats_lmcache_default_at_equal_size(smol_setup, ladder_results):
     from tokenwire.transport.cachegen.evaluate import baselines
 
-    lmc = baselines(smol_setup, CHUNK)["lmcache_default"]
+    lmc = baselines(smol_setup, CHUNK, kinds=("lmcache_default",))["lmcache_default"]  # (not fp16, int8: unused)
     med = ladder_results["medium"]
     # our real bitstream (all side information included) against LMCache's ideal entropy (no tables)
     assert med["bits_per_element"] < lmc["bits_per_element"] * 1.1

@@ -263,3 +263,21 @@ def test_an_installed_copy_without_the_default_text_says_to_pass_one(tmp_path, m
     cfg = KVEvalConfig(down_trace="x.down", up_trace="x.up", text=str(gone))
     with pytest.raises(kv_eval.KVEvalError, match=r"comes with the source tree.*pass --text FILE"):
         kv_eval.prepare_context(cfg, str(tmp_path / "kv.pt"), log=lambda m: None)
+
+
+def test_baselines_computes_the_kinds_asked_for_as_the_full_run_does(monkeypatch):
+    """``kinds``: a subset (tests/test_kv_codec_model.py needs only lmcache_default, and each baseline costs a
+    forward pass of SmolLM2), each entry the one the full run gives; an unknown kind is refused."""
+    torch = pytest.importorskip("torch")
+    from tokenwire.transport.cachegen import evaluate
+
+    monkeypatch.setattr(evaluate, "cache_from_kv", lambda kv: kv)  # (the stand-in takes the KV list as it is)
+    setup = _fisher_setup(torch, evaluate, None)
+    full = evaluate.baselines(setup, 2)
+    assert list(full) == ["fp16", "int8", "lmcache_default"]
+    calls = setup.lm.calls
+    assert evaluate.baselines(setup, 2, kinds=("lmcache_default",)) == {"lmcache_default": full["lmcache_default"]}
+    assert evaluate.baselines(setup, 2, kinds=("int8",)) == {"int8": full["int8"]}
+    assert setup.lm.calls == calls + 2  # one forward pass each
+    with pytest.raises(ValueError, match=r"unknown baselines \['fp8'\]"):
+        evaluate.baselines(setup, 2, kinds=("fp8", "int8"))

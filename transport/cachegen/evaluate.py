@@ -166,16 +166,27 @@ def lmcache_default_bins(n_layers: int) -> tuple[list[int], list[int]]:
     return [32] * 10 + [16] * (n_layers - 10), [32] * 2 + [16] * (n_layers - 2)
 
 
-def baselines(setup: Setup, chunk_tokens: int) -> dict[str, dict[str, float]]:
-    """fp16, int8 (8-bit per-token, no entropy coding) and LMCache's default CacheGen configuration."""
+BASELINES = ("fp16", "int8", "lmcache_default")
+
+
+def baselines(setup: Setup, chunk_tokens: int, kinds: Sequence[str] = BASELINES) -> dict[str, dict[str, float]]:
+    """fp16, int8 (8-bit per-token, no entropy coding) and LMCache's default CacheGen configuration; ``kinds``
+    names a subset (each costs a forward pass of the scored tokens)."""
+    unknown = set(kinds) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: {', '.join(BASELINES)}")
     n_layers = len(setup.kv)
     n_ch = setup.kv[0][0].shape[1] * setup.kv[0][0].shape[3]
     n_el = setup.elements
     res: dict[str, dict[str, float]] = {}
-    fp16 = [(k.half(), v.half()) for k, v in setup.kv]
-    res["fp16"] = {"bits_per_element": 16.0, **score(setup, fp16)}
-    int8, _ = per_token_absmax(setup.kv, [256] * n_layers, [256] * n_layers)
-    res["int8"] = {"bits_per_element": 8.0 + 16.0 / n_ch, **score(setup, int8)}
+    if "fp16" in kinds:
+        fp16 = [(k.half(), v.half()) for k, v in setup.kv]
+        res["fp16"] = {"bits_per_element": 16.0, **score(setup, fp16)}
+    if "int8" in kinds:
+        int8, _ = per_token_absmax(setup.kv, [256] * n_layers, [256] * n_layers)
+        res["int8"] = {"bits_per_element": 8.0 + 16.0 / n_ch, **score(setup, int8)}
+    if "lmcache_default" not in kinds:
+        return res
     bk, bv = lmcache_default_bins(n_layers)
     lmc, syms = per_token_absmax(setup.kv, bk, bv)
     ideal = channel_entropy_bits(syms, chunk_tokens)
