@@ -63,7 +63,7 @@ def private_tmp(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def small(tmp_path_factory):
     """A 3-s predictor dataset with a few hundred prediction points (the predictor CLI tests'). One for the session:
-    the 14 modules using it only read it (``--data``, ``--check-data``, ``read_bytes``), and were collecting the same
+    the 4 modules using it only read it (``--data``, ``--check-data``, ``read_bytes``), and were collecting the same
     run (same trace, seed, options: the same bytes) one each."""
     from tokenwire.daemon.cli import main
 

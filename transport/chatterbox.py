@@ -386,15 +386,19 @@ class TokenSender:
     def _advance_floor(self, new_floor: int) -> None:
         if new_floor <= self.floor:
             return
+        old = self.floor
         self.floor = new_floor
         acked = self._acked
         while self.floor in acked:
             acked.discard(self.floor)
             self.floor += 1
-        if acked:
-            self._acked = {i for i in acked if i >= self.floor}
-        if self._retx:
-            self._retx = {i for i in self._retx if i >= self.floor}
+        for held in (acked, self._retx):  # (drop what fell below: by index when the jump is short, O(jump))
+            if not held:
+                continue
+            if self.floor - old < len(held):
+                held.difference_update(range(old, self.floor))
+            else:
+                held.difference_update([i for i in held if i < self.floor])
         self._backoff = 0
         if self.floor >= self.next_new:
             self._want_repair = False
