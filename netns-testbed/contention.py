@@ -3,11 +3,11 @@
 ``compare`` serves one request per scheme; whether a scheme keeps its lead when many chats share a link, and what
 that link then looks like (how full, how deep its queue, how fairly it is shared), needs N clients at once. For
 each run (seed) and scheme a fresh testbed is built; the real daemon (demo upstream) starts in the server
-namespace, client workers (:mod:`.contention_client`) open N SDK connections in the client namespace, the
-emulator's clocks restart (``origin``) and every answer starts together. Flow ``i`` asks the demo for seed
-``seed + i``, so every scheme serves the same answers on the same trace and loss pattern. ``--cross`` adds
-``compare``'s cross traffic (:mod:`.traffic`) to every run; a run that fails or is interrupted midway hands on
-what finished, in ``compare``'s partial shape (:func:`partial_summary`).
+namespace, client workers (:mod:`.contention_client`) open N SDK connections in the client namespace, the path's
+queues carry the handshakes away (:func:`settle`), the emulator's clocks restart (``origin``) and every answer starts
+together. Flow ``i`` asks the demo for seed ``seed + i``, so every scheme serves the same answers on the same trace
+and loss pattern. ``--cross`` adds ``compare``'s cross traffic (:mod:`.traffic`) to every run; a run that fails or is
+interrupted midway hands on what finished, in ``compare``'s partial shape (:func:`partial_summary`).
 
 The aggregation (:func:`percentile`, :func:`jain_index`, :func:`down_link_summary`, :func:`run_summary`,
 :func:`scheme_summary`) is pure: it takes the workers' flow records and the emulator's packet log rows.
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwire.daemon.cli import CLIError, cell, positive_int
 
 from .cli import ctrl_c_throughout
-from .path_config import PathConfig, check_answers, check_schemes
+from .path_config import GO_SETTLE_S, PathConfig, check_answers, check_schemes
 from .traffic import CROSS_HELP, parse_cross
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ PORT = 8443
 UDP = "17"  # a packet log row's ``proto`` (the IP protocol number)
 READY_S = 60.0
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
+SETTLE_MAX_S = 10.0
+"""The longest wait for the path's queues to carry the handshakes away before "go" (:func:`settle`); a run whose queues
+still hold packets then starts anyway, and its JSON says so (``settle_s`` null)."""
 
 
 class ContentionError(RuntimeError):
@@ -286,6 +289,29 @@ def comparison_lines(block: dict[str, Any]) -> list[str]:
 Progress = Callable[[str, int, int], None]
 
 
+def settle(stats: Callable[[], dict[str, Any]], delay_ms: float, *, cross: bool,
+           sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+           max_wait_s: float = SETTLE_MAX_S) -> float | None:
+    """Wait, once every chat is connected, until the emulated path's queues are empty (``stats``: the emulator's, with
+    each direction's ``backlog``), as ``sim --chats`` does (:data:`.path_config.GO_SETTLE_S`); the seconds waited, or
+    None when they still held packets after ``max_wait_s``. 40 handshakes at once left ~390 ms of Initials on a
+    1-Mbit/s uplink and a 330-ms queue down; answers started behind them measured the startup burst, not the sharing
+    (TTFT 600-800 ms against the simulator's 250), and every server's minimum round trip was learned inside that queue
+    (208 ms against 88). With cross traffic (``--cross``) the queues need not empty: the settling time only."""
+    start = clock()
+    step = max(GO_SETTLE_S, 4 * delay_ms / 1000.0)
+    sleep(step)
+    if cross:
+        return clock() - start
+    while True:
+        now = stats()
+        if not any((now.get(d) or {}).get("backlog") for d in ("down", "up")):
+            return clock() - start
+        if clock() - start + step > max_wait_s:
+            return None
+        sleep(step)
+
+
 def _cpu_seconds(pid: int) -> float:
     from tokenwire.daemon.bench_daemon import _cpu_seconds as cpu
 
@@ -390,6 +416,10 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
                 if note:
                     note(f"    {scheme}: {connected}/{cfg.chats} chats connected"
                          + ("" if connected == cfg.chats else " (the others count as failed flows)"))
+                settled = settle(tb.stats, cfg.delay_ms, cross=bool(cfg.cross))
+                if settled is None and note:
+                    note(f"    {scheme}: the handshakes' packets still queued after {SETTLE_MAX_S:.0f} s; "
+                         "the answers start anyway")
                 origin = tb.origin()
                 cpu0, emu0, t0 = _cpu_seconds(daemon.pid), _emulator_cpu(tb), time.monotonic()
                 for w in workers:
@@ -417,7 +447,8 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
             flows += json.load(fh)["flows"]
     link = down_link_summary(read_packet_log(log_path), trace_from_spec(cfg.down_trace), origin, until=end)
     run = run_summary(flows, link, cfg.tokens)
-    run.update(scheme=scheme, seed=seed, chats=cfg.chats, wall_s=wall, daemon_cpu_share=(cpu1 - cpu0) / wall,
+    run.update(scheme=scheme, seed=seed, chats=cfg.chats, settle_s=settled, wall_s=wall,
+               daemon_cpu_share=(cpu1 - cpu0) / wall,
                emulator_cpu_share=None if emu0 is None or emu1 is None else (emu1 - emu0) / wall)
     return run
 

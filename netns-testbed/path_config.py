@@ -13,6 +13,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .emulator import EmulatorConfig
 
+GO_SETTLE_S = 0.5
+"""With several chats, seconds between the last handshake's completion and "go" (at least four one-way delays), and
+again while a direction of the emulated path still queues: the 30 handshakes of a 1-Mbit/s run left ~300 ms of their
+packets queued up, and every request waited behind them (TTFT ~570 ms instead of ~250). ``sim --chats`` and ``testbed
+contention`` both wait so (:func:`.contention.settle`): N handshakes at once are not what they measure."""
+
 
 @dataclass
 class PathConfig:

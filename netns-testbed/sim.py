@@ -49,6 +49,7 @@ from tokenwire.transport.tls import client_configuration, server_configuration, 
 
 from .link import Link
 from .loss import LossModel, parse_loss
+from .path_config import GO_SETTLE_S
 from .queues import DropTail, Packet
 from .trace import trace_from_spec
 from .vsim import MAX_VIRTUAL_S
@@ -260,10 +261,6 @@ WAIT_PING_S = 15.0
 """With several chats, how often the connected clients ping while others still shake hands (:meth:`_Chats._keep_alive`):
 well inside the 60-s idle timeout, which a failing handshake takes to end."""
 
-GO_SETTLE_S = 0.5
-"""With several chats, seconds between the last handshake's completion and "go" (at least four one-way delays), and
-again while a traced direction still queues: the 30 handshakes of a 1-Mbit/s run left ~300 ms of their packets queued
-up, and every request waited behind them (TTFT ~570 ms instead of ~250)."""
 
 
 def client_address(index: int) -> Address:
@@ -311,9 +308,9 @@ class _Chats:
     ``(client address, bytes)``: the down direction delivers to the client of that address, the up direction to the
     server connection of it. The handshakes start together at time 0; every request goes out at the moment the last
     handshake completes and the channel has carried the handshakes' packets away ("go", :meth:`_maybe_go`: ``testbed
-    contention`` starts its answers once every connection is open, so that N handshakes at once are not what is
-    measured), so the answers start together, as there; with one chat that is the moment its own completes, as
-    always."""
+    contention`` starts its answers once every connection is open and the path's queues are empty, so that N
+    handshakes at once are not what is measured), so the answers start together, as there; with one chat that is the
+    moment its own completes, as always."""
 
     def __init__(self, scheme: str, cfg: SimConfig) -> None:
         if cfg.chats < 1:  # (no flow: the run would be "done" before it began)

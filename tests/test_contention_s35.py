@@ -180,5 +180,6 @@ def test_three_chats_per_scheme_through_the_namespaces(tmp_path):
         (run,) = doc["runs"][scheme]
         assert sorted(f["flow"] for f in run["flows"]) == [0, 1, 2]
         assert all(f["wire_bytes"] and f["finished"] for f in run["flows"])
+        assert 0.5 <= run["settle_s"] < 10.0  # the answers waited for the handshakes' packets (contention.settle)
     assert "stream" in doc["comparison"]["vs"]
     assert {r.run_id for r in list_runs()} <= runs_before  # the testbeds are gone
