@@ -49,6 +49,7 @@ CHATS_PER_WORKER = 15
 PORT = 8443
 UDP = "17"  # a packet log row's ``proto`` (the IP protocol number)
 READY_S = 60.0
+START_MODES = ("settled", "connected")
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
 SETTLE_MAX_S = 10.0
 """The longest wait for the path's queues to carry the handshakes away before "go" (:func:`settle`); a run whose queues
@@ -70,12 +71,18 @@ class ContentionConfig(PathConfig):
     timeout_s: float | None = None
     cross: list[str] = field(default_factory=list)
     """Cross traffic server -> client (:func:`.traffic.parse_cross` specs), as ``compare --cross``."""
+    start: str = "settled"
+    """When the answers start: ``settled`` once the path's queues carried the handshakes away (:func:`settle`), as
+    ``sim --chats``; ``connected`` as soon as every chat is connected, behind the handshakes' packets (a flash crowd:
+    docs/testbed.md, "Why the namespaces collapsed where the simulator held")."""
 
     def validate(self) -> None:
         check_schemes(self.schemes, CONTENTION_SCHEMES)
         if not 1 <= self.chats <= MAX_CHATS:
             raise ValueError(f"--chats {self.chats}: 1 to {MAX_CHATS}")
         check_answers(self.tokens, self.runs, self.rate)
+        if self.start not in START_MODES:
+            raise ValueError(f"start {self.start!r}: one of {', '.join(START_MODES)}")
         for spec in self.cross:
             parse_cross(spec)
         self.validate_path()
@@ -416,7 +423,8 @@ def run_one(scheme: str, cfg: ContentionConfig, seed: int, workdir: str, progres
                 if note:
                     note(f"    {scheme}: {connected}/{cfg.chats} chats connected"
                          + ("" if connected == cfg.chats else " (the others count as failed flows)"))
-                settled = settle(tb.stats, cfg.delay_ms, cross=bool(cfg.cross))
+                settled = (settle(tb.stats, cfg.delay_ms, cross=bool(cfg.cross)) if cfg.start == "settled"
+                           else 0.0)
                 if settled is None and note:
                     note(f"    {scheme}: the handshakes' packets still queued after {SETTLE_MAX_S:.0f} s; "
                          "the answers start anyway")
@@ -612,6 +620,10 @@ def register_contention(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=positive_int, default=1, help="seeds seed, seed+1, ... (flows pooled)")
     p.add_argument("--cross", action="append", metavar="SPEC",
                    help=f"cross traffic server -> client during every run (repeatable): {CROSS_HELP}")
+    p.add_argument("--start", choices=START_MODES, default="settled",
+                   help="when the answers start: settled, once the link's queues carried the handshakes' packets "
+                   "away (at most 10 s; as sim --chats), or connected, as soon as every chat is connected, behind "
+                   "those packets (a flash crowd)")
     p.add_argument("--json", metavar="PATH", help="write the summary JSON (with per-flow rows) here; a run that "
                    'fails or is interrupted writes what finished, marked "complete": false')
     p.add_argument("--keep", metavar="DIR", help="keep packet logs, daemon and worker outputs in DIR")
@@ -632,7 +644,7 @@ def config_from_args(args: argparse.Namespace) -> ContentionConfig:
     cfg = ContentionConfig(
         down_trace=args.down_trace, up_trace=up_spec(args), delay_ms=args.delay_ms, loss=args.loss,
         up_loss=args.up_loss, queue=args.queue, chats=args.chats, schemes=schemes, tokens=args.tokens,
-        rate=args.rate, seed=args.seed, runs=args.runs, cross=args.cross or [],
+        rate=args.rate, seed=args.seed, runs=args.runs, cross=args.cross or [], start=args.start,
     )  # fmt: skip
     check_path(cfg.down_trace, cfg.up_trace, cfg.validate, chats=cfg.chats)  # (all of them handshake at once)
     return cfg

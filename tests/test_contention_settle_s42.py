@@ -58,3 +58,18 @@ def test_stats_without_a_backlog_count_as_empty() -> None:
     now = [0.0]
     assert settle(lambda: {"backend": "kernel"}, 40.0, cross=False, sleep=lambda s: now.__setitem__(0, now[0] + s),
                   clock=lambda: now[0]) == GO_SETTLE_S
+
+
+def test_start_connected_is_the_flash_crowd_and_an_unknown_start_is_refused() -> None:
+    import pytest
+
+    from tokenwire.daemon.cli import build_parser
+    from tokenwire.testbed.contention import ContentionConfig, config_from_args
+
+    base = ["testbed", "contention", "--down-trace", "1mbps", "--chats", "3"]
+    assert config_from_args(build_parser().parse_args(base)).start == "settled"
+    assert config_from_args(build_parser().parse_args([*base, "--start", "connected"])).start == "connected"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--start", "later"])
+    with pytest.raises(ValueError, match="start 'later': one of settled, connected"):
+        ContentionConfig(down_trace="1mbps", up_trace="1mbps", start="later").validate()
