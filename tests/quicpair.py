@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections.abc import Callable
 
 from aioquic.buffer import Buffer
@@ -102,3 +105,57 @@ def accepted_chat(scheme: str = "chatterbox") -> tuple[Pair, ServerSession, int]
     assert server is not None
     server.accept(sid)
     return pair, server, sid
+
+
+def run_answer(pair: Pair, server: ServerSession, sid: int, tokens: int, *, start: float, until: float,
+               down: Callable[[float], float | None], up_s: float, finish: bool = False,
+               on_push: Callable[[float], None] | None = None,
+               on_to_client: Callable[[float], None] | None = None) -> None:
+    """``tokens`` tokens pushed at 30/s from ``start`` (then the answer finished, with ``finish``), both sessions
+    driven through a wire whose delay from the server is ``down(now)`` at a packet's sending (None: that packet is
+    lost) and ``up_s`` to it; timers serve until ``until``. A deadline that moved earlier than the timer event already
+    pending gets an event of its own (a session's timer may be called early: it acts only on what is due)."""
+    events: list[tuple[float, int, str, object]] = []
+    seq = itertools.count()
+
+    def pending(kind: str) -> float:
+        return min((e[0] for e in events if e[2] == kind), default=math.inf)
+
+    for n in range(tokens):
+        heapq.heappush(events, (start + 0.033 * n, next(seq), "push", n))
+    client = pair.client
+    while events:
+        now, _, kind, x = heapq.heappop(events)
+        if kind == "push":
+            assert isinstance(x, int)
+            if on_push is not None:
+                on_push(now)
+            server.push(sid, f"t{x} ", now)
+            if finish and x == tokens - 1:
+                server.finish(sid)
+        elif kind == "to_client":
+            assert isinstance(x, bytes)
+            client.receive_datagram(x, SERVER, now)
+            if on_to_client is not None:
+                on_to_client(now)
+        elif kind == "to_server":
+            assert isinstance(x, bytes)
+            server.receive_datagram(x, CLIENT, now)
+        elif kind == "server_timer":
+            server.handle_timer(now)
+        else:
+            client.handle_timer(now)
+        if kind in ("push", "to_server", "server_timer"):
+            for data, _ in server.datagrams_to_send(now):
+                delay = down(now)
+                if delay is not None:
+                    heapq.heappush(events, (now + delay, next(seq), "to_client", data))
+            at = server.get_timer()
+            if at is not None and at < until and at < pending("server_timer"):
+                heapq.heappush(events, (max(at, now), next(seq), "server_timer", None))
+        if kind in ("to_client", "client_timer"):
+            for data, _ in client.datagrams_to_send(now):
+                heapq.heappush(events, (now + up_s, next(seq), "to_server", data))
+            at = client.get_timer()
+            if at is not None and at < until and at < pending("client_timer"):
+                heapq.heappush(events, (max(at, now), next(seq), "client_timer", None))

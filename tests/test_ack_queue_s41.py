@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import statistics
 from typing import Any
 
 import pytest
 from aioquic.tls import Epoch
 
-from tests.quicpair import CLIENT, SERVER, accepted_chat
+from tests.quicpair import SERVER, accepted_chat, run_answer
 from tokenwire.testbed.sim import SimConfig, run_chats
 from tokenwire.transport.ack_timing import ACK_HOLD_S
 from tokenwire.transport.client_session import (
@@ -187,37 +185,13 @@ def test_the_quic_ack_hold_comes_back_with_the_next_packet_after_the_queue() -> 
 
 def _answer_through_a_growing_queue(pair: Any, server: ServerSession, sid: int, tokens: int) -> None:
     """``tokens`` tokens at 30/s; the path from the server queues from the fifth on, by 6 ms a token up to 200 ms."""
-    events: list[tuple[float, int, str, Any]] = []
-    seq = itertools.count()
     t0 = pair.now + 0.1
-    for n in range(tokens):
-        heapq.heappush(events, (t0 + 0.033 * n, next(seq), "push", n))
-    while events:
-        now, _, kind, x = heapq.heappop(events)
-        if kind == "push":
-            server.push(sid, f"t{x} ", now)
-        elif kind == "to_client":
-            pair.client.receive_datagram(x, SERVER, now)
-        elif kind == "to_server":
-            server.receive_datagram(x, CLIENT, now)
-        elif kind == "server_timer":
-            server.handle_timer(now)
-        elif kind == "client_timer":
-            pair.client.handle_timer(now)
-        if kind in ("push", "to_server", "server_timer"):
-            k = (now - t0) / 0.033
-            down = BASE_S + (0.0 if k < 5 else min(0.200, 0.006 * (k - 4)))
-            for data, _ in server.datagrams_to_send(now):
-                heapq.heappush(events, (now + down, next(seq), "to_client", data))
-            at = server.get_timer()
-            if at is not None and at < t0 + 6 and not any(e[2] == "server_timer" for e in events):
-                heapq.heappush(events, (max(at, now), next(seq), "server_timer", None))
-        if kind in ("to_client", "client_timer"):
-            for data, _ in pair.client.datagrams_to_send(now):
-                heapq.heappush(events, (now + BASE_S, next(seq), "to_server", data))
-            at = pair.client.get_timer()
-            if at is not None and at < t0 + 5 and not any(e[2] == "client_timer" for e in events):
-                heapq.heappush(events, (max(at, now), next(seq), "client_timer", None))
+
+    def down(now: float) -> float:
+        k = (now - t0) / 0.033
+        return BASE_S + (0.0 if k < 5 else min(0.200, 0.006 * (k - 4)))
+
+    run_answer(pair, server, sid, tokens, start=t0, until=t0 + 5, down=down, up_s=BASE_S)
 
 
 def test_the_senders_round_trip_follows_the_queue_while_the_acks_are_held() -> None:

@@ -15,15 +15,8 @@ import re
 
 import pytest
 
+from tests.test_cli_help import _walk  # (the parser tree, command by command)
 from tokenwire.daemon.cli import build_parser
-
-
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, child in action.choices.items():
-                yield from _walk(child, (*path, name))
 
 
 @pytest.fixture(scope="module")

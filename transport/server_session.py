@@ -578,8 +578,8 @@ class ServerSession(_SessionBase):
         the path from the server queues (client_session.ACK_QUEUE_S): the capped repeats (chatterbox.
         CONGESTED_REPEATS) then walked through the repaired range two tokens a round trip, every packet carrying
         tokens the client had, and a datagram lost meanwhile waited for the client's own REPAIR (a 1-s downlink
-        outage behind a 60-ms queue, 150 tokens: 126 such repeats, now 2; one more datagram lost after the repair,
-        its token 558 -> 232 ms late). The cap keeps two repeats a packet either way: they now carry tokens the
+        outage behind a 60-ms queue, 150 tokens: 118 such repeats, now 2; one more datagram lost after the repair,
+        its token 558 -> 199 ms late). The cap keeps two repeats a packet either way: they now carry tokens the
         client may lack."""
         assert req.sender is not None
         stream = self.quic._streams.get(req.stream_id)
