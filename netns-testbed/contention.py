@@ -52,8 +52,9 @@ READY_S = 60.0
 START_MODES = ("settled", "connected")
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
 SETTLE_MAX_S = 10.0
-"""The longest wait for the path's queues to carry the handshakes away before "go" (:func:`settle`); a run whose queues
-still hold packets then starts anyway, and its JSON says so (``settle_s`` null)."""
+"""The longest wait for the path's queues to carry the handshakes away before "go" (:func:`settle`), or its first
+settling step where that is longer (four one-way delays past 2.5 s); a run whose queues still hold packets then starts
+anyway, and its JSON says so (``settle_s`` null)."""
 
 
 class ContentionError(RuntimeError):
@@ -622,7 +623,7 @@ def register_contention(tsub: argparse._SubParsersAction) -> None:
                    help=f"cross traffic server -> client during every run (repeatable): {CROSS_HELP}")
     p.add_argument("--start", choices=START_MODES, default="settled",
                    help="when the answers start: settled, once the link's queues carried the handshakes' packets "
-                   "away (at most 10 s; as sim --chats), or connected, as soon as every chat is connected, behind "
+                   "away (as sim --chats does; at most 10 s), or connected, as soon as every chat is connected, behind "
                    "those packets (a flash crowd)")
     p.add_argument("--json", metavar="PATH", help="write the summary JSON (with per-flow rows) here; a run that "
                    'fails or is interrupted writes what finished, marked "complete": false')

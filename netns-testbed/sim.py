@@ -262,7 +262,6 @@ WAIT_PING_S = 15.0
 well inside the 60-s idle timeout, which a failing handshake takes to end."""
 
 
-
 def client_address(index: int) -> Address:
     """Chat ``index``'s client address: :data:`CLIENT_ADDR` for the first (the one chat of a single-chat run), the
     next ports for the others (one client host, a UDP port per connection, as ``testbed contention``'s workers)."""
