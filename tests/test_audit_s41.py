@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_udp_port
 from tokenwire.daemon.cli import build_parser, main
 from tokenwire.daemon.config import ConfigError, load_config
 from tokenwire.transport.errors import ErrorCode
@@ -302,15 +303,9 @@ def test_help_to_a_closed_stdout_says_so_and_help_still_prints(monkeypatch, caps
 
 
 # ----------------------------------------------------------------------------------- 10. demo --relay-port
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_relay_listens_on_relay_port(capsys):
     """The relay took a port of its own choosing: a user held to a port range could not contain the demo."""
-    port = _free_udp_port()
+    port = free_udp_port()
     assert main(["demo", "--link", "relay", "--relay-port", str(port), "--tokens", "5", "--schemes", "stream",
                  "--quiet", "--delay-ms", "5"]) == 0
     assert f"through a relay on udp/127.0.0.1:{port} " in capsys.readouterr().out

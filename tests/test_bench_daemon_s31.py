@@ -9,11 +9,11 @@ count from the actual, late, generation time): the summary said neither.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_tcp_port, free_udp_port
 from tokenwire.daemon import bench_daemon
 from tokenwire.daemon.cli import main
 
@@ -86,20 +86,8 @@ def test_the_summary_names_each_figure_and_the_warning_says_what_to_do(capsys):
     assert set(bench_daemon.MEANINGS)  # the JSON carries what each figure means
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_port_and_metrics_options_reach_the_daemon_and_the_json_has_the_new_figures(tmp_path: Path, capsys):
-    port, mport = _free_udp_port(), _free_tcp_port()
+    port, mport = free_udp_port(), free_tcp_port()
     out = tmp_path / "bench.json"
     assert main(["bench", "daemon", "--sessions", "2", "--rate", "200", "--seconds", "0.1", "--client-procs", "1",
                  "--port", str(port), "--metrics-listen", f"127.0.0.1:{mport}", "--json", str(out)]) == 0

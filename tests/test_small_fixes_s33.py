@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from tests.ports import free_udp_port
 from tokenwire.daemon.config import load_config
 from tokenwire.daemon.service import Daemon
 
@@ -76,18 +77,10 @@ RELAY = ["demo", "--link", "relay", "--quiet", "--delay-ms", "0", "--rate", "100
          "--tokens", "5", "--schemes", "stream"]
 
 
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_listens_on_the_port_given_and_says_so(capsys):
     from tokenwire.daemon.cli import main
 
-    port = _free_udp_port()
+    port = free_udp_port()
     assert main([*RELAY, "--port", str(port)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert f"on udp/127.0.0.1:{port};" in first, first
