@@ -191,7 +191,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--net", default="{}", help='JSON overrides of the transformer\'s network, e.g. '
                    '\'{"d_model": 32}\' (the transformer only: refused when --kinds has no transformer)')
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; recorded in the checkpoint, as a seed retrains bit for bit only with the "
+                   help="threads of torch and of numpy's BLAS (the AR fit), default 1: a BLAS thread per core spins "
+                   "on a shared machine; recorded in the checkpoint, as a seed retrains bit for bit only with the "
                    "same count")
     p.set_defaults(handler=_train)
 
@@ -490,7 +491,11 @@ def _train(args: argparse.Namespace) -> int:
     # each model, so an interrupted run keeps the log of the models it finished; "finished" says it completed
     log: dict = {"data": args.data, "data_files": data_files, "command": " ".join(sys.argv), "kinds": kinds,
                  "models": {}, "finished": False}
-    with _new_out_dir(out, frozenset({"train.json"})):
+    # numpy's BLAS starts a thread per core; on a shared or oversubscribed machine they spin and the AR fit's
+    # small solves took 8-14 s of CPU against 1.8 s on one thread. threadpoolctl caps them as --threads does torch's.
+    from threadpoolctl import threadpool_limits
+
+    with _new_out_dir(out, frozenset({"train.json"})), threadpool_limits(limits=args.threads, user_api="blas"):
         _train_models(args, kinds, net, train, val, log, data_files, data_runs)
     return 0
 

@@ -473,3 +473,29 @@ def test_eval_checks_ar_json_and_says_to_give_baselines_for_another_window(small
     assert main(["predictor", "eval", "--data", str(small), "--model", str(model)]) == 2
     err = capsys.readouterr().err
     assert "window 64 differs from the transformer's 32" in err and "give --baselines a folder" in err, err
+
+
+def test_train_caps_the_blas_threads_of_the_ar_fit_at_threads(small, tmp_path, monkeypatch):
+    """The AR fit ran numpy's BLAS on a thread per core whatever --threads said; on a shared machine the spinning
+    threads cost 8-14 s of CPU where one spends 1.8 s. conftest.py sets one BLAS thread for the whole suite, so
+    --threads 2 shows the cap is train's own doing."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from tokenwire.predictor.baselines import LinearAR
+
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("numpy's BLAS is not one threadpoolctl can see")
+    seen: list[set[int]] = []
+    real_fit = LinearAR.fit
+
+    def fit(self, *args, **kwargs):
+        seen.append({p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"})
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearAR, "fit", fit)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert main(["predictor", "train", "--data", str(small), "--kinds", "ar", "--threads", "2",
+                     "--out-dir", str(tmp_path / "m")]) == 0
+        assert seen == [{2}]
+        # and put back afterwards: a library caller's own setting survives the command
+        assert {p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"} == {1}
