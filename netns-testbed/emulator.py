@@ -311,7 +311,13 @@ class EmulatorShell:
         self._reschedule()
         return self.origin
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Counters and each direction's queue as of ``now`` (default: the clock). The links are advanced first:
+        the timer wakes at delivery times, so a packet that left the queue stayed in ``backlog`` until it reached
+        the far end, a one-way delay late (``testbed contention``'s settle reads the backlog to start its answers)."""
+        now = time.monotonic() if now is None else now
+        self.down.advance(now)
+        self.up.advance(now)
         late = sorted(self.late_s)
 
         def pct(q: float) -> float | None:

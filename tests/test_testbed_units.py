@@ -699,3 +699,26 @@ def test_a_capture_that_cannot_open_closes_what_it_opened(tmp_path, monkeypatch)
     with pytest.raises(PermissionError):
         pktlog.PcapTap(str(tmp_path / "cap"))
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_emulator_stats_count_a_packet_that_left_the_queue_out_of_its_backlog():
+    """The shell's timer wakes at delivery times, and stats read the links without advancing them: a packet that
+    had left the bottleneck stayed in ``backlog`` for the one-way delay after, and contention's settle waited."""
+    import socket
+
+    from tokenwire.testbed.emulator import DirectionConfig, EmulatorConfig, EmulatorShell
+
+    srv, cli = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        cfg = EmulatorConfig(down=DirectionConfig(trace="12mbps", delay_ms=500.0))
+        shell = EmulatorShell(cfg, srv.fileno(), cli.fileno())
+        t0 = shell.down._now
+        shell.down.enqueue(_ip_packet(), t0)
+        assert shell.stats(now=t0)["down"]["backlog"] == 1  # not yet sent: 12 Mbit/s opportunities are 1 ms apart
+        later = shell.stats(now=t0 + 0.1)  # long sent, still 400 ms from the far end
+        assert later["down"]["backlog"] == 0 and later["up"]["backlog"] == 0
+        assert shell.down.dequeue_ready(t0 + 0.1) == []  # in flight, not delivered early
+        shell.close()
+    finally:
+        srv.close()
+        cli.close()
