@@ -236,6 +236,30 @@ def test_a_worker_past_its_deadline_says_how_far_its_answers_got(monkeypatch, ca
     assert events[-1]["error"] == "TimeoutError: its 2 answers were not all in within 0.2 s (2 of 100 tokens rendered)"
 
 
+def test_workers_keep_their_connections_alive_until_go(monkeypatch, capsys, tmp_path):
+    """The connections sat silent from their handshake to ``go`` (connecting 40 chats and settling the path took up
+    to ~40 s, the idle timeout is 60): a slower start ended them before their answers began."""
+    import contextlib
+
+    from tokenwire.testbed import contention_client
+    from tokenwire.transport import client
+
+    seen: list[dict] = []
+
+    @contextlib.asynccontextmanager
+    async def connect(*a, **kw):
+        seen.append(kw)
+        yield _Conn()
+
+    monkeypatch.setattr(client, "connect", connect)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # the coordinator gave up before go
+    spec = {"host": "x", "port": 1, "cafile": "", "scheme": "stream", "tokens": 5, "rate": 30, "seed": 0,
+            "first": 0, "chats": 3, "out": str(tmp_path / "w.json"), "timeout": 5}
+    assert contention_client.main([json.dumps(spec)]) == 0
+    assert len(seen) == 3 and all(kw.get("keepalive") is True for kw in seen)
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"connected": 3, "connect_errors": []}
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 @pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no TUN device")
