@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -886,4 +887,14 @@ def run_daemon(config: Config, *, log_format_override: str | None = None,
         if when_stopped is not None:
             when_stopped()
 
-    uvloop.run(main())
+    # uvloop's close leaves the loop's signal handlers in: a Python caller's SIGINT, SIGTERM and SIGHUP stayed bound
+    # to the closed loop after the daemon returned (stopped, or failed to start), and its Ctrl-C did nothing
+    main_thread = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)  # (Daemon.run's and start()'s)
+    previous = {sig: signal.getsignal(sig) for sig in handled} if main_thread else {}
+    try:
+        uvloop.run(main())
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # (None: installed outside Python, cannot be given back)
+                signal.signal(sig, handler)
