@@ -296,11 +296,14 @@ def test_a_lost_connection_mid_answer_resumes_where_it_stopped(tmp_path, capsys)
     """The path goes silent for longer than --idle-timeout mid-answer (a train tunnel): the CLI gave up with
     "QUIC idle timeout" and the answer was lost though the daemon still held it. It now reconnects and
     resumes after the tokens it has, so stdout holds the whole answer exactly once."""
+    from tokenwire.daemon.demo_upstream import answer_tokens
+
     with _daemon_behind_an_outage(tmp_path, (1.0, 3.0)) as (d, port):
         rc, out, err = chat(capsys, "--port", str(port), "--cafile", str(d.cert), "--server-name",
                             "localhost", "--idle-timeout", "0.8", "--stats", "tell me a story")
-        whole = chat(capsys, "--port", str(d.port), "--cafile", str(d.cert), "--server-name", "localhost",
-                     "tell me a story")[1]
+    # the demo upstream's answer (its max_tokens, 120), as a chat without the outage prints it: that chat, 3 s at
+    # 40 tokens/s, was this test's reference
+    whole = "".join(answer_tokens(120)) + "\n"
     assert rc == 0 and "QUIC idle timeout" in err and "resuming request" in err and "(1/3)" in err, err
     assert "digest verified" in err and "stall ratio n/a" in err
     assert out == whole and len(out.split()) > 50  # the same answer as without the outage, once
@@ -311,11 +314,12 @@ def test_max_time_while_reconnecting_says_the_server_was_not_told(tmp_path, caps
     cancellation could reach the daemon, which went on generating the answer."""
     with _daemon_behind_an_outage(tmp_path, (1.0, 1e9)) as (d, port):
         rc, _, err = chat(capsys, "--port", str(port), "--cafile", str(d.cert), "--server-name", "localhost",
-                          "--idle-timeout", "0.8", "--retries", "9", "--max-time", "6", "tell me a story")
+                          "--idle-timeout", "0.8", "--retries", "9", "--max-time", "5", "tell me a story")
     last = err.strip().splitlines()[-1]
     assert rc == 2 and "resuming request" in err, err
     rid = err.split("resuming request ")[1].split()[0]
-    assert last == ("tokenwire chat: error: no whole answer within 6 s (--max-time), while reconnecting: the "
+    # (--max-time 5: the outage starts 1 s after the first packet, the 0.8-s idle timeout then starts reconnecting)
+    assert last == ("tokenwire chat: error: no whole answer within 5 s (--max-time), while reconnecting: the "
                     f"server could not be told to cancel it and may finish request {rid}"), err
 
 

@@ -93,7 +93,7 @@ from tokenwire.transport.client import connect
 async def main():
     async with connect("127.0.0.1", int(sys.argv[1]), cafile=sys.argv[2], server_name="localhost",
                        auth_token="alice-token") as conn:
-        stream = conn.chat("tell me", max_tokens=400, params={"rate": 60})
+        stream = conn.chat("tell me", max_tokens=400, params={"rate": 200})
         async for _ in stream:
             if len(stream.tokens) >= 40:
                 rid, toks = stream.resume_point()
@@ -421,7 +421,8 @@ def test_sighup_revokes_a_removed_token_on_open_connections(tmp_path):
                         connect("127.0.0.1", d.port, auth_token="bob-token", **kw) as bob):
                 for conn in (busy, idle, bob):  # authorized (the client sends its token until answered)
                     assert await conn.chat("x", max_tokens=3).collect() == expected(3)
-                running = busy.chat("long", max_tokens=300, params={"rate": 50})
+                # (3 s: the reload and the two requests below took 0.12 s on an idle host, the margin is 25 x)
+                running = busy.chat("long", max_tokens=300, params={"rate": 100})
                 await running.__anext__()
                 d.write_config(tokens("bob", renamed={"bob": "robert"}))  # the same token under a new name
                 d.signal(signal.SIGHUP)

@@ -948,8 +948,15 @@ def test_a_chunk_in_another_dtype_than_kv_meta_is_a_corrupt_chunk(service):
     assert run(go()).prefix_kv()[0][0][0].dtype == torch.float16
 
 
-def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
-    """Without timeout_s the client waited max(60 s, 20 x deadline) for a server that never answers."""
+def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service, monkeypatch):
+    """Without timeout_s the client waited max(60 s, 20 x deadline) for a server that never answers. The quiet
+    limits are scaled down (10 s before KV_META, 2 s after: 1.5 s and 0.5 s here; the defaults' bounds are
+    tests/test_kv_client_s31.py's, on a fake clock), kept apart so that the pre-KV_META one is seen to apply."""
+    from tokenwire.transport import kv_client as kvc
+
+    monkeypatch.setattr(kvc, "PRE_META_QUIET_S", 1.5)
+    monkeypatch.setattr(kvc, "SERVER_RESOLVE_FLOOR_S", 0.3)  # (3 x it would otherwise set the pre-KV_META bound)
+    monkeypatch.setattr(kvc, "QUIET_FLOOR_S", 0.5)
     ids = list(range(CHUNK))
     service.ingest_sync(MODEL, ids, make_kv(CHUNK, 14), prewarm=["low"])
     real = service.resolve
@@ -976,7 +983,7 @@ def test_a_stalled_server_fails_the_fetch_soon_after_its_deadline(service):
             return ei.value.code, took, again
 
     code, took, again = run(go())
-    assert code == ErrorCode.UPSTREAM_TIMEOUT and 10.0 <= took < 14  # 100 ms + PRE_META_QUIET_S (10 s)
+    assert code == ErrorCode.UPSTREAM_TIMEOUT and 1.5 <= took < 5.5  # 100 ms + PRE_META_QUIET_S (1.5 s here)
     assert again.report.levels == ["low"]
 
 

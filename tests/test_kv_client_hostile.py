@@ -325,10 +325,16 @@ def test_fetch_kv_returns_an_honest_answer_from_the_raw_server():
     assert [c.token_ids for c in res.chunks] == [_ids()[:CT], _ids()[CT:]] and res.text_token_ids() == _ids()
 
 
-def test_another_fetchs_bytes_do_not_keep_a_stalled_fetch_waiting():
+def test_another_fetchs_bytes_do_not_keep_a_stalled_fetch_waiting(monkeypatch):
     """A 100-ms fetch whose server sends nothing fails at its quiet limit before KV_META (10 s: longer than the
     server's own bound on a hung store, whose typed error comes first), while the same
-    connection's other fetch keeps receiving a large chunk (a 1-s fetch waited 45-73 s so)."""
+    connection's other fetch keeps receiving a large chunk (a 1-s fetch waited 45-73 s so). The limits are scaled
+    down here (pre-KV_META 1.5 s, after it 0.5 s; the defaults are tests/test_kv_client_s31.py's, on a fake clock)."""
+    from tokenwire.transport import kv_client as kvc
+
+    monkeypatch.setattr(kvc, "PRE_META_QUIET_S", 1.5)
+    monkeypatch.setattr(kvc, "SERVER_RESOLVE_FLOOR_S", 0.3)  # (3 x it would otherwise set the pre-KV_META bound)
+    monkeypatch.setattr(kvc, "QUIET_FLOOR_S", 0.5)
     stop = asyncio.Event()
 
     async def serve_it(p: _Hostile, sid: int, req: KvFetch) -> None:
@@ -360,10 +366,11 @@ def test_another_fetchs_bytes_do_not_keep_a_stalled_fetch_waiting():
 
     took, err = _run(go())
     assert isinstance(err, KVError) and err.code == ErrorCode.UPSTREAM_TIMEOUT
-    # 10 s after the 0.1-s deadline (the quiet limit before KV_META): not before (the behaviour), and ended by its
-    # own quiet limit rather than waiting as long as the other fetch's bytes flow (stopped at 25 s by the wait_for
-    # above: a TimeoutError, not a KVError); the upper bound is far from the nominal 10.1 s, not a timing of the host
-    assert 10.0 <= took < 20
+    # 1.5 s after the 0.1-s deadline (the quiet limit before KV_META, scaled): not before (the behaviour), and ended
+    # by its own quiet limit rather than waiting as long as the other fetch's bytes flow (stopped at 25 s by the
+    # wait_for above: a TimeoutError, not a KVError); the upper bound is far from the nominal 1.6 s, not a timing of
+    # the host
+    assert 1.5 <= took < 11.5
 
 
 def test_a_kv_done_whose_levels_disagree_with_the_chunks_fails_the_fetch():

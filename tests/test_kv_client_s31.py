@@ -67,24 +67,33 @@ def _fetch_one_chunk(service, **busy) -> tuple[object, float]:
     return run(go())
 
 
-def test_a_fetch_whose_lookup_waits_past_the_old_quiet_time_completes(service):
-    """KV_META 3 s after a 100-ms fetch (its lookup queued on the server): it failed at 2.1 s with "no KV_META"."""
-    res, _took = _fetch_one_chunk(service, lookup_s=3.0, chunk_s=0.0)
+@pytest.fixture
+def short_quiet(monkeypatch):
+    """The quiet floor (2 s: the old fixed quiet time) scaled down to 0.5 s, and the waits below with it; the
+    defaults' bounds are test_the_quiet_allowed_scales_with_the_waits_seen's, on a fake clock."""
+    monkeypatch.setattr(kvc, "QUIET_FLOOR_S", 0.5)
+
+
+def test_a_fetch_whose_lookup_waits_past_the_old_quiet_time_completes(service, short_quiet):
+    """KV_META 3 s after a 100-ms fetch (its lookup queued on the server): it failed at 2.1 s with "no KV_META".
+    Scaled: KV_META 1.2 s after the fetch, past the 0.5-s quiet floor."""
+    res, _took = _fetch_one_chunk(service, lookup_s=1.2, chunk_s=0.0)
     assert not isinstance(res, KVError), res
     assert res.report.levels == ["low"]
 
 
-def test_a_fetch_with_a_long_gap_after_a_slow_start_completes(service):
+def test_a_fetch_with_a_long_gap_after_a_slow_start_completes(service, short_quiet):
     """KV_META at 1.5 s, its chunk 3 s later: the client had seen a 1.5-s wait, so a 3-s one is no sign of a dead
-    server (allowed 4 x 1.5 s); with the fixed 2 s it failed at 3.5 s with the chunk still coming."""
-    res, _took = _fetch_one_chunk(service, lookup_s=1.5, chunk_s=3.0)
+    server (allowed 4 x 1.5 s); with the fixed 2 s it failed at 3.5 s with the chunk still coming. Scaled to the
+    0.5-s floor: KV_META at 0.6 s, its chunk 1.2 s later (allowed 4 x 0.6 s; the floor alone fails it at 1.1 s)."""
+    res, _took = _fetch_one_chunk(service, lookup_s=0.6, chunk_s=1.2)
     assert not isinstance(res, KVError), res
     assert res.report.levels == ["low"]
 
 
-def test_a_server_silent_for_good_after_its_meta_still_fails(service):
+def test_a_server_silent_for_good_after_its_meta_still_fails(service, short_quiet):
     """KV_META at once, then nothing: the fetch fails with UPSTREAM_TIMEOUT, well within the stated bound (the
-    deadline, then max(2 s, 4 x the longest wait) at most 30 s); the generous bound only catches a hang."""
+    deadline, then max(quiet floor, 4 x the longest wait) at most 30 s); the generous bound only catches a hang."""
     res, took = _fetch_one_chunk(service, lookup_s=0.0, chunk_s=None)
     assert isinstance(res, KVError) and res.code == ErrorCode.UPSTREAM_TIMEOUT, res
     assert "0 chunks received of 1" in str(res)

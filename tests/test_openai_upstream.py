@@ -515,9 +515,14 @@ def test_a_stall_after_the_finish_reason_ends_the_answer(fake):
     assert run(go(), timeout=30) == (["Hello"], "stop")
 
 
-def test_after_the_finish_reason_the_answer_ends_soon_and_its_reason_is_printable(fake):
+def test_after_the_finish_reason_the_answer_ends_soon_and_its_reason_is_printable(fake, monkeypatch):
     """A whole answer held open by its server ended only a stall timeout later (30 s by default), counted all
-    that time against max_live_answers; a finish reason with a lone surrogate could not be sent to clients."""
+    that time against max_live_answers; a finish reason with a lone surrogate could not be sent to clients.
+    (FINISHED_GRACE_S, 2 s, shortened here: the wait it bounds is what is checked, not its length.)"""
+    from tokenwire.daemon import upstream_openai
+
+    monkeypatch.setattr(upstream_openai, "FINISHED_GRACE_S", 0.3)
+
     async def go():
         runner, port = await _serve(fake)
         up = OpenAIUpstream("vllm", base_url=f"http://127.0.0.1:{port}/v1", stall_timeout_s=120)
@@ -528,7 +533,7 @@ def test_after_the_finish_reason_the_answer_ends_soon_and_its_reason_is_printabl
             await runner.cleanup()
 
     fake.mode = "finish_hold_odd"
-    reason = run(go(), timeout=30)  # FINISHED_GRACE_S after the finish_reason, not 120 s
+    reason = run(go(), timeout=30)  # FINISHED_GRACE_S (0.3 s here) after the finish_reason, not 120 s
     assert reason == "st\\udc80op\\x1b[2J" and reason.isprintable()
 
 
