@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 import tracemalloc
 import warnings
@@ -36,6 +37,23 @@ def _no_stale_log_handlers() -> Iterator[None]:
         if type(handler) is logging.StreamHandler and handler not in before:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signals_given_back() -> Iterator[None]:
+    """A test must leave SIGINT, SIGTERM and SIGHUP as it found them. The daemon run in-process left them bound to
+    its closed uvloop loop, and a later test's os.kill(SIGINT) was dropped: that test passed without the Ctrl-C it
+    was about (after a 10-s wait). The handlers are put back, and the test that changed them fails, naming them."""
+    before = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
+    yield
+    changed = [sig.name for sig in _HANDLED_SIGNALS if signal.getsignal(sig) != before[sig]]
+    for sig, handler in before.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+    assert not changed, f"the test left the handlers of {', '.join(changed)} changed"
 
 
 @pytest.fixture(autouse=True)
