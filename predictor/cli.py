@@ -493,7 +493,7 @@ def _train(args: argparse.Namespace) -> int:
                  "models": {}, "finished": False}
     # numpy's BLAS starts a thread per core; on a shared or oversubscribed machine they spin and the AR fit's
     # small solves took 8-14 s of CPU against 1.8 s on one thread. threadpoolctl caps them as --threads does torch's.
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs, no py.typed
 
     with _new_out_dir(out, frozenset({"train.json"})), threadpool_limits(limits=args.threads, user_api="blas"):
         _train_models(args, kinds, net, train, val, log, data_files, data_runs)
