@@ -24,8 +24,12 @@ from aioquic.quic.stream import QuicStream
 from .ack_timing import AckTiming
 from .chatterbox import (
     COALESCE_QUEUE_S,
+    DRAIN_GAP_S,
+    DRAIN_QUEUE_S,
+    DRAIN_S,
     L4S_CE_WINDOW_SHARE,
     PIGGYBACK_QUEUE_S,
+    STANDING_QUEUE_S,
     LossClock,
     SenderStats,
     TokenSender,
@@ -206,6 +210,11 @@ class ServerSession(_SessionBase):
         self._gen_times_due: set[int] = set()  # requests whose GEN_TIMES waits (_send_gen_times)
         self.rtt_floor = WindowedMin()  # the path's base round trip: aioquic's latest samples, windowed (_rtt)
         self._rtt_seen: tuple[float, float, float] | None = None  # aioquic's RTT state when last read (_note_rtt)
+        self._standing_since: float | None = None  # a queue under the cap's threshold stands since then (_draining)
+        self._standing_seen = -math.inf  # ... and was last seen then
+        self._drained_at = -math.inf  # when the latest drain began (_draining)
+        self._drain_until = -math.inf  # ... and when it ends
+        self.drains = 0  # drains begun (_draining)
 
     # -- API for the driver ----------------------------------------------------------------------------
     @property
@@ -256,6 +265,7 @@ class ServerSession(_SessionBase):
             # FINISHED (and ERROR, repair replies) go ahead of the repeats in the packets that leave
             req.sender.stream_backlog = functools.partial(self._stream_backlog, stream_id)
             req.sender.congested = self._path_congested  # (repeats shrink on a congested path)
+            req.sender.draining = self._draining  # (none with new tokens while the path drains)
             req.sender.path_rtt = functools.partial(smoothed_rtt, self.quic, self.initial_rtt)
             req.sender.losses = self._token_losses  # (a loss of any answer's datagram ends the quiet: QUIET_LOSS_S)
             if scheme == "chatterbox":
@@ -404,6 +414,7 @@ class ServerSession(_SessionBase):
         super()._on_host_changed(left, entered)
         self.rtt_floor.clear()
         self._rtt_seen = None
+        self._standing_since = None
 
     def _rtt(self) -> tuple[float, float] | None:
         """aioquic's smoothed round trip of the path to the client and the path's base round trip; None before its
@@ -434,6 +445,33 @@ class ServerSession(_SessionBase):
             return cc.bytes_in_flight >= L4S_CE_WINDOW_SHARE * cc.congestion_window
         return False
 
+    def _draining(self, now: float) -> bool:
+        """Whether the path to the client drains now, as BBR's PROBE_RTT does (chatterbox.STANDING_QUEUE_S): once
+        aioquic's smoothed round trip has stood more than chatterbox.DRAIN_QUEUE_S above the path's minimum, and not
+        enough for :meth:`_path_congested`'s round-trip rule, for STANDING_QUEUE_S (each check of it a send, or a
+        decision on one), for DRAIN_S or a smoothed round trip if longer, at most once per DRAIN_GAP_S. Chats that
+        started together behind a queue took their minimum inside it, and a queue they all keep standing is under
+        the threshold that minimum sets: draining together shows them the path's own."""
+        if now < self._drain_until:
+            return True
+        rtt = self._rtt()
+        if rtt is None:
+            return False
+        srtt, floor = rtt
+        if srtt - floor <= DRAIN_QUEUE_S or path_queues(srtt, floor):
+            self._standing_since = None
+            return False
+        if self._standing_since is None or now - self._standing_seen > STANDING_QUEUE_S:
+            self._standing_since = now  # (a check that long ago tells nothing of the time since)
+        self._standing_seen = now
+        if now - self._standing_since < STANDING_QUEUE_S or now - self._drained_at < DRAIN_GAP_S:
+            return False
+        self._standing_since = None
+        self._drained_at = now
+        self._drain_until = now + max(DRAIN_S, srtt)
+        self.drains += 1
+        return True
+
     def _piggyback_welcome(self) -> bool:
         """Whether repeats may ride the packets that leave anyway: not once the path to the client queues at all
         (aioquic's smoothed round trip more than chatterbox.PIGGYBACK_QUEUE_S above its minimum), where they are the
@@ -445,11 +483,14 @@ class ServerSession(_SessionBase):
         """How long the path to the client queues now: aioquic's smoothed round trip above its minimum, once that
         is well past the round-trip rule of :meth:`_path_congested` (chatterbox.COALESCE_QUEUE_S; else 0: a bursty
         link's jitter, or a queue too short to be worth holding tokens for). Chatterbox's senders wait that long, at
-        most COALESCE_MAX_S, to put several new tokens in one packet."""
+        most COALESCE_MAX_S, to put several new tokens in one packet. While the path drains (:meth:`_draining`) the
+        queue is under that threshold, and they wait as long too."""
         rtt = self._rtt()
         if rtt is None:
             return 0.0
         srtt, floor = rtt
+        if self._draining(now):
+            return max(0.0, srtt - floor)
         return srtt - floor if path_queues(srtt, floor, COALESCE_QUEUE_S) else 0.0
 
     def request_stats(self, stream_id: int) -> ServerRequest | None:
@@ -459,7 +500,7 @@ class ServerSession(_SessionBase):
         self._now = now  # (the RTT floor's window reads it: _rtt)
         if self._gen_times_due:
             self._send_gen_times()
-        piggyback = self._piggyback_welcome()
+        piggyback = self._piggyback_welcome() and not self._draining(now)  # (nothing rides along while it drains)
         for req in self.requests.values():
             if req.sender is not None:
                 # the marking decision is taken when the sender builds a datagram, not before (_codepoint_now)

@@ -1,0 +1,161 @@
+"""A queue that stands under the congestion cap's threshold drains the path (chatterbox.STANDING_QUEUE_S): chats
+that start together behind a queue learn their minimum round trip inside it, and then never see the queue they keep
+standing as one."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tests.quicpair import Pair, accepted_chat
+from tokenwire.testbed import sim
+from tokenwire.transport.chatterbox import DRAIN_GAP_S, DRAIN_S, STANDING_QUEUE_S, TokenSender
+from tokenwire.transport.server_session import ServerSession
+
+
+def _path(server: ServerSession, floor: float, excess: float) -> None:
+    """aioquic's minimum round trip ``floor`` and its smoothed one ``excess`` above it."""
+    loss = server.quic._loss
+    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, floor + excess
+
+
+def _drains(server: ServerSession, start: float, until: float, step: float = 0.05) -> list[float]:
+    """The times (from ``start``, every ``step``) at which the server says its path drains."""
+    out = []
+    for i in range(round((until - start) / step) + 1):
+        if server._draining(start + i * step):
+            out.append(round(i * step, 3))
+    return out
+
+
+def test_a_queue_standing_under_the_caps_threshold_drains_the_path_once_a_window() -> None:
+    """A 200-ms path whose smoothed round trip stands 60 ms above it: over DRAIN_QUEUE_S, under the cap's 100 ms
+    (QUEUE_DELAY_SHARE of the minimum). After STANDING_QUEUE_S it drains for DRAIN_S (longer than the round trip),
+    then not again within DRAIN_GAP_S."""
+    pair, server, _sid = accepted_chat()
+    _path(server, 0.200, 0.060)
+    assert not server._path_congested(pair.now)
+    t0 = pair.now
+    got = _drains(server, t0, t0 + DRAIN_GAP_S - 0.1)
+    assert server.drains == 1
+    assert got and got[0] == pytest.approx(STANDING_QUEUE_S, abs=0.051) and got[-1] < STANDING_QUEUE_S + DRAIN_S
+    assert len(got) == pytest.approx(DRAIN_S / 0.05, abs=1)
+    later = _drains(server, t0 + DRAIN_GAP_S, t0 + DRAIN_GAP_S + 2 * STANDING_QUEUE_S)
+    assert server.drains == 2 and later  # the next window's
+
+
+def test_a_drain_lasts_a_round_trip_if_that_is_longer() -> None:
+    pair, server, _sid = accepted_chat()
+    _path(server, 1.0, 0.3)  # (a 1.3-s round trip, 300 ms over a 1-s minimum: under its 500-ms threshold)
+    got = _drains(server, pair.now, pair.now + 5.0)
+    assert server.drains == 1 and got[-1] - got[0] == pytest.approx(1.3, abs=0.06)
+
+
+@pytest.mark.parametrize(("floor", "excess"), [
+    (0.200, 0.015),  # a short queue (DRAIN_QUEUE_S)
+    (0.200, 0.120),  # past the threshold: the cap's (and the wait's, further on) path
+    (0.080, 0.045),  # a minimum of 80 ms or less: the threshold is QUEUE_DELAY_S, and over it the cap's
+    (0.050, 0.015),
+])
+def test_no_drain_where_the_queue_reads_as_one_or_is_short(floor: float, excess: float) -> None:
+    pair, server, _sid = accepted_chat()
+    _path(server, floor, excess)
+    assert _drains(server, pair.now, pair.now + 3 * STANDING_QUEUE_S) == [] and server.drains == 0
+
+
+def test_a_queue_that_lets_go_starts_the_count_again() -> None:
+    pair, server, _sid = accepted_chat()
+    _path(server, 0.200, 0.060)
+    t0 = pair.now
+    assert not server._draining(t0) and not server._draining(t0 + 0.7 * STANDING_QUEUE_S)
+    _path(server, 0.200, 0.010)  # (under DRAIN_QUEUE_S)
+    assert not server._draining(t0 + 0.8 * STANDING_QUEUE_S)
+    _path(server, 0.200, 0.060)
+    assert not server._draining(t0 + 1.1 * STANDING_QUEUE_S)  # (standing again since 1.1)
+    assert not server._draining(t0 + 2.05 * STANDING_QUEUE_S)
+    assert server._draining(t0 + 2.15 * STANDING_QUEUE_S) and server.drains == 1
+
+
+def _draining_chat() -> tuple[Pair, ServerSession, TokenSender, float]:
+    """A chat on a lossy 200-ms path with a 60-ms standing queue, its first token sent and unacknowledged, whose
+    server drains the path from the returned time on."""
+    pair, server, sid = accepted_chat()
+    server.datagrams_to_send(pair.now)  # STARTED
+    _path(server, 0.200, 0.060)
+    server._token_losses.at = pair.now  # a token datagram lost lately (QUIET_LOSS_S: the repeats and wait are on)
+    sender = server.requests[sid].sender
+    assert sender is not None
+    server.push(sid, "a0 ", pair.now)
+    assert server.datagrams_to_send(pair.now)  # a0's packet, never delivered
+    assert sender.stats.redundant_tokens == 0 and not sender.holds_new_tokens()
+    t = pair.now + STANDING_QUEUE_S + 0.01
+    assert not server._draining(pair.now + 0.01) and server._draining(t)
+    return pair, server, sender, t
+
+
+def test_while_the_path_drains_new_tokens_carry_no_repeats_and_wait_to_share_a_packet() -> None:
+    """Before, a1 took a0 along (the queue under the cap's threshold: every unacknowledged token, as repeats) and
+    a2 left at once in a packet of its own that took both."""
+    _pair, server, sender, t = _draining_chat()
+    server.push(sender.handle, "a1 ", t)
+    assert server.datagrams_to_send(t)
+    assert sender.next_new == 2 and sender.stats.redundant_tokens == 0  # a1 alone
+    server.push(sender.handle, "a2 ", t + 0.01)
+    assert not server.datagrams_to_send(t + 0.01) and sender.holds_new_tokens()  # a2 waits the queue's 60 ms
+    deadline = sender._hold_until
+    assert deadline == pytest.approx(t + 0.060)
+    sender.on_timer(deadline)
+    assert server.datagrams_to_send(deadline) and sender.next_new == 3 and sender.stats.redundant_tokens == 0
+
+
+def test_while_the_path_drains_nothing_rides_a_packet_leaving_anyway() -> None:
+    _pair, server, sender, t = _draining_chat()
+    _path(server, 0.200, 0.004)  # (the gate alone would let the repeats ride now: PIGGYBACK_QUEUE_S)
+    server.quic.send_ping(7)
+    assert server.datagrams_to_send(t)
+    assert sender.stats.piggybacks == 0
+
+
+def _flash_crowd(loss: str, seed: int) -> list[float]:
+    """40 chats on 1 Mbit/s (40 ms each way, droptail 200, 300 tokens at 30/s) whose answers start behind their
+    handshakes' packets, as the namespace testbed's ``--start connected`` starts them, with cross traffic at the
+    start (150 packets of 100 bytes, then 200 a second for 1 s): each chat's stall."""
+    cfg = sim.SimConfig(chats=40, down_trace="1mbps", delay_ms=40, queue_packets=200, loss=loss,
+                        loss_direction="down", tokens=300, rate=30, seed=seed)
+    chats = sim._Chats("chatterbox", cfg)
+    chats._settle_s = 4 * cfg.delay_ms / 1000.0
+    chats._settled = lambda: chats._go()  # type: ignore[method-assign]  # (not waiting for the handshakes' queue)
+    down = chats.down
+    assert isinstance(down, sim._TraceWire)
+    cross = ("192.0.2.9", 9)
+    deliver = down.deliver
+    down.deliver = lambda addr, data: None if addr == cross else deliver(addr, data)  # type: ignore[method-assign]
+
+    def inject(n: int) -> None:
+        for _ in range(n):
+            down.link.enqueue(sim.Packet(100, 0, b"", cross), chats.loop.now)
+        down._arm()
+
+    go = chats._go
+
+    def go_with_cross_traffic() -> None:
+        go()
+        t0 = chats.loop.now
+        inject(150)
+        for i in range(200):
+            chats.loop.at(t0 + i / 200, lambda: inject(1))
+
+    chats._go = go_with_cross_traffic  # type: ignore[method-assign]
+    chats.run(None, 1e9, lambda: 0.0)
+    assert all(f.outcome is not None and f.outcome.digest_ok for f in chats.flows)
+    return [chats.result(f).stats.stall_ratio for f in chats.flows]
+
+
+@pytest.mark.parametrize(("loss", "seed"), [("iid:0.02", 0), ("ge:0.01,0.1", 1)])
+def test_a_flash_crowd_gets_out_of_its_standing_queue(loss: str, seed: int) -> None:
+    """They learned a minimum of ~208 ms (the path's is 88), their queue stood 63-88 ms above it, under the cap's
+    104-ms threshold, for the whole answer, and they stalled 0.975-0.979 (126-136 bytes per token); draining once
+    each, 0.36-0.42."""
+    stalls = _flash_crowd(loss, seed)
+    assert statistics.median(stalls) < 0.5
