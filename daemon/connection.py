@@ -101,6 +101,7 @@ class DaemonProtocol(GuardedProtocol):
         self._reported_ce = 0
         self._reported_unvalidated = 0  # ECN validation failures of this connection, counted so far
         self._reported_path_changes = 0  # its peer's moves to another address or port, counted so far
+        self._reported_drains = 0  # the drains of a standing queue its session began, counted so far
         self.datagrams_in = 0  # datagrams received (with the session's datagrams_sent: add_counters' skip)
         self._counted_at: tuple[int, int] | None = None  # (datagrams_in, datagrams_sent) when last counted
         daemon.protocols.add(self)
@@ -276,12 +277,12 @@ class CounterDeltas:
     """What the connections' counters moved since their last flush, summed: each metric is counted once a tick,
     not once per connection."""
 
-    __slots__ = ("acks", "ce", "packets", "path_changes", "redundant_bytes", "repairs", "repeats_capped",
+    __slots__ = ("acks", "ce", "drains", "packets", "path_changes", "redundant_bytes", "repairs", "repeats_capped",
                  "repeats_trimmed", "unvalidated")
 
     def __init__(self) -> None:
         self.packets = self.redundant_bytes = self.repairs = self.repeats_trimmed = self.repeats_capped = 0
-        self.acks = self.ce = self.unvalidated = self.path_changes = 0
+        self.acks = self.ce = self.unvalidated = self.path_changes = self.drains = 0
 
     def flush(self, daemon: Daemon) -> None:
         """Count the sums in the daemon's metrics (a metric that did not move is not touched)."""
@@ -289,7 +290,7 @@ class CounterDeltas:
         for counter, n in ((m.packets, self.packets), (m.redundant_bytes, self.redundant_bytes),
                            (m.repairs, self.repairs), (m.repeats_trimmed, self.repeats_trimmed),
                            (m.repeats_capped, self.repeats_capped),
-                           (m.acks, self.acks), (m.path_changes, self.path_changes)):
+                           (m.acks, self.acks), (m.path_changes, self.path_changes), (m.path_drains, self.drains)):
             if n:
                 counter.inc(n)
         daemon.marking.add_ce(self.ce)
@@ -319,3 +320,6 @@ def _add_counters(proto: DaemonProtocol, into: CounterDeltas) -> None:
     moved = sess.path_changes
     into.path_changes += max(0, moved - proto._reported_path_changes)
     proto._reported_path_changes = moved
+    drains = sess.drains
+    into.drains += max(0, drains - proto._reported_drains)
+    proto._reported_drains = drains

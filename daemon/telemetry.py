@@ -175,6 +175,11 @@ class Metrics:
         # showed an operator that it happened (ECN is validated afresh on the new path)
         self.path_changes = Counter("tokenwire_path_changes_total", "Times a chat client's connection moved to "
                                     "another address or port (QUIC connection migration)", registry=r)
+        # Chatterbox's drain of a queue that stands under the congestion test's threshold (chatterbox.STANDING_QUEUE_S):
+        # frequent drains mean chats keep meeting a standing queue they cannot read as congestion
+        self.path_drains = Counter(
+            "tokenwire_path_drains_total", "Times a chat connection drained a queue standing under the congestion "
+            "test's threshold (0.5 s without repeats, tokens sharing packets; at most once per 10 s)", registry=r)
         # how late the event loop runs (daemon/loop_lag.py): every connection's packets wait as long
         self.loop_lag = Histogram(
             "tokenwire_event_loop_lag_seconds", "How late the daemon's event loop ran a timer due every 0.1 s: time "

@@ -614,15 +614,16 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     unvalidated: list[int] = []
     conn = SimpleNamespace(
         server_session=SimpleNamespace(totals=lambda: totals, acks_received=5, ce_reported=0,
-                                       ecn=SimpleNamespace(failures=1), path_changes=2),
+                                       ecn=SimpleNamespace(failures=1), path_changes=2, drains=1),
         daemon=SimpleNamespace(metrics=metrics, marking=SimpleNamespace(
             add_ce=lambda n: None, add_validation_failures=unvalidated.append)),
         _reported=SenderStats(), _reported_acks=0, _reported_ce=0, _reported_unvalidated=0,
-        _reported_path_changes=0,
+        _reported_path_changes=0, _reported_drains=0,
     )  # fmt: skip
     DaemonProtocol.flush_counters(conn)
     totals = SenderStats(packets=15, redundant_bytes=300, repairs=1, piggybacks=2, repeats_trimmed=7, repeats_capped=5)
     conn.server_session.totals = lambda: totals
+    conn.server_session.drains = 3
     DaemonProtocol.flush_counters(conn)
     assert unvalidated == [1, 0]  # an ECN validation failure counted once
     value = metrics.registry.get_sample_value
@@ -632,6 +633,7 @@ def test_flush_counters_adds_each_connections_new_packet_counts_to_the_metrics()
     assert value("tokenwire_repeats_capped_total") == 5
     assert value("tokenwire_acks_total") == 5
     assert value("tokenwire_path_changes_total") == 2  # (two moves, counted once)
+    assert value("tokenwire_path_drains_total") == 3  # (one, then two more)
 
 
 def test_kv_codec_warm_up_failure_is_a_startup_error_naming_the_unit_setting():
