@@ -287,6 +287,17 @@ def test_ingest_application_pushes_and_client_attaches(daemon):
 
 
 def test_metrics_endpoint_exposes_counters(daemon):
+    """(It counted on the module's earlier tests for the acks it checks: run alone, it failed.)"""
+
+    async def one_answer():
+        async with connect("127.0.0.1", daemon.port, auth_token="alice-token", **daemon.client_kwargs()) as conn:
+            return await conn.chat("x", max_tokens=5).collect()
+
+    assert run(one_answer())
+    # the acks reach the metrics at the daemon's next counter flush (each second), and at the connection's end
+    deadline = time.monotonic() + 10
+    while metric_value(metrics(daemon), "tokenwire_acks_total") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     m = metrics(daemon)
     for name in (
         "tokenwire_sessions_open",

@@ -62,7 +62,8 @@ def test_the_daemon_counts_its_clients_moves() -> None:
     assert session is not None
     session.path_changes = 3  # (as three migrations left it)
     proto = SimpleNamespace(server_session=session, _reported=session.totals(), _reported_acks=0, _reported_ce=0,
-                            _reported_unvalidated=0, _reported_path_changes=1)  # one counted at an earlier flush
+                            _reported_unvalidated=0, _reported_path_changes=1,  # one counted at an earlier flush
+                            _reported_drains=0)
     deltas = CounterDeltas()
     _add_counters(proto, deltas)  # type: ignore[arg-type]
     deltas.flush(daemon)

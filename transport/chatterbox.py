@@ -150,28 +150,29 @@ DRAIN_GAP_S = 10.0
 (QUEUE_DELAY_S, or QUEUE_DELAY_SHARE of the minimum if larger) for STANDING_QUEUE_S makes the server drain the path, as
 BBR's PROBE_RTT does, for DRAIN_S or a smoothed round trip if longer, at most once per DRAIN_GAP_S (BBR's, and the RTT
 floor's window: rtt_floor.RTT_FLOOR_WINDOW_S): packets with new tokens carry no repeats, none ride packets that leave
-anyway, and new tokens wait the queue's delay (at most COALESCE_MAX_S) to share a packet. Chats that start together
-behind a queue (a flash crowd: answers that begin while the handshakes' packets still queue, as `testbed contention
---start connected` starts them) learn their minimum inside it, and the queue they then keep standing reads as none, or
-as one under the threshold that minimum sets: repeats uncapped, no shared packets, and it never drains. ``tokenwire
-sim``, 40 chats on 1 Mbit/s (40 ms each way, droptail 200, 300 tokens at 30/s, answers started without waiting for the
-handshakes' queue, with 150 + 200 packets of cross traffic over their first second): a minimum of 208 ms where the
-path's is 88, the queue 63-88 ms above it, under the 104-ms threshold, for the whole answer; stall 0.975-0.979 at 2 %
-iid loss and ``ge:0.01,0.1`` (seeds 0-2, 126-136 bytes per token). With the drain each chat drains once, 2-3 s into its
-answer, finds a minimum of ~90 ms, and the cap takes over: 0.36-0.42 (107 bytes per token). Namespace testbed, the same
-40 chats with ``--start connected`` (2 % iid loss, seeds 0-2, host load 0.9-2.4): median 0.89 (0.30-0.94, 13 runs) ->
-0.38 (0.35-0.63, 9 runs); started as usual 0.27-0.36 -> 0.24-0.34 (6 / 5 runs). There the minimum was learned ~50 ms
-into the queue, which then stood 45-75 ms: 0-25 ms above it, so with QUEUE_DELAY_S's 40 ms as the bar the drain came
-only once the queue had grown, 6 s in (median 0.73, 0.38-0.82, over 8 runs of a helper's not kept in
-docs/data/flash-crowd-s43/). Each part is needed (sim, with a 40-ms bar): without the wait 0.98; a drain of max(0.3 s, a
-round trip) 0.97-0.98; 2 s of standing 0.47-0.98, 0.5 s 0.36-0.97 (it drained while the cross traffic still queued, and
-not again in the window). 45 chats started as usual, past the wall, 0.921 -> 0.707 (seed 0). A lone chat's queue rarely
-stands under the threshold for a second: 30 and 40 chats started as usual (seeds 0-2), one chat on the fixed channel
-(four loss models, the README's rows) or on the LTE, EVDO and UMTS traces measure the same stall to the last digit (EVDO
-96 -> 95.5 bytes per token); with 100 ms each way (5 seeds) EVDO drains once an answer, 0.8022 unchanged, 0.8428 ->
-0.8451 with 2 % iid loss, UMTS once in 5 answers, unchanged. Its cost is where a lone chat meets a queue it did not
-build and cannot drain: one chat whose one-way delay steps up 2 s into a 600-token answer (the step reads as a queue
-until the floor's window passes it; stall against the new base from 1 s after the step, seeds 0-4, 2 % iid /
+anyway, and new tokens wait the queue's delay (at most COALESCE_MAX_S) to share a packet, unless no token datagram was
+lost for QUIET_LOSS_S (they then leave at once, as QUIET_LOSS_S says); a repair due then (a loss, the idle timer) keeps
+its repeats. Chats that start together behind a queue (a flash crowd: answers that begin while the handshakes' packets
+still queue, as `testbed contention --start connected` starts them) learn their minimum inside it, and the queue they
+then keep standing reads as none, or as one under the threshold that minimum sets: repeats uncapped, no shared packets,
+and it never drains. ``tokenwire sim``, 40 chats on 1 Mbit/s (40 ms each way, droptail 200, 300 tokens at 30/s, answers
+started without waiting for the handshakes' queue, with 150 + 200 packets of cross traffic over their first second): a
+minimum of 208 ms where the path's is 88, the queue 63-88 ms above it, under the 104-ms threshold, for the whole answer;
+stall 0.975-0.979 at 2 % iid loss and ``ge:0.01,0.1`` (seeds 0-2, 126-136 bytes per token). With the drain each chat
+drains once, 2-3 s into its answer, finds a minimum of ~90 ms, and the cap takes over: 0.35-0.42 (107 bytes per token).
+Namespace testbed, the same 40 chats with ``--start connected`` (2 % iid loss, seeds 0-2, host load 0.9-2.4): median
+0.89 (0.29-0.94, 13 runs) -> 0.38 (0.35-0.63, 9 runs); started as usual 0.27-0.36 -> 0.24-0.34 (6 / 5 runs). There the
+minimum was learned ~50 ms into the queue, which then stood 45-75 ms: 0-25 ms above it, so with QUEUE_DELAY_S's 40 ms as
+the bar the drain came only once the queue had grown, 6 s in (median 0.73, 0.38-0.82, over 8 runs of a helper's not kept
+in docs/data/flash-crowd-s43/). Each part is needed (sim, with a 40-ms bar): without the wait 0.98; a drain of max(0.3
+s, a round trip) 0.97-0.98; 2 s of standing 0.47-0.98, 0.5 s 0.36-0.97 (it drained while the cross traffic still queued,
+and not again in the window). 45 chats started as usual, past the wall, 0.921 -> 0.707 (seed 0). A lone chat's queue
+rarely stands under the threshold for a second: 30 and 40 chats started as usual (seeds 0-2), one chat on the fixed
+channel (four loss models, the README's rows) or on the LTE, EVDO and UMTS traces measure the same stall to the last
+digit (EVDO 96 -> 95.5 bytes per token); with 100 ms each way (5 seeds) EVDO drains once an answer, 0.8022 unchanged,
+0.8428 -> 0.8451 with 2 % iid loss, UMTS once in 5 answers, unchanged. Its cost is where a lone chat meets a queue it
+did not build and cannot drain: one chat whose one-way delay steps up 2 s into a 600-token answer (the step reads as a
+queue until the floor's window passes it; stall against the new base from 1 s after the step, seeds 0-4, 2 % iid /
 ``ge:0.01,0.1``): 100 -> 115 ms 0.0201 -> 0.0234 / 0.0944 -> 0.1077, 100 -> 130 ms 0.0196 -> 0.0358 / 0.0949 -> 0.1124,
 200 -> 260 ms 0.0583 -> 0.0729 / 0.2305 -> 0.2439, 300 -> 400 ms 0.2510 -> 0.2466 / 0.5175 -> 0.5315: one drain in the
 window, the shared packets' wait its main cost (100 -> 130 ms at 2 % iid without the wait: 0.0196)."""
@@ -514,8 +515,10 @@ class TokenSender:
                 and self._quiet_queue(now)):
             old_limit, quiet = old_first, True  # a queueing path that loses nothing: no repeats (QUIET_LOSS_S)
         if (self.scheme == "chatterbox" and (new_end > new_first or piggyback) and old_limit > old_first
-                and self.draining is not None and self.draining(now)):
-            old_limit = old_first  # the driver drains a standing queue to find the path's minimum (STANDING_QUEUE_S)
+                and not self._want_repair and self.draining is not None and self.draining(now)):
+            # the driver drains a standing queue to find the path's minimum (STANDING_QUEUE_S); a repair that is due
+            # (a loss, the idle timer) still carries its repeats: the packet clears it
+            old_limit = old_first
         # 2) the request stream's waiting frames (FINISHED above all) come next: aioquic writes DATAGRAM frames
         #    before STREAM frames, and repeats that filled each packet kept FINISHED out of every probe while the
         #    window was full (uplink-only outage: the answer ended when the uplink returned, 14 s after its last

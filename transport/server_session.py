@@ -414,7 +414,10 @@ class ServerSession(_SessionBase):
         super()._on_host_changed(left, entered)
         self.rtt_floor.clear()
         self._rtt_seen = None
+        # the new path drains on its own (its minimum, fresh, may be learned inside a queue): not on the old one's
+        # drain, nor after waiting out the old one's DRAIN_GAP_S
         self._standing_since = None
+        self._drained_at = self._drain_until = -math.inf
 
     def _rtt(self) -> tuple[float, float] | None:
         """aioquic's smoothed round trip of the path to the client and the path's base round trip; None before its
