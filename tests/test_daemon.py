@@ -93,7 +93,7 @@ from tokenwire.transport.client import connect
 async def main():
     async with connect("127.0.0.1", int(sys.argv[1]), cafile=sys.argv[2], server_name="localhost",
                        auth_token="alice-token") as conn:
-        stream = conn.chat("tell me", max_tokens=400, params={"rate": 200})
+        stream = conn.chat("tell me", max_tokens=400, params={"rate": 100})
         async for _ in stream:
             if len(stream.tokens) >= 40:
                 rid, toks = stream.resume_point()

@@ -89,8 +89,7 @@ def test_a_connection_let_in_without_a_token_streaming_an_answer_is_refused_then
     async def go():
         async with (_daemon(path, BASE) as d,
                     connect("127.0.0.1", d.addresses[0][1], verify=False) as b):
-            # (1.5 s: the reload and the request below, in this process, take a few tens of ms)
-            running = b.chat("long", max_tokens=300, params={"rate": 200})
+            running = b.chat("long", max_tokens=300, params={"rate": 100})
             await running.__anext__()
             path.write_text(WITH_ALICE)
             assert d.reload()
