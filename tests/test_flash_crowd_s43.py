@@ -194,3 +194,32 @@ def test_a_flash_crowd_gets_out_of_its_standing_queue(loss: str, seed: int) -> N
     each, 0.35-0.42."""
     stalls = _flash_crowd(loss, seed)
     assert statistics.median(stalls) < 0.5
+
+
+@pytest.mark.timeout(120)
+def test_a_lone_chat_whose_delay_steps_up_drains_once_and_gets_every_token() -> None:
+    """The drain's cost case: one chat whose one-way delay steps 100 -> 130 ms 2 s into a 600-token answer, 2 % iid
+    loss down. The step reads as a standing queue until the floor's window passes it: one drain, not one per second,
+    and every token arrives. (This seed also hung the in-memory driver before quicpair._next_time: aioquic's loss
+    timer stayed at a time it had served, and the driver served it at the same instant for ever.)"""
+    import random
+
+    from tests.quicpair import run_answer
+
+    pair, server, sid = accepted_chat()
+    rng = random.Random(1)
+    start = pair.now + 0.01
+
+    def down(now: float) -> float | None:
+        return None if rng.random() < 0.02 else (0.100 if now < start + 2.0 else 0.130)
+
+    rx = pair.client.requests[sid].receiver
+    got: dict[int, float] = {}
+
+    def on_rx(now: float) -> None:
+        for i in range(len(got), rx.next_index):
+            got[i] = now
+
+    run_answer(pair, server, sid, 600, start=start, until=start + 600 / 30 + 30, down=down, up_s=0.100, finish=True,
+               on_to_client=on_rx)
+    assert len(got) == 600 and server.drains == 1
