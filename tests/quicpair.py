@@ -107,6 +107,13 @@ def accepted_chat(scheme: str = "chatterbox") -> tuple[Pair, ServerSession, int]
     return pair, server, sid
 
 
+def set_rtt(server: ServerSession, *, srtt: float, floor: float) -> None:
+    """aioquic's view of the server's path: its minimum round trip ``floor`` and its smoothed one ``srtt`` (the
+    queue the session's rules read is their difference)."""
+    loss = server.quic._loss
+    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, srtt
+
+
 def _next_time(at: float, now: float, just_fired: bool) -> float:
     """When to serve a session's timer due at ``at``: now at the earliest, and after now if its timer was just served
     at now and still says ``at <= now`` (aioquic's loss timer can stay at a time it has handled, by float rounding: a

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.quicpair import Pair
+from tests.quicpair import Pair, set_rtt
 from tokenwire.testbed import swiftqueue_eval as se
 from tokenwire.testbed.swiftqueue_eval import MarkedPacedFlow, SwiftQueueConfig
 from tokenwire.transport.chatterbox import (
@@ -46,9 +46,9 @@ def _chat() -> tuple[Pair, ServerSession, int, int]:
 def _path(server: ServerSession, *, srtt: float = 0.050, floor: float = 0.040, in_flight: int = 0,
           cwnd: int = 12000) -> None:
     """aioquic's view of the path: no queue to speak of (10 ms over a 40-ms minimum), the window as given."""
-    loss = server.quic._loss
-    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, srtt
-    loss._cc.bytes_in_flight, loss._cc.congestion_window = in_flight, cwnd
+    set_rtt(server, srtt=srtt, floor=floor)
+    cc = server.quic._loss._cc
+    cc.bytes_in_flight, cc.congestion_window = in_flight, cwnd
 
 
 def _ack_with_ce(server: ServerSession, sid: int, echo_us: int | None, codepoint: int, now: float) -> None:

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from tests.quicpair import Pair, accepted_chat
+from tests.quicpair import Pair, accepted_chat, set_rtt
 from tokenwire.testbed import sim
 from tokenwire.transport.chatterbox import DRAIN_GAP_S, DRAIN_S, STANDING_QUEUE_S, TokenSender
 from tokenwire.transport.server_session import ServerSession
@@ -16,8 +16,7 @@ from tokenwire.transport.server_session import ServerSession
 
 def _path(server: ServerSession, floor: float, excess: float) -> None:
     """aioquic's minimum round trip ``floor`` and its smoothed one ``excess`` above it."""
-    loss = server.quic._loss
-    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, floor + excess
+    set_rtt(server, srtt=floor + excess, floor=floor)
 
 
 def _drains(server: ServerSession, start: float, until: float, step: float = 0.05) -> list[float]:

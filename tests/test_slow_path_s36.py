@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.quicpair import accepted_chat
+from tests.quicpair import accepted_chat, set_rtt
 from tokenwire.transport.chatterbox import COALESCE_MAX_S, COALESCE_QUEUE_S, NEEDS_ROOM, QUEUE_DELAY_S, TokenSender
 from tokenwire.transport.frames import Tokens, decode_datagram
 from tokenwire.transport.server_session import ServerSession
@@ -77,8 +77,7 @@ def test_a_packet_leaving_anyway_takes_the_waiting_tokens_along():
 
 # ------------------------------------------------------------------------------------------------ the real session
 def _path(server: ServerSession, srtt: float, floor: float) -> None:
-    loss = server.quic._loss
-    loss._rtt_initialized, loss._rtt_min, loss._rtt_smoothed = True, floor, srtt
+    set_rtt(server, srtt=srtt, floor=floor)
 
 
 def test_the_server_tells_the_queue_only_well_past_the_round_trip_rule():
