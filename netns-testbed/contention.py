@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwire.daemon.cli import CLIError, cell, positive_int
 
 from .cli import ctrl_c_throughout
-from .path_config import GO_SETTLE_S, PathConfig, check_answers, check_schemes
+from .path_config import GO_SETTLE_S, START_MODES, PathConfig, check_answers, check_schemes
 from .traffic import CROSS_HELP, parse_cross
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ CHATS_PER_WORKER = 15
 PORT = 8443
 UDP = "17"  # a packet log row's ``proto`` (the IP protocol number)
 READY_S = 60.0
-START_MODES = ("settled", "connected")
 CONNECT_WAIT_S = 90.0  # the workers' connects (30 s each, concurrent) and their start
 SETTLE_MAX_S = 10.0
 """The longest wait for the path's queues to carry the handshakes away before "go" (:func:`settle`), or its first

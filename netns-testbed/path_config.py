@@ -18,6 +18,9 @@ GO_SETTLE_S = 0.5
 again while a direction of the emulated path still queues: the 30 handshakes of a 1-Mbit/s run left ~300 ms of their
 packets queued up, and every request waited behind them (TTFT ~570 ms instead of ~250). ``sim --chats`` and ``testbed
 contention`` both wait so (:func:`.contention.settle`): N handshakes at once are not what they measure."""
+START_MODES = ("settled", "connected")
+"""When the answers of several chats start (``--start`` of ``testbed contention`` and ``sim``): ``settled`` after the
+wait above, ``connected`` as soon as every chat is connected, behind the handshakes' packets (a flash crowd)."""
 
 
 @dataclass

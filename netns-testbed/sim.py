@@ -49,10 +49,10 @@ from tokenwire.transport.tls import client_configuration, server_configuration, 
 
 from .link import Link
 from .loss import LossModel, parse_loss
-from .path_config import GO_SETTLE_S
+from .path_config import GO_SETTLE_S, START_MODES
 from .queues import DropTail, Packet
 from .trace import trace_from_spec
-from .vsim import MAX_VIRTUAL_S
+from .vsim import MAX_VIRTUAL_S, Flow, Simulation
 
 CLIENT_ADDR = ("10.77.0.2", 40000)
 SERVER_ADDR = ("10.77.0.1", 4433)
@@ -88,6 +88,13 @@ class SimConfig:
     queue_packets: int = QUEUE_PACKETS
     # chats at once over the one channel (run_chats): chat i asks for the demo schedule of seed + i
     chats: int = 1
+    # when the answers start (START_MODES): "settled" once the handshakes' packets have left the path, "connected"
+    # as soon as every chat is connected, behind them (a flash crowd); one chat's request goes as its handshake
+    # completes either way
+    start: str = "settled"
+    # cross traffic server -> client on the traced down direction (.traffic.parse_cross specs, tcp:bbr excepted:
+    # _CrossTraffic), from time 0, through the handshakes and every answer, as testbed contention's
+    cross: list[str] = field(default_factory=list)
     # told how far a long run is (run_scheme's ``progress``): not a parameter of the run, so not in to_dict; a
     # field, so that compare() hands it to every run without a third argument (stand-ins of run_scheme take two)
     progress: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
@@ -111,6 +118,10 @@ class SimConfig:
             d.update(down_trace=self.down_trace, up_trace=self.up_trace_spec, queue_packets=self.queue_packets)
         if self.chats != 1:  # (absent for one chat: a single-chat run's JSON is what it always was)
             d["chats"] = self.chats
+        if self.start != "settled":  # (absent by default, the same way)
+            d["start"] = self.start
+        if self.cross:
+            d["cross"] = list(self.cross)
         return d
 
 
@@ -207,10 +218,17 @@ class _TraceWire:
         self.loop, self.link, self.deliver = loop, link, deliver
         self.sent: list[Packet] = []
         self._armed: set[float] = set()
+        self.cross: Callable[[Packet], None] | None = None
+        """The sink of cross traffic's packets (:class:`_CrossTraffic`), which carry no datagram."""
 
     def send(self, datagrams: list[bytes], now: float, addr: Address) -> None:
         for data in datagrams:
             self.sent.append(self.link.enqueue(Packet(len(data) + IP_UDP_HEADER, 0, data, addr), now))
+        self._arm()
+
+    def send_packet(self, pkt: Packet, now: float) -> None:
+        """A packet of cross traffic (sizes only, ``data`` None): logged in :attr:`sent` as the chats' are."""
+        self.sent.append(self.link.enqueue(pkt, now))
         self._arm()
 
     def _arm(self) -> None:
@@ -223,9 +241,74 @@ class _TraceWire:
     def _wake(self, t: float) -> None:
         self._armed.discard(t)
         for pkt in self.link.dequeue_ready(self.loop.now):
-            assert pkt.data is not None  # (this wire's packets carry their datagram and its client)
+            if pkt.data is None:  # cross traffic's (the chats' packets carry their datagram and its client)
+                if self.cross is not None:
+                    self.cross(pkt)
+                continue
             self.deliver(pkt.meta, pkt.data)  # type: ignore[arg-type]
         self._arm()
+
+
+def cross_problem(spec: str) -> str | None:
+    """Why the simulator cannot run cross traffic ``spec``, or None: contention's grammar
+    (:func:`.traffic.parse_cross`: ``tcp:cubic|bbr|reno``, ``udp-ect1:RATE``, ``onoff-ect1:RATE:ON_MS:OFF_MS``),
+    no ``tcp:bbr`` (``tcp:reno`` and ``tcp:cubic`` run as a Reno AIMD window, :class:`.vsim.RenoFlow`, as in ``testbed
+    swiftqueue --virtual``: no model of either in virtual time), and a paced RATE of at most :data:`MAX_CROSS_BPS`."""
+    from .trace import generator_bps
+    from .traffic import parse_cross
+
+    try:
+        kind, arg = parse_cross(spec)
+    except ValueError as exc:
+        return str(exc)
+    if kind == "tcp" and arg == "bbr":
+        return (f"cross traffic {spec!r}: virtual time has no BBR model (tcp:reno and tcp:cubic run as Reno AIMD); "
+                "testbed contention runs kernel BBR")
+    if kind != "tcp":
+        bps = generator_bps(arg.partition(":")[0])
+        if bps is not None and bps > MAX_CROSS_BPS:
+            return (f"cross traffic {spec!r}: at most {MAX_CROSS_BPS / 1e6:g} Mbit/s in the simulator (each packet is "
+                    "an event: a faster flow only fills the queue, slowly)")
+    return None
+
+
+MAX_CROSS_BPS = 100e6
+"""The fastest paced cross flow the simulator takes: ~10,000 packets a virtual second already, far past any trace a
+chat is simulated on; ``udp-ect1:100gbps`` (the grammar's bound) would take hours of CPU to fill a queue."""
+
+
+class _CrossTraffic(Simulation):
+    """``cfg.cross`` on a traced down direction: :mod:`.vsim`'s flows (:func:`.swiftqueue_eval.add_cross_flows`, as
+    ``testbed swiftqueue --virtual`` runs them: 1200-byte paced packets, each flow starting within the first 50 ms,
+    by the seed) sending into the wire's :class:`Link` on the run's event loop. Their packets are dropped where they
+    are delivered (the cross sink); a Reno flow hears of each one a one-way delay later (no queue up). They run
+    until the run ends."""
+
+    def __init__(self, loop: _EventLoop, wire: _TraceWire, specs: list[str], *, ack_delay: float, seed: int) -> None:
+        from .swiftqueue_eval import add_cross_flows
+
+        super().__init__(wire.link, keep=lambda pkt: False)  # (vsim's own loop and records go unused)
+        self.loop, self.wire = loop, wire
+        wire.cross = self._deliver
+        for spec in specs:
+            problem = cross_problem(spec)
+            if problem is not None:
+                raise ValueError(problem)
+        add_cross_flows(self, specs, ack_delay=ack_delay, seconds=math.inf, seed=seed)
+
+    def call_at(self, t: float, fn: Callable[[float], None]) -> int:
+        eid = next(self._ids)
+        self.loop.at(t, functools.partial(self._fire, eid, fn))
+        return eid
+
+    def _fire(self, eid: int, fn: Callable[[float], None]) -> None:
+        if eid in self._cancelled:
+            self._cancelled.discard(eid)
+            return
+        fn(self.loop.now)
+
+    def send(self, flow: Flow, pkt: Packet, now: float) -> None:
+        self.wire.send_packet(pkt, now)
 
 
 def _channel(cfg: SimConfig, loop: _EventLoop, to_client: Deliver, to_server: Deliver) -> tuple[
@@ -309,7 +392,10 @@ class _Chats:
     handshake completes and the channel has carried the handshakes' packets away ("go", :meth:`_maybe_go`: ``testbed
     contention`` starts its answers once every connection is open and the path's queues are empty, so that N
     handshakes at once are not what is measured), so the answers start together, as there; with one chat that is the
-    moment its own completes, as always."""
+    moment its own completes, as always. ``cfg.start`` "connected" is contention's ``--start connected``: go at the
+    moment the last handshake completes, behind their packets (a flash crowd). ``cfg.cross`` adds cross traffic to
+    the traced down direction from time 0 (:class:`_CrossTraffic`); "settled" then waits the settling time only, as
+    contention does (a responsive flow keeps the queue from ever emptying)."""
 
     def __init__(self, scheme: str, cfg: SimConfig) -> None:
         if cfg.chats < 1:  # (no flow: the run would be "done" before it began)
@@ -335,6 +421,15 @@ class _Chats:
         self._go_pending = False
         self._settle_s = max(GO_SETTLE_S, 4 * cfg.delay_ms / 1000.0)
         self.down, self.up = _channel(cfg, self.loop, self._to_client, self._to_server)
+        if cfg.start not in START_MODES:
+            raise ValueError(f"start {cfg.start!r}: one of {', '.join(START_MODES)}")
+        self.cross: _CrossTraffic | None = None
+        if cfg.cross:  # (from time 0, before the handshakes: testbed contention starts its senders first)
+            if not isinstance(self.down, _TraceWire):
+                raise ValueError("cross traffic needs a traced down direction (the fixed channel has no queue)")
+            self.cross = _CrossTraffic(self.loop, self.down, cfg.cross, ack_delay=cfg.delay_ms / 1000.0,
+                                       seed=cfg.seed)
+        self.answers_end: float | None = None  # when every answer had ended or failed (the GEN_TIMES tail follows)
         for flow in self.flows:
             sess = flow.client.session
             assert isinstance(sess, ClientSession)
@@ -442,14 +537,16 @@ class _Chats:
             assert isinstance(sess, ClientSession)
             if sess.datagrams_ok is None and flow.lost is None:
                 return
-        if len(self.flows) == 1:
+        if len(self.flows) == 1 or self.cfg.start == "connected":  # (a flash crowd: behind the handshakes' packets)
             self._go()
             return
         self._go_pending = True
         self.loop.at(self.loop.now + self._settle_s, self._settled)
 
     def _settled(self) -> None:
-        if any(isinstance(w, _TraceWire) and w.link.backlog for w in (self.down, self.up)):
+        """Go, unless a traced direction still queues packets: then again a settling time later. With cross traffic
+        the queues need not empty (contention's :func:`.contention.settle`): the settling time only."""
+        if not self.cfg.cross and any(isinstance(w, _TraceWire) and w.link.backlog for w in (self.down, self.up)):
             self.loop.at(self.loop.now + self._settle_s, self._settled)
             return
         self._go()
@@ -514,6 +611,7 @@ class _Chats:
             loop.run(done, self.cfg.max_virtual_s)
         else:
             loop.run(done, self.cfg.max_virtual_s, tick=tick)
+        self.answers_end = loop.now
         if any(f.outcome is not None and not f.stats for f in flows):
             # the generation times follow the answer (ALPN_GEN_TIMES): their bytes count, as when FINISHED carried
             # them, and the answer's times (its end included) are taken already
@@ -637,17 +735,26 @@ class ChatsRun:
     go: float | None
 
 
-def direction_summary(wire: _Wire | _TraceWire, since: float) -> dict[str, Any]:
+def direction_summary(wire: _Wire | _TraceWire, since: float, until: float | None = None) -> dict[str, Any]:
     """One direction's log from ``since`` (the requests' "go") on, as ``testbed contention``'s
     :func:`~tokenwire.testbed.contention.down_link_summary` reads the emulator's: packets offered, dropped by the
     full queue (``dropped``) or by the loss model (``lost``), bytes delivered, queueing (sojourn, arrival to the start
     of transmission) of the delivered packets, and for a traced direction ``utilisation``: delivered bytes over the
     trace's capacity from ``since`` to the last delivered packet's departure. No queue on the fixed channel: sojourn
-    and utilisation are None there."""
-    packets = lost = dropped = delivered_bytes = offered_bytes = 0
+    and utilisation are None there.
+
+    Cross traffic's packets (``data`` None: :class:`_CrossTraffic`) count as contention's do, up to ``until`` (the
+    answers' end: it goes on through the statistics' tail, which would stretch the span), and then the keys
+    ``chats_delivered_bytes`` and ``chats_utilisation`` (the chats' share) and ``cross_delivered_bytes`` appear."""
+    packets = lost = dropped = delivered_bytes = offered_bytes = cross_bytes = 0
+    cross_seen = False
     last_departure: float | None = None
     sojourns: list[float] = []
     for p in wire.sent:
+        if p.data is None:
+            cross_seen = True
+            if until is not None and p.arrival >= until:
+                continue
         if p.arrival < since:
             continue
         packets += 1
@@ -658,21 +765,29 @@ def direction_summary(wire: _Wire | _TraceWire, since: float) -> dict[str, Any]:
             dropped += 1
         elif p.delivery is not None:
             delivered_bytes += p.size
+            if p.data is None:
+                cross_bytes += p.size
             if p.departure is not None:
                 last_departure = p.departure if last_departure is None else max(last_departure, p.departure)
             if p.sojourn is not None:
                 sojourns.append(p.sojourn * 1000.0)
     util = None
+    capacity = 0
     if isinstance(wire, _TraceWire) and wire.link.trace is not None and last_departure is not None:
         start = wire.link.start
         capacity = wire.link.trace.bytes_between((since - start) * 1000.0, (last_departure - start) * 1000.0)
         util = delivered_bytes / capacity if capacity else None
-    return {
+    out = {
         "packets": packets, "offered_bytes": offered_bytes, "dropped": dropped, "lost": lost,
         "delivered_bytes": delivered_bytes, "utilisation": util,
         "sojourn_ms_p50": metrics.percentile(sojourns, 50.0) if sojourns else None,
         "sojourn_ms_p99": metrics.percentile(sojourns, 99.0) if sojourns else None,
     }  # fmt: skip
+    if cross_seen:  # (absent without cross traffic: such a run's JSON is what it always was)
+        chats = delivered_bytes - cross_bytes
+        out.update(chats_delivered_bytes=chats, cross_delivered_bytes=cross_bytes,
+                   chats_utilisation=chats / capacity if capacity else None)
+    return out
 
 
 def run_chats(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | None = None, *,
@@ -701,8 +816,8 @@ def run_chats(scheme: str, cfg: SimConfig, progress: Callable[[str], None] | Non
                    cap or "simulation ended without finishing the request")
             flows.append(FlowRun(f.index, seed, f.addr, None, why))
     since = sim.go if sim.go is not None else 0.0
-    return ChatsRun(scheme, cfg.seed, flows, direction_summary(sim.down, since), direction_summary(sim.up, since),
-                    sim.go)
+    return ChatsRun(scheme, cfg.seed, flows, direction_summary(sim.down, since, sim.answers_end),
+                    direction_summary(sim.up, since), sim.go)
 
 
 def _offsets(n: int, *, rate: float, seed: int, first_token_s: float) -> Iterator[float]:
@@ -916,6 +1031,9 @@ def chats_scheme_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "flows_finished": len(done),
         "digests_verified": sum(r["digests_verified"] for r in runs),
         "per_run_stall_ratio_p50": [r["stall_ratio_p50"] for r in runs],
+        **({"chats_utilisation": mean_known(r["link"]["chats_utilisation"] for r in runs),
+            "cross_delivered_bytes": mean_known(r["link"]["cross_delivered_bytes"] for r in runs)}
+           if runs and all("chats_utilisation" in r["link"] for r in runs) else {}),
     }
 
 

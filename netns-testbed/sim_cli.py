@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenwire.daemon.cli import cell, positive_int, seed_arg, write_json
+from tokenwire.testbed.path_config import START_MODES
 
 MAX_SIM_CHATS = 200
 """``--chats`` at most: ``testbed contention``'s bound (its ``MAX_CHATS``), so that the two take the same runs."""
@@ -68,6 +69,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chats at once sharing the one channel (each direction's trace and queue), 1 to "
                    f"{MAX_SIM_CHATS} (default: 1): testbed contention in virtual time, without its CPU limits; chat i "
                    "gets the demo schedule of seed + i, and the table reports per-flow percentiles")
+    p.add_argument("--start", choices=START_MODES, default="settled",
+                   help="when the answers of --chats N start, as testbed contention's --start: settled (the "
+                   "default), once the links have carried the handshakes' packets away, or connected, as soon as "
+                   "every chat is connected, behind those packets (a flash crowd); one chat's request goes as its "
+                   "handshake completes either way")
+    p.add_argument("--cross", action="append", metavar="SPEC",
+                   help="cross traffic server -> client on the --down-trace link (repeatable), testbed contention's "
+                   "forms: udp-ect1:RATE (paced, 1200-byte packets) | onoff-ect1:RATE:ON_MS:OFF_MS (the same, on "
+                   "for ON_MS then silent for OFF_MS, from the start) | tcp:reno | tcp:cubic (both a Reno AIMD "
+                   "model; no tcp:bbr in virtual time). It runs from time 0, through the handshakes and every "
+                   "answer, and its packets are dropped where they are delivered; the drop-tail queue ignores the "
+                   "ECT(1) mark")
     p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(handler=run)
 
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{option} {value:g} must be >= {least}")
     if not 1 <= args.chats <= MAX_SIM_CHATS:
         raise CLIError(f"--chats {args.chats}: 1 to {MAX_SIM_CHATS}")
+    check_cross(args)
     check_traces(args)
     if args.tokens > MAX_ANSWER_TOKENS:  # as `testbed compare` and `bench daemon` refuse it: no answer is longer
         raise CLIError(f"--tokens {args.tokens}: at most {MAX_ANSWER_TOKENS:,} (the daemon's bound on an answer)")
@@ -118,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         down_trace=args.down_trace,
         up_trace=args.up_trace,
         chats=args.chats,
+        start=args.start,
+        cross=list(args.cross or []),
     )
     if args.queue_packets is not None:
         cfg.queue_packets = args.queue_packets
@@ -158,6 +174,23 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     return 1 if any(d["runs_finished"] == 0 for d in result["schemes"].values()) else 0
+
+
+def check_cross(args: argparse.Namespace) -> None:
+    """Refuse ``--cross`` the simulator cannot run, as :class:`CLIError`: without ``--down-trace`` (the fixed channel
+    has no queue to share), a spec outside ``testbed contention``'s grammar, ``tcp:bbr`` (no model in virtual time)
+    or a paced RATE past :data:`.sim.MAX_CROSS_BPS` (:func:`.sim.cross_problem`)."""
+    from tokenwire.daemon.cli import CLIError
+    from tokenwire.testbed.sim import cross_problem
+
+    if not args.cross:
+        return
+    if args.down_trace is None:
+        raise CLIError("--cross: only with --down-trace (the fixed-delay channel has no queue for it to share)")
+    for spec in args.cross:
+        problem = cross_problem(spec)
+        if problem is not None:
+            raise CLIError(f"--cross: {problem}")
 
 
 def check_traces(args: argparse.Namespace) -> None:
@@ -201,6 +234,17 @@ def describe_path(cfg: dict) -> str:
     return f"{traces}, droptail {cfg['queue_packets']} packets, {path}"
 
 
+def describe_load(cfg: dict) -> str:
+    """What a result's ``config`` adds to the path, for the table's first line: the answers' start (when not the
+    default) and the cross traffic; nothing for a run without either (its line is what it always was)."""
+    out = ""
+    if cfg.get("start", "settled") != "settled":
+        out += f", answers start {cfg['start']}"
+    if cfg.get("cross"):
+        out += f", cross traffic {' + '.join(cfg['cross'])}"
+    return out
+
+
 SEED_CHECK_PROGRESS_S = 5.0
 """Wall-clock seconds between two lines of the per-seed check against the cap, where it draws each seed."""
 
@@ -226,7 +270,7 @@ def format_table(result: dict) -> str:
     oracle = result["oracle"]["stall_ratio"]
     w = count_width(result["schemes"].values())
     lines = [
-        f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}, "
+        f"{cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}{describe_load(cfg)}, "
         f"seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1}",
         f"{'scheme':<11} {'stall':>7} {'own-oracle':>10} {'TTFT ms':>8} {'p99 ms':>7} {'B/token':>8} "
         f"{'rendered':>{2 * w + 1}} {'digest':>6}",
@@ -276,8 +320,8 @@ def format_chats_table(result: dict) -> str:
     cfg = result["config"]
     f = cell
     lines = [
-        f"{cfg['chats']} chats x {cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}, "
-        f"seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1} (virtual time: no CPU limits)",
+        f"{cfg['chats']} chats x {cfg['tokens']} tokens at {cfg['rate']:g}/s, {describe_path(cfg)}"
+        f"{describe_load(cfg)}, seeds {cfg['seed']}..{cfg['seed'] + cfg['runs'] - 1} (virtual time: no CPU limits)",
         f"{'scheme':<11} {'stall p50':>9} {'p90':>7} {'TTFT p50':>9} {'p90':>7} {'B/token':>8} {'util':>6} "
         f"{'sojourn p50/p99 ms':>19} {'drop/lost':>10} {'Jain':>6} {'finished':>9} {'digests':>8}",
     ]
@@ -296,5 +340,8 @@ def format_chats_table(result: dict) -> str:
             lines.append(f"{s}: seed {seed} flow {fl['flow']} FAILED ({why})")
         if len(failed) > FAILED_FLOWS_SHOWN:
             lines.append(f"{s}: {len(failed) - FAILED_FLOWS_SHOWN} more failed flows (see --json)")
+    if cfg.get("cross"):  # util counts every delivered byte, as contention's: say how much of it was the chats'
+        shares = ", ".join(f"{s} {f(d.get('chats_utilisation'), '.1%')}" for s, d in result["schemes"].items())
+        lines.append(f"cross traffic: util counts it too; the chats' own share of the link: {shares}")
     lines += comparison_lines(result["comparison"])
     return "\n".join(lines)
