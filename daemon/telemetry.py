@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.frames import SCHEMES
 from tokenwire.transport.handshake_guard import HANDSHAKE_REFUSAL_REASONS, REFUSALS_LOG_S, RefusalLog
-from tokenwire.transport.quic_io import DROP_REASONS, datagrams_dropped
+from tokenwire.transport.quic_io import DROP_REASONS, datagrams_dropped, stateless_resets
 
 from .ingest import FAILED_OUTCOMES, OPEN_REFUSAL_REASONS, PUSH_REFUSAL_REASONS
 
@@ -244,6 +244,7 @@ class Metrics:
             "Requests on the metrics port that aiohttp could not parse (a port scan, a request without Host)",
             registry=r))
         r.register(_DatagramDrops())
+        r.register(_StatelessResets())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -285,6 +286,19 @@ class _DatagramDrops:
             "port is not serving yet)", labels=["reason"])
         for reason in DROP_REASONS:
             family.add_metric([reason], datagrams_dropped[reason])
+        yield family
+
+
+class _StatelessResets:
+    """tokenwire_stateless_resets_sent_total, read at each scrape from the QUIC servers' process-wide count
+    (transport.quic_io.stateless_resets, as the drops above)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tokenwire_stateless_resets_sent",
+            "QUIC Stateless Resets sent (RFC 9000 10.3): answers to a short-header packet of a connection no QUIC "
+            "port of this process knows (a client of the process before a restart), rate-limited")
+        family.add_metric([], stateless_resets["sent"])
         yield family
 
 

@@ -16,6 +16,7 @@ import re
 import socket
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from .ecn_socket import EcnDatagramTransport, dissolve_association, ecn_supporte
 from .errors import ConnectError, ConnectRefused, ConnectTimeout
 from .session import _SessionBase
 from .session_events import AIOQUIC_IDLE_REASON, SessionEvent, handshake_refusal
+from .stateless_reset import MIN_RESET_SIZE, RESET_REASON, Resetter, is_reset, private_key_der, static_key
 from .tls import check_seconds
 
 log = logging.getLogger("tokenwire.transport")
@@ -49,6 +51,10 @@ logging.getLogger("tokenwire").addHandler(logging.NullHandler())
 # together (telemetry exports it as tokenwire_datagrams_dropped_total).
 DROP_REASONS = ("malformed", "unknown_connection", "not_accepting")
 datagrams_dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+# Stateless Resets (RFC 9000 10.3) the QUIC servers of this process sent, in answer to a short-header datagram of a
+# connection they do not know (one of a process before them: a restart), and those their send limit held back
+# (ValidatingQuicServer._answer_unknown; telemetry exports "sent" as tokenwire_stateless_resets_sent_total)
+stateless_resets: dict[str, int] = {"sent": 0, "limited": 0}
 
 RECV_BUFFER_BYTES = 4 << 20  # the default 208 KiB overflowed on loopback bursts (research notes)
 CLOSE_PERIOD_MAX_S = 5.0
@@ -315,12 +321,45 @@ class SessionProtocol(QuicConnectionProtocol):
             self.heard = True
             if self._associated:
                 self._dissolve_association()
+        if self._quic._is_client and self._stateless_reset(data, addr):  # type: ignore[arg-type]  # bytes
+            return
         now = self.clock()
         self.session.before_datagram()
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self.session.after_datagram(now)
         self._process_events()
         self.transmit()
+
+    def _stateless_reset(self, data: bytes, addr: NetworkAddress) -> bool:
+        """End the connection at once if ``data`` is a Stateless Reset from its server (RFC 9000 10.3.1): its
+        server no longer knows it (a restart), and would answer nothing on it until the idle timeout.
+
+        A client's check only (aioquic's servers ignore a client's tokens, and tokenwire's clients never send a
+        reset). Only a short-header datagram of 21 bytes or more from the server's address is compared, with the
+        tokens of the connection IDs this client sends to: the one in use and any a path probe holds (10.3.1: not
+        those it has not used, nor retired ones), each in constant time. Checked before aioquic reads the datagram
+        (a reset's connection ID is random: aioquic drops it unread), which RFC 9000 allows: the check is a MUST for
+        a datagram that cannot be processed and a MAY for one that can. A match ends the connection without another
+        packet (the RFC's draining: "MUST NOT send"), and at once, without the draining period's 3 PTO: RFC 9000
+        10.2 lets an endpoint that can keep late packets from drawing an answer end it early, and aioquic answers
+        none once terminated (a client closes its UDP socket with the connection). The session sees the end with
+        :data:`~.stateless_reset.RESET_REASON` (the SDK raises it as a lost connection: ``path_lost``)."""
+        quic = self._quic
+        if len(data) < MIN_RESET_SIZE or data[0] & 0x80 or quic._state in END_STATES:
+            return False
+        if all(path.addr != addr for path in quic._network_paths):  # (aioquic drops those: RFC 9000 9)
+            return False
+        tokens = [quic._peer_cid.stateless_reset_token]
+        tokens.extend(path.peer_cid.stateless_reset_token for path in quic._network_paths if path.peer_cid is not None)
+        if not is_reset(data, tokens):
+            return False
+        log.info("stateless reset from %s: the server no longer has this connection", addr[0])
+        quic._close_event = qe.ConnectionTerminated(
+            error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase=RESET_REASON)
+        quic._close_end()
+        self._process_events()
+        self.transmit()  # (nothing to send: its timers are dropped)
+        return True
 
     def transmit(self) -> None:
         if self._transmit_task is not None:  # a deferred transmit (transmit_soon) has nothing left to do: not twice
@@ -355,9 +394,11 @@ class SessionProtocol(QuicConnectionProtocol):
         estimate, which a lagging event loop at either end inflates: a daemon whose loop lagged for seconds under 64
         answers had an estimate of 37 s (PTO 186 s) and kept a closed client's session for 9 minutes. RFC 9000 10.2
         asks for 3 PTO so that late packets are discarded rather than answered; aioquic answers none in the period
-        (it does not even repeat its CONNECTION_CLOSE) and, once the connection is gone, drops a late packet for an
-        unknown connection ID without a Stateless Reset: ending the period sooner loses nothing. A path's real PTO
-        is far below the bound, and there the period is 3 PTO as before.
+        (it does not even repeat its CONNECTION_CLOSE), and once the connection is gone a server answers a late
+        packet for its ID with a Stateless Reset (:meth:`ValidatingQuicServer._answer_unknown`), which a peer that
+        saw the close ignores (it is closing or draining) and one that missed it takes as the end it missed: ending
+        the period sooner loses nothing. A path's real PTO is far below the bound, and there the period is 3 PTO as
+        before.
         """
         quic = self._quic
         if self._close_period_bounded or quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING):
@@ -426,6 +467,11 @@ class ValidatingQuicServer(QuicServer):
     Initial with the token made that handshake fail ("original_destination_connection_id does not match").
     Here the handler, once made, stays for tokens: an Initial that carries one is always checked, and one
     without is answered with a Retry only while :attr:`issue_retry` is on.
+
+    With a ``resetter`` (:class:`~.stateless_reset.Resetter`; :func:`serve_quic` makes one for every server) its
+    connections' IDs get the tokens its key gives them, and a short-header datagram of a connection it does not
+    know is answered with a Stateless Reset (RFC 9000 10.3): the clients of a process before it (a restart with the
+    same key) learn in one round trip that their connection is gone, instead of after their idle timeout.
     """
 
     issue_retry = False
@@ -434,8 +480,11 @@ class ValidatingQuicServer(QuicServer):
     # is not ready to serve yet (the daemon's KV codec warm-up, seconds during which a stop signal could not drain)
     accepting = True
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, resetter: Resetter | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.resetter = resetter
+        if resetter is not None:  # (aioquic makes each connection, then calls this with it before it reads a datagram)
+            self._create_protocol = _WithResetTokens(self._create_protocol, resetter)
         self._table = ProtocolTable()  # (aioquic's plain dict: a connection's end walked every entry)
         self._protocols = self._table
         # set once the transport has let go of the listening socket (it closes it right after connection_lost, in the
@@ -463,18 +512,21 @@ class ValidatingQuicServer(QuicServer):
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         if not self.accepting:
             datagrams_dropped["not_accepting"] += 1
+            # a short header's is of a connection of a process before this one (none is known yet): reset
+            self._answer_unknown(data, addr)  # type: ignore[arg-type]  # datagrams are bytes
             return
         self.choose_retry(data)
         table = self._table
         table.found = None
         super().datagram_received(data, addr)
         if table.found is not True:  # (the packet path: a connection's datagram costs this test and the lookup's)
-            self._count_drop(data, table.found)
+            self._count_drop(data, table.found, addr)
 
-    def _count_drop(self, data: bytes | str, found: bool | None) -> None:
+    def _count_drop(self, data: bytes | str, found: bool | None, addr: NetworkAddress) -> None:
         """Count ``data`` in :data:`datagrams_dropped` if aioquic dropped it: it reached no connection (``found``:
-        False when its lookup missed, None when aioquic returned before it). Parsed again, only here: on a miss or
-        before any lookup, a datagram is junk, a new connection's Initial, or one aioquic answered."""
+        False when its lookup missed, None when aioquic returned before it), and answer a short header's with a
+        Stateless Reset (:meth:`_answer_unknown`). Parsed again, only here: on a miss or before any lookup, a
+        datagram is junk, a new connection's Initial, or one aioquic answered."""
         try:
             header = pull_quic_header(Buffer(data=bytes(data)),  # type: ignore[arg-type]  # datagrams are bytes
                                       host_cid_length=self._configuration.connection_id_length)
@@ -485,7 +537,24 @@ class ValidatingQuicServer(QuicServer):
             return  # a version this server lacks: answered with a Version Negotiation
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
             datagrams_dropped["unknown_connection"] += 1
+            if header.packet_type == QuicPacketType.ONE_RTT:  # (never a long header's: RFC 9000 10.3)
+                self._answer_unknown(data, addr)  # type: ignore[arg-type]  # datagrams are bytes
         # (else a connection was made for it, or it was answered with a Retry or an INVALID_TOKEN close)
+
+    def _answer_unknown(self, data: bytes, addr: NetworkAddress) -> None:
+        """Answer a short-header datagram that no connection of this server took with a Stateless Reset, if this
+        server has a :attr:`resetter` and its rules allow one (smaller than the datagram, within the send limit:
+        :meth:`~.stateless_reset.Resetter.reply`). Counted in :data:`stateless_resets`."""
+        resetter = self.resetter
+        if resetter is None or self._transport is None:
+            return
+        limited = resetter.limited
+        reset = resetter.reply(data, time.monotonic())
+        if reset is None:
+            stateless_resets["limited"] += resetter.limited - limited
+            return
+        stateless_resets["sent"] += 1
+        self._transport.sendto(reset, addr)
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         """Forget ``protocol``'s connection IDs, and only those. aioquic's walks every ID of every connection for
@@ -498,6 +567,53 @@ class ValidatingQuicServer(QuicServer):
         if self.retry_handler is not None:
             retry = self.retry_handler if self.issue_retry or _initial_token(data, self) else None
             self._retry = retry  # type: ignore[assignment]  # aioquic annotates it without None, and tests for None
+
+
+class _WithResetTokens:
+    """A server's ``create_protocol`` that first gives the new connection's IDs the tokens of ``resetter``'s key
+    (:func:`give_reset_tokens`)."""
+
+    __slots__ = ("_create", "_resetter")
+
+    def __init__(self, create: Callable[..., QuicConnectionProtocol], resetter: Resetter) -> None:
+        self._create = create
+        self._resetter = resetter
+
+    def __call__(self, connection: QuicConnection, *args: Any, **kwargs: Any) -> QuicConnectionProtocol:
+        give_reset_tokens(connection, self._resetter)
+        return self._create(connection, *args, **kwargs)
+
+
+def give_reset_tokens(quic: QuicConnection, resetter: Resetter) -> None:
+    """Give a server connection's IDs the stateless reset tokens of ``resetter``'s key, in place of aioquic's
+    (==1.7.2) random ones: its first (sent in the transport parameters, which aioquic writes when it reads the
+    client's first Initial: call this before) and those it issues later in NEW_CONNECTION_ID frames (aioquic's
+    ``_replenish_connection_ids``, replaced on this instance, as :mod:`.datagram_hook` replaces a writer).
+    tests/test_stateless_reset.py pins the aioquic names."""
+    for cid in quic._host_cids:
+        cid.stateless_reset_token = resetter.token(cid.cid)
+    quic._replenish_connection_ids = _Replenish(quic, resetter)  # type: ignore[method-assign]
+
+
+class _Replenish:
+    """aioquic's ``_replenish_connection_ids`` with the new IDs' tokens from a :class:`Resetter`. It holds its
+    connection weakly: set on the connection itself, a strong reference would make one more reference cycle for
+    the garbage collector (see :meth:`SessionProtocol._release_ended`)."""
+
+    __slots__ = ("_quic", "_resetter")
+
+    def __init__(self, quic: QuicConnection, resetter: Resetter) -> None:
+        self._quic = weakref.ref(quic)
+        self._resetter = resetter
+
+    def __call__(self) -> None:
+        quic = self._quic()
+        if quic is None:
+            return
+        QuicConnection._replenish_connection_ids(quic)
+        for cid in quic._host_cids:
+            if not cid.was_sent:  # (the new ones: a token already sent is never changed)
+                cid.stateless_reset_token = self._resetter.token(cid.cid)
 
 
 class ProtocolTable(dict[bytes, QuicConnectionProtocol]):
@@ -563,31 +679,50 @@ def _initial_token(data: bytes | str, server: QuicServer) -> bool:
 
 
 async def serve_quic(
-    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False, accepting: bool = True
+    host: str, port: int, *, configuration: Any, create_protocol: Callable, ecn: bool = False, accepting: bool = True,
+    reset_key: bytes | None = None,
 ) -> ValidatingQuicServer:
     """aioquic's ``serve``, optionally on the ECN-capable transport (per-packet codepoints); ValueError for a
     port outside 0..65535. ``accepting=False``: bound, every datagram dropped unread until the owner sets
     :attr:`ValidatingQuicServer.accepting` (its start gate): set by the caller after this returned, a datagram
-    read in the loop turn between (the ECN path awaits one here) was served before the gate closed."""
+    read in the loop turn between (the ECN path awaits one here) was served before the gate closed.
+
+    Stateless Resets (RFC 9000 10.3; :mod:`.stateless_reset`): the server's key is ``reset_key``, else derived
+    from ``configuration``'s TLS private key and ``host`` and the port bound (:func:`~.stateless_reset.static_key`):
+    a restart with the same key file and address answers its clients' old connections with resets. A key made for
+    this process (an ephemeral self-signed certificate) gives a key no later process has: its clients wait for
+    their idle timeout, as before. The key is made once here: a certificate reloaded later does not change it."""
     check_port(port, listening=True)
+    sock = open_udp_socket(host, port)
+    try:
+        if reset_key is None:
+            reset_key = static_key(private_key_der(getattr(configuration, "private_key", None)),
+                                   f"{host}|{sock.getsockname()[1]}")
+        resetter = Resetter(reset_key, configuration.connection_id_length)
+    except BaseException:
+        sock.close()
+        raise
 
     def make() -> ValidatingQuicServer:
-        server = ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol)
+        server = ValidatingQuicServer(configuration=configuration, create_protocol=create_protocol, resetter=resetter)
         server.accepting = accepting  # before its transport exists: gated from the first datagram read
         return server
 
     if not ecn:
         # our own socket, as on the ECN path: "[::]" is dual-stack whatever net.ipv6.bindv6only says (aioquic's
         # serve took the kernel default, so such a host served IPv6 only unless marking was on)
-        sock = open_udp_socket(host, port)
         try:
             _, server = await asyncio.get_running_loop().create_datagram_endpoint(make, sock=sock)
         except BaseException:
             sock.close()
             raise
         return server
-    server = make()
-    EcnDatagramTransport(open_udp_socket(host, port), server)
+    try:
+        server = make()
+        EcnDatagramTransport(sock, server)
+    except BaseException:
+        sock.close()
+        raise
     await asyncio.sleep(0)  # connection_made runs on the next loop turn
     return server
 

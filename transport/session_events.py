@@ -17,6 +17,7 @@ from aioquic.quic.connection import QuicConnection
 from .errors import ErrorCode, RemoteError, TokenwireError, known_code
 from .frames import Report, Request, Started
 from .session_outcome import ChatOutcome
+from .stateless_reset import RESET_REASON
 
 
 @dataclass
@@ -127,13 +128,21 @@ def closed_error(error_code: int, reason: str, idle_timeout: float, what: str = 
     The idle timeout's error has code NO_ERROR and ``path_lost``: QUIC closes silently (RFC 9000, 10.1), so no
     end sent a code, and none failed. aioquic reports its own timer as transport INTERNAL_ERROR (0x1), which maps
     to no tokenwire code and so read as INTERNAL, "a failure of the server itself": an application dispatching on
-    the code took a network blip (or a chat left idle between turns) for a server bug."""
+    the code took a network blip (or a chat left idle between turns) for a server bug. A Stateless Reset's end
+    (:data:`~.stateless_reset.RESET_REASON`: the server lost the connection, a restart) is the same error, with
+    its reason: it is what such a client waited out the idle timeout for before."""
     if reason == AIOQUIC_IDLE_REASON:
         why = ("server or path gone" if awaiting else
                "no request was open, so neither end sent anything; connect again, or connect with keepalive=True")
         err = RemoteError(f"no packet from the server for {idle_timeout:g} s (QUIC idle timeout): {why}",
                           code=ErrorCode.NO_ERROR)
         err.path_lost = True  # nobody closed it: a request on it may resume on a new connection
+        return err
+    if reason == RESET_REASON:
+        # the server's Stateless Reset (RFC 9000 10.3): it no longer has the connection (a restart); the same error
+        # as the idle timeout's, which is what the client waited for before
+        err = RemoteError(f"{what} lost: {RESET_REASON}; connect again", code=ErrorCode.NO_ERROR)
+        err.path_lost = True
         return err
     refused = handshake_refusal(error_code, reason)
     if refused is not None:
