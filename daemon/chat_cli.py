@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+# --retries' schedule and bookkeeping are the SDK's (ResumingChat, Reconnecting; the module loads no aioquic): read
+# from here at each run, so that a test can shorten them
+from tokenwire.transport.resuming import RECONNECT_S, RETRY_CAP_S, RETRY_FIRST_S, Reconnecting
 
 if TYPE_CHECKING:
     import asyncio
@@ -27,20 +29,6 @@ CLEANUP_S = 5.0
 """How long the tasks still running when the answer's task has ended (aioquic's, a closing connection's) get to end
 before the event loop closes anyway: asyncio.run waited for them without a bound, and a double Ctrl-C hung the
 client there (1 run in 12)."""
-RECONNECT_S = 300.0
-"""How long ``--retries`` goes on reconnecting after one lost connection before it gives up: the daemon keeps an
-answer nobody is attached to for ``limits.orphan_timeout_s`` (300 s by default), counted from when its end of the
-connection timed out, about when the client noticed. The attempts used to follow one another back to back, each
-bounded only by the 10-s handshake timeout (or --idle-timeout): a 120-s outage both ways gave up at 95 s with the
-answer still at the daemon, and with --idle-timeout 3 --retries 5 the retries were gone 12 s into an outage."""
-RETRY_FIRST_S = 1.0
-"""The wait before an outage's second reconnect attempt (the first goes at once), doubling with each one after."""
-RETRY_CAP_S = 15.0
-"""The longest wait between reconnect attempts: the answer resumes at most this long (plus a handshake) after the
-path returns, and a failing name lookup (a network gone: it fails at once) costs a line on stderr per 15 s."""
-RETRY_JITTER = 0.2
-"""Each wait is shortened by up to this fraction at random: clients cut off together (a server's or a cell's
-outage) do not come back in lockstep."""
 
 
 def _port(text: str) -> int:
@@ -192,49 +180,6 @@ def attach_hint(request_id: bytes) -> str:
     return f"[request id {request_id.hex()} (tokenwire chat --attach {request_id.hex()})]"
 
 
-class Reconnecting:
-    """``--retries``' bookkeeping: how many lost connections are left to resume, and when an outage's next
-    reconnect attempt goes.
-
-    A connection that was up and is lost mid-answer spends one retry (``retries`` in all) and starts an outage; its
-    first reconnect attempt goes at once. Attempts that find no server (no handshake, no name lookup) spend no
-    retry: the next one follows after :data:`RETRY_FIRST_S`, doubling up to :data:`RETRY_CAP_S` (jittered), for
-    :data:`RECONNECT_S` after the loss. Counting every attempt as a retry spent them back to back, seconds into
-    an outage the daemon outlives."""
-
-    def __init__(self, retries: int, *, clock: Callable[[], float] = time.monotonic,
-                 rng: Callable[[], float] = random.random) -> None:
-        self.retries = retries
-        self.clock = clock
-        self.rng = rng  # in [0, 1): the jitter
-        self.used = 0  # lost connections resumed, or being reconnected
-        self.attempts = 0  # reconnect attempts in the current outage (the one under way included)
-        self.lost_at = 0.0  # (the clock's) when the current outage's connection was lost
-
-    def lost(self) -> bool:
-        """A connection that was up is lost: whether a retry is left (it is spent now, and an outage starts)."""
-        if self.used >= self.retries:
-            return False
-        self.used += 1
-        self.attempts = 1
-        self.lost_at = self.clock()
-        return True
-
-    def failed(self) -> float | None:
-        """The current outage's reconnect attempt failed: seconds to wait before the next one, or None when it
-        would start past :data:`RECONNECT_S` since the loss (then give up)."""
-        wait = min(RETRY_CAP_S, RETRY_FIRST_S * 2.0 ** min(self.attempts - 1, 30))
-        wait *= 1.0 - RETRY_JITTER * self.rng()
-        if self.reconnecting_for() + wait > RECONNECT_S:
-            return None
-        self.attempts += 1
-        return wait
-
-    def reconnecting_for(self) -> float:
-        """Seconds since the current outage's connection was lost."""
-        return self.clock() - self.lost_at
-
-
 def run_interruptible(main: Coroutine[Any, Any, T],
                       loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None, *,
                       exiting: bool = False) -> T:
@@ -367,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenwire.transport.client import HandshakeError, connect
     from tokenwire.transport.errors import ErrorCode, RemoteError, TokenwireError
     from tokenwire.transport.frames import REQUEST_ID_BYTES
+    from tokenwire.transport.resuming import Reconnect, ResumingChat
 
     prompt = args.prompt
     if args.attach is not None and (prompt is not None or args.max_tokens is not None):
@@ -418,11 +364,9 @@ def run(args: argparse.Namespace) -> int:
 
     shown = _encodable(getattr(sys.stdout, "encoding", None))
     midline = [False]  # part of an answer is on stdout without its newline
-    # whether a request went out at all, whether its stream is open on a connection now (leaving it early sends the
-    # cancellation), and the request id once known: what --max-time can say when it gives up; the answer's id once
-    # it started, and whether the daemon ended it with an ERROR (nothing left there to attach to)
-    where: dict[str, Any] = {"asked": False, "open": False, "id": None, "started": None, "over": False,
-                             "stream": None}
+    # the answer's id once it started, and the ResumingChat (its stream, whether it is detached: its connection
+    # lost, the server not told to cancel it): what --max-time, Ctrl-C and an error can say when it ends
+    where: dict[str, Any] = {"started": None, "chat": None}
 
     def whole_answer() -> Any:
         """The statistics of an answer whose text came whole and digest-checked before --max-time or Ctrl-C ended
@@ -431,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         the answer was cut short."""
         from tokenwire.transport.chat_stats import stats_from_outcome
 
-        stream = where["stream"]
+        stream = where["chat"].stream if where["chat"] is not None else None
         if stream is None or not stream.answered or stream.outcome is None or not stream.outcome.digest_ok:
             return None
         with contextlib.suppress(OSError):  # the answer's last line, as a whole answer ends
@@ -449,91 +393,58 @@ def run(args: argparse.Namespace) -> int:
                 print(attach_hint(request_id), file=sys.stderr, flush=True)  # break the answer)
 
     async def go() -> Any:
-        resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
-        reconnecting = Reconnecting(args.retries)
-        while True:
-            stream = None
-            connected = False
-            wait = 0.0  # before the next reconnect attempt
-            try:
-                async with connect(
-                    args.host,
-                    args.port,
-                    server_name=args.server_name,
-                    cafile=args.cafile,
-                    verify=not args.insecure,
-                    auth_token=token,
-                    idle_timeout=args.idle_timeout,
-                    certfile=args.cert,
-                    keyfile=args.key,
-                ) as conn:
-                    connected = True
-                    if rid is not None or (resume is not None and prompt is None):
-                        held = resume[1] if resume is not None else None
-                        target = resume[0] if resume is not None else rid
-                        assert target is not None  # (an --attach id, or a resume's)
-                        stream = conn.attach(target, scheme=args.scheme, held=held)
-                    else:
-                        stream = conn.chat(prompt, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
-                                           params=params or None, resume=resume)
-                    stream.on_started(started)  # (the first delta may come much later: a model that thinks)
-                    where["stream"] = stream
-                    # in `async with`: leaving early (Ctrl-C, a closed stdout) cancels the answer, so the
-                    # server stops generating it; a bare `async for` left it generating to max_tokens
-                    where["open"] = where["asked"] = True
-                    try:
-                        async with stream:
-                            async for delta in stream:
-                                sys.stdout.write(shown(delta))
-                                sys.stdout.flush()
-                                midline[0] = not delta.endswith("\n")
-                    except RemoteError as exc:
-                        # an ERROR for this answer, the connection up: ended there; or the daemon's stop, which ends
-                        # every answer it holds (in its memory): an attach after its restart is an unknown id
-                        where["over"] = not conn.closed or exc.code == ErrorCode.SHUTTING_DOWN
-                        raise
-                    sys.stdout.write("\n")
-                    midline[0] = False
-                    return stream.stats
-            except (RemoteError, ConnectionError) as exc:
-                where["open"] = False
-                # the path went silent mid-answer (nobody closed the connection), or a reconnect found no answer
-                # yet (not a TLS refusal, nor a closed stdout): the daemon keeps the answer; continue it where it
-                # stopped, on a new connection
-                refused = isinstance(exc, HandshakeError) and exc.tls_alert is not None  # TLS said no
-                lost = getattr(exc, "path_lost", False) or (
-                    resume is not None and not connected and isinstance(exc, ConnectionError)
-                    and not refused and not isinstance(exc, BrokenPipeError))
-                point = stream.resume_point() if stream is not None else None
-                if point is None and resume is not None:
-                    point = resume  # the reconnect itself failed: still where we were
-                if not lost or point is None:
-                    raise
-                resume = point
-                where["id"] = point[0].hex()
-                at = f"request {point[0].hex()} after token {len(point[1])}"
-                if connected:  # a connection that was up is lost: a retry, its first attempt at once
-                    if not reconnecting.lost():
-                        given = ("not reconnecting (--retries 0)" if not args.retries else
-                                 f"gave up: the connection was lost {args.retries + 1} times, --retries "
-                                 f"{args.retries} used up")
-                        raise CLIError(f"{printable(str(exc))}; {given}") from exc
-                    print(f"\n[{printable(str(exc))}; resuming {at} ({reconnecting.used}/{args.retries})]",
-                          file=sys.stderr, flush=True)
-                    continue
-                # no server reached (the path still dark, the network gone): wait, longer each time, then try
-                # again; interruptible as the rest (Ctrl-C, --max-time cancel the sleep)
-                pause = reconnecting.failed()
-                if pause is None:
-                    raise CLIError(
-                        f"{printable(str(exc))}; gave up reconnecting: no server reached in "
-                        f"{reconnecting.reconnecting_for():.0f} s and {reconnecting.attempts} attempts since the "
-                        f"connection was lost (--retries reconnects for at most {RECONNECT_S:g} s)") from exc
-                wait = pause
-                print(f"[{printable(str(exc))}; resuming {at} ({reconnecting.used}/{args.retries}): attempt "
-                      f"{reconnecting.attempts} in {wait:.1f} s, {reconnecting.reconnecting_for():.0f} s after the "
-                      "loss]", file=sys.stderr, flush=True)
-            await asyncio.sleep(wait)  # (outside the except: a Ctrl-C here is not chained to the lost connection)
+        reconnecting = Reconnecting(args.retries, first_s=RETRY_FIRST_S, cap_s=RETRY_CAP_S, window_s=RECONNECT_S)
+
+        def reconnect(r: Reconnect) -> None:
+            """A line on stderr before each reconnect attempt (the SDK's ResumingChat does the rest)."""
+            at = f"request {r.request_id.hex()} after token {r.tokens_held}"
+            if r.attempt == 1:  # a connection that was up is lost: a retry, its first attempt at once
+                print(f"\n[{printable(str(r.error))}; resuming {at} ({r.retries_used}/{r.retries})]",
+                      file=sys.stderr, flush=True)
+            else:  # no server reached (the path still dark, the network gone): a wait, longer each time
+                print(f"[{printable(str(r.error))}; resuming {at} ({r.retries_used}/{r.retries}): attempt "
+                      f"{r.attempt} in {r.wait_s:.1f} s, {r.since_loss_s:.0f} s after the loss]", file=sys.stderr,
+                      flush=True)
+
+        chat = ResumingChat(
+            lambda: connect(
+                args.host,
+                args.port,
+                server_name=args.server_name,
+                cafile=args.cafile,
+                verify=not args.insecure,
+                auth_token=token,
+                idle_timeout=args.idle_timeout,
+                certfile=args.cert,
+                keyfile=args.key,
+            ),
+            prompt, attach=rid, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
+            params=params or None, retries=reconnecting, on_reconnect=reconnect)
+        chat.on_started(started)  # (the first delta may come much later: a model that thinks)
+        where["chat"] = chat
+        try:
+            # in `async with`: leaving early (Ctrl-C, --max-time, a closed stdout) cancels the answer, so the
+            # server stops generating it; a bare `async for` left it generating to max_tokens
+            async with chat:
+                async for delta in chat:
+                    sys.stdout.write(shown(delta))
+                    sys.stdout.flush()
+                    midline[0] = not delta.endswith("\n")
+        except (RemoteError, ConnectionError) as exc:
+            if chat.gave_up == "retries":
+                given = ("not reconnecting (--retries 0)" if not args.retries else
+                         f"gave up: the connection was lost {args.retries + 1} times, --retries "
+                         f"{args.retries} used up")
+                raise CLIError(f"{printable(str(exc))}; {given}") from exc
+            if chat.gave_up == "window":
+                raise CLIError(
+                    f"{printable(str(exc))}; gave up reconnecting: no server reached in "
+                    f"{reconnecting.reconnecting_for():.0f} s and {reconnecting.attempts} attempts since the "
+                    f"connection was lost (--retries reconnects for at most {RECONNECT_S:g} s)") from exc
+            raise
+        sys.stdout.write("\n")
+        midline[0] = False
+        return chat.stats
 
     async def bounded():
         if args.max_time is None:
@@ -550,12 +461,14 @@ def run(args: argparse.Namespace) -> int:
             if whole is not None:
                 return whole
             head = f"no whole answer within {args.max_time:g} s (--max-time)"
-            if not where["asked"]:  # timed out connecting: no request went out
+            chat = where["chat"]
+            if chat is None or chat.stream is None:  # timed out connecting: no request went out
                 raise CLIError(f"{head}: the server was not reached, nothing was asked of it") from None
-            if where["open"]:  # its stream's end went out; a path that is down does not carry it
+            if not chat.detached:  # its stream's end went out; a path that is down does not carry it
                 raise CLIError(f"{head}; the answer's cancellation was sent to the server (it does not arrive if "
                                "the path is down)") from None
-            ident = f" request {where['id']}" if where["id"] else " the answer"
+            point = chat.resume_point()
+            ident = f" request {point[0].hex()}" if point is not None else " the answer"
             raise CLIError(f"{head}, while reconnecting: the server could not be told to cancel it and may finish"
                            f"{ident}") from None
 
@@ -575,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
                 # it, before the error line. Not when its stream was still open (leaving it sent the cancellation:
                 # an attach then got "the server cancelled this answer"), nor after the daemon's own ERROR for it,
                 # nor a local error
-                if (where["started"] is not None and not where["over"] and not where["open"]
+                if (where["started"] is not None and where["chat"] is not None and where["chat"].detached
                         and isinstance(exc, KeyboardInterrupt | CLIError | TokenwireError)):
                     with contextlib.suppress(OSError):
                         print(attach_hint(where["started"]), file=sys.stderr, flush=True)
@@ -615,7 +528,8 @@ def run(args: argparse.Namespace) -> int:
             # the prompt counts in bytes of UTF-8
             hint = ("; the prompt (its text in bytes of UTF-8, plus some 50 bytes of framing) is over this "
                     "server's limit on a request (the daemon's limits.max_request_bytes)")
-        elif exc.code == ErrorCode.NOT_FOUND and where["id"] is not None:  # a resume after a lost connection
+        elif (exc.code == ErrorCode.NOT_FOUND and where["chat"] is not None
+              and where["chat"].reconnecting.used):  # a resume after a lost connection
             hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "
                     "the outage lasted): what was printed is all of it that came")
         raise CLIError(f"{exc}{hint}") from None

@@ -23,6 +23,9 @@ For scripts without asyncio, :func:`chat_sync` makes one request and returns a :
     print(result.text)
     print(result.stats)
 
+:class:`ResumingChat` reads one answer across lost connections: it reconnects and resumes where the text stopped
+(the tokenwire daemon keeps answers across connections), the policy ``tokenwire chat --retries`` uses.
+
 Every answer ends with the server's FINISHED frame (token count and SHA-256 of the text). The client
 keeps asking for missing ranges until it holds every token, then checks the digest; a mismatch raises
 :class:`DigestMismatch` rather than returning wrong text.
@@ -41,7 +44,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +58,7 @@ from .client_session import AnswerComplete, ClientSession
 from .errors import ConnectError, ConnectRefused, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
 from .frames import CHAT_ALPNS, MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
+from .resuming import Reconnect, Reconnecting, ResumingChat
 from .session_events import (
     ConnectionEnded,
     RequestFailed,
@@ -169,6 +173,92 @@ def _check_request(request: Request, names: dict[str, str]) -> None:
             field, field_bytes = _largest_field(request)
             raise PromptTooLarge(size, _text_bytes(request), field=field, field_bytes=field_bytes) from None
         raise ValueError(_as_arguments(str(exc), names)) from None
+
+
+def _argument_error(name: str, problem: str) -> ValueError:
+    """A refused argument, in the words of the frame check's errors (``invalid request: max_tokens: ...``)."""
+    return ValueError(f"invalid request: {name}: {problem}")
+
+
+def _messages_argument(prompt: object) -> list[dict[str, str]]:
+    """``prompt`` as the request's messages: a str is the user's message; a sequence (or another iterable) of
+    mappings, each copied to a dict. What is neither is refused naming ``prompt`` before the frame check met it:
+    ``None`` or a number said "'NoneType' object is not iterable", bytes and one message not wrapped in a list
+    (its keys iterated) "each message must be a map with exactly 'role' and 'content'"."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Mapping):
+        raise _argument_error("prompt", "one message given as a mapping: wrap it in a list ([message]), or pass "
+                                        "its text as a str")
+    if isinstance(prompt, bytes | bytearray | memoryview):
+        raise _argument_error("prompt", f"expected a str or a sequence of {{role, content}} messages, got "
+                                        f"{type(prompt).__name__} (decode it to str)")
+    if not isinstance(prompt, Iterable):
+        raise _argument_error("prompt", f"expected a str or a sequence of {{role, content}} messages, got "
+                                        f"{type(prompt).__name__}")
+    # (anything else the frame check refuses: "each message must be a map with exactly 'role' and 'content'")
+    return [dict(m) if isinstance(m, Mapping) and type(m) is not dict else m for m in prompt]
+
+
+def _params_argument(params: object) -> dict[str, Any] | None:
+    """``params`` as the request's map, its names checked here: msgpack refuses a map with a key that is not a
+    str only when it decodes one, and the error said "not a valid msgpack frame: ValueError: int is not allowed
+    for map key when strict_map_key=True"."""
+    if params is None:
+        return None
+    if not isinstance(params, Mapping):
+        raise _argument_error("params", f"expected a mapping of generation parameters, got {type(params).__name__}")
+    for key in params:
+        if not isinstance(key, str):
+            raise _argument_error("params", f"parameter names must be strings, got {type(key).__name__} {key!r}")
+    return dict(params)
+
+
+def _held_tokens(tokens: object, name: str) -> list[bytes]:
+    """Tokens already held (``resume``'s second item, ``attach``'s ``held``) as a list of bytes, each checked: a
+    str among them was a bare "sequence item 0: expected a bytes-like object, str found"."""
+    if isinstance(tokens, str | bytes | bytearray) or not isinstance(tokens, Iterable):
+        raise _argument_error(name, f"the tokens held must be a list of bytes (as stream.resume_point() gives "
+                                    f"them), got {type(tokens).__name__}")
+    held = list(tokens)
+    for i, token in enumerate(held):
+        if type(token) is not bytes:
+            raise _argument_error(name, f"the tokens held must be bytes (as stream.resume_point() gives them), "
+                                        f"token {i} is {type(token).__name__}")
+    return held
+
+
+def _chat_request(prompt: object, *, scheme: str, model: str | None, max_tokens: int | None, params: object,
+                  resume: object, auth: str | None) -> tuple[Request, list[bytes]]:
+    """The request :meth:`Connection.chat` sends and the tokens held before it (a resume's), every argument
+    checked (``ValueError`` naming it, or :class:`PromptTooLarge`): :func:`chat_sync` checks them so before it
+    connects."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    messages = _messages_argument(prompt)
+    rid: object = None
+    prefix: list[bytes] = []
+    if resume is not None:
+        if not isinstance(resume, tuple | list) or len(resume) != 2:
+            raise _argument_error("resume", "expected (request_id, tokens_held), as stream.resume_point() returns "
+                                            "them")
+        rid, tokens = resume
+        if rid is None:
+            raise _argument_error("resume", "the request id is None (an answer that had not started yet: send it "
+                                            "again without resume)")
+        prefix = _held_tokens(tokens, "resume")
+    request = Request(
+        messages=messages,
+        scheme=scheme,
+        model=model,
+        max_tokens=max_tokens,
+        auth=auth,
+        resume_id=rid,  # type: ignore[arg-type]  # (checked by the frame check: 16 bytes)
+        resume_from=len(prefix) if rid is not None else None,
+        params=_params_argument(params),
+    )
+    _check_request(request, _CHAT_ARGUMENTS)
+    return request, prefix
 
 
 _END = object()
@@ -405,6 +495,7 @@ class ClientProtocol(SessionProtocol):
         self.streams: dict[int, ChatStream] = {}
         self.close_error: TokenwireError | None = None
         self.closed_locally = False  # close() ended the connection, not the server, the path or an error
+        self.close_error_pending: TokenwireError | None = None  # (what a request gets between close() and its end)
         self.answered = False  # the server has started an answer: it has checked this connection's token
 
     @property
@@ -468,15 +559,21 @@ class Connection:
         self._raise_closed = _Reraise()
 
     def _check_open(self) -> None:
-        """Raise why the connection ended, once it has: a new request cannot go out."""
+        """Raise why the connection ended, once it has, or the local-close error once a close has begun here: a new
+        request cannot go out (one after a cancelled ``await conn.close()`` was accepted, then failed)."""
         error = self._protocol.close_error
+        if error is None and self._protocol.closed_locally:
+            error = self._protocol.close_error_pending = (self._protocol.close_error_pending
+                                                          or closed_locally_error())
         if error is not None:
             raise self._raise_closed(error)
 
     @property
     def closed(self) -> bool:
-        """The connection has ended (closed by either side, or idle): a new request raises why; connect again."""
-        return self._protocol.close_error is not None
+        """The connection has ended (closed by either side, or idle), or this side has begun to close it
+        (:meth:`close`, even one cancelled before its end, or the end of ``async with connect(...)``): a new
+        request raises why; connect again."""
+        return self._protocol.close_error is not None or self._protocol.closed_locally
 
     @property
     def datagrams(self) -> bool:
@@ -485,21 +582,25 @@ class Connection:
 
     def chat(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: str | Sequence[Mapping[str, object]],
         *,
         scheme: str = "chatterbox",
         model: str | None = None,
         max_tokens: int | None = None,
-        params: dict[str, Any] | None = None,
-        resume: tuple[bytes, list[bytes]] | None = None,
+        params: Mapping[str, Any] | None = None,
+        resume: tuple[bytes, Sequence[bytes]] | None = None,
     ) -> ChatStream:
-        """Ask for an answer. ``resume=(request_id, tokens_held)`` continues one after a lost connection; only the
-        tokenwire daemon keeps answers across connections (the SDK's ``serve()`` refuses a resume with
-        NOT_FOUND). A resumed answer streams as first asked for: the daemon keeps generating it to the original
-        request's ``max_tokens`` and ignores the resume's.
+        """Ask for an answer. ``prompt``: the user's text, or the conversation as a sequence of messages (mappings
+        with exactly ``role`` and ``content``: dicts, TypedDicts; a list or a tuple). ``resume=(request_id,
+        tokens_held)`` continues one after a lost connection (``stream.resume_point()``; :class:`ResumingChat` does
+        it by itself); only the tokenwire daemon keeps answers across connections (the SDK's ``serve()`` refuses a
+        resume with NOT_FOUND). A resumed answer streams as first asked for: the daemon keeps generating it to the
+        original request's ``max_tokens`` and ignores the resume's.
 
-        An argument the protocol refuses raises ``ValueError`` naming it (``max_tokens: 0 out of range``); nothing
-        is sent and the connection lives on. A request past the server's limit of answers open at once (its
+        An argument the protocol refuses, or of the wrong type, raises ``ValueError`` naming it (``max_tokens: 0
+        out of range``; a prompt that is neither text nor a sequence of messages, one message not wrapped in a
+        list, parameter names that are not strings, held tokens that are not bytes); nothing is sent and the
+        connection lives on. A request past the server's limit of answers open at once (its
         ``max_requests_per_connection``, which it gives as QUIC's stream limit) waits until one of them has ended,
         then leaves: its stream's statistics count from then. A prompt over the limit of a request (1 MiB, counted
         in bytes of UTF-8 with some 50 bytes of framing) raises :class:`PromptTooLarge`, a ``ValueError`` too; so
@@ -507,22 +608,12 @@ class Connection:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
         self._check_open()
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        rid, prefix = resume if resume is not None else (None, [])
-        request = Request(
-            messages=messages,
-            scheme=scheme,
-            model=model,
-            max_tokens=max_tokens,
-            auth=self._auth_to_send(),
-            resume_id=rid,
-            resume_from=len(prefix) if rid is not None else None,
-            params=params,
-        )
-        return self._start(request, prefix, _CHAT_ARGUMENTS)
+        request, prefix = _chat_request(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params,
+                                        resume=resume, auth=self._auth_to_send())
+        return self._start(request, prefix)
 
     def attach(self, request_id: bytes | str, *, scheme: str = "chatterbox",
-               held: list[bytes] | None = None) -> ChatStream:
+               held: Sequence[bytes] | None = None) -> ChatStream:
         """Stream an existing answer by id (one an application opened through ingest) from its start, or after
         the tokens ``held`` already (an attach that lost its connection: ``stream.resume_point()[1]``). Needs the
         tokenwire daemon, which keeps answers by id; the SDK's ``serve()`` refuses an attach with NOT_FOUND.
@@ -536,14 +627,15 @@ class Connection:
             except ValueError:
                 raise ValueError(f"request id {request_id!r}: 32 hex digits, as ingest's open returns them, "
                                  "or 16 bytes") from None
-        prefix = list(held or [])
+        prefix = _held_tokens(held or [], "held")
         request = Request(
             scheme=scheme,
             auth=self._auth_to_send(),
             resume_id=request_id,
             resume_from=len(prefix),
         )
-        return self._start(request, prefix, _ATTACH_ARGUMENTS)
+        _check_request(request, _ATTACH_ARGUMENTS)
+        return self._start(request, prefix)
 
     def _auth_to_send(self) -> str | None:
         """The token, on every request until the server has started an answer to one. An ERROR is no proof: a
@@ -556,8 +648,8 @@ class Connection:
         """
         return None if self._protocol.answered else self._auth
 
-    def _start(self, request: Request, prefix: list[bytes], names: dict[str, str]) -> ChatStream:
-        _check_request(request, names)
+    def _start(self, request: Request, prefix: list[bytes]) -> ChatStream:
+        """Send ``request`` (checked: :func:`_chat_request`, :func:`_check_request`)."""
         stream = ChatStream(self, request, list(prefix))
         sid = self._protocol.client_session.start_request(request, self._protocol.clock(), prefix=list(prefix))
         stream.stream_id = sid
@@ -654,12 +746,12 @@ class ChatResult:
 def chat_sync(
     host: str,
     port: int,
-    prompt: str | list[dict[str, str]],
+    prompt: str | Sequence[Mapping[str, object]],
     *,
     scheme: str = "chatterbox",
     model: str | None = None,
     max_tokens: int | None = None,
-    params: dict[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
     server_name: str | None = None,
     cafile: str | Path | None = None,
     cadata: bytes | str | None = None,
@@ -672,15 +764,17 @@ def chat_sync(
     ecn: bool | None = None,
     idle_timeout: float = 60.0,
     keepalive: bool = False,
-    resume: tuple[bytes, list[bytes]] | None = None,
+    resume: tuple[bytes, Sequence[bytes]] | None = None,
 ) -> ChatResult:
     """Blocking helper for scripts: one request on a connection of its own, the whole text and its statistics.
 
     ``prompt``, ``scheme`` .. ``params`` and ``resume`` are :meth:`Connection.chat`'s, the rest :func:`connect`'s,
     every one of them (named here, so that a type checker sees a misspelt one, and Python's ``TypeError`` names
-    ``chat_sync``; a test holds the three signatures together). Raises what they raise. It runs its own event loop
-    (``asyncio.run``): called from a coroutine (a running loop in this thread), it raises ``RuntimeError`` at once
-    and sends nothing; use ``async with connect(...)`` and ``await conn.chat(...).collect()`` there.
+    ``chat_sync``; a test holds the three signatures together). Raises what they raise; a refused argument of
+    ``chat``'s before connecting. It runs its own event loop (``asyncio.run``): called from a coroutine (a running
+    loop in this thread: a Jupyter notebook's cell too), it raises ``RuntimeError`` at once and sends nothing; use
+    ``async with connect(...)`` and ``await conn.chat(...).collect()`` there, or ``await
+    asyncio.to_thread(chat_sync, ...)``.
     """
     try:
         asyncio.get_running_loop()
@@ -692,7 +786,11 @@ def chat_sync(
         raise RuntimeError(
             "chat_sync() cannot be called from a coroutine or a running event loop (it runs its own, with "
             "asyncio.run); in async code use the async API: `async with connect(...) as conn:` and "
-            "`await conn.chat(...).collect()`")
+            "`await conn.chat(...).collect()` (in Jupyter, top-level `await` does), or run it in a thread: "
+            "`await asyncio.to_thread(chat_sync, ...)`")
+    # chat()'s argument checks before connecting (they raised after a handshake); the auth token counts in the size
+    _chat_request(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params, resume=resume,
+                  auth=auth_token)
 
     async def run() -> ChatResult:
         async with connect(host, port, server_name=server_name, cafile=cafile, cadata=cadata, verify=verify,
@@ -753,4 +851,4 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = ["CertificateFileError", "ChatResult", "ChatStats", "ChatStream", "ConnectError", "ConnectRefused",
            "ConnectTimeout", "Connection", "DigestMismatch", "ErrorCode", "HandshakeError", "PromptTooLarge",
-           "RemoteError", "TokenwireError", "chat_sync", "connect"]
+           "Reconnect", "Reconnecting", "RemoteError", "ResumingChat", "TokenwireError", "chat_sync", "connect"]

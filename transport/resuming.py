@@ -1,0 +1,325 @@
+"""An answer that survives lost connections: reconnect, resume after the tokens held, back off while no server answers.
+
+Example (against the tokenwire daemon, which keeps answers across connections)::
+
+    from tokenwire.transport.client import ResumingChat, connect
+
+    async def main():
+        chat = ResumingChat(lambda: connect("chat.example.com", 4433), "Why do chatbots stall on trains?",
+                            retries=3)
+        async with chat:                     # leaving it early cancels the answer at the server
+            async for delta in chat:         # the whole answer once: no text lost or repeated across reconnects
+                print(delta, end="", flush=True)
+        print(chat.stats)
+
+What counts as lost: a connection that went silent for its ``idle_timeout`` (``RemoteError.path_lost``: nobody
+closed it, the daemon keeps the answer) once the answer has its id, and then a reconnect that finds no server
+(no handshake, no name lookup). Anything else is raised at once, without a retry: an ERROR for the answer
+(``NOT_FOUND``, ``UPSTREAM_ERROR`` ...), a close by the server (``UNAUTHORIZED``, ``SHUTTING_DOWN``: a stopping
+daemon ends the answers it holds in memory, a resume after its restart would get ``NOT_FOUND``), a handshake TLS
+refused, a refused argument. This module imports no aioquic at import time (``tokenwire chat --help`` reads its
+constants).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import ErrorCode, RemoteError
+
+if TYPE_CHECKING:
+    from .chat_stats import ChatStats
+    from .client import ChatStream, Connection
+
+RECONNECT_S = 300.0
+"""How long reconnecting goes on after one lost connection before it gives up: the daemon keeps an answer nobody is
+attached to for ``limits.orphan_timeout_s`` (300 s by default), counted from when its end of the connection timed
+out, about when the client noticed. The attempts used to follow one another back to back, each bounded only by the
+10-s handshake timeout (or the idle timeout): a 120-s outage both ways gave up at 95 s with the answer still at the
+daemon, and with an idle timeout of 3 s and 5 retries the retries were gone 12 s into an outage."""
+RETRY_FIRST_S = 1.0
+"""The wait before an outage's second reconnect attempt (the first goes at once), doubling with each one after."""
+RETRY_CAP_S = 15.0
+"""The longest wait between reconnect attempts: the answer resumes at most this long (plus a handshake) after the
+path returns, and a failing name lookup (a network gone: it fails at once) costs one attempt per 15 s."""
+RETRY_JITTER = 0.2
+"""Each wait is shortened by up to this fraction at random: clients cut off together (a server's or a cell's
+outage) do not come back in lockstep."""
+
+
+class Reconnecting:
+    """The retry budget and backoff of one answer: how many lost connections are left to resume, and when an
+    outage's next reconnect attempt goes.
+
+    A connection that was up and is lost mid-answer spends one retry (``retries`` in all) and starts an outage; its
+    first reconnect attempt goes at once. Attempts that find no server (no handshake, no name lookup) spend no
+    retry: the next one follows after ``first_s``, doubling up to ``cap_s`` (each shortened by up to ``jitter`` at
+    random), for ``window_s`` after the loss. Counting every attempt as a retry spent them back to back, seconds
+    into an outage the daemon outlives. ``clock`` and ``rng`` (in [0, 1): the jitter) are for tests."""
+
+    def __init__(self, retries: int, *, first_s: float = RETRY_FIRST_S, cap_s: float = RETRY_CAP_S,
+                 window_s: float = RECONNECT_S, jitter: float = RETRY_JITTER,
+                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries: expected an integer >= 0, got {retries!r}")
+        self.retries = retries
+        self.first_s, self.cap_s, self.window_s, self.jitter = first_s, cap_s, window_s, jitter
+        self.clock = clock
+        self.rng = rng
+        self.used = 0  # lost connections resumed, or being reconnected
+        self.attempts = 0  # reconnect attempts in the current outage (the one under way included)
+        self.lost_at = 0.0  # (the clock's) when the current outage's connection was lost
+
+    def lost(self) -> bool:
+        """A connection that was up is lost: whether a retry is left (it is spent now, and an outage starts)."""
+        if self.used >= self.retries:
+            return False
+        self.used += 1
+        self.attempts = 1
+        self.lost_at = self.clock()
+        return True
+
+    def failed(self) -> float | None:
+        """The current outage's reconnect attempt failed: seconds to wait before the next one, or None when it
+        would start past ``window_s`` since the loss (then give up)."""
+        wait = min(self.cap_s, self.first_s * 2.0 ** min(self.attempts - 1, 30))
+        wait *= 1.0 - self.jitter * self.rng()
+        if self.reconnecting_for() + wait > self.window_s:
+            return None
+        self.attempts += 1
+        return wait
+
+    def reconnecting_for(self) -> float:
+        """Seconds since the current outage's connection was lost."""
+        return self.clock() - self.lost_at
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """What :class:`ResumingChat`'s ``on_reconnect`` hears before each reconnect attempt: ``error`` ended the
+    connection (``attempt`` 1: a lost connection, a retry spent; the attempt goes at once) or the previous attempt
+    (no server reached: ``attempt`` 2 and up, after ``wait_s``). ``request_id`` and ``tokens_held``: where the
+    answer resumes; ``retries_used`` of ``retries``; ``since_loss_s``: seconds since the connection was lost."""
+
+    error: BaseException
+    request_id: bytes
+    tokens_held: int
+    retries_used: int
+    retries: int
+    attempt: int
+    wait_s: float
+    since_loss_s: float
+
+
+class ResumingChat:
+    """One answer as an async iterator of text deltas that survives lost connections: when the path goes silent
+    mid-answer (``RemoteError.path_lost``), it reconnects with ``connect()`` and resumes after the tokens it holds,
+    so the deltas are the whole answer once, none lost or repeated; reconnect attempts that find no server back off
+    (:class:`Reconnecting`). Needs the tokenwire daemon, which keeps answers across connections.
+
+    ``connect``: a function opening a connection, called for each one (``lambda: connect(host, port, ...)``);
+    ``prompt`` and ``scheme`` .. ``params`` as :meth:`Connection.chat`'s, or ``attach`` (a request id, as
+    :meth:`Connection.attach`) instead of a prompt. ``retries``: how many lost connections one answer survives
+    (0: none), or a :class:`Reconnecting` for a schedule of one's own. ``on_reconnect`` is called before each
+    reconnect attempt with a :class:`Reconnect` (to say so: ``tokenwire chat`` prints a line).
+
+    Errors that are not a lost path are raised at once (an ERROR for the answer, the server's close such as
+    ``UNAUTHORIZED`` or ``SHUTTING_DOWN``, a TLS refusal, a refused argument), and so is a path lost before the
+    answer had its id (nothing to resume: ask again). Out of retries, or with no server reached for ``window_s``
+    after a loss, the last error is raised, with a note saying so (``gave_up`` tells which); the answer may still
+    be generating at the daemon then: :meth:`resume_point` (or its id, to attach).
+
+    Read it inside ``async with chat:``: leaving the block early (a break, an exception, a cancellation) cancels
+    the answer at the server, as a :class:`ChatStream`'s ``async with`` does. One task reads it at a time.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], AbstractAsyncContextManager[Connection]],
+        prompt: str | Sequence[Mapping[str, object]] | None = None,
+        *,
+        attach: bytes | str | None = None,
+        scheme: str = "chatterbox",
+        model: str | None = None,
+        max_tokens: int | None = None,
+        params: Mapping[str, Any] | None = None,
+        retries: int | Reconnecting = 3,
+        on_reconnect: Callable[[Reconnect], None] | None = None,
+    ) -> None:
+        if (prompt is None) == (attach is None):
+            raise ValueError("ResumingChat takes a prompt or attach=request_id, one of them")
+        if isinstance(attach, str):
+            try:
+                attach = bytes.fromhex(attach)
+            except ValueError:
+                raise ValueError(f"attach: {attach!r} is not a request id (32 hex digits, or 16 bytes)") from None
+        self._connect = connect
+        self._prompt = prompt
+        self._attach = attach
+        self._scheme, self._model, self._max_tokens, self._params = scheme, model, max_tokens, params
+        self.reconnecting = retries if isinstance(retries, Reconnecting) else Reconnecting(retries)
+        self._on_reconnect = on_reconnect
+        self._on_started: list[Callable[[bytes], None]] = []
+        self._parts: list[str] = []
+        self._point: tuple[bytes, list[bytes]] | None = None  # where the next connection resumes
+        self._ended_there = False  # the server ended the answer (its ERROR, its shutdown): nothing to resume
+        self._gen: AsyncGenerator[str, None] | None = None
+        self._failure: BaseException | None = None  # the error the iteration ended with: raised again on a read
+        self._failure_tb: TracebackType | None = None
+        self._closing = False  # aclose() is under way: nothing may resume
+        self.stream: ChatStream | None = None
+        """The answer's stream on the current (or last) connection; None until a request went out."""
+        self.detached = False
+        """Whether the answer lost its connection and may be generating at the server with no client attached:
+        from a lost connection (or another error that left it there) until a request for it goes out again.
+        False while its stream is open (leaving then cancels it at the server) and once the server ended it."""
+        self.gave_up: Literal["retries", "window"] | None = None
+        """Why the last error was raised though the path was lost: ``"retries"`` (the connection was lost once
+        more than ``retries``), ``"window"`` (no server reached for ``window_s`` after a loss); None otherwise."""
+
+    # -- reading
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._failure is not None:  # (its first traceback, not one that grows with every read)
+            raise self._failure.with_traceback(self._failure_tb)
+        if self._gen is None:
+            self._gen = self._deltas()
+        try:
+            delta = await self._gen.__anext__()
+        except (StopAsyncIteration, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # (every later read raises it too, as a ChatStream's does)
+            self._failure, self._failure_tb = exc, exc.__traceback__
+            raise
+        self._parts.append(delta)
+        return delta
+
+    async def collect(self) -> str:
+        """Read the whole answer (what was not read yet) and return all its text."""
+        async for _ in self:
+            pass
+        return self.text
+
+    async def aclose(self) -> None:
+        """Stop: an answer still open is cancelled at the server; its connection is closed."""
+        if self._gen is not None:
+            await self._gen.aclose()
+
+    async def __aenter__(self) -> ResumingChat:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def text(self) -> str:
+        """The text read so far (the whole answer once the iteration has ended)."""
+        return "".join(self._parts)
+
+    @property
+    def stats(self) -> ChatStats | None:
+        """The last stream's statistics once the answer has ended (a resumed answer's: no TTFT, no stall ratio)."""
+        return self.stream.stats if self.stream is not None else None
+
+    def on_started(self, callback: Callable[[bytes], None]) -> None:
+        """``callback(request_id)`` at each STARTED of the answer (:meth:`ChatStream.on_started`, on every
+        connection: a resume starts it again)."""
+        self._on_started.append(callback)
+        if self.stream is not None:
+            self.stream.on_started(callback)
+
+    def resume_point(self) -> tuple[bytes, list[bytes]] | None:
+        """(request id, tokens held) of the answer, to resume or attach to it elsewhere; None before it has an id."""
+        if self.stream is not None:
+            point = self.stream.resume_point()
+            if point is not None:
+                return point
+        return self._point
+
+    # -- the loop
+    async def _deltas(self) -> AsyncGenerator[str, None]:
+        from .quic_io import HandshakeError  # (aioquic: not at this module's import)
+
+        resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
+        while True:
+            stream: ChatStream | None = None
+            connected = False
+            wait = 0.0  # before the next reconnect attempt
+            try:
+                async with self._connect() as conn:
+                    connected = True
+                    if self._attach is not None:
+                        target, held = resume if resume is not None else (self._attach, None)
+                        stream = conn.attach(target, scheme=self._scheme, held=held)
+                    else:
+                        assert self._prompt is not None
+                        stream = conn.chat(self._prompt, scheme=self._scheme, model=self._model,
+                                           max_tokens=self._max_tokens, params=self._params, resume=resume)
+                    for callback in self._on_started:
+                        stream.on_started(callback)
+                    self.stream = stream
+                    self.detached = False
+                    try:
+                        # in `async with`: leaving early cancels the answer at the server
+                        async with stream:
+                            async for delta in stream:
+                                try:
+                                    yield delta
+                                except GeneratorExit:  # aclose(): leave, cancelling the answer, whatever comes
+                                    self._closing = True
+                                    raise
+                    except RemoteError as exc:
+                        # an ERROR for this answer, the connection up: ended there; or the daemon's stop, which
+                        # ends every answer it holds (in its memory): a resume after its restart is an unknown id
+                        self._ended_there = not conn.closed or exc.code == ErrorCode.SHUTTING_DOWN
+                        raise
+                    return
+            except (RemoteError, ConnectionError) as exc:
+                # the path went silent mid-answer (nobody closed the connection), or a reconnect found no server
+                # (not a TLS refusal): the daemon keeps the answer; continue it where it stopped, on a new connection
+                refused = isinstance(exc, HandshakeError) and exc.tls_alert is not None  # TLS said no
+                lost = bool(getattr(exc, "path_lost", False)) or (
+                    resume is not None and not connected and isinstance(exc, ConnectionError)
+                    and not refused and not isinstance(exc, BrokenPipeError))
+                point = stream.resume_point() if stream is not None else None
+                if point is None and resume is not None:
+                    point = resume  # the reconnect itself failed: still where we were
+                self._point = point
+                self.detached = point is not None and not self._ended_there
+                if not lost or point is None or self._closing:
+                    raise
+                resume = point
+                r = self.reconnecting
+                if connected:  # a connection that was up is lost: a retry, its first attempt at once
+                    if not r.lost():
+                        self.gave_up = "retries"
+                        exc.add_note(f"tokenwire: gave up resuming request {point[0].hex()} after token "
+                                     f"{len(point[1])}: the connection was lost {r.retries + 1} times "
+                                     f"(retries={r.retries})")
+                        raise
+                else:  # no server reached (the path still dark, the network gone): wait, longer each time
+                    pause = r.failed()
+                    if pause is None:
+                        self.gave_up = "window"
+                        exc.add_note(f"tokenwire: gave up resuming request {point[0].hex()}: no server reached in "
+                                     f"{r.reconnecting_for():.0f} s and {r.attempts} attempts since the connection "
+                                     f"was lost (window_s={r.window_s:g})")
+                        raise
+                    wait = pause
+                if self._on_reconnect is not None:
+                    self._on_reconnect(Reconnect(exc, point[0], len(point[1]), r.used, r.retries, r.attempts, wait,
+                                                 r.reconnecting_for()))
+            await asyncio.sleep(wait)  # (outside the except: a cancellation here is not chained to the lost path)
+
+
+__all__ = ["RECONNECT_S", "RETRY_CAP_S", "RETRY_FIRST_S", "RETRY_JITTER", "Reconnect", "Reconnecting",
+           "ResumingChat"]
