@@ -24,7 +24,7 @@ from tokenwire.transport.errors import ErrorCode
 from tokenwire.transport.handshake_guard import ClientCertificateError, GuardedProtocol, verify_peer_certificate
 from tokenwire.transport.quic_io import RELEASED_AT_END as RELEASED_AT_END  # (re-exported: moved there)
 from tokenwire.transport.read_credit import ReadCredit
-from tokenwire.transport.server_session import ServerSession
+from tokenwire.transport.server_session import ServerRequest, ServerSession
 from tokenwire.transport.session_events import (
     ClientReport,
     ConnectionEnded,
@@ -73,6 +73,9 @@ class DaemonProtocol(GuardedProtocol):
         self.daemon = daemon
         self.principal: str | None = None
         self.refused = 0  # requests refused by the session (over a limit, too large): logged once, then counted
+        self.refusal_logged = False  # its first was logged (not summed up with other connections'): Daemon
+        # its requests' session state, kept for their end's DEBUG line (only at that level: Daemon.request_ended)
+        self.opened: dict[int, ServerRequest] = {}
         # With server.client_ca, not before the handshake's certificate check: True from the start (no tokens), a
         # request in the same datagram as a certless client's Finished started an answer for nobody
         self._authorized = not daemon.config.auth.required and daemon.client_verifier is None
@@ -220,10 +223,10 @@ class DaemonProtocol(GuardedProtocol):
                 d.on_report(ev.report)
             elif isinstance(ev, RequestRefused):
                 # one warning per connection, the rest at debug and counted (one client refused 1,770 streams
-                # a second, each a warning line: a log flood); the total is logged when the connection ends
+                # a second, each a warning line: a log flood); the total is logged when the connection ends.
+                # Across connections, a flood limiter (Daemon.request_refused)
                 self.refused += 1
-                (log.warning if self.refused == 1 else log.debug)(
-                    "refused a request from %s: %s", self.peer, ev.reason)
+                d.request_refused(self, ev.reason)
                 d.metrics.errors.labels(code=hex(ev.code)).inc()
                 self._request_ended(ev.stream_id, "refused")
             elif isinstance(ev, ConnectionEnded):
@@ -246,7 +249,7 @@ class DaemonProtocol(GuardedProtocol):
         if sid in self.outcome_counted:
             self.outcome_counted.discard(sid)
             return
-        self.daemon.metrics.requests_ended.labels(outcome=outcome).inc()
+        self.daemon.request_ended(self, sid, outcome)
 
     def add_counters(self, into: CounterDeltas) -> None:
         """Add this connection's counters since the last time to ``into`` (the housekeeping's sum over every

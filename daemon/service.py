@@ -130,6 +130,11 @@ class Daemon:
         self._protocol_closes = RefusalLog(log, lambda n, s: (
             f"closed {n} more connections for protocol errors in the last {s:.0f} s (tokenwire_errors_total by "
             f"code)"))
+        # requests the sessions refused (too large, too slow, too many at once): the first one of a connection is a
+        # warning, unless another connection's was within REFUSALS_LOG_S (300 connections, 2 each: 600 lines)
+        self._request_refusals = RefusalLog(log, lambda n, s: (
+            f"refused {n} more requests in the last {s:.0f} s (over a request limit: tokenwire_errors_total by "
+            f"code)"))
         # the answers being generated (upstreams' tasks, ingest answers), their bound and the orphan timeout
         # (answers.py): requests start answers there, and tell it when one has a listener again or none left
         self.answers = LiveAnswers(lambda: self.config.limits, self.metrics, self.store)
@@ -290,7 +295,8 @@ class Daemon:
         (stop(): those held back were never written, though their metrics had counted them)."""
         adm = self.admission
         for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, self._protocol_closes,
-                         self.answers.busy_refusals, adm.memory_sheds, self.answers.orphan_cancels):
+                         self._request_refusals, self.answers.busy_refusals, adm.memory_sheds,
+                         self.answers.orphan_cancels):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
@@ -654,12 +660,47 @@ class Daemon:
         ended by closing its connection, so the session reports it "lost" at the end; that is not counted again."""
         if sid not in proto.server_session.requests or sid in proto.outcome_counted:
             return
-        self.metrics.requests_ended.labels(outcome=outcome).inc()
+        self.request_ended(proto, sid, outcome)
         if closing:
             proto.outcome_counted.add(sid)
 
+    def request_ended(self, proto: DaemonProtocol, sid: int, outcome: str) -> None:
+        """Count request ``sid``'s end by ``outcome`` (tokenwire_requests_ended_total; callers count each once) and,
+        at level DEBUG, log it: what ties a request to its outcome (its id, peer, scheme, tokens sent, duration;
+        never its prompt nor a token)."""
+        self.metrics.requests_ended.labels(outcome=outcome).inc()
+        req = proto.opened.pop(sid, None)  # (kept only at DEBUG: on_request)
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        if req is None:
+            req = proto.server_session.requests.get(sid)
+        if req is None:  # refused by the session before it was read (too large, too many at once)
+            log.debug("request - (stream %d) from %s: %s before it was read", sid, proto.peer, outcome)
+            return
+        scheme = req.scheme if req.started else (req.request.scheme if req.request is not None else "-")
+        log.debug("request %s (stream %d) from %s: %s, scheme %s, %d tokens sent, %.3f s",
+                  req.request_id.hex() or "-", sid, proto.peer, outcome, scheme, req.tokens_sent,
+                  max(0.0, time.monotonic() - req.opened_at))
+
+    def request_refused(self, proto: DaemonProtocol, reason: str) -> None:
+        """The session refused one of ``proto``'s requests (``proto.refused`` counts them): the first refusal of a
+        connection is a warning, those of other connections within REFUSALS_LOG_S of it are counted and summed up,
+        and a logged connection's further refusals are counted in its end's line (a line per connection before:
+        300 connections refused twice each wrote 600 warnings)."""
+        if proto.refused == 1 and not self._request_refusals.hold(time.monotonic()):
+            proto.refusal_logged = True
+            log.warning("refused a request from %s: %s; requests refused on other connections are counted "
+                        "(tokenwire_errors_total by code) and logged at most every %g s", proto.peer, reason,
+                        REFUSALS_LOG_S)
+            return
+        if proto.refused > 1 and not proto.refusal_logged:  # (its first was summed up: its others with it)
+            self._request_refusals.unlogged += 1
+        log.debug("refused a request from %s: %s", proto.peer, reason)
+
     def on_request(self, proto: DaemonProtocol, sid: int, request: Request) -> None:
         sess = proto.server_session
+        if log.isEnabledFor(logging.DEBUG) and sid in sess.requests:  # its end's line (request_ended)
+            proto.opened[sid] = sess.requests[sid]
         # The client's FIN came in the same read: cancelled before it began. Its token is checked all the same: it
         # returned before the check, so a wrong token got a bare FIN (no UNAUTHORIZED close, log line or count).
         cancelled = sid not in sess.requests
@@ -852,13 +893,14 @@ class Daemon:
                 log.warning("closed connection from %s: %s (code %s); more connections closed for protocol errors "
                             "are counted (tokenwire_errors_total by code) and logged at most every %g s", proto.peer,
                             ev.reason, label, REFUSALS_LOG_S)
-        if proto.refused > 1:
+        if proto.refused > 1 and proto.refusal_logged:  # (the others: in request_refused's summary)
             log.warning("connection from %s ended; %d of its requests were refused (the first one logged)",
                         proto.peer, proto.refused)
         for sid in list(proto.attached):
             # answers sent whole whose client had not confirmed them (the session reported the others lost already)
-            self.metrics.requests_ended.labels(outcome="lost").inc()
+            self.request_ended(proto, sid, "lost")
             self.detach(proto, sid, cancel=False)  # lost, not cancelled: the client may resume
+        proto.opened.clear()
         proto.flush_counters()
         self.protocols.discard(proto)
         self.gc_pacing.connection_ended()

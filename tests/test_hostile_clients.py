@@ -90,8 +90,10 @@ def test_repeated_repairs_put_each_token_on_the_stream_once():
 
 
 def test_one_report_per_answer_counts():
-    """10,000 REPORT frames after one request added 10,000 observations to the stall and TTFT metrics."""
+    """10,000 REPORT frames after one request added 10,000 observations to the stall and TTFT metrics. (Only once
+    the server has sent FINISHED does one count: the answer is finished first.)"""
     pair, sid = _accepted("a b c")
+    pair.server.finish(sid)
     for _ in range(50):
         pair.client._send(sid, Report(stall_ratio=0.5, longest_stall_ms=900, ttft_ms=100))
     pair.exchange(rounds=40)

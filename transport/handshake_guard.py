@@ -54,6 +54,9 @@ REFUSALS_LOG_S = 60.0
 # deadline); ended otherwise before it completed (a TLS error such as no common ALPN, a client that rejected the
 # certificate or gave up and closed). Every handshake that does not complete is counted under one of them, once.
 HANDSHAKE_REFUSAL_REASONS = ("too_many", "timeout", "failed")
+# An upper bound of one packet of a handshake's CONNECTION_CLOSE, without its reason phrase: a long header with
+# 20-byte connection IDs (~54 B), the close frame (1 + 3 varints) and the AEAD tag (16 B)
+CLOSE_PACKET_BYTES_MAX = 128
 
 
 def retry_threshold(limit: int, above: int = RETRY_ABOVE) -> int:
@@ -272,15 +275,41 @@ class GuardedProtocol(SessionProtocol):
 
     def _refuse_handshake(self, label: str, why: str) -> None:
         """Close a connection still in its handshake: counted, and logged at debug level only (a flood of them would
-        flood the log)."""
+        flood the log). Silently, without a CONNECTION_CLOSE, where one would take the unvalidated address past
+        its anti-amplification allowance (:meth:`_close_would_amplify`)."""
         self._handshake_done()
         self.handshake_guard.refused_handshake(label)
         if self._quic._network_paths:
             log.debug("closing %s connection from %s: %s", self.handshake_guard.name, self.peer, why)
         else:
             self._refusal_unlogged = why
+        if not self.quic_closing and self._close_would_amplify(why):
+            self._end_silently(why)
+            return
         self.session.close(ErrorCode.LIMIT_EXCEEDED, why)
         self.transmit()
+
+    def _close_would_amplify(self, why: str) -> bool:
+        """Whether a CONNECTION_CLOSE now would take an unvalidated client address past RFC 9000 8.1's limit of 3
+        times the bytes received from it. aioquic sends a close whatever the limit: one 1200-B Initial from a
+        source that never answered (a spoofed victim) got the 3,600 B it allows, then at the handshake deadline a
+        161-B close, 3.13x. The close's size is bounded from above: one packet per epoch with keys (Initial,
+        Handshake, 1-RTT), each a header, a close frame and an AEAD tag, the reason only in the 1-RTT one."""
+        paths = self._quic._network_paths
+        if not paths or paths[0].is_validated:  # (none yet: the datagram that comes next is counted first)
+            return False
+        return not paths[0].can_send(CLOSE_PACKET_BYTES_MAX * 3 + len(why.encode()))
+
+    def _end_silently(self, why: str) -> None:
+        """End the connection without a packet (its address is not validated and its allowance is spent): what
+        the client hears is the silence a lost close would leave. The session sees the end, with ``why``, as any
+        other (aioquic's own path: ``_close_end``)."""
+        quic = self._quic
+        quic._close_event = qe.ConnectionTerminated(
+            error_code=int(ErrorCode.LIMIT_EXCEEDED), frame_type=None, reason_phrase=why)
+        quic._close_end()
+        self._process_events()
+        self.transmit()  # (nothing to send: terminated; drops its timer)
 
     def address_proven(self) -> bool:
         """Whether the client is not half-open: it came back with our Retry's token, or a Handshake packet came from

@@ -151,11 +151,21 @@ class ServerRequest:
     finished_end: int = 0
     done: bool = False
     repairs: int = 0
-    reported: bool = False  # its client's REPORT came (one counts)
+    reported: bool = False  # its client's REPORT came after FINISHED (one counts; none before FINISHED)
     on_stream: bytearray = field(default_factory=bytearray)  # per token index: 1 once sent on the stream
     # TOKENS frames on the stream whose QUIC acknowledgement the token sender waits for: (the stream offset each
     # ends at, first, end), in stream order (_note_stream_acks)
     stream_tokens: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def tokens_sent(self) -> int:
+        """Tokens of the answer put on the wire so far, from its first index: in datagrams (the sender's next new
+        one) or on the stream (the stream scheme's, a repair's), each counted once."""
+        if self.scheme == "stream":
+            end = self.stream_next
+        else:
+            end = self.sender.next_new if self.sender is not None else self.first_index
+        return max(0, max(end, self.on_stream.rfind(1) + 1) - self.first_index)
 
 
 class ServerSession(_SessionBase):
@@ -560,7 +570,9 @@ class ServerSession(_SessionBase):
             elif isinstance(frame, Repair):
                 self._repair(req, frame)
             elif isinstance(frame, Report):
-                if not req.reported:  # one per answer: 10,000 from one request filled the client metrics
+                # one per answer: 10,000 from one request filled the client metrics; and only once FINISHED has
+                # gone out (a REPORT right after REQUEST, of an answer it had not seen, was counted)
+                if req.finished_sent and not req.reported:
                     req.reported = True
                     out.append(ClientReport(stream_id, frame))
             elif isinstance(frame, Error):
