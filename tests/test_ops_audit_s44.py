@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -23,20 +22,9 @@ from tokenwire.transport.frames import ALPN, Report
 from tokenwire.transport.session_events import ClientReport
 
 from .test_handshake_limits import until, value
-from .test_hostile_clients import _raw
+from .test_hostile_clients import _daemon, _raw
 from .test_loopback import run
 from .test_session_refusals import _connected, _request
-
-
-@contextlib.asynccontextmanager
-async def _daemon(**limits: Any) -> AsyncIterator[Daemon]:
-    daemon = Daemon(parse_config({"server": {"listen": ["127.0.0.1:0"]}, "metrics": {"listen": ""},
-                                  "limits": limits}))
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()
 
 
 class _Heard(asyncio.DatagramProtocol):
@@ -45,6 +33,21 @@ class _Heard(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.got.append((time.monotonic(), len(data)))
+
+
+async def _initial_alone(port: int) -> tuple[asyncio.DatagramTransport, _Heard, int]:
+    """A client's first flight sent to ``port`` from a socket that never answers (a spoofed victim's address): the
+    socket, what it hears, and the bytes sent."""
+    loop = asyncio.get_running_loop()
+    transport, heard = await loop.create_datagram_endpoint(_Heard, local_addr=("127.0.0.1", 0))
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                                          server_name="localhost"))
+    quic.connect(("127.0.0.1", port), now=time.monotonic())
+    sent = 0
+    for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+        transport.sendto(data, ("127.0.0.1", port))
+        sent += len(data)
+    return transport, heard, sent
 
 
 # -- F6: anti-amplification at the handshake deadline -------------------------------------------------------------
@@ -57,17 +60,8 @@ def test_a_handshake_deadline_sends_an_unvalidated_address_no_more_than_three_ti
 
     async def go() -> tuple[int, int, int, int]:
         async with _daemon() as daemon:
-            port = daemon.addresses[0][1]
-            loop = asyncio.get_running_loop()
-            transport, heard = await loop.create_datagram_endpoint(_Heard, local_addr=("127.0.0.1", 0))
+            transport, heard, sent = await _initial_alone(daemon.addresses[0][1])
             try:
-                quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
-                                                                      server_name="localhost"))
-                quic.connect(("127.0.0.1", port), now=time.monotonic())
-                sent = 0
-                for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-                    transport.sendto(data, ("127.0.0.1", port))
-                    sent += len(data)
                 await until(lambda: value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}) == 1, 5)
                 await asyncio.sleep(0.3)  # (a close would be on its way)
                 assert daemon.handshake_guard.handshaking == 0
@@ -88,15 +82,8 @@ def test_a_handshake_deadline_with_allowance_left_still_sends_its_close(monkeypa
 
     async def go() -> list[tuple[float, int]]:
         async with _daemon() as daemon:
-            port = daemon.addresses[0][1]
-            loop = asyncio.get_running_loop()
-            transport, heard = await loop.create_datagram_endpoint(_Heard, local_addr=("127.0.0.1", 0))
+            transport, heard, _sent = await _initial_alone(daemon.addresses[0][1])
             try:
-                quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
-                                                                      server_name="localhost"))
-                quic.connect(("127.0.0.1", port), now=time.monotonic())
-                for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-                    transport.sendto(data, ("127.0.0.1", port))
                 await until(lambda: value(daemon, "tokenwire_handshakes_refused_total", {"reason": "timeout"}) == 1, 5)
                 await asyncio.sleep(0.3)
                 return heard.got
