@@ -253,7 +253,10 @@ def cross_problem(spec: str) -> str | None:
     """Why the simulator cannot run cross traffic ``spec``, or None: contention's grammar
     (:func:`.traffic.parse_cross`: ``tcp:cubic|bbr|reno``, ``udp-ect1:RATE``, ``onoff-ect1:RATE:ON_MS:OFF_MS``),
     no ``tcp:bbr`` (``tcp:reno`` and ``tcp:cubic`` run as a Reno AIMD window, :class:`.vsim.RenoFlow`, as in ``testbed
-    swiftqueue --virtual``: no model of either in virtual time), and a paced RATE of at most :data:`MAX_CROSS_BPS`."""
+    swiftqueue --virtual``: no model of either in virtual time), a paced RATE of at most :data:`MAX_CROSS_BPS`, and
+    an ``onoff-ect1`` ON_MS of at least :data:`MIN_ONOFF_MS`, OFF_MS 0 (always on) or at least that too (contention
+    takes any ON_MS above 0: its sender sleeps in real time; here each period is an event, and ``:0.000001:0.000001``
+    ran for ever without sending a packet)."""
     from .trace import generator_bps
     from .traffic import parse_cross
 
@@ -269,7 +272,17 @@ def cross_problem(spec: str) -> str | None:
         if bps is not None and bps > MAX_CROSS_BPS:
             return (f"cross traffic {spec!r}: at most {MAX_CROSS_BPS / 1e6:g} Mbit/s in the simulator (each packet is "
                     "an event: a faster flow only fills the queue, slowly)")
+    if kind == "onoff-ect1":
+        on, _, off = arg.partition(":")[2].partition(":")
+        if float(on) < MIN_ONOFF_MS or 0 < float(off) < MIN_ONOFF_MS:
+            return (f"cross traffic {spec!r}: ON_MS of at least {MIN_ONOFF_MS:g} ms in the simulator, and OFF_MS 0 "
+                    f"(always on) or at least {MIN_ONOFF_MS:g} ms (each period is an event: shorter ones only stall "
+                    "the run; testbed contention takes them)")
     return None
+
+
+MIN_ONOFF_MS = 1.0
+"""The shortest ``onoff-ect1`` ON_MS (and nonzero OFF_MS) the simulator takes (:func:`cross_problem`)."""
 
 
 MAX_CROSS_BPS = 100e6

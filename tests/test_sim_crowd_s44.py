@@ -146,12 +146,31 @@ def test_cross_traffic_needs_a_traced_link() -> None:
     (["--down-trace", "1mbps", "--cross", "udp-ect1:1gbps"], "--cross: cross traffic 'udp-ect1:1gbps': at most 100"),
     (["--down-trace", "1mbps", "--cross", "onoff-ect1:1mbps:0:10"], "--cross: cross traffic 'onoff-ect1:1mbps:0:10'"),
     (["--down-trace", "1mbps", "--cross", "udp-ect1:1bps"], "--cross: cross traffic 'udp-ect1:1bps': 1bps is below"),
+    (["--down-trace", "1mbps", "--cross", "onoff-ect1:1mbps:0.000001:0.000001"],
+     "--cross: cross traffic 'onoff-ect1:1mbps:0.000001:0.000001': ON_MS of at least 1 ms in the simulator"),
+    (["--down-trace", "1mbps", "--cross", "onoff-ect1:1mbps:0.5:0"], "--cross: cross traffic 'onoff-ect1:1mbps:0.5:0'"),
+    (["--down-trace", "1mbps", "--cross", "onoff-ect1:1mbps:5:0.5"], "--cross: cross traffic 'onoff-ect1:1mbps:5:0.5'"),
 ])
 def test_bad_cross_traffic_is_refused_in_one_line(args: list[str], says: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sim", "--tokens", "5", "--schemes", "stream", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tokenwire sim: error: {says}") and err.count("\n") == 1, err
+
+
+def test_on_off_periods_under_a_millisecond_are_the_simulators_refusal_alone() -> None:
+    """``onoff-ect1:1mbps:0.000001:0.000001`` ran for ever in the simulator (each period is an event, none long
+    enough for a packet): it takes ON_MS of 1 ms or more and OFF_MS 0 or 1 ms or more. testbed contention, whose
+    sender sleeps in real time, takes them as before; the library's runs refuse them as the command does."""
+    from tokenwire.testbed.traffic import parse_cross
+
+    for spec in ("onoff-ect1:1mbps:0.000001:0.000001", "onoff-ect1:1mbps:0.999:0", "onoff-ect1:1mbps:1:0.999"):
+        assert parse_cross(spec)[0] == "onoff-ect1"
+        assert "at least 1 ms in the simulator" in (sim.cross_problem(spec) or "")
+    for spec in ("onoff-ect1:1mbps:1:0", "onoff-ect1:1mbps:1:1", "onoff-ect1:200kbps:1200:1000000"):
+        assert sim.cross_problem(spec) is None
+    with pytest.raises(ValueError, match="at least 1 ms in the simulator"):
+        run_chats("stream", _cfg(chats=2, down_trace="1mbps", cross=["onoff-ect1:1mbps:0.000001:0.000001"]))
 
 
 def test_an_unknown_start_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

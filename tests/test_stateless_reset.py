@@ -15,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from typing import Any
 
 import pytest
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection, QuicConnectionState
 
 from tokenwire.daemon.config import parse_config
 from tokenwire.daemon.service import Daemon
 from tokenwire.daemon.telemetry import Metrics
 from tokenwire.transport import quic_io
 from tokenwire.transport.client import connect
+from tokenwire.transport.client_session import ClientSession
 from tokenwire.transport.errors import RemoteError
 from tokenwire.transport.kv_channel import ServerTuning, connect_kv, serve_kv
 from tokenwire.transport.quic_io import ValidatingQuicServer, give_reset_tokens, serve_quic
@@ -44,7 +46,7 @@ from tokenwire.transport.stateless_reset import (
     reset_token,
     static_key,
 )
-from tokenwire.transport.tls import dev_cert, make_self_signed, server_configuration
+from tokenwire.transport.tls import client_configuration, dev_cert, make_self_signed, server_configuration
 
 from .quicpair import Pair
 from .test_kv_security_fixes2 import IDS, MODEL, TextProvider
@@ -80,6 +82,18 @@ def test_the_static_key_is_the_tls_keys_and_the_endpoints():
     assert static_key(other, "::|4433") != static_key(der, "::|4433")
     assert static_key(None, "::|4433") != static_key(None, "::|4433")  # random, per call
     assert private_key_der(None) is None
+
+
+def test_the_static_key_is_the_hosts():
+    """Hosts of a fleet with one key file and the same ``listen`` address (the default ``[::]:4433``) have keys of
+    their own (RFC 9000 21.11: another host would answer a connection's ID with the reset that ends it): the host's
+    name is in the key, the same name (a restart) gives the same key. None: this host's name."""
+    der = private_key_der(dev_cert().private_key)
+    assert der is not None
+    assert static_key(der, "::|4433", "node-a") == static_key(der, "::|4433", "node-a")
+    assert static_key(der, "::|4433", "node-a") != static_key(der, "::|4433", "node-b")
+    assert static_key(der, "::|4433") == static_key(der, "::|4433", socket.gethostname())
+    assert static_key(der, "::|4433", "a") != static_key(der, ":|4433", "a:")  # (no two pairs give the same bytes)
 
 
 def test_a_reset_is_a_short_header_with_the_token_last():
@@ -268,6 +282,31 @@ def test_serve_quic_derives_the_key_from_the_tls_key_and_keeps_it():
 
     first, again, other = run(go(), 30)
     assert first == again and other != first
+
+
+def test_serve_quic_puts_the_host_name_in_the_key(monkeypatch):
+    """The same certificate and address on a host of another name (a fleet, or this host renamed): another key;
+    the same name again (a restart): the same key."""
+    port = next(PORTS)
+    cert = dev_cert()
+
+    async def key_on(host_name: str) -> bytes:
+        monkeypatch.setattr(quic_io.socket, "gethostname", lambda: host_name)
+        server = await serve_quic("127.0.0.1", port, configuration=server_configuration(cert=cert),
+                                  create_protocol=lambda *a, **k: None)
+        try:
+            assert server.resetter is not None
+            return server.resetter.key
+        finally:
+            server.close()
+            await server.wait_released()
+
+    async def go() -> list[bytes]:
+        return [await key_on(name) for name in ("node-a", "node-b", "node-a")]
+
+    a, b, a_again = run(go(), 30)
+    der = private_key_der(cert.private_key)
+    assert a == a_again == static_key(der, f"127.0.0.1|{port}", "node-a") and b != a
 
 
 # ------------------------------------------------------------------------------ a restart, end to end (loopback)
@@ -514,3 +553,168 @@ def test_a_restarted_daemon_resets_its_old_connections(tmp_path, key_file):
     else:
         assert elapsed > 1.5, elapsed
         assert "idle timeout" in str(err)
+
+
+# ------------------------------------------------------------- a live connection's IDs are never reset by its server
+class _ServerProtocol(quic_io.SessionProtocol):
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler, session_factory=ServerSession)
+
+
+CLIENT_ADDR = ("::ffff:10.0.0.2", 5555, 0, 0)
+SERVER_ADDR = ("::ffff:10.0.0.1", 4433, 0, 0)
+
+
+class _Wire:
+    """A :class:`ValidatingQuicServer` on a fake transport and an aioquic client connection, moved by hand: what
+    reaches the server, and when, is the test's (no socket, no timer)."""
+
+    def __init__(self) -> None:
+        self.server = ValidatingQuicServer(configuration=server_configuration(), create_protocol=_ServerProtocol,
+                                           resetter=Resetter(KEY, 8))
+        self.transport = _FakeTransport()
+        self.server.connection_made(self.transport)  # type: ignore[arg-type]
+        self.client = QuicConnection(configuration=client_configuration(cadata=dev_cert().cert_pem,
+                                                                        server_name="localhost"))
+        self.now = time.monotonic()
+        self.client.connect(SERVER_ADDR, now=self.now)
+
+    def up(self) -> None:
+        """The client's datagrams to the server."""
+        for data, _ in self.client.datagrams_to_send(now=self.now):
+            self.server.datagram_received(data, CLIENT_ADDR)
+
+    def down(self) -> list[bytes]:
+        """What the server sent since the last call, read by the client."""
+        sent = [data for data, _ in self.transport.sent]
+        self.transport.sent.clear()
+        for data in sent:
+            self.client.receive_datagram(data, SERVER_ADDR, now=self.now)
+        return sent
+
+    def exchange(self, rounds: int = 6) -> None:
+        for _ in range(rounds):
+            self.now += 0.001
+            self.up()
+            self.down()
+
+
+def test_a_client_that_moves_to_a_just_issued_id_at_once_is_not_reset():
+    """RFC 9000 5.1.1: a client may move to a new connection ID at any time. The client retires the ID it uses, the
+    server's answer carries a NEW_CONNECTION_ID in its place, and the client's next datagram goes to that ID before
+    the server read anything else: aioquic (1.7.2) adds an issued ID to its server's table only at the connection's
+    next event processing, so the datagram missed the table and the server reset its own live connection
+    (``SessionProtocol.transmit`` now registers the IDs a send issued before the datagrams leave)."""
+
+    async def go() -> None:
+        wire = _Wire()
+        wire.exchange()
+        assert wire.client._handshake_complete
+        table = wire.server._table
+        (protocol,) = set(table.values())
+        issued = {c.cid for c in protocol._quic._host_cids}
+        before = dict(quic_io.stateless_resets)
+        wire.client.change_connection_id()  # retire the ID in use: the server issues one more in its place
+        wire.now += 0.001
+        wire.up()
+        new = {c.cid for c in protocol._quic._host_cids} - issued
+        assert len(new) == 1 and all(c.was_sent for c in protocol._quic._host_cids)
+        (fresh,) = new
+        assert fresh in table  # in the table before the datagram that carries it reaches the client
+        wire.down()
+        held = [c for c in wire.client._peer_cid_available if c.cid == fresh]
+        assert held
+        wire.client._peer_cid_available.remove(held[0])
+        wire.client._peer_cid_available.insert(0, held[0])
+        wire.client.change_connection_id()  # at once, to the ID just issued
+        assert wire.client._peer_cid.cid == fresh
+        wire.client.send_ping(1)
+        wire.now += 0.001
+        wire.up()
+        assert table.found is True
+        assert {k: quic_io.stateless_resets[k] - before[k] for k in before} == {"sent": 0, "limited": 0}
+        assert all(len(data) > 28 for data in wire.down())  # (the answer: no reset among what the server sent)
+        wire.exchange()
+        assert wire.client._state not in END_STATES and table.get(fresh) is protocol
+        assert len(table) == len(table.ids_of(protocol))  # (registered twice: one entry each, in step)
+
+    run(go(), 30)
+
+
+def test_a_port_that_stops_accepting_for_a_while_resets_no_live_connection():
+    """A live connection's datagrams while its server is not accepting (``KVServer.accepting`` set False, then True
+    again) are dropped, not reset: the connection goes on once the port accepts again (every short header was
+    answered with a reset, live connections' included). An ID the server does not know is still reset."""
+
+    async def go() -> None:
+        wire = _Wire()
+        wire.exchange()
+        table = wire.server._table
+        (protocol,) = set(table.values())
+        before = dict(quic_io.stateless_resets)
+        wire.server.accepting = False
+        wire.client.send_ping(1)
+        wire.now += 0.001
+        wire.up()
+        assert wire.down() == []
+        wire.server.datagram_received(short_header(60, b"\x07" * 8), CLIENT_ADDR)  # (an ID nobody has)
+        assert [len(data) for data in wire.down()] == [28]
+        assert {k: quic_io.stateless_resets[k] - before[k] for k in before} == {"sent": 1, "limited": 0}
+        wire.server.accepting = True
+        wire.client.send_ping(2)
+        wire.exchange()
+        assert wire.client._state not in END_STATES and protocol._quic._state not in END_STATES
+        assert quic_io.stateless_resets["sent"] - before["sent"] == 1
+
+    run(go(), 30)
+
+
+def _client_protocol(wire: _Wire) -> quic_io.SessionProtocol:
+    """The shell of a client (:meth:`~quic_io.SessionProtocol._stateless_reset`) around the wire's connected client."""
+    protocol = quic_io.SessionProtocol(wire.client, session_factory=ClientSession)
+    protocol.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    return protocol
+
+
+def test_a_client_ignores_the_tokens_of_ids_it_has_not_used():
+    """RFC 9000 10.3.1: a client compares a datagram with the tokens of the connection IDs it sends to, not those
+    it holds unused (``_peer_cid_available``, issued by NEW_CONNECTION_ID): a reset with such a token, from the
+    server's address, ends nothing; the one of the ID in use does."""
+
+    async def go() -> None:
+        wire = _Wire()
+        wire.exchange()
+        protocol = _client_protocol(wire)
+        unused = wire.client._peer_cid_available
+        assert unused and all(c.cid != wire.client._peer_cid.cid for c in unused)
+        for cid in unused:
+            protocol.datagram_received(build_reset(reset_token(KEY, cid.cid), 28), SERVER_ADDR)
+        assert wire.client._state not in END_STATES and protocol.terminated is None
+        protocol.datagram_received(build_reset(reset_token(KEY, wire.client._peer_cid.cid), 28), SERVER_ADDR)
+        assert protocol.terminated is not None and protocol.terminated.reason_phrase == RESET_REASON
+
+    run(go(), 30)
+
+
+def test_a_closing_client_takes_no_reset():
+    """A connection already closing (or draining) is not ended by a reset, even a valid one: it ends as it was
+    ending, with its own close's reason, when its closing period is over (RFC 9000 10.3.1 is about a connection
+    in use; aioquic drops what comes in that state)."""
+
+    async def go() -> None:
+        wire = _Wire()
+        wire.exchange()
+        protocol = _client_protocol(wire)
+        wire.client.close(error_code=0, reason_phrase="done here")
+        protocol.transmit()
+        assert wire.client._state in END_STATES
+        reset = build_reset(reset_token(KEY, wire.client._peer_cid.cid), 28)
+        assert not protocol._stateless_reset(reset, SERVER_ADDR)
+        protocol.datagram_received(reset, SERVER_ADDR)
+        assert wire.client._state is not QuicConnectionState.TERMINATED and protocol.terminated is None
+        assert wire.client._close_event is not None and wire.client._close_event.reason_phrase == "done here"
+        wire.client._close_end()  # (its closing period over)
+        protocol._process_events()
+        assert protocol.terminated is not None and protocol.terminated.reason_phrase == "done here"
+
+    run(go(), 30)

@@ -368,7 +368,10 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._transport is None:
             return
         now = self.clock()
+        quic = self._quic
         datagrams = self.session.datagrams_to_send(now)
+        if quic._events and not quic._is_client:
+            self._register_issued(quic)
         self._bound_close_period(now)
         send_ecn = getattr(self._transport, "sendto_ecn", None)
         if send_ecn is not None:  # an ECN-capable transport: the codepoint the marking policy chose
@@ -385,6 +388,20 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._session_timer is None and timer_at is not None:
             self._session_timer = self._loop.call_later(max(0.0, timer_at - now), self._on_timer)
         self._session_timer_at = timer_at
+
+    def _register_issued(self, quic: QuicConnection) -> None:
+        """Give the server the connection IDs this ``datagrams_to_send`` call issued before they leave.
+
+        aioquic (==1.7.2) queues ``ConnectionIdIssued`` (what adds an ID to its server's table) as it writes the
+        NEW_CONNECTION_ID frame, and the protocol reads it at its next event processing: a client that moved to
+        the new ID at once (RFC 9000 5.1.1: "at any time") and whose datagram came in between missed the table,
+        and :meth:`ValidatingQuicServer._answer_unknown` reset the live connection. Registered here, from the
+        events still queued; the later processing of the same events sets the same entries again
+        (:class:`ProtocolTable` keeps both in step: no change). On a server connection only, and only when
+        events are queued (most calls: none)."""
+        for event in quic._events:
+            if isinstance(event, qe.ConnectionIdIssued):
+                self._connection_id_issued_handler(event.connection_id)
 
     def _bound_close_period(self, now: float) -> None:
         """End QUIC's closing or draining period (3 PTO) within :data:`CLOSE_PERIOD_MAX_S` of its start.
@@ -512,7 +529,7 @@ class ValidatingQuicServer(QuicServer):
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         if not self.accepting:
             datagrams_dropped["not_accepting"] += 1
-            # a short header's is of a connection of a process before this one (none is known yet): reset
+            # a short header's is of a connection of a process before this one, unless the table has its ID: reset
             self._answer_unknown(data, addr)  # type: ignore[arg-type]  # datagrams are bytes
             return
         self.choose_retry(data)
@@ -544,9 +561,15 @@ class ValidatingQuicServer(QuicServer):
     def _answer_unknown(self, data: bytes, addr: NetworkAddress) -> None:
         """Answer a short-header datagram that no connection of this server took with a Stateless Reset, if this
         server has a :attr:`resetter` and its rules allow one (smaller than the datagram, within the send limit:
-        :meth:`~.stateless_reset.Resetter.reply`). Counted in :data:`stateless_resets`."""
+        :meth:`~.stateless_reset.Resetter.reply`). Counted in :data:`stateless_resets`.
+
+        Never for a connection ID in this server's table: a live connection's datagram that was not read (the port
+        not :attr:`accepting` for a while, e.g. ``KVServer.accepting`` set False, which reset every connection) is
+        dropped, as any other, and the connection goes on once the port accepts again."""
         resetter = self.resetter
         if resetter is None or self._transport is None:
+            return
+        if data[1:1 + resetter.cid_length] in self._table:
             return
         limited = resetter.limited
         reset = resetter.reply(data, time.monotonic())
@@ -688,8 +711,10 @@ async def serve_quic(
     read in the loop turn between (the ECN path awaits one here) was served before the gate closed.
 
     Stateless Resets (RFC 9000 10.3; :mod:`.stateless_reset`): the server's key is ``reset_key``, else derived
-    from ``configuration``'s TLS private key and ``host`` and the port bound (:func:`~.stateless_reset.static_key`):
-    a restart with the same key file and address answers its clients' old connections with resets. A key made for
+    from ``configuration``'s TLS private key, this host's name (``socket.gethostname()``) and ``host`` and the port
+    bound (:func:`~.stateless_reset.static_key`): a restart on the same host with the same key file and address
+    answers its clients' old connections with resets, and another host of a fleet with the same key file and
+    address has other tokens (no reset oracle across hosts, RFC 9000 21.11). A key made for
     this process (an ephemeral self-signed certificate) gives a key no later process has: its clients wait for
     their idle timeout, as before. The key is made once here: a certificate reloaded later does not change it."""
     check_port(port, listening=True)
@@ -697,7 +722,7 @@ async def serve_quic(
     try:
         if reset_key is None:
             reset_key = static_key(private_key_der(getattr(configuration, "private_key", None)),
-                                   f"{host}|{sock.getsockname()[1]}")
+                                   f"{host}|{sock.getsockname()[1]}", socket.gethostname())
         resetter = Resetter(reset_key, configuration.connection_id_length)
     except BaseException:
         sock.close()

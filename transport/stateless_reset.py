@@ -7,8 +7,9 @@ Stateless Resets nor detects them: it stores the tokens the peer gives and never
 it gives its own connection IDs random tokens that no later process can know. Here:
 
 * a server gives each of its connection IDs the token ``HMAC-SHA256(key, connection ID)[:16]`` (RFC 9000
-  10.3.2's "single static key"), the key derived from the TLS private key (:func:`static_key`), so that the
-  same server restarted with the same key can compute the token of a connection it has forgotten;
+  10.3.2's "single static key"), the key derived from the TLS private key, the host's name and the listening
+  address (:func:`static_key`), so that the same server restarted on the same host with the same key can compute
+  the token of a connection it has forgotten;
 * it answers a short-header datagram for a connection ID it does not know with a reset (:meth:`Resetter.reply`),
   smaller than the datagram and rate-limited;
 * a client compares the last 16 bytes of a short-header datagram with the tokens of the connection IDs it sends
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import socket
 from collections.abc import Callable, Iterable
 
 TOKEN_SIZE = 16
@@ -33,7 +35,8 @@ MIN_RESET_SIZE = 21
 byte, 01 then unpredictable bits, and at least 4 unpredictable bytes: 38 unpredictable bits) and the token (RFC
 9000 10.3: "endpoints MUST treat ... at least 21 bytes")."""
 
-# What the key derivation mixes in: a fixed label (the key serves no other purpose), then the endpoint
+# What the key derivation mixes in: a fixed label (the key serves no other purpose), then the host name and the
+# endpoint
 _KEY_LABEL = b"tokenwire stateless reset key v1"
 
 RESET_REASON = "stateless reset (the server lost this connection: restarted?)"
@@ -45,21 +48,27 @@ RESET_RATE_PER_S = 100.0
 RESET_BURST = 200
 
 
-def static_key(private_key_der: bytes | None, endpoint: str) -> bytes:
+def static_key(private_key_der: bytes | None, endpoint: str, host_name: str | None = None) -> bytes:
     """The key of the tokens a server hands out at ``endpoint`` (its listening address as configured, e.g.
-    ``"::|4433"``): a keyed hash of the TLS private key's bytes (PKCS#8 DER) with a fixed label, so that a restart
-    with the same key and address computes the same tokens, with no file or setting of its own; ``None`` (no key
-    known): a random one, for this process alone (a restart then cannot reset its clients' connections).
+    ``"::|4433"``) on the host named ``host_name`` (None: this one's, ``socket.gethostname()``): a keyed hash of
+    the TLS private key's bytes (PKCS#8 DER) with a fixed label, then of the host name and the endpoint, so that a
+    restart on the same host with the same key and address computes the same tokens, with no file or setting of
+    its own; ``private_key_der`` None (no key known): a random one, for this process alone (a restart then cannot
+    reset its clients' connections).
 
-    The endpoint is in the key: RFC 9000 21.11 (a stateless reset oracle) has instances that share a static key
-    arranged so that a connection's packets reach no other of them, else an attacker who knows a live
-    connection's ID sends it to another instance (the KV port, a second listener) and gets back the token that
-    ends the connection. One HMAC of the DER bytes does not reveal the private key, nor anything derived from it for
-    TLS."""
+    The endpoint and the host name are in the key: RFC 9000 21.11 (a stateless reset oracle) has instances that
+    share a static key arranged so that a connection's packets reach no other of them, else an attacker who knows
+    a live connection's ID sends it to another instance (the KV port, a second listener, another host of a fleet
+    with the same key file and the default ``listen``) and gets back the token that ends the connection. A host
+    (or a container) keeps its name across restarts; a renamed one gets other tokens from its next start. One HMAC
+    of the DER bytes does not reveal the private key, nor anything derived from it for TLS."""
     if private_key_der is None:
         return os.urandom(32)
+    if host_name is None:
+        host_name = socket.gethostname()
     master = hmac.new(_KEY_LABEL, private_key_der, hashlib.sha256).digest()
-    return hmac.new(master, endpoint.encode(), hashlib.sha256).digest()
+    # (a NUL between: no host name has one, so no two (host, endpoint) pairs give the same bytes)
+    return hmac.new(master, host_name.encode() + b"\0" + endpoint.encode(), hashlib.sha256).digest()
 
 
 def private_key_der(private_key: object) -> bytes | None:
