@@ -2,10 +2,12 @@
 
 A connection takes a slot when its handshake completes (``DaemonProtocol._on_handshake``) and gives it back at its
 end, or earlier when it never authorized and is closed to make room (past max_sessions) or for the request bytes it
-held (past ``limits.unauthorized_memory_mb``). This class counts the slots, keeps the connections not yet authorized
-(a :class:`~tokenwire.transport.preauth_budget.PreauthBudget`), chooses and closes the ones to let go, and logs the
-refusals and closes the way a flood must be logged: the first of each kind a warning, the rest summed up
-(:class:`~tokenwire.transport.handshake_guard.RefusalLog`).
+held (past ``limits.unauthorized_memory_mb``). With no auth configured (no tokens, no client CA) a connection counts
+as not yet authorized until a request of its starts an answer: otherwise connections that never sent a request held
+every slot, and partial requests ~8 MB each, with no bound. This class counts the slots, keeps the connections not
+yet authorized (a :class:`~tokenwire.transport.preauth_budget.PreauthBudget`), chooses and closes the ones to let
+go, and logs the refusals and closes the way a flood must be logged: the first of each kind a warning, the rest
+summed up (:class:`~tokenwire.transport.handshake_guard.RefusalLog`).
 
 Split out of ``service.py``, where it was a tenth of :class:`~tokenwire.daemon.service.Daemon`: its state is narrow
 (the count, the budget, four refusal logs) and nothing in it looks at answers, upstreams or listeners. The daemon
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 # the daemon's logger (not this module's name): operators and tests filter the daemon's lines by it
 log = logging.getLogger("tokenwire.daemon")
+# what the log lines say of a connection let in with no auth configured that no request of has started yet
+_NO_REQUEST = "no request started yet (no auth configured)"
 
 
 class Admission:
@@ -66,6 +70,10 @@ class Admission:
         # datagram of its own), and a token holder sending its prompt was closed for bytes no longer held.
         self.unauthorized: PreauthBudget[DaemonProtocol] = PreauthBudget(
             lambda: int(self._limits().unauthorized_memory_mb * (1 << 20)), measure=lambda p: p.held_bytes())
+        # those of them let in with no auth configured (no tokens, no client CA): not admitted until a request of
+        # theirs starts, and counted as the others are (30 that never sent a request held max_sessions = 30 for
+        # good, the honest client refused); only their log lines and close reasons say so apart
+        self.awaiting_request: set[DaemonProtocol] = set()
 
     def session_refused(self, peer: str) -> None:
         """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
@@ -88,20 +96,23 @@ class Admission:
                     "0x105) and logged at most every %g s", peer, why, "; closing" if closing else "", REFUSALS_LOG_S)
 
     def evict_unauthorized(self) -> bool:
-        """Past max_sessions: close the oldest connection that has never been authorized, to make room for a new
-        client; False when there is none. Its slot is free at once (not at the end of its closing period). A client
-        that connects early and sends its first request much later may be closed so while clients that never
-        authorize flood the daemon: it hears why, and connects again."""
+        """Past max_sessions: close the oldest connection that has never been authorized (with no auth configured:
+        none of whose requests has started yet), to make room for a new client; False when there is none. Its slot
+        is free at once (not at the end of its closing period). A client that connects early and sends its first
+        request much later may be closed so while clients that never authorize (or never send a request) flood the
+        daemon: it hears why, and connects again."""
         victim = self.unauthorized.oldest()
         if victim is None:
             return False
+        idle = victim in self.awaiting_request
         self._close_unauthorized(
             victim, "evicted", self.evictions,
-            f"closing connection from {victim.peer}, never authorized, to admit a new client: "
-            f"{self._limits().max_sessions} sessions open (limits.max_sessions); more such closes are counted "
-            f"(tokenwire_handshakes_refused_total reason evicted) and logged at most every {REFUSALS_LOG_S:g} s",
-            "too many sessions: this connection had sent no authorized request and was closed to admit another "
-            "client; connect again")
+            f"closing connection from {victim.peer}, {_NO_REQUEST if idle else 'never authorized'}, to admit a new "
+            f"client: {self._limits().max_sessions} sessions open (limits.max_sessions); more such closes are "
+            f"counted (tokenwire_handshakes_refused_total reason evicted) and logged at most every "
+            f"{REFUSALS_LOG_S:g} s",
+            f"too many sessions: this connection had sent no {'request that started' if idle else 'authorized request'}"
+            " and was closed to admit another client; connect again")
         return True
 
     def _close_unauthorized(self, victim: DaemonProtocol, reason: str, refusals: RefusalLog, warning: str,
@@ -124,19 +135,30 @@ class Admission:
         victim.server_session.close(ErrorCode.LIMIT_EXCEEDED, close_reason)
         victim.transmit()
 
-    def count_unauthorized(self, proto: DaemonProtocol) -> None:
-        """``proto``, established, is not authorized yet: one of :attr:`unauthorized` (the newest), with the
+    def count_unauthorized(self, proto: DaemonProtocol, *, awaiting_request: bool = False) -> None:
+        """``proto``, established, is not authorized yet (``awaiting_request``: no auth is configured, and no
+        request of its has started yet): one of :attr:`unauthorized` (the newest), with the
         allowance its own limits gave it (its window, ``UNAUTHORIZED_CREDIT_REQUESTS`` of its
         ``max_request_bytes``, and its first stream's request with its length prefix). Its session keeps the
         ``max_request_bytes`` it started with, so a reload lowering the setting must not lower the floor under it:
         the floor read the current setting, and a lone connection opened before such a reload was closed for what
         its own window let it send."""
         self.unauthorized.add(proto, (UNAUTHORIZED_CREDIT_REQUESTS + 1) * proto.server_session.max_request_bytes + 4)
+        if awaiting_request:
+            self.awaiting_request.add(proto)
+
+    def request_started(self, proto: DaemonProtocol) -> None:
+        """A request of ``proto``'s started an answer (or attached to one): let in with no auth configured, it is
+        admitted now, out of :attr:`unauthorized` (never evicted, nor closed for what it holds) and with its
+        connection's full window. Until then it was counted as a connection not yet authorized."""
+        if proto in self.awaiting_request:
+            proto.authorized = True  # (its setter forgets it here and releases its connection's credit)
 
     def forget_unauthorized(self, proto: DaemonProtocol) -> None:
         """``proto`` is authorized, evicted or gone: no longer one of :attr:`unauthorized`, and what it held no
         longer counts toward ``limits.unauthorized_memory_mb``."""
         self.unauthorized.forget(proto)
+        self.awaiting_request.discard(proto)
 
     def account_unauthorized(self, proto: DaemonProtocol, held: int) -> None:
         """``proto``, established and not authorized yet, now holds ``held`` bytes of its requests (in aioquic's
@@ -155,15 +177,19 @@ class Admission:
         limits = self._limits()
         for shed in self.unauthorized.account(proto, held):
             victim = shed.holder
+            idle = victim in self.awaiting_request
             self._close_unauthorized(
                 victim, "memory", self.memory_sheds,
-                f"closing connection from {victim.peer}, never authorized, holding {shed.held >> 10} KiB of "
+                f"closing connection from {victim.peer}, {_NO_REQUEST if idle else 'never authorized'}, holding "
+                f"{shed.held >> 10} KiB of "
                 f"requests: connections not yet authorized held more than {shed.budget >> 10} KiB together "
                 f"(limits.unauthorized_memory_mb, {limits.unauthorized_memory_mb:g} MiB, or what one connection may "
                 f"hold if more: ~3 x limits.max_request_bytes); more such closes are counted "
                 f"(tokenwire_handshakes_refused_total reason memory) and logged at most every {REFUSALS_LOG_S:g} s",
-                "too much held before authorization: this connection had sent no authorized request and its "
-                "requests held more than the server allows such connections; connect again and authorize first")
+                ("too much held before a first request started: this connection's requests held more than the "
+                 "server allows connections none of whose requests has started; connect again" if idle else
+                 "too much held before authorization: this connection had sent no authorized request and its "
+                 "requests held more than the server allows such connections; connect again and authorize first"))
 
     def ended(self, proto: DaemonProtocol) -> None:
         """``proto`` ended: no longer one of :attr:`unauthorized`, and its slot is free if it held one."""

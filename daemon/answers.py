@@ -67,6 +67,11 @@ class LiveAnswers:
             f"cancelled {n} more answers in the last {s:.0f} s with no client attached for "
             f"{self._limits().orphan_timeout_s:g} s (limits.orphan_timeout_s; tokenwire_orphans_cancelled_total)"),
             level=logging.INFO)  # (routine: the summary at INFO, as the first line)
+        # answers with no client attached cancelled early to make room past max_live_answers: a warning (the
+        # answers' owners vanished, or one source fills the bound), then summed up
+        self.orphan_reclaims = RefusalLog(log, lambda n, s: (
+            f"cancelled {n} more answers with no client attached in the last {s:.0f} s to make room for new ones "
+            f"(limits.max_live_answers; tokenwire_orphans_cancelled_total reason busy)"))
         self.tasks: dict[bytes, asyncio.Task[None]] = {}  # the upstreams' answers being generated, by id
         self.orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
@@ -78,11 +83,43 @@ class LiveAnswers:
         return len(self.tasks) + (self.ingest.live_count if self.ingest is not None else 0)
 
     def busy(self) -> str | None:
-        """Why no answer may start now (``limits.max_live_answers`` are live), for a request and an ingest open."""
+        """Why no answer may start now (``limits.max_live_answers`` are live), for a request and an ingest open.
+
+        At the bound, the upstreams' answers nobody is attached to (their connection was lost: kept only so that
+        a client may resume them) are cancelled first, the longest orphaned first, to make room
+        (:meth:`reclaim_orphans`): a client opening 64 requests per connection and dropping its sockets without a
+        close held every slot for ``limits.orphan_timeout_s`` (300 s), answers generated for nobody, and the next
+        honest request heard "server busy"."""
+        limit = self._limits().max_live_answers
         live = self.count()
-        if live < self._limits().max_live_answers:
+        if live >= limit:
+            live -= self.reclaim_orphans(live - limit + 1, time.monotonic())
+        if live < limit:
             return None
         return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+
+    def reclaim_orphans(self, wanted: int, now: float) -> int:
+        """Cancel up to ``wanted`` of the upstreams' orphaned answers, the longest orphaned first; how many. Each
+        leaves :attr:`tasks` at once (its task ends in a later loop turn), is counted in
+        tokenwire_orphans_cancelled_total with reason ``busy`` and logged (the first, then summed up). Ingest
+        answers are not: an application's answer waits for its client to attach, orphaned from its open on."""
+        victims: list[bytes] = []
+        for rid in self.orphaned:  # (oldest first: an answer orphaned again goes to the end)
+            if len(victims) >= wanted:
+                break
+            if rid in self.tasks:  # (not an ingest answer, nor one that ended)
+                victims.append(rid)
+        for rid in victims:
+            since = self.orphaned.pop(rid)
+            self.tasks.pop(rid).cancel()  # (its _fed finds it gone: it ends as cancelled there, as any cancelled task)
+            self.metrics.orphans_cancelled.labels(reason="busy").inc()
+            if not self.orphan_reclaims.hold(now):
+                log.warning("request %s: no client for %.0f s; cancelling it to make room for a new answer, %d being "
+                            "generated (limits.max_live_answers = %d); more such cancellations are counted "
+                            "(tokenwire_orphans_cancelled_total reason busy) and logged at most every %g s",
+                            rid.hex(), now - since, self.count() + 1, self._limits().max_live_answers,
+                            REFUSALS_LOG_S)
+        return len(victims)
 
     def busy_refused(self, what: str) -> None:
         """``what`` was refused past ``limits.max_live_answers``: logged, the first in full, then summed up (like the
@@ -206,7 +243,7 @@ class LiveAnswers:
                 del self.orphaned[rid]
             elif now - since >= timeout:
                 del self.orphaned[rid]
-                self.metrics.orphans_cancelled.inc()
+                self.metrics.orphans_cancelled.labels(reason="timeout").inc()
                 # (the ingest API logs its own answers' cancellations, through the same orphan_cancels)
                 if rid in self.tasks and not self.orphan_cancels.hold(now):
                     log.info("request %s: no client for %.0f s; cancelling it; more such cancellations are counted "

@@ -79,7 +79,12 @@ class DaemonProtocol(GuardedProtocol):
         # With server.client_ca, not before the handshake's certificate check: True from the start (no tokens), a
         # request in the same datagram as a certless client's Finished started an answer for nobody
         self._authorized = not daemon.config.auth.required and daemon.client_verifier is None
-        if daemon.config.auth.required and isinstance(quic, ReadCredit):  # (the session made it one)
+        # With no auth at all (no tokens, no client CA) it is let in but not admitted until a request of its starts
+        # (Admission.request_started): until then it is held and counted as a connection not yet authorized is
+        # (eviction past max_sessions, limits.unauthorized_memory_mb). 30 connections that never sent a request held
+        # every slot of max_sessions = 30 for good, and 16 with partial requests made the daemon hold 130 MB.
+        self._awaiting_request = self._authorized
+        if (daemon.config.auth.required or self._awaiting_request) and isinstance(quic, ReadCredit):  # (the session's)
             quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes)
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         # the sha256 of the token its client sent while no tokens were configured (nothing checked it then): a
@@ -195,8 +200,8 @@ class DaemonProtocol(GuardedProtocol):
         d.admission.established += 1
         d.metrics.sessions.inc()
         d.metrics.sessions_total.inc()
-        if not self.authorized:  # what it holds counts from now (Admission.account_unauthorized), oldest first
-            d.admission.count_unauthorized(self)
+        if not self.authorized or self._awaiting_request:  # what it holds counts from now, oldest first
+            d.admission.count_unauthorized(self, awaiting_request=self._awaiting_request)
 
     def handle_session_events(self, events: list[SessionEvent]) -> None:
         d = self.daemon

@@ -296,7 +296,7 @@ class Daemon:
         adm = self.admission
         for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, self._protocol_closes,
                          self._request_refusals, self.answers.busy_refusals, adm.memory_sheds,
-                         self.answers.orphan_cancels):
+                         self.answers.orphan_cancels, self.answers.orphan_reclaims):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
@@ -758,6 +758,7 @@ class Daemon:
             self._end_request(proto, sid, "refused")  # no answer started (nor counted in requests_total)
             self.answers.unsent(live, now)  # generating for nobody: the orphan timeout ends it
             return
+        self.admission.request_started(proto)  # (no auth configured: admitted from now on)
         self.metrics.requests.labels(scheme=sess.requests[sid].scheme).inc()
         if by_id is not None:
             (self.metrics.attaches if by_id == "attach" else self.metrics.resumes).inc()

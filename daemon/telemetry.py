@@ -34,6 +34,8 @@ disable_created_metrics()  # the *_created series only add noise for a long-runn
 # first event is invisible to rate() and increase() for that event (a dashboard showed no refusal, no error).
 # tokenwire_handshakes_refused_total: the guard's reasons, then the daemon's own past the handshake
 REFUSAL_REASONS = (*HANDSHAKE_REFUSAL_REASONS, "max_sessions", "evicted", "memory")
+# tokenwire_orphans_cancelled_total: after limits.orphan_timeout_s; early, past limits.max_live_answers
+ORPHAN_CANCEL_REASONS = ("timeout", "busy")
 # tokenwire_errors_total: the codes the daemon sends (ERROR frames, its CONNECTION_CLOSEs), as hex(code); CANCELLED
 # only resets streams, UNKNOWN_REQUEST and NO_DATAGRAMS are reserved (docs/protocol.md)
 ERROR_CODES_SENT = tuple(hex(c) for c in ErrorCode if c not in (
@@ -216,7 +218,10 @@ class Metrics:
                                "Finished transcripts dropped after limits.transcript_retain_s", registry=r)
         self.orphans_cancelled = Counter(
             "tokenwire_orphans_cancelled_total",
-            "Answers cancelled after limits.orphan_timeout_s with no client attached", registry=r)
+            "Answers with no client attached cancelled, by reason: timeout (after limits.orphan_timeout_s), busy "
+            "(early, to make room for a new answer at limits.max_live_answers)", ["reason"], registry=r)
+        for reason in ORPHAN_CANCEL_REASONS:
+            self.orphans_cancelled.labels(reason=reason)
         # per failed generation, once: tokenwire_errors_total counts per ERROR delivered (resumes again, none unheard)
         self.upstream_failures = Counter(
             "tokenwire_upstream_failures_total",

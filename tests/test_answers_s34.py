@@ -91,7 +91,7 @@ def test_the_orphan_timeout_cancels_only_the_answers_nobody_is_attached_to(caplo
         await settle()
         after = [live.done for live in (left, back, held)]
         lines = [r.getMessage() for r in caplog.records if "no client for" in r.getMessage()]
-        counted = ans.metrics.orphans_cancelled._value.get()
+        counted = ans.metrics.orphans_cancelled.labels(reason="timeout")._value.get()
         ans.cancel_all()
         await settle()
         assert not ans.tasks and not ans.orphaned

@@ -210,7 +210,7 @@ def test_orphan_cancellations_are_one_line_then_a_summary(caplog):
         first = [r.getMessage() for r in caplog.records if "cancelling it" in r.getMessage()]
         daemon._log_refusals(timeout + REFUSALS_LOG_S)  # the housekeeping's flush, a minute later
         summary = [f"{r.levelname} {r.getMessage()}" for r in caplog.records if "more answers" in r.getMessage()]
-        counted = int(value(daemon, "tokenwire_orphans_cancelled_total"))
+        counted = int(value(daemon, "tokenwire_orphans_cancelled_total", {"reason": "timeout"}))
         return first, summary, counted, all(t.cancelled() for t in tasks)
 
     first, summary, counted, cancelled = run(go(), 30)
