@@ -92,11 +92,15 @@ class LiveAnswers:
         honest request heard "server busy"."""
         limit = self._limits().max_live_answers
         live = self.count()
-        if live >= limit:
-            live -= self.reclaim_orphans(live - limit + 1, time.monotonic())
-        if live < limit:
+        if live >= limit and live - self.reclaimable() < limit:  # (else refused with every orphan kept: a reload
+            live -= self.reclaim_orphans(live - limit + 1, time.monotonic())  # that lowered the bound cancelled
+        if live < limit:  # orphans and still refused)
             return None
         return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+
+    def reclaimable(self) -> int:
+        """How many answers :meth:`reclaim_orphans` could cancel now: the upstreams' orphaned ones."""
+        return sum(1 for rid in self.orphaned if rid in self.tasks)
 
     def reclaim_orphans(self, wanted: int, now: float) -> int:
         """Cancel up to ``wanted`` of the upstreams' orphaned answers, the longest orphaned first; how many. Each

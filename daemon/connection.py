@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events as qe
@@ -85,7 +86,12 @@ class DaemonProtocol(GuardedProtocol):
         # every slot of max_sessions = 30 for good, and 16 with partial requests made the daemon hold 130 MB.
         self._awaiting_request = self._authorized
         if (daemon.config.auth.required or self._awaiting_request) and isinstance(quic, ReadCredit):  # (the session's)
-            quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes)
+            # Without auth only the bytes are held, not the streams: a client's first burst of requests (8 chats
+            # opened at once) waited a round trip for all but two of them, hidden from its TTFT, which counts from
+            # when the stream is let out. The window bounds what the connection makes the daemon hold either way.
+            quic.hold_until_authorized(UNAUTHORIZED_CREDIT_REQUESTS * limits.max_request_bytes,
+                                       streams=UNAUTHORIZED_CREDIT_REQUESTS if daemon.config.auth.required
+                                       else sys.maxsize)  # (sys.maxsize: every stream the session advertises)
         self.token: TokenEntry | None = None  # the [auth] entry that authorized it, re-checked on SIGHUP
         # the sha256 of the token its client sent while no tokens were configured (nothing checked it then): a
         # reload adding that token keeps it authorized, as the SDK does not send it again once answered

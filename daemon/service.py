@@ -358,12 +358,14 @@ class Daemon:
         count), or no client could attach as ``principal`` under the auth in force now (SIGHUP changes it)."""
         if self.draining:
             return OpenRefusal("draining", "daemon shutting down")
-        busy = self.answers.busy()
+        problem = principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
+        if problem is not None:
+            return OpenRefusal("principal", problem)
+        busy = self.answers.busy()  # (last: at the bound it cancels orphans to make room, for an open that goes on)
         if busy is not None:
             self.answers.busy_refused("an answer opened on the ingest socket")
             return OpenRefusal("busy", busy)
-        problem = principal_problem(principal, self.config.auth, certificates=self.client_verifier is not None)
-        return None if problem is None else OpenRefusal("principal", problem)
+        return None
 
     def drain_status(self) -> str:
         return f"draining {self.streaming_count()} answers"

@@ -210,9 +210,19 @@ class ResumingChat:
         return self.text
 
     async def aclose(self) -> None:
-        """Stop: an answer still open is cancelled at the server; its connection is closed."""
-        if self._gen is not None:
-            await self._gen.aclose()
+        """Stop: an answer still open is cancelled at the server; its connection is closed. From another task than
+        the reader (a "stop" button), the reader's loop ends as a :meth:`ChatStream.cancel` ends it, and the
+        connection closes as it leaves (an async generator cannot be closed while it runs: ``aclose()`` raised
+        "already running" there, and the answer went on)."""
+        gen = self._gen
+        if gen is None:
+            return
+        if getattr(gen, "ag_running", False):  # another task reads: end its stream, and nothing may resume
+            self._closing = True
+            if self.stream is not None:
+                await self.stream.cancel()
+            return
+        await gen.aclose()
 
     async def __aenter__(self) -> ResumingChat:
         return self
