@@ -303,13 +303,8 @@ class GuardedProtocol(SessionProtocol):
     def _end_silently(self, why: str) -> None:
         """End the connection without a packet (its address is not validated and its allowance is spent): what
         the client hears is the silence a lost close would leave. The session sees the end, with ``why``, as any
-        other (aioquic's own path: ``_close_end``)."""
-        quic = self._quic
-        quic._close_event = qe.ConnectionTerminated(
-            error_code=int(ErrorCode.LIMIT_EXCEEDED), frame_type=None, reason_phrase=why)
-        quic._close_end()
-        self._process_events()
-        self.transmit()  # (nothing to send: terminated; drops its timer)
+        other (:meth:`~.quic_io.SessionProtocol._end_without_packet`)."""
+        self._end_without_packet(int(ErrorCode.LIMIT_EXCEEDED), why)
 
     def address_proven(self) -> bool:
         """Whether the client is not half-open: it came back with our Retry's token, or a Handshake packet came from

@@ -354,12 +354,19 @@ class SessionProtocol(QuicConnectionProtocol):
         if not is_reset(data, tokens):
             return False
         log.info("stateless reset from %s: the server no longer has this connection", addr[0])
-        quic._close_event = qe.ConnectionTerminated(
-            error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase=RESET_REASON)
-        quic._close_end()
-        self._process_events()
-        self.transmit()  # (nothing to send: its timers are dropped)
+        self._end_without_packet(QuicErrorCode.NO_ERROR, RESET_REASON)
         return True
+
+    def _end_without_packet(self, error_code: int, reason: str) -> None:
+        """End the connection here and now, sending nothing (no CONNECTION_CLOSE, no closing period): through
+        aioquic's own end path (``_close_end``), so the session sees the end, with ``reason``, as any other, and
+        waiters are released. A Stateless Reset's end (the peer must not hear from it again) and a handshake
+        refused where a close would break the anti-amplification limit (handshake_guard)."""
+        self._quic._close_event = qe.ConnectionTerminated(error_code=error_code, frame_type=None,
+                                                          reason_phrase=reason)
+        self._quic._close_end()
+        self._process_events()
+        self.transmit()  # (nothing to send: terminated; drops its timer)
 
     def transmit(self) -> None:
         if self._transmit_task is not None:  # a deferred transmit (transmit_soon) has nothing left to do: not twice
