@@ -108,18 +108,27 @@ def _burst(now: float, batch: int) -> list[float]:
 
 def model_failure(forecaster: OnnxLatencyForecaster) -> str | None:
     """Why the ONNX ``forecaster`` raises on the windows :func:`measure` times (each call it makes once, on a
-    history of its own), or None when it runs.
+    history of its own), as the one line to exit with, or None when it runs.
 
     The model loaded (its trial on zeros passed) but may fail on real windows: measure() then ended in
-    onnxruntime's traceback and exit 1, where a model that does not load is one line and exit 2."""
+    onnxruntime's traceback and exit 1, where a model that does not load is one line and exit 2. One that fails
+    only at a batch above 1 (a batch axis fixed at 1) was said to make the daemon mark like l4s, which it does
+    not: the daemon asks one window at a time."""
+    from .runtime import inference_failure
+
     probe = forecaster.fresh()
     _, now = _history(probe)
     try:
         probe.predict(now)
-        for bs in BATCHES:
-            probe.predict_batch(_burst(now, bs))
     except Exception as exc:  # onnxruntime's own untyped exceptions
-        return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+        return (f"{forecaster.path}: inference failed on a real window ({type(exc).__name__}: "
+                f"{str(exc).strip()[:200]}); the daemon would mark like l4s with this model")
+    for bs in BATCHES:
+        try:
+            probe.predict_batch(_burst(now, bs))
+        except Exception as exc:
+            return (f"{inference_failure(forecaster, bs, exc=exc)}; the daemon, which asks one window at a time, "
+                    "runs it, but no batch can be timed")
     return None
 
 
@@ -350,8 +359,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     failure = model_failure(onnx_fc)
     if failure is not None:
-        raise CLIError(f"{onnx_fc.path}: inference failed on a real window ({failure}); the daemon would mark like "
-                       "l4s with this model")
+        raise CLIError(failure)
     doc: dict[str, Any] = {"target_pps": TARGET_PPS, "model": onnx_fc.path, "window": onnx_fc.window,
                            "calls": args.calls, "repeats": args.repeats, "statistic": "median of the repeats",
                            "interleaved": True, "onnxruntime_threads": onnx_threads(onnx_fc)}

@@ -446,9 +446,12 @@ def _train(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
     from .train import check_net_overrides, load_points
 
-    kinds = [k for k in args.kinds.split(",") if k]
+    kinds = args.kinds.split(",")
+    if "" in kinds:  # `transformer,,gru` was read as `transformer,gru`, `,` said "unknown []" (--seeds refuses both)
+        raise _err(f"--kinds {args.kinds!r}: an empty item; give kinds separated by single commas, e.g. "
+                   "transformer,gru,ar")
     bad = set(kinds) - {"transformer", "gru", "ar"}
-    if bad or not kinds:
+    if bad:
         raise _err(f"--kinds: unknown {sorted(bad)}; choose from transformer,gru,ar")
     twice = list(repeated(kinds))
     if twice:  # each was trained again into the same file: the second run replaced the first's checkpoint

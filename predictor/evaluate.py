@@ -14,15 +14,29 @@ import numpy as np
 
 from .baselines import AR_LAGS, LinearAR
 from .harness import Points, Predictor, baseline_predictors, evaluate, file_points
-from .runtime import ModelError, OnnxLatencyForecaster, load_forecaster, shipped_model_path
+from .runtime import ModelError, OnnxLatencyForecaster, inference_failure, load_forecaster, shipped_model_path
 
 
 def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Points], np.ndarray]:
+    """The model's answers at every point, ``chunk`` windows per inference call; :class:`ModelError` when a call
+    raises or answers another shape than ``(n, 2)``.
+
+    The load checks run one window of zeros and one of steady acks, so a model that fails only on real windows,
+    or on many at once (a batch axis fixed at 1), loads: eval then ended in onnxruntime's or numpy's traceback
+    with exit 1, where ``bench predictor`` and the daemon say what is wrong."""
     sess = fc._session
 
+    def call(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        try:
+            y = sess.run(None, {"x": x, "ref": ref})[0]
+        except Exception as exc:  # onnxruntime's own untyped exceptions
+            raise ModelError(inference_failure(fc, len(x), exc=exc)) from None
+        if not isinstance(y, np.ndarray) or y.shape != (len(x), 2):
+            raise ModelError(inference_failure(fc, len(x), answered=y))
+        return y
+
     def run(p: Points) -> np.ndarray:
-        outs = [sess.run(None, {"x": p.x[i:i + chunk], "ref": p.base[i:i + chunk].astype(np.float32)})[0]
-                for i in range(0, len(p), chunk)]
+        outs = [call(p.x[i:i + chunk], p.base[i:i + chunk].astype(np.float32)) for i in range(0, len(p), chunk)]
         return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 2))
 
     return run
@@ -40,6 +54,7 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     _check_kind(fc, "transformer", "--model takes the transformer; the gru is read from the --baselines folder")
     seen = _training_data_check(data, log)
     seen("transformer", fc)
+    _warn_unfinished("transformer", fc, log)
     window = fc.window
     predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
     if baselines is None:
@@ -60,6 +75,18 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     doc["model"] = fc.path
     doc["window"] = window
     return doc
+
+
+def _warn_unfinished(name: str, fc: OnnxLatencyForecaster, log: Callable[[str], None]) -> None:
+    """Warn when the model was exported from a training run that did not finish (``finished`` false in its metadata).
+
+    ``export`` warns once, as it writes the file; ``eval`` then scored it, and a user picking the model to ship by
+    that table had no word that its weights are those of an interrupted run (the best epoch before the stop)."""
+    if fc.meta.get("finished") is not False:
+        return
+    best, run = fc.meta.get("best_epoch"), fc.meta.get("epochs_run")
+    log(f"warning: {fc.path}: the {name} is from a training run that did not finish (interrupted, or still running "
+        f"when exported): best epoch {best} of {run} run; scored anyway")
 
 
 def _refuse_nonfinite(doc: dict, sources: dict[str, str]) -> None:
@@ -203,6 +230,7 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
             raise ModelError(f"{gru_path}: window {gru.window} differs from the transformer's {window}")
         if seen is not None:
             seen("gru", gru)
+        _warn_unfinished("gru", gru, log)
         why = stale_gru(base_dir, gru.meta)
         if why:
             log(f"warning: {why}")

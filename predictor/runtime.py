@@ -172,6 +172,33 @@ class EwmaLatencyForecaster:
         return None if p is None else np.tile(np.array(p, dtype=np.float32), (len(nows), 1))
 
 
+def fixed_batch(forecaster: OnnxLatencyForecaster) -> int | None:
+    """The batch size the model's ``x`` input is fixed at, None when its batch axis is dynamic (named or unknown).
+
+    The load checks take any batch axis: the daemon asks one window at a time, so a model fixed at batch 1 (a
+    ``torch.onnx.export`` without ``dynamic_axes``) marks packets. ``eval`` and ``bench predictor`` feed many
+    windows per call, and it fails there; this names the cause instead of onnxruntime's "invalid dimensions"."""
+    dims = forecaster._session.get_inputs()[0].shape
+    first = dims[0] if isinstance(dims, (list, tuple)) and dims else None
+    return first if type(first) is int else None
+
+
+def inference_failure(forecaster: OnnxLatencyForecaster, batch: int, exc: Exception | None = None,
+                      answered: Any = None) -> str:
+    """One line on why the model failed on ``batch`` real windows at once: the exception onnxruntime raised, or
+    the shape it answered instead of ``(batch, 2)``; with the fixed batch axis behind it, when that is the cause."""
+    if exc is not None:
+        why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    else:
+        why = f"answered {getattr(answered, 'dtype', type(answered).__name__)} {getattr(answered, 'shape', '')}"
+    line = f"{forecaster.path}: inference on {batch} real window{'s' if batch != 1 else ''} failed ({why})"
+    fixed = fixed_batch(forecaster)
+    if fixed is not None and fixed != batch:
+        line += (f"; its batch axis is fixed at {fixed}: export it with a dynamic one (`tokenwire predictor export` "
+                 "does)")
+    return line
+
+
 def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
     """Load the shipped model (``path=None``) or ``path``; raises :class:`ModelError` when it is unusable.
 
