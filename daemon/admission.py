@@ -4,14 +4,16 @@ A connection takes a slot when its handshake completes (``DaemonProtocol._on_han
 end, or earlier when it never authorized and is closed to make room (past max_sessions) or for the request bytes it
 held (past ``limits.unauthorized_memory_mb``). With no auth configured (no tokens, no client CA) a connection counts
 as not yet authorized until a request of its starts an answer: otherwise connections that never sent a request held
-every slot, and partial requests ~8 MB each, with no bound. This class counts the slots, keeps the connections not
-yet authorized (a :class:`~tokenwire.transport.preauth_budget.PreauthBudget`), chooses and closes the ones to let
-go, and logs the refusals and closes the way a flood must be logged: the first of each kind a warning, the rest
-summed up (:class:`~tokenwire.transport.handshake_guard.RefusalLog`).
+every slot, and partial requests ~8 MB each, with no bound; once admitted, the one idle the longest is closed to
+make room when no connection not yet admitted is left to close (:meth:`Admission.evict_idle`): connections that sent
+one cheap request each, then only pinged, held every slot for good. This class counts the slots, keeps the
+connections not yet authorized (a :class:`~tokenwire.transport.preauth_budget.PreauthBudget`), chooses and closes
+the ones to let go, and logs the refusals and closes the way a flood must be logged: the first of each kind a
+warning, the rest summed up (:class:`~tokenwire.transport.handshake_guard.RefusalLog`).
 
 Split out of ``service.py``, where it was a tenth of :class:`~tokenwire.daemon.service.Daemon`: its state is narrow
-(the count, the budget, four refusal logs) and nothing in it looks at answers, upstreams or listeners. The daemon
-owns one and forwards the calls ``connection.py`` makes on it.
+(the count, the budget, the idle admitted connections, five refusal logs) and nothing in it looks at answers,
+upstreams or listeners. The daemon owns one and forwards the calls ``connection.py`` makes on it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenwire.daemon")
 # what the log lines say of a connection let in with no auth configured that no request of has started yet
 _NO_REQUEST = "no request started yet (no auth configured)"
+# With no auth configured, past max_sessions and with no connection not yet admitted to close, the admitted
+# connection idle the longest makes room for a new client (evict_idle), once it has been idle at least this long: a
+# client between two requests of a burst (the next one sent as the last answer ends; a repair or two after FINISHED
+# on a lossy path, a few round trips) is not churned, while connections that sent one cheap request and then only
+# pinged (which held every slot for good: an honest client got "too many sessions") go. Far below any keepalive
+# period (the SDK pings every third of its 60 s idle timeout), so pings never matter; a constant, not a setting:
+# nothing an operator knows better than this about a client's pause, and a larger one only helps such squatters.
+IDLE_EVICTION_FLOOR_S = 2.0
 
 
 class Admission:
@@ -58,6 +68,9 @@ class Admission:
         self.evictions = RefusalLog(log, lambda n, s: (
             f"closed {n} more never-authorized connections in the last {s:.0f} s to admit new clients "
             f"(limits.max_sessions; tokenwire_handshakes_refused_total reason evicted)"))
+        self.idle_closes = RefusalLog(log, lambda n, s: (
+            f"closed {n} more idle connections in the last {s:.0f} s to admit new clients (no auth configured; "
+            f"limits.max_sessions; tokenwire_handshakes_refused_total reason idle)"))
         self.memory_sheds = RefusalLog(log, lambda n, s: (
             f"closed {n} more never-authorized connections in the last {s:.0f} s for the request bytes they held "
             f"(limits.unauthorized_memory_mb; tokenwire_handshakes_refused_total reason memory)"))
@@ -74,6 +87,11 @@ class Admission:
         # theirs starts, and counted as the others are (30 that never sent a request held max_sessions = 30 for
         # good, the honest client refused); only their log lines and close reasons say so apart
         self.awaiting_request: set[DaemonProtocol] = set()
+        # those let in with no auth configured and admitted since (a request of theirs started) with no answer open
+        # now (DaemonProtocol.answering), and since when: oldest first (a dict keeps insertion order, and each
+        # enters when it is first seen idle: note_idle), so past max_sessions the longest idle is the first
+        # (evict_idle), found in amortized O(1) at 10,000 sessions, not by a scan of every connection
+        self.idle: dict[DaemonProtocol, float] = {}
 
     def session_refused(self, peer: str) -> None:
         """A client refused past ``limits.max_sessions``: counted by reason, logged when the last line about such
@@ -105,7 +123,7 @@ class Admission:
         if victim is None:
             return False
         idle = victim in self.awaiting_request
-        self._close_unauthorized(
+        self._close(
             victim, "evicted", self.evictions,
             f"closing connection from {victim.peer}, {_NO_REQUEST if idle else 'never authorized'}, to admit a new "
             f"client: {self._limits().max_sessions} sessions open (limits.max_sessions); more such closes are "
@@ -115,14 +133,52 @@ class Admission:
             " and was closed to admit another client; connect again")
         return True
 
-    def _close_unauthorized(self, victim: DaemonProtocol, reason: str, refusals: RefusalLog, warning: str,
-                            close_reason: str) -> None:
-        """Close ``victim``, never authorized, with LIMIT_EXCEEDED (``close_reason``): its session slot and what it
-        held are free at once (not at the end of its closing period), it is counted under ``reason``
-        (tokenwire_handshakes_refused_total; an admission check's close, so not in tokenwire_errors_total), and the
-        first such close is a warning (``warning``) that ``refusals`` sums up after. One already on its way out (a
-        wrong token) frees its slot alone."""
+    def note_idle(self, proto: DaemonProtocol, now: float) -> None:
+        """``proto``, let in with no auth configured and admitted since, has just been heard from (its datagram
+        handled): one of :attr:`idle` from ``now`` on if no answer of its is open and it was not already, out of it
+        while one is. O(its requests): run for each of its datagrams (keepalive pings too, which change nothing)."""
+        if proto.answering():
+            self.idle.pop(proto, None)
+        elif proto not in self.idle and proto.established and not proto.closing:
+            self.idle[proto] = now
+
+    def evict_idle(self, now: float) -> bool:
+        """Past max_sessions with no auth configured and no connection not yet admitted to close: close the admitted
+        connection idle the longest (no answer open on it for at least ``IDLE_EVICTION_FLOOR_S``), to make room for a
+        new client; False when there is none (the new client is refused). Connections that sent one cheap request
+        each and then only pinged held every slot for good; token holders and certificate clients are accountable,
+        and never closed so (they are never in :attr:`idle`). Its client hears why, and connects again.
+
+        Amortized O(1): the first of :attr:`idle` is the longest idle; one found answering after all (a request
+        whose datagram this side has not checked since) or gone leaves it here, and enters again when next seen
+        idle."""
+        while self.idle:
+            victim, since = next(iter(self.idle.items()))
+            if victim.closing or not victim.established or victim.answering():
+                del self.idle[victim]
+                continue
+            if now - since < IDLE_EVICTION_FLOOR_S:
+                return False  # (every other one is idle for less)
+            self._close(
+                victim, "idle", self.idle_closes,
+                f"closing connection from {victim.peer}, idle for {now - since:.1f} s (no answer open; no auth "
+                f"configured), to admit a new client: {self._limits().max_sessions} sessions open "
+                f"(limits.max_sessions) and none not yet admitted; more such closes are counted "
+                f"(tokenwire_handshakes_refused_total reason idle) and logged at most every {REFUSALS_LOG_S:g} s",
+                "too many sessions: idle connection closed to admit another client (limits.max_sessions); "
+                "connect again")
+            return True
+        return False
+
+    def _close(self, victim: DaemonProtocol, reason: str, refusals: RefusalLog, warning: str,
+               close_reason: str) -> None:
+        """Close ``victim``, never authorized (or, with no auth configured, idle: :meth:`evict_idle`), with
+        LIMIT_EXCEEDED (``close_reason``): its session slot and what it held are free at once (not at the end of its
+        closing period), it is counted under ``reason`` (tokenwire_handshakes_refused_total; an admission check's
+        close, so not in tokenwire_errors_total), and the first such close is a warning (``warning``) that
+        ``refusals`` sums up after. One already on its way out (a wrong token) frees its slot alone."""
         self.forget_unauthorized(victim)
+        self.idle.pop(victim, None)
         if victim.established:
             victim.established = False
             self.established -= 1
@@ -152,6 +208,7 @@ class Admission:
         admitted now, out of :attr:`unauthorized` (never evicted, nor closed for what it holds) and with its
         connection's full window. Until then it was counted as a connection not yet authorized."""
         if proto in self.awaiting_request:
+            proto.admitted_without_auth = True  # (its datagrams keep it in idle or out: note_idle)
             proto.authorized = True  # (its setter forgets it here and releases its connection's credit)
 
     def forget_unauthorized(self, proto: DaemonProtocol) -> None:
@@ -178,7 +235,7 @@ class Admission:
         for shed in self.unauthorized.account(proto, held):
             victim = shed.holder
             idle = victim in self.awaiting_request
-            self._close_unauthorized(
+            self._close(
                 victim, "memory", self.memory_sheds,
                 f"closing connection from {victim.peer}, {_NO_REQUEST if idle else 'never authorized'}, holding "
                 f"{shed.held >> 10} KiB of "
@@ -192,8 +249,10 @@ class Admission:
                  "requests held more than the server allows such connections; connect again and authorize first"))
 
     def ended(self, proto: DaemonProtocol) -> None:
-        """``proto`` ended: no longer one of :attr:`unauthorized`, and its slot is free if it held one."""
+        """``proto`` ended: no longer one of :attr:`unauthorized` nor :attr:`idle`, and its slot is free if it held
+        one."""
         self.forget_unauthorized(proto)
+        self.idle.pop(proto, None)
         if proto.established:
             self.established -= 1
             self.metrics.sessions.dec()

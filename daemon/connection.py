@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from aioquic.quic import events as qe
@@ -85,6 +86,9 @@ class DaemonProtocol(GuardedProtocol):
         # (eviction past max_sessions, limits.unauthorized_memory_mb). 30 connections that never sent a request held
         # every slot of max_sessions = 30 for good, and 16 with partial requests made the daemon hold 130 MB.
         self._awaiting_request = self._authorized
+        # Admitted since (a request of its started) with no auth configured: past max_sessions, once idle the
+        # longest (no answer open), it makes room for a new client (Admission.note_idle, evict_idle)
+        self.admitted_without_auth = False
         if (daemon.config.auth.required or self._awaiting_request) and isinstance(quic, ReadCredit):  # (the session's)
             # Without auth only the bytes are held, not the streams: a client's first burst of requests (8 chats
             # opened at once) waited a round trip for all but two of them, hidden from its TTFT, which counts from
@@ -149,6 +153,20 @@ class DaemonProtocol(GuardedProtocol):
         super().datagram_received(data, addr)
         if self in self.daemon.admission.unauthorized:  # what it may make the daemon hold, before it authorizes
             self.daemon.admission.account_unauthorized(self, self.held_bytes())
+        elif self.admitted_without_auth:  # whether an answer of its is open now, or since when none is
+            self.daemon.admission.note_idle(self, time.monotonic())
+
+    def answering(self) -> bool:
+        """Whether an answer of its is open: a request read whole whose answer has not gone out whole (its FINISHED
+        not sent yet, or tokens of it never sent yet: a datagram scheme's sender paces them, and a resume of a
+        finished answer has FINISHED out at its start). A connection without one is idle (Admission.evict_idle),
+        though a request of its may still be arriving (half a prompt sent again every limits.request_timeout_s would
+        keep it from ever being idle, at no cost), or an answer sent whole may wait for its client's acks, repairs
+        and FIN (held back, the same; an honest client is done within round trips: IDLE_EVICTION_FLOOR_S is its
+        time)."""
+        return any(r.request is not None and (not r.finished_sent
+                                              or (r.sender is not None and r.sender.holds_new_tokens()))
+                   for r in self.server_session.requests.values())
 
     def transmit_soon(self) -> None:
         """Send what this connection's answers queued once per event-loop turn, not once per token of each.
@@ -198,7 +216,11 @@ class DaemonProtocol(GuardedProtocol):
             self.principal = cert_principal(name)
             if not d.config.auth.required:
                 self.authorized = True
-        if d.admission.established >= d.config.limits.max_sessions and not d.admission.evict_unauthorized():
+        # past max_sessions: the oldest connection not yet admitted makes room, else (no auth configured: a new
+        # connection awaits its first request only then) the one idle the longest, else the new client is refused
+        if d.admission.established >= d.config.limits.max_sessions and not (
+                d.admission.evict_unauthorized()
+                or (self._awaiting_request and d.admission.evict_idle(time.monotonic()))):
             d.admission.session_refused(self.peer)
             self.server_session.close(ErrorCode.LIMIT_EXCEEDED, "too many sessions")
             return

@@ -294,8 +294,8 @@ class Daemon:
         """The refusals counted since the last line about them, once REFUSALS_LOG_S has passed; ``final``: at once
         (stop(): those held back were never written, though their metrics had counted them)."""
         adm = self.admission
-        for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, self._protocol_closes,
-                         self._request_refusals, self.answers.busy_refusals, adm.memory_sheds,
+        for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, adm.idle_closes,
+                         self._protocol_closes, self._request_refusals, self.answers.busy_refusals, adm.memory_sheds,
                          self.answers.orphan_cancels, self.answers.orphan_reclaims):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests

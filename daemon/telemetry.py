@@ -33,7 +33,7 @@ disable_created_metrics()  # the *_created series only add noise for a long-runn
 # The label values of the labelled series, each created at 0 with its metric: a series that first appears with its
 # first event is invisible to rate() and increase() for that event (a dashboard showed no refusal, no error).
 # tokenwire_handshakes_refused_total: the guard's reasons, then the daemon's own past the handshake
-REFUSAL_REASONS = (*HANDSHAKE_REFUSAL_REASONS, "max_sessions", "evicted", "memory")
+REFUSAL_REASONS = (*HANDSHAKE_REFUSAL_REASONS, "max_sessions", "evicted", "idle", "memory")
 # tokenwire_orphans_cancelled_total: after limits.orphan_timeout_s; early, past limits.max_live_answers
 ORPHAN_CANCEL_REASONS = ("timeout", "busy")
 # tokenwire_errors_total: the codes the daemon sends (ERROR frames, its CONNECTION_CLOSEs), as hex(code); CANCELLED
@@ -85,9 +85,10 @@ class Metrics:
             "past limits.max_sessions), timeout (handshake not completed within its deadline or the QUIC idle "
             "timeout), failed (handshake ended otherwise: a TLS error, the client's close), max_sessions (handshake "
             "completed with limits.max_sessions sessions open), evicted (never authorized, closed to admit a new "
-            "client), memory (never authorized, closed for the request bytes it held past "
-            "limits.unauthorized_memory_mb); evicted and memory connections were sessions first (counted in "
-            "tokenwire_sessions_total too); capacity closes are counted here, not in tokenwire_errors_total",
+            "client), idle (no auth configured: admitted, no answer open, the longest idle, closed to admit a new "
+            "client when none was not yet admitted), memory (never authorized, closed for the request bytes it held "
+            "past limits.unauthorized_memory_mb); evicted, idle and memory connections were sessions first (counted "
+            "in tokenwire_sessions_total too); capacity closes are counted here, not in tokenwire_errors_total",
             ["reason"], registry=r)
         for reason in REFUSAL_REASONS:
             self.handshakes_refused.labels(reason=reason)

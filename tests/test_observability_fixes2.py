@@ -100,7 +100,8 @@ def test_a_handshake_cut_by_the_idle_timeout_counts_as_refused_once(monkeypatch)
             return [value(daemon, "tokenwire_handshakes_refused_total", {"reason": r}) for r in REFUSAL_REASONS]
 
     counts = dict(zip(REFUSAL_REASONS, run(go(), 30), strict=True))
-    assert counts == {"too_many": 0, "timeout": 2, "failed": 0, "max_sessions": 0, "evicted": 0, "memory": 0}
+    assert counts == {"too_many": 0, "timeout": 2, "failed": 0, "max_sessions": 0, "evicted": 0, "idle": 0,
+                      "memory": 0}
 
 
 def test_a_handshake_that_fails_counts_as_failed_and_a_refused_one_is_not_counted_again(monkeypatch):
@@ -122,7 +123,8 @@ def test_a_handshake_that_fails_counts_as_failed_and_a_refused_one_is_not_counte
             return [value(daemon, "tokenwire_handshakes_refused_total", {"reason": r}) for r in REFUSAL_REASONS]
 
     counts = dict(zip(REFUSAL_REASONS, run(go(), 30), strict=True))
-    assert counts == {"too_many": 1, "timeout": 0, "failed": 1, "max_sessions": 0, "evicted": 0, "memory": 0}
+    assert counts == {"too_many": 1, "timeout": 0, "failed": 1, "max_sessions": 0, "evicted": 0, "idle": 0,
+                      "memory": 0}
 
 
 # ------------------------------------------------------------------------------------------ 3. server busy
@@ -269,7 +271,7 @@ def test_labelled_series_exist_at_zero_from_the_start():
     )
     for line in expected:
         assert line in text, line
-    assert set(REFUSAL_REASONS) == {"too_many", "timeout", "failed", "max_sessions", "evicted", "memory"}
+    assert set(REFUSAL_REASONS) == {"too_many", "timeout", "failed", "max_sessions", "evicted", "idle", "memory"}
     assert "0x105" in ERROR_CODES_SENT and "0x108" in ERROR_CODES_SENT and "0x10d" not in ERROR_CODES_SENT
     help_line = next(line for line in text.splitlines() if line.startswith("# HELP tokenwire_ingest_answers_failed"))
     assert "cancelled" in help_line and "orphaned" in help_line
