@@ -428,6 +428,7 @@ async def _event_set_within(event: asyncio.Event, timeout_s: float) -> bool:
 async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline_s: float, quiet_s: float, *,
                                   first_quiet_s: float | None = None, gap_factor: float = 0.0,
                                   max_gap_quiet_s: float = math.inf,
+                                  silent: Callable[[], float | None] | None = None,
                                   clock: Callable[[], float] | None = None,
                                   wait: Callable[[float], Awaitable[bool]] | None = None) -> None:
     """Wait for ``pf``'s end; ``TimeoutError`` once ``progress()`` (KV_META, chunks, chunk bytes) has not changed
@@ -443,7 +444,14 @@ async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline
     the first sample taken at the fetch's start: KV_META that came before a stall counted as progress at the
     first check, and the next quiet period ran from that check, not from the progress, so a fetch stalled early
     failed a whole quiet period late (a 1-s deadline after 5 s where ~3 s is documented, a 5-s one after 15 s,
-    not 10). ``clock`` (default: the loop's) and ``wait`` (``pf.event`` set within a timeout?) are for tests."""
+    not 10). ``clock`` (default: the loop's) and ``wait`` (``pf.event`` set within a timeout?) are for tests.
+
+    ``silent`` (the connection's silence: seconds since the server's last datagram, None while it answers) cuts
+    ``first_quiet_s`` to ``quiet_s``, counted as after KV_META (from the deadline, or the server's last packet if
+    later): that longer wait is for a live server's typed answer about its store, which a
+    server that acknowledges none of the pings sent while the fetch is pending will not send (a 500-ms fetch on a
+    connection whose server was gone failed after 10.5 s). Only the silence since this fetch began counts: an
+    idle connection hears nothing between fetches."""
     now_of = clock if clock is not None else asyncio.get_running_loop().time
     ended_within = wait if wait is not None else functools.partial(_event_set_within, pf.event)
     start = now_of()
@@ -456,6 +464,11 @@ async def _wait_while_progressing(pf: Any, progress: Callable[[], Any], deadline
         give_up = max(start + deadline_s, last) + allowed
         if now >= give_up:
             raise TimeoutError(f"no progress for {allowed:g} s")
+        if last == start and silent is not None and allowed > quiet_s:
+            quiet_for = silent()  # (nothing came yet: the server's silence since this fetch began)
+            # (as after KV_META: the quiet counts from the deadline on, or from the last packet if later)
+            if quiet_for is not None and quiet_for >= quiet_s and now - start >= deadline_s + quiet_s:
+                raise TimeoutError(f"no progress, and no packet from the server, for {quiet_s:g} s")
         if await ended_within(min(step, give_up - now)):
             return
         current = progress()
@@ -738,7 +751,8 @@ class KVConnection(SessionProtocol):
         the deadline, for the quiet it is allowed. Before KV_META: ``max(10 s, 3 x max(deadline, 2 s))``, longer
         than the server's own bound on a lookup the store does not answer, so that its "KV store unavailable"
         arrives first; a lookup queued on the server's one worker behind more than that of other fetches' encodes
-        (which the server does not count against the store) still fails here, as a timeout. After it:
+        (which the server does not count against the store) still fails here, as a timeout; a server silent (no
+        packet, pings unanswered) for ``max(2 s, deadline)`` past the deadline fails it then, as after it. After it:
         ``max(2 s, deadline, 4 x the longest wait for progress so far)``, the last term at most 30 s, so a fetch
         served slowly by a busy server is waited for (a fixed 2 s failed fetches still arriving under load) while
         one that went silent for good fails within 30 s (or its deadline) of its last progress. A large context
@@ -791,7 +805,7 @@ class KVConnection(SessionProtocol):
                 await _wait_while_progressing(
                     pf, lambda: (len(pf.received), pf.meta is not None, self.kv.bytes_in(sid)),
                     deadline / 1000, quiet, first_quiet_s=first_quiet, gap_factor=GAP_FACTOR,
-                    max_gap_quiet_s=MAX_GAP_QUIET_S)
+                    max_gap_quiet_s=MAX_GAP_QUIET_S, silent=lambda: self.kv.silent_for(self.clock()))
             if pf.error is not None:
                 raise _own_error(pf.error)
             if pf.done is None or pf.meta is None:  # the session fails KV_DONE before KV_META: not reached

@@ -182,8 +182,12 @@ class Header:
 
 
 def read_header(data: bytes | bytearray | memoryview) -> Header:
-    """Parse and check the fixed header (magic, version, codec, sizes); does not check the CRC."""
-    buf = memoryview(data)
+    """Parse and check the fixed header (magic, version, codec, sizes); does not check the CRC.
+
+    A memoryview of another format (a numpy ``uint16`` array's) is read as its bytes, as ``unpack`` reads it:
+    its lengths counted items, and its first 4 items were no magic (``decode_chunk`` took such a chunk, and
+    ``decode_sequence``, which reads the header too, refused it)."""
+    buf = memoryview(data).cast("B")
     if len(buf) < len(MAGIC):
         raise TruncatedBitstream(f"{len(buf)} bytes is shorter than the magic")
     if bytes(buf[:4]) != MAGIC:

@@ -24,6 +24,20 @@ def _write_json(path: str | None, doc: dict[str, Any], compact: bool = False) ->
         print(f"wrote {path}", file=sys.stderr)
 
 
+def _bench_tokens(text: str) -> int:
+    """``type=`` of ``kv bench --tokens``: at most the format's chunk (``bitstream.MAX_TOKENS``). Past it the
+    encoder refused the chunk only after the quantizer and both coders' phases had run on it (32.7 s and 3.4 GB
+    for 2 layers of 32,769 tokens; the default geometry's 10 GB of fp32 first)."""
+    from tokenwire.daemon.cli import positive_int
+
+    from .bitstream import MAX_TOKENS
+
+    value = positive_int(text)
+    if value > MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"a chunk holds at most {MAX_TOKENS} tokens, got {text!r}")
+    return value
+
+
 def _read_text(path: str) -> str:
     """A text file as UTF-8; an undecodable one is an ``OSError`` naming the byte, like an unreadable one (it
     was a UnicodeDecodeError traceback)."""
@@ -237,7 +251,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="layers of the synthetic chunk (default: 32, a Llama-3-8B 256-token chunk)")
     be.add_argument("--heads", type=positive_int, help="KV heads of the synthetic chunk (default: 8)")
     be.add_argument("--head-dim", type=positive_int, help="channels per head of the synthetic chunk (default: 128)")
-    be.add_argument("--tokens", type=positive_int, default=256, help="tokens in the chunk")
+    be.add_argument("--tokens", type=_bench_tokens, default=256, help="tokens in the chunk (at most 32768)")
     be.add_argument("--level", default="medium", help="the quality level encoded (a ladder name, or code=N)")
     be.add_argument("--repeats", type=positive_int, default=7, help="timed runs (the median is reported)")
     be.add_argument("--text", help="use SmolLM2's real KV of this text instead of a synthetic chunk")

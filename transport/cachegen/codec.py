@@ -285,7 +285,9 @@ def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tenso
     """Decode chunks from ``encode_sequence`` and join them along the token axis.
 
     Every chunk must be for the first one's model, geometry and dtype (else ``ModelMismatch``): joining
-    foreign chunks used to end in a torch size error or a silently promoted dtype.
+    foreign chunks used to end in a torch size error or a silently promoted dtype. The dtype compared is the one
+    each chunk records, before it is decoded: with ``dtype=`` every chunk decodes to that one, and an fp16 and
+    an fp32 context's chunks were joined without a word.
     """
     if len(chunks) == 0:
         raise InvalidInput("no chunks")
@@ -294,8 +296,8 @@ def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tenso
     rest = {**kwargs, "expect_fingerprint": h.fingerprint, "expect_geometry": (h.n_layers, h.n_heads, h.head_dim)}
     out = [first]
     for i, c in enumerate(chunks[1:], start=1):
-        kv = decode_chunk(c, **rest)
-        if kv[0][0].dtype != first[0][0].dtype:
-            raise ModelMismatch(f"chunk {i} decodes to {kv[0][0].dtype}, chunk 0 to {first[0][0].dtype}")
-        out.append(kv)
+        dtype = bitstream.read_header(c).dtype
+        if dtype != h.dtype:
+            raise ModelMismatch(f"chunk {i} holds {dtype} KV, chunk 0 {h.dtype}")
+        out.append(decode_chunk(c, **rest))
     return concat_tokens(out)

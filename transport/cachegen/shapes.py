@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 def check_kv_layers(kv: Sequence[Any]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int, int]]:
     """Each layer's ``(K, V)`` as ``[H, T, D]`` views (a batch of one dropped; no copy) and ``(H, T, D)``; raises
     :class:`InvalidInput` for what cannot be stacked: not pairs, not floating-point tensors, mixed dtypes (the
-    bitstream records one and decoded every tensor to layer 0's K dtype), K and V of other shapes, a batch of more
-    than one, not 3-D after the batch, layers of other shapes, or no heads or head dims (decoding refuses those)."""
+    bitstream records one and decoded every tensor to layer 0's K dtype), sparse or meta-device tensors, K and V of
+    other shapes, a batch of more than one, not 3-D after the batch, layers of other shapes, or no heads or head
+    dims (decoding refuses those)."""
     import torch
 
     if len(kv) == 0:
@@ -38,6 +39,12 @@ def check_kv_layers(kv: Sequence[Any]) -> tuple[list[tuple[torch.Tensor, torch.T
         for t in (k, v):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise InvalidInput("KV entries must be floating-point tensors")
+            # (torch's own words came out of the copy or the NaN check: "copy_() between dense and sparse
+            # Tensors is not implemented", "Tensor.item() cannot be called on meta tensors")
+            if t.layout != torch.strided:
+                raise InvalidInput(f"KV entries must be dense tensors, not {t.layout} (call .to_dense())")
+            if t.is_meta:
+                raise InvalidInput("KV entries on the meta device hold no values")
         if dtype0 is None:
             dtype0 = k.dtype
         if k.dtype != dtype0 or v.dtype != dtype0:
