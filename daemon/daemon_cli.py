@@ -381,7 +381,7 @@ def _marking_summary(m: Any) -> str:
         return "off"
     line = m.policy
     if m.policy == "swiftqueue":
-        from tokenwire.predictor.runtime import ModelError, load_forecaster
+        from tokenwire.predictor.runtime import ModelError, load_forecaster, unfinished_run
 
         which = str(m.model) if m.model is not None else "shipped model"
         try:
@@ -391,6 +391,11 @@ def _marking_summary(m: Any) -> str:
             which += ", UNUSABLE"
         else:
             which += f", window {fc.window}"
+            note = unfinished_run(fc)
+            if note is not None:  # the daemon's start warns too (export and eval did; check said nothing)
+                print(f"warning: marking.model: {fc.path} is {note}; the daemon would mark with it anyway",
+                      file=sys.stderr)
+                which += ", UNFINISHED"
         line += f" ({which}; margin {m.margin_ms:g} ms, hysteresis {m.hysteresis_ms:g} ms, refuge rule " \
                 f"{'on' if m.refuge_only else 'off'})"
     return line + ("; prague congestion control" if m.marks_ect1 else "")

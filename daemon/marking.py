@@ -270,13 +270,17 @@ class MarkingService:
         Without the second part, a model replaced in place (or a corrupt one fixed) and a SIGHUP said nothing, and
         the daemon went on with the model it loaded at start, or with l4s, as if it used the file on disk.
         """
-        from tokenwire.predictor.runtime import ModelError, load_forecaster
+        from tokenwire.predictor.runtime import ModelError, load_forecaster, unfinished_run
 
         try:
             now = load_forecaster(str(model) if model else None)
         except ModelError as exc:
             return str(exc), None
-        return None, self._model_change(now.path, now.digest)
+        change = self._model_change(now.path, now.digest)
+        note = unfinished_run(now)
+        if change is not None and note is not None:  # what a restart would take up (the running one: start said it)
+            change += f"; it is {note}"
+        return None, change
 
     def _model_change(self, path: str, digest: str) -> str | None:
         """What differs between the model that loads now from ``path`` (sha256 ``digest``) and the one start()
@@ -361,7 +365,7 @@ def model_problem(model: Path | None) -> str | None:
 def _first_forecaster(model: Path | None) -> Any | None:
     """The forecaster loaded at start (its ``fresh()`` makes the per-connection ones, sharing its inference
     session; its ``digest`` is that of the bytes loaded), or None (warned)."""
-    from tokenwire.predictor.runtime import ModelError, load_forecaster
+    from tokenwire.predictor.runtime import ModelError, load_forecaster, unfinished_run
 
     try:
         first = load_forecaster(str(model) if model else None)  # load and validate once, at start
@@ -370,4 +374,8 @@ def _first_forecaster(model: Path | None) -> Any | None:
                     "falling back to the l4s policy", exc)
         return None
     log.info("swiftqueue latency model: %s", first.path or "shipped")
+    note = unfinished_run(first)
+    if note is not None:  # export and eval warn of it; the daemon marked with it in silence
+        log.warning("marking.policy = swiftqueue but the latency model %s is %s; marking with it anyway",
+                    first.path, note)
     return first

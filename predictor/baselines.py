@@ -1,9 +1,11 @@
 """Baselines in the evaluation harness (numpy): last value, EWMA (SRTT, alpha = 1/8), linear AR.
 
 Each answers, for every prediction point of a dataset, the (L, C) latency in ms of the next packet, from the
-same information the learned models get (the ack log up to that point). ``last`` and ``ewma`` follow the
-whole ack history per queue, exactly what :class:`~tokenwire.predictor.runtime.EwmaLatencyForecaster`
-does online; ``ar`` is a linear model on the feature window (fitted on the training split with the networks'
+same information the learned models get (the ack log up to that point). ``ewma`` follows the whole ack history
+per queue, exactly what :class:`~tokenwire.predictor.runtime.EwmaLatencyForecaster` does online; ``last`` (in
+:mod:`.harness`) is the window's reference, the last latency per queue among the newest ``window`` acks, the
+other queue's where one is absent from the window (:func:`~.features.queue_bases`), not the last over the whole
+history; ``ar`` is a linear model on the feature window (fitted on the training split with the networks'
 Huber loss, its ridge chosen by validation: :class:`LinearAR`).
 """
 

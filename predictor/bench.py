@@ -344,7 +344,13 @@ def format_table(doc: dict[str, Any]) -> list[str]:
 
 def run_cli(args: argparse.Namespace) -> int:
     from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
-    from tokenwire.predictor.runtime import EwmaLatencyForecaster, ModelError, load_forecaster, shipped_model_path
+    from tokenwire.predictor.runtime import (
+        EwmaLatencyForecaster,
+        ModelError,
+        load_forecaster,
+        model_file,
+        shipped_model_path,
+    )
     from tokenwire.testbed.cli import sigterm_as_ctrl_c
 
     from .cli import check_output
@@ -373,7 +379,9 @@ def run_cli(args: argparse.Namespace) -> int:
         doc["onnx"], doc["ewma"] = measure_pair(onnx_fc, EwmaLatencyForecaster(), args.calls, args.repeats, _phase)
     doc["onnx_vs_ewma"] = ratios(doc["onnx"], doc["ewma"])
     doc["onnx_vs_ewma_runs"] = ratio_runs(doc["onnx"], doc["ewma"])
-    doc["provenance"] = run_provenance(started)
+    # the model's sha256 beside its path, as a testbed swiftqueue JSON has it: a model exported again over that path
+    # gave a JSON that read as the same model's timings
+    doc["provenance"] = {**run_provenance(started), "model": model_file(onnx_fc)}
     if args.json:  # first: `... --json p.json | head -1` ended the table with a BrokenPipeError, the JSON unwritten
         from tokenwire.daemon.cli import save_json
 

@@ -14,7 +14,15 @@ import numpy as np
 
 from .baselines import AR_LAGS, LinearAR
 from .harness import Points, Predictor, baseline_predictors, evaluate, file_points
-from .runtime import ModelError, OnnxLatencyForecaster, inference_failure, load_forecaster, shipped_model_path
+from .runtime import (
+    ModelError,
+    OnnxLatencyForecaster,
+    inference_failure,
+    load_forecaster,
+    model_file,
+    shipped_model_path,
+    unfinished_run,
+)
 
 
 def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Points], np.ndarray]:
@@ -49,7 +57,15 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     ``baselines`` names a folder with ``gru.onnx`` and ``ar.json``; when given, both must be there (a
     folder named on purpose that silently lacks one gave a table without it). The shipped folder is the
     default, and a file missing there is skipped with a note.
+
+    The document's ``provenance`` says which bytes were scored (each model file's path and sha256, the baselines
+    folder) and with which code, as a ``testbed swiftqueue`` JSON does: a table of MAEs named a ``model`` path
+    and nothing else, so a model exported again over that path, or another ``--baselines`` folder, read as
+    the same results.
     """
+    from tokenwire.daemon.run_provenance import RunProvenance, run_provenance
+
+    started = RunProvenance()
     fc = load_forecaster(model)
     _check_kind(fc, "transformer", "--model takes the transformer; the gru is read from the --baselines folder")
     seen = _training_data_check(data, log)
@@ -57,15 +73,16 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     _warn_unfinished("transformer", fc, log)
     window = fc.window
     predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
+    files = {"transformer": model_file(fc)}
     if baselines is None:
         try:
-            predictors.update(_baselines(shipped_model_path().parent, window, log, seen))
+            predictors.update(_baselines(shipped_model_path().parent, window, log, seen, files))
         except ModelError as exc:  # the shipped baselines are for the shipped window
             raise ModelError(f"{exc}; the shipped baselines do not fit this --model: give --baselines a folder "
                              f"with a gru.onnx and an ar.json trained with --window {window} "
                              "(`tokenwire predictor train --kinds gru,ar`, then export the gru)") from None
     else:
-        predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log, seen))
+        predictors.update(_baselines(_checked_baselines(Path(baselines)), window, log, seen, files))
     pts = Points.concat([p for _, p in file_points(list(data), window, log)])
     doc = evaluate(pts, predictors)
     base_dir = shipped_model_path().parent if baselines is None else Path(baselines)
@@ -74,6 +91,7 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     doc["data"] = list(data)
     doc["model"] = fc.path
     doc["window"] = window
+    doc["provenance"] = {**run_provenance(started), "models": files, "baselines": str(base_dir)}
     return doc
 
 
@@ -82,11 +100,9 @@ def _warn_unfinished(name: str, fc: OnnxLatencyForecaster, log: Callable[[str], 
 
     ``export`` warns once, as it writes the file; ``eval`` then scored it, and a user picking the model to ship by
     that table had no word that its weights are those of an interrupted run (the best epoch before the stop)."""
-    if fc.meta.get("finished") is not False:
-        return
-    best, run = fc.meta.get("best_epoch"), fc.meta.get("epochs_run")
-    log(f"warning: {fc.path}: the {name} is from a training run that did not finish (interrupted, or still running "
-        f"when exported): best epoch {best} of {run} run; scored anyway")
+    note = unfinished_run(fc)
+    if note is not None:
+        log(f"warning: {fc.path}: the {name} is {note}; scored anyway")
 
 
 def _refuse_nonfinite(doc: dict, sources: dict[str, str]) -> None:
@@ -201,8 +217,12 @@ def _checked_baselines(base_dir: Path) -> Path:
 
 
 def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
-               seen: Callable[[str, OnnxLatencyForecaster | dict], None] | None = None) -> dict[str, Predictor]:
-    """The AR and GRU predictors from ``base_dir``; one whose file is missing is skipped with a note."""
+               seen: Callable[[str, OnnxLatencyForecaster | dict], None] | None = None,
+               files: dict[str, dict[str, str]] | None = None) -> dict[str, Predictor]:
+    """The AR and GRU predictors from ``base_dir``; one whose file is missing is skipped with a note. ``files``
+    gets the path and sha256 of each one loaded (for ``eval``'s provenance)."""
+    from .dataset import file_digest
+
     out: dict[str, Predictor] = {}
     ar_path = base_dir / "ar.json"
     if ar_path.exists():
@@ -220,6 +240,8 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
         if why:
             log(f"warning: {why}")
         out["ar"] = lambda p: ar.predict(p.x, p.base)
+        if files is not None:
+            files["ar"] = {"path": str(ar_path), "sha256": file_digest(ar_path)}
     else:
         log(f"no {ar_path}: skipping ar")
     gru_path = base_dir / "gru.onnx"
@@ -235,6 +257,8 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
         if why:
             log(f"warning: {why}")
         out["gru"] = onnx_predictor(gru)
+        if files is not None:
+            files["gru"] = model_file(gru)
     else:
         log(f"no {gru_path}: skipping gru")
     return out

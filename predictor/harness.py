@@ -211,4 +211,7 @@ def evaluate(pts: Points, predictors: dict[str, Predictor]) -> dict:
 
 
 def baseline_predictors() -> dict[str, Predictor]:
+    """``last``: the window's reference (the last latency per queue among the window's acks, the other queue's
+    where one is absent; not the last over the whole history: the shipped figures were scored so); ``ewma``: the
+    per-queue SRTT over the whole history."""
     return {"last": lambda p: p.base[:, :2], "ewma": lambda p: p.ewma}

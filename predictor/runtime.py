@@ -219,6 +219,28 @@ def load_forecaster(path: str | None = None) -> OnnxLatencyForecaster:
     return forecaster
 
 
+def model_file(fc: OnnxLatencyForecaster) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a loaded model, the record a ``testbed swiftqueue`` JSON keeps of its model, for
+    ``eval``'s and ``bench predictor``'s JSON (a model exported again over the same path read as the same one). The
+    digest is that of the bytes the session was built from (the one the daemon's reload compares), not of a second
+    read of a file that may have changed since."""
+    return {"path": fc.path, "sha256": fc.digest}
+
+
+def unfinished_run(fc: OnnxLatencyForecaster) -> str | None:
+    """What to say of a model exported from a training run that did not finish (``finished`` false in its
+    metadata), or None for a finished one (or one from before that record, such as the shipped ones).
+
+    One wording for ``eval``, ``config check`` and the daemon's start: ``export`` warned once, as it wrote the file,
+    and then the daemon marked with the weights of an interrupted run (the best epoch before the stop) without a
+    word."""
+    if fc.meta.get("finished") is not False:
+        return None
+    best, run = fc.meta.get("best_epoch"), fc.meta.get("epochs_run")
+    return (f"from a training run that did not finish (interrupted, or still running when exported): best epoch "
+            f"{best} of {run} run")
+
+
 def _check_meta(sess: Any, file: Path) -> tuple[dict[str, Any], int]:
     """The model's ``tokenwire`` metadata as a dict, and its window; :class:`ModelError` if either is wrong."""
     props = sess.get_modelmeta().custom_metadata_map

@@ -48,7 +48,7 @@ class _Forecaster:
 
     def __init__(self, name: str, log: list[tuple[str, str]], clock: _FakeClock, cost: float) -> None:
         self.name, self.log, self.clock, self.cost = name, log, clock, cost
-        self.path, self.window = f"{name}.onnx", 64
+        self.path, self.window, self.digest = f"{name}.onnx", 64, "0" * 64  # (digest: the JSON's provenance)
 
     def _tick(self, what: str) -> None:
         if not self.log or self.log[-1] != (self.name, what):  # one entry per run of calls
