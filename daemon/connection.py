@@ -182,6 +182,10 @@ class DaemonProtocol(GuardedProtocol):
     def _transmit_queued(self) -> None:
         try:
             self.transmit()
+            if self.admitted_without_auth:  # an answer that just went out whole makes it idle from now, even if
+                # its client sends nothing more (note_idle ran only on datagrams: a client silent after its request
+                # held its slot, never closed for room, until the QUIC idle timeout)
+                self.daemon.admission.note_idle(self, time.monotonic())
         except Exception:
             log.exception("connection from %s failed while sending; closing it", self.peer)
             # a server error's close is an error sent, as a protocol violation's is (it was in no metric)

@@ -237,8 +237,9 @@ def unfinished_run(fc: OnnxLatencyForecaster) -> str | None:
     if fc.meta.get("finished") is not False:
         return None
     best, run = fc.meta.get("best_epoch"), fc.meta.get("epochs_run")
-    return (f"from a training run that did not finish (interrupted, or still running when exported): best epoch "
-            f"{best} of {run} run")
+    epochs = (f": best epoch {best} of {run} run" if isinstance(best, int) and isinstance(run, int)
+              else "")  # (a file without them said "best epoch None of None")
+    return f"from a training run that did not finish (interrupted, or still running when exported){epochs}"
 
 
 def _check_meta(sess: Any, file: Path) -> tuple[dict[str, Any], int]:

@@ -296,8 +296,9 @@ def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tenso
     rest = {**kwargs, "expect_fingerprint": h.fingerprint, "expect_geometry": (h.n_layers, h.n_heads, h.head_dim)}
     out = [first]
     for i, c in enumerate(chunks[1:], start=1):
+        kv = decode_chunk(c, **rest)  # (first: its CRC checked, a corrupted dtype field is CorruptBitstream)
         dtype = bitstream.read_header(c).dtype
         if dtype != h.dtype:
             raise ModelMismatch(f"chunk {i} holds {dtype} KV, chunk 0 {h.dtype}")
-        out.append(decode_chunk(c, **rest))
+        out.append(kv)
     return concat_tokens(out)
