@@ -33,6 +33,7 @@ COMMAND_MODULES: list[str] = [
     "tokenwire.daemon.demo_cli",
     "tokenwire.daemon.daemon_cli",
     "tokenwire.daemon.chat_cli",
+    "tokenwire.daemon.llm_cli",
     "tokenwire.testbed.sim_cli",
     "tokenwire.daemon.bench_cli",
     "tokenwire.testbed.cli",
