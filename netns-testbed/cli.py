@@ -307,8 +307,12 @@ def _launch_detached(args: argparse.Namespace) -> int:
     stopped with SIGTERM (it tears its testbed down like Ctrl-C does), waited for, and only then is the error
     reported: a child left behind came up later with nobody knowing its run id.
     """
-    from .netns import STATE_DIR, RunState, new_run_id
+    from .netns import STATE_DIR, RunState, TestbedError, check_root, new_run_id
 
+    try:  # the foreground up's own check, before the log file: not root said "/run/tokenwire-testbed/...: denied"
+        check_root()
+    except TestbedError as exc:
+        raise CLIError(str(exc)) from None
     run_id = new_run_id()
     os.makedirs(STATE_DIR, exist_ok=True)
     logfile = os.path.join(STATE_DIR, f"{run_id}.log")
@@ -392,7 +396,8 @@ def _child_failure(proc: subprocess.Popen, log_text: str) -> str:
     cause = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
     if cause and cause[-1] not in why:  # the exception behind "emulator exited", say
         why += f" ({cause[-1]})"
-    return why.removeprefix("tokenwire testbed: error: ")
+    # the child's own "tokenwire testbed up: error: " (CLIError's prefix names the subcommand): said once, by us
+    return re.sub(r"^tokenwire testbed(?: [a-z]+)?: error: ", "", why)
 
 
 def _last_line(log_text: str) -> str:
@@ -553,8 +558,10 @@ def _stats_line(stats: object) -> str | None:
     testbed writes them (a hand-made or damaged file: a KeyError traceback for ``{"down": 1}``)."""
     try:
         d, u = stats["down"], stats["up"]  # type: ignore[index]
+        # both directions' losses and drops: "up: 34 delivered" hid the 16 of 50 packets --up-loss iid:0.3 took
         return (f"down: {d['delivered_packets']} pkts delivered, {d['lost_packets']} lost, "
-                f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered")
+                f"{d['tail_drops'] + d['aqm_drops']} dropped; up: {u['delivered_packets']} delivered, "
+                f"{u['lost_packets']} lost, {u['tail_drops'] + u['aqm_drops']} dropped")
     except (KeyError, TypeError, IndexError):
         return None
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TypeGuard
 
 NETNS_DIR = "/run/netns"
+TUN_DEVICE = "/dev/net/tun"
 # not under /run/tokenwire: that is the systemd unit's RuntimeDirectory, which systemd removes when the service stops,
 # and with it the state a crashed run's `testbed down` needs
 STATE_DIR = os.environ.get("TOKENWIRE_TESTBED_STATE", "/run/tokenwire-testbed")
@@ -95,8 +96,8 @@ def check_root() -> None:
             f"the namespace testbed needs {' and '.join(NEEDED_CAPABILITIES)} (network namespaces, TUN devices); "
             f"this root process lacks {' and '.join(missing)} (in a container: start it with --privileged)"
         )
-    if not os.path.exists("/dev/net/tun"):
-        raise TestbedError("/dev/net/tun is missing: the kernel has no TUN support")
+    if not os.path.exists(TUN_DEVICE):
+        raise TestbedError(f"{TUN_DEVICE} is missing: the kernel has no TUN support")
 
 
 _libc: ctypes.CDLL | None = None
@@ -221,12 +222,16 @@ def open_tun(ns: str, ifname: str) -> int:
     with in_netns(ns):
         for which in ("all", "default"):
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{which}/disable_ipv6", "1")
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:  # a container's device cgroup refuses it (EPERM): one line, not a traceback
+            raise TestbedError(f"{TUN_DEVICE}: cannot open it to create TUN device {ifname}: {exc.strerror or exc} "
+                               "(in a container: give it the device, e.g. --device /dev/net/tun)") from None
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TUN | IFF_NO_PI))
-        except OSError:
+        except OSError as exc:  # not a TUN device (ENOTTY), or the kernel refused the device (EPERM, EBUSY)
             os.close(fd)
-            raise
+            raise TestbedError(f"{TUN_DEVICE}: cannot create TUN device {ifname}: {exc.strerror or exc}") from None
     return fd
 
 

@@ -698,7 +698,7 @@ def test_status_skips_link_counters_not_in_the_shape_the_testbed_writes(fake_hos
     out = capsys.readouterr().out
     assert out.count("CRASHED") == 5
     assert [ln.strip() for ln in out.splitlines() if "delivered" in ln] == [
-        "down: 5 pkts delivered, 1 lost, 5 dropped; up: 5 delivered"]
+        "down: 5 pkts delivered, 1 lost, 5 dropped; up: 5 delivered, 1 lost, 5 dropped"]
 
 
 # -- 12. docs/testbed.md's synopses name every option the commands take -------------------------------------------
@@ -761,6 +761,7 @@ def _detach_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_status: i
 
     state = tmp_path / "state"
     monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(netns, "check_root", lambda: None)  # --detach checks root before it starts its child
     monkeypatch.setattr(cli, "_detach_argv", lambda args, run_id: [
         sys.executable, "-c", FAKE_DETACHED_UP, run_id, str(state), str(exit_status)])
     return build_parser().parse_args(["testbed", "up", "--detach", "--json"]), state

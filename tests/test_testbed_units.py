@@ -419,6 +419,7 @@ def _detach(monkeypatch, tmp_path, mode, **limits):
 
     state = tmp_path / "state"
     monkeypatch.setattr(netns, "STATE_DIR", str(state))
+    monkeypatch.setattr(netns, "check_root", lambda: None)  # --detach checks root before it starts its child
     monkeypatch.setenv("TOKENWIRE_TESTBED_STATE", str(state))  # the fake child's RunState
     mark = tmp_path / "mark"
     monkeypatch.setattr(cli, "_detach_argv", lambda args, run_id: [sys.executable, "-c", FAKE_UP, str(mark), mode,
