@@ -179,13 +179,18 @@ class DaemonProtocol(GuardedProtocol):
         if self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self._transmit_queued)
 
+    def transmit(self) -> None:
+        super().transmit()
+        if getattr(self, "admitted_without_auth", False):  # (False until __init__ has set it)
+            # an answer that just went out whole makes it idle from now, even if its client sends nothing more
+            # (note_idle ran only on datagrams: a client silent after its request held its slot, never closed for
+            # room, until the QUIC idle timeout). Every send path: the loop turn's (transmit_soon), the QUIC
+            # timer's (tokens held for coalescing or window room go out after FINISHED), a request's end
+            self.daemon.admission.note_idle(self, time.monotonic())
+
     def _transmit_queued(self) -> None:
         try:
             self.transmit()
-            if self.admitted_without_auth:  # an answer that just went out whole makes it idle from now, even if
-                # its client sends nothing more (note_idle ran only on datagrams: a client silent after its request
-                # held its slot, never closed for room, until the QUIC idle timeout)
-                self.daemon.admission.note_idle(self, time.monotonic())
         except Exception:
             log.exception("connection from %s failed while sending; closing it", self.peer)
             # a server error's close is an error sent, as a protocol violation's is (it was in no metric)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,27 @@ def listen_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {text!r}")
     return host, int(port)
+
+
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to ``host:port``, one per address it names (``localhost``: 127.0.0.1 and ::1, as asyncio's
+    create_server binds), not yet listening (connections are refused until the server runs). Bound before the
+    model's load, so that an address in use is told at once, not after it."""
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as asyncio's: a restart rebinds at once)
+            if family == socket.AF_INET6:  # (as asyncio's: "::" and "0.0.0.0" both bound, not one taking the other)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,33 +99,37 @@ def run(args: argparse.Namespace) -> int:
         log.setLevel(logging.INFO)
     from tokenwire.transport.cachegen.smollm import ModelUnavailable
 
+    host, port = args.listen
+    try:
+        socks = bind_listeners(host, port)
+    except OSError as exc:  # (socket.gaierror too: an unknown host)
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     started = time.monotonic()
     try:
         engine = load_engine(args.max_tokens, args.threads)
     except (ModelUnavailable, ModuleNotFoundError) as exc:
+        for sock in socks:
+            sock.close()
         raise CLIError(f"cannot load SmolLM2: {exc}; install the kv-eval extras and the weights with "
                        "`make setup-full`") from None
     log.info("model loaded in %.1f s (torch threads: %d)", time.monotonic() - started, args.threads)
     service = LLMService(engine, args.max_queue, args.model_id)
     try:
-        asyncio.run(_serve(service, *args.listen))
+        asyncio.run(_serve(service, socks, host))
     finally:
+        for sock in socks:
+            sock.close()
         service.close()
     return 0
 
 
-async def _serve(service: LLMService, host: str, port: int) -> None:
+async def _serve(service: LLMService, socks: list[socket.socket], host: str) -> None:
     import asyncio
     import signal
 
     from .llm_server import start_server
 
-    try:
-        runner, bound = await start_server(service, host, port)
-    except OSError as exc:
-        from tokenwire.daemon.cli import CLIError
-
-        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    runner, bound = await start_server(service, host, 0, socks)
     shown = f"[{host}]" if ":" in host else host
     logging.getLogger("tokenwire.llm").info("listening on http://%s:%d/v1 (model %s)", shown, bound,
                                             service.model_id)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -357,7 +358,8 @@ class TorchLM:
                 if temperature == 0:
                     token = int(torch.argmax(logits))
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
+                    # (the max first: logits / 1e-40 are inf, and softmax's inf - inf NaN, torch's RuntimeError)
+                    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
                     if top_p < 1.0:
                         sorted_p, order = torch.sort(probs, descending=True)
                         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= top_p  # keep the first past top_p
@@ -382,6 +384,7 @@ class _Job:
     events: asyncio.Queue[Any]
     cid: str = field(default_factory=lambda: f"chatcmpl-{next(_ids)}-{uuid.uuid4().hex[:8]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"  # then "running", or "dropped" (its client left first): under LLMService._lock
 
     def send(self, item: Any) -> None:
         """Hand ``item`` to the request's handler, from the worker thread (the loop may be closed by then)."""
@@ -392,7 +395,9 @@ class _Job:
 
 
 class LLMService:
-    """One worker thread generates; requests wait their turn in FIFO order, at most ``max_queue`` of them."""
+    """One worker thread generates; requests wait their turn in FIFO order, at most ``max_queue`` of them behind
+    the one generating. A request whose client leaves while it waits gives its place back at once (:meth:`leave`):
+    clients that gave up must not get honest ones answered 429 until the answer ahead of them ends."""
 
     def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE, model_id: str = "model") -> None:
         self.engine = engine
@@ -408,13 +413,22 @@ class LLMService:
 
     def submit(self, params: ChatParams) -> _Job:
         """Queue ``params``; :class:`QueueFull` when ``max_queue`` requests are waiting already."""
-        with self._lock:
-            if self.waiting >= self.max_queue:
+        with self._lock:  # (the one generating, or about to: a job queued with none running)
+            if self.waiting + int(self.running) > self.max_queue:
                 raise QueueFull(f"server busy: {self.waiting} requests waiting (--max-queue {self.max_queue})")
             self.waiting += 1
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue())
         self._jobs.put(job)
         return job
+
+    def leave(self, job: _Job) -> None:
+        """``job``'s client is gone or its answer done: its generation stops at the next token, and a job still
+        waiting is dropped from the count at once (the worker skips it)."""
+        job.cancelled.set()
+        with self._lock:
+            if job.state == "queued":
+                job.state = "dropped"
+                self.waiting -= 1
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -423,14 +437,17 @@ class LLMService:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                self.waiting -= 1
-                self.running = True
-            try:  # (a job whose client left while it waited ends at the engine's first check: no token)
+                dropped = job.state == "dropped"
+                if not dropped:
+                    job.state, self.running = "running", True
+                    self.waiting -= 1
+            if dropped:  # its client left while it waited: no template, no token
+                self._finish(job, Result("cancelled"))
+                continue
+            try:
                 result = self.engine.run(job.params, functools.partial(_send_text, job), job.cancelled,
                                          functools.partial(job.send, ("start", None)))
-                self.finished = [*self.finished[-99:], result]
-                _log_end(job.cid, result)
-                job.send(("end", result))
+                self._finish(job, result)
             except BadRequest as exc:
                 job.send(("error", exc))
             except Exception as exc:  # a bug or torch's error: the request fails, the server lives on
@@ -439,6 +456,11 @@ class LLMService:
             finally:
                 with self._lock:
                     self.running = False
+
+    def _finish(self, job: _Job, result: Result) -> None:
+        self.finished = [*self.finished[-99:], result]  # (only this thread writes it; a reader gets a whole list)
+        _log_end(job.cid, result)
+        job.send(("end", result))
 
 
 def _send_text(job: _Job, text: str) -> None:
@@ -453,7 +475,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     service: LLMService = request.app[SERVICE]
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." 4 MiB deep)
         return _json_error(400, "the request body is not JSON", "invalid_request_error")
     try:
         params = parse_chat_request(body)
@@ -496,7 +518,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 await resp.write_eof()
                 return resp
     finally:
-        job.cancelled.set()  # a no-op after the end; a client gone (the handler cancelled, a write failed) stops it
+        service.leave(job)  # a no-op after the end; a client gone (the handler cancelled, a write failed) stops it
 
 
 def _log_end(cid: str, result: Result) -> None:
@@ -524,13 +546,16 @@ def make_app(service: LLMService) -> web.Application:
     return app
 
 
-async def start_server(service: LLMService, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``service`` on ``host:port`` (0: any free port): the runner (``cleanup()`` stops it) and the port.
-    ``handler_cancellation``: a client that disconnects cancels its handler, which cancels its generation."""
+async def start_server(service: LLMService, host: str, port: int,
+                       socks: Sequence[socket.socket] = ()) -> tuple[web.AppRunner, int]:
+    """Serve ``service`` on ``host:port`` (0: any free port), or on ``socks`` already bound (the CLI binds before
+    the model's load): the runner (``cleanup()`` stops it) and the port. ``handler_cancellation``: a client that
+    disconnects cancels its handler, which cancels its generation."""
     runner = web.AppRunner(make_app(service), handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in socks] or [web.TCPSite(runner, host, port)]
+    for site in sites:
+        await site.start()
     return runner, int(runner.addresses[0][1])  # (the port bound: port 0 picks one)
 
 

@@ -346,3 +346,170 @@ def test_a_prompt_past_the_context_is_a_400_before_any_event_and_a_failure_mid_a
     assert events[1]["choices"][0]["delta"] == {"content": "Hi"}
     assert events[-1] == {"error": {"message": "generation failed: out of memory", "type": "server_error",
                                     "param": None, "code": None}}
+
+
+def test_clients_that_leave_while_queued_give_their_place_back_at_once():
+    """Two clients that queued and left held both places until the answer ahead ended: an honest one got 429."""
+    gate = threading.Event()
+    lm = FakeLM([1, 2, EOS], gate=gate)
+
+    async def go() -> tuple[int, int, list[str]]:
+        async with served(lm, max_queue=2) as (service, url), aiohttp.ClientSession() as s:
+            async def ask() -> int:
+                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
+                    await resp.read()
+                    return resp.status
+
+            first = asyncio.create_task(ask())
+            while not service.running:
+                await asyncio.sleep(0.01)
+            leavers = [asyncio.create_task(ask()) for _ in range(2)]
+            while service.waiting < 2:
+                await asyncio.sleep(0.01)
+            for task in leavers:
+                task.cancel()
+            deadline = time.monotonic() + 5
+            while service.waiting and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            waiting = service.waiting
+            honest = asyncio.create_task(ask())
+            await asyncio.sleep(0.2)
+            gate.set()
+            statuses = await asyncio.gather(first, honest)
+            while len(service.finished) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            return waiting, statuses[1], [r.finish_reason for r in service.finished]
+
+    waiting, honest, reasons = run(go(), 20)
+    assert waiting == 0 and honest == 200
+    assert reasons == ["stop", "cancelled", "cancelled", "stop"] and lm.pulled == 6  # the leavers: no token
+
+
+def test_max_queue_0_serves_one_request_at_a_time():
+    """``--max-queue 0`` (no request waits) refused every request, the first on an idle server too."""
+    gate = threading.Event()
+    lm = FakeLM([1, EOS], gate=gate)
+
+    async def go() -> tuple[int, int]:
+        async with served(lm, max_queue=0) as (service, url), aiohttp.ClientSession() as s:
+            async def ask() -> int:
+                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
+                    await resp.read()
+                    return resp.status
+
+            first = asyncio.create_task(ask())
+            deadline = time.monotonic() + 5
+            while not service.running and not first.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            second = await ask()
+            gate.set()
+            return await first, second
+
+    assert run(go(), 20) == (200, 429)
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500_with_a_traceback():
+    async def go() -> tuple[int, Any]:
+        async with served(FakeLM([1, EOS])) as (_, url), aiohttp.ClientSession() as s, \
+                s.post(f"{url}/chat/completions", data="[" * 100_000 + "]" * 100_000,
+                       headers={"Content-Type": "application/json"}) as resp:
+            return resp.status, await resp.json()
+
+    status, body = run(go(), 20)
+    assert status == 400 and body["error"]["message"] == "the request body is not JSON"
+
+
+def test_a_tiny_temperature_samples_the_top_token_not_nan():
+    """logits / 1e-40 overflowed to inf, softmax made NaN, and torch.multinomial failed the request."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from tokenwire.daemon.llm_server import TorchLM
+
+    class Tiny:
+        config = SimpleNamespace(max_position_embeddings=64)
+
+        def forward(self, input_ids: Any = None, use_cache: bool = True, past_key_values: Any = None) -> Any:
+            return SimpleNamespace(logits=torch.tensor([[[1.0, 5.0, 3.0]]]), past_key_values=None)
+
+        __call__ = forward
+
+    tokens = TorchLM(Tiny()).tokens([0], temperature=1e-40, top_p=1.0, seed=1)
+    assert [next(tokens) for _ in range(3)] == [1, 1, 1]
+
+
+def test_an_address_in_use_is_refused_before_the_model_loads(monkeypatch, capsys):
+    """The 4-s load came first, the bind's error after it."""
+    import socket
+
+    from tokenwire.daemon import llm_server
+    from tokenwire.daemon.cli import main
+
+    loads: list[int] = []
+    monkeypatch.setattr(llm_server, "load_engine", lambda *args: loads.append(1) or engine(FakeLM([1, EOS])))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["llm", "serve", "--listen", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in err and "Traceback" not in err
+    assert loads == []
+
+
+def test_queued_requests_are_answered_first_come_first_served():
+    """(With one request queued LIFO and FIFO agree: three show the order.)"""
+    gate = threading.Event()
+    lm = FakeLM([1, EOS], gate=gate)
+
+    async def go() -> list[int]:
+        async with served(lm, max_queue=3) as (service, url), aiohttp.ClientSession() as s:
+            order: list[int] = []
+
+            async def ask(i: int) -> None:
+                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
+                    await resp.read()
+                    order.append(i)
+
+            tasks = [asyncio.create_task(ask(0))]
+            while not service.running:
+                await asyncio.sleep(0.01)
+            for i in (1, 2, 3):
+                tasks.append(asyncio.create_task(ask(i)))
+                while service.waiting < i:
+                    await asyncio.sleep(0.01)
+            gate.set()
+            await asyncio.gather(*tasks)
+            return order
+
+    assert run(go(), 20) == [0, 1, 2, 3]
+
+
+def test_sampling_keeps_the_smallest_set_reaching_top_p_and_a_seed_repeats_it():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from tokenwire.daemon.llm_server import TorchLM
+
+    class Tiny:  # probabilities 0.5, 0.3, 0.2 at temperature 1
+        config = SimpleNamespace(max_position_embeddings=64)
+
+        def forward(self, input_ids: Any = None, use_cache: bool = True, past_key_values: Any = None) -> Any:
+            return SimpleNamespace(logits=torch.tensor([0.5, 0.3, 0.2]).log().view(1, 1, 3), past_key_values=None)
+
+        __call__ = forward
+
+    def draw(top_p: float, seed: int | None = 3, n: int = 300) -> list[int]:
+        tokens = TorchLM(Tiny()).tokens([0], temperature=1.0, top_p=top_p, seed=seed)
+        return [next(tokens) for _ in range(n)]
+
+    assert set(draw(0.5)) == {0}  # 0.5 reaches 0.5: the top token alone
+    assert set(draw(0.55)) == {0, 1} and set(draw(1.0)) == {0, 1, 2}
+    assert draw(1.0, 7) == draw(1.0, 7) != draw(1.0, 8)
+
+
+def test_a_request_max_tokens_is_clamped_to_the_servers():
+    pieces: list[str] = []
+    result = engine(FakeLM(endless=True), max_tokens=5).run(
+        ChatParams(messages=GOOD["messages"], max_tokens=50), pieces.append, threading.Event())
+    assert (result.completion_tokens, result.finish_reason) == (5, "length")
