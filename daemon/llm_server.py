@@ -43,6 +43,7 @@ log = logging.getLogger("tokenwire.llm")
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # OpenAI's bound on ``stop`` strings
+MAX_MODEL_CHARS = 256  # a request's ``model``, echoed in every chunk (the daemon's own bound on model names is 128)
 SSE_DONE = b"data: [DONE]\n\n"
 REPLACEMENT = "\ufffd"
 
@@ -119,8 +120,9 @@ def parse_chat_request(body: Any) -> ChatParams:
                              f"{where}.role")
         messages.append({"role": m["role"], "content": _content(m.get("content"), f"{where}.content")})
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("model: expected a string", "model")
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_MODEL_CHARS):
+        # (every chunk of the answer echoes it: a 4-MiB name was encoded again for each token)
+        raise BadRequest(f"model: expected a string of at most {MAX_MODEL_CHARS} characters", "model")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):

@@ -104,6 +104,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}]}
     ({"stream": "yes"}, "stream"),
     ({"n": 2}, "n"),
     ({"model": 3}, "model"),
+    ({"model": "m" * 257}, "model"),
     ({"temperature": 10**400}, "temperature"),
 ])
 def test_each_bad_field_is_refused_naming_it(change, param):
