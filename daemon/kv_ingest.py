@@ -224,6 +224,15 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     in_put = False  # counted and answered: not again if the drain fails or is cancelled
                     await writer.drain()
                     break
+                except asyncio.IncompleteReadError as exc:
+                    # the engine half-closed mid-body (shutdown(SHUT_WR)): it may still read, and the connection
+                    # closed with no answer at all, so it could not tell a cut body from a daemon that died
+                    service.count_ingest_error()
+                    in_put = False
+                    reply({"ok": False, "error": f"put body cut short: the engine closed its side after "
+                                                 f"{len(exc.partial)} of {nbytes} bytes; nothing was stored"})
+                    await writer.drain()
+                    break
                 try:
                     loop = asyncio.get_running_loop()
                     call = functools.partial(service.ingest_raw_sync, model, ids, shape, dtype, data,
@@ -350,4 +359,3 @@ def put_kv_unix(path: str | Path, model: str, token_ids: Sequence[int], kv: Sequ
                             "context that must stay private")
     # (an older daemon sends neither)
     return PutHashes(ans["hashes"], kept_other=int(ans.get("kept_other", 0)), stored=ans.get("stored"))
-

@@ -10,6 +10,7 @@ rules, in one set of words, and so that what a stored chunk may hold reads in on
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tokenwire.transport.kv_channel import KVError
 from tokenwire.transport.kv_controller import LEVELS
 
 _DTYPES = ("float16", "bfloat16", "float32")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc)
 
 
 def _itemsize(dtype: str) -> int:
@@ -76,6 +78,10 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
         model.encode("utf-8")
     except UnicodeEncodeError:
         raise KVIngestError("model is not valid Unicode (a lone surrogate)") from None
+    bad = _CONTROL.search(model)
+    if bad:  # a NUL or a line break was stored, under a name no engine means and the daemon's log shows mangled
+        raise KVIngestError(f"model must be a name without control characters ({bad.group()!r} at index "
+                            f"{bad.start()})")
     if not token_ids:
         raise KVIngestError("no token ids")
     if len(token_ids) > MAX_KV_TOKENS:

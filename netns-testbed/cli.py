@@ -155,6 +155,8 @@ _OWNER_PID = os.getpid()
 
 
 _RETRY_S = 0.5
+UNWIND_AS_CTRL_C = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+"""Besides SIGTERM, the signals :func:`sigterm_as_ctrl_c` turns into Ctrl-C's path (unless ignored on entry)."""
 
 
 def _unwinding() -> bool:
@@ -190,9 +192,10 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     old = signal.signal(signal.SIGTERM, _interrupt)
     old_alarm = signal.signal(signal.SIGALRM, _interrupt)
     # Ctrl-C too: Python's own handler raised a second KeyboardInterrupt inside the teardown of the first,
-    # leaving namespaces behind; and SIGHUP (the terminal or ssh session closed) unwinds as well. Either is
-    # left alone when ignored on entry (nohup, a background job).
-    others = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGHUP)
+    # leaving namespaces behind; SIGHUP (the terminal or ssh session closed) and SIGQUIT (Ctrl-\, whose default
+    # killed the run and left its namespaces and state as SIGKILL does) unwind as well. Each is left alone when
+    # ignored on entry (nohup, a background job).
+    others = {sig: signal.signal(sig, _interrupt) for sig in UNWIND_AS_CTRL_C
               if signal.getsignal(sig) is not signal.SIG_IGN}
     old_hook = sys.unraisablehook
 
@@ -261,11 +264,27 @@ def cmd_up(args: argparse.Namespace) -> int:
                     state.info["stats"] = tb.stats()
                     state.save()
     except TestbedError as exc:
+        if up:
+            _note_detached_end(args, str(exc))
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the testbed is torn down
         if not up:  # stopped while it was built: "interrupted", 130, not the silent 0 of a testbed stopped once up
             raise
         return 0
+    except Exception as exc:
+        if up:
+            _note_detached_end(args, f"{exc.__class__.__name__}: {exc}")
+        raise
+
+
+def _note_detached_end(args: argparse.Namespace, reason: str) -> None:
+    """A detached run (``--run-id``: the child of ``up --detach``) that ended on its own, once torn down: record
+    why for ``testbed status``, since the teardown removed its log (the only place its error went to)."""
+    from .netns import record_ended
+
+    if args.run_id is not None:
+        with contextlib.suppress(OSError, ValueError):
+            record_ended(args.run_id, reason)
 
 
 DETACH_STEP_S = 20.0
@@ -303,9 +322,9 @@ def _with_copies(args: argparse.Namespace, copies: str | None) -> argparse.Names
 def _launch_detached(args: argparse.Namespace) -> int:
     """``up --detach``: start the foreground ``up`` in its own session and wait until it is up.
 
-    If it fails, does not come up in time, or the wait is interrupted (Ctrl-C, SIGTERM, SIGHUP), the child is
-    stopped with SIGTERM (it tears its testbed down like Ctrl-C does), waited for, and only then is the error
-    reported: a child left behind came up later with nobody knowing its run id.
+    If it fails, does not come up in time, or the wait is interrupted (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT), the
+    child is stopped with SIGTERM (it tears its testbed down like Ctrl-C does), waited for, and only then is the
+    error reported: a child left behind came up later with nobody knowing its run id.
     """
     from .netns import STATE_DIR, RunState, TestbedError, check_root, new_run_id
 
@@ -446,24 +465,22 @@ def _print_up(info: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .netns import check_root, list_runs, terminate_pids
+    from .netns import check_root, ended_runs, forget_ended, list_runs, terminate_pids
 
     try:
         check_root()
     except Exception as exc:
         raise CLIError(str(exc)) from None
     runs = list_runs()
+    ended = {r.run_id for r in ended_runs()}
     if args.run_ids:
         wanted = set(args.run_ids)
-        unknown = wanted - {r.run_id for r in runs}
+        unknown = wanted - {r.run_id for r in runs} - ended
         if unknown:
             raise CLIError(f"no testbed run {', '.join(sorted(unknown))} (see `tokenwire testbed status`)")
         runs = [r for r in runs if r.run_id in wanted]
     elif not args.all:
         runs = [r for r in runs if not r.owner_alive]  # crashed runs only
-    if not runs:
-        print("nothing to clean up")
-        return 0
     failed: list[str] = []
     for st in runs:
         if st.owner_pid != os.getpid() and st.owner_alive:
@@ -479,6 +496,13 @@ def cmd_down(args: argparse.Namespace) -> int:
         else:
             what = ", ".join(removed) if removed else "removed"
         print(f"{st.run_id}: {what}", flush=True)
+    # down leaves nothing behind: the records of how detached runs ended go too (the named ones, given ids); last,
+    # after any run it stopped has ended
+    forgotten = forget_ended(sorted(set(args.run_ids)) if args.run_ids else None)
+    if forgotten:
+        print(f"removed the record of how {', '.join(forgotten)} ended", flush=True)
+    elif not runs:
+        print("nothing to clean up")
     if failed:
         raise CLIError(f"could not clean up {', '.join(failed)} (see above); run `tokenwire testbed down "
                        f"{' '.join(failed)}` again")
@@ -550,7 +574,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = _stats_line(r["stats"])
         if line:
             print(f"    {line}")
+    _print_ended()
     return 0
+
+
+def _print_ended() -> None:
+    """The records of how detached runs ended (their state and log are gone), newest last."""
+    from .netns import ended_runs
+
+    records = ended_runs()
+    for r in records:
+        when = "at an unknown time"
+        if r.ended is not None:
+            stamp = time.localtime(r.ended)
+            today = time.localtime()[:3] == stamp[:3]
+            when = time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S", stamp)
+        print(f"{r.run_id} ended {when}: {r.reason}")
+    if records:
+        print("    (detached runs that ended on their own; `tokenwire testbed down` removes these lines)")
 
 
 def _stats_line(stats: object) -> str | None:
@@ -738,7 +779,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
             try:
                 with sigterm_as_ctrl_c():
-                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    for sig in (signal.SIGTERM, *UNWIND_AS_CTRL_C):
                         if signal.getsignal(sig) is _interrupt:  # (one ignored on entry stays ignored: nohup)
                             signal.signal(sig, stop_workers)
                     summary = run_kv_virtual(cfg, log=log, workers=args.workers, decode_rate=args.decode_rate)
@@ -812,8 +853,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     down = tsub.add_parser(
         "down", help="tear down testbeds (default: leftovers of crashed runs)",
         description="Removes testbed runs: their processes, emulator, namespaces, interfaces, state file and "
-        "temporary folder. Without arguments only runs whose owner has died (crashed, or killed with SIGKILL); "
-        "name run ids (from `testbed status`) or give --all to stop live ones too. Needs root.",
+        "temporary folder, and the records of how detached runs ended. Without arguments only runs whose owner has "
+        "died (crashed, or killed with SIGKILL); name run ids (from `testbed status`) or give --all to stop live "
+        "ones too. Needs root.",
     )
     down.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="these runs (running or not)")
     down.add_argument("--all", action="store_true", help="every testbed run on this host, running or not")
@@ -822,8 +864,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     status = tsub.add_parser(
         "status", help="list testbed runs on this host",
         description="Lists the testbed runs on this host from their state files: run id, running or CRASHED, "
-        "backend, namespaces, addresses and the link's packet counters. A crashed run's leftovers are removed by "
-        "`testbed down`.",
+        "backend, namespaces, addresses and the link's packet counters, then how the last detached runs that ended "
+        "on their own ended (an emulator that died, say). A crashed run's leftovers, and those records, are "
+        "removed by `testbed down`.",
     )
     status.add_argument("--json", action="store_true",
                         help="print the runs as a JSON list (run id, backend, owner and emulator alive, namespaces, "

@@ -119,7 +119,7 @@ def netns_exists(name: str) -> bool:
 
 
 # the signals that unwind a run (testbed.cli.sigterm_as_ctrl_c), SIGALRM being its retry timer
-_UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+_UNWIND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM)
 
 
 @contextlib.contextmanager
@@ -456,6 +456,82 @@ def list_runs() -> list[RunState]:
         if run_id != name and RUN_ID_RE.match(run_id):  # (a file of no run's name tells no namespaces to go by)
             out.append(read_run(os.path.join(STATE_DIR, name), run_id))
     return out
+
+
+ENDED_KEEP = 10
+"""How many ``<run id>.ended`` records (how a detached run ended) the state folder keeps: the newest."""
+ENDED_REASON_MAX = 300  # characters of the reason a record keeps
+
+
+@dataclass
+class EndedRun:
+    """How a detached ``up`` ended on its own (its emulator died, say): its teardown removes its state and its log,
+    so without this record ``testbed status`` said "no testbed runs" and the reason was lost."""
+
+    run_id: str
+    ended: float | None  # (None: a record that cannot be read)
+    reason: str
+
+    @staticmethod
+    def path_of(run_id: str) -> str:
+        return os.path.join(STATE_DIR, run_id + ".ended")
+
+
+def record_ended(run_id: str, reason: str) -> None:
+    """Write run ``run_id``'s ``.ended`` record (one line of ``reason``, cut to :data:`ENDED_REASON_MAX`), then
+    drop all but the newest :data:`ENDED_KEEP`: a host whose detached runs keep failing must not fill the folder."""
+    if not RUN_ID_RE.match(run_id):
+        raise ValueError(f"{run_id!r}: not a run id")
+    os.makedirs(STATE_DIR, exist_ok=True)
+    line = " ".join(reason.split())
+    if len(line) > ENDED_REASON_MAX:
+        line = line[:ENDED_REASON_MAX - 3] + "..."
+    path = EndedRun.path_of(run_id)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"run_id": run_id, "ended": time.time(), "reason": line}, fh)
+    os.replace(tmp, path)
+    for old in ended_runs()[:-ENDED_KEEP]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(EndedRun.path_of(old.run_id))
+
+
+def ended_runs() -> list[EndedRun]:
+    """The ``.ended`` records in the state folder, oldest first (by file time: an unreadable one still counts)."""
+    if not os.path.isdir(STATE_DIR):
+        return []
+    found: list[tuple[float, EndedRun]] = []
+    for name in os.listdir(STATE_DIR):
+        run_id = name.removesuffix(".ended")
+        if run_id == name or not RUN_ID_RE.match(run_id):
+            continue
+        path = os.path.join(STATE_DIR, name)
+        mtime = 0.0
+        try:
+            mtime = os.stat(path).st_mtime
+            with open(path, errors="replace") as fh:
+                data = json.load(fh)
+            ended, reason = data["ended"], data["reason"]
+            if not isinstance(ended, (int, float)) or not isinstance(reason, str):
+                raise TypeError("wrong types")
+            record = EndedRun(run_id, float(ended), reason[:ENDED_REASON_MAX])
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except (OSError, ValueError, TypeError, KeyError):
+            record = EndedRun(run_id, None, "its record cannot be read")
+        found.append((mtime, record))
+    return [record for _, record in sorted(found, key=lambda item: (item[0], item[1].run_id))]
+
+
+def forget_ended(run_ids: Sequence[str] | None = None) -> list[str]:
+    """Remove the ``.ended`` records of ``run_ids`` (None: all of them); returns the run ids whose record went."""
+    gone = []
+    for record in ended_runs():
+        if run_ids is None or record.run_id in run_ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(EndedRun.path_of(record.run_id))
+                gone.append(record.run_id)
+    return gone
 
 
 def read_run(path: str, run_id: str) -> RunState:
