@@ -153,8 +153,7 @@ class DaemonProtocol(GuardedProtocol):
         super().datagram_received(data, addr)
         if self in self.daemon.admission.unauthorized:  # what it may make the daemon hold, before it authorizes
             self.daemon.admission.account_unauthorized(self, self.held_bytes())
-        elif self.admitted_without_auth:  # whether an answer of its is open now, or since when none is
-            self.daemon.admission.note_idle(self, time.monotonic())
+        # (an admitted connection's note_idle ran in the transmit that ends every datagram_received)
 
     def answering(self) -> bool:
         """Whether an answer of its is open: a request read whole whose answer has not gone out whole (its FINISHED

@@ -70,6 +70,15 @@ def _body_bytes(shape: list[Any], itemsize: int) -> int:
     return nbytes
 
 
+class _BodyCut(asyncio.IncompleteReadError):
+    """A body whose engine ended its side after ``got`` of ``expected`` bytes (``partial`` is empty: a copy of the
+    bytes read, up to ``kv.ingest_memory_mb``, only for their count, doubled what the put held)."""
+
+    def __init__(self, got: int, expected: int) -> None:
+        super().__init__(b"", expected)
+        self.got = got
+
+
 async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
     """A put's ``nbytes`` of tensor data; ``TimeoutError`` once none has come for ``BODY_QUIET_S`` (a hung
     engine), or once, beyond twice ``BODY_QUIET_S``, the body has averaged under ``MIN_BODY_RATE`` since it began (an
@@ -97,7 +106,9 @@ async def _read_body(reader: asyncio.StreamReader, nbytes: int) -> bytearray:
             raise TimeoutError(f"put body stalled: {why} after {len(data)} of {nbytes} bytes; the connection is "
                                "closed") from None
         if not piece:
-            raise asyncio.IncompleteReadError(bytes(data), nbytes)
+            got = len(data)
+            del data  # (the traceback holds this frame: the partial body must not outlive it, nor be copied)
+            raise _BodyCut(got, nbytes)
         data += piece  # (realloc: a large buffer grows in place, its pages committed as they are written)
     return data
 
@@ -229,8 +240,9 @@ async def _handle_ingest(service: KVService, reader: asyncio.StreamReader, write
                     # closed with no answer at all, so it could not tell a cut body from a daemon that died
                     service.count_ingest_error()
                     in_put = False
+                    got = getattr(exc, "got", len(exc.partial))
                     reply({"ok": False, "error": f"put body cut short: the engine closed its side after "
-                                                 f"{len(exc.partial)} of {nbytes} bytes; nothing was stored"})
+                                                 f"{got} of {nbytes} bytes; nothing was stored"})
                     await writer.drain()
                     break
                 try:

@@ -491,7 +491,9 @@ def record_ended(run_id: str, reason: str) -> None:
     with open(tmp, "w") as fh:
         json.dump({"run_id": run_id, "ended": time.time(), "reason": line}, fh)
     os.replace(tmp, path)
-    for old in ended_runs()[:-ENDED_KEEP]:
+    # (never the record just written: a tie in file times, or a clock stepped back, sorted it among the oldest)
+    older = [r for r in ended_runs() if r.run_id != run_id]
+    for old in older[:max(0, len(older) - (ENDED_KEEP - 1))]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(EndedRun.path_of(old.run_id))
 

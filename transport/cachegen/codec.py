@@ -286,8 +286,9 @@ def decode_sequence(chunks: Sequence[bytes], **kwargs) -> list[tuple[torch.Tenso
 
     Every chunk must be for the first one's model, geometry and dtype (else ``ModelMismatch``): joining
     foreign chunks used to end in a torch size error or a silently promoted dtype. The dtype compared is the one
-    each chunk records, before it is decoded: with ``dtype=`` every chunk decodes to that one, and an fp16 and
-    an fp32 context's chunks were joined without a word.
+    each chunk records (read once its CRC has been checked: a corrupted dtype byte is ``CorruptBitstream``), not
+    the one it decodes to: with ``dtype=`` every chunk decodes to that one, and an fp16 and an fp32 context's
+    chunks were joined without a word.
     """
     if len(chunks) == 0:
         raise InvalidInput("no chunks")
