@@ -92,27 +92,22 @@ class LiveAnswers:
         honest request heard "server busy"."""
         limit = self._limits().max_live_answers
         live = self.count()
-        if live >= limit and live - self.reclaimable() < limit:  # (else refused with every orphan kept: a reload
-            live -= self.reclaim_orphans(live - limit + 1, time.monotonic())  # that lowered the bound cancelled
-        if live < limit:  # orphans and still refused)
+        if live >= limit:
+            # the upstreams' orphaned answers, oldest first (an answer orphaned again goes to the end), found in one
+            # walk; cancelled only if enough of them get under the bound (else refused with every orphan kept: a
+            # reload that lowered the bound cancelled orphans and still refused)
+            orphans = [rid for rid in self.orphaned if rid in self.tasks]  # (not ingest answers, nor ended ones)
+            if live - len(orphans) < limit:
+                live -= self.reclaim_orphans(orphans[:live - limit + 1], time.monotonic())
+        if live < limit:
             return None
         return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
 
-    def reclaimable(self) -> int:
-        """How many answers :meth:`reclaim_orphans` could cancel now: the upstreams' orphaned ones."""
-        return sum(1 for rid in self.orphaned if rid in self.tasks)
-
-    def reclaim_orphans(self, wanted: int, now: float) -> int:
-        """Cancel up to ``wanted`` of the upstreams' orphaned answers, the longest orphaned first; how many. Each
-        leaves :attr:`tasks` at once (its task ends in a later loop turn), is counted in
-        tokenwire_orphans_cancelled_total with reason ``busy`` and logged (the first, then summed up). Ingest
-        answers are not: an application's answer waits for its client to attach, orphaned from its open on."""
-        victims: list[bytes] = []
-        for rid in self.orphaned:  # (oldest first: an answer orphaned again goes to the end)
-            if len(victims) >= wanted:
-                break
-            if rid in self.tasks:  # (not an ingest answer, nor one that ended)
-                victims.append(rid)
+    def reclaim_orphans(self, victims: list[bytes], now: float) -> int:
+        """Cancel ``victims``, upstream answers with no client attached; how many. Each leaves :attr:`tasks` at once
+        (its task ends in a later loop turn), is counted in tokenwire_orphans_cancelled_total with reason ``busy``
+        and logged (the first, then summed up). Ingest answers are never victims: an application's answer waits for
+        its client to attach, orphaned from its open on."""
         for rid in victims:
             since = self.orphaned.pop(rid)
             self.tasks.pop(rid).cancel()  # (its _fed finds it gone: it ends as cancelled there, as any cancelled task)

@@ -180,6 +180,13 @@ async def served(lm: FakeLM, max_queue: int = 8) -> AsyncIterator[tuple[LLMServi
         await asyncio.to_thread(service.close)
 
 
+async def _ask(s: aiohttp.ClientSession, url: str) -> int:
+    """POST the good request, read the answer whole: its HTTP status."""
+    async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
+        await resp.read()
+        return resp.status
+
+
 async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
     async for line in resp.content:
         if line.startswith(b"data: "):
@@ -271,14 +278,10 @@ def test_a_request_whose_client_left_while_it_waited_is_never_generated():
 
     async def go() -> list[str]:
         async with served(lm) as (service, url), aiohttp.ClientSession() as s:
-            async def ask() -> None:
-                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
-                    await resp.read()
-
-            first = asyncio.create_task(ask())
+            first = asyncio.create_task(_ask(s, url))
             while not service.running:
                 await asyncio.sleep(0.01)
-            second = asyncio.create_task(ask())
+            second = asyncio.create_task(_ask(s, url))
             while service.waiting < 1:
                 await asyncio.sleep(0.01)
             second.cancel()  # its connection closes
@@ -358,15 +361,10 @@ def test_clients_that_leave_while_queued_give_their_place_back_at_once():
 
     async def go() -> tuple[int, int, list[str]]:
         async with served(lm, max_queue=2) as (service, url), aiohttp.ClientSession() as s:
-            async def ask() -> int:
-                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
-                    await resp.read()
-                    return resp.status
-
-            first = asyncio.create_task(ask())
+            first = asyncio.create_task(_ask(s, url))
             while not service.running:
                 await asyncio.sleep(0.01)
-            leavers = [asyncio.create_task(ask()) for _ in range(2)]
+            leavers = [asyncio.create_task(_ask(s, url)) for _ in range(2)]
             while service.waiting < 2:
                 await asyncio.sleep(0.01)
             for task in leavers:
@@ -375,7 +373,7 @@ def test_clients_that_leave_while_queued_give_their_place_back_at_once():
             while service.waiting and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             waiting = service.waiting
-            honest = asyncio.create_task(ask())
+            honest = asyncio.create_task(_ask(s, url))
             await asyncio.sleep(0.2)
             gate.set()
             statuses = await asyncio.gather(first, honest)
@@ -395,16 +393,11 @@ def test_max_queue_0_serves_one_request_at_a_time():
 
     async def go() -> tuple[int, int]:
         async with served(lm, max_queue=0) as (service, url), aiohttp.ClientSession() as s:
-            async def ask() -> int:
-                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
-                    await resp.read()
-                    return resp.status
-
-            first = asyncio.create_task(ask())
+            first = asyncio.create_task(_ask(s, url))
             deadline = time.monotonic() + 5
             while not service.running and not first.done() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            second = await ask()
+            second = await _ask(s, url)
             gate.set()
             return await first, second
 
@@ -470,9 +463,8 @@ def test_queued_requests_are_answered_first_come_first_served():
             order: list[int] = []
 
             async def ask(i: int) -> None:
-                async with s.post(f"{url}/chat/completions", json=GOOD) as resp:
-                    await resp.read()
-                    order.append(i)
+                await _ask(s, url)
+                order.append(i)
 
             tasks = [asyncio.create_task(ask(0))]
             while not service.running:

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,20 +17,16 @@ import pytest
 from tokenwire.daemon.cli import CLIError, build_parser
 from tokenwire.testbed import cli, netns, topology
 
+from .test_testbed_fixes4 import fake_host  # noqa: F401  # (a fixture)
+
 RUN = "tw5e5e01"
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A state folder and a namespace folder of their own (no namespace, no run of this host's is touched)."""
-    state, ns_dir = tmp_path / "state", tmp_path / "netns"
-    state.mkdir()
-    ns_dir.mkdir()
-    monkeypatch.setattr(netns, "STATE_DIR", str(state))
-    monkeypatch.setattr(netns, "NETNS_DIR", str(ns_dir))
-    monkeypatch.setattr(netns, "check_root", lambda: None)
-    monkeypatch.setattr(cli, "_remove_links", lambda run_id: [])
-    return state
+def state_dir(fake_host: SimpleNamespace) -> Path:  # noqa: F811
+    """test_testbed_fixes4's fake host (a state and a namespace folder of its own, no process it did not start
+    signalled): its state folder."""
+    return fake_host.state
 
 
 # -- F5: how a detached run ended ----------------------------------------------------------------------------
