@@ -17,6 +17,7 @@ from .harness import Points, Predictor, baseline_predictors, evaluate, file_poin
 from .runtime import (
     ModelError,
     OnnxLatencyForecaster,
+    fixed_batch,
     inference_failure,
     load_forecaster,
     model_file,
@@ -25,14 +26,23 @@ from .runtime import (
 )
 
 
-def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Points], np.ndarray]:
-    """The model's answers at every point, ``chunk`` windows per inference call; :class:`ModelError` when a call
-    raises or answers another shape than ``(n, 2)``.
+def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024,
+                   log: Callable[[str], None] | None = None) -> Callable[[Points], np.ndarray]:
+    """The model's answers at every point, ``chunk`` windows per inference call (one when its batch axis is fixed:
+    the load check's one-window trial passed, so fixed means 1); :class:`ModelError` when a call raises or answers
+    another shape.
 
-    The load checks run one window of zeros and one of steady acks, so a model that fails only on real windows,
-    or on many at once (a batch axis fixed at 1), loads: eval then ended in onnxruntime's or numpy's traceback
-    with exit 1, where ``bench predictor`` and the daemon say what is wrong."""
+    The load checks run one window of zeros and one of steady acks, so a model that fails only on real windows
+    loads: eval then ended in onnxruntime's or numpy's traceback with exit 1, where ``bench predictor`` and the
+    daemon say what is wrong. A model whose batch axis is fixed (a ``torch.onnx.export`` without
+    ``dynamic_axes``) was refused as well, though the daemon, one window at a time, runs a model fixed at 1:
+    eval scores what the daemon would run, one call per window (slower), and ``log`` says so."""
     sess = fc._session
+    fixed = fixed_batch(fc)
+    step = fixed if fixed is not None and fixed > 0 else chunk
+    if fixed is not None and log is not None:
+        log(f"note: {fc.path}: its batch axis is fixed at {fixed}: scored {fixed} window{'s' if fixed != 1 else ''} "
+            "per inference call (slower; `tokenwire predictor export` writes a dynamic one)")
 
     def call(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
         try:
@@ -44,7 +54,7 @@ def onnx_predictor(fc: OnnxLatencyForecaster, chunk: int = 1024) -> Callable[[Po
         return y
 
     def run(p: Points) -> np.ndarray:
-        outs = [call(p.x[i:i + chunk], p.base[i:i + chunk].astype(np.float32)) for i in range(0, len(p), chunk)]
+        outs = [call(p.x[i:i + step], p.base[i:i + step].astype(np.float32)) for i in range(0, len(p), step)]
         return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 2))
 
     return run
@@ -72,7 +82,7 @@ def run_eval(data: list[str], model: str | None = None, baselines: str | None = 
     seen("transformer", fc)
     _warn_unfinished("transformer", fc, log)
     window = fc.window
-    predictors = {"transformer": onnx_predictor(fc), **baseline_predictors()}
+    predictors = {"transformer": onnx_predictor(fc, log=log), **baseline_predictors()}
     files = {"transformer": model_file(fc)}
     if baselines is None:
         try:
@@ -256,7 +266,7 @@ def _baselines(base_dir: Path, window: int, log: Callable[[str], None],
         why = stale_gru(base_dir, gru.meta)
         if why:
             log(f"warning: {why}")
-        out["gru"] = onnx_predictor(gru)
+        out["gru"] = onnx_predictor(gru, log=log)
         if files is not None:
             files["gru"] = model_file(gru)
     else:

@@ -39,7 +39,7 @@ def test_nonfinite_points_counts_rows_with_any_nan_or_inf():
 def test_eval_refuses_a_model_answering_nan_on_some_points(dataset, monkeypatch, capsys):
     from tokenwire.predictor import evaluate
 
-    def nan_on_first_three(fc, chunk=1024):  # stands in for an ONNX model that answers NaN on slow windows
+    def nan_on_first_three(fc, chunk=1024, log=None):  # stands in for an ONNX model that answers NaN on slow windows
         def run(p):
             out = p.base[:, :2].astype(np.float64).copy()
             out[:3, 0] = np.nan

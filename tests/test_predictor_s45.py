@@ -1,8 +1,9 @@
 """Session 45, a predictor user's audit of `predictor eval`, `bench predictor` and the dataset loader:
 
-1. ``predictor eval --model`` (or a ``--baselines`` gru.onnx) that loads but fails on real windows, answers another
-   shape there, or has its batch axis fixed at 1 (a ``torch.onnx.export`` without ``dynamic_axes``): onnxruntime's
-   or numpy's traceback and exit 1, where ``bench predictor`` and the daemon say what is wrong.
+1. ``predictor eval --model`` (or a ``--baselines`` gru.onnx) that loads but fails on real windows or answers another
+   shape there: onnxruntime's or numpy's traceback and exit 1, where ``bench predictor`` and the daemon say what is
+   wrong. One with its batch axis fixed at 1 (a ``torch.onnx.export`` without ``dynamic_axes``) was refused too,
+   though the daemon runs it; since session 46 eval scores it one window per call.
 2. ``bench predictor`` on a model with a batch axis fixed at 1 said "the daemon would mark like l4s with this
    model"; the daemon asks one window at a time and runs it (``config check`` accepts it).
 3. A dataset whose ``n_acked`` counts more acks than had reached the sender by the send loaded: the windows held
@@ -40,13 +41,9 @@ def _fixed_batch(path: Path) -> Path:
 @pytest.mark.parametrize(("flaw", "says"), [
     ({"cols_on_zeros": 2, "cols_on_data": 3}, "failed (Fail: "),  # raises on real windows
     ({"cols_on_zeros": 2, "cols_on_data": 1}, "failed (answered float32 ("),  # answers another shape there
-    ("fixed", "its batch axis is fixed at 1: export it with a dynamic one"),
 ])
 def test_eval_of_a_model_that_fails_on_real_windows_is_one_line_and_exit_2(small, tmp_path, capsys, flaw, says):
-    if flaw == "fixed":
-        model = _fixed_batch(tiny_model(tmp_path / "m.onnx"))
-    else:
-        model = tiny_model(tmp_path / "m.onnx", **flaw)
+    model = tiny_model(tmp_path / "m.onnx", **flaw)
     out = tmp_path / "eval.json"
     assert main(["predictor", "eval", "--data", str(small), "--model", str(model), "--json", str(out)]) == 2
     err = capsys.readouterr().err
@@ -61,14 +58,29 @@ def test_eval_names_the_baselines_gru_that_fails(small, tmp_path, capsys):
     base.mkdir()
     meta = {"format": "tokenwire-swiftqueue", "kind": "gru", "features": list(FEATURES),
             "features_version": FEATURES_VERSION, "window": 64}
-    gru = tiny_model(base / "src.onnx", meta=meta)
-    _fixed_batch(gru).rename(base / "gru.onnx")
+    tiny_model(base / "gru.onnx", meta=meta, cols_on_zeros=2, cols_on_data=3)
     shipped_ar = Path(__file__).resolve().parents[1] / "predictor" / "shipped" / "ar.json"
     (base / "ar.json").write_text(shipped_ar.read_text())
     assert main(["predictor", "eval", "--data", str(small), "--baselines", str(base)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"tokenwire predictor eval: error: {base / 'gru.onnx'}: inference on ") and \
-        "batch axis is fixed at 1" in last, last
+    assert last.startswith(f"tokenwire predictor eval: error: {base / 'gru.onnx'}: inference on "), last
+
+
+def test_eval_scores_a_fixed_batch_model_as_the_daemon_runs_it(small, tmp_path, capsys):
+    """A model exported without a dynamic batch axis is run by the daemon (one window at a time); eval scores it one
+    window per call, with the same numbers as the same model with a dynamic axis (it used to refuse it)."""
+    dynamic = tiny_model(tmp_path / "m.onnx")
+    fixed = _fixed_batch(dynamic)
+    scores = {}
+    for model in (dynamic, fixed):
+        out = tmp_path / f"{model.stem}.json"
+        assert main(["predictor", "eval", "--data", str(small), "--model", str(model), "--json", str(out)]) == 0
+        scores[model] = json.loads(out.read_text())["models"]["transformer"]
+    err = capsys.readouterr().err
+    assert f"note: {fixed}: its batch axis is fixed at 1: scored 1 window per inference call" in err, err
+    assert f"note: {dynamic}:" not in err
+    assert scores[fixed]["n"] == scores[dynamic]["n"] > 100
+    assert scores[fixed]["mae_ms"] == pytest.approx(scores[dynamic]["mae_ms"], rel=1e-6)
 
 
 def test_bench_on_a_fixed_batch_model_does_not_say_the_daemon_falls_back(tmp_path, capsys):
