@@ -6,11 +6,12 @@ line per request line::
     {"op": "open", "model": "my-app", "principal": "alice", "max_tokens": 4096}
         -> {"ok": true, "id": "<32 hex digits>"}       give the id to the client (the SDK's
         ``Connection.attach`` takes the id's bytes, ``bytes.fromhex(id)``; ``tokenwire chat --attach`` the hex)
-        (model and principal: at most 128 characters each; at most ``[ingest] max_open`` answers open at
-        once per connection, 1024 by default; the principal must be one a client can have: with auth tokens
-        a token's name, with ``server.client_ca`` only ``cert:`` and a certificate's name, else none; refused
-        while the daemon drains, past ``limits.max_live_answers``, which counts open ingest answers too, and
-        while the answers being generated fill ``limits.transcript_memory_mb``)
+        (model and principal: at most 128 characters each, a model without control characters, as every model
+        name; at most ``[ingest] max_open`` answers open at once per connection, 1024 by default; the
+        principal must be one a client can have: with auth tokens a token's name, with ``server.client_ca``
+        only ``cert:`` and a certificate's name, else none; refused while the daemon drains, past
+        ``limits.max_live_answers``, which counts open ingest answers too, and while the answers being
+        generated fill ``limits.transcript_memory_mb``)
     {"op": "push", "id": "...", "text": " Hello"}       -> {"ok": true, "tokens": 1}
         (a push's text is cut into tokens of at most 256 bytes of UTF-8, each a token of the answer:
         "tokens" is how many the answer holds now, and max_tokens counts these, so bounds its bytes to
@@ -73,7 +74,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tokenwire.transport.errors import ErrorCode
-from tokenwire.transport.frames import MAX_MODEL_CHARS, REQUEST_ID_BYTES  # what a QUIC request may name/have
+from tokenwire.transport.frames import (  # what a QUIC request may name/have
+    MAX_MODEL_CHARS,
+    REQUEST_ID_BYTES,
+    model_name_problem,
+)
 
 from . import unix_sockets
 from .cli import printable
@@ -295,9 +300,11 @@ class IngestAPI:
                 return {"ok": False, "error": f"principal longer than {MAX_PRINCIPAL_CHARS} characters"}
             if model is not None and len(model) > MAX_MODEL_CHARS:
                 return {"ok": False, "error": f"model longer than {MAX_MODEL_CHARS} characters"}
-            for key, name in (("principal", principal), ("model", model)):
-                if name is not None and _invalid_unicode(name):
-                    return {"ok": False, "error": f"{key} is not valid Unicode (a lone surrogate)"}
+            if principal is not None and _invalid_unicode(principal):
+                return {"ok": False, "error": "principal is not valid Unicode (a lone surrogate)"}
+            problem = None if model is None else model_name_problem(model)  # (the rule of every model name)
+            if problem is not None:
+                return {"ok": False, "error": f"model {problem}"}
             if len(conn.open) >= self.max_open:
                 self.on_open_refused("max_open")
                 return {"ok": False, "error": f"{len(conn.open)} answers already open on this connection "

@@ -10,7 +10,6 @@ rules, in one set of words, and so that what a stored chunk may hold reads in on
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from tokenwire.transport.frames import (
     MAX_KV_TOKENS,
     MAX_MODEL_CHARS,
     MAX_TOKEN_ID,
+    model_name_problem,
 )
 from tokenwire.transport.kv_channel import KVError
 from tokenwire.transport.kv_controller import LEVELS
 
 _DTYPES = ("float16", "bfloat16", "float32")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc)
 
 
 def _itemsize(dtype: str) -> int:
@@ -74,14 +73,11 @@ def _check_context(model: object, token_ids: Sequence[int], fingerprint: object,
     token_ids = _int_ids(token_ids)
     if not isinstance(model, str) or not 1 <= len(model) <= MAX_MODEL_CHARS:
         raise KVIngestError(f"model must be a name of 1 to {MAX_MODEL_CHARS} characters (what a fetch names)")
-    try:  # a lone surrogate (JSON's "\ud800") failed in the fingerprint's encode: a traceback, no typed refusal
-        model.encode("utf-8")
-    except UnicodeEncodeError:
-        raise KVIngestError("model is not valid Unicode (a lone surrogate)") from None
-    bad = _CONTROL.search(model)
-    if bad:  # a NUL or a line break was stored, under a name no engine means and the daemon's log shows mangled
-        raise KVIngestError(f"model must be a name without control characters ({bad.group()!r} at index "
-                            f"{bad.start()})")
+    # (a lone surrogate, JSON's "\ud800", failed in the fingerprint's encode: a traceback, no typed refusal; a NUL
+    # or a line break was stored, under a name no engine means and the daemon's log shows mangled)
+    problem = model_name_problem(model)
+    if problem is not None:
+        raise KVIngestError(f"model {problem}")
     if not token_ids:
         raise KVIngestError("no token ids")
     if len(token_ids) > MAX_KV_TOKENS:

@@ -67,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve POST /v1/chat/completions and GET /v1/models over HTTP",
         description="Load SmolLM2-135M-Instruct and serve POST /v1/chat/completions (stream true: server-sent "
         "events; temperature 0: greedy) and GET /v1/models. One worker thread generates, requests wait in FIFO "
-        "order; a client that disconnects stops its generation. Logs one line per answer (tokens, seconds, tok/s).",
+        "order; a client that disconnects stops its generation. Fields that would change the answer and are not "
+        "honoured (tools, logprobs, logit_bias, n > 1...) are refused with a 400. At SIGTERM or Ctrl-C the answers "
+        "in flight end with an error event (or a 503). Logs one line per answer (tokens, seconds, tok/s).",
     )
     p.add_argument("--listen", type=listen_address, default=listen_address(DEFAULT_LISTEN), metavar="HOST:PORT",
                    help=f"address to serve HTTP on, port 0 for any free one (default: {DEFAULT_LISTEN})")
@@ -127,7 +129,7 @@ async def _serve(service: LLMService, socks: list[socket.socket], host: str) -> 
     import asyncio
     import signal
 
-    from .llm_server import start_server
+    from .llm_server import cut_answers, start_server
 
     runner, bound = await start_server(service, host, 0, socks)
     shown = f"[{host}]" if ":" in host else host
@@ -137,5 +139,6 @@ async def _serve(service: LLMService, socks: list[socket.socket], host: str) -> 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await stop.wait()
-    finally:
+    finally:  # (Ctrl-C: asyncio.run cancels this task; the answers in flight still get their error event)
+        await cut_answers(runner.app)
         await runner.cleanup()

@@ -12,7 +12,8 @@ most of it is tested without loading the model:
 * :class:`LLMService`: ONE worker thread (torch off the event loop), requests in FIFO order, at most
   ``max_queue`` waiting (more: 429), a request whose client went away cancelled (its generation stops at the next
   token, or never starts);
-* :func:`make_app`, the thin aiohttp shell.
+* :func:`make_app`, the thin aiohttp shell (a slow client's headers and body bounded in time, see
+  HEADER_TIMEOUT_S), and :func:`cut_answers`, which ends the answers in flight with an error at a stop.
 
 torch and transformers are imported only by :class:`TorchLM` and :func:`load_engine`: the daemon never imports
 them.
@@ -68,6 +69,9 @@ class ChatParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the answer's usage
 
 
 def error_doc(message: str, type_: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
@@ -102,9 +106,42 @@ def _content(value: Any, where: str) -> str:
     raise BadRequest(f"{where}: expected a string (or a list of text parts)", where)
 
 
+# fields taken and honoured by parse_chat_request
+HONOURED = frozenset({"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+                      "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "n"})
+# fields accepted and ignored: they change nothing of the answer (bookkeeping, or routing on OpenAI's side)
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+                     "prompt_cache_key"})
+
+
+def _unsupported(body: Mapping[str, Any]) -> None:
+    """:class:`BadRequest` for a field that would change the answer and that this server cannot honour (or does
+    not know: OpenAI answers an unknown one 400 too). They were ignored, so a client asking for tools, logprobs or a
+    JSON answer got plain text as if it had been asked for; a value that asks for nothing (``logprobs: false``,
+    ``tools: []``, ``logit_bias: {}``, ``response_format: {"type": "text"}``) passes."""
+    def off(name: str, value: Any) -> bool:
+        if value is None or value is False or value == [] or value == {}:
+            return True
+        if name in ("tool_choice", "function_call"):
+            return value in ("none", "auto")  # (with no tools, "auto" calls none)
+        if name == "top_logprobs":
+            return type(value) is int and value == 0
+        return name == "response_format" and value == {"type": "text"}
+
+    for name, value in body.items():
+        if name in HONOURED or name in IGNORED:
+            continue
+        if name in ("logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                    "response_format"):
+            if not off(name, value):
+                raise BadRequest(f"{name}: not supported by this server (it would change the answer)", name)
+            continue
+        raise BadRequest(f"{str(name)[:40]}: unrecognized request argument", str(name)[:40])
+
+
 def parse_chat_request(body: Any) -> ChatParams:
-    """The request ``body`` (parsed JSON) as :class:`ChatParams`; :class:`BadRequest` naming the first bad field.
-    Fields this server does not use (penalties, ``user``, ``stream_options``...) are ignored, as vLLM does."""
+    """The request ``body`` (parsed JSON) as :class:`ChatParams`; :class:`BadRequest` naming the first bad field,
+    or a field that would change the answer and is not honoured (:func:`_unsupported`)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     raw = body.get("messages")
@@ -144,12 +181,21 @@ def parse_chat_request(body: Any) -> ChatParams:
     if not isinstance(stream, bool):
         raise BadRequest("stream: expected true or false", "stream")
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise BadRequest("n: this server generates one choice (n = 1)", "n")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest("stream_options: expected an object ({\"include_usage\": true or false}), with stream true",
+                         "stream_options")
+    _unsupported(body)
     return ChatParams(messages=messages, model=model, max_tokens=max_tokens,
                       temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-                      seed=seed, stop=stops, stream=stream)
+                      seed=seed, stop=stops, stream=stream,
+                      presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                      frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                      include_usage=bool(options and options.get("include_usage")))
 
 
 def chunk_doc(cid: str, created: int, model: str, *, content: str | None = None, role: str | None = None,
@@ -164,6 +210,20 @@ def chunk_doc(cid: str, created: int, model: str, *, content: str | None = None,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
 
+def usage_doc(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage``: the prompt's tokens (chat template included) and the answer's (its end-of-sequence token
+    not counted, as it is not part of the answer)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_chunk_doc(cid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream asked with ``stream_options: {"include_usage": true}``: no choice, the usage
+    (OpenAI's form; the other chunks then carry ``"usage": null``)."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage_doc(prompt_tokens, completion_tokens)}
+
+
 def sse_event(doc: Mapping[str, Any]) -> bytes:
     """``doc`` as one server-sent event: a ``data:`` line (JSON has no raw line breaks) and a blank line."""
     return b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
@@ -175,8 +235,7 @@ def completion_doc(cid: str, created: int, model: str, text: str, finish_reason:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage_doc(prompt_tokens, completion_tokens)}
 
 
 class Tokenizer(Protocol):
@@ -252,8 +311,10 @@ class LanguageModel(Protocol):
 
     context: int  # tokens of prompt and answer together
 
-    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None) -> Iterator[int]:
-        """Generated token ids, lazily: the caller stops pulling when the answer ends."""
+    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None, *,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[int]:
+        """Generated token ids, lazily: the caller stops pulling when the answer ends. The penalties are OpenAI's,
+        over the tokens generated so far (see :func:`penalized`)."""
         ...
 
 
@@ -303,7 +364,8 @@ class Engine:
             if text:
                 emit(text)
 
-        tokens = self.lm.tokens(prompt, params.temperature, params.top_p, params.seed)
+        tokens = self.lm.tokens(prompt, params.temperature, params.top_p, params.seed,
+                                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
         stopped = False
         try:
             while not stopped:
@@ -334,9 +396,17 @@ class Engine:
         return result
 
 
+def penalized(logits: Any, counts: Any, presence_penalty: float, frequency_penalty: float) -> Any:
+    """``logits`` less OpenAI's penalties (its documented formula, before temperature and top-p): ``mu[j] -
+    c[j] * frequency_penalty - (c[j] > 0) * presence_penalty``, ``c[j]`` the times token ``j`` was generated so
+    far in this answer (the prompt's tokens do not count). Torch tensors; ``logits`` is left as it was."""
+    return logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
+
+
 class TorchLM:
     """The real model: one forward pass per token with its KV cache; greedy at temperature 0, else sampling with
-    temperature and top-p from a generator seeded with ``seed`` (random without one)."""
+    temperature and top-p from a generator seeded with ``seed`` (random without one); presence and frequency
+    penalties applied first (:func:`penalized`)."""
 
     def __init__(self, model: Any) -> None:
         import inspect
@@ -346,17 +416,23 @@ class TorchLM:
         # transformers 5.2x renamed the forward's past_key_values (deprecated) to cache; 4.x knows only the former
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None, *,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[int]:
         import torch
 
         gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:8]) >> 1)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         past = None
+        counts: Any = None  # how often each token was generated (with a penalty only)
         with torch.inference_mode():
             while True:
                 out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: past})
                 past = getattr(out, self._cache_arg)
                 logits = out.logits[0, -1].float()
+                if presence_penalty or frequency_penalty:
+                    if counts is None:
+                        counts = torch.zeros_like(logits)
+                    logits = penalized(logits, counts, presence_penalty, frequency_penalty)
                 if temperature == 0:
                     token = int(torch.argmax(logits))
                 else:
@@ -368,6 +444,8 @@ class TorchLM:
                         sorted_p[drop] = 0.0
                         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
                     token = int(torch.multinomial(probs, 1, generator=gen))
+                if counts is not None:
+                    counts[token] += 1
                 yield token
                 ids = torch.tensor([[token]], dtype=torch.long)
 
@@ -379,7 +457,7 @@ class QueueFull(Exception):
     """More requests waiting than ``max_queue``: answered 429."""
 
 
-@dataclass
+@dataclass(eq=False)  # (by identity: the jobs in flight are a set)
 class _Job:
     params: ChatParams
     loop: asyncio.AbstractEventLoop
@@ -387,6 +465,7 @@ class _Job:
     cid: str = field(default_factory=lambda: f"chatcmpl-{next(_ids)}-{uuid.uuid4().hex[:8]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # then "running", or "dropped" (its client left first): under LLMService._lock
+    cut: bool = False  # ended by the server's stop (cut_answers), not by its client leaving
 
     def send(self, item: Any) -> None:
         """Hand ``item`` to the request's handler, from the worker thread (the loop may be closed by then)."""
@@ -461,7 +540,7 @@ class LLMService:
 
     def _finish(self, job: _Job, result: Result) -> None:
         self.finished = [*self.finished[-99:], result]  # (only this thread writes it; a reader gets a whole list)
-        _log_end(job.cid, result)
+        _log_end(job.cid, result, job.cut)
         job.send(("end", result))
 
 
@@ -473,10 +552,20 @@ def _json_error(status: int, message: str, type_: str, param: str | None = None)
     return web.json_response(error_doc(message, type_, param), status=status)
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 async def _chat(request: web.Request) -> web.StreamResponse:
     service: LLMService = request.app[SERVICE]
+    inflight = request.app[IN_FLIGHT]
+    if inflight.stopping:
+        return _json_error(503, f"{SHUTTING_DOWN}: no new request is taken", "server_error")
     try:
-        body = await request.json()
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
+            body = await request.json()
+    except TimeoutError:  # a client dribbling its body held a handler (and its memory) for ever
+        return _json_error(408, f"the request body did not come within {request.app[BODY_TIMEOUT]:g} s",
+                           "invalid_request_error")
     except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." 4 MiB deep)
         return _json_error(400, "the request body is not JSON", "invalid_request_error")
     try:
@@ -486,28 +575,43 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return _json_error(400, str(exc), "invalid_request_error", exc.param)
     except QueueFull as exc:
         return _json_error(429, str(exc), "rate_limit_exceeded")
+    inflight.jobs.add(job)
     cid, created = job.cid, int(time.time())
     model = params.model or service.model_id
     resp: web.StreamResponse | None = None
     pieces: list[str] = []
+
+    def chunk(**fields: Any) -> bytes:
+        doc = chunk_doc(cid, created, model, **fields)
+        if params.include_usage:  # (OpenAI's form: every chunk but the last has "usage": null)
+            doc["usage"] = None
+        return sse_event(doc)
+
+    async def fail(doc: dict[str, Any], status: int) -> web.StreamResponse:
+        """The answer ends in an error: an error event once the stream has started (OpenAI clients read it; the
+        daemon's ``openai`` upstream makes it UPSTREAM_ERROR), else an HTTP error."""
+        if resp is None:
+            return web.json_response(doc, status=status)
+        await resp.write(sse_event(doc))
+        await resp.write_eof()
+        return resp
+
     try:
         while True:
             kind, value = await job.events.get()
             if kind == "error":
-                if resp is not None:  # torch failed mid-answer: an error event, which OpenAI clients read
-                    await resp.write(sse_event(error_doc(f"generation failed: {value}", "server_error")))
-                    await resp.write_eof()
-                    return resp
-                if isinstance(value, BadRequest):
+                if isinstance(value, BadRequest) and resp is None:
                     return _json_error(400, str(value), "invalid_request_error", value.param)
-                return _json_error(500, f"generation failed: {value}", "server_error")
+                return await fail(error_doc(f"generation failed: {value}", "server_error"), 500)
+            if kind == "shutdown":  # (it was cut without a sign: a client could not tell it from a whole answer)
+                return await fail(error_doc(f"{SHUTTING_DOWN}: the answer was cut", "server_error"), 503)
             if kind == "start" and params.stream:
                 resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                 await resp.prepare(request)
-                await resp.write(sse_event(chunk_doc(cid, created, model, role="assistant", content="")))
+                await resp.write(chunk(role="assistant", content=""))
             elif kind == "text":
                 if resp is not None:
-                    await resp.write(sse_event(chunk_doc(cid, created, model, content=value)))
+                    await resp.write(chunk(content=value))
                 else:
                     pieces.append(value)
             elif kind == "end":
@@ -515,17 +619,41 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 if resp is None:
                     return web.json_response(completion_doc(cid, created, model, "".join(pieces), result.finish_reason,
                                                             result.prompt_tokens, result.completion_tokens))
-                await resp.write(sse_event(chunk_doc(cid, created, model, finish_reason=result.finish_reason)))
+                await resp.write(chunk(finish_reason=result.finish_reason))
+                if params.include_usage:
+                    await resp.write(sse_event(usage_chunk_doc(cid, created, model, result.prompt_tokens,
+                                                               result.completion_tokens)))
                 await resp.write(SSE_DONE)
                 await resp.write_eof()
                 return resp
     finally:
+        inflight.jobs.discard(job)
         service.leave(job)  # a no-op after the end; a client gone (the handler cancelled, a write failed) stops it
 
 
-def _log_end(cid: str, result: Result) -> None:
+async def cut_answers(app: web.Application, grace_s: float = 1.0) -> int:
+    """At a stop: no new request is taken, and every answer in flight (generating or waiting) ends with an error,
+    an SSE error event where its stream has started (else a 503); how many there were. Waits up to ``grace_s``
+    for their handlers to write it (one blocked on a client that reads nothing is then cancelled by the
+    runner's cleanup)."""
+    inflight = app[IN_FLIGHT]
+    inflight.stopping = True
+    cut = len(inflight.jobs)
+    for job in list(inflight.jobs):
+        job.cut = True
+        job.events.put_nowait(("shutdown", None))
+    deadline = time.monotonic() + grace_s
+    while inflight.jobs and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    log.info("stopped: %d answer%s in flight cut", cut, "" if cut == 1 else "s")
+    return cut
+
+
+def _log_end(cid: str, result: Result, cut: bool = False) -> None:
     rate = result.completion_tokens / result.seconds if result.seconds > 0 else 0.0
-    ended = "cancelled (the client left)" if result.finish_reason == "cancelled" else result.finish_reason
+    ended = result.finish_reason
+    if ended == "cancelled":
+        ended = "cut (the server stopped)" if cut else "cancelled (the client left)"
     log.info("%s: %d tokens (prompt %d) in %.2f s, %.1f tok/s, %s", cid, result.completion_tokens,
              result.prompt_tokens, result.seconds, rate, ended)
 
@@ -539,21 +667,45 @@ async def _models(request: web.Request) -> web.Response:
 SERVICE: web.AppKey[LLMService] = web.AppKey("service", LLMService)
 
 
-def make_app(service: LLMService) -> web.Application:
+@dataclass(eq=False)
+class InFlight:
+    """The answers being generated or waiting (their handlers), and whether the server is stopping (then it takes
+    no new request): one mutable object, as aiohttp frowns on changing a started application's keys."""
+
+    jobs: set[_Job] = field(default_factory=set)
+    stopping: bool = False
+
+
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
+# A request's headers must come within HEADER_TIMEOUT_S of the connection's start (or of the last answer on a kept
+# connection): aiohttp's keepalive_timeout, whose timer runs from connection_made and closes a connection that has
+# not delivered a whole request by then. Its body then has BODY_TIMEOUT_S (aiohttp has no timeout of its own for
+# either: a client dribbling a request held a connection and a handler for ever). The daemon sends a request at
+# once, on the same host, and keeps a connection 4 s between requests.
+HEADER_TIMEOUT_S = 15.0
+BODY_TIMEOUT_S = 30.0
+
+
+def make_app(service: LLMService, body_timeout_s: float = BODY_TIMEOUT_S) -> web.Application:
     """The aiohttp application: ``POST /v1/chat/completions``, ``GET /v1/models``."""
     app = web.Application(client_max_size=4 * 1024 * 1024)
     app[SERVICE] = service
+    app[IN_FLIGHT] = InFlight()
+    app[BODY_TIMEOUT] = body_timeout_s
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
     return app
 
 
-async def start_server(service: LLMService, host: str, port: int,
-                       socks: Sequence[socket.socket] = ()) -> tuple[web.AppRunner, int]:
+async def start_server(service: LLMService, host: str, port: int, socks: Sequence[socket.socket] = (), *,
+                       header_timeout_s: float = HEADER_TIMEOUT_S,
+                       body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[web.AppRunner, int]:
     """Serve ``service`` on ``host:port`` (0: any free port), or on ``socks`` already bound (the CLI binds before
-    the model's load): the runner (``cleanup()`` stops it) and the port. ``handler_cancellation``: a client that
-    disconnects cancels its handler, which cancels its generation."""
-    runner = web.AppRunner(make_app(service), handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    the model's load): the runner (:func:`cut_answers` on ``runner.app``, then ``cleanup()``, stops it) and the
+    port. ``handler_cancellation``: a client that disconnects cancels its handler, which cancels its generation."""
+    runner = web.AppRunner(make_app(service, body_timeout_s), handler_cancellation=True, shutdown_timeout=1.0,
+                           access_log=None, keepalive_timeout=header_timeout_s)
     await runner.setup()
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in socks] or [web.TCPSite(runner, host, port)]
     for site in sites:

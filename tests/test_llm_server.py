@@ -57,7 +57,9 @@ class FakeLM:
         self.endless, self.delay, self.gate = endless, delay, gate
         self.pulled = 0
 
-    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], temperature: float, top_p: float, seed: int | None,
+               **penalties: float) -> Iterator[int]:
+        self.penalties = penalties
         source = iter(lambda: 1, None) if self.endless else iter(self.script)
         for token in source:
             if self.gate is not None:
@@ -113,13 +115,14 @@ def test_each_bad_field_is_refused_naming_it(change, param):
     assert bad.value.param == param and str(bad.value).startswith(param.split("[")[0]), str(bad.value)
 
 
-def test_a_good_request_parses_and_unknown_fields_are_ignored():
+def test_a_good_request_parses():
     p = parse_chat_request({"messages": [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
                                          {"role": "user", "content": "hi"}],
                             "temperature": 0, "top_p": 0.9, "seed": 7, "stop": "\n", "stream": True,
                             "max_tokens": 24, "presence_penalty": 0.5, "model": "small"})
     assert p.messages[0] == {"role": "system", "content": "be brief"} and p.temperature == 0.0
     assert (p.top_p, p.seed, p.stop, p.stream, p.max_tokens, p.model) == (0.9, 7, ("\n",), True, 24, "small")
+    assert p.presence_penalty == 0.5  # (honoured now: see tests/test_llm_serve_left_s46.py)
     assert parse_chat_request(GOOD).temperature == 1.0  # OpenAI's default
     with pytest.raises(BadRequest):
         parse_chat_request([GOOD])
@@ -330,7 +333,7 @@ def test_the_server_modules_import_neither_torch_nor_transformers():
 
 def test_a_prompt_past_the_context_is_a_400_before_any_event_and_a_failure_mid_answer_an_error_event():
     class Failing(FakeLM):
-        def tokens(self, *args: Any) -> Iterator[int]:
+        def tokens(self, *args: Any, **kwargs: Any) -> Iterator[int]:
             yield 1
             raise RuntimeError("out of memory")
 

@@ -15,6 +15,7 @@ the client decodes incrementally.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -54,6 +55,23 @@ MAX_PARAMS = 32
 MAX_GEN_TIMES = 200_000  # a FINISHED's generation times (longer answers omit them)
 
 _LEN = struct.Struct(">I")
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc): C0, DEL, C1
+_SURROGATE = re.compile("[\ud800-\udfff]")  # (only text from JSON or surrogateescape holds one)
+
+
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a model name, worded to follow "model " (None: nothing): a lone surrogate
+    (no UTF-8 can carry it) or a control character (a NUL or a line break was stored as a KV context no engine
+    means, and logged mangled). The one rule wherever a model name enters: REQUEST and KV_FETCH frames (so the
+    SDK's own check before sending, :func:`check_outgoing`), the chat ingest's open, a KV put. Lengths stay each
+    carrier's own bound."""
+    if _SURROGATE.search(name):
+        return "is not valid Unicode (a lone surrogate)"
+    bad = _CONTROL.search(name)
+    if bad:
+        return f"must be a name without control characters ({bad.group()!r} at index {bad.start()})"
+    return None
 
 
 class FrameType(IntEnum):
@@ -117,6 +135,15 @@ def _str(max_len: int, choices: tuple[str, ...] | None = None):
         return v
 
     return check
+
+
+def _model(frame: str, key: str, v: Any) -> str:
+    """A model name: a str of at most MAX_MODEL_CHARS, and :func:`model_name_problem`'s rule."""
+    name = _str(MAX_MODEL_CHARS)(frame, key, v)
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise _fail(frame, key, problem)
+    return name
 
 
 def _bytes(min_len: int, max_len: int):
@@ -249,7 +276,7 @@ class Request(Frame):
         "v": ("version", _version, True),
         "m": ("messages", _messages, False),
         "s": ("scheme", _str(16, SCHEMES), False),
-        "model": ("model", _str(MAX_MODEL_CHARS), False),
+        "model": ("model", _model, False),
         "mt": ("max_tokens", _int(1, 1_000_000), False),
         "a": ("auth", _str(MAX_AUTH_CHARS), False),
         "rid": ("resume_id", _bytes(REQUEST_ID_BYTES, REQUEST_ID_BYTES), False),
@@ -509,7 +536,7 @@ class KvFetch(Frame):
 
     FIELDS: ClassVar[FieldSpec] = {
         "v": ("version", _version, True),
-        "model": ("model", _str(MAX_MODEL_CHARS), True),
+        "model": ("model", _model, True),
         "dl": ("deadline_ms", _int(1, MAX_DEADLINE_MS), True),
         "ids": ("token_ids", _int_list(MAX_KV_TOKENS, 0, MAX_TOKEN_ID), False),
         "hs": ("hashes", _hash_list, False),
