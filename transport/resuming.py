@@ -24,6 +24,7 @@ constants).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -174,6 +175,10 @@ class ResumingChat:
         self._failure: BaseException | None = None  # the error the iteration ended with: raised again on a read
         self._failure_tb: TracebackType | None = None
         self._closing = False  # aclose() is under way: nothing may resume
+        self._stopped = asyncio.Event()  # set by aclose() from another task: ends a reconnect's wait at once
+        self._step: asyncio.Future[tuple[bool, str]] | None = None  # the generator's next step, apart from readers
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting on it: one at a time
+        self._connecting = False  # a handshake is under way (aclose() cancels it: there is no answer to cancel)
         self.stream: ChatStream | None = None
         """The answer's stream on the current (or last) connection; None until a request went out."""
         self.detached = False
@@ -189,19 +194,54 @@ class ResumingChat:
         return self
 
     async def __anext__(self) -> str:
+        """The next delta. A cancelled read (``asyncio.wait_for(anext(chat), 5)`` timing out, a relay's keepalive)
+        loses nothing: the step it waited on goes on in its own task and the next read gets its delta, as a
+        :class:`ChatStream`'s read does. (The generator ran in the reader's task: a timed-out read cancelled the
+        answer at the server, and the next read ended the iteration as if the answer were whole.)"""
         if self._failure is not None:  # (its first traceback, not one that grows with every read)
             raise self._failure.with_traceback(self._failure_tb)
+        if self._reader is not None:
+            raise RuntimeError("a ResumingChat is read by one task at a time, and another task is already waiting "
+                               "on it")
         if self._gen is None:
             self._gen = self._deltas()
+        step = self._step
+        if step is None:
+            step = self._step = asyncio.ensure_future(self._next(self._gen))
+            # (a reader that gave up and left its chat: the step's error is nobody's, not "never retrieved")
+            step.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+        self._reader = asyncio.current_task()
         try:
-            delta = await self._gen.__anext__()
-        except (StopAsyncIteration, asyncio.CancelledError):
+            more, delta = await asyncio.shield(step)
+        except asyncio.CancelledError:
+            if not step.cancelled():
+                # this read was cancelled, not the step: it goes on, and what it yields (maybe already: a step
+                # done as the read was cancelled) is the next read's
+                raise
+            self._step = None
+            task = asyncio.current_task()
+            if self._closing and not (task is not None and task.cancelling()):
+                raise StopAsyncIteration from None  # aclose() ended a handshake under way: the loop ends
             raise
         except Exception as exc:  # (every later read raises it too, as a ChatStream's does)
+            self._step = None
             self._failure, self._failure_tb = exc, exc.__traceback__
             raise
+        finally:
+            self._reader = None
+        self._step = None
+        if not more:
+            raise StopAsyncIteration
         self._parts.append(delta)
         return delta
+
+    @staticmethod
+    async def _next(gen: AsyncGenerator[str, None]) -> tuple[bool, str]:
+        """One step of the generator, in a task of its own: (False, "") at its end."""
+        try:
+            return True, await gen.__anext__()
+        except StopAsyncIteration:
+            return False, ""
 
     async def collect(self) -> str:
         """Read the whole answer (what was not read yet) and return all its text."""
@@ -213,15 +253,26 @@ class ResumingChat:
         """Stop: an answer still open is cancelled at the server; its connection is closed. From another task than
         the reader (a "stop" button), the reader's loop ends as a :meth:`ChatStream.cancel` ends it, and the
         connection closes as it leaves (an async generator cannot be closed while it runs: ``aclose()`` raised
-        "already running" there, and the answer went on)."""
+        "already running" there, and the answer went on).
+
+        While the reader reconnects (the connection lost) no cancellation can reach the server: its loop ends at
+        once (a handshake under way is cancelled) and nothing is resumed; the answer stays :attr:`detached` (the
+        daemon cancels it after ``limits.orphan_timeout_s``). A stop there was lost: the reader slept out its
+        backoff, reconnected and read the rest of the answer."""
         gen = self._gen
         if gen is None:
             return
-        if getattr(gen, "ag_running", False):  # another task reads: end its stream, and nothing may resume
-            self._closing = True
-            if self.stream is not None:
+        step = self._step
+        if step is not None and not step.done():  # a step runs (another task reads, or a read was cancelled)
+            self._closing = True  # end its stream, and nothing may resume
+            self._stopped.set()
+            if self.stream is not None and not self.detached:  # (detached: its connection is gone already)
                 await self.stream.cancel()
+            if self._connecting:  # a handshake: no answer to cancel yet, and it may last connect's timeout
+                step.cancel()
+            await asyncio.wait([step])  # it leaves its connection, closing it
             return
+        self._step = None  # (a delta a cancelled read left is not read after the stop)
         await gen.aclose()
 
     async def __aenter__(self) -> ResumingChat:
@@ -261,12 +312,18 @@ class ResumingChat:
 
         resume: tuple[bytes, list[bytes]] | None = None  # (request id, tokens held) after a lost connection
         while True:
+            if self._closing:  # stopped from another task while reconnecting: nothing more is asked for
+                return
             stream: ChatStream | None = None
             connected = False
             wait = 0.0  # before the next reconnect attempt
             try:
+                self._connecting = True
                 async with self._connect() as conn:
+                    self._connecting = False
                     connected = True
+                    if self._closing:  # stopped during the handshake: leave (closing it) without resuming
+                        return
                     if self._attach is not None:
                         target, held = resume if resume is not None else (self._attach, None)
                         stream = conn.attach(target, scheme=self._scheme, held=held)
@@ -294,6 +351,7 @@ class ResumingChat:
                         raise
                     return
             except (RemoteError, ConnectionError) as exc:
+                self._connecting = False
                 # the path went silent mid-answer (nobody closed the connection), or a reconnect found no server
                 # (not a TLS refusal): the daemon keeps the answer; continue it where it stopped, on a new connection
                 refused = isinstance(exc, HandshakeError) and exc.tls_alert is not None  # TLS said no
@@ -305,7 +363,14 @@ class ResumingChat:
                     point = resume  # the reconnect itself failed: still where we were
                 self._point = point
                 self.detached = point is not None and not self._ended_there
-                if not lost or point is None or self._closing:
+                if self._closing and lost:  # the reader was stopped: its loop ends, as a ChatStream's does
+                    return
+                if resume is not None and connected and getattr(exc, "code", None) == ErrorCode.NOT_FOUND:
+                    # (a bare "unknown or expired request id" named an id the application never saw)
+                    exc.add_note(f"tokenwire: resuming request {resume[0].hex()} after token {len(resume[1])} "
+                                 "(the connection was lost): the server no longer holds the answer (restarted, or "
+                                 "it kept it for less time than the outage lasted); the text read is all that came")
+                if not lost or point is None:
                     raise
                 resume = point
                 r = self.reconnecting
@@ -328,7 +393,11 @@ class ResumingChat:
                 if self._on_reconnect is not None:
                     self._on_reconnect(Reconnect(exc, point[0], len(point[1]), r.used, r.retries, r.attempts, wait,
                                                  r.reconnecting_for()))
-            await asyncio.sleep(wait)  # (outside the except: a cancellation here is not chained to the lost path)
+            # (outside the except: a cancellation here is not chained to the lost path)
+            if wait > 0 and not self._stopped.is_set():
+                with contextlib.suppress(TimeoutError):  # the backoff, cut short by aclose() from another task
+                    async with asyncio.timeout(wait):
+                        await self._stopped.wait()
 
 
 __all__ = ["RECONNECT_S", "RETRY_CAP_S", "RETRY_FIRST_S", "RETRY_JITTER", "Reconnect", "Reconnecting",
