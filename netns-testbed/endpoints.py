@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import sys
 import time
@@ -154,21 +155,51 @@ async def _quic_answer(args: argparse.Namespace, go: Callable[[], Awaitable[None
     async with connect(args.host, args.port, verify=False, timeout=30.0, ecn=bool(args.marking)) as conn:
         await go()
         stream = conn.chat("Why do chatbots stall on trains?", scheme=args.scheme)
-        n = 0
-        async for _delta in stream:
-            n = len(stream.tokens)
-            progress(n)
+        reads: list[tuple[float, int]] = []  # (when the reader got a delta, characters it has read by then)
+        chars = 0
+        async for delta in stream:
+            chars += len(delta)
+            reads.append((time.monotonic(), chars))  # stamped where sse-tcp's reader stamps its events
+            progress(len(stream.tokens))
         outcome = stream.outcome
         assert outcome is not None and stream.stats is not None
         if outcome.first_index != 0:
             raise RuntimeError(f"{args.scheme}: answer resumed at token {outcome.first_index}, expected 0")
         return {
             "request_time": outcome.request_time,
-            "render": list(outcome.render_times),
+            "render": reader_times(stream.tokens, reads),
+            "sdk_render": list(outcome.render_times),
             "text": stream.text,
             "digest_ok": outcome.digest_ok,
             "sdk_stats": stream.stats.to_dict(),
         }
+
+
+def reader_times(tokens: list[bytes], reads: list[tuple[float, int]]) -> list[float]:
+    """When the application's reader had each token's text: the first read whose characters cover it (a token that
+    ends inside a character, with the token that completes it).
+
+    The render instant of every scheme is its reader's: sse-tcp stamps an event when its line reaches the reader.
+    The SDK's own ``render_times`` are stamped in the connection's event handling, before the reader's task runs:
+    taken as the QUIC schemes' render, they were earlier than sse-tcp's by that turn (and by the client's
+    acknowledgements, sent first until session 46). Tokens after the last read (none in a whole answer) are left
+    out."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out: list[float] = []
+    k = covered = waiting = 0
+    for token in tokens:
+        text = decoder.decode(token)
+        waiting += 1
+        if not text:
+            continue  # part of a character: visible with the rest of it
+        covered += len(text)
+        while k < len(reads) and reads[k][1] < covered:
+            k += 1
+        if k == len(reads):
+            break
+        out.extend([reads[k][0]] * waiting)
+        waiting = 0
+    return out
 
 
 SCHEMES: dict[str, SchemeImpl] = {
