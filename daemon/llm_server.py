@@ -568,6 +568,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                            "invalid_request_error")
     except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." 4 MiB deep)
         return _json_error(400, "the request body is not JSON", "invalid_request_error")
+    if inflight.stopping:  # (a stop began while the body came: cut_answers() has taken its count of the jobs)
+        return _json_error(503, f"{SHUTTING_DOWN}: no new request is taken", "server_error")
     try:
         params = parse_chat_request(body)
         job = service.submit(params)

@@ -176,8 +176,9 @@ def fixed_batch(forecaster: OnnxLatencyForecaster) -> int | None:
     """The batch size the model's ``x`` input is fixed at, None when its batch axis is dynamic (named or unknown).
 
     The load checks take any batch axis: the daemon asks one window at a time, so a model fixed at batch 1 (a
-    ``torch.onnx.export`` without ``dynamic_axes``) marks packets. ``eval`` and ``bench predictor`` feed many
-    windows per call, and it fails there; this names the cause instead of onnxruntime's "invalid dimensions"."""
+    ``torch.onnx.export`` without ``dynamic_axes``) marks packets, and ``eval`` scores it one window per call.
+    ``bench predictor`` times batches of 8 and 64, and it fails there; this names the cause instead of
+    onnxruntime's "invalid dimensions"."""
     dims = forecaster._session.get_inputs()[0].shape
     first = dims[0] if isinstance(dims, (list, tuple)) and dims else None
     return first if type(first) is int else None

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import random
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -204,7 +205,11 @@ class ResumingChat:
             raise RuntimeError("a ResumingChat is read by one task at a time, and another task is already waiting "
                                "on it")
         if self._gen is None:
-            self._gen = self._deltas()
+            # (its frame holds the chat weakly: an application that drops a chat its cancelled reader left (no
+            # `async with`) frees it at once, and the loop's finalizer closes the generator, cancelling the answer
+            # and closing its connection; a strong `self` made a cycle that only the cyclic GC freed, the answer
+            # streaming to its end meanwhile, and closed the nested generators in any order)
+            self._gen = ResumingChat._deltas(weakref.proxy(self))
         step = self._step
         if step is None:
             step = self._step = asyncio.ensure_future(self._next(self._gen))
@@ -218,18 +223,21 @@ class ResumingChat:
                 # this read was cancelled, not the step: it goes on, and what it yields (maybe already: a step
                 # done as the read was cancelled) is the next read's
                 raise
-            self._step = None
+            if self._step is step:
+                self._step = None
             task = asyncio.current_task()
             if self._closing and not (task is not None and task.cancelling()):
                 raise StopAsyncIteration from None  # aclose() ended a handshake under way: the loop ends
             raise
         except Exception as exc:  # (every later read raises it too, as a ChatStream's does)
-            self._step = None
+            if self._step is step:
+                self._step = None
             self._failure, self._failure_tb = exc, exc.__traceback__
             raise
         finally:
             self._reader = None
-        self._step = None
+        if self._step is step:  # (not aclose()'s, set as this step ended: the next read waits on it)
+            self._step = None
         if not more:
             raise StopAsyncIteration
         self._parts.append(delta)
@@ -242,6 +250,12 @@ class ResumingChat:
             return True, await gen.__anext__()
         except StopAsyncIteration:
             return False, ""
+
+    @staticmethod
+    async def _close(gen: AsyncGenerator[str, None]) -> tuple[bool, str]:
+        """aclose() of the generator as a step: the reader's next read ends the iteration."""
+        await gen.aclose()
+        return False, ""
 
     async def collect(self) -> str:
         """Read the whole answer (what was not read yet) and return all its text."""
@@ -260,7 +274,8 @@ class ResumingChat:
         daemon cancels it after ``limits.orphan_timeout_s``). A stop there was lost: the reader slept out its
         backoff, reconnected and read the rest of the answer."""
         gen = self._gen
-        if gen is None:
+        if gen is None:  # (no read yet: a stop before the reader's first read must not ask for the answer after it)
+            self._closing = True
             return
         step = self._step
         if step is not None and not step.done():  # a step runs (another task reads, or a read was cancelled)
@@ -272,8 +287,13 @@ class ResumingChat:
                 step.cancel()
             await asyncio.wait([step])  # it leaves its connection, closing it
             return
-        self._step = None  # (a delta a cancelled read left is not read after the stop)
-        await gen.aclose()
+        # (a delta a cancelled read left is not read after the stop.) The generator's close awaits the connection's;
+        # a reader back from its last delta meanwhile waits on it, and its loop ends (it got "anext(): asynchronous
+        # generator is already running" there)
+        self._closing = True
+        closing = self._step = asyncio.ensure_future(self._close(gen))
+        closing.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+        await asyncio.shield(closing)
 
     async def __aenter__(self) -> ResumingChat:
         return self
@@ -342,7 +362,8 @@ class ResumingChat:
                                 try:
                                     yield delta
                                 except GeneratorExit:  # aclose(): leave, cancelling the answer, whatever comes
-                                    self._closing = True
+                                    with contextlib.suppress(ReferenceError):  # (the chat is gone: see __anext__)
+                                        self._closing = True
                                     raise
                     except RemoteError as exc:
                         # an ERROR for this answer, the connection up: ended there; or the daemon's stop, which
