@@ -5,8 +5,8 @@ most of it is tested without loading the model:
 
 * pure functions: :func:`parse_chat_request` (a request body to :class:`ChatParams`, or :class:`BadRequest` naming
   the field), :func:`chunk_doc` / :func:`sse_event` / :func:`completion_doc` (what goes on the wire);
-* :class:`IncrementalDecoder` (token ids to text, never half a UTF-8 character) and :class:`StopMatcher`
-  (``stop`` strings, held back while they may still be starting);
+* :class:`IncrementalDecoder` (token ids to text, never half a UTF-8 character, not even at a cut) and
+  :class:`StopMatcher` (``stop`` strings, held back while they may still be starting);
 * :class:`Engine`, the generation loop, with the model injected as a :class:`LanguageModel` (token ids in, an
   iterator of next token ids out; :class:`TorchLM` is the real one, tests pass a fake);
 * :class:`LLMService`: ONE worker thread (torch off the event loop), requests in FIFO order, at most
@@ -271,13 +271,18 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """What the last tokens hold at the end of the answer (a character the model left unfinished: U+FFFD)."""
+        """What the last tokens hold at the end of the answer, less a character they leave unfinished. An answer
+        cut by ``max_tokens`` (or ended by the model) inside a multi-byte character ended in U+FFFD, a character
+        the model never wrote; vLLM's incremental detokenizer drops such a tail too. Only the one U+FFFD that ends
+        the text goes (the decoder makes one of an unfinished character's bytes): invalid bytes before it stay
+        U+FFFD as they were mid-answer. (A U+FFFD the model wrote whole as its very last character goes with it:
+        the decoded text cannot tell the two apart.)"""
         if self._read == len(self._ids):
             return ""
         before = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        return text[len(before):]
+        return text[len(before):].removesuffix(REPLACEMENT)
 
 
 class StopMatcher:
@@ -454,7 +459,37 @@ _ids = itertools.count(1)
 
 
 class QueueFull(Exception):
-    """More requests waiting than ``max_queue``: answered 429."""
+    """More requests waiting than ``max_queue``: answered 429, with ``retry_after_s`` as its Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+RECENT_ANSWERS = 20  # the answers whose mean duration estimates a 429's Retry-After
+
+
+def busy_message(waiting: int, max_queue: int) -> str:
+    """A 429's words: the answer being generated and the requests waiting behind it (``max_queue`` of them when a
+    request is refused). The count was the queue's own, which includes the request about to start between two
+    answers: "9 requests waiting (--max-queue 8)", and "1" or "0" in one burst with ``--max-queue 0``."""
+    if max_queue == 0:
+        return "server busy: an answer is being generated and --max-queue 0 lets no request wait behind it"
+    behind = f"{waiting} request{'' if waiting == 1 else 's'} waiting"
+    return f"server busy: an answer is being generated and {behind} behind it (--max-queue {max_queue})"
+
+
+def retry_after_s(durations: Sequence[float], running_for: float | None) -> int:
+    """A 429's Retry-After, whole seconds, at least 1: how long until a place in the queue frees, i.e. until the
+    answer being generated ends, estimated as the mean duration of the last whole answers less the time it has run
+    (``running_for``; None between two answers, when the next is about to start). Without answers to go by, 1 s.
+    The requests waiting do not add to it: a place frees when the answer ahead of them ends, and a request taken
+    then waits its turn in the queue, not outside it (a client told to wait for the whole queue would come back
+    to an idle server)."""
+    if not durations:
+        return 1
+    left = sum(durations) / len(durations) - (running_for or 0.0)
+    return max(1, math.ceil(left))
 
 
 @dataclass(eq=False)  # (by identity: the jobs in flight are a set)
@@ -489,6 +524,7 @@ class LLMService:
         self.waiting = 0
         self.running = False
         self.finished: list[Result] = []  # the last answers' results (tests read them)
+        self._running_since: float | None = None  # time.monotonic() of the answer being generated's start
         self._thread = threading.Thread(target=self._work, name="llm-worker", daemon=True)
         self._thread.start()
 
@@ -496,11 +532,19 @@ class LLMService:
         """Queue ``params``; :class:`QueueFull` when ``max_queue`` requests are waiting already."""
         with self._lock:  # (the one generating, or about to: a job queued with none running)
             if self.waiting + int(self.running) > self.max_queue:
-                raise QueueFull(f"server busy: {self.waiting} requests waiting (--max-queue {self.max_queue})")
+                # one of them is generating or about to, the rest wait behind it
+                behind = self.waiting + int(self.running) - 1
+                since = self._running_since
+                raise QueueFull(busy_message(behind, self.max_queue),
+                                retry_after_s(self._durations(), None if since is None else time.monotonic() - since))
             self.waiting += 1
         job = _Job(params, asyncio.get_running_loop(), asyncio.Queue())
         self._jobs.put(job)
         return job
+
+    def _durations(self) -> list[float]:
+        """The last whole answers' durations (a cancelled one says nothing of how long an answer takes)."""
+        return [r.seconds for r in self.finished[-RECENT_ANSWERS:] if r.finish_reason != "cancelled"]
 
     def leave(self, job: _Job) -> None:
         """``job``'s client is gone or its answer done: its generation stops at the next token, and a job still
@@ -521,6 +565,7 @@ class LLMService:
                 dropped = job.state == "dropped"
                 if not dropped:
                     job.state, self.running = "running", True
+                    self._running_since = time.monotonic()
                     self.waiting -= 1
             if dropped:  # its client left while it waited: no template, no token
                 self._finish(job, Result("cancelled"))
@@ -536,7 +581,7 @@ class LLMService:
                 job.send(("error", exc))
             finally:
                 with self._lock:
-                    self.running = False
+                    self.running, self._running_since = False, None
 
     def _finish(self, job: _Job, result: Result) -> None:
         self.finished = [*self.finished[-99:], result]  # (only this thread writes it; a reader gets a whole list)
@@ -575,8 +620,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         job = service.submit(params)
     except BadRequest as exc:
         return _json_error(400, str(exc), "invalid_request_error", exc.param)
-    except QueueFull as exc:
-        return _json_error(429, str(exc), "rate_limit_exceeded")
+    except QueueFull as exc:  # (Retry-After as OpenAI-compatible servers send it: clients wait that long)
+        busy = _json_error(429, str(exc), "rate_limit_exceeded")
+        busy.headers["Retry-After"] = str(exc.retry_after_s)
+        return busy
     inflight.jobs.add(job)
     cid, created = job.cid, int(time.time())
     model = params.model or service.model_id

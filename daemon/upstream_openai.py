@@ -63,6 +63,11 @@ REDACTED = "[redacted]"
 FINISHED_GRACE_S = 2.0  # after a finish_reason, the wait for [DONE] or the stream's end (a usage chunk may come)
 # an extra_headers value shorter than this is no secret (X-Priority: 1), and redacting it would garble messages
 SECRET_MIN_CHARS = 8
+# an upstream's answer that means "busy, try again later", not "broken": its error always ends with the
+# Retry-After suffix (RemoteError.retry_after), DEFAULT_RETRY_AFTER_S when the upstream names no time (openai-python
+# waits 0.5 s, doubling, then)
+BUSY_STATUSES = (429, 503)
+DEFAULT_RETRY_AFTER_S = 1
 MESSAGE_LIMIT = 300  # characters of an error's text after "upstream 'name': " (docs/protocol.md)
 # one SSE line, and one event's data: the bound aiohttp's readline had (twice its 256 KiB read buffer), now ours
 EVENT_LINE_LIMIT = 512 * 1024
@@ -586,9 +591,14 @@ class OpenAIUpstream:
         """UPSTREAM_ERROR ``head: detail; notes`` (``sep`` between head and detail), the detail shortened so that
         the notes survive the cut."""
         notes = []
-        retry = _retry_after(resp.headers.get("Retry-After"))
-        if retry is not None:
-            notes.append(f"Retry-After: {retry}")
+        seconds, shown = _retry_after(resp.headers.get("Retry-After"))
+        if seconds is not None:  # the suffix RemoteError.retry_after reads (docs/protocol.md, Errors)
+            notes.append(f"Retry-After: {seconds} s")
+        elif resp.status in BUSY_STATUSES:  # busy all the same: a client is told it may retry, and when
+            why = "the upstream named none" if shown is None else f"the upstream's {shown!r} is not a time"
+            notes.append(f"Retry-After: {DEFAULT_RETRY_AFTER_S} s ({why})")
+        elif shown is not None:
+            notes.append(f"Retry-After: {shown}")
         if no_key is not None and resp.status in (401, 403):
             notes.append(f"no API key was sent: {no_key}")
         head, tail = f"{head}{sep}", "".join(f"; {note}" for note in notes)
@@ -614,7 +624,7 @@ class OpenAIUpstream:
                 waited = self.connect_timeout_s + self.first_token_timeout_s
                 raise _timeout(self.name, f"no first token within {waited:g} s") from None
         except aiohttp.ClientError as exc:
-            raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
+            raise _upstream_error(self.name, _broke(exc, 0, secrets)) from exc
         if head.removeprefix(BOM).lstrip().startswith(SSE_FIELDS):
             return head
         try:  # what else came already, never waited for (a page that never ends is quoted as far as it came)
@@ -645,7 +655,7 @@ class OpenAIUpstream:
         except TimeoutError:
             raise _timeout(self.name, f"the JSON answer stalled for {self.stall_timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
-            raise _upstream_error(self.name, f"answer broke: {exc.__class__.__name__}") from exc
+            raise _upstream_error(self.name, _broke(exc, None, secrets)) from exc
         if len(raw) > JSON_ANSWER_LIMIT:
             raise _upstream_error(self.name, f"JSON answer larger than {JSON_ANSWER_LIMIT} bytes")
         doc = self._document(_decode(raw, resp.charset), "answer", secrets)
@@ -671,6 +681,7 @@ class OpenAIUpstream:
         loop = asyncio.get_running_loop()
         deadline = first_deadline  # then the last token's time + stall_timeout_s; nothing else moves it
         started = False  # a token came (content, or reasoning the client is not sent)
+        tokens = 0  # the events that carried one (a server's event is a token, or a few)
         reason: str | None = None  # the finish_reason: the first one ends the answer
         answered = False  # an event carried the answer's choice (index 0): a stream of none answered nothing
         stream = _EventStream(EVENT_LINE_LIMIT)
@@ -700,7 +711,7 @@ class OpenAIUpstream:
                     waited = self.connect_timeout_s + self.first_token_timeout_s
                     raise _timeout(self.name, f"no first token within {waited:g} s") from None
                 except aiohttp.ClientError as exc:
-                    raise _upstream_error(self.name, f"stream broke: {exc.__class__.__name__}") from exc
+                    raise _upstream_error(self.name, _broke(exc, tokens, secrets)) from exc
             try:
                 events = stream.feed(data) if data else stream.end()
             except _TooLong as exc:
@@ -724,6 +735,7 @@ class OpenAIUpstream:
                             emit(piece)
                     if progress:
                         started = True
+                        tokens += 1
                         deadline = loop.time() + self.stall_timeout_s
                     if finish:
                         reason = printable(finish)[:32]
@@ -798,6 +810,24 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int, idle_s: float | N
     return bytes(buf)
 
 
+BROKE_DETAIL_LIMIT = 120  # characters of aiohttp's own words quoted when a stream breaks
+
+
+def _broke(exc: aiohttp.ClientError, tokens: int | None, secrets: tuple[str, ...]) -> str:
+    """A stream that broke mid-answer (``tokens``: the events with a token read before; None: a whole JSON
+    answer's body), in words for a person: "stream broke: ClientPayloadError" said neither what happened (the
+    upstream closed the connection, or died, before the answer's end) nor how far the answer had come. The
+    exception's type stays in, for code and searches, with the start of its message."""
+    said = _scrub(printable(" ".join(str(exc).split())), secrets)
+    if len(said) > BROKE_DETAIL_LIMIT:
+        said = said[:BROKE_DETAIL_LIMIT] + "..."
+    why = f"{exc.__class__.__name__}: {said}" if said else exc.__class__.__name__
+    if tokens is None:
+        return f"the upstream closed its JSON answer before its end ({why})"
+    when = f"after {tokens} token{'' if tokens == 1 else 's'}" if tokens else "before its first token"
+    return f"the upstream closed the answer mid-stream {when} ({why})"
+
+
 def _shown_location(url: str, location: str, secrets: tuple[str, ...]) -> str:
     """A redirect's target for messages, resolved against the request's ``url``: printable, userinfo masked, the
     query and fragment left out (a signed URL's token lives there) and the configured secrets redacted."""
@@ -811,19 +841,19 @@ def _shown_location(url: str, location: str, secrets: tuple[str, ...]) -> str:
     return printable(_scrub(shown_url(shown), secrets))
 
 
-def _retry_after(value: str | None) -> str | None:
-    """A Retry-After header in words: its seconds, or an HTTP date as the seconds until it; another value quoted
-    (printable, cut short). None without one."""
+def _retry_after(value: str | None) -> tuple[int | None, str | None]:
+    """A Retry-After header: its seconds (an HTTP date as the seconds until it), or None and the value quoted
+    (printable, cut short) when it is neither; (None, None) without one."""
     if value is None or not value.strip():
-        return None
+        return None, None
     value = value.strip()
     if value.isascii() and value.isdigit() and len(value) <= 12:
-        return f"{int(value)} s"
+        return int(value), None
     try:
         when = email.utils.parsedate_to_datetime(value)
-        return f"{max(0, round(when.timestamp() - time.time()))} s"
+        return max(0, round(when.timestamp() - time.time())), None
     except (TypeError, ValueError, OverflowError):  # not a date either
-        return printable(value[:40])
+        return None, printable(value[:40])
 
 
 def _body_start(raw: bytes, charset: str | None, secrets: tuple[str, ...]) -> str:

@@ -267,7 +267,8 @@ def test_an_event_stream_under_another_content_type_is_still_read():
      "HTTP 429: Rate limit reached for requests; Retry-After: 20 s"),
     (503, b"", "5", "HTTP 503: (empty body); Retry-After: 5 s"),
     (503, b"", "Wed, 21 Oct 2015 07:28:00 GMT", "HTTP 503: (empty body); Retry-After: 0 s"),  # a date passed
-    (429, b"", "after lunch", "HTTP 429: (empty body); Retry-After: after lunch"),  # neither: quoted as it came
+    # neither: quoted as it came, and 1 s, as a busy upstream's error always names one (RemoteError.retry_after)
+    (429, b"", "after lunch", "HTTP 429: (empty body); Retry-After: 1 s (the upstream's 'after lunch' is not a time)"),
 ], ids=["seconds", "503", "date", "other"])
 def test_retry_after_is_in_the_error(status, body, retry, text):
     """A 429's or 503's Retry-After was dropped: the client could not tell when to try again."""

@@ -6,6 +6,7 @@ any failure to a precise close code and keep serving everyone else.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -101,10 +102,32 @@ class RequestError(TokenwireError):
     code = ErrorCode.BAD_REQUEST
 
 
+# The suffix of an ERROR's message that says "busy: try again after N seconds" (docs/protocol.md, Errors): the
+# daemon's ``openai`` upstream ends an upstream's 429 or 503 with it. A suffix, not a new ERROR key: tokenwire/1
+# closes the connection on an unknown key, so older clients would lose every answer on it; they show it as text.
+RETRY_AFTER_SUFFIX = re.compile(r"; Retry-After: (\d{1,12}) s(?: \(.*\))?$")
+
+
+def retry_after_of(message: str) -> float | None:
+    """The seconds a message's Retry-After suffix asks to wait (:data:`RETRY_AFTER_SUFFIX`), None without one."""
+    found = RETRY_AFTER_SUFFIX.search(message)
+    return float(found.group(1)) if found else None
+
+
 class RemoteError(TokenwireError):
-    """An ERROR frame or connection close received from the peer, raised on the local side."""
+    """An ERROR frame or connection close received from the peer, raised on the local side.
+
+    ``retry_after``: the seconds the server asks to wait before sending the request again, when its message ends
+    with the Retry-After suffix (an upstream that is busy, HTTP 429 or 503, rather than broken); None otherwise.
+    A chatbot could tell "busy, retry" from "broken" only by parsing the message; older daemons already sent the
+    suffix where the upstream named a Retry-After, and older clients see it as part of the text."""
 
     path_lost = False  # the connection died of silence (QUIC idle timeout), nobody closed it: resumable
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after_of(message)
 
 
 class ConnectError(TokenwireError, ConnectionError):
