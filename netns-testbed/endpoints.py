@@ -199,6 +199,13 @@ def reader_times(tokens: list[bytes], reads: list[tuple[float, int]]) -> list[fl
             break
         out.extend([reads[k][0]] * waiting)
         waiting = 0
+    tail = decoder.decode(b"", final=True)  # a last character left unfinished: the SDK ends it as U+FFFD too
+    if waiting and tail and k < len(reads):
+        covered += len(tail)
+        while k < len(reads) and reads[k][1] < covered:
+            k += 1
+        if k < len(reads):
+            out.extend([reads[k][0]] * waiting)
     return out
 
 

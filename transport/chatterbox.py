@@ -654,6 +654,7 @@ class TokenReceiver:
     packets: int = 0
     useful_packets: int = 0  # packets that brought a token not held before (or the total)
     last_echo_us: int | None = None
+    last_echo_at: float | None = None  # when the packet whose send time last_echo_us echoes arrived (receiver clock)
     _pending: dict[int, bytes] = field(default_factory=dict)
     # the pending indices as a min-heap: the first gap's end without a scan of every token held out of order
     # (a scan per frame was quadratic: 65,535 one-token frames behind one missing token took 118 s of CPU)
@@ -671,7 +672,7 @@ class TokenReceiver:
         """Take one token frame; returns the tokens that became renderable, in order."""
         self.packets += 1
         if frame.sent_us is not None:
-            self.last_echo_us = frame.sent_us
+            self.last_echo_us, self.last_echo_at = frame.sent_us, now
         useful = frame.total is not None and frame.total != self.total
         if frame.total is not None:
             self.set_total(frame.total)

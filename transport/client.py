@@ -518,8 +518,6 @@ class ClientProtocol(SessionProtocol):
             if isinstance(ev, TokensRendered):
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
-                    if s._reader is not None:  # its text wakes it: it runs before our acks (datagram_received)
-                        self.woke_reader = True
                     s._tokens(ev.tokens)
             elif isinstance(ev, RequestStarted):
                 self.answered = True

@@ -165,7 +165,11 @@ class _AckSource:
         if not self.wants_send():
             return None
         counts = self.session_ecn() if self.session_ecn is not None else None
-        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(now * 1e6)), counts)
+        # g: when the echoed packet arrived (docs/protocol.md), not when this ack is built: a build the reader's
+        # task went before (quic_io.datagram_received), or a held ack, would add the client's own delay to the
+        # server's one-way latency samples
+        got = r.receiver.last_echo_at if r.receiver.last_echo_at is not None else now
+        ack = Ack(r.stream_id, r.receiver.next_index, r.receiver.last_echo_us, max(0, int(got * 1e6)), counts)
         payload = encode_frame(ack)
         if len(payload) > capacity:
             from .chatterbox import NEEDS_ROOM

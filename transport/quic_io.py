@@ -192,9 +192,6 @@ class SessionProtocol(QuicConnectionProtocol):
         self.heard = False  # a datagram came from the server: a refusal (ICMP) since then may be a restart's blip
         self.connect_refused = False  # the handshake ended on "connection refused" before the server sent anything
         self._associated = False  # connect() connected the UDP socket to the server (see connect)
-        # set while a datagram is handled when its events woke a task that waits on it (a reader of an answer's
-        # text): what the datagram makes us send then waits one loop turn, after that task (datagram_received)
-        self.woke_reader = False
 
     @property
     def quic_closing(self) -> bool:
@@ -327,19 +324,11 @@ class SessionProtocol(QuicConnectionProtocol):
         if self._quic._is_client and self._stateless_reset(data, addr):  # type: ignore[arg-type]  # bytes
             return
         now = self.clock()
-        self.woke_reader = False
         self.session.before_datagram()
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self.session.after_datagram(now)
         self._process_events()
-        if self.woke_reader:
-            # The reader's task was scheduled as the events woke it, so a transmit queued now runs after it: the
-            # text reaches the application before our acknowledgements are built and sent (~0.3-0.8 ms of CPU and
-            # sendmsg here), not after. They leave on the same loop turn.
-            self.woke_reader = False
-            self._transmit_soon()
-        else:
-            self.transmit()
+        self.transmit()
 
     def _stateless_reset(self, data: bytes, addr: NetworkAddress) -> bool:
         """End the connection at once if ``data`` is a Stateless Reset from its server (RFC 9000 10.3.1): its
