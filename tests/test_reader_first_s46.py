@@ -81,6 +81,8 @@ def test_reader_times_are_when_the_reader_had_each_tokens_text():
     reads = [(1.0, 5), (2.0, 7), (3.0, 8), (4.0, 9)]  # the reader had "Hello" at 1, " w" at 2, "é" at 3, "!" at 4
     assert endpoints.reader_times(tokens, reads) == [1.0, 1.0, 2.0, 3.0, 3.0, 4.0]
     assert endpoints.reader_times(tokens, reads[:2]) == [1.0, 1.0, 2.0]  # not read yet: left out
+    # an answer that ends inside a character: the SDK ends it as U+FFFD, read with the last delta
+    assert endpoints.reader_times([b"ab", b"\xe2\x82"], [(1.0, 2), (2.0, 3)]) == [1.0, 2.0]
 
 
 def test_a_quic_endpoints_render_is_its_readers_not_the_sdks_stamp(monkeypatch):
