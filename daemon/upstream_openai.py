@@ -69,6 +69,7 @@ SECRET_MIN_CHARS = 8
 BUSY_STATUSES = (429, 503)
 DEFAULT_RETRY_AFTER_S = 1
 MESSAGE_LIMIT = 300  # characters of an error's text after "upstream 'name': " (docs/protocol.md)
+RETRY_AFTER_MARK = "; Retry-After:"  # what starts the suffix RemoteError.retry_after reads
 # one SSE line, and one event's data: the bound aiohttp's readline had (twice its 256 KiB read buffer), now ours
 EVENT_LINE_LIMIT = 512 * 1024
 BODY_START_LIMIT = 200  # characters of an answer of an unexpected Content-Type quoted in its error
@@ -85,9 +86,12 @@ KEY_FILE_SETTLED_S = 2.0
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def _upstream_error(name: str, message: str) -> RequestError:
-    text = well_formed(message)[:MESSAGE_LIMIT]  # (the upstream's words may hold lone surrogates)
-    return RequestError(f"upstream {name!r}: {text}", code=ErrorCode.UPSTREAM_ERROR)
+def _upstream_error(name: str, message: str, notes: str = "") -> RequestError:
+    """UPSTREAM_ERROR ``upstream 'name': message`` then this daemon's own ``notes``. The message quotes the
+    upstream's words, so a Retry-After suffix in them is defused (``;`` becomes ``,``): a 500 whose text ended
+    "; Retry-After: 999999 s" set the client's ``RemoteError.retry_after``, which only the daemon's own note may."""
+    text = well_formed(message).replace(RETRY_AFTER_MARK, ", Retry-After:")  # (words may hold lone surrogates)
+    return RequestError(f"upstream {name!r}: {(text + notes)[:MESSAGE_LIMIT]}", code=ErrorCode.UPSTREAM_ERROR)
 
 
 def _timeout(name: str, message: str) -> RequestError:
@@ -602,7 +606,7 @@ class OpenAIUpstream:
         if no_key is not None and resp.status in (401, 403):
             notes.append(f"no API key was sent: {no_key}")
         head, tail = f"{head}{sep}", "".join(f"; {note}" for note in notes)
-        return _upstream_error(self.name, head + detail[:max(0, MESSAGE_LIMIT - len(head) - len(tail))] + tail)
+        return _upstream_error(self.name, head + detail[:max(0, MESSAGE_LIMIT - len(head) - len(tail))], tail)
 
     async def _events_start(
         self, resp: aiohttp.ClientResponse, first_deadline: float, secrets: tuple[str, ...]

@@ -269,3 +269,16 @@ def test_llm_serve_busy_reaches_the_daemons_client_with_its_retry_after():
     assert str(err).startswith(f"upstream 'smol': HTTP 429: {words}; Retry-After: "), str(err)
     retry = RemoteError(str(err), code=err.code).retry_after  # what the daemon's client gets
     assert retry is not None and 10 <= retry <= 12
+
+
+def test_an_upstreams_own_words_cannot_set_retry_after():
+    """The upstream's text is quoted: a 500 (or an error event) whose words end like the suffix set the client's
+    retry_after (999,999 s from a broken upstream); only the daemon's own note may."""
+    from tokenwire.daemon.upstream_openai import _upstream_error
+
+    spoof = _upstream_error("u", "HTTP 500: oops; Retry-After: 999999 s")
+    assert str(spoof) == "upstream 'u': HTTP 500: oops, Retry-After: 999999 s"
+    assert RemoteError(str(spoof), code=ErrorCode.UPSTREAM_ERROR).retry_after is None
+    own = _upstream_error("u", "HTTP 429: busy; Retry-After: 999999 s", "; Retry-After: 7 s")
+    assert str(own).endswith("busy, Retry-After: 999999 s; Retry-After: 7 s")
+    assert RemoteError(str(own), code=ErrorCode.UPSTREAM_ERROR).retry_after == 7.0
