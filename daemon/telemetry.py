@@ -17,7 +17,17 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aioquic.quic.packet import QuicErrorCode
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -75,6 +85,11 @@ log = logging.getLogger("tokenwire.daemon")
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # the process's own series (process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total,
+        # python_gc_*, python_info), as prometheus_client's default registry has them: an operator soaking the
+        # daemon read RSS and fds from /proc, as a registry of its own left them out
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            r.register(collector)
         self.sessions = Gauge("tokenwire_sessions_open", "Open QUIC connections (handshake completed)",
                               registry=r)
         self.sessions_total = Counter("tokenwire_sessions", "QUIC connections accepted (handshake completed)",

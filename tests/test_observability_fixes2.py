@@ -360,7 +360,9 @@ def registered_metrics() -> set[str]:
     a KV runtime to run)."""
     metrics = Metrics()
     MarkingService(MarkingConfig(policy="l4s"), metrics)  # (the ECN families exist with [marking] only)
-    names = {_exported(f.type, f.name) for f in metrics.registry.collect()}
+    # (prometheus_client's process_* and python_* series are its own: docs/metrics.md, The process, and
+    # tests/test_process_metrics_s46.py)
+    names = {_exported(f.type, f.name) for f in metrics.registry.collect() if f.name.startswith("tokenwire_")}
     for path in sorted((ROOT / "daemon").glob("*.py")) + sorted((ROOT / "transport").glob("*.py")):
         names |= {_exported(kind, name) for kind, name in _METRIC_CALL.findall(path.read_text())}
     return names
