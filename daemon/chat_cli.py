@@ -375,11 +375,16 @@ def run(args: argparse.Namespace) -> int:
         the answer was cut short."""
         from tokenwire.transport.chat_stats import stats_from_outcome
 
-        stream = where["chat"].stream if where["chat"] is not None else None
+        chat = where["chat"]
+        stream = chat.stream if chat is not None else None
         if stream is None or not stream.answered or stream.outcome is None or not stream.outcome.digest_ok:
             return None
+        # the text not read yet: the ResumingChat's reader waits on a step of its own, and a Ctrl-C right after the
+        # answer came whole interrupts that wait with the last delta in the step (the whole answer then lacked it)
+        whole, read = stream.text, chat.text
+        rest = whole[len(read):] if whole.startswith(read) else ""
         with contextlib.suppress(OSError):  # the answer's last line, as a whole answer ends
-            sys.stdout.write("\n")
+            sys.stdout.write(shown(rest) + "\n")
             sys.stdout.flush()
         midline[0] = False
         return stream.stats if stream.stats is not None else stats_from_outcome(stream.outcome)
