@@ -598,13 +598,14 @@ def _json_error(status: int, message: str, type_: str, param: str | None = None)
 
 
 SHUTTING_DOWN = "the server is shutting down"
+NOT_TAKEN = f"{SHUTTING_DOWN}: no new request is taken"  # (a request that comes, or whose body comes, at a stop)
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
     service: LLMService = request.app[SERVICE]
     inflight = request.app[IN_FLIGHT]
     if inflight.stopping:
-        return _json_error(503, f"{SHUTTING_DOWN}: no new request is taken", "server_error")
+        return _json_error(503, NOT_TAKEN, "server_error")
     try:
         async with asyncio.timeout(request.app[BODY_TIMEOUT]):
             body = await request.json()
@@ -614,7 +615,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." 4 MiB deep)
         return _json_error(400, "the request body is not JSON", "invalid_request_error")
     if inflight.stopping:  # (a stop began while the body came: cut_answers() has taken its count of the jobs)
-        return _json_error(503, f"{SHUTTING_DOWN}: no new request is taken", "server_error")
+        return _json_error(503, NOT_TAKEN, "server_error")
     try:
         params = parse_chat_request(body)
         job = service.submit(params)

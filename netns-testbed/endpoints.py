@@ -180,17 +180,17 @@ def reader_times(tokens: list[bytes], reads: list[tuple[float, int]]) -> list[fl
     ends inside a character, with the token that completes it).
 
     The render instant of every scheme is its reader's: sse-tcp stamps an event when its line reaches the reader.
-    The SDK's own ``render_times`` are stamped in the connection's event handling, before the reader's task runs:
-    taken as the QUIC schemes' render, they were earlier than sse-tcp's by that turn (and by the client's
-    acknowledgements, sent first until session 46). Tokens after the last read (none in a whole answer) are left
-    out."""
+    The SDK's own ``render_times`` are stamped in the connection's event handling, before the client's
+    acknowledgements go out and the reader's task runs: taken as the QUIC schemes' render, they were earlier than
+    sse-tcp's by that much. Tokens after the last read (none in a whole answer) are left out."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     out: list[float] = []
     k = covered = waiting = 0
-    for token in tokens:
-        text = decoder.decode(token)
-        waiting += 1
-        if not text:
+    # (the last piece flushes a character the answer left unfinished: the SDK ends it as U+FFFD too)
+    for token, final in [*((token, False) for token in tokens), (b"", True)]:
+        text = decoder.decode(token, final)
+        waiting += not final
+        if not text or not waiting:
             continue  # part of a character: visible with the rest of it
         covered += len(text)
         while k < len(reads) and reads[k][1] < covered:
@@ -199,13 +199,6 @@ def reader_times(tokens: list[bytes], reads: list[tuple[float, int]]) -> list[fl
             break
         out.extend([reads[k][0]] * waiting)
         waiting = 0
-    tail = decoder.decode(b"", final=True)  # a last character left unfinished: the SDK ends it as U+FFFD too
-    if waiting and tail and k < len(reads):
-        covered += len(tail)
-        while k < len(reads) and reads[k][1] < covered:
-            k += 1
-        if k < len(reads):
-            out.extend([reads[k][0]] * waiting)
     return out
 
 

@@ -209,7 +209,7 @@ class ResumingChat:
             # `async with`) frees it at once, and the loop's finalizer closes the generator, cancelling the answer
             # and closing its connection; a strong `self` made a cycle that only the cyclic GC freed, the answer
             # streaming to its end meanwhile, and closed the nested generators in any order)
-            self._gen = ResumingChat._deltas(weakref.proxy(self))
+            self._gen = type(self)._deltas(weakref.proxy(self))
         step = self._step
         if step is None:
             step = self._step = asyncio.ensure_future(self._next(self._gen))
