@@ -273,16 +273,19 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """What the last tokens hold at the end of the answer, less a character they leave unfinished. An answer
         cut by ``max_tokens`` (or ended by the model) inside a multi-byte character ended in U+FFFD, a character
-        the model never wrote; vLLM's incremental detokenizer drops such a tail too. Only the one U+FFFD that ends
-        the text goes (the decoder makes one of an unfinished character's bytes): invalid bytes before it stay
-        U+FFFD as they were mid-answer. (A U+FFFD the model wrote whole as its very last character goes with it:
-        the decoded text cannot tell the two apart.)"""
+        the model never wrote; vLLM's incremental detokenizer drops such a tail too. The whole run of U+FFFD that
+        ends the text goes: a byte-level BPE decoder makes one U+FFFD of an unfinished character, a byte-fallback
+        one (SentencePiece's ``<0xE4>`` tokens, the ByteFallback decoder of Hugging Face tokenizers) one per byte
+        (it left "\ufffd\ufffd" of two bytes of a three-byte character, of which the one stripped before made
+        "\ufffd"). Invalid bytes earlier in the answer stay U+FFFD as they were mid-answer; those right before the
+        unfinished character, which the decode cannot tell from it, go with it, as does a U+FFFD the model wrote
+        whole as its very last character."""
         if self._read == len(self._ids):
             return ""
         before = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        return text[len(before):].removesuffix(REPLACEMENT)
+        return text[len(before):].rstrip(REPLACEMENT)
 
 
 class StopMatcher:

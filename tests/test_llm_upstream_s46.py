@@ -25,7 +25,7 @@ from tokenwire.daemon.llm_server import (
 from tokenwire.daemon.upstream_openai import OpenAIUpstream
 from tokenwire.transport.errors import ErrorCode, RemoteError, RequestError, retry_after_of
 
-from .test_llm_server import EOS, GOOD, FakeLM, FakeTokenizer, _events, engine, generate, served
+from .test_llm_server import EOS, GOOD, PIECES, FakeLM, FakeTokenizer, _events, engine, generate, served
 from .test_loopback import run
 from .test_openai_upstream import FAST, REQ, _serve, chunk, daemon_on
 from .test_upstream_fixes2 import ev
@@ -107,9 +107,30 @@ def test_an_answer_cut_inside_a_character_drops_its_unfinished_bytes():
     assert "".join(pieces) == "Hi caf" and reason == "length"
     pieces, reason = generate([1, 6, 7, EOS])  # the model's end after 3 of the emoji's 4 bytes
     assert "".join(pieces) == "Hi" and reason == "stop"
-    # bytes that can never be a character stay U+FFFD, mid-answer and at the end; only the unfinished tail goes
+    # bytes that can never be a character stay U+FFFD mid-answer; at the end the decode cannot tell a stray byte
+    # right before the unfinished character from it, and both go (session 47: the whole trailing run of U+FFFD)
     pieces, reason = generate([1, 7, 9, 7, 3], max_tokens=5)  # "Hi", a stray continuation byte, "!", again, "\xc3"
-    assert "".join(pieces) == "Hi\ufffd!\ufffd" and reason == "length"
+    assert "".join(pieces) == "Hi\ufffd!" and reason == "length"
+    pieces, reason = generate([1, 7, 9, 7, 9], max_tokens=5)  # a stray byte before a whole character stays
+    assert "".join(pieces) == "Hi\ufffd!\ufffd!" and reason == "length"
+
+
+class ByteFallbackTokenizer:
+    """A SentencePiece model's byte-fallback tokens as Hugging Face's ByteFallback decoder decodes them: bytes that
+    make no character come out as one U+FFFD per byte (byte-level BPE makes one U+FFFD of an unfinished character)."""
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        raw = b"".join(PIECES[i] for i in ids if i != EOS).decode("utf-8", errors="surrogateescape")
+        return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in raw)
+
+
+def test_a_byte_fallback_tokenizer_cut_inside_a_character_leaves_no_replacement_character():
+    tok = ByteFallbackTokenizer()
+    assert tok.decode([1, 6]) == "Hi\ufffd\ufffd"  # two of the emoji's four bytes: one U+FFFD each
+    cut = IncrementalDecoder(tok)
+    assert [cut.push(1), cut.push(6), cut.flush()] == ["Hi", "", ""]  # it ended "\ufffd" (one of the two stripped)
+    whole = IncrementalDecoder(tok)
+    assert "".join([whole.push(t) for t in [1, 6, 7, 8, 9]] + [whole.flush()]) == "Hi\U0001f642!"
 
 
 def test_a_streamed_answer_cut_inside_a_character_ends_without_a_replacement_character():
