@@ -121,10 +121,10 @@ def link_rate(text: str) -> str:
     from tokenwire.daemon.cli import CLIError
     from tokenwire.testbed.trace import TraceError, parse_rate, trace_from_spec
 
-    spec = f"{text.strip()}mbps" if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text) else text
+    spec = f"{text.strip()}mbps" if re.fullmatch(r"\s*(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*", text) else text
     negated = text.strip().removeprefix("-") if text.strip().startswith("-") else None
     if negated is not None and not os.path.exists(text) and (
-            re.fullmatch(r"[0-9]*\.?[0-9]+", negated) or parse_rate(negated) is not None):
+            re.fullmatch(r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)", negated) or parse_rate(negated) is not None):
         # a negative rate was looked up as a file: "-3: no such trace file"
         raise CLIError(f"--rate-mbps: the rate must be positive, got {text.strip()}")
     try:

@@ -96,13 +96,24 @@ def _number(body: Mapping[str, Any], name: str, default: float, low: float, high
     return float(value)
 
 
+def _unicode(text: str, where: str) -> str:
+    """``text``, or :class:`BadRequest` for a lone surrogate (JSON's ``"\\ud800"``): UTF-8 cannot carry one. In a
+    message it reached the tokenizer (SmolLM2's raised TypeError: a 500 "generation failed" and a traceback); in
+    ``model`` it was echoed into the first chunk of a stream, whose encoding raised after the 200 had gone."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where}: not valid Unicode (a lone surrogate)", where) from None
+    return text
+
+
 def _content(value: Any, where: str) -> str:
     """A message's content: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts, joined."""
     if isinstance(value, str):
-        return value
+        return _unicode(value, where)
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
+        return _unicode("".join(p["text"] for p in value), where)
     raise BadRequest(f"{where}: expected a string (or a list of text parts)", where)
 
 
@@ -160,6 +171,8 @@ def parse_chat_request(body: Any) -> ChatParams:
     if model is not None and (not isinstance(model, str) or len(model) > MAX_MODEL_CHARS):
         # (every chunk of the answer echoes it: a 4-MiB name was encoded again for each token)
         raise BadRequest(f"model: expected a string of at most {MAX_MODEL_CHARS} characters", "model")
+    if model is not None:
+        _unicode(model, "model")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):

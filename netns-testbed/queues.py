@@ -341,7 +341,7 @@ class DualPI2(Queue):
             return pkt
 
 
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(us|ms|s)?\s*$", re.I)
+_DURATION_RE = re.compile(r"^\s*((?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:e[+-]?[0-9]+)?)\s*(us|ms|s)?\s*$", re.I)
 
 
 def _duration(text: str, key: str, spec: str) -> float:
@@ -349,7 +349,10 @@ def _duration(text: str, key: str, spec: str) -> float:
     if not m:
         raise QueueSpecError(f"queue spec {spec!r}: {key}={text!r} is not a duration like 15ms")
     scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1e-3}[(m.group(2) or "").lower() or None]
-    return float(m.group(1)) * scale
+    value = float(m.group(1)) * scale
+    if not math.isfinite(value):  # "1e999ms": tupdate=inf never updated p, target=inf and step=inf never marked
+        raise QueueSpecError(f"queue spec {spec!r}: {key}={text!r} is not a finite duration")
+    return value
 
 
 def _number(text: str, key: str, spec: str, kind: type = float) -> float:

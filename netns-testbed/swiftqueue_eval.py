@@ -86,8 +86,35 @@ class CrossSpec:
     text: str = ""
 
 
+MIN_PERIOD_MS = 1.0
+"""The shortest ON_MS (and nonzero OFF_MS) of an on/off cross flow in virtual time (as :data:`.sim.MIN_ONOFF_MS`):
+``tcp-onoff:1e-300:0`` added a Reno flow per period to a loop whose time never advanced (memory without end, no
+error), ``tcp-onoff:0.001:0`` 30 million of them; infinite periods are refused with them."""
+
+
+def _periods_problem(spec: str, *periods: float) -> str | None:
+    """Why the ON_MS, OFF_MS (and DELAY_MS) of ``spec``, in seconds, cannot run, or None."""
+    on, off, *rest = (p * 1000.0 for p in periods)
+    if not all(math.isfinite(p) for p in (on, off, *rest)):
+        return f"--cross {spec!r}: ON_MS, OFF_MS and DELAY_MS must be finite numbers"
+    if on < MIN_PERIOD_MS or 0 < off < MIN_PERIOD_MS:
+        return (f"--cross {spec!r}: ON_MS must be at least {MIN_PERIOD_MS:g} ms, and OFF_MS 0 or at least "
+                f"{MIN_PERIOD_MS:g} ms")
+    return None
+
+
 def parse_cross_spec(spec: str) -> CrossSpec:
     """Parse one ``--cross`` spec (module docstring); :class:`SwiftQueueEvalError` names what is wrong."""
+    parsed = _parse_cross_spec(spec)
+    if parsed.kind in ("tcp-onoff", "scalable-burst"):  # (onoff-ect1's: SwiftQueueConfig.validate, when virtual)
+        delay = (parsed.rate_bps,) if parsed.kind == "tcp-onoff" else ()  # (rate_bps: tcp-onoff's first start)
+        problem = _periods_problem(spec, parsed.on_s, parsed.off_s, *delay)
+        if problem is not None:
+            raise SwiftQueueEvalError(problem)
+    return parsed
+
+
+def _parse_cross_spec(spec: str) -> CrossSpec:
     parts = spec.strip().lower().split(":")
     kind, args = parts[0], parts[1:]
     try:
@@ -182,6 +209,9 @@ class SwiftQueueConfig:
             c = parse_cross_spec(spec)
             if c.kind in VIRTUAL_ONLY and not self.virtual:
                 raise SwiftQueueEvalError(f"--cross {spec!r} exists only in virtual time (add --virtual)")
+            problem = _periods_problem(spec, c.on_s, c.off_s) if c.kind == "onoff-ect1" and self.virtual else None
+            if problem is not None:  # (each period is an event: the namespace run's sender sleeps in real time)
+                raise SwiftQueueEvalError(problem)
         flow = parse_flow_spec(self.flow)
         if flow.kind != "tokens" and not self.virtual:
             raise SwiftQueueEvalError("--flow: the namespace run streams a real Chatterbox answer (tokens:RATE)")

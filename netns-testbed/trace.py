@@ -105,11 +105,19 @@ class Trace:
         return (self.first_index_after(t1_ms) - self.first_index_after(t0_ms)) * OPPORTUNITY_BYTES
 
 
-_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:e[+-]?[0-9]+)?"
+"""A rate's number: one way to match each (``[0-9]*\\.?[0-9]+`` had many, and a spec of 5,000 digits not followed by a
+unit backtracked through them all: 1 s per regex, quadratic in the digits)."""
+_RATE_RE = re.compile(rf"^\s*({_NUMBER})\s*(g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
 _UNIT = {"g": 1e9, "m": 1e6, "k": 1e3, None: 1.0}
 _BAD_RATE_RE = re.compile(
-    r"^\s*[+-]?(?:nan|inf(?:inity)?|[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?:g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
+    rf"^\s*[+-]?(?:nan|inf(?:inity)?|{_NUMBER})\s*(?:g|m|k)?(?:bps|bit|bit/s|b/s)\s*$", re.I)
 """What reads as a rate, with the numbers :data:`_RATE_RE` refuses (signed, NaN, infinite): not a file name."""
+
+
+MAX_RATE_DIGITS = 100
+"""The longest number a rate may be written with (digits and point): longer is no rate (Python's int() refuses
+4,301 digits and more with a plain ValueError, which reached the commands as a traceback)."""
 
 
 def parse_rate(text: str) -> float | None:
@@ -124,7 +132,9 @@ def _exact_rate(text: str) -> Fraction | None:
     if not m:
         return None
     unit = m.group(2).lower() if m.group(2) else None
-    _, _, exponent = m.group(1).lower().partition("e")
+    mantissa, _, exponent = m.group(1).lower().partition("e")
+    if len(mantissa) > MAX_RATE_DIGITS or len(exponent) > MAX_RATE_DIGITS:
+        return None  # (int() of 4,301 digits or more, the exponent's or Fraction's, is a plain ValueError)
     if exponent and abs(int(exponent)) > 30:
         return None  # "1e400", "1e-9999999": Fraction takes them whole (an OverflowError, or minutes of work)
     return Fraction(m.group(1)) * int(_UNIT[unit])

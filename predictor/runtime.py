@@ -248,6 +248,8 @@ def _check_meta(sess: Any, file: Path) -> tuple[dict[str, Any], int]:
     props = sess.get_modelmeta().custom_metadata_map
     try:
         meta = json.loads(props["tokenwire"])
+    except RecursionError:  # json's answer to a metadata string of "[[[[...": a traceback, not a ModelError
+        raise ModelError(f"{file}: not a tokenwire latency model (metadata is nested too deeply)") from None
     except (KeyError, ValueError):
         if _is_bandwidth_model(sess):
             raise ModelError(f"{file}: tokenwire's KV bandwidth model (the KV channel's chunk-throughput "
