@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 
-from tokenwire.transport.errors import ErrorCode
+from tokenwire.transport.errors import ErrorCode, with_retry_after
 from tokenwire.transport.frames import Request
 from tokenwire.transport.handshake_guard import REFUSALS_LOG_S, RefusalLog
 from tokenwire.transport.server import ChatRequest
@@ -36,6 +38,26 @@ from .transcripts import LiveRequest, TranscriptStore
 
 # the daemon's logger (not this module's name): operators and tests filter the daemon's lines by it
 log = logging.getLogger("tokenwire.daemon")
+
+# The Retry-After of a "server busy" refusal (limits.max_live_answers) is an estimate of when a place frees: the mean
+# time between the last BUSY_ENDS_KEPT answer ends, less the time since the last one. Only ends of the last
+# BUSY_ENDS_WINDOW_S count (older ones say nothing of the answers live now); with fewer than two there is nothing to
+# go by and it says 1 s. Bounded to 1 .. BUSY_RETRY_MAX_S: a refusal costs the daemon little, so a modest hint that
+# brings a client back early is cheaper than one that keeps it waiting with a place free (and the answers live now
+# may be far longer than the ones that ended).
+BUSY_ENDS_KEPT = 20
+BUSY_ENDS_WINDOW_S = 60.0
+BUSY_RETRY_MAX_S = 10
+
+
+def busy_retry_after_s(ends: Sequence[float], now: float) -> int:
+    """A busy refusal's Retry-After, whole seconds in 1 .. BUSY_RETRY_MAX_S: when the next answer should end, from
+    ``ends`` (when answers ended, oldest first; the clock of ``now``). See BUSY_ENDS_KEPT."""
+    recent = [t for t in ends if now - t <= BUSY_ENDS_WINDOW_S]
+    if len(recent) < 2:
+        return 1
+    gap = (recent[-1] - recent[0]) / (len(recent) - 1)
+    return max(1, min(BUSY_RETRY_MAX_S, math.ceil(gap - (now - recent[-1]))))
 
 
 def failure_reason(code: int) -> str:
@@ -76,6 +98,7 @@ class LiveAnswers:
         self.orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
         self._ingested: weakref.WeakValueDictionary[bytes, LiveRequest] = weakref.WeakValueDictionary()
+        self.ends: deque[float] = deque(maxlen=BUSY_ENDS_KEPT)  # when answers ended: a busy refusal's Retry-After
 
     # ------------------------------------------------------------------------------ how many, and the bound
     def count(self) -> int:
@@ -101,7 +124,9 @@ class LiveAnswers:
                 live -= self.reclaim_orphans(orphans[:live - limit + 1], time.monotonic())
         if live < limit:
             return None
-        return f"server busy: {live} answers being generated (limits.max_live_answers); retry later"
+        # (the Retry-After suffix: RemoteError.retry_after, so that a client can wait and ask again by itself)
+        return with_retry_after(f"server busy: {live} answers being generated (limits.max_live_answers); retry later",
+                                busy_retry_after_s(self.ends, time.monotonic()))
 
     def reclaim_orphans(self, victims: list[bytes], now: float) -> int:
         """Cancel ``victims``, upstream answers with no client attached; how many. Each leaves :attr:`tasks` at once
@@ -164,6 +189,7 @@ class LiveAnswers:
         if live.error is not None:
             self.metrics.upstream_failures.labels(upstream=upstream, reason=failure_reason(live.error[0])).inc()
         self.metrics.requests_active.dec()
+        self.ends.append(time.monotonic())
         self.store.mark_finished(live)
         self.tasks.pop(live.request_id, None)
         self.orphaned.pop(live.request_id, None)
@@ -184,6 +210,7 @@ class LiveAnswers:
     def ingest_done(self, live: LiveRequest, outcome: str) -> None:
         """An ingest answer ended, by ``outcome`` (finished, or the reason it failed)."""
         self.metrics.requests_active.dec()
+        self.ends.append(time.monotonic())
         self.orphaned.pop(live.request_id, None)
         if outcome == "finished":
             self.metrics.ingest_finished.inc()

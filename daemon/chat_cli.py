@@ -25,6 +25,9 @@ CERTIFICATE_EXPIRED = 45  # certificate_expired: outside its validity period, wh
 MAX_STDIN_PROMPT = 1 << 20
 """Bytes of a prompt on stdin read at most (the SDK's limit on a whole request, MAX_STREAM_FRAME): beyond it the
 request is refused anyway, and an endless stdin (`yes | tokenwire chat`) was read whole first (4.5 GB in 8 s)."""
+RETRY_BUSY_S = 30.0
+"""--retry-busy's default: how long a chat waits in all for a busy server (a person at a terminal would rather wait
+some seconds than be told to run the command again; a script that would rather fail gives 0)."""
 CLEANUP_S = 5.0
 """How long the tasks still running when the answer's task has ended (aioquic's, a closing connection's) get to end
 before the event loop closes anyway: asyncio.run waited for them without a bound, and a double Ctrl-C hung the
@@ -74,6 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "reconnect and resume the answer where it stopped, up to N times (default: 3; 0: give up); "
                    f"attempts that find no server back off ({RETRY_FIRST_S:g} s doubling to {RETRY_CAP_S:g} s "
                    f"apart) and go on for {RECONNECT_S:g} s after each loss")
+    p.add_argument("--retry-busy", type=float, default=RETRY_BUSY_S, metavar="S",
+                   help="when the server refuses the request as busy (its error names a Retry-After: the daemon's "
+                   "limits.max_live_answers, an upstream's HTTP 429 or 503), wait as it asks and send it again, "
+                   f"waiting S seconds in all at most (default: {RETRY_BUSY_S:g}; 0: fail at once); a line on "
+                   "stderr says each wait")
     p.add_argument("--max-time", type=float, metavar="S",
                    help="give up when the whole answer has not come within S seconds, retries included, and "
                    "cancel it at the server (default: no limit; a live server that stops sending holds the "
@@ -345,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-tokens must be at least 1")
     if args.retries < 0:
         raise CLIError("--retries must be 0 or more")
+    if not 0 <= args.retry_busy < float("inf"):  # (NaN fails the comparison)
+        raise CLIError("--retry-busy must be a number of seconds >= 0")
     if args.max_time is not None and args.max_time <= 0:  # NaN and inf: the CLI's float type refuses them
         raise CLIError("--max-time must be a number of seconds > 0")
     if args.token_env is not None:
@@ -411,6 +421,12 @@ def run(args: argparse.Namespace) -> int:
                       f"{r.attempt} in {r.wait_s:.1f} s, {r.since_loss_s:.0f} s after the loss]", file=sys.stderr,
                       flush=True)
 
+        def busy(error: RemoteError, wait: float) -> None:
+            """A line on stderr before each wait for a busy server (--retry-busy)."""
+            end = "\n" if midline[0] else ""  # (never mid-answer: a refusal comes before its first token)
+            print(f"{end}[{printable(str(error))}; retrying in {wait:.1f} s (Ctrl-C to stop)]",
+                  file=sys.stderr, flush=True)
+
         chat = ResumingChat(
             lambda: connect(
                 args.host,
@@ -424,7 +440,8 @@ def run(args: argparse.Namespace) -> int:
                 keyfile=args.key,
             ),
             prompt, attach=rid, scheme=args.scheme, model=args.model, max_tokens=args.max_tokens,
-            params=params or None, retries=reconnecting, on_reconnect=reconnect)
+            params=params or None, retries=reconnecting, on_reconnect=reconnect, retry_busy_s=args.retry_busy,
+            on_busy=busy)
         chat.on_started(started)  # (the first delta may come much later: a model that thinks)
         where["chat"] = chat
         try:
@@ -533,6 +550,13 @@ def run(args: argparse.Namespace) -> int:
             # the prompt counts in bytes of UTF-8
             hint = ("; the prompt (its text in bytes of UTF-8, plus some 50 bytes of framing) is over this "
                     "server's limit on a request (the daemon's limits.max_request_bytes)")
+        elif isinstance(exc, RemoteError) and exc.retry_after is not None and where["chat"] is not None:
+            waits = where["chat"].busy.waits  # (busy: a refusal that names a Retry-After)
+            if waits:
+                hint = (f"; still busy after waiting {where['chat'].busy.waited_s:.1f} s ({waits} "
+                        f"wait{'s' if waits > 1 else ''}; --retry-busy {args.retry_busy:g})")
+            elif not args.retry_busy:
+                hint = "; not retried (--retry-busy 0)"
         elif (exc.code == ErrorCode.NOT_FOUND and where["chat"] is not None
               and where["chat"].reconnecting.used):  # a resume after a lost connection
             hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "

@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from tokenwire.transport.errors import ErrorCode, RequestError
+from tokenwire.transport.errors import RETRY_AFTER_MARK, ErrorCode, RequestError, retry_after_note
 from tokenwire.transport.server import ChatRequest
 
 from .cli import printable, well_formed
@@ -69,7 +69,6 @@ SECRET_MIN_CHARS = 8
 BUSY_STATUSES = (429, 503)
 DEFAULT_RETRY_AFTER_S = 1
 MESSAGE_LIMIT = 300  # characters of an error's text after "upstream 'name': " (docs/protocol.md)
-RETRY_AFTER_MARK = "; Retry-After:"  # what starts the suffix RemoteError.retry_after reads
 # one SSE line, and one event's data: the bound aiohttp's readline had (twice its 256 KiB read buffer), now ours
 EVENT_LINE_LIMIT = 512 * 1024
 BODY_START_LIMIT = 200  # characters of an answer of an unexpected Content-Type quoted in its error
@@ -597,10 +596,10 @@ class OpenAIUpstream:
         notes = []
         seconds, shown = _retry_after(resp.headers.get("Retry-After"))
         if seconds is not None:  # the suffix RemoteError.retry_after reads (docs/protocol.md, Errors)
-            notes.append(f"Retry-After: {seconds} s")
+            notes.append(retry_after_note(seconds))
         elif resp.status in BUSY_STATUSES:  # busy all the same: a client is told it may retry, and when
             why = "the upstream named none" if shown is None else f"the upstream's {shown!r} is not a time"
-            notes.append(f"Retry-After: {DEFAULT_RETRY_AFTER_S} s ({why})")
+            notes.append(retry_after_note(DEFAULT_RETRY_AFTER_S, why))
         elif shown is not None:
             notes.append(f"Retry-After: {shown}")
         if no_key is not None and resp.status in (401, 403):

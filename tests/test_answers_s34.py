@@ -151,7 +151,7 @@ def test_busy_past_max_live_answers_and_its_refusals_logged_once_then_summed_up(
 
     free, busy, first, summary = asyncio.run(go())
     assert free is None
-    assert busy == "server busy: 1 answers being generated (limits.max_live_answers); retry later"
+    assert busy == "server busy: 1 answers being generated (limits.max_live_answers); retry later; Retry-After: 1 s"
     assert len(first) == 1 and first[0].startswith("refusing a request from a: server busy, 1 answers")
     assert "limits.max_live_answers = 1" in first[0]
     assert len(summary) == 1 and summary[0].startswith("refused 2 more answers in the last")

@@ -378,6 +378,7 @@ def test_chat_sync_takes_every_keyword_of_connect_and_chat():
     connect_kw = _keywords(connect.__wrapped__, "host", "port")  # type: ignore[attr-defined]  # (the function)
     chat_kw = _keywords(Connection.chat, "prompt")
     assert not set(connect_kw) & set(chat_kw)
+    assert own.pop("retry_busy_s")[1:] == (0.0, "float")  # (its own: waiting for a busy server, ResumingChat's)
     assert own == {**connect_kw, **chat_kw}
     assert all(kind is inspect.Parameter.KEYWORD_ONLY for kind, _, _ in own.values())
     assert list(inspect.signature(chat_sync).parameters)[:3] == ["host", "port", "prompt"]

@@ -58,7 +58,7 @@ from .client_session import AnswerComplete, ClientSession
 from .errors import ConnectError, ConnectRefused, ConnectTimeout, ErrorCode, RemoteError, TokenwireError
 from .frames import CHAT_ALPNS, MAX_STREAM_FRAME, SCHEMES, Request, check_outgoing, encode_frame
 from .quic_io import HandshakeError, SessionProtocol, open_client, port_argument
-from .resuming import Reconnect, Reconnecting, ResumingChat
+from .resuming import BusyRetries, Reconnect, Reconnecting, ResumingChat
 from .session_events import (
     ConnectionEnded,
     RequestFailed,
@@ -765,12 +765,16 @@ def chat_sync(
     idle_timeout: float = 60.0,
     keepalive: bool = False,
     resume: tuple[bytes, Sequence[bytes]] | None = None,
+    retry_busy_s: float = 0.0,
 ) -> ChatResult:
     """Blocking helper for scripts: one request on a connection of its own, the whole text and its statistics.
 
     ``prompt``, ``scheme`` .. ``params`` and ``resume`` are :meth:`Connection.chat`'s, the rest :func:`connect`'s,
     every one of them (named here, so that a type checker sees a misspelt one, and Python's ``TypeError`` names
-    ``chat_sync``; a test holds the three signatures together). Raises what they raise; a refused argument of
+    ``chat_sync``; a test holds the three signatures together). ``retry_busy_s``: seconds it may spend waiting for a
+    busy server (0, the default: none), as :class:`ResumingChat`'s: a request (not a resume) refused with an ERROR
+    whose ``RemoteError.retry_after`` is set, before any token came, goes again on a new connection after that
+    wait. Raises what they raise; a refused argument of
     ``chat``'s before connecting. It runs its own event loop (``asyncio.run``): called from a coroutine (a running
     loop in this thread: a Jupyter notebook's cell too), it raises ``RuntimeError`` at once and sends nothing; use
     ``async with connect(...)`` and ``await conn.chat(...).collect()`` there, or ``await
@@ -791,16 +795,27 @@ def chat_sync(
     # chat()'s argument checks before connecting (they raised after a handshake); the auth token counts in the size
     _chat_request(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params, resume=resume,
                   auth=auth_token)
+    busy = BusyRetries(retry_busy_s)  # (its check, before connecting too)
 
     async def run() -> ChatResult:
-        async with connect(host, port, server_name=server_name, cafile=cafile, cadata=cadata, verify=verify,
-                           auth_token=auth_token, certfile=certfile, keyfile=keyfile, congestion=congestion,
-                           timeout=timeout, ecn=ecn, idle_timeout=idle_timeout, keepalive=keepalive) as conn:
-            stream = conn.chat(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params,
-                               resume=resume)
-            text = await stream.collect()
-            assert stream.stats is not None
-            return ChatResult(text, stream.stats)
+        while True:
+            async with connect(host, port, server_name=server_name, cafile=cafile, cadata=cadata, verify=verify,
+                               auth_token=auth_token, certfile=certfile, keyfile=keyfile, congestion=congestion,
+                               timeout=timeout, ecn=ecn, idle_timeout=idle_timeout, keepalive=keepalive) as conn:
+                stream = conn.chat(prompt, scheme=scheme, model=model, max_tokens=max_tokens, params=params,
+                                   resume=resume)
+                try:
+                    text = await stream.collect()
+                except RemoteError as exc:
+                    # an ERROR (not a close) for a new request, before any token came: the same request may go
+                    # again, if it says when (no connection is held meanwhile)
+                    wait = None if conn.closed or resume is not None or stream.tokens else busy.wait_for(exc)
+                    if wait is None:
+                        raise
+                else:
+                    assert stream.stats is not None
+                    return ChatResult(text, stream.stats)
+            await asyncio.sleep(wait)
 
     return asyncio.run(run())
 

@@ -106,6 +106,19 @@ class RequestError(TokenwireError):
 # daemon's ``openai`` upstream ends an upstream's 429 or 503 with it. A suffix, not a new ERROR key: tokenwire/1
 # closes the connection on an unknown key, so older clients would lose every answer on it; they show it as text.
 RETRY_AFTER_SUFFIX = re.compile(r"; Retry-After: (\d{1,12}) s(?: \(.*\))?$")
+RETRY_AFTER_MARK = "; Retry-After:"  # what starts the suffix (a sender defuses it in words it quotes)
+
+
+def retry_after_note(seconds: int, why: str | None = None) -> str:
+    """The suffix's words without its leading ``"; "``: ``Retry-After: N s``, then `` (why)``. The one way the
+    daemon writes it (its upstreams' 429s and its own busy refusals), so that :data:`RETRY_AFTER_SUFFIX` reads
+    every one; ``seconds`` a whole number >= 0."""
+    return f"Retry-After: {int(seconds)} s" + (f" ({why})" if why else "")
+
+
+def with_retry_after(message: str, seconds: int, why: str | None = None) -> str:
+    """``message`` ending with the Retry-After suffix (:func:`retry_after_note`): busy, ask again in ``seconds``."""
+    return f"{message}; {retry_after_note(seconds, why)}"
 
 
 def retry_after_of(message: str) -> float | None:
@@ -118,7 +131,8 @@ class RemoteError(TokenwireError):
     """An ERROR frame or connection close received from the peer, raised on the local side.
 
     ``retry_after``: the seconds the server asks to wait before sending the request again, when its message ends
-    with the Retry-After suffix (an upstream that is busy, HTTP 429 or 503, rather than broken); None otherwise.
+    with the Retry-After suffix (busy rather than broken: the daemon at its ``limits.max_live_answers``, an upstream
+    answering HTTP 429 or 503); None otherwise.
     A chatbot could tell "busy, retry" from "broken" only by parsing the message; older daemons already sent the
     suffix where the upstream named a Retry-After, and older clients see it as part of the text."""
 

@@ -17,7 +17,9 @@ closed it, the daemon keeps the answer) once the answer has its id, and then a r
 (no handshake, no name lookup). Anything else is raised at once, without a retry: an ERROR for the answer
 (``NOT_FOUND``, ``UPSTREAM_ERROR`` ...), a close by the server (``UNAUTHORIZED``, ``SHUTTING_DOWN``: a stopping
 daemon ends the answers it holds in memory, a resume after its restart would get ``NOT_FOUND``), a handshake TLS
-refused, a refused argument. This module imports no aioquic at import time (``tokenwire chat --help`` reads its
+refused, a refused argument; but with ``retry_busy_s`` a new request the server refused as busy (its ERROR names a
+Retry-After: ``RemoteError.retry_after``) before any token came is sent again after that wait (:class:`BusyRetries`).
+This module imports no aioquic at import time (``tokenwire chat --help`` reads its
 constants).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 import weakref
@@ -54,6 +57,45 @@ path returns, and a failing name lookup (a network gone: it fails at once) costs
 RETRY_JITTER = 0.2
 """Each wait is shortened by up to this fraction at random: clients cut off together (a server's or a cell's
 outage) do not come back in lockstep."""
+BUSY_MIN_WAIT_S = 0.5
+"""The shortest wait before a request a busy server refused goes again: an upstream's Retry-After may say 0 s (an
+HTTP date already past), and asking again at once would spend the whole budget on refusals."""
+BUSY_JITTER = 0.2
+"""A busy wait is lengthened by up to this fraction at random (Retry-After is a least): clients refused together
+do not all come back in the same instant, to be refused again but one."""
+
+
+class BusyRetries:
+    """The budget of waiting for a busy server: ``budget_s`` seconds in all (0: none), for one answer.
+
+    :meth:`wait_for` says how long to wait before sending a refused request again: the refusal's ``retry_after``
+    (at least :data:`BUSY_MIN_WAIT_S`, lengthened by up to :data:`BUSY_JITTER`), cut to what is left of the budget,
+    or None (raise the refusal): it names no Retry-After (broken or refused, not busy), or the budget is spent.
+    ``rng`` (in [0, 1): the jitter) is for tests."""
+
+    def __init__(self, budget_s: float, *, rng: Callable[[], float] = random.random) -> None:
+        if isinstance(budget_s, bool) or not isinstance(budget_s, int | float) or not 0 <= budget_s < math.inf:
+            raise ValueError(f"retry_busy_s: expected seconds >= 0, got {budget_s!r}")
+        self.budget_s = float(budget_s)
+        self.rng = rng
+        self.waited_s = 0.0  # planned waits so far (each counted whole, cut short by a stop or not)
+        self.waits = 0
+
+    def wait_for(self, error: BaseException) -> float | None:
+        """Seconds to wait before asking again after ``error``, or None: raise it (a note says why, once waited)."""
+        after = getattr(error, "retry_after", None) if isinstance(error, RemoteError) else None
+        if after is None:
+            return None
+        left = self.budget_s - self.waited_s
+        if left <= 1e-6:
+            if self.waits:
+                error.add_note(f"tokenwire: the server was still busy after {self.waited_s:.1f} s of waiting "
+                               f"({self.waits} wait{'s' if self.waits > 1 else ''}, retry_busy_s={self.budget_s:g})")
+            return None
+        wait = min(left, max(after, BUSY_MIN_WAIT_S) * (1.0 + BUSY_JITTER * self.rng()))
+        self.waited_s += wait
+        self.waits += 1
+        return wait
 
 
 class Reconnecting:
@@ -132,6 +174,15 @@ class ResumingChat:
     (0: none), or a :class:`Reconnecting` for a schedule of one's own. ``on_reconnect`` is called before each
     reconnect attempt with a :class:`Reconnect` (to say so: ``tokenwire chat`` prints a line).
 
+    ``retry_busy_s``: seconds this answer may spend waiting for a busy server (0, the default: none), or a
+    :class:`BusyRetries`. A new request (not an attach, not a resume) that the server refuses with a
+    ``RemoteError`` whose ``retry_after`` is set (an ERROR: its ``limits.max_live_answers``, an upstream's 429 or
+    503), before any token of the answer came, is sent again on a new connection after ``retry_after`` seconds
+    (cut to what is left; no connection is held meanwhile); ``on_busy(error, wait_s)`` is called before each wait.
+    Refusals without ``retry_after`` are raised at once, as is the last one once the budget is spent. A stop
+    (:meth:`aclose`, a cancelled reader) during the wait ends it at once. An upstream refusing after the answer
+    started (STARTED came, no token) makes the retry a new answer: ``on_started`` hears its new id.
+
     Errors that are not a lost path are raised at once (an ERROR for the answer, the server's close such as
     ``UNAUTHORIZED`` or ``SHUTTING_DOWN``, a TLS refusal, a refused argument), and so is a path lost before the
     answer had its id (nothing to resume: ask again). Out of retries, or with no server reached for ``window_s``
@@ -154,6 +205,8 @@ class ResumingChat:
         params: Mapping[str, Any] | None = None,
         retries: int | Reconnecting = 3,
         on_reconnect: Callable[[Reconnect], None] | None = None,
+        retry_busy_s: float | BusyRetries = 0.0,
+        on_busy: Callable[[RemoteError, float], None] | None = None,
     ) -> None:
         if (prompt is None) == (attach is None):
             raise ValueError("ResumingChat takes a prompt or attach=request_id, one of them")
@@ -167,6 +220,8 @@ class ResumingChat:
         self._attach = attach
         self._scheme, self._model, self._max_tokens, self._params = scheme, model, max_tokens, params
         self.reconnecting = retries if isinstance(retries, Reconnecting) else Reconnecting(retries)
+        self.busy = retry_busy_s if isinstance(retry_busy_s, BusyRetries) else BusyRetries(retry_busy_s)
+        self._on_busy = on_busy
         self._on_reconnect = on_reconnect
         self._on_started: list[Callable[[bytes], None]] = []
         self._parts: list[str] = []
@@ -336,7 +391,7 @@ class ResumingChat:
                 return
             stream: ChatStream | None = None
             connected = False
-            wait = 0.0  # before the next reconnect attempt
+            wait = 0.0  # before the next reconnect attempt, or the next try of a request refused as busy
             try:
                 self._connecting = True
                 async with self._connect() as conn:
@@ -369,8 +424,18 @@ class ResumingChat:
                         # an ERROR for this answer, the connection up: ended there; or the daemon's stop, which
                         # ends every answer it holds (in its memory): a resume after its restart is an unknown id
                         self._ended_there = not conn.closed or exc.code == ErrorCode.SHUTTING_DOWN
-                        raise
-                    return
+                        # a new request's ERROR (not a close) before any token came, that says when to ask again
+                        # (retry_busy_s): the same request goes again after the wait, on a new connection (a resume
+                        # or an attach never: their answer exists, text and all)
+                        fresh = not conn.closed and resume is None and self._attach is None and not stream.tokens
+                        busy = self.busy.wait_for(exc) if fresh and not self._parts and not self._closing else None
+                        if busy is None:
+                            raise
+                        wait, self._ended_there = busy, False
+                        if self._on_busy is not None:
+                            self._on_busy(exc, busy)
+                    else:
+                        return
             except (RemoteError, ConnectionError) as exc:
                 self._connecting = False
                 # the path went silent mid-answer (nobody closed the connection), or a reconnect found no server
@@ -421,5 +486,5 @@ class ResumingChat:
                         await self._stopped.wait()
 
 
-__all__ = ["RECONNECT_S", "RETRY_CAP_S", "RETRY_FIRST_S", "RETRY_JITTER", "Reconnect", "Reconnecting",
-           "ResumingChat"]
+__all__ = ["BUSY_JITTER", "BUSY_MIN_WAIT_S", "RECONNECT_S", "RETRY_CAP_S", "RETRY_FIRST_S", "RETRY_JITTER",
+           "BusyRetries", "Reconnect", "Reconnecting", "ResumingChat"]
