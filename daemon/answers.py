@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import math
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from tokenwire.transport.errors import ErrorCode, with_retry_after
 from tokenwire.transport.frames import Request
@@ -60,6 +62,39 @@ def busy_retry_after_s(ends: Sequence[float], now: float) -> int:
     return max(1, min(BUSY_RETRY_MAX_S, math.ceil(gap - (now - recent[-1]))))
 
 
+# an IPv6 client is its /64: a host is handed a /64 (SLAAC, privacy addresses rotating in it) and may send from any
+# of its 2^64 addresses, so a cap per address would be no cap; one /64 is one site or host, as one IPv4 address
+# behind a NAT is
+CLIENT_IPV6_PREFIX = 64
+
+
+def client_key(principal: str | None, host: str) -> str:
+    """Who ``limits.max_live_answers_per_client`` counts an answer toward: the request's auth ``principal`` (a token's
+    name, a certificate's ``cert:`` one) when auth names one, else the peer's address ``host`` (an IPv4-mapped IPv6
+    address as its IPv4 one, the same host on a dual-stack socket; an IPv6 one as its /64: CLIENT_IPV6_PREFIX). The
+    principal as given ("cert:..." or a token's name; an address key starts with "addr ", so no principal is one)."""
+    if principal is not None:
+        return principal
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # (a scope id: fe80::1%eth0)
+    except ValueError:  # not an IP literal ("?": no path yet): as given
+        return f"addr {host}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return f"addr {ipaddress.IPv6Network((ip, CLIENT_IPV6_PREFIX), strict=False)}"
+        ip = ip.ipv4_mapped
+    return f"addr {ip}"
+
+
+@dataclass
+class ClientAnswers:
+    """One client's answers being generated (``limits.max_live_answers_per_client``), and when its last ones ended:
+    its refusal's Retry-After (kept while it has answers live: a client at its cap has some)."""
+
+    live: int = 0
+    ends: deque[float] = field(default_factory=lambda: deque(maxlen=BUSY_ENDS_KEPT))
+
+
 def failure_reason(code: int) -> str:
     """tokenwire_upstream_failures_total's reason for a failed answer's error code: ``timeout``
     (UPSTREAM_TIMEOUT), ``error`` (UPSTREAM_ERROR: the upstream's error, an unreachable upstream, an upstream's
@@ -94,11 +129,21 @@ class LiveAnswers:
         self.orphan_reclaims = RefusalLog(log, lambda n, s: (
             f"cancelled {n} more answers with no client attached in the last {s:.0f} s to make room for new ones "
             f"(limits.max_live_answers; tokenwire_orphans_cancelled_total reason busy)"))
+        # requests refused past limits.max_live_answers_per_client: one client's flood, a line then summed up
+        self.client_refusals = RefusalLog(log, lambda n, s: (
+            f"refused {n} more answers in the last {s:.0f} s: too many for their client, "
+            f"{self._limits().max_live_answers_per_client} each at most (limits.max_live_answers_per_client; "
+            "tokenwire_client_answers_refused_total)"))
         self.tasks: dict[bytes, asyncio.Task[None]] = {}  # the upstreams' answers being generated, by id
         self.orphaned: dict[bytes, float] = {}  # generating answers with no client attached: since when
         # ingest answers by id, while the store holds them: a request by id for one from index 0 is an attach
         self._ingested: weakref.WeakValueDictionary[bytes, LiveRequest] = weakref.WeakValueDictionary()
         self.ends: deque[float] = deque(maxlen=BUSY_ENDS_KEPT)  # when answers ended: a busy refusal's Retry-After
+        # the upstreams' answers by client (limits.max_live_answers_per_client): each counted from its start to its
+        # end (_release, once: at its task's end, or at once when reclaimed as an orphan); a client with none left
+        # is dropped, so this holds only clients with answers live
+        self.clients: dict[str, ClientAnswers] = {}
+        self._client_of: dict[bytes, str] = {}  # an upstream's answer's client, while it counts
 
     # ------------------------------------------------------------------------------ how many, and the bound
     def count(self) -> int:
@@ -128,6 +173,57 @@ class LiveAnswers:
         return with_retry_after(f"server busy: {live} answers being generated (limits.max_live_answers); retry later",
                                 busy_retry_after_s(self.ends, time.monotonic()))
 
+    def client_busy(self, client: str) -> str | None:
+        """Why ``client`` may start no answer now: ``limits.max_live_answers_per_client`` of its answers are being
+        generated (0: no cap). Its answers with no client attached count until they end (the client may resume them;
+        a resume starts no answer, so it is never refused here), or until it asks for a new answer at its cap: then
+        they are cancelled to make room, the longest orphaned first, as :meth:`busy` does at the global bound."""
+        cap = self._limits().max_live_answers_per_client
+        mine = self.clients.get(client)
+        if cap == 0 or mine is None or mine.live < cap:
+            return None
+        # its own answers nobody is attached to, oldest first, make room as busy()'s do (only if enough of them do):
+        # a client whose connection was lost and that asks anew instead of resuming (a reloaded page) was refused
+        # for limits.orphan_timeout_s by the answers it had orphaned itself
+        orphans = [rid for rid in self.orphaned if rid in self.tasks and self._client_of.get(rid) == client]
+        if mine.live - len(orphans) < cap:
+            self.reclaim_orphans(orphans[:mine.live - cap + 1], time.monotonic())
+            if client not in self.clients or self.clients[client].live < cap:
+                return None
+        # (its own ends: how soon one of its answers frees a place; the suffix: RemoteError.retry_after)
+        return with_retry_after(f"too many answers for this client: {mine.live} being generated "
+                                "(limits.max_live_answers_per_client); retry later",
+                                busy_retry_after_s(mine.ends, time.monotonic()))
+
+    def client_refused(self, what: str, client: str) -> None:
+        """``what`` was refused past ``limits.max_live_answers_per_client``: counted, logged (the first in full, then
+        summed up, as the busy refusals)."""
+        self.metrics.client_answers_refused.inc()
+        if self.client_refusals.hold(time.monotonic()):
+            return
+        mine = self.clients.get(client)
+        log.warning("refusing %s: too many answers for its client %s, %d being generated "
+                    "(limits.max_live_answers_per_client = %d); more such refusals are counted "
+                    "(tokenwire_client_answers_refused_total) and logged at most every %g s", what, client,
+                    mine.live if mine is not None else 0, self._limits().max_live_answers_per_client, REFUSALS_LOG_S)
+
+    def _count_for(self, rid: bytes, client: str) -> None:
+        """Answer ``rid`` counts toward ``client`` until :meth:`_release`."""
+        self._client_of[rid] = client
+        self.clients.setdefault(client, ClientAnswers()).live += 1
+
+    def _release(self, rid: bytes, now: float) -> None:
+        """Answer ``rid`` no longer counts toward its client: once, whichever of its task's end and its reclaim as an
+        orphan comes first (the reclaim frees its place at once, as it leaves :attr:`tasks` at once)."""
+        client = self._client_of.pop(rid, None)
+        if client is None:
+            return
+        mine = self.clients[client]
+        mine.live -= 1
+        mine.ends.append(now)
+        if mine.live <= 0:
+            del self.clients[client]
+
     def reclaim_orphans(self, victims: list[bytes], now: float) -> int:
         """Cancel ``victims``, upstream answers with no client attached; how many. Each leaves :attr:`tasks` at once
         (its task ends in a later loop turn), is counted in tokenwire_orphans_cancelled_total with reason ``busy``
@@ -136,6 +232,7 @@ class LiveAnswers:
         for rid in victims:
             since = self.orphaned.pop(rid)
             self.tasks.pop(rid).cancel()  # (its _fed finds it gone: it ends as cancelled there, as any cancelled task)
+            self._release(rid, now)
             self.metrics.orphans_cancelled.labels(reason="busy").inc()
             if not self.orphan_reclaims.hold(now):
                 log.warning("request %s: no client for %.0f s; cancelling it to make room for a new answer, %d being "
@@ -156,10 +253,10 @@ class LiveAnswers:
 
     # ------------------------------------------------------------------------------ the upstreams' answers
     def start(self, request: Request, upstream: SendableUpstream, route: str, *, principal: str | None, peer: str,
-              now: float) -> LiveRequest:
+              now: float, client: str | None = None) -> LiveRequest:
         """A new answer to ``request`` (from ``principal``'s client at ``peer``), in the store and generated by
         ``upstream`` (its route's name: ``route``) in a task of its own; its max_tokens at most ``limits.max_tokens``.
-        """
+        ``client``: who it counts toward (:func:`client_key`; None: nobody) until it ends."""
         limits = self._limits()
         limit = min(request.max_tokens or limits.max_tokens, limits.max_tokens)
         live = self.store.create(principal, limit, now, model=request.model)
@@ -174,6 +271,8 @@ class LiveAnswers:
         )
         task = asyncio.ensure_future(generate_answer(live, upstream, chat, self.metrics.tokens.inc))
         self.tasks[live.request_id] = task
+        if client is not None:
+            self._count_for(live.request_id, client)
         self.metrics.requests_active.inc()
         task.add_done_callback(functools.partial(self._fed, live, route))
         return live
@@ -190,6 +289,7 @@ class LiveAnswers:
             self.metrics.upstream_failures.labels(upstream=upstream, reason=failure_reason(live.error[0])).inc()
         self.metrics.requests_active.dec()
         self.ends.append(time.monotonic())
+        self._release(live.request_id, self.ends[-1])
         self.store.mark_finished(live)
         self.tasks.pop(live.request_id, None)
         self.orphaned.pop(live.request_id, None)

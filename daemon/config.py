@@ -124,6 +124,11 @@ class Limits:
     # requests are refused; and how long one may go on with no client attached before it is cancelled (its
     # client may come back to resume it; clients that vanished for good left answers generating for nobody)
     max_live_answers: int = 4096
+    # of those, what one client may have at once (its auth principal, else its address: answers.client_key); 0: no
+    # such cap (the default: a single heavy user behind one NAT would be refused at any fixed share). Past it that
+    # client's new requests are refused, other clients' served: one client opening many connections held every
+    # live answer. The application's ingest answers are not counted
+    max_live_answers_per_client: int = 0
     orphan_timeout_s: float = 300.0
     # a request stream's REQUEST must be whole this long after its first bytes: a client that sent all but the
     # last byte of 64 ~1 MiB requests held 64 MiB of the daemon per connection for as long as it liked
@@ -310,6 +315,7 @@ def _limits(t: Any) -> Limits:
         transcript_retain_s=s.num("transcript_retain_s", 600.0, 0.0, 7 * 86400.0),
         drain_timeout_s=s.num("drain_timeout_s", 30.0, 0.0, 3600.0),
         max_live_answers=s.int("max_live_answers", 4096, 1, MAX_LIVE_ANSWERS),
+        max_live_answers_per_client=s.int("max_live_answers_per_client", 0, 0, MAX_LIVE_ANSWERS),
         orphan_timeout_s=s.num("orphan_timeout_s", 300.0, 1.0, 7 * 86400.0),
         request_timeout_s=s.num("request_timeout_s", 10.0, 1.0, 3600.0),
         unauthorized_memory_mb=s.num("unauthorized_memory_mb", 256.0, 1.0, 1 << 20),

@@ -144,6 +144,13 @@ class DaemonProtocol(GuardedProtocol):
                 self._quic.release_credit()
 
     @property
+    def peer_host(self) -> str:
+        """The peer's address now, without its port ("?" before its first datagram): whom an answer counts toward
+        with no auth (limits.max_live_answers_per_client; answers.client_key)."""
+        paths = self._quic._network_paths
+        return str(paths[0].addr[0]) if paths else "?"
+
+    @property
     def closing(self) -> bool:
         """Closed, or closing (by this side or the peer): nothing may start on it any more."""
         return self.ended or self.quic_closing

@@ -51,7 +51,7 @@ from tokenwire.transport.session_events import ConnectionEnded
 
 from . import unix_sockets
 from .admission import Admission
-from .answers import LiveAnswers
+from .answers import LiveAnswers, client_key
 from .certificates import cert_principal, client_verifier, server_tls
 from .config import (
     Config,
@@ -296,7 +296,7 @@ class Daemon:
         adm = self.admission
         for refusals in (adm.session_refusals, adm.auth_refusals, adm.evictions, adm.idle_closes,
                          self._protocol_closes, self._request_refusals, self.answers.busy_refusals, adm.memory_sheds,
-                         self.answers.orphan_cancels, self.answers.orphan_reclaims):
+                         self.answers.orphan_cancels, self.answers.orphan_reclaims, self.answers.client_refusals):
             refusals.flush(now, final=final)
         self.metrics.flush_logs(now, final=final)  # the metrics port's malformed requests
         if self.kv is not None:  # the KV endpoint's refused fetches and protocol violations
@@ -746,13 +746,20 @@ class Daemon:
             if problem is not None:
                 self._reject(proto, sid, ErrorCode.BAD_REQUEST, problem)
                 return
+            # one client's share first: a client at its cap is refused without reclaiming anyone's orphans for it
+            client = client_key(proto.principal, proto.peer_host)
+            busy = self.answers.client_busy(client)
+            if busy is not None:
+                self.answers.client_refused(f"a request from {proto.peer}", client)
+                self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED, busy)
+                return
             busy = self.answers.busy()
             if busy is not None:
                 self.answers.busy_refused(f"a request from {proto.peer}")
                 self._reject(proto, sid, ErrorCode.LIMIT_EXCEEDED, busy)
                 return
             live = self.answers.start(request, upstream, route.name, principal=proto.principal, peer=proto.peer,
-                                      now=now)
+                                      now=now, client=client)
         try:
             sess.accept(sid, transcript=live.transcript, request_id=live.request_id, first_index=first)
         except Exception:  # a frame of the answer's the encoder refuses: this request ends, not its connection

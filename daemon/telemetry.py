@@ -238,6 +238,11 @@ class Metrics:
             "(early, to make room for a new answer at limits.max_live_answers)", ["reason"], registry=r)
         for reason in ORPHAN_CANCEL_REASONS:
             self.orphans_cancelled.labels(reason=reason)
+        # requests_ended's refused outcome has no reason, and errors_total 0x106 mixes this with every other limit
+        self.client_answers_refused = Counter(
+            "tokenwire_client_answers_refused_total",
+            "Requests refused (LIMIT_EXCEEDED) because their client had limits.max_live_answers_per_client answers "
+            "being generated", registry=r)
         # per failed generation, once: tokenwire_errors_total counts per ERROR delivered (resumes again, none unheard)
         self.upstream_failures = Counter(
             "tokenwire_upstream_failures_total",

@@ -120,6 +120,7 @@ def test_an_answer_cancelled_before_its_task_first_runs_ends_and_frees_its_slot(
 
     class Proto:
         authorized, principal, revoked, peer = True, None, False, ("198.51.100.7", 9)
+        peer_host = "198.51.100.7"  # (its answers count toward this client: limits.max_live_answers_per_client)
 
         def __init__(self) -> None:
             self.attached: dict = {}
