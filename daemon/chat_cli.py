@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
     def started(request_id: bytes) -> None:
         """STARTED: the answer has its id; -v says it at once (once: a resume starts the same answer again)."""
-        first = where["started"] is None
+        first = where["started"] != request_id  # (a busy refusal after STARTED: the retry is a new answer, new id)
         where["started"] = request_id
         if first and args.verbose:
             with contextlib.suppress(OSError):  # (in the connection's event handling: a closed stderr must not
@@ -557,6 +557,8 @@ def run(args: argparse.Namespace) -> int:
                         f"wait{'s' if waits > 1 else ''}; --retry-busy {args.retry_busy:g})")
             elif not args.retry_busy:
                 hint = "; not retried (--retry-busy 0)"
+            else:  # it asked for more than the whole budget
+                hint = f"; not retried: it asks for {exc.retry_after:g} s, more than --retry-busy {args.retry_busy:g}"
         elif (exc.code == ErrorCode.NOT_FOUND and where["chat"] is not None
               and where["chat"].reconnecting.used):  # a resume after a lost connection
             hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "

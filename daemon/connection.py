@@ -147,8 +147,12 @@ class DaemonProtocol(GuardedProtocol):
     def peer_host(self) -> str:
         """The peer's address now, without its port ("?" before its first datagram): whom an answer counts toward
         with no auth (limits.max_live_answers_per_client; answers.client_key)."""
-        paths = self._quic._network_paths
-        return str(paths[0].addr[0]) if paths else "?"
+        # the first validated path: aioquic promotes a path to [0] on any non-probing packet from a new address,
+        # before validating it, so a forged source address would otherwise pick the key (and evade or fill a cap)
+        for path in self._quic._network_paths:
+            if path.is_validated:
+                return str(path.addr[0])
+        return "?"
 
     @property
     def closing(self) -> bool:

@@ -595,13 +595,16 @@ class OpenAIUpstream:
         the notes survive the cut."""
         notes = []
         seconds, shown = _retry_after(resp.headers.get("Retry-After"))
-        if seconds is not None:  # the suffix RemoteError.retry_after reads (docs/protocol.md, Errors)
-            notes.append(retry_after_note(seconds))
-        elif resp.status in BUSY_STATUSES:  # busy all the same: a client is told it may retry, and when
-            why = "the upstream named none" if shown is None else f"the upstream's {shown!r} is not a time"
-            notes.append(retry_after_note(DEFAULT_RETRY_AFTER_S, why))
-        elif shown is not None:
-            notes.append(f"Retry-After: {shown}")
+        # the suffix RemoteError.retry_after reads (docs/protocol.md, Errors): a 429 or 503, or a server error that
+        # names a time (a proxy's 502); never a 4xx the client caused (a 400 or 401 sent again fails again)
+        if resp.status in BUSY_STATUSES or (resp.status >= 500 and seconds is not None):
+            if seconds is not None:
+                notes.append(retry_after_note(seconds))
+            else:  # busy all the same: a client is told it may retry, and when
+                why = "the upstream named none" if shown is None else f"the upstream's {shown!r} is not a time"
+                notes.append(retry_after_note(DEFAULT_RETRY_AFTER_S, why))
+        elif seconds is not None or shown is not None:  # not busy: said, but never as the suffix (no client resends
+            notes.append(f"its Retry-After header: {shown if seconds is None else seconds}")  # a 400 or a 401)
         if no_key is not None and resp.status in (401, 403):
             notes.append(f"no API key was sent: {no_key}")
         head, tail = f"{head}{sep}", "".join(f"; {note}" for note in notes)

@@ -133,11 +133,14 @@ def _exact_rate(text: str) -> Fraction | None:
         return None
     unit = m.group(2).lower() if m.group(2) else None
     mantissa, _, exponent = m.group(1).lower().partition("e")
+    if "." in mantissa:  # (zeros that change nothing do not count: "12.000...0mbps" is 12 Mbit/s, however long)
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    mantissa = mantissa.lstrip("0") or "0"
     if len(mantissa) > MAX_RATE_DIGITS or len(exponent) > MAX_RATE_DIGITS:
         return None  # (int() of 4,301 digits or more, the exponent's or Fraction's, is a plain ValueError)
     if exponent and abs(int(exponent)) > 30:
         return None  # "1e400", "1e-9999999": Fraction takes them whole (an OverflowError, or minutes of work)
-    return Fraction(m.group(1)) * int(_UNIT[unit])
+    return Fraction(mantissa + (f"e{exponent}" if exponent else "")) * int(_UNIT[unit])
 
 
 MAX_RATE_MBPS = 100_000.0  # 100 Gbit/s: far above what a userspace emulator forwards

@@ -299,3 +299,25 @@ def test_a_reload_applies_the_new_cap_to_the_next_request(tmp_path):
 
     served, err, after = run(go(), 30)
     assert served and "too many answers for this client: 1 being generated" in err and after is None
+
+
+def test_the_client_address_is_the_validated_paths_not_a_forged_sources() -> None:
+    """aioquic puts a path first on any non-probing packet from a new address, before validating it: a request sent
+    from a forged source address counted toward that address (evading the cap, or filling another's)."""
+    from types import SimpleNamespace
+
+    from tokenwire.daemon.connection import DaemonProtocol
+
+    from .quicpair import CLIENT, Pair
+
+    pair = Pair()
+    pair.exchange()
+    server = pair.server
+    assert server is not None
+    proto = SimpleNamespace(_quic=server.quic)
+    assert DaemonProtocol.peer_host.fget(proto) == CLIENT[0]  # type: ignore[attr-defined]
+    pair.client.quic.send_stream_data(0, b"REQUEST", end_stream=False)
+    for data, _ in pair.client.datagrams_to_send(pair.now + 0.01):
+        server.receive_datagram(data, ("198.51.100.77", 5555), pair.now + 0.01)
+    assert server.quic._network_paths[0].addr[0] == "198.51.100.77"  # what it read before
+    assert DaemonProtocol.peer_host.fget(proto) == CLIENT[0]  # type: ignore[attr-defined]

@@ -141,3 +141,12 @@ def test_an_infinite_dualpi2_duration_is_refused(key: str, value: str) -> None:
     with pytest.raises(QueueSpecError, match="not a finite duration"):
         parse_queue(f"dualpi2:{key}={value}")
     assert parse_queue(f"dualpi2:{key}=20ms") is not None
+
+
+def test_a_rate_padded_with_zeros_that_change_nothing_is_still_that_rate() -> None:
+    """The 100-digit bound counts digits that matter: "12.000...0mbps" loaded before the bound, however long."""
+    from tokenwire.testbed.trace import parse_rate
+
+    assert parse_rate("12." + "0" * 100 + "mbps") == 12e6
+    assert parse_rate("0" * 150 + "12mbps") == 12e6
+    assert parse_rate("1" * 150 + "bps") is None

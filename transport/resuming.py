@@ -70,7 +70,9 @@ class BusyRetries:
 
     :meth:`wait_for` says how long to wait before sending a refused request again: the refusal's ``retry_after``
     (at least :data:`BUSY_MIN_WAIT_S`, lengthened by up to :data:`BUSY_JITTER`), cut to what is left of the budget,
-    or None (raise the refusal): it names no Retry-After (broken or refused, not busy), or the budget is spent.
+    or None (raise the refusal): it names no Retry-After (broken or refused, not busy), or more than the whole
+    budget (an upstream's "Retry-After: 86400" had a 30-s budget waited out for a sure refusal), or none is left.
+    (A Retry-After within the budget but past what is left is cut to it: the daemon's own is an estimate.)
     ``rng`` (in [0, 1): the jitter) is for tests."""
 
     def __init__(self, budget_s: float, *, rng: Callable[[], float] = random.random) -> None:
@@ -87,7 +89,7 @@ class BusyRetries:
         if after is None:
             return None
         left = self.budget_s - self.waited_s
-        if left <= 1e-6:
+        if left <= 1e-6 or after > self.budget_s:  # (more than the whole budget: a sure refusal at its end)
             if self.waits:
                 error.add_note(f"tokenwire: the server was still busy after {self.waited_s:.1f} s of waiting "
                                f"({self.waits} wait{'s' if self.waits > 1 else ''}, retry_busy_s={self.budget_s:g})")
@@ -179,9 +181,11 @@ class ResumingChat:
     ``RemoteError`` whose ``retry_after`` is set (an ERROR: its ``limits.max_live_answers``, an upstream's 429 or
     503), before any token of the answer came, is sent again on a new connection after ``retry_after`` seconds
     (cut to what is left; no connection is held meanwhile); ``on_busy(error, wait_s)`` is called before each wait.
-    Refusals without ``retry_after`` are raised at once, as is the last one once the budget is spent. A stop
-    (:meth:`aclose`, a cancelled reader) during the wait ends it at once. An upstream refusing after the answer
-    started (STARTED came, no token) makes the retry a new answer: ``on_started`` hears its new id.
+    Refusals without ``retry_after`` are raised at once, as is one asking for more than the whole budget and the
+    last one once the budget is spent. A stop (:meth:`aclose`, or a cancelled reader leaving ``async with``) during
+    the wait ends it at once; a cancelled read alone does not (its step goes on, as every read's does: the request
+    goes again after the wait). An upstream refusing after the answer started (STARTED came, no token) makes the
+    retry a new answer: ``on_started`` hears its new id.
 
     Errors that are not a lost path are raised at once (an ERROR for the answer, the server's close such as
     ``UNAUTHORIZED`` or ``SHUTTING_DOWN``, a TLS refusal, a refused argument), and so is a path lost before the
