@@ -79,7 +79,7 @@ from .reload_steps import (
 from .sd_notify import Notifier
 from .sendable_upstream import SendableUpstream
 from .startup import StartupError, addr, cannot_listen
-from .telemetry import UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics, transport_error_label
+from .telemetry import METRICS_CLOSE_MAX_S, UPSTREAM_FAILURE_REASONS, Metrics, serve_metrics, transport_error_label
 from .transcripts import LiveRequest, TranscriptStore
 from .upstream_config import upstream_file_problems
 from .upstreams import Upstream, build_upstreams
@@ -93,6 +93,15 @@ STOP_MARGIN_S = 10.0  # asked of systemd beyond the drain and the KV close: clos
 # `tokenwire daemon`'s wait, after "stopped", for a KV worker still inside a chunk's write (daemon_cli.finish_process,
 # signals ignored by then): asked of systemd too, else its SIGKILL at the end of the extension failed the stop
 KV_WORKER_WAIT_S = 10.0
+
+
+def stop_extension_s(drain_timeout_s: float) -> float:
+    """What STOPPING=1 asks systemd for (EXTEND_TIMEOUT_USEC): every bounded wait between the first stop signal and
+    the process's exit, summed (the drain, the KV store's close, the metrics endpoint's, the exit's wait for a KV
+    worker, a margin); a wait missing here (the metrics close's, 120 s) was SIGKILLed at the extension's end."""
+    return drain_timeout_s + KV_CLOSE_S + METRICS_CLOSE_MAX_S + KV_WORKER_WAIT_S + STOP_MARGIN_S
+
+
 # UNAUTHORIZED for a token of another principal than the connection's (Daemon._authorize; docs/protocol.md)
 ANOTHER_PRINCIPAL = ("auth token of another principal: a connection keeps the principal of its first authorized "
                      "request (open a new connection for another)")
@@ -521,10 +530,9 @@ class Daemon:
         deadline = time.monotonic() + self.config.limits.drain_timeout_s
         try:
             # systemd's TimeoutStopSec (45 s in the unit) would SIGKILL a longer drain mid-way: ask for the drain's
-            # own bound, plus the KV store's close, the exit's wait for a KV worker and a margin (sd_notify(3),
-            # EXTEND_TIMEOUT_USEC)
-            self.notifier.stopping(self.drain_status(), extend_s=(
-                self.config.limits.drain_timeout_s + KV_CLOSE_S + KV_WORKER_WAIT_S + STOP_MARGIN_S))
+            # own bound and every later wait's (stop_extension_s; sd_notify(3), EXTEND_TIMEOUT_USEC)
+            self.notifier.stopping(self.drain_status(),
+                                   extend_s=stop_extension_s(self.config.limits.drain_timeout_s))
             log.info("draining: no new requests; waiting up to %.0f s (signal again to stop now)",
                      self.config.limits.drain_timeout_s)
             # first let every attached answer finish generating (and every KV fetch put its chunks on the wire),
@@ -585,6 +593,7 @@ class Daemon:
                     await self.kv.aclose(KV_CLOSE_S)
             if self._metrics_runner is not None:
                 with _logged("closing the metrics endpoint"):
+                    # bounded: a scrape still being served is waited for at most METRICS_CLOSE_MAX_S
                     await self._metrics_runner.cleanup()
             if self._housekeeping is not None:
                 self._housekeeping.cancel()

@@ -375,6 +375,12 @@ class _HttpLog(logging.LoggerAdapter):
 REQUEST_DEADLINE_S = 10.0
 MAX_CONNECTIONS = 64
 KEEPALIVE_S = 75.0
+# At a stop, how long aiohttp waits for a scrape still being served: for its handler, then (cut) for its task, so
+# up to twice this (METRICS_CLOSE_MAX_S). aiohttp's default, 60 s, let a scraper that stopped reading its answer (a
+# stalled Prometheus, a partitioned network: the body never leaves the socket) hold the stop 120 s past the drain,
+# beyond what STOPPING=1 asked systemd for (SIGKILL). Room for a scrape's wait on the KV store's usage (2 s).
+METRICS_CLOSE_S = 3.0
+METRICS_CLOSE_MAX_S = 2 * METRICS_CLOSE_S
 
 
 class _Guard:
@@ -451,7 +457,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)
     runner = web.AppRunner(app, access_log=None, logger=_HttpLog(log, metrics.malformed_http),
-                           keepalive_timeout=KEEPALIVE_S)
+                           keepalive_timeout=KEEPALIVE_S, shutdown_timeout=METRICS_CLOSE_S)
     await runner.setup()
     assert runner.server is not None
     guard.append(_Guard(runner.server))

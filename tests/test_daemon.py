@@ -378,10 +378,11 @@ def test_sigterm_drains_and_notifies_stopping(tmp_path):
         assert not (tmp_path / "ingest.sock").exists()  # removed at exit (it stayed behind)
         keys = [k for m in d.messages for k in m]
         assert keys.index("READY") < keys.index("STOPPING")
-        # systemd is asked for the drain's bound (20 s) plus the KV close (5 s), the exit's wait for a KV worker
-        # (10 s) and a 10-s margin: the unit's TimeoutStopSec=45 SIGKILLed any drain longer than about 40 s
+        # systemd is asked for the drain's bound (20 s) plus the KV close (5 s), the metrics endpoint's close (6 s),
+        # the exit's wait for a KV worker (10 s) and a 10-s margin: the unit's TimeoutStopSec=45 SIGKILLed any drain
+        # longer than about 40 s
         stopping = next(m for m in d.messages if "STOPPING" in m)
-        assert stopping["EXTEND_TIMEOUT_USEC"] == str(45_000_000) and stopping["STATUS"] == "draining 1 answers"
+        assert stopping["EXTEND_TIMEOUT_USEC"] == str(51_000_000) and stopping["STATUS"] == "draining 1 answers"
         assert "WATCHDOG" in keys or d.proc.returncode == 0
     finally:
         d.stop()
