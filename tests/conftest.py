@@ -23,6 +23,28 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# hypothesis' profiles (tests/fuzzing.py): the default, or `fuzz` for `make fuzz`; registered here, before the
+# hypothesis plugin reads --hypothesis-profile. (Not found where this file runs alone, copied: hypothesis not
+# imported at all there, see tests/test_leak_check_fixes2.py.)
+try:
+    from tests.fuzzing import load_profile_from_env
+except ModuleNotFoundError:
+    pass
+else:
+    load_profile_from_env()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every hypothesis test is marked ``fuzz``, as the property tests written for ``make fuzz`` are: ``-m fuzz``
+    selects them all, those to come included."""
+    if "hypothesis" not in sys.modules:  # (no test module imported it: none is a hypothesis test)
+        return
+    from hypothesis import is_hypothesis_test
+
+    for item in items:
+        if isinstance(item, pytest.Function) and is_hypothesis_test(item.obj):
+            item.add_marker(pytest.mark.fuzz)
+
 
 @pytest.fixture(autouse=True)
 def _no_stale_log_handlers() -> Iterator[None]:

@@ -5,6 +5,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.transport.chatterbox import NEEDS_ROOM, TokenReceiver, TokenSender
 from tokenwire.transport.frames import Ack, Tokens, decode_datagram
 from tokenwire.transport.transcript import Transcript
@@ -138,7 +139,7 @@ def test_receiver_renders_contiguous_prefix():
     assert r.missing() == (5, 6) and not r.complete
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     loss=st.floats(0.0, 0.6),
     n=st.integers(1, 300),
@@ -272,7 +273,7 @@ def test_a_repair_carries_the_newest_unacked_tokens_after_the_oldest():
     assert frame2.runs() == [(0, [f"t{i} ".encode() for i in range(80)])]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 5)), max_size=40), st.integers(0, 80))
 def test_missing_is_the_first_gap_whatever_the_arrival_order(runs, total):
     """missing() keeps the smallest out-of-order index in a heap (it rescanned every held token per frame:

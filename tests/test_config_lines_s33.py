@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.daemon.config import ConfigError, load_config
 from tokenwire.daemon.config_lines import error_line, setting_lines
 
@@ -94,7 +95,7 @@ _VALUES = st.sampled_from([
 ])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(_KEYS, st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=4,
                                            unique_by=lambda kv: kv[0])),
                 min_size=1, max_size=4, unique_by=lambda t: t[0]),
@@ -117,7 +118,7 @@ def test_every_written_key_is_found_on_its_line(tables, comments):
         assert lines[key] == line, (key, text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(max_size=200), st.text(max_size=40))
 def test_any_text_gives_a_line_in_the_file_or_none(text, message):
     line = error_line(text, message)  # must not raise, whatever the text

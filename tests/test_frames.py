@@ -7,6 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.transport.errors import ErrorCode, FrameError, FrameTooLarge, UnsupportedVersion
 from tokenwire.transport.frames import (
     MAX_DATAGRAM_FRAME,
@@ -148,7 +149,7 @@ def test_only_tokens_and_acks_travel_in_datagrams():
 # ---- fuzzing ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_random_bytes_only_raise_frame_errors(data):
     try:
@@ -169,7 +170,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(["t", "v", "m", "r", "i", "k", "x", "n", "d", "s", "j", "c", "msg", "g"]),
@@ -190,7 +191,7 @@ def test_fuzz_structured_maps_only_raise_frame_errors(fields, t):
     assert decode_frame(encode_frame(frame)) == frame
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=64), st.integers(0, 40))
 def test_fuzz_stream_decoder(data, cut):
     dec = StreamDecoder(max_frame=4096)
@@ -204,7 +205,7 @@ def test_fuzz_stream_decoder(data, cut):
 tokens_st = st.lists(st.binary(max_size=MAX_TOKEN_BYTES), max_size=20)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, 2**40), st.integers(0, 2**30), tokens_st, st.none() | st.integers(0, 2**40 - 1))
 def test_tokens_round_trip(handle, first, toks, total):
     f = Tokens(handle=handle, first=first, tokens=toks, sent_us=first, total=total)

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.daemon import ingest
 from tokenwire.daemon import upstream_openai as oai
 from tokenwire.daemon.config import ConfigError, parse_config
@@ -28,7 +29,7 @@ from tokenwire.transport.errors import RequestError
 from tokenwire.transport.kv_channel import KVError
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = settings(max_examples=300, deadline=None, database=None,
+QUICK = settings(max_examples=examples(300), deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # values of every JSON / msgpack type, the awkward ones over-represented
@@ -258,7 +259,7 @@ _EDIT = st.tuples(st.sampled_from(_paths(_BASE)), st.sampled_from(["set", "drop"
                   ODD | st.sampled_from(["127.0.0.1:0", "[::]:99999", "host:", "unix:/x", "*"]))
 
 
-@settings(QUICK, max_examples=200)
+@settings(QUICK, max_examples=examples(200))
 @given(st.lists(_EDIT, min_size=1, max_size=3))
 def test_an_edited_configuration_parses_or_is_a_config_error(edits) -> None:
     doc = copy.deepcopy(_BASE)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.daemon.llm_server import BadRequest, parse_chat_request
 from tokenwire.daemon.upstream_openai import _body_start, _decode, _error_text
 from tokenwire.predictor.crossspec import CrossSpecError
@@ -48,7 +49,7 @@ def test_a_rate_written_with_up_to_100_characters_still_reads() -> None:
     assert parse_rate("1." + "0" * 98 + "kbps") == 1e3
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.integers(2000, 20000), st.sampled_from(["", "x", "mbps!", "ms!", ".", "e"]))
 @example(5000, "")  # 2.8 s in trace_from_spec (three regexes, each quadratic in the digits)
 def test_a_long_number_in_a_spec_is_refused_in_linear_time(digits: int, tail: str) -> None:

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tests.fuzzing import examples  # noqa: E402
 from tokenwire.transport.cachegen import rans, rans_torch, tables  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def streams(draw):
     return sym.astype(np.uint8), seg, n_tables
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(streams())
 def test_round_trip_property(case):
     sym, seg, n_tables = case
@@ -67,7 +68,7 @@ def test_round_trip_property(case):
     assert np.array_equal(out, sym)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=256))
 def test_normalize_counts_property(counts):
     row = np.array(counts, np.int64)[None, :]
@@ -77,7 +78,7 @@ def test_normalize_counts_property(counts):
         assert ((freq > 0) == (row > 0)).all(), "a used symbol lost its frequency (or an unused one got one)"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(streams(), st.integers(0, 2**31 - 1))
 def test_corrupted_words_never_crash(case, seed):
     sym, seg, n_tables = case

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.transport.kv_controller import LEVEL_TOP1, LEVELS, ChunkOptions, KVController, predicted_size
 
 MB = 1_000_000
@@ -159,7 +160,7 @@ def test_even_split_is_cachegens_rule():
                                                              median_bps=None, low_bps=None).level == "high"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.integers(10_000, 3_000_000), st.floats(1.1, 1.6), st.floats(1.1, 1.6),
                           st.floats(0.01, 20.0)), min_size=1, max_size=8),
        st.floats(0.05, 30.0), st.floats(1e5, 1e8))
@@ -274,7 +275,7 @@ def test_early_first_breaks_ties_toward_the_chunk_sent_now():
     assert KVController("tokenwire").plan(four, bw, 4.75) == ["low", "low", "medium", "medium"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.integers(10_000, 3_000_000), st.floats(1.1, 1.6), st.floats(1.1, 1.6),
                           st.floats(0.01, 20.0)), min_size=1, max_size=6),
        st.floats(0.05, 30.0), st.floats(1e5, 1e8), st.floats(0.1, 1.0), st.integers(0, 3_000_000))

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.transport.errors import FrameError, UnsupportedVersion
 from tokenwire.transport.frames import (
     KV_CONTROLLERS,
@@ -92,7 +93,7 @@ KV_KEYS = ["t", "v", "model", "dl", "ids", "hs", "ctl", "rc", "a", "n", "ct", "t
            "lv", "crc", "tk", "s", "f", "d", "c"]
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(KV_KEYS), msgpack_values, max_size=8), st.integers(9, 13))
 def test_fuzz_kv_maps_only_raise_frame_errors(fields, t):
     fields = dict(fields)

@@ -25,6 +25,7 @@ from aioquic.quic.packet import pull_quic_header
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import examples
 from tokenwire.daemon.reload_decisions import REVOKED
 from tokenwire.daemon.service import ANOTHER_PRINCIPAL, Daemon
 from tokenwire.daemon.upstream_openai import OpenAIUpstream
@@ -141,7 +142,7 @@ def _request_with(params: dict[str, Any]) -> bytes:
 param_values = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.floats()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.dictionaries(st.text(max_size=8), param_values, max_size=8))
 @example({"temperature": math.nan})
 @example({"top_p": math.inf, "seed": 1})
@@ -183,7 +184,7 @@ def test_the_openai_body_builder_never_sends_a_non_finite_parameter(bad: float):
     assert fake.seen == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.dictionaries(st.sampled_from(["temperature", "top_p", "seed", "n", "stop", "rate"]), param_values,
                        max_size=6))
 @example({"temperature": math.nan, "seed": 7})
