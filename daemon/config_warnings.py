@@ -55,6 +55,16 @@ def _readable_by_others(path: Path) -> str | None:
     return None
 
 
+def limits_warnings(cfg: Config) -> list[str]:
+    """Limits that hold nothing back as set: the daemon runs with them, the operator meant something else."""
+    lim = cfg.limits
+    if lim.max_live_answers_per_client >= lim.max_live_answers:
+        return [f"limits.max_live_answers_per_client = {lim.max_live_answers_per_client} is not below "
+                f"limits.max_live_answers = {lim.max_live_answers}: one client may still take every live answer "
+                "(set it lower, e.g. a quarter, or 0 to say there is no cap)"]
+    return []
+
+
 def security_warnings(cfg: Config, config_path: Path | None = None) -> list[str]:
     """What ``config check`` warns about though the daemon runs with it: settings that expose what it guards.
     Each passed without a word: metrics bound to every interface, an API key sent in clear text to another

@@ -257,7 +257,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     from . import config
     from .config import ConfigError, daemon_config_path, load_config
-    from .config_warnings import security_warnings
+    from .config_warnings import limits_warnings, security_warnings
     from .startup import addr
     from .upstream_config import api_key_warnings
 
@@ -307,7 +307,8 @@ def run_check(args: argparse.Namespace) -> int:
     errors = ingest_errors + kv_errors
     if errors:
         raise CLIError(f"{args.path}: {errors[0]}")
-    for warning in ingest_warnings + kv_warnings + security_warnings(cfg, Path(args.path)) + api_key_warnings(cfg):
+    for warning in (ingest_warnings + kv_warnings + security_warnings(cfg, Path(args.path)) + api_key_warnings(cfg)
+                    + limits_warnings(cfg)):
         print(f"warning: {warning}", file=sys.stderr)
     listen = ", ".join(addr(h, p) for h, p in cfg.server.listen)
     print(f"{args.path}: ok")

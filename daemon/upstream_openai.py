@@ -932,8 +932,8 @@ def _decode(raw: bytes, charset: str | None) -> str:
         return raw.decode(charset or "utf-8", errors="replace")
     except LookupError:  # an unknown charset name
         return raw.decode("utf-8", errors="replace")
-    except UnicodeError:  # a codec that takes no errors="replace" (idna, punycode, undefined): it raised a
-        return raw.decode("utf-8", errors="replace")  # UnicodeError out of generate(), no upstream error
+    except ValueError:  # a codec that takes no errors="replace" (idna, punycode, undefined: a UnicodeError out of
+        return raw.decode("utf-8", errors="replace")  # generate(), no upstream error), a name with a NUL byte
 
 
 def _is_error(doc: Any) -> bool:

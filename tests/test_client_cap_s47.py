@@ -53,6 +53,18 @@ def test_the_setting_is_off_by_default_and_bounded_like_the_others():
             limits(max_live_answers_per_client=bad)
 
 
+def test_config_check_warns_of_a_share_that_caps_nothing():
+    from tokenwire.daemon.config_warnings import limits_warnings
+
+    def cfg(**lim: Any) -> Any:
+        return parse_config({"metrics": {"listen": ""}, "limits": lim})
+
+    assert limits_warnings(cfg()) == []
+    assert limits_warnings(cfg(max_live_answers=8, max_live_answers_per_client=2)) == []
+    (warning,) = limits_warnings(cfg(max_live_answers=8, max_live_answers_per_client=8))
+    assert "max_live_answers_per_client = 8 is not below limits.max_live_answers = 8" in warning
+
+
 def test_a_client_is_its_principal_else_its_address_an_ipv6_one_by_its_64():
     assert client_key("alice", "127.0.0.1") == client_key("alice", "::1") == "alice"
     assert client_key("cert:edge-1", "10.0.0.1") == "cert:edge-1"

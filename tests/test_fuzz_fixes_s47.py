@@ -151,3 +151,10 @@ def test_a_rate_padded_with_zeros_that_change_nothing_is_still_that_rate() -> No
     assert parse_rate("12." + "0" * 100 + "mbps") == 12e6
     assert parse_rate("0" * 150 + "12mbps") == 12e6
     assert parse_rate("1" * 150 + "bps") is None
+
+
+def test_an_upstream_charset_name_with_a_nul_byte_falls_back_to_utf8() -> None:
+    """str.decode refuses such a name with a plain ValueError (aiohttp's parser keeps it out of real headers)."""
+    from tokenwire.daemon.upstream_openai import _decode
+
+    assert _decode("é".encode(), "\x00") == "é" and _decode(b"ab", "idna") == "ab"
