@@ -552,13 +552,15 @@ def run(args: argparse.Namespace) -> int:
                     "server's limit on a request (the daemon's limits.max_request_bytes)")
         elif isinstance(exc, RemoteError) and exc.retry_after is not None and where["chat"] is not None:
             waits = where["chat"].busy.waits  # (busy: a refusal that names a Retry-After)
-            if waits:
+            if args.retry_busy and exc.retry_after > args.retry_busy:  # it asked for more than the whole budget
+                hint = (f"; not retried: it asks for {exc.retry_after:g} s, more than --retry-busy "
+                        f"{args.retry_busy:g}" + (f" (after {waits} wait{'s' if waits > 1 else ''}, "
+                                                  f"{where['chat'].busy.waited_s:.1f} s)" if waits else ""))
+            elif waits:
                 hint = (f"; still busy after waiting {where['chat'].busy.waited_s:.1f} s ({waits} "
                         f"wait{'s' if waits > 1 else ''}; --retry-busy {args.retry_busy:g})")
             elif not args.retry_busy:
                 hint = "; not retried (--retry-busy 0)"
-            else:  # it asked for more than the whole budget
-                hint = f"; not retried: it asks for {exc.retry_after:g} s, more than --retry-busy {args.retry_busy:g}"
         elif (exc.code == ErrorCode.NOT_FOUND and where["chat"] is not None
               and where["chat"].reconnecting.used):  # a resume after a lost connection
             hint = ("; the daemon no longer holds the answer (restarted, or it was retained for less time than "

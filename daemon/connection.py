@@ -114,6 +114,8 @@ class DaemonProtocol(GuardedProtocol):
         # datagram each (spoofable: no Retry) held every slot until the idle timeout and locked all clients
         # out. Handshakes in progress have a deadline and a bound of their own.
         self.established = False
+        self._initial_host: str | None = None  # (peer_host)
+        self._handshake_only: set[Any] = set()  # paths of another host, validated by a Handshake packet alone
         self._reported = SenderStats()
         self._reported_acks = 0
         self._reported_ce = 0
@@ -148,11 +150,14 @@ class DaemonProtocol(GuardedProtocol):
         """The peer's address now, without its port ("?" before its first datagram): whom an answer counts toward
         with no auth (limits.max_live_answers_per_client; answers.client_key)."""
         # the first validated path: aioquic promotes a path to [0] on any non-probing packet from a new address,
-        # before validating it, so a forged source address would otherwise pick the key (and evade or fill a cap)
+        # before validating it, so a forged source address would otherwise pick the key (and evade or fill a cap).
+        # Not a path validated only by a Handshake packet from another host than the first Initial's: aioquic takes
+        # any Handshake packet's source as proven, but only the address the server's Initial went to is (a client
+        # that forges its Finished's source address picked the key that way): such a path keys as the Initial's.
         for path in self._quic._network_paths:
-            if path.is_validated:
+            if path.is_validated and path.addr not in self._handshake_only:
                 return str(path.addr[0])
-        return "?"
+        return self._initial_host or "?"
 
     @property
     def closing(self) -> bool:
@@ -161,6 +166,8 @@ class DaemonProtocol(GuardedProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.datagrams_in += 1  # (what moves its counters: see add_counters)
+        if self._initial_host is None:  # the first Initial's source: where the server's Initial goes
+            self._initial_host = str(addr[0])
         super().datagram_received(data, addr)
         if self in self.daemon.admission.unauthorized:  # what it may make the daemon hold, before it authorizes
             self.daemon.admission.account_unauthorized(self, self.held_bytes())
@@ -224,6 +231,8 @@ class DaemonProtocol(GuardedProtocol):
     def _on_handshake(self) -> None:
         """Check the client's certificate and the session limit, then count the session."""
         self._handshake_done()
+        self._handshake_only = {p.addr for p in self._quic._network_paths
+                                if p.is_validated and str(p.addr[0]) != self._initial_host}
         d = self.daemon
         if d.client_verifier is not None:
             try:  # (the KV channel's endpoint makes the same check: verify_peer_certificate)

@@ -357,6 +357,12 @@ def test_a_retry_after_longer_than_the_budget_left_is_not_waited_out() -> None:
     assert busy.wait_for(RemoteError(with_retry_after("busy", 20))) == 20.0
     assert busy.wait_for(RemoteError(with_retry_after("busy", 20))) == 10.0  # within the budget: cut to what is left
     assert busy.waits == 2
+    after_waits = BusyRetries(5.0, rng=lambda: 0.0)
+    assert after_waits.wait_for(RemoteError(with_retry_after("busy", 1))) == 1.0
+    too_long = RemoteError(with_retry_after("busy", 30))
+    assert after_waits.wait_for(too_long) is None  # its note says why it stopped with 4 s of the budget left
+    assert too_long.__notes__ == ["tokenwire: not waited for: the server asks for 30 s, more than the whole "
+                                  "retry_busy_s=5 (1 wait, 1.0 s, before)"]
 
 
 def test_chat_verbose_names_the_id_of_the_answer_it_gets_after_a_busy_refusal(capsys: Any) -> None:

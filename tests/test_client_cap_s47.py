@@ -326,10 +326,38 @@ def test_the_client_address_is_the_validated_paths_not_a_forged_sources() -> Non
     pair.exchange()
     server = pair.server
     assert server is not None
-    proto = SimpleNamespace(_quic=server.quic)
+    proto = SimpleNamespace(_quic=server.quic, _initial_host=CLIENT[0], _handshake_only=set())
     assert DaemonProtocol.peer_host.fget(proto) == CLIENT[0]  # type: ignore[attr-defined]
     pair.client.quic.send_stream_data(0, b"REQUEST", end_stream=False)
     for data, _ in pair.client.datagrams_to_send(pair.now + 0.01):
         server.receive_datagram(data, ("198.51.100.77", 5555), pair.now + 0.01)
     assert server.quic._network_paths[0].addr[0] == "198.51.100.77"  # what it read before
     assert DaemonProtocol.peer_host.fget(proto) == CLIENT[0]  # type: ignore[attr-defined]
+
+
+def test_a_path_only_a_forged_handshake_packet_validated_is_not_the_clients_address() -> None:
+    """aioquic takes any Handshake packet's source as proven: a client that sends its Finished from a forged address
+    had that address validated, and it keyed the cap; the Initial's host (where the server's Initial went) is."""
+    from types import SimpleNamespace
+
+    from aioquic import tls
+    from aioquic.quic.connection import QuicConnection
+
+    from tokenwire.daemon.connection import DaemonProtocol
+    from tokenwire.transport.tls import client_configuration, dev_cert, server_configuration
+
+    server_addr, real, forged = ("10.0.0.1", 443), ("192.0.2.7", 5000), ("198.51.100.9", 5000)
+    client = QuicConnection(configuration=client_configuration(cadata=dev_cert().cert_pem, server_name="localhost"))
+    client.connect(server_addr, now=0.0)
+    server = QuicConnection(configuration=server_configuration(),
+                            original_destination_connection_id=client.original_destination_connection_id)
+    for _ in range(10):  # the client's Handshake flight (its Finished) from the forged address, the rest from its own
+        for data, _ in client.datagrams_to_send(now=0.0):
+            handshake = client._cryptos[tls.Epoch.HANDSHAKE].send.is_valid() and data[0] & 0x80
+            server.receive_datagram(data, forged if handshake else real, now=0.0)
+        for data, _ in server.datagrams_to_send(now=0.0):
+            client.receive_datagram(data, server_addr, now=0.0)
+    assert any(p.addr == forged and p.is_validated for p in server._network_paths)  # what it read before
+    validated = {p.addr for p in server._network_paths if p.is_validated and p.addr[0] != real[0]}  # _on_handshake's
+    proto = SimpleNamespace(_quic=server, _initial_host=real[0], _handshake_only=validated)
+    assert DaemonProtocol.peer_host.fget(proto) == real[0]  # type: ignore[attr-defined]

@@ -90,9 +90,14 @@ class BusyRetries:
             return None
         left = self.budget_s - self.waited_s
         if left <= 1e-6 or after > self.budget_s:  # (more than the whole budget: a sure refusal at its end)
-            if self.waits:
+            waited = f"{self.waits} wait{'s' if self.waits > 1 else ''}"
+            if after > self.budget_s and left > 1e-6:
+                error.add_note(f"tokenwire: not waited for: the server asks for {after:g} s, more than the whole "
+                               f"retry_busy_s={self.budget_s:g}" + (f" ({waited}, {self.waited_s:.1f} s, before)"
+                                                                    if self.waits else ""))
+            elif self.waits:
                 error.add_note(f"tokenwire: the server was still busy after {self.waited_s:.1f} s of waiting "
-                               f"({self.waits} wait{'s' if self.waits > 1 else ''}, retry_busy_s={self.budget_s:g})")
+                               f"({waited}, retry_busy_s={self.budget_s:g})")
             return None
         wait = min(left, max(after, BUSY_MIN_WAIT_S) * (1.0 + BUSY_JITTER * self.rng()))
         self.waited_s += wait
