@@ -64,16 +64,27 @@ def test_a_busy_refusal_and_a_busy_ingest_open_end_with_the_retry_after_suffix()
     assert after is None
 
 
-def test_the_daemon_refuses_a_request_past_max_live_answers_with_a_retry_after():
-    async def go() -> RemoteError:
-        async with _daemon(max_live_answers=1) as daemon, \
-                connect("127.0.0.1", daemon.addresses[0][1], verify=False) as conn:
+@contextlib.asynccontextmanager
+async def _busy_daemon() -> Any:
+    """A daemon at ``max_live_answers = 1``, its one answer being generated (slowly) until the block ends: its port,
+    and that answer's connection (to ask on it again)."""
+    async with _daemon(max_live_answers=1) as daemon:
+        port = daemon.addresses[0][1]
+        async with connect("127.0.0.1", port, verify=False) as conn:
             first = conn.chat("long", max_tokens=400, params=SLOW)
             await asyncio.wait_for(anext(first), T)  # it is being generated
+            try:
+                yield port, conn, first
+            finally:
+                await first.cancel()
+
+
+def test_the_daemon_refuses_a_request_past_max_live_answers_with_a_retry_after():
+    async def go() -> RemoteError:
+        async with _busy_daemon() as (_, conn, _first):
             refused = conn.chat("second")
             with pytest.raises(RemoteError) as caught:
                 await asyncio.wait_for(refused.collect(), T)
-            await first.cancel()
             return caught.value
 
     err = run(go(), 30)
@@ -96,20 +107,16 @@ def _busy_chat(port: int, retry_busy_s: float, waits: list[float], waited: async
 
 def test_a_resuming_chat_refused_as_busy_gets_in_once_the_answer_being_generated_ends():
     async def go() -> tuple[str, list[float]]:
-        async with _daemon(max_live_answers=1) as daemon:
-            port = daemon.addresses[0][1]
-            async with connect("127.0.0.1", port, verify=False) as conn:
-                first = conn.chat("long", max_tokens=400, params=SLOW)
-                await asyncio.wait_for(anext(first), T)
-                waits: list[float] = []
-                refused = asyncio.Event()
-                chat = _busy_chat(port, 5.0, waits, refused)
-                reader = asyncio.ensure_future(chat.collect())
-                await asyncio.wait_for(refused.wait(), T)  # refused once: now the slot frees
-                await first.cancel()
-                text = await asyncio.wait_for(reader, T)
-                await chat.aclose()
-                return text, waits
+        async with _busy_daemon() as (port, _, first):
+            waits: list[float] = []
+            refused = asyncio.Event()
+            chat = _busy_chat(port, 5.0, waits, refused)
+            reader = asyncio.ensure_future(chat.collect())
+            await asyncio.wait_for(refused.wait(), T)  # refused once: now the slot frees
+            await first.cancel()
+            text = await asyncio.wait_for(reader, T)
+            await chat.aclose()
+            return text, waits
 
     text, waits = run(go(), 30)
     assert text and len(waits) == 1 and 1.0 <= waits[0] <= 1.2, (text, waits)
@@ -117,20 +124,14 @@ def test_a_resuming_chat_refused_as_busy_gets_in_once_the_answer_being_generated
 
 def test_a_budget_too_short_raises_the_last_refusal():
     async def go() -> tuple[RemoteError, list[float], float]:
-        async with _daemon(max_live_answers=1) as daemon:
-            port = daemon.addresses[0][1]
-            async with connect("127.0.0.1", port, verify=False) as conn:
-                first = conn.chat("long", max_tokens=400, params=SLOW)
-                await asyncio.wait_for(anext(first), T)
-                waits: list[float] = []
-                chat = _busy_chat(port, 0.3, waits)
-                t0 = time.monotonic()
-                with pytest.raises(RemoteError) as caught:
-                    async with chat:
-                        await asyncio.wait_for(chat.collect(), T)
-                took = time.monotonic() - t0
-                await first.cancel()
-                return caught.value, waits, took
+        async with _busy_daemon() as (port, _, _first):
+            waits: list[float] = []
+            chat = _busy_chat(port, 0.3, waits)
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError) as caught:
+                async with chat:
+                    await asyncio.wait_for(chat.collect(), T)
+            return caught.value, waits, time.monotonic() - t0
 
     err, waits, took = run(go(), 30)
     assert err.code == ErrorCode.LIMIT_EXCEEDED and err.retry_after == 1.0
@@ -143,32 +144,26 @@ def test_a_budget_too_short_raises_the_last_refusal():
 def test_a_stop_during_the_wait_ends_it_at_once(how):
     """``aclose()`` from another task (a "stop" button), or the reader's own cancellation: not after the wait."""
     async def go() -> tuple[float, list[float]]:
-        async with _daemon(max_live_answers=1) as daemon:
-            port = daemon.addresses[0][1]
-            async with connect("127.0.0.1", port, verify=False) as conn:
-                first = conn.chat("long", max_tokens=400, params=SLOW)
-                await asyncio.wait_for(anext(first), T)
-                waits: list[float] = []
-                refused = asyncio.Event()
-                chat = _busy_chat(port, 30.0, waits, refused)
+        async with _busy_daemon() as (port, _, _first):
+            waits: list[float] = []
+            refused = asyncio.Event()
+            chat = _busy_chat(port, 30.0, waits, refused)
 
-                async def read() -> str:
-                    async with chat:
-                        return await chat.collect()
+            async def read() -> str:
+                async with chat:
+                    return await chat.collect()
 
-                reader = asyncio.ensure_future(read())
-                await asyncio.wait_for(refused.wait(), T)
-                t0 = time.monotonic()
-                if how == "aclose":
-                    await chat.aclose()
-                    assert await asyncio.wait_for(reader, T) == ""  # its loop ends, as a ChatStream's does
-                else:
-                    reader.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await asyncio.wait_for(reader, T)
-                took = time.monotonic() - t0
-                await first.cancel()
-                return took, waits
+            reader = asyncio.ensure_future(read())
+            await asyncio.wait_for(refused.wait(), T)
+            t0 = time.monotonic()
+            if how == "aclose":
+                await chat.aclose()
+                assert await asyncio.wait_for(reader, T) == ""  # its loop ends, as a ChatStream's does
+            else:
+                reader.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(reader, T)
+            return time.monotonic() - t0, waits
 
     took, waits = run(go(), 30)
     assert waits and waits[0] >= 1.0 and took < 0.5, (took, waits)
