@@ -183,9 +183,10 @@ class ResumingChat:
 
     ``retry_busy_s``: seconds this answer may spend waiting for a busy server (0, the default: none), or a
     :class:`BusyRetries`. A new request (not an attach, not a resume) that the server refuses with a
-    ``RemoteError`` whose ``retry_after`` is set (an ERROR: its ``limits.max_live_answers``, an upstream's 429 or
-    503), before any token of the answer came, is sent again on a new connection after ``retry_after`` seconds
-    (cut to what is left; no connection is held meanwhile); ``on_busy(error, wait_s)`` is called before each wait.
+    ``RemoteError`` whose ``retry_after`` is set (an ERROR: its ``limits.max_live_answers``, an upstream's 429, 503
+    or a 5xx naming a time), before any token of the answer came, is sent again on a new connection after
+    ``retry_after`` seconds (cut to what is left; no connection is held meanwhile); ``on_busy(error, wait_s)`` is
+    called before each wait.
     Refusals without ``retry_after`` are raised at once, as is one asking for more than the whole budget and the
     last one once the budget is spent. A stop (:meth:`aclose`, or a cancelled reader leaving ``async with``) during
     the wait ends it at once; a cancelled read alone does not (its step goes on, as every read's does: the request
