@@ -79,9 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"apart) and go on for {RECONNECT_S:g} s after each loss")
     p.add_argument("--retry-busy", type=float, default=RETRY_BUSY_S, metavar="S",
                    help="when the server refuses the request as busy (its error names a Retry-After: the daemon's "
-                   "limits.max_live_answers, an upstream's HTTP 429 or 503), wait as it asks and send it again, "
-                   f"waiting S seconds in all at most (default: {RETRY_BUSY_S:g}; 0: fail at once); a line on "
-                   "stderr says each wait")
+                   "limits.max_live_answers, an upstream's HTTP 429, 503 or a 5xx naming a time), wait as it asks "
+                   f"and send it again, waiting S seconds in all at most (default: {RETRY_BUSY_S:g}; 0: fail at once; "
+                   "a wait asked for longer than S: fail at once too); a line on stderr says each wait")
     p.add_argument("--max-time", type=float, metavar="S",
                    help="give up when the whole answer has not come within S seconds, retries included, and "
                    "cancel it at the server (default: no limit; a live server that stops sending holds the "
