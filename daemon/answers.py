@@ -165,8 +165,7 @@ class LiveAnswers:
             # walk; cancelled only if enough of them get under the bound (else refused with every orphan kept: a
             # reload that lowered the bound cancelled orphans and still refused)
             orphans = [rid for rid in self.orphaned if rid in self.tasks]  # (not ingest answers, nor ended ones)
-            if live - len(orphans) < limit:
-                live -= self.reclaim_orphans(orphans[:live - limit + 1], time.monotonic())
+            live -= self._reclaim_below(orphans, live, limit)
         if live < limit:
             return None
         # (the Retry-After suffix: RemoteError.retry_after, so that a client can wait and ask again by itself)
@@ -186,10 +185,8 @@ class LiveAnswers:
         # a client whose connection was lost and that asks anew instead of resuming (a reloaded page) was refused
         # for limits.orphan_timeout_s by the answers it had orphaned itself
         orphans = [rid for rid in self.orphaned if rid in self.tasks and self._client_of.get(rid) == client]
-        if mine.live - len(orphans) < cap:
-            self.reclaim_orphans(orphans[:mine.live - cap + 1], time.monotonic())
-            if client not in self.clients or self.clients[client].live < cap:
-                return None
+        if self._reclaim_below(orphans, mine.live, cap):
+            return None
         # (its own ends: how soon one of its answers frees a place; the suffix: RemoteError.retry_after)
         return with_retry_after(f"too many answers for this client: {mine.live} being generated "
                                 "(limits.max_live_answers_per_client); retry later",
@@ -223,6 +220,13 @@ class LiveAnswers:
         mine.ends.append(now)
         if mine.live <= 0:
             del self.clients[client]
+
+    def _reclaim_below(self, orphans: list[bytes], live: int, limit: int) -> int:
+        """Cancel the first of ``orphans`` (oldest first) that take ``live`` answers below ``limit``, only if enough
+        of them can (else none: a bound they cannot meet keeps every orphan); how many."""
+        if live - len(orphans) >= limit:
+            return 0
+        return self.reclaim_orphans(orphans[:live - limit + 1], time.monotonic())
 
     def reclaim_orphans(self, victims: list[bytes], now: float) -> int:
         """Cancel ``victims``, upstream answers with no client attached; how many. Each leaves :attr:`tasks` at once

@@ -930,10 +930,9 @@ def _decode(raw: bytes, charset: str | None) -> str:
     raised UnicodeDecodeError)."""
     try:
         return raw.decode(charset or "utf-8", errors="replace")
-    except LookupError:  # an unknown charset name
-        return raw.decode("utf-8", errors="replace")
-    except ValueError:  # a codec that takes no errors="replace" (idna, punycode, undefined: a UnicodeError out of
-        return raw.decode("utf-8", errors="replace")  # generate(), no upstream error), a name with a NUL byte
+    except (LookupError, ValueError):  # an unknown charset name; a codec that takes no errors="replace" (idna,
+        return raw.decode("utf-8", errors="replace")  # punycode, undefined: a UnicodeError out of generate(), no
+        # upstream error); a name with a NUL byte
 
 
 def _is_error(doc: Any) -> bool:

@@ -52,7 +52,7 @@ from .loss import LossModel, parse_loss
 from .path_config import GO_SETTLE_S, START_MODES
 from .queues import DropTail, Packet
 from .trace import trace_from_spec
-from .vsim import MAX_VIRTUAL_S, Flow, Simulation
+from .vsim import MAX_VIRTUAL_S, MIN_ONOFF_MS, Flow, Simulation
 
 CLIENT_ADDR = ("10.77.0.2", 40000)
 SERVER_ADDR = ("10.77.0.1", 4433)
@@ -281,8 +281,6 @@ def cross_problem(spec: str) -> str | None:
     return None
 
 
-MIN_ONOFF_MS = 1.0
-"""The shortest ``onoff-ect1`` ON_MS (and nonzero OFF_MS) the simulator takes (:func:`cross_problem`)."""
 
 
 MAX_CROSS_BPS = 100e6

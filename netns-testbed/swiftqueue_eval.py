@@ -58,7 +58,7 @@ from .packet import CE, NOT_ECT
 from .queue_oracle import estimate_queue_delays
 from .queues import DualPI2, Packet, parse_queue
 from .trace import generator_bps, trace_from_spec
-from .vsim import MAX_VIRTUAL_S, CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
+from .vsim import MAX_VIRTUAL_S, MIN_ONOFF_MS, CbrFlow, Flow, RenoFlow, ScalableFlow, Simulation
 
 log = logging.getLogger("tokenwire.testbed.swiftqueue")
 
@@ -86,20 +86,14 @@ class CrossSpec:
     text: str = ""
 
 
-MIN_PERIOD_MS = 1.0
-"""The shortest ON_MS (and nonzero OFF_MS) of an on/off cross flow in virtual time (as :data:`.sim.MIN_ONOFF_MS`):
-``tcp-onoff:1e-300:0`` added a Reno flow per period to a loop whose time never advanced (memory without end, no
-error), ``tcp-onoff:0.001:0`` 30 million of them; infinite periods are refused with them."""
-
-
 def _periods_problem(spec: str, *periods: float) -> str | None:
     """Why the ON_MS, OFF_MS (and DELAY_MS) of ``spec``, in seconds, cannot run, or None."""
     on, off, *rest = (p * 1000.0 for p in periods)
     if not all(math.isfinite(p) for p in (on, off, *rest)):
         return f"--cross {spec!r}: ON_MS, OFF_MS and DELAY_MS must be finite numbers"
-    if on < MIN_PERIOD_MS or 0 < off < MIN_PERIOD_MS:
-        return (f"--cross {spec!r}: ON_MS must be at least {MIN_PERIOD_MS:g} ms, and OFF_MS 0 or at least "
-                f"{MIN_PERIOD_MS:g} ms")
+    if on < MIN_ONOFF_MS or 0 < off < MIN_ONOFF_MS:
+        return (f"--cross {spec!r}: ON_MS must be at least {MIN_ONOFF_MS:g} ms, and OFF_MS 0 or at least "
+                f"{MIN_ONOFF_MS:g} ms")
     return None
 
 

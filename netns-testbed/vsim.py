@@ -33,6 +33,10 @@ MSS = 1500
 MAX_VIRTUAL_S = 3600.0
 """The longest virtual run a command takes (``sim``'s cap, ``predictor collect --seconds``): an hour of virtual
 time is minutes of CPU; ``collect --seconds 1e300`` was accepted and would have run until killed."""
+MIN_ONOFF_MS = 1.0
+"""The shortest ON_MS (and nonzero OFF_MS) of an on/off cross flow in virtual time: each period is an event, and
+shorter ones only stall a run (``tokenwire sim``'s ``onoff-ect1:...:0.000001:0.000001`` ran for ever without a packet;
+``testbed swiftqueue --virtual``'s ``tcp-onoff:1e-300:0`` added flows without end)."""
 
 
 @dataclass
